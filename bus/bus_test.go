@@ -1,0 +1,188 @@
+package bus_test
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+)
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return c
+}
+
+func TestDeclareIsIdempotentAndComplete(t *testing.T) {
+	srv := bustest.RunBare(t)
+	js := srv.JetStream(t)
+	topo := bus.DefaultTopology()
+	for i := 0; i < 2; i++ {
+		if err := topo.Declare(ctx(t), js); err != nil {
+			t.Fatalf("declare #%d: %v", i+1, err)
+		}
+	}
+	for _, kv := range topo.KeyValues() {
+		if _, err := js.KeyValue(ctx(t), kv.Bucket); err != nil {
+			t.Errorf("bucket %s: %v", kv.Bucket, err)
+		}
+	}
+	for _, st := range topo.Streams() {
+		if _, err := js.Stream(ctx(t), st.Name); err != nil {
+			t.Errorf("stream %s: %v", st.Name, err)
+		}
+	}
+	for _, os := range topo.ObjectStores() {
+		if _, err := js.ObjectStore(ctx(t), os.Bucket); err != nil {
+			t.Errorf("object store %s: %v", os.Bucket, err)
+		}
+	}
+	// A changed declaration updates the existing stream in place.
+	topo.LogsMaxAge = time.Hour
+	if err := topo.Declare(ctx(t), js); err != nil {
+		t.Fatal(err)
+	}
+	st, err := js.Stream(ctx(t), protocol.StreamLogs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := st.CachedInfo().Config.MaxAge; got != time.Hour {
+		t.Fatalf("FM_LOGS max age = %s after update, want 1h", got)
+	}
+}
+
+func TestDesiredStateIsRepublished(t *testing.T) {
+	srv := bustest.Run(t)
+	nc := srv.Connect(t)
+	js := srv.JetStream(t)
+	sub, err := nc.SubscribeSync(protocol.DesiredSubject("in-abc"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(ctx(t), protocol.BucketDesired)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(ctx(t), "in-abc", []byte(`{"v":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	msg, err := sub.NextMsg(5 * time.Second)
+	if err != nil {
+		t.Fatalf("no republished message: %v", err)
+	}
+	if string(msg.Data) != `{"v":1}` {
+		t.Fatalf("republished %q", msg.Data)
+	}
+}
+
+func TestAuditCannotBeDeletedOrPurged(t *testing.T) {
+	srv := bustest.Run(t)
+	js := srv.JetStream(t)
+	ack, err := js.Publish(ctx(t), protocol.AuditSubject("main", "instance"), []byte("x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := js.Stream(ctx(t), protocol.StreamAudit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.DeleteMsg(ctx(t), ack.Sequence); err == nil {
+		t.Error("deleting an audit record succeeded")
+	}
+	if err := st.Purge(ctx(t)); err == nil {
+		t.Error("purging the audit stream succeeded")
+	}
+}
+
+func TestProvisionIsAWorkQueueWithDedup(t *testing.T) {
+	srv := bustest.Run(t)
+	js := srv.JetStream(t)
+	subj := protocol.ProvisionSubject("in-1", protocol.ProvisionReprovision)
+	for i := 0; i < 2; i++ {
+		if _, err := js.Publish(ctx(t), subj, []byte("r"), jetstream.WithMsgID("req-1")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, err := js.Stream(ctx(t), protocol.StreamProvision)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State.Msgs != 1 {
+		t.Fatalf("a request published twice with one id is stored %d times", info.State.Msgs)
+	}
+}
+
+func TestEmbeddedKeepsDataAcrossRestart(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "js")
+	start := func() *bus.Embedded {
+		e, err := bus.StartEmbedded(bus.EmbeddedConfig{StoreDir: dir, Listen: "127.0.0.1:0", Logger: zerolog.Nop()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e
+	}
+	e := start()
+	nc, err := bus.Connect(bus.ConnectConfig{InProcess: e, Name: "test", Logger: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, _ := jetstream.New(nc)
+	if err := bus.DefaultTopology().Declare(ctx(t), js); err != nil {
+		t.Fatal(err)
+	}
+	kv, _ := js.KeyValue(ctx(t), protocol.BucketNetworks)
+	if _, err := kv.Put(ctx(t), "vn-1", []byte("kept")); err != nil {
+		t.Fatal(err)
+	}
+	nc.Close()
+	e.Shutdown()
+	e.Shutdown() // twice is fine
+
+	e = start()
+	defer e.Shutdown()
+	nc, err = bus.Connect(bus.ConnectConfig{URL: e.ClientURL(), Logger: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ = jetstream.New(nc)
+	kv, err = js.KeyValue(ctx(t), protocol.BucketNetworks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ent, err := kv.Get(ctx(t), "vn-1")
+	if err != nil || string(ent.Value()) != "kept" {
+		t.Fatalf("after restart: %v %v", ent, err)
+	}
+}
+
+func TestStartEmbeddedErrors(t *testing.T) {
+	if _, err := bus.StartEmbedded(bus.EmbeddedConfig{}); err == nil {
+		t.Error("no store dir accepted")
+	}
+	if _, err := bus.StartEmbedded(bus.EmbeddedConfig{StoreDir: t.TempDir(), Listen: "nope"}); err == nil {
+		t.Error("bad listen address accepted")
+	}
+	if _, err := bus.Connect(bus.ConnectConfig{}); err == nil {
+		t.Error("connect without url accepted")
+	}
+	_, err := bus.Connect(bus.ConnectConfig{URL: "nats://user:hunter2@127.0.0.1:1", Logger: zerolog.Nop()})
+	if err == nil {
+		t.Fatal("connect to a closed port succeeded")
+	}
+	if errors.Unwrap(err) == nil || strings.Contains(err.Error(), "hunter2") {
+		t.Errorf("error leaks the password or loses its cause: %v", err)
+	}
+}

@@ -1,0 +1,131 @@
+// Package bustest starts a real JetStream-enabled nats-server for tests, on a
+// random loopback port with its store in a temporary folder, and stops it when
+// the test ends. Any package's tests may import it.
+package bustest
+
+import (
+	"context"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/bus"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+)
+
+// Server is a running test server.
+type Server struct {
+	t        testing.TB
+	storeDir string
+	listen   string
+	emb      *bus.Embedded
+}
+
+// Run starts a server and, unless declare is false, declares FM's topology
+// on it. The server is shut down at the end of the test.
+func Run(t testing.TB) *Server {
+	t.Helper()
+	s := start(t, filepath.Join(t.TempDir(), "jetstream"), "127.0.0.1:0")
+	s.Declare(t)
+	return s
+}
+
+// RunBare starts a server without FM's topology.
+func RunBare(t testing.TB) *Server {
+	t.Helper()
+	return start(t, filepath.Join(t.TempDir(), "jetstream"), "127.0.0.1:0")
+}
+
+func start(t testing.TB, storeDir, listen string) *Server {
+	t.Helper()
+	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{
+		StoreDir:     storeDir,
+		Listen:       listen,
+		ServerName:   "bustest",
+		ReadyTimeout: 20 * time.Second,
+		Logger:       zerolog.Nop(),
+	})
+	if err != nil {
+		t.Fatalf("bustest: %v", err)
+	}
+	s := &Server{t: t, storeDir: storeDir, emb: emb}
+	u := emb.ClientURL()
+	host, port, _ := net.SplitHostPort(u[len("nats://"):])
+	s.listen = net.JoinHostPort(host, port)
+	t.Cleanup(s.Shutdown)
+	return s
+}
+
+// URL is the client URL of the server.
+func (s *Server) URL() string { return "nats://" + s.listen }
+
+// Embedded is the running server, for in-process connections.
+func (s *Server) Embedded() *bus.Embedded { return s.emb }
+
+// Shutdown stops the server; it is safe to call twice.
+func (s *Server) Shutdown() {
+	if s.emb != nil {
+		s.emb.Shutdown()
+		s.emb = nil
+	}
+}
+
+// Restart stops the server and starts it again on the same port and store,
+// as a bus outage would look to clients.
+func (s *Server) Restart(t testing.TB) {
+	t.Helper()
+	s.Shutdown()
+	var err error
+	// The port was just released; binding it again can race with the
+	// kernel, so retry for a short, bounded time.
+	for i := 0; i < 50; i++ {
+		s.emb, err = bus.StartEmbedded(bus.EmbeddedConfig{
+			StoreDir: s.storeDir, Listen: s.listen, ServerName: "bustest",
+			ReadyTimeout: 20 * time.Second, Logger: zerolog.Nop(),
+		})
+		if err == nil {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("bustest: restart: %v", err)
+}
+
+// Declare declares FM's default topology on the server.
+func (s *Server) Declare(t testing.TB) {
+	t.Helper()
+	nc := s.Connect(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := bus.DefaultTopology().Declare(ctx, js); err != nil {
+		t.Fatalf("bustest: declare topology: %v", err)
+	}
+}
+
+// Connect returns a client connection that is closed at the end of the test.
+func (s *Server) Connect(t testing.TB) *nats.Conn {
+	t.Helper()
+	nc, err := nats.Connect(s.URL(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
+	if err != nil {
+		t.Fatalf("bustest: connect: %v", err)
+	}
+	t.Cleanup(nc.Close)
+	return nc
+}
+
+// JetStream returns a JetStream context on a new connection.
+func (s *Server) JetStream(t testing.TB) jetstream.JetStream {
+	t.Helper()
+	js, err := jetstream.New(s.Connect(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js
+}

@@ -1,0 +1,96 @@
+package bus
+
+import (
+	"errors"
+	"fmt"
+	neturl "net/url"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+)
+
+// ConnectConfig says how to reach NATS.
+type ConnectConfig struct {
+	// URL is one or more comma-separated NATS URLs. Ignored with InProcess.
+	URL string
+	// InProcess connects to an embedded server without a socket. Such a
+	// connection cannot fail over, so a role meant for a cluster connects by
+	// URL.
+	InProcess *Embedded
+	// CredsFile is a NATS credentials file (JWT and seed), if the server
+	// requires one.
+	CredsFile string
+	// Name is the connection name shown by the server (nats server report
+	// connections).
+	Name string
+	// InboxPrefix replaces "_INBOX" so that an agent's permissions can name its
+	// own inbox.
+	InboxPrefix string
+	// RetryOnFailedConnect keeps trying in the background when the first
+	// connect fails, instead of returning an error: agents start before the
+	// bus is reachable.
+	RetryOnFailedConnect bool
+	Logger               zerolog.Logger
+}
+
+// Connect dials NATS. The connection reconnects forever, with jittered waits,
+// and logs each disconnect and reconnect.
+func Connect(cfg ConnectConfig) (*nats.Conn, error) {
+	log := cfg.Logger
+	opts := []nats.Option{
+		nats.Name(cfg.Name),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(time.Second),
+		nats.ReconnectJitter(500*time.Millisecond, time.Second),
+		nats.Timeout(5 * time.Second),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				log.Warn().Err(err).Msg("disconnected from nats")
+			}
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			log.Info().Str("url", nc.ConnectedUrlRedacted()).Msg("reconnected to nats")
+		}),
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			ev := log.Warn().Err(err)
+			if sub != nil {
+				ev = ev.Str("subject", sub.Subject)
+			}
+			ev.Msg("nats async error")
+		}),
+	}
+	if cfg.CredsFile != "" {
+		opts = append(opts, nats.UserCredentials(cfg.CredsFile))
+	}
+	if cfg.InboxPrefix != "" {
+		opts = append(opts, nats.CustomInboxPrefix(cfg.InboxPrefix))
+	}
+	if cfg.RetryOnFailedConnect {
+		opts = append(opts, nats.RetryOnFailedConnect(true))
+	}
+	url := cfg.URL
+	if cfg.InProcess != nil {
+		opts = append(opts, nats.InProcessServer(cfg.InProcess.Server()))
+		url = ""
+	} else if url == "" {
+		return nil, errors.New("connect to nats: no url")
+	}
+	nc, err := nats.Connect(url, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connect to nats at %s: %w", redact(url), err)
+	}
+	return nc, nil
+}
+
+// redact hides any password in a URL list for error messages.
+func redact(urls string) string {
+	parts := strings.Split(urls, ",")
+	for i, p := range parts {
+		if u, err := neturl.Parse(strings.TrimSpace(p)); err == nil {
+			parts[i] = u.Redacted()
+		}
+	}
+	return strings.Join(parts, ",")
+}

@@ -1,0 +1,134 @@
+// Package bus is FM's access to NATS JetStream: it starts an embedded
+// nats-server or connects to an existing NATS, and declares the JetStream
+// topology (every stream, key-value bucket and object store of
+// docs/architecture.md) in one place, creating or updating it idempotently.
+//
+// Roles (server, provisioner, agent) and commands import it; it imports only
+// protocol from this project. bus/bustest starts a real JetStream server for
+// tests.
+package bus
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/rs/zerolog"
+)
+
+// EmbeddedConfig configures a nats-server run inside this process.
+type EmbeddedConfig struct {
+	// StoreDir is where JetStream keeps its files; it must persist.
+	StoreDir string
+	// Listen is the host:port clients (agents) connect to; port 0 picks a free
+	// port, "" listens nowhere (in-process connections only).
+	Listen string
+	// ServerName names the server in logs and cluster views.
+	ServerName string
+	// SyncAlways fsyncs every JetStream write before acknowledging it. A
+	// production deployment sets it: with the default periodic sync a power
+	// loss can lose acknowledged writes.
+	SyncAlways bool
+	// ReadyTimeout bounds the wait for the server and JetStream to be ready.
+	ReadyTimeout time.Duration
+	Logger       zerolog.Logger
+}
+
+// Embedded is a running embedded nats-server.
+type Embedded struct {
+	srv *server.Server
+}
+
+// StartEmbedded starts a JetStream-enabled nats-server and waits until it
+// accepts connections and JetStream is healthy.
+func StartEmbedded(cfg EmbeddedConfig) (*Embedded, error) {
+	if cfg.StoreDir == "" {
+		return nil, errors.New("embedded nats: a store directory is required")
+	}
+	if cfg.ReadyTimeout == 0 {
+		cfg.ReadyTimeout = 30 * time.Second
+	}
+	opts := &server.Options{
+		ServerName:             cfg.ServerName,
+		JetStream:              true,
+		StoreDir:               cfg.StoreDir,
+		SyncAlways:             cfg.SyncAlways,
+		NoSigs:                 true,
+		DisableJetStreamBanner: true,
+		MaxPayload:             8 << 20,
+	}
+	if cfg.Listen == "" {
+		opts.DontListen = true
+	} else {
+		host, portStr, err := net.SplitHostPort(cfg.Listen)
+		if err != nil {
+			return nil, fmt.Errorf("embedded nats: listen address %q: %w", cfg.Listen, err)
+		}
+		port, err := strconv.Atoi(portStr)
+		if err != nil || port < 0 || port > 65535 {
+			return nil, fmt.Errorf("embedded nats: listen address %q: bad port", cfg.Listen)
+		}
+		if port == 0 {
+			port = server.RANDOM_PORT
+		}
+		opts.Host, opts.Port = host, port
+	}
+	srv, err := server.NewServer(opts)
+	if err != nil {
+		return nil, fmt.Errorf("embedded nats: %w", err)
+	}
+	srv.SetLoggerV2(natsLogger{cfg.Logger}, false, false, false)
+	srv.Start()
+	e := &Embedded{srv: srv}
+	if !srv.ReadyForConnections(cfg.ReadyTimeout) {
+		e.Shutdown()
+		return nil, fmt.Errorf("embedded nats: not ready for connections after %s (is %s free?)", cfg.ReadyTimeout, cfg.Listen)
+	}
+	// ReadyForConnections does not mean JetStream has recovered its streams;
+	// Healthz does.
+	deadline := time.Now().Add(cfg.ReadyTimeout)
+	for {
+		hs := srv.Healthz(&server.HealthzOptions{JSEnabledOnly: true})
+		if hs.Error == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			e.Shutdown()
+			return nil, fmt.Errorf("embedded nats: jetstream not healthy after %s: %s", cfg.ReadyTimeout, hs.Error)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return e, nil
+}
+
+// ClientURL is the URL other processes connect to ("" when not listening).
+func (e *Embedded) ClientURL() string {
+	if e.srv.Addr() == nil {
+		return ""
+	}
+	return e.srv.ClientURL()
+}
+
+// Server is the embedded server, for in-process connections.
+func (e *Embedded) Server() *server.Server { return e.srv }
+
+// Shutdown stops the server and waits until it has stopped. It is safe to call
+// more than once.
+func (e *Embedded) Shutdown() {
+	e.srv.Shutdown()
+	e.srv.WaitForShutdown()
+}
+
+// natsLogger routes nats-server's log lines into zerolog. Debug and trace are
+// off (SetLoggerV2 flags), so only notices and worse arrive.
+type natsLogger struct{ log zerolog.Logger }
+
+func (l natsLogger) Noticef(format string, v ...any) { l.log.Info().Msgf(format, v...) }
+func (l natsLogger) Warnf(format string, v ...any)   { l.log.Warn().Msgf(format, v...) }
+func (l natsLogger) Fatalf(format string, v ...any)  { l.log.Error().Msgf(format, v...) }
+func (l natsLogger) Errorf(format string, v ...any)  { l.log.Error().Msgf(format, v...) }
+func (l natsLogger) Debugf(format string, v ...any)  { l.log.Debug().Msgf(format, v...) }
+func (l natsLogger) Tracef(format string, v ...any)  { l.log.Trace().Msgf(format, v...) }

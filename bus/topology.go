@@ -1,0 +1,162 @@
+package bus
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Topology is the JetStream layout FM runs on. Its zero value is not useful;
+// start from DefaultTopology.
+type Topology struct {
+	// Replicas is the replication factor of every stream and bucket: 1 on an
+	// embedded bus, 3 (or 5) on a cluster.
+	Replicas int
+	// OpsRetention is how long an operation (future) is kept after its last
+	// change, so that clients polling a finished future keep getting its
+	// outcome.
+	OpsRetention time.Duration
+	// AgentStatusTTL is how long an agent's status stays in fm_agents after
+	// its last write; agents rewrite it well within this.
+	AgentStatusTTL time.Duration
+	// CommandsMaxAge bounds how long a command waits for an offline agent.
+	CommandsMaxAge time.Duration
+	// ProvisionMaxAge bounds how long a provision request waits for a
+	// provisioner.
+	ProvisionMaxAge time.Duration
+	EventsMaxAge    time.Duration
+	EventsMaxBytes  int64
+	LogsMaxAge      time.Duration
+	LogsMaxBytes    int64
+	// AuditMaxAge bounds the audit trail; 0 keeps it forever.
+	AuditMaxAge time.Duration
+	// DuplicateWindow is how long JetStream remembers a Nats-Msg-Id to drop a
+	// duplicate publish.
+	DuplicateWindow time.Duration
+}
+
+// DefaultTopology is the layout of a single-machine FM.
+func DefaultTopology() Topology {
+	return Topology{
+		Replicas:        1,
+		OpsRetention:    7 * 24 * time.Hour,
+		AgentStatusTTL:  time.Hour,
+		CommandsMaxAge:  7 * 24 * time.Hour,
+		ProvisionMaxAge: 7 * 24 * time.Hour,
+		EventsMaxAge:    30 * 24 * time.Hour,
+		EventsMaxBytes:  1 << 30,
+		LogsMaxAge:      7 * 24 * time.Hour,
+		LogsMaxBytes:    1 << 30,
+		AuditMaxAge:     0,
+		DuplicateWindow: 10 * time.Minute,
+	}
+}
+
+// objectHistory is how many past revisions of a fleet object are kept, so that
+// an operator can read what a setting was (nats kv history).
+const objectHistory = 10
+
+// KeyValues declares every key-value bucket.
+func (t Topology) KeyValues() []jetstream.KeyValueConfig {
+	object := func(name, desc string) jetstream.KeyValueConfig {
+		return jetstream.KeyValueConfig{Bucket: name, Description: desc, History: objectHistory,
+			MaxValueSize: 1 << 20, Storage: jetstream.FileStorage, Replicas: t.Replicas}
+	}
+	state := func(name, desc string) jetstream.KeyValueConfig {
+		return jetstream.KeyValueConfig{Bucket: name, Description: desc, History: 1,
+			MaxValueSize: 1 << 20, Storage: jetstream.FileStorage, Replicas: t.Replicas}
+	}
+	desired := state(protocol.BucketDesired, "desired state per instance, read by that instance's agent")
+	desired.RePublish = &jetstream.RePublish{
+		Source:      "$KV." + protocol.BucketDesired + ".*",
+		Destination: protocol.DesiredSubject("{{wildcard(1)}}"),
+	}
+	ops := state(protocol.BucketOps, "operations (futures)")
+	ops.TTL = t.OpsRetention
+	agents := state(protocol.BucketAgents, "last full status per instance, written by its agent")
+	agents.TTL = t.AgentStatusTTL
+	agents.LimitMarkerTTL = time.Minute
+	return []jetstream.KeyValueConfig{
+		object(protocol.BucketNetworks, "virtual networks"),
+		object(protocol.BucketTemplates, "instance settings templates"),
+		object(protocol.BucketInstances, "instances"),
+		object(protocol.BucketImages, "deployable DSS images"),
+		object(protocol.BucketSnapshots, "snapshots of instance data volumes"),
+		object(protocol.BucketAPIKeys, "REST API keys (secrets hashed)"),
+		object(protocol.BucketSettings, "tenant settings, key <tenant>.<setting>"),
+		state(protocol.BucketLabels, "label claims that keep labels unique, key <kind>.<digest>"),
+		ops,
+		desired,
+		state(protocol.BucketMachines, "machine state per instance, written by the provisioner"),
+		agents,
+	}
+}
+
+// Streams declares every stream.
+func (t Topology) Streams() []jetstream.StreamConfig {
+	return []jetstream.StreamConfig{
+		{
+			Name: protocol.StreamProvision, Description: "machine operations for the provisioner",
+			Subjects: []string{protocol.SubjectAllProvision}, Retention: jetstream.WorkQueuePolicy,
+			MaxAge: t.ProvisionMaxAge, Duplicates: t.DuplicateWindow,
+			Storage: jetstream.FileStorage, Replicas: t.Replicas,
+		},
+		{
+			Name: protocol.StreamCommands, Description: "commands for agents",
+			Subjects: []string{protocol.SubjectAllCommands}, Retention: jetstream.LimitsPolicy,
+			MaxAge: t.CommandsMaxAge, Duplicates: t.DuplicateWindow,
+			Storage: jetstream.FileStorage, Replicas: t.Replicas,
+		},
+		{
+			Name: protocol.StreamEvents, Description: "progress and results from agents and the provisioner",
+			Subjects: []string{protocol.SubjectAllEvents}, Retention: jetstream.LimitsPolicy,
+			MaxAge: t.EventsMaxAge, MaxBytes: t.EventsMaxBytes, Discard: jetstream.DiscardOld,
+			Duplicates: t.DuplicateWindow, Storage: jetstream.FileStorage, Replicas: t.Replicas,
+		},
+		{
+			Name: protocol.StreamLogs, Description: "DSS and agent logs",
+			Subjects: []string{protocol.SubjectAllLogs}, Retention: jetstream.LimitsPolicy,
+			MaxAge: t.LogsMaxAge, MaxBytes: t.LogsMaxBytes, Discard: jetstream.DiscardOld,
+			Compression: jetstream.S2Compression,
+			Storage:     jetstream.FileStorage, Replicas: t.Replicas,
+		},
+		{
+			Name: protocol.StreamAudit, Description: "audit trail of every change (delete and purge denied)",
+			Subjects: []string{protocol.SubjectAllAudit}, Retention: jetstream.LimitsPolicy,
+			MaxAge: t.AuditMaxAge, DenyDelete: true, DenyPurge: true,
+			Duplicates: t.DuplicateWindow, Storage: jetstream.FileStorage, Replicas: t.Replicas,
+		},
+	}
+}
+
+// ObjectStores declares every object store.
+func (t Topology) ObjectStores() []jetstream.ObjectStoreConfig {
+	return []jetstream.ObjectStoreConfig{
+		{Bucket: protocol.ObjectStoreKits, Description: "DSS install kits",
+			Storage: jetstream.FileStorage, Replicas: t.Replicas},
+	}
+}
+
+// Declare creates every stream, bucket and object store, or updates it to
+// this declaration. It is idempotent; run it at every start.
+func (t Topology) Declare(ctx context.Context, js jetstream.JetStream) error {
+	for _, cfg := range t.KeyValues() {
+		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
+			return fmt.Errorf("declare bucket %s: %w", cfg.Bucket, err)
+		}
+	}
+	for _, cfg := range t.Streams() {
+		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
+			return fmt.Errorf("declare stream %s: %w", cfg.Name, err)
+		}
+	}
+	for _, cfg := range t.ObjectStores() {
+		if _, err := js.CreateOrUpdateObjectStore(ctx, cfg); err != nil {
+			return fmt.Errorf("declare object store %s: %w", cfg.Bucket, err)
+		}
+	}
+	return nil
+}

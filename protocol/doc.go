@@ -1,0 +1,25 @@
+// Package protocol is the vocabulary that FM's roles (server, provisioner,
+// agent) share on the NATS bus: the names of streams, key-value buckets and
+// object stores, the subjects, the message types, the protocol version and the
+// stable error codes.
+//
+// It imports only the standard library and no other package of the project,
+// so that every role, tool and test may import it. Names here are what an
+// operator types into the NATS CLI (docs/architecture.md lists them); they are
+// part of the protocol and never change meaning.
+//
+// # Versioning
+//
+// Every message carries its protocol version in the "v" field. A decoder
+// accepts versions 1 through [Version] and rejects anything else with
+// [ErrUnsupportedVersion]. Within a version, fields and message types are only
+// ever added, never removed or given a new meaning, and decoders ignore
+// fields they do not know, so an older role can read a newer message of the
+// same version. A change that an older role cannot safely ignore raises
+// [Version].
+//
+// History:
+//
+//	1 (2026-11): first version. Desired state, commands, events, heartbeats,
+//	  agent status, provision requests and machine state.
+package protocol

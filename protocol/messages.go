@@ -1,0 +1,351 @@
+package protocol
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// DesiredState is what the server wants an instance's machine to be. It is the
+// value of the instance's key in fm_desired; every change is republished on
+// DesiredSubject(instance). The agent converges the machine to it and reports
+// the Generation it reached in its AgentStatus.
+type DesiredState struct {
+	Header
+	Instance string `json:"instance"`
+	// Generation grows with every change; an operation that changed the desired
+	// state completes when the agent reports this generation.
+	Generation uint64 `json:"generation"`
+	// NodeType is the DSS node type: design, automation, deployer or govern.
+	NodeType string    `json:"nodeType"`
+	DSS      DSSTarget `json:"dss"`
+	// SetupActions are the template's actions, in order, as of the last
+	// (re)provision.
+	SetupActions []SetupAction `json:"setupActions"`
+	// HeartbeatSeconds is how often the agent sends a heartbeat.
+	HeartbeatSeconds int `json:"heartbeatSeconds"`
+}
+
+// DSSTarget is the DSS installation the agent converges to.
+type DSSTarget struct {
+	ImageID string    `json:"imageId"`
+	Version string    `json:"version"`
+	Kit     KitSource `json:"kit"`
+	// Port is the DSS base port.
+	Port int `json:"port"`
+	// License is the DSS license (a JSON document as a string), if any.
+	License string `json:"license,omitempty"`
+	// AllowDowngrade lets the agent install a version older than the one in
+	// the data directory.
+	AllowDowngrade bool `json:"allowDowngrade,omitempty"`
+}
+
+// KitSource says where a DSS install kit comes from: exactly one of a local
+// path, a URL (with the SHA-256 it must have) or an fm_kits object.
+type KitSource struct {
+	Path   string `json:"path,omitempty"`
+	URL    string `json:"url,omitempty"`
+	SHA256 string `json:"sha256,omitempty"`
+	Object string `json:"object,omitempty"`
+}
+
+// Validate checks that exactly one source is named and a URL has a digest.
+func (k KitSource) Validate() error {
+	n := 0
+	for _, s := range []string{k.Path, k.URL, k.Object} {
+		if s != "" {
+			n++
+		}
+	}
+	switch {
+	case n != 1:
+		return errors.New("kit: exactly one of path, url and object must be set")
+	case k.URL != "" && !isHexDigest(k.SHA256):
+		return errors.New("kit: a url needs its sha256 (64 hex characters)")
+	case k.SHA256 != "" && !isHexDigest(k.SHA256):
+		return errors.New("kit: sha256 must be 64 hex characters")
+	}
+	return nil
+}
+
+func isHexDigest(s string) bool {
+	if len(s) != 64 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F') {
+			return false
+		}
+	}
+	return true
+}
+
+// SetupAction is one action of a template, as the agent receives it. Params
+// is the action's parameter object, unchanged from the template.
+type SetupAction struct {
+	Type    SetupActionType `json:"type"`
+	Params  json.RawMessage `json:"params"`
+	Enabled bool            `json:"enabled"`
+}
+
+// Validate implements Message.
+func (d *DesiredState) Validate() error {
+	if !ValidToken(d.Instance) {
+		return fmt.Errorf("instance %q is not a valid id", d.Instance)
+	}
+	if d.Generation == 0 {
+		return errors.New("generation must be at least 1")
+	}
+	if d.DSS.Version == "" {
+		return errors.New("dss.version is required")
+	}
+	if d.DSS.Port < 1 || d.DSS.Port > 65535 {
+		return fmt.Errorf("dss.port %d is out of range", d.DSS.Port)
+	}
+	if err := d.DSS.Kit.Validate(); err != nil {
+		return fmt.Errorf("dss.%w", err)
+	}
+	for i, a := range d.SetupActions {
+		if a.Type == "" {
+			return fmt.Errorf("setupActions[%d]: type is required", i)
+		}
+	}
+	if d.HeartbeatSeconds < 0 {
+		return errors.New("heartbeatSeconds must not be negative")
+	}
+	return nil
+}
+
+// CommandKind names what a Command asks an agent to do.
+type CommandKind string
+
+// The commands an agent carries out.
+const (
+	CommandRestartDSS         CommandKind = "restart-dss"
+	CommandStopDSS            CommandKind = "stop-dss"
+	CommandStartDSS           CommandKind = "start-dss"
+	CommandReplaySetupActions CommandKind = "replay-setup-actions"
+	CommandResetUserPassword  CommandKind = "reset-user-password"
+	CommandGetInitialPassword CommandKind = "get-initial-password"
+	CommandCollectDiagnosis   CommandKind = "collect-diagnosis"
+)
+
+// CommandKinds lists every command kind.
+var CommandKinds = []CommandKind{
+	CommandRestartDSS, CommandStopDSS, CommandStartDSS, CommandReplaySetupActions,
+	CommandResetUserPassword, CommandGetInitialPassword, CommandCollectDiagnosis,
+}
+
+// Known reports whether k is one of CommandKinds.
+func (k CommandKind) Known() bool {
+	for _, c := range CommandKinds {
+		if c == k {
+			return true
+		}
+	}
+	return false
+}
+
+// Command is an imperative for one agent, published on
+// CommandSubject(Instance, ID) in FM_COMMANDS with ID as Nats-Msg-Id. The agent
+// answers with an Event of kind EventCommand carrying the same CommandID.
+type Command struct {
+	Header
+	ID       string      `json:"id"`
+	Instance string      `json:"instance"`
+	Kind     CommandKind `json:"kind"`
+	// OpID is the operation (future) the command belongs to, if any.
+	OpID   string          `json:"opId,omitempty"`
+	Issued time.Time       `json:"issued"`
+	Params json.RawMessage `json:"params,omitempty"`
+}
+
+// ResetUserPasswordParams are the Params of CommandResetUserPassword.
+type ResetUserPasswordParams struct {
+	UserName string `json:"userName"`
+	Password string `json:"password"`
+}
+
+// Validate implements Message. It does not check the kind: an agent answers
+// an unknown kind with an error result rather than dropping it.
+func (c *Command) Validate() error {
+	switch {
+	case !ValidToken(c.ID):
+		return fmt.Errorf("id %q is not a valid id", c.ID)
+	case !ValidToken(c.Instance):
+		return fmt.Errorf("instance %q is not a valid id", c.Instance)
+	case c.Kind == "":
+		return errors.New("kind is required")
+	}
+	return nil
+}
+
+// EventKind is the last token of an event's subject.
+type EventKind string
+
+// The kinds of event.
+const (
+	// EventStep is progress of the agent's startup sequence or of a machine
+	// operation: one step started, succeeded, failed or was skipped.
+	EventStep EventKind = "step"
+	// EventCommand is the result of a Command.
+	EventCommand EventKind = "command"
+	// EventMachine is the result of a provision request.
+	EventMachine EventKind = "machine"
+	// EventAlert is a condition an operator should know about: DSS stopped
+	// answering, the data volume is filling up.
+	EventAlert EventKind = "alert"
+	// EventRejected says a message was refused as malformed.
+	EventRejected EventKind = "rejected"
+)
+
+// Status is the outcome carried by an event.
+type Status string
+
+// The statuses.
+const (
+	StatusStarted     Status = "started"
+	StatusOK          Status = "ok"
+	StatusFailed      Status = "failed"
+	StatusSkipped     Status = "skipped"
+	StatusUnsupported Status = "unsupported"
+)
+
+// Event reports progress or a result, published on EventSubject(Instance,
+// Kind) in FM_EVENTS with ID as Nats-Msg-Id.
+type Event struct {
+	Header
+	ID       string    `json:"id"`
+	Instance string    `json:"instance"`
+	Kind     EventKind `json:"kind"`
+	Time     time.Time `json:"time"`
+	// Source is the role that sent it: "agent" or "provisioner".
+	Source     string `json:"source"`
+	Generation uint64 `json:"generation,omitempty"`
+	OpID       string `json:"opId,omitempty"`
+	CommandID  string `json:"commandId,omitempty"`
+	// Step names what the event is about, e.g. "install", "setup-action[2]",
+	// "dss-unresponsive".
+	Step    string `json:"step,omitempty"`
+	Status  Status `json:"status"`
+	Message string `json:"message,omitempty"`
+	// Output is the tail of a failed step's output.
+	Output string `json:"output,omitempty"`
+	Error  *Error `json:"error,omitempty"`
+	// Result is a command's result object, if it has one.
+	Result json.RawMessage `json:"result,omitempty"`
+}
+
+// Validate implements Message.
+func (e *Event) Validate() error {
+	switch {
+	case !ValidToken(e.ID):
+		return fmt.Errorf("id %q is not a valid id", e.ID)
+	case !ValidToken(e.Instance):
+		return fmt.Errorf("instance %q is not a valid id", e.Instance)
+	case !ValidToken(string(e.Kind)):
+		return fmt.Errorf("kind %q is not a valid token", e.Kind)
+	case e.Status == "":
+		return errors.New("status is required")
+	case e.Status == StatusFailed && e.Error == nil:
+		return errors.New("a failed event needs an error")
+	}
+	return nil
+}
+
+// DSSState is what an agent sees of DSS.
+type DSSState string
+
+// The DSS states.
+const (
+	DSSAbsent       DSSState = "absent"       // not installed in the data directory
+	DSSInstalling   DSSState = "installing"   // being installed or upgraded
+	DSSStopped      DSSState = "stopped"      // installed, not running
+	DSSStarting     DSSState = "starting"     // started, not answering yet
+	DSSRunning      DSSState = "running"      // answering on its base port
+	DSSUnresponsive DSSState = "unresponsive" // running but not answering
+)
+
+// Heartbeat is an agent's light liveness signal, published on the core subject
+// HeartbeatSubject(Instance) every DesiredState.HeartbeatSeconds.
+type Heartbeat struct {
+	Header
+	Instance     string    `json:"instance"`
+	Seq          uint64    `json:"seq"`
+	Time         time.Time `json:"time"`
+	Generation   uint64    `json:"generation"`
+	DSS          DSSState  `json:"dss"`
+	AgentVersion string    `json:"agentVersion"`
+}
+
+// Validate implements Message.
+func (h *Heartbeat) Validate() error {
+	if !ValidToken(h.Instance) {
+		return fmt.Errorf("instance %q is not a valid id", h.Instance)
+	}
+	return nil
+}
+
+// AgentPhase is where an agent stands with its desired state.
+type AgentPhase string
+
+// The phases.
+const (
+	PhaseConverging AgentPhase = "converging" // working towards the desired generation
+	PhaseReady      AgentPhase = "ready"      // the desired generation is reached
+	PhaseFailed     AgentPhase = "failed"     // a step failed; Error says which and why
+)
+
+// AgentStatus is an agent's full report, the value of its key in fm_agents,
+// written when something in it changes.
+type AgentStatus struct {
+	Header
+	Instance     string    `json:"instance"`
+	Time         time.Time `json:"time"`
+	AgentVersion string    `json:"agentVersion"`
+	// Generation is the last desired generation the agent fully reached;
+	// Target is the one it is working on (equal when Phase is ready).
+	Generation uint64       `json:"generation"`
+	Target     uint64       `json:"target"`
+	Phase      AgentPhase   `json:"phase"`
+	Step       string       `json:"step,omitempty"`
+	Error      *Error       `json:"error,omitempty"`
+	DSS        DSSStatus    `json:"dss"`
+	Machine    MachineFacts `json:"machine"`
+}
+
+// DSSStatus is what the agent knows of DSS.
+type DSSStatus struct {
+	State    DSSState `json:"state"`
+	Version  string   `json:"version,omitempty"`
+	NodeType string   `json:"nodeType,omitempty"`
+	Port     int      `json:"port,omitempty"`
+}
+
+// MachineFacts are the agent's measurements of its machine.
+type MachineFacts struct {
+	DataVolumeBytes     uint64  `json:"dataVolumeBytes"`
+	DataVolumeUsedBytes uint64  `json:"dataVolumeUsedBytes"`
+	Load1               float64 `json:"load1"`
+	MemTotalBytes       uint64  `json:"memTotalBytes"`
+	MemAvailableBytes   uint64  `json:"memAvailableBytes"`
+	UptimeSeconds       int64   `json:"uptimeSeconds"`
+}
+
+// Validate implements Message.
+func (s *AgentStatus) Validate() error {
+	if !ValidToken(s.Instance) {
+		return fmt.Errorf("instance %q is not a valid id", s.Instance)
+	}
+	switch s.Phase {
+	case PhaseConverging, PhaseReady, PhaseFailed:
+	default:
+		return fmt.Errorf("phase %q is unknown", s.Phase)
+	}
+	if s.Phase == PhaseFailed && s.Error == nil {
+		return errors.New("a failed phase needs an error")
+	}
+	return nil
+}

@@ -1,0 +1,120 @@
+package protocol
+
+import "strings"
+
+// Key-value buckets. Each holds one JSON document per key; the key is the
+// object's id unless stated otherwise.
+const (
+	BucketNetworks  = "fm_networks"  // virtual networks; written by the server
+	BucketTemplates = "fm_templates" // instance settings templates; written by the server
+	BucketInstances = "fm_instances" // instance settings; written by the server
+	BucketImages    = "fm_images"    // deployable DSS images; written by the server
+	BucketSnapshots = "fm_snapshots" // snapshot records; written by the server
+	BucketAPIKeys   = "fm_apikeys"   // REST API keys, secrets hashed; written by the server
+	BucketOps       = "fm_ops"       // operations ("futures"); written by the server
+	BucketSettings  = "fm_settings"  // tenant settings, key "<tenant>.<setting>"; written by the server
+	BucketLabels    = "fm_labels"    // label claims, key "<kind>.<label digest>", value the owner id
+	BucketDesired   = "fm_desired"   // desired state per instance, republished on fm.desired.<instance>
+	BucketMachines  = "fm_machines"  // machine state per instance; written by the provisioner
+	BucketAgents    = "fm_agents"    // last full status per instance; written by that agent
+)
+
+// Streams.
+const (
+	StreamProvision = "FM_PROVISION" // work queue of machine operations, fm.prov.<instance>.<action>
+	StreamCommands  = "FM_COMMANDS"  // agent commands, fm.cmd.<instance>.<command id>
+	StreamEvents    = "FM_EVENTS"    // progress and results, fm.evt.<instance>.<kind>
+	StreamLogs      = "FM_LOGS"      // shipped logs, fm.log.<instance>.<source>
+	StreamAudit     = "FM_AUDIT"     // audit trail, fm.audit.<tenant>.<object>
+)
+
+// Object stores.
+const (
+	ObjectStoreKits = "fm_kits" // DSS install kits, by kit name
+)
+
+// Subject prefixes. Each is followed by one or more tokens; see the Subject
+// functions below.
+const (
+	prefixDesired   = "fm.desired."
+	prefixHeartbeat = "fm.hb."
+	prefixProvision = "fm.prov."
+	prefixCommand   = "fm.cmd."
+	prefixEvent     = "fm.evt."
+	prefixLog       = "fm.log."
+	prefixAudit     = "fm.audit."
+)
+
+// Wildcard subjects that streams and consumers bind to.
+const (
+	SubjectAllDesired   = prefixDesired + "*"
+	SubjectAllHeartbeat = prefixHeartbeat + "*"
+	SubjectAllProvision = prefixProvision + "*.*"
+	SubjectAllCommands  = prefixCommand + "*.*"
+	SubjectAllEvents    = prefixEvent + "*.*"
+	SubjectAllLogs      = prefixLog + "*.*"
+	SubjectAllAudit     = prefixAudit + "*.*"
+)
+
+// DesiredSubject is where every change of an instance's desired state is
+// republished by the fm_desired bucket.
+func DesiredSubject(instance string) string { return prefixDesired + instance }
+
+// HeartbeatSubject is the core (not stored) subject of an agent's heartbeat.
+func HeartbeatSubject(instance string) string { return prefixHeartbeat + instance }
+
+// ProvisionSubject is the FM_PROVISION subject of one machine operation.
+func ProvisionSubject(instance string, action ProvisionAction) string {
+	return prefixProvision + instance + "." + string(action)
+}
+
+// CommandSubject is the FM_COMMANDS subject of one command.
+func CommandSubject(instance, commandID string) string {
+	return prefixCommand + instance + "." + commandID
+}
+
+// CommandFilter matches every command of one instance.
+func CommandFilter(instance string) string { return prefixCommand + instance + ".*" }
+
+// EventSubject is the FM_EVENTS subject of an event.
+func EventSubject(instance string, kind EventKind) string {
+	return prefixEvent + instance + "." + string(kind)
+}
+
+// LogSubject is the FM_LOGS subject of a log source on an instance.
+func LogSubject(instance, source string) string { return prefixLog + instance + "." + source }
+
+// AuditSubject is the FM_AUDIT subject of an audit record about one kind of
+// object in a tenant.
+func AuditSubject(tenant, object string) string { return prefixAudit + tenant + "." + object }
+
+// InboxPrefix is the inbox prefix an agent connects with, so that its
+// permissions can name its own inbox.
+func InboxPrefix(instance string) string { return "_INBOX." + instance }
+
+// InstanceFromSubject returns the instance token of a subject built by the
+// functions above (fm.<kind>.<instance>[.<more>]), or "" if there is none.
+func InstanceFromSubject(subject string) string {
+	parts := strings.SplitN(subject, ".", 4)
+	if len(parts) < 3 || parts[0] != "fm" {
+		return ""
+	}
+	return parts[2]
+}
+
+// ValidToken reports whether s can be used as one subject token and as a KV
+// key: 1 to 64 characters from [A-Za-z0-9_-]. Every id FM mints passes.
+func ValidToken(s string) bool {
+	if len(s) == 0 || len(s) > 64 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_':
+		default:
+			return false
+		}
+	}
+	return true
+}

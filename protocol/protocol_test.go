@@ -1,0 +1,275 @@
+package protocol
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"flag"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+
+var t0 = time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)
+
+// vectors are the canonical messages whose encodings are pinned in testdata/.
+// A change to an encoding is a protocol change: see the package doc.
+func vectors() map[string]struct {
+	msg   Message
+	fresh func() Message
+} {
+	return map[string]struct {
+		msg   Message
+		fresh func() Message
+	}{
+		"desired_state": {&DesiredState{
+			Instance: "in-7k2m9q4x1c", Generation: 3, NodeType: "design",
+			DSS: DSSTarget{ImageID: "dss-14.0.0-standin", Version: "14.0.0", Port: 10000,
+				Kit: KitSource{URL: "https://kits.example.com/dss-14.0.0.tar.gz", SHA256: strings.Repeat("ab", 32)}},
+			SetupActions: []SetupAction{
+				{Type: ActionAddAuthorizedKey, Params: json.RawMessage(`{"sshKey":"ssh-ed25519 AAAA test"}`), Enabled: true},
+				{Type: ActionRunAnsibleTasks, Params: json.RawMessage(`{"stage":"after_install","ansibleTasks":"- debug: msg=hi"}`), Enabled: false},
+			},
+			HeartbeatSeconds: 10,
+		}, func() Message { return &DesiredState{} }},
+		"command": {&Command{
+			ID: "cmd-0001", Instance: "in-7k2m9q4x1c", Kind: CommandResetUserPassword, OpID: "op-42",
+			Issued: t0, Params: json.RawMessage(`{"userName":"admin","password":"s3cret"}`),
+		}, func() Message { return &Command{} }},
+		"event": {&Event{
+			ID: "ev-0001", Instance: "in-7k2m9q4x1c", Kind: EventStep, Time: t0, Source: "agent",
+			Generation: 3, OpID: "op-42", Step: "install", Status: StatusFailed,
+			Message: "installer exited with status 1", Output: "error: disk full",
+			Error: &Error{Code: CodeInternal, Message: "install failed"},
+		}, func() Message { return &Event{} }},
+		"heartbeat": {&Heartbeat{
+			Instance: "in-7k2m9q4x1c", Seq: 17, Time: t0, Generation: 3, DSS: DSSRunning, AgentVersion: "0.1.0",
+		}, func() Message { return &Heartbeat{} }},
+		"agent_status": {&AgentStatus{
+			Instance: "in-7k2m9q4x1c", Time: t0, AgentVersion: "0.1.0", Generation: 3, Target: 3, Phase: PhaseReady,
+			DSS:     DSSStatus{State: DSSRunning, Version: "14.0.0", NodeType: "design", Port: 10000},
+			Machine: MachineFacts{DataVolumeBytes: 50 << 30, DataVolumeUsedBytes: 5 << 30, Load1: 0.25, MemTotalBytes: 8 << 30, MemAvailableBytes: 6 << 30, UptimeSeconds: 3600},
+		}, func() Message { return &AgentStatus{} }},
+	}
+}
+
+func TestGoldenVectors(t *testing.T) {
+	for name, v := range vectors() {
+		t.Run(name, func(t *testing.T) {
+			got, err := Encode(v.msg)
+			if err != nil {
+				t.Fatalf("Encode: %v", err)
+			}
+			var pretty bytes.Buffer
+			if err := json.Indent(&pretty, got, "", "  "); err != nil {
+				t.Fatal(err)
+			}
+			pretty.WriteByte('\n')
+			path := filepath.Join("testdata", name+".json")
+			if *update {
+				if err := os.WriteFile(path, pretty.Bytes(), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("read golden file (run with -update to create it): %v", err)
+			}
+			if !bytes.Equal(pretty.Bytes(), want) {
+				t.Errorf("encoding changed; a wire change needs a protocol decision (see doc.go).\ngot:\n%s\nwant:\n%s", pretty.Bytes(), want)
+			}
+			// The golden bytes decode back to the same value.
+			back := v.fresh()
+			if err := Decode(want, back); err != nil {
+				t.Fatalf("Decode golden: %v", err)
+			}
+			if !reflect.DeepEqual(normalize(t, back), normalize(t, v.msg)) {
+				t.Errorf("round trip differs:\n got %+v\nwant %+v", back, v.msg)
+			}
+		})
+	}
+}
+
+// normalize re-encodes a message so that RawMessage whitespace does not matter.
+func normalize(t *testing.T, m Message) any {
+	t.Helper()
+	b, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out any
+	if err := json.Unmarshal(b, &out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func TestDecodeRejects(t *testing.T) {
+	tests := []struct {
+		name  string
+		input string
+		want  error
+	}{
+		{"not json", `{"v":1,`, ErrMalformed},
+		{"array", `[1,2]`, ErrMalformed},
+		{"null", `null`, ErrMalformed},
+		{"no version", `{"instance":"in-1","seq":1}`, ErrMalformed},
+		{"version zero", `{"v":0,"instance":"in-1"}`, ErrMalformed},
+		{"future version", `{"v":99,"instance":"in-1"}`, ErrUnsupportedVersion},
+		{"negative version", `{"v":-1,"instance":"in-1"}`, ErrUnsupportedVersion},
+		{"future version with other shape", `{"v":2,"instance":{"id":"in-1"}}`, ErrUnsupportedVersion},
+		{"wrong field type", `{"v":1,"instance":"in-1","seq":"one"}`, ErrMalformed},
+		{"bad instance token", `{"v":1,"instance":"in.1"}`, ErrMalformed},
+		{"empty instance", `{"v":1,"instance":""}`, ErrMalformed},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			err := Decode([]byte(tc.input), &Heartbeat{})
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("Decode(%s) = %v, want %v", tc.input, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestValidateRules(t *testing.T) {
+	good := func() *DesiredState {
+		d := vectors()["desired_state"].msg.(*DesiredState)
+		return d
+	}
+	tests := []struct {
+		name   string
+		mutate func(*DesiredState)
+	}{
+		{"generation zero", func(d *DesiredState) { d.Generation = 0 }},
+		{"no version", func(d *DesiredState) { d.DSS.Version = "" }},
+		{"port zero", func(d *DesiredState) { d.DSS.Port = 0 }},
+		{"port too big", func(d *DesiredState) { d.DSS.Port = 70000 }},
+		{"two kit sources", func(d *DesiredState) { d.DSS.Kit.Path = "/tmp/kit" }},
+		{"no kit source", func(d *DesiredState) { d.DSS.Kit = KitSource{} }},
+		{"url without digest", func(d *DesiredState) { d.DSS.Kit.SHA256 = "" }},
+		{"action without type", func(d *DesiredState) { d.SetupActions[0].Type = "" }},
+	}
+	if err := good().Validate(); err != nil {
+		t.Fatalf("the canonical vector must validate: %v", err)
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			d := good()
+			tc.mutate(d)
+			if _, err := Encode(d); err == nil {
+				t.Fatal("Encode accepted an invalid message")
+			}
+		})
+	}
+}
+
+func TestEventNeedsErrorWhenFailed(t *testing.T) {
+	e := &Event{ID: "e1", Instance: "i1", Kind: EventStep, Status: StatusFailed}
+	if err := e.Validate(); err == nil {
+		t.Fatal("a failed event without an error was accepted")
+	}
+	e.Error = Errorf(CodeInternal, "boom")
+	if err := e.Validate(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSubjects(t *testing.T) {
+	tests := []struct{ got, want string }{
+		{DesiredSubject("in-1"), "fm.desired.in-1"},
+		{HeartbeatSubject("in-1"), "fm.hb.in-1"},
+		{CommandSubject("in-1", "c1"), "fm.cmd.in-1.c1"},
+		{CommandFilter("in-1"), "fm.cmd.in-1.*"},
+		{EventSubject("in-1", EventStep), "fm.evt.in-1.step"},
+		{LogSubject("in-1", "dss"), "fm.log.in-1.dss"},
+		{AuditSubject("main", "instance"), "fm.audit.main.instance"},
+		{InboxPrefix("in-1"), "_INBOX.in-1"},
+		{InstanceFromSubject("fm.evt.in-1.step"), "in-1"},
+		{InstanceFromSubject("fm.hb.in-1"), "in-1"},
+		{InstanceFromSubject("other.x.y"), ""},
+	}
+	for _, tc := range tests {
+		if tc.got != tc.want {
+			t.Errorf("got %q, want %q", tc.got, tc.want)
+		}
+	}
+}
+
+func TestValidToken(t *testing.T) {
+	for s, want := range map[string]bool{
+		"in-abc_1": true, "": false, "a.b": false, "a*": false, "a>": false, "a b": false,
+		strings.Repeat("a", 64): true, strings.Repeat("a", 65): false, "é": false,
+	} {
+		if got := ValidToken(s); got != want {
+			t.Errorf("ValidToken(%q) = %v, want %v", s, got, want)
+		}
+	}
+}
+
+func TestEnumsKnown(t *testing.T) {
+	if len(SetupActionTypes) != 23 {
+		t.Fatalf("the reference lists 23 setup action types, have %d", len(SetupActionTypes))
+	}
+	if !ActionUpdateDSSPort.Known() || SetupActionType("NOPE").Known() {
+		t.Fatal("SetupActionType.Known is wrong")
+	}
+	if !StageAfterInstall.Known() || Stage("AFTER_INSTALL").Known() {
+		t.Fatal("Stage.Known is wrong")
+	}
+	if !CommandRestartDSS.Known() || CommandKind("reboot").Known() {
+		t.Fatal("CommandKind.Known is wrong")
+	}
+}
+
+func FuzzDecode(f *testing.F) {
+	for _, v := range vectors() {
+		b, _ := Encode(v.msg)
+		f.Add(b)
+	}
+	f.Add([]byte(`{"v":2}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		for _, fresh := range []func() Message{
+			func() Message { return &DesiredState{} }, func() Message { return &Command{} },
+			func() Message { return &Event{} }, func() Message { return &Heartbeat{} },
+			func() Message { return &AgentStatus{} },
+		} {
+			m := fresh()
+			if err := Decode(data, m); err != nil {
+				if !errors.Is(err, ErrMalformed) && !errors.Is(err, ErrUnsupportedVersion) {
+					t.Fatalf("Decode returned an error of no known kind: %v", err)
+				}
+				continue
+			}
+			// Whatever decodes must encode again and validate.
+			if _, err := Encode(m); err != nil {
+				t.Fatalf("decoded message does not re-encode: %v", err)
+			}
+		}
+	})
+}
+
+func TestCompareVersions(t *testing.T) {
+	tests := []struct {
+		a, b string
+		want int
+	}{
+		{"14.0.0", "9.2.1", 1},
+		{"13.4.0", "14.0.0", -1},
+		{"14.0.0", "14.0.0", 0},
+		{"14.0", "14.0.0", 0},
+		{"14.0.1", "14.0", 1},
+		{"14.0.0-beta", "14.0.0", 1},
+		{"14.10.0", "14.9.9", 1},
+	}
+	for _, tc := range tests {
+		if got := CompareVersions(tc.a, tc.b); got != tc.want {
+			t.Errorf("CompareVersions(%q, %q) = %d, want %d", tc.a, tc.b, got, tc.want)
+		}
+	}
+}
