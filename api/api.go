@@ -1,0 +1,296 @@
+// Package api defines the JSON objects of FM's REST API: the shapes that
+// Dataiku's Fleet Manager clients (dataikuapi, the Ansible inventory plugin)
+// send and read, exactly as docs/api.md and the Dataiku contract spell them,
+// plus FM's own additions. It holds types and constants only: the server
+// validates and normalises them, the client and the CLI send and print them.
+//
+// It imports only the standard library and protocol; server, client and cli
+// import it.
+package api
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// BasePath is the prefix of every tenant-scoped endpoint.
+const BasePath = "/api/public/tenants/"
+
+// DefaultTenant is the only tenant FM has.
+const DefaultTenant = "main"
+
+// Error is the body of every error response. Dataiku's client raises
+// DataikuException("<errorType>: <detailedMessage>").
+type Error struct {
+	ErrorType       string `json:"errorType"`
+	Message         string `json:"message"`
+	DetailedMessage string `json:"detailedMessage"`
+}
+
+func (e *Error) Error() string {
+	if e.DetailedMessage != "" {
+		return e.ErrorType + ": " + e.DetailedMessage
+	}
+	return e.ErrorType + ": " + e.Message
+}
+
+// Meta are the server-owned fields every stored object carries. Clients echo
+// them back on PUT; the server ignores them there, except Revision: a PUT
+// that carries a revision is applied only if the object is still at that
+// revision, so that a save based on a stale read is refused instead of
+// silently undoing someone else's change.
+type Meta struct {
+	Revision  uint64    `json:"revision,omitempty"`
+	CreatedAt time.Time `json:"createdAt"`
+	UpdatedAt time.Time `json:"updatedAt"`
+	// Deleting is set while a deletion checks that nothing uses the object;
+	// nothing new may start using it meanwhile.
+	Deleting bool `json:"deleting,omitempty"`
+}
+
+// Enumerations of the Dataiku contract. The values are exact on the wire.
+const (
+	ModeExistingMonotenant = "EXISTING_MONOTENANT"
+
+	InternetAccessYes        = "YES"
+	InternetAccessNo         = "NO"
+	InternetAccessEgressOnly = "EGRESS_ONLY"
+
+	DNSNone                      = "NONE"
+	DNSVNSpecificCloudDNS        = "VN_SPECIFIC_CLOUD_DNS_SERVICE"
+	HTTPSNone                    = "NONE"
+	HTTPSSelfSigned              = "SELF_SIGNED"
+	HTTPSCustomCertificate       = "CUSTOM_CERTIFICATE"
+	HTTPSLetsEncrypt             = "LETSENCRYPT"
+	HTTPDisable                  = "DISABLE"
+	HTTPRedirect                 = "REDIRECT"
+	DeployerNoManaged            = "NO_MANAGED_DEPLOYER"
+	DeployerCentral              = "CENTRAL_DEPLOYER"
+	DeployerEachDesignNode       = "EACH_DESIGN_NODE"
+	NodeDesign                   = "design"
+	NodeAutomation               = "automation"
+	NodeDeployer                 = "deployer"
+	NodeGovern                   = "govern"
+	EncryptionNone               = "NONE"
+	EncryptionDefaultKey         = "DEFAULT_KEY"
+	EncryptionTenant             = "TENANT"
+	EncryptionCustom             = "CUSTOM"
+	AWSAPIAccessNone             = "NONE"
+	AWSAPIAccessKeypair          = "KEYPAIR"
+	KeypairStorageNone           = "NONE"
+	KeypairStorageInline         = "INLINE_ENCRYPTED"
+	KeypairStorageSecretsManager = "AWS_SECRETS_MANAGER"
+	AWSAuthSameAsFM              = "SAME_AS_FM"
+	AWSAuthIAMRole               = "IAM_ROLE"
+	AWSAuthKeypair               = "KEYPAIR"
+	LicenseStatic                = "STATIC"
+	LicenseAutoUpdate            = "AUTO_UPDATE"
+)
+
+// VirtualNetwork is the network context of instances.
+type VirtualNetwork struct {
+	ID                 string `json:"id"`
+	Label              string `json:"label"`
+	Mode               string `json:"mode"`
+	InternetAccessMode string `json:"internetAccessMode"`
+	AccountID          string `json:"accountId"`
+	AutoCreatePeerings bool   `json:"autoCreatePeerings"`
+
+	AWSVpcID                    string   `json:"awsVpcId"`
+	AWSSubnetID                 string   `json:"awsSubnetId"`
+	AWSSecondSubnetID           string   `json:"awsSecondSubnetId"`
+	AWSRegion                   string   `json:"awsRegion"`
+	AWSAutoCreateSecurityGroups *bool    `json:"awsAutoCreateSecurityGroups"`
+	AWSSecurityGroups           []string `json:"awsSecurityGroups"`
+	AWSAssignPublicIP           *bool    `json:"awsAssignPublicIP"`
+
+	DNSStrategy                string `json:"dnsStrategy"`
+	AWSRoute53PrivateIPZone    string `json:"awsRoute53PrivateIPZoneId"`
+	AWSRoute53PublicIPZone     string `json:"awsRoute53PublicIPZoneId"`
+	HTTPSStrategy              string `json:"httpsStrategy"`
+	HTTPStrategy               string `json:"httpStrategy"`
+	ContactMail                string `json:"contactMail"`
+	ManagedNodesDirectory      bool   `json:"managedNodesDirectory"`
+	EventServerNodeLabel       string `json:"eventServerNodeLabel"`
+	NodesDirectoryDeployerMode string `json:"nodesDirectoryDeployerMode"`
+	GovernServerNodeLabel      string `json:"governServerNodeLabel"`
+
+	// CloudTags are added to the cloud resources of the network's instances,
+	// after the tenant's and before the instance's own (FM addition).
+	CloudTags map[string]string `json:"cloudTags"`
+
+	Meta
+}
+
+// SetupAction is one action of a template. Params is stored unchanged.
+type SetupAction struct {
+	Type    string          `json:"type"`
+	Params  json.RawMessage `json:"params"`
+	Enabled *bool           `json:"enabled"`
+}
+
+// InstanceSettingsTemplate is a reusable set of instance settings.
+type InstanceSettingsTemplate struct {
+	ID           string        `json:"id"`
+	Label        string        `json:"label"`
+	SetupActions []SetupAction `json:"setupActions"`
+	// License is a DSS license: a JSON document in a string.
+	License string `json:"license"`
+
+	AWSKeyPairName                  string `json:"awsKeyPairName"`
+	StartupInstanceProfileArn       string `json:"startupInstanceProfileArn"`
+	RuntimeInstanceProfileArn       string `json:"runtimeInstanceProfileArn"`
+	RestrictAWSMetadataServerAccess *bool  `json:"restrictAwsMetadataServerAccess"`
+	DataikuAWSAPIAccessMode         string `json:"dataikuAwsAPIAccessMode"`
+	DataikuAWSKeypairStorageMode    string `json:"dataikuAwsKeypairStorageMode"`
+	DataikuAWSAccessKeyID           string `json:"dataikuAwsAccessKeyId"`
+	// DataikuAWSSecretAccessKey is write-only: never returned; a PUT without
+	// it keeps the stored one.
+	DataikuAWSSecretAccessKey           string `json:"dataikuAwsSecretAccessKey,omitempty"`
+	DataikuAWSSecretAccessKeySecretName string `json:"dataikuAwsSecretAccessKeyAwsSecretName"`
+	AWSSecretsManagerRegion             string `json:"awsSecretsManagerRegion"`
+
+	Meta
+}
+
+// Instance is one DSS node.
+type Instance struct {
+	ID          string `json:"id"`
+	Label       string `json:"label"`
+	Description string `json:"description"`
+
+	InstanceSettingsTemplateID    string `json:"instanceSettingsTemplateId"`
+	InstanceSettingsTemplateLabel string `json:"instanceSettingsTemplateLabel"`
+	VirtualNetworkID              string `json:"virtualNetworkId"`
+	VirtualNetworkLabel           string `json:"virtualNetworkLabel"`
+	ImageID                       string `json:"imageId"`
+	DSSNodeType                   string `json:"dssNodeType"`
+	CloudInstanceType             string `json:"cloudInstanceType"`
+
+	DataVolumeType       string `json:"dataVolumeType"`
+	DataVolumeSizeGB     *int   `json:"dataVolumeSizeGB"`
+	DataVolumeSizeMaxGB  *int   `json:"dataVolumeSizeMaxGB"`
+	DataVolumeIOPS       *int   `json:"dataVolumeIOPS"`
+	VolumesEncryption    string `json:"volumesEncryption"`
+	VolumesEncryptionKey string `json:"volumesEncryptionKey"`
+	AWSRootVolumeSizeGB  *int   `json:"awsRootVolumeSizeGB"`
+	AWSRootVolumeType    string `json:"awsRootVolumeType"`
+	AWSRootVolumeIOPS    *int   `json:"awsRootVolumeIOPS"`
+
+	CloudTags map[string]string `json:"cloudTags"`
+	FMTags    []string          `json:"fmTags"`
+
+	EnableAutomatedSnapshot    bool   `json:"enableAutomatedSnapshot"`
+	AutomatedSnapshotPeriod    *int   `json:"automatedSnapshotPeriod"`
+	AutomatedSnapshotRetention *int   `json:"automatedSnapshotRetention"`
+	SSLCertificatePEM          string `json:"sslCertificatePEM"`
+	AWSAssignElasticIP         bool   `json:"awsAssignElasticIP"`
+	AWSElasticIPAllocationID   string `json:"awsElasticIPAllocationId"`
+
+	Meta
+}
+
+// Kit says where the local backend gets an image's DSS install kit: exactly
+// one of a path on the provisioner's machine, a URL with its SHA-256, or an
+// object in the fm_kits store.
+type Kit struct {
+	Path   string `json:"path,omitempty"`
+	URL    string `json:"url,omitempty"`
+	SHA256 string `json:"sha256,omitempty"`
+	Object string `json:"object,omitempty"`
+}
+
+// Image is a DSS version this FM can deploy.
+type Image struct {
+	ID         string `json:"id"`
+	Label      string `json:"label"`
+	DSSVersion string `json:"dssVersion"`
+	Kit        *Kit   `json:"kit,omitempty"`
+	// AMIs maps an AWS region to the AMI the EC2 backend boots.
+	AMIs map[string]string `json:"amis,omitempty"`
+	Meta
+}
+
+// Snapshot is a snapshot of an instance's data volume.
+type Snapshot struct {
+	ID         string    `json:"id"`
+	InstanceID string    `json:"instanceId"`
+	Reason     string    `json:"reasonForSnapshot"`
+	Automated  bool      `json:"automated"`
+	State      string    `json:"state"`
+	DSSVersion string    `json:"dssVersion"`
+	ImageID    string    `json:"imageId"`
+	SizeBytes  int64     `json:"sizeBytes"`
+	SHA256     string    `json:"sha256,omitempty"`
+	CreatedAt  time.Time `json:"createdAt"`
+}
+
+// CloudCredentials is how FM authenticates to the cloud, plus the tenant's
+// license and secrets encryption key.
+type CloudCredentials struct {
+	AWSAuthenticationMode string `json:"awsAuthenticationMode"`
+	AWSIAMRoleARN         string `json:"awsIAMRoleARN"`
+	AWSAccessKeyID        string `json:"awsAccessKeyId"`
+	// AWSSecretAccessKey is write-only: never returned; a PUT without it
+	// keeps the stored one.
+	AWSSecretAccessKey string `json:"awsSecretAccessKey,omitempty"`
+	AWSCMKID           string `json:"awsCMKId"`
+	LicenseMode        string `json:"licenseMode"`
+	License            string `json:"license"`
+	// LicenseToken is write-only, like AWSSecretAccessKey.
+	LicenseToken string    `json:"licenseToken,omitempty"`
+	UpdatedAt    time.Time `json:"updatedAt"`
+}
+
+// CloudTagsResponse is the body of GET /cloud-tags: the tag map serialised as
+// a JSON string in "msg", as Dataiku's client expects.
+type CloudTagsResponse struct {
+	Msg string `json:"msg"`
+}
+
+// Future is a long-running operation as the Dataiku client polls it: it reads
+// jobId, hasResult and result. The other fields are FM's own.
+type Future struct {
+	JobID     string          `json:"jobId"`
+	HasResult bool            `json:"hasResult"`
+	Alive     bool            `json:"alive"`
+	Aborted   bool            `json:"aborted"`
+	Progress  Progress        `json:"progress"`
+	Result    json.RawMessage `json:"result"`
+
+	Kind       string     `json:"kind"`
+	TargetKind string     `json:"targetKind"`
+	TargetID   string     `json:"targetId"`
+	State      string     `json:"state"`
+	Error      *Error     `json:"error,omitempty"`
+	StartedBy  string     `json:"startedBy,omitempty"`
+	StartedAt  time.Time  `json:"startedAt"`
+	EndedAt    *time.Time `json:"endedAt,omitempty"`
+}
+
+// Progress lists the steps an operation went through.
+type Progress struct {
+	Steps []ProgressStep `json:"steps"`
+}
+
+// ProgressStep is one step of an operation.
+type ProgressStep struct {
+	Name    string    `json:"name"`
+	Status  string    `json:"status"`
+	Message string    `json:"message,omitempty"`
+	Time    time.Time `json:"time"`
+}
+
+// The states of an operation.
+const (
+	OpRunning   = "running"
+	OpSucceeded = "succeeded"
+	OpFailed    = "failed"
+	OpAborted   = "aborted"
+)
+
+// Bool returns a pointer to b, for the optional booleans above.
+func Bool(b bool) *bool { return &b }
+
+// Int returns a pointer to n, for the optional numbers above.
+func Int(n int) *int { return &n }

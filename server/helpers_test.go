@@ -1,0 +1,162 @@
+package server_test
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/server"
+	"github.com/fleetmanager/fm/server/servertest"
+)
+
+const tenantPath = "/api/public/tenants/main"
+
+// fm is a test's view of a server, speaking raw HTTP the way Dataiku's
+// Python client does: JSON bodies with no Content-Type, Basic auth.
+type fm struct {
+	t   *testing.T
+	env *servertest.Env
+}
+
+func start(t *testing.T, opts ...servertest.Option) *fm {
+	t.Helper()
+	opts = append([]servertest.Option{servertest.WithNetwork(server.NetworkDefaults{
+		VpcID: "vpc-0fm", SubnetID: "subnet-0fm", Region: "eu-west-1"})}, opts...)
+	return &fm{t: t, env: servertest.Start(t, opts...)}
+}
+
+type response struct {
+	status int
+	body   []byte
+	header http.Header
+}
+
+// do sends body (raw text, "" for none) to path (relative to the tenant
+// prefix unless it starts with "//" or "/api" or "/metrics"...).
+func (f *fm) do(method, path, body string) response {
+	f.t.Helper()
+	return f.doAs(method, path, body, f.env.Key.ID, f.env.Key.Secret)
+}
+
+func (f *fm) doAs(method, path, body, id, secret string) response {
+	f.t.Helper()
+	url := f.env.URL + path
+	if !strings.HasPrefix(path, "/api") && !strings.HasPrefix(path, "//") && !strings.HasPrefix(path, "/metrics") && !strings.HasPrefix(path, "/healthz") {
+		url = f.env.URL + tenantPath + path
+	}
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, url, rd)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	if id != "" {
+		req.SetBasicAuth(id, secret)
+	}
+	// No Content-Type, as the Python client sends.
+	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := client.Do(req)
+	if err != nil {
+		f.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return response{status: resp.StatusCode, body: b, header: resp.Header}
+}
+
+// ok asserts a 200 with a JSON body and decodes it into out (if not nil).
+func (f *fm) ok(r response, out any) {
+	f.t.Helper()
+	if r.status != http.StatusOK {
+		f.t.Fatalf("status %d, want 200: %s", r.status, r.body)
+	}
+	if ct := r.header.Get("Content-Type"); ct != "application/json" {
+		f.t.Fatalf("Content-Type %q", ct)
+	}
+	if out != nil {
+		if err := json.Unmarshal(r.body, out); err != nil {
+			f.t.Fatalf("decode %s: %v", r.body, err)
+		}
+	}
+}
+
+// failed asserts an error response with the contract's body and returns it.
+func (f *fm) failed(r response, status int, errorType string) api.Error {
+	f.t.Helper()
+	if r.status != status {
+		f.t.Fatalf("status %d, want %d: %s", r.status, status, r.body)
+	}
+	var e api.Error
+	if err := json.Unmarshal(r.body, &e); err != nil {
+		f.t.Fatalf("error body is not the contract's JSON object: %s", r.body)
+	}
+	if e.ErrorType != errorType || e.Message == "" || e.DetailedMessage == "" {
+		f.t.Fatalf("error body %+v, want errorType %s and both messages", e, errorType)
+	}
+	return e
+}
+
+func (f *fm) createNetwork(body string) api.VirtualNetwork {
+	f.t.Helper()
+	var vn api.VirtualNetwork
+	f.ok(f.do("POST", "/virtual-networks?useDefaultValues=False", body), &vn)
+	return vn
+}
+
+func (f *fm) createTemplate(body string) api.InstanceSettingsTemplate {
+	f.t.Helper()
+	var t api.InstanceSettingsTemplate
+	f.ok(f.do("POST", "/instance-settings-templates", body), &t)
+	return t
+}
+
+func (f *fm) addImage(id, version string) api.Image {
+	f.t.Helper()
+	var im api.Image
+	f.ok(f.do("POST", "/images", `{"id":"`+id+`","dssVersion":"`+version+`","amis":{"eu-west-1":"ami-0123456789abcdef0"}}`), &im)
+	return im
+}
+
+func (f *fm) createInstance(body string) api.Instance {
+	f.t.Helper()
+	var in api.Instance
+	f.ok(f.do("POST", "/instances", body), &in)
+	return in
+}
+
+// fleet creates a network, a template and an image for instance tests.
+func (f *fm) fleet() (api.VirtualNetwork, api.InstanceSettingsTemplate, api.Image) {
+	vn := f.createNetwork(`{"label":"net","mode":"EXISTING_MONOTENANT","awsVpcId":"vpc-1","awsSubnetId":"subnet-1","awsAutoCreateSecurityGroups":true}`)
+	t := f.createTemplate(`{"label":"tpl","setupActions":[]}`)
+	im := f.addImage("dss-14.0.0-test", "14.0.0")
+	return vn, t, im
+}
+
+func instanceBody(label, vn, tpl, image string) string {
+	return `{"label":"` + label + `","virtualNetworkId":"` + vn + `","instanceSettingsTemplateId":"` + tpl + `","imageId":"` + image + `","dssNodeType":"design"}`
+}
+
+// snapshotOf returns the raw listing at path, to compare stored state before
+// and after a rejected request.
+func (f *fm) snapshotOf(path string) string {
+	f.t.Helper()
+	r := f.do("GET", path, "")
+	if r.status != 200 {
+		f.t.Fatalf("GET %s: %d %s", path, r.status, r.body)
+	}
+	return string(r.body)
+}
+
+func mustJSON(t *testing.T, v any) string {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}

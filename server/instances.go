@@ -1,0 +1,334 @@
+package server
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"net/http"
+	"strings"
+
+	"github.com/fleetmanager/fm/api"
+)
+
+const kindInstance = "instance"
+
+// Defaults for instance fields a creator leaves out.
+const (
+	defaultDataVolumeType   = "gp3"
+	defaultDataVolumeSizeGB = 50
+	defaultSnapshotPeriod   = 24
+	defaultSnapshotKeep     = 7
+)
+
+func (s *Server) listInstances(r *http.Request) (any, error) {
+	all := s.st.instances.all()
+	for i := range all {
+		s.fillInstanceLabels(&all[i])
+	}
+	return all, nil
+}
+
+func (s *Server) getInstance(r *http.Request) (any, error) {
+	id := r.PathValue("id")
+	in, ok := s.st.instances.view(id)
+	if !ok {
+		return nil, notFound(kindInstance, id)
+	}
+	s.fillInstanceLabels(&in)
+	return in, nil
+}
+
+// fillInstanceLabels sets the labels of the instance's network and template,
+// which consumers read from the instance itself.
+func (s *Server) fillInstanceLabels(in *api.Instance) {
+	if vn, _, ok := s.st.networks.get(in.VirtualNetworkID); ok {
+		in.VirtualNetworkLabel = vn.Label
+	}
+	if t, _, ok := s.st.templates.get(in.InstanceSettingsTemplateID); ok {
+		in.InstanceSettingsTemplateLabel = t.Label
+	}
+}
+
+func (s *Server) createInstance(r *http.Request) (any, error) {
+	var in api.Instance
+	if err := readJSON(r, &in); err != nil {
+		return nil, err
+	}
+	s.normalizeInstance(&in)
+	if err := s.validateInstance(&in); err != nil {
+		return nil, err
+	}
+	ctx := r.Context()
+	if err := s.st.instances.insert(ctx, "in", &in, func(v *api.Instance, id string) { v.ID = id }); err != nil {
+		return nil, err
+	}
+	// The references were checked against the local copies; now that the
+	// instance is written, check them against the buckets, so that a network
+	// or template deleted meanwhile is noticed by one side or the other.
+	if err := s.ensureReferences(ctx, &in); err != nil {
+		if eerr := s.st.instances.erase(context.WithoutCancel(ctx), in.ID, in, in.Revision); eerr != nil {
+			s.log.Error().Err(eerr).Str("instance", in.ID).Msg("rolling back an instance whose references vanished failed")
+		}
+		return nil, err
+	}
+	s.fillInstanceLabels(&in)
+	return in, nil
+}
+
+func (s *Server) ensureReferences(ctx context.Context, in *api.Instance) error {
+	if err := ensureUsable(ctx, s.st.networks, in.VirtualNetworkID); err != nil {
+		return referenceError("virtualNetworkId", err)
+	}
+	if err := ensureUsable(ctx, s.st.templates, in.InstanceSettingsTemplateID); err != nil {
+		return referenceError("instanceSettingsTemplateId", err)
+	}
+	return nil
+}
+
+// referenceError reports a missing referenced object as a bad field of the
+// request, not as a missing path.
+func referenceError(field string, err error) error {
+	var ae *apiError
+	if errors.As(err, &ae) && ae.cause == nil {
+		return invalid("invalid %s: %s: %s", kindInstance, field, ae.detail)
+	}
+	return err
+}
+
+func (s *Server) saveInstance(r *http.Request) (any, error) {
+	id := r.PathValue("id")
+	cur, rev, ok := s.st.instances.get(id)
+	if !ok {
+		return nil, notFound(kindInstance, id)
+	}
+	var in api.Instance
+	if err := readJSON(r, &in); err != nil {
+		return nil, err
+	}
+	rev, err := expectedRevision(kindInstance, id, in.ID, in.Revision, rev)
+	if err != nil {
+		return nil, err
+	}
+	in.ID = id
+	var c checker
+	in.DSSNodeType = strings.ToLower(in.DSSNodeType)
+	keepImmutable(&c, "dssNodeType", &in.DSSNodeType, cur.DSSNodeType)
+	keepImmutable(&c, "virtualNetworkId", &in.VirtualNetworkID, cur.VirtualNetworkID)
+	keepImmutable(&c, "instanceSettingsTemplateId", &in.InstanceSettingsTemplateID, cur.InstanceSettingsTemplateID)
+	if err := c.err(kindInstance); err != nil {
+		return nil, err
+	}
+	s.normalizeInstance(&in)
+	if err := s.validateInstance(&in); err != nil {
+		return nil, err
+	}
+	if err := s.st.instances.replace(r.Context(), id, cur, &in, rev); err != nil {
+		return nil, err
+	}
+	s.fillInstanceLabels(&in)
+	return in, nil
+}
+
+func (s *Server) deleteInstance(r *http.Request) (any, error) {
+	id := r.PathValue("id")
+	in, rev, err := s.st.instances.fetch(r.Context(), id)
+	if errors.Is(err, errNotFound) {
+		return nil, notFound(kindInstance, id)
+	}
+	if err != nil {
+		return nil, unavailable(err, "the instance could not be read")
+	}
+	err = s.st.instances.erase(r.Context(), id, in, rev)
+	return s.finishedOp(r, "delete-instance", "instance", id, map[string]any{"id": id, "label": in.Label}, err)
+}
+
+func (s *Server) listInstanceSnapshots(r *http.Request) (any, error) {
+	id := r.PathValue("id")
+	if _, _, ok := s.st.instances.get(id); !ok {
+		return nil, notFound(kindInstance, id)
+	}
+	return s.st.snapshots.filter(func(sn api.Snapshot) bool { return sn.InstanceID == id }), nil
+}
+
+// instancesWhere returns the ids of the instances match accepts, from a copy
+// synced with the bucket.
+func (s *Server) instancesWhere(ctx context.Context, match func(*api.Instance) bool) ([]string, error) {
+	if err := s.st.instances.sync(ctx); err != nil {
+		return nil, unavailable(err, "the instances could not be read")
+	}
+	var ids []string
+	for _, in := range s.st.instances.list() {
+		if match(&in) {
+			ids = append(ids, in.ID)
+		}
+	}
+	return ids, nil
+}
+
+func (s *Server) normalizeInstance(in *api.Instance) {
+	in.Label = trim(in.Label)
+	in.Description = trim(in.Description)
+	in.DSSNodeType = strings.ToLower(trim(in.DSSNodeType))
+	defaultString(&in.DSSNodeType, api.NodeDesign)
+	defaultString(&in.CloudInstanceType, s.cfg.DefaultInstanceType)
+	defaultString(&in.DataVolumeType, defaultDataVolumeType)
+	if in.DataVolumeSizeGB == nil {
+		in.DataVolumeSizeGB = api.Int(defaultDataVolumeSizeGB)
+	}
+	if in.DataVolumeSizeMaxGB == nil {
+		in.DataVolumeSizeMaxGB = api.Int(2 * *in.DataVolumeSizeGB)
+	}
+	defaultString(&in.VolumesEncryption, api.EncryptionDefaultKey)
+	if in.CloudTags == nil {
+		in.CloudTags = map[string]string{}
+	}
+	if in.FMTags == nil {
+		in.FMTags = []string{}
+	}
+	for i := range in.FMTags {
+		in.FMTags[i] = trim(in.FMTags[i])
+	}
+	if in.AutomatedSnapshotPeriod == nil {
+		in.AutomatedSnapshotPeriod = api.Int(defaultSnapshotPeriod)
+	}
+	if in.AutomatedSnapshotRetention == nil {
+		in.AutomatedSnapshotRetention = api.Int(defaultSnapshotKeep)
+	}
+	// Derived on every read; never stored.
+	in.VirtualNetworkLabel, in.InstanceSettingsTemplateLabel = "", ""
+}
+
+var volumeTypes = []string{"gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"}
+
+func (s *Server) validateInstance(in *api.Instance) error {
+	var c checker
+	c.label("label", in.Label)
+	c.maxLen("description", in.Description, 2000)
+	c.oneOf("dssNodeType", in.DSSNodeType, api.NodeDesign, api.NodeAutomation, api.NodeDeployer, api.NodeGovern)
+	if c.required("virtualNetworkId", in.VirtualNetworkID) {
+		if vn, _, ok := s.st.networks.get(in.VirtualNetworkID); !ok {
+			c.fail("virtualNetworkId", "virtual network %q does not exist", in.VirtualNetworkID)
+		} else if vn.Deleting {
+			c.fail("virtualNetworkId", "virtual network %q is being deleted", in.VirtualNetworkID)
+		}
+	}
+	if c.required("instanceSettingsTemplateId", in.InstanceSettingsTemplateID) {
+		if t, _, ok := s.st.templates.get(in.InstanceSettingsTemplateID); !ok {
+			c.fail("instanceSettingsTemplateId", "instance settings template %q does not exist", in.InstanceSettingsTemplateID)
+		} else if t.Deleting {
+			c.fail("instanceSettingsTemplateId", "instance settings template %q is being deleted", in.InstanceSettingsTemplateID)
+		}
+	}
+	if c.required("imageId", in.ImageID) {
+		if _, _, ok := s.st.images.get(in.ImageID); !ok {
+			c.fail("imageId", "image %q does not exist; GET /images lists the images this Fleet Manager can deploy", in.ImageID)
+		}
+	}
+	c.match("cloudInstanceType", in.CloudInstanceType, reInstanceTyp, "an instance type (e.g. m5.2xlarge)")
+
+	c.oneOf("dataVolumeType", in.DataVolumeType, volumeTypes...)
+	c.rangeInt("dataVolumeSizeGB", in.DataVolumeSizeGB, 1, 16384)
+	c.rangeInt("dataVolumeSizeMaxGB", in.DataVolumeSizeMaxGB, 1, 16384)
+	if *in.DataVolumeSizeMaxGB < *in.DataVolumeSizeGB {
+		c.fail("dataVolumeSizeMaxGB", "%d is smaller than dataVolumeSizeGB (%d)", *in.DataVolumeSizeMaxGB, *in.DataVolumeSizeGB)
+	}
+	checkIOPS(&c, "dataVolumeIOPS", in.DataVolumeType, in.DataVolumeIOPS)
+	c.oneOf("volumesEncryption", in.VolumesEncryption, api.EncryptionNone, api.EncryptionDefaultKey, api.EncryptionTenant, api.EncryptionCustom)
+	if in.VolumesEncryption == api.EncryptionCustom {
+		if c.required("volumesEncryptionKey", in.VolumesEncryptionKey) {
+			c.match("volumesEncryptionKey", in.VolumesEncryptionKey, reKMSKey, "a KMS key id, ARN or alias")
+		}
+	} else if in.VolumesEncryptionKey != "" {
+		c.fail("volumesEncryptionKey", "is only used when volumesEncryption is CUSTOM")
+	}
+
+	c.rangeInt("awsRootVolumeSizeGB", in.AWSRootVolumeSizeGB, 8, 16384)
+	if in.AWSRootVolumeType != "" {
+		c.oneOf("awsRootVolumeType", in.AWSRootVolumeType, volumeTypes...)
+	}
+	checkIOPS(&c, "awsRootVolumeIOPS", in.AWSRootVolumeType, in.AWSRootVolumeIOPS)
+
+	c.cloudTags("cloudTags", in.CloudTags)
+	if len(in.FMTags) > 50 {
+		c.fail("fmTags", "has %d tags; at most 50 are allowed", len(in.FMTags))
+	}
+	seen := map[string]bool{}
+	for _, t := range in.FMTags {
+		switch {
+		case t == "":
+			c.fail("fmTags", "a tag is empty")
+		case len(t) > 100:
+			c.fail("fmTags", "tag %q is longer than 100 characters", t)
+		case seen[t]:
+			c.fail("fmTags", "tag %q is listed twice", t)
+		}
+		seen[t] = true
+	}
+
+	c.rangeInt("automatedSnapshotPeriod", in.AutomatedSnapshotPeriod, 1, 24*365)
+	c.rangeInt("automatedSnapshotRetention", in.AutomatedSnapshotRetention, 0, 1000)
+	checkCertificatePEM(&c, "sslCertificatePEM", in.SSLCertificatePEM)
+	c.match("awsElasticIPAllocationId", in.AWSElasticIPAllocationID, reEIPAlloc, "an Elastic IP allocation id (eipalloc-…)")
+	if in.AWSElasticIPAllocationID != "" && !in.AWSAssignElasticIP {
+		c.fail("awsElasticIPAllocationId", "is set but awsAssignElasticIP is false")
+	}
+	return c.err(kindInstance)
+}
+
+// checkIOPS applies EBS's IOPS rules for a volume type.
+func checkIOPS(c *checker, field, volumeType string, iops *int) {
+	switch volumeType {
+	case "gp3":
+		c.rangeInt(field, iops, 3000, 16000)
+	case "io1":
+		if iops == nil {
+			c.fail(field, "is required for io1 volumes")
+		}
+		c.rangeInt(field, iops, 100, 64000)
+	case "io2":
+		if iops == nil {
+			c.fail(field, "is required for io2 volumes")
+		}
+		c.rangeInt(field, iops, 100, 256000)
+	default:
+		if iops != nil {
+			c.fail(field, "can only be set for gp3, io1 and io2 volumes")
+		}
+	}
+}
+
+// checkCertificatePEM accepts PEM text holding at least one parseable
+// certificate, optionally followed by its private key.
+func checkCertificatePEM(c *checker, field, text string) {
+	if strings.TrimSpace(text) == "" {
+		return
+	}
+	rest := []byte(text)
+	certs := 0
+	for {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+		switch {
+		case b.Type == "CERTIFICATE":
+			if _, err := x509.ParseCertificate(b.Bytes); err != nil {
+				c.fail(field, "certificate %d cannot be parsed: %v", certs+1, err)
+				return
+			}
+			certs++
+		case strings.HasSuffix(b.Type, "PRIVATE KEY"):
+		default:
+			c.fail(field, "holds a PEM block of type %q; only certificates and a private key are allowed", b.Type)
+			return
+		}
+	}
+	if certs == 0 {
+		c.fail(field, "holds no PEM certificate")
+	}
+	if strings.TrimSpace(string(rest)) != "" {
+		c.fail(field, "has text that is not PEM")
+	}
+}

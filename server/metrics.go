@@ -1,0 +1,73 @@
+package server
+
+import (
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// metrics are the server's Prometheus metrics, on a registry of its own so
+// that several servers can run in one process (tests).
+type metrics struct {
+	reg        *prometheus.Registry
+	requests   *prometheus.CounterVec
+	latency    *prometheus.HistogramVec
+	ops        *prometheus.CounterVec
+	opDuration *prometheus.HistogramVec
+}
+
+func newMetrics(st *stores) *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fm_http_requests_total", Help: "REST API requests by method and status code.",
+		}, []string{"method", "code"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "fm_http_request_duration_seconds", Help: "REST API request latency.",
+			Buckets: prometheus.DefBuckets,
+		}, []string{"method"}),
+		ops: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fm_operations_total", Help: "Finished operations (futures) by kind and result.",
+		}, []string{"kind", "result"}),
+		opDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "fm_operation_duration_seconds", Help: "Duration of finished operations by kind.",
+			Buckets: []float64{0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800},
+		}, []string{"kind"}),
+	}
+	m.reg.MustRegister(m.requests, m.latency, m.ops, m.opDuration,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		objectsCollector{st})
+	return m
+}
+
+func (m *metrics) observeRequest(method string, status int, took time.Duration) {
+	m.requests.WithLabelValues(method, strconv.Itoa(status)).Inc()
+	m.latency.WithLabelValues(method).Observe(took.Seconds())
+}
+
+func (m *metrics) observeOp(kind, result string, took time.Duration) {
+	m.ops.WithLabelValues(kind, result).Inc()
+	m.opDuration.WithLabelValues(kind).Observe(took.Seconds())
+}
+
+// objectsCollector reports how many objects of each kind exist, read from the
+// server's copies at scrape time.
+type objectsCollector struct{ st *stores }
+
+var objectsDesc = prometheus.NewDesc("fm_objects", "Fleet objects by kind.", []string{"kind"}, nil)
+
+func (c objectsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- objectsDesc }
+
+func (c objectsCollector) Collect(ch chan<- prometheus.Metric) {
+	for kind, n := range map[string]int{
+		"virtual_network": c.st.networks.size(),
+		"template":        c.st.templates.size(),
+		"instance":        c.st.instances.size(),
+		"image":           c.st.images.size(),
+		"snapshot":        c.st.snapshots.size(),
+	} {
+		ch <- prometheus.MustNewConstMetric(objectsDesc, prometheus.GaugeValue, float64(n), kind)
+	}
+}

@@ -1,0 +1,219 @@
+// Package server is FM's server role: it owns the fleet's objects (virtual
+// networks, templates, instances, images, snapshots, operations, API keys) in
+// JetStream key-value buckets, serves the Dataiku-compatible REST API and
+// FM's own additions, and turns user actions into desired state and commands
+// on the bus. It never calls a cloud API and never dials an agent.
+//
+// cmd/fm and tests import it; it imports protocol, api and bus, never
+// provisioner or agent. server/servertest starts one in-process for tests.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/bus"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/rs/zerolog"
+)
+
+// Config configures a Server.
+type Config struct {
+	// Conn is the NATS connection the server uses; the caller owns it.
+	Conn *nats.Conn
+	// Listener serves the REST API; if nil, the server listens on Listen.
+	Listener net.Listener
+	Listen   string
+	// Topology is declared (created or updated) at start; the zero value
+	// means bus.DefaultTopology().
+	Topology bus.Topology
+	// Network is FM's own network, for useDefaultValues=True.
+	Network NetworkDefaults
+	// DefaultInstanceType is the cloudInstanceType of an instance created
+	// without one.
+	DefaultInstanceType string
+	// StartTimeout bounds New's work on the bus.
+	StartTimeout time.Duration
+	// AuthCacheTTL is how long a verified API key secret is remembered.
+	AuthCacheTTL time.Duration
+	// KeyHashIterations is the PBKDF2 work factor of new API keys; the zero
+	// value means DefaultKeyHashIterations. Tests lower it.
+	KeyHashIterations int
+	Logger            zerolog.Logger
+}
+
+// Server is a running FM server. Create it with New, serve with Run, release
+// it with Close.
+type Server struct {
+	cfg     Config
+	log     zerolog.Logger
+	js      jetstream.JetStream
+	st      *stores
+	auth    *authenticator
+	metrics *metrics
+	ln      net.Listener
+	httpSrv *http.Server
+	stop    context.CancelFunc // stops the bucket watchers
+}
+
+// New declares the bus topology, loads the fleet's objects and opens the
+// listener. The server does not serve until Run.
+func New(cfg Config) (*Server, error) {
+	if cfg.Conn == nil {
+		return nil, errors.New("server: a NATS connection is required")
+	}
+	if cfg.Topology.Replicas == 0 {
+		cfg.Topology = bus.DefaultTopology()
+	}
+	if cfg.DefaultInstanceType == "" {
+		cfg.DefaultInstanceType = "m5.2xlarge"
+	}
+	if cfg.StartTimeout == 0 {
+		cfg.StartTimeout = 30 * time.Second
+	}
+	if cfg.KeyHashIterations == 0 {
+		cfg.KeyHashIterations = DefaultKeyHashIterations
+	}
+	if cfg.AuthCacheTTL == 0 {
+		cfg.AuthCacheTTL = 5 * time.Minute
+	}
+	log := cfg.Logger.With().Str("component", "server").Logger()
+	js, err := jetstream.New(cfg.Conn)
+	if err != nil {
+		return nil, fmt.Errorf("server: jetstream: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.StartTimeout)
+	defer cancel()
+	if err := cfg.Topology.Declare(ctx, js); err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	st, err := openStores(ctx, js, log)
+	if err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	watchCtx, stop := context.WithCancel(context.Background())
+	st.run(watchCtx)
+	if err := st.waitSynced(ctx); err != nil {
+		stop()
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	s := &Server{
+		cfg: cfg, log: log, js: js, st: st, stop: stop,
+		auth:    &authenticator{keys: st.keys, ttl: cfg.AuthCacheTTL, verified: map[string]verifiedSecret{}},
+		metrics: newMetrics(st),
+	}
+	s.ln = cfg.Listener
+	if s.ln == nil {
+		if s.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
+			stop()
+			return nil, fmt.Errorf("server: listen on %s: %w", cfg.Listen, err)
+		}
+	}
+	s.httpSrv = &http.Server{
+		Handler:           s.handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       5 * time.Minute, // kit uploads
+		WriteTimeout:      5 * time.Minute,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          nil,
+	}
+	return s, nil
+}
+
+// Addr is the address the REST API listens on.
+func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+
+// Run serves the REST API until ctx ends, then shuts the listener down,
+// letting requests in flight finish for a few seconds.
+func (s *Server) Run(ctx context.Context) error {
+	errc := make(chan error, 1)
+	go func() { errc <- s.httpSrv.Serve(s.ln) }()
+	s.log.Info().Str("addr", s.ln.Addr().String()).Msg("serving the REST API")
+	select {
+	case err := <-errc:
+		return fmt.Errorf("server: serve: %w", err)
+	case <-ctx.Done():
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.httpSrv.Shutdown(shutdownCtx); err != nil {
+		s.log.Warn().Err(err).Msg("requests still in flight at shutdown were cut")
+		_ = s.httpSrv.Close()
+	}
+	return nil
+}
+
+// Close stops the server's background work and its listener. It does not
+// close the NATS connection, which the caller owns.
+func (s *Server) Close() {
+	s.stop()
+	_ = s.httpSrv.Close()
+}
+
+// handler builds the HTTP handler: routes, then authentication, logging,
+// panic recovery and path cleaning around them.
+func (s *Server) handler() http.Handler {
+	mux := http.NewServeMux()
+	t := api.BasePath + "{tenant}"
+	route := func(pattern string, m methods) {
+		mux.Handle(pattern, routeHandler{s: s, methods: m, tenant: true})
+	}
+	route(t+"/virtual-networks", methods{"GET": s.listNetworks, "POST": s.createNetwork})
+	route(t+"/virtual-networks/{id}", methods{"GET": s.getNetwork, "PUT": s.saveNetwork, "DELETE": s.deleteNetwork})
+	route(t+"/instance-settings-templates", methods{"GET": s.listTemplates, "POST": s.createTemplate})
+	route(t+"/instance-settings-templates/{id}", methods{"GET": s.getTemplate, "PUT": s.saveTemplate, "DELETE": s.deleteTemplate})
+	route(t+"/instances", methods{"GET": s.listInstances, "POST": s.createInstance})
+	route(t+"/instances/{id}", methods{"GET": s.getInstance, "PUT": s.saveInstance})
+	route(t+"/instances/{id}/actions/delete", methods{"GET": s.deleteInstance})
+	route(t+"/instances/{id}/snapshots", methods{"GET": s.listInstanceSnapshots})
+	route(t+"/images", methods{"GET": s.listImages, "POST": s.createImage})
+	route(t+"/images/{id}", methods{"GET": s.getImage, "DELETE": s.deleteImage})
+	route(t+"/futures", methods{"GET": s.listFutures})
+	route(t+"/futures/{id}", methods{"GET": s.getFuture, "DELETE": s.abortFuture})
+	route(t+"/cloud-tags", methods{"GET": s.getCloudTags, "PUT": s.putCloudTags})
+	route(t+"/cloud-credentials", methods{"GET": s.getCloudCredentials, "PUT": s.putCloudCredentials})
+	for _, p := range []string{"/cloud-accounts", "/load-balancers", "/iam"} {
+		h := routeHandler{s: s, tenant: true, methods: unsupported(p)}
+		mux.Handle(t+p, h)
+		mux.Handle(t+p+"/", h)
+	}
+	mux.Handle("/", routeHandler{s: s, methods: unknownPath()})
+
+	api := s.requireAuth(mux)
+	root := http.NewServeMux()
+	root.Handle("/api/", api)
+	root.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
+	root.Handle("/healthz", routeHandler{s: s, methods: methods{"GET": s.healthz}})
+	root.Handle("/", routeHandler{s: s, methods: unknownPath()})
+	return cleanPath(s.recoverPanics(s.logRequests(root)))
+}
+
+// unsupported answers every method of a Dataiku endpoint FM does not have.
+func unsupported(prefix string) methods {
+	h := func(r *http.Request) (any, error) {
+		return nil, newAPIError("Unimplemented", "Not supported",
+			"%s: this Fleet Manager does not support %s", r.URL.Path, prefix[1:])
+	}
+	return methods{"GET": h, "POST": h, "PUT": h, "DELETE": h}
+}
+
+func unknownPath() methods {
+	h := func(r *http.Request) (any, error) {
+		return nil, newAPIError("NotFound", "Not found", "no endpoint at %s", r.URL.Path)
+	}
+	return methods{"GET": h, "POST": h, "PUT": h, "DELETE": h, "PATCH": h, "HEAD": h}
+}
+
+func (s *Server) healthz(r *http.Request) (any, error) {
+	if st := s.cfg.Conn.Status(); st != nats.CONNECTED {
+		return nil, unavailable(nil, "the bus connection is %s", st)
+	}
+	return map[string]string{"status": "ok"}, nil
+}

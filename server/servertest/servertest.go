@@ -1,0 +1,123 @@
+// Package servertest starts a real FM server in-process, on a real JetStream
+// server (bustest), for the tests of any package. Everything it starts is
+// stopped when the test ends.
+package servertest
+
+import (
+	"context"
+	"encoding/json"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/server"
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+)
+
+// Env is a running server and its bus.
+type Env struct {
+	Bus    *bustest.Server
+	Server *server.Server
+	Conn   *nats.Conn
+	// URL is the server's base URL (http://127.0.0.1:port).
+	URL string
+	// Key is an admin API key.
+	Key     server.KeyFile
+	KeyFile string
+
+	cfg    server.Config
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// Option changes the server's configuration before it starts.
+type Option func(*server.Config)
+
+// WithNetwork sets FM's own network (for useDefaultValues=True).
+func WithNetwork(d server.NetworkDefaults) Option {
+	return func(c *server.Config) { c.Network = d }
+}
+
+// WithLogger sets the server's logger (default: none).
+func WithLogger(l zerolog.Logger) Option {
+	return func(c *server.Config) { c.Logger = l }
+}
+
+// Start starts a bus and a server with an admin key.
+func Start(t testing.TB, opts ...Option) *Env {
+	t.Helper()
+	e := &Env{Bus: bustest.Run(t), KeyFile: filepath.Join(t.TempDir(), "admin-key.json")}
+	// A low work factor: under the race detector the default costs seconds
+	// per key.
+	e.cfg = server.Config{Logger: zerolog.Nop(), StartTimeout: 20 * time.Second, KeyHashIterations: 1000}
+	for _, o := range opts {
+		o(&e.cfg)
+	}
+	e.start(t)
+	return e
+}
+
+func (e *Env) start(t testing.TB) {
+	t.Helper()
+	e.Conn = e.Bus.Connect(t)
+	cfg := e.cfg
+	cfg.Conn = e.Conn
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Listener = ln
+	s, err := server.New(cfg)
+	if err != nil {
+		ln.Close()
+		t.Fatalf("servertest: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := s.EnsureAdminKey(ctx, e.KeyFile); err != nil {
+		s.Close()
+		t.Fatalf("servertest: admin key: %v", err)
+	}
+	b, err := os.ReadFile(e.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &e.Key); err != nil {
+		t.Fatal(err)
+	}
+	runCtx, stop := context.WithCancel(context.Background())
+	e.Server, e.cancel, e.done = s, stop, make(chan struct{})
+	go func() {
+		defer close(e.done)
+		if err := s.Run(runCtx); err != nil {
+			t.Errorf("servertest: run: %v", err)
+		}
+	}()
+	e.URL = "http://" + s.Addr().String()
+	t.Cleanup(e.Stop)
+}
+
+// Stop stops the server (not the bus); safe to call twice.
+func (e *Env) Stop() {
+	if e.cancel == nil {
+		return
+	}
+	e.cancel()
+	<-e.done
+	e.Server.Close()
+	e.Conn.Close()
+	e.cancel = nil
+}
+
+// Restart stops the server and the bus, starts the bus again on the same
+// store and a new server on it, as a restart of `fm dev` would.
+func (e *Env) Restart(t testing.TB) {
+	t.Helper()
+	e.Stop()
+	e.Bus.Restart(t)
+	e.start(t)
+}

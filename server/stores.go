@@ -1,0 +1,252 @@
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base32"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+)
+
+// stores are the server's views of the fleet's buckets.
+type stores struct {
+	networks  *repo[api.VirtualNetwork]
+	templates *repo[api.InstanceSettingsTemplate]
+	instances *repo[api.Instance]
+	images    *repo[api.Image]
+	snapshots *table[api.Snapshot]
+	ops       *table[api.Future]
+	settings  *table[settingsDoc]
+	keys      *table[apiKey]
+	claims    *labelClaims
+}
+
+// settingsDoc is one tenant setting in fm_settings; only one of its fields is
+// set, according to the key.
+type settingsDoc struct {
+	CloudTags   map[string]string     `json:"cloudTags,omitempty"`
+	Credentials *api.CloudCredentials `json:"credentials,omitempty"`
+}
+
+func openStores(ctx context.Context, js jetstream.JetStream, log zerolog.Logger) (*stores, error) {
+	kv := map[string]jetstream.KeyValue{}
+	for _, name := range []string{
+		protocol.BucketNetworks, protocol.BucketTemplates, protocol.BucketInstances, protocol.BucketImages,
+		protocol.BucketSnapshots, protocol.BucketOps, protocol.BucketSettings, protocol.BucketAPIKeys,
+		protocol.BucketLabels,
+	} {
+		b, err := js.KeyValue(ctx, name)
+		if err != nil {
+			return nil, fmt.Errorf("open bucket %s (is the topology declared?): %w", name, err)
+		}
+		kv[name] = b
+	}
+	claims := &labelClaims{kv: kv[protocol.BucketLabels], inFlight: time.Minute}
+	return &stores{
+		networks: newRepo(kv[protocol.BucketNetworks], "virtual network", "network", claims, log,
+			func(v *api.VirtualNetwork) *api.Meta { return &v.Meta },
+			func(v *api.VirtualNetwork) string { return v.Label }),
+		templates: newRepo(kv[protocol.BucketTemplates], "instance settings template", "template", claims, log,
+			func(v *api.InstanceSettingsTemplate) *api.Meta { return &v.Meta },
+			func(v *api.InstanceSettingsTemplate) string { return v.Label }),
+		instances: newRepo(kv[protocol.BucketInstances], "instance", "instance", claims, log,
+			func(v *api.Instance) *api.Meta { return &v.Meta },
+			func(v *api.Instance) string { return v.Label }),
+		images: newRepo(kv[protocol.BucketImages], "image", "image", claims, log,
+			func(v *api.Image) *api.Meta { return &v.Meta },
+			func(v *api.Image) string { return v.Label }),
+		snapshots: newTable[api.Snapshot](kv[protocol.BucketSnapshots], "snapshot", log),
+		ops:       newTable[api.Future](kv[protocol.BucketOps], "operation", log),
+		settings:  newTable[settingsDoc](kv[protocol.BucketSettings], "setting", log),
+		keys:      newTable[apiKey](kv[protocol.BucketAPIKeys], "API key", log),
+		claims:    claims,
+	}, nil
+}
+
+// run keeps every view current until ctx ends.
+func (st *stores) run(ctx context.Context) {
+	go st.networks.run(ctx)
+	go st.templates.run(ctx)
+	go st.instances.run(ctx)
+	go st.images.run(ctx)
+	go st.snapshots.run(ctx)
+	go st.ops.run(ctx)
+	go st.settings.run(ctx)
+	go st.keys.run(ctx)
+}
+
+func (st *stores) waitSynced(ctx context.Context) error {
+	for _, w := range []interface{ waitSynced(context.Context) error }{
+		st.networks, st.templates, st.instances, st.images, st.snapshots, st.ops, st.settings, st.keys,
+	} {
+		if err := w.waitSynced(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// repo is a table of labelled objects: labels are unique, and the object's
+// Meta is maintained here.
+type repo[T any] struct {
+	*table[T]
+	claims    *labelClaims
+	claimKind string
+	meta      func(*T) *api.Meta
+	label     func(*T) string
+}
+
+func newRepo[T any](kv jetstream.KeyValue, kind, claimKind string, claims *labelClaims, log zerolog.Logger,
+	meta func(*T) *api.Meta, label func(*T) string) *repo[T] {
+	return &repo[T]{table: newTable[T](kv, kind, log), claims: claims, claimKind: claimKind, meta: meta, label: label}
+}
+
+// view returns id's value with its Revision set.
+func (r *repo[T]) view(id string) (T, bool) {
+	v, rev, ok := r.get(id)
+	if ok {
+		r.meta(&v).Revision = rev
+	}
+	return v, ok
+}
+
+// all returns every value with its Revision set, ordered by id.
+func (r *repo[T]) all() []T {
+	rows := r.rows()
+	out := make([]T, len(rows))
+	for i, row := range rows {
+		out[i] = row.val
+		r.meta(&out[i]).Revision = row.rev
+	}
+	return out
+}
+
+// insert stores a new object under a fresh id made from prefix, claiming its
+// label first. It sets the object's id (through setID) and Meta.
+func (r *repo[T]) insert(ctx context.Context, prefix string, v *T, setID func(*T, string)) error {
+	for attempt := 0; attempt < 5; attempt++ {
+		id := newID(prefix)
+		setID(v, id)
+		err := r.insertAs(ctx, id, v)
+		if !errors.Is(err, errExists) {
+			return err
+		}
+		// An id collision: draw again.
+	}
+	return internal(errors.New("id collisions"), "no free id could be drawn for the %s", r.kind)
+}
+
+// insertAs stores a new object under id, claiming its label first; errExists
+// if id is taken.
+func (r *repo[T]) insertAs(ctx context.Context, id string, v *T) error {
+	now := time.Now().UTC()
+	m := r.meta(v)
+	m.CreatedAt, m.UpdatedAt, m.Revision, m.Deleting = now, now, 0, false
+	label := r.label(v)
+	if err := r.claims.claim(ctx, r.claimKind, label, id, r.bears(label)); err != nil {
+		return r.claimError(err, label)
+	}
+	rev, err := r.create(ctx, id, *v)
+	if err != nil {
+		_ = r.claims.release(ctx, r.claimKind, label, id)
+		if errors.Is(err, errExists) {
+			return err
+		}
+		return unavailable(err, "the %s could not be stored", r.kind)
+	}
+	m.Revision = rev
+	return nil
+}
+
+// replace stores v as the new value of id if id is still at revision rev.
+// old is the value being replaced (its label is released if it changed).
+func (r *repo[T]) replace(ctx context.Context, id string, old T, v *T, rev uint64) error {
+	oldLabel, newLabel := r.label(&old), r.label(v)
+	relabel := claimKey(r.claimKind, oldLabel) != claimKey(r.claimKind, newLabel)
+	if relabel {
+		if err := r.claims.claim(ctx, r.claimKind, newLabel, id, r.bears(newLabel)); err != nil {
+			return r.claimError(err, newLabel)
+		}
+	}
+	m := r.meta(v)
+	om := r.meta(&old)
+	m.CreatedAt, m.UpdatedAt, m.Deleting, m.Revision = om.CreatedAt, time.Now().UTC(), om.Deleting, 0
+	newRev, err := r.update(ctx, id, *v, rev)
+	if err != nil {
+		if relabel {
+			_ = r.claims.release(ctx, r.claimKind, newLabel, id)
+		}
+		if errors.Is(err, errConflict) {
+			return r.conflict(id, rev)
+		}
+		return unavailable(err, "the %s could not be stored", r.kind)
+	}
+	m.Revision = newRev
+	if relabel {
+		if err := r.claims.release(ctx, r.claimKind, oldLabel, id); err != nil {
+			r.log.Warn().Err(err).Str("id", id).Msg("old label claim not released; it will be reclaimed when needed")
+		}
+	}
+	return nil
+}
+
+// erase deletes id if it is still at revision rev, then releases its label.
+func (r *repo[T]) erase(ctx context.Context, id string, v T, rev uint64) error {
+	if err := r.remove(ctx, id, rev); err != nil {
+		if errors.Is(err, errConflict) {
+			return r.conflict(id, rev)
+		}
+		return unavailable(err, "the %s could not be deleted", r.kind)
+	}
+	if err := r.claims.release(ctx, r.claimKind, r.label(&v), id); err != nil {
+		r.log.Warn().Err(err).Str("id", id).Msg("label claim not released; it will be reclaimed when needed")
+	}
+	return nil
+}
+
+func (r *repo[T]) conflict(id string, rev uint64) error {
+	return conflict("%s %s was changed by someone else since revision %d; read it again and retry", r.kind, id, rev)
+}
+
+// bears reports, from the bucket itself, whether owner bears label.
+func (r *repo[T]) bears(label string) func(ctx context.Context, owner string) (bool, error) {
+	return func(ctx context.Context, owner string) (bool, error) {
+		v, _, err := r.fetch(ctx, owner)
+		if errors.Is(err, errNotFound) {
+			return false, nil
+		}
+		if err != nil {
+			return false, err
+		}
+		return claimKey(r.claimKind, r.label(&v)) == claimKey(r.claimKind, label), nil
+	}
+}
+
+func (r *repo[T]) claimError(err error, label string) error {
+	if errors.Is(err, errLabelTaken) {
+		owner := strings.TrimPrefix(err.Error(), errLabelTaken.Error()+" by ")
+		return newAPIError(protocol.CodeAlreadyExists, "Label already used",
+			"label: another %s is already labelled %q (%s); labels are unique, ignoring case", r.kind, label, owner)
+	}
+	return unavailable(err, "the label of the %s could not be reserved", r.kind)
+}
+
+// idEncoding is lower-case base32 without padding: ids are valid subject
+// tokens, DNS labels and file names.
+var idEncoding = base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding)
+
+// newID returns prefix-<10 random characters> (50 bits).
+func newID(prefix string) string {
+	b := make([]byte, 7)
+	if _, err := rand.Read(b); err != nil {
+		panic(fmt.Sprintf("crypto/rand failed: %v", err))
+	}
+	return prefix + "-" + idEncoding.EncodeToString(b)[:10]
+}

@@ -1,0 +1,337 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+)
+
+// Errors a table returns for callers to branch on.
+var (
+	errExists   = errors.New("key exists")
+	errConflict = errors.New("revision conflict")
+	errNotFound = errors.New("key not found")
+)
+
+// table is one key-value bucket of JSON documents of type T, with an
+// in-memory copy kept current by a watcher, so that lists and look-ups do not
+// cost a bus round trip each. Writes go to the bucket with a revision check
+// (compare-and-set) and then wait until the copy has caught up, so that a
+// caller reads its own writes.
+//
+// Values handed out are shallow copies: a caller may set their scalar fields
+// but must not modify their maps or slices.
+type table[T any] struct {
+	kv   jetstream.KeyValue
+	kind string
+	log  zerolog.Logger
+
+	mu      sync.RWMutex
+	items   map[string]row[T]
+	rev     uint64        // highest revision applied to items
+	synced  bool          // the initial snapshot has been applied
+	changed chan struct{} // closed and replaced after every applied change
+}
+
+type row[T any] struct {
+	val T
+	rev uint64
+}
+
+func newTable[T any](kv jetstream.KeyValue, kind string, log zerolog.Logger) *table[T] {
+	return &table[T]{
+		kv: kv, kind: kind,
+		log:     log.With().Str("bucket", kv.Bucket()).Logger(),
+		items:   map[string]row[T]{},
+		changed: make(chan struct{}),
+	}
+}
+
+// run keeps the copy current until ctx ends. A watcher that stops (the
+// connection was closed or the consumer lost) is started again, and its
+// initial snapshot replaces the copy, so deletions missed meanwhile are seen.
+func (t *table[T]) run(ctx context.Context) {
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		err := t.watchOnce(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		t.log.Warn().Err(err).Dur("retry_in", backoff).Msg("bucket watcher stopped; restarting")
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+func (t *table[T]) watchOnce(ctx context.Context) error {
+	w, err := t.kv.WatchAll(ctx)
+	if err != nil {
+		return fmt.Errorf("watch: %w", err)
+	}
+	defer func() { _ = w.Stop() }()
+	snapshot := map[string]row[T]{}
+	var snapRev uint64
+	inSnapshot := true
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case e, ok := <-w.Updates():
+			if !ok {
+				return errors.New("watcher closed")
+			}
+			if e == nil { // end of the initial values
+				t.mu.Lock()
+				t.items = snapshot
+				t.rev = max(t.rev, snapRev)
+				t.synced = true
+				t.notifyLocked()
+				t.mu.Unlock()
+				inSnapshot = false
+				continue
+			}
+			if inSnapshot {
+				t.apply(snapshot, e)
+				snapRev = max(snapRev, e.Revision())
+				continue
+			}
+			t.mu.Lock()
+			t.apply(t.items, e)
+			t.rev = max(t.rev, e.Revision())
+			t.notifyLocked()
+			t.mu.Unlock()
+		}
+	}
+}
+
+func (t *table[T]) apply(into map[string]row[T], e jetstream.KeyValueEntry) {
+	if e.Operation() != jetstream.KeyValuePut {
+		delete(into, e.Key())
+		return
+	}
+	var v T
+	if err := json.Unmarshal(e.Value(), &v); err != nil {
+		// A document FM cannot read is left in the bucket for an operator to
+		// inspect (nats kv get) rather than dropped.
+		t.log.Error().Err(err).Str("key", e.Key()).Uint64("revision", e.Revision()).Msg("unreadable document skipped")
+		return
+	}
+	into[e.Key()] = row[T]{val: v, rev: e.Revision()}
+}
+
+func (t *table[T]) notifyLocked() {
+	close(t.changed)
+	t.changed = make(chan struct{})
+}
+
+// waitSynced blocks until the initial snapshot is loaded.
+func (t *table[T]) waitSynced(ctx context.Context) error {
+	for {
+		t.mu.RLock()
+		synced, ch := t.synced, t.changed
+		t.mu.RUnlock()
+		if synced {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("load %s bucket: %w", t.kind, ctx.Err())
+		case <-ch:
+		}
+	}
+}
+
+// waitRev blocks until the copy has applied revision rev, for at most a few
+// seconds: past that the write is done anyway and only the copy lags.
+func (t *table[T]) waitRev(ctx context.Context, rev uint64) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	for {
+		t.mu.RLock()
+		cur, ch := t.rev, t.changed
+		t.mu.RUnlock()
+		if cur >= rev {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.log.Warn().Uint64("revision", rev).Msg("local copy lags behind a write")
+			return
+		case <-ch:
+		}
+	}
+}
+
+// get returns the value of id and its revision.
+func (t *table[T]) get(id string) (T, uint64, bool) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	r, ok := t.items[id]
+	return r.val, r.rev, ok
+}
+
+// list returns every value, ordered by key.
+func (t *table[T]) list() []T {
+	rows := t.rows()
+	out := make([]T, len(rows))
+	for i, r := range rows {
+		out[i] = r.val
+	}
+	return out
+}
+
+// keyedRow is a value with its key and revision.
+type keyedRow[T any] struct {
+	key string
+	val T
+	rev uint64
+}
+
+// rows returns every value with its key and revision, ordered by key.
+func (t *table[T]) rows() []keyedRow[T] {
+	t.mu.RLock()
+	out := make([]keyedRow[T], 0, len(t.items))
+	for k, r := range t.items {
+		out = append(out, keyedRow[T]{key: k, val: r.val, rev: r.rev})
+	}
+	t.mu.RUnlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].key < out[j].key })
+	return out
+}
+
+// changes returns a channel closed at the next applied change.
+func (t *table[T]) changes() <-chan struct{} {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.changed
+}
+
+// create stores v under id if id is free; errExists otherwise.
+func (t *table[T]) create(ctx context.Context, id string, v T) (uint64, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return 0, fmt.Errorf("encode %s %s: %w", t.kind, id, err)
+	}
+	rev, err := t.kv.Create(ctx, id, b)
+	if errors.Is(err, jetstream.ErrKeyExists) {
+		return 0, errExists
+	}
+	if err != nil {
+		return 0, fmt.Errorf("create %s %s: %w", t.kind, id, err)
+	}
+	t.waitRev(ctx, rev)
+	return rev, nil
+}
+
+// update replaces id's value if it is still at revision rev; errConflict
+// otherwise.
+func (t *table[T]) update(ctx context.Context, id string, v T, rev uint64) (uint64, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return 0, fmt.Errorf("encode %s %s: %w", t.kind, id, err)
+	}
+	newRev, err := t.kv.Update(ctx, id, b, rev)
+	if isRevisionMismatch(err) {
+		return 0, errConflict
+	}
+	if err != nil {
+		return 0, fmt.Errorf("update %s %s: %w", t.kind, id, err)
+	}
+	t.waitRev(ctx, newRev)
+	return newRev, nil
+}
+
+// remove deletes id if it is still at revision rev; errConflict otherwise.
+func (t *table[T]) remove(ctx context.Context, id string, rev uint64) error {
+	err := t.kv.Delete(ctx, id, jetstream.LastRevision(rev))
+	if isRevisionMismatch(err) {
+		return errConflict
+	}
+	if err != nil {
+		return fmt.Errorf("delete %s %s: %w", t.kind, id, err)
+	}
+	// The delete marker's revision is not returned; wait until the key is
+	// gone from the copy.
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	for {
+		ch := t.changes()
+		if _, _, ok := t.get(id); !ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-ch:
+		}
+	}
+}
+
+// fetch reads id from the bucket itself, bypassing the copy, for decisions
+// that must not act on a stale view.
+func (t *table[T]) fetch(ctx context.Context, id string) (T, uint64, error) {
+	var v T
+	e, err := t.kv.Get(ctx, id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return v, 0, errNotFound
+	}
+	if err != nil {
+		return v, 0, fmt.Errorf("get %s %s: %w", t.kind, id, err)
+	}
+	if err := json.Unmarshal(e.Value(), &v); err != nil {
+		return v, 0, fmt.Errorf("decode %s %s: %w", t.kind, id, err)
+	}
+	return v, e.Revision(), nil
+}
+
+func isRevisionMismatch(err error) bool {
+	return errors.Is(err, jetstream.ErrKeyRevisionMismatch) || errors.Is(err, jetstream.ErrKeyExists)
+}
+
+// sync waits until the copy holds every write the bucket had acknowledged
+// when sync was called, for decisions (is this object in use?) that must not
+// miss a write made through another server replica.
+func (t *table[T]) sync(ctx context.Context) error {
+	st, err := t.kv.Status(ctx)
+	if err != nil {
+		return fmt.Errorf("status of %s bucket: %w", t.kind, err)
+	}
+	bs, ok := st.(*jetstream.KeyValueBucketStatus)
+	if !ok {
+		return fmt.Errorf("status of %s bucket: unexpected type %T", t.kind, st)
+	}
+	t.waitRev(ctx, bs.StreamInfo().State.LastSeq)
+	return nil
+}
+
+// size is the number of values in the copy.
+func (t *table[T]) size() int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return len(t.items)
+}
+
+// filter returns the values keep accepts, ordered by key.
+func (t *table[T]) filter(keep func(T) bool) []T {
+	var out []T
+	for _, r := range t.rows() {
+		if keep(r.val) {
+			out = append(out, r.val)
+		}
+	}
+	if out == nil {
+		out = []T{}
+	}
+	return out
+}
