@@ -1,0 +1,70 @@
+# Fleet Manager. `make run` builds and starts the embedded default (fm dev);
+# `make test` runs every test; `make check` is what CI enforces.
+
+GO          ?= go
+VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS     := -X main.version=$(VERSION)
+STATICCHECK := $(shell $(GO) env GOPATH)/bin/staticcheck
+STATICCHECK_VERSION := v0.8.2
+NATS        := $(shell $(GO) env GOPATH)/bin/nats
+NATSCLI_VERSION := v0.5.0
+TEST_FLAGS  ?= -race -timeout 25m
+
+.PHONY: build kits run test check lint fmt-check vet staticcheck tidy-check boundaries bench clean
+
+build: bin/fm kits
+
+bin/fm: FORCE
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/fm ./cmd/fm
+
+# The DSS stand-in kits, where fm dev looks for them (bin/kits beside bin/fm).
+kits:
+	$(GO) run ./deploy/standin/mkkit -out bin/kits
+
+run: build
+	./bin/fm dev
+
+# The tests run the real NATS CLI (the operator recipes of the docs).
+test: $(NATS)
+	PATH="$(dir $(NATS)):$$PATH" $(GO) test $(TEST_FLAGS) ./...
+
+$(NATS):
+	$(GO) install github.com/nats-io/natscli/nats@$(NATSCLI_VERSION)
+
+check: lint test
+
+lint: fmt-check vet staticcheck tidy-check boundaries
+
+fmt-check:
+	@out=$$(gofmt -l $$(find . -name '*.go' -not -path './bin/*')); \
+	if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
+
+vet:
+	$(GO) vet ./...
+
+$(STATICCHECK):
+	$(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+
+staticcheck: $(STATICCHECK)
+	$(STATICCHECK) ./...
+
+# go mod tidy must leave go.mod and go.sum as they are.
+tidy-check:
+	@cp go.mod /tmp/fm-go.mod.$$$$ && cp go.sum /tmp/fm-go.sum.$$$$ && \
+	$(GO) mod tidy && \
+	if ! cmp -s go.mod /tmp/fm-go.mod.$$$$ || ! cmp -s go.sum /tmp/fm-go.sum.$$$$; then \
+		cp /tmp/fm-go.mod.$$$$ go.mod; cp /tmp/fm-go.sum.$$$$ go.sum; rm -f /tmp/fm-go.*.$$$$; \
+		echo "go mod tidy changes go.mod or go.sum: run it and commit the result"; exit 1; \
+	fi; rm -f /tmp/fm-go.*.$$$$
+
+# The dependency direction of docs/architecture.md.
+boundaries:
+	@./.ci/check-imports
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+clean:
+	rm -rf bin
+
+FORCE:

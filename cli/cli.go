@@ -1,0 +1,221 @@
+// Package cli implements fm's client subcommands (fm network, template,
+// instance, image, op …), which talk to an FM server's REST API, and the flag
+// handling every fm subcommand shares (flags anywhere on the line, FM_*
+// environment variables).
+//
+// cmd/fm imports it; it imports api and client.
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/fleetmanager/fm/client"
+)
+
+// Env is what a command runs with.
+type Env struct {
+	Stdout io.Writer
+	Stderr io.Writer
+}
+
+// ExitUsage is the exit code for a command line that cannot be run.
+const ExitUsage = 2
+
+// errUsage marks an error the user can fix on the command line.
+type errUsage struct{ msg string }
+
+func (e errUsage) Error() string { return e.msg }
+
+func usagef(format string, args ...any) error { return errUsage{fmt.Sprintf(format, args...)} }
+
+// Commands lists the client subcommands this package runs.
+func Commands() []string { return []string{"network", "template", "instance", "image", "op"} }
+
+// Run runs a client subcommand (args[0] is its name) and returns the exit
+// code.
+func Run(ctx context.Context, env Env, args []string) int {
+	var res *resource
+	for _, r := range resources {
+		if r.command == args[0] {
+			res = r
+		}
+	}
+	var err error
+	if res == nil {
+		err = usagef("unknown command %q", args[0])
+	} else {
+		err = res.run(ctx, env, args[1:])
+	}
+	if err == nil {
+		return 0
+	}
+	fmt.Fprintln(env.Stderr, "fm:", err)
+	var u errUsage
+	if errors.As(err, &u) || errors.Is(err, flag.ErrHelp) {
+		return ExitUsage
+	}
+	return 1
+}
+
+// ParseFlags parses args into fs allowing flags after positional arguments
+// (fm instance get ID --output json), then sets every flag not given on the
+// line from its environment variable FM_<NAME> (upper case, dashes as
+// underscores). It returns the positional arguments.
+func ParseFlags(fs *flag.FlagSet, args []string) ([]string, error) {
+	var positional []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			break
+		}
+		if args[0] == "--" {
+			positional = append(positional, args[1:]...)
+			break
+		}
+		positional = append(positional, args[0])
+		args = args[1:]
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		if given[f.Name] || err != nil {
+			return
+		}
+		name := EnvName(f.Name)
+		if v, ok := os.LookupEnv(name); ok {
+			if serr := f.Value.Set(v); serr != nil {
+				err = usagef("%s=%q: %v", name, v, serr)
+			}
+		}
+	})
+	return positional, err
+}
+
+// EnvName is the environment variable of a flag.
+func EnvName(flagName string) string {
+	return "FM_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// connFlags are the flags every client command has.
+type connFlags struct {
+	url     string
+	keyFile string
+	output  string
+}
+
+func (c *connFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&c.url, "url", "http://127.0.0.1:10000", "FM server URL (env FM_URL)")
+	fs.StringVar(&c.keyFile, "key-file", "./.fm/admin-key.json", "API key file {\"id\",\"secret\"} (env FM_KEY_FILE)")
+	fs.StringVar(&c.output, "output", "table", "output format: table or json (env FM_OUTPUT)")
+}
+
+func (c *connFlags) client() (*client.Client, error) {
+	if c.output != "table" && c.output != "json" {
+		return nil, usagef("--output must be table or json, not %q", c.output)
+	}
+	key, err := client.ReadKeyFile(c.keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("%w (set --key-file or FM_KEY_FILE)", err)
+	}
+	return client.New(c.url, key), nil
+}
+
+// printJSON writes v indented.
+func printJSON(w io.Writer, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(w, string(b))
+	return err
+}
+
+// column is one column of a table: a header and how to read the cell from
+// an object decoded as a map.
+type column struct {
+	header string
+	cell   func(obj map[string]any) string
+}
+
+func field(header, key string) column {
+	return column{header, func(o map[string]any) string { return cellText(o[key]) }}
+}
+
+func cellText(v any) string {
+	switch x := v.(type) {
+	case nil:
+		return ""
+	case string:
+		return x
+	case bool:
+		if x {
+			return "yes"
+		}
+		return "no"
+	case float64:
+		return fmt.Sprint(x)
+	case []any:
+		parts := make([]string, len(x))
+		for i, e := range x {
+			parts[i] = cellText(e)
+		}
+		return strings.Join(parts, ",")
+	case map[string]any:
+		keys := make([]string, 0, len(x))
+		for k := range x {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		parts := make([]string, len(keys))
+		for i, k := range keys {
+			parts[i] = k + "=" + cellText(x[k])
+		}
+		return strings.Join(parts, ",")
+	}
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+func printTable(w io.Writer, cols []column, objs []map[string]any) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	headers := make([]string, len(cols))
+	for i, c := range cols {
+		headers[i] = c.header
+	}
+	fmt.Fprintln(tw, strings.Join(headers, "\t"))
+	for _, o := range objs {
+		cells := make([]string, len(cols))
+		for i, c := range cols {
+			cells[i] = strings.ReplaceAll(c.cell(o), "\t", " ")
+		}
+		fmt.Fprintln(tw, strings.Join(cells, "\t"))
+	}
+	return tw.Flush()
+}
+
+// printObject writes one object as "key: value" lines, keys sorted.
+func printObject(w io.Writer, obj map[string]any) error {
+	keys := make([]string, 0, len(obj))
+	for k := range obj {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	for _, k := range keys {
+		fmt.Fprintf(tw, "%s:\t%s\n", k, strings.ReplaceAll(cellText(obj[k]), "\n", `\n`))
+	}
+	return tw.Flush()
+}

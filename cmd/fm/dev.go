@@ -1,0 +1,105 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/fleetmanager/fm/server"
+)
+
+// runDev is `fm dev`: the embedded default. One process holds an embedded
+// NATS server with JetStream (file storage under --data) and the FM server.
+func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("fm dev", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	dataDir := fs.String("data", "./.fm", "data folder: the bus store, the admin key (env FM_DATA)")
+	listen := fs.String("listen", "127.0.0.1:10000", "REST API address (env FM_LISTEN)")
+	natsListen := fs.String("nats-listen", "", "NATS address for agents (default: a loopback port, kept across restarts)")
+	logFormat := fs.String("log-format", "console", "console or json")
+	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
+	kitsDir := fs.String("kits", defaultKitsDir(), "folder of DSS kit archives (dataiku-dss-<version>[-<flavour>].tar.gz) to register as images")
+	imagesFile := fs.String("images", "", "JSON file listing more images to register (an array of image objects)")
+	if err := parseRoleFlags(fs, args); err != nil {
+		return err
+	}
+	log, err := newLogger(*logFormat, *logLevel, stderr)
+	if err != nil {
+		return err
+	}
+	dir, err := filepath.Abs(*dataDir)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("data folder: %w", err)
+	}
+	b, err := embeddedBus(dir, *natsListen, "fm-dev", false, log)
+	if err != nil {
+		return err
+	}
+	defer b.close()
+
+	srv, err := server.New(server.Config{
+		Conn:   b.nc,
+		Listen: *listen,
+		// The local backend has one network: the machine FM runs on.
+		Network: server.NetworkDefaults{VpcID: "vpc-local", SubnetID: "subnet-local", Region: "local"},
+		Logger:  log,
+	})
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	keyFile := filepath.Join(dir, "admin-key.json")
+	created, err := srv.EnsureAdminKey(ctx, keyFile)
+	if err != nil {
+		return err
+	}
+	var images []string
+	if *kitsDir != "" {
+		ids, err := srv.RegisterKits(ctx, *kitsDir)
+		if err != nil && !(errors.Is(err, os.ErrNotExist) && !flagGiven(fs, "kits")) {
+			return err
+		}
+		images = append(images, ids...)
+	}
+	if *imagesFile != "" {
+		ids, err := srv.RegisterImages(ctx, *imagesFile)
+		if err != nil {
+			return err
+		}
+		images = append(images, ids...)
+	}
+	if len(images) == 0 {
+		return errors.New("no image to deploy: build the stand-in kits (make kits) or pass --kits or --images")
+	}
+	state := "existing"
+	if created {
+		state = "created"
+	}
+	fmt.Fprintf(stdout, "fm dev is running\n  REST API   http://%s\n  NATS       %s\n  data       %s\n  admin key  %s (%s; export FM_KEY_FILE=%s)\n  images     %s\nPress Ctrl-C to stop.\n",
+		srv.Addr(), b.clientURL, dir, keyFile, state, keyFile, strings.Join(images, ", "))
+	return srv.Run(ctx)
+}
+
+// defaultKitsDir is bin/kits beside bin/fm, where `make` puts the stand-in
+// kits.
+func defaultKitsDir() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return ""
+	}
+	return filepath.Join(filepath.Dir(exe), "kits")
+}
+
+func flagGiven(fs *flag.FlagSet, name string) bool {
+	given := false
+	fs.Visit(func(f *flag.Flag) { given = given || f.Name == name })
+	return given || os.Getenv("FM_"+strings.ToUpper(name)) != ""
+}

@@ -1,0 +1,120 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strings"
+
+	"github.com/fleetmanager/fm/cli"
+	"github.com/rs/zerolog"
+)
+
+// version is set at build time (-ldflags "-X main.version=…").
+var version = "dev"
+
+const usage = `Fleet Manager: deploys, upgrades, backs up and configures a fleet of Dataiku DSS nodes.
+
+Roles:
+  fm dev            everything in one process on an embedded bus (the embedded default)
+  fm server         the FM server, on an external NATS or an embedded one
+
+Client commands (talk to the REST API; --url, --key-file, --output json):
+  fm network        list|get|create|update|delete virtual networks
+  fm template       list|get|create|update|delete instance settings templates
+  fm instance       list|get|create|update|delete instances
+  fm image          list|get|add|remove deployable DSS images
+  fm op             list|get|wait|abort operations
+
+  fm version        print the version
+
+Every flag can also be set as FM_<FLAG> (e.g. --data is FM_DATA).
+Run "fm <command> -h" for a command's flags.
+`
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprint(stdout, usage)
+		if len(args) == 0 {
+			return cli.ExitUsage
+		}
+		return 0
+	}
+	var err error
+	switch cmd := args[0]; {
+	case cmd == "dev":
+		err = runDev(ctx, args[1:], stdout, stderr)
+	case cmd == "server":
+		err = runServer(ctx, args[1:], stdout, stderr)
+	case cmd == "version":
+		fmt.Fprintln(stdout, "fm", version)
+	case slices.Contains(cli.Commands(), cmd):
+		return cli.Run(ctx, cli.Env{Stdout: stdout, Stderr: stderr}, args)
+	default:
+		fmt.Fprintf(stderr, "fm: unknown command %q\n\n%s", cmd, usage)
+		return cli.ExitUsage
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "fm:", err)
+		var u usageError
+		if errors.As(err, &u) {
+			return cli.ExitUsage
+		}
+		return 1
+	}
+	return 0
+}
+
+// usageError is a command line that cannot run.
+type usageError struct{ error }
+
+// parseRoleFlags parses a role's flags (flags and FM_* variables) and
+// refuses positional arguments.
+func parseRoleFlags(fs *flag.FlagSet, args []string) error {
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return usageError{err}
+	}
+	if len(pos) > 0 {
+		return usageError{fmt.Errorf("%s takes no arguments (got %q)", fs.Name(), strings.Join(pos, " "))}
+	}
+	return nil
+}
+
+// newLogger builds the process's logger: JSON lines, or a console format for
+// people. Components add their own "component" field.
+func newLogger(format, level string, w io.Writer) (zerolog.Logger, error) {
+	lvl, err := zerolog.ParseLevel(level)
+	if err != nil || level == "" {
+		return zerolog.Logger{}, usageError{fmt.Errorf("--log-level: %q is not one of trace, debug, info, warn, error", level)}
+	}
+	var out io.Writer
+	switch format {
+	case "json":
+		out = w
+	case "console":
+		out = zerolog.ConsoleWriter{Out: w, TimeFormat: "15:04:05", NoColor: !isTerminal(w)}
+	default:
+		return zerolog.Logger{}, usageError{fmt.Errorf("--log-format: %q is not console or json", format)}
+	}
+	return zerolog.New(out).Level(lvl).With().Timestamp().Logger(), nil
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	st, err := f.Stat()
+	return err == nil && st.Mode()&os.ModeCharDevice != 0
+}

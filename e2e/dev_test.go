@@ -1,0 +1,218 @@
+package e2e
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+var (
+	buildDir  string
+	buildOnce sync.Once
+	fmBinPath string
+	buildErr  error
+)
+
+func TestMain(m *testing.M) {
+	var err error
+	if buildDir, err = os.MkdirTemp("", "fm-e2e-"); err != nil {
+		panic(err)
+	}
+	code := m.Run()
+	os.RemoveAll(buildDir)
+	os.Exit(code)
+}
+
+// fmBin builds fm and the kits once per test binary. It runs inside the
+// tests, where Go's test cache records the sources Build reads.
+func fmBin(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() { fmBinPath, buildErr = Build(buildDir) })
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return fmBinPath
+}
+
+// devEnv starts `fm dev` on a temporary data folder and a random port.
+type devEnv struct {
+	proc    *Proc
+	data    string
+	url     string
+	env     []string
+	keyFile string
+}
+
+func startDev(t *testing.T, data string) *devEnv {
+	t.Helper()
+	addr := FreePort(t)
+	d := &devEnv{data: data, url: "http://" + addr, keyFile: filepath.Join(data, "admin-key.json")}
+	d.env = []string{"FM_URL=" + d.url, "FM_KEY_FILE=" + d.keyFile}
+	d.proc = Start(t, fmBin(t), nil, "dev", "--data", data, "--listen", addr, "--log-format", "json")
+	WaitHTTP(t, d.url+"/healthz", 60*time.Second)
+	d.proc.WaitStdout("Press Ctrl-C to stop.", 10*time.Second)
+	return d
+}
+
+// fm runs a client command and fails the test if it does not exit 0.
+func (d *devEnv) fm(t *testing.T, args ...string) string {
+	t.Helper()
+	out, errOut, code := Run(t, fmBin(t), d.env, args...)
+	if code != 0 {
+		t.Fatalf("fm %s: exit %d\n%s%s", strings.Join(args, " "), code, out, errOut)
+	}
+	return out
+}
+
+func jsonField(t *testing.T, out, key string) string {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal([]byte(out), &m); err != nil {
+		t.Fatalf("not a JSON object: %s", out)
+	}
+	s, _ := m[key].(string)
+	return s
+}
+
+func TestDevWithCLIAndRawHTTP(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "fm")
+	d := startDev(t, data)
+
+	// First start: the admin key file exists with mode 0600 and is named,
+	// never printed.
+	st, err := os.Stat(d.keyFile)
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("admin key file: %v %v", st, err)
+	}
+	key, _ := os.ReadFile(d.keyFile)
+	var kf struct{ ID, Secret string }
+	json.Unmarshal(key, &kf)
+	if !strings.Contains(d.proc.Stdout(), d.keyFile) || strings.Contains(d.proc.Stdout()+d.proc.Stderr(), kf.Secret) {
+		t.Fatalf("the key file is not named, or the secret is printed:\n%s", d.proc.Stdout())
+	}
+
+	// /images is never empty in fm dev: the stand-in kits are registered.
+	images := d.fm(t, "image", "list")
+	if !strings.Contains(images, "dss-14.0.0-standin") || !strings.Contains(images, "dss-13.4.0-standin") {
+		t.Fatalf("images:\n%s", images)
+	}
+
+	vnID := jsonField(t, d.fm(t, "network", "create", "--label", "lab", "--default", "--output", "json"), "id")
+	tplPath := filepath.Join(t.TempDir(), "tpl.json")
+	os.WriteFile(tplPath, []byte(`{"label":"base","setupActions":[{"type":"ADD_AUTHORIZED_KEY","params":{"sshKey":"ssh-ed25519 AAAAC3Nza ops"}}]}`), 0o644)
+	tplID := jsonField(t, d.fm(t, "template", "create", "--file", tplPath, "--output", "json"), "id")
+	inID := jsonField(t, d.fm(t, "instance", "create", "--label", "dss1", "--network", vnID, "--template", tplID,
+		"--image", "dss-14.0.0-standin", "--volume-size", "20", "--fm-tags", "team-a,prod", "--output", "json"), "id")
+
+	list := d.fm(t, "instance", "list")
+	if !strings.Contains(list, inID) || !strings.Contains(list, "lab") || !strings.Contains(list, "base") {
+		t.Fatalf("instance list:\n%s", list)
+	}
+	d.fm(t, "instance", "update", inID, "--description", "first node", "--auto-snapshot", "true")
+	if got := d.fm(t, "instance", "get", inID, "--output", "json"); jsonField(t, got, "description") != "first node" {
+		t.Fatalf("update not applied: %s", got)
+	}
+
+	// Bad input: a clear message and exit status 1, nothing created.
+	out, errOut, code := Run(t, fmBin(t), d.env, "instance", "create", "--label", "bad", "--network", vnID, "--template", tplID, "--image", "dss-0.0.1")
+	if code != 1 || !strings.Contains(errOut, `image "dss-0.0.1" does not exist`) {
+		t.Fatalf("bad create: %d %s %s", code, out, errOut)
+	}
+	if _, _, code := Run(t, fmBin(t), d.env, "instance", "get"); code != 2 {
+		t.Fatalf("missing id: exit %d, want 2", code)
+	}
+
+	// The same objects through raw HTTP shaped like the Python client.
+	py := NewPython(t, d.url, d.keyFile)
+	var raw []map[string]any
+	if s := py.Do(t, "GET", "/instances", "", &raw); s != 200 || len(raw) != 1 || raw[0]["virtualNetworkLabel"] != "lab" {
+		t.Fatalf("GET /instances: %d %v", s, raw)
+	}
+	var vn map[string]any
+	py.Do(t, "GET", "/virtual-networks/"+vnID, "", &vn)
+	vn["httpsStrategy"], vn["httpStrategy"] = "SELF_SIGNED", "REDIRECT"
+	b, _ := json.Marshal(vn)
+	if s := py.Do(t, "PUT", "/virtual-networks/"+vnID, string(b), nil); s != 200 {
+		t.Fatalf("save network: %d", s)
+	}
+	var tags map[string]string
+	if s := py.Do(t, "PUT", "/cloud-tags", `{"owner":"platform"}`, nil); s != 200 {
+		t.Fatalf("PUT cloud-tags: %d", s)
+	}
+	var msg struct{ Msg string }
+	py.Do(t, "GET", "/cloud-tags", "", &msg)
+	json.Unmarshal([]byte(msg.Msg), &tags)
+	if tags["owner"] != "platform" {
+		t.Fatalf("cloud tags: %q", msg.Msg)
+	}
+
+	// Deletion is a future; fm waits for it and the op is listed.
+	d.fm(t, "instance", "delete", inID)
+	if ops := d.fm(t, "op", "list", "--target", inID); !strings.Contains(ops, "delete-instance") || !strings.Contains(ops, "succeeded") {
+		t.Fatalf("op list:\n%s", ops)
+	}
+	d.fm(t, "instance", "create", "--label", "dss2", "--network", vnID, "--template", tplID, "--image", "dss-13.4.0-standin")
+
+	// Ctrl-C shuts down cleanly within seconds.
+	if err := d.proc.Interrupt(15 * time.Second); err != nil {
+		t.Fatalf("fm dev exited with %v after SIGINT", err)
+	}
+
+	// A restart on the same folder keeps every object and the key.
+	d2 := startDev(t, data)
+	if strings.Contains(d2.proc.Stdout(), "(created") {
+		t.Fatal("a restart created a new admin key")
+	}
+	list = d2.fm(t, "instance", "list")
+	if !strings.Contains(list, "dss2") || strings.Contains(list, "dss1") {
+		t.Fatalf("after restart:\n%s", list)
+	}
+	if got := d2.fm(t, "network", "get", vnID, "--output", "json"); jsonField(t, got, "httpsStrategy") != "SELF_SIGNED" {
+		t.Fatalf("network after restart: %s", got)
+	}
+	if err := d2.proc.Interrupt(15 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestNATSRecipes runs the NATS CLI commands of docs/architecture.md against
+// fm dev's bus.
+func TestNATSRecipes(t *testing.T) {
+	natsBin, err := exec.LookPath("nats")
+	if err != nil {
+		t.Fatal("the NATS CLI is not on PATH; `make test` installs it (go install github.com/nats-io/natscli/nats@v0.5.0)")
+	}
+	data := filepath.Join(t.TempDir(), "fm")
+	d := startDev(t, data)
+	vnID := jsonField(t, d.fm(t, "network", "create", "--label", "lab", "--default", "--output", "json"), "id")
+	addr, err := os.ReadFile(filepath.Join(data, "nats.addr"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := []string{"NATS_URL=nats://" + strings.TrimSpace(string(addr)), "HOME=" + t.TempDir()}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"kv", "ls"}, "fm_instances"},
+		{[]string{"kv", "ls", "fm_networks"}, vnID},
+		{[]string{"kv", "get", "fm_networks", vnID, "--raw"}, `"label":"lab"`},
+		{[]string{"kv", "history", "fm_networks", vnID}, vnID},
+		{[]string{"stream", "ls"}, "FM_PROVISION"},
+		{[]string{"stream", "info", "FM_EVENTS"}, "fm.evt.*.*"},
+		{[]string{"object", "ls", "fm_kits"}, "dataiku-dss-14.0.0-standin.tar.gz"},
+	} {
+		out, errOut, code := Run(t, natsBin, env, tc.args...)
+		if code != 0 || !strings.Contains(out, tc.want) {
+			t.Errorf("nats %s: exit %d, want output with %q\n%s%s", strings.Join(tc.args, " "), code, tc.want, out, errOut)
+		}
+	}
+	if err := d.proc.Interrupt(15 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,239 @@
+// Package e2e holds end-to-end tests that build the fm binary and run it as
+// operators do, driving it with the CLI and with raw HTTP shaped like
+// Dataiku's Python client. The harness here builds the binary once and
+// starts and stops fm processes; every process it starts is stopped by the
+// test that started it.
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/deploy/standin/kit"
+)
+
+// Build compiles fm and the stand-in kits into dir (kits in dir/kits, where
+// `fm dev` looks by default) and returns the binary's path.
+func Build(dir string) (string, error) {
+	_, file, _, _ := runtime.Caller(0)
+	root := filepath.Dir(filepath.Dir(file))
+	bin := filepath.Join(dir, "fm")
+	cmd := exec.Command("go", "build", "-race", "-o", bin, "./cmd/fm")
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build fm: %v\n%s", err, out)
+	}
+	for _, v := range kit.Versions {
+		if _, err := kit.Build(root, v, filepath.Join(dir, "kits")); err != nil {
+			return "", err
+		}
+	}
+	return bin, nil
+}
+
+// Proc is a running fm process.
+type Proc struct {
+	t      testing.TB
+	cmd    *exec.Cmd
+	stdout *syncBuffer
+	stderr *syncBuffer
+	done   chan struct{}
+	err    error
+}
+
+// syncBuffer is a bytes.Buffer safe for the process's writers and the test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// Start runs bin with args; the process is killed when the test ends if it
+// is still running.
+func Start(t testing.TB, bin string, env []string, args ...string) *Proc {
+	t.Helper()
+	p := &Proc{t: t, stdout: &syncBuffer{}, stderr: &syncBuffer{}, done: make(chan struct{})}
+	p.cmd = exec.Command(bin, args...)
+	p.cmd.Env = append(os.Environ(), env...)
+	p.cmd.Stdout, p.cmd.Stderr = p.stdout, p.stderr
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", bin, err)
+	}
+	go func() { p.err = p.cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		select {
+		case <-p.done:
+		default:
+			_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+			<-p.done
+		}
+		if t.Failed() {
+			t.Logf("%s stdout:\n%s\nstderr:\n%s", filepath.Base(bin), p.stdout, tail(p.stderr.String(), 4000))
+		}
+	})
+	return p
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return "…" + s[len(s)-n:]
+	}
+	return s
+}
+
+// Stdout is what the process wrote to standard output so far.
+func (p *Proc) Stdout() string { return p.stdout.String() }
+
+// WaitStdout polls until the process's standard output contains substr, for
+// at most timeout: output goes through a pipe and may lag behind what the
+// process has already done.
+func (p *Proc) WaitStdout(substr string, timeout time.Duration) string {
+	p.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		out := p.stdout.String()
+		if strings.Contains(out, substr) {
+			return out
+		}
+		if time.Now().After(deadline) {
+			p.t.Fatalf("standard output has no %q after %s:\n%s", substr, timeout, out)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Stderr is what the process wrote to standard error so far.
+func (p *Proc) Stderr() string { return p.stderr.String() }
+
+// Interrupt sends SIGINT and waits up to timeout for the process to exit,
+// returning its exit error (nil for status 0).
+func (p *Proc) Interrupt(timeout time.Duration) error {
+	p.t.Helper()
+	_ = p.cmd.Process.Signal(os.Interrupt)
+	select {
+	case <-p.done:
+		return p.err
+	case <-time.After(timeout):
+		p.t.Fatalf("process did not exit within %s of SIGINT", timeout)
+		return nil
+	}
+}
+
+// FreePort returns a loopback address with a port that was free just now.
+func FreePort(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// WaitHTTP polls url until it answers 200, for at most timeout.
+func WaitHTTP(t testing.TB, url string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		resp, err := http.Get(url)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("%s did not answer 200 within %s", url, timeout)
+}
+
+// Run runs bin to completion and returns its stdout, stderr and exit code.
+func Run(t testing.TB, bin string, env []string, args ...string) (string, string, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Env = append(os.Environ(), env...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("run %s %v: %v", bin, args, err)
+	}
+	return out.String(), errb.String(), code
+}
+
+// Python is an HTTP client that sends what Dataiku's Python client sends:
+// HTTP Basic on every request and JSON bodies without a Content-Type.
+type Python struct {
+	Base, KeyID, Secret string
+}
+
+// NewPython reads the key file of an fm data folder.
+func NewPython(t testing.TB, base, keyFile string) *Python {
+	t.Helper()
+	b, err := os.ReadFile(keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var k struct{ ID, Secret string }
+	if err := json.Unmarshal(b, &k); err != nil {
+		t.Fatal(err)
+	}
+	return &Python{Base: base, KeyID: k.ID, Secret: k.Secret}
+}
+
+// Do sends a request to the tenant path and decodes a JSON answer into out.
+func (p *Python) Do(t testing.TB, method, path, body string, out any) int {
+	t.Helper()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, p.Base+"/api/public/tenants/main"+path, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.SetBasicAuth(p.KeyID, p.Secret)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			t.Fatalf("%s %s: %d %s: %v", method, path, resp.StatusCode, data, err)
+		}
+	}
+	return resp.StatusCode
+}
