@@ -186,3 +186,24 @@ func TestStartEmbeddedErrors(t *testing.T) {
 		t.Errorf("error leaks the password or loses its cause: %v", err)
 	}
 }
+
+func TestReconnectDelayBacksOffWithJitter(t *testing.T) {
+	prevMax := time.Duration(0)
+	for n := 0; n < 12; n++ {
+		lo, hi := time.Hour, time.Duration(0)
+		for i := 0; i < 200; i++ {
+			d := bus.ReconnectDelay(n)
+			lo, hi = min(lo, d), max(hi, d)
+		}
+		if hi > 23*time.Second {
+			t.Fatalf("attempt %d waits up to %s, beyond the cap", n, hi)
+		}
+		if hi == lo {
+			t.Fatalf("attempt %d: no jitter (%s)", n, lo)
+		}
+		if n < 6 && hi < prevMax {
+			t.Fatalf("attempt %d waits less than attempt %d", n, n-1)
+		}
+		prevMax = hi
+	}
+}

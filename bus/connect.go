@@ -3,6 +3,7 @@ package bus
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	neturl "net/url"
 	"strings"
 	"time"
@@ -32,7 +33,10 @@ type ConnectConfig struct {
 	// connect fails, instead of returning an error: agents start before the
 	// bus is reachable.
 	RetryOnFailedConnect bool
-	Logger               zerolog.Logger
+	// OnConnect, if set, is called after the first connect and after every
+	// reconnect (in its own goroutine).
+	OnConnect func()
+	Logger    zerolog.Logger
 }
 
 // Connect dials NATS. The connection reconnects forever, with jittered waits,
@@ -42,8 +46,7 @@ func Connect(cfg ConnectConfig) (*nats.Conn, error) {
 	opts := []nats.Option{
 		nats.Name(cfg.Name),
 		nats.MaxReconnects(-1),
-		nats.ReconnectWait(time.Second),
-		nats.ReconnectJitter(500*time.Millisecond, time.Second),
+		nats.CustomReconnectDelay(ReconnectDelay),
 		nats.Timeout(5 * time.Second),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
@@ -52,6 +55,15 @@ func Connect(cfg ConnectConfig) (*nats.Conn, error) {
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			log.Info().Str("url", nc.ConnectedUrlRedacted()).Msg("reconnected to nats")
+			if cfg.OnConnect != nil {
+				go cfg.OnConnect()
+			}
+		}),
+		nats.ConnectHandler(func(nc *nats.Conn) {
+			// Only called when RetryOnFailedConnect delayed the first connect.
+			if cfg.OnConnect != nil {
+				go cfg.OnConnect()
+			}
 		}),
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
 			ev := log.Warn().Err(err)
@@ -81,7 +93,20 @@ func Connect(cfg ConnectConfig) (*nats.Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connect to nats at %s: %w", redact(url), err)
 	}
+	if nc.IsConnected() && cfg.OnConnect != nil {
+		go cfg.OnConnect()
+	}
 	return nc, nil
+}
+
+// ReconnectDelay is the wait before reconnect attempt n (after every server
+// of the list failed once): exponential from 250ms, capped at 15s, with up to
+// half of it added at random, so that a fleet of agents does not reconnect
+// in step after a bus outage.
+func ReconnectDelay(attempts int) time.Duration {
+	d := 250 * time.Millisecond << min(attempts, 6)
+	d = min(d, 15*time.Second)
+	return d + time.Duration(rand.Int64N(int64(d/2)+1))
 }
 
 // redact hides any password in a URL list for error messages.

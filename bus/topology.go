@@ -33,6 +33,8 @@ type Topology struct {
 	LogsMaxBytes    int64
 	// AuditMaxAge bounds the audit trail; 0 keeps it forever.
 	AuditMaxAge time.Duration
+	// DiagnosisRetention is how long a diagnosis bundle is kept.
+	DiagnosisRetention time.Duration
 	// DuplicateWindow is how long JetStream remembers a Nats-Msg-Id to drop a
 	// duplicate publish.
 	DuplicateWindow time.Duration
@@ -41,17 +43,18 @@ type Topology struct {
 // DefaultTopology is the layout of a single-machine FM.
 func DefaultTopology() Topology {
 	return Topology{
-		Replicas:        1,
-		OpsRetention:    7 * 24 * time.Hour,
-		AgentStatusTTL:  time.Hour,
-		CommandsMaxAge:  7 * 24 * time.Hour,
-		ProvisionMaxAge: 7 * 24 * time.Hour,
-		EventsMaxAge:    30 * 24 * time.Hour,
-		EventsMaxBytes:  1 << 30,
-		LogsMaxAge:      7 * 24 * time.Hour,
-		LogsMaxBytes:    1 << 30,
-		AuditMaxAge:     0,
-		DuplicateWindow: 10 * time.Minute,
+		Replicas:           1,
+		OpsRetention:       7 * 24 * time.Hour,
+		AgentStatusTTL:     time.Hour,
+		CommandsMaxAge:     7 * 24 * time.Hour,
+		ProvisionMaxAge:    7 * 24 * time.Hour,
+		EventsMaxAge:       30 * 24 * time.Hour,
+		EventsMaxBytes:     1 << 30,
+		LogsMaxAge:         7 * 24 * time.Hour,
+		LogsMaxBytes:       1 << 30,
+		AuditMaxAge:        0,
+		DiagnosisRetention: 7 * 24 * time.Hour,
+		DuplicateWindow:    10 * time.Minute,
 	}
 }
 
@@ -137,6 +140,8 @@ func (t Topology) ObjectStores() []jetstream.ObjectStoreConfig {
 	return []jetstream.ObjectStoreConfig{
 		{Bucket: protocol.ObjectStoreKits, Description: "DSS install kits",
 			Storage: jetstream.FileStorage, Replicas: t.Replicas},
+		{Bucket: protocol.ObjectStoreDiagnosis, Description: "diagnosis bundles from agents",
+			TTL: t.DiagnosisRetention, Storage: jetstream.FileStorage, Replicas: t.Replicas},
 	}
 }
 

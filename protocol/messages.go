@@ -130,12 +130,13 @@ const (
 	CommandResetUserPassword  CommandKind = "reset-user-password"
 	CommandGetInitialPassword CommandKind = "get-initial-password"
 	CommandCollectDiagnosis   CommandKind = "collect-diagnosis"
+	CommandGetAdminAPIKey     CommandKind = "get-admin-api-key"
 )
 
 // CommandKinds lists every command kind.
 var CommandKinds = []CommandKind{
 	CommandRestartDSS, CommandStopDSS, CommandStartDSS, CommandReplaySetupActions,
-	CommandResetUserPassword, CommandGetInitialPassword, CommandCollectDiagnosis,
+	CommandResetUserPassword, CommandGetInitialPassword, CommandCollectDiagnosis, CommandGetAdminAPIKey,
 }
 
 // Known reports whether k is one of CommandKinds.
@@ -157,9 +158,12 @@ type Command struct {
 	Instance string      `json:"instance"`
 	Kind     CommandKind `json:"kind"`
 	// OpID is the operation (future) the command belongs to, if any.
-	OpID   string          `json:"opId,omitempty"`
-	Issued time.Time       `json:"issued"`
-	Params json.RawMessage `json:"params,omitempty"`
+	OpID   string    `json:"opId,omitempty"`
+	Issued time.Time `json:"issued"`
+	// Expires, if set, is when the command stops being worth running: an
+	// agent that gets it later answers with an error instead.
+	Expires time.Time       `json:"expires,omitzero"`
+	Params  json.RawMessage `json:"params,omitempty"`
 }
 
 // ResetUserPasswordParams are the Params of CommandResetUserPassword.
@@ -348,4 +352,25 @@ func (s *AgentStatus) Validate() error {
 		return errors.New("a failed phase needs an error")
 	}
 	return nil
+}
+
+// Results of commands, carried in Event.Result.
+
+// InitialPasswordResult is the result of CommandGetInitialPassword.
+type InitialPasswordResult struct {
+	UserName string `json:"userName"`
+	Password string `json:"password"`
+}
+
+// AdminAPIKeyResult is the result of CommandGetAdminAPIKey.
+type AdminAPIKeyResult struct {
+	AdminAPIKey string `json:"adminAPIKey"`
+}
+
+// DiagnosisResult is the result of CommandCollectDiagnosis: the bundle is
+// an object in the fm_diagnosis object store.
+type DiagnosisResult struct {
+	Object    string `json:"object"`
+	SizeBytes int64  `json:"sizeBytes"`
+	SHA256    string `json:"sha256"`
 }

@@ -30,7 +30,8 @@ const (
 
 // Object stores.
 const (
-	ObjectStoreKits = "fm_kits" // DSS install kits, by kit name
+	ObjectStoreKits      = "fm_kits"      // DSS install kits, by kit name
+	ObjectStoreDiagnosis = "fm_diagnosis" // diagnosis bundles uploaded by agents, "<instance>/<command id>.tar.gz"
 )
 
 // Subject prefixes. Each is followed by one or more tokens; see the Subject

@@ -1,0 +1,330 @@
+package protocol
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"path"
+	"reflect"
+	"regexp"
+	"strings"
+)
+
+// The parameters of the setup actions that FM validates and carries out.
+// Dataiku documents the parameters of RUN_ANSIBLE_TASKS,
+// INSTALL_SYSTEM_PACKAGES, ADD_AUTHORIZED_KEY, SETUP_ADVANCED_SECURITY,
+// INSTALL_JDBC_DRIVER and INSTALL_DEPRECATED_PYTHON (their names are exact,
+// snake_case included); for ADD_ENV_VARIABLES, ADD_PROPERTIES, ADD_SSH_KEY,
+// SETUP_PROXY, ADD_CA_TO_TRUSTSTORE and UPDATE_DSS_PORT it does not, and the
+// shapes here are FM's (docs/setup-actions.md). The parameters of other types
+// are kept as given and not interpreted.
+
+// RunAnsibleTasksParams are the params of RUN_ANSIBLE_TASKS.
+type RunAnsibleTasksParams struct {
+	Stage        Stage  `json:"stage"`
+	AnsibleTasks string `json:"ansibleTasks"`
+}
+
+// InstallSystemPackagesParams are the params of INSTALL_SYSTEM_PACKAGES.
+type InstallSystemPackagesParams struct {
+	Packages []string `json:"packages"`
+}
+
+// AddAuthorizedKeyParams are the params of ADD_AUTHORIZED_KEY.
+type AddAuthorizedKeyParams struct {
+	SSHKey string `json:"sshKey"`
+}
+
+// SetupAdvancedSecurityParams are the params of SETUP_ADVANCED_SECURITY.
+// Absent values take Dataiku's defaults: basic headers on, HSTS off.
+type SetupAdvancedSecurityParams struct {
+	BasicHeaders *bool `json:"basic_headers"`
+	HSTS         *bool `json:"hsts"`
+}
+
+// InstallJDBCDriverParams are the params of INSTALL_JDBC_DRIVER. Every key is
+// sent by Dataiku's client and may be null.
+type InstallJDBCDriverParams struct {
+	URL              string            `json:"url"`
+	DBType           *string           `json:"dbType"`
+	PathsInArchive   []string          `json:"pathsInArchive"`
+	Headers          map[string]string `json:"headers"`
+	Username         *string           `json:"username"`
+	Password         *string           `json:"password"`
+	SubpathInDatadir *string           `json:"subpathInDatadir"`
+}
+
+// InstallDeprecatedPythonParams are the params of INSTALL_DEPRECATED_PYTHON.
+type InstallDeprecatedPythonParams struct {
+	InstallPy36 bool `json:"install_py36"`
+	InstallPy37 bool `json:"install_py37"`
+	InstallPy38 bool `json:"install_py38"`
+}
+
+// KeyValue is one entry of a list of variables or properties.
+type KeyValue struct {
+	Key   string `json:"key"`
+	Value string `json:"value"`
+}
+
+// AddEnvVariablesParams are the params of ADD_ENV_VARIABLES: variables
+// exported from DSS's bin/env-site.sh.
+type AddEnvVariablesParams struct {
+	Variables []KeyValue `json:"variables"`
+}
+
+// AddPropertiesParams are the params of ADD_PROPERTIES: properties of DSS's
+// config/dip.properties.
+type AddPropertiesParams struct {
+	Properties []KeyValue `json:"properties"`
+}
+
+// AddSSHKeyParams are the params of ADD_SSH_KEY: a private key installed in
+// the DSS user's ~/.ssh, for outbound connections (Git).
+type AddSSHKeyParams struct {
+	// PrivateKey is the key, in PEM or OpenSSH format.
+	PrivateKey string `json:"privateKey"`
+	// KeyName is the file name in ~/.ssh (default id_rsa, id_ecdsa or
+	// id_ed25519 after the key's type).
+	KeyName string `json:"keyName"`
+}
+
+// SetupProxyParams are the params of SETUP_PROXY: the HTTP proxy of DSS, set
+// in lower- and upper-case variables.
+type SetupProxyParams struct {
+	HTTPProxy string `json:"httpProxy"`
+	// HTTPSProxy defaults to HTTPProxy.
+	HTTPSProxy string `json:"httpsProxy"`
+	// NoProxy defaults to DefaultNoProxy.
+	NoProxy string `json:"noProxy"`
+}
+
+// DefaultNoProxy is Dataiku's default NO_PROXY.
+const DefaultNoProxy = "localhost,127.0.0.1,169.254.169.254"
+
+// AddCAToTruststoreParams are the params of ADD_CA_TO_TRUSTSTORE.
+type AddCAToTruststoreParams struct {
+	// Name identifies the CA; it must be unique among the template's CAs.
+	Name string `json:"name"`
+	// Certificate is the CA certificate or chain, in PEM.
+	Certificate string `json:"certificate"`
+}
+
+// UpdateDSSPortParams are the params of UPDATE_DSS_PORT.
+type UpdateDSSPortParams struct {
+	Port int `json:"port"`
+}
+
+var (
+	rePackageName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+:~@=/-]*$`)
+	reSSHPublic   = regexp.MustCompile(`^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) [A-Za-z0-9+/=]+( [^\r\n]*)?$`)
+	reEnvName     = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+	rePropKey     = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]*$`)
+	reFileName    = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$`)
+	reProxyURL    = regexp.MustCompile(`^https?://[^\s'"\\]+$`)
+)
+
+// JDBCDatabaseTypes are the values of INSTALL_JDBC_DRIVER's dbType.
+var JDBCDatabaseTypes = []string{"mysql", "mssql", "oracle", "mariadb", "snowflake", "athena", "bigquery"}
+
+// ParseParams decodes and checks the params of a setup action of type t. It
+// returns the typed params (a pointer to one of the structs above), or nil
+// for a type whose params FM does not interpret. The error names every
+// problem, each prefixed with the parameter's name.
+func ParseParams(t SetupActionType, raw json.RawMessage) (any, error) {
+	if !t.Known() {
+		return nil, fmt.Errorf("type: %q is not a known setup action type", t)
+	}
+	if p := bytes.TrimSpace(raw); len(p) == 0 || bytes.Equal(p, []byte("null")) {
+		raw = json.RawMessage("{}")
+	}
+	var generic map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &generic); err != nil || generic == nil {
+		return nil, errors.New("params: must be a JSON object")
+	}
+	var problems []string
+	fail := func(name, format string, args ...any) {
+		problems = append(problems, "params."+name+": "+fmt.Sprintf(format, args...))
+	}
+	if s, ok := generic["stage"]; ok && !bytes.Equal(bytes.TrimSpace(s), []byte("null")) {
+		var st Stage
+		if json.Unmarshal(s, &st) != nil || !st.Known() {
+			fail("stage", "%s is not one of before_install, after_install, after_dss_startup", s)
+		}
+	}
+	var out any
+	switch t {
+	case ActionRunAnsibleTasks:
+		out = &RunAnsibleTasksParams{}
+	case ActionInstallSystemPackages:
+		out = &InstallSystemPackagesParams{}
+	case ActionAddAuthorizedKey:
+		out = &AddAuthorizedKeyParams{}
+	case ActionSetupAdvancedSecurity:
+		out = &SetupAdvancedSecurityParams{}
+	case ActionInstallJDBCDriver:
+		out = &InstallJDBCDriverParams{}
+	case ActionInstallDeprecatedPython:
+		out = &InstallDeprecatedPythonParams{}
+	case ActionAddEnvVariables:
+		out = &AddEnvVariablesParams{}
+	case ActionAddProperties:
+		out = &AddPropertiesParams{}
+	case ActionAddSSHKey:
+		out = &AddSSHKeyParams{}
+	case ActionSetupProxy:
+		out = &SetupProxyParams{}
+	case ActionAddCAToTruststore:
+		out = &AddCAToTruststoreParams{}
+	case ActionUpdateDSSPort:
+		out = &UpdateDSSPortParams{}
+	default:
+		if len(problems) > 0 {
+			return nil, errors.New(strings.Join(problems, "; "))
+		}
+		return nil, nil
+	}
+	if err := json.Unmarshal(raw, out); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) && te.Field != "" {
+			fail(te.Field, "must be %s, not %s", jsonTypeName(te.Type), te.Value)
+		} else {
+			fail("", "%v", err)
+		}
+		return nil, errors.New(strings.Join(problems, "; "))
+	}
+	checkParams(out, generic, fail)
+	if len(problems) > 0 {
+		return nil, errors.New(strings.Join(problems, "; "))
+	}
+	return out, nil
+}
+
+func checkParams(p any, generic map[string]json.RawMessage, fail func(name, format string, args ...any)) {
+	switch p := p.(type) {
+	case *RunAnsibleTasksParams:
+		if _, ok := generic["stage"]; !ok || p.Stage == "" {
+			fail("stage", "is required (before_install, after_install or after_dss_startup)")
+		}
+		if strings.TrimSpace(p.AnsibleTasks) == "" {
+			fail("ansibleTasks", "is required: YAML tasks in a string")
+		}
+	case *InstallSystemPackagesParams:
+		if len(p.Packages) == 0 {
+			fail("packages", "is required: a non-empty array of package names or URLs")
+		}
+		for _, pkg := range p.Packages {
+			if !rePackageName.MatchString(pkg) {
+				fail("packages", "%q is not a package name or URL", pkg)
+			}
+		}
+	case *AddAuthorizedKeyParams:
+		if !reSSHPublic.MatchString(strings.TrimSpace(p.SSHKey)) {
+			fail("sshKey", "is required: one SSH public key line (e.g. ssh-ed25519 AAAA… comment)")
+		}
+	case *InstallJDBCDriverParams:
+		if p.URL == "" {
+			fail("url", "is required")
+		} else if u, err := url.Parse(p.URL); err != nil || !oneOf(u.Scheme, "http", "https", "s3", "abs", "file") {
+			fail("url", "%q must be an http(s)://, s3://, abs:// or file:// URL", p.URL)
+		}
+		if p.DBType != nil && *p.DBType != "" && !oneOf(*p.DBType, JDBCDatabaseTypes...) {
+			fail("dbType", "%q is not one of %s", *p.DBType, strings.Join(JDBCDatabaseTypes, ", "))
+		}
+		for _, pa := range p.PathsInArchive {
+			if pa == "" || path.IsAbs(pa) || strings.HasPrefix(path.Clean(pa), "..") {
+				fail("pathsInArchive", "%q must be a relative path inside the archive", pa)
+			}
+		}
+		if p.SubpathInDatadir != nil && *p.SubpathInDatadir != "" {
+			sub := *p.SubpathInDatadir
+			if path.IsAbs(sub) || strings.HasPrefix(path.Clean(sub), "..") {
+				fail("subpathInDatadir", "%q must be a relative path inside the data directory", sub)
+			}
+		}
+	case *AddEnvVariablesParams:
+		if len(p.Variables) == 0 {
+			fail("variables", "is required: an array of {key, value}")
+		}
+		for _, kv := range p.Variables {
+			if !reEnvName.MatchString(kv.Key) {
+				fail("variables", "%q is not a variable name", kv.Key)
+			}
+			if strings.ContainsAny(kv.Value, "\n\r\x00") {
+				fail("variables", "the value of %s must be one line", kv.Key)
+			}
+		}
+	case *AddPropertiesParams:
+		if len(p.Properties) == 0 {
+			fail("properties", "is required: an array of {key, value}")
+		}
+		for _, kv := range p.Properties {
+			if !rePropKey.MatchString(kv.Key) {
+				fail("properties", "%q is not a property name", kv.Key)
+			}
+			if strings.ContainsAny(kv.Value, "\n\r\x00") {
+				fail("properties", "the value of %s must be one line", kv.Key)
+			}
+		}
+	case *AddSSHKeyParams:
+		k := strings.TrimSpace(p.PrivateKey)
+		if !strings.HasPrefix(k, "-----BEGIN ") || !strings.Contains(k, "PRIVATE KEY-----") {
+			fail("privateKey", "is required: a private key in PEM or OpenSSH format")
+		}
+		if p.KeyName != "" && (!reFileName.MatchString(p.KeyName) || strings.HasSuffix(p.KeyName, ".pub") || p.KeyName == "authorized_keys" || p.KeyName == "known_hosts" || p.KeyName == "config") {
+			fail("keyName", "%q is not a usable key file name", p.KeyName)
+		}
+	case *SetupProxyParams:
+		if !reProxyURL.MatchString(p.HTTPProxy) {
+			fail("httpProxy", "is required: a proxy URL such as http://proxy.example.com:3128")
+		}
+		if p.HTTPSProxy != "" && !reProxyURL.MatchString(p.HTTPSProxy) {
+			fail("httpsProxy", "%q is not a proxy URL", p.HTTPSProxy)
+		}
+		if strings.ContainsAny(p.NoProxy, " \t\n'\"\\") {
+			fail("noProxy", "must be a comma-separated list without spaces or quotes")
+		}
+	case *AddCAToTruststoreParams:
+		if !reFileName.MatchString(p.Name) {
+			fail("name", "is required: letters, digits, '.', '_' and '-'")
+		}
+		if !strings.Contains(p.Certificate, "-----BEGIN CERTIFICATE-----") {
+			fail("certificate", "is required: a PEM certificate")
+		}
+	case *UpdateDSSPortParams:
+		if p.Port < 1024 || p.Port > 65525 {
+			fail("port", "%d is out of range [1024, 65525] (DSS uses the ten ports from the base port)", p.Port)
+		}
+	}
+}
+
+// jsonTypeName says in words what JSON a Go type decodes from.
+func jsonTypeName(t reflect.Type) string {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Bool:
+		return "a boolean"
+	case reflect.String:
+		return "a string"
+	case reflect.Int, reflect.Int64, reflect.Int32, reflect.Uint, reflect.Uint64, reflect.Float64:
+		return "a number"
+	case reflect.Slice:
+		return "an array of " + strings.TrimPrefix(strings.TrimPrefix(jsonTypeName(t.Elem()), "a "), "an ") + "s"
+	case reflect.Map:
+		return "an object"
+	}
+	return "an object"
+}
+
+func oneOf(v string, allowed ...string) bool {
+	for _, a := range allowed {
+		if v == a {
+			return true
+		}
+	}
+	return false
+}
