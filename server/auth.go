@@ -12,12 +12,12 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/fleetmanager/fm/atomicfile"
 	"github.com/fleetmanager/fm/protocol"
 )
 
@@ -214,39 +214,9 @@ func (s *Server) EnsureAdminKey(ctx context.Context, path string) (bool, error) 
 		return false, err
 	}
 	b, _ := json.MarshalIndent(kf, "", "  ")
-	if err := writeFileAtomic(path, append(b, '\n'), 0o600); err != nil {
+	if err := atomicfile.WriteFile(path, append(b, '\n'), 0o600); err != nil {
 		return false, fmt.Errorf("write admin key file: %w", err)
 	}
 	s.log.Info().Str("key", kf.ID).Str("file", path).Msg("created the admin API key")
 	return true, nil
-}
-
-// writeFileAtomic writes data to a temporary file beside path and renames it
-// into place, so that a crash never leaves a half-written file.
-func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
 }

@@ -6,9 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"net/url"
-	"path"
-	"regexp"
 	"strings"
 
 	"github.com/fleetmanager/fm/api"
@@ -132,8 +129,19 @@ func validateTemplate(t *api.InstanceSettingsTemplate) error {
 	if len(t.SetupActions) > maxSetupActions {
 		c.fail("setupActions", "has %d actions; at most %d are allowed", len(t.SetupActions), maxSetupActions)
 	}
+	caNames := map[string]bool{}
 	for i, a := range t.SetupActions {
-		checkSetupAction(&c, fmt.Sprintf("setupActions[%d]", i), a)
+		field := fmt.Sprintf("setupActions[%d]", i)
+		checkSetupAction(&c, field, a)
+		if a.Type == string(protocol.ActionAddCAToTruststore) {
+			var p protocol.AddCAToTruststoreParams
+			if json.Unmarshal(a.Params, &p) == nil && p.Name != "" {
+				if caNames[p.Name] {
+					c.fail(field+".params.name", "another ADD_CA_TO_TRUSTSTORE action of the template is named %q", p.Name)
+				}
+				caNames[p.Name] = true
+			}
+		}
 	}
 	c.match("awsKeyPairName", t.AWSKeyPairName, reKeyPair, "an EC2 key pair name")
 	c.match("startupInstanceProfileArn", t.StartupInstanceProfileArn, reProfileARN, "an instance profile ARN (arn:aws:iam::<account>:instance-profile/<name>)")
@@ -158,131 +166,12 @@ func validateTemplate(t *api.InstanceSettingsTemplate) error {
 	return c.err(kindTemplate)
 }
 
-var (
-	rePackage = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+:~@=/-]*$`)
-	reSSHKey  = regexp.MustCompile(`^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) [A-Za-z0-9+/=]+( [^\r\n]*)?$`)
-)
-
-var jdbcDBTypes = []string{"mysql", "mssql", "oracle", "mariadb", "snowflake", "athena", "bigquery"}
-
-// checkSetupAction checks an action's type and, for the types whose
-// parameters Dataiku documents, the parameters. Parameters of other types are
-// kept as given.
+// checkSetupAction checks an action's type and parameters (the rules are in
+// protocol.ParseParams, shared with the agent that carries actions out).
 func checkSetupAction(c *checker, field string, a api.SetupAction) {
-	t := protocol.SetupActionType(a.Type)
-	if !t.Known() {
-		c.fail(field+".type", "%q is not a known setup action type", a.Type)
-		return
-	}
-	var p map[string]json.RawMessage
-	if err := json.Unmarshal(a.Params, &p); err != nil || p == nil {
-		c.fail(field+".params", "must be a JSON object")
-		return
-	}
-	pf := field + ".params."
-	if raw, ok := p["stage"]; ok && !isNull(raw) {
-		var stage string
-		if json.Unmarshal(raw, &stage) != nil || !protocol.Stage(stage).Known() {
-			c.fail(pf+"stage", "%s is not one of before_install, after_install, after_dss_startup", raw)
+	if _, err := protocol.ParseParams(protocol.SetupActionType(a.Type), a.Params); err != nil {
+		for _, problem := range strings.Split(err.Error(), "; ") {
+			c.problems = append(c.problems, field+"."+problem)
 		}
-	}
-	switch t {
-	case protocol.ActionRunAnsibleTasks:
-		if _, ok := p["stage"]; !ok {
-			c.fail(pf+"stage", "is required (before_install, after_install or after_dss_startup)")
-		}
-		if s, ok := paramString(c, p, pf, "ansibleTasks"); !ok || strings.TrimSpace(s) == "" {
-			c.fail(pf+"ansibleTasks", "is required: YAML tasks in a string")
-		}
-	case protocol.ActionInstallSystemPackages:
-		pkgs, ok := paramStrings(c, p, pf, "packages")
-		if !ok || len(pkgs) == 0 {
-			c.fail(pf+"packages", "is required: a non-empty array of package names or URLs")
-		}
-		for _, pkg := range pkgs {
-			if !rePackage.MatchString(pkg) {
-				c.fail(pf+"packages", "%q is not a package name or URL", pkg)
-			}
-		}
-	case protocol.ActionAddAuthorizedKey:
-		if k, ok := paramString(c, p, pf, "sshKey"); !ok || !reSSHKey.MatchString(strings.TrimSpace(k)) {
-			c.fail(pf+"sshKey", "is required: one SSH public key line (e.g. ssh-ed25519 AAAA… comment)")
-		}
-	case protocol.ActionSetupAdvancedSecurity:
-		paramBool(c, p, pf, "basic_headers")
-		paramBool(c, p, pf, "hsts")
-	case protocol.ActionInstallDeprecatedPython:
-		paramBool(c, p, pf, "install_py36")
-		paramBool(c, p, pf, "install_py37")
-		paramBool(c, p, pf, "install_py38")
-	case protocol.ActionInstallJDBCDriver:
-		checkJDBCParams(c, p, pf)
-	}
-}
-
-func checkJDBCParams(c *checker, p map[string]json.RawMessage, pf string) {
-	u, ok := paramString(c, p, pf, "url")
-	if !ok || u == "" {
-		c.fail(pf+"url", "is required")
-	} else if pu, err := url.Parse(u); err != nil || !oneOfStr(pu.Scheme, "http", "https", "s3", "abs", "file") {
-		c.fail(pf+"url", "%q must be an http(s)://, s3://, abs:// or file:// URL", u)
-	}
-	if db, ok := paramString(c, p, pf, "dbType"); ok && db != "" && !oneOfStr(db, jdbcDBTypes...) {
-		c.fail(pf+"dbType", "%q is not one of %s", db, strings.Join(jdbcDBTypes, ", "))
-	}
-	paramStrings(c, p, pf, "pathsInArchive")
-	if raw, ok := p["headers"]; ok && !isNull(raw) {
-		var h map[string]string
-		if json.Unmarshal(raw, &h) != nil {
-			c.fail(pf+"headers", "must be an object of strings or null")
-		}
-	}
-	paramString(c, p, pf, "username")
-	paramString(c, p, pf, "password")
-	if sub, ok := paramString(c, p, pf, "subpathInDatadir"); ok && sub != "" {
-		if path.IsAbs(sub) || strings.HasPrefix(path.Clean(sub), "..") {
-			c.fail(pf+"subpathInDatadir", "%q must be a relative path inside the data directory", sub)
-		}
-	}
-}
-
-func isNull(raw json.RawMessage) bool { return bytes.Equal(bytes.TrimSpace(raw), []byte("null")) }
-
-// paramString reads an optional string parameter; null counts as absent.
-// ok is false when it is absent; a wrong type is reported.
-func paramString(c *checker, p map[string]json.RawMessage, pf, name string) (string, bool) {
-	raw, ok := p[name]
-	if !ok || isNull(raw) {
-		return "", false
-	}
-	var s string
-	if json.Unmarshal(raw, &s) != nil {
-		c.fail(pf+name, "must be a string")
-		return "", false
-	}
-	return s, true
-}
-
-func paramStrings(c *checker, p map[string]json.RawMessage, pf, name string) ([]string, bool) {
-	raw, ok := p[name]
-	if !ok || isNull(raw) {
-		return nil, false
-	}
-	var s []string
-	if json.Unmarshal(raw, &s) != nil {
-		c.fail(pf+name, "must be an array of strings")
-		return nil, false
-	}
-	return s, true
-}
-
-func paramBool(c *checker, p map[string]json.RawMessage, pf, name string) {
-	raw, ok := p[name]
-	if !ok || isNull(raw) {
-		return
-	}
-	var b bool
-	if json.Unmarshal(raw, &b) != nil {
-		c.fail(pf+name, "must be a boolean")
 	}
 }

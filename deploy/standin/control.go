@@ -13,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/fleetmanager/fm/atomicfile"
 )
 
 // cmdControl is bin/dss start|stop|status|restart. Its exit code follows
@@ -141,7 +143,7 @@ func (d dataDir) start() error {
 	if err := cmd.Start(); err != nil {
 		return err
 	}
-	if err := writeAtomic(d.pidFile(), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o644); err != nil {
+	if err := atomicfile.WriteFile(d.pidFile(), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o644); err != nil {
 		_ = cmd.Process.Kill()
 		return err
 	}

@@ -18,6 +18,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/fleetmanager/fm/atomicfile"
 )
 
 // cmdServe runs the stand-in's HTTP service on the base port of install.ini
@@ -246,7 +248,7 @@ func (s *service) createProject(w http.ResponseWriter, r *http.Request) {
 	}
 	p.Created = time.Now().UTC()
 	b, _ := json.MarshalIndent(p, "", "  ")
-	if err := writeAtomic(filepath.Join(dir, "params.json"), b, 0o644); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, "params.json"), b, 0o644); err != nil {
 		writeJSON(w, 500, map[string]string{"message": err.Error()})
 		return
 	}
