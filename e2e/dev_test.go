@@ -32,11 +32,35 @@ func TestMain(m *testing.M) {
 // tests, where Go's test cache records the sources Build reads.
 func fmBin(t *testing.T) string {
 	t.Helper()
-	buildOnce.Do(func() { fmBinPath, buildErr = Build(buildDir) })
+	return fmBinB(t)
+}
+
+func fmBinB(tb testing.TB) string {
+	tb.Helper()
+	buildOnce.Do(func() { fmBinPath, buildErr = Build(buildDir, true) })
 	if buildErr != nil {
-		t.Fatal(buildErr)
+		tb.Fatal(buildErr)
 	}
 	return fmBinPath
+}
+
+var (
+	plainOnce sync.Once
+	plainBin  string
+	plainErr  error
+)
+
+// fmBinPlain is fm built without the race detector, for benchmarks.
+func fmBinPlain(tb testing.TB) string {
+	tb.Helper()
+	plainOnce.Do(func() {
+		dir := filepath.Join(buildDir, "plain")
+		plainBin, plainErr = Build(dir, false)
+	})
+	if plainErr != nil {
+		tb.Fatal(plainErr)
+	}
+	return plainBin
 }
 
 // devEnv starts `fm dev` on a temporary data folder and a random port.

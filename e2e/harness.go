@@ -8,6 +8,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -27,12 +28,17 @@ import (
 )
 
 // Build compiles fm and the stand-in kits into dir (kits in dir/kits, where
-// `fm dev` looks by default) and returns the binary's path.
-func Build(dir string) (string, error) {
+// `fm dev` looks by default) and returns the binary's path. Tests build with
+// the race detector; benchmarks without, since it changes what they measure.
+func Build(dir string, race bool) (string, error) {
 	_, file, _, _ := runtime.Caller(0)
 	root := filepath.Dir(filepath.Dir(file))
 	bin := filepath.Join(dir, "fm")
-	cmd := exec.Command("go", "build", "-race", "-o", bin, "./cmd/fm")
+	args := []string{"build", "-o", bin}
+	if race {
+		args = append(args, "-race")
+	}
+	cmd := exec.Command("go", append(args, "./cmd/fm")...)
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("build fm: %v\n%s", err, out)
@@ -143,6 +149,31 @@ func (p *Proc) Interrupt(timeout time.Duration) error {
 		p.t.Fatalf("process did not exit within %s of SIGINT", timeout)
 		return nil
 	}
+}
+
+// freePortInt returns a loopback port that was free just now.
+func freePortInt(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// runQuiet runs a program and returns its output and exit error.
+func runQuiet(name string, args ...string) (string, string, error) {
+	var out, errb bytes.Buffer
+	cmd := exec.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	return out.String(), errb.String(), err
+}
+
+func sha256Sum(b []byte) []byte {
+	s := sha256.Sum256(b)
+	return s[:]
 }
 
 // FreePort returns a loopback address with a port that was free just now.

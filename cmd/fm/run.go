@@ -22,6 +22,7 @@ const usage = `Fleet Manager: deploys, upgrades, backs up and configures a fleet
 Roles:
   fm dev            everything in one process on an embedded bus (the embedded default)
   fm server         the FM server, on an external NATS or an embedded one
+  fm agent          the daemon beside DSS on each machine
 
 Client commands (talk to the REST API; --url, --key-file, --output json):
   fm network        list|get|create|update|delete virtual networks
@@ -50,6 +51,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runDev(ctx, args[1:], stdout, stderr)
 	case cmd == "server":
 		err = runServer(ctx, args[1:], stdout, stderr)
+	case cmd == "agent":
+		err = runAgent(ctx, args[1:], stdout, stderr)
 	case cmd == "version":
 		fmt.Fprintln(stdout, "fm", version)
 	case slices.Contains(cli.Commands(), cmd):
@@ -98,16 +101,18 @@ func newLogger(format, level string, w io.Writer) (zerolog.Logger, error) {
 	if err != nil || level == "" {
 		return zerolog.Logger{}, usageError{fmt.Errorf("--log-level: %q is not one of trace, debug, info, warn, error", level)}
 	}
-	var out io.Writer
-	switch format {
-	case "json":
-		out = w
-	case "console":
-		out = zerolog.ConsoleWriter{Out: w, TimeFormat: "15:04:05", NoColor: !isTerminal(w)}
-	default:
+	if format != "json" && format != "console" {
 		return zerolog.Logger{}, usageError{fmt.Errorf("--log-format: %q is not console or json", format)}
 	}
-	return zerolog.New(out).Level(lvl).With().Timestamp().Logger(), nil
+	return zerolog.New(logOutput(format, w)).Level(lvl).With().Timestamp().Logger(), nil
+}
+
+// logOutput is where a logger of the format writes on w.
+func logOutput(format string, w io.Writer) io.Writer {
+	if format == "console" {
+		return zerolog.ConsoleWriter{Out: w, TimeFormat: "15:04:05", NoColor: !isTerminal(w)}
+	}
+	return w
 }
 
 func isTerminal(w io.Writer) bool {

@@ -1,0 +1,163 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+)
+
+// Agent is the daemon of one machine. Create it with New, run it with Run,
+// release it with Close.
+type Agent struct {
+	cfg     Config
+	log     zerolog.Logger
+	m       *machine
+	kits    *kits
+	actions *actionRunner
+	ship    *logShipper
+	logFile *rotatingFile
+
+	// Set by Run.
+	nc      *nats.Conn
+	js      jetstream.JetStream
+	rep     *reporter
+	desired *desiredWatch
+	cursor  commandCursor
+
+	// machineMu is held by whatever changes the machine (the startup
+	// sequence, a command, the watchdog's restart), so that they never
+	// overlap.
+	machineMu sync.Mutex
+}
+
+// New checks the configuration and prepares the agent's folders. It does
+// not touch the network.
+func New(cfg Config) (*Agent, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
+	}
+	a := &Agent{cfg: cfg}
+	a.ship = newLogShipper(cfg.Instance, cfg.Logger)
+	a.m = newMachine(cfg, zerolog.Nop())
+	for _, dir := range []string{a.m.stateDir, a.m.agentData} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("agent: %w", err)
+		}
+	}
+	logFile, err := openRotating(a.m.agentLogPath(), 10<<20)
+	if err != nil {
+		return nil, fmt.Errorf("agent: log file: %w", err)
+	}
+	a.logFile = logFile
+	// The agent's own log goes where the caller's logger writes, to a
+	// rotating file on the machine (for diagnosis bundles) and to FM_LOGS.
+	log := cfg.Logger
+	if cfg.LogOutput != nil {
+		log = log.Output(io.MultiWriter(cfg.LogOutput, logFile, sourceWriter{a.ship, "agent"}))
+	}
+	a.log = log.With().Str("component", "agent").Str("instance", cfg.Instance).Logger()
+	a.m.log = a.log
+	a.actions = &actionRunner{m: a.m, http: &http.Client{Timeout: 10 * time.Minute}, lookPath: exec.LookPath}
+	if _, err := loadJSON(a.m.cursorPath(), &a.cursor); err != nil {
+		a.log.Warn().Err(err).Msg("command cursor unreadable; starting from the first command not yet seen")
+		a.cursor = commandCursor{}
+	}
+	return a, nil
+}
+
+// Run connects to the bus (retrying until it answers) and does the agent's
+// work until ctx ends. Bus outages are ridden out: the connection retries
+// forever, and each part resumes when it comes back.
+func (a *Agent) Run(ctx context.Context) error {
+	reconnected := make(chan struct{}, 1)
+	nc, err := bus.Connect(bus.ConnectConfig{
+		URL: a.cfg.NATSURL, CredsFile: a.cfg.CredsFile, Name: "fm-agent " + a.cfg.Instance,
+		InboxPrefix: protocol.InboxPrefix(a.cfg.Instance), RetryOnFailedConnect: true,
+		OnConnect: func() {
+			select {
+			case reconnected <- struct{}{}:
+			default:
+			}
+		},
+		Logger: a.log,
+	})
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	a.nc = nc
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	a.js = js
+	a.rep = newReporter(a.cfg.Instance, a.cfg.Version, nc, js, a.cfg.StatusRefresh, a.log)
+	a.kits = &kits{m: a.m, http: &http.Client{}, objects: func(ctx context.Context) (objectGetter, error) {
+		return js.ObjectStore(ctx, protocol.ObjectStoreKits)
+	}}
+	a.desired = newDesiredWatch(a.cfg.Instance, nc, a.log, func(err error, rev uint64) {
+		a.log.Warn().Err(err).Uint64("revision", rev).Msg("desired state rejected; keeping the last good one")
+		a.rep.event(protocol.Event{Kind: protocol.EventRejected, Step: "desired-state", Status: protocol.StatusFailed,
+			Message: fmt.Sprintf("desired state at revision %d rejected", rev), Error: protocol.Errorf(protocol.CodeInvalidArgument, "%v", err)})
+	})
+	sub, err := a.desired.subscribe()
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+
+	a.log.Info().Str("version", a.cfg.Version).Str("root", a.cfg.RootDir).Str("data", a.cfg.DataDir).Msg("agent started")
+	a.refreshDSSState(ctx)
+	var wg sync.WaitGroup
+	for _, fn := range []func(context.Context){
+		func(ctx context.Context) { a.desired.run(ctx, reconnected) },
+		a.convergeLoop,
+		a.runCommands,
+		a.rep.run,
+		a.rep.heartbeats,
+		a.watchdog,
+		a.measure,
+		func(ctx context.Context) { a.ship.run(ctx, nc) },
+		func(ctx context.Context) {
+			a.ship.tail(ctx, "dss", a.m.dssLogPath(), filepath.Join(a.m.stateDir, "log-offsets.json"))
+		},
+	} {
+		wg.Add(1)
+		go func() { defer wg.Done(); fn(ctx) }()
+	}
+	<-ctx.Done()
+	wg.Wait()
+	// Send what is still queued, for a moment.
+	flushCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	a.rep.flush(flushCtx)
+	a.log.Info().Msg("agent stopped")
+	if errors.Is(ctx.Err(), context.Canceled) {
+		return nil
+	}
+	return ctx.Err()
+}
+
+// Close releases the connection and the log file.
+func (a *Agent) Close() {
+	if a.nc != nil {
+		_ = a.nc.Drain()
+		a.nc.Close()
+	}
+	if a.logFile != nil {
+		_ = a.logFile.Close()
+	}
+}

@@ -1,0 +1,242 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"time"
+
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// commandResult is what a command handler gives back.
+type commandResult struct {
+	message string
+	output  string
+	result  any
+	err     *protocol.Error
+}
+
+// runCommands consumes the instance's commands until ctx ends, through an
+// ordered consumer: ephemeral, in memory, one replica, recreated by the
+// client after a bus outage. No durable per-agent state exists on the bus.
+func (a *Agent) runCommands(ctx context.Context) {
+	a.finishInterrupted()
+	backoff := time.Second
+	for ctx.Err() == nil {
+		err := a.consumeCommands(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		a.log.Debug().Err(err).Dur("retry_in", backoff).Msg("command consumer stopped")
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 15*time.Second)
+	}
+}
+
+func (a *Agent) consumeCommands(ctx context.Context) error {
+	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{protocol.CommandFilter(a.cfg.Instance)}}
+	if a.cursor.LastSeq > 0 {
+		cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, a.cursor.LastSeq+1
+	}
+	cons, err := a.js.OrderedConsumer(ctx, protocol.StreamCommands, cfg)
+	if err != nil {
+		return fmt.Errorf("command consumer: %w", err)
+	}
+	msgs, err := cons.Messages()
+	if err != nil {
+		return fmt.Errorf("command consumer: %w", err)
+	}
+	defer msgs.Stop()
+	go func() { <-ctx.Done(); msgs.Stop() }()
+	for {
+		msg, err := msgs.Next()
+		if err != nil {
+			return err
+		}
+		md, err := msg.Metadata()
+		if err != nil {
+			continue
+		}
+		a.handleCommand(ctx, msg.Data(), md.Sequence.Stream)
+	}
+}
+
+// handleCommand runs one command message once and answers it. A malformed,
+// unknown or expired command gets an error result and nothing else happens.
+func (a *Agent) handleCommand(ctx context.Context, data []byte, seq uint64) {
+	var cmd protocol.Command
+	if err := protocol.Decode(data, &cmd); err != nil {
+		a.log.Warn().Err(err).Uint64("seq", seq).Msg("malformed command rejected")
+		a.rep.event(protocol.Event{Kind: protocol.EventRejected, Status: protocol.StatusFailed,
+			Message: fmt.Sprintf("command at sequence %d rejected", seq),
+			Error:   protocol.Errorf(protocol.CodeInvalidArgument, "%v", err)})
+		a.commandDone("", seq)
+		return
+	}
+	if cmd.Instance != a.cfg.Instance {
+		a.answer(cmd, commandResult{err: protocol.Errorf(protocol.CodeInvalidArgument, "command for instance %q", cmd.Instance)})
+		a.commandDone(cmd.ID, seq)
+		return
+	}
+	if a.cursor.seen(cmd.ID) {
+		a.log.Debug().Str("command", cmd.ID).Msg("command already run; delivered again, ignored")
+		a.commandDone(cmd.ID, seq)
+		return
+	}
+	if !cmd.Expires.IsZero() && time.Now().After(cmd.Expires) {
+		a.answer(cmd, commandResult{err: protocol.Errorf(protocol.CodeDeadlineExceeded,
+			"command %s expired at %s before the agent could run it", cmd.Kind, cmd.Expires.Format(time.RFC3339))})
+		a.commandDone(cmd.ID, seq)
+		return
+	}
+	a.cursor.Running = &runningCommand{ID: cmd.ID, Seq: seq, Kind: cmd.Kind, OpID: cmd.OpID, Started: time.Now().UTC()}
+	if err := saveJSON(a.m.cursorPath(), a.cursor, 0o600); err != nil {
+		a.log.Error().Err(err).Msg("command cursor not saved")
+	}
+	log := a.log.With().Str("command", cmd.ID).Str("kind", string(cmd.Kind)).Logger()
+	log.Info().Msg("running a command")
+	res := a.runCommand(ctx, cmd)
+	if res.err != nil {
+		log.Warn().Str("error", res.err.Message).Msg("command failed")
+	}
+	a.answer(cmd, res)
+	a.commandDone(cmd.ID, seq)
+}
+
+func (a *Agent) commandDone(id string, seq uint64) {
+	if id == "" {
+		a.cursor.Running, a.cursor.LastSeq = nil, max(a.cursor.LastSeq, seq)
+	} else {
+		a.cursor.done(id, seq)
+	}
+	if err := saveJSON(a.m.cursorPath(), a.cursor, 0o600); err != nil {
+		a.log.Error().Err(err).Msg("command cursor not saved")
+	}
+}
+
+// finishInterrupted answers a command the agent was running when it
+// stopped: it is not run again (it may have half-happened); the caller can
+// issue it anew.
+func (a *Agent) finishInterrupted() {
+	r := a.cursor.Running
+	if r == nil {
+		return
+	}
+	a.answer(protocol.Command{ID: r.ID, Kind: r.Kind, OpID: r.OpID}, commandResult{err: protocol.Errorf(protocol.CodeAborted,
+		"the agent restarted while running %s (started %s); it was not run again", r.Kind, r.Started.Format(time.RFC3339))})
+	a.commandDone(r.ID, r.Seq)
+}
+
+func (a *Agent) answer(cmd protocol.Command, res commandResult) {
+	e := protocol.Event{Kind: protocol.EventCommand, CommandID: cmd.ID, OpID: cmd.OpID, Step: string(cmd.Kind),
+		Status: protocol.StatusOK, Message: res.message, Output: res.output}
+	if res.err != nil {
+		e.Status, e.Error = protocol.StatusFailed, res.err
+		if e.Message == "" {
+			e.Message = res.err.Message
+		}
+	}
+	if res.result != nil {
+		if b, err := json.Marshal(res.result); err == nil {
+			e.Result = b
+		}
+	}
+	a.rep.event(e)
+}
+
+var reUserName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}$`)
+
+// runCommand carries a command out, holding the machine so that it does not
+// overlap with the startup sequence.
+func (a *Agent) runCommand(ctx context.Context, cmd protocol.Command) commandResult {
+	if !cmd.Kind.Known() {
+		return commandResult{err: protocol.Errorf(protocol.CodeUnimplemented, "unknown command %q", cmd.Kind)}
+	}
+	a.machineMu.Lock()
+	defer a.machineMu.Unlock()
+	installed, _ := a.m.installedVersion()
+	needsDSS := func() *protocol.Error {
+		if installed == "" {
+			return protocol.Errorf(protocol.CodeFailedPrecondition, "DSS is not installed on this machine yet")
+		}
+		return nil
+	}
+	switch cmd.Kind {
+	case protocol.CommandRestartDSS, protocol.CommandStartDSS:
+		if err := needsDSS(); err != nil {
+			return commandResult{err: err}
+		}
+		a.setDSSStopped(false)
+		start := a.m.startDSS
+		if cmd.Kind == protocol.CommandRestartDSS {
+			start = a.m.restartDSS
+		}
+		out, err := start(ctx)
+		a.refreshDSSState(ctx)
+		if err != nil {
+			return commandResult{output: out, err: protocol.Errorf(protocol.CodeInternal, "DSS did not start: %v", err)}
+		}
+		return commandResult{message: "DSS is running", output: out}
+	case protocol.CommandStopDSS:
+		if err := needsDSS(); err != nil {
+			return commandResult{err: err}
+		}
+		a.setDSSStopped(true)
+		out, _ := a.m.stopDSS(ctx)
+		a.refreshDSSState(ctx)
+		return commandResult{message: "DSS is stopped; the agent will not restart it until start-dss or restart-dss", output: out}
+	case protocol.CommandReplaySetupActions:
+		d := a.desired.latest()
+		if d == nil {
+			return commandResult{err: protocol.Errorf(protocol.CodeFailedPrecondition, "no desired state yet")}
+		}
+		if err := needsDSS(); err != nil {
+			return commandResult{err: err}
+		}
+		if err := a.replayActions(ctx, d); err != nil {
+			return commandResult{err: err}
+		}
+		return commandResult{message: fmt.Sprintf("%d setup actions replayed", len(d.SetupActions))}
+	case protocol.CommandResetUserPassword:
+		var p protocol.ResetUserPasswordParams
+		if err := json.Unmarshal(cmd.Params, &p); err != nil || !reUserName.MatchString(p.UserName) || p.Password == "" {
+			return commandResult{err: protocol.Errorf(protocol.CodeInvalidArgument, "reset-user-password needs a userName and a non-empty password")}
+		}
+		if err := needsDSS(); err != nil {
+			return commandResult{err: err}
+		}
+		if out, err := a.m.dsscli(ctx, "user-edit", p.UserName, "--password", p.Password); err != nil {
+			return commandResult{output: out, err: protocol.Errorf(protocol.CodeFailedPrecondition, "the password of %s was not changed: %v", p.UserName, err)}
+		}
+		return commandResult{message: "password of " + p.UserName + " changed"}
+	case protocol.CommandGetInitialPassword, protocol.CommandGetAdminAPIKey:
+		var s dssSecrets
+		if _, err := loadJSON(a.m.secretsPath(), &s); err != nil {
+			return commandResult{err: protocol.Errorf(protocol.CodeInternal, "%v", err)}
+		}
+		if cmd.Kind == protocol.CommandGetInitialPassword {
+			if s.InitialPassword == "" {
+				return commandResult{err: protocol.Errorf(protocol.CodeFailedPrecondition, "no initial password: DSS is not set up yet")}
+			}
+			return commandResult{result: protocol.InitialPasswordResult{UserName: "admin", Password: s.InitialPassword}}
+		}
+		if s.AdminAPIKey == "" {
+			return commandResult{err: protocol.Errorf(protocol.CodeFailedPrecondition, "no admin API key: DSS is not set up yet")}
+		}
+		return commandResult{result: protocol.AdminAPIKeyResult{AdminAPIKey: s.AdminAPIKey}}
+	case protocol.CommandCollectDiagnosis:
+		res, err := a.collectDiagnosis(ctx, cmd.ID)
+		if err != nil {
+			return commandResult{err: protocol.Errorf(protocol.CodeUnavailable, "%v", err)}
+		}
+		return commandResult{message: "diagnosis uploaded", result: res}
+	}
+	return commandResult{err: protocol.Errorf(protocol.CodeUnimplemented, "command %q is not carried out by this agent", cmd.Kind)}
+}

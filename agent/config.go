@@ -1,0 +1,134 @@
+// Package agent is FM's agent role: the daemon beside DSS on every machine.
+// It dials out to the bus, follows its own desired state (fm_desired, its
+// republish subject), pulls its own commands (FM_COMMANDS), installs,
+// upgrades and runs DSS through the DSS kit's interface, carries out the
+// template's setup actions, and reports progress, status, heartbeats and
+// logs. It holds no state the bus does not hold, except its progress marker
+// on the machine.
+//
+// cmd/fm and tests import it. It imports protocol and bus, never server or
+// the AWS SDK.
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/rs/zerolog"
+)
+
+// Config configures an Agent.
+type Config struct {
+	// Instance is the id of the instance this machine runs.
+	Instance string `json:"instance"`
+	// NATSURL is the bus, CredsFile the agent's NATS credentials (if the bus
+	// requires them).
+	NATSURL   string `json:"natsUrl"`
+	CredsFile string `json:"credsFile,omitempty"`
+	// RootDir is the machine's OS disk ("/" on a real machine): it holds the
+	// progress marker, the kit cache, the installed kits and the files setup
+	// actions write outside DSS. It is new on every reprovision.
+	RootDir string `json:"rootDir"`
+	// DataDir is the data volume (/data on a real machine): it holds the DSS
+	// data directory (DataDir/dataiku/dss_data) and outlives reprovisions.
+	DataDir string `json:"dataDir"`
+	// DataVolumeBytes is the nominal size of the data volume when DataDir is
+	// not a file system of its own (the local backend); 0 measures it.
+	DataVolumeBytes uint64 `json:"dataVolumeBytes,omitempty"`
+	// PackageManager installs system packages: "auto" finds dnf, yum or
+	// apt-get; "none" answers INSTALL_SYSTEM_PACKAGES as unsupported (the
+	// local backend's machines share the FM host); anything else is a command
+	// the package names are appended to.
+	PackageManager string `json:"packageManager,omitempty"`
+	// LoginUser is the user whose authorized_keys ADD_AUTHORIZED_KEY extends;
+	// DSSUser runs DSS and owns the keys of ADD_SSH_KEY.
+	LoginUser string `json:"loginUser,omitempty"`
+	DSSUser   string `json:"dssUser,omitempty"`
+
+	// Timings; zero values take the defaults.
+	HealthInterval  time.Duration `json:"-"` // how often DSS is checked (10s)
+	StatusRefresh   time.Duration `json:"-"` // rewrite the status at least this often (5m)
+	DSSStartTimeout time.Duration `json:"-"` // how long DSS may take to answer (10m)
+	DSSStopTimeout  time.Duration `json:"-"` // after this, DSS is killed (60s)
+	FactsInterval   time.Duration `json:"-"` // how often the machine is measured (30s)
+
+	// Version is the agent's version, reported in status and heartbeats.
+	Version string `json:"-"`
+	// Logger is the agent's logger. When LogOutput is set too (where Logger
+	// writes), the agent also keeps its log in a rotating file on the
+	// machine and ships it to FM_LOGS.
+	Logger    zerolog.Logger `json:"-"`
+	LogOutput io.Writer      `json:"-"`
+}
+
+// LoadConfigFile reads the JSON config file the provisioner writes.
+func LoadConfigFile(path string) (Config, error) {
+	var c Config
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return c, fmt.Errorf("agent config: %w", err)
+	}
+	if err := json.Unmarshal(b, &c); err != nil {
+		return c, fmt.Errorf("agent config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// WriteConfigFile writes c as the agent's config file (mode 0600).
+func WriteConfigFile(path string, c Config) error {
+	b, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(b, '\n'), 0o600)
+}
+
+func (c *Config) setDefaults() {
+	if c.PackageManager == "" {
+		c.PackageManager = "auto"
+	}
+	if c.LoginUser == "" {
+		c.LoginUser = "ec2-user"
+	}
+	if c.DSSUser == "" {
+		c.DSSUser = "dataiku"
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	def(&c.HealthInterval, 10*time.Second)
+	def(&c.StatusRefresh, 5*time.Minute)
+	def(&c.DSSStartTimeout, 10*time.Minute)
+	def(&c.DSSStopTimeout, 60*time.Second)
+	def(&c.FactsInterval, 30*time.Second)
+	if c.Version == "" {
+		c.Version = "dev"
+	}
+}
+
+func (c *Config) validate() error {
+	var problems []error
+	if !protocol.ValidToken(c.Instance) {
+		problems = append(problems, fmt.Errorf("instance %q is not a valid instance id", c.Instance))
+	}
+	if c.NATSURL == "" {
+		problems = append(problems, errors.New("a NATS url is required"))
+	}
+	for name, dir := range map[string]string{"root": c.RootDir, "data": c.DataDir} {
+		if dir == "" || !filepath.IsAbs(dir) {
+			problems = append(problems, fmt.Errorf("the %s folder must be an absolute path (got %q)", name, dir))
+		}
+	}
+	return errors.Join(problems...)
+}

@@ -1,0 +1,451 @@
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/big"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/fleetmanager/fm/atomicfile"
+	"github.com/fleetmanager/fm/protocol"
+)
+
+// stepError is a failed step: the code and message go to the operation, the
+// output tail to the event.
+type stepError struct {
+	step   string
+	code   protocol.Code
+	err    error
+	output string
+}
+
+func (e *stepError) Error() string { return e.step + ": " + e.err.Error() }
+
+// step runs fn as a named step of converging to generation gen, reporting
+// it started and how it ended.
+func (a *Agent) step(gen uint64, name string, fn func() (msg, output string, err error)) error {
+	a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: name, Status: protocol.StatusStarted})
+	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.Step = name })
+	msg, out, err := fn()
+	if err != nil {
+		code := protocol.CodeInternal
+		var se *stepError
+		if errors.As(err, &se) {
+			code, err = se.code, se.err
+			if se.output != "" {
+				out = se.output
+			}
+		}
+		a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: name, Status: protocol.StatusFailed,
+			Message: err.Error(), Output: lastBytes(out, 8<<10), Error: &protocol.Error{Code: code, Message: name + ": " + err.Error()}})
+		return &stepError{step: name, code: code, err: err, output: out}
+	}
+	a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: name, Status: protocol.StatusOK, Message: msg})
+	return nil
+}
+
+func lastBytes(s string, n int) string {
+	if len(s) > n {
+		return "…" + s[len(s)-n:]
+	}
+	return s
+}
+
+// convergeLoop converges the machine to every new desired state. A failed
+// attempt is retried a few times with growing waits (a kit download can
+// meet a bus outage), then left failed until the desired state changes.
+func (a *Agent) convergeLoop(ctx context.Context) {
+	var failedGen uint64
+	attempts := 0
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.desired.changed:
+		case <-retry.C:
+		}
+		d := a.desired.latest()
+		if d == nil {
+			continue
+		}
+		if d.HeartbeatSeconds > 0 {
+			a.rep.setHeartbeat(time.Duration(d.HeartbeatSeconds) * time.Second)
+		}
+		if d.Generation != failedGen {
+			failedGen, attempts = 0, 0
+		}
+		err := a.converge(ctx, d)
+		if err == nil || ctx.Err() != nil {
+			continue
+		}
+		failedGen = d.Generation
+		attempts++
+		var se *stepError
+		if errors.As(err, &se) && se.code == protocol.CodeFailedPrecondition {
+			continue // retrying will not help (a refused downgrade)
+		}
+		if attempts < 4 {
+			wait := []time.Duration{5 * time.Second, 30 * time.Second, 2 * time.Minute}[attempts-1]
+			a.log.Warn().Err(err).Dur("retry_in", wait).Msg("converging failed; retrying")
+			retry.Reset(wait)
+		}
+	}
+}
+
+// converge brings the machine to d.
+func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
+	a.machineMu.Lock()
+	defer a.machineMu.Unlock()
+	mk := a.m.loadMarker()
+	want := appliedOf(d)
+	installed, err := a.m.installedVersion()
+	if err != nil {
+		return a.fail(d, &stepError{step: "inspect", code: protocol.CodeInternal, err: err})
+	}
+	newMachine := mk.Generation == 0
+	log := a.log.With().Uint64("generation", d.Generation).Logger()
+
+	switch {
+	case !newMachine && mk.Generation >= d.Generation && installed != "":
+		// Already there (an agent restart, a machine start): make sure DSS
+		// runs, unless stopped on purpose.
+		if !mk.DSSStopped && !a.m.answers(ctx) {
+			log.Info().Msg("starting DSS")
+			if out, err := a.m.startDSS(ctx); err != nil {
+				log.Warn().Err(err).Str("output", lastBytes(out, 2048)).Msg("DSS did not start; the watchdog will retry")
+			}
+		}
+		a.ready(d, mk.Generation)
+		return nil
+	case !newMachine && installed == want.Version && mk.Applied.Version == want.Version && mk.Applied.NodeType == want.NodeType:
+		// Only settings or setup actions changed: no reinstall.
+		log.Info().Msg("converging settings without reinstalling")
+		a.converging(d)
+		if err := a.applySettings(ctx, d, mk); err != nil {
+			return a.fail(d, err)
+		}
+	default:
+		log.Info().Bool("new_machine", newMachine).Str("installed", installed).Str("target", d.DSS.Version).Msg("running the startup sequence")
+		a.converging(d)
+		if err := a.startupSequence(ctx, d, mk, installed, newMachine); err != nil {
+			return a.fail(d, err)
+		}
+	}
+	mk.Generation, mk.Applied = d.Generation, want
+	if err := a.m.saveMarker(mk); err != nil {
+		return a.fail(d, &stepError{step: "record-progress", code: protocol.CodeInternal, err: err})
+	}
+	a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: d.Generation, Step: "ready", Status: protocol.StatusOK,
+		Message: "generation " + fmt.Sprint(d.Generation) + " reached"})
+	a.ready(d, d.Generation)
+	log.Info().Msg("desired state reached")
+	return nil
+}
+
+func (a *Agent) converging(d *protocol.DesiredState) {
+	a.rep.updateStatus(func(s *protocol.AgentStatus) {
+		s.Phase, s.Target, s.Error = protocol.PhaseConverging, d.Generation, nil
+	})
+}
+
+func (a *Agent) ready(d *protocol.DesiredState, gen uint64) {
+	a.refreshDSSState(context.Background())
+	a.rep.updateStatus(func(s *protocol.AgentStatus) {
+		s.Phase, s.Generation, s.Target, s.Step, s.Error = protocol.PhaseReady, gen, d.Generation, "", nil
+	})
+}
+
+func (a *Agent) fail(d *protocol.DesiredState, err error) error {
+	var se *stepError
+	code := protocol.CodeInternal
+	if errors.As(err, &se) {
+		code = se.code
+	}
+	a.refreshDSSState(context.Background())
+	a.rep.updateStatus(func(s *protocol.AgentStatus) {
+		s.Phase, s.Target, s.Error = protocol.PhaseFailed, d.Generation, &protocol.Error{Code: code, Message: err.Error()}
+	})
+	a.log.Error().Err(err).Uint64("generation", d.Generation).Msg("converging failed")
+	return err
+}
+
+// startupSequence is brief §5: setup actions before_install, install or
+// upgrade in place, after_install, start DSS, wait until it answers,
+// after_dss_startup, then the credentials FM keeps.
+func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, mk marker, installed string, newMachine bool) error {
+	gen := d.Generation
+	var installer string
+	if err := a.step(gen, "fetch-kit", func() (string, string, error) {
+		var err error
+		installer, err = a.kits.prepare(ctx, d.DSS.Kit)
+		if err != nil {
+			return "", "", &stepError{code: protocol.CodeUnavailable, err: err}
+		}
+		return "kit ready: " + filepath.Base(filepath.Dir(installer)), "", nil
+	}); err != nil {
+		return err
+	}
+	if err := a.m.managedFiles().clear(); err != nil {
+		return &stepError{step: "prepare", code: protocol.CodeInternal, err: err}
+	}
+	facts := a.factsFor(d, false, false)
+	if err := a.runStage(ctx, d, protocol.StageBeforeInstall, facts); err != nil {
+		return err
+	}
+
+	wasInstalled, wasUpgraded := false, false
+	cmp := protocol.CompareVersions(installed, d.DSS.Version)
+	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.DSS.State = protocol.DSSInstalling })
+	switch {
+	case installed == "":
+		wasInstalled = true
+		if err := a.step(gen, "install", func() (string, string, error) {
+			return a.install(ctx, installer, d)
+		}); err != nil {
+			return err
+		}
+	case cmp > 0 && !d.DSS.AllowDowngrade:
+		return a.step(gen, "upgrade", func() (string, string, error) {
+			return "", "", &stepError{code: protocol.CodeFailedPrecondition, err: fmt.Errorf(
+				"the data directory holds DSS %s, newer than the image's %s: downgrade refused (force it to try)", installed, d.DSS.Version)}
+		})
+	case cmp != 0 || newMachine:
+		wasUpgraded = cmp != 0
+		name := "upgrade"
+		if cmp == 0 {
+			name = "attach-data" // the kit of a new machine takes over the kept data directory
+		}
+		if err := a.step(gen, name, func() (string, string, error) {
+			stopOut, _ := a.m.stopDSS(ctx)
+			out, err := a.m.run(ctx, installer, "-d", a.m.dssDir, "-u", "-y")
+			if err != nil {
+				return "", stopOut + out, &stepError{code: protocol.CodeInternal, err: err}
+			}
+			if cmp == 0 {
+				return "DSS " + d.DSS.Version + " data directory attached", out, nil
+			}
+			return fmt.Sprintf("DSS upgraded from %s to %s", installed, d.DSS.Version), out, nil
+		}); err != nil {
+			return err
+		}
+	}
+	if err := a.writeLicense(gen, d); err != nil {
+		return err
+	}
+	facts = a.factsFor(d, wasInstalled, wasUpgraded)
+	if err := a.runStage(ctx, d, protocol.StageAfterInstall, facts); err != nil {
+		return err
+	}
+	if !mk.DSSStopped {
+		if err := a.step(gen, "start-dss", func() (string, string, error) {
+			out, err := a.m.startDSS(ctx)
+			if err != nil {
+				return "", out, &stepError{code: protocol.CodeInternal, err: err}
+			}
+			port, _ := a.m.port()
+			return fmt.Sprintf("DSS answers on port %d", port), out, nil
+		}); err != nil {
+			return err
+		}
+	}
+	if err := a.ensureCredentials(ctx, gen); err != nil {
+		return err
+	}
+	return a.runStage(ctx, d, protocol.StageAfterDSSStartup, a.factsFor(d, wasInstalled, wasUpgraded))
+}
+
+func (a *Agent) install(ctx context.Context, installer string, d *protocol.DesiredState) (string, string, error) {
+	if err := os.MkdirAll(filepath.Dir(a.m.dssDir), 0o755); err != nil {
+		return "", "", err
+	}
+	args := []string{"-d", a.m.dssDir, "-p", fmt.Sprint(d.DSS.Port), "-t", d.NodeType}
+	if d.DSS.License != "" {
+		lic, err := os.CreateTemp("", "fm-license-*.json")
+		if err != nil {
+			return "", "", err
+		}
+		defer os.Remove(lic.Name())
+		_, err = lic.WriteString(d.DSS.License)
+		lic.Close()
+		if err != nil {
+			return "", "", err
+		}
+		args = append(args, "-l", lic.Name())
+	}
+	out, err := a.m.run(ctx, installer, args...)
+	if err != nil {
+		return "", out, &stepError{code: protocol.CodeInternal, err: err}
+	}
+	return fmt.Sprintf("DSS %s installed (%s node, port %d)", d.DSS.Version, d.NodeType, d.DSS.Port), out, nil
+}
+
+// writeLicense puts the desired license in DSS's config, if it changed.
+func (a *Agent) writeLicense(gen uint64, d *protocol.DesiredState) error {
+	if d.DSS.License == "" {
+		return nil
+	}
+	cur, _ := os.ReadFile(a.m.licensePath())
+	if string(cur) == d.DSS.License {
+		return nil
+	}
+	return a.step(gen, "license", func() (string, string, error) {
+		if err := atomicfile.WriteFile(a.m.licensePath(), []byte(d.DSS.License), 0o600); err != nil {
+			return "", "", err
+		}
+		return "license installed", "", nil
+	})
+}
+
+// runStage carries out the enabled actions of a stage, in template order,
+// each reported as a step; the first failure stops the sequence.
+func (a *Agent) runStage(ctx context.Context, d *protocol.DesiredState, stage protocol.Stage, facts ansibleFacts) error {
+	for i, act := range d.SetupActions {
+		if stageOf(act) != stage {
+			continue
+		}
+		name := fmt.Sprintf("setup-action[%d] %s (%s)", i, act.Type, stage)
+		a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: d.Generation, Step: name, Status: protocol.StatusStarted})
+		res := a.actions.run(ctx, act, i, facts)
+		e := protocol.Event{Kind: protocol.EventStep, Generation: d.Generation, Step: name, Status: res.status,
+			Message: res.message, Output: lastBytes(res.output, 8<<10)}
+		if res.status == protocol.StatusFailed {
+			e.Error = &protocol.Error{Code: protocol.CodeFailedPrecondition, Message: name + ": " + res.message}
+			a.rep.event(e)
+			return &stepError{step: name, code: protocol.CodeFailedPrecondition, err: res.err, output: res.output}
+		}
+		a.rep.event(e)
+	}
+	return nil
+}
+
+// applySettings converges a generation whose DSS version and node type are
+// already installed: the actions run again, and DSS restarts if what it reads
+// at start changed.
+func (a *Agent) applySettings(ctx context.Context, d *protocol.DesiredState, mk marker) error {
+	before := a.m.dssInputs()
+	if err := a.m.managedFiles().clear(); err != nil {
+		return &stepError{step: "prepare", code: protocol.CodeInternal, err: err}
+	}
+	facts := a.factsFor(d, false, false)
+	for _, stage := range protocol.Stages {
+		if err := a.runStage(ctx, d, stage, facts); err != nil {
+			return err
+		}
+	}
+	if err := a.writeLicense(d.Generation, d); err != nil {
+		return err
+	}
+	if before == a.m.dssInputs() || mk.DSSStopped {
+		return nil
+	}
+	return a.step(d.Generation, "restart-dss", func() (string, string, error) {
+		out, err := a.m.restartDSS(ctx)
+		if err != nil {
+			return "", out, &stepError{code: protocol.CodeInternal, err: err}
+		}
+		return "DSS restarted to take the new settings", out, nil
+	})
+}
+
+// replayActions is the replay-setup-actions command (machine lock held).
+func (a *Agent) replayActions(ctx context.Context, d *protocol.DesiredState) *protocol.Error {
+	mk := a.m.loadMarker()
+	if err := a.applySettings(ctx, d, mk); err != nil {
+		var se *stepError
+		if errors.As(err, &se) {
+			return &protocol.Error{Code: se.code, Message: err.Error()}
+		}
+		return &protocol.Error{Code: protocol.CodeInternal, Message: err.Error()}
+	}
+	a.refreshDSSState(ctx)
+	return nil
+}
+
+// ensureCredentials sets, once per data directory, the initial password of
+// DSS's admin user and an admin API key, which FM hands out through
+// get-initial-password and admin-api-key.
+func (a *Agent) ensureCredentials(ctx context.Context, gen uint64) error {
+	var s dssSecrets
+	if _, err := loadJSON(a.m.secretsPath(), &s); err != nil {
+		return &stepError{step: "credentials", code: protocol.CodeInternal, err: err}
+	}
+	if s.InitialPassword != "" && s.AdminAPIKey != "" {
+		return nil
+	}
+	return a.step(gen, "credentials", func() (string, string, error) {
+		if s.InitialPassword == "" {
+			pw := randomPassword(20)
+			if out, err := a.m.dsscli(ctx, "user-edit", "admin", "--password", pw); err != nil {
+				return "", out, err
+			}
+			s.InitialPassword = pw
+			if err := saveJSON(a.m.secretsPath(), s, 0o600); err != nil {
+				return "", "", err
+			}
+		}
+		if s.AdminAPIKey == "" {
+			out, err := a.m.dsscli(ctx, "api-key-create", "--admin=true", "--label", "fleet-manager", "--output", "json")
+			if err != nil {
+				return "", out, err
+			}
+			key, err := parseAPIKey(out)
+			if err != nil {
+				return "", out, err
+			}
+			s.AdminAPIKey = key
+			if err := saveJSON(a.m.secretsPath(), s, 0o600); err != nil {
+				return "", "", err
+			}
+		}
+		return "initial admin password set; admin API key created", "", nil
+	})
+}
+
+// parseAPIKey reads the key from dsscli api-key-create --output json, which
+// prints an object or a one-element array with "key".
+func parseAPIKey(out string) (string, error) {
+	out = strings.TrimSpace(out)
+	var list []map[string]any
+	var one map[string]any
+	if json.Unmarshal([]byte(out), &list) == nil && len(list) > 0 {
+		one = list[0]
+	} else if json.Unmarshal([]byte(out), &one) != nil {
+		return "", fmt.Errorf("dsscli api-key-create printed no JSON key")
+	}
+	if k, ok := one["key"].(string); ok && k != "" {
+		return k, nil
+	}
+	return "", fmt.Errorf("dsscli api-key-create printed no key")
+}
+
+func randomPassword(n int) string {
+	const alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789"
+	b := make([]byte, n)
+	for i := range b {
+		k, _ := rand.Int(rand.Reader, big.NewInt(int64(len(alphabet))))
+		b[i] = alphabet[k.Int64()]
+	}
+	return string(b)
+}
+
+// factsFor are the dataiku.dss facts of RUN_ANSIBLE_TASKS.
+func (a *Agent) factsFor(d *protocol.DesiredState, installed, upgraded bool) ansibleFacts {
+	port, err := a.m.port()
+	if err != nil {
+		port = d.DSS.Port
+	}
+	var s dssSecrets
+	_, _ = loadJSON(a.m.secretsPath(), &s)
+	return ansibleFacts{
+		Port: port, Datadir: a.m.dssDir, Version: d.DSS.Version, NodeID: d.Instance, NodeType: d.NodeType,
+		LogicalInstanceID: d.Instance, WasInstalled: installed, WasUpgraded: upgraded, APIKey: s.AdminAPIKey,
+	}
+}

@@ -1,0 +1,135 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+)
+
+// desiredWatch follows the instance's desired state without a durable
+// consumer: every change is republished by fm_desired on the instance's
+// subject, and on every (re)connect the agent reads its key with a direct
+// get, so that changes made while it was away are not missed. The highest
+// revision wins.
+type desiredWatch struct {
+	instance string
+	nc       *nats.Conn
+	log      zerolog.Logger
+	rejected func(err error, revision uint64)
+
+	mu      sync.Mutex
+	current *protocol.DesiredState
+	rev     uint64
+	changed chan struct{} // receives when current changes (coalesced)
+}
+
+func newDesiredWatch(instance string, nc *nats.Conn, log zerolog.Logger, rejected func(error, uint64)) *desiredWatch {
+	return &desiredWatch{instance: instance, nc: nc, log: log, rejected: rejected, changed: make(chan struct{}, 1)}
+}
+
+// latest returns the current desired state (nil if none yet).
+func (w *desiredWatch) latest() *protocol.DesiredState {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.current
+}
+
+// offer considers a value of the key at a revision.
+func (w *desiredWatch) offer(data []byte, rev uint64, deleted bool) {
+	w.mu.Lock()
+	if rev != 0 && rev <= w.rev {
+		w.mu.Unlock()
+		return
+	}
+	if deleted {
+		w.rev = rev
+		w.mu.Unlock()
+		w.log.Warn().Uint64("revision", rev).Msg("the desired state was deleted; keeping the machine as it is")
+		return
+	}
+	var d protocol.DesiredState
+	if err := protocol.Decode(data, &d); err != nil {
+		w.rev = rev
+		w.mu.Unlock()
+		w.rejected(err, rev)
+		return
+	}
+	if d.Instance != w.instance {
+		w.rev = rev
+		w.mu.Unlock()
+		w.rejected(fmt.Errorf("%w: desired state names instance %q", protocol.ErrMalformed, d.Instance), rev)
+		return
+	}
+	w.current, w.rev = &d, rev
+	w.mu.Unlock()
+	select {
+	case w.changed <- struct{}{}:
+	default:
+	}
+}
+
+// subscribe receives republished changes until the connection closes.
+func (w *desiredWatch) subscribe() (*nats.Subscription, error) {
+	return w.nc.Subscribe(protocol.DesiredSubject(w.instance), func(msg *nats.Msg) {
+		rev, _ := strconv.ParseUint(msg.Header.Get("Nats-Sequence"), 10, 64)
+		op := msg.Header.Get("KV-Operation")
+		w.offer(msg.Data, rev, op == "DEL" || op == "PURGE")
+	})
+}
+
+// fetch reads the key with a direct get on the bucket's stream, the request
+// an agent's permissions allow for its own key.
+func (w *desiredWatch) fetch(ctx context.Context) error {
+	subject := "$JS.API.DIRECT.GET.KV_" + protocol.BucketDesired + ".$KV." + protocol.BucketDesired + "." + w.instance
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	msg, err := w.nc.RequestWithContext(ctx, subject, nil)
+	if err != nil {
+		return fmt.Errorf("read desired state: %w", err)
+	}
+	switch msg.Header.Get("Status") {
+	case "":
+	case "404":
+		return nil // no desired state yet
+	default:
+		return fmt.Errorf("read desired state: status %s %s", msg.Header.Get("Status"), msg.Header.Get("Description"))
+	}
+	rev, _ := strconv.ParseUint(msg.Header.Get("Nats-Sequence"), 10, 64)
+	op := msg.Header.Get("KV-Operation")
+	w.offer(msg.Data, rev, op == "DEL" || op == "PURGE")
+	return nil
+}
+
+// run reads the key now and after every reconnect, retrying failures.
+func (w *desiredWatch) run(ctx context.Context, reconnected <-chan struct{}) {
+	for {
+		backoff := time.Second
+		for ctx.Err() == nil {
+			err := w.fetch(ctx)
+			if err == nil {
+				break
+			}
+			if !errors.Is(err, context.Canceled) {
+				w.log.Debug().Err(err).Msg("desired state not read yet")
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 15*time.Second)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-reconnected:
+		}
+	}
+}

@@ -1,0 +1,291 @@
+package agent
+
+import (
+	"archive/tar"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// objectGetter is what the agent needs of an object store: the fm_kits store
+// in production, any store in tests.
+type objectGetter interface {
+	Get(ctx context.Context, name string, opts ...jetstream.GetObjectOpt) (jetstream.ObjectResult, error)
+}
+
+// kits fetches kit archives into the cache and extracts them.
+type kits struct {
+	m       *machine
+	objects func(ctx context.Context) (objectGetter, error)
+	http    *http.Client
+}
+
+// prepare makes the kit of src available on the machine and returns the path
+// of its installer.sh.
+func (k *kits) prepare(ctx context.Context, src protocol.KitSource) (string, error) {
+	if err := src.Validate(); err != nil {
+		return "", err
+	}
+	archive, err := k.fetch(ctx, src)
+	if err != nil {
+		return "", err
+	}
+	return k.extract(archive)
+}
+
+// fetch returns the path of the archive, downloading it into the cache if
+// needed, and checks its digest when one is known.
+func (k *kits) fetch(ctx context.Context, src protocol.KitSource) (string, error) {
+	if err := os.MkdirAll(k.m.kitCache, 0o755); err != nil {
+		return "", err
+	}
+	switch {
+	case src.Path != "":
+		if src.SHA256 != "" {
+			if err := checkDigest(src.Path, src.SHA256); err != nil {
+				return "", err
+			}
+		}
+		if _, err := os.Stat(src.Path); err != nil {
+			return "", fmt.Errorf("kit: %w", err)
+		}
+		return src.Path, nil
+	case src.URL != "":
+		dst := filepath.Join(k.m.kitCache, strings.ToLower(src.SHA256)+".tar.gz")
+		if checkDigest(dst, src.SHA256) == nil {
+			return dst, nil
+		}
+		if err := k.download(ctx, src.URL, dst); err != nil {
+			return "", err
+		}
+		if err := checkDigest(dst, src.SHA256); err != nil {
+			os.Remove(dst)
+			return "", err
+		}
+		return dst, nil
+	default:
+		dst := filepath.Join(k.m.kitCache, "object-"+src.Object)
+		store, err := k.objects(ctx)
+		if err != nil {
+			return "", fmt.Errorf("kit store: %w", err)
+		}
+		obj, err := store.Get(ctx, src.Object)
+		if err != nil {
+			return "", fmt.Errorf("kit %q from %s: %w", src.Object, protocol.ObjectStoreKits, err)
+		}
+		defer obj.Close()
+		info, err := obj.Info()
+		if err != nil {
+			return "", fmt.Errorf("kit %q: %w", src.Object, err)
+		}
+		if sameDigest(dst, info.Digest) {
+			return dst, nil
+		}
+		// The object store checks the object's digest as it is read.
+		if err := writeStream(dst, obj); err != nil {
+			return "", fmt.Errorf("kit %q: %w", src.Object, err)
+		}
+		return dst, nil
+	}
+}
+
+func (k *kits) download(ctx context.Context, url, dst string) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return fmt.Errorf("kit url: %w", err)
+	}
+	resp, err := k.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("download kit: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("download kit: %s answered %s", url, resp.Status)
+	}
+	return writeStream(dst, resp.Body)
+}
+
+// writeStream copies r to a temporary file and renames it to dst.
+func writeStream(dst string, r io.Reader) error {
+	tmp, err := os.CreateTemp(filepath.Dir(dst), "."+filepath.Base(dst)+".*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := io.Copy(tmp, r); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), dst)
+}
+
+func fileSHA256(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return nil, err
+	}
+	return h.Sum(nil), nil
+}
+
+// checkDigest fails unless path has the SHA-256 want (hex).
+func checkDigest(path, want string) error {
+	sum, err := fileSHA256(path)
+	if err != nil {
+		return fmt.Errorf("kit: %w", err)
+	}
+	if got := hex.EncodeToString(sum); !strings.EqualFold(got, want) {
+		return fmt.Errorf("kit %s: SHA-256 is %s, the image says %s", filepath.Base(path), got, want)
+	}
+	return nil
+}
+
+// sameDigest reports whether path exists with the object-store digest
+// ("SHA-256=<base64url>").
+func sameDigest(path, objectDigest string) bool {
+	want, err := jetstream.DecodeObjectDigest(objectDigest)
+	if err != nil {
+		return false
+	}
+	got, err := fileSHA256(path)
+	return err == nil && string(got) == string(want)
+}
+
+// extract unpacks a kit archive under the kit root, once per archive
+// content, and returns its installer.sh.
+func (k *kits) extract(archive string) (string, error) {
+	sum, err := fileSHA256(archive)
+	if err != nil {
+		return "", err
+	}
+	dir := filepath.Join(k.m.kitRoot, hex.EncodeToString(sum)[:16])
+	if installer, err := findInstaller(dir); err == nil {
+		return installer, nil
+	}
+	if err := os.MkdirAll(k.m.kitRoot, 0o755); err != nil {
+		return "", err
+	}
+	tmp, err := os.MkdirTemp(k.m.kitRoot, ".extract-")
+	if err != nil {
+		return "", err
+	}
+	defer os.RemoveAll(tmp)
+	if err := untar(archive, tmp); err != nil {
+		return "", fmt.Errorf("kit %s: %w", filepath.Base(archive), err)
+	}
+	if _, err := findInstaller(tmp); err != nil {
+		return "", fmt.Errorf("kit %s: %w", filepath.Base(archive), err)
+	}
+	os.RemoveAll(dir)
+	if err := os.Rename(tmp, dir); err != nil {
+		return "", err
+	}
+	return findInstaller(dir)
+}
+
+// findInstaller finds installer.sh at the top of dir or in its one top
+// folder, as DSS kits have it.
+func findInstaller(dir string) (string, error) {
+	if p := filepath.Join(dir, "installer.sh"); fileExists(p) {
+		return p, nil
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return "", err
+	}
+	for _, e := range entries {
+		if p := filepath.Join(dir, e.Name(), "installer.sh"); e.IsDir() && fileExists(p) {
+			return p, nil
+		}
+	}
+	return "", errors.New("the kit has no installer.sh")
+}
+
+func fileExists(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && !st.IsDir()
+}
+
+// untar unpacks a .tar.gz into dir, refusing entries that would land outside
+// it.
+func untar(archive, dir string) error {
+	f, err := os.Open(archive)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	gz, err := gzip.NewReader(f)
+	if err != nil {
+		return fmt.Errorf("not a gzip archive: %w", err)
+	}
+	tr := tar.NewReader(gz)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read archive: %w", err)
+		}
+		name := filepath.Clean(h.Name)
+		if filepath.IsAbs(name) || name == ".." || strings.HasPrefix(name, "../") {
+			return fmt.Errorf("archive entry %q leaves the kit folder", h.Name)
+		}
+		target := filepath.Join(dir, name)
+		switch h.Typeflag {
+		case tar.TypeDir:
+			if err := os.MkdirAll(target, 0o755); err != nil {
+				return err
+			}
+		case tar.TypeReg:
+			if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
+				return err
+			}
+			out, err := os.OpenFile(target, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, os.FileMode(h.Mode)&0o777)
+			if err != nil {
+				return err
+			}
+			if _, err := io.Copy(out, tr); err != nil {
+				out.Close()
+				return err
+			}
+			if err := out.Close(); err != nil {
+				return err
+			}
+		case tar.TypeSymlink:
+			link := filepath.Join(filepath.Dir(name), h.Linkname)
+			if filepath.IsAbs(h.Linkname) || strings.HasPrefix(filepath.Clean(link), "..") {
+				return fmt.Errorf("archive link %q points outside the kit folder", h.Name)
+			}
+			if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
+				return err
+			}
+			if err := os.Symlink(h.Linkname, target); err != nil {
+				return err
+			}
+		default:
+			// Devices, fifos and the like have no place in a kit.
+		}
+	}
+}

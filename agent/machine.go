@@ -1,0 +1,358 @@
+package agent
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/fleetmanager/fm/atomicfile"
+	"github.com/rs/zerolog"
+)
+
+// machine is this machine as the agent sees it: where things are, and DSS
+// driven only through the interface of Dataiku's install kit, so that a real
+// DSS kit works as the stand-in does.
+type machine struct {
+	cfg Config
+	log zerolog.Logger
+
+	dssDir    string // DSS data directory, on the data volume
+	agentData string // the agent's files on the data volume (secrets, command cursor)
+	stateDir  string // the agent's files on the OS disk (progress marker)
+	kitCache  string // downloaded kit archives
+	kitRoot   string // extracted kits
+}
+
+func newMachine(cfg Config, log zerolog.Logger) *machine {
+	return &machine{
+		cfg: cfg, log: log,
+		dssDir:    filepath.Join(cfg.DataDir, "dataiku", "dss_data"),
+		agentData: filepath.Join(cfg.DataDir, "fm-agent"),
+		stateDir:  filepath.Join(cfg.RootDir, "var", "lib", "fm-agent"),
+		kitCache:  filepath.Join(cfg.RootDir, "var", "cache", "fm-agent", "kits"),
+		kitRoot:   filepath.Join(cfg.RootDir, "opt", "dataiku"),
+	}
+}
+
+// rooted returns path p inside the machine's root (the OS disk).
+func (m *machine) rooted(p ...string) string {
+	return filepath.Join(append([]string{m.cfg.RootDir}, p...)...)
+}
+
+// isRealRoot reports whether the agent manages the machine it runs on ("/"),
+// as opposed to a folder standing for one (local backend, tests).
+func (m *machine) isRealRoot() bool { return filepath.Clean(m.cfg.RootDir) == "/" }
+
+// installedVersion is the DSS version of the data directory, "" if none.
+func (m *machine) installedVersion() (string, error) {
+	b, err := os.ReadFile(filepath.Join(m.dssDir, "dss-version.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	var v struct {
+		ProductVersion string `json:"product_version"`
+	}
+	if err := json.Unmarshal(b, &v); err != nil {
+		return "", fmt.Errorf("dss-version.json: %w", err)
+	}
+	return v.ProductVersion, nil
+}
+
+// readINI reads install.ini as section.key values.
+func (m *machine) readINI() (map[string]string, error) {
+	f, err := os.Open(filepath.Join(m.dssDir, "install.ini"))
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	out, section := map[string]string{}, ""
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		switch {
+		case line == "" || strings.HasPrefix(line, "#") || strings.HasPrefix(line, ";"):
+		case strings.HasPrefix(line, "[") && strings.HasSuffix(line, "]"):
+			section = strings.TrimSpace(line[1 : len(line)-1])
+		default:
+			if k, v, ok := strings.Cut(line, "="); ok {
+				out[section+"."+strings.TrimSpace(k)] = strings.TrimSpace(v)
+			}
+		}
+	}
+	return out, sc.Err()
+}
+
+// port is the DSS base port of install.ini.
+func (m *machine) port() (int, error) {
+	ini, err := m.readINI()
+	if err != nil {
+		return 0, err
+	}
+	p, err := strconv.Atoi(ini["server.port"])
+	if err != nil || p < 1 || p > 65535 {
+		return 0, fmt.Errorf("install.ini: server.port %q is not a port", ini["server.port"])
+	}
+	return p, nil
+}
+
+// setPort changes the base port in install.ini, keeping everything else.
+func (m *machine) setPort(port int) error {
+	path := filepath.Join(m.dssDir, "install.ini")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	lines := strings.Split(string(b), "\n")
+	section, done := "", false
+	for i, line := range lines {
+		t := strings.TrimSpace(line)
+		if strings.HasPrefix(t, "[") && strings.HasSuffix(t, "]") {
+			section = strings.TrimSpace(t[1 : len(t)-1])
+			continue
+		}
+		if k, _, ok := strings.Cut(t, "="); ok && section == "server" && strings.TrimSpace(k) == "port" {
+			lines[i], done = "port = "+strconv.Itoa(port), true
+		}
+	}
+	if !done {
+		return errors.New("install.ini has no [server] port")
+	}
+	return atomicfile.WriteFile(path, []byte(strings.Join(lines, "\n")), 0o644)
+}
+
+// dssInputs summarises what DSS reads when it starts and setup actions
+// change: its environment and properties, install.ini, the license, the CA
+// certificates FM installed and the JDBC drivers. If it changed, DSS must
+// restart to see it.
+func (m *machine) dssInputs() string {
+	h := sha256.New()
+	add := func(p string) {
+		b, _ := os.ReadFile(p)
+		fmt.Fprintf(h, "%s\x00%d\x00", p, len(b))
+		h.Write(b)
+	}
+	for _, p := range []string{
+		filepath.Join(m.dssDir, "bin", "env-site.sh"), filepath.Join(m.dssDir, "config", "dip.properties"),
+		filepath.Join(m.dssDir, "install.ini"), m.licensePath(),
+	} {
+		add(p)
+	}
+	cas, _ := filepath.Glob(m.rooted("etc", "pki", "ca-trust", "source", "anchors", "fm-*.pem"))
+	for _, p := range cas {
+		add(p)
+	}
+	_ = filepath.WalkDir(filepath.Join(m.dssDir, "lib", "jdbc"), func(p string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			add(p)
+		}
+		return nil
+	})
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// answers reports whether DSS answers HTTP on its base port. Any answer
+// below 500 counts: DSS's home page redirects to its login.
+func (m *machine) answers(ctx context.Context) bool {
+	port, err := m.port()
+	if err != nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/", port), nil)
+	resp, err := noRedirectClient.Do(req)
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return resp.StatusCode < 500
+}
+
+var noRedirectClient = &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+
+// waitAnswers polls until DSS answers, for at most timeout.
+func (m *machine) waitAnswers(ctx context.Context, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if m.answers(ctx) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("DSS did not answer on its base port within %s", timeout)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// dss runs DATA_DIR/bin/dss with action (start, stop, status, restart).
+func (m *machine) dss(ctx context.Context, action string, timeout time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	return m.run(ctx, filepath.Join(m.dssDir, "bin", "dss"), action)
+}
+
+// startDSS runs bin/dss start and waits until DSS answers, both within the
+// start timeout. The error says which part failed.
+func (m *machine) startDSS(ctx context.Context) (string, error) {
+	out, err := m.dss(ctx, "start", m.cfg.DSSStartTimeout)
+	if err != nil {
+		return out, err
+	}
+	return out, m.waitAnswers(ctx, m.cfg.DSSStartTimeout)
+}
+
+// restartDSS stops DSS (killing it if it will not stop) and starts it again.
+func (m *machine) restartDSS(ctx context.Context) (string, error) {
+	out, _ := m.stopDSS(ctx)
+	startOut, err := m.startDSS(ctx)
+	return out + startOut, err
+}
+
+// dsscli runs DATA_DIR/bin/dsscli.
+func (m *machine) dsscli(ctx context.Context, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	return m.run(ctx, filepath.Join(m.dssDir, "bin", "dsscli"), args...)
+}
+
+// stopDSS stops DSS through bin/dss stop and, if that does not finish within
+// the stop timeout or DSS still runs, kills every process of the data
+// directory: restart-dss must work on a DSS that does not answer.
+func (m *machine) stopDSS(ctx context.Context) (string, error) {
+	out, err := m.dss(ctx, "stop", m.cfg.DSSStopTimeout)
+	if err == nil && len(m.dssProcesses()) == 0 {
+		return out, nil
+	}
+	n := m.killDSS()
+	m.log.Warn().Err(err).Int("killed", n).Msg("DSS did not stop cleanly; its processes were killed")
+	return out + fmt.Sprintf("\n(bin/dss stop: %v; killed %d processes)", err, n), nil
+}
+
+// dssProcesses lists the pids whose command line names the data directory.
+func (m *machine) dssProcesses() []int {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	self := os.Getpid()
+	needle := []byte(m.dssDir)
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == self {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || !bytes.Contains(cmdline, needle) {
+			continue
+		}
+		if stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat")); err == nil {
+			if i := bytes.LastIndexByte(stat, ')'); i > 0 {
+				if f := strings.Fields(string(stat[i+1:])); len(f) > 0 && f[0] == "Z" {
+					continue
+				}
+			}
+		}
+		pids = append(pids, pid)
+	}
+	return pids
+}
+
+func (m *machine) killDSS() int {
+	pids := m.dssProcesses()
+	for _, pid := range pids {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(m.dssProcesses()) > 0 && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	return len(pids)
+}
+
+// maxOutput bounds the output kept of a command; its tail is what explains a
+// failure.
+const maxOutput = 64 << 10
+
+// run runs a program and returns the tail of its combined output. When the
+// agent manages a real machine as root and the DSS user exists, DSS's
+// programs run as that user.
+func (m *machine) run(ctx context.Context, name string, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, name, args...)
+	out := &tailBuffer{max: maxOutput}
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.Env = os.Environ()
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if cred := m.dssCredential(); cred != nil && strings.HasPrefix(name, m.dssDir) {
+		cmd.SysProcAttr.Credential = cred
+	}
+	// A command cancelled by its context takes its children with it.
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = 5 * time.Second
+	err := cmd.Run()
+	if err != nil {
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%s %s: %w", filepath.Base(name), strings.Join(args, " "), ctx.Err())
+		} else {
+			err = fmt.Errorf("%s %s: %w", filepath.Base(name), strings.Join(args, " "), err)
+		}
+	}
+	return out.String(), err
+}
+
+func (m *machine) dssCredential() *syscall.Credential {
+	if !m.isRealRoot() || os.Geteuid() != 0 {
+		return nil
+	}
+	u, err := user.Lookup(m.cfg.DSSUser)
+	if err != nil {
+		return nil
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
+}
+
+// tailBuffer keeps the last max bytes written to it.
+type tailBuffer struct {
+	max     int
+	buf     []byte
+	dropped bool
+}
+
+func (t *tailBuffer) Write(p []byte) (int, error) {
+	t.buf = append(t.buf, p...)
+	if len(t.buf) > t.max {
+		t.buf = append(t.buf[:0], t.buf[len(t.buf)-t.max:]...)
+		t.dropped = true
+	}
+	return len(p), nil
+}
+
+func (t *tailBuffer) String() string {
+	if t.dropped {
+		return "…" + string(t.buf)
+	}
+	return string(t.buf)
+}

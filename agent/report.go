@@ -1,0 +1,244 @@
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"math/big"
+	"sync"
+	"time"
+
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+)
+
+// maxOutbox bounds the events held while the bus is away; past it the oldest
+// progress events are dropped (command results are kept).
+const maxOutbox = 5000
+
+// reporter sends what the agent has to say: events (through an outbox that
+// survives bus outages and publishes in order with JetStream acks), its
+// status in fm_agents, and heartbeats.
+type reporter struct {
+	instance string
+	version  string
+	nc       *nats.Conn
+	js       jetstream.JetStream
+	log      zerolog.Logger
+	refresh  time.Duration
+
+	mu       sync.Mutex
+	outbox   []protocol.Event
+	dropped  int
+	status   protocol.AgentStatus
+	changes  uint64        // counts status changes
+	written  uint64        // the change count last written to fm_agents
+	wake     chan struct{} // something to send
+	hbEvery  time.Duration
+	hbSeq    uint64
+	started  time.Time
+	statusKV jetstream.KeyValue
+}
+
+func newReporter(instance, version string, nc *nats.Conn, js jetstream.JetStream, refresh time.Duration, log zerolog.Logger) *reporter {
+	return &reporter{
+		instance: instance, version: version, nc: nc, js: js, log: log, refresh: refresh,
+		wake: make(chan struct{}, 1), hbEvery: 10 * time.Second, started: time.Now(),
+		status: protocol.AgentStatus{Instance: instance, AgentVersion: version, Phase: protocol.PhaseConverging,
+			DSS: protocol.DSSStatus{State: protocol.DSSAbsent}},
+	}
+}
+
+func (r *reporter) poke() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// newID returns a random id with the prefix, a valid subject token.
+func newID(prefix string) string {
+	const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+	b := make([]byte, 16)
+	for i := range b {
+		n, _ := rand.Int(rand.Reader, big.NewInt(int64(len(alphabet))))
+		b[i] = alphabet[n.Int64()]
+	}
+	return prefix + "-" + string(b)
+}
+
+// event queues an event; its id and time are filled in.
+func (r *reporter) event(e protocol.Event) {
+	e.ID, e.Instance, e.Time, e.Source = newID("ev"), r.instance, time.Now().UTC(), "agent"
+	r.mu.Lock()
+	r.outbox = append(r.outbox, e)
+	if len(r.outbox) > maxOutbox {
+		// Drop the oldest event that is not a command result.
+		for i, q := range r.outbox {
+			if q.Kind != protocol.EventCommand {
+				r.outbox = append(r.outbox[:i], r.outbox[i+1:]...)
+				r.dropped++
+				break
+			}
+		}
+	}
+	r.mu.Unlock()
+	r.poke()
+}
+
+// updateStatus changes the status; it is written to fm_agents soon after.
+func (r *reporter) updateStatus(change func(*protocol.AgentStatus)) {
+	r.mu.Lock()
+	before, _ := json.Marshal(r.status)
+	change(&r.status)
+	after, _ := json.Marshal(r.status)
+	if string(before) != string(after) {
+		r.changes++
+	}
+	r.mu.Unlock()
+	r.poke()
+}
+
+func (r *reporter) currentStatus() protocol.AgentStatus {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.status
+}
+
+func (r *reporter) setHeartbeat(every time.Duration) {
+	r.mu.Lock()
+	r.hbEvery = every
+	r.mu.Unlock()
+}
+
+// run sends queued events and status changes until ctx ends. While the bus
+// is away it waits and retries; nothing queued is lost but what the bound
+// drops.
+func (r *reporter) run(ctx context.Context) {
+	refresh := time.NewTicker(r.refresh)
+	defer refresh.Stop()
+	retry := time.NewTimer(time.Hour)
+	defer retry.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.wake:
+		case <-refresh.C:
+			// Rewrite even an unchanged status, before fm_agents expires it.
+			r.mu.Lock()
+			r.changes++
+			r.mu.Unlock()
+		case <-retry.C:
+		}
+		if !r.flush(ctx) {
+			retry.Reset(time.Second)
+		}
+	}
+}
+
+// flush sends what is pending and reports whether all of it went.
+func (r *reporter) flush(ctx context.Context) bool {
+	for {
+		r.mu.Lock()
+		if n := r.dropped; n > 0 {
+			r.dropped = 0
+			r.log.Warn().Int("events", n).Msg("events dropped while the bus was away")
+		}
+		if len(r.outbox) == 0 {
+			r.mu.Unlock()
+			break
+		}
+		e := r.outbox[0]
+		r.mu.Unlock()
+		if err := r.publish(ctx, e); err != nil {
+			r.log.Debug().Err(err).Msg("event not sent yet")
+			return false
+		}
+		r.mu.Lock()
+		if len(r.outbox) > 0 && r.outbox[0].ID == e.ID {
+			r.outbox = r.outbox[1:]
+		}
+		r.mu.Unlock()
+	}
+	r.mu.Lock()
+	st, changes, written := r.status, r.changes, r.written
+	r.mu.Unlock()
+	if changes == written {
+		return true
+	}
+	if err := r.putStatus(ctx, st); err != nil {
+		r.log.Debug().Err(err).Msg("status not written yet")
+		return false
+	}
+	r.mu.Lock()
+	r.written = changes
+	r.mu.Unlock()
+	return true
+}
+
+func (r *reporter) publish(ctx context.Context, e protocol.Event) error {
+	data, err := protocol.Encode(&e)
+	if err != nil {
+		r.log.Error().Err(err).Str("step", e.Step).Msg("an event could not be encoded; dropped")
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	_, err = r.js.Publish(ctx, protocol.EventSubject(r.instance, e.Kind), data, jetstream.WithMsgID(e.ID))
+	return err
+}
+
+func (r *reporter) putStatus(ctx context.Context, st protocol.AgentStatus) error {
+	st.Time = time.Now().UTC()
+	data, err := protocol.Encode(&st)
+	if err != nil {
+		r.log.Error().Err(err).Msg("status could not be encoded")
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if r.statusKV == nil {
+		kv, err := r.js.KeyValue(ctx, protocol.BucketAgents)
+		if err != nil {
+			return err
+		}
+		r.statusKV = kv
+	}
+	_, err = r.statusKV.Put(ctx, r.instance, data)
+	return err
+}
+
+// heartbeats publishes a heartbeat every interval, with ±10% jitter so that
+// a fleet's agents do not beat in step.
+func (r *reporter) heartbeats(ctx context.Context) {
+	for {
+		r.mu.Lock()
+		every := r.hbEvery
+		r.mu.Unlock()
+		jitter := time.Duration(0)
+		if span := int64(every / 5); span > 0 {
+			n, _ := rand.Int(rand.Reader, big.NewInt(span))
+			jitter = time.Duration(n.Int64()) - every/10
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(every + jitter):
+		}
+		if !r.nc.IsConnected() {
+			continue
+		}
+		st := r.currentStatus()
+		r.mu.Lock()
+		r.hbSeq++
+		hb := protocol.Heartbeat{Instance: r.instance, Seq: r.hbSeq, Time: time.Now().UTC(),
+			Generation: st.Generation, DSS: st.DSS.State, AgentVersion: r.version}
+		r.mu.Unlock()
+		if data, err := protocol.Encode(&hb); err == nil {
+			_ = r.nc.Publish(protocol.HeartbeatSubject(r.instance), data)
+		}
+	}
+}

@@ -1,0 +1,148 @@
+package agent
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/fleetmanager/fm/atomicfile"
+	"github.com/fleetmanager/fm/protocol"
+)
+
+// marker is the agent's progress on this machine, kept on the OS disk: a new
+// machine (reprovision) has none and runs the whole startup sequence.
+type marker struct {
+	Instance string `json:"instance"`
+	// Generation is the last desired generation fully reached, Applied what
+	// it asked for.
+	Generation uint64  `json:"generation"`
+	Applied    applied `json:"applied"`
+	// DSSStopped is set by stop-dss and cleared by start-dss: the agent does
+	// not start DSS, nor restart it when it does not answer.
+	DSSStopped bool      `json:"dssStopped"`
+	UpdatedAt  time.Time `json:"updatedAt"`
+}
+
+// applied is what of a desired state the machine holds.
+type applied struct {
+	Version       string `json:"version"`
+	NodeType      string `json:"nodeType"`
+	Port          int    `json:"port"`
+	LicenseDigest string `json:"licenseDigest"`
+	ActionsDigest string `json:"actionsDigest"`
+}
+
+func appliedOf(d *protocol.DesiredState) applied {
+	actions, _ := json.Marshal(d.SetupActions)
+	return applied{
+		Version: d.DSS.Version, NodeType: d.NodeType, Port: d.DSS.Port,
+		LicenseDigest: digest([]byte(d.DSS.License)), ActionsDigest: digest(actions),
+	}
+}
+
+func digest(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// commandCursor is how far the agent got in its commands, kept on the data
+// volume so that a new machine of the same instance resumes after them.
+type commandCursor struct {
+	// LastSeq is the FM_COMMANDS sequence of the last finished command.
+	LastSeq uint64 `json:"lastSeq"`
+	// Running is the command under way, if any: found at start, it was
+	// interrupted and is answered as such instead of being run again.
+	Running *runningCommand `json:"running,omitempty"`
+	// Recent are the ids of the last finished commands, to run a command
+	// delivered twice only once.
+	Recent []string `json:"recent"`
+}
+
+type runningCommand struct {
+	ID      string               `json:"id"`
+	Seq     uint64               `json:"seq"`
+	Kind    protocol.CommandKind `json:"kind"`
+	OpID    string               `json:"opId,omitempty"`
+	Started time.Time            `json:"started"`
+}
+
+const recentCommands = 200
+
+func (c *commandCursor) done(id string, seq uint64) {
+	c.Running = nil
+	c.LastSeq = max(c.LastSeq, seq)
+	c.Recent = append(c.Recent, id)
+	if len(c.Recent) > recentCommands {
+		c.Recent = c.Recent[len(c.Recent)-recentCommands:]
+	}
+}
+
+func (c *commandCursor) seen(id string) bool {
+	for _, r := range c.Recent {
+		if r == id {
+			return true
+		}
+	}
+	return false
+}
+
+// dssSecrets are the DSS credentials the agent created, kept on the data
+// volume (mode 0600) with the DSS data they open.
+type dssSecrets struct {
+	InitialPassword string `json:"initialPassword,omitempty"`
+	AdminAPIKey     string `json:"adminApiKey,omitempty"`
+}
+
+// loadJSON reads a JSON file into v. A missing file leaves v alone and
+// returns false; an unreadable one is an error.
+func loadJSON(path string, v any) (bool, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return false, fmt.Errorf("%s: %w", filepath.Base(path), err)
+	}
+	return true, nil
+}
+
+func saveJSON(path string, v any, perm os.FileMode) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(path, append(b, '\n'), perm)
+}
+
+func (m *machine) markerPath() string   { return filepath.Join(m.stateDir, "marker.json") }
+func (m *machine) cursorPath() string   { return filepath.Join(m.agentData, "commands.json") }
+func (m *machine) secretsPath() string  { return filepath.Join(m.agentData, "dss-credentials.json") }
+func (m *machine) licensePath() string  { return filepath.Join(m.dssDir, "config", "license.json") }
+func (m *machine) dssLogPath() string   { return filepath.Join(m.dssDir, "run", "backend.log") }
+func (m *machine) agentLogPath() string { return filepath.Join(m.stateDir, "agent.log") }
+
+// loadMarker reads the marker. An unreadable marker counts as none: the
+// startup sequence is safe to run again, and running it is what a machine
+// without a trustworthy record needs.
+func (m *machine) loadMarker() marker {
+	var mk marker
+	found, err := loadJSON(m.markerPath(), &mk)
+	if err != nil || (found && mk.Instance != m.cfg.Instance) {
+		m.log.Warn().Err(err).Str("marker_instance", mk.Instance).Msg("progress marker ignored; running the whole startup sequence")
+		return marker{}
+	}
+	return mk
+}
+
+func (m *machine) saveMarker(mk marker) error {
+	mk.Instance, mk.UpdatedAt = m.cfg.Instance, time.Now().UTC()
+	return saveJSON(m.markerPath(), mk, 0o600)
+}
