@@ -33,6 +33,9 @@ type Topology struct {
 	LogsMaxBytes    int64
 	// AuditMaxAge bounds the audit trail; 0 keeps it forever.
 	AuditMaxAge time.Duration
+	// LeaseTTL is how long a lease lives without renewal: a provisioner that
+	// dies is replaced within it.
+	LeaseTTL time.Duration
 	// DiagnosisRetention is how long a diagnosis bundle is kept.
 	DiagnosisRetention time.Duration
 	// DuplicateWindow is how long JetStream remembers a Nats-Msg-Id to drop a
@@ -54,6 +57,7 @@ func DefaultTopology() Topology {
 		LogsMaxBytes:       1 << 30,
 		AuditMaxAge:        0,
 		DiagnosisRetention: 7 * 24 * time.Hour,
+		LeaseTTL:           15 * time.Second,
 		DuplicateWindow:    10 * time.Minute,
 	}
 }
@@ -79,6 +83,8 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 	}
 	ops := state(protocol.BucketOps, "operations (futures)")
 	ops.TTL = t.OpsRetention
+	leases := state(protocol.BucketLeases, "leases that elect one active provisioner")
+	leases.TTL = t.LeaseTTL
 	agents := state(protocol.BucketAgents, "last full status per instance, written by its agent")
 	agents.TTL = t.AgentStatusTTL
 	agents.LimitMarkerTTL = time.Minute
@@ -90,6 +96,9 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 		object(protocol.BucketSnapshots, "snapshots of instance data volumes"),
 		object(protocol.BucketAPIKeys, "REST API keys (secrets hashed)"),
 		object(protocol.BucketSettings, "tenant settings, key <tenant>.<setting>"),
+		object(protocol.BucketLifecycle, "FM's lifecycle state per instance"),
+		state(protocol.BucketSecrets, "credentials FM keeps per instance"),
+		leases,
 		state(protocol.BucketLabels, "label claims that keep labels unique, key <kind>.<digest>"),
 		ops,
 		desired,

@@ -20,6 +20,7 @@
 //
 // History:
 //
-//	1 (2026-11): first version. Desired state, commands, events, heartbeats,
-//	  agent status, provision requests and machine state.
+//	1 (2026-11): first version. Desired state, commands (with results),
+//	  events, heartbeats, agent status, setup action parameters, provision
+//	  requests and machine state.
 package protocol

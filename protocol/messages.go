@@ -25,6 +25,10 @@ type DesiredState struct {
 	SetupActions []SetupAction `json:"setupActions"`
 	// HeartbeatSeconds is how often the agent sends a heartbeat.
 	HeartbeatSeconds int `json:"heartbeatSeconds"`
+	// MachineRequest, if set, names the machine this desired state is for:
+	// the provision request that makes it. The agent of another machine (the
+	// one a reprovision is replacing) leaves it alone.
+	MachineRequest string `json:"machineRequest,omitempty"`
 }
 
 // DSSTarget is the DSS installation the agent converges to.
@@ -306,9 +310,12 @@ const (
 // written when something in it changes.
 type AgentStatus struct {
 	Header
-	Instance     string    `json:"instance"`
-	Time         time.Time `json:"time"`
-	AgentVersion string    `json:"agentVersion"`
+	Instance string `json:"instance"`
+	// MachineRequest names the agent's machine: the provision request that
+	// made it.
+	MachineRequest string    `json:"machineRequest,omitempty"`
+	Time           time.Time `json:"time"`
+	AgentVersion   string    `json:"agentVersion"`
 	// Generation is the last desired generation the agent fully reached;
 	// Target is the one it is working on (equal when Phase is ready).
 	Generation uint64       `json:"generation"`

@@ -50,6 +50,21 @@ func vectors() map[string]struct {
 		"heartbeat": {&Heartbeat{
 			Instance: "in-7k2m9q4x1c", Seq: 17, Time: t0, Generation: 3, DSS: DSSRunning, AgentVersion: "0.1.0",
 		}, func() Message { return &Heartbeat{} }},
+		"provision_request": {&ProvisionRequest{
+			ID: "op-42-reprovision", Instance: "in-7k2m9q4x1c", Action: ProvisionReprovision, OpID: "op-42", Generation: 3, Issued: t0,
+			Spec: &MachineSpec{Label: "analytics", NodeType: "design", ImageID: "dss-14.0.0-default", DSSVersion: "14.0.0",
+				AMIs: map[string]string{"eu-west-1": "ami-0abc"}, InstanceType: "m5.2xlarge", BasePort: 10000,
+				Network:    NetworkSpec{ID: "vn-1", Region: "eu-west-1", VpcID: "vpc-1", SubnetID: "subnet-1", AutoCreateSecurityGroups: true, AssignPublicIP: true, DNSStrategy: "NONE"},
+				Access:     AccessSpec{KeyPairName: "ops", RuntimeInstanceProfileArn: "arn:aws:iam::123456789012:instance-profile/dss", RestrictMetadataAccess: true},
+				DataVolume: VolumeSpec{Type: "gp3", SizeGB: 50, MaxSizeGB: 100, Encryption: "DEFAULT_KEY"},
+				Tags:       map[string]string{"team": "data"}},
+		}, func() Message { return &ProvisionRequest{} }},
+		"machine_state": {&MachineState{
+			Instance: "in-7k2m9q4x1c", Backend: "ec2", Status: MachineRunning, Generation: 3, RequestID: "op-42-reprovision",
+			Action: ProvisionReprovision, MachineID: "i-0123456789abcdef0", VolumeID: "vol-0abc", VolumeSizeGB: 50,
+			PrivateIP: "10.0.1.12", PublicIP: "52.1.2.3", PrivateDNS: "ip-10-0-1-12.eu-west-1.compute.internal",
+			Details: map[string]string{"securityGroups": "sg-1,sg-2"}, Updated: t0,
+		}, func() Message { return &MachineState{} }},
 		"agent_status": {&AgentStatus{
 			Instance: "in-7k2m9q4x1c", Time: t0, AgentVersion: "0.1.0", Generation: 3, Target: 3, Phase: PhaseReady,
 			DSS:     DSSStatus{State: DSSRunning, Version: "14.0.0", NodeType: "design", Port: 10000},
@@ -237,7 +252,8 @@ func FuzzDecode(f *testing.F) {
 		for _, fresh := range []func() Message{
 			func() Message { return &DesiredState{} }, func() Message { return &Command{} },
 			func() Message { return &Event{} }, func() Message { return &Heartbeat{} },
-			func() Message { return &AgentStatus{} },
+			func() Message { return &AgentStatus{} }, func() Message { return &ProvisionRequest{} },
+			func() Message { return &MachineState{} },
 		} {
 			m := fresh()
 			if err := Decode(data, m); err != nil {
@@ -270,6 +286,27 @@ func TestCompareVersions(t *testing.T) {
 	for _, tc := range tests {
 		if got := CompareVersions(tc.a, tc.b); got != tc.want {
 			t.Errorf("CompareVersions(%q, %q) = %d, want %d", tc.a, tc.b, got, tc.want)
+		}
+	}
+}
+
+func TestHasMachine(t *testing.T) {
+	for _, tc := range []struct {
+		st   MachineState
+		want bool
+	}{
+		{MachineState{}, false},
+		{MachineState{Status: MachineRunning}, true},
+		{MachineState{Status: MachineStopped}, true},
+		{MachineState{Status: MachineProvisioning}, true},
+		{MachineState{Status: MachineDeprovisioned, VolumeID: "v"}, false},
+		{MachineState{Status: MachineDeleted}, false},
+		{MachineState{Status: MachineFailed}, false},
+		{MachineState{Status: MachineFailed, MachineID: "i-1"}, true},
+		{MachineState{Status: MachineLost, MachineID: "i-1"}, true},
+	} {
+		if got := tc.st.HasMachine(); got != tc.want {
+			t.Errorf("%+v: HasMachine() = %v", tc.st, got)
 		}
 	}
 }

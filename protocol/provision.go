@@ -1,5 +1,11 @@
 package protocol
 
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
 // ProvisionAction is the last token of a provision request's subject: what
 // the provisioner is asked to do to an instance's machine.
 type ProvisionAction string
@@ -12,3 +18,173 @@ const (
 	ProvisionStop        ProvisionAction = "stop"        // stop the machine, keep its disks
 	ProvisionDelete      ProvisionAction = "delete"      // release what is left of the instance
 )
+
+// ProvisionRequest asks the provisioner to do a machine operation. It is
+// published on ProvisionSubject(Instance, Action) in FM_PROVISION with ID as
+// Nats-Msg-Id, and carries everything the operation needs, so that the
+// provisioner reads nothing else. Handling a request twice does the work
+// once: the machine state records the last request handled.
+type ProvisionRequest struct {
+	Header
+	ID       string          `json:"id"`
+	Instance string          `json:"instance"`
+	Action   ProvisionAction `json:"action"`
+	OpID     string          `json:"opId,omitempty"`
+	// Generation is the desired generation the machine is for (reprovision,
+	// start).
+	Generation uint64    `json:"generation,omitempty"`
+	Issued     time.Time `json:"issued"`
+	// Spec describes the machine (reprovision, start).
+	Spec *MachineSpec `json:"spec,omitempty"`
+	// KeepVolume keeps the data volume when an instance is deleted.
+	KeepVolume bool `json:"keepVolume,omitempty"`
+}
+
+// MachineSpec is what a backend needs to build an instance's machine.
+type MachineSpec struct {
+	Label        string            `json:"label"`
+	NodeType     string            `json:"nodeType"`
+	ImageID      string            `json:"imageId"`
+	DSSVersion   string            `json:"dssVersion"`
+	AMIs         map[string]string `json:"amis,omitempty"`
+	InstanceType string            `json:"instanceType"`
+	// BasePort is the DSS base port the machine must leave free.
+	BasePort   int               `json:"basePort"`
+	Network    NetworkSpec       `json:"network"`
+	Access     AccessSpec        `json:"access"`
+	DataVolume VolumeSpec        `json:"dataVolume"`
+	RootVolume VolumeSpec        `json:"rootVolume"`
+	Tags       map[string]string `json:"tags,omitempty"`
+	ElasticIP  *ElasticIPSpec    `json:"elasticIp,omitempty"`
+}
+
+// NetworkSpec is the instance's virtual network, as a backend needs it.
+type NetworkSpec struct {
+	ID                       string   `json:"id"`
+	Region                   string   `json:"region"`
+	VpcID                    string   `json:"vpcId"`
+	SubnetID                 string   `json:"subnetId"`
+	AutoCreateSecurityGroups bool     `json:"autoCreateSecurityGroups"`
+	SecurityGroups           []string `json:"securityGroups,omitempty"`
+	AssignPublicIP           bool     `json:"assignPublicIp"`
+	DNSStrategy              string   `json:"dnsStrategy"`
+	PrivateZoneID            string   `json:"privateZoneId,omitempty"`
+	PublicZoneID             string   `json:"publicZoneId,omitempty"`
+}
+
+// AccessSpec is how the machine is reached and what identity it runs with
+// (from the template).
+type AccessSpec struct {
+	KeyPairName               string `json:"keyPairName,omitempty"`
+	StartupInstanceProfileArn string `json:"startupInstanceProfileArn,omitempty"`
+	RuntimeInstanceProfileArn string `json:"runtimeInstanceProfileArn,omitempty"`
+	RestrictMetadataAccess    bool   `json:"restrictMetadataAccess"`
+}
+
+// VolumeSpec describes a disk. Zero values leave the backend's defaults.
+type VolumeSpec struct {
+	Type       string `json:"type,omitempty"`
+	SizeGB     int    `json:"sizeGB,omitempty"`
+	MaxSizeGB  int    `json:"maxSizeGB,omitempty"`
+	IOPS       int    `json:"iops,omitempty"`
+	Encryption string `json:"encryption,omitempty"`
+	KMSKeyID   string `json:"kmsKeyId,omitempty"`
+}
+
+// ElasticIPSpec asks for a static public IP.
+type ElasticIPSpec struct {
+	AllocationID string `json:"allocationId,omitempty"`
+}
+
+// Validate implements Message.
+func (r *ProvisionRequest) Validate() error {
+	switch {
+	case !ValidToken(r.ID):
+		return fmt.Errorf("id %q is not a valid id", r.ID)
+	case !ValidToken(r.Instance):
+		return fmt.Errorf("instance %q is not a valid id", r.Instance)
+	}
+	switch r.Action {
+	case ProvisionReprovision:
+		if r.Spec == nil || r.Generation == 0 {
+			return errors.New("reprovision needs a spec and a generation")
+		}
+	case ProvisionStart:
+		if r.Spec == nil {
+			return errors.New("start needs a spec")
+		}
+	case ProvisionDeprovision, ProvisionStop, ProvisionDelete:
+	default:
+		return fmt.Errorf("action %q is unknown", r.Action)
+	}
+	return nil
+}
+
+// MachineStatus is where a machine stands.
+type MachineStatus string
+
+// The machine statuses.
+const (
+	MachineProvisioning   MachineStatus = "provisioning"
+	MachineRunning        MachineStatus = "running"
+	MachineStopping       MachineStatus = "stopping"
+	MachineStopped        MachineStatus = "stopped"
+	MachineDeprovisioning MachineStatus = "deprovisioning"
+	MachineDeprovisioned  MachineStatus = "deprovisioned" // no machine; the data volume is kept
+	MachineDeleted        MachineStatus = "deleted"       // nothing left
+	MachineFailed         MachineStatus = "failed"        // an operation failed; Error says why
+	MachineLost           MachineStatus = "lost"          // the machine disappeared on its own
+)
+
+// MachineState is the provisioner's record of an instance's machine, the
+// value of its key in fm_machines.
+type MachineState struct {
+	Header
+	Instance string        `json:"instance"`
+	Backend  string        `json:"backend"`
+	Status   MachineStatus `json:"status"`
+	// Generation is the desired generation the machine was provisioned for.
+	Generation uint64 `json:"generation"`
+	// RequestID and Action are the last provision request handled.
+	RequestID string          `json:"requestId"`
+	Action    ProvisionAction `json:"action"`
+	// MachineID identifies the machine (an EC2 instance id, a local process).
+	MachineID string `json:"machineId,omitempty"`
+	// VolumeID identifies the data volume; it outlives machines.
+	VolumeID     string `json:"volumeId,omitempty"`
+	VolumeSizeGB int    `json:"volumeSizeGB,omitempty"`
+	PrivateIP    string `json:"privateIp,omitempty"`
+	PublicIP     string `json:"publicIp,omitempty"`
+	PrivateDNS   string `json:"privateDns,omitempty"`
+	PublicDNS    string `json:"publicDns,omitempty"`
+	// Details are backend specifics worth showing (security groups, …).
+	Details map[string]string `json:"details,omitempty"`
+	Error   *Error            `json:"error,omitempty"`
+	Updated time.Time         `json:"updated"`
+}
+
+// HasMachine reports whether a machine exists in this state (running,
+// stopped or on its way), as opposed to none or only a volume.
+func (m *MachineState) HasMachine() bool {
+	switch m.Status {
+	case "", MachineDeprovisioned, MachineDeleted:
+		return false
+	case MachineFailed, MachineLost:
+		return m.MachineID != ""
+	}
+	return true
+}
+
+// Validate implements Message.
+func (m *MachineState) Validate() error {
+	if !ValidToken(m.Instance) {
+		return fmt.Errorf("instance %q is not a valid id", m.Instance)
+	}
+	if m.Status == "" {
+		return errors.New("status is required")
+	}
+	if m.Status == MachineFailed && m.Error == nil {
+		return errors.New("a failed machine needs an error")
+	}
+	return nil
+}
