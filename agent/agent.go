@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
@@ -36,6 +37,10 @@ type Agent struct {
 	rep     *reporter
 	desired *desiredWatch
 	cursor  commandCursor
+
+	// stopping is set when Run's context ends: what fails from then on was
+	// cut short, not broken.
+	stopping atomic.Bool
 
 	// machineMu is held by whatever changes the machine (the startup
 	// sequence, a command, the watchdog's restart), so that they never
@@ -105,6 +110,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.js = js
 	a.rep = newReporter(a.cfg.Instance, a.cfg.Version, nc, js, a.cfg.StatusRefresh, a.log)
+	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.MachineRequest = a.cfg.MachineRequest })
 	a.kits = &kits{m: a.m, http: &http.Client{}, objects: func(ctx context.Context) (objectGetter, error) {
 		return js.ObjectStore(ctx, protocol.ObjectStoreKits)
 	}}
@@ -139,6 +145,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		go func() { defer wg.Done(); fn(ctx) }()
 	}
 	<-ctx.Done()
+	a.stopping.Store(true)
 	wg.Wait()
 	// Send what is still queued, for a moment.
 	flushCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

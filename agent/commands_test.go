@@ -27,7 +27,7 @@ func TestCommandsRunOnceAndAfterAnOutage(t *testing.T) {
 
 	// The same command published twice with one message id is stored once;
 	// published twice with two ids it reaches the agent twice and runs once.
-	id := newID("cmd")
+	id := protocol.NewID("cmd")
 	r.commandWithID(id, id, protocol.CommandRestartDSS, nil, time.Time{})
 	r.commandWithID(id, id, protocol.CommandRestartDSS, nil, time.Time{})
 	r.commandWithID(id, id+"-again", protocol.CommandRestartDSS, nil, time.Time{})
@@ -99,7 +99,7 @@ func TestBadCommandsGetErrorsAndNothingElse(t *testing.T) {
 			t.Errorf("%s %v: %+v %+v", c.kind, c.params, res, res.Error)
 		}
 	}
-	expired := newID("cmd")
+	expired := protocol.NewID("cmd")
 	r.commandWithID(expired, expired, protocol.CommandRestartDSS, nil, time.Now().Add(-time.Minute))
 	if res := r.result(expired); res.Error == nil || res.Error.Code != protocol.CodeDeadlineExceeded {
 		t.Fatalf("expired: %+v", res)

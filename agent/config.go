@@ -27,6 +27,9 @@ import (
 type Config struct {
 	// Instance is the id of the instance this machine runs.
 	Instance string `json:"instance"`
+	// MachineRequest is the id of the provision request that made this
+	// machine; the agent acts only on desired states for it (or for none).
+	MachineRequest string `json:"machineRequest,omitempty"`
 	// NATSURL is the bus, CredsFile the agent's NATS credentials (if the bus
 	// requires them).
 	NATSURL   string `json:"natsUrl"`

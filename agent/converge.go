@@ -33,6 +33,10 @@ func (a *Agent) step(gen uint64, name string, fn func() (msg, output string, err
 	a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: name, Status: protocol.StatusStarted})
 	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.Step = name })
 	msg, out, err := fn()
+	if err != nil && a.stopping.Load() {
+		// Cut short by the agent's own shutdown: not a failure of the step.
+		return err
+	}
 	if err != nil {
 		code := protocol.CodeInternal
 		var se *stepError
@@ -74,6 +78,10 @@ func (a *Agent) convergeLoop(ctx context.Context) {
 		}
 		d := a.desired.latest()
 		if d == nil {
+			continue
+		}
+		if d.MachineRequest != "" && a.cfg.MachineRequest != "" && d.MachineRequest != a.cfg.MachineRequest {
+			a.log.Info().Uint64("generation", d.Generation).Str("for", d.MachineRequest).Msg("desired state is for another machine; left alone")
 			continue
 		}
 		if d.HeartbeatSeconds > 0 {
@@ -164,6 +172,9 @@ func (a *Agent) ready(d *protocol.DesiredState, gen uint64) {
 }
 
 func (a *Agent) fail(d *protocol.DesiredState, err error) error {
+	if a.stopping.Load() {
+		return err
+	}
 	var se *stepError
 	code := protocol.CodeInternal
 	if errors.As(err, &se) {
@@ -314,6 +325,9 @@ func (a *Agent) runStage(ctx context.Context, d *protocol.DesiredState, stage pr
 		name := fmt.Sprintf("setup-action[%d] %s (%s)", i, act.Type, stage)
 		a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: d.Generation, Step: name, Status: protocol.StatusStarted})
 		res := a.actions.run(ctx, act, i, facts)
+		if res.status == protocol.StatusFailed && a.stopping.Load() {
+			return &stepError{step: name, code: protocol.CodeAborted, err: res.err}
+		}
 		e := protocol.Event{Kind: protocol.EventStep, Generation: d.Generation, Step: name, Status: res.status,
 			Message: res.message, Output: lastBytes(res.output, 8<<10)}
 		if res.status == protocol.StatusFailed {

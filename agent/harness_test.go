@@ -87,7 +87,7 @@ type rig struct {
 func newRig(t *testing.T) *rig {
 	t.Helper()
 	srv := bustest.Run(t)
-	r := &rig{t: t, bus: srv, instance: "in-" + strings.ToLower(newID("t")[2:12]),
+	r := &rig{t: t, bus: srv, instance: "in-" + strings.ToLower(protocol.NewID("t")[2:12]),
 		root: t.TempDir(), data: t.TempDir(), port: freePort(t)}
 	r.nc = srv.Connect(t)
 	r.js, _ = jetstream.New(r.nc)
@@ -235,7 +235,7 @@ func (r *rig) waitFailed(gen uint64) protocol.AgentStatus {
 // command publishes a command and returns its id.
 func (r *rig) command(kind protocol.CommandKind, params any) string {
 	r.t.Helper()
-	id := newID("cmd")
+	id := protocol.NewID("cmd")
 	r.commandWithID(id, id, kind, params, time.Time{})
 	return id
 }

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -20,6 +19,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/atomicfile"
+	"github.com/fleetmanager/fm/cmdline"
 	"github.com/rs/zerolog"
 )
 
@@ -249,47 +249,11 @@ func (m *machine) stopDSS(ctx context.Context) (string, error) {
 	return out + fmt.Sprintf("\n(bin/dss stop: %v; killed %d processes)", err, n), nil
 }
 
-// dssProcesses lists the pids whose command line names the data directory.
-func (m *machine) dssProcesses() []int {
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
-	self := os.Getpid()
-	needle := []byte(m.dssDir)
-	var pids []int
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == self {
-			continue
-		}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil || !bytes.Contains(cmdline, needle) {
-			continue
-		}
-		if stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat")); err == nil {
-			if i := bytes.LastIndexByte(stat, ')'); i > 0 {
-				if f := strings.Fields(string(stat[i+1:])); len(f) > 0 && f[0] == "Z" {
-					continue
-				}
-			}
-		}
-		pids = append(pids, pid)
-	}
-	return pids
-}
+// dssProcesses lists the processes whose command line names the data
+// directory: DSS's.
+func (m *machine) dssProcesses() []int { return cmdline.Find(m.dssDir) }
 
-func (m *machine) killDSS() int {
-	pids := m.dssProcesses()
-	for _, pid := range pids {
-		_ = syscall.Kill(pid, syscall.SIGKILL)
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for len(m.dssProcesses()) > 0 && time.Now().Before(deadline) {
-		time.Sleep(50 * time.Millisecond)
-	}
-	return len(pids)
-}
+func (m *machine) killDSS() int { return cmdline.Stop(m.dssProcesses(), 0) }
 
 // maxOutput bounds the output kept of a command; its tail is what explains a
 // failure.

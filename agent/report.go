@@ -58,20 +58,9 @@ func (r *reporter) poke() {
 	}
 }
 
-// newID returns a random id with the prefix, a valid subject token.
-func newID(prefix string) string {
-	const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
-	b := make([]byte, 16)
-	for i := range b {
-		n, _ := rand.Int(rand.Reader, big.NewInt(int64(len(alphabet))))
-		b[i] = alphabet[n.Int64()]
-	}
-	return prefix + "-" + string(b)
-}
-
 // event queues an event; its id and time are filled in.
 func (r *reporter) event(e protocol.Event) {
-	e.ID, e.Instance, e.Time, e.Source = newID("ev"), r.instance, time.Now().UTC(), "agent"
+	e.ID, e.Instance, e.Time, e.Source = protocol.NewID("ev"), r.instance, time.Now().UTC(), "agent"
 	r.mu.Lock()
 	r.outbox = append(r.outbox, e)
 	if len(r.outbox) > maxOutbox {
