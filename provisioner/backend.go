@@ -1,0 +1,48 @@
+// Package provisioner is FM's provisioner role: the one consumer of
+// FM_PROVISION, which turns provision requests into machine operations on a
+// backend (local processes for the embedded default, EC2) and reports them in
+// fm_machines and on FM_EVENTS. It talks to the server only through the bus.
+// One provisioner is active at a time, elected through a lease in fm_leases.
+//
+// cmd/fm and tests import it, and the backends (provisioner/local,
+// provisioner/ec2) implement its Backend interface. It imports protocol and
+// bus, never server.
+package provisioner
+
+import (
+	"context"
+
+	"github.com/fleetmanager/fm/protocol"
+)
+
+// Backend makes and unmakes machines. Every method is idempotent: the
+// provisioner calls it again, with the same request, after a crash or a
+// redelivery, and it must then find and adopt what it made rather than make
+// it twice. cur is the machine's last recorded state (zero for a new
+// instance); the returned state is recorded as the new one.
+type Backend interface {
+	// Name is the backend's name in machine states ("local", "ec2").
+	Name() string
+	// Reprovision makes a new machine for req.Spec (ending any previous one),
+	// with the instance's data volume (created the first time, kept after),
+	// and starts its agent.
+	Reprovision(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error)
+	// Deprovision ends the machine and keeps the data volume.
+	Deprovision(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error)
+	// Start starts a stopped machine.
+	Start(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error)
+	// Stop stops the machine, keeping its disks.
+	Stop(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error)
+	// Delete removes what is left of the instance: the machine, and the data
+	// volume unless req.KeepVolume.
+	Delete(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error)
+	// Alive reports whether a machine recorded as running still runs.
+	Alive(ctx context.Context, cur protocol.MachineState) (bool, error)
+}
+
+// Request is a provision request with a way to report progress.
+type Request struct {
+	protocol.ProvisionRequest
+	// Progress reports a step of the operation as it happens.
+	Progress func(step, message string)
+}

@@ -1,0 +1,435 @@
+package provisioner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+)
+
+// ConsumerName is the provisioner's durable consumer on FM_PROVISION.
+const ConsumerName = "fm-provisioner"
+
+// ackWait is how long a request taken by a provisioner that died waits
+// before it is delivered again; a live one renews it while it works.
+const ackWait = 30 * time.Second
+
+// Config configures a Provisioner.
+type Config struct {
+	// Conn is the NATS connection; the caller owns it.
+	Conn    *nats.Conn
+	Backend Backend
+	// Holder names this process in the lease (default: host name and pid).
+	Holder string
+	// LeaseTTL must match the fm_leases bucket's TTL (bus.Topology.LeaseTTL).
+	LeaseTTL time.Duration
+	// CheckInterval is how often running machines are checked to still run.
+	CheckInterval time.Duration
+	Logger        zerolog.Logger
+}
+
+// Provisioner consumes provision requests. Create it with New, run it with
+// Run, release it with Close.
+type Provisioner struct {
+	cfg Config
+	log zerolog.Logger
+	js  jetstream.JetStream
+
+	machines jetstream.KeyValue
+
+	mu      sync.Mutex
+	workers map[string]chan jetstream.Msg // per instance, so its requests run in order
+	active  map[string]bool               // instances whose machine operation is under way
+	wg      sync.WaitGroup
+}
+
+// New checks the configuration.
+func New(cfg Config) (*Provisioner, error) {
+	if cfg.Conn == nil || cfg.Backend == nil {
+		return nil, errors.New("provisioner: a NATS connection and a backend are required")
+	}
+	if cfg.Holder == "" {
+		host, _ := os.Hostname()
+		cfg.Holder = fmt.Sprintf("%s-%d", host, os.Getpid())
+	}
+	if cfg.LeaseTTL == 0 {
+		cfg.LeaseTTL = 15 * time.Second
+	}
+	if cfg.CheckInterval == 0 {
+		cfg.CheckInterval = 10 * time.Second
+	}
+	js, err := jetstream.New(cfg.Conn)
+	if err != nil {
+		return nil, fmt.Errorf("provisioner: %w", err)
+	}
+	return &Provisioner{
+		cfg: cfg, js: js, workers: map[string]chan jetstream.Msg{}, active: map[string]bool{},
+		log: cfg.Logger.With().Str("component", "provisioner").Str("backend", cfg.Backend.Name()).Logger(),
+	}, nil
+}
+
+// Run takes the lease and consumes requests while it holds it, until ctx
+// ends; it returns once every operation under way has stopped, leaving
+// nothing to close. Losing the lease stops consuming until it is taken
+// again.
+func (p *Provisioner) Run(ctx context.Context) error {
+	for ctx.Err() == nil {
+		if err := p.runOnce(ctx); err != nil && ctx.Err() == nil {
+			p.log.Warn().Err(err).Msg("provisioner paused; retrying")
+			select {
+			case <-ctx.Done():
+			case <-time.After(2 * time.Second):
+			}
+		}
+	}
+	p.wg.Wait()
+	return nil
+}
+
+func (p *Provisioner) runOnce(ctx context.Context) error {
+	leases, err := p.js.KeyValue(ctx, protocol.BucketLeases)
+	if err != nil {
+		return fmt.Errorf("lease bucket: %w", err)
+	}
+	if p.machines, err = p.js.KeyValue(ctx, protocol.BucketMachines); err != nil {
+		return fmt.Errorf("machines bucket: %w", err)
+	}
+	l := &lease{kv: leases, key: "provisioner", holder: p.cfg.Holder, ttl: p.cfg.LeaseTTL}
+	if err := l.acquire(ctx); err != nil {
+		return err
+	}
+	p.log.Info().Str("holder", p.cfg.Holder).Msg("holding the provisioner lease")
+	work, stop := context.WithCancel(ctx)
+	kept := make(chan struct{})
+	var keepErr error
+	go func() { keepErr = l.keep(work); close(kept) }()
+	// Stop renewing before giving the lease up.
+	defer func() { stop(); <-kept; l.release() }()
+
+	cons, err := p.js.CreateOrUpdateConsumer(work, protocol.StreamProvision, jetstream.ConsumerConfig{
+		Durable: ConsumerName, AckPolicy: jetstream.AckExplicitPolicy, AckWait: ackWait,
+		MaxAckPending: 1000, MaxDeliver: -1, FilterSubject: protocol.SubjectAllProvision,
+	})
+	if err != nil {
+		return fmt.Errorf("provision consumer: %w", err)
+	}
+	cc, err := cons.Consume(func(m jetstream.Msg) { p.dispatch(work, m) })
+	if err != nil {
+		return fmt.Errorf("provision consumer: %w", err)
+	}
+	defer cc.Stop()
+	go p.watchMachines(work)
+	select {
+	case <-ctx.Done():
+		return nil
+	case <-kept:
+		return keepErr
+	}
+}
+
+// dispatch hands a request to its instance's worker, so that one instance's
+// requests run one after the other while different instances' run in
+// parallel.
+func (p *Provisioner) dispatch(ctx context.Context, m jetstream.Msg) {
+	instance := protocol.InstanceFromSubject(m.Subject())
+	p.mu.Lock()
+	ch, ok := p.workers[instance]
+	if !ok {
+		ch = make(chan jetstream.Msg, 64)
+		p.workers[instance] = ch
+		p.wg.Add(1)
+		go p.worker(ctx, instance, ch)
+	}
+	p.mu.Unlock()
+	select {
+	case ch <- m:
+	case <-ctx.Done():
+	}
+}
+
+func (p *Provisioner) worker(ctx context.Context, instance string, ch chan jetstream.Msg) {
+	defer p.wg.Done()
+	idle := time.NewTimer(time.Minute)
+	defer idle.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			p.dropWorker(instance)
+			return
+		case m := <-ch:
+			p.setActive(instance, true)
+			p.handle(ctx, m)
+			p.setActive(instance, false)
+			idle.Reset(time.Minute)
+		case <-idle.C:
+			p.mu.Lock()
+			if len(ch) == 0 {
+				delete(p.workers, instance)
+				p.mu.Unlock()
+				return
+			}
+			p.mu.Unlock()
+		}
+	}
+}
+
+func (p *Provisioner) setActive(instance string, active bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if active {
+		p.active[instance] = true
+	} else {
+		delete(p.active, instance)
+	}
+}
+
+func (p *Provisioner) dropWorker(instance string) {
+	p.mu.Lock()
+	delete(p.workers, instance)
+	p.mu.Unlock()
+}
+
+// handle carries out one request and acknowledges it once its outcome is
+// recorded. A request already handled (a redelivery after a crash) is
+// acknowledged without doing the work again.
+func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
+	var req protocol.ProvisionRequest
+	if err := protocol.Decode(m.Data(), &req); err != nil {
+		p.log.Warn().Err(err).Str("subject", m.Subject()).Msg("provision request rejected")
+		instance := protocol.InstanceFromSubject(m.Subject())
+		if protocol.ValidToken(instance) {
+			p.event(ctx, protocol.Event{Instance: instance, Kind: protocol.EventRejected, Status: protocol.StatusFailed,
+				Step: "provision-request", Message: "provision request rejected", Error: protocol.Errorf(protocol.CodeInvalidArgument, "%v", err)}, "")
+		}
+		_ = m.Term()
+		return
+	}
+	log := p.log.With().Str("instance", req.Instance).Str("action", string(req.Action)).Str("request", req.ID).Logger()
+	cur, rev, err := p.machineState(ctx, req.Instance)
+	if err != nil {
+		log.Warn().Err(err).Msg("machine state unreadable; retrying")
+		_ = m.NakWithDelay(2 * time.Second)
+		return
+	}
+	if cur.RequestID == req.ID && cur.Status != protocol.MachineFailed && !transitional(cur.Status) {
+		log.Info().Msg("request already handled; acknowledging it again")
+		p.resultEvent(ctx, req, cur, nil)
+		_ = m.Ack()
+		return
+	}
+	// Keep the message ours while the backend works, however long it takes.
+	working, done := context.WithCancel(ctx)
+	defer done()
+	go func() {
+		t := time.NewTicker(ackWait / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-working.Done():
+				return
+			case <-t.C:
+				_ = m.InProgress()
+			}
+		}
+	}()
+	log.Info().Msg("machine operation started")
+	pending := cur
+	pending.Status, pending.RequestID, pending.Action, pending.Error = transitionalFor(req.Action), req.ID, req.Action, nil
+	if rev, err = p.putState(ctx, req.Instance, pending, rev); err != nil {
+		log.Warn().Err(err).Msg("machine state not written; retrying")
+		_ = m.NakWithDelay(2 * time.Second)
+		return
+	}
+	breq := Request{ProvisionRequest: req, Progress: func(step, msg string) {
+		p.event(ctx, protocol.Event{Instance: req.Instance, Kind: protocol.EventMachine, OpID: req.OpID, Generation: req.Generation,
+			Step: step, Status: protocol.StatusOK, Message: msg}, "")
+	}}
+	next, opErr := p.run(working, breq, cur)
+	if ctx.Err() != nil {
+		// Shutting down: hand the request back, to be redelivered (to the
+		// next provisioner) and its machine adopted.
+		_ = m.Nak()
+		return
+	}
+	if opErr != nil {
+		if next.Instance == "" {
+			next = cur // the backend knows nothing more than before
+		}
+		next.Status = protocol.MachineFailed
+		next.Error = asProtocolError(opErr)
+		log.Warn().Err(opErr).Msg("machine operation failed")
+	} else {
+		next.Error = nil
+		log.Info().Str("status", string(next.Status)).Msg("machine operation done")
+	}
+	next.Instance, next.Backend, next.RequestID, next.Action = req.Instance, p.cfg.Backend.Name(), req.ID, req.Action
+	if req.Generation != 0 && (req.Action == protocol.ProvisionReprovision || req.Action == protocol.ProvisionStart) && opErr == nil {
+		next.Generation = req.Generation
+	}
+	if _, err := p.putState(ctx, req.Instance, next, rev); err != nil {
+		log.Error().Err(err).Msg("machine state not recorded; the request will be redelivered")
+		_ = m.NakWithDelay(2 * time.Second)
+		return
+	}
+	p.resultEvent(ctx, req, next, opErr)
+	_ = m.Ack()
+}
+
+func (p *Provisioner) run(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error) {
+	b := p.cfg.Backend
+	switch req.Action {
+	case protocol.ProvisionReprovision:
+		return b.Reprovision(ctx, req, cur)
+	case protocol.ProvisionDeprovision:
+		return b.Deprovision(ctx, req, cur)
+	case protocol.ProvisionStart:
+		return b.Start(ctx, req, cur)
+	case protocol.ProvisionStop:
+		return b.Stop(ctx, req, cur)
+	case protocol.ProvisionDelete:
+		return b.Delete(ctx, req, cur)
+	}
+	return cur, protocol.Errorf(protocol.CodeUnimplemented, "unknown action %q", req.Action)
+}
+
+func transitional(s protocol.MachineStatus) bool {
+	switch s {
+	case protocol.MachineProvisioning, protocol.MachineStopping, protocol.MachineDeprovisioning:
+		return true
+	}
+	return false
+}
+
+func transitionalFor(a protocol.ProvisionAction) protocol.MachineStatus {
+	switch a {
+	case protocol.ProvisionStop:
+		return protocol.MachineStopping
+	case protocol.ProvisionDeprovision, protocol.ProvisionDelete:
+		return protocol.MachineDeprovisioning
+	}
+	return protocol.MachineProvisioning
+}
+
+func asProtocolError(err error) *protocol.Error {
+	var pe *protocol.Error
+	if errors.As(err, &pe) {
+		return pe
+	}
+	return &protocol.Error{Code: protocol.CodeInternal, Message: err.Error()}
+}
+
+// machineState reads the instance's record in fm_machines (zero if none).
+func (p *Provisioner) machineState(ctx context.Context, instance string) (protocol.MachineState, uint64, error) {
+	var st protocol.MachineState
+	e, err := p.machines.Get(ctx, instance)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return st, 0, nil
+	}
+	if err != nil {
+		return st, 0, err
+	}
+	if err := protocol.Decode(e.Value(), &st); err != nil {
+		// An unreadable record is replaced, not trusted.
+		p.log.Error().Err(err).Str("instance", instance).Msg("machine state unreadable; it will be rewritten")
+		return protocol.MachineState{}, e.Revision(), nil
+	}
+	return st, e.Revision(), nil
+}
+
+// putState writes the record with a revision check (0: it must not exist).
+func (p *Provisioner) putState(ctx context.Context, instance string, st protocol.MachineState, rev uint64) (uint64, error) {
+	st.Instance, st.Updated = instance, time.Now().UTC()
+	if st.Backend == "" {
+		st.Backend = p.cfg.Backend.Name()
+	}
+	data, err := protocol.Encode(&st)
+	if err != nil {
+		return 0, err
+	}
+	if rev == 0 {
+		return p.machines.Create(ctx, instance, data)
+	}
+	return p.machines.Update(ctx, instance, data, rev)
+}
+
+// resultEvent reports the outcome of a request; its id derives from the
+// request's, so that reporting it again is deduplicated.
+func (p *Provisioner) resultEvent(ctx context.Context, req protocol.ProvisionRequest, st protocol.MachineState, opErr error) {
+	e := protocol.Event{Instance: req.Instance, Kind: protocol.EventMachine, OpID: req.OpID, Generation: req.Generation,
+		Step: string(req.Action), Status: protocol.StatusOK, Message: fmt.Sprintf("machine %s", st.Status)}
+	if opErr != nil {
+		e.Status, e.Error, e.Message = protocol.StatusFailed, asProtocolError(opErr), opErr.Error()
+	}
+	p.event(ctx, e, req.ID+"-"+string(e.Status))
+}
+
+// event publishes an event; id, if set, makes a repeat a duplicate.
+func (p *Provisioner) event(ctx context.Context, e protocol.Event, id string) {
+	if id == "" {
+		id = protocol.NewID("ev")
+	}
+	e.ID, e.Time, e.Source = id, time.Now().UTC(), "provisioner"
+	data, err := protocol.Encode(&e)
+	if err != nil {
+		p.log.Error().Err(err).Msg("event not encoded")
+		return
+	}
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := p.js.Publish(pctx, protocol.EventSubject(e.Instance, e.Kind), data, jetstream.WithMsgID(e.ID)); err != nil {
+		p.log.Warn().Err(err).Str("step", e.Step).Msg("event not published")
+	}
+}
+
+// watchMachines checks, every CheckInterval, that the machines recorded as
+// running still run, and records those that do not as lost.
+func (p *Provisioner) watchMachines(ctx context.Context) {
+	t := time.NewTicker(p.cfg.CheckInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		keys, err := p.machines.ListKeys(ctx)
+		if err != nil {
+			continue
+		}
+		for instance := range keys.Keys() {
+			p.checkMachine(ctx, instance)
+		}
+	}
+}
+
+func (p *Provisioner) checkMachine(ctx context.Context, instance string) {
+	p.mu.Lock()
+	busy := p.active[instance]
+	p.mu.Unlock()
+	if busy {
+		return // an operation on it is under way
+	}
+	cur, rev, err := p.machineState(ctx, instance)
+	if err != nil || cur.Status != protocol.MachineRunning || cur.Backend != p.cfg.Backend.Name() {
+		return
+	}
+	alive, err := p.cfg.Backend.Alive(ctx, cur)
+	if err != nil || alive {
+		return
+	}
+	cur.Status = protocol.MachineLost
+	cur.Error = protocol.Errorf(protocol.CodeUnavailable, "the machine stopped on its own (%s)", cur.MachineID)
+	if _, err := p.putState(ctx, instance, cur, rev); err != nil {
+		return
+	}
+	p.log.Warn().Str("instance", instance).Str("machine", cur.MachineID).Msg("machine lost")
+	p.event(ctx, protocol.Event{Instance: instance, Kind: protocol.EventAlert, Step: "machine-lost", Status: protocol.StatusFailed,
+		Message: cur.Error.Message, Error: cur.Error}, "")
+}

@@ -1,0 +1,303 @@
+package provisioner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+)
+
+// recorder is a backend that records the requests it is given and does what
+// the test tells it to.
+type recorder struct {
+	mu      sync.Mutex
+	calls   []string // "<action> <request id>"
+	fail    map[string]error
+	block   chan struct{} // when set, Reprovision waits for it
+	alive   bool
+	entered chan string
+}
+
+func newRecorder() *recorder {
+	return &recorder{fail: map[string]error{}, alive: true, entered: make(chan string, 100)}
+}
+
+func (r *recorder) Name() string { return "recorder" }
+
+func (r *recorder) record(ctx context.Context, req Request) error {
+	r.mu.Lock()
+	r.calls = append(r.calls, string(req.Action)+" "+req.ID)
+	err := r.fail[req.ID]
+	block := r.block
+	r.mu.Unlock()
+	r.entered <- req.ID
+	if block != nil {
+		select {
+		case <-block:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	req.Progress("step", "did "+string(req.Action))
+	return err
+}
+
+func (r *recorder) result(ctx context.Context, req Request, cur protocol.MachineState, st protocol.MachineStatus) (protocol.MachineState, error) {
+	if err := r.record(ctx, req); err != nil {
+		return protocol.MachineState{}, err
+	}
+	cur.Status, cur.MachineID = st, "m-"+req.Instance
+	return cur, nil
+}
+
+func (r *recorder) Reprovision(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error) {
+	return r.result(ctx, req, cur, protocol.MachineRunning)
+}
+func (r *recorder) Deprovision(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error) {
+	return r.result(ctx, req, cur, protocol.MachineDeprovisioned)
+}
+func (r *recorder) Start(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error) {
+	return r.result(ctx, req, cur, protocol.MachineRunning)
+}
+func (r *recorder) Stop(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error) {
+	return r.result(ctx, req, cur, protocol.MachineStopped)
+}
+func (r *recorder) Delete(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error) {
+	return r.result(ctx, req, cur, protocol.MachineDeleted)
+}
+func (r *recorder) Alive(ctx context.Context, cur protocol.MachineState) (bool, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.alive, nil
+}
+
+func (r *recorder) callList() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.calls...)
+}
+
+type rig struct {
+	t   *testing.T
+	bus *bustest.Server
+	js  jetstream.JetStream
+}
+
+func newRig(t *testing.T) *rig {
+	srv := bustest.Run(t)
+	return &rig{t: t, bus: srv, js: srv.JetStream(t)}
+}
+
+// run starts a provisioner; the returned function stops it and waits.
+func (r *rig) run(b Backend, holder string) func() {
+	r.t.Helper()
+	p, err := New(Config{Conn: r.bus.Connect(r.t), Backend: b, Holder: holder, LeaseTTL: 15 * time.Second,
+		CheckInterval: 100 * time.Millisecond, Logger: zerolog.Nop()})
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = p.Run(ctx) }()
+	stop := func() { cancel(); <-done }
+	r.t.Cleanup(stop)
+	return stop
+}
+
+func (r *rig) request(instance string, action protocol.ProvisionAction, id string) {
+	r.t.Helper()
+	r.requestMsgID(instance, action, id, id)
+}
+
+func (r *rig) requestMsgID(instance string, action protocol.ProvisionAction, id, msgID string) {
+	r.t.Helper()
+	req := protocol.ProvisionRequest{ID: id, Instance: instance, Action: action, Issued: time.Now().UTC(), Generation: 1,
+		Spec: &protocol.MachineSpec{Label: "x", DataVolume: protocol.VolumeSpec{SizeGB: 1}}}
+	data, err := protocol.Encode(&req)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	if _, err := r.js.Publish(context.Background(), protocol.ProvisionSubject(instance, action), data, jetstream.WithMsgID(msgID)); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+func (r *rig) machine(instance string) protocol.MachineState {
+	r.t.Helper()
+	kv, _ := r.js.KeyValue(context.Background(), protocol.BucketMachines)
+	e, err := kv.Get(context.Background(), instance)
+	if err != nil {
+		return protocol.MachineState{}
+	}
+	var st protocol.MachineState
+	if err := protocol.Decode(e.Value(), &st); err != nil {
+		r.t.Fatal(err)
+	}
+	return st
+}
+
+func (r *rig) waitMachine(instance string, cond func(protocol.MachineState) bool) protocol.MachineState {
+	r.t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		if st := r.machine(instance); cond(st) {
+			return st
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	r.t.Fatalf("machine of %s never reached the expected state; last: %+v", instance, r.machine(instance))
+	return protocol.MachineState{}
+}
+
+func TestRequestsRunOnceAndInOrder(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	r.run(rec, "p1")
+	r.request("in-a", protocol.ProvisionReprovision, "op-1-reprovision")
+	r.request("in-a", protocol.ProvisionReprovision, "op-1-reprovision") // a duplicate publish
+	r.request("in-a", protocol.ProvisionStop, "op-2-stop")
+	r.request("in-a", protocol.ProvisionStart, "op-3-start")
+	r.request("in-b", protocol.ProvisionReprovision, "op-4-reprovision")
+	st := r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == "op-3-start" })
+	if st.Status != protocol.MachineRunning || st.Generation != 1 || st.Backend != "recorder" {
+		t.Fatalf("%+v", st)
+	}
+	r.waitMachine("in-b", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
+	var a []string
+	for _, c := range rec.callList() {
+		if c != "reprovision op-4-reprovision" {
+			a = append(a, c)
+		}
+	}
+	want := []string{"reprovision op-1-reprovision", "stop op-2-stop", "start op-3-start"}
+	if fmt.Sprint(a) != fmt.Sprint(want) {
+		t.Fatalf("calls for in-a: %v, want %v", a, want)
+	}
+}
+
+func TestARequestInterruptedByACrashIsResumed(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	rec.block = make(chan struct{})
+	stop := r.run(rec, "p1")
+	r.request("in-a", protocol.ProvisionReprovision, "op-1-reprovision")
+	<-rec.entered
+	// The provisioner dies in the middle of the machine operation.
+	stop()
+	if st := r.machine("in-a"); st.Status != protocol.MachineProvisioning || st.RequestID != "op-1-reprovision" {
+		t.Fatalf("before the crash: %+v", st)
+	}
+	// A new one gets the unacknowledged request again and finishes it.
+	rec2 := newRecorder()
+	r.run(rec2, "p2")
+	r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
+	if calls := rec2.callList(); len(calls) != 1 || calls[0] != "reprovision op-1-reprovision" {
+		t.Fatalf("the resumed provisioner made %v", calls)
+	}
+	// Republished under another message id (as the server's sweeper does
+	// once the duplicate window has passed), a finished request is only
+	// acknowledged.
+	r.requestMsgID("in-a", protocol.ProvisionReprovision, "op-1-reprovision", "republished")
+	waitEvent(t, r, "in-a", func(e protocol.Event) bool { return e.Kind == protocol.EventMachine && e.Step == "reprovision" })
+	time.Sleep(300 * time.Millisecond)
+	if calls := rec2.callList(); len(calls) != 1 {
+		t.Fatalf("a request already handled ran again: %v", calls)
+	}
+}
+
+func TestFailuresAreRecordedAndReported(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	rec.fail["op-1-reprovision"] = protocol.Errorf(protocol.CodeInvalidArgument, "AMI ami-nope does not exist")
+	r.run(rec, "p1")
+	r.request("in-a", protocol.ProvisionReprovision, "op-1-reprovision")
+	st := r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.Status == protocol.MachineFailed })
+	if st.Error == nil || st.Error.Code != protocol.CodeInvalidArgument || st.Error.Message != "AMI ami-nope does not exist" {
+		t.Fatalf("%+v", st.Error)
+	}
+	ev := waitEvent(t, r, "in-a", func(e protocol.Event) bool {
+		return e.Kind == protocol.EventMachine && e.Status == protocol.StatusFailed
+	})
+	if ev.Error == nil || ev.Source != "provisioner" {
+		t.Fatalf("%+v", ev)
+	}
+	// A malformed request is rejected without touching the backend.
+	if _, err := r.js.Publish(context.Background(), protocol.ProvisionSubject("in-b", protocol.ProvisionReprovision), []byte(`{"v":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	waitEvent(t, r, "in-b", func(e protocol.Event) bool { return e.Kind == protocol.EventRejected })
+	for _, c := range rec.callList() {
+		if c != "reprovision op-1-reprovision" {
+			t.Fatalf("unexpected backend call %s", c)
+		}
+	}
+}
+
+func TestOnlyTheLeaseHolderWorks(t *testing.T) {
+	r := newRig(t)
+	a, b := newRecorder(), newRecorder()
+	stopA := r.run(a, "holder-a")
+	r.request("in-1", protocol.ProvisionReprovision, "op-1-reprovision")
+	r.waitMachine("in-1", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
+	r.run(b, "holder-b")
+	r.request("in-2", protocol.ProvisionReprovision, "op-2-reprovision")
+	r.waitMachine("in-2", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
+	if len(b.callList()) != 0 {
+		t.Fatal("a provisioner without the lease did work")
+	}
+	// The holder stops (and releases the lease): the other takes over.
+	stopA()
+	r.request("in-3", protocol.ProvisionReprovision, "op-3-reprovision")
+	r.waitMachine("in-3", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
+	if calls := b.callList(); len(calls) != 1 || calls[0] != "reprovision op-3-reprovision" {
+		t.Fatalf("after the takeover: %v", calls)
+	}
+}
+
+func TestLostMachinesAreRecorded(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	r.run(rec, "p1")
+	r.request("in-a", protocol.ProvisionReprovision, "op-1-reprovision")
+	r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
+	rec.mu.Lock()
+	rec.alive = false
+	rec.mu.Unlock()
+	st := r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.Status == protocol.MachineLost })
+	if st.Error == nil || st.Error.Code != protocol.CodeUnavailable {
+		t.Fatalf("%+v", st)
+	}
+	waitEvent(t, r, "in-a", func(e protocol.Event) bool { return e.Kind == protocol.EventAlert && e.Step == "machine-lost" })
+}
+
+func waitEvent(t *testing.T, r *rig, instance string, match func(protocol.Event) bool) protocol.Event {
+	t.Helper()
+	cons, err := r.js.OrderedConsumer(context.Background(), protocol.StreamEvents, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{"fm.evt." + instance + ".*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		msg, err := cons.Next(jetstream.FetchMaxWait(time.Second))
+		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+			break
+		}
+		if err != nil {
+			continue
+		}
+		var e protocol.Event
+		if protocol.Decode(msg.Data(), &e) == nil && match(e) {
+			return e
+		}
+	}
+	t.Fatalf("no matching event for %s", instance)
+	return protocol.Event{}
+}
