@@ -15,6 +15,7 @@ import (
 	"io"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 
@@ -166,7 +167,7 @@ func cellText(v any) string {
 		}
 		return "no"
 	case float64:
-		return fmt.Sprint(x)
+		return strconv.FormatFloat(x, 'f', -1, 64)
 	case []any:
 		parts := make([]string, len(x))
 		for i, e := range x {

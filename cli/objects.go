@@ -81,7 +81,6 @@ var instanceResource = &resource{
 		{"elastic-ip", "awsAssignElasticIP", "bool", "associate an Elastic IP"},
 		{"elastic-ip-allocation", "awsElasticIPAllocationId", "string", "Elastic IP allocation id"},
 	},
-	deleteMethod: "GET", deleteSuffix: "/actions/delete",
 }
 
 var imageResource = &resource{

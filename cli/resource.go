@@ -29,9 +29,6 @@ type resource struct {
 	fields []objField
 	// createQuery adds query parameters to a create (networks).
 	createQuery func(fs *flag.FlagSet) func() url.Values
-	// deletePath is the request that deletes id (instances delete with a GET
-	// action, as in Dataiku's API).
-	deleteMethod, deleteSuffix string
 	// aliases maps extra verb names to the standard ones (image add/remove).
 	aliases map[string]string
 	// custom replaces the standard verbs (fm op).
@@ -47,6 +44,10 @@ type objField struct {
 var resources = []*resource{networkResource, templateResource, instanceResource, imageResource, opResource}
 
 func (r *resource) usage() string {
+	if r.command == "instance" {
+		return "usage: fm instance list|get ID|create|update ID|delete ID|status ID|provision ID|reprovision ID|deprovision ID|" +
+			"start ID|stop ID|restart-dss ID|replay-setup-actions ID|reset-password ID|password ID [flags]"
+	}
 	return fmt.Sprintf("usage: fm %s list|get ID|create|update ID|delete ID [flags]", r.command)
 }
 
@@ -60,6 +61,11 @@ func (r *resource) run(ctx context.Context, env Env, args []string) error {
 	verb := args[0]
 	if v, ok := r.aliases[verb]; ok {
 		verb = v
+	}
+	if r.command == "instance" {
+		if handled, err := runInstanceVerb(ctx, env, r, verb, args[1:]); handled {
+			return err
+		}
 	}
 	fs := flag.NewFlagSet("fm "+r.command+" "+args[0], flag.ContinueOnError)
 	fs.SetOutput(env.Stderr)
@@ -104,12 +110,8 @@ func (r *resource) run(ctx context.Context, env Env, args []string) error {
 		if err != nil {
 			return err
 		}
-		method, p := http.MethodDelete, r.path+"/"+url.PathEscape(id)
-		if r.deleteMethod != "" {
-			method, p = r.deleteMethod, p+r.deleteSuffix
-		}
 		var fut api.Future
-		if err := c.Do(ctx, method, p, nil, nil, &fut); err != nil {
+		if err := c.Do(ctx, http.MethodDelete, r.path+"/"+url.PathEscape(id), nil, nil, &fut); err != nil {
 			return err
 		}
 		return finishOp(ctx, env, c, conn.output, fut, *wait)
@@ -269,15 +271,24 @@ func (f objField) apply(obj map[string]any, text string) error {
 	return nil
 }
 
-// finishOp prints an operation, after waiting for it to end if asked.
+// finishOp prints an operation, after waiting for it to end if asked, and
+// showing each of its steps as they come.
 func finishOp(ctx context.Context, env Env, c *client.Client, output string, f api.Future, wait bool) error {
 	var err error
 	if wait {
+		shown := 0
 		f, err = c.Wait(ctx, f, time.Second, func(f api.Future) {
-			if output != "json" && len(f.Progress.Steps) > 0 {
-				s := f.Progress.Steps[len(f.Progress.Steps)-1]
-				fmt.Fprintf(env.Stderr, "%s  %-10s %s %s\n", s.Time.Local().Format("15:04:05"), s.Status, s.Name, s.Message)
+			if output == "json" {
+				return
 			}
+			steps := f.Progress.Steps
+			if shown > len(steps) {
+				shown = 0 // older steps were trimmed
+			}
+			for _, s := range steps[shown:] {
+				fmt.Fprintf(env.Stderr, "%s  %-11s %s  %s\n", s.Time.Local().Format("15:04:05"), s.Status, s.Name, s.Message)
+			}
+			shown = len(steps)
 		})
 	}
 	if output == "json" {

@@ -79,7 +79,7 @@ func startDev(t *testing.T, data string) *devEnv {
 	d.env = []string{"FM_URL=" + d.url, "FM_KEY_FILE=" + d.keyFile}
 	d.proc = Start(t, fmBin(t), nil, "dev", "--data", data, "--listen", addr, "--log-format", "json")
 	WaitHTTP(t, d.url+"/healthz", 60*time.Second)
-	d.proc.WaitStdout("Press Ctrl-C to stop.", 10*time.Second)
+	d.proc.WaitStdout("Press Ctrl-C to stop", 10*time.Second)
 	return d
 }
 

@@ -160,3 +160,12 @@ func mustJSON(t *testing.T, v any) string {
 	}
 	return string(b)
 }
+
+// addImageWithKit registers an image whose kit is a URL (never fetched by
+// these tests).
+func (f *fm) addImageWithKit(id, version string) api.Image {
+	f.t.Helper()
+	var im api.Image
+	f.ok(f.do("POST", "/images", `{"id":"`+id+`","label":"`+id+`","dssVersion":"`+version+`","kit":{"url":"https://kits.example.com/k.tgz","sha256":"`+strings.Repeat("a", 64)+`"}}`), &im)
+	return im
+}

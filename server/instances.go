@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
 )
 
 const kindInstance = "instance"
@@ -130,17 +131,49 @@ func (s *Server) saveInstance(r *http.Request) (any, error) {
 	return in, nil
 }
 
+// deleteInstance serves GET /instances/{id}/actions/delete. An instance that
+// never had a machine is deleted at once (a resolved future); one with a
+// machine or a data volume is deleted by the provisioner, which removes the
+// volume unless keepVolume=True. An instance with a machine is refused
+// unless force=True.
 func (s *Server) deleteInstance(r *http.Request) (any, error) {
 	id := r.PathValue("id")
-	in, rev, err := s.st.instances.fetch(r.Context(), id)
+	in, ok := s.st.instances.view(id)
+	if !ok {
+		return nil, notFound(kindInstance, id)
+	}
+	var opts deleteOptions
+	var err error
+	if opts.force, err = queryBool(r, "force", false); err != nil {
+		return nil, err
+	}
+	if opts.keepVolume, err = queryBool(r, "keepVolume", false); err != nil {
+		return nil, err
+	}
+	if m, _, _ := s.st.machines.get(id); m.Status != "" && m.Status != protocol.MachineDeleted {
+		return s.act(context.WithValue(r.Context(), deleteOptionsKey{}, opts), in, s.actions()[opDelete])
+	}
+	lc, _, err := s.lifecycleOf(r.Context(), id)
+	if err != nil {
+		return nil, unavailable(err, "the instance's state could not be read")
+	}
+	if lc.OpID != "" {
+		if op, _, ok := s.st.ops.get(lc.OpID); ok && op.State == api.OpRunning {
+			return nil, precondition("instance %s is busy with %s (operation %s)", id, op.Kind, op.JobID)
+		}
+	}
+	cur, rev, err := s.st.instances.fetch(r.Context(), id)
 	if errors.Is(err, errNotFound) {
 		return nil, notFound(kindInstance, id)
 	}
 	if err != nil {
 		return nil, unavailable(err, "the instance could not be read")
 	}
-	err = s.st.instances.erase(r.Context(), id, in, rev)
-	return s.finishedOp(r, "delete-instance", "instance", id, map[string]any{"id": id, "label": in.Label}, err)
+	err = s.st.instances.erase(r.Context(), id, cur, rev)
+	if err == nil {
+		s.forgetInstance(r.Context(), id, lc.BasePort)
+	}
+	return s.finishedOp(r, "delete-instance", "instance", id, map[string]any{"id": id, "label": cur.Label}, err)
 }
 
 func (s *Server) listInstanceSnapshots(r *http.Request) (any, error) {

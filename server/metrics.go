@@ -18,7 +18,8 @@ type metrics struct {
 	opDuration *prometheus.HistogramVec
 }
 
-func newMetrics(st *stores) *metrics {
+func newMetrics(s *Server) *metrics {
+	st := s.st
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -38,7 +39,7 @@ func newMetrics(st *stores) *metrics {
 	}
 	m.reg.MustRegister(m.requests, m.latency, m.ops, m.opDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		objectsCollector{st})
+		objectsCollector{st}, fleetCollector{s})
 	return m
 }
 
@@ -69,5 +70,42 @@ func (c objectsCollector) Collect(ch chan<- prometheus.Metric) {
 		"snapshot":        c.st.snapshots.size(),
 	} {
 		ch <- prometheus.MustNewConstMetric(objectsDesc, prometheus.GaugeValue, float64(n), kind)
+	}
+}
+
+// fleetCollector reports each instance's state and what its agent measures.
+type fleetCollector struct{ s *Server }
+
+var (
+	instancesDesc = prometheus.NewDesc("fm_instances", "Instances by lifecycle state and DSS node type.",
+		[]string{"state", "node_type"}, nil)
+	heartbeatAgeDesc = prometheus.NewDesc("fm_instance_heartbeat_age_seconds",
+		"Seconds since the instance's agent was last heard from (running machines only).", []string{"instance"}, nil)
+	volumeUsedDesc = prometheus.NewDesc("fm_instance_data_volume_used_ratio",
+		"Used fraction of the instance's data volume, as its agent last measured it.", []string{"instance"}, nil)
+)
+
+func (c fleetCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- instancesDesc
+	ch <- heartbeatAgeDesc
+	ch <- volumeUsedDesc
+}
+
+func (c fleetCollector) Collect(ch chan<- prometheus.Metric) {
+	type key struct{ state, node string }
+	counts := map[key]int{}
+	for _, in := range c.s.st.instances.list() {
+		st := c.s.statusOf(in.ID)
+		counts[key{st.State, in.DSSNodeType}]++
+		if st.LastSeen != nil {
+			ch <- prometheus.MustNewConstMetric(heartbeatAgeDesc, prometheus.GaugeValue, time.Since(*st.LastSeen).Seconds(), in.ID)
+		}
+		if st.DataVolume != nil && st.DataVolume.SizeBytes > 0 {
+			ch <- prometheus.MustNewConstMetric(volumeUsedDesc, prometheus.GaugeValue,
+				float64(st.DataVolume.UsedBytes)/float64(st.DataVolume.SizeBytes), in.ID)
+		}
+	}
+	for k, n := range counts {
+		ch <- prometheus.MustNewConstMetric(instancesDesc, prometheus.GaugeValue, float64(n), k.state, k.node)
 	}
 }

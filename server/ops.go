@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -26,22 +27,88 @@ func (s *Server) finishedOp(r *http.Request, kind, targetKind, targetID string, 
 	if jerr != nil {
 		return nil, internal(jerr, "the result of the operation could not be encoded")
 	}
-	f := api.Future{
+	op := opRecord{Future: api.Future{
 		JobID: newID("op"), HasResult: true, Result: res,
 		Kind: kind, TargetKind: targetKind, TargetID: targetID, State: api.OpSucceeded,
-		Progress:  api.Progress{Steps: []api.ProgressStep{{Name: kind, Status: string(protocol.StatusOK), Time: now}}},
-		StartedAt: now, EndedAt: &now,
-	}
-	if p := principalFrom(r.Context()); p != nil {
-		f.StartedBy = p.KeyID
-	}
-	if _, err := s.st.ops.create(r.Context(), f.JobID, f); err != nil {
+		StartedAt: now, EndedAt: &now, StartedBy: principalID(r.Context()),
+	}}
+	op.step(kind, string(protocol.StatusOK), "", now)
+	if _, err := s.st.ops.create(r.Context(), op.JobID, op); err != nil {
 		// The work is done; only its record is missing. The caller still gets
 		// the resolved future and never polls for it.
-		s.log.Error().Err(err).Str("op", f.JobID).Str("kind", kind).Msg("operation record not stored")
+		s.log.Error().Err(err).Str("op", op.JobID).Str("kind", kind).Msg("operation record not stored")
 	}
-	s.metrics.observeOp(kind, f.State, 0)
-	return f, nil
+	s.metrics.observeOp(kind, op.State, 0)
+	return op.Future, nil
+}
+
+func principalID(ctx context.Context) string {
+	if p := principalFrom(ctx); p != nil {
+		return p.KeyID
+	}
+	return ""
+}
+
+// newRunningOp is an operation just started on an instance.
+func newRunningOp(ctx context.Context, kind, instance string, deadline time.Duration) opRecord {
+	now := time.Now().UTC()
+	op := opRecord{Future: api.Future{
+		JobID: newID("op"), Alive: true, Kind: kind, TargetKind: "instance", TargetID: instance,
+		State: api.OpRunning, StartedBy: principalID(ctx), StartedAt: now,
+	}, Instance: instance, Deadline: now.Add(deadline)}
+	op.step(kind, string(protocol.StatusStarted), "", now)
+	return op
+}
+
+// updateOp changes an operation with a revision check, retrying on
+// conflicts; change returns false to leave it as it is (e.g. it already
+// ended).
+func (s *Server) updateOp(ctx context.Context, id string, change func(*opRecord) bool) (opRecord, error) {
+	for attempt := 0; ; attempt++ {
+		op, rev, err := s.st.ops.fetch(ctx, id)
+		if err != nil {
+			return op, err
+		}
+		if !change(&op) {
+			return op, nil
+		}
+		if _, err = s.st.ops.update(ctx, id, op, rev); err == nil {
+			return op, nil
+		}
+		if !errors.Is(err, errConflict) || attempt >= 10 {
+			return op, err
+		}
+	}
+}
+
+// endOp ends a running operation with a result or an error; an operation
+// that already ended is left alone.
+func (s *Server) endOp(ctx context.Context, id string, result any, failure *api.Error) (opRecord, error) {
+	return s.updateOp(ctx, id, func(op *opRecord) bool {
+		if op.State != api.OpRunning {
+			return false
+		}
+		now := time.Now().UTC()
+		op.Alive, op.EndedAt = false, &now
+		if failure != nil {
+			op.State, op.Error = api.OpFailed, failure
+			op.step(op.Kind, string(protocol.StatusFailed), failure.DetailedMessage, now)
+		} else {
+			op.State, op.HasResult = api.OpSucceeded, true
+			op.Result, _ = json.Marshal(result)
+			op.step(op.Kind, string(protocol.StatusOK), "", now)
+		}
+		s.metrics.observeOp(op.Kind, op.State, now.Sub(op.StartedAt))
+		return true
+	})
+}
+
+// apiErrorOf turns a bus error into a REST error body.
+func apiErrorOf(e *protocol.Error, message string) *api.Error {
+	if e == nil {
+		return &api.Error{ErrorType: string(protocol.CodeInternal), Message: message, DetailedMessage: message}
+	}
+	return &api.Error{ErrorType: string(e.Code), Message: message, DetailedMessage: e.Message}
 }
 
 // getFuture serves GET /futures/{id}. Dataiku's client treats only an HTTP
@@ -54,15 +121,15 @@ func (s *Server) getFuture(r *http.Request) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	f, _, ok := s.st.ops.get(id)
+	op, _, ok := s.st.ops.get(id)
 	if !ok {
 		return nil, newAPIError(protocol.CodeNotFound, "Not found",
 			"operation %q does not exist, or finished more than the retention period ago", id)
 	}
-	if !peek && (f.State == api.OpFailed || f.State == api.OpAborted) {
-		return nil, futureError(f)
+	if !peek && (op.State == api.OpFailed || op.State == api.OpAborted) {
+		return nil, futureError(op.Future)
 	}
-	return f, nil
+	return op.Future, nil
 }
 
 func futureError(f api.Future) error {
@@ -72,31 +139,36 @@ func futureError(f api.Future) error {
 	return &apiError{code: protocol.Code(f.Error.ErrorType), message: f.Error.Message, detail: f.Error.DetailedMessage}
 }
 
-// abortFuture serves DELETE /futures/{id}. A finished operation is left as
-// it is.
+// abortFuture serves DELETE /futures/{id}: a running operation stops being
+// waited for and the instance is left failed (a retry or reprovision takes
+// it from there); what the machine was doing may still finish. A finished
+// operation is left as it is.
 func (s *Server) abortFuture(r *http.Request) (any, error) {
 	id := r.PathValue("id")
-	f, rev, ok := s.st.ops.get(id)
-	if !ok {
+	if _, _, ok := s.st.ops.get(id); !ok {
 		return nil, notFound(kindOp, id)
 	}
-	if f.State != api.OpRunning {
-		return f, nil
-	}
-	now := time.Now().UTC()
-	f.State, f.Alive, f.Aborted, f.EndedAt = api.OpAborted, false, true, &now
-	f.Error = &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation aborted",
-		DetailedMessage: "operation " + id + " was aborted"}
-	if p := principalFrom(r.Context()); p != nil {
-		f.Error.DetailedMessage += " by key " + p.KeyID
-	}
-	if _, err := s.st.ops.update(r.Context(), id, f, rev); err != nil {
-		if errors.Is(err, errConflict) {
-			return nil, conflict("operation %s changed while it was being aborted; read it again", id)
+	op, err := s.updateOp(r.Context(), id, func(op *opRecord) bool {
+		if op.State != api.OpRunning {
+			return false
 		}
+		now := time.Now().UTC()
+		op.State, op.Alive, op.Aborted, op.EndedAt = api.OpAborted, false, true, &now
+		op.Error = &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation aborted",
+			DetailedMessage: "operation " + id + " was aborted"}
+		if by := principalID(r.Context()); by != "" {
+			op.Error.DetailedMessage += " by key " + by
+		}
+		op.step(op.Kind, "aborted", op.Error.DetailedMessage, now)
+		return true
+	})
+	if err != nil {
 		return nil, unavailable(err, "the operation could not be aborted")
 	}
-	return f, nil
+	if op.Instance != "" && op.State == api.OpAborted {
+		s.enqueue(op.Instance) // settle the instance's state
+	}
+	return op.Future, nil
 }
 
 // listFutures serves GET /futures (an FM addition), newest first, optionally
@@ -107,13 +179,13 @@ func (s *Server) listFutures(r *http.Request) (any, error) {
 	if state != "" && !oneOfStr(state, api.OpRunning, api.OpSucceeded, api.OpFailed, api.OpAborted) {
 		return nil, invalid("query parameter state: %q is not one of running, succeeded, failed, aborted", state)
 	}
-	ops := s.st.ops.filter(func(f api.Future) bool {
-		return (target == "" || f.TargetID == target) && (state == "" || f.State == state)
+	ops := s.st.ops.filter(func(op opRecord) bool {
+		return (target == "" || op.TargetID == target) && (state == "" || op.State == state)
 	})
-	sortNewestFirst(ops)
-	return ops, nil
-}
-
-func sortNewestFirst(ops []api.Future) {
 	sort.SliceStable(ops, func(i, j int) bool { return ops[i].StartedAt.After(ops[j].StartedAt) })
+	out := make([]api.Future, len(ops))
+	for i := range ops {
+		out[i] = ops[i].Future
+	}
+	return out, nil
 }

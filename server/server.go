@@ -46,7 +46,19 @@ type Config struct {
 	// KeyHashIterations is the PBKDF2 work factor of new API keys; the zero
 	// value means DefaultKeyHashIterations. Tests lower it.
 	KeyHashIterations int
-	Logger            zerolog.Logger
+	// LocalBackend says the machines are local processes (fm dev): each
+	// instance gets its own DSS base port, and images need a kit.
+	LocalBackend bool
+	// HeartbeatSeconds is the agents' heartbeat interval (default 10); an
+	// agent silent for three of them is shown as not responding.
+	HeartbeatSeconds int
+	// SweepInterval is how often running operations are checked for their
+	// deadline and lost requests (default 2s).
+	SweepInterval time.Duration
+	// OperationTimeout, if set, replaces every instance operation's own
+	// deadline (an hour for a reprovision, 15 minutes for a command).
+	OperationTimeout time.Duration
+	Logger           zerolog.Logger
 }
 
 // Server is a running FM server. Create it with New, serve with Run, release
@@ -58,6 +70,7 @@ type Server struct {
 	st      *stores
 	auth    *authenticator
 	metrics *metrics
+	fold    *folder
 	ln      net.Listener
 	httpSrv *http.Server
 	stop    context.CancelFunc // stops the bucket watchers
@@ -81,6 +94,12 @@ func New(cfg Config) (*Server, error) {
 	if cfg.KeyHashIterations == 0 {
 		cfg.KeyHashIterations = DefaultKeyHashIterations
 	}
+	if cfg.HeartbeatSeconds == 0 {
+		cfg.HeartbeatSeconds = 10
+	}
+	if cfg.SweepInterval == 0 {
+		cfg.SweepInterval = 2 * time.Second
+	}
 	if cfg.AuthCacheTTL == 0 {
 		cfg.AuthCacheTTL = 5 * time.Minute
 	}
@@ -98,16 +117,19 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
+	s := &Server{
+		cfg: cfg, log: log, js: js, st: st, fold: newFolder(),
+		auth: &authenticator{keys: st.keys, ttl: cfg.AuthCacheTTL, verified: map[string]verifiedSecret{}},
+	}
+	s.metrics = newMetrics(s)
+	// Reports about an instance make it be reconciled.
+	st.machines.onChange, st.agents.onChange, st.lifecycle.onChange = s.enqueue, s.enqueue, s.enqueue
 	watchCtx, stop := context.WithCancel(context.Background())
+	s.stop = stop
 	st.run(watchCtx)
 	if err := st.waitSynced(ctx); err != nil {
 		stop()
 		return nil, fmt.Errorf("server: %w", err)
-	}
-	s := &Server{
-		cfg: cfg, log: log, js: js, st: st, stop: stop,
-		auth:    &authenticator{keys: st.keys, ttl: cfg.AuthCacheTTL, verified: map[string]verifiedSecret{}},
-		metrics: newMetrics(st),
 	}
 	s.ln = cfg.Listener
 	if s.ln == nil {
@@ -135,6 +157,10 @@ func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 func (s *Server) Run(ctx context.Context) error {
 	errc := make(chan error, 1)
 	go func() { errc <- s.httpSrv.Serve(s.ln) }()
+	foldCtx, stopFolding := context.WithCancel(ctx)
+	folded := make(chan struct{})
+	go func() { defer close(folded); s.runFolding(foldCtx) }()
+	defer func() { stopFolding(); <-folded }()
 	s.log.Info().Str("addr", s.ln.Addr().String()).Msg("serving the REST API")
 	select {
 	case err := <-errc:
@@ -171,7 +197,14 @@ func (s *Server) handler() http.Handler {
 	route(t+"/instance-settings-templates/{id}", methods{"GET": s.getTemplate, "PUT": s.saveTemplate, "DELETE": s.deleteTemplate})
 	route(t+"/instances", methods{"GET": s.listInstances, "POST": s.createInstance})
 	route(t+"/instances/{id}", methods{"GET": s.getInstance, "PUT": s.saveInstance})
+	route(t+"/instances/{id}/status", methods{"GET": s.instanceStatus})
+	route(t+"/instances/{id}/admin-api-key", methods{"GET": s.getAdminAPIKey})
 	route(t+"/instances/{id}/actions/delete", methods{"GET": s.deleteInstance})
+	route(t+"/instances/{id}/actions/get-initial-password", methods{"GET": s.getInitialPassword})
+	for _, kind := range []string{opReprovision, opDeprovision, opStart, opStop, opRestartDSS, opReplayActions} {
+		route(t+"/instances/{id}/actions/"+kind, methods{"GET": s.instanceAction(kind)})
+	}
+	route(t+"/instances/{id}/actions/"+opResetPassword, methods{"GET": s.instanceAction(opResetPassword), "POST": s.instanceAction(opResetPassword)})
 	route(t+"/instances/{id}/snapshots", methods{"GET": s.listInstanceSnapshots})
 	route(t+"/images", methods{"GET": s.listImages, "POST": s.createImage})
 	route(t+"/images/{id}", methods{"GET": s.getImage, "DELETE": s.deleteImage})

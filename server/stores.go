@@ -2,8 +2,6 @@ package server
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/base32"
 	"errors"
 	"fmt"
 	"strings"
@@ -22,9 +20,14 @@ type stores struct {
 	instances *repo[api.Instance]
 	images    *repo[api.Image]
 	snapshots *table[api.Snapshot]
-	ops       *table[api.Future]
+	ops       *table[opRecord]
 	settings  *table[settingsDoc]
 	keys      *table[apiKey]
+	lifecycle *table[lifecycle]
+	machines  *table[protocol.MachineState]
+	agents    *table[protocol.AgentStatus]
+	secrets   *table[instanceSecrets]
+	desired   jetstream.KeyValue
 	claims    *labelClaims
 }
 
@@ -40,7 +43,8 @@ func openStores(ctx context.Context, js jetstream.JetStream, log zerolog.Logger)
 	for _, name := range []string{
 		protocol.BucketNetworks, protocol.BucketTemplates, protocol.BucketInstances, protocol.BucketImages,
 		protocol.BucketSnapshots, protocol.BucketOps, protocol.BucketSettings, protocol.BucketAPIKeys,
-		protocol.BucketLabels,
+		protocol.BucketLabels, protocol.BucketLifecycle, protocol.BucketMachines, protocol.BucketAgents,
+		protocol.BucketSecrets, protocol.BucketDesired,
 	} {
 		b, err := js.KeyValue(ctx, name)
 		if err != nil {
@@ -63,9 +67,14 @@ func openStores(ctx context.Context, js jetstream.JetStream, log zerolog.Logger)
 			func(v *api.Image) *api.Meta { return &v.Meta },
 			func(v *api.Image) string { return v.Label }),
 		snapshots: newTable[api.Snapshot](kv[protocol.BucketSnapshots], "snapshot", log),
-		ops:       newTable[api.Future](kv[protocol.BucketOps], "operation", log),
+		ops:       newTable[opRecord](kv[protocol.BucketOps], "operation", log),
 		settings:  newTable[settingsDoc](kv[protocol.BucketSettings], "setting", log),
 		keys:      newTable[apiKey](kv[protocol.BucketAPIKeys], "API key", log),
+		lifecycle: newTable[lifecycle](kv[protocol.BucketLifecycle], "lifecycle", log),
+		machines:  newMessageTable[protocol.MachineState](kv[protocol.BucketMachines], "machine", log),
+		agents:    newMessageTable[protocol.AgentStatus](kv[protocol.BucketAgents], "agent status", log),
+		secrets:   newTable[instanceSecrets](kv[protocol.BucketSecrets], "instance secrets", log),
+		desired:   kv[protocol.BucketDesired],
 		claims:    claims,
 	}, nil
 }
@@ -80,11 +89,16 @@ func (st *stores) run(ctx context.Context) {
 	go st.ops.run(ctx)
 	go st.settings.run(ctx)
 	go st.keys.run(ctx)
+	go st.lifecycle.run(ctx)
+	go st.machines.run(ctx)
+	go st.agents.run(ctx)
+	go st.secrets.run(ctx)
 }
 
 func (st *stores) waitSynced(ctx context.Context) error {
 	for _, w := range []interface{ waitSynced(context.Context) error }{
 		st.networks, st.templates, st.instances, st.images, st.snapshots, st.ops, st.settings, st.keys,
+		st.lifecycle, st.machines, st.agents, st.secrets,
 	} {
 		if err := w.waitSynced(ctx); err != nil {
 			return err
@@ -238,15 +252,8 @@ func (r *repo[T]) claimError(err error, label string) error {
 	return unavailable(err, "the label of the %s could not be reserved", r.kind)
 }
 
-// idEncoding is lower-case base32 without padding: ids are valid subject
-// tokens, DNS labels and file names.
-var idEncoding = base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding)
-
-// newID returns prefix-<10 random characters> (50 bits).
+// newID returns prefix-<10 random characters> (50 bits): object ids are
+// shown to people, and a collision is caught by the create.
 func newID(prefix string) string {
-	b := make([]byte, 7)
-	if _, err := rand.Read(b); err != nil {
-		panic(fmt.Sprintf("crypto/rand failed: %v", err))
-	}
-	return prefix + "-" + idEncoding.EncodeToString(b)[:10]
+	return protocol.NewID(prefix)[:len(prefix)+11]
 }

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
@@ -32,6 +33,12 @@ type table[T any] struct {
 	kv   jetstream.KeyValue
 	kind string
 	log  zerolog.Logger
+	// decode reads a document (json.Unmarshal unless set).
+	decode func([]byte, *T) error
+
+	// onChange, if set before run, is called with the key of every change
+	// applied after the initial load (outside the lock).
+	onChange func(key string)
 
 	mu      sync.RWMutex
 	items   map[string]row[T]
@@ -111,6 +118,9 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 			t.rev = max(t.rev, e.Revision())
 			t.notifyLocked()
 			t.mu.Unlock()
+			if t.onChange != nil {
+				t.onChange(e.Key())
+			}
 		}
 	}
 }
@@ -121,7 +131,7 @@ func (t *table[T]) apply(into map[string]row[T], e jetstream.KeyValueEntry) {
 		return
 	}
 	var v T
-	if err := json.Unmarshal(e.Value(), &v); err != nil {
+	if err := t.unmarshal(e.Value(), &v); err != nil {
 		// A document FM cannot read is left in the bucket for an operator to
 		// inspect (nats kv get) rather than dropped.
 		t.log.Error().Err(err).Str("key", e.Key()).Uint64("revision", e.Revision()).Msg("unreadable document skipped")
@@ -289,10 +299,28 @@ func (t *table[T]) fetch(ctx context.Context, id string) (T, uint64, error) {
 	if err != nil {
 		return v, 0, fmt.Errorf("get %s %s: %w", t.kind, id, err)
 	}
-	if err := json.Unmarshal(e.Value(), &v); err != nil {
+	if err := t.unmarshal(e.Value(), &v); err != nil {
 		return v, 0, fmt.Errorf("decode %s %s: %w", t.kind, id, err)
 	}
 	return v, e.Revision(), nil
+}
+
+func (t *table[T]) unmarshal(b []byte, v *T) error {
+	if t.decode != nil {
+		return t.decode(b, v)
+	}
+	return json.Unmarshal(b, v)
+}
+
+// newMessageTable is a table of protocol messages, decoded (version checked)
+// with protocol.Decode.
+func newMessageTable[T any, PT interface {
+	*T
+	protocol.Message
+}](kv jetstream.KeyValue, kind string, log zerolog.Logger) *table[T] {
+	t := newTable[T](kv, kind, log)
+	t.decode = func(b []byte, v *T) error { return protocol.Decode(b, PT(v)) }
+	return t
 }
 
 func isRevisionMismatch(err error) bool {

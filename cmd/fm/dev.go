@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/server"
 )
 
@@ -25,6 +26,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
 	kitsDir := fs.String("kits", defaultKitsDir(), "folder of DSS kit archives (dataiku-dss-<version>[-<flavour>].tar.gz) to register as images")
 	imagesFile := fs.String("images", "", "JSON file listing more images to register (an array of image objects)")
+	heartbeat := fs.Int("heartbeat-seconds", 10, "agents' heartbeat interval; three missed ones show an agent as not responding")
 	if err := parseRoleFlags(fs, args); err != nil {
 		return err
 	}
@@ -49,13 +51,23 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		Conn:   b.nc,
 		Listen: *listen,
 		// The local backend has one network: the machine FM runs on.
-		Network: server.NetworkDefaults{VpcID: "vpc-local", SubnetID: "subnet-local", Region: "local"},
-		Logger:  log,
+		Network:          server.NetworkDefaults{VpcID: "vpc-local", SubnetID: "subnet-local", Region: "local"},
+		LocalBackend:     true,
+		HeartbeatSeconds: *heartbeat,
+		Logger:           log,
 	})
 	if err != nil {
 		return err
 	}
 	defer srv.Close()
+	backend, err := newBackend("local", filepath.Join(dir, "local"), b.clientURL, log)
+	if err != nil {
+		return err
+	}
+	prov, err := provisioner.New(provisioner.Config{Conn: b.nc, Backend: backend, Logger: log})
+	if err != nil {
+		return err
+	}
 	keyFile := filepath.Join(dir, "admin-key.json")
 	created, err := srv.EnsureAdminKey(ctx, keyFile)
 	if err != nil {
@@ -83,9 +95,15 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if created {
 		state = "created"
 	}
-	fmt.Fprintf(stdout, "fm dev is running\n  REST API   http://%s\n  NATS       %s\n  data       %s\n  admin key  %s (%s; export FM_KEY_FILE=%s)\n  images     %s\nPress Ctrl-C to stop.\n",
-		srv.Addr(), b.clientURL, dir, keyFile, state, keyFile, strings.Join(images, ", "))
-	return srv.Run(ctx)
+	fmt.Fprintf(stdout, "fm dev is running\n  REST API   http://%s\n  NATS       %s\n  data       %s\n  machines   %s\n  admin key  %s (%s; export FM_KEY_FILE=%s)\n  images     %s\nPress Ctrl-C to stop (machines keep running and are adopted at the next start).\n",
+		srv.Addr(), b.clientURL, dir, filepath.Join(dir, "local"), keyFile, state, keyFile, strings.Join(images, ", "))
+	provDone := make(chan error, 1)
+	go func() { provDone <- prov.Run(ctx) }()
+	err = srv.Run(ctx)
+	if perr := <-provDone; err == nil {
+		err = perr
+	}
+	return err
 }
 
 // defaultKitsDir is bin/kits beside bin/fm, where `make` puts the stand-in

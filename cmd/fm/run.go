@@ -23,6 +23,7 @@ Roles:
   fm dev            everything in one process on an embedded bus (the embedded default)
   fm server         the FM server, on an external NATS or an embedded one
   fm agent          the daemon beside DSS on each machine
+  fm provisioner    the provisioner on its own (--backend local)
 
 Client commands (talk to the REST API; --url, --key-file, --output json):
   fm network        list|get|create|update|delete virtual networks
@@ -53,6 +54,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runServer(ctx, args[1:], stdout, stderr)
 	case cmd == "agent":
 		err = runAgent(ctx, args[1:], stdout, stderr)
+	case cmd == "provisioner":
+		err = runProvisioner(ctx, args[1:], stdout, stderr)
 	case cmd == "version":
 		fmt.Fprintln(stdout, "fm", version)
 	case slices.Contains(cli.Commands(), cmd):

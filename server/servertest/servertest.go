@@ -42,6 +42,9 @@ func WithNetwork(d server.NetworkDefaults) Option {
 	return func(c *server.Config) { c.Network = d }
 }
 
+// WithConfig changes the server's configuration.
+func WithConfig(change func(*server.Config)) Option { return change }
+
 // WithLogger sets the server's logger (default: none).
 func WithLogger(l zerolog.Logger) Option {
 	return func(c *server.Config) { c.Logger = l }

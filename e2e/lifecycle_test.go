@@ -1,0 +1,369 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/cmdline"
+)
+
+// startDevFast starts fm dev with 1-second heartbeats, and stops every
+// machine it made when the test ends.
+func startDevFast(t *testing.T, data string) *devEnv {
+	t.Helper()
+	t.Cleanup(func() { cmdline.Stop(cmdline.Find(data), 2*time.Second) })
+	addr := FreePort(t)
+	d := &devEnv{data: data, url: "http://" + addr, keyFile: filepath.Join(data, "admin-key.json")}
+	d.env = []string{"FM_URL=" + d.url, "FM_KEY_FILE=" + d.keyFile}
+	d.proc = Start(t, fmBin(t), nil, "dev", "--data", data, "--listen", addr, "--log-format", "json", "--heartbeat-seconds", "1")
+	WaitHTTP(t, d.url+"/healthz", 60*time.Second)
+	d.proc.WaitStdout("Press Ctrl-C to stop", 10*time.Second)
+	return d
+}
+
+// newInstance creates a network, a template and an instance with the
+// image, and returns the instance's id.
+func (d *devEnv) newInstance(t *testing.T, label, image string) string {
+	t.Helper()
+	vn := jsonField(t, d.fm(t, "network", "create", "--label", label+"-net", "--default", "--output", "json"), "id")
+	tpl := jsonField(t, d.fm(t, "template", "create", "--label", label+"-tpl", "--output", "json"), "id")
+	return jsonField(t, d.fm(t, "instance", "create", "--label", label, "--network", vn, "--template", tpl,
+		"--image", image, "--output", "json"), "id")
+}
+
+func (d *devEnv) status(t *testing.T, py *Python, id string) map[string]any {
+	t.Helper()
+	var st map[string]any
+	if code := py.Do(t, "GET", "/instances/"+id+"/status", "", &st); code != 200 {
+		t.Fatalf("status: %d %v", code, st)
+	}
+	return st
+}
+
+func (d *devEnv) waitStatus(t *testing.T, py *Python, id, what string, cond func(map[string]any) bool) map[string]any {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	var st map[string]any
+	for time.Now().Before(deadline) {
+		if st = d.status(t, py, id); cond(st) {
+			return st
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("instance never %s; status %v", what, st)
+	return nil
+}
+
+// dss asks the instance's DSS (through its publicURL) a question.
+func dss(t *testing.T, url, path, key string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", url+path, nil)
+	if key != "" {
+		req.SetBasicAuth(key, "")
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func TestLifecycleThroughTheCLI(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "fm")
+	d := startDevFast(t, data)
+	py := NewPython(t, d.url, d.keyFile)
+	vn := jsonField(t, d.fm(t, "network", "create", "--label", "lab", "--default", "--output", "json"), "id")
+	tplFile := filepath.Join(t.TempDir(), "tpl.json")
+	os.WriteFile(tplFile, []byte(`{"label":"base","setupActions":[
+		{"type":"ADD_ENV_VARIABLES","params":{"variables":[{"key":"TEAM","value":"data"}]}},
+		{"type":"SETUP_K8S_AND_SPARK","params":{}}]}`), 0o644)
+	tpl := jsonField(t, d.fm(t, "template", "create", "--file", tplFile, "--output", "json"), "id")
+	id := jsonField(t, d.fm(t, "instance", "create", "--label", "dss1", "--network", vn, "--template", tpl,
+		"--image", "dss-13.4.0-standin", "--volume-size", "5", "--output", "json"), "id")
+
+	// Provision, showing the steps.
+	out, errOut, code := Run(t, fmBin(t), d.env, "instance", "provision", id, "--wait")
+	if code != 0 || !strings.Contains(errOut, "install") || !strings.Contains(errOut, "SETUP_K8S_AND_SPARK") || !strings.Contains(out, "succeeded") {
+		t.Fatalf("provision: %d\n%s\n%s", code, out, errOut)
+	}
+	st := d.status(t, py, id)
+	url, _ := st["publicURL"].(string)
+	if st["state"] != "running" || st["hasPhysicalInstance"] != true || st["cloudMachineIsUp"] != true || url == "" {
+		t.Fatalf("after provision: %v", st)
+	}
+	if code, body := dss(t, url, "/api/health", ""); code != 200 || !strings.Contains(body, `"version":"13.4.0"`) {
+		t.Fatalf("DSS at %s: %d %s", url, code, body)
+	}
+	var key struct{ AdminAPIKey string }
+	py.Do(t, "GET", "/instances/"+id+"/admin-api-key", "", &key)
+	if code, body := dss(t, url, "/api/runtime", key.AdminAPIKey); code != 200 || !strings.Contains(body, `"TEAM":"data"`) {
+		t.Fatalf("the setup action is not in DSS: %d %s", code, body)
+	}
+
+	// Prometheus sees the fleet.
+	resp, err := http.Get(d.url + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`fm_instances{node_type="design",state="running"} 1`, `fm_instance_heartbeat_age_seconds{instance="` + id + `"}`,
+		`fm_instance_data_volume_used_ratio{instance="` + id + `"}`, `fm_operations_total{kind="reprovision",result="succeeded"} 1`} {
+		if !strings.Contains(string(metrics), want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+
+	// Stop and start.
+	d.fm(t, "instance", "stop", id, "--wait")
+	if st := d.status(t, py, id); st["state"] != "stopped" || st["cloudMachineIsUp"] != false || st["publicURL"] != "" {
+		t.Fatalf("stopped: %v", st)
+	}
+	if code, _ := dss(t, url, "/api/health", ""); code != 0 {
+		t.Fatal("DSS answers on a stopped machine")
+	}
+	d.fm(t, "instance", "start", id, "--wait")
+	if code, _ := dss(t, url, "/api/health", ""); code != 200 {
+		t.Fatal("DSS does not answer after start")
+	}
+
+	// Data written into DSS survives a deprovision and a reprovision.
+	req, _ := http.NewRequest("POST", url+"/public/api/projects/", strings.NewReader(`{"projectKey":"KEEP","name":"kept"}`))
+	req.SetBasicAuth(key.AdminAPIKey, "")
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("create project: %v %v", resp, err)
+	}
+	d.fm(t, "instance", "deprovision", id, "--wait")
+	if st := d.status(t, py, id); st["state"] != "deprovisioned" || st["hasPhysicalInstance"] != false {
+		t.Fatalf("deprovisioned: %v", st)
+	}
+	if _, err := os.Stat(filepath.Join(data, "local", "volumes", id, "dataiku", "dss_data", "projects", "KEEP")); err != nil {
+		t.Fatalf("the data volume was not kept: %v", err)
+	}
+	d.fm(t, "instance", "reprovision", id, "--wait")
+	if code, _ := dss(t, url, "/public/api/projects/KEEP/", key.AdminAPIKey); code != 200 {
+		t.Fatal("the project did not survive deprovision and reprovision")
+	}
+
+	// A new image upgrades DSS in place, keeping the data.
+	d.fm(t, "instance", "update", id, "--image", "dss-14.0.0-standin")
+	_, errOut, code = Run(t, fmBin(t), d.env, "instance", "reprovision", id, "--wait")
+	if code != 0 || !strings.Contains(errOut, "upgraded from 13.4.0 to 14.0.0") {
+		t.Fatalf("upgrade: %d %s", code, errOut)
+	}
+	if code, body := dss(t, url, "/api/health", ""); !strings.Contains(body, `"version":"14.0.0"`) || code != 200 {
+		t.Fatalf("after upgrade: %s", body)
+	}
+	if code, _ := dss(t, url, "/public/api/projects/KEEP/", key.AdminAPIKey); code != 200 {
+		t.Fatal("the project did not survive the upgrade")
+	}
+	// Back to the older image: refused.
+	d.fm(t, "instance", "update", id, "--image", "dss-13.4.0-standin")
+	_, errOut, code = Run(t, fmBin(t), d.env, "instance", "reprovision", id)
+	if code != 1 || !strings.Contains(errOut, "downgrade refused") {
+		t.Fatalf("downgrade: %d %s", code, errOut)
+	}
+	d.fm(t, "instance", "update", id, "--image", "dss-14.0.0-standin")
+
+	// Commands.
+	d.fm(t, "instance", "restart-dss", id, "--wait")
+	d.fm(t, "instance", "replay-setup-actions", id, "--wait")
+	pw := d.fm(t, "instance", "password", id)
+	if !strings.HasPrefix(pw, "admin: ") {
+		t.Fatalf("password: %s", pw)
+	}
+	if _, _, code := Run(t, fmBin(t), d.env, "instance", "password", id); code != 1 {
+		t.Fatal("the initial password was given twice")
+	}
+	cmd := exec.Command(fmBin(t), "instance", "reset-password", id, "--wait")
+	cmd.Env = append(os.Environ(), d.env...)
+	cmd.Stdin = strings.NewReader("Fresh-passw0rd\n")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("reset-password: %v %s", err, out)
+	}
+	login, _ := http.Post(url+"/api/login", "application/json", strings.NewReader(`{"login":"admin","password":"Fresh-passw0rd"}`))
+	if login == nil || login.StatusCode != 200 {
+		t.Fatalf("login with the new password: %v", login)
+	}
+
+	// Delete: refused with a machine, then done after a deprovision.
+	if _, errOut, code := Run(t, fmBin(t), d.env, "instance", "delete", id); code != 1 || !strings.Contains(errOut, "deprovision it first") {
+		t.Fatalf("delete with a machine: %d %s", code, errOut)
+	}
+	d.fm(t, "instance", "deprovision", id, "--wait")
+	d.fm(t, "instance", "delete", id, "--wait")
+	if _, err := os.Stat(filepath.Join(data, "local", "volumes", id)); !os.IsNotExist(err) {
+		t.Fatal("delete left the data volume")
+	}
+	if code := py.Do(t, "GET", "/instances/"+id, "", nil); code != 404 {
+		t.Fatalf("deleted instance: %d", code)
+	}
+	if left := cmdline.Find(filepath.Join(data, "local")); len(left) != 0 {
+		t.Fatalf("machine processes left: %v", left)
+	}
+}
+
+// wait polls a future as Dataiku's client does, but faster: GET
+// /futures/{id}?peek=False until hasResult or an HTTP error.
+func (p *Python) wait(t *testing.T, f map[string]any) (map[string]any, int) {
+	t.Helper()
+	if f["hasResult"] == true {
+		return f, 200
+	}
+	deadline := time.Now().Add(2 * time.Minute)
+	for time.Now().Before(deadline) {
+		var next map[string]any
+		code := p.Do(t, "GET", fmt.Sprintf("/futures/%v?peek=False", f["jobId"]), "", &next)
+		if code >= 400 || next["hasResult"] == true {
+			return next, code
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("future %v never resolved", f["jobId"])
+	return nil, 0
+}
+
+func TestLifecycleAsThePythonClientSendsIt(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "fm")
+	d := startDevFast(t, data)
+	py := NewPython(t, d.url, d.keyFile)
+	var vn, tpl, in, f map[string]any
+	py.Do(t, "POST", "/virtual-networks?useDefaultValues=True", `{"label": "net", "mode": "EXISTING_MONOTENANT", "awsVpcId": null, "awsSubnetId": null, "awsSecondSubnetId": null, "awsAutoCreateSecurityGroups": true}`, &vn)
+	py.Do(t, "POST", "/instance-settings-templates", `{"label": "tpl", "setupActions": [{"type": "ADD_AUTHORIZED_KEY", "params": {"sshKey": "ssh-ed25519 AAAAC3Nza ops@x"}}], "license": null}`, &tpl)
+	py.Do(t, "POST", "/instances", fmt.Sprintf(`{"label": "py1", "instanceSettingsTemplateId": %q, "virtualNetworkId": %q, "imageId": "dss-14.0.0-standin", "dssNodeType": "automation"}`, tpl["id"], vn["id"]), &in)
+	id := in["id"].(string)
+	for _, action := range []string{"reprovision", "stop", "start", "restart-dss", "replay-setup-actions"} {
+		if code := py.Do(t, "GET", "/instances/"+id+"/actions/"+action, "", &f); code != 200 {
+			t.Fatalf("%s: %d %v", action, code, f)
+		}
+		if res, code := py.wait(t, f); code != 200 {
+			t.Fatalf("%s failed: %d %v", action, code, res)
+		}
+	}
+	st := d.status(t, py, id)
+	if st["cloudMachineIsUp"] != true || st["publicURL"] == "" || st["privateIP"] != "127.0.0.1" {
+		t.Fatalf("status %v", st)
+	}
+	// reset-user-password: a JSON body (13.5.4 and later) or a query (older).
+	py.Do(t, "POST", "/instances/"+id+"/actions/reset-user-password", `{"userName": "admin", "password": "Body-pw1"}`, &f)
+	if _, code := py.wait(t, f); code != 200 {
+		t.Fatal("reset by body failed")
+	}
+	py.Do(t, "GET", "/instances/"+id+"/actions/reset-user-password?userName=admin&password=Query-pw1", "", &f)
+	if _, code := py.wait(t, f); code != 200 {
+		t.Fatal("reset by query failed")
+	}
+	// A command DSS refuses fails as an HTTP error on the future.
+	py.Do(t, "POST", "/instances/"+id+"/actions/reset-user-password", `{"userName": "nobody", "password": "x"}`, &f)
+	if res, code := py.wait(t, f); code < 400 || !strings.Contains(fmt.Sprint(res["detailedMessage"]), "nobody") {
+		t.Fatalf("a failed command: %d %v", code, res)
+	}
+	var pw map[string]any
+	if code := py.Do(t, "GET", "/instances/"+id+"/actions/get-initial-password", "", &pw); code != 200 || pw["password"] == "" {
+		t.Fatalf("initial password: %d %v", code, pw)
+	}
+	py.Do(t, "GET", "/instances/"+id+"/actions/deprovision", "", &f)
+	py.wait(t, f)
+	py.Do(t, "GET", "/instances/"+id+"/actions/delete", "", &f)
+	if _, code := py.wait(t, f); code != 200 {
+		t.Fatal("delete failed")
+	}
+	var list []any
+	py.Do(t, "GET", "/instances", "", &list)
+	if len(list) != 0 {
+		t.Fatalf("instances left: %v", list)
+	}
+}
+
+func TestCrashDuringReprovision(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "fm")
+	d := startDevFast(t, data)
+	py := NewPython(t, d.url, d.keyFile)
+	id := d.newInstance(t, "c1", "dss-14.0.0-standin")
+	var f map[string]any
+	py.Do(t, "GET", "/instances/"+id+"/actions/reprovision", "", &f)
+	// fm dev dies at once, in the middle of the operation.
+	if err := syscall.Kill(d.proc.cmd.Process.Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-d.proc.done
+	d2 := startDevFast(t, data)
+	py2 := NewPython(t, d2.url, d2.keyFile)
+	res, code := py2.wait(t, f)
+	if code != 200 || res["hasResult"] != true {
+		t.Fatalf("after the crash the operation ended with %d %v", code, res)
+	}
+	st := d2.status(t, py2, id)
+	if st["state"] != "running" || st["agentResponding"] != true {
+		t.Fatalf("status %v", st)
+	}
+	cfg := filepath.Join(data, "local", "machines", id, "root", "etc", "fm-agent.json")
+	if agents := cmdline.Find(cfg, "agent"); len(agents) != 1 {
+		t.Fatalf("%d machines run for the instance, want exactly 1", len(agents))
+	}
+}
+
+func TestKilledAgentIsSeenAndStartBringsItBack(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "fm")
+	d := startDevFast(t, data)
+	py := NewPython(t, d.url, d.keyFile)
+	id := d.newInstance(t, "k1", "dss-14.0.0-standin")
+	d.fm(t, "instance", "provision", id, "--wait")
+	cfg := filepath.Join(data, "local", "machines", id, "root", "etc", "fm-agent.json")
+	agents := cmdline.Find(cfg, "agent")
+	if len(agents) != 1 {
+		t.Fatalf("agents %v", agents)
+	}
+	syscall.Kill(agents[0], syscall.SIGKILL)
+	d.waitStatus(t, py, id, "shown as not responding", func(st map[string]any) bool { return st["agentResponding"] == false })
+	st := d.waitStatus(t, py, id, "failed with a lost machine", func(st map[string]any) bool {
+		return st["state"] == "failed" && st["machineStatus"] == "lost"
+	})
+	if st["cloudMachineIsUp"] != false {
+		t.Fatalf("%v", st)
+	}
+	d.fm(t, "instance", "start", id, "--wait")
+	d.waitStatus(t, py, id, "running and responding", func(st map[string]any) bool {
+		return st["state"] == "running" && st["agentResponding"] == true
+	})
+}
+
+func TestLifecycleBadInput(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "fm")
+	d := startDevFast(t, data)
+	py := NewPython(t, d.url, d.keyFile)
+	id := d.newInstance(t, "b1", "dss-14.0.0-standin")
+	before := d.status(t, py, id)
+	var e map[string]any
+	for path, want := range map[string]int{
+		"/instances/in-unknown/actions/reprovision": 404,
+		"/instances/in-unknown/actions/start":       404,
+		"/instances/" + id + "/actions/start":       409,
+		"/instances/" + id + "/actions/stop":        409,
+		"/instances/" + id + "/actions/restart-dss": 409,
+	} {
+		if code := py.Do(t, "GET", path, "", &e); code != want || e["errorType"] == nil || e["detailedMessage"] == "" {
+			t.Errorf("%s: %d %v, want %d with an error body", path, code, e, want)
+		}
+	}
+	if code := py.Do(t, "PUT", "/instances/"+id, `{"imageId":"dss-0.0.0-nope"}`, &e); code != 400 || !strings.Contains(fmt.Sprint(e["detailedMessage"]), "dss-0.0.0-nope") {
+		t.Errorf("unknown image: %d %v", code, e)
+	}
+	after := d.status(t, py, id)
+	b1, _ := json.Marshal(before)
+	b2, _ := json.Marshal(after)
+	if string(b1) != string(b2) {
+		t.Fatalf("refused requests changed the instance:\n%s\n%s", b1, b2)
+	}
+}

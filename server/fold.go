@@ -1,0 +1,434 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// EventsConsumer is the servers' durable consumer on FM_EVENTS. Every server
+// replica pulls from it, so each event is folded by one of them.
+const EventsConsumer = "fm-server"
+
+// folder folds what the provisioner and the agents report (fm_machines,
+// fm_agents, FM_EVENTS, heartbeats) into each instance's lifecycle and its
+// operation. Every change is made with a revision check and is idempotent,
+// so replicas folding the same instance agree.
+type folder struct {
+	mu          sync.Mutex
+	dirty       map[string]bool
+	wake        chan struct{}
+	beats       map[string]time.Time // last heartbeat per instance, this replica's view
+	republished map[string]time.Time // last republication per operation
+}
+
+func newFolder() *folder {
+	return &folder{dirty: map[string]bool{}, wake: make(chan struct{}, 1), beats: map[string]time.Time{},
+		republished: map[string]time.Time{}}
+}
+
+// enqueue marks an instance to be reconciled soon.
+func (s *Server) enqueue(id string) {
+	s.fold.mu.Lock()
+	s.fold.dirty[id] = true
+	s.fold.mu.Unlock()
+	select {
+	case s.fold.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Server) lastHeartbeat(id string) time.Time {
+	s.fold.mu.Lock()
+	defer s.fold.mu.Unlock()
+	return s.fold.beats[id]
+}
+
+// runFolding does the folding until ctx ends.
+func (s *Server) runFolding(ctx context.Context) {
+	hb, err := s.cfg.Conn.Subscribe(protocol.SubjectAllHeartbeat, func(m *nats.Msg) {
+		var h protocol.Heartbeat
+		if protocol.Decode(m.Data, &h) != nil {
+			return
+		}
+		s.fold.mu.Lock()
+		s.fold.beats[h.Instance] = time.Now()
+		s.fold.mu.Unlock()
+	})
+	if err != nil {
+		s.log.Error().Err(err).Msg("heartbeats not followed")
+	} else {
+		defer func() { _ = hb.Unsubscribe() }()
+	}
+	go s.consumeEvents(ctx)
+	tick := time.NewTicker(s.cfg.SweepInterval)
+	defer tick.Stop()
+	s.sweep(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.fold.wake:
+		case <-tick.C:
+			s.sweep(ctx)
+		}
+		s.fold.mu.Lock()
+		ids := make([]string, 0, len(s.fold.dirty))
+		for id := range s.fold.dirty {
+			ids = append(ids, id)
+		}
+		s.fold.dirty = map[string]bool{}
+		s.fold.mu.Unlock()
+		for _, id := range ids {
+			if err := s.reconcile(ctx, id); err != nil && ctx.Err() == nil {
+				s.log.Warn().Err(err).Str("instance", id).Msg("reconcile failed; will retry")
+				s.enqueue(id)
+			}
+		}
+	}
+}
+
+// reconcile brings an instance's lifecycle and operation in line with what
+// its machine and agent report.
+func (s *Server) reconcile(ctx context.Context, id string) error {
+	lc, rev, ok := s.st.lifecycle.get(id)
+	if !ok {
+		return nil
+	}
+	if lc.OpID == "" {
+		if lc.State != stateRunning {
+			return nil
+		}
+		if m, _, _ := s.st.machines.get(id); m.Status == protocol.MachineLost || m.Status == protocol.MachineFailed {
+			// The machine went away on its own: start or reprovision it.
+			next := lc
+			next.State, next.Since, next.UpdatedAt = stateFailed, time.Now().UTC(), time.Now().UTC()
+			next.Error = apiErrorOf(m.Error, "The machine is lost")
+			if _, err := s.st.lifecycle.update(ctx, id, next, rev); err != nil && !errors.Is(err, errConflict) {
+				return err
+			}
+			return nil
+		}
+		s.requestSecrets(ctx, id)
+		return nil
+	}
+	op, _, found := s.st.ops.get(lc.OpID)
+	if !found || op.State != api.OpRunning {
+		return s.settle(ctx, id, lc, rev, op, found)
+	}
+	m, _, _ := s.st.machines.get(id)
+	ag, _, _ := s.st.agents.get(id)
+	switch op.Kind {
+	case opReprovision, opStart:
+		if m.RequestID != op.RequestID {
+			return nil
+		}
+		switch m.Status {
+		case protocol.MachineFailed, protocol.MachineLost:
+			return s.failOp(ctx, op, apiErrorOf(m.Error, "The machine operation failed"))
+		case protocol.MachineRunning:
+		default:
+			return nil
+		}
+		if lc.State != stateStarting {
+			if err := s.setState(ctx, id, rev, stateStarting); err != nil {
+				return err
+			}
+		}
+		// Only reports of this machine's agent, made since the operation
+		// began, count: the machine being replaced reports too.
+		fresh := ag.Time.After(op.StartedAt) && (ag.MachineRequest == "" || ag.MachineRequest == lc.Machine)
+		if fresh && ag.Target >= op.Target && ag.Phase == protocol.PhaseFailed {
+			return s.failOp(ctx, op, apiErrorOf(ag.Error, "DSS could not be set up"))
+		}
+		if fresh && ag.Generation >= op.Target && ag.Phase == protocol.PhaseReady && ag.DSS.State == protocol.DSSRunning {
+			if !s.hasSecrets(id) {
+				// Done only once FM holds the credentials, so that a client
+				// can ask for the initial password right after.
+				s.requestSecrets(ctx, id)
+				return nil
+			}
+			return s.succeedOp(ctx, op, nil, func(next *lifecycle) {
+				next.State = stateRunning
+				if op.Kind == opReprovision {
+					var req protocol.ProvisionRequest
+					if json.Unmarshal(op.Request, &req) == nil && req.Spec != nil {
+						next.ImageID, next.DSSVersion = req.Spec.ImageID, req.Spec.DSSVersion
+					}
+				}
+			})
+		}
+	case opStop, opDeprovision, opDelete:
+		if m.RequestID != op.RequestID {
+			return nil
+		}
+		want := map[string]protocol.MachineStatus{opStop: protocol.MachineStopped,
+			opDeprovision: protocol.MachineDeprovisioned, opDelete: protocol.MachineDeleted}[op.Kind]
+		switch m.Status {
+		case protocol.MachineFailed:
+			return s.failOp(ctx, op, apiErrorOf(m.Error, "The machine operation failed"))
+		case want:
+			if op.Kind == opDelete {
+				return s.finishDelete(ctx, op, lc)
+			}
+			state := map[string]string{opStop: stateStopped, opDeprovision: stateDeprovisioned}[op.Kind]
+			return s.succeedOp(ctx, op, nil, func(next *lifecycle) { next.State = state })
+		}
+	}
+	return nil
+}
+
+// settle clears an operation that ended (or expired from fm_ops) from the
+// lifecycle. An instance left in a transitional state by a failed, aborted
+// or lost operation is failed, so that a retry or reprovision can start.
+func (s *Server) settle(ctx context.Context, id string, lc lifecycle, rev uint64, op opRecord, found bool) error {
+	next := lc
+	next.OpID, next.OpKind = "", ""
+	if oneOfStr(lc.State, stateProvisioning, stateStarting, stateStopping, stateDeprovisioning, stateDeleting) {
+		next.State, next.Since = stateFailed, time.Now().UTC()
+		next.Error = op.Error
+		if !found {
+			next.Error = &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation lost",
+				DetailedMessage: "the operation " + lc.OpID + " is no longer on record"}
+		}
+	}
+	next.UpdatedAt = time.Now().UTC()
+	_, err := s.st.lifecycle.update(ctx, id, next, rev)
+	if errors.Is(err, errConflict) {
+		s.enqueue(id)
+		return nil
+	}
+	return err
+}
+
+func (s *Server) setState(ctx context.Context, id string, rev uint64, state string) error {
+	lc, _, _ := s.st.lifecycle.get(id)
+	lc.State, lc.Since, lc.UpdatedAt = state, time.Now().UTC(), time.Now().UTC()
+	_, err := s.st.lifecycle.update(ctx, id, lc, rev)
+	if errors.Is(err, errConflict) {
+		s.enqueue(id)
+		return nil
+	}
+	return err
+}
+
+// succeedOp ends the operation with result (nil: the instance's new state)
+// and moves the lifecycle on.
+func (s *Server) succeedOp(ctx context.Context, op opRecord, result any, change func(*lifecycle)) error {
+	lc, rev, err := s.st.lifecycle.fetch(ctx, op.Instance)
+	if err != nil {
+		return err
+	}
+	if lc.OpID != op.JobID {
+		return nil
+	}
+	next := lc
+	change(&next)
+	next.OpID, next.OpKind, next.Error = "", "", nil
+	next.Since, next.UpdatedAt = time.Now().UTC(), time.Now().UTC()
+	if _, err := s.st.lifecycle.update(ctx, op.Instance, next, rev); err != nil {
+		if errors.Is(err, errConflict) {
+			s.enqueue(op.Instance)
+			return nil
+		}
+		return err
+	}
+	if result == nil {
+		result = map[string]string{"instanceId": op.Instance, "state": next.State}
+	}
+	_, err = s.endOp(ctx, op.JobID, result, nil)
+	s.log.Info().Str("instance", op.Instance).Str("op", op.JobID).Str("state", next.State).Msg("instance operation succeeded")
+	return err
+}
+
+// failOp ends the operation with an error and leaves the instance failed
+// (a command's failure leaves it as it was).
+func (s *Server) failOp(ctx context.Context, op opRecord, failure *api.Error) error {
+	if _, err := s.endOp(ctx, op.JobID, nil, failure); err != nil {
+		return err
+	}
+	s.log.Warn().Str("instance", op.Instance).Str("op", op.JobID).Str("error", failure.DetailedMessage).Msg("instance operation failed")
+	lc, rev, err := s.st.lifecycle.fetch(ctx, op.Instance)
+	if err != nil || lc.OpID != op.JobID {
+		return err
+	}
+	next := lc
+	next.OpID, next.OpKind, next.UpdatedAt = "", "", time.Now().UTC()
+	if op.Command == nil {
+		next.State, next.Since, next.Error = stateFailed, time.Now().UTC(), failure
+	}
+	if _, err := s.st.lifecycle.update(ctx, op.Instance, next, rev); errors.Is(err, errConflict) {
+		s.enqueue(op.Instance)
+	} else if err != nil {
+		return err
+	}
+	return nil
+}
+
+// finishDelete removes what is left of a deleted instance.
+func (s *Server) finishDelete(ctx context.Context, op opRecord, lc lifecycle) error {
+	in, rev, err := s.st.instances.fetch(ctx, op.Instance)
+	if err == nil {
+		if err := s.st.instances.erase(ctx, op.Instance, in, rev); err != nil {
+			return err
+		}
+	} else if !errors.Is(err, errNotFound) {
+		return err
+	}
+	s.forgetInstance(ctx, op.Instance, lc.BasePort)
+	_, err = s.endOp(ctx, op.JobID, map[string]string{"id": op.Instance, "label": in.Label}, nil)
+	s.log.Info().Str("instance", op.Instance).Msg("instance deleted")
+	return err
+}
+
+// forgetInstance purges an instance's records: its lifecycle, desired
+// state, secrets, last agent status and machine record, and frees its port.
+func (s *Server) forgetInstance(ctx context.Context, id string, port int) {
+	for _, kv := range []jetstream.KeyValue{s.st.lifecycle.kv, s.st.desired, s.st.secrets.kv, s.st.agents.kv, s.st.machines.kv} {
+		if err := kv.Purge(ctx, id); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+			s.log.Warn().Err(err).Str("bucket", kv.Bucket()).Str("instance", id).Msg("record of a deleted instance not purged")
+		}
+	}
+	s.releasePort(ctx, id, port)
+}
+
+// consumeEvents folds FM_EVENTS: progress into operations, command results
+// into their operations and into the credentials FM keeps.
+func (s *Server) consumeEvents(ctx context.Context) {
+	for ctx.Err() == nil {
+		cons, err := s.js.CreateOrUpdateConsumer(ctx, protocol.StreamEvents, jetstream.ConsumerConfig{
+			Durable: EventsConsumer, AckPolicy: jetstream.AckExplicitPolicy, DeliverPolicy: jetstream.DeliverNewPolicy,
+			AckWait: 30 * time.Second, MaxAckPending: 1000,
+		})
+		if err == nil {
+			var cc jetstream.ConsumeContext
+			cc, err = cons.Consume(func(m jetstream.Msg) {
+				s.foldEvent(ctx, m.Data())
+				_ = m.Ack()
+			})
+			if err == nil {
+				<-ctx.Done()
+				cc.Stop()
+				return
+			}
+		}
+		s.log.Warn().Err(err).Msg("events not followed yet; retrying")
+		select {
+		case <-ctx.Done():
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
+
+func (s *Server) foldEvent(ctx context.Context, data []byte) {
+	var e protocol.Event
+	if err := protocol.Decode(data, &e); err != nil {
+		s.log.Warn().Err(err).Msg("an event does not decode; skipped")
+		return
+	}
+	defer s.enqueue(e.Instance)
+	if e.Kind == protocol.EventCommand && strings.HasPrefix(e.CommandID, secretCommandPrefix) {
+		s.storeSecret(ctx, e)
+		return
+	}
+	lc, _, ok := s.st.lifecycle.get(e.Instance)
+	if !ok || lc.OpID == "" {
+		return
+	}
+	op, _, ok := s.st.ops.get(lc.OpID)
+	if !ok || op.State != api.OpRunning {
+		return
+	}
+	ours := e.OpID == op.JobID || (e.Source == "agent" && e.Generation != 0 && e.Generation == op.Target)
+	if e.Kind == protocol.EventCommand && e.CommandID == op.CommandID && op.CommandID != "" {
+		if e.Status == protocol.StatusFailed {
+			_ = s.failOp(ctx, op, apiErrorOf(e.Error, "The command failed"))
+			return
+		}
+		var result any = map[string]string{"instanceId": op.Instance, "message": e.Message}
+		if len(e.Result) > 0 {
+			result = json.RawMessage(e.Result)
+		}
+		_ = s.succeedOp(ctx, op, result, func(*lifecycle) {})
+		return
+	}
+	if !ours || e.Status == protocol.StatusStarted && e.Kind == protocol.EventStep {
+		return
+	}
+	name := e.Step
+	if e.Source == "provisioner" {
+		name = "machine: " + name
+	}
+	_, _ = s.updateOp(ctx, op.JobID, func(o *opRecord) bool {
+		if o.State != api.OpRunning {
+			return false
+		}
+		o.step(name, string(e.Status), e.Message, e.Time)
+		return true
+	})
+}
+
+// sweep fails operations past their deadline, republishes requests that
+// were lost, and reconciles every instance with an operation under way.
+func (s *Server) sweep(ctx context.Context) {
+	now := time.Now()
+	for _, op := range s.st.ops.filter(func(op opRecord) bool { return op.State == api.OpRunning && op.Instance != "" }) {
+		if now.After(op.Deadline) {
+			_ = s.failOp(ctx, op, &api.Error{ErrorType: string(protocol.CodeDeadlineExceeded), Message: "Operation timed out",
+				DetailedMessage: op.Kind + " of " + op.Instance + " did not finish by " + op.Deadline.Format(time.RFC3339)})
+			continue
+		}
+		if op.Request != nil && now.Sub(op.StartedAt) > 10*time.Second {
+			if m, _, _ := s.st.machines.get(op.Instance); m.RequestID != op.RequestID && s.shouldRepublish(op.JobID) {
+				s.log.Info().Str("op", op.JobID).Msg("provision request not taken yet; publishing it again")
+				s.publishOp(ctx, op)
+			}
+		}
+		if op.Command != nil && now.Sub(op.StartedAt) > 10*time.Second && s.shouldRepublish(op.JobID) {
+			s.ensureCommandPublished(ctx, op)
+		}
+		s.enqueue(op.Instance)
+	}
+	for _, row := range s.st.lifecycle.rows() {
+		if row.val.OpID != "" || row.val.State == stateRunning && !s.hasSecrets(row.key) {
+			s.enqueue(row.key)
+		}
+	}
+}
+
+func (s *Server) hasSecrets(id string) bool {
+	sec, _, _ := s.st.secrets.get(id)
+	return sec.InitialPassword != "" && sec.AdminAPIKey != ""
+}
+
+// shouldRepublish allows one republication of an operation every 30 seconds.
+func (s *Server) shouldRepublish(opID string) bool {
+	s.fold.mu.Lock()
+	defer s.fold.mu.Unlock()
+	if time.Since(s.fold.republished[opID]) < 30*time.Second {
+		return false
+	}
+	s.fold.republished[opID] = time.Now()
+	return true
+}
+
+// ensureCommandPublished publishes a command again if FM_COMMANDS does not
+// hold it (a crash between recording the operation and publishing).
+func (s *Server) ensureCommandPublished(ctx context.Context, op opRecord) {
+	st, err := s.js.Stream(ctx, protocol.StreamCommands)
+	if err != nil {
+		return
+	}
+	if _, err := st.GetLastMsgForSubject(ctx, protocol.CommandSubject(op.Instance, op.CommandID)); errors.Is(err, jetstream.ErrMsgNotFound) {
+		s.log.Info().Str("op", op.JobID).Msg("command missing from FM_COMMANDS; publishing it again")
+		s.publishOp(ctx, op)
+	}
+}

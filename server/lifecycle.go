@@ -1,0 +1,448 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// The kinds of instance operation, as futures name them.
+const (
+	opReprovision   = "reprovision"
+	opDeprovision   = "deprovision"
+	opStart         = "start"
+	opStop          = "stop"
+	opDelete        = "delete-instance"
+	opRestartDSS    = "restart-dss"
+	opReplayActions = "replay-setup-actions"
+	opResetPassword = "reset-user-password"
+)
+
+// action is one instance action: where it may start from, the state it
+// leaves the instance in while it runs, and how long it may take.
+type action struct {
+	kind     string
+	from     []string
+	during   string // lifecycle state while it runs; "" keeps the state
+	deadline time.Duration
+	// prepare fills in the operation (request, command, target) and the
+	// lifecycle it leads to; an error refuses the action, changing nothing.
+	prepare func(ctx context.Context, in api.Instance, lc *lifecycle, op *opRecord, m protocol.MachineState) (*protocol.DesiredState, error)
+}
+
+func (s *Server) actions() map[string]action {
+	return map[string]action{
+		opReprovision: {kind: opReprovision, during: stateProvisioning, deadline: time.Hour,
+			from:    []string{stateCreated, stateRunning, stateStopped, stateDeprovisioned, stateFailed},
+			prepare: s.prepareReprovision},
+		opStart: {kind: opStart, during: stateStarting, deadline: 30 * time.Minute,
+			from: []string{stateStopped, stateFailed},
+			prepare: func(ctx context.Context, in api.Instance, lc *lifecycle, op *opRecord, m protocol.MachineState) (*protocol.DesiredState, error) {
+				if m.Status == "" || m.Status == protocol.MachineDeprovisioned || m.Status == protocol.MachineDeleted {
+					return nil, precondition("instance %s has no machine to start; reprovision it", in.ID)
+				}
+				spec, err := s.machineSpec(in, lc.BasePort)
+				if err != nil {
+					return nil, err
+				}
+				op.Target = lc.Generation
+				return nil, s.attachRequest(op, protocol.ProvisionRequest{Action: protocol.ProvisionStart, Generation: lc.Generation, Spec: spec})
+			}},
+		opStop: {kind: opStop, during: stateStopping, deadline: 15 * time.Minute,
+			from: []string{stateRunning, stateFailed},
+			prepare: func(ctx context.Context, in api.Instance, lc *lifecycle, op *opRecord, m protocol.MachineState) (*protocol.DesiredState, error) {
+				if m.Status != protocol.MachineRunning && m.Status != protocol.MachineLost {
+					return nil, precondition("instance %s has no running machine to stop", in.ID)
+				}
+				return nil, s.attachRequest(op, protocol.ProvisionRequest{Action: protocol.ProvisionStop})
+			}},
+		opDeprovision: {kind: opDeprovision, during: stateDeprovisioning, deadline: 30 * time.Minute,
+			from: []string{stateRunning, stateStopped, stateFailed},
+			prepare: func(ctx context.Context, in api.Instance, lc *lifecycle, op *opRecord, m protocol.MachineState) (*protocol.DesiredState, error) {
+				if !m.HasMachine() {
+					return nil, precondition("instance %s has no machine to deprovision", in.ID)
+				}
+				return nil, s.attachRequest(op, protocol.ProvisionRequest{Action: protocol.ProvisionDeprovision})
+			}},
+		opDelete: {kind: opDelete, during: stateDeleting, deadline: 30 * time.Minute,
+			from: []string{stateCreated, stateRunning, stateStopped, stateDeprovisioned, stateFailed},
+			prepare: func(ctx context.Context, in api.Instance, lc *lifecycle, op *opRecord, m protocol.MachineState) (*protocol.DesiredState, error) {
+				opts, _ := ctx.Value(deleteOptionsKey{}).(deleteOptions)
+				if m.HasMachine() && !opts.force {
+					return nil, precondition("instance %s has a machine (%s); deprovision it first, or delete with force=True", in.ID, m.Status)
+				}
+				return nil, s.attachRequest(op, protocol.ProvisionRequest{Action: protocol.ProvisionDelete, KeepVolume: opts.keepVolume})
+			}},
+		opRestartDSS:    s.commandAction(opRestartDSS, protocol.CommandRestartDSS),
+		opReplayActions: s.commandAction(opReplayActions, protocol.CommandReplaySetupActions),
+		opResetPassword: s.commandAction(opResetPassword, protocol.CommandResetUserPassword),
+	}
+}
+
+// commandAction is an action carried out by the agent through a command.
+func (s *Server) commandAction(kind string, cmd protocol.CommandKind) action {
+	return action{kind: kind, from: []string{stateRunning}, deadline: 15 * time.Minute,
+		prepare: func(ctx context.Context, in api.Instance, lc *lifecycle, op *opRecord, m protocol.MachineState) (*protocol.DesiredState, error) {
+			c := protocol.Command{ID: op.JobID + "-cmd", Instance: in.ID, Kind: cmd, OpID: op.JobID,
+				Issued: time.Now().UTC(), Expires: op.Deadline}
+			if p, ok := ctx.Value(commandParamsKey{}).(json.RawMessage); ok {
+				c.Params = p
+			}
+			data, err := protocol.Encode(&c)
+			if err != nil {
+				return nil, internal(err, "the command could not be encoded")
+			}
+			op.CommandID, op.Command = c.ID, data
+			return nil, nil
+		}}
+}
+
+type commandParamsKey struct{}
+
+// attachRequest completes a provision request of the operation and keeps it
+// in the operation.
+func (s *Server) attachRequest(op *opRecord, req protocol.ProvisionRequest) error {
+	req.ID, req.Instance, req.OpID, req.Issued = op.JobID+"-"+string(req.Action), op.Instance, op.JobID, time.Now().UTC()
+	data, err := protocol.Encode(&req)
+	if err != nil {
+		return internal(err, "the provision request could not be encoded")
+	}
+	op.RequestID, op.Request = req.ID, data
+	return nil
+}
+
+// instanceAction serves an action of the REST API on an instance.
+func (s *Server) instanceAction(kind string) handlerFunc {
+	return func(r *http.Request) (any, error) {
+		id := r.PathValue("id")
+		in, ok := s.st.instances.view(id)
+		if !ok {
+			return nil, notFound(kindInstance, id)
+		}
+		ctx := r.Context()
+		switch kind {
+		case opReprovision:
+			allow, err := queryBool(r, "allowDowngrade", false)
+			if err != nil {
+				return nil, err
+			}
+			ctx = context.WithValue(ctx, allowDowngradeKey{}, allow)
+		case opResetPassword:
+			params, err := resetPasswordParams(r)
+			if err != nil {
+				return nil, err
+			}
+			ctx = context.WithValue(ctx, commandParamsKey{}, params)
+		}
+		f, err := s.act(ctx, in, s.actions()[kind])
+		if err != nil {
+			return nil, err
+		}
+		return f, nil
+	}
+}
+
+type allowDowngradeKey struct{}
+
+type deleteOptionsKey struct{}
+
+type deleteOptions struct{ force, keepVolume bool }
+
+// resetPasswordParams reads userName and password from a JSON body (clients
+// from 13.5.4) or the query string (older clients).
+func resetPasswordParams(r *http.Request) (json.RawMessage, error) {
+	var p protocol.ResetUserPasswordParams
+	if r.Method == http.MethodPost {
+		if err := readJSON(r, &p); err != nil {
+			return nil, err
+		}
+	} else {
+		p.UserName, p.Password = r.URL.Query().Get("userName"), r.URL.Query().Get("password")
+	}
+	var c checker
+	c.required("userName", p.UserName)
+	c.required("password", p.Password)
+	if err := c.err("password reset"); err != nil {
+		return nil, err
+	}
+	b, _ := json.Marshal(p)
+	return b, nil
+}
+
+// lifecycleOf reads an instance's lifecycle from the bucket (created if it
+// has none) with its revision (0 if none).
+func (s *Server) lifecycleOf(ctx context.Context, id string) (lifecycle, uint64, error) {
+	lc, rev, err := s.st.lifecycle.fetch(ctx, id)
+	if errors.Is(err, errNotFound) {
+		return lifecycle{State: stateCreated}, 0, nil
+	}
+	return lc, rev, err
+}
+
+// act starts an action: it records the operation, claims the instance for
+// it (a revision-checked write of its lifecycle, so that two actions never
+// run at once), writes the desired state, and publishes the request or
+// command. A refused action changes nothing.
+func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future, error) {
+	for attempt := 0; attempt < 5; attempt++ {
+		lc, rev, err := s.lifecycleOf(ctx, in.ID)
+		if err != nil {
+			return api.Future{}, unavailable(err, "the instance's state could not be read")
+		}
+		if lc.OpID != "" {
+			if op, _, ok := s.st.ops.get(lc.OpID); ok && op.State == api.OpRunning {
+				return api.Future{}, newAPIError(protocol.CodeFailedPrecondition, "Operation in progress",
+					"instance %s is busy with %s (operation %s); wait for it to end or abort it (DELETE /futures/%s)",
+					in.ID, op.Kind, op.JobID, op.JobID)
+			}
+		}
+		if !oneOfStr(lc.State, a.from...) {
+			return api.Future{}, precondition("cannot %s instance %s while it is %s", a.kind, in.ID, lc.State)
+		}
+		m, _, _ := s.st.machines.get(in.ID)
+		deadline := a.deadline
+		if s.cfg.OperationTimeout != 0 {
+			deadline = s.cfg.OperationTimeout
+		}
+		op := newRunningOp(ctx, a.kind, in.ID, deadline)
+		next := lc
+		desired, err := a.prepare(ctx, in, &next, &op, m)
+		if err != nil {
+			return api.Future{}, err
+		}
+		now := time.Now().UTC()
+		next.OpID, next.OpKind, next.Error, next.UpdatedAt = op.JobID, a.kind, nil, now
+		if a.during != "" && next.State != a.during {
+			next.State, next.Since = a.during, now
+		}
+		if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
+			return api.Future{}, unavailable(err, "the operation could not be recorded")
+		}
+		if rev == 0 {
+			_, err = s.st.lifecycle.create(ctx, in.ID, next)
+		} else {
+			_, err = s.st.lifecycle.update(ctx, in.ID, next, rev)
+		}
+		if errors.Is(err, errConflict) || errors.Is(err, errExists) {
+			// Someone else acted on the instance meanwhile: forget this
+			// operation (nobody has seen it) and look again.
+			_ = s.st.ops.kv.Purge(ctx, op.JobID)
+			continue
+		}
+		if err != nil {
+			_ = s.st.ops.kv.Purge(ctx, op.JobID)
+			return api.Future{}, unavailable(err, "the instance's state could not be written")
+		}
+		s.log.Info().Str("instance", in.ID).Str("op", op.JobID).Str("action", a.kind).Msg("instance operation started")
+		if desired != nil {
+			if err := s.putDesired(ctx, desired); err != nil {
+				s.log.Error().Err(err).Str("instance", in.ID).Msg("desired state not written")
+				_, _ = s.endOp(ctx, op.JobID, nil, &api.Error{ErrorType: string(protocol.CodeUnavailable),
+					Message: "Service unavailable", DetailedMessage: "the desired state could not be written: " + err.Error()})
+				s.enqueue(in.ID)
+				return api.Future{}, unavailable(err, "the desired state could not be written")
+			}
+		}
+		// A failed publish is retried by the sweeper; the operation is on
+		// record either way.
+		s.publishOp(ctx, op)
+		return op.Future, nil
+	}
+	return api.Future{}, conflict("instance %s is being changed by someone else; retry", in.ID)
+}
+
+// publishOp sends the operation's request or command.
+func (s *Server) publishOp(ctx context.Context, op opRecord) {
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	var err error
+	switch {
+	case op.Request != nil:
+		var req protocol.ProvisionRequest
+		_ = json.Unmarshal(op.Request, &req)
+		_, err = s.js.Publish(pctx, protocol.ProvisionSubject(op.Instance, req.Action), op.Request, jetstream.WithMsgID(op.RequestID))
+	case op.Command != nil:
+		_, err = s.js.Publish(pctx, protocol.CommandSubject(op.Instance, op.CommandID), op.Command, jetstream.WithMsgID(op.CommandID))
+	}
+	if err != nil {
+		s.log.Warn().Err(err).Str("op", op.JobID).Msg("operation not published yet; it will be retried")
+	}
+}
+
+func (s *Server) putDesired(ctx context.Context, d *protocol.DesiredState) error {
+	data, err := protocol.Encode(d)
+	if err != nil {
+		return err
+	}
+	_, err = s.st.desired.Put(ctx, d.Instance, data)
+	return err
+}
+
+// prepareReprovision builds the next desired state and the machine spec
+// from the instance's current settings, template, network and image.
+func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *lifecycle, op *opRecord, m protocol.MachineState) (*protocol.DesiredState, error) {
+	im, _, ok := s.st.images.get(in.ImageID)
+	if !ok {
+		return nil, precondition("image %q of instance %s no longer exists; choose another (GET /images)", in.ImageID, in.ID)
+	}
+	if im.Kit == nil {
+		return nil, precondition("image %s has no kit: the agent needs one to install DSS", im.ID)
+	}
+	allow, _ := ctx.Value(allowDowngradeKey{}).(bool)
+	if lc.DSSVersion != "" && protocol.CompareVersions(im.DSSVersion, lc.DSSVersion) < 0 && !allow {
+		return nil, precondition("image %s has DSS %s, older than the %s installed on the data volume: downgrade refused "+
+			"(reprovision with allowDowngrade=True to try; DSS itself may refuse)", im.ID, im.DSSVersion, lc.DSSVersion)
+	}
+	tpl, _, ok := s.st.templates.get(in.InstanceSettingsTemplateID)
+	if !ok {
+		return nil, precondition("template %s of instance %s no longer exists", in.InstanceSettingsTemplateID, in.ID)
+	}
+	if lc.BasePort == 0 {
+		port, err := s.allocatePort(ctx, in.ID)
+		if err != nil {
+			return nil, err
+		}
+		lc.BasePort = port
+	}
+	spec, err := s.machineSpec(in, lc.BasePort)
+	if err != nil {
+		return nil, err
+	}
+	lc.Generation++
+	license := tpl.License
+	if license == "" {
+		if cc := s.cloudCredentials(); cc.LicenseMode == api.LicenseStatic {
+			license = cc.License
+		}
+	}
+	actions := make([]protocol.SetupAction, len(tpl.SetupActions))
+	for i, a := range tpl.SetupActions {
+		actions[i] = protocol.SetupAction{Type: protocol.SetupActionType(a.Type), Params: a.Params, Enabled: a.Enabled == nil || *a.Enabled}
+	}
+	d := &protocol.DesiredState{
+		Instance: in.ID, Generation: lc.Generation, NodeType: in.DSSNodeType, SetupActions: actions,
+		HeartbeatSeconds: s.cfg.HeartbeatSeconds,
+		DSS: protocol.DSSTarget{ImageID: im.ID, Version: im.DSSVersion, Port: lc.BasePort, License: license, AllowDowngrade: allow,
+			Kit: protocol.KitSource{Path: im.Kit.Path, URL: im.Kit.URL, SHA256: im.Kit.SHA256, Object: im.Kit.Object}},
+	}
+	op.Target = lc.Generation
+	if err := s.attachRequest(op, protocol.ProvisionRequest{Action: protocol.ProvisionReprovision, Generation: lc.Generation, Spec: spec}); err != nil {
+		return nil, err
+	}
+	// Only the machine this request makes acts on it; the one it replaces
+	// leaves it alone while it is torn down.
+	d.MachineRequest, lc.Machine = op.RequestID, op.RequestID
+	return d, nil
+}
+
+// machineSpec is what a backend needs to build the instance's machine.
+func (s *Server) machineSpec(in api.Instance, port int) (*protocol.MachineSpec, error) {
+	im, _, ok := s.st.images.get(in.ImageID)
+	if !ok {
+		return nil, precondition("image %q of instance %s no longer exists", in.ImageID, in.ID)
+	}
+	vn, _, ok := s.st.networks.get(in.VirtualNetworkID)
+	if !ok {
+		return nil, precondition("virtual network %s of instance %s no longer exists", in.VirtualNetworkID, in.ID)
+	}
+	tpl, _, _ := s.st.templates.get(in.InstanceSettingsTemplateID)
+	tags := map[string]string{}
+	doc, _, _ := s.st.settings.get(settingsKey(api.DefaultTenant, settingCloudTags))
+	for _, layer := range []map[string]string{doc.CloudTags, vn.CloudTags, in.CloudTags} {
+		for k, v := range layer {
+			tags[k] = v
+		}
+	}
+	spec := &protocol.MachineSpec{
+		Label: in.Label, NodeType: in.DSSNodeType, ImageID: im.ID, DSSVersion: im.DSSVersion, AMIs: im.AMIs,
+		InstanceType: in.CloudInstanceType, BasePort: port, Tags: tags,
+		Network: protocol.NetworkSpec{ID: vn.ID, Region: vn.AWSRegion, VpcID: vn.AWSVpcID, SubnetID: vn.AWSSubnetID,
+			AutoCreateSecurityGroups: *vn.AWSAutoCreateSecurityGroups, SecurityGroups: vn.AWSSecurityGroups,
+			AssignPublicIP: *vn.AWSAssignPublicIP, DNSStrategy: vn.DNSStrategy,
+			PrivateZoneID: vn.AWSRoute53PrivateIPZone, PublicZoneID: vn.AWSRoute53PublicIPZone},
+		Access: protocol.AccessSpec{KeyPairName: tpl.AWSKeyPairName, StartupInstanceProfileArn: tpl.StartupInstanceProfileArn,
+			RuntimeInstanceProfileArn: tpl.RuntimeInstanceProfileArn,
+			RestrictMetadataAccess:    tpl.RestrictAWSMetadataServerAccess == nil || *tpl.RestrictAWSMetadataServerAccess},
+		DataVolume: protocol.VolumeSpec{Type: in.DataVolumeType, SizeGB: *in.DataVolumeSizeGB, MaxSizeGB: *in.DataVolumeSizeMaxGB,
+			Encryption: in.VolumesEncryption, KMSKeyID: in.VolumesEncryptionKey},
+		RootVolume: protocol.VolumeSpec{Type: in.AWSRootVolumeType},
+	}
+	if in.DataVolumeIOPS != nil {
+		spec.DataVolume.IOPS = *in.DataVolumeIOPS
+	}
+	if in.AWSRootVolumeSizeGB != nil {
+		spec.RootVolume.SizeGB = *in.AWSRootVolumeSizeGB
+	}
+	if in.AWSRootVolumeIOPS != nil {
+		spec.RootVolume.IOPS = *in.AWSRootVolumeIOPS
+	}
+	if in.AWSAssignElasticIP {
+		spec.ElasticIP = &protocol.ElasticIPSpec{AllocationID: in.AWSElasticIPAllocationID}
+	}
+	return spec, nil
+}
+
+// Base ports: on the local backend every instance gets its own (DSS uses ten
+// ports from its base); on a cloud every machine has its own address and
+// DSS's default, 10000.
+const (
+	defaultBasePort = 10000
+	localPortFirst  = 20000
+	localPortLast   = 39990
+)
+
+// allocatePort gives the instance a base port. On the local backend the
+// choice is claimed in fm_labels (kind "port"), so two instances never share
+// one, and skips ports something else on this host uses.
+func (s *Server) allocatePort(ctx context.Context, instance string) (int, error) {
+	if !s.cfg.LocalBackend {
+		return defaultBasePort, nil
+	}
+	for port := localPortFirst; port <= localPortLast; port += 10 {
+		if !portsFree(port, 10) {
+			continue
+		}
+		err := s.st.claims.claim(ctx, "port", strconv.Itoa(port), instance, func(ctx context.Context, owner string) (bool, error) {
+			_, _, err := s.st.instances.fetch(ctx, owner)
+			if errors.Is(err, errNotFound) {
+				return false, nil
+			}
+			return err == nil, err
+		})
+		if err == nil {
+			return port, nil
+		}
+		if !errors.Is(err, errLabelTaken) {
+			return 0, unavailable(err, "a port could not be reserved")
+		}
+	}
+	return 0, newAPIError(protocol.CodeResourceExhausted, "No port left", "no free base port between %d and %d", localPortFirst, localPortLast)
+}
+
+// portsFree reports whether n ports from base are free on the loopback
+// address.
+func portsFree(base, n int) bool {
+	for p := base; p < base+n; p++ {
+		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
+		if err != nil {
+			return false
+		}
+		l.Close()
+	}
+	return true
+}
+
+// releasePort frees an instance's base port claim.
+func (s *Server) releasePort(ctx context.Context, instance string, port int) {
+	if port != 0 && s.cfg.LocalBackend {
+		_ = s.st.claims.release(ctx, "port", strconv.Itoa(port), instance)
+	}
+}

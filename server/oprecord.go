@@ -1,0 +1,85 @@
+package server
+
+import (
+	"encoding/json"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+)
+
+// opRecord is an operation as fm_ops stores it: the future clients see, and
+// what the server needs to finish it.
+type opRecord struct {
+	api.Future
+	Instance string `json:"instance,omitempty"`
+	// Target is the desired generation the operation waits for.
+	Target uint64 `json:"targetGeneration,omitempty"`
+	// RequestID and Request are the provision request the operation sent,
+	// republished if it was lost (a crash between recording the operation
+	// and publishing it).
+	RequestID string          `json:"requestId,omitempty"`
+	Request   json.RawMessage `json:"request,omitempty"`
+	// CommandID and Command are the agent command the operation sent.
+	CommandID string          `json:"commandId,omitempty"`
+	Command   json.RawMessage `json:"command,omitempty"`
+	// Deadline is when a still-running operation is failed.
+	Deadline time.Time `json:"deadline,omitzero"`
+}
+
+// maxSteps bounds the progress an operation keeps.
+const maxSteps = 200
+
+func (op *opRecord) step(name, status, message string, at time.Time) {
+	op.Progress.Steps = append(op.Progress.Steps, api.ProgressStep{Name: name, Status: status, Message: message, Time: at})
+	if len(op.Progress.Steps) > maxSteps {
+		op.Progress.Steps = op.Progress.Steps[len(op.Progress.Steps)-maxSteps:]
+	}
+}
+
+// lifecycle is FM's lifecycle state of an instance, in fm_lifecycle. It is
+// kept apart from the instance's settings so that a state change never
+// conflicts with a user's save. An instance without one was never acted on:
+// it is created.
+type lifecycle struct {
+	State string `json:"state"`
+	// Generation is the last desired generation written.
+	Generation uint64 `json:"generation"`
+	// OpID is the operation under way, if any: one at a time.
+	OpID   string `json:"opId,omitempty"`
+	OpKind string `json:"opKind,omitempty"`
+	// ImageID and DSSVersion are what the last successful reprovision
+	// installed, for the downgrade check.
+	ImageID    string `json:"imageId,omitempty"`
+	DSSVersion string `json:"dssVersion,omitempty"`
+	// Machine is the instance's current machine: the provision request that
+	// made it, which its agent names in its status.
+	Machine string `json:"machine,omitempty"`
+	// BasePort is the DSS base port given to the instance.
+	BasePort int        `json:"basePort,omitempty"`
+	Error    *api.Error `json:"error,omitempty"`
+	// PasswordRetrieved is set once get-initial-password answered.
+	PasswordRetrieved bool      `json:"passwordRetrieved,omitempty"`
+	Since             time.Time `json:"since"`
+	UpdatedAt         time.Time `json:"updatedAt"`
+}
+
+// Lifecycle states.
+const (
+	stateCreated        = "created"
+	stateProvisioning   = "provisioning"
+	stateStarting       = "starting"
+	stateRunning        = "running"
+	stateStopping       = "stopping"
+	stateStopped        = "stopped"
+	stateDeprovisioning = "deprovisioning"
+	stateDeprovisioned  = "deprovisioned"
+	stateDeleting       = "deleting"
+	stateFailed         = "failed"
+)
+
+// instanceSecrets are the DSS credentials FM keeps for an instance.
+type instanceSecrets struct {
+	InitialPassword string    `json:"initialPassword,omitempty"`
+	AdminAPIKey     string    `json:"adminApiKey,omitempty"`
+	Requested       time.Time `json:"requested,omitzero"`
+}

@@ -1,0 +1,111 @@
+package server
+
+import (
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
+)
+
+// instanceStatus is GET /instances/{id}/status: the seven fields consumers
+// of Dataiku's API read, and FM's own view.
+type instanceStatus struct {
+	PublicURL           string `json:"publicURL"`
+	HasPhysicalInstance bool   `json:"hasPhysicalInstance"`
+	CloudMachineIsUp    bool   `json:"cloudMachineIsUp"`
+	PublicIP            string `json:"publicIP"`
+	PrivateIP           string `json:"privateIP"`
+	PublicDNS           string `json:"publicDNS"`
+	PrivateDNS          string `json:"privateDNS"`
+
+	State             string                 `json:"state"`
+	Since             time.Time              `json:"since,omitzero"`
+	Generation        uint64                 `json:"generation"`
+	ReachedGeneration uint64                 `json:"reachedGeneration"`
+	AgentResponding   bool                   `json:"agentResponding"`
+	LastSeen          *time.Time             `json:"lastSeen,omitempty"`
+	MachineStatus     protocol.MachineStatus `json:"machineStatus,omitempty"`
+	Backend           string                 `json:"backend,omitempty"`
+	DSS               *protocol.DSSStatus    `json:"dss,omitempty"`
+	DataVolume        *volumeStatus          `json:"dataVolume,omitempty"`
+	Operation         *operationRef          `json:"operation,omitempty"`
+	LastError         *api.Error             `json:"lastError,omitempty"`
+}
+
+type volumeStatus struct {
+	SizeBytes uint64 `json:"sizeBytes"`
+	UsedBytes uint64 `json:"usedBytes"`
+}
+
+type operationRef struct {
+	JobID string `json:"jobId"`
+	Kind  string `json:"kind"`
+	State string `json:"state"`
+}
+
+// silentBeats is how many heartbeats an agent may miss before it is shown
+// as not responding.
+const silentBeats = 3
+
+func (s *Server) instanceStatus(r *http.Request) (any, error) {
+	id := r.PathValue("id")
+	if _, _, ok := s.st.instances.get(id); !ok {
+		return nil, notFound(kindInstance, id)
+	}
+	return s.statusOf(id), nil
+}
+
+func (s *Server) statusOf(id string) instanceStatus {
+	lc, _, ok := s.st.lifecycle.get(id)
+	if !ok {
+		lc = lifecycle{State: stateCreated}
+	}
+	m, _, _ := s.st.machines.get(id)
+	st := instanceStatus{State: lc.State, Since: lc.Since, Generation: lc.Generation, LastError: lc.Error,
+		MachineStatus: m.Status, Backend: m.Backend, HasPhysicalInstance: m.HasMachine(),
+		CloudMachineIsUp: m.Status == protocol.MachineRunning,
+		PublicIP:         m.PublicIP, PrivateIP: m.PrivateIP, PublicDNS: m.PublicDNS, PrivateDNS: m.PrivateDNS}
+	if lc.OpID != "" {
+		if op, _, ok := s.st.ops.get(lc.OpID); ok {
+			st.Operation = &operationRef{JobID: op.JobID, Kind: op.Kind, State: op.State}
+		}
+	}
+	if !st.CloudMachineIsUp {
+		return st
+	}
+	// What the agent reports is only meaningful while the machine runs.
+	ag, _, ok := s.st.agents.get(id)
+	if ok {
+		dss := ag.DSS
+		st.DSS, st.ReachedGeneration = &dss, ag.Generation
+		st.DataVolume = &volumeStatus{SizeBytes: ag.Machine.DataVolumeBytes, UsedBytes: ag.Machine.DataVolumeUsedBytes}
+	}
+	seen := s.lastHeartbeat(id)
+	if ok && ag.Time.After(seen) {
+		seen = ag.Time
+	}
+	if !seen.IsZero() {
+		st.LastSeen = &seen
+		st.AgentResponding = time.Since(seen) < silentBeats*time.Duration(s.cfg.HeartbeatSeconds)*time.Second+2*time.Second
+	}
+	port := lc.BasePort
+	if st.DSS != nil && st.DSS.Port != 0 {
+		port = st.DSS.Port
+	}
+	host := firstNonEmpty(m.PublicDNS, m.PublicIP, m.PrivateDNS, m.PrivateIP)
+	if host != "" && port != 0 && st.DSS != nil && st.DSS.State != protocol.DSSAbsent {
+		st.PublicURL = fmt.Sprintf("http://%s:%d", host, port)
+	}
+	return st
+}
+
+func firstNonEmpty(v ...string) string {
+	for _, s := range v {
+		if s != "" {
+			return s
+		}
+	}
+	return ""
+}
