@@ -67,6 +67,11 @@ func TestDesiredStateIsRepublished(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The put goes through another connection: make sure the server has
+	// the subscription first.
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	kv, err := js.KeyValue(ctx(t), protocol.BucketDesired)
 	if err != nil {
 		t.Fatal(err)

@@ -1,6 +1,7 @@
 package bus
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -8,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 )
@@ -21,8 +23,11 @@ type ConnectConfig struct {
 	// URL.
 	InProcess *Embedded
 	// CredsFile is a NATS credentials file (JWT and seed), if the server
-	// requires one.
+	// requires one; Creds is the same content held in memory.
 	CredsFile string
+	Creds     []byte
+	// TLS, if set, is the client side of TLS (the CA to trust).
+	TLS *tls.Config
 	// Name is the connection name shown by the server (nats server report
 	// connections).
 	Name string
@@ -76,6 +81,16 @@ func Connect(cfg ConnectConfig) (*nats.Conn, error) {
 	if cfg.CredsFile != "" {
 		opts = append(opts, nats.UserCredentials(cfg.CredsFile))
 	}
+	if cfg.Creds != nil {
+		tok, seed, err := splitCreds(cfg.Creds)
+		if err != nil {
+			return nil, fmt.Errorf("connect to nats: credentials: %w", err)
+		}
+		opts = append(opts, nats.UserJWTAndSeed(tok, seed))
+	}
+	if cfg.TLS != nil && cfg.InProcess == nil {
+		opts = append(opts, nats.Secure(cfg.TLS))
+	}
 	if cfg.InboxPrefix != "" {
 		opts = append(opts, nats.CustomInboxPrefix(cfg.InboxPrefix))
 	}
@@ -97,6 +112,20 @@ func Connect(cfg ConnectConfig) (*nats.Conn, error) {
 		go cfg.OnConnect()
 	}
 	return nc, nil
+}
+
+// splitCreds returns the JWT and seed of a creds file's content.
+func splitCreds(creds []byte) (string, string, error) {
+	tok, err := jwt.ParseDecoratedJWT(creds)
+	if err != nil {
+		return "", "", err
+	}
+	kp, err := jwt.ParseDecoratedUserNKey(creds)
+	if err != nil {
+		return "", "", err
+	}
+	seed, err := kp.Seed()
+	return tok, string(seed), err
 }
 
 // ReconnectDelay is the wait before reconnect attempt n (after every server

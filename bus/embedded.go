@@ -9,6 +9,7 @@
 package bus
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -34,7 +35,12 @@ type EmbeddedConfig struct {
 	SyncAlways bool
 	// ReadyTimeout bounds the wait for the server and JetStream to be ready.
 	ReadyTimeout time.Duration
-	Logger       zerolog.Logger
+	// TLS, if set, makes clients connect with TLS.
+	TLS *tls.Config
+	// Configure, if set, changes the server options last: natsauth uses it
+	// to put the server in operator mode.
+	Configure func(*server.Options) error
+	Logger    zerolog.Logger
 }
 
 // Embedded is a running embedded nats-server.
@@ -75,6 +81,14 @@ func StartEmbedded(cfg EmbeddedConfig) (*Embedded, error) {
 			port = server.RANDOM_PORT
 		}
 		opts.Host, opts.Port = host, port
+	}
+	if cfg.TLS != nil {
+		opts.TLSConfig, opts.TLS, opts.TLSTimeout = cfg.TLS, true, 5
+	}
+	if cfg.Configure != nil {
+		if err := cfg.Configure(opts); err != nil {
+			return nil, fmt.Errorf("embedded nats: %w", err)
+		}
 	}
 	srv, err := server.NewServer(opts)
 	if err != nil {

@@ -36,6 +36,8 @@ type Topology struct {
 	// LeaseTTL is how long a lease lives without renewal: a provisioner that
 	// dies is replaced within it.
 	LeaseTTL time.Duration
+	// JoinTokenTTL is how long a new machine's join token is valid.
+	JoinTokenTTL time.Duration
 	// DiagnosisRetention is how long a diagnosis bundle is kept.
 	DiagnosisRetention time.Duration
 	// DuplicateWindow is how long JetStream remembers a Nats-Msg-Id to drop a
@@ -58,6 +60,7 @@ func DefaultTopology() Topology {
 		AuditMaxAge:        0,
 		DiagnosisRetention: 7 * 24 * time.Hour,
 		LeaseTTL:           15 * time.Second,
+		JoinTokenTTL:       time.Hour,
 		DuplicateWindow:    10 * time.Minute,
 	}
 }
@@ -83,6 +86,8 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 	}
 	ops := state(protocol.BucketOps, "operations (futures)")
 	ops.TTL = t.OpsRetention
+	joins := state(protocol.BucketJoins, "single-use join tokens of new machines")
+	joins.TTL = t.JoinTokenTTL
 	leases := state(protocol.BucketLeases, "leases that elect one active provisioner")
 	leases.TTL = t.LeaseTTL
 	agents := state(protocol.BucketAgents, "last full status per instance, written by its agent")
@@ -99,6 +104,7 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 		object(protocol.BucketLifecycle, "FM's lifecycle state per instance"),
 		state(protocol.BucketSecrets, "credentials FM keeps per instance"),
 		leases,
+		joins,
 		state(protocol.BucketLabels, "label claims that keep labels unique, key <kind>.<digest>"),
 		ops,
 		desired,

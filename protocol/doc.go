@@ -22,5 +22,8 @@
 //
 //	1 (2026-11): first version. Desired state, commands (with results),
 //	  events, heartbeats, agent status, setup action parameters, provision
-//	  requests and machine state.
+//	  requests and machine state. Added since: audit records; join specs,
+//	  requests and responses; sealed licenses, command params and results
+//	  (a role that holds an instance key sets them instead of the clear
+//	  fields).
 package protocol

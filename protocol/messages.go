@@ -40,6 +40,9 @@ type DSSTarget struct {
 	Port int `json:"port"`
 	// License is the DSS license (a JSON document as a string), if any.
 	License string `json:"license,omitempty"`
+	// SealedLicense, set instead of License when the agent has an instance
+	// key, is the license sealed with it.
+	SealedLicense string `json:"sealedLicense,omitempty"`
 	// AllowDowngrade lets the agent install a version older than the one in
 	// the data directory.
 	AllowDowngrade bool `json:"allowDowngrade,omitempty"`
@@ -168,6 +171,9 @@ type Command struct {
 	// agent that gets it later answers with an error instead.
 	Expires time.Time       `json:"expires,omitzero"`
 	Params  json.RawMessage `json:"params,omitempty"`
+	// SealedParams, set instead of Params when they hold a secret (a
+	// password), are the params sealed with the instance key.
+	SealedParams string `json:"sealedParams,omitempty"`
 }
 
 // ResetUserPasswordParams are the Params of CommandResetUserPassword.
@@ -244,6 +250,9 @@ type Event struct {
 	Error  *Error `json:"error,omitempty"`
 	// Result is a command's result object, if it has one.
 	Result json.RawMessage `json:"result,omitempty"`
+	// SealedResult, set instead of Result when it holds a secret (a
+	// password, an API key), is the result sealed with the instance key.
+	SealedResult string `json:"sealedResult,omitempty"`
 }
 
 // Validate implements Message.
@@ -374,10 +383,58 @@ type AdminAPIKeyResult struct {
 	AdminAPIKey string `json:"adminAPIKey"`
 }
 
-// DiagnosisResult is the result of CommandCollectDiagnosis: the bundle is
-// an object in the fm_diagnosis object store.
+// DiagnosisResult is the result of CommandCollectDiagnosis. The agent sends
+// the bundle (a .tar.gz) in Chunks messages on Subject, its own FM_LOGS
+// subject; the server joins them into the fm_diagnosis object Object.
 type DiagnosisResult struct {
-	Object    string `json:"object"`
+	Subject   string `json:"subject,omitempty"`
+	Chunks    int    `json:"chunks,omitempty"`
+	Object    string `json:"object,omitempty"`
 	SizeBytes int64  `json:"sizeBytes"`
 	SHA256    string `json:"sha256"`
+}
+
+// AuditRecord is one entry of the audit trail, published on
+// AuditSubject(Tenant, Object) in FM_AUDIT (which denies deleting and
+// purging): who did what, when, from where, and how it ended. It never holds
+// a secret.
+type AuditRecord struct {
+	Header
+	ID     string    `json:"id"`
+	Time   time.Time `json:"time"`
+	Tenant string    `json:"tenant"`
+	// Who is the caller: "key:<api key id>", "instance:<id>" for an agent
+	// joining, or "fm" for the server itself.
+	Who  string `json:"who"`
+	Role string `json:"role,omitempty"`
+	// From is the caller's network address, if any.
+	From string `json:"from,omitempty"`
+	// Action is what was asked: "<METHOD> <path>" for a REST call, or a
+	// credential event ("credentials.minted", "join.refused", …).
+	Action   string `json:"action"`
+	Object   string `json:"object"`
+	ObjectID string `json:"objectId,omitempty"`
+	// Outcome is ok, failed (the request was valid but did not succeed) or
+	// refused (unauthenticated, forbidden or rejected).
+	Outcome string `json:"outcome"`
+	Status  int    `json:"status,omitempty"`
+	Error   *Error `json:"error,omitempty"`
+}
+
+// Validate implements Message.
+func (a *AuditRecord) Validate() error {
+	switch {
+	case !ValidToken(a.ID):
+		return fmt.Errorf("id %q is not a valid id", a.ID)
+	case !ValidToken(a.Tenant), !ValidToken(a.Object):
+		return fmt.Errorf("tenant %q and object %q must be valid tokens", a.Tenant, a.Object)
+	case a.Who == "" || a.Action == "":
+		return errors.New("who and action are required")
+	}
+	switch a.Outcome {
+	case "ok", "failed", "refused":
+	default:
+		return fmt.Errorf("outcome %q is not ok, failed or refused", a.Outcome)
+	}
+	return nil
 }

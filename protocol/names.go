@@ -20,6 +20,7 @@ const (
 	BucketLifecycle = "fm_lifecycle" // FM's lifecycle state per instance; written by the server
 	BucketSecrets   = "fm_secrets"   // credentials FM keeps per instance (DSS admin password, API key)
 	BucketLeases    = "fm_leases"    // leases electing one active provisioner (and scheduler)
+	BucketJoins     = "fm_joins"     // single-use join tokens of new machines, hashed
 )
 
 // Streams.

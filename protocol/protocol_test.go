@@ -65,6 +65,11 @@ func vectors() map[string]struct {
 			PrivateIP: "10.0.1.12", PublicIP: "52.1.2.3", PrivateDNS: "ip-10-0-1-12.eu-west-1.compute.internal",
 			Details: map[string]string{"securityGroups": "sg-1,sg-2"}, Updated: t0,
 		}, func() Message { return &MachineState{} }},
+		"audit_record": {&AuditRecord{
+			ID: "au-0001", Time: t0, Tenant: "main", Who: "key:AbC123", Role: "operator", From: "10.0.0.7",
+			Action: "GET /api/public/tenants/main/instances/in-7k2m9q4x1c/actions/reprovision", Object: "instances",
+			ObjectID: "in-7k2m9q4x1c", Outcome: "ok", Status: 200,
+		}, func() Message { return &AuditRecord{} }},
 		"agent_status": {&AgentStatus{
 			Instance: "in-7k2m9q4x1c", Time: t0, AgentVersion: "0.1.0", Generation: 3, Target: 3, Phase: PhaseReady,
 			DSS:     DSSStatus{State: DSSRunning, Version: "14.0.0", NodeType: "design", Port: 10000},
@@ -253,7 +258,7 @@ func FuzzDecode(f *testing.F) {
 			func() Message { return &DesiredState{} }, func() Message { return &Command{} },
 			func() Message { return &Event{} }, func() Message { return &Heartbeat{} },
 			func() Message { return &AgentStatus{} }, func() Message { return &ProvisionRequest{} },
-			func() Message { return &MachineState{} },
+			func() Message { return &MachineState{} }, func() Message { return &AuditRecord{} },
 		} {
 			m := fresh()
 			if err := Decode(data, m); err != nil {

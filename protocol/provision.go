@@ -56,6 +56,33 @@ type MachineSpec struct {
 	RootVolume VolumeSpec        `json:"rootVolume"`
 	Tags       map[string]string `json:"tags,omitempty"`
 	ElasticIP  *ElasticIPSpec    `json:"elasticIp,omitempty"`
+	// Join, when FM runs with NATS credentials, is how the machine's agent
+	// gets its own: a single-use token to exchange at URL.
+	Join *JoinSpec `json:"join,omitempty"`
+}
+
+// JoinSpec tells a new machine's agent how to get its credentials.
+type JoinSpec struct {
+	// URL is FM's join endpoint (POST).
+	URL string `json:"url"`
+	// Token is single-use and short-lived.
+	Token string `json:"token"`
+	// CACert is the PEM of the CA FM's TLS listeners use ("" without TLS).
+	CACert string `json:"caCert,omitempty"`
+}
+
+// JoinRequest is the body an agent posts to the join endpoint.
+type JoinRequest struct {
+	Instance string `json:"instance"`
+	Token    string `json:"token"`
+}
+
+// JoinResponse is what the join endpoint answers: the agent's NATS
+// credentials (a creds file's content) and its instance key (base64), which
+// seals what FM and the agent tell each other.
+type JoinResponse struct {
+	Credentials string `json:"credentials"`
+	InstanceKey string `json:"instanceKey"`
 }
 
 // NetworkSpec is the instance's virtual network, as a backend needs it.

@@ -7,6 +7,7 @@ import (
 	"context"
 	"net"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -128,4 +129,33 @@ func (s *Server) JetStream(t testing.TB) jetstream.JetStream {
 		t.Fatal(err)
 	}
 	return js
+}
+
+// Dump returns every message still stored in every stream of js's account
+// (KV buckets, with their history, and object stores are streams too), one
+// per line, for tests that look for what must not be there.
+func Dump(t testing.TB, js jetstream.JetStream) string {
+	t.Helper()
+	ctx := context.Background()
+	var b strings.Builder
+	names := js.StreamNames(ctx)
+	for name := range names.Name() {
+		st, err := js.Stream(ctx, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info := st.CachedInfo()
+		for seq := info.State.FirstSeq; seq <= info.State.LastSeq && seq != 0; seq++ {
+			if m, err := st.GetMsg(ctx, seq); err == nil {
+				b.WriteString(m.Subject)
+				b.WriteString(" ")
+				b.Write(m.Data)
+				b.WriteString("\n")
+			}
+		}
+	}
+	if err := names.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return b.String()
 }

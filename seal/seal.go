@@ -1,0 +1,111 @@
+// Package seal encrypts FM's secrets (AES-256-GCM) so that they are never
+// stored, or sent on the bus, in clear: with the server's master key in the
+// KV buckets, with an instance's own key between the server and its agent.
+// A sealed value is a string, "fmsealed1:" and base64 of nonce and
+// ciphertext; an empty value stays empty. Any package may import it.
+package seal
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/fleetmanager/fm/atomicfile"
+)
+
+const prefix = "fmsealed1:"
+
+// ErrNotSealed is returned by Open for a value that is not sealed.
+var ErrNotSealed = errors.New("value is not sealed")
+
+// Box seals and opens values with one key.
+type Box struct {
+	aead cipher.AEAD
+}
+
+// New returns a box for a 32-byte key.
+func New(key []byte) (*Box, error) {
+	if len(key) != 32 {
+		return nil, fmt.Errorf("seal: the key must be 32 bytes, not %d", len(key))
+	}
+	block, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, err
+	}
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		return nil, err
+	}
+	return &Box{aead: aead}, nil
+}
+
+// NewKey returns a new random 32-byte key.
+func NewKey() []byte {
+	k := make([]byte, 32)
+	if _, err := rand.Read(k); err != nil {
+		panic("crypto/rand failed: " + err.Error())
+	}
+	return k
+}
+
+// LoadOrCreateKey reads the key file at path (base64 of 32 bytes), creating
+// it with mode 0600 if it does not exist.
+func LoadOrCreateKey(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		k := NewKey()
+		if err := atomicfile.WriteFile(path, []byte(base64.StdEncoding.EncodeToString(k)+"\n"), 0o600); err != nil {
+			return nil, fmt.Errorf("seal: write key: %w", err)
+		}
+		return k, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("seal: read key: %w", err)
+	}
+	k, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
+	if err != nil || len(k) != 32 {
+		return nil, fmt.Errorf("seal: %s does not hold a 32-byte key in base64", path)
+	}
+	return k, nil
+}
+
+// Seal encrypts plain ("" stays "").
+func (b *Box) Seal(plain string) string {
+	if plain == "" {
+		return ""
+	}
+	nonce := make([]byte, b.aead.NonceSize())
+	if _, err := rand.Read(nonce); err != nil {
+		panic("crypto/rand failed: " + err.Error())
+	}
+	return prefix + base64.RawStdEncoding.EncodeToString(b.aead.Seal(nonce, nonce, []byte(plain), nil))
+}
+
+// Open decrypts a sealed value ("" stays ""); a value that is not sealed
+// gives ErrNotSealed.
+func (b *Box) Open(sealed string) (string, error) {
+	if sealed == "" {
+		return "", nil
+	}
+	rest, ok := strings.CutPrefix(sealed, prefix)
+	if !ok {
+		return "", ErrNotSealed
+	}
+	raw, err := base64.RawStdEncoding.DecodeString(rest)
+	if err != nil || len(raw) < b.aead.NonceSize() {
+		return "", errors.New("seal: malformed sealed value")
+	}
+	plain, err := b.aead.Open(nil, raw[:b.aead.NonceSize()], raw[b.aead.NonceSize():], nil)
+	if err != nil {
+		return "", errors.New("seal: the value does not open with this key")
+	}
+	return string(plain), nil
+}
+
+// IsSealed reports whether v is a sealed value.
+func IsSealed(v string) bool { return strings.HasPrefix(v, prefix) }
