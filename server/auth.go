@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -51,6 +52,26 @@ type Principal struct {
 	KeyID string
 	Role  string
 }
+
+// isViewer reports whether the request's caller only has the viewer role.
+func isViewer(r *http.Request) bool {
+	p := principalFrom(r.Context())
+	return p == nil || !p.may(RoleOperator)
+}
+
+// redacted stands for a secret a viewer may not see ("" stays "").
+func redacted(secret string) string {
+	if secret == "" {
+		return ""
+	}
+	return "(redacted)"
+}
+
+// roleRank orders the roles: each may do what those below it may.
+var roleRank = map[string]int{RoleViewer: 1, RoleOperator: 2, RoleAdmin: 3}
+
+// may reports whether the principal's role covers role.
+func (p *Principal) may(role string) bool { return roleRank[p.Role] >= roleRank[role] }
 
 type principalKey struct{}
 
@@ -117,6 +138,13 @@ type verifiedSecret struct {
 
 var errBadCredentials = errors.New("bad credentials")
 
+// forget drops a remembered secret (the key was revoked).
+func (a *authenticator) forget(id string) {
+	a.mu.Lock()
+	delete(a.verified, id)
+	a.mu.Unlock()
+}
+
 func (a *authenticator) authenticate(id, secret string) (*Principal, error) {
 	k, _, ok := a.keys.get(id)
 	if !ok || k.RevokedAt != nil {
@@ -139,9 +167,74 @@ func (a *authenticator) authenticate(id, secret string) (*Principal, error) {
 	return &Principal{KeyID: id, Role: k.Role}, nil
 }
 
-// requireAuth lets a request through only with a valid API key.
+// Failed authentications allowed per client address in a window, before
+// its requests are refused outright until the window has passed.
+const (
+	maxAuthFailures   = 10
+	authFailureWindow = time.Minute
+)
+
+// failureLimiter counts failed authentications per client address.
+type failureLimiter struct {
+	mu       sync.Mutex
+	failures map[string][]time.Time
+}
+
+func (l *failureLimiter) blocked(addr string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.recent(addr)) >= maxAuthFailures
+}
+
+func (l *failureLimiter) fail(addr string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.failures[addr] = append(l.recent(addr), time.Now())
+	if len(l.failures) > 10000 {
+		// Bound the memory: forget addresses whose failures are old.
+		for a := range l.failures {
+			if len(l.recent(a)) == 0 {
+				delete(l.failures, a)
+			}
+		}
+	}
+}
+
+func (l *failureLimiter) recent(addr string) []time.Time {
+	if l.failures == nil {
+		l.failures = map[string][]time.Time{}
+	}
+	cutoff := time.Now().Add(-authFailureWindow)
+	kept := l.failures[addr][:0]
+	for _, t := range l.failures[addr] {
+		if t.After(cutoff) {
+			kept = append(kept, t)
+		}
+	}
+	l.failures[addr] = kept
+	return kept
+}
+
+// clientAddr is the host part of the request's remote address.
+func clientAddr(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+// requireAuth lets a request through only with a valid API key. A client
+// that failed too often recently is refused without checking.
 func (s *Server) requireAuth(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		addr := clientAddr(r)
+		if s.limiter.blocked(addr) {
+			w.Header().Set("Retry-After", strconv.Itoa(int(authFailureWindow.Seconds())))
+			s.writeError(w, r, newAPIError(protocol.CodeResourceExhausted, "Too many failed attempts",
+				"too many failed authentications from %s; wait a minute", addr))
+			return
+		}
 		id, secret, ok := r.BasicAuth()
 		if !ok {
 			w.Header().Set("WWW-Authenticate", `Basic realm="fleet-manager"`)
@@ -151,10 +244,19 @@ func (s *Server) requireAuth(next http.Handler) http.Handler {
 		}
 		p, err := s.auth.authenticate(id, secret)
 		if err != nil {
+			s.limiter.fail(addr)
 			w.Header().Set("WWW-Authenticate", `Basic realm="fleet-manager"`)
-			s.log.Warn().Str("key", id).Str("remote", r.RemoteAddr).Msg("authentication failed")
-			s.writeError(w, r, newAPIError(protocol.CodeUnauthenticated, "Authentication failed",
-				"the API key id or secret is wrong, or the key was revoked"))
+			// Only a known key id is recorded: what was typed as an id may
+			// be a secret.
+			who := "key:(unknown)"
+			if _, _, known := s.st.keys.get(id); known {
+				who = "key:" + id
+			}
+			s.log.Warn().Str("who", who).Str("remote", r.RemoteAddr).Msg("authentication failed")
+			e := newAPIError(protocol.CodeUnauthenticated, "Authentication failed",
+				"the API key id or secret is wrong, or the key was revoked")
+			s.auditAs(r, who, "", "refused", http.StatusUnauthorized, e)
+			s.writeError(w, r, e)
 			return
 		}
 		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), principalKey{}, p)))

@@ -176,6 +176,9 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 		case protocol.MachineFailed:
 			return s.failOp(ctx, op, apiErrorOf(m.Error, "The machine operation failed"))
 		case want:
+			if op.Kind != opStop {
+				s.revokeAgent(ctx, id)
+			}
 			if op.Kind == opDelete {
 				return s.finishDelete(ctx, op, lc)
 			}
@@ -262,7 +265,7 @@ func (s *Server) failOp(ctx context.Context, op opRecord, failure *api.Error) er
 	}
 	next := lc
 	next.OpID, next.OpKind, next.UpdatedAt = "", "", time.Now().UTC()
-	if op.Command == nil {
+	if op.CommandID == "" {
 		next.State, next.Since, next.Error = stateFailed, time.Now().UTC(), failure
 	}
 	if _, err := s.st.lifecycle.update(ctx, op.Instance, next, rev); errors.Is(err, errConflict) {
@@ -356,6 +359,15 @@ func (s *Server) foldEvent(ctx context.Context, data []byte) {
 		var result any = map[string]string{"instanceId": op.Instance, "message": e.Message}
 		if len(e.Result) > 0 {
 			result = json.RawMessage(e.Result)
+		}
+		if e.Step == string(protocol.CommandCollectDiagnosis) {
+			filed, err := s.fileDiagnosis(ctx, op.Instance, e.CommandID, e.Result)
+			if err != nil {
+				_ = s.failOp(ctx, op, &api.Error{ErrorType: string(protocol.CodeUnavailable), Message: "Diagnosis not filed",
+					DetailedMessage: err.Error()})
+				return
+			}
+			result = filed
 		}
 		_ = s.succeedOp(ctx, op, result, func(*lifecycle) {})
 		return

@@ -25,10 +25,25 @@ const maxBody = 1 << 20
 // JSON with status 200; an error is sent as the contract's error body.
 type handlerFunc func(r *http.Request) (any, error)
 
+// endpoint is one method of one route: the least role it needs, whether it
+// is recorded in the audit trail, and its handler.
+type endpoint struct {
+	role  string
+	audit bool
+	fn    handlerFunc
+}
+
+// reads is an endpoint that changes nothing.
+func reads(role string, fn handlerFunc) endpoint { return endpoint{role: role, fn: fn} }
+
+// writes is an endpoint that changes something, or hands out a secret: it
+// is audited.
+func writes(role string, fn handlerFunc) endpoint { return endpoint{role: role, audit: true, fn: fn} }
+
 // methods routes one path by HTTP method. ServeMux's own method matching
 // answers a wrong method with a plain-text 405; this answers with the JSON
 // error body every client of the contract expects.
-type methods map[string]handlerFunc
+type methods map[string]endpoint
 
 // routeHandler is a route bound to its server.
 type routeHandler struct {
@@ -45,7 +60,7 @@ func (h routeHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	fn, ok := h.methods[r.Method]
+	ep, ok := h.methods[r.Method]
 	if !ok {
 		allowed := make([]string, 0, len(h.methods))
 		for m := range h.methods {
@@ -57,10 +72,23 @@ func (h routeHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			"Method not allowed", "%s is not allowed on %s; use %s", r.Method, r.URL.Path, strings.Join(allowed, " or ")))
 		return
 	}
-	v, err := fn(r)
-	if err != nil {
+	if p := principalFrom(r.Context()); p != nil && !p.may(ep.role) {
+		err := newAPIError(protocol.CodePermissionDenied, "Permission denied",
+			"%s %s needs the %s role; key %s has the %s role", r.Method, r.URL.Path, ep.role, p.KeyID, p.Role)
+		h.s.audit(r, "refused", http.StatusForbidden, err)
 		h.s.writeError(w, r, err)
 		return
+	}
+	v, err := ep.fn(r)
+	if err != nil {
+		if ep.audit {
+			h.s.audit(r, "failed", httpStatus(asAPIError(err).code), err)
+		}
+		h.s.writeError(w, r, err)
+		return
+	}
+	if ep.audit {
+		h.s.audit(r, "ok", http.StatusOK, nil)
 	}
 	writeJSON(w, http.StatusOK, v)
 }

@@ -24,6 +24,7 @@ const (
 	opRestartDSS    = "restart-dss"
 	opReplayActions = "replay-setup-actions"
 	opResetPassword = "reset-user-password"
+	opDiagnosis     = "collect-diagnosis"
 )
 
 // action is one instance action: where it may start from, the state it
@@ -84,6 +85,7 @@ func (s *Server) actions() map[string]action {
 		opRestartDSS:    s.commandAction(opRestartDSS, protocol.CommandRestartDSS),
 		opReplayActions: s.commandAction(opReplayActions, protocol.CommandReplaySetupActions),
 		opResetPassword: s.commandAction(opResetPassword, protocol.CommandResetUserPassword),
+		opDiagnosis:     s.commandAction(opDiagnosis, protocol.CommandCollectDiagnosis),
 	}
 }
 
@@ -95,6 +97,11 @@ func (s *Server) commandAction(kind string, cmd protocol.CommandKind) action {
 				Issued: time.Now().UTC(), Expires: op.Deadline}
 			if p, ok := ctx.Value(commandParamsKey{}).(json.RawMessage); ok {
 				c.Params = p
+				// Params may hold a password: the agent gets them sealed
+				// when it has an instance key.
+				if box := s.instanceBox(in.ID); box != nil {
+					c.Params, c.SealedParams = nil, box.Seal(string(p))
+				}
 			}
 			data, err := protocol.Encode(&c)
 			if err != nil {
@@ -323,6 +330,23 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 			license = cc.License
 		}
 	}
+	var sealedLicense string
+	if s.cfg.Authority != nil {
+		// The new machine joins with a single-use token and gets a new
+		// instance key, which seals what FM and its agent tell each other.
+		box, err := s.rotateInstanceKey(ctx, in.ID)
+		if err != nil {
+			return nil, unavailable(err, "the instance key could not be stored")
+		}
+		if license != "" {
+			license, sealedLicense = "", box.Seal(license)
+		}
+		token, err := s.newJoinToken(ctx, in.ID)
+		if err != nil {
+			return nil, unavailable(err, "the join token could not be stored")
+		}
+		spec.Join = &protocol.JoinSpec{URL: s.cfg.JoinURL, Token: token, CACert: s.cfg.CAPEM}
+	}
 	actions := make([]protocol.SetupAction, len(tpl.SetupActions))
 	for i, a := range tpl.SetupActions {
 		actions[i] = protocol.SetupAction{Type: protocol.SetupActionType(a.Type), Params: a.Params, Enabled: a.Enabled == nil || *a.Enabled}
@@ -330,8 +354,9 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 	d := &protocol.DesiredState{
 		Instance: in.ID, Generation: lc.Generation, NodeType: in.DSSNodeType, SetupActions: actions,
 		HeartbeatSeconds: s.cfg.HeartbeatSeconds,
-		DSS: protocol.DSSTarget{ImageID: im.ID, Version: im.DSSVersion, Port: lc.BasePort, License: license, AllowDowngrade: allow,
-			Kit: protocol.KitSource{Path: im.Kit.Path, URL: im.Kit.URL, SHA256: im.Kit.SHA256, Object: im.Kit.Object}},
+		DSS: protocol.DSSTarget{ImageID: im.ID, Version: im.DSSVersion, Port: lc.BasePort, License: license, SealedLicense: sealedLicense,
+			AllowDowngrade: allow,
+			Kit:            protocol.KitSource{Path: im.Kit.Path, URL: im.Kit.URL, SHA256: im.Kit.SHA256, Object: im.Kit.Object}},
 	}
 	op.Target = lc.Generation
 	if err := s.attachRequest(op, protocol.ProvisionRequest{Action: protocol.ProvisionReprovision, Generation: lc.Generation, Spec: spec}); err != nil {

@@ -82,4 +82,9 @@ type instanceSecrets struct {
 	InitialPassword string    `json:"initialPassword,omitempty"`
 	AdminAPIKey     string    `json:"adminApiKey,omitempty"`
 	Requested       time.Time `json:"requested,omitzero"`
+	// InstanceKey (base64, 32 bytes) seals what the server and the agent of
+	// the current machine tell each other; AgentUser is that agent's NATS
+	// user (public key), revoked when the machine goes.
+	InstanceKey string `json:"instanceKey,omitempty"`
+	AgentUser   string `json:"agentUser,omitempty"`
 }

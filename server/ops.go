@@ -90,6 +90,9 @@ func (s *Server) endOp(ctx context.Context, id string, result any, failure *api.
 		}
 		now := time.Now().UTC()
 		op.Alive, op.EndedAt = false, &now
+		// What was sent is no longer needed, and may hold a join token or a
+		// password: drop it.
+		op.Request, op.Command = nil, nil
 		if failure != nil {
 			op.State, op.Error = api.OpFailed, failure
 			op.step(op.Kind, string(protocol.StatusFailed), failure.DetailedMessage, now)
@@ -154,6 +157,7 @@ func (s *Server) abortFuture(r *http.Request) (any, error) {
 		}
 		now := time.Now().UTC()
 		op.State, op.Alive, op.Aborted, op.EndedAt = api.OpAborted, false, true, &now
+		op.Request, op.Command = nil, nil
 		op.Error = &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation aborted",
 			DetailedMessage: "operation " + id + " was aborted"}
 		if by := principalID(r.Context()); by != "" {

@@ -58,16 +58,30 @@ func (s *Server) storeSecret(ctx context.Context, e protocol.Event) {
 		if err != nil && !errors.Is(err, errNotFound) {
 			return
 		}
+		result := []byte(e.Result)
+		if e.SealedResult != "" {
+			box := boxOf(sec.InstanceKey)
+			if box == nil {
+				s.log.Warn().Str("instance", e.Instance).Msg("a sealed credential from an agent, but the instance has no key; ignored")
+				return
+			}
+			plain, err := box.Open(e.SealedResult)
+			if err != nil {
+				s.log.Warn().Err(err).Str("instance", e.Instance).Msg("a credential from an agent does not open with the instance key; ignored")
+				return
+			}
+			result = []byte(plain)
+		}
 		var pw protocol.InitialPasswordResult
 		var key protocol.AdminAPIKeyResult
 		switch e.Step {
 		case string(protocol.CommandGetInitialPassword):
-			if json.Unmarshal(e.Result, &pw) != nil || pw.Password == "" {
+			if json.Unmarshal(result, &pw) != nil || pw.Password == "" {
 				return
 			}
 			sec.InitialPassword = pw.Password
 		case string(protocol.CommandGetAdminAPIKey):
-			if json.Unmarshal(e.Result, &key) != nil || key.AdminAPIKey == "" {
+			if json.Unmarshal(result, &key) != nil || key.AdminAPIKey == "" {
 				return
 			}
 			sec.AdminAPIKey = key.AdminAPIKey

@@ -10,14 +10,19 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	stdlog "log"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/natsauth"
+	"github.com/fleetmanager/fm/seal"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -58,7 +63,25 @@ type Config struct {
 	// OperationTimeout, if set, replaces every instance operation's own
 	// deadline (an hour for a reprovision, 15 minutes for a command).
 	OperationTimeout time.Duration
-	Logger           zerolog.Logger
+	// SecretKey (32 bytes) seals the secrets FM stores. It is held outside
+	// the bus (a file), so a copy of the buckets gives no secret away.
+	SecretKey []byte
+	// Authority, if set, mints NATS credentials: every new machine gets a
+	// join token to exchange at JoinURL for its agent's own credentials,
+	// and a machine that goes has its agent's revoked. SystemConn (a
+	// connection as the NATS system account) pushes the revocations.
+	Authority  *natsauth.Authority
+	SystemConn *nats.Conn
+	// JoinURL is FM's join endpoint as machines reach it
+	// ("https://fm.example.com:10000/api/join"); the default is derived
+	// from the listener.
+	JoinURL string
+	// TLS, if set, makes the REST API (and the join endpoint) HTTPS. CAPEM
+	// is the CA certificate agents are given to verify FM (the server's and
+	// the bus's).
+	TLS    *tls.Config
+	CAPEM  string
+	Logger zerolog.Logger
 }
 
 // Server is a running FM server. Create it with New, serve with Run, release
@@ -69,6 +92,7 @@ type Server struct {
 	js      jetstream.JetStream
 	st      *stores
 	auth    *authenticator
+	limiter failureLimiter
 	metrics *metrics
 	fold    *folder
 	ln      net.Listener
@@ -81,6 +105,10 @@ type Server struct {
 func New(cfg Config) (*Server, error) {
 	if cfg.Conn == nil {
 		return nil, errors.New("server: a NATS connection is required")
+	}
+	box, err := seal.New(cfg.SecretKey)
+	if err != nil {
+		return nil, fmt.Errorf("server: secret key: %w", err)
 	}
 	if cfg.Topology.Replicas == 0 {
 		cfg.Topology = bus.DefaultTopology()
@@ -113,7 +141,7 @@ func New(cfg Config) (*Server, error) {
 	if err := cfg.Topology.Declare(ctx, js); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
-	st, err := openStores(ctx, js, log)
+	st, err := openStores(ctx, js, box, log)
 	if err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
@@ -144,7 +172,15 @@ func New(cfg Config) (*Server, error) {
 		ReadTimeout:       5 * time.Minute, // kit uploads
 		WriteTimeout:      5 * time.Minute,
 		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          nil,
+		TLSConfig:         cfg.TLS,
+		ErrorLog:          stdlog.New(httpErrorLog{log}, "", 0),
+	}
+	if cfg.JoinURL == "" {
+		scheme := "http"
+		if cfg.TLS != nil {
+			scheme = "https"
+		}
+		s.cfg.JoinURL = scheme + "://" + s.ln.Addr().String() + JoinPath
 	}
 	return s, nil
 }
@@ -156,11 +192,18 @@ func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 // letting requests in flight finish for a few seconds.
 func (s *Server) Run(ctx context.Context) error {
 	errc := make(chan error, 1)
-	go func() { errc <- s.httpSrv.Serve(s.ln) }()
+	go func() {
+		if s.cfg.TLS != nil {
+			errc <- s.httpSrv.ServeTLS(s.ln, "", "")
+			return
+		}
+		errc <- s.httpSrv.Serve(s.ln)
+	}()
 	foldCtx, stopFolding := context.WithCancel(ctx)
 	folded := make(chan struct{})
 	go func() { defer close(folded); s.runFolding(foldCtx) }()
 	defer func() { stopFolding(); <-folded }()
+	go s.syncAccount(foldCtx)
 	s.log.Info().Str("addr", s.ln.Addr().String()).Msg("serving the REST API")
 	select {
 	case err := <-errc:
@@ -191,27 +234,34 @@ func (s *Server) handler() http.Handler {
 	route := func(pattern string, m methods) {
 		mux.Handle(pattern, routeHandler{s: s, methods: m, tenant: true})
 	}
-	route(t+"/virtual-networks", methods{"GET": s.listNetworks, "POST": s.createNetwork})
-	route(t+"/virtual-networks/{id}", methods{"GET": s.getNetwork, "PUT": s.saveNetwork, "DELETE": s.deleteNetwork})
-	route(t+"/instance-settings-templates", methods{"GET": s.listTemplates, "POST": s.createTemplate})
-	route(t+"/instance-settings-templates/{id}", methods{"GET": s.getTemplate, "PUT": s.saveTemplate, "DELETE": s.deleteTemplate})
-	route(t+"/instances", methods{"GET": s.listInstances, "POST": s.createInstance})
-	route(t+"/instances/{id}", methods{"GET": s.getInstance, "PUT": s.saveInstance})
-	route(t+"/instances/{id}/status", methods{"GET": s.instanceStatus})
-	route(t+"/instances/{id}/admin-api-key", methods{"GET": s.getAdminAPIKey})
-	route(t+"/instances/{id}/actions/delete", methods{"GET": s.deleteInstance})
-	route(t+"/instances/{id}/actions/get-initial-password", methods{"GET": s.getInitialPassword})
-	for _, kind := range []string{opReprovision, opDeprovision, opStart, opStop, opRestartDSS, opReplayActions} {
-		route(t+"/instances/{id}/actions/"+kind, methods{"GET": s.instanceAction(kind)})
+	route(t+"/virtual-networks", methods{"GET": reads(RoleViewer, s.listNetworks), "POST": writes(RoleAdmin, s.createNetwork)})
+	route(t+"/virtual-networks/{id}", methods{"GET": reads(RoleViewer, s.getNetwork),
+		"PUT": writes(RoleAdmin, s.saveNetwork), "DELETE": writes(RoleAdmin, s.deleteNetwork)})
+	route(t+"/instance-settings-templates", methods{"GET": reads(RoleViewer, s.listTemplates), "POST": writes(RoleAdmin, s.createTemplate)})
+	route(t+"/instance-settings-templates/{id}", methods{"GET": reads(RoleViewer, s.getTemplate),
+		"PUT": writes(RoleAdmin, s.saveTemplate), "DELETE": writes(RoleAdmin, s.deleteTemplate)})
+	route(t+"/instances", methods{"GET": reads(RoleViewer, s.listInstances), "POST": writes(RoleOperator, s.createInstance)})
+	route(t+"/instances/{id}", methods{"GET": reads(RoleViewer, s.getInstance), "PUT": writes(RoleOperator, s.saveInstance)})
+	route(t+"/instances/{id}/status", methods{"GET": reads(RoleViewer, s.instanceStatus)})
+	route(t+"/instances/{id}/admin-api-key", methods{"GET": writes(RoleOperator, s.getAdminAPIKey)})
+	route(t+"/instances/{id}/actions/delete", methods{"GET": writes(RoleOperator, s.deleteInstance)})
+	route(t+"/instances/{id}/actions/get-initial-password", methods{"GET": writes(RoleOperator, s.getInitialPassword)})
+	for _, kind := range []string{opReprovision, opDeprovision, opStart, opStop, opRestartDSS, opReplayActions, opDiagnosis} {
+		route(t+"/instances/{id}/actions/"+kind, methods{"GET": writes(RoleOperator, s.instanceAction(kind))})
 	}
-	route(t+"/instances/{id}/actions/"+opResetPassword, methods{"GET": s.instanceAction(opResetPassword), "POST": s.instanceAction(opResetPassword)})
-	route(t+"/instances/{id}/snapshots", methods{"GET": s.listInstanceSnapshots})
-	route(t+"/images", methods{"GET": s.listImages, "POST": s.createImage})
-	route(t+"/images/{id}", methods{"GET": s.getImage, "DELETE": s.deleteImage})
-	route(t+"/futures", methods{"GET": s.listFutures})
-	route(t+"/futures/{id}", methods{"GET": s.getFuture, "DELETE": s.abortFuture})
-	route(t+"/cloud-tags", methods{"GET": s.getCloudTags, "PUT": s.putCloudTags})
-	route(t+"/cloud-credentials", methods{"GET": s.getCloudCredentials, "PUT": s.putCloudCredentials})
+	route(t+"/instances/{id}/actions/"+opResetPassword, methods{"GET": writes(RoleOperator, s.instanceAction(opResetPassword)),
+		"POST": writes(RoleOperator, s.instanceAction(opResetPassword))})
+	route(t+"/instances/{id}/snapshots", methods{"GET": reads(RoleViewer, s.listInstanceSnapshots)})
+	route(t+"/images", methods{"GET": reads(RoleViewer, s.listImages), "POST": writes(RoleAdmin, s.createImage)})
+	route(t+"/images/{id}", methods{"GET": reads(RoleViewer, s.getImage), "DELETE": writes(RoleAdmin, s.deleteImage)})
+	route(t+"/futures", methods{"GET": reads(RoleViewer, s.listFutures)})
+	route(t+"/futures/{id}", methods{"GET": reads(RoleViewer, s.getFuture), "DELETE": writes(RoleOperator, s.abortFuture)})
+	route(t+"/cloud-tags", methods{"GET": reads(RoleViewer, s.getCloudTags), "PUT": writes(RoleAdmin, s.putCloudTags)})
+	route(t+"/cloud-credentials", methods{"GET": reads(RoleViewer, s.getCloudCredentials), "PUT": writes(RoleAdmin, s.putCloudCredentials)})
+	route(t+"/api-keys", methods{"GET": reads(RoleAdmin, s.listKeys), "POST": writes(RoleAdmin, s.createKeyHandler)})
+	route(t+"/api-keys/{id}", methods{"DELETE": writes(RoleAdmin, s.revokeKey)})
+	route(t+"/audit", methods{"GET": reads(RoleAdmin, s.listAudit)})
+	route(t+"/nats-credentials", methods{"POST": writes(RoleAdmin, s.natsCredentials)})
 	for _, p := range []string{"/cloud-accounts", "/load-balancers", "/iam"} {
 		h := routeHandler{s: s, tenant: true, methods: unsupported(p)}
 		mux.Handle(t+p, h)
@@ -222,25 +272,28 @@ func (s *Server) handler() http.Handler {
 	api := s.requireAuth(mux)
 	root := http.NewServeMux()
 	root.Handle("/api/", api)
+	// An agent joining has no API key: its join token is its credential.
+	// join records its own credential events on the audit trail.
+	root.Handle(JoinPath, routeHandler{s: s, methods: methods{"POST": reads(RoleViewer, s.join)}})
 	root.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
-	root.Handle("/healthz", routeHandler{s: s, methods: methods{"GET": s.healthz}})
+	root.Handle("/healthz", routeHandler{s: s, methods: methods{"GET": reads(RoleViewer, s.healthz)}})
 	root.Handle("/", routeHandler{s: s, methods: unknownPath()})
 	return cleanPath(s.recoverPanics(s.logRequests(root)))
 }
 
 // unsupported answers every method of a Dataiku endpoint FM does not have.
 func unsupported(prefix string) methods {
-	h := func(r *http.Request) (any, error) {
+	h := reads(RoleViewer, func(r *http.Request) (any, error) {
 		return nil, newAPIError("Unimplemented", "Not supported",
 			"%s: this Fleet Manager does not support %s", r.URL.Path, prefix[1:])
-	}
+	})
 	return methods{"GET": h, "POST": h, "PUT": h, "DELETE": h}
 }
 
 func unknownPath() methods {
-	h := func(r *http.Request) (any, error) {
+	h := reads(RoleViewer, func(r *http.Request) (any, error) {
 		return nil, newAPIError("NotFound", "Not found", "no endpoint at %s", r.URL.Path)
-	}
+	})
 	return methods{"GET": h, "POST": h, "PUT": h, "DELETE": h, "PATCH": h, "HEAD": h}
 }
 
@@ -249,4 +302,13 @@ func (s *Server) healthz(r *http.Request) (any, error) {
 		return nil, unavailable(nil, "the bus connection is %s", st)
 	}
 	return map[string]string{"status": "ok"}, nil
+}
+
+// httpErrorLog sends net/http's own complaints (TLS handshakes that fail,
+// malformed requests) to the server's log.
+type httpErrorLog struct{ log zerolog.Logger }
+
+func (w httpErrorLog) Write(p []byte) (int, error) {
+	w.log.Warn().Str("source", "http").Msg(strings.TrimSpace(string(p)))
+	return len(p), nil
 }

@@ -9,6 +9,7 @@ import (
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/seal"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
@@ -27,6 +28,7 @@ type stores struct {
 	machines  *table[protocol.MachineState]
 	agents    *table[protocol.AgentStatus]
 	secrets   *table[instanceSecrets]
+	joins     *table[joinRecord]
 	desired   jetstream.KeyValue
 	claims    *labelClaims
 }
@@ -36,15 +38,18 @@ type stores struct {
 type settingsDoc struct {
 	CloudTags   map[string]string     `json:"cloudTags,omitempty"`
 	Credentials *api.CloudCredentials `json:"credentials,omitempty"`
+	// Revocations are the NATS users revoked (public key → when), under
+	// revocationsKey.
+	Revocations map[string]int64 `json:"revocations,omitempty"`
 }
 
-func openStores(ctx context.Context, js jetstream.JetStream, log zerolog.Logger) (*stores, error) {
+func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log zerolog.Logger) (*stores, error) {
 	kv := map[string]jetstream.KeyValue{}
 	for _, name := range []string{
 		protocol.BucketNetworks, protocol.BucketTemplates, protocol.BucketInstances, protocol.BucketImages,
 		protocol.BucketSnapshots, protocol.BucketOps, protocol.BucketSettings, protocol.BucketAPIKeys,
 		protocol.BucketLabels, protocol.BucketLifecycle, protocol.BucketMachines, protocol.BucketAgents,
-		protocol.BucketSecrets, protocol.BucketDesired,
+		protocol.BucketSecrets, protocol.BucketDesired, protocol.BucketJoins,
 	} {
 		b, err := js.KeyValue(ctx, name)
 		if err != nil {
@@ -53,7 +58,7 @@ func openStores(ctx context.Context, js jetstream.JetStream, log zerolog.Logger)
 		kv[name] = b
 	}
 	claims := &labelClaims{kv: kv[protocol.BucketLabels], inFlight: time.Minute}
-	return &stores{
+	st := &stores{
 		networks: newRepo(kv[protocol.BucketNetworks], "virtual network", "network", claims, log,
 			func(v *api.VirtualNetwork) *api.Meta { return &v.Meta },
 			func(v *api.VirtualNetwork) string { return v.Label }),
@@ -74,9 +79,25 @@ func openStores(ctx context.Context, js jetstream.JetStream, log zerolog.Logger)
 		machines:  newMessageTable[protocol.MachineState](kv[protocol.BucketMachines], "machine", log),
 		agents:    newMessageTable[protocol.AgentStatus](kv[protocol.BucketAgents], "agent status", log),
 		secrets:   newTable[instanceSecrets](kv[protocol.BucketSecrets], "instance secrets", log),
+		joins:     newTable[joinRecord](kv[protocol.BucketJoins], "join token", log),
 		desired:   kv[protocol.BucketDesired],
 		claims:    claims,
-	}, nil
+	}
+	// Secrets FM keeps are sealed at rest with the server's key.
+	sealFields(st.templates.table, box, func(t *api.InstanceSettingsTemplate) []*string {
+		return []*string{&t.DataikuAWSSecretAccessKey, &t.License}
+	})
+	sealFields(st.instances.table, box, func(in *api.Instance) []*string { return []*string{&in.SSLCertificatePEM} })
+	sealFields(st.settings, box, func(d *settingsDoc) []*string {
+		if d.Credentials == nil {
+			return nil
+		}
+		return []*string{&d.Credentials.AWSSecretAccessKey, &d.Credentials.LicenseToken, &d.Credentials.License}
+	})
+	sealFields(st.secrets, box, func(s *instanceSecrets) []*string {
+		return []*string{&s.InitialPassword, &s.AdminAPIKey, &s.InstanceKey}
+	})
+	return st, nil
 }
 
 // run keeps every view current until ctx ends.
@@ -93,12 +114,13 @@ func (st *stores) run(ctx context.Context) {
 	go st.machines.run(ctx)
 	go st.agents.run(ctx)
 	go st.secrets.run(ctx)
+	go st.joins.run(ctx)
 }
 
 func (st *stores) waitSynced(ctx context.Context) error {
 	for _, w := range []interface{ waitSynced(context.Context) error }{
 		st.networks, st.templates, st.instances, st.images, st.snapshots, st.ops, st.settings, st.keys,
-		st.lifecycle, st.machines, st.agents, st.secrets,
+		st.lifecycle, st.machines, st.agents, st.secrets, st.joins,
 	} {
 		if err := w.waitSynced(ctx); err != nil {
 			return err

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/seal"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
@@ -33,8 +34,10 @@ type table[T any] struct {
 	kv   jetstream.KeyValue
 	kind string
 	log  zerolog.Logger
-	// decode reads a document (json.Unmarshal unless set).
+	// decode reads a document (json.Unmarshal unless set); encode writes one
+	// (json.Marshal unless set).
 	decode func([]byte, *T) error
+	encode func(T) ([]byte, error)
 
 	// onChange, if set before run, is called with the key of every change
 	// applied after the initial load (outside the lock).
@@ -229,7 +232,7 @@ func (t *table[T]) changes() <-chan struct{} {
 
 // create stores v under id if id is free; errExists otherwise.
 func (t *table[T]) create(ctx context.Context, id string, v T) (uint64, error) {
-	b, err := json.Marshal(v)
+	b, err := t.marshal(v)
 	if err != nil {
 		return 0, fmt.Errorf("encode %s %s: %w", t.kind, id, err)
 	}
@@ -247,7 +250,7 @@ func (t *table[T]) create(ctx context.Context, id string, v T) (uint64, error) {
 // update replaces id's value if it is still at revision rev; errConflict
 // otherwise.
 func (t *table[T]) update(ctx context.Context, id string, v T, rev uint64) (uint64, error) {
-	b, err := json.Marshal(v)
+	b, err := t.marshal(v)
 	if err != nil {
 		return 0, fmt.Errorf("encode %s %s: %w", t.kind, id, err)
 	}
@@ -303,6 +306,41 @@ func (t *table[T]) fetch(ctx context.Context, id string) (T, uint64, error) {
 		return v, 0, fmt.Errorf("decode %s %s: %w", t.kind, id, err)
 	}
 	return v, e.Revision(), nil
+}
+
+func (t *table[T]) marshal(v T) ([]byte, error) {
+	if t.encode != nil {
+		return t.encode(v)
+	}
+	return json.Marshal(v)
+}
+
+// sealFields makes the table store the fields secrets names sealed with box,
+// and open them when it reads. A field found in clear (written before the
+// server sealed it) is read as it is and sealed at the next write.
+func sealFields[T any](t *table[T], box *seal.Box, secrets func(*T) []*string) {
+	t.encode = func(v T) ([]byte, error) {
+		for _, f := range secrets(&v) {
+			*f = box.Seal(*f)
+		}
+		return json.Marshal(v)
+	}
+	t.decode = func(b []byte, v *T) error {
+		if err := json.Unmarshal(b, v); err != nil {
+			return err
+		}
+		for _, f := range secrets(v) {
+			plain, err := box.Open(*f)
+			if errors.Is(err, seal.ErrNotSealed) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			*f = plain
+		}
+		return nil
+	}
 }
 
 func (t *table[T]) unmarshal(b []byte, v *T) error {

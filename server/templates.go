@@ -20,7 +20,7 @@ const maxSetupActions = 100
 func (s *Server) listTemplates(r *http.Request) (any, error) {
 	all := s.st.templates.all()
 	for i := range all {
-		redactTemplate(&all[i])
+		redactTemplate(r, &all[i])
 	}
 	return all, nil
 }
@@ -31,7 +31,7 @@ func (s *Server) getTemplate(r *http.Request) (any, error) {
 	if !ok {
 		return nil, notFound(kindTemplate, id)
 	}
-	redactTemplate(&t)
+	redactTemplate(r, &t)
 	return t, nil
 }
 
@@ -47,7 +47,7 @@ func (s *Server) createTemplate(r *http.Request) (any, error) {
 	if err := s.st.templates.insert(r.Context(), "ist", &t, func(v *api.InstanceSettingsTemplate, id string) { v.ID = id }); err != nil {
 		return nil, err
 	}
-	redactTemplate(&t)
+	redactTemplate(r, &t)
 	return t, nil
 }
 
@@ -78,7 +78,7 @@ func (s *Server) saveTemplate(r *http.Request) (any, error) {
 	if err := s.st.templates.replace(r.Context(), id, cur, &t, rev); err != nil {
 		return nil, err
 	}
-	redactTemplate(&t)
+	redactTemplate(r, &t)
 	return t, nil
 }
 
@@ -90,7 +90,14 @@ func (s *Server) deleteTemplate(r *http.Request) (any, error) {
 	return s.finishedOp(r, "delete-instance-settings-template", "instanceSettingsTemplate", id, map[string]any{"id": id, "label": t.Label}, err)
 }
 
-func redactTemplate(t *api.InstanceSettingsTemplate) { t.DataikuAWSSecretAccessKey = "" }
+// redactTemplate removes what the caller may not see: the secret key
+// always, the license from viewers.
+func redactTemplate(r *http.Request, t *api.InstanceSettingsTemplate) {
+	t.DataikuAWSSecretAccessKey = ""
+	if isViewer(r) {
+		t.License = redacted(t.License)
+	}
+}
 
 func normalizeTemplate(t *api.InstanceSettingsTemplate) {
 	t.Label = trim(t.Label)

@@ -56,6 +56,9 @@ func (s *Server) putCloudTags(r *http.Request) (any, error) {
 func (s *Server) getCloudCredentials(r *http.Request) (any, error) {
 	cc := s.cloudCredentials()
 	redactCredentials(&cc)
+	if isViewer(r) {
+		cc.License = redacted(cc.License)
+	}
 	return cc, nil
 }
 

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/seal"
 	"github.com/fleetmanager/fm/server"
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
@@ -56,7 +57,8 @@ func Start(t testing.TB, opts ...Option) *Env {
 	e := &Env{Bus: bustest.Run(t), KeyFile: filepath.Join(t.TempDir(), "admin-key.json")}
 	// A low work factor: under the race detector the default costs seconds
 	// per key.
-	e.cfg = server.Config{Logger: zerolog.Nop(), StartTimeout: 20 * time.Second, KeyHashIterations: 1000}
+	e.cfg = server.Config{Logger: zerolog.Nop(), StartTimeout: 20 * time.Second, KeyHashIterations: 1000,
+		SecretKey: seal.NewKey()}
 	for _, o := range opts {
 		o(&e.cfg)
 	}

@@ -1,0 +1,123 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// audit records a REST call made by the request's principal.
+func (s *Server) audit(r *http.Request, outcome string, status int, err error) {
+	who, role := "anonymous", ""
+	if p := principalFrom(r.Context()); p != nil {
+		who, role = "key:"+p.KeyID, p.Role
+	}
+	s.auditAs(r, who, role, outcome, status, err)
+}
+
+// auditAs records a REST call made by who.
+func (s *Server) auditAs(r *http.Request, who, role, outcome string, status int, err error) {
+	rec := protocol.AuditRecord{Who: who, Role: role, From: clientAddr(r), Action: r.Method + " " + r.URL.Path,
+		Object: objectOf(r.URL.Path), ObjectID: r.PathValue("id"), Outcome: outcome, Status: status}
+	if err != nil {
+		ae := asAPIError(err)
+		rec.Error = &protocol.Error{Code: ae.code, Message: ae.detail}
+	}
+	s.record(r.Context(), rec)
+}
+
+// objectOf is the kind of object a path is about: its first segment after
+// the tenant prefix ("instances", "api-keys", …).
+func objectOf(path string) string {
+	rest, ok := strings.CutPrefix(path, api.BasePath)
+	if !ok {
+		return "server"
+	}
+	parts := strings.Split(rest, "/")
+	if len(parts) < 2 || !protocol.ValidToken(parts[1]) {
+		return "tenant"
+	}
+	return parts[1]
+}
+
+// record publishes an audit record. A record that cannot be published is
+// logged as an error: the action it describes is already done.
+func (s *Server) record(ctx context.Context, rec protocol.AuditRecord) {
+	rec.ID, rec.Time = protocol.NewID("au"), time.Now().UTC()
+	if rec.Tenant == "" {
+		rec.Tenant = api.DefaultTenant
+	}
+	data, err := protocol.Encode(&rec)
+	if err != nil {
+		s.log.Error().Err(err).Str("action", rec.Action).Msg("audit record not encoded")
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if _, err := s.js.Publish(ctx, protocol.AuditSubject(rec.Tenant, rec.Object), data, jetstream.WithMsgID(rec.ID)); err != nil {
+		s.log.Error().Err(err).Str("action", rec.Action).Str("who", rec.Who).Msg("audit record not stored")
+	}
+}
+
+// auditEntry is an audit record with its place in FM_AUDIT.
+type auditEntry struct {
+	Seq uint64 `json:"seq"`
+	protocol.AuditRecord
+}
+
+// listAudit serves GET /audit (FM; admin): the records after sequence
+// `after` (default: the last `limit`), at most `limit` (default 100, at most
+// 1000), oldest first, optionally of one object kind.
+func (s *Server) listAudit(r *http.Request) (any, error) {
+	q := r.URL.Query()
+	limit, after := 100, uint64(0)
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 1000 {
+			return nil, invalid("query parameter limit: %q is not a number from 1 to 1000", v)
+		}
+		limit = n
+	}
+	hasAfter := q.Has("after")
+	if hasAfter {
+		n, err := strconv.ParseUint(q.Get("after"), 10, 64)
+		if err != nil {
+			return nil, invalid("query parameter after: %q is not a sequence number", q.Get("after"))
+		}
+		after = n
+	}
+	object := q.Get("object")
+	st, err := s.js.Stream(r.Context(), protocol.StreamAudit)
+	if err != nil {
+		return nil, unavailable(err, "the audit trail cannot be read")
+	}
+	state := st.CachedInfo().State
+	first := after + 1
+	if !hasAfter && state.LastSeq >= uint64(limit) {
+		first = state.LastSeq - uint64(limit) + 1
+	}
+	first = max(first, state.FirstSeq)
+	out := []auditEntry{}
+	for seq := first; seq <= state.LastSeq && len(out) < limit; seq++ {
+		m, err := st.GetMsg(r.Context(), seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, unavailable(err, "the audit trail cannot be read")
+		}
+		var rec protocol.AuditRecord
+		if protocol.Decode(m.Data, &rec) != nil || object != "" && rec.Object != object {
+			continue
+		}
+		out = append(out, auditEntry{Seq: seq, AuditRecord: rec})
+	}
+	return out, nil
+}

@@ -1,0 +1,351 @@
+package server
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/fleetmanager/fm/natsauth"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/seal"
+	"github.com/nats-io/jwt/v2"
+)
+
+// JoinPath is the join endpoint: outside the tenant's API, and without an
+// API key (the join token is the machine's credential).
+const JoinPath = "/api/join"
+
+// joinRecord is a join token as fm_joins keeps it (the bucket expires it):
+// only a hash of its secret.
+type joinRecord struct {
+	Instance string    `json:"instance"`
+	Hash     string    `json:"hash"`
+	Expires  time.Time `json:"expires"`
+	Used     bool      `json:"used,omitempty"`
+}
+
+// newJoinToken makes a single-use token for the instance's next machine:
+// "<id>.<secret>".
+func (s *Server) newJoinToken(ctx context.Context, instance string) (string, error) {
+	id, secret := protocol.NewID("jt"), randomToken(40)
+	sum := sha256.Sum256([]byte(secret))
+	rec := joinRecord{Instance: instance, Hash: hex.EncodeToString(sum[:]),
+		Expires: time.Now().Add(s.cfg.Topology.JoinTokenTTL).UTC()}
+	if _, err := s.st.joins.create(ctx, id, rec); err != nil {
+		return "", err
+	}
+	return id + "." + secret, nil
+}
+
+// joinRefused is the answer to a refused join; the reason goes to the log
+// and the audit trail, not to the caller.
+func joinRefused() error {
+	return newAPIError(protocol.CodeUnauthenticated, "Join refused",
+		"the join token is not valid for this instance: unknown, already used, expired or issued to another instance")
+}
+
+// join serves POST /api/join: a new machine's agent exchanges its join token
+// for its NATS credentials and instance key. A used, expired or foreign
+// token is refused (and logged and audited).
+func (s *Server) join(r *http.Request) (any, error) {
+	if s.cfg.Authority == nil {
+		return nil, newAPIError(protocol.CodeUnimplemented, "Not supported", "this Fleet Manager runs without NATS credentials; agents need no join")
+	}
+	if addr := clientAddr(r); s.limiter.blocked(addr) {
+		return nil, newAPIError(protocol.CodeResourceExhausted, "Too many failed attempts",
+			"too many failed attempts from %s; wait a minute", addr)
+	}
+	var req protocol.JoinRequest
+	if err := readJSON(r, &req); err != nil {
+		return nil, err
+	}
+	ctx := r.Context()
+	refuse := func(reason string) error {
+		s.limiter.fail(clientAddr(r))
+		s.log.Warn().Str("instance", safeToken(req.Instance)).Str("remote", r.RemoteAddr).Str("reason", reason).Msg("join refused")
+		s.record(ctx, protocol.AuditRecord{Who: "instance:" + safeToken(req.Instance), From: clientAddr(r), Action: "join.refused",
+			Object: "credentials", ObjectID: safeToken(req.Instance), Outcome: "refused", Status: http.StatusUnauthorized,
+			Error: &protocol.Error{Code: protocol.CodeUnauthenticated, Message: reason}})
+		return joinRefused()
+	}
+	id, secret, ok := strings.Cut(req.Token, ".")
+	if !ok || !protocol.ValidToken(id) || !protocol.ValidToken(req.Instance) {
+		return nil, refuse("malformed token or instance")
+	}
+	for attempt := 0; attempt < 5; attempt++ {
+		rec, rev, err := s.st.joins.fetch(ctx, id)
+		if errors.Is(err, errNotFound) {
+			return nil, refuse("unknown or expired token")
+		}
+		if err != nil {
+			return nil, unavailable(err, "the join token could not be read")
+		}
+		sum := sha256.Sum256([]byte(secret))
+		switch {
+		case subtle.ConstantTimeCompare([]byte(hex.EncodeToString(sum[:])), []byte(rec.Hash)) != 1:
+			return nil, refuse("wrong token secret")
+		case rec.Used:
+			return nil, refuse("token already used")
+		case time.Now().After(rec.Expires):
+			return nil, refuse("token expired")
+		case rec.Instance != req.Instance:
+			return nil, refuse("token issued to instance " + rec.Instance)
+		}
+		rec.Used = true
+		if _, err := s.st.joins.update(ctx, id, rec, rev); errors.Is(err, errConflict) {
+			continue // raced with another use: look again
+		} else if err != nil {
+			return nil, unavailable(err, "the join token could not be used")
+		}
+		resp, err := s.mintAgent(ctx, req.Instance)
+		if err != nil {
+			return nil, err
+		}
+		s.record(ctx, protocol.AuditRecord{Who: "instance:" + req.Instance, From: clientAddr(r), Action: "credentials.exchanged",
+			Object: "credentials", ObjectID: req.Instance, Outcome: "ok", Status: http.StatusOK})
+		s.log.Info().Str("instance", req.Instance).Str("token", id).Msg("agent joined")
+		return resp, nil
+	}
+	return nil, conflict("the join token is being used; retry")
+}
+
+// safeToken keeps a caller-given id fit for a log or audit field.
+func safeToken(v string) string {
+	if protocol.ValidToken(v) {
+		return v
+	}
+	return "(invalid)"
+}
+
+// mintAgent gives the instance's new machine its NATS user, revoking the one
+// of the machine before, and hands out the instance key.
+func (s *Server) mintAgent(ctx context.Context, instance string) (protocol.JoinResponse, error) {
+	creds, pub, err := s.cfg.Authority.Creds(instance, natsauth.AgentPermissions(instance), time.Time{})
+	if err != nil {
+		return protocol.JoinResponse{}, internal(err, "the agent's credentials could not be made")
+	}
+	var previous, key string
+	for attempt := 0; ; attempt++ {
+		sec, rev, err := s.st.secrets.fetch(ctx, instance)
+		if err != nil && !errors.Is(err, errNotFound) {
+			return protocol.JoinResponse{}, unavailable(err, "the instance's secrets could not be read")
+		}
+		previous, key = sec.AgentUser, sec.InstanceKey
+		sec.AgentUser = pub
+		if rev == 0 {
+			_, err = s.st.secrets.create(ctx, instance, sec)
+		} else {
+			_, err = s.st.secrets.update(ctx, instance, sec, rev)
+		}
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, errConflict) && !errors.Is(err, errExists) || attempt >= 5 {
+			return protocol.JoinResponse{}, unavailable(err, "the agent's credentials could not be recorded")
+		}
+	}
+	s.record(ctx, protocol.AuditRecord{Who: "fm", Action: "credentials.minted", Object: "credentials", ObjectID: instance, Outcome: "ok"})
+	if previous != "" && previous != pub {
+		s.revokeUsers(ctx, instance, previous)
+	}
+	return protocol.JoinResponse{Credentials: string(creds), InstanceKey: key}, nil
+}
+
+// revokeAgent revokes the NATS user of an instance's machine (it was
+// deprovisioned or deleted) and the join tokens it did not use.
+func (s *Server) revokeAgent(ctx context.Context, instance string) {
+	if s.cfg.Authority == nil {
+		return
+	}
+	for _, row := range s.st.joins.rows() {
+		if row.val.Instance == instance && !row.val.Used {
+			if err := s.st.joins.remove(ctx, row.key, row.rev); err != nil && !errors.Is(err, errConflict) {
+				s.log.Warn().Err(err).Str("instance", instance).Msg("an unused join token was not withdrawn; it expires on its own")
+			}
+		}
+	}
+	sec, _, _ := s.st.secrets.get(instance)
+	if sec.AgentUser != "" {
+		s.revokeUsers(ctx, instance, sec.AgentUser)
+	}
+}
+
+// revokeUsers adds users to the revocation list kept in fm_settings and
+// pushes the account with the whole list (so that replicas never drop each
+// other's revocations).
+func (s *Server) revokeUsers(ctx context.Context, instance string, users ...string) {
+	var list map[string]int64
+	var added []string
+	for attempt := 0; attempt < 10; attempt++ {
+		doc, rev, err := s.st.settings.fetch(ctx, revocationsKey)
+		if err != nil && !errors.Is(err, errNotFound) {
+			s.log.Error().Err(err).Msg("revocations unreadable")
+			return
+		}
+		list = doc.Revocations
+		if list == nil {
+			list = map[string]int64{}
+		}
+		added = added[:0]
+		for _, u := range users {
+			if _, done := list[u]; !done {
+				list[u] = time.Now().Unix()
+				added = append(added, u)
+			}
+		}
+		if len(added) == 0 {
+			return
+		}
+		doc.Revocations = list
+		if rev == 0 {
+			_, err = s.st.settings.create(ctx, revocationsKey, doc)
+		} else {
+			_, err = s.st.settings.update(ctx, revocationsKey, doc, rev)
+		}
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, errConflict) && !errors.Is(err, errExists) {
+			s.log.Error().Err(err).Msg("revocation not recorded")
+			return
+		}
+	}
+	if err := s.pushAccount(ctx, list); err != nil {
+		s.log.Error().Err(err).Str("instance", instance).Msg("revocation not pushed to NATS; it will be with the next one")
+		return
+	}
+	for _, u := range added {
+		s.record(ctx, protocol.AuditRecord{Who: "fm", Action: "credentials.revoked", Object: "credentials", ObjectID: instance, Outcome: "ok"})
+		s.log.Info().Str("instance", instance).Str("user", u).Msg("agent credentials revoked")
+	}
+}
+
+// revocationsKey is where fm_settings keeps the revoked NATS users.
+const revocationsKey = "system.nats-revocations"
+
+func (s *Server) pushAccount(ctx context.Context, list map[string]int64) error {
+	if s.cfg.SystemConn == nil {
+		return errors.New("no system account connection")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return s.cfg.Authority.Push(ctx, s.cfg.SystemConn, list)
+}
+
+// instanceBox is the box of an instance's key, nil when it has none (FM runs
+// without join).
+func (s *Server) instanceBox(instance string) *seal.Box {
+	sec, _, _ := s.st.secrets.get(instance)
+	return boxOf(sec.InstanceKey)
+}
+
+func boxOf(key string) *seal.Box {
+	if key == "" {
+		return nil
+	}
+	raw, err := base64.StdEncoding.DecodeString(key)
+	if err != nil {
+		return nil
+	}
+	b, err := seal.New(raw)
+	if err != nil {
+		return nil
+	}
+	return b
+}
+
+// rotateInstanceKey gives the instance a new key for the machine a
+// reprovision makes (the join hands it out), and returns its box.
+func (s *Server) rotateInstanceKey(ctx context.Context, instance string) (*seal.Box, error) {
+	key := base64.StdEncoding.EncodeToString(seal.NewKey())
+	for attempt := 0; attempt < 10; attempt++ {
+		sec, rev, err := s.st.secrets.fetch(ctx, instance)
+		if err != nil && !errors.Is(err, errNotFound) {
+			return nil, err
+		}
+		sec.InstanceKey = key
+		if rev == 0 {
+			_, err = s.st.secrets.create(ctx, instance, sec)
+		} else {
+			_, err = s.st.secrets.update(ctx, instance, sec, rev)
+		}
+		if err == nil {
+			return boxOf(key), nil
+		}
+		if !errors.Is(err, errConflict) && !errors.Is(err, errExists) {
+			return nil, err
+		}
+	}
+	return nil, errors.New("instance secrets kept changing")
+}
+
+// natsCredentials serves POST /nats-credentials {role} (FM; admin): NATS
+// credentials for an operator (readonly or admin) or a provisioner run on
+// its own.
+func (s *Server) natsCredentials(r *http.Request) (any, error) {
+	if s.cfg.Authority == nil {
+		return nil, newAPIError(protocol.CodeUnimplemented, "Not supported", "this Fleet Manager does not manage NATS credentials")
+	}
+	var req struct {
+		Role string `json:"role"`
+		// ExpiresHours is how long the credentials last (0: forever).
+		ExpiresHours int `json:"expiresHours"`
+	}
+	if err := readJSON(r, &req); err != nil {
+		return nil, err
+	}
+	if req.ExpiresHours < 0 {
+		return nil, invalid("expiresHours: %d is negative", req.ExpiresHours)
+	}
+	var expires time.Time
+	if req.ExpiresHours > 0 {
+		expires = time.Now().Add(time.Duration(req.ExpiresHours) * time.Hour).UTC()
+	}
+	var perms jwt.Permissions
+	switch req.Role {
+	case "readonly":
+		perms = natsauth.ReadOnlyPermissions()
+	case "admin", "provisioner":
+	default:
+		return nil, invalid("role: %q is not readonly, admin or provisioner", req.Role)
+	}
+	creds, pub, err := s.cfg.Authority.Creds(req.Role+"-by-"+principalID(r.Context()), perms, expires)
+	if err != nil {
+		return nil, internal(err, "the credentials could not be made")
+	}
+	s.record(r.Context(), protocol.AuditRecord{Who: "key:" + principalID(r.Context()), From: clientAddr(r), Action: "credentials.minted",
+		Object: "credentials", ObjectID: req.Role, Outcome: "ok"})
+	resp := map[string]string{"credentials": string(creds), "user": pub, "role": req.Role}
+	if !expires.IsZero() {
+		resp["expires"] = expires.Format(time.RFC3339)
+	}
+	return resp, nil
+}
+
+// syncAccount pushes the account with the recorded revocations once the
+// server starts, retrying until it is through, so that a revocation whose
+// push failed is in force after a restart.
+func (s *Server) syncAccount(ctx context.Context) {
+	if s.cfg.Authority == nil || s.cfg.SystemConn == nil {
+		return
+	}
+	for {
+		doc, _, _ := s.st.settings.get(revocationsKey)
+		err := s.pushAccount(ctx, doc.Revocations)
+		if err == nil {
+			return
+		}
+		s.log.Warn().Err(err).Msg("the NATS account is not pushed yet; retrying")
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Second):
+		}
+	}
+}

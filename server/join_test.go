@@ -1,0 +1,136 @@
+package server_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/natsauth"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/server"
+	"github.com/fleetmanager/fm/server/servertest"
+)
+
+// startWithAuthority starts a server that gives machines join tokens, with
+// tokens valid for ttl.
+func startWithAuthority(t *testing.T, ttl time.Duration) *fm {
+	t.Helper()
+	auth, err := natsauth.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return start(t, servertest.WithConfig(func(c *server.Config) {
+		c.Authority = auth
+		c.Topology = bus.DefaultTopology()
+		c.Topology.JoinTokenTTL = ttl
+	}))
+}
+
+// reprovision starts a reprovision of the instance and returns the join
+// spec of the provision request it sent (no provisioner runs).
+func (f *fm) reprovision(id string) *protocol.JoinSpec {
+	f.t.Helper()
+	f.ok(f.do("GET", "/instances/"+id+"/actions/reprovision", ""), nil)
+	st, err := f.env.Bus.JetStream(f.t).Stream(context.Background(), protocol.StreamProvision)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	// FM_PROVISION is a work queue: the request stays until a provisioner
+	// takes it, and none runs here.
+	m, err := st.GetLastMsgForSubject(context.Background(), protocol.ProvisionSubject(id, protocol.ProvisionReprovision))
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	var req protocol.ProvisionRequest
+	if err := protocol.Decode(m.Data, &req); err != nil {
+		f.t.Fatal(err)
+	}
+	if req.Spec == nil || req.Spec.Join == nil || req.Spec.Join.Token == "" || !strings.HasSuffix(req.Spec.Join.URL, server.JoinPath) {
+		f.t.Fatalf("the provision request has no join: %+v", req.Spec)
+	}
+	return req.Spec.Join
+}
+
+func (f *fm) join(instance, token string) response {
+	f.t.Helper()
+	return f.doAs("POST", server.JoinPath, mustJSON(f.t, protocol.JoinRequest{Instance: instance, Token: token}), "", "")
+}
+
+func TestJoinTokens(t *testing.T) {
+	f := startWithAuthority(t, 3*time.Second)
+	vn, tpl, _ := f.fleet()
+	im := f.addImageWithKit("dss-join", "14.0.0")
+	var ids []string
+	for _, label := range []string{"a", "b", "c"} {
+		ids = append(ids, f.createInstance(instanceBody(label, vn.ID, tpl.ID, im.ID)).ID)
+	}
+	a, b, c := ids[0], ids[1], ids[2]
+	tokA, tokB := f.reprovision(a).Token, f.reprovision(b).Token
+
+	t.Run("foreign", func(t *testing.T) {
+		f.failed(f.join(b, tokA), 401, "Unauthenticated")
+	})
+	t.Run("exchanged once", func(t *testing.T) {
+		var resp protocol.JoinResponse
+		f.ok(f.join(a, tokA), &resp)
+		if _, err := natsauth.PublicKeyOf([]byte(resp.Credentials)); err != nil || resp.InstanceKey == "" {
+			t.Fatalf("join answer: %v %+v", err, resp)
+		}
+		f.failed(f.join(a, tokA), 401, "Unauthenticated")
+	})
+	t.Run("wrong secret", func(t *testing.T) {
+		f.failed(f.join(b, tokB[:len(tokB)-1]+"x"), 401, "Unauthenticated")
+		f.failed(f.join(b, "no-dot"), 401, "Unauthenticated")
+		f.failed(f.join(b, ""), 401, "Unauthenticated")
+	})
+	t.Run("expired", func(t *testing.T) {
+		tokC := f.reprovision(c).Token
+		id, _, _ := strings.Cut(tokC, ".")
+		kv, err := f.env.Bus.JetStream(t).KeyValue(context.Background(), protocol.BucketJoins)
+		if err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for _, err := kv.Get(context.Background(), id); err == nil; _, err = kv.Get(context.Background(), id) {
+			if time.Now().After(deadline) {
+				t.Fatal("the token never expired from fm_joins")
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		f.failed(f.join(c, tokC), 401, "Unauthenticated")
+	})
+	t.Run("audited", func(t *testing.T) {
+		var recs []protocol.AuditRecord
+		f.ok(f.do("GET", "/audit?object=credentials&limit=100", ""), &recs)
+		count := map[string]int{}
+		for _, r := range recs {
+			count[r.Action]++
+			if r.Action == "join.refused" && (r.Error == nil || r.From == "") {
+				t.Errorf("refusal without its reason or origin: %+v", r)
+			}
+		}
+		if count["join.refused"] != 6 || count["credentials.exchanged"] != 1 || count["credentials.minted"] != 1 {
+			t.Fatalf("credential events %v", count)
+		}
+		if raw := mustJSON(t, recs); strings.Contains(raw, tokA) || strings.Contains(raw, tokB) {
+			t.Fatal("a token reached the audit trail")
+		}
+	})
+	t.Run("rate limited", func(t *testing.T) {
+		// Six refusals so far; ten in a minute block the address.
+		for n := 0; n < 4; n++ {
+			f.failed(f.join(b, "jt-x.y"), 401, "Unauthenticated")
+		}
+		f.failed(f.join(b, tokB), 429, string(protocol.CodeResourceExhausted))
+	})
+}
+
+// TestJoinWithoutAuthority: a server without NATS authority says so.
+func TestJoinWithoutAuthority(t *testing.T) {
+	f := start(t)
+	if e := f.failed(f.join("in-x", "jt-a.b"), 501, string(protocol.CodeUnimplemented)); e.DetailedMessage == "" {
+		t.Fatal("no reason given")
+	}
+}
