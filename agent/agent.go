@@ -15,6 +15,7 @@ import (
 
 	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/seal"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
@@ -32,6 +33,7 @@ type Agent struct {
 	logFile *rotatingFile
 
 	// Set by Run.
+	box     *seal.Box // the instance key, which seals secrets FM and the agent exchange
 	nc      *nats.Conn
 	js      jetstream.JetStream
 	rep     *reporter
@@ -88,9 +90,16 @@ func New(cfg Config) (*Agent, error) {
 // work until ctx ends. Bus outages are ridden out: the connection retries
 // forever, and each part resumes when it comes back.
 func (a *Agent) Run(ctx context.Context) error {
+	tlsConf, err := a.cfg.clientTLS()
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	if err := a.join(ctx, tlsConf); err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
 	reconnected := make(chan struct{}, 1)
 	nc, err := bus.Connect(bus.ConnectConfig{
-		URL: a.cfg.NATSURL, CredsFile: a.cfg.CredsFile, Name: "fm-agent " + a.cfg.Instance,
+		URL: a.cfg.NATSURL, CredsFile: a.cfg.CredsFile, TLS: tlsConf, Name: "fm-agent " + a.cfg.Instance,
 		InboxPrefix: protocol.InboxPrefix(a.cfg.Instance), RetryOnFailedConnect: true,
 		OnConnect: func() {
 			select {
@@ -119,6 +128,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.rep.event(protocol.Event{Kind: protocol.EventRejected, Step: "desired-state", Status: protocol.StatusFailed,
 			Message: fmt.Sprintf("desired state at revision %d rejected", rev), Error: protocol.Errorf(protocol.CodeInvalidArgument, "%v", err)})
 	})
+	a.desired.open = a.openDesired
 	sub, err := a.desired.subscribe()
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)

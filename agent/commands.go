@@ -16,6 +16,7 @@ type commandResult struct {
 	message string
 	output  string
 	result  any
+	secret  bool // result holds a credential
 	err     *protocol.Error
 }
 
@@ -85,6 +86,11 @@ func (a *Agent) handleCommand(ctx context.Context, data []byte, seq uint64) {
 		a.commandDone(cmd.ID, seq)
 		return
 	}
+	if perr := a.openParams(&cmd); perr != nil {
+		a.answer(cmd, commandResult{err: perr})
+		a.commandDone(cmd.ID, seq)
+		return
+	}
 	if a.cursor.seen(cmd.ID) {
 		a.log.Debug().Str("command", cmd.ID).Msg("command already run; delivered again, ignored")
 		a.commandDone(cmd.ID, seq)
@@ -146,6 +152,10 @@ func (a *Agent) answer(cmd protocol.Command, res commandResult) {
 	if res.result != nil {
 		if b, err := json.Marshal(res.result); err == nil {
 			e.Result = b
+			// A secret goes out sealed when the agent has an instance key.
+			if res.secret && a.box != nil {
+				e.Result, e.SealedResult = nil, a.box.Seal(string(b))
+			}
 		}
 	}
 	a.rep.event(e)
@@ -225,12 +235,12 @@ func (a *Agent) runCommand(ctx context.Context, cmd protocol.Command) commandRes
 			if s.InitialPassword == "" {
 				return commandResult{err: protocol.Errorf(protocol.CodeFailedPrecondition, "no initial password: DSS is not set up yet")}
 			}
-			return commandResult{result: protocol.InitialPasswordResult{UserName: "admin", Password: s.InitialPassword}}
+			return commandResult{result: protocol.InitialPasswordResult{UserName: "admin", Password: s.InitialPassword}, secret: true}
 		}
 		if s.AdminAPIKey == "" {
 			return commandResult{err: protocol.Errorf(protocol.CodeFailedPrecondition, "no admin API key: DSS is not set up yet")}
 		}
-		return commandResult{result: protocol.AdminAPIKeyResult{AdminAPIKey: s.AdminAPIKey}}
+		return commandResult{result: protocol.AdminAPIKeyResult{AdminAPIKey: s.AdminAPIKey}, secret: true}
 	case protocol.CommandCollectDiagnosis:
 		res, err := a.collectDiagnosis(ctx, cmd.ID)
 		if err != nil {

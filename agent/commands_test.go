@@ -17,6 +17,7 @@ import (
 
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
 
@@ -286,16 +287,24 @@ func TestCollectDiagnosis(t *testing.T) {
 	r.waitReady(r.desire("14.0.0").Generation)
 	res := r.result(r.command(protocol.CommandCollectDiagnosis, nil))
 	var d protocol.DiagnosisResult
-	if err := json.Unmarshal(res.Result, &d); err != nil || d.Object == "" {
+	if err := json.Unmarshal(res.Result, &d); err != nil || d.Subject != protocol.LogSubject(r.instance, "diag-"+res.CommandID) || d.Chunks < 1 {
 		t.Fatalf("%+v %v", res, err)
 	}
-	store, err := r.js.ObjectStore(context.Background(), protocol.ObjectStoreDiagnosis)
+	// The bundle is in chunks on the agent's own log subject.
+	cons, err := r.js.OrderedConsumer(context.Background(), protocol.StreamLogs, jetstream.OrderedConsumerConfig{FilterSubjects: []string{d.Subject}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	obj, err := store.GetBytes(context.Background(), d.Object)
-	if err != nil || int64(len(obj)) != d.SizeBytes || sha256hex(obj) != d.SHA256 {
-		t.Fatalf("bundle %d bytes, %v", len(obj), err)
+	var obj []byte
+	for i := 0; i < d.Chunks; i++ {
+		m, err := cons.Next(jetstream.FetchMaxWait(5 * time.Second))
+		if err != nil {
+			t.Fatalf("chunk %d: %v", i, err)
+		}
+		obj = append(obj, m.Data()...)
+	}
+	if int64(len(obj)) != d.SizeBytes || sha256hex(obj) != d.SHA256 {
+		t.Fatalf("bundle %d bytes, want %d", len(obj), d.SizeBytes)
 	}
 	gz, err := gzip.NewReader(bytes.NewReader(obj))
 	if err != nil {

@@ -34,6 +34,14 @@ type Config struct {
 	// requires them).
 	NATSURL   string `json:"natsUrl"`
 	CredsFile string `json:"credsFile,omitempty"`
+	// Join, if set, is how the agent gets its credentials on its first
+	// start: it exchanges the single-use token at Join.URL for its NATS
+	// credentials (kept in CredsFile, by default on the OS disk) and the
+	// instance key. Join.CACert, or CAFile, is the CA that FM's HTTPS and
+	// NATS certificates are verified with; with one, the bus is reached
+	// over TLS.
+	Join   *protocol.JoinSpec `json:"join,omitempty"`
+	CAFile string             `json:"caFile,omitempty"`
 	// RootDir is the machine's OS disk ("/" on a real machine): it holds the
 	// progress marker, the kit cache, the installed kits and the files setup
 	// actions write outside DSS. It is new on every reprovision.

@@ -23,6 +23,9 @@ type desiredWatch struct {
 	nc       *nats.Conn
 	log      zerolog.Logger
 	rejected func(err error, revision uint64)
+	// open, if set, opens what a desired state holds sealed; a state it
+	// fails is rejected.
+	open func(*protocol.DesiredState) error
 
 	mu      sync.Mutex
 	current *protocol.DesiredState
@@ -66,6 +69,14 @@ func (w *desiredWatch) offer(data []byte, rev uint64, deleted bool) {
 		w.mu.Unlock()
 		w.rejected(fmt.Errorf("%w: desired state names instance %q", protocol.ErrMalformed, d.Instance), rev)
 		return
+	}
+	if w.open != nil {
+		if err := w.open(&d); err != nil {
+			w.rev = rev
+			w.mu.Unlock()
+			w.rejected(err, rev)
+			return
+		}
 	}
 	w.current, w.rev = &d, rev
 	w.mu.Unlock()

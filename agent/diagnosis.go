@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"time"
 
 	"github.com/fleetmanager/fm/protocol"
@@ -24,7 +25,8 @@ import (
 const maxLogInBundle = 8 << 20
 
 // collectDiagnosis bundles the agent's and DSS's logs and the machine's facts
-// into a .tar.gz and uploads it to the fm_diagnosis object store.
+// into a .tar.gz and sends it to FM, which files it in the fm_diagnosis
+// object store.
 func (a *Agent) collectDiagnosis(ctx context.Context, commandID string) (protocol.DiagnosisResult, error) {
 	var buf bytes.Buffer
 	gz := gzip.NewWriter(&buf)
@@ -79,18 +81,25 @@ func (a *Agent) collectDiagnosis(ctx context.Context, commandID string) (protoco
 	if err := gz.Close(); err != nil {
 		return protocol.DiagnosisResult{}, err
 	}
-	store, err := a.js.ObjectStore(ctx, protocol.ObjectStoreDiagnosis)
-	if err != nil {
-		return protocol.DiagnosisResult{}, fmt.Errorf("diagnosis store: %w", err)
+	// The agent may publish only on its own subjects: the bundle goes in
+	// chunks on its log subject, and the server files it in fm_diagnosis.
+	data := buf.Bytes()
+	sum := sha256.Sum256(data)
+	subject := protocol.LogSubject(a.cfg.Instance, "diag-"+commandID)
+	chunks := 0
+	for off := 0; off < len(data); off += diagnosisChunk {
+		end := min(off+diagnosisChunk, len(data))
+		if _, err := a.js.Publish(ctx, subject, data[off:end], jetstream.WithMsgID(subject+"."+strconv.Itoa(chunks))); err != nil {
+			return protocol.DiagnosisResult{}, fmt.Errorf("send the diagnosis bundle: %w", err)
+		}
+		chunks++
 	}
-	name := a.cfg.Instance + "/" + commandID + ".tar.gz"
-	sum := sha256.Sum256(buf.Bytes())
-	size := int64(buf.Len())
-	if _, err := store.Put(ctx, jetstream.ObjectMeta{Name: name, Description: "diagnosis of " + a.cfg.Instance}, &buf); err != nil {
-		return protocol.DiagnosisResult{}, fmt.Errorf("upload diagnosis: %w", err)
-	}
-	return protocol.DiagnosisResult{Object: name, SizeBytes: size, SHA256: hex.EncodeToString(sum[:])}, nil
+	return protocol.DiagnosisResult{Subject: subject, Chunks: chunks, SizeBytes: int64(len(data)), SHA256: hex.EncodeToString(sum[:])}, nil
 }
+
+// diagnosisChunk is the size of a diagnosis bundle's messages, well under
+// NATS's default 1 MiB payload limit.
+const diagnosisChunk = 256 << 10
 
 // readTail reads at most n bytes from the end of a file.
 func readTail(path string, n int64) ([]byte, error) {
