@@ -39,7 +39,13 @@ func (e errUsage) Error() string { return e.msg }
 func usagef(format string, args ...any) error { return errUsage{fmt.Sprintf(format, args...)} }
 
 // Commands lists the client subcommands this package runs.
-func Commands() []string { return []string{"network", "template", "instance", "image", "op"} }
+func Commands() []string {
+	names := make([]string, len(resources))
+	for i, r := range resources {
+		names[i] = r.command
+	}
+	return names
+}
 
 // Run runs a client subcommand (args[0] is its name) and returns the exit
 // code.
@@ -114,12 +120,14 @@ func EnvName(flagName string) string {
 type connFlags struct {
 	url     string
 	keyFile string
+	caFile  string
 	output  string
 }
 
 func (c *connFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.url, "url", "http://127.0.0.1:10000", "FM server URL (env FM_URL)")
 	fs.StringVar(&c.keyFile, "key-file", "./.fm/admin-key.json", "API key file {\"id\",\"secret\"} (env FM_KEY_FILE)")
+	fs.StringVar(&c.caFile, "ca-file", "", "CA to verify an HTTPS server with, e.g. DATA/tls/ca.pem of fm server (env FM_CA_FILE)")
 	fs.StringVar(&c.output, "output", "table", "output format: table or json (env FM_OUTPUT)")
 }
 
@@ -131,7 +139,13 @@ func (c *connFlags) client() (*client.Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w (set --key-file or FM_KEY_FILE)", err)
 	}
-	return client.New(c.url, key), nil
+	cl := client.New(c.url, key)
+	if c.caFile != "" {
+		if err := cl.TrustCA(c.caFile); err != nil {
+			return nil, err
+		}
+	}
+	return cl, nil
 }
 
 // printJSON writes v indented.

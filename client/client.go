@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/pki"
 )
 
 // KeyFile is an API key as FM and Dataiku's tooling write it.
@@ -63,6 +64,17 @@ func New(baseURL string, key KeyFile) *Client {
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
 	}
+}
+
+// TrustCA makes the client verify an HTTPS server with the CA in the PEM
+// file caFile (FM's self-signed CA), besides the system's.
+func (c *Client) TrustCA(caFile string) error {
+	conf, err := pki.ClientConfig(caFile)
+	if err != nil {
+		return err
+	}
+	c.http.Transport = &http.Transport{TLSClientConfig: conf, Proxy: http.ProxyFromEnvironment}
+	return nil
 }
 
 // Error is an error response of the server.

@@ -9,6 +9,10 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 var (
@@ -63,24 +67,58 @@ func fmBinPlain(tb testing.TB) string {
 	return plainBin
 }
 
-// devEnv starts `fm dev` on a temporary data folder and a random port.
+// devEnv is `fm dev` on a temporary data folder and a random port.
 type devEnv struct {
 	proc    *Proc
 	data    string
+	addr    string
 	url     string
 	env     []string
 	keyFile string
+	args    []string // extra flags
 }
 
 func startDev(t *testing.T, data string) *devEnv {
 	t.Helper()
-	addr := FreePort(t)
-	d := &devEnv{data: data, url: "http://" + addr, keyFile: filepath.Join(data, "admin-key.json")}
+	return startDevAt(t, data, FreePort(t))
+}
+
+// startDevAt starts fm dev listening on addr, with extra flags.
+func startDevAt(t *testing.T, data, addr string, extra ...string) *devEnv {
+	t.Helper()
+	d := &devEnv{data: data, addr: addr, url: "http://" + addr, keyFile: filepath.Join(data, "admin-key.json"), args: extra}
 	d.env = []string{"FM_URL=" + d.url, "FM_KEY_FILE=" + d.keyFile}
-	d.proc = Start(t, fmBin(t), nil, "dev", "--data", data, "--listen", addr, "--log-format", "json")
+	d.proc = Start(t, fmBin(t), nil, append([]string{"dev", "--data", data, "--listen", addr, "--log-format", "json"}, extra...)...)
 	WaitHTTP(t, d.url+"/healthz", 60*time.Second)
 	d.proc.WaitStdout("Press Ctrl-C to stop", 10*time.Second)
 	return d
+}
+
+// dumpBus returns every message stored on fm dev's bus, read with the
+// admin NATS credentials it made.
+func (d *devEnv) dumpBus(t *testing.T) string {
+	t.Helper()
+	addr, err := os.ReadFile(filepath.Join(d.data, "nats.addr"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nats.Connect("nats://"+strings.TrimSpace(string(addr)), nats.UserCredentials(filepath.Join(d.data, "nats-admin.creds")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bustest.Dump(t, js)
+}
+
+// restart starts fm dev again as it was (same data, address and flags),
+// as an operator restarts FM: machines find it where they left it.
+func (d *devEnv) restart(t *testing.T) *devEnv {
+	t.Helper()
+	return startDevAt(t, d.data, d.addr, d.args...)
 }
 
 // fm runs a client command and fails the test if it does not exit 0.
@@ -188,7 +226,7 @@ func TestDevWithCLIAndRawHTTP(t *testing.T) {
 	}
 
 	// A restart on the same folder keeps every object and the key.
-	d2 := startDev(t, data)
+	d2 := d.restart(t)
 	if strings.Contains(d2.proc.Stdout(), "(created") {
 		t.Fatal("a restart created a new admin key")
 	}
@@ -218,7 +256,17 @@ func TestNATSRecipes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	env := []string{"NATS_URL=nats://" + strings.TrimSpace(string(addr)), "HOME=" + t.TempDir()}
+	url := "NATS_URL=nats://" + strings.TrimSpace(string(addr))
+	home := "HOME=" + t.TempDir()
+	// The bus takes no one without credentials.
+	if out, errOut, code := Run(t, natsBin, []string{url, home}, "stream", "ls"); code == 0 || !strings.Contains(out+errOut, "Authorization Violation") {
+		t.Errorf("nats stream ls without credentials: exit %d\n%s%s", code, out, errOut)
+	}
+	env := []string{url, home, "NATS_CREDS=" + filepath.Join(data, "nats-readonly.creds")}
+	// The read-only credentials change nothing.
+	if out, errOut, code := Run(t, natsBin, env, "kv", "put", "fm_networks", vnID, "{}"); code == 0 || !strings.Contains(out+errOut, "ermission") {
+		t.Errorf("nats kv put with read-only credentials: exit %d\n%s%s", code, out, errOut)
+	}
 	for _, tc := range []struct {
 		args []string
 		want string

@@ -268,3 +268,13 @@ func (p *Python) Do(t testing.TB, method, path, body string, out any) int {
 	}
 	return resp.StatusCode
 }
+
+// readFile returns a file's content, failing the test if it cannot be read.
+func readFile(t testing.TB, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}

@@ -21,13 +21,7 @@ import (
 func startDevFast(t *testing.T, data string) *devEnv {
 	t.Helper()
 	t.Cleanup(func() { cmdline.Stop(cmdline.Find(data), 2*time.Second) })
-	addr := FreePort(t)
-	d := &devEnv{data: data, url: "http://" + addr, keyFile: filepath.Join(data, "admin-key.json")}
-	d.env = []string{"FM_URL=" + d.url, "FM_KEY_FILE=" + d.keyFile}
-	d.proc = Start(t, fmBin(t), nil, "dev", "--data", data, "--listen", addr, "--log-format", "json", "--heartbeat-seconds", "1")
-	WaitHTTP(t, d.url+"/healthz", 60*time.Second)
-	d.proc.WaitStdout("Press Ctrl-C to stop", 10*time.Second)
-	return d
+	return startDevAt(t, data, FreePort(t), "--heartbeat-seconds", "1")
 }
 
 // newInstance creates a network, a template and an instance with the
@@ -85,7 +79,8 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	py := NewPython(t, d.url, d.keyFile)
 	vn := jsonField(t, d.fm(t, "network", "create", "--label", "lab", "--default", "--output", "json"), "id")
 	tplFile := filepath.Join(t.TempDir(), "tpl.json")
-	os.WriteFile(tplFile, []byte(`{"label":"base","setupActions":[
+	const licenseMark = "E2E-LICENSEE-MARK"
+	os.WriteFile(tplFile, []byte(`{"label":"base","license":"{\"content\":{\"licensee\":\"`+licenseMark+`\"}}","setupActions":[
 		{"type":"ADD_ENV_VARIABLES","params":{"variables":[{"key":"TEAM","value":"data"}]}},
 		{"type":"SETUP_K8S_AND_SPARK","params":{}}]}`), 0o644)
 	tpl := jsonField(t, d.fm(t, "template", "create", "--file", tplFile, "--output", "json"), "id")
@@ -196,6 +191,34 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	if login == nil || login.StatusCode != 200 {
 		t.Fatalf("login with the new password: %v", login)
 	}
+	// The license reached DSS, through the sealed desired state.
+	if lic, err := os.ReadFile(filepath.Join(data, "local", "volumes", id, "dataiku", "dss_data", "config", "license.json")); err != nil || !strings.Contains(string(lic), licenseMark) {
+		t.Fatalf("DSS's license: %v %s", err, lic)
+	}
+
+	// A diagnosis bundle is filed in fm_diagnosis.
+	var f map[string]any
+	py.Do(t, "GET", "/instances/"+id+"/actions/collect-diagnosis", "", &f)
+	res, code := py.wait(t, f)
+	diag, _ := res["result"].(map[string]any)
+	if code != 200 || diag["object"] != id+"/"+fmt.Sprint(f["jobId"])+"-cmd.tar.gz" {
+		t.Fatalf("collect-diagnosis: %d %v", code, res)
+	}
+	secrets := map[string]string{"initial password": strings.TrimPrefix(strings.TrimSpace(pw), "admin: "),
+		"DSS admin API key": key.AdminAPIKey, "reset password": "Fresh-passw0rd", "license": licenseMark}
+	agentLog, err := os.ReadFile(filepath.Join(data, "local", "machines", id, "root", "var", "lib", "fm-agent", "agent.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	noSecretIn(t, "the agent's log", string(agentLog), secrets)
+	bus := d.dumpBus(t)
+	noSecretIn(t, "the bus", bus, secrets)
+	// …because they went sealed with the instance key.
+	for _, sealed := range []string{`"sealedLicense":"fmsealed1:`, `"sealedResult":"fmsealed1:`, `"sealedParams":"fmsealed1:`} {
+		if !strings.Contains(bus, sealed) {
+			t.Errorf("no %s… on the bus", sealed)
+		}
+	}
 
 	// Delete: refused with a machine, then done after a deprovision.
 	if _, errOut, code := Run(t, fmBin(t), d.env, "instance", "delete", id); code != 1 || !strings.Contains(errOut, "deprovision it first") {
@@ -211,6 +234,38 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	}
 	if left := cmdline.Find(filepath.Join(data, "local")); len(left) != 0 {
 		t.Fatalf("machine processes left: %v", left)
+	}
+
+	// Every credential event is on record, the agents' last one revoked.
+	audit := d.fm(t, "audit", "--object", "credentials", "--limit", "100")
+	for _, want := range []string{"credentials.minted", "credentials.exchanged", "credentials.revoked"} {
+		if !strings.Contains(audit, want) {
+			t.Errorf("the audit trail lacks %s:\n%s", want, audit)
+		}
+	}
+	// No secret is in clear on the bus (buckets with their history,
+	// streams, object stores) or in FM's log.
+	var admin struct{ Secret string }
+	b, _ := os.ReadFile(d.keyFile)
+	json.Unmarshal(b, &admin)
+	secrets["FM admin key secret"] = admin.Secret
+	noSecretIn(t, "the bus", d.dumpBus(t), secrets)
+	noSecretIn(t, "fm dev's log", d.proc.Stdout()+d.proc.Stderr(), secrets)
+}
+
+// noSecretIn fails the test for each secret found in text.
+func noSecretIn(t *testing.T, where, text string, secrets map[string]string) {
+	t.Helper()
+	if len(text) < 1000 {
+		t.Fatalf("%s holds only %d bytes: the scan read nothing", where, len(text))
+	}
+	for name, v := range secrets {
+		if len(v) < 8 {
+			t.Fatalf("%s %q is too short to look for", name, v)
+		}
+		if strings.Contains(text, v) {
+			t.Errorf("the %s is in clear in %s", name, where)
+		}
 	}
 }
 
@@ -298,7 +353,7 @@ func TestCrashDuringReprovision(t *testing.T) {
 		t.Fatal(err)
 	}
 	<-d.proc.done
-	d2 := startDevFast(t, data)
+	d2 := d.restart(t)
 	py2 := NewPython(t, d2.url, d2.keyFile)
 	res, code := py2.wait(t, f)
 	if code != 200 || res["hasResult"] != true {

@@ -1,14 +1,21 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/pki"
+	"github.com/fleetmanager/fm/seal"
+	"github.com/nats-io/jwt/v2"
+	natsserver "github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
 
@@ -16,26 +23,30 @@ import (
 // external one.
 type busConn struct {
 	nc        *nats.Conn
+	sys       *nats.Conn // as the system account, when FM holds the NATS authority
 	embedded  *bus.Embedded
 	clientURL string // what agents connect to
 }
 
-// close drains the connection and stops an embedded server.
+// close drains the connections and stops an embedded server.
 func (b *busConn) close() {
-	if b.nc != nil {
-		_ = b.nc.Drain()
-		b.nc.Close()
+	for _, nc := range []*nats.Conn{b.nc, b.sys} {
+		if nc != nil {
+			_ = nc.Drain()
+			nc.Close()
+		}
 	}
 	if b.embedded != nil {
 		b.embedded.Shutdown()
 	}
 }
 
-// embeddedBus starts an embedded nats-server with its store under dataDir.
-// An empty listen reuses the address of the previous start (remembered in
-// dataDir/nats.addr), so that agents find the bus again after a restart, or
-// picks a free loopback port the first time.
-func embeddedBus(dataDir, listen, name string, syncAlways bool, log zerolog.Logger) (*busConn, error) {
+// embeddedBus starts an embedded nats-server with its store under dataDir,
+// in operator mode and with TLS as sec says. An empty listen reuses the
+// address of the previous start (remembered in dataDir/nats.addr), so that
+// agents find the bus again after a restart, or picks a free loopback port
+// the first time.
+func embeddedBus(dataDir, listen, name string, syncAlways bool, sec *security, log zerolog.Logger) (*busConn, error) {
 	addrFile := filepath.Join(dataDir, "nats.addr")
 	remember := listen == ""
 	if remember {
@@ -45,39 +56,121 @@ func embeddedBus(dataDir, listen, name string, syncAlways bool, log zerolog.Logg
 			listen = "127.0.0.1:0"
 		}
 	}
-	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{
+	cfg := bus.EmbeddedConfig{
 		StoreDir:   filepath.Join(dataDir, "jetstream"),
 		Listen:     listen,
 		ServerName: name,
 		SyncAlways: syncAlways,
+		TLS:        sec.tls,
 		Logger:     log.With().Str("component", "nats").Logger(),
-	})
+	}
+	if sec.authority != nil {
+		cfg.Configure = func(o *natsserver.Options) error {
+			return sec.authority.ConfigureEmbedded(o, filepath.Join(dataDir, "nats-resolver"))
+		}
+	}
+	emb, err := bus.StartEmbedded(cfg)
 	if err != nil {
 		return nil, err
 	}
 	url := emb.ClientURL()
 	if remember {
-		if err := os.WriteFile(addrFile, []byte(strings.TrimPrefix(url, "nats://")+"\n"), 0o600); err != nil {
+		_, hostPort, _ := strings.Cut(url, "://") // nats:// or tls://
+		if err := os.WriteFile(addrFile, []byte(hostPort+"\n"), 0o600); err != nil {
 			emb.Shutdown()
 			return nil, fmt.Errorf("remember the nats address: %w", err)
 		}
 	}
-	nc, err := bus.Connect(bus.ConnectConfig{InProcess: emb, Name: name, Logger: log.With().Str("component", "bus").Logger()})
-	if err != nil {
-		emb.Shutdown()
+	b := &busConn{embedded: emb, clientURL: url}
+	if err := b.connect(bus.ConnectConfig{InProcess: emb}, name, sec, log); err != nil {
+		b.close()
 		return nil, err
 	}
-	return &busConn{nc: nc, embedded: emb, clientURL: url}, nil
+	// In operator mode the account's JetStream comes up just after the
+	// server: wait for it rather than have every role retry.
+	if err := waitJetStream(b.nc, 20*time.Second); err != nil {
+		b.close()
+		return nil, err
+	}
+	return b, nil
 }
 
-// externalBus connects to an existing NATS.
-func externalBus(url, creds, name string, log zerolog.Logger) (*busConn, error) {
+// externalBus connects to an existing NATS, with the credentials file given
+// or, when FM holds the cluster's NATS authority, credentials it mints.
+func externalBus(url, creds, name string, sec *security, log zerolog.Logger) (*busConn, error) {
 	if url == "" {
 		return nil, errors.New("no NATS url")
 	}
-	nc, err := bus.Connect(bus.ConnectConfig{URL: url, CredsFile: creds, Name: name, Logger: log.With().Str("component", "bus").Logger()})
-	if err != nil {
+	b := &busConn{clientURL: url}
+	cc := bus.ConnectConfig{URL: url, CredsFile: creds}
+	if sec.caFile != "" {
+		conf, err := pki.ClientConfig(sec.caFile)
+		if err != nil {
+			return nil, err
+		}
+		cc.TLS = conf
+	}
+	if err := b.connect(cc, name, sec, log); err != nil {
+		b.close()
 		return nil, err
 	}
-	return &busConn{nc: nc, clientURL: url}, nil
+	return b, nil
+}
+
+// connect opens the role's connection (and, with the authority, the system
+// account's, which pushes revocations).
+func (b *busConn) connect(cc bus.ConnectConfig, name string, sec *security, log zerolog.Logger) error {
+	cc.Name, cc.Logger = name, log.With().Str("component", "bus").Logger()
+	if sec.authority != nil && cc.CredsFile == "" {
+		creds, _, err := sec.authority.Creds(name, jwt.Permissions{}, time.Time{})
+		if err != nil {
+			return err
+		}
+		cc.Creds = creds
+	}
+	nc, err := bus.Connect(cc)
+	if err != nil {
+		return err
+	}
+	b.nc = nc
+	if sec.authority == nil {
+		return nil
+	}
+	sysCreds, _, err := sec.authority.SystemCreds()
+	if err != nil {
+		return err
+	}
+	cc.CredsFile, cc.Creds, cc.Name = "", sysCreds, name+"-system"
+	b.sys, err = bus.Connect(cc)
+	return err
+}
+
+// loadSecretKey reads the key that seals FM's stored secrets from path
+// (default dataDir/secrets.key), creating it on first start.
+func loadSecretKey(path, dataDir string) ([]byte, error) {
+	if path == "" {
+		path = filepath.Join(dataDir, "secrets.key")
+	}
+	return seal.LoadOrCreateKey(path)
+}
+
+// waitJetStream waits until JetStream answers on nc.
+func waitJetStream(nc *nats.Conn, timeout time.Duration) error {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, err := js.AccountInfo(ctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("jetstream is not available: %w", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }

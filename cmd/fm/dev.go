@@ -27,6 +27,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	kitsDir := fs.String("kits", defaultKitsDir(), "folder of DSS kit archives (dataiku-dss-<version>[-<flavour>].tar.gz) to register as images")
 	imagesFile := fs.String("images", "", "JSON file listing more images to register (an array of image objects)")
 	heartbeat := fs.Int("heartbeat-seconds", 10, "agents' heartbeat interval; three missed ones show an agent as not responding")
+	secretKeyFile := fs.String("secret-key-file", "", "key that seals the secrets FM stores (default DATA/secrets.key, created if missing)")
+	withTLS := fs.Bool("tls", false, "serve the REST API and NATS with TLS (a self-signed CA and certificate under DATA/tls)")
 	if err := parseRoleFlags(fs, args); err != nil {
 		return err
 	}
@@ -41,11 +43,29 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("data folder: %w", err)
 	}
-	b, err := embeddedBus(dir, *natsListen, "fm-dev", false, log)
+	secretKey, err := loadSecretKey(*secretKeyFile, dir)
+	if err != nil {
+		return err
+	}
+	// The bus is always in operator mode: each agent gets its own
+	// credentials, even on one host.
+	sec, err := openSecurity(dir, filepath.Join(dir, "nats-auth"), *withTLS, tlsFlags{})
+	if err != nil {
+		return err
+	}
+	b, err := embeddedBus(dir, *natsListen, "fm-dev", false, sec, log)
 	if err != nil {
 		return err
 	}
 	defer b.close()
+	var natsCreds []string
+	for _, role := range []string{"readonly", "admin"} {
+		path, err := sec.operatorCreds(dir, role)
+		if err != nil {
+			return err
+		}
+		natsCreds = append(natsCreds, path)
+	}
 
 	srv, err := server.New(server.Config{
 		Conn:   b.nc,
@@ -53,7 +73,12 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		// The local backend has one network: the machine FM runs on.
 		Network:          server.NetworkDefaults{VpcID: "vpc-local", SubnetID: "subnet-local", Region: "local"},
 		LocalBackend:     true,
+		SecretKey:        secretKey,
 		HeartbeatSeconds: *heartbeat,
+		Authority:        sec.authority,
+		SystemConn:       b.sys,
+		TLS:              sec.tls,
+		CAPEM:            sec.caPEM,
 		Logger:           log,
 	})
 	if err != nil {
@@ -95,8 +120,12 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if created {
 		state = "created"
 	}
-	fmt.Fprintf(stdout, "fm dev is running\n  REST API   http://%s\n  NATS       %s\n  data       %s\n  machines   %s\n  admin key  %s (%s; export FM_KEY_FILE=%s)\n  images     %s\nPress Ctrl-C to stop (machines keep running and are adopted at the next start).\n",
-		srv.Addr(), b.clientURL, dir, filepath.Join(dir, "local"), keyFile, state, keyFile, strings.Join(images, ", "))
+	fmt.Fprintf(stdout, "fm dev is running\n  REST API   %s://%s\n  NATS       %s (nats --creds %s)\n  data       %s\n  machines   %s\n  admin key  %s (%s; export FM_KEY_FILE=%s)\n",
+		sec.scheme(), srv.Addr(), b.clientURL, natsCreds[0], dir, filepath.Join(dir, "local"), keyFile, state, keyFile)
+	if sec.caFile != "" {
+		fmt.Fprintf(stdout, "  TLS CA     %s (export FM_CA_FILE=%s; nats --tlsca %s)\n", sec.caFile, sec.caFile, sec.caFile)
+	}
+	fmt.Fprintf(stdout, "  images     %s\nPress Ctrl-C to stop (machines keep running and are adopted at the next start).\n", strings.Join(images, ", "))
 	provDone := make(chan error, 1)
 	go func() { provDone <- prov.Run(ctx) }()
 	err = srv.Run(ctx)

@@ -20,7 +20,8 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	fs.SetOutput(stderr)
 	backendName := fs.String("backend", "local", "machine backend: local")
 	natsURL := fs.String("nats-url", "", "FM's NATS URL")
-	natsCreds := fs.String("nats-creds", "", "NATS credentials file")
+	natsCreds := fs.String("nats-creds", "", "NATS credentials file (fm nats-creds --role provisioner makes one)")
+	natsCA := fs.String("nats-ca", "", "CA file to verify the NATS server's TLS certificate with")
 	dir := fs.String("dir", "./.fm/local", "local backend: folder of the machines and their volumes")
 	agentURL := fs.String("agent-nats-url", "", "local backend: the NATS URL agents use (default --nats-url)")
 	logFormat := fs.String("log-format", "json", "console or json")
@@ -35,7 +36,7 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	if err != nil {
 		return err
 	}
-	b, err := externalBus(*natsURL, *natsCreds, "fm-provisioner", log)
+	b, err := externalBus(*natsURL, *natsCreds, "fm-provisioner", &security{caFile: *natsCA}, log)
 	if err != nil {
 		return err
 	}

@@ -24,6 +24,7 @@ Roles:
   fm server         the FM server, on an external NATS or an embedded one
   fm agent          the daemon beside DSS on each machine
   fm provisioner    the provisioner on its own (--backend local)
+  fm nats-config    the nats-server configuration that trusts FM's NATS authority
 
 Client commands (talk to the REST API; --url, --key-file, --output json):
   fm network        list|get|create|update|delete virtual networks
@@ -31,6 +32,9 @@ Client commands (talk to the REST API; --url, --key-file, --output json):
   fm instance       list|get|create|update|delete instances
   fm image          list|get|add|remove deployable DSS images
   fm op             list|get|wait|abort operations
+  fm apikey         list|create|revoke API keys and their roles (admin)
+  fm audit          the audit trail, --follow to keep reading (admin)
+  fm nats-creds     NATS credentials for an operator or a provisioner (admin)
 
   fm version        print the version
 
@@ -56,6 +60,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runAgent(ctx, args[1:], stdout, stderr)
 	case cmd == "provisioner":
 		err = runProvisioner(ctx, args[1:], stdout, stderr)
+	case cmd == "nats-config":
+		err = runNATSConfig(args[1:], stdout, stderr)
 	case cmd == "version":
 		fmt.Fprintln(stdout, "fm", version)
 	case slices.Contains(cli.Commands(), cmd):

@@ -5,8 +5,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	neturl "net/url"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/server"
@@ -29,6 +31,17 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	region := fs.String("default-region", "", "FM's own AWS region")
 	instanceType := fs.String("default-instance-type", "m5.2xlarge", "cloud instance type of instances created without one")
 	keyFile := fs.String("admin-key-file", "", "where the first admin API key is written (default DATA/admin-key.json)")
+	secretKeyFile := fs.String("secret-key-file", "", "key that seals the secrets FM stores (default DATA/secrets.key, created if missing); every replica needs the same")
+	withTLS := fs.Bool("tls", true, "serve the REST API (and the embedded NATS) with TLS")
+	var tf tlsFlags
+	fs.StringVar(&tf.cert, "tls-cert", "", "TLS certificate file (PEM); default: a self-signed one under DATA/tls")
+	fs.StringVar(&tf.key, "tls-key", "", "TLS key file of --tls-cert")
+	fs.StringVar(&tf.ca, "tls-ca", "", "CA file of --tls-cert, given to agents to verify FM with")
+	fs.StringVar(&tf.hosts, "tls-hosts", "", "more host names or addresses (comma-separated) the self-signed certificate covers")
+	advertise := fs.String("advertise-url", "", "FM's URL as machines reach it, for their join (default: the REST API's listen address)")
+	authorityDir := fs.String("nats-authority", "", "folder of FM's NATS operator and account keys (default DATA/nats-auth with the embedded NATS; "+
+		"with --nats-url, the folder whose keys the cluster trusts: see fm nats-config)")
+	natsCA := fs.String("nats-ca", "", "CA file to verify an external NATS's TLS certificate with")
 	logFormat := fs.String("log-format", "json", "console or json")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
 	if err := parseRoleFlags(fs, args); err != nil {
@@ -48,21 +61,56 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("data folder: %w", err)
 	}
+	secretKey, err := loadSecretKey(*secretKeyFile, dir)
+	if err != nil {
+		return err
+	}
+	if *advertise != "" {
+		u, err := neturl.Parse(*advertise)
+		if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+			return usageError{fmt.Errorf("--advertise-url: %q is not an http(s) URL", *advertise)}
+		}
+		tf.hosts += "," + u.Hostname()
+	}
+	if *authorityDir == "" && *natsURL == "" {
+		*authorityDir = filepath.Join(dir, "nats-auth")
+	}
+	sec, err := openSecurity(dir, *authorityDir, *withTLS, tf)
+	if err != nil {
+		return err
+	}
 	var b *busConn
 	if *natsURL != "" {
-		b, err = externalBus(*natsURL, *natsCreds, "fm-server", log)
+		if sec.authority == nil {
+			log.Warn().Msg("no --nats-authority: agents cannot get credentials of their own, so they cannot join; see docs/security.md")
+		}
+		busSec := &security{authority: sec.authority, caFile: *natsCA}
+		b, err = externalBus(*natsURL, *natsCreds, "fm-server", busSec, log)
+		if err == nil && *natsCA != "" {
+			// Agents verify both the REST API and the bus.
+			ca, rerr := os.ReadFile(*natsCA)
+			if rerr != nil {
+				return rerr
+			}
+			sec.caPEM += string(ca)
+		}
 	} else {
-		b, err = embeddedBus(dir, *natsListen, "fm-server", *syncAlways, log)
+		b, err = embeddedBus(dir, *natsListen, "fm-server", *syncAlways, sec, log)
 	}
 	if err != nil {
 		return err
 	}
 	defer b.close()
+	joinURL := ""
+	if *advertise != "" {
+		joinURL = strings.TrimRight(*advertise, "/") + server.JoinPath
+	}
 	topo := bus.DefaultTopology()
 	topo.Replicas = *replicas
 	srv, err := server.New(server.Config{
-		Conn: b.nc, Listen: *listen, Topology: topo, Logger: log, DefaultInstanceType: *instanceType,
-		Network: server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
+		Conn: b.nc, Listen: *listen, Topology: topo, Logger: log, DefaultInstanceType: *instanceType, SecretKey: secretKey,
+		Network:   server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
+		Authority: sec.authority, SystemConn: b.sys, JoinURL: joinURL, TLS: sec.tls, CAPEM: sec.caPEM,
 	})
 	if err != nil {
 		return err
@@ -78,6 +126,9 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if created {
 		fmt.Fprintf(stdout, "created the admin API key in %s\n", *keyFile)
 	}
-	fmt.Fprintf(stdout, "fm server: REST API http://%s, NATS %s\n", srv.Addr(), b.clientURL)
+	fmt.Fprintf(stdout, "fm server: REST API %s://%s, NATS %s\n", sec.scheme(), srv.Addr(), b.clientURL)
+	if sec.caFile != "" {
+		fmt.Fprintf(stdout, "TLS CA: %s (clients: export FM_CA_FILE=%s)\n", sec.caFile, sec.caFile)
+	}
 	return srv.Run(ctx)
 }

@@ -104,7 +104,7 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 		req.Progress("data-volume", "data volume kept")
 	}
 	if err := agent.WriteConfigFile(b.configPath(inst), agent.Config{
-		Instance: inst, MachineRequest: req.ID, NATSURL: b.cfg.NATSURL, RootDir: b.rootDir(inst), DataDir: vol,
+		Instance: inst, MachineRequest: req.ID, NATSURL: b.cfg.NATSURL, Join: req.Spec.Join, RootDir: b.rootDir(inst), DataDir: vol,
 		DataVolumeBytes: uint64(req.Spec.DataVolume.SizeGB) << 30,
 		// The machine is a folder on the FM host: its system packages are
 		// the host's.
