@@ -59,6 +59,35 @@ type MachineSpec struct {
 	// Join, when FM runs with NATS credentials, is how the machine's agent
 	// gets its own: a single-use token to exchange at URL.
 	Join *JoinSpec `json:"join,omitempty"`
+	// Agent is where a cloud machine downloads the fm binary its agent runs
+	// (the local backend runs its own).
+	Agent *AgentDownload `json:"agent,omitempty"`
+	// Cloud is how the backend authenticates to the cloud (the tenant's
+	// cloud credentials); nil means FM's own identity.
+	Cloud *CloudAuth `json:"cloud,omitempty"`
+}
+
+// AgentDownload is the fm binary as a new machine fetches it: an HTTP(S)
+// URL, verified against its SHA-256 (hex) before it runs.
+type AgentDownload struct {
+	URL    string `json:"url"`
+	SHA256 string `json:"sha256"`
+}
+
+// The cloud authentication modes (the tenant's awsAuthenticationMode).
+const (
+	CloudAuthSameAsFM = "SAME_AS_FM" // the provisioner's own identity (the standard AWS chain)
+	CloudAuthIAMRole  = "IAM_ROLE"   // a role assumed with the provisioner's identity
+	CloudAuthKeypair  = "KEYPAIR"    // a static access key
+)
+
+// CloudAuth is the identity a backend acts as. The secret access key travels
+// sealed with FM's secret key, which the provisioner holds too.
+type CloudAuth struct {
+	Mode                  string `json:"mode"`
+	RoleARN               string `json:"roleArn,omitempty"`
+	AccessKeyID           string `json:"accessKeyId,omitempty"`
+	SealedSecretAccessKey string `json:"sealedSecretAccessKey,omitempty"`
 }
 
 // JoinSpec tells a new machine's agent how to get its credentials.

@@ -1,0 +1,73 @@
+package ec2
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/ec2"
+	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/provisioner"
+)
+
+// associateAddress gives the machine its elastic IP: the allocation the
+// instance names, or one FM allocates for it once (found again by its tags)
+// and keeps across reprovisions until the instance is deleted. An address
+// FM allocated before is released when the instance now names its own.
+func (b *Backend) associateAddress(ctx context.Context, c clients, req provisioner.Request, machineID, given string, cur protocol.MachineState) (alloc string, byFM bool, ip string, err error) {
+	var addr *types.Address
+	if given != "" {
+		out, err := c.ec2.DescribeAddresses(ctx, &ec2.DescribeAddressesInput{AllocationIds: []string{given}})
+		if isNotFound(err) || (err == nil && len(out.Addresses) == 0) {
+			return "", false, "", protocol.Errorf(protocol.CodeInvalidArgument, "elastic IP allocation %s does not exist", given)
+		}
+		if err != nil {
+			return "", false, "", cloudError("look up elastic IP "+given, err)
+		}
+		addr = &out.Addresses[0]
+	} else {
+		out, err := c.ec2.DescribeAddresses(ctx, &ec2.DescribeAddressesInput{Filters: []types.Filter{
+			tagFilter(TagInstance, req.Instance), tagFilter(TagRole, roleEIP)}})
+		if err != nil {
+			return "", false, "", cloudError("look up the instance's elastic IP", err)
+		}
+		if len(out.Addresses) > 0 {
+			addr = &out.Addresses[0]
+		} else {
+			a, err := c.ec2.AllocateAddress(ctx, &ec2.AllocateAddressInput{Domain: types.DomainTypeVpc,
+				TagSpecifications: tagSpec(types.ResourceTypeElasticIp, tagsFor(req.Spec, req.Spec.Label,
+					map[string]string{TagInstance: req.Instance, TagRole: roleEIP}))})
+			if err != nil {
+				return "", false, "", cloudError("allocate an elastic IP", err)
+			}
+			addr = &types.Address{AllocationId: a.AllocationId, PublicIp: a.PublicIp}
+			req.Progress("elastic-ip", "elastic IP allocated: "+aws.ToString(a.PublicIp))
+		}
+		byFM = true
+	}
+	alloc = aws.ToString(addr.AllocationId)
+	if _, err := c.ec2.AssociateAddress(ctx, &ec2.AssociateAddressInput{AllocationId: addr.AllocationId,
+		InstanceId: aws.String(machineID), AllowReassociation: aws.Bool(true)}); err != nil {
+		return "", false, "", cloudError("associate elastic IP "+alloc, err)
+	}
+	req.Progress("elastic-ip", fmt.Sprintf("elastic IP %s associated", aws.ToString(addr.PublicIp)))
+	if old := cur.Details[detailAllocation]; !byFM && cur.Details[detailAllocatedByFM] == "true" && old != alloc {
+		if err := b.releaseAddress(ctx, c, req, old); err != nil {
+			return "", false, "", err
+		}
+	}
+	return alloc, byFM, aws.ToString(addr.PublicIp), nil
+}
+
+// releaseAddress gives back an elastic IP FM allocated.
+func (b *Backend) releaseAddress(ctx context.Context, c clients, req provisioner.Request, alloc string) error {
+	if alloc == "" {
+		return nil
+	}
+	if _, err := c.ec2.ReleaseAddress(ctx, &ec2.ReleaseAddressInput{AllocationId: aws.String(alloc)}); err != nil && !isNotFound(err) {
+		return cloudError("release elastic IP "+alloc, err)
+	}
+	req.Progress("elastic-ip", "elastic IP released: "+alloc)
+	return nil
+}

@@ -1,0 +1,448 @@
+package ec2
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/ec2"
+	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/provisioner"
+	"github.com/rs/zerolog"
+)
+
+// Config configures the EC2 backend.
+type Config struct {
+	// Region is used when a network names none.
+	Region string
+	// Endpoint, if set, replaces AWS's endpoints (EC2, Route53, STS): an
+	// AWS-compatible service, or moto in tests.
+	Endpoint string
+	// AgentNATSURL is the bus as the machines reach it.
+	AgentNATSURL string
+	// IngressCIDRs may reach the machines' SSH, HTTP and HTTPS ports
+	// through the security group FM creates (default 0.0.0.0/0, as
+	// Dataiku's FM does).
+	IngressCIDRs []string
+	// OpenSecret opens the sealed secret of key pair cloud credentials (FM's
+	// secret key); nil refuses them.
+	OpenSecret func(sealed string) (string, error)
+	// Poll is how often a waiter looks (default 5s); Timeout bounds each
+	// wait (default 10 minutes).
+	Poll    time.Duration
+	Timeout time.Duration
+	Logger  zerolog.Logger
+}
+
+// Backend is the EC2 backend.
+type Backend struct {
+	cfg     Config
+	log     zerolog.Logger
+	connect connector
+}
+
+var _ provisioner.Backend = (*Backend)(nil)
+
+// New checks the configuration.
+func New(cfg Config) (*Backend, error) {
+	if cfg.AgentNATSURL == "" {
+		return nil, errors.New("ec2 backend: the bus URL machines use is required")
+	}
+	if len(cfg.IngressCIDRs) == 0 {
+		cfg.IngressCIDRs = []string{"0.0.0.0/0"}
+	}
+	for _, c := range cfg.IngressCIDRs {
+		if !validCIDR(c) {
+			return nil, fmt.Errorf("ec2 backend: ingress CIDR %q is not an IPv4 CIDR", c)
+		}
+	}
+	if cfg.Poll <= 0 {
+		cfg.Poll = 5 * time.Second
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 10 * time.Minute
+	}
+	return &Backend{cfg: cfg, connect: awsConnector(cfg.Endpoint, cfg.OpenSecret),
+		log: cfg.Logger.With().Str("component", "ec2-backend").Logger()}, nil
+}
+
+// Name implements provisioner.Backend.
+func (b *Backend) Name() string { return "ec2" }
+
+// FM's tags on what it makes.
+const (
+	TagInstance   = "fm:instance"   // the FM instance id
+	TagRole       = "fm:role"       // machine, data, eip, security-group
+	TagRequest    = "fm:request"    // the provision request that made it
+	TagGeneration = "fm:generation" // the desired generation a machine is for
+	TagNetwork    = "fm:network"    // the virtual network (security groups)
+
+	roleMachine = "machine"
+	roleData    = "data"
+	roleEIP     = "eip"
+	roleSG      = "security-group"
+
+	// dataDevice is where the data volume is attached.
+	dataDevice = "/dev/sdf"
+)
+
+// machine-state Details keys.
+const (
+	detailRegion         = "region"
+	detailSecurityGroups = "securityGroups"
+	detailAllocation     = "eipAllocation"
+	detailAllocatedByFM  = "eipAllocatedByFM"
+	detailDNSNames       = "dnsNames"
+	detailAZ             = "availabilityZone"
+)
+
+// tagsFor builds an AWS tag list: the user's tags (tenant -> network ->
+// instance, already merged), a Name, then FM's, which win.
+func tagsFor(spec *protocol.MachineSpec, name string, fm map[string]string) []types.Tag {
+	all := map[string]string{}
+	if spec != nil {
+		for k, v := range spec.Tags {
+			all[k] = v
+		}
+	}
+	if _, ok := all["Name"]; !ok && name != "" {
+		all["Name"] = name
+	}
+	for k, v := range fm {
+		all[k] = v
+	}
+	tags := make([]types.Tag, 0, len(all))
+	for k, v := range all {
+		tags = append(tags, types.Tag{Key: aws.String(k), Value: aws.String(v)})
+	}
+	return tags
+}
+
+func tagSpec(rt types.ResourceType, tags []types.Tag) []types.TagSpecification {
+	return []types.TagSpecification{{ResourceType: rt, Tags: tags}}
+}
+
+func tagFilter(key, value string) types.Filter {
+	return types.Filter{Name: aws.String("tag:" + key), Values: []string{value}}
+}
+
+func tagValue(tags []types.Tag, key string) string {
+	for _, t := range tags {
+		if aws.ToString(t.Key) == key {
+			return aws.ToString(t.Value)
+		}
+	}
+	return ""
+}
+
+// region is the network's region, or the backend's.
+func (b *Backend) region(spec *protocol.MachineSpec, cur protocol.MachineState) string {
+	if spec != nil && spec.Network.Region != "" {
+		return spec.Network.Region
+	}
+	if r := cur.Details[detailRegion]; r != "" {
+		return r
+	}
+	return b.cfg.Region
+}
+
+// clientsFor connects as the request's identity in its region.
+func (b *Backend) clientsFor(ctx context.Context, spec *protocol.MachineSpec, cur protocol.MachineState) (clients, string, error) {
+	region := b.region(spec, cur)
+	if region == "" {
+		return clients{}, "", protocol.Errorf(protocol.CodeInvalidArgument,
+			"no AWS region: the virtual network names none and the provisioner has no --ec2-region")
+	}
+	var auth *protocol.CloudAuth
+	if spec != nil {
+		auth = spec.Cloud
+	}
+	c, err := b.connect(ctx, region, auth)
+	return c, region, err
+}
+
+// Reprovision implements provisioner.Backend. It checks everything the
+// machine needs before it changes anything, then: the network's security
+// groups, the end of the previous machine, the data volume (kept, or created
+// once), the new machine, its volume attachment, its elastic IP and DNS
+// records.
+func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur protocol.MachineState) (protocol.MachineState, error) {
+	spec := req.Spec
+	c, region, err := b.clientsFor(ctx, spec, cur)
+	if err != nil {
+		return cur, err
+	}
+	pl, err := b.plan(ctx, c, region, req)
+	if err != nil {
+		return cur, err
+	}
+	req.Progress("checks", fmt.Sprintf("AMI %s, %s, subnet %s in %s", pl.ami, spec.InstanceType, spec.Network.SubnetID, pl.az))
+	sgs, err := b.securityGroups(ctx, c, spec)
+	if err != nil {
+		return cur, err
+	}
+	next := cur
+	next.Details = map[string]string{detailRegion: region, detailAZ: pl.az, detailSecurityGroups: strings.Join(sgs, ",")}
+	for _, k := range []string{detailAllocation, detailAllocatedByFM, detailDNSNames} {
+		if v := cur.Details[k]; v != "" {
+			next.Details[k] = v
+		}
+	}
+
+	mine, others, err := b.findMachines(ctx, c, req.Instance, req.ID)
+	if err != nil {
+		return cur, err
+	}
+	for _, old := range others {
+		req.Progress("end-old-machine", "terminating the previous machine "+aws.ToString(old.InstanceId))
+		if err := b.terminate(ctx, c, req, aws.ToString(old.InstanceId)); err != nil {
+			return next, err
+		}
+	}
+	vol := pl.volume
+	if vol == nil {
+		if vol, err = b.createVolume(ctx, c, req, pl.az); err != nil {
+			return next, err
+		}
+	} else {
+		req.Progress("data-volume", fmt.Sprintf("data volume %s kept (%d GB)", aws.ToString(vol.VolumeId), aws.ToInt32(vol.Size)))
+	}
+	next.VolumeID, next.VolumeSizeGB = aws.ToString(vol.VolumeId), int(aws.ToInt32(vol.Size))
+	if mine == nil {
+		if mine, err = b.runInstance(ctx, c, req, pl, sgs, next.VolumeID); err != nil {
+			return next, err
+		}
+	} else {
+		req.Progress("adopt", "the machine of this request exists: "+aws.ToString(mine.InstanceId))
+	}
+	id := aws.ToString(mine.InstanceId)
+	next.MachineID = id
+	if mine, err = b.waitInstance(ctx, c, req, id, types.InstanceStateNameRunning); err != nil {
+		return next, err
+	}
+	if err := b.attachVolume(ctx, c, req, next.VolumeID, id); err != nil {
+		return next, err
+	}
+	if spec.ElasticIP != nil {
+		alloc, byFM, ip, err := b.associateAddress(ctx, c, req, id, spec.ElasticIP.AllocationID, cur)
+		if err != nil {
+			return next, err
+		}
+		next.Details[detailAllocation] = alloc
+		if byFM {
+			next.Details[detailAllocatedByFM] = "true"
+		} else {
+			delete(next.Details, detailAllocatedByFM)
+		}
+		mine.PublicIpAddress = aws.String(ip)
+	} else if cur.Details[detailAllocatedByFM] == "true" {
+		// The instance no longer wants the address FM allocated for it.
+		if err := b.releaseAddress(ctx, c, req, cur.Details[detailAllocation]); err != nil {
+			return next, err
+		}
+		delete(next.Details, detailAllocation)
+		delete(next.Details, detailAllocatedByFM)
+	}
+	b.fillAddresses(&next, mine)
+	if err := b.publishDNS(ctx, c, req, spec, &next); err != nil {
+		return next, err
+	}
+	next.Status = protocol.MachineRunning
+	return next, nil
+}
+
+// Start implements provisioner.Backend.
+func (b *Backend) Start(ctx context.Context, req provisioner.Request, cur protocol.MachineState) (protocol.MachineState, error) {
+	if cur.MachineID == "" {
+		return cur, protocol.Errorf(protocol.CodeFailedPrecondition, "the instance has no machine; reprovision it")
+	}
+	c, _, err := b.clientsFor(ctx, req.Spec, cur)
+	if err != nil {
+		return cur, err
+	}
+	if _, err := c.ec2.StartInstances(ctx, &ec2.StartInstancesInput{InstanceIds: []string{cur.MachineID}}); err != nil {
+		return cur, cloudError("start the machine", err)
+	}
+	inst, err := b.waitInstance(ctx, c, req, cur.MachineID, types.InstanceStateNameRunning)
+	if err != nil {
+		return cur, err
+	}
+	next := cur
+	next.Details = maps.Clone(cur.Details)
+	b.fillAddresses(&next, inst)
+	// A machine without an elastic IP has a new public address.
+	if err := b.publishDNS(ctx, c, req, req.Spec, &next); err != nil {
+		return next, err
+	}
+	next.Status = protocol.MachineRunning
+	return next, nil
+}
+
+// Stop implements provisioner.Backend: the machine stops, its disks stay.
+func (b *Backend) Stop(ctx context.Context, req provisioner.Request, cur protocol.MachineState) (protocol.MachineState, error) {
+	next := cur
+	next.Status = protocol.MachineStopped
+	if cur.MachineID == "" {
+		return next, nil
+	}
+	c, _, err := b.clientsFor(ctx, req.Spec, cur)
+	if err != nil {
+		return cur, err
+	}
+	if _, err := c.ec2.StopInstances(ctx, &ec2.StopInstancesInput{InstanceIds: []string{cur.MachineID}}); err != nil && !isNotFound(err) {
+		return cur, cloudError("stop the machine", err)
+	}
+	if _, err := b.waitInstance(ctx, c, req, cur.MachineID, types.InstanceStateNameStopped); err != nil {
+		return cur, err
+	}
+	next.PublicIP = keepIfElastic(cur)
+	return next, nil
+}
+
+// keepIfElastic is the public address a stopped machine keeps: its elastic
+// IP's, if it has one.
+func keepIfElastic(cur protocol.MachineState) string {
+	if cur.Details[detailAllocation] != "" {
+		return cur.PublicIP
+	}
+	return ""
+}
+
+// Deprovision implements provisioner.Backend: DNS records and the machine
+// go; the data volume and an elastic IP stay for the next machine.
+func (b *Backend) Deprovision(ctx context.Context, req provisioner.Request, cur protocol.MachineState) (protocol.MachineState, error) {
+	c, _, err := b.clientsFor(ctx, req.Spec, cur)
+	if err != nil {
+		return cur, err
+	}
+	next := cur
+	next.Details = maps.Clone(cur.Details)
+	if err := b.withdrawDNS(ctx, c, req, &next); err != nil {
+		return next, err
+	}
+	_, machines, err := b.findMachines(ctx, c, req.Instance, "")
+	if err != nil {
+		return next, err
+	}
+	for _, m := range machines {
+		if err := b.terminate(ctx, c, req, aws.ToString(m.InstanceId)); err != nil {
+			return next, err
+		}
+	}
+	req.Progress("terminate", fmt.Sprintf("%d machine(s) terminated; data volume %s kept", len(machines), cur.VolumeID))
+	next.Status, next.MachineID = protocol.MachineDeprovisioned, ""
+	next.PrivateIP, next.PublicIP, next.PrivateDNS, next.PublicDNS = "", "", "", ""
+	return next, nil
+}
+
+// Delete implements provisioner.Backend: the machine, the data volume
+// (unless req.KeepVolume) and the elastic IP FM allocated go. An elastic IP
+// the user gave stays theirs.
+func (b *Backend) Delete(ctx context.Context, req provisioner.Request, cur protocol.MachineState) (protocol.MachineState, error) {
+	next, err := b.Deprovision(ctx, req, cur)
+	if err != nil {
+		return next, err
+	}
+	c, _, err := b.clientsFor(ctx, req.Spec, cur)
+	if err != nil {
+		return next, err
+	}
+	if cur.Details[detailAllocatedByFM] == "true" {
+		if err := b.releaseAddress(ctx, c, req, cur.Details[detailAllocation]); err != nil {
+			return next, err
+		}
+		delete(next.Details, detailAllocation)
+		delete(next.Details, detailAllocatedByFM)
+	}
+	vols, err := b.findVolumes(ctx, c, req.Instance)
+	if err != nil {
+		return next, err
+	}
+	for _, v := range vols {
+		id := aws.ToString(v.VolumeId)
+		if req.KeepVolume {
+			req.Progress("data-volume", "data volume kept: "+id)
+			continue
+		}
+		if err := b.deleteVolume(ctx, c, req, id); err != nil {
+			return next, err
+		}
+		req.Progress("data-volume", "data volume deleted: "+id)
+	}
+	if !req.KeepVolume {
+		next.VolumeID = ""
+	}
+	next.Status = protocol.MachineDeleted
+	return next, nil
+}
+
+// Alive implements provisioner.Backend: the machine is running (a machine
+// stopped or terminated behind FM's back is not).
+func (b *Backend) Alive(ctx context.Context, cur protocol.MachineState) (bool, error) {
+	if cur.MachineID == "" {
+		return false, nil
+	}
+	c, _, err := b.clientsFor(ctx, nil, cur)
+	if err != nil {
+		return false, err
+	}
+	inst, err := describeInstance(ctx, c, cur.MachineID)
+	if isNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, cloudError("look at the machine", err)
+	}
+	if inst == nil || inst.State == nil {
+		return false, nil
+	}
+	switch inst.State.Name {
+	case types.InstanceStateNameRunning, types.InstanceStateNamePending:
+		return true, nil
+	}
+	return false, nil
+}
+
+func (b *Backend) fillAddresses(st *protocol.MachineState, inst *types.Instance) {
+	st.PrivateIP, st.PublicIP = aws.ToString(inst.PrivateIpAddress), aws.ToString(inst.PublicIpAddress)
+	st.PrivateDNS, st.PublicDNS = aws.ToString(inst.PrivateDnsName), aws.ToString(inst.PublicDnsName)
+}
+
+// waitFor polls check every Poll until it reports done, for at most
+// Timeout, reporting each new status it gives as progress.
+func (b *Backend) waitFor(ctx context.Context, req provisioner.Request, step, what string, check func() (done bool, status string, err error)) error {
+	ctx, cancel := context.WithTimeout(ctx, b.cfg.Timeout)
+	defer cancel()
+	t := time.NewTicker(b.cfg.Poll)
+	defer t.Stop()
+	last := ""
+	for {
+		done, status, err := check()
+		if err != nil {
+			return err
+		}
+		if status != last {
+			req.Progress(step, what+": "+status)
+			last = status
+		}
+		if done {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return protocol.Errorf(protocol.CodeDeadlineExceeded, "%s: still %s after %s", what, last, b.cfg.Timeout)
+			}
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+func generation(req provisioner.Request) string { return strconv.FormatUint(req.Generation, 10) }

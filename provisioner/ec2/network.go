@@ -1,0 +1,264 @@
+package ec2
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/ec2"
+	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/provisioner"
+)
+
+// maxSecurityGroups is how many groups a network may name (as Dataiku's FM).
+const maxSecurityGroups = 5
+
+// plan is what the checks found: the AMI, its root device, the subnet's
+// availability zone and the instance's kept data volume, if any.
+type plan struct {
+	ami        string
+	rootDevice string
+	az         string
+	volume     *types.Volume
+}
+
+// plan checks, without changing anything, that everything the machine needs
+// exists: the AMI, the instance type, the key pair, the VPC, the subnet in
+// it, the given security groups in it, a sensible data volume, and that a
+// kept data volume is in the subnet's zone. Every problem found is reported
+// at once.
+func (b *Backend) plan(ctx context.Context, c clients, region string, req provisioner.Request) (plan, error) {
+	spec := req.Spec
+	var pl plan
+	var problems []string
+	bad := func(format string, args ...any) { problems = append(problems, fmt.Sprintf(format, args...)) }
+	// found runs a look-up: a not-found answer is a problem with the
+	// request, anything else (a refusal, an outage) stops the checks.
+	found := func(what string, err error) (bool, error) {
+		if err == nil {
+			return true, nil
+		}
+		if isNotFound(err) || strings.HasPrefix(apiCode(err), "Invalid") {
+			bad("%s does not exist in %s", what, region)
+			return false, nil
+		}
+		return false, cloudError("check "+what, err)
+	}
+
+	if pl.ami = spec.AMIs[region]; pl.ami == "" {
+		bad("image %s has no AMI for region %s", spec.ImageID, region)
+	} else {
+		out, err := c.ec2.DescribeImages(ctx, &ec2.DescribeImagesInput{ImageIds: []string{pl.ami}})
+		ok, err := found("AMI "+pl.ami, err)
+		if err != nil {
+			return pl, err
+		}
+		if ok && len(out.Images) == 0 {
+			bad("AMI %s does not exist in %s", pl.ami, region)
+		} else if ok {
+			pl.rootDevice = aws.ToString(out.Images[0].RootDeviceName)
+		}
+	}
+	if spec.InstanceType == "" {
+		bad("no cloud instance type")
+	} else {
+		out, err := c.ec2.DescribeInstanceTypes(ctx, &ec2.DescribeInstanceTypesInput{InstanceTypes: []types.InstanceType{types.InstanceType(spec.InstanceType)}})
+		ok, err := found("instance type "+spec.InstanceType, err)
+		if err != nil {
+			return pl, err
+		}
+		if ok && len(out.InstanceTypes) == 0 {
+			bad("instance type %s does not exist in %s", spec.InstanceType, region)
+		}
+	}
+	if k := spec.Access.KeyPairName; k != "" {
+		out, err := c.ec2.DescribeKeyPairs(ctx, &ec2.DescribeKeyPairsInput{KeyNames: []string{k}})
+		ok, err := found("key pair "+k, err)
+		if err != nil {
+			return pl, err
+		}
+		if ok && len(out.KeyPairs) == 0 {
+			bad("key pair %s does not exist in %s", k, region)
+		}
+	}
+	vpcOK := false
+	if v := spec.Network.VpcID; v == "" {
+		bad("the virtual network names no VPC")
+	} else {
+		out, err := c.ec2.DescribeVpcs(ctx, &ec2.DescribeVpcsInput{VpcIds: []string{v}})
+		ok, err := found("VPC "+v, err)
+		if err != nil {
+			return pl, err
+		}
+		vpcOK = ok && len(out.Vpcs) == 1
+		if ok && !vpcOK {
+			bad("VPC %s does not exist in %s", v, region)
+		}
+	}
+	if s := spec.Network.SubnetID; s == "" {
+		bad("the virtual network names no subnet")
+	} else {
+		out, err := c.ec2.DescribeSubnets(ctx, &ec2.DescribeSubnetsInput{SubnetIds: []string{s}})
+		ok, err := found("subnet "+s, err)
+		if err != nil {
+			return pl, err
+		}
+		switch {
+		case ok && len(out.Subnets) == 0:
+			bad("subnet %s does not exist in %s", s, region)
+		case ok && vpcOK && aws.ToString(out.Subnets[0].VpcId) != spec.Network.VpcID:
+			bad("subnet %s is in %s, not in the network's VPC %s", s, aws.ToString(out.Subnets[0].VpcId), spec.Network.VpcID)
+		case ok:
+			pl.az = aws.ToString(out.Subnets[0].AvailabilityZone)
+		}
+	}
+	given := spec.Network.SecurityGroups
+	total := len(given)
+	if spec.Network.AutoCreateSecurityGroups {
+		total += 2
+	}
+	if total > maxSecurityGroups {
+		bad("%d security groups (%d given%s): at most %d", total, len(given),
+			map[bool]string{true: " plus the 2 FM creates", false: ""}[spec.Network.AutoCreateSecurityGroups], maxSecurityGroups)
+	} else if len(given) > 0 {
+		out, err := c.ec2.DescribeSecurityGroups(ctx, &ec2.DescribeSecurityGroupsInput{GroupIds: given})
+		ok, err := found("security group(s) "+strings.Join(given, ", "), err)
+		if err != nil {
+			return pl, err
+		}
+		if ok {
+			seen := map[string]bool{}
+			for _, g := range out.SecurityGroups {
+				seen[aws.ToString(g.GroupId)] = true
+				if vpcOK && aws.ToString(g.VpcId) != spec.Network.VpcID {
+					bad("security group %s is in %s, not in the network's VPC %s", aws.ToString(g.GroupId), aws.ToString(g.VpcId), spec.Network.VpcID)
+				}
+			}
+			for _, g := range given {
+				if !seen[g] {
+					bad("security group %s does not exist in %s", g, region)
+				}
+			}
+		}
+	}
+	problems = append(problems, volumeProblems(spec.DataVolume, "data volume")...)
+	if spec.RootVolume.Type != "" || spec.RootVolume.IOPS != 0 {
+		problems = append(problems, volumeProblems(spec.RootVolume, "root volume")...)
+	}
+	if spec.Agent == nil {
+		bad("FM gave no download URL for the agent (start fm server with --advertise-url, the address machines reach it at)")
+	}
+	vols, err := b.findVolumes(ctx, c, req.Instance)
+	if err != nil {
+		return pl, err
+	}
+	if len(vols) > 0 {
+		pl.volume = &vols[0]
+		if z := aws.ToString(pl.volume.AvailabilityZone); pl.az != "" && z != pl.az {
+			bad("the data volume %s is in %s but subnet %s is in %s: a volume cannot move between zones (snapshot it and restore)",
+				aws.ToString(pl.volume.VolumeId), z, spec.Network.SubnetID, pl.az)
+		}
+	}
+	if len(problems) > 0 {
+		return pl, &protocol.Error{Code: protocol.CodeInvalidArgument, Message: "the machine cannot be made: " + strings.Join(problems, "; ")}
+	}
+	return pl, nil
+}
+
+// EBS volume types, and those whose IOPS can be set.
+var (
+	volumeTypes = []string{"gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"}
+	iopsTypes   = []string{"gp3", "io1", "io2"}
+)
+
+func volumeProblems(v protocol.VolumeSpec, what string) []string {
+	var p []string
+	if v.Type != "" && !slices.Contains(volumeTypes, v.Type) {
+		p = append(p, fmt.Sprintf("%s type %q is not an EBS type (%s)", what, v.Type, strings.Join(volumeTypes, ", ")))
+	}
+	if v.IOPS != 0 && !slices.Contains(iopsTypes, v.Type) {
+		p = append(p, fmt.Sprintf("%s IOPS can only be set for %s volumes, not %q", what, strings.Join(iopsTypes, ", "), v.Type))
+	}
+	if v.SizeGB < 0 || v.SizeGB > 16384 {
+		p = append(p, fmt.Sprintf("%s size %d GB is out of range (1 to 16384)", what, v.SizeGB))
+	}
+	switch v.Encryption {
+	case "", "NONE", "DEFAULT_KEY":
+	case "CUSTOM", "TENANT":
+		if v.KMSKeyID == "" {
+			p = append(p, fmt.Sprintf("%s encryption %s needs a KMS key (volumesEncryptionKey, or the tenant's awsCMKId)", what, v.Encryption))
+		}
+	default:
+		p = append(p, fmt.Sprintf("%s encryption %q is unknown", what, v.Encryption))
+	}
+	return p
+}
+
+func validCIDR(s string) bool {
+	p, err := netip.ParsePrefix(s)
+	return err == nil && p.Addr().Is4()
+}
+
+// securityGroups returns the groups a machine of the network gets: those
+// the network names and, when it auto-creates them, FM's two (made on first
+// use): fm-<network>-web (SSH, HTTP, HTTPS from the ingress CIDRs) and
+// fm-<network>-members (all traffic between its members).
+func (b *Backend) securityGroups(ctx context.Context, c clients, spec *protocol.MachineSpec) ([]string, error) {
+	ids := slices.Clone(spec.Network.SecurityGroups)
+	if !spec.Network.AutoCreateSecurityGroups {
+		return ids, nil
+	}
+	var ranges []types.IpRange
+	for _, cidr := range b.cfg.IngressCIDRs {
+		ranges = append(ranges, types.IpRange{CidrIp: aws.String(cidr), Description: aws.String("Fleet Manager ingress")})
+	}
+	var web []types.IpPermission
+	for _, port := range []int32{22, 80, 443} {
+		web = append(web, types.IpPermission{IpProtocol: aws.String("tcp"), FromPort: aws.Int32(port), ToPort: aws.Int32(port), IpRanges: ranges})
+	}
+	webID, err := b.ensureGroup(ctx, c, spec, "web", "Fleet Manager: SSH, HTTP and HTTPS to DSS", func(string) []types.IpPermission { return web })
+	if err != nil {
+		return nil, err
+	}
+	membersID, err := b.ensureGroup(ctx, c, spec, "members", "Fleet Manager: all traffic between members", func(self string) []types.IpPermission {
+		return []types.IpPermission{{IpProtocol: aws.String("-1"), UserIdGroupPairs: []types.UserIdGroupPair{{GroupId: aws.String(self)}}}}
+	})
+	if err != nil {
+		return nil, err
+	}
+	return append(ids, webID, membersID), nil
+}
+
+// ensureGroup finds the network's group of that kind by name (made before,
+// perhaps by a provisioner that then died) or creates it, then makes sure
+// its rules are there.
+func (b *Backend) ensureGroup(ctx context.Context, c clients, spec *protocol.MachineSpec, kind, desc string, rules func(self string) []types.IpPermission) (string, error) {
+	name := "fm-" + spec.Network.ID + "-" + kind
+	out, err := c.ec2.DescribeSecurityGroups(ctx, &ec2.DescribeSecurityGroupsInput{Filters: []types.Filter{
+		{Name: aws.String("vpc-id"), Values: []string{spec.Network.VpcID}}, {Name: aws.String("group-name"), Values: []string{name}}}})
+	if err != nil {
+		return "", cloudError("look up security group "+name, err)
+	}
+	var id string
+	if len(out.SecurityGroups) > 0 {
+		id = aws.ToString(out.SecurityGroups[0].GroupId)
+	} else {
+		created, err := c.ec2.CreateSecurityGroup(ctx, &ec2.CreateSecurityGroupInput{
+			GroupName: aws.String(name), Description: aws.String(desc), VpcId: aws.String(spec.Network.VpcID),
+			TagSpecifications: tagSpec(types.ResourceTypeSecurityGroup, tagsFor(spec, name, map[string]string{TagRole: roleSG, TagNetwork: spec.Network.ID})),
+		})
+		if err != nil {
+			return "", cloudError("create security group "+name, err)
+		}
+		id = aws.ToString(created.GroupId)
+	}
+	_, err = c.ec2.AuthorizeSecurityGroupIngress(ctx, &ec2.AuthorizeSecurityGroupIngressInput{GroupId: aws.String(id), IpPermissions: rules(id)})
+	if err != nil && apiCode(err) != "InvalidPermission.Duplicate" {
+		return "", cloudError("open security group "+name, err)
+	}
+	return id, nil
+}
