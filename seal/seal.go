@@ -56,7 +56,7 @@ func NewKey() []byte {
 // LoadOrCreateKey reads the key file at path (base64 of 32 bytes), creating
 // it with mode 0600 if it does not exist.
 func LoadOrCreateKey(path string) ([]byte, error) {
-	b, err := os.ReadFile(path)
+	k, err := LoadKey(path)
 	if errors.Is(err, os.ErrNotExist) {
 		k := NewKey()
 		if err := atomicfile.WriteFile(path, []byte(base64.StdEncoding.EncodeToString(k)+"\n"), 0o600); err != nil {
@@ -64,6 +64,13 @@ func LoadOrCreateKey(path string) ([]byte, error) {
 		}
 		return k, nil
 	}
+	return k, err
+}
+
+// LoadKey reads the key file at path, which must exist (a role that only
+// opens what the server sealed, such as the provisioner).
+func LoadKey(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("seal: read key: %w", err)
 	}

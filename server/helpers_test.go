@@ -44,7 +44,7 @@ func (f *fm) do(method, path, body string) response {
 func (f *fm) doAs(method, path, body, id, secret string) response {
 	f.t.Helper()
 	url := f.env.URL + path
-	if !strings.HasPrefix(path, "/api/") && !strings.HasPrefix(path, "//") && !strings.HasPrefix(path, "/metrics") && !strings.HasPrefix(path, "/healthz") {
+	if !strings.HasPrefix(path, "/api/") && !strings.HasPrefix(path, "//") && !strings.HasPrefix(path, "/metrics") && !strings.HasPrefix(path, "/healthz") && !strings.HasPrefix(path, "/download/") {
 		url = f.env.URL + tenantPath + path
 	}
 	var rd io.Reader

@@ -32,6 +32,17 @@ func startWithAuthority(t *testing.T, ttl time.Duration) *fm {
 // spec of the provision request it sent (no provisioner runs).
 func (f *fm) reprovision(id string) *protocol.JoinSpec {
 	f.t.Helper()
+	req := f.provisionRequest(id)
+	if req.Spec == nil || req.Spec.Join == nil || req.Spec.Join.Token == "" || !strings.HasSuffix(req.Spec.Join.URL, server.JoinPath) {
+		f.t.Fatalf("the provision request has no join: %+v", req.Spec)
+	}
+	return req.Spec.Join
+}
+
+// provisionRequest starts a reprovision of the instance and returns the
+// provision request it sent (no provisioner runs).
+func (f *fm) provisionRequest(id string) protocol.ProvisionRequest {
+	f.t.Helper()
 	f.ok(f.do("GET", "/instances/"+id+"/actions/reprovision", ""), nil)
 	st, err := f.env.Bus.JetStream(f.t).Stream(context.Background(), protocol.StreamProvision)
 	if err != nil {
@@ -47,10 +58,7 @@ func (f *fm) reprovision(id string) *protocol.JoinSpec {
 	if err := protocol.Decode(m.Data, &req); err != nil {
 		f.t.Fatal(err)
 	}
-	if req.Spec == nil || req.Spec.Join == nil || req.Spec.Join.Token == "" || !strings.HasSuffix(req.Spec.Join.URL, server.JoinPath) {
-		f.t.Fatalf("the provision request has no join: %+v", req.Spec)
-	}
-	return req.Spec.Join
+	return req
 }
 
 func (f *fm) join(instance, token string) response {

@@ -412,6 +412,19 @@ func (s *Server) machineSpec(in api.Instance, port int) (*protocol.MachineSpec, 
 	if in.AWSAssignElasticIP {
 		spec.ElasticIP = &protocol.ElasticIPSpec{AllocationID: in.AWSElasticIPAllocationID}
 	}
+	spec.Agent = s.agentDownload()
+	cc := s.cloudCredentials()
+	if in.VolumesEncryption == api.EncryptionTenant {
+		spec.DataVolume.KMSKeyID = cc.AWSCMKID
+	}
+	if cc.AWSAuthenticationMode != "" && cc.AWSAuthenticationMode != api.AWSAuthSameAsFM {
+		spec.Cloud = &protocol.CloudAuth{Mode: cc.AWSAuthenticationMode, RoleARN: cc.AWSIAMRoleARN, AccessKeyID: cc.AWSAccessKeyID}
+		if cc.AWSSecretAccessKey != "" {
+			// Sealed with FM's key, which the provisioner holds too: the
+			// request sits in FM_PROVISION.
+			spec.Cloud.SealedSecretAccessKey = s.box.Seal(cc.AWSSecretAccessKey)
+		}
+	}
 	return spec, nil
 }
 

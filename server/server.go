@@ -79,9 +79,13 @@ type Config struct {
 	// TLS, if set, makes the REST API (and the join endpoint) HTTPS. CAPEM
 	// is the CA certificate agents are given to verify FM (the server's and
 	// the bus's).
-	TLS    *tls.Config
-	CAPEM  string
-	Logger zerolog.Logger
+	TLS   *tls.Config
+	CAPEM string
+	// AgentBinary is the fm binary cloud machines download from
+	// DownloadPath (at JoinURL's host) and run as their agent; without
+	// one, a cloud backend's machines cannot bootstrap.
+	AgentBinary string
+	Logger      zerolog.Logger
 }
 
 // Server is a running FM server. Create it with New, serve with Run, release
@@ -98,6 +102,8 @@ type Server struct {
 	ln      net.Listener
 	httpSrv *http.Server
 	stop    context.CancelFunc // stops the bucket watchers
+	box     *seal.Box          // FM's secret key, for what it hands the provisioner sealed
+	agent   *agentBinary
 }
 
 // New declares the bus topology, loads the fleet's objects and opens the
@@ -131,6 +137,10 @@ func New(cfg Config) (*Server, error) {
 	if cfg.AuthCacheTTL == 0 {
 		cfg.AuthCacheTTL = 5 * time.Minute
 	}
+	agentBin, err := openAgentBinary(cfg.AgentBinary)
+	if err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
 	log := cfg.Logger.With().Str("component", "server").Logger()
 	js, err := jetstream.New(cfg.Conn)
 	if err != nil {
@@ -146,7 +156,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("server: %w", err)
 	}
 	s := &Server{
-		cfg: cfg, log: log, js: js, st: st, fold: newFolder(),
+		cfg: cfg, log: log, js: js, st: st, fold: newFolder(), box: box, agent: agentBin,
 		auth: &authenticator{keys: st.keys, ttl: cfg.AuthCacheTTL, verified: map[string]verifiedSecret{}},
 	}
 	s.metrics = newMetrics(s)
@@ -275,6 +285,7 @@ func (s *Server) handler() http.Handler {
 	// An agent joining has no API key: its join token is its credential.
 	// join records its own credential events on the audit trail.
 	root.Handle(JoinPath, routeHandler{s: s, methods: methods{"POST": reads(RoleViewer, s.join)}})
+	root.HandleFunc(DownloadPath, s.serveAgentBinary)
 	root.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
 	root.Handle("/healthz", routeHandler{s: s, methods: methods{"GET": reads(RoleViewer, s.healthz)}})
 	root.Handle("/", routeHandler{s: s, methods: unknownPath()})

@@ -7,9 +7,13 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
+	"time"
 
 	"github.com/fleetmanager/fm/provisioner"
+	"github.com/fleetmanager/fm/provisioner/ec2"
 	"github.com/fleetmanager/fm/provisioner/local"
+	"github.com/fleetmanager/fm/seal"
 	"github.com/rs/zerolog"
 )
 
@@ -18,12 +22,19 @@ import (
 func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("fm provisioner", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	backendName := fs.String("backend", "local", "machine backend: local")
+	backendName := fs.String("backend", "local", "machine backend: local or ec2")
 	natsURL := fs.String("nats-url", "", "FM's NATS URL")
 	natsCreds := fs.String("nats-creds", "", "NATS credentials file (fm nats-creds --role provisioner makes one)")
 	natsCA := fs.String("nats-ca", "", "CA file to verify the NATS server's TLS certificate with")
-	dir := fs.String("dir", "./.fm/local", "local backend: folder of the machines and their volumes")
-	agentURL := fs.String("agent-nats-url", "", "local backend: the NATS URL agents use (default --nats-url)")
+	agentURL := fs.String("agent-nats-url", "", "the NATS URL machines' agents use (default --nats-url)")
+	var lc localFlags
+	fs.StringVar(&lc.dir, "dir", "./.fm/local", "local backend: folder of the machines and their volumes")
+	var ec ec2Flags
+	fs.StringVar(&ec.region, "ec2-region", os.Getenv("AWS_REGION"), "ec2 backend: region of networks that name none")
+	fs.StringVar(&ec.endpoint, "ec2-endpoint", "", "ec2 backend: AWS-compatible endpoint for EC2, Route53 and STS (default AWS's)")
+	fs.StringVar(&ec.ingress, "ec2-ingress-cidrs", "0.0.0.0/0", "ec2 backend: comma-separated CIDRs FM's web security group opens SSH, HTTP and HTTPS to")
+	fs.DurationVar(&ec.poll, "ec2-poll", 5*time.Second, "ec2 backend: how often a wait for AWS looks")
+	fs.StringVar(&ec.secretKeyFile, "secret-key-file", "", "ec2 backend: FM's secret key (fm server's DATA/secrets.key), to use key pair cloud credentials")
 	logFormat := fs.String("log-format", "json", "console or json")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
 	if err := parseRoleFlags(fs, args); err != nil {
@@ -36,18 +47,18 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	if err != nil {
 		return err
 	}
+	if *agentURL == "" {
+		*agentURL = *natsURL
+	}
+	backend, err := newBackend(*backendName, *agentURL, lc, ec, log)
+	if err != nil {
+		return err
+	}
 	b, err := externalBus(*natsURL, *natsCreds, "fm-provisioner", &security{caFile: *natsCA}, log)
 	if err != nil {
 		return err
 	}
 	defer b.close()
-	if *agentURL == "" {
-		*agentURL = *natsURL
-	}
-	backend, err := newBackend(*backendName, *dir, *agentURL, log)
-	if err != nil {
-		return err
-	}
 	p, err := provisioner.New(provisioner.Config{Conn: b.nc, Backend: backend, Logger: log})
 	if err != nil {
 		return err
@@ -56,11 +67,21 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	return p.Run(ctx)
 }
 
-// newBackend builds the named backend.
-func newBackend(name, dir, agentURL string, log zerolog.Logger) (provisioner.Backend, error) {
+// localFlags configure the local backend.
+type localFlags struct{ dir string }
+
+// ec2Flags configure the EC2 backend.
+type ec2Flags struct {
+	region, endpoint, ingress, secretKeyFile string
+	poll                                     time.Duration
+}
+
+// newBackend builds the named backend; agentURL is the bus as its machines
+// reach it.
+func newBackend(name, agentURL string, lc localFlags, ec ec2Flags, log zerolog.Logger) (provisioner.Backend, error) {
 	switch name {
 	case "local":
-		abs, err := filepath.Abs(dir)
+		abs, err := filepath.Abs(lc.dir)
 		if err != nil {
 			return nil, err
 		}
@@ -69,6 +90,29 @@ func newBackend(name, dir, agentURL string, log zerolog.Logger) (provisioner.Bac
 			return nil, err
 		}
 		return local.New(local.Config{Dir: abs, AgentBinary: exe, NATSURL: agentURL, Logger: log})
+	case "ec2":
+		cfg := ec2.Config{Region: ec.region, Endpoint: ec.endpoint, AgentNATSURL: agentURL, Poll: ec.poll, Logger: log}
+		for _, c := range strings.Split(ec.ingress, ",") {
+			if c = strings.TrimSpace(c); c != "" {
+				cfg.IngressCIDRs = append(cfg.IngressCIDRs, c)
+			}
+		}
+		if ec.secretKeyFile != "" {
+			key, err := seal.LoadKey(ec.secretKeyFile)
+			if err != nil {
+				return nil, usageError{fmt.Errorf("--secret-key-file: %w", err)}
+			}
+			box, err := seal.New(key)
+			if err != nil {
+				return nil, usageError{fmt.Errorf("--secret-key-file: %w", err)}
+			}
+			cfg.OpenSecret = box.Open
+		}
+		b, err := ec2.New(cfg)
+		if err != nil {
+			return nil, usageError{err}
+		}
+		return b, nil
 	}
-	return nil, usageError{fmt.Errorf("--backend: %q is not a backend (local)", name)}
+	return nil, usageError{fmt.Errorf("--backend: %q is not a backend (local, ec2)", name)}
 }

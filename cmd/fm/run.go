@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/cli"
 	"github.com/rs/zerolog"
 )
@@ -79,10 +80,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if errors.As(err, &u) {
 			return cli.ExitUsage
 		}
+		if errors.Is(err, agent.ErrJoinRefused) {
+			// fm-agent.service does not restart on it: a new token takes a
+			// reprovision.
+			return exitJoinRefused
+		}
 		return 1
 	}
 	return 0
 }
+
+// exitJoinRefused is fm agent's exit code when FM refused its join token
+// (deploy/cloudinit/fm-agent.service: RestartPreventExitStatus).
+const exitJoinRefused = 3
 
 // usageError is a command line that cannot run.
 type usageError struct{ error }

@@ -38,7 +38,8 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs.StringVar(&tf.key, "tls-key", "", "TLS key file of --tls-cert")
 	fs.StringVar(&tf.ca, "tls-ca", "", "CA file of --tls-cert, given to agents to verify FM with")
 	fs.StringVar(&tf.hosts, "tls-hosts", "", "more host names or addresses (comma-separated) the self-signed certificate covers")
-	advertise := fs.String("advertise-url", "", "FM's URL as machines reach it, for their join (default: the REST API's listen address)")
+	advertise := fs.String("advertise-url", "", "FM's URL as machines reach it, for their join and agent download (default: the REST API's listen address)")
+	agentBinary := fs.String("agent-binary", "", "the fm binary cloud machines download and run as their agent (default: this one; \"none\" serves none)")
 	authorityDir := fs.String("nats-authority", "", "folder of FM's NATS operator and account keys (default DATA/nats-auth with the embedded NATS; "+
 		"with --nats-url, the folder whose keys the cluster trusts: see fm nats-config)")
 	natsCA := fs.String("nats-ca", "", "CA file to verify an external NATS's TLS certificate with")
@@ -101,6 +102,14 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	defer b.close()
+	switch *agentBinary {
+	case "none":
+		*agentBinary = ""
+	case "":
+		if *agentBinary, err = os.Executable(); err != nil {
+			return err
+		}
+	}
 	joinURL := ""
 	if *advertise != "" {
 		joinURL = strings.TrimRight(*advertise, "/") + server.JoinPath
@@ -111,6 +120,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		Conn: b.nc, Listen: *listen, Topology: topo, Logger: log, DefaultInstanceType: *instanceType, SecretKey: secretKey,
 		Network:   server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
 		Authority: sec.authority, SystemConn: b.sys, JoinURL: joinURL, TLS: sec.tls, CAPEM: sec.caPEM,
+		AgentBinary: *agentBinary,
 	})
 	if err != nil {
 		return err

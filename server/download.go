@@ -1,0 +1,67 @@
+package server
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+
+	"github.com/fleetmanager/fm/protocol"
+)
+
+// DownloadPath serves the fm binary that cloud machines run as their agent.
+// Like the join endpoint it needs no API key: the binary is no secret, and
+// a new machine has no key (its user data checks the binary's digest).
+const DownloadPath = "/download/fm"
+
+// agentBinary is the fm binary cloud machines download, with its digest.
+type agentBinary struct {
+	path   string
+	sha256 string
+}
+
+// openAgentBinary hashes the binary once, at start: machines check what
+// they download against this digest, so replacing the file under a running
+// server makes their bootstrap fail loudly rather than run something else.
+func openAgentBinary(path string) (*agentBinary, error) {
+	if path == "" {
+		return nil, nil
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("agent binary: %w", err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return nil, fmt.Errorf("agent binary: %w", err)
+	}
+	return &agentBinary{path: path, sha256: hex.EncodeToString(h.Sum(nil))}, nil
+}
+
+// agentDownload is the spec's download for a cloud machine: nil on the
+// local backend (machines run FM's own binary) or without a binary to serve.
+func (s *Server) agentDownload() *protocol.AgentDownload {
+	if s.cfg.LocalBackend || s.agent == nil {
+		return nil
+	}
+	return &protocol.AgentDownload{URL: strings.TrimSuffix(s.cfg.JoinURL, JoinPath) + DownloadPath, SHA256: s.agent.sha256}
+}
+
+func (s *Server) serveAgentBinary(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		s.writeErrorStatus(w, r, http.StatusMethodNotAllowed, newAPIError(protocol.CodeInvalidArgument, "Method not allowed", "use GET"))
+		return
+	}
+	if s.agent == nil {
+		s.writeError(w, r, newAPIError(protocol.CodeNotFound, "No agent binary",
+			"this Fleet Manager serves no agent binary (fm server --agent-binary)"))
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("X-Checksum-Sha256", s.agent.sha256)
+	http.ServeFile(w, r, s.agent.path)
+}
