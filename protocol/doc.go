@@ -25,6 +25,6 @@
 //	  requests and machine state. Added since: audit records; join specs,
 //	  requests and responses; sealed licenses, command params and results
 //	  (a role that holds an instance key sets them instead of the clear
-//	  fields); the machine spec's agent download and cloud identity (the
-//	  EC2 backend).
+//	  fields); the machine spec's agent download and the provision
+//	  request's cloud identity (the EC2 backend).
 package protocol

@@ -58,8 +58,8 @@ func vectors() map[string]struct {
 				Access:     AccessSpec{KeyPairName: "ops", RuntimeInstanceProfileArn: "arn:aws:iam::123456789012:instance-profile/dss", RestrictMetadataAccess: true},
 				DataVolume: VolumeSpec{Type: "gp3", SizeGB: 50, MaxSizeGB: 100, Encryption: "DEFAULT_KEY"},
 				Tags:       map[string]string{"team": "data"},
-				Agent:      &AgentDownload{URL: "https://fm.example.com:10000/download/fm", SHA256: strings.Repeat("ab", 32)},
-				Cloud:      &CloudAuth{Mode: CloudAuthIAMRole, RoleARN: "arn:aws:iam::123456789012:role/fm"}},
+				Agent:      &AgentDownload{URL: "https://fm.example.com:10000/download/fm", SHA256: strings.Repeat("ab", 32)}},
+			Cloud: &CloudAuth{Mode: CloudAuthIAMRole, RoleARN: "arn:aws:iam::123456789012:role/fm"},
 		}, func() Message { return &ProvisionRequest{} }},
 		"machine_state": {&MachineState{
 			Instance: "in-7k2m9q4x1c", Backend: "ec2", Status: MachineRunning, Generation: 3, RequestID: "op-42-reprovision",

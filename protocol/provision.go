@@ -38,6 +38,9 @@ type ProvisionRequest struct {
 	Spec *MachineSpec `json:"spec,omitempty"`
 	// KeepVolume keeps the data volume when an instance is deleted.
 	KeepVolume bool `json:"keepVolume,omitempty"`
+	// Cloud is the identity a cloud backend acts as for every action (the
+	// tenant's cloud credentials); nil means the provisioner's own.
+	Cloud *CloudAuth `json:"cloud,omitempty"`
 }
 
 // MachineSpec is what a backend needs to build an instance's machine.
@@ -62,9 +65,6 @@ type MachineSpec struct {
 	// Agent is where a cloud machine downloads the fm binary its agent runs
 	// (the local backend runs its own).
 	Agent *AgentDownload `json:"agent,omitempty"`
-	// Cloud is how the backend authenticates to the cloud (the tenant's
-	// cloud credentials); nil means FM's own identity.
-	Cloud *CloudAuth `json:"cloud,omitempty"`
 }
 
 // AgentDownload is the fm binary as a new machine fetches it: an HTTP(S)

@@ -41,7 +41,8 @@ func TestCloudMachineSpec(t *testing.T) {
 	im := f.addImageWithKit("dss-14.0.0-kit", "14.0.0")
 	body := strings.TrimSuffix(instanceBody("cloud", vn.ID, tpl.ID, im.ID), "}") + `,"volumesEncryption":"TENANT"}`
 	in := f.createInstance(body)
-	spec := f.provisionRequest(in.ID).Spec
+	req := f.provisionRequest(in.ID)
+	spec := req.Spec
 	if spec.Agent == nil || spec.Agent.SHA256 != hex.EncodeToString(sum[:]) || !strings.HasSuffix(spec.Agent.URL, server.DownloadPath) ||
 		!strings.HasPrefix(spec.Agent.URL, f.env.URL) {
 		t.Fatalf("agent download = %+v (server %s)", spec.Agent, f.env.URL)
@@ -49,7 +50,7 @@ func TestCloudMachineSpec(t *testing.T) {
 	if spec.DataVolume.Encryption != "TENANT" || spec.DataVolume.KMSKeyID != "alias/fm-tenant" {
 		t.Errorf("data volume = %+v", spec.DataVolume)
 	}
-	c := spec.Cloud
+	c := req.Cloud
 	if c == nil || c.Mode != protocol.CloudAuthKeypair || c.AccessKeyID != "AKIAIOSFODNN7EXAMPLE" || strings.Contains(c.SealedSecretAccessKey, "wJalr") {
 		t.Fatalf("cloud = %+v", c)
 	}
@@ -68,7 +69,7 @@ func TestNoAgentBinary(t *testing.T) {
 	vn, tpl, _ := f.fleet()
 	im := f.addImageWithKit("dss-14.0.0-kit", "14.0.0")
 	in := f.createInstance(instanceBody("cloud", vn.ID, tpl.ID, im.ID))
-	if spec := f.provisionRequest(in.ID).Spec; spec.Agent != nil || spec.Cloud != nil {
-		t.Fatalf("spec = agent %+v cloud %+v", spec.Agent, spec.Cloud)
+	if req := f.provisionRequest(in.ID); req.Spec.Agent != nil || req.Cloud != nil {
+		t.Fatalf("request = agent %+v cloud %+v", req.Spec.Agent, req.Cloud)
 	}
 }

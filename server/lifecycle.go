@@ -118,12 +118,26 @@ type commandParamsKey struct{}
 // in the operation.
 func (s *Server) attachRequest(op *opRecord, req protocol.ProvisionRequest) error {
 	req.ID, req.Instance, req.OpID, req.Issued = op.JobID+"-"+string(req.Action), op.Instance, op.JobID, time.Now().UTC()
+	req.Cloud = s.cloudAuth()
 	data, err := protocol.Encode(&req)
 	if err != nil {
 		return internal(err, "the provision request could not be encoded")
 	}
 	op.RequestID, op.Request = req.ID, data
 	return nil
+}
+
+// cloudAuth is the identity the provisioner acts as on the cloud: the
+// tenant's cloud credentials, nil for FM's own. A key pair's secret is
+// sealed with FM's key, which the provisioner holds too, since the request
+// sits in FM_PROVISION.
+func (s *Server) cloudAuth() *protocol.CloudAuth {
+	cc := s.cloudCredentials()
+	if cc.AWSAuthenticationMode == "" || cc.AWSAuthenticationMode == api.AWSAuthSameAsFM {
+		return nil
+	}
+	return &protocol.CloudAuth{Mode: cc.AWSAuthenticationMode, RoleARN: cc.AWSIAMRoleARN, AccessKeyID: cc.AWSAccessKeyID,
+		SealedSecretAccessKey: s.box.Seal(cc.AWSSecretAccessKey)}
 }
 
 // instanceAction serves an action of the REST API on an instance.
@@ -413,17 +427,8 @@ func (s *Server) machineSpec(in api.Instance, port int) (*protocol.MachineSpec, 
 		spec.ElasticIP = &protocol.ElasticIPSpec{AllocationID: in.AWSElasticIPAllocationID}
 	}
 	spec.Agent = s.agentDownload()
-	cc := s.cloudCredentials()
 	if in.VolumesEncryption == api.EncryptionTenant {
-		spec.DataVolume.KMSKeyID = cc.AWSCMKID
-	}
-	if cc.AWSAuthenticationMode != "" && cc.AWSAuthenticationMode != api.AWSAuthSameAsFM {
-		spec.Cloud = &protocol.CloudAuth{Mode: cc.AWSAuthenticationMode, RoleARN: cc.AWSIAMRoleARN, AccessKeyID: cc.AWSAccessKeyID}
-		if cc.AWSSecretAccessKey != "" {
-			// Sealed with FM's key, which the provisioner holds too: the
-			// request sits in FM_PROVISION.
-			spec.Cloud.SealedSecretAccessKey = s.box.Seal(cc.AWSSecretAccessKey)
-		}
+		spec.DataVolume.KMSKeyID = s.cloudCredentials().AWSCMKID
 	}
 	return spec, nil
 }

@@ -2,6 +2,8 @@ package ec2
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"strings"
@@ -81,7 +83,26 @@ func awsConnector(endpoint string, open func(sealed string) (string, error)) con
 		if auth == nil {
 			auth = &protocol.CloudAuth{Mode: protocol.CloudAuthSameAsFM}
 		}
-		key := strings.Join([]string{region, auth.Mode, auth.RoleARN, auth.AccessKeyID, auth.SealedSecretAccessKey}, "|")
+		var secret string
+		switch auth.Mode {
+		case protocol.CloudAuthSameAsFM, "", protocol.CloudAuthIAMRole:
+		case protocol.CloudAuthKeypair:
+			if open == nil {
+				return clients{}, protocol.Errorf(protocol.CodeFailedPrecondition,
+					"the cloud credentials are a key pair, but this provisioner has no --secret-key-file to open its secret")
+			}
+			var err error
+			if secret, err = open(auth.SealedSecretAccessKey); err != nil || secret == "" {
+				return clients{}, protocol.Errorf(protocol.CodeFailedPrecondition,
+					"the cloud credentials' secret cannot be opened with this provisioner's secret key (is it FM's?)")
+			}
+		default:
+			return clients{}, protocol.Errorf(protocol.CodeInvalidArgument, "cloud authentication mode %q is unknown", auth.Mode)
+		}
+		// Sealing is randomised, so the cache knows a key pair by a digest of
+		// its opened secret.
+		digest := sha256.Sum256([]byte(secret))
+		key := strings.Join([]string{region, auth.Mode, auth.RoleARN, auth.AccessKeyID, hex.EncodeToString(digest[:])}, "|")
 		mu.Lock()
 		defer mu.Unlock()
 		if c, ok := cache[key]; ok {
@@ -91,22 +112,8 @@ func awsConnector(endpoint string, open func(sealed string) (string, error)) con
 		if endpoint != "" {
 			opts = append(opts, config.WithBaseEndpoint(endpoint))
 		}
-		switch auth.Mode {
-		case protocol.CloudAuthSameAsFM, "":
-		case protocol.CloudAuthKeypair:
-			if open == nil {
-				return clients{}, protocol.Errorf(protocol.CodeFailedPrecondition,
-					"the cloud credentials are a key pair, but this provisioner has no --secret-key-file to open its secret")
-			}
-			secret, err := open(auth.SealedSecretAccessKey)
-			if err != nil {
-				return clients{}, protocol.Errorf(protocol.CodeFailedPrecondition,
-					"the cloud credentials' secret cannot be opened with this provisioner's secret key (is it FM's?)")
-			}
+		if auth.Mode == protocol.CloudAuthKeypair {
 			opts = append(opts, config.WithCredentialsProvider(credentials.NewStaticCredentialsProvider(auth.AccessKeyID, secret, "")))
-		case protocol.CloudAuthIAMRole:
-		default:
-			return clients{}, protocol.Errorf(protocol.CodeInvalidArgument, "cloud authentication mode %q is unknown", auth.Mode)
 		}
 		cfg, err := config.LoadDefaultConfig(ctx, opts...)
 		if err != nil {

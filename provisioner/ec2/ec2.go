@@ -7,6 +7,7 @@ import (
 	"maps"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -45,6 +46,9 @@ type Backend struct {
 	cfg     Config
 	log     zerolog.Logger
 	connect connector
+
+	mu   sync.Mutex
+	auth map[string]*protocol.CloudAuth // per instance, the identity of its last request
 }
 
 var _ provisioner.Backend = (*Backend)(nil)
@@ -68,7 +72,7 @@ func New(cfg Config) (*Backend, error) {
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 10 * time.Minute
 	}
-	return &Backend{cfg: cfg, connect: awsConnector(cfg.Endpoint, cfg.OpenSecret),
+	return &Backend{cfg: cfg, connect: awsConnector(cfg.Endpoint, cfg.OpenSecret), auth: map[string]*protocol.CloudAuth{},
 		log: cfg.Logger.With().Str("component", "ec2-backend").Logger()}, nil
 }
 
@@ -152,16 +156,19 @@ func (b *Backend) region(spec *protocol.MachineSpec, cur protocol.MachineState) 
 	return b.cfg.Region
 }
 
-// clientsFor connects as the request's identity in its region.
-func (b *Backend) clientsFor(ctx context.Context, spec *protocol.MachineSpec, cur protocol.MachineState) (clients, string, error) {
-	region := b.region(spec, cur)
+// clientsFor connects as the request's identity in its region, and
+// remembers the identity for Alive, which has no request.
+func (b *Backend) clientsFor(ctx context.Context, req provisioner.Request, cur protocol.MachineState) (clients, string, error) {
+	b.mu.Lock()
+	b.auth[req.Instance] = req.Cloud
+	b.mu.Unlock()
+	return b.connectTo(ctx, b.region(req.Spec, cur), req.Cloud)
+}
+
+func (b *Backend) connectTo(ctx context.Context, region string, auth *protocol.CloudAuth) (clients, string, error) {
 	if region == "" {
 		return clients{}, "", protocol.Errorf(protocol.CodeInvalidArgument,
 			"no AWS region: the virtual network names none and the provisioner has no --ec2-region")
-	}
-	var auth *protocol.CloudAuth
-	if spec != nil {
-		auth = spec.Cloud
 	}
 	c, err := b.connect(ctx, region, auth)
 	return c, region, err
@@ -174,7 +181,7 @@ func (b *Backend) clientsFor(ctx context.Context, spec *protocol.MachineSpec, cu
 // records.
 func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur protocol.MachineState) (protocol.MachineState, error) {
 	spec := req.Spec
-	c, region, err := b.clientsFor(ctx, spec, cur)
+	c, region, err := b.clientsFor(ctx, req, cur)
 	if err != nil {
 		return cur, err
 	}
@@ -262,7 +269,7 @@ func (b *Backend) Start(ctx context.Context, req provisioner.Request, cur protoc
 	if cur.MachineID == "" {
 		return cur, protocol.Errorf(protocol.CodeFailedPrecondition, "the instance has no machine; reprovision it")
 	}
-	c, _, err := b.clientsFor(ctx, req.Spec, cur)
+	c, _, err := b.clientsFor(ctx, req, cur)
 	if err != nil {
 		return cur, err
 	}
@@ -291,7 +298,7 @@ func (b *Backend) Stop(ctx context.Context, req provisioner.Request, cur protoco
 	if cur.MachineID == "" {
 		return next, nil
 	}
-	c, _, err := b.clientsFor(ctx, req.Spec, cur)
+	c, _, err := b.clientsFor(ctx, req, cur)
 	if err != nil {
 		return cur, err
 	}
@@ -317,7 +324,7 @@ func keepIfElastic(cur protocol.MachineState) string {
 // Deprovision implements provisioner.Backend: DNS records and the machine
 // go; the data volume and an elastic IP stay for the next machine.
 func (b *Backend) Deprovision(ctx context.Context, req provisioner.Request, cur protocol.MachineState) (protocol.MachineState, error) {
-	c, _, err := b.clientsFor(ctx, req.Spec, cur)
+	c, _, err := b.clientsFor(ctx, req, cur)
 	if err != nil {
 		return cur, err
 	}
@@ -349,7 +356,7 @@ func (b *Backend) Delete(ctx context.Context, req provisioner.Request, cur proto
 	if err != nil {
 		return next, err
 	}
-	c, _, err := b.clientsFor(ctx, req.Spec, cur)
+	c, _, err := b.clientsFor(ctx, req, cur)
 	if err != nil {
 		return next, err
 	}
@@ -388,7 +395,12 @@ func (b *Backend) Alive(ctx context.Context, cur protocol.MachineState) (bool, e
 	if cur.MachineID == "" {
 		return false, nil
 	}
-	c, _, err := b.clientsFor(ctx, nil, cur)
+	// The identity of the instance's last request: after a restart, until
+	// one comes, the provisioner's own (a refusal is an error, not a loss).
+	b.mu.Lock()
+	auth := b.auth[cur.Instance]
+	b.mu.Unlock()
+	c, _, err := b.connectTo(ctx, b.region(nil, cur), auth)
 	if err != nil {
 		return false, err
 	}

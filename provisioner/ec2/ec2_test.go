@@ -22,6 +22,7 @@ import (
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/ec2/mototest"
+	"github.com/fleetmanager/fm/seal"
 	"github.com/rs/zerolog"
 )
 
@@ -532,7 +533,50 @@ func TestConfigAndCredentials(t *testing.T) {
 			}
 		})
 	}
-	if _, _, err := b.clientsFor(ctx, &protocol.MachineSpec{}, protocol.MachineState{}); protocol.CodeOf(err) != protocol.CodeInvalidArgument {
+	if _, _, err := b.clientsFor(ctx, provisioner.Request{ProvisionRequest: protocol.ProvisionRequest{Spec: &protocol.MachineSpec{}}}, protocol.MachineState{}); protocol.CodeOf(err) != protocol.CodeInvalidArgument {
 		t.Fatalf("no region: %v", err)
+	}
+}
+
+// Every action runs as the request's identity: an assumed role (through
+// moto's STS) or a key pair whose secret FM sealed.
+func TestCloudIdentitiesOnMoto(t *testing.T) {
+	w := newWorld(t)
+	key := seal.NewKey()
+	box, _ := seal.New(key)
+	b, err := New(Config{Region: mototest.Region, Endpoint: w.moto.URL, AgentNATSURL: "nats://fm:4222", OpenSecret: box.Open,
+		Poll: 20 * time.Millisecond, Timeout: 30 * time.Second, Logger: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := w.spec()
+	spec.ElasticIP, spec.Network.DNSStrategy = nil, "NONE"
+	for _, auth := range []*protocol.CloudAuth{
+		{Mode: protocol.CloudAuthIAMRole, RoleARN: "arn:aws:iam::123456789012:role/fm-tenant"},
+		{Mode: protocol.CloudAuthKeypair, AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SealedSecretAccessKey: box.Seal("wJalrXUtnFEMI")},
+	} {
+		t.Run(auth.Mode, func(t *testing.T) {
+			req := w.request("rq-"+strings.ToLower(auth.Mode), protocol.ProvisionReprovision, spec)
+			req.Cloud = auth
+			st, err := b.Reprovision(context.Background(), req, protocol.MachineState{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if alive, err := b.Alive(context.Background(), st); err != nil || !alive {
+				t.Fatalf("alive = %v, %v", alive, err)
+			}
+			del := w.request("rq-del-"+strings.ToLower(auth.Mode), protocol.ProvisionDelete, nil)
+			del.Cloud = auth
+			if _, err := b.Delete(context.Background(), del, st); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	// A secret sealed with another key is refused before any call.
+	req := w.request("rq-wrong-key", protocol.ProvisionReprovision, spec)
+	other, _ := seal.New(seal.NewKey())
+	req.Cloud = &protocol.CloudAuth{Mode: protocol.CloudAuthKeypair, AccessKeyID: "AKIAOTHER", SealedSecretAccessKey: other.Seal("x")}
+	if _, err := b.Reprovision(context.Background(), req, protocol.MachineState{}); protocol.CodeOf(err) != protocol.CodeFailedPrecondition {
+		t.Fatalf("err = %v", err)
 	}
 }
