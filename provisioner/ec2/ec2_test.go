@@ -208,7 +208,7 @@ func TestMachineLifecycleOnMoto(t *testing.T) {
 			ports = append(ports, aws.ToInt32(p.FromPort))
 		}
 		slices.Sort(ports)
-		if !slices.Equal(ports, []int32{22, 80, 443}) {
+		if !slices.Equal(ports, []int32{22, 80, 443, 10000}) {
 			t.Errorf("web ports = %v", ports)
 		}
 		if len(members.IpPermissions) != 1 || aws.ToString(members.IpPermissions[0].IpProtocol) != "-1" ||
@@ -484,10 +484,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 }
 
 // refusing is an EC2 that refuses one call, as IAM would.
-type refusing struct {
-	ec2API
-	op string
-}
+type refusing struct{ ec2API }
 
 func (r refusing) RunInstances(ctx context.Context, in *ec2.RunInstancesInput, o ...func(*ec2.Options)) (*ec2.RunInstancesOutput, error) {
 	return nil, &smithy.OperationError{ServiceID: "EC2", OperationName: "RunInstances",

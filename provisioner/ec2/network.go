@@ -205,7 +205,8 @@ func validCIDR(s string) bool {
 
 // securityGroups returns the groups a machine of the network gets: those
 // the network names and, when it auto-creates them, FM's two (made on first
-// use): fm-<network>-web (SSH, HTTP, HTTPS from the ingress CIDRs) and
+// use): fm-<network>-web (SSH, HTTP, HTTPS and DSS's port from the ingress
+// CIDRs) and
 // fm-<network>-members (all traffic between its members).
 func (b *Backend) securityGroups(ctx context.Context, c clients, spec *protocol.MachineSpec) ([]string, error) {
 	ids := slices.Clone(spec.Network.SecurityGroups)
@@ -216,8 +217,9 @@ func (b *Backend) securityGroups(ctx context.Context, c clients, spec *protocol.
 	for _, cidr := range b.cfg.IngressCIDRs {
 		ranges = append(ranges, types.IpRange{CidrIp: aws.String(cidr), Description: aws.String("Fleet Manager ingress")})
 	}
+	// DSS answers on its base port itself (no proxy in front of it here).
 	var web []types.IpPermission
-	for _, port := range []int32{22, 80, 443} {
+	for _, port := range webPorts(spec.BasePort) {
 		web = append(web, types.IpPermission{IpProtocol: aws.String("tcp"), FromPort: aws.Int32(port), ToPort: aws.Int32(port), IpRanges: ranges})
 	}
 	webID, err := b.ensureGroup(ctx, c, spec, "web", "Fleet Manager: SSH, HTTP and HTTPS to DSS", func(string) []types.IpPermission { return web })
@@ -256,9 +258,23 @@ func (b *Backend) ensureGroup(ctx context.Context, c clients, spec *protocol.Mac
 		}
 		id = aws.ToString(created.GroupId)
 	}
-	_, err = c.ec2.AuthorizeSecurityGroupIngress(ctx, &ec2.AuthorizeSecurityGroupIngressInput{GroupId: aws.String(id), IpPermissions: rules(id)})
-	if err != nil && apiCode(err) != "InvalidPermission.Duplicate" {
-		return "", cloudError("open security group "+name, err)
+	// One rule per call: a rule already there (a duplicate) fails its whole
+	// call, and must not keep a new one out.
+	for _, rule := range rules(id) {
+		_, err = c.ec2.AuthorizeSecurityGroupIngress(ctx, &ec2.AuthorizeSecurityGroupIngressInput{GroupId: aws.String(id), IpPermissions: []types.IpPermission{rule}})
+		if err != nil && apiCode(err) != "InvalidPermission.Duplicate" {
+			return "", cloudError("open security group "+name, err)
+		}
 	}
 	return id, nil
+}
+
+// webPorts are the ports FM's web group opens: SSH, HTTP, HTTPS, and DSS's
+// base port.
+func webPorts(dssPort int) []int32 {
+	ports := []int32{22, 80, 443}
+	if dssPort > 0 && dssPort < 65536 && !slices.Contains(ports, int32(dssPort)) {
+		ports = append(ports, int32(dssPort))
+	}
+	return ports
 }

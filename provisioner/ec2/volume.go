@@ -101,14 +101,16 @@ func (b *Backend) attachVolume(ctx context.Context, c clients, req provisioner.R
 	if vol == nil {
 		return protocol.Errorf(protocol.CodeNotFound, "the data volume %s is gone", volumeID)
 	}
+	// A volume has at most one attachment (no multi-attach here).
 	attached := func(v *types.Volume) (bool, string) {
-		for _, a := range v.Attachments {
-			if aws.ToString(a.InstanceId) == machineID {
-				return a.State == types.VolumeAttachmentStateAttached, string(a.State)
-			}
+		if len(v.Attachments) == 0 {
+			return false, string(v.State)
+		}
+		a := v.Attachments[0]
+		if aws.ToString(a.InstanceId) != machineID {
 			return false, "attached to " + aws.ToString(a.InstanceId)
 		}
-		return false, string(v.State)
+		return a.State == types.VolumeAttachmentStateAttached, string(a.State)
 	}
 	if ok, _ := attached(vol); !ok && len(vol.Attachments) == 0 {
 		if _, err := c.ec2.AttachVolume(ctx, &ec2.AttachVolumeInput{Device: aws.String(dataDevice),
