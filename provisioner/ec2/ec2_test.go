@@ -577,3 +577,36 @@ func TestCloudIdentitiesOnMoto(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+// A web group made before (with only some of its rules, as by a provisioner
+// that died halfway or an older FM) gets the missing ones.
+func TestExistingWebGroupGetsMissingRules(t *testing.T) {
+	w := newWorld(t)
+	ctx := context.Background()
+	g, err := w.ec2.CreateSecurityGroup(ctx, &ec2.CreateSecurityGroupInput{GroupName: aws.String("fm-vn-lab-web"),
+		Description: aws.String("made before"), VpcId: aws.String(w.vpc)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.ec2.AuthorizeSecurityGroupIngress(ctx, &ec2.AuthorizeSecurityGroupIngressInput{GroupId: g.GroupId,
+		IpPermissions: []types.IpPermission{{IpProtocol: aws.String("tcp"), FromPort: aws.Int32(22), ToPort: aws.Int32(22),
+			IpRanges: []types.IpRange{{CidrIp: aws.String("203.0.113.0/24")}}}}}); err != nil {
+		t.Fatal(err)
+	}
+	ids, err := w.backend.securityGroups(ctx, clients{ec2: w.ec2, dns: w.dns}, w.spec())
+	if err != nil || !slices.Contains(ids, aws.ToString(g.GroupId)) {
+		t.Fatalf("groups %v, %v (want the existing %s)", ids, err, aws.ToString(g.GroupId))
+	}
+	out, err := w.ec2.DescribeSecurityGroups(ctx, &ec2.DescribeSecurityGroupsInput{GroupIds: []string{aws.ToString(g.GroupId)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ports []int32
+	for _, p := range out.SecurityGroups[0].IpPermissions {
+		ports = append(ports, aws.ToInt32(p.FromPort))
+	}
+	slices.Sort(ports)
+	if !slices.Equal(ports, []int32{22, 80, 443, 10000}) {
+		t.Fatalf("ports = %v", ports)
+	}
+}
