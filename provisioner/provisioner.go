@@ -421,7 +421,12 @@ func (p *Provisioner) checkMachine(ctx context.Context, instance string) {
 		return
 	}
 	alive, err := p.cfg.Backend.Alive(ctx, cur)
-	if err != nil || alive {
+	if err != nil {
+		// Unknown is not lost: the machine is checked again next time.
+		p.log.Warn().Err(err).Str("instance", instance).Str("machine", cur.MachineID).Msg("machine check failed")
+		return
+	}
+	if alive {
 		return
 	}
 	cur.Status = protocol.MachineLost

@@ -91,7 +91,7 @@ func newBackend(name, agentURL string, lc localFlags, ec ec2Flags, log zerolog.L
 		}
 		return local.New(local.Config{Dir: abs, AgentBinary: exe, NATSURL: agentURL, Logger: log})
 	case "ec2":
-		cfg := ec2.Config{Region: ec.region, Endpoint: ec.endpoint, AgentNATSURL: agentURL, Poll: ec.poll, Logger: log}
+		cfg := ec2.Config{Region: ec.region, Endpoint: ec.endpoint, AgentNATSURL: agentURL, Poll: ec.poll}
 		for _, c := range strings.Split(ec.ingress, ",") {
 			if c = strings.TrimSpace(c); c != "" {
 				cfg.IngressCIDRs = append(cfg.IngressCIDRs, c)

@@ -15,7 +15,6 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
-	"github.com/rs/zerolog"
 )
 
 // Config configures the EC2 backend.
@@ -38,13 +37,11 @@ type Config struct {
 	// wait (default 10 minutes).
 	Poll    time.Duration
 	Timeout time.Duration
-	Logger  zerolog.Logger
 }
 
 // Backend is the EC2 backend.
 type Backend struct {
 	cfg     Config
-	log     zerolog.Logger
 	connect connector
 
 	mu   sync.Mutex
@@ -72,8 +69,7 @@ func New(cfg Config) (*Backend, error) {
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 10 * time.Minute
 	}
-	return &Backend{cfg: cfg, connect: awsConnector(cfg.Endpoint, cfg.OpenSecret), auth: map[string]*protocol.CloudAuth{},
-		log: cfg.Logger.With().Str("component", "ec2-backend").Logger()}, nil
+	return &Backend{cfg: cfg, connect: awsConnector(cfg.Endpoint, cfg.OpenSecret), auth: map[string]*protocol.CloudAuth{}}, nil
 }
 
 // Name implements provisioner.Backend.

@@ -23,7 +23,6 @@ import (
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/ec2/mototest"
 	"github.com/fleetmanager/fm/seal"
-	"github.com/rs/zerolog"
 )
 
 // world is moto with what an operator has before FM: a key pair, the
@@ -100,7 +99,7 @@ func (w *world) reset(t *testing.T) {
 	w.privName, w.pubName = "internal.example.com", "dss.example.com"
 	w.privZone, w.pubZone = zone(w.privName, true), zone(w.pubName, false)
 	b, err := New(Config{Region: mototest.Region, Endpoint: w.moto.URL, AgentNATSURL: "tls://fm.example.com:4222",
-		IngressCIDRs: []string{"203.0.113.0/24"}, Poll: 20 * time.Millisecond, Timeout: 30 * time.Second, Logger: zerolog.Nop()})
+		IngressCIDRs: []string{"203.0.113.0/24"}, Poll: 20 * time.Millisecond, Timeout: 30 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -512,7 +511,7 @@ func TestConfigAndCredentials(t *testing.T) {
 	if _, err := New(Config{AgentNATSURL: "nats://x:4222", IngressCIDRs: []string{"10.0.0.0/33"}}); err == nil {
 		t.Error("New accepted a bad CIDR")
 	}
-	b, err := New(Config{AgentNATSURL: "nats://x:4222", Logger: zerolog.Nop()})
+	b, err := New(Config{AgentNATSURL: "nats://x:4222"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -542,7 +541,7 @@ func TestCloudIdentitiesOnMoto(t *testing.T) {
 	key := seal.NewKey()
 	box, _ := seal.New(key)
 	b, err := New(Config{Region: mototest.Region, Endpoint: w.moto.URL, AgentNATSURL: "nats://fm:4222", OpenSecret: box.Open,
-		Poll: 20 * time.Millisecond, Timeout: 30 * time.Second, Logger: zerolog.Nop()})
+		Poll: 20 * time.Millisecond, Timeout: 30 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -96,12 +97,8 @@ func Run(t testing.TB) *Server {
 // backend reads them through the standard credential chain).
 func (s *Server) SetEnv(t testing.TB) {
 	for _, kv := range s.Env {
-		for i := range kv {
-			if kv[i] == '=' {
-				t.Setenv(kv[:i], kv[i+1:])
-				break
-			}
-		}
+		k, v, _ := strings.Cut(kv, "=")
+		t.Setenv(k, v)
 	}
 }
 
