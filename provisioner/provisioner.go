@@ -90,6 +90,10 @@ func (p *Provisioner) Run(ctx context.Context) error {
 		}
 	}
 	p.wg.Wait()
+	// The workers handed back what they had not finished (Nak); make sure
+	// that reaches the server before the caller closes the connection, or
+	// the next provisioner waits a whole ack wait for it.
+	_ = p.cfg.Conn.FlushTimeout(2 * time.Second)
 	return nil
 }
 
