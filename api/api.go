@@ -213,17 +213,39 @@ type Image struct {
 
 // Snapshot is a snapshot of an instance's data volume.
 type Snapshot struct {
-	ID         string    `json:"id"`
-	InstanceID string    `json:"instanceId"`
-	Reason     string    `json:"reasonForSnapshot"`
-	Automated  bool      `json:"automated"`
-	State      string    `json:"state"`
-	DSSVersion string    `json:"dssVersion"`
-	ImageID    string    `json:"imageId"`
-	SizeBytes  int64     `json:"sizeBytes"`
-	SHA256     string    `json:"sha256,omitempty"`
-	CreatedAt  time.Time `json:"createdAt"`
+	ID         string `json:"id"`
+	InstanceID string `json:"instanceId"`
+	Reason     string `json:"reasonForSnapshot"`
+	Automated  bool   `json:"automated"`
+	// State is one of the Snapshot* states.
+	State      string `json:"state"`
+	DSSVersion string `json:"dssVersion"`
+	ImageID    string `json:"imageId"`
+	// VolumeSizeGB is the size of the data volume it was taken of.
+	VolumeSizeGB int   `json:"volumeSizeGB,omitempty"`
+	SizeBytes    int64 `json:"sizeBytes"`
+	// SHA256 is the digest of an archive (local backend); a restore checks
+	// it.
+	SHA256 string `json:"sha256,omitempty"`
+	// Store says where the snapshot is kept ("object-store", "s3", "ebs")
+	// and StoreRef under what name (an object name, an S3 key, an EBS
+	// snapshot id); Region is a cloud snapshot's region.
+	Store    string `json:"store,omitempty"`
+	StoreRef string `json:"storeRef,omitempty"`
+	Region   string `json:"region,omitempty"`
+	// FutureID is the operation that takes (or deletes) it.
+	FutureID  string    `json:"futureId,omitempty"`
+	Error     *Error    `json:"error,omitempty"`
+	CreatedAt time.Time `json:"createdAt"`
 }
+
+// Snapshot states.
+const (
+	SnapshotCreating  = "CREATING"
+	SnapshotAvailable = "AVAILABLE"
+	SnapshotFailed    = "FAILED"
+	SnapshotDeleting  = "DELETING"
+)
 
 // CloudCredentials is how FM authenticates to the cloud, plus the tenant's
 // license and secrets encryption key.

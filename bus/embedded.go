@@ -2,6 +2,7 @@
 // nats-server or connects to an existing NATS, and declares the JetStream
 // topology (every stream, key-value bucket and object store of
 // docs/architecture.md) in one place, creating or updating it idempotently.
+// Its Lease elects one holder of a job among processes.
 //
 // Roles (server, provisioner, agent) and commands import it; it imports only
 // protocol from this project. bus/bustest starts a real JetStream server for

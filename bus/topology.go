@@ -157,6 +157,9 @@ func (t Topology) ObjectStores() []jetstream.ObjectStoreConfig {
 			Storage: jetstream.FileStorage, Replicas: t.Replicas},
 		{Bucket: protocol.ObjectStoreDiagnosis, Description: "diagnosis bundles from agents",
 			TTL: t.DiagnosisRetention, Storage: jetstream.FileStorage, Replicas: t.Replicas},
+		// Kept until deleted: a snapshot is a backup.
+		{Bucket: protocol.ObjectStoreSnapshots, Description: "snapshot archives of data volumes (local backend)",
+			Storage: jetstream.FileStorage, Replicas: t.Replicas},
 	}
 }
 

@@ -26,5 +26,7 @@
 //	  requests and responses; sealed licenses, command params and results
 //	  (a role that holds an instance key sets them instead of the clear
 //	  fields); the machine spec's agent download and the provision
-//	  request's cloud identity (the EC2 backend).
+//	  request's cloud identity (the EC2 backend); snapshot and
+//	  delete-snapshot requests, a reprovision's snapshot to take first and
+//	  snapshot to restore, snapshot events.
 package protocol

@@ -27,6 +27,7 @@ const (
 	CodeUnsupported        Code = "Unsupported"        // the machine or image cannot do this
 	CodeUnavailable        Code = "Unavailable"        // a dependency is unreachable; retry later
 	CodeInternal           Code = "Internal"           // a bug or an unexpected failure
+	CodeDataLoss           Code = "DataLoss"           // stored data is missing or fails its integrity check
 	CodeUnsupportedVersion Code = "UnsupportedVersion" // a message of a protocol version this role does not speak
 )
 

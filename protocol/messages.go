@@ -213,6 +213,10 @@ const (
 	EventAlert EventKind = "alert"
 	// EventRejected says a message was refused as malformed.
 	EventRejected EventKind = "rejected"
+	// EventSnapshot is the outcome of a snapshot taken or deleted by the
+	// provisioner (Step "snapshot" or "delete-snapshot"); Snapshot says
+	// which, and where it is kept.
+	EventSnapshot EventKind = "snapshot"
 )
 
 // Status is the outcome carried by an event.
@@ -253,6 +257,8 @@ type Event struct {
 	// SealedResult, set instead of Result when it holds a secret (a
 	// password, an API key), is the result sealed with the instance key.
 	SealedResult string `json:"sealedResult,omitempty"`
+	// Snapshot is the snapshot an EventSnapshot is about.
+	Snapshot *SnapshotRef `json:"snapshot,omitempty"`
 }
 
 // Validate implements Message.

@@ -34,8 +34,9 @@ const (
 
 // Object stores.
 const (
-	ObjectStoreKits      = "fm_kits"      // DSS install kits, by kit name
-	ObjectStoreDiagnosis = "fm_diagnosis" // diagnosis bundles uploaded by agents, "<instance>/<command id>.tar.gz"
+	ObjectStoreKits      = "fm_kits"              // DSS install kits, by kit name
+	ObjectStoreDiagnosis = "fm_diagnosis"         // diagnosis bundles uploaded by agents, "<instance>/<command id>.tar.gz"
+	ObjectStoreSnapshots = "fm_snapshot_archives" // the local backend's snapshot archives, "<instance>/<snapshot id>.tar.gz"
 )
 
 // Subject prefixes. Each is followed by one or more tokens; see the Subject

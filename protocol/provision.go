@@ -17,6 +17,9 @@ const (
 	ProvisionStart       ProvisionAction = "start"       // start a stopped machine
 	ProvisionStop        ProvisionAction = "stop"        // stop the machine, keep its disks
 	ProvisionDelete      ProvisionAction = "delete"      // release what is left of the instance
+	// Snapshots of the data volume; they leave the machine as it is.
+	ProvisionSnapshot       ProvisionAction = "snapshot"        // snapshot the data volume
+	ProvisionDeleteSnapshot ProvisionAction = "delete-snapshot" // delete a snapshot
 )
 
 // ProvisionRequest asks the provisioner to do a machine operation. It is
@@ -41,6 +44,35 @@ type ProvisionRequest struct {
 	// Cloud is the identity a cloud backend acts as for every action (the
 	// tenant's cloud credentials); nil means the provisioner's own.
 	Cloud *CloudAuth `json:"cloud,omitempty"`
+	// Snapshot is the snapshot a snapshot or delete-snapshot request is
+	// about. On a reprovision it is one to take before the machine is
+	// replaced (an upgrade): if it cannot be taken, the reprovision fails
+	// and leaves the machine as it was.
+	Snapshot *SnapshotRef `json:"snapshot,omitempty"`
+	// FromSnapshot, on a reprovision, builds the data volume from this
+	// snapshot; the current volume is kept aside. The snapshot is verified
+	// before anything is replaced.
+	FromSnapshot *SnapshotRef `json:"fromSnapshot,omitempty"`
+}
+
+// SnapshotRef is a snapshot of an instance's data volume as the
+// provisioner knows it. ID is FM's; Store and Ref say where the backend
+// keeps it, once taken.
+type SnapshotRef struct {
+	ID string `json:"id"`
+	// Store is "object-store" (an archive in the bus's object store), "s3"
+	// (an archive in a bucket) or "ebs" (an EBS snapshot).
+	Store string `json:"store,omitempty"`
+	// Ref is the store's name of it: an object name, an S3 key, an EBS
+	// snapshot id.
+	Ref string `json:"ref,omitempty"`
+	// SHA256 (hex) is the digest of an archive; a restore checks it.
+	SHA256    string `json:"sha256,omitempty"`
+	SizeBytes int64  `json:"sizeBytes,omitempty"`
+	// VolumeSizeGB is the size of the volume it was taken of.
+	VolumeSizeGB int `json:"volumeSizeGB,omitempty"`
+	// Region is the cloud region of a cloud snapshot.
+	Region string `json:"region,omitempty"`
 }
 
 // MachineSpec is what a backend needs to build an instance's machine.
@@ -165,9 +197,16 @@ func (r *ProvisionRequest) Validate() error {
 		if r.Spec == nil || r.Generation == 0 {
 			return errors.New("reprovision needs a spec and a generation")
 		}
+		if r.FromSnapshot != nil && !ValidToken(r.FromSnapshot.ID) {
+			return errors.New("a restore needs a snapshot with a valid id")
+		}
 	case ProvisionStart:
 		if r.Spec == nil {
 			return errors.New("start needs a spec")
+		}
+	case ProvisionSnapshot, ProvisionDeleteSnapshot:
+		if r.Snapshot == nil || !ValidToken(r.Snapshot.ID) {
+			return errors.New("a snapshot request needs a snapshot with a valid id")
 		}
 	case ProvisionDeprovision, ProvisionStop, ProvisionDelete:
 	default:

@@ -11,6 +11,7 @@ package provisioner
 
 import (
 	"context"
+	"errors"
 
 	"github.com/fleetmanager/fm/protocol"
 )
@@ -24,8 +25,9 @@ type Backend interface {
 	// Name is the backend's name in machine states ("local", "ec2").
 	Name() string
 	// Reprovision makes a new machine for req.Spec (ending any previous one),
-	// with the instance's data volume (created the first time, kept after),
-	// and starts its agent.
+	// with the instance's data volume (created the first time, kept after;
+	// made from req.FromSnapshot when set, after checking it, with the
+	// current one kept aside), and starts its agent.
 	Reprovision(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error)
 	// Deprovision ends the machine and keeps the data volume.
 	Deprovision(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error)
@@ -38,6 +40,30 @@ type Backend interface {
 	Delete(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error)
 	// Alive reports whether a machine recorded as running still runs.
 	Alive(ctx context.Context, cur protocol.MachineState) (bool, error)
+	// Snapshot takes snap of the data volume (cur.VolumeID) while the
+	// machine keeps running, and returns where it is kept. Asked again for
+	// the same snapshot (a redelivery), it finds or retakes it, never
+	// leaving two.
+	Snapshot(ctx context.Context, req Request, cur protocol.MachineState, snap protocol.SnapshotRef) (protocol.SnapshotRef, error)
+	// DeleteSnapshot deletes a snapshot; one already gone is not an error.
+	DeleteSnapshot(ctx context.Context, req Request, snap protocol.SnapshotRef) error
+}
+
+// Untouched marks the error of an operation that failed before it changed
+// anything (a snapshot to restore fails its check, the snapshot before an
+// upgrade cannot be taken): the machine keeps its status, the error is
+// recorded beside it, and the instance is left as it was.
+func Untouched(err error) error { return untouchedError{err} }
+
+type untouchedError struct{ err error }
+
+func (e untouchedError) Error() string { return e.err.Error() }
+func (e untouchedError) Unwrap() error { return e.err }
+
+// IsUntouched reports whether err is marked by Untouched.
+func IsUntouched(err error) bool {
+	var u untouchedError
+	return errors.As(err, &u)
 }
 
 // Request is a provision request with a way to report progress.

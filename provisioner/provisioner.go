@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -105,17 +106,17 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 	if p.machines, err = p.js.KeyValue(ctx, protocol.BucketMachines); err != nil {
 		return fmt.Errorf("machines bucket: %w", err)
 	}
-	l := &lease{kv: leases, key: "provisioner", holder: p.cfg.Holder, ttl: p.cfg.LeaseTTL}
-	if err := l.acquire(ctx); err != nil {
+	l := &bus.Lease{KV: leases, Key: "provisioner", Holder: p.cfg.Holder, TTL: p.cfg.LeaseTTL}
+	if err := l.Acquire(ctx); err != nil {
 		return err
 	}
 	p.log.Info().Str("holder", p.cfg.Holder).Msg("holding the provisioner lease")
 	work, stop := context.WithCancel(ctx)
 	kept := make(chan struct{})
 	var keepErr error
-	go func() { keepErr = l.keep(work); close(kept) }()
+	go func() { keepErr = l.Keep(work); close(kept) }()
 	// Stop renewing before giving the lease up.
-	defer func() { stop(); <-kept; l.release() }()
+	defer func() { stop(); <-kept; l.Release() }()
 
 	cons, err := p.js.CreateOrUpdateConsumer(work, protocol.StreamProvision, jetstream.ConsumerConfig{
 		Durable: ConsumerName, AckPolicy: jetstream.AckExplicitPolicy, AckWait: ackWait,
@@ -216,6 +217,10 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		return
 	}
 	log := p.log.With().Str("instance", req.Instance).Str("action", string(req.Action)).Str("request", req.ID).Logger()
+	if req.Action == protocol.ProvisionSnapshot || req.Action == protocol.ProvisionDeleteSnapshot {
+		p.handleSnapshot(ctx, m, req, log)
+		return
+	}
 	cur, rev, err := p.machineState(ctx, req.Instance)
 	if err != nil {
 		log.Warn().Err(err).Msg("machine state unreadable; retrying")
@@ -228,21 +233,8 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		_ = m.Ack()
 		return
 	}
-	// Keep the message ours while the backend works, however long it takes.
-	working, done := context.WithCancel(ctx)
+	working, done := keepInProgress(ctx, m)
 	defer done()
-	go func() {
-		t := time.NewTicker(ackWait / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-working.Done():
-				return
-			case <-t.C:
-				_ = m.InProgress()
-			}
-		}
-	}()
 	log.Info().Msg("machine operation started")
 	pending := cur
 	pending.Status, pending.RequestID, pending.Action, pending.Error = transitionalFor(req.Action), req.ID, req.Action, nil
@@ -251,25 +243,28 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		_ = m.NakWithDelay(2 * time.Second)
 		return
 	}
-	breq := Request{ProvisionRequest: req, Progress: func(step, msg string) {
-		p.event(ctx, protocol.Event{Instance: req.Instance, Kind: protocol.EventMachine, OpID: req.OpID, Generation: req.Generation,
-			Step: step, Status: protocol.StatusOK, Message: msg}, "")
-	}}
-	next, opErr := p.run(working, breq, cur)
+	next, opErr := p.run(working, p.request(ctx, req), cur)
 	if ctx.Err() != nil {
 		// Shutting down: hand the request back, to be redelivered (to the
 		// next provisioner) and its machine adopted.
 		_ = m.Nak()
 		return
 	}
-	if opErr != nil {
+	switch {
+	case opErr != nil && IsUntouched(opErr) && cur.Status != "":
+		// Nothing changed: the machine keeps its status, with the reason
+		// the operation did not go on beside it.
+		next = cur
+		next.Error = asProtocolError(opErr)
+		log.Warn().Err(opErr).Msg("machine operation refused; the machine was left as it was")
+	case opErr != nil:
 		if next.Instance == "" {
 			next = cur // the backend knows nothing more than before
 		}
 		next.Status = protocol.MachineFailed
 		next.Error = asProtocolError(opErr)
 		log.Warn().Err(opErr).Msg("machine operation failed")
-	} else {
+	default:
 		next.Error = nil
 		log.Info().Str("status", string(next.Status)).Msg("machine operation done")
 	}
@@ -286,10 +281,37 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 	_ = m.Ack()
 }
 
+// keepInProgress keeps a request's message ours while the backend works,
+// however long it takes, until the returned cancel is called.
+func keepInProgress(ctx context.Context, m jetstream.Msg) (context.Context, context.CancelFunc) {
+	working, done := context.WithCancel(ctx)
+	go func() {
+		t := time.NewTicker(ackWait / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-working.Done():
+				return
+			case <-t.C:
+				_ = m.InProgress()
+			}
+		}
+	}()
+	return working, done
+}
+
 func (p *Provisioner) run(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error) {
 	b := p.cfg.Backend
 	switch req.Action {
 	case protocol.ProvisionReprovision:
+		if req.Snapshot != nil && cur.VolumeID != "" {
+			// The snapshot before an upgrade: without it, nothing is replaced.
+			ref, err := p.takeSnapshot(ctx, req, cur)
+			if err != nil {
+				pe := asProtocolError(err)
+				return cur, Untouched(protocol.Errorf(pe.Code, "the snapshot before the upgrade (%s) failed, so the machine was left as it was: %s", ref.ID, pe.Message))
+			}
+		}
 		return b.Reprovision(ctx, req, cur)
 	case protocol.ProvisionDeprovision:
 		return b.Deprovision(ctx, req, cur)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -53,8 +54,24 @@ func (r *recorder) result(ctx context.Context, req Request, cur protocol.Machine
 	if err := r.record(ctx, req); err != nil {
 		return protocol.MachineState{}, err
 	}
-	cur.Status, cur.MachineID = st, "m-"+req.Instance
+	cur.Status, cur.MachineID, cur.VolumeID = st, "m-"+req.Instance, "vol-"+req.Instance
 	return cur, nil
+}
+
+func (r *recorder) Snapshot(ctx context.Context, req Request, cur protocol.MachineState, snap protocol.SnapshotRef) (protocol.SnapshotRef, error) {
+	r.mu.Lock()
+	r.calls = append(r.calls, "snapshot "+snap.ID+" of "+cur.VolumeID)
+	err := r.fail["snapshot "+snap.ID]
+	r.mu.Unlock()
+	snap.Store, snap.Ref = "recorder", "ref-"+snap.ID
+	return snap, err
+}
+
+func (r *recorder) DeleteSnapshot(ctx context.Context, req Request, snap protocol.SnapshotRef) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.calls = append(r.calls, "delete-snapshot "+snap.ID)
+	return nil
 }
 
 func (r *recorder) Reprovision(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error) {
@@ -118,8 +135,13 @@ func (r *rig) request(instance string, action protocol.ProvisionAction, id strin
 
 func (r *rig) requestMsgID(instance string, action protocol.ProvisionAction, id, msgID string) {
 	r.t.Helper()
-	req := protocol.ProvisionRequest{ID: id, Instance: instance, Action: action, Issued: time.Now().UTC(), Generation: 1,
-		Spec: &protocol.MachineSpec{Label: "x", DataVolume: protocol.VolumeSpec{SizeGB: 1}}}
+	r.publish(protocol.ProvisionRequest{ID: id, Instance: instance, Action: action, Issued: time.Now().UTC(), Generation: 1,
+		Spec: &protocol.MachineSpec{Label: "x", DataVolume: protocol.VolumeSpec{SizeGB: 1}}}, msgID)
+}
+
+func (r *rig) publish(req protocol.ProvisionRequest, msgID string) {
+	r.t.Helper()
+	instance, action := req.Instance, req.Action
 	data, err := protocol.Encode(&req)
 	if err != nil {
 		r.t.Fatal(err)
@@ -300,4 +322,57 @@ func waitEvent(t *testing.T, r *rig, instance string, match func(protocol.Event)
 	}
 	t.Fatalf("no matching event for %s", instance)
 	return protocol.Event{}
+}
+
+func TestSnapshotsLeaveTheMachineAlone(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	r.run(rec, "p1")
+	r.request("in-a", protocol.ProvisionReprovision, "op-1-reprovision")
+	before := r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
+	r.publish(protocol.ProvisionRequest{ID: "op-2-snapshot", Instance: "in-a", Action: protocol.ProvisionSnapshot, OpID: "op-2",
+		Snapshot: &protocol.SnapshotRef{ID: "snap-1"}}, "op-2-snapshot")
+	ev := waitEvent(t, r, "in-a", func(e protocol.Event) bool {
+		return e.Kind == protocol.EventSnapshot && e.Status == protocol.StatusOK
+	})
+	if ev.OpID != "op-2" || ev.Snapshot == nil || ev.Snapshot.ID != "snap-1" || ev.Snapshot.Ref != "ref-snap-1" {
+		t.Fatalf("snapshot event: %+v", ev)
+	}
+	r.publish(protocol.ProvisionRequest{ID: "op-3-delete-snapshot", Instance: "in-a", Action: protocol.ProvisionDeleteSnapshot, OpID: "op-3",
+		Snapshot: ev.Snapshot}, "op-3-delete-snapshot")
+	waitEvent(t, r, "in-a", func(e protocol.Event) bool {
+		return e.Kind == protocol.EventSnapshot && e.Step == "delete-snapshot" && e.Status == protocol.StatusOK
+	})
+	if after := r.machine("in-a"); after.RequestID != before.RequestID || after.Status != protocol.MachineRunning {
+		t.Fatalf("a snapshot changed the machine record: %+v", after)
+	}
+	want := []string{"reprovision op-1-reprovision", "snapshot snap-1 of vol-in-a", "delete-snapshot snap-1"}
+	if got := rec.callList(); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("calls %v, want %v", got, want)
+	}
+}
+
+func TestAFailedSnapshotBeforeAnUpgradeLeavesTheMachineAsItWas(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	rec.fail["snapshot snap-up"] = protocol.Errorf(protocol.CodeUnavailable, "the snapshot store is away")
+	r.run(rec, "p1")
+	r.request("in-a", protocol.ProvisionReprovision, "op-1-reprovision")
+	r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
+	r.publish(protocol.ProvisionRequest{ID: "op-2-reprovision", Instance: "in-a", Action: protocol.ProvisionReprovision, OpID: "op-2",
+		Generation: 2, Spec: &protocol.MachineSpec{Label: "x"}, Snapshot: &protocol.SnapshotRef{ID: "snap-up"}}, "op-2-reprovision")
+	st := r.waitMachine("in-a", func(s protocol.MachineState) bool {
+		return s.RequestID == "op-2-reprovision" && !transitional(s.Status)
+	})
+	if st.Status != protocol.MachineRunning || st.Generation != 1 || st.Error == nil || st.Error.Code != protocol.CodeUnavailable ||
+		!strings.Contains(st.Error.Message, "left as it was") {
+		t.Fatalf("machine after the refused upgrade: %+v %+v", st, st.Error)
+	}
+	waitEvent(t, r, "in-a", func(e protocol.Event) bool {
+		return e.Kind == protocol.EventSnapshot && e.Status == protocol.StatusFailed && e.Snapshot.ID == "snap-up"
+	})
+	want := []string{"reprovision op-1-reprovision", "snapshot snap-up of vol-in-a"}
+	if got := rec.callList(); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("calls %v, want %v", got, want)
+	}
 }

@@ -131,6 +131,11 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 		if m.RequestID != op.RequestID {
 			return nil
 		}
+		if m.Error != nil && m.Status != protocol.MachineFailed && m.Status != protocol.MachineLost {
+			// The provisioner refused before it changed anything (a snapshot
+			// failed its check, or could not be taken before an upgrade).
+			return s.failOpTo(ctx, op, apiErrorOf(m.Error, "The machine was left as it was"), stateOfMachine(m))
+		}
 		switch m.Status {
 		case protocol.MachineFailed, protocol.MachineLost:
 			return s.failOp(ctx, op, apiErrorOf(m.Error, "The machine operation failed"))
@@ -255,6 +260,29 @@ func (s *Server) succeedOp(ctx context.Context, op opRecord, result any, change 
 // failOp ends the operation with an error and leaves the instance failed
 // (a command's failure leaves it as it was).
 func (s *Server) failOp(ctx context.Context, op opRecord, failure *api.Error) error {
+	state := stateFailed
+	if op.CommandID != "" {
+		state = ""
+	}
+	return s.failOpTo(ctx, op, failure, state)
+}
+
+// stateOfMachine is the lifecycle state matching an untouched machine.
+func stateOfMachine(m protocol.MachineState) string {
+	switch m.Status {
+	case protocol.MachineRunning:
+		return stateRunning
+	case protocol.MachineStopped:
+		return stateStopped
+	case protocol.MachineDeprovisioned:
+		return stateDeprovisioned
+	}
+	return stateFailed
+}
+
+// failOpTo ends the operation with an error and puts the instance in state
+// ("" keeps the one it has), with the error beside it.
+func (s *Server) failOpTo(ctx context.Context, op opRecord, failure *api.Error, state string) error {
 	if _, err := s.endOp(ctx, op.JobID, nil, failure); err != nil {
 		return err
 	}
@@ -265,8 +293,8 @@ func (s *Server) failOp(ctx context.Context, op opRecord, failure *api.Error) er
 	}
 	next := lc
 	next.OpID, next.OpKind, next.UpdatedAt = "", "", time.Now().UTC()
-	if op.CommandID == "" {
-		next.State, next.Since, next.Error = stateFailed, time.Now().UTC(), failure
+	if state != "" {
+		next.State, next.Since, next.Error = state, time.Now().UTC(), failure
 	}
 	if _, err := s.st.lifecycle.update(ctx, op.Instance, next, rev); errors.Is(err, errConflict) {
 		s.enqueue(op.Instance)
@@ -338,6 +366,10 @@ func (s *Server) foldEvent(ctx context.Context, data []byte) {
 		return
 	}
 	defer s.enqueue(e.Instance)
+	if e.Kind == protocol.EventSnapshot {
+		s.foldSnapshot(ctx, e)
+		return
+	}
 	if e.Kind == protocol.EventCommand && strings.HasPrefix(e.CommandID, secretCommandPrefix) {
 		s.storeSecret(ctx, e)
 		return
@@ -399,7 +431,13 @@ func (s *Server) sweep(ctx context.Context) {
 			continue
 		}
 		if op.Request != nil && now.Sub(op.StartedAt) > 10*time.Second {
-			if m, _, _ := s.st.machines.get(op.Instance); m.RequestID != op.RequestID && s.shouldRepublish(op.JobID) {
+			// A snapshot operation is taken once the provisioner reported a
+			// step; the others once the machine record names their request.
+			taken := len(op.Progress.Steps) > 1
+			if m, _, _ := s.st.machines.get(op.Instance); !op.lifecycleFree() {
+				taken = m.RequestID == op.RequestID
+			}
+			if !taken && s.shouldRepublish(op.JobID) {
 				s.log.Info().Str("op", op.JobID).Msg("provision request not taken yet; publishing it again")
 				s.publishOp(ctx, op)
 			}
@@ -414,6 +452,7 @@ func (s *Server) sweep(ctx context.Context) {
 			s.enqueue(row.key)
 		}
 	}
+	s.settleSnapshots(ctx)
 }
 
 func (s *Server) hasSecrets(id string) bool {

@@ -176,14 +176,6 @@ func (s *Server) deleteInstance(r *http.Request) (any, error) {
 	return s.finishedOp(r, "delete-instance", "instance", id, map[string]any{"id": id, "label": cur.Label}, err)
 }
 
-func (s *Server) listInstanceSnapshots(r *http.Request) (any, error) {
-	id := r.PathValue("id")
-	if _, _, ok := s.st.instances.get(id); !ok {
-		return nil, notFound(kindInstance, id)
-	}
-	return s.st.snapshots.filter(func(sn api.Snapshot) bool { return sn.InstanceID == id }), nil
-}
-
 // instancesWhere returns the ids of the instances match accepts, from a copy
 // synced with the bucket.
 func (s *Server) instancesWhere(ctx context.Context, match func(*api.Instance) bool) ([]string, error) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"strconv"
@@ -247,6 +248,12 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 		if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
 			return api.Future{}, unavailable(err, "the operation could not be recorded")
 		}
+		if sn := op.pendingSnapshot; sn != nil {
+			if _, err := s.st.snapshots.create(ctx, sn.ID, *sn); err != nil {
+				_ = s.st.ops.kv.Purge(ctx, op.JobID)
+				return api.Future{}, unavailable(err, "the snapshot could not be recorded")
+			}
+		}
 		if rev == 0 {
 			_, err = s.st.lifecycle.create(ctx, in.ID, next)
 		} else {
@@ -255,11 +262,11 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 		if errors.Is(err, errConflict) || errors.Is(err, errExists) {
 			// Someone else acted on the instance meanwhile: forget this
 			// operation (nobody has seen it) and look again.
-			_ = s.st.ops.kv.Purge(ctx, op.JobID)
+			s.forgetUnstartedOp(ctx, op)
 			continue
 		}
 		if err != nil {
-			_ = s.st.ops.kv.Purge(ctx, op.JobID)
+			s.forgetUnstartedOp(ctx, op)
 			return api.Future{}, unavailable(err, "the instance's state could not be written")
 		}
 		s.log.Info().Str("instance", in.ID).Str("op", op.JobID).Str("action", a.kind).Msg("instance operation started")
@@ -278,6 +285,14 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 		return op.Future, nil
 	}
 	return api.Future{}, conflict("instance %s is being changed by someone else; retry", in.ID)
+}
+
+// forgetUnstartedOp removes the records of an operation nobody has seen.
+func (s *Server) forgetUnstartedOp(ctx context.Context, op opRecord) {
+	_ = s.st.ops.kv.Purge(ctx, op.JobID)
+	if op.pendingSnapshot != nil {
+		_ = s.st.snapshots.kv.Purge(ctx, op.pendingSnapshot.ID)
+	}
 }
 
 // publishOp sends the operation's request or command.
@@ -318,9 +333,14 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 		return nil, precondition("image %s has no kit: the agent needs one to install DSS", im.ID)
 	}
 	allow, _ := ctx.Value(allowDowngradeKey{}).(bool)
-	if lc.DSSVersion != "" && protocol.CompareVersions(im.DSSVersion, lc.DSSVersion) < 0 && !allow {
+	from, restore := ctx.Value(fromSnapshotKey{}).(api.Snapshot)
+	installed := lc.DSSVersion
+	if restore {
+		installed = from.DSSVersion // what the new volume will hold
+	}
+	if installed != "" && protocol.CompareVersions(im.DSSVersion, installed) < 0 && !allow {
 		return nil, precondition("image %s has DSS %s, older than the %s installed on the data volume: downgrade refused "+
-			"(reprovision with allowDowngrade=True to try; DSS itself may refuse)", im.ID, im.DSSVersion, lc.DSSVersion)
+			"(reprovision with allowDowngrade=True to try; DSS itself may refuse)", im.ID, im.DSSVersion, installed)
 	}
 	tpl, _, ok := s.st.templates.get(in.InstanceSettingsTemplateID)
 	if !ok {
@@ -373,7 +393,19 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 			Kit:            protocol.KitSource{Path: im.Kit.Path, URL: im.Kit.URL, SHA256: im.Kit.SHA256, Object: im.Kit.Object}},
 	}
 	op.Target = lc.Generation
-	if err := s.attachRequest(op, protocol.ProvisionRequest{Action: protocol.ProvisionReprovision, Generation: lc.Generation, Spec: spec}); err != nil {
+	req := protocol.ProvisionRequest{Action: protocol.ProvisionReprovision, Generation: lc.Generation, Spec: spec}
+	switch {
+	case restore:
+		req.FromSnapshot = snapshotRef(from)
+	case lc.DSSVersion != "" && protocol.CompareVersions(im.DSSVersion, lc.DSSVersion) != 0 && m.VolumeID != "":
+		// A change of DSS version: the volume is snapshotted first, and the
+		// upgrade does not go on without it.
+		sn := s.newSnapshot(in.ID, newID("snap"), fmt.Sprintf("before changing DSS from %s to %s", lc.DSSVersion, im.DSSVersion), false, *lc, m)
+		sn.FutureID = op.JobID
+		op.pendingSnapshot = &sn
+		req.Snapshot = &protocol.SnapshotRef{ID: sn.ID}
+	}
+	if err := s.attachRequest(op, req); err != nil {
 		return nil, err
 	}
 	// Only the machine this request makes acts on it; the one it replaces

@@ -24,6 +24,9 @@ type opRecord struct {
 	Command   json.RawMessage `json:"command,omitempty"`
 	// Deadline is when a still-running operation is failed.
 	Deadline time.Time `json:"deadline,omitzero"`
+	// pendingSnapshot is a snapshot the operation takes first (before an
+	// upgrade), recorded once the operation is.
+	pendingSnapshot *api.Snapshot
 }
 
 // maxSteps bounds the progress an operation keeps.

@@ -60,6 +60,12 @@ type Config struct {
 	// SweepInterval is how often running operations are checked for their
 	// deadline and lost requests (default 2s).
 	SweepInterval time.Duration
+	// SnapshotHour is how long an hour of automatedSnapshotPeriod lasts
+	// (default an hour); tests shorten it. SchedulerInterval is how often
+	// the snapshot scheduler looks (default a minute, at most a tenth of
+	// SnapshotHour).
+	SnapshotHour      time.Duration
+	SchedulerInterval time.Duration
 	// OperationTimeout, if set, replaces every instance operation's own
 	// deadline (an hour for a reprovision, 15 minutes for a command).
 	OperationTimeout time.Duration
@@ -133,6 +139,12 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.SweepInterval == 0 {
 		cfg.SweepInterval = 2 * time.Second
+	}
+	if cfg.SnapshotHour == 0 {
+		cfg.SnapshotHour = time.Hour
+	}
+	if cfg.SchedulerInterval == 0 {
+		cfg.SchedulerInterval = min(time.Minute, cfg.SnapshotHour/10)
 	}
 	if cfg.AuthCacheTTL == 0 {
 		cfg.AuthCacheTTL = 5 * time.Minute
@@ -212,7 +224,9 @@ func (s *Server) Run(ctx context.Context) error {
 	foldCtx, stopFolding := context.WithCancel(ctx)
 	folded := make(chan struct{})
 	go func() { defer close(folded); s.runFolding(foldCtx) }()
-	defer func() { stopFolding(); <-folded }()
+	scheduled := make(chan struct{})
+	go func() { defer close(scheduled); s.runSnapshotScheduler(foldCtx) }()
+	defer func() { stopFolding(); <-folded; <-scheduled }()
 	go s.syncAccount(foldCtx)
 	s.log.Info().Str("addr", s.ln.Addr().String()).Msg("serving the REST API")
 	select {
@@ -261,7 +275,9 @@ func (s *Server) handler() http.Handler {
 	}
 	route(t+"/instances/{id}/actions/"+opResetPassword, methods{"GET": writes(RoleOperator, s.instanceAction(opResetPassword)),
 		"POST": writes(RoleOperator, s.instanceAction(opResetPassword))})
-	route(t+"/instances/{id}/snapshots", methods{"GET": reads(RoleViewer, s.listInstanceSnapshots)})
+	route(t+"/instances/{id}/snapshots", methods{"GET": reads(RoleViewer, s.listInstanceSnapshots), "POST": writes(RoleOperator, s.createSnapshot)})
+	route(t+"/instances/{id}/snapshots/{snapshotId}", methods{"GET": reads(RoleViewer, s.getSnapshot), "DELETE": writes(RoleOperator, s.deleteSnapshot)})
+	route(t+"/instances/{id}/snapshots/{snapshotId}/reprovision", methods{"POST": writes(RoleOperator, s.reprovisionFromSnapshot)})
 	route(t+"/images", methods{"GET": reads(RoleViewer, s.listImages), "POST": writes(RoleAdmin, s.createImage)})
 	route(t+"/images/{id}", methods{"GET": reads(RoleViewer, s.getImage), "DELETE": writes(RoleAdmin, s.deleteImage)})
 	route(t+"/futures", methods{"GET": reads(RoleViewer, s.listFutures)})

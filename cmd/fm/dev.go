@@ -85,7 +85,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	defer srv.Close()
-	backend, err := newBackend("local", b.clientURL, localFlags{dir: filepath.Join(dir, "local")}, ec2Flags{}, log)
+	backend, err := newBackend(ctx, b, "local", b.clientURL, localFlags{dir: filepath.Join(dir, "local")}, ec2Flags{}, log)
 	if err != nil {
 		return err
 	}

@@ -10,10 +10,13 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
+	"github.com/fleetmanager/fm/provisioner/archive"
 	"github.com/fleetmanager/fm/provisioner/ec2"
 	"github.com/fleetmanager/fm/provisioner/local"
 	"github.com/fleetmanager/fm/seal"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
 
@@ -29,6 +32,10 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	agentURL := fs.String("agent-nats-url", "", "the NATS URL machines' agents use (default --nats-url)")
 	var lc localFlags
 	fs.StringVar(&lc.dir, "dir", "./.fm/local", "local backend: folder of the machines and their volumes")
+	fs.StringVar(&lc.s3.Bucket, "snapshot-s3-bucket", "", "local backend: keep snapshot archives in this S3 bucket (default: the bus's object store "+protocol.ObjectStoreSnapshots+")")
+	fs.StringVar(&lc.s3.Prefix, "snapshot-s3-prefix", "fm/snapshots/", "local backend: prefix of the archives' keys in the S3 bucket")
+	fs.StringVar(&lc.s3.Region, "snapshot-s3-region", os.Getenv("AWS_REGION"), "local backend: region of the S3 bucket")
+	fs.StringVar(&lc.s3.Endpoint, "snapshot-s3-endpoint", "", "local backend: URL of an S3-compatible store (default AWS's)")
 	var ec ec2Flags
 	fs.StringVar(&ec.region, "ec2-region", os.Getenv("AWS_REGION"), "ec2 backend: region of networks that name none")
 	fs.StringVar(&ec.endpoint, "ec2-endpoint", "", "ec2 backend: AWS-compatible endpoint for EC2, Route53 and STS (default AWS's)")
@@ -50,15 +57,15 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	if *agentURL == "" {
 		*agentURL = *natsURL
 	}
-	backend, err := newBackend(*backendName, *agentURL, lc, ec, log)
-	if err != nil {
-		return err
-	}
 	b, err := externalBus(*natsURL, *natsCreds, "fm-provisioner", &security{caFile: *natsCA}, log)
 	if err != nil {
 		return err
 	}
 	defer b.close()
+	backend, err := newBackend(ctx, b, *backendName, *agentURL, lc, ec, log)
+	if err != nil {
+		return err
+	}
 	p, err := provisioner.New(provisioner.Config{Conn: b.nc, Backend: backend, Logger: log})
 	if err != nil {
 		return err
@@ -68,7 +75,10 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 }
 
 // localFlags configure the local backend.
-type localFlags struct{ dir string }
+type localFlags struct {
+	dir string
+	s3  archive.S3Config // the snapshot store, if Bucket is set
+}
 
 // ec2Flags configure the EC2 backend.
 type ec2Flags struct {
@@ -78,7 +88,7 @@ type ec2Flags struct {
 
 // newBackend builds the named backend; agentURL is the bus as its machines
 // reach it.
-func newBackend(name, agentURL string, lc localFlags, ec ec2Flags, log zerolog.Logger) (provisioner.Backend, error) {
+func newBackend(ctx context.Context, b *busConn, name, agentURL string, lc localFlags, ec ec2Flags, log zerolog.Logger) (provisioner.Backend, error) {
 	switch name {
 	case "local":
 		abs, err := filepath.Abs(lc.dir)
@@ -89,7 +99,11 @@ func newBackend(name, agentURL string, lc localFlags, ec ec2Flags, log zerolog.L
 		if err != nil {
 			return nil, err
 		}
-		return local.New(local.Config{Dir: abs, AgentBinary: exe, NATSURL: agentURL, Logger: log})
+		archives, err := snapshotStore(ctx, b, lc.s3)
+		if err != nil {
+			return nil, err
+		}
+		return local.New(local.Config{Dir: abs, AgentBinary: exe, NATSURL: agentURL, Archives: archives, Logger: log})
 	case "ec2":
 		cfg := ec2.Config{Region: ec.region, Endpoint: ec.endpoint, AgentNATSURL: agentURL, Poll: ec.poll}
 		for _, c := range strings.Split(ec.ingress, ",") {
@@ -115,4 +129,21 @@ func newBackend(name, agentURL string, lc localFlags, ec ec2Flags, log zerolog.L
 		return b, nil
 	}
 	return nil, usageError{fmt.Errorf("--backend: %q is not a backend (local, ec2)", name)}
+}
+
+// snapshotStore is where the local backend keeps snapshot archives: an S3
+// bucket when one is given, else the bus's object store.
+func snapshotStore(ctx context.Context, b *busConn, s3 archive.S3Config) (local.Archives, error) {
+	if s3.Bucket != "" {
+		st, err := archive.NewS3(ctx, s3)
+		if err != nil {
+			return nil, usageError{err}
+		}
+		return st, nil
+	}
+	js, err := jetstream.New(b.nc)
+	if err != nil {
+		return nil, err
+	}
+	return archive.NewObjectStore(ctx, js)
 }

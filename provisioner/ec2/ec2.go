@@ -185,6 +185,13 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	if err != nil {
 		return cur, err
 	}
+	var fromSnapshot *types.Snapshot
+	if req.FromSnapshot != nil {
+		if fromSnapshot, err = checkSnapshot(ctx, c, *req.FromSnapshot); err != nil {
+			return cur, provisioner.Untouched(err)
+		}
+		req.Progress("verify-snapshot", fmt.Sprintf("EBS snapshot %s of %s is complete (%d GB)", req.FromSnapshot.Ref, req.FromSnapshot.ID, aws.ToInt32(fromSnapshot.VolumeSize)))
+	}
 	req.Progress("checks", fmt.Sprintf("AMI %s, %s, subnet %s in %s", pl.ami, spec.InstanceType, spec.Network.SubnetID, pl.az))
 	sgs, err := b.securityGroups(ctx, c, spec)
 	if err != nil {
@@ -209,11 +216,16 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 		}
 	}
 	vol := pl.volume
-	if vol == nil {
-		if vol, err = b.createVolume(ctx, c, req, pl.az); err != nil {
+	switch {
+	case fromSnapshot != nil:
+		if vol, err = b.restoredVolume(ctx, c, req, pl.az, fromSnapshot); err != nil {
 			return next, err
 		}
-	} else {
+	case vol == nil:
+		if vol, err = b.createVolume(ctx, c, req, pl.az, nil); err != nil {
+			return next, err
+		}
+	default:
 		req.Progress("data-volume", fmt.Sprintf("data volume %s kept (%d GB)", aws.ToString(vol.VolumeId), aws.ToInt32(vol.Size)))
 	}
 	next.VolumeID, next.VolumeSizeGB = aws.ToString(vol.VolumeId), int(aws.ToInt32(vol.Size))
@@ -363,7 +375,7 @@ func (b *Backend) Delete(ctx context.Context, req provisioner.Request, cur proto
 		delete(next.Details, detailAllocation)
 		delete(next.Details, detailAllocatedByFM)
 	}
-	vols, err := b.findVolumes(ctx, c, req.Instance)
+	vols, err := b.findVolumes(ctx, c, req.Instance, roleData, rolePreviousData)
 	if err != nil {
 		return next, err
 	}
@@ -425,7 +437,11 @@ func (b *Backend) fillAddresses(st *protocol.MachineState, inst *types.Instance)
 // waitFor polls check every Poll until it reports done, for at most
 // Timeout, reporting each new status it gives as progress.
 func (b *Backend) waitFor(ctx context.Context, req provisioner.Request, step, what string, check func() (done bool, status string, err error)) error {
-	ctx, cancel := context.WithTimeout(ctx, b.cfg.Timeout)
+	return b.waitWithin(ctx, req, step, what, b.cfg.Timeout, check)
+}
+
+func (b *Backend) waitWithin(ctx context.Context, req provisioner.Request, step, what string, timeout time.Duration, check func() (done bool, status string, err error)) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	t := time.NewTicker(b.cfg.Poll)
 	defer t.Stop()
@@ -445,7 +461,7 @@ func (b *Backend) waitFor(ctx context.Context, req provisioner.Request, step, wh
 		select {
 		case <-ctx.Done():
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return protocol.Errorf(protocol.CodeDeadlineExceeded, "%s: still %s after %s", what, last, b.cfg.Timeout)
+				return protocol.Errorf(protocol.CodeDeadlineExceeded, "%s: still %s after %s", what, last, timeout)
 			}
 			return ctx.Err()
 		case <-t.C:

@@ -158,7 +158,8 @@ func (b *Backend) plan(ctx context.Context, c clients, region string, req provis
 	}
 	if len(vols) > 0 {
 		pl.volume = &vols[0]
-		if z := aws.ToString(pl.volume.AvailabilityZone); pl.az != "" && z != pl.az {
+		// A restore makes a new volume in the subnet's zone.
+		if z := aws.ToString(pl.volume.AvailabilityZone); pl.az != "" && z != pl.az && req.FromSnapshot == nil {
 			bad("the data volume %s is in %s but subnet %s is in %s: a volume cannot move between zones (snapshot it and restore)",
 				aws.ToString(pl.volume.VolumeId), z, spec.Network.SubnetID, pl.az)
 		}

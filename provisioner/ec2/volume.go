@@ -11,11 +11,14 @@ import (
 	"github.com/fleetmanager/fm/provisioner"
 )
 
-// findVolumes returns the instance's data volumes that are not being
-// deleted (one, unless something went wrong).
-func (b *Backend) findVolumes(ctx context.Context, c clients, instance string) ([]types.Volume, error) {
+// findVolumes returns the instance's volumes of the roles (default: its
+// data volume) that are not being deleted.
+func (b *Backend) findVolumes(ctx context.Context, c clients, instance string, roles ...string) ([]types.Volume, error) {
+	if len(roles) == 0 {
+		roles = []string{roleData}
+	}
 	out, err := c.ec2.DescribeVolumes(ctx, &ec2.DescribeVolumesInput{Filters: []types.Filter{
-		tagFilter(TagInstance, instance), tagFilter(TagRole, roleData),
+		tagFilter(TagInstance, instance), {Name: aws.String("tag:" + TagRole), Values: roles},
 		{Name: aws.String("status"), Values: []string{"creating", "available", "in-use"}},
 	}})
 	if err != nil {
@@ -40,12 +43,17 @@ func applyEncryption(v protocol.VolumeSpec, encrypted **bool, kmsKey **string) {
 // createVolume makes the instance's data volume in the zone and waits
 // until it can be attached. Its client token and FM tags make a retry after
 // a crash find it.
-func (b *Backend) createVolume(ctx context.Context, c clients, req provisioner.Request, az string) (*types.Volume, error) {
+func (b *Backend) createVolume(ctx context.Context, c clients, req provisioner.Request, az string, from *types.Snapshot) (*types.Volume, error) {
 	v := req.Spec.DataVolume
 	in := &ec2.CreateVolumeInput{
 		AvailabilityZone: aws.String(az), Size: aws.Int32(int32(max(v.SizeGB, 1))), ClientToken: aws.String(req.ID + "-data"),
 		TagSpecifications: tagSpec(types.ResourceTypeVolume, tagsFor(req.Spec, req.Spec.Label+" (data)",
 			map[string]string{TagInstance: req.Instance, TagRole: roleData, TagRequest: req.ID})),
+	}
+	if from != nil {
+		// A volume is at least as large as the snapshot it is made from.
+		in.SnapshotId = from.SnapshotId
+		in.Size = aws.Int32(max(aws.ToInt32(in.Size), aws.ToInt32(from.VolumeSize)))
 	}
 	if v.Type != "" {
 		in.VolumeType = types.VolumeType(v.Type)

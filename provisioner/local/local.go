@@ -36,7 +36,9 @@ type Config struct {
 	AgentBinary string
 	// NATSURL is the bus as the agents reach it.
 	NATSURL string
-	Logger  zerolog.Logger
+	// Archives is the snapshot store; without one, snapshots are refused.
+	Archives Archives
+	Logger   zerolog.Logger
 }
 
 // Backend is the local backend.
@@ -73,6 +75,11 @@ func (b *Backend) rootDir(instance string) string {
 func (b *Backend) volumeDir(instance string) string {
 	return filepath.Join(b.cfg.Dir, "volumes", instance)
 }
+
+// previousVolumeDir is where a restore keeps the volume it replaced.
+func (b *Backend) previousVolumeDir(instance string) string {
+	return b.volumeDir(instance) + ".previous"
+}
 func (b *Backend) configPath(instance string) string {
 	return filepath.Join(b.rootDir(instance), "etc", "fm-agent.json")
 }
@@ -88,14 +95,31 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 		req.Progress("adopt", fmt.Sprintf("the machine of this request runs (agent pid %d)", pid))
 		return b.state(inst, req.Spec, pid), nil
 	}
+	vol := b.volumeDir(inst)
+	staging := vol + ".restore"
+	// A redelivered restore whose volume is already in place keeps it.
+	restore := req.FromSnapshot != nil && !b.restoredBy(inst, req.ID)
+	if snap := req.FromSnapshot; restore {
+		// The snapshot is checked in full before anything is replaced.
+		_ = os.RemoveAll(staging)
+		if err := b.restoreArchive(ctx, *snap, staging); err != nil {
+			_ = os.RemoveAll(staging)
+			return cur, provisioner.Untouched(err)
+		}
+		req.Progress("verify-snapshot", fmt.Sprintf("the archive of snapshot %s matches its SHA-256 %s", snap.ID, snap.SHA256))
+	}
 	if n := b.stopMachine(ctx, inst); n > 0 {
 		req.Progress("end-old-machine", fmt.Sprintf("the previous machine was stopped (%d processes)", n))
 	}
 	if err := os.RemoveAll(b.rootDir(inst)); err != nil {
 		return cur, fmt.Errorf("remove the old OS disk: %w", err)
 	}
-	vol := b.volumeDir(inst)
-	if _, err := os.Stat(vol); errors.Is(err, os.ErrNotExist) {
+	if snap := req.FromSnapshot; restore {
+		if err := b.swapVolume(inst, staging, req.ID); err != nil {
+			return cur, err
+		}
+		req.Progress("data-volume", fmt.Sprintf("data volume made from snapshot %s; the previous one is kept at %s", snap.ID, b.previousVolumeDir(inst)))
+	} else if _, err := os.Stat(vol); errors.Is(err, os.ErrNotExist) {
 		if err := os.MkdirAll(vol, 0o700); err != nil {
 			return cur, err
 		}
@@ -118,6 +142,32 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	}
 	req.Progress("boot", fmt.Sprintf("machine up: agent pid %d", pid))
 	return b.state(inst, req.Spec, pid), nil
+}
+
+// swapVolume puts a restored volume in place, keeping the current one
+// aside (replacing what an earlier restore kept). After a crash half-way,
+// when the current one is already aside, it only finishes the move.
+func (b *Backend) swapVolume(inst, restored, requestID string) error {
+	vol, prev := b.volumeDir(inst), b.previousVolumeDir(inst)
+	if _, err := os.Stat(vol); err == nil {
+		if err := os.RemoveAll(prev); err != nil {
+			return fmt.Errorf("remove the volume an earlier restore kept: %w", err)
+		}
+		if err := os.Rename(vol, prev); err != nil {
+			return fmt.Errorf("keep the current volume aside: %w", err)
+		}
+	}
+	if err := os.Rename(restored, vol); err != nil {
+		return fmt.Errorf("put the restored volume in place: %w", err)
+	}
+	return os.WriteFile(vol+".restored-by", []byte(requestID), 0o600)
+}
+
+// restoredBy reports whether the volume in place is the one the request
+// restored.
+func (b *Backend) restoredBy(inst, requestID string) bool {
+	by, err := os.ReadFile(b.volumeDir(inst) + ".restored-by")
+	return err == nil && string(by) == requestID
 }
 
 // Start implements provisioner.Backend.
@@ -172,8 +222,11 @@ func (b *Backend) Delete(ctx context.Context, req provisioner.Request, cur proto
 	if req.KeepVolume {
 		req.Progress("data-volume", "data volume kept at "+b.volumeDir(req.Instance))
 	} else {
-		if err := os.RemoveAll(b.volumeDir(req.Instance)); err != nil {
-			return next, fmt.Errorf("remove the data volume: %w", err)
+		for _, dir := range []string{b.volumeDir(req.Instance), b.previousVolumeDir(req.Instance),
+			b.volumeDir(req.Instance) + ".restore", b.volumeDir(req.Instance) + ".restored-by"} {
+			if err := os.RemoveAll(dir); err != nil {
+				return next, fmt.Errorf("remove the data volume: %w", err)
+			}
 		}
 		req.Progress("data-volume", "data volume deleted")
 		next.VolumeID = ""
@@ -198,6 +251,9 @@ func (b *Backend) state(inst string, spec *protocol.MachineSpec, pid int) protoc
 	}
 	if spec != nil {
 		st.VolumeSizeGB = spec.DataVolume.SizeGB
+	}
+	if _, err := os.Stat(b.previousVolumeDir(inst)); err == nil {
+		st.Details["previousVolume"] = b.previousVolumeDir(inst)
 	}
 	return st
 }

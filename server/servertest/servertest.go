@@ -118,6 +118,14 @@ func (e *Env) Stop() {
 	e.cancel = nil
 }
 
+// RestartServer stops the server and starts a new one on the same bus, as
+// a restart of `fm server` alone would.
+func (e *Env) RestartServer(t testing.TB) {
+	t.Helper()
+	e.Stop()
+	e.start(t)
+}
+
 // Restart stops the server and the bus, starts the bus again on the same
 // store and a new server on it, as a restart of `fm dev` would.
 func (e *Env) Restart(t testing.TB) {

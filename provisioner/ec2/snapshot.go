@@ -1,0 +1,184 @@
+package ec2
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/ec2"
+	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/provisioner"
+)
+
+// TagSnapshot carries FM's snapshot id on an EBS snapshot, which is how a
+// retry after a crash finds the one it made.
+const TagSnapshot = "fm:snapshot"
+
+// rolePreviousData marks a data volume a restore replaced: kept, no longer
+// the instance's, deleted with the instance.
+const rolePreviousData = "previous-data"
+
+// snapshotTimeout bounds the wait for an EBS snapshot to complete: large
+// volumes take long the first time (later ones are incremental).
+const snapshotTimeout = 2 * time.Hour
+
+// Snapshot implements provisioner.Backend: an EBS snapshot of the data
+// volume, tagged with FM's tags, complete before it is reported (the volume
+// keeps serving meanwhile).
+func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur protocol.MachineState, snap protocol.SnapshotRef) (protocol.SnapshotRef, error) {
+	c, region, err := b.clientsFor(ctx, req, cur)
+	if err != nil {
+		return snap, err
+	}
+	found, err := findSnapshot(ctx, c, snap.ID)
+	if err != nil {
+		return snap, err
+	}
+	id := ""
+	if found != nil {
+		id = aws.ToString(found.SnapshotId)
+		req.Progress("snapshot", fmt.Sprintf("EBS snapshot %s of this request exists", id))
+	} else {
+		out, err := c.ec2.CreateSnapshot(ctx, &ec2.CreateSnapshotInput{
+			VolumeId:    aws.String(cur.VolumeID),
+			Description: aws.String(fmt.Sprintf("FM snapshot %s of instance %s", snap.ID, req.Instance)),
+			TagSpecifications: tagSpec(types.ResourceTypeSnapshot, []types.Tag{
+				{Key: aws.String("Name"), Value: aws.String(req.Instance + " " + snap.ID)},
+				{Key: aws.String(TagInstance), Value: aws.String(req.Instance)},
+				{Key: aws.String(TagSnapshot), Value: aws.String(snap.ID)},
+				{Key: aws.String(TagRequest), Value: aws.String(req.ID)},
+			}),
+		})
+		if err != nil {
+			return snap, cloudError("snapshot the data volume", err)
+		}
+		id = aws.ToString(out.SnapshotId)
+		req.Progress("snapshot", fmt.Sprintf("EBS snapshot %s of volume %s started", id, cur.VolumeID))
+	}
+	var size int32
+	err = b.waitWithin(ctx, req, "snapshot", "snapshot "+id, snapshotTimeout, func() (bool, string, error) {
+		s, err := describeSnapshot(ctx, c, id)
+		if err != nil {
+			return false, "", err
+		}
+		if s == nil {
+			return false, "", protocol.Errorf(protocol.CodeNotFound, "EBS snapshot %s disappeared", id)
+		}
+		if s.State == types.SnapshotStateError {
+			return false, "", protocol.Errorf(protocol.CodeUnavailable, "EBS snapshot %s failed: %s", id, aws.ToString(s.StateMessage))
+		}
+		size = aws.ToInt32(s.VolumeSize)
+		return s.State == types.SnapshotStateCompleted, string(s.State), nil
+	})
+	if err != nil {
+		return snap, err
+	}
+	return protocol.SnapshotRef{ID: snap.ID, Store: "ebs", Ref: id, Region: region, VolumeSizeGB: int(size)}, nil
+}
+
+// DeleteSnapshot implements provisioner.Backend. A snapshot never reported
+// (its Ref is empty) is looked up by its tag, in case one was made.
+func (b *Backend) DeleteSnapshot(ctx context.Context, req provisioner.Request, snap protocol.SnapshotRef) error {
+	if snap.Store != "" && snap.Store != "ebs" {
+		return protocol.Errorf(protocol.CodeFailedPrecondition, "snapshot %s is kept in %q, not in EBS", snap.ID, snap.Store)
+	}
+	region := snap.Region
+	if region == "" {
+		region = b.cfg.Region
+	}
+	c, _, err := b.connectTo(ctx, region, req.Cloud)
+	if err != nil {
+		return err
+	}
+	ids := []string{}
+	if snap.Ref != "" {
+		ids = append(ids, snap.Ref)
+	} else if s, err := findSnapshot(ctx, c, snap.ID); err != nil {
+		return err
+	} else if s != nil {
+		ids = append(ids, aws.ToString(s.SnapshotId))
+	}
+	for _, id := range ids {
+		if _, err := c.ec2.DeleteSnapshot(ctx, &ec2.DeleteSnapshotInput{SnapshotId: aws.String(id)}); err != nil && !isNotFound(err) {
+			return cloudError("delete EBS snapshot "+id, err)
+		}
+		req.Progress("delete-snapshot", "EBS snapshot "+id+" deleted")
+	}
+	return nil
+}
+
+// checkSnapshot is a restore's check before anything changes: the EBS
+// snapshot exists and is complete.
+func checkSnapshot(ctx context.Context, c clients, snap protocol.SnapshotRef) (*types.Snapshot, error) {
+	if snap.Store != "ebs" || snap.Ref == "" {
+		return nil, protocol.Errorf(protocol.CodeFailedPrecondition, "snapshot %s is not an EBS snapshot (%q)", snap.ID, snap.Store)
+	}
+	s, err := describeSnapshot(ctx, c, snap.Ref)
+	if err != nil {
+		return nil, err
+	}
+	if s == nil {
+		return nil, protocol.Errorf(protocol.CodeDataLoss, "EBS snapshot %s of FM snapshot %s no longer exists", snap.Ref, snap.ID)
+	}
+	if s.State != types.SnapshotStateCompleted {
+		return nil, protocol.Errorf(protocol.CodeFailedPrecondition, "EBS snapshot %s is %s, not completed", snap.Ref, s.State)
+	}
+	return s, nil
+}
+
+func findSnapshot(ctx context.Context, c clients, fmID string) (*types.Snapshot, error) {
+	out, err := c.ec2.DescribeSnapshots(ctx, &ec2.DescribeSnapshotsInput{OwnerIds: []string{"self"},
+		Filters: []types.Filter{tagFilter(TagSnapshot, fmID)}})
+	if err != nil {
+		return nil, cloudError("look up the snapshot", err)
+	}
+	for i, s := range out.Snapshots {
+		if s.State != types.SnapshotStateError {
+			return &out.Snapshots[i], nil
+		}
+	}
+	return nil, nil
+}
+
+func describeSnapshot(ctx context.Context, c clients, id string) (*types.Snapshot, error) {
+	out, err := c.ec2.DescribeSnapshots(ctx, &ec2.DescribeSnapshotsInput{SnapshotIds: []string{id}})
+	if isNotFound(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, cloudError("look at snapshot "+id, err)
+	}
+	if len(out.Snapshots) == 0 {
+		return nil, nil
+	}
+	return &out.Snapshots[0], nil
+}
+
+// restoredVolume is the data volume of a restore: the one this request
+// made from the snapshot (found again after a crash), or a new one. The
+// instance's other data volumes are kept aside, tagged previous-data.
+func (b *Backend) restoredVolume(ctx context.Context, c clients, req provisioner.Request, az string, snap *types.Snapshot) (*types.Volume, error) {
+	vols, err := b.findVolumes(ctx, c, req.Instance)
+	if err != nil {
+		return nil, err
+	}
+	var restored *types.Volume
+	for i, v := range vols {
+		if tagValue(v.Tags, TagRequest) == req.ID {
+			restored = &vols[i]
+			continue
+		}
+		id := aws.ToString(v.VolumeId)
+		if _, err := c.ec2.CreateTags(ctx, &ec2.CreateTagsInput{Resources: []string{id},
+			Tags: []types.Tag{{Key: aws.String(TagRole), Value: aws.String(rolePreviousData)}}}); err != nil {
+			return nil, cloudError("keep the current data volume aside", err)
+		}
+		req.Progress("data-volume", fmt.Sprintf("the current data volume %s is kept aside (tag %s=%s)", id, TagRole, rolePreviousData))
+	}
+	if restored != nil {
+		return restored, nil
+	}
+	return b.createVolume(ctx, c, req, az, snap)
+}

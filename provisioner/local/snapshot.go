@@ -1,0 +1,306 @@
+package local
+
+import (
+	"archive/tar"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/fleetmanager/fm/cmdline"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/provisioner"
+	"github.com/fleetmanager/fm/provisioner/archive"
+)
+
+// Archives is the snapshot store: where archives of data volumes are kept.
+type Archives interface {
+	// Name is the store's name in snapshot records ("object-store", "s3").
+	Name() string
+	Put(ctx context.Context, name string, r io.ReadSeeker) error
+	// Open fails with an error wrapping archive.ErrNotFound for a missing
+	// archive.
+	Open(ctx context.Context, name string) (io.ReadCloser, error)
+	Delete(ctx context.Context, name string) error
+}
+
+var (
+	_ Archives = (*archive.ObjectStore)(nil)
+	_ Archives = (*archive.S3)(nil)
+)
+
+// Snapshot implements provisioner.Backend. The machine's processes (agent
+// and DSS) are paused with SIGSTOP only while the volume folder is copied
+// aside, which gives a crash-consistent point in time as an EBS snapshot
+// does; the archive is then made from the copy while they run on.
+func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur protocol.MachineState, snap protocol.SnapshotRef) (protocol.SnapshotRef, error) {
+	if b.cfg.Archives == nil {
+		return snap, protocol.Errorf(protocol.CodeUnimplemented, "this provisioner has no snapshot store")
+	}
+	inst := req.Instance
+	vol := b.volumeDir(inst)
+	if _, err := os.Stat(vol); err != nil {
+		return snap, protocol.Errorf(protocol.CodeFailedPrecondition, "instance %s has no data volume to snapshot", inst)
+	}
+	work := filepath.Join(b.cfg.Dir, "snapshots", snap.ID)
+	if err := os.RemoveAll(work); err != nil {
+		return snap, err
+	}
+	defer os.RemoveAll(work)
+	paused, took, err := b.pausedCopy(inst, vol, filepath.Join(work, "volume"))
+	if err != nil {
+		return snap, fmt.Errorf("copy the data volume: %w", err)
+	}
+	req.Progress("freeze", fmt.Sprintf("data volume copied with %d processes paused for %s", paused, took.Round(time.Millisecond)))
+	f, err := os.Create(filepath.Join(work, "volume.tar.gz"))
+	if err != nil {
+		return snap, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if err := writeArchive(filepath.Join(work, "volume"), io.MultiWriter(f, h)); err != nil {
+		return snap, fmt.Errorf("archive the data volume: %w", err)
+	}
+	size, err := f.Seek(0, io.SeekCurrent)
+	if err != nil {
+		return snap, err
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return snap, err
+	}
+	name := inst + "/" + snap.ID + ".tar.gz"
+	if err := b.cfg.Archives.Put(ctx, name, f); err != nil {
+		return snap, protocol.Errorf(protocol.CodeUnavailable, "the snapshot store did not take the archive: %v", err)
+	}
+	ref := protocol.SnapshotRef{ID: snap.ID, Store: b.cfg.Archives.Name(), Ref: name, SHA256: hex.EncodeToString(h.Sum(nil)),
+		SizeBytes: size, VolumeSizeGB: cur.VolumeSizeGB}
+	req.Progress("archive", fmt.Sprintf("%s: %d bytes in %s, sha256 %s", snap.ID, size, ref.Store, ref.SHA256))
+	return ref, nil
+}
+
+// DeleteSnapshot implements provisioner.Backend.
+func (b *Backend) DeleteSnapshot(ctx context.Context, req provisioner.Request, snap protocol.SnapshotRef) error {
+	if snap.Ref == "" {
+		return nil // never taken
+	}
+	if b.cfg.Archives == nil || snap.Store != b.cfg.Archives.Name() {
+		return protocol.Errorf(protocol.CodeFailedPrecondition, "snapshot %s is kept in %q, which this provisioner does not use", snap.ID, snap.Store)
+	}
+	if err := b.cfg.Archives.Delete(ctx, snap.Ref); err != nil {
+		return protocol.Errorf(protocol.CodeUnavailable, "%v", err)
+	}
+	req.Progress("delete-archive", snap.Ref+" deleted")
+	return nil
+}
+
+// pausedCopy copies the volume folder to dst with the machine's processes
+// stopped, and says how many it paused and for how long.
+func (b *Backend) pausedCopy(inst, vol, dst string) (int, time.Duration, error) {
+	pids := append(cmdline.Find(b.configPath(inst), "agent"), cmdline.Find(b.dssDir(inst))...)
+	start := time.Now()
+	var stopped []int
+	for _, pid := range pids {
+		if syscall.Kill(pid, syscall.SIGSTOP) == nil {
+			stopped = append(stopped, pid)
+		}
+	}
+	defer func() {
+		for _, pid := range stopped {
+			_ = syscall.Kill(pid, syscall.SIGCONT)
+		}
+	}()
+	err := copyTree(vol, dst)
+	return len(stopped), time.Since(start), err
+}
+
+// copyTree copies a folder: directories, regular files and symbolic links,
+// with their modes and modification times.
+func copyTree(src, dst string) error {
+	return filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(src, path)
+		to := filepath.Join(dst, rel)
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		switch {
+		case d.IsDir():
+			return os.MkdirAll(to, info.Mode().Perm()|0o700)
+		case d.Type()&fs.ModeSymlink != 0:
+			target, err := os.Readlink(path)
+			if err != nil {
+				return err
+			}
+			return os.Symlink(target, to)
+		case d.Type().IsRegular():
+			if err := copyFile(path, to, info.Mode().Perm()); err != nil {
+				return err
+			}
+			return os.Chtimes(to, info.ModTime(), info.ModTime())
+		}
+		return nil // sockets, pipes: not data
+	})
+}
+
+func copyFile(src, dst string, mode fs.FileMode) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// writeArchive writes a folder as a gzipped tar.
+func writeArchive(dir string, w io.Writer) error {
+	zw := gzip.NewWriter(w)
+	tw := tar.NewWriter(zw)
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || path == dir {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		link := ""
+		if d.Type()&fs.ModeSymlink != 0 {
+			if link, err = os.Readlink(path); err != nil {
+				return err
+			}
+		}
+		hdr, err := tar.FileInfoHeader(info, link)
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, path)
+		hdr.Name = filepath.ToSlash(rel)
+		if d.IsDir() {
+			hdr.Name += "/"
+		}
+		if err := tw.WriteHeader(hdr); err != nil {
+			return err
+		}
+		if !d.Type().IsRegular() {
+			return nil
+		}
+		f, err := os.Open(path)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		_, err = io.Copy(tw, f)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if err := tw.Close(); err != nil {
+		return err
+	}
+	return zw.Close()
+}
+
+// restoreArchive extracts a snapshot's archive into dst, checking its
+// SHA-256 against the one recorded when it was taken. Any failure is a
+// DataLoss error: the archive is missing, corrupted or not an archive.
+func (b *Backend) restoreArchive(ctx context.Context, snap protocol.SnapshotRef, dst string) error {
+	if b.cfg.Archives == nil || snap.Store != b.cfg.Archives.Name() {
+		return protocol.Errorf(protocol.CodeFailedPrecondition, "snapshot %s is kept in %q, which this provisioner does not use", snap.ID, snap.Store)
+	}
+	if snap.SHA256 == "" {
+		return protocol.Errorf(protocol.CodeDataLoss, "snapshot %s has no recorded digest to check its archive against", snap.ID)
+	}
+	rc, err := b.cfg.Archives.Open(ctx, snap.Ref)
+	if errors.Is(err, archive.ErrNotFound) {
+		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s is missing from the snapshot store (%v)", snap.ID, err)
+	}
+	if err != nil {
+		return protocol.Errorf(protocol.CodeUnavailable, "the archive of snapshot %s could not be read: %v", snap.ID, err)
+	}
+	defer rc.Close()
+	h := sha256.New()
+	body := io.TeeReader(rc, h)
+	exErr := extract(body, dst)
+	// The digest covers every byte, also what follows the end of the tar.
+	_, _ = io.Copy(io.Discard, body)
+	if got := hex.EncodeToString(h.Sum(nil)); got != snap.SHA256 {
+		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s is corrupted: its SHA-256 is %s, %s was recorded when it was taken",
+			snap.ID, got, snap.SHA256)
+	}
+	if exErr != nil {
+		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s could not be extracted: %v", snap.ID, exErr)
+	}
+	return nil
+}
+
+// extract writes a gzipped tar into dst, refusing entries that would land
+// outside it.
+func extract(r io.Reader, dst string) error {
+	zr, err := gzip.NewReader(r)
+	if err != nil {
+		return err
+	}
+	tr := tar.NewReader(zr)
+	if err := os.MkdirAll(dst, 0o700); err != nil {
+		return err
+	}
+	for {
+		hdr, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		name := filepath.Clean(filepath.FromSlash(hdr.Name))
+		if filepath.IsAbs(name) || name == ".." || strings.HasPrefix(name, ".."+string(filepath.Separator)) {
+			return fmt.Errorf("entry %q is outside the volume", hdr.Name)
+		}
+		to := filepath.Join(dst, name)
+		mode := fs.FileMode(hdr.Mode).Perm()
+		switch hdr.Typeflag {
+		case tar.TypeDir:
+			if err := os.MkdirAll(to, mode|0o700); err != nil {
+				return err
+			}
+		case tar.TypeSymlink:
+			if err := os.Symlink(hdr.Linkname, to); err != nil {
+				return err
+			}
+		case tar.TypeReg:
+			f, err := os.OpenFile(to, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
+			if err != nil {
+				return err
+			}
+			if _, err := io.Copy(f, tr); err != nil {
+				f.Close()
+				return err
+			}
+			if err := f.Close(); err != nil {
+				return err
+			}
+			_ = os.Chtimes(to, hdr.ModTime, hdr.ModTime)
+		}
+	}
+}

@@ -1,0 +1,154 @@
+package local
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/provisioner"
+	"github.com/fleetmanager/fm/provisioner/archive"
+	"github.com/rs/zerolog"
+)
+
+// TestSnapshotAndRestore takes a snapshot of a volume, changes the volume,
+// restores it byte for byte, and refuses a corrupted or missing archive
+// without touching the volume.
+func TestSnapshotAndRestore(t *testing.T) {
+	srv := bustest.Run(t)
+	ctx := context.Background()
+	store, err := archive.NewObjectStore(ctx, srv.JetStream(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	b, err := New(Config{Dir: dir, AgentBinary: binary(t), NATSURL: srv.URL(), Archives: store, Logger: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.stopMachine(ctx, "in-local1") })
+	var steps []string
+	st, err := b.Reprovision(ctx, request("op-1-reprovision", protocol.ProvisionReprovision, &steps), protocol.MachineState{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.RequestID = "op-1-reprovision"
+	vol := b.volumeDir("in-local1")
+	write := func(name, content string) {
+		t.Helper()
+		p := filepath.Join(vol, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(content), 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+	read := func(name string) string {
+		b, _ := os.ReadFile(filepath.Join(vol, name))
+		return string(b)
+	}
+	write("dataiku/dss_data/config/users.json", "v1 users")
+	write("dataiku/dss_data/projects/P1/params.json", "v1 project")
+	if err := os.Symlink("projects/P1", filepath.Join(vol, "dataiku/dss_data/current")); err != nil {
+		t.Fatal(err)
+	}
+
+	snapReq := request("op-2-snapshot", protocol.ProvisionSnapshot, &steps)
+	ref, err := b.Snapshot(ctx, snapReq, st, protocol.SnapshotRef{ID: "snap-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ref.Store != "object-store" || ref.Ref != "in-local1/snap-1.tar.gz" || len(ref.SHA256) != 64 || ref.SizeBytes == 0 {
+		t.Fatalf("snapshot %+v", ref)
+	}
+	if !strings.Contains(strings.Join(steps, "|"), "processes paused") {
+		t.Fatalf("steps %v", steps)
+	}
+
+	write("dataiku/dss_data/config/users.json", "v2 users")
+	write("dataiku/dss_data/projects/P2/params.json", "new project")
+	restore := func(id string, snap protocol.SnapshotRef) (protocol.MachineState, error) {
+		req := request(id, protocol.ProvisionReprovision, &steps)
+		req.FromSnapshot = &snap
+		return b.Reprovision(ctx, req, st)
+	}
+
+	tests := []struct {
+		name string
+		snap func() protocol.SnapshotRef
+		code protocol.Code
+	}{
+		{"wrong digest", func() protocol.SnapshotRef { r := ref; r.SHA256 = strings.Repeat("0", 64); return r }, protocol.CodeDataLoss},
+		{"missing archive", func() protocol.SnapshotRef { r := ref; r.Ref = "in-local1/nope.tar.gz"; return r }, protocol.CodeDataLoss},
+		{"another store", func() protocol.SnapshotRef { r := ref; r.Store = "s3"; return r }, protocol.CodeFailedPrecondition},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := restore("op-bad-reprovision", tc.snap())
+			var pe *protocol.Error
+			if !provisioner.IsUntouched(err) || !errors.As(err, &pe) || pe.Code != tc.code {
+				t.Fatalf("restore: %v", err)
+			}
+			if read("dataiku/dss_data/config/users.json") != "v2 users" || len(b.agentPIDs()) != 1 {
+				t.Fatal("a refused restore changed the instance")
+			}
+		})
+	}
+
+	st, err = restore("op-3-reprovision", ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if read("dataiku/dss_data/config/users.json") != "v1 users" || read("dataiku/dss_data/projects/P1/params.json") != "v1 project" {
+		t.Fatal("the restored volume is not the snapshot's")
+	}
+	if _, err := os.Stat(filepath.Join(vol, "dataiku/dss_data/projects/P2")); !os.IsNotExist(err) {
+		t.Fatal("a file made after the snapshot survived the restore")
+	}
+	if target, _ := os.Readlink(filepath.Join(vol, "dataiku/dss_data/current")); target != "projects/P1" {
+		t.Fatalf("symlink restored as %q", target)
+	}
+	if info, _ := os.Stat(filepath.Join(vol, "dataiku/dss_data/config/users.json")); info.Mode().Perm() != 0o640 {
+		t.Fatalf("mode %v", info.Mode())
+	}
+	prev := b.previousVolumeDir("in-local1")
+	if got, _ := os.ReadFile(filepath.Join(prev, "dataiku/dss_data/config/users.json")); string(got) != "v2 users" || st.Details["previousVolume"] != prev {
+		t.Fatalf("the replaced volume was not kept aside: %q %+v", got, st.Details)
+	}
+	// A redelivery of the restore keeps the restored volume and the one aside.
+	st.RequestID = "op-3-reprovision"
+	b.stopMachine(ctx, "in-local1")
+	if _, err := restore("op-3-reprovision", ref); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(prev, "dataiku/dss_data/config/users.json")); string(got) != "v2 users" || read("dataiku/dss_data/config/users.json") != "v1 users" {
+		t.Fatal("a redelivered restore lost a volume")
+	}
+
+	// A corrupted archive in the store is refused.
+	if err := store.Put(ctx, ref.Ref, strings.NewReader("not the archive")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := restore("op-4-reprovision", ref); !provisioner.IsUntouched(err) || !strings.Contains(err.Error(), "corrupted") {
+		t.Fatalf("corrupted archive: %v", err)
+	}
+	if err := b.DeleteSnapshot(ctx, snapReq, ref); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.Open(ctx, ref.Ref); err == nil {
+		t.Fatal("the archive survived its deletion")
+	}
+}
+
+func (b *Backend) agentPIDs() []int {
+	pid, ok := b.agentPID("in-local1")
+	if !ok {
+		return nil
+	}
+	return []int{pid}
+}

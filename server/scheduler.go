@@ -1,0 +1,140 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/protocol"
+)
+
+// schedulerLease is the fm_leases key the snapshot scheduler holds: one
+// server of the fleet schedules at a time.
+const schedulerLease = "snapshot-scheduler"
+
+// runSnapshotScheduler takes automated snapshots and applies their
+// retention while this server holds the scheduler's lease, until ctx ends.
+// It keeps no state of its own: what is due is read from the snapshot
+// records, so that a restart, or another server taking over, neither skips
+// a snapshot nor takes one twice (a due snapshot's id derives from its due
+// time, and a record is created only once).
+func (s *Server) runSnapshotScheduler(ctx context.Context) {
+	host, _ := os.Hostname()
+	holder := fmt.Sprintf("%s-%d-%s", host, os.Getpid(), newID("srv"))
+	for ctx.Err() == nil {
+		if err := s.scheduleWhileLeased(ctx, holder); err != nil && ctx.Err() == nil {
+			s.log.Warn().Err(err).Msg("snapshot scheduler paused; retrying")
+			select {
+			case <-ctx.Done():
+			case <-time.After(2 * time.Second):
+			}
+		}
+	}
+}
+
+func (s *Server) scheduleWhileLeased(ctx context.Context, holder string) error {
+	kv, err := s.js.KeyValue(ctx, protocol.BucketLeases)
+	if err != nil {
+		return fmt.Errorf("lease bucket: %w", err)
+	}
+	l := &bus.Lease{KV: kv, Key: schedulerLease, Holder: holder, TTL: s.cfg.Topology.LeaseTTL}
+	if err := l.Acquire(ctx); err != nil {
+		return err
+	}
+	defer l.Release()
+	s.log.Info().Str("holder", holder).Msg("holding the snapshot scheduler lease")
+	work, stop := context.WithCancel(ctx)
+	defer stop()
+	lost := make(chan error, 1)
+	go func() { lost <- l.Keep(work) }()
+	tick := time.NewTicker(s.cfg.SchedulerInterval)
+	defer tick.Stop()
+	for {
+		s.scheduleSnapshots(work, time.Now())
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-lost:
+			return err
+		case <-tick.C:
+		}
+	}
+}
+
+// scheduleSnapshots does, for every instance with automated snapshots, the
+// one thing due first: wait for a snapshot under way, delete the oldest
+// automated one past the retention, or take one when the period has passed
+// since the last.
+func (s *Server) scheduleSnapshots(ctx context.Context, now time.Time) {
+	for _, in := range s.st.instances.list() {
+		if !in.EnableAutomatedSnapshot || in.AutomatedSnapshotPeriod == nil {
+			continue
+		}
+		if lc, _, _ := s.st.lifecycle.get(in.ID); lc.State != stateRunning {
+			continue // a volume that does not change needs no new snapshot
+		}
+		var auto []api.Snapshot
+		busy := false
+		for _, sn := range s.snapshotsOf(in.ID) {
+			if !sn.Automated {
+				continue
+			}
+			auto = append(auto, sn)
+			busy = busy || sn.State == api.SnapshotCreating || sn.State == api.SnapshotDeleting
+		}
+		if busy {
+			continue
+		}
+		if keep := derefInt(in.AutomatedSnapshotRetention); keep > 0 && len(auto) > keep {
+			s.expireSnapshot(ctx, auto[0])
+			continue
+		}
+		period := time.Duration(*in.AutomatedSnapshotPeriod) * s.cfg.SnapshotHour
+		due := now
+		if len(auto) > 0 {
+			due = auto[len(auto)-1].CreatedAt.Add(period)
+		}
+		if now.Before(due) {
+			continue
+		}
+		id := "snap-" + in.ID + "-" + strconv.FormatInt(due.UnixMilli(), 36)
+		_, err := s.startSnapshot(ctx, in.ID, id, "automated", true)
+		switch {
+		case errors.Is(err, errExists):
+			// Taken already, by this scheduler before a restart or another.
+		case err != nil:
+			s.log.Warn().Err(err).Str("instance", in.ID).Msg("automated snapshot not started")
+		}
+	}
+}
+
+// expireSnapshot deletes an automated snapshot past the retention.
+func (s *Server) expireSnapshot(ctx context.Context, sn api.Snapshot) {
+	cur, rev, ok := s.st.snapshots.get(sn.ID)
+	if !ok {
+		return
+	}
+	if _, err := s.startSnapshotDelete(ctx, cur, rev); err != nil {
+		s.log.Warn().Err(err).Str("snapshot", sn.ID).Msg("expired automated snapshot not deleted")
+		return
+	}
+	s.log.Info().Str("instance", sn.InstanceID).Str("snapshot", sn.ID).Msg("automated snapshot past the retention deleted")
+}
+
+func derefInt(p *int) int {
+	if p == nil {
+		return 0
+	}
+	return *p
+}
+
+// sortedByCreation sorts snapshots oldest first.
+func sortedByCreation(list []api.Snapshot) {
+	sort.Slice(list, func(i, j int) bool { return list[i].CreatedAt.Before(list[j].CreatedAt) })
+}

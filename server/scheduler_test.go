@@ -1,0 +1,190 @@
+package server_test
+
+import (
+	"context"
+	"encoding/json"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/server"
+	"github.com/fleetmanager/fm/server/servertest"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// fakeProvisioner answers snapshot requests as a provisioner whose snapshots
+// always succeed, and records them.
+type fakeProvisioner struct {
+	mu      sync.Mutex
+	taken   []string
+	at      []time.Time // when each was asked for
+	deleted []string
+}
+
+func runFakeProvisioner(t *testing.T, bus *bustest.Server) *fakeProvisioner {
+	t.Helper()
+	js := bus.JetStream(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	cons, err := js.CreateOrUpdateConsumer(ctx, protocol.StreamProvision, jetstream.ConsumerConfig{
+		Durable: "fake", AckPolicy: jetstream.AckExplicitPolicy, FilterSubject: protocol.SubjectAllProvision})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fakeProvisioner{}
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		var req protocol.ProvisionRequest
+		if protocol.Decode(m.Data(), &req) != nil || req.Snapshot == nil {
+			_ = m.Ack()
+			return
+		}
+		ref := *req.Snapshot
+		f.mu.Lock()
+		if req.Action == protocol.ProvisionSnapshot {
+			f.taken, f.at = append(f.taken, ref.ID), append(f.at, time.Now())
+			ref.Store, ref.Ref, ref.SHA256 = "fake", "fake/"+ref.ID, "00"
+		} else {
+			f.deleted = append(f.deleted, ref.ID)
+		}
+		f.mu.Unlock()
+		e := protocol.Event{ID: req.ID + "-done", Instance: req.Instance, Kind: protocol.EventSnapshot, Time: time.Now().UTC(),
+			Source: "provisioner", OpID: req.OpID, Step: string(req.Action), Status: protocol.StatusOK, Snapshot: &ref}
+		data, _ := protocol.Encode(&e)
+		_, _ = js.Publish(ctx, protocol.EventSubject(req.Instance, e.Kind), data)
+		_ = m.Ack()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cc.Stop)
+	return f
+}
+
+func (f *fakeProvisioner) counts() (taken, deleted int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.taken), len(f.deleted)
+}
+
+// runningWithVolume records an instance as running on a machine with a data
+// volume, as the provisioner and the folding would have.
+func runningWithVolume(t *testing.T, bus *bustest.Server, id string) {
+	t.Helper()
+	js := bus.JetStream(t)
+	ctx := context.Background()
+	kv, err := js.KeyValue(ctx, protocol.BucketMachines)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := protocol.MachineState{Instance: id, Backend: "fake", Status: protocol.MachineRunning, MachineID: "m-1", VolumeID: "vol-1",
+		VolumeSizeGB: 50, RequestID: "op-0-reprovision"}
+	data, _ := protocol.Encode(&m)
+	if _, err := kv.Put(ctx, id, data); err != nil {
+		t.Fatal(err)
+	}
+	lkv, err := js.KeyValue(ctx, protocol.BucketLifecycle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc, _ := json.Marshal(map[string]any{"state": "running", "generation": 1, "dssVersion": "14.0.0", "imageId": "dss-14.0.0-test",
+		"since": time.Now().UTC(), "updatedAt": time.Now().UTC()})
+	if _, err := lkv.Put(ctx, id, lc); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (f *fm) snapshots(id string) []api.Snapshot {
+	f.t.Helper()
+	var list []api.Snapshot
+	f.ok(f.do("GET", "/instances/"+id+"/snapshots", ""), &list)
+	return list
+}
+
+// TestAutomatedSnapshots runs the scheduler with an hour of two seconds: it
+// takes a snapshot every period, keeps the retention's count of automated
+// ones (never deleting a manual one), and across a restart of the server
+// neither skips a snapshot nor takes one twice.
+func TestAutomatedSnapshots(t *testing.T) {
+	const hour = 2 * time.Second
+	f := start(t, servertest.WithConfig(func(c *server.Config) {
+		c.SnapshotHour, c.SchedulerInterval, c.SweepInterval = hour, 100*time.Millisecond, 200*time.Millisecond
+	}))
+	fake := runFakeProvisioner(t, f.env.Bus)
+	vn, tpl, im := f.fleet()
+	var in api.Instance
+	body := `{"label":"auto","virtualNetworkId":"` + vn.ID + `","instanceSettingsTemplateId":"` + tpl.ID + `","imageId":"` + im.ID +
+		`","dssNodeType":"design","enableAutomatedSnapshot":true,"automatedSnapshotPeriod":1,"automatedSnapshotRetention":2}`
+	f.ok(f.do("POST", "/instances", body), &in)
+	runningWithVolume(t, f.env.Bus, in.ID)
+	var manual api.Snapshot
+	waitFor(t, "a manual snapshot accepted", func() bool {
+		return f.do("POST", "/instances/"+in.ID+"/snapshots?reasonForSnapshot=keep", "").status == 200
+	})
+
+	waitFor(t, "three automated snapshots", func() bool { taken, _ := fake.counts(); return taken >= 4 })
+	before := time.Now()
+	f.env.RestartServer(t)
+	restart := time.Since(before)
+	waitFor(t, "five automated snapshots", func() bool { taken, _ := fake.counts(); return taken >= 6 })
+	waitFor(t, "the retention applied", func() bool {
+		auto := 0
+		for _, sn := range f.snapshots(in.ID) {
+			if sn.Automated && sn.State == api.SnapshotAvailable {
+				auto++
+			}
+		}
+		return auto == 2
+	})
+	list := f.snapshots(in.ID)
+	for _, sn := range list {
+		if !sn.Automated {
+			manual = sn
+		}
+	}
+	if manual.Reason != "keep" || manual.State != api.SnapshotAvailable {
+		t.Fatalf("the manual snapshot is gone or wrong: %+v", list)
+	}
+	// Every automated snapshot ever asked for: none twice, consecutive ones
+	// a period apart (a doubled one would come at once), none skipped (two
+	// periods apart, beyond the restart's own time).
+	fake.mu.Lock()
+	defer fake.mu.Unlock()
+	seen := map[string]bool{}
+	var at []time.Time
+	for i, id := range fake.taken {
+		if id == manual.ID {
+			continue
+		}
+		if seen[id] {
+			t.Fatalf("snapshot %s taken twice: %v", id, fake.taken)
+		}
+		seen[id] = true
+		at = append(at, fake.at[i])
+	}
+	for i := 1; i < len(at); i++ {
+		gap := at[i].Sub(at[i-1])
+		if gap < hour/2 {
+			t.Fatalf("two automated snapshots %s apart: doubled (%v)", gap, at)
+		}
+		if gap > hour+restart+hour/2 {
+			t.Fatalf("%s between two automated snapshots: a period skipped (restart took %s; %v)", gap, restart, at)
+		}
+	}
+	if len(fake.deleted) < 2 {
+		t.Fatalf("the retention deleted %v", fake.deleted)
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("never: %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -1,0 +1,289 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
+)
+
+// Snapshot operations. They need only the instance's data volume, so they
+// do not claim the instance: DSS keeps serving and other actions may run
+// (the provisioner takes one instance's requests in order).
+const (
+	opSnapshot       = "snapshot"
+	opDeleteSnapshot = "delete-snapshot"
+	kindSnapshot     = "snapshot"
+
+	snapshotDeadline = 3 * time.Hour
+)
+
+// lifecycleFree reports whether an operation runs beside the instance's
+// lifecycle rather than claiming it.
+func (op opRecord) lifecycleFree() bool {
+	return op.Kind == opSnapshot || op.Kind == opDeleteSnapshot
+}
+
+// createSnapshot serves POST …/instances/{id}/snapshots?reasonForSnapshot=:
+// it answers the snapshot object (state CREATING, with its futureId), not a
+// future, as Dataiku's does.
+func (s *Server) createSnapshot(r *http.Request) (any, error) {
+	in, ok := s.st.instances.view(r.PathValue("id"))
+	if !ok {
+		return nil, notFound(kindInstance, r.PathValue("id"))
+	}
+	return s.startSnapshot(r.Context(), in.ID, newID("snap"), r.URL.Query().Get("reasonForSnapshot"), false)
+}
+
+// startSnapshot records a snapshot and asks the provisioner to take it. An
+// id already used is refused with errExists (wrapped).
+func (s *Server) startSnapshot(ctx context.Context, instance, id, reason string, automated bool) (api.Snapshot, error) {
+	m, _, _ := s.st.machines.get(instance)
+	if m.VolumeID == "" {
+		return api.Snapshot{}, precondition("instance %s has no data volume yet: provision it first", instance)
+	}
+	lc, _, _ := s.st.lifecycle.get(instance)
+	if lc.State == stateDeleting {
+		return api.Snapshot{}, precondition("instance %s is being deleted", instance)
+	}
+	sn := s.newSnapshot(instance, id, reason, automated, lc, m)
+	op := newRunningOp(ctx, opSnapshot, instance, snapshotDeadline)
+	op.TargetKind, op.TargetID, sn.FutureID = kindSnapshot, sn.ID, op.JobID
+	if err := s.attachRequest(&op, protocol.ProvisionRequest{Action: protocol.ProvisionSnapshot,
+		Snapshot: &protocol.SnapshotRef{ID: sn.ID}}); err != nil {
+		return api.Snapshot{}, err
+	}
+	if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
+		return api.Snapshot{}, unavailable(err, "the operation could not be recorded")
+	}
+	if _, err := s.st.snapshots.create(ctx, sn.ID, sn); err != nil {
+		_ = s.st.ops.kv.Purge(ctx, op.JobID)
+		if errors.Is(err, errExists) {
+			return api.Snapshot{}, fmt.Errorf("snapshot %s: %w", sn.ID, err)
+		}
+		return api.Snapshot{}, unavailable(err, "the snapshot could not be recorded")
+	}
+	s.log.Info().Str("instance", instance).Str("snapshot", sn.ID).Str("op", op.JobID).Bool("automated", automated).Msg("snapshot started")
+	s.publishOp(ctx, op)
+	return sn, nil
+}
+
+func (s *Server) newSnapshot(instance, id, reason string, automated bool, lc lifecycle, m protocol.MachineState) api.Snapshot {
+	return api.Snapshot{ID: id, InstanceID: instance, Reason: reason, Automated: automated, State: api.SnapshotCreating,
+		DSSVersion: lc.DSSVersion, ImageID: lc.ImageID, VolumeSizeGB: m.VolumeSizeGB, CreatedAt: time.Now().UTC()}
+}
+
+// listInstanceSnapshots serves GET …/instances/{id}/snapshots, oldest
+// first. The snapshots of a deleted instance are kept, and listed.
+func (s *Server) listInstanceSnapshots(r *http.Request) (any, error) {
+	id := r.PathValue("id")
+	list := s.snapshotsOf(id)
+	if _, _, ok := s.st.instances.get(id); !ok && len(list) == 0 {
+		return nil, notFound(kindInstance, id)
+	}
+	return list, nil
+}
+
+func (s *Server) snapshotsOf(instance string) []api.Snapshot {
+	list := s.st.snapshots.filter(func(sn api.Snapshot) bool { return sn.InstanceID == instance })
+	sortedByCreation(list)
+	return list
+}
+
+// snapshotOf finds a snapshot of an instance.
+func (s *Server) snapshotOf(r *http.Request) (api.Snapshot, uint64, error) {
+	sn, rev, ok := s.st.snapshots.get(r.PathValue("snapshotId"))
+	if !ok || sn.InstanceID != r.PathValue("id") {
+		return sn, 0, notFound(kindSnapshot, r.PathValue("snapshotId"))
+	}
+	return sn, rev, nil
+}
+
+func (s *Server) getSnapshot(r *http.Request) (any, error) {
+	sn, _, err := s.snapshotOf(r)
+	return sn, err
+}
+
+// deleteSnapshot serves DELETE …/snapshots/{snapshotId}: a future that ends
+// once the provisioner deleted what the snapshot is kept as.
+func (s *Server) deleteSnapshot(r *http.Request) (any, error) {
+	sn, rev, err := s.snapshotOf(r)
+	if err != nil {
+		return nil, err
+	}
+	return s.startSnapshotDelete(r.Context(), sn, rev)
+}
+
+func (s *Server) startSnapshotDelete(ctx context.Context, sn api.Snapshot, rev uint64) (api.Future, error) {
+	if sn.State == api.SnapshotCreating || sn.State == api.SnapshotDeleting {
+		return api.Future{}, precondition("snapshot %s is %s (operation %s); wait for it to end", sn.ID, sn.State, sn.FutureID)
+	}
+	op := newRunningOp(ctx, opDeleteSnapshot, sn.InstanceID, snapshotDeadline)
+	op.TargetKind, op.TargetID = kindSnapshot, sn.ID
+	if err := s.attachRequest(&op, protocol.ProvisionRequest{Action: protocol.ProvisionDeleteSnapshot,
+		Snapshot: snapshotRef(sn)}); err != nil {
+		return api.Future{}, err
+	}
+	if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
+		return api.Future{}, unavailable(err, "the operation could not be recorded")
+	}
+	next := sn
+	next.State, next.FutureID, next.Error = api.SnapshotDeleting, op.JobID, nil
+	if _, err := s.st.snapshots.update(ctx, sn.ID, next, rev); err != nil {
+		_ = s.st.ops.kv.Purge(ctx, op.JobID)
+		if errors.Is(err, errConflict) {
+			return api.Future{}, conflict("snapshot %s changed meanwhile; retry", sn.ID)
+		}
+		return api.Future{}, unavailable(err, "the snapshot could not be written")
+	}
+	s.publishOp(ctx, op)
+	return op.Future, nil
+}
+
+func snapshotRef(sn api.Snapshot) *protocol.SnapshotRef {
+	return &protocol.SnapshotRef{ID: sn.ID, Store: sn.Store, Ref: sn.StoreRef, SHA256: sn.SHA256, SizeBytes: sn.SizeBytes,
+		VolumeSizeGB: sn.VolumeSizeGB, Region: sn.Region}
+}
+
+type fromSnapshotKey struct{}
+
+// reprovisionFromSnapshot serves POST …/snapshots/{snapshotId}/reprovision:
+// the instance is reprovisioned on a data volume made from the snapshot.
+func (s *Server) reprovisionFromSnapshot(r *http.Request) (any, error) {
+	sn, _, err := s.snapshotOf(r)
+	if err != nil {
+		return nil, err
+	}
+	in, ok := s.st.instances.view(sn.InstanceID)
+	if !ok {
+		return nil, precondition("instance %s of snapshot %s no longer exists", sn.InstanceID, sn.ID)
+	}
+	if sn.State != api.SnapshotAvailable {
+		return nil, precondition("snapshot %s is %s, not AVAILABLE: it cannot be restored", sn.ID, sn.State)
+	}
+	allow, err := queryBool(r, "allowDowngrade", false)
+	if err != nil {
+		return nil, err
+	}
+	ctx := context.WithValue(context.WithValue(r.Context(), allowDowngradeKey{}, allow), fromSnapshotKey{}, sn)
+	return s.act(ctx, in, s.actions()[opReprovision])
+}
+
+// foldSnapshot folds the provisioner's report on a snapshot into its record
+// and, for a snapshot operation, into the operation. Folding it twice
+// changes nothing more.
+func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) {
+	ref := e.Snapshot
+	if ref == nil || e.OpID == "" {
+		return
+	}
+	op, _, _ := s.st.ops.get(e.OpID)
+	if e.Status == protocol.StatusStarted {
+		_, _ = s.updateOp(ctx, e.OpID, func(o *opRecord) bool {
+			if o.State != api.OpRunning {
+				return false
+			}
+			o.step("machine: "+e.Step, string(e.Status), e.Message, e.Time)
+			return true
+		})
+		return
+	}
+	var failure *api.Error
+	if e.Status == protocol.StatusFailed {
+		failure = apiErrorOf(e.Error, "The snapshot operation failed")
+	}
+	deleted := e.Step == string(protocol.ProvisionDeleteSnapshot)
+	sn, err := s.changeSnapshot(ctx, ref.ID, func(sn *api.Snapshot) bool {
+		switch {
+		case deleted && failure == nil:
+			return true // removed below
+		case deleted:
+			sn.State, sn.Error = api.SnapshotAvailable, failure
+		case sn.State != api.SnapshotCreating:
+			return false // deleted meanwhile, or folded already
+		case failure != nil:
+			sn.State, sn.Error = api.SnapshotFailed, failure
+		default:
+			sn.State, sn.Error = api.SnapshotAvailable, nil
+			sn.Store, sn.StoreRef, sn.SHA256, sn.SizeBytes, sn.Region = ref.Store, ref.Ref, ref.SHA256, ref.SizeBytes, ref.Region
+			if ref.VolumeSizeGB != 0 {
+				sn.VolumeSizeGB = ref.VolumeSizeGB
+			}
+		}
+		return true
+	})
+	if err != nil && !errors.Is(err, errNotFound) {
+		s.log.Warn().Err(err).Str("snapshot", ref.ID).Msg("snapshot record not updated")
+	}
+	if deleted && failure == nil {
+		if err := s.st.snapshots.kv.Purge(ctx, ref.ID); err != nil {
+			s.log.Warn().Err(err).Str("snapshot", ref.ID).Msg("record of a deleted snapshot not purged")
+		}
+	}
+	if !op.lifecycleFree() || op.State != api.OpRunning {
+		return
+	}
+	var result any = sn
+	if deleted {
+		result = map[string]string{"id": ref.ID, "instanceId": e.Instance}
+	}
+	if _, err := s.endOp(ctx, op.JobID, result, failure); err != nil {
+		s.log.Warn().Err(err).Str("op", op.JobID).Msg("snapshot operation not ended")
+	}
+}
+
+// changeSnapshot changes a snapshot record with a revision check, retrying
+// on conflicts; change returns false to leave it.
+func (s *Server) changeSnapshot(ctx context.Context, id string, change func(*api.Snapshot) bool) (api.Snapshot, error) {
+	for attempt := 0; ; attempt++ {
+		sn, rev, err := s.st.snapshots.fetch(ctx, id)
+		if err != nil {
+			return sn, err
+		}
+		if !change(&sn) {
+			return sn, nil
+		}
+		if _, err = s.st.snapshots.update(ctx, id, sn, rev); err == nil {
+			return sn, nil
+		}
+		if !errors.Is(err, errConflict) || attempt >= 10 {
+			return sn, err
+		}
+	}
+}
+
+// settleSnapshots ends what an operation left behind when it ended without
+// a report (it timed out, was aborted, or expired from fm_ops): a snapshot
+// being taken is failed, one being deleted is available again.
+func (s *Server) settleSnapshots(ctx context.Context) {
+	for _, sn := range s.st.snapshots.filter(func(sn api.Snapshot) bool {
+		return sn.State == api.SnapshotCreating || sn.State == api.SnapshotDeleting
+	}) {
+		// From the bucket: the copy may not have the operation yet.
+		op, _, err := s.st.ops.fetch(ctx, sn.FutureID)
+		found := err == nil
+		if found && op.State == api.OpRunning || err != nil && !errors.Is(err, errNotFound) {
+			continue
+		}
+		failure := &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation lost",
+			DetailedMessage: "the operation " + sn.FutureID + " ended without a report from the provisioner"}
+		if found && op.Error != nil {
+			failure = op.Error
+		}
+		_, _ = s.changeSnapshot(ctx, sn.ID, func(cur *api.Snapshot) bool {
+			if cur.FutureID != sn.FutureID || cur.State != sn.State {
+				return false
+			}
+			cur.Error = failure
+			cur.State = api.SnapshotFailed
+			if sn.State == api.SnapshotDeleting {
+				cur.State = api.SnapshotAvailable
+			}
+			return true
+		})
+	}
+}
