@@ -43,6 +43,9 @@ type Agent struct {
 	// stopping is set when Run's context ends: what fails from then on was
 	// cut short, not broken.
 	stopping atomic.Bool
+	// nominalVolume is the data volume's nominal size (cfg.DataVolumeBytes
+	// until a grow-filesystem command changes it).
+	nominalVolume atomic.Uint64
 
 	// machineMu is held by whatever changes the machine (the startup
 	// sequence, a command, the watchdog's restart), so that they never
@@ -58,6 +61,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
 	a := &Agent{cfg: cfg}
+	a.nominalVolume.Store(cfg.DataVolumeBytes)
 	a.ship = newLogShipper(cfg.Instance, cfg.Logger)
 	a.m = newMachine(cfg, zerolog.Nop())
 	for _, dir := range []string{a.m.stateDir, a.m.agentData} {

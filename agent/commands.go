@@ -241,6 +241,8 @@ func (a *Agent) runCommand(ctx context.Context, cmd protocol.Command) commandRes
 			return commandResult{err: protocol.Errorf(protocol.CodeFailedPrecondition, "no admin API key: DSS is not set up yet")}
 		}
 		return commandResult{result: protocol.AdminAPIKeyResult{AdminAPIKey: s.AdminAPIKey}, secret: true}
+	case protocol.CommandGrowFilesystem:
+		return a.growFilesystem(ctx, cmd)
 	case protocol.CommandCollectDiagnosis:
 		res, err := a.collectDiagnosis(ctx, cmd.ID)
 		if err != nil {

@@ -247,6 +247,14 @@ func TestHeartbeatsLogsAndVolumeAlert(t *testing.T) {
 	if n := len(r.events.find(func(e protocol.Event) bool { return e.Step == "data-volume-high" })); n != 1 {
 		t.Fatalf("the volume alert was sent %d times while the volume stayed full", n)
 	}
+	// The provisioner grew the volume: the agent takes the new size.
+	if res := r.result(r.command(protocol.CommandGrowFilesystem, protocol.GrowFilesystemParams{SizeBytes: 1 << 30})); res.Status != protocol.StatusOK {
+		t.Fatalf("grow-filesystem: %+v", res)
+	}
+	r.waitStatus("the grown volume", 10*time.Second, func(s protocol.AgentStatus) bool { return s.Machine.DataVolumeBytes == 1<<30 })
+	if res := r.result(r.command(protocol.CommandGrowFilesystem, map[string]any{})); res.Status != protocol.StatusFailed {
+		t.Fatalf("grow-filesystem without a size: %+v", res)
+	}
 
 	// DSS's and the agent's logs are on FM_LOGS.
 	for source, want := range map[string]string{"dss": "listening on port", "agent": "desired state reached"} {

@@ -157,8 +157,8 @@ func (a *Agent) measure(ctx context.Context) {
 
 func (a *Agent) machineFacts(started time.Time) protocol.MachineFacts {
 	var f protocol.MachineFacts
-	if a.cfg.DataVolumeBytes > 0 {
-		f.DataVolumeBytes, f.DataVolumeUsedBytes = a.cfg.DataVolumeBytes, diskUsage(a.cfg.DataDir)
+	if nominal := a.nominalVolume.Load(); nominal > 0 {
+		f.DataVolumeBytes, f.DataVolumeUsedBytes = nominal, diskUsage(a.cfg.DataDir)
 	} else {
 		var st syscall.Statfs_t
 		if syscall.Statfs(a.cfg.DataDir, &st) == nil {

@@ -28,5 +28,6 @@
 //	  fields); the machine spec's agent download and the provision
 //	  request's cloud identity (the EC2 backend); snapshot and
 //	  delete-snapshot requests, a reprovision's snapshot to take first and
-//	  snapshot to restore, snapshot events.
+//	  snapshot to restore, snapshot events; grow-volume requests and the
+//	  grow-filesystem command.
 package protocol

@@ -138,12 +138,16 @@ const (
 	CommandGetInitialPassword CommandKind = "get-initial-password"
 	CommandCollectDiagnosis   CommandKind = "collect-diagnosis"
 	CommandGetAdminAPIKey     CommandKind = "get-admin-api-key"
+	// CommandGrowFilesystem grows the data volume's file system to the
+	// volume's new size (GrowFilesystemParams).
+	CommandGrowFilesystem CommandKind = "grow-filesystem"
 )
 
 // CommandKinds lists every command kind.
 var CommandKinds = []CommandKind{
 	CommandRestartDSS, CommandStopDSS, CommandStartDSS, CommandReplaySetupActions,
 	CommandResetUserPassword, CommandGetInitialPassword, CommandCollectDiagnosis, CommandGetAdminAPIKey,
+	CommandGrowFilesystem,
 }
 
 // Known reports whether k is one of CommandKinds.
@@ -174,6 +178,12 @@ type Command struct {
 	// SealedParams, set instead of Params when they hold a secret (a
 	// password), are the params sealed with the instance key.
 	SealedParams string `json:"sealedParams,omitempty"`
+}
+
+// GrowFilesystemParams are the Params of CommandGrowFilesystem.
+type GrowFilesystemParams struct {
+	// SizeBytes is the data volume's new size.
+	SizeBytes uint64 `json:"sizeBytes"`
 }
 
 // ResetUserPasswordParams are the Params of CommandResetUserPassword.

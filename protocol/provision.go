@@ -20,6 +20,9 @@ const (
 	// Snapshots of the data volume; they leave the machine as it is.
 	ProvisionSnapshot       ProvisionAction = "snapshot"        // snapshot the data volume
 	ProvisionDeleteSnapshot ProvisionAction = "delete-snapshot" // delete a snapshot
+	// ProvisionGrowVolume grows the data volume to VolumeSizeGB (the agent
+	// then grows its file system); it leaves the machine as it is.
+	ProvisionGrowVolume ProvisionAction = "grow-volume"
 )
 
 // ProvisionRequest asks the provisioner to do a machine operation. It is
@@ -53,6 +56,9 @@ type ProvisionRequest struct {
 	// snapshot; the current volume is kept aside. The snapshot is verified
 	// before anything is replaced.
 	FromSnapshot *SnapshotRef `json:"fromSnapshot,omitempty"`
+	// VolumeSizeGB is the size a grow-volume request grows the data volume
+	// to.
+	VolumeSizeGB int `json:"volumeSizeGB,omitempty"`
 }
 
 // SnapshotRef is a snapshot of an instance's data volume as the
@@ -207,6 +213,10 @@ func (r *ProvisionRequest) Validate() error {
 	case ProvisionSnapshot, ProvisionDeleteSnapshot:
 		if r.Snapshot == nil || !ValidToken(r.Snapshot.ID) {
 			return errors.New("a snapshot request needs a snapshot with a valid id")
+		}
+	case ProvisionGrowVolume:
+		if r.VolumeSizeGB <= 0 {
+			return errors.New("grow-volume needs a volume size")
 		}
 	case ProvisionDeprovision, ProvisionStop, ProvisionDelete:
 	default:

@@ -47,6 +47,10 @@ type Backend interface {
 	Snapshot(ctx context.Context, req Request, cur protocol.MachineState, snap protocol.SnapshotRef) (protocol.SnapshotRef, error)
 	// DeleteSnapshot deletes a snapshot; one already gone is not an error.
 	DeleteSnapshot(ctx context.Context, req Request, snap protocol.SnapshotRef) error
+	// GrowVolume grows the data volume (cur.VolumeID) to sizeGB while the
+	// machine runs, and returns the state with its new size; the agent grows
+	// the file system after.
+	GrowVolume(ctx context.Context, req Request, cur protocol.MachineState, sizeGB int) (protocol.MachineState, error)
 }
 
 // Untouched marks the error of an operation that failed before it changed

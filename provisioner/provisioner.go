@@ -217,8 +217,12 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		return
 	}
 	log := p.log.With().Str("instance", req.Instance).Str("action", string(req.Action)).Str("request", req.ID).Logger()
-	if req.Action == protocol.ProvisionSnapshot || req.Action == protocol.ProvisionDeleteSnapshot {
+	switch req.Action {
+	case protocol.ProvisionSnapshot, protocol.ProvisionDeleteSnapshot:
 		p.handleSnapshot(ctx, m, req, log)
+		return
+	case protocol.ProvisionGrowVolume:
+		p.handleGrow(ctx, m, req, log)
 		return
 	}
 	cur, rev, err := p.machineState(ctx, req.Instance)

@@ -67,6 +67,14 @@ func (r *recorder) Snapshot(ctx context.Context, req Request, cur protocol.Machi
 	return snap, err
 }
 
+func (r *recorder) GrowVolume(ctx context.Context, req Request, cur protocol.MachineState, sizeGB int) (protocol.MachineState, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.calls = append(r.calls, fmt.Sprintf("grow-volume %s to %d", cur.VolumeID, sizeGB))
+	cur.VolumeSizeGB = sizeGB
+	return cur, nil
+}
+
 func (r *recorder) DeleteSnapshot(ctx context.Context, req Request, snap protocol.SnapshotRef) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -372,6 +380,31 @@ func TestAFailedSnapshotBeforeAnUpgradeLeavesTheMachineAsItWas(t *testing.T) {
 		return e.Kind == protocol.EventSnapshot && e.Status == protocol.StatusFailed && e.Snapshot.ID == "snap-up"
 	})
 	want := []string{"reprovision op-1-reprovision", "snapshot snap-up of vol-in-a"}
+	if got := rec.callList(); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("calls %v, want %v", got, want)
+	}
+}
+
+func TestGrowingTheVolumeChangesOnlyItsSize(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	r.run(rec, "p1")
+	r.request("in-a", protocol.ProvisionReprovision, "op-1-reprovision")
+	before := r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
+	grow := protocol.ProvisionRequest{ID: "op-2-grow-volume", Instance: "in-a", Action: protocol.ProvisionGrowVolume, OpID: "op-2", VolumeSizeGB: 75}
+	r.publish(grow, grow.ID)
+	after := r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.VolumeSizeGB == 75 })
+	if after.RequestID != before.RequestID || after.Status != protocol.MachineRunning {
+		t.Fatalf("growing changed more than the size: %+v", after)
+	}
+	waitEvent(t, r, "in-a", func(e protocol.Event) bool {
+		return e.Kind == protocol.EventMachine && e.Step == "grow-volume" && e.Status == protocol.StatusOK && e.OpID == "op-2"
+	})
+	// Asked again (a redelivery after the record was written): nothing to do.
+	grow.ID = "op-2-grow-volume-again"
+	r.publish(grow, grow.ID)
+	waitEvent(t, r, "in-a", func(e protocol.Event) bool { return e.ID == "op-2-grow-volume-again-ok" })
+	want := []string{"reprovision op-1-reprovision", "grow-volume vol-in-a to 75"}
 	if got := rec.callList(); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("calls %v, want %v", got, want)
 	}

@@ -370,6 +370,14 @@ func (s *Server) foldEvent(ctx context.Context, data []byte) {
 		s.foldSnapshot(ctx, e)
 		return
 	}
+	if e.Kind == protocol.EventAlert && e.Step == "data-volume-high" && e.Source == "agent" {
+		s.growVolume(ctx, e.Instance)
+		return
+	}
+	if op, _, ok := s.st.ops.get(e.OpID); ok && op.Kind == opGrowVolume && op.State == api.OpRunning {
+		s.foldGrowVolume(ctx, op, e)
+		return
+	}
 	if e.Kind == protocol.EventCommand && strings.HasPrefix(e.CommandID, secretCommandPrefix) {
 		s.storeSecret(ctx, e)
 		return

@@ -19,6 +19,7 @@ import (
 // always succeed, and records them.
 type fakeProvisioner struct {
 	mu      sync.Mutex
+	grown   []int // sizes asked for
 	taken   []string
 	at      []time.Time // when each was asked for
 	deleted []string
@@ -37,7 +38,16 @@ func runFakeProvisioner(t *testing.T, bus *bustest.Server) *fakeProvisioner {
 	f := &fakeProvisioner{}
 	cc, err := cons.Consume(func(m jetstream.Msg) {
 		var req protocol.ProvisionRequest
-		if protocol.Decode(m.Data(), &req) != nil || req.Snapshot == nil {
+		if protocol.Decode(m.Data(), &req) != nil {
+			_ = m.Ack()
+			return
+		}
+		if req.Action == protocol.ProvisionGrowVolume {
+			f.grow(ctx, t, js, req)
+			_ = m.Ack()
+			return
+		}
+		if req.Snapshot == nil {
 			_ = m.Ack()
 			return
 		}
@@ -61,6 +71,26 @@ func runFakeProvisioner(t *testing.T, bus *bustest.Server) *fakeProvisioner {
 	}
 	t.Cleanup(cc.Stop)
 	return f
+}
+
+// grow records the new size, as a provisioner does, and reports it.
+func (f *fakeProvisioner) grow(ctx context.Context, t *testing.T, js jetstream.JetStream, req protocol.ProvisionRequest) {
+	f.mu.Lock()
+	f.grown = append(f.grown, req.VolumeSizeGB)
+	f.mu.Unlock()
+	kv, _ := js.KeyValue(ctx, protocol.BucketMachines)
+	if entry, err := kv.Get(ctx, req.Instance); err == nil {
+		var m protocol.MachineState
+		if protocol.Decode(entry.Value(), &m) == nil {
+			m.VolumeSizeGB = req.VolumeSizeGB
+			data, _ := protocol.Encode(&m)
+			_, _ = kv.Put(ctx, req.Instance, data)
+		}
+	}
+	e := protocol.Event{ID: req.ID + "-ok", Instance: req.Instance, Kind: protocol.EventMachine, Time: time.Now().UTC(),
+		Source: "provisioner", OpID: req.OpID, Step: string(req.Action), Status: protocol.StatusOK, Message: "grown"}
+	data, _ := protocol.Encode(&e)
+	_, _ = js.Publish(ctx, protocol.EventSubject(req.Instance, e.Kind), data)
 }
 
 func (f *fakeProvisioner) counts() (taken, deleted int) {

@@ -12,8 +12,9 @@ import (
 )
 
 // Snapshot operations. They need only the instance's data volume, so they
-// do not claim the instance: DSS keeps serving and other actions may run
-// (the provisioner takes one instance's requests in order).
+// do not claim the instance (nor does a volume's growth): DSS keeps serving
+// and other actions may run (the provisioner takes one instance's requests
+// in order).
 const (
 	opSnapshot       = "snapshot"
 	opDeleteSnapshot = "delete-snapshot"
@@ -25,7 +26,7 @@ const (
 // lifecycleFree reports whether an operation runs beside the instance's
 // lifecycle rather than claiming it.
 func (op opRecord) lifecycleFree() bool {
-	return op.Kind == opSnapshot || op.Kind == opDeleteSnapshot
+	return op.Kind == opSnapshot || op.Kind == opDeleteSnapshot || op.Kind == opGrowVolume
 }
 
 // createSnapshot serves POST …/instances/{id}/snapshots?reasonForSnapshot=:

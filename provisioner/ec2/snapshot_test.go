@@ -97,6 +97,12 @@ func TestSnapshotsOnMoto(t *testing.T) {
 		t.Fatalf("%d machines after the restore", len(machines))
 	}
 
+	// Growth: ModifyVolume on the restored volume.
+	grown, err := w.backend.GrowVolume(ctx, w.request("rq-4b", protocol.ProvisionGrowVolume, nil), st, 80)
+	if err != nil || grown.VolumeSizeGB != 80 || aws.ToInt32(w.volume(t, st.VolumeID).Size) != 80 {
+		t.Fatalf("grow: %+v %v", grown, err)
+	}
+
 	if err := w.backend.DeleteSnapshot(ctx, w.request("rq-5", protocol.ProvisionDeleteSnapshot, nil), ref); err != nil {
 		t.Fatal(err)
 	}

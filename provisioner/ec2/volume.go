@@ -156,3 +156,33 @@ func (b *Backend) deleteVolume(ctx context.Context, c clients, req provisioner.R
 	}
 	return nil
 }
+
+// GrowVolume implements provisioner.Backend: ModifyVolume, then a wait
+// until EBS reports the new size (the volume serves throughout; the
+// modification goes on optimizing in the background).
+func (b *Backend) GrowVolume(ctx context.Context, req provisioner.Request, cur protocol.MachineState, sizeGB int) (protocol.MachineState, error) {
+	c, _, err := b.clientsFor(ctx, req, cur)
+	if err != nil {
+		return cur, err
+	}
+	if _, err := c.ec2.ModifyVolume(ctx, &ec2.ModifyVolumeInput{VolumeId: aws.String(cur.VolumeID), Size: aws.Int32(int32(sizeGB))}); err != nil {
+		return cur, cloudError("grow the data volume", err)
+	}
+	req.Progress("modify-volume", fmt.Sprintf("volume %s: modification to %d GB asked", cur.VolumeID, sizeGB))
+	err = b.waitFor(ctx, req, "modify-volume", "volume "+cur.VolumeID, func() (bool, string, error) {
+		v, err := describeVolume(ctx, c, cur.VolumeID)
+		if err != nil {
+			return false, "", err
+		}
+		if v == nil {
+			return false, "", protocol.Errorf(protocol.CodeNotFound, "the data volume %s is gone", cur.VolumeID)
+		}
+		return int(aws.ToInt32(v.Size)) >= sizeGB, fmt.Sprintf("%d GB", aws.ToInt32(v.Size)), nil
+	})
+	if err != nil {
+		return cur, err
+	}
+	next := cur
+	next.VolumeSizeGB = sizeGB
+	return next, nil
+}

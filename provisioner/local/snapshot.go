@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/cmdline"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
@@ -303,4 +304,21 @@ func extract(r io.Reader, dst string) error {
 			_ = os.Chtimes(to, hdr.ModTime, hdr.ModTime)
 		}
 	}
+}
+
+// GrowVolume implements provisioner.Backend: a folder has no size, so the
+// nominal size the agent measures against grows, in its config (for its
+// next start) and, through the grow-filesystem command, in the running
+// agent.
+func (b *Backend) GrowVolume(ctx context.Context, req provisioner.Request, cur protocol.MachineState, sizeGB int) (protocol.MachineState, error) {
+	if cfg, err := agent.LoadConfigFile(b.configPath(req.Instance)); err == nil {
+		cfg.DataVolumeBytes = uint64(sizeGB) << 30
+		if err := agent.WriteConfigFile(b.configPath(req.Instance), cfg); err != nil {
+			return cur, fmt.Errorf("write the agent's config: %w", err)
+		}
+	}
+	req.Progress("resize", fmt.Sprintf("data volume grown from %d to %d GB", cur.VolumeSizeGB, sizeGB))
+	next := cur
+	next.VolumeSizeGB = sizeGB
+	return next, nil
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/bus/bustest"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
@@ -128,6 +129,15 @@ func TestSnapshotAndRestore(t *testing.T) {
 	}
 	if got, _ := os.ReadFile(filepath.Join(prev, "dataiku/dss_data/config/users.json")); string(got) != "v2 users" || read("dataiku/dss_data/config/users.json") != "v1 users" {
 		t.Fatal("a redelivered restore lost a volume")
+	}
+
+	// Growth raises the nominal size the agent measures against.
+	grown, err := b.GrowVolume(ctx, request("op-3b-grow-volume", protocol.ProvisionGrowVolume, &steps), st, 7)
+	if err != nil || grown.VolumeSizeGB != 7 {
+		t.Fatalf("grow: %+v %v", grown, err)
+	}
+	if cfg, err := agent.LoadConfigFile(b.configPath("in-local1")); err != nil || cfg.DataVolumeBytes != 7<<30 {
+		t.Fatalf("agent config after growth: %+v %v", cfg, err)
 	}
 
 	// A corrupted archive in the store is refused.

@@ -1,0 +1,104 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
+)
+
+// opGrowVolume grows an instance's data volume: the provisioner grows the
+// volume, then the agent its file system. It runs beside the lifecycle.
+const opGrowVolume = "grow-volume"
+
+// Growth of a data volume that passed 80%: by half its size, at least
+// growMinGB, up to the instance's dataVolumeSizeMaxGB.
+const growMinGB = 10
+
+// nextVolumeSize is the size a volume of size GB grows to, capped at max.
+func nextVolumeSize(size, maxGB int) int {
+	return min(maxGB, max(size+size/2, size+growMinGB))
+}
+
+// growVolume answers an agent's data-volume-high alert: a grow-volume
+// operation, or, at the maximum size, a failed one that says so.
+func (s *Server) growVolume(ctx context.Context, instance string) {
+	in, ok := s.st.instances.view(instance)
+	lc, _, _ := s.st.lifecycle.get(instance)
+	m, _, _ := s.st.machines.get(instance)
+	if !ok || lc.State != stateRunning || m.VolumeID == "" || in.DataVolumeSizeMaxGB == nil {
+		return
+	}
+	for _, op := range s.st.ops.filter(func(op opRecord) bool {
+		return op.Kind == opGrowVolume && op.Instance == instance && op.State == api.OpRunning
+	}) {
+		s.log.Debug().Str("instance", instance).Str("op", op.JobID).Msg("data volume already growing")
+		return
+	}
+	op := newRunningOp(ctx, opGrowVolume, instance, 30*time.Minute)
+	maxGB := *in.DataVolumeSizeMaxGB
+	if m.VolumeSizeGB >= maxGB {
+		now := time.Now().UTC()
+		op.State, op.Alive, op.EndedAt = api.OpFailed, false, &now
+		op.Error = &api.Error{ErrorType: string(protocol.CodeResourceExhausted), Message: "Data volume at its maximum size",
+			DetailedMessage: fmt.Sprintf("the data volume of %s is over 80%% full and already at its maximum size, %d GB "+
+				"(dataVolumeSizeMaxGB): free space on it, or raise the maximum", instance, maxGB)}
+		op.step(opGrowVolume, string(protocol.StatusFailed), op.Error.DetailedMessage, now)
+		if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
+			s.log.Error().Err(err).Msg("operation record not stored")
+		}
+		s.metrics.observeOp(opGrowVolume, op.State, 0)
+		s.log.Warn().Str("instance", instance).Int("sizeGB", m.VolumeSizeGB).Msg(op.Error.DetailedMessage)
+		return
+	}
+	target := nextVolumeSize(m.VolumeSizeGB, maxGB)
+	if err := s.attachRequest(&op, protocol.ProvisionRequest{Action: protocol.ProvisionGrowVolume, VolumeSizeGB: target}); err != nil {
+		return
+	}
+	if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
+		s.log.Warn().Err(err).Str("instance", instance).Msg("volume growth not recorded")
+		return
+	}
+	s.log.Info().Str("instance", instance).Int("fromGB", m.VolumeSizeGB).Int("toGB", target).Msg("data volume over 80%: growing it")
+	s.publishOp(ctx, op)
+}
+
+// foldGrowVolume moves a grow-volume operation on: once the provisioner
+// grew the volume, the agent grows its file system; the agent's answer
+// ends the operation.
+func (s *Server) foldGrowVolume(ctx context.Context, op opRecord, e protocol.Event) {
+	switch {
+	case e.Kind == protocol.EventMachine && e.Step == opGrowVolume && e.Status == protocol.StatusFailed,
+		e.Kind == protocol.EventCommand && e.CommandID == op.CommandID && e.Status == protocol.StatusFailed:
+		_, _ = s.endOp(ctx, op.JobID, nil, apiErrorOf(e.Error, "The data volume was not grown"))
+	case e.Kind == protocol.EventMachine && e.Step == opGrowVolume && op.CommandID == "":
+		m, _, _ := s.st.machines.get(op.Instance)
+		var req protocol.ProvisionRequest
+		_ = json.Unmarshal(op.Request, &req)
+		params, _ := json.Marshal(protocol.GrowFilesystemParams{SizeBytes: uint64(req.VolumeSizeGB) << 30})
+		c := protocol.Command{ID: op.JobID + "-cmd", Instance: op.Instance, Kind: protocol.CommandGrowFilesystem, OpID: op.JobID,
+			Issued: time.Now().UTC(), Expires: op.Deadline, Params: params}
+		data, err := protocol.Encode(&c)
+		if err != nil {
+			return
+		}
+		next, err := s.updateOp(ctx, op.JobID, func(o *opRecord) bool {
+			if o.State != api.OpRunning || o.CommandID != "" {
+				return false
+			}
+			// The volume is grown: the request is done, the command is next.
+			o.Request, o.CommandID, o.Command = nil, c.ID, data
+			o.step("machine: "+e.Step, string(e.Status), e.Message, e.Time)
+			return true
+		})
+		if err == nil && next.CommandID == c.ID {
+			s.log.Info().Str("instance", op.Instance).Str("volume", m.VolumeID).Int("sizeGB", req.VolumeSizeGB).Msg("volume grown; growing the file system")
+			s.publishOp(ctx, next)
+		}
+	case e.Kind == protocol.EventCommand && e.CommandID == op.CommandID:
+		_, _ = s.endOp(ctx, op.JobID, map[string]string{"instanceId": op.Instance, "message": e.Message}, nil)
+	}
+}

@@ -1,0 +1,104 @@
+package server_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/server"
+	"github.com/fleetmanager/fm/server/servertest"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// TestVolumeGrowth: an agent's data-volume-high alert grows the volume (the
+// provisioner, then the agent's file system), up to dataVolumeSizeMaxGB,
+// where a failed operation says the maximum is reached.
+func TestVolumeGrowth(t *testing.T) {
+	f := start(t, servertest.WithConfig(func(c *server.Config) { c.SweepInterval = 200 * time.Millisecond }))
+	fake := runFakeProvisioner(t, f.env.Bus)
+	js := f.env.Bus.JetStream(t)
+	vn, tpl, im := f.fleet()
+	var in api.Instance
+	f.ok(f.do("POST", "/instances", `{"label":"grow","virtualNetworkId":"`+vn.ID+`","instanceSettingsTemplateId":"`+tpl.ID+
+		`","imageId":"`+im.ID+`","dssNodeType":"design","dataVolumeSizeGB":50,"dataVolumeSizeMaxGB":100}`), &in)
+	runningWithVolume(t, f.env.Bus, in.ID) // 50 GB
+	ctx := context.Background()
+	alert := func() {
+		t.Helper()
+		e := protocol.Event{ID: protocol.NewID("ev"), Instance: in.ID, Kind: protocol.EventAlert, Time: time.Now().UTC(), Source: "agent",
+			Step: "data-volume-high", Status: protocol.StatusFailed, Message: "the data volume is 85% full",
+			Error: protocol.Errorf(protocol.CodeResourceExhausted, "the data volume is 85%% full")}
+		data, _ := protocol.Encode(&e)
+		if _, err := js.Publish(ctx, protocol.EventSubject(in.ID, e.Kind), data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The agent answers grow-filesystem commands.
+	cons, err := js.CreateOrUpdateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Durable: "fake-agent",
+		AckPolicy: jetstream.AckExplicitPolicy, FilterSubject: protocol.SubjectAllCommands})
+	if err != nil {
+		t.Fatal(err)
+	}
+	commands := make(chan protocol.Command, 10)
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		var c protocol.Command
+		if protocol.Decode(m.Data(), &c) == nil && c.Kind == protocol.CommandGrowFilesystem {
+			commands <- c
+			e := protocol.Event{ID: c.ID + "-done", Instance: c.Instance, Kind: protocol.EventCommand, Time: time.Now().UTC(), Source: "agent",
+				CommandID: c.ID, OpID: c.OpID, Step: string(c.Kind), Status: protocol.StatusOK, Message: "grown"}
+			data, _ := protocol.Encode(&e)
+			_, _ = js.Publish(ctx, protocol.EventSubject(c.Instance, e.Kind), data)
+		}
+		_ = m.Ack()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Stop()
+	growOps := func() []api.Future {
+		var list []api.Future
+		f.ok(f.do("GET", "/futures", ""), &list)
+		var out []api.Future
+		for _, op := range list {
+			if op.Kind == "grow-volume" {
+				out = append(out, op)
+			}
+		}
+		return out
+	}
+
+	// 50 GB -> 75 GB (half more), then -> 100 GB (the maximum), then no more.
+	for i, want := range []int{75, 100} {
+		alert()
+		waitFor(t, fmt.Sprintf("growth %d done", i+1), func() bool {
+			ops := growOps()
+			return len(ops) == i+1 && ops[0].State == api.OpSucceeded && ops[len(ops)-1].State == api.OpSucceeded
+		})
+		c := <-commands
+		var p protocol.GrowFilesystemParams
+		if err := json.Unmarshal(c.Params, &p); err != nil || p.SizeBytes != uint64(want)<<30 {
+			t.Fatalf("grow-filesystem %d: %s", i+1, c.Params)
+		}
+	}
+	alert()
+	waitFor(t, "the maximum reported", func() bool { return len(growOps()) == 3 })
+	var atMax api.Future
+	for _, op := range growOps() {
+		if op.State == api.OpFailed {
+			atMax = op
+		}
+	}
+	if atMax.Error == nil || atMax.Error.ErrorType != "ResourceExhausted" || !strings.Contains(atMax.Error.DetailedMessage, "maximum size, 100 GB") {
+		t.Fatalf("at the maximum: %+v", atMax)
+	}
+	fake.mu.Lock()
+	defer fake.mu.Unlock()
+	if fmt.Sprint(fake.grown) != "[75 100]" {
+		t.Fatalf("the provisioner was asked for %v", fake.grown)
+	}
+}
