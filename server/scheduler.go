@@ -47,12 +47,13 @@ func (s *Server) scheduleWhileLeased(ctx context.Context, holder string) error {
 	if err := l.Acquire(ctx); err != nil {
 		return err
 	}
-	defer l.Release()
 	s.log.Info().Str("holder", holder).Msg("holding the snapshot scheduler lease")
 	work, stop := context.WithCancel(ctx)
-	defer stop()
-	lost := make(chan error, 1)
-	go func() { lost <- l.Keep(work) }()
+	kept := make(chan struct{})
+	var keepErr error
+	go func() { keepErr = l.Keep(work); close(kept) }()
+	// Stop renewing before giving the lease up.
+	defer func() { stop(); <-kept; l.Release() }()
 	tick := time.NewTicker(s.cfg.SchedulerInterval)
 	defer tick.Stop()
 	for {
@@ -60,8 +61,8 @@ func (s *Server) scheduleWhileLeased(ctx context.Context, holder string) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case err := <-lost:
-			return err
+		case <-kept:
+			return keepErr
 		case <-tick.C:
 		}
 	}

@@ -26,6 +26,7 @@ Roles:
   fm agent          the daemon beside DSS on each machine
   fm provisioner    the provisioner on its own (--backend local)
   fm nats-config    the nats-server configuration that trusts FM's NATS authority
+  fm admin          backup --out FILE | restore FILE: FM's own state (docs/backup.md)
 
 Client commands (talk to the REST API; --url, --key-file, --output json):
   fm network        list|get|create|update|delete virtual networks
@@ -61,6 +62,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runAgent(ctx, args[1:], stdout, stderr)
 	case cmd == "provisioner":
 		err = runProvisioner(ctx, args[1:], stdout, stderr)
+	case cmd == "admin":
+		err = runAdmin(ctx, args[1:], stdout, stderr)
 	case cmd == "nats-config":
 		err = runNATSConfig(args[1:], stdout, stderr)
 	case cmd == "version":
