@@ -237,4 +237,18 @@ func TestSnapshotRestoreAndUpgradeOnTheLocalBackend(t *testing.T) {
 	if _, err := objects.GetInfo(context.Background(), archive); err == nil {
 		t.Fatal("the archive of a deleted snapshot is still stored")
 	}
+
+	// The same through the CLI.
+	out := d.fm(t, "snapshot", "create", id, "--reason", "from the cli", "--wait")
+	if !strings.Contains(out, "succeeded") {
+		t.Fatalf("fm snapshot create: %s", out)
+	}
+	table := d.fm(t, "snapshot", "list", id)
+	if !strings.Contains(table, "from the cli") || !strings.Contains(table, "AVAILABLE") || !strings.Contains(table, pre["id"].(string)) {
+		t.Fatalf("fm snapshot list:\n%s", table)
+	}
+	d.fm(t, "snapshot", "delete", id, pre["id"].(string), "--wait")
+	if _, errOut, code := Run(t, fmBin(t), d.env, "snapshot", "get", id, pre["id"].(string)); code == 0 || !strings.Contains(errOut, "NotFound") {
+		t.Fatalf("fm snapshot get of a deleted snapshot: %d %s", code, errOut)
+	}
 }

@@ -32,6 +32,7 @@ Client commands (talk to the REST API; --url, --key-file, --output json):
   fm network        list|get|create|update|delete virtual networks
   fm template       list|get|create|update|delete instance settings templates
   fm instance       list|get|create|update|delete instances
+  fm snapshot       list|get|create|delete|restore snapshots of an instance's data volume
   fm image          list|get|add|remove deployable DSS images
   fm op             list|get|wait|abort operations
   fm apikey         list|create|revoke API keys and their roles (admin)
