@@ -38,10 +38,12 @@ func (l *Lease) Acquire(ctx context.Context) error {
 			l.rev = e.Revision()
 			return nil
 		}
+		// Look again soon: a holder that stops releases the lease, and a
+		// standby should not leave the work undone for long.
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(l.TTL / 3):
+		case <-time.After(min(l.TTL/3, time.Second)):
 		}
 	}
 }
@@ -75,5 +77,12 @@ func (l *Lease) Keep(ctx context.Context) error {
 func (l *Lease) Release() {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	_ = l.KV.Delete(ctx, l.Key, jetstream.LastRevision(l.rev))
+	if l.KV.Delete(ctx, l.Key, jetstream.LastRevision(l.rev)) == nil {
+		return
+	}
+	// A renewal cut short by the end of Keep may have been written without
+	// its revision coming back: delete the lease if it is still ours.
+	if e, err := l.KV.Get(ctx, l.Key); err == nil && string(e.Value()) == l.Holder {
+		_ = l.KV.Delete(ctx, l.Key, jetstream.LastRevision(e.Revision()))
+	}
 }

@@ -175,7 +175,9 @@ func (r *rig) machine(instance string) protocol.MachineState {
 
 func (r *rig) waitMachine(instance string, cond func(protocol.MachineState) bool) protocol.MachineState {
 	r.t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
+	// Long enough for a lease left behind to expire (15 s) on a loaded
+	// machine; a passing test returns as soon as the state is reached.
+	deadline := time.Now().Add(45 * time.Second)
 	for time.Now().Before(deadline) {
 		if st := r.machine(instance); cond(st) {
 			return st

@@ -419,13 +419,7 @@ func (s *Server) foldEvent(ctx context.Context, data []byte) {
 	if e.Source == "provisioner" {
 		name = "machine: " + name
 	}
-	_, _ = s.updateOp(ctx, op.JobID, func(o *opRecord) bool {
-		if o.State != api.OpRunning {
-			return false
-		}
-		o.step(name, string(e.Status), e.Message, e.Time)
-		return true
-	})
+	s.addStep(ctx, op.JobID, name, e)
 }
 
 // sweep fails operations past their deadline, republishes requests that
@@ -439,10 +433,12 @@ func (s *Server) sweep(ctx context.Context) {
 			continue
 		}
 		if op.Request != nil && now.Sub(op.StartedAt) > 10*time.Second {
-			// A snapshot operation is taken once the provisioner reported a
-			// step; the others once the machine record names their request.
+			// An operation beside the lifecycle is taken once the provisioner
+			// reported a step; the others once the machine record names
+			// their request.
 			taken := len(op.Progress.Steps) > 1
-			if m, _, _ := s.st.machines.get(op.Instance); !op.lifecycleFree() {
+			if !op.lifecycleFree() {
+				m, _, _ := s.st.machines.get(op.Instance)
 				taken = m.RequestID == op.RequestID
 			}
 			if !taken && s.shouldRepublish(op.JobID) {

@@ -3,7 +3,6 @@ package server
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"net/http"
 	"sort"
 	"time"
@@ -64,21 +63,18 @@ func newRunningOp(ctx context.Context, kind, instance string, deadline time.Dura
 // conflicts; change returns false to leave it as it is (e.g. it already
 // ended).
 func (s *Server) updateOp(ctx context.Context, id string, change func(*opRecord) bool) (opRecord, error) {
-	for attempt := 0; ; attempt++ {
-		op, rev, err := s.st.ops.fetch(ctx, id)
-		if err != nil {
-			return op, err
+	return s.st.ops.change(ctx, id, change)
+}
+
+// addStep records what an event says as a step of a running operation.
+func (s *Server) addStep(ctx context.Context, id, name string, e protocol.Event) {
+	_, _ = s.updateOp(ctx, id, func(o *opRecord) bool {
+		if o.State != api.OpRunning {
+			return false
 		}
-		if !change(&op) {
-			return op, nil
-		}
-		if _, err = s.st.ops.update(ctx, id, op, rev); err == nil {
-			return op, nil
-		}
-		if !errors.Is(err, errConflict) || attempt >= 10 {
-			return op, err
-		}
-	}
+		o.step(name, string(e.Status), e.Message, e.Time)
+		return true
+	})
 }
 
 // endOp ends a running operation with a result or an error; an operation

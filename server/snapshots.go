@@ -184,13 +184,7 @@ func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) {
 	}
 	op, _, _ := s.st.ops.get(e.OpID)
 	if e.Status == protocol.StatusStarted {
-		_, _ = s.updateOp(ctx, e.OpID, func(o *opRecord) bool {
-			if o.State != api.OpRunning {
-				return false
-			}
-			o.step("machine: "+e.Step, string(e.Status), e.Message, e.Time)
-			return true
-		})
+		s.addStep(ctx, e.OpID, "machine: "+e.Step, e)
 		return
 	}
 	var failure *api.Error
@@ -198,7 +192,7 @@ func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) {
 		failure = apiErrorOf(e.Error, "The snapshot operation failed")
 	}
 	deleted := e.Step == string(protocol.ProvisionDeleteSnapshot)
-	sn, err := s.changeSnapshot(ctx, ref.ID, func(sn *api.Snapshot) bool {
+	sn, err := s.st.snapshots.change(ctx, ref.ID, func(sn *api.Snapshot) bool {
 		switch {
 		case deleted && failure == nil:
 			return true // removed below
@@ -237,26 +231,6 @@ func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) {
 	}
 }
 
-// changeSnapshot changes a snapshot record with a revision check, retrying
-// on conflicts; change returns false to leave it.
-func (s *Server) changeSnapshot(ctx context.Context, id string, change func(*api.Snapshot) bool) (api.Snapshot, error) {
-	for attempt := 0; ; attempt++ {
-		sn, rev, err := s.st.snapshots.fetch(ctx, id)
-		if err != nil {
-			return sn, err
-		}
-		if !change(&sn) {
-			return sn, nil
-		}
-		if _, err = s.st.snapshots.update(ctx, id, sn, rev); err == nil {
-			return sn, nil
-		}
-		if !errors.Is(err, errConflict) || attempt >= 10 {
-			return sn, err
-		}
-	}
-}
-
 // settleSnapshots ends what an operation left behind when it ended without
 // a report (it timed out, was aborted, or expired from fm_ops): a snapshot
 // being taken is failed, one being deleted is available again.
@@ -275,7 +249,7 @@ func (s *Server) settleSnapshots(ctx context.Context) {
 		if found && op.Error != nil {
 			failure = op.Error
 		}
-		_, _ = s.changeSnapshot(ctx, sn.ID, func(cur *api.Snapshot) bool {
+		_, _ = s.st.snapshots.change(ctx, sn.ID, func(cur *api.Snapshot) bool {
 			if cur.FutureID != sn.FutureID || cur.State != sn.State {
 				return false
 			}

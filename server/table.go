@@ -291,6 +291,26 @@ func (t *table[T]) remove(ctx context.Context, id string, rev uint64) error {
 	}
 }
 
+// change rewrites id with a revision check, retrying on conflicts; fn
+// returns false to leave it as it is.
+func (t *table[T]) change(ctx context.Context, id string, fn func(*T) bool) (T, error) {
+	for attempt := 0; ; attempt++ {
+		v, rev, err := t.fetch(ctx, id)
+		if err != nil {
+			return v, err
+		}
+		if !fn(&v) {
+			return v, nil
+		}
+		if _, err = t.update(ctx, id, v, rev); err == nil {
+			return v, nil
+		}
+		if !errors.Is(err, errConflict) || attempt >= 10 {
+			return v, err
+		}
+	}
+}
+
 // fetch reads id from the bucket itself, bypassing the copy, for decisions
 // that must not act on a stale view.
 func (t *table[T]) fetch(ctx context.Context, id string) (T, uint64, error) {

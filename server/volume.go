@@ -100,5 +100,7 @@ func (s *Server) foldGrowVolume(ctx context.Context, op opRecord, e protocol.Eve
 		}
 	case e.Kind == protocol.EventCommand && e.CommandID == op.CommandID:
 		_, _ = s.endOp(ctx, op.JobID, map[string]string{"instanceId": op.Instance, "message": e.Message}, nil)
+	case e.Source == "provisioner":
+		s.addStep(ctx, op.JobID, "machine: "+e.Step, e)
 	}
 }

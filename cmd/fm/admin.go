@@ -14,9 +14,7 @@ import (
 
 	"github.com/fleetmanager/fm/atomicfile"
 	"github.com/fleetmanager/fm/backup"
-	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/cli"
-	natsserver "github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
@@ -281,25 +279,5 @@ func storeOnly(dir string, log zerolog.Logger) (*busConn, error) {
 		}
 		sec = s
 	}
-	cfg := bus.EmbeddedConfig{StoreDir: filepath.Join(dir, "jetstream"), ServerName: "fm-restore", SyncAlways: true,
-		Logger: log.With().Str("component", "nats").Logger()}
-	if sec.authority != nil {
-		cfg.Configure = func(o *natsserver.Options) error {
-			return sec.authority.ConfigureEmbedded(o, filepath.Join(dir, "nats-resolver"))
-		}
-	}
-	emb, err := bus.StartEmbedded(cfg)
-	if err != nil {
-		return nil, err
-	}
-	b := &busConn{embedded: emb}
-	if err := b.connect(bus.ConnectConfig{InProcess: emb}, "fm-restore", sec, log); err != nil {
-		b.close()
-		return nil, err
-	}
-	if err := waitJetStream(b.nc, 20*time.Second); err != nil {
-		b.close()
-		return nil, err
-	}
-	return b, nil
+	return startEmbeddedBus(dir, "", "fm-restore", true, sec, log)
 }

@@ -56,6 +56,23 @@ func embeddedBus(dataDir, listen, name string, syncAlways bool, sec *security, l
 			listen = "127.0.0.1:0"
 		}
 	}
+	b, err := startEmbeddedBus(dataDir, listen, name, syncAlways, sec, log)
+	if err != nil {
+		return nil, err
+	}
+	if remember {
+		_, hostPort, _ := strings.Cut(b.clientURL, "://") // nats:// or tls://
+		if err := os.WriteFile(addrFile, []byte(hostPort+"\n"), 0o600); err != nil {
+			b.close()
+			return nil, fmt.Errorf("remember the nats address: %w", err)
+		}
+	}
+	return b, nil
+}
+
+// startEmbeddedBus starts the data folder's embedded nats-server on listen
+// ("" listens nowhere: in-process connections only) and connects to it.
+func startEmbeddedBus(dataDir, listen, name string, syncAlways bool, sec *security, log zerolog.Logger) (*busConn, error) {
 	cfg := bus.EmbeddedConfig{
 		StoreDir:   filepath.Join(dataDir, "jetstream"),
 		Listen:     listen,
@@ -73,15 +90,10 @@ func embeddedBus(dataDir, listen, name string, syncAlways bool, sec *security, l
 	if err != nil {
 		return nil, err
 	}
-	url := emb.ClientURL()
-	if remember {
-		_, hostPort, _ := strings.Cut(url, "://") // nats:// or tls://
-		if err := os.WriteFile(addrFile, []byte(hostPort+"\n"), 0o600); err != nil {
-			emb.Shutdown()
-			return nil, fmt.Errorf("remember the nats address: %w", err)
-		}
+	b := &busConn{embedded: emb}
+	if listen != "" {
+		b.clientURL = emb.ClientURL()
 	}
-	b := &busConn{embedded: emb, clientURL: url}
 	if err := b.connect(bus.ConnectConfig{InProcess: emb}, name, sec, log); err != nil {
 		b.close()
 		return nil, err
