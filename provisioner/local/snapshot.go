@@ -103,9 +103,16 @@ func (b *Backend) DeleteSnapshot(ctx context.Context, req provisioner.Request, s
 	return nil
 }
 
-// pausedCopy copies the volume folder to dst with the machine's processes
-// stopped, and says how many it paused and for how long.
+// pausedCopy copies the volume folder to dst, and says how many of the
+// machine's processes it paused and for how long. The folder is copied
+// first while they run; then they are stopped only while what changed
+// since is copied again, so the pause lasts as long as the copy of what
+// DSS wrote meanwhile, not of the whole volume.
 func (b *Backend) pausedCopy(inst, vol, dst string) (int, time.Duration, error) {
+	stamps := map[string]fileStamp{}
+	if err := syncTree(vol, dst, stamps); err != nil {
+		return 0, 0, err
+	}
 	pids := append(cmdline.Find(b.configPath(inst), "agent"), cmdline.Find(b.dssDir(inst))...)
 	start := time.Now()
 	var stopped []int
@@ -119,20 +126,46 @@ func (b *Backend) pausedCopy(inst, vol, dst string) (int, time.Duration, error) 
 			_ = syscall.Kill(pid, syscall.SIGCONT)
 		}
 	}()
-	err := copyTree(vol, dst)
+	err := syncTree(vol, dst, stamps)
 	return len(stopped), time.Since(start), err
 }
 
-// copyTree copies a folder: directories, regular files and symbolic links,
-// with their modes and modification times.
-func copyTree(src, dst string) error {
-	return filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
+// fileStamp tells whether a file changed: any write changes its ctime,
+// which no one can set back.
+type fileStamp struct {
+	size         int64
+	mtime, ctime int64
+}
+
+func stampOf(info fs.FileInfo) fileStamp {
+	st := fileStamp{size: info.Size(), mtime: info.ModTime().UnixNano()}
+	if sys, ok := info.Sys().(*syscall.Stat_t); ok {
+		st.ctime = sys.Ctim.Nano()
+	}
+	return st
+}
+
+// syncTree makes dst a copy of src: directories, regular files and symbolic
+// links, with modes and modification times; what src no longer has goes.
+// A regular file whose stamp (taken before it was copied) is unchanged in
+// stamps is not copied again. What vanishes from src while it is read (a
+// running DSS's temporary files) is skipped.
+func syncTree(src, dst string, stamps map[string]fileStamp) error {
+	seen := map[string]bool{}
+	err := filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
 		if err != nil {
 			return err
 		}
 		rel, _ := filepath.Rel(src, path)
+		seen[rel] = true
 		to := filepath.Join(dst, rel)
 		info, err := d.Info()
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
 		if err != nil {
 			return err
 		}
@@ -141,18 +174,52 @@ func copyTree(src, dst string) error {
 			return os.MkdirAll(to, info.Mode().Perm()|0o700)
 		case d.Type()&fs.ModeSymlink != 0:
 			target, err := os.Readlink(path)
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
 			if err != nil {
 				return err
 			}
+			_ = os.Remove(to)
 			return os.Symlink(target, to)
 		case d.Type().IsRegular():
-			if err := copyFile(path, to, info.Mode().Perm()); err != nil {
+			st := stampOf(info)
+			if old, ok := stamps[rel]; ok && old == st {
+				return nil
+			}
+			stamps[rel] = st
+			if err := copyFile(path, to, info.Mode().Perm()); errors.Is(err, fs.ErrNotExist) {
+				return nil
+			} else if err != nil {
 				return err
 			}
 			return os.Chtimes(to, info.ModTime(), info.ModTime())
 		}
 		return nil // sockets, pipes: not data
 	})
+	if err != nil {
+		return err
+	}
+	var gone []string
+	err = filepath.WalkDir(dst, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(dst, path)
+		if !seen[rel] {
+			gone = append(gone, path)
+			if d.IsDir() {
+				return filepath.SkipDir
+			}
+		}
+		return nil
+	})
+	for _, p := range gone {
+		if rerr := os.RemoveAll(p); rerr != nil && err == nil {
+			err = rerr
+		}
+	}
+	return err
 }
 
 func copyFile(src, dst string, mode fs.FileMode) error {

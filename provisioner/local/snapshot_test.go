@@ -3,6 +3,7 @@ package local
 import (
 	"context"
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -161,4 +162,53 @@ func (b *Backend) agentPIDs() []int {
 		return nil
 	}
 	return []int{pid}
+}
+
+// TestSyncTreeCatchesEveryChange: the paused second pass of a snapshot's
+// copy brings the copy in line with every change made after the first.
+func TestSyncTreeCatchesEveryChange(t *testing.T) {
+	src, dst := t.TempDir(), filepath.Join(t.TempDir(), "copy")
+	put := func(name, content string) {
+		t.Helper()
+		p := filepath.Join(src, name)
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("same.txt", "unchanged")
+	put("rewritten.txt", "aaaa")
+	put("gone.txt", "deleted later")
+	put("dir/gone/x", "a folder deleted later")
+	os.Symlink("same.txt", filepath.Join(src, "link"))
+	stamps := map[string]fileStamp{}
+	if err := syncTree(src, dst, stamps); err != nil {
+		t.Fatal(err)
+	}
+	// Changes made while the first pass ran, or after it.
+	put("rewritten.txt", "bbbb") // same size
+	put("new/file.txt", "new")
+	os.Remove(filepath.Join(src, "gone.txt"))
+	os.RemoveAll(filepath.Join(src, "dir", "gone"))
+	os.Remove(filepath.Join(src, "link"))
+	os.Symlink("new/file.txt", filepath.Join(src, "link"))
+	if err := syncTree(src, dst, stamps); err != nil {
+		t.Fatal(err)
+	}
+	var srcTree, dstTree []string
+	for _, side := range []struct {
+		root string
+		into *[]string
+	}{{src, &srcTree}, {dst, &dstTree}} {
+		filepath.WalkDir(side.root, func(p string, d fs.DirEntry, err error) error {
+			rel, _ := filepath.Rel(side.root, p)
+			content, _ := os.ReadFile(p)
+			link, _ := os.Readlink(p)
+			*side.into = append(*side.into, rel+"|"+string(content)+"|"+link)
+			return nil
+		})
+	}
+	if strings.Join(srcTree, "\n") != strings.Join(dstTree, "\n") {
+		t.Fatalf("copy:\n%s\nsource:\n%s", strings.Join(dstTree, "\n"), strings.Join(srcTree, "\n"))
+	}
 }
