@@ -59,7 +59,17 @@ func vectors() map[string]struct {
 				DataVolume: VolumeSpec{Type: "gp3", SizeGB: 50, MaxSizeGB: 100, Encryption: "DEFAULT_KEY"},
 				Tags:       map[string]string{"team": "data"},
 				Agent:      &AgentDownload{URL: "https://fm.example.com:10000/download/fm", SHA256: strings.Repeat("ab", 32)}},
-			Cloud: &CloudAuth{Mode: CloudAuthIAMRole, RoleARN: "arn:aws:iam::123456789012:role/fm"},
+			Cloud:        &CloudAuth{Mode: CloudAuthIAMRole, RoleARN: "arn:aws:iam::123456789012:role/fm"},
+			Snapshot:     &SnapshotRef{ID: "snap-before-upgrade"},
+			FromSnapshot: &SnapshotRef{ID: "snap-1", Store: "object-store", Ref: "in-7k2m9q4x1c/snap-1.tar.gz", SHA256: strings.Repeat("cd", 32), SizeBytes: 1 << 20, VolumeSizeGB: 50},
+		}, func() Message { return &ProvisionRequest{} }},
+		"snapshot_event": {&Event{
+			ID: "op-43-snapshot-ok", Instance: "in-7k2m9q4x1c", Kind: EventSnapshot, Time: t0, Source: "provisioner",
+			OpID: "op-43", Step: "snapshot", Status: StatusOK, Message: "snapshot snap-2 done",
+			Snapshot: &SnapshotRef{ID: "snap-2", Store: "ebs", Ref: "snap-0123456789abcdef0", VolumeSizeGB: 50, Region: "eu-west-1"},
+		}, func() Message { return &Event{} }},
+		"grow_volume_request": {&ProvisionRequest{
+			ID: "op-44-grow-volume", Instance: "in-7k2m9q4x1c", Action: ProvisionGrowVolume, OpID: "op-44", Issued: t0, VolumeSizeGB: 75,
 		}, func() Message { return &ProvisionRequest{} }},
 		"machine_state": {&MachineState{
 			Instance: "in-7k2m9q4x1c", Backend: "ec2", Status: MachineRunning, Generation: 3, RequestID: "op-42-reprovision",
@@ -315,5 +325,42 @@ func TestHasMachine(t *testing.T) {
 		if got := tc.st.HasMachine(); got != tc.want {
 			t.Errorf("%+v: HasMachine() = %v", tc.st, got)
 		}
+	}
+}
+
+func TestProvisionRequestRules(t *testing.T) {
+	base := func(a ProvisionAction) *ProvisionRequest {
+		return &ProvisionRequest{ID: "op-1-x", Instance: "in-1", Action: a}
+	}
+	tests := []struct {
+		name string
+		req  *ProvisionRequest
+		ok   bool
+	}{
+		{"snapshot", func() *ProvisionRequest {
+			r := base(ProvisionSnapshot)
+			r.Snapshot = &SnapshotRef{ID: "snap-1"}
+			return r
+		}(), true},
+		{"snapshot without one", base(ProvisionSnapshot), false},
+		{"delete-snapshot with a bad id", func() *ProvisionRequest {
+			r := base(ProvisionDeleteSnapshot)
+			r.Snapshot = &SnapshotRef{ID: "a.b"}
+			return r
+		}(), false},
+		{"grow-volume", func() *ProvisionRequest { r := base(ProvisionGrowVolume); r.VolumeSizeGB = 75; return r }(), true},
+		{"grow-volume without a size", base(ProvisionGrowVolume), false},
+		{"restore with a bad id", func() *ProvisionRequest {
+			r := base(ProvisionReprovision)
+			r.Generation, r.Spec, r.FromSnapshot = 2, &MachineSpec{}, &SnapshotRef{ID: ""}
+			return r
+		}(), false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := tc.req.Validate(); (err == nil) != tc.ok {
+				t.Fatalf("Validate = %v", err)
+			}
+		})
 	}
 }

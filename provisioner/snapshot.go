@@ -103,7 +103,12 @@ func (p *Provisioner) snapshotEvent(ctx context.Context, req protocol.ProvisionR
 	}
 	id := ""
 	if status != protocol.StatusStarted {
-		id = req.ID + "-" + ref.ID + "-" + string(status)
+		// A request has one snapshot at most: its id keeps the event's short
+		// (ids are tokens of at most 64 characters).
+		id = req.ID + "-" + string(status)
+		if req.Action == protocol.ProvisionReprovision {
+			id = req.ID + "-snapshot-" + string(status)
+		}
 	}
 	p.event(ctx, e, id)
 }
