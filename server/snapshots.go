@@ -155,6 +155,10 @@ type fromSnapshotKey struct{}
 // reprovisionFromSnapshot serves POST …/snapshots/{snapshotId}/reprovision:
 // the instance is reprovisioned on a data volume made from the snapshot.
 func (s *Server) reprovisionFromSnapshot(r *http.Request) (any, error) {
+	allow, err := queryBool(r, "allowDowngrade", false)
+	if err != nil {
+		return nil, err
+	}
 	sn, _, err := s.snapshotOf(r)
 	if err != nil {
 		return nil, err
@@ -165,10 +169,6 @@ func (s *Server) reprovisionFromSnapshot(r *http.Request) (any, error) {
 	}
 	if sn.State != api.SnapshotAvailable {
 		return nil, precondition("snapshot %s is %s, not AVAILABLE: it cannot be restored", sn.ID, sn.State)
-	}
-	allow, err := queryBool(r, "allowDowngrade", false)
-	if err != nil {
-		return nil, err
 	}
 	ctx := context.WithValue(context.WithValue(r.Context(), allowDowngradeKey{}, allow), fromSnapshotKey{}, sn)
 	return s.act(ctx, in, s.actions()[opReprovision])
