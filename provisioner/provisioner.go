@@ -111,7 +111,9 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 		return err
 	}
 	p.log.Info().Str("holder", p.cfg.Holder).Msg("holding the provisioner lease")
-	work, stop := context.WithCancel(ctx)
+	// The work outlives ctx a little: consuming stops first (below), then
+	// the workers hand back what they hold.
+	work, stop := context.WithCancel(context.WithoutCancel(ctx))
 	kept := make(chan struct{})
 	var keepErr error
 	go func() { keepErr = l.Keep(work); close(kept) }()
@@ -133,6 +135,14 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 	go p.watchMachines(work)
 	select {
 	case <-ctx.Done():
+		// A request handed back (Nak) while this process still pulls could
+		// be delivered to it again, and dropped, until the ack wait ends:
+		// stop pulling first.
+		cc.Stop()
+		select {
+		case <-cc.Closed():
+		case <-time.After(5 * time.Second):
+		}
 		return nil
 	case <-kept:
 		return keepErr
@@ -153,9 +163,14 @@ func (p *Provisioner) dispatch(ctx context.Context, m jetstream.Msg) {
 		go p.worker(ctx, instance, ch)
 	}
 	p.mu.Unlock()
+	if ctx.Err() != nil {
+		_ = m.Nak() // stopping: hand it back at once
+		return
+	}
 	select {
 	case ch <- m:
 	case <-ctx.Done():
+		_ = m.Nak()
 	}
 }
 
@@ -167,7 +182,14 @@ func (p *Provisioner) worker(ctx context.Context, instance string, ch chan jetst
 		select {
 		case <-ctx.Done():
 			p.dropWorker(instance)
-			return
+			for {
+				select {
+				case m := <-ch:
+					_ = m.Nak() // never started: hand it back
+				default:
+					return
+				}
+			}
 		case m := <-ch:
 			p.setActive(instance, true)
 			p.handle(ctx, m)

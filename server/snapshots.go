@@ -195,7 +195,7 @@ func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) {
 	sn, err := s.st.snapshots.change(ctx, ref.ID, func(sn *api.Snapshot) bool {
 		switch {
 		case deleted && failure == nil:
-			return true // removed below
+			return false // purged below
 		case deleted:
 			sn.State, sn.Error = api.SnapshotAvailable, failure
 		case sn.State != api.SnapshotCreating:
