@@ -94,9 +94,15 @@ func startDevAt(t *testing.T, data, addr string, extra ...string) *devEnv {
 	return d
 }
 
-// dumpBus returns every message stored on fm dev's bus, read with the
-// admin NATS credentials it made.
+// dumpBus returns every message stored on fm dev's bus.
 func (d *devEnv) dumpBus(t *testing.T) string {
+	t.Helper()
+	return bustest.Dump(t, d.jetStream(t))
+}
+
+// jetStream reaches fm dev's bus with the admin NATS credentials it made;
+// the connection closes when the test ends.
+func (d *devEnv) jetStream(t *testing.T) jetstream.JetStream {
 	t.Helper()
 	addr, err := os.ReadFile(filepath.Join(d.data, "nats.addr"))
 	if err != nil {
@@ -106,12 +112,12 @@ func (d *devEnv) dumpBus(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer nc.Close()
+	t.Cleanup(nc.Close)
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return bustest.Dump(t, js)
+	return js
 }
 
 // restart starts fm dev again as it was (same data, address and flags),

@@ -16,7 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -83,24 +82,10 @@ func hammer(url string) (stop func() (ok, failed int64)) {
 	return func() (int64, int64) { close(done); wg.Wait(); return okN.Load(), failN.Load() }
 }
 
-// objectStore opens fm dev's snapshot archives with its admin NATS
-// credentials.
+// objectStore opens one of fm dev's object stores.
 func (d *devEnv) objectStore(t *testing.T, bucket string) jetstream.ObjectStore {
 	t.Helper()
-	addr, err := os.ReadFile(filepath.Join(d.data, "nats.addr"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	nc, err := nats.Connect("nats://"+strings.TrimSpace(string(addr)), nats.UserCredentials(filepath.Join(d.data, "nats-admin.creds")))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := js.ObjectStore(context.Background(), bucket)
+	st, err := d.jetStream(t).ObjectStore(context.Background(), bucket)
 	if err != nil {
 		t.Fatal(err)
 	}
