@@ -1,8 +1,6 @@
 package agent
 
 import (
-	"archive/tar"
-	"compress/gzip"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -16,6 +14,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/tarball"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -227,65 +226,13 @@ func fileExists(p string) bool {
 	return err == nil && !st.IsDir()
 }
 
-// untar unpacks a .tar.gz into dir, refusing entries that would land outside
-// it.
+// untar unpacks a .tar.gz into dir, refusing entries and links that would
+// lead outside it.
 func untar(archive, dir string) error {
 	f, err := os.Open(archive)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	gz, err := gzip.NewReader(f)
-	if err != nil {
-		return fmt.Errorf("not a gzip archive: %w", err)
-	}
-	tr := tar.NewReader(gz)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			return nil
-		}
-		if err != nil {
-			return fmt.Errorf("read archive: %w", err)
-		}
-		name := filepath.Clean(h.Name)
-		if filepath.IsAbs(name) || name == ".." || strings.HasPrefix(name, "../") {
-			return fmt.Errorf("archive entry %q leaves the kit folder", h.Name)
-		}
-		target := filepath.Join(dir, name)
-		switch h.Typeflag {
-		case tar.TypeDir:
-			if err := os.MkdirAll(target, 0o755); err != nil {
-				return err
-			}
-		case tar.TypeReg:
-			if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
-				return err
-			}
-			out, err := os.OpenFile(target, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, os.FileMode(h.Mode)&0o777)
-			if err != nil {
-				return err
-			}
-			if _, err := io.Copy(out, tr); err != nil {
-				out.Close()
-				return err
-			}
-			if err := out.Close(); err != nil {
-				return err
-			}
-		case tar.TypeSymlink:
-			link := filepath.Join(filepath.Dir(name), h.Linkname)
-			if filepath.IsAbs(h.Linkname) || strings.HasPrefix(filepath.Clean(link), "..") {
-				return fmt.Errorf("archive link %q points outside the kit folder", h.Name)
-			}
-			if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
-				return err
-			}
-			if err := os.Symlink(h.Linkname, target); err != nil {
-				return err
-			}
-		default:
-			// Devices, fifos and the like have no place in a kit.
-		}
-	}
+	return tarball.Extract(f, dir, tarball.Options{ConfineLinks: true, Folder: "kit folder"})
 }

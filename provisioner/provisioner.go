@@ -241,10 +241,10 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 	log := p.log.With().Str("instance", req.Instance).Str("action", string(req.Action)).Str("request", req.ID).Logger()
 	switch req.Action {
 	case protocol.ProvisionSnapshot, protocol.ProvisionDeleteSnapshot:
-		p.handleSnapshot(ctx, m, req, log)
+		p.handleBeside(ctx, m, req, log, p.snapshotWork(ctx, req))
 		return
 	case protocol.ProvisionGrowVolume:
-		p.handleGrow(ctx, m, req, log)
+		p.handleBeside(ctx, m, req, log, p.growWork(ctx, req))
 		return
 	}
 	cur, rev, err := p.machineState(ctx, req.Instance)
@@ -422,8 +422,13 @@ func (p *Provisioner) resultEvent(ctx context.Context, req protocol.ProvisionReq
 	p.event(ctx, e, req.ID+"-"+string(e.Status))
 }
 
-// event publishes an event; id, if set, makes a repeat a duplicate.
+// event publishes an event; id, if set, makes a repeat a duplicate. A
+// stopping provisioner says nothing more: it hands its request back, and
+// the next one does the work and reports it.
 func (p *Provisioner) event(ctx context.Context, e protocol.Event, id string) {
+	if ctx.Err() != nil {
+		return
+	}
 	if id == "" {
 		id = protocol.NewID("ev")
 	}

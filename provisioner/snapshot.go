@@ -2,6 +2,7 @@ package provisioner
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -10,10 +11,15 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// handleSnapshot takes or deletes a snapshot. It leaves the machine and its
-// record alone: a snapshot needs only the data volume, and the outcome goes
-// to the server as an EventSnapshot.
-func (p *Provisioner) handleSnapshot(ctx context.Context, m jetstream.Msg, req protocol.ProvisionRequest, log zerolog.Logger) {
+// errRetryLater makes handleBeside hand a request back for a later try.
+var errRetryLater = errors.New("retry later")
+
+// handleBeside carries out a request that leaves the machine and its
+// record as they are (snapshots, volume growth): do reports the outcome on
+// FM_EVENTS itself. On shutdown the request is handed back, to be done
+// again by the next provisioner.
+func (p *Provisioner) handleBeside(ctx context.Context, m jetstream.Msg, req protocol.ProvisionRequest, log zerolog.Logger,
+	do func(ctx context.Context, cur protocol.MachineState) error) {
 	cur, _, err := p.machineState(ctx, req.Instance)
 	if err != nil {
 		log.Warn().Err(err).Msg("machine state unreadable; retrying")
@@ -22,27 +28,35 @@ func (p *Provisioner) handleSnapshot(ctx context.Context, m jetstream.Msg, req p
 	}
 	working, done := keepInProgress(ctx, m)
 	defer done()
-	breq := p.request(ctx, req)
-	switch req.Action {
-	case protocol.ProvisionSnapshot:
-		_, err = p.takeSnapshot(working, breq, cur)
-	case protocol.ProvisionDeleteSnapshot:
-		p.snapshotEvent(ctx, req, *req.Snapshot, protocol.StatusStarted, nil)
-		err = p.cfg.Backend.DeleteSnapshot(working, breq, *req.Snapshot)
-		if ctx.Err() == nil {
-			p.snapshotEvent(ctx, req, *req.Snapshot, statusOf(err), err)
+	err = do(working, cur)
+	switch {
+	case ctx.Err() != nil:
+		_ = m.Nak()
+	case errors.Is(err, errRetryLater):
+		log.Warn().Err(err).Msg("retrying")
+		_ = m.NakWithDelay(2 * time.Second)
+	case err != nil:
+		log.Warn().Err(err).Msg("operation failed")
+		_ = m.Ack()
+	default:
+		log.Info().Msg("operation done")
+		_ = m.Ack()
+	}
+}
+
+// snapshotWork takes or deletes req.Snapshot.
+func (p *Provisioner) snapshotWork(ctx context.Context, req protocol.ProvisionRequest) func(context.Context, protocol.MachineState) error {
+	return func(working context.Context, cur protocol.MachineState) error {
+		breq := p.request(ctx, req)
+		if req.Action == protocol.ProvisionSnapshot {
+			_, err := p.takeSnapshot(working, breq, cur)
+			return err
 		}
+		p.snapshotEvent(ctx, req, *req.Snapshot, protocol.StatusStarted, nil)
+		err := p.cfg.Backend.DeleteSnapshot(working, breq, *req.Snapshot)
+		p.snapshotEvent(ctx, req, *req.Snapshot, statusOf(err), err)
+		return err
 	}
-	if ctx.Err() != nil {
-		_ = m.Nak() // shutting down: the next provisioner does it
-		return
-	}
-	if err != nil {
-		log.Warn().Err(err).Str("snapshot", req.Snapshot.ID).Msg("snapshot operation failed")
-	} else {
-		log.Info().Str("snapshot", req.Snapshot.ID).Msg("snapshot operation done")
-	}
-	_ = m.Ack()
 }
 
 // takeSnapshot takes req.Snapshot of the instance's data volume and reports

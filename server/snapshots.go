@@ -23,6 +23,25 @@ const (
 	snapshotDeadline = 3 * time.Hour
 )
 
+// recordBesideOp records an operation that runs beside the instance's
+// lifecycle and sends req to the provisioner, aimed at targetKind/targetID.
+// The caller publishes it (publishOp) once what it refers to is written.
+func (s *Server) recordBesideOp(ctx context.Context, kind, instance, targetKind, targetID string, req protocol.ProvisionRequest) (opRecord, error) {
+	deadline := snapshotDeadline
+	if kind == opGrowVolume {
+		deadline = growDeadline
+	}
+	op := newRunningOp(ctx, kind, instance, deadline)
+	op.TargetKind, op.TargetID = targetKind, targetID
+	if err := s.attachRequest(&op, req); err != nil {
+		return op, err
+	}
+	if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
+		return op, unavailable(err, "the operation could not be recorded")
+	}
+	return op, nil
+}
+
 // lifecycleFree reports whether an operation runs beside the instance's
 // lifecycle rather than claiming it.
 func (op opRecord) lifecycleFree() bool {
@@ -52,15 +71,12 @@ func (s *Server) startSnapshot(ctx context.Context, instance, id, reason string,
 		return api.Snapshot{}, precondition("instance %s is being deleted", instance)
 	}
 	sn := s.newSnapshot(instance, id, reason, automated, lc, m)
-	op := newRunningOp(ctx, opSnapshot, instance, snapshotDeadline)
-	op.TargetKind, op.TargetID, sn.FutureID = kindSnapshot, sn.ID, op.JobID
-	if err := s.attachRequest(&op, protocol.ProvisionRequest{Action: protocol.ProvisionSnapshot,
-		Snapshot: &protocol.SnapshotRef{ID: sn.ID}}); err != nil {
+	op, err := s.recordBesideOp(ctx, opSnapshot, instance, kindSnapshot, sn.ID,
+		protocol.ProvisionRequest{Action: protocol.ProvisionSnapshot, Snapshot: &protocol.SnapshotRef{ID: sn.ID}})
+	if err != nil {
 		return api.Snapshot{}, err
 	}
-	if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
-		return api.Snapshot{}, unavailable(err, "the operation could not be recorded")
-	}
+	sn.FutureID = op.JobID
 	if _, err := s.st.snapshots.create(ctx, sn.ID, sn); err != nil {
 		_ = s.st.ops.kv.Purge(ctx, op.JobID)
 		if errors.Is(err, errExists) {
@@ -123,14 +139,10 @@ func (s *Server) startSnapshotDelete(ctx context.Context, sn api.Snapshot, rev u
 	if sn.State == api.SnapshotCreating || sn.State == api.SnapshotDeleting {
 		return api.Future{}, precondition("snapshot %s is %s (operation %s); wait for it to end", sn.ID, sn.State, sn.FutureID)
 	}
-	op := newRunningOp(ctx, opDeleteSnapshot, sn.InstanceID, snapshotDeadline)
-	op.TargetKind, op.TargetID = kindSnapshot, sn.ID
-	if err := s.attachRequest(&op, protocol.ProvisionRequest{Action: protocol.ProvisionDeleteSnapshot,
-		Snapshot: snapshotRef(sn)}); err != nil {
+	op, err := s.recordBesideOp(ctx, opDeleteSnapshot, sn.InstanceID, kindSnapshot, sn.ID,
+		protocol.ProvisionRequest{Action: protocol.ProvisionDeleteSnapshot, Snapshot: snapshotRef(sn)})
+	if err != nil {
 		return api.Future{}, err
-	}
-	if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
-		return api.Future{}, unavailable(err, "the operation could not be recorded")
 	}
 	next := sn
 	next.State, next.FutureID, next.Error = api.SnapshotDeleting, op.JobID, nil

@@ -15,8 +15,11 @@ import (
 const opGrowVolume = "grow-volume"
 
 // Growth of a data volume that passed 80%: by half its size, at least
-// growMinGB, up to the instance's dataVolumeSizeMaxGB.
-const growMinGB = 10
+// growMinGB, up to the instance's dataVolumeSizeMaxGB, within growDeadline.
+const (
+	growMinGB    = 10
+	growDeadline = 30 * time.Minute
+)
 
 // nextVolumeSize is the size a volume of size GB grows to, capped at max.
 func nextVolumeSize(size, maxGB int) int {
@@ -32,15 +35,15 @@ func (s *Server) growVolume(ctx context.Context, instance string) {
 	if !ok || lc.State != stateRunning || m.VolumeID == "" || in.DataVolumeSizeMaxGB == nil {
 		return
 	}
-	for _, op := range s.st.ops.filter(func(op opRecord) bool {
+	if growing := s.st.ops.filter(func(op opRecord) bool {
 		return op.Kind == opGrowVolume && op.Instance == instance && op.State == api.OpRunning
-	}) {
-		s.log.Debug().Str("instance", instance).Str("op", op.JobID).Msg("data volume already growing")
+	}); len(growing) > 0 {
+		s.log.Debug().Str("instance", instance).Str("op", growing[0].JobID).Msg("data volume already growing")
 		return
 	}
-	op := newRunningOp(ctx, opGrowVolume, instance, 30*time.Minute)
 	maxGB := *in.DataVolumeSizeMaxGB
 	if m.VolumeSizeGB >= maxGB {
+		op := newRunningOp(ctx, opGrowVolume, instance, growDeadline)
 		now := time.Now().UTC()
 		op.State, op.Alive, op.EndedAt = api.OpFailed, false, &now
 		op.Error = &api.Error{ErrorType: string(protocol.CodeResourceExhausted), Message: "Data volume at its maximum size",
@@ -55,10 +58,9 @@ func (s *Server) growVolume(ctx context.Context, instance string) {
 		return
 	}
 	target := nextVolumeSize(m.VolumeSizeGB, maxGB)
-	if err := s.attachRequest(&op, protocol.ProvisionRequest{Action: protocol.ProvisionGrowVolume, VolumeSizeGB: target}); err != nil {
-		return
-	}
-	if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
+	op, err := s.recordBesideOp(ctx, opGrowVolume, instance, kindInstance, instance,
+		protocol.ProvisionRequest{Action: protocol.ProvisionGrowVolume, VolumeSizeGB: target})
+	if err != nil {
 		s.log.Warn().Err(err).Str("instance", instance).Msg("volume growth not recorded")
 		return
 	}

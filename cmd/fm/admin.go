@@ -52,7 +52,7 @@ func (f *busFlags) register(fs *flag.FlagSet) {
 func (f *busFlags) connect(dir string, log zerolog.Logger) (*busConn, error) {
 	url, ca := f.url, f.ca
 	if ca == "" {
-		if _, err := os.Stat(filepath.Join(dir, "tls", "ca.pem")); err == nil {
+		if exists(filepath.Join(dir, "tls", "ca.pem")) {
 			ca = filepath.Join(dir, "tls", "ca.pem")
 		}
 	}
@@ -69,13 +69,11 @@ func (f *busFlags) connect(dir string, log zerolog.Logger) (*busConn, error) {
 	}
 	sec := &security{caFile: ca}
 	if f.creds == "" {
-		if authority := filepath.Join(dir, "nats-auth"); exists(authority) {
-			s, err := openSecurity(dir, authority, false, tlsFlags{})
-			if err != nil {
-				return nil, err
-			}
-			sec.authority = s.authority
+		s, err := folderAuthority(dir)
+		if err != nil {
+			return nil, err
 		}
+		sec.authority = s.authority
 	}
 	return externalBus(url, f.creds, "fm-admin", sec, log)
 }
@@ -271,13 +269,19 @@ func restoreFiles(dir string, files map[string][]byte) error {
 // storeOnly starts the data folder's embedded bus listening nowhere, in
 // operator mode when the folder holds a NATS authority, and connects to it.
 func storeOnly(dir string, log zerolog.Logger) (*busConn, error) {
-	sec := &security{}
-	if authority := filepath.Join(dir, "nats-auth"); exists(authority) {
-		s, err := openSecurity(dir, authority, false, tlsFlags{})
-		if err != nil {
-			return nil, err
-		}
-		sec = s
+	sec, err := folderAuthority(dir)
+	if err != nil {
+		return nil, err
 	}
 	return startEmbeddedBus(dir, "", "fm-restore", true, sec, log)
+}
+
+// folderAuthority is the NATS authority the data folder holds (DATA/nats-auth),
+// if any, without TLS.
+func folderAuthority(dir string) (*security, error) {
+	authority := filepath.Join(dir, "nats-auth")
+	if !exists(authority) {
+		return &security{}, nil
+	}
+	return openSecurity(dir, authority, false, tlsFlags{})
 }

@@ -88,7 +88,7 @@ func (s *security) scheme() string {
 // path. An existing file is kept.
 func (s *security) operatorCreds(dir, role string) (string, error) {
 	path := filepath.Join(dir, "nats-"+role+".creds")
-	if _, err := os.Stat(path); err == nil {
+	if exists(path) {
 		return path, nil
 	}
 	var perms jwt.Permissions // admin: everything

@@ -235,6 +235,23 @@ func (b *Backend) Delete(ctx context.Context, req provisioner.Request, cur proto
 	return next, nil
 }
 
+// GrowVolume implements provisioner.Backend: a folder has no size, so the
+// nominal size the agent measures against grows, in its config (for its
+// next start) and, through the grow-filesystem command, in the running
+// agent.
+func (b *Backend) GrowVolume(ctx context.Context, req provisioner.Request, cur protocol.MachineState, sizeGB int) (protocol.MachineState, error) {
+	if cfg, err := agent.LoadConfigFile(b.configPath(req.Instance)); err == nil {
+		cfg.DataVolumeBytes = uint64(sizeGB) << 30
+		if err := agent.WriteConfigFile(b.configPath(req.Instance), cfg); err != nil {
+			return cur, fmt.Errorf("write the agent's config: %w", err)
+		}
+	}
+	req.Progress("resize", fmt.Sprintf("data volume grown from %d to %d GB", cur.VolumeSizeGB, sizeGB))
+	next := cur
+	next.VolumeSizeGB = sizeGB
+	return next, nil
+}
+
 // Alive implements provisioner.Backend: the agent process of the machine
 // still runs.
 func (b *Backend) Alive(ctx context.Context, cur protocol.MachineState) (bool, error) {

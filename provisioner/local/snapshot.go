@@ -1,8 +1,6 @@
 package local
 
 import (
-	"archive/tar"
-	"compress/gzip"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -12,15 +10,14 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 
-	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/cmdline"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/archive"
+	"github.com/fleetmanager/fm/tarball"
 )
 
 // Archives is the snapshot store: where archives of data volumes are kept.
@@ -39,10 +36,11 @@ var (
 	_ Archives = (*archive.S3)(nil)
 )
 
-// Snapshot implements provisioner.Backend. The machine's processes (agent
-// and DSS) are paused with SIGSTOP only while the volume folder is copied
-// aside, which gives a crash-consistent point in time as an EBS snapshot
-// does; the archive is then made from the copy while they run on.
+// Snapshot implements provisioner.Backend. The volume folder is copied
+// aside with the machine's processes (agent and DSS) paused only for the
+// last of it (pausedCopy), which gives a crash-consistent point in time as
+// an EBS snapshot does; the archive is then made from the copy while they
+// run on.
 func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur protocol.MachineState, snap protocol.SnapshotRef) (protocol.SnapshotRef, error) {
 	if b.cfg.Archives == nil {
 		return snap, protocol.Errorf(protocol.CodeUnimplemented, "this provisioner has no snapshot store")
@@ -68,7 +66,7 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	}
 	defer f.Close()
 	h := sha256.New()
-	if err := writeArchive(filepath.Join(work, "volume"), io.MultiWriter(f, h)); err != nil {
+	if err := tarball.Write(io.MultiWriter(f, h), filepath.Join(work, "volume")); err != nil {
 		return snap, fmt.Errorf("archive the data volume: %w", err)
 	}
 	size, err := f.Seek(0, io.SeekCurrent)
@@ -88,13 +86,21 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	return ref, nil
 }
 
+// keeps says whether snap is in this backend's snapshot store.
+func (b *Backend) keeps(snap protocol.SnapshotRef) error {
+	if b.cfg.Archives == nil || snap.Store != b.cfg.Archives.Name() {
+		return protocol.Errorf(protocol.CodeFailedPrecondition, "snapshot %s is kept in %q, which this provisioner does not use", snap.ID, snap.Store)
+	}
+	return nil
+}
+
 // DeleteSnapshot implements provisioner.Backend.
 func (b *Backend) DeleteSnapshot(ctx context.Context, req provisioner.Request, snap protocol.SnapshotRef) error {
 	if snap.Ref == "" {
 		return nil // never taken
 	}
-	if b.cfg.Archives == nil || snap.Store != b.cfg.Archives.Name() {
-		return protocol.Errorf(protocol.CodeFailedPrecondition, "snapshot %s is kept in %q, which this provisioner does not use", snap.ID, snap.Store)
+	if err := b.keeps(snap); err != nil {
+		return err
 	}
 	if err := b.cfg.Archives.Delete(ctx, snap.Ref); err != nil {
 		return protocol.Errorf(protocol.CodeUnavailable, "%v", err)
@@ -239,62 +245,12 @@ func copyFile(src, dst string, mode fs.FileMode) error {
 	return out.Close()
 }
 
-// writeArchive writes a folder as a gzipped tar.
-func writeArchive(dir string, w io.Writer) error {
-	zw := gzip.NewWriter(w)
-	tw := tar.NewWriter(zw)
-	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil || path == dir {
-			return err
-		}
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		link := ""
-		if d.Type()&fs.ModeSymlink != 0 {
-			if link, err = os.Readlink(path); err != nil {
-				return err
-			}
-		}
-		hdr, err := tar.FileInfoHeader(info, link)
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(dir, path)
-		hdr.Name = filepath.ToSlash(rel)
-		if d.IsDir() {
-			hdr.Name += "/"
-		}
-		if err := tw.WriteHeader(hdr); err != nil {
-			return err
-		}
-		if !d.Type().IsRegular() {
-			return nil
-		}
-		f, err := os.Open(path)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		_, err = io.Copy(tw, f)
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	if err := tw.Close(); err != nil {
-		return err
-	}
-	return zw.Close()
-}
-
 // restoreArchive extracts a snapshot's archive into dst, checking its
 // SHA-256 against the one recorded when it was taken. Any failure is a
 // DataLoss error: the archive is missing, corrupted or not an archive.
 func (b *Backend) restoreArchive(ctx context.Context, snap protocol.SnapshotRef, dst string) error {
-	if b.cfg.Archives == nil || snap.Store != b.cfg.Archives.Name() {
-		return protocol.Errorf(protocol.CodeFailedPrecondition, "snapshot %s is kept in %q, which this provisioner does not use", snap.ID, snap.Store)
+	if err := b.keeps(snap); err != nil {
+		return err
 	}
 	if snap.SHA256 == "" {
 		return protocol.Errorf(protocol.CodeDataLoss, "snapshot %s has no recorded digest to check its archive against", snap.ID)
@@ -309,7 +265,7 @@ func (b *Backend) restoreArchive(ctx context.Context, snap protocol.SnapshotRef,
 	defer rc.Close()
 	h := sha256.New()
 	body := io.TeeReader(rc, h)
-	exErr := extract(body, dst)
+	exErr := tarball.Extract(body, dst, tarball.Options{Folder: "volume"})
 	// The digest covers every byte, also what follows the end of the tar.
 	_, _ = io.Copy(io.Discard, body)
 	if got := hex.EncodeToString(h.Sum(nil)); got != snap.SHA256 {
@@ -320,72 +276,4 @@ func (b *Backend) restoreArchive(ctx context.Context, snap protocol.SnapshotRef,
 		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s could not be extracted: %v", snap.ID, exErr)
 	}
 	return nil
-}
-
-// extract writes a gzipped tar into dst, refusing entries that would land
-// outside it.
-func extract(r io.Reader, dst string) error {
-	zr, err := gzip.NewReader(r)
-	if err != nil {
-		return err
-	}
-	tr := tar.NewReader(zr)
-	if err := os.MkdirAll(dst, 0o700); err != nil {
-		return err
-	}
-	for {
-		hdr, err := tr.Next()
-		if errors.Is(err, io.EOF) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		name := filepath.Clean(filepath.FromSlash(hdr.Name))
-		if filepath.IsAbs(name) || name == ".." || strings.HasPrefix(name, ".."+string(filepath.Separator)) {
-			return fmt.Errorf("entry %q is outside the volume", hdr.Name)
-		}
-		to := filepath.Join(dst, name)
-		mode := fs.FileMode(hdr.Mode).Perm()
-		switch hdr.Typeflag {
-		case tar.TypeDir:
-			if err := os.MkdirAll(to, mode|0o700); err != nil {
-				return err
-			}
-		case tar.TypeSymlink:
-			if err := os.Symlink(hdr.Linkname, to); err != nil {
-				return err
-			}
-		case tar.TypeReg:
-			f, err := os.OpenFile(to, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
-			if err != nil {
-				return err
-			}
-			if _, err := io.Copy(f, tr); err != nil {
-				f.Close()
-				return err
-			}
-			if err := f.Close(); err != nil {
-				return err
-			}
-			_ = os.Chtimes(to, hdr.ModTime, hdr.ModTime)
-		}
-	}
-}
-
-// GrowVolume implements provisioner.Backend: a folder has no size, so the
-// nominal size the agent measures against grows, in its config (for its
-// next start) and, through the grow-filesystem command, in the running
-// agent.
-func (b *Backend) GrowVolume(ctx context.Context, req provisioner.Request, cur protocol.MachineState, sizeGB int) (protocol.MachineState, error) {
-	if cfg, err := agent.LoadConfigFile(b.configPath(req.Instance)); err == nil {
-		cfg.DataVolumeBytes = uint64(sizeGB) << 30
-		if err := agent.WriteConfigFile(b.configPath(req.Instance), cfg); err != nil {
-			return cur, fmt.Errorf("write the agent's config: %w", err)
-		}
-	}
-	req.Progress("resize", fmt.Sprintf("data volume grown from %d to %d GB", cur.VolumeSizeGB, sizeGB))
-	next := cur
-	next.VolumeSizeGB = sizeGB
-	return next, nil
 }
