@@ -40,21 +40,28 @@ func TestFMBackupAndRestore(t *testing.T) {
 		t.Fatalf("restore into a used folder: %d %s", code, errOut)
 	}
 
-	// FM stops and its data folder is lost; the machine runs on.
+	// FM stops and everything it kept is lost; the machine runs on. Its disks
+	// (DATA/local) are not FM's state and stay where they are: the running
+	// agent writes there by path.
 	if err := d.proc.Interrupt(30 * time.Second); err != nil {
 		t.Fatal(err)
 	}
-	lost := data + ".lost"
-	if err := os.Rename(data, lost); err != nil {
+	lost := t.TempDir()
+	entries, err := os.ReadDir(data)
+	if err != nil {
 		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if e.Name() == "local" {
+			continue
+		}
+		if err := os.Rename(filepath.Join(data, e.Name()), filepath.Join(lost, e.Name())); err != nil {
+			t.Fatal(err)
+		}
 	}
 	out, errOut, code = Run(t, fmBin(t), nil, "admin", "restore", file, "--data", data)
 	if code != 0 || !strings.Contains(out, "restored") {
 		t.Fatalf("restore: %d %s %s", code, out, errOut)
-	}
-	// The machine's disks are not FM's state: put them back where they were.
-	if err := os.Rename(filepath.Join(lost, "local"), filepath.Join(data, "local")); err != nil {
-		t.Fatal(err)
 	}
 	d = d.restart(t)
 	if got := d.fm(t, "instance", "list", "--output", "json"); got != instancesBefore {
