@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"time"
@@ -69,9 +70,9 @@ func (s *Server) scheduleWhileLeased(ctx context.Context, holder string) error {
 }
 
 // scheduleSnapshots does, for every instance with automated snapshots, the
-// one thing due first: wait for a snapshot under way, delete the oldest
-// automated one past the retention, or take one when the period has passed
-// since the last.
+// one thing due first: wait for a snapshot under way, delete an expired
+// automated one (see expiring), or take one when the period has passed since
+// the last.
 func (s *Server) scheduleSnapshots(ctx context.Context, now time.Time) {
 	for _, in := range s.st.instances.list() {
 		if !in.EnableAutomatedSnapshot || in.AutomatedSnapshotPeriod == nil {
@@ -80,23 +81,17 @@ func (s *Server) scheduleSnapshots(ctx context.Context, now time.Time) {
 		if lc, _, _ := s.st.lifecycle.get(in.ID); lc.State != stateRunning {
 			continue // a volume that does not change needs no new snapshot
 		}
-		var auto []api.Snapshot
-		busy := false
-		for _, sn := range s.snapshotsOf(in.ID) {
-			if !sn.Automated {
-				continue
-			}
-			auto = append(auto, sn)
-			busy = busy || sn.State == api.SnapshotCreating || sn.State == api.SnapshotDeleting
-		}
-		if busy {
-			continue
-		}
-		if keep := derefInt(in.AutomatedSnapshotRetention); keep > 0 && len(auto) > keep {
-			s.expireSnapshot(ctx, auto[0])
+		auto := s.automatedSnapshotsOf(in.ID)
+		if slices.ContainsFunc(auto, func(sn api.Snapshot) bool {
+			return sn.State == api.SnapshotCreating || sn.State == api.SnapshotDeleting
+		}) {
 			continue
 		}
 		period := time.Duration(*in.AutomatedSnapshotPeriod) * s.cfg.SnapshotHour
+		if old, ok := expiring(auto, derefInt(in.AutomatedSnapshotRetention)); ok && !s.deleteFailedWithin(old, now, period) {
+			s.expireSnapshot(ctx, old)
+			continue
+		}
 		due := now
 		if len(auto) > 0 {
 			due = auto[len(auto)-1].CreatedAt.Add(period)
@@ -115,7 +110,49 @@ func (s *Server) scheduleSnapshots(ctx context.Context, now time.Time) {
 	}
 }
 
-// expireSnapshot deletes an automated snapshot past the retention.
+// automatedSnapshotsOf lists an instance's automated snapshots, oldest
+// first.
+func (s *Server) automatedSnapshotsOf(instance string) []api.Snapshot {
+	return slices.DeleteFunc(s.snapshotsOf(instance), func(sn api.Snapshot) bool { return !sn.Automated })
+}
+
+// expiring picks the automated snapshot (of auto, oldest first) to delete:
+// the oldest available one past the retention (keep; 0 keeps all), else the
+// oldest failed one taken before one that succeeded. Only snapshots that can
+// be restored count toward the retention, so that failing ones never push a
+// good one out.
+func expiring(auto []api.Snapshot, keep int) (api.Snapshot, bool) {
+	var available []api.Snapshot
+	for _, sn := range auto {
+		if sn.State == api.SnapshotAvailable {
+			available = append(available, sn)
+		}
+	}
+	if keep > 0 && len(available) > keep {
+		return available[0], true
+	}
+	if len(available) == 0 {
+		return api.Snapshot{}, false
+	}
+	latest := available[len(available)-1].CreatedAt
+	for _, sn := range auto {
+		if sn.State == api.SnapshotFailed && sn.CreatedAt.Before(latest) {
+			return sn, true
+		}
+	}
+	return api.Snapshot{}, false
+}
+
+// deleteFailedWithin says whether the last operation on sn is a deletion
+// that failed less than d before now: it is tried again a period later, not
+// at every tick.
+func (s *Server) deleteFailedWithin(sn api.Snapshot, now time.Time, d time.Duration) bool {
+	op, _, ok := s.st.ops.get(sn.FutureID)
+	return ok && op.Kind == opDeleteSnapshot && op.State == api.OpFailed && op.EndedAt != nil && now.Sub(*op.EndedAt) < d
+}
+
+// expireSnapshot deletes an automated snapshot past the retention, or a
+// failed one superseded by a later success.
 func (s *Server) expireSnapshot(ctx context.Context, sn api.Snapshot) {
 	cur, rev, ok := s.st.snapshots.get(sn.ID)
 	if !ok {
@@ -125,7 +162,7 @@ func (s *Server) expireSnapshot(ctx context.Context, sn api.Snapshot) {
 		s.log.Warn().Err(err).Str("snapshot", sn.ID).Msg("expired automated snapshot not deleted")
 		return
 	}
-	s.log.Info().Str("instance", sn.InstanceID).Str("snapshot", sn.ID).Msg("automated snapshot past the retention deleted")
+	s.log.Info().Str("instance", sn.InstanceID).Str("snapshot", sn.ID).Str("state", sn.State).Msg("automated snapshot expired")
 }
 
 func derefInt(p *int) int {

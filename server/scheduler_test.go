@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -16,13 +17,17 @@ import (
 )
 
 // fakeProvisioner answers snapshot requests as a provisioner whose snapshots
-// always succeed, and records them.
+// succeed (or fail, while failSnapshots or failDeletes is set), and records
+// them.
 type fakeProvisioner struct {
-	mu      sync.Mutex
-	grown   []int // sizes asked for
-	taken   []string
-	at      []time.Time // when each was asked for
-	deleted []string
+	mu            sync.Mutex
+	grown         []int // sizes asked for
+	taken         []string
+	at            []time.Time // when each was asked for
+	deleted       []string
+	deletedAt     []time.Time
+	failSnapshots bool
+	failDeletes   bool
 }
 
 func runFakeProvisioner(t *testing.T, bus *bustest.Server) *fakeProvisioner {
@@ -52,16 +57,27 @@ func runFakeProvisioner(t *testing.T, bus *bustest.Server) *fakeProvisioner {
 			return
 		}
 		ref := *req.Snapshot
+		var failure *protocol.Error
 		f.mu.Lock()
 		if req.Action == protocol.ProvisionSnapshot {
 			f.taken, f.at = append(f.taken, ref.ID), append(f.at, time.Now())
-			ref.Store, ref.Ref, ref.SHA256 = "fake", "fake/"+ref.ID, "00"
+			if f.failSnapshots {
+				failure = &protocol.Error{Code: protocol.CodeUnavailable, Message: "the store is down"}
+			} else {
+				ref.Store, ref.Ref, ref.SHA256 = "fake", "fake/"+ref.ID, "00"
+			}
 		} else {
-			f.deleted = append(f.deleted, ref.ID)
+			f.deleted, f.deletedAt = append(f.deleted, ref.ID), append(f.deletedAt, time.Now())
+			if f.failDeletes {
+				failure = &protocol.Error{Code: protocol.CodeUnavailable, Message: "the store is down"}
+			}
 		}
 		f.mu.Unlock()
 		e := protocol.Event{ID: req.ID + "-done", Instance: req.Instance, Kind: protocol.EventSnapshot, Time: time.Now().UTC(),
 			Source: "provisioner", OpID: req.OpID, Step: string(req.Action), Status: protocol.StatusOK, Snapshot: &ref}
+		if failure != nil {
+			e.Status, e.Error = protocol.StatusFailed, failure
+		}
 		data, _ := protocol.Encode(&e)
 		_, _ = js.Publish(ctx, protocol.EventSubject(req.Instance, e.Kind), data)
 		_ = m.Ack()
@@ -206,6 +222,78 @@ func TestAutomatedSnapshots(t *testing.T) {
 	if len(fake.deleted) < 2 {
 		t.Fatalf("the retention deleted %v", fake.deleted)
 	}
+}
+
+// TestAutomatedSnapshotFailures: failing automated snapshots never push a
+// good one out of the retention; once one succeeds again the failed ones are
+// deleted; a deletion that fails is retried a period later, not at every tick,
+// and leaves a failed snapshot failed.
+func TestAutomatedSnapshotFailures(t *testing.T) {
+	const hour = 2 * time.Second
+	f := start(t, servertest.WithConfig(func(c *server.Config) {
+		c.SnapshotHour, c.SchedulerInterval, c.SweepInterval = hour, 100*time.Millisecond, 200*time.Millisecond
+	}))
+	fake := runFakeProvisioner(t, f.env.Bus)
+	vn, tpl, im := f.fleet()
+	var in api.Instance
+	body := `{"label":"auto","virtualNetworkId":"` + vn.ID + `","instanceSettingsTemplateId":"` + tpl.ID + `","imageId":"` + im.ID +
+		`","dssNodeType":"design","enableAutomatedSnapshot":true,"automatedSnapshotPeriod":1,"automatedSnapshotRetention":3}`
+	f.ok(f.do("POST", "/instances", body), &in)
+	runningWithVolume(t, f.env.Bus, in.ID)
+	states := func() (available, failed []string) {
+		for _, sn := range f.snapshots(in.ID) {
+			switch {
+			case !sn.Automated:
+			case sn.State == api.SnapshotAvailable:
+				available = append(available, sn.ID)
+			case sn.State == api.SnapshotFailed:
+				failed = append(failed, sn.ID)
+			}
+		}
+		return available, failed
+	}
+	set := func(apply func()) {
+		fake.mu.Lock()
+		defer fake.mu.Unlock()
+		apply()
+	}
+
+	waitFor(t, "two automated snapshots", func() bool { a, _ := states(); return len(a) == 2 })
+	good, _ := states()
+	set(func() { fake.failSnapshots = true })
+	waitFor(t, "three failed automated snapshots", func() bool { _, failed := states(); return len(failed) == 3 })
+	if available, _ := states(); !slices.Equal(available, good) {
+		t.Fatalf("failed snapshots pushed good ones out: %v, were %v", available, good)
+	}
+	if _, deleted := fake.counts(); deleted != 0 {
+		t.Fatalf("deleted while every new snapshot failed: %v", fake.deleted)
+	}
+
+	// One success: the failed snapshots before it go, but their deletion
+	// fails for a while.
+	set(func() { fake.failSnapshots, fake.failDeletes = false, true })
+	waitFor(t, "a deletion tried", func() bool { _, deleted := fake.counts(); return deleted >= 1 })
+	var first string
+	set(func() { first = fake.deleted[0] })
+	var sn api.Snapshot
+	waitFor(t, "the failed deletion folded", func() bool {
+		f.ok(f.do("GET", "/instances/"+in.ID+"/snapshots/"+first, ""), &sn)
+		return sn.State != api.SnapshotDeleting
+	})
+	if sn.State != api.SnapshotFailed {
+		t.Fatalf("a failed deletion of failed snapshot %s left it %s", first, sn.State)
+	}
+	waitFor(t, "a second deletion", func() bool { _, deleted := fake.counts(); return deleted >= 2 })
+	set(func() {
+		if gap := fake.deletedAt[1].Sub(fake.deletedAt[0]); gap < hour/2 {
+			t.Errorf("a failed deletion tried again %s later: %v", gap, fake.deleted)
+		}
+		fake.failDeletes = false
+	})
+	waitFor(t, "the failed snapshots deleted, the retention kept", func() bool {
+		available, failed := states()
+		return len(failed) == 0 && len(available) == 3
+	})
 }
 
 func waitFor(t *testing.T, what string, cond func() bool) {

@@ -208,6 +208,8 @@ func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) {
 		switch {
 		case deleted && failure == nil:
 			return false // purged below
+		case deleted && sn.StoreRef == "":
+			sn.State, sn.Error = api.SnapshotFailed, failure // it was never taken
 		case deleted:
 			sn.State, sn.Error = api.SnapshotAvailable, failure
 		case sn.State != api.SnapshotCreating:
