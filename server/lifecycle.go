@@ -240,6 +240,11 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 		if err != nil {
 			return api.Future{}, err
 		}
+		if op.pendingSnapshot != nil && s.cfg.OperationTimeout == 0 {
+			// The snapshot is taken first: a large volume's first EBS
+			// snapshot alone can take hours.
+			op.Deadline = op.Deadline.Add(snapshotDeadline)
+		}
 		now := time.Now().UTC()
 		next.OpID, next.OpKind, next.Error, next.UpdatedAt = op.JobID, a.kind, nil, now
 		if a.during != "" && next.State != a.during {

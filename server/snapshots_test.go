@@ -1,10 +1,14 @@
 package server_test
 
 import (
+	"context"
+	"encoding/json"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
 )
 
 // TestSnapshotBadInput: what cannot be done is refused with a clear error
@@ -45,5 +49,53 @@ func TestSnapshotBadInput(t *testing.T) {
 	f.failed(f.do("GET", "/instances/"+other.ID+"/snapshots/"+sn.ID, ""), 404, "NotFound")
 	if after := f.snapshotOf(base); after != before {
 		t.Fatalf("refused requests changed the snapshots:\n%s\n%s", after, before)
+	}
+}
+
+// TestUpgradeTakesASnapshotFirst: a reprovision that changes DSS's version
+// records the snapshot it takes first, asks the provisioner to take it before
+// anything else, and has the snapshot's time on top of its own deadline.
+func TestUpgradeTakesASnapshotFirst(t *testing.T) {
+	f := start(t)
+	vn, tpl, im := f.fleet()
+	newer := f.addImageWithKit("dss-14.1.0-test", "14.1.0")
+	in := f.createInstance(instanceBody("up", vn.ID, tpl.ID, im.ID))
+	runningWithVolume(t, f.env.Bus, in.ID)
+	m := map[string]any{}
+	f.ok(f.do("GET", "/instances/"+in.ID, ""), &m)
+	m["imageId"] = newer.ID
+	f.ok(f.do("PUT", "/instances/"+in.ID, mustJSON(t, m)), nil)
+
+	var fut api.Future
+	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/reprovision", ""), &fut)
+	list := f.snapshots(in.ID)
+	if len(list) != 1 || list[0].Reason != "before changing DSS from 14.0.0 to 14.1.0" || list[0].Automated ||
+		list[0].FutureID != fut.JobID || list[0].DSSVersion != "14.0.0" || list[0].State != api.SnapshotCreating {
+		t.Fatalf("the pre-upgrade snapshot: %+v", list)
+	}
+	kv, err := f.env.Bus.JetStream(t).KeyValue(context.Background(), protocol.BucketOps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry, err := kv.Get(context.Background(), fut.JobID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var op struct {
+		Deadline time.Time       `json:"deadline"`
+		Request  json.RawMessage `json:"request"`
+	}
+	var req protocol.ProvisionRequest
+	if err := json.Unmarshal(entry.Value(), &op); err != nil {
+		t.Fatal(err)
+	}
+	if err := protocol.Decode(op.Request, &req); err != nil {
+		t.Fatal(err)
+	}
+	if req.Action != protocol.ProvisionReprovision || req.Snapshot == nil || req.Snapshot.ID != list[0].ID {
+		t.Fatalf("the provision request does not take the snapshot first: %+v", req)
+	}
+	if left := time.Until(op.Deadline); left < 3*time.Hour {
+		t.Fatalf("the upgrade's deadline leaves %s, not the snapshot's time on top of its own", left)
 	}
 }
