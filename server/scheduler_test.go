@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"slices"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -149,12 +150,11 @@ func (f *fm) snapshots(id string) []api.Snapshot {
 	return list
 }
 
-// TestAutomatedSnapshots runs the scheduler with an hour of two seconds: it
-// takes a snapshot every period, keeps the retention's count of automated
-// ones (never deleting a manual one), and across a restart of the server
-// neither skips a snapshot nor takes one twice.
-func TestAutomatedSnapshots(t *testing.T) {
-	const hour = 2 * time.Second
+// startScheduling starts a server whose scheduler hour lasts hour, a fake
+// provisioner, and a running instance with an automated snapshot every hour
+// and the retention keep.
+func startScheduling(t *testing.T, hour time.Duration, keep int) (*fm, *fakeProvisioner, api.Instance) {
+	t.Helper()
 	f := start(t, servertest.WithConfig(func(c *server.Config) {
 		c.SnapshotHour, c.SchedulerInterval, c.SweepInterval = hour, 100*time.Millisecond, 200*time.Millisecond
 	}))
@@ -162,9 +162,19 @@ func TestAutomatedSnapshots(t *testing.T) {
 	vn, tpl, im := f.fleet()
 	var in api.Instance
 	body := `{"label":"auto","virtualNetworkId":"` + vn.ID + `","instanceSettingsTemplateId":"` + tpl.ID + `","imageId":"` + im.ID +
-		`","dssNodeType":"design","enableAutomatedSnapshot":true,"automatedSnapshotPeriod":1,"automatedSnapshotRetention":2}`
+		`","dssNodeType":"design","enableAutomatedSnapshot":true,"automatedSnapshotPeriod":1,"automatedSnapshotRetention":` + strconv.Itoa(keep) + `}`
 	f.ok(f.do("POST", "/instances", body), &in)
 	runningWithVolume(t, f.env.Bus, in.ID)
+	return f, fake, in
+}
+
+// TestAutomatedSnapshots runs the scheduler with an hour of two seconds: it
+// takes a snapshot every period, keeps the retention's count of automated
+// ones (never deleting a manual one), and across a restart of the server
+// neither skips a snapshot nor takes one twice.
+func TestAutomatedSnapshots(t *testing.T) {
+	const hour = 2 * time.Second
+	f, fake, in := startScheduling(t, hour, 2)
 	var manual api.Snapshot
 	waitFor(t, "a manual snapshot accepted", func() bool {
 		return f.do("POST", "/instances/"+in.ID+"/snapshots?reasonForSnapshot=keep", "").status == 200
@@ -230,16 +240,7 @@ func TestAutomatedSnapshots(t *testing.T) {
 // and leaves a failed snapshot failed.
 func TestAutomatedSnapshotFailures(t *testing.T) {
 	const hour = 2 * time.Second
-	f := start(t, servertest.WithConfig(func(c *server.Config) {
-		c.SnapshotHour, c.SchedulerInterval, c.SweepInterval = hour, 100*time.Millisecond, 200*time.Millisecond
-	}))
-	fake := runFakeProvisioner(t, f.env.Bus)
-	vn, tpl, im := f.fleet()
-	var in api.Instance
-	body := `{"label":"auto","virtualNetworkId":"` + vn.ID + `","instanceSettingsTemplateId":"` + tpl.ID + `","imageId":"` + im.ID +
-		`","dssNodeType":"design","enableAutomatedSnapshot":true,"automatedSnapshotPeriod":1,"automatedSnapshotRetention":3}`
-	f.ok(f.do("POST", "/instances", body), &in)
-	runningWithVolume(t, f.env.Bus, in.ID)
+	f, fake, in := startScheduling(t, hour, 3)
 	states := func() (available, failed []string) {
 		for _, sn := range f.snapshots(in.ID) {
 			switch {
