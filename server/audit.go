@@ -33,6 +33,24 @@ func (s *Server) auditAs(r *http.Request, who, role, outcome string, status int,
 	s.record(r.Context(), rec)
 }
 
+// Audit objects of what FM does of its own accord.
+const (
+	auditInstances = "instances"
+	auditSnapshots = "snapshots"
+)
+
+// recordByFM records what FM did of its own accord (credentials it minted or
+// revoked, the snapshot scheduler, volume growth); err, if any, is why it did
+// not succeed.
+func (s *Server) recordByFM(ctx context.Context, action, object, objectID string, err error) {
+	rec := protocol.AuditRecord{Who: "fm", Action: action, Object: object, ObjectID: objectID, Outcome: "ok"}
+	if err != nil {
+		ae := asAPIError(err)
+		rec.Outcome, rec.Error = "failed", &protocol.Error{Code: ae.code, Message: ae.detail}
+	}
+	s.record(ctx, rec)
+}
+
 // objectOf is the kind of object a path is about: its first segment after
 // the tenant prefix ("instances", "api-keys", …).
 func objectOf(path string) string {

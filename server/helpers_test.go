@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/server"
 	"github.com/fleetmanager/fm/server/servertest"
 )
@@ -168,4 +169,19 @@ func (f *fm) addImageWithKit(id, version string) api.Image {
 	var im api.Image
 	f.ok(f.do("POST", "/images", `{"id":"`+id+`","label":"`+id+`","dssVersion":"`+version+`","kit":{"url":"https://kits.example.com/k.tgz","sha256":"`+strings.Repeat("a", 64)+`"}}`), &im)
 	return im
+}
+
+// doneByFM counts the audit records of object that FM made of its own
+// accord, by "action outcome".
+func (f *fm) doneByFM(object string) map[string]int {
+	f.t.Helper()
+	var recs []protocol.AuditRecord
+	f.ok(f.do("GET", "/audit?limit=1000&object="+object, ""), &recs)
+	count := map[string]int{}
+	for _, r := range recs {
+		if r.Who == "fm" {
+			count[r.Action+" "+r.Outcome]++
+		}
+	}
+	return count
 }

@@ -150,7 +150,7 @@ func (s *Server) mintAgent(ctx context.Context, instance string) (protocol.JoinR
 			return protocol.JoinResponse{}, unavailable(err, "the agent's credentials could not be recorded")
 		}
 	}
-	s.record(ctx, protocol.AuditRecord{Who: "fm", Action: "credentials.minted", Object: "credentials", ObjectID: instance, Outcome: "ok"})
+	s.recordByFM(ctx, "credentials.minted", "credentials", instance, nil)
 	if previous != "" && previous != pub {
 		s.revokeUsers(ctx, instance, previous)
 	}
@@ -221,7 +221,7 @@ func (s *Server) revokeUsers(ctx context.Context, instance string, users ...stri
 		return
 	}
 	for _, u := range added {
-		s.record(ctx, protocol.AuditRecord{Who: "fm", Action: "credentials.revoked", Object: "credentials", ObjectID: instance, Outcome: "ok"})
+		s.recordByFM(ctx, "credentials.revoked", "credentials", instance, nil)
 		s.log.Info().Str("instance", instance).Str("user", u).Msg("agent credentials revoked")
 	}
 }

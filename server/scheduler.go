@@ -101,12 +101,13 @@ func (s *Server) scheduleSnapshots(ctx context.Context, now time.Time) {
 		}
 		id := "snap-" + in.ID + "-" + strconv.FormatInt(due.UnixMilli(), 36)
 		_, err := s.startSnapshot(ctx, in.ID, id, "automated", true)
-		switch {
-		case errors.Is(err, errExists):
-			// Taken already, by this scheduler before a restart or another.
-		case err != nil:
+		if errors.Is(err, errExists) {
+			continue // taken already, by this scheduler before a restart or another
+		}
+		if err != nil {
 			s.log.Warn().Err(err).Str("instance", in.ID).Msg("automated snapshot not started")
 		}
+		s.recordByFM(ctx, "snapshot.scheduled", auditSnapshots, id, err)
 	}
 }
 
@@ -158,7 +159,9 @@ func (s *Server) expireSnapshot(ctx context.Context, sn api.Snapshot) {
 	if !ok {
 		return
 	}
-	if _, err := s.startSnapshotDelete(ctx, cur, rev); err != nil {
+	_, err := s.startSnapshotDelete(ctx, cur, rev)
+	s.recordByFM(ctx, "snapshot.expired", auditSnapshots, sn.ID, err)
+	if err != nil {
 		s.log.Warn().Err(err).Str("snapshot", sn.ID).Msg("expired automated snapshot not deleted")
 		return
 	}

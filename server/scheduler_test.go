@@ -15,6 +15,7 @@ import (
 	"github.com/fleetmanager/fm/server"
 	"github.com/fleetmanager/fm/server/servertest"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
 )
 
 // fakeProvisioner answers snapshot requests as a provisioner whose snapshots
@@ -155,7 +156,7 @@ func (f *fm) snapshots(id string) []api.Snapshot {
 // and the retention keep.
 func startScheduling(t *testing.T, hour time.Duration, keep int) (*fm, *fakeProvisioner, api.Instance) {
 	t.Helper()
-	f := start(t, servertest.WithConfig(func(c *server.Config) {
+	f := start(t, servertest.WithLogger(zerolog.New(zerolog.NewTestWriter(t))), servertest.WithConfig(func(c *server.Config) {
 		c.SnapshotHour, c.SchedulerInterval, c.SweepInterval = hour, 100*time.Millisecond, 200*time.Millisecond
 	}))
 	fake := runFakeProvisioner(t, f.env.Bus)
@@ -231,6 +232,9 @@ func TestAutomatedSnapshots(t *testing.T) {
 	}
 	if len(fake.deleted) < 2 {
 		t.Fatalf("the retention deleted %v", fake.deleted)
+	}
+	if got := f.doneByFM("snapshots"); got["snapshot.scheduled ok"] != len(seen) || got["snapshot.expired ok"] != len(fake.deleted) {
+		t.Fatalf("the scheduler's work on the audit trail: %v; taken %d, deleted %d", got, len(seen), len(fake.deleted))
 	}
 }
 

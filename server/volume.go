@@ -54,12 +54,15 @@ func (s *Server) growVolume(ctx context.Context, instance string) {
 			s.log.Error().Err(err).Msg("operation record not stored")
 		}
 		s.metrics.observeOp(opGrowVolume, op.State, 0)
+		s.recordByFM(ctx, "volume.grow", auditInstances, instance,
+			newAPIError(protocol.CodeResourceExhausted, op.Error.Message, "%s", op.Error.DetailedMessage))
 		s.log.Warn().Str("instance", instance).Int("sizeGB", m.VolumeSizeGB).Msg(op.Error.DetailedMessage)
 		return
 	}
 	target := nextVolumeSize(m.VolumeSizeGB, maxGB)
 	op, err := s.recordBesideOp(ctx, opGrowVolume, instance, kindInstance, instance,
 		protocol.ProvisionRequest{Action: protocol.ProvisionGrowVolume, VolumeSizeGB: target})
+	s.recordByFM(ctx, "volume.grow", auditInstances, instance, err)
 	if err != nil {
 		s.log.Warn().Err(err).Str("instance", instance).Msg("volume growth not recorded")
 		return

@@ -96,6 +96,9 @@ func TestVolumeGrowth(t *testing.T) {
 	if atMax.Error == nil || atMax.Error.ErrorType != "ResourceExhausted" || !strings.Contains(atMax.Error.DetailedMessage, "maximum size, 100 GB") {
 		t.Fatalf("at the maximum: %+v", atMax)
 	}
+	if got := f.doneByFM("instances"); got["volume.grow ok"] != 2 || got["volume.grow failed"] != 1 {
+		t.Fatalf("volume growth on the audit trail: %v", got)
+	}
 	fake.mu.Lock()
 	defer fake.mu.Unlock()
 	if fmt.Sprint(fake.grown) != "[75 100]" {
