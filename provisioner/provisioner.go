@@ -127,25 +127,52 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("provision consumer: %w", err)
 	}
-	cc, err := cons.Consume(func(m jetstream.Msg) { p.dispatch(work, m) })
-	if err != nil {
-		return fmt.Errorf("provision consumer: %w", err)
-	}
-	defer cc.Stop()
+	// Pulling stops with ctx or when the lease is lost; the work it handed
+	// out goes on until the workers hand it back.
+	pulling, stopPulling := context.WithCancel(ctx)
+	defer stopPulling()
+	pulled := make(chan struct{})
+	go func() { defer close(pulled); p.pull(pulling, work, cons) }()
 	go p.watchMachines(work)
 	select {
 	case <-ctx.Done():
-		// A request handed back (Nak) while this process still pulls could
-		// be delivered to it again, and dropped, until the ack wait ends:
-		// stop pulling first.
-		cc.Stop()
-		select {
-		case <-cc.Closed():
-		case <-time.After(5 * time.Second):
-		}
+		<-pulled
 		return nil
 	case <-kept:
+		stopPulling()
+		<-pulled
 		return keepErr
+	}
+}
+
+// fetchBatch is how many requests a provisioner asks for at a time.
+const fetchBatch = 100
+
+// pull fetches requests in batches and dispatches them until pulling ends;
+// what a batch still brings after that is handed back at once (Nak). It
+// fetches rather than letting the client pull ahead (Consume): a stopping
+// provisioner must receive every request the bus delivered to it, to hand
+// it back, or the next one waits for the whole ack wait.
+func (p *Provisioner) pull(pulling, work context.Context, cons jetstream.Consumer) {
+	for pulling.Err() == nil {
+		batch, err := cons.Fetch(fetchBatch, jetstream.FetchMaxWait(time.Second))
+		if err == nil {
+			for m := range batch.Messages() {
+				if pulling.Err() != nil {
+					_ = m.Nak()
+					continue
+				}
+				p.dispatch(work, m)
+			}
+			err = batch.Error()
+		}
+		if err != nil && pulling.Err() == nil && !errors.Is(err, nats.ErrTimeout) && !errors.Is(err, jetstream.ErrNoMessages) {
+			p.log.Warn().Err(err).Msg("provision requests not fetched; retrying")
+			select {
+			case <-pulling.Done():
+			case <-time.After(time.Second):
+			}
+		}
 	}
 }
 

@@ -411,3 +411,44 @@ func TestGrowingTheVolumeChangesOnlyItsSize(t *testing.T) {
 		t.Fatalf("calls %v, want %v", got, want)
 	}
 }
+
+// TestRequestsInFlightWhenAProvisionerStops: a provisioner that stops hands
+// back every request the bus delivered to it and it did not finish, so that
+// the next one runs them at once rather than after the ack wait (30 s).
+func TestRequestsInFlightWhenAProvisionerStops(t *testing.T) {
+	r := newRig(t)
+	const n = 300
+	rec := newRecorder()
+	rec.entered, rec.block = make(chan string, 2*n), make(chan struct{}) // never done: every request is in flight
+	stop := r.run(rec, "p1")
+	for i := range n {
+		inst := fmt.Sprintf("in-%03d", i)
+		data, err := protocol.Encode(&protocol.ProvisionRequest{ID: fmt.Sprintf("op-%d-reprovision", i), Instance: inst,
+			Action: protocol.ProvisionReprovision, Issued: time.Now().UTC(), Generation: 1,
+			Spec: &protocol.MachineSpec{Label: "x", DataVolume: protocol.VolumeSpec{SizeGB: 1}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := r.js.PublishAsync(protocol.ProvisionSubject(inst, protocol.ProvisionReprovision), data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	<-r.js.PublishAsyncComplete()
+	stop()
+	rec2 := newRecorder()
+	rec2.entered = make(chan string, 2*n)
+	started := time.Now()
+	r.run(rec2, "p2")
+	for i := range n {
+		inst := fmt.Sprintf("in-%03d", i)
+		for r.machine(inst).Status != protocol.MachineRunning {
+			if time.Since(started) > 10*time.Second {
+				t.Fatalf("%s not running 10 s after the next provisioner started (the first was given %d of %d): %+v",
+					inst, len(rec.callList()), n, r.machine(inst))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	t.Logf("the first provisioner was given %d of %d requests; the next one ran them all within %s",
+		len(rec.callList()), n, time.Since(started))
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"slices"
 	"sort"
 	"time"
 
@@ -69,8 +70,11 @@ func (s *Server) updateOp(ctx context.Context, id string, change func(*opRecord)
 // addStep records what an event says as a step of a running operation.
 func (s *Server) addStep(ctx context.Context, id, name string, e protocol.Event) {
 	_, _ = s.updateOp(ctx, id, func(o *opRecord) bool {
-		if o.State != api.OpRunning {
-			return false
+		again := slices.ContainsFunc(o.Progress.Steps, func(st api.ProgressStep) bool {
+			return st.Name == name && st.Status == string(e.Status) && st.Message == e.Message && st.Time.Equal(e.Time)
+		})
+		if o.State != api.OpRunning || again {
+			return false // ended, or an event delivered again
 		}
 		o.step(name, string(e.Status), e.Message, e.Time)
 		return true

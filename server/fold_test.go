@@ -1,0 +1,72 @@
+package server_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
+)
+
+// TestEventsInFlightWhenAServerStops: a server that stops hands the events
+// it pulled but did not fold back to the bus at once, so that the next server
+// folds them without waiting for the consumer's ack wait, and none is lost.
+func TestEventsInFlightWhenAServerStops(t *testing.T) {
+	f := start(t)
+	vn, tpl, im := f.fleet()
+	in := f.createInstance(instanceBody("inflight", vn.ID, tpl.ID, im.ID))
+	runningWithVolume(t, f.env.Bus, in.ID)
+	const n = 200
+	snaps := make([]api.Snapshot, n)
+	for i := range snaps {
+		f.ok(f.do("POST", "/instances/"+in.ID+"/snapshots?reasonForSnapshot=burst", ""), &snaps[i])
+	}
+
+	ctx := context.Background()
+	js := f.env.Bus.JetStream(t)
+	for _, sn := range snaps {
+		e := protocol.Event{ID: "ev-" + sn.ID, Instance: in.ID, Kind: protocol.EventSnapshot, Time: time.Now().UTC(),
+			Source: "provisioner", OpID: sn.FutureID, Step: string(protocol.ProvisionSnapshot), Status: protocol.StatusOK,
+			Snapshot: &protocol.SnapshotRef{ID: sn.ID, Store: "fake", Ref: "fake/" + sn.ID, SHA256: "00"}}
+		data, err := protocol.Encode(&e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := js.PublishAsync(protocol.EventSubject(in.ID, e.Kind), data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	<-js.PublishAsyncComplete()
+	f.env.Stop()
+
+	available := func() int {
+		kv, err := js.KeyValue(ctx, protocol.BucketSnapshots)
+		if err != nil {
+			t.Fatal(err)
+		}
+		count := 0
+		for _, sn := range snaps {
+			if entry, err := kv.Get(ctx, sn.ID); err == nil && strings.Contains(string(entry.Value()), `"AVAILABLE"`) {
+				count++
+			}
+		}
+		return count
+	}
+	folded := available()
+	if folded == n {
+		t.Fatal("every event was folded before the stop: nothing was in flight, publish more")
+	}
+	// Within a third of the consumer's ack wait (30 s), which is how long an
+	// event pulled by a stopped server and not handed back waits.
+	restarted := time.Now()
+	f.env.RestartServer(t)
+	for available() != n {
+		if time.Since(restarted) > 10*time.Second {
+			t.Fatalf("%d of %d events folded 10 s after the next server started (%d before the stop)", available(), n, folded)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("%d of %d events folded before the stop, the rest %s after the next server started", folded, n, time.Since(restarted))
+}
