@@ -442,8 +442,8 @@ func TestRequestsInFlightWhenAProvisionerStops(t *testing.T) {
 	for i := range n {
 		inst := fmt.Sprintf("in-%03d", i)
 		for r.machine(inst).Status != protocol.MachineRunning {
-			if time.Since(started) > 10*time.Second {
-				t.Fatalf("%s not running 10 s after the next provisioner started (the first was given %d of %d): %+v",
+			if time.Since(started) > 20*time.Second {
+				t.Fatalf("%s not running 20 s after the next provisioner started (the first was given %d of %d): %+v",
 					inst, len(rec.callList()), n, r.machine(inst))
 			}
 			time.Sleep(20 * time.Millisecond)
