@@ -158,7 +158,11 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if b, err := store.GetBytes(ctx, "kit.tar.gz"); err != nil || !bytes.Equal(b, kit) {
+		// A deadline of its own: without one, each request of the read
+		// times out after the client's default 5 s, short on a loaded machine.
+		readCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		if b, err := store.GetBytes(readCtx, "kit.tar.gz"); err != nil || !bytes.Equal(b, kit) {
 			t.Fatalf("read a kit: %v", err)
 		}
 		if err := agent.Publish(protocol.HeartbeatSubject("in-a"), []byte("hb")); err != nil {

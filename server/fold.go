@@ -68,7 +68,10 @@ func (s *Server) runFolding(ctx context.Context) {
 	} else {
 		defer func() { _ = hb.Unsubscribe() }()
 	}
-	go s.consumeEvents(ctx)
+	// Folding ends once the events taken are folded or handed back.
+	consumed := make(chan struct{})
+	go func() { defer close(consumed); s.consumeEvents(ctx) }()
+	defer func() { <-consumed }()
 	tick := time.NewTicker(s.cfg.SweepInterval)
 	defer tick.Stop()
 	s.sweep(ctx)
