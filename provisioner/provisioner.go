@@ -148,25 +148,12 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 // fetchBatch is how many requests a provisioner asks for at a time.
 const fetchBatch = 100
 
-// pull fetches requests in batches and dispatches them until pulling ends;
-// what a batch still brings after that is handed back at once (Nak). It
-// fetches rather than letting the client pull ahead (Consume): a stopping
-// provisioner must receive every request the bus delivered to it, to hand
-// it back, or the next one waits for the whole ack wait.
+// pull dispatches requests until pulling ends; what is delivered after
+// that is handed back at once (bus.Pull).
 func (p *Provisioner) pull(pulling, work context.Context, cons jetstream.Consumer) {
 	for pulling.Err() == nil {
-		batch, err := cons.Fetch(fetchBatch, jetstream.FetchMaxWait(time.Second))
-		if err == nil {
-			for m := range batch.Messages() {
-				if pulling.Err() != nil {
-					_ = m.Nak()
-					continue
-				}
-				p.dispatch(work, m)
-			}
-			err = batch.Error()
-		}
-		if err != nil && pulling.Err() == nil && !errors.Is(err, nats.ErrTimeout) && !errors.Is(err, jetstream.ErrNoMessages) {
+		err := bus.Pull(pulling, cons, fetchBatch, func(m jetstream.Msg) { p.dispatch(work, m) })
+		if err != nil && pulling.Err() == nil {
 			p.log.Warn().Err(err).Msg("provision requests not fetched; retrying")
 			select {
 			case <-pulling.Done():

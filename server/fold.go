@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -335,27 +336,24 @@ func (s *Server) forgetInstance(ctx context.Context, id string, port int) {
 }
 
 // consumeEvents folds FM_EVENTS: progress into operations, command results
-// into their operations and into the credentials FM keeps.
-//
-// It fetches batches rather than letting the client pull ahead (Consume):
-// a stopping server must receive every event the bus delivered to it, to
-// hand back what it did not fold. An event sent to a subscription already
-// closed waits for the whole ack wait before another server gets it.
+// into their operations and into the credentials FM keeps. Once ctx ends,
+// an event not folded, or folded with writes ctx cut short, is handed back
+// at once to the next server (folding is idempotent).
 func (s *Server) consumeEvents(ctx context.Context) {
 	for ctx.Err() == nil {
 		cons, err := s.js.CreateOrUpdateConsumer(ctx, protocol.StreamEvents, jetstream.ConsumerConfig{
 			Durable: EventsConsumer, AckPolicy: jetstream.AckExplicitPolicy, DeliverPolicy: jetstream.DeliverNewPolicy,
 			AckWait: 30 * time.Second, MaxAckPending: 1000,
 		})
-		for err == nil && ctx.Err() == nil {
-			var batch jetstream.MessageBatch
-			if batch, err = cons.Fetch(eventBatch, jetstream.FetchMaxWait(time.Second)); err == nil {
-				s.foldBatch(ctx, batch)
-				err = batch.Error()
-				if errors.Is(err, nats.ErrTimeout) || errors.Is(err, jetstream.ErrNoMessages) {
-					err = nil
+		if err == nil {
+			err = bus.Pull(ctx, cons, eventBatch, func(m jetstream.Msg) {
+				s.foldEvent(ctx, m.Data())
+				if ctx.Err() != nil {
+					_ = m.Nak()
+					return
 				}
-			}
+				_ = m.Ack()
+			})
 		}
 		if ctx.Err() != nil {
 			// Hand-backs (Nak) must reach the bus before the caller closes
@@ -373,22 +371,6 @@ func (s *Server) consumeEvents(ctx context.Context) {
 
 // eventBatch is how many events a server asks for at a time.
 const eventBatch = 100
-
-// foldBatch folds the events of a batch as they come. Once ctx ends it
-// hands the rest back (Nak), as it does an event whose folding ctx cut
-// short: the next server folds them again at once (folding is idempotent).
-func (s *Server) foldBatch(ctx context.Context, batch jetstream.MessageBatch) {
-	for m := range batch.Messages() {
-		if ctx.Err() == nil {
-			s.foldEvent(ctx, m.Data())
-		}
-		if ctx.Err() != nil {
-			_ = m.Nak()
-			continue
-		}
-		_ = m.Ack()
-	}
-}
 
 func (s *Server) foldEvent(ctx context.Context, data []byte) {
 	var e protocol.Event

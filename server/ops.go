@@ -60,16 +60,9 @@ func newRunningOp(ctx context.Context, kind, instance string, deadline time.Dura
 	return op
 }
 
-// updateOp changes an operation with a revision check, retrying on
-// conflicts; change returns false to leave it as it is (e.g. it already
-// ended).
-func (s *Server) updateOp(ctx context.Context, id string, change func(*opRecord) bool) (opRecord, error) {
-	return s.st.ops.change(ctx, id, change)
-}
-
 // addStep records what an event says as a step of a running operation.
 func (s *Server) addStep(ctx context.Context, id, name string, e protocol.Event) {
-	_, _ = s.updateOp(ctx, id, func(o *opRecord) bool {
+	_, _ = s.st.ops.change(ctx, id, func(o *opRecord) bool {
 		again := slices.ContainsFunc(o.Progress.Steps, func(st api.ProgressStep) bool {
 			return st.Name == name && st.Status == string(e.Status) && st.Message == e.Message && st.Time.Equal(e.Time)
 		})
@@ -84,7 +77,7 @@ func (s *Server) addStep(ctx context.Context, id, name string, e protocol.Event)
 // endOp ends a running operation with a result or an error; an operation
 // that already ended is left alone.
 func (s *Server) endOp(ctx context.Context, id string, result any, failure *api.Error) (opRecord, error) {
-	return s.updateOp(ctx, id, func(op *opRecord) bool {
+	return s.st.ops.change(ctx, id, func(op *opRecord) bool {
 		if op.State != api.OpRunning {
 			return false
 		}
@@ -151,7 +144,7 @@ func (s *Server) abortFuture(r *http.Request) (any, error) {
 	if _, _, ok := s.st.ops.get(id); !ok {
 		return nil, notFound(kindOp, id)
 	}
-	op, err := s.updateOp(r.Context(), id, func(op *opRecord) bool {
+	op, err := s.st.ops.change(r.Context(), id, func(op *opRecord) bool {
 		if op.State != api.OpRunning {
 			return false
 		}

@@ -26,11 +26,8 @@ const (
 // recordBesideOp records an operation that runs beside the instance's
 // lifecycle and sends req to the provisioner, aimed at targetKind/targetID.
 // The caller publishes it (publishOp) once what it refers to is written.
-func (s *Server) recordBesideOp(ctx context.Context, kind, instance, targetKind, targetID string, req protocol.ProvisionRequest) (opRecord, error) {
-	deadline := snapshotDeadline
-	if kind == opGrowVolume {
-		deadline = growDeadline
-	}
+func (s *Server) recordBesideOp(ctx context.Context, kind, instance string, deadline time.Duration, targetKind, targetID string,
+	req protocol.ProvisionRequest) (opRecord, error) {
 	op := newRunningOp(ctx, kind, instance, deadline)
 	op.TargetKind, op.TargetID = targetKind, targetID
 	if err := s.attachRequest(&op, req); err != nil {
@@ -71,7 +68,7 @@ func (s *Server) startSnapshot(ctx context.Context, instance, id, reason string,
 		return api.Snapshot{}, precondition("instance %s is being deleted", instance)
 	}
 	sn := s.newSnapshot(instance, id, reason, automated, lc, m)
-	op, err := s.recordBesideOp(ctx, opSnapshot, instance, kindSnapshot, sn.ID,
+	op, err := s.recordBesideOp(ctx, opSnapshot, instance, snapshotDeadline, kindSnapshot, sn.ID,
 		protocol.ProvisionRequest{Action: protocol.ProvisionSnapshot, Snapshot: &protocol.SnapshotRef{ID: sn.ID}})
 	if err != nil {
 		return api.Snapshot{}, err
@@ -139,7 +136,7 @@ func (s *Server) startSnapshotDelete(ctx context.Context, sn api.Snapshot, rev u
 	if sn.State == api.SnapshotCreating || sn.State == api.SnapshotDeleting {
 		return api.Future{}, precondition("snapshot %s is %s (operation %s); wait for it to end", sn.ID, sn.State, sn.FutureID)
 	}
-	op, err := s.recordBesideOp(ctx, opDeleteSnapshot, sn.InstanceID, kindSnapshot, sn.ID,
+	op, err := s.recordBesideOp(ctx, opDeleteSnapshot, sn.InstanceID, snapshotDeadline, kindSnapshot, sn.ID,
 		protocol.ProvisionRequest{Action: protocol.ProvisionDeleteSnapshot, Snapshot: snapshotRef(sn)})
 	if err != nil {
 		return api.Future{}, err
@@ -208,10 +205,8 @@ func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) {
 		switch {
 		case deleted && failure == nil:
 			return false // purged below
-		case deleted && sn.StoreRef == "":
-			sn.State, sn.Error = api.SnapshotFailed, failure // it was never taken
 		case deleted:
-			sn.State, sn.Error = api.SnapshotAvailable, failure
+			sn.State, sn.Error = stateBeforeDelete(*sn), failure
 		case sn.State != api.SnapshotCreating:
 			return false // deleted meanwhile, or folded already
 		case failure != nil:
@@ -247,7 +242,7 @@ func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) {
 
 // settleSnapshots ends what an operation left behind when it ended without
 // a report (it timed out, was aborted, or expired from fm_ops): a snapshot
-// being taken is failed, one being deleted is available again.
+// being taken is failed, one being deleted goes back to its state.
 func (s *Server) settleSnapshots(ctx context.Context) {
 	for _, sn := range s.st.snapshots.filter(func(sn api.Snapshot) bool {
 		return sn.State == api.SnapshotCreating || sn.State == api.SnapshotDeleting
@@ -270,9 +265,19 @@ func (s *Server) settleSnapshots(ctx context.Context) {
 			cur.Error = failure
 			cur.State = api.SnapshotFailed
 			if sn.State == api.SnapshotDeleting {
-				cur.State = api.SnapshotAvailable
+				cur.State = stateBeforeDelete(*cur)
 			}
 			return true
 		})
 	}
+}
+
+// stateBeforeDelete is the state a snapshot goes back to when its deletion
+// fails: available if it was taken (it has a place in a store), failed if
+// it never was.
+func stateBeforeDelete(sn api.Snapshot) string {
+	if sn.StoreRef == "" {
+		return api.SnapshotFailed
+	}
+	return api.SnapshotAvailable
 }

@@ -60,7 +60,7 @@ func (s *Server) growVolume(ctx context.Context, instance string) {
 		return
 	}
 	target := nextVolumeSize(m.VolumeSizeGB, maxGB)
-	op, err := s.recordBesideOp(ctx, opGrowVolume, instance, kindInstance, instance,
+	op, err := s.recordBesideOp(ctx, opGrowVolume, instance, growDeadline, kindInstance, instance,
 		protocol.ProvisionRequest{Action: protocol.ProvisionGrowVolume, VolumeSizeGB: target})
 	s.recordByFM(ctx, "volume.grow", auditInstances, instance, err)
 	if err != nil {
@@ -90,7 +90,7 @@ func (s *Server) foldGrowVolume(ctx context.Context, op opRecord, e protocol.Eve
 		if err != nil {
 			return
 		}
-		next, err := s.updateOp(ctx, op.JobID, func(o *opRecord) bool {
+		next, err := s.st.ops.change(ctx, op.JobID, func(o *opRecord) bool {
 			if o.State != api.OpRunning || o.CommandID != "" {
 				return false
 			}
