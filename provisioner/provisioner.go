@@ -152,7 +152,7 @@ const fetchBatch = 100
 // that is handed back at once (bus.Pull).
 func (p *Provisioner) pull(pulling, work context.Context, cons jetstream.Consumer) {
 	for pulling.Err() == nil {
-		err := bus.Pull(pulling, cons, fetchBatch, func(m jetstream.Msg) { p.dispatch(work, m) })
+		err := bus.Pull(pulling, cons, fetchBatch, func(m jetstream.Msg) { p.dispatch(pulling, work, m) })
 		if err != nil && pulling.Err() == nil {
 			p.log.Warn().Err(err).Msg("provision requests not fetched; retrying")
 			select {
@@ -166,7 +166,10 @@ func (p *Provisioner) pull(pulling, work context.Context, cons jetstream.Consume
 // dispatch hands a request to its instance's worker, so that one instance's
 // requests run one after the other while different instances' run in
 // parallel.
-func (p *Provisioner) dispatch(ctx context.Context, m jetstream.Msg) {
+// A request waiting for room in a busy worker's queue is handed back once
+// pulling ends: the work goes on until pulling has ended, so waiting for
+// work would never end.
+func (p *Provisioner) dispatch(pulling, work context.Context, m jetstream.Msg) {
 	instance := protocol.InstanceFromSubject(m.Subject())
 	p.mu.Lock()
 	ch, ok := p.workers[instance]
@@ -174,17 +177,13 @@ func (p *Provisioner) dispatch(ctx context.Context, m jetstream.Msg) {
 		ch = make(chan jetstream.Msg, 64)
 		p.workers[instance] = ch
 		p.wg.Add(1)
-		go p.worker(ctx, instance, ch)
+		go p.worker(work, instance, ch)
 	}
 	p.mu.Unlock()
-	if ctx.Err() != nil {
-		_ = m.Nak() // stopping: hand it back at once
-		return
-	}
 	select {
 	case ch <- m:
-	case <-ctx.Done():
-		_ = m.Nak()
+	case <-pulling.Done():
+		_ = m.Nak() // stopping: hand it back at once
 	}
 }
 

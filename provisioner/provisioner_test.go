@@ -452,3 +452,54 @@ func TestRequestsInFlightWhenAProvisionerStops(t *testing.T) {
 	t.Logf("the first provisioner was given %d of %d requests; the next one ran them all within %s",
 		len(rec.callList()), n, time.Since(started))
 }
+
+// TestAStopWithAFullQueue: a provisioner whose worker for an instance is busy
+// and whose queue for it is full still stops, handing every request back to
+// the next provisioner, which runs each. (Their order is not kept across the
+// hand-back; the server sends an instance one lifecycle request at a time.)
+func TestAStopWithAFullQueue(t *testing.T) {
+	r := newRig(t)
+	const n = 80 // more than a worker's queue (64) and the one it runs
+	rec := newRecorder()
+	rec.entered, rec.block = make(chan string, 2*n), make(chan struct{}) // the first request never ends
+	stop := r.run(rec, "p1")
+	for i := range n {
+		r.request("in-a", protocol.ProvisionReprovision, fmt.Sprintf("op-%03d-reprovision", i))
+	}
+	<-rec.entered
+	cons, err := r.js.Consumer(context.Background(), protocol.StreamProvision, ConsumerName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		// Delivered beyond the queue and the running one: dispatch waits.
+		info, err := cons.Info(context.Background())
+		if err == nil && info.Delivered.Consumer > 64+1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the provisioner never had a full queue: %+v %v", info, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	stopped := make(chan struct{})
+	go func() { stop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the provisioner did not stop with a request waiting for its full queue")
+	}
+	rec2 := newRecorder()
+	rec2.entered = make(chan string, 2*n)
+	r.run(rec2, "p2")
+	ran := map[string]bool{}
+	for len(ran) < n {
+		select {
+		case id := <-rec2.entered:
+			ran[id] = true
+		case <-time.After(20 * time.Second):
+			t.Fatalf("the next provisioner ran %d of the %d requests handed back", len(ran), n)
+		}
+	}
+}
