@@ -10,7 +10,7 @@ NATS        := $(shell $(GO) env GOPATH)/bin/nats
 NATSCLI_VERSION := v0.5.0
 TEST_FLAGS  ?= -race -timeout 25m
 
-.PHONY: build kits run test check lint fmt-check vet staticcheck tidy-check boundaries bench clean
+.PHONY: build kits run test check lint fmt-check vet staticcheck tidy-check boundaries tracked bench clean
 
 build: bin/fm kits
 
@@ -33,7 +33,7 @@ $(NATS):
 
 check: lint test
 
-lint: fmt-check vet staticcheck tidy-check boundaries
+lint: tracked fmt-check vet staticcheck tidy-check boundaries
 
 fmt-check:
 	@out=$$(gofmt -l $$(find . -name '*.go' -not -path './bin/*')); \
@@ -60,6 +60,10 @@ tidy-check:
 # The dependency direction of docs/architecture.md.
 boundaries:
 	@./.ci/check-imports
+
+# No tracked file over 1 MiB, no tracked executable binary.
+tracked:
+	@./.ci/check-tracked
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...

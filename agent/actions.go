@@ -17,7 +17,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/fleetmanager/fm/atomicfile"
+	"github.com/fleetmanager/fm/internal/atomicfile"
 	"github.com/fleetmanager/fm/protocol"
 )
 

@@ -14,10 +14,10 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/fleetmanager/fm/atomicfile"
-	"github.com/fleetmanager/fm/pki"
+	"github.com/fleetmanager/fm/internal/atomicfile"
+	"github.com/fleetmanager/fm/internal/pki"
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
-	"github.com/fleetmanager/fm/seal"
 )
 
 // ErrJoinRefused is returned by Run when FM refused the machine's join token

@@ -13,8 +13,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/tarball"
 	"github.com/fleetmanager/fm/protocol"
-	"github.com/fleetmanager/fm/tarball"
 	"github.com/nats-io/nats.go/jetstream"
 )
 

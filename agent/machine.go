@@ -18,8 +18,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/fleetmanager/fm/atomicfile"
-	"github.com/fleetmanager/fm/cmdline"
+	"github.com/fleetmanager/fm/internal/atomicfile"
+	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/rs/zerolog"
 )
 

@@ -6,7 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/fleetmanager/fm/atomicfile"
+	"github.com/fleetmanager/fm/internal/atomicfile"
 )
 
 // Setup actions that edit a shared file (env-site.sh, dip.properties,

@@ -9,7 +9,7 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/fleetmanager/fm/atomicfile"
+	"github.com/fleetmanager/fm/internal/atomicfile"
 )
 
 // apikeyResource is `fm apikey`: API keys and their roles (admin only).

@@ -19,7 +19,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/api"
-	"github.com/fleetmanager/fm/pki"
+	"github.com/fleetmanager/fm/internal/pki"
 )
 
 // KeyFile is an API key as FM and Dataiku's tooling write it.

@@ -22,9 +22,9 @@ import (
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
-	"github.com/fleetmanager/fm/cmdline"
 	"github.com/fleetmanager/fm/deploy/cloudinit"
 	"github.com/fleetmanager/fm/deploy/standin/kit"
+	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/provisioner/ec2/mototest"
 )
 

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fleetmanager/fm/cmdline"
+	"github.com/fleetmanager/fm/internal/cmdline"
 )
 
 // startDevFast starts fm dev with 1-second heartbeats, and stops every

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fleetmanager/fm/cmdline"
+	"github.com/fleetmanager/fm/internal/cmdline"
 )
 
 // TestLifecycleOverTLS runs fm dev with TLS on the REST API and the bus: the

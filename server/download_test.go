@@ -8,8 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
-	"github.com/fleetmanager/fm/seal"
 	"github.com/fleetmanager/fm/server"
 	"github.com/fleetmanager/fm/server/servertest"
 )

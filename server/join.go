@@ -11,9 +11,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/fleetmanager/fm/natsauth"
+	"github.com/fleetmanager/fm/internal/natsauth"
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
-	"github.com/fleetmanager/fm/seal"
 	"github.com/nats-io/jwt/v2"
 )
 

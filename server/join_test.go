@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
-	"github.com/fleetmanager/fm/natsauth"
+	"github.com/fleetmanager/fm/internal/natsauth"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/server"
 	"github.com/fleetmanager/fm/server/servertest"

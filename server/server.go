@@ -21,8 +21,8 @@ import (
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/bus"
-	"github.com/fleetmanager/fm/natsauth"
-	"github.com/fleetmanager/fm/seal"
+	"github.com/fleetmanager/fm/internal/natsauth"
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus/promhttp"

@@ -8,8 +8,8 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
-	"github.com/fleetmanager/fm/seal"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )

@@ -9,8 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
-	"github.com/fleetmanager/fm/seal"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )

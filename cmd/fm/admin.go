@@ -12,9 +12,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/fleetmanager/fm/atomicfile"
 	"github.com/fleetmanager/fm/backup"
 	"github.com/fleetmanager/fm/cli"
+	"github.com/fleetmanager/fm/internal/atomicfile"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )

@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
-	"github.com/fleetmanager/fm/pki"
-	"github.com/fleetmanager/fm/seal"
+	"github.com/fleetmanager/fm/internal/pki"
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/nats-io/jwt/v2"
 	natsserver "github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"

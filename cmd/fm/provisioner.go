@@ -10,12 +10,12 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/archive"
 	"github.com/fleetmanager/fm/provisioner/ec2"
 	"github.com/fleetmanager/fm/provisioner/local"
-	"github.com/fleetmanager/fm/seal"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )

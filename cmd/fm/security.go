@@ -10,8 +10,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/fleetmanager/fm/natsauth"
-	"github.com/fleetmanager/fm/pki"
+	"github.com/fleetmanager/fm/internal/natsauth"
+	"github.com/fleetmanager/fm/internal/pki"
 	"github.com/nats-io/jwt/v2"
 )
 

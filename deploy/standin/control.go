@@ -14,7 +14,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/fleetmanager/fm/atomicfile"
+	"github.com/fleetmanager/fm/internal/atomicfile"
 )
 
 // cmdControl is bin/dss start|stop|status|restart. Its exit code follows

@@ -19,7 +19,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/fleetmanager/fm/atomicfile"
+	"github.com/fleetmanager/fm/internal/atomicfile"
 )
 
 // cmdServe runs the stand-in's HTTP service on the base port of install.ini

@@ -19,10 +19,10 @@ import (
 	r53types "github.com/aws/aws-sdk-go-v2/service/route53/types"
 	"github.com/aws/smithy-go"
 	"github.com/fleetmanager/fm/deploy/cloudinit"
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/ec2/mototest"
-	"github.com/fleetmanager/fm/seal"
 )
 
 // world is moto with what an operator has before FM: a key pair, the

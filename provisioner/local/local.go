@@ -22,7 +22,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/agent"
-	"github.com/fleetmanager/fm/cmdline"
+	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/rs/zerolog"

@@ -12,8 +12,8 @@ import (
 
 	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/bus/bustest"
-	"github.com/fleetmanager/fm/cmdline"
 	"github.com/fleetmanager/fm/e2e"
+	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/rs/zerolog"

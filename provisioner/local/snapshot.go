@@ -13,11 +13,11 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/fleetmanager/fm/cmdline"
+	"github.com/fleetmanager/fm/internal/cmdline"
+	"github.com/fleetmanager/fm/internal/tarball"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/archive"
-	"github.com/fleetmanager/fm/tarball"
 )
 
 // Archives is the snapshot store: where archives of data volumes are kept.

@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus/bustest"
-	"github.com/fleetmanager/fm/seal"
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/server"
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"

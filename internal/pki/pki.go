@@ -21,7 +21,7 @@ import (
 	"slices"
 	"time"
 
-	"github.com/fleetmanager/fm/atomicfile"
+	"github.com/fleetmanager/fm/internal/atomicfile"
 )
 
 // Files are the PEM files of a server's TLS.

@@ -19,7 +19,7 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/fleetmanager/fm/atomicfile"
+	"github.com/fleetmanager/fm/internal/atomicfile"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"

@@ -1,6 +1,6 @@
 // Package atomicfile writes files so that a reader, or a crash, never sees a
 // half-written one: the data goes to a temporary file beside the target,
-// which is synced and renamed into place. Any package may import it.
+// which is synced and renamed into place. Only this module's packages may import it (it is internal).
 package atomicfile
 
 import (

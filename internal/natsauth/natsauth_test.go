@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
-	"github.com/fleetmanager/fm/natsauth"
+	"github.com/fleetmanager/fm/internal/natsauth"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"

@@ -1,6 +1,6 @@
 // Package tarball writes a folder as a gzipped tar and extracts one into a
 // folder, refusing entries that would land outside it: DSS kits on the
-// agent, data volume snapshots on the local backend. Any package may import
+// agent, data volume snapshots on the local backend. Only this module may import
 // it; it imports only the standard library.
 package tarball
 

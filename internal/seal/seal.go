@@ -2,7 +2,7 @@
 // stored, or sent on the bus, in clear: with the server's master key in the
 // KV buckets, with an instance's own key between the server and its agent.
 // A sealed value is a string, "fmsealed1:" and base64 of nonce and
-// ciphertext; an empty value stays empty. Any package may import it.
+// ciphertext; an empty value stays empty. Only this module's packages may import it (it is internal).
 package seal
 
 import (
@@ -15,7 +15,7 @@ import (
 	"os"
 	"strings"
 
-	"github.com/fleetmanager/fm/atomicfile"
+	"github.com/fleetmanager/fm/internal/atomicfile"
 )
 
 const prefix = "fmsealed1:"

@@ -1,7 +1,7 @@
 // Package cmdline finds processes by what their command line contains, and
 // stops them, reading /proc (Linux). The agent uses it to find DSS's
 // processes in its data directory, the local backend to find a machine's
-// processes. Any package may import it.
+// processes. Only this module's packages may import it (it is internal).
 package cmdline
 
 import (
