@@ -40,6 +40,10 @@ type ProvisionRequest struct {
 	// start).
 	Generation uint64    `json:"generation,omitempty"`
 	Issued     time.Time `json:"issued"`
+	// Deadline is the operation's: a failure that may go away by itself
+	// (the cloud or the bus unavailable, throttling) is retried until then
+	// rather than failing the operation. Zero: the provisioner's default.
+	Deadline time.Time `json:"deadline,omitzero"`
 	// Spec describes the machine (reprovision, start).
 	Spec *MachineSpec `json:"spec,omitempty"`
 	// KeepVolume keeps the data volume when an instance is deleted.

@@ -38,8 +38,13 @@ type Backend interface {
 	// Delete removes what is left of the instance: the machine, and the data
 	// volume unless req.KeepVolume.
 	Delete(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error)
-	// Alive reports whether a machine recorded as running still runs.
-	Alive(ctx context.Context, cur protocol.MachineState) (bool, error)
+	// Alive reports which of the machines recorded as running still run,
+	// keyed by instance. It is asked about every running machine at once,
+	// and answers in a few calls whatever their number (one look at each
+	// local process, one filtered describe call per region and identity on
+	// a cloud). A machine missing from the answer is unknown, not lost: it
+	// is asked about again next time.
+	Alive(ctx context.Context, machines []protocol.MachineState) (map[string]bool, error)
 	// Snapshot takes snap of the data volume (cur.VolumeID) while the
 	// machine keeps running, and returns where it is kept. Asked again for
 	// the same snapshot (a redelivery), it finds or retakes it, never

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/internal/crashpoint"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -18,37 +19,56 @@ import (
 // ConsumerName is the provisioner's durable consumer on FM_PROVISION.
 const ConsumerName = "fm-provisioner"
 
-// ackWait is how long a request taken by a provisioner that died waits
-// before it is delivered again; a live one renews it while it works.
-const ackWait = 30 * time.Second
-
 // Config configures a Provisioner.
 type Config struct {
 	// Conn is the NATS connection; the caller owns it.
 	Conn    *nats.Conn
 	Backend Backend
 	// Holder names this process in the lease (default: host name and pid).
+	// A process that keeps its name across restarts (fm dev names itself
+	// after its data folder) takes its lease back at once after a crash.
 	Holder string
 	// LeaseTTL must match the fm_leases bucket's TTL (bus.Topology.LeaseTTL).
 	LeaseTTL time.Duration
 	// CheckInterval is how often running machines are checked to still run.
 	CheckInterval time.Duration
-	Logger        zerolog.Logger
+	// AckWait is how long a request taken by a provisioner that died waits
+	// before it is delivered again (default 30s); a live one renews it
+	// while it works. Tests shorten it.
+	AckWait time.Duration
+	// DefaultDeadline bounds the retries of a request that carries no
+	// deadline (default an hour).
+	DefaultDeadline time.Duration
+	// Crash is passed every crash point of a request's handling (tests).
+	Crash  crashpoint.Hook
+	Logger zerolog.Logger
 }
 
 // Provisioner consumes provision requests. Create it with New, run it with
 // Run, release it with Close.
 type Provisioner struct {
-	cfg Config
-	log zerolog.Logger
-	js  jetstream.JetStream
+	cfg   Config
+	log   zerolog.Logger
+	js    jetstream.JetStream
+	crash crashpoint.Hook
 
 	machines jetstream.KeyValue
 
+	// workerIdle is how long a worker with nothing to do stays.
+	workerIdle time.Duration
+
 	mu      sync.Mutex
-	workers map[string]chan jetstream.Msg // per instance, so its requests run in order
-	active  map[string]bool               // instances whose machine operation is under way
+	workers map[string]*worker // per instance, so its requests run in order
+	active  map[string]bool    // instances whose machine operation is under way
 	wg      sync.WaitGroup
+}
+
+// worker runs one instance's requests in order. queued counts the requests
+// handed to it and not yet taken, so that it never leaves while one is on
+// its way (it would be stranded until the ack wait).
+type worker struct {
+	ch     chan jetstream.Msg
+	queued int
 }
 
 // New checks the configuration.
@@ -66,20 +86,26 @@ func New(cfg Config) (*Provisioner, error) {
 	if cfg.CheckInterval == 0 {
 		cfg.CheckInterval = 10 * time.Second
 	}
+	if cfg.AckWait == 0 {
+		cfg.AckWait = 30 * time.Second
+	}
+	if cfg.DefaultDeadline == 0 {
+		cfg.DefaultDeadline = time.Hour
+	}
 	js, err := jetstream.New(cfg.Conn)
 	if err != nil {
 		return nil, fmt.Errorf("provisioner: %w", err)
 	}
 	return &Provisioner{
-		cfg: cfg, js: js, workers: map[string]chan jetstream.Msg{}, active: map[string]bool{},
+		cfg: cfg, js: js, crash: cfg.Crash, workerIdle: time.Minute, workers: map[string]*worker{}, active: map[string]bool{},
 		log: cfg.Logger.With().Str("component", "provisioner").Str("backend", cfg.Backend.Name()).Logger(),
 	}, nil
 }
 
 // Run takes the lease and consumes requests while it holds it, until ctx
 // ends; it returns once every operation under way has stopped, leaving
-// nothing to close. Losing the lease stops consuming until it is taken
-// again.
+// nothing to close. Losing the lease, or no longer being able to prove it
+// is held, stops consuming and the work under way until it is taken again.
 func (p *Provisioner) Run(ctx context.Context) error {
 	for ctx.Err() == nil {
 		if err := p.runOnce(ctx); err != nil && ctx.Err() == nil {
@@ -112,7 +138,8 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 	}
 	p.log.Info().Str("holder", p.cfg.Holder).Msg("holding the provisioner lease")
 	// The work outlives ctx a little: consuming stops first (below), then
-	// the workers hand back what they hold.
+	// the workers hand back what they hold. It ends at once when the lease
+	// can no longer be proven: another provisioner may then take over.
 	work, stop := context.WithCancel(context.WithoutCancel(ctx))
 	kept := make(chan struct{})
 	var keepErr error
@@ -121,7 +148,7 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 	defer func() { stop(); <-kept; l.Release() }()
 
 	cons, err := p.js.CreateOrUpdateConsumer(work, protocol.StreamProvision, jetstream.ConsumerConfig{
-		Durable: ConsumerName, AckPolicy: jetstream.AckExplicitPolicy, AckWait: ackWait,
+		Durable: ConsumerName, AckPolicy: jetstream.AckExplicitPolicy, AckWait: p.cfg.AckWait,
 		MaxAckPending: 1000, MaxDeliver: -1, FilterSubject: protocol.SubjectAllProvision,
 	})
 	if err != nil {
@@ -139,7 +166,9 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 		<-pulled
 		return nil
 	case <-kept:
+		// The lease is lost: stop at once, work under way included.
 		stopPulling()
+		stop()
 		<-pulled
 		return keepErr
 	}
@@ -172,73 +201,73 @@ func (p *Provisioner) pull(pulling, work context.Context, cons jetstream.Consume
 func (p *Provisioner) dispatch(pulling, work context.Context, m jetstream.Msg) {
 	instance := protocol.InstanceFromSubject(m.Subject())
 	p.mu.Lock()
-	ch, ok := p.workers[instance]
+	w, ok := p.workers[instance]
 	if !ok {
-		ch = make(chan jetstream.Msg, 64)
-		p.workers[instance] = ch
+		w = &worker{ch: make(chan jetstream.Msg, 64)}
+		p.workers[instance] = w
 		p.wg.Add(1)
-		go p.worker(work, instance, ch)
+		go p.worker(work, instance, w)
 	}
+	w.queued++ // the worker stays until it has taken this one
 	p.mu.Unlock()
+	p.crash.At("provisioner/dispatch/queued")
 	select {
-	case ch <- m:
+	case w.ch <- m:
 	case <-pulling.Done():
+		p.mu.Lock()
+		w.queued--
+		p.mu.Unlock()
 		_ = m.Nak() // stopping: hand it back at once
 	}
 }
 
-func (p *Provisioner) worker(ctx context.Context, instance string, ch chan jetstream.Msg) {
+func (p *Provisioner) worker(ctx context.Context, instance string, w *worker) {
 	defer p.wg.Done()
-	idle := time.NewTimer(time.Minute)
+	idle := time.NewTimer(p.workerIdle)
 	defer idle.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			p.dropWorker(instance)
+			p.mu.Lock()
+			if p.workers[instance] == w {
+				delete(p.workers, instance)
+			}
+			p.mu.Unlock()
 			for {
 				select {
-				case m := <-ch:
+				case m := <-w.ch:
 					_ = m.Nak() // never started: hand it back
 				default:
 					return
 				}
 			}
-		case m := <-ch:
-			p.setActive(instance, true)
+		case m := <-w.ch:
+			p.mu.Lock()
+			w.queued--
+			p.active[instance] = true
+			p.mu.Unlock()
 			p.handle(ctx, m)
-			p.setActive(instance, false)
-			idle.Reset(time.Minute)
+			p.mu.Lock()
+			delete(p.active, instance)
+			p.mu.Unlock()
+			idle.Reset(p.workerIdle)
 		case <-idle.C:
 			p.mu.Lock()
-			if len(ch) == 0 {
+			if w.queued == 0 {
 				delete(p.workers, instance)
 				p.mu.Unlock()
 				return
 			}
 			p.mu.Unlock()
+			idle.Reset(p.workerIdle)
 		}
 	}
 }
 
-func (p *Provisioner) setActive(instance string, active bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if active {
-		p.active[instance] = true
-	} else {
-		delete(p.active, instance)
-	}
-}
-
-func (p *Provisioner) dropWorker(instance string) {
-	p.mu.Lock()
-	delete(p.workers, instance)
-	p.mu.Unlock()
-}
-
 // handle carries out one request and acknowledges it once its outcome is
 // recorded. A request already handled (a redelivery after a crash) is
-// acknowledged without doing the work again.
+// acknowledged without doing the work again. A failure that may go away by
+// itself is retried until the request's deadline.
 func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 	var req protocol.ProvisionRequest
 	if err := protocol.Decode(m.Data(), &req); err != nil {
@@ -251,7 +280,15 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		_ = m.Term()
 		return
 	}
+	if instance := protocol.InstanceFromSubject(m.Subject()); instance != req.Instance {
+		// Whoever may publish on one instance's subject must not act on
+		// another instance.
+		p.log.Warn().Str("subject", m.Subject()).Str("instance", req.Instance).Msg("provision request for another instance than its subject's; rejected")
+		_ = m.Term()
+		return
+	}
 	log := p.log.With().Str("instance", req.Instance).Str("action", string(req.Action)).Str("request", req.ID).Logger()
+	point := "provisioner/" + string(req.Action)
 	switch req.Action {
 	case protocol.ProvisionSnapshot, protocol.ProvisionDeleteSnapshot:
 		p.handleBeside(ctx, m, req, log, p.snapshotWork(ctx, req))
@@ -266,18 +303,31 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		_ = m.NakWithDelay(2 * time.Second)
 		return
 	}
-	if cur.RequestID == req.ID && cur.Status != protocol.MachineFailed && !transitional(cur.Status) {
+	if cur.RequestID == req.ID && !transitional(cur.Status) {
+		// Handled to the end already (a redelivery after a crash, or a
+		// request published twice): answered as it ended, not done again.
 		log.Info().Msg("request already handled; acknowledging it again")
-		p.resultEvent(ctx, req, cur, nil)
+		var opErr error
+		if cur.Error != nil {
+			opErr = cur.Error
+		}
+		p.resultEvent(ctx, req, cur, opErr)
+		p.crash.At(point + "/ack:before")
 		_ = m.Ack()
 		return
 	}
-	working, done := keepInProgress(ctx, m)
+	working, done := p.keepInProgress(ctx, m)
 	defer done()
 	log.Info().Msg("machine operation started")
 	pending := cur
 	pending.Status, pending.RequestID, pending.Action, pending.Error = transitionalFor(req.Action), req.ID, req.Action, nil
-	if rev, err = p.putState(ctx, req.Instance, pending, rev); err != nil {
+	if pending.Instance == "" {
+		pending.Instance = req.Instance
+	}
+	if err := p.crash.Around(point+"/pending-state", func() (err error) {
+		rev, err = p.putState(ctx, req.Instance, pending, rev)
+		return err
+	}); err != nil {
 		log.Warn().Err(err).Msg("machine state not written; retrying")
 		_ = m.NakWithDelay(2 * time.Second)
 		return
@@ -287,6 +337,13 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		// Shutting down: hand the request back, to be redelivered (to the
 		// next provisioner) and its machine adopted.
 		_ = m.Nak()
+		return
+	}
+	if opErr != nil && isTransient(opErr) && time.Now().Before(p.deadline(req)) {
+		delay := p.retryDelay(m)
+		log.Warn().Err(opErr).Dur("retry_in", delay).Msg("machine operation failed for now; retrying")
+		p.progress(ctx, req, "retry", fmt.Sprintf("%v; trying again in %s", opErr, delay))
+		_ = m.NakWithDelay(delay)
 		return
 	}
 	switch {
@@ -311,21 +368,58 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 	if req.Generation != 0 && (req.Action == protocol.ProvisionReprovision || req.Action == protocol.ProvisionStart) && opErr == nil {
 		next.Generation = req.Generation
 	}
-	if _, err := p.putState(ctx, req.Instance, next, rev); err != nil {
+	if err := p.crash.Around(point+"/result-state", func() error {
+		_, err := p.putState(ctx, req.Instance, next, rev)
+		return err
+	}); err != nil {
 		log.Error().Err(err).Msg("machine state not recorded; the request will be redelivered")
 		_ = m.NakWithDelay(2 * time.Second)
 		return
 	}
 	p.resultEvent(ctx, req, next, opErr)
+	p.crash.At(point + "/ack:before")
 	_ = m.Ack()
+}
+
+// retryDelay grows with each delivery of m: 2s, 4s, … up to a minute.
+func (p *Provisioner) retryDelay(m jetstream.Msg) time.Duration {
+	n := uint64(1)
+	if md, err := m.Metadata(); err == nil {
+		n = md.NumDelivered
+	}
+	d := 2 * time.Second
+	for i := uint64(1); i < n && d < time.Minute; i++ {
+		d *= 2
+	}
+	return min(d, time.Minute)
+}
+
+// deadline is when a request stops being retried.
+func (p *Provisioner) deadline(req protocol.ProvisionRequest) time.Time {
+	if !req.Deadline.IsZero() {
+		return req.Deadline
+	}
+	return req.Issued.Add(p.cfg.DefaultDeadline)
+}
+
+// isTransient reports whether err may go away by itself: the cloud or the
+// bus unavailable, a call throttled. Such a failure is retried until the
+// request's deadline; anything else fails the operation at once.
+func isTransient(err error) bool {
+	var pe *protocol.Error
+	if errors.As(err, &pe) {
+		return pe.Code == protocol.CodeUnavailable
+	}
+	return errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrConnectionClosed) ||
+		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, context.DeadlineExceeded)
 }
 
 // keepInProgress keeps a request's message ours while the backend works,
 // however long it takes, until the returned cancel is called.
-func keepInProgress(ctx context.Context, m jetstream.Msg) (context.Context, context.CancelFunc) {
+func (p *Provisioner) keepInProgress(ctx context.Context, m jetstream.Msg) (context.Context, context.CancelFunc) {
 	working, done := context.WithCancel(ctx)
 	go func() {
-		t := time.NewTicker(ackWait / 3)
+		t := time.NewTicker(p.cfg.AckWait / 3)
 		defer t.Stop()
 		for {
 			select {
@@ -346,6 +440,10 @@ func (p *Provisioner) run(ctx context.Context, req Request, cur protocol.Machine
 		if req.Snapshot != nil && cur.VolumeID != "" {
 			// The snapshot before an upgrade: without it, nothing is replaced.
 			ref, err := p.takeSnapshot(ctx, req, cur)
+			if err != nil && isTransient(err) && time.Now().Before(p.deadline(req.ProvisionRequest)) {
+				return cur, err // tried again later
+			}
+			p.snapshotOutcome(ctx, req.ProvisionRequest, ref, err)
 			if err != nil {
 				pe := asProtocolError(err)
 				return cur, Untouched(protocol.Errorf(pe.Code, "the snapshot before the upgrade (%s) failed, so the machine was left as it was: %s", ref.ID, pe.Message))
@@ -432,7 +530,16 @@ func (p *Provisioner) resultEvent(ctx context.Context, req protocol.ProvisionReq
 	if opErr != nil {
 		e.Status, e.Error, e.Message = protocol.StatusFailed, asProtocolError(opErr), opErr.Error()
 	}
-	p.event(ctx, e, req.ID+"-"+string(e.Status))
+	p.crash.Around("provisioner/"+string(req.Action)+"/result-event", func() error {
+		p.event(ctx, e, req.ID+"-"+string(e.Status))
+		return nil
+	})
+}
+
+// progress reports a step of a request as it happens.
+func (p *Provisioner) progress(ctx context.Context, req protocol.ProvisionRequest, step, msg string) {
+	p.event(ctx, protocol.Event{Instance: req.Instance, Kind: protocol.EventMachine, OpID: req.OpID, Generation: req.Generation,
+		Step: step, Status: protocol.StatusOK, Message: msg}, "")
 }
 
 // event publishes an event; id, if set, makes a repeat a duplicate. A
@@ -456,55 +563,4 @@ func (p *Provisioner) event(ctx context.Context, e protocol.Event, id string) {
 	if _, err := p.js.Publish(pctx, protocol.EventSubject(e.Instance, e.Kind), data, jetstream.WithMsgID(e.ID)); err != nil {
 		p.log.Warn().Err(err).Str("step", e.Step).Msg("event not published")
 	}
-}
-
-// watchMachines checks, every CheckInterval, that the machines recorded as
-// running still run, and records those that do not as lost.
-func (p *Provisioner) watchMachines(ctx context.Context) {
-	t := time.NewTicker(p.cfg.CheckInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		keys, err := p.machines.ListKeys(ctx)
-		if err != nil {
-			continue
-		}
-		for instance := range keys.Keys() {
-			p.checkMachine(ctx, instance)
-		}
-	}
-}
-
-func (p *Provisioner) checkMachine(ctx context.Context, instance string) {
-	p.mu.Lock()
-	busy := p.active[instance]
-	p.mu.Unlock()
-	if busy {
-		return // an operation on it is under way
-	}
-	cur, rev, err := p.machineState(ctx, instance)
-	if err != nil || cur.Status != protocol.MachineRunning || cur.Backend != p.cfg.Backend.Name() {
-		return
-	}
-	alive, err := p.cfg.Backend.Alive(ctx, cur)
-	if err != nil {
-		// Unknown is not lost: the machine is checked again next time.
-		p.log.Warn().Err(err).Str("instance", instance).Str("machine", cur.MachineID).Msg("machine check failed")
-		return
-	}
-	if alive {
-		return
-	}
-	cur.Status = protocol.MachineLost
-	cur.Error = protocol.Errorf(protocol.CodeUnavailable, "the machine stopped on its own (%s)", cur.MachineID)
-	if _, err := p.putState(ctx, instance, cur, rev); err != nil {
-		return
-	}
-	p.log.Warn().Str("instance", instance).Str("machine", cur.MachineID).Msg("machine lost")
-	p.event(ctx, protocol.Event{Instance: instance, Kind: protocol.EventAlert, Step: "machine-lost", Status: protocol.StatusFailed,
-		Message: cur.Error.Message, Error: cur.Error}, "")
 }

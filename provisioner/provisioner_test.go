@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,13 +22,16 @@ type recorder struct {
 	mu      sync.Mutex
 	calls   []string // "<action> <request id>"
 	fail    map[string]error
+	// flaky fails a request this many times with Unavailable (the cloud
+	// away for a while) before doing it.
+	flaky   map[string]int
 	block   chan struct{} // when set, Reprovision waits for it
 	alive   bool
 	entered chan string
 }
 
 func newRecorder() *recorder {
-	return &recorder{fail: map[string]error{}, alive: true, entered: make(chan string, 100)}
+	return &recorder{fail: map[string]error{}, flaky: map[string]int{}, alive: true, entered: make(chan string, 100)}
 }
 
 func (r *recorder) Name() string { return "recorder" }
@@ -36,6 +40,10 @@ func (r *recorder) record(ctx context.Context, req Request) error {
 	r.mu.Lock()
 	r.calls = append(r.calls, string(req.Action)+" "+req.ID)
 	err := r.fail[req.ID]
+	if r.flaky[req.ID] > 0 {
+		r.flaky[req.ID]--
+		err = protocol.Errorf(protocol.CodeUnavailable, "the cloud is away for now")
+	}
 	block := r.block
 	r.mu.Unlock()
 	r.entered <- req.ID
@@ -97,10 +105,14 @@ func (r *recorder) Stop(ctx context.Context, req Request, cur protocol.MachineSt
 func (r *recorder) Delete(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error) {
 	return r.result(ctx, req, cur, protocol.MachineDeleted)
 }
-func (r *recorder) Alive(ctx context.Context, cur protocol.MachineState) (bool, error) {
+func (r *recorder) Alive(ctx context.Context, machines []protocol.MachineState) (map[string]bool, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.alive, nil
+	out := map[string]bool{}
+	for _, m := range machines {
+		out[m.Instance] = r.alive
+	}
+	return out, nil
 }
 
 func (r *recorder) callList() []string {
@@ -501,5 +513,70 @@ func TestAStopWithAFullQueue(t *testing.T) {
 		case <-time.After(20 * time.Second):
 			t.Fatalf("the next provisioner ran %d of the %d requests handed back", len(ran), n)
 		}
+	}
+}
+
+// TestTransientFailuresAreRetriedUntilTheDeadline: a backend failing in a
+// way that passes (the cloud unavailable) does not fail the operation; it
+// is tried again until the request's deadline, and only then reported.
+func TestTransientFailuresAreRetriedUntilTheDeadline(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	rec.flaky["op-1-reprovision"] = 2
+	rec.flaky["op-2-reprovision"] = 1000
+	r.run(rec, "p1")
+	req := protocol.ProvisionRequest{ID: "op-1-reprovision", Instance: "in-a", Action: protocol.ProvisionReprovision, OpID: "op-1",
+		Generation: 1, Issued: time.Now().UTC(), Deadline: time.Now().Add(time.Minute), Spec: &protocol.MachineSpec{Label: "x"}}
+	r.publish(req, req.ID)
+	st := r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == req.ID && !transitional(s.Status) })
+	if st.Status != protocol.MachineRunning || st.Error != nil {
+		t.Fatalf("after two transient failures: %+v", st)
+	}
+	if got := strings.Count(fmt.Sprint(rec.callList()), "reprovision op-1-reprovision"); got != 3 {
+		t.Fatalf("%d attempts, want 3: %v", got, rec.callList())
+	}
+	waitEvent(t, r, "in-a", func(e protocol.Event) bool { return e.Step == "retry" && e.OpID == "op-1" })
+	// Past its deadline, the failure is the operation's.
+	req = protocol.ProvisionRequest{ID: "op-2-reprovision", Instance: "in-a", Action: protocol.ProvisionReprovision, OpID: "op-2",
+		Generation: 2, Issued: time.Now().UTC(), Deadline: time.Now().Add(3 * time.Second), Spec: &protocol.MachineSpec{Label: "x"}}
+	r.publish(req, req.ID)
+	st = r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == req.ID && !transitional(s.Status) })
+	if st.Status != protocol.MachineFailed || st.Error == nil || st.Error.Code != protocol.CodeUnavailable {
+		t.Fatalf("past the deadline: %+v", st)
+	}
+}
+
+// TestADispatchRacingAnIdleWorker: a request handed to an instance's worker
+// just as the worker is about to leave for want of work is still taken at
+// once, not stranded until the ack wait.
+func TestADispatchRacingAnIdleWorker(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	var queued atomic.Int32
+	hook := func(point string) {
+		if point == "provisioner/dispatch/queued" && queued.Add(1) == 2 {
+			// The second request of the instance waits here, between its
+			// worker's look-up and the hand-over, longer than the worker
+			// stays idle.
+			time.Sleep(300 * time.Millisecond)
+		}
+	}
+	p, err := New(Config{Conn: r.bus.Connect(t), Backend: rec, Holder: "p1", Crash: hook, Logger: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.workerIdle = 50 * time.Millisecond
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = p.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	r.request("in-a", protocol.ProvisionReprovision, "op-1-reprovision")
+	r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == "op-1-reprovision" })
+	time.Sleep(100 * time.Millisecond) // the worker is idle, about to leave
+	start := time.Now()
+	r.request("in-a", protocol.ProvisionStop, "op-2-stop")
+	r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == "op-2-stop" && s.Status == protocol.MachineStopped })
+	if took := time.Since(start); took > 10*time.Second {
+		t.Fatalf("the request waited %s: it was stranded until the ack wait", took)
 	}
 }

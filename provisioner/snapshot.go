@@ -16,51 +16,71 @@ var errRetryLater = errors.New("retry later")
 
 // handleBeside carries out a request that leaves the machine and its
 // record as they are (snapshots, volume growth): do reports the outcome on
-// FM_EVENTS itself. On shutdown the request is handed back, to be done
-// again by the next provisioner.
+// FM_EVENTS itself, unless it fails in a way that may go away by itself,
+// which is retried until the request's deadline. On shutdown the request is
+// handed back, to be done again by the next provisioner.
 func (p *Provisioner) handleBeside(ctx context.Context, m jetstream.Msg, req protocol.ProvisionRequest, log zerolog.Logger,
-	do func(ctx context.Context, cur protocol.MachineState) error) {
+	do func(ctx context.Context, cur protocol.MachineState, final bool) error) {
 	cur, _, err := p.machineState(ctx, req.Instance)
 	if err != nil {
 		log.Warn().Err(err).Msg("machine state unreadable; retrying")
 		_ = m.NakWithDelay(2 * time.Second)
 		return
 	}
-	working, done := keepInProgress(ctx, m)
+	working, done := p.keepInProgress(ctx, m)
 	defer done()
-	err = do(working, cur)
+	err = do(working, cur, !time.Now().Before(p.deadline(req)))
+	point := "provisioner/" + string(req.Action)
 	switch {
 	case ctx.Err() != nil:
 		_ = m.Nak()
 	case errors.Is(err, errRetryLater):
-		log.Warn().Err(err).Msg("retrying")
-		_ = m.NakWithDelay(2 * time.Second)
+		delay := p.retryDelay(m)
+		log.Warn().Err(err).Dur("retry_in", delay).Msg("retrying")
+		_ = m.NakWithDelay(delay)
 	case err != nil:
 		log.Warn().Err(err).Msg("operation failed")
+		p.crash.At(point + "/ack:before")
 		_ = m.Ack()
 	default:
 		log.Info().Msg("operation done")
+		p.crash.At(point + "/ack:before")
 		_ = m.Ack()
 	}
 }
 
-// snapshotWork takes or deletes req.Snapshot.
-func (p *Provisioner) snapshotWork(ctx context.Context, req protocol.ProvisionRequest) func(context.Context, protocol.MachineState) error {
-	return func(working context.Context, cur protocol.MachineState) error {
+// snapshotWork takes or deletes req.Snapshot. final says the request's
+// deadline has passed: a transient failure is then reported as it is.
+func (p *Provisioner) snapshotWork(ctx context.Context, req protocol.ProvisionRequest) func(context.Context, protocol.MachineState, bool) error {
+	return func(working context.Context, cur protocol.MachineState, final bool) error {
 		breq := p.request(ctx, req)
+		var (
+			ref protocol.SnapshotRef
+			err error
+		)
 		if req.Action == protocol.ProvisionSnapshot {
-			_, err := p.takeSnapshot(working, breq, cur)
-			return err
+			ref, err = p.takeSnapshot(working, breq, cur)
+		} else {
+			ref = *req.Snapshot
+			p.snapshotEvent(ctx, req, ref, protocol.StatusStarted, nil)
+			err = p.crash.Around("provisioner/delete-snapshot/backend", func() error {
+				return p.cfg.Backend.DeleteSnapshot(working, breq, ref)
+			})
 		}
-		p.snapshotEvent(ctx, req, *req.Snapshot, protocol.StatusStarted, nil)
-		err := p.cfg.Backend.DeleteSnapshot(working, breq, *req.Snapshot)
-		p.snapshotEvent(ctx, req, *req.Snapshot, statusOf(err), err)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if err != nil && isTransient(err) && !final {
+			p.progress(ctx, req, "retry", fmt.Sprintf("%v; trying again", err))
+			return fmt.Errorf("%w: %v", errRetryLater, err)
+		}
+		p.snapshotOutcome(ctx, req, ref, err)
 		return err
 	}
 }
 
-// takeSnapshot takes req.Snapshot of the instance's data volume and reports
-// it.
+// takeSnapshot takes req.Snapshot of the instance's data volume; the
+// caller reports the outcome (snapshotOutcome).
 func (p *Provisioner) takeSnapshot(ctx context.Context, req Request, cur protocol.MachineState) (protocol.SnapshotRef, error) {
 	want := *req.Snapshot
 	p.snapshotEvent(ctx, req.ProvisionRequest, want, protocol.StatusStarted, nil)
@@ -71,7 +91,10 @@ func (p *Provisioner) takeSnapshot(ctx context.Context, req Request, cur protoco
 	if cur.VolumeID == "" {
 		err = protocol.Errorf(protocol.CodeFailedPrecondition, "instance %s has no data volume to snapshot", req.Instance)
 	} else {
-		ref, err = p.cfg.Backend.Snapshot(ctx, req, cur, want)
+		err = p.crash.Around("provisioner/"+string(req.Action)+"/snapshot", func() (err error) {
+			ref, err = p.cfg.Backend.Snapshot(ctx, req, cur, want)
+			return err
+		})
 	}
 	if err != nil {
 		ref = want
@@ -80,8 +103,15 @@ func (p *Provisioner) takeSnapshot(ctx context.Context, req Request, cur protoco
 	if ref.VolumeSizeGB == 0 {
 		ref.VolumeSizeGB = cur.VolumeSizeGB
 	}
-	p.snapshotEvent(ctx, req.ProvisionRequest, ref, statusOf(err), err)
 	return ref, err
+}
+
+// snapshotOutcome reports how a snapshot or its deletion ended.
+func (p *Provisioner) snapshotOutcome(ctx context.Context, req protocol.ProvisionRequest, ref protocol.SnapshotRef, err error) {
+	p.crash.Around("provisioner/"+string(req.Action)+"/snapshot-event", func() error {
+		p.snapshotEvent(ctx, req, ref, statusOf(err), err)
+		return nil
+	})
 }
 
 func statusOf(err error) protocol.Status {
@@ -93,10 +123,7 @@ func statusOf(err error) protocol.Status {
 
 // request gives a provision request a progress reporter.
 func (p *Provisioner) request(ctx context.Context, req protocol.ProvisionRequest) Request {
-	return Request{ProvisionRequest: req, Progress: func(step, msg string) {
-		p.event(ctx, protocol.Event{Instance: req.Instance, Kind: protocol.EventMachine, OpID: req.OpID, Generation: req.Generation,
-			Step: step, Status: protocol.StatusOK, Message: msg}, "")
-	}}
+	return Request{ProvisionRequest: req, Progress: func(step, msg string) { p.progress(ctx, req, step, msg) }}
 }
 
 // snapshotEvent reports a snapshot's progress or outcome; an outcome's id

@@ -13,8 +13,8 @@ import (
 // the machine record changes; the outcome goes to the server as an
 // EventMachine of step grow-volume, and the server then has the agent grow
 // its file system.
-func (p *Provisioner) growWork(ctx context.Context, req protocol.ProvisionRequest) func(context.Context, protocol.MachineState) error {
-	return func(working context.Context, cur protocol.MachineState) error {
+func (p *Provisioner) growWork(ctx context.Context, req protocol.ProvisionRequest) func(context.Context, protocol.MachineState, bool) error {
+	return func(working context.Context, cur protocol.MachineState, final bool) error {
 		var (
 			next protocol.MachineState
 			err  error
@@ -25,13 +25,22 @@ func (p *Provisioner) growWork(ctx context.Context, req protocol.ProvisionReques
 		case cur.VolumeSizeGB >= req.VolumeSizeGB:
 			next = cur // grown already (a redelivery)
 		default:
-			next, err = p.cfg.Backend.GrowVolume(working, p.request(ctx, req), cur, req.VolumeSizeGB)
+			err = p.crash.Around("provisioner/grow-volume/backend", func() (err error) {
+				next, err = p.cfg.Backend.GrowVolume(working, p.request(ctx, req), cur, req.VolumeSizeGB)
+				return err
+			})
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		if err != nil && isTransient(err) && !final {
+			p.progress(ctx, req, "retry", fmt.Sprintf("%v; trying again", err))
+			return fmt.Errorf("%w: %v", errRetryLater, err)
+		}
 		if err == nil && next.VolumeSizeGB != cur.VolumeSizeGB {
-			if rerr := p.recordVolumeSize(ctx, req.Instance, next.VolumeSizeGB); rerr != nil {
+			if rerr := p.crash.Around("provisioner/grow-volume/size-recorded", func() error {
+				return p.recordVolumeSize(ctx, req.Instance, next.VolumeSizeGB)
+			}); rerr != nil {
 				return fmt.Errorf("%w: the grown volume is not recorded: %v", errRetryLater, rerr)
 			}
 		}
@@ -40,7 +49,10 @@ func (p *Provisioner) growWork(ctx context.Context, req protocol.ProvisionReques
 		if err != nil {
 			e.Status, e.Error, e.Message = protocol.StatusFailed, asProtocolError(err), err.Error()
 		}
-		p.event(ctx, e, req.ID+"-"+string(e.Status))
+		p.crash.Around("provisioner/grow-volume/result-event", func() error {
+			p.event(ctx, e, req.ID+"-"+string(e.Status))
+			return nil
+		})
 		return err
 	}
 }

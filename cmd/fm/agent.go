@@ -16,6 +16,7 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.SetOutput(stderr)
 	configFile := fs.String("config", "", "agent config file (JSON) written by the provisioner")
 	instance := fs.String("instance", "", "instance id")
+	machineRequest := fs.String("machine-request", "", "the provision request that made this machine: the agent acts only on desired states for it")
 	natsURL := fs.String("nats-url", "", "bus URL")
 	creds := fs.String("nats-creds", "", "NATS credentials file")
 	root := fs.String("root", "", "the OS disk (/ on a real machine)")
@@ -42,6 +43,7 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 	setIf("instance", &cfg.Instance, *instance)
+	setIf("machine-request", &cfg.MachineRequest, *machineRequest)
 	setIf("nats-url", &cfg.NATSURL, *natsURL)
 	setIf("nats-creds", &cfg.CredsFile, *creds)
 	setIf("root", &cfg.RootDir, *root)

@@ -71,3 +71,20 @@ func (b *Backend) releaseAddress(ctx context.Context, c clients, req provisioner
 	req.Progress("elastic-ip", "elastic IP released: "+alloc)
 	return nil
 }
+
+// releaseAllocated releases every elastic IP FM allocated for the instance
+// (its tags say so); an address the user gave carries none of FM's tags and
+// stays theirs.
+func (b *Backend) releaseAllocated(ctx context.Context, c clients, req provisioner.Request) error {
+	out, err := c.ec2.DescribeAddresses(ctx, &ec2.DescribeAddressesInput{Filters: []types.Filter{
+		tagFilter(TagInstance, req.Instance), tagFilter(TagRole, roleEIP)}})
+	if err != nil {
+		return cloudError("look up the instance's elastic IPs", err)
+	}
+	for _, a := range out.Addresses {
+		if err := b.releaseAddress(ctx, c, req, aws.ToString(a.AllocationId)); err != nil {
+			return err
+		}
+	}
+	return nil
+}

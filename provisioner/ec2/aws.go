@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 
@@ -44,6 +45,7 @@ type ec2API interface {
 	AttachVolume(context.Context, *ec2.AttachVolumeInput, ...func(*ec2.Options)) (*ec2.AttachVolumeOutput, error)
 	DeleteVolume(context.Context, *ec2.DeleteVolumeInput, ...func(*ec2.Options)) (*ec2.DeleteVolumeOutput, error)
 	ModifyVolume(context.Context, *ec2.ModifyVolumeInput, ...func(*ec2.Options)) (*ec2.ModifyVolumeOutput, error)
+	DescribeVolumesModifications(context.Context, *ec2.DescribeVolumesModificationsInput, ...func(*ec2.Options)) (*ec2.DescribeVolumesModificationsOutput, error)
 	CreateTags(context.Context, *ec2.CreateTagsInput, ...func(*ec2.Options)) (*ec2.CreateTagsOutput, error)
 
 	DescribeSnapshots(context.Context, *ec2.DescribeSnapshotsInput, ...func(*ec2.Options)) (*ec2.DescribeSnapshotsOutput, error)
@@ -190,11 +192,20 @@ func cloudError(what string, err error) error {
 	switch {
 	case strings.HasPrefix(code, "Invalid") || strings.HasSuffix(code, notFoundSuffix) || code == "MissingParameter" || code == "NoSuchEntity":
 		return &protocol.Error{Code: protocol.CodeInvalidArgument, Message: fmt.Sprintf("%s: %s: %s", what, code, msg)}
-	case code == "RequestLimitExceeded" || code == "Throttling" || strings.HasPrefix(code, "InsufficientInstanceCapacity") ||
+	case code == "RequestLimitExceeded" || code == "Throttling" || code == "ThrottlingException":
+		// Throttled after the SDK's own retries: it passes; the provisioner
+		// tries again until the operation's deadline.
+		return &protocol.Error{Code: protocol.CodeUnavailable, Message: fmt.Sprintf("%s: %s (throttled): %s", what, code, msg)}
+	case strings.HasPrefix(code, "InsufficientInstanceCapacity") ||
 		code == "VolumeLimitExceeded" || code == "AddressLimitExceeded" || code == "InstanceLimitExceeded":
 		return &protocol.Error{Code: protocol.CodeResourceExhausted, Message: fmt.Sprintf("%s: %s: %s", what, code, msg)}
 	case code != "":
 		return &protocol.Error{Code: protocol.CodeUnavailable, Message: fmt.Sprintf("%s: %s (%s): %s", what, action, code, msg)}
+	}
+	var netErr net.Error
+	if errors.As(err, &netErr) {
+		// AWS out of reach (after the SDK's retries): it may come back.
+		return &protocol.Error{Code: protocol.CodeUnavailable, Message: fmt.Sprintf("%s: AWS unreachable: %v", what, err)}
 	}
 	return fmt.Errorf("%s: %w", what, err)
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
+	"github.com/fleetmanager/fm/internal/crashpoint"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 )
@@ -37,6 +38,9 @@ type Config struct {
 	// wait (default 10 minutes).
 	Poll    time.Duration
 	Timeout time.Duration
+	// Crash is passed a crash point before and after every AWS call that
+	// changes something (tests).
+	Crash crashpoint.Hook
 }
 
 // Backend is the EC2 backend.
@@ -167,7 +171,7 @@ func (b *Backend) connectTo(ctx context.Context, region string, auth *protocol.C
 			"no AWS region: the virtual network names none and the provisioner has no --ec2-region")
 	}
 	c, err := b.connect(ctx, region, auth)
-	return c, region, err
+	return c.withCrashPoints(b.cfg.Crash), region, err
 }
 
 // Reprovision implements provisioner.Backend. It checks everything the
@@ -368,13 +372,13 @@ func (b *Backend) Delete(ctx context.Context, req provisioner.Request, cur proto
 	if err != nil {
 		return next, err
 	}
-	if cur.Details[detailAllocatedByFM] == "true" {
-		if err := b.releaseAddress(ctx, c, req, cur.Details[detailAllocation]); err != nil {
-			return next, err
-		}
-		delete(next.Details, detailAllocation)
-		delete(next.Details, detailAllocatedByFM)
+	// Every address FM allocated for the instance, found by its tags: one
+	// allocated by a reprovision that failed before it was recorded too.
+	if err := b.releaseAllocated(ctx, c, req); err != nil {
+		return next, err
 	}
+	delete(next.Details, detailAllocation)
+	delete(next.Details, detailAllocatedByFM)
 	vols, err := b.findVolumes(ctx, c, req.Instance, roleData, rolePreviousData)
 	if err != nil {
 		return next, err
@@ -397,36 +401,94 @@ func (b *Backend) Delete(ctx context.Context, req provisioner.Request, cur proto
 	return next, nil
 }
 
-// Alive implements provisioner.Backend: the machine is running (a machine
-// stopped or terminated behind FM's back is not).
-func (b *Backend) Alive(ctx context.Context, cur protocol.MachineState) (bool, error) {
-	if cur.MachineID == "" {
-		return false, nil
+// Alive implements provisioner.Backend: the machines are running (one
+// stopped or terminated behind FM's back is not). It makes one filtered
+// DescribeInstances call (and its pages) per region and identity, whatever
+// the number of machines.
+func (b *Backend) Alive(ctx context.Context, machines []protocol.MachineState) (map[string]bool, error) {
+	type group struct {
+		region string
+		auth   *protocol.CloudAuth
+		ids    map[string]string // machine id -> instance
 	}
-	// The identity of the instance's last request: after a restart, until
-	// one comes, the provisioner's own (a refusal is an error, not a loss).
+	groups := map[string]*group{}
+	out := make(map[string]bool, len(machines))
 	b.mu.Lock()
-	auth := b.auth[cur.Instance]
+	for _, m := range machines {
+		if m.MachineID == "" {
+			out[m.Instance] = false
+			continue
+		}
+		// The identity of the instance's last request: after a restart,
+		// until one comes, the provisioner's own (a refusal is an error,
+		// not a loss).
+		auth, region := b.auth[m.Instance], b.region(nil, m)
+		key := region + "|" + authKey(auth)
+		g := groups[key]
+		if g == nil {
+			g = &group{region: region, auth: auth, ids: map[string]string{}}
+			groups[key] = g
+		}
+		g.ids[m.MachineID] = m.Instance
+	}
 	b.mu.Unlock()
-	c, _, err := b.connectTo(ctx, b.region(nil, cur), auth)
-	if err != nil {
-		return false, err
+	var errs []error
+	for _, g := range groups {
+		c, _, err := b.connectTo(ctx, g.region, g.auth)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		ids := make([]string, 0, len(g.ids))
+		for id := range g.ids {
+			ids = append(ids, id)
+		}
+		running, err := runningMachines(ctx, c, ids)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for id, instance := range g.ids {
+			out[instance] = running[id]
+		}
 	}
-	inst, err := describeInstance(ctx, c, cur.MachineID)
-	if isNotFound(err) {
-		return false, nil
+	return out, errors.Join(errs...)
+}
+
+// runningMachines returns which of the machines are running or pending. A
+// filter, unlike a list of ids, does not fail the call for an id that no
+// longer exists (a machine terminated long ago): it is simply not running.
+func runningMachines(ctx context.Context, c clients, ids []string) (map[string]bool, error) {
+	running := map[string]bool{}
+	const perCall = 200 // the number of values a filter takes
+	for start := 0; start < len(ids); start += perCall {
+		chunk := ids[start:min(start+perCall, len(ids))]
+		pages := ec2.NewDescribeInstancesPaginator(c.ec2, &ec2.DescribeInstancesInput{Filters: []types.Filter{
+			{Name: aws.String("instance-id"), Values: chunk},
+			{Name: aws.String("instance-state-name"), Values: []string{"pending", "running"}},
+		}})
+		for pages.HasMorePages() {
+			page, err := pages.NextPage(ctx)
+			if err != nil {
+				return nil, cloudError("look at the machines", err)
+			}
+			for _, r := range page.Reservations {
+				for _, inst := range r.Instances {
+					running[aws.ToString(inst.InstanceId)] = true
+				}
+			}
+		}
 	}
-	if err != nil {
-		return false, cloudError("look at the machine", err)
+	return running, nil
+}
+
+// authKey tells identities apart for grouping calls (the sealed secret is
+// randomised, so a key pair is known by its access key id).
+func authKey(a *protocol.CloudAuth) string {
+	if a == nil {
+		return ""
 	}
-	if inst == nil || inst.State == nil {
-		return false, nil
-	}
-	switch inst.State.Name {
-	case types.InstanceStateNameRunning, types.InstanceStateNamePending:
-		return true, nil
-	}
-	return false, nil
+	return a.Mode + "|" + a.RoleARN + "|" + a.AccessKeyID
 }
 
 func (b *Backend) fillAddresses(st *protocol.MachineState, inst *types.Instance) {

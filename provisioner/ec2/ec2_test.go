@@ -300,13 +300,13 @@ func TestMachineLifecycleOnMoto(t *testing.T) {
 	if in := w.fmInstances(t); len(in) != 1 || in[0].State.Name != types.InstanceStateNameStopped {
 		t.Fatalf("after stop: %+v", in)
 	}
-	if alive, err := w.backend.Alive(ctx, st); err != nil || alive {
+	if alive, err := aliveOne(w.backend, st); err != nil || alive {
 		t.Fatalf("a stopped machine is alive: %v %v", alive, err)
 	}
 	if st, err = w.backend.Start(ctx, w.request("rq-3", protocol.ProvisionStart, spec), st); err != nil || st.Status != protocol.MachineRunning {
 		t.Fatalf("start: %v %+v", err, st)
 	}
-	if alive, err := w.backend.Alive(ctx, st); err != nil || !alive {
+	if alive, err := aliveOne(w.backend, st); err != nil || !alive {
 		t.Fatalf("a started machine is not alive: %v %v", alive, err)
 	}
 
@@ -558,7 +558,7 @@ func TestCloudIdentitiesOnMoto(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if alive, err := b.Alive(context.Background(), st); err != nil || !alive {
+			if alive, err := aliveOne(b, st); err != nil || !alive {
 				t.Fatalf("alive = %v, %v", alive, err)
 			}
 			del := w.request("rq-del-"+strings.ToLower(auth.Mode), protocol.ProvisionDelete, nil)
@@ -608,4 +608,10 @@ func TestExistingWebGroupGetsMissingRules(t *testing.T) {
 	if !slices.Equal(ports, []int32{22, 80, 443, 10000}) {
 		t.Fatalf("ports = %v", ports)
 	}
+}
+
+// aliveOne asks the backend about one machine.
+func aliveOne(b *Backend, st protocol.MachineState) (bool, error) {
+	m, err := b.Alive(context.Background(), []protocol.MachineState{st})
+	return m[st.Instance], err
 }

@@ -159,16 +159,27 @@ func (b *Backend) deleteVolume(ctx context.Context, c clients, req provisioner.R
 
 // GrowVolume implements provisioner.Backend: ModifyVolume, then a wait
 // until EBS reports the new size (the volume serves throughout; the
-// modification goes on optimizing in the background).
+// modification goes on optimizing in the background). A modification to
+// the size asked already under way or done (a retry after a crash) is
+// waited for, not asked again: EBS refuses a second modification of a
+// volume within six hours.
 func (b *Backend) GrowVolume(ctx context.Context, req provisioner.Request, cur protocol.MachineState, sizeGB int) (protocol.MachineState, error) {
 	c, _, err := b.clientsFor(ctx, req, cur)
 	if err != nil {
 		return cur, err
 	}
-	if _, err := c.ec2.ModifyVolume(ctx, &ec2.ModifyVolumeInput{VolumeId: aws.String(cur.VolumeID), Size: aws.Int32(int32(sizeGB))}); err != nil {
-		return cur, cloudError("grow the data volume", err)
+	asked, err := modificationUnderWay(ctx, c, cur.VolumeID, sizeGB)
+	if err != nil {
+		return cur, err
 	}
-	req.Progress("modify-volume", fmt.Sprintf("volume %s: modification to %d GB asked", cur.VolumeID, sizeGB))
+	if asked {
+		req.Progress("modify-volume", fmt.Sprintf("volume %s: a modification to %d GB is under way or done", cur.VolumeID, sizeGB))
+	} else {
+		if _, err := c.ec2.ModifyVolume(ctx, &ec2.ModifyVolumeInput{VolumeId: aws.String(cur.VolumeID), Size: aws.Int32(int32(sizeGB))}); err != nil {
+			return cur, cloudError("grow the data volume", err)
+		}
+		req.Progress("modify-volume", fmt.Sprintf("volume %s: modification to %d GB asked", cur.VolumeID, sizeGB))
+	}
 	err = b.waitFor(ctx, req, "modify-volume", "volume "+cur.VolumeID, func() (bool, string, error) {
 		v, err := describeVolume(ctx, c, cur.VolumeID)
 		if err != nil {
@@ -185,4 +196,29 @@ func (b *Backend) GrowVolume(ctx context.Context, req provisioner.Request, cur p
 	next := cur
 	next.VolumeSizeGB = sizeGB
 	return next, nil
+}
+
+// modificationUnderWay reports whether the volume is at least sizeGB, or a
+// modification to at least that size is under way or done.
+func modificationUnderWay(ctx context.Context, c clients, volumeID string, sizeGB int) (bool, error) {
+	v, err := describeVolume(ctx, c, volumeID)
+	if err != nil {
+		return false, err
+	}
+	if v == nil {
+		return false, protocol.Errorf(protocol.CodeNotFound, "the data volume %s is gone", volumeID)
+	}
+	if int(aws.ToInt32(v.Size)) >= sizeGB {
+		return true, nil
+	}
+	out, err := c.ec2.DescribeVolumesModifications(ctx, &ec2.DescribeVolumesModificationsInput{VolumeIds: []string{volumeID}})
+	if err != nil {
+		return false, cloudError("look at the data volume's modifications", err)
+	}
+	for _, m := range out.VolumesModifications {
+		if int(aws.ToInt32(m.TargetSize)) >= sizeGB && m.ModificationState != types.VolumeModificationStateFailed {
+			return true, nil
+		}
+	}
+	return false, nil
 }

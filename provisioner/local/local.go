@@ -22,7 +22,9 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/agent"
+	"github.com/fleetmanager/fm/internal/atomicfile"
 	"github.com/fleetmanager/fm/internal/cmdline"
+	"github.com/fleetmanager/fm/internal/crashpoint"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/rs/zerolog"
@@ -38,13 +40,16 @@ type Config struct {
 	NATSURL string
 	// Archives is the snapshot store; without one, snapshots are refused.
 	Archives Archives
-	Logger   zerolog.Logger
+	// Crash is passed every crash point of a machine operation (tests).
+	Crash  crashpoint.Hook
+	Logger zerolog.Logger
 }
 
 // Backend is the local backend.
 type Backend struct {
-	cfg Config
-	log zerolog.Logger
+	cfg   Config
+	log   zerolog.Logger
+	crash crashpoint.Hook
 }
 
 var _ provisioner.Backend = (*Backend)(nil)
@@ -60,7 +65,7 @@ func New(cfg Config) (*Backend, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("local backend: %w", err)
 	}
-	return &Backend{cfg: cfg, log: cfg.Logger.With().Str("component", "local-backend").Logger()}, nil
+	return &Backend{cfg: cfg, crash: cfg.Crash, log: cfg.Logger.With().Str("component", "local-backend").Logger()}, nil
 }
 
 // Name implements provisioner.Backend.
@@ -88,55 +93,73 @@ func (b *Backend) dssDir(instance string) string {
 }
 
 // Reprovision implements provisioner.Backend: a new root folder, the kept
-// (or a new) volume folder, and a new agent process.
+// (or a new) volume folder, and a new agent process. Asked again for the
+// same request (a redelivery), it adopts the machine that request made,
+// and only that one, and finishes a restore where it stopped.
 func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur protocol.MachineState) (protocol.MachineState, error) {
 	inst := req.Instance
-	if pid, ok := b.agentPID(inst); ok && cur.RequestID == req.ID {
+	if pid, ok := b.agentOf(inst, req.ID); ok {
 		req.Progress("adopt", fmt.Sprintf("the machine of this request runs (agent pid %d)", pid))
 		return b.state(inst, req.Spec, pid), nil
 	}
 	vol := b.volumeDir(inst)
-	staging := vol + ".restore"
-	// A redelivered restore whose volume is already in place keeps it.
-	restore := req.FromSnapshot != nil && !b.restoredBy(inst, req.ID)
-	if snap := req.FromSnapshot; restore {
+	pending := b.restoreJournal(inst) // a restore whose move a crash cut short
+	if snap := req.FromSnapshot; snap != nil && pending != req.ID && !b.restoredBy(inst, req.ID) {
 		// The snapshot is checked in full before anything is replaced.
-		_ = os.RemoveAll(staging)
-		if err := b.restoreArchive(ctx, *snap, staging); err != nil {
+		staging := b.stagingDir(inst)
+		err := b.crash.Around("local/reprovision/extract-snapshot", func() error {
 			_ = os.RemoveAll(staging)
+			if err := b.restoreArchive(ctx, *snap, staging); err != nil {
+				_ = os.RemoveAll(staging)
+				return err
+			}
+			return nil
+		})
+		if err != nil {
 			return cur, provisioner.Untouched(err)
 		}
 		req.Progress("verify-snapshot", fmt.Sprintf("the archive of snapshot %s matches its SHA-256 %s", snap.ID, snap.SHA256))
+		if err := b.crash.Around("local/reprovision/restore-journal", func() error {
+			return atomicfile.WriteFile(b.journalPath(inst), []byte(req.ID), 0o600)
+		}); err != nil {
+			return cur, fmt.Errorf("record the restore: %w", err)
+		}
+		pending = req.ID
 	}
-	if n := b.stopMachine(ctx, inst); n > 0 {
+	var n int
+	b.crash.Around("local/reprovision/stop-old-machine", func() error { n = b.stopMachine(ctx, inst); return nil })
+	if n > 0 {
 		req.Progress("end-old-machine", fmt.Sprintf("the previous machine was stopped (%d processes)", n))
 	}
-	if err := os.RemoveAll(b.rootDir(inst)); err != nil {
+	if err := b.crash.Around("local/reprovision/remove-os-disk", func() error { return os.RemoveAll(b.machineDir(inst)) }); err != nil {
 		return cur, fmt.Errorf("remove the old OS disk: %w", err)
 	}
-	if snap := req.FromSnapshot; restore {
-		if err := b.swapVolume(inst, staging, req.ID); err != nil {
+	switch _, err := os.Stat(vol); {
+	case pending != "":
+		if err := b.swapVolume(inst, pending); err != nil {
 			return cur, err
 		}
-		req.Progress("data-volume", fmt.Sprintf("data volume made from snapshot %s; the previous one is kept at %s", snap.ID, b.previousVolumeDir(inst)))
-	} else if _, err := os.Stat(vol); errors.Is(err, os.ErrNotExist) {
-		if err := os.MkdirAll(vol, 0o700); err != nil {
+		req.Progress("data-volume", fmt.Sprintf("data volume restored from a snapshot; the previous one is kept at %s", b.previousVolumeDir(inst)))
+	case errors.Is(err, os.ErrNotExist):
+		if err := b.crash.Around("local/reprovision/create-volume", func() error { return os.MkdirAll(vol, 0o700) }); err != nil {
 			return cur, err
 		}
 		req.Progress("data-volume", fmt.Sprintf("data volume created (%d GB)", req.Spec.DataVolume.SizeGB))
-	} else {
+	default:
 		req.Progress("data-volume", "data volume kept")
 	}
-	if err := agent.WriteConfigFile(b.configPath(inst), agent.Config{
-		Instance: inst, MachineRequest: req.ID, NATSURL: b.cfg.NATSURL, Join: req.Spec.Join, RootDir: b.rootDir(inst), DataDir: vol,
-		DataVolumeBytes: uint64(req.Spec.DataVolume.SizeGB) << 30,
-		// The machine is a folder on the FM host: its system packages are
-		// the host's.
-		PackageManager: "none",
+	if err := b.crash.Around("local/reprovision/write-agent-config", func() error {
+		return agent.WriteConfigFile(b.configPath(inst), agent.Config{
+			Instance: inst, MachineRequest: req.ID, NATSURL: b.cfg.NATSURL, Join: req.Spec.Join, RootDir: b.rootDir(inst), DataDir: vol,
+			DataVolumeBytes: uint64(req.Spec.DataVolume.SizeGB) << 30,
+			// The machine is a folder on the FM host: its system packages are
+			// the host's.
+			PackageManager: "none",
+		})
 	}); err != nil {
 		return cur, fmt.Errorf("write the agent's config: %w", err)
 	}
-	pid, err := b.startAgent(inst)
+	pid, err := b.startAgent(inst, req.ID)
 	if err != nil {
 		return cur, err
 	}
@@ -144,23 +167,51 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	return b.state(inst, req.Spec, pid), nil
 }
 
+// stagingDir is where a restore extracts a snapshot before it replaces the
+// volume; journalPath names the restore whose move is under way.
+func (b *Backend) stagingDir(inst string) string  { return b.volumeDir(inst) + ".restore" }
+func (b *Backend) journalPath(inst string) string { return b.volumeDir(inst) + ".restoring" }
+
+// restoreJournal is the request of a restore whose extracted volume is to
+// replace the current one ("" if none).
+func (b *Backend) restoreJournal(inst string) string {
+	by, err := os.ReadFile(b.journalPath(inst))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(by))
+}
+
 // swapVolume puts a restored volume in place, keeping the current one
-// aside (replacing what an earlier restore kept). After a crash half-way,
-// when the current one is already aside, it only finishes the move.
-func (b *Backend) swapVolume(inst, restored, requestID string) error {
-	vol, prev := b.volumeDir(inst), b.previousVolumeDir(inst)
-	if _, err := os.Stat(vol); err == nil {
-		if err := os.RemoveAll(prev); err != nil {
-			return fmt.Errorf("remove the volume an earlier restore kept: %w", err)
+// aside (replacing what an earlier restore kept). Each step is a rename,
+// and which ones are done shows in what is where, so that a retry after a
+// crash finishes the move and never mistakes the restored volume for the
+// current one: while the extracted volume waits beside, the one in place is
+// the current one.
+func (b *Backend) swapVolume(inst, requestID string) error {
+	vol, prev, staging := b.volumeDir(inst), b.previousVolumeDir(inst), b.stagingDir(inst)
+	if _, err := os.Stat(staging); err == nil {
+		if _, err := os.Stat(vol); err == nil {
+			if err := b.crash.Around("local/reprovision/drop-earlier-kept-volume", func() error { return os.RemoveAll(prev) }); err != nil {
+				return fmt.Errorf("remove the volume an earlier restore kept: %w", err)
+			}
+			if err := b.crash.Around("local/reprovision/keep-volume-aside", func() error { return os.Rename(vol, prev) }); err != nil {
+				return fmt.Errorf("keep the current volume aside: %w", err)
+			}
 		}
-		if err := os.Rename(vol, prev); err != nil {
-			return fmt.Errorf("keep the current volume aside: %w", err)
+		if err := b.crash.Around("local/reprovision/put-restored-volume", func() error { return os.Rename(staging, vol) }); err != nil {
+			return fmt.Errorf("put the restored volume in place: %w", err)
 		}
 	}
-	if err := os.Rename(restored, vol); err != nil {
-		return fmt.Errorf("put the restored volume in place: %w", err)
+	if err := b.crash.Around("local/reprovision/mark-restored", func() error {
+		return atomicfile.WriteFile(vol+".restored-by", []byte(requestID), 0o600)
+	}); err != nil {
+		return fmt.Errorf("record the restore: %w", err)
 	}
-	return os.WriteFile(vol+".restored-by", []byte(requestID), 0o600)
+	if err := os.Remove(b.journalPath(inst)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("record the restore: %w", err)
+	}
+	return nil
 }
 
 // restoredBy reports whether the volume in place is the one the request
@@ -173,15 +224,16 @@ func (b *Backend) restoredBy(inst, requestID string) bool {
 // Start implements provisioner.Backend.
 func (b *Backend) Start(ctx context.Context, req provisioner.Request, cur protocol.MachineState) (protocol.MachineState, error) {
 	inst := req.Instance
-	if _, err := os.Stat(b.configPath(inst)); err != nil {
+	cfg, err := agent.LoadConfigFile(b.configPath(inst))
+	if err != nil {
 		return cur, protocol.Errorf(protocol.CodeFailedPrecondition, "the machine has no OS disk; reprovision the instance")
 	}
-	if pid, ok := b.agentPID(inst); ok {
+	if pid, ok := b.agentOf(inst, cfg.MachineRequest); ok {
 		return b.state(inst, req.Spec, pid), nil
 	}
 	// What is left of a machine that stopped on its own goes first.
-	b.stopMachine(ctx, inst)
-	pid, err := b.startAgent(inst)
+	b.crash.Around("local/start/stop-leftovers", func() error { b.stopMachine(ctx, inst); return nil })
+	pid, err := b.startAgent(inst, cfg.MachineRequest)
 	if err != nil {
 		return cur, err
 	}
@@ -192,7 +244,8 @@ func (b *Backend) Start(ctx context.Context, req provisioner.Request, cur protoc
 // Stop implements provisioner.Backend: the agent and DSS are stopped, both
 // disks kept.
 func (b *Backend) Stop(ctx context.Context, req provisioner.Request, cur protocol.MachineState) (protocol.MachineState, error) {
-	n := b.stopMachine(ctx, req.Instance)
+	var n int
+	b.crash.Around("local/stop/shutdown", func() error { n = b.stopMachine(ctx, req.Instance); return nil })
 	req.Progress("shutdown", fmt.Sprintf("machine stopped (%d processes)", n))
 	next := cur
 	next.Status, next.MachineID = protocol.MachineStopped, ""
@@ -202,8 +255,9 @@ func (b *Backend) Stop(ctx context.Context, req provisioner.Request, cur protoco
 // Deprovision implements provisioner.Backend: the machine and its OS disk
 // go, the data volume stays.
 func (b *Backend) Deprovision(ctx context.Context, req provisioner.Request, cur protocol.MachineState) (protocol.MachineState, error) {
-	b.stopMachine(ctx, req.Instance)
-	if err := os.RemoveAll(b.machineDir(req.Instance)); err != nil {
+	point := "local/" + string(req.Action)
+	b.crash.Around(point+"/shutdown", func() error { b.stopMachine(ctx, req.Instance); return nil })
+	if err := b.crash.Around(point+"/remove-os-disk", func() error { return os.RemoveAll(b.machineDir(req.Instance)) }); err != nil {
 		return cur, fmt.Errorf("remove the machine: %w", err)
 	}
 	req.Progress("terminate", "machine removed; data volume kept")
@@ -222,9 +276,12 @@ func (b *Backend) Delete(ctx context.Context, req provisioner.Request, cur proto
 	if req.KeepVolume {
 		req.Progress("data-volume", "data volume kept at "+b.volumeDir(req.Instance))
 	} else {
-		for _, dir := range []string{b.volumeDir(req.Instance), b.previousVolumeDir(req.Instance),
-			b.volumeDir(req.Instance) + ".restore", b.volumeDir(req.Instance) + ".restored-by"} {
-			if err := os.RemoveAll(dir); err != nil {
+		// The volume goes last: while it is there, a retry knows there is
+		// something left to delete.
+		for _, f := range []struct{ what, path string }{{"kept-aside-volume", b.previousVolumeDir(req.Instance)},
+			{"restore-staging", b.stagingDir(req.Instance)}, {"restore-journal", b.journalPath(req.Instance)},
+			{"restore-mark", b.volumeDir(req.Instance) + ".restored-by"}, {"volume", b.volumeDir(req.Instance)}} {
+			if err := b.crash.Around("local/delete/remove-"+f.what, func() error { return os.RemoveAll(f.path) }); err != nil {
 				return next, fmt.Errorf("remove the data volume: %w", err)
 			}
 		}
@@ -242,7 +299,9 @@ func (b *Backend) Delete(ctx context.Context, req provisioner.Request, cur proto
 func (b *Backend) GrowVolume(ctx context.Context, req provisioner.Request, cur protocol.MachineState, sizeGB int) (protocol.MachineState, error) {
 	if cfg, err := agent.LoadConfigFile(b.configPath(req.Instance)); err == nil {
 		cfg.DataVolumeBytes = uint64(sizeGB) << 30
-		if err := agent.WriteConfigFile(b.configPath(req.Instance), cfg); err != nil {
+		if err := b.crash.Around("local/grow-volume/write-agent-config", func() error {
+			return agent.WriteConfigFile(b.configPath(req.Instance), cfg)
+		}); err != nil {
 			return cur, fmt.Errorf("write the agent's config: %w", err)
 		}
 	}
@@ -252,12 +311,38 @@ func (b *Backend) GrowVolume(ctx context.Context, req provisioner.Request, cur p
 	return next, nil
 }
 
-// Alive implements provisioner.Backend: the agent process of the machine
-// still runs.
-func (b *Backend) Alive(ctx context.Context, cur protocol.MachineState) (bool, error) {
-	_, ok := b.agentPID(cur.Instance)
-	return ok, nil
+// Alive implements provisioner.Backend: the agent process of each machine
+// still runs. The pid its start recorded is looked at, one process each,
+// rather than every process of the host for every machine.
+func (b *Backend) Alive(ctx context.Context, machines []protocol.MachineState) (map[string]bool, error) {
+	out := make(map[string]bool, len(machines))
+	for _, m := range machines {
+		if ctx.Err() != nil {
+			return out, ctx.Err()
+		}
+		out[m.Instance] = b.agentRuns(m.Instance)
+	}
+	return out, nil
 }
+
+// agentRuns reports whether the instance's agent runs: the one its pid file
+// names, or, without a pid file (a crash right after the start), one found
+// by its command line, whose pid is then recorded.
+func (b *Backend) agentRuns(inst string) bool {
+	cfg := b.configPath(inst)
+	if raw, err := os.ReadFile(b.pidPath(inst)); err == nil {
+		pid, err := strconv.Atoi(strings.TrimSpace(string(raw)))
+		return err == nil && cmdline.Matches(pid, cfg, "agent")
+	}
+	pids := cmdline.Find(cfg, "agent")
+	if len(pids) == 0 {
+		return false
+	}
+	_ = atomicfile.WriteFile(b.pidPath(inst), []byte(strconv.Itoa(pids[0])), 0o600)
+	return true
+}
+
+func (b *Backend) pidPath(inst string) string { return filepath.Join(b.machineDir(inst), "agent.pid") }
 
 func (b *Backend) state(inst string, spec *protocol.MachineSpec, pid int) protocol.MachineState {
 	st := protocol.MachineState{
@@ -275,19 +360,24 @@ func (b *Backend) state(inst string, spec *protocol.MachineSpec, pid int) protoc
 	return st
 }
 
-// agentPID finds the running agent of an instance by its command line,
-// which names the instance's config file.
-func (b *Backend) agentPID(inst string) (int, bool) {
-	pids := cmdline.Find(b.configPath(inst), "agent")
+// agentOf finds the running agent of an instance's machine made by
+// request, by its command line, which names the instance's config file and
+// the request: an agent of an earlier machine is not this request's.
+func (b *Backend) agentOf(inst, request string) (int, bool) {
+	if request == "" {
+		return 0, false
+	}
+	pids := cmdline.Find(b.configPath(inst), "agent", "--machine-request="+request)
 	if len(pids) == 0 {
 		return 0, false
 	}
 	return pids[0], true
 }
 
-// startAgent starts the instance's agent in a session of its own, its output
-// appended to the machine's log.
-func (b *Backend) startAgent(inst string) (int, error) {
+// startAgent starts the instance's agent for the machine made by request,
+// in a session of its own, its output appended to the machine's log, and
+// records its pid.
+func (b *Backend) startAgent(inst, request string) (int, error) {
 	logPath := filepath.Join(b.rootDir(inst), "var", "log", "fm-agent.log")
 	if err := os.MkdirAll(filepath.Dir(logPath), 0o755); err != nil {
 		return 0, err
@@ -297,17 +387,23 @@ func (b *Backend) startAgent(inst string) (int, error) {
 		return 0, err
 	}
 	defer logf.Close()
-	cmd := exec.Command(b.cfg.AgentBinary, "agent", "--config", b.configPath(inst), "--log-format", "json")
+	cmd := exec.Command(b.cfg.AgentBinary, "agent", "--config", b.configPath(inst), "--machine-request="+request, "--log-format", "json")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Dir = b.rootDir(inst)
 	cmd.Env = agentEnv()
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	b.crash.At("local/start-agent:before")
 	if err := cmd.Start(); err != nil {
 		return 0, fmt.Errorf("start the agent: %w", err)
 	}
 	// Reap it if it exits while this process lives.
 	go func() { _ = cmd.Wait() }()
-	return cmd.Process.Pid, nil
+	pid := cmd.Process.Pid
+	b.crash.At("local/start-agent:after")
+	if err := atomicfile.WriteFile(b.pidPath(inst), []byte(strconv.Itoa(pid)), 0o600); err != nil {
+		return 0, fmt.Errorf("record the agent's pid: %w", err)
+	}
+	return pid, nil
 }
 
 // agentEnv is this process's environment without FM_* variables, which

@@ -90,7 +90,14 @@ func TestLocalMachines(t *testing.T) {
 	if st, err = b.Stop(ctx, request("op-2-stop", protocol.ProvisionStop, &steps), st); err != nil || st.Status != protocol.MachineStopped || len(agents()) != 0 {
 		t.Fatalf("stop: %+v %v %v", st, err, agents())
 	}
-	if alive, _ := b.Alive(ctx, st); alive {
+	alive := func(st protocol.MachineState) bool {
+		m, err := b.Alive(ctx, []protocol.MachineState{st})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m["in-local1"]
+	}
+	if alive(st) {
 		t.Fatal("a stopped machine is alive")
 	}
 	if st, err = b.Start(ctx, request("op-3-start", protocol.ProvisionStart, &steps), st); err != nil || len(agents()) != 1 {
@@ -99,7 +106,7 @@ func TestLocalMachines(t *testing.T) {
 	// A machine whose agent dies is seen.
 	syscall.Kill(agents()[0], syscall.SIGKILL)
 	deadline := time.Now().Add(5 * time.Second)
-	for alive, _ := b.Alive(ctx, st); alive; alive, _ = b.Alive(ctx, st) {
+	for alive(st) {
 		if time.Now().After(deadline) {
 			t.Fatal("a dead agent still counts as alive")
 		}

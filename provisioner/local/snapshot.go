@@ -40,12 +40,22 @@ var (
 // aside with the machine's processes (agent and DSS) paused only for the
 // last of it (pausedCopy), which gives a crash-consistent point in time as
 // an EBS snapshot does; the archive is then made from the copy while they
-// run on.
+// run on. A snapshot whose archive is in the store already (a redelivery
+// after a crash) is found and described, not taken again: taken again, it
+// would hold other data under the same name than the digest a first report
+// may have recorded, or the data after an upgrade it was meant to precede.
 func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur protocol.MachineState, snap protocol.SnapshotRef) (protocol.SnapshotRef, error) {
 	if b.cfg.Archives == nil {
 		return snap, protocol.Errorf(protocol.CodeUnimplemented, "this provisioner has no snapshot store")
 	}
 	inst := req.Instance
+	name := inst + "/" + snap.ID + ".tar.gz"
+	if ref, found, err := b.storedArchive(ctx, name, snap, cur); err != nil || found {
+		if found {
+			req.Progress("archive", fmt.Sprintf("%s: already in %s (%d bytes, sha256 %s)", snap.ID, ref.Store, ref.SizeBytes, ref.SHA256))
+		}
+		return ref, err
+	}
 	vol := b.volumeDir(inst)
 	if _, err := os.Stat(vol); err != nil {
 		return snap, protocol.Errorf(protocol.CodeFailedPrecondition, "instance %s has no data volume to snapshot", inst)
@@ -55,8 +65,14 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 		return snap, err
 	}
 	defer os.RemoveAll(work)
-	paused, took, err := b.pausedCopy(inst, vol, filepath.Join(work, "volume"))
-	if err != nil {
+	var (
+		paused int
+		took   time.Duration
+	)
+	if err := b.crash.Around("local/snapshot/copy-volume", func() (err error) {
+		paused, took, err = b.pausedCopy(inst, vol, filepath.Join(work, "volume"))
+		return err
+	}); err != nil {
 		return snap, fmt.Errorf("copy the data volume: %w", err)
 	}
 	req.Progress("freeze", fmt.Sprintf("data volume copied with %d processes paused for %s", paused, took.Round(time.Millisecond)))
@@ -76,14 +92,33 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return snap, err
 	}
-	name := inst + "/" + snap.ID + ".tar.gz"
-	if err := b.cfg.Archives.Put(ctx, name, f); err != nil {
+	if err := b.crash.Around("local/snapshot/put-archive", func() error { return b.cfg.Archives.Put(ctx, name, f) }); err != nil {
 		return snap, protocol.Errorf(protocol.CodeUnavailable, "the snapshot store did not take the archive: %v", err)
 	}
 	ref := protocol.SnapshotRef{ID: snap.ID, Store: b.cfg.Archives.Name(), Ref: name, SHA256: hex.EncodeToString(h.Sum(nil)),
 		SizeBytes: size, VolumeSizeGB: cur.VolumeSizeGB}
 	req.Progress("archive", fmt.Sprintf("%s: %d bytes in %s, sha256 %s", snap.ID, size, ref.Store, ref.SHA256))
 	return ref, nil
+}
+
+// storedArchive describes the archive name if the store holds it: its
+// digest and size, read back from the store.
+func (b *Backend) storedArchive(ctx context.Context, name string, snap protocol.SnapshotRef, cur protocol.MachineState) (protocol.SnapshotRef, bool, error) {
+	rc, err := b.cfg.Archives.Open(ctx, name)
+	if errors.Is(err, archive.ErrNotFound) {
+		return snap, false, nil
+	}
+	if err != nil {
+		return snap, false, protocol.Errorf(protocol.CodeUnavailable, "the snapshot store could not be read: %v", err)
+	}
+	defer rc.Close()
+	h := sha256.New()
+	size, err := io.Copy(h, rc)
+	if err != nil {
+		return snap, false, protocol.Errorf(protocol.CodeUnavailable, "the archive %s could not be read back: %v", name, err)
+	}
+	return protocol.SnapshotRef{ID: snap.ID, Store: b.cfg.Archives.Name(), Ref: name, SHA256: hex.EncodeToString(h.Sum(nil)),
+		SizeBytes: size, VolumeSizeGB: cur.VolumeSizeGB}, true, nil
 }
 
 // keeps says whether snap is in this backend's snapshot store.
@@ -102,7 +137,7 @@ func (b *Backend) DeleteSnapshot(ctx context.Context, req provisioner.Request, s
 	if err := b.keeps(snap); err != nil {
 		return err
 	}
-	if err := b.cfg.Archives.Delete(ctx, snap.Ref); err != nil {
+	if err := b.crash.Around("local/delete-snapshot/delete-archive", func() error { return b.cfg.Archives.Delete(ctx, snap.Ref) }); err != nil {
 		return protocol.Errorf(protocol.CodeUnavailable, "%v", err)
 	}
 	req.Progress("delete-archive", snap.Ref+" deleted")

@@ -11,6 +11,7 @@ import (
 
 	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/archive"
@@ -157,11 +158,7 @@ func TestSnapshotAndRestore(t *testing.T) {
 }
 
 func (b *Backend) agentPIDs() []int {
-	pid, ok := b.agentPID("in-local1")
-	if !ok {
-		return nil
-	}
-	return []int{pid}
+	return cmdline.Find(b.configPath("in-local1"), "agent")
 }
 
 // TestSyncTreeCatchesEveryChange: the paused second pass of a snapshot's
