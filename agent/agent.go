@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/internal/crashpoint"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
@@ -51,6 +52,18 @@ type Agent struct {
 	// sequence, a command, the watchdog's restart), so that they never
 	// overlap.
 	machineMu sync.Mutex
+	// installLock is the install lock while a convergence holds it (under
+	// machineMu), for the installer to inherit.
+	installLock *os.File
+
+	// firstTry is when the agent first worked on generation firstTryGen:
+	// without a deadline in the desired state, transient failures are
+	// retried for an hour from then.
+	firstTryMu  sync.Mutex
+	firstTry    time.Time
+	firstTryGen uint64
+
+	crash crashpoint.Hook
 }
 
 // New checks the configuration and prepares the agent's folders. It does
@@ -60,7 +73,7 @@ func New(cfg Config) (*Agent, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
-	a := &Agent{cfg: cfg}
+	a := &Agent{cfg: cfg, crash: cfg.Crash}
 	a.nominalVolume.Store(cfg.DataVolumeBytes)
 	a.ship = newLogShipper(cfg.Instance, cfg.Logger)
 	a.m = newMachine(cfg, zerolog.Nop())

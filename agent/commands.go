@@ -24,7 +24,6 @@ type commandResult struct {
 // ordered consumer: ephemeral, in memory, one replica, recreated by the
 // client after a bus outage. No durable per-agent state exists on the bus.
 func (a *Agent) runCommands(ctx context.Context) {
-	a.finishInterrupted()
 	backoff := time.Second
 	for ctx.Err() == nil {
 		err := a.consumeCommands(ctx)
@@ -102,19 +101,46 @@ func (a *Agent) handleCommand(ctx context.Context, data []byte, seq uint64) {
 		a.commandDone(cmd.ID, seq)
 		return
 	}
-	a.cursor.Running = &runningCommand{ID: cmd.ID, Seq: seq, Kind: cmd.Kind, OpID: cmd.OpID, Started: time.Now().UTC()}
-	if err := saveJSON(a.m.cursorPath(), a.cursor, 0o600); err != nil {
+	log := a.log.With().Str("command", cmd.ID).Str("kind", string(cmd.Kind)).Logger()
+	attempt := 1
+	if r := a.cursor.Running; r != nil && r.ID == cmd.ID {
+		// The agent stopped while running it: every command is safe to run
+		// again (restarting, setting a password, growing a file system to
+		// a size, …), so it is, and its result, whose event id derives from
+		// the command's, is reported once. A command that keeps killing the
+		// agent is given up on.
+		attempt = r.Attempts + 1
+		if attempt > maxCommandAttempts {
+			a.answer(cmd, commandResult{err: protocol.Errorf(protocol.CodeAborted,
+				"the agent stopped %d times while running %s (first started %s); it is not run again", r.Attempts, cmd.Kind, r.Started.Format(time.RFC3339))})
+			a.commandDone(cmd.ID, seq)
+			return
+		}
+		log.Warn().Int("attempt", attempt).Msg("the agent stopped while running this command; running it again")
+	}
+	started := time.Now().UTC()
+	if r := a.cursor.Running; r != nil && r.ID == cmd.ID {
+		started = r.Started
+	}
+	a.cursor.Running = &runningCommand{ID: cmd.ID, Seq: seq, Kind: cmd.Kind, OpID: cmd.OpID, Started: started, Attempts: attempt}
+	point := "agent/command " + string(cmd.Kind)
+	if err := a.crash.Around(point+"/running-recorded", func() error { return saveJSON(a.m.cursorPath(), a.cursor, 0o600) }); err != nil {
 		a.log.Error().Err(err).Msg("command cursor not saved")
 	}
-	log := a.log.With().Str("command", cmd.ID).Str("kind", string(cmd.Kind)).Logger()
 	log.Info().Msg("running a command")
 	res := a.runCommand(ctx, cmd)
 	if res.err != nil {
 		log.Warn().Str("error", res.err.Message).Msg("command failed")
 	}
+	a.crash.At(point + ":done")
 	a.answer(cmd, res)
+	a.crash.At(point + "/answered")
 	a.commandDone(cmd.ID, seq)
 }
+
+// maxCommandAttempts is how many times a command is started before the
+// agent gives up on one it keeps dying in.
+const maxCommandAttempts = 3
 
 func (a *Agent) commandDone(id string, seq uint64) {
 	if id == "" {
@@ -127,21 +153,8 @@ func (a *Agent) commandDone(id string, seq uint64) {
 	}
 }
 
-// finishInterrupted answers a command the agent was running when it
-// stopped: it is not run again (it may have half-happened); the caller can
-// issue it anew.
-func (a *Agent) finishInterrupted() {
-	r := a.cursor.Running
-	if r == nil {
-		return
-	}
-	a.answer(protocol.Command{ID: r.ID, Kind: r.Kind, OpID: r.OpID}, commandResult{err: protocol.Errorf(protocol.CodeAborted,
-		"the agent restarted while running %s (started %s); it was not run again", r.Kind, r.Started.Format(time.RFC3339))})
-	a.commandDone(r.ID, r.Seq)
-}
-
 func (a *Agent) answer(cmd protocol.Command, res commandResult) {
-	e := protocol.Event{Kind: protocol.EventCommand, CommandID: cmd.ID, OpID: cmd.OpID, Step: string(cmd.Kind),
+	e := protocol.Event{ID: resultEventID(cmd.ID), Kind: protocol.EventCommand, CommandID: cmd.ID, OpID: cmd.OpID, Step: string(cmd.Kind),
 		Status: protocol.StatusOK, Message: res.message, Output: res.output}
 	if res.err != nil {
 		e.Status, e.Error = protocol.StatusFailed, res.err
@@ -251,4 +264,13 @@ func (a *Agent) runCommand(ctx context.Context, cmd protocol.Command) commandRes
 		return commandResult{message: "diagnosis uploaded", result: res}
 	}
 	return commandResult{err: protocol.Errorf(protocol.CodeUnimplemented, "command %q is not carried out by this agent", cmd.Kind)}
+}
+
+// resultEventID is the id of a command's result event: the same for every
+// answer to the command, so that the bus keeps the first.
+func resultEventID(commandID string) string {
+	if protocol.ValidToken(commandID + "-result") {
+		return commandID + "-result"
+	}
+	return protocol.NewID("ev")
 }

@@ -118,15 +118,41 @@ func TestBadCommandsGetErrorsAndNothingElse(t *testing.T) {
 	}
 }
 
-func TestInterruptedCommandIsAnsweredNotRerun(t *testing.T) {
+// TestAnInterruptedCommandIsRunAgain: a command the agent was running when
+// it died is run again by the next agent (every command is safe to run
+// again), unless agents kept dying in it: after three starts it is
+// answered Aborted.
+func TestAnInterruptedCommandIsRunAgain(t *testing.T) {
 	r := newRig(t)
-	os.MkdirAll(filepath.Join(r.data, "fm-agent"), 0o700)
-	saveJSON(filepath.Join(r.data, "fm-agent", "commands.json"), commandCursor{
-		Running: &runningCommand{ID: "cmd-interrupted", Seq: 0, Kind: protocol.CommandRestartDSS, Started: time.Now()}}, 0o600)
 	r.startAgent()
-	res := r.result("cmd-interrupted")
-	if res.Error == nil || res.Error.Code != protocol.CodeAborted || !strings.Contains(res.Error.Message, "was not run again") {
-		t.Fatalf("%+v", res)
+	r.waitReady(r.desire("14.0.0").Generation)
+	r.stopAgent()
+	interrupted := func(id string, attempts int, params any) {
+		r.commandWithID(id, id, protocol.CommandResetUserPassword, params, time.Now().Add(time.Hour))
+		st, err := r.js.Stream(context.Background(), protocol.StreamCommands)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := st.GetLastMsgForSubject(context.Background(), protocol.CommandSubject(r.instance, id))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// As the dead agent left it: running the command, finished with
+		// what came before.
+		saveJSON(filepath.Join(r.data, "fm-agent", "commands.json"), commandCursor{LastSeq: m.Sequence - 1,
+			Running: &runningCommand{ID: id, Seq: m.Sequence, Kind: protocol.CommandResetUserPassword, Started: time.Now(), Attempts: attempts}}, 0o600)
+	}
+	interrupted("cmd-interrupted", 1, protocol.ResetUserPasswordParams{UserName: "admin", Password: "run-again"})
+	r.startAgent()
+	if res := r.result("cmd-interrupted"); res.Status != protocol.StatusOK || r.login("admin", "run-again") != 200 {
+		t.Fatalf("the interrupted command was not run again: %+v", res)
+	}
+	r.stopAgent()
+	interrupted("cmd-poison", maxCommandAttempts, protocol.ResetUserPasswordParams{UserName: "admin", Password: "never"})
+	r.startAgent()
+	res := r.result("cmd-poison")
+	if res.Error == nil || res.Error.Code != protocol.CodeAborted || !strings.Contains(res.Error.Message, "not run again") || r.login("admin", "never") == 200 {
+		t.Fatalf("a command the agent kept dying in: %+v", res)
 	}
 }
 

@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/crashpoint"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/rs/zerolog"
 )
@@ -68,6 +69,12 @@ type Config struct {
 	DSSStartTimeout time.Duration `json:"-"` // how long DSS may take to answer (10m)
 	DSSStopTimeout  time.Duration `json:"-"` // after this, DSS is killed (60s)
 	FactsInterval   time.Duration `json:"-"` // how often the machine is measured (30s)
+	// InstallTimeout bounds a run of DSS's installer (install or upgrade,
+	// 2h): past it the installer is killed and the step fails.
+	InstallTimeout time.Duration `json:"-"`
+
+	// Crash is passed every crash point of the agent's work (tests).
+	Crash crashpoint.Hook `json:"-"`
 
 	// Version is the agent's version, reported in status and heartbeats.
 	Version string `json:"-"`
@@ -123,6 +130,7 @@ func (c *Config) setDefaults() {
 	def(&c.DSSStartTimeout, 10*time.Minute)
 	def(&c.DSSStopTimeout, 60*time.Second)
 	def(&c.FactsInterval, 30*time.Second)
+	def(&c.InstallTimeout, 2*time.Hour)
 	if c.Version == "" {
 		c.Version = "dev"
 	}

@@ -32,7 +32,11 @@ func (e *stepError) Error() string { return e.step + ": " + e.err.Error() }
 func (a *Agent) step(gen uint64, name string, fn func() (msg, output string, err error)) error {
 	a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: name, Status: protocol.StatusStarted})
 	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.Step = name })
+	a.crash.At("agent/" + name + ":before")
 	msg, out, err := fn()
+	if err == nil {
+		a.crash.At("agent/" + name + ":after")
+	}
 	if err != nil && a.stopping.Load() {
 		// Cut short by the agent's own shutdown: not a failure of the step.
 		return err
@@ -52,6 +56,48 @@ func (a *Agent) step(gen uint64, name string, fn func() (msg, output string, err
 	}
 	a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: name, Status: protocol.StatusOK, Message: msg})
 	return nil
+}
+
+// untilDeadline runs fn again while it fails in a way that may pass (code
+// Unavailable: the bus, the object store or a download server away),
+// waiting longer each time, until the desired state's deadline. Each retry
+// is an event, so that the operation shows why it waits; only the failure
+// that outlives the deadline is the step's.
+func (a *Agent) untilDeadline(ctx context.Context, d *protocol.DesiredState, name string, fn func() (string, string, error)) (string, string, error) {
+	deadline := a.retryDeadline(d)
+	wait := time.Second
+	for {
+		msg, out, err := fn()
+		var se *stepError
+		if err == nil || !errors.As(err, &se) || se.code != protocol.CodeUnavailable || ctx.Err() != nil ||
+			!time.Now().Add(wait).Before(deadline) {
+			return msg, out, err
+		}
+		a.log.Warn().Err(se.err).Str("step", name).Dur("retry_in", wait).Msg("step failed for now; retrying")
+		a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: d.Generation, Step: name, Status: protocol.StatusStarted,
+			Message: fmt.Sprintf("%v; trying again in %s", se.err, wait)})
+		select {
+		case <-ctx.Done():
+			return msg, out, err
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 30*time.Second)
+	}
+}
+
+// retryDeadline is when a generation's transient failures stop being
+// retried: the operation's deadline, or an hour after the agent first
+// worked on the generation.
+func (a *Agent) retryDeadline(d *protocol.DesiredState) time.Time {
+	if !d.RetryUntil.IsZero() {
+		return d.RetryUntil
+	}
+	a.firstTryMu.Lock()
+	defer a.firstTryMu.Unlock()
+	if a.firstTryGen != d.Generation {
+		a.firstTryGen, a.firstTry = d.Generation, time.Now()
+	}
+	return a.firstTry.Add(time.Hour)
 }
 
 func lastBytes(s string, n int) string {
@@ -112,6 +158,17 @@ func (a *Agent) convergeLoop(ctx context.Context) {
 func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
 	a.machineMu.Lock()
 	defer a.machineMu.Unlock()
+	// The install lock is held for the whole convergence, and DSS's
+	// installer inherits it: an installer left running by an agent that
+	// was killed keeps it, and this one waits until that installer has
+	// ended before it looks at what is installed.
+	lock, err := a.m.lockInstall(ctx)
+	if err != nil {
+		return a.fail(d, &stepError{step: "inspect", code: protocol.CodeInternal, err: err})
+	}
+	defer lock.Close()
+	a.installLock = lock
+	defer func() { a.installLock = nil }()
 	mk := a.m.loadMarker()
 	want := appliedOf(d)
 	installed, err := a.m.installedVersion()
@@ -148,7 +205,7 @@ func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
 		}
 	}
 	mk.Generation, mk.Applied = d.Generation, want
-	if err := a.m.saveMarker(mk); err != nil {
+	if err := a.crash.Around("agent/record-progress", func() error { return a.m.saveMarker(mk) }); err != nil {
 		return a.fail(d, &stepError{step: "record-progress", code: protocol.CodeInternal, err: err})
 	}
 	a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: d.Generation, Step: "ready", Status: protocol.StatusOK,
@@ -195,12 +252,13 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 	gen := d.Generation
 	var installer string
 	if err := a.step(gen, "fetch-kit", func() (string, string, error) {
-		var err error
-		installer, err = a.kits.prepare(ctx, d.DSS.Kit)
-		if err != nil {
-			return "", "", &stepError{code: protocol.CodeUnavailable, err: err}
-		}
-		return "kit ready: " + filepath.Base(filepath.Dir(installer)), "", nil
+		return a.untilDeadline(ctx, d, "fetch-kit", func() (string, string, error) {
+			var err error
+			if installer, err = a.kits.prepare(ctx, d.DSS.Kit); err != nil {
+				return "", "", err
+			}
+			return "kit ready: " + filepath.Base(filepath.Dir(installer)), "", nil
+		})
 	}); err != nil {
 		return err
 	}
@@ -236,7 +294,7 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 		}
 		if err := a.step(gen, name, func() (string, string, error) {
 			stopOut, _ := a.m.stopDSS(ctx)
-			out, err := a.m.run(ctx, installer, "-d", a.m.dssDir, "-u", "-y")
+			out, err := a.m.runInstaller(ctx, a.installLock, installer, "-d", a.m.dssDir, "-u", "-y")
 			if err != nil {
 				return "", stopOut + out, &stepError{code: protocol.CodeInternal, err: err}
 			}
@@ -291,7 +349,7 @@ func (a *Agent) install(ctx context.Context, installer string, d *protocol.Desir
 		}
 		args = append(args, "-l", lic.Name())
 	}
-	out, err := a.m.run(ctx, installer, args...)
+	out, err := a.m.runInstaller(ctx, a.installLock, installer, args...)
 	if err != nil {
 		return "", out, &stepError{code: protocol.CodeInternal, err: err}
 	}
@@ -324,7 +382,11 @@ func (a *Agent) runStage(ctx context.Context, d *protocol.DesiredState, stage pr
 		}
 		name := fmt.Sprintf("setup-action[%d] %s (%s)", i, act.Type, stage)
 		a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: d.Generation, Step: name, Status: protocol.StatusStarted})
+		a.crash.At("agent/" + name + ":before")
 		res := a.actions.run(ctx, act, i, facts)
+		if res.status != protocol.StatusFailed {
+			a.crash.At("agent/" + name + ":after")
+		}
 		if res.status == protocol.StatusFailed && a.stopping.Load() {
 			return &stepError{step: name, code: protocol.CodeAborted, err: res.err}
 		}
@@ -385,7 +447,12 @@ func (a *Agent) replayActions(ctx context.Context, d *protocol.DesiredState) *pr
 
 // ensureCredentials sets, once per data directory, the initial password of
 // DSS's admin user and an admin API key, which FM hands out through
-// get-initial-password and admin-api-key.
+// get-initial-password and admin-api-key. Each is kept (dss-credentials.json)
+// as soon as it is made, and a crash between the making and the keeping is
+// undone on the next try: a password set but not kept is set again to a
+// new one; a key made but not kept is found by the label recorded before
+// it was made, and deleted before another is made, so that exactly one key
+// of FM's exists.
 func (a *Agent) ensureCredentials(ctx context.Context, gen uint64) error {
 	var s dssSecrets
 	if _, err := loadJSON(a.m.secretsPath(), &s); err != nil {
@@ -394,28 +461,44 @@ func (a *Agent) ensureCredentials(ctx context.Context, gen uint64) error {
 	if s.InitialPassword != "" && s.AdminAPIKey != "" {
 		return nil
 	}
+	save := func(what string) error {
+		return a.crash.Around("agent/credentials/"+what, func() error { return saveJSON(a.m.secretsPath(), s, 0o600) })
+	}
 	return a.step(gen, "credentials", func() (string, string, error) {
 		if s.InitialPassword == "" {
 			pw := randomPassword(20)
 			if out, err := a.m.dsscli(ctx, "user-edit", "admin", "--password", pw); err != nil {
 				return "", out, err
 			}
+			a.crash.At("agent/credentials/password-set")
 			s.InitialPassword = pw
-			if err := saveJSON(a.m.secretsPath(), s, 0o600); err != nil {
+			if err := save("keep-password"); err != nil {
 				return "", "", err
 			}
 		}
 		if s.AdminAPIKey == "" {
-			out, err := a.m.dsscli(ctx, "api-key-create", "--admin=true", "--label", "fleet-manager", "--output", "json")
+			if s.KeyLabel != "" {
+				// A key may have been made under this label and lost.
+				if out, err := a.m.deleteAPIKeys(ctx, s.KeyLabel); err != nil {
+					return "", out, err
+				}
+			} else {
+				s.KeyLabel = "fleet-manager-" + strings.ToLower(randomPassword(8))
+				if err := save("keep-key-label"); err != nil {
+					return "", "", err
+				}
+			}
+			out, err := a.m.dsscli(ctx, "api-key-create", "--admin=true", "--label", s.KeyLabel, "--output", "json")
 			if err != nil {
 				return "", out, err
 			}
+			a.crash.At("agent/credentials/key-made")
 			key, err := parseAPIKey(out)
 			if err != nil {
 				return "", out, err
 			}
 			s.AdminAPIKey = key
-			if err := saveJSON(a.m.secretsPath(), s, 0o600); err != nil {
+			if err := save("keep-key"); err != nil {
 				return "", "", err
 			}
 		}

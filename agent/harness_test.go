@@ -82,6 +82,12 @@ type rig struct {
 	done   chan error
 	events *eventLog
 	gen    uint64
+	// lastCommand is the id of the command a crash scenario sent, and
+	// lastDesired the desired state written last.
+	lastCommand string
+	lastDesired *protocol.DesiredState
+	// since, if set, makes waitReady wait for a status written after it.
+	since time.Time
 }
 
 func newRig(t *testing.T) *rig {
@@ -159,6 +165,7 @@ func (r *rig) desire(version string, actions ...protocol.SetupAction) *protocol.
 		SetupActions: actions,
 	}
 	r.put(d)
+	r.lastDesired = d
 	return d
 }
 
@@ -221,7 +228,7 @@ func (r *rig) waitStatus(what string, timeout time.Duration, cond func(protocol.
 func (r *rig) waitReady(gen uint64) protocol.AgentStatus {
 	r.t.Helper()
 	return r.waitStatus(fmt.Sprintf("ready at generation %d", gen), 90*time.Second, func(s protocol.AgentStatus) bool {
-		return s.Phase == protocol.PhaseReady && s.Generation == gen
+		return s.Phase == protocol.PhaseReady && s.Generation == gen && s.Time.After(r.since)
 	})
 }
 

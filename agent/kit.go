@@ -32,33 +32,45 @@ type kits struct {
 }
 
 // prepare makes the kit of src available on the machine and returns the path
-// of its installer.sh.
+// of its installer.sh. Its errors carry a code (stepError): Unavailable for
+// what may pass (the bus, the object store or the download server away),
+// which the caller retries; anything else is for good (a kit missing, a
+// digest that does not match).
 func (k *kits) prepare(ctx context.Context, src protocol.KitSource) (string, error) {
 	if err := src.Validate(); err != nil {
-		return "", err
+		return "", &stepError{code: protocol.CodeInvalidArgument, err: err}
 	}
 	archive, err := k.fetch(ctx, src)
 	if err != nil {
 		return "", err
 	}
-	return k.extract(archive)
+	installer, err := k.extract(archive)
+	if err != nil {
+		return "", &stepError{code: protocol.CodeDataLoss, err: err}
+	}
+	return installer, nil
+}
+
+// kitError gives a fetch error its code.
+func kitError(code protocol.Code, format string, args ...any) error {
+	return &stepError{code: code, err: fmt.Errorf(format, args...)}
 }
 
 // fetch returns the path of the archive, downloading it into the cache if
 // needed, and checks its digest when one is known.
 func (k *kits) fetch(ctx context.Context, src protocol.KitSource) (string, error) {
 	if err := os.MkdirAll(k.m.kitCache, 0o755); err != nil {
-		return "", err
+		return "", kitError(protocol.CodeInternal, "kit cache: %w", err)
 	}
 	switch {
 	case src.Path != "":
+		if _, err := os.Stat(src.Path); err != nil {
+			return "", kitError(protocol.CodeNotFound, "kit: %w", err)
+		}
 		if src.SHA256 != "" {
 			if err := checkDigest(src.Path, src.SHA256); err != nil {
-				return "", err
+				return "", kitError(protocol.CodeDataLoss, "%w", err)
 			}
-		}
-		if _, err := os.Stat(src.Path); err != nil {
-			return "", fmt.Errorf("kit: %w", err)
 		}
 		return src.Path, nil
 	case src.URL != "":
@@ -71,30 +83,38 @@ func (k *kits) fetch(ctx context.Context, src protocol.KitSource) (string, error
 		}
 		if err := checkDigest(dst, src.SHA256); err != nil {
 			os.Remove(dst)
-			return "", err
+			return "", kitError(protocol.CodeDataLoss, "%w", err)
 		}
 		return dst, nil
 	default:
 		dst := filepath.Join(k.m.kitCache, "object-"+src.Object)
 		store, err := k.objects(ctx)
+		if errors.Is(err, jetstream.ErrBucketNotFound) {
+			return "", kitError(protocol.CodeNotFound, "kit store %s: %w", protocol.ObjectStoreKits, err)
+		}
 		if err != nil {
-			return "", fmt.Errorf("kit store: %w", err)
+			return "", kitError(protocol.CodeUnavailable, "kit store: %w", err)
 		}
 		obj, err := store.Get(ctx, src.Object)
+		if errors.Is(err, jetstream.ErrObjectNotFound) {
+			return "", kitError(protocol.CodeNotFound, "kit %q is not in %s: upload it (fm image add)", src.Object, protocol.ObjectStoreKits)
+		}
 		if err != nil {
-			return "", fmt.Errorf("kit %q from %s: %w", src.Object, protocol.ObjectStoreKits, err)
+			return "", kitError(protocol.CodeUnavailable, "kit %q from %s: %w", src.Object, protocol.ObjectStoreKits, err)
 		}
 		defer obj.Close()
 		info, err := obj.Info()
 		if err != nil {
-			return "", fmt.Errorf("kit %q: %w", src.Object, err)
+			return "", kitError(protocol.CodeUnavailable, "kit %q: %w", src.Object, err)
 		}
 		if sameDigest(dst, info.Digest) {
 			return dst, nil
 		}
 		// The object store checks the object's digest as it is read.
-		if err := writeStream(dst, obj); err != nil {
-			return "", fmt.Errorf("kit %q: %w", src.Object, err)
+		if err := writeStream(dst, obj); errors.Is(err, jetstream.ErrDigestMismatch) {
+			return "", kitError(protocol.CodeDataLoss, "kit %q: %w", src.Object, err)
+		} else if err != nil {
+			return "", kitError(protocol.CodeUnavailable, "kit %q: %w", src.Object, err)
 		}
 		return dst, nil
 	}
@@ -105,17 +125,23 @@ func (k *kits) download(ctx context.Context, url, dst string) error {
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
-		return fmt.Errorf("kit url: %w", err)
+		return kitError(protocol.CodeInvalidArgument, "kit url: %w", err)
 	}
 	resp, err := k.http.Do(req)
 	if err != nil {
-		return fmt.Errorf("download kit: %w", err)
+		return kitError(protocol.CodeUnavailable, "download kit: %w", err)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("download kit: %s answered %s", url, resp.Status)
+	switch {
+	case resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500:
+		return kitError(protocol.CodeUnavailable, "download kit: %s answered %s", url, resp.Status)
+	case resp.StatusCode != http.StatusOK:
+		return kitError(protocol.CodeNotFound, "download kit: %s answered %s", url, resp.Status)
 	}
-	return writeStream(dst, resp.Body)
+	if err := writeStream(dst, resp.Body); err != nil {
+		return kitError(protocol.CodeUnavailable, "download kit: %w", err)
+	}
+	return nil
 }
 
 // writeStream copies r to a temporary file and renames it to dst.

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -247,7 +248,7 @@ func TestKitFromObjectStoreAndBadDigest(t *testing.T) {
 		DSS: protocol.DSSTarget{Version: "14.0.0", Port: r.port, Kit: protocol.KitSource{Path: src.Path, SHA256: strings.Repeat("0", 64)}}}
 	r.put(bad)
 	st := r.waitFailed(bad.Generation)
-	if st.Error == nil || st.Error.Code != protocol.CodeUnavailable || !strings.Contains(st.Error.Message, "SHA-256") {
+	if st.Error == nil || st.Error.Code != protocol.CodeDataLoss || !strings.Contains(st.Error.Message, "SHA-256") {
 		t.Fatalf("bad digest: %+v", st.Error)
 	}
 	r.gen++
@@ -277,4 +278,57 @@ func TestMalformedDesiredStateIsRejected(t *testing.T) {
 	}
 	r.gen = 20
 	r.waitReady(r.desire("14.0.0").Generation)
+}
+
+// TestKitFetchRidesOutABusRestart: the bus goes away just as the agent
+// fetches its kit from fm_kits (FM restarting); the agent retries until the
+// bus is back, never reporting the generation failed, and reaches it.
+func TestKitFetchRidesOutABusRestart(t *testing.T) {
+	r := newRig(t)
+	src := standinKit(t, "14.0.0")
+	store, err := r.js.ObjectStore(context.Background(), protocol.ObjectStoreKits)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(src.Path)
+	if _, err := store.Put(context.Background(), jetstream.ObjectMeta{Name: "dss-14.tar.gz"}, bytes.NewReader(b)); err != nil {
+		t.Fatal(err)
+	}
+	restarted := make(chan struct{})
+	var once sync.Once
+	r.cfg.Crash = func(point string) {
+		if point != "agent/fetch-kit:before" {
+			return
+		}
+		once.Do(func() {
+			// The bus is down from here on for longer than a request
+			// waits for its answer (5s).
+			r.bus.Shutdown()
+			go func() {
+				defer close(restarted)
+				time.Sleep(8 * time.Second)
+				r.bus.Restart(t)
+			}()
+		})
+	}
+	r.startAgent()
+	r.gen++
+	d := &protocol.DesiredState{Instance: r.instance, Generation: r.gen, NodeType: "design",
+		DSS: protocol.DSSTarget{Version: "14.0.0", Port: r.port, Kit: protocol.KitSource{Object: "dss-14.tar.gz"}}}
+	r.put(d)
+	<-restarted
+	st := r.waitReady(d.Generation)
+	if st.DSS.State != protocol.DSSRunning {
+		t.Fatalf("%+v", st.DSS)
+	}
+	for _, e := range r.events.all() {
+		if e.Status == protocol.StatusFailed {
+			t.Errorf("a failure was reported during the outage: %s %s: %s", e.Kind, e.Step, e.Message)
+		}
+	}
+	if len(r.events.find(func(e protocol.Event) bool {
+		return e.Step == "fetch-kit" && strings.Contains(e.Message, "trying again")
+	})) == 0 {
+		t.Error("no retry of the kit fetch was reported")
+	}
 }

@@ -259,11 +259,91 @@ func (m *machine) killDSS() int { return cmdline.Stop(m.dssProcesses(), 0) }
 // failure.
 const maxOutput = 64 << 10
 
+// lockInstall takes the install lock of the data volume, which the
+// installer inherits (runInstaller) and holds as long as it runs, even
+// after the agent that started it died. An installer left running so is
+// waited for, up to the install timeout, then killed: two installers never
+// work on one data directory, and what the first did is seen before
+// anything else is decided.
+func (m *machine) lockInstall(ctx context.Context) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(m.agentData, "install.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("install lock: %w", err)
+	}
+	start, logged := time.Now(), false
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("install lock: %w", err)
+		}
+		if !logged {
+			m.log.Warn().Ints("pids", m.dssProcesses()).Msg("an installer started by an earlier agent still runs; waiting for it to end")
+			logged = true
+		}
+		if time.Since(start) > m.cfg.InstallTimeout {
+			n := m.killDSS()
+			m.log.Warn().Int("killed", n).Dur("waited", time.Since(start)).Msg("the earlier installer outlived the install timeout; killed")
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// runInstaller runs DSS's installer within the install timeout, handing it
+// the install lock (see lockInstall).
+func (m *machine) runInstaller(ctx context.Context, lock *os.File, name string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, m.cfg.InstallTimeout)
+	defer cancel()
+	return m.runWith(ctx, lock, name, args...)
+}
+
+// deleteAPIKeys deletes DSS's API keys labelled label (bin/dsscli
+// api-keys-list and api-key-delete).
+func (m *machine) deleteAPIKeys(ctx context.Context, label string) (string, error) {
+	out, err := m.dsscli(ctx, "api-keys-list", "--output", "json")
+	if err != nil {
+		return out, err
+	}
+	var keys []struct {
+		ID    string `json:"id"`
+		Label string `json:"label"`
+	}
+	if err := json.Unmarshal([]byte(strings.TrimSpace(out)), &keys); err != nil {
+		return out, fmt.Errorf("dsscli api-keys-list printed no JSON list: %w", err)
+	}
+	for _, k := range keys {
+		if k.Label != label {
+			continue
+		}
+		if out, err := m.dsscli(ctx, "api-key-delete", k.ID); err != nil {
+			return out, err
+		}
+		m.log.Info().Str("label", label).Msg("an admin API key made before a crash and never kept was deleted")
+	}
+	return "", nil
+}
+
 // run runs a program and returns the tail of its combined output. When the
 // agent manages a real machine as root and the DSS user exists, DSS's
 // programs run as that user.
 func (m *machine) run(ctx context.Context, name string, args ...string) (string, error) {
+	return m.runWith(ctx, nil, name, args...)
+}
+
+// runWith is run, handing the program inherit (as its descriptor 3) if set.
+func (m *machine) runWith(ctx context.Context, inherit *os.File, name string, args ...string) (string, error) {
 	cmd := exec.CommandContext(ctx, name, args...)
+	if inherit != nil {
+		cmd.ExtraFiles = []*os.File{inherit}
+	}
 	out := &tailBuffer{max: maxOutput}
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.Env = os.Environ()

@@ -58,9 +58,14 @@ func (r *reporter) poke() {
 	}
 }
 
-// event queues an event; its id and time are filled in.
+// event queues an event; its time, and its id unless set, are filled in.
+// An id that derives from what the event reports (a command's result) makes
+// a repeat after a crash a duplicate the bus drops.
 func (r *reporter) event(e protocol.Event) {
-	e.ID, e.Instance, e.Time, e.Source = protocol.NewID("ev"), r.instance, time.Now().UTC(), "agent"
+	if e.ID == "" {
+		e.ID = protocol.NewID("ev")
+	}
+	e.Instance, e.Time, e.Source = r.instance, time.Now().UTC(), "agent"
 	r.mu.Lock()
 	r.outbox = append(r.outbox, e)
 	if len(r.outbox) > maxOutbox {

@@ -56,7 +56,7 @@ type commandCursor struct {
 	// LastSeq is the FM_COMMANDS sequence of the last finished command.
 	LastSeq uint64 `json:"lastSeq"`
 	// Running is the command under way, if any: found at start, it was
-	// interrupted and is answered as such instead of being run again.
+	// interrupted, and is run again when it is delivered again.
 	Running *runningCommand `json:"running,omitempty"`
 	// Recent are the ids of the last finished commands, to run a command
 	// delivered twice only once.
@@ -69,6 +69,9 @@ type runningCommand struct {
 	Kind    protocol.CommandKind `json:"kind"`
 	OpID    string               `json:"opId,omitempty"`
 	Started time.Time            `json:"started"`
+	// Attempts counts the starts of the command: one for each agent that
+	// began it.
+	Attempts int `json:"attempts,omitempty"`
 }
 
 const recentCommands = 200
@@ -96,6 +99,9 @@ func (c *commandCursor) seen(id string) bool {
 type dssSecrets struct {
 	InitialPassword string `json:"initialPassword,omitempty"`
 	AdminAPIKey     string `json:"adminApiKey,omitempty"`
+	// KeyLabel is the label of FM's admin API key, recorded before the key
+	// is made: a key made under it but not kept (a crash) is found by it.
+	KeyLabel string `json:"keyLabel,omitempty"`
 }
 
 // loadJSON reads a JSON file into v. A missing file leaves v alone and

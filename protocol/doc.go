@@ -29,6 +29,7 @@
 //	  request's cloud identity (the EC2 backend); snapshot and
 //	  delete-snapshot requests, a reprovision's snapshot to take first and
 //	  snapshot to restore, snapshot events; grow-volume requests and the
-//	  grow-filesystem command; a provision request's deadline (transient
-//	  failures are retried until then).
+//	  grow-filesystem command; a provision request's deadline and a
+//	  desired state's retryUntil (transient failures are retried until
+//	  then).
 package protocol

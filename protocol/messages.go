@@ -29,6 +29,11 @@ type DesiredState struct {
 	// the provision request that makes it. The agent of another machine (the
 	// one a reprovision is replacing) leaves it alone.
 	MachineRequest string `json:"machineRequest,omitempty"`
+	// RetryUntil is the deadline of the operation that wrote this state: a
+	// step failing in a way that passes (the bus or a download away) is
+	// retried until then rather than failing the operation. Zero: an hour
+	// after the agent began.
+	RetryUntil time.Time `json:"retryUntil,omitzero"`
 }
 
 // DSSTarget is the DSS installation the agent converges to.

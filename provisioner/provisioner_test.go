@@ -19,9 +19,9 @@ import (
 // recorder is a backend that records the requests it is given and does what
 // the test tells it to.
 type recorder struct {
-	mu      sync.Mutex
-	calls   []string // "<action> <request id>"
-	fail    map[string]error
+	mu    sync.Mutex
+	calls []string // "<action> <request id>"
+	fail  map[string]error
 	// flaky fails a request this many times with Unavailable (the cloud
 	// away for a while) before doing it.
 	flaky   map[string]int
@@ -575,7 +575,9 @@ func TestADispatchRacingAnIdleWorker(t *testing.T) {
 	time.Sleep(100 * time.Millisecond) // the worker is idle, about to leave
 	start := time.Now()
 	r.request("in-a", protocol.ProvisionStop, "op-2-stop")
-	r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == "op-2-stop" && s.Status == protocol.MachineStopped })
+	r.waitMachine("in-a", func(s protocol.MachineState) bool {
+		return s.RequestID == "op-2-stop" && s.Status == protocol.MachineStopped
+	})
 	if took := time.Since(start); took > 10*time.Second {
 		t.Fatalf("the request waited %s: it was stranded until the ack wait", took)
 	}

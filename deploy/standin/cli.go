@@ -19,7 +19,7 @@ func cmdCLI(args []string, out io.Writer) error {
 	}
 	args = fs.Args()
 	if *dir == "" || len(args) == 0 {
-		return errors.New("usage: dsscli users-list|user-create|user-edit|api-key-create|api-keys-list|regenerate-config …")
+		return errors.New("usage: dsscli users-list|user-create|user-edit|api-key-create|api-keys-list|api-key-delete|regenerate-config …")
 	}
 	d := dataDir(*dir)
 	installed, err := d.installedVersion()
@@ -115,10 +115,35 @@ func cmdCLI(args []string, out io.Writer) error {
 		if err != nil {
 			return err
 		}
+		if *output == "json" {
+			list := make([]map[string]any, len(keys))
+			for i, k := range keys {
+				list[i] = map[string]any{"id": k.ID, "label": k.Label, "admin": k.Admin}
+			}
+			return json.NewEncoder(out).Encode(list)
+		}
 		for _, k := range keys {
 			fmt.Fprintf(out, "%s\t%s\tadmin=%v\n", k.ID, k.Label, k.Admin)
 		}
 		return nil
+	case "api-key-delete":
+		if len(positional) != 1 {
+			return errors.New("usage: dsscli api-key-delete KEY_ID")
+		}
+		keys, err := d.loadKeys()
+		if err != nil {
+			return err
+		}
+		kept := keys[:0]
+		for _, k := range keys {
+			if k.ID != positional[0] {
+				kept = append(kept, k)
+			}
+		}
+		if len(kept) == len(keys) {
+			return fmt.Errorf("no API key %q", positional[0])
+		}
+		return d.saveKeys(kept)
 	case "regenerate-config":
 		_, _, err := d.settings()
 		return err

@@ -13,10 +13,7 @@
 // (server, provisioner and its backends, agent) and their tests.
 package crashpoint
 
-import (
-	"fmt"
-	"sync"
-)
+import "sync"
 
 // Hook is called with the name of every crash point a role passes. Names
 // are "<role>/<operation>/<step>:before|after" or "<role>/<operation>/<what
@@ -120,19 +117,4 @@ func (c *Crasher) Point() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.point
-}
-
-// Occurrence names the n-th point of points: "name" if it is the first
-// time the name is passed, "name #k" for the k-th time.
-func Occurrence(points []string, n int) string {
-	k := 0
-	for _, p := range points[:n] {
-		if p == points[n-1] {
-			k++
-		}
-	}
-	if k == 1 {
-		return points[n-1]
-	}
-	return fmt.Sprintf("%s #%d", points[n-1], k)
 }

@@ -19,15 +19,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
-	"sort"
+	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/fleetmanager/fm/bus/bustest"
 	"github.com/fleetmanager/fm/internal/crashpoint"
+	"github.com/fleetmanager/fm/internal/crashpoint/crashtable"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/nats-io/nats.go"
@@ -39,6 +38,13 @@ import (
 type World interface {
 	// Name is the backend's name in the table.
 	Name() string
+	// Case gives one case its part of the world (moto servers are reset
+	// between cases), until t ends.
+	Case(t testing.TB) Case
+}
+
+// Case is the world of one case.
+type Case interface {
 	// Backend builds the backend as a new provisioner process would, for
 	// the bus at natsURL, passing its crash points to hook.
 	Backend(t testing.TB, natsURL string, hook crashpoint.Hook) provisioner.Backend
@@ -85,19 +91,11 @@ const (
 type Options struct {
 	// Only runs these operations (by name); all when empty.
 	Only []string
-	// Stride runs one crash point in Stride (1: every one), starting with
-	// the first and always including the last; the short mode CI uses.
+	// Stride runs one crash point in Stride (1: every one), always the
+	// first and the last (crashtable.Select): the short mode CI uses.
 	Stride int
 	// Parallel is how many cases run at once.
 	Parallel int
-}
-
-// Row is one line of the harness's table.
-type Row struct {
-	Backend, Operation string
-	N                  int
-	Point              string
-	Outcome            string
 }
 
 // operation is one machine operation of the table.
@@ -236,26 +234,12 @@ func operations() []operation {
 
 // Run runs the table against w and returns its rows. Each case is a
 // subtest named "<operation>/<n>"; "<operation>/record" lists the points.
-func Run(t *testing.T, w World, opts Options) []Row {
-	if opts.Stride < 1 {
-		opts.Stride = 1
-	}
-	if opts.Parallel < 1 {
-		opts.Parallel = 4
-	}
-	type job struct {
-		op    operation
-		n     int
-		point string
-	}
-	var (
-		mu   sync.Mutex
-		rows []Row
-	)
+func Run(t *testing.T, w World, opts Options) []crashtable.Row {
+	var rows []crashtable.Row
 	t.Run(w.Name(), func(t *testing.T) {
-		var jobs []job
+		var cases []crashtable.Case
 		for _, op := range operations() {
-			if len(opts.Only) > 0 && !contains(opts.Only, op.name) {
+			if len(opts.Only) > 0 && !slices.Contains(opts.Only, op.name) {
 				continue
 			}
 			var points []string
@@ -266,75 +250,14 @@ func Run(t *testing.T, w World, opts Options) []Row {
 			}) {
 				continue
 			}
-			for n := 1; n <= len(points); n++ {
-				if (n-1)%opts.Stride == 0 || n == len(points) {
-					jobs = append(jobs, job{op: op, n: n, point: crashpoint.Occurrence(points, n)})
-				}
+			for _, n := range crashtable.Select(len(points), opts.Stride) {
+				cases = append(cases, crashtable.Case{Operation: op.name, N: n, Point: crashtable.Occurrence(points, n),
+					Run: func(t *testing.T) { crashCase(t, w, op, n) }})
 			}
 		}
-		// Cases run a few at a time from goroutines of this test (t.Run
-		// may be called from several): most of a case is waiting for a
-		// redelivery, not working.
-		next := make(chan job)
-		var wg sync.WaitGroup
-		for range opts.Parallel {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for j := range next {
-					outcome := "ok"
-					if !t.Run(fmt.Sprintf("%s/%d", j.op.name, j.n), func(t *testing.T) {
-						outcome = crashCase(t, w, j.op, j.n)
-					}) {
-						outcome = "FAILED"
-					}
-					mu.Lock()
-					rows = append(rows, Row{Backend: w.Name(), Operation: j.op.name, N: j.n, Point: j.point, Outcome: outcome})
-					mu.Unlock()
-				}
-			}()
-		}
-		for _, j := range jobs {
-			next <- j
-		}
-		close(next)
-		wg.Wait()
-	})
-	sort.Slice(rows, func(i, j int) bool {
-		if rows[i].Operation != rows[j].Operation {
-			return opIndex(rows[i].Operation) < opIndex(rows[j].Operation)
-		}
-		return rows[i].N < rows[j].N
+		rows = crashtable.Run(t, w.Name(), max(opts.Parallel, 1), cases)
 	})
 	return rows
-}
-
-func opIndex(name string) int {
-	for i, op := range operations() {
-		if op.name == name {
-			return i
-		}
-	}
-	return -1
-}
-
-func contains(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
-}
-
-// Table renders rows as a Markdown table.
-func Table(rows []Row) string {
-	var b strings.Builder
-	b.WriteString("| backend | operation | # | crash point | outcome |\n|---|---|---|---|---|\n")
-	for _, r := range rows {
-		fmt.Fprintf(&b, "| %s | %s | %d | `%s` | %s |\n", r.Backend, r.Operation, r.N, r.Point, r.Outcome)
-	}
-	return b.String()
 }
 
 // record runs the operation once without crashing and returns the crash
@@ -357,8 +280,8 @@ func record(t *testing.T, w World, op operation) []string {
 
 // crashCase kills a provisioner at the n-th crash point of the operation,
 // delivers the request again, lets a new provisioner finish, and checks
-// the outcome. It returns the outcome for the table (a failure fails t).
-func crashCase(t *testing.T, w World, op operation, n int) string {
+// the outcome.
+func crashCase(t *testing.T, w World, op operation, n int) {
 	c := newCase(t, w, op, n)
 	if err := op.setup(c); err != nil {
 		t.Fatalf("setup: %v", err)
@@ -381,13 +304,12 @@ func crashCase(t *testing.T, w World, op operation, n int) string {
 	c.waitDone(op)
 	stop()
 	c.check(op)
-	return "ok"
 }
 
 // caseRig is one case: a bus, an instance, the provisioners run on it.
 type caseRig struct {
 	t        *testing.T
-	w        World
+	w        Case
 	bus      *bustest.Server
 	js       jetstream.JetStream
 	instance string
@@ -400,9 +322,10 @@ type caseRig struct {
 
 func newCase(t *testing.T, w World, op operation, n int) *caseRig {
 	srv := bustest.Run(t)
-	c := &caseRig{t: t, w: w, bus: srv, js: srv.JetStream(t),
+	cw := w.Case(t)
+	c := &caseRig{t: t, w: cw, bus: srv, js: srv.JetStream(t),
 		instance: fmt.Sprintf("in-%s-%d-%s", shortName(op.name), n, strings.ToLower(protocol.NewID("x")[2:8]))}
-	t.Cleanup(func() { w.Cleanup(c.instance) })
+	t.Cleanup(func() { cw.Cleanup(c.instance) })
 	return c
 }
 
@@ -619,11 +542,4 @@ func (c *caseRig) writeAfterSnapshot() error {
 		return v.WriteVolume(c.instance, "after-snapshot.txt", "written after the snapshot")
 	}
 	return nil
-}
-
-// Env reports whether the environment variable name is set to a true
-// value: the full mode of a harness that runs a sample by default.
-func Env(name string) bool {
-	v := os.Getenv(name)
-	return v == "1" || v == "true" || v == "yes"
 }

@@ -57,7 +57,7 @@ func newWorld(t *testing.T) *world {
 }
 
 // reset empties moto and makes the operator's resources again.
-func (w *world) reset(t *testing.T) {
+func (w *world) reset(t testing.TB) {
 	t.Helper()
 	w.moto.Reset(t)
 	ctx := context.Background()

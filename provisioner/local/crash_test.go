@@ -15,6 +15,7 @@ import (
 	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/internal/crashpoint"
+	"github.com/fleetmanager/fm/internal/crashpoint/crashtable"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/archive"
@@ -31,11 +32,10 @@ import (
 func TestCrashPoints(t *testing.T) {
 	w := &localWorld{dir: t.TempDir(), bin: binary(t)}
 	opts := crashtest.Options{Stride: 2, Parallel: 4}
-	if crashtest.Env("FM_CRASH_FULL") {
+	if crashtable.Full() {
 		opts.Stride = 1
 	}
-	rows := crashtest.Run(t, w, opts)
-	t.Logf("crash-point table of the local backend (%d cases):\n%s", len(rows), crashtest.Table(rows))
+	crashtable.Report(t, "provisioner-local", crashtest.Run(t, w, opts))
 }
 
 type localWorld struct {
@@ -45,6 +45,10 @@ type localWorld struct {
 }
 
 func (w *localWorld) Name() string { return "local" }
+
+// Case implements crashtest.World: cases share the machines folder, each
+// with instances of its own.
+func (w *localWorld) Case(testing.TB) crashtest.Case { return w }
 
 func (w *localWorld) backend() *Backend {
 	return &Backend{cfg: Config{Dir: w.dir}}
