@@ -35,6 +35,7 @@ type Agent struct {
 
 	// Set by Run.
 	box     *seal.Box // the instance key, which seals secrets FM and the agent exchange
+	creds   []byte    // the NATS credentials a join gave (in memory)
 	nc      *nats.Conn
 	js      jetstream.JetStream
 	rep     *reporter
@@ -116,7 +117,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	reconnected := make(chan struct{}, 1)
 	nc, err := bus.Connect(bus.ConnectConfig{
-		URL: a.cfg.NATSURL, CredsFile: a.cfg.CredsFile, TLS: tlsConf, Name: "fm-agent " + a.cfg.Instance,
+		URL: a.cfg.NATSURL, CredsFile: a.cfg.CredsFile, Creds: a.creds, TLS: tlsConf, Name: "fm-agent " + a.cfg.Instance,
 		InboxPrefix: protocol.InboxPrefix(a.cfg.Instance), RetryOnFailedConnect: true,
 		OnConnect: func() {
 			select {

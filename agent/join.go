@@ -18,6 +18,8 @@ import (
 	"github.com/fleetmanager/fm/internal/pki"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nkeys"
 )
 
 // ErrJoinRefused is returned by Run when FM refused the machine's join token
@@ -27,6 +29,15 @@ var ErrJoinRefused = errors.New("join refused")
 
 func (m *machine) credsPath() string       { return filepath.Join(m.stateDir, "nats.creds") }
 func (m *machine) instanceKeyPath() string { return filepath.Join(m.stateDir, "instance.key") }
+func (m *machine) seedPath() string        { return filepath.Join(m.stateDir, "agent.nk") }
+func (m *machine) identityPath() string    { return filepath.Join(m.stateDir, "identity.json") }
+
+// identity is what a join gives a machine, kept in one file written at
+// once, so that a crash never leaves the credentials without the key.
+type identity struct {
+	Credentials string `json:"credentials"` // a creds file: the JWT and the machine's seed
+	InstanceKey string `json:"instanceKey"`
+}
 
 // clientTLS is the TLS the agent uses towards FM (the join endpoint, the
 // bus): with the CA it was given, or none.
@@ -40,11 +51,14 @@ func (c *Config) clientTLS() (*tls.Config, error) {
 	return nil, nil
 }
 
-// join gets the machine's credentials on its first start: it exchanges the
-// join token for its NATS credentials and instance key, and keeps them in
-// its state folder (the OS disk, new with every machine), so that a restart
-// does not join again. Failures to reach FM are retried until ctx ends; a
-// refusal is final.
+// join gets the machine's credentials on its first start: it makes its own
+// NATS user key (kept before anything is asked, so that asking again is
+// asking for the same key), exchanges the join token for a JWT of that key
+// and the instance key, and keeps both at once in its state folder (the OS
+// disk, new with every machine), so that a restart does not join again.
+// FM answers the same machine's key again (its answer lost, or the agent
+// killed before it kept it). Failures to reach FM are retried until ctx
+// ends; a refusal is final.
 func (a *Agent) join(ctx context.Context, tlsConf *tls.Config) error {
 	if a.cfg.Join == nil {
 		return a.loadInstanceKey()
@@ -52,23 +66,38 @@ func (a *Agent) join(ctx context.Context, tlsConf *tls.Config) error {
 	if a.cfg.CredsFile == "" {
 		a.cfg.CredsFile = a.m.credsPath()
 	}
-	if fileExists(a.cfg.CredsFile) && fileExists(a.m.instanceKeyPath()) {
-		return a.loadInstanceKey()
+	if fileExists(a.m.identityPath()) {
+		return a.loadIdentity()
 	}
+	if fileExists(a.cfg.CredsFile) && fileExists(a.m.instanceKeyPath()) {
+		return a.loadInstanceKey() // joined by an agent from before identity.json
+	}
+	kp, err := a.machineKey()
+	if err != nil {
+		return err
+	}
+	pub, _ := kp.PublicKey()
+	seed, _ := kp.Seed()
 	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsConf}}
 	defer client.CloseIdleConnections()
 	backoff := time.Second
 	for {
-		resp, err := a.postJoin(ctx, client)
+		a.crash.At("agent/join:before")
+		resp, err := a.postJoin(ctx, client, pub)
 		if err == nil {
-			if err := atomicfile.WriteFile(a.m.instanceKeyPath(), []byte(resp.InstanceKey), 0o600); err != nil {
-				return fmt.Errorf("keep the instance key: %w", err)
+			a.crash.At("agent/join:after")
+			creds, err := jwt.FormatUserConfig(resp.JWT, seed)
+			if err != nil {
+				return fmt.Errorf("%w: the join answer holds no usable JWT: %v", ErrJoinRefused, err)
 			}
-			if err := atomicfile.WriteFile(a.cfg.CredsFile, []byte(resp.Credentials), 0o600); err != nil {
+			if err := a.crash.Around("agent/join/keep-identity", func() error {
+				b, _ := json.Marshal(identity{Credentials: string(creds), InstanceKey: resp.InstanceKey})
+				return atomicfile.WriteFile(a.m.identityPath(), b, 0o600)
+			}); err != nil {
 				return fmt.Errorf("keep the credentials: %w", err)
 			}
 			a.log.Info().Str("url", a.cfg.Join.URL).Msg("joined: NATS credentials received")
-			return a.loadInstanceKey()
+			return a.loadIdentity()
 		}
 		if errors.Is(err, ErrJoinRefused) {
 			return err
@@ -83,9 +112,47 @@ func (a *Agent) join(ctx context.Context, tlsConf *tls.Config) error {
 	}
 }
 
-func (a *Agent) postJoin(ctx context.Context, client *http.Client) (protocol.JoinResponse, error) {
+// machineKey is the machine's NATS user key, made and kept (agent.nk, mode
+// 0600) the first time.
+func (a *Agent) machineKey() (nkeys.KeyPair, error) {
+	if b, err := os.ReadFile(a.m.seedPath()); err == nil {
+		kp, err := nkeys.FromSeed(bytes.TrimSpace(b))
+		if err != nil {
+			return nil, fmt.Errorf("machine key %s: %w", a.m.seedPath(), err)
+		}
+		return kp, nil
+	}
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		return nil, fmt.Errorf("machine key: %w", err)
+	}
+	seed, _ := kp.Seed()
+	if err := a.crash.Around("agent/join/keep-machine-key", func() error {
+		return atomicfile.WriteFile(a.m.seedPath(), seed, 0o600)
+	}); err != nil {
+		return nil, fmt.Errorf("keep the machine key: %w", err)
+	}
+	return kp, nil
+}
+
+// loadIdentity reads what the join gave: the credentials (used from
+// memory) and the instance key.
+func (a *Agent) loadIdentity() error {
+	b, err := os.ReadFile(a.m.identityPath())
+	if err != nil {
+		return fmt.Errorf("identity: %w", err)
+	}
+	var id identity
+	if err := json.Unmarshal(b, &id); err != nil || id.Credentials == "" {
+		return fmt.Errorf("identity %s: unreadable (%v)", a.m.identityPath(), err)
+	}
+	a.cfg.CredsFile, a.creds = "", []byte(id.Credentials)
+	return a.setInstanceKey(id.InstanceKey)
+}
+
+func (a *Agent) postJoin(ctx context.Context, client *http.Client, pub string) (protocol.JoinResponse, error) {
 	var out protocol.JoinResponse
-	body, _ := json.Marshal(protocol.JoinRequest{Instance: a.cfg.Instance, Token: a.cfg.Join.Token})
+	body, _ := json.Marshal(protocol.JoinRequest{Instance: a.cfg.Instance, Token: a.cfg.Join.Token, PublicKey: pub})
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.cfg.Join.URL, bytes.NewReader(body))
 	if err != nil {
 		return out, fmt.Errorf("%w: join url: %v", ErrJoinRefused, err)
@@ -102,11 +169,11 @@ func (a *Agent) postJoin(ctx context.Context, client *http.Client) (protocol.Joi
 	}
 	switch {
 	case resp.StatusCode == http.StatusOK:
-		if err := json.Unmarshal(data, &out); err != nil || out.Credentials == "" {
+		if err := json.Unmarshal(data, &out); err != nil || out.JWT == "" {
 			return out, fmt.Errorf("the join answer holds no credentials")
 		}
 		return out, nil
-	case resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500:
+	case resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusConflict || resp.StatusCode >= 500:
 		return out, fmt.Errorf("join: FM answered %s", resp.Status)
 	default:
 		var e struct {
@@ -117,7 +184,8 @@ func (a *Agent) postJoin(ctx context.Context, client *http.Client) (protocol.Joi
 	}
 }
 
-// loadInstanceKey reads the instance key the join brought, if any.
+// loadInstanceKey reads the instance key a join brought (from an agent
+// from before identity.json) or one given some other way, if any.
 func (a *Agent) loadInstanceKey() error {
 	b, err := os.ReadFile(a.m.instanceKeyPath())
 	if errors.Is(err, os.ErrNotExist) {
@@ -126,16 +194,24 @@ func (a *Agent) loadInstanceKey() error {
 	if err != nil {
 		return fmt.Errorf("instance key: %w", err)
 	}
-	raw, err := base64.StdEncoding.DecodeString(string(bytes.TrimSpace(b)))
-	if err != nil {
+	if err := a.setInstanceKey(string(bytes.TrimSpace(b))); err != nil {
 		return fmt.Errorf("instance key %s: %w", a.m.instanceKeyPath(), err)
+	}
+	return nil
+}
+
+// setInstanceKey makes key (base64) the agent's instance key ("": none).
+func (a *Agent) setInstanceKey(key string) error {
+	raw, err := base64.StdEncoding.DecodeString(key)
+	if err != nil {
+		return err
 	}
 	if len(raw) == 0 {
 		return nil
 	}
 	box, err := seal.New(raw)
 	if err != nil {
-		return fmt.Errorf("instance key %s: %w", a.m.instanceKeyPath(), err)
+		return err
 	}
 	a.box = box
 	return nil

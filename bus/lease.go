@@ -3,15 +3,28 @@ package bus
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 )
 
+// ErrLeaseLost is returned by Keep when the lease is no longer this
+// holder's, or can no longer be proven to be: whoever held it must stop the
+// work it guards at once.
+var ErrLeaseLost = errors.New("lease lost")
+
 // Lease is a key of fm_leases that one holder keeps alive by rewriting it,
 // with a revision check, well within the bucket's TTL. Whoever holds it does
 // the work it guards (the provisioner, the snapshot scheduler); when the
 // holder dies the entry expires and another process takes it.
+//
+// A holder that cannot renew (the bus is away from it, or it is
+// partitioned) gives the lease up on its own clock before the bus can give
+// it to another: it counts the TTL from when it sent its last successful
+// renewal, which is before the bus wrote it. Writes made under the lease
+// are revision-checked on the records they change, so that a holder deposed
+// meanwhile has them refused where its successor got there first.
 type Lease struct {
 	KV     jetstream.KeyValue
 	Key    string
@@ -19,14 +32,17 @@ type Lease struct {
 	// TTL must match the bucket's (Topology.LeaseTTL).
 	TTL time.Duration
 	rev uint64
+	// proven is when the last write that proved the lease was sent.
+	proven time.Time
 }
 
 // Acquire blocks until the lease is held or ctx ends.
 func (l *Lease) Acquire(ctx context.Context) error {
 	for {
+		sent := time.Now()
 		rev, err := l.KV.Create(ctx, l.Key, []byte(l.Holder))
 		if err == nil {
-			l.rev = rev
+			l.rev, l.proven = rev, sent
 			return nil
 		}
 		if !errors.Is(err, jetstream.ErrKeyExists) {
@@ -34,9 +50,13 @@ func (l *Lease) Acquire(ctx context.Context) error {
 				return ctx.Err()
 			}
 		} else if e, gerr := l.KV.Get(ctx, l.Key); gerr == nil && string(e.Value()) == l.Holder {
-			// Ours, from before a restart of this same holder.
-			l.rev = e.Revision()
-			return nil
+			// Ours, from before a restart of this same holder: renewed at
+			// once, so that its age is known.
+			sent = time.Now()
+			if rev, err := l.KV.Update(ctx, l.Key, []byte(l.Holder), e.Revision()); err == nil {
+				l.rev, l.proven = rev, sent
+				return nil
+			}
 		}
 		// Look again soon: a holder that stops releases the lease, and a
 		// standby should not leave the work undone for long.
@@ -48,27 +68,39 @@ func (l *Lease) Acquire(ctx context.Context) error {
 	}
 }
 
-// Keep renews the lease until ctx ends or the lease is lost, which it
-// reports by returning.
+// Keep renews the lease until ctx ends (it then returns ctx's error) or the
+// lease is lost, which it reports with an error wrapping ErrLeaseLost: taken
+// by another holder, or not renewed for so long that it may have expired.
 func (l *Lease) Keep(ctx context.Context) error {
-	tick := time.NewTicker(l.TTL / 3)
-	defer tick.Stop()
+	// A margin for the drift between this clock and the bus's over one TTL.
+	margin := l.TTL / 10
+	every := l.TTL / 3
+	timer := time.NewTimer(every)
+	defer timer.Stop()
 	for {
+		expires := l.proven.Add(l.TTL - margin)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-tick.C:
+		case <-time.After(time.Until(expires)):
+			return fmt.Errorf("%w: not renewed since %s (the bus is out of reach)", ErrLeaseLost, l.proven.Format(time.RFC3339))
+		case <-timer.C:
 		}
-		rctx, cancel := context.WithTimeout(ctx, l.TTL/3)
+		sent := time.Now()
+		rctx, cancel := context.WithDeadline(ctx, expires)
 		rev, err := l.KV.Update(rctx, l.Key, []byte(l.Holder), l.rev)
 		cancel()
-		if err != nil {
-			if errors.Is(err, jetstream.ErrKeyRevisionMismatch) || errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyExists) {
-				return errors.New("lease lost to another holder")
-			}
-			continue // the bus is away; keep trying while the lease may still be ours
+		if err == nil {
+			l.rev, l.proven = rev, sent
+			timer.Reset(every)
+			continue
 		}
-		l.rev = rev
+		if errors.Is(err, jetstream.ErrKeyRevisionMismatch) || errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyExists) {
+			return fmt.Errorf("%w to another holder", ErrLeaseLost)
+		}
+		// The bus is away: try again soon, while the lease may still be
+		// ours.
+		timer.Reset(min(every, time.Second))
 	}
 }
 

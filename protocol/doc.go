@@ -31,5 +31,6 @@
 //	  snapshot to restore, snapshot events; grow-volume requests and the
 //	  grow-filesystem command; a provision request's deadline and a
 //	  desired state's retryUntil (transient failures are retried until
-//	  then).
+//	  then); a join request's public key and a join response's JWT (a
+//	  machine makes its own NATS key, and may join again with it).
 package protocol

@@ -142,17 +142,24 @@ type JoinSpec struct {
 	CACert string `json:"caCert,omitempty"`
 }
 
-// JoinRequest is the body an agent posts to the join endpoint.
+// JoinRequest is the body an agent posts to the join endpoint. PublicKey is
+// the NATS user key the machine made for itself (its seed never leaves the
+// machine): a token is bound to the first key it is exchanged for, so that
+// the same machine may ask again (its answer lost, or it died before it
+// kept it) while any other is refused.
 type JoinRequest struct {
-	Instance string `json:"instance"`
-	Token    string `json:"token"`
+	Instance  string `json:"instance"`
+	Token     string `json:"token"`
+	PublicKey string `json:"publicKey,omitempty"`
 }
 
-// JoinResponse is what the join endpoint answers: the agent's NATS
-// credentials (a creds file's content) and its instance key (base64), which
-// seals what FM and the agent tell each other.
+// JoinResponse is what the join endpoint answers: the agent's NATS user JWT
+// (for the PublicKey it sent; Credentials, a whole creds file, only for an
+// agent that sent none) and its instance key (base64), which seals what FM
+// and the agent tell each other.
 type JoinResponse struct {
-	Credentials string `json:"credentials"`
+	Credentials string `json:"credentials,omitempty"`
+	JWT         string `json:"jwt,omitempty"`
 	InstanceKey string `json:"instanceKey"`
 }
 

@@ -143,7 +143,8 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 	work, stop := context.WithCancel(context.WithoutCancel(ctx))
 	kept := make(chan struct{})
 	var keepErr error
-	go func() { keepErr = l.Keep(work); close(kept) }()
+	// A lease lost (or no longer provable) stops the work at once.
+	go func() { keepErr = l.Keep(work); stop(); close(kept) }()
 	// Stop renewing before giving the lease up.
 	defer func() { stop(); <-kept; l.Release() }()
 
@@ -166,9 +167,8 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 		<-pulled
 		return nil
 	case <-kept:
-		// The lease is lost: stop at once, work under way included.
+		// The lease is lost: the work under way was stopped; so is pulling.
 		stopPulling()
-		stop()
 		<-pulled
 		return keepErr
 	}

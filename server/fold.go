@@ -165,15 +165,7 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 				s.requestSecrets(ctx, id)
 				return nil
 			}
-			return s.succeedOp(ctx, op, nil, func(next *lifecycle) {
-				next.State = stateRunning
-				if op.Kind == opReprovision {
-					var req protocol.ProvisionRequest
-					if json.Unmarshal(op.Request, &req) == nil && req.Spec != nil {
-						next.ImageID, next.DSSVersion = req.Spec.ImageID, req.Spec.DSSVersion
-					}
-				}
-			})
+			return s.succeedOp(ctx, op, nil, stateRunning)
 		}
 	case opStop, opDeprovision, opDelete:
 		if m.RequestID != op.RequestID {
@@ -189,36 +181,76 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 				s.revokeAgent(ctx, id)
 			}
 			if op.Kind == opDelete {
-				return s.finishDelete(ctx, op, lc)
+				in, _, _ := s.st.instances.get(id)
+				return s.succeedOp(ctx, op, map[string]string{"id": id, "label": in.Label}, stateDeleted)
 			}
 			state := map[string]string{opStop: stateStopped, opDeprovision: stateDeprovisioned}[op.Kind]
-			return s.succeedOp(ctx, op, nil, func(next *lifecycle) { next.State = state })
+			return s.succeedOp(ctx, op, nil, state)
 		}
 	}
 	return nil
 }
 
-// settle clears an operation that ended (or expired from fm_ops) from the
-// lifecycle. An instance left in a transitional state by a failed, aborted
-// or lost operation is failed, so that a retry or reprovision can start.
+// settle moves the lifecycle on from an operation that ended (or expired
+// from fm_ops): to the state its end recorded, or, for one that ended
+// without saying (aborted, timed out) or was lost, to failed if the
+// instance was in a transitional state, so that a retry or reprovision can
+// start. It is the one place a lifecycle leaves an operation, so that a
+// server that stops between ending an operation and moving the lifecycle
+// on leaves the next one (or the sweep) to finish.
 func (s *Server) settle(ctx context.Context, id string, lc lifecycle, rev uint64, op opRecord, found bool) error {
+	now := time.Now().UTC()
 	next := lc
-	next.OpID, next.OpKind = "", ""
-	if oneOfStr(lc.State, stateProvisioning, stateStarting, stateStopping, stateDeprovisioning, stateDeleting) {
-		next.State, next.Since = stateFailed, time.Now().UTC()
-		next.Error = op.Error
-		if !found {
+	next.OpID, next.OpKind, next.UpdatedAt = "", "", now
+	transitional := oneOfStr(lc.State, stateProvisioning, stateStarting, stateStopping, stateDeprovisioning, stateDeleting)
+	switch {
+	case !found:
+		if transitional {
+			next.State, next.Since = stateFailed, now
 			next.Error = &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation lost",
 				DetailedMessage: "the operation " + lc.OpID + " is no longer on record"}
 		}
+	case op.State == api.OpSucceeded && op.EndState == stateDeleted:
+		return s.finishDelete(ctx, op)
+	case op.State == api.OpSucceeded:
+		if op.EndState != "" && op.EndState != lc.State {
+			next.State, next.Since = op.EndState, now
+		}
+		next.Error = nil
+		if op.Kind == opReprovision && op.TargetImageID != "" {
+			next.ImageID, next.DSSVersion = op.TargetImageID, op.TargetDSSVersion
+		}
+	case op.EndState != "":
+		next.State, next.Since, next.Error = op.EndState, now, op.Error
+	case transitional:
+		next.State, next.Since, next.Error = stateFailed, now, op.Error
 	}
-	next.UpdatedAt = time.Now().UTC()
 	_, err := s.st.lifecycle.update(ctx, id, next, rev)
 	if errors.Is(err, errConflict) {
 		s.enqueue(id)
 		return nil
 	}
 	return err
+}
+
+// settleNow settles the instance of an operation that just ended, if its
+// lifecycle still points at it.
+func (s *Server) settleNow(ctx context.Context, op opRecord) error {
+	lc, rev, err := s.st.lifecycle.fetch(ctx, op.Instance)
+	if errors.Is(err, errNotFound) {
+		return nil
+	}
+	if err != nil || lc.OpID != op.JobID {
+		return err
+	}
+	ended, _, err := s.st.ops.fetch(ctx, op.JobID)
+	if err != nil {
+		return err
+	}
+	if ended.State == api.OpRunning {
+		return nil
+	}
+	return s.settle(ctx, op.Instance, lc, rev, ended, true)
 }
 
 func (s *Server) setState(ctx context.Context, id string, rev uint64, state string) error {
@@ -233,32 +265,19 @@ func (s *Server) setState(ctx context.Context, id string, rev uint64, state stri
 }
 
 // succeedOp ends the operation with result (nil: the instance's new state)
-// and moves the lifecycle on.
-func (s *Server) succeedOp(ctx context.Context, op opRecord, result any, change func(*lifecycle)) error {
-	lc, rev, err := s.st.lifecycle.fetch(ctx, op.Instance)
+// and puts the instance in state ("" keeps it). The operation ends first,
+// with the state recorded; the lifecycle follows (settle).
+func (s *Server) succeedOp(ctx context.Context, op opRecord, result any, state string) error {
+	if result == nil {
+		result = map[string]string{"instanceId": op.Instance, "state": state}
+	}
+	ended, err := s.endOpTo(ctx, op.JobID, result, nil, state)
 	if err != nil {
 		return err
 	}
-	if lc.OpID != op.JobID {
-		return nil
-	}
-	next := lc
-	change(&next)
-	next.OpID, next.OpKind, next.Error = "", "", nil
-	next.Since, next.UpdatedAt = time.Now().UTC(), time.Now().UTC()
-	if _, err := s.st.lifecycle.update(ctx, op.Instance, next, rev); err != nil {
-		if errors.Is(err, errConflict) {
-			s.enqueue(op.Instance)
-			return nil
-		}
-		return err
-	}
-	if result == nil {
-		result = map[string]string{"instanceId": op.Instance, "state": next.State}
-	}
-	_, err = s.endOp(ctx, op.JobID, result, nil)
-	s.log.Info().Str("instance", op.Instance).Str("op", op.JobID).Str("state", next.State).Msg("instance operation succeeded")
-	return err
+	s.crash.At("server/end-op/ended")
+	s.log.Info().Str("instance", op.Instance).Str("op", op.JobID).Str("state", ended.EndState).Msg("instance operation succeeded")
+	return s.settleNow(ctx, op)
 }
 
 // failOp ends the operation with an error and leaves the instance failed
@@ -287,29 +306,18 @@ func stateOfMachine(m protocol.MachineState) string {
 // failOpTo ends the operation with an error and puts the instance in state
 // ("" keeps the one it has), with the error beside it.
 func (s *Server) failOpTo(ctx context.Context, op opRecord, failure *api.Error, state string) error {
-	if _, err := s.endOp(ctx, op.JobID, nil, failure); err != nil {
+	if _, err := s.endOpTo(ctx, op.JobID, nil, failure, state); err != nil {
 		return err
 	}
+	s.crash.At("server/end-op/ended")
 	s.log.Warn().Str("instance", op.Instance).Str("op", op.JobID).Str("error", failure.DetailedMessage).Msg("instance operation failed")
-	lc, rev, err := s.st.lifecycle.fetch(ctx, op.Instance)
-	if err != nil || lc.OpID != op.JobID {
-		return err
-	}
-	next := lc
-	next.OpID, next.OpKind, next.UpdatedAt = "", "", time.Now().UTC()
-	if state != "" {
-		next.State, next.Since, next.Error = state, time.Now().UTC(), failure
-	}
-	if _, err := s.st.lifecycle.update(ctx, op.Instance, next, rev); errors.Is(err, errConflict) {
-		s.enqueue(op.Instance)
-	} else if err != nil {
-		return err
-	}
-	return nil
+	return s.settleNow(ctx, op)
 }
 
-// finishDelete removes what is left of a deleted instance.
-func (s *Server) finishDelete(ctx context.Context, op opRecord, lc lifecycle) error {
+// finishDelete removes what is left of a deleted instance, once its
+// deletion succeeded: the instance, then its records. Done again after a
+// crash, it finishes what is left.
+func (s *Server) finishDelete(ctx context.Context, op opRecord) error {
 	in, rev, err := s.st.instances.fetch(ctx, op.Instance)
 	if err == nil {
 		if err := s.st.instances.erase(ctx, op.Instance, in, rev); err != nil {
@@ -318,25 +326,30 @@ func (s *Server) finishDelete(ctx context.Context, op opRecord, lc lifecycle) er
 	} else if !errors.Is(err, errNotFound) {
 		return err
 	}
+	s.crash.At("server/delete/instance-erased")
+	lc, _, _ := s.st.lifecycle.get(op.Instance)
 	s.forgetInstance(ctx, op.Instance, lc.BasePort)
-	_, err = s.endOp(ctx, op.JobID, map[string]string{"id": op.Instance, "label": in.Label}, nil)
 	s.log.Info().Str("instance", op.Instance).Msg("instance deleted")
-	return err
+	return nil
 }
 
-// forgetInstance purges an instance's records: its lifecycle, desired
-// state, secrets, last agent status and machine record, and frees its port.
+// forgetInstance purges an instance's records: its desired state,
+// secrets, last agent status and machine record, and, last, its lifecycle
+// (while it is there, a retry knows there is something to finish), and
+// frees its port.
 func (s *Server) forgetInstance(ctx context.Context, id string, port int) {
-	for _, kv := range []jetstream.KeyValue{s.st.lifecycle.kv, s.st.desired, s.st.secrets.kv, s.st.agents.kv, s.st.machines.kv} {
+	s.releasePort(ctx, id, port)
+	for _, kv := range []jetstream.KeyValue{s.st.desired, s.st.secrets.kv, s.st.agents.kv, s.st.machines.kv, s.st.lifecycle.kv} {
 		if err := kv.Purge(ctx, id); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
 			s.log.Warn().Err(err).Str("bucket", kv.Bucket()).Str("instance", id).Msg("record of a deleted instance not purged")
 		}
 	}
-	s.releasePort(ctx, id, port)
 }
 
 // consumeEvents folds FM_EVENTS: progress into operations, command results
-// into their operations and into the credentials FM keeps. Once ctx ends,
+// into their operations and into the credentials FM keeps. An event whose
+// folding failed (a write to the bus refused or lost) is handed back, to be
+// folded again a little later, never acknowledged and lost. Once ctx ends,
 // an event not folded, or folded with writes ctx cut short, is handed back
 // at once to the next server (folding is idempotent).
 func (s *Server) consumeEvents(ctx context.Context) {
@@ -347,12 +360,18 @@ func (s *Server) consumeEvents(ctx context.Context) {
 		})
 		if err == nil {
 			err = bus.Pull(ctx, cons, eventBatch, func(m jetstream.Msg) {
-				s.foldEvent(ctx, m.Data())
-				if ctx.Err() != nil {
+				ferr := s.foldEvent(ctx, m.Data())
+				switch {
+				case ctx.Err() != nil:
 					_ = m.Nak()
-					return
+				case ferr != nil:
+					delay := foldRetryDelay(m)
+					s.log.Warn().Err(ferr).Str("subject", m.Subject()).Dur("retry_in", delay).Msg("event not folded; it will be again")
+					_ = m.NakWithDelay(delay)
+				default:
+					s.crash.At("server/fold/ack:before")
+					_ = m.Ack()
 				}
-				_ = m.Ack()
 			})
 		}
 		if ctx.Err() != nil {
@@ -369,45 +388,58 @@ func (s *Server) consumeEvents(ctx context.Context) {
 	}
 }
 
+// foldRetryDelay grows with each delivery of an event that could not be
+// folded: 1s, 2s, … up to 30s.
+func foldRetryDelay(m jetstream.Msg) time.Duration {
+	n := uint64(1)
+	if md, err := m.Metadata(); err == nil {
+		n = md.NumDelivered
+	}
+	d := time.Second
+	for i := uint64(1); i < n && d < 30*time.Second; i++ {
+		d *= 2
+	}
+	return min(d, 30*time.Second)
+}
+
 // eventBatch is how many events a server asks for at a time.
 const eventBatch = 100
 
-func (s *Server) foldEvent(ctx context.Context, data []byte) {
+// foldEvent folds one event. It returns an error only when folding it
+// again may succeed (a write to the bus failed); an event that cannot be
+// read is skipped.
+func (s *Server) foldEvent(ctx context.Context, data []byte) error {
 	var e protocol.Event
 	if err := protocol.Decode(data, &e); err != nil {
 		s.log.Warn().Err(err).Msg("an event does not decode; skipped")
-		return
+		return nil
 	}
 	defer s.enqueue(e.Instance)
 	if e.Kind == protocol.EventSnapshot {
-		s.foldSnapshot(ctx, e)
-		return
+		return s.foldSnapshot(ctx, e)
 	}
 	if e.Kind == protocol.EventAlert && e.Step == "data-volume-high" && e.Source == "agent" {
 		s.growVolume(ctx, e.Instance)
-		return
+		return nil
 	}
 	if op, _, ok := s.st.ops.get(e.OpID); ok && op.Kind == opGrowVolume && op.State == api.OpRunning {
-		s.foldGrowVolume(ctx, op, e)
-		return
+		return s.foldGrowVolume(ctx, op, e)
 	}
 	if e.Kind == protocol.EventCommand && strings.HasPrefix(e.CommandID, secretCommandPrefix) {
-		s.storeSecret(ctx, e)
-		return
+		return s.storeSecret(ctx, e)
 	}
 	lc, _, ok := s.st.lifecycle.get(e.Instance)
 	if !ok || lc.OpID == "" {
-		return
+		return nil
 	}
 	op, _, ok := s.st.ops.get(lc.OpID)
 	if !ok || op.State != api.OpRunning {
-		return
+		return nil
 	}
 	ours := e.OpID == op.JobID || (e.Source == "agent" && e.Generation != 0 && e.Generation == op.Target)
 	if e.Kind == protocol.EventCommand && e.CommandID == op.CommandID && op.CommandID != "" {
 		if e.Status == protocol.StatusFailed {
-			_ = s.failOp(ctx, op, apiErrorOf(e.Error, "The command failed"))
-			return
+			return s.failOp(ctx, op, apiErrorOf(e.Error, "The command failed"))
 		}
 		var result any = map[string]string{"instanceId": op.Instance, "message": e.Message}
 		if len(e.Result) > 0 {
@@ -416,27 +448,27 @@ func (s *Server) foldEvent(ctx context.Context, data []byte) {
 		if e.Step == string(protocol.CommandCollectDiagnosis) {
 			filed, err := s.fileDiagnosis(ctx, op.Instance, e.CommandID, e.Result)
 			if err != nil {
-				_ = s.failOp(ctx, op, &api.Error{ErrorType: string(protocol.CodeUnavailable), Message: "Diagnosis not filed",
+				return s.failOp(ctx, op, &api.Error{ErrorType: string(protocol.CodeUnavailable), Message: "Diagnosis not filed",
 					DetailedMessage: err.Error()})
-				return
 			}
 			result = filed
 		}
-		_ = s.succeedOp(ctx, op, result, func(*lifecycle) {})
-		return
+		return s.succeedOp(ctx, op, result, "")
 	}
 	if !ours || e.Status == protocol.StatusStarted && e.Kind == protocol.EventStep {
-		return
+		return nil
 	}
 	name := e.Step
 	if e.Source == "provisioner" {
 		name = "machine: " + name
 	}
-	s.addStep(ctx, op.JobID, name, e)
+	return s.addStep(ctx, op.JobID, name, e)
 }
 
 // sweep fails operations past their deadline, republishes requests that
-// were lost, and reconciles every instance with an operation under way.
+// were lost, writes again a desired state a crash lost, ends operations
+// that never claimed their instance (a crash between recording and
+// claiming), and reconciles every instance with an operation under way.
 func (s *Server) sweep(ctx context.Context) {
 	now := time.Now()
 	for _, op := range s.st.ops.filter(func(op opRecord) bool { return op.State == api.OpRunning && op.Instance != "" }) {
@@ -445,7 +477,14 @@ func (s *Server) sweep(ctx context.Context) {
 				DetailedMessage: op.Kind + " of " + op.Instance + " did not finish by " + op.Deadline.Format(time.RFC3339)})
 			continue
 		}
-		if op.Request != nil && now.Sub(op.StartedAt) > 10*time.Second {
+		old := now.Sub(op.StartedAt) > 10*time.Second
+		if !op.lifecycleFree() && now.Sub(op.StartedAt) > 30*time.Second {
+			if lc, _, ok := s.st.lifecycle.get(op.Instance); !ok || lc.OpID != op.JobID {
+				s.endUnclaimed(ctx, op)
+				continue
+			}
+		}
+		if op.Request != nil && old {
 			// An operation beside the lifecycle is taken once the provisioner
 			// reported a step; the others once the machine record names
 			// their request.
@@ -456,10 +495,11 @@ func (s *Server) sweep(ctx context.Context) {
 			}
 			if !taken && s.shouldRepublish(op.JobID) {
 				s.log.Info().Str("op", op.JobID).Msg("provision request not taken yet; publishing it again")
+				s.ensureDesired(ctx, op)
 				s.publishOp(ctx, op)
 			}
 		}
-		if op.Command != nil && now.Sub(op.StartedAt) > 10*time.Second && s.shouldRepublish(op.JobID) {
+		if op.Command != nil && old && s.shouldRepublish(op.JobID) {
 			s.ensureCommandPublished(ctx, op)
 		}
 		s.enqueue(op.Instance)
@@ -470,6 +510,42 @@ func (s *Server) sweep(ctx context.Context) {
 		}
 	}
 	s.settleSnapshots(ctx)
+}
+
+// endUnclaimed ends an operation recorded but never given its instance (the
+// server stopped in between, or lost the race and could not forget it):
+// nothing was sent for it, so nothing was done.
+func (s *Server) endUnclaimed(ctx context.Context, op opRecord) {
+	// From the bucket: the copy may lag behind a claim just made.
+	if lc, _, err := s.st.lifecycle.fetch(ctx, op.Instance); err == nil && lc.OpID == op.JobID {
+		return
+	} else if err != nil && !errors.Is(err, errNotFound) {
+		return
+	}
+	s.log.Warn().Str("op", op.JobID).Str("instance", op.Instance).Msg("an operation that never started is ended")
+	_, _ = s.endOp(ctx, op.JobID, nil, &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation never started",
+		DetailedMessage: "the server stopped before " + op.Kind + " of " + op.Instance + " was under way; nothing was done: start it again"})
+	s.withdrawJoinTokens(ctx, op.RequestID)
+}
+
+// ensureDesired writes the operation's desired state again if fm_desired
+// does not hold its generation (the server stopped between claiming the
+// instance and writing it).
+func (s *Server) ensureDesired(ctx context.Context, op opRecord) {
+	if op.Desired == nil {
+		return
+	}
+	var cur protocol.DesiredState
+	if e, err := s.st.desired.Get(ctx, op.Instance); err == nil && protocol.Decode(e.Value(), &cur) == nil && cur.Generation >= op.Target {
+		return
+	} else if err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+		return
+	}
+	if err := s.putDesiredRaw(ctx, op.Instance, op.Desired); err != nil {
+		s.log.Warn().Err(err).Str("op", op.JobID).Msg("desired state not written again yet")
+		return
+	}
+	s.log.Info().Str("op", op.JobID).Msg("desired state was missing; written again")
 }
 
 func (s *Server) hasSecrets(id string) bool {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/protocol"
@@ -153,27 +154,69 @@ func (s *Server) deleteInstance(r *http.Request) (any, error) {
 	if m, _, _ := s.st.machines.get(id); m.Status != "" && m.Status != protocol.MachineDeleted {
 		return s.act(context.WithValue(r.Context(), deleteOptionsKey{}, opts), in, s.actions()[opDelete])
 	}
-	lc, _, err := s.lifecycleOf(r.Context(), id)
-	if err != nil {
-		return nil, unavailable(err, "the instance's state could not be read")
-	}
-	if lc.OpID != "" {
-		if op, _, ok := s.st.ops.get(lc.OpID); ok && op.State == api.OpRunning {
-			return nil, precondition("instance %s is busy with %s (operation %s)", id, op.Kind, op.JobID)
+	return s.deleteWithoutMachine(r, in)
+}
+
+// deleteWithoutMachine deletes an instance that never had a machine, at
+// once: like any action it claims the instance first (so that a reprovision
+// racing it either wins, and the deletion is refused, or loses and is
+// refused), then ends its operation recording the instance as deleted, and
+// settles, which erases the instance and its records. A server that stops
+// in between leaves the sweep to finish.
+func (s *Server) deleteWithoutMachine(r *http.Request, in api.Instance) (any, error) {
+	ctx := r.Context()
+	for attempt := 0; attempt < 5; attempt++ {
+		lc, rev, err := s.lifecycleOf(ctx, in.ID)
+		if err != nil {
+			return nil, unavailable(err, "the instance's state could not be read")
 		}
+		if lc.OpID != "" {
+			if op, _, ok := s.st.ops.get(lc.OpID); ok && op.State == api.OpRunning {
+				return nil, precondition("instance %s is busy with %s (operation %s)", in.ID, op.Kind, op.JobID)
+			}
+		}
+		if !oneOfStr(lc.State, stateCreated, stateDeprovisioned, stateFailed) {
+			return nil, precondition("cannot delete instance %s while it is %s", in.ID, lc.State)
+		}
+		op := newRunningOp(ctx, opDelete, in.ID, time.Minute)
+		if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
+			return nil, unavailable(err, "the operation could not be recorded")
+		}
+		next := lc
+		now := time.Now().UTC()
+		next.State, next.Since, next.UpdatedAt, next.OpID, next.OpKind, next.Error = stateDeleting, now, now, op.JobID, opDelete, nil
+		if rev == 0 {
+			_, err = s.st.lifecycle.create(ctx, in.ID, next)
+		} else {
+			_, err = s.st.lifecycle.update(ctx, in.ID, next, rev)
+		}
+		if errors.Is(err, errConflict) || errors.Is(err, errExists) {
+			s.forgetUnstartedOp(ctx, op)
+			continue
+		}
+		if err != nil {
+			s.forgetUnstartedOp(ctx, op)
+			return nil, unavailable(err, "the instance's state could not be written")
+		}
+		s.crash.At("server/delete/instance-claimed")
+		// Claimed: no reprovision can start any more. A machine may have
+		// been made before the claim, though.
+		if m, _, err := s.st.machines.fetch(ctx, in.ID); err == nil && m.HasMachine() {
+			_ = s.failOpTo(ctx, op, &api.Error{ErrorType: string(protocol.CodeFailedPrecondition), Message: "Instance has a machine",
+				DetailedMessage: "a machine was made for the instance meanwhile"}, lc.State)
+			return nil, precondition("instance %s has a machine (%s); deprovision it first, or delete with force=True", in.ID, m.Status)
+		}
+		if err := s.succeedOp(ctx, op, map[string]string{"id": in.ID, "label": in.Label}, stateDeleted); err != nil {
+			// Ended, with the rest for the sweep to finish.
+			s.log.Warn().Err(err).Str("instance", in.ID).Msg("deleted instance not erased yet; it will be")
+		}
+		ended, _, err := s.st.ops.fetch(ctx, op.JobID)
+		if err != nil {
+			return nil, unavailable(err, "the operation could not be read")
+		}
+		return ended.Future, nil
 	}
-	cur, rev, err := s.st.instances.fetch(r.Context(), id)
-	if errors.Is(err, errNotFound) {
-		return nil, notFound(kindInstance, id)
-	}
-	if err != nil {
-		return nil, unavailable(err, "the instance could not be read")
-	}
-	err = s.st.instances.erase(r.Context(), id, cur, rev)
-	if err == nil {
-		s.forgetInstance(r.Context(), id, lc.BasePort)
-	}
-	return s.finishedOp(r, "delete-instance", "instance", id, map[string]any{"id": id, "label": cur.Label}, err)
+	return nil, conflict("instance %s is being changed by someone else; retry", in.ID)
 }
 
 // instancesWhere returns the ids of the instances match accepts, from a copy

@@ -15,6 +15,7 @@ import (
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nkeys"
 )
 
 // JoinPath is the join endpoint: outside the tenant's API, and without an
@@ -22,25 +23,45 @@ import (
 const JoinPath = "/api/join"
 
 // joinRecord is a join token as fm_joins keeps it (the bucket expires it):
-// only a hash of its secret.
+// only a hash of its secret, the instance key of the machine it is for
+// (sealed with FM's key), and, once used, the NATS key of the machine that
+// used it.
 type joinRecord struct {
 	Instance string    `json:"instance"`
 	Hash     string    `json:"hash"`
 	Expires  time.Time `json:"expires"`
-	Used     bool      `json:"used,omitempty"`
+	// Request is the provision request that made the token, for the machine
+	// it makes.
+	Request string `json:"request,omitempty"`
+	// Key is that machine's instance key, sealed: it becomes the
+	// instance's only once the machine joins, so that a reprovision that
+	// never gets that far leaves the running machine's key as it was.
+	Key string `json:"key,omitempty"`
+	// Agent is the NATS user key of the machine that exchanged the token;
+	// the same machine may exchange it again, no other may.
+	Agent string `json:"agent,omitempty"`
+	// Used marks a token exchanged by an agent that sent no key of its own.
+	Used bool `json:"used,omitempty"`
 }
 
-// newJoinToken makes a single-use token for the instance's next machine:
-// "<id>.<secret>".
-func (s *Server) newJoinToken(ctx context.Context, instance string) (string, error) {
+// used reports whether the token was exchanged.
+func (r joinRecord) used() bool { return r.Used || r.Agent != "" }
+
+// newJoinToken makes a single-use token for the machine a provision
+// request makes, "<id>.<secret>", with a new instance key for it, and
+// returns the token and the key's box (which seals what FM tells that
+// machine before it joins, its license). The key becomes the instance's
+// when the machine joins.
+func (s *Server) newJoinToken(ctx context.Context, instance, request string) (string, *seal.Box, error) {
 	id, secret := protocol.NewID("jt"), randomToken(40)
 	sum := sha256.Sum256([]byte(secret))
-	rec := joinRecord{Instance: instance, Hash: hex.EncodeToString(sum[:]),
+	key := base64.StdEncoding.EncodeToString(seal.NewKey())
+	rec := joinRecord{Instance: instance, Hash: hex.EncodeToString(sum[:]), Request: request, Key: s.box.Seal(key),
 		Expires: time.Now().Add(s.cfg.Topology.JoinTokenTTL).UTC()}
 	if _, err := s.st.joins.create(ctx, id, rec); err != nil {
-		return "", err
+		return "", nil, err
 	}
-	return id + "." + secret, nil
+	return id + "." + secret, boxOf(key), nil
 }
 
 // joinRefused is the answer to a refused join; the reason goes to the log
@@ -90,26 +111,38 @@ func (s *Server) join(r *http.Request) (any, error) {
 		switch {
 		case subtle.ConstantTimeCompare([]byte(hex.EncodeToString(sum[:])), []byte(rec.Hash)) != 1:
 			return nil, refuse("wrong token secret")
-		case rec.Used:
-			return nil, refuse("token already used")
+		case rec.used() && rec.Agent != req.PublicKey:
+			return nil, refuse("token already used by another machine")
 		case time.Now().After(rec.Expires):
 			return nil, refuse("token expired")
 		case rec.Instance != req.Instance:
 			return nil, refuse("token issued to instance " + rec.Instance)
+		case req.PublicKey == "":
+			return nil, newAPIError(protocol.CodeFailedPrecondition, "Agent too old",
+				"this agent sends no NATS key of its own; run the fm agent this Fleet Manager serves (%s)", DownloadPath)
+		case !nkeys.IsValidPublicUserKey(req.PublicKey):
+			return nil, invalid("publicKey: not a NATS user public key")
 		}
-		rec.Used = true
-		if _, err := s.st.joins.update(ctx, id, rec, rev); errors.Is(err, errConflict) {
-			continue // raced with another use: look again
-		} else if err != nil {
-			return nil, unavailable(err, "the join token could not be used")
+		again := rec.Agent == req.PublicKey
+		if !again {
+			// Bound to this machine's key before anything is minted: a
+			// failure after this, or an answer lost, is retried by the same
+			// machine with the same key.
+			rec.Agent = req.PublicKey
+			if _, err := s.st.joins.update(ctx, id, rec, rev); errors.Is(err, errConflict) {
+				continue // raced with another use: look again
+			} else if err != nil {
+				return nil, unavailable(err, "the join token could not be used")
+			}
+			s.crash.At("server/join/token-bound")
 		}
-		resp, err := s.mintAgent(ctx, req.Instance)
+		resp, err := s.mintAgent(ctx, req.Instance, req.PublicKey, rec.Key)
 		if err != nil {
 			return nil, err
 		}
 		s.record(ctx, protocol.AuditRecord{Who: "instance:" + req.Instance, From: clientAddr(r), Action: "credentials.exchanged",
 			Object: "credentials", ObjectID: req.Instance, Outcome: "ok", Status: http.StatusOK})
-		s.log.Info().Str("instance", req.Instance).Str("token", id).Msg("agent joined")
+		s.log.Info().Str("instance", req.Instance).Str("token", id).Bool("again", again).Msg("agent joined")
 		return resp, nil
 	}
 	return nil, conflict("the join token is being used; retry")
@@ -123,21 +156,33 @@ func safeToken(v string) string {
 	return "(invalid)"
 }
 
-// mintAgent gives the instance's new machine its NATS user, revoking the one
-// of the machine before, and hands out the instance key.
-func (s *Server) mintAgent(ctx context.Context, instance string) (protocol.JoinResponse, error) {
-	creds, pub, err := s.cfg.Authority.Creds(instance, natsauth.AgentPermissions(instance), time.Time{})
+// mintAgent gives the instance's new machine its NATS user (a JWT for the
+// key it made), makes the machine's key the instance's (sealedKey, from its
+// join record), and revokes the NATS user of the machine before. Done again
+// for the same machine, it gives the same rights and revokes nothing more.
+func (s *Server) mintAgent(ctx context.Context, instance, pub, sealedKey string) (protocol.JoinResponse, error) {
+	tok, err := s.cfg.Authority.UserJWT(instance, pub, natsauth.AgentPermissions(instance), time.Time{})
 	if err != nil {
 		return protocol.JoinResponse{}, internal(err, "the agent's credentials could not be made")
 	}
-	var previous, key string
+	key := ""
+	if sealedKey != "" {
+		if key, err = s.box.Open(sealedKey); err != nil {
+			return protocol.JoinResponse{}, internal(err, "the machine's instance key could not be opened")
+		}
+	}
+	var previous string
 	for attempt := 0; ; attempt++ {
 		sec, rev, err := s.st.secrets.fetch(ctx, instance)
 		if err != nil && !errors.Is(err, errNotFound) {
 			return protocol.JoinResponse{}, unavailable(err, "the instance's secrets could not be read")
 		}
-		previous, key = sec.AgentUser, sec.InstanceKey
+		previous = sec.AgentUser
 		sec.AgentUser = pub
+		if key != "" {
+			sec.InstanceKey = key
+		}
+		key = sec.InstanceKey
 		if rev == 0 {
 			_, err = s.st.secrets.create(ctx, instance, sec)
 		} else {
@@ -150,11 +195,12 @@ func (s *Server) mintAgent(ctx context.Context, instance string) (protocol.JoinR
 			return protocol.JoinResponse{}, unavailable(err, "the agent's credentials could not be recorded")
 		}
 	}
+	s.crash.At("server/join/credentials-recorded")
 	s.recordByFM(ctx, "credentials.minted", "credentials", instance, nil)
 	if previous != "" && previous != pub {
 		s.revokeUsers(ctx, instance, previous)
 	}
-	return protocol.JoinResponse{Credentials: string(creds), InstanceKey: key}, nil
+	return protocol.JoinResponse{JWT: tok, InstanceKey: key}, nil
 }
 
 // revokeAgent revokes the NATS user of an instance's machine (it was
@@ -164,7 +210,7 @@ func (s *Server) revokeAgent(ctx context.Context, instance string) {
 		return
 	}
 	for _, row := range s.st.joins.rows() {
-		if row.val.Instance == instance && !row.val.Used {
+		if row.val.Instance == instance && !row.val.used() {
 			if err := s.st.joins.remove(ctx, row.key, row.rev); err != nil && !errors.Is(err, errConflict) {
 				s.log.Warn().Err(err).Str("instance", instance).Msg("an unused join token was not withdrawn; it expires on its own")
 			}
@@ -258,31 +304,6 @@ func boxOf(key string) *seal.Box {
 		return nil
 	}
 	return b
-}
-
-// rotateInstanceKey gives the instance a new key for the machine a
-// reprovision makes (the join hands it out), and returns its box.
-func (s *Server) rotateInstanceKey(ctx context.Context, instance string) (*seal.Box, error) {
-	key := base64.StdEncoding.EncodeToString(seal.NewKey())
-	for attempt := 0; attempt < 10; attempt++ {
-		sec, rev, err := s.st.secrets.fetch(ctx, instance)
-		if err != nil && !errors.Is(err, errNotFound) {
-			return nil, err
-		}
-		sec.InstanceKey = key
-		if rev == 0 {
-			_, err = s.st.secrets.create(ctx, instance, sec)
-		} else {
-			_, err = s.st.secrets.update(ctx, instance, sec, rev)
-		}
-		if err == nil {
-			return boxOf(key), nil
-		}
-		if !errors.Is(err, errConflict) && !errors.Is(err, errExists) {
-			return nil, err
-		}
-	}
-	return nil, errors.New("instance secrets kept changing")
 }
 
 // natsCredentials serves POST /nats-credentials {role} (FM; admin): NATS

@@ -11,6 +11,8 @@ import (
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/server"
 	"github.com/fleetmanager/fm/server/servertest"
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nkeys"
 )
 
 // startWithAuthority starts a server that gives machines join tokens, with
@@ -61,9 +63,24 @@ func (f *fm) provisionRequest(id string) protocol.ProvisionRequest {
 	return req
 }
 
+// machineKey is a NATS user key, as a machine makes one for itself.
+func machineKey(t *testing.T) string {
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, _ := kp.PublicKey()
+	return pub
+}
+
 func (f *fm) join(instance, token string) response {
 	f.t.Helper()
-	return f.doAs("POST", server.JoinPath, mustJSON(f.t, protocol.JoinRequest{Instance: instance, Token: token}), "", "")
+	return f.joinAs(instance, token, machineKey(f.t))
+}
+
+func (f *fm) joinAs(instance, token, pub string) response {
+	f.t.Helper()
+	return f.doAs("POST", server.JoinPath, mustJSON(f.t, protocol.JoinRequest{Instance: instance, Token: token, PublicKey: pub}), "", "")
 }
 
 func TestJoinTokens(t *testing.T) {
@@ -80,13 +97,28 @@ func TestJoinTokens(t *testing.T) {
 	t.Run("foreign", func(t *testing.T) {
 		f.failed(f.join(b, tokA), 401, "Unauthenticated")
 	})
-	t.Run("exchanged once", func(t *testing.T) {
+	t.Run("exchanged by one machine", func(t *testing.T) {
+		pub := machineKey(t)
 		var resp protocol.JoinResponse
-		f.ok(f.join(a, tokA), &resp)
-		if _, err := natsauth.PublicKeyOf([]byte(resp.Credentials)); err != nil || resp.InstanceKey == "" {
+		f.ok(f.joinAs(a, tokA, pub), &resp)
+		claims, err := jwt.DecodeUserClaims(resp.JWT)
+		if err != nil || claims.Subject != pub || resp.InstanceKey == "" || resp.Credentials != "" {
 			t.Fatalf("join answer: %v %+v", err, resp)
 		}
+		// The same machine asking again (its answer lost, or killed before
+		// it kept it) gets the same rights and key; another is refused.
+		var again protocol.JoinResponse
+		f.ok(f.joinAs(a, tokA, pub), &again)
+		if again.InstanceKey != resp.InstanceKey {
+			t.Fatal("a second exchange by the same machine gave another instance key")
+		}
+		if c, err := jwt.DecodeUserClaims(again.JWT); err != nil || c.Subject != pub {
+			t.Fatalf("second answer: %v", err)
+		}
 		f.failed(f.join(a, tokA), 401, "Unauthenticated")
+		// A machine must send a key of its own, and a NATS user key.
+		f.failed(f.joinAs(b, tokB, "not-a-key"), 400, "InvalidArgument")
+		f.failed(f.joinAs(b, tokB, ""), 409, "FailedPrecondition")
 	})
 	t.Run("wrong secret", func(t *testing.T) {
 		// The last character changed (a token ending in "x" gets a "y").
@@ -124,7 +156,7 @@ func TestJoinTokens(t *testing.T) {
 				t.Errorf("refusal without its reason or origin: %+v", r)
 			}
 		}
-		if count["join.refused"] != 6 || count["credentials.exchanged"] != 1 || count["credentials.minted"] != 1 {
+		if count["join.refused"] != 6 || count["credentials.exchanged"] != 2 || count["credentials.minted"] != 2 {
 			t.Fatalf("credential events %v", count)
 		}
 		if raw := mustJSON(t, recs); strings.Contains(raw, tokA) || strings.Contains(raw, tokB) {

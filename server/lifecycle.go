@@ -115,10 +115,16 @@ func (s *Server) commandAction(kind string, cmd protocol.CommandKind) action {
 
 type commandParamsKey struct{}
 
+// requestID is the id of the operation's provision request of action.
+func requestID(op opRecord, action protocol.ProvisionAction) string {
+	return op.JobID + "-" + string(action)
+}
+
 // attachRequest completes a provision request of the operation and keeps it
 // in the operation.
 func (s *Server) attachRequest(op *opRecord, req protocol.ProvisionRequest) error {
-	req.ID, req.Instance, req.OpID, req.Issued = op.JobID+"-"+string(req.Action), op.Instance, op.JobID, time.Now().UTC()
+	req.ID, req.Instance, req.OpID, req.Issued = requestID(*op, req.Action), op.Instance, op.JobID, time.Now().UTC()
+	req.Deadline = op.Deadline
 	req.Cloud = s.cloudAuth()
 	data, err := protocol.Encode(&req)
 	if err != nil {
@@ -212,7 +218,9 @@ func (s *Server) lifecycleOf(ctx context.Context, id string) (lifecycle, uint64,
 // act starts an action: it records the operation, claims the instance for
 // it (a revision-checked write of its lifecycle, so that two actions never
 // run at once), writes the desired state, and publishes the request or
-// command. A refused action changes nothing.
+// command. A refused action changes nothing. What prepare makes before the
+// claim is harmless if the claim is lost (a join token nobody holds, which
+// expires; a port claim the instance owns) and is withdrawn then.
 func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future, error) {
 	for attempt := 0; attempt < 5; attempt++ {
 		lc, rev, err := s.lifecycleOf(ctx, in.ID)
@@ -238,6 +246,7 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 		next := lc
 		desired, err := a.prepare(ctx, in, &next, &op, m)
 		if err != nil {
+			s.withdrawJoinTokens(ctx, op.RequestID)
 			return api.Future{}, err
 		}
 		if op.pendingSnapshot != nil && s.cfg.OperationTimeout == 0 {
@@ -245,20 +254,30 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 			// snapshot alone can take hours.
 			op.Deadline = op.Deadline.Add(snapshotDeadline)
 		}
+		if desired != nil {
+			desired.RetryUntil = op.Deadline
+			if op.Desired, err = protocol.Encode(desired); err != nil {
+				s.withdrawJoinTokens(ctx, op.RequestID)
+				return api.Future{}, internal(err, "the desired state could not be encoded")
+			}
+		}
+		s.refreshRequestDeadline(&op)
 		now := time.Now().UTC()
 		next.OpID, next.OpKind, next.Error, next.UpdatedAt = op.JobID, a.kind, nil, now
 		if a.during != "" && next.State != a.during {
 			next.State, next.Since = a.during, now
 		}
 		if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
+			s.withdrawJoinTokens(ctx, op.RequestID)
 			return api.Future{}, unavailable(err, "the operation could not be recorded")
 		}
 		if sn := op.pendingSnapshot; sn != nil {
 			if _, err := s.st.snapshots.create(ctx, sn.ID, *sn); err != nil {
-				_ = s.st.ops.kv.Purge(ctx, op.JobID)
+				s.forgetUnstartedOp(ctx, op)
 				return api.Future{}, unavailable(err, "the snapshot could not be recorded")
 			}
 		}
+		s.crash.At("server/act/op-recorded")
 		if rev == 0 {
 			_, err = s.st.lifecycle.create(ctx, in.ID, next)
 		} else {
@@ -274,15 +293,25 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 			s.forgetUnstartedOp(ctx, op)
 			return api.Future{}, unavailable(err, "the instance's state could not be written")
 		}
+		s.crash.At("server/act/instance-claimed")
+		// The instance may have been deleted between its look-up and the
+		// claim (a deletion erases it before it drops its lifecycle): an
+		// operation on it must not go out.
+		if _, _, err := s.st.instances.fetch(ctx, in.ID); errors.Is(err, errNotFound) {
+			s.forgetUnstartedOp(ctx, op)
+			_ = s.st.lifecycle.kv.Purge(ctx, in.ID)
+			return api.Future{}, notFound(kindInstance, in.ID)
+		}
 		s.log.Info().Str("instance", in.ID).Str("op", op.JobID).Str("action", a.kind).Msg("instance operation started")
 		if desired != nil {
-			if err := s.putDesired(ctx, desired); err != nil {
+			if err := s.putDesiredRaw(ctx, in.ID, op.Desired); err != nil {
 				s.log.Error().Err(err).Str("instance", in.ID).Msg("desired state not written")
-				_, _ = s.endOp(ctx, op.JobID, nil, &api.Error{ErrorType: string(protocol.CodeUnavailable),
-					Message: "Service unavailable", DetailedMessage: "the desired state could not be written: " + err.Error()})
-				s.enqueue(in.ID)
+				_ = s.failOpTo(ctx, op, &api.Error{ErrorType: string(protocol.CodeUnavailable),
+					Message: "Service unavailable", DetailedMessage: "the desired state could not be written: " + err.Error()}, lc.State)
+				s.withdrawJoinTokens(ctx, op.RequestID)
 				return api.Future{}, unavailable(err, "the desired state could not be written")
 			}
+			s.crash.At("server/act/desired-written")
 		}
 		// A failed publish is retried by the sweeper; the operation is on
 		// record either way.
@@ -292,11 +321,45 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 	return api.Future{}, conflict("instance %s is being changed by someone else; retry", in.ID)
 }
 
-// forgetUnstartedOp removes the records of an operation nobody has seen.
+// refreshRequestDeadline gives the operation's provision request the
+// operation's deadline, until which the provisioner retries what fails for
+// a while.
+func (s *Server) refreshRequestDeadline(op *opRecord) {
+	if op.Request == nil {
+		return
+	}
+	var req protocol.ProvisionRequest
+	if protocol.Decode(op.Request, &req) != nil {
+		return
+	}
+	req.Deadline = op.Deadline
+	if data, err := protocol.Encode(&req); err == nil {
+		op.Request = data
+	}
+}
+
+// forgetUnstartedOp removes the records of an operation nobody has seen,
+// and withdraws the join token it made.
 func (s *Server) forgetUnstartedOp(ctx context.Context, op opRecord) {
 	_ = s.st.ops.kv.Purge(ctx, op.JobID)
 	if op.pendingSnapshot != nil {
 		_ = s.st.snapshots.kv.Purge(ctx, op.pendingSnapshot.ID)
+	}
+	s.withdrawJoinTokens(ctx, op.RequestID)
+}
+
+// withdrawJoinTokens deletes the unused join tokens made for a provision
+// request (its machine will not be made); one left behind expires anyway.
+func (s *Server) withdrawJoinTokens(ctx context.Context, request string) {
+	if request == "" || s.cfg.Authority == nil {
+		return
+	}
+	for _, row := range s.st.joins.rows() {
+		if row.val.Request == request && !row.val.used() {
+			if err := s.st.joins.remove(ctx, row.key, row.rev); err != nil && !errors.Is(err, errConflict) {
+				s.log.Warn().Err(err).Str("request", request).Msg("an unused join token was not withdrawn; it expires on its own")
+			}
+		}
 	}
 }
 
@@ -318,12 +381,9 @@ func (s *Server) publishOp(ctx context.Context, op opRecord) {
 	}
 }
 
-func (s *Server) putDesired(ctx context.Context, d *protocol.DesiredState) error {
-	data, err := protocol.Encode(d)
-	if err != nil {
-		return err
-	}
-	_, err = s.st.desired.Put(ctx, d.Instance, data)
+// putDesiredRaw writes an encoded desired state.
+func (s *Server) putDesiredRaw(ctx context.Context, instance string, data []byte) error {
+	_, err := s.st.desired.Put(ctx, instance, data)
 	return err
 }
 
@@ -372,17 +432,14 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 	var sealedLicense string
 	if s.cfg.Authority != nil {
 		// The new machine joins with a single-use token and gets a new
-		// instance key, which seals what FM and its agent tell each other.
-		box, err := s.rotateInstanceKey(ctx, in.ID)
+		// instance key, which seals what FM and its agent tell each other;
+		// the key becomes the instance's only when the machine joins.
+		token, box, err := s.newJoinToken(ctx, in.ID, requestID(*op, protocol.ProvisionReprovision))
 		if err != nil {
-			return nil, unavailable(err, "the instance key could not be stored")
+			return nil, unavailable(err, "the join token could not be stored")
 		}
 		if license != "" {
 			license, sealedLicense = "", box.Seal(license)
-		}
-		token, err := s.newJoinToken(ctx, in.ID)
-		if err != nil {
-			return nil, unavailable(err, "the join token could not be stored")
 		}
 		spec.Join = &protocol.JoinSpec{URL: s.cfg.JoinURL, Token: token, CACert: s.cfg.CAPEM}
 	}
@@ -397,7 +454,7 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 			AllowDowngrade: allow,
 			Kit:            protocol.KitSource{Path: im.Kit.Path, URL: im.Kit.URL, SHA256: im.Kit.SHA256, Object: im.Kit.Object}},
 	}
-	op.Target = lc.Generation
+	op.Target, op.TargetImageID, op.TargetDSSVersion = lc.Generation, im.ID, im.DSSVersion
 	req := protocol.ProvisionRequest{Action: protocol.ProvisionReprovision, Generation: lc.Generation, Spec: spec}
 	switch {
 	case restore:
@@ -491,11 +548,14 @@ func (s *Server) allocatePort(ctx context.Context, instance string) (int, error)
 			continue
 		}
 		err := s.st.claims.claim(ctx, "port", strconv.Itoa(port), instance, func(ctx context.Context, owner string) (bool, error) {
-			_, _, err := s.st.instances.fetch(ctx, owner)
+			// A port is in use while its owner's lifecycle records it: a
+			// claim whose action never got as far (it lost the race for the
+			// instance, or the server stopped) is stale and taken over.
+			lc, _, err := s.st.lifecycle.fetch(ctx, owner)
 			if errors.Is(err, errNotFound) {
 				return false, nil
 			}
-			return err == nil, err
+			return err == nil && lc.BasePort == port, err
 		})
 		if err == nil {
 			return port, nil

@@ -22,6 +22,18 @@ type opRecord struct {
 	// CommandID and Command are the agent command the operation sent.
 	CommandID string          `json:"commandId,omitempty"`
 	Command   json.RawMessage `json:"command,omitempty"`
+	// Desired is the desired state the operation wrote (a reprovision),
+	// written again if a crash lost it.
+	Desired json.RawMessage `json:"desired,omitempty"`
+	// TargetImageID and TargetDSSVersion are what a reprovision installs,
+	// recorded in the lifecycle when it succeeds.
+	TargetImageID    string `json:"targetImageId,omitempty"`
+	TargetDSSVersion string `json:"targetDssVersion,omitempty"`
+	// EndState is the lifecycle state the instance goes to, recorded with
+	// the operation's end, so that the lifecycle follows even if the
+	// server stops in between ("" keeps the state; "deleted" removes the
+	// instance).
+	EndState string `json:"endState,omitempty"`
 	// Deadline is when a still-running operation is failed.
 	Deadline time.Time `json:"deadline,omitzero"`
 	// pendingSnapshot is a snapshot the operation takes first (before an
@@ -78,6 +90,8 @@ const (
 	stateDeprovisioned  = "deprovisioned"
 	stateDeleting       = "deleting"
 	stateFailed         = "failed"
+	// stateDeleted is only an operation's end state: the instance is gone.
+	stateDeleted = "deleted"
 )
 
 // instanceSecrets are the DSS credentials FM keeps for an instance.

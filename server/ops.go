@@ -1,6 +1,7 @@
 package server
 
 import (
+	"errors"
 	"context"
 	"encoding/json"
 	"net/http"
@@ -61,8 +62,8 @@ func newRunningOp(ctx context.Context, kind, instance string, deadline time.Dura
 }
 
 // addStep records what an event says as a step of a running operation.
-func (s *Server) addStep(ctx context.Context, id, name string, e protocol.Event) {
-	_, _ = s.st.ops.change(ctx, id, func(o *opRecord) bool {
+func (s *Server) addStep(ctx context.Context, id, name string, e protocol.Event) error {
+	_, err := s.st.ops.change(ctx, id, func(o *opRecord) bool {
 		again := slices.ContainsFunc(o.Progress.Steps, func(st api.ProgressStep) bool {
 			return st.Name == name && st.Status == string(e.Status) && st.Message == e.Message && st.Time.Equal(e.Time)
 		})
@@ -72,20 +73,30 @@ func (s *Server) addStep(ctx context.Context, id, name string, e protocol.Event)
 		o.step(name, string(e.Status), e.Message, e.Time)
 		return true
 	})
+	if errors.Is(err, errNotFound) {
+		return nil // expired from fm_ops
+	}
+	return err
 }
 
 // endOp ends a running operation with a result or an error; an operation
 // that already ended is left alone.
 func (s *Server) endOp(ctx context.Context, id string, result any, failure *api.Error) (opRecord, error) {
+	return s.endOpTo(ctx, id, result, failure, "")
+}
+
+// endOpTo is endOp recording the lifecycle state the instance goes to
+// (settle moves it there).
+func (s *Server) endOpTo(ctx context.Context, id string, result any, failure *api.Error, state string) (opRecord, error) {
 	return s.st.ops.change(ctx, id, func(op *opRecord) bool {
 		if op.State != api.OpRunning {
 			return false
 		}
 		now := time.Now().UTC()
-		op.Alive, op.EndedAt = false, &now
+		op.Alive, op.EndedAt, op.EndState = false, &now, state
 		// What was sent is no longer needed, and may hold a join token or a
 		// password: drop it.
-		op.Request, op.Command = nil, nil
+		op.Request, op.Command, op.Desired = nil, nil, nil
 		if failure != nil {
 			op.State, op.Error = api.OpFailed, failure
 			op.step(op.Kind, string(protocol.StatusFailed), failure.DetailedMessage, now)
@@ -150,7 +161,7 @@ func (s *Server) abortFuture(r *http.Request) (any, error) {
 		}
 		now := time.Now().UTC()
 		op.State, op.Alive, op.Aborted, op.EndedAt = api.OpAborted, false, true, &now
-		op.Request, op.Command = nil, nil
+		op.Request, op.Command, op.Desired = nil, nil, nil
 		op.Error = &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation aborted",
 			DetailedMessage: "operation " + id + " was aborted"}
 		if by := principalID(r.Context()); by != "" {

@@ -52,7 +52,8 @@ func (s *Server) scheduleWhileLeased(ctx context.Context, holder string) error {
 	work, stop := context.WithCancel(ctx)
 	kept := make(chan struct{})
 	var keepErr error
-	go func() { keepErr = l.Keep(work); close(kept) }()
+	// A lease lost (or no longer provable) stops the work at once.
+	go func() { keepErr = l.Keep(work); stop(); close(kept) }()
 	// Stop renewing before giving the lease up.
 	defer func() { stop(); <-kept; l.Release() }()
 	tick := time.NewTicker(s.cfg.SchedulerInterval)

@@ -48,27 +48,28 @@ func (s *Server) requestSecrets(ctx context.Context, id string) {
 	}
 }
 
-// storeSecret keeps a credential an agent answered with.
-func (s *Server) storeSecret(ctx context.Context, e protocol.Event) {
+// storeSecret keeps a credential an agent answered with. An error means
+// it may be kept if tried again.
+func (s *Server) storeSecret(ctx context.Context, e protocol.Event) error {
 	if e.Status != protocol.StatusOK {
-		return
+		return nil
 	}
-	for attempt := 0; attempt < 5; attempt++ {
+	for attempt := 0; ; attempt++ {
 		sec, rev, err := s.st.secrets.fetch(ctx, e.Instance)
 		if err != nil && !errors.Is(err, errNotFound) {
-			return
+			return err
 		}
 		result := []byte(e.Result)
 		if e.SealedResult != "" {
 			box := boxOf(sec.InstanceKey)
 			if box == nil {
 				s.log.Warn().Str("instance", e.Instance).Msg("a sealed credential from an agent, but the instance has no key; ignored")
-				return
+				return nil
 			}
 			plain, err := box.Open(e.SealedResult)
 			if err != nil {
 				s.log.Warn().Err(err).Str("instance", e.Instance).Msg("a credential from an agent does not open with the instance key; ignored")
-				return
+				return nil
 			}
 			result = []byte(plain)
 		}
@@ -77,24 +78,24 @@ func (s *Server) storeSecret(ctx context.Context, e protocol.Event) {
 		switch e.Step {
 		case string(protocol.CommandGetInitialPassword):
 			if json.Unmarshal(result, &pw) != nil || pw.Password == "" {
-				return
+				return nil
 			}
 			sec.InitialPassword = pw.Password
 		case string(protocol.CommandGetAdminAPIKey):
 			if json.Unmarshal(result, &key) != nil || key.AdminAPIKey == "" {
-				return
+				return nil
 			}
 			sec.AdminAPIKey = key.AdminAPIKey
 		default:
-			return
+			return nil
 		}
 		if rev == 0 {
 			_, err = s.st.secrets.create(ctx, e.Instance, sec)
 		} else {
 			_, err = s.st.secrets.update(ctx, e.Instance, sec, rev)
 		}
-		if !errors.Is(err, errConflict) && !errors.Is(err, errExists) {
-			return
+		if err == nil || (!errors.Is(err, errConflict) && !errors.Is(err, errExists)) || attempt >= 5 {
+			return err
 		}
 	}
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/internal/crashpoint"
 	"github.com/fleetmanager/fm/internal/natsauth"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/nats-io/nats.go"
@@ -91,7 +92,10 @@ type Config struct {
 	// DownloadPath (at JoinURL's host) and run as their agent; without
 	// one, a cloud backend's machines cannot bootstrap.
 	AgentBinary string
-	Logger      zerolog.Logger
+	// Crash is passed every crash point of the server's multi-step work:
+	// starting an action, ending it, a join (tests).
+	Crash  crashpoint.Hook
+	Logger zerolog.Logger
 }
 
 // Server is a running FM server. Create it with New, serve with Run, release
@@ -110,6 +114,7 @@ type Server struct {
 	stop    context.CancelFunc // stops the bucket watchers
 	box     *seal.Box          // FM's secret key, for what it hands the provisioner sealed
 	agent   *agentBinary
+	crash   crashpoint.Hook
 }
 
 // New declares the bus topology, loads the fleet's objects and opens the
@@ -168,7 +173,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("server: %w", err)
 	}
 	s := &Server{
-		cfg: cfg, log: log, js: js, st: st, fold: newFolder(), box: box, agent: agentBin,
+		cfg: cfg, log: log, js: js, st: st, fold: newFolder(), box: box, agent: agentBin, crash: cfg.Crash,
 		auth: &authenticator{keys: st.keys, ttl: cfg.AuthCacheTTL, verified: map[string]verifiedSecret{}},
 	}
 	s.metrics = newMetrics(s)

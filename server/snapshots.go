@@ -185,16 +185,15 @@ func (s *Server) reprovisionFromSnapshot(r *http.Request) (any, error) {
 
 // foldSnapshot folds the provisioner's report on a snapshot into its record
 // and, for a snapshot operation, into the operation. Folding it twice
-// changes nothing more.
-func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) {
+// changes nothing more. An error means it may fold if tried again.
+func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) error {
 	ref := e.Snapshot
 	if ref == nil || e.OpID == "" {
-		return
+		return nil
 	}
 	op, _, _ := s.st.ops.get(e.OpID)
 	if e.Status == protocol.StatusStarted {
-		s.addStep(ctx, e.OpID, "machine: "+e.Step, e)
-		return
+		return s.addStep(ctx, e.OpID, "machine: "+e.Step, e)
 	}
 	var failure *api.Error
 	if e.Status == protocol.StatusFailed {
@@ -221,23 +220,24 @@ func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) {
 		return true
 	})
 	if err != nil && !errors.Is(err, errNotFound) {
-		s.log.Warn().Err(err).Str("snapshot", ref.ID).Msg("snapshot record not updated")
+		return fmt.Errorf("snapshot record %s: %w", ref.ID, err)
 	}
 	if deleted && failure == nil {
 		if err := s.st.snapshots.kv.Purge(ctx, ref.ID); err != nil {
-			s.log.Warn().Err(err).Str("snapshot", ref.ID).Msg("record of a deleted snapshot not purged")
+			return fmt.Errorf("purge the record of deleted snapshot %s: %w", ref.ID, err)
 		}
 	}
 	if !op.lifecycleFree() || op.State != api.OpRunning {
-		return
+		return nil
 	}
 	var result any = sn
 	if deleted {
 		result = map[string]string{"id": ref.ID, "instanceId": e.Instance}
 	}
 	if _, err := s.endOp(ctx, op.JobID, result, failure); err != nil {
-		s.log.Warn().Err(err).Str("op", op.JobID).Msg("snapshot operation not ended")
+		return fmt.Errorf("end operation %s: %w", op.JobID, err)
 	}
+	return nil
 }
 
 // settleSnapshots ends what an operation left behind when it ended without

@@ -73,12 +73,13 @@ func (s *Server) growVolume(ctx context.Context, instance string) {
 
 // foldGrowVolume moves a grow-volume operation on: once the provisioner
 // grew the volume, the agent grows its file system; the agent's answer
-// ends the operation.
-func (s *Server) foldGrowVolume(ctx context.Context, op opRecord, e protocol.Event) {
+// ends the operation. An error means it may fold if tried again.
+func (s *Server) foldGrowVolume(ctx context.Context, op opRecord, e protocol.Event) error {
 	switch {
 	case e.Kind == protocol.EventMachine && e.Step == opGrowVolume && e.Status == protocol.StatusFailed,
 		e.Kind == protocol.EventCommand && e.CommandID == op.CommandID && e.Status == protocol.StatusFailed:
-		_, _ = s.endOp(ctx, op.JobID, nil, apiErrorOf(e.Error, "The data volume was not grown"))
+		_, err := s.endOp(ctx, op.JobID, nil, apiErrorOf(e.Error, "The data volume was not grown"))
+		return err
 	case e.Kind == protocol.EventMachine && e.Step == opGrowVolume && op.CommandID == "":
 		m, _, _ := s.st.machines.get(op.Instance)
 		var req protocol.ProvisionRequest
@@ -88,7 +89,7 @@ func (s *Server) foldGrowVolume(ctx context.Context, op opRecord, e protocol.Eve
 			Issued: time.Now().UTC(), Expires: op.Deadline, Params: params}
 		data, err := protocol.Encode(&c)
 		if err != nil {
-			return
+			return nil
 		}
 		next, err := s.st.ops.change(ctx, op.JobID, func(o *opRecord) bool {
 			if o.State != api.OpRunning || o.CommandID != "" {
@@ -99,13 +100,21 @@ func (s *Server) foldGrowVolume(ctx context.Context, op opRecord, e protocol.Eve
 			o.step("machine: "+e.Step, string(e.Status), e.Message, e.Time)
 			return true
 		})
-		if err == nil && next.CommandID == c.ID {
+		if err != nil {
+			return err
+		}
+		if next.CommandID == c.ID {
 			s.log.Info().Str("instance", op.Instance).Str("volume", m.VolumeID).Int("sizeGB", req.VolumeSizeGB).Msg("volume grown; growing the file system")
+			// A failed publish is retried by the sweep, which finds the
+			// command missing from FM_COMMANDS.
 			s.publishOp(ctx, next)
 		}
+		return nil
 	case e.Kind == protocol.EventCommand && e.CommandID == op.CommandID:
-		_, _ = s.endOp(ctx, op.JobID, map[string]string{"instanceId": op.Instance, "message": e.Message}, nil)
+		_, err := s.endOp(ctx, op.JobID, map[string]string{"instanceId": op.Instance, "message": e.Message}, nil)
+		return err
 	case e.Source == "provisioner":
-		s.addStep(ctx, op.JobID, "machine: "+e.Step, e)
+		return s.addStep(ctx, op.JobID, "machine: "+e.Step, e)
 	}
+	return nil
 }

@@ -196,6 +196,25 @@ func (a *Authority) mint(issuer nkeys.KeyPair, issuerAccount, name string, perms
 	}
 	pub, _ := ukp.PublicKey()
 	seed, _ := ukp.Seed()
+	tok, err := userJWT(issuer, issuerAccount, name, pub, perms, expires)
+	if err != nil {
+		return nil, "", err
+	}
+	creds, err := jwt.FormatUserConfig(tok, seed)
+	return creds, pub, err
+}
+
+// UserJWT signs a user JWT of the FM account for a user key pub made
+// elsewhere (a machine keeps its own seed), named name, with perms, expiring
+// at expires (zero: never).
+func (a *Authority) UserJWT(name, pub string, perms jwt.Permissions, expires time.Time) (string, error) {
+	if !nkeys.IsValidPublicUserKey(pub) {
+		return "", fmt.Errorf("natsauth: %q is not a NATS user public key", pub)
+	}
+	return userJWT(a.signing, a.accountPub, name, pub, perms, expires)
+}
+
+func userJWT(issuer nkeys.KeyPair, issuerAccount, name, pub string, perms jwt.Permissions, expires time.Time) (string, error) {
 	uc := jwt.NewUserClaims(pub)
 	uc.Name, uc.IssuerAccount, uc.Permissions = name, issuerAccount, perms
 	if !expires.IsZero() {
@@ -203,10 +222,9 @@ func (a *Authority) mint(issuer nkeys.KeyPair, issuerAccount, name string, perms
 	}
 	tok, err := uc.Encode(issuer)
 	if err != nil {
-		return nil, "", fmt.Errorf("natsauth: user %s: %w", name, err)
+		return "", fmt.Errorf("natsauth: user %s: %w", name, err)
 	}
-	creds, err := jwt.FormatUserConfig(tok, seed)
-	return creds, pub, err
+	return tok, nil
 }
 
 // Push sends the FM account's JWT with revocations to the servers through a

@@ -118,6 +118,31 @@ func (e *Env) Stop() {
 	e.cancel = nil
 }
 
+// Die stops the server as the death of its process would: its bus
+// connection and its listener (with the requests under way) go at once, and
+// nothing waits for its work. A crash hook (server.Config.Crash) calls it
+// from the goroutine that dies, which it then parks. Start it again with
+// StartAgain.
+func (e *Env) Die() {
+	if e.cancel == nil {
+		return
+	}
+	e.Conn.Close()
+	e.Server.Close()
+	e.cancel()
+	e.cancel = nil
+}
+
+// StartAgain starts a new server on the same bus after Die, with change
+// applied to the configuration (nil: the same one).
+func (e *Env) StartAgain(t testing.TB, change func(*server.Config)) {
+	t.Helper()
+	if change != nil {
+		change(&e.cfg)
+	}
+	e.start(t)
+}
+
 // RestartServer stops the server and starts a new one on the same bus, as
 // a restart of `fm server` alone would.
 func (e *Env) RestartServer(t testing.TB) {

@@ -1,0 +1,325 @@
+package server_test
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/internal/seal"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/server"
+	"github.com/fleetmanager/fm/server/servertest"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// These tests are the server's part of the crash-point work: what it does
+// in several writes must end the same way when it stops between two, when
+// a write fails, and when two requests race.
+
+// publishEvent publishes an event as an agent or the provisioner would.
+func publishEvent(t *testing.T, js jetstream.JetStream, e protocol.Event) {
+	t.Helper()
+	if e.ID == "" {
+		e.ID = protocol.NewID("ev")
+	}
+	if e.Time.IsZero() {
+		e.Time = time.Now().UTC()
+	}
+	data, err := protocol.Encode(&e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.Publish(context.Background(), protocol.EventSubject(e.Instance, e.Kind), data, jetstream.WithMsgID(e.ID)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// refuseWrites makes a bucket's writes fail until the returned function is
+// called: its stream stops listening on its subjects, so that a write finds
+// no stream to take it, as when the bus loses it.
+func refuseWrites(t *testing.T, js jetstream.JetStream, bucket string) func() {
+	t.Helper()
+	ctx := context.Background()
+	st, err := js.Stream(ctx, "KV_"+bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	was := info.Config
+	deaf := was
+	deaf.Subjects = []string{"refused." + bucket + ".>"}
+	if _, err := js.UpdateStream(ctx, deaf); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	restore := func() {
+		once.Do(func() {
+			if _, err := js.UpdateStream(ctx, was); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	t.Cleanup(restore)
+	return restore
+}
+
+func (f *fm) future(id string) api.Future {
+	f.t.Helper()
+	var op api.Future
+	r := f.do("GET", "/futures/"+id+"?peek=True", "")
+	if r.status != 200 {
+		f.t.Fatalf("future %s: %d %s", id, r.status, r.body)
+	}
+	f.ok(r, &op)
+	return op
+}
+
+func (f *fm) waitFuture(id, state string, within time.Duration) api.Future {
+	f.t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		op := f.future(id)
+		if op.State == state {
+			return op
+		}
+		if time.Now().After(deadline) {
+			f.t.Fatalf("operation %s is %s after %s, want %s: %+v", id, op.State, within, state, op)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestAnEventNotFoldedIsFoldedAgain: the result of a command arrives while
+// the server cannot write the operation; the event is handed back and
+// folded once the bus takes writes again, instead of being acknowledged
+// and lost (the operation would have run to its deadline).
+func TestAnEventNotFoldedIsFoldedAgain(t *testing.T) {
+	f := start(t, servertest.WithConfig(func(c *server.Config) { c.SweepInterval = time.Hour }))
+	vn, tpl, im := f.fleet()
+	in := f.createInstance(instanceBody("fold", vn.ID, tpl.ID, im.ID))
+	runningWithVolume(t, f.env.Bus, in.ID)
+	var op api.Future
+	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/restart-dss", ""), &op)
+	js := f.env.Bus.JetStream(t)
+	restore := refuseWrites(t, js, protocol.BucketOps)
+	publishEvent(t, js, protocol.Event{Instance: in.ID, Kind: protocol.EventCommand, Source: "agent", CommandID: op.JobID + "-cmd",
+		OpID: op.JobID, Step: string(protocol.CommandRestartDSS), Status: protocol.StatusOK, Message: "DSS is running"})
+	time.Sleep(2 * time.Second) // folded, and refused, at least once
+	if got := f.future(op.JobID); got.State != api.OpRunning {
+		t.Fatalf("the operation changed while its bucket refused writes: %+v", got)
+	}
+	restore()
+	f.waitFuture(op.JobID, api.OpSucceeded, 20*time.Second)
+	waitState(t, f, in.ID, "running")
+}
+
+// TestEndingAnOperationSurvivesACrash: the server dies between ending an
+// operation and moving the instance's lifecycle on; the next server
+// finishes the move at once instead of leaving the instance busy with an
+// operation that ended (or, in the order of old, an operation running
+// that nothing points at, until its deadline).
+func TestEndingAnOperationSurvivesACrash(t *testing.T) {
+	var env *servertest.Env
+	crashed := make(chan struct{})
+	var once sync.Once
+	f := start(t, servertest.WithConfig(func(c *server.Config) {
+		c.SweepInterval = 100 * time.Millisecond
+		c.Crash = func(point string) {
+			if point != "server/end-op/ended" {
+				return
+			}
+			once.Do(func() {
+				env.Die()
+				close(crashed)
+				select {} // dead
+			})
+		}
+	}))
+	env = f.env
+	vn, tpl, im := f.fleet()
+	in := f.createInstance(instanceBody("end", vn.ID, tpl.ID, im.ID))
+	runningWithVolume(t, f.env.Bus, in.ID)
+	var op api.Future
+	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/restart-dss", ""), &op)
+	js := f.env.Bus.JetStream(t)
+	publishEvent(t, js, protocol.Event{Instance: in.ID, Kind: protocol.EventCommand, Source: "agent", CommandID: op.JobID + "-cmd",
+		OpID: op.JobID, Step: string(protocol.CommandRestartDSS), Status: protocol.StatusOK, Message: "DSS is running"})
+	select {
+	case <-crashed:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the server never ended the operation")
+	}
+	f.env.StartAgain(t, func(c *server.Config) { c.Crash = nil })
+	f.waitFuture(op.JobID, api.OpSucceeded, 10*time.Second)
+	waitState(t, f, in.ID, "running")
+	// And the instance takes the next action.
+	var next api.Future
+	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/restart-dss", ""), &next)
+}
+
+// TestARefusedReprovisionKeepsTheRunningMachinesKey: a reprovision the
+// provisioner refuses before it changes anything (the snapshot before an
+// upgrade failed) leaves the running machine's instance key the
+// instance's: what FM seals for that machine still opens there. The key
+// of the machine a reprovision makes becomes the instance's only when that
+// machine joins.
+func TestARefusedReprovisionKeepsTheRunningMachinesKey(t *testing.T) {
+	f := startWithAuthority(t, time.Hour)
+	vn, tpl, _ := f.fleet()
+	im := f.addImageWithKit("dss-key", "14.0.0")
+	in := f.createInstance(instanceBody("key", vn.ID, tpl.ID, im.ID))
+	// The first machine joins: its key is the instance's.
+	req := f.provisionRequest(in.ID)
+	var joined protocol.JoinResponse
+	f.ok(f.join(in.ID, req.Spec.Join.Token), &joined)
+	runningWithVolume(t, f.env.Bus, in.ID)
+	js := f.env.Bus.JetStream(t)
+	machineRunning(t, js, in.ID, req.ID)
+	// A second reprovision, which the provisioner refuses untouched.
+	var op api.Future
+	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/reprovision", ""), &op)
+	second := op.JobID + "-reprovision"
+	refused := protocol.MachineState{Instance: in.ID, Backend: "fake", Status: protocol.MachineRunning, MachineID: "m-1",
+		VolumeID: "vol-1", RequestID: second, Error: protocol.Errorf(protocol.CodeUnavailable, "the snapshot store is away")}
+	putMachine(t, js, refused)
+	if _, err := f.waitFutureErr(op.JobID, 20*time.Second); err == nil {
+		t.Fatal("the refused reprovision succeeded")
+	}
+	// A command to the running machine is sealed with its key.
+	var reset api.Future
+	f.ok(f.do("POST", "/instances/"+in.ID+"/actions/reset-user-password", `{"userName":"admin","password":"still-mine"}`), &reset)
+	st, err := js.Stream(context.Background(), protocol.StreamCommands)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := st.GetLastMsgForSubject(context.Background(), protocol.CommandSubject(in.ID, reset.JobID+"-cmd"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cmd protocol.Command
+	if err := protocol.Decode(m.Data, &cmd); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := base64.StdEncoding.DecodeString(joined.InstanceKey)
+	box, err := seal.New(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, err := box.Open(cmd.SealedParams)
+	if err != nil {
+		t.Fatalf("the running machine cannot open what FM seals for it after a refused reprovision: %v", err)
+	}
+	var p protocol.ResetUserPasswordParams
+	if json.Unmarshal([]byte(plain), &p) != nil || p.Password != "still-mine" {
+		t.Fatalf("params %s", plain)
+	}
+}
+
+// waitFutureErr waits until the operation ends and returns it, with an
+// error if it did not succeed.
+func (f *fm) waitFutureErr(id string, within time.Duration) (api.Future, error) {
+	f.t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		op := f.future(id)
+		switch op.State {
+		case api.OpSucceeded:
+			return op, nil
+		case api.OpFailed, api.OpAborted:
+			return op, &apiErr{op.Error}
+		}
+		if time.Now().After(deadline) {
+			f.t.Fatalf("operation %s still %s after %s", id, op.State, within)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+type apiErr struct{ e *api.Error }
+
+func (e *apiErr) Error() string {
+	if e.e == nil {
+		return "failed"
+	}
+	return e.e.DetailedMessage
+}
+
+func putMachine(t *testing.T, js jetstream.JetStream, m protocol.MachineState) {
+	t.Helper()
+	kv, err := js.KeyValue(context.Background(), protocol.BucketMachines)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := protocol.Encode(&m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(context.Background(), m.Instance, data); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// machineRunning records the instance's machine as running, made by
+// request.
+func machineRunning(t *testing.T, js jetstream.JetStream, instance, request string) {
+	putMachine(t, js, protocol.MachineState{Instance: instance, Backend: "fake", Status: protocol.MachineRunning, MachineID: "m-1",
+		VolumeID: "vol-1", VolumeSizeGB: 50, RequestID: request})
+}
+
+// TestADeletionRacingAReprovision: a reprovision that read the instance
+// before a deletion erased it, and claims it after, sends nothing (an
+// orphaned, billed machine on a cloud) and answers that the instance is
+// gone; a deletion that claims the instance first refuses reprovisions.
+func TestADeletionRacingAReprovision(t *testing.T) {
+	paused, resume := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	f := start(t, servertest.WithConfig(func(c *server.Config) {
+		c.LocalBackend = true
+		c.Crash = func(point string) {
+			if point == "server/act/op-recorded" {
+				once.Do(func() {
+					close(paused)
+					<-resume
+				})
+			}
+		}
+	}))
+	vn, tpl, _ := f.fleet()
+	kit := f.addImageWithKit("dss-race", "14.0.0")
+	in := f.createInstance(instanceBody("race", vn.ID, tpl.ID, kit.ID))
+	answered := make(chan response, 1)
+	go func() { answered <- f.do("GET", "/instances/"+in.ID+"/actions/reprovision", "") }()
+	<-paused // the reprovision looked at the instance, and is about to claim it
+	var del api.Future
+	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/delete", ""), &del)
+	if del.State != api.OpSucceeded {
+		t.Fatalf("deletion: %+v", del)
+	}
+	close(resume)
+	r := <-answered
+	if r.status != 404 {
+		t.Fatalf("the reprovision of a deleted instance answered %d %s", r.status, r.body)
+	}
+	st, err := f.env.Bus.JetStream(t).Stream(context.Background(), protocol.StreamProvision)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, _ := st.Info(context.Background()); info.State.Msgs != 0 {
+		t.Fatalf("%d provision requests were sent for a deleted instance", info.State.Msgs)
+	}
+	f.failed(f.do("GET", "/instances/"+in.ID, ""), 404, "NotFound")
+
+	// The other way round: a deletion of an instance a reprovision claimed
+	// is refused.
+	in2 := f.createInstance(instanceBody("race2", vn.ID, tpl.ID, kit.ID))
+	var op api.Future
+	f.ok(f.do("GET", "/instances/"+in2.ID+"/actions/reprovision", ""), &op)
+	f.failed(f.do("GET", "/instances/"+in2.ID+"/actions/delete", ""), 409, "FailedPrecondition")
+}
