@@ -196,7 +196,9 @@ func readOrdered(ctx context.Context, st jetstream.Stream, last uint64, keep fun
 		if err := keep(msg.Subject(), msg.Headers(), msg.Data()); err != nil {
 			return err
 		}
-		if meta.Sequence.Stream == last {
+		// Done at the last sequence, or at the last message there is: the
+		// last sequence itself may be gone (deleted, purged, aged out).
+		if meta.Sequence.Stream == last || meta.NumPending == 0 {
 			return nil
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/bus/bustest"
@@ -100,5 +101,45 @@ func TestBackupAndRestore(t *testing.T) {
 	}
 	if _, _, err := ReadFiles(strings.NewReader("not a backup")); err == nil {
 		t.Fatal("a file that is not a backup was read")
+	}
+}
+
+// TestBackupOfAStreamWhoseLastMessageIsGone: a stream whose last sequence
+// was deleted (FM_LOGS after a purge of one source, a message aged out) is
+// copied whole, up to the last message there is, instead of the backup
+// waiting for a sequence that will never come and failing.
+func TestBackupOfAStreamWhoseLastMessageIsGone(t *testing.T) {
+	ctx := context.Background()
+	src := bustest.Run(t).JetStream(t)
+	for i, subject := range []string{"fm.log.in-1.agent", "fm.log.in-1.dss", "fm.log.in-2.agent"} {
+		if _, err := src.Publish(ctx, subject, []byte{byte('a' + i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, err := src.Stream(ctx, protocol.StreamLogs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The last message goes, as a purge of its subject does.
+	if err := st.Purge(ctx, jetstream.WithPurgeSubject("fm.log.in-2.agent")); err != nil {
+		t.Fatal(err)
+	}
+	var file bytes.Buffer
+	done := make(chan error, 1)
+	go func() { _, err := Write(ctx, src, nil, &file); done <- err }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the backup never finished")
+	}
+	dst := bustest.Run(t).JetStream(t)
+	if _, err := Restore(ctx, dst, bytes.NewReader(file.Bytes())); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := sortedDump(t, dst), sortedDump(t, src); got != want {
+		t.Fatalf("restored state differs:\n%s\nwant\n%s", got, want)
 	}
 }
