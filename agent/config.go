@@ -59,9 +59,16 @@ type Config struct {
 	// the package names are appended to.
 	PackageManager string `json:"packageManager,omitempty"`
 	// LoginUser is the user whose authorized_keys ADD_AUTHORIZED_KEY extends;
-	// DSSUser runs DSS and owns the keys of ADD_SSH_KEY.
+	// DSSUser runs DSS (its installer too) and owns the keys of
+	// ADD_SSH_KEY: never root on a real machine (made if missing).
 	LoginUser string `json:"loginUser,omitempty"`
 	DSSUser   string `json:"dssUser,omitempty"`
+	// ServiceManager is how DSS is started and stopped: "systemd" runs it in
+	// a unit of its own (dataiku-dss.service), out of the agent's, so that
+	// it lives on when the agent is restarted or killed; "none" runs bin/dss
+	// directly (DSS still leaves the agent's process group); "auto" (the
+	// default) is systemd on a real machine that has it.
+	ServiceManager string `json:"serviceManager,omitempty"`
 
 	// Timings; zero values take the defaults.
 	HealthInterval  time.Duration `json:"-"` // how often DSS is checked (10s)
@@ -120,6 +127,9 @@ func (c *Config) setDefaults() {
 	if c.DSSUser == "" {
 		c.DSSUser = "dataiku"
 	}
+	if c.ServiceManager == "" {
+		c.ServiceManager = "auto"
+	}
 	def := func(d *time.Duration, v time.Duration) {
 		if *d == 0 {
 			*d = v
@@ -143,6 +153,11 @@ func (c *Config) validate() error {
 	}
 	if c.NATSURL == "" {
 		problems = append(problems, errors.New("a NATS url is required"))
+	}
+	switch c.ServiceManager {
+	case "auto", "systemd", "none":
+	default:
+		problems = append(problems, fmt.Errorf("serviceManager %q is not auto, systemd or none", c.ServiceManager))
 	}
 	for name, dir := range map[string]string{"root": c.RootDir, "data": c.DataDir} {
 		if dir == "" || !filepath.IsAbs(dir) {

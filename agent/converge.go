@@ -313,6 +313,9 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 	if err := a.runStage(ctx, d, protocol.StageAfterInstall, facts); err != nil {
 		return err
 	}
+	if err := a.m.handDSSFiles(ctx); err != nil {
+		return &stepError{step: "prepare", code: protocol.CodeInternal, err: err}
+	}
 	if !mk.DSSStopped {
 		if err := a.step(gen, "start-dss", func() (string, string, error) {
 			out, err := a.m.startDSS(ctx)
@@ -328,11 +331,22 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 	if err := a.ensureCredentials(ctx, gen); err != nil {
 		return err
 	}
-	return a.runStage(ctx, d, protocol.StageAfterDSSStartup, a.factsFor(d, wasInstalled, wasUpgraded))
+	if err := a.runStage(ctx, d, protocol.StageAfterDSSStartup, a.factsFor(d, wasInstalled, wasUpgraded)); err != nil {
+		return err
+	}
+	if err := a.m.handDSSFiles(ctx); err != nil {
+		return &stepError{step: "prepare", code: protocol.CodeInternal, err: err}
+	}
+	return nil
 }
 
 func (a *Agent) install(ctx context.Context, installer string, d *protocol.DesiredState) (string, string, error) {
+	// The installer runs as the DSS account and makes the data directory
+	// in a folder that account owns.
 	if err := os.MkdirAll(filepath.Dir(a.m.dssDir), 0o755); err != nil {
+		return "", "", err
+	}
+	if err := a.m.giveToDSS(ctx, filepath.Dir(a.m.dssDir)); err != nil {
 		return "", "", err
 	}
 	args := []string{"-d", a.m.dssDir, "-p", fmt.Sprint(d.DSS.Port), "-t", d.NodeType}
@@ -344,6 +358,9 @@ func (a *Agent) install(ctx context.Context, installer string, d *protocol.Desir
 		defer os.Remove(lic.Name())
 		_, err = lic.WriteString(d.DSS.License)
 		lic.Close()
+		if err == nil {
+			err = a.m.giveToDSS(ctx, lic.Name())
+		}
 		if err != nil {
 			return "", "", err
 		}
@@ -418,6 +435,9 @@ func (a *Agent) applySettings(ctx context.Context, d *protocol.DesiredState, mk 
 	}
 	if err := a.writeLicense(d.Generation, d); err != nil {
 		return err
+	}
+	if err := a.m.handDSSFiles(ctx); err != nil {
+		return &stepError{step: "prepare", code: protocol.CodeInternal, err: err}
 	}
 	if before == a.m.dssInputs() || mk.DSSStopped {
 		return nil

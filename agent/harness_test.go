@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/user"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -99,7 +100,7 @@ func newRig(t *testing.T) *rig {
 	r.js, _ = jetstream.New(r.nc)
 	r.cfg = Config{
 		Instance: r.instance, NATSURL: srv.URL(), RootDir: r.root, DataDir: r.data,
-		PackageManager: "none", HealthInterval: 200 * time.Millisecond, FactsInterval: 200 * time.Millisecond,
+		PackageManager: "none", DSSUser: currentUser(t), HealthInterval: 200 * time.Millisecond, FactsInterval: 200 * time.Millisecond,
 		StatusRefresh: time.Second, DSSStartTimeout: 30 * time.Second, DSSStopTimeout: 5 * time.Second,
 		Logger: zerolog.Nop(), Version: "test",
 	}
@@ -396,4 +397,13 @@ func action(t protocol.SetupActionType, params string) protocol.SetupAction {
 func sha256hex(b []byte) string {
 	s := sha256.Sum256(b)
 	return hex.EncodeToString(s[:])
+}
+
+// currentUser is the user the test runs as: the rig's DSS runs as it.
+func currentUser(t *testing.T) string {
+	u, err := user.Current()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u.Username
 }

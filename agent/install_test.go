@@ -159,10 +159,10 @@ func TestFreshInstallWithSetupActions(t *testing.T) {
 	if !strings.Contains(props, "dku.test.property=42") || !strings.Contains(props, "dku.security.hsts=true") {
 		t.Errorf("dip.properties:\n%s", props)
 	}
-	if s := read(r.root, "home", "dataiku", ".ssh", "id_rsa"); strings.TrimSpace(s) != strings.TrimSpace(sshKey) {
+	if s := read(r.root, "home", r.cfg.DSSUser, ".ssh", "id_rsa"); strings.TrimSpace(s) != strings.TrimSpace(sshKey) {
 		t.Error("ssh key not installed as id_rsa")
 	}
-	if info, _ := os.Stat(filepath.Join(r.root, "home", "dataiku", ".ssh", "id_rsa")); info.Mode().Perm() != 0o600 {
+	if info, _ := os.Stat(filepath.Join(r.root, "home", r.cfg.DSSUser, ".ssh", "id_rsa")); info.Mode().Perm() != 0o600 {
 		t.Errorf("ssh key mode %v", info.Mode())
 	}
 	if s := read(r.root, "etc", "pki", "ca-trust", "source", "anchors", "fm-corp-root.pem"); !strings.Contains(s, "BEGIN CERTIFICATE") {

@@ -222,6 +222,10 @@ func (k *kits) extract(archive string) (string, error) {
 	if _, err := findInstaller(tmp); err != nil {
 		return "", fmt.Errorf("kit %s: %w", filepath.Base(archive), err)
 	}
+	// MkdirTemp made it private; the installer runs as the DSS user.
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return "", err
+	}
 	os.RemoveAll(dir)
 	if err := os.Rename(tmp, dir); err != nil {
 		return "", err

@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -209,6 +208,9 @@ func (m *machine) waitAnswers(ctx context.Context, timeout time.Duration) error 
 func (m *machine) dss(ctx context.Context, action string, timeout time.Duration) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	if m.useSystemd() {
+		return m.dssByUnit(ctx, action)
+	}
 	return m.run(ctx, filepath.Join(m.dssDir, "bin", "dss"), action)
 }
 
@@ -297,12 +299,12 @@ func (m *machine) lockInstall(ctx context.Context) (*os.File, error) {
 	}
 }
 
-// runInstaller runs DSS's installer within the install timeout, handing it
-// the install lock (see lockInstall).
+// runInstaller runs DSS's installer, as the DSS account, within the
+// install timeout, handing it the install lock (see lockInstall).
 func (m *machine) runInstaller(ctx context.Context, lock *os.File, name string, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.InstallTimeout)
 	defer cancel()
-	return m.runWith(ctx, lock, name, args...)
+	return m.runWith(ctx, lock, true, name, args...)
 }
 
 // deleteAPIKeys deletes DSS's API keys labelled label (bin/dsscli
@@ -331,15 +333,15 @@ func (m *machine) deleteAPIKeys(ctx context.Context, label string) (string, erro
 	return "", nil
 }
 
-// run runs a program and returns the tail of its combined output. When the
-// agent manages a real machine as root and the DSS user exists, DSS's
-// programs run as that user.
+// run runs a program and returns the tail of its combined output. DSS's
+// programs (those of its data directory) run as the DSS account.
 func (m *machine) run(ctx context.Context, name string, args ...string) (string, error) {
-	return m.runWith(ctx, nil, name, args...)
+	return m.runWith(ctx, nil, false, name, args...)
 }
 
-// runWith is run, handing the program inherit (as its descriptor 3) if set.
-func (m *machine) runWith(ctx context.Context, inherit *os.File, name string, args ...string) (string, error) {
+// runWith is run, handing the program inherit (as its descriptor 3) if set,
+// as the DSS account if asDSS or the program is DSS's.
+func (m *machine) runWith(ctx context.Context, inherit *os.File, asDSS bool, name string, args ...string) (string, error) {
 	cmd := exec.CommandContext(ctx, name, args...)
 	if inherit != nil {
 		cmd.ExtraFiles = []*os.File{inherit}
@@ -348,8 +350,12 @@ func (m *machine) runWith(ctx context.Context, inherit *os.File, name string, ar
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.Env = os.Environ()
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if cred := m.dssCredential(); cred != nil && strings.HasPrefix(name, m.dssDir) {
-		cmd.SysProcAttr.Credential = cred
+	if asDSS || strings.HasPrefix(name, m.dssDir) {
+		acc, err := m.dssAccount(ctx)
+		if err != nil {
+			return "", err
+		}
+		acc.apply(cmd)
 	}
 	// A command cancelled by its context takes its children with it.
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
@@ -363,19 +369,6 @@ func (m *machine) runWith(ctx context.Context, inherit *os.File, name string, ar
 		}
 	}
 	return out.String(), err
-}
-
-func (m *machine) dssCredential() *syscall.Credential {
-	if !m.isRealRoot() || os.Geteuid() != 0 {
-		return nil
-	}
-	u, err := user.Lookup(m.cfg.DSSUser)
-	if err != nil {
-		return nil
-	}
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
-	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
 }
 
 // tailBuffer keeps the last max bytes written to it.

@@ -3,15 +3,21 @@ package e2e
 import (
 	"context"
 	"encoding/hex"
+	"fmt"
+	"net/http"
 	"os"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/internal/cmdline"
+	"github.com/fleetmanager/fm/internal/tarball"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -31,8 +37,12 @@ func startAgentMachine(t testing.TB, bin string) *agentMachine {
 	srv := bustest.Run(t)
 	m := &agentMachine{bus: srv, js: srv.JetStream(t), instance: "in-e2eagent", root: t.TempDir(), data: t.TempDir()}
 	cfgFile := filepath.Join(m.root, "etc", "fm-agent.json")
+	me, err := user.Current()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := agent.WriteConfigFile(cfgFile, agent.Config{Instance: m.instance, NATSURL: srv.URL(),
-		RootDir: m.root, DataDir: m.data, PackageManager: "none"}); err != nil {
+		RootDir: m.root, DataDir: m.data, PackageManager: "none", DSSUser: me.Username}); err != nil {
 		t.Fatal(err)
 	}
 	m.proc = Start(t, bin, nil, "agent", "--config", cfgFile, "--log-format", "json")
@@ -154,4 +164,169 @@ func rssKiB(tb testing.TB, pid int) int64 {
 
 func sha256Hex(b []byte) string {
 	return hex.EncodeToString(sha256Sum(b))
+}
+
+// agentStatus is the agent's last status in fm_agents.
+func (m *agentMachine) status(t testing.TB) (protocol.AgentStatus, bool) {
+	t.Helper()
+	var st protocol.AgentStatus
+	kv, _ := m.js.KeyValue(context.Background(), protocol.BucketAgents)
+	e, err := kv.Get(context.Background(), m.instance)
+	if err != nil {
+		return st, false
+	}
+	return st, protocol.Decode(e.Value(), &st) == nil
+}
+
+// restartAgent starts the machine's agent again (after it was killed).
+func (m *agentMachine) restartAgent(t testing.TB, bin string) {
+	t.Helper()
+	m.proc = Start(t, bin, nil, "agent", "--config", filepath.Join(m.root, "etc", "fm-agent.json"), "--log-format", "json")
+}
+
+func (m *agentMachine) dssPort(t testing.TB) int {
+	st, _ := m.status(t)
+	return st.DSS.Port
+}
+
+// TestAKilledAgentLeavesDSSServing: DSS does not live in the agent's
+// process group (nor, with systemd, in its unit): an agent killed with
+// SIGKILL leaves DSS answering, and the next agent adopts it rather than
+// starting another.
+func TestAKilledAgentLeavesDSSServing(t *testing.T) {
+	bin := fmBin(t)
+	m := startAgentMachine(t, bin)
+	m.desire(t, 1, filepath.Join(buildDir, "kits", "dataiku-dss-14.0.0-standin.tar.gz"))
+	m.waitReady(t, 1)
+	port := m.dssPort(t)
+	dssDir := filepath.Join(m.data, "dataiku", "dss_data")
+	before := cmdline.Find(dssDir, "serve")
+	if len(before) != 1 {
+		t.Fatalf("%d DSS processes", len(before))
+	}
+	if err := syscall.Kill(m.proc.cmd.Process.Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-m.proc.done
+	for i := 0; i < 10; i++ {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/api/health", port))
+		if err != nil {
+			t.Fatalf("DSS stopped answering when its agent was killed: %v", err)
+		}
+		resp.Body.Close()
+		time.Sleep(100 * time.Millisecond)
+	}
+	restarted := time.Now()
+	m.restartAgent(t, bin)
+	deadline := time.Now().Add(time.Minute)
+	for {
+		st, ok := m.status(t)
+		if ok && st.Time.After(restarted) && st.Phase == protocol.PhaseReady && st.DSS.State == protocol.DSSRunning {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the new agent never reported DSS running: %+v", st)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if after := cmdline.Find(dssDir, "serve"); len(after) != 1 || after[0] != before[0] {
+		t.Fatalf("DSS processes before %v, after %v: the new agent did not adopt the running DSS", before, after)
+	}
+}
+
+// slowKit is the stand-in kit whose installer takes a few seconds first.
+func slowKit(t *testing.T) string {
+	t.Helper()
+	src := filepath.Join(buildDir, "kits", "dataiku-dss-14.0.0-standin.tar.gz")
+	dir := t.TempDir()
+	f, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := tarball.Extract(f, dir, tarball.Options{ConfineLinks: true, Folder: "kit"}); err != nil {
+		t.Fatal(err)
+	}
+	top := filepath.Join(dir, "dataiku-dss-14.0.0-standin")
+	if err := os.Rename(filepath.Join(top, "installer.sh"), filepath.Join(top, "installer-real.sh")); err != nil {
+		t.Fatal(err)
+	}
+	// It records when each run starts and ends beside the kit.
+	slow := `#!/bin/sh
+# The stand-in's installer, slowed down (e2e: an agent is killed while it runs).
+log="$(dirname "$0")/../runs.log"
+echo "start $$" >>"$log"
+sleep 4
+"$(dirname "$0")/installer-real.sh" "$@"
+rc=$?
+echo "end $$" >>"$log"
+exit $rc
+`
+	if err := os.WriteFile(filepath.Join(top, "installer.sh"), []byte(slow), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "dataiku-dss-14.0.0-slow.tar.gz")
+	w, err := os.Create(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if err := tarball.Write(w, dir); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// TestAnInstallerLeftByAKilledAgentRunsAlone: an agent killed while DSS's
+// installer runs leaves the installer running (it is its own process
+// group); the next agent waits for it (it holds the install lock) instead
+// of starting a second installer on the same data directory, then sees
+// what it did.
+func TestAnInstallerLeftByAKilledAgentRunsAlone(t *testing.T) {
+	bin := fmBin(t)
+	m := startAgentMachine(t, bin)
+	m.desire(t, 1, slowKit(t))
+	deadline := time.Now().Add(time.Minute)
+	for len(cmdline.Find(m.data, "installer.sh")) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the installer never started")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := syscall.Kill(m.proc.cmd.Process.Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-m.proc.done
+	if len(cmdline.Find(m.data, "installer")) == 0 {
+		t.Fatal("the installer died with the agent: nothing to test")
+	}
+	m.restartAgent(t, bin)
+	m.waitReady(t, 1)
+	// Never two installers at once: each run ended before the next began.
+	runs, _ := filepath.Glob(filepath.Join(m.root, "opt", "dataiku", "*", "runs.log"))
+	if len(runs) != 1 {
+		t.Fatalf("installer run logs: %v", runs)
+	}
+	b, err := os.ReadFile(runs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := 0
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if strings.HasPrefix(line, "start") {
+			open++
+		} else {
+			open--
+		}
+		if open > 1 {
+			t.Fatalf("two installers ran at once on one data directory:\n%s", b)
+		}
+	}
+	log, err := os.ReadFile(filepath.Join(m.data, "dataiku", "dss_data", "run", "install.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(log), "installed DSS stand-in"); n != 1 {
+		t.Fatalf("DSS was installed %d times:\n%s", n, log)
+	}
 }

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -153,8 +154,8 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 			Instance: inst, MachineRequest: req.ID, NATSURL: b.cfg.NATSURL, Join: req.Spec.Join, RootDir: b.rootDir(inst), DataDir: vol,
 			DataVolumeBytes: uint64(req.Spec.DataVolume.SizeGB) << 30,
 			// The machine is a folder on the FM host: its system packages are
-			// the host's.
-			PackageManager: "none",
+			// the host's, and DSS runs as the user FM runs as.
+			PackageManager: "none", DSSUser: hostUser(),
 		})
 	}); err != nil {
 		return cur, fmt.Errorf("write the agent's config: %w", err)
@@ -404,6 +405,15 @@ func (b *Backend) startAgent(inst, request string) (int, error) {
 		return 0, fmt.Errorf("record the agent's pid: %w", err)
 	}
 	return pid, nil
+}
+
+// hostUser is the user this process runs as: a local machine's DSS runs as
+// it, since the machine is a folder of its files.
+func hostUser() string {
+	if u, err := user.Current(); err == nil {
+		return u.Username
+	}
+	return ""
 }
 
 // agentEnv is this process's environment without FM_* variables, which
