@@ -107,8 +107,9 @@ func New(cfg Config) (*Provisioner, error) {
 // nothing to close. Losing the lease, or no longer being able to prove it
 // is held, stops consuming and the work under way until it is taken again.
 func (p *Provisioner) Run(ctx context.Context) error {
+	fresh := true
 	for ctx.Err() == nil {
-		if err := p.runOnce(ctx); err != nil && ctx.Err() == nil {
+		if err := p.runOnce(ctx, &fresh); err != nil && ctx.Err() == nil {
 			p.log.Warn().Err(err).Msg("provisioner paused; retrying")
 			select {
 			case <-ctx.Done():
@@ -124,7 +125,10 @@ func (p *Provisioner) Run(ctx context.Context) error {
 	return nil
 }
 
-func (p *Provisioner) runOnce(ctx context.Context) error {
+// runOnce holds the lease and consumes while it can. fresh is true until
+// the process first held the lease: requests a dead provisioner had taken
+// are then handed out again at once (see takeOver).
+func (p *Provisioner) runOnce(ctx context.Context, fresh *bool) error {
 	leases, err := p.js.KeyValue(ctx, protocol.BucketLeases)
 	if err != nil {
 		return fmt.Errorf("lease bucket: %w", err)
@@ -148,10 +152,13 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 	// Stop renewing before giving the lease up.
 	defer func() { stop(); <-kept; l.Release() }()
 
-	cons, err := p.js.CreateOrUpdateConsumer(work, protocol.StreamProvision, jetstream.ConsumerConfig{
-		Durable: ConsumerName, AckPolicy: jetstream.AckExplicitPolicy, AckWait: p.cfg.AckWait,
-		MaxAckPending: 1000, MaxDeliver: -1, FilterSubject: protocol.SubjectAllProvision,
-	})
+	if *fresh {
+		if err := p.takeOver(work); err != nil {
+			return err
+		}
+		*fresh = false
+	}
+	cons, err := p.js.CreateOrUpdateConsumer(work, protocol.StreamProvision, p.consumerConfig())
 	if err != nil {
 		return fmt.Errorf("provision consumer: %w", err)
 	}
@@ -172,6 +179,41 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 		<-pulled
 		return keepErr
 	}
+}
+
+func (p *Provisioner) consumerConfig() jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable: ConsumerName, AckPolicy: jetstream.AckExplicitPolicy, AckWait: p.cfg.AckWait,
+		MaxAckPending: 1000, MaxDeliver: -1, FilterSubject: protocol.SubjectAllProvision,
+	}
+}
+
+// takeOver hands out again at once the requests a provisioner that died
+// had taken (they would otherwise wait for the ack wait): this process
+// holds the lease, so the previous holder is dead or has stopped (a holder
+// that cannot renew stops before the lease can pass on). FM_PROVISION is a
+// work queue: a request leaves it only when it is acknowledged, so
+// replacing the consumer loses none, it only forgets who held what.
+func (p *Provisioner) takeOver(ctx context.Context) error {
+	cons, err := p.js.Consumer(ctx, protocol.StreamProvision, ConsumerName)
+	if errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("provision consumer: %w", err)
+	}
+	info, err := cons.Info(ctx)
+	if err != nil {
+		return fmt.Errorf("provision consumer: %w", err)
+	}
+	if info.NumAckPending == 0 {
+		return nil
+	}
+	if err := p.js.DeleteConsumer(ctx, protocol.StreamProvision, ConsumerName); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return fmt.Errorf("provision consumer: %w", err)
+	}
+	p.log.Info().Int("requests", info.NumAckPending).Msg("requests taken by a previous provisioner are handed out again")
+	return nil
 }
 
 // fetchBatch is how many requests a provisioner asks for at a time.

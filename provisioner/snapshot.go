@@ -121,9 +121,15 @@ func statusOf(err error) protocol.Status {
 	return protocol.StatusOK
 }
 
-// request gives a provision request a progress reporter.
+// request gives a provision request a progress reporter. Reporting a step
+// passes a crash point first: a backend reports each step once its side
+// effect is done, so every step, a new one too, has a crash point after it
+// (and, the previous step's, before it).
 func (p *Provisioner) request(ctx context.Context, req protocol.ProvisionRequest) Request {
-	return Request{ProvisionRequest: req, Progress: func(step, msg string) { p.progress(ctx, req, step, msg) }}
+	return Request{ProvisionRequest: req, Progress: func(step, msg string) {
+		p.crash.At("provisioner/" + string(req.Action) + "/progress " + step)
+		p.progress(ctx, req, step, msg)
+	}}
 }
 
 // snapshotEvent reports a snapshot's progress or outcome; an outcome's id

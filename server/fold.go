@@ -356,7 +356,7 @@ func (s *Server) consumeEvents(ctx context.Context) {
 	for ctx.Err() == nil {
 		cons, err := s.js.CreateOrUpdateConsumer(ctx, protocol.StreamEvents, jetstream.ConsumerConfig{
 			Durable: EventsConsumer, AckPolicy: jetstream.AckExplicitPolicy, DeliverPolicy: jetstream.DeliverNewPolicy,
-			AckWait: 30 * time.Second, MaxAckPending: 1000,
+			AckWait: eventsAckWait, MaxAckPending: 1000,
 		})
 		if err == nil {
 			err = bus.Pull(ctx, cons, eventBatch, func(m jetstream.Msg) {
@@ -404,6 +404,11 @@ func foldRetryDelay(m jetstream.Msg) time.Duration {
 
 // eventBatch is how many events a server asks for at a time.
 const eventBatch = 100
+
+// eventsAckWait is how long events taken by a server that died wait before
+// another folds them. Folding an event takes a few writes, so a batch is
+// done well within it; a repeat is harmless (folding is idempotent).
+const eventsAckWait = 10 * time.Second
 
 // foldEvent folds one event. It returns an error only when folding it
 // again may succeed (a write to the bus failed); an event that cannot be

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"flag"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/server"
@@ -43,6 +45,11 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("data folder: %w", err)
 	}
+	lock, err := lockDataDir(dir)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
 	secretKey, err := loadSecretKey(*secretKeyFile, dir)
 	if err != nil {
 		return err
@@ -89,7 +96,10 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err != nil {
 		return err
 	}
-	prov, err := provisioner.New(provisioner.Config{Conn: b.nc, Backend: backend, Logger: log})
+	// Named after its data folder, fm dev's provisioner takes its lease
+	// back at once when fm dev starts again after a crash, rather than
+	// waiting for the lease of its previous life to expire.
+	prov, err := provisioner.New(provisioner.Config{Conn: b.nc, Backend: backend, Holder: devHolder(dir), Logger: log})
 	if err != nil {
 		return err
 	}
@@ -133,6 +143,28 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		err = perr
 	}
 	return err
+}
+
+// lockDataDir makes sure one fm dev at a time uses a data folder: the lock
+// is held while the process lives, released by its end however it ends.
+func lockDataDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "fm-dev.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("data folder: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("data folder %s is in use by another fm dev (%v)", dir, err)
+	}
+	return f, nil
+}
+
+// devHolder names fm dev's provisioner in its lease: one data folder holds
+// one fm dev at a time (lockDataDir), so the name is its own.
+func devHolder(dir string) string {
+	host, _ := os.Hostname()
+	sum := sha256.Sum256([]byte(dir))
+	return fmt.Sprintf("fm-dev-%s-%x", host, sum[:6])
 }
 
 // defaultKitsDir is bin/kits beside bin/fm, where `make` puts the stand-in

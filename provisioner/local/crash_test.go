@@ -8,7 +8,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -40,8 +39,6 @@ func TestCrashPoints(t *testing.T) {
 
 type localWorld struct {
 	dir, bin string
-	mu       sync.Mutex
-	conns    []*nats.Conn
 }
 
 func (w *localWorld) Name() string { return "local" }
