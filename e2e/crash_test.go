@@ -271,7 +271,9 @@ func TestSIGKILLDuringSnapshots(t *testing.T) {
 	for _, delay := range killDelays([]time.Duration{500 * time.Millisecond}, []time.Duration{200 * time.Millisecond, 500 * time.Millisecond, 2 * time.Second}) {
 		t.Run(delay.String(), func(t *testing.T) {
 			d, py, ids := provisioned(t, "dss-14.0.0-standin")
-			snapshot := func(id string) (string, string) { return "POST", "/instances/" + id + "/snapshots?reasonForSnapshot=crash" }
+			snapshot := func(id string) (string, string) {
+				return "POST", "/instances/" + id + "/snapshots?reasonForSnapshot=crash"
+			}
 			started := make(chan map[string]string, 1)
 			go func() { started <- startAll(py, ids, snapshot) }()
 			time.Sleep(delay)
