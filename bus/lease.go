@@ -118,3 +118,34 @@ func (l *Lease) Release() {
 		_ = l.KV.Delete(ctx, l.Key, jetstream.LastRevision(e.Revision()))
 	}
 }
+
+// Proven is when the holder last proved the lease (sent the write that
+// renewed it).
+func (l *Lease) Proven() time.Time { return l.proven }
+
+// Run takes the lease (waiting for it until ctx ends), then runs fn with a
+// context cancelled as soon as the lease is lost or can no longer be
+// proven. That context does not end with ctx: fn watches ctx itself, so
+// that it can hand back its work before it returns. When fn returns, the
+// lease is given up. Run returns fn's error, or the loss of the lease
+// (ErrLeaseLost) if that came first.
+func (l *Lease) Run(ctx context.Context, fn func(held context.Context) error) error {
+	if err := l.Acquire(ctx); err != nil {
+		return err
+	}
+	held, stop := context.WithCancel(context.WithoutCancel(ctx))
+	kept := make(chan error, 1)
+	go func() {
+		err := l.Keep(held)
+		stop() // a lease lost stops the work at once
+		kept <- err
+	}()
+	err := fn(held)
+	stop()
+	keepErr := <-kept
+	l.Release()
+	if err == nil && errors.Is(keepErr, ErrLeaseLost) {
+		err = keepErr
+	}
+	return err
+}

@@ -44,17 +44,37 @@ func TestALeaseThatCannotBeRenewedIsGivenUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	kept := make(chan error, 1)
+	acquired := l.Proven()
 	go func() { kept <- l.Keep(ctx) }()
-	time.Sleep(ttl / 2) // renewed at least once
-	cut := time.Now()
+	// Renewed at least once (the entry's revision moves on), then cut off.
+	first, _ := kv.Get(ctx, "test-lease")
+	for deadline := time.Now().Add(ttl); ; {
+		if e, err := kv.Get(ctx, "test-lease"); err == nil && e.Revision() > first.Revision() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the lease was never renewed")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	p.cut.Store(true)
 	select {
 	case err := <-kept:
 		if !errors.Is(err, bus.ErrLeaseLost) {
 			t.Fatalf("Keep: %v", err)
 		}
-		if took := time.Since(cut); took >= ttl {
-			t.Fatalf("the lease was given up %s after the last renewal could be made; the TTL is %s", took, ttl)
+		// Counted from the last renewal sent, the holder stopped before
+		// the bus could expire the entry and hand the lease on.
+		last := l.Proven()
+		if !last.After(acquired) {
+			t.Fatal("the renewal was not counted")
+		}
+		if took := time.Since(last); took >= ttl {
+			t.Fatalf("the lease was given up %s after its last renewal; the TTL is %s", took, ttl)
+		}
+		e, err := kv.Get(ctx, "test-lease")
+		if err != nil || string(e.Value()) != "a" {
+			t.Fatalf("the entry is gone before the holder stopped: %v", err)
 		}
 	case <-time.After(3 * ttl):
 		t.Fatal("a holder that cannot renew keeps acting past the TTL")

@@ -32,5 +32,8 @@
 //	  grow-filesystem command; a provision request's deadline and a
 //	  desired state's retryUntil (transient failures are retried until
 //	  then); a join request's public key and a join response's JWT (a
-//	  machine makes its own NATS key, and may join again with it).
+//	  machine makes its own NATS key, and may join again with it); a
+//	  machine state's before (its status when the request under way
+//	  began); the event status "retrying". Since then an event's snapshot
+//	  id must be a valid id.
 package protocol

@@ -244,6 +244,10 @@ const (
 	StatusFailed      Status = "failed"
 	StatusSkipped     Status = "skipped"
 	StatusUnsupported Status = "unsupported"
+	// StatusRetrying says a step failed in a way that may pass (the bus, a
+	// download server or the cloud away) and will be tried again; Message
+	// says why and when.
+	StatusRetrying Status = "retrying"
 )
 
 // Event reports progress or a result, published on EventSubject(Instance,
@@ -289,6 +293,8 @@ func (e *Event) Validate() error {
 		return errors.New("status is required")
 	case e.Status == StatusFailed && e.Error == nil:
 		return errors.New("a failed event needs an error")
+	case e.Snapshot != nil && !ValidToken(e.Snapshot.ID):
+		return fmt.Errorf("snapshot id %q is not a valid id", e.Snapshot.ID)
 	}
 	return nil
 }

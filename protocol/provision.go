@@ -154,9 +154,10 @@ type JoinRequest struct {
 }
 
 // JoinResponse is what the join endpoint answers: the agent's NATS user JWT
-// (for the PublicKey it sent; Credentials, a whole creds file, only for an
-// agent that sent none) and its instance key (base64), which seals what FM
-// and the agent tell each other.
+// for the PublicKey it sent and its instance key (base64), which seals what
+// FM and the agent tell each other. Credentials, a whole creds file with a
+// key FM made, is what FMs answered before JoinRequest.PublicKey was added;
+// an agent still accepts it, this FM no longer sends it.
 type JoinResponse struct {
 	Credentials string `json:"credentials,omitempty"`
 	JWT         string `json:"jwt,omitempty"`
@@ -264,6 +265,10 @@ type MachineState struct {
 	// RequestID and Action are the last provision request handled.
 	RequestID string          `json:"requestId"`
 	Action    ProvisionAction `json:"action"`
+	// Before is the status the machine had when the request under way (a
+	// transitional Status) began: a request refused before it changed
+	// anything leaves the machine in it, after a crash too.
+	Before MachineStatus `json:"before,omitempty"`
 	// MachineID identifies the machine (an EC2 instance id, a local process).
 	MachineID string `json:"machineId,omitempty"`
 	// VolumeID identifies the data volume; it outlives machines.

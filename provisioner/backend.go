@@ -47,8 +47,8 @@ type Backend interface {
 	Alive(ctx context.Context, machines []protocol.MachineState) (map[string]bool, error)
 	// Snapshot takes snap of the data volume (cur.VolumeID) while the
 	// machine keeps running, and returns where it is kept. Asked again for
-	// the same snapshot (a redelivery), it finds or retakes it, never
-	// leaving two.
+	// the same snapshot (a redelivery), it finds the one it took and
+	// describes it as it is kept, never taking a second.
 	Snapshot(ctx context.Context, req Request, cur protocol.MachineState, snap protocol.SnapshotRef) (protocol.SnapshotRef, error)
 	// DeleteSnapshot deletes a snapshot; one already gone is not an error.
 	DeleteSnapshot(ctx context.Context, req Request, snap protocol.SnapshotRef) error

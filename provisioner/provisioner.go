@@ -117,7 +117,6 @@ func (p *Provisioner) Run(ctx context.Context) error {
 			}
 		}
 	}
-	p.wg.Wait()
 	// The workers handed back what they had not finished (Nak); make sure
 	// that reaches the server before the caller closes the connection, or
 	// the next provisioner waits a whole ack wait for it.
@@ -125,9 +124,12 @@ func (p *Provisioner) Run(ctx context.Context) error {
 	return nil
 }
 
-// runOnce holds the lease and consumes while it can. fresh is true until
-// the process first held the lease: requests a dead provisioner had taken
-// are then handed out again at once (see takeOver).
+// runOnce holds the lease and consumes while it can. Everything it starts
+// (the workers, the machine checks) has stopped when it returns, and only
+// then is the lease given up: a standby never acts beside a worker still
+// unwinding. fresh is true until the process first held the lease:
+// requests a dead provisioner had taken are then handed out again at once
+// (see takeOver).
 func (p *Provisioner) runOnce(ctx context.Context, fresh *bool) error {
 	leases, err := p.js.KeyValue(ctx, protocol.BucketLeases)
 	if err != nil {
@@ -137,48 +139,40 @@ func (p *Provisioner) runOnce(ctx context.Context, fresh *bool) error {
 		return fmt.Errorf("machines bucket: %w", err)
 	}
 	l := &bus.Lease{KV: leases, Key: "provisioner", Holder: p.cfg.Holder, TTL: p.cfg.LeaseTTL}
-	if err := l.Acquire(ctx); err != nil {
-		return err
-	}
-	p.log.Info().Str("holder", p.cfg.Holder).Msg("holding the provisioner lease")
-	// The work outlives ctx a little: consuming stops first (below), then
-	// the workers hand back what they hold. It ends at once when the lease
-	// can no longer be proven: another provisioner may then take over.
-	work, stop := context.WithCancel(context.WithoutCancel(ctx))
-	kept := make(chan struct{})
-	var keepErr error
-	// A lease lost (or no longer provable) stops the work at once.
-	go func() { keepErr = l.Keep(work); stop(); close(kept) }()
-	// Stop renewing before giving the lease up.
-	defer func() { stop(); <-kept; l.Release() }()
-
-	if *fresh {
-		if err := p.takeOver(work); err != nil {
-			return err
+	return l.Run(ctx, func(held context.Context) error {
+		p.log.Info().Str("holder", p.cfg.Holder).Msg("holding the provisioner lease")
+		// The work outlives ctx a little: consuming stops first, then the
+		// workers hand back what they hold. It ends at once when the lease
+		// can no longer be proven (held ends).
+		work, stopWork := context.WithCancel(held)
+		defer func() {
+			stopWork()
+			p.wg.Wait()
+		}()
+		if *fresh {
+			if err := p.takeOver(work); err != nil {
+				return err
+			}
+			*fresh = false
 		}
-		*fresh = false
-	}
-	cons, err := p.js.CreateOrUpdateConsumer(work, protocol.StreamProvision, p.consumerConfig())
-	if err != nil {
-		return fmt.Errorf("provision consumer: %w", err)
-	}
-	// Pulling stops with ctx or when the lease is lost; the work it handed
-	// out goes on until the workers hand it back.
-	pulling, stopPulling := context.WithCancel(ctx)
-	defer stopPulling()
-	pulled := make(chan struct{})
-	go func() { defer close(pulled); p.pull(pulling, work, cons) }()
-	go p.watchMachines(work)
-	select {
-	case <-ctx.Done():
-		<-pulled
-		return nil
-	case <-kept:
-		// The lease is lost: the work under way was stopped; so is pulling.
+		cons, err := p.js.CreateOrUpdateConsumer(work, protocol.StreamProvision, p.consumerConfig())
+		if err != nil {
+			return fmt.Errorf("provision consumer: %w", err)
+		}
+		pulling, stopPulling := context.WithCancel(ctx)
+		defer stopPulling()
+		p.wg.Add(2)
+		go func() { defer p.wg.Done(); p.watchMachines(work) }()
+		pulled := make(chan struct{})
+		go func() { defer p.wg.Done(); defer close(pulled); p.pull(pulling, work, cons) }()
+		select {
+		case <-ctx.Done():
+		case <-work.Done(): // the lease is lost: the work under way was stopped
+		}
 		stopPulling()
 		<-pulled
-		return keepErr
-	}
+		return nil
+	})
 }
 
 func (p *Provisioner) consumerConfig() jetstream.ConsumerConfig {
@@ -242,6 +236,10 @@ func (p *Provisioner) pull(pulling, work context.Context, cons jetstream.Consume
 // work would never end.
 func (p *Provisioner) dispatch(pulling, work context.Context, m jetstream.Msg) {
 	instance := protocol.InstanceFromSubject(m.Subject())
+	if work.Err() != nil {
+		_ = m.Nak() // the lease is lost: hand it back at once
+		return
+	}
 	p.mu.Lock()
 	w, ok := p.workers[instance]
 	if !ok {
@@ -275,12 +273,22 @@ func (p *Provisioner) worker(ctx context.Context, instance string, w *worker) {
 				delete(p.workers, instance)
 			}
 			p.mu.Unlock()
+			// Hand back what was queued, and what a dispatch that found this
+			// worker before it left is still about to hand over.
 			for {
+				p.mu.Lock()
+				left := w.queued
+				p.mu.Unlock()
+				if left == 0 && len(w.ch) == 0 {
+					return
+				}
 				select {
 				case m := <-w.ch:
+					p.mu.Lock()
+					w.queued--
+					p.mu.Unlock()
 					_ = m.Nak() // never started: hand it back
-				default:
-					return
+				case <-time.After(10 * time.Millisecond):
 				}
 			}
 		case m := <-w.ch:
@@ -329,6 +337,15 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		_ = m.Term()
 		return
 	}
+	if req.Deadline.IsZero() {
+		// From a server that sets none: the default, from when the request
+		// was issued (or stored).
+		base := req.Issued
+		if md, err := m.Metadata(); base.IsZero() && err == nil {
+			base = md.Timestamp
+		}
+		req.Deadline = base.Add(p.cfg.DefaultDeadline)
+	}
 	log := p.log.With().Str("instance", req.Instance).Str("action", string(req.Action)).Str("request", req.ID).Logger()
 	point := "provisioner/" + string(req.Action)
 	switch req.Action {
@@ -353,16 +370,36 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		if cur.Error != nil {
 			opErr = cur.Error
 		}
-		p.resultEvent(ctx, req, cur, opErr)
-		p.crash.At(point + "/ack:before")
-		_ = m.Ack()
+		p.finish(ctx, m, req, cur, opErr, log)
+		return
+	}
+	resumed := cur.RequestID == req.ID // pending: a crash cut it short
+	before := cur.Status
+	if resumed {
+		before = cur.Before
+	}
+	if refusal := p.refuse(req, cur, resumed); refusal != nil {
+		// Past its deadline (the server has failed the operation and may
+		// have sent another), or superseded by a later generation: doing it
+		// now could make a machine nobody wants. A request cut short by a
+		// crash leaves its record failed rather than in transition.
+		log.Warn().Err(refusal).Msg("request not carried out")
+		next := cur
+		if resumed {
+			next.Status, next.Before, next.Error = protocol.MachineFailed, "", refusal
+			if _, err := p.putState(ctx, req.Instance, next, rev); err != nil {
+				_ = m.NakWithDelay(2 * time.Second)
+				return
+			}
+		}
+		p.finish(ctx, m, req, next, refusal, log)
 		return
 	}
 	working, done := p.keepInProgress(ctx, m)
 	defer done()
-	log.Info().Msg("machine operation started")
+	log.Info().Bool("resumed", resumed).Msg("machine operation started")
 	pending := cur
-	pending.Status, pending.RequestID, pending.Action, pending.Error = transitionalFor(req.Action), req.ID, req.Action, nil
+	pending.Status, pending.Before, pending.RequestID, pending.Action, pending.Error = transitionalFor(req.Action), before, req.ID, req.Action, nil
 	if pending.Instance == "" {
 		pending.Instance = req.Instance
 	}
@@ -382,17 +419,22 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		return
 	}
 	if opErr != nil && isTransient(opErr) && time.Now().Before(p.deadline(req)) {
-		delay := p.retryDelay(m)
+		delay := min(p.retryDelay(m), max(time.Until(p.deadline(req)), time.Second))
 		log.Warn().Err(opErr).Dur("retry_in", delay).Msg("machine operation failed for now; retrying")
-		p.progress(ctx, req, "retry", fmt.Sprintf("%v; trying again in %s", opErr, delay))
+		p.retrying(ctx, req, fmt.Sprintf("%v; trying again in %s", opErr, delay))
+		// The reason stays on record: if the deadline passes first, it is
+		// the one given.
+		pending.Error = asProtocolError(opErr)
+		_, _ = p.putState(ctx, req.Instance, pending, rev)
 		_ = m.NakWithDelay(delay)
 		return
 	}
 	switch {
-	case opErr != nil && IsUntouched(opErr) && cur.Status != "":
+	case opErr != nil && IsUntouched(opErr) && before != "":
 		// Nothing changed: the machine keeps its status, with the reason
 		// the operation did not go on beside it.
 		next = cur
+		next.Status, next.Before = before, ""
 		next.Error = asProtocolError(opErr)
 		log.Warn().Err(opErr).Msg("machine operation refused; the machine was left as it was")
 	case opErr != nil:
@@ -406,7 +448,7 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		next.Error = nil
 		log.Info().Str("status", string(next.Status)).Msg("machine operation done")
 	}
-	next.Instance, next.Backend, next.RequestID, next.Action = req.Instance, p.cfg.Backend.Name(), req.ID, req.Action
+	next.Instance, next.Backend, next.RequestID, next.Action, next.Before = req.Instance, p.cfg.Backend.Name(), req.ID, req.Action, ""
 	if req.Generation != 0 && (req.Action == protocol.ProvisionReprovision || req.Action == protocol.ProvisionStart) && opErr == nil {
 		next.Generation = req.Generation
 	}
@@ -418,8 +460,39 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		_ = m.NakWithDelay(2 * time.Second)
 		return
 	}
-	p.resultEvent(ctx, req, next, opErr)
-	p.crash.At(point + "/ack:before")
+	p.finish(ctx, m, req, next, opErr, log)
+}
+
+// refuse says why a request must not be carried out now, if it must not:
+// its deadline passed, or a later generation was provisioned since.
+func (p *Provisioner) refuse(req protocol.ProvisionRequest, cur protocol.MachineState, resumed bool) *protocol.Error {
+	if !time.Now().Before(p.deadline(req)) {
+		why := ""
+		if resumed && cur.Error != nil {
+			why = "; it last failed with: " + cur.Error.Message
+		}
+		return protocol.Errorf(protocol.CodeDeadlineExceeded, "%s of %s was not carried out by its deadline, %s%s",
+			req.Action, req.Instance, p.deadline(req).Format(time.RFC3339), why)
+	}
+	if (req.Action == protocol.ProvisionReprovision || req.Action == protocol.ProvisionStart) && req.Generation != 0 &&
+		cur.Generation > req.Generation && !resumed {
+		return protocol.Errorf(protocol.CodeAborted, "%s of %s for generation %d is superseded: generation %d was provisioned since",
+			req.Action, req.Instance, req.Generation, cur.Generation)
+	}
+	return nil
+}
+
+// finish reports a request's outcome and acknowledges it. The outcome must
+// reach the bus first: an outcome lost would leave the operation waiting
+// to its deadline. A request whose report could not be sent is handed
+// back; delivered again, it is answered as it ended.
+func (p *Provisioner) finish(ctx context.Context, m jetstream.Msg, req protocol.ProvisionRequest, st protocol.MachineState, opErr error, log zerolog.Logger) {
+	if err := p.resultEvent(ctx, req, st, opErr); err != nil {
+		log.Warn().Err(err).Msg("outcome not reported; the request will be delivered again")
+		_ = m.NakWithDelay(p.retryDelay(m))
+		return
+	}
+	p.crash.At("provisioner/" + string(req.Action) + "/ack:before")
 	_ = m.Ack()
 }
 
@@ -436,12 +509,10 @@ func (p *Provisioner) retryDelay(m jetstream.Msg) time.Duration {
 	return min(d, time.Minute)
 }
 
-// deadline is when a request stops being retried.
+// deadline is when a request stops being retried (handle gives every
+// request one).
 func (p *Provisioner) deadline(req protocol.ProvisionRequest) time.Time {
-	if !req.Deadline.IsZero() {
-		return req.Deadline
-	}
-	return req.Issued.Add(p.cfg.DefaultDeadline)
+	return req.Deadline
 }
 
 // isTransient reports whether err may go away by itself: the cloud or the
@@ -485,7 +556,10 @@ func (p *Provisioner) run(ctx context.Context, req Request, cur protocol.Machine
 			if err != nil && isTransient(err) && time.Now().Before(p.deadline(req.ProvisionRequest)) {
 				return cur, err // tried again later
 			}
-			p.snapshotOutcome(ctx, req.ProvisionRequest, ref, err)
+			if perr := p.snapshotOutcome(ctx, req.ProvisionRequest, ref, err); perr != nil {
+				// The outcome must be on record before anything is replaced.
+				return cur, protocol.Errorf(protocol.CodeUnavailable, "the snapshot's outcome was not reported: %v", perr)
+			}
 			if err != nil {
 				pe := asProtocolError(err)
 				return cur, Untouched(protocol.Errorf(pe.Code, "the snapshot before the upgrade (%s) failed, so the machine was left as it was: %s", ref.ID, pe.Message))
@@ -566,15 +640,14 @@ func (p *Provisioner) putState(ctx context.Context, instance string, st protocol
 
 // resultEvent reports the outcome of a request; its id derives from the
 // request's, so that reporting it again is deduplicated.
-func (p *Provisioner) resultEvent(ctx context.Context, req protocol.ProvisionRequest, st protocol.MachineState, opErr error) {
+func (p *Provisioner) resultEvent(ctx context.Context, req protocol.ProvisionRequest, st protocol.MachineState, opErr error) error {
 	e := protocol.Event{Instance: req.Instance, Kind: protocol.EventMachine, OpID: req.OpID, Generation: req.Generation,
 		Step: string(req.Action), Status: protocol.StatusOK, Message: fmt.Sprintf("machine %s", st.Status)}
 	if opErr != nil {
 		e.Status, e.Error, e.Message = protocol.StatusFailed, asProtocolError(opErr), opErr.Error()
 	}
-	p.crash.Around("provisioner/"+string(req.Action)+"/result-event", func() error {
-		p.event(ctx, e, req.ID+"-"+string(e.Status))
-		return nil
+	return p.crash.Around("provisioner/"+string(req.Action)+"/result-event", func() error {
+		return p.publishEvent(ctx, e, req.ID+"-"+string(e.Status))
 	})
 }
 
@@ -584,9 +657,15 @@ func (p *Provisioner) progress(ctx context.Context, req protocol.ProvisionReques
 		Step: step, Status: protocol.StatusOK, Message: msg}, "")
 }
 
-// event publishes an event; id, if set, makes a repeat a duplicate. A
-// stopping provisioner says nothing more: it hands its request back, and
-// the next one does the work and reports it.
+// retrying reports that a request failed for now and will be tried again.
+func (p *Provisioner) retrying(ctx context.Context, req protocol.ProvisionRequest, msg string) {
+	p.event(ctx, protocol.Event{Instance: req.Instance, Kind: protocol.EventMachine, OpID: req.OpID, Generation: req.Generation,
+		Step: string(req.Action), Status: protocol.StatusRetrying, Message: msg}, "")
+}
+
+// event publishes a progress event, as best it can: a progress report lost
+// loses nothing but a line of the operation's progress. A stopping
+// provisioner says nothing more.
 func (p *Provisioner) event(ctx context.Context, e protocol.Event, id string) {
 	if ctx.Err() != nil {
 		return
@@ -594,15 +673,24 @@ func (p *Provisioner) event(ctx context.Context, e protocol.Event, id string) {
 	if id == "" {
 		id = protocol.NewID("ev")
 	}
+	if err := p.publishEvent(ctx, e, id); err != nil {
+		p.log.Warn().Err(err).Str("step", e.Step).Msg("event not published")
+	}
+}
+
+// publishEvent publishes an event with id as its Nats-Msg-Id, so that a
+// repeat is a duplicate the bus drops, and waits for the bus to take it.
+func (p *Provisioner) publishEvent(ctx context.Context, e protocol.Event, id string) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
 	e.ID, e.Time, e.Source = id, time.Now().UTC(), "provisioner"
 	data, err := protocol.Encode(&e)
 	if err != nil {
-		p.log.Error().Err(err).Msg("event not encoded")
-		return
+		return fmt.Errorf("event not encoded: %w", err)
 	}
 	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if _, err := p.js.Publish(pctx, protocol.EventSubject(e.Instance, e.Kind), data, jetstream.WithMsgID(e.ID)); err != nil {
-		p.log.Warn().Err(err).Str("step", e.Step).Msg("event not published")
-	}
+	_, err = p.js.Publish(pctx, protocol.EventSubject(e.Instance, e.Kind), data, jetstream.WithMsgID(e.ID))
+	return err
 }

@@ -377,7 +377,7 @@ func TestSnapshotsLeaveTheMachineAlone(t *testing.T) {
 func TestAFailedSnapshotBeforeAnUpgradeLeavesTheMachineAsItWas(t *testing.T) {
 	r := newRig(t)
 	rec := newRecorder()
-	rec.fail["snapshot snap-up"] = protocol.Errorf(protocol.CodeUnavailable, "the snapshot store is away")
+	rec.fail["snapshot snap-up"] = protocol.Errorf(protocol.CodeDataLoss, "the snapshot store lost the archive")
 	r.run(rec, "p1")
 	r.request("in-a", protocol.ProvisionReprovision, "op-1-reprovision")
 	r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
@@ -386,7 +386,7 @@ func TestAFailedSnapshotBeforeAnUpgradeLeavesTheMachineAsItWas(t *testing.T) {
 	st := r.waitMachine("in-a", func(s protocol.MachineState) bool {
 		return s.RequestID == "op-2-reprovision" && !transitional(s.Status)
 	})
-	if st.Status != protocol.MachineRunning || st.Generation != 1 || st.Error == nil || st.Error.Code != protocol.CodeUnavailable ||
+	if st.Status != protocol.MachineRunning || st.Generation != 1 || st.Error == nil || st.Error.Code != protocol.CodeDataLoss ||
 		!strings.Contains(st.Error.Message, "left as it was") {
 		t.Fatalf("machine after the refused upgrade: %+v %+v", st, st.Error)
 	}
@@ -535,13 +535,14 @@ func TestTransientFailuresAreRetriedUntilTheDeadline(t *testing.T) {
 	if got := strings.Count(fmt.Sprint(rec.callList()), "reprovision op-1-reprovision"); got != 3 {
 		t.Fatalf("%d attempts, want 3: %v", got, rec.callList())
 	}
-	waitEvent(t, r, "in-a", func(e protocol.Event) bool { return e.Step == "retry" && e.OpID == "op-1" })
+	waitEvent(t, r, "in-a", func(e protocol.Event) bool { return e.Status == protocol.StatusRetrying && e.OpID == "op-1" })
 	// Past its deadline, the failure is the operation's.
 	req = protocol.ProvisionRequest{ID: "op-2-reprovision", Instance: "in-a", Action: protocol.ProvisionReprovision, OpID: "op-2",
 		Generation: 2, Issued: time.Now().UTC(), Deadline: time.Now().Add(3 * time.Second), Spec: &protocol.MachineSpec{Label: "x"}}
 	r.publish(req, req.ID)
 	st = r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == req.ID && !transitional(s.Status) })
-	if st.Status != protocol.MachineFailed || st.Error == nil || st.Error.Code != protocol.CodeUnavailable {
+	if st.Status != protocol.MachineFailed || st.Error == nil || st.Error.Code != protocol.CodeDeadlineExceeded ||
+		!strings.Contains(st.Error.Message, "the cloud is away") {
 		t.Fatalf("past the deadline: %+v", st)
 	}
 }
@@ -572,7 +573,21 @@ func TestADispatchRacingAnIdleWorker(t *testing.T) {
 	t.Cleanup(func() { cancel(); <-done })
 	r.request("in-a", protocol.ProvisionReprovision, "op-1-reprovision")
 	r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == "op-1-reprovision" })
-	time.Sleep(100 * time.Millisecond) // the worker is idle, about to leave
+	// The first worker leaves for want of work; the second request gets a
+	// new one, which it reaches only after that worker was idle for longer
+	// than a worker stays.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		p.mu.Lock()
+		left := len(p.workers) == 0
+		p.mu.Unlock()
+		if left {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the idle worker never left")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	start := time.Now()
 	r.request("in-a", protocol.ProvisionStop, "op-2-stop")
 	r.waitMachine("in-a", func(s protocol.MachineState) bool {
@@ -580,5 +595,71 @@ func TestADispatchRacingAnIdleWorker(t *testing.T) {
 	})
 	if took := time.Since(start); took > 10*time.Second {
 		t.Fatalf("the request waited %s: it was stranded until the ack wait", took)
+	}
+}
+
+// TestAStaleOrLateRequestIsNotCarriedOut: a request past its deadline (the
+// server failed the operation and may have sent another since) and a
+// reprovision superseded by a later generation are answered as failed and
+// not carried out: carried out late, they would make a machine nobody
+// wants.
+func TestAStaleOrLateRequestIsNotCarriedOut(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	r.run(rec, "p1")
+	spec := &protocol.MachineSpec{Label: "x"}
+	r.publish(protocol.ProvisionRequest{ID: "op-2-reprovision", Instance: "in-a", Action: protocol.ProvisionReprovision, OpID: "op-2",
+		Generation: 2, Issued: time.Now().UTC(), Deadline: time.Now().Add(time.Minute), Spec: spec}, "op-2-reprovision")
+	r.waitMachine("in-a", func(s protocol.MachineState) bool {
+		return s.RequestID == "op-2-reprovision" && s.Status == protocol.MachineRunning
+	})
+	r.publish(protocol.ProvisionRequest{ID: "op-1-reprovision", Instance: "in-a", Action: protocol.ProvisionReprovision, OpID: "op-1",
+		Generation: 1, Issued: time.Now().UTC(), Deadline: time.Now().Add(time.Minute), Spec: spec}, "op-1-reprovision")
+	waitEvent(t, r, "in-a", func(e protocol.Event) bool {
+		return e.ID == "op-1-reprovision-failed" && e.Error != nil && e.Error.Code == protocol.CodeAborted
+	})
+	r.publish(protocol.ProvisionRequest{ID: "op-3-stop", Instance: "in-a", Action: protocol.ProvisionStop, OpID: "op-3",
+		Issued: time.Now().Add(-2 * time.Hour).UTC(), Deadline: time.Now().Add(-time.Hour)}, "op-3-stop")
+	waitEvent(t, r, "in-a", func(e protocol.Event) bool {
+		return e.ID == "op-3-stop-failed" && e.Error != nil && e.Error.Code == protocol.CodeDeadlineExceeded
+	})
+	if st := r.machine("in-a"); st.RequestID != "op-2-reprovision" || st.Status != protocol.MachineRunning {
+		t.Fatalf("a refused request changed the machine: %+v", st)
+	}
+	if calls := fmt.Sprint(rec.callList()); calls != "[reprovision op-2-reprovision]" {
+		t.Fatalf("calls %s", calls)
+	}
+}
+
+// TestARefusedReprovisionAfterACrashKeepsTheMachinesStatus: a reprovision
+// cut short by a crash after its pending record was written, then refused
+// before it changed anything (the snapshot before the upgrade cannot be
+// taken), leaves the machine in the status it had before the request, not
+// in the transitional one of the record.
+func TestARefusedReprovisionAfterACrashKeepsTheMachinesStatus(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	rec.fail["snapshot snap-up"] = protocol.Errorf(protocol.CodeDataLoss, "the volume cannot be read")
+	stop := r.run(rec, "p1")
+	r.request("in-a", protocol.ProvisionReprovision, "op-1-reprovision")
+	running := r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
+	stop()
+	// As a provisioner killed after writing its pending record leaves it.
+	pending := running
+	pending.Status, pending.Before, pending.RequestID, pending.Action = protocol.MachineProvisioning, protocol.MachineRunning, "op-2-reprovision", protocol.ProvisionReprovision
+	kv, _ := r.js.KeyValue(context.Background(), protocol.BucketMachines)
+	data, _ := protocol.Encode(&pending)
+	if _, err := kv.Put(context.Background(), "in-a", data); err != nil {
+		t.Fatal(err)
+	}
+	r.run(rec, "p1")
+	r.publish(protocol.ProvisionRequest{ID: "op-2-reprovision", Instance: "in-a", Action: protocol.ProvisionReprovision, OpID: "op-2",
+		Generation: 2, Issued: time.Now().UTC(), Deadline: time.Now().Add(time.Minute), Spec: &protocol.MachineSpec{Label: "x"},
+		Snapshot: &protocol.SnapshotRef{ID: "snap-up"}}, "op-2-reprovision")
+	st := r.waitMachine("in-a", func(s protocol.MachineState) bool {
+		return s.RequestID == "op-2-reprovision" && !transitional(s.Status)
+	})
+	if st.Status != protocol.MachineRunning || st.Error == nil || st.Error.Code != protocol.CodeDataLoss || st.Before != "" {
+		t.Fatalf("after the refusal: %+v %+v", st, st.Error)
 	}
 }

@@ -27,10 +27,22 @@ func (p *Provisioner) handleBeside(ctx context.Context, m jetstream.Msg, req pro
 		_ = m.NakWithDelay(2 * time.Second)
 		return
 	}
+	point := "provisioner/" + string(req.Action)
+	if !time.Now().Before(p.deadline(req)) {
+		// The server has failed the operation: done now, its result would
+		// be kept nowhere (an archive nobody refers to).
+		refusal := protocol.Errorf(protocol.CodeDeadlineExceeded, "%s of %s was not carried out by its deadline", req.Action, req.Instance)
+		if err := p.besideOutcome(ctx, req, refusal); err != nil {
+			_ = m.NakWithDelay(p.retryDelay(m))
+			return
+		}
+		p.crash.At(point + "/ack:before")
+		_ = m.Ack()
+		return
+	}
 	working, done := p.keepInProgress(ctx, m)
 	defer done()
-	err = do(working, cur, !time.Now().Before(p.deadline(req)))
-	point := "provisioner/" + string(req.Action)
+	err = do(working, cur, false)
 	switch {
 	case ctx.Err() != nil:
 		_ = m.Nak()
@@ -70,13 +82,24 @@ func (p *Provisioner) snapshotWork(ctx context.Context, req protocol.ProvisionRe
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if err != nil && isTransient(err) && !final {
-			p.progress(ctx, req, "retry", fmt.Sprintf("%v; trying again", err))
+		if err != nil && isTransient(err) && time.Now().Before(p.deadline(req)) {
+			p.retrying(ctx, req, fmt.Sprintf("%v; trying again", err))
 			return fmt.Errorf("%w: %v", errRetryLater, err)
 		}
-		p.snapshotOutcome(ctx, req, ref, err)
+		if perr := p.snapshotOutcome(ctx, req, ref, err); perr != nil {
+			return fmt.Errorf("%w: the outcome was not reported: %v", errRetryLater, perr)
+		}
 		return err
 	}
+}
+
+// besideOutcome reports the failure of a request beside the lifecycle
+// that was not carried out.
+func (p *Provisioner) besideOutcome(ctx context.Context, req protocol.ProvisionRequest, failure error) error {
+	if req.Action == protocol.ProvisionGrowVolume {
+		return p.growOutcome(ctx, req, protocol.MachineState{}, failure)
+	}
+	return p.snapshotOutcome(ctx, req, *req.Snapshot, failure)
 }
 
 // takeSnapshot takes req.Snapshot of the instance's data volume; the
@@ -106,11 +129,11 @@ func (p *Provisioner) takeSnapshot(ctx context.Context, req Request, cur protoco
 	return ref, err
 }
 
-// snapshotOutcome reports how a snapshot or its deletion ended.
-func (p *Provisioner) snapshotOutcome(ctx context.Context, req protocol.ProvisionRequest, ref protocol.SnapshotRef, err error) {
-	p.crash.Around("provisioner/"+string(req.Action)+"/snapshot-event", func() error {
-		p.snapshotEvent(ctx, req, ref, statusOf(err), err)
-		return nil
+// snapshotOutcome reports how a snapshot or its deletion ended, and says
+// whether the bus took the report.
+func (p *Provisioner) snapshotOutcome(ctx context.Context, req protocol.ProvisionRequest, ref protocol.SnapshotRef, err error) error {
+	return p.crash.Around("provisioner/"+string(req.Action)+"/snapshot-event", func() error {
+		return p.snapshotEvent(ctx, req, ref, statusOf(err), err)
 	})
 }
 
@@ -134,7 +157,9 @@ func (p *Provisioner) request(ctx context.Context, req protocol.ProvisionRequest
 
 // snapshotEvent reports a snapshot's progress or outcome; an outcome's id
 // derives from the request's, so that reporting it again is deduplicated.
-func (p *Provisioner) snapshotEvent(ctx context.Context, req protocol.ProvisionRequest, ref protocol.SnapshotRef, status protocol.Status, err error) {
+// A progress report is sent as best it can; an outcome's error says
+// whether the bus took it.
+func (p *Provisioner) snapshotEvent(ctx context.Context, req protocol.ProvisionRequest, ref protocol.SnapshotRef, status protocol.Status, err error) error {
 	step := string(protocol.ProvisionSnapshot)
 	if req.Action == protocol.ProvisionDeleteSnapshot {
 		step = string(protocol.ProvisionDeleteSnapshot)
@@ -148,14 +173,15 @@ func (p *Provisioner) snapshotEvent(ctx context.Context, req protocol.ProvisionR
 	case protocol.StatusFailed:
 		e.Error, e.Message = asProtocolError(err), err.Error()
 	}
-	id := ""
-	if status != protocol.StatusStarted {
-		// A request has one snapshot at most: its id keeps the event's short
-		// (ids are tokens of at most 64 characters).
-		id = req.ID + "-" + string(status)
-		if req.Action == protocol.ProvisionReprovision {
-			id = req.ID + "-snapshot-" + string(status)
-		}
+	if status == protocol.StatusStarted {
+		p.event(ctx, e, "")
+		return nil
 	}
-	p.event(ctx, e, id)
+	// A request has one snapshot at most: its id keeps the event's short
+	// (ids are tokens of at most 64 characters).
+	id := req.ID + "-" + string(status)
+	if req.Action == protocol.ProvisionReprovision {
+		id = req.ID + "-snapshot-" + string(status)
+	}
+	return p.publishEvent(ctx, e, id)
 }

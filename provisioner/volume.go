@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
@@ -14,7 +15,7 @@ import (
 // EventMachine of step grow-volume, and the server then has the agent grow
 // its file system.
 func (p *Provisioner) growWork(ctx context.Context, req protocol.ProvisionRequest) func(context.Context, protocol.MachineState, bool) error {
-	return func(working context.Context, cur protocol.MachineState, final bool) error {
+	return func(working context.Context, cur protocol.MachineState, _ bool) error {
 		var (
 			next protocol.MachineState
 			err  error
@@ -33,28 +34,38 @@ func (p *Provisioner) growWork(ctx context.Context, req protocol.ProvisionReques
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if err != nil && isTransient(err) && !final {
-			p.progress(ctx, req, "retry", fmt.Sprintf("%v; trying again", err))
+		inTime := time.Now().Before(p.deadline(req))
+		if err != nil && isTransient(err) && inTime {
+			p.retrying(ctx, req, fmt.Sprintf("%v; trying again", err))
 			return fmt.Errorf("%w: %v", errRetryLater, err)
 		}
 		if err == nil && next.VolumeSizeGB != cur.VolumeSizeGB {
 			if rerr := p.crash.Around("provisioner/grow-volume/size-recorded", func() error {
 				return p.recordVolumeSize(ctx, req.Instance, next.VolumeSizeGB)
 			}); rerr != nil {
-				return fmt.Errorf("%w: the grown volume is not recorded: %v", errRetryLater, rerr)
+				if inTime {
+					return fmt.Errorf("%w: the grown volume is not recorded: %v", errRetryLater, rerr)
+				}
+				err = protocol.Errorf(protocol.CodeUnavailable, "the volume was grown to %d GB but its size could not be recorded: %v", next.VolumeSizeGB, rerr)
 			}
 		}
-		e := protocol.Event{Instance: req.Instance, Kind: protocol.EventMachine, OpID: req.OpID, Step: string(req.Action),
-			Status: protocol.StatusOK, Message: fmt.Sprintf("data volume %s is %d GB", cur.VolumeID, next.VolumeSizeGB)}
-		if err != nil {
-			e.Status, e.Error, e.Message = protocol.StatusFailed, asProtocolError(err), err.Error()
+		if perr := p.growOutcome(ctx, req, next, err); perr != nil {
+			return fmt.Errorf("%w: the outcome was not reported: %v", errRetryLater, perr)
 		}
-		p.crash.Around("provisioner/grow-volume/result-event", func() error {
-			p.event(ctx, e, req.ID+"-"+string(e.Status))
-			return nil
-		})
 		return err
 	}
+}
+
+// growOutcome reports how growing the volume ended.
+func (p *Provisioner) growOutcome(ctx context.Context, req protocol.ProvisionRequest, next protocol.MachineState, err error) error {
+	e := protocol.Event{Instance: req.Instance, Kind: protocol.EventMachine, OpID: req.OpID, Step: string(req.Action),
+		Status: protocol.StatusOK, Message: fmt.Sprintf("data volume %s is %d GB", next.VolumeID, next.VolumeSizeGB)}
+	if err != nil {
+		e.Status, e.Error, e.Message = protocol.StatusFailed, asProtocolError(err), err.Error()
+	}
+	return p.crash.Around("provisioner/grow-volume/result-event", func() error {
+		return p.publishEvent(ctx, e, req.ID+"-"+string(e.Status))
+	})
 }
 
 // recordVolumeSize changes only the volume size of the machine record, so

@@ -76,8 +76,6 @@ type Want struct {
 	// Gone must be kept no more.
 	Snapshots []protocol.SnapshotRef
 	Gone      []protocol.SnapshotRef
-	// Addresses is the number of elastic IPs FM allocated that exist.
-	Addresses int
 }
 
 // SizeGB is the data volume size of the harness's specs; grow-volume grows
@@ -252,7 +250,7 @@ func Run(t *testing.T, w World, opts Options) []crashtable.Row {
 			}
 			for _, n := range crashtable.Select(len(points), opts.Stride) {
 				cases = append(cases, crashtable.Case{Operation: op.name, N: n, Point: crashtable.Occurrence(points, n),
-					Run: func(t *testing.T) { crashCase(t, w, op, n) }})
+					Run: func(t *testing.T) { crashCase(t, w, op, n, points[n-1]) }})
 			}
 		}
 		rows = crashtable.Run(t, w.Name(), max(opts.Parallel, 1), cases)
@@ -278,10 +276,10 @@ func record(t *testing.T, w World, op operation) []string {
 	return rec.Points()
 }
 
-// crashCase kills a provisioner at the n-th crash point of the operation,
-// delivers the request again, lets a new provisioner finish, and checks
-// the outcome.
-func crashCase(t *testing.T, w World, op operation, n int) {
+// crashCase kills a provisioner at the n-th crash point of the operation
+// (named point when the operation was recorded), delivers the request
+// again, lets a new provisioner finish, and checks the outcome.
+func crashCase(t *testing.T, w World, op operation, n int, point string) {
 	c := newCase(t, w, op, n)
 	if err := op.setup(c); err != nil {
 		t.Fatalf("setup: %v", err)
@@ -296,6 +294,11 @@ func crashCase(t *testing.T, w World, op operation, n int) {
 	case <-crasher.Crashed():
 	case <-time.After(2 * time.Minute):
 		t.Fatalf("the provisioner never reached crash point %d", n)
+	}
+	if got := crasher.Point(); got != point {
+		// The operation took another path than when it was recorded: the
+		// table would not say what it tests.
+		t.Fatalf("crash point %d is %s, %s when the operation was recorded", n, got, point)
 	}
 	// The same request once more, as a republication after the
 	// deduplication window would deliver it.

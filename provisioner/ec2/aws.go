@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/credentials/stscreds"
@@ -151,6 +152,12 @@ func apiCode(err error) string {
 	return ""
 }
 
+// serverSide reports whether AWS answered err with a 5xx status.
+func serverSide(err error) bool {
+	var re *awshttp.ResponseError
+	return errors.As(err, &re) && re.HTTPStatusCode() >= 500
+}
+
 func isNotFound(err error) bool {
 	code := apiCode(err)
 	return strings.HasSuffix(code, notFoundSuffix) || code == "NoSuchHostedZone"
@@ -199,8 +206,12 @@ func cloudError(what string, err error) error {
 	case strings.HasPrefix(code, "InsufficientInstanceCapacity") ||
 		code == "VolumeLimitExceeded" || code == "AddressLimitExceeded" || code == "InstanceLimitExceeded":
 		return &protocol.Error{Code: protocol.CodeResourceExhausted, Message: fmt.Sprintf("%s: %s: %s", what, code, msg)}
-	case code != "":
+	case code != "" && serverSide(err):
+		// AWS failed on its side (5xx): it may pass.
 		return &protocol.Error{Code: protocol.CodeUnavailable, Message: fmt.Sprintf("%s: %s (%s): %s", what, action, code, msg)}
+	case code != "":
+		// Refused for a reason FM does not know: trying again will not help.
+		return &protocol.Error{Code: protocol.CodeFailedPrecondition, Message: fmt.Sprintf("%s: %s (%s): %s", what, action, code, msg)}
 	}
 	var netErr net.Error
 	if errors.As(err, &netErr) {

@@ -104,6 +104,9 @@ const (
 	detailAllocatedByFM  = "eipAllocatedByFM"
 	detailDNSNames       = "dnsNames"
 	detailAZ             = "availabilityZone"
+	// detailIdentity names (no secret) the cloud identity the machine was
+	// made as, when it is not the provisioner's own.
+	detailIdentity = "identity"
 )
 
 // tagsFor builds an AWS tag list: the user's tags (tenant -> network ->
@@ -203,6 +206,9 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	}
 	next := cur
 	next.Details = map[string]string{detailRegion: region, detailAZ: pl.az, detailSecurityGroups: strings.Join(sgs, ",")}
+	if req.Cloud != nil && req.Cloud.Mode != protocol.CloudAuthSameAsFM {
+		next.Details[detailIdentity] = authKey(req.Cloud)
+	}
 	for _, k := range []string{detailAllocation, detailAllocatedByFM, detailDNSNames} {
 		if v := cur.Details[k]; v != "" {
 			next.Details[k] = v
@@ -419,10 +425,14 @@ func (b *Backend) Alive(ctx context.Context, machines []protocol.MachineState) (
 			out[m.Instance] = false
 			continue
 		}
-		// The identity of the instance's last request: after a restart,
-		// until one comes, the provisioner's own (a refusal is an error,
-		// not a loss).
+		// The identity of the instance's last request. After a restart,
+		// until one comes, a machine made as another identity is unknown:
+		// asked as the provisioner's own, another account's machine would
+		// look gone.
 		auth, region := b.auth[m.Instance], b.region(nil, m)
+		if auth == nil && m.Details[detailIdentity] != "" {
+			continue
+		}
 		key := region + "|" + authKey(auth)
 		g := groups[key]
 		if g == nil {

@@ -558,6 +558,7 @@ func TestCloudIdentitiesOnMoto(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			st.Instance = req.Instance // as the provisioner records it
 			if alive, err := aliveOne(b, st); err != nil || !alive {
 				t.Fatalf("alive = %v, %v", alive, err)
 			}

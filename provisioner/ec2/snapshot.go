@@ -156,10 +156,31 @@ func describeSnapshot(ctx context.Context, c clients, id string) (*types.Snapsho
 	return &out.Snapshots[0], nil
 }
 
+// TagKeptBy names, on a data volume a restore kept aside, the request that
+// kept it there.
+const TagKeptBy = "fm:kept-by"
+
 // restoredVolume is the data volume of a restore: the one this request
 // made from the snapshot (found again after a crash), or a new one. The
-// instance's other data volumes are kept aside, tagged previous-data.
+// instance's current data volume is kept aside, tagged previous-data and
+// kept-by this request; one an earlier restore kept aside goes (a volume
+// kept by this request, found after a crash, is the one this restore
+// replaced, and stays).
 func (b *Backend) restoredVolume(ctx context.Context, c clients, req provisioner.Request, az string, snap *types.Snapshot) (*types.Volume, error) {
+	kept, err := b.findVolumes(ctx, c, req.Instance, rolePreviousData)
+	if err != nil {
+		return nil, err
+	}
+	for _, v := range kept {
+		if tagValue(v.Tags, TagKeptBy) == req.ID {
+			continue
+		}
+		id := aws.ToString(v.VolumeId)
+		if err := b.deleteVolume(ctx, c, req, id); err != nil {
+			return nil, err
+		}
+		req.Progress("data-volume", fmt.Sprintf("the volume an earlier restore kept aside, %s, is deleted", id))
+	}
 	vols, err := b.findVolumes(ctx, c, req.Instance)
 	if err != nil {
 		return nil, err
@@ -172,7 +193,7 @@ func (b *Backend) restoredVolume(ctx context.Context, c clients, req provisioner
 		}
 		id := aws.ToString(v.VolumeId)
 		if _, err := c.ec2.CreateTags(ctx, &ec2.CreateTagsInput{Resources: []string{id},
-			Tags: []types.Tag{{Key: aws.String(TagRole), Value: aws.String(rolePreviousData)}}}); err != nil {
+			Tags: []types.Tag{{Key: aws.String(TagRole), Value: aws.String(rolePreviousData)}, {Key: aws.String(TagKeptBy), Value: aws.String(req.ID)}}}); err != nil {
 			return nil, cloudError("keep the current data volume aside", err)
 		}
 		req.Progress("data-volume", fmt.Sprintf("the current data volume %s is kept aside (tag %s=%s)", id, TagRole, rolePreviousData))

@@ -211,7 +211,13 @@ func modificationUnderWay(ctx context.Context, c clients, volumeID string, sizeG
 	if int(aws.ToInt32(v.Size)) >= sizeGB {
 		return true, nil
 	}
-	out, err := c.ec2.DescribeVolumesModifications(ctx, &ec2.DescribeVolumesModificationsInput{VolumeIds: []string{volumeID}})
+	// A filter, not VolumeIds: AWS answers a volume never modified with
+	// InvalidVolumeModification.NotFound when it is asked by id.
+	out, err := c.ec2.DescribeVolumesModifications(ctx, &ec2.DescribeVolumesModificationsInput{Filters: []types.Filter{
+		{Name: aws.String("volume-id"), Values: []string{volumeID}}}})
+	if isNotFound(err) {
+		return false, nil
+	}
 	if err != nil {
 		return false, cloudError("look at the data volume's modifications", err)
 	}

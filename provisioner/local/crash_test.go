@@ -5,9 +5,11 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -116,6 +118,17 @@ func (w *localWorld) Check(t testing.TB, js jetstream.JetStream, instance string
 	for _, p := range []string{b.stagingDir(instance), b.journalPath(instance)} {
 		if exists(p) {
 			t.Errorf("%s is left behind", filepath.Base(p))
+		}
+	}
+	if left, _ := filepath.Glob(filepath.Join(w.dir, "snapshots", "*"+instance[3:]+"*")); len(left) > 0 {
+		t.Errorf("snapshot work folders left behind: %v", left)
+	}
+	// Nothing of the machine stays paused by a snapshot cut short.
+	for _, pid := range cmdline.Find(filepath.Join(w.dir, "machines", instance)) {
+		if stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+			if f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:])); len(f) > 0 && f[0] == "T" {
+				t.Errorf("process %d of the machine is still paused", pid)
+			}
 		}
 	}
 	if want.Kept == 1 {

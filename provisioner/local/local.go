@@ -66,7 +66,19 @@ func New(cfg Config) (*Backend, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("local backend: %w", err)
 	}
-	return &Backend{cfg: cfg, crash: cfg.Crash, log: cfg.Logger.With().Str("component", "local-backend").Logger()}, nil
+	b := &Backend{cfg: cfg, crash: cfg.Crash, log: cfg.Logger.With().Str("component", "local-backend").Logger()}
+	b.resumeMachines()
+	return b, nil
+}
+
+// resumeMachines lets every machine's processes run again: a provisioner
+// killed while a snapshot paused a machine (SIGSTOP) left it paused, and
+// machines must keep running while FM is away. A process already running
+// takes no notice.
+func (b *Backend) resumeMachines() {
+	for _, pid := range cmdline.Find(b.cfg.Dir) {
+		_ = syscall.Kill(pid, syscall.SIGCONT)
+	}
 }
 
 // Name implements provisioner.Backend.
@@ -101,7 +113,9 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	inst := req.Instance
 	if pid, ok := b.agentOf(inst, req.ID); ok {
 		req.Progress("adopt", fmt.Sprintf("the machine of this request runs (agent pid %d)", pid))
-		return b.state(inst, req.Spec, pid), nil
+		st := b.state(inst, pid)
+		st.VolumeSizeGB = volumeSize(req.Spec, cur)
+		return st, nil
 	}
 	vol := b.volumeDir(inst)
 	pending := b.restoreJournal(inst) // a restore whose move a crash cut short
@@ -149,10 +163,11 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	default:
 		req.Progress("data-volume", "data volume kept")
 	}
+	sizeGB := volumeSize(req.Spec, cur)
 	if err := b.crash.Around("local/reprovision/write-agent-config", func() error {
 		return agent.WriteConfigFile(b.configPath(inst), agent.Config{
 			Instance: inst, MachineRequest: req.ID, NATSURL: b.cfg.NATSURL, Join: req.Spec.Join, RootDir: b.rootDir(inst), DataDir: vol,
-			DataVolumeBytes: uint64(req.Spec.DataVolume.SizeGB) << 30,
+			DataVolumeBytes: uint64(sizeGB) << 30,
 			// The machine is a folder on the FM host: its system packages are
 			// the host's, and DSS runs as the user FM runs as.
 			PackageManager: "none", DSSUser: hostUser(),
@@ -165,7 +180,19 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 		return cur, err
 	}
 	req.Progress("boot", fmt.Sprintf("machine up: agent pid %d", pid))
-	return b.state(inst, req.Spec, pid), nil
+	st := b.state(inst, pid)
+	st.VolumeSizeGB = sizeGB
+	return st, nil
+}
+
+// volumeSize is the size of the instance's data volume: the spec's, or
+// what it grew to since (a kept volume never shrinks).
+func volumeSize(spec *protocol.MachineSpec, cur protocol.MachineState) int {
+	size := cur.VolumeSizeGB
+	if spec != nil {
+		size = max(size, spec.DataVolume.SizeGB)
+	}
+	return size
 }
 
 // stagingDir is where a restore extracts a snapshot before it replaces the
@@ -230,7 +257,9 @@ func (b *Backend) Start(ctx context.Context, req provisioner.Request, cur protoc
 		return cur, protocol.Errorf(protocol.CodeFailedPrecondition, "the machine has no OS disk; reprovision the instance")
 	}
 	if pid, ok := b.agentOf(inst, cfg.MachineRequest); ok {
-		return b.state(inst, req.Spec, pid), nil
+		st := b.state(inst, pid)
+		st.VolumeSizeGB = volumeSize(req.Spec, cur)
+		return st, nil
 	}
 	// What is left of a machine that stopped on its own goes first.
 	b.crash.Around("local/start/stop-leftovers", func() error { b.stopMachine(ctx, inst); return nil })
@@ -239,7 +268,9 @@ func (b *Backend) Start(ctx context.Context, req provisioner.Request, cur protoc
 		return cur, err
 	}
 	req.Progress("boot", fmt.Sprintf("machine started: agent pid %d", pid))
-	return b.state(inst, req.Spec, pid), nil
+	st := b.state(inst, pid)
+	st.VolumeSizeGB = volumeSize(req.Spec, cur)
+	return st, nil
 }
 
 // Stop implements provisioner.Backend: the agent and DSS are stopped, both
@@ -345,15 +376,12 @@ func (b *Backend) agentRuns(inst string) bool {
 
 func (b *Backend) pidPath(inst string) string { return filepath.Join(b.machineDir(inst), "agent.pid") }
 
-func (b *Backend) state(inst string, spec *protocol.MachineSpec, pid int) protocol.MachineState {
+func (b *Backend) state(inst string, pid int) protocol.MachineState {
 	st := protocol.MachineState{
 		Instance: inst, Backend: b.Name(), Status: protocol.MachineRunning,
 		MachineID: "pid-" + strconv.Itoa(pid), VolumeID: b.volumeDir(inst),
 		PrivateIP: "127.0.0.1", PublicIP: "127.0.0.1", PrivateDNS: "localhost", PublicDNS: "localhost",
 		Details: map[string]string{"root": b.rootDir(inst), "agentLog": filepath.Join(b.rootDir(inst), "var", "log", "fm-agent.log")},
-	}
-	if spec != nil {
-		st.VolumeSizeGB = spec.DataVolume.SizeGB
 	}
 	if _, err := os.Stat(b.previousVolumeDir(inst)); err == nil {
 		st.Details["previousVolume"] = b.previousVolumeDir(inst)

@@ -50,6 +50,11 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	}
 	inst := req.Instance
 	name := inst + "/" + snap.ID + ".tar.gz"
+	// What a try killed before the end left aside goes in any case.
+	work := filepath.Join(b.cfg.Dir, "snapshots", snap.ID)
+	if err := os.RemoveAll(work); err != nil {
+		return snap, err
+	}
 	if ref, found, err := b.storedArchive(ctx, name, snap, cur); err != nil || found {
 		if found {
 			req.Progress("archive", fmt.Sprintf("%s: already in %s (%d bytes, sha256 %s)", snap.ID, ref.Store, ref.SizeBytes, ref.SHA256))
@@ -59,10 +64,6 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	vol := b.volumeDir(inst)
 	if _, err := os.Stat(vol); err != nil {
 		return snap, protocol.Errorf(protocol.CodeFailedPrecondition, "instance %s has no data volume to snapshot", inst)
-	}
-	work := filepath.Join(b.cfg.Dir, "snapshots", snap.ID)
-	if err := os.RemoveAll(work); err != nil {
-		return snap, err
 	}
 	defer os.RemoveAll(work)
 	var (
@@ -167,6 +168,9 @@ func (b *Backend) pausedCopy(inst, vol, dst string) (int, time.Duration, error) 
 			_ = syscall.Kill(pid, syscall.SIGCONT)
 		}
 	}()
+	// A provisioner killed here leaves the machine paused: the next one
+	// resumes every machine when it starts (resumeMachines).
+	b.crash.At("local/snapshot/machine-paused")
 	err := syncTree(vol, dst, stamps)
 	return len(stopped), time.Since(start), err
 }

@@ -1,0 +1,184 @@
+package ec2
+
+import (
+	"context"
+	"sync"
+	"testing"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/ec2"
+	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
+	"github.com/aws/smithy-go"
+	"github.com/fleetmanager/fm/protocol"
+)
+
+// awsLike is EC2 as AWS behaves where moto does not, and counts the calls
+// the tests look at.
+type awsLike struct {
+	ec2API
+	mu     sync.Mutex
+	calls  map[string]int
+	failAt string // a call that fails (once) with an AWS-side error
+}
+
+func (a *awsLike) count(name string) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.calls[name]
+}
+
+func (a *awsLike) note(name string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.calls[name]++
+	if a.failAt == name {
+		a.failAt = ""
+		return &smithy.GenericAPIError{Code: "InvalidParameterValue", Message: "refused by the test"}
+	}
+	return nil
+}
+
+// DescribeVolumesModifications answers a volume never modified, asked by
+// id, with InvalidVolumeModification.NotFound, as AWS does (moto returns an
+// empty list).
+func (a *awsLike) DescribeVolumesModifications(ctx context.Context, in *ec2.DescribeVolumesModificationsInput, o ...func(*ec2.Options)) (*ec2.DescribeVolumesModificationsOutput, error) {
+	_ = a.note("DescribeVolumesModifications")
+	out, err := a.ec2API.DescribeVolumesModifications(ctx, in, o...)
+	if err == nil && len(in.VolumeIds) > 0 && len(out.VolumesModifications) == 0 {
+		return nil, &smithy.GenericAPIError{Code: "InvalidVolumeModification.NotFound", Message: "Modification for volume '" + in.VolumeIds[0] + "' does not exist."}
+	}
+	return out, err
+}
+
+func (a *awsLike) ModifyVolume(ctx context.Context, in *ec2.ModifyVolumeInput, o ...func(*ec2.Options)) (*ec2.ModifyVolumeOutput, error) {
+	if err := a.note("ModifyVolume"); err != nil {
+		return nil, err
+	}
+	return a.ec2API.ModifyVolume(ctx, in, o...)
+}
+
+func (a *awsLike) AssociateAddress(ctx context.Context, in *ec2.AssociateAddressInput, o ...func(*ec2.Options)) (*ec2.AssociateAddressOutput, error) {
+	if err := a.note("AssociateAddress"); err != nil {
+		return nil, err
+	}
+	return a.ec2API.AssociateAddress(ctx, in, o...)
+}
+
+func (a *awsLike) DescribeInstances(ctx context.Context, in *ec2.DescribeInstancesInput, o ...func(*ec2.Options)) (*ec2.DescribeInstancesOutput, error) {
+	_ = a.note("DescribeInstances")
+	return a.ec2API.DescribeInstances(ctx, in, o...)
+}
+
+// useAWSLike puts awsLike between the backend and moto.
+func useAWSLike(w *world) *awsLike {
+	a := &awsLike{calls: map[string]int{}}
+	real := w.backend.connect
+	w.backend.connect = func(ctx context.Context, region string, auth *protocol.CloudAuth) (clients, error) {
+		c, err := real(ctx, region, auth)
+		a.ec2API = c.ec2
+		c.ec2 = a
+		return c, err
+	}
+	return a
+}
+
+// TestGrowingAVolumeNeverModified: on AWS, asking for the modifications of
+// a volume never modified by its id is an error; growing it must still
+// work (it failed every first growth before), and growing it again after a
+// crash (the modification asked, not recorded) waits for that modification
+// instead of asking for another, which EBS refuses within six hours.
+func TestGrowingAVolumeNeverModified(t *testing.T) {
+	w := newWorld(t)
+	ctx := context.Background()
+	spec := w.spec()
+	spec.ElasticIP = nil
+	st, err := w.backend.Reprovision(ctx, w.request("rq-1", protocol.ProvisionReprovision, spec), protocol.MachineState{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := useAWSLike(w)
+	grown, err := w.backend.GrowVolume(ctx, w.request("rq-2", protocol.ProvisionGrowVolume, nil), st, st.VolumeSizeGB+10)
+	if err != nil {
+		t.Fatalf("first growth: %v", err)
+	}
+	if grown.VolumeSizeGB != st.VolumeSizeGB+10 || a.count("ModifyVolume") != 1 {
+		t.Fatalf("grown to %d, ModifyVolume called %d times", grown.VolumeSizeGB, a.count("ModifyVolume"))
+	}
+	// The same request again, from the state before it (the provisioner
+	// died before recording the new size).
+	if _, err := w.backend.GrowVolume(ctx, w.request("rq-2", protocol.ProvisionGrowVolume, nil), st, st.VolumeSizeGB+10); err != nil {
+		t.Fatalf("again: %v", err)
+	}
+	if n := a.count("ModifyVolume"); n != 1 {
+		t.Fatalf("ModifyVolume called %d times for one growth", n)
+	}
+}
+
+// TestAnElasticIPOfAFailedReprovisionIsReleased: a first reprovision that
+// allocated an elastic IP and then failed (before the address was
+// recorded) leaves an address FM allocated; deleting the instance releases
+// it, found by FM's tags.
+func TestAnElasticIPOfAFailedReprovisionIsReleased(t *testing.T) {
+	w := newWorld(t)
+	ctx := context.Background()
+	a := useAWSLike(w)
+	a.failAt = "AssociateAddress"
+	st, err := w.backend.Reprovision(ctx, w.request("rq-1", protocol.ProvisionReprovision, w.spec()), protocol.MachineState{})
+	if err == nil {
+		t.Fatal("the reprovision did not fail")
+	}
+	if st.Details[detailAllocatedByFM] != "" {
+		t.Fatalf("the failed reprovision recorded its address: %+v", st.Details)
+	}
+	addrs := func() int {
+		out, err := w.ec2.DescribeAddresses(ctx, &ec2.DescribeAddressesInput{Filters: []types.Filter{tagFilter(TagInstance, "in-analytics")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(out.Addresses)
+	}
+	if addrs() != 1 {
+		t.Fatalf("%d addresses after the failed reprovision", addrs())
+	}
+	st.Status = protocol.MachineFailed
+	if _, err := w.backend.Delete(ctx, w.request("rq-2", protocol.ProvisionDelete, nil), st); err != nil {
+		t.Fatal(err)
+	}
+	if n := addrs(); n != 0 {
+		t.Fatalf("%d elastic IPs FM allocated are left after the instance was deleted", n)
+	}
+}
+
+// TestAliveAsksOnceForEveryMachine: the liveness check of many machines is
+// one DescribeInstances call, not one per machine.
+func TestAliveAsksOnceForEveryMachine(t *testing.T) {
+	w := newWorld(t)
+	ctx := context.Background()
+	out, err := w.ec2.RunInstances(ctx, &ec2.RunInstancesInput{ImageId: aws.String(w.ami), InstanceType: types.InstanceTypeT3Micro,
+		MinCount: aws.Int32(12), MaxCount: aws.Int32(12), SubnetId: aws.String(w.subnet)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var machines []protocol.MachineState
+	for i, inst := range out.Instances {
+		machines = append(machines, protocol.MachineState{Instance: "in-" + string(rune('a'+i)), Status: protocol.MachineRunning,
+			MachineID: aws.ToString(inst.InstanceId), Details: map[string]string{detailRegion: "us-east-1"}})
+	}
+	gone := aws.ToString(out.Instances[0].InstanceId)
+	if _, err := w.ec2.TerminateInstances(ctx, &ec2.TerminateInstancesInput{InstanceIds: []string{gone}}); err != nil {
+		t.Fatal(err)
+	}
+	a := useAWSLike(w)
+	alive, err := w.backend.Alive(ctx, machines)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := a.count("DescribeInstances"); n != 1 {
+		t.Fatalf("%d DescribeInstances calls for %d machines, want 1", n, len(machines))
+	}
+	for _, m := range machines {
+		if want := m.MachineID != gone; alive[m.Instance] != want {
+			t.Errorf("%s (%s): alive %v, want %v", m.Instance, m.MachineID, alive[m.Instance], want)
+		}
+	}
+}
