@@ -111,7 +111,21 @@ func TestAnEventNotFoldedIsFoldedAgain(t *testing.T) {
 	restore := refuseWrites(t, js, protocol.BucketOps)
 	publishEvent(t, js, protocol.Event{Instance: in.ID, Kind: protocol.EventCommand, Source: "agent", CommandID: op.JobID + "-cmd",
 		OpID: op.JobID, Step: string(protocol.CommandRestartDSS), Status: protocol.StatusOK, Message: "DSS is running"})
-	time.Sleep(2 * time.Second) // folded, and refused, at least once
+	// Folded, refused and handed back at least once.
+	cons, err := js.Consumer(context.Background(), protocol.StreamEvents, server.EventsConsumer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		info, err := cons.Info(context.Background())
+		if err == nil && info.NumRedelivered > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the event was never handed back")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	if got := f.future(op.JobID); got.State != api.OpRunning {
 		t.Fatalf("the operation changed while its bucket refused writes: %+v", got)
 	}

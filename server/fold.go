@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"time"
@@ -125,6 +126,17 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 		return nil
 	}
 	op, _, found := s.st.ops.get(lc.OpID)
+	if !found {
+		// The copy may not have it yet (another replica just made it): only
+		// the bucket says it is gone.
+		fetched, _, err := s.st.ops.fetch(ctx, lc.OpID)
+		switch {
+		case err == nil:
+			op, found = fetched, true
+		case !errors.Is(err, errNotFound):
+			return err
+		}
+	}
 	if !found || op.State != api.OpRunning {
 		return s.settle(ctx, id, lc, rev, op, found)
 	}
@@ -168,6 +180,16 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 			return s.succeedOp(ctx, op, nil, stateRunning)
 		}
 	case opStop, opDeprovision, opDelete:
+		if op.Kind == opDelete && op.RequestID == "" {
+			// A deletion without a machine, cut short after its claim (the
+			// request that made it is done with it by now): there is nothing
+			// for a provisioner to do, it only has to end.
+			if time.Since(op.StartedAt) < s.cfg.RepublishAfter {
+				return nil
+			}
+			in, _, _ := s.st.instances.get(id)
+			return s.succeedOp(ctx, op, map[string]string{"id": id, "label": in.Label}, stateDeleted)
+		}
 		if m.RequestID != op.RequestID {
 			return nil
 		}
@@ -178,7 +200,11 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 			return s.failOp(ctx, op, apiErrorOf(m.Error, "The machine operation failed"))
 		case want:
 			if op.Kind != opStop {
-				s.revokeAgent(ctx, id)
+				// Revoked before the operation ends: a failure is tried again
+				// at the next reconcile.
+				if err := s.revokeAgent(ctx, id); err != nil {
+					return fmt.Errorf("revoke the machine's credentials: %w", err)
+				}
 			}
 			if op.Kind == opDelete {
 				in, _, _ := s.st.instances.get(id)
@@ -224,6 +250,11 @@ func (s *Server) settle(ctx context.Context, id string, lc lifecycle, rev uint64
 		next.State, next.Since, next.Error = op.EndState, now, op.Error
 	case transitional:
 		next.State, next.Since, next.Error = stateFailed, now, op.Error
+	}
+	if found && op.State != api.OpSucceeded && op.Kind == opReprovision {
+		// The machine this reprovision was making will not be: its token
+		// goes (a machine that joined already keeps what it got).
+		s.withdrawJoinTokens(ctx, op.RequestID)
 	}
 	_, err := s.st.lifecycle.update(ctx, id, next, rev)
 	if errors.Is(err, errConflict) {
@@ -271,11 +302,13 @@ func (s *Server) succeedOp(ctx context.Context, op opRecord, result any, state s
 	if result == nil {
 		result = map[string]string{"instanceId": op.Instance, "state": state}
 	}
-	ended, err := s.endOpTo(ctx, op.JobID, result, nil, state)
+	ended, byThis, err := s.endOpTo(ctx, op.JobID, result, nil, state)
 	if err != nil {
 		return err
 	}
-	s.crash.At("server/end-op/ended")
+	if byThis {
+		s.crash.At("server/end-op/ended")
+	}
 	s.log.Info().Str("instance", op.Instance).Str("op", op.JobID).Str("state", ended.EndState).Msg("instance operation succeeded")
 	return s.settleNow(ctx, op)
 }
@@ -306,10 +339,13 @@ func stateOfMachine(m protocol.MachineState) string {
 // failOpTo ends the operation with an error and puts the instance in state
 // ("" keeps the one it has), with the error beside it.
 func (s *Server) failOpTo(ctx context.Context, op opRecord, failure *api.Error, state string) error {
-	if _, err := s.endOpTo(ctx, op.JobID, nil, failure, state); err != nil {
+	_, byThis, err := s.endOpTo(ctx, op.JobID, nil, failure, state)
+	if err != nil {
 		return err
 	}
-	s.crash.At("server/end-op/ended")
+	if byThis {
+		s.crash.At("server/end-op/ended")
+	}
 	s.log.Warn().Str("instance", op.Instance).Str("op", op.JobID).Str("error", failure.DetailedMessage).Msg("instance operation failed")
 	return s.settleNow(ctx, op)
 }
@@ -323,27 +359,30 @@ func (s *Server) finishDelete(ctx context.Context, op opRecord) error {
 		if err := s.st.instances.erase(ctx, op.Instance, in, rev); err != nil {
 			return err
 		}
+		s.crash.At("server/delete/instance-erased")
 	} else if !errors.Is(err, errNotFound) {
 		return err
 	}
-	s.crash.At("server/delete/instance-erased")
 	lc, _, _ := s.st.lifecycle.get(op.Instance)
-	s.forgetInstance(ctx, op.Instance, lc.BasePort)
+	if err := s.forgetInstance(ctx, op.Instance, lc.BasePort); err != nil {
+		return err
+	}
 	s.log.Info().Str("instance", op.Instance).Msg("instance deleted")
 	return nil
 }
 
 // forgetInstance purges an instance's records: its desired state,
-// secrets, last agent status and machine record, and, last, its lifecycle
-// (while it is there, a retry knows there is something to finish), and
-// frees its port.
-func (s *Server) forgetInstance(ctx context.Context, id string, port int) {
+// secrets, last agent status and machine record, and, last, its lifecycle:
+// while it is there, a retry knows there is something to finish, so a purge
+// that failed is tried again. It frees the instance's port.
+func (s *Server) forgetInstance(ctx context.Context, id string, port int) error {
 	s.releasePort(ctx, id, port)
 	for _, kv := range []jetstream.KeyValue{s.st.desired, s.st.secrets.kv, s.st.agents.kv, s.st.machines.kv, s.st.lifecycle.kv} {
 		if err := kv.Purge(ctx, id); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
-			s.log.Warn().Err(err).Str("bucket", kv.Bucket()).Str("instance", id).Msg("record of a deleted instance not purged")
+			return fmt.Errorf("purge the record of deleted instance %s from %s: %w", id, kv.Bucket(), err)
 		}
 	}
+	return nil
 }
 
 // consumeEvents folds FM_EVENTS: progress into operations, command results
@@ -356,19 +395,27 @@ func (s *Server) consumeEvents(ctx context.Context) {
 	for ctx.Err() == nil {
 		cons, err := s.js.CreateOrUpdateConsumer(ctx, protocol.StreamEvents, jetstream.ConsumerConfig{
 			Durable: EventsConsumer, AckPolicy: jetstream.AckExplicitPolicy, DeliverPolicy: jetstream.DeliverNewPolicy,
-			AckWait: eventsAckWait, MaxAckPending: 1000,
+			AckWait: eventsAckWait, MaxAckPending: 1000, MaxDeliver: eventsMaxDeliver,
 		})
 		if err == nil {
 			err = bus.Pull(ctx, cons, eventBatch, func(m jetstream.Msg) {
-				ferr := s.foldEvent(ctx, m.Data())
+				ferr := s.foldEvent(ctx, m.Subject(), m.Data())
 				switch {
 				case ctx.Err() != nil:
 					_ = m.Nak()
-				case ferr != nil:
+				case ferr != nil && busTransient(ferr) && delivered(m) >= eventsMaxDeliver:
+					s.log.Error().Err(ferr).Str("subject", m.Subject()).Int("deliveries", eventsMaxDeliver).Msg("event not folded; given up")
+					_ = m.Term()
+				case ferr != nil && busTransient(ferr):
 					delay := foldRetryDelay(m)
 					s.log.Warn().Err(ferr).Str("subject", m.Subject()).Dur("retry_in", delay).Msg("event not folded; it will be again")
 					_ = m.NakWithDelay(delay)
 				default:
+					if ferr != nil {
+						// Folding it again would fail the same way: it must
+						// not hold up the events behind it.
+						s.log.Error().Err(ferr).Str("subject", m.Subject()).Msg("event not folded; dropped")
+					}
 					s.crash.At("server/fold/ack:before")
 					_ = m.Ack()
 				}
@@ -391,10 +438,7 @@ func (s *Server) consumeEvents(ctx context.Context) {
 // foldRetryDelay grows with each delivery of an event that could not be
 // folded: 1s, 2s, … up to 30s.
 func foldRetryDelay(m jetstream.Msg) time.Duration {
-	n := uint64(1)
-	if md, err := m.Metadata(); err == nil {
-		n = md.NumDelivered
-	}
+	n := delivered(m)
 	d := time.Second
 	for i := uint64(1); i < n && d < 30*time.Second; i++ {
 		d *= 2
@@ -402,21 +446,49 @@ func foldRetryDelay(m jetstream.Msg) time.Duration {
 	return min(d, 30*time.Second)
 }
 
+// delivered is how many times m was handed out, this time included.
+func delivered(m jetstream.Msg) uint64 {
+	if md, err := m.Metadata(); err == nil {
+		return md.NumDelivered
+	}
+	return 1
+}
+
 // eventBatch is how many events a server asks for at a time.
 const eventBatch = 100
 
 // eventsAckWait is how long events taken by a server that died wait before
-// another folds them. Folding an event takes a few writes, so a batch is
-// done well within it; a repeat is harmless (folding is idempotent).
-const eventsAckWait = 10 * time.Second
+// another folds them: well beyond what folding a batch takes, even on a
+// loaded bus, since an event folded at once by two servers could start a
+// volume's growth twice.
+const eventsAckWait = 30 * time.Second
 
-// foldEvent folds one event. It returns an error only when folding it
-// again may succeed (a write to the bus failed); an event that cannot be
-// read is skipped.
-func (s *Server) foldEvent(ctx context.Context, data []byte) error {
+// eventsMaxDeliver bounds how many times an event is handed out: one whose
+// folding keeps failing is given up on (its delays add up to about ten
+// minutes) rather than held for ever, where enough of them would stop the
+// folding of every other.
+const eventsMaxDeliver = 25
+
+// busTransient reports whether err is the bus being away or slow, which
+// folding the event again later may get past.
+func busTransient(err error) bool {
+	return errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrConnectionClosed) ||
+		errors.Is(err, nats.ErrDisconnected) || errors.Is(err, nats.ErrConnectionReconnecting) ||
+		errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// foldEvent folds one event, which arrived on subject. It returns an error
+// when folding failed (a write to the bus); an event that cannot be read,
+// or that names another instance than the subject its sender may publish
+// on, is skipped.
+func (s *Server) foldEvent(ctx context.Context, subject string, data []byte) error {
 	var e protocol.Event
 	if err := protocol.Decode(data, &e); err != nil {
 		s.log.Warn().Err(err).Msg("an event does not decode; skipped")
+		return nil
+	}
+	if from := protocol.InstanceFromSubject(subject); from != e.Instance {
+		s.log.Warn().Str("subject", subject).Str("instance", e.Instance).Msg("an event names another instance than its subject; skipped")
 		return nil
 	}
 	defer s.enqueue(e.Instance)
@@ -482,8 +554,8 @@ func (s *Server) sweep(ctx context.Context) {
 				DetailedMessage: op.Kind + " of " + op.Instance + " did not finish by " + op.Deadline.Format(time.RFC3339)})
 			continue
 		}
-		old := now.Sub(op.StartedAt) > 10*time.Second
-		if !op.lifecycleFree() && now.Sub(op.StartedAt) > 30*time.Second {
+		old := now.Sub(op.StartedAt) > s.cfg.RepublishAfter
+		if !op.lifecycleFree() && now.Sub(op.StartedAt) > 3*s.cfg.RepublishAfter {
 			if lc, _, ok := s.st.lifecycle.get(op.Instance); !ok || lc.OpID != op.JobID {
 				s.endUnclaimed(ctx, op)
 				continue
@@ -558,11 +630,12 @@ func (s *Server) hasSecrets(id string) bool {
 	return sec.InitialPassword != "" && sec.AdminAPIKey != ""
 }
 
-// shouldRepublish allows one republication of an operation every 30 seconds.
+// shouldRepublish allows one republication of an operation every three
+// RepublishAfter (30 s).
 func (s *Server) shouldRepublish(opID string) bool {
 	s.fold.mu.Lock()
 	defer s.fold.mu.Unlock()
-	if time.Since(s.fold.republished[opID]) < 30*time.Second {
+	if time.Since(s.fold.republished[opID]) < 3*s.cfg.RepublishAfter {
 		return false
 	}
 	s.fold.republished[opID] = time.Now()

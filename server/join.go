@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"time"
@@ -40,7 +41,9 @@ type joinRecord struct {
 	// Agent is the NATS user key of the machine that exchanged the token;
 	// the same machine may exchange it again, no other may.
 	Agent string `json:"agent,omitempty"`
-	// Used marks a token exchanged by an agent that sent no key of its own.
+	// Used marks a token exchanged before tokens were bound to the key of
+	// the machine exchanging them (an FM from before): such a token is
+	// spent for good.
 	Used bool `json:"used,omitempty"`
 }
 
@@ -117,6 +120,8 @@ func (s *Server) join(r *http.Request) (any, error) {
 			return nil, refuse("token expired")
 		case rec.Instance != req.Instance:
 			return nil, refuse("token issued to instance " + rec.Instance)
+		case !s.tokenCurrent(ctx, rec):
+			return nil, refuse("token of a machine that was replaced or taken down")
 		case req.PublicKey == "":
 			return nil, newAPIError(protocol.CodeFailedPrecondition, "Agent too old",
 				"this agent sends no NATS key of its own; run the fm agent this Fleet Manager serves (%s)", DownloadPath)
@@ -136,7 +141,7 @@ func (s *Server) join(r *http.Request) (any, error) {
 			}
 			s.crash.At("server/join/token-bound")
 		}
-		resp, err := s.mintAgent(ctx, req.Instance, req.PublicKey, rec.Key)
+		resp, err := s.mintAgent(ctx, req.Instance, id, req.PublicKey, rec.Key)
 		if err != nil {
 			return nil, err
 		}
@@ -146,6 +151,20 @@ func (s *Server) join(r *http.Request) (any, error) {
 		return resp, nil
 	}
 	return nil, conflict("the join token is being used; retry")
+}
+
+// tokenCurrent reports whether a token is for the instance's machine of
+// now: the one its latest reprovision makes (a token of an earlier one, or
+// of an instance taken down since, is not).
+func (s *Server) tokenCurrent(ctx context.Context, rec joinRecord) bool {
+	lc, _, err := s.st.lifecycle.fetch(ctx, rec.Instance)
+	if err != nil {
+		return false
+	}
+	if oneOfStr(lc.State, stateCreated, stateDeprovisioning, stateDeprovisioned, stateDeleting) {
+		return false
+	}
+	return rec.Request == "" || lc.Machine == rec.Request
 }
 
 // safeToken keeps a caller-given id fit for a log or audit field.
@@ -158,9 +177,12 @@ func safeToken(v string) string {
 
 // mintAgent gives the instance's new machine its NATS user (a JWT for the
 // key it made), makes the machine's key the instance's (sealedKey, from its
-// join record), and revokes the NATS user of the machine before. Done again
-// for the same machine, it gives the same rights and revokes nothing more.
-func (s *Server) mintAgent(ctx context.Context, instance, pub, sealedKey string) (protocol.JoinResponse, error) {
+// join record token), and revokes the NATS user of the machine before —
+// first, so that a server that dies midway has nothing left to revoke when
+// the machine asks again. The instance's other tokens are withdrawn: a
+// machine replaced cannot join again with its old one. Done again for the
+// same machine, it gives the same rights and revokes nothing more.
+func (s *Server) mintAgent(ctx context.Context, instance, token, pub, sealedKey string) (protocol.JoinResponse, error) {
 	tok, err := s.cfg.Authority.UserJWT(instance, pub, natsauth.AgentPermissions(instance), time.Time{})
 	if err != nil {
 		return protocol.JoinResponse{}, internal(err, "the agent's credentials could not be made")
@@ -171,13 +193,21 @@ func (s *Server) mintAgent(ctx context.Context, instance, pub, sealedKey string)
 			return protocol.JoinResponse{}, internal(err, "the machine's instance key could not be opened")
 		}
 	}
-	var previous string
+	sec, _, err := s.st.secrets.fetch(ctx, instance)
+	if err != nil && !errors.Is(err, errNotFound) {
+		return protocol.JoinResponse{}, unavailable(err, "the instance's secrets could not be read")
+	}
+	if previous := sec.AgentUser; previous != "" && previous != pub {
+		if err := s.revokeUsers(ctx, instance, previous); err != nil {
+			return protocol.JoinResponse{}, unavailable(err, "the previous machine's credentials could not be revoked")
+		}
+		s.crash.At("server/join/previous-revoked")
+	}
 	for attempt := 0; ; attempt++ {
 		sec, rev, err := s.st.secrets.fetch(ctx, instance)
 		if err != nil && !errors.Is(err, errNotFound) {
 			return protocol.JoinResponse{}, unavailable(err, "the instance's secrets could not be read")
 		}
-		previous = sec.AgentUser
 		sec.AgentUser = pub
 		if key != "" {
 			sec.InstanceKey = key
@@ -197,42 +227,49 @@ func (s *Server) mintAgent(ctx context.Context, instance, pub, sealedKey string)
 	}
 	s.crash.At("server/join/credentials-recorded")
 	s.recordByFM(ctx, "credentials.minted", "credentials", instance, nil)
-	if previous != "" && previous != pub {
-		s.revokeUsers(ctx, instance, previous)
-	}
+	s.withdrawTokens(ctx, instance, token)
 	return protocol.JoinResponse{JWT: tok, InstanceKey: key}, nil
+}
+
+// withdrawTokens deletes the instance's join tokens but keep's; one left
+// behind expires within the hour anyway.
+func (s *Server) withdrawTokens(ctx context.Context, instance, keep string) {
+	for _, row := range s.st.joins.rows() {
+		if row.val.Instance == instance && row.key != keep {
+			if err := s.st.joins.remove(ctx, row.key, row.rev); err != nil && !errors.Is(err, errConflict) {
+				s.log.Warn().Err(err).Str("instance", instance).Msg("a join token was not withdrawn; it expires on its own")
+			}
+		}
+	}
 }
 
 // revokeAgent revokes the NATS user of an instance's machine (it was
 // deprovisioned or deleted) and the join tokens it did not use.
-func (s *Server) revokeAgent(ctx context.Context, instance string) {
+func (s *Server) revokeAgent(ctx context.Context, instance string) error {
 	if s.cfg.Authority == nil {
-		return
+		return nil
 	}
-	for _, row := range s.st.joins.rows() {
-		if row.val.Instance == instance && !row.val.used() {
-			if err := s.st.joins.remove(ctx, row.key, row.rev); err != nil && !errors.Is(err, errConflict) {
-				s.log.Warn().Err(err).Str("instance", instance).Msg("an unused join token was not withdrawn; it expires on its own")
-			}
-		}
-	}
+	// Every token of the instance goes, used ones too: the machine that
+	// used one must not exchange it again.
+	s.withdrawTokens(ctx, instance, "")
 	sec, _, _ := s.st.secrets.get(instance)
 	if sec.AgentUser != "" {
-		s.revokeUsers(ctx, instance, sec.AgentUser)
+		return s.revokeUsers(ctx, instance, sec.AgentUser)
 	}
+	return nil
 }
 
 // revokeUsers adds users to the revocation list kept in fm_settings and
 // pushes the account with the whole list (so that replicas never drop each
 // other's revocations).
-func (s *Server) revokeUsers(ctx context.Context, instance string, users ...string) {
+func (s *Server) revokeUsers(ctx context.Context, instance string, users ...string) error {
 	var list map[string]int64
 	var added []string
-	for attempt := 0; attempt < 10; attempt++ {
+	recorded := false
+	for attempt := 0; attempt < 10 && !recorded; attempt++ {
 		doc, rev, err := s.st.settings.fetch(ctx, revocationsKey)
 		if err != nil && !errors.Is(err, errNotFound) {
-			s.log.Error().Err(err).Msg("revocations unreadable")
-			return
+			return fmt.Errorf("revocations unreadable: %w", err)
 		}
 		list = doc.Revocations
 		if list == nil {
@@ -246,7 +283,7 @@ func (s *Server) revokeUsers(ctx context.Context, instance string, users ...stri
 			}
 		}
 		if len(added) == 0 {
-			return
+			break // recorded before (a push may have failed then: pushed again below)
 		}
 		doc.Revocations = list
 		if rev == 0 {
@@ -255,21 +292,23 @@ func (s *Server) revokeUsers(ctx context.Context, instance string, users ...stri
 			_, err = s.st.settings.update(ctx, revocationsKey, doc, rev)
 		}
 		if err == nil {
-			break
-		}
-		if !errors.Is(err, errConflict) && !errors.Is(err, errExists) {
-			s.log.Error().Err(err).Msg("revocation not recorded")
-			return
+			recorded = true
+		} else if !errors.Is(err, errConflict) && !errors.Is(err, errExists) {
+			return fmt.Errorf("revocation not recorded: %w", err)
 		}
 	}
-	if err := s.pushAccount(ctx, list); err != nil {
-		s.log.Error().Err(err).Str("instance", instance).Msg("revocation not pushed to NATS; it will be with the next one")
-		return
+	if s.cfg.SystemConn == nil {
+		// Nothing to push with (NATS is not FM's own): in force once the
+		// account is pushed, at a start of a server that can.
+		s.log.Warn().Str("instance", instance).Msg("revocation recorded; no system account connection to push it to NATS")
+	} else if err := s.pushAccount(ctx, list); err != nil {
+		return fmt.Errorf("revocation recorded but not pushed to NATS: %w", err)
 	}
 	for _, u := range added {
 		s.recordByFM(ctx, "credentials.revoked", "credentials", instance, nil)
 		s.log.Info().Str("instance", instance).Str("user", u).Msg("agent credentials revoked")
 	}
+	return nil
 }
 
 // revocationsKey is where fm_settings keeps the revoked NATS users.

@@ -82,18 +82,30 @@ func (s *Server) addStep(ctx context.Context, id, name string, e protocol.Event)
 // endOp ends a running operation with a result or an error; an operation
 // that already ended is left alone.
 func (s *Server) endOp(ctx context.Context, id string, result any, failure *api.Error) (opRecord, error) {
-	return s.endOpTo(ctx, id, result, failure, "")
+	op, _, err := s.endOpTo(ctx, id, result, failure, "")
+	return op, err
 }
 
 // endOpTo is endOp recording the lifecycle state the instance goes to
 // (settle moves it there).
-func (s *Server) endOpTo(ctx context.Context, id string, result any, failure *api.Error, state string) (opRecord, error) {
-	return s.st.ops.change(ctx, id, func(op *opRecord) bool {
+func (s *Server) endOpTo(ctx context.Context, id string, result any, failure *api.Error, state string) (opRecord, bool, error) {
+	ended := false
+	op, err := s.st.ops.change(ctx, id, func(op *opRecord) bool {
+		ended = false
 		if op.State != api.OpRunning {
 			return false
 		}
+		ended = true
 		now := time.Now().UTC()
 		op.Alive, op.EndedAt, op.EndState = false, &now, state
+		if op.Kind == opReprovision && op.TargetImageID == "" {
+			// Started by an FM from before the target was recorded: it is
+			// in the request.
+			var req protocol.ProvisionRequest
+			if json.Unmarshal(op.Request, &req) == nil && req.Spec != nil {
+				op.TargetImageID, op.TargetDSSVersion = req.Spec.ImageID, req.Spec.DSSVersion
+			}
+		}
 		// What was sent is no longer needed, and may hold a join token or a
 		// password: drop it.
 		op.Request, op.Command, op.Desired = nil, nil, nil
@@ -105,9 +117,13 @@ func (s *Server) endOpTo(ctx context.Context, id string, result any, failure *ap
 			op.Result, _ = json.Marshal(result)
 			op.step(op.Kind, string(protocol.StatusOK), "", now)
 		}
-		s.metrics.observeOp(op.Kind, op.State, now.Sub(op.StartedAt))
 		return true
 	})
+	if ended && err == nil {
+		// Once, after the write (the change may be tried more than once).
+		s.metrics.observeOp(op.Kind, op.State, op.EndedAt.Sub(op.StartedAt))
+	}
+	return op, ended && err == nil, err
 }
 
 // apiErrorOf turns a bus error into a REST error body.

@@ -45,29 +45,29 @@ func (s *Server) scheduleWhileLeased(ctx context.Context, holder string) error {
 		return fmt.Errorf("lease bucket: %w", err)
 	}
 	l := &bus.Lease{KV: kv, Key: schedulerLease, Holder: holder, TTL: s.cfg.Topology.LeaseTTL}
-	if err := l.Acquire(ctx); err != nil {
-		return err
-	}
-	s.log.Info().Str("holder", holder).Msg("holding the snapshot scheduler lease")
-	work, stop := context.WithCancel(ctx)
-	kept := make(chan struct{})
-	var keepErr error
-	// A lease lost (or no longer provable) stops the work at once.
-	go func() { keepErr = l.Keep(work); stop(); close(kept) }()
-	// Stop renewing before giving the lease up.
-	defer func() { stop(); <-kept; l.Release() }()
-	tick := time.NewTicker(s.cfg.SchedulerInterval)
-	defer tick.Stop()
-	for {
-		s.scheduleSnapshots(work, time.Now())
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-kept:
-			return keepErr
-		case <-tick.C:
+	return l.Run(ctx, func(held context.Context) error {
+		s.log.Info().Str("holder", holder).Msg("holding the snapshot scheduler lease")
+		// The work stops with ctx, or at once when the lease is lost.
+		work, stop := context.WithCancel(held)
+		defer stop()
+		go func() {
+			select {
+			case <-ctx.Done():
+				stop()
+			case <-work.Done():
+			}
+		}()
+		tick := time.NewTicker(s.cfg.SchedulerInterval)
+		defer tick.Stop()
+		for {
+			s.scheduleSnapshots(work, time.Now())
+			select {
+			case <-work.Done():
+				return nil
+			case <-tick.C:
+			}
 		}
-	}
+	})
 }
 
 // scheduleSnapshots does, for every instance with automated snapshots, the

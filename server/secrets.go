@@ -19,10 +19,10 @@ const secretCommandPrefix = "sec-"
 
 // requestSecrets asks an instance's agent for the credentials FM keeps
 // (DSS's initial admin password and an admin API key) until FM has them, at
-// most every 30 seconds.
+// most every three RepublishAfter (30 seconds).
 func (s *Server) requestSecrets(ctx context.Context, id string) {
 	sec, rev, _ := s.st.secrets.get(id)
-	if s.hasSecrets(id) || time.Since(sec.Requested) < 30*time.Second {
+	if s.hasSecrets(id) || time.Since(sec.Requested) < 3*s.cfg.RepublishAfter {
 		return
 	}
 	sec.Requested = time.Now().UTC()

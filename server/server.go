@@ -61,6 +61,11 @@ type Config struct {
 	// SweepInterval is how often running operations are checked for their
 	// deadline and lost requests (default 2s).
 	SweepInterval time.Duration
+	// RepublishAfter is how long an operation may go without its request or
+	// command being taken before the sweep sends it again (default 10s);
+	// an operation recorded but never claimed is ended after three times
+	// as long. Tests shorten it.
+	RepublishAfter time.Duration
 	// SnapshotHour is how long an hour of automatedSnapshotPeriod lasts
 	// (default an hour); tests shorten it. SchedulerInterval is how often
 	// the snapshot scheduler looks (default a minute, at most a tenth of
@@ -144,6 +149,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.SweepInterval == 0 {
 		cfg.SweepInterval = 2 * time.Second
+	}
+	if cfg.RepublishAfter == 0 {
+		cfg.RepublishAfter = 10 * time.Second
 	}
 	if cfg.SnapshotHour == 0 {
 		cfg.SnapshotHour = time.Hour

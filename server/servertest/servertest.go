@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -33,6 +34,7 @@ type Env struct {
 	cfg    server.Config
 	cancel context.CancelFunc
 	done   chan struct{}
+	dead   *atomic.Bool // set by Die: the server's end is no error
 }
 
 // Option changes the server's configuration before it starts.
@@ -96,9 +98,11 @@ func (e *Env) start(t testing.TB) {
 	}
 	runCtx, stop := context.WithCancel(context.Background())
 	e.Server, e.cancel, e.done = s, stop, make(chan struct{})
+	dead := &atomic.Bool{}
+	e.dead = dead
 	go func() {
 		defer close(e.done)
-		if err := s.Run(runCtx); err != nil {
+		if err := s.Run(runCtx); err != nil && !dead.Load() {
 			t.Errorf("servertest: run: %v", err)
 		}
 	}()
@@ -127,6 +131,7 @@ func (e *Env) Die() {
 	if e.cancel == nil {
 		return
 	}
+	e.dead.Store(true)
 	e.Conn.Close()
 	e.Server.Close()
 	e.cancel()
