@@ -88,21 +88,21 @@ func (r *actionRunner) run(ctx context.Context, a protocol.SetupAction, index in
 	id := fmt.Sprintf("action %d %s", index, a.Type)
 	switch p := params.(type) {
 	case *protocol.AddAuthorizedKeyParams:
-		return r.addAuthorizedKey(id, p)
+		return r.addAuthorizedKey(ctx, id, p)
 	case *protocol.AddSSHKeyParams:
-		return r.addSSHKey(p)
+		return r.addSSHKey(ctx, p)
 	case *protocol.AddEnvVariablesParams:
 		lines := make([]string, len(p.Variables))
 		for i, kv := range p.Variables {
 			lines[i] = "export " + kv.Key + "=" + shellQuote(kv.Value)
 		}
-		return r.editDSSFile(id, []string{"bin", "env-site.sh"}, lines, fmt.Sprintf("%d variables in bin/env-site.sh", len(lines)))
+		return r.editDSSFile(ctx, id, []string{"bin", "env-site.sh"}, lines, fmt.Sprintf("%d variables in bin/env-site.sh", len(lines)))
 	case *protocol.AddPropertiesParams:
 		lines := make([]string, len(p.Properties))
 		for i, kv := range p.Properties {
 			lines[i] = kv.Key + "=" + kv.Value
 		}
-		return r.editDSSFile(id, []string{"config", "dip.properties"}, lines, fmt.Sprintf("%d properties in config/dip.properties", len(lines)))
+		return r.editDSSFile(ctx, id, []string{"config", "dip.properties"}, lines, fmt.Sprintf("%d properties in config/dip.properties", len(lines)))
 	case *protocol.SetupProxyParams:
 		https, no := p.HTTPSProxy, p.NoProxy
 		if https == "" {
@@ -115,7 +115,7 @@ func (r *actionRunner) run(ctx context.Context, a protocol.SetupAction, index in
 		for _, kv := range [][2]string{{"http_proxy", p.HTTPProxy}, {"https_proxy", https}, {"no_proxy", no}} {
 			lines = append(lines, "export "+kv[0]+"="+shellQuote(kv[1]), "export "+strings.ToUpper(kv[0])+"="+shellQuote(kv[1]))
 		}
-		return r.editDSSFile(id, []string{"bin", "env-site.sh"}, lines, "proxy "+p.HTTPProxy+" in bin/env-site.sh")
+		return r.editDSSFile(ctx, id, []string{"bin", "env-site.sh"}, lines, "proxy "+p.HTTPProxy+" in bin/env-site.sh")
 	case *protocol.SetupAdvancedSecurityParams:
 		basic, hsts := true, false
 		if p.BasicHeaders != nil {
@@ -125,7 +125,7 @@ func (r *actionRunner) run(ctx context.Context, a protocol.SetupAction, index in
 			hsts = *p.HSTS
 		}
 		lines := []string{"dku.security.basicHeaders=" + strconv.FormatBool(basic), "dku.security.hsts=" + strconv.FormatBool(hsts)}
-		return r.editDSSFile(id, []string{"config", "dip.properties"}, lines, fmt.Sprintf("basic headers %v, HSTS %v", basic, hsts))
+		return r.editDSSFile(ctx, id, []string{"config", "dip.properties"}, lines, fmt.Sprintf("basic headers %v, HSTS %v", basic, hsts))
 	case *protocol.AddCAToTruststoreParams:
 		return r.addCA(ctx, p)
 	case *protocol.UpdateDSSPortParams:
@@ -144,45 +144,45 @@ func (r *actionRunner) run(ctx context.Context, a protocol.SetupAction, index in
 
 // editDSSFile adds an FM block to a file of the DSS data directory, which
 // must be installed.
-func (r *actionRunner) editDSSFile(id string, rel []string, lines []string, what string) actionResult {
+func (r *actionRunner) editDSSFile(ctx context.Context, id string, rel []string, lines []string, what string) actionResult {
 	if v, err := r.m.installedVersion(); err != nil || v == "" {
 		return failed("", errors.New("DSS is not installed yet: give the action the stage after_install or later"))
 	}
 	path := filepath.Join(append([]string{r.m.dssDir}, rel...)...)
-	if err := appendBlock(path, id, lines, 0o644); err != nil {
+	if err := r.m.appendBlock(ctx, path, id, lines, 0o644); err != nil {
 		return failed("", err)
 	}
 	return ok("%s", what)
 }
 
-func (r *actionRunner) addAuthorizedKey(id string, p *protocol.AddAuthorizedKeyParams) actionResult {
+func (r *actionRunner) addAuthorizedKey(ctx context.Context, id string, p *protocol.AddAuthorizedKeyParams) actionResult {
 	dir := r.m.rooted("home", r.m.cfg.LoginUser, ".ssh")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return failed("", err)
 	}
 	path := filepath.Join(dir, "authorized_keys")
-	if err := appendBlock(path, id, []string{strings.TrimSpace(p.SSHKey)}, 0o600); err != nil {
+	if err := r.m.appendBlock(ctx, path, id, []string{strings.TrimSpace(p.SSHKey)}, 0o600); err != nil {
 		return failed("", err)
 	}
 	r.m.chownToUser(r.m.cfg.LoginUser, dir, path)
 	return ok("key added to ~%s/.ssh/authorized_keys", r.m.cfg.LoginUser)
 }
 
-func (r *actionRunner) addSSHKey(p *protocol.AddSSHKeyParams) actionResult {
+func (r *actionRunner) addSSHKey(ctx context.Context, p *protocol.AddSSHKeyParams) actionResult {
 	name := p.KeyName
 	if name == "" {
 		name = defaultKeyName(p.PrivateKey)
 	}
+	// The DSS account's home is its own: the key is written as it (filesFor).
 	dir := r.m.rooted("home", r.m.cfg.DSSUser, ".ssh")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := r.m.mkdirAll(ctx, dir, 0o700); err != nil {
 		return failed("", err)
 	}
 	path := filepath.Join(dir, name)
 	key := strings.TrimSpace(p.PrivateKey) + "\n"
-	if err := atomicfile.WriteFile(path, []byte(key), 0o600); err != nil {
+	if err := r.m.writeFile(ctx, path, []byte(key), 0o600); err != nil {
 		return failed("", err)
 	}
-	r.m.chownToUser(r.m.cfg.DSSUser, dir, path)
 	return ok("private key installed as ~%s/.ssh/%s", r.m.cfg.DSSUser, name)
 }
 
@@ -326,7 +326,7 @@ func (r *actionRunner) updatePort(ctx context.Context, p *protocol.UpdateDSSPort
 	if cur == p.Port {
 		return ok("DSS already uses port %d", p.Port)
 	}
-	if err := r.m.setPort(p.Port); err != nil {
+	if err := r.m.setPort(ctx, p.Port); err != nil {
 		return failed("", err)
 	}
 	out, err := r.m.run(ctx, filepath.Join(r.m.dssDir, "bin", "dssadmin"), "regenerate-config")

@@ -53,9 +53,9 @@ type Agent struct {
 	// sequence, a command, the watchdog's restart), so that they never
 	// overlap.
 	machineMu sync.Mutex
-	// installLock is the install lock while a convergence holds it (under
-	// machineMu), for the installer to inherit.
-	installLock *os.File
+	// installLock is the install lock while a convergence holds it, for
+	// the installer to inherit.
+	installLock atomic.Pointer[os.File]
 
 	// firstTry is when the agent first worked on generation firstTryGen:
 	// without a deadline in the desired state, transient failures are

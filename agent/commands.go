@@ -81,13 +81,11 @@ func (a *Agent) handleCommand(ctx context.Context, data []byte, seq uint64) {
 		return
 	}
 	if cmd.Instance != a.cfg.Instance {
-		a.answer(cmd, commandResult{err: protocol.Errorf(protocol.CodeInvalidArgument, "command for instance %q", cmd.Instance)})
-		a.commandDone(cmd.ID, seq)
+		a.finish(ctx, cmd, commandResult{err: protocol.Errorf(protocol.CodeInvalidArgument, "command for instance %q", cmd.Instance)}, seq)
 		return
 	}
 	if perr := a.openParams(&cmd); perr != nil {
-		a.answer(cmd, commandResult{err: perr})
-		a.commandDone(cmd.ID, seq)
+		a.finish(ctx, cmd, commandResult{err: perr}, seq)
 		return
 	}
 	if a.cursor.seen(cmd.ID) {
@@ -96,9 +94,8 @@ func (a *Agent) handleCommand(ctx context.Context, data []byte, seq uint64) {
 		return
 	}
 	if !cmd.Expires.IsZero() && time.Now().After(cmd.Expires) {
-		a.answer(cmd, commandResult{err: protocol.Errorf(protocol.CodeDeadlineExceeded,
-			"command %s expired at %s before the agent could run it", cmd.Kind, cmd.Expires.Format(time.RFC3339))})
-		a.commandDone(cmd.ID, seq)
+		a.finish(ctx, cmd, commandResult{err: protocol.Errorf(protocol.CodeDeadlineExceeded,
+			"command %s expired at %s before the agent could run it", cmd.Kind, cmd.Expires.Format(time.RFC3339))}, seq)
 		return
 	}
 	log := a.log.With().Str("command", cmd.ID).Str("kind", string(cmd.Kind)).Logger()
@@ -111,9 +108,8 @@ func (a *Agent) handleCommand(ctx context.Context, data []byte, seq uint64) {
 		// agent is given up on.
 		attempt = r.Attempts + 1
 		if attempt > maxCommandAttempts {
-			a.answer(cmd, commandResult{err: protocol.Errorf(protocol.CodeAborted,
-				"the agent stopped %d times while running %s (first started %s); it is not run again", r.Attempts, cmd.Kind, r.Started.Format(time.RFC3339))})
-			a.commandDone(cmd.ID, seq)
+			a.finish(ctx, cmd, commandResult{err: protocol.Errorf(protocol.CodeAborted,
+				"the agent stopped %d times while running %s (first started %s); it is not run again", r.Attempts, cmd.Kind, r.Started.Format(time.RFC3339))}, seq)
 			return
 		}
 		log.Warn().Int("attempt", attempt).Msg("the agent stopped while running this command; running it again")
@@ -133,14 +129,24 @@ func (a *Agent) handleCommand(ctx context.Context, data []byte, seq uint64) {
 		log.Warn().Str("error", res.err.Message).Msg("command failed")
 	}
 	a.crash.At(point + ":done")
-	a.answer(cmd, res)
-	a.crash.At(point + "/answered")
-	a.commandDone(cmd.ID, seq)
+	a.finish(ctx, cmd, res, seq)
 }
 
 // maxCommandAttempts is how many times a command is started before the
 // agent gives up on one it keeps dying in.
 const maxCommandAttempts = 3
+
+// finish answers a command and then records it done. An answer the bus has
+// not taken when the agent stops leaves the command undone: it runs again
+// and is answered then, under the same event id.
+func (a *Agent) finish(ctx context.Context, cmd protocol.Command, res commandResult, seq uint64) {
+	if err := a.answer(ctx, cmd, res); err != nil {
+		a.log.Warn().Err(err).Str("command", cmd.ID).Msg("the agent stopped before the bus had the command's result; it runs again at start")
+		return
+	}
+	a.crash.At("agent/command " + string(cmd.Kind) + "/answered")
+	a.commandDone(cmd.ID, seq)
+}
 
 func (a *Agent) commandDone(id string, seq uint64) {
 	if id == "" {
@@ -153,7 +159,7 @@ func (a *Agent) commandDone(id string, seq uint64) {
 	}
 }
 
-func (a *Agent) answer(cmd protocol.Command, res commandResult) {
+func (a *Agent) answer(ctx context.Context, cmd protocol.Command, res commandResult) error {
 	e := protocol.Event{ID: resultEventID(cmd.ID), Kind: protocol.EventCommand, CommandID: cmd.ID, OpID: cmd.OpID, Step: string(cmd.Kind),
 		Status: protocol.StatusOK, Message: res.message, Output: res.output}
 	if res.err != nil {
@@ -171,7 +177,7 @@ func (a *Agent) answer(cmd protocol.Command, res commandResult) {
 			}
 		}
 	}
-	a.rep.event(e)
+	return a.rep.deliver(ctx, e)
 }
 
 var reUserName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}$`)

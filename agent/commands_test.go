@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -153,6 +154,39 @@ func TestAnInterruptedCommandIsRunAgain(t *testing.T) {
 	res := r.result("cmd-poison")
 	if res.Error == nil || res.Error.Code != protocol.CodeAborted || !strings.Contains(res.Error.Message, "not run again") || r.login("admin", "never") == 200 {
 		t.Fatalf("a command the agent kept dying in: %+v", res)
+	}
+}
+
+func TestACommandIsDoneOnlyOnceItsResultIsSent(t *testing.T) {
+	r := newRig(t)
+	r.startAgent()
+	r.waitReady(r.desire("14.0.0").Generation)
+	r.stopAgent()
+	ran := make(chan struct{})
+	var once sync.Once
+	r.cfg.Crash = func(point string) {
+		if point == "agent/command "+string(protocol.CommandResetUserPassword)+":done" {
+			// The bus goes away with the result still to send.
+			once.Do(func() { r.bus.Shutdown(); close(ran) })
+		}
+	}
+	r.startAgent()
+	r.commandWithID("cmd-unsent", "cmd-unsent", protocol.CommandResetUserPassword,
+		protocol.ResetUserPasswordParams{UserName: "admin", Password: "sent-at-last"}, time.Now().Add(time.Hour))
+	<-ran
+	r.stopAgent()
+	var cur commandCursor
+	if _, err := loadJSON(filepath.Join(r.data, "fm-agent", "commands.json"), &cur); err != nil {
+		t.Fatal(err)
+	}
+	if cur.seen("cmd-unsent") || cur.Running == nil || cur.Running.ID != "cmd-unsent" {
+		t.Fatalf("a command whose result never reached the bus was recorded done: %+v", cur)
+	}
+	r.bus.Restart(t)
+	r.cfg.Crash = nil
+	r.startAgent()
+	if res := r.result("cmd-unsent"); res.Status != protocol.StatusOK || r.login("admin", "sent-at-last") != 200 {
+		t.Fatalf("the command was not answered after the restart: %+v", res)
 	}
 }
 

@@ -37,10 +37,10 @@ type Config struct {
 	CredsFile string `json:"credsFile,omitempty"`
 	// Join, if set, is how the agent gets its credentials on its first
 	// start: it exchanges the single-use token at Join.URL for its NATS
-	// credentials (kept in CredsFile, by default on the OS disk) and the
-	// instance key. Join.CACert, or CAFile, is the CA that FM's HTTPS and
-	// NATS certificates are verified with; with one, the bus is reached
-	// over TLS.
+	// credentials and the instance key, kept in identity.json in its state
+	// folder on the OS disk (CredsFile is then not used). Join.CACert, or
+	// CAFile, is the CA that FM's HTTPS and NATS certificates are verified
+	// with; with one, the bus is reached over TLS.
 	Join   *protocol.JoinSpec `json:"join,omitempty"`
 	CAFile string             `json:"caFile,omitempty"`
 	// RootDir is the machine's OS disk ("/" on a real machine): it holds the

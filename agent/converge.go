@@ -12,7 +12,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/fleetmanager/fm/internal/atomicfile"
 	"github.com/fleetmanager/fm/protocol"
 )
 
@@ -74,7 +73,7 @@ func (a *Agent) untilDeadline(ctx context.Context, d *protocol.DesiredState, nam
 			return msg, out, err
 		}
 		a.log.Warn().Err(se.err).Str("step", name).Dur("retry_in", wait).Msg("step failed for now; retrying")
-		a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: d.Generation, Step: name, Status: protocol.StatusStarted,
+		a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: d.Generation, Step: name, Status: protocol.StatusRetrying,
 			Message: fmt.Sprintf("%v; trying again in %s", se.err, wait)})
 		select {
 		case <-ctx.Done():
@@ -167,8 +166,8 @@ func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
 		return a.fail(d, &stepError{step: "inspect", code: protocol.CodeInternal, err: err})
 	}
 	defer lock.Close()
-	a.installLock = lock
-	defer func() { a.installLock = nil }()
+	a.installLock.Store(lock)
+	defer a.installLock.Store(nil)
 	mk := a.m.loadMarker()
 	want := appliedOf(d)
 	installed, err := a.m.installedVersion()
@@ -262,7 +261,7 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 	}); err != nil {
 		return err
 	}
-	if err := a.m.managedFiles().clear(); err != nil {
+	if err := a.m.managedFiles().clear(ctx); err != nil {
 		return &stepError{step: "prepare", code: protocol.CodeInternal, err: err}
 	}
 	facts := a.factsFor(d, false, false)
@@ -294,7 +293,7 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 		}
 		if err := a.step(gen, name, func() (string, string, error) {
 			stopOut, _ := a.m.stopDSS(ctx)
-			out, err := a.m.runInstaller(ctx, a.installLock, installer, "-d", a.m.dssDir, "-u", "-y")
+			out, err := a.m.runInstaller(ctx, a.installLock.Load(), installer, "-d", a.m.dssDir, "-u", "-y")
 			if err != nil {
 				return "", stopOut + out, &stepError{code: protocol.CodeInternal, err: err}
 			}
@@ -306,15 +305,12 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 			return err
 		}
 	}
-	if err := a.writeLicense(gen, d); err != nil {
+	if err := a.writeLicense(ctx, gen, d); err != nil {
 		return err
 	}
 	facts = a.factsFor(d, wasInstalled, wasUpgraded)
 	if err := a.runStage(ctx, d, protocol.StageAfterInstall, facts); err != nil {
 		return err
-	}
-	if err := a.m.handDSSFiles(ctx); err != nil {
-		return &stepError{step: "prepare", code: protocol.CodeInternal, err: err}
 	}
 	if !mk.DSSStopped {
 		if err := a.step(gen, "start-dss", func() (string, string, error) {
@@ -334,9 +330,6 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 	if err := a.runStage(ctx, d, protocol.StageAfterDSSStartup, a.factsFor(d, wasInstalled, wasUpgraded)); err != nil {
 		return err
 	}
-	if err := a.m.handDSSFiles(ctx); err != nil {
-		return &stepError{step: "prepare", code: protocol.CodeInternal, err: err}
-	}
 	return nil
 }
 
@@ -349,6 +342,10 @@ func (a *Agent) install(ctx context.Context, installer string, d *protocol.Desir
 	if err := a.m.giveToDSS(ctx, filepath.Dir(a.m.dssDir)); err != nil {
 		return "", "", err
 	}
+	kept, err := a.m.keepIncompleteDataDir()
+	if err != nil {
+		return "", "", err
+	}
 	args := []string{"-d", a.m.dssDir, "-p", fmt.Sprint(d.DSS.Port), "-t", d.NodeType}
 	if d.DSS.License != "" {
 		lic, err := os.CreateTemp("", "fm-license-*.json")
@@ -357,33 +354,38 @@ func (a *Agent) install(ctx context.Context, installer string, d *protocol.Desir
 		}
 		defer os.Remove(lic.Name())
 		_, err = lic.WriteString(d.DSS.License)
-		lic.Close()
 		if err == nil {
-			err = a.m.giveToDSS(ctx, lic.Name())
+			// The installer reads it as the DSS account.
+			err = a.m.giveFileToDSS(ctx, lic)
 		}
+		lic.Close()
 		if err != nil {
 			return "", "", err
 		}
 		args = append(args, "-l", lic.Name())
 	}
-	out, err := a.m.runInstaller(ctx, a.installLock, installer, args...)
+	out, err := a.m.runInstaller(ctx, a.installLock.Load(), installer, args...)
 	if err != nil {
 		return "", out, &stepError{code: protocol.CodeInternal, err: err}
 	}
-	return fmt.Sprintf("DSS %s installed (%s node, port %d)", d.DSS.Version, d.NodeType, d.DSS.Port), out, nil
+	msg := fmt.Sprintf("DSS %s installed (%s node, port %d)", d.DSS.Version, d.NodeType, d.DSS.Port)
+	if kept != "" {
+		msg += "; the data directory an interrupted install left was kept as " + kept
+	}
+	return msg, out, nil
 }
 
 // writeLicense puts the desired license in DSS's config, if it changed.
-func (a *Agent) writeLicense(gen uint64, d *protocol.DesiredState) error {
+func (a *Agent) writeLicense(ctx context.Context, gen uint64, d *protocol.DesiredState) error {
 	if d.DSS.License == "" {
 		return nil
 	}
-	cur, _ := os.ReadFile(a.m.licensePath())
+	cur, _ := a.m.readFile(ctx, a.m.licensePath())
 	if string(cur) == d.DSS.License {
 		return nil
 	}
 	return a.step(gen, "license", func() (string, string, error) {
-		if err := atomicfile.WriteFile(a.m.licensePath(), []byte(d.DSS.License), 0o600); err != nil {
+		if err := a.m.writeFile(ctx, a.m.licensePath(), []byte(d.DSS.License), 0o600); err != nil {
 			return "", "", err
 		}
 		return "license installed", "", nil
@@ -424,7 +426,7 @@ func (a *Agent) runStage(ctx context.Context, d *protocol.DesiredState, stage pr
 // at start changed.
 func (a *Agent) applySettings(ctx context.Context, d *protocol.DesiredState, mk marker) error {
 	before := a.m.dssInputs()
-	if err := a.m.managedFiles().clear(); err != nil {
+	if err := a.m.managedFiles().clear(ctx); err != nil {
 		return &stepError{step: "prepare", code: protocol.CodeInternal, err: err}
 	}
 	facts := a.factsFor(d, false, false)
@@ -433,11 +435,8 @@ func (a *Agent) applySettings(ctx context.Context, d *protocol.DesiredState, mk 
 			return err
 		}
 	}
-	if err := a.writeLicense(d.Generation, d); err != nil {
+	if err := a.writeLicense(ctx, d.Generation, d); err != nil {
 		return err
-	}
-	if err := a.m.handDSSFiles(ctx); err != nil {
-		return &stepError{step: "prepare", code: protocol.CodeInternal, err: err}
 	}
 	if before == a.m.dssInputs() || mk.DSSStopped {
 		return nil

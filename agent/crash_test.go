@@ -3,9 +3,11 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -112,7 +114,39 @@ func agentScenarios() []agentScenario {
 			}}
 	}
 	newest := kit.Versions[len(kit.Versions)-1]
+	// joinScenario: a new machine joins FM (a fake join endpoint that binds
+	// the token to the first key, as FM does) and reports.
+	joins := map[*rig]*fakeJoin{}
+	var joinsMu sync.Mutex
+	joinScenario := agentScenario{name: "join",
+		setup: func(r *rig) {
+			fj := newFakeJoin(r.t)
+			ts := httptest.NewServer(fj)
+			r.t.Cleanup(ts.Close)
+			r.cfg.Join = &protocol.JoinSpec{URL: ts.URL + "/api/join", Token: "jt-crash.secret"}
+			joinsMu.Lock()
+			joins[r] = fj
+			joinsMu.Unlock()
+		},
+		act: func(r *rig) func() { return func() {} },
+		done: func(r *rig) {
+			r.waitStatus("reported after joining", time.Minute, func(s protocol.AgentStatus) bool { return s.Time.After(r.since) })
+			joinsMu.Lock()
+			fj := joins[r]
+			joinsMu.Unlock()
+			asked := fj.keysAsked()
+			for _, k := range asked {
+				if k != asked[0] {
+					r.t.Fatalf("the machine asked with two keys: %v", asked)
+				}
+			}
+			var id identity
+			if b, err := os.ReadFile(newMachine(r.cfg, r.cfg.Logger).identityPath()); err != nil || json.Unmarshal(b, &id) != nil || id.InstanceKey != fj.key {
+				r.t.Fatalf("identity: %v %+v", err, id)
+			}
+		}}
 	return []agentScenario{
+		joinScenario,
 		{name: "startup-sequence", setup: func(*rig) {}, act: desire(kit.Versions[0], crashActions...), done: converged(kit.Versions[0])},
 		{name: "upgrade", setup: ready, act: desire(newest, crashActions...), done: converged(newest)},
 		// A new machine (a new OS disk) on the kept volume converges to the
@@ -173,8 +207,8 @@ func crashScenario(t *testing.T, sc agentScenario, n int) {
 		if a.nc != nil {
 			a.nc.Close()
 		}
-		if a.installLock != nil {
-			a.installLock.Close()
+		if l := a.installLock.Load(); l != nil {
+			l.Close()
 		}
 		cancel()
 	}
@@ -199,6 +233,9 @@ func (r *rig) checkMachine() {
 	r.t.Helper()
 	if dss := cmdline.Find(r.dssDir(), "serve"); len(dss) != 1 {
 		r.t.Errorf("%d DSS processes run, want 1", len(dss))
+	}
+	if pids := lockHolders(filepath.Join(r.data, "fm-agent", "install.lock")); len(pids) > 0 {
+		r.t.Errorf("processes %v hold the install lock with no installer running", pids)
 	}
 	var s dssSecrets
 	if _, err := loadJSON(filepath.Join(r.data, "fm-agent", "dss-credentials.json"), &s); err != nil || s.InitialPassword == "" || s.AdminAPIKey == "" {

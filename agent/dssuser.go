@@ -54,7 +54,80 @@ func (m *machine) dssAccount(ctx context.Context) (*account, error) {
 	if uid == 0 {
 		return nil, fmt.Errorf("DSS must not run as root, and %s is uid 0", name)
 	}
-	return &account{name: name, uid: uint32(uid), gid: uint32(gid), home: u.HomeDir}, nil
+	acc := &account{name: name, uid: uint32(uid), gid: uint32(gid), home: u.HomeDir}
+	if err := m.handOver(acc); err != nil {
+		return nil, err
+	}
+	return acc, nil
+}
+
+// handOver gives the DSS account the data volume's dataiku folder when root
+// still owns it: DSS installed by an agent that ran it as root. It runs
+// before anything runs as the account. Children go before their folder, so
+// that every folder above the one being changed is still root's and nobody
+// can swap a link in under the walk; an interrupted hand-over finds the top
+// folder still root's and carries on, skipping the folders already given.
+// What belongs to neither root nor the account is left alone.
+func (m *machine) handOver(acc *account) error {
+	top := filepath.Dir(m.dssDir)
+	st, err := os.Lstat(top)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	owner := st.Sys().(*syscall.Stat_t).Uid
+	switch {
+	case owner == acc.uid:
+		return nil
+	case owner != 0 || !st.IsDir():
+		return fmt.Errorf("%s belongs to uid %d, not to root or the DSS user %s: give it to %s (chown -R) and start the agent again", top, owner, acc.name, acc.name)
+	}
+	n, err := chownTree(top, acc)
+	if err != nil {
+		return fmt.Errorf("give %s to the DSS user %s: %w", top, acc.name, err)
+	}
+	m.log.Warn().Str("folder", top).Str("user", acc.name).Int("entries", n).Msg("DSS folders root owned were given to the DSS user")
+	return nil
+}
+
+// chownTree gives the account dir and what root owns in it, children first.
+func chownTree(dir string, acc *account) (int, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, e := range entries {
+		p := filepath.Join(dir, e.Name())
+		st, err := os.Lstat(p)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return n, err
+		}
+		if st.Sys().(*syscall.Stat_t).Uid != 0 {
+			continue
+		}
+		if st.IsDir() {
+			k, err := chownTree(p, acc)
+			n += k
+			if err != nil {
+				return n, err
+			}
+			continue
+		}
+		if err := os.Lchown(p, int(acc.uid), int(acc.gid)); err != nil {
+			return n, err
+		}
+		n++
+	}
+	if err := os.Lchown(dir, int(acc.uid), int(acc.gid)); err != nil {
+		return n, err
+	}
+	return n + 1, nil
 }
 
 // apply makes cmd run as the account (nil: as the agent).
@@ -69,29 +142,26 @@ func (a *account) apply(cmd *exec.Cmd) {
 	cmd.Env = append(cmd.Env, "HOME="+a.home, "USER="+a.name, "LOGNAME="+a.name)
 }
 
-// giveToDSS gives paths the agent wrote to the DSS account, so that DSS,
-// which does not run as root, reads (and may rewrite) them.
-func (m *machine) giveToDSS(ctx context.Context, paths ...string) error {
+// giveToDSS gives the DSS account a folder the agent made in a folder only
+// root may write (the data volume's dataiku folder, at install): nobody
+// else can have put a link there.
+func (m *machine) giveToDSS(ctx context.Context, path string) error {
 	acc, err := m.dssAccount(ctx)
 	if err != nil || acc == nil {
 		return err
 	}
-	for _, p := range paths {
-		if err := os.Lchown(p, int(acc.uid), int(acc.gid)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("give %s to %s: %w", p, acc.name, err)
-		}
+	if err := os.Lchown(path, int(acc.uid), int(acc.gid)); err != nil {
+		return fmt.Errorf("give %s to %s: %w", path, acc.name, err)
 	}
 	return nil
 }
 
-// handDSSFiles gives the DSS account the files of the data directory the
-// agent writes (setup actions, the license, the base port), whoever wrote
-// them last.
-func (m *machine) handDSSFiles(ctx context.Context) error {
-	paths := []string{
-		filepath.Join(m.dssDir, "bin", "env-site.sh"), filepath.Join(m.dssDir, "config", "dip.properties"),
-		filepath.Join(m.dssDir, "install.ini"), m.licensePath(), filepath.Join(m.dssDir, "lib", "jdbc"),
+// giveFileToDSS gives the DSS account a file the agent made and holds open
+// (the license it hands the installer).
+func (m *machine) giveFileToDSS(ctx context.Context, f *os.File) error {
+	acc, err := m.dssAccount(ctx)
+	if err != nil || acc == nil {
+		return err
 	}
-	drivers, _ := filepath.Glob(filepath.Join(m.dssDir, "lib", "jdbc", "*"))
-	return m.giveToDSS(ctx, append(paths, drivers...)...)
+	return f.Chown(int(acc.uid), int(acc.gid))
 }

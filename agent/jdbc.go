@@ -19,6 +19,10 @@ import (
 	"github.com/fleetmanager/fm/protocol"
 )
 
+// maxDriverBytes bounds one file of a JDBC driver: the largest drivers are
+// tens of megabytes.
+const maxDriverBytes = 512 << 20
+
 // installJDBC downloads a JDBC driver (a jar, or an archive to take files
 // from) into the DSS data directory (lib/jdbc unless subpathInDatadir says
 // otherwise).
@@ -38,8 +42,23 @@ func (r *actionRunner) installJDBC(ctx context.Context, p *protocol.InstallJDBCD
 		sub = *p.SubpathInDatadir
 	}
 	dest := filepath.Join(r.m.dssDir, filepath.FromSlash(path.Clean(sub)))
-	if err := os.MkdirAll(dest, 0o755); err != nil {
+	if !within(r.m.dssDir, dest) {
+		return failed("", fmt.Errorf("subpathInDatadir %q leaves the DSS data directory", sub))
+	}
+	if err := r.m.mkdirAll(ctx, dest, 0o755); err != nil {
 		return failed("", err)
+	}
+	// Each file goes in as the DSS account would write it (filesFor): the
+	// folder is that account's.
+	put := func(name string, from io.Reader) error {
+		b, err := io.ReadAll(io.LimitReader(from, maxDriverBytes+1))
+		if err != nil {
+			return err
+		}
+		if len(b) > maxDriverBytes {
+			return fmt.Errorf("%s is larger than %d MiB", name, maxDriverBytes>>20)
+		}
+		return r.m.writeFile(ctx, filepath.Join(dest, name), b, 0o644)
 	}
 	tmp, err := os.CreateTemp("", "fm-jdbc-*")
 	if err != nil {
@@ -54,15 +73,15 @@ func (r *actionRunner) installJDBC(ctx context.Context, p *protocol.InstallJDBCD
 	var installed []string
 	switch {
 	case strings.HasSuffix(name, ".zip"):
-		installed, err = extractZip(tmp.Name(), p.PathsInArchive, dest)
+		installed, err = extractZip(tmp.Name(), p.PathsInArchive, put)
 	case strings.HasSuffix(name, ".tar.gz"), strings.HasSuffix(name, ".tgz"):
-		installed, err = extractTarGz(tmp.Name(), p.PathsInArchive, dest)
+		installed, err = extractTarGz(tmp.Name(), p.PathsInArchive, put)
 	default:
 		if len(p.PathsInArchive) > 0 {
 			return failed("", fmt.Errorf("pathsInArchive is set but %s is not a .zip, .tar.gz or .tgz archive", name))
 		}
 		if _, err = tmp.Seek(0, io.SeekStart); err == nil {
-			err = writeStream(filepath.Join(dest, name), tmp)
+			err = put(name, tmp)
 			installed = []string{name}
 		}
 	}
@@ -128,7 +147,7 @@ func wanted(name string, patterns []string) bool {
 	return false
 }
 
-func extractZip(archive string, patterns []string, dest string) ([]string, error) {
+func extractZip(archive string, patterns []string, put func(name string, r io.Reader) error) ([]string, error) {
 	zr, err := zip.OpenReader(archive)
 	if err != nil {
 		return nil, fmt.Errorf("not a zip archive: %w", err)
@@ -143,7 +162,7 @@ func extractZip(archive string, patterns []string, dest string) ([]string, error
 		if err != nil {
 			return nil, err
 		}
-		err = writeStream(filepath.Join(dest, path.Base(f.Name)), rc)
+		err = put(path.Base(f.Name), rc)
 		rc.Close()
 		if err != nil {
 			return nil, err
@@ -153,7 +172,7 @@ func extractZip(archive string, patterns []string, dest string) ([]string, error
 	return installed, nil
 }
 
-func extractTarGz(archive string, patterns []string, dest string) ([]string, error) {
+func extractTarGz(archive string, patterns []string, put func(name string, r io.Reader) error) ([]string, error) {
 	f, err := os.Open(archive)
 	if err != nil {
 		return nil, err
@@ -176,7 +195,7 @@ func extractTarGz(archive string, patterns []string, dest string) ([]string, err
 		if h.Typeflag != tar.TypeReg || !wanted(h.Name, patterns) {
 			continue
 		}
-		if err := writeStream(filepath.Join(dest, path.Base(h.Name)), tr); err != nil {
+		if err := put(path.Base(h.Name), tr); err != nil {
 			return nil, err
 		}
 		installed = append(installed, path.Base(h.Name))

@@ -155,23 +155,36 @@ func TestSettingsOnlyGenerationDoesNotReinstall(t *testing.T) {
 }
 
 func TestFailingActionFailsTheSequence(t *testing.T) {
-	r := newRig(t)
-	missing := "file://" + filepath.Join(t.TempDir(), "absent.jar")
-	r.startAgent()
-	d := r.desire("14.0.0", action(protocol.ActionInstallJDBCDriver, `{"url":"`+missing+`"}`))
-	st := r.waitFailed(d.Generation)
-	if st.Error == nil || !strings.Contains(st.Error.Message, "INSTALL_JDBC_DRIVER") || !strings.Contains(st.Error.Message, "absent.jar") {
-		t.Fatalf("error %+v", st.Error)
-	}
-	e := r.events.wait(t, "the failed action", time.Second, func(e protocol.Event) bool {
-		return e.Status == protocol.StatusFailed && strings.HasPrefix(e.Step, "setup-action[0]")
-	})
-	if e.Error == nil {
-		t.Fatal("a failed action event without its error")
-	}
-	// DSS was not started: the sequence stopped at the failure.
-	if len(r.events.find(func(e protocol.Event) bool { return e.Step == "start-dss" })) != 0 {
-		t.Fatal("the sequence went on after a failed action")
+	jar := filepath.Join(t.TempDir(), "d.jar")
+	os.WriteFile(jar, []byte("JAR"), 0o644)
+	for _, tc := range []struct {
+		name, params, want string
+	}{
+		{"a driver that is not there", `{"url":"file://` + filepath.Join(t.TempDir(), "absent.jar") + `"}`, "absent.jar"},
+		{"a folder outside the data directory", `{"url":"file://` + jar + `","subpathInDatadir":"../../outside"}`, "data directory"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t)
+			r.startAgent()
+			d := r.desire("14.0.0", action(protocol.ActionInstallJDBCDriver, tc.params))
+			st := r.waitFailed(d.Generation)
+			if st.Error == nil || !strings.Contains(st.Error.Message, "INSTALL_JDBC_DRIVER") || !strings.Contains(st.Error.Message, tc.want) {
+				t.Fatalf("error %+v, want one naming %q", st.Error, tc.want)
+			}
+			e := r.events.wait(t, "the failed action", time.Second, func(e protocol.Event) bool {
+				return e.Status == protocol.StatusFailed && strings.HasPrefix(e.Step, "setup-action[0]")
+			})
+			if e.Error == nil {
+				t.Fatal("a failed action event without its error")
+			}
+			// DSS was not started: the sequence stopped at the failure.
+			if len(r.events.find(func(e protocol.Event) bool { return e.Step == "start-dss" })) != 0 {
+				t.Fatal("the sequence went on after a failed action")
+			}
+			if _, err := os.Stat(filepath.Join(filepath.Dir(filepath.Dir(r.dssDir())), "outside")); err == nil {
+				t.Fatal("a driver was written outside the DSS data directory")
+			}
+		})
 	}
 }
 
@@ -283,6 +296,28 @@ func TestMalformedDesiredStateIsRejected(t *testing.T) {
 // TestKitFetchRidesOutABusRestart: the bus goes away just as the agent
 // fetches its kit from fm_kits (FM restarting); the agent retries until the
 // bus is back, never reporting the generation failed, and reaches it.
+func TestAnInterruptedInstallIsKeptAsideAndDoneAgain(t *testing.T) {
+	r := newRig(t)
+	// What an installer cut short leaves: files, but no DSS version.
+	if err := os.MkdirAll(filepath.Join(r.dssDir(), "bin"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(r.dssDir(), "install.ini"), []byte("[general]\n"), 0o644)
+	r.startAgent()
+	d := r.desire("14.0.0")
+	r.waitReady(d.Generation)
+	e := r.events.wait(t, "the install step", time.Second, func(e protocol.Event) bool {
+		return e.Step == "install" && e.Status == protocol.StatusOK
+	})
+	kept, _ := filepath.Glob(r.dssDir() + ".incomplete-*")
+	if len(kept) != 1 || !strings.Contains(e.Message, filepath.Base(kept[0])) {
+		t.Fatalf("the incomplete data directory: kept as %v; install said %q", kept, e.Message)
+	}
+	if b, err := os.ReadFile(filepath.Join(kept[0], "install.ini")); err != nil || string(b) != "[general]\n" {
+		t.Fatalf("what the interrupted install left was not kept: %q %v", b, err)
+	}
+}
+
 func TestKitFetchRidesOutABusRestart(t *testing.T) {
 	r := newRig(t)
 	src := standinKit(t, "14.0.0")
@@ -327,7 +362,7 @@ func TestKitFetchRidesOutABusRestart(t *testing.T) {
 		}
 	}
 	if len(r.events.find(func(e protocol.Event) bool {
-		return e.Step == "fetch-kit" && strings.Contains(e.Message, "trying again")
+		return e.Step == "fetch-kit" && e.Status == protocol.StatusRetrying && strings.Contains(e.Message, "trying again")
 	})) == 0 {
 		t.Error("no retry of the kit fetch was reported")
 	}

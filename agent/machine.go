@@ -12,12 +12,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/fleetmanager/fm/internal/atomicfile"
 	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/rs/zerolog"
 )
@@ -112,9 +112,9 @@ func (m *machine) port() (int, error) {
 }
 
 // setPort changes the base port in install.ini, keeping everything else.
-func (m *machine) setPort(port int) error {
+func (m *machine) setPort(ctx context.Context, port int) error {
 	path := filepath.Join(m.dssDir, "install.ini")
-	b, err := os.ReadFile(path)
+	b, err := m.readFile(ctx, path)
 	if err != nil {
 		return err
 	}
@@ -133,7 +133,7 @@ func (m *machine) setPort(port int) error {
 	if !done {
 		return errors.New("install.ini has no [server] port")
 	}
-	return atomicfile.WriteFile(path, []byte(strings.Join(lines, "\n")), 0o644)
+	return m.writeFile(ctx, path, []byte(strings.Join(lines, "\n")), 0o644)
 }
 
 // dssInputs summarises what DSS reads when it starts and setup actions
@@ -263,16 +263,21 @@ const maxOutput = 64 << 10
 
 // lockInstall takes the install lock of the data volume, which the
 // installer inherits (runInstaller) and holds as long as it runs, even
-// after the agent that started it died. An installer left running so is
-// waited for, up to the install timeout, then killed: two installers never
-// work on one data directory, and what the first did is seen before
-// anything else is decided.
+// after the agent that started it stopped or died. An installer left
+// running so is waited for, up to the install timeout, then killed, with
+// whatever else holds the lock: two installers never work on one data
+// directory, and what the first did is seen before anything else is
+// decided.
 func (m *machine) lockInstall(ctx context.Context) (*os.File, error) {
-	f, err := os.OpenFile(filepath.Join(m.agentData, "install.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	path, err := filepath.Abs(filepath.Join(m.agentData, "install.lock"))
 	if err != nil {
 		return nil, fmt.Errorf("install lock: %w", err)
 	}
-	start, logged := time.Now(), false
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("install lock: %w", err)
+	}
+	start, logged, killed := time.Now(), false, false
 	for {
 		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
 		if err == nil {
@@ -283,12 +288,16 @@ func (m *machine) lockInstall(ctx context.Context) (*os.File, error) {
 			return nil, fmt.Errorf("install lock: %w", err)
 		}
 		if !logged {
-			m.log.Warn().Ints("pids", m.dssProcesses()).Msg("an installer started by an earlier agent still runs; waiting for it to end")
+			m.log.Warn().Ints("pids", lockHolders(path)).Msg("an installer started by an earlier agent still runs; waiting for it to end")
 			logged = true
 		}
-		if time.Since(start) > m.cfg.InstallTimeout {
-			n := m.killDSS()
-			m.log.Warn().Int("killed", n).Dur("waited", time.Since(start)).Msg("the earlier installer outlived the install timeout; killed")
+		if !killed && time.Since(start) > m.cfg.InstallTimeout {
+			pids := lockHolders(path)
+			for _, pid := range pids {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+			m.log.Warn().Ints("killed", pids).Dur("waited", time.Since(start)).Msg("the earlier installer outlived the install timeout; killed")
+			killed = true
 		}
 		select {
 		case <-ctx.Done():
@@ -299,12 +308,81 @@ func (m *machine) lockInstall(ctx context.Context) (*os.File, error) {
 	}
 }
 
-// runInstaller runs DSS's installer, as the DSS account, within the
-// install timeout, handing it the install lock (see lockInstall).
+// keepIncompleteDataDir moves aside a data directory that holds files but
+// no DSS version (an installer that was cut short: the machine stopped, or
+// the installer outlived the install timeout), which DSS's installer would
+// refuse to install into. Nothing is deleted; the folder moved aside is
+// named in the install step's message. Called under the install lock.
+func (m *machine) keepIncompleteDataDir() (string, error) {
+	entries, err := os.ReadDir(m.dssDir)
+	if errors.Is(err, os.ErrNotExist) || err == nil && len(entries) == 0 {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	kept := m.dssDir + ".incomplete-" + time.Now().UTC().Format("20060102T150405Z")
+	// A rename moves what is at the path, a link included, without
+	// following it.
+	if err := os.Rename(m.dssDir, kept); err != nil {
+		return "", fmt.Errorf("move aside the incomplete data directory: %w", err)
+	}
+	m.log.Warn().Str("kept", kept).Msg("a data directory without a DSS version (an interrupted install) was moved aside")
+	return filepath.Base(kept), nil
+}
+
+// lockHolders are the processes that have path open.
+func lockHolders(path string) []int {
+	fds, _ := filepath.Glob("/proc/[0-9]*/fd/*")
+	var pids []int
+	for _, fd := range fds {
+		if target, err := os.Readlink(fd); err != nil || target != path {
+			continue
+		}
+		pid, err := strconv.Atoi(filepath.Base(filepath.Dir(filepath.Dir(fd))))
+		if err == nil && pid != os.Getpid() && !slices.Contains(pids, pid) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// runInstaller runs DSS's installer, as the DSS account, within the install
+// timeout, handing it the install lock (see lockInstall). The installer is
+// not stopped with the agent: cut short, it would leave a data directory
+// half made. The agent stops waiting for it; the next agent waits on the
+// lock it holds, then carries on from what it left.
 func (m *machine) runInstaller(ctx context.Context, lock *os.File, name string, args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, m.cfg.InstallTimeout)
-	defer cancel()
-	return m.runWith(ctx, lock, true, name, args...)
+	// Its own descriptor of the lock: the caller closes lock when it
+	// returns, perhaps before the installer started.
+	if lock == nil {
+		return "", errors.New("DSS's installer runs only under the install lock")
+	}
+	// Close-on-exec, as every descriptor of the agent: only the installer
+	// is handed it (DSS started later must not hold the lock for life).
+	fd, _, errno := syscall.Syscall(syscall.SYS_FCNTL, lock.Fd(), syscall.F_DUPFD_CLOEXEC, 0)
+	if errno != 0 {
+		return "", fmt.Errorf("install lock: %w", errno)
+	}
+	held := os.NewFile(fd, lock.Name())
+	type result struct {
+		out string
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		run, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.cfg.InstallTimeout)
+		out, err := m.runWith(run, held, true, name, args...)
+		cancel()
+		held.Close()
+		done <- result{out, err}
+	}()
+	select {
+	case r := <-done:
+		return r.out, r.err
+	case <-ctx.Done():
+		return "", fmt.Errorf("the agent is stopping; DSS's installer runs on, holding the install lock: %w", ctx.Err())
+	}
 }
 
 // deleteAPIKeys deletes DSS's API keys labelled label (bin/dsscli

@@ -1,12 +1,11 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
 	"strings"
-
-	"github.com/fleetmanager/fm/internal/atomicfile"
 )
 
 // Setup actions that edit a shared file (env-site.sh, dip.properties,
@@ -21,11 +20,12 @@ const (
 
 // managedFiles are the files whose FM blocks one run of the actions owns.
 type managedFiles struct {
+	m     *machine
 	paths []string
 }
 
 func (m *machine) managedFiles() managedFiles {
-	return managedFiles{paths: []string{
+	return managedFiles{m: m, paths: []string{
 		filepath.Join(m.dssDir, "bin", "env-site.sh"),
 		filepath.Join(m.dssDir, "config", "dip.properties"),
 		m.rooted("home", m.cfg.LoginUser, ".ssh", "authorized_keys"),
@@ -33,9 +33,9 @@ func (m *machine) managedFiles() managedFiles {
 }
 
 // clear removes every FM block from the files that exist.
-func (f managedFiles) clear() error {
+func (f managedFiles) clear(ctx context.Context) error {
 	for _, p := range f.paths {
-		b, err := os.ReadFile(p)
+		b, err := f.m.readFile(ctx, p)
 		if errors.Is(err, os.ErrNotExist) {
 			continue
 		}
@@ -44,8 +44,11 @@ func (f managedFiles) clear() error {
 		}
 		cleaned := removeBlocks(string(b))
 		if cleaned != string(b) {
-			st, _ := os.Stat(p)
-			if err := atomicfile.WriteFile(p, []byte(cleaned), st.Mode().Perm()); err != nil {
+			perm := os.FileMode(0o644)
+			if st, err := os.Stat(p); err == nil {
+				perm = st.Mode().Perm()
+			}
+			if err := f.m.writeFile(ctx, p, []byte(cleaned), perm); err != nil {
 				return err
 			}
 		}
@@ -72,8 +75,8 @@ func removeBlocks(s string) string {
 
 // appendBlock adds a block named id holding lines to the file at path,
 // creating the file (and its folder) with perm if needed.
-func appendBlock(path, id string, lines []string, perm os.FileMode) error {
-	b, err := os.ReadFile(path)
+func (m *machine) appendBlock(ctx context.Context, path, id string, lines []string, perm os.FileMode) error {
+	b, err := m.readFile(ctx, path)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
@@ -89,7 +92,7 @@ func appendBlock(path, id string, lines []string, perm os.FileMode) error {
 	if st, err := os.Stat(path); err == nil {
 		perm = st.Mode().Perm()
 	}
-	return atomicfile.WriteFile(path, []byte(s), perm)
+	return m.writeFile(ctx, path, []byte(s), perm)
 }
 
 // shellQuote quotes s for a POSIX shell.

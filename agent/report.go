@@ -36,6 +36,7 @@ type reporter struct {
 	changes  uint64        // counts status changes
 	written  uint64        // the change count last written to fm_agents
 	wake     chan struct{} // something to send
+	sent     chan struct{} // closed, and replaced, when the outbox shrinks
 	hbEvery  time.Duration
 	hbSeq    uint64
 	started  time.Time
@@ -45,7 +46,7 @@ type reporter struct {
 func newReporter(instance, version string, nc *nats.Conn, js jetstream.JetStream, refresh time.Duration, log zerolog.Logger) *reporter {
 	return &reporter{
 		instance: instance, version: version, nc: nc, js: js, log: log, refresh: refresh,
-		wake: make(chan struct{}, 1), hbEvery: 10 * time.Second, started: time.Now(),
+		wake: make(chan struct{}, 1), sent: make(chan struct{}), hbEvery: 10 * time.Second, started: time.Now(),
 		status: protocol.AgentStatus{Instance: instance, AgentVersion: version, Phase: protocol.PhaseConverging,
 			DSS: protocol.DSSStatus{State: protocol.DSSAbsent}},
 	}
@@ -80,6 +81,35 @@ func (r *reporter) event(e protocol.Event) {
 	}
 	r.mu.Unlock()
 	r.poke()
+}
+
+// deliver queues an event and waits until the bus has it, or ctx ends: what
+// the agent records after it (a command's cursor) must not get ahead of it.
+func (r *reporter) deliver(ctx context.Context, e protocol.Event) error {
+	if e.ID == "" {
+		e.ID = protocol.NewID("ev")
+	}
+	r.event(e)
+	for {
+		r.mu.Lock()
+		queued := false
+		for _, q := range r.outbox {
+			if q.ID == e.ID {
+				queued = true
+				break
+			}
+		}
+		sent := r.sent
+		r.mu.Unlock()
+		if !queued {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-sent:
+		}
+	}
 }
 
 // updateStatus changes the status; it is written to fm_agents soon after.
@@ -154,6 +184,8 @@ func (r *reporter) flush(ctx context.Context) bool {
 		r.mu.Lock()
 		if len(r.outbox) > 0 && r.outbox[0].ID == e.ID {
 			r.outbox = r.outbox[1:]
+			close(r.sent)
+			r.sent = make(chan struct{})
 		}
 		r.mu.Unlock()
 	}

@@ -3,6 +3,7 @@ package agent
 import (
 	"bufio"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/protocol"
@@ -86,15 +88,7 @@ func TestDSSRunsAsItsOwnUser(t *testing.T) {
 		t.Skipf("no unprivileged user to run DSS as: %v", err)
 	}
 	r := newRig(t)
-	// Folders the DSS user can reach, as /data and / are.
-	for _, d := range []string{r.root, r.data} {
-		for p := d; p != "/" && p != os.TempDir(); p = filepath.Dir(p) {
-			if err := os.Chmod(p, 0o755); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	r.cfg.DSSUser = "nobody"
+	r.reachableBy("nobody")
 	r.startAgent()
 	license := `{"content":{"licensee":"crash-proof"}}`
 	r.gen++
@@ -125,6 +119,121 @@ func TestDSSRunsAsItsOwnUser(t *testing.T) {
 	var s dssSecrets
 	if _, err := loadJSON(filepath.Join(r.data, "fm-agent", "dss-credentials.json"), &s); err != nil || r.login("admin", s.InitialPassword) != 200 {
 		t.Fatalf("the initial password does not open DSS: %v", err)
+	}
+
+	// Whoever runs as the DSS user can put links in its folders; the agent,
+	// root, must not follow them to read or write a file of root's.
+	secret := filepath.Join(t.TempDir(), "root-only")
+	if err := os.WriteFile(secret, []byte("SECRET\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, rel := range []string{"bin/env-site.sh", "config/license.json"} {
+		p := filepath.Join(r.dssDir(), rel)
+		if err := os.Remove(p); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(secret, p); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Lchown(p, uid, -1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.gen++
+	d2 := *d
+	d2.Generation = r.gen
+	d2.DSS.License = `{"content":{"licensee":"link-proof"}}`
+	d2.SetupActions = []protocol.SetupAction{action(protocol.ActionAddEnvVariables, `{"variables":[{"key":"AS_USER","value":"again"}]}`)}
+	r.put(&d2)
+	r.waitStatus("generation 2 carried out or refused", 90*time.Second, func(s protocol.AgentStatus) bool {
+		return (s.Phase == protocol.PhaseReady && s.Generation == d2.Generation) || (s.Phase == protocol.PhaseFailed && s.Target == d2.Generation)
+	})
+	if b, err := os.ReadFile(secret); err != nil || string(b) != "SECRET\n" {
+		t.Fatalf("root's file behind a link of the DSS user became %q (%v)", b, err)
+	}
+	for _, rel := range []string{"bin/env-site.sh", "config/license.json"} {
+		p := filepath.Join(r.dssDir(), rel)
+		if st, err := os.Lstat(p); err != nil || st.Mode()&os.ModeSymlink != 0 {
+			continue // the link is left as it was, unfollowed
+		}
+		if b, err := os.ReadFile(p); err == nil && strings.Contains(string(b), "SECRET") {
+			t.Fatalf("%s took root's file into the DSS user's reach: %q", rel, b)
+		}
+	}
+}
+
+// reachableBy lets an unprivileged DSS user reach the rig's folders, as it
+// reaches /data and / of a machine, and makes it the rig's DSS user.
+func (r *rig) reachableBy(name string) {
+	r.t.Helper()
+	for _, d := range []string{r.root, r.data} {
+		for p := d; p != "/" && p != os.TempDir(); p = filepath.Dir(p) {
+			if err := os.Chmod(p, 0o755); err != nil {
+				r.t.Fatal(err)
+			}
+		}
+	}
+	r.cfg.DSSUser = name
+}
+
+func TestDSSInstalledAsRootIsHandedToItsUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: only root installs DSS as root")
+	}
+	nobody, err := user.Lookup("nobody")
+	if err != nil {
+		t.Skipf("no unprivileged user to run DSS as: %v", err)
+	}
+	uid, _ := strconv.Atoi(nobody.Uid)
+	r := newRig(t)
+	// An agent whose DSS user is its own (root, in a folder standing for a
+	// machine) installs DSS as root, as agents before the DSS user did.
+	r.cfg.DSSUser = "root"
+	r.startAgent()
+	d := r.desire("14.0.0")
+	r.waitReady(d.Generation)
+	r.stopAgent()
+	owner := func(p string) int {
+		st, err := os.Lstat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return int(st.Sys().(*syscall.Stat_t).Uid)
+	}
+	if owner(r.dssDir()) != 0 {
+		t.Fatal("the first agent did not install DSS as root")
+	}
+	// A link root left in the tree stays a link: the hand-over does not
+	// follow it.
+	outside := filepath.Join(t.TempDir(), "outside")
+	os.WriteFile(outside, nil, 0o600)
+	os.Symlink(outside, filepath.Join(r.dssDir(), "link"))
+
+	r.reachableBy("nobody")
+	r.startAgent()
+	d2 := r.desire("14.0.0", action(protocol.ActionAddEnvVariables, `{"variables":[{"key":"HANDED","value":"over"}]}`))
+	r.waitReady(d2.Generation)
+	err = filepath.WalkDir(filepath.Dir(r.dssDir()), func(p string, _ fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if got := owner(p); got != uid {
+			t.Errorf("%s is owned by uid %d, not the DSS user", p, got)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if owner(outside) != 0 {
+		t.Error("the hand-over followed a link out of the DSS folder")
+	}
+	procs := cmdline.Find(r.dssDir(), "serve")
+	if len(procs) != 1 {
+		t.Fatalf("%d DSS processes", len(procs))
+	}
+	if got := processUID(t, procs[0]); got != uid {
+		t.Fatalf("DSS runs as uid %d after the hand-over, want %d (nobody)", got, uid)
 	}
 }
 

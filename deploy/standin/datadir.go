@@ -81,6 +81,10 @@ func cmdInstall(args []string) error {
 	} else if v != "" {
 		return fmt.Errorf("%s already holds DSS %s; upgrade it with installer.sh -d %s -u -y", *dir, v, *dir)
 	}
+	// As DSS's installer, it refuses a folder that holds anything else.
+	if entries, err := os.ReadDir(*dir); err == nil && len(entries) > 0 {
+		return fmt.Errorf("%s exists and is not empty, but is not a DSS data directory", *dir)
+	}
 	for _, sub := range []string{"bin", "config", "projects", "run", "tmp", "lib/jdbc"} {
 		if err := os.MkdirAll(d.path(sub), 0o755); err != nil {
 			return err
