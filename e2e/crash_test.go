@@ -86,10 +86,13 @@ func startAll(py *Python, ids []string, path func(id string) (method, p string))
 // settle finishes what the kill interrupted, as a client does: it waits for
 // every operation it got a future for, and for an instance whose call met
 // the kill, for the operation the server has on record, or sends the
-// action again. Every operation must succeed.
-func settleAfterKill(t *testing.T, py *Python, ids []string, jobs map[string]string, kind string, again func(id string) (string, string)) {
+// action again. Every operation must succeed. It returns how many of them
+// were under way when fm dev was killed at killedAt (started before, ended
+// after): with none, the kill interrupted nothing.
+func settleAfterKill(t *testing.T, py *Python, ids []string, jobs map[string]string, kind string, killedAt time.Time, again func(id string) (string, string)) int {
 	t.Helper()
 	deadline := time.Now().Add(4 * time.Minute)
+	interrupted := 0
 	for _, id := range ids {
 		job := jobs[id]
 		if job == "" {
@@ -120,13 +123,18 @@ func settleAfterKill(t *testing.T, py *Python, ids []string, jobs map[string]str
 			code := py.Do(t, "GET", "/futures/"+job+"?peek=True", "", &f)
 			switch {
 			case code == 200 && f["state"] == "succeeded":
+				started, _ := time.Parse(time.RFC3339Nano, fmt.Sprint(f["startedAt"]))
+				ended, _ := time.Parse(time.RFC3339Nano, fmt.Sprint(f["endedAt"]))
+				if started.Before(killedAt) && ended.After(killedAt) {
+					interrupted++
+				}
 			case code == 200 && f["state"] == "running":
 				if time.Now().After(deadline) {
 					t.Fatalf("%s of %s (%s) still running: %v", kind, id, job, f["progress"])
 				}
 				time.Sleep(200 * time.Millisecond)
 				continue
-			case code == 200 && f["state"] == "aborted" && strings.Contains(fmt.Sprint(f["error"]), "never started"):
+			case code == 200 && f["state"] == "failed" && strings.Contains(fmt.Sprint(f["error"]), "Operation never started") && jobs[id] == "":
 				// The server died before the operation was under way and
 				// says so: nothing was done; the client starts it again.
 				job = ""
@@ -136,6 +144,17 @@ func settleAfterKill(t *testing.T, py *Python, ids []string, jobs map[string]str
 			}
 			break
 		}
+	}
+	return interrupted
+}
+
+// interruptedSome fails a test whose kill, at a delay short enough that
+// operations must have been under way, interrupted none of them.
+func interruptedSome(t *testing.T, n int, delay, within time.Duration) {
+	t.Helper()
+	t.Logf("%d operations were under way at the kill", n)
+	if n == 0 && delay <= within {
+		t.Errorf("the kill %s after the start interrupted no operation: the test proved nothing", delay)
 	}
 }
 
@@ -209,11 +228,12 @@ func TestSIGKILLDuringProvisions(t *testing.T) {
 			started := make(chan map[string]string, 1)
 			go func() { started <- startAll(py, ids, reprovision) }()
 			time.Sleep(delay)
+			killedAt := time.Now()
 			kill(t, d)
 			jobs := <-started
 			d2 := d.restart(t)
 			py2 := NewPython(t, d2.url, d2.keyFile)
-			settleAfterKill(t, py2, ids, jobs, "reprovision", reprovision)
+			interruptedSome(t, settleAfterKill(t, py2, ids, jobs, "reprovision", killedAt, reprovision), delay, 1500*time.Millisecond)
 			oneMachineEach(t, d2, py2, ids, "14.0.0")
 		})
 	}
@@ -227,7 +247,7 @@ func provisioned(t *testing.T, image string) (*devEnv, *Python, []string) {
 	py := NewPython(t, d.url, d.keyFile)
 	ids := newInstances(t, py, image)
 	reprovision := func(id string) (string, string) { return "GET", "/instances/" + id + "/actions/reprovision" }
-	settleAfterKill(t, py, ids, startAll(py, ids, reprovision), "reprovision", reprovision)
+	settleAfterKill(t, py, ids, startAll(py, ids, reprovision), "reprovision", time.Time{}, reprovision)
 	return d, py, ids
 }
 
@@ -254,11 +274,12 @@ func TestSIGKILLDuringUpgrades(t *testing.T) {
 			started := make(chan map[string]string, 1)
 			go func() { started <- startAll(py, ids, reprovision) }()
 			time.Sleep(delay)
+			killedAt := time.Now()
 			kill(t, d)
 			jobs := <-started
 			d2 := d.restart(t)
 			py2 := NewPython(t, d2.url, d2.keyFile)
-			settleAfterKill(t, py2, ids, jobs, "reprovision", reprovision)
+			interruptedSome(t, settleAfterKill(t, py2, ids, jobs, "reprovision", killedAt, reprovision), delay, time.Second)
 			oneMachineEach(t, d2, py2, ids, "14.0.0")
 			snapshotsIntact(t, d2, py2, ids, 1)
 		})
@@ -277,11 +298,12 @@ func TestSIGKILLDuringSnapshots(t *testing.T) {
 			started := make(chan map[string]string, 1)
 			go func() { started <- startAll(py, ids, snapshot) }()
 			time.Sleep(delay)
+			killedAt := time.Now()
 			kill(t, d)
 			jobs := <-started
 			d2 := d.restart(t)
 			py2 := NewPython(t, d2.url, d2.keyFile)
-			settleAfterKill(t, py2, ids, jobs, "snapshot", snapshot)
+			interruptedSome(t, settleAfterKill(t, py2, ids, jobs, "snapshot", killedAt, snapshot), delay, 500*time.Millisecond)
 			snapshotsIntact(t, d2, py2, ids, 1)
 			oneMachineEach(t, d2, py2, ids, "14.0.0")
 		})

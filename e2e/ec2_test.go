@@ -11,6 +11,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/user"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -135,6 +136,20 @@ func TestEC2MachineJoinsFM(t *testing.T) {
 	// The machine's agent, with the config its user data wrote.
 	agentCfg, err := cloudinit.AgentConfig(userData)
 	if err != nil {
+		t.Fatal(err)
+	}
+	// The folder standing for the machine has no account of its own for
+	// DSS: DSS runs as the test's user, as on the local backend.
+	var fields map[string]any
+	if err := json.Unmarshal(agentCfg, &fields); err != nil {
+		t.Fatal(err)
+	}
+	me, err := user.Current()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fields["dssUser"] = me.Username
+	if agentCfg, err = json.Marshal(fields); err != nil {
 		t.Fatal(err)
 	}
 	cfgPath := filepath.Join(tmp, "agent.json")

@@ -209,7 +209,7 @@ func TestRequestsRunOnceAndInOrder(t *testing.T) {
 	r.request("in-a", protocol.ProvisionStop, "op-2-stop")
 	r.request("in-a", protocol.ProvisionStart, "op-3-start")
 	r.request("in-b", protocol.ProvisionReprovision, "op-4-reprovision")
-	st := r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == "op-3-start" })
+	st := r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == "op-3-start" && !transitional(s.Status) })
 	if st.Status != protocol.MachineRunning || st.Generation != 1 || st.Backend != "recorder" {
 		t.Fatalf("%+v", st)
 	}
