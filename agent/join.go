@@ -76,14 +76,13 @@ func (a *Agent) join(ctx context.Context, tlsConf *tls.Config) error {
 	if err != nil {
 		return err
 	}
-	pub, _ := kp.PublicKey()
 	seed, _ := kp.Seed()
 	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsConf}}
 	defer client.CloseIdleConnections()
 	backoff := time.Second
 	for {
 		a.crash.At("agent/join:before")
-		resp, err := a.postJoin(ctx, client, pub)
+		resp, err := a.postJoin(ctx, client, kp)
 		if err == nil {
 			a.crash.At("agent/join:after")
 			creds, err := jwt.FormatUserConfig(resp.JWT, seed)
@@ -150,9 +149,21 @@ func (a *Agent) loadIdentity() error {
 	return a.setInstanceKey(id.InstanceKey)
 }
 
-func (a *Agent) postJoin(ctx context.Context, client *http.Client, pub string) (protocol.JoinResponse, error) {
+// postJoin asks FM for the machine's credentials, signing the request with
+// the machine's key (FM gives a token exchanged already only to the key
+// that exchanged it).
+func (a *Agent) postJoin(ctx context.Context, client *http.Client, kp nkeys.KeyPair) (protocol.JoinResponse, error) {
 	var out protocol.JoinResponse
-	body, _ := json.Marshal(protocol.JoinRequest{Instance: a.cfg.Instance, Token: a.cfg.Join.Token, PublicKey: pub})
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return out, fmt.Errorf("%w: the machine's key: %v", ErrJoinRefused, err)
+	}
+	sig, err := kp.Sign(protocol.JoinProof(a.cfg.Instance, a.cfg.Join.Token))
+	if err != nil {
+		return out, fmt.Errorf("%w: sign the join request: %v", ErrJoinRefused, err)
+	}
+	body, _ := json.Marshal(protocol.JoinRequest{Instance: a.cfg.Instance, Token: a.cfg.Join.Token, PublicKey: pub,
+		Signature: base64.RawURLEncoding.EncodeToString(sig)})
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.cfg.Join.URL, bytes.NewReader(body))
 	if err != nil {
 		return out, fmt.Errorf("%w: join url: %v", ErrJoinRefused, err)
@@ -167,21 +178,24 @@ func (a *Agent) postJoin(ctx context.Context, client *http.Client, pub string) (
 	if err != nil {
 		return out, err
 	}
-	switch {
-	case resp.StatusCode == http.StatusOK:
+	if resp.StatusCode == http.StatusOK {
 		if err := json.Unmarshal(data, &out); err != nil || out.JWT == "" {
 			return out, fmt.Errorf("the join answer holds no credentials")
 		}
 		return out, nil
-	case resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusConflict || resp.StatusCode >= 500:
-		return out, fmt.Errorf("join: FM answered %s", resp.Status)
-	default:
-		var e struct {
-			DetailedMessage string `json:"detailedMessage"`
-		}
-		_ = json.Unmarshal(data, &e)
-		return out, fmt.Errorf("%w: FM answered %s: %s", ErrJoinRefused, resp.Status, e.DetailedMessage)
 	}
+	var e struct {
+		ErrorType       string `json:"errorType"`
+		DetailedMessage string `json:"detailedMessage"`
+	}
+	_ = json.Unmarshal(data, &e)
+	// Busy (a race on the token, too many attempts) or away: asked again.
+	// Any other answer, a refusal or an agent FM cannot serve, is final.
+	if resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500 ||
+		resp.StatusCode == http.StatusConflict && e.ErrorType == string(protocol.CodeConflict) {
+		return out, fmt.Errorf("join: FM answered %s: %s", resp.Status, e.DetailedMessage)
+	}
+	return out, fmt.Errorf("%w: FM answered %s: %s", ErrJoinRefused, resp.Status, e.DetailedMessage)
 }
 
 // loadInstanceKey reads the instance key a join brought (from an agent

@@ -70,7 +70,10 @@ func (m *agentMachine) desire(t testing.TB, gen uint64, kitPath string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	kv, _ := m.js.KeyValue(context.Background(), protocol.BucketDesired)
+	kv, err := m.js.KeyValue(context.Background(), protocol.BucketDesired)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if _, err := kv.Put(context.Background(), m.instance, data); err != nil {
 		t.Fatal(err)
 	}
@@ -78,7 +81,10 @@ func (m *agentMachine) desire(t testing.TB, gen uint64, kitPath string) {
 
 func (m *agentMachine) waitReady(t testing.TB, gen uint64) protocol.AgentStatus {
 	t.Helper()
-	kv, _ := m.js.KeyValue(context.Background(), protocol.BucketAgents)
+	kv, err := m.js.KeyValue(context.Background(), protocol.BucketAgents)
+	if err != nil {
+		t.Fatal(err)
+	}
 	deadline := time.Now().Add(2 * time.Minute)
 	for time.Now().Before(deadline) {
 		if e, err := kv.Get(context.Background(), m.instance); err == nil {
@@ -170,7 +176,10 @@ func sha256Hex(b []byte) string {
 func (m *agentMachine) status(t testing.TB) (protocol.AgentStatus, bool) {
 	t.Helper()
 	var st protocol.AgentStatus
-	kv, _ := m.js.KeyValue(context.Background(), protocol.BucketAgents)
+	kv, err := m.js.KeyValue(context.Background(), protocol.BucketAgents)
+	if err != nil {
+		t.Fatal(err)
+	}
 	e, err := kv.Get(context.Background(), m.instance)
 	if err != nil {
 		return st, false
@@ -208,8 +217,10 @@ func TestAKilledAgentLeavesDSSServing(t *testing.T) {
 		t.Fatal(err)
 	}
 	<-m.proc.done
+	// DSS keeps answering, for a second at least, with no agent at all.
+	client := &http.Client{Timeout: 5 * time.Second}
 	for i := 0; i < 10; i++ {
-		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/api/health", port))
+		resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/api/health", port))
 		if err != nil {
 			t.Fatalf("DSS stopped answering when its agent was killed: %v", err)
 		}

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -17,6 +16,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/internal/cmdline"
+	"github.com/fleetmanager/fm/internal/crashpoint/crashtable"
 	"github.com/fleetmanager/fm/protocol"
 )
 
@@ -29,7 +29,7 @@ import (
 
 // killDelays are the moments fm dev is killed after the operations start.
 func killDelays(short, full []time.Duration) []time.Duration {
-	if os.Getenv("FM_CRASH_FULL") != "" {
+	if crashtable.Full() {
 		return full
 	}
 	return short
@@ -88,26 +88,33 @@ func startAll(py *Python, ids []string, path func(id string) (method, p string))
 // the kill, for the operation the server has on record, or sends the
 // action again. Every operation must succeed. It returns how many of them
 // were under way when fm dev was killed at killedAt (started before, ended
-// after): with none, the kill interrupted nothing.
-func settleAfterKill(t *testing.T, py *Python, ids []string, jobs map[string]string, kind string, killedAt time.Time, again func(id string) (string, string)) int {
+// after): with none, the kill interrupted nothing. The operations of this
+// round are those started since began.
+func settleAfterKill(t *testing.T, py *Python, ids []string, jobs map[string]string, kind string, began, killedAt time.Time, again func(id string) (string, string)) int {
 	t.Helper()
 	deadline := time.Now().Add(4 * time.Minute)
 	interrupted := 0
 	for _, id := range ids {
 		job := jobs[id]
 		if job == "" {
-			// Did the server start it before it died?
+			// Did the server start it before it died? Whatever its end,
+			// that one is the client's operation.
 			var list []map[string]any
 			if code := py.Do(t, "GET", "/futures?targetId="+id, "", &list); code != 200 {
 				t.Fatalf("futures of %s: %d", id, code)
 			}
+			var latest time.Time
 			for _, f := range list {
-				if f["kind"] == kind && (f["state"] == "running" || f["state"] == "succeeded") {
-					job = f["jobId"].(string)
+				started, _ := time.Parse(time.RFC3339Nano, fmt.Sprint(f["startedAt"]))
+				if f["kind"] == kind && !started.Before(began) && started.After(latest) {
+					job, latest = f["jobId"].(string), started
 				}
 			}
 		}
 		for {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s of %s not settled in 4 minutes (last operation %q)", kind, id, job)
+			}
 			if job == "" {
 				method, p := again(id)
 				out, code, err := py.call(method, p)
@@ -136,7 +143,9 @@ func settleAfterKill(t *testing.T, py *Python, ids []string, jobs map[string]str
 				continue
 			case code == 200 && f["state"] == "failed" && strings.Contains(fmt.Sprint(f["error"]), "Operation never started") && jobs[id] == "":
 				// The server died before the operation was under way and
-				// says so: nothing was done; the client starts it again.
+				// says so: nothing was done; the client starts it again. Any
+				// other failure fails the test (default): fetch-kit failing
+				// after the restart, as the probe found, is one.
 				job = ""
 				continue
 			default:
@@ -226,6 +235,7 @@ func TestSIGKILLDuringProvisions(t *testing.T) {
 			ids := newInstances(t, py, "dss-14.0.0-standin")
 			reprovision := func(id string) (string, string) { return "GET", "/instances/" + id + "/actions/reprovision" }
 			started := make(chan map[string]string, 1)
+			began := time.Now()
 			go func() { started <- startAll(py, ids, reprovision) }()
 			time.Sleep(delay)
 			killedAt := time.Now()
@@ -233,7 +243,7 @@ func TestSIGKILLDuringProvisions(t *testing.T) {
 			jobs := <-started
 			d2 := d.restart(t)
 			py2 := NewPython(t, d2.url, d2.keyFile)
-			interruptedSome(t, settleAfterKill(t, py2, ids, jobs, "reprovision", killedAt, reprovision), delay, 1500*time.Millisecond)
+			interruptedSome(t, settleAfterKill(t, py2, ids, jobs, "reprovision", began, killedAt, reprovision), delay, 1500*time.Millisecond)
 			oneMachineEach(t, d2, py2, ids, "14.0.0")
 		})
 	}
@@ -247,7 +257,8 @@ func provisioned(t *testing.T, image string) (*devEnv, *Python, []string) {
 	py := NewPython(t, d.url, d.keyFile)
 	ids := newInstances(t, py, image)
 	reprovision := func(id string) (string, string) { return "GET", "/instances/" + id + "/actions/reprovision" }
-	settleAfterKill(t, py, ids, startAll(py, ids, reprovision), "reprovision", time.Time{}, reprovision)
+	began := time.Now()
+	settleAfterKill(t, py, ids, startAll(py, ids, reprovision), "reprovision", began, time.Time{}, reprovision)
 	return d, py, ids
 }
 
@@ -272,6 +283,7 @@ func TestSIGKILLDuringUpgrades(t *testing.T) {
 			}
 			reprovision := func(id string) (string, string) { return "GET", "/instances/" + id + "/actions/reprovision" }
 			started := make(chan map[string]string, 1)
+			began := time.Now()
 			go func() { started <- startAll(py, ids, reprovision) }()
 			time.Sleep(delay)
 			killedAt := time.Now()
@@ -279,7 +291,7 @@ func TestSIGKILLDuringUpgrades(t *testing.T) {
 			jobs := <-started
 			d2 := d.restart(t)
 			py2 := NewPython(t, d2.url, d2.keyFile)
-			interruptedSome(t, settleAfterKill(t, py2, ids, jobs, "reprovision", killedAt, reprovision), delay, time.Second)
+			interruptedSome(t, settleAfterKill(t, py2, ids, jobs, "reprovision", began, killedAt, reprovision), delay, time.Second)
 			oneMachineEach(t, d2, py2, ids, "14.0.0")
 			snapshotsIntact(t, d2, py2, ids, 1)
 		})
@@ -296,6 +308,7 @@ func TestSIGKILLDuringSnapshots(t *testing.T) {
 				return "POST", "/instances/" + id + "/snapshots?reasonForSnapshot=crash"
 			}
 			started := make(chan map[string]string, 1)
+			began := time.Now()
 			go func() { started <- startAll(py, ids, snapshot) }()
 			time.Sleep(delay)
 			killedAt := time.Now()
@@ -303,7 +316,7 @@ func TestSIGKILLDuringSnapshots(t *testing.T) {
 			jobs := <-started
 			d2 := d.restart(t)
 			py2 := NewPython(t, d2.url, d2.keyFile)
-			interruptedSome(t, settleAfterKill(t, py2, ids, jobs, "snapshot", killedAt, snapshot), delay, 500*time.Millisecond)
+			interruptedSome(t, settleAfterKill(t, py2, ids, jobs, "snapshot", began, killedAt, snapshot), delay, 500*time.Millisecond)
 			snapshotsIntact(t, d2, py2, ids, 1)
 			oneMachineEach(t, d2, py2, ids, "14.0.0")
 		})

@@ -34,6 +34,8 @@
 //	  then); a join request's public key and a join response's JWT (a
 //	  machine makes its own NATS key, and may join again with it); a
 //	  machine state's before (its status when the request under way
-//	  began); the event status "retrying". Since then an event's snapshot
-//	  id must be a valid id.
+//	  began); the event status "retrying"; a join request's signature
+//	  (asking again with a used token needs it); a machine state's issued
+//	  (when the last request handled was issued). Since then an event's
+//	  snapshot id must be a valid id.
 package protocol

@@ -146,11 +146,21 @@ type JoinSpec struct {
 // the NATS user key the machine made for itself (its seed never leaves the
 // machine): a token is bound to the first key it is exchanged for, so that
 // the same machine may ask again (its answer lost, or it died before it
-// kept it) while any other is refused.
+// kept it) while any other is refused. Signature (base64, raw URL
+// encoding) is PublicKey's signature of [JoinProof]: asking again with a
+// token already exchanged needs it, so that knowing a token and a public
+// key (both of which others may read) is not enough.
 type JoinRequest struct {
 	Instance  string `json:"instance"`
 	Token     string `json:"token"`
 	PublicKey string `json:"publicKey,omitempty"`
+	Signature string `json:"signature,omitempty"`
+}
+
+// JoinProof is what a machine signs with its NATS key to prove, when it
+// joins, that it holds the key's seed.
+func JoinProof(instance, token string) []byte {
+	return []byte("fm-join\n" + instance + "\n" + token)
 }
 
 // JoinResponse is what the join endpoint answers: the agent's NATS user JWT
@@ -262,9 +272,12 @@ type MachineState struct {
 	Status   MachineStatus `json:"status"`
 	// Generation is the desired generation the machine was provisioned for.
 	Generation uint64 `json:"generation"`
-	// RequestID and Action are the last provision request handled.
+	// RequestID and Action are the last provision request handled, and
+	// Issued when the server issued it: a request issued before it (a late
+	// copy of an older one) is superseded and not carried out.
 	RequestID string          `json:"requestId"`
 	Action    ProvisionAction `json:"action"`
+	Issued    time.Time       `json:"issued,omitzero"`
 	// Before is the status the machine had when the request under way (a
 	// transitional Status) began: a request refused before it changed
 	// anything leaves the machine in it, after a crash too.

@@ -337,3 +337,111 @@ func TestADeletionRacingAReprovision(t *testing.T) {
 	f.ok(f.do("GET", "/instances/"+in2.ID+"/actions/reprovision", ""), &op)
 	f.failed(f.do("GET", "/instances/"+in2.ID+"/actions/delete", ""), 409, "FailedPrecondition")
 }
+
+// TestADeletionRacingAReprovisionThatDies: the reprovision claimed a
+// deleted instance and its server died there, before it looked again: the
+// sweep ends the operation, drops the instance's records and sends nothing
+// (no machine for an instance that is gone).
+func TestADeletionRacingAReprovisionThatDies(t *testing.T) {
+	paused, resume, dead := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	var pause, die sync.Once
+	f := start(t, servertest.WithConfig(func(c *server.Config) {
+		c.LocalBackend, c.SweepInterval, c.RepublishAfter = true, 100*time.Millisecond, 300*time.Millisecond
+		c.Crash = func(point string) {
+			switch point {
+			case "server/act/op-recorded":
+				pause.Do(func() {
+					close(paused)
+					<-resume
+				})
+			case "server/act/instance-claimed":
+				// The server dies here: this call goes no further.
+				die.Do(func() { <-dead })
+			}
+		}
+	}))
+	t.Cleanup(func() { close(dead) })
+	vn, tpl, _ := f.fleet()
+	kit := f.addImageWithKit("dss-race", "14.0.0")
+	in := f.createInstance(instanceBody("race", vn.ID, tpl.ID, kit.ID))
+	go f.do("GET", "/instances/"+in.ID+"/actions/reprovision", "")
+	<-paused
+	var del api.Future
+	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/delete", ""), &del)
+	if del.State != api.OpSucceeded {
+		t.Fatalf("deletion: %+v", del)
+	}
+	close(resume)
+	js := f.env.Bus.JetStream(t)
+	lifecycle, err := js.KeyValue(context.Background(), protocol.BucketLifecycle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ended api.Future
+	waitFor(t, "the reprovision of the deleted instance ended, its records gone", func() bool {
+		var ops []api.Future
+		f.ok(f.do("GET", "/futures?targetId="+in.ID, ""), &ops)
+		for _, op := range ops {
+			if op.Kind == "reprovision" && op.State != api.OpRunning {
+				ended = op
+			}
+		}
+		_, err := lifecycle.Get(context.Background(), in.ID)
+		return ended.JobID != "" && err != nil
+	})
+	// Ended as the instance's deletion says, or, when the sweep found it
+	// unclaimed first (the deletion took a while), as never started.
+	if ended.State != api.OpFailed || ended.Error == nil ||
+		ended.Error.ErrorType != string(protocol.CodeNotFound) && ended.Error.Message != "Operation never started" {
+		t.Fatalf("the reprovision of a deleted instance: %+v", ended)
+	}
+	st, err := js.Stream(context.Background(), protocol.StreamProvision)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, _ := st.Info(context.Background()); info.State.Msgs != 0 {
+		t.Fatalf("%d provision requests were sent for a deleted instance", info.State.Msgs)
+	}
+}
+
+// TestADeletionThatDiesFindsAMachineMadeMeanwhile: a deletion of an
+// instance without a machine died after its claim, and a machine appeared
+// since (made from a stale look): finishing the deletion would leave that
+// machine running unseen, so the deletion fails and the instance stays.
+func TestADeletionThatDiesFindsAMachineMadeMeanwhile(t *testing.T) {
+	claimed, dead := make(chan struct{}), make(chan struct{})
+	var die sync.Once
+	f := start(t, servertest.WithConfig(func(c *server.Config) {
+		c.LocalBackend, c.SweepInterval, c.RepublishAfter = true, 100*time.Millisecond, 300*time.Millisecond
+		c.Crash = func(point string) {
+			if point == "server/delete/instance-claimed" {
+				die.Do(func() {
+					close(claimed)
+					<-dead
+				})
+			}
+		}
+	}))
+	t.Cleanup(func() { close(dead) })
+	vn, tpl, _ := f.fleet()
+	kit := f.addImageWithKit("dss-race", "14.0.0")
+	in := f.createInstance(instanceBody("race", vn.ID, tpl.ID, kit.ID))
+	go f.do("GET", "/instances/"+in.ID+"/actions/delete", "")
+	<-claimed
+	machineRunning(t, f.env.Bus.JetStream(t), in.ID, "op-stale-reprovision")
+	var ended api.Future
+	waitFor(t, "the deletion ended", func() bool {
+		var ops []api.Future
+		f.ok(f.do("GET", "/futures?targetId="+in.ID, ""), &ops)
+		for _, op := range ops {
+			if op.Kind == "delete-instance" && op.State != api.OpRunning {
+				ended = op
+			}
+		}
+		return ended.JobID != ""
+	})
+	if ended.State != api.OpFailed || ended.Error == nil || ended.Error.ErrorType != string(protocol.CodeFailedPrecondition) {
+		t.Fatalf("the deletion of an instance with a machine: %+v", ended)
+	}
+	f.ok(f.do("GET", "/instances/"+in.ID, ""), nil)
+}

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -71,9 +72,13 @@ type serverWorld struct {
 	f    *fm
 	hook *switchHook
 	// machine keys a join scenario used.
-	pubA, pubB, tokA, tokB string
-	// answered says the request act sent was answered 200.
-	answered bool
+	keyA, keyB nkeys.KeyPair
+	tokA, tokB string
+	// answered says the request act sent was answered 200 (act runs in a
+	// goroutine of its own, which a crash may leave running).
+	answered atomic.Bool
+	// fleet plays the provisioner and agents (not in the join scenario).
+	fleet *fakeFleet
 }
 
 // switchHook passes points to the hook of the moment, keeping only the
@@ -116,7 +121,7 @@ func newServerWorld(t *testing.T, authority bool) *serverWorld {
 	if !authority {
 		// With NATS credentials machines join, which the fleet cannot fake:
 		// the join scenario plays its machines itself.
-		runFakeFleet(t, w.f.env.Bus)
+		w.fleet = runFakeFleet(t, w.f.env.Bus)
 	}
 	return w
 }
@@ -181,6 +186,10 @@ func (w *serverWorld) exactlyOne(ops []api.Future, kind string) {
 		case op.Kind == kind && op.State == api.OpSucceeded:
 			ok++
 		case op.State == api.OpFailed && op.Error != nil && op.Error.Message == "Operation never started":
+			// Nothing was done, and nothing may have gone out for it.
+			if subject := w.sentFor(op.JobID); subject != "" {
+				w.t.Errorf("operation %s ended never started, but its request went out on %s", op.JobID, subject)
+			}
 		default:
 			w.t.Errorf("operation %s %s ended %s: %+v", op.JobID, op.Kind, op.State, op.Error)
 		}
@@ -188,6 +197,23 @@ func (w *serverWorld) exactlyOne(ops []api.Future, kind string) {
 	if ok != 1 {
 		w.t.Errorf("%d %s operations succeeded, want 1: %+v", ok, kind, ops)
 	}
+}
+
+// sentFor returns what the fleet was sent for the operation (a provision
+// request or a command), if anything was.
+func (w *serverWorld) sentFor(jobID string) string {
+	w.t.Helper()
+	if w.fleet == nil {
+		return ""
+	}
+	w.fleet.mu.Lock()
+	defer w.fleet.mu.Unlock()
+	for _, id := range w.fleet.seen {
+		if strings.HasPrefix(id, jobID+"-") {
+			return id
+		}
+	}
+	return ""
 }
 
 // retried sends an action until the server takes it or says it is busy
@@ -274,22 +300,22 @@ func serverScenarios() []serverScenario {
 				id := w.instance("crash")
 				// Machine A joined; its reprovision is given up on, and
 				// another makes machine B.
-				w.pubA, w.tokA = newMachineKey(w.t), w.f.provisionRequest(id).Spec.Join.Token
-				w.f.ok(w.f.joinAs(id, w.tokA, w.pubA), nil)
+				w.keyA, w.tokA = machineKey(w.t), w.f.provisionRequest(id).Spec.Join.Token
+				w.f.ok(w.f.joinAs(id, w.tokA, w.keyA), nil)
 				var ops []api.Future
 				w.f.ok(w.f.do("GET", "/futures?targetId="+id, ""), &ops)
 				w.f.ok(w.f.do("DELETE", "/futures/"+ops[0].JobID, ""), nil)
 				waitState(w.t, w.f, id, "failed")
-				w.pubB, w.tokB = newMachineKey(w.t), w.f.provisionRequest(id).Spec.Join.Token
+				w.keyB, w.tokB = machineKey(w.t), w.f.provisionRequest(id).Spec.Join.Token
 				return id
 			},
 			act: func(w *serverWorld, id string) {
-				w.answered = w.call("POST", server.JoinPath, joinBody(w.t, id, w.tokB, w.pubB)).status == 200
+				w.answered.Store(w.call("POST", server.JoinPath, joinBody(w.t, id, w.tokB, w.keyB)).status == 200)
 			},
 			done: func(w *serverWorld, id string) {
 				// Machine B asks again until it is answered, as its agent does.
-				for deadline := time.Now().Add(30 * time.Second); !w.answered; {
-					r := w.call("POST", server.JoinPath, joinBody(w.t, id, w.tokB, w.pubB))
+				for deadline := time.Now().Add(30 * time.Second); !w.answered.Load(); {
+					r := w.call("POST", server.JoinPath, joinBody(w.t, id, w.tokB, w.keyB))
 					if r.status == 200 {
 						break
 					}
@@ -300,15 +326,15 @@ func serverScenarios() []serverScenario {
 				}
 				js := w.f.env.Bus.JetStream(w.t)
 				secrets := getJSON(w.t, js, protocol.BucketSecrets, id)
-				if secrets["agentUser"] != w.pubB {
+				if secrets["agentUser"] != publicKey(w.keyB) {
 					w.t.Errorf("the instance's agent is %v, want machine B's", secrets["agentUser"])
 				}
 				revoked := getJSON(w.t, js, protocol.BucketSettings, "system.nats-revocations")
-				if r, _ := revoked["revocations"].(map[string]any); r[w.pubA] == nil {
+				if r, _ := revoked["revocations"].(map[string]any); r[publicKey(w.keyA)] == nil {
 					w.t.Errorf("machine A's user is not revoked: %v", revoked)
 				}
 				// Machine A cannot come back with its token.
-				w.f.failed(w.call("POST", server.JoinPath, joinBody(w.t, id, w.tokA, w.pubA)), 401, "Unauthenticated")
+				w.f.failed(w.call("POST", server.JoinPath, joinBody(w.t, id, w.tokA, w.keyA)), 401, "Unauthenticated")
 			}},
 	}
 }
@@ -330,19 +356,6 @@ func withoutKind(ops []api.Future, kind string) []api.Future {
 		}
 	}
 	return out
-}
-
-func newMachineKey(t *testing.T) string {
-	kp, err := nkeys.CreateUser()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub, _ := kp.PublicKey()
-	return pub
-}
-
-func joinBody(t *testing.T, instance, token, pub string) string {
-	return mustJSON(t, protocol.JoinRequest{Instance: instance, Token: token, PublicKey: pub})
 }
 
 func getJSON(t *testing.T, js jetstream.JetStream, bucket, key string) map[string]any {
@@ -402,8 +415,22 @@ func crashServer(t *testing.T, sc serverScenario, n int, point string) {
 // reached with DSS running; commands are answered (the credentials
 // commands with credentials, in clear: these servers give machines no
 // keys).
-func runFakeFleet(t *testing.T, bus *bustest.Server) {
+// fakeFleet records the ids of the provision requests and commands it was
+// sent.
+type fakeFleet struct {
+	mu   sync.Mutex
+	seen []string
+}
+
+func (f *fakeFleet) saw(id string) {
+	f.mu.Lock()
+	f.seen = append(f.seen, id)
+	f.mu.Unlock()
+}
+
+func runFakeFleet(t *testing.T, bus *bustest.Server) *fakeFleet {
 	t.Helper()
+	fleet := &fakeFleet{}
 	js := bus.JetStream(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
@@ -414,7 +441,10 @@ func runFakeFleet(t *testing.T, bus *bustest.Server) {
 	}
 	pc, err := prov.Consume(func(m jetstream.Msg) {
 		var req protocol.ProvisionRequest
-		if protocol.Decode(m.Data(), &req) == nil && req.Action == protocol.ProvisionReprovision {
+		if protocol.Decode(m.Data(), &req) == nil {
+			fleet.saw(req.ID)
+		}
+		if req.Action == protocol.ProvisionReprovision {
 			machineRunning(t, js, req.Instance, req.ID)
 			st := protocol.AgentStatus{Instance: req.Instance, AgentVersion: "fake", Phase: protocol.PhaseReady, Generation: req.Generation,
 				Target: req.Generation, MachineRequest: req.ID, Time: time.Now().UTC(),
@@ -438,6 +468,7 @@ func runFakeFleet(t *testing.T, bus *bustest.Server) {
 		if protocol.Decode(m.Data(), &c) != nil {
 			return
 		}
+		fleet.saw(c.ID)
 		e := protocol.Event{ID: c.ID + "-result", Instance: c.Instance, Kind: protocol.EventCommand, Source: "agent", CommandID: c.ID,
 			OpID: c.OpID, Step: string(c.Kind), Status: protocol.StatusOK, Time: time.Now().UTC()}
 		switch c.Kind {
@@ -453,4 +484,5 @@ func runFakeFleet(t *testing.T, bus *bustest.Server) {
 		t.Fatal(err)
 	}
 	t.Cleanup(cc.Stop)
+	return fleet
 }

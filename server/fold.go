@@ -137,6 +137,25 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 			return err
 		}
 	}
+	if !found || op.Kind != opDelete {
+		gone, err := s.instanceGone(ctx, id)
+		if err != nil {
+			return err
+		}
+		if gone {
+			// A deletion raced this operation's claim, and the server
+			// stopped before act saw it: nothing goes out for an instance
+			// that is gone, and its records go too.
+			if found && op.State == api.OpRunning {
+				if err := s.failOp(ctx, op, &api.Error{ErrorType: string(protocol.CodeNotFound), Message: "Instance deleted",
+					DetailedMessage: "instance " + id + " was deleted before " + op.Kind + " was under way; nothing was done"}); err != nil {
+					return err
+				}
+			}
+			s.withdrawJoinTokens(ctx, op.RequestID)
+			return s.forgetInstance(ctx, id, lc.BasePort)
+		}
+	}
 	if !found || op.State != api.OpRunning {
 		return s.settle(ctx, id, lc, rev, op, found)
 	}
@@ -187,6 +206,12 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 			if time.Since(op.StartedAt) < s.cfg.RepublishAfter {
 				return nil
 			}
+			if m.HasMachine() {
+				// Made after the deletion looked (a stale copy): deleting the
+				// instance now would leave the machine running unseen.
+				return s.failOp(ctx, op, &api.Error{ErrorType: string(protocol.CodeFailedPrecondition), Message: "Instance has a machine",
+					DetailedMessage: "instance " + id + " has a machine (" + m.MachineID + "); delete it again to take the machine down first"})
+			}
 			in, _, _ := s.st.instances.get(id)
 			return s.succeedOp(ctx, op, map[string]string{"id": id, "label": in.Label}, stateDeleted)
 		}
@@ -215,6 +240,19 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 		}
 	}
 	return nil
+}
+
+// instanceGone reports whether the instance is no longer on record: not in
+// the copy, and not in the bucket either (the copy may lag behind).
+func (s *Server) instanceGone(ctx context.Context, id string) (bool, error) {
+	if _, _, ok := s.st.instances.get(id); ok {
+		return false, nil
+	}
+	_, _, err := s.st.instances.fetch(ctx, id)
+	if errors.Is(err, errNotFound) {
+		return true, nil
+	}
+	return false, err
 }
 
 // settle moves the lifecycle on from an operation that ended (or expired
@@ -251,10 +289,12 @@ func (s *Server) settle(ctx context.Context, id string, lc lifecycle, rev uint64
 	case transitional:
 		next.State, next.Since, next.Error = stateFailed, now, op.Error
 	}
-	if found && op.State != api.OpSucceeded && op.Kind == opReprovision {
-		// The machine this reprovision was making will not be: its token
-		// goes (a machine that joined already keeps what it got).
-		s.withdrawJoinTokens(ctx, op.RequestID)
+	if found && op.Kind == opReprovision && op.RequestID != "" {
+		// The reprovision is over: its machine joined (and keeps what it
+		// got) or will not be made. Its tokens go, used ones too, so that
+		// none can be exchanged again.
+		request := op.RequestID
+		s.withdrawTokens(ctx, func(_ string, r joinRecord) bool { return r.Request == request })
 	}
 	_, err := s.st.lifecycle.update(ctx, id, next, rev)
 	if errors.Is(err, errConflict) {
@@ -403,19 +443,17 @@ func (s *Server) consumeEvents(ctx context.Context) {
 				switch {
 				case ctx.Err() != nil:
 					_ = m.Nak()
-				case ferr != nil && busTransient(ferr) && delivered(m) >= eventsMaxDeliver:
+				case ferr != nil && delivered(m) >= eventsMaxDeliver:
 					s.log.Error().Err(ferr).Str("subject", m.Subject()).Int("deliveries", eventsMaxDeliver).Msg("event not folded; given up")
 					_ = m.Term()
-				case ferr != nil && busTransient(ferr):
+				case ferr != nil:
+					// Folding fails only on a write to the bus (away, electing
+					// a leader, full, racing another writer): it is folded
+					// again later, never dropped.
 					delay := foldRetryDelay(m)
 					s.log.Warn().Err(ferr).Str("subject", m.Subject()).Dur("retry_in", delay).Msg("event not folded; it will be again")
 					_ = m.NakWithDelay(delay)
 				default:
-					if ferr != nil {
-						// Folding it again would fail the same way: it must
-						// not hold up the events behind it.
-						s.log.Error().Err(ferr).Str("subject", m.Subject()).Msg("event not folded; dropped")
-					}
 					s.crash.At("server/fold/ack:before")
 					_ = m.Ack()
 				}
@@ -464,18 +502,11 @@ const eventBatch = 100
 const eventsAckWait = 30 * time.Second
 
 // eventsMaxDeliver bounds how many times an event is handed out: one whose
-// folding keeps failing is given up on (its delays add up to about ten
-// minutes) rather than held for ever, where enough of them would stop the
-// folding of every other.
-const eventsMaxDeliver = 25
-
-// busTransient reports whether err is the bus being away or slow, which
-// folding the event again later may get past.
-func busTransient(err error) bool {
-	return errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrConnectionClosed) ||
-		errors.Is(err, nats.ErrDisconnected) || errors.Is(err, nats.ErrConnectionReconnecting) ||
-		errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, context.DeadlineExceeded)
-}
+// folding keeps failing while the bus delivers (its delays add up to about
+// an hour) is given up on rather than held for ever, where enough of them
+// would stop the folding of every other. The bus being away delivers
+// nothing, and so counts nothing.
+const eventsMaxDeliver = 125
 
 // foldEvent folds one event, which arrived on subject. It returns an error
 // when folding failed (a write to the bus); an event that cannot be read,
@@ -496,8 +527,7 @@ func (s *Server) foldEvent(ctx context.Context, subject string, data []byte) err
 		return s.foldSnapshot(ctx, e)
 	}
 	if e.Kind == protocol.EventAlert && e.Step == "data-volume-high" && e.Source == "agent" {
-		s.growVolume(ctx, e.Instance)
-		return nil
+		return s.growVolume(ctx, e.Instance, e.ID)
 	}
 	if op, _, ok := s.st.ops.get(e.OpID); ok && op.Kind == opGrowVolume && op.State == api.OpRunning {
 		return s.foldGrowVolume(ctx, op, e)
@@ -505,12 +535,24 @@ func (s *Server) foldEvent(ctx context.Context, subject string, data []byte) err
 	if e.Kind == protocol.EventCommand && strings.HasPrefix(e.CommandID, secretCommandPrefix) {
 		return s.storeSecret(ctx, e)
 	}
-	lc, _, ok := s.st.lifecycle.get(e.Instance)
-	if !ok || lc.OpID == "" {
-		return nil
+	var op opRecord
+	found := false
+	if lc, _, ok := s.st.lifecycle.get(e.Instance); ok && lc.OpID != "" {
+		op, _, found = s.st.ops.get(lc.OpID)
 	}
-	op, _, ok := s.st.ops.get(lc.OpID)
-	if !ok || op.State != api.OpRunning {
+	if (!found || op.State != api.OpRunning) && e.OpID != "" && e.OpID != op.JobID {
+		// The copies may lag behind the operation's claim (an agent that
+		// answers a command at once): the event's own operation, from the
+		// bucket, if it is this instance's.
+		fetched, _, err := s.st.ops.fetch(ctx, e.OpID)
+		switch {
+		case err == nil:
+			op, found = fetched, fetched.Instance == e.Instance && !fetched.lifecycleFree()
+		case !errors.Is(err, errNotFound):
+			return err
+		}
+	}
+	if !found || op.State != api.OpRunning {
 		return nil
 	}
 	ours := e.OpID == op.JobID || (e.Source == "agent" && e.Generation != 0 && e.Generation == op.Target)
@@ -555,11 +597,23 @@ func (s *Server) sweep(ctx context.Context) {
 			continue
 		}
 		old := now.Sub(op.StartedAt) > s.cfg.RepublishAfter
-		if !op.lifecycleFree() && now.Sub(op.StartedAt) > 3*s.cfg.RepublishAfter {
+		if !op.lifecycleFree() {
+			// Nothing goes out for an operation that does not hold its
+			// instance: it was never under way (the server stopped between
+			// recording and claiming), and sending its request would replace
+			// the machine of whatever holds the instance now.
 			if lc, _, ok := s.st.lifecycle.get(op.Instance); !ok || lc.OpID != op.JobID {
-				s.endUnclaimed(ctx, op)
+				if now.Sub(op.StartedAt) > 3*s.cfg.RepublishAfter {
+					s.endUnclaimed(ctx, op)
+				}
 				continue
 			}
+		}
+		if _, _, ok := s.st.instances.get(op.Instance); !ok && op.Kind != opDelete {
+			// Gone, or not in the copy yet: reconcile looks in the bucket
+			// and ends the operation if it is gone; nothing goes out.
+			s.enqueue(op.Instance)
+			continue
 		}
 		if op.Request != nil && old {
 			// An operation beside the lifecycle is taken once the provisioner

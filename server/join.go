@@ -127,6 +127,10 @@ func (s *Server) join(r *http.Request) (any, error) {
 				"this agent sends no NATS key of its own; run the fm agent this Fleet Manager serves (%s)", DownloadPath)
 		case !nkeys.IsValidPublicUserKey(req.PublicKey):
 			return nil, invalid("publicKey: not a NATS user public key")
+		case !holdsKey(req):
+			// The token and the public key may both be known to others
+			// (the key is no secret); only the machine can sign.
+			return nil, refuse("no proof of holding the key")
 		}
 		again := rec.Agent == req.PublicKey
 		if !again {
@@ -141,7 +145,7 @@ func (s *Server) join(r *http.Request) (any, error) {
 			}
 			s.crash.At("server/join/token-bound")
 		}
-		resp, err := s.mintAgent(ctx, req.Instance, id, req.PublicKey, rec.Key)
+		resp, err := s.mintAgent(ctx, id, rec, req.PublicKey)
 		if err != nil {
 			return nil, err
 		}
@@ -151,6 +155,20 @@ func (s *Server) join(r *http.Request) (any, error) {
 		return resp, nil
 	}
 	return nil, conflict("the join token is being used; retry")
+}
+
+// holdsKey reports whether a join request is signed by the seed of the
+// public key it names.
+func holdsKey(req protocol.JoinRequest) bool {
+	sig, err := base64.RawURLEncoding.DecodeString(req.Signature)
+	if err != nil || len(sig) == 0 {
+		return false
+	}
+	kp, err := nkeys.FromPublicKey(req.PublicKey)
+	if err != nil {
+		return false
+	}
+	return kp.Verify(protocol.JoinProof(req.Instance, req.Token), sig) == nil
 }
 
 // tokenCurrent reports whether a token is for the instance's machine of
@@ -180,9 +198,11 @@ func safeToken(v string) string {
 // join record token), and revokes the NATS user of the machine before —
 // first, so that a server that dies midway has nothing left to revoke when
 // the machine asks again. The instance's other tokens are withdrawn: a
-// machine replaced cannot join again with its old one. Done again for the
-// same machine, it gives the same rights and revokes nothing more.
-func (s *Server) mintAgent(ctx context.Context, instance, token, pub, sealedKey string) (protocol.JoinResponse, error) {
+// machine replaced cannot join again with its old one; tokens made after
+// this one (a newer reprovision's) stay. Done again for the same machine,
+// it gives the same rights and revokes nothing more.
+func (s *Server) mintAgent(ctx context.Context, token string, rec joinRecord, pub string) (protocol.JoinResponse, error) {
+	instance, sealedKey := rec.Instance, rec.Key
 	tok, err := s.cfg.Authority.UserJWT(instance, pub, natsauth.AgentPermissions(instance), time.Time{})
 	if err != nil {
 		return protocol.JoinResponse{}, internal(err, "the agent's credentials could not be made")
@@ -227,20 +247,36 @@ func (s *Server) mintAgent(ctx context.Context, instance, token, pub, sealedKey 
 	}
 	s.crash.At("server/join/credentials-recorded")
 	s.recordByFM(ctx, "credentials.minted", "credentials", instance, nil)
-	s.withdrawTokens(ctx, instance, token)
+	s.withdrawTokens(ctx, func(id string, r joinRecord) bool {
+		// Every token has the same lifetime: one that expires later was
+		// made later.
+		return r.Instance == instance && id != token && !r.Expires.After(rec.Expires)
+	})
 	return protocol.JoinResponse{JWT: tok, InstanceKey: key}, nil
 }
 
-// withdrawTokens deletes the instance's join tokens but keep's; one left
-// behind expires within the hour anyway.
-func (s *Server) withdrawTokens(ctx context.Context, instance, keep string) {
+// withdrawTokens deletes the join tokens that match; one left behind
+// expires within the hour anyway.
+func (s *Server) withdrawTokens(ctx context.Context, match func(id string, rec joinRecord) bool) {
+	if s.cfg.Authority == nil {
+		return
+	}
 	for _, row := range s.st.joins.rows() {
-		if row.val.Instance == instance && row.key != keep {
-			if err := s.st.joins.remove(ctx, row.key, row.rev); err != nil && !errors.Is(err, errConflict) {
-				s.log.Warn().Err(err).Str("instance", instance).Msg("a join token was not withdrawn; it expires on its own")
+		if match(row.key, row.val) {
+			if err := s.st.joins.remove(ctx, row.key, row.rev); err != nil && !errors.Is(err, errConflict) && !errors.Is(err, errNotFound) {
+				s.log.Warn().Err(err).Str("instance", row.val.Instance).Msg("a join token was not withdrawn; it expires on its own")
 			}
 		}
 	}
+}
+
+// withdrawJoinTokens deletes the unused join tokens made for a provision
+// request (its machine will not be made).
+func (s *Server) withdrawJoinTokens(ctx context.Context, request string) {
+	if request == "" {
+		return
+	}
+	s.withdrawTokens(ctx, func(_ string, r joinRecord) bool { return r.Request == request && !r.used() })
 }
 
 // revokeAgent revokes the NATS user of an instance's machine (it was
@@ -251,7 +287,7 @@ func (s *Server) revokeAgent(ctx context.Context, instance string) error {
 	}
 	// Every token of the instance goes, used ones too: the machine that
 	// used one must not exchange it again.
-	s.withdrawTokens(ctx, instance, "")
+	s.withdrawTokens(ctx, func(_ string, r joinRecord) bool { return r.Instance == instance })
 	sec, _, _ := s.st.secrets.get(instance)
 	if sec.AgentUser != "" {
 		return s.revokeUsers(ctx, instance, sec.AgentUser)

@@ -2,6 +2,8 @@ package server_test
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/json"
 	"strings"
 	"testing"
 	"time"
@@ -64,11 +66,27 @@ func (f *fm) provisionRequest(id string) protocol.ProvisionRequest {
 }
 
 // machineKey is a NATS user key, as a machine makes one for itself.
-func machineKey(t *testing.T) string {
+func machineKey(t *testing.T) nkeys.KeyPair {
 	kp, err := nkeys.CreateUser()
 	if err != nil {
 		t.Fatal(err)
 	}
+	return kp
+}
+
+// joinBody is a machine's join request, signed with its key as its agent
+// signs it.
+func joinBody(t *testing.T, instance, token string, kp nkeys.KeyPair) string {
+	t.Helper()
+	pub, _ := kp.PublicKey()
+	sig, err := kp.Sign(protocol.JoinProof(instance, token))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mustJSON(t, protocol.JoinRequest{Instance: instance, Token: token, PublicKey: pub, Signature: base64.RawURLEncoding.EncodeToString(sig)})
+}
+
+func publicKey(kp nkeys.KeyPair) string {
 	pub, _ := kp.PublicKey()
 	return pub
 }
@@ -78,9 +96,14 @@ func (f *fm) join(instance, token string) response {
 	return f.joinAs(instance, token, machineKey(f.t))
 }
 
-func (f *fm) joinAs(instance, token, pub string) response {
+func (f *fm) joinAs(instance, token string, kp nkeys.KeyPair) response {
 	f.t.Helper()
-	return f.doAs("POST", server.JoinPath, mustJSON(f.t, protocol.JoinRequest{Instance: instance, Token: token, PublicKey: pub}), "", "")
+	return f.doAs("POST", server.JoinPath, joinBody(f.t, instance, token, kp), "", "")
+}
+
+func (f *fm) joinRaw(req protocol.JoinRequest) response {
+	f.t.Helper()
+	return f.doAs("POST", server.JoinPath, mustJSON(f.t, req), "", "")
 }
 
 func TestJoinTokens(t *testing.T) {
@@ -98,9 +121,10 @@ func TestJoinTokens(t *testing.T) {
 		f.failed(f.join(b, tokA), 401, "Unauthenticated")
 	})
 	t.Run("exchanged by one machine", func(t *testing.T) {
-		pub := machineKey(t)
+		kp := machineKey(t)
+		pub := publicKey(kp)
 		var resp protocol.JoinResponse
-		f.ok(f.joinAs(a, tokA, pub), &resp)
+		f.ok(f.joinAs(a, tokA, kp), &resp)
 		claims, err := jwt.DecodeUserClaims(resp.JWT)
 		if err != nil || claims.Subject != pub || resp.InstanceKey == "" || resp.Credentials != "" {
 			t.Fatalf("join answer: %v %+v", err, resp)
@@ -108,7 +132,7 @@ func TestJoinTokens(t *testing.T) {
 		// The same machine asking again (its answer lost, or killed before
 		// it kept it) gets the same rights and key; another is refused.
 		var again protocol.JoinResponse
-		f.ok(f.joinAs(a, tokA, pub), &again)
+		f.ok(f.joinAs(a, tokA, kp), &again)
 		if again.InstanceKey != resp.InstanceKey {
 			t.Fatal("a second exchange by the same machine gave another instance key")
 		}
@@ -116,9 +140,19 @@ func TestJoinTokens(t *testing.T) {
 			t.Fatalf("second answer: %v", err)
 		}
 		f.failed(f.join(a, tokA), 401, "Unauthenticated")
+		// Whoever knows the token and the machine's public key (others may
+		// read both) but not its seed is refused: unsigned, or signed with
+		// another key.
+		f.failed(f.joinRaw(protocol.JoinRequest{Instance: a, Token: tokA, PublicKey: pub}), 401, "Unauthenticated")
+		var forged protocol.JoinRequest
+		if err := json.Unmarshal([]byte(joinBody(t, a, tokA, machineKey(t))), &forged); err != nil {
+			t.Fatal(err)
+		}
+		forged.PublicKey = pub
+		f.failed(f.joinRaw(forged), 401, "Unauthenticated")
 		// A machine must send a key of its own, and a NATS user key.
-		f.failed(f.joinAs(b, tokB, "not-a-key"), 400, "InvalidArgument")
-		f.failed(f.joinAs(b, tokB, ""), 409, "FailedPrecondition")
+		f.failed(f.joinRaw(protocol.JoinRequest{Instance: b, Token: tokB, PublicKey: "not-a-key"}), 400, "InvalidArgument")
+		f.failed(f.joinRaw(protocol.JoinRequest{Instance: b, Token: tokB}), 409, "FailedPrecondition")
 	})
 	t.Run("wrong secret", func(t *testing.T) {
 		// The last character changed (a token ending in "x" gets a "y").
@@ -156,7 +190,7 @@ func TestJoinTokens(t *testing.T) {
 				t.Errorf("refusal without its reason or origin: %+v", r)
 			}
 		}
-		if count["join.refused"] != 6 || count["credentials.exchanged"] != 2 || count["credentials.minted"] != 2 {
+		if count["join.refused"] != 8 || count["credentials.exchanged"] != 2 || count["credentials.minted"] != 2 {
 			t.Fatalf("credential events %v", count)
 		}
 		if raw := mustJSON(t, recs); strings.Contains(raw, tokA) || strings.Contains(raw, tokB) {
@@ -164,8 +198,8 @@ func TestJoinTokens(t *testing.T) {
 		}
 	})
 	t.Run("rate limited", func(t *testing.T) {
-		// Six refusals so far; ten in a minute block the address.
-		for n := 0; n < 4; n++ {
+		// Eight refusals so far; ten in a minute block the address.
+		for n := 0; n < 2; n++ {
 			f.failed(f.join(b, "jt-x.y"), 401, "Unauthenticated")
 		}
 		f.failed(f.join(b, tokB), 429, string(protocol.CodeResourceExhausted))

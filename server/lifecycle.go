@@ -278,10 +278,11 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 			}
 		}
 		s.crash.At("server/act/op-recorded")
+		var claimed uint64
 		if rev == 0 {
-			_, err = s.st.lifecycle.create(ctx, in.ID, next)
+			claimed, err = s.st.lifecycle.create(ctx, in.ID, next)
 		} else {
-			_, err = s.st.lifecycle.update(ctx, in.ID, next, rev)
+			claimed, err = s.st.lifecycle.update(ctx, in.ID, next, rev)
 		}
 		if errors.Is(err, errConflict) || errors.Is(err, errExists) {
 			// Someone else acted on the instance meanwhile: forget this
@@ -301,6 +302,19 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 			s.forgetUnstartedOp(ctx, op)
 			_ = s.st.lifecycle.kv.Purge(ctx, in.ID)
 			return api.Future{}, notFound(kindInstance, in.ID)
+		}
+		// A call that stalled between recording and claiming may find its
+		// operation ended by the sweep as never started: give the instance
+		// back and send nothing.
+		if cur, _, err := s.st.ops.fetch(ctx, op.JobID); err != nil || cur.State != api.OpRunning {
+			if _, uerr := s.st.lifecycle.update(ctx, in.ID, lc, claimed); uerr != nil {
+				s.log.Warn().Err(uerr).Str("instance", in.ID).Str("op", op.JobID).Msg("the instance was not given back; the sweep settles it")
+			}
+			s.withdrawJoinTokens(ctx, op.RequestID)
+			if err == nil {
+				err = fmt.Errorf("operation %s is %s", op.JobID, cur.State)
+			}
+			return api.Future{}, unavailable(err, "the operation was ended before it started; retry")
 		}
 		s.log.Info().Str("instance", in.ID).Str("op", op.JobID).Str("action", a.kind).Msg("instance operation started")
 		if desired != nil {
@@ -346,21 +360,6 @@ func (s *Server) forgetUnstartedOp(ctx context.Context, op opRecord) {
 		_ = s.st.snapshots.kv.Purge(ctx, op.pendingSnapshot.ID)
 	}
 	s.withdrawJoinTokens(ctx, op.RequestID)
-}
-
-// withdrawJoinTokens deletes the unused join tokens made for a provision
-// request (its machine will not be made); one left behind expires anyway.
-func (s *Server) withdrawJoinTokens(ctx context.Context, request string) {
-	if request == "" || s.cfg.Authority == nil {
-		return
-	}
-	for _, row := range s.st.joins.rows() {
-		if row.val.Request == request && !row.val.used() {
-			if err := s.st.joins.remove(ctx, row.key, row.rev); err != nil && !errors.Is(err, errConflict) {
-				s.log.Warn().Err(err).Str("request", request).Msg("an unused join token was not withdrawn; it expires on its own")
-			}
-		}
-	}
 }
 
 // publishOp sends the operation's request or command.

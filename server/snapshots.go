@@ -28,12 +28,20 @@ const (
 // The caller publishes it (publishOp) once what it refers to is written.
 func (s *Server) recordBesideOp(ctx context.Context, kind, instance string, deadline time.Duration, targetKind, targetID string,
 	req protocol.ProvisionRequest) (opRecord, error) {
-	op := newRunningOp(ctx, kind, instance, deadline)
+	return s.recordBesideOpAs(ctx, newRunningOp(ctx, kind, instance, deadline), targetKind, targetID, req)
+}
+
+// recordBesideOpAs is recordBesideOp for an operation made by the caller
+// (one whose id derives from what asked for it); errExists if one of that
+// id is on record.
+func (s *Server) recordBesideOpAs(ctx context.Context, op opRecord, targetKind, targetID string, req protocol.ProvisionRequest) (opRecord, error) {
 	op.TargetKind, op.TargetID = targetKind, targetID
 	if err := s.attachRequest(&op, req); err != nil {
 		return op, err
 	}
-	if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
+	if _, err := s.st.ops.create(ctx, op.JobID, op); errors.Is(err, errExists) {
+		return op, err
+	} else if err != nil {
 		return op, unavailable(err, "the operation could not be recorded")
 	}
 	return op, nil

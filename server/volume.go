@@ -2,7 +2,10 @@ package server
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -27,48 +30,67 @@ func nextVolumeSize(size, maxGB int) int {
 }
 
 // growVolume answers an agent's data-volume-high alert: a grow-volume
-// operation, or, at the maximum size, a failed one that says so.
-func (s *Server) growVolume(ctx context.Context, instance string) {
+// operation, or, at the maximum size, a failed one that says so. The
+// operation's id derives from the alert's, so that an alert delivered
+// again (after the growth it asked for, even) is answered once. An error
+// is a write to the bus that failed: the alert is folded again.
+func (s *Server) growVolume(ctx context.Context, instance, alertID string) error {
 	in, ok := s.st.instances.view(instance)
 	lc, _, _ := s.st.lifecycle.get(instance)
 	m, _, _ := s.st.machines.get(instance)
 	if !ok || lc.State != stateRunning || m.VolumeID == "" || in.DataVolumeSizeMaxGB == nil {
-		return
+		return nil
 	}
 	if growing := s.st.ops.filter(func(op opRecord) bool {
 		return op.Kind == opGrowVolume && op.Instance == instance && op.State == api.OpRunning
 	}); len(growing) > 0 {
 		s.log.Debug().Str("instance", instance).Str("op", growing[0].JobID).Msg("data volume already growing")
-		return
+		return nil
+	}
+	sum := sha256.Sum256([]byte(instance + "/" + alertID))
+	jobID := "op-" + hex.EncodeToString(sum[:8])
+	if _, _, err := s.st.ops.fetch(ctx, jobID); err == nil {
+		return nil // this alert was answered
+	} else if !errors.Is(err, errNotFound) {
+		return err
 	}
 	maxGB := *in.DataVolumeSizeMaxGB
 	if m.VolumeSizeGB >= maxGB {
 		op := newRunningOp(ctx, opGrowVolume, instance, growDeadline)
+		op.JobID = jobID
 		now := time.Now().UTC()
 		op.State, op.Alive, op.EndedAt = api.OpFailed, false, &now
 		op.Error = &api.Error{ErrorType: string(protocol.CodeResourceExhausted), Message: "Data volume at its maximum size",
 			DetailedMessage: fmt.Sprintf("the data volume of %s is over 80%% full and already at its maximum size, %d GB "+
 				"(dataVolumeSizeMaxGB): free space on it, or raise the maximum", instance, maxGB)}
 		op.step(opGrowVolume, string(protocol.StatusFailed), op.Error.DetailedMessage, now)
-		if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
-			s.log.Error().Err(err).Msg("operation record not stored")
+		if _, err := s.st.ops.create(ctx, op.JobID, op); errors.Is(err, errExists) {
+			return nil
+		} else if err != nil {
+			return fmt.Errorf("record the refused growth of %s: %w", instance, err)
 		}
 		s.metrics.observeOp(opGrowVolume, op.State, 0)
 		s.recordByFM(ctx, "volume.grow", auditInstances, instance,
 			newAPIError(protocol.CodeResourceExhausted, op.Error.Message, "%s", op.Error.DetailedMessage))
 		s.log.Warn().Str("instance", instance).Int("sizeGB", m.VolumeSizeGB).Msg(op.Error.DetailedMessage)
-		return
+		return nil
 	}
 	target := nextVolumeSize(m.VolumeSizeGB, maxGB)
-	op, err := s.recordBesideOp(ctx, opGrowVolume, instance, growDeadline, kindInstance, instance,
+	op := newRunningOp(ctx, opGrowVolume, instance, growDeadline)
+	op.JobID = jobID
+	op, err := s.recordBesideOpAs(ctx, op, kindInstance, instance,
 		protocol.ProvisionRequest{Action: protocol.ProvisionGrowVolume, VolumeSizeGB: target})
+	if errors.Is(err, errExists) {
+		return nil
+	}
 	s.recordByFM(ctx, "volume.grow", auditInstances, instance, err)
 	if err != nil {
-		s.log.Warn().Err(err).Str("instance", instance).Msg("volume growth not recorded")
-		return
+		s.log.Warn().Err(err).Str("instance", instance).Msg("volume growth not recorded; the alert is folded again")
+		return err
 	}
 	s.log.Info().Str("instance", instance).Int("fromGB", m.VolumeSizeGB).Int("toGB", target).Msg("data volume over 80%: growing it")
 	s.publishOp(ctx, op)
+	return nil
 }
 
 // foldGrowVolume moves a grow-volume operation on: once the provisioner
