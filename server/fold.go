@@ -210,7 +210,7 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 				// Made after the deletion looked (a stale copy): deleting the
 				// instance now would leave the machine running unseen.
 				return s.failOp(ctx, op, &api.Error{ErrorType: string(protocol.CodeFailedPrecondition), Message: "Instance has a machine",
-					DetailedMessage: "instance " + id + " has a machine (" + m.MachineID + "); delete it again to take the machine down first"})
+					DetailedMessage: "a machine was made for instance " + id + " meanwhile (" + m.MachineID + "); deprovision it first, or delete with force=True"})
 			}
 			in, _, _ := s.st.instances.get(id)
 			return s.succeedOp(ctx, op, map[string]string{"id": id, "label": in.Label}, stateDeleted)
