@@ -380,9 +380,11 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 	}
 	if refusal := p.refuse(req, cur, resumed); refusal != nil {
 		// Past its deadline (the server has failed the operation and may
-		// have sent another), or superseded by a later generation: doing it
-		// now could make a machine nobody wants. A request cut short by a
-		// crash leaves its record failed rather than in transition.
+		// have sent another), or superseded by a later request or
+		// generation: doing it now could make a machine nobody wants or
+		// undo what came after it. It is answered for its own operation
+		// only. A request cut short by a crash leaves its record failed
+		// rather than in transition.
 		log.Warn().Err(refusal).Msg("request not carried out")
 		next := cur
 		if resumed {
@@ -400,6 +402,7 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 	log.Info().Bool("resumed", resumed).Msg("machine operation started")
 	pending := cur
 	pending.Status, pending.Before, pending.RequestID, pending.Action, pending.Error = transitionalFor(req.Action), before, req.ID, req.Action, nil
+	pending.Issued = latest(cur.Issued, req.Issued)
 	if pending.Instance == "" {
 		pending.Instance = req.Instance
 	}
@@ -449,6 +452,10 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		log.Info().Str("status", string(next.Status)).Msg("machine operation done")
 	}
 	next.Instance, next.Backend, next.RequestID, next.Action, next.Before = req.Instance, p.cfg.Backend.Name(), req.ID, req.Action, ""
+	next.Issued = latest(cur.Issued, req.Issued)
+	// The backend describes the machine; what the provisioner keeps beside
+	// it stays.
+	next.Details = keepHandled(next.Details, cur.Details)
 	if req.Generation != 0 && (req.Action == protocol.ProvisionReprovision || req.Action == protocol.ProvisionStart) && opErr == nil {
 		next.Generation = req.Generation
 	}
@@ -464,7 +471,9 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 }
 
 // refuse says why a request must not be carried out now, if it must not:
-// its deadline passed, or a later generation was provisioned since.
+// its deadline passed, a request issued after it was handled since (a late
+// copy of it: its acknowledgement was lost, and it came back after the
+// instance moved on), or a later generation was provisioned since.
 func (p *Provisioner) refuse(req protocol.ProvisionRequest, cur protocol.MachineState, resumed bool) *protocol.Error {
 	if !time.Now().Before(p.deadline(req)) {
 		why := ""
@@ -474,12 +483,34 @@ func (p *Provisioner) refuse(req protocol.ProvisionRequest, cur protocol.Machine
 		return protocol.Errorf(protocol.CodeDeadlineExceeded, "%s of %s was not carried out by its deadline, %s%s",
 			req.Action, req.Instance, p.deadline(req).Format(time.RFC3339), why)
 	}
+	if superseded(req, cur) {
+		return protocol.Errorf(protocol.CodeAborted, "%s of %s issued at %s is superseded: %s %s, issued at %s, was handled since",
+			req.Action, req.Instance, req.Issued.Format(time.RFC3339Nano), cur.Action, cur.RequestID, cur.Issued.Format(time.RFC3339Nano))
+	}
 	if (req.Action == protocol.ProvisionReprovision || req.Action == protocol.ProvisionStart) && req.Generation != 0 &&
 		cur.Generation > req.Generation && !resumed {
 		return protocol.Errorf(protocol.CodeAborted, "%s of %s for generation %d is superseded: generation %d was provisioned since",
 			req.Action, req.Instance, req.Generation, cur.Generation)
 	}
 	return nil
+}
+
+// superseded reports whether req was issued before the last request
+// handled for the instance (cur records when that one was issued): a late
+// copy of an older request, which must not be carried out after a newer
+// one. A request without an issue time (from an older server) is never
+// superseded.
+func superseded(req protocol.ProvisionRequest, cur protocol.MachineState) bool {
+	return req.ID != cur.RequestID && !req.Issued.IsZero() && req.Issued.Before(cur.Issued)
+}
+
+// latest is the later of two issue times: the record keeps the latest one
+// handled, also when a request without one comes.
+func latest(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b.UTC()
+	}
+	return a
 }
 
 // finish reports a request's outcome and acknowledges it. The outcome must
@@ -492,8 +523,24 @@ func (p *Provisioner) finish(ctx context.Context, m jetstream.Msg, req protocol.
 		_ = m.NakWithDelay(p.retryDelay(m))
 		return
 	}
+	p.ack(ctx, m, req, log)
+}
+
+// ackTimeout bounds the wait for the bus to confirm an acknowledgement.
+const ackTimeout = 5 * time.Second
+
+// ack acknowledges a request handled to its end and waits (a while) for
+// the bus to confirm it, so that an acknowledgement lost is noticed. It is
+// sent even when ctx has ended: the outcome is recorded, so the request is
+// done. One the bus did not confirm is delivered again after the ack wait,
+// and then answered as handled (or as superseded) without being done again.
+func (p *Provisioner) ack(ctx context.Context, m jetstream.Msg, req protocol.ProvisionRequest, log zerolog.Logger) {
 	p.crash.At("provisioner/" + string(req.Action) + "/ack:before")
-	_ = m.Ack()
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ackTimeout)
+	defer cancel()
+	if err := m.DoubleAck(actx); err != nil {
+		log.Warn().Err(err).Msg("acknowledgement not confirmed by the bus; a redelivery will be answered as handled")
+	}
 }
 
 // retryDelay grows with each delivery of m: 2s, 4s, … up to a minute.
@@ -524,7 +571,9 @@ func isTransient(err error) bool {
 		return pe.Code == protocol.CodeUnavailable
 	}
 	return errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrConnectionClosed) ||
-		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, context.DeadlineExceeded)
+		errors.Is(err, nats.ErrDisconnected) || errors.Is(err, nats.ErrConnectionReconnecting) ||
+		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse) ||
+		errors.Is(err, context.DeadlineExceeded)
 }
 
 // keepInProgress keeps a request's message ours while the backend works,
@@ -647,8 +696,15 @@ func (p *Provisioner) resultEvent(ctx context.Context, req protocol.ProvisionReq
 		e.Status, e.Error, e.Message = protocol.StatusFailed, asProtocolError(opErr), opErr.Error()
 	}
 	return p.crash.Around("provisioner/"+string(req.Action)+"/result-event", func() error {
-		return p.publishEvent(ctx, e, req.ID+"-"+string(e.Status))
+		return p.publishEvent(ctx, e, resultEventID(req, e.Status))
 	})
+}
+
+// resultEventID is the id of the event reporting how req ended: derived
+// from the request's, so that reporting it again is a duplicate the bus
+// drops, and the same for every kind of request.
+func resultEventID(req protocol.ProvisionRequest, status protocol.Status) string {
+	return req.ID + "-" + string(status)
 }
 
 // progress reports a step of a request as it happens.

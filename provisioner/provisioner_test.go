@@ -12,6 +12,7 @@ import (
 
 	"github.com/fleetmanager/fm/bus/bustest"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
@@ -200,6 +201,42 @@ func (r *rig) waitMachine(instance string, cond func(protocol.MachineState) bool
 	return protocol.MachineState{}
 }
 
+// waitDrained waits until every request published so far is answered:
+// the provisioner's consumer has none left to deliver or awaiting its
+// acknowledgement, and the work queue is empty.
+func (r *rig) waitDrained() {
+	r.t.Helper()
+	ctx := context.Background()
+	var last string
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		cons, err := r.js.Consumer(ctx, protocol.StreamProvision, ConsumerName)
+		if err != nil {
+			last = err.Error()
+			continue
+		}
+		info, err := cons.Info(ctx)
+		if err != nil {
+			last = err.Error()
+			continue
+		}
+		st, err := r.js.Stream(ctx, protocol.StreamProvision)
+		if err != nil {
+			last = err.Error()
+			continue
+		}
+		sinfo, err := st.Info(ctx)
+		if err != nil {
+			last = err.Error()
+			continue
+		}
+		if info.NumPending == 0 && info.NumAckPending == 0 && sinfo.State.Msgs == 0 {
+			return
+		}
+		last = fmt.Sprintf("%d pending, %d awaiting acknowledgement, %d in the stream", info.NumPending, info.NumAckPending, sinfo.State.Msgs)
+	}
+	r.t.Fatalf("the provision requests were not all answered: %s", last)
+}
+
 func TestRequestsRunOnceAndInOrder(t *testing.T) {
 	r := newRig(t)
 	rec := newRecorder()
@@ -249,8 +286,7 @@ func TestARequestInterruptedByACrashIsResumed(t *testing.T) {
 	// once the duplicate window has passed), a finished request is only
 	// acknowledged.
 	r.requestMsgID("in-a", protocol.ProvisionReprovision, "op-1-reprovision", "republished")
-	waitEvent(t, r, "in-a", func(e protocol.Event) bool { return e.Kind == protocol.EventMachine && e.Step == "reprovision" })
-	time.Sleep(300 * time.Millisecond)
+	r.waitDrained()
 	if calls := rec2.callList(); len(calls) != 1 {
 		t.Fatalf("a request already handled ran again: %v", calls)
 	}
@@ -505,13 +541,16 @@ func TestAStopWithAFullQueue(t *testing.T) {
 	rec2 := newRecorder()
 	rec2.entered = make(chan string, 2*n)
 	r.run(rec2, "p2")
-	ran := map[string]bool{}
-	for len(ran) < n {
-		select {
-		case id := <-rec2.entered:
-			ran[id] = true
-		case <-time.After(20 * time.Second):
-			t.Fatalf("the next provisioner ran %d of the %d requests handed back", len(ran), n)
+	// Every request handed back is answered: run, or, issued before one
+	// already run, answered as superseded. None runs after a later one.
+	r.waitDrained()
+	calls := rec2.callList()
+	if len(calls) == 0 {
+		t.Fatal("the next provisioner ran none of the requests handed back")
+	}
+	for i := 1; i < len(calls); i++ {
+		if calls[i] <= calls[i-1] {
+			t.Fatalf("%s ran after %s, which was issued later: %v", calls[i], calls[i-1], calls)
 		}
 	}
 }
@@ -661,5 +700,127 @@ func TestARefusedReprovisionAfterACrashKeepsTheMachinesStatus(t *testing.T) {
 	})
 	if st.Status != protocol.MachineRunning || st.Error == nil || st.Error.Code != protocol.CodeDataLoss || st.Before != "" {
 		t.Fatalf("after the refusal: %+v %+v", st, st.Error)
+	}
+}
+
+// TestALateCopyOfAnOlderRequestIsNotRunAgain: a request handled, whose
+// acknowledgement was lost, comes back after a later request was handled
+// (a redelivery after the ack wait, or a republication): it is answered as
+// superseded, its own operation only, and changes nothing. Carried out, it
+// would undo what came after it (a stopped machine started again, the new
+// machine deprovisioned, a deleted instance given a machine).
+func TestALateCopyOfAnOlderRequestIsNotRunAgain(t *testing.T) {
+	tests := []struct {
+		first, then protocol.ProvisionAction
+		status      protocol.MachineStatus // after then
+	}{
+		{protocol.ProvisionReprovision, protocol.ProvisionStop, protocol.MachineStopped},
+		{protocol.ProvisionDeprovision, protocol.ProvisionReprovision, protocol.MachineRunning},
+		{protocol.ProvisionReprovision, protocol.ProvisionDelete, protocol.MachineDeleted},
+	}
+	for _, tc := range tests {
+		t.Run(string(tc.first)+"-after-"+string(tc.then), func(t *testing.T) {
+			r := newRig(t)
+			rec := newRecorder()
+			r.run(rec, "p1")
+			req := func(op string, action protocol.ProvisionAction) protocol.ProvisionRequest {
+				return protocol.ProvisionRequest{ID: op + "-" + string(action), Instance: "in-a", Action: action, OpID: op,
+					Generation: 1, Issued: time.Now().UTC(), Deadline: time.Now().Add(time.Minute),
+					Spec: &protocol.MachineSpec{Label: "x", DataVolume: protocol.VolumeSpec{SizeGB: 1}}}
+			}
+			first := req("op-1", tc.first)
+			r.publish(first, first.ID)
+			r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == first.ID && !transitional(s.Status) })
+			then := req("op-2", tc.then)
+			r.publish(then, then.ID)
+			want := r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == then.ID && !transitional(s.Status) })
+			if want.Status != tc.status || !want.Issued.Equal(then.Issued) {
+				t.Fatalf("after %s: %+v", then.ID, want)
+			}
+			// The first request again, as it was issued.
+			r.publish(first, first.ID+"-again")
+			r.waitDrained()
+			if calls, wantCalls := rec.callList(), []string{string(tc.first) + " " + first.ID, string(tc.then) + " " + then.ID}; fmt.Sprint(calls) != fmt.Sprint(wantCalls) {
+				t.Fatalf("calls %v, want %v", calls, wantCalls)
+			}
+			if st := r.machine("in-a"); st.RequestID != then.ID || st.Status != tc.status || st.Error != nil {
+				t.Fatalf("the late copy changed the machine record: %+v", st)
+			}
+			ev := waitEvent(t, r, "in-a", func(e protocol.Event) bool { return e.ID == first.ID+"-failed" })
+			if ev.OpID != "op-1" || ev.Error == nil || ev.Error.Code != protocol.CodeAborted {
+				t.Fatalf("the late copy was answered %+v", ev)
+			}
+		})
+	}
+}
+
+// TestABesideRequestHandledIsNotDoneAgain: a snapshot request handled,
+// whose acknowledgement was lost, comes back after its snapshot was
+// deleted: it is acknowledged, not taken again (an archive nobody refers
+// to). The same for a volume growth.
+func TestABesideRequestHandledIsNotDoneAgain(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	r.run(rec, "p1")
+	r.request("in-a", protocol.ProvisionReprovision, "op-1-reprovision")
+	r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
+	snap := protocol.ProvisionRequest{ID: "op-2-snapshot", Instance: "in-a", Action: protocol.ProvisionSnapshot, OpID: "op-2",
+		Issued: time.Now().UTC(), Snapshot: &protocol.SnapshotRef{ID: "snap-1"}}
+	r.publish(snap, snap.ID)
+	ev := waitEvent(t, r, "in-a", func(e protocol.Event) bool { return e.ID == "op-2-snapshot-ok" })
+	del := protocol.ProvisionRequest{ID: "op-3-delete-snapshot", Instance: "in-a", Action: protocol.ProvisionDeleteSnapshot, OpID: "op-3",
+		Issued: time.Now().UTC(), Snapshot: ev.Snapshot}
+	r.publish(del, del.ID)
+	grow := protocol.ProvisionRequest{ID: "op-4-grow-volume", Instance: "in-a", Action: protocol.ProvisionGrowVolume, OpID: "op-4",
+		Issued: time.Now().UTC(), VolumeSizeGB: 75}
+	r.publish(grow, grow.ID)
+	r.waitDrained()
+	// Delivered again after the deduplication window.
+	r.publish(snap, snap.ID+"-again")
+	r.publish(grow, grow.ID+"-again")
+	r.waitDrained()
+	want := []string{"reprovision op-1-reprovision", "snapshot snap-1 of vol-in-a", "delete-snapshot snap-1", "grow-volume vol-in-a to 75"}
+	if got := rec.callList(); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("calls %v, want %v", got, want)
+	}
+	if st := r.machine("in-a"); st.RequestID != "op-1-reprovision" || st.Status != protocol.MachineRunning || st.VolumeSizeGB != 75 {
+		t.Fatalf("machine record %+v", st)
+	}
+	// The list of requests handled stays short, and a machine operation
+	// keeps it.
+	for i := range keptHandled + 5 {
+		r.publish(protocol.ProvisionRequest{ID: fmt.Sprintf("op-g%d-grow-volume", i), Instance: "in-a", Action: protocol.ProvisionGrowVolume,
+			Issued: time.Now().UTC(), VolumeSizeGB: 75}, fmt.Sprintf("g%d", i))
+	}
+	r.waitDrained()
+	r.request("in-a", protocol.ProvisionStop, "op-5-stop")
+	st := r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.Status == protocol.MachineStopped })
+	if ids := handledIDs(st.Details); len(ids) != keptHandled || ids[len(ids)-1] != fmt.Sprintf("op-g%d-grow-volume", keptHandled+4) {
+		t.Fatalf("handled requests %v", ids)
+	}
+}
+
+// TestWhatIsTransient: the bus away, slow or electing a leader is retried
+// until the deadline; a refusal is not.
+func TestWhatIsTransient(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want bool
+	}{
+		{nats.ErrTimeout, true},
+		{fmt.Errorf("publish: %w", nats.ErrNoResponders), true},
+		{jetstream.ErrNoStreamResponse, true},
+		{nats.ErrDisconnected, true},
+		{nats.ErrConnectionReconnecting, true},
+		{context.DeadlineExceeded, true},
+		{protocol.Errorf(protocol.CodeUnavailable, "EC2 throttled"), true},
+		{protocol.Errorf(protocol.CodeFailedPrecondition, "the machine terminated"), false},
+		{errors.New("invalid volume size"), false},
+	} {
+		t.Run(fmt.Sprint(c.err), func(t *testing.T) {
+			if got := isTransient(c.err); got != c.want {
+				t.Fatalf("isTransient(%v) = %v, want %v", c.err, got, c.want)
+			}
+		})
 	}
 }

@@ -14,20 +14,28 @@ import (
 // errRetryLater makes handleBeside hand a request back for a later try.
 var errRetryLater = errors.New("retry later")
 
-// handleBeside carries out a request that leaves the machine and its
-// record as they are (snapshots, volume growth): do reports the outcome on
-// FM_EVENTS itself, unless it fails in a way that may go away by itself,
-// which is retried until the request's deadline. On shutdown the request is
-// handed back, to be done again by the next provisioner.
+// handleBeside carries out a request that leaves the machine as it is
+// (snapshots, volume growth): do reports the outcome on FM_EVENTS itself,
+// unless it fails in a way that may go away by itself, which is retried
+// until the request's deadline. On shutdown the request is handed back, to
+// be done again by the next provisioner. Once its outcome is reported, the
+// request is recorded as handled in the machine record before it is
+// acknowledged: delivered again later (its acknowledgement lost), it is
+// acknowledged without being done again, where doing it again could take a
+// snapshot deleted since (an archive nobody refers to).
 func (p *Provisioner) handleBeside(ctx context.Context, m jetstream.Msg, req protocol.ProvisionRequest, log zerolog.Logger,
-	do func(ctx context.Context, cur protocol.MachineState, final bool) error) {
+	do func(ctx context.Context, cur protocol.MachineState) error) {
 	cur, _, err := p.machineState(ctx, req.Instance)
 	if err != nil {
 		log.Warn().Err(err).Msg("machine state unreadable; retrying")
 		_ = m.NakWithDelay(2 * time.Second)
 		return
 	}
-	point := "provisioner/" + string(req.Action)
+	if handled(cur, req.ID) {
+		log.Info().Msg("request already handled; acknowledging it again")
+		p.ack(ctx, m, req, log)
+		return
+	}
 	if !time.Now().Before(p.deadline(req)) {
 		// The server has failed the operation: done now, its result would
 		// be kept nowhere (an archive nobody refers to).
@@ -36,35 +44,41 @@ func (p *Provisioner) handleBeside(ctx context.Context, m jetstream.Msg, req pro
 			_ = m.NakWithDelay(p.retryDelay(m))
 			return
 		}
-		p.crash.At(point + "/ack:before")
-		_ = m.Ack()
+		p.ack(ctx, m, req, log)
 		return
 	}
 	working, done := p.keepInProgress(ctx, m)
 	defer done()
-	err = do(working, cur, false)
+	err = do(working, cur)
 	switch {
 	case ctx.Err() != nil:
 		_ = m.Nak()
+		return
 	case errors.Is(err, errRetryLater):
 		delay := p.retryDelay(m)
 		log.Warn().Err(err).Dur("retry_in", delay).Msg("retrying")
 		_ = m.NakWithDelay(delay)
+		return
 	case err != nil:
 		log.Warn().Err(err).Msg("operation failed")
-		p.crash.At(point + "/ack:before")
-		_ = m.Ack()
 	default:
 		log.Info().Msg("operation done")
-		p.crash.At(point + "/ack:before")
-		_ = m.Ack()
 	}
+	if err := p.crash.Around("provisioner/"+string(req.Action)+"/handled", func() error {
+		return p.recordHandled(ctx, req.Instance, req.ID)
+	}); err != nil {
+		// Delivered again, it is done again (the backend finds what it did)
+		// and reported again under the same event id.
+		log.Warn().Err(err).Msg("request not recorded as handled; it will be delivered again")
+		_ = m.NakWithDelay(p.retryDelay(m))
+		return
+	}
+	p.ack(ctx, m, req, log)
 }
 
-// snapshotWork takes or deletes req.Snapshot. final says the request's
-// deadline has passed: a transient failure is then reported as it is.
-func (p *Provisioner) snapshotWork(ctx context.Context, req protocol.ProvisionRequest) func(context.Context, protocol.MachineState, bool) error {
-	return func(working context.Context, cur protocol.MachineState, final bool) error {
+// snapshotWork takes or deletes req.Snapshot.
+func (p *Provisioner) snapshotWork(ctx context.Context, req protocol.ProvisionRequest) func(context.Context, protocol.MachineState) error {
+	return func(working context.Context, cur protocol.MachineState) error {
 		breq := p.request(ctx, req)
 		var (
 			ref protocol.SnapshotRef
@@ -178,8 +192,9 @@ func (p *Provisioner) snapshotEvent(ctx context.Context, req protocol.ProvisionR
 		return nil
 	}
 	// A request has one snapshot at most: its id keeps the event's short
-	// (ids are tokens of at most 64 characters).
-	id := req.ID + "-" + string(status)
+	// (ids are tokens of at most 64 characters). The snapshot a reprovision
+	// takes first is not the reprovision's outcome.
+	id := resultEventID(req, status)
 	if req.Action == protocol.ProvisionReprovision {
 		id = req.ID + "-snapshot-" + string(status)
 	}

@@ -14,8 +14,8 @@ import (
 // the machine record changes; the outcome goes to the server as an
 // EventMachine of step grow-volume, and the server then has the agent grow
 // its file system.
-func (p *Provisioner) growWork(ctx context.Context, req protocol.ProvisionRequest) func(context.Context, protocol.MachineState, bool) error {
-	return func(working context.Context, cur protocol.MachineState, _ bool) error {
+func (p *Provisioner) growWork(ctx context.Context, req protocol.ProvisionRequest) func(context.Context, protocol.MachineState) error {
+	return func(working context.Context, cur protocol.MachineState) error {
 		var (
 			next protocol.MachineState
 			err  error
@@ -64,19 +64,27 @@ func (p *Provisioner) growOutcome(ctx context.Context, req protocol.ProvisionReq
 		e.Status, e.Error, e.Message = protocol.StatusFailed, asProtocolError(err), err.Error()
 	}
 	return p.crash.Around("provisioner/grow-volume/result-event", func() error {
-		return p.publishEvent(ctx, e, req.ID+"-"+string(e.Status))
+		return p.publishEvent(ctx, e, resultEventID(req, e.Status))
 	})
 }
 
 // recordVolumeSize changes only the volume size of the machine record, so
 // that a concurrent change (a machine found lost) is kept.
 func (p *Provisioner) recordVolumeSize(ctx context.Context, instance string, sizeGB int) error {
+	return p.changeState(ctx, instance, func(st *protocol.MachineState) { st.VolumeSizeGB = sizeGB })
+}
+
+// changeState applies change to the instance's record and writes it with a
+// revision check, reading it again (a few times) when a concurrent write
+// got there first, so that what that write changed is kept. An instance
+// without a record is left without one.
+func (p *Provisioner) changeState(ctx context.Context, instance string, change func(*protocol.MachineState)) error {
 	for attempt := 0; ; attempt++ {
 		st, rev, err := p.machineState(ctx, instance)
-		if err != nil {
+		if err != nil || rev == 0 {
 			return err
 		}
-		st.VolumeSizeGB = sizeGB
+		change(&st)
 		_, err = p.putState(ctx, instance, st, rev)
 		conflict := errors.Is(err, jetstream.ErrKeyRevisionMismatch) || errors.Is(err, jetstream.ErrKeyExists)
 		if err == nil || attempt >= 5 || !conflict {

@@ -90,7 +90,9 @@ type Options struct {
 	// Only runs these operations (by name); all when empty.
 	Only []string
 	// Stride runs one crash point in Stride (1: every one), always the
-	// first and the last (crashtable.Select): the short mode CI uses.
+	// first and the last: the short mode CI uses. Which ones shifts from
+	// one operation to the next (by the operation's place in the table),
+	// so that over the table both sides of a :before/:after pair run.
 	Stride int
 	// Parallel is how many cases run at once.
 	Parallel int
@@ -100,8 +102,9 @@ type Options struct {
 type operation struct {
 	name string
 	// setup prepares the instance: requests run to their end by a
-	// provisioner that does not crash. snap returns the snapshot recorded
-	// by a setup step (for restore and delete-snapshot).
+	// provisioner that does not crash. A setup snapshot leaves the
+	// snapshot it recorded in the case's snap (for restore and
+	// delete-snapshot).
 	setup func(c *caseRig) error
 	// request is the request under test.
 	request func(c *caseRig) protocol.ProvisionRequest
@@ -236,7 +239,7 @@ func Run(t *testing.T, w World, opts Options) []crashtable.Row {
 	var rows []crashtable.Row
 	t.Run(w.Name(), func(t *testing.T) {
 		var cases []crashtable.Case
-		for _, op := range operations() {
+		for i, op := range operations() {
 			if len(opts.Only) > 0 && !slices.Contains(opts.Only, op.name) {
 				continue
 			}
@@ -248,7 +251,7 @@ func Run(t *testing.T, w World, opts Options) []crashtable.Row {
 			}) {
 				continue
 			}
-			for _, n := range crashtable.Select(len(points), opts.Stride) {
+			for _, n := range selectPoints(len(points), opts.Stride, i) {
 				cases = append(cases, crashtable.Case{Operation: op.name, N: n, Point: crashtable.Occurrence(points, n),
 					Run: func(t *testing.T) { crashCase(t, w, op, n, points[n-1]) }})
 			}
@@ -256,6 +259,25 @@ func Run(t *testing.T, w World, opts Options) []crashtable.Row {
 		rows = crashtable.Run(t, w.Name(), max(opts.Parallel, 1), cases)
 	})
 	return rows
+}
+
+// selectPoints keeps one point in stride of an operation's points (1..n),
+// starting at 1+offset%stride, and always the first and the last. With
+// offsets that differ from one operation to the next, the points kept fall
+// on both sides of the :before/:after pairs over the table, where a fixed
+// start (crashtable.Select) would keep the same side every time.
+func selectPoints(n, stride, offset int) []int {
+	if stride <= 1 {
+		return crashtable.Select(n, 1)
+	}
+	offset %= stride
+	var out []int
+	for i := 1; i <= n; i++ {
+		if i == 1 || i == n || (i-1)%stride == offset {
+			out = append(out, i)
+		}
+	}
+	return out
 }
 
 // record runs the operation once without crashing and returns the crash
@@ -270,7 +292,7 @@ func record(t *testing.T, w World, op operation) []string {
 	var rec crashpoint.Recorder
 	stop := c.start(rec.Hook(), nil)
 	c.publish(c.opReq, c.opReq.ID)
-	c.waitDone(op)
+	c.waitDone()
 	stop()
 	c.check(op)
 	return rec.Points()
@@ -304,7 +326,7 @@ func crashCase(t *testing.T, w World, op operation, n int, point string) {
 	// deduplication window would deliver it.
 	c.publish(c.opReq, c.opReq.ID+"-again")
 	stop := c.start(nil, nil)
-	c.waitDone(op)
+	c.waitDone()
 	stop()
 	c.check(op)
 }
@@ -441,7 +463,7 @@ func (c *caseRig) drained(timeout time.Duration) bool {
 
 // waitDone waits until the request under test and its second delivery are
 // both handled to their end.
-func (c *caseRig) waitDone(op operation) {
+func (c *caseRig) waitDone() {
 	c.t.Helper()
 	if !c.drained(3 * time.Minute) {
 		c.t.Fatalf("the request (delivered twice) was not acknowledged within 3 minutes; machine %+v", c.machine())

@@ -19,6 +19,10 @@ type awsLike struct {
 	mu     sync.Mutex
 	calls  map[string]int
 	failAt string // a call that fails (once) with an AWS-side error
+	// terminateLaunched terminates every machine as soon as it is
+	// launched, as AWS does when it cannot run it (capacity, a volume it
+	// cannot attach, a KMS key it may not use).
+	terminateLaunched bool
 }
 
 func (a *awsLike) count(name string) int {
@@ -62,6 +66,18 @@ func (a *awsLike) AssociateAddress(ctx context.Context, in *ec2.AssociateAddress
 		return nil, err
 	}
 	return a.ec2API.AssociateAddress(ctx, in, o...)
+}
+
+func (a *awsLike) RunInstances(ctx context.Context, in *ec2.RunInstancesInput, o ...func(*ec2.Options)) (*ec2.RunInstancesOutput, error) {
+	out, err := a.ec2API.RunInstances(ctx, in, o...)
+	if err == nil && a.terminateLaunched {
+		for _, inst := range out.Instances {
+			if _, err := a.ec2API.TerminateInstances(ctx, &ec2.TerminateInstancesInput{InstanceIds: []string{aws.ToString(inst.InstanceId)}}); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return out, err
 }
 
 func (a *awsLike) DescribeInstances(ctx context.Context, in *ec2.DescribeInstancesInput, o ...func(*ec2.Options)) (*ec2.DescribeInstancesOutput, error) {
@@ -180,5 +196,25 @@ func TestAliveAsksOnceForEveryMachine(t *testing.T) {
 		if want := m.MachineID != gone; alive[m.Instance] != want {
 			t.Errorf("%s (%s): alive %v, want %v", m.Instance, m.MachineID, alive[m.Instance], want)
 		}
+	}
+}
+
+// TestAMachineThatTerminatesFailsTheRequestAtOnce: a machine that AWS
+// terminates as it starts never comes back, and a retry of the request
+// would get the same machine (its client token is the request's id): the
+// failure is final, not one retried until the operation's deadline.
+func TestAMachineThatTerminatesFailsTheRequestAtOnce(t *testing.T) {
+	w := newWorld(t)
+	ctx := context.Background()
+	a := useAWSLike(w)
+	a.terminateLaunched = true
+	spec := w.spec()
+	spec.ElasticIP, spec.Network.DNSStrategy = nil, "NONE"
+	_, err := w.backend.Reprovision(ctx, w.request("rq-1", protocol.ProvisionReprovision, spec), protocol.MachineState{})
+	if err == nil {
+		t.Fatal("the reprovision of a machine that terminated succeeded")
+	}
+	if code := protocol.CodeOf(err); code == protocol.CodeUnavailable || code != protocol.CodeFailedPrecondition {
+		t.Fatalf("the reprovision failed with %s (%v); want a final failure (%s)", code, err, protocol.CodeFailedPrecondition)
 	}
 }

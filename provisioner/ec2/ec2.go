@@ -188,6 +188,12 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	if err != nil {
 		return cur, err
 	}
+	// What another request's restore left unfinished is undone first: the
+	// volumes in place are then the instance's own again, for the checks
+	// and for what follows.
+	if err := b.abandonRestores(ctx, c, req); err != nil {
+		return cur, err
+	}
 	pl, err := b.plan(ctx, c, region, req)
 	if err != nil {
 		return cur, err
@@ -232,7 +238,7 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 			return next, err
 		}
 	case vol == nil:
-		if vol, err = b.createVolume(ctx, c, req, pl.az, nil); err != nil {
+		if vol, err = b.createVolume(ctx, c, req, pl.az, nil, roleData); err != nil {
 			return next, err
 		}
 	default:
@@ -385,7 +391,7 @@ func (b *Backend) Delete(ctx context.Context, req provisioner.Request, cur proto
 	}
 	delete(next.Details, detailAllocation)
 	delete(next.Details, detailAllocatedByFM)
-	vols, err := b.findVolumes(ctx, c, req.Instance, roleData, rolePreviousData)
+	vols, err := b.findVolumes(ctx, c, req.Instance, roleData, rolePreviousData, roleRestoring)
 	if err != nil {
 		return next, err
 	}

@@ -142,7 +142,11 @@ func firstSet(v ...string) string {
 }
 
 // waitInstance waits for the machine to reach want; a machine that
-// terminates on the way fails the wait with AWS's reason.
+// terminates on the way fails the wait at once with AWS's reason. That is
+// not a failure that passes: a terminated machine never comes back, and
+// making the request's machine again would give the same one (its client
+// token is the request's id), so retrying until the deadline would only
+// delay the answer.
 func (b *Backend) waitInstance(ctx context.Context, c clients, req provisioner.Request, id string, want types.InstanceStateName) (*types.Instance, error) {
 	var last *types.Instance
 	err := b.waitFor(ctx, req, "machine-state", "machine "+id, func() (bool, string, error) {
@@ -164,7 +168,8 @@ func (b *Backend) waitInstance(ctx context.Context, c clients, req provisioner.R
 			if inst.StateReason != nil {
 				reason = aws.ToString(inst.StateReason.Message)
 			}
-			return false, "", protocol.Errorf(protocol.CodeUnavailable, "machine %s is %s instead of %s: %s", id, state, want, reason)
+			return false, "", protocol.Errorf(protocol.CodeFailedPrecondition, "machine %s is %s instead of %s (%s); it will not come back: reprovision the instance",
+				id, state, want, reason)
 		}
 		return false, string(state), nil
 	})

@@ -160,12 +160,23 @@ func describeSnapshot(ctx context.Context, c clients, id string) (*types.Snapsho
 // kept it there.
 const TagKeptBy = "fm:kept-by"
 
-// restoredVolume is the data volume of a restore: the one this request
-// made from the snapshot (found again after a crash), or a new one. The
-// instance's current data volume is kept aside, tagged previous-data and
-// kept-by this request; one an earlier restore kept aside goes (a volume
-// kept by this request, found after a crash, is the one this restore
-// replaced, and stays).
+// roleRestoring marks the volume a restore made from the snapshot until
+// the restore puts it in place (tags it data): a restore killed before
+// that, and never finished (its request refused past its deadline, or
+// superseded), leaves it to be deleted by the next request
+// (abandonRestores), never put in place by a request that is not the
+// restore.
+const roleRestoring = "restoring"
+
+// restoredVolume is the data volume of a restore. One an earlier restore
+// kept aside goes first (a volume kept by this request, found after a
+// crash, is the one this restore replaced, and stays). The volume is made
+// from the snapshot as restoring (or found again after a crash), the
+// instance's current data volume is then kept aside, tagged previous-data
+// and kept-by this request, and last the restored volume is put in place
+// (tagged data). Each step shows in the tags, so that a retry after a crash
+// goes on from where it was, and a restore that never finishes can be
+// undone (abandonRestores).
 func (b *Backend) restoredVolume(ctx context.Context, c clients, req provisioner.Request, az string, snap *types.Snapshot) (*types.Volume, error) {
 	kept, err := b.findVolumes(ctx, c, req.Instance, rolePreviousData)
 	if err != nil {
@@ -185,12 +196,31 @@ func (b *Backend) restoredVolume(ctx context.Context, c clients, req provisioner
 	if err != nil {
 		return nil, err
 	}
-	var restored *types.Volume
 	for i, v := range vols {
 		if tagValue(v.Tags, TagRequest) == req.ID {
-			restored = &vols[i]
-			continue
+			return &vols[i], nil // put in place already
 		}
+	}
+	var restored *types.Volume
+	restoring, err := b.findVolumes(ctx, c, req.Instance, roleRestoring)
+	if err != nil {
+		return nil, err
+	}
+	for _, v := range restoring {
+		if tagValue(v.Tags, TagRequest) == req.ID {
+			// Made before a crash: it may still be being created.
+			if restored, err = b.waitAvailable(ctx, c, req, aws.ToString(v.VolumeId)); err != nil {
+				return nil, err
+			}
+			break
+		}
+	}
+	if restored == nil {
+		if restored, err = b.createVolume(ctx, c, req, az, snap, roleRestoring); err != nil {
+			return nil, err
+		}
+	}
+	for _, v := range vols {
 		id := aws.ToString(v.VolumeId)
 		if _, err := c.ec2.CreateTags(ctx, &ec2.CreateTagsInput{Resources: []string{id},
 			Tags: []types.Tag{{Key: aws.String(TagRole), Value: aws.String(rolePreviousData)}, {Key: aws.String(TagKeptBy), Value: aws.String(req.ID)}}}); err != nil {
@@ -198,8 +228,65 @@ func (b *Backend) restoredVolume(ctx context.Context, c clients, req provisioner
 		}
 		req.Progress("data-volume", fmt.Sprintf("the current data volume %s is kept aside (tag %s=%s)", id, TagRole, rolePreviousData))
 	}
-	if restored != nil {
-		return restored, nil
+	id := aws.ToString(restored.VolumeId)
+	if _, err := c.ec2.CreateTags(ctx, &ec2.CreateTagsInput{Resources: []string{id},
+		Tags: []types.Tag{{Key: aws.String(TagRole), Value: aws.String(roleData)}}}); err != nil {
+		return nil, cloudError("put the restored data volume in place", err)
 	}
-	return b.createVolume(ctx, c, req, az, snap)
+	req.Progress("data-volume", fmt.Sprintf("the volume restored from the snapshot, %s, is the data volume", id))
+	return restored, nil
+}
+
+// abandonRestores undoes what a restore of another request left
+// unfinished: the instance's data volume it kept aside is put back in
+// place (when no other is), then the volume it made from the snapshot is
+// deleted. A later request never puts in place a volume it did not make
+// (a restore whose operation failed would otherwise replace the data
+// silently), and a later restore never deletes, as an earlier restore's
+// leftover, the volume that was in place. The order makes a retry after a
+// crash go on from where it was.
+func (b *Backend) abandonRestores(ctx context.Context, c clients, req provisioner.Request) error {
+	restoring, err := b.findVolumes(ctx, c, req.Instance, roleRestoring)
+	if err != nil {
+		return err
+	}
+	var others []types.Volume
+	for _, v := range restoring {
+		if tagValue(v.Tags, TagRequest) != req.ID {
+			others = append(others, v)
+		}
+	}
+	if len(others) == 0 {
+		return nil
+	}
+	data, err := b.findVolumes(ctx, c, req.Instance)
+	if err != nil {
+		return err
+	}
+	if len(data) == 0 {
+		kept, err := b.findVolumes(ctx, c, req.Instance, rolePreviousData)
+		if err != nil {
+			return err
+		}
+		for _, v := range kept {
+			by := tagValue(v.Tags, TagKeptBy)
+			if by == req.ID {
+				continue
+			}
+			id := aws.ToString(v.VolumeId)
+			if _, err := c.ec2.CreateTags(ctx, &ec2.CreateTagsInput{Resources: []string{id},
+				Tags: []types.Tag{{Key: aws.String(TagRole), Value: aws.String(roleData)}}}); err != nil {
+				return cloudError("put the data volume back in place", err)
+			}
+			req.Progress("abandon-restore", fmt.Sprintf("the data volume %s, kept aside by the unfinished restore %s, is in place again", id, by))
+		}
+	}
+	for _, v := range others {
+		id := aws.ToString(v.VolumeId)
+		if err := b.deleteVolume(ctx, c, req, id); err != nil {
+			return err
+		}
+		req.Progress("abandon-restore", fmt.Sprintf("the volume %s of the unfinished restore %s is deleted", id, tagValue(v.Tags, TagRequest)))
+	}
+	return nil
 }

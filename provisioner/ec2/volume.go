@@ -40,15 +40,16 @@ func applyEncryption(v protocol.VolumeSpec, encrypted **bool, kmsKey **string) {
 	}
 }
 
-// createVolume makes the instance's data volume in the zone and waits
-// until it can be attached. Its client token and FM tags make a retry after
-// a crash find it.
-func (b *Backend) createVolume(ctx context.Context, c clients, req provisioner.Request, az string, from *types.Snapshot) (*types.Volume, error) {
+// createVolume makes the instance's data volume in the zone, with FM's
+// role tag role (data, or restoring for a restore's until it is put in
+// place), and waits until it can be attached. Its client token and FM tags
+// make a retry after a crash find it.
+func (b *Backend) createVolume(ctx context.Context, c clients, req provisioner.Request, az string, from *types.Snapshot, role string) (*types.Volume, error) {
 	v := req.Spec.DataVolume
 	in := &ec2.CreateVolumeInput{
 		AvailabilityZone: aws.String(az), Size: aws.Int32(int32(max(v.SizeGB, 1))), ClientToken: aws.String(req.ID + "-data"),
 		TagSpecifications: tagSpec(types.ResourceTypeVolume, tagsFor(req.Spec, req.Spec.Label+" (data)",
-			map[string]string{TagInstance: req.Instance, TagRole: roleData, TagRequest: req.ID})),
+			map[string]string{TagInstance: req.Instance, TagRole: role, TagRequest: req.ID})),
 	}
 	if from != nil {
 		// A volume is at least as large as the snapshot it is made from.
@@ -68,8 +69,13 @@ func (b *Backend) createVolume(ctx context.Context, c clients, req provisioner.R
 	}
 	id := aws.ToString(out.VolumeId)
 	req.Progress("data-volume", fmt.Sprintf("data volume %s created (%d GB %s, encryption %s)", id, aws.ToInt32(out.Size), out.VolumeType, firstSet(v.Encryption, "NONE")))
+	return b.waitAvailable(ctx, c, req, id)
+}
+
+// waitAvailable waits until a volume just made can be attached.
+func (b *Backend) waitAvailable(ctx context.Context, c clients, req provisioner.Request, id string) (*types.Volume, error) {
 	var vol *types.Volume
-	err = b.waitFor(ctx, req, "data-volume", "volume "+id, func() (bool, string, error) {
+	err := b.waitFor(ctx, req, "data-volume", "volume "+id, func() (bool, string, error) {
 		var err error
 		if vol, err = describeVolume(ctx, c, id); err != nil {
 			return false, "", err

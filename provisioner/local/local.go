@@ -5,8 +5,10 @@
 // sessions: they outlive the process that started them, and a provisioner
 // started again adopts them.
 //
-// cmd/fm and tests import it. It imports protocol, agent (for the agent's
-// config file) and cmdline.
+// cmd/fm and tests import it. It imports protocol, provisioner (whose
+// Backend it is), provisioner/archive (the snapshot stores), agent (for the
+// agent's config file) and the internal atomicfile, cmdline, crashpoint and
+// tarball.
 package local
 
 import (
@@ -119,6 +121,19 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	}
 	vol := b.volumeDir(inst)
 	pending := b.restoreJournal(inst) // a restore whose move a crash cut short
+	if pending != req.ID {
+		// Another request's restore, which ended without it (refused past
+		// its deadline, failed, or superseded): its volume is not this
+		// request's to put in place.
+		abandoned, err := b.abandonRestore(inst, pending, req.ID)
+		if err != nil {
+			return cur, err
+		}
+		if abandoned {
+			req.Progress("abandon-restore", fmt.Sprintf("the restore of request %s, which did not finish, was abandoned; the data volume was kept as it was", pending))
+			pending = ""
+		}
+	}
 	if snap := req.FromSnapshot; snap != nil && pending != req.ID && !b.restoredBy(inst, req.ID) {
 		// The snapshot is checked in full before anything is replaced.
 		staging := b.stagingDir(inst)
@@ -208,6 +223,45 @@ func (b *Backend) restoreJournal(inst string) string {
 		return ""
 	}
 	return strings.TrimSpace(string(by))
+}
+
+// abandonRestore drops what the restore of request other left when
+// request, another one, comes: the extracted volume and the journal of a
+// restore whose move has not begun (the volume in place is still the
+// current one), and an extracted volume that no journal names (a restore
+// killed while it extracted). It reports whether it dropped a journal. A
+// move under way (the current volume already kept aside, or the restored
+// one in place) is not undone: it is finished, by whatever request comes,
+// since the volume in place must be whole.
+func (b *Backend) abandonRestore(inst, other, request string) (bool, error) {
+	vol, staging := b.volumeDir(inst), b.stagingDir(inst)
+	exists := func(p string) bool { _, err := os.Stat(p); return err == nil }
+	if !exists(staging) {
+		return false, nil
+	}
+	if other == "" {
+		err := b.crash.Around("local/reprovision/drop-unrecorded-restore", func() error { return os.RemoveAll(staging) })
+		if err != nil {
+			return false, fmt.Errorf("remove the volume of an unfinished restore: %w", err)
+		}
+		return false, nil
+	}
+	if !exists(vol) {
+		return false, nil
+	}
+	b.log.Warn().Str("instance", inst).Str("restore", other).Str("request", request).
+		Msg("a restore that did not finish is abandoned: the data volume stays as it is")
+	// The journal goes first: while it names the restore, its extracted
+	// volume is known to be waiting, not in place.
+	if err := b.crash.Around("local/reprovision/abandon-restore", func() error {
+		if err := os.Remove(b.journalPath(inst)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return os.RemoveAll(staging)
+	}); err != nil {
+		return false, fmt.Errorf("abandon the unfinished restore of request %s: %w", other, err)
+	}
+	return true, nil
 }
 
 // swapVolume puts a restored volume in place, keeping the current one
