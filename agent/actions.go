@@ -250,7 +250,9 @@ func openSSHKeyType(key string) string {
 }
 
 // chownToUser gives paths to a user of a real machine; in a folder standing
-// for one, files stay the agent's.
+// for one, files stay the agent's. The paths are in the user's home, where
+// the user may have swapped a link in: the link itself changes owner, never
+// what it leads to.
 func (m *machine) chownToUser(name string, paths ...string) {
 	if !m.isRealRoot() || os.Geteuid() != 0 {
 		return
@@ -262,7 +264,7 @@ func (m *machine) chownToUser(name string, paths ...string) {
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
 	for _, p := range paths {
-		_ = os.Chown(p, uid, gid)
+		_ = os.Lchown(p, uid, gid)
 	}
 }
 

@@ -53,8 +53,10 @@ type Agent struct {
 	// sequence, a command, the watchdog's restart), so that they never
 	// overlap.
 	machineMu sync.Mutex
-	// installLock is the install lock while a convergence holds it, for
-	// the installer to inherit.
+	// installLock is the install lock while the agent holds it (a
+	// convergence, a command that touches DSS, the watchdog; machineMu
+	// held), for the installer to inherit, and for a crash test to drop
+	// with the process it kills.
 	installLock atomic.Pointer[os.File]
 
 	// firstTry is when the agent first worked on generation firstTryGen:
@@ -166,7 +168,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.measure,
 		func(ctx context.Context) { a.ship.run(ctx, nc) },
 		func(ctx context.Context) {
-			a.ship.tail(ctx, "dss", a.m.dssLogPath(), filepath.Join(a.m.stateDir, "log-offsets.json"))
+			a.ship.tail(ctx, "dss", a.m.dssLogPath(), filepath.Join(a.m.stateDir, "log-offsets.json"), a.m.openDSSLog)
 		},
 	} {
 		wg.Add(1)

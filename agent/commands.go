@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"regexp"
 	"time"
@@ -68,8 +69,10 @@ func (a *Agent) consumeCommands(ctx context.Context) error {
 	}
 }
 
-// handleCommand runs one command message once and answers it. A malformed,
-// unknown or expired command gets an error result and nothing else happens.
+// handleCommand runs one command message and answers it. A command already
+// answered is not run again; one the agent was running when it stopped is
+// run again, up to maxCommandAttempts starts. A malformed, unknown or
+// expired command gets an error result and nothing else happens.
 func (a *Agent) handleCommand(ctx context.Context, data []byte, seq uint64) {
 	var cmd protocol.Command
 	if err := protocol.Decode(data, &cmd); err != nil {
@@ -183,13 +186,17 @@ func (a *Agent) answer(ctx context.Context, cmd protocol.Command, res commandRes
 var reUserName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}$`)
 
 // runCommand carries a command out, holding the machine so that it does not
-// overlap with the startup sequence.
+// overlap with the startup sequence (and, for a command that touches DSS,
+// the install lock: holdMachine).
 func (a *Agent) runCommand(ctx context.Context, cmd protocol.Command) commandResult {
 	if !cmd.Kind.Known() {
 		return commandResult{err: protocol.Errorf(protocol.CodeUnimplemented, "unknown command %q", cmd.Kind)}
 	}
-	a.machineMu.Lock()
-	defer a.machineMu.Unlock()
+	release, perr := a.holdMachine(ctx, cmd)
+	if perr != nil {
+		return commandResult{err: perr}
+	}
+	defer release()
 	installed, _ := a.m.installedVersion()
 	needsDSS := func() *protocol.Error {
 		if installed == "" {
@@ -270,6 +277,68 @@ func (a *Agent) runCommand(ctx context.Context, cmd protocol.Command) commandRes
 		return commandResult{message: "diagnosis uploaded", result: res}
 	}
 	return commandResult{err: protocol.Errorf(protocol.CodeUnimplemented, "command %q is not carried out by this agent", cmd.Kind)}
+}
+
+// touchesDSS reports whether a command runs DSS's programs or restarts DSS,
+// which must not happen beside DSS's installer.
+func touchesDSS(kind protocol.CommandKind) bool {
+	switch kind {
+	case protocol.CommandRestartDSS, protocol.CommandStartDSS, protocol.CommandStopDSS,
+		protocol.CommandReplaySetupActions, protocol.CommandResetUserPassword:
+		return true
+	}
+	return false
+}
+
+// commandInstallerWait is how long a command without an expiry waits for an
+// installer to end.
+const commandInstallerWait = 10 * time.Minute
+
+// holdMachine takes the machine for a command and, if it touches DSS, the
+// install lock as well, which the convergence holds while DSS's installer
+// runs, and an installer left running by an agent that stopped or died
+// holds until it ends: stopping or starting DSS then would kill the
+// installer (its command line names the data directory) or start DSS on a
+// half-upgraded data directory. While such an installer runs, the command
+// waits, letting go of the machine between tries so that the convergence
+// can take it, until the command expires (commandInstallerWait without an
+// expiry); then it is answered Unavailable, to be sent again.
+func (a *Agent) holdMachine(ctx context.Context, cmd protocol.Command) (release func(), perr *protocol.Error) {
+	if !touchesDSS(cmd.Kind) {
+		a.machineMu.Lock()
+		return a.machineMu.Unlock, nil
+	}
+	until := cmd.Expires
+	if until.IsZero() {
+		until = time.Now().Add(commandInstallerWait)
+	}
+	logged := false
+	for {
+		a.machineMu.Lock()
+		lock, err := a.m.tryLockInstall()
+		if err == nil {
+			a.installLock.Store(lock)
+			return func() { a.installLock.Store(nil); lock.Close(); a.machineMu.Unlock() }, nil
+		}
+		a.machineMu.Unlock()
+		if !errors.Is(err, errInstallerRuns) {
+			return nil, protocol.Errorf(protocol.CodeInternal, "%v", err)
+		}
+		pids := a.m.installerProcesses()
+		if !time.Now().Before(until) {
+			return nil, protocol.Errorf(protocol.CodeUnavailable,
+				"DSS's installer still runs on the data directory (processes %v), so %s was not run: send it again once the install or upgrade has ended", pids, cmd.Kind)
+		}
+		if !logged {
+			a.log.Info().Ints("pids", pids).Str("command", cmd.ID).Msg("DSS's installer runs; the command waits for it to end")
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil, protocol.Errorf(protocol.CodeAborted, "the agent stopped while %s waited for DSS's installer to end", cmd.Kind)
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 // resultEventID is the id of a command's result event: the same for every

@@ -349,13 +349,26 @@ func allLogs(t *testing.T, r *rig, source string) string {
 	return b.String()
 }
 
+// TestCollectDiagnosis: the bundle holds the agent's and DSS's files, and
+// nothing of root's that the DSS user linked in their place.
 func TestCollectDiagnosis(t *testing.T) {
 	r := newRig(t)
 	r.startAgent()
 	r.waitReady(r.desire("14.0.0").Generation)
+	secret := filepath.Join(t.TempDir(), "root-only")
+	if err := os.WriteFile(secret, []byte("SECRET OF ROOT"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, rel := range []string{"run/leak.log", "config/migrations.json"} {
+		p := filepath.Join(r.dssDir(), rel)
+		os.Remove(p)
+		if err := os.Symlink(secret, p); err != nil {
+			t.Fatal(err)
+		}
+	}
 	res := r.result(r.command(protocol.CommandCollectDiagnosis, nil))
 	var d protocol.DiagnosisResult
-	if err := json.Unmarshal(res.Result, &d); err != nil || d.Subject != protocol.LogSubject(r.instance, "diag-"+res.CommandID) || d.Chunks < 1 {
+	if err := json.Unmarshal(res.Result, &d); err != nil || !strings.HasPrefix(d.Subject, protocol.LogSubject(r.instance, "diag-"+res.CommandID+"-")) || d.Chunks < 1 {
 		t.Fatalf("%+v %v", res, err)
 	}
 	// The bundle is in chunks on the agent's own log subject.
@@ -389,6 +402,9 @@ func TestCollectDiagnosis(t *testing.T) {
 			t.Fatal(err)
 		}
 		names[h.Name] = true
+		if b, _ := io.ReadAll(tr); bytes.Contains(b, []byte("SECRET")) {
+			t.Errorf("%s holds root's file, linked by the DSS user", h.Name)
+		}
 	}
 	for _, want := range []string{"agent/status.json", "agent/marker.json", "dss/install.ini", "dss/dss-version.json", "dss/run/backend.log"} {
 		if !names[want] {

@@ -271,8 +271,22 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 
 	wasInstalled, wasUpgraded := false, false
 	cmp := protocol.CompareVersions(installed, d.DSS.Version)
+	if run := mk.Install; run.done(gen, d.DSS.Version, installed) {
+		// The installer of this generation ran to its end before the agent
+		// stopped: what it did stands, and it is not run again.
+		wasInstalled, wasUpgraded = run.From == "", run.From != ""
+		a.log.Info().Str("from", run.From).Str("to", run.Target).Msg("DSS was installed for this generation before the agent stopped")
+		cmp = 0
+		newMachine = false
+	} else if installed == "" || cmp != 0 || newMachine {
+		mk.Install = &installRun{Generation: gen, Target: d.DSS.Version, From: installed}
+		if err := a.crash.Around("agent/record-install", func() error { return a.m.saveMarker(mk) }); err != nil {
+			return &stepError{step: "record-install", code: protocol.CodeInternal, err: err}
+		}
+	}
 	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.DSS.State = protocol.DSSInstalling })
 	switch {
+	case wasInstalled || wasUpgraded:
 	case installed == "":
 		wasInstalled = true
 		if err := a.step(gen, "install", func() (string, string, error) {
@@ -293,7 +307,7 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 		}
 		if err := a.step(gen, name, func() (string, string, error) {
 			stopOut, _ := a.m.stopDSS(ctx)
-			out, err := a.m.runInstaller(ctx, a.installLock.Load(), installer, "-d", a.m.dssDir, "-u", "-y")
+			out, err := a.m.runInstaller(ctx, a.installLock.Load(), nil, installer, "-d", a.m.dssDir, "-u", "-y")
 			if err != nil {
 				return "", stopOut + out, &stepError{code: protocol.CodeInternal, err: err}
 			}
@@ -347,12 +361,12 @@ func (a *Agent) install(ctx context.Context, installer string, d *protocol.Desir
 		return "", "", err
 	}
 	args := []string{"-d", a.m.dssDir, "-p", fmt.Sprint(d.DSS.Port), "-t", d.NodeType}
+	var ended func()
 	if d.DSS.License != "" {
 		lic, err := os.CreateTemp("", "fm-license-*.json")
 		if err != nil {
 			return "", "", err
 		}
-		defer os.Remove(lic.Name())
 		_, err = lic.WriteString(d.DSS.License)
 		if err == nil {
 			// The installer reads it as the DSS account.
@@ -360,11 +374,15 @@ func (a *Agent) install(ctx context.Context, installer string, d *protocol.Desir
 		}
 		lic.Close()
 		if err != nil {
+			os.Remove(lic.Name())
 			return "", "", err
 		}
+		// Removed once the installer has ended: an agent that stops
+		// returns from here while the installer runs on, still to read it.
+		ended = func() { os.Remove(lic.Name()) }
 		args = append(args, "-l", lic.Name())
 	}
-	out, err := a.m.runInstaller(ctx, a.installLock.Load(), installer, args...)
+	out, err := a.m.runInstaller(ctx, a.installLock.Load(), ended, installer, args...)
 	if err != nil {
 		return "", out, &stepError{code: protocol.CodeInternal, err: err}
 	}

@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -89,6 +91,26 @@ func agentScenarios() []agentScenario {
 			r.checkMachine()
 		}
 	}
+	// withFacts adds, where Ansible is installed, a task after the install
+	// that writes the facts setup actions see (was DSS installed, upgraded?)
+	// and checks them once converged: an agent killed after the installer
+	// ended must not tell its setup actions it installed nothing.
+	withFacts := func(version, want string) (func(r *rig) func(), func(r *rig)) {
+		if _, err := exec.LookPath("ansible-playbook"); err != nil {
+			return desire(version, crashActions...), converged(version)
+		}
+		facts := func(r *rig) string { return filepath.Join(r.data, "facts.txt") }
+		return func(r *rig) func() {
+				task := action(protocol.ActionRunAnsibleTasks, `{"stage":"after_install","ansibleTasks":"- copy:\n    dest: `+facts(r)+
+					`\n    content: \"{{ dataiku.dss.was_installed }} {{ dataiku.dss.was_upgraded }}\"\n"}`)
+				return desire(version, append(slices.Clone(crashActions), task)...)(r)
+			}, func(r *rig) {
+				converged(version)(r)
+				if b, err := os.ReadFile(facts(r)); err != nil || string(b) != want {
+					r.t.Errorf("the setup actions after the install were told %q (%v), want %q", b, err, want)
+				}
+			}
+	}
 	commandScenario := func(name string, kind protocol.CommandKind, params any, check func(r *rig, res protocol.Event)) agentScenario {
 		return agentScenario{name: name, setup: ready,
 			act: func(r *rig) func() {
@@ -102,6 +124,10 @@ func agentScenarios() []agentScenario {
 				if res.Status != protocol.StatusOK {
 					r.t.Errorf("%s: %+v", name, res)
 				}
+				// A crash after the answer runs the command again, answered
+				// under the same id (kept once): the machine is checked once
+				// the new agent recorded it done.
+				r.waitCommandDone(r.lastCommand)
 				// Answered once: the result's id derives from the command's.
 				time.Sleep(500 * time.Millisecond)
 				if n := len(r.events.find(func(e protocol.Event) bool {
@@ -145,10 +171,12 @@ func agentScenarios() []agentScenario {
 				r.t.Fatalf("identity: %v %+v", err, id)
 			}
 		}}
+	installAct, installDone := withFacts(kit.Versions[0], "True False")
+	upgradeAct, upgradeDone := withFacts(newest, "False True")
 	return []agentScenario{
 		joinScenario,
-		{name: "startup-sequence", setup: func(*rig) {}, act: desire(kit.Versions[0], crashActions...), done: converged(kit.Versions[0])},
-		{name: "upgrade", setup: ready, act: desire(newest, crashActions...), done: converged(newest)},
+		{name: "startup-sequence", setup: func(*rig) {}, act: installAct, done: installDone},
+		{name: "upgrade", setup: ready, act: upgradeAct, done: upgradeDone},
 		// A new machine (a new OS disk) on the kept volume converges to the
 		// desired state it finds.
 		{name: "new-machine", setup: func(r *rig) { ready(r); r.newMachineRoot() },
@@ -224,6 +252,22 @@ func crashScenario(t *testing.T, sc agentScenario, n int) {
 	r.cfg.Crash = nil
 	r.startAgent()
 	sc.done(r)
+}
+
+// waitCommandDone waits until the agent recorded the command done.
+func (r *rig) waitCommandDone(id string) {
+	r.t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		var cur commandCursor
+		if _, err := loadJSON(filepath.Join(r.data, "fm-agent", "commands.json"), &cur); err == nil && cur.seen(id) && cur.Running == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			r.t.Fatalf("the agent did not record command %s done within a minute", id)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // checkMachine checks what must hold on a machine after any piece of work:

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/fleetmanager/fm/protocol"
@@ -21,8 +22,12 @@ import (
 )
 
 // maxLogInBundle bounds each log file in a diagnosis bundle (its tail is
-// kept).
-const maxLogInBundle = 8 << 20
+// kept), maxLogsInBundle the number of DSS's logs (run/*.log, first by
+// name) it holds: the bundle is made in memory.
+const (
+	maxLogInBundle  = 8 << 20
+	maxLogsInBundle = 32
+)
 
 // collectDiagnosis bundles the agent's and DSS's logs and the machine's facts
 // into a .tar.gz and sends it to FM, which files it in the fm_diagnosis
@@ -38,10 +43,24 @@ func (a *Agent) collectDiagnosis(ctx context.Context, commandID string) (protoco
 		_, err := tw.Write(data)
 		return err
 	}
+	// DSS's files are read as openDSSFile says (the DSS account may have
+	// put a link to a file of root's in their place); the agent's own
+	// log, plainly.
 	addFile := func(name, path string) error {
-		data, err := readTail(path, maxLogInBundle)
+		var f *os.File
+		var err error
+		if within(a.m.dssFolder(), path) {
+			f, _, err = a.m.openDSSFile(path)
+		} else {
+			f, err = os.Open(path)
+		}
 		if err != nil {
-			return nil // absent files are simply not in the bundle
+			return nil // absent (or refused) files are simply not in the bundle
+		}
+		defer f.Close()
+		data, err := readTail(f, maxLogInBundle)
+		if err != nil {
+			return nil
 		}
 		return add(name, data)
 	}
@@ -61,9 +80,14 @@ func (a *Agent) collectDiagnosis(ctx context.Context, commandID string) (protoco
 		"dss/bin/env-site.sh":        filepath.Join(a.m.dssDir, "bin", "env-site.sh"),
 		"dss/config/migrations.json": filepath.Join(a.m.dssDir, "config", "migrations.json"),
 	}
-	logs, _ := filepath.Glob(filepath.Join(a.m.dssDir, "run", "*.log"))
-	for _, l := range logs {
-		files["dss/run/"+filepath.Base(l)] = l
+	runDir := filepath.Join(a.m.dssDir, "run")
+	logs, _ := a.m.readDSSDir(runDir, maxDirEntries)
+	kept := 0
+	for _, e := range logs {
+		if kept < maxLogsInBundle && e.Type().IsRegular() && strings.HasSuffix(e.Name(), ".log") {
+			files["dss/run/"+e.Name()] = filepath.Join(runDir, e.Name())
+			kept++
+		}
 	}
 	names := make([]string, 0, len(files))
 	for n := range files {
@@ -85,7 +109,9 @@ func (a *Agent) collectDiagnosis(ctx context.Context, commandID string) (protoco
 	// chunks on its log subject, and the server files it in fm_diagnosis.
 	data := buf.Bytes()
 	sum := sha256.Sum256(data)
-	subject := protocol.LogSubject(a.cfg.Instance, "diag-"+commandID)
+	// A subject of this run's own: a run cut short by a crash left chunks
+	// on its subject, which must not mix with this one's.
+	subject := protocol.LogSubject(a.cfg.Instance, "diag-"+commandID+"-"+protocol.NewID("r"))
 	chunks := 0
 	for off := 0; off < len(data); off += diagnosisChunk {
 		end := min(off+diagnosisChunk, len(data))
@@ -102,12 +128,7 @@ func (a *Agent) collectDiagnosis(ctx context.Context, commandID string) (protoco
 const diagnosisChunk = 256 << 10
 
 // readTail reads at most n bytes from the end of a file.
-func readTail(path string, n int64) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
+func readTail(f *os.File, n int64) ([]byte, error) {
 	st, err := f.Stat()
 	if err != nil {
 		return nil, err

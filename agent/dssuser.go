@@ -25,7 +25,10 @@ type account struct {
 // another. DSS never runs as root on a real machine; a folder standing for
 // one (the local backend) runs it as the user the local backend names, its
 // own. A missing DSS user is made on a real machine (useradd), as DSS's
-// installation asks for one; elsewhere it is an error.
+// installation asks for one; elsewhere it is an error. A data volume kept
+// from an earlier machine has its dataiku folder owned by that machine's
+// DSS user, whose uid useradd may not pick again on a new image: the user
+// is made with that uid when no account has it (newUserArgs).
 func (m *machine) dssAccount(ctx context.Context) (*account, error) {
 	if os.Geteuid() != 0 {
 		return nil, nil
@@ -40,10 +43,14 @@ func (m *machine) dssAccount(ctx context.Context) (*account, error) {
 	u, err := user.Lookup(name)
 	var unknown user.UnknownUserError
 	if errors.As(err, &unknown) && m.isRealRoot() {
-		if out, err := exec.CommandContext(ctx, "useradd", "--system", "--create-home", "--shell", "/bin/bash", name).CombinedOutput(); err != nil {
+		args, aerr := m.newUserArgs(name)
+		if aerr != nil {
+			return nil, fmt.Errorf("create the DSS user %s: %w", name, aerr)
+		}
+		if out, err := exec.CommandContext(ctx, "useradd", args...).CombinedOutput(); err != nil {
 			return nil, fmt.Errorf("create the DSS user %s: %v: %s", name, err, out)
 		}
-		m.log.Info().Str("user", name).Msg("DSS user created")
+		m.log.Info().Str("user", name).Strs("useradd", args).Msg("DSS user created")
 		u, err = user.Lookup(name)
 	}
 	if err != nil {
@@ -59,6 +66,33 @@ func (m *machine) dssAccount(ctx context.Context) (*account, error) {
 		return nil, err
 	}
 	return acc, nil
+}
+
+// newUserArgs are useradd's arguments to make the DSS user: with the uid
+// that owns the data volume's dataiku folder, when one that is not root's
+// does and no account has it (the volume's DSS user, from the machine
+// before). A folder of root's is handed over once the user exists; one
+// whose uid another account has is refused then (handOver), with what to
+// do.
+func (m *machine) newUserArgs(name string) ([]string, error) {
+	args := []string{"--system", "--create-home", "--shell", "/bin/bash"}
+	st, err := os.Lstat(m.dssFolder())
+	if errors.Is(err, os.ErrNotExist) {
+		return append(args, name), nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	uid := st.Sys().(*syscall.Stat_t).Uid
+	if uid == 0 || !st.IsDir() {
+		return append(args, name), nil
+	}
+	_, err = user.LookupId(strconv.FormatUint(uint64(uid), 10))
+	var unknown user.UnknownUserIdError
+	if !errors.As(err, &unknown) {
+		return append(args, name), nil
+	}
+	return append(args, "--uid", strconv.FormatUint(uint64(uid), 10), name), nil
 }
 
 // handOver gives the DSS account the data volume's dataiku folder when root

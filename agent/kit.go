@@ -40,6 +40,7 @@ func (k *kits) prepare(ctx context.Context, src protocol.KitSource) (string, err
 	if err := src.Validate(); err != nil {
 		return "", &stepError{code: protocol.CodeInvalidArgument, err: err}
 	}
+	k.removeTemporaries()
 	archive, err := k.fetch(ctx, src)
 	if err != nil {
 		return "", err
@@ -49,6 +50,24 @@ func (k *kits) prepare(ctx context.Context, src protocol.KitSource) (string, err
 		return "", &stepError{code: protocol.CodeDataLoss, err: err}
 	}
 	return installer, nil
+}
+
+// removeTemporaries removes what a kit fetch killed midway left: a partial
+// download in the cache (writeStream's ".<name>.<random>", the cache's only
+// hidden files) and a partial extraction (".extract-*"), each up to the
+// kit's size. Kit fetches run one at a time (under the machine), so none
+// is in use.
+func (k *kits) removeTemporaries() {
+	for _, pattern := range []string{filepath.Join(k.m.kitCache, ".*"), filepath.Join(k.m.kitRoot, ".extract-*")} {
+		stale, _ := filepath.Glob(pattern)
+		for _, p := range stale {
+			if err := os.RemoveAll(p); err != nil {
+				k.m.log.Warn().Err(err).Str("path", p).Msg("a kit fetch's leftover could not be removed")
+				continue
+			}
+			k.m.log.Info().Str("path", p).Msg("an interrupted kit fetch's leftover was removed")
+		}
+	}
 }
 
 // kitError gives a fetch error its code.

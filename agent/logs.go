@@ -131,7 +131,10 @@ func (s *logShipper) flush() {
 
 // tail ships what is appended to the file at path, from where the last run
 // left off (kept in the offsets file), following truncation and rotation.
-func (s *logShipper) tail(ctx context.Context, source, path, offsetFile string) {
+// open opens the file for reading (openDSSFile for DSS's log, which the DSS
+// account may replace with anything). Of a file that grew by more than the
+// shipper holds (maxPendingLogs), only that much of its end is read.
+func (s *logShipper) tail(ctx context.Context, source, path, offsetFile string, open func(string) (*os.File, error)) {
 	var offsets map[string]int64
 	if _, err := loadJSON(offsetFile, &offsets); err != nil || offsets == nil {
 		offsets = map[string]int64{}
@@ -140,13 +143,18 @@ func (s *logShipper) tail(ctx context.Context, source, path, offsetFile string) 
 	lastSave := time.Now()
 	buf := make([]byte, 256<<10)
 	for {
-		if f, err := os.Open(path); err == nil {
+		if f, err := open(path); err == nil {
 			if st, err := f.Stat(); err == nil {
 				if st.Size() < off {
 					off = 0 // truncated or replaced
 				}
+				if st.Size()-off > maxPendingLogs {
+					s.add("agent", []byte(`{"level":"warn","message":"`+strconv.FormatInt(st.Size()-maxPendingLogs-off, 10)+
+						` bytes of the `+source+` log were skipped: it grew by more than the agent holds"}`+"\n"))
+					off = st.Size() - maxPendingLogs
+				}
 				for off < st.Size() {
-					n, err := f.ReadAt(buf, off)
+					n, err := f.ReadAt(buf[:min(int64(len(buf)), st.Size()-off)], off)
 					if n > 0 {
 						s.add(source, buf[:n])
 						off += int64(n)

@@ -2,12 +2,14 @@ package agent
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -15,6 +17,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -34,6 +37,10 @@ type machine struct {
 	stateDir  string // the agent's files on the OS disk (progress marker)
 	kitCache  string // downloaded kit archives
 	kitRoot   string // extracted kits
+
+	// unitLoaded is set once systemd was asked to read DSS's unit by this
+	// agent (ensureUnit).
+	unitLoaded atomic.Bool
 }
 
 func newMachine(cfg Config, log zerolog.Logger) *machine {
@@ -58,7 +65,7 @@ func (m *machine) isRealRoot() bool { return filepath.Clean(m.cfg.RootDir) == "/
 
 // installedVersion is the DSS version of the data directory, "" if none.
 func (m *machine) installedVersion() (string, error) {
-	b, err := os.ReadFile(filepath.Join(m.dssDir, "dss-version.json"))
+	b, err := m.readDSSFile(filepath.Join(m.dssDir, "dss-version.json"), maxDSSFileBytes)
 	if errors.Is(err, os.ErrNotExist) {
 		return "", nil
 	}
@@ -76,13 +83,12 @@ func (m *machine) installedVersion() (string, error) {
 
 // readINI reads install.ini as section.key values.
 func (m *machine) readINI() (map[string]string, error) {
-	f, err := os.Open(filepath.Join(m.dssDir, "install.ini"))
+	b, err := m.readDSSFile(filepath.Join(m.dssDir, "install.ini"), maxDSSFileBytes)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
 	out, section := map[string]string{}, ""
-	sc := bufio.NewScanner(f)
+	sc := bufio.NewScanner(bytes.NewReader(b))
 	for sc.Scan() {
 		line := strings.TrimSpace(sc.Text())
 		switch {
@@ -139,13 +145,27 @@ func (m *machine) setPort(ctx context.Context, port int) error {
 // dssInputs summarises what DSS reads when it starts and setup actions
 // change: its environment and properties, install.ini, the license, the CA
 // certificates FM installed and the JDBC drivers. If it changed, DSS must
-// restart to see it.
+// restart to see it. The files of the DSS folder are read the way
+// openDSSFile says, each up to maxDriverBytes: what cannot be read so
+// counts as absent.
 func (m *machine) dssInputs() string {
 	h := sha256.New()
 	add := func(p string) {
-		b, _ := os.ReadFile(p)
-		fmt.Fprintf(h, "%s\x00%d\x00", p, len(b))
-		h.Write(b)
+		var f *os.File
+		var err error
+		if within(m.dssFolder(), p) {
+			f, _, err = m.openDSSFile(p)
+		} else {
+			f, err = os.Open(p) // the agent's own (the CA anchors)
+		}
+		fmt.Fprintf(h, "%s\x00", p)
+		if err != nil {
+			fmt.Fprintf(h, "-\x00")
+			return
+		}
+		defer f.Close()
+		n, _ := io.Copy(h, io.LimitReader(f, maxDriverBytes))
+		fmt.Fprintf(h, "\x00%d\x00", n)
 	}
 	for _, p := range []string{
 		filepath.Join(m.dssDir, "bin", "env-site.sh"), filepath.Join(m.dssDir, "config", "dip.properties"),
@@ -157,12 +177,22 @@ func (m *machine) dssInputs() string {
 	for _, p := range cas {
 		add(p)
 	}
-	_ = filepath.WalkDir(filepath.Join(m.dssDir, "lib", "jdbc"), func(p string, d os.DirEntry, err error) error {
-		if err == nil && !d.IsDir() {
-			add(p)
+	// The drivers' folder, a few levels deep (subpathInDatadir), without
+	// following links.
+	var walk func(dir string, depth int)
+	walk = func(dir string, depth int) {
+		entries, _ := m.readDSSDir(dir, maxDirEntries)
+		for _, e := range entries {
+			p := filepath.Join(dir, e.Name())
+			switch {
+			case e.IsDir() && depth < 8:
+				walk(p, depth+1)
+			case e.Type().IsRegular():
+				add(p)
+			}
 		}
-		return nil
-	})
+	}
+	walk(filepath.Join(m.dssDir, "lib", "jdbc"), 0)
 	return hex.EncodeToString(h.Sum(nil))
 }
 
@@ -252,14 +282,81 @@ func (m *machine) stopDSS(ctx context.Context) (string, error) {
 }
 
 // dssProcesses lists the processes whose command line names the data
-// directory: DSS's.
-func (m *machine) dssProcesses() []int { return cmdline.Find(m.dssDir) }
+// directory: DSS's. DSS's installer names it too (-d): the processes that
+// hold the install lock (installerProcesses) are not DSS, and are left out,
+// so that stopping DSS never kills an installer at work.
+func (m *machine) dssProcesses() []int {
+	pids := cmdline.Find(m.dssDir)
+	if len(pids) == 0 {
+		return nil
+	}
+	installer := m.installerProcesses()
+	return slices.DeleteFunc(pids, func(pid int) bool { return slices.Contains(installer, pid) })
+}
 
 func (m *machine) killDSS() int { return cmdline.Stop(m.dssProcesses(), 0) }
+
+// installerProcesses are the processes other than the agent that hold the
+// install lock: an installer (and what it started), perhaps left running by
+// an agent that stopped or died.
+func (m *machine) installerProcesses() []int {
+	path, err := m.installLockPath()
+	if err != nil {
+		return nil
+	}
+	return lockHolders(path)
+}
 
 // maxOutput bounds the output kept of a command; its tail is what explains a
 // failure.
 const maxOutput = 64 << 10
+
+// errInstallerRuns is the install lock held by another process: DSS's
+// installer, which nothing else may work beside.
+var errInstallerRuns = errors.New("DSS's installer runs on the data directory")
+
+func (m *machine) installLockPath() (string, error) {
+	path, err := filepath.Abs(filepath.Join(m.agentData, "install.lock"))
+	if err != nil {
+		return "", fmt.Errorf("install lock: %w", err)
+	}
+	return path, nil
+}
+
+// openInstallLock opens the install lock's file, a descriptor of its own:
+// flock locks belong to an open file, so that this one conflicts with any
+// other holder, in this process too.
+func (m *machine) openInstallLock() (*os.File, error) {
+	path, err := m.installLockPath()
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("install lock: %w", err)
+	}
+	return f, nil
+}
+
+// tryLockInstall takes the install lock if nobody holds it, and returns
+// errInstallerRuns if someone does. What checks on or restarts DSS outside
+// a convergence (the watchdog, commands) takes it so, and keeps away from
+// DSS while an installer runs.
+func (m *machine) tryLockInstall() (*os.File, error) {
+	f, err := m.openInstallLock()
+	if err != nil {
+		return nil, err
+	}
+	err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+	if err == nil {
+		return f, nil
+	}
+	f.Close()
+	if errors.Is(err, syscall.EWOULDBLOCK) {
+		return nil, errInstallerRuns
+	}
+	return nil, fmt.Errorf("install lock: %w", err)
+}
 
 // lockInstall takes the install lock of the data volume, which the
 // installer inherits (runInstaller) and holds as long as it runs, even
@@ -267,17 +364,23 @@ const maxOutput = 64 << 10
 // running so is waited for, up to the install timeout, then killed, with
 // whatever else holds the lock: two installers never work on one data
 // directory, and what the first did is seen before anything else is
-// decided.
+// decided. The holders are killed again every second (one may have forked
+// before it died, or something starts another); if the lock is still
+// taken after a grace of its own (the install timeout, at most a minute),
+// the step fails saying who holds it, rather than waiting for ever with
+// the machine held.
 func (m *machine) lockInstall(ctx context.Context) (*os.File, error) {
-	path, err := filepath.Abs(filepath.Join(m.agentData, "install.lock"))
+	path, err := m.installLockPath()
 	if err != nil {
-		return nil, fmt.Errorf("install lock: %w", err)
+		return nil, err
 	}
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	f, err := m.openInstallLock()
 	if err != nil {
-		return nil, fmt.Errorf("install lock: %w", err)
+		return nil, err
 	}
-	start, logged, killed := time.Now(), false, false
+	grace := min(time.Minute, m.cfg.InstallTimeout)
+	start, logged := time.Now(), false
+	var killing time.Time
 	for {
 		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
 		if err == nil {
@@ -291,13 +394,22 @@ func (m *machine) lockInstall(ctx context.Context) (*os.File, error) {
 			m.log.Warn().Ints("pids", lockHolders(path)).Msg("an installer started by an earlier agent still runs; waiting for it to end")
 			logged = true
 		}
-		if !killed && time.Since(start) > m.cfg.InstallTimeout {
+		if time.Since(start) > m.cfg.InstallTimeout {
+			if killing.IsZero() {
+				killing = time.Now()
+			}
 			pids := lockHolders(path)
+			if time.Since(killing) > grace {
+				f.Close()
+				return nil, fmt.Errorf("install lock: processes %v still hold %s after the install timeout (%s) and %s of killing them: something keeps starting them; stop it, and the agent carries on",
+					pids, path, m.cfg.InstallTimeout, grace.Round(time.Second))
+			}
 			for _, pid := range pids {
 				_ = syscall.Kill(pid, syscall.SIGKILL)
 			}
-			m.log.Warn().Ints("killed", pids).Dur("waited", time.Since(start)).Msg("the earlier installer outlived the install timeout; killed")
-			killed = true
+			if len(pids) > 0 {
+				m.log.Warn().Ints("killed", pids).Dur("waited", time.Since(start)).Msg("the earlier installer outlived the install timeout; killed")
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -314,7 +426,7 @@ func (m *machine) lockInstall(ctx context.Context) (*os.File, error) {
 // refuse to install into. Nothing is deleted; the folder moved aside is
 // named in the install step's message. Called under the install lock.
 func (m *machine) keepIncompleteDataDir() (string, error) {
-	entries, err := os.ReadDir(m.dssDir)
+	entries, err := m.readDSSDir(m.dssDir, 1)
 	if errors.Is(err, os.ErrNotExist) || err == nil && len(entries) == 0 {
 		return "", nil
 	}
@@ -351,17 +463,25 @@ func lockHolders(path string) []int {
 // timeout, handing it the install lock (see lockInstall). The installer is
 // not stopped with the agent: cut short, it would leave a data directory
 // half made. The agent stops waiting for it; the next agent waits on the
-// lock it holds, then carries on from what it left.
-func (m *machine) runInstaller(ctx context.Context, lock *os.File, name string, args ...string) (string, error) {
+// lock it holds, then carries on from what it left. ended, if set, is
+// called once the installer has ended, even when the agent stopped waiting
+// for it: what the installer reads (the license handed to it) is removed
+// then, not before.
+func (m *machine) runInstaller(ctx context.Context, lock *os.File, ended func(), name string, args ...string) (string, error) {
+	if ended == nil {
+		ended = func() {}
+	}
 	// Its own descriptor of the lock: the caller closes lock when it
 	// returns, perhaps before the installer started.
 	if lock == nil {
+		ended()
 		return "", errors.New("DSS's installer runs only under the install lock")
 	}
 	// Close-on-exec, as every descriptor of the agent: only the installer
 	// is handed it (DSS started later must not hold the lock for life).
 	fd, _, errno := syscall.Syscall(syscall.SYS_FCNTL, lock.Fd(), syscall.F_DUPFD_CLOEXEC, 0)
 	if errno != 0 {
+		ended()
 		return "", fmt.Errorf("install lock: %w", errno)
 	}
 	held := os.NewFile(fd, lock.Name())
@@ -375,6 +495,7 @@ func (m *machine) runInstaller(ctx context.Context, lock *os.File, name string, 
 		out, err := m.runWith(run, held, true, name, args...)
 		cancel()
 		held.Close()
+		ended()
 		done <- result{out, err}
 	}()
 	select {

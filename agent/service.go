@@ -67,23 +67,32 @@ LimitNOFILE=65536
 }
 
 // ensureUnit writes DSS's unit if it is not as it should be, and has systemd
-// read it.
+// read it: when it was written, and once per agent start, since an agent
+// killed between writing the unit and daemon-reload leaves the file as
+// wanted but systemd unaware of it.
 func (m *machine) ensureUnit(ctx context.Context) (string, error) {
 	acc, err := m.dssAccount(ctx)
 	if err != nil {
 		return "", err
 	}
 	want := m.dssUnit(acc)
-	if have, err := os.ReadFile(m.unitPath()); err == nil && string(have) == want {
+	if have, err := os.ReadFile(m.unitPath()); err != nil || string(have) != want {
+		if err := os.MkdirAll(filepath.Dir(m.unitPath()), 0o755); err != nil {
+			return "", err
+		}
+		if err := atomicfile.WriteFile(m.unitPath(), []byte(want), 0o644); err != nil {
+			return "", fmt.Errorf("write %s: %w", dssUnitName, err)
+		}
+		m.unitLoaded.Store(false)
+	}
+	if m.unitLoaded.Load() {
 		return "", nil
 	}
-	if err := os.MkdirAll(filepath.Dir(m.unitPath()), 0o755); err != nil {
-		return "", err
+	out, err := m.systemctl(ctx, "daemon-reload")
+	if err == nil {
+		m.unitLoaded.Store(true)
 	}
-	if err := atomicfile.WriteFile(m.unitPath(), []byte(want), 0o644); err != nil {
-		return "", fmt.Errorf("write %s: %w", dssUnitName, err)
-	}
-	return m.systemctl(ctx, "daemon-reload")
+	return out, err
 }
 
 // systemctl runs systemctl (as the agent).

@@ -2,9 +2,11 @@ package agent
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io/fs"
 	"os"
+	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strconv"
@@ -15,6 +17,7 @@ import (
 
 	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/rs/zerolog"
 )
 
 // fakeSystemctl puts a systemctl on PATH that logs its arguments and
@@ -254,4 +257,115 @@ func processUID(t *testing.T, pid int) int {
 	}
 	t.Fatalf("no Uid for process %d", pid)
 	return -1
+}
+
+// TestTheUnitIsReadOncePerAgentStart: an agent killed between writing DSS's
+// unit and systemctl daemon-reload leaves the file as wanted and systemd
+// unaware of it; the next agent has systemd read it once, then only when it
+// changes.
+func TestTheUnitIsReadOncePerAgentStart(t *testing.T) {
+	cfg := Config{Instance: "in-unit", RootDir: t.TempDir(), DataDir: t.TempDir(), ServiceManager: "systemd", DSSUser: currentUser(t)}
+	cfg.setDefaults()
+	m := newMachine(cfg, zerolog.Nop())
+	calls := fakeSystemctl(t, filepath.Dir(m.unitPath()))
+	// As the killed agent left it.
+	if err := os.MkdirAll(filepath.Dir(m.unitPath()), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(m.unitPath(), []byte(m.dssUnit(nil)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	reloads := func() int {
+		b, _ := os.ReadFile(calls)
+		return strings.Count(string(b), "daemon-reload")
+	}
+	for i, want := range []int{1, 1} {
+		if out, err := m.ensureUnit(context.Background()); err != nil {
+			t.Fatalf("ensureUnit: %v: %s", err, out)
+		}
+		if got := reloads(); got != want {
+			t.Fatalf("after ensureUnit %d: %d daemon-reloads, want %d", i+1, got, want)
+		}
+	}
+	// The next agent.
+	if _, err := newMachine(cfg, zerolog.Nop()).ensureUnit(context.Background()); err != nil || reloads() != 2 {
+		t.Fatalf("a new agent: %d daemon-reloads (%v), want 2", reloads(), err)
+	}
+}
+
+// TestANewDSSUserTakesTheUIDOfTheKeptVolume: on a new machine (a new image,
+// where useradd may pick another uid) the DSS user is made with the uid that
+// owns the kept volume's dataiku folder when no account has it, so that the
+// volume is its own; a folder of root's is handed over to a user made with
+// any uid; one whose uid another account has is refused with what to do.
+// It makes real users (useradd, removed with userdel): root only.
+func TestANewDSSUserTakesTheUIDOfTheKeptVolume(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: it makes users")
+	}
+	for _, tool := range []string{"useradd", "userdel"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("no %s", tool)
+		}
+	}
+	nobody, err := user.Lookup("nobody")
+	if err != nil {
+		t.Skipf("no account to own a folder: %v", err)
+	}
+	nobodyUID, _ := strconv.Atoi(nobody.Uid)
+	freeUID := 0
+	for uid := 64000; uid > 60000 && freeUID == 0; uid-- {
+		if _, err := user.LookupId(strconv.Itoa(uid)); err != nil {
+			freeUID = uid
+		}
+	}
+	if freeUID == 0 {
+		t.Skip("no free uid")
+	}
+	tests := []struct {
+		name    string
+		owner   int
+		wantUID int    // 0: any but root
+		wantErr string // "" for none
+	}{
+		{"the folder's uid has no account", freeUID, freeUID, ""},
+		{"the folder is root's", 0, 0, ""},
+		{"the folder's uid is another account's", nobodyUID, 0, "belongs to uid " + nobody.Uid},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			name := fmt.Sprintf("fmtest%d%s", i, strings.ToLower(protocol.NewID("u")[2:8]))
+			t.Cleanup(func() { _ = exec.Command("userdel", "--remove", name).Run() })
+			cfg := Config{Instance: "in-user", RootDir: "/", DataDir: t.TempDir(), DSSUser: name}
+			m := newMachine(cfg, zerolog.Nop())
+			if err := os.MkdirAll(m.dssDir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range []string{m.dssDir, m.dssFolder()} {
+				if err := os.Lchown(p, tc.owner, tc.owner); err != nil {
+					t.Fatal(err)
+				}
+			}
+			acc, err := m.dssAccount(context.Background())
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("error %v, want one saying %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if acc.uid == 0 || tc.wantUID != 0 && int(acc.uid) != tc.wantUID {
+				t.Fatalf("the DSS user was made with uid %d, want %d", acc.uid, tc.wantUID)
+			}
+			st, err := os.Lstat(m.dssDir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if owner := st.Sys().(*syscall.Stat_t).Uid; owner != acc.uid {
+				t.Fatalf("the data directory belongs to uid %d, not the DSS user's %d", owner, acc.uid)
+			}
+		})
+	}
 }

@@ -24,8 +24,29 @@ type marker struct {
 	Applied    applied `json:"applied"`
 	// DSSStopped is set by stop-dss and cleared by start-dss: the agent does
 	// not start DSS, nor restart it when it does not answer.
-	DSSStopped bool      `json:"dssStopped"`
-	UpdatedAt  time.Time `json:"updatedAt"`
+	DSSStopped bool `json:"dssStopped"`
+	// Install is the installer run of a generation not reached yet, recorded
+	// before it starts: an agent that stops after the installer ended but
+	// before the generation is recorded finds from it what the installer did
+	// (the facts setup actions see) instead of running it again.
+	Install   *installRun `json:"install,omitempty"`
+	UpdatedAt time.Time   `json:"updatedAt"`
+}
+
+// installRun is one run of DSS's installer: for a generation, to a
+// version, from the version the data directory held ("" for none).
+type installRun struct {
+	Generation uint64 `json:"generation"`
+	Target     string `json:"target"`
+	From       string `json:"from"`
+}
+
+// done reports whether this run, of generation gen to version target,
+// installed or upgraded DSS to its end: the data directory holds the
+// version it went to, and held another before (an attach, to the same
+// version, cannot be told done from the version, and is run again).
+func (r *installRun) done(gen uint64, target, installed string) bool {
+	return r != nil && r.Generation == gen && r.Target == target && r.From != r.Target && installed == r.Target
 }
 
 // applied is what of a desired state the machine holds.

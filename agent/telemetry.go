@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -15,7 +16,9 @@ import (
 )
 
 // refreshDSSState measures DSS and puts it in the status. Callers hold the
-// machine (or accept a racy view, as the watchdog does between its checks).
+// machine (or accept a racy view, as the agent does at start). DSS is
+// installing while an installer holds the install lock: one left running by
+// an agent that stopped or died, or the agent's own.
 func (a *Agent) refreshDSSState(ctx context.Context) protocol.DSSState {
 	st := protocol.DSSStatus{State: protocol.DSSAbsent}
 	if v, err := a.m.installedVersion(); err == nil && v != "" {
@@ -27,11 +30,15 @@ func (a *Agent) refreshDSSState(ctx context.Context) protocol.DSSState {
 		switch {
 		case a.m.answers(ctx):
 			st.State = protocol.DSSRunning
+		case len(a.m.installerProcesses()) > 0:
+			st.State = protocol.DSSInstalling
 		case len(a.m.dssProcesses()) > 0:
 			st.State = protocol.DSSUnresponsive
 		default:
 			st.State = protocol.DSSStopped
 		}
+	} else if len(a.m.installerProcesses()) > 0 {
+		st.State = protocol.DSSInstalling
 	}
 	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.DSS = st })
 	return st.State
@@ -56,14 +63,19 @@ const (
 	restartWindow    = 15 * time.Minute
 )
 
+// watchState is what the watchdog keeps from one check to the next.
+type watchState struct {
+	misses   int
+	restarts []time.Time
+	gaveUp   bool
+}
+
 // watchdog checks DSS every HealthInterval and restarts it when it stops
 // answering, unless it was stopped on purpose or the machine is busy.
 func (a *Agent) watchdog(ctx context.Context) {
 	tick := time.NewTicker(a.cfg.HealthInterval)
 	defer tick.Stop()
-	misses := 0
-	var restarts []time.Time
-	gaveUp := false
+	var w watchState
 	for {
 		select {
 		case <-ctx.Done():
@@ -73,46 +85,66 @@ func (a *Agent) watchdog(ctx context.Context) {
 		if !a.machineMu.TryLock() {
 			continue // converging or running a command
 		}
-		mk := a.m.loadMarker()
-		state := a.refreshDSSState(ctx)
-		if mk.Generation == 0 || mk.DSSStopped || state == protocol.DSSAbsent || state == protocol.DSSRunning {
-			if state == protocol.DSSRunning && (misses > 0 || gaveUp) {
-				a.log.Info().Msg("DSS answers again")
-			}
-			misses, gaveUp = 0, false
-			a.machineMu.Unlock()
-			continue
-		}
-		misses++
-		if misses < unansweredChecks || gaveUp {
-			a.machineMu.Unlock()
-			continue
-		}
-		now := time.Now()
-		for len(restarts) > 0 && now.Sub(restarts[0]) > restartWindow {
-			restarts = restarts[1:]
-		}
-		if len(restarts) >= maxRestarts {
-			gaveUp = true
-			a.alert("dss-restart-gave-up", protocol.CodeUnavailable,
-				fmt.Sprintf("DSS still does not answer after %d restarts in %s; the agent stops restarting it until it answers again or is restarted by a command", maxRestarts, restartWindow))
-			a.machineMu.Unlock()
-			continue
-		}
-		restarts = append(restarts, now)
-		a.alert("dss-unresponsive", protocol.CodeUnavailable,
-			fmt.Sprintf("DSS is %s: it did not answer %d checks in a row; restarting it (%d of %d in %s)", state, misses, len(restarts), maxRestarts, restartWindow))
-		out, err := a.m.restartDSS(ctx)
-		if err != nil {
-			a.rep.event(protocol.Event{Kind: protocol.EventAlert, Step: "dss-restarted", Status: protocol.StatusFailed,
-				Message: err.Error(), Output: lastBytes(out, 8<<10), Error: protocol.Errorf(protocol.CodeUnavailable, "restart failed: %v", err)})
-		} else {
-			misses = 0
-			a.rep.event(protocol.Event{Kind: protocol.EventAlert, Step: "dss-restarted", Status: protocol.StatusOK, Message: "DSS answers again after a restart"})
-		}
-		a.refreshDSSState(ctx)
+		a.checkDSS(ctx, &w)
 		a.machineMu.Unlock()
 	}
+}
+
+// checkDSS is one check of the watchdog, with the machine held.
+func (a *Agent) checkDSS(ctx context.Context, w *watchState) {
+	// An installer at work (one an agent that stopped or died mid-upgrade
+	// left running, holding the install lock) has DSS stopped, and names
+	// the data directory on its command line: "restarting DSS" would kill
+	// it and start DSS on a half-upgraded data directory. The watchdog
+	// keeps away until it has ended, and holds the lock while it acts, so
+	// that no installer starts meanwhile.
+	lock, err := a.m.tryLockInstall()
+	if err != nil {
+		if errors.Is(err, errInstallerRuns) {
+			a.refreshDSSState(ctx)
+		} else {
+			a.log.Debug().Err(err).Msg("the watchdog could not check the install lock")
+		}
+		w.misses = 0
+		return
+	}
+	a.installLock.Store(lock)
+	defer func() { a.installLock.Store(nil); lock.Close() }()
+	mk := a.m.loadMarker()
+	state := a.refreshDSSState(ctx)
+	if mk.Generation == 0 || mk.DSSStopped || state == protocol.DSSAbsent || state == protocol.DSSRunning {
+		if state == protocol.DSSRunning && (w.misses > 0 || w.gaveUp) {
+			a.log.Info().Msg("DSS answers again")
+		}
+		w.misses, w.gaveUp = 0, false
+		return
+	}
+	w.misses++
+	if w.misses < unansweredChecks || w.gaveUp {
+		return
+	}
+	now := time.Now()
+	for len(w.restarts) > 0 && now.Sub(w.restarts[0]) > restartWindow {
+		w.restarts = w.restarts[1:]
+	}
+	if len(w.restarts) >= maxRestarts {
+		w.gaveUp = true
+		a.alert("dss-restart-gave-up", protocol.CodeUnavailable,
+			fmt.Sprintf("DSS still does not answer after %d restarts in %s; the agent stops restarting it until it answers again or is restarted by a command", maxRestarts, restartWindow))
+		return
+	}
+	w.restarts = append(w.restarts, now)
+	a.alert("dss-unresponsive", protocol.CodeUnavailable,
+		fmt.Sprintf("DSS is %s: it did not answer %d checks in a row; restarting it (%d of %d in %s)", state, w.misses, len(w.restarts), maxRestarts, restartWindow))
+	out, err := a.m.restartDSS(ctx)
+	if err != nil {
+		a.rep.event(protocol.Event{Kind: protocol.EventAlert, Step: "dss-restarted", Status: protocol.StatusFailed,
+			Message: err.Error(), Output: lastBytes(out, 8<<10), Error: protocol.Errorf(protocol.CodeUnavailable, "restart failed: %v", err)})
+	} else {
+		w.misses = 0
+		a.rep.event(protocol.Event{Kind: protocol.EventAlert, Step: "dss-restarted", Status: protocol.StatusOK, Message: "DSS answers again after a restart"})
+	}
+	a.refreshDSSState(ctx)
 }
 
 func (a *Agent) alert(step string, code protocol.Code, msg string) {

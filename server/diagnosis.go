@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/fleetmanager/fm/protocol"
@@ -22,8 +23,11 @@ func (s *Server) fileDiagnosis(ctx context.Context, instance, commandID string, 
 	if err := json.Unmarshal(raw, &d); err != nil {
 		return d, fmt.Errorf("the agent's diagnosis result does not decode: %w", err)
 	}
-	if want := protocol.LogSubject(instance, "diag-"+commandID); d.Subject != want {
-		return d, fmt.Errorf("the agent sent its bundle on %q, not %q", d.Subject, want)
+	// Each run of the command sends on a subject of its own (a run cut
+	// short by a crash left chunks on its subject): <command>-<run id>.
+	want := protocol.LogSubject(instance, "diag-"+commandID)
+	if run, ok := strings.CutPrefix(d.Subject, want+"-"); d.Subject != want && (!ok || !protocol.ValidToken(run)) {
+		return d, fmt.Errorf("the agent sent its bundle on %q, not %q", d.Subject, want+"-<run>")
 	}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
