@@ -315,6 +315,13 @@ func (a *Agent) holdMachine(ctx context.Context, cmd protocol.Command) (release 
 	logged := false
 	for {
 		a.machineMu.Lock()
+		if !logged && !cmd.Expires.IsZero() && time.Now().After(cmd.Expires) {
+			// It waited for the machine (a convergence) past its expiry:
+			// the server has given up on it. (One that waited for an
+			// installer is answered so, below.)
+			a.machineMu.Unlock()
+			return nil, protocol.Errorf(protocol.CodeDeadlineExceeded, "%s expired at %s while it waited for the machine", cmd.Kind, cmd.Expires.Format(time.RFC3339))
+		}
 		lock, err := a.m.tryLockInstall()
 		if err == nil {
 			a.installLock.Store(lock)

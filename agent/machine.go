@@ -401,7 +401,7 @@ func (m *machine) lockInstall(ctx context.Context) (*os.File, error) {
 			pids := lockHolders(path)
 			if time.Since(killing) > grace {
 				f.Close()
-				return nil, fmt.Errorf("install lock: processes %v still hold %s after the install timeout (%s) and %s of killing them: something keeps starting them; stop it, and the agent carries on",
+				return nil, fmt.Errorf("install lock: processes %v still hold %s after the install timeout (%s) and %s of killing them: something keeps starting them; stop it, then change the desired state (or restart the agent) to try again",
 					pids, path, m.cfg.InstallTimeout, grace.Round(time.Second))
 			}
 			for _, pid := range pids {

@@ -35,7 +35,7 @@
 //	  machine makes its own NATS key, and may join again with it); a
 //	  machine state's before (its status when the request under way
 //	  began); the event status "retrying"; a join request's signature
-//	  (asking again with a used token needs it); a machine state's issued
-//	  (when the last request handled was issued). Since then an event's
-//	  snapshot id must be a valid id.
+//	  (every join request needs it); a provision request's order and a
+//	  machine state's order (that of the last request handled). Since then
+//	  an event's snapshot id and operation id must be valid ids.
 package protocol

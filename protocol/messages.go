@@ -295,6 +295,10 @@ func (e *Event) Validate() error {
 		return errors.New("a failed event needs an error")
 	case e.Snapshot != nil && !ValidToken(e.Snapshot.ID):
 		return fmt.Errorf("snapshot id %q is not a valid id", e.Snapshot.ID)
+	case e.OpID != "" && !ValidToken(e.OpID):
+		return fmt.Errorf("operation id %q is not a valid id", e.OpID)
+	case e.CommandID != "" && !ValidToken(e.CommandID):
+		return fmt.Errorf("command id %q is not a valid id", e.CommandID)
 	}
 	return nil
 }

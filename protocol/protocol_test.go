@@ -364,3 +364,25 @@ func TestProvisionRequestRules(t *testing.T) {
 		})
 	}
 }
+
+// TestEventIDsMustBeValid: the ids an event names are looked up as keys; one
+// that is not a valid key is refused when the event is read, not retried
+// for ever by whoever folds it.
+func TestEventIDsMustBeValid(t *testing.T) {
+	for name, mutate := range map[string]func(*Event){
+		"operation id": func(e *Event) { e.OpID = "op x" },
+		"command id":   func(e *Event) { e.CommandID = "a.b" },
+		"snapshot id":  func(e *Event) { e.Snapshot = &SnapshotRef{ID: "s/1"} },
+	} {
+		t.Run(name, func(t *testing.T) {
+			e := &Event{ID: "e1", Instance: "i1", Kind: EventStep, Status: StatusOK, OpID: "op-1", CommandID: "op-1-cmd"}
+			if err := e.Validate(); err != nil {
+				t.Fatalf("a valid event was refused: %v", err)
+			}
+			mutate(e)
+			if err := e.Validate(); err == nil {
+				t.Fatal("an event with an invalid id was accepted")
+			}
+		})
+	}
+}

@@ -40,6 +40,12 @@ type ProvisionRequest struct {
 	// start).
 	Generation uint64    `json:"generation,omitempty"`
 	Issued     time.Time `json:"issued"`
+	// Order orders the requests of an instance's lifecycle operations (not
+	// snapshots or growth, which run beside them): the revision of the
+	// instance's lifecycle record its operation started from, plus one. It
+	// grows with every operation and comes from the bus, not a clock. Zero:
+	// unordered (an older server).
+	Order uint64 `json:"order,omitempty"`
 	// Deadline is the operation's: a failure that may go away by itself
 	// (the cloud or the bus unavailable, throttling) is retried until then
 	// rather than failing the operation. Zero: the provisioner's default.
@@ -147,9 +153,9 @@ type JoinSpec struct {
 // machine): a token is bound to the first key it is exchanged for, so that
 // the same machine may ask again (its answer lost, or it died before it
 // kept it) while any other is refused. Signature (base64, raw URL
-// encoding) is PublicKey's signature of [JoinProof]: asking again with a
-// token already exchanged needs it, so that knowing a token and a public
-// key (both of which others may read) is not enough.
+// encoding) is PublicKey's signature of [JoinProof], which every join needs:
+// a token may be asked for again by the key that exchanged it, and knowing
+// a token and a public key (both of which others may read) is not enough.
 type JoinRequest struct {
 	Instance  string `json:"instance"`
 	Token     string `json:"token"`
@@ -273,11 +279,11 @@ type MachineState struct {
 	// Generation is the desired generation the machine was provisioned for.
 	Generation uint64 `json:"generation"`
 	// RequestID and Action are the last provision request handled, and
-	// Issued when the server issued it: a request issued before it (a late
-	// copy of an older one) is superseded and not carried out.
+	// Order its order (ProvisionRequest.Order): a request of a lower order
+	// (a late copy of an older one) is superseded and not carried out.
 	RequestID string          `json:"requestId"`
 	Action    ProvisionAction `json:"action"`
-	Issued    time.Time       `json:"issued,omitzero"`
+	Order     uint64          `json:"order,omitempty"`
 	// Before is the status the machine had when the request under way (a
 	// transitional Status) began: a request refused before it changed
 	// anything leaves the machine in it, after a crash too.

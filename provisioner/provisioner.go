@@ -402,7 +402,7 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 	log.Info().Bool("resumed", resumed).Msg("machine operation started")
 	pending := cur
 	pending.Status, pending.Before, pending.RequestID, pending.Action, pending.Error = transitionalFor(req.Action), before, req.ID, req.Action, nil
-	pending.Issued = latest(cur.Issued, req.Issued)
+	pending.Order = max(cur.Order, req.Order)
 	if pending.Instance == "" {
 		pending.Instance = req.Instance
 	}
@@ -452,7 +452,7 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		log.Info().Str("status", string(next.Status)).Msg("machine operation done")
 	}
 	next.Instance, next.Backend, next.RequestID, next.Action, next.Before = req.Instance, p.cfg.Backend.Name(), req.ID, req.Action, ""
-	next.Issued = latest(cur.Issued, req.Issued)
+	next.Order = max(cur.Order, req.Order)
 	// The backend describes the machine; what the provisioner keeps beside
 	// it stays.
 	next.Details = keepHandled(next.Details, cur.Details)
@@ -484,8 +484,8 @@ func (p *Provisioner) refuse(req protocol.ProvisionRequest, cur protocol.Machine
 			req.Action, req.Instance, p.deadline(req).Format(time.RFC3339), why)
 	}
 	if superseded(req, cur) {
-		return protocol.Errorf(protocol.CodeAborted, "%s of %s issued at %s is superseded: %s %s, issued at %s, was handled since",
-			req.Action, req.Instance, req.Issued.Format(time.RFC3339Nano), cur.Action, cur.RequestID, cur.Issued.Format(time.RFC3339Nano))
+		return protocol.Errorf(protocol.CodeAborted, "%s of %s (order %d) is superseded: %s %s (order %d) was handled since",
+			req.Action, req.Instance, req.Order, cur.Action, cur.RequestID, cur.Order)
 	}
 	if (req.Action == protocol.ProvisionReprovision || req.Action == protocol.ProvisionStart) && req.Generation != 0 &&
 		cur.Generation > req.Generation && !resumed {
@@ -495,22 +495,12 @@ func (p *Provisioner) refuse(req protocol.ProvisionRequest, cur protocol.Machine
 	return nil
 }
 
-// superseded reports whether req was issued before the last request
-// handled for the instance (cur records when that one was issued): a late
-// copy of an older request, which must not be carried out after a newer
-// one. A request without an issue time (from an older server) is never
-// superseded.
+// superseded reports whether req comes before the last request handled for
+// the instance in the order the server gave them: a late copy of an older
+// request, which must not be carried out after a newer one. An unordered
+// request (from an older server) is never superseded.
 func superseded(req protocol.ProvisionRequest, cur protocol.MachineState) bool {
-	return req.ID != cur.RequestID && !req.Issued.IsZero() && req.Issued.Before(cur.Issued)
-}
-
-// latest is the later of two issue times: the record keeps the latest one
-// handled, also when a request without one comes.
-func latest(a, b time.Time) time.Time {
-	if b.After(a) {
-		return b.UTC()
-	}
-	return a
+	return req.ID != cur.RequestID && req.Order != 0 && req.Order < cur.Order
 }
 
 // finish reports a request's outcome and acknowledges it. The outcome must

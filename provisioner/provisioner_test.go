@@ -723,18 +723,18 @@ func TestALateCopyOfAnOlderRequestIsNotRunAgain(t *testing.T) {
 			r := newRig(t)
 			rec := newRecorder()
 			r.run(rec, "p1")
-			req := func(op string, action protocol.ProvisionAction) protocol.ProvisionRequest {
-				return protocol.ProvisionRequest{ID: op + "-" + string(action), Instance: "in-a", Action: action, OpID: op,
+			req := func(op string, order uint64, action protocol.ProvisionAction) protocol.ProvisionRequest {
+				return protocol.ProvisionRequest{ID: op + "-" + string(action), Instance: "in-a", Action: action, OpID: op, Order: order,
 					Generation: 1, Issued: time.Now().UTC(), Deadline: time.Now().Add(time.Minute),
 					Spec: &protocol.MachineSpec{Label: "x", DataVolume: protocol.VolumeSpec{SizeGB: 1}}}
 			}
-			first := req("op-1", tc.first)
+			first := req("op-1", 3, tc.first)
 			r.publish(first, first.ID)
 			r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == first.ID && !transitional(s.Status) })
-			then := req("op-2", tc.then)
+			then := req("op-2", 7, tc.then)
 			r.publish(then, then.ID)
 			want := r.waitMachine("in-a", func(s protocol.MachineState) bool { return s.RequestID == then.ID && !transitional(s.Status) })
-			if want.Status != tc.status || !want.Issued.Equal(then.Issued) {
+			if want.Status != tc.status || want.Order != then.Order {
 				t.Fatalf("after %s: %+v", then.ID, want)
 			}
 			// The first request again, as it was issued.

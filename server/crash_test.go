@@ -364,7 +364,7 @@ func TestADeletionRacingAReprovisionThatDies(t *testing.T) {
 	vn, tpl, _ := f.fleet()
 	kit := f.addImageWithKit("dss-race", "14.0.0")
 	in := f.createInstance(instanceBody("race", vn.ID, tpl.ID, kit.ID))
-	go f.do("GET", "/instances/"+in.ID+"/actions/reprovision", "")
+	go f.send("GET", "/instances/"+in.ID+"/actions/reprovision")
 	<-paused
 	var del api.Future
 	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/delete", ""), &del)
@@ -426,7 +426,7 @@ func TestADeletionThatDiesFindsAMachineMadeMeanwhile(t *testing.T) {
 	vn, tpl, _ := f.fleet()
 	kit := f.addImageWithKit("dss-race", "14.0.0")
 	in := f.createInstance(instanceBody("race", vn.ID, tpl.ID, kit.ID))
-	go f.do("GET", "/instances/"+in.ID+"/actions/delete", "")
+	go f.send("GET", "/instances/"+in.ID+"/actions/delete")
 	<-claimed
 	machineRunning(t, f.env.Bus.JetStream(t), in.ID, "op-stale-reprovision")
 	var ended api.Future

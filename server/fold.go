@@ -290,11 +290,12 @@ func (s *Server) settle(ctx context.Context, id string, lc lifecycle, rev uint64
 		next.State, next.Since, next.Error = stateFailed, now, op.Error
 	}
 	if found && op.Kind == opReprovision && op.RequestID != "" {
-		// The reprovision is over: its machine joined (and keeps what it
-		// got) or will not be made. Its tokens go, used ones too, so that
-		// none can be exchanged again.
-		request := op.RequestID
-		s.withdrawTokens(ctx, func(_ string, r joinRecord) bool { return r.Request == request })
+		// The reprovision is over. Succeeded, its machine joined and keeps
+		// what it got: its tokens go, used ones too, so that none can be
+		// exchanged again. Otherwise its unused ones go (a machine that
+		// joined but lost its answer may still ask again, and report).
+		request, succeeded := op.RequestID, op.State == api.OpSucceeded
+		s.withdrawTokens(ctx, func(_ string, r joinRecord) bool { return r.Request == request && (succeeded || !r.used()) })
 	}
 	_, err := s.st.lifecycle.update(ctx, id, next, rev)
 	if errors.Is(err, errConflict) {
@@ -443,13 +444,18 @@ func (s *Server) consumeEvents(ctx context.Context) {
 				switch {
 				case ctx.Err() != nil:
 					_ = m.Nak()
+				case ferr != nil && !foldAgain(ferr):
+					// Folding it again would fail the same way (a value the
+					// bus refuses, say): it must not hold a place among the
+					// events handed out, which every instance shares.
+					s.log.Error().Err(ferr).Str("subject", m.Subject()).Msg("event not folded; dropped")
+					_ = m.Term()
 				case ferr != nil && delivered(m) >= eventsMaxDeliver:
 					s.log.Error().Err(ferr).Str("subject", m.Subject()).Int("deliveries", eventsMaxDeliver).Msg("event not folded; given up")
 					_ = m.Term()
 				case ferr != nil:
-					// Folding fails only on a write to the bus (away, electing
-					// a leader, full, racing another writer): it is folded
-					// again later, never dropped.
+					// The bus away, slow, electing a leader or racing another
+					// writer: folded again later, not dropped.
 					delay := foldRetryDelay(m)
 					s.log.Warn().Err(ferr).Str("subject", m.Subject()).Dur("retry_in", delay).Msg("event not folded; it will be again")
 					_ = m.NakWithDelay(delay)
@@ -471,6 +477,21 @@ func (s *Server) consumeEvents(ctx context.Context) {
 		case <-time.After(2 * time.Second):
 		}
 	}
+}
+
+// foldAgain reports whether folding an event that failed with err may
+// succeed later: the bus away, slow or busy (a JetStream API error of
+// status 503: no leader yet, or out of storage), or a write that kept
+// losing the race to another writer.
+func foldAgain(err error) bool {
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		return apiErr.Code == 503 || apiErr.Code == 408
+	}
+	return errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrConnectionClosed) ||
+		errors.Is(err, nats.ErrDisconnected) || errors.Is(err, nats.ErrConnectionReconnecting) ||
+		errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, errConflict) || errors.Is(err, jetstream.ErrKeyExists)
 }
 
 // foldRetryDelay grows with each delivery of an event that could not be
@@ -609,7 +630,7 @@ func (s *Server) sweep(ctx context.Context) {
 				continue
 			}
 		}
-		if _, _, ok := s.st.instances.get(op.Instance); !ok && op.Kind != opDelete {
+		if _, _, ok := s.st.instances.get(op.Instance); !ok && !op.lifecycleFree() && op.Kind != opDelete {
 			// Gone, or not in the copy yet: reconcile looks in the bucket
 			// and ends the operation if it is gone; nothing goes out.
 			s.enqueue(op.Instance)

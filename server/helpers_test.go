@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/protocol"
@@ -68,6 +69,19 @@ func (f *fm) doAs(method, path, body, id, secret string) response {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return response{status: resp.StatusCode, body: b, header: resp.Header}
+}
+
+// send sends a request whose answer nobody waits for (a call the server
+// dies in), from a goroutine that may outlive the test: it fails nothing.
+func (f *fm) send(method, path string) {
+	req, err := http.NewRequest(method, f.env.URL+tenantPath+path, nil)
+	if err != nil {
+		return
+	}
+	req.SetBasicAuth(f.env.Key.ID, f.env.Key.Secret)
+	if resp, err := (&http.Client{Timeout: time.Minute}).Do(req); err == nil {
+		resp.Body.Close()
+	}
 }
 
 // ok asserts a 200 with a JSON body and decodes it into out (if not nil).

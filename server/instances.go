@@ -171,9 +171,17 @@ func (s *Server) deleteWithoutMachine(r *http.Request, in api.Instance) (any, er
 			return nil, unavailable(err, "the instance's state could not be read")
 		}
 		if lc.OpID != "" {
-			if op, _, ok := s.st.ops.get(lc.OpID); ok && op.State == api.OpRunning {
-				return nil, precondition("instance %s is busy with %s (operation %s)", in.ID, op.Kind, op.JobID)
+			busy, err := s.settleEnded(ctx, in.ID, lc, rev)
+			if err != nil {
+				return nil, err
 			}
+			if busy != nil {
+				return nil, precondition("instance %s is busy with %s (operation %s)", in.ID, busy.Kind, busy.JobID)
+			}
+			if gone, err := s.instanceGone(ctx, in.ID); err == nil && gone {
+				return nil, notFound(kindInstance, in.ID) // it was a deletion
+			}
+			continue // settled: look again
 		}
 		if !oneOfStr(lc.State, stateCreated, stateDeprovisioned, stateFailed) {
 			return nil, precondition("cannot delete instance %s while it is %s", in.ID, lc.State)

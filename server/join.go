@@ -122,9 +122,12 @@ func (s *Server) join(r *http.Request) (any, error) {
 			return nil, refuse("token issued to instance " + rec.Instance)
 		case !s.tokenCurrent(ctx, rec):
 			return nil, refuse("token of a machine that was replaced or taken down")
-		case req.PublicKey == "":
+		case req.PublicKey == "" || req.Signature == "" && !rec.used():
+			// An agent from before machines made and signed with keys of
+			// their own (a token already used, asked for unsigned, is
+			// refused below like any forgery).
 			return nil, newAPIError(protocol.CodeFailedPrecondition, "Agent too old",
-				"this agent sends no NATS key of its own; run the fm agent this Fleet Manager serves (%s)", DownloadPath)
+				"this agent does not sign its join with a NATS key of its own; run the fm agent this Fleet Manager serves (%s)", DownloadPath)
 		case !nkeys.IsValidPublicUserKey(req.PublicKey):
 			return nil, invalid("publicKey: not a NATS user public key")
 		case !holdsKey(req):

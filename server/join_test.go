@@ -151,8 +151,10 @@ func TestJoinTokens(t *testing.T) {
 		forged.PublicKey = pub
 		f.failed(f.joinRaw(forged), 401, "Unauthenticated")
 		// A machine must send a key of its own, and a NATS user key.
-		f.failed(f.joinRaw(protocol.JoinRequest{Instance: b, Token: tokB, PublicKey: "not-a-key"}), 400, "InvalidArgument")
+		f.failed(f.joinRaw(protocol.JoinRequest{Instance: b, Token: tokB, PublicKey: "not-a-key", Signature: "c2ln"}), 400, "InvalidArgument")
 		f.failed(f.joinRaw(protocol.JoinRequest{Instance: b, Token: tokB}), 409, "FailedPrecondition")
+		// An agent that does not sign (older than this FM) is told so.
+		f.failed(f.joinRaw(protocol.JoinRequest{Instance: b, Token: tokB, PublicKey: publicKey(machineKey(t))}), 409, "FailedPrecondition")
 	})
 	t.Run("wrong secret", func(t *testing.T) {
 		// The last character changed (a token ending in "x" gets a "y").

@@ -123,7 +123,7 @@ func requestID(op opRecord, action protocol.ProvisionAction) string {
 // attachRequest completes a provision request of the operation and keeps it
 // in the operation.
 func (s *Server) attachRequest(op *opRecord, req protocol.ProvisionRequest) error {
-	req.ID, req.Instance, req.OpID, req.Issued = requestID(*op, req.Action), op.Instance, op.JobID, time.Now().UTC()
+	req.ID, req.Instance, req.OpID, req.Issued, req.Order = requestID(*op, req.Action), op.Instance, op.JobID, time.Now().UTC(), op.Order
 	req.Deadline = op.Deadline
 	req.Cloud = s.cloudAuth()
 	data, err := protocol.Encode(&req)
@@ -228,11 +228,19 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 			return api.Future{}, unavailable(err, "the instance's state could not be read")
 		}
 		if lc.OpID != "" {
-			if op, _, ok := s.st.ops.get(lc.OpID); ok && op.State == api.OpRunning {
+			busy, err := s.settleEnded(ctx, in.ID, lc, rev)
+			if err != nil {
+				return api.Future{}, err
+			}
+			if busy != nil {
 				return api.Future{}, newAPIError(protocol.CodeFailedPrecondition, "Operation in progress",
 					"instance %s is busy with %s (operation %s); wait for it to end or abort it (DELETE /futures/%s)",
-					in.ID, op.Kind, op.JobID, op.JobID)
+					in.ID, busy.Kind, busy.JobID, busy.JobID)
 			}
+			if gone, err := s.instanceGone(ctx, in.ID); err == nil && gone {
+				return api.Future{}, notFound(kindInstance, in.ID) // it was a deletion
+			}
+			continue // settled: look again
 		}
 		if !oneOfStr(lc.State, a.from...) {
 			return api.Future{}, precondition("cannot %s instance %s while it is %s", a.kind, in.ID, lc.State)
@@ -243,6 +251,9 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 			deadline = s.cfg.OperationTimeout
 		}
 		op := newRunningOp(ctx, a.kind, in.ID, deadline)
+		// Each operation's claim writes the lifecycle, so the next one reads
+		// a higher revision: requests are ordered by the bus, not a clock.
+		op.Order = rev + 1
 		next := lc
 		desired, err := a.prepare(ctx, in, &next, &op, m)
 		if err != nil {
@@ -333,6 +344,27 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 		return op.Future, nil
 	}
 	return api.Future{}, conflict("instance %s is being changed by someone else; retry", in.ID)
+}
+
+// settleEnded settles the instance's lifecycle now if the operation it
+// names has ended (the sweep would, a moment later): a client that saw its
+// operation end and sends the next action at once (stop, then start) must
+// not be told the instance is still stopping. It returns the operation if
+// it still runs.
+func (s *Server) settleEnded(ctx context.Context, id string, lc lifecycle, rev uint64) (*opRecord, error) {
+	// From the bucket: the copy may lag behind the operation's end.
+	op, _, err := s.st.ops.fetch(ctx, lc.OpID)
+	found := err == nil
+	if err != nil && !errors.Is(err, errNotFound) {
+		return nil, unavailable(err, "the instance's operation could not be read")
+	}
+	if found && op.State == api.OpRunning {
+		return &op, nil
+	}
+	if err := s.settle(ctx, id, lc, rev, op, found); err != nil {
+		return nil, unavailable(err, "the instance's last operation could not be settled")
+	}
+	return nil, nil
 }
 
 // refreshRequestDeadline gives the operation's provision request the

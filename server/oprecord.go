@@ -19,6 +19,10 @@ type opRecord struct {
 	// and publishing it).
 	RequestID string          `json:"requestId,omitempty"`
 	Request   json.RawMessage `json:"request,omitempty"`
+	// Order orders a lifecycle operation's requests among the instance's
+	// (protocol.ProvisionRequest.Order): its lifecycle's revision when it
+	// started, plus one.
+	Order uint64 `json:"order,omitempty"`
 	// CommandID and Command are the agent command the operation sent.
 	CommandID string          `json:"commandId,omitempty"`
 	Command   json.RawMessage `json:"command,omitempty"`

@@ -2,6 +2,8 @@ package server_test
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"strings"
@@ -29,6 +31,7 @@ func TestVolumeGrowth(t *testing.T) {
 	runningWithVolume(t, f.env.Bus, in.ID) // 50 GB
 	ctx := context.Background()
 	var alerts [][]byte
+	var alertIDs []string
 	send := func(data []byte) {
 		t.Helper()
 		if _, err := js.Publish(ctx, protocol.EventSubject(in.ID, protocol.EventAlert), data); err != nil {
@@ -41,7 +44,7 @@ func TestVolumeGrowth(t *testing.T) {
 			Step: "data-volume-high", Status: protocol.StatusFailed, Message: "the data volume is 85% full",
 			Error: protocol.Errorf(protocol.CodeResourceExhausted, "the data volume is 85%% full")}
 		data, _ := protocol.Encode(&e)
-		alerts = append(alerts, data)
+		alerts, alertIDs = append(alerts, data), append(alertIDs, e.ID)
 		send(data)
 	}
 	// The agent answers grow-filesystem commands.
@@ -78,14 +81,18 @@ func TestVolumeGrowth(t *testing.T) {
 		return out
 	}
 
+	// answered waits until the server answered the n-th alert: events
+	// are folded in order, so those sent before it were folded too.
+	answered := func(n int) {
+		t.Helper()
+		sum := sha256.Sum256([]byte(in.ID + "/" + alertIDs[n]))
+		id := "op-" + hex.EncodeToString(sum[:8])
+		waitFor(t, fmt.Sprintf("alert %d answered", n+1), func() bool {
+			return f.do("GET", "/futures/"+id+"?peek=True", "").status == 200
+		})
+	}
 	// 50 GB -> 75 GB (half more), then -> 100 GB (the maximum), then no more.
-	// The first alert delivered again once its growth is done (the bus
-	// hands out an event again whose acknowledgement was lost) grows
-	// nothing more.
 	for i, want := range []int{75, 100} {
-		if i > 0 {
-			send(alerts[0])
-		}
 		alert()
 		waitFor(t, fmt.Sprintf("growth %d done", i+1), func() bool {
 			ops := growOps()
@@ -97,11 +104,21 @@ func TestVolumeGrowth(t *testing.T) {
 			t.Fatalf("grow-filesystem %d: %s", i+1, c.Params)
 		}
 	}
+	// The alerts delivered again once their growth is done (the bus hands
+	// out again an event whose acknowledgement was lost) grow nothing more.
+	send(alerts[0])
+	send(alerts[1])
 	alert()
-	waitFor(t, "the maximum reported", func() bool { return len(growOps()) == 3 })
+	answered(2)
+	if n := len(growOps()); n != 3 {
+		t.Fatalf("%d growth operations after the alerts came again, want 3", n)
+	}
 	send(alerts[2]) // at the maximum, it is said once
 	alert()
-	waitFor(t, "the maximum reported again", func() bool { return len(growOps()) == 4 })
+	answered(3)
+	if n := len(growOps()); n != 4 {
+		t.Fatalf("%d growth operations after the maximum was reported again, want 4", n)
+	}
 	var atMax api.Future
 	for _, op := range growOps() {
 		if op.State == api.OpFailed {
