@@ -53,18 +53,8 @@ func TestAnUnfinishedRestoreIsUndoneByTheNextRequest(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			w.reset(t)
 			ctx := context.Background()
-			spec := w.spec()
-			spec.ElasticIP, spec.Network.DNSStrategy = nil, "NONE"
-			st, err := w.backend.Reprovision(ctx, w.request("rq-1", protocol.ProvisionReprovision, spec), protocol.MachineState{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			st.RequestID = "rq-1"
+			spec, st, ref := w.snapshotted(t)
 			first := st.VolumeID
-			ref, err := w.backend.Snapshot(ctx, w.request("rq-2", protocol.ProvisionSnapshot, nil), st, protocol.SnapshotRef{ID: "snap-1"})
-			if err != nil {
-				t.Fatal(err)
-			}
 			restore := func(id string) provisioner.Request {
 				req := w.request(id, protocol.ProvisionReprovision, spec)
 				req.FromSnapshot = &ref

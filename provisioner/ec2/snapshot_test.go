@@ -39,19 +39,8 @@ func (w *world) volumes(t *testing.T) []types.Volume {
 func TestSnapshotsOnMoto(t *testing.T) {
 	w := newWorld(t)
 	ctx := context.Background()
-	spec := w.spec()
-	spec.ElasticIP, spec.Network.DNSStrategy = nil, "NONE"
-	st, err := w.backend.Reprovision(ctx, w.request("rq-1", protocol.ProvisionReprovision, spec), protocol.MachineState{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	st.RequestID = "rq-1"
+	spec, st, ref := w.snapshotted(t)
 	first := st.VolumeID
-
-	ref, err := w.backend.Snapshot(ctx, w.request("rq-2", protocol.ProvisionSnapshot, nil), st, protocol.SnapshotRef{ID: "snap-1"})
-	if err != nil {
-		t.Fatal(err)
-	}
 	if ref.Store != "ebs" || !strings.HasPrefix(ref.Ref, "snap-") || ref.Region != "us-east-1" || ref.VolumeSizeGB != 50 {
 		t.Fatalf("snapshot ref %+v", ref)
 	}
@@ -119,4 +108,24 @@ func TestSnapshotsOnMoto(t *testing.T) {
 			t.Fatalf("volume %s left: %s", aws.ToString(v.VolumeId), v.State)
 		}
 	}
+}
+
+// snapshotted makes a machine (request rq-1, no elastic IP nor DNS) and
+// takes its snapshot snap-1 (request rq-2): the machine's spec and state,
+// and the snapshot.
+func (w *world) snapshotted(t *testing.T) (*protocol.MachineSpec, protocol.MachineState, protocol.SnapshotRef) {
+	t.Helper()
+	ctx := context.Background()
+	spec := w.spec()
+	spec.ElasticIP, spec.Network.DNSStrategy = nil, "NONE"
+	st, err := w.backend.Reprovision(ctx, w.request("rq-1", protocol.ProvisionReprovision, spec), protocol.MachineState{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.RequestID = "rq-1"
+	ref, err := w.backend.Snapshot(ctx, w.request("rq-2", protocol.ProvisionSnapshot, nil), st, protocol.SnapshotRef{ID: "snap-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return spec, st, ref
 }
