@@ -24,6 +24,9 @@ type objectGetter interface {
 	Get(ctx context.Context, name string, opts ...jetstream.GetObjectOpt) (jetstream.ObjectResult, error)
 }
 
+// kitFetchTimeout bounds the transfer of one kit (gigabytes).
+const kitFetchTimeout = 30 * time.Minute
+
 // kits fetches kit archives into the cache and extracts them.
 type kits struct {
 	m       *machine
@@ -114,7 +117,12 @@ func (k *kits) fetch(ctx context.Context, src protocol.KitSource) (string, error
 		if err != nil {
 			return "", kitError(protocol.CodeUnavailable, "kit store: %w", err)
 		}
-		obj, err := store.Get(ctx, src.Object)
+		// Without a deadline of its own, the object store's client bounds
+		// the whole read by its default API timeout (5 s), which a kit of
+		// gigabytes always outlasts.
+		reading, cancel := context.WithTimeout(ctx, kitFetchTimeout)
+		defer cancel()
+		obj, err := store.Get(reading, src.Object)
 		if errors.Is(err, jetstream.ErrObjectNotFound) {
 			return "", kitError(protocol.CodeNotFound, "kit %q is not in %s: upload it (fm image add)", src.Object, protocol.ObjectStoreKits)
 		}
@@ -140,7 +148,7 @@ func (k *kits) fetch(ctx context.Context, src protocol.KitSource) (string, error
 }
 
 func (k *kits) download(ctx context.Context, url, dst string) error {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
+	ctx, cancel := context.WithTimeout(ctx, kitFetchTimeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {

@@ -5,7 +5,12 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
+	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
 
@@ -42,5 +47,55 @@ func TestAKitFetchRemovesWhatAnInterruptedOneLeft(t *testing.T) {
 		if _, err := os.Stat(p); err != nil {
 			t.Errorf("%s was removed: %v", p, err)
 		}
+	}
+}
+
+// slowStart is an object store whose reads begin only some time after
+// the object was asked for, as on a busy machine.
+type slowStart struct {
+	objectGetter
+	wait time.Duration
+}
+
+func (s slowStart) Get(ctx context.Context, name string, opts ...jetstream.GetObjectOpt) (jetstream.ObjectResult, error) {
+	res, err := s.objectGetter.Get(ctx, name, opts...)
+	time.Sleep(s.wait)
+	return res, err
+}
+
+// TestAKitReadOutlastsTheClientTimeout: a kit from the object store takes
+// longer to read than the client's default API timeout, which bounded the
+// whole read (every fetch of a real kit, gigabytes, failed).
+func TestAKitReadOutlastsTheClientTimeout(t *testing.T) {
+	ctx := context.Background()
+	js, err := jetstream.New(bustest.Run(t).Connect(t), jetstream.WithDefaultTimeout(200*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := bus.DefaultTopology().Declare(ctx, js); err != nil {
+		t.Fatal(err)
+	}
+	store, err := js.ObjectStore(ctx, protocol.ObjectStoreKits)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := standinKit(t, "14.0.0")
+	f, err := os.Open(src.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	info, err := store.Put(ctx, jetstream.ObjectMeta{Name: "dataiku-dss-14.0.0-standin.tar.gz"}, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newMachine(Config{Instance: "in-kit", RootDir: t.TempDir(), DataDir: t.TempDir()}, zerolog.Nop())
+	k := &kits{m: m, objects: func(context.Context) (objectGetter, error) { return slowStart{store, 500 * time.Millisecond}, nil }}
+	got, err := k.fetch(ctx, protocol.KitSource{Object: info.Name})
+	if err != nil {
+		t.Fatalf("fetch: %v", err)
+	}
+	if err := checkDigest(got, src.SHA256); err != nil {
+		t.Fatal(err)
 	}
 }

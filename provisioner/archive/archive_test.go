@@ -1,17 +1,22 @@
 package archive
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
 	"errors"
 	"io"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner/ec2/mototest"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 type store interface {
@@ -81,5 +86,96 @@ func TestStores(t *testing.T) {
 				t.Fatalf("deleted archive: %v", err)
 			}
 		})
+	}
+}
+
+// objectStore is an ObjectStore on a fresh bus whose client gives a call
+// timeout of its default API timeout.
+func objectStore(t *testing.T, timeout time.Duration) (*ObjectStore, jetstream.JetStream) {
+	t.Helper()
+	ctx := context.Background()
+	js, err := jetstream.New(bustest.Run(t).Connect(t), jetstream.WithDefaultTimeout(timeout))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := bus.DefaultTopology().Declare(ctx, js); err != nil {
+		t.Fatal(err)
+	}
+	st, err := NewObjectStore(ctx, js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st, js
+}
+
+// TestAnArchiveReadOutlastsTheClientTimeout: reading a large archive on a
+// busy machine takes longer than the client's default API timeout, which
+// bounded the whole read (a restore then took the cut-short archive for a
+// corrupted one).
+func TestAnArchiveReadOutlastsTheClientTimeout(t *testing.T) {
+	ctx := context.Background()
+	st, _ := objectStore(t, 300*time.Millisecond)
+	body := make([]byte, 3<<20)
+	if _, err := rand.Read(body); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Put(ctx, "in-1/snap-1.tar.gz", bytes.NewReader(body)); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := st.Open(ctx, "in-1/snap-1.tar.gz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	first := make([]byte, 1000)
+	if _, err := io.ReadFull(rc, first); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // a slow reader: longer than the client's timeout
+	rest, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatalf("read after a pause: %v", err)
+	}
+	if got := append(first, rest...); !bytes.Equal(got, body) {
+		t.Fatalf("read back %d bytes, not what was put", len(got))
+	}
+}
+
+// TestAnIncompleteArchiveIsCorrupt: an archive whose description is in the
+// store but whose chunks are not (a Put cut short) is refused at once as
+// corrupted, rather than read until the deadline.
+func TestAnIncompleteArchiveIsCorrupt(t *testing.T) {
+	ctx := context.Background()
+	st, js := objectStore(t, 5*time.Second)
+	if err := st.Put(ctx, "in-1/snap-1.tar.gz", strings.NewReader(strings.Repeat("archive bytes ", 100000))); err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.store.GetInfo(ctx, "in-1/snap-1.tar.gz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := js.Stream(ctx, "OBJ_"+protocol.ObjectStoreSnapshots)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One chunk lost.
+	if err := stream.Purge(ctx, jetstream.WithPurgeSubject("$O."+protocol.ObjectStoreSnapshots+".C."+info.NUID), jetstream.WithPurgeKeep(uint64(info.Chunks)-1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Open(ctx, "in-1/snap-1.tar.gz"); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("open of an incomplete archive: %v", err)
+	}
+	// Put again, it is whole again.
+	if err := st.Put(ctx, "in-1/snap-1.tar.gz", strings.NewReader("whole")); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := st.Open(ctx, "in-1/snap-1.tar.gz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil || string(got) != "whole" {
+		t.Fatalf("read back %q, %v", got, err)
 	}
 }

@@ -55,11 +55,18 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	if err := os.RemoveAll(work); err != nil {
 		return snap, err
 	}
-	if ref, found, err := b.storedArchive(ctx, name, snap, cur); err != nil || found {
-		if found {
-			req.Progress("archive", fmt.Sprintf("%s: already in %s (%d bytes, sha256 %s)", snap.ID, ref.Store, ref.SizeBytes, ref.SHA256))
-		}
-		return ref, err
+	ref, found, err := b.storedArchive(ctx, name, snap, cur)
+	switch {
+	case errors.Is(err, archive.ErrCorrupt):
+		// Left by a try whose Put failed part-way: nothing was reported
+		// from it (a report follows a Put that succeeded), so it is taken
+		// again and replaced.
+		req.Progress("archive", fmt.Sprintf("%s: the archive a previous try left is not whole (%v); taking it again", snap.ID, err))
+	case err != nil:
+		return snap, err
+	case found:
+		req.Progress("archive", fmt.Sprintf("%s: already in %s (%d bytes, sha256 %s)", snap.ID, ref.Store, ref.SizeBytes, ref.SHA256))
+		return ref, nil
 	}
 	vol := b.volumeDir(inst)
 	if _, err := os.Stat(vol); err != nil {
@@ -96,18 +103,22 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	if err := b.crash.Around("local/snapshot/put-archive", func() error { return b.cfg.Archives.Put(ctx, name, f) }); err != nil {
 		return snap, protocol.Errorf(protocol.CodeUnavailable, "the snapshot store did not take the archive: %v", err)
 	}
-	ref := protocol.SnapshotRef{ID: snap.ID, Store: b.cfg.Archives.Name(), Ref: name, SHA256: hex.EncodeToString(h.Sum(nil)),
+	ref = protocol.SnapshotRef{ID: snap.ID, Store: b.cfg.Archives.Name(), Ref: name, SHA256: hex.EncodeToString(h.Sum(nil)),
 		SizeBytes: size, VolumeSizeGB: cur.VolumeSizeGB}
 	req.Progress("archive", fmt.Sprintf("%s: %d bytes in %s, sha256 %s", snap.ID, size, ref.Store, ref.SHA256))
 	return ref, nil
 }
 
 // storedArchive describes the archive name if the store holds it: its
-// digest and size, read back from the store.
+// digest and size, read back from the store. An archive the store holds
+// but cannot give back whole is an error wrapping archive.ErrCorrupt.
 func (b *Backend) storedArchive(ctx context.Context, name string, snap protocol.SnapshotRef, cur protocol.MachineState) (protocol.SnapshotRef, bool, error) {
 	rc, err := b.cfg.Archives.Open(ctx, name)
 	if errors.Is(err, archive.ErrNotFound) {
 		return snap, false, nil
+	}
+	if errors.Is(err, archive.ErrCorrupt) {
+		return snap, false, err
 	}
 	if err != nil {
 		return snap, false, protocol.Errorf(protocol.CodeUnavailable, "the snapshot store could not be read: %v", err)
@@ -115,6 +126,9 @@ func (b *Backend) storedArchive(ctx context.Context, name string, snap protocol.
 	defer rc.Close()
 	h := sha256.New()
 	size, err := io.Copy(h, rc)
+	if errors.Is(err, archive.ErrCorrupt) {
+		return snap, false, err
+	}
 	if err != nil {
 		return snap, false, protocol.Errorf(protocol.CodeUnavailable, "the archive %s could not be read back: %v", name, err)
 	}
@@ -298,15 +312,27 @@ func (b *Backend) restoreArchive(ctx context.Context, snap protocol.SnapshotRef,
 	if errors.Is(err, archive.ErrNotFound) {
 		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s is missing from the snapshot store (%v)", snap.ID, err)
 	}
+	if errors.Is(err, archive.ErrCorrupt) {
+		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s is corrupted: %v", snap.ID, err)
+	}
 	if err != nil {
 		return protocol.Errorf(protocol.CodeUnavailable, "the archive of snapshot %s could not be read: %v", snap.ID, err)
 	}
 	defer rc.Close()
 	h := sha256.New()
-	body := io.TeeReader(rc, h)
+	store := &readFailure{r: rc}
+	body := io.TeeReader(store, h)
 	exErr := tarball.Extract(body, dst, tarball.Options{Folder: "volume"})
 	// The digest covers every byte, also what follows the end of the tar.
 	_, _ = io.Copy(io.Discard, body)
+	switch {
+	case errors.Is(store.err, archive.ErrCorrupt):
+		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s is corrupted: %v", snap.ID, store.err)
+	case store.err != nil:
+		// Cut short by the store (slow, out of reach), not corrupted: the
+		// digest of what was read says nothing. It may pass.
+		return protocol.Errorf(protocol.CodeUnavailable, "the archive of snapshot %s could not be read: %v", snap.ID, store.err)
+	}
 	if got := hex.EncodeToString(h.Sum(nil)); got != snap.SHA256 {
 		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s is corrupted: its SHA-256 is %s, %s was recorded when it was taken",
 			snap.ID, got, snap.SHA256)
@@ -315,4 +341,23 @@ func (b *Backend) restoreArchive(ctx context.Context, snap protocol.SnapshotRef,
 		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s could not be extracted: %v", snap.ID, exErr)
 	}
 	return nil
+}
+
+// readFailure keeps the first error other than io.EOF its reader gave,
+// which is the store's: what reads through it (an extraction that stops
+// at the end of the tar, a copy) may not pass it on.
+type readFailure struct {
+	r   io.Reader
+	err error
+}
+
+func (f *readFailure) Read(p []byte) (int, error) {
+	if f.err != nil {
+		return 0, f.err
+	}
+	n, err := f.r.Read(p)
+	if err != nil && err != io.EOF {
+		f.err = err
+	}
+	return n, err
 }

@@ -3,11 +3,14 @@ package local
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"testing/iotest"
 
 	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/bus/bustest"
@@ -15,6 +18,7 @@ import (
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/archive"
+	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 )
 
@@ -29,7 +33,8 @@ func TestSnapshotAndRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	b, err := New(Config{Dir: dir, AgentBinary: binary(t), NATSURL: srv.URL(), Archives: store, Logger: zerolog.Nop()})
+	arch := &faultyArchives{Archives: store}
+	b, err := New(Config{Dir: dir, AgentBinary: binary(t), NATSURL: srv.URL(), Archives: arch, Logger: zerolog.Nop()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,25 +78,43 @@ func TestSnapshotAndRestore(t *testing.T) {
 		t.Fatalf("steps %v", steps)
 	}
 
-	write("dataiku/dss_data/config/users.json", "v2 users")
-	write("dataiku/dss_data/projects/P2/params.json", "new project")
 	restore := func(id string, snap protocol.SnapshotRef) (protocol.MachineState, error) {
 		req := request(id, protocol.ProvisionReprovision, &steps)
 		req.FromSnapshot = &snap
 		return b.Reprovision(ctx, req, st)
 	}
 
+	// Taken again (a redelivery) over an archive a failed Put left broken:
+	// the archive is replaced, and the digest reported is the new one's.
+	arch.openErr = fmt.Errorf("%w: in-local1/snap-1.tar.gz has 1 of its 2 chunks", archive.ErrCorrupt)
+	again, err := b.Snapshot(ctx, snapReq, st, protocol.SnapshotRef{ID: "snap-1"})
+	arch.openErr = nil
+	if err != nil || !strings.Contains(strings.Join(steps, "|"), "not whole") {
+		t.Fatalf("snapshot over a broken archive: %v %v", err, steps)
+	}
+	if stored, found, err := b.storedArchive(ctx, ref.Ref, protocol.SnapshotRef{ID: "snap-1"}, st); err != nil || !found || stored.SHA256 != again.SHA256 {
+		t.Fatalf("stored archive %+v %v %v, reported %+v", stored, found, err, again)
+	}
+	ref = again
+
+	write("dataiku/dss_data/config/users.json", "v2 users")
+	write("dataiku/dss_data/projects/P2/params.json", "new project")
 	tests := []struct {
-		name string
-		snap func() protocol.SnapshotRef
-		code protocol.Code
+		name     string
+		snap     func() protocol.SnapshotRef
+		cutShort bool // the store fails part-way through the read
+		code     protocol.Code
 	}{
-		{"wrong digest", func() protocol.SnapshotRef { r := ref; r.SHA256 = strings.Repeat("0", 64); return r }, protocol.CodeDataLoss},
-		{"missing archive", func() protocol.SnapshotRef { r := ref; r.Ref = "in-local1/nope.tar.gz"; return r }, protocol.CodeDataLoss},
-		{"another store", func() protocol.SnapshotRef { r := ref; r.Store = "s3"; return r }, protocol.CodeFailedPrecondition},
+		{"wrong digest", func() protocol.SnapshotRef { r := ref; r.SHA256 = strings.Repeat("0", 64); return r }, false, protocol.CodeDataLoss},
+		{"missing archive", func() protocol.SnapshotRef { r := ref; r.Ref = "in-local1/nope.tar.gz"; return r }, false, protocol.CodeDataLoss},
+		{"another store", func() protocol.SnapshotRef { r := ref; r.Store = "s3"; return r }, false, protocol.CodeFailedPrecondition},
+		// Not corrupted: it may pass, and is tried again.
+		{"read cut short", func() protocol.SnapshotRef { return ref }, true, protocol.CodeUnavailable},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
+			arch.cutShort = tc.cutShort
+			defer func() { arch.cutShort = false }()
 			_, err := restore("op-bad-reprovision", tc.snap())
 			var pe *protocol.Error
 			if !provisioner.IsUntouched(err) || !errors.As(err, &pe) || pe.Code != tc.code {
@@ -155,6 +178,29 @@ func TestSnapshotAndRestore(t *testing.T) {
 	if _, err := store.Open(ctx, ref.Ref); err == nil {
 		t.Fatal("the archive survived its deletion")
 	}
+}
+
+// faultyArchives is a snapshot store whose Open fails with openErr, and
+// whose reads fail part-way when cutShort, as the store's client does when
+// the store is slow or out of reach.
+type faultyArchives struct {
+	Archives
+	openErr  error
+	cutShort bool
+}
+
+func (f *faultyArchives) Open(ctx context.Context, name string) (io.ReadCloser, error) {
+	if f.openErr != nil {
+		return nil, f.openErr
+	}
+	rc, err := f.Archives.Open(ctx, name)
+	if err != nil || !f.cutShort {
+		return rc, err
+	}
+	return struct {
+		io.Reader
+		io.Closer
+	}{io.MultiReader(io.LimitReader(rc, 100), iotest.ErrReader(fmt.Errorf("read archive %s: %w", name, nats.ErrTimeout))), rc}, nil
 }
 
 func (b *Backend) agentPIDs() []int {
