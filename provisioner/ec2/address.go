@@ -33,11 +33,24 @@ func (b *Backend) associateAddress(ctx context.Context, c clients, req provision
 			return "", false, "", cloudError("look up the instance's elastic IP", err)
 		}
 		if len(out.Addresses) > 0 {
-			addr = &out.Addresses[0]
+			addr = keptAddress(out.Addresses)
+			// Allocated twice (an allocation whose answer was lost, and one
+			// the retry's look-up could not see yet): the one kept is
+			// associated below; the others, associated with nothing, go.
+			for _, a := range out.Addresses {
+				if a.AllocationId != addr.AllocationId && a.AssociationId == nil {
+					if err := b.releaseAddress(ctx, c, req, aws.ToString(a.AllocationId)); err != nil {
+						return "", false, "", err
+					}
+				}
+			}
 		} else {
+			// AllocateAddress takes no client token: made once (see once),
+			// a failure goes back to the provisioner, whose next try looks
+			// for the address first.
 			a, err := c.ec2.AllocateAddress(ctx, &ec2.AllocateAddressInput{Domain: types.DomainTypeVpc,
 				TagSpecifications: tagSpec(types.ResourceTypeElasticIp, tagsFor(req.Spec, req.Spec.Label,
-					map[string]string{TagInstance: req.Instance, TagRole: roleEIP}))})
+					map[string]string{TagInstance: req.Instance, TagRole: roleEIP}))}, once)
 			if err != nil {
 				return "", false, "", cloudError("allocate an elastic IP", err)
 			}
@@ -58,6 +71,22 @@ func (b *Backend) associateAddress(ctx context.Context, c clients, req provision
 		}
 	}
 	return alloc, byFM, aws.ToString(addr.PublicIp), nil
+}
+
+// keptAddress is, of the elastic IPs FM allocated for an instance, the
+// one it keeps: one associated with a machine if there is one, else the
+// first by allocation id, so that every try keeps the same.
+func keptAddress(addrs []types.Address) *types.Address {
+	var kept *types.Address
+	for i, a := range addrs {
+		switch {
+		case kept == nil,
+			a.AssociationId != nil && kept.AssociationId == nil,
+			(a.AssociationId != nil) == (kept.AssociationId != nil) && aws.ToString(a.AllocationId) < aws.ToString(kept.AllocationId):
+			kept = &addrs[i]
+		}
+	}
+	return kept
 }
 
 // releaseAddress gives back an elastic IP FM allocated.

@@ -1,15 +1,24 @@
 package ec2
 
 import (
+	"bytes"
 	"context"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
 	"github.com/aws/smithy-go"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/provisioner/ec2/mototest"
 )
 
 // awsLike is EC2 as AWS behaves where moto does not, and counts the calls
@@ -216,5 +225,107 @@ func TestAMachineThatTerminatesFailsTheRequestAtOnce(t *testing.T) {
 	}
 	if code := protocol.CodeOf(err); code == protocol.CodeUnavailable || code != protocol.CodeFailedPrecondition {
 		t.Fatalf("the reprovision failed with %s (%v); want a final failure (%s)", code, err, protocol.CodeFailedPrecondition)
+	}
+}
+
+// answerLost is a proxy in front of moto that passes the first call of
+// the action lose on to moto and then closes the connection without
+// answering, as a network that drops a response does; it passes every
+// other call through. It gives the proxy's URL.
+func answerLost(t *testing.T, moto, lose string) string {
+	t.Helper()
+	target, err := url.Parse(moto)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := httputil.NewSingleHostReverseProxy(target)
+	var (
+		mu   sync.Mutex
+		lost bool
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		form, _ := url.ParseQuery(string(body))
+		mu.Lock()
+		drop := form.Get("Action") == lose && !lost
+		lost = lost || drop
+		mu.Unlock()
+		if !drop {
+			proxy.ServeHTTP(w, r)
+			return
+		}
+		proxy.ServeHTTP(httptest.NewRecorder(), r) // done by moto, answer lost
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			t.Errorf("hijack: %v", err)
+			return
+		}
+		conn.Close()
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+// TestACallWithoutClientTokenIsMadeOnce: EC2's CreateSnapshot and
+// AllocateAddress take no client token, so the SDK making one again after
+// its answer was lost made a second snapshot or address (seen as two EBS
+// snapshots for one FM snapshot in the crash table under load). Made once,
+// the failure goes back to the provisioner, whose next try finds what the
+// first made.
+func TestACallWithoutClientTokenIsMadeOnce(t *testing.T) {
+	tests := []struct {
+		action string
+		count  func(w *world) int
+		do     func(w *world, b *Backend) error
+	}{
+		{"CreateSnapshot", func(w *world) int { return len(w.snapshots(t)) }, func(w *world, b *Backend) error {
+			_, st := w.machine(t)
+			ref, err := b.Snapshot(context.Background(), w.request("rq-2", protocol.ProvisionSnapshot, nil), st, protocol.SnapshotRef{ID: "snap-1"})
+			if err == nil {
+				if snaps := w.snapshots(t); len(snaps) != 1 || aws.ToString(snaps[0].SnapshotId) != ref.Ref {
+					t.Errorf("reported %s; EBS snapshots %d", ref.Ref, len(snaps))
+				}
+			}
+			return err
+		}},
+		{"AllocateAddress", func(w *world) int {
+			out, err := w.ec2.DescribeAddresses(context.Background(), &ec2.DescribeAddressesInput{Filters: []types.Filter{tagFilter(TagInstance, "in-analytics")}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return len(out.Addresses)
+		}, func(w *world, b *Backend) error {
+			_, err := b.Reprovision(context.Background(), w.request("rq-1", protocol.ProvisionReprovision, w.spec()), protocol.MachineState{})
+			return err
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.action, func(t *testing.T) {
+			w := newWorld(t)
+			b, err := New(Config{Region: mototest.Region, Endpoint: answerLost(t, w.moto.URL, tc.action), AgentNATSURL: "tls://fm.example.com:4222",
+				IngressCIDRs: []string{"203.0.113.0/24"}, Poll: 20 * time.Millisecond, Timeout: 30 * time.Second})
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The first try fails (its answer lost) or succeeds; the
+			// provisioner's next try finishes it.
+			if err := tc.do(w, b); err != nil {
+				var pe *protocol.Error
+				if !errors.As(err, &pe) || pe.Code != protocol.CodeUnavailable {
+					t.Fatalf("a lost answer is not a transient failure: %v", err)
+				}
+				if err := tc.do(w, b); err != nil {
+					t.Fatalf("the next try: %v", err)
+				}
+			}
+			if n := tc.count(w); n != 1 {
+				t.Fatalf("%d made by %s, want 1", n, tc.action)
+			}
+		})
 	}
 }

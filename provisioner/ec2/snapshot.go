@@ -3,6 +3,8 @@ package ec2
 import (
 	"context"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -32,15 +34,19 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	if err != nil {
 		return snap, err
 	}
-	found, err := findSnapshot(ctx, c, snap.ID)
+	found, err := findSnapshots(ctx, c, snap.ID)
 	if err != nil {
 		return snap, err
 	}
 	id := ""
-	if found != nil {
-		id = aws.ToString(found.SnapshotId)
+	if len(found) > 0 {
+		id = aws.ToString(found[0].SnapshotId)
 		req.Progress("snapshot", fmt.Sprintf("EBS snapshot %s of this request exists", id))
 	} else {
+		// CreateSnapshot takes no client token: a call whose answer was
+		// lost, made again by the SDK, would take a second snapshot. It is
+		// made once; a failure goes back to the provisioner, whose next try
+		// looks for the snapshot first.
 		out, err := c.ec2.CreateSnapshot(ctx, &ec2.CreateSnapshotInput{
 			VolumeId:    aws.String(cur.VolumeID),
 			Description: aws.String(fmt.Sprintf("FM snapshot %s of instance %s", snap.ID, req.Instance)),
@@ -50,15 +56,53 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 				{Key: aws.String(TagSnapshot), Value: aws.String(snap.ID)},
 				{Key: aws.String(TagRequest), Value: aws.String(req.ID)},
 			}),
-		})
+		}, once)
 		if err != nil {
 			return snap, cloudError("snapshot the data volume", err)
 		}
 		id = aws.ToString(out.SnapshotId)
 		req.Progress("snapshot", fmt.Sprintf("EBS snapshot %s of volume %s started", id, cur.VolumeID))
 	}
+	size, err := b.waitForSnapshot(ctx, c, req, id)
+	if err != nil {
+		return snap, err
+	}
+	// Taken twice all the same (a create whose answer was lost, and one
+	// the retry's look-up could not see yet): every try keeps the first
+	// taken, which is the one a first report named, and deletes the others.
+	found, err = findSnapshots(ctx, c, snap.ID)
+	if err != nil {
+		return snap, err
+	}
+	if len(found) > 0 && aws.ToString(found[0].SnapshotId) != id {
+		id = aws.ToString(found[0].SnapshotId)
+		if size, err = b.waitForSnapshot(ctx, c, req, id); err != nil {
+			return snap, err
+		}
+	}
+	for _, s := range found {
+		other := aws.ToString(s.SnapshotId)
+		if other == id {
+			continue
+		}
+		if _, err := c.ec2.DeleteSnapshot(ctx, &ec2.DeleteSnapshotInput{SnapshotId: aws.String(other)}); err != nil && !isNotFound(err) {
+			return snap, cloudError("delete the second EBS snapshot "+other, err)
+		}
+		req.Progress("snapshot", fmt.Sprintf("EBS snapshot %s, taken a second time, deleted; %s is kept", other, id))
+	}
+	return protocol.SnapshotRef{ID: snap.ID, Store: "ebs", Ref: id, Region: region, VolumeSizeGB: int(size)}, nil
+}
+
+// once makes an AWS call without the SDK's retries, for a call that is not
+// idempotent (no client token): made again after its answer was lost, it
+// would make a second resource.
+func once(o *ec2.Options) { o.RetryMaxAttempts = 1 }
+
+// waitForSnapshot waits until the EBS snapshot id is complete, and gives
+// its volume's size.
+func (b *Backend) waitForSnapshot(ctx context.Context, c clients, req provisioner.Request, id string) (int32, error) {
 	var size int32
-	err = b.waitWithin(ctx, req, "snapshot", "snapshot "+id, snapshotTimeout, func() (bool, string, error) {
+	err := b.waitWithin(ctx, req, "snapshot", "snapshot "+id, snapshotTimeout, func() (bool, string, error) {
 		s, err := describeSnapshot(ctx, c, id)
 		if err != nil {
 			return false, "", err
@@ -72,10 +116,7 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 		size = aws.ToInt32(s.VolumeSize)
 		return s.State == types.SnapshotStateCompleted, string(s.State), nil
 	})
-	if err != nil {
-		return snap, err
-	}
-	return protocol.SnapshotRef{ID: snap.ID, Store: "ebs", Ref: id, Region: region, VolumeSizeGB: int(size)}, nil
+	return size, err
 }
 
 // DeleteSnapshot implements provisioner.Backend. A snapshot never reported
@@ -95,10 +136,12 @@ func (b *Backend) DeleteSnapshot(ctx context.Context, req provisioner.Request, s
 	ids := []string{}
 	if snap.Ref != "" {
 		ids = append(ids, snap.Ref)
-	} else if s, err := findSnapshot(ctx, c, snap.ID); err != nil {
+	} else if found, err := findSnapshots(ctx, c, snap.ID); err != nil {
 		return err
-	} else if s != nil {
-		ids = append(ids, aws.ToString(s.SnapshotId))
+	} else {
+		for _, s := range found {
+			ids = append(ids, aws.ToString(s.SnapshotId))
+		}
 	}
 	for _, id := range ids {
 		if _, err := c.ec2.DeleteSnapshot(ctx, &ec2.DeleteSnapshotInput{SnapshotId: aws.String(id)}); err != nil && !isNotFound(err) {
@@ -128,18 +171,28 @@ func checkSnapshot(ctx context.Context, c clients, snap protocol.SnapshotRef) (*
 	return s, nil
 }
 
-func findSnapshot(ctx context.Context, c clients, fmID string) (*types.Snapshot, error) {
+// findSnapshots gives the EBS snapshots of FM's snapshot fmID that have not
+// failed, the first taken first (ties by id): whichever try looks, it
+// keeps the same one.
+func findSnapshots(ctx context.Context, c clients, fmID string) ([]types.Snapshot, error) {
 	out, err := c.ec2.DescribeSnapshots(ctx, &ec2.DescribeSnapshotsInput{OwnerIds: []string{"self"},
 		Filters: []types.Filter{tagFilter(TagSnapshot, fmID)}})
 	if err != nil {
 		return nil, cloudError("look up the snapshot", err)
 	}
-	for i, s := range out.Snapshots {
+	var found []types.Snapshot
+	for _, s := range out.Snapshots {
 		if s.State != types.SnapshotStateError {
-			return &out.Snapshots[i], nil
+			found = append(found, s)
 		}
 	}
-	return nil, nil
+	slices.SortFunc(found, func(a, b types.Snapshot) int {
+		if c := aws.ToTime(a.StartTime).Compare(aws.ToTime(b.StartTime)); c != 0 {
+			return c
+		}
+		return strings.Compare(aws.ToString(a.SnapshotId), aws.ToString(b.SnapshotId))
+	})
+	return found, nil
 }
 
 func describeSnapshot(ctx context.Context, c clients, id string) (*types.Snapshot, error) {

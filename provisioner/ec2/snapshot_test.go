@@ -115,17 +115,24 @@ func TestSnapshotsOnMoto(t *testing.T) {
 // and the snapshot.
 func (w *world) snapshotted(t *testing.T) (*protocol.MachineSpec, protocol.MachineState, protocol.SnapshotRef) {
 	t.Helper()
-	ctx := context.Background()
-	spec := w.spec()
-	spec.ElasticIP, spec.Network.DNSStrategy = nil, "NONE"
-	st, err := w.backend.Reprovision(ctx, w.request("rq-1", protocol.ProvisionReprovision, spec), protocol.MachineState{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	st.RequestID = "rq-1"
-	ref, err := w.backend.Snapshot(ctx, w.request("rq-2", protocol.ProvisionSnapshot, nil), st, protocol.SnapshotRef{ID: "snap-1"})
+	spec, st := w.machine(t)
+	ref, err := w.backend.Snapshot(context.Background(), w.request("rq-2", protocol.ProvisionSnapshot, nil), st, protocol.SnapshotRef{ID: "snap-1"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return spec, st, ref
+}
+
+// machine makes a machine (request rq-1, no elastic IP nor DNS): its spec
+// and state.
+func (w *world) machine(t *testing.T) (*protocol.MachineSpec, protocol.MachineState) {
+	t.Helper()
+	spec := w.spec()
+	spec.ElasticIP, spec.Network.DNSStrategy = nil, "NONE"
+	st, err := w.backend.Reprovision(context.Background(), w.request("rq-1", protocol.ProvisionReprovision, spec), protocol.MachineState{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.RequestID = "rq-1"
+	return spec, st
 }
