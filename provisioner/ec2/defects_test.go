@@ -329,3 +329,60 @@ func TestACallWithoutClientTokenIsMadeOnce(t *testing.T) {
 		})
 	}
 }
+
+// TestWhatWasMadeTwiceIsKeptOnce: two EBS snapshots for one FM snapshot,
+// or two elastic IPs for one instance (a look-up that could not see the
+// first yet, as EC2's eventual consistency allows): the next try keeps one
+// (the first snapshot taken, which a first report named) and undoes the
+// others.
+func TestWhatWasMadeTwiceIsKeptOnce(t *testing.T) {
+	ctx := context.Background()
+	t.Run("snapshot", func(t *testing.T) {
+		w := newWorld(t)
+		_, st := w.machine(t)
+		for range 2 {
+			if _, err := w.ec2.CreateSnapshot(ctx, &ec2.CreateSnapshotInput{VolumeId: aws.String(st.VolumeID),
+				TagSpecifications: tagSpec(types.ResourceTypeSnapshot, []types.Tag{
+					{Key: aws.String(TagInstance), Value: aws.String("in-analytics")}, {Key: aws.String(TagSnapshot), Value: aws.String("snap-1")}}),
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		made := w.snapshots(t)
+		first := made[0]
+		for _, s := range made[1:] {
+			if c := aws.ToTime(s.StartTime).Compare(aws.ToTime(first.StartTime)); c < 0 || c == 0 && aws.ToString(s.SnapshotId) < aws.ToString(first.SnapshotId) {
+				first = s
+			}
+		}
+		ref, err := w.backend.Snapshot(ctx, w.request("rq-2", protocol.ProvisionSnapshot, nil), st, protocol.SnapshotRef{ID: "snap-1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if left := w.snapshots(t); ref.Ref != aws.ToString(first.SnapshotId) || len(left) != 1 || aws.ToString(left[0].SnapshotId) != ref.Ref {
+			t.Fatalf("reported %s, first taken %s; %d left", ref.Ref, aws.ToString(first.SnapshotId), len(left))
+		}
+	})
+	t.Run("elastic IP", func(t *testing.T) {
+		w := newWorld(t)
+		for range 2 {
+			if _, err := w.ec2.AllocateAddress(ctx, &ec2.AllocateAddressInput{Domain: types.DomainTypeVpc,
+				TagSpecifications: tagSpec(types.ResourceTypeElasticIp, []types.Tag{
+					{Key: aws.String(TagInstance), Value: aws.String("in-analytics")}, {Key: aws.String(TagRole), Value: aws.String(roleEIP)}}),
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		st, err := w.backend.Reprovision(ctx, w.request("rq-1", protocol.ProvisionReprovision, w.spec()), protocol.MachineState{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := w.ec2.DescribeAddresses(ctx, &ec2.DescribeAddressesInput{Filters: []types.Filter{tagFilter(TagInstance, "in-analytics")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(out.Addresses) != 1 || aws.ToString(out.Addresses[0].InstanceId) != st.MachineID {
+			t.Fatalf("%d elastic IPs left (want 1, on machine %s): %+v", len(out.Addresses), st.MachineID, out.Addresses)
+		}
+	})
+}
