@@ -15,6 +15,7 @@ import (
 
 	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/internal/crashpoint"
+	"github.com/fleetmanager/fm/internal/objects"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
@@ -140,8 +141,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.js = js
 	a.rep = newReporter(a.cfg.Instance, a.cfg.Version, nc, js, a.cfg.StatusRefresh, a.log)
 	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.MachineRequest = a.cfg.MachineRequest })
-	a.kits = &kits{m: a.m, http: &http.Client{}, objects: func(ctx context.Context) (objectGetter, error) {
-		return js.ObjectStore(ctx, protocol.ObjectStoreKits)
+	a.kits = &kits{m: a.m, http: &http.Client{}, open: func(ctx context.Context, name string) (kitObject, error) {
+		r, err := objects.Open(ctx, js, protocol.ObjectStoreKits, name, kitChunkWait)
+		if err != nil {
+			return nil, err
+		}
+		return r, nil
 	}}
 	a.desired = newDesiredWatch(a.cfg.Instance, nc, a.log, func(err error, rev uint64) {
 		a.log.Warn().Err(err).Uint64("revision", rev).Msg("desired state rejected; keeping the last good one")

@@ -13,25 +13,28 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/objects"
 	"github.com/fleetmanager/fm/internal/tarball"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// objectGetter is what the agent needs of an object store: the fm_kits store
-// in production, any store in tests.
-type objectGetter interface {
-	Get(ctx context.Context, name string, opts ...jetstream.GetObjectOpt) (jetstream.ObjectResult, error)
+// kitObject is a kit being read from the kit store.
+type kitObject interface {
+	io.ReadCloser
+	Info() *jetstream.ObjectInfo
 }
 
-// kitFetchTimeout bounds the transfer of one kit (gigabytes).
-const kitFetchTimeout = 30 * time.Minute
+// kitChunkWait bounds the wait for each part of a kit read from the kit
+// store (objects.Open): the whole read has no bound, a kit is gigabytes.
+const kitChunkWait = time.Minute
 
 // kits fetches kit archives into the cache and extracts them.
 type kits struct {
-	m       *machine
-	objects func(ctx context.Context) (objectGetter, error)
-	http    *http.Client
+	m *machine
+	// open opens an object of the kit store (objects.Open).
+	open func(ctx context.Context, name string) (kitObject, error)
+	http *http.Client
 }
 
 // prepare makes the kit of src available on the machine and returns the path
@@ -110,35 +113,24 @@ func (k *kits) fetch(ctx context.Context, src protocol.KitSource) (string, error
 		return dst, nil
 	default:
 		dst := filepath.Join(k.m.kitCache, "object-"+src.Object)
-		store, err := k.objects(ctx)
-		if errors.Is(err, jetstream.ErrBucketNotFound) {
+		obj, err := k.open(ctx, src.Object)
+		switch {
+		case errors.Is(err, jetstream.ErrBucketNotFound):
 			return "", kitError(protocol.CodeNotFound, "kit store %s: %w", protocol.ObjectStoreKits, err)
-		}
-		if err != nil {
-			return "", kitError(protocol.CodeUnavailable, "kit store: %w", err)
-		}
-		// Without a deadline of its own, the object store's client bounds
-		// the whole read by its default API timeout (5 s), which a kit of
-		// gigabytes always outlasts.
-		reading, cancel := context.WithTimeout(ctx, kitFetchTimeout)
-		defer cancel()
-		obj, err := store.Get(reading, src.Object)
-		if errors.Is(err, jetstream.ErrObjectNotFound) {
+		case errors.Is(err, jetstream.ErrObjectNotFound):
 			return "", kitError(protocol.CodeNotFound, "kit %q is not in %s: upload it (fm image add)", src.Object, protocol.ObjectStoreKits)
-		}
-		if err != nil {
+		case errors.Is(err, objects.ErrIncomplete):
+			return "", kitError(protocol.CodeDataLoss, "kit %q: %w; upload it again (fm image add)", src.Object, err)
+		case err != nil:
 			return "", kitError(protocol.CodeUnavailable, "kit %q from %s: %w", src.Object, protocol.ObjectStoreKits, err)
 		}
 		defer obj.Close()
-		info, err := obj.Info()
-		if err != nil {
-			return "", kitError(protocol.CodeUnavailable, "kit %q: %w", src.Object, err)
-		}
+		info := obj.Info()
 		if sameDigest(dst, info.Digest) {
 			return dst, nil
 		}
-		// The object store checks the object's digest as it is read.
-		if err := writeStream(dst, obj); errors.Is(err, jetstream.ErrDigestMismatch) {
+		// The object's size and digest are checked as it is read.
+		if err := writeStream(dst, obj); errors.Is(err, objects.ErrCorrupt) {
 			return "", kitError(protocol.CodeDataLoss, "kit %q: %w", src.Object, err)
 		} else if err != nil {
 			return "", kitError(protocol.CodeUnavailable, "kit %q: %w", src.Object, err)
@@ -148,7 +140,7 @@ func (k *kits) fetch(ctx context.Context, src protocol.KitSource) (string, error
 }
 
 func (k *kits) download(ctx context.Context, url, dst string) error {
-	ctx, cancel := context.WithTimeout(ctx, kitFetchTimeout)
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/internal/objects"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
@@ -50,17 +51,20 @@ func TestAKitFetchRemovesWhatAnInterruptedOneLeft(t *testing.T) {
 	}
 }
 
-// slowStart is an object store whose reads begin only some time after
-// the object was asked for, as on a busy machine.
+// slowStart is a kit being read whose reading begins some time after it
+// was opened, as on a busy machine.
 type slowStart struct {
-	objectGetter
-	wait time.Duration
+	kitObject
+	wait    time.Duration
+	started bool
 }
 
-func (s slowStart) Get(ctx context.Context, name string, opts ...jetstream.GetObjectOpt) (jetstream.ObjectResult, error) {
-	res, err := s.objectGetter.Get(ctx, name, opts...)
-	time.Sleep(s.wait)
-	return res, err
+func (s *slowStart) Read(p []byte) (int, error) {
+	if !s.started {
+		time.Sleep(s.wait)
+		s.started = true
+	}
+	return s.kitObject.Read(p)
 }
 
 // TestAKitReadOutlastsTheClientTimeout: a kit from the object store takes
@@ -68,14 +72,11 @@ func (s slowStart) Get(ctx context.Context, name string, opts ...jetstream.GetOb
 // whole read (every fetch of a real kit, gigabytes, failed).
 func TestAKitReadOutlastsTheClientTimeout(t *testing.T) {
 	ctx := context.Background()
-	js, err := jetstream.New(bustest.Run(t).Connect(t), jetstream.WithDefaultTimeout(200*time.Millisecond))
-	if err != nil {
+	srv := bustest.Run(t)
+	if err := bus.DefaultTopology().Declare(ctx, srv.JetStream(t)); err != nil {
 		t.Fatal(err)
 	}
-	if err := bus.DefaultTopology().Declare(ctx, js); err != nil {
-		t.Fatal(err)
-	}
-	store, err := js.ObjectStore(ctx, protocol.ObjectStoreKits)
+	store, err := srv.JetStream(t).ObjectStore(ctx, protocol.ObjectStoreKits)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,8 +90,18 @@ func TestAKitReadOutlastsTheClientTimeout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	js, err := jetstream.New(srv.Connect(t), jetstream.WithDefaultTimeout(200*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
 	m := newMachine(Config{Instance: "in-kit", RootDir: t.TempDir(), DataDir: t.TempDir()}, zerolog.Nop())
-	k := &kits{m: m, objects: func(context.Context) (objectGetter, error) { return slowStart{store, 500 * time.Millisecond}, nil }}
+	k := &kits{m: m, open: func(ctx context.Context, name string) (kitObject, error) {
+		r, err := objects.Open(ctx, js, protocol.ObjectStoreKits, name, kitChunkWait)
+		if err != nil {
+			return nil, err
+		}
+		return &slowStart{kitObject: r, wait: 500 * time.Millisecond}, nil
+	}}
 	got, err := k.fetch(ctx, protocol.KitSource{Object: info.Name})
 	if err != nil {
 		t.Fatalf("fetch: %v", err)

@@ -15,6 +15,7 @@ import (
 	"io"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/objects"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -22,25 +23,28 @@ import (
 // ErrNotFound is returned by Open for an archive the store does not hold.
 var ErrNotFound = errors.New("archive not found")
 
-// ErrCorrupt is returned by Open, or by a read of what it opened, for an
-// archive the store holds but cannot give back whole: its bytes no longer
-// match the digest the store recorded, or part of it is missing (a Put
-// that failed after its description went in). A read that fails for any
-// other reason (the store slow or out of reach) does not wrap it: that
-// may pass, a corrupted archive does not.
-var ErrCorrupt = errors.New("archive corrupted")
+// Errors Open, or a read of what it opened, return for an archive the store
+// holds but cannot give back whole. A read that fails for any other reason
+// (the store slow or out of reach) wraps neither: that may pass.
+var (
+	// ErrIncomplete: some of the archive is missing from the store (a Put
+	// that failed after its description went in). Such an archive was
+	// never reported: a report follows a Put that succeeded.
+	ErrIncomplete = objects.ErrIncomplete
+	// ErrCorrupt: the archive's bytes differ from what the store recorded.
+	ErrCorrupt = objects.ErrCorrupt
+)
 
-// objectTimeout bounds a whole Put or read of an archive whose caller's
-// context sets no deadline. The object store's client otherwise bounds it
-// by its default API timeout (5 s), which reading or writing a large
-// archive on a busy machine outlasts: the read stopped part-way, and a
-// restore took a cut-short archive for a corrupted one.
-const objectTimeout = time.Hour
+// chunkWait bounds the wait for each part of an archive being read: a
+// store that sends nothing for that long fails the read (which may pass and
+// is tried again), where a wait for the whole archive would have to last
+// as long as the largest archive takes.
+const chunkWait = time.Minute
 
 // ObjectStore keeps archives in the bus's fm_snapshot_archives object store.
 type ObjectStore struct {
-	store  jetstream.ObjectStore
-	stream jetstream.Stream
+	js    jetstream.JetStream
+	store jetstream.ObjectStore
 }
 
 // NewObjectStore opens the object store (the topology declares it).
@@ -49,32 +53,17 @@ func NewObjectStore(ctx context.Context, js jetstream.JetStream) (*ObjectStore, 
 	if err != nil {
 		return nil, fmt.Errorf("snapshot store %s: %w", protocol.ObjectStoreSnapshots, err)
 	}
-	stream, err := js.Stream(ctx, "OBJ_"+protocol.ObjectStoreSnapshots)
-	if err != nil {
-		return nil, fmt.Errorf("snapshot store %s: %w", protocol.ObjectStoreSnapshots, err)
-	}
-	return &ObjectStore{store: st, stream: stream}, nil
+	return &ObjectStore{js: js, store: st}, nil
 }
 
 // Name is the store's name in snapshot records.
 func (s *ObjectStore) Name() string { return "object-store" }
 
-// bounded gives ctx the deadline of a whole archive's transfer if it has
-// none.
-func bounded(ctx context.Context) (context.Context, context.CancelFunc) {
-	if _, ok := ctx.Deadline(); ok {
-		return context.WithCancel(ctx)
-	}
-	return context.WithTimeout(ctx, objectTimeout)
-}
-
 // Put stores an archive under name, replacing one of that name. A Put that
 // fails takes away what it may have left under the name (its description
 // can be in while its chunks are not).
 func (s *ObjectStore) Put(ctx context.Context, name string, r io.ReadSeeker) error {
-	putting, cancel := bounded(ctx)
-	defer cancel()
-	if _, err := s.store.Put(putting, jetstream.ObjectMeta{Name: name}, r); err != nil {
+	if _, err := s.store.Put(ctx, jetstream.ObjectMeta{Name: name}, r); err != nil {
 		cleaning, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
 		_ = s.Delete(cleaning, name) // if this fails too, Open finds it incomplete
@@ -83,63 +72,17 @@ func (s *ObjectStore) Put(ctx context.Context, name string, r io.ReadSeeker) err
 	return nil
 }
 
-// Open reads an archive. It checks first that the store holds every chunk
-// of it: an archive with missing chunks would otherwise be read until the
-// deadline, waiting for chunks that never come.
+// Open reads an archive (objects.Open: no bound on the whole read, each
+// part waited for at most chunkWait and no longer than ctx lasts).
 func (s *ObjectStore) Open(ctx context.Context, name string) (io.ReadCloser, error) {
-	info, err := s.store.GetInfo(ctx, name)
+	r, err := objects.Open(ctx, s.js, protocol.ObjectStoreSnapshots, name, chunkWait)
 	if errors.Is(err, jetstream.ErrObjectNotFound) {
 		return nil, fmt.Errorf("%w: %s in %s", ErrNotFound, name, protocol.ObjectStoreSnapshots)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read archive %s: %w", name, err)
+		return nil, fmt.Errorf("read archive: %w", err)
 	}
-	if info.Chunks > 0 {
-		subject := "$O." + protocol.ObjectStoreSnapshots + ".C." + info.NUID
-		si, err := s.stream.Info(ctx, jetstream.WithSubjectFilter(subject))
-		if err != nil {
-			return nil, fmt.Errorf("read archive %s: %w", name, err)
-		}
-		if held := si.State.Subjects[subject]; held != uint64(info.Chunks) {
-			return nil, fmt.Errorf("%w: %s in %s has %d of its %d chunks", ErrCorrupt, name, protocol.ObjectStoreSnapshots, held, info.Chunks)
-		}
-	}
-	reading, cancel := bounded(ctx)
-	res, err := s.store.Get(reading, name)
-	if errors.Is(err, jetstream.ErrObjectNotFound) {
-		cancel()
-		return nil, fmt.Errorf("%w: %s in %s", ErrNotFound, name, protocol.ObjectStoreSnapshots)
-	}
-	if err != nil {
-		cancel()
-		return nil, fmt.Errorf("read archive %s: %w", name, err)
-	}
-	return &objectReader{res: res, name: name, cancel: cancel}, nil
-}
-
-// objectReader reads an archive from the object store; its errors say
-// whether the archive is corrupted (ErrCorrupt) or could not be read.
-type objectReader struct {
-	res    jetstream.ObjectResult
-	name   string
-	cancel context.CancelFunc
-}
-
-func (r *objectReader) Read(p []byte) (int, error) {
-	n, err := r.res.Read(p)
-	switch {
-	case err == nil || err == io.EOF:
-		return n, err
-	case errors.Is(err, jetstream.ErrDigestMismatch):
-		return n, fmt.Errorf("%w: %s does not match the digest the store recorded", ErrCorrupt, r.name)
-	}
-	return n, fmt.Errorf("read archive %s: %w", r.name, err)
-}
-
-func (r *objectReader) Close() error {
-	err := r.res.Close()
-	r.cancel()
-	return err
+	return r, nil
 }
 
 // Delete removes an archive; one already gone is not an error.

@@ -89,23 +89,27 @@ func TestStores(t *testing.T) {
 	}
 }
 
-// objectStore is an ObjectStore on a fresh bus whose client gives a call
-// timeout of its default API timeout.
-func objectStore(t *testing.T, timeout time.Duration) (*ObjectStore, jetstream.JetStream) {
+// objectStore is an ObjectStore on a fresh bus, and one on the same bus
+// whose client's default API timeout is timeout.
+func objectStore(t *testing.T, timeout time.Duration) (st, short *ObjectStore, js jetstream.JetStream) {
 	t.Helper()
 	ctx := context.Background()
-	js, err := jetstream.New(bustest.Run(t).Connect(t), jetstream.WithDefaultTimeout(timeout))
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv := bustest.Run(t)
+	js = srv.JetStream(t)
 	if err := bus.DefaultTopology().Declare(ctx, js); err != nil {
 		t.Fatal(err)
 	}
-	st, err := NewObjectStore(ctx, js)
+	shortJS, err := jetstream.New(srv.Connect(t), jetstream.WithDefaultTimeout(timeout))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return st, js
+	if st, err = NewObjectStore(ctx, js); err != nil {
+		t.Fatal(err)
+	}
+	if short, err = NewObjectStore(ctx, shortJS); err != nil {
+		t.Fatal(err)
+	}
+	return st, short, js
 }
 
 // TestAnArchiveReadOutlastsTheClientTimeout: reading a large archive on a
@@ -114,7 +118,7 @@ func objectStore(t *testing.T, timeout time.Duration) (*ObjectStore, jetstream.J
 // corrupted one).
 func TestAnArchiveReadOutlastsTheClientTimeout(t *testing.T) {
 	ctx := context.Background()
-	st, _ := objectStore(t, 300*time.Millisecond)
+	st, short, _ := objectStore(t, 300*time.Millisecond)
 	body := make([]byte, 3<<20)
 	if _, err := rand.Read(body); err != nil {
 		t.Fatal(err)
@@ -122,7 +126,7 @@ func TestAnArchiveReadOutlastsTheClientTimeout(t *testing.T) {
 	if err := st.Put(ctx, "in-1/snap-1.tar.gz", bytes.NewReader(body)); err != nil {
 		t.Fatal(err)
 	}
-	rc, err := st.Open(ctx, "in-1/snap-1.tar.gz")
+	rc, err := short.Open(ctx, "in-1/snap-1.tar.gz")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,12 +145,12 @@ func TestAnArchiveReadOutlastsTheClientTimeout(t *testing.T) {
 	}
 }
 
-// TestAnIncompleteArchiveIsCorrupt: an archive whose description is in the
+// TestAnIncompleteArchiveIsRefused: an archive whose description is in the
 // store but whose chunks are not (a Put cut short) is refused at once as
-// corrupted, rather than read until the deadline.
-func TestAnIncompleteArchiveIsCorrupt(t *testing.T) {
+// incomplete, rather than read until the deadline.
+func TestAnIncompleteArchiveIsRefused(t *testing.T) {
 	ctx := context.Background()
-	st, js := objectStore(t, 5*time.Second)
+	st, _, js := objectStore(t, 5*time.Second)
 	if err := st.Put(ctx, "in-1/snap-1.tar.gz", strings.NewReader(strings.Repeat("archive bytes ", 100000))); err != nil {
 		t.Fatal(err)
 	}
@@ -162,7 +166,7 @@ func TestAnIncompleteArchiveIsCorrupt(t *testing.T) {
 	if err := stream.Purge(ctx, jetstream.WithPurgeSubject("$O."+protocol.ObjectStoreSnapshots+".C."+info.NUID), jetstream.WithPurgeKeep(uint64(info.Chunks)-1)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := st.Open(ctx, "in-1/snap-1.tar.gz"); !errors.Is(err, ErrCorrupt) {
+	if _, err := st.Open(ctx, "in-1/snap-1.tar.gz"); !errors.Is(err, ErrIncomplete) {
 		t.Fatalf("open of an incomplete archive: %v", err)
 	}
 	// Put again, it is whole again.

@@ -57,11 +57,15 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	}
 	ref, found, err := b.storedArchive(ctx, name, snap, cur)
 	switch {
-	case errors.Is(err, archive.ErrCorrupt):
+	case errors.Is(err, archive.ErrIncomplete):
 		// Left by a try whose Put failed part-way: nothing was reported
 		// from it (a report follows a Put that succeeded), so it is taken
 		// again and replaced.
 		req.Progress("archive", fmt.Sprintf("%s: the archive a previous try left is not whole (%v); taking it again", snap.ID, err))
+	case errors.Is(err, archive.ErrCorrupt):
+		// Stored whole and perhaps reported: taken again, it would differ
+		// from the digest on record.
+		return snap, protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s is corrupted in the store: %v", snap.ID, err)
 	case err != nil:
 		return snap, err
 	case found:
@@ -111,13 +115,14 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 
 // storedArchive describes the archive name if the store holds it: its
 // digest and size, read back from the store. An archive the store holds
-// but cannot give back whole is an error wrapping archive.ErrCorrupt.
+// but cannot give back whole is an error wrapping archive.ErrIncomplete or
+// archive.ErrCorrupt.
 func (b *Backend) storedArchive(ctx context.Context, name string, snap protocol.SnapshotRef, cur protocol.MachineState) (protocol.SnapshotRef, bool, error) {
 	rc, err := b.cfg.Archives.Open(ctx, name)
 	if errors.Is(err, archive.ErrNotFound) {
 		return snap, false, nil
 	}
-	if errors.Is(err, archive.ErrCorrupt) {
+	if errors.Is(err, archive.ErrIncomplete) || errors.Is(err, archive.ErrCorrupt) {
 		return snap, false, err
 	}
 	if err != nil {
@@ -126,7 +131,7 @@ func (b *Backend) storedArchive(ctx context.Context, name string, snap protocol.
 	defer rc.Close()
 	h := sha256.New()
 	size, err := io.Copy(h, rc)
-	if errors.Is(err, archive.ErrCorrupt) {
+	if errors.Is(err, archive.ErrIncomplete) || errors.Is(err, archive.ErrCorrupt) {
 		return snap, false, err
 	}
 	if err != nil {
@@ -312,7 +317,7 @@ func (b *Backend) restoreArchive(ctx context.Context, snap protocol.SnapshotRef,
 	if errors.Is(err, archive.ErrNotFound) {
 		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s is missing from the snapshot store (%v)", snap.ID, err)
 	}
-	if errors.Is(err, archive.ErrCorrupt) {
+	if errors.Is(err, archive.ErrIncomplete) || errors.Is(err, archive.ErrCorrupt) {
 		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s is corrupted: %v", snap.ID, err)
 	}
 	if err != nil {

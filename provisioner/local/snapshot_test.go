@@ -86,7 +86,7 @@ func TestSnapshotAndRestore(t *testing.T) {
 
 	// Taken again (a redelivery) over an archive a failed Put left broken:
 	// the archive is replaced, and the digest reported is the new one's.
-	arch.openErr = fmt.Errorf("%w: in-local1/snap-1.tar.gz has 1 of its 2 chunks", archive.ErrCorrupt)
+	arch.openErr = fmt.Errorf("%w: in-local1/snap-1.tar.gz has 1 of its 2 chunks", archive.ErrIncomplete)
 	again, err := b.Snapshot(ctx, snapReq, st, protocol.SnapshotRef{ID: "snap-1"})
 	arch.openErr = nil
 	if err != nil || !strings.Contains(strings.Join(steps, "|"), "not whole") {

@@ -1,0 +1,149 @@
+package objects
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+const bucket = "test_objects"
+
+// store is an object store on a fresh bus holding a 3 MiB object "big",
+// and a client of the bus whose default API timeout is short.
+func store(t *testing.T) (jetstream.JetStream, jetstream.ObjectStore, []byte) {
+	t.Helper()
+	ctx := context.Background()
+	srv := bustest.RunBare(t)
+	js, err := jetstream.New(srv.Connect(t), jetstream.WithDefaultTimeout(300*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	obs, err := srv.JetStream(t).CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: bucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := make([]byte, 3<<20)
+	if _, err := rand.Read(body); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := obs.Put(ctx, jetstream.ObjectMeta{Name: "big"}, bytes.NewReader(body)); err != nil {
+		t.Fatal(err)
+	}
+	return js, obs, body
+}
+
+// TestAReadOutlastsTheClientTimeout: a slow reader takes longer than the
+// client's default API timeout, which bounds a whole ObjectStore.Get.
+func TestAReadOutlastsTheClientTimeout(t *testing.T) {
+	js, _, body := store(t)
+	r, err := Open(context.Background(), js, bucket, "big", 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	first := make([]byte, 1000)
+	if _, err := io.ReadFull(r, first); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // a slow reader: longer than the client's timeout
+	rest, err := io.ReadAll(r)
+	if err != nil {
+		t.Fatalf("read after a pause: %v", err)
+	}
+	if got := append(first, rest...); !bytes.Equal(got, body) {
+		t.Fatalf("read back %d bytes, not what was put", len(got))
+	}
+}
+
+// TestACancelledReadStops: a read whose context ends stops then, not at
+// some deadline later (a provisioner or agent told to stop would hang).
+func TestACancelledReadStops(t *testing.T) {
+	js, _, _ := store(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	r, err := Open(ctx, js, bucket, "big", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if _, err := io.ReadFull(r, make([]byte, 1000)); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	done := make(chan error, 1)
+	go func() { _, err := io.Copy(io.Discard, r); done <- err }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("a cancelled read ended with %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a cancelled read still waits")
+	}
+}
+
+// TestWhatTheStoreCannotGiveBackWhole: an object missing chunks is refused
+// at once (ErrIncomplete); one whose chunks were replaced reads as corrupted
+// (ErrCorrupt), never as a short or a wrong object.
+func TestWhatTheStoreCannotGiveBackWhole(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name   string
+		damage func(t *testing.T, js jetstream.JetStream, chunks string, n uint32)
+		want   error
+	}{
+		{"a chunk lost", func(t *testing.T, js jetstream.JetStream, chunks string, n uint32) {
+			purge(t, js, chunks, uint64(n)-1)
+		}, ErrIncomplete},
+		{"chunks replaced", func(t *testing.T, js jetstream.JetStream, chunks string, n uint32) {
+			purge(t, js, chunks, 0)
+			for range n {
+				if _, err := js.Publish(ctx, chunks, []byte("other bytes")); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}, ErrCorrupt},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			js, obs, _ := store(t)
+			info, err := obs.GetInfo(ctx, "big")
+			if err != nil {
+				t.Fatal(err)
+			}
+			tc.damage(t, js, "$O."+bucket+".C."+info.NUID, info.Chunks)
+			r, err := Open(ctx, js, bucket, "big", 10*time.Second)
+			if err == nil {
+				_, err = io.Copy(io.Discard, r)
+				r.Close()
+			}
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("got %v, want %v", err, tc.want)
+			}
+		})
+	}
+	js, _, _ := store(t)
+	if _, err := Open(ctx, js, bucket, "nope", time.Second); !errors.Is(err, jetstream.ErrObjectNotFound) {
+		t.Fatalf("a missing object: %v", err)
+	}
+}
+
+func purge(t *testing.T, js jetstream.JetStream, subject string, keep uint64) {
+	t.Helper()
+	stream, err := js.Stream(context.Background(), "OBJ_"+bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := []jetstream.StreamPurgeOpt{jetstream.WithPurgeSubject(subject)}
+	if keep > 0 {
+		opts = append(opts, jetstream.WithPurgeKeep(keep))
+	}
+	if err := stream.Purge(context.Background(), opts...); err != nil {
+		t.Fatal(err)
+	}
+}
