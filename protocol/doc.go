@@ -37,5 +37,5 @@
 //	  began); the event status "retrying"; a join request's signature
 //	  (every join request needs it); a provision request's order and a
 //	  machine state's order (that of the last request handled). Since then
-//	  an event's snapshot id and operation id must be valid ids.
+//	  an event's snapshot id, operation id and command id must be valid ids.
 package protocol

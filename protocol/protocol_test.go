@@ -51,7 +51,7 @@ func vectors() map[string]struct {
 			Instance: "in-7k2m9q4x1c", Seq: 17, Time: t0, Generation: 3, DSS: DSSRunning, AgentVersion: "0.1.0",
 		}, func() Message { return &Heartbeat{} }},
 		"provision_request": {&ProvisionRequest{
-			ID: "op-42-reprovision", Instance: "in-7k2m9q4x1c", Action: ProvisionReprovision, OpID: "op-42", Generation: 3, Issued: t0,
+			ID: "op-42-reprovision", Instance: "in-7k2m9q4x1c", Action: ProvisionReprovision, OpID: "op-42", Generation: 3, Issued: t0, Order: 57,
 			Spec: &MachineSpec{Label: "analytics", NodeType: "design", ImageID: "dss-14.0.0-default", DSSVersion: "14.0.0",
 				AMIs: map[string]string{"eu-west-1": "ami-0abc"}, InstanceType: "m5.2xlarge", BasePort: 10000,
 				Network:    NetworkSpec{ID: "vn-1", Region: "eu-west-1", VpcID: "vpc-1", SubnetID: "subnet-1", AutoCreateSecurityGroups: true, AssignPublicIP: true, DNSStrategy: "NONE"},
@@ -75,7 +75,7 @@ func vectors() map[string]struct {
 			Instance: "in-7k2m9q4x1c", Backend: "ec2", Status: MachineRunning, Generation: 3, RequestID: "op-42-reprovision",
 			Action: ProvisionReprovision, MachineID: "i-0123456789abcdef0", VolumeID: "vol-0abc", VolumeSizeGB: 50,
 			PrivateIP: "10.0.1.12", PublicIP: "52.1.2.3", PrivateDNS: "ip-10-0-1-12.eu-west-1.compute.internal",
-			Details: map[string]string{"securityGroups": "sg-1,sg-2"}, Updated: t0,
+			Details: map[string]string{"securityGroups": "sg-1,sg-2"}, Updated: t0, Order: 57,
 		}, func() Message { return &MachineState{} }},
 		"audit_record": {&AuditRecord{
 			ID: "au-0001", Time: t0, Tenant: "main", Who: "key:AbC123", Role: "operator", From: "10.0.0.7",

@@ -41,10 +41,11 @@ type ProvisionRequest struct {
 	Generation uint64    `json:"generation,omitempty"`
 	Issued     time.Time `json:"issued"`
 	// Order orders the requests of an instance's lifecycle operations (not
-	// snapshots or growth, which run beside them): the revision of the
-	// instance's lifecycle record its operation started from, plus one. It
-	// grows with every operation and comes from the bus, not a clock. Zero:
-	// unordered (an older server).
+	// snapshots or growth, which run beside them): higher than every
+	// earlier operation's of the instance and than the order its machine
+	// record last saw, counted by the server in the instance's lifecycle
+	// record, which each operation claims by compare-and-set. It comes from
+	// the bus, not a clock. Zero: unordered (an older server).
 	Order uint64 `json:"order,omitempty"`
 	// Deadline is the operation's: a failure that may go away by itself
 	// (the cloud or the bus unavailable, throttling) is retried until then

@@ -205,6 +205,16 @@ func resetPasswordParams(r *http.Request) (json.RawMessage, error) {
 	return b, nil
 }
 
+// orderAfter is the order of an operation that claims the instance now:
+// higher than the last claim's (kept in the lifecycle, which the claim
+// writes by compare-and-set, so two claims never share one) and than every
+// request the machine has seen. Requests are ordered by the bus, not a
+// clock. The lifecycle's revision counts too, for records written before
+// the lifecycle kept an order.
+func orderAfter(lc lifecycle, rev uint64, m protocol.MachineState) uint64 {
+	return max(lc.Order, rev, m.Order) + 1
+}
+
 // lifecycleOf reads an instance's lifecycle from the bucket (created if it
 // has none) with its revision (0 if none).
 func (s *Server) lifecycleOf(ctx context.Context, id string) (lifecycle, uint64, error) {
@@ -251,10 +261,9 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 			deadline = s.cfg.OperationTimeout
 		}
 		op := newRunningOp(ctx, a.kind, in.ID, deadline)
-		// Each operation's claim writes the lifecycle, so the next one reads
-		// a higher revision: requests are ordered by the bus, not a clock.
-		op.Order = rev + 1
+		op.Order = orderAfter(lc, rev, m)
 		next := lc
+		next.Order = op.Order
 		desired, err := a.prepare(ctx, in, &next, &op, m)
 		if err != nil {
 			s.withdrawJoinTokens(ctx, op.RequestID)

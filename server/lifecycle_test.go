@@ -1,11 +1,14 @@
 package server_test
 
 import (
+	"context"
+	"encoding/json"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/server"
 	"github.com/fleetmanager/fm/server/servertest"
 )
@@ -115,5 +118,86 @@ func waitState(t *testing.T, f *fm, id, state string) {
 			t.Fatalf("instance never %s: %v", state, st)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestAnOperationIsOrderedAfterEveryEarlierOne: a new operation's requests
+// are ordered after every request the instance's machine has seen, also
+// after FM's records were restored from a backup (fm admin restore numbers
+// the buckets' revisions again from 1, while the machine record keeps the
+// order it had): ordered by the lifecycle's revision alone, every request
+// after a restore was refused by the provisioner as superseded.
+func TestAnOperationIsOrderedAfterEveryEarlierOne(t *testing.T) {
+	f := start(t)
+	vn, tpl, im := f.fleet()
+	in := f.createInstance(instanceBody("order", vn.ID, tpl.ID, im.ID))
+	runningWithVolume(t, f.env.Bus, in.ID)
+	ctx := context.Background()
+	js := f.env.Bus.JetStream(t)
+	machines, err := js.KeyValue(ctx, protocol.BucketMachines)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const seen = 1000 // the order of the last request the machine handled before the backup
+	m := protocol.MachineState{Instance: in.ID, Backend: "fake", Status: protocol.MachineRunning, MachineID: "m-1", VolumeID: "vol-1",
+		VolumeSizeGB: 50, RequestID: "op-0-reprovision", Order: seen}
+	data, _ := protocol.Encode(&m)
+	if _, err := machines.Put(ctx, in.ID, data); err != nil {
+		t.Fatal(err)
+	}
+	// The server's copy has it once an action sees it: wait for the copy
+	// through the status, which reads the machine record.
+	ops, err := js.KeyValue(ctx, protocol.BucketOps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	order := func(jobID string) uint64 {
+		t.Helper()
+		entry, err := ops.Get(ctx, jobID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var op struct {
+			Request json.RawMessage `json:"request"`
+		}
+		var req protocol.ProvisionRequest
+		if err := json.Unmarshal(entry.Value(), &op); err != nil {
+			t.Fatal(err)
+		}
+		if err := protocol.Decode(op.Request, &req); err != nil {
+			t.Fatal(err)
+		}
+		return req.Order
+	}
+	var fut api.Future
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		f.ok(f.do("GET", "/instances/"+in.ID+"/actions/stop", ""), &fut)
+		if order(fut.JobID) > seen || time.Now().After(deadline) {
+			break
+		}
+		// The copy had not the machine record yet: end this one and act again.
+		f.ok(f.do("DELETE", "/futures/"+fut.JobID, ""), nil)
+		time.Sleep(50 * time.Millisecond)
+	}
+	first := order(fut.JobID)
+	if first <= seen {
+		t.Fatalf("the stop's order is %d, not after the machine's %d", first, seen)
+	}
+	f.ok(f.do("DELETE", "/futures/"+fut.JobID, ""), nil)
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		r := f.do("GET", "/instances/"+in.ID+"/actions/start", "")
+		if r.status == 200 {
+			if err := json.Unmarshal(r.body, &fut); err != nil {
+				t.Fatal(err)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("start after the aborted stop: %d %s", r.status, r.body)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if next := order(fut.JobID); next <= first {
+		t.Fatalf("the next operation's order %d is not after %d", next, first)
 	}
 }

@@ -20,8 +20,8 @@ type opRecord struct {
 	RequestID string          `json:"requestId,omitempty"`
 	Request   json.RawMessage `json:"request,omitempty"`
 	// Order orders a lifecycle operation's requests among the instance's
-	// (protocol.ProvisionRequest.Order): its lifecycle's revision when it
-	// started, plus one.
+	// (protocol.ProvisionRequest.Order): higher than every earlier
+	// operation's (orderAfter).
 	Order uint64 `json:"order,omitempty"`
 	// CommandID and Command are the agent command the operation sent.
 	CommandID string          `json:"commandId,omitempty"`
@@ -73,6 +73,11 @@ type lifecycle struct {
 	// Machine is the instance's current machine: the provision request that
 	// made it, which its agent names in its status.
 	Machine string `json:"machine,omitempty"`
+	// Order is the order of the last operation that claimed the instance
+	// (opRecord.Order). Kept in the record's value, it comes back with
+	// FM's records restored from a backup, where the bucket's revisions
+	// are numbered again from 1.
+	Order uint64 `json:"order,omitempty"`
 	// BasePort is the DSS base port given to the instance.
 	BasePort int        `json:"basePort,omitempty"`
 	Error    *api.Error `json:"error,omitempty"`
