@@ -33,7 +33,7 @@ func (b *Backend) associateAddress(ctx context.Context, c clients, req provision
 			return "", false, "", cloudError("look up the instance's elastic IP", err)
 		}
 		if len(out.Addresses) > 0 {
-			addr = keptAddress(out.Addresses)
+			addr = keptAddress(out.Addresses, cur.Details[detailAllocation])
 			// Allocated twice (an allocation whose answer was lost, and one
 			// the retry's look-up could not see yet): the one kept is
 			// associated below; the others, associated with nothing, go.
@@ -74,10 +74,16 @@ func (b *Backend) associateAddress(ctx context.Context, c clients, req provision
 }
 
 // keptAddress is, of the elastic IPs FM allocated for an instance, the
-// one it keeps: one associated with a machine if there is one, else the
+// one it keeps: the one on record (the instance's public IP, in DNS and
+// in its users' allow-lists), else one associated with a machine, else the
 // first by allocation id, so that every try keeps the same.
-func keptAddress(addrs []types.Address) *types.Address {
+func keptAddress(addrs []types.Address, recorded string) *types.Address {
 	var kept *types.Address
+	for i, a := range addrs {
+		if recorded != "" && aws.ToString(a.AllocationId) == recorded {
+			return &addrs[i]
+		}
+	}
 	for i, a := range addrs {
 		switch {
 		case kept == nil,

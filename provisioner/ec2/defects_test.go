@@ -330,12 +330,13 @@ func TestACallWithoutClientTokenIsMadeOnce(t *testing.T) {
 	}
 }
 
-// TestWhatWasMadeTwiceIsKeptOnce: two EBS snapshots for one FM snapshot,
-// or two elastic IPs for one instance (a look-up that could not see the
-// first yet, as EC2's eventual consistency allows): the next try keeps one
-// (the first snapshot taken, which a first report named) and undoes the
-// others.
-func TestWhatWasMadeTwiceIsKeptOnce(t *testing.T) {
+// TestWhatWasMadeTwiceIsUndone: two EBS snapshots for one FM snapshot, or
+// two elastic IPs for one instance (a look-up that could not see the first
+// yet, as EC2's eventual consistency allows). Either snapshot may be the
+// one a first report named: both are kept, every try reports the first
+// taken, and deleting the snapshot deletes both. Of the addresses, the one
+// kept is associated and the other released.
+func TestWhatWasMadeTwiceIsUndone(t *testing.T) {
 	ctx := context.Background()
 	t.Run("snapshot", func(t *testing.T) {
 		w := newWorld(t)
@@ -355,12 +356,27 @@ func TestWhatWasMadeTwiceIsKeptOnce(t *testing.T) {
 				first = s
 			}
 		}
-		ref, err := w.backend.Snapshot(ctx, w.request("rq-2", protocol.ProvisionSnapshot, nil), st, protocol.SnapshotRef{ID: "snap-1"})
-		if err != nil {
+		for _, rq := range []string{"rq-2", "rq-2"} { // a try, and a redelivery
+			ref, err := w.backend.Snapshot(ctx, w.request(rq, protocol.ProvisionSnapshot, nil), st, protocol.SnapshotRef{ID: "snap-1"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ref.Ref != aws.ToString(first.SnapshotId) || len(w.snapshots(t)) != 2 {
+				t.Fatalf("reported %s, first taken %s; %d left", ref.Ref, aws.ToString(first.SnapshotId), len(w.snapshots(t)))
+			}
+		}
+		// Deleted by the other's id (the one a first report could have named).
+		var other protocol.SnapshotRef
+		for _, s := range made {
+			if s.SnapshotId != first.SnapshotId {
+				other = protocol.SnapshotRef{ID: "snap-1", Store: "ebs", Ref: aws.ToString(s.SnapshotId)}
+			}
+		}
+		if err := w.backend.DeleteSnapshot(ctx, w.request("rq-3", protocol.ProvisionDeleteSnapshot, nil), other); err != nil {
 			t.Fatal(err)
 		}
-		if left := w.snapshots(t); ref.Ref != aws.ToString(first.SnapshotId) || len(left) != 1 || aws.ToString(left[0].SnapshotId) != ref.Ref {
-			t.Fatalf("reported %s, first taken %s; %d left", ref.Ref, aws.ToString(first.SnapshotId), len(left))
+		if left := w.snapshots(t); len(left) != 0 {
+			t.Fatalf("%d EBS snapshots left after the deletion", len(left))
 		}
 	})
 	t.Run("elastic IP", func(t *testing.T) {
@@ -385,4 +401,34 @@ func TestWhatWasMadeTwiceIsKeptOnce(t *testing.T) {
 			t.Fatalf("%d elastic IPs left (want 1, on machine %s): %+v", len(out.Addresses), st.MachineID, out.Addresses)
 		}
 	})
+}
+
+// TestTheAddressKeptIsTheOneOnRecord: of two elastic IPs allocated for one
+// instance, the one kept is the one the machine record names (its public
+// IP, in DNS and in its users' allow-lists), else an associated one, else
+// the first by allocation id.
+func TestTheAddressKeptIsTheOneOnRecord(t *testing.T) {
+	addr := func(id string, associated bool) types.Address {
+		a := types.Address{AllocationId: aws.String(id)}
+		if associated {
+			a.AssociationId = aws.String("assoc-" + id)
+		}
+		return a
+	}
+	for _, tc := range []struct {
+		name     string
+		addrs    []types.Address
+		recorded string
+		want     string
+	}{
+		{"the one on record", []types.Address{addr("eipalloc-1", true), addr("eipalloc-2", false)}, "eipalloc-2", "eipalloc-2"},
+		{"an associated one", []types.Address{addr("eipalloc-1", false), addr("eipalloc-2", true)}, "", "eipalloc-2"},
+		{"the first by id", []types.Address{addr("eipalloc-2", false), addr("eipalloc-1", false)}, "eipalloc-9", "eipalloc-1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := aws.ToString(keptAddress(tc.addrs, tc.recorded).AllocationId); got != tc.want {
+				t.Fatalf("kept %s, want %s", got, tc.want)
+			}
+		})
+	}
 }

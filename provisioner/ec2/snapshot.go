@@ -40,6 +40,10 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	}
 	id := ""
 	if len(found) > 0 {
+		// Two (a create whose answer was lost and one the retry's look-up
+		// could not see yet, as EC2's eventual consistency allows) are
+		// both kept: either may be the one a first report named. They go
+		// together when the snapshot is deleted (DeleteSnapshot).
 		id = aws.ToString(found[0].SnapshotId)
 		req.Progress("snapshot", fmt.Sprintf("EBS snapshot %s of this request exists", id))
 	} else {
@@ -66,29 +70,6 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	size, err := b.waitForSnapshot(ctx, c, req, id)
 	if err != nil {
 		return snap, err
-	}
-	// Taken twice all the same (a create whose answer was lost, and one
-	// the retry's look-up could not see yet): every try keeps the first
-	// taken, which is the one a first report named, and deletes the others.
-	found, err = findSnapshots(ctx, c, snap.ID)
-	if err != nil {
-		return snap, err
-	}
-	if len(found) > 0 && aws.ToString(found[0].SnapshotId) != id {
-		id = aws.ToString(found[0].SnapshotId)
-		if size, err = b.waitForSnapshot(ctx, c, req, id); err != nil {
-			return snap, err
-		}
-	}
-	for _, s := range found {
-		other := aws.ToString(s.SnapshotId)
-		if other == id {
-			continue
-		}
-		if _, err := c.ec2.DeleteSnapshot(ctx, &ec2.DeleteSnapshotInput{SnapshotId: aws.String(other)}); err != nil && !isNotFound(err) {
-			return snap, cloudError("delete the second EBS snapshot "+other, err)
-		}
-		req.Progress("snapshot", fmt.Sprintf("EBS snapshot %s, taken a second time, deleted; %s is kept", other, id))
 	}
 	return protocol.SnapshotRef{ID: snap.ID, Store: "ebs", Ref: id, Region: region, VolumeSizeGB: int(size)}, nil
 }
@@ -119,8 +100,9 @@ func (b *Backend) waitForSnapshot(ctx context.Context, c clients, req provisione
 	return size, err
 }
 
-// DeleteSnapshot implements provisioner.Backend. A snapshot never reported
-// (its Ref is empty) is looked up by its tag, in case one was made.
+// DeleteSnapshot implements provisioner.Backend. Every EBS snapshot that
+// carries the snapshot's id goes, the one reported and any other a retry
+// made (or one made when no report came: its Ref is empty).
 func (b *Backend) DeleteSnapshot(ctx context.Context, req provisioner.Request, snap protocol.SnapshotRef) error {
 	if snap.Store != "" && snap.Store != "ebs" {
 		return protocol.Errorf(protocol.CodeFailedPrecondition, "snapshot %s is kept in %q, not in EBS", snap.ID, snap.Store)
@@ -133,14 +115,17 @@ func (b *Backend) DeleteSnapshot(ctx context.Context, req provisioner.Request, s
 	if err != nil {
 		return err
 	}
+	found, err := findSnapshots(ctx, c, snap.ID)
+	if err != nil {
+		return err
+	}
 	ids := []string{}
 	if snap.Ref != "" {
 		ids = append(ids, snap.Ref)
-	} else if found, err := findSnapshots(ctx, c, snap.ID); err != nil {
-		return err
-	} else {
-		for _, s := range found {
-			ids = append(ids, aws.ToString(s.SnapshotId))
+	}
+	for _, s := range found {
+		if id := aws.ToString(s.SnapshotId); id != snap.Ref {
+			ids = append(ids, id)
 		}
 	}
 	for _, id := range ids {
@@ -172,8 +157,8 @@ func checkSnapshot(ctx context.Context, c clients, snap protocol.SnapshotRef) (*
 }
 
 // findSnapshots gives the EBS snapshots of FM's snapshot fmID that have not
-// failed, the first taken first (ties by id): whichever try looks, it
-// keeps the same one.
+// failed, the first taken first (ties by id), so that every try that sees
+// the same ones reports the same.
 func findSnapshots(ctx context.Context, c clients, fmID string) ([]types.Snapshot, error) {
 	out, err := c.ec2.DescribeSnapshots(ctx, &ec2.DescribeSnapshotsInput{OwnerIds: []string{"self"},
 		Filters: []types.Filter{tagFilter(TagSnapshot, fmID)}})
