@@ -481,15 +481,16 @@ func (s *Server) consumeEvents(ctx context.Context) {
 
 // foldAgain reports whether folding an event that failed with err may
 // succeed later: the bus away, slow or busy (a JetStream API error of
-// status 503: no leader yet, or out of storage), or a write that kept
-// losing the race to another writer.
+// status 5xx: no leader yet, not the leader, out of storage; 408, 429), or
+// a write that kept losing the race to another writer.
 func foldAgain(err error) bool {
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) {
-		return apiErr.Code == 503 || apiErr.Code == 408
+		return apiErr.Code >= 500 || apiErr.Code == 408 || apiErr.Code == 429
 	}
 	return errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrConnectionClosed) ||
 		errors.Is(err, nats.ErrDisconnected) || errors.Is(err, nats.ErrConnectionReconnecting) ||
+		errors.Is(err, nats.ErrConnectionDraining) || errors.Is(err, nats.ErrInvalidConnection) ||
 		errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, context.DeadlineExceeded) ||
 		errors.Is(err, errConflict) || errors.Is(err, jetstream.ErrKeyExists)
 }

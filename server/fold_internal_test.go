@@ -24,6 +24,8 @@ func TestWhatIsFoldedAgain(t *testing.T) {
 		{context.DeadlineExceeded, true},
 		{fmt.Errorf("change op: %w", errConflict), true},
 		{&jetstream.APIError{Code: 503, ErrorCode: 10008, Description: "JetStream system temporarily unavailable"}, true},
+		{&jetstream.APIError{Code: 500, ErrorCode: 10009, Description: "JetStream cluster can not handle request"}, true},
+		{fmt.Errorf("put: %w", nats.ErrConnectionDraining), true},
 		{&jetstream.APIError{Code: 400, ErrorCode: 10054, Description: "maximum payload exceeded"}, false},
 		{jetstream.ErrInvalidKey, false},
 		{errors.New("the result does not decode"), false},

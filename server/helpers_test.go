@@ -72,9 +72,10 @@ func (f *fm) doAs(method, path, body, id, secret string) response {
 }
 
 // send sends a request whose answer nobody waits for (a call the server
-// dies in), from a goroutine that may outlive the test: it fails nothing.
+// dies in), from a goroutine: it fails nothing, and ends with the test
+// (t.Context is cancelled before the test's clean-ups run).
 func (f *fm) send(method, path string) {
-	req, err := http.NewRequest(method, f.env.URL+tenantPath+path, nil)
+	req, err := http.NewRequestWithContext(f.t.Context(), method, f.env.URL+tenantPath+path, nil)
 	if err != nil {
 		return
 	}
