@@ -118,9 +118,13 @@ func (k *kits) fetch(ctx context.Context, src protocol.KitSource) (string, error
 		case errors.Is(err, jetstream.ErrBucketNotFound):
 			return "", kitError(protocol.CodeNotFound, "kit store %s: %w", protocol.ObjectStoreKits, err)
 		case errors.Is(err, jetstream.ErrObjectNotFound):
-			return "", kitError(protocol.CodeNotFound, "kit %q is not in %s: upload it (fm image add)", src.Object, protocol.ObjectStoreKits)
+			return "", kitError(protocol.CodeNotFound, "kit %q is not in %s: put it there (fm dev's kits folder, or nats object put %s FILE)",
+				src.Object, protocol.ObjectStoreKits, protocol.ObjectStoreKits)
 		case errors.Is(err, objects.ErrIncomplete):
-			return "", kitError(protocol.CodeDataLoss, "kit %q: %w; upload it again (fm image add)", src.Object, err)
+			// An upload cut short: the next one (fm dev uploads its kits at
+			// every start) mends it, so it is waited for until the deadline.
+			return "", kitError(protocol.CodeUnavailable, "kit %q: %w; put it there again (fm dev's kits folder, or nats object put %s FILE)",
+				src.Object, err, protocol.ObjectStoreKits)
 		case err != nil:
 			return "", kitError(protocol.CodeUnavailable, "kit %q from %s: %w", src.Object, protocol.ObjectStoreKits, err)
 		}

@@ -14,6 +14,7 @@ import (
 	"sort"
 
 	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/internal/objects"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -46,7 +47,7 @@ func (s *Server) RegisterKits(ctx context.Context, dir string) ([]string, error)
 		if flavour == "" {
 			flavour = "default"
 		}
-		if err := uploadKit(ctx, store, filepath.Join(dir, e.Name())); err != nil {
+		if err := uploadKit(ctx, s.js, store, filepath.Join(dir, e.Name())); err != nil {
 			return ids, err
 		}
 		label := "DSS " + version
@@ -70,8 +71,9 @@ func (s *Server) RegisterKits(ctx context.Context, dir string) ([]string, error)
 }
 
 // uploadKit puts the file into the store unless an object of that name has
-// the same content.
-func uploadKit(ctx context.Context, store jetstream.ObjectStore, path string) error {
+// the same content, whole (an upload cut short can leave the description
+// of the whole file without all of its chunks).
+func uploadKit(ctx context.Context, js jetstream.JetStream, store jetstream.ObjectStore, path string) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
@@ -85,7 +87,13 @@ func uploadKit(ctx context.Context, store jetstream.ObjectStore, path string) er
 	name := filepath.Base(path)
 	info, err := store.GetInfo(ctx, name)
 	if err == nil && info.Digest == digest {
-		return nil
+		whole := objects.Complete(ctx, js, protocol.ObjectStoreKits, info)
+		if whole == nil {
+			return nil
+		}
+		if !errors.Is(whole, objects.ErrIncomplete) {
+			return fmt.Errorf("kit store: %w", whole)
+		}
 	}
 	if err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
 		return fmt.Errorf("kit store: %w", err)

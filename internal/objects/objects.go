@@ -9,8 +9,9 @@
 // waiting for a chunk ignores the caller's cancellation until that
 // deadline (an hour), so a provisioner or agent told to stop would hang.
 // Here every wait for a chunk ends when the caller's context does or when
-// no chunk came for the idle time, and the object's size and digest are
-// checked as it is read.
+// no chunk came for the idle time (or, while the consumer is recreated
+// after the bus was away, at most 10 s later), and the object's size and
+// digest are checked as it is read.
 //
 // Only this module's packages may import it (it is internal): the agent
 // and provisioner/archive. It imports the NATS client only.
@@ -42,6 +43,9 @@ var (
 // Reader reads one object. It is not safe for concurrent use.
 type Reader struct {
 	ctx    context.Context
+	js     jetstream.JetStream
+	stream string
+	cons   jetstream.Consumer
 	idle   time.Duration
 	name   string
 	info   *jetstream.ObjectInfo
@@ -69,33 +73,59 @@ func Open(ctx context.Context, js jetstream.JetStream, bucket, name string, idle
 	if info.NUID == "" {
 		return nil, fmt.Errorf("object %s in %s: %w", name, bucket, jetstream.ErrBadObjectMeta)
 	}
-	r := &Reader{ctx: ctx, idle: idle, name: name, info: info, digest: sha256.New()}
+	if err := Complete(ctx, js, bucket, info); errors.Is(err, ErrIncomplete) {
+		// Replaced meanwhile (a Put of the same name purges the chunks of
+		// the one it replaces once its own are in): the new one, once.
+		again, gerr := store.GetInfo(ctx, name)
+		if gerr != nil || again.NUID == info.NUID {
+			return nil, err
+		}
+		if info = again; Complete(ctx, js, bucket, info) != nil {
+			return nil, err
+		}
+	} else if err != nil {
+		return nil, err
+	}
+	r := &Reader{ctx: ctx, js: js, stream: "OBJ_" + bucket, idle: idle, name: name, info: info, digest: sha256.New()}
 	if info.Chunks == 0 {
 		return r, nil
 	}
-	streamName := "OBJ_" + bucket
-	chunks := "$O." + bucket + ".C." + info.NUID
-	stream, err := js.Stream(ctx, streamName)
-	if err != nil {
-		return nil, fmt.Errorf("object store %s: %w", bucket, err)
-	}
-	si, err := stream.Info(ctx, jetstream.WithSubjectFilter(chunks))
-	if err != nil {
-		return nil, fmt.Errorf("object %s in %s: %w", name, bucket, err)
-	}
-	if held := si.State.Subjects[chunks]; held != uint64(info.Chunks) {
-		return nil, fmt.Errorf("%w: %s in %s has %d of its %d chunks", ErrIncomplete, name, bucket, held, info.Chunks)
-	}
-	// Bounded resets: a bus that stays away fails the read (a failure that
-	// may pass) rather than holding it.
-	cons, err := js.OrderedConsumer(ctx, streamName, jetstream.OrderedConsumerConfig{FilterSubjects: []string{chunks}, MaxResetAttempts: 5})
+	// One reset at most: a reset ignores the caller's context (it takes up
+	// to 10 s), and a bus that stays away fails the read (a failure that
+	// may pass) rather than holding it. Few chunks in flight: an agent
+	// reading a kit of gigabytes keeps a small memory.
+	r.cons, err = js.OrderedConsumer(ctx, r.stream, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{chunkSubject(bucket, info.NUID)}, MaxResetAttempts: 1, InactiveThreshold: time.Minute})
 	if err != nil {
 		return nil, fmt.Errorf("object %s in %s: %w", name, bucket, err)
 	}
-	if r.it, err = cons.Messages(); err != nil {
+	if r.it, err = r.cons.Messages(jetstream.PullMaxMessages(16)); err != nil {
 		return nil, fmt.Errorf("object %s in %s: %w", name, bucket, err)
 	}
 	return r, nil
+}
+
+func chunkSubject(bucket, nuid string) string { return "$O." + bucket + ".C." + nuid }
+
+// Complete says whether the store holds every chunk of the object info
+// describes: nil, or an error wrapping ErrIncomplete.
+func Complete(ctx context.Context, js jetstream.JetStream, bucket string, info *jetstream.ObjectInfo) error {
+	if info.Chunks == 0 {
+		return nil
+	}
+	stream, err := js.Stream(ctx, "OBJ_"+bucket)
+	if err != nil {
+		return fmt.Errorf("object store %s: %w", bucket, err)
+	}
+	chunks := chunkSubject(bucket, info.NUID)
+	si, err := stream.Info(ctx, jetstream.WithSubjectFilter(chunks))
+	if err != nil {
+		return fmt.Errorf("object %s in %s: %w", info.Name, bucket, err)
+	}
+	if held := si.State.Subjects[chunks]; held != uint64(info.Chunks) {
+		return fmt.Errorf("%w: %s in %s has %d of its %d chunks", ErrIncomplete, info.Name, bucket, held, info.Chunks)
+	}
+	return nil
 }
 
 // Info describes the object as the store recorded it.
@@ -157,10 +187,17 @@ func (r *Reader) check() error {
 	return io.EOF
 }
 
-// Close stops the read; the store's consumer goes with it.
+// Close stops the read and deletes its consumer (which the server would
+// otherwise keep for its inactive threshold).
 func (r *Reader) Close() error {
-	if r.it != nil {
-		r.it.Stop()
+	if r.it == nil {
+		return nil
+	}
+	r.it.Stop()
+	if info := r.cons.CachedInfo(); info != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = r.js.DeleteConsumer(ctx, r.stream, info.Name)
 	}
 	return nil
 }

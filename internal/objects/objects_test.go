@@ -18,25 +18,32 @@ const bucket = "test_objects"
 // store is an object store on a fresh bus holding a 3 MiB object "big",
 // and a client of the bus whose default API timeout is short.
 func store(t *testing.T) (jetstream.JetStream, jetstream.ObjectStore, []byte) {
+	short, _, obs, body := stores(t)
+	return short, obs, body
+}
+
+// stores is store, and a client with the default timeout.
+func stores(t *testing.T) (short, normal jetstream.JetStream, obs jetstream.ObjectStore, body []byte) {
 	t.Helper()
 	ctx := context.Background()
 	srv := bustest.RunBare(t)
-	js, err := jetstream.New(srv.Connect(t), jetstream.WithDefaultTimeout(300*time.Millisecond))
+	short, err := jetstream.New(srv.Connect(t), jetstream.WithDefaultTimeout(300*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}
-	obs, err := srv.JetStream(t).CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: bucket})
+	normal = srv.JetStream(t)
+	obs, err = normal.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: bucket})
 	if err != nil {
 		t.Fatal(err)
 	}
-	body := make([]byte, 3<<20)
+	body = make([]byte, 3<<20)
 	if _, err := rand.Read(body); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := obs.Put(ctx, jetstream.ObjectMeta{Name: "big"}, bytes.NewReader(body)); err != nil {
 		t.Fatal(err)
 	}
-	return js, obs, body
+	return short, normal, obs, body
 }
 
 // TestAReadOutlastsTheClientTimeout: a slow reader takes longer than the
@@ -60,12 +67,22 @@ func TestAReadOutlastsTheClientTimeout(t *testing.T) {
 	if got := append(first, rest...); !bytes.Equal(got, body) {
 		t.Fatalf("read back %d bytes, not what was put", len(got))
 	}
+	// Its consumer goes with it, not at the server's inactive threshold.
+	r.Close()
+	stream, err := js.Stream(context.Background(), "OBJ_"+bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, err := stream.Info(context.Background()); err != nil || info.State.Consumers != 0 {
+		t.Fatalf("consumers left after the read: %+v %v", info.State, err)
+	}
 }
 
-// TestACancelledReadStops: a read whose context ends stops then, not at
-// some deadline later (a provisioner or agent told to stop would hang).
+// TestACancelledReadStops: a read waiting for a chunk stops when its
+// context ends, not at some deadline later (a provisioner or agent told to
+// stop would hang).
 func TestACancelledReadStops(t *testing.T) {
-	js, _, _ := store(t)
+	js, obs, _ := store(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	r, err := Open(ctx, js, bucket, "big", time.Hour)
 	if err != nil {
@@ -75,9 +92,20 @@ func TestACancelledReadStops(t *testing.T) {
 	if _, err := io.ReadFull(r, make([]byte, 1000)); err != nil {
 		t.Fatal(err)
 	}
-	cancel()
+	// The chunks still to come are gone: the read waits.
+	info, err := obs.GetInfo(context.Background(), "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	purge(t, js, chunkSubject(bucket, info.NUID), 0)
 	done := make(chan error, 1)
 	go func() { _, err := io.Copy(io.Discard, r); done <- err }()
+	select {
+	case err := <-done:
+		t.Fatalf("the read did not wait for the missing chunks: %v", err)
+	case <-time.After(500 * time.Millisecond):
+	}
+	cancel()
 	select {
 	case err := <-done:
 		if !errors.Is(err, context.Canceled) {
@@ -101,7 +129,19 @@ func TestWhatTheStoreCannotGiveBackWhole(t *testing.T) {
 		{"a chunk lost", func(t *testing.T, js jetstream.JetStream, chunks string, n uint32) {
 			purge(t, js, chunks, uint64(n)-1)
 		}, ErrIncomplete},
-		{"chunks replaced", func(t *testing.T, js jetstream.JetStream, chunks string, n uint32) {
+		{"chunks replaced by others as long", func(t *testing.T, js jetstream.JetStream, chunks string, n uint32) {
+			purge(t, js, chunks, 0)
+			other := make([]byte, (3<<20)/int(n)) // the object's chunks are all the same size
+			for range n {
+				if _, err := rand.Read(other); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := js.Publish(ctx, chunks, other); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}, ErrCorrupt},
+		{"chunks replaced by shorter ones", func(t *testing.T, js jetstream.JetStream, chunks string, n uint32) {
 			purge(t, js, chunks, 0)
 			for range n {
 				if _, err := js.Publish(ctx, chunks, []byte("other bytes")); err != nil {
@@ -111,12 +151,12 @@ func TestWhatTheStoreCannotGiveBackWhole(t *testing.T) {
 		}, ErrCorrupt},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			js, obs, _ := store(t)
+			js, normal, obs, _ := stores(t)
 			info, err := obs.GetInfo(ctx, "big")
 			if err != nil {
 				t.Fatal(err)
 			}
-			tc.damage(t, js, "$O."+bucket+".C."+info.NUID, info.Chunks)
+			tc.damage(t, normal, chunkSubject(bucket, info.NUID), info.Chunks)
 			r, err := Open(ctx, js, bucket, "big", 10*time.Second)
 			if err == nil {
 				_, err = io.Copy(io.Discard, r)

@@ -47,9 +47,20 @@ type ObjectStore struct {
 	store jetstream.ObjectStore
 }
 
+// chunkAckWait is how long a Put waits for the bus to take each chunk of
+// an archive. The client's default (5 s) fails a large archive's Put on a
+// busy machine, and the snapshot is then taken again (its processes paused
+// again); a deadline on the whole Put would wait out its length for an
+// acknowledgement lost in a bus restart.
+const chunkAckWait = time.Minute
+
 // NewObjectStore opens the object store (the topology declares it).
 func NewObjectStore(ctx context.Context, js jetstream.JetStream) (*ObjectStore, error) {
-	st, err := js.ObjectStore(ctx, protocol.ObjectStoreSnapshots)
+	putting, err := jetstream.New(js.Conn(), jetstream.WithDefaultTimeout(chunkAckWait))
+	if err != nil {
+		return nil, fmt.Errorf("snapshot store %s: %w", protocol.ObjectStoreSnapshots, err)
+	}
+	st, err := putting.ObjectStore(ctx, protocol.ObjectStoreSnapshots)
 	if err != nil {
 		return nil, fmt.Errorf("snapshot store %s: %w", protocol.ObjectStoreSnapshots, err)
 	}
