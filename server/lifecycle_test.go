@@ -122,11 +122,15 @@ func waitState(t *testing.T, f *fm, id, state string) {
 }
 
 // TestAnOperationIsOrderedAfterEveryEarlierOne: a new operation's requests
-// are ordered after every request the instance's machine has seen, also
-// after FM's records were restored from a backup (fm admin restore numbers
-// the buckets' revisions again from 1, while the machine record keeps the
-// order it had): ordered by the lifecycle's revision alone, every request
-// after a restore was refused by the provisioner as superseded.
+// are ordered after every earlier operation's and every request the
+// instance's machine has seen, also when the machine record's order is far
+// above the lifecycle's revision, as after FM's records were restored from
+// a backup (fm admin restore numbers the buckets' revisions again from 1,
+// while the machine record keeps the order it had): ordered by the
+// lifecycle's revision alone, every request after a restore was refused by
+// the provisioner as superseded. The second operation is made while the
+// first's request was never handled, so only the lifecycle's own count
+// orders it after the first.
 func TestAnOperationIsOrderedAfterEveryEarlierOne(t *testing.T) {
 	f := start(t)
 	vn, tpl, im := f.fleet()

@@ -16,7 +16,10 @@ import (
 // and keeps across reprovisions until the instance is deleted. An address
 // FM allocated before is released when the instance now names its own.
 func (b *Backend) associateAddress(ctx context.Context, c clients, req provisioner.Request, machineID, given string, cur protocol.MachineState) (alloc string, byFM bool, ip string, err error) {
-	var addr *types.Address
+	var (
+		addr  *types.Address
+		extra []string // other addresses FM allocated for the instance
+	)
 	if given != "" {
 		out, err := c.ec2.DescribeAddresses(ctx, &ec2.DescribeAddressesInput{AllocationIds: []string{given}})
 		if isNotFound(err) || (err == nil && len(out.Addresses) == 0) {
@@ -36,12 +39,10 @@ func (b *Backend) associateAddress(ctx context.Context, c clients, req provision
 			addr = keptAddress(out.Addresses, cur.Details[detailAllocation])
 			// Allocated twice (an allocation whose answer was lost, and one
 			// the retry's look-up could not see yet): the one kept is
-			// associated below; the others, associated with nothing, go.
+			// associated below, the others released once it is.
 			for _, a := range out.Addresses {
-				if a.AllocationId != addr.AllocationId && a.AssociationId == nil {
-					if err := b.releaseAddress(ctx, c, req, aws.ToString(a.AllocationId)); err != nil {
-						return "", false, "", err
-					}
+				if aws.ToString(a.AllocationId) != aws.ToString(addr.AllocationId) {
+					extra = append(extra, aws.ToString(a.AllocationId))
 				}
 			}
 		} else {
@@ -65,6 +66,14 @@ func (b *Backend) associateAddress(ctx context.Context, c clients, req provision
 		return "", false, "", cloudError("associate elastic IP "+alloc, err)
 	}
 	req.Progress("elastic-ip", fmt.Sprintf("elastic IP %s associated", aws.ToString(addr.PublicIp)))
+	for _, id := range extra {
+		// The machine has the one kept: the others are associated with
+		// nothing now. One that cannot be released yet is tried again by
+		// the next reprovision, and released with the instance in any case.
+		if err := b.releaseAddress(ctx, c, req, id); err != nil {
+			req.Progress("elastic-ip", fmt.Sprintf("the second elastic IP %s could not be released yet: %v", id, err))
+		}
+	}
 	if old := cur.Details[detailAllocation]; !byFM && cur.Details[detailAllocatedByFM] == "true" && old != alloc {
 		if err := b.releaseAddress(ctx, c, req, old); err != nil {
 			return "", false, "", err

@@ -330,13 +330,13 @@ func TestACallWithoutClientTokenIsMadeOnce(t *testing.T) {
 	}
 }
 
-// TestWhatWasMadeTwiceIsUndone: two EBS snapshots for one FM snapshot, or
+// TestWhatWasMadeTwice: two EBS snapshots for one FM snapshot, or
 // two elastic IPs for one instance (a look-up that could not see the first
 // yet, as EC2's eventual consistency allows). Either snapshot may be the
 // one a first report named: both are kept, every try reports the first
 // taken, and deleting the snapshot deletes both. Of the addresses, the one
 // kept is associated and the other released.
-func TestWhatWasMadeTwiceIsUndone(t *testing.T) {
+func TestWhatWasMadeTwice(t *testing.T) {
 	ctx := context.Background()
 	t.Run("snapshot", func(t *testing.T) {
 		w := newWorld(t)
@@ -399,6 +399,32 @@ func TestWhatWasMadeTwiceIsUndone(t *testing.T) {
 		}
 		if len(out.Addresses) != 1 || aws.ToString(out.Addresses[0].InstanceId) != st.MachineID {
 			t.Fatalf("%d elastic IPs left (want 1, on machine %s): %+v", len(out.Addresses), st.MachineID, out.Addresses)
+		}
+		// Another, associated with the machine: the one on record is kept
+		// (it is in DNS), the other released once the kept one is on.
+		recorded := st.Details[detailAllocation]
+		other, err := w.ec2.AllocateAddress(ctx, &ec2.AllocateAddressInput{Domain: types.DomainTypeVpc,
+			TagSpecifications: tagSpec(types.ResourceTypeElasticIp, []types.Tag{
+				{Key: aws.String(TagInstance), Value: aws.String("in-analytics")}, {Key: aws.String(TagRole), Value: aws.String(roleEIP)}}),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.ec2.AssociateAddress(ctx, &ec2.AssociateAddressInput{AllocationId: other.AllocationId, InstanceId: aws.String(st.MachineID),
+			AllowReassociation: aws.Bool(true)}); err != nil {
+			t.Fatal(err)
+		}
+		st.RequestID = "rq-1"
+		st, err = w.backend.Reprovision(ctx, w.request("rq-2", protocol.ProvisionReprovision, w.spec()), st)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err = w.ec2.DescribeAddresses(ctx, &ec2.DescribeAddressesInput{Filters: []types.Filter{tagFilter(TagInstance, "in-analytics")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(out.Addresses) != 1 || aws.ToString(out.Addresses[0].AllocationId) != recorded || st.Details[detailAllocation] != recorded {
+			t.Fatalf("%d elastic IPs left (want %s only): %+v", len(out.Addresses), recorded, out.Addresses)
 		}
 	})
 }

@@ -115,7 +115,7 @@ func (b *Backend) DeleteSnapshot(ctx context.Context, req provisioner.Request, s
 	if err != nil {
 		return err
 	}
-	found, err := findSnapshots(ctx, c, snap.ID)
+	found, err := taggedSnapshots(ctx, c, snap.ID)
 	if err != nil {
 		return err
 	}
@@ -156,17 +156,27 @@ func checkSnapshot(ctx context.Context, c clients, snap protocol.SnapshotRef) (*
 	return s, nil
 }
 
-// findSnapshots gives the EBS snapshots of FM's snapshot fmID that have not
-// failed, the first taken first (ties by id), so that every try that sees
-// the same ones reports the same.
-func findSnapshots(ctx context.Context, c clients, fmID string) ([]types.Snapshot, error) {
+// taggedSnapshots gives every EBS snapshot of FM's snapshot fmID, failed
+// ones too.
+func taggedSnapshots(ctx context.Context, c clients, fmID string) ([]types.Snapshot, error) {
 	out, err := c.ec2.DescribeSnapshots(ctx, &ec2.DescribeSnapshotsInput{OwnerIds: []string{"self"},
 		Filters: []types.Filter{tagFilter(TagSnapshot, fmID)}})
 	if err != nil {
 		return nil, cloudError("look up the snapshot", err)
 	}
+	return out.Snapshots, nil
+}
+
+// findSnapshots gives the EBS snapshots of FM's snapshot fmID that have not
+// failed, the first taken first (ties by id), so that every try that sees
+// the same ones reports the same.
+func findSnapshots(ctx context.Context, c clients, fmID string) ([]types.Snapshot, error) {
+	all, err := taggedSnapshots(ctx, c, fmID)
+	if err != nil {
+		return nil, err
+	}
 	var found []types.Snapshot
-	for _, s := range out.Snapshots {
+	for _, s := range all {
 		if s.State != types.SnapshotStateError {
 			found = append(found, s)
 		}
