@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"context"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/server"
 	"github.com/fleetmanager/fm/server/servertest"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 const tenantPath = "/api/public/tenants/main"
@@ -199,4 +201,31 @@ func (f *fm) doneByFM(object string) map[string]int {
 		}
 	}
 	return count
+}
+
+// opRequest reads operation jobID from fm_ops: the provision request it
+// sent, and its deadline.
+func opRequest(t *testing.T, js jetstream.JetStream, jobID string) (protocol.ProvisionRequest, time.Time) {
+	t.Helper()
+	ctx := context.Background()
+	kv, err := js.KeyValue(ctx, protocol.BucketOps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry, err := kv.Get(ctx, jobID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var op struct {
+		Deadline time.Time       `json:"deadline"`
+		Request  json.RawMessage `json:"request"`
+	}
+	var req protocol.ProvisionRequest
+	if err := json.Unmarshal(entry.Value(), &op); err != nil {
+		t.Fatal(err)
+	}
+	if err := protocol.Decode(op.Request, &req); err != nil {
+		t.Fatal(err)
+	}
+	return req, op.Deadline
 }

@@ -149,38 +149,29 @@ func TestAnOperationIsOrderedAfterEveryEarlierOne(t *testing.T) {
 	if _, err := machines.Put(ctx, in.ID, data); err != nil {
 		t.Fatal(err)
 	}
-	// The server's copy has it once an action sees it: wait for the copy
-	// through the status, which reads the machine record.
-	ops, err := js.KeyValue(ctx, protocol.BucketOps)
-	if err != nil {
-		t.Fatal(err)
-	}
 	order := func(jobID string) uint64 {
 		t.Helper()
-		entry, err := ops.Get(ctx, jobID)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var op struct {
-			Request json.RawMessage `json:"request"`
-		}
-		var req protocol.ProvisionRequest
-		if err := json.Unmarshal(entry.Value(), &op); err != nil {
-			t.Fatal(err)
-		}
-		if err := protocol.Decode(op.Request, &req); err != nil {
-			t.Fatal(err)
-		}
+		req, _ := opRequest(t, js, jobID)
 		return req.Order
 	}
 	var fut api.Future
+	// The server's copy of the machine records follows the bus: until it
+	// has the one written above, a stop is refused (no running machine) or
+	// ordered without it, and is ended and asked again.
 	for deadline := time.Now().Add(10 * time.Second); ; {
-		f.ok(f.do("GET", "/instances/"+in.ID+"/actions/stop", ""), &fut)
-		if order(fut.JobID) > seen || time.Now().After(deadline) {
-			break
+		r := f.do("GET", "/instances/"+in.ID+"/actions/stop", "")
+		if r.status == 200 {
+			if err := json.Unmarshal(r.body, &fut); err != nil {
+				t.Fatal(err)
+			}
+			if order(fut.JobID) > seen {
+				break
+			}
+			f.ok(f.do("DELETE", "/futures/"+fut.JobID, ""), nil)
 		}
-		// The copy had not the machine record yet: end this one and act again.
-		f.ok(f.do("DELETE", "/futures/"+fut.JobID, ""), nil)
+		if time.Now().After(deadline) {
+			t.Fatalf("no stop ordered after the machine's %d in 10 s: %d %s", seen, r.status, r.body)
+		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	first := order(fut.JobID)

@@ -1,8 +1,6 @@
 package server_test
 
 import (
-	"context"
-	"encoding/json"
 	"strings"
 	"testing"
 	"time"
@@ -73,29 +71,11 @@ func TestUpgradeTakesASnapshotFirst(t *testing.T) {
 		list[0].FutureID != fut.JobID || list[0].DSSVersion != "14.0.0" || list[0].State != api.SnapshotCreating {
 		t.Fatalf("the pre-upgrade snapshot: %+v", list)
 	}
-	kv, err := f.env.Bus.JetStream(t).KeyValue(context.Background(), protocol.BucketOps)
-	if err != nil {
-		t.Fatal(err)
-	}
-	entry, err := kv.Get(context.Background(), fut.JobID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var op struct {
-		Deadline time.Time       `json:"deadline"`
-		Request  json.RawMessage `json:"request"`
-	}
-	var req protocol.ProvisionRequest
-	if err := json.Unmarshal(entry.Value(), &op); err != nil {
-		t.Fatal(err)
-	}
-	if err := protocol.Decode(op.Request, &req); err != nil {
-		t.Fatal(err)
-	}
+	req, deadline := opRequest(t, f.env.Bus.JetStream(t), fut.JobID)
 	if req.Action != protocol.ProvisionReprovision || req.Snapshot == nil || req.Snapshot.ID != list[0].ID {
 		t.Fatalf("the provision request does not take the snapshot first: %+v", req)
 	}
-	if left := time.Until(op.Deadline); left < 3*time.Hour {
+	if left := time.Until(deadline); left < 3*time.Hour {
 		t.Fatalf("the upgrade's deadline leaves %s, not the snapshot's time on top of its own", left)
 	}
 }

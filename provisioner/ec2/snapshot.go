@@ -67,23 +67,8 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 		id = aws.ToString(out.SnapshotId)
 		req.Progress("snapshot", fmt.Sprintf("EBS snapshot %s of volume %s started", id, cur.VolumeID))
 	}
-	size, err := b.waitForSnapshot(ctx, c, req, id)
-	if err != nil {
-		return snap, err
-	}
-	return protocol.SnapshotRef{ID: snap.ID, Store: "ebs", Ref: id, Region: region, VolumeSizeGB: int(size)}, nil
-}
-
-// once makes an AWS call without the SDK's retries, for a call that is not
-// idempotent (no client token): made again after its answer was lost, it
-// would make a second resource.
-func once(o *ec2.Options) { o.RetryMaxAttempts = 1 }
-
-// waitForSnapshot waits until the EBS snapshot id is complete, and gives
-// its volume's size.
-func (b *Backend) waitForSnapshot(ctx context.Context, c clients, req provisioner.Request, id string) (int32, error) {
 	var size int32
-	err := b.waitWithin(ctx, req, "snapshot", "snapshot "+id, snapshotTimeout, func() (bool, string, error) {
+	err = b.waitWithin(ctx, req, "snapshot", "snapshot "+id, snapshotTimeout, func() (bool, string, error) {
 		s, err := describeSnapshot(ctx, c, id)
 		if err != nil {
 			return false, "", err
@@ -97,8 +82,16 @@ func (b *Backend) waitForSnapshot(ctx context.Context, c clients, req provisione
 		size = aws.ToInt32(s.VolumeSize)
 		return s.State == types.SnapshotStateCompleted, string(s.State), nil
 	})
-	return size, err
+	if err != nil {
+		return snap, err
+	}
+	return protocol.SnapshotRef{ID: snap.ID, Store: "ebs", Ref: id, Region: region, VolumeSizeGB: int(size)}, nil
 }
+
+// once makes an AWS call without the SDK's retries, for a call that is not
+// idempotent (no client token): made again after its answer was lost, it
+// would make a second resource.
+func once(o *ec2.Options) { o.RetryMaxAttempts = 1 }
 
 // DeleteSnapshot implements provisioner.Backend. Every EBS snapshot that
 // carries the snapshot's id goes, the one reported and any other a retry

@@ -122,7 +122,7 @@ func (b *Backend) storedArchive(ctx context.Context, name string, snap protocol.
 	if errors.Is(err, archive.ErrNotFound) {
 		return snap, false, nil
 	}
-	if errors.Is(err, archive.ErrIncomplete) || errors.Is(err, archive.ErrCorrupt) {
+	if notWhole(err) {
 		return snap, false, err
 	}
 	if err != nil {
@@ -131,7 +131,7 @@ func (b *Backend) storedArchive(ctx context.Context, name string, snap protocol.
 	defer rc.Close()
 	h := sha256.New()
 	size, err := io.Copy(h, rc)
-	if errors.Is(err, archive.ErrIncomplete) || errors.Is(err, archive.ErrCorrupt) {
+	if notWhole(err) {
 		return snap, false, err
 	}
 	if err != nil {
@@ -317,7 +317,7 @@ func (b *Backend) restoreArchive(ctx context.Context, snap protocol.SnapshotRef,
 	if errors.Is(err, archive.ErrNotFound) {
 		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s is missing from the snapshot store (%v)", snap.ID, err)
 	}
-	if errors.Is(err, archive.ErrIncomplete) || errors.Is(err, archive.ErrCorrupt) {
+	if notWhole(err) {
 		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s is corrupted: %v", snap.ID, err)
 	}
 	if err != nil {
@@ -346,6 +346,13 @@ func (b *Backend) restoreArchive(ctx context.Context, snap protocol.SnapshotRef,
 		return protocol.Errorf(protocol.CodeDataLoss, "the archive of snapshot %s could not be extracted: %v", snap.ID, exErr)
 	}
 	return nil
+}
+
+// notWhole says whether err is the store's for an archive it holds but
+// cannot give back whole (incomplete or corrupted), not a failure that may
+// pass.
+func notWhole(err error) bool {
+	return errors.Is(err, archive.ErrIncomplete) || errors.Is(err, archive.ErrCorrupt)
 }
 
 // readFailure keeps the first error other than io.EOF its reader gave,
