@@ -178,6 +178,59 @@ func TestEndingAnOperationSurvivesACrash(t *testing.T) {
 	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/restart-dss", ""), &next)
 }
 
+// TestTheStatusShowsWhereAnEndedOperationLeavesTheInstance: between
+// ending an operation and moving the instance's lifecycle on, a client that
+// saw the operation end reads the state the instance goes to, not the one
+// it leaves (a CI run read "starting" after a reprovision had succeeded).
+func TestTheStatusShowsWhereAnEndedOperationLeavesTheInstance(t *testing.T) {
+	paused, resume := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	f := start(t, servertest.WithConfig(func(c *server.Config) {
+		c.Crash = func(point string) {
+			if point == "server/end-op/ended" {
+				once.Do(func() { close(paused); <-resume })
+			}
+		}
+	}))
+	released := sync.OnceFunc(func() { close(resume) })
+	t.Cleanup(released)
+	vn, tpl, im := f.fleet()
+	in := f.createInstance(instanceBody("ended", vn.ID, tpl.ID, im.ID))
+	runningWithVolume(t, f.env.Bus, in.ID)
+	var fut api.Future
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		r := f.do("GET", "/instances/"+in.ID+"/actions/stop", "")
+		if r.status == 200 {
+			if err := json.Unmarshal(r.body, &fut); err != nil {
+				t.Fatal(err)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("stop refused: %d %s", r.status, r.body)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	js := f.env.Bus.JetStream(t)
+	req, _ := opRequest(t, js, fut.JobID)
+	putMachine(t, js, protocol.MachineState{Instance: in.ID, Backend: "fake", Status: protocol.MachineStopped, MachineID: "m-1",
+		VolumeID: "vol-1", VolumeSizeGB: 50, RequestID: req.ID})
+	select {
+	case <-paused:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the server never ended the stop")
+	}
+	// The lifecycle still says stopping and points at the operation.
+	var st map[string]any
+	f.ok(f.do("GET", "/instances/"+in.ID+"/status", ""), &st)
+	op, _ := st["operation"].(map[string]any)
+	if st["state"] != "stopped" || op == nil || op["state"] != api.OpSucceeded {
+		t.Fatalf("status while the lifecycle is being moved on: %v", st)
+	}
+	released()
+	waitState(t, f, in.ID, "stopped")
+}
+
 // TestARefusedReprovisionKeepsTheRunningMachinesKey: a reprovision the
 // provisioner refuses before it changes anything (the snapshot before an
 // upgrade failed) leaves the running machine's instance key the

@@ -255,15 +255,11 @@ func (s *Server) instanceGone(ctx context.Context, id string) (bool, error) {
 	return false, err
 }
 
-// settle moves the lifecycle on from an operation that ended (or expired
-// from fm_ops): to the state its end recorded, or, for one that ended
-// without saying (aborted, timed out) or was lost, to failed if the
-// instance was in a transitional state, so that a retry or reprovision can
-// start. It is the one place a lifecycle leaves an operation, so that a
-// server that stops between ending an operation and moving the lifecycle
-// on leaves the next one (or the sweep) to finish.
-func (s *Server) settle(ctx context.Context, id string, lc lifecycle, rev uint64, op opRecord, found bool) error {
-	now := time.Now().UTC()
+// settled is the lifecycle lc moves to from its operation op, which ended
+// (found false: which is no longer on record). The status shows it as soon
+// as the operation ends, so that a client that waited for the operation
+// never reads the state the instance is leaving.
+func settled(lc lifecycle, op opRecord, found bool, now time.Time) lifecycle {
 	next := lc
 	next.OpID, next.OpKind, next.UpdatedAt = "", "", now
 	transitional := oneOfStr(lc.State, stateProvisioning, stateStarting, stateStopping, stateDeprovisioning, stateDeleting)
@@ -274,8 +270,6 @@ func (s *Server) settle(ctx context.Context, id string, lc lifecycle, rev uint64
 			next.Error = &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation lost",
 				DetailedMessage: "the operation " + lc.OpID + " is no longer on record"}
 		}
-	case op.State == api.OpSucceeded && op.EndState == stateDeleted:
-		return s.finishDelete(ctx, op)
 	case op.State == api.OpSucceeded:
 		if op.EndState != "" && op.EndState != lc.State {
 			next.State, next.Since = op.EndState, now
@@ -289,6 +283,21 @@ func (s *Server) settle(ctx context.Context, id string, lc lifecycle, rev uint64
 	case transitional:
 		next.State, next.Since, next.Error = stateFailed, now, op.Error
 	}
+	return next
+}
+
+// settle moves the lifecycle on from an operation that ended (or expired
+// from fm_ops): to the state its end recorded, or, for one that ended
+// without saying (aborted, timed out) or was lost, to failed if the
+// instance was in a transitional state, so that a retry or reprovision can
+// start. It is the one place a lifecycle leaves an operation, so that a
+// server that stops between ending an operation and moving the lifecycle
+// on leaves the next one (or the sweep) to finish.
+func (s *Server) settle(ctx context.Context, id string, lc lifecycle, rev uint64, op opRecord, found bool) error {
+	if found && op.State == api.OpSucceeded && op.EndState == stateDeleted {
+		return s.finishDelete(ctx, op)
+	}
+	next := settled(lc, op, found, time.Now().UTC())
 	if found && op.Kind == opReprovision && op.RequestID != "" {
 		// The reprovision is over. Succeeded, its machine joined and keeps
 		// what it got: its tokens go, used ones too, so that none can be

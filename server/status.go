@@ -62,16 +62,20 @@ func (s *Server) statusOf(id string) instanceStatus {
 	if !ok {
 		lc = lifecycle{State: stateCreated}
 	}
+	var opRef *operationRef
+	if lc.OpID != "" {
+		if op, _, ok := s.st.ops.get(lc.OpID); ok {
+			opRef = &operationRef{JobID: op.JobID, Kind: op.Kind, State: op.State}
+			if op.State != api.OpRunning && op.EndedAt != nil {
+				lc = settled(lc, op, true, *op.EndedAt)
+			}
+		}
+	}
 	m, _, _ := s.st.machines.get(id)
-	st := instanceStatus{State: lc.State, Since: lc.Since, Generation: lc.Generation, LastError: lc.Error,
+	st := instanceStatus{Operation: opRef, State: lc.State, Since: lc.Since, Generation: lc.Generation, LastError: lc.Error,
 		MachineStatus: m.Status, Backend: m.Backend, HasPhysicalInstance: m.HasMachine(),
 		CloudMachineIsUp: m.Status == protocol.MachineRunning,
 		PublicIP:         m.PublicIP, PrivateIP: m.PrivateIP, PublicDNS: m.PublicDNS, PrivateDNS: m.PrivateDNS}
-	if lc.OpID != "" {
-		if op, _, ok := s.st.ops.get(lc.OpID); ok {
-			st.Operation = &operationRef{JobID: op.JobID, Kind: op.Kind, State: op.State}
-		}
-	}
 	if !st.CloudMachineIsUp {
 		return st
 	}
