@@ -21,9 +21,11 @@ type commandResult struct {
 	err     *protocol.Error
 }
 
-// runCommands consumes the instance's commands until ctx ends, through an
-// ordered consumer: ephemeral, in memory, one replica, recreated by the
-// client after a bus outage. No durable per-agent state exists on the bus.
+// runCommands consumes the instance's commands until ctx ends, through the
+// one consumer its credentials let it make (protocol.CommandConsumer):
+// in memory, one replica, gone after a few idle minutes, and made again
+// from the last command handled after a bus outage or a gap. No durable
+// per-agent state exists on the bus.
 func (a *Agent) runCommands(ctx context.Context) {
 	backoff := time.Second
 	for ctx.Err() == nil {
@@ -41,12 +43,26 @@ func (a *Agent) runCommands(ctx context.Context) {
 	}
 }
 
+// commandConsumerIdle is how long the bus keeps an agent's command
+// consumer that nobody pulls from.
+const commandConsumerIdle = 2 * time.Minute
+
+// errCommandGap says a command was lost between the bus and the agent.
+var errCommandGap = errors.New("a command was lost on the way: consuming again from the last one handled")
+
 func (a *Agent) consumeCommands(ctx context.Context) error {
-	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{protocol.CommandFilter(a.cfg.Instance)}}
+	name := protocol.CommandConsumer(a.cfg.Instance)
+	cfg := jetstream.ConsumerConfig{Name: name, FilterSubject: protocol.CommandFilter(a.cfg.Instance),
+		AckPolicy: jetstream.AckNonePolicy, MemoryStorage: true, Replicas: 1, InactiveThreshold: commandConsumerIdle}
 	if a.cursor.LastSeq > 0 {
 		cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, a.cursor.LastSeq+1
 	}
-	cons, err := a.js.OrderedConsumer(ctx, protocol.StreamCommands, cfg)
+	// Made anew each time: where it starts cannot be changed on the one
+	// a previous run left.
+	if err := a.js.DeleteConsumer(ctx, protocol.StreamCommands, name); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return fmt.Errorf("command consumer: %w", err)
+	}
+	cons, err := a.js.CreateConsumer(ctx, protocol.StreamCommands, cfg)
 	if err != nil {
 		return fmt.Errorf("command consumer: %w", err)
 	}
@@ -56,6 +72,7 @@ func (a *Agent) consumeCommands(ctx context.Context) error {
 	}
 	defer msgs.Stop()
 	go func() { <-ctx.Done(); msgs.Stop() }()
+	var delivered uint64
 	for {
 		msg, err := msgs.Next()
 		if err != nil {
@@ -64,6 +81,11 @@ func (a *Agent) consumeCommands(ctx context.Context) error {
 		md, err := msg.Metadata()
 		if err != nil {
 			continue
+		}
+		// Nothing acknowledges: a command delivered while the connection
+		// was down is lost to this consumer, and seen as a gap.
+		if delivered++; md.Sequence.Consumer != delivered {
+			return errCommandGap
 		}
 		a.handleCommand(ctx, msg.Data(), md.Sequence.Stream)
 	}
@@ -248,8 +270,12 @@ func (a *Agent) runCommand(ctx context.Context, cmd protocol.Command) commandRes
 		if err := needsDSS(); err != nil {
 			return commandResult{err: err}
 		}
-		if out, err := a.m.dsscli(ctx, "user-edit", p.UserName, "--password", p.Password); err != nil {
-			return commandResult{output: out, err: protocol.Errorf(protocol.CodeFailedPrecondition, "the password of %s was not changed: %v", p.UserName, err)}
+		var s dssSecrets
+		if _, err := loadJSON(a.m.secretsPath(), &s); err != nil || s.AdminAPIKey == "" {
+			return commandResult{err: protocol.Errorf(protocol.CodeFailedPrecondition, "the password of %s was not changed: DSS is not set up yet (no admin API key)", p.UserName)}
+		}
+		if err := a.m.setUserPassword(ctx, s.AdminAPIKey, p.UserName, p.Password); err != nil {
+			return commandResult{err: protocol.Errorf(protocol.CodeFailedPrecondition, "the password of %s was not changed: %v", p.UserName, err)}
 		}
 		return commandResult{message: "password of " + p.UserName + " changed"}
 	case protocol.CommandGetInitialPassword, protocol.CommandGetAdminAPIKey:

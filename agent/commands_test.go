@@ -93,12 +93,16 @@ func TestBadCommandsGetErrorsAndNothingElse(t *testing.T) {
 		{"format-disk", nil, protocol.CodeUnimplemented},
 		{protocol.CommandResetUserPassword, map[string]string{"userName": "admin"}, protocol.CodeInvalidArgument},
 		{protocol.CommandResetUserPassword, map[string]string{"userName": "x; rm -rf /", "password": "p"}, protocol.CodeInvalidArgument},
-		{protocol.CommandResetUserPassword, map[string]string{"userName": "nobody", "password": "p"}, protocol.CodeFailedPrecondition},
+		{protocol.CommandResetUserPassword, map[string]string{"userName": "nobody", "password": "Sekr3t-of-nobody"}, protocol.CodeFailedPrecondition},
 	}
 	for _, c := range cases {
 		res := r.result(r.command(c.kind, c.params))
 		if res.Status != protocol.StatusFailed || res.Error == nil || res.Error.Code != c.code {
 			t.Errorf("%s %v: %+v %+v", c.kind, c.params, res, res.Error)
+		}
+		// A failed reset says why, never with the password.
+		if shown, _ := json.Marshal(res); strings.Contains(string(shown), "Sekr3t") {
+			t.Errorf("the result of a failed reset shows the password: %s", shown)
 		}
 	}
 	expired := protocol.NewID("cmd")
@@ -410,5 +414,25 @@ func TestCollectDiagnosis(t *testing.T) {
 		if !names[want] {
 			t.Errorf("bundle lacks %s (has %v)", want, names)
 		}
+	}
+}
+
+// TestACommandLineErrorShowsNoSecret: the error of a program run with a
+// secret option shows the option, never its value.
+func TestACommandLineErrorShowsNoSecret(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"user-edit", "admin", "--password", "hunter2"}, "user-edit admin --password ***"},
+		{[]string{"--admin-password=hunter2", "x"}, "--admin-password=*** x"},
+		{[]string{"api-key-create", "--label", "fm", "--secret", "hunter2", "--output", "json"}, "api-key-create --label fm --secret *** --output json"},
+		{[]string{"install", "-d", "/data/dss", "-p", "11000"}, "install -d /data/dss -p 11000"},
+	} {
+		t.Run(c.want, func(t *testing.T) {
+			if got := shownArgs(c.args); got != c.want {
+				t.Fatalf("shownArgs(%q) = %q, want %q", c.args, got, c.want)
+			}
+		})
 	}
 }

@@ -484,7 +484,8 @@ func (a *Agent) replayActions(ctx context.Context, d *protocol.DesiredState) *pr
 
 // ensureCredentials sets, once per data directory, the initial password of
 // DSS's admin user and an admin API key, which FM hands out through
-// get-initial-password and admin-api-key. Each is kept (dss-credentials.json)
+// get-initial-password and admin-api-key; the key first, since the password
+// is set with it. Each is kept (dss-credentials.json)
 // as soon as it is made, and a crash between the making and the keeping is
 // undone on the next try: a password set but not kept is set again to a
 // new one; a key made but not kept is found by the label recorded before
@@ -502,17 +503,6 @@ func (a *Agent) ensureCredentials(ctx context.Context, gen uint64) error {
 		return a.crash.Around("agent/credentials/"+what, func() error { return saveJSON(a.m.secretsPath(), s, 0o600) })
 	}
 	return a.step(gen, "credentials", func() (string, string, error) {
-		if s.InitialPassword == "" {
-			pw := randomPassword(20)
-			if out, err := a.m.dsscli(ctx, "user-edit", "admin", "--password", pw); err != nil {
-				return "", out, err
-			}
-			a.crash.At("agent/credentials/password-set")
-			s.InitialPassword = pw
-			if err := save("keep-password"); err != nil {
-				return "", "", err
-			}
-		}
 		if s.AdminAPIKey == "" {
 			if s.KeyLabel != "" {
 				// A key may have been made under this label and lost.
@@ -525,17 +515,30 @@ func (a *Agent) ensureCredentials(ctx context.Context, gen uint64) error {
 					return "", "", err
 				}
 			}
+			// What api-key-create prints holds the key: it is shown nowhere.
 			out, err := a.m.dsscli(ctx, "api-key-create", "--admin=true", "--label", s.KeyLabel, "--output", "json")
 			if err != nil {
-				return "", out, err
+				return "", "", err
 			}
 			a.crash.At("agent/credentials/key-made")
 			key, err := parseAPIKey(out)
 			if err != nil {
-				return "", out, err
+				return "", "", err
 			}
 			s.AdminAPIKey = key
 			if err := save("keep-key"); err != nil {
+				return "", "", err
+			}
+		}
+		if s.InitialPassword == "" {
+			// Set with the key, through DSS's admin API: on no command line.
+			pw := randomPassword(20)
+			if err := a.m.setUserPassword(ctx, s.AdminAPIKey, "admin", pw); err != nil {
+				return "", "", err
+			}
+			a.crash.At("agent/credentials/password-set")
+			s.InitialPassword = pw
+			if err := save("keep-password"); err != nil {
 				return "", "", err
 			}
 		}

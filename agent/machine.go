@@ -562,9 +562,9 @@ func (m *machine) runWith(ctx context.Context, inherit *os.File, asDSS bool, nam
 	err := cmd.Run()
 	if err != nil {
 		if ctx.Err() != nil {
-			err = fmt.Errorf("%s %s: %w", filepath.Base(name), strings.Join(args, " "), ctx.Err())
+			err = fmt.Errorf("%s %s: %w", filepath.Base(name), shownArgs(args), ctx.Err())
 		} else {
-			err = fmt.Errorf("%s %s: %w", filepath.Base(name), strings.Join(args, " "), err)
+			err = fmt.Errorf("%s %s: %w", filepath.Base(name), shownArgs(args), err)
 		}
 	}
 	return out.String(), err
@@ -591,4 +591,32 @@ func (t *tailBuffer) String() string {
 		return "…" + string(t.buf)
 	}
 	return string(t.buf)
+}
+
+// shownArgs is a command line as an error may show it: the value of any
+// option naming a secret is masked (errors reach events and logs).
+func shownArgs(args []string) string {
+	shown := make([]string, len(args))
+	secret := false
+	for i, a := range args {
+		name, _, inline := strings.Cut(a, "=")
+		switch {
+		case secret:
+			shown[i] = "***"
+		case inline && secretOption(name):
+			shown[i] = name + "=***"
+		default:
+			shown[i] = a
+		}
+		secret = !inline && secretOption(a)
+	}
+	return strings.Join(shown, " ")
+}
+
+func secretOption(arg string) bool {
+	if !strings.HasPrefix(arg, "-") {
+		return false
+	}
+	name := strings.ToLower(arg)
+	return strings.Contains(name, "password") || strings.Contains(name, "secret") || strings.Contains(name, "token")
 }

@@ -29,18 +29,17 @@ type reporter struct {
 	log      zerolog.Logger
 	refresh  time.Duration
 
-	mu       sync.Mutex
-	outbox   []protocol.Event
-	dropped  int
-	status   protocol.AgentStatus
-	changes  uint64        // counts status changes
-	written  uint64        // the change count last written to fm_agents
-	wake     chan struct{} // something to send
-	sent     chan struct{} // closed, and replaced, when the outbox shrinks
-	hbEvery  time.Duration
-	hbSeq    uint64
-	started  time.Time
-	statusKV jetstream.KeyValue
+	mu      sync.Mutex
+	outbox  []protocol.Event
+	dropped int
+	status  protocol.AgentStatus
+	changes uint64        // counts status changes
+	written uint64        // the change count last written to fm_agents
+	wake    chan struct{} // something to send
+	sent    chan struct{} // closed, and replaced, when the outbox shrinks
+	hbEvery time.Duration
+	hbSeq   uint64
+	started time.Time
 }
 
 func newReporter(instance, version string, nc *nats.Conn, js jetstream.JetStream, refresh time.Duration, log zerolog.Logger) *reporter {
@@ -66,7 +65,7 @@ func (r *reporter) event(e protocol.Event) {
 	if e.ID == "" {
 		e.ID = protocol.NewID("ev")
 	}
-	e.Instance, e.Time, e.Source = r.instance, time.Now().UTC(), "agent"
+	e.Instance, e.Time, e.Source = r.instance, time.Now().UTC(), protocol.SourceAgent
 	r.mu.Lock()
 	r.outbox = append(r.outbox, e)
 	if len(r.outbox) > maxOutbox {
@@ -226,14 +225,10 @@ func (r *reporter) putStatus(ctx context.Context, st protocol.AgentStatus) error
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if r.statusKV == nil {
-		kv, err := r.js.KeyValue(ctx, protocol.BucketAgents)
-		if err != nil {
-			return err
-		}
-		r.statusKV = kv
-	}
-	_, err = r.statusKV.Put(ctx, r.instance, data)
+	// A put of its own key, published as the KV client would, without
+	// binding the bucket: binding needs STREAM.INFO of KV_fm_agents, which
+	// lists every instance's key.
+	_, err = r.js.Publish(ctx, protocol.KVSubject(protocol.BucketAgents, r.instance), data)
 	return err
 }
 

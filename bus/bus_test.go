@@ -11,6 +11,7 @@ import (
 	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/bus/bustest"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
@@ -210,5 +211,44 @@ func TestReconnectDelayBacksOffWithJitter(t *testing.T) {
 			t.Fatalf("attempt %d waits less than attempt %d", n, n-1)
 		}
 		prevMax = hi
+	}
+}
+
+// TestAgentStatusesCannotBeRolledUp: every agent writes its own key of
+// fm_agents; a put with Nats-Rollup: all would purge everyone's. A bucket
+// declared by an older FM (with delete markers, which need roll-ups) is
+// brought in line too.
+func TestAgentStatusesCannotBeRolledUp(t *testing.T) {
+	srv := bustest.RunBare(t)
+	js := srv.JetStream(t)
+	if _, err := js.CreateKeyValue(ctx(t), jetstream.KeyValueConfig{Bucket: protocol.BucketAgents, History: 1,
+		TTL: time.Hour, LimitMarkerTTL: time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+	if err := bus.DefaultTopology().Declare(ctx(t), js); err != nil {
+		t.Fatal(err)
+	}
+	st, err := js.Stream(ctx(t), "KV_"+protocol.BucketAgents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg := st.CachedInfo().Config; cfg.AllowRollup || cfg.SubjectDeleteMarkerTTL != 0 {
+		t.Fatalf("KV_fm_agents allows roll-ups (%v) or leaves delete markers (%s)", cfg.AllowRollup, cfg.SubjectDeleteMarkerTTL)
+	}
+	if _, err := js.Publish(ctx(t), protocol.KVSubject(protocol.BucketAgents, "in-b"), []byte("b")); err != nil {
+		t.Fatal(err)
+	}
+	rollup := nats.NewMsg(protocol.KVSubject(protocol.BucketAgents, "in-a"))
+	rollup.Header.Set("Nats-Rollup", "all")
+	if _, err := js.PublishMsg(ctx(t), rollup); err == nil {
+		t.Fatal("a roll-up was taken")
+	}
+	kv, _ := js.KeyValue(ctx(t), protocol.BucketAgents)
+	if _, err := kv.Get(ctx(t), "in-b"); err != nil {
+		t.Fatalf("in-b's status: %v", err)
+	}
+	// And a deleted instance's status goes without one.
+	if err := kv.Delete(ctx(t), "in-b"); err != nil {
+		t.Fatal(err)
 	}
 }

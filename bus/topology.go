@@ -2,7 +2,9 @@ package bus
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"reflect"
 	"time"
 
 	"github.com/fleetmanager/fm/protocol"
@@ -92,7 +94,8 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 	leases.TTL = t.LeaseTTL
 	agents := state(protocol.BucketAgents, "last full status per instance, written by its agent")
 	agents.TTL = t.AgentStatusTTL
-	agents.LimitMarkerTTL = time.Minute
+	// No delete markers when a status ages out: NATS allows roll-ups on a
+	// stream that leaves them, and every agent writes here (denyRollup).
 	return []jetstream.KeyValueConfig{
 		object(protocol.BucketNetworks, "virtual networks"),
 		object(protocol.BucketTemplates, "instance settings templates"),
@@ -113,6 +116,10 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 	}
 }
 
+// idleConsumerLimit is the longest a consumer of a stream agents read may
+// stay idle.
+const idleConsumerLimit = 10 * time.Minute
+
 // Streams declares every stream.
 func (t Topology) Streams() []jetstream.StreamConfig {
 	return []jetstream.StreamConfig{
@@ -127,6 +134,10 @@ func (t Topology) Streams() []jetstream.StreamConfig {
 			Subjects: []string{protocol.SubjectAllCommands}, Retention: jetstream.LimitsPolicy,
 			MaxAge: t.CommandsMaxAge, Duplicates: t.DuplicateWindow,
 			Storage: jetstream.FileStorage, Replicas: t.Replicas,
+			// Every consumer, durable ones too, goes once idle: what an
+			// agent makes here (one, by its credentials) does not outlive
+			// its use.
+			ConsumerLimits: jetstream.StreamConsumerLimits{InactiveThreshold: idleConsumerLimit},
 		},
 		{
 			Name: protocol.StreamEvents, Description: "progress and results from agents and the provisioner",
@@ -167,6 +178,12 @@ func (t Topology) ObjectStores() []jetstream.ObjectStoreConfig {
 // this declaration. It is idempotent; run it at every start.
 func (t Topology) Declare(ctx context.Context, js jetstream.JetStream) error {
 	for _, cfg := range t.KeyValues() {
+		if cfg.Bucket == protocol.BucketAgents {
+			if err := declareWithoutRollups(ctx, js, cfg); err != nil {
+				return fmt.Errorf("declare bucket %s: %w", cfg.Bucket, err)
+			}
+			continue
+		}
 		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
 			return fmt.Errorf("declare bucket %s: %w", cfg.Bucket, err)
 		}
@@ -180,6 +197,34 @@ func (t Topology) Declare(ctx context.Context, js jetstream.JetStream) error {
 		if _, err := js.CreateOrUpdateObjectStore(ctx, cfg); err != nil {
 			return fmt.Errorf("declare object store %s: %w", cfg.Bucket, err)
 		}
+	}
+	return nil
+}
+
+// declareWithoutRollups declares a bucket every agent writes its own key
+// of with roll-ups off: a put with the header Nats-Rollup: all would
+// otherwise purge every other key. The KV client turns them on, so the
+// stream is changed after; and a bucket an older FM made with delete
+// markers (which need roll-ups, and whose message TTLs cannot be turned
+// off) is changed in place. Keys of such a bucket are deleted, never
+// purged.
+func declareWithoutRollups(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) error {
+	_, err := js.CreateKeyValue(ctx, cfg)
+	if err != nil && !errors.Is(err, jetstream.ErrBucketExists) {
+		return err
+	}
+	st, err := js.Stream(ctx, "KV_"+cfg.Bucket)
+	if err != nil {
+		return err
+	}
+	want := st.CachedInfo().Config
+	want.Description, want.MaxAge, want.MaxMsgSize, want.Replicas = cfg.Description, cfg.TTL, cfg.MaxValueSize, cfg.Replicas
+	want.MaxMsgsPerSubject, want.SubjectDeleteMarkerTTL, want.AllowRollup = int64(cfg.History), 0, false
+	if reflect.DeepEqual(want, st.CachedInfo().Config) {
+		return nil
+	}
+	if _, err := js.UpdateStream(ctx, want); err != nil {
+		return fmt.Errorf("turn roll-ups off: %w", err)
 	}
 	return nil
 }

@@ -234,6 +234,29 @@ const (
 	EventSnapshot EventKind = "snapshot"
 )
 
+// AgentEventKinds are the kinds an agent publishes; NATS refuses it any
+// other (EventMachine and EventSnapshot are the provisioner's alone).
+var AgentEventKinds = []EventKind{EventStep, EventCommand, EventAlert, EventRejected}
+
+// The sources of an event.
+const (
+	SourceAgent       = "agent"
+	SourceProvisioner = "provisioner"
+)
+
+// TrustedSource is who may have published an event of kind k: an event's
+// own Source field is only believed where both may publish the kind.
+// It returns "" for such a kind.
+func (k EventKind) TrustedSource() string {
+	switch k {
+	case EventMachine, EventSnapshot:
+		return SourceProvisioner
+	case EventStep, EventCommand:
+		return SourceAgent
+	}
+	return ""
+}
+
 // Status is the outcome carried by an event.
 type Status string
 

@@ -79,6 +79,10 @@ func CommandSubject(instance, commandID string) string {
 	return prefixCommand + instance + "." + commandID
 }
 
+// CommandConsumer is the name of the one consumer an instance's agent may
+// make on FM_COMMANDS.
+func CommandConsumer(instance string) string { return "cmd_" + instance }
+
 // CommandFilter matches every command of one instance.
 func CommandFilter(instance string) string { return prefixCommand + instance + ".*" }
 
@@ -94,6 +98,9 @@ func LogSubject(instance, source string) string { return prefixLog + instance + 
 // object in a tenant.
 func AuditSubject(tenant, object string) string { return prefixAudit + tenant + "." + object }
 
+// KVSubject is the subject a put of key in bucket is published on.
+func KVSubject(bucket, key string) string { return "$KV." + bucket + "." + key }
+
 // InboxPrefix is the inbox prefix an agent connects with, so that its
 // permissions can name its own inbox.
 func InboxPrefix(instance string) string { return "_INBOX." + instance }
@@ -106,6 +113,16 @@ func InstanceFromSubject(subject string) string {
 		return ""
 	}
 	return parts[2]
+}
+
+// EventKindFromSubject returns the kind token of an event's subject
+// (fm.evt.<instance>.<kind>), or "" if subject is not an event's.
+func EventKindFromSubject(subject string) EventKind {
+	parts := strings.Split(subject, ".")
+	if len(parts) != 4 || !strings.HasPrefix(subject, prefixEvent) {
+		return ""
+	}
+	return EventKind(parts[3])
 }
 
 // ValidToken reports whether s can be used as one subject token and as a KV

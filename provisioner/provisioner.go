@@ -730,7 +730,7 @@ func (p *Provisioner) publishEvent(ctx context.Context, e protocol.Event, id str
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	e.ID, e.Time, e.Source = id, time.Now().UTC(), "provisioner"
+	e.ID, e.Time, e.Source = id, time.Now().UTC(), protocol.SourceProvisioner
 	data, err := protocol.Encode(&e)
 	if err != nil {
 		return fmt.Errorf("event not encoded: %w", err)

@@ -57,12 +57,19 @@ func (s *Server) lastHeartbeat(id string) time.Time {
 // runFolding does the folding until ctx ends.
 func (s *Server) runFolding(ctx context.Context) {
 	hb, err := s.cfg.Conn.Subscribe(protocol.SubjectAllHeartbeat, func(m *nats.Msg) {
+		// The subject, which NATS lets only the instance's own agent publish
+		// on, says who beats; a payload naming another instance is a lie,
+		// and an instance not on record takes no room.
 		var h protocol.Heartbeat
-		if protocol.Decode(m.Data, &h) != nil {
+		id := protocol.InstanceFromSubject(m.Subject)
+		if protocol.Decode(m.Data, &h) != nil || h.Instance != id {
+			return
+		}
+		if _, _, ok := s.st.instances.get(id); !ok {
 			return
 		}
 		s.fold.mu.Lock()
-		s.fold.beats[h.Instance] = time.Now()
+		s.fold.beats[id] = time.Now()
 		s.fold.mu.Unlock()
 	})
 	if err != nil {
@@ -428,7 +435,11 @@ func (s *Server) finishDelete(ctx context.Context, op opRecord) error {
 func (s *Server) forgetInstance(ctx context.Context, id string, port int) error {
 	s.releasePort(ctx, id, port)
 	for _, kv := range []jetstream.KeyValue{s.st.desired, s.st.secrets.kv, s.st.agents.kv, s.st.machines.kv, s.st.lifecycle.kv} {
-		if err := kv.Purge(ctx, id); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+		forget := kv.Purge
+		if kv.Bucket() == protocol.BucketAgents {
+			forget = kv.Delete // roll-ups, which a purge is, are off there (bus.Topology.Declare)
+		}
+		if err := forget(ctx, id); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
 			return fmt.Errorf("purge the record of deleted instance %s from %s: %w", id, kv.Bucket(), err)
 		}
 	}
@@ -549,18 +560,31 @@ func (s *Server) foldEvent(ctx context.Context, subject string, data []byte) err
 		s.log.Warn().Err(err).Msg("an event does not decode; skipped")
 		return nil
 	}
+	// NATS lets an agent publish only on its own instance's subjects, and
+	// only the kinds an agent sends: the subject, not the payload, says
+	// who sent the event and about what.
 	if from := protocol.InstanceFromSubject(subject); from != e.Instance {
 		s.log.Warn().Str("subject", subject).Str("instance", e.Instance).Msg("an event names another instance than its subject; skipped")
+		return nil
+	}
+	if kind := protocol.EventKindFromSubject(subject); kind != e.Kind {
+		s.log.Warn().Str("subject", subject).Str("kind", string(e.Kind)).Msg("an event is of another kind than its subject; skipped")
+		return nil
+	}
+	if src := e.Kind.TrustedSource(); src != "" {
+		e.Source = src
+	} else if e.Source != protocol.SourceAgent && e.Source != protocol.SourceProvisioner {
+		s.log.Warn().Str("subject", subject).Str("source", e.Source).Msg("an event from an unknown source; skipped")
 		return nil
 	}
 	defer s.enqueue(e.Instance)
 	if e.Kind == protocol.EventSnapshot {
 		return s.foldSnapshot(ctx, e)
 	}
-	if e.Kind == protocol.EventAlert && e.Step == "data-volume-high" && e.Source == "agent" {
+	if e.Kind == protocol.EventAlert && e.Step == "data-volume-high" && e.Source == protocol.SourceAgent {
 		return s.growVolume(ctx, e.Instance, e.ID)
 	}
-	if op, _, ok := s.st.ops.get(e.OpID); ok && op.Kind == opGrowVolume && op.State == api.OpRunning {
+	if op, _, ok := s.st.ops.get(e.OpID); ok && op.Kind == opGrowVolume && op.State == api.OpRunning && op.Instance == e.Instance {
 		return s.foldGrowVolume(ctx, op, e)
 	}
 	if e.Kind == protocol.EventCommand && strings.HasPrefix(e.CommandID, secretCommandPrefix) {
@@ -586,7 +610,7 @@ func (s *Server) foldEvent(ctx context.Context, subject string, data []byte) err
 	if !found || op.State != api.OpRunning {
 		return nil
 	}
-	ours := e.OpID == op.JobID || (e.Source == "agent" && e.Generation != 0 && e.Generation == op.Target)
+	ours := e.OpID == op.JobID || (e.Source == protocol.SourceAgent && e.Generation != 0 && e.Generation == op.Target)
 	if e.Kind == protocol.EventCommand && e.CommandID == op.CommandID && op.CommandID != "" {
 		if e.Status == protocol.StatusFailed {
 			return s.failOp(ctx, op, apiErrorOf(e.Error, "The command failed"))
@@ -609,7 +633,7 @@ func (s *Server) foldEvent(ctx context.Context, subject string, data []byte) err
 		return nil
 	}
 	name := e.Step
-	if e.Source == "provisioner" {
+	if e.Source == protocol.SourceProvisioner {
 		name = "machine: " + name
 	}
 	return s.addStep(ctx, op.JobID, name, e)
@@ -621,6 +645,13 @@ func (s *Server) foldEvent(ctx context.Context, subject string, data []byte) err
 // claiming), and reconciles every instance with an operation under way.
 func (s *Server) sweep(ctx context.Context) {
 	now := time.Now()
+	s.fold.mu.Lock()
+	for id := range s.fold.beats {
+		if _, _, ok := s.st.instances.get(id); !ok {
+			delete(s.fold.beats, id) // deleted, maybe by another replica
+		}
+	}
+	s.fold.mu.Unlock()
 	for _, op := range s.st.ops.filter(func(op opRecord) bool { return op.State == api.OpRunning && op.Instance != "" }) {
 		if now.After(op.Deadline) {
 			_ = s.failOp(ctx, op, &api.Error{ErrorType: string(protocol.CodeDeadlineExceeded), Message: "Operation timed out",

@@ -27,6 +27,7 @@ func (s *Server) listInstances(r *http.Request) (any, error) {
 	all := s.st.instances.all()
 	for i := range all {
 		s.fillInstanceLabels(&all[i])
+		redactInstance(r, &all[i])
 	}
 	return all, nil
 }
@@ -38,7 +39,33 @@ func (s *Server) getInstance(r *http.Request) (any, error) {
 		return nil, notFound(kindInstance, id)
 	}
 	s.fillInstanceLabels(&in)
+	redactInstance(r, &in)
 	return in, nil
+}
+
+// redactInstance keeps from a viewer the private key an instance's
+// certificate PEM may hold; its certificates stay. (A viewer cannot save
+// the instance, so nothing it reads is written back without the key.)
+func redactInstance(r *http.Request, in *api.Instance) {
+	if isViewer(r) {
+		in.SSLCertificatePEM = certificatesOnly(in.SSLCertificatePEM)
+	}
+}
+
+// certificatesOnly returns the CERTIFICATE blocks of a PEM text.
+func certificatesOnly(text string) string {
+	var out []byte
+	rest := []byte(text)
+	for {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			return string(out)
+		}
+		if b.Type == "CERTIFICATE" {
+			out = append(out, pem.EncodeToMemory(b)...)
+		}
+	}
 }
 
 // fillInstanceLabels sets the labels of the instance's network and template,

@@ -1,8 +1,16 @@
 package server_test
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/fleetmanager/fm/api"
 )
@@ -162,4 +170,43 @@ func TestImages(t *testing.T) {
 	f.failed(f.do("DELETE", "/images/dss-14.0.0-test", ""), 409, "FailedPrecondition")
 	f.ok(f.do("DELETE", "/images/dss-13.4.0-test", ""), nil)
 	f.failed(f.do("GET", "/images/dss-13.4.0-test", ""), 404, "NotFound")
+}
+
+// TestAViewerSeesNoPrivateKey: an instance's certificate PEM may carry the
+// private key; a viewer reads the certificates only, an operator (who may
+// save the instance back) the whole.
+func TestAViewerSeesNoPrivateKey(t *testing.T) {
+	f := start(t)
+	vn, tpl, im := f.fleet()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "dss.example.com"},
+		NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+	both := cert + string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}))
+	in := f.createInstance(`{"label":"tls","virtualNetworkId":"` + vn.ID + `","instanceSettingsTemplateId":"` + tpl.ID +
+		`","imageId":"` + im.ID + `","sslCertificatePEM":` + mustJSON(t, both) + `}`)
+	v, op := f.newKey("viewer"), f.newKey("operator")
+	for _, path := range []string{"/instances", "/instances/" + in.ID} {
+		r := f.doAs("GET", path, "", v.ID, v.Secret)
+		f.ok(r, nil)
+		if strings.Contains(string(r.body), "PRIVATE KEY") || !strings.Contains(string(r.body), mustJSON(t, cert)[1:40]) {
+			t.Errorf("a viewer reads %s: %s", path, r.body)
+		}
+		var got api.Instance
+		f.ok(f.doAs("GET", "/instances/"+in.ID, "", op.ID, op.Secret), &got)
+		if got.SSLCertificatePEM != both {
+			t.Errorf("an operator reads %q", got.SSLCertificatePEM)
+		}
+	}
 }

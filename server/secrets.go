@@ -60,8 +60,14 @@ func (s *Server) storeSecret(ctx context.Context, e protocol.Event) error {
 			return err
 		}
 		result := []byte(e.Result)
+		box := boxOf(sec.InstanceKey)
+		if box != nil && e.SealedResult == "" {
+			// An agent that holds the instance key seals what it sends:
+			// a credential in clear is not its machine's.
+			s.log.Warn().Str("instance", e.Instance).Msg("a credential from an agent in clear, but the instance has a key; ignored")
+			return nil
+		}
 		if e.SealedResult != "" {
-			box := boxOf(sec.InstanceKey)
 			if box == nil {
 				s.log.Warn().Str("instance", e.Instance).Msg("a sealed credential from an agent, but the instance has no key; ignored")
 				return nil

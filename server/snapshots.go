@@ -199,8 +199,15 @@ func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) error {
 	if ref == nil || e.OpID == "" {
 		return nil
 	}
-	op, _, _ := s.st.ops.get(e.OpID)
+	op, _, found := s.st.ops.get(e.OpID)
+	if found && op.Instance != e.Instance {
+		s.log.Warn().Str("instance", e.Instance).Str("op", e.OpID).Msg("a snapshot event names another instance's operation; skipped")
+		return nil
+	}
 	if e.Status == protocol.StatusStarted {
+		if !found {
+			return nil
+		}
 		return s.addStep(ctx, e.OpID, "machine: "+e.Step, e)
 	}
 	var failure *api.Error
@@ -208,8 +215,15 @@ func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) error {
 		failure = apiErrorOf(e.Error, "The snapshot operation failed")
 	}
 	deleted := e.Step == string(protocol.ProvisionDeleteSnapshot)
+	// Only the snapshot of the event's instance, taken or deleted by the
+	// event's operation, is changed: an event cannot repoint or drop any
+	// other record.
+	owned := false
 	sn, err := s.st.snapshots.change(ctx, ref.ID, func(sn *api.Snapshot) bool {
+		owned = sn.InstanceID == e.Instance && sn.FutureID == e.OpID
 		switch {
+		case !owned:
+			return false
 		case deleted && failure == nil:
 			return false // purged below
 		case deleted:
@@ -230,7 +244,12 @@ func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) error {
 	if err != nil && !errors.Is(err, errNotFound) {
 		return fmt.Errorf("snapshot record %s: %w", ref.ID, err)
 	}
-	if deleted && failure == nil {
+	if err == nil && !owned {
+		s.log.Warn().Str("instance", e.Instance).Str("snapshot", ref.ID).Str("op", e.OpID).
+			Msg("a snapshot event names a snapshot of another instance or operation; skipped")
+		return nil
+	}
+	if deleted && failure == nil && err == nil {
 		if err := s.st.snapshots.kv.Purge(ctx, ref.ID); err != nil {
 			return fmt.Errorf("purge the record of deleted snapshot %s: %w", ref.ID, err)
 		}

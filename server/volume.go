@@ -135,7 +135,7 @@ func (s *Server) foldGrowVolume(ctx context.Context, op opRecord, e protocol.Eve
 	case e.Kind == protocol.EventCommand && e.CommandID == op.CommandID:
 		_, err := s.endOp(ctx, op.JobID, map[string]string{"instanceId": op.Instance, "message": e.Message}, nil)
 		return err
-	case e.Source == "provisioner":
+	case e.Source == protocol.SourceProvisioner:
 		return s.addStep(ctx, op.JobID, "machine: "+e.Step, e)
 	}
 	return nil

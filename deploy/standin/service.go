@@ -84,6 +84,8 @@ func (s *service) routes() http.Handler {
 	mux.HandleFunc("GET /public/api/projects/", s.admin(s.listProjects))
 	mux.HandleFunc("POST /public/api/projects/", s.admin(s.createProject))
 	mux.HandleFunc("GET /public/api/projects/{key}/", s.admin(s.getProject))
+	mux.HandleFunc("GET /public/api/admin/users/{login}", s.admin(s.getUser))
+	mux.HandleFunc("PUT /public/api/admin/users/{login}", s.admin(s.putUser))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rec := &statusWriter{ResponseWriter: w, status: 200}
 		mux.ServeHTTP(rec, r)
@@ -262,4 +264,74 @@ func (s *service) getProject(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, 200, p)
+}
+
+// userDefinition is a user as DSS's admin API shows it; a PUT may carry a
+// new password, which is never shown.
+type userDefinition struct {
+	Login       string   `json:"login"`
+	DisplayName string   `json:"displayName"`
+	SourceType  string   `json:"sourceType"`
+	Groups      []string `json:"groups"`
+	Password    string   `json:"password,omitempty"`
+}
+
+func definitionOf(u user) userDefinition {
+	d := userDefinition{Login: u.Login, DisplayName: u.Login, SourceType: "LOCAL", Groups: []string{}}
+	if u.Admin {
+		d.Groups = []string{"administrators"}
+	}
+	return d
+}
+
+func (s *service) getUser(w http.ResponseWriter, r *http.Request) {
+	users, err := s.dir.loadUsers(version)
+	if err != nil {
+		writeJSON(w, 500, map[string]string{"message": err.Error()})
+		return
+	}
+	for _, u := range users {
+		if u.Login == r.PathValue("login") {
+			writeJSON(w, 200, definitionOf(u))
+			return
+		}
+	}
+	writeJSON(w, 404, map[string]string{"message": "user " + r.PathValue("login") + " not found"})
+}
+
+// putUser saves a user's definition, as DSS's admin API does; of it the
+// stand-in keeps the password.
+func (s *service) putUser(w http.ResponseWriter, r *http.Request) {
+	var def userDefinition
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(&def); err != nil || def.Login != r.PathValue("login") {
+		writeJSON(w, 400, map[string]string{"message": "body must be the user's definition, with its login"})
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	users, err := s.dir.loadUsers(version)
+	if err != nil {
+		writeJSON(w, 500, map[string]string{"message": err.Error()})
+		return
+	}
+	for i, u := range users {
+		if u.Login != def.Login {
+			continue
+		}
+		if def.Password != "" {
+			h, err := hashPassword(def.Password)
+			if err != nil {
+				writeJSON(w, 500, map[string]string{"message": err.Error()})
+				return
+			}
+			users[i].Hash = h
+			if err := s.dir.saveUsers(version, users); err != nil {
+				writeJSON(w, 500, map[string]string{"message": err.Error()})
+				return
+			}
+		}
+		writeJSON(w, 200, definitionOf(users[i]))
+		return
+	}
+	writeJSON(w, 404, map[string]string{"message": "user " + def.Login + " not found"})
 }

@@ -161,6 +161,24 @@ func TestInstallRunUpgradeAndRefuseDowngrade(t *testing.T) {
 		t.Fatalf("create project: %v %v", resp, err)
 	}
 	resp.Body.Close()
+	// And sets a password through the admin API, as DSSUser settings do.
+	put := func(body string) int {
+		req, _ := http.NewRequest("PUT", fmt.Sprintf("http://127.0.0.1:%d/public/api/admin/users/admin", port), strings.NewReader(body))
+		req.SetBasicAuth(keys[0]["key"].(string), "")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := put(`{"login":"admin","password":"api-pw"}`); code != 200 || login(t, port, "admin", "api-pw") != 200 {
+		t.Fatalf("password set through the admin API: %d", code)
+	}
+	if code := put(`{"login":"someone-else","password":"x"}`); code != 400 {
+		t.Fatalf("a definition of another login: %d", code)
+	}
+	sh(t, true, filepath.Join(data, "bin", "dsscli"), "user-edit", "admin", "--password", "s3cret-pw")
 
 	// Upgrade needs DSS stopped, then migrates the users.
 	sh(t, false, kits(t)["14.0.0"]+"/installer.sh", "-d", data, "-u", "-y")

@@ -253,23 +253,26 @@ func (a *Authority) Push(ctx context.Context, sys *nats.Conn, revocations map[st
 func allow(subjects ...string) jwt.Permission { return jwt.Permission{Allow: subjects} }
 
 // AgentPermissions allow an agent exactly what it needs of its own
-// instance: its subjects (events, logs, heartbeats), its keys (its desired
+// instance: its subjects (the events an agent sends, logs, heartbeats), its keys (its desired
 // state by direct get, its status), a consumer on its own commands, reading
 // the kit store, and its own inbox.
 func AgentPermissions(instance string) jwt.Permissions {
-	kvAgents := "KV_" + protocol.BucketAgents
 	kits := "OBJ_" + protocol.ObjectStoreKits
+	commands := protocol.CommandConsumer(instance)
+	var events []string
+	for _, k := range protocol.AgentEventKinds {
+		events = append(events, protocol.EventSubject(instance, k))
+	}
 	return jwt.Permissions{
-		Pub: allow(
-			protocol.EventSubject(instance, "*"),
+		Pub: allow(append(events,
 			protocol.LogSubject(instance, "*"),
 			protocol.HeartbeatSubject(instance),
-			"$KV."+protocol.BucketAgents+"."+instance,
-			"$JS.API.DIRECT.GET.KV_"+protocol.BucketDesired+".$KV."+protocol.BucketDesired+"."+instance,
-			"$JS.API.STREAM.INFO."+kvAgents,
-			"$JS.API.CONSUMER.CREATE."+protocol.StreamCommands+".*."+protocol.CommandFilter(instance),
-			"$JS.API.CONSUMER.MSG.NEXT."+protocol.StreamCommands+".*",
-			"$JS.API.CONSUMER.DELETE."+protocol.StreamCommands+".*",
+			protocol.KVSubject(protocol.BucketAgents, instance),
+			"$JS.API.DIRECT.GET.KV_"+protocol.BucketDesired+"."+protocol.KVSubject(protocol.BucketDesired, instance),
+			"$JS.API.CONSUMER.CREATE."+protocol.StreamCommands+"."+commands+"."+protocol.CommandFilter(instance),
+			"$JS.API.CONSUMER.MSG.NEXT."+protocol.StreamCommands+"."+commands,
+			"$JS.API.CONSUMER.DELETE."+protocol.StreamCommands+"."+commands,
+			"$JS.API.CONSUMER.INFO."+protocol.StreamCommands+"."+commands,
 			"$JS.API.STREAM.INFO."+kits,
 			"$JS.API.DIRECT.GET."+kits+".>",
 			"$JS.API.STREAM.MSG.GET."+kits,
@@ -278,7 +281,7 @@ func AgentPermissions(instance string) jwt.Permissions {
 			"$JS.API.CONSUMER.DELETE."+kits+".*",
 			// Flow control replies of a large kit's download.
 			"$JS.FC."+kits+".>",
-		),
+		)...),
 		Sub: allow(protocol.DesiredSubject(instance), protocol.InboxPrefix(instance)+".>"),
 	}
 }

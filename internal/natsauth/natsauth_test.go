@@ -139,14 +139,11 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 		if _, err := js.Publish(ctx, protocol.EventSubject("in-a", protocol.EventStep), []byte("e")); err != nil {
 			t.Fatalf("publish its event: %v", err)
 		}
-		kv, err := js.KeyValue(ctx, protocol.BucketAgents)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := kv.Put(ctx, "in-a", []byte("status")); err != nil {
+		if _, err := js.Publish(ctx, protocol.KVSubject(protocol.BucketAgents, "in-a"), []byte("status")); err != nil {
 			t.Fatalf("put its status: %v", err)
 		}
-		cons, err := js.OrderedConsumer(ctx, protocol.StreamCommands, jetstream.OrderedConsumerConfig{FilterSubjects: []string{protocol.CommandFilter("in-a")}})
+		cons, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Name: protocol.CommandConsumer("in-a"),
+			FilterSubject: protocol.CommandFilter("in-a"), AckPolicy: jetstream.AckNonePolicy, MemoryStorage: true})
 		if err != nil {
 			t.Fatalf("consumer on its commands: %v", err)
 		}
@@ -211,8 +208,42 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 		expectViolation(t, errs, "subscribe to in-b's desired state")
 	})
 
+	t.Run("another consumer on its commands", func(t *testing.T) {
+		// One consumer, of one name, is all an agent may make: it cannot
+		// pile up durable ones.
+		_, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Durable: "mine-too",
+			FilterSubject: protocol.CommandFilter("in-a"), AckPolicy: jetstream.AckNonePolicy})
+		if err == nil {
+			t.Fatal("made a second consumer")
+		}
+		expectViolation(t, errs, "a second consumer on its commands")
+	})
+
+	t.Run("the keys of the fleet", func(t *testing.T) {
+		// STREAM.INFO with a subjects filter would list every instance id.
+		agent.Request("$JS.API.STREAM.INFO.KV_"+protocol.BucketAgents, []byte(`{"subjects_filter":">"}`), 500*time.Millisecond)
+		expectViolation(t, errs, "stream info of KV_fm_agents")
+	})
+
+	t.Run("a roll-up of every status", func(t *testing.T) {
+		if _, err := ajs.Publish(ctx, protocol.KVSubject(protocol.BucketAgents, "in-b"), []byte("b's status")); err != nil {
+			t.Fatal(err)
+		}
+		rollup := nats.NewMsg(protocol.KVSubject(protocol.BucketAgents, "in-a"))
+		rollup.Header.Set("Nats-Rollup", "all")
+		rollup.Data = []byte("wipe")
+		if _, err := js.PublishMsg(ctx, rollup); err == nil {
+			t.Fatal("a roll-up of fm_agents was taken")
+		}
+		kv, _ := ajs.KeyValue(ctx, protocol.BucketAgents)
+		if e, err := kv.Get(ctx, "in-b"); err != nil || string(e.Value()) != "b's status" {
+			t.Fatalf("another instance's status after the roll-up: %v", err)
+		}
+	})
+
 	t.Run("another instance's events and heartbeats", func(t *testing.T) {
 		for _, subj := range []string{protocol.EventSubject("in-b", protocol.EventStep), protocol.HeartbeatSubject("in-b"),
+			protocol.EventSubject("in-a", protocol.EventMachine), protocol.EventSubject("in-a", protocol.EventSnapshot),
 			protocol.LogSubject("in-b", "dss"), "$KV.fm_agents.in-b", "$KV.fm_desired.in-a", protocol.ProvisionSubject("in-a", protocol.ProvisionDelete)} {
 			agent.Publish(subj, []byte("forged"))
 			agent.Flush()
