@@ -14,7 +14,6 @@ import (
 
 	"github.com/fleetmanager/fm/backup"
 	"github.com/fleetmanager/fm/cli"
-	"github.com/fleetmanager/fm/internal/atomicfile"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
@@ -245,25 +244,14 @@ func runRestore(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	return nil
 }
 
-// restoreFiles writes the backup's files into the data folder. It refuses,
-// before writing any, when one exists with other content.
+// restoreFiles writes the backup's files into the data folder (see
+// backup.RestoreFiles); a folder in use is the operator's mistake.
 func restoreFiles(dir string, files map[string][]byte) error {
-	for rel, b := range files {
-		cur, err := os.ReadFile(filepath.Join(dir, filepath.FromSlash(rel)))
-		if err == nil && string(cur) != string(b) {
-			return usageError{fmt.Errorf("%s already holds %s, different from the backup's: restore into a fresh data folder", dir, rel)}
-		}
+	err := backup.RestoreFiles(dir, files)
+	if errors.Is(err, backup.ErrFolderNotFresh) {
+		return usageError{err}
 	}
-	for rel, b := range files {
-		path := filepath.Join(dir, filepath.FromSlash(rel))
-		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-			return err
-		}
-		if err := atomicfile.WriteFile(path, b, 0o600); err != nil {
-			return err
-		}
-	}
-	return nil
+	return err
 }
 
 // storeOnly starts the data folder's embedded bus listening nowhere, in

@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 )
 
 // Write writes the folder dir (directories, regular files and symbolic
@@ -78,8 +79,10 @@ type Options struct {
 }
 
 // Extract unpacks a gzipped tar into dir: directories, regular files (with
-// their modes and modification times) and symbolic links. An entry that
-// would land outside dir is refused; devices and the like are skipped.
+// their modes and modification times) and symbolic links. Every entry is
+// written through an os.Root of dir, so that no name, link or sequence of
+// them (a link, then a file through it) reaches outside dir: an entry that
+// would is refused. Hard links, devices and the like are skipped.
 func Extract(r io.Reader, dir string, opt Options) error {
 	folder := opt.Folder
 	if folder == "" {
@@ -93,10 +96,16 @@ func Extract(r io.Reader, dir string, opt Options) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	var links []string
 	for {
 		h, err := tr.Next()
 		if errors.Is(err, io.EOF) {
-			return nil
+			break
 		}
 		if err != nil {
 			return fmt.Errorf("read archive: %w", err)
@@ -105,40 +114,126 @@ func Extract(r io.Reader, dir string, opt Options) error {
 		if filepath.IsAbs(name) || name == ".." || strings.HasPrefix(name, ".."+string(filepath.Separator)) {
 			return fmt.Errorf("archive entry %q leaves the %s", h.Name, folder)
 		}
-		target := filepath.Join(dir, name)
-		mode := fs.FileMode(h.Mode).Perm()
-		switch h.Typeflag {
-		case tar.TypeDir:
-			if err := os.MkdirAll(target, mode|0o700); err != nil {
-				return err
-			}
-		case tar.TypeReg:
-			if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
-				return err
-			}
-			out, err := os.OpenFile(target, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
+		if h.Typeflag == tar.TypeSymlink && opt.ConfineLinks {
+			// As the link will be followed: from the folder it is made in,
+			// through the links already there.
+			out, err := leadsOutside(root, filepath.Dir(name)+string(filepath.Separator)+h.Linkname)
 			if err != nil {
-				return err
+				return fmt.Errorf("archive link %q: %w", h.Name, err)
 			}
-			if _, err := io.Copy(out, tr); err != nil {
-				out.Close()
-				return err
-			}
-			if err := out.Close(); err != nil {
-				return err
-			}
-			_ = os.Chtimes(target, h.ModTime, h.ModTime)
-		case tar.TypeSymlink:
-			link := filepath.Join(filepath.Dir(name), h.Linkname)
-			if opt.ConfineLinks && (filepath.IsAbs(h.Linkname) || strings.HasPrefix(filepath.Clean(link), "..")) {
+			if out || filepath.IsAbs(h.Linkname) {
 				return fmt.Errorf("archive link %q points outside the %s", h.Name, folder)
 			}
-			if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
-				return err
+			links = append(links, name)
+		}
+		if err := extractEntry(root, tr, h, name); err != nil {
+			followed := name // a link's own name is not followed
+			if h.Typeflag == tar.TypeSymlink {
+				followed = filepath.Dir(name)
 			}
-			if err := os.Symlink(h.Linkname, target); err != nil {
-				return err
+			if out, _ := leadsOutside(root, followed); out {
+				return fmt.Errorf("archive entry %q leads outside the %s through a link: %w", h.Name, folder, err)
 			}
+			return fmt.Errorf("archive entry %q: %w", h.Name, err)
 		}
 	}
+	// A link that pointed inside when it was made may point outside through
+	// a link made after it (b -> a/.., then a -> .).
+	for _, name := range links {
+		out, err := leadsOutside(root, name)
+		if err != nil {
+			return fmt.Errorf("archive link %q: %w", name, err)
+		}
+		if out {
+			return fmt.Errorf("archive link %q points outside the %s", name, folder)
+		}
+	}
+	return nil
+}
+
+// extractEntry writes one entry, named name inside root, from tr. The
+// root refuses any step that leaves it (through "..", or a link).
+func extractEntry(root *os.Root, tr *tar.Reader, h *tar.Header, name string) error {
+	mode := fs.FileMode(h.Mode).Perm()
+	switch h.Typeflag {
+	case tar.TypeDir:
+		return root.MkdirAll(name, mode|0o700)
+	case tar.TypeReg:
+		if err := root.MkdirAll(filepath.Dir(name), 0o755); err != nil {
+			return err
+		}
+		out, err := root.OpenFile(name, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
+		if err != nil {
+			return err
+		}
+		if _, err := io.Copy(out, tr); err != nil {
+			out.Close()
+			return err
+		}
+		if err := out.Close(); err != nil {
+			return err
+		}
+		_ = root.Chtimes(name, h.ModTime, h.ModTime)
+	case tar.TypeSymlink:
+		if err := root.MkdirAll(filepath.Dir(name), 0o755); err != nil {
+			return err
+		}
+		return root.Symlink(h.Linkname, name)
+	}
+	return nil
+}
+
+// maxLinkHops is how many links one path may go through, as Linux allows.
+const maxLinkHops = 40
+
+// errLinkLoop is for a path that goes through too many links, as a loop of
+// links does.
+var errLinkLoop = errors.New("too many levels of symbolic links")
+
+// leadsOutside says whether following path (relative to root) as the kernel
+// would, one component at a time through the links there now, leads outside
+// root: by "..", or through a link to an absolute path. A missing component
+// is taken as a folder, which ".." leaves: nothing is followed there yet.
+func leadsOutside(root *os.Root, path string) (bool, error) {
+	var at []string // where the walk is, relative to root; never a link
+	todo := strings.Split(filepath.ToSlash(path), "/")
+	for hops := 0; len(todo) > 0; {
+		c := todo[0]
+		todo = todo[1:]
+		switch c {
+		case "", ".":
+			continue
+		case "..":
+			if len(at) == 0 {
+				return true, nil
+			}
+			at = at[:len(at)-1]
+			continue
+		}
+		at = append(at, c)
+		p := filepath.Join(at...)
+		info, err := root.Lstat(p)
+		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR) {
+			continue
+		}
+		if err != nil {
+			return false, err
+		}
+		if info.Mode()&fs.ModeSymlink == 0 {
+			continue
+		}
+		if hops++; hops > maxLinkHops {
+			return false, errLinkLoop
+		}
+		target, err := root.Readlink(p)
+		if err != nil {
+			return false, err
+		}
+		if filepath.IsAbs(target) {
+			return true, nil
+		}
+		at = at[:len(at)-1]
+		todo = append(strings.Split(filepath.ToSlash(target), "/"), todo...)
+	}
+	return false, nil
 }

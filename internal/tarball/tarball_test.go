@@ -4,8 +4,10 @@ import (
 	"archive/tar"
 	"bytes"
 	"compress/gzip"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -62,5 +64,205 @@ func TestExtractRefusesEscapes(t *testing.T) {
 	}
 	if err := Extract(strings.NewReader("not gzip"), t.TempDir(), Options{}); err == nil || !strings.Contains(err.Error(), "not a gzip archive") {
 		t.Fatal(err)
+	}
+}
+
+// entry is one member of a hand-made archive.
+type entry struct {
+	typ        byte
+	name, link string
+	body       string
+}
+
+func file(name, body string) entry   { return entry{typ: tar.TypeReg, name: name, body: body} }
+func dir(name string) entry          { return entry{typ: tar.TypeDir, name: name} }
+func symlink(name, to string) entry  { return entry{typ: tar.TypeSymlink, name: name, link: to} }
+func hardlink(name, to string) entry { return entry{typ: tar.TypeLink, name: name, link: to} }
+
+// archive is a gzipped tar of entries, in order, as a hostile sender would
+// write it.
+func archive(t *testing.T, entries ...entry) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	gz := gzip.NewWriter(&buf)
+	tw := tar.NewWriter(gz)
+	for _, e := range entries {
+		h := &tar.Header{Typeflag: e.typ, Name: e.name, Linkname: e.link, Mode: 0o644, Size: int64(len(e.body))}
+		if e.typ == tar.TypeDir {
+			h.Mode = 0o755
+		}
+		if err := tw.WriteHeader(h); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tw.Write([]byte(e.body)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := gz.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// outsideOf lists what lies under top but not under dst: the only paths an
+// extraction into dst must leave as they were.
+func outsideOf(t *testing.T, top, dst string) map[string]string {
+	t.Helper()
+	found := map[string]string{}
+	err := filepath.WalkDir(top, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if path == dst {
+			return filepath.SkipDir
+		}
+		rel, _ := filepath.Rel(top, path)
+		switch {
+		case d.Type()&fs.ModeSymlink != 0:
+			l, _ := os.Readlink(path)
+			found[rel] = "link to " + l
+		case d.Type().IsRegular():
+			b, err := os.ReadFile(path)
+			if err != nil {
+				return err
+			}
+			found[rel] = "file " + string(b)
+		default:
+			found[rel] = d.Type().String()
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return found
+}
+
+// TestExtractConfinesHostileArchives: whatever an archive holds, in
+// whatever order, extraction creates or changes nothing outside the folder.
+// Each archive is refused; hard links, which Extract skips, create nothing.
+func TestExtractConfinesHostileArchives(t *testing.T) {
+	tests := []struct {
+		name string
+		// entries are made for a destination top/p/d, beside the file
+		// top/p/victim.
+		entries func(top string) []entry
+		confine bool
+		wantErr string // "" when the archive is accepted
+	}{
+		{"absolute name", func(top string) []entry {
+			return []entry{file(filepath.Join(top, "p", "evil"), "x")}
+		}, false, "leaves the folder"},
+		{"dot-dot name", func(string) []entry { return []entry{file("../evil", "x")} }, false, "leaves the folder"},
+		{"dot-dot inside a name", func(string) []entry { return []entry{file("a/../../evil", "x")} }, false, "leaves the folder"},
+		{"dot-dot folder", func(string) []entry { return []entry{dir("../evil/")} }, false, "leaves the folder"},
+		{"symlink chain, then a file through it, confined", func(string) []entry {
+			return []entry{symlink("a", "."), symlink("b", "a/.."), file("b/evil", "x")}
+		}, true, "points outside"},
+		{"symlink chain, then a file through it", func(string) []entry {
+			return []entry{symlink("a", "."), symlink("b", "a/.."), file("b/evil", "x")}
+		}, false, "leads outside the folder through a link"},
+		{"symlink chain made in reverse order, confined", func(string) []entry {
+			return []entry{symlink("b", "a/.."), symlink("a", ".")}
+		}, true, "points outside"},
+		{"symlink made through a symlink, confined", func(string) []entry {
+			return []entry{symlink("d", "."), symlink("d/l", "../victim"), file("l", "pwned")}
+		}, true, "points outside"},
+		{"absolute symlink, confined", func(top string) []entry {
+			return []entry{symlink("l", filepath.Join(top, "p", "victim"))}
+		}, true, "points outside"},
+		{"absolute symlink, then a file of its name", func(top string) []entry {
+			return []entry{symlink("l", filepath.Join(top, "p", "victim")), file("l", "pwned")}
+		}, false, "leads outside the folder through a link"},
+		{"absolute symlink to a folder, then a file through it", func(top string) []entry {
+			return []entry{symlink("l", filepath.Join(top, "p")), file("l/evil", "x")}
+		}, false, "leads outside the folder through a link"},
+		{"relative symlink out, then a file through it", func(string) []entry {
+			return []entry{symlink("l", ".."), file("l/evil", "x")}
+		}, false, "leads outside the folder through a link"},
+		{"relative symlink out, then a folder through it", func(string) []entry {
+			return []entry{symlink("l", "../"), dir("l/sub/")}
+		}, false, "leads outside the folder through a link"},
+		{"hard link out, then a file of its name", func(string) []entry {
+			return []entry{hardlink("h", "../victim"), file("h", "inside")}
+		}, false, ""},
+		{"absolute hard link, then a file of its name", func(top string) []entry {
+			return []entry{hardlink("h", filepath.Join(top, "p", "victim")), file("h", "inside")}
+		}, false, ""},
+		{"a loop of links, confined", func(string) []entry {
+			return []entry{symlink("l1", "l2"), symlink("l2", "l1")}
+		}, true, "too many levels of symbolic links"},
+		{"a file, then a folder of its name", func(string) []entry {
+			return []entry{file("x", "x"), dir("x/"), file("x/evil", "x")}
+		}, false, "x"},
+		{"a folder, then a file of its name", func(string) []entry {
+			return []entry{dir("x/"), file("x", "x")}
+		}, false, "x"},
+		{"a file, then a symlink of its name", func(string) []entry {
+			return []entry{file("x", "x"), symlink("x", ".."), file("x/evil", "x")}
+		}, false, "x"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			top := t.TempDir()
+			dst := filepath.Join(top, "p", "d")
+			if err := os.MkdirAll(dst, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(top, "p", "victim"), []byte("untouched"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			before := outsideOf(t, top, dst)
+			err := Extract(bytes.NewReader(archive(t, tt.entries(top)...)), dst, Options{ConfineLinks: tt.confine})
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Errorf("refused: %v", err)
+			case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
+				t.Errorf("got error %v, want one saying %q", err, tt.wantErr)
+			}
+			if after := outsideOf(t, top, dst); !reflect.DeepEqual(after, before) {
+				t.Errorf("outside the folder:\n%v\nwas\n%v", after, before)
+			}
+		})
+	}
+}
+
+// TestExtractKeepsLinksInside: confined, links that stay inside the folder
+// (up and down, through other links, dangling) are kept as they were, a
+// file written through one lands inside, and "./" names are the folder.
+func TestExtractKeepsLinksInside(t *testing.T) {
+	dst := t.TempDir()
+	err := Extract(bytes.NewReader(archive(t,
+		dir("./"),
+		file("./top.txt", "top"),
+		dir("lib/"),
+		file("lib/libx.so.1", "elf"),
+		symlink("lib/libx.so", "libx.so.1"),
+		symlink("here", "."),
+		symlink("up", "lib/.."),
+		symlink("bin/x", "../lib/libx.so"),
+		symlink("dangling", "lib/not-yet/../none"),
+		symlink("via", "here/lib"),
+		file("via/written", "through a link"),
+	)), dst, Options{ConfineLinks: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]string{"lib/libx.so": "libx.so.1", "bin/x": "../lib/libx.so", "up": "lib/..", "dangling": "lib/not-yet/../none"} {
+		if got, err := os.Readlink(filepath.Join(dst, name)); err != nil || got != want {
+			t.Errorf("%s: %q %v, want %q", name, got, err, want)
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(dst, "bin", "x")); err != nil || string(b) != "elf" {
+		t.Errorf("bin/x reads %q %v", b, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(dst, "top.txt")); err != nil || string(b) != "top" {
+		t.Errorf("top.txt: %q %v", b, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(dst, "lib", "written")); err != nil || string(b) != "through a link" {
+		t.Errorf("lib/written: %q %v", b, err)
 	}
 }
