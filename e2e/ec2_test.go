@@ -57,7 +57,8 @@ func TestEC2MachineJoinsFM(t *testing.T) {
 	creds := filepath.Join(tmp, "provisioner.creds")
 	fm("nats-creds", "--role", "provisioner", "-o", creds)
 	prov := Start(t, bin, moto.Env, "provisioner", "--backend", "ec2", "--nats-url", "tls://"+natsAddr, "--nats-creds", creds,
-		"--nats-ca", ca, "--ec2-endpoint", moto.URL, "--ec2-region", mototest.Region, "--ec2-poll", "100ms")
+		"--nats-ca", ca, "--ec2-endpoint", moto.URL, "--ec2-region", mototest.Region, "--ec2-poll", "100ms",
+		"--secret-key-file", filepath.Join(data, "secrets.key"))
 	prov.WaitStdout("ec2 backend", 30*time.Second)
 
 	// What the operator has on AWS: a VPC, a subnet, an AMI.

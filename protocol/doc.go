@@ -38,4 +38,8 @@
 //	  (every join request needs it); a provision request's order and a
 //	  machine state's order (that of the last request handled). Since then
 //	  an event's snapshot id, operation id and command id must be valid ids.
+//	  Added since: a join spec's sealed token (the server sends no token in
+//	  clear any more); renew requests and responses (agent credentials
+//	  expire); an event's kind must be its subject's, and an agent
+//	  may publish only the kinds an agent sends.
 package protocol

@@ -49,6 +49,7 @@ const (
 	prefixEvent     = "fm.evt."
 	prefixLog       = "fm.log."
 	prefixAudit     = "fm.audit."
+	prefixRenew     = "fm.renew."
 )
 
 // Wildcard subjects that streams and consumers bind to.
@@ -60,7 +61,12 @@ const (
 	SubjectAllEvents    = prefixEvent + "*.*"
 	SubjectAllLogs      = prefixLog + "*.*"
 	SubjectAllAudit     = prefixAudit + "*.*"
+	SubjectAllRenew     = prefixRenew + "*"
 )
+
+// RenewSubject is where an instance's agent asks for new credentials
+// (core request and reply, not stored).
+func RenewSubject(instance string) string { return prefixRenew + instance }
 
 // DesiredSubject is where every change of an instance's desired state is
 // republished by the fm_desired bucket.

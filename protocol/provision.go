@@ -143,8 +143,13 @@ type CloudAuth struct {
 type JoinSpec struct {
 	// URL is FM's join endpoint (POST).
 	URL string `json:"url"`
-	// Token is single-use and short-lived.
-	Token string `json:"token"`
+	// Token is single-use and short-lived. FM's server sends it sealed
+	// (SealedToken) instead, with FM's secret key: read-only bus
+	// credentials read provision requests, and must not be able to join
+	// in a new machine's place. The provisioner, which holds the key,
+	// opens it into Token for the machine.
+	Token       string `json:"token"`
+	SealedToken string `json:"sealedToken,omitempty"`
 	// CACert is the PEM of the CA FM's TLS listeners use ("" without TLS).
 	CACert string `json:"caCert,omitempty"`
 }
@@ -179,6 +184,55 @@ type JoinResponse struct {
 	Credentials string `json:"credentials,omitempty"`
 	JWT         string `json:"jwt,omitempty"`
 	InstanceKey string `json:"instanceKey"`
+}
+
+// RenewRequest asks for a new JWT for an agent's NATS user before (or, over
+// HTTP, after) its credentials expire: on the bus, on RenewSubject of the
+// agent's instance, whose permissions only that instance's agents have; over
+// HTTP, at the join endpoint's "/renew", from an agent whose credentials
+// expired while its machine was off. Signature (base64, raw URL encoding)
+// is PublicKey's signature of [RenewProof]: over HTTP it is the only proof
+// of who asks, so Time must be within minutes of FM's clock.
+type RenewRequest struct {
+	Header
+	Instance  string    `json:"instance"`
+	PublicKey string    `json:"publicKey"`
+	Time      time.Time `json:"time"`
+	Signature string    `json:"signature"`
+}
+
+// Validate implements Message.
+func (r *RenewRequest) Validate() error {
+	switch {
+	case !ValidToken(r.Instance):
+		return fmt.Errorf("instance %q is not a valid id", r.Instance)
+	case r.PublicKey == "" || r.Signature == "":
+		return errors.New("publicKey and signature are required")
+	case r.Time.IsZero():
+		return errors.New("time is required")
+	}
+	return nil
+}
+
+// RenewProof is what an agent signs with its NATS key to renew its
+// credentials.
+func RenewProof(instance, publicKey string, at time.Time) []byte {
+	return []byte("fm-renew\n" + instance + "\n" + publicKey + "\n" + at.UTC().Format(time.RFC3339Nano))
+}
+
+// RenewResponse carries the new JWT of the same user, or why there is none.
+type RenewResponse struct {
+	Header
+	JWT   string `json:"jwt,omitempty"`
+	Error *Error `json:"error,omitempty"`
+}
+
+// Validate implements Message.
+func (r *RenewResponse) Validate() error {
+	if (r.JWT == "") == (r.Error == nil) {
+		return errors.New("exactly one of jwt and error is required")
+	}
+	return nil
 }
 
 // NetworkSpec is the instance's virtual network, as a backend needs it.

@@ -41,7 +41,11 @@ type Config struct {
 	DefaultDeadline time.Duration
 	// Crash is passed every crash point of a request's handling (tests).
 	Crash  crashpoint.Hook
-	Logger zerolog.Logger
+	// OpenSecret opens what the server sealed with FM's secret key (a new
+	// machine's join token); nil: a provisioner without the key, which
+	// cannot make machines for a server that seals their tokens.
+	OpenSecret func(sealed string) (string, error)
+	Logger     zerolog.Logger
 }
 
 // Provisioner consumes provision requests. Create it with New, run it with
@@ -378,7 +382,11 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 	if resumed {
 		before = cur.Before
 	}
-	if refusal := p.refuse(req, cur, resumed); refusal != nil {
+	refusal := p.openJoin(&req)
+	if refusal == nil {
+		refusal = p.refuse(req, cur, resumed)
+	}
+	if refusal != nil {
 		// Past its deadline (the server has failed the operation and may
 		// have sent another), or superseded by a later request or
 		// generation: doing it now could make a machine nobody wants or
@@ -688,6 +696,30 @@ func (p *Provisioner) resultEvent(ctx context.Context, req protocol.ProvisionReq
 	return p.crash.Around("provisioner/"+string(req.Action)+"/result-event", func() error {
 		return p.publishEvent(ctx, e, resultEventID(req, e.Status))
 	})
+}
+
+// openJoin opens the join token a request carries sealed, for the
+// backend to hand the machine; a token that cannot be opened refuses the
+// request (nothing is made) with what the operator must change.
+func (p *Provisioner) openJoin(req *protocol.ProvisionRequest) *protocol.Error {
+	if req.Spec == nil || req.Spec.Join == nil || req.Spec.Join.SealedToken == "" {
+		return nil
+	}
+	if p.cfg.OpenSecret == nil {
+		return protocol.Errorf(protocol.CodeFailedPrecondition,
+			"the machine's join token is sealed with FM's secret key, which this provisioner does not hold: start fm provisioner with --secret-key-file (the server's DATA/secrets.key)")
+	}
+	token, err := p.cfg.OpenSecret(req.Spec.Join.SealedToken)
+	if err != nil {
+		return protocol.Errorf(protocol.CodeFailedPrecondition,
+			"the machine's join token does not open with this provisioner's secret key (--secret-key-file must be the server's): %v", err)
+	}
+	join := *req.Spec.Join
+	join.Token, join.SealedToken = token, ""
+	spec := *req.Spec
+	spec.Join = &join
+	req.Spec = &spec
+	return nil
 }
 
 // resultEventID is the id of the event reporting how req ended: derived

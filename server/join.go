@@ -206,7 +206,8 @@ func safeToken(v string) string {
 // it gives the same rights and revokes nothing more.
 func (s *Server) mintAgent(ctx context.Context, token string, rec joinRecord, pub string) (protocol.JoinResponse, error) {
 	instance, sealedKey := rec.Instance, rec.Key
-	tok, err := s.cfg.Authority.UserJWT(instance, pub, natsauth.AgentPermissions(instance), time.Time{})
+	expires := time.Now().Add(s.agentCredsTTL()).UTC().Truncate(time.Second)
+	tok, err := s.cfg.Authority.UserJWT(instance, pub, natsauth.AgentPermissions(instance), expires)
 	if err != nil {
 		return protocol.JoinResponse{}, internal(err, "the agent's credentials could not be made")
 	}
@@ -221,7 +222,7 @@ func (s *Server) mintAgent(ctx context.Context, token string, rec joinRecord, pu
 		return protocol.JoinResponse{}, unavailable(err, "the instance's secrets could not be read")
 	}
 	if previous := sec.AgentUser; previous != "" && previous != pub {
-		if err := s.revokeUsers(ctx, instance, previous); err != nil {
+		if err := s.revokeUser(ctx, instance, previous, sec.AgentUserExpires); err != nil {
 			return protocol.JoinResponse{}, unavailable(err, "the previous machine's credentials could not be revoked")
 		}
 		s.crash.At("server/join/previous-revoked")
@@ -230,6 +231,9 @@ func (s *Server) mintAgent(ctx context.Context, token string, rec joinRecord, pu
 		sec, rev, err := s.st.secrets.fetch(ctx, instance)
 		if err != nil && !errors.Is(err, errNotFound) {
 			return protocol.JoinResponse{}, unavailable(err, "the instance's secrets could not be read")
+		}
+		if sec.AgentUser != pub || sec.AgentUserExpires.Before(expires) {
+			sec.AgentUserExpires = expires
 		}
 		sec.AgentUser = pub
 		if key != "" {
@@ -293,48 +297,56 @@ func (s *Server) revokeAgent(ctx context.Context, instance string) error {
 	s.withdrawTokens(ctx, func(_ string, r joinRecord) bool { return r.Instance == instance })
 	sec, _, _ := s.st.secrets.get(instance)
 	if sec.AgentUser != "" {
-		return s.revokeUsers(ctx, instance, sec.AgentUser)
+		return s.revokeUser(ctx, instance, sec.AgentUser, sec.AgentUserExpires)
 	}
 	return nil
 }
 
-// revokeUsers adds users to the revocation list kept in fm_settings and
-// pushes the account with the whole list (so that replicas never drop each
-// other's revocations).
-func (s *Server) revokeUsers(ctx context.Context, instance string, users ...string) error {
+// revokeUser adds a user, whose last JWT expires at until (zero: never),
+// to the revocation list kept in fm_settings, and pushes the account with
+// the whole list (so that replicas never drop each other's revocations).
+// Entries whose JWTs have all expired are dropped from the list as it is
+// written: NATS refuses an expired JWT anyway, and the list (one value,
+// and the account JWT, both limited to about a megabyte) stays as small as
+// the revocations of one credentials lifetime.
+func (s *Server) revokeUser(ctx context.Context, instance, user string, until time.Time) error {
 	var list map[string]int64
-	var added []string
-	recorded := false
-	for attempt := 0; attempt < 10 && !recorded; attempt++ {
+	added := false
+	for attempt := 0; attempt < 10; attempt++ {
 		doc, rev, err := s.st.settings.fetch(ctx, revocationsKey)
 		if err != nil && !errors.Is(err, errNotFound) {
 			return fmt.Errorf("revocations unreadable: %w", err)
 		}
-		list = doc.Revocations
-		if list == nil {
-			list = map[string]int64{}
-		}
-		added = added[:0]
-		for _, u := range users {
-			if _, done := list[u]; !done {
-				list[u] = time.Now().Unix()
-				added = append(added, u)
-			}
-		}
-		if len(added) == 0 {
+		if _, done := doc.Revocations[user]; done {
+			list = doc.Revocations
 			break // recorded before (a push may have failed then: pushed again below)
 		}
-		doc.Revocations = list
+		if doc.Revocations == nil {
+			doc.Revocations = map[string]int64{}
+		}
+		doc.Revocations[user] = time.Now().Unix()
+		if !until.IsZero() {
+			if doc.RevokedUntil == nil {
+				doc.RevokedUntil = map[string]int64{}
+			}
+			doc.RevokedUntil[user] = until.Unix()
+		}
+		pruneRevocations(&doc, time.Now())
 		if rev == 0 {
 			_, err = s.st.settings.create(ctx, revocationsKey, doc)
 		} else {
 			_, err = s.st.settings.update(ctx, revocationsKey, doc, rev)
 		}
 		if err == nil {
-			recorded = true
-		} else if !errors.Is(err, errConflict) && !errors.Is(err, errExists) {
+			list, added = doc.Revocations, true
+			break
+		}
+		if !errors.Is(err, errConflict) && !errors.Is(err, errExists) {
 			return fmt.Errorf("revocation not recorded: %w", err)
 		}
+	}
+	if list == nil {
+		return fmt.Errorf("revocation not recorded: %w", errConflict)
 	}
 	if s.cfg.SystemConn == nil {
 		// Nothing to push with (NATS is not FM's own): in force once the
@@ -343,11 +355,26 @@ func (s *Server) revokeUsers(ctx context.Context, instance string, users ...stri
 	} else if err := s.pushAccount(ctx, list); err != nil {
 		return fmt.Errorf("revocation recorded but not pushed to NATS: %w", err)
 	}
-	for _, u := range added {
+	if added {
 		s.recordByFM(ctx, "credentials.revoked", "credentials", instance, nil)
-		s.log.Info().Str("instance", instance).Str("user", u).Msg("agent credentials revoked")
+		s.log.Info().Str("instance", instance).Str("user", user).Msg("agent credentials revoked")
 	}
 	return nil
+}
+
+// revocationSkew is how long after its JWT's expiry a revocation is kept:
+// NATS servers' clocks may be behind FM's.
+const revocationSkew = 10 * time.Minute
+
+// pruneRevocations drops the revocations of users whose every JWT has
+// expired; those of users minted without an expiry stay.
+func pruneRevocations(doc *settingsDoc, now time.Time) {
+	for user, until := range doc.RevokedUntil {
+		if time.Unix(until, 0).Add(revocationSkew).Before(now) {
+			delete(doc.Revocations, user)
+			delete(doc.RevokedUntil, user)
+		}
+	}
 }
 
 // revocationsKey is where fm_settings keeps the revoked NATS users.

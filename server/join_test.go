@@ -62,6 +62,29 @@ func (f *fm) provisionRequest(id string) protocol.ProvisionRequest {
 	if err := protocol.Decode(m.Data, &req); err != nil {
 		f.t.Fatal(err)
 	}
+	if req.Spec != nil && req.Spec.Join != nil {
+		// The token travels sealed (read-only bus credentials read this
+		// request); the provisioner opens it.
+		if req.Spec.Join.Token != "" || req.Spec.Join.SealedToken == "" {
+			f.t.Fatalf("the join token is not sealed: %+v", req.Spec.Join)
+		}
+		token, err := f.env.OpenSecret(req.Spec.Join.SealedToken)
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		req.Spec.Join.Token = token
+		// Nor is it in clear in the operation's record.
+		ops, err := f.env.Bus.JetStream(f.t).KeyValue(context.Background(), protocol.BucketOps)
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		keys, _ := ops.ListKeys(context.Background())
+		for k := range keys.Keys() {
+			if e, err := ops.Get(context.Background(), k); err == nil && strings.Contains(string(e.Value()), token) {
+				f.t.Fatalf("operation %s holds the join token in clear", k)
+			}
+		}
+	}
 	return req
 }
 

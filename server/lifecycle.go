@@ -481,7 +481,7 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 		if license != "" {
 			license, sealedLicense = "", box.Seal(license)
 		}
-		spec.Join = &protocol.JoinSpec{URL: s.cfg.JoinURL, Token: token, CACert: s.cfg.CAPEM}
+		spec.Join = &protocol.JoinSpec{URL: s.cfg.JoinURL, SealedToken: s.box.Seal(token), CACert: s.cfg.CAPEM}
 	}
 	actions := make([]protocol.SetupAction, len(tpl.SetupActions))
 	for i, a := range tpl.SetupActions {

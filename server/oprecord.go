@@ -113,4 +113,8 @@ type instanceSecrets struct {
 	// user (public key), revoked when the machine goes.
 	InstanceKey string `json:"instanceKey,omitempty"`
 	AgentUser   string `json:"agentUser,omitempty"`
+	// AgentUserExpires is when the last JWT minted for AgentUser expires
+	// (zero: one minted by an FM whose credentials never expired); its
+	// revocation is kept until then.
+	AgentUserExpires time.Time `json:"agentUserExpires,omitzero"`
 }

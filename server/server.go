@@ -84,6 +84,9 @@ type Config struct {
 	// connection as the NATS system account) pushes the revocations.
 	Authority  *natsauth.Authority
 	SystemConn *nats.Conn
+	// AgentCredsTTL is how long an agent's NATS credentials last (default
+	// a day); agents renew them before. Tests shorten it.
+	AgentCredsTTL time.Duration
 	// JoinURL is FM's join endpoint as machines reach it
 	// ("https://fm.example.com:10000/api/join"); the default is derived
 	// from the listener.
@@ -241,6 +244,14 @@ func (s *Server) Run(ctx context.Context) error {
 	go func() { defer close(scheduled); s.runSnapshotScheduler(foldCtx) }()
 	defer func() { stopFolding(); <-folded; <-scheduled }()
 	go s.syncAccount(foldCtx)
+	if s.cfg.Authority != nil {
+		renewals, err := s.serveRenewals()
+		if err != nil {
+			stopFolding()
+			return fmt.Errorf("server: agents' renewals: %w", err)
+		}
+		defer func() { _ = renewals.Unsubscribe() }()
+	}
 	s.log.Info().Str("addr", s.ln.Addr().String()).Msg("serving the REST API")
 	select {
 	case err := <-errc:
@@ -314,6 +325,7 @@ func (s *Server) handler() http.Handler {
 	// An agent joining has no API key: its join token is its credential.
 	// join records its own credential events on the audit trail.
 	root.Handle(JoinPath, routeHandler{s: s, methods: methods{"POST": reads(RoleViewer, s.join)}})
+	root.Handle(RenewPath, routeHandler{s: s, methods: methods{"POST": reads(RoleViewer, s.renewHTTP)}})
 	root.HandleFunc(DownloadPath, s.serveAgentBinary)
 	root.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
 	root.Handle("/healthz", routeHandler{s: s, methods: methods{"GET": reads(RoleViewer, s.healthz)}})

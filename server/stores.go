@@ -41,6 +41,9 @@ type settingsDoc struct {
 	// Revocations are the NATS users revoked (public key → when), under
 	// revocationsKey.
 	Revocations map[string]int64 `json:"revocations,omitempty"`
+	// RevokedUntil says, for a revoked user minted with an expiry, when
+	// its last JWT expires (unix): its revocation is dropped after.
+	RevokedUntil map[string]int64 `json:"revokedUntil,omitempty"`
 }
 
 func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log zerolog.Logger) (*stores, error) {

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/server"
 )
@@ -99,7 +100,11 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	// Named after its data folder, fm dev's provisioner takes its lease
 	// back at once when fm dev starts again after a crash, rather than
 	// waiting for the lease of its previous life to expire.
-	prov, err := provisioner.New(provisioner.Config{Conn: b.nc, Backend: backend, Holder: devHolder(dir), Logger: log})
+	box, err := seal.New(secretKey)
+	if err != nil {
+		return err
+	}
+	prov, err := provisioner.New(provisioner.Config{Conn: b.nc, Backend: backend, Holder: devHolder(dir), OpenSecret: box.Open, Logger: log})
 	if err != nil {
 		return err
 	}

@@ -41,7 +41,7 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	fs.StringVar(&ec.endpoint, "ec2-endpoint", "", "ec2 backend: AWS-compatible endpoint for EC2, Route53 and STS (default AWS's)")
 	fs.StringVar(&ec.ingress, "ec2-ingress-cidrs", "0.0.0.0/0", "ec2 backend: comma-separated CIDRs FM's web security group opens SSH, HTTP and HTTPS to")
 	fs.DurationVar(&ec.poll, "ec2-poll", 5*time.Second, "ec2 backend: how often a wait for AWS looks")
-	fs.StringVar(&ec.secretKeyFile, "secret-key-file", "", "ec2 backend: FM's secret key (fm server's DATA/secrets.key), to use key pair cloud credentials")
+	secretKeyFile := fs.String("secret-key-file", "", "FM's secret key (fm server's DATA/secrets.key): opens new machines' join tokens and key pair cloud credentials")
 	logFormat := fs.String("log-format", "json", "console or json")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
 	if err := parseRoleFlags(fs, args); err != nil {
@@ -57,6 +57,19 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	if *agentURL == "" {
 		*agentURL = *natsURL
 	}
+	if *secretKeyFile != "" {
+		key, err := seal.LoadKey(*secretKeyFile)
+		if err != nil {
+			return usageError{fmt.Errorf("--secret-key-file: %w", err)}
+		}
+		box, err := seal.New(key)
+		if err != nil {
+			return usageError{fmt.Errorf("--secret-key-file: %w", err)}
+		}
+		ec.openSecret = box.Open
+	} else {
+		log.Warn().Msg("no --secret-key-file: this provisioner cannot open new machines' join tokens, so reprovisions will be refused")
+	}
 	b, err := externalBus(*natsURL, *natsCreds, "fm-provisioner", &security{caFile: *natsCA}, log)
 	if err != nil {
 		return err
@@ -66,7 +79,7 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	if err != nil {
 		return err
 	}
-	p, err := provisioner.New(provisioner.Config{Conn: b.nc, Backend: backend, Logger: log})
+	p, err := provisioner.New(provisioner.Config{Conn: b.nc, Backend: backend, OpenSecret: ec.openSecret, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -82,8 +95,9 @@ type localFlags struct {
 
 // ec2Flags configure the EC2 backend.
 type ec2Flags struct {
-	region, endpoint, ingress, secretKeyFile string
-	poll                                     time.Duration
+	region, endpoint, ingress string
+	poll                      time.Duration
+	openSecret                func(string) (string, error) // FM's secret key, if given
 }
 
 // newBackend builds the named backend; agentURL is the bus as its machines
@@ -111,17 +125,7 @@ func newBackend(ctx context.Context, b *busConn, name, agentURL string, lc local
 				cfg.IngressCIDRs = append(cfg.IngressCIDRs, c)
 			}
 		}
-		if ec.secretKeyFile != "" {
-			key, err := seal.LoadKey(ec.secretKeyFile)
-			if err != nil {
-				return nil, usageError{fmt.Errorf("--secret-key-file: %w", err)}
-			}
-			box, err := seal.New(key)
-			if err != nil {
-				return nil, usageError{fmt.Errorf("--secret-key-file: %w", err)}
-			}
-			cfg.OpenSecret = box.Open
-		}
+		cfg.OpenSecret = ec.openSecret
 		b, err := ec2.New(cfg)
 		if err != nil {
 			return nil, usageError{err}

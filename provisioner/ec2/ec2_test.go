@@ -616,3 +616,34 @@ func aliveOne(b *Backend, st protocol.MachineState) (bool, error) {
 	m, err := b.Alive(context.Background(), []protocol.MachineState{st})
 	return m[st.Instance], err
 }
+
+// TestTheOSDiskIsEncryptedWithTheDataVolume: the OS disk holds the agent's
+// NATS credentials and the instance key; it is encrypted (with the data
+// volume's key) whenever the data volume is, root-volume settings or not.
+func TestTheOSDiskIsEncryptedWithTheDataVolume(t *testing.T) {
+	w := newWorld(t)
+	ctx := context.Background()
+	spec := w.spec()
+	spec.ElasticIP, spec.Network.DNSStrategy, spec.RootVolume = nil, "NONE", protocol.VolumeSpec{}
+	st, err := w.backend.Reprovision(ctx, w.request("rq-1", protocol.ProvisionReprovision, spec), protocol.MachineState{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := w.ec2.DescribeInstances(ctx, &ec2.DescribeInstancesInput{InstanceIds: []string{st.MachineID}})
+	if err != nil || len(out.Reservations) != 1 || len(out.Reservations[0].Instances) != 1 {
+		t.Fatalf("machine %s: %v", st.MachineID, err)
+	}
+	inst := out.Reservations[0].Instances[0]
+	root := ""
+	for _, m := range inst.BlockDeviceMappings {
+		if aws.ToString(m.DeviceName) == aws.ToString(inst.RootDeviceName) && m.Ebs != nil {
+			root = aws.ToString(m.Ebs.VolumeId)
+		}
+	}
+	if root == "" {
+		t.Fatalf("no root volume in %+v", inst.BlockDeviceMappings)
+	}
+	if v := w.volume(t, root); !aws.ToBool(v.Encrypted) || !strings.HasSuffix(aws.ToString(v.KmsKeyId), "11111111-2222-3333-4444-555555555555") {
+		t.Fatalf("the OS disk is encrypted %v with key %s", aws.ToBool(v.Encrypted), aws.ToString(v.KmsKeyId))
+	}
+}

@@ -106,10 +106,14 @@ func (b *Backend) runInstance(ctx context.Context, c clients, req provisioner.Re
 		in.MetadataOptions = &types.InstanceMetadataOptionsRequest{HttpTokens: types.HttpTokensStateOptional,
 			HttpPutResponseHopLimit: aws.Int32(2), HttpEndpoint: types.InstanceMetadataEndpointStateEnabled}
 	}
-	if rv := spec.RootVolume; pl.rootDevice != "" && (rv.SizeGB != 0 || rv.Type != "" || rv.IOPS != 0) {
+	// The OS disk holds the agent's NATS credentials and the instance key:
+	// encrypted whenever the data volume is, root-volume settings or not.
+	if rv := spec.RootVolume; pl.rootDevice != "" && (rv.SizeGB != 0 || rv.Type != "" || rv.IOPS != 0 || spec.DataVolume.Encryption != "") {
 		ebs := &types.EbsBlockDevice{DeleteOnTermination: aws.Bool(true)}
 		if rv.SizeGB != 0 {
 			ebs.VolumeSize = aws.Int32(int32(rv.SizeGB))
+		} else if pl.rootSizeGB != 0 {
+			ebs.VolumeSize = aws.Int32(pl.rootSizeGB) // the AMI's, said again (some EC2 APIs need it)
 		}
 		if rv.Type != "" {
 			ebs.VolumeType = types.VolumeType(rv.Type)

@@ -22,6 +22,7 @@ const maxSecurityGroups = 5
 type plan struct {
 	ami        string
 	rootDevice string
+	rootSizeGB int32 // of the AMI's root snapshot, when it says
 	az         string
 	volume     *types.Volume
 }
@@ -61,6 +62,11 @@ func (b *Backend) plan(ctx context.Context, c clients, region string, req provis
 			bad("AMI %s does not exist in %s", pl.ami, region)
 		} else if ok {
 			pl.rootDevice = aws.ToString(out.Images[0].RootDeviceName)
+			for _, m := range out.Images[0].BlockDeviceMappings {
+				if aws.ToString(m.DeviceName) == pl.rootDevice && m.Ebs != nil {
+					pl.rootSizeGB = aws.ToInt32(m.Ebs.VolumeSize)
+				}
+			}
 		}
 	}
 	if spec.InstanceType == "" {

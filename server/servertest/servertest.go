@@ -164,3 +164,13 @@ func (e *Env) Restart(t testing.TB) {
 	e.Bus.Restart(t)
 	e.start(t)
 }
+
+// OpenSecret opens what the server sealed with FM's secret key, as a
+// provisioner that holds the key does (a new machine's join token).
+func (e *Env) OpenSecret(sealed string) (string, error) {
+	box, err := seal.New(e.cfg.SecretKey)
+	if err != nil {
+		return "", err
+	}
+	return box.Open(sealed)
+}

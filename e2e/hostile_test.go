@@ -1,0 +1,313 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// The threat model's tests from inside the fleet (docs/security.md): a
+// machine's agent turned hostile, with its real credentials, and an
+// operator with read-only NATS credentials and the nats CLI. Every attempt
+// is refused by NATS or ignored by the server, and the other instance's
+// records are as they were.
+
+// hostileAgent connects to fm dev's bus as instance id's agent, with the
+// credentials its machine holds; violations receives the permission errors
+// NATS sends it.
+func hostileAgent(t *testing.T, d *devEnv, id string) (*nats.Conn, jetstream.JetStream, chan error) {
+	t.Helper()
+	// The machine keeps what its join gave it in one file.
+	var ident struct {
+		Credentials string `json:"credentials"`
+	}
+	if err := json.Unmarshal([]byte(readFile(t, filepath.Join(d.data, "local", "machines", id, "root", "var", "lib", "fm-agent", "identity.json"))), &ident); err != nil || ident.Credentials == "" {
+		t.Fatalf("the machine's identity: %v", err)
+	}
+	creds := filepath.Join(t.TempDir(), "stolen.creds")
+	if err := os.WriteFile(creds, []byte(ident.Credentials), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	violations := make(chan error, 16)
+	nc, err := nats.Connect("nats://"+strings.TrimSpace(readFile(t, filepath.Join(d.data, "nats.addr"))),
+		nats.UserCredentials(creds), nats.CustomInboxPrefix(protocol.InboxPrefix(id)),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			select {
+			case violations <- err:
+			default:
+			}
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nc, js, violations
+}
+
+// refusedByNATS waits for NATS's permission error.
+func refusedByNATS(t *testing.T, violations chan error) {
+	t.Helper()
+	select {
+	case err := <-violations:
+		if !strings.Contains(strings.ToLower(err.Error()), "permissions violation") {
+			t.Fatalf("%v, want a permissions violation", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("NATS did not refuse it")
+	}
+}
+
+// records is what FM holds about an instance that a hostile agent must
+// not change.
+func records(t *testing.T, d *devEnv, py *Python, js jetstream.JetStream, id string) map[string]any {
+	t.Helper()
+	var in map[string]any
+	if code := py.Do(t, "GET", "/instances/"+id, "", &in); code != 200 {
+		t.Fatalf("instance %s: %d", id, code)
+	}
+	st := d.status(t, py, id)
+	kv, err := js.KeyValue(context.Background(), protocol.BucketAgents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ag, err := kv.Get(context.Background(), id)
+	if err != nil {
+		t.Fatalf("the status of %s's agent: %v", id, err)
+	}
+	var key map[string]any
+	py.Do(t, "GET", "/instances/"+id+"/admin-api-key", "", &key)
+	var futures []map[string]any
+	py.Do(t, "GET", "/futures", "", &futures)
+	var mine []any
+	for _, f := range futures {
+		if strings.Contains(mustMarshal(t, f), id) {
+			mine = append(mine, map[string]any{"jobId": f["jobId"], "state": f["state"]})
+		}
+	}
+	return map[string]any{"instance": in, "state": st["state"], "dss": st["dss"], "hasAgentStatus": ag != nil,
+		"adminAPIKey": key["adminAPIKey"], "operations": mine}
+}
+
+func mustMarshal(t *testing.T, v any) string {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestAHostileAgentTouchesNothingButItself(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "fm")
+	d := startDevFast(t, data)
+	py := NewPython(t, d.url, d.keyFile)
+	a := d.newInstance(t, "hostile", "dss-14.0.0-standin")
+	b := d.newInstance(t, "target", "dss-14.0.0-standin")
+	d.fm(t, "instance", "provision", a, "--wait")
+	d.fm(t, "instance", "provision", b, "--wait")
+	admin := d.jetStream(t)
+	// Both have their credentials in FM before the attempts start.
+	for _, id := range []string{a, b} {
+		d.waitStatus(t, py, id, "with an admin API key", func(map[string]any) bool {
+			var key map[string]any
+			return py.Do(t, "GET", "/instances/"+id+"/admin-api-key", "", &key) == 200
+		})
+	}
+	before := records(t, d, py, admin, b)
+	ownBefore := records(t, d, py, admin, a)["adminAPIKey"]
+
+	nc, js, violations := hostileAgent(t, d, a)
+	ctx := context.Background()
+	forged := func(e protocol.Event) []byte {
+		t.Helper()
+		e.ID, e.Time = protocol.NewID("ev"), time.Now().UTC()
+		data, err := protocol.Encode(&e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return data
+	}
+	refusedPublish := func(subject string) func(t *testing.T) {
+		return func(t *testing.T) {
+			if err := nc.Publish(subject, []byte("forged")); err != nil {
+				t.Fatal(err)
+			}
+			_ = nc.Flush()
+			refusedByNATS(t, violations)
+		}
+	}
+	for _, row := range []struct {
+		name    string
+		attempt func(t *testing.T)
+	}{
+		{"publish B's events", refusedPublish(protocol.EventSubject(b, protocol.EventStep))},
+		{"publish B's heartbeat", refusedPublish(protocol.HeartbeatSubject(b))},
+		{"publish B's logs", refusedPublish(protocol.LogSubject(b, "dss"))},
+		{"write B's agent status", refusedPublish(protocol.KVSubject(protocol.BucketAgents, b))},
+		{"write its own desired state", refusedPublish(protocol.KVSubject(protocol.BucketDesired, a))},
+		{"send a provision request", refusedPublish(protocol.ProvisionSubject(b, protocol.ProvisionDelete))},
+		{"pass for the provisioner", refusedPublish(protocol.EventSubject(a, protocol.EventMachine))},
+		{"report a snapshot", refusedPublish(protocol.EventSubject(a, protocol.EventSnapshot))},
+		{"list the fleet", func(t *testing.T) {
+			_, _ = nc.Request("$JS.API.STREAM.INFO.KV_"+protocol.BucketAgents, []byte(`{"subjects_filter":">"}`), time.Second)
+			refusedByNATS(t, violations)
+		}},
+		{"read B's desired state", func(t *testing.T) {
+			_, _ = nc.Request("$JS.API.DIRECT.GET.KV_"+protocol.BucketDesired+"."+protocol.KVSubject(protocol.BucketDesired, b), nil, time.Second)
+			refusedByNATS(t, violations)
+		}},
+		{"listen to the fleet", func(t *testing.T) {
+			if _, err := nc.SubscribeSync("fm.>"); err != nil {
+				t.Fatal(err)
+			}
+			_ = nc.Flush()
+			refusedByNATS(t, violations)
+		}},
+		{"listen to B's inbox", func(t *testing.T) {
+			if _, err := nc.SubscribeSync(protocol.InboxPrefix(b) + ".>"); err != nil {
+				t.Fatal(err)
+			}
+			_ = nc.Flush()
+			refusedByNATS(t, violations)
+		}},
+		{"read B's commands", func(t *testing.T) {
+			_, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Name: protocol.CommandConsumer(b),
+				FilterSubject: protocol.CommandFilter(b), AckPolicy: jetstream.AckNonePolicy})
+			if err == nil {
+				t.Fatal("made a consumer on B's commands")
+			}
+			refusedByNATS(t, violations)
+		}},
+		{"pile up durable consumers", func(t *testing.T) {
+			_, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Durable: "forever",
+				FilterSubject: protocol.CommandFilter(a), AckPolicy: jetstream.AckNonePolicy})
+			if err == nil {
+				t.Fatal("made a durable consumer")
+			}
+			refusedByNATS(t, violations)
+		}},
+		{"roll up every agent's status", func(t *testing.T) {
+			m := nats.NewMsg(protocol.KVSubject(protocol.BucketAgents, a))
+			m.Header.Set("Nats-Rollup", "all")
+			if _, err := js.PublishMsg(ctx, m); err == nil {
+				t.Fatal("the roll-up was taken")
+			}
+		}},
+		// Taken by NATS (the agent's own subjects), ignored by the server.
+		{"give B a credential from its own subject", func(t *testing.T) {
+			if _, err := js.Publish(ctx, protocol.EventSubject(a, protocol.EventCommand), forged(protocol.Event{Instance: b,
+				Kind: protocol.EventCommand, Source: "agent", CommandID: "sec-forged", Step: string(protocol.CommandGetAdminAPIKey),
+				Status: protocol.StatusOK, Result: json.RawMessage(`{"adminAPIKey":"forged"}`)})); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"beat for B", func(t *testing.T) {
+			hb, _ := protocol.Encode(&protocol.Heartbeat{Instance: b, Time: time.Now().UTC()})
+			if err := nc.Publish(protocol.HeartbeatSubject(a), hb); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"replace its own credential in clear", func(t *testing.T) {
+			if _, err := js.Publish(ctx, protocol.EventSubject(a, protocol.EventCommand), forged(protocol.Event{Instance: a,
+				Kind: protocol.EventCommand, Source: "agent", CommandID: "sec-forged", Step: string(protocol.CommandGetAdminAPIKey),
+				Status: protocol.StatusOK, Result: json.RawMessage(`{"adminAPIKey":"forged"}`)})); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"a provisioner's event on a step subject", func(t *testing.T) {
+			if _, err := js.Publish(ctx, protocol.EventSubject(a, protocol.EventStep), forged(protocol.Event{Instance: a,
+				Kind: protocol.EventMachine, Source: "provisioner", Step: "deprovision", Status: protocol.StatusOK})); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(row.name, row.attempt)
+	}
+	// Once the server's consumer of FM_EVENTS has nothing pending, every
+	// forged event the bus took was folded (or skipped).
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		cons, err := admin.Consumer(ctx, protocol.StreamEvents, "fm-server")
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := cons.Info(ctx)
+		if err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the server did not fold the events: %+v %v", info, err)
+		}
+	}
+	if after := records(t, d, py, admin, b); !reflect.DeepEqual(before, after) {
+		t.Fatalf("B's records changed:\nbefore %v\nafter  %v", before, after)
+	}
+	if own := records(t, d, py, admin, a)["adminAPIKey"]; own != ownBefore {
+		t.Fatalf("A's admin API key is %v, was %v: a credential in clear was taken", own, ownBefore)
+	}
+	// And the fleet still works: B takes an action.
+	d.fm(t, "instance", "restart-dss", b, "--wait")
+}
+
+// TestAHostileReadOnlyOperator: read-only NATS credentials look at
+// everything and change nothing, with the nats CLI an operator uses.
+func TestAHostileReadOnlyOperator(t *testing.T) {
+	natsBin, err := exec.LookPath("nats")
+	if err != nil {
+		t.Fatal("the NATS CLI is not on PATH; `make test` installs it")
+	}
+	data := filepath.Join(t.TempDir(), "fm")
+	d := startDevFast(t, data)
+	id := d.newInstance(t, "watched", "dss-14.0.0-standin")
+	env := []string{"NATS_URL=nats://" + strings.TrimSpace(readFile(t, filepath.Join(data, "nats.addr"))),
+		"HOME=" + t.TempDir(), "NATS_CREDS=" + filepath.Join(data, "nats-readonly.creds")}
+	nats := func(args ...string) (string, int) {
+		t.Helper()
+		out, errOut, code := Run(t, natsBin, env, args...)
+		return out + errOut, code
+	}
+	if out, code := nats("stream", "ls"); code != 0 || !strings.Contains(out, protocol.StreamEvents) {
+		t.Fatalf("a read-only operator cannot look: %s", out)
+	}
+	for _, row := range []struct {
+		name string
+		args []string
+	}{
+		{"publish an event", []string{"pub", protocol.EventSubject(id, protocol.EventStep), "forged"}},
+		{"publish a request", []string{"req", protocol.ProvisionSubject(id, protocol.ProvisionDelete), "forged", "--timeout", "2s"}},
+		{"change an instance", []string{"kv", "put", protocol.BucketInstances, id, "{}"}},
+		{"delete an instance", []string{"kv", "del", protocol.BucketInstances, id, "-f"}},
+		{"purge the events", []string{"stream", "purge", protocol.StreamEvents, "-f"}},
+		{"delete the audit trail", []string{"stream", "rm", protocol.StreamAudit, "-f"}},
+		{"delete a consumer", []string{"consumer", "rm", protocol.StreamEvents, "fm-server", "-f"}},
+	} {
+		t.Run(row.name, func(t *testing.T) {
+			// The CLI exits 0 after some refusals, saying so.
+			if out, code := nats(row.args...); code == 0 && !strings.Contains(strings.ToLower(out), "permissions violation") {
+				t.Fatalf("nats %s: exit 0\n%s", strings.Join(row.args, " "), out)
+			}
+		})
+	}
+	var in map[string]any
+	py := NewPython(t, d.url, d.keyFile)
+	if code := py.Do(t, "GET", "/instances/"+id, "", &in); code != 200 || in["id"] != id {
+		t.Fatalf("the instance after the attempts: %d %v", code, in)
+	}
+	if st, err := d.jetStream(t).Stream(context.Background(), protocol.StreamAudit); err != nil || errors.Is(err, jetstream.ErrStreamNotFound) {
+		t.Fatalf("the audit trail after the attempts: %v %v", st, err)
+	}
+}

@@ -1,0 +1,164 @@
+package server
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"net/http"
+	"time"
+
+	"github.com/fleetmanager/fm/internal/natsauth"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
+)
+
+// Agents' NATS credentials expire (Config.AgentCredsTTL), so that a
+// revocation need only be remembered until the last JWT of the user it
+// revokes has expired: the revocation list stays small however many
+// machines come and go. An agent renews its credentials over the bus before
+// they expire, and over HTTP (RenewPath) if they expired while its machine
+// was off.
+
+// RenewPath is where an agent whose credentials expired renews them, with a
+// request signed by its machine's key.
+const RenewPath = JoinPath + "/renew"
+
+// defaultAgentCredsTTL is how long an agent's credentials last; agents
+// renew them when two thirds of that have passed.
+const defaultAgentCredsTTL = 24 * time.Hour
+
+// renewClockSkew is how far a renew request's time may be from FM's.
+const renewClockSkew = 10 * time.Minute
+
+// serveRenewals answers the renew requests agents send on the bus; the
+// subscription ends with the connection's drain or Unsubscribe.
+func (s *Server) serveRenewals() (*nats.Subscription, error) {
+	return s.cfg.Conn.QueueSubscribe(protocol.SubjectAllRenew, "fm-server", func(m *nats.Msg) {
+		// The subject is the sender's: only an agent of that instance may
+		// publish on it.
+		instance := protocol.InstanceFromSubject(m.Subject)
+		var resp protocol.RenewResponse
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		tok, err := s.renewRequest(ctx, instance, m.Data)
+		var perr *protocol.Error
+		switch {
+		case errors.As(err, &perr):
+			resp.Error = perr
+		case err != nil:
+			resp.Error = protocol.Errorf(protocol.CodeInternal, "%v", err)
+		default:
+			resp.JWT = tok
+		}
+		data, err := protocol.Encode(&resp)
+		if err == nil {
+			_ = m.Respond(data)
+		}
+	})
+}
+
+// renewHTTP serves POST RenewPath.
+func (s *Server) renewHTTP(r *http.Request) (any, error) {
+	if s.cfg.Authority == nil {
+		return nil, newAPIError(protocol.CodeUnimplemented, "Not supported", "this Fleet Manager runs without NATS credentials")
+	}
+	if addr := clientAddr(r); s.limiter.blocked(addr) {
+		return nil, newAPIError(protocol.CodeResourceExhausted, "Too many failed attempts",
+			"too many failed attempts from %s; wait a minute", addr)
+	}
+	var req protocol.RenewRequest
+	if err := readJSON(r, &req); err != nil {
+		return nil, err
+	}
+	data, _ := protocol.Encode(&req)
+	tok, err := s.renewRequest(r.Context(), req.Instance, data)
+	if err != nil {
+		var perr *protocol.Error
+		if errors.As(err, &perr) && perr.Code == protocol.CodeUnauthenticated {
+			s.limiter.fail(clientAddr(r))
+		}
+		return nil, err
+	}
+	return protocol.RenewResponse{JWT: tok}, nil
+}
+
+// renewRequest checks a renew request for instance and answers the JWT.
+func (s *Server) renewRequest(ctx context.Context, instance string, data []byte) (string, error) {
+	var req protocol.RenewRequest
+	if err := protocol.Decode(data, &req); err != nil {
+		return "", protocol.Errorf(protocol.CodeInvalidArgument, "the renew request does not decode: %v", err)
+	}
+	refused := func(reason string) error {
+		s.log.Warn().Str("instance", safeToken(instance)).Str("reason", reason).Msg("credentials not renewed")
+		return protocol.Errorf(protocol.CodeUnauthenticated, "credentials not renewed: %s", reason)
+	}
+	switch {
+	case !protocol.ValidToken(instance) || req.Instance != instance:
+		return "", refused("the request names another instance than its sender")
+	case !nkeys.IsValidPublicUserKey(req.PublicKey):
+		return "", refused("publicKey is not a NATS user key")
+	case req.Time.Before(time.Now().Add(-renewClockSkew)) || req.Time.After(time.Now().Add(renewClockSkew)):
+		return "", refused("the request's time is more than 10 minutes from FM's (a replay, or a clock to set)")
+	case !signedBy(req.PublicKey, req.Signature, protocol.RenewProof(req.Instance, req.PublicKey, req.Time)):
+		return "", refused("no proof of holding the key")
+	}
+	return s.renewAgent(ctx, instance, req.PublicKey)
+}
+
+// renewAgent mints a new JWT for the instance's current agent user pub,
+// after recording how long it lasts: a revocation is kept until the last
+// JWT of its user expired, so the expiry is on record before any JWT
+// carrying it leaves.
+func (s *Server) renewAgent(ctx context.Context, instance, pub string) (string, error) {
+	if doc, _, _ := s.st.settings.get(revocationsKey); doc.Revocations[pub] != 0 {
+		return "", protocol.Errorf(protocol.CodeUnauthenticated, "credentials not renewed: this machine's credentials were revoked")
+	}
+	expires := time.Now().Add(s.agentCredsTTL()).UTC().Truncate(time.Second)
+	for attempt := 0; ; attempt++ {
+		sec, rev, err := s.st.secrets.fetch(ctx, instance)
+		if errors.Is(err, errNotFound) || err == nil && sec.AgentUser != pub {
+			return "", protocol.Errorf(protocol.CodeUnauthenticated, "credentials not renewed: not the key of the instance's current machine")
+		}
+		if err != nil {
+			return "", protocol.Errorf(protocol.CodeUnavailable, "the instance's secrets could not be read: %v", err)
+		}
+		if sec.AgentUserExpires.Before(expires) {
+			sec.AgentUserExpires = expires
+			if _, err = s.st.secrets.update(ctx, instance, sec, rev); err != nil {
+				if errors.Is(err, errConflict) && attempt < 5 {
+					continue
+				}
+				return "", protocol.Errorf(protocol.CodeUnavailable, "the renewal could not be recorded: %v", err)
+			}
+		}
+		break
+	}
+	tok, err := s.cfg.Authority.UserJWT(instance, pub, natsauth.AgentPermissions(instance), expires)
+	if err != nil {
+		return "", protocol.Errorf(protocol.CodeInternal, "the agent's credentials could not be made: %v", err)
+	}
+	s.log.Debug().Str("instance", instance).Time("expires", expires).Msg("agent credentials renewed")
+	return tok, nil
+}
+
+func (s *Server) agentCredsTTL() time.Duration {
+	if s.cfg.AgentCredsTTL > 0 {
+		return s.cfg.AgentCredsTTL
+	}
+	return defaultAgentCredsTTL
+}
+
+// signedBy reports whether sig (base64, raw URL encoding) is pub's
+// signature of proof.
+func signedBy(pub, sig string, proof []byte) bool {
+	raw, err := base64.RawURLEncoding.DecodeString(sig)
+	if err != nil || len(raw) == 0 {
+		return false
+	}
+	kp, err := nkeys.FromPublicKey(pub)
+	if err != nil {
+		return false
+	}
+	return kp.Verify(proof, raw) == nil
+}
