@@ -106,8 +106,16 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 		t.Fatalf("the setup action is not in DSS: %d %s", code, body)
 	}
 
-	// Prometheus sees the fleet.
-	resp, err := http.Get(d.url + "/metrics")
+	// Prometheus sees the fleet, with an API key (its series name
+	// instances).
+	if resp, err := http.Get(d.url + "/metrics"); err != nil || resp.StatusCode != 401 {
+		t.Fatalf("/metrics without a key: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	scrape, _ := http.NewRequest("GET", d.url+"/metrics", nil)
+	scrape.SetBasicAuth(py.KeyID, py.Secret)
+	resp, err := http.DefaultClient.Do(scrape)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -29,6 +29,8 @@ const (
 	CodeInternal           Code = "Internal"           // a bug or an unexpected failure
 	CodeDataLoss           Code = "DataLoss"           // stored data is missing or fails its integrity check
 	CodeUnsupportedVersion Code = "UnsupportedVersion" // a message of a protocol version this role does not speak
+	CodeMethodNotAllowed   Code = "MethodNotAllowed"   // the endpoint exists, not with this HTTP method (REST only)
+	CodeRequestTooLarge    Code = "RequestTooLarge"    // the request body is larger than the endpoint takes (REST only)
 )
 
 // Error is an error that crosses the wire: a stable code and a message meant

@@ -77,7 +77,6 @@ func (s *Server) revokeKey(r *http.Request) (any, error) {
 		now := time.Now().UTC()
 		k.RevokedAt = &now
 		if _, err := s.st.keys.update(r.Context(), id, k, rev); err == nil {
-			s.auth.forget(id)
 			return viewOf(k), nil
 		} else if !errors.Is(err, errConflict) {
 			return nil, unavailable(err, "the key could not be revoked")

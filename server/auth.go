@@ -2,10 +2,11 @@ package server
 
 import (
 	"context"
+	"crypto/hkdf"
+	"crypto/hmac"
 	"crypto/pbkdf2"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -15,7 +16,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/fleetmanager/fm/internal/atomicfile"
@@ -29,8 +29,8 @@ const (
 	RoleViewer   = "viewer"
 )
 
-// apiKey is an API key as stored in fm_apikeys. The secret is kept only as a
-// slow salted hash.
+// apiKey is an API key as stored in fm_apikeys. The secret is kept only as
+// a keyed hash (authenticator).
 type apiKey struct {
 	ID        string     `json:"id"`
 	Label     string     `json:"label"`
@@ -80,30 +80,29 @@ func principalFrom(ctx context.Context) *Principal {
 	return p
 }
 
-// PBKDF2 with SHA-256 at OWASP's recommended work factor, so that a stolen
-// fm_apikeys bucket does not give the secrets away. The factor is stored in
-// each hash; Config.KeyHashIterations only sets it for new keys.
+// An API key's secret is stored as an HMAC-SHA-256 of the key id and the
+// secret, keyed with a key derived from the server's secret key. Secrets are
+// 40 random characters (238 bits), so a slow hash adds nothing against
+// guessing them, and checking one costs a microsecond rather than the
+// tenth of a second PBKDF2 cost on every failed attempt; without the
+// server's secret key a copy of fm_apikeys gives nothing to test a guess
+// against.
+//
+// FMs before this one stored PBKDF2-SHA256 hashes ("pbkdf2-sha256$..."):
+// such a key still authenticates, and is stored as an HMAC after its first
+// success.
 const (
-	DefaultKeyHashIterations = 600_000
-	hashPrefix               = "pbkdf2-sha256"
+	macPrefix    = "hmac-sha256$"
+	pbkdf2Prefix = "pbkdf2-sha256$"
+	// macLabel derives the HMAC key from the server's secret key: a label
+	// of its own, so that key serves nothing else.
+	macLabel = "fm api key secret hmac v1"
 )
 
-func hashSecret(secret string, iterations int) (string, error) {
-	salt := make([]byte, 16)
-	if _, err := rand.Read(salt); err != nil {
-		return "", err
-	}
-	dk, err := pbkdf2.Key(sha256.New, secret, salt, iterations, 32)
-	if err != nil {
-		return "", err
-	}
-	return fmt.Sprintf("%s$%d$%s$%s", hashPrefix, iterations,
-		base64.RawStdEncoding.EncodeToString(salt), base64.RawStdEncoding.EncodeToString(dk)), nil
-}
-
-func checkSecret(encoded, secret string) bool {
+// checkPBKDF2 checks secret against a hash an older FM stored.
+func checkPBKDF2(encoded, secret string) bool {
 	parts := strings.Split(encoded, "$")
-	if len(parts) != 4 || parts[0] != hashPrefix {
+	if len(parts) != 4 || parts[0]+"$" != pbkdf2Prefix {
 		return false
 	}
 	iter, err := strconv.Atoi(parts[1])
@@ -116,103 +115,92 @@ func checkSecret(encoded, secret string) bool {
 		return false
 	}
 	got, err := pbkdf2.Key(sha256.New, secret, salt, iter, len(want))
-	return err == nil && subtle.ConstantTimeCompare(got, want) == 1
+	return err == nil && hmac.Equal(got, want)
 }
 
-// authenticator checks HTTP Basic credentials against fm_apikeys. A slow hash
-// on every request would make polling clients pay ~100 ms per call, so a
-// secret that verified once is remembered, as its SHA-256, for a few minutes.
+// authenticator checks HTTP Basic credentials against fm_apikeys.
 type authenticator struct {
 	keys *table[apiKey]
-	ttl  time.Duration
-
-	mu       sync.Mutex
-	verified map[string]verifiedSecret
+	key  []byte   // the HMAC key
+	none [32]byte // what a key id that does not exist is checked against
 }
 
-type verifiedSecret struct {
-	digest  [32]byte
-	hash    string // the stored hash it was checked against
-	expires time.Time
+func newAuthenticator(keys *table[apiKey], secretKey []byte) (*authenticator, error) {
+	k, err := hkdf.Key(sha256.New, secretKey, nil, macLabel, 32)
+	if err != nil {
+		return nil, fmt.Errorf("derive the API key hashing key: %w", err)
+	}
+	a := &authenticator{keys: keys, key: k}
+	if _, err := rand.Read(a.none[:]); err != nil {
+		return nil, fmt.Errorf("random: %w", err)
+	}
+	return a, nil
+}
+
+// mac is the HMAC of a key id and its secret.
+func (a *authenticator) mac(id, secret string) []byte {
+	m := hmac.New(sha256.New, a.key)
+	m.Write([]byte(id))
+	m.Write([]byte{0})
+	m.Write([]byte(secret))
+	return m.Sum(nil)
+}
+
+// hash is the stored form of a key's secret.
+func (a *authenticator) hash(id, secret string) string {
+	return macPrefix + base64.RawStdEncoding.EncodeToString(a.mac(id, secret))
 }
 
 var errBadCredentials = errors.New("bad credentials")
 
-// forget drops a remembered secret (the key was revoked).
-func (a *authenticator) forget(id string) {
-	a.mu.Lock()
-	delete(a.verified, id)
-	a.mu.Unlock()
-}
-
-func (a *authenticator) authenticate(id, secret string) (*Principal, error) {
-	k, _, ok := a.keys.get(id)
-	if !ok || k.RevokedAt != nil {
-		return nil, errBadCredentials
-	}
-	digest := sha256.Sum256([]byte(secret))
-	now := time.Now()
-	a.mu.Lock()
-	v, hit := a.verified[id]
-	a.mu.Unlock()
-	if hit && v.hash == k.Hash && now.Before(v.expires) && subtle.ConstantTimeCompare(v.digest[:], digest[:]) == 1 {
-		return &Principal{KeyID: id, Role: k.Role}, nil
-	}
-	if !checkSecret(k.Hash, secret) {
-		return nil, errBadCredentials
-	}
-	a.mu.Lock()
-	a.verified[id] = verifiedSecret{digest: digest, hash: k.Hash, expires: now.Add(a.ttl)}
-	a.mu.Unlock()
-	return &Principal{KeyID: id, Role: k.Role}, nil
-}
-
-// Failed authentications allowed per client address in a window, before
-// its requests are refused outright until the window has passed.
-const (
-	maxAuthFailures   = 10
-	authFailureWindow = time.Minute
-)
-
-// failureLimiter counts failed authentications per client address.
-type failureLimiter struct {
-	mu       sync.Mutex
-	failures map[string][]time.Time
-}
-
-func (l *failureLimiter) blocked(addr string) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return len(l.recent(addr)) >= maxAuthFailures
-}
-
-func (l *failureLimiter) fail(addr string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.failures[addr] = append(l.recent(addr), time.Now())
-	if len(l.failures) > 10000 {
-		// Bound the memory: forget addresses whose failures are old.
-		for a := range l.failures {
-			if len(l.recent(a)) == 0 {
-				delete(l.failures, a)
-			}
+// authenticate checks a key id and secret. Whether the key id exists, is
+// revoked or not, and the secret right or not, the same work is done (an
+// HMAC and a constant-time comparison), so that the time taken does not
+// tell one from another; only a key an older FM stored costs its PBKDF2
+// as well. For such a key, legacy is the revision of fm_apikeys the secret
+// was checked at, for rehash; 0 otherwise.
+func (a *authenticator) authenticate(id, secret string) (p *Principal, legacy uint64, err error) {
+	got := a.mac(id, secret)
+	k, rev, known := a.keys.get(id)
+	want := a.none[:]
+	if enc, ok := strings.CutPrefix(k.Hash, macPrefix); known && ok {
+		if w, err := base64.RawStdEncoding.DecodeString(enc); err == nil {
+			want = w
 		}
 	}
-}
-
-func (l *failureLimiter) recent(addr string) []time.Time {
-	if l.failures == nil {
-		l.failures = map[string][]time.Time{}
-	}
-	cutoff := time.Now().Add(-authFailureWindow)
-	kept := l.failures[addr][:0]
-	for _, t := range l.failures[addr] {
-		if t.After(cutoff) {
-			kept = append(kept, t)
+	match := hmac.Equal(got, want) && known
+	if known && strings.HasPrefix(k.Hash, pbkdf2Prefix) {
+		match = checkPBKDF2(k.Hash, secret)
+		if match && k.RevokedAt == nil {
+			legacy = rev
 		}
 	}
-	l.failures[addr] = kept
-	return kept
+	if !match || k.RevokedAt != nil {
+		return nil, 0, errBadCredentials
+	}
+	return &Principal{KeyID: id, Role: k.Role}, legacy, nil
+}
+
+// rehash stores, as an HMAC, the secret of a key an older FM stored with
+// PBKDF2, once the secret checked out at revision rev. The write is
+// revision-checked, so that a key revoked or rehashed meanwhile is left as
+// it is; a failure is only logged (the key keeps working, at PBKDF2's cost,
+// and the next success tries again).
+func (s *Server) rehash(ctx context.Context, id, secret string, rev uint64) {
+	k, cur, ok := s.st.keys.get(id)
+	if !ok || cur != rev || !strings.HasPrefix(k.Hash, pbkdf2Prefix) {
+		return
+	}
+	k.Hash = s.auth.hash(id, secret)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if _, err := s.st.keys.update(ctx, id, k, rev); errors.Is(err, errConflict) {
+		s.log.Info().Str("key", id).Msg("API key changed while its hash was being upgraded; left as it is")
+	} else if err != nil {
+		s.log.Warn().Err(err).Str("key", id).Msg("API key hash not upgraded from PBKDF2; it is tried again at its next use")
+	} else {
+		s.log.Info().Str("key", id).Msg("API key hash upgraded from PBKDF2 to HMAC-SHA-256")
+	}
 }
 
 // clientAddr is the host part of the request's remote address.
@@ -224,17 +212,12 @@ func clientAddr(r *http.Request) string {
 	return host
 }
 
-// requireAuth lets a request through only with a valid API key. A client
-// that failed too often recently is refused without checking.
+// requireAuth lets a request through only with a valid API key. Its
+// attempt is counted by client address and by key id (attemptLimiter); a
+// client or key id that failed too often recently is refused without
+// checking.
 func (s *Server) requireAuth(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		addr := clientAddr(r)
-		if s.limiter.blocked(addr) {
-			w.Header().Set("Retry-After", strconv.Itoa(int(authFailureWindow.Seconds())))
-			s.writeError(w, r, newAPIError(protocol.CodeResourceExhausted, "Too many failed attempts",
-				"too many failed authentications from %s; wait a minute", addr))
-			return
-		}
 		id, secret, ok := r.BasicAuth()
 		if !ok {
 			w.Header().Set("WWW-Authenticate", `Basic realm="fleet-manager"`)
@@ -242,25 +225,51 @@ func (s *Server) requireAuth(next http.Handler) http.Handler {
 				"send an API key as HTTP Basic credentials (key id as user, secret as password)"))
 			return
 		}
-		p, err := s.auth.authenticate(id, secret)
+		p, legacy, err := s.checkKey(r, id, secret)
 		if err != nil {
-			s.limiter.fail(addr)
-			w.Header().Set("WWW-Authenticate", `Basic realm="fleet-manager"`)
-			// Only a known key id is recorded: what was typed as an id may
-			// be a secret.
-			who := "key:(unknown)"
-			if _, _, known := s.st.keys.get(id); known {
-				who = "key:" + id
+			if asAPIError(err).code == protocol.CodeUnauthenticated {
+				w.Header().Set("WWW-Authenticate", `Basic realm="fleet-manager"`)
 			}
-			s.log.Warn().Str("who", who).Str("remote", r.RemoteAddr).Msg("authentication failed")
-			e := newAPIError(protocol.CodeUnauthenticated, "Authentication failed",
-				"the API key id or secret is wrong, or the key was revoked")
-			s.auditAs(r, who, "", "refused", http.StatusUnauthorized, e)
-			s.writeError(w, r, e)
+			s.writeError(w, r, err)
 			return
+		}
+		if legacy != 0 {
+			s.rehash(r.Context(), id, secret, legacy)
 		}
 		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), principalKey{}, p)))
 	})
+}
+
+// checkKey authenticates a request's key within the limits of its address
+// and key id, and records a failure.
+func (s *Server) checkKey(r *http.Request, id, secret string) (*Principal, uint64, error) {
+	addr := clientAddr(r)
+	byAddr, err := s.apiByAddr.reserve(r.Context(), addr)
+	if err != nil {
+		return nil, 0, limited(err, "too many failed authentications from %s", addr)
+	}
+	byKey, err := s.apiByKey.reserve(r.Context(), keyIDSlot(id))
+	if err != nil {
+		byAddr.settle(false)
+		return nil, 0, limited(err, "too many failed authentications with this key id")
+	}
+	p, legacy, err := s.auth.authenticate(id, secret)
+	byAddr.settle(err != nil)
+	byKey.settle(err != nil)
+	if err == nil {
+		return p, legacy, nil
+	}
+	// Only a known key id is recorded: what was typed as an id may be a
+	// secret.
+	who := "key:(unknown)"
+	if _, _, known := s.st.keys.get(id); known {
+		who = "key:" + id
+	}
+	s.log.Warn().Str("who", who).Str("remote", r.RemoteAddr).Msg("authentication failed")
+	e := newAPIError(protocol.CodeUnauthenticated, "Authentication failed",
+		"the API key id or secret is wrong, or the key was revoked")
+	s.auditAs(r, who, "", "refused", http.StatusUnauthorized, e)
+	return nil, 0, e
 }
 
 // randomToken returns n random characters from [A-Za-z0-9].
@@ -286,12 +295,8 @@ func randomToken(n int) string {
 // stored or shown again.
 func (s *Server) createKey(ctx context.Context, label, role, createdBy string) (KeyFile, error) {
 	kf := KeyFile{ID: randomToken(24), Secret: randomToken(40)}
-	h, err := hashSecret(kf.Secret, s.cfg.KeyHashIterations)
-	if err != nil {
-		return KeyFile{}, fmt.Errorf("hash key secret: %w", err)
-	}
 	now := time.Now().UTC()
-	k := apiKey{ID: kf.ID, Label: label, Role: role, Hash: h, CreatedAt: now, CreatedBy: createdBy}
+	k := apiKey{ID: kf.ID, Label: label, Role: role, Hash: s.auth.hash(kf.ID, kf.Secret), CreatedAt: now, CreatedBy: createdBy}
 	if _, err := s.st.keys.create(ctx, k.ID, k); err != nil {
 		return KeyFile{}, fmt.Errorf("store key: %w", err)
 	}

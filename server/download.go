@@ -53,7 +53,7 @@ func (s *Server) agentDownload() *protocol.AgentDownload {
 
 func (s *Server) serveAgentBinary(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		s.writeErrorStatus(w, r, http.StatusMethodNotAllowed, newAPIError(protocol.CodeInvalidArgument, "Method not allowed", "use GET"))
+		s.writeError(w, r, methodNotAllowed(w, r, http.MethodGet, http.MethodHead))
 		return
 	}
 	if s.agent == nil {

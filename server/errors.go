@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"time"
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/protocol"
@@ -17,6 +18,8 @@ type apiError struct {
 	message string
 	detail  string
 	cause   error
+	// retryAfter, if set, is sent as the Retry-After header.
+	retryAfter time.Duration
 }
 
 func (e *apiError) Error() string {
@@ -47,6 +50,20 @@ func conflict(format string, args ...any) *apiError {
 
 func precondition(format string, args ...any) *apiError {
 	return newAPIError(protocol.CodeFailedPrecondition, "Not allowed now", format, args...)
+}
+
+// limited is the refusal of an attempt at a credential made too often
+// (the cause, *errLimited, says until when); what refused it is named for
+// the caller.
+func limited(cause error, format string, args ...any) *apiError {
+	var l *errLimited
+	if !errors.As(cause, &l) {
+		return unavailable(cause, "the request was cut short; retry")
+	}
+	e := newAPIError(protocol.CodeResourceExhausted, "Too many failed attempts", format, args...)
+	e.detail += fmt.Sprintf("; retry in %d s", retryAfterSeconds(l.retryAfter))
+	e.retryAfter = l.retryAfter
+	return e
 }
 
 // internal hides cause from the caller; it is logged.
@@ -84,6 +101,10 @@ func httpStatus(code protocol.Code) int {
 	switch code {
 	case protocol.CodeInvalidArgument, protocol.CodeUnsupportedVersion:
 		return http.StatusBadRequest
+	case protocol.CodeMethodNotAllowed:
+		return http.StatusMethodNotAllowed
+	case protocol.CodeRequestTooLarge:
+		return http.StatusRequestEntityTooLarge
 	case protocol.CodeUnauthenticated:
 		return http.StatusUnauthorized
 	case protocol.CodePermissionDenied:

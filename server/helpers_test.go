@@ -3,7 +3,9 @@ package server_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -47,8 +49,25 @@ func (f *fm) do(method, path, body string) response {
 
 func (f *fm) doAs(method, path, body, id, secret string) response {
 	f.t.Helper()
+	return f.doFrom("", method, path, body, id, secret)
+}
+
+// doFrom is doAs from the client address src ("" for any): the server tells
+// its clients apart by address, and every 127.x.y.z is this machine.
+func (f *fm) doFrom(src, method, path, body, id, secret string) response {
+	f.t.Helper()
+	r, err := f.tryFrom(src, method, path, body, id, secret)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return r
+}
+
+// tryFrom is doFrom returning its error, for goroutines other than the
+// test's.
+func (f *fm) tryFrom(src, method, path, body, id, secret string) (response, error) {
 	url := f.env.URL + path
-	if !strings.HasPrefix(path, "/api/") && !strings.HasPrefix(path, "//") && !strings.HasPrefix(path, "/metrics") && !strings.HasPrefix(path, "/healthz") && !strings.HasPrefix(path, "/download/") {
+	if path != "/api" && path != "/download" && !strings.HasPrefix(path, "/api/") && !strings.HasPrefix(path, "//") && !strings.HasPrefix(path, "/metrics") && !strings.HasPrefix(path, "/healthz") && !strings.HasPrefix(path, "/download/") {
 		url = f.env.URL + tenantPath + path
 	}
 	var rd io.Reader
@@ -57,20 +76,24 @@ func (f *fm) doAs(method, path, body, id, secret string) response {
 	}
 	req, err := http.NewRequest(method, url, rd)
 	if err != nil {
-		f.t.Fatal(err)
+		return response{}, err
 	}
 	if id != "" {
 		req.SetBasicAuth(id, secret)
 	}
 	// No Content-Type, as the Python client sends.
 	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	if src != "" {
+		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 10 * time.Second}
+		client.Transport = &http.Transport{DialContext: d.DialContext, DisableKeepAlives: true}
+	}
 	resp, err := client.Do(req)
 	if err != nil {
-		f.t.Fatalf("%s %s: %v", method, path, err)
+		return response{}, fmt.Errorf("%s %s: %w", method, path, err)
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	return response{status: resp.StatusCode, body: b, header: resp.Header}
+	return response{status: resp.StatusCode, body: b, header: resp.Header}, nil
 }
 
 // send sends a request whose answer nobody waits for (a call the server

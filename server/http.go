@@ -10,6 +10,7 @@ import (
 	"path"
 	"runtime/debug"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -67,9 +68,7 @@ func (h routeHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			allowed = append(allowed, m)
 		}
 		sort.Strings(allowed)
-		w.Header().Set("Allow", strings.Join(allowed, ", "))
-		h.s.writeErrorStatus(w, r, http.StatusMethodNotAllowed, newAPIError(protocol.CodeInvalidArgument,
-			"Method not allowed", "%s is not allowed on %s; use %s", r.Method, r.URL.Path, strings.Join(allowed, " or ")))
+		h.s.writeError(w, r, methodNotAllowed(w, r, allowed...))
 		return
 	}
 	if p := principalFrom(r.Context()); p != nil && !p.may(ep.role) {
@@ -93,6 +92,14 @@ func (h routeHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, v)
 }
 
+// methodNotAllowed is the answer to a method the path does not serve; it
+// sets the Allow header.
+func methodNotAllowed(w http.ResponseWriter, r *http.Request, allowed ...string) *apiError {
+	w.Header().Set("Allow", strings.Join(allowed, ", "))
+	return newAPIError(protocol.CodeMethodNotAllowed, "Method not allowed",
+		"%s is not allowed on %s; use %s", r.Method, r.URL.Path, strings.Join(allowed, " or "))
+}
+
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	b, err := json.Marshal(v)
 	if err != nil {
@@ -108,12 +115,12 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	ae := asAPIError(err)
-	s.writeErrorStatus(w, r, httpStatus(ae.code), ae)
-}
-
-func (s *Server) writeErrorStatus(w http.ResponseWriter, r *http.Request, status int, ae *apiError) {
+	status := httpStatus(ae.code)
 	if ae.cause != nil || status >= 500 {
 		s.log.Error().Err(ae).Str("method", r.Method).Str("path", r.URL.Path).Msg("request failed")
+	}
+	if ae.retryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(ae.retryAfter)))
 	}
 	writeJSON(w, status, ae.body())
 }
@@ -194,7 +201,7 @@ func readJSON(r *http.Request, v any) error {
 		return invalid("the request body could not be read: %v", err)
 	}
 	if len(body) > maxBody {
-		return newAPIError(protocol.CodeInvalidArgument, "Request too large", "the request body is larger than %d bytes", maxBody)
+		return newAPIError(protocol.CodeRequestTooLarge, "Request too large", "the request body is larger than %d bytes", maxBody)
 	}
 	if len(bytes.TrimSpace(body)) == 0 {
 		return invalid("a JSON body is required")

@@ -81,17 +81,23 @@ func (s *Server) join(r *http.Request) (any, error) {
 	if s.cfg.Authority == nil {
 		return nil, newAPIError(protocol.CodeUnimplemented, "Not supported", "this Fleet Manager runs without NATS credentials; agents need no join")
 	}
-	if addr := clientAddr(r); s.limiter.blocked(addr) {
-		return nil, newAPIError(protocol.CodeResourceExhausted, "Too many failed attempts",
-			"too many failed attempts from %s; wait a minute", addr)
+	// Refused joins are counted by address, apart from the API's failures
+	// (attemptLimiter): agents behind one NAT share an address with
+	// whoever mistyped an API key there.
+	addr := clientAddr(r)
+	attempt, err := s.joinByAddr.reserve(r.Context(), addr)
+	if err != nil {
+		return nil, limited(err, "too many refused joins from %s", addr)
 	}
+	refused := false
+	defer func() { attempt.settle(refused) }()
 	var req protocol.JoinRequest
 	if err := readJSON(r, &req); err != nil {
 		return nil, err
 	}
 	ctx := r.Context()
 	refuse := func(reason string) error {
-		s.limiter.fail(clientAddr(r))
+		refused = true
 		s.log.Warn().Str("instance", safeToken(req.Instance)).Str("remote", r.RemoteAddr).Str("reason", reason).Msg("join refused")
 		s.record(ctx, protocol.AuditRecord{Who: "instance:" + safeToken(req.Instance), From: clientAddr(r), Action: "join.refused",
 			Object: "credentials", ObjectID: safeToken(req.Instance), Outcome: "refused", Status: http.StatusUnauthorized,

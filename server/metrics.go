@@ -1,11 +1,13 @@
 package server
 
 import (
+	"net/http"
 	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // metrics are the server's Prometheus metrics, on a registry of its own so
@@ -41,6 +43,20 @@ func newMetrics(s *Server) *metrics {
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		objectsCollector{st}, fleetCollector{s})
 	return m
+}
+
+// handler serves the metrics in Prometheus's text format.
+func (m *metrics) handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
+}
+
+// metricsHandler serves /metrics alone, for Config.MetricsAddr: no API key,
+// nothing else.
+func (s *Server) metricsHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", s.metrics.handler())
+	mux.Handle("/", routeHandler{s: s, methods: unknownPath()})
+	return cleanPath(s.recoverPanics(mux))
 }
 
 func (m *metrics) observeRequest(method string, status int, took time.Duration) {

@@ -1,13 +1,25 @@
 package server_test
 
 import (
+	"context"
+	"crypto/pbkdf2"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
+	"fmt"
+	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/server"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 type key struct{ ID, Secret, Role string }
@@ -201,5 +213,194 @@ func TestSecretsAreSealedInTheBuckets(t *testing.T) {
 	f.env.Restart(t)
 	if r := f.do("GET", "/cloud-credentials", ""); r.status != 200 {
 		t.Fatalf("after a restart: %d %s", r.status, r.body)
+	}
+}
+
+// legacyKey stores a viewer key as an FM from before HMAC-hashed secrets
+// stored it, its secret hashed with PBKDF2-SHA256 at the given work
+// factor, and waits until the server has it.
+func (f *fm) legacyKey(iterations int) key {
+	f.t.Helper()
+	k := key{ID: rand.Text()[:24], Secret: rand.Text() + rand.Text(), Role: "viewer"}
+	salt := []byte(rand.Text()[:16])
+	dk, err := pbkdf2.Key(sha256.New, k.Secret, salt, iterations, 32)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	rec := map[string]any{"id": k.ID, "label": "legacy " + k.ID, "role": k.Role, "createdAt": time.Now().UTC(), "createdBy": "fm",
+		"hash": fmt.Sprintf("pbkdf2-sha256$%d$%s$%s", iterations, base64.RawStdEncoding.EncodeToString(salt), base64.RawStdEncoding.EncodeToString(dk))}
+	if _, err := f.keysBucket().Create(context.Background(), k.ID, []byte(mustJSON(f.t, rec))); err != nil {
+		f.t.Fatal(err)
+	}
+	waitFor(f.t, "the server has key "+k.ID, func() bool {
+		var listed []key
+		f.ok(f.do("GET", "/api-keys", ""), &listed)
+		return slices.ContainsFunc(listed, func(l key) bool { return l.ID == k.ID })
+	})
+	return k
+}
+
+func (f *fm) keysBucket() jetstream.KeyValue {
+	f.t.Helper()
+	kv, err := f.env.Bus.JetStream(f.t).KeyValue(context.Background(), protocol.BucketAPIKeys)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return kv
+}
+
+// storedHash is the hash fm_apikeys holds for a key.
+func (f *fm) storedHash(id string) string {
+	f.t.Helper()
+	e, err := f.keysBucket().Get(context.Background(), id)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	var rec struct{ Hash string }
+	if err := json.Unmarshal(e.Value(), &rec); err != nil {
+		f.t.Fatal(err)
+	}
+	return rec.Hash
+}
+
+// TestKeySecretHashes: a key's secret is kept as an HMAC-SHA-256 (cheap to
+// check, so that a wrong guess costs the server little); a key an older FM
+// stored with PBKDF2 still authenticates, and is stored as an HMAC from its
+// first success on.
+func TestKeySecretHashes(t *testing.T) {
+	f := start(t)
+	cases := []struct {
+		name string
+		run  func(t *testing.T, f *fm)
+	}{
+		{"a new key", func(t *testing.T, f *fm) {
+			k := f.newKey("viewer")
+			if h := f.storedHash(k.ID); !strings.HasPrefix(h, "hmac-sha256$") || strings.Contains(h, k.Secret) {
+				t.Fatalf("stored hash %q", h)
+			}
+			f.ok(f.doAs("GET", "/instances", "", k.ID, k.Secret), nil)
+			f.failed(f.doAs("GET", "/instances", "", k.ID, k.Secret+"x"), 401, "Unauthenticated")
+		}},
+		{"a key an older FM stored", func(t *testing.T, f *fm) {
+			k := f.legacyKey(1000)
+			// A wrong secret changes nothing.
+			f.failed(f.doAs("GET", "/instances", "", k.ID, k.Secret[1:]), 401, "Unauthenticated")
+			if h := f.storedHash(k.ID); !strings.HasPrefix(h, "pbkdf2-sha256$") {
+				t.Fatalf("after a wrong secret the hash is %q", h)
+			}
+			f.ok(f.doAs("GET", "/instances", "", k.ID, k.Secret), nil)
+			waitFor(t, "the key is stored as an HMAC", func() bool { return strings.HasPrefix(f.storedHash(k.ID), "hmac-sha256$") })
+			f.ok(f.doAs("GET", "/instances", "", k.ID, k.Secret), nil)
+			f.failed(f.doAs("GET", "/instances", "", k.ID, k.Secret[1:]), 401, "Unauthenticated")
+			var listed []map[string]any
+			f.ok(f.do("GET", "/api-keys", ""), &listed)
+			if raw := mustJSON(t, listed); strings.Contains(raw, "hmac") || strings.Contains(raw, "pbkdf2") {
+				t.Fatalf("the key list shows a hash: %s", raw)
+			}
+		}},
+		{"a revoked key an older FM stored", func(t *testing.T, f *fm) {
+			k := f.legacyKey(1000)
+			f.ok(f.do("DELETE", "/api-keys/"+k.ID, ""), nil)
+			f.failed(f.doAs("GET", "/instances", "", k.ID, k.Secret), 401, "Unauthenticated")
+			if h := f.storedHash(k.ID); !strings.HasPrefix(h, "pbkdf2-sha256$") {
+				t.Fatalf("a revoked key was re-hashed: %q", h)
+			}
+		}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) { c.run(t, &fm{t: t, env: f.env}) })
+	}
+}
+
+// TestRateLimits: failed API authentications are counted by client address
+// and by key id, failed joins by address, each count apart; an attempt
+// holds its place in the counts while it is checked, so that a parallel
+// burst gets no more attempts checked than the limit.
+func TestRateLimits(t *testing.T) {
+	f := startWithAuthority(t, time.Hour)
+	vn, tpl, _ := f.fleet()
+	im := f.addImageWithKit("dss-limits", "14.0.0")
+	in := f.createInstance(instanceBody("limits", vn.ID, tpl.ID, im.ID))
+	const limit = 10
+	admin := key{ID: f.env.Key.ID, Secret: f.env.Key.Secret}
+	badJoin := func(t *testing.T) string { return joinBody(t, in.ID, "jt-none.secret", machineKey(t)) }
+	refused := func(f *fm, r response) {
+		f.t.Helper()
+		f.failed(r, 429, "ResourceExhausted")
+		if s, err := strconv.Atoi(r.header.Get("Retry-After")); err != nil || s < 1 || s > 60 {
+			f.t.Fatalf("Retry-After %q", r.header.Get("Retry-After"))
+		}
+	}
+	cases := []struct {
+		name string
+		run  func(t *testing.T, f *fm)
+	}{
+		{"a parallel burst gets at most the limit checked", func(t *testing.T, f *fm) {
+			// A key an older FM stored, with a work factor that makes each
+			// check take a while: the burst is all in flight at once.
+			k := f.legacyKey(100_000)
+			const n = 40
+			statuses := make(chan int, n)
+			errs := make(chan error, n)
+			begin := make(chan struct{})
+			var wg sync.WaitGroup
+			for i := 0; i < n; i++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					<-begin
+					r, err := f.tryFrom("127.0.0.2", "GET", "/instances", "", k.ID, "wrong")
+					if err != nil {
+						errs <- err
+						return
+					}
+					statuses <- r.status
+				}()
+			}
+			close(begin)
+			wg.Wait()
+			close(statuses)
+			close(errs)
+			for err := range errs {
+				t.Fatal(err)
+			}
+			count := map[int]int{}
+			for s := range statuses {
+				count[s]++
+			}
+			if count[401] < 1 || count[401] > limit || count[401]+count[429] != n {
+				t.Fatalf("statuses %v: want at most %d answered 401, the rest 429", count, limit)
+			}
+		}},
+		{"API failures from an address do not block a join from it", func(t *testing.T, f *fm) {
+			k := f.newKey("viewer")
+			for i := 0; i < limit; i++ {
+				f.failed(f.doFrom("127.0.0.3", "GET", "/instances", "", k.ID, "wrong"), 401, "Unauthenticated")
+			}
+			refused(f, f.doFrom("127.0.0.3", "GET", "/instances", "", admin.ID, admin.Secret))
+			tok := f.reprovision(in.ID).Token
+			f.ok(f.doFrom("127.0.0.3", "POST", server.JoinPath, joinBody(t, in.ID, tok, machineKey(t)), "", ""), nil)
+		}},
+		{"join failures from an address do not block the API from it", func(t *testing.T, f *fm) {
+			for i := 0; i < limit; i++ {
+				f.failed(f.doFrom("127.0.0.4", "POST", server.JoinPath, badJoin(t), "", ""), 401, "Unauthenticated")
+			}
+			refused(f, f.doFrom("127.0.0.4", "POST", server.JoinPath, badJoin(t), "", ""))
+			f.ok(f.doFrom("127.0.0.4", "GET", "/instances", "", admin.ID, admin.Secret), nil)
+		}},
+		{"a wrong secret blocks its key, not another key from elsewhere", func(t *testing.T, f *fm) {
+			x, y := f.newKey("viewer"), f.newKey("viewer")
+			for i := 0; i < limit; i++ {
+				f.failed(f.doFrom("127.0.0.5", "GET", "/instances", "", x.ID, "wrong"), 401, "Unauthenticated")
+			}
+			// x is blocked from everywhere, with its right secret too ...
+			refused(f, f.doFrom("127.0.0.6", "GET", "/instances", "", x.ID, x.Secret))
+			// ... another key is not, except from the address that failed.
+			f.ok(f.doFrom("127.0.0.6", "GET", "/instances", "", y.ID, y.Secret), nil)
+			refused(f, f.doFrom("127.0.0.5", "GET", "/instances", "", y.ID, y.Secret))
+		}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) { c.run(t, &fm{t: t, env: f.env}) })
 	}
 }

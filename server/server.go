@@ -26,7 +26,6 @@ import (
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
 )
 
@@ -37,6 +36,14 @@ type Config struct {
 	// Listener serves the REST API; if nil, the server listens on Listen.
 	Listener net.Listener
 	Listen   string
+	// MetricsAddr, if set, is an address of its own where GET /metrics is
+	// served without an API key (with the REST API's TLS, if any), for a
+	// Prometheus the operator lets reach it and nobody else: the series
+	// name instances. ":0" picks a port (Server.MetricsAddr).
+	MetricsAddr string
+	// MetricsPublic serves /metrics on the REST API's listener without an
+	// API key; by default it needs one, of any role.
+	MetricsPublic bool
 	// Topology is declared (created or updated) at start; the zero value
 	// means bus.DefaultTopology().
 	Topology bus.Topology
@@ -47,11 +54,6 @@ type Config struct {
 	DefaultInstanceType string
 	// StartTimeout bounds New's work on the bus.
 	StartTimeout time.Duration
-	// AuthCacheTTL is how long a verified API key secret is remembered.
-	AuthCacheTTL time.Duration
-	// KeyHashIterations is the PBKDF2 work factor of new API keys; the zero
-	// value means DefaultKeyHashIterations. Tests lower it.
-	KeyHashIterations int
 	// LocalBackend says the machines are local processes (fm dev): each
 	// instance gets its own DSS base port, and images need a kit.
 	LocalBackend bool
@@ -109,20 +111,25 @@ type Config struct {
 // Server is a running FM server. Create it with New, serve with Run, release
 // it with Close.
 type Server struct {
-	cfg     Config
-	log     zerolog.Logger
-	js      jetstream.JetStream
-	st      *stores
-	auth    *authenticator
-	limiter failureLimiter
-	metrics *metrics
-	fold    *folder
-	ln      net.Listener
-	httpSrv *http.Server
-	stop    context.CancelFunc // stops the bucket watchers
-	box     *seal.Box          // FM's secret key, for what it hands the provisioner sealed
-	agent   *agentBinary
-	crash   crashpoint.Hook
+	cfg        Config
+	log        zerolog.Logger
+	js         jetstream.JetStream
+	st         *stores
+	auth       *authenticator
+	metrics    *metrics
+	fold       *folder
+	ln         net.Listener
+	httpSrv    *http.Server
+	metricsLn  net.Listener // nil without Config.MetricsAddr
+	metricsSrv *http.Server
+	stop       context.CancelFunc // stops the bucket watchers
+	box        *seal.Box          // FM's secret key, for what it hands the provisioner sealed
+	agent      *agentBinary
+	crash      crashpoint.Hook
+
+	// Failed attempts at credentials, each kind counted apart
+	// (attemptLimiter).
+	apiByAddr, apiByKey, joinByAddr *attemptLimiter
 }
 
 // New declares the bus topology, loads the fleet's objects and opens the
@@ -144,9 +151,6 @@ func New(cfg Config) (*Server, error) {
 	if cfg.StartTimeout == 0 {
 		cfg.StartTimeout = 30 * time.Second
 	}
-	if cfg.KeyHashIterations == 0 {
-		cfg.KeyHashIterations = DefaultKeyHashIterations
-	}
 	if cfg.HeartbeatSeconds == 0 {
 		cfg.HeartbeatSeconds = 10
 	}
@@ -161,9 +165,6 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.SchedulerInterval == 0 {
 		cfg.SchedulerInterval = min(time.Minute, cfg.SnapshotHour/10)
-	}
-	if cfg.AuthCacheTTL == 0 {
-		cfg.AuthCacheTTL = 5 * time.Minute
 	}
 	agentBin, err := openAgentBinary(cfg.AgentBinary)
 	if err != nil {
@@ -183,9 +184,13 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
+	auth, err := newAuthenticator(st.keys, cfg.SecretKey)
+	if err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
 	s := &Server{
-		cfg: cfg, log: log, js: js, st: st, fold: newFolder(), box: box, agent: agentBin, crash: cfg.Crash,
-		auth: &authenticator{keys: st.keys, ttl: cfg.AuthCacheTTL, verified: map[string]verifiedSecret{}},
+		cfg: cfg, log: log, js: js, st: st, fold: newFolder(), box: box, agent: agentBin, crash: cfg.Crash, auth: auth,
+		apiByAddr: newAttemptLimiter(), apiByKey: newAttemptLimiter(), joinByAddr: newAttemptLimiter(),
 	}
 	s.metrics = newMetrics(s)
 	// Reports about an instance make it be reconciled.
@@ -213,6 +218,24 @@ func New(cfg Config) (*Server, error) {
 		TLSConfig:         cfg.TLS,
 		ErrorLog:          stdlog.New(httpErrorLog{log}, "", 0),
 	}
+	if cfg.MetricsAddr != "" {
+		if s.metricsLn, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
+			stop()
+			if cfg.Listener == nil {
+				_ = s.ln.Close()
+			}
+			return nil, fmt.Errorf("server: metrics: listen on %s: %w", cfg.MetricsAddr, err)
+		}
+		s.metricsSrv = &http.Server{
+			Handler:           s.metricsHandler(),
+			ReadHeaderTimeout: 10 * time.Second,
+			ReadTimeout:       time.Minute,
+			WriteTimeout:      time.Minute,
+			IdleTimeout:       2 * time.Minute,
+			TLSConfig:         cfg.TLS,
+			ErrorLog:          stdlog.New(httpErrorLog{log}, "", 0),
+		}
+	}
 	if cfg.JoinURL == "" {
 		scheme := "http"
 		if cfg.TLS != nil {
@@ -226,17 +249,32 @@ func New(cfg Config) (*Server, error) {
 // Addr is the address the REST API listens on.
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
-// Run serves the REST API until ctx ends, then shuts the listener down,
-// letting requests in flight finish for a few seconds.
+// MetricsAddr is the address of the metrics listener (Config.MetricsAddr),
+// nil without one.
+func (s *Server) MetricsAddr() net.Addr {
+	if s.metricsLn == nil {
+		return nil
+	}
+	return s.metricsLn.Addr()
+}
+
+// Run serves the REST API (and the metrics listener) until ctx ends, then
+// shuts the listeners down, letting requests in flight finish for a few
+// seconds.
 func (s *Server) Run(ctx context.Context) error {
-	errc := make(chan error, 1)
-	go func() {
+	errc := make(chan error, 2)
+	serve := func(srv *http.Server, ln net.Listener) {
 		if s.cfg.TLS != nil {
-			errc <- s.httpSrv.ServeTLS(s.ln, "", "")
+			errc <- srv.ServeTLS(ln, "", "")
 			return
 		}
-		errc <- s.httpSrv.Serve(s.ln)
-	}()
+		errc <- srv.Serve(ln)
+	}
+	go serve(s.httpSrv, s.ln)
+	if s.metricsSrv != nil {
+		go serve(s.metricsSrv, s.metricsLn)
+		s.log.Info().Str("addr", s.metricsLn.Addr().String()).Msg("serving /metrics")
+	}
 	foldCtx, stopFolding := context.WithCancel(ctx)
 	folded := make(chan struct{})
 	go func() { defer close(folded); s.runFolding(foldCtx) }()
@@ -260,6 +298,9 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	if s.metricsSrv != nil {
+		_ = s.metricsSrv.Shutdown(shutdownCtx)
+	}
 	if err := s.httpSrv.Shutdown(shutdownCtx); err != nil {
 		s.log.Warn().Err(err).Msg("requests still in flight at shutdown were cut")
 		_ = s.httpSrv.Close()
@@ -267,11 +308,14 @@ func (s *Server) Run(ctx context.Context) error {
 	return nil
 }
 
-// Close stops the server's background work and its listener. It does not
+// Close stops the server's background work and its listeners. It does not
 // close the NATS connection, which the caller owns.
 func (s *Server) Close() {
 	s.stop()
 	_ = s.httpSrv.Close()
+	if s.metricsSrv != nil {
+		_ = s.metricsSrv.Close()
+	}
 }
 
 // handler builds the HTTP handler: routes, then authentication, logging,
@@ -321,13 +365,22 @@ func (s *Server) handler() http.Handler {
 
 	api := s.requireAuth(mux)
 	root := http.NewServeMux()
+	// "/api" too, or ServeMux would redirect it to "/api/", which cleanPath
+	// serves as "/api" again: a loop.
+	root.Handle("/api", api)
 	root.Handle("/api/", api)
 	// An agent joining has no API key: its join token is its credential.
 	// join records its own credential events on the audit trail.
 	root.Handle(JoinPath, routeHandler{s: s, methods: methods{"POST": reads(RoleViewer, s.join)}})
 	root.Handle(RenewPath, routeHandler{s: s, methods: methods{"POST": reads(RoleViewer, s.renewHTTP)}})
 	root.HandleFunc(DownloadPath, s.serveAgentBinary)
-	root.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
+	// The series name instances: any API key may read them, or anyone if
+	// the operator says so (or reads them at Config.MetricsAddr).
+	if s.cfg.MetricsPublic {
+		root.Handle("/metrics", s.metrics.handler())
+	} else {
+		root.Handle("/metrics", s.requireAuth(s.metrics.handler()))
+	}
 	root.Handle("/healthz", routeHandler{s: s, methods: methods{"GET": reads(RoleViewer, s.healthz)}})
 	root.Handle("/", routeHandler{s: s, methods: unknownPath()})
 	return cleanPath(s.recoverPanics(s.logRequests(root)))

@@ -2,12 +2,15 @@ package server_test
 
 import (
 	"encoding/json"
+	"io"
 	"net/http"
 	"strings"
 	"sync"
 	"testing"
 
 	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/server"
+	"github.com/fleetmanager/fm/server/servertest"
 )
 
 func TestWireQuirks(t *testing.T) {
@@ -35,15 +38,34 @@ func TestWireQuirks(t *testing.T) {
 			t.Fatal(e.DetailedMessage)
 		}
 	})
-	t.Run("unknown path and method are JSON errors", func(t *testing.T) {
+	t.Run("an unknown path is a JSON error", func(t *testing.T) {
 		f.failed(f.do("GET", "/nothing-here", ""), 404, "NotFound")
 		f.failed(f.do("GET", "/api/nothing", ""), 404, "NotFound")
-		r := f.do("PATCH", "/virtual-networks/"+vn.ID, `{}`)
-		f.failed(r, 405, "InvalidArgument")
-		if r.header.Get("Allow") != "DELETE, GET, PUT" {
-			t.Fatalf("Allow: %q", r.header.Get("Allow"))
+	})
+	t.Run("a wrong method is named as such, with what is allowed", func(t *testing.T) {
+		for _, c := range []struct{ method, path, allow string }{
+			{"PATCH", tenantPath + "/virtual-networks/" + vn.ID, "DELETE, GET, PUT"},
+			{"DELETE", tenantPath + "/instances/whatever", "GET, PUT"},
+			{"GET", "/api/join", "POST"},
+			{"POST", "/download/fm", "GET, HEAD"},
+		} {
+			r := f.do(c.method, c.path, "")
+			f.failed(r, 405, "MethodNotAllowed")
+			if r.header.Get("Allow") != c.allow {
+				t.Fatalf("%s %s: Allow %q, want %q", c.method, c.path, r.header.Get("Allow"), c.allow)
+			}
 		}
-		f.failed(f.do("DELETE", "/instances/whatever", ""), 405, "InvalidArgument")
+	})
+	t.Run("no path answers a redirect", func(t *testing.T) {
+		for _, p := range []string{"/api", "/api/", "//api", "/api/public", "/api/public/", "/api/public/tenants/main", "/api/public/tenants/main/", "/download", "/download/"} {
+			r := f.do("GET", p, "")
+			f.failed(r, 404, "NotFound")
+			if loc := r.header.Get("Location"); loc != "" {
+				t.Fatalf("GET %s: Location %q", p, loc)
+			}
+		}
+		// Without a key, the API's paths ask for one (and redirect nowhere).
+		f.failed(f.doAs("GET", "/api", "", "", ""), 401, "Unauthenticated")
 	})
 	t.Run("unsupported Dataiku endpoints say so", func(t *testing.T) {
 		for _, p := range []string{"/load-balancers", "/cloud-accounts/abc", "/iam/sso-settings"} {
@@ -68,21 +90,77 @@ func TestWireQuirks(t *testing.T) {
 	})
 	t.Run("oversized body", func(t *testing.T) {
 		big := `{"label":"` + strings.Repeat("x", 2<<20) + `"}`
-		e := f.failed(f.do("POST", "/instance-settings-templates", big), 400, "InvalidArgument")
+		e := f.failed(f.do("POST", "/instance-settings-templates", big), 413, "RequestTooLarge")
 		if !strings.Contains(e.DetailedMessage, "larger than") {
 			t.Fatal(e.DetailedMessage)
 		}
 	})
-	t.Run("health and metrics need no key", func(t *testing.T) {
+	t.Run("health needs no key", func(t *testing.T) {
 		if r := f.doAs("GET", "/healthz", "", "", ""); r.status != 200 {
 			t.Fatalf("healthz %d", r.status)
 		}
-		r := f.doAs("GET", "/metrics", "", "", "")
-		if r.status != 200 || !strings.Contains(string(r.body), `fm_objects{kind="virtual_network"} 2`) ||
+	})
+}
+
+// TestMetricsAccess: /metrics (whose series name instances) needs an API
+// key, any role, on the REST API's listener unless the server is told to
+// make it public; a listener of its own for metrics serves them without one.
+func TestMetricsAccess(t *testing.T) {
+	scrape := func(t *testing.T, r response) {
+		t.Helper()
+		if r.status != 200 || !strings.Contains(string(r.body), `fm_objects{kind="virtual_network"} 0`) ||
 			!strings.Contains(string(r.body), "fm_http_requests_total") {
 			t.Fatalf("metrics %d: %.400s", r.status, r.body)
 		}
-	})
+	}
+	get := func(t *testing.T, url string) response {
+		t.Helper()
+		resp, err := http.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return response{status: resp.StatusCode, body: b, header: resp.Header}
+	}
+	cases := []struct {
+		name   string
+		config func(*server.Config)
+		check  func(t *testing.T, f *fm)
+	}{
+		{"by default with a key", nil, func(t *testing.T, f *fm) {
+			f.failed(f.doAs("GET", "/metrics", "", "", ""), 401, "Unauthenticated")
+			f.failed(f.doAs("GET", "/metrics", "", f.env.Key.ID, "wrong"), 401, "Unauthenticated")
+			k := f.newKey("viewer")
+			scrape(t, f.doAs("GET", "/metrics", "", k.ID, k.Secret))
+		}},
+		{"public", func(c *server.Config) { c.MetricsPublic = true }, func(t *testing.T, f *fm) {
+			scrape(t, f.doAs("GET", "/metrics", "", "", ""))
+		}},
+		{"on a listener of their own", func(c *server.Config) { c.MetricsAddr = "127.0.0.1:0" }, func(t *testing.T, f *fm) {
+			addr := f.env.Server.MetricsAddr()
+			if addr == nil {
+				t.Fatal("no metrics listener")
+			}
+			scrape(t, get(t, "http://"+addr.String()+"/metrics"))
+			if r := get(t, "http://"+addr.String()+tenantPath+"/instances"); r.status != 404 {
+				t.Fatalf("the metrics listener serves the API: %d %s", r.status, r.body)
+			}
+			f.failed(f.doAs("GET", "/metrics", "", "", ""), 401, "Unauthenticated")
+		}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			var opts []servertest.Option
+			if c.config != nil {
+				opts = append(opts, servertest.WithConfig(c.config))
+			}
+			f := start(t, opts...)
+			f.t = t
+			f.ok(f.do("GET", "/instances", ""), nil) // a request to count
+			c.check(t, f)
+		})
+	}
 }
 
 func TestAuthentication(t *testing.T) {

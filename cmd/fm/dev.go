@@ -24,6 +24,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	fs.SetOutput(stderr)
 	dataDir := fs.String("data", "./.fm", "data folder: the bus store, the admin key (env FM_DATA)")
 	listen := fs.String("listen", "127.0.0.1:10000", "REST API address (env FM_LISTEN)")
+	var mf metricsFlags
+	mf.register(fs)
 	natsListen := fs.String("nats-listen", "", "NATS address for agents (default: a loopback port, kept across restarts)")
 	logFormat := fs.String("log-format", "console", "console or json")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
@@ -88,6 +90,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		TLS:              sec.tls,
 		CAPEM:            sec.caPEM,
 		Logger:           log,
+		MetricsAddr:      mf.addr,
+		MetricsPublic:    mf.public,
 	})
 	if err != nil {
 		return err
@@ -139,6 +143,9 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		sec.scheme(), srv.Addr(), b.clientURL, natsCreds[0], dir, filepath.Join(dir, "local"), keyFile, state, keyFile)
 	if sec.caFile != "" {
 		fmt.Fprintf(stdout, "  TLS CA     %s (export FM_CA_FILE=%s; nats --tlsca %s)\n", sec.caFile, sec.caFile, sec.caFile)
+	}
+	if a := srv.MetricsAddr(); a != nil {
+		fmt.Fprintf(stdout, "  metrics    %s://%s/metrics (no API key)\n", sec.scheme(), a)
 	}
 	fmt.Fprintf(stdout, "  images     %s\nPress Ctrl-C to stop (machines keep running and are adopted at the next start).\n", strings.Join(images, ", "))
 	provDone := make(chan error, 1)

@@ -21,6 +21,8 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs.SetOutput(stderr)
 	dataDir := fs.String("data", "./.fm", "data folder: the embedded bus store, the admin key (env FM_DATA)")
 	listen := fs.String("listen", "127.0.0.1:10000", "REST API address")
+	var mf metricsFlags
+	mf.register(fs)
 	natsURL := fs.String("nats-url", "", "external NATS URL(s); empty runs an embedded NATS")
 	natsCreds := fs.String("nats-creds", "", "NATS credentials file for --nats-url")
 	natsListen := fs.String("nats-listen", "127.0.0.1:4222", "embedded NATS address for agents")
@@ -120,7 +122,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		Conn: b.nc, Listen: *listen, Topology: topo, Logger: log, DefaultInstanceType: *instanceType, SecretKey: secretKey,
 		Network:   server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
 		Authority: sec.authority, SystemConn: b.sys, JoinURL: joinURL, TLS: sec.tls, CAPEM: sec.caPEM,
-		AgentBinary: *agentBinary,
+		AgentBinary: *agentBinary, MetricsAddr: mf.addr, MetricsPublic: mf.public,
 	})
 	if err != nil {
 		return err
@@ -137,8 +139,22 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		fmt.Fprintf(stdout, "created the admin API key in %s\n", *keyFile)
 	}
 	fmt.Fprintf(stdout, "fm server: REST API %s://%s, NATS %s\n", sec.scheme(), srv.Addr(), b.clientURL)
+	if a := srv.MetricsAddr(); a != nil {
+		fmt.Fprintf(stdout, "metrics: %s://%s/metrics (no API key: let only Prometheus reach it)\n", sec.scheme(), a)
+	}
 	if sec.caFile != "" {
 		fmt.Fprintf(stdout, "TLS CA: %s (clients: export FM_CA_FILE=%s)\n", sec.caFile, sec.caFile)
 	}
 	return srv.Run(ctx)
+}
+
+// metricsFlags say where /metrics is served and who may read it.
+type metricsFlags struct {
+	addr   string
+	public bool
+}
+
+func (f *metricsFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.addr, "metrics-addr", "", "also serve /metrics at this address, without an API key (firewall it: its series name instances)")
+	fs.BoolVar(&f.public, "metrics-public", false, "serve /metrics on the REST API's address without an API key (by default it needs one, of any role)")
 }

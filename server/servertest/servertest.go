@@ -57,10 +57,7 @@ func WithLogger(l zerolog.Logger) Option {
 func Start(t testing.TB, opts ...Option) *Env {
 	t.Helper()
 	e := &Env{Bus: bustest.Run(t), KeyFile: filepath.Join(t.TempDir(), "admin-key.json")}
-	// A low work factor: under the race detector the default costs seconds
-	// per key.
-	e.cfg = server.Config{Logger: zerolog.Nop(), StartTimeout: 20 * time.Second, KeyHashIterations: 1000,
-		SecretKey: seal.NewKey()}
+	e.cfg = server.Config{Logger: zerolog.Nop(), StartTimeout: 20 * time.Second, SecretKey: seal.NewKey()}
 	for _, o := range opts {
 		o(&e.cfg)
 	}

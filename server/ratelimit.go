@@ -1,0 +1,162 @@
+package server
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"math"
+	"sync"
+	"time"
+)
+
+// Failed attempts allowed per key of a limiter (a client address, an API
+// key id) within a sliding window; once that many failed, further attempts
+// are refused unchecked until the oldest of them leaves the window.
+const (
+	maxFailures   = 10
+	failureWindow = time.Minute
+)
+
+// attemptLimiter bounds the failed attempts at a credential per key (a
+// client address, an API key id) in a sliding window. The server keeps
+// three, so that one kind of failure never blocks another kind of caller
+// (agents behind one NAT all join from one address):
+//
+//   - API authentications by client address: ten failures from an address
+//     block its API requests, whatever key they carry;
+//   - API authentications by key id: ten failures naming a key id, from
+//     anywhere, block that key id from everywhere (its right secret too),
+//     so that guesses spread over many addresses are bounded as well; other
+//     keys are not affected;
+//   - joins by client address: ten refused joins block joins from it, never
+//     its API requests (and API failures never block its joins).
+//
+// An attempt reserves its place before its credential is checked and settles
+// it after, all under one lock: an attempt still being checked counts as a
+// failure until it is known not to be one. So however many attempts arrive
+// at once, no more are checked than the limit allows; the others wait for a
+// place (checks are quick) or are refused once the failures fill the limit.
+// Attempts refused unchecked (429) do not count.
+type attemptLimiter struct {
+	max    int
+	window time.Duration
+
+	mu   sync.Mutex
+	keys map[string]*attempts
+}
+
+// attempts is one key's recent failures and the attempts being checked.
+type attempts struct {
+	failures []time.Time // oldest first
+	pending  int
+	settled  chan struct{} // closed and replaced whenever a pending attempt settles
+}
+
+func newAttemptLimiter() *attemptLimiter {
+	return &attemptLimiter{max: maxFailures, window: failureWindow, keys: map[string]*attempts{}}
+}
+
+// errLimited is the refusal of an attempt: the key failed too often.
+type errLimited struct{ retryAfter time.Duration }
+
+func (e *errLimited) Error() string {
+	return fmt.Sprintf("too many failed attempts; retry in %s", e.retryAfter)
+}
+
+// reservation is an attempt's place in a limiter's count; settle it once.
+type reservation struct {
+	l   *attemptLimiter
+	key string
+}
+
+// reserve takes a place for an attempt under key, waiting while the places
+// left are taken by attempts being checked. It fails with *errLimited if the
+// key failed too often, or with ctx's error.
+func (l *attemptLimiter) reserve(ctx context.Context, key string) (*reservation, error) {
+	for {
+		l.mu.Lock()
+		a := l.entry(key, time.Now())
+		switch {
+		case len(a.failures) >= l.max:
+			retry := time.Until(a.failures[len(a.failures)-l.max].Add(l.window))
+			l.mu.Unlock()
+			return nil, &errLimited{retryAfter: max(retry, time.Second)}
+		case len(a.failures)+a.pending < l.max:
+			a.pending++
+			l.mu.Unlock()
+			return &reservation{l: l, key: key}, nil
+		}
+		wait := a.settled
+		l.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-wait:
+		}
+	}
+}
+
+// settle ends the attempt: a failure is counted, a success leaves no trace.
+// A nil reservation is ignored.
+func (r *reservation) settle(failed bool) {
+	if r == nil {
+		return
+	}
+	l := r.l
+	now := time.Now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	a := l.entry(r.key, now)
+	a.pending--
+	if failed {
+		a.failures = append(a.failures, now)
+	}
+	close(a.settled)
+	a.settled = make(chan struct{})
+	if a.pending == 0 && len(a.failures) == 0 {
+		delete(l.keys, r.key)
+	}
+	if len(l.keys) > 10000 {
+		// Bound the memory: forget keys whose failures are old.
+		for k, o := range l.keys {
+			if o.pending == 0 && len(l.prune(o, now)) == 0 {
+				delete(l.keys, k)
+			}
+		}
+	}
+}
+
+// entry returns key's attempts, pruned of failures out of the window;
+// l.mu is held.
+func (l *attemptLimiter) entry(key string, now time.Time) *attempts {
+	a := l.keys[key]
+	if a == nil {
+		a = &attempts{settled: make(chan struct{})}
+		l.keys[key] = a
+	}
+	l.prune(a, now)
+	return a
+}
+
+func (l *attemptLimiter) prune(a *attempts, now time.Time) []time.Time {
+	cutoff := now.Add(-l.window)
+	i := 0
+	for i < len(a.failures) && !a.failures[i].After(cutoff) {
+		i++
+	}
+	a.failures = a.failures[i:]
+	return a.failures
+}
+
+// keyIDSlot is what the key-id limiter counts a typed key id under: a digest,
+// so that whatever was typed (perhaps a secret, perhaps megabytes) is
+// neither kept nor sized by the caller.
+func keyIDSlot(id string) string {
+	sum := sha256.Sum256([]byte(id))
+	return string(sum[:16])
+}
+
+// retryAfterSeconds is a Retry-After value: whole seconds, rounded up.
+func retryAfterSeconds(d time.Duration) int {
+	return int(math.Ceil(d.Seconds()))
+}
