@@ -36,7 +36,8 @@ type Agent struct {
 
 	// Set by Run.
 	box     *seal.Box // the instance key, which seals secrets FM and the agent exchange
-	creds   []byte    // the NATS credentials a join gave (in memory)
+	credsMu sync.Mutex
+	creds   []byte // the NATS credentials a join gave (in memory), renewed
 	nc      *nats.Conn
 	js      jetstream.JetStream
 	rep     *reporter
@@ -118,9 +119,16 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.join(ctx, tlsConf); err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
+	if err := a.renewExpired(ctx, tlsConf); err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	var current func() []byte
+	if a.currentCreds() != nil {
+		current = a.currentCreds
+	}
 	reconnected := make(chan struct{}, 1)
 	nc, err := bus.Connect(bus.ConnectConfig{
-		URL: a.cfg.NATSURL, CredsFile: a.cfg.CredsFile, Creds: a.creds, TLS: tlsConf, Name: "fm-agent " + a.cfg.Instance,
+		URL: a.cfg.NATSURL, CredsFile: a.cfg.CredsFile, CurrentCreds: current, TLS: tlsConf, Name: "fm-agent " + a.cfg.Instance,
 		InboxPrefix: protocol.InboxPrefix(a.cfg.Instance), RetryOnFailedConnect: true,
 		OnConnect: func() {
 			select {
@@ -167,6 +175,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		func(ctx context.Context) { a.desired.run(ctx, reconnected) },
 		a.convergeLoop,
 		a.runCommands,
+		func(ctx context.Context) { a.renewCredentials(ctx, tlsConf) },
 		a.rep.run,
 		a.rep.heartbeats,
 		a.watchdog,

@@ -145,7 +145,9 @@ func (a *Agent) loadIdentity() error {
 	if err := json.Unmarshal(b, &id); err != nil || id.Credentials == "" {
 		return fmt.Errorf("identity %s: unreadable (%v)", a.m.identityPath(), err)
 	}
+	a.credsMu.Lock()
 	a.cfg.CredsFile, a.creds = "", []byte(id.Credentials)
+	a.credsMu.Unlock()
 	return a.setInstanceKey(id.InstanceKey)
 }
 

@@ -26,6 +26,9 @@ type ConnectConfig struct {
 	// requires one; Creds is the same content held in memory.
 	CredsFile string
 	Creds     []byte
+	// CurrentCreds, if set, gives the credentials at every connect and
+	// reconnect (they are renewed while the connection lives).
+	CurrentCreds func() []byte
 	// TLS, if set, is the client side of TLS (the CA to trust).
 	TLS *tls.Config
 	// Name is the connection name shown by the server (nats server report
@@ -87,6 +90,22 @@ func Connect(cfg ConnectConfig) (*nats.Conn, error) {
 			return nil, fmt.Errorf("connect to nats: credentials: %w", err)
 		}
 		opts = append(opts, nats.UserJWTAndSeed(tok, seed))
+	}
+	if cfg.CurrentCreds != nil {
+		if _, _, err := splitCreds(cfg.CurrentCreds()); err != nil {
+			return nil, fmt.Errorf("connect to nats: credentials: %w", err)
+		}
+		opts = append(opts, nats.UserJWT(func() (string, error) {
+			tok, _, err := splitCreds(cfg.CurrentCreds())
+			return tok, err
+		}, func(nonce []byte) ([]byte, error) {
+			kp, err := jwt.ParseDecoratedUserNKey(cfg.CurrentCreds())
+			if err != nil {
+				return nil, err
+			}
+			defer kp.Wipe()
+			return kp.Sign(nonce)
+		}))
 	}
 	if cfg.TLS != nil && cfg.InProcess == nil {
 		opts = append(opts, nats.Secure(cfg.TLS))

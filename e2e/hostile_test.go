@@ -12,7 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/protocol"
+	natsjwt "github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -310,4 +312,61 @@ func TestAHostileReadOnlyOperator(t *testing.T) {
 	if st, err := d.jetStream(t).Stream(context.Background(), protocol.StreamAudit); err != nil || errors.Is(err, jetstream.ErrStreamNotFound) {
 		t.Fatalf("the audit trail after the attempts: %v %v", st, err)
 	}
+}
+
+// agentJWTExpiry is when the JWT the instance's machine holds expires.
+func agentJWTExpiry(t *testing.T, d *devEnv, id string) time.Time {
+	t.Helper()
+	var ident struct {
+		Credentials string `json:"credentials"`
+	}
+	if err := json.Unmarshal([]byte(readFile(t, filepath.Join(d.data, "local", "machines", id, "root", "var", "lib", "fm-agent", "identity.json"))), &ident); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := natsjwt.ParseDecoratedJWT([]byte(ident.Credentials))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := natsjwt.DecodeUserClaims(tok)
+	if err != nil || c.Expires == 0 {
+		t.Fatalf("the machine's JWT: %v, expires %d", err, c.Expires)
+	}
+	return time.Unix(c.Expires, 0)
+}
+
+// TestAgentCredentialsAreRenewed: agents' credentials expire (so that FM
+// forgets a revocation once its credentials expired); a running agent
+// renews them over the bus, and one whose credentials expired while its
+// machine was stopped renews them at the join endpoint when it starts.
+func TestAgentCredentialsAreRenewed(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "fm")
+	d := startDevAt(t, data, FreePort(t), "--heartbeat-seconds", "1", "--agent-creds-ttl", "30s")
+	t.Cleanup(func() { cmdline.Stop(cmdline.Find(data), 2*time.Second) })
+	py := NewPython(t, d.url, d.keyFile)
+	id := d.newInstance(t, "renewed", "dss-14.0.0-standin")
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("the agent's log:\n%s", tail(readFile(t, filepath.Join(data, "local", "machines", id, "root", "var", "log", "fm-agent.log")), 6000))
+		}
+	})
+	d.fm(t, "instance", "provision", id, "--wait")
+	first := agentJWTExpiry(t, d, id)
+	// Due after two thirds of its life: renewed over the bus.
+	for deadline := time.Now().Add(60 * time.Second); !agentJWTExpiry(t, d, id).After(first); time.Sleep(time.Second) {
+		if time.Now().After(deadline) {
+			t.Fatal("the agent's credentials were never renewed")
+		}
+	}
+	// Past the first JWT's expiry, the agent is still on the bus.
+	time.Sleep(time.Until(first) + 2*time.Second)
+	d.waitStatus(t, py, id, "responding past its first credentials", func(st map[string]any) bool { return st["agentResponding"] == true })
+
+	d.fm(t, "instance", "stop", id, "--wait")
+	stopped := agentJWTExpiry(t, d, id)
+	time.Sleep(time.Until(stopped) + 2*time.Second) // expired while the machine is off
+	d.fm(t, "instance", "start", id, "--wait")
+	if !agentJWTExpiry(t, d, id).After(stopped) {
+		t.Fatal("the machine started with its expired credentials")
+	}
+	d.waitStatus(t, py, id, "responding after renewing expired credentials", func(st map[string]any) bool { return st["agentResponding"] == true })
 }

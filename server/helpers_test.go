@@ -25,6 +25,8 @@ const tenantPath = "/api/public/tenants/main"
 type fm struct {
 	t   *testing.T
 	env *servertest.Env
+	// joinFleet is the network and template of instances made by joined.
+	joinFleet []string
 }
 
 func start(t *testing.T, opts ...servertest.Option) *fm {

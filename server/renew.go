@@ -63,21 +63,27 @@ func (s *Server) renewHTTP(r *http.Request) (any, error) {
 	if s.cfg.Authority == nil {
 		return nil, newAPIError(protocol.CodeUnimplemented, "Not supported", "this Fleet Manager runs without NATS credentials")
 	}
-	if addr := clientAddr(r); s.limiter.blocked(addr) {
-		return nil, newAPIError(protocol.CodeResourceExhausted, "Too many failed attempts",
-			"too many failed attempts from %s; wait a minute", addr)
+	// Refused renewals count with refused joins: the same callers, the
+	// same proof.
+	addr := clientAddr(r)
+	attempt, err := s.joinByAddr.reserve(r.Context(), addr)
+	if err != nil {
+		return nil, limited(err, "too many refused joins from %s", addr)
 	}
+	refused := false
+	defer func() { attempt.settle(refused) }()
 	var req protocol.RenewRequest
 	if err := readJSON(r, &req); err != nil {
 		return nil, err
 	}
-	data, _ := protocol.Encode(&req)
+	data, err := protocol.Encode(&req)
+	if err != nil {
+		return nil, invalid("%v", err)
+	}
 	tok, err := s.renewRequest(r.Context(), req.Instance, data)
 	if err != nil {
 		var perr *protocol.Error
-		if errors.As(err, &perr) && perr.Code == protocol.CodeUnauthenticated {
-			s.limiter.fail(clientAddr(r))
-		}
+		refused = errors.As(err, &perr) && perr.Code == protocol.CodeUnauthenticated
 		return nil, err
 	}
 	return protocol.RenewResponse{JWT: tok}, nil

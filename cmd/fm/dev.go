@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/provisioner"
@@ -32,6 +33,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	kitsDir := fs.String("kits", defaultKitsDir(), "folder of DSS kit archives (dataiku-dss-<version>[-<flavour>].tar.gz) to register as images")
 	imagesFile := fs.String("images", "", "JSON file listing more images to register (an array of image objects)")
 	heartbeat := fs.Int("heartbeat-seconds", 10, "agents' heartbeat interval; three missed ones show an agent as not responding")
+	credsTTL := fs.Duration("agent-creds-ttl", 24*time.Hour, "how long agents' NATS credentials last; agents renew them after two thirds")
 	secretKeyFile := fs.String("secret-key-file", "", "key that seals the secrets FM stores (default DATA/secrets.key, created if missing)")
 	withTLS := fs.Bool("tls", false, "serve the REST API and NATS with TLS (a self-signed CA and certificate under DATA/tls)")
 	if err := parseRoleFlags(fs, args); err != nil {
@@ -85,6 +87,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		LocalBackend:     true,
 		SecretKey:        secretKey,
 		HeartbeatSeconds: *heartbeat,
+		AgentCredsTTL:    *credsTTL,
 		Authority:        sec.authority,
 		SystemConn:       b.sys,
 		TLS:              sec.tls,

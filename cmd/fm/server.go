@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/server"
@@ -28,6 +29,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	natsListen := fs.String("nats-listen", "127.0.0.1:4222", "embedded NATS address for agents")
 	syncAlways := fs.Bool("sync-always", true, "embedded NATS: fsync every write before acknowledging it")
 	replicas := fs.Int("replicas", 1, "replicas of every stream and bucket (3 on a NATS cluster)")
+	credsTTL := fs.Duration("agent-creds-ttl", 24*time.Hour, "how long agents' NATS credentials last; agents renew them after two thirds")
 	vpc := fs.String("default-vpc", "", "FM's own VPC, used by networks created with useDefaultValues=True")
 	subnet := fs.String("default-subnet", "", "FM's own subnet")
 	region := fs.String("default-region", "", "FM's own AWS region")
@@ -120,8 +122,9 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	topo.Replicas = *replicas
 	srv, err := server.New(server.Config{
 		Conn: b.nc, Listen: *listen, Topology: topo, Logger: log, DefaultInstanceType: *instanceType, SecretKey: secretKey,
-		Network:   server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
-		Authority: sec.authority, SystemConn: b.sys, JoinURL: joinURL, TLS: sec.tls, CAPEM: sec.caPEM,
+		AgentCredsTTL: *credsTTL,
+		Network:       server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
+		Authority:     sec.authority, SystemConn: b.sys, JoinURL: joinURL, TLS: sec.tls, CAPEM: sec.caPEM,
 		AgentBinary: *agentBinary, MetricsAddr: mf.addr, MetricsPublic: mf.public,
 	})
 	if err != nil {

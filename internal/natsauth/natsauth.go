@@ -267,6 +267,7 @@ func AgentPermissions(instance string) jwt.Permissions {
 		Pub: allow(append(events,
 			protocol.LogSubject(instance, "*"),
 			protocol.HeartbeatSubject(instance),
+			protocol.RenewSubject(instance),
 			protocol.KVSubject(protocol.BucketAgents, instance),
 			"$JS.API.DIRECT.GET.KV_"+protocol.BucketDesired+"."+protocol.KVSubject(protocol.BucketDesired, instance),
 			"$JS.API.CONSUMER.CREATE."+protocol.StreamCommands+"."+commands+"."+protocol.CommandFilter(instance),

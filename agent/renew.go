@@ -1,0 +1,273 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/fleetmanager/fm/internal/atomicfile"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/jwt/v2"
+)
+
+// An agent's NATS credentials expire (FM keeps a revocation only until
+// then). The agent renews them over the bus when two thirds of their life
+// has passed, and, when they expired while the machine was off (or the
+// bus could not be reached in time), over HTTP at the join endpoint, with a
+// request signed by the machine's key. The same user (the machine's key)
+// gets a new JWT; the connection uses it at its next (re)connect, which
+// NATS forces when the old one expires.
+
+// currentCreds is the credentials the agent connects with.
+func (a *Agent) currentCreds() []byte {
+	a.credsMu.Lock()
+	defer a.credsMu.Unlock()
+	return a.creds
+}
+
+// credsTimes are the issue and expiry times of the credentials' JWT (a
+// zero expiry: they never expire).
+func credsTimes(creds []byte) (issued, expires time.Time, err error) {
+	tok, err := jwt.ParseDecoratedJWT(creds)
+	if err != nil {
+		return time.Time{}, time.Time{}, err
+	}
+	claims, err := jwt.DecodeUserClaims(tok)
+	if err != nil {
+		return time.Time{}, time.Time{}, err
+	}
+	if claims.Expires != 0 {
+		expires = time.Unix(claims.Expires, 0)
+	}
+	return time.Unix(claims.IssuedAt, 0), expires, nil
+}
+
+// renewalDue is when credentials issued at issued and expiring at expires
+// are renewed: when two thirds of their life has passed.
+func renewalDue(issued, expires time.Time) time.Time {
+	return issued.Add(expires.Sub(issued) * 2 / 3)
+}
+
+// nearlyExpired says whether credentials are too close to their expiry to
+// reach the bus with: within a minute of it, or a tenth of their life.
+func nearlyExpired(issued, expires time.Time) bool {
+	return time.Until(expires) < min(time.Minute, expires.Sub(issued)/10)
+}
+
+// keepCreds makes creds (a renewed JWT of the machine's key) the agent's,
+// on disk first: a restart uses them.
+func (a *Agent) keepCreds(creds []byte) error {
+	b, err := os.ReadFile(a.m.identityPath())
+	if err != nil {
+		return fmt.Errorf("identity: %w", err)
+	}
+	var id identity
+	if err := json.Unmarshal(b, &id); err != nil {
+		return fmt.Errorf("identity %s: %w", a.m.identityPath(), err)
+	}
+	id.Credentials = string(creds)
+	if b, err = json.Marshal(id); err != nil {
+		return err
+	}
+	if err := a.crash.Around("agent/renew/keep-identity", func() error {
+		return atomicfile.WriteFile(a.m.identityPath(), b, 0o600)
+	}); err != nil {
+		return fmt.Errorf("keep the renewed credentials: %w", err)
+	}
+	a.credsMu.Lock()
+	a.creds = creds
+	a.credsMu.Unlock()
+	return nil
+}
+
+// renewRequest is the machine's signed renew request for its key.
+func (a *Agent) renewRequest() (protocol.RenewRequest, []byte, error) {
+	kp, err := jwt.ParseDecoratedUserNKey(a.currentCreds())
+	if err != nil {
+		return protocol.RenewRequest{}, nil, err
+	}
+	defer kp.Wipe()
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return protocol.RenewRequest{}, nil, err
+	}
+	seed, err := kp.Seed()
+	if err != nil {
+		return protocol.RenewRequest{}, nil, err
+	}
+	seed = append([]byte(nil), seed...) // Wipe clears the key's own copy
+	req := protocol.RenewRequest{Instance: a.cfg.Instance, PublicKey: pub, Time: time.Now().UTC()}
+	sig, err := kp.Sign(protocol.RenewProof(req.Instance, req.PublicKey, req.Time))
+	if err != nil {
+		return protocol.RenewRequest{}, nil, err
+	}
+	req.Signature = base64.RawURLEncoding.EncodeToString(sig)
+	return req, seed, nil
+}
+
+// errRenewRefused is FM refusing to renew: this machine is no longer the
+// instance's, or was revoked.
+var errRenewRefused = errors.New("renewal refused")
+
+// renewOverBus asks FM for a new JWT on the instance's renew subject.
+func (a *Agent) renewOverBus(ctx context.Context) ([]byte, error) {
+	req, seed, err := a.renewRequest()
+	if err != nil {
+		return nil, err
+	}
+	data, err := protocol.Encode(&req)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	msg, err := a.nc.RequestWithContext(ctx, protocol.RenewSubject(a.cfg.Instance), data)
+	if err != nil {
+		return nil, fmt.Errorf("renew over the bus: %w", err)
+	}
+	var resp protocol.RenewResponse
+	if err := protocol.Decode(msg.Data, &resp); err != nil {
+		return nil, fmt.Errorf("renew over the bus: %w", err)
+	}
+	return renewedCreds(resp, seed)
+}
+
+// renewOverHTTP asks FM's join endpoint for a new JWT: for credentials that
+// expired, with which the bus cannot be reached.
+func (a *Agent) renewOverHTTP(ctx context.Context, tlsConf *tls.Config) ([]byte, error) {
+	if a.cfg.Join == nil || a.cfg.Join.URL == "" {
+		return nil, errors.New("no join endpoint to renew at")
+	}
+	req, seed, err := a.renewRequest()
+	if err != nil {
+		return nil, err
+	}
+	body, err := json.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, a.cfg.Join.URL+"/renew", bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	hreq.Header.Set("Content-Type", "application/json")
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConf}}
+	defer client.CloseIdleConnections()
+	resp, err := client.Do(hreq)
+	if err != nil {
+		return nil, fmt.Errorf("renew at %s: %w", a.cfg.Join.URL, err)
+	}
+	defer resp.Body.Close()
+	answer, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	switch {
+	case resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden:
+		return nil, fmt.Errorf("%w: %s", errRenewRefused, bytes.TrimSpace(answer))
+	case resp.StatusCode != http.StatusOK:
+		return nil, fmt.Errorf("renew at %s: %s %s", a.cfg.Join.URL, resp.Status, bytes.TrimSpace(answer))
+	}
+	var out protocol.RenewResponse
+	if err := json.Unmarshal(answer, &out); err != nil {
+		return nil, fmt.Errorf("renew at %s: %w", a.cfg.Join.URL, err)
+	}
+	return renewedCreds(out, seed)
+}
+
+func renewedCreds(resp protocol.RenewResponse, seed []byte) ([]byte, error) {
+	if resp.Error != nil {
+		if resp.Error.Code == protocol.CodeUnauthenticated {
+			return nil, fmt.Errorf("%w: %s", errRenewRefused, resp.Error.Message)
+		}
+		return nil, resp.Error
+	}
+	creds, err := jwt.FormatUserConfig(resp.JWT, seed)
+	if err != nil {
+		return nil, fmt.Errorf("the renewed JWT is unusable: %w", err)
+	}
+	return creds, nil
+}
+
+// renewExpired renews, over HTTP, credentials that expired or nearly (the
+// machine was off): with them the bus cannot be reached. It tries
+// until ctx ends; credentials without an expiry, or an agent that did not
+// join, need nothing.
+func (a *Agent) renewExpired(ctx context.Context, tlsConf *tls.Config) error {
+	if a.currentCreds() == nil || a.cfg.Join == nil {
+		return nil
+	}
+	issued, expires, err := credsTimes(a.currentCreds())
+	if err != nil {
+		return fmt.Errorf("credentials: %w", err)
+	}
+	if expires.IsZero() || !nearlyExpired(issued, expires) {
+		return nil
+	}
+	backoff := time.Second
+	for {
+		creds, err := a.renewOverHTTP(ctx, tlsConf)
+		if err == nil {
+			a.log.Info().Msg("expired credentials renewed at the join endpoint")
+			return a.keepCreds(creds)
+		}
+		a.log.Warn().Err(err).Dur("retry_in", backoff).Msg("expired credentials not renewed yet")
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, time.Minute)
+	}
+}
+
+// renewCredentials keeps the credentials renewed until ctx ends: over the
+// bus when they are due, over HTTP once they expired.
+func (a *Agent) renewCredentials(ctx context.Context, tlsConf *tls.Config) {
+	if a.currentCreds() == nil || a.cfg.Join == nil {
+		return
+	}
+	backoff := 5 * time.Second
+	for {
+		issued, expires, err := credsTimes(a.currentCreds())
+		if err != nil || expires.IsZero() {
+			return
+		}
+		if wait := time.Until(renewalDue(issued, expires)); wait > 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+		}
+		var creds []byte
+		if !nearlyExpired(issued, expires) {
+			creds, err = a.renewOverBus(ctx)
+		} else {
+			creds, err = a.renewOverHTTP(ctx, tlsConf)
+		}
+		if err == nil {
+			err = a.keepCreds(creds)
+		}
+		if err == nil {
+			_, next, _ := credsTimes(creds)
+			a.log.Info().Time("expires", next).Msg("credentials renewed")
+			backoff = 5 * time.Second
+			continue
+		}
+		a.log.Warn().Err(err).Dur("retry_in", backoff).Time("expires", expires).Msg("credentials not renewed yet")
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, time.Minute)
+	}
+}

@@ -1,0 +1,241 @@
+package server_test
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/internal/natsauth"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/server"
+	"github.com/fleetmanager/fm/server/servertest"
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nkeys"
+)
+
+// startWithShortCredentials is startWithAuthority with agent credentials
+// that last ttl.
+func startWithShortCredentials(t *testing.T, ttl time.Duration) *fm {
+	t.Helper()
+	auth, err := natsauth.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return start(t, servertest.WithConfig(func(c *server.Config) {
+		c.Authority, c.AgentCredsTTL = auth, ttl
+	}))
+}
+
+// joined makes an instance whose machine joined with kp; it returns the
+// instance and the JWT the join gave.
+func (f *fm) joined(label string, kp nkeys.KeyPair) (string, string) {
+	f.t.Helper()
+	if f.joinFleet == nil {
+		vn, tpl, _ := f.fleet()
+		f.joinFleet = []string{vn.ID, tpl.ID}
+	}
+	vn, tpl := struct{ ID string }{f.joinFleet[0]}, struct{ ID string }{f.joinFleet[1]}
+	im := f.addImageWithKit("dss-"+label, "14.0.0")
+	in := f.createInstance(instanceBody(label, vn.ID, tpl.ID, im.ID))
+	req := f.provisionRequest(in.ID)
+	var resp protocol.JoinResponse
+	f.ok(f.joinAs(in.ID, req.Spec.Join.Token, kp), &resp)
+	return in.ID, resp.JWT
+}
+
+// replaceMachine aborts the instance's reprovision under way and makes it
+// a new machine, which joins with a new key: the old machine's user is
+// revoked.
+func (f *fm) replaceMachine(id string) {
+	f.t.Helper()
+	var st struct {
+		Operation *struct {
+			JobID string `json:"jobId"`
+		} `json:"operation"`
+	}
+	f.ok(f.do("GET", "/instances/"+id+"/status", ""), &st)
+	if st.Operation != nil {
+		f.ok(f.do("DELETE", "/futures/"+st.Operation.JobID, ""), nil)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		st.Operation = nil // a field the answer leaves out keeps its value
+		f.ok(f.do("GET", "/instances/"+id+"/status", ""), &st)
+		if st.Operation == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			f.t.Fatalf("the aborted reprovision never ended: %s", f.do("GET", "/instances/"+id+"/status", "").body)
+		}
+	}
+	req := f.provisionRequest(id)
+	f.ok(f.joinAs(id, req.Spec.Join.Token, machineKey(f.t)), nil)
+}
+
+func renewRequest(t *testing.T, instance string, kp nkeys.KeyPair, at time.Time) protocol.RenewRequest {
+	t.Helper()
+	req := protocol.RenewRequest{Instance: instance, PublicKey: publicKey(kp), Time: at.UTC()}
+	sig, err := kp.Sign(protocol.RenewProof(req.Instance, req.PublicKey, req.Time))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Signature = base64.RawURLEncoding.EncodeToString(sig)
+	return req
+}
+
+// renewOnBus sends a renew request on subject and returns the answer.
+func (f *fm) renewOnBus(subject string, req protocol.RenewRequest) protocol.RenewResponse {
+	f.t.Helper()
+	data, err := protocol.Encode(&req)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	msg, err := f.env.Conn.Request(subject, data, 10*time.Second)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	var resp protocol.RenewResponse
+	if err := protocol.Decode(msg.Data, &resp); err != nil {
+		f.t.Fatal(err)
+	}
+	return resp
+}
+
+func claimsOf(t *testing.T, tok string) *jwt.UserClaims {
+	t.Helper()
+	c, err := jwt.DecodeUserClaims(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestAgentCredentialsExpireAndAreRenewed: a join gives a JWT that
+// expires; the machine's agent renews it on the bus (for its own
+// instance's key only) and, once expired, over HTTP with a signed request.
+func TestAgentCredentialsExpireAndAreRenewed(t *testing.T) {
+	f := startWithShortCredentials(t, time.Hour)
+	kp := machineKey(t)
+	id, first := f.joined("renew", kp)
+	c := claimsOf(t, first)
+	if c.Expires == 0 || time.Until(time.Unix(c.Expires, 0)) > time.Hour+time.Minute || c.Subject != publicKey(kp) {
+		t.Fatalf("the join's JWT: subject %s expires %d", c.Subject, c.Expires)
+	}
+	other := machineKey(t)
+	otherID, _ := f.joined("other", other)
+	time.Sleep(1100 * time.Millisecond) // a later second: a later expiry
+	now := time.Now()
+	for _, row := range []struct {
+		name    string
+		subject string
+		req     protocol.RenewRequest
+		ok      bool
+	}{
+		{"its own key", protocol.RenewSubject(id), renewRequest(t, id, kp, now), true},
+		{"another instance's subject", protocol.RenewSubject(otherID), renewRequest(t, id, kp, now), false},
+		{"another machine's key", protocol.RenewSubject(id), renewRequest(t, id, other, now), false},
+		{"an old request", protocol.RenewSubject(id), renewRequest(t, id, kp, now.Add(-time.Hour)), false},
+		{"a forged signature", protocol.RenewSubject(id), func() protocol.RenewRequest {
+			r := renewRequest(t, id, kp, now)
+			r.Signature = renewRequest(t, id, other, now).Signature
+			return r
+		}(), false},
+	} {
+		t.Run(row.name, func(t *testing.T) {
+			resp := f.renewOnBus(row.subject, row.req)
+			if row.ok != (resp.Error == nil) {
+				t.Fatalf("renewal: %+v", resp.Error)
+			}
+			if !row.ok {
+				if resp.Error.Code != protocol.CodeUnauthenticated {
+					t.Fatalf("refused with %s", resp.Error.Code)
+				}
+				return
+			}
+			got := claimsOf(t, resp.JWT)
+			if got.Subject != publicKey(kp) || got.Expires <= c.Expires || got.Name != id {
+				t.Fatalf("renewed JWT: subject %s (want %s) expires %d (before: %d)", got.Subject, publicKey(kp), got.Expires, c.Expires)
+			}
+		})
+	}
+	// Expired while the machine was off: over HTTP, signed.
+	var resp protocol.RenewResponse
+	f.ok(f.doAs("POST", server.RenewPath, mustJSON(t, renewRequest(t, id, kp, time.Now())), "", ""), &resp)
+	if got := claimsOf(t, resp.JWT); got.Subject != publicKey(kp) {
+		t.Fatalf("renewed over HTTP: %s", got.Subject)
+	}
+	f.failed(f.doAs("POST", server.RenewPath, mustJSON(t, renewRequest(t, id, other, time.Now())), "", ""), 401, "Unauthenticated")
+	// A machine replaced (its key revoked) renews no more.
+	f.replaceMachine(id)
+	if r := f.renewOnBus(protocol.RenewSubject(id), renewRequest(t, id, kp, time.Now())); r.Error == nil {
+		t.Fatal("a replaced machine's credentials were renewed")
+	}
+}
+
+// TestRevocationsGoOnceTheirCredentialsExpired: the revocation list holds
+// only the users whose JWTs may still be valid. Seeded with 6,000
+// revocations of credentials expired since (near what the bucket's 1 MiB
+// value holds), it comes down to the new one at the next revocation, and
+// the account JWT stays far under NATS's 1 MB. (pruneRevocations is tested
+// with 20,000 in TestPruningTwentyThousandRevocations.)
+func TestRevocationsGoOnceTheirCredentialsExpired(t *testing.T) {
+	f := startWithShortCredentials(t, time.Hour)
+	ctx := context.Background()
+	settings, err := f.env.Bus.JetStream(t).KeyValue(ctx, protocol.BucketSettings)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const seeded = 6000
+	doc := map[string]map[string]int64{"revocations": {}, "revokedUntil": {}}
+	past := time.Now().Add(-2 * time.Hour).Unix()
+	for i := 0; i < seeded; i++ {
+		pub := publicKey(machineKey(t))
+		doc["revocations"][pub], doc["revokedUntil"][pub] = past-3600, past
+	}
+	// One from an FM whose credentials never expired: kept.
+	forever := publicKey(machineKey(t))
+	doc["revocations"][forever] = past
+	data, _ := json.Marshal(doc)
+	if _, err := settings.Put(ctx, "system.nats-revocations", data); err != nil {
+		t.Fatalf("seed %d bytes: %v", len(data), err)
+	}
+	kp := machineKey(t)
+	id, _ := f.joined("pruned", kp)
+	// The machine is replaced: its user is revoked.
+	f.replaceMachine(id)
+	entry, err := settings.Get(ctx, "system.nats-revocations")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		Revocations  map[string]int64 `json:"revocations"`
+		RevokedUntil map[string]int64 `json:"revokedUntil"`
+	}
+	if err := json.Unmarshal(entry.Value(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := got.Revocations[publicKey(kp)]; !ok {
+		t.Fatalf("the replaced machine is not revoked: %d entries", len(got.Revocations))
+	}
+	if got.RevokedUntil[publicKey(kp)] < time.Now().Add(50*time.Minute).Unix() {
+		t.Fatalf("its revocation is kept until %d, not its JWT's expiry", got.RevokedUntil[publicKey(kp)])
+	}
+	if _, ok := got.Revocations[forever]; !ok || len(got.Revocations) != 2 {
+		t.Fatalf("%d revocations kept, want the new one and the one without an expiry", len(got.Revocations))
+	}
+	auth, _ := natsauth.Open(t.TempDir())
+	acc, err := auth.AccountJWT(got.Revocations)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(acc) > 1<<20 {
+		t.Fatalf("the account JWT is %d bytes", len(acc))
+	}
+	fmt.Fprintf(testWriter{t}, "account JWT after pruning %d revocations: %d bytes\n", seeded, len(acc))
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
