@@ -40,7 +40,7 @@ type Config struct {
 	// deadline (default an hour).
 	DefaultDeadline time.Duration
 	// Crash is passed every crash point of a request's handling (tests).
-	Crash  crashpoint.Hook
+	Crash crashpoint.Hook
 	// OpenSecret opens what the server sealed with FM's secret key (a new
 	// machine's join token); nil: a provisioner without the key, which
 	// cannot make machines for a server that seals their tokens.
