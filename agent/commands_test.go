@@ -370,6 +370,11 @@ func TestCollectDiagnosis(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A proxy with a password in env-site.sh is masked.
+	envSite := filepath.Join(r.dssDir(), "bin", "env-site.sh")
+	if err := os.WriteFile(envSite, []byte("export https_proxy=http://svc:SECRET-PROXY-PW@proxy:3128\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	res := r.result(r.command(protocol.CommandCollectDiagnosis, nil))
 	var d protocol.DiagnosisResult
 	if err := json.Unmarshal(res.Result, &d); err != nil || !strings.HasPrefix(d.Subject, protocol.LogSubject(r.instance, "diag-"+res.CommandID+"-")) || d.Chunks < 1 {
@@ -407,10 +412,10 @@ func TestCollectDiagnosis(t *testing.T) {
 		}
 		names[h.Name] = true
 		if b, _ := io.ReadAll(tr); bytes.Contains(b, []byte("SECRET")) {
-			t.Errorf("%s holds root's file, linked by the DSS user", h.Name)
+			t.Errorf("%s holds a secret: root's file linked by the DSS user, or a password of env-site.sh", h.Name)
 		}
 	}
-	for _, want := range []string{"agent/status.json", "agent/marker.json", "dss/install.ini", "dss/dss-version.json", "dss/run/backend.log"} {
+	for _, want := range []string{"agent/status.json", "agent/marker.json", "dss/install.ini", "dss/dss-version.json", "dss/run/backend.log", "dss/bin/env-site.sh"} {
 		if !names[want] {
 			t.Errorf("bundle lacks %s (has %v)", want, names)
 		}
@@ -432,6 +437,24 @@ func TestACommandLineErrorShowsNoSecret(t *testing.T) {
 		t.Run(c.want, func(t *testing.T) {
 			if got := shownArgs(c.args); got != c.want {
 				t.Fatalf("shownArgs(%q) = %q, want %q", c.args, got, c.want)
+			}
+		})
+	}
+}
+
+// TestADiagnosisBundleShowsNoShellSecret: env-site.sh goes into diagnosis
+// bundles (which travel and are kept unsealed) with its secrets masked.
+func TestADiagnosisBundleShowsNoShellSecret(t *testing.T) {
+	for _, c := range []struct{ in, want string }{
+		{"export https_proxy=http://svc:Hunter2@proxy.example.com:3128", "export https_proxy=http://svc:***@proxy.example.com:3128"},
+		{"export DKU_DB_PASSWORD='Hunter2'", "export DKU_DB_PASSWORD=***"},
+		{"  AWS_SECRET_ACCESS_KEY=Hunter2", "  AWS_SECRET_ACCESS_KEY=***"},
+		{"export DKU_JAVA_OPTS=-Xmx4g", "export DKU_JAVA_OPTS=-Xmx4g"},
+		{"export no_proxy=localhost,169.254.169.254", "export no_proxy=localhost,169.254.169.254"},
+	} {
+		t.Run(c.in, func(t *testing.T) {
+			if got := string(redactShell([]byte(c.in))); got != c.want {
+				t.Fatalf("redactShell(%q) = %q, want %q", c.in, got, c.want)
 			}
 		})
 	}

@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -61,6 +62,9 @@ func (a *Agent) collectDiagnosis(ctx context.Context, commandID string) (protoco
 		data, err := readTail(f, maxLogInBundle)
 		if err != nil {
 			return nil
+		}
+		if strings.HasSuffix(name, ".sh") {
+			data = redactShell(data)
 		}
 		return add(name, data)
 	}
@@ -121,6 +125,26 @@ func (a *Agent) collectDiagnosis(ctx context.Context, commandID string) (protoco
 		chunks++
 	}
 	return protocol.DiagnosisResult{Subject: subject, Chunks: chunks, SizeBytes: int64(len(data)), SHA256: hex.EncodeToString(sum[:])}, nil
+}
+
+// secretName matches a shell variable's name that holds a secret; userInfo
+// the password of a URL (a proxy's, typically).
+var (
+	secretName = regexp.MustCompile(`(?i)^(\s*(?:export\s+)?[A-Za-z_][A-Za-z0-9_]*(?:PASS|SECRET|TOKEN|KEY|CREDENTIAL)[A-Za-z0-9_]*=).*$`)
+	userInfo   = regexp.MustCompile(`(://[^/\s:@'"]+):[^@\s'"]+@`)
+)
+
+// redactShell masks what a shell script of DSS's (bin/env-site.sh, where
+// proxies and environment are set) may hold of secrets: values of
+// variables whose names say secret, and passwords in URLs. The bundle
+// travels and is kept unsealed.
+func redactShell(data []byte) []byte {
+	lines := strings.Split(string(data), "\n")
+	for i, l := range lines {
+		l = secretName.ReplaceAllString(l, "${1}***")
+		lines[i] = userInfo.ReplaceAllString(l, "${1}:***@")
+	}
+	return []byte(strings.Join(lines, "\n"))
 }
 
 // diagnosisChunk is the size of a diagnosis bundle's messages, well under
