@@ -95,7 +95,8 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 	agents := state(protocol.BucketAgents, "last full status per instance, written by its agent")
 	agents.TTL = t.AgentStatusTTL
 	// No delete markers when a status ages out: NATS allows roll-ups on a
-	// stream that leaves them, and every agent writes here (denyRollup).
+	// stream that leaves them, and every agent writes here
+	// (declareWithoutRollups).
 	return []jetstream.KeyValueConfig{
 		object(protocol.BucketNetworks, "virtual networks"),
 		object(protocol.BucketTemplates, "instance settings templates"),

@@ -304,7 +304,11 @@ func (s *Server) settle(ctx context.Context, id string, lc lifecycle, rev uint64
 	if found && op.State == api.OpSucceeded && op.EndState == stateDeleted {
 		return s.finishDelete(ctx, op)
 	}
-	next := settled(lc, op, found, time.Now().UTC())
+	now := time.Now().UTC()
+	if found && op.EndedAt != nil {
+		now = *op.EndedAt // as the status showed it from the operation's end
+	}
+	next := settled(lc, op, found, now)
 	if found && op.Kind == opReprovision && op.RequestID != "" {
 		// The reprovision is over. Succeeded, its machine joined and keeps
 		// what it got: its tokens go, used ones too, so that none can be

@@ -48,40 +48,44 @@ func TestWhatIsFoldedAgain(t *testing.T) {
 // made an account JWT of 1.9 MB, over NATS's 1 MB default.
 func TestPruningTwentyThousandRevocations(t *testing.T) {
 	now := time.Now()
-	doc := settingsDoc{Revocations: map[string]int64{}, RevokedUntil: map[string]int64{}}
-	for i := 0; i < 20000; i++ {
+	doc := settingsDoc{Revocations: map[string]int64{}, Expiring: map[string]int64{}}
+	user := func() string {
 		kp, _ := nkeys.CreateUser()
 		pub, _ := kp.PublicKey()
-		doc.Revocations[pub], doc.RevokedUntil[pub] = now.Add(-48*time.Hour).Unix(), now.Add(-24*time.Hour).Unix()
+		return pub
 	}
-	live, _ := nkeys.CreateUser()
-	livePub, _ := live.PublicKey()
-	doc.Revocations[livePub], doc.RevokedUntil[livePub] = now.Unix(), now.Add(time.Hour).Unix()
+	for i := 0; i < 20000; i++ {
+		doc.Expiring[user()] = now.Add(-24 * time.Hour).Unix()
+	}
+	live := user()
+	doc.Expiring[live] = now.Add(time.Hour).Unix()
 	// Expired a moment ago: a NATS server whose clock is behind may still
 	// take it.
-	recent, _ := nkeys.CreateUser()
-	recentPub, _ := recent.PublicKey()
-	doc.Revocations[recentPub], doc.RevokedUntil[recentPub] = now.Add(-time.Hour).Unix(), now.Add(-time.Minute).Unix()
-	old, _ := nkeys.CreateUser()
-	oldPub, _ := old.PublicKey()
-	doc.Revocations[oldPub] = now.Add(-1000 * time.Hour).Unix() // minted without an expiry
+	recent := user()
+	doc.Expiring[recent] = now.Add(-time.Minute).Unix()
+	old := user()
+	doc.Revocations[old] = now.Add(-1000 * time.Hour).Unix() // minted without an expiry
 	auth, err := natsauth.Open(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	before, _ := auth.AccountJWT(doc.Revocations)
+	before, _ := auth.AccountJWT(doc.revoked())
 	pruneRevocations(&doc, now)
-	after, err := auth.AccountJWT(doc.Revocations)
+	after, err := auth.AccountJWT(doc.revoked())
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, pub := range []string{livePub, recentPub, oldPub} {
-		if _, ok := doc.Revocations[pub]; !ok {
+	revoked := doc.revoked()
+	for _, pub := range []string{live, recent, old} {
+		if _, ok := revoked[pub]; !ok {
 			t.Errorf("revocation %s dropped", pub)
 		}
 	}
-	if len(doc.Revocations) != 3 || len(doc.RevokedUntil) != 2 {
-		t.Fatalf("%d revocations (%d with an expiry) kept, want 3 (2)", len(doc.Revocations), len(doc.RevokedUntil))
+	if revoked[live] != now.Add(time.Hour).Unix() {
+		t.Errorf("a user with an expiry is revoked as of %d, not its last JWT's expiry", revoked[live])
+	}
+	if len(revoked) != 3 || len(doc.Expiring) != 2 {
+		t.Fatalf("%d revocations (%d with an expiry) kept, want 3 (2)", len(revoked), len(doc.Expiring))
 	}
 	if len(before) < 1<<20 || len(after) > 4<<10 {
 		t.Fatalf("account JWT %d bytes before pruning, %d after", len(before), len(after))

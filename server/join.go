@@ -7,7 +7,6 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"net/http"
 	"strings"
 	"time"
@@ -203,16 +202,18 @@ func safeToken(v string) string {
 }
 
 // mintAgent gives the instance's new machine its NATS user (a JWT for the
-// key it made), makes the machine's key the instance's (sealedKey, from its
-// join record token), and revokes the NATS user of the machine before —
-// first, so that a server that dies midway has nothing left to revoke when
-// the machine asks again. The instance's other tokens are withdrawn: a
-// machine replaced cannot join again with its old one; tokens made after
-// this one (a newer reprovision's) stay. Done again for the same machine,
-// it gives the same rights and revokes nothing more.
+// key it made) and makes the machine's key the instance's (sealedKey, from
+// its join record token). The machine before is retired in the same write
+// (no renewal of its key goes through after it), then revoked: a server
+// that dies between the two leaves the retired user on record, revoked
+// when the machine asks again (or by any revocation of the instance). The
+// instance's other tokens are withdrawn: a machine replaced cannot join
+// again with its old one; tokens made after this one (a newer
+// reprovision's) stay. Done again for the same machine, it gives the same
+// rights and revokes nothing more.
 func (s *Server) mintAgent(ctx context.Context, token string, rec joinRecord, pub string) (protocol.JoinResponse, error) {
 	instance, sealedKey := rec.Instance, rec.Key
-	expires := time.Now().Add(s.agentCredsTTL()).UTC().Truncate(time.Second)
+	expires := s.agentCredsExpiry()
 	tok, err := s.cfg.Authority.UserJWT(instance, pub, natsauth.AgentPermissions(instance), expires)
 	if err != nil {
 		return protocol.JoinResponse{}, internal(err, "the agent's credentials could not be made")
@@ -223,49 +224,32 @@ func (s *Server) mintAgent(ctx context.Context, token string, rec joinRecord, pu
 			return protocol.JoinResponse{}, internal(err, "the machine's instance key could not be opened")
 		}
 	}
-	sec, _, err := s.st.secrets.fetch(ctx, instance)
-	if err != nil && !errors.Is(err, errNotFound) {
-		return protocol.JoinResponse{}, unavailable(err, "the instance's secrets could not be read")
-	}
-	if previous := sec.AgentUser; previous != "" && previous != pub {
-		if err := s.revokeUser(ctx, instance, previous, sec.AgentUserExpires); err != nil {
-			return protocol.JoinResponse{}, unavailable(err, "the previous machine's credentials could not be revoked")
+	sec, err := s.changeSecrets(ctx, instance, func(sec *instanceSecrets) bool {
+		if sec.AgentUser != pub {
+			sec.retire()
+			sec.AgentUser = pub
 		}
-		s.crash.At("server/join/previous-revoked")
-	}
-	for attempt := 0; ; attempt++ {
-		sec, rev, err := s.st.secrets.fetch(ctx, instance)
-		if err != nil && !errors.Is(err, errNotFound) {
-			return protocol.JoinResponse{}, unavailable(err, "the instance's secrets could not be read")
-		}
-		if sec.AgentUser != pub || sec.AgentUserExpires.Before(expires) {
-			sec.AgentUserExpires = expires
-		}
-		sec.AgentUser = pub
+		sec.AgentUserExpires = later(sec.AgentUserExpires, expires)
 		if key != "" {
 			sec.InstanceKey = key
 		}
-		key = sec.InstanceKey
-		if rev == 0 {
-			_, err = s.st.secrets.create(ctx, instance, sec)
-		} else {
-			_, err = s.st.secrets.update(ctx, instance, sec, rev)
-		}
-		if err == nil {
-			break
-		}
-		if !errors.Is(err, errConflict) && !errors.Is(err, errExists) || attempt >= 5 {
-			return protocol.JoinResponse{}, unavailable(err, "the agent's credentials could not be recorded")
-		}
+		return true
+	})
+	if err != nil {
+		return protocol.JoinResponse{}, unavailable(err, "the agent's credentials could not be recorded")
 	}
 	s.crash.At("server/join/credentials-recorded")
+	if err := s.revokeRetired(ctx, instance); err != nil {
+		return protocol.JoinResponse{}, unavailable(err, "the previous machine's credentials could not be revoked")
+	}
+	s.crash.At("server/join/previous-revoked")
 	s.recordByFM(ctx, "credentials.minted", "credentials", instance, nil)
 	s.withdrawTokens(ctx, func(id string, r joinRecord) bool {
 		// Every token has the same lifetime: one that expires later was
 		// made later.
 		return r.Instance == instance && id != token && !r.Expires.After(rec.Expires)
 	})
-	return protocol.JoinResponse{JWT: tok, InstanceKey: key}, nil
+	return protocol.JoinResponse{JWT: tok, InstanceKey: sec.InstanceKey}, nil
 }
 
 // withdrawTokens deletes the join tokens that match; one left behind
@@ -290,109 +274,6 @@ func (s *Server) withdrawJoinTokens(ctx context.Context, request string) {
 		return
 	}
 	s.withdrawTokens(ctx, func(_ string, r joinRecord) bool { return r.Request == request && !r.used() })
-}
-
-// revokeAgent revokes the NATS user of an instance's machine (it was
-// deprovisioned or deleted) and the join tokens it did not use.
-func (s *Server) revokeAgent(ctx context.Context, instance string) error {
-	if s.cfg.Authority == nil {
-		return nil
-	}
-	// Every token of the instance goes, used ones too: the machine that
-	// used one must not exchange it again.
-	s.withdrawTokens(ctx, func(_ string, r joinRecord) bool { return r.Instance == instance })
-	sec, _, _ := s.st.secrets.get(instance)
-	if sec.AgentUser != "" {
-		return s.revokeUser(ctx, instance, sec.AgentUser, sec.AgentUserExpires)
-	}
-	return nil
-}
-
-// revokeUser adds a user, whose last JWT expires at until (zero: never),
-// to the revocation list kept in fm_settings, and pushes the account with
-// the whole list (so that replicas never drop each other's revocations).
-// Entries whose JWTs have all expired are dropped from the list as it is
-// written: NATS refuses an expired JWT anyway, and the list (one value,
-// and the account JWT, both limited to about a megabyte) stays as small as
-// the revocations of one credentials lifetime.
-func (s *Server) revokeUser(ctx context.Context, instance, user string, until time.Time) error {
-	var list map[string]int64
-	added := false
-	for attempt := 0; attempt < 10; attempt++ {
-		doc, rev, err := s.st.settings.fetch(ctx, revocationsKey)
-		if err != nil && !errors.Is(err, errNotFound) {
-			return fmt.Errorf("revocations unreadable: %w", err)
-		}
-		if _, done := doc.Revocations[user]; done {
-			list = doc.Revocations
-			break // recorded before (a push may have failed then: pushed again below)
-		}
-		if doc.Revocations == nil {
-			doc.Revocations = map[string]int64{}
-		}
-		doc.Revocations[user] = time.Now().Unix()
-		if !until.IsZero() {
-			if doc.RevokedUntil == nil {
-				doc.RevokedUntil = map[string]int64{}
-			}
-			doc.RevokedUntil[user] = until.Unix()
-		}
-		pruneRevocations(&doc, time.Now())
-		if rev == 0 {
-			_, err = s.st.settings.create(ctx, revocationsKey, doc)
-		} else {
-			_, err = s.st.settings.update(ctx, revocationsKey, doc, rev)
-		}
-		if err == nil {
-			list, added = doc.Revocations, true
-			break
-		}
-		if !errors.Is(err, errConflict) && !errors.Is(err, errExists) {
-			return fmt.Errorf("revocation not recorded: %w", err)
-		}
-	}
-	if list == nil {
-		return fmt.Errorf("revocation not recorded: %w", errConflict)
-	}
-	if s.cfg.SystemConn == nil {
-		// Nothing to push with (NATS is not FM's own): in force once the
-		// account is pushed, at a start of a server that can.
-		s.log.Warn().Str("instance", instance).Msg("revocation recorded; no system account connection to push it to NATS")
-	} else if err := s.pushAccount(ctx, list); err != nil {
-		return fmt.Errorf("revocation recorded but not pushed to NATS: %w", err)
-	}
-	if added {
-		s.recordByFM(ctx, "credentials.revoked", "credentials", instance, nil)
-		s.log.Info().Str("instance", instance).Str("user", user).Msg("agent credentials revoked")
-	}
-	return nil
-}
-
-// revocationSkew is how long after its JWT's expiry a revocation is kept:
-// NATS servers' clocks may be behind FM's.
-const revocationSkew = 10 * time.Minute
-
-// pruneRevocations drops the revocations of users whose every JWT has
-// expired; those of users minted without an expiry stay.
-func pruneRevocations(doc *settingsDoc, now time.Time) {
-	for user, until := range doc.RevokedUntil {
-		if time.Unix(until, 0).Add(revocationSkew).Before(now) {
-			delete(doc.Revocations, user)
-			delete(doc.RevokedUntil, user)
-		}
-	}
-}
-
-// revocationsKey is where fm_settings keeps the revoked NATS users.
-const revocationsKey = "system.nats-revocations"
-
-func (s *Server) pushAccount(ctx context.Context, list map[string]int64) error {
-	if s.cfg.SystemConn == nil {
-		return errors.New("no system account connection")
-	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	return s.cfg.Authority.Push(ctx, s.cfg.SystemConn, list)
 }
 
 // instanceBox is the box of an instance's key, nil when it has none (FM runs
@@ -460,24 +341,3 @@ func (s *Server) natsCredentials(r *http.Request) (any, error) {
 	return resp, nil
 }
 
-// syncAccount pushes the account with the recorded revocations once the
-// server starts, retrying until it is through, so that a revocation whose
-// push failed is in force after a restart.
-func (s *Server) syncAccount(ctx context.Context) {
-	if s.cfg.Authority == nil || s.cfg.SystemConn == nil {
-		return
-	}
-	for {
-		doc, _, _ := s.st.settings.get(revocationsKey)
-		err := s.pushAccount(ctx, doc.Revocations)
-		if err == nil {
-			return
-		}
-		s.log.Warn().Err(err).Msg("the NATS account is not pushed yet; retrying")
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(10 * time.Second):
-		}
-	}
-}

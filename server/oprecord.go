@@ -114,7 +114,9 @@ type instanceSecrets struct {
 	InstanceKey string `json:"instanceKey,omitempty"`
 	AgentUser   string `json:"agentUser,omitempty"`
 	// AgentUserExpires is when the last JWT minted for AgentUser expires
-	// (zero: one minted by an FM whose credentials never expired); its
-	// revocation is kept until then.
+	// (zero: one minted by an FM whose credentials never expired).
 	AgentUserExpires time.Time `json:"agentUserExpires,omitzero"`
+	// Retired are agent users of machines gone whose revocation is under
+	// way (revocations.go).
+	Retired []retiredUser `json:"retired,omitempty"`
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/fleetmanager/fm/internal/natsauth"
@@ -36,12 +37,18 @@ const renewClockSkew = 10 * time.Minute
 func (s *Server) serveRenewals() (*nats.Subscription, error) {
 	return s.cfg.Conn.QueueSubscribe(protocol.SubjectAllRenew, "fm-server", func(m *nats.Msg) {
 		// The subject is the sender's: only an agent of that instance may
-		// publish on it.
+		// publish on it. The reply subject is the sender's choice, and NATS
+		// does not check it: the answer goes only to the instance's own
+		// inbox, never to a subject of FM's (a bucket's key).
 		instance := protocol.InstanceFromSubject(m.Subject)
+		if !strings.HasPrefix(m.Reply, protocol.InboxPrefix(instance)+".") {
+			s.log.Warn().Str("instance", safeToken(instance)).Msg("a renew request with a reply subject outside the agent's inbox; ignored")
+			return
+		}
 		var resp protocol.RenewResponse
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		tok, err := s.renewRequest(ctx, instance, m.Data)
+		tok, err := s.renewRequest(ctx, instance, m.Data, false)
 		var perr *protocol.Error
 		switch {
 		case errors.As(err, &perr):
@@ -80,7 +87,7 @@ func (s *Server) renewHTTP(r *http.Request) (any, error) {
 	if err != nil {
 		return nil, invalid("%v", err)
 	}
-	tok, err := s.renewRequest(r.Context(), req.Instance, data)
+	tok, err := s.renewRequest(r.Context(), req.Instance, data, true)
 	if err != nil {
 		var perr *protocol.Error
 		refused = errors.As(err, &perr) && perr.Code == protocol.CodeUnauthenticated
@@ -90,7 +97,10 @@ func (s *Server) renewHTTP(r *http.Request) (any, error) {
 }
 
 // renewRequest checks a renew request for instance and answers the JWT.
-func (s *Server) renewRequest(ctx context.Context, instance string, data []byte) (string, error) {
+// Over HTTP (fresh), the signed time must be recent: nothing else shows
+// the request is not a replay. On the bus the subject shows who sends, and
+// a machine whose clock is off still renews.
+func (s *Server) renewRequest(ctx context.Context, instance string, data []byte, fresh bool) (string, error) {
 	var req protocol.RenewRequest
 	if err := protocol.Decode(data, &req); err != nil {
 		return "", protocol.Errorf(protocol.CodeInvalidArgument, "the renew request does not decode: %v", err)
@@ -104,7 +114,7 @@ func (s *Server) renewRequest(ctx context.Context, instance string, data []byte)
 		return "", refused("the request names another instance than its sender")
 	case !nkeys.IsValidPublicUserKey(req.PublicKey):
 		return "", refused("publicKey is not a NATS user key")
-	case req.Time.Before(time.Now().Add(-renewClockSkew)) || req.Time.After(time.Now().Add(renewClockSkew)):
+	case fresh && (req.Time.Before(time.Now().Add(-renewClockSkew)) || req.Time.After(time.Now().Add(renewClockSkew))):
 		return "", refused("the request's time is more than 10 minutes from FM's (a replay, or a clock to set)")
 	case !signedBy(req.PublicKey, req.Signature, protocol.RenewProof(req.Instance, req.PublicKey, req.Time)):
 		return "", refused("no proof of holding the key")
@@ -117,28 +127,23 @@ func (s *Server) renewRequest(ctx context.Context, instance string, data []byte)
 // JWT of its user expired, so the expiry is on record before any JWT
 // carrying it leaves.
 func (s *Server) renewAgent(ctx context.Context, instance, pub string) (string, error) {
-	if doc, _, _ := s.st.settings.get(revocationsKey); doc.Revocations[pub] != 0 {
-		return "", protocol.Errorf(protocol.CodeUnauthenticated, "credentials not renewed: this machine's credentials were revoked")
+	expires := s.agentCredsExpiry()
+	// Recorded on the instance's current user only, in a revision-checked
+	// write: a machine retired meanwhile (revocations.go) is refused, and
+	// one retired after finds this expiry on record and is revoked as of it.
+	current := false
+	_, err := s.changeSecrets(ctx, instance, func(sec *instanceSecrets) bool {
+		current = sec.AgentUser == pub && pub != ""
+		if current {
+			sec.AgentUserExpires = later(sec.AgentUserExpires, expires)
+		}
+		return current
+	})
+	if err != nil {
+		return "", protocol.Errorf(protocol.CodeUnavailable, "the renewal could not be recorded: %v", err)
 	}
-	expires := time.Now().Add(s.agentCredsTTL()).UTC().Truncate(time.Second)
-	for attempt := 0; ; attempt++ {
-		sec, rev, err := s.st.secrets.fetch(ctx, instance)
-		if errors.Is(err, errNotFound) || err == nil && sec.AgentUser != pub {
-			return "", protocol.Errorf(protocol.CodeUnauthenticated, "credentials not renewed: not the key of the instance's current machine")
-		}
-		if err != nil {
-			return "", protocol.Errorf(protocol.CodeUnavailable, "the instance's secrets could not be read: %v", err)
-		}
-		if sec.AgentUserExpires.Before(expires) {
-			sec.AgentUserExpires = expires
-			if _, err = s.st.secrets.update(ctx, instance, sec, rev); err != nil {
-				if errors.Is(err, errConflict) && attempt < 5 {
-					continue
-				}
-				return "", protocol.Errorf(protocol.CodeUnavailable, "the renewal could not be recorded: %v", err)
-			}
-		}
-		break
+	if !current {
+		return "", protocol.Errorf(protocol.CodeUnauthenticated, "credentials not renewed: not the key of the instance's current machine")
 	}
 	tok, err := s.cfg.Authority.UserJWT(instance, pub, natsauth.AgentPermissions(instance), expires)
 	if err != nil {
@@ -148,11 +153,13 @@ func (s *Server) renewAgent(ctx context.Context, instance, pub string) (string, 
 	return tok, nil
 }
 
-func (s *Server) agentCredsTTL() time.Duration {
-	if s.cfg.AgentCredsTTL > 0 {
-		return s.cfg.AgentCredsTTL
+// agentCredsExpiry is when agent credentials made now expire.
+func (s *Server) agentCredsExpiry() time.Time {
+	ttl := s.cfg.AgentCredsTTL
+	if ttl <= 0 {
+		ttl = defaultAgentCredsTTL
 	}
-	return defaultAgentCredsTTL
+	return time.Now().Add(ttl).UTC().Truncate(time.Second)
 }
 
 // signedBy reports whether sig (base64, raw URL encoding) is pub's

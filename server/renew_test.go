@@ -85,14 +85,25 @@ func renewRequest(t *testing.T, instance string, kp nkeys.KeyPair, at time.Time)
 	return req
 }
 
-// renewOnBus sends a renew request on subject and returns the answer.
+// renewOnBus sends a renew request on subject, with a reply subject in
+// the inbox of the subject's instance (as that agent's connection does),
+// and returns the answer.
 func (f *fm) renewOnBus(subject string, req protocol.RenewRequest) protocol.RenewResponse {
 	f.t.Helper()
 	data, err := protocol.Encode(&req)
 	if err != nil {
 		f.t.Fatal(err)
 	}
-	msg, err := f.env.Conn.Request(subject, data, 10*time.Second)
+	reply := protocol.InboxPrefix(protocol.InstanceFromSubject(subject)) + "." + protocol.NewID("r")
+	sub, err := f.env.Conn.SubscribeSync(reply)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := f.env.Conn.PublishRequest(subject, reply, data); err != nil {
+		f.t.Fatal(err)
+	}
+	msg, err := sub.NextMsg(10 * time.Second)
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -136,7 +147,9 @@ func TestAgentCredentialsExpireAndAreRenewed(t *testing.T) {
 		{"its own key", protocol.RenewSubject(id), renewRequest(t, id, kp, now), true},
 		{"another instance's subject", protocol.RenewSubject(otherID), renewRequest(t, id, kp, now), false},
 		{"another machine's key", protocol.RenewSubject(id), renewRequest(t, id, other, now), false},
-		{"an old request", protocol.RenewSubject(id), renewRequest(t, id, kp, now.Add(-time.Hour)), false},
+		// On the bus the subject shows who asks: a machine whose clock is
+		// off still renews (over HTTP it is refused, below).
+		{"a machine whose clock is an hour behind", protocol.RenewSubject(id), renewRequest(t, id, kp, now.Add(-time.Hour)), true},
 		{"a forged signature", protocol.RenewSubject(id), func() protocol.RenewRequest {
 			r := renewRequest(t, id, kp, now)
 			r.Signature = renewRequest(t, id, other, now).Signature
@@ -160,6 +173,30 @@ func TestAgentCredentialsExpireAndAreRenewed(t *testing.T) {
 			}
 		})
 	}
+	// The answer goes to the agent's own inbox only: a reply subject of
+	// FM's (a bucket's key) gets nothing written to it.
+	t.Run("a reply subject outside the agent's inbox", func(t *testing.T) {
+		data, _ := protocol.Encode(&protocol.RenewRequest{Instance: id, PublicKey: "junk", Time: time.Now(), Signature: "junk"})
+		target := protocol.KVSubject(protocol.BucketSecrets, otherID)
+		kv, err := f.env.Bus.JetStream(t).KeyValue(context.Background(), protocol.BucketSecrets)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before, err := kv.Get(context.Background(), otherID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.env.Conn.PublishRequest(protocol.RenewSubject(id), target, data); err != nil {
+			t.Fatal(err)
+		}
+		// A request after it, answered: the server took the first one.
+		if resp := f.renewOnBus(protocol.RenewSubject(id), renewRequest(t, id, kp, time.Now())); resp.Error != nil {
+			t.Fatal(resp.Error)
+		}
+		if after, err := kv.Get(context.Background(), otherID); err != nil || after.Revision() != before.Revision() {
+			t.Fatalf("another instance's secrets were written through a renew's reply subject: %v", err)
+		}
+	})
 	// Expired while the machine was off: over HTTP, signed.
 	var resp protocol.RenewResponse
 	f.ok(f.doAs("POST", server.RenewPath, mustJSON(t, renewRequest(t, id, kp, time.Now())), "", ""), &resp)
@@ -167,6 +204,7 @@ func TestAgentCredentialsExpireAndAreRenewed(t *testing.T) {
 		t.Fatalf("renewed over HTTP: %s", got.Subject)
 	}
 	f.failed(f.doAs("POST", server.RenewPath, mustJSON(t, renewRequest(t, id, other, time.Now())), "", ""), 401, "Unauthenticated")
+	f.failed(f.doAs("POST", server.RenewPath, mustJSON(t, renewRequest(t, id, kp, time.Now().Add(-time.Hour))), "", ""), 401, "Unauthenticated")
 	// A machine replaced (its key revoked) renews no more.
 	f.replaceMachine(id)
 	if r := f.renewOnBus(protocol.RenewSubject(id), renewRequest(t, id, kp, time.Now())); r.Error == nil {
@@ -175,7 +213,7 @@ func TestAgentCredentialsExpireAndAreRenewed(t *testing.T) {
 }
 
 // TestRevocationsGoOnceTheirCredentialsExpired: the revocation list holds
-// only the users whose JWTs may still be valid. Seeded with 6,000
+// only the users whose JWTs may still be valid. Seeded with 12,000
 // revocations of credentials expired since (near what the bucket's 1 MiB
 // value holds), it comes down to the new one at the next revocation, and
 // the account JWT stays far under NATS's 1 MB. (pruneRevocations is tested
@@ -187,12 +225,11 @@ func TestRevocationsGoOnceTheirCredentialsExpired(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const seeded = 6000
-	doc := map[string]map[string]int64{"revocations": {}, "revokedUntil": {}}
+	const seeded = 12000
+	doc := map[string]map[string]int64{"revocations": {}, "expiring": {}}
 	past := time.Now().Add(-2 * time.Hour).Unix()
 	for i := 0; i < seeded; i++ {
-		pub := publicKey(machineKey(t))
-		doc["revocations"][pub], doc["revokedUntil"][pub] = past-3600, past
+		doc["expiring"][publicKey(machineKey(t))] = past
 	}
 	// One from an FM whose credentials never expired: kept.
 	forever := publicKey(machineKey(t))
@@ -210,23 +247,24 @@ func TestRevocationsGoOnceTheirCredentialsExpired(t *testing.T) {
 		t.Fatal(err)
 	}
 	var got struct {
-		Revocations  map[string]int64 `json:"revocations"`
-		RevokedUntil map[string]int64 `json:"revokedUntil"`
+		Revocations map[string]int64 `json:"revocations"`
+		Expiring    map[string]int64 `json:"expiring"`
 	}
 	if err := json.Unmarshal(entry.Value(), &got); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := got.Revocations[publicKey(kp)]; !ok {
-		t.Fatalf("the replaced machine is not revoked: %d entries", len(got.Revocations))
+	if got.Expiring[publicKey(kp)] < time.Now().Add(50*time.Minute).Unix() {
+		t.Fatalf("the replaced machine is revoked as of %d, not its JWT's expiry (%d entries)", got.Expiring[publicKey(kp)], len(got.Expiring))
 	}
-	if got.RevokedUntil[publicKey(kp)] < time.Now().Add(50*time.Minute).Unix() {
-		t.Fatalf("its revocation is kept until %d, not its JWT's expiry", got.RevokedUntil[publicKey(kp)])
+	if _, ok := got.Revocations[forever]; !ok || len(got.Revocations) != 1 || len(got.Expiring) != 1 {
+		t.Fatalf("%d+%d revocations kept, want the new one and the one without an expiry", len(got.Revocations), len(got.Expiring))
 	}
-	if _, ok := got.Revocations[forever]; !ok || len(got.Revocations) != 2 {
-		t.Fatalf("%d revocations kept, want the new one and the one without an expiry", len(got.Revocations))
+	all := map[string]int64{forever: 1}
+	for u, at := range got.Expiring {
+		all[u] = at
 	}
 	auth, _ := natsauth.Open(t.TempDir())
-	acc, err := auth.AccountJWT(got.Revocations)
+	acc, err := auth.AccountJWT(all)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -38,12 +38,13 @@ type stores struct {
 type settingsDoc struct {
 	CloudTags   map[string]string     `json:"cloudTags,omitempty"`
 	Credentials *api.CloudCredentials `json:"credentials,omitempty"`
-	// Revocations are the NATS users revoked (public key → when), under
-	// revocationsKey.
+	// Revocations are the NATS users revoked (public key → when, unix)
+	// that were minted without an expiry, under revocationsKey: kept for
+	// good. Expiring are those minted with one (public key → when their
+	// last JWT expires): revoked as of then, dropped after
+	// (revocations.go).
 	Revocations map[string]int64 `json:"revocations,omitempty"`
-	// RevokedUntil says, for a revoked user minted with an expiry, when
-	// its last JWT expires (unix): its revocation is dropped after.
-	RevokedUntil map[string]int64 `json:"revokedUntil,omitempty"`
+	Expiring    map[string]int64 `json:"expiring,omitempty"`
 }
 
 func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log zerolog.Logger) (*stores, error) {

@@ -1,0 +1,242 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+)
+
+// An agent's NATS user is revoked when its machine goes (a reprovision's new
+// machine joins, or the instance is deprovisioned or deleted). It is first
+// retired in fm_secrets, in one revision-checked write that also takes it
+// off AgentUser: from then on no renewal of its key goes through, and the
+// retired record holds the expiry of the last JWT minted for it. Then it
+// is added to the revocation list (fm_settings) and the account is pushed;
+// then the retired record is cleared. A server that dies between these
+// steps leaves the retired user on record, revoked by the next step that
+// runs for the instance.
+//
+// A user minted with an expiry is revoked as of that expiry: NATS refuses
+// every JWT of it issued before then, which is every JWT FM made for it
+// (a renewal that raced the retirement either wrote its expiry first, and
+// the retirement took it, or was refused). Its entry is dropped from the
+// list once that time (and a margin for NATS servers' clocks) has passed:
+// its JWTs have all expired. So the list holds one credentials lifetime
+// of revocations, not every machine ever replaced.
+
+// revocationsKey is where fm_settings keeps the revoked NATS users.
+const revocationsKey = "system.nats-revocations"
+
+// revocationSkew is how long after its JWTs' expiry a revocation is kept:
+// NATS servers' clocks may be behind FM's.
+const revocationSkew = 10 * time.Minute
+
+// retiredUser is an agent's NATS user whose revocation is under way.
+type retiredUser struct {
+	User string `json:"user"`
+	// Until is when the last JWT minted for it expires (zero: minted by an
+	// FM whose credentials never expired).
+	Until time.Time `json:"until,omitzero"`
+}
+
+// retire moves the instance's current agent user, if any, to Retired,
+// and says whether there was one.
+func (sec *instanceSecrets) retire() bool {
+	if sec.AgentUser == "" {
+		return false
+	}
+	if !slices.ContainsFunc(sec.Retired, func(r retiredUser) bool { return r.User == sec.AgentUser }) {
+		sec.Retired = append(sec.Retired, retiredUser{User: sec.AgentUser, Until: sec.AgentUserExpires})
+	}
+	sec.AgentUser, sec.AgentUserExpires = "", time.Time{}
+	return true
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// revoked is every user the account must refuse, with the time as of
+// which: a user minted without an expiry, as of its revocation; one with,
+// as of its last JWT's expiry.
+func (d settingsDoc) revoked() map[string]int64 {
+	all := make(map[string]int64, len(d.Revocations)+len(d.Expiring))
+	for u, at := range d.Revocations {
+		all[u] = at
+	}
+	for u, until := range d.Expiring {
+		all[u] = max(all[u], until)
+	}
+	return all
+}
+
+// changeSecrets applies change to the instance's fm_secrets record, with
+// a revision check (retried on a conflict), and returns the record; a
+// change that returns false writes nothing.
+func (s *Server) changeSecrets(ctx context.Context, instance string, change func(*instanceSecrets) bool) (instanceSecrets, error) {
+	for attempt := 0; ; attempt++ {
+		sec, rev, err := s.st.secrets.fetch(ctx, instance)
+		if err != nil && !errors.Is(err, errNotFound) {
+			return sec, err
+		}
+		if !change(&sec) {
+			return sec, nil
+		}
+		if rev == 0 {
+			_, err = s.st.secrets.create(ctx, instance, sec)
+		} else {
+			_, err = s.st.secrets.update(ctx, instance, sec, rev)
+		}
+		if err == nil || !errors.Is(err, errConflict) && !errors.Is(err, errExists) || attempt >= 5 {
+			return sec, err
+		}
+	}
+}
+
+// revokeAgent revokes the NATS user of an instance's machine (it was
+// deprovisioned or deleted) and the join tokens it did not use.
+func (s *Server) revokeAgent(ctx context.Context, instance string) error {
+	if s.cfg.Authority == nil {
+		return nil
+	}
+	// Every token of the instance goes, used ones too: the machine that
+	// used one must not exchange it again.
+	s.withdrawTokens(ctx, func(_ string, r joinRecord) bool { return r.Instance == instance })
+	if _, err := s.changeSecrets(ctx, instance, (*instanceSecrets).retire); err != nil {
+		return fmt.Errorf("retire the agent's credentials: %w", err)
+	}
+	return s.revokeRetired(ctx, instance)
+}
+
+// revokeRetired revokes the instance's retired agent users and clears them
+// from its record.
+func (s *Server) revokeRetired(ctx context.Context, instance string) error {
+	sec, _, err := s.st.secrets.fetch(ctx, instance)
+	if errors.Is(err, errNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("the instance's secrets could not be read: %w", err)
+	}
+	for _, r := range sec.Retired {
+		if err := s.revokeUser(ctx, instance, r.User, r.Until); err != nil {
+			return err
+		}
+	}
+	if len(sec.Retired) == 0 {
+		return nil
+	}
+	s.crash.At("server/revoke/revoked")
+	done := sec.Retired
+	_, err = s.changeSecrets(ctx, instance, func(sec *instanceSecrets) bool {
+		n := len(sec.Retired)
+		sec.Retired = slices.DeleteFunc(sec.Retired, func(r retiredUser) bool { return slices.Contains(done, r) })
+		return len(sec.Retired) != n
+	})
+	return err
+}
+
+// revokeUser adds a user, whose last JWT expires at until (zero: never),
+// to the revocation list kept in fm_settings, and pushes the account with
+// the whole list (so that replicas never drop each other's revocations).
+// Entries whose JWTs have all expired are dropped as the list is written.
+func (s *Server) revokeUser(ctx context.Context, instance, user string, until time.Time) error {
+	var list map[string]int64
+	added := false
+	for attempt := 0; attempt < 10; attempt++ {
+		doc, rev, err := s.st.settings.fetch(ctx, revocationsKey)
+		if err != nil && !errors.Is(err, errNotFound) {
+			return fmt.Errorf("revocations unreadable: %w", err)
+		}
+		_, legacy := doc.Revocations[user]
+		if at, ok := doc.Expiring[user]; legacy || ok && at >= until.Unix() {
+			list = doc.revoked()
+			break // recorded before (a push may have failed then: pushed again below)
+		}
+		if until.IsZero() {
+			if doc.Revocations == nil {
+				doc.Revocations = map[string]int64{}
+			}
+			doc.Revocations[user] = time.Now().Unix()
+		} else {
+			if doc.Expiring == nil {
+				doc.Expiring = map[string]int64{}
+			}
+			doc.Expiring[user] = until.Unix()
+		}
+		pruneRevocations(&doc, time.Now())
+		if rev == 0 {
+			_, err = s.st.settings.create(ctx, revocationsKey, doc)
+		} else {
+			_, err = s.st.settings.update(ctx, revocationsKey, doc, rev)
+		}
+		if err == nil {
+			list, added = doc.revoked(), true
+			break
+		}
+		if !errors.Is(err, errConflict) && !errors.Is(err, errExists) {
+			return fmt.Errorf("revocation not recorded: %w", err)
+		}
+	}
+	if list == nil {
+		return fmt.Errorf("revocation not recorded: %w", errConflict)
+	}
+	if s.cfg.SystemConn == nil {
+		// Nothing to push with (NATS is not FM's own): in force once the
+		// account is pushed, at a start of a server that can.
+		s.log.Warn().Str("instance", instance).Msg("revocation recorded; no system account connection to push it to NATS")
+	} else if err := s.pushAccount(ctx, list); err != nil {
+		return fmt.Errorf("revocation recorded but not pushed to NATS: %w", err)
+	}
+	if added {
+		s.recordByFM(ctx, "credentials.revoked", "credentials", instance, nil)
+		s.log.Info().Str("instance", instance).Str("user", user).Msg("agent credentials revoked")
+	}
+	return nil
+}
+
+// pruneRevocations drops the revocations of users whose every JWT has
+// expired; those of users minted without an expiry stay.
+func pruneRevocations(doc *settingsDoc, now time.Time) {
+	for user, until := range doc.Expiring {
+		if time.Unix(until, 0).Add(revocationSkew).Before(now) {
+			delete(doc.Expiring, user)
+		}
+	}
+}
+
+func (s *Server) pushAccount(ctx context.Context, list map[string]int64) error {
+	if s.cfg.SystemConn == nil {
+		return errors.New("no system account connection")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return s.cfg.Authority.Push(ctx, s.cfg.SystemConn, list)
+}
+
+// syncAccount pushes the account with the recorded revocations once the
+// server starts, retrying until it is through, so that a revocation whose
+// push failed is in force after a restart.
+func (s *Server) syncAccount(ctx context.Context) {
+	if s.cfg.Authority == nil || s.cfg.SystemConn == nil {
+		return
+	}
+	for {
+		doc, _, _ := s.st.settings.get(revocationsKey)
+		err := s.pushAccount(ctx, doc.revoked())
+		if err == nil {
+			return
+		}
+		s.log.Warn().Err(err).Msg("the NATS account is not pushed yet; retrying")
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Second):
+		}
+	}
+}
