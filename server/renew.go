@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/fleetmanager/fm/internal/natsauth"
@@ -48,7 +49,15 @@ func (s *Server) serveRenewals() (*nats.Subscription, error) {
 		var resp protocol.RenewResponse
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		tok, err := s.renewRequest(ctx, instance, m.Data, false)
+		var tok string
+		var err error
+		if s.renewals.tooSoon(instance, time.Now()) {
+			// One agent renewing over and over must not hold up the
+			// others' renewals, which this subscription answers in turn.
+			err = protocol.Errorf(protocol.CodeResourceExhausted, "credentials renewed less than %s ago; ask later", renewInterval)
+		} else if tok, err = s.renewRequest(ctx, instance, m.Data, false); err == nil {
+			s.renewals.renewed(instance, time.Now())
+		}
 		var perr *protocol.Error
 		switch {
 		case errors.As(err, &perr):
@@ -151,6 +160,35 @@ func (s *Server) renewAgent(ctx context.Context, instance, pub string) (string, 
 	}
 	s.log.Debug().Str("instance", instance).Time("expires", expires).Msg("agent credentials renewed")
 	return tok, nil
+}
+
+// renewInterval is how often an instance's credentials may be renewed on
+// the bus (an agent renews once per two thirds of their life); a refused
+// request costs a signature check, a renewal a write and a JWT.
+const renewInterval = time.Second
+
+// renewalTimes remembers when each instance's credentials were last renewed
+// on the bus; it holds at most one entry per instance (the subject is the
+// sender's).
+type renewalTimes struct {
+	mu   sync.Mutex
+	last map[string]time.Time
+}
+
+func (r *renewalTimes) tooSoon(instance string, now time.Time) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	prev, seen := r.last[instance]
+	return seen && now.Sub(prev) < renewInterval
+}
+
+func (r *renewalTimes) renewed(instance string, now time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.last == nil {
+		r.last = map[string]time.Time{}
+	}
+	r.last[instance] = now
 }
 
 // agentCredsExpiry is when agent credentials made now expire.

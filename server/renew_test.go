@@ -157,6 +157,7 @@ func TestAgentCredentialsExpireAndAreRenewed(t *testing.T) {
 		}(), false},
 	} {
 		t.Run(row.name, func(t *testing.T) {
+			time.Sleep(1100 * time.Millisecond) // after a renewal, an instance's requests wait a second
 			resp := f.renewOnBus(row.subject, row.req)
 			if row.ok != (resp.Error == nil) {
 				t.Fatalf("renewal: %+v", resp.Error)
@@ -190,8 +191,13 @@ func TestAgentCredentialsExpireAndAreRenewed(t *testing.T) {
 			t.Fatal(err)
 		}
 		// A request after it, answered: the server took the first one.
+		time.Sleep(1100 * time.Millisecond)
 		if resp := f.renewOnBus(protocol.RenewSubject(id), renewRequest(t, id, kp, time.Now())); resp.Error != nil {
 			t.Fatal(resp.Error)
+		}
+		// And at once again: too soon.
+		if resp := f.renewOnBus(protocol.RenewSubject(id), renewRequest(t, id, kp, time.Now())); resp.Error == nil || resp.Error.Code != protocol.CodeResourceExhausted {
+			t.Fatalf("a second renewal within a second: %+v", resp.Error)
 		}
 		if after, err := kv.Get(context.Background(), otherID); err != nil || after.Revision() != before.Revision() {
 			t.Fatalf("another instance's secrets were written through a renew's reply subject: %v", err)

@@ -124,6 +124,7 @@ type Server struct {
 	metricsSrv *http.Server
 	stop       context.CancelFunc // stops the bucket watchers
 	box        *seal.Box          // FM's secret key, for what it hands the provisioner sealed
+	renewals   renewalTimes       // paces agents' renewal requests on the bus
 	agent      *agentBinary
 	crash      crashpoint.Hook
 
