@@ -340,4 +340,3 @@ func (s *Server) natsCredentials(r *http.Request) (any, error) {
 	}
 	return resp, nil
 }
-
