@@ -2,7 +2,6 @@ package backup
 
 import (
 	"bytes"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -10,6 +9,8 @@ import (
 	"path"
 	"path/filepath"
 	"sort"
+
+	"github.com/fleetmanager/fm/internal/atomicfile"
 )
 
 // ErrFolderNotFresh is returned by RestoreFiles when the data folder holds
@@ -66,40 +67,10 @@ func RestoreFiles(dir string, files map[string][]byte) error {
 		}
 	}
 	for _, name := range names {
-		if err := replaceFile(root, filepath.FromSlash(name), files[name]); err != nil {
+		// Each file in one step (a crash leaves the old or the new one).
+		if err := atomicfile.WriteFileIn(root, filepath.FromSlash(name), files[name], 0o600); err != nil {
 			return fmt.Errorf("data folder %s: write %s: %w", dir, name, err)
 		}
 	}
 	return nil
-}
-
-// replaceFile writes data (0600) to name in root in one step: to a
-// temporary file beside it, synced, then renamed over it, so that a crash
-// leaves the old file or the new one, never a part.
-func replaceFile(root *os.Root, name string, data []byte) error {
-	if err := root.MkdirAll(filepath.Dir(name), 0o700); err != nil {
-		return err
-	}
-	tmp := filepath.Join(filepath.Dir(name), "."+filepath.Base(name)+"."+rand.Text()+".tmp")
-	f, err := root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	defer root.Remove(tmp) // after the rename, there is nothing to remove
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return root.Rename(tmp, name)
 }

@@ -254,3 +254,22 @@ func opRequest(t *testing.T, js jetstream.JetStream, jobID string) (protocol.Pro
 	}
 	return req, op.Deadline
 }
+
+// accepted makes a call until it is answered 200, for at most 10 s (the
+// server's copies follow the bus: a call right after a write to it may be
+// refused first), and decodes the answer into out.
+func (f *fm) accepted(method, path string, out any) {
+	f.t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		r := f.do(method, path, "")
+		if r.status == 200 {
+			if err := json.Unmarshal(r.body, out); err != nil {
+				f.t.Fatal(err)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			f.t.Fatalf("%s %s: %d %s", method, path, r.status, r.body)
+		}
+	}
+}

@@ -49,19 +49,7 @@ func TestAnAgentsEventsTouchOnlyItsOwnRecords(t *testing.T) {
 	takeSnapshot := func(id string) (api.Future, api.Snapshot) {
 		t.Helper()
 		var sn api.Snapshot
-		for deadline := time.Now().Add(10 * time.Second); ; {
-			r := f.do("POST", "/instances/"+id+"/snapshots?reasonForSnapshot=kept", "")
-			if r.status == 200 {
-				if err := json.Unmarshal(r.body, &sn); err != nil {
-					t.Fatal(err)
-				}
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("snapshot of %s refused: %d %s", id, r.status, r.body)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		f.accepted("POST", "/instances/"+id+"/snapshots?reasonForSnapshot=kept", &sn)
 		if sn.FutureID == "" || sn.State != api.SnapshotCreating {
 			t.Fatalf("snapshot of %s: %+v", id, sn)
 		}

@@ -19,17 +19,17 @@ import (
 
 // startWithAuthority starts a server that gives machines join tokens, with
 // tokens valid for ttl.
-func startWithAuthority(t *testing.T, ttl time.Duration) *fm {
+func startWithAuthority(t *testing.T, ttl time.Duration, opts ...servertest.Option) *fm {
 	t.Helper()
 	auth, err := natsauth.Open(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	return start(t, servertest.WithConfig(func(c *server.Config) {
+	return start(t, append([]servertest.Option{servertest.WithConfig(func(c *server.Config) {
 		c.Authority = auth
 		c.Topology = bus.DefaultTopology()
 		c.Topology.JoinTokenTTL = ttl
-	}))
+	})}, opts...)...)
 }
 
 // reprovision starts a reprovision of the instance and returns the join

@@ -20,13 +20,7 @@ import (
 // that last ttl.
 func startWithShortCredentials(t *testing.T, ttl time.Duration) *fm {
 	t.Helper()
-	auth, err := natsauth.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return start(t, servertest.WithConfig(func(c *server.Config) {
-		c.Authority, c.AgentCredsTTL = auth, ttl
-	}))
+	return startWithAuthority(t, time.Hour, servertest.WithConfig(func(c *server.Config) { c.AgentCredsTTL = ttl }))
 }
 
 // joined makes an instance whose machine joined with kp; it returns the

@@ -4,6 +4,7 @@
 package atomicfile
 
 import (
+	"crypto/rand"
 	"os"
 	"path/filepath"
 )
@@ -19,7 +20,35 @@ func WriteFile(path string, data []byte, perm os.FileMode) error {
 	if err != nil {
 		return err
 	}
-	defer os.Remove(f.Name())
+	defer os.Remove(f.Name()) // after the rename, there is nothing to remove
+	if err := fill(f, data, perm); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
+}
+
+// WriteFileIn is WriteFile confined to root: name is relative to it, and
+// nothing outside it (through a link) is created or written; the folder is
+// made 0700.
+func WriteFileIn(root *os.Root, name string, data []byte, perm os.FileMode) error {
+	if err := root.MkdirAll(filepath.Dir(name), 0o700); err != nil {
+		return err
+	}
+	tmp := filepath.Join(filepath.Dir(name), "."+filepath.Base(name)+"."+rand.Text()+".tmp")
+	f, err := root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
+	if err != nil {
+		return err
+	}
+	defer root.Remove(tmp) // after the rename, there is nothing to remove
+	if err := fill(f, data, perm); err != nil {
+		return err
+	}
+	return root.Rename(tmp, name)
+}
+
+// fill writes data to a new temporary file, with mode perm, syncs and
+// closes it.
+func fill(f *os.File, data []byte, perm os.FileMode) error {
 	if err := f.Chmod(perm); err != nil {
 		f.Close()
 		return err
@@ -32,8 +61,5 @@ func WriteFile(path string, data []byte, perm os.FileMode) error {
 		f.Close()
 		return err
 	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
+	return f.Close()
 }
