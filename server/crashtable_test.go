@@ -330,8 +330,11 @@ func serverScenarios() []serverScenario {
 					w.t.Errorf("the instance's agent is %v, want machine B's", secrets["agentUser"])
 				}
 				revoked := getJSON(w.t, js, protocol.BucketSettings, "system.nats-revocations")
-				if r, _ := revoked["revocations"].(map[string]any); r[publicKey(w.keyA)] == nil {
+				if r, _ := revoked["expiring"].(map[string]any); r[publicKey(w.keyA)] == nil {
 					w.t.Errorf("machine A's user is not revoked: %v", revoked)
+				}
+				if secrets["retired"] != nil {
+					w.t.Errorf("a retired user is left on record: %v", secrets["retired"])
 				}
 				// Machine A cannot come back with its token.
 				w.f.failed(w.call("POST", server.JoinPath, joinBody(w.t, id, w.tokA, w.keyA)), 401, "Unauthenticated")
