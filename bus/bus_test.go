@@ -252,3 +252,31 @@ func TestAgentStatusesCannotBeRolledUp(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestConsumersOfAgentReadStreamsGoWhenIdle: agents make consumers on
+// FM_COMMANDS and on the kit store; whatever they ask, each goes after ten
+// idle minutes (a durable asked for forever is refused).
+func TestConsumersOfAgentReadStreamsGoWhenIdle(t *testing.T) {
+	srv := bustest.RunBare(t)
+	js := srv.JetStream(t)
+	for i := 0; i < 2; i++ { // the second declaration keeps the limits
+		if err := bus.DefaultTopology().Declare(ctx(t), js); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, stream := range []string{protocol.StreamCommands, "OBJ_" + protocol.ObjectStoreKits} {
+		t.Run(stream, func(t *testing.T) {
+			c, err := js.CreateConsumer(ctx(t), stream, jetstream.ConsumerConfig{Durable: "kept", AckPolicy: jetstream.AckNonePolicy})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := c.CachedInfo().Config.InactiveThreshold; got != 10*time.Minute {
+				t.Fatalf("a durable consumer of %s goes after %s idle, want 10m", stream, got)
+			}
+			if _, err := js.CreateConsumer(ctx(t), stream, jetstream.ConsumerConfig{Durable: "forever",
+				AckPolicy: jetstream.AckNonePolicy, InactiveThreshold: 24 * time.Hour}); err == nil {
+				t.Fatalf("a consumer of %s idle for a day was taken", stream)
+			}
+		})
+	}
+}

@@ -199,6 +199,29 @@ func (t Topology) Declare(ctx context.Context, js jetstream.JetStream) error {
 			return fmt.Errorf("declare object store %s: %w", cfg.Bucket, err)
 		}
 	}
+	// Agents read kits through consumers they make: none outlives its use.
+	if err := limitIdleConsumers(ctx, js, "OBJ_"+protocol.ObjectStoreKits); err != nil {
+		return fmt.Errorf("declare object store %s: %w", protocol.ObjectStoreKits, err)
+	}
+	return nil
+}
+
+// limitIdleConsumers makes every consumer of a stream, durable ones too,
+// go once idle for idleConsumerLimit (the object store client declares its
+// streams without consumer limits, so they are set after).
+func limitIdleConsumers(ctx context.Context, js jetstream.JetStream, stream string) error {
+	st, err := js.Stream(ctx, stream)
+	if err != nil {
+		return err
+	}
+	cfg := st.CachedInfo().Config
+	if cfg.ConsumerLimits.InactiveThreshold == idleConsumerLimit {
+		return nil
+	}
+	cfg.ConsumerLimits.InactiveThreshold = idleConsumerLimit
+	if _, err := js.UpdateStream(ctx, cfg); err != nil {
+		return fmt.Errorf("limit idle consumers: %w", err)
+	}
 	return nil
 }
 

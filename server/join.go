@@ -214,7 +214,7 @@ func safeToken(v string) string {
 func (s *Server) mintAgent(ctx context.Context, token string, rec joinRecord, pub string) (protocol.JoinResponse, error) {
 	instance, sealedKey := rec.Instance, rec.Key
 	expires := s.agentCredsExpiry()
-	tok, err := s.cfg.Authority.UserJWT(instance, pub, natsauth.AgentPermissions(instance), expires)
+	tok, err := s.cfg.Authority.AgentJWT(instance, pub, expires)
 	if err != nil {
 		return protocol.JoinResponse{}, internal(err, "the agent's credentials could not be made")
 	}

@@ -9,7 +9,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/fleetmanager/fm/internal/natsauth"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
@@ -154,7 +153,7 @@ func (s *Server) renewAgent(ctx context.Context, instance, pub string) (string, 
 	if !current {
 		return "", protocol.Errorf(protocol.CodeUnauthenticated, "credentials not renewed: not the key of the instance's current machine")
 	}
-	tok, err := s.cfg.Authority.UserJWT(instance, pub, natsauth.AgentPermissions(instance), expires)
+	tok, err := s.cfg.Authority.AgentJWT(instance, pub, expires)
 	if err != nil {
 		return "", protocol.Errorf(protocol.CodeInternal, "the agent's credentials could not be made: %v", err)
 	}

@@ -214,9 +214,32 @@ func (a *Authority) UserJWT(name, pub string, perms jwt.Permissions, expires tim
 	return userJWT(a.signing, a.accountPub, name, pub, perms, expires)
 }
 
-func userJWT(issuer nkeys.KeyPair, issuerAccount, name, pub string, perms jwt.Permissions, expires time.Time) (string, error) {
+// Limits of an agent's user: what its largest message needs (a diagnosis
+// bundle's 256 KiB chunk, a command's result with 64 KiB of output), and
+// the subscriptions it makes, with room; a noisy or hostile machine can
+// send nothing larger.
+const (
+	agentMaxPayload = 1 << 20
+	agentMaxSubs    = 256
+)
+
+// AgentJWT signs the JWT of instance's agent user pub (the machine's own
+// key): AgentPermissions, agent limits, expiring at expires.
+func (a *Authority) AgentJWT(instance, pub string, expires time.Time) (string, error) {
+	if !nkeys.IsValidPublicUserKey(pub) {
+		return "", fmt.Errorf("natsauth: %q is not a NATS user public key", pub)
+	}
+	return userJWT(a.signing, a.accountPub, instance, pub, AgentPermissions(instance), expires, func(uc *jwt.UserClaims) {
+		uc.Limits.Payload, uc.Limits.Subs = agentMaxPayload, agentMaxSubs
+	})
+}
+
+func userJWT(issuer nkeys.KeyPair, issuerAccount, name, pub string, perms jwt.Permissions, expires time.Time, more ...func(*jwt.UserClaims)) (string, error) {
 	uc := jwt.NewUserClaims(pub)
 	uc.Name, uc.IssuerAccount, uc.Permissions = name, issuerAccount, perms
+	for _, f := range more {
+		f(uc)
+	}
 	if !expires.IsZero() {
 		uc.Expires = expires.Unix()
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
 	"github.com/rs/zerolog"
 )
 
@@ -365,5 +366,38 @@ func TestAuthorityIsKept(t *testing.T) {
 	cfg, err := a1.ServerConfig()
 	if err != nil || !strings.Contains(cfg, "operator: ") || !strings.Contains(cfg, a1.AccountPub()) {
 		t.Fatalf("server config: %v\n%s", err, cfg)
+	}
+}
+
+// TestAnAgentSendsNothingLargerThanItsLimit: an agent's user may publish
+// what its largest message needs, and nothing larger (the bus itself takes
+// up to 8 MiB from FM's own roles).
+func TestAnAgentSendsNothingLargerThanItsLimit(t *testing.T) {
+	r := start(t)
+	kp, _ := nkeys.CreateUser()
+	pub, _ := kp.PublicKey()
+	seed, _ := kp.Seed()
+	tok, err := r.auth.AgentJWT("in-l", pub, time.Now().Add(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds, _ := jwt.FormatUserConfig(tok, seed)
+	errs := make(chan error, 10)
+	nc, err := r.connectCreds(creds, protocol.InboxPrefix("in-l"), errs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, _ := jetstream.New(nc)
+	ctx := context.Background()
+	if _, err := js.Publish(ctx, protocol.EventSubject("in-l", protocol.EventStep), bytes.Repeat([]byte("x"), 512<<10)); err != nil {
+		t.Fatalf("a 512 KiB event: %v", err)
+	}
+	// The server tells the connection the user's limit (and enforces it:
+	// a client that ignores it is cut off with a payload violation).
+	if got := nc.MaxPayload(); got != 1<<20 {
+		t.Fatalf("an agent's connection may send %d bytes, want 1 MiB", got)
+	}
+	if err := nc.Publish(protocol.EventSubject("in-l", protocol.EventStep), bytes.Repeat([]byte("x"), 2<<20)); !errors.Is(err, nats.ErrMaxPayload) {
+		t.Fatalf("a 2 MiB message from an agent: %v", err)
 	}
 }
