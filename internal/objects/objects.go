@@ -1,7 +1,7 @@
 // Package objects reads an object of a JetStream object store chunk by
 // chunk, for objects of gigabytes read by a process that must stop when it
-// is told to: the DSS kits an agent fetches and the snapshot archives of
-// the local backend.
+// is told to: the DSS kits an agent fetches (and the server checks whole),
+// and the snapshot archives of the local backend.
 //
 // The client's own ObjectStore.Get does not fit them: without a deadline of
 // the caller's it bounds the whole read by its default API timeout (5 s),
@@ -13,8 +13,9 @@
 // after the bus was away, at most 10 s later), and the object's size and
 // digest are checked as it is read.
 //
-// Only this module's packages may import it (it is internal): the agent
-// and provisioner/archive. It imports the NATS client only.
+// Only this module's packages may import it (it is internal): the agent,
+// the server (server/kits.go) and provisioner/archive. It imports the NATS
+// client only.
 package objects
 
 import (
