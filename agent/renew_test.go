@@ -47,7 +47,7 @@ func TestARenewalKeepsTheMachineKey(t *testing.T) {
 	kp, _ := nkeys.CreateUser()
 	pub, _ := kp.PublicKey()
 	seed, _ := kp.Seed()
-	tok, err := auth.UserJWT("in-r", pub, natsauth.AgentPermissions("in-r"), time.Now().Add(time.Hour))
+	tok, err := auth.AgentJWT("in-r", pub, time.Now().Add(time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +61,7 @@ func TestARenewalKeepsTheMachineKey(t *testing.T) {
 	if req.PublicKey != pub || kp.Verify(protocol.RenewProof(req.Instance, req.PublicKey, req.Time), sig) != nil {
 		t.Fatalf("the renew request is not signed by the machine's key: %+v", req)
 	}
-	fresh, err := auth.UserJWT("in-r", pub, natsauth.AgentPermissions("in-r"), time.Now().Add(2*time.Hour))
+	fresh, err := auth.AgentJWT("in-r", pub, time.Now().Add(2*time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -104,11 +104,19 @@ func (d *devEnv) dumpBus(t *testing.T) string {
 // the connection closes when the test ends.
 func (d *devEnv) jetStream(t *testing.T) jetstream.JetStream {
 	t.Helper()
+	_, js := d.connect(t, filepath.Join(d.data, "nats-admin.creds"))
+	return js
+}
+
+// connect reaches fm dev's bus with the credentials in creds; the
+// connection closes when the test ends.
+func (d *devEnv) connect(t *testing.T, creds string, opts ...nats.Option) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
 	addr, err := os.ReadFile(filepath.Join(d.data, "nats.addr"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	nc, err := nats.Connect("nats://"+strings.TrimSpace(string(addr)), nats.UserCredentials(filepath.Join(d.data, "nats-admin.creds")))
+	nc, err := nats.Connect("nats://"+strings.TrimSpace(string(addr)), append([]nats.Option{nats.UserCredentials(creds)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,7 +125,7 @@ func (d *devEnv) jetStream(t *testing.T) jetstream.JetStream {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return js
+	return nc, js
 }
 
 // restart starts fm dev again as it was (same data, address and flags),

@@ -30,35 +30,32 @@ import (
 // NATS sends it.
 func hostileAgent(t *testing.T, d *devEnv, id string) (*nats.Conn, jetstream.JetStream, chan error) {
 	t.Helper()
-	// The machine keeps what its join gave it in one file.
-	var ident struct {
-		Credentials string `json:"credentials"`
-	}
-	if err := json.Unmarshal([]byte(readFile(t, filepath.Join(d.data, "local", "machines", id, "root", "var", "lib", "fm-agent", "identity.json"))), &ident); err != nil || ident.Credentials == "" {
-		t.Fatalf("the machine's identity: %v", err)
-	}
 	creds := filepath.Join(t.TempDir(), "stolen.creds")
-	if err := os.WriteFile(creds, []byte(ident.Credentials), 0o600); err != nil {
+	if err := os.WriteFile(creds, machineCreds(t, d, id), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	violations := make(chan error, 16)
-	nc, err := nats.Connect("nats://"+strings.TrimSpace(readFile(t, filepath.Join(d.data, "nats.addr"))),
-		nats.UserCredentials(creds), nats.CustomInboxPrefix(protocol.InboxPrefix(id)),
+	nc, js := d.connect(t, creds, nats.CustomInboxPrefix(protocol.InboxPrefix(id)),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 			select {
 			case violations <- err:
 			default:
 			}
 		}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
 	return nc, js, violations
+}
+
+// machineCreds is the NATS credentials the instance's machine holds: its
+// join's answer (renewed since), kept in one file with the instance key.
+func machineCreds(t *testing.T, d *devEnv, id string) []byte {
+	t.Helper()
+	var ident struct {
+		Credentials string `json:"credentials"`
+	}
+	if err := json.Unmarshal([]byte(readFile(t, filepath.Join(d.data, "local", "machines", id, "root", "var", "lib", "fm-agent", "identity.json"))), &ident); err != nil || ident.Credentials == "" {
+		t.Fatalf("the machine's identity: %v", err)
+	}
+	return []byte(ident.Credentials)
 }
 
 // refusedByNATS waits for NATS's permission error.
@@ -335,13 +332,7 @@ func TestAHostileReadOnlyOperator(t *testing.T) {
 // agentJWTExpiry is when the JWT the instance's machine holds expires.
 func agentJWTExpiry(t *testing.T, d *devEnv, id string) time.Time {
 	t.Helper()
-	var ident struct {
-		Credentials string `json:"credentials"`
-	}
-	if err := json.Unmarshal([]byte(readFile(t, filepath.Join(d.data, "local", "machines", id, "root", "var", "lib", "fm-agent", "identity.json"))), &ident); err != nil {
-		t.Fatal(err)
-	}
-	tok, err := natsjwt.ParseDecoratedJWT([]byte(ident.Credentials))
+	tok, err := natsjwt.ParseDecoratedJWT(machineCreds(t, d, id))
 	if err != nil {
 		t.Fatal(err)
 	}

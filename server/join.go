@@ -80,13 +80,9 @@ func (s *Server) join(r *http.Request) (any, error) {
 	if s.cfg.Authority == nil {
 		return nil, newAPIError(protocol.CodeUnimplemented, "Not supported", "this Fleet Manager runs without NATS credentials; agents need no join")
 	}
-	// Refused joins are counted by address, apart from the API's failures
-	// (attemptLimiter): agents behind one NAT share an address with
-	// whoever mistyped an API key there.
-	addr := clientAddr(r)
-	attempt, err := s.joinByAddr.reserve(r.Context(), addr)
+	attempt, err := s.joinAttempt(r)
 	if err != nil {
-		return nil, limited(err, "too many refused joins from %s", addr)
+		return nil, err
 	}
 	refused := false
 	defer func() { attempt.settle(refused) }()
@@ -165,18 +161,23 @@ func (s *Server) join(r *http.Request) (any, error) {
 	return nil, conflict("the join token is being used; retry")
 }
 
+// joinAttempt reserves a join's (or a renewal's) place in the limit of
+// refused ones by address, counted apart from the API's failures
+// (attemptLimiter): agents behind one NAT share an address with whoever
+// mistyped an API key there.
+func (s *Server) joinAttempt(r *http.Request) (*reservation, error) {
+	addr := clientAddr(r)
+	attempt, err := s.joinByAddr.reserve(r.Context(), addr)
+	if err != nil {
+		return nil, limited(err, "too many refused joins from %s", addr)
+	}
+	return attempt, nil
+}
+
 // holdsKey reports whether a join request is signed by the seed of the
 // public key it names.
 func holdsKey(req protocol.JoinRequest) bool {
-	sig, err := base64.RawURLEncoding.DecodeString(req.Signature)
-	if err != nil || len(sig) == 0 {
-		return false
-	}
-	kp, err := nkeys.FromPublicKey(req.PublicKey)
-	if err != nil {
-		return false
-	}
-	return kp.Verify(protocol.JoinProof(req.Instance, req.Token), sig) == nil
+	return signedBy(req.PublicKey, req.Signature, protocol.JoinProof(req.Instance, req.Token))
 }
 
 // tokenCurrent reports whether a token is for the instance's machine of
@@ -239,7 +240,7 @@ func (s *Server) mintAgent(ctx context.Context, token string, rec joinRecord, pu
 		return protocol.JoinResponse{}, unavailable(err, "the agent's credentials could not be recorded")
 	}
 	s.crash.At("server/join/credentials-recorded")
-	if err := s.revokeRetired(ctx, instance); err != nil {
+	if err := s.revokeRetired(ctx, instance, sec); err != nil {
 		return protocol.JoinResponse{}, unavailable(err, "the previous machine's credentials could not be revoked")
 	}
 	s.crash.At("server/join/previous-revoked")

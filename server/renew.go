@@ -54,8 +54,13 @@ func (s *Server) serveRenewals() (*nats.Subscription, error) {
 			// One agent renewing over and over must not hold up the
 			// others' renewals, which this subscription answers in turn.
 			err = protocol.Errorf(protocol.CodeResourceExhausted, "credentials renewed less than %s ago; ask later", renewInterval)
-		} else if tok, err = s.renewRequest(ctx, instance, m.Data, false); err == nil {
-			s.renewals.renewed(instance, time.Now())
+		} else {
+			var req protocol.RenewRequest
+			if err = protocol.Decode(m.Data, &req); err != nil {
+				err = protocol.Errorf(protocol.CodeInvalidArgument, "the renew request does not decode: %v", err)
+			} else if tok, err = s.renewRequest(ctx, instance, req, false); err == nil {
+				s.renewals.renewed(instance, time.Now())
+			}
 		}
 		var perr *protocol.Error
 		switch {
@@ -80,10 +85,9 @@ func (s *Server) renewHTTP(r *http.Request) (any, error) {
 	}
 	// Refused renewals count with refused joins: the same callers, the
 	// same proof.
-	addr := clientAddr(r)
-	attempt, err := s.joinByAddr.reserve(r.Context(), addr)
+	attempt, err := s.joinAttempt(r)
 	if err != nil {
-		return nil, limited(err, "too many refused joins from %s", addr)
+		return nil, err
 	}
 	refused := false
 	defer func() { attempt.settle(refused) }()
@@ -91,11 +95,10 @@ func (s *Server) renewHTTP(r *http.Request) (any, error) {
 	if err := readJSON(r, &req); err != nil {
 		return nil, err
 	}
-	data, err := protocol.Encode(&req)
-	if err != nil {
+	if err := req.Validate(); err != nil {
 		return nil, invalid("%v", err)
 	}
-	tok, err := s.renewRequest(r.Context(), req.Instance, data, true)
+	tok, err := s.renewRequest(r.Context(), req.Instance, req, true)
 	if err != nil {
 		var perr *protocol.Error
 		refused = errors.As(err, &perr) && perr.Code == protocol.CodeUnauthenticated
@@ -108,11 +111,7 @@ func (s *Server) renewHTTP(r *http.Request) (any, error) {
 // Over HTTP (fresh), the signed time must be recent: nothing else shows
 // the request is not a replay. On the bus the subject shows who sends, and
 // a machine whose clock is off still renews.
-func (s *Server) renewRequest(ctx context.Context, instance string, data []byte, fresh bool) (string, error) {
-	var req protocol.RenewRequest
-	if err := protocol.Decode(data, &req); err != nil {
-		return "", protocol.Errorf(protocol.CodeInvalidArgument, "the renew request does not decode: %v", err)
-	}
+func (s *Server) renewRequest(ctx context.Context, instance string, req protocol.RenewRequest, fresh bool) (string, error) {
 	refused := func(reason string) error {
 		s.log.Warn().Str("instance", safeToken(instance)).Str("reason", reason).Msg("credentials not renewed")
 		return protocol.Errorf(protocol.CodeUnauthenticated, "credentials not renewed: %s", reason)

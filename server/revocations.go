@@ -107,22 +107,16 @@ func (s *Server) revokeAgent(ctx context.Context, instance string) error {
 	// Every token of the instance goes, used ones too: the machine that
 	// used one must not exchange it again.
 	s.withdrawTokens(ctx, func(_ string, r joinRecord) bool { return r.Instance == instance })
-	if _, err := s.changeSecrets(ctx, instance, (*instanceSecrets).retire); err != nil {
+	sec, err := s.changeSecrets(ctx, instance, (*instanceSecrets).retire)
+	if err != nil {
 		return fmt.Errorf("retire the agent's credentials: %w", err)
 	}
-	return s.revokeRetired(ctx, instance)
+	return s.revokeRetired(ctx, instance, sec)
 }
 
-// revokeRetired revokes the instance's retired agent users and clears them
-// from its record.
-func (s *Server) revokeRetired(ctx context.Context, instance string) error {
-	sec, _, err := s.st.secrets.fetch(ctx, instance)
-	if errors.Is(err, errNotFound) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("the instance's secrets could not be read: %w", err)
-	}
+// revokeRetired revokes the retired agent users of sec, the instance's
+// record as last read or written, and clears them from the record.
+func (s *Server) revokeRetired(ctx context.Context, instance string, sec instanceSecrets) error {
 	for _, r := range sec.Retired {
 		if err := s.revokeUser(ctx, instance, r.User, r.Until); err != nil {
 			return err
@@ -133,7 +127,7 @@ func (s *Server) revokeRetired(ctx context.Context, instance string) error {
 	}
 	s.crash.At("server/revoke/revoked")
 	done := sec.Retired
-	_, err = s.changeSecrets(ctx, instance, func(sec *instanceSecrets) bool {
+	_, err := s.changeSecrets(ctx, instance, func(sec *instanceSecrets) bool {
 		n := len(sec.Retired)
 		sec.Retired = slices.DeleteFunc(sec.Retired, func(r retiredUser) bool { return slices.Contains(done, r) })
 		return len(sec.Retired) != n

@@ -204,16 +204,6 @@ func (a *Authority) mint(issuer nkeys.KeyPair, issuerAccount, name string, perms
 	return creds, pub, err
 }
 
-// UserJWT signs a user JWT of the FM account for a user key pub made
-// elsewhere (a machine keeps its own seed), named name, with perms, expiring
-// at expires (zero: never).
-func (a *Authority) UserJWT(name, pub string, perms jwt.Permissions, expires time.Time) (string, error) {
-	if !nkeys.IsValidPublicUserKey(pub) {
-		return "", fmt.Errorf("natsauth: %q is not a NATS user public key", pub)
-	}
-	return userJWT(a.signing, a.accountPub, name, pub, perms, expires)
-}
-
 // Limits of an agent's user: what its largest message needs (a diagnosis
 // bundle's 256 KiB chunk, a command's result with 64 KiB of output), and
 // the subscriptions it makes, with room; a noisy or hostile machine can
