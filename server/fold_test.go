@@ -21,7 +21,9 @@ func TestEventsInFlightWhenAServerStops(t *testing.T) {
 	const n = 200
 	snaps := make([]api.Snapshot, n)
 	for i := range snaps {
-		f.ok(f.do("POST", "/instances/"+in.ID+"/snapshots?reasonForSnapshot=burst", ""), &snaps[i])
+		// The first waits for the server's copy of the machine record
+		// just written (until then: "no data volume yet").
+		f.accepted("POST", "/instances/"+in.ID+"/snapshots?reasonForSnapshot=burst", &snaps[i])
 	}
 
 	ctx := context.Background()
