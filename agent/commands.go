@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/protocol"
-	"github.com/nats-io/nats.go/jetstream"
 )
 
 // commandResult is what a command handler gives back.
@@ -22,7 +21,7 @@ type commandResult struct {
 }
 
 // runCommands consumes the instance's commands until ctx ends, through the
-// one consumer its credentials let it make (protocol.CommandConsumer):
+// one consumer FM makes for it on request (protocol.CommandsFromRequest):
 // in memory, one replica, gone after a few idle minutes, and made again
 // from the last command handled after a bus outage or a gap. No durable
 // per-agent state exists on the bus.
@@ -43,26 +42,15 @@ func (a *Agent) runCommands(ctx context.Context) {
 	}
 }
 
-// commandConsumerIdle is how long the bus keeps an agent's command
-// consumer that nobody pulls from.
-const commandConsumerIdle = 2 * time.Minute
-
 // errCommandGap says a command was lost between the bus and the agent.
 var errCommandGap = errors.New("a command was lost on the way: consuming again from the last one handled")
 
 func (a *Agent) consumeCommands(ctx context.Context) error {
-	name := protocol.CommandConsumer(a.cfg.Instance)
-	cfg := jetstream.ConsumerConfig{Name: name, FilterSubject: protocol.CommandFilter(a.cfg.Instance),
-		AckPolicy: jetstream.AckNonePolicy, MemoryStorage: true, Replicas: 1, InactiveThreshold: commandConsumerIdle}
-	if a.cursor.LastSeq > 0 {
-		cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, a.cursor.LastSeq+1
-	}
-	// Made anew each time: where it starts cannot be changed on the one
-	// a previous run left.
-	if err := a.js.DeleteConsumer(ctx, protocol.StreamCommands, name); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+	name, err := a.askCommandsFrom(ctx, a.cursor.LastSeq)
+	if err != nil {
 		return fmt.Errorf("command consumer: %w", err)
 	}
-	cons, err := a.js.CreateConsumer(ctx, protocol.StreamCommands, cfg)
+	cons, err := a.js.Consumer(ctx, protocol.StreamCommands, name)
 	if err != nil {
 		return fmt.Errorf("command consumer: %w", err)
 	}
@@ -89,6 +77,32 @@ func (a *Agent) consumeCommands(ctx context.Context) error {
 		}
 		a.handleCommand(ctx, msg.Data(), md.Sequence.Stream)
 	}
+}
+
+// askCommandsFrom asks FM to make the command consumer anew, delivering
+// commands after stream sequence after, and returns its name.
+func (a *Agent) askCommandsFrom(ctx context.Context, after uint64) (string, error) {
+	data, err := protocol.Encode(&protocol.CommandsFromRequest{After: after})
+	if err != nil {
+		return "", err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	msg, err := a.nc.RequestWithContext(ctx, protocol.CommandsFromSubject(a.cfg.Instance), data)
+	if err != nil {
+		return "", err
+	}
+	var resp protocol.CommandsFromResponse
+	if err := protocol.Decode(msg.Data, &resp); err != nil {
+		return "", fmt.Errorf("FM's answer: %w", err)
+	}
+	if resp.Error != nil {
+		return "", resp.Error
+	}
+	if resp.Consumer != protocol.CommandConsumer(a.cfg.Instance) {
+		return "", fmt.Errorf("FM made consumer %q, not the instance's", resp.Consumer)
+	}
+	return resp.Consumer, nil
 }
 
 // handleCommand runs one command message and answers it. A command already

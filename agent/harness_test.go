@@ -94,6 +94,7 @@ type rig struct {
 func newRig(t *testing.T) *rig {
 	t.Helper()
 	srv := bustest.Run(t)
+	srv.ServeCommandConsumers(t)
 	r := &rig{t: t, bus: srv, instance: "in-" + strings.ToLower(protocol.NewID("t")[2:12]),
 		root: t.TempDir(), data: t.TempDir(), port: freePort(t)}
 	r.nc = srv.Connect(t)

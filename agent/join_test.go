@@ -69,6 +69,7 @@ func (f *fakeJoin) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	uc := jwt.NewUserClaims(req.PublicKey)
+	uc.Tags.Add(protocol.AgentsAccountTag) // a user of the agents' account, as FM makes
 	tok, err := uc.Encode(f.account)
 	if err != nil {
 		f.t.Error(err)

@@ -50,6 +50,18 @@ func credsTimes(creds []byte) (issued, expires time.Time, err error) {
 	return time.Unix(claims.IssuedAt, 0), expires, nil
 }
 
+// inAgentsAccount says whether creds are a user of the agents' account
+// (protocol.AgentsAccountTag); credentials minted before agents had an
+// account of their own are the FM account's.
+func inAgentsAccount(creds []byte) bool {
+	tok, err := jwt.ParseDecoratedJWT(creds)
+	if err != nil {
+		return false
+	}
+	claims, err := jwt.DecodeUserClaims(tok)
+	return err == nil && claims.Tags.Contains(protocol.AgentsAccountTag)
+}
+
 // renewalDue is when credentials issued at issued and expiring at expires
 // are renewed: when two thirds of their life has passed.
 func renewalDue(issued, expires time.Time) time.Time {
@@ -197,9 +209,12 @@ func renewedCreds(resp protocol.RenewResponse, seed []byte) ([]byte, error) {
 }
 
 // renewExpired renews, over HTTP, credentials that expired or nearly (the
-// machine was off): with them the bus cannot be reached. It tries
-// until ctx ends; credentials without an expiry, or an agent that did not
-// join, need nothing.
+// machine was off): with them the bus cannot be reached. It tries until ctx
+// ends. Credentials of the FM account (minted before agents had an account
+// of their own) are renewed too, into the agents' account, before the
+// agent first connects: its account, and so its JetStream prefix, never
+// changes while it runs. Credentials that neither expire nor need moving,
+// or an agent that did not join, need nothing.
 func (a *Agent) renewExpired(ctx context.Context, tlsConf *tls.Config) error {
 	if a.currentCreds() == nil || a.cfg.Join == nil {
 		return nil
@@ -208,17 +223,23 @@ func (a *Agent) renewExpired(ctx context.Context, tlsConf *tls.Config) error {
 	if err != nil {
 		return fmt.Errorf("credentials: %w", err)
 	}
-	if expires.IsZero() || !nearlyExpired(issued, expires) {
+	move := !inAgentsAccount(a.currentCreds())
+	if !move && (expires.IsZero() || !nearlyExpired(issued, expires)) {
 		return nil
 	}
 	backoff := time.Second
 	for {
 		creds, err := a.renewOverHTTP(ctx, tlsConf)
-		if err == nil {
-			a.log.Info().Msg("expired credentials renewed at the join endpoint")
+		switch {
+		case err == nil:
+			a.log.Info().Bool("moved_to_agents_account", move).Msg("credentials renewed at the join endpoint")
 			return a.keepCreds(creds)
+		case move && errors.Is(err, errRenewRefused) && (expires.IsZero() || !nearlyExpired(issued, expires)):
+			// Still good where they are: the agent runs with them.
+			a.log.Warn().Err(err).Msg("credentials of the FM account not moved to the agents' account")
+			return nil
 		}
-		a.log.Warn().Err(err).Dur("retry_in", backoff).Msg("expired credentials not renewed yet")
+		a.log.Warn().Err(err).Dur("retry_in", backoff).Msg("credentials not renewed yet")
 		select {
 		case <-ctx.Done():
 			return ctx.Err()

@@ -1,7 +1,14 @@
 package agent
 
 import (
+	"context"
 	"encoding/base64"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -9,6 +16,7 @@ import (
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nkeys"
+	"github.com/rs/zerolog"
 )
 
 func TestWhenCredentialsAreRenewed(t *testing.T) {
@@ -82,4 +90,79 @@ func TestARenewalKeepsTheMachineKey(t *testing.T) {
 	if _, err := renewedCreds(protocol.RenewResponse{Error: protocol.Errorf(protocol.CodeUnauthenticated, "revoked")}, kept); err == nil {
 		t.Fatal("a refusal made credentials")
 	}
+}
+
+// TestCredentialsOfTheFMAccountMoveToTheAgentsAccount: a machine that
+// joined before agents had a NATS account of their own holds credentials
+// of the FM account (no agents' tag); the agent renews them at the join
+// endpoint before it first connects, and keeps the renewed ones. Refused,
+// it runs with those it has.
+func TestCredentialsOfTheFMAccountMoveToTheAgentsAccount(t *testing.T) {
+	auth, err := natsauth.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	kp, _ := nkeys.CreateUser()
+	pub, _ := kp.PublicKey()
+	seed, _ := kp.Seed()
+	legacy := jwt.NewUserClaims(pub)
+	tok, _ := legacy.Encode(must(nkeys.CreateAccount()))
+	old, _ := jwt.FormatUserConfig(tok, seed)
+	for _, c := range []struct {
+		name   string
+		refuse bool
+		moved  bool
+	}{{"renewed", false, true}, {"refused", true, false}} {
+		t.Run(c.name, func(t *testing.T) {
+			asked := 0
+			ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				asked++
+				var req protocol.RenewRequest
+				if r.URL.Path != "/api/join/renew" || json.NewDecoder(r.Body).Decode(&req) != nil || req.PublicKey != pub {
+					http.Error(w, "bad request", 400)
+					return
+				}
+				if c.refuse {
+					http.Error(w, `{"detailedMessage":"not the current machine"}`, http.StatusUnauthorized)
+					return
+				}
+				fresh, _ := auth.AgentJWT("in-m", pub, time.Now().Add(time.Hour))
+				_ = json.NewEncoder(w).Encode(protocol.RenewResponse{JWT: fresh})
+			}))
+			t.Cleanup(ts.Close)
+			cfg := Config{Instance: "in-m", RootDir: t.TempDir(), Join: &protocol.JoinSpec{URL: ts.URL + "/api/join"}}
+			a := &Agent{cfg: cfg, creds: old, m: newMachine(cfg, zerolog.Nop()), log: zerolog.Nop()}
+			if err := os.MkdirAll(filepath.Dir(a.m.identityPath()), 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(a.m.identityPath(), []byte(`{"credentials":"old"}`), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			if err := a.renewExpired(ctx, nil); err != nil {
+				t.Fatal(err)
+			}
+			if asked != 1 || inAgentsAccount(a.currentCreds()) != c.moved {
+				t.Fatalf("asked %d times; in the agents' account: %v", asked, inAgentsAccount(a.currentCreds()))
+			}
+			b, _ := os.ReadFile(a.m.identityPath())
+			if kept := strings.Contains(string(b), "old"); kept == c.moved {
+				t.Fatalf("the identity file after the move: %s", b)
+			}
+			// Once moved, nothing more to do.
+			if c.moved {
+				if err := a.renewExpired(ctx, nil); err != nil || asked != 1 {
+					t.Fatalf("moved credentials renewed again: %v, asked %d times", err, asked)
+				}
+			}
+		})
+	}
+}
+
+func must(kp nkeys.KeyPair, err error) nkeys.KeyPair {
+	if err != nil {
+		panic(err)
+	}
+	return kp
 }

@@ -281,22 +281,32 @@ func TestNATSRecipes(t *testing.T) {
 	if out, errOut, code := Run(t, natsBin, env, "kv", "put", "fm_networks", vnID, "{}"); code == 0 || !strings.Contains(out+errOut, "ermission") {
 		t.Errorf("nats kv put with read-only credentials: exit %d\n%s%s", code, out, errOut)
 	}
+	admin := []string{url, home, "NATS_CREDS=" + filepath.Join(data, "nats-admin.creds")}
 	for _, tc := range []struct {
+		env  []string
 		args []string
 		want string
 	}{
-		{[]string{"kv", "ls"}, "fm_instances"},
-		{[]string{"kv", "ls", "fm_networks"}, vnID},
-		{[]string{"kv", "get", "fm_networks", vnID, "--raw"}, `"label":"lab"`},
-		{[]string{"kv", "history", "fm_networks", vnID}, vnID},
-		{[]string{"stream", "ls"}, "FM_PROVISION"},
-		{[]string{"stream", "info", "FM_EVENTS"}, "fm.evt.*.*"},
-		{[]string{"object", "ls", "fm_kits"}, "dataiku-dss-14.0.0-standin.tar.gz"},
+		{env, []string{"kv", "ls"}, "fm_instances"},
+		{env, []string{"stream", "subjects", "KV_fm_networks"}, "$KV.fm_networks." + vnID},
+		{env, []string{"kv", "get", "fm_networks", vnID, "--raw"}, `"label":"lab"`},
+		{env, []string{"stream", "ls"}, "FM_PROVISION"},
+		{env, []string{"stream", "info", "FM_EVENTS"}, "fm.evt.*.*"},
+		{env, []string{"stream", "get", "KV_fm_networks", "--last-for", "$KV.fm_networks." + vnID}, `"label":"lab"`},
+		// What reads through a consumer takes the admin's credentials.
+		{admin, []string{"kv", "ls", "fm_networks"}, vnID},
+		{admin, []string{"kv", "history", "fm_networks", vnID}, vnID},
+		{admin, []string{"object", "ls", "fm_kits"}, "dataiku-dss-14.0.0-standin.tar.gz"},
 	} {
-		out, errOut, code := Run(t, natsBin, env, tc.args...)
+		out, errOut, code := Run(t, natsBin, tc.env, tc.args...)
 		if code != 0 || !strings.Contains(out, tc.want) {
 			t.Errorf("nats %s: exit %d, want output with %q\n%s%s", strings.Join(tc.args, " "), code, tc.want, out, errOut)
 		}
+	}
+	// A read-only operator makes no consumer: its delivery subject would
+	// be the FM account's (docs/security.md).
+	if out, errOut, code := Run(t, natsBin, env, "kv", "ls", "fm_networks"); code == 0 && !strings.Contains(out+errOut, "ermission") {
+		t.Errorf("nats kv ls fm_networks with read-only credentials: exit 0\n%s%s", out, errOut)
 	}
 	if err := d.proc.Interrupt(15 * time.Second); err != nil {
 		t.Fatal(err)

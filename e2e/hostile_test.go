@@ -88,6 +88,14 @@ func records(t *testing.T, d *devEnv, py *Python, js jetstream.JetStream, id str
 	if err != nil {
 		t.Fatalf("the status of %s's agent: %v", id, err)
 	}
+	desired, err := js.KeyValue(context.Background(), protocol.BucketDesired)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ds, err := desired.Get(context.Background(), id)
+	if err != nil {
+		t.Fatalf("the desired state of %s: %v", id, err)
+	}
 	var key map[string]any
 	py.Do(t, "GET", "/instances/"+id+"/admin-api-key", "", &key)
 	var futures []map[string]any
@@ -99,6 +107,7 @@ func records(t *testing.T, d *devEnv, py *Python, js jetstream.JetStream, id str
 		}
 	}
 	return map[string]any{"instance": in, "state": st["state"], "dss": st["dss"], "hasAgentStatus": ag != nil,
+		"desired": string(ds.Value()), "desiredRevision": ds.Revision(),
 		"adminAPIKey": key["adminAPIKey"], "operations": mine}
 }
 
@@ -201,6 +210,30 @@ func TestAHostileAgentTouchesNothingButItself(t *testing.T) {
 			}
 			refusedByNATS(t, violations)
 		}},
+		{"make a consumer that delivers into B's records", func(t *testing.T) {
+			_, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Name: protocol.CommandConsumer(a),
+				FilterSubject: protocol.CommandFilter(a), AckPolicy: jetstream.AckNonePolicy, DeliverSubject: protocol.KVSubject(protocol.BucketInstances, b)})
+			if err == nil {
+				t.Fatal("made a consumer")
+			}
+			refusedByNATS(t, violations)
+		}},
+		{"have JetStream answer into B's records", func(t *testing.T) {
+			// NATS does not check a reply subject: the answers go to the
+			// agents' account, where nothing stores them.
+			for _, m := range []*nats.Msg{
+				{Subject: protocol.EventSubject(a, protocol.EventStep), Data: []byte("e"), Reply: protocol.KVSubject(protocol.BucketDesired, b)},
+				{Subject: protocol.KVSubject(protocol.BucketAgents, a), Data: []byte("{}"), Reply: protocol.KVSubject(protocol.BucketInstances, b)},
+				{Subject: "$JS.API.DIRECT.GET.KV_" + protocol.BucketDesired + "." + protocol.KVSubject(protocol.BucketDesired, a), Reply: protocol.KVSubject(protocol.BucketSecrets, b)},
+				{Subject: "$JS.API.STREAM.INFO.OBJ_" + protocol.ObjectStoreKits, Reply: protocol.KVSubject(protocol.BucketDesired, b)},
+				{Subject: protocol.CommandsFromSubject(a), Data: []byte(`{"v":1}`), Reply: protocol.KVSubject(protocol.BucketSecrets, b)},
+			} {
+				if err := nc.PublishMsg(m); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_ = nc.Flush()
+		}},
 		{"pile up durable consumers", func(t *testing.T) {
 			_, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Durable: "forever",
 				FilterSubject: protocol.CommandFilter(a), AckPolicy: jetstream.AckNonePolicy})
@@ -290,6 +323,10 @@ func TestAHostileReadOnlyOperator(t *testing.T) {
 	data := filepath.Join(t.TempDir(), "fm")
 	d := startDevFast(t, data)
 	id := d.newInstance(t, "watched", "dss-14.0.0-standin")
+	before, err := kvEntry(t, d, protocol.BucketInstances, id)
+	if err != nil {
+		t.Fatal(err)
+	}
 	env := []string{"NATS_URL=nats://" + strings.TrimSpace(readFile(t, filepath.Join(data, "nats.addr"))),
 		"HOME=" + t.TempDir(), "NATS_CREDS=" + filepath.Join(data, "nats-readonly.creds")}
 	nats := func(args ...string) (string, int) {
@@ -311,10 +348,17 @@ func TestAHostileReadOnlyOperator(t *testing.T) {
 		{"purge the events", []string{"stream", "purge", protocol.StreamEvents, "-f"}},
 		{"delete the audit trail", []string{"stream", "rm", protocol.StreamAudit, "-f"}},
 		{"delete a consumer", []string{"consumer", "rm", protocol.StreamEvents, "fm-server", "-f"}},
+		{"make a consumer", []string{"consumer", "add", protocol.StreamEvents, "mine", "--pull", "--defaults"}},
+		// NATS does not check a reply subject: JetStream's answer (here
+		// an event, which an agent writes) goes to the readers' account,
+		// where nothing stores it, not into the instance's record.
+		{"have JetStream answer into an instance", []string{"pub", "$JS.API.STREAM.MSG.GET." + protocol.StreamEvents, `{"seq":1}`,
+			"--reply", protocol.KVSubject(protocol.BucketInstances, id)}},
 	} {
 		t.Run(row.name, func(t *testing.T) {
-			// The CLI exits 0 after some refusals, saying so.
-			if out, code := nats(row.args...); code == 0 && !strings.Contains(strings.ToLower(out), "permissions violation") {
+			// The CLI exits 0 after some refusals, saying so; a publish
+			// with a reply of its choosing is taken, and changes nothing.
+			if out, code := nats(row.args...); code == 0 && !strings.Contains(strings.ToLower(out), "permissions violation") && row.args[0] != "pub" {
 				t.Fatalf("nats %s: exit 0\n%s", strings.Join(row.args, " "), out)
 			}
 		})
@@ -324,9 +368,22 @@ func TestAHostileReadOnlyOperator(t *testing.T) {
 	if code := py.Do(t, "GET", "/instances/"+id, "", &in); code != 200 || in["id"] != id {
 		t.Fatalf("the instance after the attempts: %d %v", code, in)
 	}
+	if e, err := kvEntry(t, d, protocol.BucketInstances, id); err != nil || e.Revision() != before.Revision() {
+		t.Fatalf("the instance's record changed in the attempts (was at revision %d): %v %v", before.Revision(), err, e)
+	}
 	if st, err := d.jetStream(t).Stream(context.Background(), protocol.StreamAudit); err != nil || errors.Is(err, jetstream.ErrStreamNotFound) {
 		t.Fatalf("the audit trail after the attempts: %v %v", st, err)
 	}
+}
+
+// kvEntry reads key of bucket with fm dev's admin credentials.
+func kvEntry(t *testing.T, d *devEnv, bucket, key string) (jetstream.KeyValueEntry, error) {
+	t.Helper()
+	kv, err := d.jetStream(t).KeyValue(context.Background(), bucket)
+	if err != nil {
+		return nil, err
+	}
+	return kv.Get(context.Background(), key)
 }
 
 // agentJWTExpiry is when the JWT the instance's machine holds expires.

@@ -41,5 +41,7 @@
 //	  Added since: a join spec's sealed token (the server sends no token in
 //	  clear any more); renew requests and responses (agent credentials
 //	  expire); an event's kind must be its subject's, and an agent
-//	  may publish only the kinds an agent sends.
+//	  may publish only the kinds an agent sends. Commands-from requests and
+//	  responses (FM makes an agent's command consumer: agents are users of
+//	  an account of their own, which cannot make consumers).
 package protocol

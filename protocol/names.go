@@ -50,6 +50,7 @@ const (
 	prefixLog       = "fm.log."
 	prefixAudit     = "fm.audit."
 	prefixRenew     = "fm.renew."
+	prefixCmdFrom   = "fm.cmdfrom."
 )
 
 // Wildcard subjects that streams and consumers bind to.
@@ -62,7 +63,18 @@ const (
 	SubjectAllLogs      = prefixLog + "*.*"
 	SubjectAllAudit     = prefixAudit + "*.*"
 	SubjectAllRenew     = prefixRenew + "*"
+	SubjectAllCmdFrom   = prefixCmdFrom + "*"
 )
+
+// OutsideJSAPIPrefix is the JetStream API prefix of the users outside FM's
+// own NATS account: agents and read-only operators. Their accounts import,
+// under it, the JetStream requests they may make of FM's account, and map
+// the usual prefix to it (clients need no option).
+const OutsideJSAPIPrefix = "$JS.fm.API"
+
+// AgentsAccountTag tags the JWT of an agent user of the agents' account;
+// one minted before agents had an account of their own lacks it.
+const AgentsAccountTag = "fm-account:agents"
 
 // RenewSubject is where an instance's agent asks for new credentials
 // (core request and reply, not stored).
@@ -85,8 +97,12 @@ func CommandSubject(instance, commandID string) string {
 	return prefixCommand + instance + "." + commandID
 }
 
-// CommandConsumer is the name of the one consumer an instance's agent may
-// make on FM_COMMANDS.
+// CommandsFromSubject is where an instance's agent asks FM to make its
+// command consumer anew (core request and reply, not stored).
+func CommandsFromSubject(instance string) string { return prefixCmdFrom + instance }
+
+// CommandConsumer is the name of the one consumer FM makes for an
+// instance's agent on FM_COMMANDS.
 func CommandConsumer(instance string) string { return "cmd_" + instance }
 
 // CommandFilter matches every command of one instance.

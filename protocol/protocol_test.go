@@ -50,6 +50,8 @@ func vectors() map[string]struct {
 		"heartbeat": {&Heartbeat{
 			Instance: "in-7k2m9q4x1c", Seq: 17, Time: t0, Generation: 3, DSS: DSSRunning, AgentVersion: "0.1.0",
 		}, func() Message { return &Heartbeat{} }},
+		"commands_from_request":  {&CommandsFromRequest{After: 57}, func() Message { return &CommandsFromRequest{} }},
+		"commands_from_response": {&CommandsFromResponse{Consumer: "cmd_in-7k2m9q4x1c"}, func() Message { return &CommandsFromResponse{} }},
 		"provision_request": {&ProvisionRequest{
 			ID: "op-42-reprovision", Instance: "in-7k2m9q4x1c", Action: ProvisionReprovision, OpID: "op-42", Generation: 3, Issued: t0, Order: 57,
 			Spec: &MachineSpec{Label: "analytics", NodeType: "design", ImageID: "dss-14.0.0-default", DSSVersion: "14.0.0",

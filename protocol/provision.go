@@ -235,6 +235,35 @@ func (r *RenewResponse) Validate() error {
 	return nil
 }
 
+// CommandsFromRequest asks FM to make the agent's command consumer
+// (CommandConsumer) anew, delivering the instance's commands from stream
+// sequence After+1 (0: from the first), on CommandsFromSubject of the
+// agent's instance. Agents may not make consumers themselves: one they
+// made could deliver into FM's subjects.
+type CommandsFromRequest struct {
+	Header
+	After uint64 `json:"after,omitempty"`
+}
+
+// Validate implements Message.
+func (r *CommandsFromRequest) Validate() error { return nil }
+
+// CommandsFromResponse says the consumer is ready (Consumer, its name), or
+// why it is not.
+type CommandsFromResponse struct {
+	Header
+	Consumer string `json:"consumer,omitempty"`
+	Error    *Error `json:"error,omitempty"`
+}
+
+// Validate implements Message.
+func (r *CommandsFromResponse) Validate() error {
+	if (r.Consumer == "") == (r.Error == nil) {
+		return errors.New("exactly one of consumer and error is required")
+	}
+	return nil
+}
+
 // NetworkSpec is the instance's virtual network, as a backend needs it.
 type NetworkSpec struct {
 	ID                       string   `json:"id"`

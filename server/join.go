@@ -11,7 +11,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/fleetmanager/fm/internal/natsauth"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/jwt/v2"
@@ -321,15 +320,18 @@ func (s *Server) natsCredentials(r *http.Request) (any, error) {
 	if req.ExpiresHours > 0 {
 		expires = time.Now().Add(time.Duration(req.ExpiresHours) * time.Hour).UTC()
 	}
-	var perms jwt.Permissions
+	name := req.Role + "-by-" + principalID(r.Context())
+	var creds []byte
+	var pub string
+	var err error
 	switch req.Role {
 	case "readonly":
-		perms = natsauth.ReadOnlyPermissions()
+		creds, pub, err = s.cfg.Authority.ReaderCreds(name, expires)
 	case "admin", "provisioner":
+		creds, pub, err = s.cfg.Authority.Creds(name, jwt.Permissions{}, expires)
 	default:
 		return nil, invalid("role: %q is not readonly, admin or provisioner", req.Role)
 	}
-	creds, pub, err := s.cfg.Authority.Creds(req.Role+"-by-"+principalID(r.Context()), perms, expires)
 	if err != nil {
 		return nil, internal(err, "the credentials could not be made")
 	}

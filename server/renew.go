@@ -5,8 +5,6 @@ import (
 	"encoding/base64"
 	"errors"
 	"net/http"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/fleetmanager/fm/protocol"
@@ -32,50 +30,21 @@ const defaultAgentCredsTTL = 24 * time.Hour
 // renewClockSkew is how far a renew request's time may be from FM's.
 const renewClockSkew = 10 * time.Minute
 
-// serveRenewals answers the renew requests agents send on the bus; the
-// subscription ends with the connection's drain or Unsubscribe.
+// serveRenewals answers the renew requests agents send on the bus.
 func (s *Server) serveRenewals() (*nats.Subscription, error) {
-	return s.cfg.Conn.QueueSubscribe(protocol.SubjectAllRenew, "fm-server", func(m *nats.Msg) {
-		// The subject is the sender's: only an agent of that instance may
-		// publish on it. The reply subject is the sender's choice, and NATS
-		// does not check it: the answer goes only to the instance's own
-		// inbox, never to a subject of FM's (a bucket's key).
-		instance := protocol.InstanceFromSubject(m.Subject)
-		if !strings.HasPrefix(m.Reply, protocol.InboxPrefix(instance)+".") {
-			s.log.Warn().Str("instance", safeToken(instance)).Msg("a renew request with a reply subject outside the agent's inbox; ignored")
-			return
-		}
-		var resp protocol.RenewResponse
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		var tok string
-		var err error
-		if s.renewals.tooSoon(instance, time.Now()) {
-			// One agent renewing over and over must not hold up the
-			// others' renewals, which this subscription answers in turn.
-			err = protocol.Errorf(protocol.CodeResourceExhausted, "credentials renewed less than %s ago; ask later", renewInterval)
-		} else {
+	return serveAgentRequests(s, protocol.SubjectAllRenew, "a renewal", &s.renewals,
+		func(ctx context.Context, instance string, data []byte) (*protocol.RenewResponse, error) {
 			var req protocol.RenewRequest
-			if err = protocol.Decode(m.Data, &req); err != nil {
-				err = protocol.Errorf(protocol.CodeInvalidArgument, "the renew request does not decode: %v", err)
-			} else if tok, err = s.renewRequest(ctx, instance, req, false); err == nil {
-				s.renewals.renewed(instance, time.Now())
+			if err := protocol.Decode(data, &req); err != nil {
+				return nil, protocol.Errorf(protocol.CodeInvalidArgument, "the renew request does not decode: %v", err)
 			}
-		}
-		var perr *protocol.Error
-		switch {
-		case errors.As(err, &perr):
-			resp.Error = perr
-		case err != nil:
-			resp.Error = protocol.Errorf(protocol.CodeInternal, "%v", err)
-		default:
-			resp.JWT = tok
-		}
-		data, err := protocol.Encode(&resp)
-		if err == nil {
-			_ = m.Respond(data)
-		}
-	})
+			tok, err := s.renewRequest(ctx, instance, req, false)
+			if err != nil {
+				return nil, err
+			}
+			return &protocol.RenewResponse{JWT: tok}, nil
+		},
+		func(perr *protocol.Error) *protocol.RenewResponse { return &protocol.RenewResponse{Error: perr} })
 }
 
 // renewHTTP serves POST RenewPath.
@@ -164,30 +133,6 @@ func (s *Server) renewAgent(ctx context.Context, instance, pub string) (string, 
 // the bus (an agent renews once per two thirds of their life); a refused
 // request costs a signature check, a renewal a write and a JWT.
 const renewInterval = time.Second
-
-// renewalTimes remembers when each instance's credentials were last renewed
-// on the bus; it holds at most one entry per instance (the subject is the
-// sender's).
-type renewalTimes struct {
-	mu   sync.Mutex
-	last map[string]time.Time
-}
-
-func (r *renewalTimes) tooSoon(instance string, now time.Time) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	prev, seen := r.last[instance]
-	return seen && now.Sub(prev) < renewInterval
-}
-
-func (r *renewalTimes) renewed(instance string, now time.Time) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.last == nil {
-		r.last = map[string]time.Time{}
-	}
-	r.last[instance] = now
-}
 
 // agentCredsExpiry is when agent credentials made now expire.
 func (s *Server) agentCredsExpiry() time.Time {

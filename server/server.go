@@ -124,7 +124,8 @@ type Server struct {
 	metricsSrv *http.Server
 	stop       context.CancelFunc // stops the bucket watchers
 	box        *seal.Box          // FM's secret key, for what it hands the provisioner sealed
-	renewals   renewalTimes       // paces agents' renewal requests on the bus
+	renewals   agentPacer         // paces agents' renewal requests on the bus
+	cmdFroms   agentPacer         // paces agents' requests for a command consumer
 	agent      *agentBinary
 	crash      crashpoint.Hook
 
@@ -192,6 +193,7 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{
 		cfg: cfg, log: log, js: js, st: st, fold: newFolder(), box: box, agent: agentBin, crash: cfg.Crash, auth: auth,
 		apiByAddr: newAttemptLimiter(), apiByKey: newAttemptLimiter(), joinByAddr: newAttemptLimiter(),
+		renewals: agentPacer{interval: renewInterval}, cmdFroms: agentPacer{interval: cmdFromInterval},
 	}
 	s.metrics = newMetrics(s)
 	// Reports about an instance make it be reconciled.
@@ -283,6 +285,12 @@ func (s *Server) Run(ctx context.Context) error {
 	go func() { defer close(scheduled); s.runSnapshotScheduler(foldCtx) }()
 	defer func() { stopFolding(); <-folded; <-scheduled }()
 	go s.syncAccount(foldCtx)
+	cmdFroms, err := s.serveCommandsFrom()
+	if err != nil {
+		stopFolding()
+		return fmt.Errorf("server: agents' command consumers: %w", err)
+	}
+	defer func() { _ = cmdFroms.Unsubscribe() }()
 	if s.cfg.Authority != nil {
 		renewals, err := s.serveRenewals()
 		if err != nil {

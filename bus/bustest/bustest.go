@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
@@ -119,6 +120,39 @@ func (s *Server) Connect(t testing.TB) *nats.Conn {
 	}
 	t.Cleanup(nc.Close)
 	return nc
+}
+
+// ServeCommandConsumers answers agents' requests for their command consumer
+// (protocol.CommandsFromRequest) as FM's server does, without its checks,
+// until the test ends: for tests of an agent without a server.
+func (s *Server) ServeCommandConsumers(t testing.TB) {
+	t.Helper()
+	nc := s.Connect(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = nc.Subscribe(protocol.SubjectAllCmdFrom, func(m *nats.Msg) {
+		var req protocol.CommandsFromRequest
+		var resp protocol.CommandsFromResponse
+		if err := protocol.Decode(m.Data, &req); err != nil {
+			resp.Error = protocol.Errorf(protocol.CodeInvalidArgument, "%v", err)
+		} else {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			name, err := bus.MakeCommandConsumer(ctx, js, protocol.InstanceFromSubject(m.Subject), req.After)
+			if err != nil {
+				resp.Error = protocol.Errorf(protocol.CodeUnavailable, "%v", err)
+			}
+			resp.Consumer = name
+		}
+		if data, err := protocol.Encode(&resp); err == nil {
+			_ = m.Respond(data)
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 // JetStream returns a JetStream context on a new connection.

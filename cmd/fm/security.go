@@ -85,17 +85,18 @@ func (s *security) scheme() string {
 
 // operatorCreds makes sure dir/nats-<role>.creds holds NATS credentials for
 // an operator (role readonly or admin), for the NATS CLI, and returns its
-// path. An existing file is kept.
+// path. An existing file is kept, but for read-only credentials of the FM
+// account (minted before read-only operators had an account of their own:
+// with them, JetStream's answers could be sent into FM's keys).
 func (s *security) operatorCreds(dir, role string) (string, error) {
 	path := filepath.Join(dir, "nats-"+role+".creds")
-	if exists(path) {
+	if b, err := os.ReadFile(path); err == nil && (role != "readonly" || s.authority.IsReaderCreds(b)) {
 		return path, nil
 	}
-	var perms jwt.Permissions // admin: everything
+	creds, _, err := s.authority.Creds("operator-"+role, jwt.Permissions{}, time.Time{}) // admin: everything
 	if role == "readonly" {
-		perms = natsauth.ReadOnlyPermissions()
+		creds, _, err = s.authority.ReaderCreds("operator-"+role, time.Time{})
 	}
-	creds, _, err := s.authority.Creds("operator-"+role, perms, time.Time{})
 	if err != nil {
 		return "", err
 	}

@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/fleetmanager/fm/internal/atomicfile"
@@ -27,43 +28,53 @@ import (
 	"github.com/nats-io/nkeys"
 )
 
-// Authority is FM's NATS operator, account and system account.
+// Authority is FM's NATS operator and its accounts: FM's own (JetStream,
+// every stream, bucket and object store; FM's roles), the agents' and the
+// read-only operators' (no JetStream; what they may reach of FM's account
+// is imported: accounts.go), and the system account.
 type Authority struct {
 	dir                       string
 	operator, account, system nkeys.KeyPair
 	signing                   nkeys.KeyPair // signs users of the FM account
+	agents, readers           nkeys.KeyPair // the agents' and read-only operators' accounts; sign their users
 	operatorPub, accountPub   string
 	systemPub, signingPub     string
+	agentsPub, readersPub     string
 	operatorJWT, systemJWT    string
 }
 
-// seeds is the keys file.
+// seeds is the keys file. Agents and Readers were added with the accounts
+// of their own: a file without them gets them on the next Open.
 type seeds struct {
 	Operator string `json:"operator"`
 	Account  string `json:"account"`
 	System   string `json:"system"`
 	Signing  string `json:"signing"`
+	Agents   string `json:"agents,omitempty"`
+	Readers  string `json:"readers,omitempty"`
 }
 
-// Open loads the authority kept in dir, creating it on first use.
+// Open loads the authority kept in dir, creating it (or the keys it lacks)
+// on first use.
 func Open(dir string) (*Authority, error) {
 	path := filepath.Join(dir, "keys.json")
 	var s seeds
 	b, err := os.ReadFile(path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		if s, err = newSeeds(); err != nil {
-			return nil, err
-		}
-		data, _ := json.MarshalIndent(s, "", "  ")
-		if err := atomicfile.WriteFile(path, data, 0o600); err != nil {
-			return nil, fmt.Errorf("natsauth: %w", err)
-		}
 	case err != nil:
 		return nil, fmt.Errorf("natsauth: %w", err)
 	default:
 		if err := json.Unmarshal(b, &s); err != nil {
 			return nil, fmt.Errorf("natsauth: %s: %w", path, err)
+		}
+	}
+	if added, err := s.complete(); err != nil {
+		return nil, err
+	} else if added {
+		data, _ := json.MarshalIndent(s, "", "  ")
+		if err := atomicfile.WriteFile(path, data, 0o600); err != nil {
+			return nil, fmt.Errorf("natsauth: %w", err)
 		}
 	}
 	a := &Authority{dir: dir}
@@ -72,7 +83,8 @@ func Open(dir string) (*Authority, error) {
 		kp   *nkeys.KeyPair
 		pub  *string
 	}{{s.Operator, &a.operator, &a.operatorPub}, {s.Account, &a.account, &a.accountPub},
-		{s.System, &a.system, &a.systemPub}, {s.Signing, &a.signing, &a.signingPub}} {
+		{s.System, &a.system, &a.systemPub}, {s.Signing, &a.signing, &a.signingPub},
+		{s.Agents, &a.agents, &a.agentsPub}, {s.Readers, &a.readers, &a.readersPub}} {
 		kp, err := nkeys.FromSeed([]byte(k.seed))
 		if err != nil {
 			return nil, fmt.Errorf("natsauth: %s: bad seed: %w", path, err)
@@ -95,41 +107,33 @@ func Open(dir string) (*Authority, error) {
 	return a, nil
 }
 
-func newSeeds() (seeds, error) {
-	var s seeds
+// complete creates the keys s lacks, saying whether it did.
+func (s *seeds) complete() (bool, error) {
+	added := false
 	for _, k := range []struct {
 		create func() (nkeys.KeyPair, error)
 		seed   *string
 	}{{nkeys.CreateOperator, &s.Operator}, {nkeys.CreateAccount, &s.Account},
-		{nkeys.CreateAccount, &s.System}, {nkeys.CreateAccount, &s.Signing}} {
+		{nkeys.CreateAccount, &s.System}, {nkeys.CreateAccount, &s.Signing},
+		{nkeys.CreateAccount, &s.Agents}, {nkeys.CreateAccount, &s.Readers}} {
+		if *k.seed != "" {
+			continue
+		}
 		kp, err := k.create()
 		if err != nil {
-			return s, err
+			return false, err
 		}
 		seed, err := kp.Seed()
 		if err != nil {
-			return s, err
+			return false, err
 		}
-		*k.seed = string(seed)
+		*k.seed, added = string(seed), true
 	}
-	return s, nil
+	return added, nil
 }
 
 // AccountPub is the FM account's public key.
 func (a *Authority) AccountPub() string { return a.accountPub }
-
-// AccountJWT is the FM account's JWT: JetStream enabled, FM's signing key,
-// and the revocations given (user public key -> unix time).
-func (a *Authority) AccountJWT(revocations map[string]int64) (string, error) {
-	ac := jwt.NewAccountClaims(a.accountPub)
-	ac.Name = "FM"
-	ac.SigningKeys.Add(a.signingPub)
-	ac.Limits.JetStreamLimits = jwt.JetStreamLimits{MemoryStorage: -1, DiskStorage: -1, Streams: -1, Consumer: -1}
-	for pub, at := range revocations {
-		ac.RevokeAt(pub, time.Unix(at, 0))
-	}
-	return ac.Encode(a.operator)
-}
 
 // ConfigureEmbedded makes opts trust FM's operator, with a directory
 // resolver under resolverDir (which keeps pushed account updates across
@@ -143,14 +147,22 @@ func (a *Authority) ConfigureEmbedded(opts *server.Options, resolverDir string) 
 	if err != nil {
 		return fmt.Errorf("natsauth: resolver: %w", err)
 	}
-	// Seed the resolver on first start; later starts keep what was pushed
-	// (revocations included).
-	if _, err := res.Fetch(a.accountPub); err != nil {
-		acc, err := a.AccountJWT(nil)
+	// Seed the resolver on first start. Later starts keep the revocations
+	// pushed since, in accounts brought up to this version's exports and
+	// imports (the agents' and readers' accounts are new to data folders
+	// made before them).
+	for _, acc := range a.accounts() {
+		var revocations map[string]int64
+		if stored, err := res.Fetch(acc.pub); err == nil {
+			if ac, err := jwt.DecodeAccountClaims(stored); err == nil {
+				revocations = ac.Revocations
+			}
+		}
+		claims, err := acc.claims(revocations)
 		if err != nil {
 			return err
 		}
-		if err := res.Store(a.accountPub, acc); err != nil {
+		if err := res.Store(acc.pub, claims); err != nil {
 			return fmt.Errorf("natsauth: resolver: %w", err)
 		}
 	}
@@ -168,19 +180,32 @@ func (a *Authority) ConfigureEmbedded(opts *server.Options, resolverDir string) 
 // ServerConfig is the nats-server configuration an operator adds to a
 // cluster's nodes to trust this authority (operator mode, full resolver).
 func (a *Authority) ServerConfig() (string, error) {
-	acc, err := a.AccountJWT(nil)
-	if err != nil {
-		return "", err
+	var b strings.Builder
+	fmt.Fprintf(&b, "operator: %s\nsystem_account: %s\nresolver: {\n  type: full\n  dir: \"./jwt\"\n  allow_delete: false\n}\n"+
+		"resolver_preload: {\n", a.operatorJWT, a.systemPub)
+	for _, acc := range a.accounts() {
+		claims, err := acc.claims(nil)
+		if err != nil {
+			return "", err
+		}
+		fmt.Fprintf(&b, "  %s: %s\n", acc.pub, claims)
 	}
-	return fmt.Sprintf("operator: %s\nsystem_account: %s\nresolver: {\n  type: full\n  dir: \"./jwt\"\n  allow_delete: false\n}\n"+
-		"resolver_preload: {\n  %s: %s\n  %s: %s\n}\n", a.operatorJWT, a.systemPub, a.accountPub, acc, a.systemPub, a.systemJWT), nil
+	fmt.Fprintf(&b, "  %s: %s\n}\n", a.systemPub, a.systemJWT)
+	return b.String(), nil
 }
 
 // Creds mints credentials (a creds file's content) for a user of the FM
 // account named name with perms (zero: everything), expiring at expires
-// (zero: never). It returns the user's public key, for revocation.
+// (zero: never): FM's own roles and admin operators. It returns the user's
+// public key, for revocation.
 func (a *Authority) Creds(name string, perms jwt.Permissions, expires time.Time) ([]byte, string, error) {
 	return a.mint(a.signing, a.accountPub, name, perms, expires)
+}
+
+// ReaderCreds mints credentials for a read-only operator, a user of the
+// readers' account (ReaderPermissions), expiring at expires (zero: never).
+func (a *Authority) ReaderCreds(name string, expires time.Time) ([]byte, string, error) {
+	return a.mint(a.readers, "", name, ReaderPermissions(), expires)
 }
 
 // SystemCreds mints credentials of the system account, which push account
@@ -214,13 +239,15 @@ const (
 )
 
 // AgentJWT signs the JWT of instance's agent user pub (the machine's own
-// key): AgentPermissions, agent limits, expiring at expires.
+// key), a user of the agents' account: AgentPermissions, agent limits,
+// expiring at expires.
 func (a *Authority) AgentJWT(instance, pub string, expires time.Time) (string, error) {
 	if !nkeys.IsValidPublicUserKey(pub) {
 		return "", fmt.Errorf("natsauth: %q is not a NATS user public key", pub)
 	}
-	return userJWT(a.signing, a.accountPub, instance, pub, AgentPermissions(instance), expires, func(uc *jwt.UserClaims) {
+	return userJWT(a.agents, "", instance, pub, AgentPermissions(instance), expires, func(uc *jwt.UserClaims) {
 		uc.Limits.Payload, uc.Limits.Subs = agentMaxPayload, agentMaxSubs
+		uc.Tags.Add(protocol.AgentsAccountTag)
 	})
 }
 
@@ -240,80 +267,43 @@ func userJWT(issuer nkeys.KeyPair, issuerAccount, name, pub string, perms jwt.Pe
 	return tok, nil
 }
 
-// Push sends the FM account's JWT with revocations to the servers through a
-// connection of the system account, and waits for the answer.
+// Push sends the accounts' JWTs, with revocations, to the servers through
+// a connection of the system account, and waits for each answer. Every
+// revocation goes in the FM account and the agents': an agent's key may
+// have credentials of both (the FM account's, minted before agents had an
+// account of their own, until they are renewed).
 func (a *Authority) Push(ctx context.Context, sys *nats.Conn, revocations map[string]int64) error {
-	acc, err := a.AccountJWT(revocations)
-	if err != nil {
-		return err
-	}
-	msg, err := sys.RequestWithContext(ctx, "$SYS.REQ.CLAIMS.UPDATE", []byte(acc))
-	if err != nil {
-		return fmt.Errorf("natsauth: push the account: %w", err)
-	}
-	var resp struct {
-		Error *struct {
-			Code        int    `json:"code"`
-			Description string `json:"description"`
-		} `json:"error"`
-	}
-	if json.Unmarshal(msg.Data, &resp) == nil && resp.Error != nil {
-		return fmt.Errorf("natsauth: push the account: %d %s", resp.Error.Code, resp.Error.Description)
+	for _, acc := range a.accounts() {
+		claims, err := acc.claims(revocations)
+		if err != nil {
+			return err
+		}
+		msg, err := sys.RequestWithContext(ctx, "$SYS.REQ.CLAIMS.UPDATE", []byte(claims))
+		if err != nil {
+			return fmt.Errorf("natsauth: push the %s account: %w", acc.name, err)
+		}
+		var resp struct {
+			Error *struct {
+				Code        int    `json:"code"`
+				Description string `json:"description"`
+			} `json:"error"`
+		}
+		if json.Unmarshal(msg.Data, &resp) == nil && resp.Error != nil {
+			return fmt.Errorf("natsauth: push the %s account: %d %s", acc.name, resp.Error.Code, resp.Error.Description)
+		}
 	}
 	return nil
 }
 
-func allow(subjects ...string) jwt.Permission { return jwt.Permission{Allow: subjects} }
-
-// AgentPermissions allow an agent exactly what it needs of its own
-// instance: its subjects (the events an agent sends, logs, heartbeats), its keys (its desired
-// state by direct get, its status), a consumer on its own commands, reading
-// the kit store, and its own inbox.
-func AgentPermissions(instance string) jwt.Permissions {
-	kits := "OBJ_" + protocol.ObjectStoreKits
-	commands := protocol.CommandConsumer(instance)
-	var events []string
-	for _, k := range protocol.AgentEventKinds {
-		events = append(events, protocol.EventSubject(instance, k))
+// IsReaderCreds says whether creds are a user of the read-only operators'
+// account (those minted before it existed are FM account users).
+func (a *Authority) IsReaderCreds(creds []byte) bool {
+	tok, err := jwt.ParseDecoratedJWT(creds)
+	if err != nil {
+		return false
 	}
-	return jwt.Permissions{
-		Pub: allow(append(events,
-			protocol.LogSubject(instance, "*"),
-			protocol.HeartbeatSubject(instance),
-			protocol.RenewSubject(instance),
-			protocol.KVSubject(protocol.BucketAgents, instance),
-			"$JS.API.DIRECT.GET.KV_"+protocol.BucketDesired+"."+protocol.KVSubject(protocol.BucketDesired, instance),
-			"$JS.API.CONSUMER.CREATE."+protocol.StreamCommands+"."+commands+"."+protocol.CommandFilter(instance),
-			"$JS.API.CONSUMER.MSG.NEXT."+protocol.StreamCommands+"."+commands,
-			"$JS.API.CONSUMER.DELETE."+protocol.StreamCommands+"."+commands,
-			"$JS.API.CONSUMER.INFO."+protocol.StreamCommands+"."+commands,
-			"$JS.API.STREAM.INFO."+kits,
-			"$JS.API.DIRECT.GET."+kits+".>",
-			"$JS.API.STREAM.MSG.GET."+kits,
-			"$JS.API.CONSUMER.CREATE."+kits+".>",
-			"$JS.API.CONSUMER.MSG.NEXT."+kits+".*",
-			"$JS.API.CONSUMER.DELETE."+kits+".*",
-			// Flow control replies of a large kit's download.
-			"$JS.FC."+kits+".>",
-		)...),
-		Sub: allow(protocol.DesiredSubject(instance), protocol.InboxPrefix(instance)+".>"),
-	}
-}
-
-// ReadOnlyPermissions let an operator look (nats stream ls/info/view, kv
-// ls/get/history, sub) without changing anything: no publishing on FM's
-// subjects or keys, no acknowledging (which would take work from the
-// provisioner), no deleting or purging.
-func ReadOnlyPermissions() jwt.Permissions {
-	return jwt.Permissions{
-		Pub: jwt.Permission{
-			Allow: []string{"$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.STREAM.LIST", "$JS.API.STREAM.NAMES",
-				"$JS.API.CONSUMER.INFO.>", "$JS.API.CONSUMER.LIST.>", "$JS.API.CONSUMER.NAMES.>",
-				"$JS.API.DIRECT.GET.>", "$JS.API.STREAM.MSG.GET.>", "$JS.API.CONSUMER.CREATE.>",
-				"$JS.API.CONSUMER.MSG.NEXT.>", "$JS.FC.>"},
-		},
-		Sub: allow("_INBOX.>", "fm.>"),
-	}
+	uc, err := jwt.DecodeUserClaims(tok)
+	return err == nil && uc.Issuer == a.readersPub
 }
 
 // CredsFile writes creds to path with mode 0600.

@@ -3,7 +3,10 @@ package natsauth_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -12,6 +15,7 @@ import (
 
 	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/internal/natsauth"
+	"github.com/fleetmanager/fm/internal/objects"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
@@ -20,6 +24,9 @@ import (
 	"github.com/nats-io/nkeys"
 	"github.com/rs/zerolog"
 )
+
+// outside is the JetStream API prefix of agents and read-only operators.
+const outside = protocol.OutsideJSAPIPrefix + "."
 
 type rig struct {
 	t    *testing.T
@@ -111,6 +118,48 @@ func expectViolation(t *testing.T, errs chan error, what string) {
 	}
 }
 
+// agentCreds mints credentials of instance's agent, as a join does: a key
+// of the machine's, a JWT of the agents' account.
+func (r *rig) agentCreds(instance string) ([]byte, string) {
+	r.t.Helper()
+	kp, _ := nkeys.CreateUser()
+	pub, _ := kp.PublicKey()
+	seed, _ := kp.Seed()
+	tok, err := r.auth.AgentJWT(instance, pub, time.Now().Add(time.Hour))
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	creds, err := jwt.FormatUserConfig(tok, seed)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return creds, pub
+}
+
+func (r *rig) connectAgent(instance string, errs chan error) *nats.Conn {
+	r.t.Helper()
+	creds, _ := r.agentCreds(instance)
+	nc, err := r.connectCreds(creds, protocol.InboxPrefix(instance), errs)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return nc
+}
+
+// unchanged fails t if key of bucket does not keep revision rev (and its
+// value) for a while: what a misdirected answer would change, it changes
+// within milliseconds.
+func unchanged(t *testing.T, kv jetstream.KeyValue, key string, want []byte) {
+	t.Helper()
+	for range 10 {
+		e, err := kv.Get(context.Background(), key)
+		if err != nil || !bytes.Equal(e.Value(), want) {
+			t.Fatalf("%s of %s changed: %v %q", key, kv.Bucket(), err, e.Value())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 	r := start(t)
 	admin := r.connect("fm-server", jwt.Permissions{}, "", nil)
@@ -118,24 +167,47 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 	ctx := context.Background()
 	kvDesired, _ := ajs.KeyValue(ctx, protocol.BucketDesired)
 	kvDesired.Put(ctx, "in-a", []byte(`{"v":1,"mine":true}`))
-	kvDesired.Put(ctx, "in-b", []byte(`{"v":1,"secret":"other"}`))
+	otherDesired := []byte(`{"v":1,"secret":"other"}`)
+	kvDesired.Put(ctx, "in-b", otherDesired)
 	ajs.Publish(ctx, protocol.CommandSubject("in-a", "c1"), []byte("for a"))
 	ajs.Publish(ctx, protocol.CommandSubject("in-b", "c2"), []byte("for b"))
 	kits, _ := ajs.ObjectStore(ctx, protocol.ObjectStoreKits)
-	// Big enough that reading it takes flow control.
 	kit := bytes.Repeat([]byte("KIT-"), 4<<20)
 	if _, err := kits.PutBytes(ctx, "kit.tar.gz", kit); err != nil {
 		t.Fatal(err)
 	}
+	// FM's server, as far as this test needs it: it makes the agent's
+	// command consumer, and takes heartbeats.
+	heartbeats, _ := admin.SubscribeSync(protocol.SubjectAllHeartbeat)
+	admin.Subscribe(protocol.SubjectAllCmdFrom, func(m *nats.Msg) {
+		name, err := bus.MakeCommandConsumer(ctx, ajs, protocol.InstanceFromSubject(m.Subject), 0)
+		if err != nil {
+			t.Error(err)
+		}
+		data, _ := protocol.Encode(&protocol.CommandsFromResponse{Consumer: name})
+		m.Respond(data)
+	})
+	admin.Flush()
 
 	errs := make(chan error, 10)
-	agent := r.connect("in-a", natsauth.AgentPermissions("in-a"), protocol.InboxPrefix("in-a"), errs)
+	agent := r.connectAgent("in-a", errs)
 	js, _ := jetstream.New(agent)
 
 	t.Run("its own", func(t *testing.T) {
-		msg, err := agent.Request("$JS.API.DIRECT.GET.KV_fm_desired.$KV.fm_desired.in-a", nil, 5*time.Second)
-		if err != nil || !strings.Contains(string(msg.Data), "mine") {
-			t.Fatalf("direct get of its desired state: %v", err)
+		for _, prefix := range []string{"$JS.API.", outside} {
+			msg, err := agent.Request(prefix+"DIRECT.GET.KV_fm_desired.$KV.fm_desired.in-a", nil, 5*time.Second)
+			if err != nil || !strings.Contains(string(msg.Data), "mine") {
+				t.Fatalf("direct get of its desired state under %s: %v", prefix, err)
+			}
+		}
+		changes, err := agent.SubscribeSync(protocol.DesiredSubject("in-a"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		agent.Flush()
+		kvDesired.Put(ctx, "in-a", []byte(`{"v":1,"mine":"again"}`))
+		if m, err := changes.NextMsg(5 * time.Second); err != nil || !strings.Contains(string(m.Data), "again") {
+			t.Fatalf("its desired state's change: %v", err)
 		}
 		if _, err := js.Publish(ctx, protocol.EventSubject("in-a", protocol.EventStep), []byte("e")); err != nil {
 			t.Fatalf("publish its event: %v", err)
@@ -143,28 +215,34 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 		if _, err := js.Publish(ctx, protocol.KVSubject(protocol.BucketAgents, "in-a"), []byte("status")); err != nil {
 			t.Fatalf("put its status: %v", err)
 		}
-		cons, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Name: protocol.CommandConsumer("in-a"),
-			FilterSubject: protocol.CommandFilter("in-a"), AckPolicy: jetstream.AckNonePolicy, MemoryStorage: true})
-		if err != nil {
-			t.Fatalf("consumer on its commands: %v", err)
+		req, _ := protocol.Encode(&protocol.CommandsFromRequest{})
+		m, err := agent.Request(protocol.CommandsFromSubject("in-a"), req, 5*time.Second)
+		var resp protocol.CommandsFromResponse
+		if err != nil || protocol.Decode(m.Data, &resp) != nil || resp.Consumer != protocol.CommandConsumer("in-a") {
+			t.Fatalf("ask for its command consumer: %v", err)
 		}
-		m, err := cons.Next(jetstream.FetchMaxWait(5 * time.Second))
-		if err != nil || string(m.Data()) != "for a" {
+		cons, err := js.Consumer(ctx, protocol.StreamCommands, resp.Consumer)
+		if err != nil {
+			t.Fatalf("its command consumer: %v", err)
+		}
+		cm, err := cons.Next(jetstream.FetchMaxWait(5 * time.Second))
+		if err != nil || string(cm.Data()) != "for a" {
 			t.Fatalf("its command: %v", err)
 		}
-		store, err := js.ObjectStore(ctx, protocol.ObjectStoreKits)
-		if err != nil {
-			t.Fatal(err)
-		}
-		// A deadline of its own: without one, each request of the read
-		// times out after the client's default 5 s, short on a loaded machine.
 		readCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
-		if b, err := store.GetBytes(readCtx, "kit.tar.gz"); err != nil || !bytes.Equal(b, kit) {
+		kr, err := objects.Open(readCtx, js, protocol.ObjectStoreKits, "kit.tar.gz", 10*time.Second)
+		if err != nil {
+			t.Fatalf("open a kit: %v", err)
+		}
+		if b, err := io.ReadAll(kr); err != nil || !bytes.Equal(b, kit) {
 			t.Fatalf("read a kit: %v", err)
 		}
 		if err := agent.Publish(protocol.HeartbeatSubject("in-a"), []byte("hb")); err != nil {
 			t.Fatal(err)
+		}
+		if m, err := heartbeats.NextMsg(5 * time.Second); err != nil || m.Subject != protocol.HeartbeatSubject("in-a") {
+			t.Fatalf("its heartbeat did not reach FM: %v", err)
 		}
 		agent.Flush()
 		select {
@@ -174,26 +252,35 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 		}
 	})
 
+	t.Run("answers sent into FM's keys", func(t *testing.T) {
+		// NATS does not check a reply subject: JetStream's answers to
+		// these go to the agents' account, where nothing stores them.
+		for _, m := range []*nats.Msg{
+			{Subject: protocol.EventSubject("in-a", protocol.EventStep), Data: []byte("e")},
+			{Subject: protocol.KVSubject(protocol.BucketAgents, "in-a"), Data: []byte("status")},
+			{Subject: "$JS.API.DIRECT.GET.KV_fm_desired.$KV.fm_desired.in-a"},
+			{Subject: "$JS.API.CONSUMER.INFO.FM_COMMANDS." + protocol.CommandConsumer("in-a")},
+			{Subject: "$JS.API.STREAM.INFO.OBJ_fm_kits"},
+		} {
+			m.Reply = protocol.KVSubject(protocol.BucketDesired, "in-b")
+			if err := agent.PublishMsg(m); err != nil {
+				t.Fatal(err)
+			}
+		}
+		agent.Flush()
+		unchanged(t, kvDesired, "in-b", otherDesired)
+	})
+
 	t.Run("another instance's commands", func(t *testing.T) {
 		if _, err := agent.SubscribeSync(protocol.CommandFilter("in-b")); err != nil {
 			t.Fatal(err)
 		}
 		agent.Flush()
 		expectViolation(t, errs, "subscribe to in-b's commands")
-		_, err := js.OrderedConsumer(ctx, protocol.StreamCommands, jetstream.OrderedConsumerConfig{FilterSubjects: []string{protocol.CommandFilter("in-b")}})
-		if err == nil {
-			// The creation is refused by NATS; the client may only learn it
-			// when it tries to fetch.
-			cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-			defer cancel()
-			cons, _ := js.OrderedConsumer(cctx, protocol.StreamCommands, jetstream.OrderedConsumerConfig{FilterSubjects: []string{protocol.CommandFilter("in-b")}})
-			if cons != nil {
-				if m, err := cons.Next(jetstream.FetchMaxWait(2 * time.Second)); err == nil {
-					t.Fatalf("read another instance's command: %s", m.Data())
-				}
-			}
-		}
-		expectViolation(t, errs, "consumer on in-b's commands")
+		agent.Request("$JS.API.CONSUMER.MSG.NEXT.FM_COMMANDS."+protocol.CommandConsumer("in-b"), []byte(`{"batch":1}`), 500*time.Millisecond)
+		expectViolation(t, errs, "pull in-b's commands")
+		agent.Request(protocol.CommandsFromSubject("in-b"), nil, 500*time.Millisecond)
+		expectViolation(t, errs, "ask for in-b's command consumer")
 	})
 
 	t.Run("another instance's desired state", func(t *testing.T) {
@@ -209,15 +296,16 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 		expectViolation(t, errs, "subscribe to in-b's desired state")
 	})
 
-	t.Run("another consumer on its commands", func(t *testing.T) {
-		// One consumer, of one name, is all an agent may make: it cannot
-		// pile up durable ones.
-		_, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Durable: "mine-too",
-			FilterSubject: protocol.CommandFilter("in-a"), AckPolicy: jetstream.AckNonePolicy})
+	t.Run("a consumer of its own making", func(t *testing.T) {
+		// Its delivery subject would be the FM account's: an agent makes
+		// none, not even on its own commands.
+		_, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Name: protocol.CommandConsumer("in-a"),
+			FilterSubject: protocol.CommandFilter("in-a"), AckPolicy: jetstream.AckNonePolicy, DeliverSubject: "$KV.fm_desired.in-b"})
 		if err == nil {
-			t.Fatal("made a second consumer")
+			t.Fatal("made a consumer")
 		}
-		expectViolation(t, errs, "a second consumer on its commands")
+		expectViolation(t, errs, "a consumer on its commands")
+		unchanged(t, kvDesired, "in-b", otherDesired)
 	})
 
 	t.Run("the keys of the fleet", func(t *testing.T) {
@@ -253,8 +341,9 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 	})
 
 	t.Run("administration", func(t *testing.T) {
-		for _, subj := range []string{"$JS.API.STREAM.DELETE.FM_EVENTS", "$JS.API.STREAM.PURGE.FM_COMMANDS", "$JS.API.STREAM.NAMES",
-			"$JS.API.STREAM.INFO.FM_COMMANDS", "$JS.API.CONSUMER.CREATE.FM_EVENTS.x.fm.evt.in-b.*"} {
+		for _, subj := range []string{"$JS.API.STREAM.DELETE.FM_EVENTS", outside + "STREAM.DELETE.FM_EVENTS", "$JS.API.STREAM.PURGE.FM_COMMANDS", "$JS.API.STREAM.NAMES",
+			"$JS.API.STREAM.INFO.FM_COMMANDS", "$JS.API.CONSUMER.CREATE.FM_EVENTS.x.fm.evt.in-b.*",
+			"$JS.API.CONSUMER.DELETE.FM_COMMANDS." + protocol.CommandConsumer("in-a")} {
 			agent.Request(subj, nil, 500*time.Millisecond)
 			expectViolation(t, errs, subj)
 		}
@@ -268,10 +357,7 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 
 func TestRevokedAgentIsDisconnectedAndStaysOut(t *testing.T) {
 	r := start(t)
-	creds, pub, err := r.auth.Creds("in-r", natsauth.AgentPermissions("in-r"), time.Time{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	creds, pub := r.agentCreds("in-r")
 	closed := make(chan struct{})
 	var once sync.Once
 	nc, err := r.connectCreds(creds, protocol.InboxPrefix("in-r"), nil)
@@ -314,31 +400,165 @@ func TestRevokedAgentIsDisconnectedAndStaysOut(t *testing.T) {
 
 func TestReadOnlyOperator(t *testing.T) {
 	r := start(t)
-	errs := make(chan error, 10)
-	ro := r.connect("operator-ro", natsauth.ReadOnlyPermissions(), "", errs)
-	js, _ := jetstream.New(ro)
+	admin := r.connect("fm-server", jwt.Permissions{}, "", nil)
+	ajs, _ := jetstream.New(admin)
 	ctx := context.Background()
-	if _, err := js.Stream(ctx, protocol.StreamEvents); err != nil {
-		t.Fatalf("stream info: %v", err)
-	}
-	kv, err := js.KeyValue(ctx, protocol.BucketNetworks)
+	kvDesired, _ := ajs.KeyValue(ctx, protocol.BucketDesired)
+	desired := []byte(`{"v":1}`)
+	kvDesired.Put(ctx, "in-b", desired)
+	ajs.Publish(ctx, protocol.EventSubject("in-a", protocol.EventStep), []byte(`{"v":1,"crafted":"by an agent"}`))
+
+	errs := make(chan error, 10)
+	creds, _, err := r.auth.ReaderCreds("operator-ro", time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := kv.Put(ctx, "vn-x", []byte("nope")); err == nil {
-		t.Fatal("a read-only operator wrote a key")
+	if !r.auth.IsReaderCreds(creds) || r.auth.IsReaderCreds(mustCreds(t, r, "admin")) {
+		t.Fatal("IsReaderCreds does not tell a reader from an admin")
 	}
-	expectViolation(t, errs, "kv put")
-	if err := js.DeleteStream(ctx, protocol.StreamEvents); err == nil {
-		t.Fatal("a read-only operator deleted a stream")
+	ro, err := r.connectCreds(creds, "", errs)
+	if err != nil {
+		t.Fatal(err)
 	}
-	expectViolation(t, errs, "stream delete")
-	if err := ro.Publish(protocol.ProvisionSubject("in-a", protocol.ProvisionDelete), []byte("x")); err == nil {
+	js, _ := jetstream.New(ro)
+	t.Run("looks", func(t *testing.T) {
+		if _, err := js.Stream(ctx, protocol.StreamEvents); err != nil {
+			t.Fatalf("stream info: %v", err)
+		}
+		kv, err := js.KeyValue(ctx, protocol.BucketDesired)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e, err := kv.Get(ctx, "in-b"); err != nil || !bytes.Equal(e.Value(), desired) {
+			t.Fatalf("kv get: %v", err)
+		}
+		names := js.StreamNames(ctx)
+		n := 0
+		for range names.Name() {
+			n++
+		}
+		if names.Err() != nil || n == 0 {
+			t.Fatalf("stream names: %d %v", n, names.Err())
+		}
+		sub, err := ro.SubscribeSync("fm.>")
+		if err != nil {
+			t.Fatal(err)
+		}
 		ro.Flush()
+		admin.Publish(protocol.HeartbeatSubject("in-a"), []byte("hb"))
+		if m, err := sub.NextMsg(5 * time.Second); err != nil || m.Subject != protocol.HeartbeatSubject("in-a") {
+			t.Fatalf("subscribe to FM's subjects: %v", err)
+		}
+	})
+	t.Run("changes nothing", func(t *testing.T) {
+		kv, _ := js.KeyValue(ctx, protocol.BucketNetworks)
+		if _, err := kv.Put(ctx, "vn-x", []byte("nope")); err == nil {
+			t.Fatal("a read-only operator wrote a key")
+		}
+		expectViolation(t, errs, "kv put")
+		if err := js.DeleteStream(ctx, protocol.StreamEvents); err == nil {
+			t.Fatal("a read-only operator deleted a stream")
+		}
+		expectViolation(t, errs, "stream delete")
+		if err := ro.Publish(protocol.ProvisionSubject("in-a", protocol.ProvisionDelete), []byte("x")); err == nil {
+			ro.Flush()
+		}
+		expectViolation(t, errs, "publish a provision request")
+	})
+	t.Run("sends nothing into FM's keys", func(t *testing.T) {
+		// An answer of its own choosing (the event an agent crafted),
+		// addressed to a key: it lands in the readers' account.
+		for _, m := range []*nats.Msg{
+			{Subject: "$JS.API.STREAM.MSG.GET." + protocol.StreamEvents, Data: []byte(`{"seq":1}`)},
+			{Subject: "$JS.API.DIRECT.GET." + protocol.StreamEvents, Data: []byte(`{"seq":1}`)},
+			{Subject: "$JS.API.STREAM.INFO." + protocol.StreamEvents},
+		} {
+			m.Reply = protocol.KVSubject(protocol.BucketDesired, "in-b")
+			if err := ro.PublishMsg(m); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ro.Flush()
+		unchanged(t, kvDesired, "in-b", desired)
+		// A push consumer could deliver anywhere in FM's account: none.
+		_, err := js.CreateConsumer(ctx, protocol.StreamEvents, jetstream.ConsumerConfig{DeliverSubject: "$KV.fm_desired.in-b", AckPolicy: jetstream.AckNonePolicy})
+		if err == nil {
+			t.Fatal("a read-only operator made a consumer")
+		}
+		expectViolation(t, errs, "a consumer")
+		unchanged(t, kvDesired, "in-b", desired)
+	})
+}
+
+// TestAnAuthorityFromBeforeTheAgentsAccount: a keys file without the
+// agents' and readers' accounts gets them, keeping its own keys; an
+// embedded server's resolver keeps the revocations pushed before and
+// takes the FM account's exports.
+func TestAnAuthorityFromBeforeTheAgentsAccount(t *testing.T) {
+	dir := t.TempDir()
+	a, err := natsauth.Open(filepath.Join(dir, "auth"))
+	if err != nil {
+		t.Fatal(err)
 	}
-	expectViolation(t, errs, "publish a provision request")
-	if errors.Is(err, nats.ErrConnectionClosed) {
-		t.Fatal("connection closed")
+	path := filepath.Join(dir, "auth", "keys.json")
+	var keys map[string]string
+	b, _ := os.ReadFile(path)
+	json.Unmarshal(b, &keys)
+	delete(keys, "agents")
+	delete(keys, "readers")
+	b, _ = json.Marshal(keys)
+	os.WriteFile(path, b, 0o600)
+	// What the resolver of such a data folder holds: the FM account
+	// alone, without exports, with a revocation.
+	res, err := server.NewDirAccResolver(filepath.Join(dir, "resolver"), 0, time.Minute, server.NoDelete)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := jwt.NewAccountClaims(a.AccountPub())
+	old.RevokeAt("UREVOKED", time.Unix(1700000000, 0))
+	var oldAuthority struct {
+		Operator string `json:"operator"`
+	}
+	json.Unmarshal(b, &oldAuthority)
+	op, _ := nkeys.FromSeed([]byte(oldAuthority.Operator))
+	oldJWT, err := old.Encode(op)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Store(a.AccountPub(), oldJWT)
+	res.Close()
+
+	again, err := natsauth.Open(filepath.Join(dir, "auth"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.AccountPub() != a.AccountPub() {
+		t.Fatal("the FM account changed")
+	}
+	r := &rig{t: t, auth: again, dir: dir}
+	r.startServer()
+	stored, err := r.emb.Server().AccountResolver().Fetch(a.AccountPub())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ac, err := jwt.DecodeAccountClaims(stored)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ac.Revocations["UREVOKED"] != 1700000000 || len(ac.Exports) == 0 {
+		t.Fatalf("the FM account after the upgrade: revocations %v, %d exports", ac.Revocations, len(ac.Exports))
+	}
+	// Agents of the new account reach the FM account.
+	admin := r.connect("admin", jwt.Permissions{}, "", nil)
+	ajs, _ := jetstream.New(admin)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := bus.DefaultTopology().Declare(ctx, ajs); err != nil {
+		t.Fatal(err)
+	}
+	js, _ := jetstream.New(r.connectAgent("in-u", nil))
+	if _, err := js.Publish(ctx, protocol.EventSubject("in-u", protocol.EventStep), []byte("e")); err != nil {
+		t.Fatalf("an agent after the upgrade: %v", err)
 	}
 }
 

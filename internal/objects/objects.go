@@ -8,10 +8,12 @@
 // which a large object on a busy machine outlasts; with one, a read blocked
 // waiting for a chunk ignores the caller's cancellation until that
 // deadline (an hour), so a provisioner or agent told to stop would hang.
-// Here every wait for a chunk ends when the caller's context does or when
-// no chunk came for the idle time (or, while the consumer is recreated
-// after the bus was away, at most 10 s later), and the object's size and
-// digest are checked as it is read.
+// And it reads through a consumer, which an agent may not make (its
+// delivery subject would be the FM account's: natsauth). Here each chunk is
+// a direct get, the next message on the object's chunk subject: a get that
+// fails for a reason that may pass (the bus away) is asked again until no
+// chunk came for the idle time, every wait ends when the caller's context
+// does, and the object's size and digest are checked as it is read.
 //
 // Only this module's packages may import it (it is internal): the agent,
 // the server (server/kits.go) and provisioner/archive. It imports the NATS
@@ -44,13 +46,12 @@ var (
 // Reader reads one object. It is not safe for concurrent use.
 type Reader struct {
 	ctx    context.Context
-	js     jetstream.JetStream
-	stream string
-	cons   jetstream.Consumer
+	stream jetstream.Stream
+	chunk  string // the subject of the object's chunks
+	seq    uint64 // where the next chunk is looked for
 	idle   time.Duration
 	name   string
 	info   *jetstream.ObjectInfo
-	it     jetstream.MessagesContext
 	buf    []byte
 	chunks uint32
 	size   uint64
@@ -87,21 +88,12 @@ func Open(ctx context.Context, js jetstream.JetStream, bucket, name string, idle
 	} else if err != nil {
 		return nil, err
 	}
-	r := &Reader{ctx: ctx, js: js, stream: "OBJ_" + bucket, idle: idle, name: name, info: info, digest: sha256.New()}
+	r := &Reader{ctx: ctx, chunk: chunkSubject(bucket, info.NUID), idle: idle, name: name, info: info, digest: sha256.New()}
 	if info.Chunks == 0 {
 		return r, nil
 	}
-	// One reset at most: a reset ignores the caller's context (it takes up
-	// to 10 s), and a bus that stays away fails the read (a failure that
-	// may pass) rather than holding it. Few chunks in flight: an agent
-	// reading a kit of gigabytes keeps a small memory.
-	r.cons, err = js.OrderedConsumer(ctx, r.stream, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{chunkSubject(bucket, info.NUID)}, MaxResetAttempts: 1, InactiveThreshold: time.Minute})
-	if err != nil {
-		return nil, fmt.Errorf("object %s in %s: %w", name, bucket, err)
-	}
-	if r.it, err = r.cons.Messages(jetstream.PullMaxMessages(16)); err != nil {
-		return nil, fmt.Errorf("object %s in %s: %w", name, bucket, err)
+	if r.stream, err = js.Stream(ctx, "OBJ_"+bucket); err != nil {
+		return nil, fmt.Errorf("object store %s: %w", bucket, err)
 	}
 	return r, nil
 }
@@ -150,27 +142,44 @@ func (r *Reader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// next waits for the next chunk.
+// next reads the next chunk.
 func (r *Reader) next() error {
-	if err := r.ctx.Err(); err != nil {
-		return fmt.Errorf("object %s: %w", r.name, err)
+	giveUp := time.Now().Add(r.idle)
+	backoff := 50 * time.Millisecond
+	for {
+		if err := r.ctx.Err(); err != nil {
+			return fmt.Errorf("object %s: %w", r.name, err)
+		}
+		// Each get within the client's usual bound, however long idle is.
+		get, cancel := context.WithTimeout(r.ctx, min(time.Until(giveUp), 10*time.Second))
+		msg, err := r.stream.GetMsg(get, r.seq, jetstream.WithGetMsgSubject(r.chunk))
+		cancel()
+		switch {
+		case err == nil:
+			return r.took(msg)
+		case r.ctx.Err() != nil:
+			return fmt.Errorf("object %s: %w", r.name, r.ctx.Err())
+		case errors.Is(err, jetstream.ErrMsgNotFound):
+			// Purged meanwhile (a Put of the same name replaced it).
+			return fmt.Errorf("%w: %s lost its chunks after %d of %d were read", ErrIncomplete, r.name, r.chunks, r.info.Chunks)
+		case !time.Now().Before(giveUp):
+			return fmt.Errorf("object %s: no chunk came for %s after %d of %d: %w", r.name, r.idle, r.chunks, r.info.Chunks, err)
+		}
+		select {
+		case <-r.ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, time.Second)
 	}
-	waiting, cancel := context.WithTimeout(r.ctx, r.idle)
-	defer cancel()
-	msg, err := r.it.Next(jetstream.NextContext(waiting))
-	switch {
-	case err == nil:
-	case r.ctx.Err() != nil:
-		return fmt.Errorf("object %s: %w", r.name, r.ctx.Err())
-	case errors.Is(err, context.DeadlineExceeded):
-		return fmt.Errorf("object %s: no chunk came for %s after %d of %d: %w", r.name, r.idle, r.chunks, r.info.Chunks, err)
-	default:
-		return fmt.Errorf("object %s: %w", r.name, err)
-	}
+}
+
+// took adds a chunk read to what was read.
+func (r *Reader) took(msg *jetstream.RawStreamMsg) error {
+	r.seq = msg.Sequence + 1
 	r.chunks++
-	r.size += uint64(len(msg.Data()))
-	r.digest.Write(msg.Data())
-	r.buf = msg.Data()
+	r.size += uint64(len(msg.Data))
+	r.digest.Write(msg.Data)
+	r.buf = msg.Data
 	if r.size > r.info.Size {
 		return fmt.Errorf("%w: %s is longer than the %d bytes recorded", ErrCorrupt, r.name, r.info.Size)
 	}
@@ -188,17 +197,5 @@ func (r *Reader) check() error {
 	return io.EOF
 }
 
-// Close stops the read and deletes its consumer (which the server would
-// otherwise keep for its inactive threshold).
-func (r *Reader) Close() error {
-	if r.it == nil {
-		return nil
-	}
-	r.it.Stop()
-	if info := r.cons.CachedInfo(); info != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		_ = r.js.DeleteConsumer(ctx, r.stream, info.Name)
-	}
-	return nil
-}
+// Close ends the read; it holds nothing on the bus.
+func (r *Reader) Close() error { return nil }

@@ -18,15 +18,15 @@ const bucket = "test_objects"
 // store is an object store on a fresh bus holding a 3 MiB object "big",
 // and a client of the bus whose default API timeout is short.
 func store(t *testing.T) (jetstream.JetStream, jetstream.ObjectStore, []byte) {
-	short, _, obs, body := stores(t)
+	short, _, obs, body, _ := stores(t)
 	return short, obs, body
 }
 
-// stores is store, and a client with the default timeout.
-func stores(t *testing.T) (short, normal jetstream.JetStream, obs jetstream.ObjectStore, body []byte) {
+// stores is store, a client with the default timeout, and the bus.
+func stores(t *testing.T) (short, normal jetstream.JetStream, obs jetstream.ObjectStore, body []byte, srv *bustest.Server) {
 	t.Helper()
 	ctx := context.Background()
-	srv := bustest.RunBare(t)
+	srv = bustest.RunBare(t)
 	short, err := jetstream.New(srv.Connect(t), jetstream.WithDefaultTimeout(300*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
@@ -43,7 +43,7 @@ func stores(t *testing.T) (short, normal jetstream.JetStream, obs jetstream.Obje
 	if _, err := obs.Put(ctx, jetstream.ObjectMeta{Name: "big"}, bytes.NewReader(body)); err != nil {
 		t.Fatal(err)
 	}
-	return short, normal, obs, body
+	return short, normal, obs, body, srv
 }
 
 // TestAReadOutlastsTheClientTimeout: a slow reader takes longer than the
@@ -67,7 +67,7 @@ func TestAReadOutlastsTheClientTimeout(t *testing.T) {
 	if got := append(first, rest...); !bytes.Equal(got, body) {
 		t.Fatalf("read back %d bytes, not what was put", len(got))
 	}
-	// Its consumer goes with it, not at the server's inactive threshold.
+	// It made no consumer (an agent may not).
 	r.Close()
 	stream, err := js.Stream(context.Background(), "OBJ_"+bucket)
 	if err != nil {
@@ -78,11 +78,11 @@ func TestAReadOutlastsTheClientTimeout(t *testing.T) {
 	}
 }
 
-// TestACancelledReadStops: a read waiting for a chunk stops when its
+// TestACancelledReadStops: a read waiting for the bus stops when its
 // context ends, not at some deadline later (a provisioner or agent told to
-// stop would hang).
+// stop would hang); one whose chunks went while it read fails at once.
 func TestACancelledReadStops(t *testing.T) {
-	js, obs, _ := store(t)
+	js, _, _, _, srv := stores(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	r, err := Open(ctx, js, bucket, "big", time.Hour)
 	if err != nil {
@@ -92,17 +92,13 @@ func TestACancelledReadStops(t *testing.T) {
 	if _, err := io.ReadFull(r, make([]byte, 1000)); err != nil {
 		t.Fatal(err)
 	}
-	// The chunks still to come are gone: the read waits.
-	info, err := obs.GetInfo(context.Background(), "big")
-	if err != nil {
-		t.Fatal(err)
-	}
-	purge(t, js, chunkSubject(bucket, info.NUID), 0)
+	// The bus goes away: the read waits for it.
+	srv.Shutdown()
 	done := make(chan error, 1)
 	go func() { _, err := io.Copy(io.Discard, r); done <- err }()
 	select {
 	case err := <-done:
-		t.Fatalf("the read did not wait for the missing chunks: %v", err)
+		t.Fatalf("the read did not wait for the bus: %v", err)
 	case <-time.After(500 * time.Millisecond):
 	}
 	cancel()
@@ -113,6 +109,36 @@ func TestACancelledReadStops(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("a cancelled read still waits")
+	}
+}
+
+// TestAReadWhoseChunksGoFailsAtOnce: the chunks still to come were purged
+// (the object was replaced): the read fails with ErrIncomplete, without
+// waiting for its idle time.
+func TestAReadWhoseChunksGoFailsAtOnce(t *testing.T) {
+	js, obs, _ := store(t)
+	r, err := Open(context.Background(), js, bucket, "big", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if _, err := io.ReadFull(r, make([]byte, 1000)); err != nil {
+		t.Fatal(err)
+	}
+	info, err := obs.GetInfo(context.Background(), "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	purge(t, js, chunkSubject(bucket, info.NUID), 0)
+	done := make(chan error, 1)
+	go func() { _, err := io.Copy(io.Discard, r); done <- err }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrIncomplete) {
+			t.Fatalf("a read whose chunks went ended with %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a read whose chunks went still waits")
 	}
 }
 
@@ -151,7 +177,7 @@ func TestWhatTheStoreCannotGiveBackWhole(t *testing.T) {
 		}, ErrCorrupt},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			js, normal, obs, _ := stores(t)
+			js, normal, obs, _, _ := stores(t)
 			info, err := obs.GetInfo(ctx, "big")
 			if err != nil {
 				t.Fatal(err)

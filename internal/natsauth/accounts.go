@@ -1,0 +1,201 @@
+package natsauth
+
+import (
+	"strings"
+	"time"
+
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/jwt/v2"
+)
+
+// Why three accounts. NATS checks the subject a user publishes on, never
+// the reply subject it names, and JetStream answers to that reply from
+// inside the account: the publish acknowledgement of an event, the answer
+// of a direct get, the messages of a push consumer whose delivery subject
+// the user chose. In one shared account, a user allowed to publish its own
+// event with the reply "$KV.fm_desired.<another instance>" had JetStream
+// write into that key. So agents and read-only operators are users of
+// accounts of their own, which hold no stream: what they may reach of the
+// FM account is exported to them, a request crosses to the FM account and
+// its answer comes back to the asking account, where nothing stores it.
+// No consumer can be made from outside the FM account (its delivery
+// subject would be the FM account's): the server makes each agent's
+// command consumer on request (protocol.CommandsFromSubject), and objects
+// are read by direct gets.
+
+// account is one account FM signs.
+type account struct {
+	name   string
+	pub    string
+	claims func(revocations map[string]int64) (string, error)
+}
+
+// accounts are the accounts the authority signs, FM's first: the others
+// import from it.
+func (a *Authority) accounts() []account {
+	return []account{
+		{"FM", a.accountPub, a.fmAccountJWT},
+		{"AGENTS", a.agentsPub, a.agentsAccountJWT},
+		{"READERS", a.readersPub, a.readersAccountJWT},
+	}
+}
+
+// AccountJWT is the FM account's JWT: JetStream enabled, FM's signing key,
+// what it exports to the other accounts, and the revocations given (user
+// public key -> unix time).
+func (a *Authority) AccountJWT(revocations map[string]int64) (string, error) {
+	return a.fmAccountJWT(revocations)
+}
+
+func (a *Authority) fmAccountJWT(revocations map[string]int64) (string, error) {
+	ac := jwt.NewAccountClaims(a.accountPub)
+	ac.Name = "FM"
+	ac.SigningKeys.Add(a.signingPub)
+	ac.Limits.JetStreamLimits = jwt.JetStreamLimits{MemoryStorage: -1, DiskStorage: -1, Streams: -1, Consumer: -1}
+	for _, e := range exports {
+		ac.Exports.Add(&jwt.Export{Name: e.subject, Subject: jwt.Subject(e.subject), Type: e.kind, ResponseType: e.response})
+	}
+	revoke(ac, revocations)
+	return ac.Encode(a.operator)
+}
+
+func (a *Authority) agentsAccountJWT(revocations map[string]int64) (string, error) {
+	ac := jwt.NewAccountClaims(a.agentsPub)
+	ac.Name = "AGENTS"
+	a.importAll(ac, agentImports)
+	revoke(ac, revocations)
+	return ac.Encode(a.operator)
+}
+
+func (a *Authority) readersAccountJWT(revocations map[string]int64) (string, error) {
+	ac := jwt.NewAccountClaims(a.readersPub)
+	ac.Name = "READERS"
+	a.importAll(ac, readerImports)
+	revoke(ac, revocations)
+	return ac.Encode(a.operator)
+}
+
+// importAll imports into ac each of imports from the FM account, a
+// JetStream request under protocol.OutsideJSAPIPrefix: under its own name,
+// the server's "JetStream not enabled for this account" would answer it
+// first. A mapping takes the usual prefix there, so that clients (the
+// agent, the NATS CLI) need no option; permissions see the mapped subject.
+func (a *Authority) importAll(ac *jwt.AccountClaims, imports []export) {
+	ac.Mappings = jwt.Mapping{jwt.Subject(jsAPI + ">"): {{Subject: jwt.Subject(outside + ">"), Weight: 100}}}
+	for _, i := range imports {
+		imp := &jwt.Import{Name: i.subject, Subject: jwt.Subject(i.subject), Account: a.accountPub, Type: i.kind}
+		if rest, ok := strings.CutPrefix(i.subject, jsAPI); ok {
+			imp.LocalSubject = jwt.RenamingSubject(protocol.OutsideJSAPIPrefix + "." + rest)
+		}
+		ac.Imports.Add(imp)
+	}
+}
+
+func revoke(ac *jwt.AccountClaims, revocations map[string]int64) {
+	for pub, at := range revocations {
+		ac.RevokeAt(pub, time.Unix(at, 0))
+	}
+}
+
+// export is a subject the FM account exports (or another imports), with
+// how many answers a request gets.
+type export struct {
+	subject  string
+	kind     jwt.ExportType
+	response jwt.ResponseType
+}
+
+func service(subject string) export { return export{subject, jwt.Service, jwt.ResponseTypeSingleton} }
+
+// streamed: a service whose request gets many answers (a pull request's
+// messages).
+func streamed(subject string) export { return export{subject, jwt.Service, jwt.ResponseTypeStream} }
+
+func stream(subject string) export { return export{subject, jwt.Stream, ""} }
+
+const (
+	jsAPI         = "$JS.API."
+	outside       = protocol.OutsideJSAPIPrefix + "."
+	kitsStream    = "OBJ_" + protocol.ObjectStoreKits
+	desiredStream = "KV_" + protocol.BucketDesired
+)
+
+// exports are what the FM account offers the others, none overlapping
+// another: the agents' subjects (their requests), read-only JetStream
+// requests, and what FM publishes that others may receive.
+var exports = []export{
+	service("fm.evt.>"), service("fm.log.>"), service("fm.hb.>"), service("fm.renew.>"), service("fm.cmdfrom.>"),
+	service(protocol.KVSubject(protocol.BucketAgents, ">")),
+	service(jsAPI + "INFO"), service(jsAPI + "STREAM.INFO.>"), service(jsAPI + "STREAM.LIST"), service(jsAPI + "STREAM.NAMES"),
+	service(jsAPI + "CONSUMER.INFO.>"), service(jsAPI + "CONSUMER.LIST.>"), service(jsAPI + "CONSUMER.NAMES.>"),
+	service(jsAPI + "DIRECT.GET.>"), service(jsAPI + "STREAM.MSG.GET.>"),
+	streamed(jsAPI + "CONSUMER.MSG.NEXT." + protocol.StreamCommands + ".>"),
+	stream("fm.>"),
+}
+
+// agentImports are what the agents' account takes of the exports; each
+// agent's permissions narrow them to its own instance.
+var agentImports = []export{
+	service("fm.evt.>"), service("fm.log.>"), service("fm.hb.>"), service("fm.renew.>"), service("fm.cmdfrom.>"),
+	service(protocol.KVSubject(protocol.BucketAgents, ">")),
+	service(jsAPI + "DIRECT.GET." + desiredStream + ".>"),
+	service(jsAPI + "CONSUMER.INFO." + protocol.StreamCommands + ".>"),
+	streamed(jsAPI + "CONSUMER.MSG.NEXT." + protocol.StreamCommands + ".>"),
+	service(jsAPI + "STREAM.INFO." + kitsStream),
+	service(jsAPI + "DIRECT.GET." + kitsStream), service(jsAPI + "DIRECT.GET." + kitsStream + ".>"),
+	stream("fm.desired.>"),
+}
+
+// readerImports are what the read-only operators' account takes: looking,
+// with no consumer.
+var readerImports = []export{
+	service(jsAPI + "INFO"), service(jsAPI + "STREAM.INFO.>"), service(jsAPI + "STREAM.LIST"), service(jsAPI + "STREAM.NAMES"),
+	service(jsAPI + "CONSUMER.INFO.>"), service(jsAPI + "CONSUMER.LIST.>"), service(jsAPI + "CONSUMER.NAMES.>"),
+	service(jsAPI + "DIRECT.GET.>"), service(jsAPI + "STREAM.MSG.GET.>"),
+	stream("fm.>"),
+}
+
+func allow(subjects ...string) jwt.Permission { return jwt.Permission{Allow: subjects} }
+
+// AgentPermissions allow an agent exactly what it needs of its own
+// instance, within what its account imports: its subjects (the events an
+// agent sends, logs, heartbeats, renewals, its command consumer's
+// making), its keys (its desired state by direct get, its status), pulling
+// from its command consumer, reading the kit store by direct gets, and its
+// own inbox.
+func AgentPermissions(instance string) jwt.Permissions {
+	commands := protocol.CommandConsumer(instance)
+	var events []string
+	for _, k := range protocol.AgentEventKinds {
+		events = append(events, protocol.EventSubject(instance, k))
+	}
+	return jwt.Permissions{
+		Pub: allow(append(events,
+			protocol.LogSubject(instance, "*"),
+			protocol.HeartbeatSubject(instance),
+			protocol.RenewSubject(instance),
+			protocol.CommandsFromSubject(instance),
+			protocol.KVSubject(protocol.BucketAgents, instance),
+			outside+"DIRECT.GET."+desiredStream+"."+protocol.KVSubject(protocol.BucketDesired, instance),
+			outside+"CONSUMER.MSG.NEXT."+protocol.StreamCommands+"."+commands,
+			outside+"CONSUMER.INFO."+protocol.StreamCommands+"."+commands,
+			outside+"STREAM.INFO."+kitsStream,
+			outside+"DIRECT.GET."+kitsStream,
+			outside+"DIRECT.GET."+kitsStream+".>",
+		)...),
+		Sub: allow(protocol.DesiredSubject(instance), protocol.InboxPrefix(instance)+".>"),
+	}
+}
+
+// ReaderPermissions let a read-only operator look (nats stream ls/info/get,
+// kv get, sub) without changing anything: no publishing on FM's subjects
+// or keys, no consumer (its delivery subject would be FM's), no deleting or
+// purging. Its account imports no more than this either.
+func ReaderPermissions() jwt.Permissions {
+	return jwt.Permissions{
+		Pub: allow(outside+"INFO", outside+"STREAM.INFO.>", outside+"STREAM.LIST", outside+"STREAM.NAMES",
+			outside+"CONSUMER.INFO.>", outside+"CONSUMER.LIST.>", outside+"CONSUMER.NAMES.>",
+			outside+"DIRECT.GET.>", outside+"STREAM.MSG.GET.>"),
+		Sub: allow("_INBOX.>", "fm.>"),
+	}
+}

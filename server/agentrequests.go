@@ -1,0 +1,87 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
+)
+
+// Agents ask the server for a few things by core request and reply on
+// subjects of their own instance (protocol.RenewSubject,
+// protocol.CommandsFromSubject): the subject is the sender's, since only
+// an agent of that instance may publish on it.
+
+// agentPacer paces one kind of agent request: at most one per instance
+// per interval, so that one agent asking over and over holds up neither
+// the others, whose requests the subscription answers in turn, nor the
+// bus. It holds at most one entry per instance.
+type agentPacer struct {
+	interval time.Duration
+	mu       sync.Mutex
+	last     map[string]time.Time
+}
+
+// allow says whether instance may be answered at now, and counts it.
+func (p *agentPacer) allow(instance string, now time.Time) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if prev, seen := p.last[instance]; seen && now.Sub(prev) < p.interval {
+		return false
+	}
+	if p.last == nil {
+		p.last = map[string]time.Time{}
+	}
+	p.last[instance] = now
+	return true
+}
+
+// agentReplyOK says whether an answer for instance may go to reply. NATS
+// does not check the reply subject a client names, and an answer to a
+// subject of FM's own (a bucket's key) would be stored there. An agent of
+// the agents' account asks through the FM account's export, and its reply
+// reaches FM as the "_R_." subject NATS made, which routes the answer back
+// to the agents' account; an agent of the FM account (credentials minted
+// before agents had an account of their own) may only be answered in its
+// own inbox.
+func agentReplyOK(instance, reply string) bool {
+	return strings.HasPrefix(reply, "_R_.") || strings.HasPrefix(reply, protocol.InboxPrefix(instance)+".")
+}
+
+// serveAgentRequests answers, in queue group fm-server, the requests agents
+// send on subject (whose last token is the instance): handle's answer, or
+// failed's with the error (one not a *protocol.Error is internal). The
+// subscription ends with the connection's drain or Unsubscribe.
+func serveAgentRequests[R protocol.Message](s *Server, subject, what string, pace *agentPacer,
+	handle func(ctx context.Context, instance string, data []byte) (R, error), failed func(*protocol.Error) R) (*nats.Subscription, error) {
+	return s.cfg.Conn.QueueSubscribe(subject, "fm-server", func(m *nats.Msg) {
+		instance := protocol.InstanceFromSubject(m.Subject)
+		if !agentReplyOK(instance, m.Reply) {
+			s.log.Warn().Str("instance", safeToken(instance)).Str("request", what).Msg("an agent's request with a reply subject outside its inbox; ignored")
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		var resp R
+		var err error
+		if !pace.allow(instance, time.Now()) {
+			err = protocol.Errorf(protocol.CodeResourceExhausted, "%s asked less than %s ago; ask later", what, pace.interval)
+		} else {
+			resp, err = handle(ctx, instance, m.Data)
+		}
+		if err != nil {
+			var perr *protocol.Error
+			if !errors.As(err, &perr) {
+				perr = protocol.Errorf(protocol.CodeInternal, "%v", err)
+			}
+			resp = failed(perr)
+		}
+		if data, err := protocol.Encode(resp); err == nil {
+			_ = m.Respond(data)
+		}
+	})
+}
