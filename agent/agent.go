@@ -96,7 +96,7 @@ func New(cfg Config) (*Agent, error) {
 	// rotating file on the machine (for diagnosis bundles) and to FM_LOGS.
 	log := cfg.Logger
 	if cfg.LogOutput != nil {
-		log = log.Output(io.MultiWriter(cfg.LogOutput, logFile, sourceWriter{a.ship, "agent"}))
+		log = log.Output(io.MultiWriter(cfg.LogOutput, logFile, sourceWriter{a.ship, protocol.LogSourceAgent}))
 	}
 	a.log = log.With().Str("component", "agent").Str("instance", cfg.Instance).Logger()
 	a.m.log = a.log
@@ -182,7 +182,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.measure,
 		func(ctx context.Context) { a.ship.run(ctx, nc) },
 		func(ctx context.Context) {
-			a.ship.tail(ctx, "dss", a.m.dssLogPath(), filepath.Join(a.m.stateDir, "log-offsets.json"), a.m.openDSSLog)
+			a.ship.tail(ctx, protocol.LogSourceDSS, a.m.dssLogPath(), filepath.Join(a.m.stateDir, "log-offsets.json"), a.m.openDSSLog)
 		},
 	} {
 		wg.Add(1)

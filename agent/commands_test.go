@@ -377,11 +377,11 @@ func TestCollectDiagnosis(t *testing.T) {
 	}
 	res := r.result(r.command(protocol.CommandCollectDiagnosis, nil))
 	var d protocol.DiagnosisResult
-	if err := json.Unmarshal(res.Result, &d); err != nil || !strings.HasPrefix(d.Subject, protocol.LogSubject(r.instance, "diag-"+res.CommandID+"-")) || d.Chunks < 1 {
+	if err := json.Unmarshal(res.Result, &d); err != nil || !strings.HasPrefix(d.Subject, protocol.DiagSubject(r.instance, res.CommandID+"-")) || d.Chunks < 1 {
 		t.Fatalf("%+v %v", res, err)
 	}
-	// The bundle is in chunks on the agent's own log subject.
-	cons, err := r.js.OrderedConsumer(context.Background(), protocol.StreamLogs, jetstream.OrderedConsumerConfig{FilterSubjects: []string{d.Subject}})
+	// The bundle is in chunks on the agent's own diagnosis subject.
+	cons, err := r.js.OrderedConsumer(context.Background(), protocol.StreamDiagnosis, jetstream.OrderedConsumerConfig{FilterSubjects: []string{d.Subject}})
 	if err != nil {
 		t.Fatal(err)
 	}

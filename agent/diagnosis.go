@@ -110,12 +110,13 @@ func (a *Agent) collectDiagnosis(ctx context.Context, commandID string) (protoco
 		return protocol.DiagnosisResult{}, err
 	}
 	// The agent may publish only on its own subjects: the bundle goes in
-	// chunks on its log subject, and the server files it in fm_diagnosis.
+	// chunks on its diagnosis subject, and the server files it in
+	// fm_diagnosis.
 	data := buf.Bytes()
 	sum := sha256.Sum256(data)
 	// A subject of this run's own: a run cut short by a crash left chunks
 	// on its subject, which must not mix with this one's.
-	subject := protocol.LogSubject(a.cfg.Instance, "diag-"+commandID+"-"+protocol.NewID("r"))
+	subject := protocol.DiagSubject(a.cfg.Instance, commandID+"-"+protocol.NewID("r"))
 	chunks := 0
 	for off := 0; off < len(data); off += diagnosisChunk {
 		end := min(off+diagnosisChunk, len(data))

@@ -15,8 +15,8 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// Log shipping bounds: what is held while the bus is away, and the size of
-// one message on FM_LOGS.
+// Log shipping bounds: what is held while the bus is away, and the largest
+// message on FM_LOGS.
 const (
 	maxPendingLogs = 1 << 20
 	maxLogMessage  = 64 << 10
@@ -107,7 +107,7 @@ func (s *logShipper) flush() {
 	s.pending, s.size, s.dropped = nil, 0, 0
 	s.mu.Unlock()
 	if dropped > 0 {
-		pending = append([]logChunk{{source: "agent", data: []byte(`{"level":"warn","message":"` +
+		pending = append([]logChunk{{source: protocol.LogSourceAgent, data: []byte(`{"level":"warn","message":"` +
 			strconv.Itoa(dropped) + ` bytes of logs were dropped while the bus was away"}` + "\n")}}, pending...)
 	}
 	// Coalesce consecutive chunks of a source into messages of bounded size.
@@ -120,11 +120,16 @@ func (s *logShipper) flush() {
 		}
 	}
 	for _, c := range pending {
-		if c.source != source || buf.Len()+len(c.data) > maxLogMessage {
-			send()
-			source = c.source
+		// FM_LOGS refuses larger messages (bus/topology.go).
+		for data := c.data; len(data) > 0; {
+			if c.source != source || buf.Len() == maxLogMessage {
+				send()
+				source = c.source
+			}
+			n := min(len(data), maxLogMessage-buf.Len())
+			buf.Write(data[:n])
+			data = data[n:]
 		}
-		buf.Write(c.data)
 	}
 	send()
 }
@@ -149,7 +154,7 @@ func (s *logShipper) tail(ctx context.Context, source, path, offsetFile string, 
 					off = 0 // truncated or replaced
 				}
 				if st.Size()-off > maxPendingLogs {
-					s.add("agent", []byte(`{"level":"warn","message":"`+strconv.FormatInt(st.Size()-maxPendingLogs-off, 10)+
+					s.add(protocol.LogSourceAgent, []byte(`{"level":"warn","message":"`+strconv.FormatInt(st.Size()-maxPendingLogs-off, 10)+
 						` bytes of the `+source+` log were skipped: it grew by more than the agent holds"}`+"\n"))
 					off = st.Size() - maxPendingLogs
 				}

@@ -280,3 +280,57 @@ func TestConsumersOfAgentReadStreamsGoWhenIdle(t *testing.T) {
 		})
 	}
 }
+
+// TestANoisyInstanceKeepsToItsShare: whatever one instance sends on its
+// own subjects of FM_EVENTS and FM_LOGS drops only its own oldest messages
+// beyond its share (an eighth of each stream), never another instance's;
+// a message larger than the stream takes is refused.
+func TestANoisyInstanceKeepsToItsShare(t *testing.T) {
+	topo := bus.DefaultTopology()
+	events, logs := bus.SharePerInstance()
+	if events > topo.EventsMaxBytes/8 || logs > topo.LogsMaxBytes/8 {
+		t.Fatalf("an instance may hold %d bytes of events and %d of logs: over an eighth of %d and %d", events, logs, topo.EventsMaxBytes, topo.LogsMaxBytes)
+	}
+	srv := bustest.Run(t)
+	js := srv.JetStream(t)
+	for _, c := range []struct {
+		stream       string
+		quiet, noisy string
+		large        int
+	}{
+		{protocol.StreamEvents, protocol.EventSubject("in-quiet", protocol.EventStep), protocol.EventSubject("in-noisy", protocol.EventStep), 300 << 10},
+		{protocol.StreamLogs, protocol.LogSubject("in-quiet", protocol.LogSourceDSS), protocol.LogSubject("in-noisy", protocol.LogSourceDSS), 200 << 10},
+	} {
+		t.Run(c.stream, func(t *testing.T) {
+			for i := range 5 {
+				if _, err := js.Publish(ctx(t), c.quiet, []byte("quiet "+string(rune('0'+i)))); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for range 2000 {
+				if _, err := js.PublishAsync(c.noisy, []byte("noise")); err != nil {
+					t.Fatal(err)
+				}
+			}
+			select {
+			case <-js.PublishAsyncComplete():
+			case <-time.After(30 * time.Second):
+				t.Fatal("the noisy instance's messages were not all acknowledged")
+			}
+			if _, err := js.Publish(ctx(t), c.noisy, make([]byte, c.large)); err == nil {
+				t.Fatalf("a %d-byte message was taken", c.large)
+			}
+			st, err := js.Stream(ctx(t), c.stream)
+			if err != nil {
+				t.Fatal(err)
+			}
+			info, err := st.Info(ctx(t), jetstream.WithSubjectFilter("fm.>"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if q, n := info.State.Subjects[c.quiet], info.State.Subjects[c.noisy]; q != 5 || n >= 2000 || n == 0 {
+				t.Fatalf("the quiet instance holds %d of its 5 messages, the noisy one %d of its 2000", q, n)
+			}
+		})
+	}
+}

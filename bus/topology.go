@@ -117,6 +117,33 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 	}
 }
 
+// What one instance may hold of the streams every instance shares, whatever
+// it sends: each of its subjects keeps at most so many messages of at most
+// so many bytes (what it sends beyond drops its own oldest, and larger
+// messages are refused), so that one noisy or hostile machine holds at most
+// an eighth of each stream (SharePerInstance) and cannot push the others'
+// records out beyond that. The provisioner's events count per subject too.
+const (
+	eventsPerSubject = 128       // per instance and event kind
+	maxEventSize     = 256 << 10 // an agent's event: at most 64 KiB of output, and small fields
+	logsPerSubject   = 512       // per instance and log source
+	maxLogSize       = 128 << 10 // the agent sends at most 64 KiB at once
+	// A diagnosis chunk (256 KiB) and its headers.
+	maxDiagChunkSize = 256<<10 + 4<<10
+)
+
+// SharePerInstance is the most of FM_EVENTS and FM_LOGS (of the default
+// size) one instance holds: events of the kinds an agent sends, logs of
+// every source.
+func SharePerInstance() (events, logs int64) {
+	return int64(len(protocol.AgentEventKinds)) * eventsPerSubject * maxEventSize,
+		int64(len(protocol.LogSources)) * logsPerSubject * maxLogSize
+}
+
+// diagChunksMaxAge is how long a diagnosis chunk that was never filed
+// stays.
+const diagChunksMaxAge = 24 * time.Hour
+
 // idleConsumerLimit is the longest a consumer of a stream agents read may
 // stay idle.
 const idleConsumerLimit = 10 * time.Minute
@@ -144,14 +171,26 @@ func (t Topology) Streams() []jetstream.StreamConfig {
 			Name: protocol.StreamEvents, Description: "progress and results from agents and the provisioner",
 			Subjects: []string{protocol.SubjectAllEvents}, Retention: jetstream.LimitsPolicy,
 			MaxAge: t.EventsMaxAge, MaxBytes: t.EventsMaxBytes, Discard: jetstream.DiscardOld,
+			MaxMsgsPerSubject: eventsPerSubject, MaxMsgSize: maxEventSize,
 			Duplicates: t.DuplicateWindow, Storage: jetstream.FileStorage, Replicas: t.Replicas,
 		},
 		{
 			Name: protocol.StreamLogs, Description: "DSS and agent logs",
 			Subjects: []string{protocol.SubjectAllLogs}, Retention: jetstream.LimitsPolicy,
 			MaxAge: t.LogsMaxAge, MaxBytes: t.LogsMaxBytes, Discard: jetstream.DiscardOld,
+			MaxMsgsPerSubject: logsPerSubject, MaxMsgSize: maxLogSize,
 			Compression: jetstream.S2Compression,
 			Storage:     jetstream.FileStorage, Replicas: t.Replicas,
+		},
+		{
+			// Chunks are filed into fm_diagnosis and dropped within
+			// seconds; what is left (a run cut short) goes in a day. Apart
+			// from FM_LOGS: a bundle is far more than an instance's share
+			// of logs.
+			Name: protocol.StreamDiagnosis, Description: "diagnosis bundles' chunks on their way to fm_diagnosis",
+			Subjects: []string{protocol.SubjectAllDiag}, Retention: jetstream.LimitsPolicy,
+			MaxAge: diagChunksMaxAge, MaxBytes: t.LogsMaxBytes, Discard: jetstream.DiscardOld, MaxMsgSize: maxDiagChunkSize,
+			Duplicates: t.DuplicateWindow, Storage: jetstream.FileStorage, Replicas: t.Replicas,
 		},
 		{
 			Name: protocol.StreamAudit, Description: "audit trail of every change (delete and purge denied)",

@@ -174,7 +174,8 @@ func TestAHostileAgentTouchesNothingButItself(t *testing.T) {
 	}{
 		{"publish B's events", refusedPublish(protocol.EventSubject(b, protocol.EventStep))},
 		{"publish B's heartbeat", refusedPublish(protocol.HeartbeatSubject(b))},
-		{"publish B's logs", refusedPublish(protocol.LogSubject(b, "dss"))},
+		{"publish B's logs", refusedPublish(protocol.LogSubject(b, protocol.LogSourceDSS))},
+		{"publish logs of a source of its own making", refusedPublish(protocol.LogSubject(a, "diag-forever"))},
 		{"write B's agent status", refusedPublish(protocol.KVSubject(protocol.BucketAgents, b))},
 		{"write its own desired state", refusedPublish(protocol.KVSubject(protocol.BucketDesired, a))},
 		{"send a provision request", refusedPublish(protocol.ProvisionSubject(b, protocol.ProvisionDelete))},

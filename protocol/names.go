@@ -29,6 +29,7 @@ const (
 	StreamCommands  = "FM_COMMANDS"  // agent commands, fm.cmd.<instance>.<command id>
 	StreamEvents    = "FM_EVENTS"    // progress and results, fm.evt.<instance>.<kind>
 	StreamLogs      = "FM_LOGS"      // shipped logs, fm.log.<instance>.<source>
+	StreamDiagnosis = "FM_DIAG"      // diagnosis bundles' chunks on their way to fm_diagnosis, fm.diag.<instance>.<run>
 	StreamAudit     = "FM_AUDIT"     // audit trail, fm.audit.<tenant>.<object>
 )
 
@@ -48,6 +49,7 @@ const (
 	prefixCommand   = "fm.cmd."
 	prefixEvent     = "fm.evt."
 	prefixLog       = "fm.log."
+	prefixDiag      = "fm.diag."
 	prefixAudit     = "fm.audit."
 	prefixRenew     = "fm.renew."
 	prefixCmdFrom   = "fm.cmdfrom."
@@ -61,6 +63,7 @@ const (
 	SubjectAllCommands  = prefixCommand + "*.*"
 	SubjectAllEvents    = prefixEvent + "*.*"
 	SubjectAllLogs      = prefixLog + "*.*"
+	SubjectAllDiag      = prefixDiag + "*.*"
 	SubjectAllAudit     = prefixAudit + "*.*"
 	SubjectAllRenew     = prefixRenew + "*"
 	SubjectAllCmdFrom   = prefixCmdFrom + "*"
@@ -112,6 +115,19 @@ func CommandFilter(instance string) string { return prefixCommand + instance + "
 func EventSubject(instance string, kind EventKind) string {
 	return prefixEvent + instance + "." + string(kind)
 }
+
+// Log sources: an agent ships its own log and DSS's, and nothing else.
+const (
+	LogSourceAgent = "agent"
+	LogSourceDSS   = "dss"
+)
+
+// LogSources are every log source.
+var LogSources = []string{LogSourceAgent, LogSourceDSS}
+
+// DiagSubject is the FM_DIAG subject of one run of a collect-diagnosis
+// command (run: the command id, a dash, a run id).
+func DiagSubject(instance, run string) string { return prefixDiag + instance + "." + run }
 
 // LogSubject is the FM_LOGS subject of a log source on an instance.
 func LogSubject(instance, source string) string { return prefixLog + instance + "." + source }

@@ -124,7 +124,7 @@ const (
 // another: the agents' subjects (their requests), read-only JetStream
 // requests, and what FM publishes that others may receive.
 var exports = []export{
-	service("fm.evt.>"), service("fm.log.>"), service("fm.hb.>"), service("fm.renew.>"), service("fm.cmdfrom.>"),
+	service("fm.evt.>"), service("fm.log.>"), service("fm.diag.>"), service("fm.hb.>"), service("fm.renew.>"), service("fm.cmdfrom.>"),
 	service(protocol.KVSubject(protocol.BucketAgents, ">")),
 	service(jsAPI + "INFO"), service(jsAPI + "STREAM.INFO.>"), service(jsAPI + "STREAM.LIST"), service(jsAPI + "STREAM.NAMES"),
 	service(jsAPI + "CONSUMER.INFO.>"), service(jsAPI + "CONSUMER.LIST.>"), service(jsAPI + "CONSUMER.NAMES.>"),
@@ -136,7 +136,7 @@ var exports = []export{
 // agentImports are what the agents' account takes of the exports; each
 // agent's permissions narrow them to its own instance.
 var agentImports = []export{
-	service("fm.evt.>"), service("fm.log.>"), service("fm.hb.>"), service("fm.renew.>"), service("fm.cmdfrom.>"),
+	service("fm.evt.>"), service("fm.log.>"), service("fm.diag.>"), service("fm.hb.>"), service("fm.renew.>"), service("fm.cmdfrom.>"),
 	service(protocol.KVSubject(protocol.BucketAgents, ">")),
 	service(jsAPI + "DIRECT.GET." + desiredStream + ".>"),
 	service(jsAPI + "CONSUMER.INFO." + protocol.StreamCommands + ".>"),
@@ -159,8 +159,8 @@ func allow(subjects ...string) jwt.Permission { return jwt.Permission{Allow: sub
 
 // AgentPermissions allow an agent exactly what it needs of its own
 // instance, within what its account imports: its subjects (the events an
-// agent sends, logs, heartbeats, renewals, its command consumer's
-// making), its keys (its desired state by direct get, its status), pulling
+// agent sends, its logs of each source, diagnosis bundles, heartbeats,
+// renewals, its command consumer's making), its keys (its desired state by direct get, its status), pulling
 // from its command consumer, reading the kit store by direct gets, and its
 // own inbox.
 func AgentPermissions(instance string) jwt.Permissions {
@@ -169,9 +169,12 @@ func AgentPermissions(instance string) jwt.Permissions {
 	for _, k := range protocol.AgentEventKinds {
 		events = append(events, protocol.EventSubject(instance, k))
 	}
+	for _, source := range protocol.LogSources {
+		events = append(events, protocol.LogSubject(instance, source))
+	}
 	return jwt.Permissions{
 		Pub: allow(append(events,
-			protocol.LogSubject(instance, "*"),
+			protocol.DiagSubject(instance, "*"),
 			protocol.HeartbeatSubject(instance),
 			protocol.RenewSubject(instance),
 			protocol.CommandsFromSubject(instance),

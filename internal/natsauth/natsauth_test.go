@@ -209,8 +209,11 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 		if m, err := changes.NextMsg(5 * time.Second); err != nil || !strings.Contains(string(m.Data), "again") {
 			t.Fatalf("its desired state's change: %v", err)
 		}
-		if _, err := js.Publish(ctx, protocol.EventSubject("in-a", protocol.EventStep), []byte("e")); err != nil {
-			t.Fatalf("publish its event: %v", err)
+		for _, subj := range []string{protocol.EventSubject("in-a", protocol.EventStep), protocol.LogSubject("in-a", protocol.LogSourceDSS),
+			protocol.LogSubject("in-a", protocol.LogSourceAgent), protocol.DiagSubject("in-a", "c1-r1")} {
+			if _, err := js.Publish(ctx, subj, []byte("e")); err != nil {
+				t.Fatalf("publish on %s: %v", subj, err)
+			}
 		}
 		if _, err := js.Publish(ctx, protocol.KVSubject(protocol.BucketAgents, "in-a"), []byte("status")); err != nil {
 			t.Fatalf("put its status: %v", err)
@@ -333,7 +336,7 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 	t.Run("another instance's events and heartbeats", func(t *testing.T) {
 		for _, subj := range []string{protocol.EventSubject("in-b", protocol.EventStep), protocol.HeartbeatSubject("in-b"),
 			protocol.EventSubject("in-a", protocol.EventMachine), protocol.EventSubject("in-a", protocol.EventSnapshot),
-			protocol.LogSubject("in-b", "dss"), "$KV.fm_agents.in-b", "$KV.fm_desired.in-a", protocol.ProvisionSubject("in-a", protocol.ProvisionDelete)} {
+			protocol.LogSubject("in-b", "dss"), protocol.LogSubject("in-a", "other"), protocol.DiagSubject("in-b", "c-r"), "$KV.fm_agents.in-b", "$KV.fm_desired.in-a", protocol.ProvisionSubject("in-a", protocol.ProvisionDelete)} {
 			agent.Publish(subj, []byte("forged"))
 			agent.Flush()
 			expectViolation(t, errs, "publish on "+subj)
