@@ -212,7 +212,7 @@ func (a *Agent) answer(ctx context.Context, cmd protocol.Command, res commandRes
 			e.Result = b
 			// A secret goes out sealed when the agent has an instance key.
 			if res.secret && a.box != nil {
-				e.Result, e.SealedResult = nil, a.box.Seal(string(b))
+				e.Result, e.SealedResult = nil, a.box.Seal(string(b), protocol.SealedResultPlace(a.cfg.Instance, cmd.ID))
 			}
 		}
 	}

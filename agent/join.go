@@ -243,7 +243,7 @@ func (a *Agent) openDesired(d *protocol.DesiredState) error {
 	if a.box == nil {
 		return errors.New("the license is sealed, and this agent has no instance key")
 	}
-	lic, err := a.box.Open(d.DSS.SealedLicense)
+	lic, err := a.box.Open(d.DSS.SealedLicense, protocol.SealedLicensePlace(a.cfg.Instance))
 	if err != nil {
 		return fmt.Errorf("the sealed license: %w", err)
 	}
@@ -259,7 +259,7 @@ func (a *Agent) openParams(cmd *protocol.Command) *protocol.Error {
 	if a.box == nil {
 		return protocol.Errorf(protocol.CodeFailedPrecondition, "the command's params are sealed, and this agent has no instance key")
 	}
-	p, err := a.box.Open(cmd.SealedParams)
+	p, err := a.box.Open(cmd.SealedParams, protocol.SealedParamsPlace(cmd.Instance, cmd.ID))
 	if err != nil {
 		return protocol.Errorf(protocol.CodeInvalidArgument, "the command's sealed params: %v", err)
 	}

@@ -222,7 +222,7 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	bus := d.dumpBus(t)
 	noSecretIn(t, "the bus", bus, secrets)
 	// …because they went sealed with the instance key.
-	for _, sealed := range []string{`"sealedLicense":"fmsealed1:`, `"sealedResult":"fmsealed1:`, `"sealedParams":"fmsealed1:`} {
+	for _, sealed := range []string{`"sealedLicense":"fmsealed2:`, `"sealedResult":"fmsealed2:`, `"sealedParams":"fmsealed2:`} {
 		if !strings.Contains(bus, sealed) {
 			t.Errorf("no %s… on the bus", sealed)
 		}

@@ -43,5 +43,8 @@
 //	  expire); an event's kind must be its subject's, and an agent
 //	  may publish only the kinds an agent sends. Commands-from requests and
 //	  responses (FM makes an agent's command consumer: agents are users of
-//	  an account of their own, which cannot make consumers).
+//	  an account of their own, which cannot make consumers). Sealed values
+//	  are bound to their place (the Sealed…Place functions; "fmsealed2:");
+//	  values sealed before ("fmsealed1:") still open. Diagnosis bundles
+//	  travel on their own stream (DiagSubject).
 package protocol

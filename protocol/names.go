@@ -179,3 +179,30 @@ func ValidToken(s string) bool {
 	}
 	return true
 }
+
+// Where a sealed value belongs. A value sealed with an instance's key (or
+// FM's secret key) is bound to its place and opens nowhere else, so the
+// sealing and the opening side name the place the same way.
+
+// SealedParamsPlace is where a command's sealed parameters belong.
+func SealedParamsPlace(instance, commandID string) string {
+	return "command/" + instance + "/" + commandID + "/params"
+}
+
+// SealedResultPlace is where a command's sealed result belongs.
+func SealedResultPlace(instance, commandID string) string {
+	return "command/" + instance + "/" + commandID + "/result"
+}
+
+// SealedLicensePlace is where the sealed DSS license of a desired state
+// belongs.
+func SealedLicensePlace(instance string) string { return "desired/" + instance + "/license" }
+
+// SealedJoinTokenPlace is where the sealed join token of a provision
+// request belongs.
+func SealedJoinTokenPlace(instance string) string { return "provision/" + instance + "/join-token" }
+
+// SealedCloudSecretPlace is where the sealed secret access key of a
+// provision request's cloud identity belongs: the tenant's cloud
+// credentials, the same for every instance.
+const SealedCloudSecretPlace = "provision/cloud/aws-secret-access-key"

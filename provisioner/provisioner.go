@@ -44,7 +44,7 @@ type Config struct {
 	// OpenSecret opens what the server sealed with FM's secret key (a new
 	// machine's join token); nil: a provisioner without the key, which
 	// cannot make machines for a server that seals their tokens.
-	OpenSecret func(sealed string) (string, error)
+	OpenSecret func(sealed, where string) (string, error)
 	Logger     zerolog.Logger
 }
 
@@ -709,7 +709,7 @@ func (p *Provisioner) openJoin(req *protocol.ProvisionRequest) *protocol.Error {
 		return protocol.Errorf(protocol.CodeFailedPrecondition,
 			"the machine's join token is sealed with FM's secret key, which this provisioner does not hold: start fm provisioner with --secret-key-file (the server's DATA/secrets.key)")
 	}
-	token, err := p.cfg.OpenSecret(req.Spec.Join.SealedToken)
+	token, err := p.cfg.OpenSecret(req.Spec.Join.SealedToken, protocol.SealedJoinTokenPlace(req.Instance))
 	if err != nil {
 		return protocol.Errorf(protocol.CodeFailedPrecondition,
 			"the machine's join token does not open with this provisioner's secret key (--secret-key-file must be the server's): %v", err)

@@ -267,7 +267,7 @@ func TestARefusedReprovisionKeepsTheRunningMachinesKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	plain, err := box.Open(cmd.SealedParams)
+	plain, err := box.Open(cmd.SealedParams, protocol.SealedParamsPlace(cmd.Instance, cmd.ID))
 	if err != nil {
 		t.Fatalf("the running machine cannot open what FM seals for it after a refused reprovision: %v", err)
 	}

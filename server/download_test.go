@@ -55,7 +55,7 @@ func TestCloudMachineSpec(t *testing.T) {
 		t.Fatalf("cloud = %+v", c)
 	}
 	box, _ := seal.New(key)
-	if secret, err := box.Open(c.SealedSecretAccessKey); err != nil || secret != "wJalrXUtnFEMI/K7MDENG" {
+	if secret, err := box.Open(c.SealedSecretAccessKey, protocol.SealedCloudSecretPlace); err != nil || secret != "wJalrXUtnFEMI/K7MDENG" {
 		t.Fatalf("sealed secret opens to %q, %v", secret, err)
 	}
 }

@@ -164,14 +164,23 @@ func TestACredentialInClearIsRefusedWhereTheInstanceHasAKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	js := f.env.Bus.JetStream(t)
-	answer := func(kind protocol.CommandKind, result any, sealed bool) {
+	const (
+		inClear = iota
+		sealed
+		sealedForAnotherCommand
+	)
+	answer := func(kind protocol.CommandKind, result any, how int) {
 		t.Helper()
 		data, _ := json.Marshal(result)
 		e := protocol.Event{Instance: in.ID, Kind: protocol.EventCommand, Source: "agent", CommandID: protocol.NewID("sec"),
 			Step: string(kind), Status: protocol.StatusOK}
-		if sealed {
-			e.SealedResult = box.Seal(string(data))
-		} else {
+		switch how {
+		case sealed:
+			e.SealedResult = box.Seal(string(data), protocol.SealedResultPlace(in.ID, e.CommandID))
+		case sealedForAnotherCommand:
+			// A sealed result replayed as another command's.
+			e.SealedResult = box.Seal(string(data), protocol.SealedResultPlace(in.ID, "sec-other"))
+		default:
 			e.Result = data
 		}
 		publishEvent(t, js, e)
@@ -196,12 +205,13 @@ func TestACredentialInClearIsRefusedWhereTheInstanceHasAKey(t *testing.T) {
 			}
 		}
 	}
-	answer(protocol.CommandGetAdminAPIKey, protocol.AdminAPIKeyResult{AdminAPIKey: "sealed-1"}, true)
+	answer(protocol.CommandGetAdminAPIKey, protocol.AdminAPIKeyResult{AdminAPIKey: "sealed-1"}, sealed)
 	waitKey("sealed-1")
-	answer(protocol.CommandGetAdminAPIKey, protocol.AdminAPIKeyResult{AdminAPIKey: "forged-in-clear"}, false)
-	// Folded in order: once the next sealed answer shows, the clear one
-	// before it was folded.
-	answer(protocol.CommandGetInitialPassword, protocol.InitialPasswordResult{Password: "pw"}, true)
+	answer(protocol.CommandGetAdminAPIKey, protocol.AdminAPIKeyResult{AdminAPIKey: "forged-in-clear"}, inClear)
+	answer(protocol.CommandGetAdminAPIKey, protocol.AdminAPIKeyResult{AdminAPIKey: "replayed"}, sealedForAnotherCommand)
+	// Folded in order: once the next sealed answer shows, the ones before
+	// it were folded.
+	answer(protocol.CommandGetInitialPassword, protocol.InitialPasswordResult{Password: "pw"}, sealed)
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		if r := f.do("GET", "/instances/"+in.ID+"/actions/get-initial-password", ""); r.status == 200 {
 			break
@@ -211,6 +221,6 @@ func TestACredentialInClearIsRefusedWhereTheInstanceHasAKey(t *testing.T) {
 		}
 	}
 	if _, got := adminKey(); got != "sealed-1" {
-		t.Fatalf("admin API key %q after a clear answer, want the sealed one", got)
+		t.Fatalf("admin API key %q after a clear and a replayed answer, want the sealed one", got)
 	}
 }

@@ -57,7 +57,7 @@ func (s *Server) newJoinToken(ctx context.Context, instance, request string) (st
 	id, secret := protocol.NewID("jt"), randomToken(40)
 	sum := sha256.Sum256([]byte(secret))
 	key := base64.StdEncoding.EncodeToString(seal.NewKey())
-	rec := joinRecord{Instance: instance, Hash: hex.EncodeToString(sum[:]), Request: request, Key: s.box.Seal(key),
+	rec := joinRecord{Instance: instance, Hash: hex.EncodeToString(sum[:]), Request: request, Key: s.box.Seal(key, joinKeyPlace(id)),
 		Expires: time.Now().Add(s.cfg.Topology.JoinTokenTTL).UTC()}
 	if _, err := s.st.joins.create(ctx, id, rec); err != nil {
 		return "", nil, err
@@ -193,6 +193,9 @@ func (s *Server) tokenCurrent(ctx context.Context, rec joinRecord) bool {
 	return rec.Request == "" || lc.Machine == rec.Request
 }
 
+// joinKeyPlace is where a join record's sealed instance key belongs.
+func joinKeyPlace(tokenID string) string { return protocol.BucketJoins + "/" + tokenID + "/key" }
+
 // safeToken keeps a caller-given id fit for a log or audit field.
 func safeToken(v string) string {
 	if protocol.ValidToken(v) {
@@ -220,7 +223,7 @@ func (s *Server) mintAgent(ctx context.Context, token string, rec joinRecord, pu
 	}
 	key := ""
 	if sealedKey != "" {
-		if key, err = s.box.Open(sealedKey); err != nil {
+		if key, err = s.box.Open(sealedKey, joinKeyPlace(token)); err != nil {
 			return protocol.JoinResponse{}, internal(err, "the machine's instance key could not be opened")
 		}
 	}

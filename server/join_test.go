@@ -68,7 +68,7 @@ func (f *fm) provisionRequest(id string) protocol.ProvisionRequest {
 		if req.Spec.Join.Token != "" || req.Spec.Join.SealedToken == "" {
 			f.t.Fatalf("the join token is not sealed: %+v", req.Spec.Join)
 		}
-		token, err := f.env.OpenSecret(req.Spec.Join.SealedToken)
+		token, err := f.env.OpenSecret(req.Spec.Join.SealedToken, protocol.SealedJoinTokenPlace(req.Instance))
 		if err != nil {
 			f.t.Fatal(err)
 		}

@@ -101,7 +101,7 @@ func (s *Server) commandAction(kind string, cmd protocol.CommandKind) action {
 				// Params may hold a password: the agent gets them sealed
 				// when it has an instance key.
 				if box := s.instanceBox(in.ID); box != nil {
-					c.Params, c.SealedParams = nil, box.Seal(string(p))
+					c.Params, c.SealedParams = nil, box.Seal(string(p), protocol.SealedParamsPlace(in.ID, c.ID))
 				}
 			}
 			data, err := protocol.Encode(&c)
@@ -144,7 +144,7 @@ func (s *Server) cloudAuth() *protocol.CloudAuth {
 		return nil
 	}
 	return &protocol.CloudAuth{Mode: cc.AWSAuthenticationMode, RoleARN: cc.AWSIAMRoleARN, AccessKeyID: cc.AWSAccessKeyID,
-		SealedSecretAccessKey: s.box.Seal(cc.AWSSecretAccessKey)}
+		SealedSecretAccessKey: s.box.Seal(cc.AWSSecretAccessKey, protocol.SealedCloudSecretPlace)}
 }
 
 // instanceAction serves an action of the REST API on an instance.
@@ -479,9 +479,9 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 			return nil, unavailable(err, "the join token could not be stored")
 		}
 		if license != "" {
-			license, sealedLicense = "", box.Seal(license)
+			license, sealedLicense = "", box.Seal(license, protocol.SealedLicensePlace(in.ID))
 		}
-		spec.Join = &protocol.JoinSpec{URL: s.cfg.JoinURL, SealedToken: s.box.Seal(token), CACert: s.cfg.CAPEM}
+		spec.Join = &protocol.JoinSpec{URL: s.cfg.JoinURL, SealedToken: s.box.Seal(token, protocol.SealedJoinTokenPlace(in.ID)), CACert: s.cfg.CAPEM}
 	}
 	actions := make([]protocol.SetupAction, len(tpl.SetupActions))
 	for i, a := range tpl.SetupActions {

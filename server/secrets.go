@@ -72,7 +72,7 @@ func (s *Server) storeSecret(ctx context.Context, e protocol.Event) error {
 				s.log.Warn().Str("instance", e.Instance).Msg("a sealed credential from an agent, but the instance has no key; ignored")
 				return nil
 			}
-			plain, err := box.Open(e.SealedResult)
+			plain, err := box.Open(e.SealedResult, protocol.SealedResultPlace(e.Instance, e.CommandID))
 			if err != nil {
 				s.log.Warn().Err(err).Str("instance", e.Instance).Msg("a credential from an agent does not open with the instance key; ignored")
 				return nil

@@ -202,7 +202,7 @@ func TestSecretsAreSealedInTheBuckets(t *testing.T) {
 			t.Errorf("%s is in a bucket in clear", secret)
 		}
 	}
-	if !strings.Contains(raw, "fmsealed1:") {
+	if !strings.Contains(raw, "fmsealed2:") {
 		t.Fatal("nothing sealed found: the scan read nothing")
 	}
 	// And the server still reads them: a save relying on the stored secret
@@ -213,6 +213,45 @@ func TestSecretsAreSealedInTheBuckets(t *testing.T) {
 	f.env.Restart(t)
 	if r := f.do("GET", "/cloud-credentials", ""); r.status != 200 {
 		t.Fatalf("after a restart: %d %s", r.status, r.body)
+	}
+}
+
+// TestASealedValueMovedToAnotherObjectDoesNotOpen: each sealed field is
+// bound to its bucket, key and field; one copied into another object's
+// record (by someone who can write the bucket) is not read as that
+// object's.
+func TestASealedValueMovedToAnotherObjectDoesNotOpen(t *testing.T) {
+	f := start(t)
+	a := f.createTemplate(`{"label":"a","license":"{\"licensee\": \"LICENSE-OF-A\"}"}`)
+	b := f.createTemplate(`{"label":"b","license":"{\"licensee\": \"LICENSE-OF-B\"}"}`)
+	kv, err := f.env.Bus.JetStream(t).KeyValue(context.Background(), protocol.BucketTemplates)
+	if err != nil {
+		t.Fatal(err)
+	}
+	read := func(id string) map[string]any {
+		e, err := kv.Get(context.Background(), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var doc map[string]any
+		if err := json.Unmarshal(e.Value(), &doc); err != nil {
+			t.Fatal(err)
+		}
+		return doc
+	}
+	docA, docB := read(a.ID), read(b.ID)
+	docB["license"] = docA["license"]
+	if _, err := kv.Put(context.Background(), b.ID, []byte(mustJSON(t, docB))); err != nil {
+		t.Fatal(err)
+	}
+	// A server that starts reads every record afresh.
+	f.env.Restart(t)
+	r := f.do("GET", "/instance-settings-templates/"+b.ID, "")
+	if strings.Contains(string(r.body), "LICENSE-OF-A") {
+		t.Fatalf("a sealed value moved from A opened as B's: %d %s", r.status, r.body)
+	}
+	if r := f.do("GET", "/instance-settings-templates/"+a.ID, ""); !strings.Contains(string(r.body), "LICENSE-OF-A") {
+		t.Fatalf("A after the move: %d %s", r.status, r.body)
 	}
 }
 

@@ -88,18 +88,21 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 		claims:    claims,
 	}
 	// Secrets FM keeps are sealed at rest with the server's key.
-	sealFields(st.templates.table, box, func(t *api.InstanceSettingsTemplate) []*string {
-		return []*string{&t.DataikuAWSSecretAccessKey, &t.License}
+	sealFields(st.templates.table, box, func(t *api.InstanceSettingsTemplate) map[string]*string {
+		return map[string]*string{"dataikuAwsSecretAccessKey": &t.DataikuAWSSecretAccessKey, "license": &t.License}
 	})
-	sealFields(st.instances.table, box, func(in *api.Instance) []*string { return []*string{&in.SSLCertificatePEM} })
-	sealFields(st.settings, box, func(d *settingsDoc) []*string {
+	sealFields(st.instances.table, box, func(in *api.Instance) map[string]*string {
+		return map[string]*string{"sslCertificatePEM": &in.SSLCertificatePEM}
+	})
+	sealFields(st.settings, box, func(d *settingsDoc) map[string]*string {
 		if d.Credentials == nil {
 			return nil
 		}
-		return []*string{&d.Credentials.AWSSecretAccessKey, &d.Credentials.LicenseToken, &d.Credentials.License}
+		return map[string]*string{"credentials.awsSecretAccessKey": &d.Credentials.AWSSecretAccessKey,
+			"credentials.licenseToken": &d.Credentials.LicenseToken, "credentials.license": &d.Credentials.License}
 	})
-	sealFields(st.secrets, box, func(s *instanceSecrets) []*string {
-		return []*string{&s.InitialPassword, &s.AdminAPIKey, &s.InstanceKey}
+	sealFields(st.secrets, box, func(s *instanceSecrets) map[string]*string {
+		return map[string]*string{"initialPassword": &s.InitialPassword, "adminAPIKey": &s.AdminAPIKey, "instanceKey": &s.InstanceKey}
 	})
 	return st, nil
 }

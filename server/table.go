@@ -34,10 +34,10 @@ type table[T any] struct {
 	kv   jetstream.KeyValue
 	kind string
 	log  zerolog.Logger
-	// decode reads a document (json.Unmarshal unless set); encode writes one
-	// (json.Marshal unless set).
-	decode func([]byte, *T) error
-	encode func(T) ([]byte, error)
+	// decode reads the document of a key (json.Unmarshal unless set);
+	// encode writes one (json.Marshal unless set).
+	decode func(key string, b []byte, v *T) error
+	encode func(key string, v T) ([]byte, error)
 
 	// onChange, if set before run, is called with the key of every change
 	// applied after the initial load (outside the lock).
@@ -134,7 +134,7 @@ func (t *table[T]) apply(into map[string]row[T], e jetstream.KeyValueEntry) {
 		return
 	}
 	var v T
-	if err := t.unmarshal(e.Value(), &v); err != nil {
+	if err := t.unmarshal(e.Key(), e.Value(), &v); err != nil {
 		// A document FM cannot read is left in the bucket for an operator to
 		// inspect (nats kv get) rather than dropped.
 		t.log.Error().Err(err).Str("key", e.Key()).Uint64("revision", e.Revision()).Msg("unreadable document skipped")
@@ -232,7 +232,7 @@ func (t *table[T]) changes() <-chan struct{} {
 
 // create stores v under id if id is free; errExists otherwise.
 func (t *table[T]) create(ctx context.Context, id string, v T) (uint64, error) {
-	b, err := t.marshal(v)
+	b, err := t.marshal(id, v)
 	if err != nil {
 		return 0, fmt.Errorf("encode %s %s: %w", t.kind, id, err)
 	}
@@ -250,7 +250,7 @@ func (t *table[T]) create(ctx context.Context, id string, v T) (uint64, error) {
 // update replaces id's value if it is still at revision rev; errConflict
 // otherwise.
 func (t *table[T]) update(ctx context.Context, id string, v T, rev uint64) (uint64, error) {
-	b, err := t.marshal(v)
+	b, err := t.marshal(id, v)
 	if err != nil {
 		return 0, fmt.Errorf("encode %s %s: %w", t.kind, id, err)
 	}
@@ -322,35 +322,39 @@ func (t *table[T]) fetch(ctx context.Context, id string) (T, uint64, error) {
 	if err != nil {
 		return v, 0, fmt.Errorf("get %s %s: %w", t.kind, id, err)
 	}
-	if err := t.unmarshal(e.Value(), &v); err != nil {
+	if err := t.unmarshal(id, e.Value(), &v); err != nil {
 		return v, 0, fmt.Errorf("decode %s %s: %w", t.kind, id, err)
 	}
 	return v, e.Revision(), nil
 }
 
-func (t *table[T]) marshal(v T) ([]byte, error) {
+func (t *table[T]) marshal(key string, v T) ([]byte, error) {
 	if t.encode != nil {
-		return t.encode(v)
+		return t.encode(key, v)
 	}
 	return json.Marshal(v)
 }
 
-// sealFields makes the table store the fields secrets names sealed with box,
-// and open them when it reads. A field found in clear (written before the
-// server sealed it) is read as it is and sealed at the next write.
-func sealFields[T any](t *table[T], box *seal.Box, secrets func(*T) []*string) {
-	t.encode = func(v T) ([]byte, error) {
-		for _, f := range secrets(&v) {
-			*f = box.Seal(*f)
+// sealFields makes the table store the fields secrets names (by field
+// name) sealed with box, each bound to its bucket, key and field, and open
+// them when it reads: a sealed value moved to another key or field does not
+// open. A field found in clear (written before the server sealed it) is
+// read as it is, and sealed at the next write, as is one sealed before
+// values were bound.
+func sealFields[T any](t *table[T], box *seal.Box, secrets func(*T) map[string]*string) {
+	place := func(key, field string) string { return t.kv.Bucket() + "/" + key + "/" + field }
+	t.encode = func(key string, v T) ([]byte, error) {
+		for name, f := range secrets(&v) {
+			*f = box.Seal(*f, place(key, name))
 		}
 		return json.Marshal(v)
 	}
-	t.decode = func(b []byte, v *T) error {
+	t.decode = func(key string, b []byte, v *T) error {
 		if err := json.Unmarshal(b, v); err != nil {
 			return err
 		}
-		for _, f := range secrets(v) {
-			plain, err := box.Open(*f)
+		for name, f := range secrets(v) {
+			plain, err := box.Open(*f, place(key, name))
 			if errors.Is(err, seal.ErrNotSealed) {
 				continue
 			}
@@ -363,9 +367,9 @@ func sealFields[T any](t *table[T], box *seal.Box, secrets func(*T) []*string) {
 	}
 }
 
-func (t *table[T]) unmarshal(b []byte, v *T) error {
+func (t *table[T]) unmarshal(key string, b []byte, v *T) error {
 	if t.decode != nil {
-		return t.decode(b, v)
+		return t.decode(key, b, v)
 	}
 	return json.Unmarshal(b, v)
 }
@@ -377,7 +381,7 @@ func newMessageTable[T any, PT interface {
 	protocol.Message
 }](kv jetstream.KeyValue, kind string, log zerolog.Logger) *table[T] {
 	t := newTable[T](kv, kind, log)
-	t.decode = func(b []byte, v *T) error { return protocol.Decode(b, PT(v)) }
+	t.decode = func(_ string, b []byte, v *T) error { return protocol.Decode(b, PT(v)) }
 	return t
 }
 

@@ -97,7 +97,7 @@ type localFlags struct {
 type ec2Flags struct {
 	region, endpoint, ingress string
 	poll                      time.Duration
-	openSecret                func(string) (string, error) // FM's secret key, if given
+	openSecret                func(sealed, where string) (string, error) // FM's secret key, if given
 }
 
 // newBackend builds the named backend; agentURL is the bus as its machines

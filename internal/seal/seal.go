@@ -1,8 +1,12 @@
 // Package seal encrypts FM's secrets (AES-256-GCM) so that they are never
 // stored, or sent on the bus, in clear: with the server's master key in the
 // KV buckets, with an instance's own key between the server and its agent.
-// A sealed value is a string, "fmsealed1:" and base64 of nonce and
-// ciphertext; an empty value stays empty. Only this module's packages may import it (it is internal).
+// A sealed value is bound to where it belongs (its object and field, named
+// by the caller as associated data): it opens there and nowhere else, so a
+// sealed value moved to another object or field is refused. It is a string,
+// "fmsealed2:" and base64 of nonce and ciphertext; an empty value stays
+// empty. Values sealed before the binding ("fmsealed1:") open anywhere; FM
+// seals them bound when it next writes them. Only this module's packages may import it (it is internal).
 package seal
 
 import (
@@ -18,7 +22,10 @@ import (
 	"github.com/fleetmanager/fm/internal/atomicfile"
 )
 
-const prefix = "fmsealed1:"
+const (
+	prefix   = "fmsealed2:"
+	prefixV1 = "fmsealed1:" // unbound
+)
 
 // ErrNotSealed is returned by Open for a value that is not sealed.
 var ErrNotSealed = errors.New("value is not sealed")
@@ -81,8 +88,9 @@ func LoadKey(path string) ([]byte, error) {
 	return k, nil
 }
 
-// Seal encrypts plain ("" stays "").
-func (b *Box) Seal(plain string) string {
+// Seal seals plain for where it belongs (an object and a field, e.g.
+// "fm_secrets/in-abc/adminAPIKey").
+func (b *Box) Seal(plain, where string) string {
 	if plain == "" {
 		return ""
 	}
@@ -90,29 +98,33 @@ func (b *Box) Seal(plain string) string {
 	if _, err := rand.Read(nonce); err != nil {
 		panic("crypto/rand failed: " + err.Error())
 	}
-	return prefix + base64.RawStdEncoding.EncodeToString(b.aead.Seal(nonce, nonce, []byte(plain), nil))
+	return prefix + base64.RawStdEncoding.EncodeToString(b.aead.Seal(nonce, nonce, []byte(plain), []byte(where)))
 }
 
-// Open decrypts a sealed value ("" stays ""); a value that is not sealed
-// gives ErrNotSealed.
-func (b *Box) Open(sealed string) (string, error) {
+// Open opens a value sealed for where (or sealed unbound, before the
+// binding). A value that is not sealed gives ErrNotSealed.
+func (b *Box) Open(sealed, where string) (string, error) {
 	if sealed == "" {
 		return "", nil
 	}
+	ad := []byte(where)
 	rest, ok := strings.CutPrefix(sealed, prefix)
 	if !ok {
-		return "", ErrNotSealed
+		if rest, ok = strings.CutPrefix(sealed, prefixV1); !ok {
+			return "", ErrNotSealed
+		}
+		ad = nil
 	}
 	raw, err := base64.RawStdEncoding.DecodeString(rest)
 	if err != nil || len(raw) < b.aead.NonceSize() {
 		return "", errors.New("seal: malformed sealed value")
 	}
-	plain, err := b.aead.Open(nil, raw[:b.aead.NonceSize()], raw[b.aead.NonceSize():], nil)
+	plain, err := b.aead.Open(nil, raw[:b.aead.NonceSize()], raw[b.aead.NonceSize():], ad)
 	if err != nil {
-		return "", errors.New("seal: the value does not open with this key")
+		return "", fmt.Errorf("seal: the value does not open with this key for %s", where)
 	}
 	return string(plain), nil
 }
 
 // IsSealed reports whether v is a sealed value.
-func IsSealed(v string) bool { return strings.HasPrefix(v, prefix) }
+func IsSealed(v string) bool { return strings.HasPrefix(v, prefix) || strings.HasPrefix(v, prefixV1) }

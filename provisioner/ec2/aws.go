@@ -85,7 +85,7 @@ type connector func(ctx context.Context, region string, auth *protocol.CloudAuth
 // shared config, instance profile) for FM's own identity, a role assumed
 // with it, or a static key; endpoint, if set, replaces AWS's for every
 // service (moto, an AWS-compatible endpoint).
-func awsConnector(endpoint string, open func(sealed string) (string, error)) connector {
+func awsConnector(endpoint string, open func(sealed, where string) (string, error)) connector {
 	var mu sync.Mutex
 	cache := map[string]clients{}
 	return func(ctx context.Context, region string, auth *protocol.CloudAuth) (clients, error) {
@@ -101,7 +101,7 @@ func awsConnector(endpoint string, open func(sealed string) (string, error)) con
 					"the cloud credentials are a key pair, but this provisioner has no --secret-key-file to open its secret")
 			}
 			var err error
-			if secret, err = open(auth.SealedSecretAccessKey); err != nil || secret == "" {
+			if secret, err = open(auth.SealedSecretAccessKey, protocol.SealedCloudSecretPlace); err != nil || secret == "" {
 				return clients{}, protocol.Errorf(protocol.CodeFailedPrecondition,
 					"the cloud credentials' secret cannot be opened with this provisioner's secret key (is it FM's?)")
 			}

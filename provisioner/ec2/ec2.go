@@ -33,7 +33,7 @@ type Config struct {
 	IngressCIDRs []string
 	// OpenSecret opens the sealed secret of key pair cloud credentials (FM's
 	// secret key); nil refuses them.
-	OpenSecret func(sealed string) (string, error)
+	OpenSecret func(sealed, where string) (string, error)
 	// Poll is how often a waiter looks (default 5s); Timeout bounds each
 	// wait (default 10 minutes).
 	Poll    time.Duration

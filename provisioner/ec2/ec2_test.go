@@ -549,7 +549,7 @@ func TestCloudIdentitiesOnMoto(t *testing.T) {
 	spec.ElasticIP, spec.Network.DNSStrategy = nil, "NONE"
 	for _, auth := range []*protocol.CloudAuth{
 		{Mode: protocol.CloudAuthIAMRole, RoleARN: "arn:aws:iam::123456789012:role/fm-tenant"},
-		{Mode: protocol.CloudAuthKeypair, AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SealedSecretAccessKey: box.Seal("wJalrXUtnFEMI")},
+		{Mode: protocol.CloudAuthKeypair, AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SealedSecretAccessKey: box.Seal("wJalrXUtnFEMI", protocol.SealedCloudSecretPlace)},
 	} {
 		t.Run(auth.Mode, func(t *testing.T) {
 			req := w.request("rq-"+strings.ToLower(auth.Mode), protocol.ProvisionReprovision, spec)
@@ -572,7 +572,7 @@ func TestCloudIdentitiesOnMoto(t *testing.T) {
 	// A secret sealed with another key is refused before any call.
 	req := w.request("rq-wrong-key", protocol.ProvisionReprovision, spec)
 	other, _ := seal.New(seal.NewKey())
-	req.Cloud = &protocol.CloudAuth{Mode: protocol.CloudAuthKeypair, AccessKeyID: "AKIAOTHER", SealedSecretAccessKey: other.Seal("x")}
+	req.Cloud = &protocol.CloudAuth{Mode: protocol.CloudAuthKeypair, AccessKeyID: "AKIAOTHER", SealedSecretAccessKey: other.Seal("x", protocol.SealedCloudSecretPlace)}
 	if _, err := b.Reprovision(context.Background(), req, protocol.MachineState{}); protocol.CodeOf(err) != protocol.CodeFailedPrecondition {
 		t.Fatalf("err = %v", err)
 	}

@@ -162,12 +162,12 @@ func (e *Env) Restart(t testing.TB) {
 	e.start(t)
 }
 
-// OpenSecret opens what the server sealed with FM's secret key, as a
-// provisioner that holds the key does (a new machine's join token).
-func (e *Env) OpenSecret(sealed string) (string, error) {
+// OpenSecret opens what the server sealed with FM's secret key for where,
+// as a provisioner that holds the key does (a new machine's join token).
+func (e *Env) OpenSecret(sealed, where string) (string, error) {
 	box, err := seal.New(e.cfg.SecretKey)
 	if err != nil {
 		return "", err
 	}
-	return box.Open(sealed)
+	return box.Open(sealed, where)
 }
