@@ -193,12 +193,19 @@ func AgentPermissions(instance string) jwt.Permissions {
 // ReaderPermissions let a read-only operator look (nats stream ls/info/get,
 // kv get, sub) without changing anything: no publishing on FM's subjects
 // or keys, no consumer (its delivery subject would be FM's), no deleting or
-// purging. Its account imports no more than this either.
+// purging. Its account imports no more than this either. Diagnosis bundles
+// (env-site.sh, whole logs) are not for it: neither their chunks on the way
+// nor the filed bundles.
 func ReaderPermissions() jwt.Permissions {
+	diag, filed := protocol.StreamDiagnosis, "OBJ_"+protocol.ObjectStoreDiagnosis
 	return jwt.Permissions{
-		Pub: allow(outside+"INFO", outside+"STREAM.INFO.>", outside+"STREAM.LIST", outside+"STREAM.NAMES",
-			outside+"CONSUMER.INFO.>", outside+"CONSUMER.LIST.>", outside+"CONSUMER.NAMES.>",
-			outside+"DIRECT.GET.>", outside+"STREAM.MSG.GET.>"),
-		Sub: allow("_INBOX.>", "fm.>"),
+		Pub: jwt.Permission{
+			Allow: []string{outside + "INFO", outside + "STREAM.INFO.>", outside + "STREAM.LIST", outside + "STREAM.NAMES",
+				outside + "CONSUMER.INFO.>", outside + "CONSUMER.LIST.>", outside + "CONSUMER.NAMES.>",
+				outside + "DIRECT.GET.>", outside + "STREAM.MSG.GET.>"},
+			Deny: []string{outside + "DIRECT.GET." + diag, outside + "DIRECT.GET." + diag + ".>", outside + "STREAM.MSG.GET." + diag,
+				outside + "DIRECT.GET." + filed, outside + "DIRECT.GET." + filed + ".>", outside + "STREAM.MSG.GET." + filed},
+		},
+		Sub: jwt.Permission{Allow: []string{"_INBOX.>", "fm.>"}, Deny: []string{protocol.DiagSubject("*", "*")}},
 	}
 }

@@ -468,6 +468,30 @@ func TestReadOnlyOperator(t *testing.T) {
 		}
 		expectViolation(t, errs, "publish a provision request")
 	})
+	t.Run("reads no diagnosis bundle", func(t *testing.T) {
+		all, err := ro.SubscribeSync("fm.>")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ro.Flush()
+		ajs.Publish(ctx, protocol.DiagSubject("in-a", "c-r"), []byte("env-site.sh with a proxy password"))
+		admin.Publish(protocol.HeartbeatSubject("in-a"), []byte("after the chunk"))
+		if m, err := all.NextMsg(5 * time.Second); err != nil || m.Subject != protocol.HeartbeatSubject("in-a") {
+			t.Fatalf("a subscription to fm.> got %v (%v), want the heartbeat after the chunk", m, err)
+		}
+		for _, subj := range []string{"$JS.API.DIRECT.GET." + protocol.StreamDiagnosis, "$JS.API.STREAM.MSG.GET." + protocol.StreamDiagnosis,
+			"$JS.API.DIRECT.GET.OBJ_" + protocol.ObjectStoreDiagnosis, "$JS.API.STREAM.MSG.GET.OBJ_" + protocol.ObjectStoreDiagnosis} {
+			if m, err := ro.Request(subj, []byte(`{"seq":1}`), time.Second); err == nil && strings.Contains(string(m.Data), "password") {
+				t.Fatalf("%s gave a bundle's chunk", subj)
+			}
+			expectViolation(t, errs, subj)
+		}
+		if _, err := ro.SubscribeSync(protocol.DiagSubject("in-a", "*")); err != nil {
+			t.Fatal(err)
+		}
+		ro.Flush()
+		expectViolation(t, errs, "subscribe to diagnosis chunks")
+	})
 	t.Run("sends nothing into FM's keys", func(t *testing.T) {
 		// An answer of its own choosing (the event an agent crafted),
 		// addressed to a key: it lands in the readers' account.
