@@ -1,19 +1,33 @@
 package e2e
 
 import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
+	"io/fs"
+	"math/big"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/fleetmanager/fm/internal/cmdline"
+	"github.com/fleetmanager/fm/protocol"
 )
 
 // startDevFast starts fm dev with 1-second heartbeats, and stops every
@@ -212,8 +226,19 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	if code != 200 || diag["object"] != id+"/"+fmt.Sprint(f["jobId"])+"-cmd.tar.gz" {
 		t.Fatalf("collect-diagnosis: %d %v", code, res)
 	}
+	// A custom certificate, with its private key (kept sealed, given to
+	// no viewer).
+	certPEM, keyLine := selfSignedPEM(t)
+	var in map[string]any
+	py.Do(t, "GET", "/instances/"+id, "", &in)
+	in["sslCertificatePEM"] = certPEM
+	if code := py.Do(t, "PUT", "/instances/"+id, mustMarshal(t, in), nil); code != 200 {
+		t.Fatalf("a custom certificate: %d", code)
+	}
 	secrets := map[string]string{"initial password": strings.TrimPrefix(strings.TrimSpace(pw), "admin: "),
-		"DSS admin API key": key.AdminAPIKey, "reset password": "Fresh-passw0rd", "license": licenseMark}
+		"DSS admin API key": key.AdminAPIKey, "reset password": "Fresh-passw0rd", "license": licenseMark,
+		"certificate's private key": keyLine}
+	noSecretIn(t, "the diagnosis bundle", diagnosisBundle(t, d, fmt.Sprint(diag["object"])), secrets)
 	agentLog, err := os.ReadFile(filepath.Join(data, "local", "machines", id, "root", "var", "lib", "fm-agent", "agent.log"))
 	if err != nil {
 		t.Fatal(err)
@@ -259,6 +284,100 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	secrets["FM admin key secret"] = admin.Secret
 	noSecretIn(t, "the bus", d.dumpBus(t), secrets)
 	noSecretIn(t, "fm dev's log", d.proc.Stdout()+d.proc.Stderr(), secrets)
+	// Nor anywhere in FM's data folder, file by file, but for the admin
+	// key FM writes there for its operator, and the machines' disks (the
+	// local backend keeps them there).
+	delete(secrets, "FM admin key secret")
+	noSecretInFolder(t, data, secrets, filepath.Join(data, "local", "machines"), filepath.Join(data, "local", "volumes"))
+}
+
+// selfSignedPEM is a certificate and its private key, PEM, and the first
+// line of the key's body (what a leak of the key would show).
+func selfSignedPEM(t *testing.T) (string, string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "dss.example.com"},
+		DNSNames: []string{"dss.example.com"}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyPEM := string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}))
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})) + keyPEM, strings.Split(keyPEM, "\n")[1]
+}
+
+// diagnosisBundle is the text of every file of a bundle in fm_diagnosis.
+func diagnosisBundle(t *testing.T, d *devEnv, object string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	obs, err := d.jetStream(t).ObjectStore(ctx, protocol.ObjectStoreDiagnosis)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := obs.GetBytes(ctx, object)
+	if err != nil {
+		t.Fatalf("the bundle %s: %v", object, err)
+	}
+	gz, err := gzip.NewReader(bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var all strings.Builder
+	tr := tar.NewReader(gz)
+	for {
+		_, err := tr.Next()
+		if err == io.EOF {
+			return all.String()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.Copy(&all, tr); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// noSecretInFolder checks every file under dir but those under skip.
+func noSecretInFolder(t *testing.T, dir string, secrets map[string]string, skip ...string) {
+	t.Helper()
+	files, size := 0, 0
+	err := filepath.WalkDir(dir, func(path string, e fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if e.IsDir() && slices.Contains(skip, path) {
+			return filepath.SkipDir
+		}
+		if !e.Type().IsRegular() {
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		files, size = files+1, size+len(b)
+		for name, v := range secrets {
+			if bytes.Contains(b, []byte(v)) {
+				t.Errorf("the %s is in clear in %s", name, path)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if files < 10 || size < 100_000 {
+		t.Fatalf("the data folder holds %d files, %d bytes: the scan read nothing", files, size)
+	}
 }
 
 // noSecretIn fails the test for each secret found in text.

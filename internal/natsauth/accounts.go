@@ -67,11 +67,13 @@ func (a *Authority) agentsAccountJWT(revocations map[string]int64) (string, erro
 	return ac.Encode(a.operator)
 }
 
-func (a *Authority) readersAccountJWT(revocations map[string]int64) (string, error) {
+// readersAccountJWT takes no revocations: FM keeps only agents' (a
+// read-only operator's credentials are not revoked; they expire, those of
+// fm nats-creds after 30 days by default).
+func (a *Authority) readersAccountJWT(map[string]int64) (string, error) {
 	ac := jwt.NewAccountClaims(a.readersPub)
 	ac.Name = "READERS"
 	a.importAll(ac, readerImports)
-	revoke(ac, revocations)
 	return ac.Encode(a.operator)
 }
 

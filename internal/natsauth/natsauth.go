@@ -269,9 +269,9 @@ func userJWT(issuer nkeys.KeyPair, issuerAccount, name, pub string, perms jwt.Pe
 
 // Push sends the accounts' JWTs, with revocations, to the servers through
 // a connection of the system account, and waits for each answer. Every
-// revocation goes in the FM account and the agents': an agent's key may
-// have credentials of both (the FM account's, minted before agents had an
-// account of their own, until they are renewed).
+// revocation (of an agent's key) goes in the FM account and the agents':
+// an agent's key may have credentials of both (the FM account's, minted
+// before agents had an account of their own, until they are renewed).
 func (a *Authority) Push(ctx context.Context, sys *nats.Conn, revocations map[string]int64) error {
 	for _, acc := range a.accounts() {
 		claims, err := acc.claims(revocations)
