@@ -86,9 +86,23 @@ func (w *desiredWatch) offer(data []byte, rev uint64, deleted bool) {
 	}
 }
 
+// ownKey says whether msg is a value of the instance's key of fm_desired.
+// Every agent's answers come back to the agents' account, and an agent may
+// name another's subject as its reply (NATS does not check a reply): an
+// answer of JetStream's to another agent (its own desired state, a publish
+// acknowledgement) would land on this subscription. What is not this key
+// is dropped without a word, an event or a change of revision, so that
+// another agent cannot fill this one's records through it.
+func (w *desiredWatch) ownKey(msg *nats.Msg) bool {
+	return msg.Header.Get("Nats-Subject") == protocol.KVSubject(protocol.BucketDesired, w.instance)
+}
+
 // subscribe receives republished changes until the connection closes.
 func (w *desiredWatch) subscribe() (*nats.Subscription, error) {
 	return w.nc.Subscribe(protocol.DesiredSubject(w.instance), func(msg *nats.Msg) {
+		if !w.ownKey(msg) {
+			return
+		}
 		rev, _ := strconv.ParseUint(msg.Header.Get("Nats-Sequence"), 10, 64)
 		op := msg.Header.Get("KV-Operation")
 		w.offer(msg.Data, rev, op == "DEL" || op == "PURGE")
@@ -107,6 +121,9 @@ func (w *desiredWatch) fetch(ctx context.Context) error {
 	}
 	switch msg.Header.Get("Status") {
 	case "":
+		if !w.ownKey(msg) {
+			return fmt.Errorf("read desired state: the answer is not the instance's key (%q)", msg.Header.Get("Nats-Subject"))
+		}
 	case "404":
 		return nil // no desired state yet
 	default:

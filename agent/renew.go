@@ -211,10 +211,10 @@ func renewedCreds(resp protocol.RenewResponse, seed []byte) ([]byte, error) {
 // renewExpired renews, over HTTP, credentials that expired or nearly (the
 // machine was off): with them the bus cannot be reached. It tries until ctx
 // ends. Credentials of the FM account (minted before agents had an account
-// of their own) are renewed too, into the agents' account, before the
-// agent first connects: its account, and so its JetStream prefix, never
-// changes while it runs. Credentials that neither expire nor need moving,
-// or an agent that did not join, need nothing.
+// of their own, where a user may have JetStream answer into FM's keys) are
+// revoked: they are renewed the same way, into the agents' account.
+// Credentials that neither expire nor were revoked so, or an agent that
+// did not join, need nothing.
 func (a *Agent) renewExpired(ctx context.Context, tlsConf *tls.Config) error {
 	if a.currentCreds() == nil || a.cfg.Join == nil {
 		return nil
@@ -230,14 +230,9 @@ func (a *Agent) renewExpired(ctx context.Context, tlsConf *tls.Config) error {
 	backoff := time.Second
 	for {
 		creds, err := a.renewOverHTTP(ctx, tlsConf)
-		switch {
-		case err == nil:
+		if err == nil {
 			a.log.Info().Bool("moved_to_agents_account", move).Msg("credentials renewed at the join endpoint")
 			return a.keepCreds(creds)
-		case move && errors.Is(err, errRenewRefused) && (expires.IsZero() || !nearlyExpired(issued, expires)):
-			// Still good where they are: the agent runs with them.
-			a.log.Warn().Err(err).Msg("credentials of the FM account not moved to the agents' account")
-			return nil
 		}
 		a.log.Warn().Err(err).Dur("retry_in", backoff).Msg("credentials not renewed yet")
 		select {

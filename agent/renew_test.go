@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -94,9 +95,9 @@ func TestARenewalKeepsTheMachineKey(t *testing.T) {
 
 // TestCredentialsOfTheFMAccountMoveToTheAgentsAccount: a machine that
 // joined before agents had a NATS account of their own holds credentials
-// of the FM account (no agents' tag); the agent renews them at the join
-// endpoint before it first connects, and keeps the renewed ones. Refused,
-// it runs with those it has.
+// of the FM account (no agents' tag), which FM revoked; the agent renews
+// them at the join endpoint before it first connects, and keeps the
+// renewed ones. Refused, it keeps asking (as for expired credentials).
 func TestCredentialsOfTheFMAccountMoveToTheAgentsAccount(t *testing.T) {
 	auth, err := natsauth.Open(t.TempDir())
 	if err != nil {
@@ -138,9 +139,19 @@ func TestCredentialsOfTheFMAccountMoveToTheAgentsAccount(t *testing.T) {
 			if err := os.WriteFile(a.m.identityPath(), []byte(`{"credentials":"old"}`), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			timeout := 30 * time.Second
+			if c.refuse {
+				timeout = 2500 * time.Millisecond
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), timeout)
 			defer cancel()
-			if err := a.renewExpired(ctx, nil); err != nil {
+			err := a.renewExpired(ctx, nil)
+			if c.refuse {
+				if !errors.Is(err, context.DeadlineExceeded) || asked < 2 {
+					t.Fatalf("a refused move: %v after %d requests, want it asked until the context ended", err, asked)
+				}
+				asked = 1
+			} else if err != nil {
 				t.Fatal(err)
 			}
 			if asked != 1 || inAgentsAccount(a.currentCreds()) != c.moved {
@@ -152,7 +163,7 @@ func TestCredentialsOfTheFMAccountMoveToTheAgentsAccount(t *testing.T) {
 			}
 			// Once moved, nothing more to do.
 			if c.moved {
-				if err := a.renewExpired(ctx, nil); err != nil || asked != 1 {
+				if err := a.renewExpired(context.Background(), nil); err != nil || asked != 1 {
 					t.Fatalf("moved credentials renewed again: %v, asked %d times", err, asked)
 				}
 			}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"math/big"
 	"sync"
 	"time"
@@ -205,7 +207,7 @@ func (r *reporter) flush(ctx context.Context) bool {
 }
 
 func (r *reporter) publish(ctx context.Context, e protocol.Event) error {
-	data, err := protocol.Encode(&e)
+	data, err := encodeEvent(e)
 	if err != nil {
 		r.log.Error().Err(err).Str("step", e.Step).Msg("an event could not be encoded; dropped")
 		return nil
@@ -213,7 +215,34 @@ func (r *reporter) publish(ctx context.Context, e protocol.Event) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	_, err = r.js.Publish(ctx, protocol.EventSubject(r.instance, e.Kind), data, jetstream.WithMsgID(e.ID))
+	if errors.Is(err, jetstream.ErrStreamMessageExceedsMaximum) {
+		// Refused for good: holding it would hold every event after it.
+		r.log.Error().Err(err).Str("step", e.Step).Int("bytes", len(data)).Msg("an event larger than FM_EVENTS takes; dropped")
+		return nil
+	}
 	return err
+}
+
+// encodeEvent encodes e within protocol.MaxEventBytes (less room for the
+// headers), cutting its output from the front (its end says most) and
+// then its message: escaping in JSON may make 64 KiB of output six times
+// as long.
+func encodeEvent(e protocol.Event) ([]byte, error) {
+	const room = protocol.MaxEventBytes - 4<<10
+	for {
+		data, err := protocol.Encode(&e)
+		if err != nil || len(data) <= room {
+			return data, err
+		}
+		switch {
+		case len(e.Output) > 256:
+			e.Output = "[…cut…]\n" + e.Output[len(e.Output)/2:]
+		case len(e.Message) > 1<<10:
+			e.Message = e.Message[:1<<10] + "[…cut…]"
+		default:
+			return nil, fmt.Errorf("the event is %d bytes, over the %d FM_EVENTS takes", len(data), room)
+		}
+	}
 }
 
 func (r *reporter) putStatus(ctx context.Context, st protocol.AgentStatus) error {

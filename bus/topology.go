@@ -124,8 +124,8 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 // an eighth of each stream (SharePerInstance) and cannot push the others'
 // records out beyond that. The provisioner's events count per subject too.
 const (
-	eventsPerSubject = 128       // per instance and event kind
-	maxEventSize     = 256 << 10 // an agent's event: at most 64 KiB of output, and small fields
+	eventsPerSubject = 128 // per instance and event kind
+	maxEventSize     = protocol.MaxEventBytes
 	logsPerSubject   = 512       // per instance and log source
 	maxLogSize       = 128 << 10 // the agent sends at most 64 KiB at once
 	// A diagnosis chunk (256 KiB) and its headers.
@@ -162,9 +162,8 @@ func (t Topology) Streams() []jetstream.StreamConfig {
 			Subjects: []string{protocol.SubjectAllCommands}, Retention: jetstream.LimitsPolicy,
 			MaxAge: t.CommandsMaxAge, Duplicates: t.DuplicateWindow,
 			Storage: jetstream.FileStorage, Replicas: t.Replicas,
-			// Every consumer, durable ones too, goes once idle: what an
-			// agent makes here (one, by its credentials) does not outlive
-			// its use.
+			// Every consumer, durable ones too, goes once idle: the one the
+			// server makes for an agent does not outlive its use.
 			ConsumerLimits: jetstream.StreamConsumerLimits{InactiveThreshold: idleConsumerLimit},
 		},
 		{
@@ -238,7 +237,8 @@ func (t Topology) Declare(ctx context.Context, js jetstream.JetStream) error {
 			return fmt.Errorf("declare object store %s: %w", cfg.Bucket, err)
 		}
 	}
-	// Agents read kits through consumers they make: none outlives its use.
+	// Those who read kits through consumers (the server checking one whole)
+	// leave none behind for long.
 	if err := limitIdleConsumers(ctx, js, "OBJ_"+protocol.ObjectStoreKits); err != nil {
 		return fmt.Errorf("declare object store %s: %w", protocol.ObjectStoreKits, err)
 	}

@@ -129,6 +129,11 @@ var LogSources = []string{LogSourceAgent, LogSourceDSS}
 // command (run: the command id, a dash, a run id).
 func DiagSubject(instance, run string) string { return prefixDiag + instance + "." + run }
 
+// MaxEventBytes is the largest encoded event FM_EVENTS takes (with its
+// headers); a larger one is refused. Senders shorten an event's output to
+// fit.
+const MaxEventBytes = 256 << 10
+
 // LogSubject is the FM_LOGS subject of a log source on an instance.
 func LogSubject(instance, source string) string { return prefixLog + instance + "." + source }
 

@@ -19,11 +19,13 @@ import (
 // agentPacer paces one kind of agent request: at most one per instance
 // per interval, so that one agent asking over and over holds up neither
 // the others, whose requests the subscription answers in turn, nor the
-// bus. It holds at most one entry per instance.
+// bus, nor the server's log. It holds one entry per instance that asked
+// within the last interval or so (older ones are swept as it grows).
 type agentPacer struct {
 	interval time.Duration
 	mu       sync.Mutex
 	last     map[string]time.Time
+	added    int // entries added since the last sweep
 }
 
 // allow says whether instance may be answered at now, and counts it.
@@ -35,6 +37,15 @@ func (p *agentPacer) allow(instance string, now time.Time) bool {
 	}
 	if p.last == nil {
 		p.last = map[string]time.Time{}
+	}
+	if p.added++; p.added > len(p.last) && p.added > 64 {
+		// Amortized: a sweep after as many additions as entries.
+		for id, at := range p.last {
+			if now.Sub(at) >= p.interval {
+				delete(p.last, id)
+			}
+		}
+		p.added = 0
 	}
 	p.last[instance] = now
 	return true
@@ -60,15 +71,18 @@ func serveAgentRequests[R protocol.Message](s *Server, subject, what string, pac
 	handle func(ctx context.Context, instance string, data []byte) (R, error), failed func(*protocol.Error) R) (*nats.Subscription, error) {
 	return s.cfg.Conn.QueueSubscribe(subject, "fm-server", func(m *nats.Msg) {
 		instance := protocol.InstanceFromSubject(m.Subject)
+		allowed := pace.allow(instance, time.Now())
 		if !agentReplyOK(instance, m.Reply) {
-			s.log.Warn().Str("instance", safeToken(instance)).Str("request", what).Msg("an agent's request with a reply subject outside its inbox; ignored")
+			if allowed { // logged at the pace of answers
+				s.log.Warn().Str("instance", safeToken(instance)).Str("request", what).Msg("an agent's request with a reply subject outside its inbox; ignored")
+			}
 			return
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		var resp R
 		var err error
-		if !pace.allow(instance, time.Now()) {
+		if !allowed {
 			err = protocol.Errorf(protocol.CodeResourceExhausted, "%s asked less than %s ago; ask later", what, pace.interval)
 		} else {
 			resp, err = handle(ctx, instance, m.Data)

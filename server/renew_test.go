@@ -84,11 +84,23 @@ func renewRequest(t *testing.T, instance string, kp nkeys.KeyPair, at time.Time)
 // and returns the answer.
 func (f *fm) renewOnBus(subject string, req protocol.RenewRequest) protocol.RenewResponse {
 	f.t.Helper()
-	data, err := protocol.Encode(&req)
+	var resp protocol.RenewResponse
+	reply := protocol.InboxPrefix(protocol.InstanceFromSubject(subject)) + "." + protocol.NewID("r")
+	if !f.askAsAgent(subject, reply, &req, &resp, 10*time.Second) {
+		f.t.Fatal("no answer to the renew request")
+	}
+	return resp
+}
+
+// askAsAgent sends req on subject with reply as its reply subject, as an
+// agent does, and decodes the answer into resp; false if none came within
+// wait.
+func (f *fm) askAsAgent(subject, reply string, req, resp protocol.Message, wait time.Duration) bool {
+	f.t.Helper()
+	data, err := protocol.Encode(req)
 	if err != nil {
 		f.t.Fatal(err)
 	}
-	reply := protocol.InboxPrefix(protocol.InstanceFromSubject(subject)) + "." + protocol.NewID("r")
 	sub, err := f.env.Conn.SubscribeSync(reply)
 	if err != nil {
 		f.t.Fatal(err)
@@ -97,15 +109,14 @@ func (f *fm) renewOnBus(subject string, req protocol.RenewRequest) protocol.Rene
 	if err := f.env.Conn.PublishRequest(subject, reply, data); err != nil {
 		f.t.Fatal(err)
 	}
-	msg, err := sub.NextMsg(10 * time.Second)
+	msg, err := sub.NextMsg(wait)
 	if err != nil {
+		return false
+	}
+	if err := protocol.Decode(msg.Data, resp); err != nil {
 		f.t.Fatal(err)
 	}
-	var resp protocol.RenewResponse
-	if err := protocol.Decode(msg.Data, &resp); err != nil {
-		f.t.Fatal(err)
-	}
-	return resp
+	return true
 }
 
 func claimsOf(t *testing.T, tok string) *jwt.UserClaims {

@@ -85,18 +85,21 @@ func (s *security) scheme() string {
 
 // operatorCreds makes sure dir/nats-<role>.creds holds NATS credentials for
 // an operator (role readonly or admin), for the NATS CLI, and returns its
-// path. An existing file is kept, but for read-only credentials of the FM
-// account (minted before read-only operators had an account of their own:
-// with them, JetStream's answers could be sent into FM's keys).
+// path. An existing file is kept unless its credentials were revoked when
+// agents and read-only operators got NATS accounts of their own (with
+// those, JetStream's answers could be sent into FM's keys).
 func (s *security) operatorCreds(dir, role string) (string, error) {
 	path := filepath.Join(dir, "nats-"+role+".creds")
-	if b, err := os.ReadFile(path); err == nil && (role != "readonly" || s.authority.IsReaderCreds(b)) {
+	if b, err := os.ReadFile(path); err == nil && s.authority.CredsCurrent(b) && (role != "readonly" || s.authority.IsReaderCreds(b)) {
 		return path, nil
 	}
-	creds, _, err := s.authority.Creds("operator-"+role, jwt.Permissions{}, time.Time{}) // admin: everything
+	mint := func() ([]byte, string, error) {
+		return s.authority.Creds("operator-"+role, jwt.Permissions{}, time.Time{})
+	} // admin: everything
 	if role == "readonly" {
-		creds, _, err = s.authority.ReaderCreds("operator-"+role, time.Time{})
+		mint = func() ([]byte, string, error) { return s.authority.ReaderCreds("operator-"+role, time.Time{}) }
 	}
+	creds, _, err := mint()
 	if err != nil {
 		return "", err
 	}

@@ -56,6 +56,11 @@ func (a *Authority) fmAccountJWT(revocations map[string]int64) (string, error) {
 		ac.Exports.Add(&jwt.Export{Name: e.subject, Subject: jwt.Subject(e.subject), Type: e.kind, ResponseType: e.response})
 	}
 	revoke(ac, revocations)
+	// Every user of this account minted before agents and readers had
+	// accounts of their own: agents' and read-only operators' credentials
+	// of then reach JetStream's answers from inside this account. FM's own
+	// roles are minted at each start, after.
+	ac.RevokeAt(jwt.All, a.split.Add(-time.Second))
 	return ac.Encode(a.operator)
 }
 
@@ -193,21 +198,25 @@ func AgentPermissions(instance string) jwt.Permissions {
 }
 
 // ReaderPermissions let a read-only operator look (nats stream ls/info/get,
-// kv get, sub) without changing anything: no publishing on FM's subjects
-// or keys, no consumer (its delivery subject would be FM's), no deleting or
-// purging. Its account imports no more than this either. Diagnosis bundles
-// (env-site.sh, whole logs) are not for it: neither their chunks on the way
-// nor the filed bundles.
+// kv get, sub) without changing anything: what its account imports (no
+// publishing on FM's subjects or keys, no consumer, since its delivery
+// subject would be FM's, no deleting or purging), less diagnosis bundles
+// (env-site.sh, whole logs): neither their chunks on the way nor the filed
+// bundles, which the account's import of every direct get would reach.
 func ReaderPermissions() jwt.Permissions {
+	var pub, sub []string
+	for _, i := range readerImports {
+		if rest, ok := strings.CutPrefix(i.subject, jsAPI); ok {
+			pub = append(pub, outside+rest)
+		} else if i.kind == jwt.Stream {
+			sub = append(sub, i.subject)
+		}
+	}
 	diag, filed := protocol.StreamDiagnosis, "OBJ_"+protocol.ObjectStoreDiagnosis
 	return jwt.Permissions{
-		Pub: jwt.Permission{
-			Allow: []string{outside + "INFO", outside + "STREAM.INFO.>", outside + "STREAM.LIST", outside + "STREAM.NAMES",
-				outside + "CONSUMER.INFO.>", outside + "CONSUMER.LIST.>", outside + "CONSUMER.NAMES.>",
-				outside + "DIRECT.GET.>", outside + "STREAM.MSG.GET.>"},
+		Pub: jwt.Permission{Allow: pub,
 			Deny: []string{outside + "DIRECT.GET." + diag, outside + "DIRECT.GET." + diag + ".>", outside + "STREAM.MSG.GET." + diag,
-				outside + "DIRECT.GET." + filed, outside + "DIRECT.GET." + filed + ".>", outside + "STREAM.MSG.GET." + filed},
-		},
-		Sub: jwt.Permission{Allow: []string{"_INBOX.>", "fm.>"}, Deny: []string{protocol.DiagSubject("*", "*")}},
+				outside + "DIRECT.GET." + filed, outside + "DIRECT.GET." + filed + ".>", outside + "STREAM.MSG.GET." + filed}},
+		Sub: jwt.Permission{Allow: append(sub, "_INBOX.>"), Deny: []string{protocol.DiagSubject("*", "*")}},
 	}
 }

@@ -1,11 +1,14 @@
 // Package natsauth holds FM's NATS identities in operator mode (JWT): an
-// operator, the FM account (with JetStream) and the system account, whose
-// keys FM creates on first start and keeps in a folder (mode 0600). It mints
-// user credentials for the server, the provisioner, operators and each
-// agent, the agent's permissions allowing its own subjects and nothing else;
-// it configures an embedded nats-server to trust them, and pushes account
-// updates (revocations) through the system account, as a NATS cluster with
-// the full resolver takes them.
+// operator, the FM account (with JetStream; FM's roles and admin
+// operators), the agents' and the read-only operators' accounts (no
+// JetStream; what they may reach of the FM account is exported to them:
+// accounts.go) and the system account, whose keys FM creates on first
+// start and keeps in a folder (mode 0600). It mints user credentials for
+// the server, the provisioner, operators and each agent, the agent's
+// permissions allowing its own subjects and nothing else; it configures an
+// embedded nats-server to trust them, and pushes account updates
+// (revocations) through the system account, as a NATS cluster with the
+// full resolver takes them.
 //
 // cmd/fm and server import it; it imports no FM role.
 package natsauth
@@ -41,6 +44,7 @@ type Authority struct {
 	systemPub, signingPub     string
 	agentsPub, readersPub     string
 	operatorJWT, systemJWT    string
+	split                     time.Time
 }
 
 // seeds is the keys file. Agents and Readers were added with the accounts
@@ -52,6 +56,9 @@ type seeds struct {
 	Signing  string `json:"signing"`
 	Agents   string `json:"agents,omitempty"`
 	Readers  string `json:"readers,omitempty"`
+	// Split is when agents and readers got accounts of their own (unix
+	// time): every FM account user minted before is revoked.
+	Split int64 `json:"split,omitempty"`
 }
 
 // Open loads the authority kept in dir, creating it (or the keys it lacks)
@@ -77,7 +84,7 @@ func Open(dir string) (*Authority, error) {
 			return nil, fmt.Errorf("natsauth: %w", err)
 		}
 	}
-	a := &Authority{dir: dir}
+	a := &Authority{dir: dir, split: time.Unix(s.Split, 0)}
 	for _, k := range []struct {
 		seed string
 		kp   *nkeys.KeyPair
@@ -128,6 +135,9 @@ func (s *seeds) complete() (bool, error) {
 			return false, err
 		}
 		*k.seed, added = string(seed), true
+	}
+	if s.Split == 0 {
+		s.Split, added = time.Now().Unix(), true
 	}
 	return added, nil
 }
@@ -293,6 +303,27 @@ func (a *Authority) Push(ctx context.Context, sys *nats.Conn, revocations map[st
 		}
 	}
 	return nil
+}
+
+// CredsCurrent says whether creds are good with this authority: a user of
+// the agents' or readers' account, or one of the FM account minted since
+// they exist (those before are revoked: accounts.go).
+func (a *Authority) CredsCurrent(creds []byte) bool {
+	tok, err := jwt.ParseDecoratedJWT(creds)
+	if err != nil {
+		return false
+	}
+	uc, err := jwt.DecodeUserClaims(tok)
+	if err != nil {
+		return false
+	}
+	switch uc.Issuer {
+	case a.agentsPub, a.readersPub:
+		return true
+	case a.signingPub:
+		return uc.IssuedAt >= a.split.Unix()
+	}
+	return false
 }
 
 // IsReaderCreds says whether creds are a user of the read-only operators'

@@ -520,7 +520,8 @@ func TestReadOnlyOperator(t *testing.T) {
 // TestAnAuthorityFromBeforeTheAgentsAccount: a keys file without the
 // agents' and readers' accounts gets them, keeping its own keys; an
 // embedded server's resolver keeps the revocations pushed before and
-// takes the FM account's exports.
+// takes the FM account's exports; every FM account user minted before
+// (an agent's, a read-only operator's) is refused.
 func TestAnAuthorityFromBeforeTheAgentsAccount(t *testing.T) {
 	dir := t.TempDir()
 	a, err := natsauth.Open(filepath.Join(dir, "auth"))
@@ -533,7 +534,15 @@ func TestAnAuthorityFromBeforeTheAgentsAccount(t *testing.T) {
 	json.Unmarshal(b, &keys)
 	delete(keys, "agents")
 	delete(keys, "readers")
+	delete(keys, "split")
 	b, _ = json.Marshal(keys)
+	legacy, _, err := a.Creds("in-legacy", jwt.Permissions{Pub: jwt.Permission{Allow: []string{"fm.evt.in-legacy.step"}}}, time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The upgrade comes a second or more after (JWT times are in seconds).
+	for minted := time.Now().Unix(); time.Now().Unix() == minted; time.Sleep(50 * time.Millisecond) {
+	}
 	os.WriteFile(path, b, 0o600)
 	// What the resolver of such a data folder holds: the FM account
 	// alone, without exports, with a revocation.
@@ -586,6 +595,12 @@ func TestAnAuthorityFromBeforeTheAgentsAccount(t *testing.T) {
 	js, _ := jetstream.New(r.connectAgent("in-u", nil))
 	if _, err := js.Publish(ctx, protocol.EventSubject("in-u", protocol.EventStep), []byte("e")); err != nil {
 		t.Fatalf("an agent after the upgrade: %v", err)
+	}
+	if again.CredsCurrent(legacy) || !again.CredsCurrent(mustCreds(t, r, "new-admin")) {
+		t.Fatal("CredsCurrent does not tell revoked credentials from current ones")
+	}
+	if _, err := r.connectCreds(legacy, "", nil); err == nil {
+		t.Fatal("credentials of the FM account minted before the upgrade connected")
 	}
 }
 

@@ -1,0 +1,82 @@
+package agent
+
+import (
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+)
+
+// TestOnlyItsOwnKeyReachesTheDesiredState: what lands on the instance's
+// desired-state subject and is not its key of fm_desired (JetStream's
+// answer to another agent that named this subject as its reply: that
+// agent's own desired state, a publish acknowledgement) is dropped without
+// a rejection event and without moving the revision.
+func TestOnlyItsOwnKeyReachesTheDesiredState(t *testing.T) {
+	srv := bustest.Run(t)
+	nc := srv.Connect(t)
+	var rejected atomic.Int32
+	w := newDesiredWatch("in-x", nc, zerolog.Nop(), func(error, uint64) { rejected.Add(1) })
+	sub, err := w.subscribe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	state := func(instance string, gen uint64) []byte {
+		b, _ := protocol.Encode(&protocol.DesiredState{Instance: instance, Generation: gen, NodeType: "design",
+			DSS: protocol.DSSTarget{Version: "14.0.0", Port: 10000, Kit: protocol.KitSource{Object: "k"}}})
+		return b
+	}
+	send := func(subject string, seq string, data []byte) {
+		t.Helper()
+		m := nats.NewMsg(protocol.DesiredSubject("in-x"))
+		if subject != "" {
+			m.Header.Set("Nats-Subject", subject)
+		}
+		m.Header.Set("Nats-Sequence", seq)
+		m.Data = data
+		if err := nc.PublishMsg(m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(protocol.KVSubject(protocol.BucketDesired, "in-y"), "900", state("in-y", 9)) // another agent's desired state
+	send("", "901", []byte(`{"stream":"FM_EVENTS","seq":1}`))                         // a publish acknowledgement
+	send(protocol.KVSubject(protocol.BucketDesired, "in-x"), "5", state("in-x", 1))   // its own
+	for deadline := time.Now().Add(10 * time.Second); w.latest() == nil; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("its own desired state never arrived")
+		}
+	}
+	if d := w.latest(); d.Instance != "in-x" || d.Generation != 1 || rejected.Load() != 0 {
+		t.Fatalf("desired state %+v, %d rejections", d, rejected.Load())
+	}
+	w.mu.Lock()
+	rev := w.rev
+	w.mu.Unlock()
+	if rev != 5 {
+		t.Fatalf("revision %d after what was not its key, want 5", rev)
+	}
+}
+
+// TestAnEventFitsFMEvents: 64 KiB of output that JSON escapes six times
+// over still makes an event FM_EVENTS takes, its end kept; one that cannot
+// be made to fit is an error, not a retry forever.
+func TestAnEventFitsFMEvents(t *testing.T) {
+	output := strings.Repeat("<", 64<<10-len("the end")) + "the end"
+	data, err := encodeEvent(protocol.Event{ID: "ev-1", Instance: "in-x", Kind: protocol.EventCommand, Status: protocol.StatusFailed, Error: protocol.Errorf(protocol.CodeInternal, "failed"), Output: output})
+	if err != nil || len(data) > protocol.MaxEventBytes || !strings.Contains(string(data), "the end") {
+		t.Fatalf("an event with escaped output: %d bytes, %v", len(data), err)
+	}
+	if raw, _ := protocol.Encode(&protocol.Event{ID: "ev-1", Instance: "in-x", Kind: protocol.EventCommand, Status: protocol.StatusFailed, Error: protocol.Errorf(protocol.CodeInternal, "failed"), Output: output}); len(raw) <= protocol.MaxEventBytes {
+		t.Fatalf("the output escapes to only %d bytes: the case tests nothing", len(raw))
+	}
+	huge := protocol.Event{ID: "ev-2", Instance: "in-x", Kind: protocol.EventStep, Status: protocol.StatusOK, Step: strings.Repeat("s", 300<<10)}
+	if _, err := encodeEvent(huge); err == nil {
+		t.Fatal("an event that cannot be cut to fit was encoded")
+	}
+}
