@@ -75,8 +75,23 @@ func TestAnEventFitsFMEvents(t *testing.T) {
 	if raw, _ := protocol.Encode(&protocol.Event{ID: "ev-1", Instance: "in-x", Kind: protocol.EventCommand, Status: protocol.StatusFailed, Error: protocol.Errorf(protocol.CodeInternal, "failed"), Output: output}); len(raw) <= protocol.MaxEventBytes {
 		t.Fatalf("the output escapes to only %d bytes: the case tests nothing", len(raw))
 	}
-	huge := protocol.Event{ID: "ev-2", Instance: "in-x", Kind: protocol.EventStep, Status: protocol.StatusOK, Step: strings.Repeat("s", 300<<10)}
-	if _, err := encodeEvent(huge); err == nil {
-		t.Fatal("an event that cannot be cut to fit was encoded")
+	// Too large by another text, twice over (a message and its error):
+	// cut to fit, and what cannot be cut goes bare, failed, never in a
+	// loop.
+	long := strings.Repeat("m", 300<<10)
+	for name, e := range map[string]protocol.Event{
+		"a long error": {ID: "ev-2", Instance: "in-x", Kind: protocol.EventCommand, CommandID: "c-1", Status: protocol.StatusFailed,
+			Message: long, Error: protocol.Errorf(protocol.CodeInternal, "%s", long)},
+		"a long result": {ID: "ev-3", Instance: "in-x", Kind: protocol.EventCommand, CommandID: "c-2", Status: protocol.StatusOK,
+			Result: []byte(`"` + long + `"`)},
+	} {
+		data, err := encodeEvent(e)
+		var got protocol.Event
+		if err != nil || len(data) > protocol.MaxEventBytes || protocol.Decode(data, &got) != nil || got.ID != e.ID || got.CommandID != e.CommandID {
+			t.Fatalf("%s: %d bytes, %v, %+v", name, len(data), err, got.ID)
+		}
+		if name == "a long result" && (got.Status != protocol.StatusFailed || got.Error == nil) {
+			t.Fatalf("a result too large to send went as %+v", got)
+		}
 	}
 }

@@ -212,9 +212,10 @@ func renewedCreds(resp protocol.RenewResponse, seed []byte) ([]byte, error) {
 // machine was off): with them the bus cannot be reached. It tries until ctx
 // ends. Credentials of the FM account (minted before agents had an account
 // of their own, where a user may have JetStream answer into FM's keys) are
-// revoked: they are renewed the same way, into the agents' account.
-// Credentials that neither expire nor were revoked so, or an agent that
-// did not join, need nothing.
+// no longer valid (FM's account has a new signing key since): they are
+// renewed the same way, into the agents' account. Credentials that neither
+// expire nor are of the FM account, or an agent that did not join, need
+// nothing.
 func (a *Agent) renewExpired(ctx context.Context, tlsConf *tls.Config) error {
 	if a.currentCreds() == nil || a.cfg.Join == nil {
 		return nil

@@ -95,7 +95,7 @@ func TestARenewalKeepsTheMachineKey(t *testing.T) {
 
 // TestCredentialsOfTheFMAccountMoveToTheAgentsAccount: a machine that
 // joined before agents had a NATS account of their own holds credentials
-// of the FM account (no agents' tag), which FM revoked; the agent renews
+// of the FM account (no agents' tag), no longer valid; the agent renews
 // them at the join endpoint before it first connects, and keeps the
 // renewed ones. Refused, it keeps asking (as for expired credentials).
 func TestCredentialsOfTheFMAccountMoveToTheAgentsAccount(t *testing.T) {

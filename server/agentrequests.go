@@ -26,6 +26,7 @@ type agentPacer struct {
 	mu       sync.Mutex
 	last     map[string]time.Time
 	added    int // entries added since the last sweep
+	kept     int // entries the last sweep kept
 }
 
 // allow says whether instance may be answered at now, and counts it.
@@ -38,14 +39,14 @@ func (p *agentPacer) allow(instance string, now time.Time) bool {
 	if p.last == nil {
 		p.last = map[string]time.Time{}
 	}
-	if p.added++; p.added > len(p.last) && p.added > 64 {
-		// Amortized: a sweep after as many additions as entries.
+	if p.added++; p.added >= max(64, p.kept) {
+		// Amortized: a sweep after as many additions as it kept entries.
 		for id, at := range p.last {
 			if now.Sub(at) >= p.interval {
 				delete(p.last, id)
 			}
 		}
-		p.added = 0
+		p.added, p.kept = 0, len(p.last)
 	}
 	p.last[instance] = now
 	return true

@@ -275,7 +275,7 @@ func TestRevocationsGoOnceTheirCredentialsExpired(t *testing.T) {
 		all[u] = at
 	}
 	auth, _ := natsauth.Open(t.TempDir())
-	acc, err := auth.AccountJWT(all)
+	acc, err := auth.AgentsAccountJWT(all)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -133,6 +133,19 @@ func externalBus(url, creds, name string, sec *security, log zerolog.Logger) (*b
 // account's, which pushes revocations).
 func (b *busConn) connect(cc bus.ConnectConfig, name string, sec *security, log zerolog.Logger) error {
 	cc.Name, cc.Logger = name, log.With().Str("component", "bus").Logger()
+	if sec.authority != nil && cc.CredsFile != "" {
+		// Credentials of the FM account signed before agents and readers
+		// had accounts of their own are refused by NATS once this FM
+		// pushes its account: say so now, not when the bus drops us.
+		b, err := os.ReadFile(cc.CredsFile)
+		if err != nil {
+			return fmt.Errorf("--nats-creds: %w", err)
+		}
+		if !sec.authority.CredsCurrent(b) {
+			return usageError{fmt.Errorf("--nats-creds %s: these credentials are not valid with the NATS authority in --nats-authority "+
+				"(made before FM gave agents and read-only operators NATS accounts of their own?): make new ones with fm nats-creds --role admin", cc.CredsFile)}
+		}
+	}
 	if sec.authority != nil && cc.CredsFile == "" {
 		creds, _, err := sec.authority.Creds(name, jwt.Permissions{}, time.Time{})
 		if err != nil {

@@ -40,14 +40,16 @@ func (a *Authority) accounts() []account {
 	}
 }
 
-// AccountJWT is the FM account's JWT: JetStream enabled, FM's signing key,
-// what it exports to the other accounts, and the revocations given (user
-// public key -> unix time).
-func (a *Authority) AccountJWT(revocations map[string]int64) (string, error) {
-	return a.fmAccountJWT(revocations)
+// AgentsAccountJWT is the agents' account's JWT with the revocations
+// given (user public key -> unix time): what grows with the fleet.
+func (a *Authority) AgentsAccountJWT(revocations map[string]int64) (string, error) {
+	return a.agentsAccountJWT(revocations)
 }
 
-func (a *Authority) fmAccountJWT(revocations map[string]int64) (string, error) {
+// fmAccountJWT is the FM account's JWT: JetStream enabled, FM's signing
+// key, and what it exports to the other accounts. It takes no revocations
+// (those FM keeps are agents').
+func (a *Authority) fmAccountJWT(map[string]int64) (string, error) {
 	ac := jwt.NewAccountClaims(a.accountPub)
 	ac.Name = "FM"
 	ac.SigningKeys.Add(a.signingPub)
@@ -55,12 +57,9 @@ func (a *Authority) fmAccountJWT(revocations map[string]int64) (string, error) {
 	for _, e := range exports {
 		ac.Exports.Add(&jwt.Export{Name: e.subject, Subject: jwt.Subject(e.subject), Type: e.kind, ResponseType: e.response})
 	}
-	revoke(ac, revocations)
-	// Every user of this account minted before agents and readers had
-	// accounts of their own: agents' and read-only operators' credentials
-	// of then reach JetStream's answers from inside this account. FM's own
-	// roles are minted at each start, after.
-	ac.RevokeAt(jwt.All, a.split.Add(-time.Second))
+	// No revocations: agents are users of the agents' account, and those of
+	// this account from before it are signed by a signing key it no longer
+	// names (seeds.complete).
 	return ac.Encode(a.operator)
 }
 

@@ -44,7 +44,6 @@ type Authority struct {
 	systemPub, signingPub     string
 	agentsPub, readersPub     string
 	operatorJWT, systemJWT    string
-	split                     time.Time
 }
 
 // seeds is the keys file. Agents and Readers were added with the accounts
@@ -56,9 +55,6 @@ type seeds struct {
 	Signing  string `json:"signing"`
 	Agents   string `json:"agents,omitempty"`
 	Readers  string `json:"readers,omitempty"`
-	// Split is when agents and readers got accounts of their own (unix
-	// time): every FM account user minted before is revoked.
-	Split int64 `json:"split,omitempty"`
 }
 
 // Open loads the authority kept in dir, creating it (or the keys it lacks)
@@ -84,7 +80,7 @@ func Open(dir string) (*Authority, error) {
 			return nil, fmt.Errorf("natsauth: %w", err)
 		}
 	}
-	a := &Authority{dir: dir, split: time.Unix(s.Split, 0)}
+	a := &Authority{dir: dir}
 	for _, k := range []struct {
 		seed string
 		kp   *nkeys.KeyPair
@@ -114,9 +110,18 @@ func Open(dir string) (*Authority, error) {
 	return a, nil
 }
 
-// complete creates the keys s lacks, saying whether it did.
+// complete creates the keys s lacks, saying whether it did. A file from
+// before the agents' and readers' accounts also gets a new signing key for
+// the FM account: every user of that account minted before (agents' and
+// read-only operators' credentials of then, which reach JetStream's
+// answers inside it) is signed by a key the account no longer names, so
+// none is valid, whatever the clocks say. FM's own roles are minted at each
+// start.
 func (s *seeds) complete() (bool, error) {
 	added := false
+	if s.Operator != "" && s.Agents == "" {
+		s.Signing = ""
+	}
 	for _, k := range []struct {
 		create func() (nkeys.KeyPair, error)
 		seed   *string
@@ -135,9 +140,6 @@ func (s *seeds) complete() (bool, error) {
 			return false, err
 		}
 		*k.seed, added = string(seed), true
-	}
-	if s.Split == 0 {
-		s.Split, added = time.Now().Unix(), true
 	}
 	return added, nil
 }
@@ -277,11 +279,9 @@ func userJWT(issuer nkeys.KeyPair, issuerAccount, name, pub string, perms jwt.Pe
 	return tok, nil
 }
 
-// Push sends the accounts' JWTs, with revocations, to the servers through
-// a connection of the system account, and waits for each answer. Every
-// revocation (of an agent's key) goes in the FM account and the agents':
-// an agent's key may have credentials of both (the FM account's, minted
-// before agents had an account of their own, until they are renewed).
+// Push sends the accounts' JWTs, with revocations (of agents' keys), to
+// the servers through a connection of the system account, and waits for
+// each answer.
 func (a *Authority) Push(ctx context.Context, sys *nats.Conn, revocations map[string]int64) error {
 	for _, acc := range a.accounts() {
 		claims, err := acc.claims(revocations)
@@ -306,8 +306,9 @@ func (a *Authority) Push(ctx context.Context, sys *nats.Conn, revocations map[st
 }
 
 // CredsCurrent says whether creds are good with this authority: a user of
-// the agents' or readers' account, or one of the FM account minted since
-// they exist (those before are revoked: accounts.go).
+// the agents' or readers' account, or one of the FM account signed with its
+// current signing key (those before the agents' and readers' accounts are
+// not: complete).
 func (a *Authority) CredsCurrent(creds []byte) bool {
 	tok, err := jwt.ParseDecoratedJWT(creds)
 	if err != nil {
@@ -321,7 +322,7 @@ func (a *Authority) CredsCurrent(creds []byte) bool {
 	case a.agentsPub, a.readersPub:
 		return true
 	case a.signingPub:
-		return uc.IssuedAt >= a.split.Unix()
+		return uc.IssuerAccount == a.accountPub
 	}
 	return false
 }

@@ -518,10 +518,11 @@ func TestReadOnlyOperator(t *testing.T) {
 }
 
 // TestAnAuthorityFromBeforeTheAgentsAccount: a keys file without the
-// agents' and readers' accounts gets them, keeping its own keys; an
-// embedded server's resolver keeps the revocations pushed before and
-// takes the FM account's exports; every FM account user minted before
-// (an agent's, a read-only operator's) is refused.
+// agents' and readers' accounts gets them, keeping its accounts, and the FM
+// account gets a new signing key: every user of it minted before (an
+// agent's, a read-only operator's, whose credentials reach JetStream's
+// answers inside it) is refused. An embedded server's resolver takes the
+// FM account's exports and its new signing key.
 func TestAnAuthorityFromBeforeTheAgentsAccount(t *testing.T) {
 	dir := t.TempDir()
 	a, err := natsauth.Open(filepath.Join(dir, "auth"))
@@ -534,29 +535,23 @@ func TestAnAuthorityFromBeforeTheAgentsAccount(t *testing.T) {
 	json.Unmarshal(b, &keys)
 	delete(keys, "agents")
 	delete(keys, "readers")
-	delete(keys, "split")
 	b, _ = json.Marshal(keys)
+	os.WriteFile(path, b, 0o600)
 	legacy, _, err := a.Creds("in-legacy", jwt.Permissions{Pub: jwt.Permission{Allow: []string{"fm.evt.in-legacy.step"}}}, time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The upgrade comes a second or more after (JWT times are in seconds).
-	for minted := time.Now().Unix(); time.Now().Unix() == minted; time.Sleep(50 * time.Millisecond) {
-	}
-	os.WriteFile(path, b, 0o600)
-	// What the resolver of such a data folder holds: the FM account
-	// alone, without exports, with a revocation.
+	// What the resolver of such a data folder holds: the FM account alone,
+	// with its signing key of then and no exports.
 	res, err := server.NewDirAccResolver(filepath.Join(dir, "resolver"), 0, time.Minute, server.NoDelete)
 	if err != nil {
 		t.Fatal(err)
 	}
 	old := jwt.NewAccountClaims(a.AccountPub())
-	old.RevokeAt("UREVOKED", time.Unix(1700000000, 0))
-	var oldAuthority struct {
-		Operator string `json:"operator"`
-	}
-	json.Unmarshal(b, &oldAuthority)
-	op, _ := nkeys.FromSeed([]byte(oldAuthority.Operator))
+	signing, _ := nkeys.FromSeed([]byte(keys["signing"]))
+	oldSigning, _ := signing.PublicKey()
+	old.SigningKeys.Add(oldSigning)
+	op, _ := nkeys.FromSeed([]byte(keys["operator"]))
 	oldJWT, err := old.Encode(op)
 	if err != nil {
 		t.Fatal(err)
@@ -581,8 +576,8 @@ func TestAnAuthorityFromBeforeTheAgentsAccount(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ac.Revocations["UREVOKED"] != 1700000000 || len(ac.Exports) == 0 {
-		t.Fatalf("the FM account after the upgrade: revocations %v, %d exports", ac.Revocations, len(ac.Exports))
+	if len(ac.Exports) == 0 || ac.SigningKeys.Contains(oldSigning) || len(ac.SigningKeys) != 1 {
+		t.Fatalf("the FM account after the upgrade: %d exports, signing keys %v (old %s)", len(ac.Exports), ac.SigningKeys.Keys(), oldSigning)
 	}
 	// Agents of the new account reach the FM account.
 	admin := r.connect("admin", jwt.Permissions{}, "", nil)
@@ -597,10 +592,15 @@ func TestAnAuthorityFromBeforeTheAgentsAccount(t *testing.T) {
 		t.Fatalf("an agent after the upgrade: %v", err)
 	}
 	if again.CredsCurrent(legacy) || !again.CredsCurrent(mustCreds(t, r, "new-admin")) {
-		t.Fatal("CredsCurrent does not tell revoked credentials from current ones")
+		t.Fatal("CredsCurrent does not tell credentials of the old signing key from current ones")
 	}
 	if _, err := r.connectCreds(legacy, "", nil); err == nil {
 		t.Fatal("credentials of the FM account minted before the upgrade connected")
+	}
+	// Opened again, nothing changes: the signing key is new once.
+	third, err := natsauth.Open(filepath.Join(dir, "auth"))
+	if err != nil || !third.CredsCurrent(mustCreds(t, r, "admin-2")) {
+		t.Fatalf("reopened: %v", err)
 	}
 }
 
@@ -649,10 +649,14 @@ func TestAnAgentSendsNothingLargerThanItsLimit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A diagnosis chunk, the largest message an agent stores.
 	js, _ := jetstream.New(nc)
 	ctx := context.Background()
-	if _, err := js.Publish(ctx, protocol.EventSubject("in-l", protocol.EventStep), bytes.Repeat([]byte("x"), 512<<10)); err != nil {
-		t.Fatalf("a 512 KiB event: %v", err)
+	if _, err := js.Publish(ctx, protocol.DiagSubject("in-l", "c-r"), bytes.Repeat([]byte("x"), 256<<10)); err != nil {
+		t.Fatalf("a 256 KiB diagnosis chunk: %v", err)
+	}
+	if err := nc.Publish(protocol.HeartbeatSubject("in-l"), bytes.Repeat([]byte("x"), 900<<10)); err != nil {
+		t.Fatalf("a 900 KiB message: %v", err)
 	}
 	// The server tells the connection the user's limit (and enforces it:
 	// a client that ignores it is cut off with a payload violation).
