@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -60,38 +59,5 @@ func TestOnlyItsOwnKeyReachesTheDesiredState(t *testing.T) {
 	w.mu.Unlock()
 	if rev != 5 {
 		t.Fatalf("revision %d after what was not its key, want 5", rev)
-	}
-}
-
-// TestAnEventFitsFMEvents: 64 KiB of output that JSON escapes six times
-// over still makes an event FM_EVENTS takes, its end kept; one that cannot
-// be made to fit is an error, not a retry forever.
-func TestAnEventFitsFMEvents(t *testing.T) {
-	output := strings.Repeat("<", 64<<10-len("the end")) + "the end"
-	data, err := encodeEvent(protocol.Event{ID: "ev-1", Instance: "in-x", Kind: protocol.EventCommand, Status: protocol.StatusFailed, Error: protocol.Errorf(protocol.CodeInternal, "failed"), Output: output})
-	if err != nil || len(data) > protocol.MaxEventBytes || !strings.Contains(string(data), "the end") {
-		t.Fatalf("an event with escaped output: %d bytes, %v", len(data), err)
-	}
-	if raw, _ := protocol.Encode(&protocol.Event{ID: "ev-1", Instance: "in-x", Kind: protocol.EventCommand, Status: protocol.StatusFailed, Error: protocol.Errorf(protocol.CodeInternal, "failed"), Output: output}); len(raw) <= protocol.MaxEventBytes {
-		t.Fatalf("the output escapes to only %d bytes: the case tests nothing", len(raw))
-	}
-	// Too large by another text, twice over (a message and its error):
-	// cut to fit, and what cannot be cut goes bare, failed, never in a
-	// loop.
-	long := strings.Repeat("m", 300<<10)
-	for name, e := range map[string]protocol.Event{
-		"a long error": {ID: "ev-2", Instance: "in-x", Kind: protocol.EventCommand, CommandID: "c-1", Status: protocol.StatusFailed,
-			Message: long, Error: protocol.Errorf(protocol.CodeInternal, "%s", long)},
-		"a long result": {ID: "ev-3", Instance: "in-x", Kind: protocol.EventCommand, CommandID: "c-2", Status: protocol.StatusOK,
-			Result: []byte(`"` + long + `"`)},
-	} {
-		data, err := encodeEvent(e)
-		var got protocol.Event
-		if err != nil || len(data) > protocol.MaxEventBytes || protocol.Decode(data, &got) != nil || got.ID != e.ID || got.CommandID != e.CommandID {
-			t.Fatalf("%s: %d bytes, %v, %+v", name, len(data), err, got.ID)
-		}
-		if name == "a long result" && (got.Status != protocol.StatusFailed || got.Error == nil) {
-			t.Fatalf("a result too large to send went as %+v", got)
-		}
 	}
 }

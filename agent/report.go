@@ -206,7 +206,7 @@ func (r *reporter) flush(ctx context.Context) bool {
 }
 
 func (r *reporter) publish(ctx context.Context, e protocol.Event) error {
-	data, err := encodeEvent(e)
+	data, err := protocol.EncodeEvent(e)
 	if err != nil {
 		r.log.Error().Err(err).Str("step", e.Step).Msg("an event could not be encoded; dropped")
 		return nil
@@ -215,56 +215,12 @@ func (r *reporter) publish(ctx context.Context, e protocol.Event) error {
 	defer cancel()
 	_, err = r.js.Publish(ctx, protocol.EventSubject(r.instance, e.Kind), data, jetstream.WithMsgID(e.ID))
 	if errors.Is(err, jetstream.ErrStreamMessageExceedsMaximum) {
-		// Refused for good (encodeEvent keeps within the limit; a stream
+		// Refused for good (EncodeEvent keeps within the limit; a stream
 		// declared smaller): holding it would hold every event after it.
 		r.log.Error().Err(err).Str("step", e.Step).Int("bytes", len(data)).Msg("an event larger than FM_EVENTS takes; dropped")
 		return nil
 	}
 	return err
-}
-
-// encodeEvent encodes e within protocol.MaxEventBytes (less room for the
-// headers): escaping in JSON may make 64 KiB of output six times as long.
-// It cuts the output from the front (its end says most), then every other
-// text to 1 KiB; an event that still does not fit goes as itself without
-// its texts, failed, saying so, so that a command's result is never lost.
-func encodeEvent(e protocol.Event) ([]byte, error) {
-	const (
-		room   = protocol.MaxEventBytes - 4<<10
-		keep   = 1 << 10
-		marker = "[…cut…]"
-	)
-	cut := func(s string) string {
-		if len(s) <= keep+len(marker) {
-			return s
-		}
-		return s[:keep] + marker
-	}
-	for {
-		data, err := protocol.Encode(&e)
-		if err != nil || len(data) <= room {
-			return data, err
-		}
-		if len(e.Output) > 256 {
-			e.Output = marker + "\n" + e.Output[len(e.Output)/2:]
-			continue
-		}
-		short := e
-		short.Output, short.Message, short.Step = cut(e.Output), cut(e.Message), cut(e.Step)
-		if e.Error != nil {
-			shortErr := *e.Error
-			shortErr.Message = cut(shortErr.Message)
-			short.Error = &shortErr
-		}
-		if data, err := protocol.Encode(&short); err != nil || len(data) <= room {
-			return data, err
-		}
-		bare := protocol.Event{ID: e.ID, Instance: e.Instance, Kind: e.Kind, Time: e.Time, Source: e.Source, Generation: e.Generation,
-			OpID: e.OpID, CommandID: e.CommandID, Step: cut(e.Step), Status: protocol.StatusFailed,
-			Message: "the event was too large to send",
-			Error:   protocol.Errorf(protocol.CodeResourceExhausted, "the event was %d bytes, over the %d FM_EVENTS takes", len(data), room)}
-		return protocol.Encode(&bare)
-	}
 }
 
 func (r *reporter) putStatus(ctx context.Context, st protocol.AgentStatus) error {

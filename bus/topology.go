@@ -124,7 +124,7 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 // an eighth of each stream (SharePerInstance) and cannot push the others'
 // records out beyond that. The provisioner's events count per subject too.
 const (
-	eventsPerSubject = 128 // per instance and event kind
+	eventsPerSubject = 512 // per instance and event kind: room for those a server away has not folded
 	maxEventSize     = protocol.MaxEventBytes
 	logsPerSubject   = 512       // per instance and log source
 	maxLogSize       = 128 << 10 // the agent sends at most 64 KiB at once

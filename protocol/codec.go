@@ -69,3 +69,47 @@ func probeVersion(data []byte) (int, bool) {
 	}
 	return *p.V, true
 }
+
+// EncodeEvent encodes e within MaxEventBytes (less room for the
+// headers): escaping in JSON may make 64 KiB of output six times as long.
+// It cuts the output from the front (its end says most), then every other
+// text to 1 KiB; an event that still does not fit goes as itself without
+// its texts, failed, saying so, so that a result is never lost. Senders use it for every event.
+func EncodeEvent(e Event) ([]byte, error) {
+	const (
+		room   = MaxEventBytes - 4<<10
+		keep   = 1 << 10
+		marker = "[…cut…]"
+	)
+	cut := func(s string) string {
+		if len(s) <= keep+len(marker) {
+			return s
+		}
+		return s[:keep] + marker
+	}
+	for {
+		data, err := Encode(&e)
+		if err != nil || len(data) <= room {
+			return data, err
+		}
+		if len(e.Output) > 256 {
+			e.Output = marker + "\n" + e.Output[len(e.Output)/2:]
+			continue
+		}
+		short := e
+		short.Output, short.Message, short.Step = cut(e.Output), cut(e.Message), cut(e.Step)
+		if e.Error != nil {
+			shortErr := *e.Error
+			shortErr.Message = cut(shortErr.Message)
+			short.Error = &shortErr
+		}
+		if data, err := Encode(&short); err != nil || len(data) <= room {
+			return data, err
+		}
+		bare := Event{ID: e.ID, Instance: e.Instance, Kind: e.Kind, Time: e.Time, Source: e.Source, Generation: e.Generation,
+			OpID: e.OpID, CommandID: e.CommandID, Snapshot: e.Snapshot, Step: cut(e.Step), Status: StatusFailed,
+			Message: "the event was too large to send",
+			Error:   Errorf(CodeResourceExhausted, "the event was %d bytes, over the %d FM_EVENTS takes", len(data), room)}
+		return Encode(&bare)
+	}
+}

@@ -46,5 +46,7 @@
 //	  an account of their own, which cannot make consumers). Sealed values
 //	  are bound to their place (the Sealed…Place functions; "fmsealed2:");
 //	  values sealed before ("fmsealed1:") still open. Diagnosis bundles
-//	  travel on their own stream (DiagSubject).
+//	  travel on their own stream (DiagSubject). An event is at most
+//	  MaxEventBytes encoded (EncodeEvent cuts it to fit); logs come from
+//	  LogSources only.
 package protocol

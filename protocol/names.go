@@ -132,7 +132,7 @@ func DiagSubject(instance, run string) string { return prefixDiag + instance + "
 // MaxEventBytes is the largest encoded event FM_EVENTS takes (with its
 // headers); a larger one is refused. Senders shorten an event's output to
 // fit.
-const MaxEventBytes = 256 << 10
+const MaxEventBytes = 64 << 10
 
 // LogSubject is the FM_LOGS subject of a log source on an instance.
 func LogSubject(instance, source string) string { return prefixLog + instance + "." + source }

@@ -763,7 +763,7 @@ func (p *Provisioner) publishEvent(ctx context.Context, e protocol.Event, id str
 		return ctx.Err()
 	}
 	e.ID, e.Time, e.Source = id, time.Now().UTC(), protocol.SourceProvisioner
-	data, err := protocol.Encode(&e)
+	data, err := protocol.EncodeEvent(e)
 	if err != nil {
 		return fmt.Errorf("event not encoded: %w", err)
 	}

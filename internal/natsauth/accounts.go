@@ -11,10 +11,10 @@ import (
 // Why three accounts. NATS checks the subject a user publishes on, never
 // the reply subject it names, and JetStream answers to that reply from
 // inside the account: the publish acknowledgement of an event, the answer
-// of a direct get, the messages of a push consumer whose delivery subject
-// the user chose. In one shared account, a user allowed to publish its own
-// event with the reply "$KV.fm_desired.<another instance>" had JetStream
-// write into that key. So agents and read-only operators are users of
+// of a direct get or of any API request (a consumer, too, delivers inside
+// the account, on the subject its maker chose). In one shared account, a
+// user allowed to publish its own event with the reply
+// "$KV.fm_desired.<another instance>" had JetStream write into that key. So agents and read-only operators are users of
 // accounts of their own, which hold no stream: what they may reach of the
 // FM account is exported to them, a request crosses to the FM account and
 // its answer comes back to the asking account, where nothing stores it.
