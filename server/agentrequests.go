@@ -57,9 +57,9 @@ func (p *agentPacer) allow(instance string, now time.Time) bool {
 // subject of FM's own (a bucket's key) would be stored there. An agent of
 // the agents' account asks through the FM account's export, and its reply
 // reaches FM as the "_R_." subject NATS made, which routes the answer back
-// to the agents' account; an agent of the FM account (credentials minted
-// before agents had an account of their own) may only be answered in its
-// own inbox.
+// to the agents' account; an agent on a bus without accounts (FM run
+// without a NATS authority, as in tests) may only be answered in its own
+// inbox.
 func agentReplyOK(instance, reply string) bool {
 	return strings.HasPrefix(reply, "_R_.") || strings.HasPrefix(reply, protocol.InboxPrefix(instance)+".")
 }
