@@ -61,16 +61,12 @@ func later(a, b time.Time) time.Time {
 	return b
 }
 
-// revoked is every user the account must refuse, with the time as of
-// which: a user minted without an expiry, as of its revocation; one with,
-// as of its last JWT's expiry.
+// revoked is every user the agents' account must refuse, as of its last
+// JWT's expiry.
 func (d settingsDoc) revoked() map[string]int64 {
-	all := make(map[string]int64, len(d.Revocations)+len(d.Expiring))
-	for u, at := range d.Revocations {
-		all[u] = at
-	}
+	all := make(map[string]int64, len(d.Expiring))
 	for u, until := range d.Expiring {
-		all[u] = max(all[u], until)
+		all[u] = until
 	}
 	return all
 }
@@ -140,6 +136,13 @@ func (s *Server) revokeRetired(ctx context.Context, instance string, sec instanc
 // the whole list (so that replicas never drop each other's revocations).
 // Entries whose JWTs have all expired are dropped as the list is written.
 func (s *Server) revokeUser(ctx context.Context, instance, user string, until time.Time) error {
+	if until.IsZero() {
+		// Minted without an expiry: by an FM from before agents had a
+		// NATS account of their own, a user of the FM account signed with
+		// a key it no longer names (natsauth). Nothing to revoke.
+		s.log.Info().Str("instance", instance).Str("user", user).Msg("agent credentials of before the agents' account: no longer valid, nothing to revoke")
+		return nil
+	}
 	var list map[string]int64
 	added := false
 	for attempt := 0; attempt < 10; attempt++ {
@@ -147,22 +150,14 @@ func (s *Server) revokeUser(ctx context.Context, instance, user string, until ti
 		if err != nil && !errors.Is(err, errNotFound) {
 			return fmt.Errorf("revocations unreadable: %w", err)
 		}
-		_, legacy := doc.Revocations[user]
-		if at, ok := doc.Expiring[user]; legacy || ok && at >= until.Unix() {
+		if at, ok := doc.Expiring[user]; ok && at >= until.Unix() {
 			list = doc.revoked()
 			break // recorded before (a push may have failed then: pushed again below)
 		}
-		if until.IsZero() {
-			if doc.Revocations == nil {
-				doc.Revocations = map[string]int64{}
-			}
-			doc.Revocations[user] = time.Now().Unix()
-		} else {
-			if doc.Expiring == nil {
-				doc.Expiring = map[string]int64{}
-			}
-			doc.Expiring[user] = until.Unix()
+		if doc.Expiring == nil {
+			doc.Expiring = map[string]int64{}
 		}
+		doc.Expiring[user] = until.Unix()
 		pruneRevocations(&doc, time.Now())
 		if rev == 0 {
 			_, err = s.st.settings.create(ctx, revocationsKey, doc)
@@ -195,8 +190,11 @@ func (s *Server) revokeUser(ctx context.Context, instance, user string, until ti
 }
 
 // pruneRevocations drops the revocations of users whose every JWT has
-// expired; those of users minted without an expiry stay.
+// expired, and those of users minted without an expiry (by an FM from
+// before agents had an account of their own: users of the FM account
+// signed with a key it no longer names).
 func pruneRevocations(doc *settingsDoc, now time.Time) {
+	doc.Revocations = nil
 	for user, until := range doc.Expiring {
 		if time.Unix(until, 0).Add(revocationSkew).Before(now) {
 			delete(doc.Expiring, user)

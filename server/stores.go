@@ -38,11 +38,12 @@ type stores struct {
 type settingsDoc struct {
 	CloudTags   map[string]string     `json:"cloudTags,omitempty"`
 	Credentials *api.CloudCredentials `json:"credentials,omitempty"`
-	// Revocations are the NATS users revoked (public key → when, unix)
-	// that were minted without an expiry, under revocationsKey: kept for
-	// good. Expiring are those minted with one (public key → when their
-	// last JWT expires): revoked as of then, dropped after
-	// (revocations.go).
+	// Expiring are the NATS users revoked, under revocationsKey (public
+	// key → when their last JWT expires, unix): revoked as of then, dropped
+	// after (revocations.go). Revocations are those an FM from before
+	// agents had an account of their own revoked, minted without an
+	// expiry: read, no longer pushed (their account no longer names the
+	// key that signed them), dropped at the next write.
 	Revocations map[string]int64 `json:"revocations,omitempty"`
 	Expiring    map[string]int64 `json:"expiring,omitempty"`
 }
