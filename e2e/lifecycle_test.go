@@ -5,17 +5,10 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
 	"io"
 	"io/fs"
-	"math/big"
 	"net/http"
 	"os"
 	"os/exec"
@@ -27,6 +20,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/internal/cmdline"
+	"github.com/fleetmanager/fm/internal/pki"
 	"github.com/fleetmanager/fm/protocol"
 )
 
@@ -291,26 +285,17 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	noSecretInFolder(t, data, secrets, filepath.Join(data, "local", "machines"), filepath.Join(data, "local", "volumes"))
 }
 
-// selfSignedPEM is a certificate and its private key, PEM, and the first
-// line of the key's body (what a leak of the key would show).
+// selfSignedPEM is a certificate and its private key, PEM (as FM makes
+// its own), and the first line of the key's body (what a leak of the key
+// would show).
 func selfSignedPEM(t *testing.T) (string, string) {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	files, err := pki.EnsureSelfSigned(t.TempDir(), []string{"dss.example.com"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "dss.example.com"},
-		DNSNames: []string{"dss.example.com"}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyPEM := string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}))
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})) + keyPEM, strings.Split(keyPEM, "\n")[1]
+	cert, key := readFile(t, files.Cert), readFile(t, files.Key)
+	return cert + key, strings.Split(key, "\n")[1]
 }
 
 // diagnosisBundle is the text of every file of a bundle in fm_diagnosis.
