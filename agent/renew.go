@@ -36,11 +36,7 @@ func (a *Agent) currentCreds() []byte {
 // credsTimes are the issue and expiry times of the credentials' JWT (a
 // zero expiry: they never expire).
 func credsTimes(creds []byte) (issued, expires time.Time, err error) {
-	tok, err := jwt.ParseDecoratedJWT(creds)
-	if err != nil {
-		return time.Time{}, time.Time{}, err
-	}
-	claims, err := jwt.DecodeUserClaims(tok)
+	claims, err := userClaims(creds)
 	if err != nil {
 		return time.Time{}, time.Time{}, err
 	}
@@ -54,12 +50,17 @@ func credsTimes(creds []byte) (issued, expires time.Time, err error) {
 // (protocol.AgentsAccountTag); credentials minted before agents had an
 // account of their own are the FM account's.
 func inAgentsAccount(creds []byte) bool {
+	claims, err := userClaims(creds)
+	return err == nil && claims.Tags.Contains(protocol.AgentsAccountTag)
+}
+
+// userClaims decodes the user JWT of a creds file.
+func userClaims(creds []byte) (*jwt.UserClaims, error) {
 	tok, err := jwt.ParseDecoratedJWT(creds)
 	if err != nil {
-		return false
+		return nil, err
 	}
-	claims, err := jwt.DecodeUserClaims(tok)
-	return err == nil && claims.Tags.Contains(protocol.AgentsAccountTag)
+	return jwt.DecodeUserClaims(tok)
 }
 
 // renewalDue is when credentials issued at issued and expiring at expires

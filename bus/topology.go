@@ -237,8 +237,8 @@ func (t Topology) Declare(ctx context.Context, js jetstream.JetStream) error {
 			return fmt.Errorf("declare object store %s: %w", cfg.Bucket, err)
 		}
 	}
-	// Those who read kits through consumers (the server checking one whole)
-	// leave none behind for long.
+	// Consumers made on kits (an admin's nats object get) leave none behind
+	// for long.
 	if err := limitIdleConsumers(ctx, js, "OBJ_"+protocol.ObjectStoreKits); err != nil {
 		return fmt.Errorf("declare object store %s: %w", protocol.ObjectStoreKits, err)
 	}

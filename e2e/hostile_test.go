@@ -80,19 +80,11 @@ func records(t *testing.T, d *devEnv, py *Python, js jetstream.JetStream, id str
 		t.Fatalf("instance %s: %d", id, code)
 	}
 	st := d.status(t, py, id)
-	kv, err := js.KeyValue(context.Background(), protocol.BucketAgents)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ag, err := kv.Get(context.Background(), id)
+	ag, err := kvEntry(js, protocol.BucketAgents, id)
 	if err != nil {
 		t.Fatalf("the status of %s's agent: %v", id, err)
 	}
-	desired, err := js.KeyValue(context.Background(), protocol.BucketDesired)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ds, err := desired.Get(context.Background(), id)
+	ds, err := kvEntry(js, protocol.BucketDesired, id)
 	if err != nil {
 		t.Fatalf("the desired state of %s: %v", id, err)
 	}
@@ -324,7 +316,8 @@ func TestAHostileReadOnlyOperator(t *testing.T) {
 	data := filepath.Join(t.TempDir(), "fm")
 	d := startDevFast(t, data)
 	id := d.newInstance(t, "watched", "dss-14.0.0-standin")
-	before, err := kvEntry(t, d, protocol.BucketInstances, id)
+	admin := d.jetStream(t)
+	before, err := kvEntry(admin, protocol.BucketInstances, id)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -369,18 +362,17 @@ func TestAHostileReadOnlyOperator(t *testing.T) {
 	if code := py.Do(t, "GET", "/instances/"+id, "", &in); code != 200 || in["id"] != id {
 		t.Fatalf("the instance after the attempts: %d %v", code, in)
 	}
-	if e, err := kvEntry(t, d, protocol.BucketInstances, id); err != nil || e.Revision() != before.Revision() {
+	if e, err := kvEntry(admin, protocol.BucketInstances, id); err != nil || e.Revision() != before.Revision() {
 		t.Fatalf("the instance's record changed in the attempts (was at revision %d): %v %v", before.Revision(), err, e)
 	}
-	if st, err := d.jetStream(t).Stream(context.Background(), protocol.StreamAudit); err != nil || errors.Is(err, jetstream.ErrStreamNotFound) {
+	if st, err := admin.Stream(context.Background(), protocol.StreamAudit); err != nil || errors.Is(err, jetstream.ErrStreamNotFound) {
 		t.Fatalf("the audit trail after the attempts: %v %v", st, err)
 	}
 }
 
-// kvEntry reads key of bucket with fm dev's admin credentials.
-func kvEntry(t *testing.T, d *devEnv, bucket, key string) (jetstream.KeyValueEntry, error) {
-	t.Helper()
-	kv, err := d.jetStream(t).KeyValue(context.Background(), bucket)
+// kvEntry reads key of bucket.
+func kvEntry(js jetstream.JetStream, bucket, key string) (jetstream.KeyValueEntry, error) {
+	kv, err := js.KeyValue(context.Background(), bucket)
 	if err != nil {
 		return nil, err
 	}

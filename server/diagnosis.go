@@ -25,13 +25,13 @@ func (s *Server) fileDiagnosis(ctx context.Context, instance, commandID string, 
 	}
 	// Each run of the command sends on a subject of its own (a run cut
 	// short by a crash left chunks on its subject): <command>-<run id>.
-	stream, want := protocol.StreamDiagnosis, protocol.DiagSubject(instance, commandID)
+	want := protocol.DiagSubject(instance, commandID)
 	if run, ok := strings.CutPrefix(d.Subject, want+"-"); d.Subject != want && (!ok || !protocol.ValidToken(run)) {
 		return d, fmt.Errorf("the agent sent its bundle on %q, not %q", d.Subject, want+"-<run>")
 	}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	cons, err := s.js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{FilterSubjects: []string{d.Subject}})
+	cons, err := s.js.OrderedConsumer(ctx, protocol.StreamDiagnosis, jetstream.OrderedConsumerConfig{FilterSubjects: []string{d.Subject}})
 	if err != nil {
 		return d, fmt.Errorf("read the bundle: %w", err)
 	}
@@ -55,9 +55,9 @@ func (s *Server) fileDiagnosis(ctx context.Context, instance, commandID string, 
 	if _, err := store.Put(ctx, jetstream.ObjectMeta{Name: name, Description: "diagnosis of " + instance}, &buf); err != nil {
 		return d, fmt.Errorf("file the bundle: %w", err)
 	}
-	if st, err := s.js.Stream(ctx, stream); err == nil {
+	if st, err := s.js.Stream(ctx, protocol.StreamDiagnosis); err == nil {
 		if err := st.Purge(ctx, jetstream.WithPurgeSubject(d.Subject)); err != nil {
-			s.log.Warn().Err(err).Str("subject", d.Subject).Msg("diagnosis chunks not dropped; they age out")
+			s.log.Warn().Err(err).Str("subject", d.Subject).Msg("diagnosis chunks not dropped; they age out of FM_DIAG")
 		}
 	}
 	d.Subject, d.Chunks, d.Object = "", 0, name

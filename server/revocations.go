@@ -179,7 +179,7 @@ func (s *Server) revokeUser(ctx context.Context, instance, user string, until ti
 		// Nothing to push with (NATS is not FM's own): in force once the
 		// account is pushed, at a start of a server that can.
 		s.log.Warn().Str("instance", instance).Msg("revocation recorded; no system account connection to push it to NATS")
-	} else if err := s.pushAccount(ctx, list); err != nil {
+	} else if err := s.pushRevocations(ctx, list); err != nil {
 		return fmt.Errorf("revocation recorded but not pushed to NATS: %w", err)
 	}
 	if added {
@@ -190,11 +190,8 @@ func (s *Server) revokeUser(ctx context.Context, instance, user string, until ti
 }
 
 // pruneRevocations drops the revocations of users whose every JWT has
-// expired, and those of users minted without an expiry (by an FM from
-// before agents had an account of their own: users of the FM account
-// signed with a key it no longer names).
+// expired.
 func pruneRevocations(doc *settingsDoc, now time.Time) {
-	doc.Revocations = nil
 	for user, until := range doc.Expiring {
 		if time.Unix(until, 0).Add(revocationSkew).Before(now) {
 			delete(doc.Expiring, user)
@@ -202,25 +199,27 @@ func pruneRevocations(doc *settingsDoc, now time.Time) {
 	}
 }
 
-func (s *Server) pushAccount(ctx context.Context, list map[string]int64) error {
-	if s.cfg.SystemConn == nil {
-		return errors.New("no system account connection")
-	}
+// pushRevocations pushes the agents' account with list through the system
+// connection (which the caller checked there is).
+func (s *Server) pushRevocations(ctx context.Context, list map[string]int64) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	return s.cfg.Authority.Push(ctx, s.cfg.SystemConn, list)
+	return s.cfg.Authority.PushRevocations(ctx, s.cfg.SystemConn, list)
 }
 
-// syncAccount pushes the account with the recorded revocations once the
-// server starts, retrying until it is through, so that a revocation whose
-// push failed is in force after a restart.
+// syncAccount pushes every account, the agents' with the recorded
+// revocations, once the server starts, retrying until it is through: the
+// accounts as this version declares them are in force, and so is a
+// revocation whose push failed.
 func (s *Server) syncAccount(ctx context.Context) {
 	if s.cfg.Authority == nil || s.cfg.SystemConn == nil {
 		return
 	}
 	for {
 		doc, _, _ := s.st.settings.get(revocationsKey)
-		err := s.pushAccount(ctx, doc.revoked())
+		pushCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := s.cfg.Authority.Push(pushCtx, s.cfg.SystemConn, doc.revoked())
+		cancel()
 		if err == nil {
 			return
 		}

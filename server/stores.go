@@ -40,12 +40,11 @@ type settingsDoc struct {
 	Credentials *api.CloudCredentials `json:"credentials,omitempty"`
 	// Expiring are the NATS users revoked, under revocationsKey (public
 	// key → when their last JWT expires, unix): revoked as of then, dropped
-	// after (revocations.go). Revocations are those an FM from before
-	// agents had an account of their own revoked, minted without an
-	// expiry: read, no longer pushed (their account no longer names the
-	// key that signed them), dropped at the next write.
-	Revocations map[string]int64 `json:"revocations,omitempty"`
-	Expiring    map[string]int64 `json:"expiring,omitempty"`
+	// after (revocations.go). A document from an FM before agents had an
+	// account of their own also holds "revocations", of users minted
+	// without an expiry: no longer read (their account no longer names the
+	// key that signed them), gone at the next write.
+	Expiring map[string]int64 `json:"expiring,omitempty"`
 }
 
 func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log zerolog.Logger) (*stores, error) {

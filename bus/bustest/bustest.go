@@ -127,12 +127,8 @@ func (s *Server) Connect(t testing.TB) *nats.Conn {
 // until the test ends: for tests of an agent without a server.
 func (s *Server) ServeCommandConsumers(t testing.TB) {
 	t.Helper()
-	nc := s.Connect(t)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = nc.Subscribe(protocol.SubjectAllCmdFrom, func(m *nats.Msg) {
+	js := s.JetStream(t)
+	_, err := js.Conn().Subscribe(protocol.SubjectAllCmdFrom, func(m *nats.Msg) {
 		var req protocol.CommandsFromRequest
 		var resp protocol.CommandsFromResponse
 		if err := protocol.Decode(m.Data, &req); err != nil {

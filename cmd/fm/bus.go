@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/internal/natsauth"
 	"github.com/fleetmanager/fm/internal/pki"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/nats-io/jwt/v2"
@@ -141,7 +142,7 @@ func (b *busConn) connect(cc bus.ConnectConfig, name string, sec *security, log 
 		if err != nil {
 			return fmt.Errorf("--nats-creds: %w", err)
 		}
-		if !sec.authority.CredsCurrent(b) {
+		if sec.authority.CredsAccount(b) != natsauth.AccountFM {
 			return usageError{fmt.Errorf("--nats-creds %s: these credentials are not valid with the NATS authority in --nats-authority "+
 				"(made before FM gave agents and read-only operators NATS accounts of their own?): make new ones with fm nats-creds --role admin", cc.CredsFile)}
 		}

@@ -85,19 +85,20 @@ func (s *security) scheme() string {
 
 // operatorCreds makes sure dir/nats-<role>.creds holds NATS credentials for
 // an operator (role readonly or admin), for the NATS CLI, and returns its
-// path. An existing file is kept unless its credentials were revoked when
-// agents and read-only operators got NATS accounts of their own (with
-// those, JetStream's answers could be sent into FM's keys).
+// path. An existing file is kept if its credentials are of the role's
+// account and still valid (not those of before agents and read-only
+// operators got NATS accounts of their own, with which JetStream's answers
+// could be sent into FM's keys).
 func (s *security) operatorCreds(dir, role string) (string, error) {
 	path := filepath.Join(dir, "nats-"+role+".creds")
-	if b, err := os.ReadFile(path); err == nil && s.authority.CredsCurrent(b) && (role != "readonly" || s.authority.IsReaderCreds(b)) {
-		return path, nil
+	account, mint := natsauth.AccountFM, func() ([]byte, string, error) {
+		return s.authority.Creds("operator-"+role, jwt.Permissions{}, time.Time{}) // admin: everything
 	}
-	mint := func() ([]byte, string, error) {
-		return s.authority.Creds("operator-"+role, jwt.Permissions{}, time.Time{})
-	} // admin: everything
 	if role == "readonly" {
-		mint = func() ([]byte, string, error) { return s.authority.ReaderCreds("operator-"+role, time.Time{}) }
+		account, mint = natsauth.AccountReaders, func() ([]byte, string, error) { return s.authority.ReaderCreds("operator-"+role, time.Time{}) }
+	}
+	if b, err := os.ReadFile(path); err == nil && s.authority.CredsAccount(b) == account {
+		return path, nil
 	}
 	creds, _, err := mint()
 	if err != nil {

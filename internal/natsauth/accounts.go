@@ -1,6 +1,7 @@
 package natsauth
 
 import (
+	"slices"
 	"strings"
 	"time"
 
@@ -33,11 +34,12 @@ type account struct {
 // accounts are the accounts the authority signs, FM's first: the others
 // import from it.
 func (a *Authority) accounts() []account {
-	return []account{
-		{"FM", a.accountPub, a.fmAccountJWT},
-		{"AGENTS", a.agentsPub, a.agentsAccountJWT},
-		{"READERS", a.readersPub, a.readersAccountJWT},
-	}
+	return []account{{AccountFM, a.accountPub, a.fmAccountJWT}, a.agentsAccount(), {AccountReaders, a.readersPub, a.readersAccountJWT}}
+}
+
+// agentsAccount is the one account revocations change.
+func (a *Authority) agentsAccount() account {
+	return account{AccountAgents, a.agentsPub, a.agentsAccountJWT}
 }
 
 // AgentsAccountJWT is the agents' account's JWT with the revocations
@@ -126,40 +128,44 @@ const (
 	desiredStream = "KV_" + protocol.BucketDesired
 )
 
-// exports are what the FM account offers the others, none overlapping
-// another: the agents' subjects (their requests), read-only JetStream
-// requests, and what FM publishes that others may receive.
-var exports = []export{
-	service("fm.evt.>"), service("fm.log.>"), service("fm.diag.>"), service("fm.hb.>"), service("fm.renew.>"), service("fm.cmdfrom.>"),
-	service(protocol.KVSubject(protocol.BucketAgents, ">")),
-	service(jsAPI + "INFO"), service(jsAPI + "STREAM.INFO.>"), service(jsAPI + "STREAM.LIST"), service(jsAPI + "STREAM.NAMES"),
-	service(jsAPI + "CONSUMER.INFO.>"), service(jsAPI + "CONSUMER.LIST.>"), service(jsAPI + "CONSUMER.NAMES.>"),
-	service(jsAPI + "DIRECT.GET.>"), service(jsAPI + "STREAM.MSG.GET.>"),
-	streamed(jsAPI + "CONSUMER.MSG.NEXT." + protocol.StreamCommands + ".>"),
-	stream("fm.>"),
-}
+// Building blocks of the exports and imports below.
+var (
+	// agentsPublish are the subjects agents publish on, their requests.
+	agentsPublish = []export{
+		service("fm.evt.>"), service("fm.log.>"), service("fm.diag.>"), service("fm.hb.>"), service("fm.renew.>"), service("fm.cmdfrom.>"),
+		service(protocol.KVSubject(protocol.BucketAgents, ">")),
+	}
+	// looking are the JetStream requests that change nothing and make no
+	// consumer.
+	looking = []export{
+		service(jsAPI + "INFO"), service(jsAPI + "STREAM.INFO.>"), service(jsAPI + "STREAM.LIST"), service(jsAPI + "STREAM.NAMES"),
+		service(jsAPI + "CONSUMER.INFO.>"), service(jsAPI + "CONSUMER.LIST.>"), service(jsAPI + "CONSUMER.NAMES.>"),
+		service(jsAPI + "DIRECT.GET.>"), service(jsAPI + "STREAM.MSG.GET.>"),
+	}
+	commandPulls = streamed(jsAPI + "CONSUMER.MSG.NEXT." + protocol.StreamCommands + ".>")
+)
 
-// agentImports are what the agents' account takes of the exports; each
-// agent's permissions narrow them to its own instance.
-var agentImports = []export{
-	service("fm.evt.>"), service("fm.log.>"), service("fm.diag.>"), service("fm.hb.>"), service("fm.renew.>"), service("fm.cmdfrom.>"),
-	service(protocol.KVSubject(protocol.BucketAgents, ">")),
+// exports are what the FM account offers the others, none overlapping
+// another: the agents' requests, JetStream requests that only look, pulls
+// from agents' command consumers, and what FM publishes that others may
+// receive.
+var exports = slices.Concat(agentsPublish, looking, []export{commandPulls, stream("fm.>")})
+
+// agentImports are what the agents' account takes of the exports, the
+// JetStream ones narrowed to the streams agents read; each agent's
+// permissions narrow them to its own instance.
+var agentImports = slices.Concat(agentsPublish, []export{
 	service(jsAPI + "DIRECT.GET." + desiredStream + ".>"),
 	service(jsAPI + "CONSUMER.INFO." + protocol.StreamCommands + ".>"),
-	streamed(jsAPI + "CONSUMER.MSG.NEXT." + protocol.StreamCommands + ".>"),
+	commandPulls,
 	service(jsAPI + "STREAM.INFO." + kitsStream),
 	service(jsAPI + "DIRECT.GET." + kitsStream), service(jsAPI + "DIRECT.GET." + kitsStream + ".>"),
 	stream("fm.desired.>"),
-}
+})
 
 // readerImports are what the read-only operators' account takes: looking,
 // with no consumer.
-var readerImports = []export{
-	service(jsAPI + "INFO"), service(jsAPI + "STREAM.INFO.>"), service(jsAPI + "STREAM.LIST"), service(jsAPI + "STREAM.NAMES"),
-	service(jsAPI + "CONSUMER.INFO.>"), service(jsAPI + "CONSUMER.LIST.>"), service(jsAPI + "CONSUMER.NAMES.>"),
-	service(jsAPI + "DIRECT.GET.>"), service(jsAPI + "STREAM.MSG.GET.>"),
-	stream("fm.>"),
-}
+var readerImports = append(slices.Clone(looking), stream("fm.>"))
 
 func allow(subjects ...string) jwt.Permission { return jwt.Permission{Allow: subjects} }
 

@@ -279,11 +279,21 @@ func userJWT(issuer nkeys.KeyPair, issuerAccount, name, pub string, perms jwt.Pe
 	return tok, nil
 }
 
-// Push sends the accounts' JWTs, with revocations (of agents' keys), to
-// the servers through a connection of the system account, and waits for
-// each answer.
+// Push sends every account's JWT, the agents' with revocations (of
+// agents' keys), to the servers through a connection of the system
+// account, and waits for each answer: at a server's start.
 func (a *Authority) Push(ctx context.Context, sys *nats.Conn, revocations map[string]int64) error {
-	for _, acc := range a.accounts() {
+	return a.push(ctx, sys, a.accounts(), revocations)
+}
+
+// PushRevocations sends the agents' account's JWT with revocations: the
+// only one they change.
+func (a *Authority) PushRevocations(ctx context.Context, sys *nats.Conn, revocations map[string]int64) error {
+	return a.push(ctx, sys, []account{a.agentsAccount()}, revocations)
+}
+
+func (a *Authority) push(ctx context.Context, sys *nats.Conn, accounts []account, revocations map[string]int64) error {
+	for _, acc := range accounts {
 		claims, err := acc.claims(revocations)
 		if err != nil {
 			return err
@@ -305,51 +315,35 @@ func (a *Authority) Push(ctx context.Context, sys *nats.Conn, revocations map[st
 	return nil
 }
 
-// CredsCurrent says whether creds are good with this authority: a user of
-// the agents' or readers' account, or one of the FM account signed with its
-// current signing key (those before the agents' and readers' accounts are
-// not: complete).
-func (a *Authority) CredsCurrent(creds []byte) bool {
-	tok, err := jwt.ParseDecoratedJWT(creds)
-	if err != nil {
-		return false
-	}
-	uc, err := jwt.DecodeUserClaims(tok)
-	if err != nil {
-		return false
-	}
-	switch uc.Issuer {
-	case a.agentsPub, a.readersPub:
-		return true
-	case a.signingPub:
-		return uc.IssuerAccount == a.accountPub
-	}
-	return false
-}
+// Account names, as CredsAccount tells them.
+const (
+	AccountFM      = "FM"
+	AccountAgents  = "AGENTS"
+	AccountReaders = "READERS"
+)
 
-// IsReaderCreds says whether creds are a user of the read-only operators'
-// account (those minted before it existed are FM account users).
-func (a *Authority) IsReaderCreds(creds []byte) bool {
+// CredsAccount is the account whose user creds are, if they are valid with
+// this authority; "" otherwise. Users of the FM account signed before the
+// agents' and readers' accounts existed are not (seeds.complete).
+func (a *Authority) CredsAccount(creds []byte) string {
 	tok, err := jwt.ParseDecoratedJWT(creds)
 	if err != nil {
-		return false
+		return ""
 	}
 	uc, err := jwt.DecodeUserClaims(tok)
-	return err == nil && uc.Issuer == a.readersPub
+	if err != nil {
+		return ""
+	}
+	switch {
+	case uc.Issuer == a.agentsPub:
+		return AccountAgents
+	case uc.Issuer == a.readersPub:
+		return AccountReaders
+	case uc.Issuer == a.signingPub && uc.IssuerAccount == a.accountPub:
+		return AccountFM
+	}
+	return ""
 }
 
 // CredsFile writes creds to path with mode 0600.
 func CredsFile(path string, creds []byte) error { return atomicfile.WriteFile(path, creds, 0o600) }
-
-// PublicKeyOf returns the public key of a creds file's user.
-func PublicKeyOf(creds []byte) (string, error) {
-	tok, err := jwt.ParseDecoratedJWT(creds)
-	if err != nil {
-		return "", err
-	}
-	uc, err := jwt.DecodeUserClaims(tok)
-	if err != nil {
-		return "", err
-	}
-	return uc.Subject, nil
-}

@@ -378,7 +378,7 @@ func TestRevokedAgentIsDisconnectedAndStaysOut(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := r.auth.Push(ctx, sys, map[string]int64{pub: time.Now().Unix()}); err != nil {
+	if err := r.auth.PushRevocations(ctx, sys, map[string]int64{pub: time.Now().Unix()}); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -416,8 +416,10 @@ func TestReadOnlyOperator(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !r.auth.IsReaderCreds(creds) || r.auth.IsReaderCreds(mustCreds(t, r, "admin")) {
-		t.Fatal("IsReaderCreds does not tell a reader from an admin")
+	agentCreds, _ := r.agentCreds("in-a")
+	if r.auth.CredsAccount(creds) != natsauth.AccountReaders || r.auth.CredsAccount(mustCreds(t, r, "admin")) != natsauth.AccountFM ||
+		r.auth.CredsAccount(agentCreds) != natsauth.AccountAgents {
+		t.Fatal("CredsAccount does not tell a reader from an admin")
 	}
 	ro, err := r.connectCreds(creds, "", errs)
 	if err != nil {
@@ -591,15 +593,15 @@ func TestAnAuthorityFromBeforeTheAgentsAccount(t *testing.T) {
 	if _, err := js.Publish(ctx, protocol.EventSubject("in-u", protocol.EventStep), []byte("e")); err != nil {
 		t.Fatalf("an agent after the upgrade: %v", err)
 	}
-	if again.CredsCurrent(legacy) || !again.CredsCurrent(mustCreds(t, r, "new-admin")) {
-		t.Fatal("CredsCurrent does not tell credentials of the old signing key from current ones")
+	if again.CredsAccount(legacy) != "" || again.CredsAccount(mustCreds(t, r, "new-admin")) != natsauth.AccountFM {
+		t.Fatal("CredsAccount does not tell credentials of the old signing key from current ones")
 	}
 	if _, err := r.connectCreds(legacy, "", nil); err == nil {
 		t.Fatal("credentials of the FM account minted before the upgrade connected")
 	}
 	// Opened again, nothing changes: the signing key is new once.
 	third, err := natsauth.Open(filepath.Join(dir, "auth"))
-	if err != nil || !third.CredsCurrent(mustCreds(t, r, "admin-2")) {
+	if err != nil || third.CredsAccount(mustCreds(t, r, "admin-2")) != natsauth.AccountFM {
 		t.Fatalf("reopened: %v", err)
 	}
 }

@@ -75,27 +75,24 @@ func Open(ctx context.Context, js jetstream.JetStream, bucket, name string, idle
 	if info.NUID == "" {
 		return nil, fmt.Errorf("object %s in %s: %w", name, bucket, jetstream.ErrBadObjectMeta)
 	}
-	if err := Complete(ctx, js, bucket, info); errors.Is(err, ErrIncomplete) {
+	stream, err := js.Stream(ctx, "OBJ_"+bucket)
+	if err != nil {
+		return nil, fmt.Errorf("object store %s: %w", bucket, err)
+	}
+	if err := complete(ctx, stream, bucket, info); errors.Is(err, ErrIncomplete) {
 		// Replaced meanwhile (a Put of the same name purges the chunks of
 		// the one it replaces once its own are in): the new one, once.
 		again, gerr := store.GetInfo(ctx, name)
 		if gerr != nil || again.NUID == info.NUID {
 			return nil, err
 		}
-		if info = again; Complete(ctx, js, bucket, info) != nil {
+		if info = again; complete(ctx, stream, bucket, info) != nil {
 			return nil, err
 		}
 	} else if err != nil {
 		return nil, err
 	}
-	r := &Reader{ctx: ctx, chunk: chunkSubject(bucket, info.NUID), idle: idle, name: name, info: info, digest: sha256.New()}
-	if info.Chunks == 0 {
-		return r, nil
-	}
-	if r.stream, err = js.Stream(ctx, "OBJ_"+bucket); err != nil {
-		return nil, fmt.Errorf("object store %s: %w", bucket, err)
-	}
-	return r, nil
+	return &Reader{ctx: ctx, stream: stream, chunk: chunkSubject(bucket, info.NUID), idle: idle, name: name, info: info, digest: sha256.New()}, nil
 }
 
 func chunkSubject(bucket, nuid string) string { return "$O." + bucket + ".C." + nuid }
@@ -109,6 +106,13 @@ func Complete(ctx context.Context, js jetstream.JetStream, bucket string, info *
 	stream, err := js.Stream(ctx, "OBJ_"+bucket)
 	if err != nil {
 		return fmt.Errorf("object store %s: %w", bucket, err)
+	}
+	return complete(ctx, stream, bucket, info)
+}
+
+func complete(ctx context.Context, stream jetstream.Stream, bucket string, info *jetstream.ObjectInfo) error {
+	if info.Chunks == 0 {
+		return nil
 	}
 	chunks := chunkSubject(bucket, info.NUID)
 	si, err := stream.Info(ctx, jetstream.WithSubjectFilter(chunks))
