@@ -69,6 +69,17 @@ type Agent struct {
 	firstTryGen uint64
 
 	crash crashpoint.Hook
+
+	// commandsReconnected tells the command consumer that the connection
+	// came back: the bus may have restarted without it (it is in memory).
+	commandsReconnected chan struct{}
+	// conn is nc, for BusStatistics from other goroutines.
+	conn atomic.Pointer[nats.Conn]
+
+	// convergeTo and execute do the machine's work: a.converge and
+	// a.runCommand, or a simulated machine's (Config.Simulated).
+	convergeTo func(ctx context.Context, d *protocol.DesiredState) error
+	execute    func(ctx context.Context, cmd protocol.Command) commandResult
 }
 
 // New checks the configuration and prepares the agent's folders. It does
@@ -79,6 +90,10 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
 	a := &Agent{cfg: cfg, crash: cfg.Crash}
+	a.convergeTo, a.execute = a.converge, a.runCommand
+	if cfg.Simulated {
+		a.convergeTo, a.execute = a.simulateConverge, a.simulateCommand
+	}
 	a.nominalVolume.Store(cfg.DataVolumeBytes)
 	a.ship = newLogShipper(cfg.Instance, cfg.Logger)
 	a.m = newMachine(cfg, zerolog.Nop())
@@ -87,16 +102,18 @@ func New(cfg Config) (*Agent, error) {
 			return nil, fmt.Errorf("agent: %w", err)
 		}
 	}
-	logFile, err := openRotating(a.m.agentLogPath(), 10<<20)
-	if err != nil {
-		return nil, fmt.Errorf("agent: log file: %w", err)
-	}
-	a.logFile = logFile
 	// The agent's own log goes where the caller's logger writes, to a
 	// rotating file on the machine (for diagnosis bundles) and to FM_LOGS.
 	log := cfg.Logger
-	if cfg.LogOutput != nil {
-		log = log.Output(io.MultiWriter(cfg.LogOutput, logFile, sourceWriter{a.ship, protocol.LogSourceAgent}))
+	if !cfg.Simulated {
+		logFile, err := openRotating(a.m.agentLogPath(), 10<<20)
+		if err != nil {
+			return nil, fmt.Errorf("agent: log file: %w", err)
+		}
+		a.logFile = logFile
+		if cfg.LogOutput != nil {
+			log = log.Output(io.MultiWriter(cfg.LogOutput, logFile, sourceWriter{a.ship, protocol.LogSourceAgent}))
+		}
 	}
 	a.log = log.With().Str("component", "agent").Str("instance", cfg.Instance).Logger()
 	a.m.log = a.log
@@ -127,13 +144,17 @@ func (a *Agent) Run(ctx context.Context) error {
 		current = a.currentCreds
 	}
 	reconnected := make(chan struct{}, 1)
+	a.commandsReconnected = make(chan struct{}, 1)
+	beatAgain := make(chan struct{}, 1)
 	nc, err := bus.Connect(bus.ConnectConfig{
 		URL: a.cfg.NATSURL, CredsFile: a.cfg.CredsFile, CurrentCreds: current, TLS: tlsConf, Name: "fm-agent " + a.cfg.Instance,
 		InboxPrefix: protocol.InboxPrefix(a.cfg.Instance), RetryOnFailedConnect: true,
 		OnConnect: func() {
-			select {
-			case reconnected <- struct{}{}:
-			default:
+			for _, ch := range []chan struct{}{reconnected, a.commandsReconnected, beatAgain} {
+				select {
+				case ch <- struct{}{}:
+				default:
+				}
 			}
 		},
 		Logger: a.log,
@@ -142,12 +163,14 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("agent: %w", err)
 	}
 	a.nc = nc
+	a.conn.Store(nc)
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
 	a.js = js
 	a.rep = newReporter(a.cfg.Instance, a.cfg.Version, nc, js, a.cfg.StatusRefresh, a.log)
+	a.rep.reconnected = beatAgain
 	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.MachineRequest = a.cfg.MachineRequest })
 	a.kits = &kits{m: a.m, http: &http.Client{}, open: func(ctx context.Context, name string) (kitObject, error) {
 		r, err := objects.Open(ctx, js, protocol.ObjectStoreKits, name, kitChunkWait)
@@ -169,22 +192,26 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer func() { _ = sub.Unsubscribe() }()
 
 	a.log.Info().Str("version", a.cfg.Version).Str("root", a.cfg.RootDir).Str("data", a.cfg.DataDir).Msg("agent started")
-	a.refreshDSSState(ctx)
-	var wg sync.WaitGroup
-	for _, fn := range []func(context.Context){
+	parts := []func(context.Context){
 		func(ctx context.Context) { a.desired.run(ctx, reconnected) },
 		a.convergeLoop,
 		a.runCommands,
 		func(ctx context.Context) { a.renewCredentials(ctx, tlsConf) },
 		a.rep.run,
 		a.rep.heartbeats,
-		a.watchdog,
 		a.measure,
-		func(ctx context.Context) { a.ship.run(ctx, nc) },
-		func(ctx context.Context) {
-			a.ship.tail(ctx, protocol.LogSourceDSS, a.m.dssLogPath(), filepath.Join(a.m.stateDir, "log-offsets.json"), a.m.openDSSLog)
-		},
-	} {
+	}
+	if !a.cfg.Simulated {
+		a.refreshDSSState(ctx)
+		parts = append(parts,
+			a.watchdog,
+			func(ctx context.Context) { a.ship.run(ctx, nc) },
+			func(ctx context.Context) {
+				a.ship.tail(ctx, protocol.LogSourceDSS, a.m.dssLogPath(), filepath.Join(a.m.stateDir, "log-offsets.json"), a.m.openDSSLog)
+			})
+	}
+	var wg sync.WaitGroup
+	for _, fn := range parts {
 		wg.Add(1)
 		go func() { defer wg.Done(); fn(ctx) }()
 	}
@@ -200,6 +227,15 @@ func (a *Agent) Run(ctx context.Context) error {
 		return nil
 	}
 	return ctx.Err()
+}
+
+// BusStatistics are the messages and bytes the agent's bus connection has
+// sent and received (zero before Run connects).
+func (a *Agent) BusStatistics() nats.Statistics {
+	if nc := a.conn.Load(); nc != nil {
+		return nc.Stats()
+	}
+	return nats.Statistics{}
 }
 
 // Close releases the connection and the log file.

@@ -72,7 +72,7 @@ type Config struct {
 
 	// Timings; zero values take the defaults.
 	HealthInterval  time.Duration `json:"-"` // how often DSS is checked (10s)
-	StatusRefresh   time.Duration `json:"-"` // rewrite the status at least this often (5m)
+	StatusRefresh   time.Duration `json:"-"` // rewrite an unchanged status this often, within fm_agents' TTL (20m)
 	DSSStartTimeout time.Duration `json:"-"` // how long DSS may take to answer (10m)
 	DSSStopTimeout  time.Duration `json:"-"` // after this, DSS is killed (60s)
 	FactsInterval   time.Duration `json:"-"` // how often the machine is measured (30s)
@@ -82,6 +82,18 @@ type Config struct {
 
 	// Crash is passed every crash point of the agent's work (tests).
 	Crash crashpoint.Hook `json:"-"`
+
+	// Simulated makes an agent of a fleet simulator (fm bench fleet): it
+	// joins, follows its desired state, pulls and answers its commands,
+	// reports status, events and heartbeats and renews its credentials like
+	// any agent, but touches no machine. Every generation is reached at
+	// once with DSS reported running, the commands that only change DSS's
+	// run state succeed without doing anything, the simulated DSS's
+	// credentials are made at random and answered, and what needs a real
+	// DSS (a password reset, a diagnosis) fails as unimplemented. It
+	// measures its folders as a machine, keeps no log file and ships no DSS
+	// log.
+	Simulated bool `json:"-"`
 
 	// Version is the agent's version, reported in status and heartbeats.
 	Version string `json:"-"`
@@ -136,7 +148,7 @@ func (c *Config) setDefaults() {
 		}
 	}
 	def(&c.HealthInterval, 10*time.Second)
-	def(&c.StatusRefresh, 5*time.Minute)
+	def(&c.StatusRefresh, 20*time.Minute)
 	def(&c.DSSStartTimeout, 10*time.Minute)
 	def(&c.DSSStopTimeout, 60*time.Second)
 	def(&c.FactsInterval, 30*time.Second)

@@ -135,7 +135,7 @@ func (a *Agent) convergeLoop(ctx context.Context) {
 		if d.Generation != failedGen {
 			failedGen, attempts = 0, 0
 		}
-		err := a.converge(ctx, d)
+		err := a.convergeTo(ctx, d)
 		if err == nil || ctx.Err() != nil {
 			continue
 		}

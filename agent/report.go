@@ -2,10 +2,8 @@ package agent
 
 import (
 	"context"
-	"crypto/rand"
 	"encoding/json"
 	"errors"
-	"math/big"
 	"sync"
 	"time"
 
@@ -39,14 +37,21 @@ type reporter struct {
 	wake    chan struct{} // something to send
 	sent    chan struct{} // closed, and replaced, when the outbox shrinks
 	hbEvery time.Duration
-	hbSeq   uint64
-	started time.Time
+	facts   *protocol.MachineFacts // the last measurement, whole, for heartbeats
+	// hbChanged wakes the heartbeats when hbEvery changes, so that a
+	// shorter interval does not wait out the longer one.
+	hbChanged chan struct{}
+	// reconnected makes the next heartbeat go within a second: FM learns
+	// that the agent is back without waiting a whole interval.
+	reconnected chan struct{}
+	hbSeq       uint64
+	started     time.Time
 }
 
 func newReporter(instance, version string, nc *nats.Conn, js jetstream.JetStream, refresh time.Duration, log zerolog.Logger) *reporter {
 	return &reporter{
 		instance: instance, version: version, nc: nc, js: js, log: log, refresh: refresh,
-		wake: make(chan struct{}, 1), sent: make(chan struct{}), hbEvery: 10 * time.Second, started: time.Now(),
+		wake: make(chan struct{}, 1), sent: make(chan struct{}), hbEvery: 10 * time.Second, hbChanged: make(chan struct{}, 1), started: time.Now(),
 		status: protocol.AgentStatus{Instance: instance, AgentVersion: version, Phase: protocol.PhaseConverging,
 			DSS: protocol.DSSStatus{State: protocol.DSSAbsent}},
 	}
@@ -131,10 +136,36 @@ func (r *reporter) currentStatus() protocol.AgentStatus {
 	return r.status
 }
 
+// setFacts keeps the machine's last measurement for the heartbeats, and
+// puts in the status only what changes seldom (statusFacts).
+func (r *reporter) setFacts(f protocol.MachineFacts) {
+	r.mu.Lock()
+	r.facts = &f
+	r.mu.Unlock()
+	r.updateStatus(func(s *protocol.AgentStatus) { s.Machine = statusFacts(f) })
+}
+
+// statusFacts are the machine facts the status keeps: the data volume's
+// size, its use rounded down to 1/200 of it (at least 1 MiB), and the
+// memory's total. Load, free memory and uptime change at every
+// measurement; heartbeats carry them.
+func statusFacts(f protocol.MachineFacts) protocol.MachineFacts {
+	step := max(f.DataVolumeBytes/200, 1<<20)
+	return protocol.MachineFacts{DataVolumeBytes: f.DataVolumeBytes, DataVolumeUsedBytes: f.DataVolumeUsedBytes / step * step,
+		MemTotalBytes: f.MemTotalBytes}
+}
+
 func (r *reporter) setHeartbeat(every time.Duration) {
 	r.mu.Lock()
+	changed := r.hbEvery != every
 	r.hbEvery = every
 	r.mu.Unlock()
+	if changed {
+		select {
+		case r.hbChanged <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // run sends queued events and status changes until ctx ends. While the bus
@@ -247,13 +278,20 @@ func (r *reporter) heartbeats(ctx context.Context) {
 		every := r.hbEvery
 		r.mu.Unlock()
 		jitter := time.Duration(0)
-		if span := int64(every / 5); span > 0 {
-			n, _ := rand.Int(rand.Reader, big.NewInt(span))
-			jitter = time.Duration(n.Int64()) - every/10
+		if span := every / 5; span > 0 {
+			jitter = randomDuration(span) - every/10
 		}
 		select {
 		case <-ctx.Done():
 			return
+		case <-r.hbChanged:
+			continue // a new interval starts now
+		case <-r.reconnected:
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(randomDuration(time.Second)):
+			}
 		case <-time.After(every + jitter):
 		}
 		if !r.nc.IsConnected() {
@@ -263,7 +301,8 @@ func (r *reporter) heartbeats(ctx context.Context) {
 		r.mu.Lock()
 		r.hbSeq++
 		hb := protocol.Heartbeat{Instance: r.instance, Seq: r.hbSeq, Time: time.Now().UTC(),
-			Generation: st.Generation, DSS: st.DSS.State, AgentVersion: r.version}
+			Generation: st.Generation, DSS: st.DSS.State, AgentVersion: r.version, Machine: r.facts,
+			EverySeconds: int(every / time.Second)}
 		r.mu.Unlock()
 		if data, err := protocol.Encode(&hb); err == nil {
 			_ = r.nc.Publish(protocol.HeartbeatSubject(r.instance), data)

@@ -167,7 +167,7 @@ func (a *Agent) measure(ctx context.Context) {
 	armed := true
 	for {
 		f := a.machineFacts(started)
-		a.rep.updateStatus(func(s *protocol.AgentStatus) { s.Machine = f })
+		a.rep.setFacts(f)
 		if f.DataVolumeBytes > 0 {
 			used := float64(f.DataVolumeUsedBytes) / float64(f.DataVolumeBytes)
 			switch {

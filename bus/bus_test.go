@@ -3,6 +3,7 @@ package bus_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -332,5 +333,39 @@ func TestANoisyInstanceKeepsToItsShare(t *testing.T) {
 				t.Fatalf("the quiet instance holds %d of its 5 messages, the noisy one %d of its 2000", q, n)
 			}
 		})
+	}
+}
+
+// TestMoreThanAThousandAgentsHaveCommandConsumers: NATS allows 1,000
+// consumers per stream by default; the embedded bus lifts it, since every
+// agent has a command consumer.
+func TestMoreThanAThousandAgentsHaveCommandConsumers(t *testing.T) {
+	srv := bustest.Run(t)
+	js := srv.JetStream(t)
+	for i := range 1001 {
+		if _, err := bus.MakeCommandConsumer(ctx(t), js, fmt.Sprintf("in-many%05d", i), 0); err != nil {
+			t.Fatalf("consumer %d: %v", i+1, err)
+		}
+	}
+}
+
+// TestCommandsTakeAConsumerPerAgentOnAnyBus: FM_COMMANDS declares its own
+// consumer bound (an external bus keeps NATS's default of 1,000), also on a
+// stream made before it did.
+func TestCommandsTakeAConsumerPerAgentOnAnyBus(t *testing.T) {
+	srv := bustest.RunBare(t)
+	js := srv.JetStream(t)
+	if _, err := js.CreateStream(ctx(t), jetstream.StreamConfig{Name: protocol.StreamCommands, Subjects: []string{protocol.SubjectAllCommands}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := bus.DefaultTopology().Declare(ctx(t), js); err != nil {
+		t.Fatal(err)
+	}
+	st, err := js.Stream(ctx(t), protocol.StreamCommands)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := st.CachedInfo().Config.MaxConsumers; got != bus.MaxCommandConsumers {
+		t.Fatalf("FM_COMMANDS allows %d consumers, want %d", got, bus.MaxCommandConsumers)
 	}
 }

@@ -11,6 +11,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
+// MaxCommandConsumers bounds FM_COMMANDS's consumers: one per agent.
+const MaxCommandConsumers = 1_000_000
+
 // Topology is the JetStream layout FM runs on. Its zero value is not useful;
 // start from DefaultTopology.
 type Topology struct {
@@ -92,7 +95,7 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 	joins.TTL = t.JoinTokenTTL
 	leases := state(protocol.BucketLeases, "leases that elect one active provisioner")
 	leases.TTL = t.LeaseTTL
-	agents := state(protocol.BucketAgents, "last full status per instance, written by its agent")
+	agents := state(protocol.BucketAgents, "last status per instance (phase, generation, DSS, slow machine facts), written by its agent on a change")
 	agents.TTL = t.AgentStatusTTL
 	// No delete markers when a status ages out: NATS allows roll-ups on a
 	// stream that leaves them, and every agent writes here
@@ -165,6 +168,9 @@ func (t Topology) Streams() []jetstream.StreamConfig {
 			// Every consumer, durable ones too, goes once idle: the one the
 			// server makes for an agent does not outlive its use.
 			ConsumerLimits: jetstream.StreamConsumerLimits{InactiveThreshold: idleConsumerLimit},
+			// Each agent has a command consumer: NATS's default of 1,000 per
+			// stream would cap the fleet, on any bus.
+			MaxConsumers: MaxCommandConsumers,
 		},
 		{
 			Name: protocol.StreamEvents, Description: "progress and results from agents and the provisioner",

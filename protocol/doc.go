@@ -48,5 +48,10 @@
 //	  values sealed before ("fmsealed1:") still open. Diagnosis bundles
 //	  travel on their own stream (DiagSubject). An event is at most
 //	  MaxEventBytes encoded (EncodeEvent cuts it to fit); logs come from
-//	  LogSources only.
+//	  LogSources only. A heartbeat's machine facts (whole); an agent's
+//	  status keeps only the machine facts that change seldom (the data
+//	  volume's size and its use to 1/200 of it, the memory's total), so
+//	  that a fleet at rest does not rewrite fm_agents (an older FM reads
+//	  the status's figures rounded, and no load, free memory or uptime). A
+//	  heartbeat's interval (EverySeconds).
 package protocol

@@ -349,6 +349,14 @@ type Heartbeat struct {
 	Generation   uint64    `json:"generation"`
 	DSS          DSSState  `json:"dss"`
 	AgentVersion string    `json:"agentVersion"`
+	// Machine is the agent's last measurement of its machine, whole: the
+	// status (AgentStatus.Machine) keeps only what changes seldom, so that
+	// it is rewritten on a change, not on every measurement.
+	Machine *MachineFacts `json:"machine,omitempty"`
+	// EverySeconds is the interval the agent beats at (its desired state's
+	// HeartbeatSeconds, which FM may have changed since): FM judges its
+	// silence by it.
+	EverySeconds int `json:"everySeconds,omitempty"`
 }
 
 // Validate implements Message.

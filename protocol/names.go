@@ -16,7 +16,7 @@ const (
 	BucketLabels    = "fm_labels"    // label claims, key "<kind>.<label digest>", value the owner id
 	BucketDesired   = "fm_desired"   // desired state per instance, republished on fm.desired.<instance>
 	BucketMachines  = "fm_machines"  // machine state per instance; written by the provisioner
-	BucketAgents    = "fm_agents"    // last full status per instance; written by that agent
+	BucketAgents    = "fm_agents"    // last status per instance (its slow-changing part); written by that agent
 	BucketLifecycle = "fm_lifecycle" // FM's lifecycle state per instance; written by the server
 	BucketSecrets   = "fm_secrets"   // credentials FM keeps per instance (DSS admin password, API key)
 	BucketLeases    = "fm_leases"    // leases electing one active provisioner (and scheduler)
