@@ -77,6 +77,10 @@ func (c *Client) TrustCA(caFile string) error {
 	return nil
 }
 
+// SetTransport replaces how the client's requests travel (a transport that
+// keeps more connections open for a client used by many goroutines).
+func (c *Client) SetTransport(rt http.RoundTripper) { c.http.Transport = rt }
+
 // Error is an error response of the server.
 type Error struct {
 	// Status is the HTTP status, or 0 for the error of a failed operation

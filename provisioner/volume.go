@@ -92,3 +92,14 @@ func (p *Provisioner) changeState(ctx context.Context, instance string, change f
 		}
 	}
 }
+
+// VolumeSizeGB is the size of an instance's data volume for a backend to
+// make or record: the spec's, or what it already is when larger (a volume
+// is never shrunk).
+func VolumeSizeGB(spec *protocol.MachineSpec, cur protocol.MachineState) int {
+	size := cur.VolumeSizeGB
+	if spec != nil {
+		size = max(size, spec.DataVolume.SizeGB)
+	}
+	return size
+}

@@ -25,15 +25,16 @@ const EventsConsumer = "fm-server"
 // operation. Every change is made with a revision check and is idempotent,
 // so replicas folding the same instance agree.
 type folder struct {
+	sweeps      int // sweeps done (the sweep's goroutine only)
 	mu          sync.Mutex
 	dirty       map[string]bool
 	wake        chan struct{}
-	beats       map[string]time.Time // last heartbeat per instance, this replica's view
+	beats       map[string]beat      // last heartbeat per instance, this replica's view
 	republished map[string]time.Time // last republication per operation
 }
 
 func newFolder() *folder {
-	return &folder{dirty: map[string]bool{}, wake: make(chan struct{}, 1), beats: map[string]time.Time{},
+	return &folder{dirty: map[string]bool{}, wake: make(chan struct{}, 1), beats: map[string]beat{},
 		republished: map[string]time.Time{}}
 }
 
@@ -48,7 +49,16 @@ func (s *Server) enqueue(id string) {
 	}
 }
 
-func (s *Server) lastHeartbeat(id string) time.Time {
+// beat is an instance's last heartbeat: when it came, and the machine
+// facts it carried (nil from agents before heartbeats carried them).
+type beat struct {
+	at      time.Time
+	machine *protocol.MachineFacts
+	every   time.Duration // the interval the agent says it beats at (0: not said)
+}
+
+// lastBeat is the instance's last heartbeat, as this replica saw it.
+func (s *Server) lastBeat(id string) beat {
 	s.fold.mu.Lock()
 	defer s.fold.mu.Unlock()
 	return s.fold.beats[id]
@@ -69,7 +79,7 @@ func (s *Server) runFolding(ctx context.Context) {
 			return
 		}
 		s.fold.mu.Lock()
-		s.fold.beats[id] = time.Now()
+		s.fold.beats[id] = beat{at: time.Now(), machine: h.Machine, every: time.Duration(min(max(h.EverySeconds, 0), 3600)) * time.Second}
 		s.fold.mu.Unlock()
 	})
 	if err != nil {
@@ -159,7 +169,7 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 					return err
 				}
 			}
-			s.withdrawJoinTokens(ctx, op.RequestID)
+			s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
 			return s.forgetInstance(ctx, id, lc.BasePort)
 		}
 	}
@@ -315,7 +325,7 @@ func (s *Server) settle(ctx context.Context, id string, lc lifecycle, rev uint64
 		// exchanged again. Otherwise its unused ones go (a machine that
 		// joined but lost its answer may still ask again, and report).
 		request, succeeded := op.RequestID, op.State == api.OpSucceeded
-		s.withdrawTokens(ctx, func(_ string, r joinRecord) bool { return r.Request == request && (succeeded || !r.used()) })
+		s.withdrawTokens(ctx, id, func(_ string, r joinRecord) bool { return r.Request == request && (succeeded || !r.used()) })
 	}
 	_, err := s.st.lifecycle.update(ctx, id, next, rev)
 	if errors.Is(err, errConflict) {
@@ -655,8 +665,17 @@ func (s *Server) sweep(ctx context.Context) {
 			delete(s.fold.beats, id) // deleted, maybe by another replica
 		}
 	}
+	for op, at := range s.fold.republished {
+		if now.Sub(at) >= 3*s.cfg.RepublishAfter {
+			delete(s.fold.republished, op) // shouldRepublish allows it again anyway
+		}
+	}
 	s.fold.mu.Unlock()
-	for _, op := range s.st.ops.filter(func(op opRecord) bool { return op.State == api.OpRunning && op.Instance != "" }) {
+	for _, row := range s.st.ops.rowsOf(api.OpRunning) {
+		op := row.val
+		if op.Instance == "" {
+			continue
+		}
 		if now.After(op.Deadline) {
 			_ = s.failOp(ctx, op, &api.Error{ErrorType: string(protocol.CodeDeadlineExceeded), Message: "Operation timed out",
 				DetailedMessage: op.Kind + " of " + op.Instance + " did not finish by " + op.Deadline.Format(time.RFC3339)})
@@ -701,9 +720,17 @@ func (s *Server) sweep(ctx context.Context) {
 		}
 		s.enqueue(op.Instance)
 	}
-	for _, row := range s.st.lifecycle.rows() {
-		if row.val.OpID != "" || row.val.State == stateRunning && !s.hasSecrets(row.key) {
-			s.enqueue(row.key)
+	for _, row := range s.st.lifecycle.rowsOf(lifecycleBusy) {
+		s.enqueue(row.key)
+	}
+	// Running instances whose credentials FM lacks are asked again at most
+	// every 30 s (requestSecrets): looked for every 15th sweep, not through
+	// the whole fleet every 2 s.
+	if s.fold.sweeps++; s.fold.sweeps%15 == 1 {
+		for _, row := range s.st.lifecycle.rowsOf(stateRunning) {
+			if !s.hasSecrets(row.key) {
+				s.enqueue(row.key)
+			}
 		}
 	}
 	s.settleSnapshots(ctx)
@@ -722,7 +749,7 @@ func (s *Server) endUnclaimed(ctx context.Context, op opRecord) {
 	s.log.Warn().Str("op", op.JobID).Str("instance", op.Instance).Msg("an operation that never started is ended")
 	_, _ = s.endOp(ctx, op.JobID, nil, &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation never started",
 		DetailedMessage: "the server stopped before " + op.Kind + " of " + op.Instance + " was under way; nothing was done: start it again"})
-	s.withdrawJoinTokens(ctx, op.RequestID)
+	s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
 }
 
 // ensureDesired writes the operation's desired state again if fm_desired

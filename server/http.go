@@ -101,7 +101,13 @@ func methodNotAllowed(w http.ResponseWriter, r *http.Request, allowed ...string)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
-	b, err := json.Marshal(v)
+	var b []byte
+	var err error
+	if p, ok := v.(preEncoded); ok {
+		b = p
+	} else {
+		b, err = json.Marshal(v)
+	}
 	if err != nil {
 		status = http.StatusInternalServerError
 		b, _ = json.Marshal(api.Error{ErrorType: string(protocol.CodeInternal), Message: "Internal error",

@@ -6,6 +6,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -23,13 +24,52 @@ const (
 	defaultSnapshotKeep     = 7
 )
 
+// listInstances serves GET /instances: every instance, as Dataiku's FM
+// answers, or FM's own page and filters of them (pageOf): state=S (one of
+// the lifecycle states, or several comma-separated) and label=L (a part of
+// the label, whatever its case).
 func (s *Server) listInstances(r *http.Request) (any, error) {
+	q := r.URL.Query()
+	p, err := pageOf(q)
+	if err != nil {
+		return nil, err
+	}
+	var states []string
+	if v := q.Get("state"); v != "" {
+		states = strings.Split(v, ",")
+		for _, st := range states {
+			if !slices.Contains(instanceStates, st) {
+				return nil, invalid("query parameter state: %q is not one of %s", st, strings.Join(instanceStates, ", "))
+			}
+		}
+	}
+	label := strings.ToLower(q.Get("label"))
 	all := s.st.instances.all()
+	if states != nil || label != "" {
+		kept := all[:0]
+		for _, in := range all {
+			if label != "" && !strings.Contains(strings.ToLower(in.Label), label) {
+				continue
+			}
+			if states != nil && !slices.Contains(states, s.statusOf(in.ID).State) {
+				continue
+			}
+			kept = append(kept, in)
+		}
+		all = kept
+	}
+	whole := p == page{} && states == nil && label == ""
+	all = pageRows(p, all, func(in *api.Instance) string { return in.ID })
+	// What a reader sees of an instance redaction changes is encoded for
+	// it alone, never taken from or left in the kept encodings.
+	redacted := make([]bool, len(all))
 	for i := range all {
 		s.fillInstanceLabels(&all[i])
+		before := all[i].SSLCertificatePEM
 		redactInstance(r, &all[i])
+		redacted[i] = all[i].SSLCertificatePEM != before
 	}
-	return all, nil
+	return s.listed.list(all, redacted, whole)
 }
 
 func (s *Server) getInstance(r *http.Request) (any, error) {

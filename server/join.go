@@ -247,21 +247,21 @@ func (s *Server) mintAgent(ctx context.Context, token string, rec joinRecord, pu
 	}
 	s.crash.At("server/join/previous-revoked")
 	s.recordByFM(ctx, "credentials.minted", "credentials", instance, nil)
-	s.withdrawTokens(ctx, func(id string, r joinRecord) bool {
+	s.withdrawTokens(ctx, instance, func(id string, r joinRecord) bool {
 		// Every token has the same lifetime: one that expires later was
 		// made later.
-		return r.Instance == instance && id != token && !r.Expires.After(rec.Expires)
+		return id != token && !r.Expires.After(rec.Expires)
 	})
 	return protocol.JoinResponse{JWT: tok, InstanceKey: sec.InstanceKey}, nil
 }
 
-// withdrawTokens deletes the join tokens that match; one left behind
-// expires within the hour anyway.
-func (s *Server) withdrawTokens(ctx context.Context, match func(id string, rec joinRecord) bool) {
+// withdrawTokens deletes the join tokens of the instance that match; one
+// left behind expires within the hour anyway.
+func (s *Server) withdrawTokens(ctx context.Context, instance string, match func(id string, rec joinRecord) bool) {
 	if s.cfg.Authority == nil {
 		return
 	}
-	for _, row := range s.st.joins.rows() {
+	for _, row := range s.st.joins.rowsOf(instance) {
 		if match(row.key, row.val) {
 			if err := s.st.joins.remove(ctx, row.key, row.rev); err != nil && !errors.Is(err, errConflict) && !errors.Is(err, errNotFound) {
 				s.log.Warn().Err(err).Str("instance", row.val.Instance).Msg("a join token was not withdrawn; it expires on its own")
@@ -270,13 +270,13 @@ func (s *Server) withdrawTokens(ctx context.Context, match func(id string, rec j
 	}
 }
 
-// withdrawJoinTokens deletes the unused join tokens made for a provision
-// request (its machine will not be made).
-func (s *Server) withdrawJoinTokens(ctx context.Context, request string) {
+// withdrawJoinTokens deletes the unused join tokens made for an instance's
+// provision request (its machine will not be made).
+func (s *Server) withdrawJoinTokens(ctx context.Context, instance, request string) {
 	if request == "" {
 		return
 	}
-	s.withdrawTokens(ctx, func(_ string, r joinRecord) bool { return r.Request == request && !r.used() })
+	s.withdrawTokens(ctx, instance, func(_ string, r joinRecord) bool { return r.Request == request && !r.used() })
 }
 
 // instanceBox is the box of an instance's key, nil when it has none (FM runs

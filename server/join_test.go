@@ -238,3 +238,39 @@ func TestJoinWithoutAuthority(t *testing.T) {
 		t.Fatal("no reason given")
 	}
 }
+
+// TestAJoinWithdrawsItsInstancesOlderTokens: once a machine joins, the
+// tokens made for its instance before its own go (an earlier machine's
+// must not join in its place); other instances' tokens stay.
+func TestAJoinWithdrawsItsInstancesOlderTokens(t *testing.T) {
+	f := startWithAuthority(t, time.Hour)
+	vn, tpl, _ := f.fleet()
+	im := f.addImageWithKit("dss-withdraw", "14.0.0")
+	a := f.createInstance(instanceBody("a", vn.ID, tpl.ID, im.ID)).ID
+	b := f.createInstance(instanceBody("b", vn.ID, tpl.ID, im.ID)).ID
+	tok := f.reprovision(a).Token
+	kv, err := f.env.Bus.JetStream(t).KeyValue(context.Background(), protocol.BucketJoins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	older := func(instance string) string {
+		key := "jt-older" + strings.TrimPrefix(instance, "in-")
+		rec, _ := json.Marshal(map[string]any{"instance": instance, "hash": "x", "expires": time.Now().Add(time.Minute).UTC()})
+		if _, err := kv.Put(context.Background(), key, rec); err != nil {
+			t.Fatal(err)
+		}
+		return key
+	}
+	olderA, olderB := older(a), older(b)
+	f.ok(f.joinAs(a, tok, machineKey(t)), nil)
+	deadline := time.Now().Add(10 * time.Second)
+	for _, err := kv.Get(context.Background(), olderA); err == nil; _, err = kv.Get(context.Background(), olderA) {
+		if time.Now().After(deadline) {
+			t.Fatal("an older token of the instance that joined is still there")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, err := kv.Get(context.Background(), olderB); err != nil {
+		t.Fatalf("another instance's token went: %v", err)
+	}
+}

@@ -266,7 +266,7 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 		next.Order = op.Order
 		desired, err := a.prepare(ctx, in, &next, &op, m)
 		if err != nil {
-			s.withdrawJoinTokens(ctx, op.RequestID)
+			s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
 			return api.Future{}, err
 		}
 		if op.pendingSnapshot != nil && s.cfg.OperationTimeout == 0 {
@@ -277,7 +277,7 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 		if desired != nil {
 			desired.RetryUntil = op.Deadline
 			if op.Desired, err = protocol.Encode(desired); err != nil {
-				s.withdrawJoinTokens(ctx, op.RequestID)
+				s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
 				return api.Future{}, internal(err, "the desired state could not be encoded")
 			}
 		}
@@ -288,7 +288,7 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 			next.State, next.Since = a.during, now
 		}
 		if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
-			s.withdrawJoinTokens(ctx, op.RequestID)
+			s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
 			return api.Future{}, unavailable(err, "the operation could not be recorded")
 		}
 		if sn := op.pendingSnapshot; sn != nil {
@@ -330,7 +330,7 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 			if _, uerr := s.st.lifecycle.update(ctx, in.ID, lc, claimed); uerr != nil {
 				s.log.Warn().Err(uerr).Str("instance", in.ID).Str("op", op.JobID).Msg("the instance was not given back; the sweep settles it")
 			}
-			s.withdrawJoinTokens(ctx, op.RequestID)
+			s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
 			if err == nil {
 				err = fmt.Errorf("operation %s is %s", op.JobID, cur.State)
 			}
@@ -342,7 +342,7 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 				s.log.Error().Err(err).Str("instance", in.ID).Msg("desired state not written")
 				_ = s.failOpTo(ctx, op, &api.Error{ErrorType: string(protocol.CodeUnavailable),
 					Message: "Service unavailable", DetailedMessage: "the desired state could not be written: " + err.Error()}, lc.State)
-				s.withdrawJoinTokens(ctx, op.RequestID)
+				s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
 				return api.Future{}, unavailable(err, "the desired state could not be written")
 			}
 			s.crash.At("server/act/desired-written")
@@ -400,7 +400,7 @@ func (s *Server) forgetUnstartedOp(ctx context.Context, op opRecord) {
 	if op.pendingSnapshot != nil {
 		_ = s.st.snapshots.kv.Purge(ctx, op.pendingSnapshot.ID)
 	}
-	s.withdrawJoinTokens(ctx, op.RequestID)
+	s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
 }
 
 // publishOp sends the operation's request or command.

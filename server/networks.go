@@ -18,7 +18,11 @@ type NetworkDefaults struct {
 const kindNetwork = "virtual network"
 
 func (s *Server) listNetworks(r *http.Request) (any, error) {
-	return s.st.networks.all(), nil
+	p, err := pageOf(r.URL.Query())
+	if err != nil {
+		return nil, err
+	}
+	return pageRows(p, s.st.networks.all(), func(vn *api.VirtualNetwork) string { return vn.ID }), nil
 }
 
 func (s *Server) getNetwork(r *http.Request) (any, error) {

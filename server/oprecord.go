@@ -103,6 +103,13 @@ const (
 	stateDeleted = "deleted"
 )
 
+// lifecycleBusy groups the lifecycles an operation holds (table groupOf).
+const lifecycleBusy = "busy"
+
+// instanceStates are the states an instance can be in.
+var instanceStates = []string{stateCreated, stateProvisioning, stateStarting, stateRunning, stateStopping, stateStopped,
+	stateDeprovisioning, stateDeprovisioned, stateDeleting, stateFailed}
+
 // instanceSecrets are the DSS credentials FM keeps for an instance.
 type instanceSecrets struct {
 	InitialPassword string    `json:"initialPassword,omitempty"`

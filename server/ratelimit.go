@@ -49,7 +49,12 @@ type attemptLimiter struct {
 type attempts struct {
 	failures []time.Time // oldest first
 	pending  int
-	settled  chan struct{} // closed and replaced whenever a pending attempt settles
+	// wake lets one waiter look again when an attempt settles: a place may
+	// be free. One, not all: a thousand machines joining through one NAT
+	// address would otherwise all wake at every settled join. A waiter that
+	// finds the key refused passes the wake on, so that every waiter learns.
+	wake    chan struct{}
+	waiters int
 }
 
 func newAttemptLimiter() *attemptLimiter {
@@ -79,6 +84,7 @@ func (l *attemptLimiter) reserve(ctx context.Context, key string) (*reservation,
 		switch {
 		case len(a.failures) >= l.max:
 			retry := time.Until(a.failures[len(a.failures)-l.max].Add(l.window))
+			a.wakeOne()
 			l.mu.Unlock()
 			return nil, &errLimited{retryAfter: max(retry, time.Second)}
 		case len(a.failures)+a.pending < l.max:
@@ -86,13 +92,29 @@ func (l *attemptLimiter) reserve(ctx context.Context, key string) (*reservation,
 			l.mu.Unlock()
 			return &reservation{l: l, key: key}, nil
 		}
-		wait := a.settled
+		a.waiters++
 		l.mu.Unlock()
+		var err error
 		select {
 		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-wait:
+			err = ctx.Err()
+		case <-a.wake:
 		}
+		l.mu.Lock()
+		a.waiters--
+		l.mu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+	}
+}
+
+// wakeOne lets one waiter look again (or the next one to wait, if none
+// does yet); l.mu is held.
+func (a *attempts) wakeOne() {
+	select {
+	case a.wake <- struct{}{}:
+	default: // as many wakes are pending as places can free
 	}
 }
 
@@ -111,15 +133,14 @@ func (r *reservation) settle(failed bool) {
 	if failed {
 		a.failures = append(a.failures, now)
 	}
-	close(a.settled)
-	a.settled = make(chan struct{})
-	if a.pending == 0 && len(a.failures) == 0 {
+	a.wakeOne()
+	if a.pending == 0 && a.waiters == 0 && len(a.failures) == 0 {
 		delete(l.keys, r.key)
 	}
 	if len(l.keys) > 10000 {
 		// Bound the memory: forget keys whose failures are old.
 		for k, o := range l.keys {
-			if o.pending == 0 && len(l.prune(o, now)) == 0 {
+			if o.pending == 0 && o.waiters == 0 && len(l.prune(o, now)) == 0 {
 				delete(l.keys, k)
 			}
 		}
@@ -131,7 +152,7 @@ func (r *reservation) settle(failed bool) {
 func (l *attemptLimiter) entry(key string, now time.Time) *attempts {
 	a := l.keys[key]
 	if a == nil {
-		a = &attempts{settled: make(chan struct{})}
+		a = &attempts{wake: make(chan struct{}, l.max)}
 		l.keys[key] = a
 	}
 	l.prune(a, now)

@@ -84,6 +84,61 @@ func TestAttemptLimiter(t *testing.T) {
 				t.Fatalf("a waiting attempt got %v", err)
 			}
 		}},
+		{"many waiters all get a place, none left behind", func(t *testing.T, l *attemptLimiter) {
+			rs := fill(t, l, "a")
+			const waiters = 200
+			got := make(chan error, waiters)
+			for range waiters {
+				go func() {
+					r, err := l.reserve(ctx, "a")
+					if err == nil {
+						r.settle(false)
+					}
+					got <- err
+				}()
+			}
+			for _, r := range rs {
+				r.settle(false)
+			}
+			for range waiters {
+				select {
+				case err := <-got:
+					if err != nil {
+						t.Fatal(err)
+					}
+				case <-time.After(10 * time.Second):
+					t.Fatal("a waiting attempt never got a place")
+				}
+			}
+			if len(l.keys) != 0 {
+				t.Fatalf("kept %v", l.keys)
+			}
+		}},
+		{"every waiter learns of the refusal", func(t *testing.T, l *attemptLimiter) {
+			rs := fill(t, l, "a")
+			const waiters = 50
+			got := make(chan error, waiters)
+			for range waiters {
+				go func() {
+					_, err := l.reserve(ctx, "a")
+					got <- err
+				}()
+			}
+			for _, r := range rs {
+				r.settle(true)
+			}
+			for range waiters {
+				var lim *errLimited
+				select {
+				case err := <-got:
+					if !errors.As(err, &lim) {
+						t.Fatalf("a waiting attempt got %v", err)
+					}
+				case <-time.After(10 * time.Second):
+					t.Fatal("a waiting attempt was never told")
+				}
+			}
+		}},
 		{"successes leave no trace", func(t *testing.T, l *attemptLimiter) {
 			for i := 0; i < 3*l.max; i++ {
 				r, err := l.reserve(ctx, "a")

@@ -102,7 +102,7 @@ func (s *Server) revokeAgent(ctx context.Context, instance string) error {
 	}
 	// Every token of the instance goes, used ones too: the machine that
 	// used one must not exchange it again.
-	s.withdrawTokens(ctx, func(_ string, r joinRecord) bool { return r.Instance == instance })
+	s.withdrawTokens(ctx, instance, func(string, joinRecord) bool { return true })
 	sec, err := s.changeSecrets(ctx, instance, (*instanceSecrets).retire)
 	if err != nil {
 		return fmt.Errorf("retire the agent's credentials: %w", err)

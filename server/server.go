@@ -118,6 +118,7 @@ type Server struct {
 	auth       *authenticator
 	metrics    *metrics
 	fold       *folder
+	listed     instanceEncodings // the instances' JSON, as lists last wrote it
 	ln         net.Listener
 	httpSrv    *http.Server
 	metricsLn  net.Listener // nil without Config.MetricsAddr

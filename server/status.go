@@ -86,13 +86,22 @@ func (s *Server) statusOf(id string) instanceStatus {
 		st.DSS, st.ReachedGeneration = &dss, ag.Generation
 		st.DataVolume = &volumeStatus{SizeBytes: ag.Machine.DataVolumeBytes, UsedBytes: ag.Machine.DataVolumeUsedBytes}
 	}
-	seen := s.lastHeartbeat(id)
+	last := s.lastBeat(id)
+	seen := last.at
 	if ok && ag.Time.After(seen) {
 		seen = ag.Time
 	}
+	// An agent is judged by the interval it beats at, when longer than
+	// FM's: it learns a shorter one with its next desired state.
+	silence := silentBeats*max(time.Duration(s.cfg.HeartbeatSeconds)*time.Second, last.every) + 2*time.Second
+	if last.machine != nil && st.DataVolume != nil && time.Since(last.at) < silence {
+		// A recent heartbeat's measurement is exact; the status's use is
+		// rounded (it is rewritten on a change only).
+		st.DataVolume = &volumeStatus{SizeBytes: last.machine.DataVolumeBytes, UsedBytes: last.machine.DataVolumeUsedBytes}
+	}
 	if !seen.IsZero() {
 		st.LastSeen = &seen
-		st.AgentResponding = time.Since(seen) < silentBeats*time.Duration(s.cfg.HeartbeatSeconds)*time.Second+2*time.Second
+		st.AgentResponding = time.Since(seen) < silence
 	}
 	port := lc.BasePort
 	if st.DSS != nil && st.DSS.Port != 0 {

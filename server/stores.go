@@ -87,6 +87,18 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 		desired:   kv[protocol.BucketDesired],
 		claims:    claims,
 	}
+	// A join withdraws the other tokens of its instance: found by instance,
+	// not among every token of the fleet.
+	st.joins.groupOf = func(r joinRecord) string { return r.Instance }
+	// The sweep looks at running operations every 2 s: found by state, not
+	// among every operation of the last week.
+	st.ops.groupOf = func(op opRecord) string { return op.State }
+	st.lifecycle.groupOf = func(lc lifecycle) string {
+		if lc.OpID != "" {
+			return lifecycleBusy
+		}
+		return lc.State
+	}
 	// Secrets FM keeps are sealed at rest with the server's key.
 	sealFields(st.templates.table, box, func(t *api.InstanceSettingsTemplate) map[string]*string {
 		return map[string]*string{"dataikuAwsSecretAccessKey": &t.DataikuAWSSecretAccessKey, "license": &t.License}

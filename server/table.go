@@ -5,7 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sort"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -42,9 +43,18 @@ type table[T any] struct {
 	// onChange, if set before run, is called with the key of every change
 	// applied after the initial load (outside the lock).
 	onChange func(key string)
+	// groupOf, if set before run, groups the values (join tokens by
+	// instance), so that rowsOf finds a group's rows without a look at
+	// every row.
+	groupOf func(v T) string
+	groups  map[string]map[string]bool // group -> keys
 
-	mu      sync.RWMutex
-	items   map[string]row[T]
+	mu    sync.RWMutex
+	items map[string]row[T]
+	// keys are the keys of items in order, kept until the set of keys
+	// changes (nil then), so that a list of a big bucket does not sort it.
+	keys    []string
+	keysGen uint64        // counts the changes of the set of keys
 	rev     uint64        // highest revision applied to items
 	synced  bool          // the initial snapshot has been applied
 	changed chan struct{} // closed and replaced after every applied change
@@ -103,7 +113,9 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 			}
 			if e == nil { // end of the initial values
 				t.mu.Lock()
-				t.items = snapshot
+				t.items, t.keys = snapshot, nil
+				t.keysGen++
+				t.regroupLocked()
 				t.rev = max(t.rev, snapRev)
 				t.synced = true
 				t.notifyLocked()
@@ -117,7 +129,15 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 				continue
 			}
 			t.mu.Lock()
+			before, had := t.items[e.Key()]
 			t.apply(t.items, e)
+			after, has := t.items[e.Key()]
+			if has != had {
+				t.keys = nil
+				t.keysGen++
+			}
+			t.ungroupLocked(e.Key(), before, had)
+			t.groupLocked(e.Key(), after, has)
 			t.rev = max(t.rev, e.Revision())
 			t.notifyLocked()
 			t.mu.Unlock()
@@ -213,14 +233,89 @@ type keyedRow[T any] struct {
 
 // rows returns every value with its key and revision, ordered by key.
 func (t *table[T]) rows() []keyedRow[T] {
+	keys := t.sortedKeys()
 	t.mu.RLock()
-	out := make([]keyedRow[T], 0, len(t.items))
+	defer t.mu.RUnlock()
+	out := make([]keyedRow[T], 0, len(keys))
+	for _, k := range keys {
+		// A key removed since the keys were read is skipped; one added is
+		// in the next list.
+		if r, ok := t.items[k]; ok {
+			out = append(out, keyedRow[T]{key: k, val: r.val, rev: r.rev})
+		}
+	}
+	return out
+}
+
+// rowsOf returns the rows of a group (groupOf), in no order.
+func (t *table[T]) rowsOf(group string) []keyedRow[T] {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	var out []keyedRow[T]
+	for k := range t.groups[group] {
+		if r, ok := t.items[k]; ok {
+			out = append(out, keyedRow[T]{key: k, val: r.val, rev: r.rev})
+		}
+	}
+	return out
+}
+
+// regroupLocked makes the groups of every row; t.mu is held.
+func (t *table[T]) regroupLocked() {
+	if t.groupOf == nil {
+		return
+	}
+	t.groups = map[string]map[string]bool{}
 	for k, r := range t.items {
-		out = append(out, keyedRow[T]{key: k, val: r.val, rev: r.rev})
+		t.groupLocked(k, r, true)
+	}
+}
+
+func (t *table[T]) groupLocked(key string, r row[T], present bool) {
+	if t.groupOf == nil || !present {
+		return
+	}
+	g := t.groupOf(r.val)
+	if t.groups == nil {
+		t.groups = map[string]map[string]bool{}
+	}
+	if t.groups[g] == nil {
+		t.groups[g] = map[string]bool{}
+	}
+	t.groups[g][key] = true
+}
+
+func (t *table[T]) ungroupLocked(key string, r row[T], present bool) {
+	if t.groupOf == nil || !present {
+		return
+	}
+	g := t.groupOf(r.val)
+	delete(t.groups[g], key)
+	if len(t.groups[g]) == 0 {
+		delete(t.groups, g)
+	}
+}
+
+// sortedKeys returns the keys in order: those kept since the set of keys
+// last changed, or sorted anew. The slice is shared: never modified.
+func (t *table[T]) sortedKeys() []string {
+	t.mu.RLock()
+	keys, gen := t.keys, t.keysGen
+	kept := keys != nil
+	if !kept {
+		keys = slices.Collect(maps.Keys(t.items))
 	}
 	t.mu.RUnlock()
-	sort.Slice(out, func(i, j int) bool { return out[i].key < out[j].key })
-	return out
+	if !kept {
+		// Sorted outside the lock: look-ups and the watcher go on.
+		slices.Sort(keys)
+		t.mu.Lock()
+		if t.keysGen == gen {
+			t.keys = keys
+		}
+		t.mu.Unlock()
+	}
+	return keys
 }
 
 // changes returns a channel closed at the next applied change.

@@ -18,7 +18,11 @@ const kindTemplate = "instance settings template"
 const maxSetupActions = 100
 
 func (s *Server) listTemplates(r *http.Request) (any, error) {
-	all := s.st.templates.all()
+	p, err := pageOf(r.URL.Query())
+	if err != nil {
+		return nil, err
+	}
+	all := pageRows(p, s.st.templates.all(), func(t *api.InstanceSettingsTemplate) string { return t.ID })
 	for i := range all {
 		redactTemplate(r, &all[i])
 	}

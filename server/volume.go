@@ -41,11 +41,11 @@ func (s *Server) growVolume(ctx context.Context, instance, alertID string) error
 	if !ok || lc.State != stateRunning || m.VolumeID == "" || in.DataVolumeSizeMaxGB == nil {
 		return nil
 	}
-	if growing := s.st.ops.filter(func(op opRecord) bool {
-		return op.Kind == opGrowVolume && op.Instance == instance && op.State == api.OpRunning
-	}); len(growing) > 0 {
-		s.log.Debug().Str("instance", instance).Str("op", growing[0].JobID).Msg("data volume already growing")
-		return nil
+	for _, row := range s.st.ops.rowsOf(api.OpRunning) {
+		if op := row.val; op.Kind == opGrowVolume && op.Instance == instance {
+			s.log.Debug().Str("instance", instance).Str("op", op.JobID).Msg("data volume already growing")
+			return nil
+		}
 	}
 	sum := sha256.Sum256([]byte(instance + "/" + alertID))
 	jobID := "op-" + hex.EncodeToString(sum[:8])

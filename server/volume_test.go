@@ -137,3 +137,54 @@ func TestVolumeGrowth(t *testing.T) {
 		t.Fatalf("the provisioner was asked for %v", fake.grown)
 	}
 }
+
+// TestTheDataVolumeUseComesFromTheLatestReport: an agent's status keeps its
+// data volume's use only roughly (it is rewritten on a change, not on every
+// measurement); a heartbeat newer than the status carries the exact figure,
+// and the instance's status shows it.
+func TestTheDataVolumeUseComesFromTheLatestReport(t *testing.T) {
+	f := start(t)
+	vn, tpl, im := f.fleet()
+	in := f.createInstance(instanceBody("measured", vn.ID, tpl.ID, im.ID))
+	runningWithVolume(t, f.env.Bus, in.ID)
+	js := f.env.Bus.JetStream(t)
+	kv, err := js.KeyValue(context.Background(), protocol.BucketAgents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	status := protocol.AgentStatus{Instance: in.ID, Time: time.Now().Add(-time.Minute).UTC(), Phase: protocol.PhaseReady,
+		DSS: protocol.DSSStatus{State: protocol.DSSRunning}, Machine: protocol.MachineFacts{DataVolumeBytes: 50 << 30, DataVolumeUsedBytes: 10 << 30}}
+	data, _ := protocol.Encode(&status)
+	if _, err := kv.Put(context.Background(), in.ID, data); err != nil {
+		t.Fatal(err)
+	}
+	used := func() float64 {
+		var st struct {
+			DataVolume *struct {
+				UsedBytes float64 `json:"usedBytes"`
+			} `json:"dataVolume"`
+		}
+		f.ok(f.do("GET", "/instances/"+in.ID+"/status", ""), &st)
+		if st.DataVolume == nil {
+			return -1
+		}
+		return st.DataVolume.UsedBytes
+	}
+	for deadline := time.Now().Add(10 * time.Second); used() != 10<<30; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the status's data volume use never showed: %v", used())
+		}
+	}
+	nc := f.env.Bus.Connect(t)
+	const exact = 10<<30 + 123456
+	hb, _ := protocol.Encode(&protocol.Heartbeat{Instance: in.ID, Time: time.Now().UTC(),
+		Machine: &protocol.MachineFacts{DataVolumeBytes: 50 << 30, DataVolumeUsedBytes: exact, UptimeSeconds: 600}})
+	for deadline := time.Now().Add(10 * time.Second); used() != exact; time.Sleep(20 * time.Millisecond) {
+		if err := nc.Publish(protocol.HeartbeatSubject(in.ID), hb); err != nil {
+			t.Fatal(err)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the heartbeat's data volume use never showed: %v", used())
+		}
+	}
+}

@@ -116,7 +116,7 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	if pid, ok := b.agentOf(inst, req.ID); ok {
 		req.Progress("adopt", fmt.Sprintf("the machine of this request runs (agent pid %d)", pid))
 		st := b.state(inst, pid)
-		st.VolumeSizeGB = volumeSize(req.Spec, cur)
+		st.VolumeSizeGB = provisioner.VolumeSizeGB(req.Spec, cur)
 		return st, nil
 	}
 	vol := b.volumeDir(inst)
@@ -178,7 +178,7 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	default:
 		req.Progress("data-volume", "data volume kept")
 	}
-	sizeGB := volumeSize(req.Spec, cur)
+	sizeGB := provisioner.VolumeSizeGB(req.Spec, cur)
 	if err := b.crash.Around("local/reprovision/write-agent-config", func() error {
 		return agent.WriteConfigFile(b.configPath(inst), agent.Config{
 			Instance: inst, MachineRequest: req.ID, NATSURL: b.cfg.NATSURL, Join: req.Spec.Join, RootDir: b.rootDir(inst), DataDir: vol,
@@ -198,16 +198,6 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	st := b.state(inst, pid)
 	st.VolumeSizeGB = sizeGB
 	return st, nil
-}
-
-// volumeSize is the size of the instance's data volume: the spec's, or
-// what it grew to since (a kept volume never shrinks).
-func volumeSize(spec *protocol.MachineSpec, cur protocol.MachineState) int {
-	size := cur.VolumeSizeGB
-	if spec != nil {
-		size = max(size, spec.DataVolume.SizeGB)
-	}
-	return size
 }
 
 // stagingDir is where a restore extracts a snapshot before it replaces the
@@ -312,7 +302,7 @@ func (b *Backend) Start(ctx context.Context, req provisioner.Request, cur protoc
 	}
 	if pid, ok := b.agentOf(inst, cfg.MachineRequest); ok {
 		st := b.state(inst, pid)
-		st.VolumeSizeGB = volumeSize(req.Spec, cur)
+		st.VolumeSizeGB = provisioner.VolumeSizeGB(req.Spec, cur)
 		return st, nil
 	}
 	// What is left of a machine that stopped on its own goes first.
@@ -323,7 +313,7 @@ func (b *Backend) Start(ctx context.Context, req provisioner.Request, cur protoc
 	}
 	req.Progress("boot", fmt.Sprintf("machine started: agent pid %d", pid))
 	st := b.state(inst, pid)
-	st.VolumeSizeGB = volumeSize(req.Spec, cur)
+	st.VolumeSizeGB = provisioner.VolumeSizeGB(req.Spec, cur)
 	return st, nil
 }
 
