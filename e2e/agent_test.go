@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -17,6 +16,7 @@ import (
 	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/bus/bustest"
 	"github.com/fleetmanager/fm/internal/cmdline"
+	"github.com/fleetmanager/fm/internal/fleetsim"
 	"github.com/fleetmanager/fm/internal/tarball"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
@@ -132,40 +132,19 @@ func BenchmarkAgentIdle(b *testing.B) {
 	m.waitReady(b, 1)
 	pid := m.proc.cmd.Process.Pid
 	time.Sleep(10 * time.Second) // let the startup settle
-	cpu0, at0 := cpuTicks(b, pid), time.Now()
-	idle := 60 * time.Second
-	time.Sleep(idle)
-	cpu1, at1 := cpuTicks(b, pid), time.Now()
-	rss := rssKiB(b, pid)
-	b.ReportMetric(float64(rss)/1024, "RSS-MiB")
-	b.ReportMetric(float64(cpu1-cpu0)/100/at1.Sub(at0).Seconds()*100, "CPU-%")
+	u0, err := fleetsim.ProcessUsage(pid)
+	if err != nil {
+		b.Fatal(err)
+	}
+	at0 := time.Now()
+	time.Sleep(60 * time.Second)
+	u1, err := fleetsim.ProcessUsage(pid)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportMetric(float64(u1.RSS)/(1<<20), "RSS-MiB")
+	b.ReportMetric((u1.CPU-u0.CPU).Seconds()/time.Since(at0).Seconds()*100, "CPU-%")
 	_ = m.proc.Interrupt(15 * time.Second)
-}
-
-// cpuTicks is utime+stime of a process, in clock ticks (1/100 s).
-func cpuTicks(tb testing.TB, pid int) int64 {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
-	u, _ := strconv.ParseInt(f[11], 10, 64)
-	s, _ := strconv.ParseInt(f[12], 10, 64)
-	return u + s
-}
-
-func rssKiB(tb testing.TB, pid int) int64 {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(line, "VmRSS:") {
-			n, _ := strconv.ParseInt(strings.Fields(line)[1], 10, 64)
-			return n
-		}
-	}
-	return 0
 }
 
 func sha256Hex(b []byte) string {

@@ -39,6 +39,9 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := parseRoleFlags(fs, args); err != nil {
 		return err
 	}
+	if err := checkHeartbeat(*heartbeat); err != nil {
+		return err
+	}
 	log, err := newLogger(*logFormat, *logLevel, stderr)
 	if err != nil {
 		return err

@@ -39,6 +39,7 @@ Client commands (talk to the REST API; --url, --key-file, --output json):
   fm audit          the audit trail, --follow to keep reading (admin)
   fm nats-creds     NATS credentials for an operator or a provisioner (admin)
 
+  fm bench fleet    measure FM under a fleet of simulated agents (docs/benchmarks.md)
   fm version        print the version
 
 Every flag can also be set as FM_<FLAG> (e.g. --data is FM_DATA).
@@ -67,6 +68,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runAdmin(ctx, args[1:], stdout, stderr)
 	case cmd == "nats-config":
 		err = runNATSConfig(args[1:], stdout, stderr)
+	case cmd == "bench":
+		err = runBench(ctx, args[1:], stdout, stderr)
 	case cmd == "version":
 		fmt.Fprintln(stdout, "fm", version)
 	case slices.Contains(cli.Commands(), cmd):
@@ -145,4 +148,13 @@ func isTerminal(w io.Writer) bool {
 	}
 	st, err := f.Stat()
 	return err == nil && st.Mode()&os.ModeCharDevice != 0
+}
+
+// checkHeartbeat checks --heartbeat-seconds: agents beat at least once a
+// second and at least once an hour.
+func checkHeartbeat(seconds int) error {
+	if seconds < 1 || seconds > 3600 {
+		return usageError{fmt.Errorf("--heartbeat-seconds must be 1 to 3600, not %d", seconds)}
+	}
+	return nil
 }

@@ -29,6 +29,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	natsListen := fs.String("nats-listen", "127.0.0.1:4222", "embedded NATS address for agents")
 	syncAlways := fs.Bool("sync-always", true, "embedded NATS: fsync every write before acknowledging it")
 	replicas := fs.Int("replicas", 1, "replicas of every stream and bucket (3 on a NATS cluster)")
+	heartbeat := fs.Int("heartbeat-seconds", 10, "agents' heartbeat interval; three missed ones show an agent as not responding")
 	credsTTL := fs.Duration("agent-creds-ttl", 24*time.Hour, "how long agents' NATS credentials last; agents renew them after two thirds")
 	vpc := fs.String("default-vpc", "", "FM's own VPC, used by networks created with useDefaultValues=True")
 	subnet := fs.String("default-subnet", "", "FM's own subnet")
@@ -47,9 +48,13 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	authorityDir := fs.String("nats-authority", "", "folder of FM's NATS operator and account keys (default DATA/nats-auth with the embedded NATS; "+
 		"with --nats-url, the folder whose keys the cluster trusts: see fm nats-config)")
 	natsCA := fs.String("nats-ca", "", "CA file to verify an external NATS's TLS certificate with")
+	pprofAddr := fs.String("pprof-addr", "", "serve Go's profiles (/debug/pprof/) at this loopback address")
 	logFormat := fs.String("log-format", "json", "console or json")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
 	if err := parseRoleFlags(fs, args); err != nil {
+		return err
+	}
+	if err := checkHeartbeat(*heartbeat); err != nil {
 		return err
 	}
 	if *replicas < 1 || *replicas > 5 {
@@ -58,6 +63,13 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	log, err := newLogger(*logFormat, *logLevel, stderr)
 	if err != nil {
 		return err
+	}
+	if *pprofAddr != "" {
+		stop, err := servePprof(*pprofAddr, log)
+		if err != nil {
+			return err
+		}
+		defer stop()
 	}
 	dir, err := filepath.Abs(*dataDir)
 	if err != nil {
@@ -122,9 +134,9 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	topo.Replicas = *replicas
 	srv, err := server.New(server.Config{
 		Conn: b.nc, Listen: *listen, Topology: topo, Logger: log, DefaultInstanceType: *instanceType, SecretKey: secretKey,
-		AgentCredsTTL: *credsTTL,
-		Network:       server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
-		Authority:     sec.authority, SystemConn: b.sys, JoinURL: joinURL, TLS: sec.tls, CAPEM: sec.caPEM,
+		AgentCredsTTL: *credsTTL, HeartbeatSeconds: *heartbeat,
+		Network:   server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
+		Authority: sec.authority, SystemConn: b.sys, JoinURL: joinURL, TLS: sec.tls, CAPEM: sec.caPEM,
 		AgentBinary: *agentBinary, MetricsAddr: mf.addr, MetricsPublic: mf.public,
 	})
 	if err != nil {

@@ -1,0 +1,83 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/fleetmanager/fm/internal/fleetsim"
+)
+
+// runBench is `fm bench fleet`: FM measured under a fleet of simulated
+// agents (internal/fleetsim).
+func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] != "fleet" {
+		return usageError{fmt.Errorf("fm bench: the one benchmark is \"fleet\" (fm bench fleet -h)")}
+	}
+	fs := flag.NewFlagSet("fm bench fleet", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	agents := fs.Int("agents", 100, "simulated agents, each with its own bus connection and credentials")
+	samples := fs.Int("samples", 200, "command round trips (and REST reads, floor round trips) timed")
+	steady := fs.Duration("steady", 30*time.Second, "how long the fleet at rest is measured")
+	heartbeat := fs.Int("heartbeat-seconds", 10, "the agents' heartbeat interval")
+	syncAlways := fs.Bool("sync-always", false, "run the bus with fsync before every acknowledgement (fm server's default; fm dev's is off)")
+	storm := fs.Bool("reconnect-storm", true, "restart the server under the fleet and time its return")
+	workers := fs.Int("workers", 16, "REST calls in flight while the fleet is made")
+	dir := fs.String("dir", "", "folder for the server's data and the machines (default: a temporary one, removed after)")
+	profileDir := fs.String("profile-dir", "", "write the server's CPU profiles (steady state, round trips) and heap profile here, for go tool pprof")
+	asJSON := fs.Bool("json", false, "print the report as JSON")
+	logLevel := fs.String("log-level", "error", "the simulated agents' and provisioner's log level (to stderr)")
+	if err := parseRoleFlags(fs, args[1:]); err != nil {
+		return err
+	}
+	if err := checkHeartbeat(*heartbeat); err != nil {
+		return err
+	}
+	if *agents < 1 || *samples < 1 || *workers < 1 {
+		return usageError{fmt.Errorf("--agents, --samples and --workers must be at least 1")}
+	}
+	log, err := newLogger("json", *logLevel, stderr)
+	if err != nil {
+		return err
+	}
+	bin, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	if *dir == "" {
+		tmp, err := os.MkdirTemp("", "fm-bench-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(tmp)
+		*dir = tmp
+	} else if entries, err := os.ReadDir(*dir); err == nil && len(entries) > 0 {
+		return usageError{fmt.Errorf("--dir %s is not empty: a run needs a folder of its own", *dir)}
+	} else if err := os.MkdirAll(*dir, 0o700); err != nil {
+		return err
+	}
+	if *profileDir != "" {
+		if err := os.MkdirAll(*profileDir, 0o700); err != nil {
+			return err
+		}
+	}
+	rep, err := fleetsim.Run(ctx, fleetsim.Config{FM: bin, Dir: *dir, Agents: *agents, Samples: *samples, Steady: *steady,
+		HeartbeatSeconds: *heartbeat, SyncAlways: *syncAlways, ReconnectStorm: *storm, Workers: *workers,
+		ProfileDir: *profileDir, Progress: stderr, Logger: log})
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		b, err := rep.JSON()
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(stdout, "%s\n", b)
+		return err
+	}
+	rep.Write(stdout)
+	return nil
+}

@@ -1,0 +1,321 @@
+package fleetsim
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Latencies summarize timed samples.
+type Latencies struct {
+	N             int
+	P50, P99, Max time.Duration
+}
+
+func latencies(d []time.Duration) Latencies {
+	if len(d) == 0 {
+		return Latencies{}
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	at := func(q float64) time.Duration { return s[min(len(s)-1, int(q*float64(len(s))))] }
+	return Latencies{N: len(s), P50: at(0.50), P99: at(0.99), Max: s[len(s)-1]}
+}
+
+func (l Latencies) String() string {
+	return fmt.Sprintf("p50 %v  p99 %v  (n=%d)", round(l.P50), round(l.P99), l.N)
+}
+
+func round(d time.Duration) time.Duration {
+	switch {
+	case d >= time.Second:
+		return d.Round(time.Millisecond)
+	case d >= time.Millisecond:
+		return d.Round(10 * time.Microsecond)
+	default:
+		return d.Round(time.Microsecond)
+	}
+}
+
+// readiness follows fm_agents: which agents have reached the generation
+// they were given.
+type readiness struct {
+	w      jetstream.KeyWatcher
+	mu     sync.Mutex
+	ready  map[string]bool
+	failed map[string]string
+	done   chan struct{}
+}
+
+func watchReadiness(ctx context.Context, js jetstream.JetStream) (*readiness, error) {
+	kv, err := js.KeyValue(ctx, protocol.BucketAgents)
+	if err != nil {
+		return nil, err
+	}
+	w, err := kv.WatchAll(context.Background(), jetstream.IgnoreDeletes())
+	if err != nil {
+		return nil, err
+	}
+	r := &readiness{w: w, ready: map[string]bool{}, failed: map[string]string{}, done: make(chan struct{})}
+	go func() {
+		defer close(r.done)
+		for e := range w.Updates() {
+			if e == nil {
+				continue
+			}
+			var st protocol.AgentStatus
+			if protocol.Decode(e.Value(), &st) != nil {
+				continue
+			}
+			r.mu.Lock()
+			r.ready[e.Key()] = st.Phase == protocol.PhaseReady && st.Generation > 0 && st.Generation == st.Target
+			if st.Phase == protocol.PhaseFailed && st.Error != nil {
+				r.failed[e.Key()] = st.Error.Message
+			} else {
+				delete(r.failed, e.Key())
+			}
+			r.mu.Unlock()
+		}
+	}()
+	return r, nil
+}
+
+func (r *readiness) count() (ready, failed int, aFailure string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, ok := range r.ready {
+		if ok {
+			ready++
+		}
+	}
+	for id, msg := range r.failed {
+		aFailure = id + ": " + msg
+	}
+	return ready, len(r.failed), aFailure
+}
+
+// wait waits until n agents are ready, saying how many are every 10s.
+func (r *readiness) wait(ctx context.Context, n int, timeout time.Duration, say func(string, ...any)) error {
+	deadline := time.Now().Add(timeout)
+	lastSaid := time.Now()
+	for {
+		ready, failed, failure := r.count()
+		if ready >= n {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d of %d agents ready after %v (%d failed; %s)", ready, n, timeout, failed, failure)
+		}
+		if time.Since(lastSaid) >= 10*time.Second {
+			say("%d of %d agents ready", ready, n)
+			lastSaid = time.Now()
+		}
+		if err := sleep(ctx, 100*time.Millisecond); err != nil {
+			return err
+		}
+	}
+}
+
+func (r *readiness) stop() {
+	_ = r.w.Stop()
+	<-r.done
+}
+
+// floors times what a command's round trip cannot beat: a bare NATS
+// request-reply between two connections, and the round trip's bus writes
+// and reads done back to back by one bare client on a stream and bucket of
+// its own (removed after).
+func (f *fleet) floors(ctx context.Context, rep *Report) error {
+	other, err := bus.Connect(bus.ConnectConfig{URL: f.srv.natsURL, Creds: f.creds, Name: "fm-bench-floor", Logger: f.cfg.Logger})
+	if err != nil {
+		return err
+	}
+	defer other.Close()
+	sub, err := f.nc.Subscribe("fmbench.echo", func(m *nats.Msg) { _ = m.Respond(m.Data) })
+	if err != nil {
+		return err
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := f.nc.Flush(); err != nil {
+		return err
+	}
+	payload := make([]byte, 300)
+	d := make([]time.Duration, f.cfg.Samples)
+	for i := range d {
+		t0 := time.Now()
+		if _, err := other.Request("fmbench.echo", payload, 5*time.Second); err != nil {
+			return err
+		}
+		d[i] = time.Since(t0)
+	}
+	rep.FloorRequestReply = latencies(d)
+
+	const stream, bucket = "FMBENCH", "fmbench"
+	if _, err := f.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{Name: stream, Subjects: []string{"fmbench.js.>"},
+		Storage: jetstream.FileStorage, MaxMsgs: 10000}); err != nil {
+		return err
+	}
+	defer func() { _ = f.js.DeleteStream(context.Background(), stream) }()
+	kv, err := f.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Storage: jetstream.FileStorage})
+	if err != nil {
+		return err
+	}
+	defer func() { _ = f.js.DeleteKeyValue(context.Background(), bucket) }()
+	consume := func(js jetstream.JetStream, subject string) (chan struct{}, func(), error) {
+		c, err := js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{FilterSubjects: []string{subject},
+			DeliverPolicy: jetstream.DeliverNewPolicy})
+		if err != nil {
+			return nil, nil, err
+		}
+		got := make(chan struct{}, 1)
+		cc, err := c.Consume(func(m jetstream.Msg) { got <- struct{}{} })
+		if err != nil {
+			return nil, nil, err
+		}
+		return got, cc.Stop, nil
+	}
+	// The command goes to the "agent" connection, the event back to FM's.
+	otherJS, err := jetstream.New(other)
+	if err != nil {
+		return err
+	}
+	cmds, stopCmds, err := consume(otherJS, "fmbench.js.cmd")
+	if err != nil {
+		return err
+	}
+	defer stopCmds()
+	evts, stopEvts, err := consume(f.js, "fmbench.js.evt")
+	if err != nil {
+		return err
+	}
+	defer stopEvts()
+	wait := func(ch chan struct{}) error {
+		select {
+		case <-ch:
+			return nil
+		case <-time.After(5 * time.Second):
+			return fmt.Errorf("a floor message did not arrive within 5s")
+		}
+	}
+	for i := range d {
+		t0 := time.Now()
+		if _, err := kv.Put(ctx, "op", payload); err != nil {
+			return err
+		}
+		if _, err := f.js.Publish(ctx, "fmbench.js.cmd", payload); err != nil {
+			return err
+		}
+		if err := wait(cmds); err != nil {
+			return err
+		}
+		if _, err := otherJS.Publish(ctx, "fmbench.js.evt", payload); err != nil {
+			return err
+		}
+		if err := wait(evts); err != nil {
+			return err
+		}
+		if _, err := kv.Put(ctx, "op", payload); err != nil {
+			return err
+		}
+		d[i] = time.Since(t0)
+	}
+	rep.FloorJetStream = latencies(d)
+	return nil
+}
+
+// storm restarts the server under the fleet: the time from the stop until
+// every agent beats again and a command to each of up to 100 of them has
+// been answered.
+func (f *fleet) storm(ctx context.Context, rep *Report) error {
+	var mu sync.Mutex
+	var stopped time.Time
+	back := map[string]bool{}
+	sub, err := f.nc.Subscribe(protocol.HeartbeatSubject("*"), func(m *nats.Msg) {
+		inst := strings.TrimPrefix(m.Subject, protocol.HeartbeatSubject(""))
+		mu.Lock()
+		if !stopped.IsZero() {
+			back[inst] = true
+		}
+		mu.Unlock()
+	})
+	if err != nil {
+		return err
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	t0 := time.Now()
+	if err := f.srv.stop(); err != nil {
+		return err
+	}
+	mu.Lock()
+	stopped = time.Now()
+	mu.Unlock()
+	if err := f.srv.start(ctx); err != nil {
+		return err
+	}
+	rep.StormStop, rep.StormStart = stopped.Sub(t0), time.Since(stopped)
+	n := min(100, len(f.ids))
+	if err := f.parallel(ctx, n, func(ctx context.Context, i int) error {
+		return f.command(ctx, f.ids[i*len(f.ids)/n])
+	}); err != nil {
+		return err
+	}
+	rep.StormCommands = time.Since(t0)
+	deadline := time.Now().Add(10 * time.Minute)
+	for {
+		mu.Lock()
+		k := len(back)
+		mu.Unlock()
+		if k >= len(f.ids) {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d of %d agents beat again within 10 minutes of the restart", k, len(f.ids))
+		}
+		if err := sleep(ctx, 50*time.Millisecond); err != nil {
+			return err
+		}
+	}
+	rep.Reconnect = time.Since(t0)
+	return nil
+}
+
+// Write prints the report as the rows of docs/benchmarks.md.
+func (r Report) Write(w io.Writer) {
+	ratio := func(a, b time.Duration) string {
+		if b <= 0 {
+			return "–"
+		}
+		return fmt.Sprintf("%.2f×", float64(a)/float64(b))
+	}
+	fmt.Fprintf(w, "fleet: %d simulated agents, heartbeat %v, bus sync always: %v\n", r.Agents, r.Heartbeat, r.SyncAlways)
+	fmt.Fprintf(w, "  create instance        %v\n", r.Create)
+	fmt.Fprintf(w, "  provision all          every agent ready in %v\n", round(r.Provision))
+	fmt.Fprintf(w, "  command round trip     %v\n", r.RoundTrip)
+	fmt.Fprintf(w, "    floor: bus writes    %v   (round trip p50 %s of it)\n", r.FloorJetStream, ratio(r.RoundTrip.P50, r.FloorJetStream.P50))
+	fmt.Fprintf(w, "    floor: request-reply %v   (round trip p50 %s of it)\n", r.FloorRequestReply, ratio(r.RoundTrip.P50, r.FloorRequestReply.P50))
+	fmt.Fprintf(w, "  list instances         %v   (%d bytes)\n", r.List, r.ListBytes)
+	fmt.Fprintf(w, "    floor: JSON encoding %v   (list p50 %s of it)\n", r.ListEncode, ratio(r.List.P50, r.ListEncode.P50))
+	fmt.Fprintf(w, "  get instance           %v\n", r.Get)
+	fmt.Fprintf(w, "  instance status        %v\n", r.Status)
+	s := r.Steady
+	fmt.Fprintf(w, "  steady (%v)           fm server %.1f%% of a core, %.0f MiB RSS; per agent %.2f msgs/s, %.0f B/s; simulator %.0f MiB RSS (%.1f KiB per agent)\n",
+		s.Window.Round(time.Second), s.ServerCPU*100, float64(s.ServerRSS)/(1<<20), s.MsgsPerAgent, s.BytesPerAgent,
+		float64(s.SimulatorRSS)/(1<<20), float64(s.SimulatorRSS)/1024/float64(max(1, r.Agents)))
+	if r.Reconnect > 0 {
+		fmt.Fprintf(w, "  reconnect storm        all back in %v (server stopped in %v, started in %v; commands answered at %v)\n",
+			round(r.Reconnect), round(r.StormStop), round(r.StormStart), round(r.StormCommands))
+	}
+}
+
+// JSON is the report for machines.
+func (r Report) JSON() ([]byte, error) { return json.MarshalIndent(r, "", "  ") }
