@@ -5,7 +5,9 @@ import (
 	"crypto/rand"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
@@ -16,12 +18,13 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// BenchmarkLocalSnapshot takes snapshots of a 64 MiB data volume in 2,048
-// files (half random, half zeros), and reports how long the machine's
-// processes stay paused (the second pass of the copy aside), how long a
-// copy of the whole volume takes (what the pause would be without the first
-// pass), and the whole snapshot (copy, archive with its digest, into the
-// bus's object store). ns/op counts all three.
+// BenchmarkLocalSnapshot takes snapshots of a data volume of 64 MiB
+// (FM_BENCH_SNAPSHOT_MIB) in files of 32 KiB (half random, half zeros), and
+// reports how long the machine's processes stay paused (the second pass of
+// the copy aside), how long a copy of the whole volume takes (what the pause
+// would be without the first pass), the whole snapshot (copy, archive with
+// its digest, into the bus's object store), and its floor: `tar -cf - DIR |
+// zstd` of the same volume into a file. ns/op counts all four.
 func BenchmarkLocalSnapshot(b *testing.B) {
 	srv := bustest.Run(b)
 	ctx := context.Background()
@@ -36,8 +39,17 @@ func BenchmarkLocalSnapshot(b *testing.B) {
 	}
 	const inst = "in-bench"
 	vol := be.volumeDir(inst)
+	mib := 64
+	if v := os.Getenv("FM_BENCH_SNAPSHOT_MIB"); v != "" {
+		if mib, err = strconv.Atoi(v); err != nil || mib < 1 {
+			b.Fatalf("FM_BENCH_SNAPSHOT_MIB=%q", v)
+		}
+	}
+	if _, err := exec.LookPath("zstd"); err != nil {
+		b.Skip("the floor needs zstd")
+	}
 	random := make([]byte, 16<<10)
-	for i := 0; i < 2048; i++ {
+	for i := 0; i < mib*32; i++ {
 		p := filepath.Join(vol, "dataiku", "dss_data", fmt.Sprintf("d%02d", i%64), fmt.Sprintf("f%04d", i))
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 			b.Fatal(err)
@@ -48,7 +60,7 @@ func BenchmarkLocalSnapshot(b *testing.B) {
 		}
 	}
 	cur := protocol.MachineState{Instance: inst, VolumeID: vol, VolumeSizeGB: 1}
-	var paused, full, whole time.Duration
+	var paused, full, whole, floor time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		_, pause, err := be.pausedCopy(inst, vol, filepath.Join(dir, "copy"))
@@ -70,8 +82,16 @@ func BenchmarkLocalSnapshot(b *testing.B) {
 			b.Fatal(err)
 		}
 		whole += time.Since(start)
+		start = time.Now()
+		if out, err := exec.Command("sh", "-c", `tar -cf - -C "$1" . | zstd -q -o "$2" --force`, "sh", vol, filepath.Join(dir, "floor.tar.zst")).CombinedOutput(); err != nil {
+			b.Fatalf("tar | zstd: %v: %s", err, out)
+		}
+		floor += time.Since(start)
 	}
 	b.ReportMetric(float64(paused.Microseconds())/1000/float64(b.N), "pause-ms/op")
 	b.ReportMetric(float64(full.Milliseconds())/float64(b.N), "full-copy-ms/op")
 	b.ReportMetric(float64(whole.Milliseconds())/float64(b.N), "snapshot-ms/op")
+	b.ReportMetric(float64(floor.Milliseconds())/float64(b.N), "tar-zstd-ms/op")
+	b.ReportMetric(float64(mib)*float64(b.N)/whole.Seconds(), "snapshot-MiB/s")
+	b.ReportMetric(float64(mib)*float64(b.N)/floor.Seconds(), "tar-zstd-MiB/s")
 }
