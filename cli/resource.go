@@ -74,6 +74,17 @@ func (r *resource) run(ctx context.Context, env Env, args []string) error {
 	conn.register(fs)
 	switch verb {
 	case "list":
+		// FM's own paging and filters, where the server has them.
+		var limit int
+		var after, state, label string
+		if r.command == "instance" || r.command == "network" || r.command == "template" {
+			fs.IntVar(&limit, "limit", 0, "at most this many, in id order (default: every one)")
+			fs.StringVar(&after, "after", "", "only those whose id comes after this one (the last id of the previous page)")
+		}
+		if r.command == "instance" {
+			fs.StringVar(&state, "state", "", "only instances in this state (or these, comma-separated: running,failed)")
+			fs.StringVar(&label, "label", "", "only instances whose label holds this, whatever its case")
+		}
 		pos, err := ParseFlags(fs, args[1:])
 		if err != nil {
 			return err
@@ -81,12 +92,24 @@ func (r *resource) run(ctx context.Context, env Env, args []string) error {
 		if len(pos) != 0 {
 			return usagef("fm %s list takes no arguments", r.command)
 		}
+		if limit < 0 {
+			return usagef("--limit must be at least 1")
+		}
+		q := url.Values{}
+		for k, v := range map[string]string{"after": after, "state": state, "label": label} {
+			if v != "" {
+				q.Set(k, v)
+			}
+		}
+		if limit > 0 {
+			q.Set("limit", strconv.Itoa(limit))
+		}
 		c, err := conn.client()
 		if err != nil {
 			return err
 		}
 		var objs []map[string]any
-		if err := c.Do(ctx, http.MethodGet, r.path, nil, nil, &objs); err != nil {
+		if err := c.Do(ctx, http.MethodGet, r.path, q, nil, &objs); err != nil {
 			return err
 		}
 		if conn.output == "json" {

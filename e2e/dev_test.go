@@ -189,6 +189,18 @@ func TestDevWithCLIAndRawHTTP(t *testing.T) {
 	if !strings.Contains(list, inID) || !strings.Contains(list, "lab") || !strings.Contains(list, "base") {
 		t.Fatalf("instance list:\n%s", list)
 	}
+	// FM's paging and filters: a page of one, by a part of the label; a
+	// page after the last id is empty; a state that does not exist is an
+	// error that says so.
+	if page := d.fm(t, "instance", "list", "--limit", "1", "--label", "DSS", "--state", "created", "--output", "json"); !strings.Contains(page, inID) {
+		t.Fatalf("a page of instances with DSS in their label:\n%s", page)
+	}
+	if page := d.fm(t, "instance", "list", "--after", inID, "--output", "json"); strings.TrimSpace(page) != "[]" {
+		t.Fatalf("instances after the only one:\n%s", page)
+	}
+	if _, errOut, code := Run(t, fmBin(t), d.env, "instance", "list", "--state", "asleep"); code == 0 || !strings.Contains(errOut, "state") {
+		t.Fatalf("--state asleep: exit %d, %s", code, errOut)
+	}
 	d.fm(t, "instance", "update", inID, "--description", "first node", "--auto-snapshot", "true")
 	if got := d.fm(t, "instance", "get", inID, "--output", "json"); jsonField(t, got, "description") != "first node" {
 		t.Fatalf("update not applied: %s", got)
