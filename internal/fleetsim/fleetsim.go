@@ -304,12 +304,9 @@ func (f *fleet) make(ctx context.Context, rep *Report, say func(string, ...any))
 	say("%d instances created in %v (p50 %v)", f.cfg.Agents, time.Since(began).Round(time.Millisecond), rep.Create.P50)
 
 	began = time.Now()
-	jobs := make([]string, f.cfg.Agents)
+	jobs := make([]api.Future, f.cfg.Agents)
 	err = f.parallel(ctx, f.cfg.Agents, func(ctx context.Context, i int) error {
-		var fut api.Future
-		err := f.api.Do(ctx, http.MethodGet, "/instances/"+f.ids[i]+"/actions/reprovision", nil, nil, &fut)
-		jobs[i] = fut.JobID
-		return err
+		return f.api.Do(ctx, http.MethodGet, "/instances/"+f.ids[i]+"/actions/reprovision", nil, nil, &jobs[i])
 	})
 	if err != nil {
 		return fmt.Errorf("provision: %w", err)
@@ -320,8 +317,7 @@ func (f *fleet) make(ctx context.Context, rep *Report, say func(string, ...any))
 	}
 	say("every agent ready %v after the first reprovision; waiting for the operations to end", time.Since(began).Round(time.Millisecond))
 	err = f.parallel(ctx, f.cfg.Agents, func(ctx context.Context, i int) error {
-		_, err := f.wait(ctx, jobs[i], 10*time.Minute, 100*time.Millisecond)
-		return err
+		return f.wait(ctx, jobs[i], 10*time.Minute, 100*time.Millisecond)
 	})
 	if err != nil {
 		return fmt.Errorf("provision: %w", err)
@@ -331,32 +327,15 @@ func (f *fleet) make(ctx context.Context, rep *Report, say func(string, ...any))
 	return nil
 }
 
-// wait reads an operation every poll until it ends, and fails unless it
-// succeeded.
-func (f *fleet) wait(ctx context.Context, job string, timeout, poll time.Duration) (api.Future, error) {
-	deadline := time.Now().Add(timeout)
-	for {
-		fut, err := f.api.GetFuture(ctx, job, true)
-		if err != nil {
-			return fut, err
-		}
-		switch fut.State {
-		case api.OpSucceeded:
-			return fut, nil
-		case api.OpFailed, api.OpAborted:
-			msg := ""
-			if fut.Error != nil {
-				msg = fut.Error.Message
-			}
-			return fut, fmt.Errorf("%s of %s %s: %s", fut.Kind, fut.TargetID, fut.State, msg)
-		}
-		if time.Now().After(deadline) {
-			return fut, fmt.Errorf("%s of %s not done within %v (%s)", fut.Kind, fut.TargetID, timeout, job)
-		}
-		if err := sleep(ctx, poll); err != nil {
-			return fut, err
-		}
+// wait waits (client.Wait, reading it every poll) until an operation
+// ends, and fails unless it succeeded.
+func (f *fleet) wait(ctx context.Context, fut api.Future, timeout, poll time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if _, err := f.api.Wait(ctx, fut, poll, nil); err != nil {
+		return fmt.Errorf("operation %s: %w", fut.JobID, err)
 	}
+	return nil
 }
 
 // parallel runs fn for 0..n-1 on cfg.Workers goroutines; the first error
@@ -499,11 +478,7 @@ func (f *fleet) command(ctx context.Context, id string) error {
 	if err := f.api.Do(ctx, http.MethodGet, "/instances/"+id+"/actions/restart-dss", nil, nil, &fut); err != nil {
 		return err
 	}
-	if fut.State == api.OpSucceeded {
-		return nil
-	}
-	_, err := f.wait(ctx, fut.JobID, time.Minute, 500*time.Microsecond)
-	return err
+	return f.wait(ctx, fut, time.Minute, 500*time.Microsecond)
 }
 
 // reads times the REST reads: the whole list (not parsed, as by curl),
