@@ -70,9 +70,16 @@ type Agent struct {
 
 	crash crashpoint.Hook
 
-	// commandsReconnected tells the command consumer that the connection
-	// came back: the bus may have restarted without it (it is in memory).
+	// commandsReconnected tells runCommands that the connection came back:
+	// commands stored meanwhile were not received.
 	commandsReconnected chan struct{}
+	// liveCommands and commandsRecheck are the constants of those names
+	// (tests shrink them).
+	liveCommands    int
+	commandsRecheck time.Duration
+	// commandsDropped counts the commands received while liveCommands
+	// waited, caught up with instead.
+	commandsDropped atomic.Uint64
 	// conn is nc, for BusStatistics from other goroutines.
 	conn atomic.Pointer[nats.Conn]
 
@@ -89,7 +96,7 @@ func New(cfg Config) (*Agent, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
-	a := &Agent{cfg: cfg, crash: cfg.Crash}
+	a := &Agent{cfg: cfg, crash: cfg.Crash, liveCommands: liveCommands, commandsRecheck: commandsRecheck}
 	a.convergeTo, a.execute = a.converge, a.runCommand
 	if cfg.Simulated {
 		a.convergeTo, a.execute = a.simulateConverge, a.simulateCommand
@@ -121,6 +128,11 @@ func New(cfg Config) (*Agent, error) {
 	if _, err := loadJSON(a.m.cursorPath(), &a.cursor); err != nil {
 		a.log.Warn().Err(err).Msg("command cursor unreadable; starting from the first command not yet seen")
 		a.cursor = commandCursor{}
+	}
+	if a.cursor.Version == 0 {
+		// A cursor from before catch-ups were verified (or none): what it
+		// ran, it ran in order.
+		a.cursor.Version, a.cursor.Verified = cursorVersion, a.cursor.LastSeq
 	}
 	return a, nil
 }

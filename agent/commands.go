@@ -7,10 +7,11 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"regexp"
-	"sync/atomic"
+	"strconv"
 	"time"
 
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -23,141 +24,247 @@ type commandResult struct {
 	err     *protocol.Error
 }
 
-// runCommands consumes the instance's commands until ctx ends, through the
-// one consumer FM makes for it on request (protocol.CommandsFromRequest):
-// in memory, one replica, gone after a few idle minutes, and made again
-// from the last command handled after a bus outage or a gap. No durable
+// runCommands runs the instance's commands until ctx ends. FM_COMMANDS
+// republishes each command as it is stored on the instance's live subject,
+// with its stream sequence; the agent listens there, and asks FM for the
+// commands stored after those it knows it has handled
+// (protocol.CommandsAfterRequest, from the cursor's Verified) when it
+// starts, after every reconnection, when its subscription dropped some
+// that came faster than they ran, and every commandsRecheck. A live
+// command runs at once only when the agent is in step with the stream (a
+// catch-up ended with nothing after it, on this connection, and none is
+// due); otherwise it is left to the catch-up, which runs the commands in
+// stream order. A catch-up also runs a command stored before the last one
+// run that the agent never ran (its live copy was lost on the way: a
+// failed route between bus nodes). A command seen twice runs once. No
 // per-agent state exists on the bus.
 func (a *Agent) runCommands(ctx context.Context) {
-	backoff := time.Second
-	for ctx.Err() == nil {
-		err := a.consumeCommands(ctx)
-		if ctx.Err() != nil {
-			return
-		}
-		wait := backoff
-		if errors.Is(err, errReconnected) {
-			// A fleet's agents reconnect together after a bus restart:
-			// each asks for its consumer at a random moment of the next
-			// commandsJitter, so that FM makes them spread out.
-			wait, backoff = randomDuration(commandsJitter), time.Second
-		} else {
-			backoff = min(2*backoff, 15*time.Second)
-		}
-		a.log.Debug().Err(err).Dur("retry_in", wait).Msg("command consumer stopped")
+	live := make(chan *nats.Msg, a.liveCommands)
+	sub, err := a.nc.ChanSubscribe(protocol.CommandLiveSubject(a.cfg.Instance), live)
+	for err != nil {
+		// Only a closed connection refuses a subscription: the agent is
+		// stopping.
+		a.log.Error().Err(err).Msg("commands cannot be received")
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(wait):
+		case <-time.After(15 * time.Second):
+		}
+		sub, err = a.nc.ChanSubscribe(protocol.CommandLiveSubject(a.cfg.Instance), live)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	recheck := time.NewTimer(a.commandsRecheck/2 + randomDuration(a.commandsRecheck))
+	defer recheck.Stop()
+	wake := time.NewTimer(0) // at due
+	defer wake.Stop()
+	var (
+		due     = time.Now() // of the next page of a catch-up; zero when none is due
+		backoff = time.Second
+		from    = a.cursor.Verified // where the catch-up under way reads from
+		// inStep: the last catch-up ended with nothing after it, on the
+		// connection of reconnection count syncedAt.
+		inStep   bool
+		syncedAt uint64
+		dropped  int
+	)
+	catchUp := func(in time.Duration) {
+		if due.IsZero() {
+			due, from = time.Now().Add(in), a.cursor.Verified
+		}
+	}
+	for ctx.Err() == nil {
+		if !due.IsZero() && !time.Now().Before(due) {
+			reconnects := a.nc.Stats().Reconnects
+			last, resp, err := a.catchUpCommands(ctx, from)
+			switch {
+			case ctx.Err() != nil:
+				return
+			case isPaced(err):
+				// Asked again within FM's pace (drops come in bursts).
+				due = time.Now().Add(commandsPageWait)
+			case err != nil:
+				a.log.Debug().Err(err).Dur("retry_in", backoff).Msg("commands not caught up")
+				due, backoff = time.Now().Add(backoff), min(2*backoff, 15*time.Second)
+			case resp.Reset:
+				a.log.Warn().Uint64("after", from).Msg("FM_COMMANDS holds no command that far (a bus restored or replaced): catching up from its first, running only commands not run yet")
+				a.cursor.LastSeq, a.cursor.Verified, a.cursor.Unverified = 0, 0, 0
+				a.saveCursor()
+				due, from, backoff = time.Now(), 0, time.Second
+			default:
+				// Every command up to the page's last has been seen.
+				if last > a.cursor.Verified {
+					save := a.cursor.Unverified >= verifiedSaveAfter
+					a.cursor.Verified, a.cursor.Unverified = last, 0
+					if save {
+						a.saveCursor()
+					}
+				}
+				if resp.More {
+					due, from, backoff = time.Now().Add(commandsPageWait), last, time.Second
+				} else {
+					due, backoff, inStep, syncedAt = time.Time{}, time.Second, true, reconnects
+				}
+			}
+		}
+		var wait <-chan time.Time
+		if !due.IsZero() {
+			wake.Reset(time.Until(due))
+			wait = wake.C
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-wait:
+		case <-a.commandsReconnected:
+			// A fleet's agents reconnect together after a bus restart: each
+			// catches up at a random moment of the next commandsJitter.
+			if a.nc.Stats().Reconnects != syncedAt {
+				catchUp(randomDuration(commandsJitter))
+			}
+		case <-recheck.C:
+			recheck.Reset(a.commandsRecheck/2 + randomDuration(a.commandsRecheck))
+			catchUp(0)
+		case m := <-live:
+			// Before anything else: what filled the queue may not be
+			// commands (answers another agent has sent here).
+			if n, _ := sub.Dropped(); n > dropped {
+				a.log.Info().Int("dropped", n-dropped).Msg("commands came faster than they ran; catching up")
+				a.commandsDropped.Add(uint64(n - dropped))
+				dropped, inStep = n, false
+				catchUp(0)
+			}
+			seq, ok := a.liveCommand(m)
+			if !ok {
+				continue
+			}
+			switch {
+			case !inStep || !due.IsZero():
+				// The catch-up under way or due runs it, in order.
+				catchUp(0)
+			case a.nc.Stats().Reconnects != syncedAt:
+				// Commands stored while the connection was down were not
+				// received: this one waits for them.
+				inStep = false
+				catchUp(randomDuration(commandsJitter))
+			case seq > a.cursor.LastSeq:
+				a.handleCommand(ctx, m.Data, seq)
+				if a.cursor.Unverified >= verifiedSaveAfter {
+					// Before those run since the last catch-up outnumber
+					// the ids the cursor keeps.
+					catchUp(0)
+				}
+			case a.neverRan(m.Data):
+				// Behind the last one run, and never run (a stream that
+				// was replaced): a catch-up looks.
+				catchUp(0)
+			}
 		}
 	}
 }
 
-// commandsJitter spreads the consumer requests of agents that reconnect
-// together.
-const commandsJitter = 2 * time.Second
+const (
+	// liveCommands is how many commands received wait while one runs;
+	// beyond, they are dropped and caught up with.
+	liveCommands = 64
+	// commandsJitter spreads the catch-ups of agents that reconnect
+	// together.
+	commandsJitter = 2 * time.Second
+	// commandsRecheck is about how often an agent catches up without
+	// reason (between half of it and one and a half).
+	commandsRecheck = 5 * time.Minute
+	// commandsPageWait is the wait between pages of a catch-up: FM answers
+	// an instance at most every protocol.CommandsAfterPace.
+	commandsPageWait = protocol.CommandsAfterPace + 50*time.Millisecond
+)
 
 // randomDuration is a random duration in [0, span).
 func randomDuration(span time.Duration) time.Duration {
 	return time.Duration(mrand.Int64N(int64(span)))
 }
 
-// errReconnected stops the command consumer when the connection comes
-// back: an in-memory consumer does not outlive a bus restart, and a pull
-// on one that is gone is answered by nothing until heartbeats are missed.
-var errReconnected = errors.New("reconnected to the bus: the command consumer is asked for again")
-
-// errCommandGap says a command was lost between the bus and the agent.
-var errCommandGap = errors.New("a command was lost on the way: consuming again from the last one handled")
-
-func (a *Agent) consumeCommands(ctx context.Context) error {
-	// Only a reconnection after the consumer is asked for is news to it
-	// (not the first connection, whose signal may come late).
-	reconnects := a.nc.Stats().Reconnects
-	name, err := a.askCommandsFrom(ctx, a.cursor.LastSeq)
-	if err != nil {
-		return fmt.Errorf("command consumer: %w", err)
+// liveCommand is the stream sequence of a command republished by
+// FM_COMMANDS on the instance's live subject, and false for anything else
+// that arrives there: NATS does not check the reply subject a client
+// names, so another agent may have an answer to its own request sent to
+// this subject (a direct get's, which carries a Nats-Sequence too). Only
+// FM_COMMANDS, which no agent can read, republishes with its own name and
+// the command's subject of this instance.
+func (a *Agent) liveCommand(m *nats.Msg) (uint64, bool) {
+	if m.Header.Get(jetstream.StreamHeader) != protocol.StreamCommands ||
+		protocol.InstanceOfCommandSubject(m.Header.Get(jetstream.SubjectHeader)) != a.cfg.Instance {
+		return 0, false
 	}
-	cons, err := a.js.Consumer(ctx, protocol.StreamCommands, name)
-	if err != nil {
-		return fmt.Errorf("command consumer: %w", err)
-	}
-	// Pulls of a minute with heartbeats every 30 s: a fleet's idle agents
-	// cost the bus half what the defaults do (30 s, 15 s). A consumer lost
-	// with a bus restart is asked for again at the reconnection; one lost
-	// otherwise shows in two missed heartbeats. (Pulls of 90 s were never
-	// answered through the agents' account's import of JetStream's API:
-	// TestCommandsRunOnceAndAfterAnOutage.)
-	msgs, err := cons.Messages(jetstream.PullExpiry(60*time.Second), jetstream.PullHeartbeat(30*time.Second))
-	if err != nil {
-		return fmt.Errorf("command consumer: %w", err)
-	}
-	defer msgs.Stop()
-	var reconnected atomic.Bool
-	stopped := make(chan struct{})
-	defer close(stopped)
-	go func() {
-		for {
-			select {
-			case <-ctx.Done():
-			case <-a.commandsReconnected:
-				if a.nc.Stats().Reconnects == reconnects {
-					continue
-				}
-				reconnected.Store(true)
-			case <-stopped:
-				return
-			}
-			msgs.Stop()
-			return
-		}
-	}()
-	var delivered uint64
-	for {
-		msg, err := msgs.Next()
-		if err != nil {
-			if reconnected.Load() {
-				return errReconnected
-			}
-			return err
-		}
-		md, err := msg.Metadata()
-		if err != nil {
-			continue
-		}
-		// Nothing acknowledges: a command delivered while the connection
-		// was down is lost to this consumer, and seen as a gap.
-		if delivered++; md.Sequence.Consumer != delivered {
-			return errCommandGap
-		}
-		a.handleCommand(ctx, msg.Data(), md.Sequence.Stream)
-	}
+	seq, err := strconv.ParseUint(m.Header.Get(jetstream.SequenceHeader), 10, 64)
+	return seq, err == nil && seq > 0
 }
 
-// askCommandsFrom asks FM to make the command consumer anew, delivering
-// commands after stream sequence after, and returns its name.
-func (a *Agent) askCommandsFrom(ctx context.Context, after uint64) (string, error) {
-	data, err := protocol.Encode(&protocol.CommandsFromRequest{After: after})
+// catchUpCommands asks FM for the commands stored after sequence after and
+// handles them: those after the last one run, and those before it that
+// were never run (lost on the way). last is the sequence of the last one
+// in the answer (after if none).
+func (a *Agent) catchUpCommands(ctx context.Context, after uint64) (last uint64, resp protocol.CommandsAfterResponse, err error) {
+	data, err := protocol.Encode(&protocol.CommandsAfterRequest{After: after})
 	if err != nil {
-		return "", err
+		return after, resp, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	askCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	msg, err := a.nc.RequestWithContext(ctx, protocol.CommandsFromSubject(a.cfg.Instance), data)
+	msg, err := a.nc.RequestWithContext(askCtx, protocol.CommandsAfterSubject(a.cfg.Instance), data)
 	if err != nil {
-		return "", err
+		return after, resp, fmt.Errorf("commands catch-up: %w", err)
 	}
-	var resp protocol.CommandsFromResponse
 	if err := protocol.Decode(msg.Data, &resp); err != nil {
-		return "", fmt.Errorf("FM's answer: %w", err)
+		return after, resp, fmt.Errorf("commands catch-up: FM's answer: %w", err)
 	}
 	if resp.Error != nil {
-		return "", resp.Error
+		return after, resp, fmt.Errorf("commands catch-up: %w", resp.Error)
 	}
-	if resp.Consumer != protocol.CommandConsumer(a.cfg.Instance) {
-		return "", fmt.Errorf("FM made consumer %q, not the instance's", resp.Consumer)
+	last = after
+	for _, c := range resp.Commands {
+		if ctx.Err() != nil {
+			return last, resp, ctx.Err()
+		}
+		switch {
+		case c.Seq <= after:
+			// Not asked for: FM's answer is checked to be in order only.
+			continue
+		case c.Seq > a.cursor.LastSeq:
+			a.handleCommand(ctx, c.Command, c.Seq)
+		case a.neverRan(c.Command):
+			a.log.Warn().Uint64("seq", c.Seq).Msg("a command stored before the last one run was never received; running it now")
+			a.handleCommand(ctx, c.Command, c.Seq)
+		}
+		last = c.Seq
 	}
-	return resp.Consumer, nil
+	return last, resp, nil
+}
+
+// neverRan says whether data is a command of this instance the agent has
+// not finished (by id). Past as many commands since the last catch-up as
+// the cursor keeps ids of, it cannot tell, and says no: a command is not
+// run twice.
+func (a *Agent) neverRan(data []byte) bool {
+	var cmd protocol.Command
+	if protocol.Decode(data, &cmd) != nil || cmd.Instance != a.cfg.Instance {
+		return false
+	}
+	if a.cursor.Unverified >= recentCommands {
+		a.log.Warn().Str("command", cmd.ID).Msg("too many commands since the last catch-up to tell whether this one ran; it is not run")
+		return false
+	}
+	return !a.cursor.seen(cmd.ID)
+}
+
+// isPaced says whether FM refused a request for coming too soon.
+func isPaced(err error) bool {
+	var perr *protocol.Error
+	return errors.As(err, &perr) && perr.Code == protocol.CodeResourceExhausted
+}
+
+func (a *Agent) saveCursor() {
+	if err := saveJSON(a.m.cursorPath(), a.cursor, 0o600); err != nil {
+		a.log.Error().Err(err).Msg("command cursor not saved")
+	}
 }
 
 // handleCommand runs one command message and answers it. A command already
@@ -184,7 +291,9 @@ func (a *Agent) handleCommand(ctx context.Context, data []byte, seq uint64) {
 	}
 	if a.cursor.seen(cmd.ID) {
 		a.log.Debug().Str("command", cmd.ID).Msg("command already run; delivered again, ignored")
-		a.commandDone(cmd.ID, seq)
+		if seq > a.cursor.LastSeq {
+			a.commandDone(cmd.ID, seq)
+		}
 		return
 	}
 	if !cmd.Expires.IsZero() && time.Now().After(cmd.Expires) {
@@ -248,9 +357,7 @@ func (a *Agent) commandDone(id string, seq uint64) {
 	} else {
 		a.cursor.done(id, seq)
 	}
-	if err := saveJSON(a.m.cursorPath(), a.cursor, 0o600); err != nil {
-		a.log.Error().Err(err).Msg("command cursor not saved")
-	}
+	a.saveCursor()
 }
 
 func (a *Agent) answer(ctx context.Context, cmd protocol.Command, res commandResult) error {

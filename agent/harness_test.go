@@ -89,12 +89,14 @@ type rig struct {
 	lastDesired *protocol.DesiredState
 	// since, if set, makes waitReady wait for a status written after it.
 	since time.Time
+	// tune, if set, changes each agent made before it runs.
+	tune func(*Agent)
 }
 
 func newRig(t *testing.T) *rig {
 	t.Helper()
 	srv := bustest.Run(t)
-	srv.ServeCommandConsumers(t)
+	srv.ServeCommandCatchUps(t)
 	r := &rig{t: t, bus: srv, instance: "in-" + strings.ToLower(protocol.NewID("t")[2:12]),
 		root: t.TempDir(), data: t.TempDir(), port: freePort(t)}
 	r.nc = srv.Connect(t)
@@ -128,6 +130,9 @@ func (r *rig) startAgent() {
 	a, err := New(r.cfg)
 	if err != nil {
 		r.t.Fatal(err)
+	}
+	if r.tune != nil {
+		r.tune(a)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r.agent, r.cancel, r.done = a, cancel, make(chan error, 1)

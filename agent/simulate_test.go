@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -126,10 +127,10 @@ func TestAStatusAtRestIsNotRewritten(t *testing.T) {
 	}
 }
 
-// TestAfterABusRestartCommandsFlowAtOnce: the command consumer lives in
-// memory and goes with a bus restart; the agent asks for it again as it
-// reconnects, instead of waiting to miss the consumer's heartbeats (a
-// minute), and beats at once so that FM sees it back.
+// TestAfterABusRestartCommandsFlowAtOnce: a command stored while the
+// agent was disconnected is not republished to it; the agent catches up
+// as it reconnects, instead of waiting for its next recheck (minutes), and
+// beats at once so that FM sees it back.
 func TestAfterABusRestartCommandsFlowAtOnce(t *testing.T) {
 	r := newRig(t)
 	r.cfg.Simulated = true
@@ -146,5 +147,199 @@ func TestAfterABusRestartCommandsFlowAtOnce(t *testing.T) {
 	// missed heartbeats would take a minute.
 	if took := time.Since(began); took > 20*time.Second {
 		t.Fatalf("a command after a bus restart took %v", took)
+	}
+}
+
+// countRuns makes every agent the rig starts count the commands it runs
+// (by id): a command's result event keeps its id however often it is sent,
+// so events cannot tell a command run twice.
+func (r *rig) countRuns() func(id string) int {
+	var mu sync.Mutex
+	runs := map[string]int{}
+	tune := r.tune
+	r.tune = func(a *Agent) {
+		if tune != nil {
+			tune(a)
+		}
+		execute := a.execute
+		a.execute = func(ctx context.Context, cmd protocol.Command) commandResult {
+			mu.Lock()
+			runs[cmd.ID]++
+			mu.Unlock()
+			return execute(ctx, cmd)
+		}
+	}
+	return func(id string) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return runs[id]
+	}
+}
+
+// TestCommandsDroppedOnTheWayAreCaughtUp: commands that come faster than
+// they run overflow what waits (here one) and are dropped by the
+// subscription; the agent sees it and catches up, so that each runs once
+// and none is skipped.
+func TestCommandsDroppedOnTheWayAreCaughtUp(t *testing.T) {
+	r := newRig(t)
+	r.cfg.Simulated = true
+	r.tune = func(a *Agent) { a.liveCommands = 1 }
+	runs := r.countRuns()
+	r.startAgent()
+	r.waitReady(r.desire("13.4.0").Generation)
+	var ids []string
+	for range 40 {
+		ids = append(ids, r.command(protocol.CommandRestartDSS, nil))
+	}
+	for _, id := range ids {
+		if res := r.result(id); res.Status != protocol.StatusOK {
+			t.Fatalf("command %s: %+v", id, res)
+		}
+	}
+	if r.agent.commandsDropped.Load() == 0 {
+		t.Fatal("no command was dropped: the test did not reach what it tests")
+	}
+	r.result(r.command(protocol.CommandRestartDSS, nil))
+	for _, id := range ids {
+		if n := runs(id); n != 1 {
+			t.Fatalf("command %s ran %d times", id, n)
+		}
+	}
+}
+
+// TestACommandLostOnTheWayRunsAtTheNextCatchUp: a command whose live copy
+// never reached the agent (here FM_COMMANDS stored it without
+// republishing it, as a failed route between bus nodes would lose it) is
+// overtaken by a later one that runs live; the agent's next catch-up (here
+// after a reconnection) still finds it, since it reads from the last
+// sequence a catch-up verified. Each runs once. An agent restarted in
+// between (the cursor as saved) finds it too.
+func TestACommandLostOnTheWayRunsAtTheNextCatchUp(t *testing.T) {
+	for _, restart := range []bool{false, true} {
+		name := "reconnected"
+		if restart {
+			name = "restarted"
+		}
+		t.Run(name, func(t *testing.T) {
+			r := newRig(t)
+			r.cfg.Simulated = true
+			r.tune = func(a *Agent) { a.commandsRecheck = time.Hour }
+			runs := r.countRuns()
+			r.startAgent()
+			r.waitReady(r.desire("13.4.0").Generation)
+			r.result(r.command(protocol.CommandRestartDSS, nil)) // caught up at start, and receiving
+			lost := r.commandNotRepublished(protocol.CommandRestartDSS)
+			later := r.command(protocol.CommandRestartDSS, nil)
+			r.result(later)
+			if restart {
+				r.stopAgent()
+				r.startAgent()
+			} else if err := r.agent.nc.ForceReconnect(); err != nil {
+				t.Fatal(err)
+			}
+			r.result(lost)
+			var order []string
+			for _, e := range r.events.find(func(e protocol.Event) bool { return e.Kind == protocol.EventCommand }) {
+				if e.CommandID == lost || e.CommandID == later {
+					order = append(order, e.CommandID)
+				}
+			}
+			if len(order) != 2 || order[0] != later {
+				t.Fatalf("results %v: want the later command's first (it ran live), then the lost one's", order)
+			}
+			r.result(r.command(protocol.CommandRestartDSS, nil))
+			for _, id := range []string{later, lost} {
+				if n := runs(id); n != 1 {
+					t.Fatalf("command %s ran %d times", id, n)
+				}
+			}
+		})
+	}
+}
+
+// commandNotRepublished sends a command that FM_COMMANDS stores without
+// republishing it: its live copy is lost.
+func (r *rig) commandNotRepublished(kind protocol.CommandKind) string {
+	r.t.Helper()
+	ctx := context.Background()
+	st, err := r.js.Stream(ctx, protocol.StreamCommands)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	cfg := st.CachedInfo().Config
+	quiet := cfg
+	quiet.RePublish = nil
+	if _, err := r.js.UpdateStream(ctx, quiet); err != nil {
+		r.t.Fatal(err)
+	}
+	id := r.command(kind, nil)
+	if _, err := r.js.UpdateStream(ctx, cfg); err != nil {
+		r.t.Fatal(err)
+	}
+	return id
+}
+
+// TestManyCommandsBetweenCatchUpsRunOnce: commands run live faster than
+// catch-ups come (here 260, more than the 200 ids the cursor keeps) are
+// verified along the way, so that a catch-up after them (a restart) runs
+// none of them again.
+func TestManyCommandsBetweenCatchUpsRunOnce(t *testing.T) {
+	r := newRig(t)
+	r.cfg.Simulated = true
+	r.tune = func(a *Agent) { a.commandsRecheck = time.Hour }
+	runs := r.countRuns()
+	r.startAgent()
+	r.waitReady(r.desire("13.4.0").Generation)
+	var ids []string
+	for range 260 {
+		id := r.command(protocol.CommandRestartDSS, nil)
+		r.result(id)
+		ids = append(ids, id)
+	}
+	r.stopAgent()
+	if n := r.agent.cursor.Unverified; n >= recentCommands/2 {
+		t.Fatalf("%d commands ran since the last catch-up: it should have come along the way", n)
+	}
+	r.startAgent()
+	r.result(r.command(protocol.CommandRestartDSS, nil))
+	for _, id := range ids {
+		if n := runs(id); n != 1 {
+			t.Fatalf("command %s ran %d times", id, n)
+		}
+	}
+}
+
+// TestOnlyFMCommandsRunFromTheLiveSubject: NATS does not check reply
+// subjects, so another agent can have JetStream's answer to its own request
+// (which carries a Nats-Sequence) sent to this agent's live subject; it is
+// not taken for a command, and moves nothing.
+func TestOnlyFMCommandsRunFromTheLiveSubject(t *testing.T) {
+	r := newRig(t)
+	r.cfg.Simulated = true
+	runs := r.countRuns()
+	r.startAgent()
+	r.waitReady(r.desire("13.4.0").Generation)
+	r.result(r.command(protocol.CommandRestartDSS, nil))
+	forged := protocol.Command{ID: "cmd-forged", Instance: r.instance, Kind: protocol.CommandRestartDSS, Issued: time.Now().UTC()}
+	data, _ := protocol.Encode(&forged)
+	for _, hdr := range []nats.Header{
+		{"Nats-Stream": {"KV_fm_desired"}, "Nats-Subject": {"$KV.fm_desired." + r.instance}, "Nats-Sequence": {"999999"}},
+		{"Nats-Stream": {protocol.StreamCommands}, "Nats-Subject": {protocol.CommandSubject("in-other", "c1")}, "Nats-Sequence": {"999999"}},
+		{"Nats-Sequence": {"999999"}},
+	} {
+		if err := r.nc.PublishMsg(&nats.Msg{Subject: protocol.CommandLiveSubject(r.instance), Header: hdr, Data: data}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	after := r.command(protocol.CommandRestartDSS, nil)
+	if res := r.result(after); res.Status != protocol.StatusOK {
+		t.Fatalf("a command after the forged ones: %+v", res)
+	}
+	if runs("cmd-forged") != 0 || r.events.find(func(e protocol.Event) bool { return e.Kind == protocol.EventRejected }) != nil {
+		t.Fatal("a message not republished by FM_COMMANDS was taken for a command")
+	}
+	r.stopAgent()
+	if seq := r.agent.cursor.LastSeq; seq == 0 || seq >= 999999 {
+		t.Fatalf("the cursor is at %d", seq)
 	}
 }

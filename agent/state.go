@@ -74,8 +74,20 @@ func digest(b []byte) string {
 // commandCursor is how far the agent got in its commands, kept on the data
 // volume so that a new machine of the same instance resumes after them.
 type commandCursor struct {
+	// Version is the cursor's format: 0 (absent) for a cursor from before
+	// Verified, which is then taken to be LastSeq.
+	Version int `json:"version,omitempty"`
 	// LastSeq is the FM_COMMANDS sequence of the last finished command.
 	LastSeq uint64 `json:"lastSeq"`
+	// Verified is the sequence up to which a catch-up has seen every
+	// command of the instance: commands run live after it may have
+	// overtaken one lost on the way, which the next catch-up finds.
+	// Unverified counts the commands finished since: a catch-up looks at
+	// them again and skips them by id (Recent), so they must stay fewer
+	// than Recent holds: at verifiedSaveAfter the agent catches up (which
+	// moves Verified) and saves the cursor.
+	Verified   uint64 `json:"verified,omitempty"`
+	Unverified int    `json:"unverified,omitempty"`
 	// Running is the command under way, if any: found at start, it was
 	// interrupted, and is run again when it is delivered again.
 	Running *runningCommand `json:"running,omitempty"`
@@ -97,9 +109,22 @@ type runningCommand struct {
 
 const recentCommands = 200
 
+// cursorVersion is the format commandCursor is written in.
+const cursorVersion = 1
+
+// verifiedSaveAfter is how many commands may be finished after Verified
+// before the agent catches up to move it, and saves the cursor at once;
+// fewer, and Verified is saved with the next command (a fleet that catches
+// up together after a bus restart does not write every cursor).
+const verifiedSaveAfter = 50
+
 func (c *commandCursor) done(id string, seq uint64) {
 	c.Running = nil
 	c.LastSeq = max(c.LastSeq, seq)
+	if c.seen(id) {
+		return
+	}
+	c.Unverified++
 	c.Recent = append(c.Recent, id)
 	if len(c.Recent) > recentCommands {
 		c.Recent = c.Recent[len(c.Recent)-recentCommands:]

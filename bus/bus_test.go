@@ -1,10 +1,13 @@
 package bus_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -336,23 +339,92 @@ func TestANoisyInstanceKeepsToItsShare(t *testing.T) {
 	}
 }
 
-// TestMoreThanAThousandAgentsHaveCommandConsumers: NATS allows 1,000
-// consumers per stream by default; the embedded bus lifts it, since every
-// agent has a command consumer.
-func TestMoreThanAThousandAgentsHaveCommandConsumers(t *testing.T) {
+// TestCommandsAfterReadsOneInstancesCommandsInOrder: a catch-up holds the
+// instance's commands after the sequence asked, none of another's, in
+// pages bounded by count and by size, and a stored value that is not JSON
+// as a command without its body.
+func TestCommandsAfterReadsOneInstancesCommandsInOrder(t *testing.T) {
 	srv := bustest.Run(t)
 	js := srv.JetStream(t)
-	for i := range 1001 {
-		if _, err := bus.MakeCommandConsumer(ctx(t), js, fmt.Sprintf("in-many%05d", i), 0); err != nil {
-			t.Fatalf("consumer %d: %v", i+1, err)
+	st, err := js.Stream(ctx(t), protocol.StreamCommands)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reader := bus.NewCommandReader(st)
+	publish := func(instance, id string, data []byte) uint64 {
+		t.Helper()
+		ack, err := js.Publish(ctx(t), protocol.CommandSubject(instance, id), data)
+		if err != nil {
+			t.Fatal(err)
 		}
+		return ack.Sequence
+	}
+	var mine []uint64
+	for i := range protocol.MaxCommandsPerAnswer + 6 {
+		mine = append(mine, publish("in-mine", fmt.Sprintf("c%03d", i), []byte(fmt.Sprintf(`{"n":%d}`, i))))
+		publish("in-other", fmt.Sprintf("c%03d", i), []byte(`{"other":true}`))
+	}
+	broken := publish("in-mine", "broken", []byte("not json"))
+	big := bytes.Repeat([]byte("x"), 200<<10)
+	big1 := publish("in-mine", "big1", []byte(`"`+string(big)+`"`))
+	big2 := publish("in-mine", "big2", []byte(`"`+string(big)+`"`))
+	seqs := func(cmds []protocol.StoredCommand) []uint64 {
+		var out []uint64
+		for _, c := range cmds {
+			out = append(out, c.Seq)
+		}
+		return out
+	}
+	tests := []struct {
+		name  string
+		after uint64
+		want  []uint64
+		more  bool
+	}{
+		{"from the first, a full page", 0, mine[:protocol.MaxCommandsPerAnswer], true},
+		{"the rest, up to what fits", mine[protocol.MaxCommandsPerAnswer-1], append(slices.Clone(mine[protocol.MaxCommandsPerAnswer:]), broken, big1), true},
+		{"one too large to share a page goes alone", big1, []uint64{big2}, false},
+		{"after the last, nothing", big2, nil, false},
+		{"after a sequence of another instance", mine[3] + 1, mine[4 : 4+protocol.MaxCommandsPerAnswer], true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			resp, err := reader.After(ctx(t), "in-mine", tc.after)
+			if err != nil || resp.Reset {
+				t.Fatal(err, resp.Reset)
+			}
+			cmds, more := resp.Commands, resp.More
+			if got := seqs(cmds); !slices.Equal(got, tc.want) || more != tc.more {
+				t.Fatalf("CommandsAfter(%d) = %v more=%v, want %v more=%v", tc.after, got, more, tc.want, tc.more)
+			}
+			for _, c := range cmds {
+				switch {
+				case c.Seq == broken && c.Command != nil:
+					t.Fatalf("a stored value that is not JSON came as %q", c.Command)
+				case c.Seq != broken && bytes.Contains(c.Command, []byte("other")):
+					t.Fatalf("another instance's command came: %s", c.Command)
+				}
+			}
+		})
+	}
+	if resp, err := reader.After(ctx(t), "in-nobody", 0); err != nil || len(resp.Commands) != 0 || resp.More || resp.Reset {
+		t.Fatalf("an instance without commands: %+v %v", resp, err)
+	}
+	// A cursor beyond the stream's end (a bus restored from a backup, or
+	// replaced): the agent is told to start again; one beyond the
+	// instance's last command but within the stream is not.
+	if resp, err := reader.After(ctx(t), "in-nobody", big2); err != nil || resp.Reset || len(resp.Commands) != 0 {
+		t.Fatalf("a cursor within the stream: %+v %v", resp, err)
+	}
+	if resp, err := reader.After(ctx(t), "in-mine", big2+1000); err != nil || !resp.Reset || len(resp.Commands) != 0 {
+		t.Fatalf("a cursor beyond the stream's end: %+v %v", resp, err)
 	}
 }
 
-// TestCommandsTakeAConsumerPerAgentOnAnyBus: FM_COMMANDS declares its own
-// consumer bound (an external bus keeps NATS's default of 1,000), also on a
-// stream made before it did.
-func TestCommandsTakeAConsumerPerAgentOnAnyBus(t *testing.T) {
+// TestCommandsAreRepublishedOnTheirInstancesLiveSubject: FM_COMMANDS, also
+// one made before FM republished, sends every command as it is stored on
+// its instance's live subject with its stream sequence, and only there.
+func TestCommandsAreRepublishedOnTheirInstancesLiveSubject(t *testing.T) {
 	srv := bustest.RunBare(t)
 	js := srv.JetStream(t)
 	if _, err := js.CreateStream(ctx(t), jetstream.StreamConfig{Name: protocol.StreamCommands, Subjects: []string{protocol.SubjectAllCommands}}); err != nil {
@@ -361,11 +433,30 @@ func TestCommandsTakeAConsumerPerAgentOnAnyBus(t *testing.T) {
 	if err := bus.DefaultTopology().Declare(ctx(t), js); err != nil {
 		t.Fatal(err)
 	}
-	st, err := js.Stream(ctx(t), protocol.StreamCommands)
+	sub, err := js.Conn().SubscribeSync(protocol.CommandLiveSubject("in-a"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := st.CachedInfo().Config.MaxConsumers; got != bus.MaxCommandConsumers {
-		t.Fatalf("FM_COMMANDS allows %d consumers, want %d", got, bus.MaxCommandConsumers)
+	if err := js.Conn().Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for _, instance := range []string{"in-b", "in-a"} {
+		ack, err := js.Publish(ctx(t), protocol.CommandSubject(instance, "c1"), []byte(`{"to":"`+instance+`"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if instance == "in-b" {
+			continue
+		}
+		m, err := sub.NextMsg(5 * time.Second)
+		if err != nil {
+			t.Fatalf("the command was not republished: %v", err)
+		}
+		if got := m.Header.Get(jetstream.SequenceHeader); got != strconv.FormatUint(ack.Sequence, 10) || string(m.Data) != `{"to":"in-a"}` {
+			t.Fatalf("republished %s with sequence %q, want in-a's with %d", m.Data, got, ack.Sequence)
+		}
+	}
+	if m, err := sub.NextMsg(200 * time.Millisecond); err == nil {
+		t.Fatalf("another message came on in-a's subject: %s", m.Data)
 	}
 }

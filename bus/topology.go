@@ -11,9 +11,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// MaxCommandConsumers bounds FM_COMMANDS's consumers: one per agent.
-const MaxCommandConsumers = 1_000_000
-
 // Topology is the JetStream layout FM runs on. Its zero value is not useful;
 // start from DefaultTopology.
 type Topology struct {
@@ -165,12 +162,15 @@ func (t Topology) Streams() []jetstream.StreamConfig {
 			Subjects: []string{protocol.SubjectAllCommands}, Retention: jetstream.LimitsPolicy,
 			MaxAge: t.CommandsMaxAge, Duplicates: t.DuplicateWindow,
 			Storage: jetstream.FileStorage, Replicas: t.Replicas,
-			// Every consumer, durable ones too, goes once idle: the one the
-			// server makes for an agent does not outlive its use.
+			// Every consumer, durable ones too, goes once idle.
 			ConsumerLimits: jetstream.StreamConsumerLimits{InactiveThreshold: idleConsumerLimit},
-			// Each agent has a command consumer: NATS's default of 1,000 per
-			// stream would cap the fleet, on any bus.
-			MaxConsumers: MaxCommandConsumers,
+			// Agents have no consumer: each receives its commands as they
+			// are stored, on its instance's live subject, and asks FM for
+			// those stored while it was away (CommandsAfter).
+			RePublish: &jetstream.RePublish{
+				Source:      protocol.SubjectAllCommands,
+				Destination: protocol.CommandLiveSubject("{{wildcard(1)}}"),
+			},
 		},
 		{
 			Name: protocol.StreamEvents, Description: "progress and results from agents and the provisioner",

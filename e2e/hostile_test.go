@@ -196,15 +196,29 @@ func TestAHostileAgentTouchesNothingButItself(t *testing.T) {
 			refusedByNATS(t, violations)
 		}},
 		{"read B's commands", func(t *testing.T) {
-			_, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Name: protocol.CommandConsumer(b),
+			_, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Name: "cmd_" + b,
 				FilterSubject: protocol.CommandFilter(b), AckPolicy: jetstream.AckNonePolicy})
 			if err == nil {
 				t.Fatal("made a consumer on B's commands")
 			}
 			refusedByNATS(t, violations)
 		}},
+		{"receive B's commands as they are stored", func(t *testing.T) {
+			if _, err := nc.SubscribeSync(protocol.CommandLiveSubject(b)); err != nil {
+				t.Fatal(err)
+			}
+			_ = nc.Flush()
+			refusedByNATS(t, violations)
+		}},
+		{"catch up with B's commands", func(t *testing.T) {
+			req, _ := protocol.Encode(&protocol.CommandsAfterRequest{})
+			if _, err := nc.Request(protocol.CommandsAfterSubject(b), req, time.Second); err == nil {
+				t.Fatal("FM answered A's catch-up of B's commands")
+			}
+			refusedByNATS(t, violations)
+		}},
 		{"make a consumer that delivers into B's records", func(t *testing.T) {
-			_, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Name: protocol.CommandConsumer(a),
+			_, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Name: "cmd_" + a,
 				FilterSubject: protocol.CommandFilter(a), AckPolicy: jetstream.AckNonePolicy, DeliverSubject: protocol.KVSubject(protocol.BucketInstances, b)})
 			if err == nil {
 				t.Fatal("made a consumer")
@@ -219,7 +233,7 @@ func TestAHostileAgentTouchesNothingButItself(t *testing.T) {
 				{Subject: protocol.KVSubject(protocol.BucketAgents, a), Data: []byte("{}"), Reply: protocol.KVSubject(protocol.BucketInstances, b)},
 				{Subject: "$JS.API.DIRECT.GET.KV_" + protocol.BucketDesired + "." + protocol.KVSubject(protocol.BucketDesired, a), Reply: protocol.KVSubject(protocol.BucketSecrets, b)},
 				{Subject: "$JS.API.STREAM.INFO.OBJ_" + protocol.ObjectStoreKits, Reply: protocol.KVSubject(protocol.BucketDesired, b)},
-				{Subject: protocol.CommandsFromSubject(a), Data: []byte(`{"v":1}`), Reply: protocol.KVSubject(protocol.BucketSecrets, b)},
+				{Subject: protocol.CommandsAfterSubject(a), Data: []byte(`{"v":1}`), Reply: protocol.KVSubject(protocol.BucketSecrets, b)},
 			} {
 				if err := nc.PublishMsg(m); err != nil {
 					t.Fatal(err)

@@ -189,7 +189,23 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 
 	// Commands.
 	d.fm(t, "instance", "restart-dss", id, "--wait")
-	d.fm(t, "instance", "replay-setup-actions", id, "--wait")
+	// A setup action added to the template reaches the machine with a
+	// replay, without a new machine: the template as it is now runs again.
+	os.WriteFile(tplFile, []byte(`{"label":"base","license":"{\"content\":{\"licensee\":\"`+licenseMark+`\"}}","setupActions":[
+		{"type":"ADD_ENV_VARIABLES","params":{"variables":[{"key":"TEAM","value":"data"}]}},
+		{"type":"ADD_ENV_VARIABLES","params":{"variables":[{"key":"REPLAYED","value":"yes"}]}},
+		{"type":"SETUP_K8S_AND_SPARK","params":{}}]}`), 0o644)
+	d.fm(t, "template", "update", tpl, "--file", tplFile)
+	_, errOut, code = Run(t, fmBin(t), d.env, "instance", "replay-setup-actions", id, "--wait")
+	if code != 0 || !strings.Contains(errOut, "ADD_ENV_VARIABLES") {
+		t.Fatalf("replay: %d %s", code, errOut)
+	}
+	if code, body := dss(t, url, "/api/runtime", key.AdminAPIKey); code != 200 || !strings.Contains(body, `"REPLAYED":"yes"`) || !strings.Contains(body, `"TEAM":"data"`) {
+		t.Fatalf("the template's new setup action is not in DSS after the replay: %d %s", code, body)
+	}
+	if st := d.status(t, py, id); st["state"] != "running" {
+		t.Fatalf("after the replay: %v", st)
+	}
 	pw := d.fm(t, "instance", "password", id)
 	if !strings.HasPrefix(pw, "admin: ") {
 		t.Fatalf("password: %s", pw)

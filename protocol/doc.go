@@ -53,5 +53,12 @@
 //	  volume's size and its use to 1/200 of it, the memory's total), so
 //	  that a fleet at rest does not rewrite fm_agents (an older FM reads
 //	  the status's figures rounded, and no load, free memory or uptime). A
-//	  heartbeat's interval (EverySeconds).
+//	  heartbeat's interval (EverySeconds). Commands-after requests and
+//	  responses (with a reset), and every command republished on its
+//	  instance's live subject (CommandLiveSubject), replace commands-from
+//	  requests (a command consumer FM made for each agent). This is the one
+//	  removal within version 1: no release of FM had commands-from
+//	  requests, so no agent in use asks them; an agent built before it
+//	  and a server after it (or the reverse) do not exchange commands.
+//	  Their subject ("fm.cmdfrom.") keeps no other meaning.
 package protocol

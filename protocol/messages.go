@@ -21,7 +21,7 @@ type DesiredState struct {
 	NodeType string    `json:"nodeType"`
 	DSS      DSSTarget `json:"dss"`
 	// SetupActions are the template's actions, in order, as of the last
-	// (re)provision.
+	// (re)provision or replay.
 	SetupActions []SetupAction `json:"setupActions"`
 	// HeartbeatSeconds is how often the agent sends a heartbeat.
 	HeartbeatSeconds int `json:"heartbeatSeconds"`

@@ -52,7 +52,10 @@ const (
 	prefixDiag      = "fm.diag."
 	prefixAudit     = "fm.audit."
 	prefixRenew     = "fm.renew."
-	prefixCmdFrom   = "fm.cmdfrom."
+	prefixCmdLive   = "fm.cmdlive."
+	prefixCmdAfter  = "fm.cmdafter."
+	// "fm.cmdfrom." was where agents asked FM for a command consumer,
+	// before any release; it is not to be used again.
 )
 
 // Wildcard subjects that streams and consumers bind to.
@@ -66,7 +69,7 @@ const (
 	SubjectAllDiag      = prefixDiag + "*.*"
 	SubjectAllAudit     = prefixAudit + "*.*"
 	SubjectAllRenew     = prefixRenew + "*"
-	SubjectAllCmdFrom   = prefixCmdFrom + "*"
+	SubjectAllCmdAfter  = prefixCmdAfter + "*"
 )
 
 // OutsideJSAPIPrefix is the JetStream API prefix of the users outside FM's
@@ -100,13 +103,29 @@ func CommandSubject(instance, commandID string) string {
 	return prefixCommand + instance + "." + commandID
 }
 
-// CommandsFromSubject is where an instance's agent asks FM to make its
-// command consumer anew (core request and reply, not stored).
-func CommandsFromSubject(instance string) string { return prefixCmdFrom + instance }
+// CommandLiveSubject is where FM_COMMANDS republishes every command of
+// an instance as it is stored, for its agent (core, not stored; the
+// Nats-Sequence header holds its stream sequence).
+func CommandLiveSubject(instance string) string { return prefixCmdLive + instance }
 
-// CommandConsumer is the name of the one consumer FM makes for an
-// instance's agent on FM_COMMANDS.
-func CommandConsumer(instance string) string { return "cmd_" + instance }
+// CommandsAfterSubject is where an instance's agent asks FM for the
+// commands stored after the last it handled (core request and reply, not
+// stored).
+func CommandsAfterSubject(instance string) string { return prefixCmdAfter + instance }
+
+// InstanceOfCommandSubject is the instance of a command's FM_COMMANDS
+// subject, "" if subject is not one.
+func InstanceOfCommandSubject(subject string) string {
+	rest, ok := strings.CutPrefix(subject, prefixCommand)
+	if !ok {
+		return ""
+	}
+	instance, id, ok := strings.Cut(rest, ".")
+	if !ok || !ValidToken(instance) || !ValidToken(id) {
+		return ""
+	}
+	return instance
+}
 
 // CommandFilter matches every command of one instance.
 func CommandFilter(instance string) string { return prefixCommand + instance + ".*" }

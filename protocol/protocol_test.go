@@ -50,8 +50,11 @@ func vectors() map[string]struct {
 		"heartbeat": {&Heartbeat{
 			Instance: "in-7k2m9q4x1c", Seq: 17, Time: t0, Generation: 3, DSS: DSSRunning, AgentVersion: "0.1.0",
 		}, func() Message { return &Heartbeat{} }},
-		"commands_from_request":  {&CommandsFromRequest{After: 57}, func() Message { return &CommandsFromRequest{} }},
-		"commands_from_response": {&CommandsFromResponse{Consumer: "cmd_in-7k2m9q4x1c"}, func() Message { return &CommandsFromResponse{} }},
+		"commands_after_request": {&CommandsAfterRequest{After: 57}, func() Message { return &CommandsAfterRequest{} }},
+		"commands_after_response": {&CommandsAfterResponse{Commands: []StoredCommand{
+			{Seq: 58, Command: json.RawMessage(`{"v":1,"id":"cmd-0001","instance":"in-7k2m9q4x1c","kind":"restart-dss","issued":"2026-11-02T10:00:00Z"}`)},
+			{Seq: 61},
+		}, More: true}, func() Message { return &CommandsAfterResponse{} }},
 		"provision_request": {&ProvisionRequest{
 			ID: "op-42-reprovision", Instance: "in-7k2m9q4x1c", Action: ProvisionReprovision, OpID: "op-42", Generation: 3, Issued: t0, Order: 57,
 			Spec: &MachineSpec{Label: "analytics", NodeType: "design", ImageID: "dss-14.0.0-default", DSSVersion: "14.0.0",
@@ -384,6 +387,48 @@ func TestEventIDsMustBeValid(t *testing.T) {
 			mutate(e)
 			if err := e.Validate(); err == nil {
 				t.Fatal("an event with an invalid id was accepted")
+			}
+		})
+	}
+}
+
+// TestCommandsAfterResponseIsChecked: an agent runs what a catch-up answer
+// holds in order, so an answer out of order, too long or both failed and
+// full does not decode.
+func TestCommandsAfterResponseIsChecked(t *testing.T) {
+	many := make([]StoredCommand, MaxCommandsPerAnswer+1)
+	for i := range many {
+		many[i].Seq = uint64(i + 1)
+	}
+	tests := []struct {
+		name string
+		resp CommandsAfterResponse
+		ok   bool
+	}{
+		{"empty", CommandsAfterResponse{}, true},
+		{"in order", CommandsAfterResponse{Commands: []StoredCommand{{Seq: 3}, {Seq: 9}}, More: true}, true},
+		{"the most at once", CommandsAfterResponse{Commands: many[:MaxCommandsPerAnswer]}, true},
+		{"an error", CommandsAfterResponse{Error: Errorf(CodeNotFound, "no such instance")}, true},
+		{"too many", CommandsAfterResponse{Commands: many}, false},
+		{"out of order", CommandsAfterResponse{Commands: []StoredCommand{{Seq: 9}, {Seq: 3}}}, false},
+		{"twice the same", CommandsAfterResponse{Commands: []StoredCommand{{Seq: 3}, {Seq: 3}}}, false},
+		{"sequence zero", CommandsAfterResponse{Commands: []StoredCommand{{Seq: 0}}}, false},
+		{"more of nothing", CommandsAfterResponse{More: true}, false},
+		{"an error with commands", CommandsAfterResponse{Commands: []StoredCommand{{Seq: 3}}, Error: Errorf(CodeInternal, "x")}, false},
+		{"a reset", CommandsAfterResponse{Reset: true}, true},
+		{"a reset with commands", CommandsAfterResponse{Reset: true, Commands: []StoredCommand{{Seq: 3}}}, false},
+		{"a reset and an error", CommandsAfterResponse{Reset: true, Error: Errorf(CodeInternal, "x")}, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.resp.V = Version
+			data, err := json.Marshal(&tc.resp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got CommandsAfterResponse
+			if err := Decode(data, &got); (err == nil) != tc.ok {
+				t.Fatalf("Decode: %v, want ok=%v", err, tc.ok)
 			}
 		})
 	}

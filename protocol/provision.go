@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -235,31 +236,69 @@ func (r *RenewResponse) Validate() error {
 	return nil
 }
 
-// CommandsFromRequest asks FM to make the agent's command consumer
-// (CommandConsumer) anew, delivering the instance's commands from stream
-// sequence After+1 (0: from the first), on CommandsFromSubject of the
-// agent's instance. Agents may not make consumers themselves: one they
-// made could deliver into FM's subjects.
-type CommandsFromRequest struct {
+// CommandsAfterRequest asks FM, on CommandsAfterSubject of the agent's
+// instance, for the instance's commands stored in FM_COMMANDS after stream
+// sequence After (0: from the first). An agent asks when it starts, after
+// every reconnection and now and then; between, it receives each command
+// as it is stored, on CommandLiveSubject, with its sequence in the
+// Nats-Sequence header.
+type CommandsAfterRequest struct {
 	Header
 	After uint64 `json:"after,omitempty"`
 }
 
 // Validate implements Message.
-func (r *CommandsFromRequest) Validate() error { return nil }
+func (r *CommandsAfterRequest) Validate() error { return nil }
 
-// CommandsFromResponse says the consumer is ready (Consumer, its name), or
-// why it is not.
-type CommandsFromResponse struct {
+// StoredCommand is one command as FM_COMMANDS holds it: its stream
+// sequence and the command's encoding, as published (absent if what is
+// stored is not JSON: the agent rejects it as malformed).
+type StoredCommand struct {
+	Seq     uint64          `json:"seq"`
+	Command json.RawMessage `json:"command,omitempty"`
+}
+
+// MaxCommandsPerAnswer bounds the commands of one CommandsAfterResponse.
+const MaxCommandsPerAnswer = 64
+
+// CommandsAfterPace is how often FM answers an instance's catch-ups: one
+// asked sooner is answered ResourceExhausted.
+const CommandsAfterPace = 250 * time.Millisecond
+
+// CommandsAfterResponse holds the commands asked for, in stream order (at
+// most MaxCommandsPerAnswer, fewer when they are large: More says that
+// others follow the last), or why there are none. Reset says that After
+// is beyond the last sequence FM_COMMANDS holds (the bus was restored or
+// replaced): the agent catches up from the first, running only the
+// commands it has not run (by id).
+type CommandsAfterResponse struct {
 	Header
-	Consumer string `json:"consumer,omitempty"`
-	Error    *Error `json:"error,omitempty"`
+	Commands []StoredCommand `json:"commands,omitempty"`
+	More     bool            `json:"more,omitempty"`
+	Reset    bool            `json:"reset,omitempty"`
+	Error    *Error          `json:"error,omitempty"`
 }
 
 // Validate implements Message.
-func (r *CommandsFromResponse) Validate() error {
-	if (r.Consumer == "") == (r.Error == nil) {
-		return errors.New("exactly one of consumer and error is required")
+func (r *CommandsAfterResponse) Validate() error {
+	if (r.Error != nil || r.Reset) && (len(r.Commands) > 0 || r.More) {
+		return errors.New("an error or a reset comes without commands")
+	}
+	if r.Error != nil && r.Reset {
+		return errors.New("an error comes without a reset")
+	}
+	if len(r.Commands) > MaxCommandsPerAnswer {
+		return fmt.Errorf("%d commands: at most %d are sent at once", len(r.Commands), MaxCommandsPerAnswer)
+	}
+	if r.More && len(r.Commands) == 0 {
+		return errors.New("more is said of a non-empty answer only")
+	}
+	var last uint64
+	for _, c := range r.Commands {
+		if c.Seq <= last {
+			return fmt.Errorf("command sequences are not increasing (%d after %d)", c.Seq, last)
+		}
+		last = c.Seq
 	}
 	return nil
 }

@@ -13,7 +13,7 @@ import (
 
 // Agents ask the server for a few things by core request and reply on
 // subjects of their own instance (protocol.RenewSubject,
-// protocol.CommandsFromSubject): the subject is the sender's, since only
+// protocol.CommandsAfterSubject): the subject is the sender's, since only
 // an agent of that instance may publish on it.
 
 // agentPacer paces one kind of agent request: at most one per instance
@@ -64,6 +64,55 @@ func agentReplyOK(instance, reply string) bool {
 	return strings.HasPrefix(reply, "_R_.") || strings.HasPrefix(reply, protocol.InboxPrefix(instance)+".")
 }
 
+// agentRequestWorkers is how many agents' requests are answered at once.
+const agentRequestWorkers = 16
+
+// agentWorkers answers agents' requests a few at a time: a fleet asks
+// together (10,000 agents catch up with their commands after a bus
+// restart), and each answer waits on the bus.
+type agentWorkers struct {
+	slots  chan struct{}
+	ctx    context.Context // ends with close
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup
+}
+
+func newAgentWorkers(n int) *agentWorkers {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &agentWorkers{slots: make(chan struct{}, n), ctx: ctx, cancel: cancel}
+}
+
+// do runs fn on a goroutine of its own once one of the slots is free
+// (the subscription waits meanwhile), unless the workers are closed; fn's
+// context ends with close.
+func (w *agentWorkers) do(fn func(ctx context.Context)) {
+	w.slots <- struct{}{}
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		<-w.slots
+		return
+	}
+	w.wg.Add(1)
+	w.mu.Unlock()
+	go func() {
+		defer func() { <-w.slots; w.wg.Done() }()
+		fn(w.ctx)
+	}()
+}
+
+// close ends the requests under way and waits for them; none starts
+// after it.
+func (w *agentWorkers) close() {
+	w.mu.Lock()
+	w.closed = true
+	w.mu.Unlock()
+	w.cancel()
+	w.wg.Wait()
+}
+
 // serveAgentRequests answers, in queue group fm-server, the requests agents
 // send on subject (whose last token is the instance): handle's answer, or
 // failed's with the error (one not a *protocol.Error is internal). The
@@ -79,24 +128,27 @@ func serveAgentRequests[R protocol.Message](s *Server, subject, what string, pac
 			}
 			return
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		var resp R
-		var err error
-		if !allowed {
-			err = protocol.Errorf(protocol.CodeResourceExhausted, "%s asked less than %s ago; ask later", what, pace.interval)
-		} else {
-			resp, err = handle(ctx, instance, m.Data)
-		}
-		if err != nil {
-			var perr *protocol.Error
-			if !errors.As(err, &perr) {
-				perr = protocol.Errorf(protocol.CodeInternal, "%v", err)
+		answer := func(resp R, err error) {
+			if err != nil {
+				var perr *protocol.Error
+				if !errors.As(err, &perr) {
+					perr = protocol.Errorf(protocol.CodeInternal, "%v", err)
+				}
+				resp = failed(perr)
 			}
-			resp = failed(perr)
+			if data, err := protocol.Encode(resp); err == nil {
+				_ = m.Respond(data)
+			}
 		}
-		if data, err := protocol.Encode(resp); err == nil {
-			_ = m.Respond(data)
+		if !allowed {
+			var none R
+			answer(none, protocol.Errorf(protocol.CodeResourceExhausted, "%s asked less than %s ago; ask later", what, pace.interval))
+			return
 		}
+		s.agentWork.do(func(ctx context.Context) {
+			ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			answer(handle(ctx, instance, m.Data))
+		})
 	})
 }

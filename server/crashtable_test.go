@@ -267,6 +267,17 @@ func serverScenarios() []serverScenario {
 				w.exactlyOne(withoutKind(ops, "reprovision"), "restart-dss")
 				waitState(w.t, w.f, id, "running")
 			}},
+		{name: "replay-setup-actions", setup: reprovisioned,
+			act: func(w *serverWorld, id string) { w.call("GET", "/instances/"+id+"/actions/replay-setup-actions", "") },
+			done: func(w *serverWorld, id string) {
+				ops := w.waitOps(id)
+				if !hasSucceeded(ops, "replay-setup-actions") {
+					w.retried("/instances/" + id + "/actions/replay-setup-actions")
+					ops = w.waitOps(id)
+				}
+				w.exactlyOne(withoutKind(ops, "reprovision"), "replay-setup-actions")
+				waitState(w.t, w.f, id, "running")
+			}},
 		{name: "delete-without-machine",
 			setup: func(w *serverWorld) string { return w.instance("crash") },
 			act:   func(w *serverWorld, id string) { w.call("GET", "/instances/"+id+"/actions/delete", "") },
@@ -487,5 +498,40 @@ func runFakeFleet(t *testing.T, bus *bustest.Server) *fakeFleet {
 		t.Fatal(err)
 	}
 	t.Cleanup(cc.Stop)
+	// A replay's desired state (of the machine that runs: its generation
+	// is all there is to send) is reached at once; a reprovision's waits
+	// for its machine, above.
+	desired, err := js.KeyValue(ctx, protocol.BucketDesired)
+	if err != nil {
+		t.Fatal(err)
+	}
+	machines, err := js.KeyValue(ctx, protocol.BucketMachines)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dw, err := desired.WatchAll(ctx, jetstream.UpdatesOnly(), jetstream.IgnoreDeletes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = dw.Stop() })
+	go func() {
+		for e := range dw.Updates() {
+			var d protocol.DesiredState
+			if e == nil || protocol.Decode(e.Value(), &d) != nil {
+				continue
+			}
+			var m protocol.MachineState
+			if me, err := machines.Get(ctx, d.Instance); err != nil || protocol.Decode(me.Value(), &m) != nil ||
+				m.Status != protocol.MachineRunning || m.RequestID != d.MachineRequest {
+				continue
+			}
+			st := protocol.AgentStatus{Instance: d.Instance, AgentVersion: "fake", Phase: protocol.PhaseReady, Generation: d.Generation,
+				Target: d.Generation, MachineRequest: d.MachineRequest, Time: time.Now().UTC(),
+				DSS: protocol.DSSStatus{State: protocol.DSSRunning, Version: d.DSS.Version}}
+			data, _ := protocol.Encode(&st)
+			kv, _ := js.KeyValue(ctx, protocol.BucketAgents)
+			_, _ = kv.Put(ctx, d.Instance, data)
+		}
+	}()
 	return fleet
 }

@@ -109,13 +109,44 @@ func (s *Server) runFolding(ctx context.Context) {
 		}
 		s.fold.dirty = map[string]bool{}
 		s.fold.mu.Unlock()
-		for _, id := range ids {
-			if err := s.reconcile(ctx, id); err != nil && ctx.Err() == nil {
-				s.log.Warn().Err(err).Str("instance", id).Msg("reconcile failed; will retry")
-				s.enqueue(id)
-			}
+		s.reconcileAll(ctx, ids)
+	}
+}
+
+// reconcileWorkers is how many instances are reconciled at once: each
+// waits on the bus most of its time, and a fleet-wide change ends
+// thousands of operations together.
+const reconcileWorkers = 8
+
+// reconcileAll reconciles each of ids (distinct instances) once, a few at
+// a time; one that fails is queued again.
+func (s *Server) reconcileAll(ctx context.Context, ids []string) {
+	one := func(id string) {
+		if err := s.reconcile(ctx, id); err != nil && ctx.Err() == nil {
+			s.log.Warn().Err(err).Str("instance", id).Msg("reconcile failed; will retry")
+			s.enqueue(id)
 		}
 	}
+	if len(ids) == 1 {
+		one(ids[0])
+		return
+	}
+	work := make(chan string)
+	var wg sync.WaitGroup
+	for range min(reconcileWorkers, len(ids)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for id := range work {
+				one(id)
+			}
+		}()
+	}
+	for _, id := range ids {
+		work <- id
+	}
+	close(work)
+	wg.Wait()
 }
 
 // reconcile brings an instance's lifecycle and operation in line with what
@@ -214,6 +245,23 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 				return nil
 			}
 			return s.succeedOp(ctx, op, nil, stateRunning)
+		}
+	case opReplayActions:
+		if op.CommandID != "" {
+			// Sent as a command by an FM before replays were generations:
+			// its result ends it.
+			return nil
+		}
+		// The operation's generation is new: a report that names it is of
+		// this replay (the agent's clock is not compared with FM's). Like a
+		// reprovision, it fails at the first failure the agent reports,
+		// which goes on retrying what is transient until the deadline.
+		if ag.Target >= op.Target && ag.Phase == protocol.PhaseFailed {
+			return s.failOp(ctx, op, apiErrorOf(ag.Error, "The setup actions failed"))
+		}
+		if ag.Generation >= op.Target && ag.Phase == protocol.PhaseReady {
+			return s.succeedOp(ctx, op, map[string]string{"instanceId": id,
+				"message": fmt.Sprintf("setup actions replayed (generation %d)", op.Target)}, "")
 		}
 	case opStop, opDeprovision, opDelete:
 		if op.Kind == opDelete && op.RequestID == "" {
@@ -385,10 +433,12 @@ func (s *Server) succeedOp(ctx context.Context, op opRecord, result any, state s
 }
 
 // failOp ends the operation with an error and leaves the instance failed
-// (a command's failure leaves it as it was).
+// (a failed command or replay leaves it as it was).
 func (s *Server) failOp(ctx context.Context, op opRecord, failure *api.Error) error {
 	state := stateFailed
-	if op.CommandID != "" {
+	if op.CommandID != "" || op.Kind == opReplayActions {
+		// The machine is as it was: a command or a replay that failed
+		// leaves the instance in its state, with the error beside it.
 		state = ""
 	}
 	return s.failOpTo(ctx, op, failure, state)
@@ -718,6 +768,10 @@ func (s *Server) sweep(ctx context.Context) {
 		if op.Command != nil && old && s.shouldRepublish(op.JobID) {
 			s.ensureCommandPublished(ctx, op)
 		}
+		if op.Request == nil && op.Command == nil && op.Desired != nil && old && s.shouldRepublish(op.JobID) {
+			// A replay: its desired state is all there is to send.
+			s.ensureDesired(ctx, op)
+		}
 		s.enqueue(op.Instance)
 	}
 	for _, row := range s.st.lifecycle.rowsOf(lifecycleBusy) {
@@ -792,11 +846,7 @@ func (s *Server) shouldRepublish(opID string) bool {
 // ensureCommandPublished publishes a command again if FM_COMMANDS does not
 // hold it (a crash between recording the operation and publishing).
 func (s *Server) ensureCommandPublished(ctx context.Context, op opRecord) {
-	st, err := s.js.Stream(ctx, protocol.StreamCommands)
-	if err != nil {
-		return
-	}
-	if _, err := st.GetLastMsgForSubject(ctx, protocol.CommandSubject(op.Instance, op.CommandID)); errors.Is(err, jetstream.ErrMsgNotFound) {
+	if _, err := s.commands.GetLastMsgForSubject(ctx, protocol.CommandSubject(op.Instance, op.CommandID)); errors.Is(err, jetstream.ErrMsgNotFound) {
 		s.log.Info().Str("op", op.JobID).Msg("command missing from FM_COMMANDS; publishing it again")
 		s.publishOp(ctx, op)
 	}

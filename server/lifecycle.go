@@ -84,7 +84,7 @@ func (s *Server) actions() map[string]action {
 				return nil, s.attachRequest(op, protocol.ProvisionRequest{Action: protocol.ProvisionDelete, KeepVolume: opts.keepVolume})
 			}},
 		opRestartDSS:    s.commandAction(opRestartDSS, protocol.CommandRestartDSS),
-		opReplayActions: s.commandAction(opReplayActions, protocol.CommandReplaySetupActions),
+		opReplayActions: {kind: opReplayActions, from: []string{stateRunning}, deadline: time.Hour, prepare: s.prepareReplay},
 		opResetPassword: s.commandAction(opResetPassword, protocol.CommandResetUserPassword),
 		opDiagnosis:     s.commandAction(opDiagnosis, protocol.CommandCollectDiagnosis),
 	}
@@ -483,12 +483,8 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 		}
 		spec.Join = &protocol.JoinSpec{URL: s.cfg.JoinURL, SealedToken: s.box.Seal(token, protocol.SealedJoinTokenPlace(in.ID)), CACert: s.cfg.CAPEM}
 	}
-	actions := make([]protocol.SetupAction, len(tpl.SetupActions))
-	for i, a := range tpl.SetupActions {
-		actions[i] = protocol.SetupAction{Type: protocol.SetupActionType(a.Type), Params: a.Params, Enabled: a.Enabled == nil || *a.Enabled}
-	}
 	d := &protocol.DesiredState{
-		Instance: in.ID, Generation: lc.Generation, NodeType: in.DSSNodeType, SetupActions: actions,
+		Instance: in.ID, Generation: lc.Generation, NodeType: in.DSSNodeType, SetupActions: setupActionsOf(tpl),
 		HeartbeatSeconds: s.cfg.HeartbeatSeconds,
 		DSS: protocol.DSSTarget{ImageID: im.ID, Version: im.DSSVersion, Port: lc.BasePort, License: license, SealedLicense: sealedLicense,
 			AllowDowngrade: allow,
@@ -514,6 +510,48 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 	// leaves it alone while it is torn down.
 	d.MachineRequest, lc.Machine = op.RequestID, op.RequestID
 	return d, nil
+}
+
+// setupActionsOf is what the agent runs of a template's setup actions.
+func setupActionsOf(tpl api.InstanceSettingsTemplate) []protocol.SetupAction {
+	actions := make([]protocol.SetupAction, len(tpl.SetupActions))
+	for i, a := range tpl.SetupActions {
+		actions[i] = protocol.SetupAction{Type: protocol.SetupActionType(a.Type), Params: a.Params, Enabled: a.Enabled == nil || *a.Enabled}
+	}
+	return actions
+}
+
+// prepareReplay runs the template's setup actions again on the machine as
+// it is, as Dataiku's FM does: the template as it is now, so that an action
+// added to a shared template reaches each of its instances without a new
+// machine. It is the next generation of the instance's desired state, the
+// setup actions taken from the template and nothing else changed (the
+// machine, DSS's version, the license); the agent reaches it by running
+// every action again, restarting DSS if its files changed, and the
+// operation ends when the agent reports it.
+func (s *Server) prepareReplay(ctx context.Context, in api.Instance, lc *lifecycle, op *opRecord, m protocol.MachineState) (*protocol.DesiredState, error) {
+	if m.Status != protocol.MachineRunning {
+		return nil, precondition("instance %s has no running machine to replay its setup actions on", in.ID)
+	}
+	tpl, _, ok := s.st.templates.get(in.InstanceSettingsTemplateID)
+	if !ok {
+		return nil, precondition("template %s of instance %s no longer exists", in.InstanceSettingsTemplateID, in.ID)
+	}
+	e, err := s.st.desired.Get(ctx, in.ID)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, precondition("instance %s has no desired state; reprovision it", in.ID)
+	}
+	if err != nil {
+		return nil, unavailable(err, "the instance's desired state could not be read")
+	}
+	var d protocol.DesiredState
+	if err := protocol.Decode(e.Value(), &d); err != nil {
+		return nil, internal(err, "the instance's desired state does not decode")
+	}
+	lc.Generation = max(lc.Generation, d.Generation) + 1
+	d.Generation, d.SetupActions = lc.Generation, setupActionsOf(tpl)
+	op.Target = lc.Generation
+	return &d, nil
 }
 
 // machineSpec is what a backend needs to build the instance's machine.

@@ -143,6 +143,12 @@ func (s *Server) revokeUser(ctx context.Context, instance, user string, until ti
 		s.log.Info().Str("instance", instance).Str("user", user).Msg("agent credentials of before the agents' account: no longer valid, nothing to revoke")
 		return nil
 	}
+	// One revocation at a time on this server: instances are reconciled
+	// several at once, and a push of the list one wrote may otherwise
+	// land after the push of a longer list another wrote, which the
+	// resolver keeps (same issue time) with a revocation lost.
+	s.revokeMu.Lock()
+	defer s.revokeMu.Unlock()
 	var list map[string]int64
 	added := false
 	for attempt := 0; attempt < 10; attempt++ {

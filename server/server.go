@@ -17,6 +17,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/fleetmanager/fm/api"
@@ -24,6 +25,7 @@ import (
 	"github.com/fleetmanager/fm/internal/crashpoint"
 	"github.com/fleetmanager/fm/internal/natsauth"
 	"github.com/fleetmanager/fm/internal/seal"
+	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
@@ -111,24 +113,29 @@ type Config struct {
 // Server is a running FM server. Create it with New, serve with Run, release
 // it with Close.
 type Server struct {
-	cfg        Config
-	log        zerolog.Logger
-	js         jetstream.JetStream
-	st         *stores
-	auth       *authenticator
-	metrics    *metrics
-	fold       *folder
-	listed     instanceEncodings // the instances' JSON, as lists last wrote it
-	ln         net.Listener
-	httpSrv    *http.Server
-	metricsLn  net.Listener // nil without Config.MetricsAddr
-	metricsSrv *http.Server
-	stop       context.CancelFunc // stops the bucket watchers
-	box        *seal.Box          // FM's secret key, for what it hands the provisioner sealed
-	renewals   agentPacer         // paces agents' renewal requests on the bus
-	cmdFroms   agentPacer         // paces agents' requests for a command consumer
-	agent      *agentBinary
-	crash      crashpoint.Hook
+	cfg      Config
+	log      zerolog.Logger
+	js       jetstream.JetStream
+	commands jetstream.Stream // FM_COMMANDS
+	// commandReader answers agents' catch-ups from FM_COMMANDS.
+	commandReader *bus.CommandReader
+	st            *stores
+	auth          *authenticator
+	metrics       *metrics
+	fold          *folder
+	listed        instanceEncodings // the instances' JSON, as lists last wrote it
+	ln            net.Listener
+	httpSrv       *http.Server
+	metricsLn     net.Listener // nil without Config.MetricsAddr
+	metricsSrv    *http.Server
+	stop          context.CancelFunc // stops the bucket watchers
+	box           *seal.Box          // FM's secret key, for what it hands the provisioner sealed
+	renewals      agentPacer         // paces agents' renewal requests on the bus
+	cmdAfters     agentPacer         // paces agents' catch-ups of their commands
+	agentWork     *agentWorkers      // answers agents' requests
+	revokeMu      sync.Mutex         // one revocation recorded and pushed at a time
+	agent         *agentBinary
+	crash         crashpoint.Hook
 
 	// Failed attempts at credentials, each kind counted apart
 	// (attemptLimiter).
@@ -183,6 +190,10 @@ func New(cfg Config) (*Server, error) {
 	if err := cfg.Topology.Declare(ctx, js); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
+	commands, err := js.Stream(ctx, protocol.StreamCommands)
+	if err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
 	st, err := openStores(ctx, js, box, log)
 	if err != nil {
 		return nil, fmt.Errorf("server: %w", err)
@@ -192,9 +203,9 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("server: %w", err)
 	}
 	s := &Server{
-		cfg: cfg, log: log, js: js, st: st, fold: newFolder(), box: box, agent: agentBin, crash: cfg.Crash, auth: auth,
+		cfg: cfg, log: log, js: js, commands: commands, commandReader: bus.NewCommandReader(commands), st: st, fold: newFolder(), box: box, agent: agentBin, crash: cfg.Crash, auth: auth,
 		apiByAddr: newAttemptLimiter(), apiByKey: newAttemptLimiter(), joinByAddr: newAttemptLimiter(),
-		renewals: agentPacer{interval: renewInterval}, cmdFroms: agentPacer{interval: cmdFromInterval},
+		renewals: agentPacer{interval: renewInterval}, cmdAfters: agentPacer{interval: cmdAfterInterval}, agentWork: newAgentWorkers(agentRequestWorkers),
 	}
 	s.metrics = newMetrics(s)
 	// Reports about an instance make it be reconciled.
@@ -286,12 +297,14 @@ func (s *Server) Run(ctx context.Context) error {
 	go func() { defer close(scheduled); s.runSnapshotScheduler(foldCtx) }()
 	defer func() { stopFolding(); <-folded; <-scheduled }()
 	go s.syncAccount(foldCtx)
-	cmdFroms, err := s.serveCommandsFrom()
+	// After the subscriptions end (deferred below), the answers under way.
+	defer s.agentWork.close()
+	cmdAfters, err := s.serveCommandsAfter()
 	if err != nil {
 		stopFolding()
-		return fmt.Errorf("server: agents' command consumers: %w", err)
+		return fmt.Errorf("server: agents' command catch-ups: %w", err)
 	}
-	defer func() { _ = cmdFroms.Unsubscribe() }()
+	defer func() { _ = cmdAfters.Unsubscribe() }()
 	if s.cfg.Authority != nil {
 		renewals, err := s.serveRenewals()
 		if err != nil {

@@ -122,25 +122,32 @@ func (s *Server) Connect(t testing.TB) *nats.Conn {
 	return nc
 }
 
-// ServeCommandConsumers answers agents' requests for their command consumer
-// (protocol.CommandsFromRequest) as FM's server does, without its checks,
-// until the test ends: for tests of an agent without a server.
-func (s *Server) ServeCommandConsumers(t testing.TB) {
+// ServeCommandCatchUps answers agents' requests for the commands stored
+// after the last they handled (protocol.CommandsAfterRequest) as FM's
+// server does, without its checks, until the test ends: for tests of an
+// agent without a server.
+func (s *Server) ServeCommandCatchUps(t testing.TB) {
 	t.Helper()
 	js := s.JetStream(t)
-	_, err := js.Conn().Subscribe(protocol.SubjectAllCmdFrom, func(m *nats.Msg) {
-		var req protocol.CommandsFromRequest
-		var resp protocol.CommandsFromResponse
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := js.Stream(ctx, protocol.StreamCommands)
+	if err != nil {
+		t.Fatal(err)
+	}
+	commands := bus.NewCommandReader(st)
+	_, err = js.Conn().Subscribe(protocol.SubjectAllCmdAfter, func(m *nats.Msg) {
+		var req protocol.CommandsAfterRequest
+		var resp protocol.CommandsAfterResponse
 		if err := protocol.Decode(m.Data, &req); err != nil {
 			resp.Error = protocol.Errorf(protocol.CodeInvalidArgument, "%v", err)
 		} else {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			name, err := bus.MakeCommandConsumer(ctx, js, protocol.InstanceFromSubject(m.Subject), req.After)
-			if err != nil {
+			var err error
+			if resp, err = commands.After(ctx, protocol.InstanceFromSubject(m.Subject), req.After); err != nil {
 				resp.Error = protocol.Errorf(protocol.CodeUnavailable, "%v", err)
 			}
-			resp.Consumer = name
 		}
 		if data, err := protocol.Encode(&resp); err == nil {
 			_ = m.Respond(data)

@@ -20,9 +20,10 @@ import (
 // FM account is exported to them, a request crosses to the FM account and
 // its answer comes back to the asking account, where nothing stores it.
 // No consumer can be made from outside the FM account (its delivery
-// subject would be the FM account's): the server makes each agent's
-// command consumer on request (protocol.CommandsFromSubject), and objects
-// are read by direct gets.
+// subject would be the FM account's): an agent receives its commands
+// republished on its live subject (protocol.CommandLiveSubject) and asks
+// the server for those it missed (protocol.CommandsAfterSubject), and
+// objects are read by direct gets.
 
 // account is one account FM signs.
 type account struct {
@@ -115,10 +116,6 @@ type export struct {
 
 func service(subject string) export { return export{subject, jwt.Service, jwt.ResponseTypeSingleton} }
 
-// streamed: a service whose request gets many answers (a pull request's
-// messages).
-func streamed(subject string) export { return export{subject, jwt.Service, jwt.ResponseTypeStream} }
-
 func stream(subject string) export { return export{subject, jwt.Stream, ""} }
 
 const (
@@ -132,7 +129,7 @@ const (
 var (
 	// agentsPublish are the subjects agents publish on, their requests.
 	agentsPublish = []export{
-		service("fm.evt.>"), service("fm.log.>"), service("fm.diag.>"), service("fm.hb.>"), service("fm.renew.>"), service("fm.cmdfrom.>"),
+		service("fm.evt.>"), service("fm.log.>"), service("fm.diag.>"), service("fm.hb.>"), service("fm.renew.>"), service("fm.cmdafter.>"),
 		service(protocol.KVSubject(protocol.BucketAgents, ">")),
 	}
 	// looking are the JetStream requests that change nothing and make no
@@ -142,25 +139,21 @@ var (
 		service(jsAPI + "CONSUMER.INFO.>"), service(jsAPI + "CONSUMER.LIST.>"), service(jsAPI + "CONSUMER.NAMES.>"),
 		service(jsAPI + "DIRECT.GET.>"), service(jsAPI + "STREAM.MSG.GET.>"),
 	}
-	commandPulls = streamed(jsAPI + "CONSUMER.MSG.NEXT." + protocol.StreamCommands + ".>")
 )
 
 // exports are what the FM account offers the others, none overlapping
-// another: the agents' requests, JetStream requests that only look, pulls
-// from agents' command consumers, and what FM publishes that others may
-// receive.
-var exports = slices.Concat(agentsPublish, looking, []export{commandPulls, stream("fm.>")})
+// another: the agents' requests, JetStream requests that only look, and
+// what FM publishes that others may receive.
+var exports = slices.Concat(agentsPublish, looking, []export{stream("fm.>")})
 
 // agentImports are what the agents' account takes of the exports, the
 // JetStream ones narrowed to the streams agents read; each agent's
 // permissions narrow them to its own instance.
 var agentImports = slices.Concat(agentsPublish, []export{
 	service(jsAPI + "DIRECT.GET." + desiredStream + ".>"),
-	service(jsAPI + "CONSUMER.INFO." + protocol.StreamCommands + ".>"),
-	commandPulls,
 	service(jsAPI + "STREAM.INFO." + kitsStream),
 	service(jsAPI + "DIRECT.GET." + kitsStream), service(jsAPI + "DIRECT.GET." + kitsStream + ".>"),
-	stream("fm.desired.>"),
+	stream("fm.desired.>"), stream("fm.cmdlive.>"),
 })
 
 // readerImports are what the read-only operators' account takes: looking,
@@ -172,11 +165,10 @@ func allow(subjects ...string) jwt.Permission { return jwt.Permission{Allow: sub
 // AgentPermissions allow an agent exactly what it needs of its own
 // instance, within what its account imports: its subjects (the events an
 // agent sends, its logs of each source, diagnosis bundles, heartbeats,
-// renewals, its command consumer's making), its keys (its desired state by direct get, its status), pulling
-// from its command consumer, reading the kit store by direct gets, and its
-// own inbox.
+// renewals, its commands' catch-ups), its keys (its desired state by direct
+// get, its status), reading the kit store by direct gets, its desired
+// state's and its commands' live subjects, and its own inbox.
 func AgentPermissions(instance string) jwt.Permissions {
-	commands := protocol.CommandConsumer(instance)
 	var events []string
 	for _, k := range protocol.AgentEventKinds {
 		events = append(events, protocol.EventSubject(instance, k))
@@ -189,16 +181,14 @@ func AgentPermissions(instance string) jwt.Permissions {
 			protocol.DiagSubject(instance, "*"),
 			protocol.HeartbeatSubject(instance),
 			protocol.RenewSubject(instance),
-			protocol.CommandsFromSubject(instance),
+			protocol.CommandsAfterSubject(instance),
 			protocol.KVSubject(protocol.BucketAgents, instance),
 			outside+"DIRECT.GET."+desiredStream+"."+protocol.KVSubject(protocol.BucketDesired, instance),
-			outside+"CONSUMER.MSG.NEXT."+protocol.StreamCommands+"."+commands,
-			outside+"CONSUMER.INFO."+protocol.StreamCommands+"."+commands,
 			outside+"STREAM.INFO."+kitsStream,
 			outside+"DIRECT.GET."+kitsStream,
 			outside+"DIRECT.GET."+kitsStream+".>",
 		)...),
-		Sub: allow(protocol.DesiredSubject(instance), protocol.InboxPrefix(instance)+".>"),
+		Sub: allow(protocol.DesiredSubject(instance), protocol.CommandLiveSubject(instance), protocol.InboxPrefix(instance)+".>"),
 	}
 }
 

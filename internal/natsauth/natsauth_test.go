@@ -169,22 +169,26 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 	kvDesired.Put(ctx, "in-a", []byte(`{"v":1,"mine":true}`))
 	otherDesired := []byte(`{"v":1,"secret":"other"}`)
 	kvDesired.Put(ctx, "in-b", otherDesired)
-	ajs.Publish(ctx, protocol.CommandSubject("in-a", "c1"), []byte("for a"))
-	ajs.Publish(ctx, protocol.CommandSubject("in-b", "c2"), []byte("for b"))
+	ajs.Publish(ctx, protocol.CommandSubject("in-a", "c1"), []byte(`{"for":"a"}`))
+	ajs.Publish(ctx, protocol.CommandSubject("in-b", "c2"), []byte(`{"for":"b"}`))
+	commands, err := ajs.Stream(ctx, protocol.StreamCommands)
+	if err != nil {
+		t.Fatal(err)
+	}
 	kits, _ := ajs.ObjectStore(ctx, protocol.ObjectStoreKits)
 	kit := bytes.Repeat([]byte("KIT-"), 4<<20)
 	if _, err := kits.PutBytes(ctx, "kit.tar.gz", kit); err != nil {
 		t.Fatal(err)
 	}
-	// FM's server, as far as this test needs it: it makes the agent's
-	// command consumer, and takes heartbeats.
+	// FM's server, as far as this test needs it: it answers the agent's
+	// catch-ups, and takes heartbeats.
 	heartbeats, _ := admin.SubscribeSync(protocol.SubjectAllHeartbeat)
-	admin.Subscribe(protocol.SubjectAllCmdFrom, func(m *nats.Msg) {
-		name, err := bus.MakeCommandConsumer(ctx, ajs, protocol.InstanceFromSubject(m.Subject), 0)
+	admin.Subscribe(protocol.SubjectAllCmdAfter, func(m *nats.Msg) {
+		resp, err := bus.NewCommandReader(commands).After(ctx, protocol.InstanceFromSubject(m.Subject), 0)
 		if err != nil {
 			t.Error(err)
 		}
-		data, _ := protocol.Encode(&protocol.CommandsFromResponse{Consumer: name})
+		data, _ := protocol.Encode(&resp)
 		m.Respond(data)
 	})
 	admin.Flush()
@@ -218,19 +222,20 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 		if _, err := js.Publish(ctx, protocol.KVSubject(protocol.BucketAgents, "in-a"), []byte("status")); err != nil {
 			t.Fatalf("put its status: %v", err)
 		}
-		req, _ := protocol.Encode(&protocol.CommandsFromRequest{})
-		m, err := agent.Request(protocol.CommandsFromSubject("in-a"), req, 5*time.Second)
-		var resp protocol.CommandsFromResponse
-		if err != nil || protocol.Decode(m.Data, &resp) != nil || resp.Consumer != protocol.CommandConsumer("in-a") {
-			t.Fatalf("ask for its command consumer: %v", err)
+		req, _ := protocol.Encode(&protocol.CommandsAfterRequest{})
+		m, err := agent.Request(protocol.CommandsAfterSubject("in-a"), req, 5*time.Second)
+		var resp protocol.CommandsAfterResponse
+		if err != nil || protocol.Decode(m.Data, &resp) != nil || len(resp.Commands) != 1 || string(resp.Commands[0].Command) != `{"for":"a"}` {
+			t.Fatalf("catch up with its commands: %v %+v", err, resp)
 		}
-		cons, err := js.Consumer(ctx, protocol.StreamCommands, resp.Consumer)
+		live, err := agent.SubscribeSync(protocol.CommandLiveSubject("in-a"))
 		if err != nil {
-			t.Fatalf("its command consumer: %v", err)
+			t.Fatal(err)
 		}
-		cm, err := cons.Next(jetstream.FetchMaxWait(5 * time.Second))
-		if err != nil || string(cm.Data()) != "for a" {
-			t.Fatalf("its command: %v", err)
+		agent.Flush()
+		ajs.Publish(ctx, protocol.CommandSubject("in-a", "c3"), []byte(`{"for":"a, live"}`))
+		if cm, err := live.NextMsg(5 * time.Second); err != nil || string(cm.Data) != `{"for":"a, live"}` {
+			t.Fatalf("its command as it is stored: %v", err)
 		}
 		readCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
@@ -262,7 +267,7 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 			{Subject: protocol.EventSubject("in-a", protocol.EventStep), Data: []byte("e")},
 			{Subject: protocol.KVSubject(protocol.BucketAgents, "in-a"), Data: []byte("status")},
 			{Subject: "$JS.API.DIRECT.GET.KV_fm_desired.$KV.fm_desired.in-a"},
-			{Subject: "$JS.API.CONSUMER.INFO.FM_COMMANDS." + protocol.CommandConsumer("in-a")},
+			{Subject: protocol.CommandsAfterSubject("in-a"), Data: []byte(`{"v":1}`)},
 			{Subject: "$JS.API.STREAM.INFO.OBJ_fm_kits"},
 		} {
 			m.Reply = protocol.KVSubject(protocol.BucketDesired, "in-b")
@@ -275,15 +280,23 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 	})
 
 	t.Run("another instance's commands", func(t *testing.T) {
-		if _, err := agent.SubscribeSync(protocol.CommandFilter("in-b")); err != nil {
-			t.Fatal(err)
+		for _, subj := range []string{protocol.CommandFilter("in-b"), protocol.CommandLiveSubject("in-b")} {
+			if _, err := agent.SubscribeSync(subj); err != nil {
+				t.Fatal(err)
+			}
+			agent.Flush()
+			expectViolation(t, errs, "subscribe to "+subj)
 		}
-		agent.Flush()
-		expectViolation(t, errs, "subscribe to in-b's commands")
-		agent.Request("$JS.API.CONSUMER.MSG.NEXT.FM_COMMANDS."+protocol.CommandConsumer("in-b"), []byte(`{"batch":1}`), 500*time.Millisecond)
-		expectViolation(t, errs, "pull in-b's commands")
-		agent.Request(protocol.CommandsFromSubject("in-b"), nil, 500*time.Millisecond)
-		expectViolation(t, errs, "ask for in-b's command consumer")
+		agent.Request("$JS.API.CONSUMER.MSG.NEXT.FM_COMMANDS.cmd_in-b", []byte(`{"batch":1}`), 500*time.Millisecond)
+		expectViolation(t, errs, "pull from a consumer of FM_COMMANDS")
+		// A read by subject names the subject in its body, which no
+		// permission narrows: agents read none of FM_COMMANDS.
+		agent.Request("$JS.API.STREAM.MSG.GET.FM_COMMANDS", []byte(`{"seq":1,"next_by_subj":"fm.cmd.in-b.*"}`), 500*time.Millisecond)
+		expectViolation(t, errs, "a read of FM_COMMANDS by subject")
+		agent.Request("$JS.API.DIRECT.GET.FM_COMMANDS", []byte(`{"seq":1,"next_by_subj":"fm.cmd.in-b.*"}`), 500*time.Millisecond)
+		expectViolation(t, errs, "a direct get of FM_COMMANDS")
+		agent.Request(protocol.CommandsAfterSubject("in-b"), nil, 500*time.Millisecond)
+		expectViolation(t, errs, "catch up with in-b's commands")
 	})
 
 	t.Run("another instance's desired state", func(t *testing.T) {
@@ -302,7 +315,7 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 	t.Run("a consumer of its own making", func(t *testing.T) {
 		// Its delivery subject would be the FM account's: an agent makes
 		// none, not even on its own commands.
-		_, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Name: protocol.CommandConsumer("in-a"),
+		_, err := js.CreateConsumer(ctx, protocol.StreamCommands, jetstream.ConsumerConfig{Name: "cmd_in-a",
 			FilterSubject: protocol.CommandFilter("in-a"), AckPolicy: jetstream.AckNonePolicy, DeliverSubject: "$KV.fm_desired.in-b"})
 		if err == nil {
 			t.Fatal("made a consumer")
@@ -346,7 +359,7 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 	t.Run("administration", func(t *testing.T) {
 		for _, subj := range []string{"$JS.API.STREAM.DELETE.FM_EVENTS", outside + "STREAM.DELETE.FM_EVENTS", "$JS.API.STREAM.PURGE.FM_COMMANDS", "$JS.API.STREAM.NAMES",
 			"$JS.API.STREAM.INFO.FM_COMMANDS", "$JS.API.CONSUMER.CREATE.FM_EVENTS.x.fm.evt.in-b.*",
-			"$JS.API.CONSUMER.DELETE.FM_COMMANDS." + protocol.CommandConsumer("in-a")} {
+			"$JS.API.CONSUMER.DELETE.FM_COMMANDS.cmd_in-a"} {
 			agent.Request(subj, nil, 500*time.Millisecond)
 			expectViolation(t, errs, subj)
 		}

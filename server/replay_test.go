@@ -1,0 +1,114 @@
+package server_test
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
+)
+
+// TestReplayRunsTheTemplateAsItIsNow: replay-setup-actions is the next
+// generation of the desired state with the template's setup actions as they
+// are now and nothing else changed (the machine, DSS, the license); it
+// ends when the agent reports that generation reached (a report of the
+// generation before does not end it), and fails when the agent reports it
+// failed.
+func TestReplayRunsTheTemplateAsItIsNow(t *testing.T) {
+	f := start(t)
+	vn, tpl, im := f.fleet()
+	in := f.createInstance(instanceBody("replayed", vn.ID, tpl.ID, im.ID))
+	runningWithVolume(t, f.env.Bus, in.ID)
+	ctx := context.Background()
+	js := f.env.Bus.JetStream(t)
+	desired, err := js.KeyValue(ctx, protocol.BucketDesired)
+	if err != nil {
+		t.Fatal(err)
+	}
+	agents, err := js.KeyValue(ctx, protocol.BucketAgents)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	e := f.failed(f.do("GET", "/instances/"+in.ID+"/actions/replay-setup-actions", ""), 409, "FailedPrecondition")
+	if !strings.Contains(e.DetailedMessage, "no desired state") {
+		t.Fatalf("a replay without a desired state: %s", e.DetailedMessage)
+	}
+	first := protocol.DesiredState{Instance: in.ID, Generation: 1, NodeType: "design", MachineRequest: "op-0-reprovision",
+		DSS: protocol.DSSTarget{ImageID: im.ID, Version: "14.0.0", Port: 10000, SealedLicense: "fmsealed2:kept",
+			Kit: protocol.KitSource{Path: "/kits/dss.tar.gz", SHA256: strings.Repeat("a", 64)}}}
+	data, err := protocol.Encode(&first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := desired.Put(ctx, in.ID, data); err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]any{}
+	f.ok(f.do("GET", "/instance-settings-templates/"+tpl.ID, ""), &m)
+	m["setupActions"] = []any{map[string]any{"type": "ADD_ENV_VARIABLES", "params": map[string]any{"variables": []any{map[string]any{"key": "ADDED", "value": "later"}}}}}
+	f.ok(f.do("PUT", "/instance-settings-templates/"+tpl.ID, mustJSON(t, m)), nil)
+
+	report := func(st protocol.AgentStatus) {
+		t.Helper()
+		st.Instance, st.AgentVersion = in.ID, "test"
+		data, err := protocol.Encode(&st)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := agents.Put(ctx, in.ID, data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	replay := func(wantGen uint64) api.Future {
+		t.Helper()
+		var op api.Future
+		f.accepted("GET", "/instances/"+in.ID+"/actions/replay-setup-actions", &op)
+		e, err := desired.Get(ctx, in.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got protocol.DesiredState
+		if err := protocol.Decode(e.Value(), &got); err != nil {
+			t.Fatal(err)
+		}
+		want := first
+		want.Generation, want.RetryUntil, want.V = wantGen, got.RetryUntil, got.V
+		want.SetupActions = []protocol.SetupAction{{Type: "ADD_ENV_VARIABLES", Enabled: true,
+			Params: json.RawMessage(`{"variables":[{"key":"ADDED","value":"later"}]}`)}}
+		if g, w := mustJSON(t, got), mustJSON(t, want); g != w {
+			t.Fatalf("the replay's desired state:\n%s\nwant\n%s", g, w)
+		}
+		return op
+	}
+
+	op := replay(2)
+	report(protocol.AgentStatus{Time: time.Now().UTC(), Phase: protocol.PhaseReady, Generation: 1, Target: 1})
+	// The generation before does not end it: still running a while after
+	// (a bounded look, since what is checked is that nothing happens).
+	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if got := f.future(op.JobID); got.State != api.OpRunning {
+			t.Fatalf("the replay ended on a report of the generation before: %+v", got)
+		}
+	}
+	report(protocol.AgentStatus{Time: time.Now().UTC(), Phase: protocol.PhaseFailed, Generation: 1, Target: 2,
+		Error: &protocol.Error{Code: protocol.CodeInternal, Message: "ADD_ENV_VARIABLES: disk full"}})
+	if got, err := f.waitFutureErr(op.JobID, 10*time.Second); err == nil || !strings.Contains(got.Error.DetailedMessage, "disk full") {
+		t.Fatalf("a replay the agent failed: %+v %v", got, err)
+	}
+
+	op = replay(3)
+	report(protocol.AgentStatus{Time: time.Now().UTC(), Phase: protocol.PhaseConverging, Generation: 1, Target: 3})
+	report(protocol.AgentStatus{Time: time.Now().UTC(), Phase: protocol.PhaseReady, Generation: 3, Target: 3})
+	if got, err := f.waitFutureErr(op.JobID, 10*time.Second); err != nil {
+		t.Fatalf("a replay the agent reached: %+v %v", got, err)
+	}
+	var st map[string]any
+	f.ok(f.do("GET", "/instances/"+in.ID+"/status", ""), &st)
+	if st["state"] != "running" {
+		t.Fatalf("after the replay: %v", st)
+	}
+}
