@@ -176,6 +176,17 @@ func (r *rig) countRuns() func(id string) int {
 	}
 }
 
+// ranOnce fails the test unless each of ids ran exactly once (runs is
+// countRuns's).
+func ranOnce(t *testing.T, runs func(string) int, ids ...string) {
+	t.Helper()
+	for _, id := range ids {
+		if n := runs(id); n != 1 {
+			t.Fatalf("command %s ran %d times", id, n)
+		}
+	}
+}
+
 // TestCommandsDroppedOnTheWayAreCaughtUp: commands that come faster than
 // they run overflow what waits (here one) and are dropped by the
 // subscription; the agent sees it and catches up, so that each runs once
@@ -200,11 +211,7 @@ func TestCommandsDroppedOnTheWayAreCaughtUp(t *testing.T) {
 		t.Fatal("no command was dropped: the test did not reach what it tests")
 	}
 	r.result(r.command(protocol.CommandRestartDSS, nil))
-	for _, id := range ids {
-		if n := runs(id); n != 1 {
-			t.Fatalf("command %s ran %d times", id, n)
-		}
-	}
+	ranOnce(t, runs, ids...)
 }
 
 // TestACommandLostOnTheWayRunsAtTheNextCatchUp: a command whose live copy
@@ -248,11 +255,7 @@ func TestACommandLostOnTheWayRunsAtTheNextCatchUp(t *testing.T) {
 				t.Fatalf("results %v: want the later command's first (it ran live), then the lost one's", order)
 			}
 			r.result(r.command(protocol.CommandRestartDSS, nil))
-			for _, id := range []string{later, lost} {
-				if n := runs(id); n != 1 {
-					t.Fatalf("command %s ran %d times", id, n)
-				}
-			}
+			ranOnce(t, runs, later, lost)
 		})
 	}
 }
@@ -302,11 +305,7 @@ func TestManyCommandsBetweenCatchUpsRunOnce(t *testing.T) {
 	}
 	r.startAgent()
 	r.result(r.command(protocol.CommandRestartDSS, nil))
-	for _, id := range ids {
-		if n := runs(id); n != 1 {
-			t.Fatalf("command %s ran %d times", id, n)
-		}
-	}
+	ranOnce(t, runs, ids...)
 }
 
 // TestOnlyFMCommandsRunFromTheLiveSubject: NATS does not check reply

@@ -44,17 +44,24 @@ type ConnectConfig struct {
 	// OnConnect, if set, is called after the first connect and after every
 	// reconnect (in its own goroutine).
 	OnConnect func()
-	Logger    zerolog.Logger
+	// ReconnectDelay, if set, replaces the package's ReconnectDelay (a
+	// measuring client that must be back before those it measures).
+	ReconnectDelay func(attempts int) time.Duration
+	Logger         zerolog.Logger
 }
 
 // Connect dials NATS. The connection reconnects forever, with jittered waits,
 // and logs each disconnect and reconnect.
 func Connect(cfg ConnectConfig) (*nats.Conn, error) {
 	log := cfg.Logger
+	delay := cfg.ReconnectDelay
+	if delay == nil {
+		delay = ReconnectDelay
+	}
 	opts := []nats.Option{
 		nats.Name(cfg.Name),
 		nats.MaxReconnects(-1),
-		nats.CustomReconnectDelay(ReconnectDelay),
+		nats.CustomReconnectDelay(delay),
 		nats.Timeout(5 * time.Second),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {

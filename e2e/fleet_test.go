@@ -36,6 +36,9 @@ func TestFleetSimulator(t *testing.T) {
 	if rep.Reconnect <= 0 || rep.StormCommands <= 0 {
 		t.Errorf("reconnect storm not measured: %v", rep.Reconnect)
 	}
+	if rep.ChangeReached <= 0 || rep.ChangeDone <= 0 {
+		t.Errorf("fleet-wide change not measured: reached %v, done %v", rep.ChangeReached, rep.ChangeDone)
+	}
 }
 
 // BenchmarkFleet is fm bench fleet as a Go benchmark: FM_BENCH_AGENTS
@@ -58,6 +61,7 @@ func BenchmarkFleet(b *testing.B) {
 		b.ReportMetric(float64(rep.RoundTrip.P99.Microseconds())/1000, "roundtrip-p99-ms")
 		b.ReportMetric(rep.Steady.ServerCPU*100, "server-CPU-%")
 		b.ReportMetric(float64(rep.Steady.ServerRSS)/(1<<20), "server-RSS-MiB")
+		b.ReportMetric(rep.ChangeReached.Seconds(), "fleet-change-s")
 	}
 }
 

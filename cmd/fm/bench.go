@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
 	"time"
 
 	"github.com/fleetmanager/fm/internal/fleetsim"
@@ -27,7 +28,8 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	storm := fs.Bool("reconnect-storm", true, "restart the server under the fleet and time its return")
 	workers := fs.Int("workers", 16, "REST calls in flight while the fleet is made")
 	dir := fs.String("dir", "", "folder for the server's data and the machines (default: a temporary one, removed after)")
-	profileDir := fs.String("profile-dir", "", "write the server's CPU profiles (steady state, round trips) and heap profile here, for go tool pprof")
+	memLimit := fs.String("server-memory-limit", "", "the server's GOMEMLIMIT (e.g. 900MiB): Go's soft memory limit, trading its CPU for RSS")
+	profileDir := fs.String("profile-dir", "", "write the server's CPU profiles (steady state, round trips, lists, fleet-wide change, reconnect storm) and heap profile here, for go tool pprof")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	logLevel := fs.String("log-level", "error", "the simulated agents' and provisioner's log level (to stderr)")
 	if err := parseRoleFlags(fs, args[1:]); err != nil {
@@ -35,6 +37,9 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	if err := checkHeartbeat(*heartbeat); err != nil {
 		return err
+	}
+	if *memLimit != "" && !goMemLimit.MatchString(*memLimit) {
+		return usageError{fmt.Errorf("--server-memory-limit %q: a size such as 900MiB or 1GiB (GOMEMLIMIT's form)", *memLimit)}
 	}
 	if *agents < 1 || *samples < 1 || *workers < 1 {
 		return usageError{fmt.Errorf("--agents, --samples and --workers must be at least 1")}
@@ -66,7 +71,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	rep, err := fleetsim.Run(ctx, fleetsim.Config{FM: bin, Dir: *dir, Agents: *agents, Samples: *samples, Steady: *steady,
 		HeartbeatSeconds: *heartbeat, SyncAlways: *syncAlways, ReconnectStorm: *storm, Workers: *workers,
-		ProfileDir: *profileDir, Progress: stderr, Logger: log})
+		ServerMemoryLimit: *memLimit, ProfileDir: *profileDir, Progress: stderr, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -81,3 +86,6 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	rep.Write(stdout)
 	return nil
 }
+
+// goMemLimit is the form of GOMEMLIMIT: a number of bytes, with a unit.
+var goMemLimit = regexp.MustCompile(`^[0-9]+(B|KiB|MiB|GiB|TiB)?$`)

@@ -59,11 +59,16 @@ type Config struct {
 	ReconnectStorm bool
 	// Workers is how many REST calls make the fleet at once (default 16).
 	Workers int
+	// ServerMemoryLimit, if set, is the server process's GOMEMLIMIT (Go's
+	// soft memory limit: the garbage collector works harder near it), so
+	// that its RSS can be traded against its CPU.
+	ServerMemoryLimit string
 	// ProfileDir, if set, receives the server's CPU profiles of the steady
 	// window (server-steady.cpu.pprof), of the command round trips
-	// (server-roundtrips.cpu.pprof) and of lists (server-list.cpu.pprof),
-	// and its heap after the steady window (server.heap.pprof), for
-	// `go tool pprof`.
+	// (server-roundtrips.cpu.pprof), of lists (server-list.cpu.pprof), of
+	// the fleet-wide change (server-change.cpu.pprof) and of the reconnect
+	// storm's first minute (server-storm.cpu.pprof), and its heap after the
+	// steady window (server.heap.pprof), for `go tool pprof`.
 	ProfileDir string
 	// Progress, if set, gets a line per phase.
 	Progress io.Writer
@@ -97,9 +102,10 @@ func (c *Config) setDefaults() error {
 
 // Report is what a run measured.
 type Report struct {
-	Agents     int
-	SyncAlways bool
-	Heartbeat  time.Duration
+	Agents            int
+	SyncAlways        bool
+	Heartbeat         time.Duration
+	ServerMemoryLimit string
 
 	Create    Latencies     // POST /instances
 	Provision time.Duration // from the first reprovision until every agent is ready
@@ -120,6 +126,12 @@ type Report struct {
 	Status     Latencies // GET /instances/{id}/status
 
 	Steady Steady
+	// A fleet-wide change: a setup action added to the template all share,
+	// then replay-setup-actions on every instance. ChangeAsked is when
+	// every replay was asked, ChangeReached when every agent reported the
+	// new generation, ChangeDone when FM had ended every operation (each
+	// from the first replay).
+	ChangeAsked, ChangeReached, ChangeDone time.Duration
 	// Reconnect is how long after the server was stopped every agent beat
 	// again and a command to each of up to 100 of them was answered
 	// (zero: not measured).
@@ -148,11 +160,12 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return Report{}, err
 	}
-	rep := Report{Agents: cfg.Agents, SyncAlways: cfg.SyncAlways, Heartbeat: time.Duration(cfg.HeartbeatSeconds) * time.Second}
+	rep := Report{Agents: cfg.Agents, SyncAlways: cfg.SyncAlways, Heartbeat: time.Duration(cfg.HeartbeatSeconds) * time.Second,
+		ServerMemoryLimit: cfg.ServerMemoryLimit}
 	say := func(format string, args ...any) {
 		fmt.Fprintf(cfg.Progress, "%s  "+format+"\n", append([]any{time.Now().Format("15:04:05")}, args...)...)
 	}
-	srv, err := startServer(ctx, cfg.FM, cfg.Dir, cfg.SyncAlways, cfg.HeartbeatSeconds, cfg.ProfileDir != "")
+	srv, err := startServer(ctx, cfg)
 	if err != nil {
 		return rep, err
 	}
@@ -176,6 +189,7 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		{"command round trips", f.roundTrips},
 		{"floors", f.floors},
 		{"REST reads", f.reads},
+		{"fleet-wide change", f.change},
 	}
 	if cfg.ReconnectStorm {
 		steps = append(steps, struct {
@@ -206,6 +220,7 @@ type fleet struct {
 	prov    *provisioner.Provisioner
 	provRun chan error
 	ids     []string
+	tpl     string // the template every instance shares
 	ready   *readiness
 }
 
@@ -223,7 +238,10 @@ func newFleet(ctx context.Context, cfg Config, srv *serverProc) (*fleet, error) 
 	if f.creds, _, err = authority.Creds("fm-bench", jwt.Permissions{}, time.Time{}); err != nil {
 		return nil, err
 	}
-	if f.nc, err = bus.Connect(bus.ConnectConfig{URL: srv.natsURL, Creds: f.creds, Name: "fm-bench", Logger: cfg.Logger}); err != nil {
+	// Back at once after the reconnect storm's restart, to hear every
+	// agent's first heartbeat.
+	fast := func(int) time.Duration { return 50 * time.Millisecond }
+	if f.nc, err = bus.Connect(bus.ConnectConfig{URL: srv.natsURL, Creds: f.creds, Name: "fm-bench", ReconnectDelay: fast, Logger: cfg.Logger}); err != nil {
 		return nil, err
 	}
 	if f.js, err = jetstream.New(f.nc); err != nil {
@@ -279,6 +297,7 @@ func (f *fleet) make(ctx context.Context, rep *Report, say func(string, ...any))
 	if err := f.api.Do(ctx, http.MethodPost, "/instance-settings-templates", nil, map[string]any{"label": "bench"}, &tpl); err != nil {
 		return err
 	}
+	f.tpl = tpl.ID
 	// The simulated agents never fetch the kit: it only has to be valid.
 	im := api.Image{ID: "dss-14.0.0-bench", DSSVersion: "14.0.0", Kit: &api.Kit{URL: "http://127.0.0.1:1/dataiku-dss-14.0.0.tar.gz",
 		SHA256: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}}
@@ -370,6 +389,68 @@ func (f *fleet) parallel(ctx context.Context, n int, fn func(context.Context, in
 	return first
 }
 
+// change adds a setup action to the template every instance shares and
+// replays every instance's setup actions, as an operator rolls a change
+// out to the fleet, and times it until every agent reports the new
+// generation and FM has ended every operation.
+func (f *fleet) change(ctx context.Context, rep *Report) error {
+	var tpl map[string]any
+	path := "/instance-settings-templates/" + f.tpl
+	if err := f.api.Do(ctx, http.MethodGet, path, nil, nil, &tpl); err != nil {
+		return err
+	}
+	tpl["setupActions"] = []any{map[string]any{"type": "ADD_ENV_VARIABLES",
+		"params": map[string]any{"variables": []any{map[string]any{"key": "FLEET_CHANGE", "value": time.Now().UTC().Format(time.RFC3339)}}}}}
+	if err := f.api.Do(ctx, http.MethodPut, path, nil, tpl, nil); err != nil {
+		return err
+	}
+	before := f.ready.generations()
+	// About how long the replays are asked for (a millisecond each).
+	profiled := f.profile(fmt.Sprintf("profile?seconds=%d", max(1, len(f.ids)/1000)), "server-change.cpu.pprof")
+	defer func() {
+		if err := <-profiled; err != nil {
+			fmt.Fprintf(f.cfg.Progress, "the fleet-wide change's profile was not taken: %v\n", err)
+		}
+	}()
+	began := time.Now()
+	jobs := make([]api.Future, len(f.ids))
+	err := f.parallel(ctx, len(f.ids), func(ctx context.Context, i int) error {
+		return f.api.Do(ctx, http.MethodGet, "/instances/"+f.ids[i]+"/actions/replay-setup-actions", nil, nil, &jobs[i])
+	})
+	if err != nil {
+		return fmt.Errorf("replay: %w", err)
+	}
+	rep.ChangeAsked = time.Since(began)
+	deadline := time.Now().Add(5*time.Minute + time.Duration(len(f.ids))*10*time.Millisecond)
+	for {
+		now := f.ready.generations()
+		behind := 0
+		for _, id := range f.ids {
+			if now[id] <= before[id] {
+				behind++
+			}
+		}
+		if behind == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d of %d agents did not report the new generation", behind, len(f.ids))
+		}
+		if err := sleep(ctx, 10*time.Millisecond); err != nil {
+			return err
+		}
+	}
+	rep.ChangeReached = time.Since(began)
+	err = f.parallel(ctx, len(f.ids), func(ctx context.Context, i int) error {
+		return f.wait(ctx, jobs[i], 5*time.Minute, 100*time.Millisecond)
+	})
+	if err != nil {
+		return fmt.Errorf("replay: %w", err)
+	}
+	rep.ChangeDone = time.Since(began)
+	return nil
+}
+
 // steady measures the fleet at rest: the server's CPU and memory and the
 // agents' traffic over the window, after two heartbeats of settling.
 func (f *fleet) steady(ctx context.Context, rep *Report) error {
@@ -443,32 +524,54 @@ func (f *fleet) roundTrips(ctx context.Context, rep *Report) error {
 // profile fetches one of the server's profiles into ProfileDir (nothing
 // without one); the channel gives the outcome.
 func (f *fleet) profile(what, file string) <-chan error {
+	return f.profileWhenUp(what, file, 0)
+}
+
+// profileWhenUp is profile of a server that may not listen yet: it tries
+// for up to wait.
+func (f *fleet) profileWhenUp(what, file string, wait time.Duration) <-chan error {
 	done := make(chan error, 1)
 	if f.cfg.ProfileDir == "" {
 		done <- nil
 		return done
 	}
+	// The file first: a simulator of 10,000 agents that reconnect at once
+	// may have no descriptor left later.
+	out, err := os.Create(filepath.Join(f.cfg.ProfileDir, file))
+	if err != nil {
+		done <- err
+		return done
+	}
 	go func() {
-		resp, err := http.Get(f.srv.pprofURL + what)
+		err := f.fetchProfile(what, out, wait)
+		if cerr := out.Close(); err == nil {
+			err = cerr
+		}
 		if err != nil {
-			done <- err
-			return
-		}
-		defer resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			done <- fmt.Errorf("profile %s: %s", what, resp.Status)
-			return
-		}
-		out, err := os.Create(filepath.Join(f.cfg.ProfileDir, file))
-		if err == nil {
-			_, err = io.Copy(out, resp.Body)
-			if cerr := out.Close(); err == nil {
-				err = cerr
-			}
+			_ = os.Remove(out.Name())
 		}
 		done <- err
 	}()
 	return done
+}
+
+// fetchProfile copies one of the server's profiles into out, trying for
+// up to wait to reach the server.
+func (f *fleet) fetchProfile(what string, out io.Writer, wait time.Duration) error {
+	resp, err := http.Get(f.srv.pprofURL + what)
+	for deadline := time.Now().Add(wait); err != nil && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		resp, err = http.Get(f.srv.pprofURL + what)
+	}
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("profile %s: %s", what, resp.Status)
+	}
+	_, err = io.Copy(out, resp.Body)
+	return err
 }
 
 // command asks an instance's DSS to restart and waits until the future is

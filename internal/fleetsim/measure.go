@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -53,6 +54,7 @@ type readiness struct {
 	w      jetstream.KeyWatcher
 	mu     sync.Mutex
 	ready  map[string]bool
+	gen    map[string]uint64 // the generation each agent last reached
 	failed map[string]string
 	done   chan struct{}
 }
@@ -66,7 +68,7 @@ func watchReadiness(ctx context.Context, js jetstream.JetStream) (*readiness, er
 	if err != nil {
 		return nil, err
 	}
-	r := &readiness{w: w, ready: map[string]bool{}, failed: map[string]string{}, done: make(chan struct{})}
+	r := &readiness{w: w, ready: map[string]bool{}, gen: map[string]uint64{}, failed: map[string]string{}, done: make(chan struct{})}
 	go func() {
 		defer close(r.done)
 		for e := range w.Updates() {
@@ -79,6 +81,7 @@ func watchReadiness(ctx context.Context, js jetstream.JetStream) (*readiness, er
 			}
 			r.mu.Lock()
 			r.ready[e.Key()] = st.Phase == protocol.PhaseReady && st.Generation > 0 && st.Generation == st.Target
+			r.gen[e.Key()] = st.Generation
 			if st.Phase == protocol.PhaseFailed && st.Error != nil {
 				r.failed[e.Key()] = st.Error.Message
 			} else {
@@ -102,6 +105,13 @@ func (r *readiness) count() (ready, failed int, aFailure string) {
 		aFailure = id + ": " + msg
 	}
 	return ready, len(r.failed), aFailure
+}
+
+// generations is the generation each agent last reported reached.
+func (r *readiness) generations() map[string]uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return maps.Clone(r.gen)
 }
 
 // wait waits until n agents are ready, saying how many are every 10s.
@@ -259,6 +269,13 @@ func (f *fleet) storm(ctx context.Context, rep *Report) error {
 	mu.Lock()
 	stopped = time.Now()
 	mu.Unlock()
+	// The new server's first minute, from as soon as it listens.
+	profiled := f.profileWhenUp("profile?seconds=60", "server-storm.cpu.pprof", 3*time.Minute)
+	defer func() {
+		if err := <-profiled; err != nil {
+			fmt.Fprintf(f.cfg.Progress, "the reconnect storm's profile was not taken: %v\n", err)
+		}
+	}()
 	if err := f.srv.start(ctx); err != nil {
 		return err
 	}
@@ -297,7 +314,11 @@ func (r Report) Write(w io.Writer) {
 		}
 		return fmt.Sprintf("%.2f×", float64(a)/float64(b))
 	}
-	fmt.Fprintf(w, "fleet: %d simulated agents, heartbeat %v, bus sync always: %v\n", r.Agents, r.Heartbeat, r.SyncAlways)
+	fmt.Fprintf(w, "fleet: %d simulated agents, heartbeat %v, bus sync always: %v", r.Agents, r.Heartbeat, r.SyncAlways)
+	if r.ServerMemoryLimit != "" {
+		fmt.Fprintf(w, ", server GOMEMLIMIT %s", r.ServerMemoryLimit)
+	}
+	fmt.Fprintln(w)
 	fmt.Fprintf(w, "  create instance        %v\n", r.Create)
 	fmt.Fprintf(w, "  provision all          every agent ready in %v\n", round(r.Provision))
 	fmt.Fprintf(w, "  command round trip     %v\n", r.RoundTrip)
@@ -311,6 +332,10 @@ func (r Report) Write(w io.Writer) {
 	fmt.Fprintf(w, "  steady (%v)           fm server %.1f%% of a core, %.0f MiB RSS; per agent %.2f msgs/s, %.0f B/s; simulator %.0f MiB RSS (%.1f KiB per agent)\n",
 		s.Window.Round(time.Second), s.ServerCPU*100, float64(s.ServerRSS)/(1<<20), s.MsgsPerAgent, s.BytesPerAgent,
 		float64(s.SimulatorRSS)/(1<<20), float64(s.SimulatorRSS)/1024/float64(max(1, r.Agents)))
+	if r.ChangeReached > 0 {
+		fmt.Fprintf(w, "  fleet-wide change      every agent at the new generation in %v (replays asked in %v; every operation ended in %v)\n",
+			round(r.ChangeReached), round(r.ChangeAsked), round(r.ChangeDone))
+	}
 	if r.Reconnect > 0 {
 		fmt.Fprintf(w, "  reconnect storm        all back in %v (server stopped in %v, started in %v; commands answered at %v)\n",
 			round(r.Reconnect), round(r.StormStop), round(r.StormStart), round(r.StormCommands))

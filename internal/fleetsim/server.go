@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -26,18 +27,28 @@ type serverProc struct {
 	cmd       *exec.Cmd
 	exited    chan struct{}
 	logFile   *os.File
+	env       []string // added to the server's environment
 }
 
+// freePort is a free port below Linux's ephemeral range (32768 and up):
+// the server listens there again when it restarts under the fleet, whose
+// thousands of connections take their local ports from that range, and
+// could hold the server's own meanwhile.
 func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
+	for range 1000 {
+		port := 20000 + mrand.IntN(12000)
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err != nil {
+			continue
+		}
+		_ = l.Close()
+		return port, nil
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	return 0, errors.New("no free port below 32000")
 }
 
-func startServer(ctx context.Context, bin, dir string, syncAlways bool, heartbeat int, profile bool) (*serverProc, error) {
+func startServer(ctx context.Context, cfg Config) (*serverProc, error) {
+	bin, dir, syncAlways, heartbeat, profile := cfg.FM, cfg.Dir, cfg.SyncAlways, cfg.HeartbeatSeconds, cfg.ProfileDir != ""
 	rest, err := freePort()
 	if err != nil {
 		return nil, err
@@ -60,6 +71,9 @@ func startServer(ctx context.Context, bin, dir string, syncAlways bool, heartbea
 		s.pprofURL = fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/", port)
 		s.args = append(s.args, "--pprof-addr", fmt.Sprintf("127.0.0.1:%d", port))
 	}
+	if cfg.ServerMemoryLimit != "" {
+		s.env = []string{"GOMEMLIMIT=" + cfg.ServerMemoryLimit}
+	}
 	if s.logFile, err = os.Create(filepath.Join(dir, "fm-server.log")); err != nil {
 		return nil, err
 	}
@@ -73,6 +87,7 @@ func startServer(ctx context.Context, bin, dir string, syncAlways bool, heartbea
 // start runs the process and waits until its REST API answers.
 func (s *serverProc) start(ctx context.Context) error {
 	cmd := exec.Command(s.bin, s.args...)
+	cmd.Env = append(os.Environ(), s.env...)
 	cmd.Stdout, cmd.Stderr = s.logFile, s.logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -80,7 +95,8 @@ func (s *serverProc) start(ctx context.Context) error {
 	}
 	s.cmd, s.exited = cmd, make(chan struct{})
 	go func() { _ = cmd.Wait(); close(s.exited) }()
-	deadline := time.Now().Add(time.Minute)
+	// A server that starts under 10,000 reconnecting agents takes a while.
+	deadline := time.Now().Add(3 * time.Minute)
 	for {
 		select {
 		case <-s.exited:
@@ -90,7 +106,7 @@ func (s *serverProc) start(ctx context.Context) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("fm server did not answer within a minute; see %s", s.logFile.Name())
+			return fmt.Errorf("fm server did not answer within 3 minutes; see %s", s.logFile.Name())
 		}
 		resp, err := http.Get(s.restURL + "/api/public/tenants/main/images")
 		if err != nil {
