@@ -57,13 +57,13 @@ func (a *Agent) runCommands(ctx context.Context) {
 	defer recheck.Stop()
 	wake := time.NewTimer(0) // at due
 	defer wake.Stop()
+	// The agent is in step with the stream while no catch-up is due (due
+	// is zero only once one ended with nothing after it) and the
+	// connection has not been re-made since it began (syncedAt).
 	var (
-		due     = time.Now() // of the next page of a catch-up; zero when none is due
-		backoff = time.Second
-		from    = a.cursor.Verified // where the catch-up under way reads from
-		// inStep: the last catch-up ended with nothing after it, on the
-		// connection of reconnection count syncedAt.
-		inStep   bool
+		due      = time.Now() // of the next page of a catch-up; zero when none is due
+		backoff  = time.Second
+		from     = a.cursor.Verified // where the catch-up under way reads from
 		syncedAt uint64
 		dropped  int
 	)
@@ -102,7 +102,7 @@ func (a *Agent) runCommands(ctx context.Context) {
 				if resp.More {
 					due, from, backoff = time.Now().Add(commandsPageWait), last, time.Second
 				} else {
-					due, backoff, inStep, syncedAt = time.Time{}, time.Second, true, reconnects
+					due, backoff, syncedAt = time.Time{}, time.Second, reconnects
 				}
 			}
 		}
@@ -130,7 +130,7 @@ func (a *Agent) runCommands(ctx context.Context) {
 			if n, _ := sub.Dropped(); n > dropped {
 				a.log.Info().Int("dropped", n-dropped).Msg("commands came faster than they ran; catching up")
 				a.commandsDropped.Add(uint64(n - dropped))
-				dropped, inStep = n, false
+				dropped = n
 				catchUp(0)
 			}
 			seq, ok := a.liveCommand(m)
@@ -138,13 +138,11 @@ func (a *Agent) runCommands(ctx context.Context) {
 				continue
 			}
 			switch {
-			case !inStep || !due.IsZero():
+			case !due.IsZero():
 				// The catch-up under way or due runs it, in order.
-				catchUp(0)
 			case a.nc.Stats().Reconnects != syncedAt:
 				// Commands stored while the connection was down were not
 				// received: this one waits for them.
-				inStep = false
 				catchUp(randomDuration(commandsJitter))
 			case seq > a.cursor.LastSeq:
 				a.handleCommand(ctx, m.Data, seq)

@@ -176,6 +176,19 @@ func (r *rig) countRuns() func(id string) int {
 	}
 }
 
+// simulatedRig starts a simulated agent (tune, if set, changing it
+// first), ready at its first generation, and counts the commands it runs.
+func simulatedRig(t *testing.T, tune func(*Agent)) (*rig, func(id string) int) {
+	t.Helper()
+	r := newRig(t)
+	r.cfg.Simulated = true
+	r.tune = tune
+	runs := r.countRuns()
+	r.startAgent()
+	r.waitReady(r.desire("13.4.0").Generation)
+	return r, runs
+}
+
 // ranOnce fails the test unless each of ids ran exactly once (runs is
 // countRuns's).
 func ranOnce(t *testing.T, runs func(string) int, ids ...string) {
@@ -192,12 +205,7 @@ func ranOnce(t *testing.T, runs func(string) int, ids ...string) {
 // subscription; the agent sees it and catches up, so that each runs once
 // and none is skipped.
 func TestCommandsDroppedOnTheWayAreCaughtUp(t *testing.T) {
-	r := newRig(t)
-	r.cfg.Simulated = true
-	r.tune = func(a *Agent) { a.liveCommands = 1 }
-	runs := r.countRuns()
-	r.startAgent()
-	r.waitReady(r.desire("13.4.0").Generation)
+	r, runs := simulatedRig(t, func(a *Agent) { a.liveCommands = 1 })
 	var ids []string
 	for range 40 {
 		ids = append(ids, r.command(protocol.CommandRestartDSS, nil))
@@ -228,12 +236,7 @@ func TestACommandLostOnTheWayRunsAtTheNextCatchUp(t *testing.T) {
 			name = "restarted"
 		}
 		t.Run(name, func(t *testing.T) {
-			r := newRig(t)
-			r.cfg.Simulated = true
-			r.tune = func(a *Agent) { a.commandsRecheck = time.Hour }
-			runs := r.countRuns()
-			r.startAgent()
-			r.waitReady(r.desire("13.4.0").Generation)
+			r, runs := simulatedRig(t, func(a *Agent) { a.commandsRecheck = time.Hour })
 			r.result(r.command(protocol.CommandRestartDSS, nil)) // caught up at start, and receiving
 			lost := r.commandNotRepublished(protocol.CommandRestartDSS)
 			later := r.command(protocol.CommandRestartDSS, nil)
@@ -287,12 +290,7 @@ func (r *rig) commandNotRepublished(kind protocol.CommandKind) string {
 // verified along the way, so that a catch-up after them (a restart) runs
 // none of them again.
 func TestManyCommandsBetweenCatchUpsRunOnce(t *testing.T) {
-	r := newRig(t)
-	r.cfg.Simulated = true
-	r.tune = func(a *Agent) { a.commandsRecheck = time.Hour }
-	runs := r.countRuns()
-	r.startAgent()
-	r.waitReady(r.desire("13.4.0").Generation)
+	r, runs := simulatedRig(t, func(a *Agent) { a.commandsRecheck = time.Hour })
 	var ids []string
 	for range 260 {
 		id := r.command(protocol.CommandRestartDSS, nil)
@@ -313,11 +311,7 @@ func TestManyCommandsBetweenCatchUpsRunOnce(t *testing.T) {
 // (which carries a Nats-Sequence) sent to this agent's live subject; it is
 // not taken for a command, and moves nothing.
 func TestOnlyFMCommandsRunFromTheLiveSubject(t *testing.T) {
-	r := newRig(t)
-	r.cfg.Simulated = true
-	runs := r.countRuns()
-	r.startAgent()
-	r.waitReady(r.desire("13.4.0").Generation)
+	r, runs := simulatedRig(t, nil)
 	r.result(r.command(protocol.CommandRestartDSS, nil))
 	forged := protocol.Command{ID: "cmd-forged", Instance: r.instance, Kind: protocol.CommandRestartDSS, Issued: time.Now().UTC()}
 	data, _ := protocol.Encode(&forged)
