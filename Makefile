@@ -14,8 +14,15 @@ TEST_FLAGS  ?= -race -timeout 25m
 
 build: bin/fm kits
 
-bin/fm: FORCE
-	$(GO) build -ldflags "$(LDFLAGS)" -o bin/fm ./cmd/fm
+# fm carries the digest of the slim agent build made with it, and uses the
+# fm-agent beside it only if it is that one.
+bin/fm: bin/fm-agent FORCE
+	$(GO) build -ldflags "$(LDFLAGS) -X main.agentSHA256=$$(sha256sum bin/fm-agent | cut -d' ' -f1)" -o bin/fm ./cmd/fm
+
+# The slim agent build: fm dev's machines run it, fm server serves it to
+# cloud machines (docs/agent.md).
+bin/fm-agent: FORCE
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/fm-agent ./cmd/fm-agent
 
 # The DSS stand-in kits, where fm dev looks for them (bin/kits beside bin/fm).
 kits:

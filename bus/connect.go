@@ -18,10 +18,10 @@ import (
 type ConnectConfig struct {
 	// URL is one or more comma-separated NATS URLs. Ignored with InProcess.
 	URL string
-	// InProcess connects to an embedded server without a socket. Such a
-	// connection cannot fail over, so a role meant for a cluster connects by
-	// URL.
-	InProcess *Embedded
+	// InProcess connects to an embedded server (bus/embedded) without a
+	// socket. Such a connection cannot fail over, so a role meant for a
+	// cluster connects by URL.
+	InProcess nats.InProcessConnProvider
 	// CredsFile is a NATS credentials file (JWT and seed), if the server
 	// requires one; Creds is the same content held in memory.
 	CredsFile string
@@ -125,7 +125,7 @@ func Connect(cfg ConnectConfig) (*nats.Conn, error) {
 	}
 	url := cfg.URL
 	if cfg.InProcess != nil {
-		opts = append(opts, nats.InProcessServer(cfg.InProcess.Server()))
+		opts = append(opts, nats.InProcessServer(cfg.InProcess))
 		url = ""
 	} else if url == "" {
 		return nil, errors.New("connect to nats: no url")

@@ -13,13 +13,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"os"
 	"sort"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 
 	"github.com/fleetmanager/fm/client"
+	"github.com/fleetmanager/fm/internal/startup"
 )
 
 // Env is what a command runs with.
@@ -75,45 +75,15 @@ func Run(ctx context.Context, env Env, args []string) int {
 
 // ParseFlags parses args into fs allowing flags after positional arguments
 // (fm instance get ID --output json), then sets every flag not given on the
-// line from its environment variable FM_<NAME> (upper case, dashes as
-// underscores). It returns the positional arguments.
+// line from its environment variable FM_<NAME> (startup.ParseFlags). It
+// returns the positional arguments; a bad variable is a usage error.
 func ParseFlags(fs *flag.FlagSet, args []string) ([]string, error) {
-	var positional []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			return nil, err
-		}
-		args = fs.Args()
-		if len(args) == 0 {
-			break
-		}
-		if args[0] == "--" {
-			positional = append(positional, args[1:]...)
-			break
-		}
-		positional = append(positional, args[0])
-		args = args[1:]
+	pos, err := startup.ParseFlags(fs, args)
+	var envErr *startup.EnvError
+	if errors.As(err, &envErr) {
+		return nil, usagef("%v", envErr)
 	}
-	given := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
-	var err error
-	fs.VisitAll(func(f *flag.Flag) {
-		if given[f.Name] || err != nil {
-			return
-		}
-		name := EnvName(f.Name)
-		if v, ok := os.LookupEnv(name); ok {
-			if serr := f.Value.Set(v); serr != nil {
-				err = usagef("%s=%q: %v", name, v, serr)
-			}
-		}
-	})
-	return positional, err
-}
-
-// EnvName is the environment variable of a flag.
-func EnvName(flagName string) string {
-	return "FM_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+	return pos, err
 }
 
 // connFlags are the flags every client command has.

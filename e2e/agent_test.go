@@ -22,7 +22,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// agentMachine runs `fm agent` for one instance against a test bus.
+// agentMachine runs an agent binary (`fm agent`, or the slim build's
+// `fm-agent agent`) for one instance against a test bus.
 type agentMachine struct {
 	bus      *bustest.Server
 	js       jetstream.JetStream
@@ -100,7 +101,7 @@ func (m *agentMachine) waitReady(t testing.TB, gen uint64) protocol.AgentStatus 
 }
 
 func TestAgentProcess(t *testing.T) {
-	bin := fmBin(t)
+	bin := AgentBin(fmBin(t)) // the slim build, as machines run it
 	m := startAgentMachine(t, bin)
 	m.desire(t, 1, filepath.Join(buildDir, "kits", "dataiku-dss-14.0.0-standin.tar.gz"))
 	st := m.waitReady(t, 1)
@@ -113,10 +114,24 @@ func TestAgentProcess(t *testing.T) {
 	if !strings.Contains(m.proc.Stderr(), `"message":"agent stopped"`) {
 		t.Fatalf("no clean stop in the log:\n%s", m.proc.Stderr())
 	}
-	// Bad configuration: a clear error and exit status 2.
-	_, errOut, code := Run(t, bin, nil, "agent", "--instance", "bad.id", "--nats-url", "nats://127.0.0.1:1", "--root", "relative", "--data", "/tmp")
-	if code != 2 || !strings.Contains(errOut, "not a valid instance id") || !strings.Contains(errOut, "absolute path") {
-		t.Fatalf("bad config: exit %d: %s", code, errOut)
+	// Bad configuration: a clear error and exit status 2, from both builds.
+	for _, b := range []string{bin, fmBin(t)} {
+		_, errOut, code := Run(t, b, nil, "agent", "--instance", "bad.id", "--nats-url", "nats://127.0.0.1:1", "--root", "relative", "--data", "/tmp")
+		if code != 2 || !strings.Contains(errOut, "not a valid instance id") || !strings.Contains(errOut, "absolute path") {
+			t.Fatalf("%s: bad config: exit %d: %s", filepath.Base(b), code, errOut)
+		}
+		_, errOut, code = Run(t, b, nil, "agent", "stray")
+		if code != 2 || !strings.Contains(errOut, `takes no arguments (got "stray")`) {
+			t.Fatalf("%s: a stray argument: exit %d: %s", filepath.Base(b), code, errOut)
+		}
+	}
+	// The slim build runs nothing but the agent.
+	out, errOut, code := Run(t, bin, nil, "version")
+	if code != 0 || !strings.Contains(out, "agent build") {
+		t.Fatalf("fm-agent version: exit %d: %s%s", code, out, errOut)
+	}
+	if _, errOut, code := Run(t, bin, nil, "instance", "list"); code != 2 || !strings.Contains(errOut, "not a command of the agent build") {
+		t.Fatalf("fm-agent instance list: exit %d: %s", code, errOut)
 	}
 }
 
@@ -126,25 +141,31 @@ func TestAgentProcess(t *testing.T) {
 //
 //	go test -run '^$' -bench AgentIdle -benchtime 1x ./e2e/
 func BenchmarkAgentIdle(b *testing.B) {
-	bin := fmBinPlain(b)
-	m := startAgentMachine(b, bin)
-	m.desire(b, 1, filepath.Join(buildDir, "plain", "kits", "dataiku-dss-14.0.0-standin.tar.gz"))
-	m.waitReady(b, 1)
-	pid := m.proc.cmd.Process.Pid
-	time.Sleep(10 * time.Second) // let the startup settle
-	u0, err := fleetsim.ProcessUsage(pid)
-	if err != nil {
-		b.Fatal(err)
+	for _, bc := range []struct{ name, bin string }{
+		{"fm-agent", AgentBin(fmBinPlain(b))}, // the slim build machines run
+		{"fm", fmBinPlain(b)},                 // the one binary, for the ratio
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			m := startAgentMachine(b, bc.bin)
+			m.desire(b, 1, filepath.Join(buildDir, "plain", "kits", "dataiku-dss-14.0.0-standin.tar.gz"))
+			m.waitReady(b, 1)
+			pid := m.proc.cmd.Process.Pid
+			time.Sleep(10 * time.Second) // let the startup settle
+			u0, err := fleetsim.ProcessUsage(pid)
+			if err != nil {
+				b.Fatal(err)
+			}
+			at0 := time.Now()
+			time.Sleep(60 * time.Second)
+			u1, err := fleetsim.ProcessUsage(pid)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportMetric(float64(u1.RSS)/(1<<20), "RSS-MiB")
+			b.ReportMetric((u1.CPU-u0.CPU).Seconds()/time.Since(at0).Seconds()*100, "CPU-%")
+			_ = m.proc.Interrupt(15 * time.Second)
+		})
 	}
-	at0 := time.Now()
-	time.Sleep(60 * time.Second)
-	u1, err := fleetsim.ProcessUsage(pid)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.ReportMetric(float64(u1.RSS)/(1<<20), "RSS-MiB")
-	b.ReportMetric((u1.CPU-u0.CPU).Seconds()/time.Since(at0).Seconds()*100, "CPU-%")
-	_ = m.proc.Interrupt(15 * time.Second)
 }
 
 func sha256Hex(b []byte) string {
@@ -182,7 +203,7 @@ func (m *agentMachine) dssPort(t testing.TB) int {
 // SIGKILL leaves DSS answering, and the next agent adopts it rather than
 // starting another.
 func TestAKilledAgentLeavesDSSServing(t *testing.T) {
-	bin := fmBin(t)
+	bin := AgentBin(fmBin(t))
 	m := startAgentMachine(t, bin)
 	m.desire(t, 1, filepath.Join(buildDir, "kits", "dataiku-dss-14.0.0-standin.tar.gz"))
 	m.waitReady(t, 1)
@@ -261,7 +282,7 @@ exit $rc
 		t.Fatal(err)
 	}
 	defer w.Close()
-	if err := tarball.Write(w, dir); err != nil {
+	if err := tarball.Write(w, dir, tarball.Gzip); err != nil {
 		t.Fatal(err)
 	}
 	return out
@@ -273,7 +294,7 @@ exit $rc
 // of starting a second installer on the same data directory, then sees
 // what it did.
 func TestAnInstallerLeftByAKilledAgentRunsAlone(t *testing.T) {
-	bin := fmBin(t)
+	bin := AgentBin(fmBin(t))
 	m := startAgentMachine(t, bin)
 	m.desire(t, 1, slowKit(t))
 	deadline := time.Now().Add(time.Minute)

@@ -41,8 +41,7 @@ func TestEC2MachineJoinsFM(t *testing.T) {
 	tmp := t.TempDir()
 	data := filepath.Join(tmp, "fm")
 	addr, natsAddr := FreePort(t), FreePort(t)
-	server := Start(t, bin, nil, "server", "--data", data, "--listen", addr, "--nats-listen", natsAddr,
-		"--agent-binary", bin)
+	server := Start(t, bin, nil, "server", "--data", data, "--listen", addr, "--nats-listen", natsAddr)
 	server.WaitStdout("REST API https://"+addr, 60*time.Second)
 	ca := filepath.Join(data, "tls", "ca.pem")
 	env := []string{"FM_URL=https://" + addr, "FM_KEY_FILE=" + filepath.Join(data, "admin-key.json"), "FM_CA_FILE=" + ca}
@@ -130,7 +129,8 @@ func TestEC2MachineJoinsFM(t *testing.T) {
 	if m == nil || d == nil {
 		t.Fatalf("user data has no download:\n%s", userData)
 	}
-	if got := download(t, m[1], ca); got != d[1] {
+	machineBin := filepath.Join(tmp, "usr-local-bin-fm")
+	if got := download(t, m[1], ca, machineBin); got != d[1] {
 		t.Fatalf("downloaded binary's digest %s, user data says %s", got, d[1])
 	}
 
@@ -159,7 +159,11 @@ func TestEC2MachineJoinsFM(t *testing.T) {
 	}
 	root, vol := filepath.Join(tmp, "machine-root"), filepath.Join(tmp, "machine-data")
 	t.Cleanup(func() { cmdline.Stop(cmdline.Find(vol), 5*time.Second) })
-	agent := Start(t, bin, nil, "agent", "--config", cfgPath, "--root", root, "--data", vol, "--package-manager", "none",
+	// The machine runs what it downloaded: the slim build beside bin.
+	if fileDigest(t, machineBin) != fileDigest(t, AgentBin(bin)) {
+		t.Fatal("FM served another binary than the slim agent build beside it")
+	}
+	agent := Start(t, machineBin, nil, "agent", "--config", cfgPath, "--root", root, "--data", vol, "--package-manager", "none",
 		"--data-volume-bytes", "21474836480")
 	fm("op", "wait", jsonField(t, op, "jobId")) // fails the test unless the operation succeeds
 	status := fm("instance", "status", in, "--output", "json")
@@ -192,7 +196,9 @@ func TestEC2MachineJoinsFM(t *testing.T) {
 }
 
 // download fetches url trusting the CA file and returns the body's SHA-256.
-func download(t *testing.T, url, caFile string) string {
+// download gets url as a machine's bootstrap does, verifying FM with
+// caFile, into dst (executable), and returns its SHA-256.
+func download(t *testing.T, url, caFile, dst string) string {
 	t.Helper()
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM([]byte(readFile(t, caFile))) {
@@ -207,11 +213,28 @@ func download(t *testing.T, url, caFile string) string {
 	if resp.StatusCode != 200 {
 		t.Fatalf("GET %s: %s", url, resp.Status)
 	}
+	f, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
 	h := sha256.New()
-	if _, err := io.Copy(h, resp.Body); err != nil {
+	if _, err := io.Copy(io.MultiWriter(f, h), resp.Body); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
 		t.Fatal(err)
 	}
 	return hex.EncodeToString(h.Sum(nil))
+}
+
+func fileDigest(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha256Hex(b)
 }
 
 // waitFor polls cond until it holds, for at most timeout.

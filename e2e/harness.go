@@ -9,6 +9,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -27,21 +28,39 @@ import (
 	"github.com/fleetmanager/fm/deploy/standin/kit"
 )
 
-// Build compiles fm and the stand-in kits into dir (kits in dir/kits, where
-// `fm dev` looks by default) and returns the binary's path. Tests build with
-// the race detector; benchmarks without, since it changes what they measure.
+// Build compiles fm, the slim agent build beside it (fm-agent, which fm dev
+// and fm server then use for machines) and the stand-in kits into dir (kits
+// in dir/kits, where `fm dev` looks by default) and returns fm's path. Tests
+// build with the race detector; benchmarks without, since it changes what
+// they measure.
 func Build(dir string, race bool) (string, error) {
 	_, file, _, _ := runtime.Caller(0)
 	root := filepath.Dir(filepath.Dir(file))
 	bin := filepath.Join(dir, "fm")
-	args := []string{"build", "-o", bin}
-	if race {
-		args = append(args, "-race")
-	}
-	cmd := exec.Command("go", append(args, "./cmd/fm")...)
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build fm: %v\n%s", err, out)
+	// The slim agent build first: fm carries its digest, as `make build`
+	// stamps it, and uses it only if it is that one.
+	agentDigest := ""
+	for _, target := range []struct{ out, pkg string }{{AgentBin(bin), "./cmd/fm-agent"}, {bin, "./cmd/fm"}} {
+		args := []string{"build", "-o", target.out}
+		if race {
+			args = append(args, "-race")
+		}
+		if agentDigest != "" {
+			args = append(args, "-ldflags", "-X main.agentSHA256="+agentDigest)
+		}
+		cmd := exec.Command("go", append(args, target.pkg)...)
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return "", fmt.Errorf("build %s: %v\n%s", target.pkg, err, out)
+		}
+		if agentDigest == "" {
+			b, err := os.ReadFile(target.out)
+			if err != nil {
+				return "", err
+			}
+			sum := sha256.Sum256(b)
+			agentDigest = hex.EncodeToString(sum[:])
+		}
 	}
 	for _, v := range kit.Versions {
 		if _, err := kit.Build(root, v, filepath.Join(dir, "kits")); err != nil {
@@ -50,6 +69,9 @@ func Build(dir string, race bool) (string, error) {
 	}
 	return bin, nil
 }
+
+// AgentBin is the slim agent build Build put beside the fm binary bin.
+func AgentBin(bin string) string { return filepath.Join(filepath.Dir(bin), "fm-agent") }
 
 // Proc is a running fm process.
 type Proc struct {

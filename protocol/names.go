@@ -37,7 +37,7 @@ const (
 const (
 	ObjectStoreKits      = "fm_kits"              // DSS install kits, by kit name
 	ObjectStoreDiagnosis = "fm_diagnosis"         // diagnosis bundles uploaded by agents, "<instance>/<command id>.tar.gz"
-	ObjectStoreSnapshots = "fm_snapshot_archives" // the local backend's snapshot archives, "<instance>/<snapshot id>.tar.gz"
+	ObjectStoreSnapshots = "fm_snapshot_archives" // the local backend's snapshot archives, "<instance>/<snapshot id>.tar.zst.sealed" (".tar.gz" before)
 )
 
 // Subject prefixes. Each is followed by one or more tokens; see the Subject

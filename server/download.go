@@ -12,12 +12,14 @@ import (
 	"github.com/fleetmanager/fm/protocol"
 )
 
-// DownloadPath serves the fm binary that cloud machines run as their agent.
+// DownloadPath serves the binary cloud machines install as /usr/local/bin/fm
+// and run as their agent: the slim fm-agent build (cmd/fm-agent), or fm
+// itself, which takes the same `fm agent` command line.
 // Like the join endpoint it needs no API key: the binary is no secret, and
 // a new machine has no key (its user data checks the binary's digest).
 const DownloadPath = "/download/fm"
 
-// agentBinary is the fm binary cloud machines download, with its digest.
+// agentBinary is the binary cloud machines download, with its digest.
 type agentBinary struct {
 	path   string
 	sha256 string

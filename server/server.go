@@ -100,7 +100,8 @@ type Config struct {
 	// the bus's).
 	TLS   *tls.Config
 	CAPEM string
-	// AgentBinary is the fm binary cloud machines download from
+	// AgentBinary is the agent binary (the slim fm-agent build, or fm
+	// itself) cloud machines download from
 	// DownloadPath (at JoinURL's host) and run as their agent; without
 	// one, a cloud backend's machines cannot bootstrap.
 	AgentBinary string
@@ -181,6 +182,9 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("server: %w", err)
 	}
 	log := cfg.Logger.With().Str("component", "server").Logger()
+	if agentBin != nil {
+		log.Info().Str("agent_binary", agentBin.path).Str("sha256", agentBin.sha256).Msg("serving the agent binary at " + DownloadPath)
+	}
 	js, err := jetstream.New(cfg.Conn)
 	if err != nil {
 		return nil, fmt.Errorf("server: jetstream: %w", err)

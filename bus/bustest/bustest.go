@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/bus/embedded"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -23,7 +24,7 @@ type Server struct {
 	t        testing.TB
 	storeDir string
 	listen   string
-	emb      *bus.Embedded
+	emb      *embedded.Server
 }
 
 // Run starts a server and, unless declare is false, declares FM's topology
@@ -43,7 +44,7 @@ func RunBare(t testing.TB) *Server {
 
 func start(t testing.TB, storeDir, listen string) *Server {
 	t.Helper()
-	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{
+	emb, err := embedded.Start(embedded.Config{
 		StoreDir:     storeDir,
 		Listen:       listen,
 		ServerName:   "bustest",
@@ -65,7 +66,7 @@ func start(t testing.TB, storeDir, listen string) *Server {
 func (s *Server) URL() string { return "nats://" + s.listen }
 
 // Embedded is the running server, for in-process connections.
-func (s *Server) Embedded() *bus.Embedded { return s.emb }
+func (s *Server) Embedded() *embedded.Server { return s.emb }
 
 // Shutdown stops the server; it is safe to call twice.
 func (s *Server) Shutdown() {
@@ -84,7 +85,7 @@ func (s *Server) Restart(t testing.TB) {
 	// The port was just released; binding it again can race with the
 	// kernel, so retry for a short, bounded time.
 	for i := 0; i < 50; i++ {
-		s.emb, err = bus.StartEmbedded(bus.EmbeddedConfig{
+		s.emb, err = embedded.Start(embedded.Config{
 			StoreDir: s.storeDir, Listen: s.listen, ServerName: "bustest",
 			ReadyTimeout: 20 * time.Second, Logger: zerolog.Nop(),
 		})

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/bus/embedded"
 	"github.com/fleetmanager/fm/internal/natsauth"
 	"github.com/fleetmanager/fm/internal/pki"
 	"github.com/fleetmanager/fm/internal/seal"
@@ -25,7 +26,7 @@ import (
 type busConn struct {
 	nc        *nats.Conn
 	sys       *nats.Conn // as the system account, when FM holds the NATS authority
-	embedded  *bus.Embedded
+	embedded  *embedded.Server
 	clientURL string // what agents connect to
 }
 
@@ -74,7 +75,7 @@ func embeddedBus(dataDir, listen, name string, syncAlways bool, sec *security, l
 // startEmbeddedBus starts the data folder's embedded nats-server on listen
 // ("" listens nowhere: in-process connections only) and connects to it.
 func startEmbeddedBus(dataDir, listen, name string, syncAlways bool, sec *security, log zerolog.Logger) (*busConn, error) {
-	cfg := bus.EmbeddedConfig{
+	cfg := embedded.Config{
 		StoreDir:   filepath.Join(dataDir, "jetstream"),
 		Listen:     listen,
 		ServerName: name,
@@ -87,7 +88,7 @@ func startEmbeddedBus(dataDir, listen, name string, syncAlways bool, sec *securi
 			return sec.authority.ConfigureEmbedded(o, filepath.Join(dataDir, "nats-resolver"))
 		}
 	}
-	emb, err := bus.StartEmbedded(cfg)
+	emb, err := embedded.Start(cfg)
 	if err != nil {
 		return nil, err
 	}

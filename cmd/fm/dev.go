@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/internal/seal"
+	"github.com/fleetmanager/fm/internal/startup"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/server"
 )
@@ -103,7 +104,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	defer srv.Close()
-	backend, err := newBackend(ctx, b, "local", b.clientURL, localFlags{dir: filepath.Join(dir, "local")}, ec2Flags{}, log)
+	backend, err := newBackend(ctx, b, "local", b.clientURL, localFlags{dir: filepath.Join(dir, "local"), secretKey: secretKey}, ec2Flags{}, log)
 	if err != nil {
 		return err
 	}
@@ -198,5 +199,5 @@ func defaultKitsDir() string {
 func flagGiven(fs *flag.FlagSet, name string) bool {
 	given := false
 	fs.Visit(func(f *flag.Flag) { given = given || f.Name == name })
-	return given || os.Getenv("FM_"+strings.ToUpper(name)) != ""
+	return given || os.Getenv(startup.EnvName(name)) != ""
 }

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"flag"
 	"fmt"
 	"io"
@@ -67,8 +69,9 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 			return usageError{fmt.Errorf("--secret-key-file: %w", err)}
 		}
 		ec.openSecret = box.Open
+		lc.secretKey = key
 	} else {
-		log.Warn().Msg("no --secret-key-file: this provisioner cannot open new machines' join tokens, so reprovisions will be refused")
+		log.Warn().Msg("no --secret-key-file: this provisioner cannot open new machines' join tokens nor seal snapshot archives, so reprovisions and snapshots will be refused")
 	}
 	b, err := externalBus(*natsURL, *natsCreds, "fm-provisioner", &security{caFile: *natsCA}, log)
 	if err != nil {
@@ -89,8 +92,9 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 
 // localFlags configure the local backend.
 type localFlags struct {
-	dir string
-	s3  archive.S3Config // the snapshot store, if Bucket is set
+	dir       string
+	s3        archive.S3Config // the snapshot store, if Bucket is set
+	secretKey []byte           // FM's secret key, which seals snapshot archives
 }
 
 // ec2Flags configure the EC2 backend.
@@ -109,7 +113,7 @@ func newBackend(ctx context.Context, b *busConn, name, agentURL string, lc local
 		if err != nil {
 			return nil, err
 		}
-		exe, err := os.Executable()
+		agentBin, err := defaultAgentBinary(log)
 		if err != nil {
 			return nil, err
 		}
@@ -117,7 +121,8 @@ func newBackend(ctx context.Context, b *busConn, name, agentURL string, lc local
 		if err != nil {
 			return nil, err
 		}
-		return local.New(local.Config{Dir: abs, AgentBinary: exe, NATSURL: agentURL, Archives: archives, Logger: log})
+		log.Info().Str("agent_binary", agentBin).Msg("local machines run this agent")
+		return local.New(local.Config{Dir: abs, AgentBinary: agentBin, NATSURL: agentURL, Archives: archives, SecretKey: lc.secretKey, Logger: log})
 	case "ec2":
 		cfg := ec2.Config{Region: ec.region, Endpoint: ec.endpoint, AgentNATSURL: agentURL, Poll: ec.poll}
 		for _, c := range strings.Split(ec.ingress, ",") {
@@ -133,6 +138,55 @@ func newBackend(ctx context.Context, b *busConn, name, agentURL string, lc local
 		return b, nil
 	}
 	return nil, usageError{fmt.Errorf("--backend: %q is not a backend (local, ec2)", name)}
+}
+
+// agentBinaryName is the slim agent build (cmd/fm-agent) beside the fm
+// binary, where `make build` puts it.
+const agentBinaryName = "fm-agent"
+
+// defaultAgentBinary is what machines run as their agent: the slim build
+// beside this binary when it is the one this binary was built with (its
+// SHA-256 stamped in agentSHA256 by make and the e2e harness), else this
+// binary (fm agent), which does the same with more memory. A slim build
+// left by an earlier build is neither run nor served.
+func defaultAgentBinary(log zerolog.Logger) (string, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	return agentBinaryBeside(exe, agentSHA256, log), nil
+}
+
+func agentBinaryBeside(exe, wantSHA256 string, log zerolog.Logger) string {
+	slim := filepath.Join(filepath.Dir(exe), agentBinaryName)
+	st, err := os.Stat(slim)
+	if err != nil || !st.Mode().IsRegular() || st.Mode().Perm()&0o111 == 0 {
+		return exe
+	}
+	if wantSHA256 == "" {
+		log.Warn().Str("agent_binary", slim).Msg("this fm was built without the digest of its slim agent build (make build stamps it): machines run fm itself")
+		return exe
+	}
+	got, err := fileSHA256(slim)
+	if err != nil || got != wantSHA256 {
+		log.Warn().Str("agent_binary", slim).Str("sha256", got).Str("want", wantSHA256).AnErr("error", err).
+			Msg("the slim agent build beside fm is not the one it was built with: machines run fm itself")
+		return exe
+	}
+	return slim
+}
+
+func fileSHA256(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // snapshotStore is where the local backend keeps snapshot archives: an S3

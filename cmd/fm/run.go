@@ -6,17 +6,21 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"os"
 	"slices"
-	"strings"
 
-	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/cli"
+	"github.com/fleetmanager/fm/internal/agentcmd"
+	"github.com/fleetmanager/fm/internal/startup"
 	"github.com/rs/zerolog"
 )
 
 // version is set at build time (-ldflags "-X main.version=…").
 var version = "dev"
+
+// agentSHA256 is the digest of the slim agent build (cmd/fm-agent) built
+// with this binary (-ldflags "-X main.agentSHA256=…"): defaultAgentBinary
+// uses the fm-agent beside this binary only if it is that one.
+var agentSHA256 string
 
 const usage = `Fleet Manager: deploys, upgrades, backs up and configures a fleet of Dataiku DSS nodes.
 
@@ -61,7 +65,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	case cmd == "server":
 		err = runServer(ctx, args[1:], stdout, stderr)
 	case cmd == "agent":
-		err = runAgent(ctx, args[1:], stdout, stderr)
+		return agentcmd.Main(ctx, "fm", args[1:], stderr, version)
 	case cmd == "provisioner":
 		err = runProvisioner(ctx, args[1:], stdout, stderr)
 	case cmd == "admin":
@@ -87,19 +91,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if errors.As(err, &u) {
 			return cli.ExitUsage
 		}
-		if errors.Is(err, agent.ErrJoinRefused) {
-			// fm-agent.service does not restart on it: a new token takes a
-			// reprovision.
-			return exitJoinRefused
-		}
 		return 1
 	}
 	return 0
 }
-
-// exitJoinRefused is fm agent's exit code when FM refused its join token
-// (deploy/cloudinit/fm-agent.service: RestartPreventExitStatus).
-const exitJoinRefused = 3
 
 // usageError is a command line that cannot run.
 type usageError struct{ error }
@@ -107,7 +102,7 @@ type usageError struct{ error }
 // parseRoleFlags parses a role's flags (flags and FM_* variables) and
 // refuses positional arguments.
 func parseRoleFlags(fs *flag.FlagSet, args []string) error {
-	pos, err := cli.ParseFlags(fs, args)
+	pos, err := startup.ParseFlags(fs, args)
 	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return err
@@ -115,39 +110,19 @@ func parseRoleFlags(fs *flag.FlagSet, args []string) error {
 		return usageError{err}
 	}
 	if len(pos) > 0 {
-		return usageError{fmt.Errorf("%s takes no arguments (got %q)", fs.Name(), strings.Join(pos, " "))}
+		return usageError{startup.RoleArgsError(fs, pos)}
 	}
 	return nil
 }
 
-// newLogger builds the process's logger: JSON lines, or a console format for
-// people. Components add their own "component" field.
+// newLogger builds the process's logger (startup.NewLogger); a bad level
+// or format is a usage error.
 func newLogger(format, level string, w io.Writer) (zerolog.Logger, error) {
-	lvl, err := zerolog.ParseLevel(level)
-	if err != nil || level == "" {
-		return zerolog.Logger{}, usageError{fmt.Errorf("--log-level: %q is not one of trace, debug, info, warn, error", level)}
+	log, err := startup.NewLogger(format, level, w)
+	if err != nil {
+		return log, usageError{err}
 	}
-	if format != "json" && format != "console" {
-		return zerolog.Logger{}, usageError{fmt.Errorf("--log-format: %q is not console or json", format)}
-	}
-	return zerolog.New(logOutput(format, w)).Level(lvl).With().Timestamp().Logger(), nil
-}
-
-// logOutput is where a logger of the format writes on w.
-func logOutput(format string, w io.Writer) io.Writer {
-	if format == "console" {
-		return zerolog.ConsoleWriter{Out: w, TimeFormat: "15:04:05", NoColor: !isTerminal(w)}
-	}
-	return w
-}
-
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok {
-		return false
-	}
-	st, err := f.Stat()
-	return err == nil && st.Mode()&os.ModeCharDevice != 0
+	return log, nil
 }
 
 // checkHeartbeat checks --heartbeat-seconds: agents beat at least once a

@@ -44,7 +44,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs.StringVar(&tf.ca, "tls-ca", "", "CA file of --tls-cert, given to agents to verify FM with")
 	fs.StringVar(&tf.hosts, "tls-hosts", "", "more host names or addresses (comma-separated) the self-signed certificate covers")
 	advertise := fs.String("advertise-url", "", "FM's URL as machines reach it, for their join and agent download (default: the REST API's listen address)")
-	agentBinary := fs.String("agent-binary", "", "the fm binary cloud machines download and run as their agent (default: this one; \"none\" serves none)")
+	agentBinary := fs.String("agent-binary", "", "the binary cloud machines download and run as their agent (default: fm-agent beside this one, else this one; \"none\" serves none)")
 	authorityDir := fs.String("nats-authority", "", "folder of FM's NATS operator and account keys (default DATA/nats-auth with the embedded NATS; "+
 		"with --nats-url, the folder whose keys the cluster trusts: see fm nats-config)")
 	natsCA := fs.String("nats-ca", "", "CA file to verify an external NATS's TLS certificate with")
@@ -122,7 +122,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	case "none":
 		*agentBinary = ""
 	case "":
-		if *agentBinary, err = os.Executable(); err != nil {
+		if *agentBinary, err = defaultAgentBinary(log); err != nil {
 			return err
 		}
 	}

@@ -47,16 +47,25 @@ func Matches(pid int, substrings ...string) bool {
 			return false
 		}
 	}
-	stat, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	state := procState(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	return state != "" && state != "Z"
+}
+
+// procState is the state letter in a /proc stat file (R, S, D, T, Z, …),
+// or "" if it cannot be read (the process or thread is gone).
+func procState(statFile string) string {
+	stat, err := os.ReadFile(statFile)
 	if err != nil {
-		return false
+		return ""
 	}
-	if i := bytes.LastIndexByte(stat, ')'); i > 0 {
-		if f := strings.Fields(string(stat[i+1:])); len(f) > 0 && f[0] == "Z" {
-			return false
-		}
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return ""
 	}
-	return true
+	if f := strings.Fields(string(stat[i+1:])); len(f) > 0 {
+		return f[0]
+	}
+	return ""
 }
 
 // Stop sends SIGTERM to the processes and, after grace, SIGKILL to those
@@ -91,11 +100,37 @@ func Stop(pids []int, grace time.Duration) int {
 }
 
 func zombie(pid int) bool {
-	stat, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
-	if err != nil {
-		return true
+	state := procState(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	return state == "" || state == "Z"
+}
+
+// WaitStopped waits, for at most timeout, until every thread of pid is
+// stopped (state T or t) after a SIGSTOP, which kill only asks for. It says
+// whether they are; a process gone counts as stopped.
+func WaitStopped(pid int, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for {
+		if allStopped(pid) {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(time.Millisecond)
 	}
-	i := bytes.LastIndexByte(stat, ')')
-	f := strings.Fields(string(stat[i+1:]))
-	return len(f) > 0 && f[0] == "Z"
+}
+
+func allStopped(pid int) bool {
+	tasks, err := os.ReadDir(filepath.Join("/proc", strconv.Itoa(pid), "task"))
+	if err != nil {
+		return true // gone
+	}
+	for _, t := range tasks {
+		switch procState(filepath.Join("/proc", strconv.Itoa(pid), "task", t.Name(), "stat")) {
+		case "", "T", "t", "Z", "X": // ended, stopped, or dying
+		default:
+			return false
+		}
+	}
+	return true
 }

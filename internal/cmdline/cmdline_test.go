@@ -71,3 +71,31 @@ func TestFindAndStop(t *testing.T) {
 		t.Fatal("a process matches what its command line does not hold")
 	}
 }
+
+// TestWaitStopped: every thread of a process is seen stopped only once it
+// has taken its SIGSTOP, and no longer after SIGCONT.
+func TestWaitStopped(t *testing.T) {
+	pid := helper(t, "polite", filepath.Join(t.TempDir(), "stopped-marker")).Process.Pid
+	if WaitStopped(pid, 50*time.Millisecond) {
+		t.Fatal("a running process is seen stopped")
+	}
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	if !WaitStopped(pid, 5*time.Second) {
+		t.Fatal("a stopped process is not seen stopped")
+	}
+	if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for allStopped(pid) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if allStopped(pid) {
+		t.Fatal("a resumed process is still seen stopped")
+	}
+	if !WaitStopped(1<<22+7, 0) {
+		t.Fatal("a process gone is not taken as stopped")
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/bus/embedded"
 	"github.com/fleetmanager/fm/internal/natsauth"
 	"github.com/fleetmanager/fm/internal/objects"
 	"github.com/fleetmanager/fm/protocol"
@@ -31,7 +32,7 @@ const outside = protocol.OutsideJSAPIPrefix + "."
 type rig struct {
 	t    *testing.T
 	auth *natsauth.Authority
-	emb  *bus.Embedded
+	emb  *embedded.Server
 	dir  string
 }
 
@@ -57,7 +58,7 @@ func start(t *testing.T) *rig {
 
 func (r *rig) startServer() {
 	r.t.Helper()
-	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{
+	emb, err := embedded.Start(embedded.Config{
 		StoreDir: filepath.Join(r.dir, "js"), Listen: "127.0.0.1:0", Logger: zerolog.Nop(),
 		Configure: func(o *server.Options) error { return r.auth.ConfigureEmbedded(o, filepath.Join(r.dir, "resolver")) },
 	})
@@ -583,7 +584,7 @@ func TestAnAuthorityFromBeforeTheAgentsAccount(t *testing.T) {
 	}
 	r := &rig{t: t, auth: again, dir: dir}
 	r.startServer()
-	stored, err := r.emb.Server().AccountResolver().Fetch(a.AccountPub())
+	stored, err := r.emb.NATS().AccountResolver().Fetch(a.AccountPub())
 	if err != nil {
 		t.Fatal(err)
 	}

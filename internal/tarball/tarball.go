@@ -1,71 +1,74 @@
-// Package tarball writes a folder as a gzipped tar and extracts one into a
-// folder, refusing entries that would land outside it: DSS kits on the
-// agent, data volume snapshots on the local backend. Only this module may import
-// it; it imports only the standard library.
+// Package tarball writes a folder as a compressed tar, gzip or another
+// Codec (internal/tarball/tarzstd), and extracts one into a folder,
+// refusing entries that would land outside it: DSS kits on the agent, data
+// volume snapshots on the local backend (LiveArchive). Only this module may
+// import it; it imports the standard library and golang.org/x/sys/unix (to
+// walk a folder without following links), so that what reads only gzipped
+// kits (the slim agent) links no other compressor.
 package tarball
 
 import (
 	"archive/tar"
+	"bufio"
+	"bytes"
 	"compress/gzip"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 )
 
-// Write writes the folder dir (directories, regular files and symbolic
-// links, with their modes and modification times) to w as a gzipped tar.
-func Write(w io.Writer, dir string) error {
-	zw := gzip.NewWriter(w)
-	tw := tar.NewWriter(zw)
-	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil || path == dir {
-			return err
-		}
-		info, err := d.Info()
+// Codec is a compression of the tar: its file name extension, the first
+// bytes of what it writes, and how to write and read it.
+type Codec struct {
+	Name  string // "gzip", in errors
+	Ext   string // ".tar.gz"
+	Magic []byte
+	// NewWriter compresses into w; closing it finishes the stream.
+	NewWriter func(w io.Writer) (io.WriteCloser, error)
+	// NewReader decompresses r; release frees what it holds.
+	NewReader func(r io.Reader) (_ io.Reader, release func(), _ error)
+}
+
+// Gzip is what DSS kits are, and snapshots FM took before zstd.
+var Gzip = Codec{
+	Name:      "gzip",
+	Ext:       ".tar.gz",
+	Magic:     []byte{0x1f, 0x8b},
+	NewWriter: func(w io.Writer) (io.WriteCloser, error) { return gzip.NewWriter(w), nil },
+	NewReader: func(r io.Reader) (io.Reader, func(), error) {
+		zr, err := gzip.NewReader(r)
 		if err != nil {
-			return err
+			return nil, nil, err
 		}
-		link := ""
-		if d.Type()&fs.ModeSymlink != 0 {
-			if link, err = os.Readlink(path); err != nil {
-				return err
-			}
+		return zr, func() {}, nil
+	},
+}
+
+// decompress reads r's compressed tar, in whichever of codecs its first
+// bytes say.
+func decompress(r io.Reader, codecs []Codec) (io.Reader, func(), error) {
+	br := bufio.NewReader(r)
+	names := make([]string, len(codecs))
+	for i, c := range codecs {
+		names[i] = c.Name
+		head, _ := br.Peek(len(c.Magic))
+		if !bytes.Equal(head, c.Magic) {
+			continue
 		}
-		hdr, err := tar.FileInfoHeader(info, link)
+		zr, release, err := c.NewReader(br)
 		if err != nil {
-			return err
+			return nil, nil, fmt.Errorf("not a %s archive: %w", names[i], err)
 		}
-		rel, _ := filepath.Rel(dir, path)
-		hdr.Name = filepath.ToSlash(rel)
-		if d.IsDir() {
-			hdr.Name += "/"
-		}
-		if err := tw.WriteHeader(hdr); err != nil {
-			return err
-		}
-		if !d.Type().IsRegular() {
-			return nil
-		}
-		f, err := os.Open(path)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		_, err = io.Copy(tw, f)
-		return err
-	})
-	if err != nil {
-		return err
+		return zr, release, nil
 	}
-	if err := tw.Close(); err != nil {
-		return err
-	}
-	return zw.Close()
+	return nil, nil, fmt.Errorf("not a %s archive", strings.Join(names, " or "))
 }
 
 // Options say how Extract treats what it finds.
@@ -76,9 +79,17 @@ type Options struct {
 	ConfineLinks bool
 	// Folder names the folder in errors ("kit folder"; default "folder").
 	Folder string
+	// Codecs are the compressions the archive may be in, told apart by
+	// their first bytes; none means gzip only.
+	Codecs []Codec
+	// Snapshot says the archive is one of FM's own snapshots, which may
+	// hold deletions (Writer.Deleted; refused in anything else) and whose
+	// folders get the mode of their last entry.
+	Snapshot bool
 }
 
-// Extract unpacks a gzipped tar into dir: directories, regular files (with
+// Extract unpacks a compressed tar (gzip, or one of opt.Codecs, told by
+// its first bytes) into dir: directories, regular files (with
 // their modes and modification times) and symbolic links. Every entry is
 // written through an os.Root of dir, so that no name, link or sequence of
 // them (a link, then a file through it) reaches outside dir: an entry that
@@ -88,10 +99,15 @@ func Extract(r io.Reader, dir string, opt Options) error {
 	if folder == "" {
 		folder = "folder"
 	}
-	zr, err := gzip.NewReader(r)
-	if err != nil {
-		return fmt.Errorf("not a gzip archive: %w", err)
+	codecs := opt.Codecs
+	if len(codecs) == 0 {
+		codecs = []Codec{Gzip}
 	}
+	zr, done, err := decompress(r, codecs)
+	if err != nil {
+		return err
+	}
+	defer done()
 	tr := tar.NewReader(zr)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -102,6 +118,7 @@ func Extract(r io.Reader, dir string, opt Options) error {
 	}
 	defer root.Close()
 	var links []string
+	dirModes := map[string]fs.FileMode{} // snapshots: applied last, deepest first
 	for {
 		h, err := tr.Next()
 		if errors.Is(err, io.EOF) {
@@ -113,6 +130,20 @@ func Extract(r io.Reader, dir string, opt Options) error {
 		name := filepath.Clean(filepath.FromSlash(h.Name))
 		if filepath.IsAbs(name) || name == ".." || strings.HasPrefix(name, ".."+string(filepath.Separator)) {
 			return fmt.Errorf("archive entry %q leaves the %s", h.Name, folder)
+		}
+		if h.PAXRecords[deletedKey] == "1" {
+			if !opt.Snapshot {
+				return fmt.Errorf("archive entry %q deletes: only FM's snapshots may", h.Name)
+			}
+			if err := removeNoFollow(root, name); err != nil {
+				return fmt.Errorf("archive entry %q (deleted): %w", h.Name, err)
+			}
+			for d := range dirModes {
+				if d == name || strings.HasPrefix(d, name+string(filepath.Separator)) {
+					delete(dirModes, d)
+				}
+			}
+			continue
 		}
 		if h.Typeflag == tar.TypeSymlink && opt.ConfineLinks {
 			// As the link will be followed: from the folder it is made in,
@@ -126,7 +157,7 @@ func Extract(r io.Reader, dir string, opt Options) error {
 			}
 			links = append(links, name)
 		}
-		if err := extractEntry(root, tr, h, name); err != nil {
+		if err := extractEntry(root, tr, h, name, opt.Snapshot); err != nil {
 			followed := name // a link's own name is not followed
 			if h.Typeflag == tar.TypeSymlink {
 				followed = filepath.Dir(name)
@@ -135,6 +166,24 @@ func Extract(r io.Reader, dir string, opt Options) error {
 				return fmt.Errorf("archive entry %q leads outside the %s through a link: %w", h.Name, folder, err)
 			}
 			return fmt.Errorf("archive entry %q: %w", h.Name, err)
+		}
+		if opt.Snapshot {
+			delete(dirModes, name)
+			if h.Typeflag == tar.TypeDir {
+				dirModes[name] = exactMode(h)
+			}
+		}
+	}
+	// A folder is made writable by its owner while it is filled; in a
+	// snapshot it gets its own mode once nothing more goes in it (not under
+	// the umask, nor with the owner's write added), what it holds first.
+	names := slices.Collect(maps.Keys(dirModes))
+	slices.SortFunc(names, func(a, b string) int {
+		return strings.Count(b, string(filepath.Separator)) - strings.Count(a, string(filepath.Separator))
+	})
+	for _, d := range names {
+		if err := root.Chmod(d, dirModes[d]); err != nil {
+			return fmt.Errorf("archive folder %q: %w", d, err)
 		}
 	}
 	// A link that pointed inside when it was made may point outside through
@@ -151,15 +200,22 @@ func Extract(r io.Reader, dir string, opt Options) error {
 	return nil
 }
 
-// extractEntry writes one entry, named name inside root, from tr. The
-// root refuses any step that leaves it (through "..", or a link).
-func extractEntry(root *os.Root, tr *tar.Reader, h *tar.Header, name string) error {
+// extractEntry writes one entry, named name inside root, from tr,
+// replacing what an earlier entry of the same name made. The root refuses
+// any step that leaves it (through "..", or a link).
+func extractEntry(root *os.Root, tr *tar.Reader, h *tar.Header, name string, exactModes bool) error {
 	mode := fs.FileMode(h.Mode).Perm()
 	switch h.Typeflag {
 	case tar.TypeDir:
+		if err := clearFor(root, name, fs.ModeDir); err != nil {
+			return err
+		}
 		return root.MkdirAll(name, mode|0o700)
 	case tar.TypeReg:
 		if err := root.MkdirAll(filepath.Dir(name), 0o755); err != nil {
+			return err
+		}
+		if err := clearFor(root, name, 0); err != nil {
 			return err
 		}
 		out, err := root.OpenFile(name, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
@@ -173,14 +229,68 @@ func extractEntry(root *os.Root, tr *tar.Reader, h *tar.Header, name string) err
 		if err := out.Close(); err != nil {
 			return err
 		}
+		if exactModes { // not under the umask, with setgid and sticky bits
+			if err := root.Chmod(name, exactMode(h)); err != nil {
+				return err
+			}
+		}
 		_ = root.Chtimes(name, h.ModTime, h.ModTime)
 	case tar.TypeSymlink:
 		if err := root.MkdirAll(filepath.Dir(name), 0o755); err != nil {
 			return err
 		}
+		if err := clearFor(root, name, fs.ModeSymlink); err != nil {
+			return err
+		}
 		return root.Symlink(h.Linkname, name)
 	}
 	return nil
+}
+
+// exactMode is an entry's permissions with its setuid, setgid and sticky
+// bits.
+func exactMode(h *tar.Header) fs.FileMode {
+	return h.FileInfo().Mode() & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky)
+}
+
+// clearFor removes what is at name, unless an entry about to make a folder
+// (kind fs.ModeDir) finds one there: a file or link is made anew, so with
+// the mode a first one gets, and a link is never written through.
+func clearFor(root *os.Root, name string, kind fs.FileMode) error {
+	info, err := root.Lstat(name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if kind == fs.ModeDir && info.IsDir() {
+		return nil
+	}
+	return root.RemoveAll(name)
+}
+
+// removeNoFollow removes name and what is under it, as the entry of that
+// path without following a link on the way: if a folder on the way is a
+// link or not a folder, there is no such entry, and nothing is removed
+// (not what the link leads to).
+func removeNoFollow(root *os.Root, name string) error {
+	if name == "." {
+		return errors.New("the folder itself cannot be deleted")
+	}
+	// From the top down, so that each Lstat goes only through folders
+	// already found to be folders.
+	parts := strings.Split(name, string(filepath.Separator))
+	for i := 1; i < len(parts); i++ {
+		info, err := root.Lstat(filepath.Join(parts[:i]...))
+		if errors.Is(err, fs.ErrNotExist) || err == nil && !info.IsDir() {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return root.RemoveAll(name)
 }
 
 // maxLinkHops is how many links one path may go through, as Linux allows.

@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"compress/gzip"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -14,6 +15,12 @@ import (
 )
 
 func TestRoundTrip(t *testing.T) {
+	roundTrip(t, Gzip)
+}
+
+// roundTrip writes a folder with c and extracts it: the same files, modes,
+// times and links.
+func roundTrip(t *testing.T, c Codec) {
 	src := t.TempDir()
 	os.MkdirAll(filepath.Join(src, "a", "b"), 0o750)
 	os.WriteFile(filepath.Join(src, "a", "b", "f.txt"), []byte("content"), 0o640)
@@ -21,11 +28,14 @@ func TestRoundTrip(t *testing.T) {
 	os.Chtimes(filepath.Join(src, "a", "b", "f.txt"), old, old)
 	os.Symlink("/elsewhere/outside", filepath.Join(src, "link"))
 	var buf bytes.Buffer
-	if err := Write(&buf, src); err != nil {
+	if err := Write(&buf, src, c); err != nil {
 		t.Fatal(err)
 	}
+	if !bytes.HasPrefix(buf.Bytes(), c.Magic) {
+		t.Fatalf("%s archive starts with %x", c.Name, buf.Bytes()[:4])
+	}
 	dst := filepath.Join(t.TempDir(), "out")
-	if err := Extract(bytes.NewReader(buf.Bytes()), dst, Options{}); err != nil {
+	if err := Extract(bytes.NewReader(buf.Bytes()), dst, Options{Codecs: []Codec{c}}); err != nil {
 		t.Fatal(err)
 	}
 	info, err := os.Stat(filepath.Join(dst, "a", "b", "f.txt"))
@@ -42,7 +52,7 @@ func TestRoundTrip(t *testing.T) {
 		t.Fatalf("link %q", l)
 	}
 	// Confined, the same archive is refused for its link.
-	err = Extract(bytes.NewReader(buf.Bytes()), t.TempDir(), Options{ConfineLinks: true, Folder: "kit folder"})
+	err = Extract(bytes.NewReader(buf.Bytes()), t.TempDir(), Options{ConfineLinks: true, Folder: "kit folder", Codecs: []Codec{c}})
 	if err == nil || !strings.Contains(err.Error(), "points outside the kit folder") {
 		t.Fatalf("confined: %v", err)
 	}
@@ -62,22 +72,69 @@ func TestExtractRefusesEscapes(t *testing.T) {
 			t.Errorf("%s: %v", name, err)
 		}
 	}
-	if err := Extract(strings.NewReader("not gzip"), t.TempDir(), Options{}); err == nil || !strings.Contains(err.Error(), "not a gzip archive") {
+	for _, tc := range []struct{ name, data, want string }{
+		{"not gzip", "not gzip", "not a gzip archive"},
+		{"empty", "", "not a gzip archive"},
+		{"a gzip header cut short", "\x1f\x8b\x08", "not a gzip archive"},
+	} {
+		err := Extract(strings.NewReader(tc.data), t.TempDir(), Options{})
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
+		}
+	}
+	// Another codec is read only when asked for.
+	plain := Codec{Name: "plain", Ext: ".tar.plain", Magic: []byte("PLAIN"),
+		NewWriter: func(w io.Writer) (io.WriteCloser, error) {
+			if _, err := w.Write([]byte("PLAIN")); err != nil {
+				return nil, err
+			}
+			return nopCloser{w}, nil
+		},
+		NewReader: func(r io.Reader) (io.Reader, func(), error) {
+			_, err := io.ReadFull(r, make([]byte, 5))
+			return r, func() {}, err
+		}}
+	var buf bytes.Buffer
+	if err := Write(&buf, t.TempDir(), plain); err != nil {
 		t.Fatal(err)
 	}
+	if err := Extract(bytes.NewReader(buf.Bytes()), t.TempDir(), Options{}); err == nil || !strings.Contains(err.Error(), "not a gzip archive") {
+		t.Errorf("a codec not asked for: %v", err)
+	}
+	if err := Extract(bytes.NewReader(buf.Bytes()), t.TempDir(), Options{Codecs: []Codec{plain}}); err != nil {
+		t.Errorf("a codec asked for: %v", err)
+	}
+	// Codecs replace gzip: a gzipped archive where another is asked for is
+	// refused, whatever it holds.
+	var gz bytes.Buffer
+	if err := Write(&gz, t.TempDir(), Gzip); err != nil {
+		t.Fatal(err)
+	}
+	if err := Extract(&gz, t.TempDir(), Options{Codecs: []Codec{plain}}); err == nil || !strings.Contains(err.Error(), "not a plain archive") {
+		t.Errorf("gzip where plain is asked for: %v", err)
+	}
+	if err := Extract(strings.NewReader("neither"), t.TempDir(), Options{Codecs: []Codec{Gzip, plain}}); err == nil || !strings.Contains(err.Error(), "not a gzip or plain archive") {
+		t.Errorf("neither codec: %v", err)
+	}
 }
+
+type nopCloser struct{ io.Writer }
+
+func (nopCloser) Close() error { return nil }
 
 // entry is one member of a hand-made archive.
 type entry struct {
 	typ        byte
 	name, link string
 	body       string
+	deleted    bool // a Writer.Deleted entry
 }
 
 func file(name, body string) entry   { return entry{typ: tar.TypeReg, name: name, body: body} }
 func dir(name string) entry          { return entry{typ: tar.TypeDir, name: name} }
 func symlink(name, to string) entry  { return entry{typ: tar.TypeSymlink, name: name, link: to} }
 func hardlink(name, to string) entry { return entry{typ: tar.TypeLink, name: name, link: to} }
+func deleted(name string) entry      { return entry{typ: tar.TypeReg, name: name, deleted: true} }
 
 // archive is a gzipped tar of entries, in order, as a hostile sender would
 // write it.
@@ -90,6 +147,9 @@ func archive(t *testing.T, entries ...entry) []byte {
 		h := &tar.Header{Typeflag: e.typ, Name: e.name, Linkname: e.link, Mode: 0o644, Size: int64(len(e.body))}
 		if e.typ == tar.TypeDir {
 			h.Mode = 0o755
+		}
+		if e.deleted {
+			h.PAXRecords, h.Format = map[string]string{deletedKey: "1"}, tar.FormatPAX
 		}
 		if err := tw.WriteHeader(h); err != nil {
 			t.Fatal(err)
@@ -174,9 +234,10 @@ func TestExtractConfinesHostileArchives(t *testing.T) {
 		{"absolute symlink, confined", func(top string) []entry {
 			return []entry{symlink("l", filepath.Join(top, "p", "victim"))}
 		}, true, "points outside"},
+		// A later entry replaces the link rather than writing through it.
 		{"absolute symlink, then a file of its name", func(top string) []entry {
 			return []entry{symlink("l", filepath.Join(top, "p", "victim")), file("l", "pwned")}
-		}, false, "leads outside the folder through a link"},
+		}, false, ""},
 		{"absolute symlink to a folder, then a file through it", func(top string) []entry {
 			return []entry{symlink("l", filepath.Join(top, "p")), file("l/evil", "x")}
 		}, false, "leads outside the folder through a link"},
@@ -197,10 +258,21 @@ func TestExtractConfinesHostileArchives(t *testing.T) {
 		}, true, "too many levels of symbolic links"},
 		{"a file, then a folder of its name", func(string) []entry {
 			return []entry{file("x", "x"), dir("x/"), file("x/evil", "x")}
-		}, false, "x"},
+		}, false, ""},
 		{"a folder, then a file of its name", func(string) []entry {
-			return []entry{dir("x/"), file("x", "x")}
-		}, false, "x"},
+			return []entry{dir("x/"), file("x/in", "x"), file("x", "x")}
+		}, false, ""},
+		{"a deletion out of the folder", func(string) []entry { return []entry{deleted("../victim")} }, false, "leaves the folder"},
+		{"a deletion in what is not a snapshot", func(string) []entry { return []entry{file("a", "x"), deleted("a")} }, false, "only FM's snapshots may"},
+		// In a snapshot, a deletion goes through no link: there is no entry
+		// of that path, so nothing is deleted.
+		{"a deletion through a symlink out, in a snapshot", func(string) []entry {
+			return []entry{symlink("l", ".."), deleted("l/victim")}
+		}, false, ""},
+		{"a deletion through an absolute symlink, in a snapshot", func(top string) []entry {
+			return []entry{symlink("l", filepath.Join(top, "p")), deleted("l/victim")}
+		}, false, ""},
+		{"a deletion of the folder itself, in a snapshot", func(string) []entry { return []entry{file("a", "x"), deleted(".")} }, false, "cannot be deleted"},
 		{"a file, then a symlink of its name", func(string) []entry {
 			return []entry{file("x", "x"), symlink("x", ".."), file("x/evil", "x")}
 		}, false, "x"},
@@ -216,7 +288,8 @@ func TestExtractConfinesHostileArchives(t *testing.T) {
 				t.Fatal(err)
 			}
 			before := outsideOf(t, top, dst)
-			err := Extract(bytes.NewReader(archive(t, tt.entries(top)...)), dst, Options{ConfineLinks: tt.confine})
+			err := Extract(bytes.NewReader(archive(t, tt.entries(top)...)), dst,
+				Options{ConfineLinks: tt.confine, Snapshot: strings.HasSuffix(tt.name, "in a snapshot")})
 			switch {
 			case tt.wantErr == "" && err != nil:
 				t.Errorf("refused: %v", err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/config"
@@ -69,11 +70,20 @@ func (s *S3) key(name string) string { return s.cfg.Prefix + name }
 // Put stores an archive under name, replacing one of that name.
 func (s *S3) Put(ctx context.Context, name string, r io.ReadSeeker) error {
 	_, err := s.client.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String(s.cfg.Bucket), Key: aws.String(s.key(name)),
-		Body: r, ContentType: aws.String("application/gzip")})
+		Body: r, ContentType: aws.String(contentType(name))})
 	if err != nil {
 		return fmt.Errorf("store archive s3://%s/%s: %w", s.cfg.Bucket, s.key(name), err)
 	}
 	return nil
+}
+
+// contentType is an archive's media type, told by its name (snapshots taken
+// before zstd are gzipped tars).
+func contentType(name string) string {
+	if strings.HasSuffix(name, ".zst") {
+		return "application/zstd"
+	}
+	return "application/gzip"
 }
 
 // Open reads an archive.

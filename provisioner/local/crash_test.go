@@ -17,6 +17,7 @@ import (
 	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/internal/crashpoint"
 	"github.com/fleetmanager/fm/internal/crashpoint/crashtable"
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/archive"
@@ -31,7 +32,7 @@ import (
 // FM_CRASH_FULL=1 runs every point; by default one point in two (always
 // the first and the last of each operation).
 func TestCrashPoints(t *testing.T) {
-	w := &localWorld{dir: t.TempDir(), bin: binary(t)}
+	w := &localWorld{dir: t.TempDir(), bin: binary(t), key: seal.NewKey()}
 	opts := crashtest.Options{Stride: 2, Parallel: 4}
 	if crashtable.Full() {
 		opts.Stride = 1
@@ -41,6 +42,7 @@ func TestCrashPoints(t *testing.T) {
 
 type localWorld struct {
 	dir, bin string
+	key      []byte // FM's secret key, the same across the backend's restarts
 }
 
 func (w *localWorld) Name() string { return "local" }
@@ -64,7 +66,7 @@ func (w *localWorld) Backend(t testing.TB, natsURL string, hook crashpoint.Hook)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := New(Config{Dir: w.dir, AgentBinary: w.bin, NATSURL: natsURL, Archives: store, Crash: hook, Logger: zerolog.Nop()})
+	b, err := New(Config{Dir: w.dir, AgentBinary: w.bin, NATSURL: natsURL, Archives: store, SecretKey: w.key, Crash: hook, Logger: zerolog.Nop()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -37,12 +37,19 @@ import (
 type Config struct {
 	// Dir holds machines/<instance> (root folders) and volumes/<instance>.
 	Dir string
-	// AgentBinary is the fm binary machines run.
+	// AgentBinary is the agent binary machines run: the slim fm-agent build,
+	// or fm itself (both take `agent --config …`).
 	AgentBinary string
 	// NATSURL is the bus as the agents reach it.
 	NATSURL string
 	// Archives is the snapshot store; without one, snapshots are refused.
 	Archives Archives
+	// SecretKey is FM's secret key (DATA/secrets.key), which seals snapshot
+	// archives: they hold the whole data volume, DSS's own secrets (its
+	// license, the admin API key the agent made) included. Without it,
+	// snapshots are refused; restores of archives taken before sealing
+	// still work.
+	SecretKey []byte
 	// Crash is passed every crash point of a machine operation (tests).
 	Crash  crashpoint.Hook
 	Logger zerolog.Logger

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/archive"
@@ -64,7 +65,7 @@ func TestAnUnfinishedRestoreIsLeftToItsOwnRequest(t *testing.T) {
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			b, err := New(Config{Dir: dir, AgentBinary: binary(t), NATSURL: srv.URL(), Archives: store, Logger: zerolog.Nop()})
+			b, err := New(Config{Dir: dir, AgentBinary: binary(t), NATSURL: srv.URL(), Archives: store, SecretKey: seal.NewKey(), Logger: zerolog.Nop()})
 			if err != nil {
 				t.Fatal(err)
 			}

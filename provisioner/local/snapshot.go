@@ -7,14 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
-	"syscall"
+	"strings"
 	"time"
 
-	"github.com/fleetmanager/fm/internal/cmdline"
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/internal/tarball"
+	"github.com/fleetmanager/fm/internal/tarball/tarzstd"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/archive"
@@ -36,11 +36,10 @@ var (
 	_ Archives = (*archive.S3)(nil)
 )
 
-// Snapshot implements provisioner.Backend. The volume folder is copied
-// aside with the machine's processes (agent and DSS) paused only for the
-// last of it (pausedCopy), which gives a crash-consistent point in time as
-// an EBS snapshot does; the archive is then made from the copy while they
-// run on. A snapshot whose archive is in the store already (a redelivery
+// Snapshot implements provisioner.Backend. The volume folder is archived
+// with the machine's processes (agent and DSS) paused only for the last of
+// it (archiveLive), which gives a crash-consistent point in time as an EBS
+// snapshot does. A snapshot whose archive is in the store already (a redelivery
 // after a crash) is found and described, not taken again: taken again, it
 // would hold other data under the same name than the digest a first report
 // may have recorded, or the data after an upgrade it was meant to precede.
@@ -48,14 +47,32 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	if b.cfg.Archives == nil {
 		return snap, protocol.Errorf(protocol.CodeUnimplemented, "this provisioner has no snapshot store")
 	}
+	if b.cfg.SecretKey == nil {
+		return snap, protocol.Errorf(protocol.CodeFailedPrecondition,
+			"this provisioner has no secret key to seal snapshot archives with (fm provisioner --secret-key-file)")
+	}
 	inst := req.Instance
-	name := inst + "/" + snap.ID + ".tar.gz"
+	name := archiveName(inst, snap.ID, sealedArchive)
 	// What a try killed before the end left aside goes in any case.
 	work := filepath.Join(b.cfg.Dir, "snapshots", snap.ID)
 	if err := os.RemoveAll(work); err != nil {
 		return snap, err
 	}
 	ref, found, err := b.storedArchive(ctx, name, snap, cur)
+	if err == nil && !found {
+		// A try by an FM from before zstd, killed after its Put, left a
+		// gzipped archive that a report may have recorded: it is the one.
+		// One its Put left part-way was never reported: it goes, and the
+		// snapshot is taken anew, in today's name and format.
+		legacy := archiveName(inst, snap.ID, tarball.Gzip)
+		ref, found, err = b.storedArchive(ctx, legacy, snap, cur)
+		if errors.Is(err, archive.ErrIncomplete) {
+			req.Progress("archive", fmt.Sprintf("%s: the archive a try by an earlier FM left is not whole (%v); deleting it, taking the snapshot anew", snap.ID, err))
+			if err = b.cfg.Archives.Delete(ctx, legacy); err != nil {
+				return snap, protocol.Errorf(protocol.CodeUnavailable, "the snapshot store could not delete %s: %v", legacy, err)
+			}
+		}
+	}
 	switch {
 	case errors.Is(err, archive.ErrIncomplete):
 		// Left by a try whose Put failed part-way: nothing was reported
@@ -77,26 +94,26 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 		return snap, protocol.Errorf(protocol.CodeFailedPrecondition, "instance %s has no data volume to snapshot", inst)
 	}
 	defer os.RemoveAll(work)
-	var (
-		paused int
-		took   time.Duration
-	)
-	if err := b.crash.Around("local/snapshot/copy-volume", func() (err error) {
-		paused, took, err = b.pausedCopy(inst, vol, filepath.Join(work, "volume"))
-		return err
-	}); err != nil {
-		return snap, fmt.Errorf("copy the data volume: %w", err)
+	if err := os.MkdirAll(work, 0o700); err != nil {
+		return snap, err
 	}
-	req.Progress("freeze", fmt.Sprintf("data volume copied with %d processes paused for %s", paused, took.Round(time.Millisecond)))
-	f, err := os.Create(filepath.Join(work, "volume.tar.gz"))
+	f, err := os.Create(filepath.Join(work, "volume"+sealedArchive.Ext))
 	if err != nil {
 		return snap, err
 	}
 	defer f.Close()
 	h := sha256.New()
-	if err := tarball.Write(io.MultiWriter(f, h), filepath.Join(work, "volume")); err != nil {
+	var (
+		paused int
+		took   time.Duration
+	)
+	if err := b.crash.Around("local/snapshot/archive-volume", func() (err error) {
+		paused, took, err = b.archiveLive(inst, vol, io.MultiWriter(f, h), b.sealedCodec(name))
+		return err
+	}); err != nil {
 		return snap, fmt.Errorf("archive the data volume: %w", err)
 	}
+	req.Progress("freeze", fmt.Sprintf("data volume archived with %d processes paused for %s", paused, took.Round(time.Millisecond)))
 	size, err := f.Seek(0, io.SeekCurrent)
 	if err != nil {
 		return snap, err
@@ -111,6 +128,89 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 		SizeBytes: size, VolumeSizeGB: cur.VolumeSizeGB}
 	req.Progress("archive", fmt.Sprintf("%s: %d bytes in %s, sha256 %s", snap.ID, size, ref.Store, ref.SHA256))
 	return ref, nil
+}
+
+// sealedArchive names the archives snapshots are taken in: a tar
+// compressed with zstd (where gzip took most of a snapshot's time,
+// docs/benchmarks.md), sealed with FM's secret key for the archive's name
+// (seal.NewStreamWriter). Restores read these and the gzipped tars taken
+// before, as Extract tells them apart.
+// Only sealedCodec's copy, which holds the key, reads or writes.
+var sealedArchive = tarball.Codec{Name: "sealed zstd", Ext: ".tar.zst.sealed", Magic: seal.StreamMagic()}
+
+// restoreCodecs is what the archive of that name may be in: its name (FM's
+// own record), not its first bytes, says, so that a gzipped tar put under a
+// sealed archive's name is refused unread.
+func (b *Backend) restoreCodecs(snap protocol.SnapshotRef) ([]tarball.Codec, error) {
+	switch {
+	case strings.HasSuffix(snap.Ref, sealedArchive.Ext):
+		if b.cfg.SecretKey == nil {
+			return nil, protocol.Errorf(protocol.CodeFailedPrecondition,
+				"snapshot %s is sealed, and this provisioner has no secret key to open it with (fm provisioner --secret-key-file)", snap.ID)
+		}
+		return []tarball.Codec{b.sealedCodec(snap.Ref)}, nil
+	case strings.HasSuffix(snap.Ref, tarball.Gzip.Ext):
+		return []tarball.Codec{tarball.Gzip}, nil
+	}
+	return nil, protocol.Errorf(protocol.CodeDataLoss, "snapshot %s: %q is not the name of an archive this provisioner takes", snap.ID, snap.Ref)
+}
+
+// sealedCodec is sealedArchive for the archive name, with FM's secret key.
+func (b *Backend) sealedCodec(name string) tarball.Codec {
+	c := sealedArchive
+	c.NewWriter = func(w io.Writer) (io.WriteCloser, error) {
+		sw, err := seal.NewStreamWriter(w, b.cfg.SecretKey, name)
+		if err != nil {
+			return nil, err
+		}
+		zw, err := tarzstd.Codec.NewWriter(sw)
+		if err != nil {
+			return nil, err
+		}
+		return closeBoth{zw, sw}, nil
+	}
+	c.NewReader = func(r io.Reader) (io.Reader, func(), error) {
+		if b.cfg.SecretKey == nil {
+			return nil, nil, errors.New("this provisioner has no secret key to open it with (fm provisioner --secret-key-file)")
+		}
+		sr, err := seal.NewStreamReader(r, b.cfg.SecretKey, name)
+		if err != nil {
+			return nil, nil, err
+		}
+		return tarzstd.Codec.NewReader(sr)
+	}
+	return c
+}
+
+// countingReader counts what is read through it.
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// closeBoth closes the compressor, then the seal under it.
+type closeBoth struct {
+	io.WriteCloser
+	under io.Closer
+}
+
+func (c closeBoth) Close() error {
+	err := c.WriteCloser.Close()
+	if uerr := c.under.Close(); err == nil {
+		err = uerr
+	}
+	return err
+}
+
+// archiveName is the store's name of a snapshot's archive.
+func archiveName(inst, snapID string, c tarball.Codec) string {
+	return inst + "/" + snapID + c.Ext
 }
 
 // storedArchive describes the archive name if the store holds it: its
@@ -130,7 +230,22 @@ func (b *Backend) storedArchive(ctx context.Context, name string, snap protocol.
 	}
 	defer rc.Close()
 	h := sha256.New()
-	size, err := io.Copy(h, rc)
+	var size int64
+	if strings.HasSuffix(name, sealedArchive.Ext) {
+		// Found, it becomes the snapshot: it must open with FM's key, for
+		// this name (not be put there by someone else).
+		counted := &countingReader{r: io.TeeReader(rc, h)}
+		var sr io.Reader
+		if sr, err = seal.NewStreamReader(counted, b.cfg.SecretKey, name); err == nil {
+			_, err = io.Copy(io.Discard, sr)
+		}
+		size = counted.n
+		if errors.Is(err, seal.ErrStreamBroken) {
+			return snap, false, fmt.Errorf("%w: %s does not open with FM's key for its name", archive.ErrCorrupt, name)
+		}
+	} else {
+		size, err = io.Copy(h, rc)
+	}
 	if notWhole(err) {
 		return snap, false, err
 	}
@@ -164,145 +279,6 @@ func (b *Backend) DeleteSnapshot(ctx context.Context, req provisioner.Request, s
 	return nil
 }
 
-// pausedCopy copies the volume folder to dst, and says how many of the
-// machine's processes it paused and for how long. The folder is copied
-// first while they run; then they are stopped only while what changed
-// since is copied again, so the pause lasts as long as the copy of what
-// DSS wrote meanwhile, not of the whole volume.
-func (b *Backend) pausedCopy(inst, vol, dst string) (int, time.Duration, error) {
-	stamps := map[string]fileStamp{}
-	if err := syncTree(vol, dst, stamps); err != nil {
-		return 0, 0, err
-	}
-	pids := append(cmdline.Find(b.configPath(inst), "agent"), cmdline.Find(b.dssDir(inst))...)
-	start := time.Now()
-	var stopped []int
-	for _, pid := range pids {
-		if syscall.Kill(pid, syscall.SIGSTOP) == nil {
-			stopped = append(stopped, pid)
-		}
-	}
-	defer func() {
-		for _, pid := range stopped {
-			_ = syscall.Kill(pid, syscall.SIGCONT)
-		}
-	}()
-	// A provisioner killed here leaves the machine paused: the next one
-	// resumes every machine when it starts (resumeMachines).
-	b.crash.At("local/snapshot/machine-paused")
-	err := syncTree(vol, dst, stamps)
-	return len(stopped), time.Since(start), err
-}
-
-// fileStamp tells whether a file changed: any write changes its ctime,
-// which no one can set back.
-type fileStamp struct {
-	size         int64
-	mtime, ctime int64
-}
-
-func stampOf(info fs.FileInfo) fileStamp {
-	st := fileStamp{size: info.Size(), mtime: info.ModTime().UnixNano()}
-	if sys, ok := info.Sys().(*syscall.Stat_t); ok {
-		st.ctime = sys.Ctim.Nano()
-	}
-	return st
-}
-
-// syncTree makes dst a copy of src: directories, regular files and symbolic
-// links, with modes and modification times; what src no longer has goes.
-// A regular file whose stamp (taken before it was copied) is unchanged in
-// stamps is not copied again. What vanishes from src while it is read (a
-// running DSS's temporary files) is skipped.
-func syncTree(src, dst string, stamps map[string]fileStamp) error {
-	seen := map[string]bool{}
-	err := filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(src, path)
-		seen[rel] = true
-		to := filepath.Join(dst, rel)
-		info, err := d.Info()
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		switch {
-		case d.IsDir():
-			return os.MkdirAll(to, info.Mode().Perm()|0o700)
-		case d.Type()&fs.ModeSymlink != 0:
-			target, err := os.Readlink(path)
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil
-			}
-			if err != nil {
-				return err
-			}
-			_ = os.Remove(to)
-			return os.Symlink(target, to)
-		case d.Type().IsRegular():
-			st := stampOf(info)
-			if old, ok := stamps[rel]; ok && old == st {
-				return nil
-			}
-			stamps[rel] = st
-			if err := copyFile(path, to, info.Mode().Perm()); errors.Is(err, fs.ErrNotExist) {
-				return nil
-			} else if err != nil {
-				return err
-			}
-			return os.Chtimes(to, info.ModTime(), info.ModTime())
-		}
-		return nil // sockets, pipes: not data
-	})
-	if err != nil {
-		return err
-	}
-	var gone []string
-	err = filepath.WalkDir(dst, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(dst, path)
-		if !seen[rel] {
-			gone = append(gone, path)
-			if d.IsDir() {
-				return filepath.SkipDir
-			}
-		}
-		return nil
-	})
-	for _, p := range gone {
-		if rerr := os.RemoveAll(p); rerr != nil && err == nil {
-			err = rerr
-		}
-	}
-	return err
-}
-
-func copyFile(src, dst string, mode fs.FileMode) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
-}
-
 // restoreArchive extracts a snapshot's archive into dst, checking its
 // SHA-256 against the one recorded when it was taken. Any failure is a
 // DataLoss error: the archive is missing, corrupted or not an archive.
@@ -312,6 +288,10 @@ func (b *Backend) restoreArchive(ctx context.Context, snap protocol.SnapshotRef,
 	}
 	if snap.SHA256 == "" {
 		return protocol.Errorf(protocol.CodeDataLoss, "snapshot %s has no recorded digest to check its archive against", snap.ID)
+	}
+	codecs, err := b.restoreCodecs(snap)
+	if err != nil {
+		return err
 	}
 	rc, err := b.cfg.Archives.Open(ctx, snap.Ref)
 	if errors.Is(err, archive.ErrNotFound) {
@@ -327,7 +307,7 @@ func (b *Backend) restoreArchive(ctx context.Context, snap protocol.SnapshotRef,
 	h := sha256.New()
 	store := &readFailure{r: rc}
 	body := io.TeeReader(store, h)
-	exErr := tarball.Extract(body, dst, tarball.Options{Folder: "volume"})
+	exErr := tarball.Extract(body, dst, tarball.Options{Folder: "volume", Codecs: codecs, Snapshot: true})
 	// The digest covers every byte, also what follows the end of the tar.
 	_, _ = io.Copy(io.Discard, body)
 	switch {

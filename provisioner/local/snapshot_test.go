@@ -1,11 +1,13 @@
 package local
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,6 +17,8 @@ import (
 	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/bus/bustest"
 	"github.com/fleetmanager/fm/internal/cmdline"
+	"github.com/fleetmanager/fm/internal/seal"
+	"github.com/fleetmanager/fm/internal/tarball"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/archive"
@@ -34,7 +38,7 @@ func TestSnapshotAndRestore(t *testing.T) {
 	}
 	dir := t.TempDir()
 	arch := &faultyArchives{Archives: store}
-	b, err := New(Config{Dir: dir, AgentBinary: binary(t), NATSURL: srv.URL(), Archives: arch, Logger: zerolog.Nop()})
+	b, err := New(Config{Dir: dir, AgentBinary: binary(t), NATSURL: srv.URL(), Archives: arch, SecretKey: seal.NewKey(), Logger: zerolog.Nop()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,6 +64,21 @@ func TestSnapshotAndRestore(t *testing.T) {
 		b, _ := os.ReadFile(filepath.Join(vol, name))
 		return string(b)
 	}
+	gzipped := func(users string) []byte {
+		t.Helper()
+		src := t.TempDir()
+		if err := os.MkdirAll(filepath.Join(src, "dataiku/dss_data/config"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(src, "dataiku/dss_data/config/users.json"), []byte(users), 0o640); err != nil {
+			t.Fatal(err)
+		}
+		var buf bytes.Buffer
+		if err := tarball.Write(&buf, src, tarball.Gzip); err != nil {
+			t.Fatal(err)
+		}
+		return buf.Bytes()
+	}
 	write("dataiku/dss_data/config/users.json", "v1 users")
 	write("dataiku/dss_data/projects/P1/params.json", "v1 project")
 	if err := os.Symlink("projects/P1", filepath.Join(vol, "dataiku/dss_data/current")); err != nil {
@@ -71,11 +90,28 @@ func TestSnapshotAndRestore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ref.Store != "object-store" || ref.Ref != "in-local1/snap-1.tar.gz" || len(ref.SHA256) != 64 || ref.SizeBytes == 0 {
+	if ref.Store != "object-store" || ref.Ref != "in-local1/snap-1.tar.zst.sealed" || len(ref.SHA256) != 64 || ref.SizeBytes == 0 {
 		t.Fatalf("snapshot %+v", ref)
 	}
 	if !strings.Contains(strings.Join(steps, "|"), "processes paused") {
 		t.Fatalf("steps %v", steps)
+	}
+	// The archive is sealed: nothing of the volume is in it in clear.
+	if rc, err := store.Open(ctx, ref.Ref); err != nil {
+		t.Fatal(err)
+	} else {
+		stored, err := io.ReadAll(rc)
+		rc.Close()
+		if err != nil || !bytes.HasPrefix(stored, seal.StreamMagic()) || bytes.Contains(stored, []byte("v1 users")) || bytes.Contains(stored, []byte("users.json")) {
+			t.Fatalf("the stored archive (%d bytes, %v) is not sealed", len(stored), err)
+		}
+	}
+	// Without FM's secret key, no snapshot (and a restore of a sealed one
+	// fails, changing nothing).
+	keyless := *b
+	keyless.cfg.SecretKey = nil
+	if _, err := keyless.Snapshot(ctx, snapReq, st, protocol.SnapshotRef{ID: "snap-nokey"}); err == nil || !strings.Contains(err.Error(), "secret key") {
+		t.Fatalf("a snapshot without the secret key: %v", err)
 	}
 
 	restore := func(id string, snap protocol.SnapshotRef) (protocol.MachineState, error) {
@@ -86,7 +122,7 @@ func TestSnapshotAndRestore(t *testing.T) {
 
 	// Taken again (a redelivery) over an archive a failed Put left broken:
 	// the archive is replaced, and the digest reported is the new one's.
-	arch.openErr = fmt.Errorf("%w: in-local1/snap-1.tar.gz has 1 of its 2 chunks", archive.ErrIncomplete)
+	arch.openErr = fmt.Errorf("%w: in-local1/snap-1.tar.zst.sealed has 1 of its 2 chunks", archive.ErrIncomplete)
 	again, err := b.Snapshot(ctx, snapReq, st, protocol.SnapshotRef{ID: "snap-1"})
 	arch.openErr = nil
 	if err != nil || !strings.Contains(strings.Join(steps, "|"), "not whole") {
@@ -108,6 +144,34 @@ func TestSnapshotAndRestore(t *testing.T) {
 		{"wrong digest", func() protocol.SnapshotRef { r := ref; r.SHA256 = strings.Repeat("0", 64); return r }, false, protocol.CodeDataLoss},
 		{"missing archive", func() protocol.SnapshotRef { r := ref; r.Ref = "in-local1/nope.tar.gz"; return r }, false, protocol.CodeDataLoss},
 		{"another store", func() protocol.SnapshotRef { r := ref; r.Store = "s3"; return r }, false, protocol.CodeFailedPrecondition},
+		// Under a sealed archive's name, only a sealed archive is read: a
+		// gzipped tar put there is refused before anything is extracted.
+		{"a gzipped tar under a sealed name", func() protocol.SnapshotRef {
+			r := ref
+			r.Ref = "in-local1/planted.tar.zst.sealed"
+			planted := gzipped("planted users")
+			if err := store.Put(ctx, r.Ref, bytes.NewReader(planted)); err != nil {
+				t.Fatal(err)
+			}
+			r.SHA256 = sha256Hex(planted) // even with its digest on record
+			return r
+		}, false, protocol.CodeDataLoss},
+		// Sealed for its own name: the same bytes under another name do not
+		// open (the digest matches, the seal does not).
+		{"moved to another name", func() protocol.SnapshotRef {
+			r := ref
+			r.Ref = "in-local1/moved.tar.zst.sealed"
+			rc, err := store.Open(ctx, ref.Ref)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer rc.Close()
+			body, _ := io.ReadAll(rc)
+			if err := store.Put(ctx, r.Ref, bytes.NewReader(body)); err != nil {
+				t.Fatal(err)
+			}
+			return r
+		}, false, protocol.CodeDataLoss},
 		// Not corrupted: it may pass, and is tried again.
 		{"read cut short", func() protocol.SnapshotRef { return ref }, true, protocol.CodeUnavailable},
 	}
@@ -165,6 +229,38 @@ func TestSnapshotAndRestore(t *testing.T) {
 		t.Fatalf("agent config after growth: %+v %v", cfg, err)
 	}
 
+	// Snapshots an FM from before zstd took are gzipped tars named .tar.gz.
+	// A redelivery of one finds it rather than taking another under the
+	// new name, and a restore reads it.
+	legacy := gzipped("gzip-era users")
+	if err := store.Put(ctx, "in-local1/snap-gz.tar.gz", bytes.NewReader(legacy)); err != nil {
+		t.Fatal(err)
+	}
+	old, err := b.Snapshot(ctx, snapReq, st, protocol.SnapshotRef{ID: "snap-gz"})
+	if err != nil || old.Ref != "in-local1/snap-gz.tar.gz" || old.SHA256 != sha256Hex(legacy) {
+		t.Fatalf("a redelivered snapshot over a gzipped archive: %+v %v", old, err)
+	}
+	if _, err := store.Open(ctx, "in-local1/snap-gz.tar.zst.sealed"); !errors.Is(err, archive.ErrNotFound) {
+		t.Fatalf("another archive was taken beside the gzipped one: %v", err)
+	}
+	if st, err = restore("op-3c-reprovision", old); err != nil || read("dataiku/dss_data/config/users.json") != "gzip-era users" {
+		t.Fatalf("restore of a gzipped archive: %v, users %q", err, read("dataiku/dss_data/config/users.json"))
+	}
+	// One whose Put an old FM left part-way goes, and the snapshot is taken
+	// anew in today's name and format.
+	if err := store.Put(ctx, "in-local1/snap-gz2.tar.gz", bytes.NewReader(legacy)); err != nil {
+		t.Fatal(err)
+	}
+	arch.openErr, arch.openErrName = fmt.Errorf("%w: 1 of 2 chunks", archive.ErrIncomplete), "in-local1/snap-gz2.tar.gz"
+	retaken, err := b.Snapshot(ctx, snapReq, st, protocol.SnapshotRef{ID: "snap-gz2"})
+	arch.openErr, arch.openErrName = nil, ""
+	if err != nil || retaken.Ref != "in-local1/snap-gz2.tar.zst.sealed" {
+		t.Fatalf("taken over a broken gzipped archive: %+v %v", retaken, err)
+	}
+	if _, err := store.Open(ctx, "in-local1/snap-gz2.tar.gz"); !errors.Is(err, archive.ErrNotFound) {
+		t.Fatalf("the broken gzipped archive is still in the store: %v", err)
+	}
+
 	// A corrupted archive in the store is refused.
 	if err := store.Put(ctx, ref.Ref, strings.NewReader("not the archive")); err != nil {
 		t.Fatal(err)
@@ -180,17 +276,19 @@ func TestSnapshotAndRestore(t *testing.T) {
 	}
 }
 
-// faultyArchives is a snapshot store whose Open fails with openErr, and
+// faultyArchives is a snapshot store whose Open fails with openErr (for
+// every archive, or openErrName's), and
 // whose reads fail part-way when cutShort, as the store's client does when
 // the store is slow or out of reach.
 type faultyArchives struct {
 	Archives
-	openErr  error
-	cutShort bool
+	openErr     error
+	openErrName string // if set, openErr is only for this archive
+	cutShort    bool
 }
 
 func (f *faultyArchives) Open(ctx context.Context, name string) (io.ReadCloser, error) {
-	if f.openErr != nil {
+	if f.openErr != nil && (f.openErrName == "" || f.openErrName == name) {
 		return nil, f.openErr
 	}
 	rc, err := f.Archives.Open(ctx, name)
@@ -203,55 +301,11 @@ func (f *faultyArchives) Open(ctx context.Context, name string) (io.ReadCloser, 
 	}{io.MultiReader(io.LimitReader(rc, 100), iotest.ErrReader(fmt.Errorf("read archive %s: %w", name, nats.ErrTimeout))), rc}, nil
 }
 
-func (b *Backend) agentPIDs() []int {
-	return cmdline.Find(b.configPath("in-local1"), "agent")
+func sha256Hex(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
 }
 
-// TestSyncTreeCatchesEveryChange: the paused second pass of a snapshot's
-// copy brings the copy in line with every change made after the first.
-func TestSyncTreeCatchesEveryChange(t *testing.T) {
-	src, dst := t.TempDir(), filepath.Join(t.TempDir(), "copy")
-	put := func(name, content string) {
-		t.Helper()
-		p := filepath.Join(src, name)
-		os.MkdirAll(filepath.Dir(p), 0o755)
-		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	put("same.txt", "unchanged")
-	put("rewritten.txt", "aaaa")
-	put("gone.txt", "deleted later")
-	put("dir/gone/x", "a folder deleted later")
-	os.Symlink("same.txt", filepath.Join(src, "link"))
-	stamps := map[string]fileStamp{}
-	if err := syncTree(src, dst, stamps); err != nil {
-		t.Fatal(err)
-	}
-	// Changes made while the first pass ran, or after it.
-	put("rewritten.txt", "bbbb") // same size
-	put("new/file.txt", "new")
-	os.Remove(filepath.Join(src, "gone.txt"))
-	os.RemoveAll(filepath.Join(src, "dir", "gone"))
-	os.Remove(filepath.Join(src, "link"))
-	os.Symlink("new/file.txt", filepath.Join(src, "link"))
-	if err := syncTree(src, dst, stamps); err != nil {
-		t.Fatal(err)
-	}
-	var srcTree, dstTree []string
-	for _, side := range []struct {
-		root string
-		into *[]string
-	}{{src, &srcTree}, {dst, &dstTree}} {
-		filepath.WalkDir(side.root, func(p string, d fs.DirEntry, err error) error {
-			rel, _ := filepath.Rel(side.root, p)
-			content, _ := os.ReadFile(p)
-			link, _ := os.Readlink(p)
-			*side.into = append(*side.into, rel+"|"+string(content)+"|"+link)
-			return nil
-		})
-	}
-	if strings.Join(srcTree, "\n") != strings.Join(dstTree, "\n") {
-		t.Fatalf("copy:\n%s\nsource:\n%s", strings.Join(dstTree, "\n"), strings.Join(srcTree, "\n"))
-	}
+func (b *Backend) agentPIDs() []int {
+	return cmdline.Find(b.configPath("in-local1"), "agent")
 }

@@ -1,13 +1,10 @@
-// Package bus is FM's access to NATS JetStream: it starts an embedded
-// nats-server or connects to an existing NATS, and declares the JetStream
-// topology (every stream, key-value bucket and object store of
-// docs/architecture.md) in one place, creating or updating it idempotently.
-// Its Lease elects one holder of a job among processes.
+// Package embedded runs a nats-server with JetStream inside an FM process:
+// the bus of fm dev and of a single-machine fm server, and of tests
+// (bus/bustest). It is apart from package bus so that what only connects to
+// a bus (the agent, and the slim fm-agent binary) does not link the server.
 //
-// Roles (server, provisioner, agent) and commands import it; it imports only
-// protocol from this project. bus/bustest starts a real JetStream server for
-// tests.
-package bus
+// cmd/fm, bus/bustest and tests import it; it imports no project package.
+package embedded
 
 import (
 	"crypto/tls"
@@ -21,8 +18,8 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// EmbeddedConfig configures a nats-server run inside this process.
-type EmbeddedConfig struct {
+// Config configures a nats-server run inside this process.
+type Config struct {
 	// StoreDir is where JetStream keeps its files; it must persist.
 	StoreDir string
 	// Listen is the host:port clients (agents) connect to; port 0 picks a free
@@ -44,14 +41,14 @@ type EmbeddedConfig struct {
 	Logger    zerolog.Logger
 }
 
-// Embedded is a running embedded nats-server.
-type Embedded struct {
+// Server is a running embedded nats-server.
+type Server struct {
 	srv *server.Server
 }
 
-// StartEmbedded starts a JetStream-enabled nats-server and waits until it
+// Start starts a JetStream-enabled nats-server and waits until it
 // accepts connections and JetStream is healthy.
-func StartEmbedded(cfg EmbeddedConfig) (*Embedded, error) {
+func Start(cfg Config) (*Server, error) {
 	if cfg.StoreDir == "" {
 		return nil, errors.New("embedded nats: a store directory is required")
 	}
@@ -97,7 +94,7 @@ func StartEmbedded(cfg EmbeddedConfig) (*Embedded, error) {
 	}
 	srv.SetLoggerV2(natsLogger{cfg.Logger}, false, false, false)
 	srv.Start()
-	e := &Embedded{srv: srv}
+	e := &Server{srv: srv}
 	if !srv.ReadyForConnections(cfg.ReadyTimeout) {
 		e.Shutdown()
 		return nil, fmt.Errorf("embedded nats: not ready for connections after %s (is %s free?)", cfg.ReadyTimeout, cfg.Listen)
@@ -120,19 +117,22 @@ func StartEmbedded(cfg EmbeddedConfig) (*Embedded, error) {
 }
 
 // ClientURL is the URL other processes connect to ("" when not listening).
-func (e *Embedded) ClientURL() string {
+func (e *Server) ClientURL() string {
 	if e.srv.Addr() == nil {
 		return ""
 	}
 	return e.srv.ClientURL()
 }
 
-// Server is the embedded server, for in-process connections.
-func (e *Embedded) Server() *server.Server { return e.srv }
+// NATS is the nats-server itself, for what this package does not wrap.
+func (e *Server) NATS() *server.Server { return e.srv }
+
+// InProcessConn is a connection without a socket (nats.InProcessServer).
+func (e *Server) InProcessConn() (net.Conn, error) { return e.srv.InProcessConn() }
 
 // Shutdown stops the server and waits until it has stopped. It is safe to call
 // more than once.
-func (e *Embedded) Shutdown() {
+func (e *Server) Shutdown() {
 	e.srv.Shutdown()
 	e.srv.WaitForShutdown()
 }

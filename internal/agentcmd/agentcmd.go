@@ -1,0 +1,115 @@
+// Package agentcmd is the agent's command line: `fm agent` in the fm binary
+// and the whole of the slim fm-agent binary (cmd/fm-agent), which share its
+// flags, FM_* variables and exit codes. Only cmd/ imports it; it must not
+// import what the agent does not need (the server, the AWS SDK,
+// nats-server), or the slim binary stops being slim.
+package agentcmd
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+
+	"github.com/fleetmanager/fm/agent"
+	"github.com/fleetmanager/fm/internal/startup"
+)
+
+// Exit codes of the agent's process.
+const (
+	ExitOK    = 0
+	ExitError = 1
+	// ExitUsage is a command line or config that cannot run.
+	ExitUsage = 2
+	// ExitJoinRefused is FM refusing the join token: fm-agent.service
+	// (deploy/cloudinit) does not restart on it, since a new token takes a
+	// reprovision (RestartPreventExitStatus).
+	ExitJoinRefused = 3
+)
+
+// usageError is a command line or config that cannot run.
+type usageError struct{ error }
+
+func (e usageError) Unwrap() error { return e.error }
+
+// Main runs the agent until ctx ends and returns the process's exit code,
+// having written any error to stderr as "prog: error".
+func Main(ctx context.Context, prog string, args []string, stderr io.Writer, version string) int {
+	err := run(ctx, args, stderr, version)
+	var u usageError
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+		return ExitOK
+	case errors.As(err, &u):
+		fmt.Fprintln(stderr, prog+":", err)
+		return ExitUsage
+	case errors.Is(err, agent.ErrJoinRefused):
+		fmt.Fprintln(stderr, prog+":", err)
+		return ExitJoinRefused
+	}
+	fmt.Fprintln(stderr, prog+":", err)
+	return ExitError
+}
+
+// run is the daemon beside DSS on a machine. Its settings come from the
+// config file the provisioner writes (--config), overridden by flags and
+// FM_* variables.
+func run(ctx context.Context, args []string, stderr io.Writer, version string) error {
+	fs := flag.NewFlagSet("fm agent", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	configFile := fs.String("config", "", "agent config file (JSON) written by the provisioner")
+	instance := fs.String("instance", "", "instance id")
+	machineRequest := fs.String("machine-request", "", "the provision request that made this machine: the agent acts only on desired states for it")
+	natsURL := fs.String("nats-url", "", "bus URL")
+	creds := fs.String("nats-creds", "", "NATS credentials file")
+	root := fs.String("root", "", "the OS disk (/ on a real machine)")
+	data := fs.String("data", "", "the data volume (/data on a real machine)")
+	volumeBytes := fs.Uint64("data-volume-bytes", 0, "nominal data volume size when --data is not a file system of its own")
+	packageManager := fs.String("package-manager", "", "auto, none, or a command the package names are appended to")
+	logFormat := fs.String("log-format", "json", "console or json")
+	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
+	pos, err := startup.ParseFlags(fs, args)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		return err
+	case err != nil:
+		return usageError{err}
+	case len(pos) > 0:
+		return usageError{startup.RoleArgsError(fs, pos)}
+	}
+	var cfg agent.Config
+	if *configFile != "" {
+		if cfg, err = agent.LoadConfigFile(*configFile); err != nil {
+			return err
+		}
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	setIf := func(name string, dst *string, v string) {
+		if v != "" || given[name] {
+			*dst = v
+		}
+	}
+	setIf("instance", &cfg.Instance, *instance)
+	setIf("machine-request", &cfg.MachineRequest, *machineRequest)
+	setIf("nats-url", &cfg.NATSURL, *natsURL)
+	setIf("nats-creds", &cfg.CredsFile, *creds)
+	setIf("root", &cfg.RootDir, *root)
+	setIf("data", &cfg.DataDir, *data)
+	setIf("package-manager", &cfg.PackageManager, *packageManager)
+	if *volumeBytes != 0 {
+		cfg.DataVolumeBytes = *volumeBytes
+	}
+	log, err := startup.NewLogger(*logFormat, *logLevel, stderr)
+	if err != nil {
+		return usageError{err}
+	}
+	cfg.Logger, cfg.LogOutput, cfg.Version = log, startup.LogOutput(*logFormat, stderr), version
+	a, err := agent.New(cfg)
+	if err != nil {
+		return usageError{err}
+	}
+	defer a.Close()
+	return a.Run(ctx)
+}

@@ -1,0 +1,90 @@
+package local
+
+import (
+	"errors"
+	"io"
+	"syscall"
+	"time"
+
+	"github.com/fleetmanager/fm/internal/cmdline"
+	"github.com/fleetmanager/fm/internal/tarball"
+	"github.com/fleetmanager/fm/protocol"
+)
+
+// archiveLive writes the volume folder vol to w as a compressed tar of one
+// point in time (tarball.LiveArchive), and says how many of the machine's
+// processes it paused and for how long. The folder is archived first while
+// they run; then they are stopped only while what changed since is written
+// again and what went is written as deleted. So the pause lasts as long as
+// the archiving of what DSS wrote meanwhile, not of the whole volume, and
+// nothing is copied aside: the volume is read once.
+func (b *Backend) archiveLive(inst, vol string, w io.Writer, c tarball.Codec) (int, time.Duration, error) {
+	la, err := tarball.NewLiveArchive(w, vol, c)
+	if err != nil {
+		return 0, 0, err
+	}
+	if err := la.FirstPass(); err != nil {
+		la.Abort()
+		return 0, 0, err
+	}
+	paused, took, err := b.paused(inst, la.CatchUp)
+	if err != nil {
+		la.Abort()
+		return paused, took, err
+	}
+	return paused, took, la.Close()
+}
+
+// stopWait bounds the wait for a stopped process's threads to be stopped.
+const stopWait = 2 * time.Second
+
+// maxStopRounds bounds the looks for the machine's processes: each look
+// after the first is for one started (forked) before its parent stopped.
+const maxStopRounds = 5
+
+// paused runs fn with the machine's processes (agent and DSS) stopped, and
+// says how many it stopped and for how long. SIGSTOP is only asked for by
+// kill: fn runs once every thread of every process is seen stopped (a write
+// under way finished), and once a look for the processes finds no new one.
+// A machine that will not hold still, or that changed while fn ran
+// (tarball.ErrNotStill), is an Unavailable error: the snapshot is tried
+// again.
+func (b *Backend) paused(inst string, fn func() error) (int, time.Duration, error) {
+	start := time.Now()
+	stopped := map[int]bool{}
+	defer func() {
+		for pid := range stopped {
+			_ = syscall.Kill(pid, syscall.SIGCONT)
+		}
+	}()
+	for round := 0; ; round++ {
+		found := 0
+		for _, pid := range append(cmdline.Find(b.configPath(inst), "agent"), cmdline.Find(b.dssDir(inst))...) {
+			if !stopped[pid] && syscall.Kill(pid, syscall.SIGSTOP) == nil {
+				stopped[pid] = true
+				found++
+			}
+		}
+		for pid := range stopped {
+			if !cmdline.WaitStopped(pid, stopWait) {
+				return len(stopped), time.Since(start), protocol.Errorf(protocol.CodeUnavailable,
+					"process %d of instance %s did not stop within %s to be snapshotted", pid, inst, stopWait)
+			}
+		}
+		if found == 0 {
+			break
+		}
+		if round == maxStopRounds {
+			return len(stopped), time.Since(start), protocol.Errorf(protocol.CodeUnavailable,
+				"instance %s kept starting processes while it was being paused to be snapshotted", inst)
+		}
+	}
+	// A provisioner killed here leaves the machine paused: the next one
+	// resumes every machine when it starts (resumeMachines).
+	b.crash.At("local/snapshot/machine-paused")
+	err := fn()
+	if errors.Is(err, tarball.ErrNotStill) {
+		err = protocol.Errorf(protocol.CodeUnavailable, "instance %s: %v", inst, err)
+	}
+	return len(stopped), time.Since(start), err
+}
