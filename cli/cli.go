@@ -29,14 +29,12 @@ type Env struct {
 }
 
 // ExitUsage is the exit code for a command line that cannot be run.
-const ExitUsage = 2
+const ExitUsage = startup.ExitUsage
 
-// errUsage marks an error the user can fix on the command line.
-type errUsage struct{ msg string }
-
-func (e errUsage) Error() string { return e.msg }
-
-func usagef(format string, args ...any) error { return errUsage{fmt.Sprintf(format, args...)} }
+// usagef is an error the user can fix on the command line.
+func usagef(format string, args ...any) error {
+	return startup.UsageError{Err: fmt.Errorf(format, args...)}
+}
 
 // Commands lists the client subcommands this package runs.
 func Commands() []string {
@@ -66,7 +64,7 @@ func Run(ctx context.Context, env Env, args []string) int {
 		return 0
 	}
 	fmt.Fprintln(env.Stderr, "fm:", err)
-	var u errUsage
+	var u startup.UsageError
 	if errors.As(err, &u) || errors.Is(err, flag.ErrHelp) {
 		return ExitUsage
 	}

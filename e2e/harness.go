@@ -37,30 +37,29 @@ func Build(dir string, race bool) (string, error) {
 	_, file, _, _ := runtime.Caller(0)
 	root := filepath.Dir(filepath.Dir(file))
 	bin := filepath.Join(dir, "fm")
-	// The slim agent build first: fm carries its digest, as `make build`
-	// stamps it, and uses it only if it is that one.
-	agentDigest := ""
-	for _, target := range []struct{ out, pkg string }{{AgentBin(bin), "./cmd/fm-agent"}, {bin, "./cmd/fm"}} {
-		args := []string{"build", "-o", target.out}
+	build := func(out, pkg string, flags ...string) error {
+		args := append([]string{"build", "-o", out}, flags...)
 		if race {
 			args = append(args, "-race")
 		}
-		if agentDigest != "" {
-			args = append(args, "-ldflags", "-X main.agentSHA256="+agentDigest)
-		}
-		cmd := exec.Command("go", append(args, target.pkg)...)
+		cmd := exec.Command("go", append(args, pkg)...)
 		cmd.Dir = root
 		if out, err := cmd.CombinedOutput(); err != nil {
-			return "", fmt.Errorf("build %s: %v\n%s", target.pkg, err, out)
+			return fmt.Errorf("build %s: %v\n%s", pkg, err, out)
 		}
-		if agentDigest == "" {
-			b, err := os.ReadFile(target.out)
-			if err != nil {
-				return "", err
-			}
-			sum := sha256.Sum256(b)
-			agentDigest = hex.EncodeToString(sum[:])
-		}
+		return nil
+	}
+	// The slim agent build first: fm carries its digest, as `make build`
+	// stamps it, and uses it only if it is that one.
+	if err := build(AgentBin(bin), "./cmd/fm-agent"); err != nil {
+		return "", err
+	}
+	slim, err := os.ReadFile(AgentBin(bin))
+	if err != nil {
+		return "", err
+	}
+	if err := build(bin, "./cmd/fm", "-ldflags", "-X main.agentSHA256="+hex.EncodeToString(sha256Sum(slim))); err != nil {
+		return "", err
 	}
 	for _, v := range kit.Versions {
 		if _, err := kit.Build(root, v, filepath.Join(dir, "kits")); err != nil {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/fleetmanager/fm/backup"
 	"github.com/fleetmanager/fm/cli"
+	"github.com/fleetmanager/fm/internal/startup"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
@@ -23,7 +24,7 @@ import (
 func runAdmin(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	const usage = "usage: fm admin backup --out FILE [--data DIR] | fm admin restore FILE [--data DIR]"
 	if len(args) == 0 {
-		return usageError{errors.New(usage)}
+		return usageError{Err: errors.New(usage)}
 	}
 	switch args[0] {
 	case "backup":
@@ -31,7 +32,7 @@ func runAdmin(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	case "restore":
 		return runRestore(ctx, args[1:], stdout, stderr)
 	}
-	return usageError{fmt.Errorf("fm admin: unknown command %q; %s", args[0], usage)}
+	return usageError{Err: fmt.Errorf("fm admin: unknown command %q; %s", args[0], usage)}
 }
 
 // busFlags say how an admin command reaches FM's bus: an external NATS, or
@@ -58,7 +59,7 @@ func (f *busFlags) connect(dir string, log zerolog.Logger) (*busConn, error) {
 	if url == "" {
 		addr, err := os.ReadFile(filepath.Join(dir, "nats.addr"))
 		if err != nil {
-			return nil, usageError{fmt.Errorf("no --nats-url and no embedded bus address in %s: %w", dir, err)}
+			return nil, usageError{Err: fmt.Errorf("no --nats-url and no embedded bus address in %s: %w", dir, err)}
 		}
 		scheme := "nats://"
 		if ca != "" {
@@ -117,11 +118,11 @@ func runBackup(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	out := fs.String("out", "", "the backup file to write (it holds FM's keys: keep it as safe as the data folder)")
 	var bf busFlags
 	bf.register(fs)
-	if err := parseRoleFlags(fs, args); err != nil {
+	if err := startup.ParseRoleFlags(fs, args); err != nil {
 		return err
 	}
 	if *out == "" {
-		return usageError{errors.New("--out is required")}
+		return usageError{Err: errors.New("--out is required")}
 	}
 	dir, err := filepath.Abs(bf.data)
 	if err != nil {
@@ -188,10 +189,10 @@ func runRestore(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return err
 	}
 	if err != nil {
-		return usageError{err}
+		return usageError{Err: err}
 	}
 	if len(pos) != 1 {
-		return usageError{errors.New("usage: fm admin restore FILE [--data DIR | --nats-url URL]")}
+		return usageError{Err: errors.New("usage: fm admin restore FILE [--data DIR | --nats-url URL]")}
 	}
 	f, err := os.Open(pos[0])
 	if err != nil {
@@ -219,7 +220,7 @@ func runRestore(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		}
 	} else {
 		if exists(filepath.Join(dir, "jetstream")) {
-			return usageError{fmt.Errorf("%s already has a bus store (jetstream): restore into a fresh data folder", dir)}
+			return usageError{Err: fmt.Errorf("%s already has a bus store (jetstream): restore into a fresh data folder", dir)}
 		}
 		if err := restoreFiles(dir, files); err != nil {
 			return err
@@ -249,7 +250,7 @@ func runRestore(ctx context.Context, args []string, stdout, stderr io.Writer) er
 func restoreFiles(dir string, files map[string][]byte) error {
 	err := backup.RestoreFiles(dir, files)
 	if errors.Is(err, backup.ErrFolderNotFresh) {
-		return usageError{err}
+		return usageError{Err: err}
 	}
 	return err
 }

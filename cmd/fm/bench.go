@@ -10,13 +10,14 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/internal/fleetsim"
+	"github.com/fleetmanager/fm/internal/startup"
 )
 
 // runBench is `fm bench fleet`: FM measured under a fleet of simulated
 // agents (internal/fleetsim).
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 || args[0] != "fleet" {
-		return usageError{fmt.Errorf("fm bench: the one benchmark is \"fleet\" (fm bench fleet -h)")}
+		return usageError{Err: fmt.Errorf("fm bench: the one benchmark is \"fleet\" (fm bench fleet -h)")}
 	}
 	fs := flag.NewFlagSet("fm bench fleet", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -32,19 +33,19 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	profileDir := fs.String("profile-dir", "", "write the server's CPU profiles (steady state, round trips, lists, fleet-wide change, reconnect storm) and heap profile here, for go tool pprof")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	logLevel := fs.String("log-level", "error", "the simulated agents' and provisioner's log level (to stderr)")
-	if err := parseRoleFlags(fs, args[1:]); err != nil {
+	if err := startup.ParseRoleFlags(fs, args[1:]); err != nil {
 		return err
 	}
 	if err := checkHeartbeat(*heartbeat); err != nil {
 		return err
 	}
 	if *memLimit != "" && !goMemLimit.MatchString(*memLimit) {
-		return usageError{fmt.Errorf("--server-memory-limit %q: a size such as 900MiB or 1GiB (GOMEMLIMIT's form)", *memLimit)}
+		return usageError{Err: fmt.Errorf("--server-memory-limit %q: a size such as 900MiB or 1GiB (GOMEMLIMIT's form)", *memLimit)}
 	}
 	if *agents < 1 || *samples < 1 || *workers < 1 {
-		return usageError{fmt.Errorf("--agents, --samples and --workers must be at least 1")}
+		return usageError{Err: fmt.Errorf("--agents, --samples and --workers must be at least 1")}
 	}
-	log, err := newLogger("json", *logLevel, stderr)
+	log, err := startup.NewLogger("json", *logLevel, stderr)
 	if err != nil {
 		return err
 	}
@@ -60,7 +61,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		defer os.RemoveAll(tmp)
 		*dir = tmp
 	} else if entries, err := os.ReadDir(*dir); err == nil && len(entries) > 0 {
-		return usageError{fmt.Errorf("--dir %s is not empty: a run needs a folder of its own", *dir)}
+		return usageError{Err: fmt.Errorf("--dir %s is not empty: a run needs a folder of its own", *dir)}
 	} else if err := os.MkdirAll(*dir, 0o700); err != nil {
 		return err
 	}

@@ -144,7 +144,7 @@ func (b *busConn) connect(cc bus.ConnectConfig, name string, sec *security, log 
 			return fmt.Errorf("--nats-creds: %w", err)
 		}
 		if sec.authority.CredsAccount(b) != natsauth.AccountFM {
-			return usageError{fmt.Errorf("--nats-creds %s: these credentials are not valid with the NATS authority in --nats-authority "+
+			return usageError{Err: fmt.Errorf("--nats-creds %s: these credentials are not valid with the NATS authority in --nats-authority "+
 				"(made before FM gave agents and read-only operators NATS accounts of their own?): make new ones with fm nats-creds --role admin", cc.CredsFile)}
 		}
 	}

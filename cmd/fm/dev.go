@@ -37,13 +37,13 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	credsTTL := fs.Duration("agent-creds-ttl", 24*time.Hour, "how long agents' NATS credentials last; agents renew them after two thirds")
 	secretKeyFile := fs.String("secret-key-file", "", "key that seals the secrets FM stores (default DATA/secrets.key, created if missing)")
 	withTLS := fs.Bool("tls", false, "serve the REST API and NATS with TLS (a self-signed CA and certificate under DATA/tls)")
-	if err := parseRoleFlags(fs, args); err != nil {
+	if err := startup.ParseRoleFlags(fs, args); err != nil {
 		return err
 	}
 	if err := checkHeartbeat(*heartbeat); err != nil {
 		return err
 	}
-	log, err := newLogger(*logFormat, *logLevel, stderr)
+	log, err := startup.NewLogger(*logFormat, *logLevel, stderr)
 	if err != nil {
 		return err
 	}

@@ -18,10 +18,10 @@ import (
 func servePprof(addr string, log zerolog.Logger) (func(), error) {
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
-		return nil, usageError{fmt.Errorf("--pprof-addr: %w", err)}
+		return nil, usageError{Err: fmt.Errorf("--pprof-addr: %w", err)}
 	}
 	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
-		return nil, usageError{fmt.Errorf("--pprof-addr: %q is not a loopback address; profiles show the process's memory", addr)}
+		return nil, usageError{Err: fmt.Errorf("--pprof-addr: %q is not a loopback address; profiles show the process's memory", addr)}
 	}
 	l, err := net.Listen("tcp", addr)
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/internal/seal"
+	"github.com/fleetmanager/fm/internal/startup"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/archive"
@@ -46,13 +47,13 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	secretKeyFile := fs.String("secret-key-file", "", "FM's secret key (fm server's DATA/secrets.key): opens new machines' join tokens and key pair cloud credentials")
 	logFormat := fs.String("log-format", "json", "console or json")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
-	if err := parseRoleFlags(fs, args); err != nil {
+	if err := startup.ParseRoleFlags(fs, args); err != nil {
 		return err
 	}
 	if *natsURL == "" {
-		return usageError{fmt.Errorf("--nats-url is required")}
+		return usageError{Err: fmt.Errorf("--nats-url is required")}
 	}
-	log, err := newLogger(*logFormat, *logLevel, stderr)
+	log, err := startup.NewLogger(*logFormat, *logLevel, stderr)
 	if err != nil {
 		return err
 	}
@@ -62,11 +63,11 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	if *secretKeyFile != "" {
 		key, err := seal.LoadKey(*secretKeyFile)
 		if err != nil {
-			return usageError{fmt.Errorf("--secret-key-file: %w", err)}
+			return usageError{Err: fmt.Errorf("--secret-key-file: %w", err)}
 		}
 		box, err := seal.New(key)
 		if err != nil {
-			return usageError{fmt.Errorf("--secret-key-file: %w", err)}
+			return usageError{Err: fmt.Errorf("--secret-key-file: %w", err)}
 		}
 		ec.openSecret = box.Open
 		lc.secretKey = key
@@ -133,11 +134,11 @@ func newBackend(ctx context.Context, b *busConn, name, agentURL string, lc local
 		cfg.OpenSecret = ec.openSecret
 		b, err := ec2.New(cfg)
 		if err != nil {
-			return nil, usageError{err}
+			return nil, usageError{Err: err}
 		}
 		return b, nil
 	}
-	return nil, usageError{fmt.Errorf("--backend: %q is not a backend (local, ec2)", name)}
+	return nil, usageError{Err: fmt.Errorf("--backend: %q is not a backend (local, ec2)", name)}
 }
 
 // agentBinaryName is the slim agent build (cmd/fm-agent) beside the fm
@@ -195,7 +196,7 @@ func snapshotStore(ctx context.Context, b *busConn, s3 archive.S3Config) (local.
 	if s3.Bucket != "" {
 		st, err := archive.NewS3(ctx, s3)
 		if err != nil {
-			return nil, usageError{err}
+			return nil, usageError{Err: err}
 		}
 		return st, nil
 	}

@@ -11,7 +11,6 @@ import (
 	"github.com/fleetmanager/fm/cli"
 	"github.com/fleetmanager/fm/internal/agentcmd"
 	"github.com/fleetmanager/fm/internal/startup"
-	"github.com/rs/zerolog"
 )
 
 // version is set at build time (-ldflags "-X main.version=…").
@@ -96,40 +95,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// usageError is a command line that cannot run.
-type usageError struct{ error }
-
-// parseRoleFlags parses a role's flags (flags and FM_* variables) and
-// refuses positional arguments.
-func parseRoleFlags(fs *flag.FlagSet, args []string) error {
-	pos, err := startup.ParseFlags(fs, args)
-	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return usageError{err}
-	}
-	if len(pos) > 0 {
-		return usageError{startup.RoleArgsError(fs, pos)}
-	}
-	return nil
-}
-
-// newLogger builds the process's logger (startup.NewLogger); a bad level
-// or format is a usage error.
-func newLogger(format, level string, w io.Writer) (zerolog.Logger, error) {
-	log, err := startup.NewLogger(format, level, w)
-	if err != nil {
-		return log, usageError{err}
-	}
-	return log, nil
-}
+// usageError is a command line that cannot run (exit 2).
+type usageError = startup.UsageError
 
 // checkHeartbeat checks --heartbeat-seconds: agents beat at least once a
 // second and at least once an hour.
 func checkHeartbeat(seconds int) error {
 	if seconds < 1 || seconds > 3600 {
-		return usageError{fmt.Errorf("--heartbeat-seconds must be 1 to 3600, not %d", seconds)}
+		return usageError{Err: fmt.Errorf("--heartbeat-seconds must be 1 to 3600, not %d", seconds)}
 	}
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/fleetmanager/fm/internal/natsauth"
 	"github.com/fleetmanager/fm/internal/pki"
+	"github.com/fleetmanager/fm/internal/startup"
 	"github.com/nats-io/jwt/v2"
 )
 
@@ -58,7 +59,7 @@ func openSecurity(dir, authorityDir string, withTLS bool, tf tlsFlags) (*securit
 			return nil, err
 		}
 	} else if tf.cert == "" || tf.key == "" {
-		return nil, usageError{fmt.Errorf("--tls-cert and --tls-key go together")}
+		return nil, usageError{Err: fmt.Errorf("--tls-cert and --tls-key go together")}
 	}
 	conf, err := pki.ServerConfig(files)
 	if err != nil {
@@ -114,7 +115,7 @@ func runNATSConfig(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("fm nats-config", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	dir := fs.String("nats-authority", "./.fm/nats-auth", "folder of FM's NATS operator and account keys (created if missing; keep it private)")
-	if err := parseRoleFlags(fs, args); err != nil {
+	if err := startup.ParseRoleFlags(fs, args); err != nil {
 		return err
 	}
 	a, err := natsauth.Open(*dir)

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/internal/startup"
 	"github.com/fleetmanager/fm/server"
 )
 
@@ -51,16 +52,16 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	pprofAddr := fs.String("pprof-addr", "", "serve Go's profiles (/debug/pprof/) at this loopback address")
 	logFormat := fs.String("log-format", "json", "console or json")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
-	if err := parseRoleFlags(fs, args); err != nil {
+	if err := startup.ParseRoleFlags(fs, args); err != nil {
 		return err
 	}
 	if err := checkHeartbeat(*heartbeat); err != nil {
 		return err
 	}
 	if *replicas < 1 || *replicas > 5 {
-		return usageError{fmt.Errorf("--replicas must be 1 to 5, not %d", *replicas)}
+		return usageError{Err: fmt.Errorf("--replicas must be 1 to 5, not %d", *replicas)}
 	}
-	log, err := newLogger(*logFormat, *logLevel, stderr)
+	log, err := startup.NewLogger(*logFormat, *logLevel, stderr)
 	if err != nil {
 		return err
 	}
@@ -85,7 +86,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if *advertise != "" {
 		u, err := neturl.Parse(*advertise)
 		if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
-			return usageError{fmt.Errorf("--advertise-url: %q is not an http(s) URL", *advertise)}
+			return usageError{Err: fmt.Errorf("--advertise-url: %q is not an http(s) URL", *advertise)}
 		}
 		tf.hosts += "," + u.Hostname()
 	}

@@ -21,34 +21,28 @@ const (
 	ExitOK    = 0
 	ExitError = 1
 	// ExitUsage is a command line or config that cannot run.
-	ExitUsage = 2
+	ExitUsage = startup.ExitUsage
 	// ExitJoinRefused is FM refusing the join token: fm-agent.service
 	// (deploy/cloudinit) does not restart on it, since a new token takes a
 	// reprovision (RestartPreventExitStatus).
 	ExitJoinRefused = 3
 )
 
-// usageError is a command line or config that cannot run.
-type usageError struct{ error }
-
-func (e usageError) Unwrap() error { return e.error }
-
 // Main runs the agent until ctx ends and returns the process's exit code,
 // having written any error to stderr as "prog: error".
 func Main(ctx context.Context, prog string, args []string, stderr io.Writer, version string) int {
 	err := run(ctx, args, stderr, version)
-	var u usageError
-	switch {
-	case err == nil, errors.Is(err, flag.ErrHelp):
+	if err == nil || errors.Is(err, flag.ErrHelp) {
 		return ExitOK
-	case errors.As(err, &u):
-		fmt.Fprintln(stderr, prog+":", err)
-		return ExitUsage
-	case errors.Is(err, agent.ErrJoinRefused):
-		fmt.Fprintln(stderr, prog+":", err)
-		return ExitJoinRefused
 	}
 	fmt.Fprintln(stderr, prog+":", err)
+	var u startup.UsageError
+	switch {
+	case errors.As(err, &u):
+		return ExitUsage
+	case errors.Is(err, agent.ErrJoinRefused):
+		return ExitJoinRefused
+	}
 	return ExitError
 }
 
@@ -69,16 +63,13 @@ func run(ctx context.Context, args []string, stderr io.Writer, version string) e
 	packageManager := fs.String("package-manager", "", "auto, none, or a command the package names are appended to")
 	logFormat := fs.String("log-format", "json", "console or json")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
-	pos, err := startup.ParseFlags(fs, args)
-	switch {
-	case errors.Is(err, flag.ErrHelp):
+	if err := startup.ParseRoleFlags(fs, args); err != nil {
 		return err
-	case err != nil:
-		return usageError{err}
-	case len(pos) > 0:
-		return usageError{startup.RoleArgsError(fs, pos)}
 	}
-	var cfg agent.Config
+	var (
+		cfg agent.Config
+		err error
+	)
 	if *configFile != "" {
 		if cfg, err = agent.LoadConfigFile(*configFile); err != nil {
 			return err
@@ -103,12 +94,12 @@ func run(ctx context.Context, args []string, stderr io.Writer, version string) e
 	}
 	log, err := startup.NewLogger(*logFormat, *logLevel, stderr)
 	if err != nil {
-		return usageError{err}
+		return err
 	}
 	cfg.Logger, cfg.LogOutput, cfg.Version = log, startup.LogOutput(*logFormat, stderr), version
 	a, err := agent.New(cfg)
 	if err != nil {
-		return usageError{err}
+		return startup.UsageError{Err: err}
 	}
 	defer a.Close()
 	return a.Run(ctx)

@@ -114,6 +114,20 @@ func (r *readiness) generations() map[string]uint64 {
 	return maps.Clone(r.gen)
 }
 
+// behind counts the agents of ids that reported no generation past the
+// one in before.
+func (r *readiness) behind(ids []string, before map[string]uint64) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, id := range ids {
+		if r.gen[id] <= before[id] {
+			n++
+		}
+	}
+	return n
+}
+
 // wait waits until n agents are ready, saying how many are every 10s.
 func (r *readiness) wait(ctx context.Context, n int, timeout time.Duration, say func(string, ...any)) error {
 	deadline := time.Now().Add(timeout)

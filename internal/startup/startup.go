@@ -8,6 +8,7 @@ package startup
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -36,9 +37,31 @@ func SignalContext(prog string, stderr io.Writer) (context.Context, func()) {
 	return ctx, func() { signal.Stop(sigs); cancel() }
 }
 
-// RoleArgsError is a role given positional arguments, which none takes.
-func RoleArgsError(fs *flag.FlagSet, pos []string) error {
-	return fmt.Errorf("%s takes no arguments (got %q)", fs.Name(), strings.Join(pos, " "))
+// ExitUsage is the exit code of a command line (or configuration) that
+// cannot run.
+const ExitUsage = 2
+
+// UsageError is a command line or configuration that cannot run: the
+// process exits with ExitUsage.
+type UsageError struct{ Err error }
+
+func (e UsageError) Error() string { return e.Err.Error() }
+func (e UsageError) Unwrap() error { return e.Err }
+
+// ParseRoleFlags parses a role's flags (ParseFlags) and refuses positional
+// arguments, which no role takes. Its errors are UsageErrors, but for
+// flag.ErrHelp, given as it is (-h asked for the flags, which are printed).
+func ParseRoleFlags(fs *flag.FlagSet, args []string) error {
+	pos, err := ParseFlags(fs, args)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		return err
+	case err != nil:
+		return UsageError{err}
+	case len(pos) > 0:
+		return UsageError{fmt.Errorf("%s takes no arguments (got %q)", fs.Name(), strings.Join(pos, " "))}
+	}
+	return nil
 }
 
 // EnvError is a flag's environment variable holding a value the flag
@@ -96,15 +119,15 @@ func EnvName(flagName string) string {
 }
 
 // NewLogger builds the process's logger: JSON lines, or a console format
-// for people. Components add their own "component" field. Its errors name
-// the flag at fault (--log-level, --log-format).
+// for people. Components add their own "component" field. Its errors are
+// UsageErrors naming the flag at fault (--log-level, --log-format).
 func NewLogger(format, level string, w io.Writer) (zerolog.Logger, error) {
 	lvl, err := zerolog.ParseLevel(level)
 	if err != nil || level == "" {
-		return zerolog.Logger{}, fmt.Errorf("--log-level: %q is not one of trace, debug, info, warn, error", level)
+		return zerolog.Logger{}, UsageError{fmt.Errorf("--log-level: %q is not one of trace, debug, info, warn, error", level)}
 	}
 	if format != "json" && format != "console" {
-		return zerolog.Logger{}, fmt.Errorf("--log-format: %q is not console or json", format)
+		return zerolog.Logger{}, UsageError{fmt.Errorf("--log-format: %q is not console or json", format)}
 	}
 	return zerolog.New(LogOutput(format, w)).Level(lvl).With().Timestamp().Logger(), nil
 }

@@ -60,30 +60,28 @@ type entryStamp struct {
 	ino          uint64
 }
 
+// stampOf is the stamp of what was written (its information from fstat).
 func stampOf(info fs.FileInfo) entryStamp {
-	st := entryStamp{typ: info.Mode().Type(), perm: info.Mode().Perm(), size: info.Size(), mtime: info.ModTime().UnixNano()}
-	if sys, ok := info.Sys().(*syscall.Stat_t); ok {
-		st.ctime, st.ino = sys.Ctim.Nano(), sys.Ino
-	}
-	return st
+	st := info.Sys().(*syscall.Stat_t)
+	return stamp(st.Mode, st.Size, st.Mtim.Nano(), st.Ctim.Nano(), st.Ino)
 }
 
-// statStamp is stampOf for what fstatat gives, which the catch-up pass
-// uses for one system call per entry; typ is fs.ModeDir, fs.ModeSymlink, 0
-// for a regular file, or fs.ModeIrregular for what is not data.
-func statStamp(st *unix.Stat_t) entryStamp {
+// stamp is an entry's stamp from its stat fields (the catch-up pass has
+// them from fstatat, one system call per entry); typ is fs.ModeDir,
+// fs.ModeSymlink, 0 for a regular file, or fs.ModeIrregular for what is
+// not data.
+func stamp(mode uint32, size, mtime, ctime int64, ino uint64) entryStamp {
 	var typ fs.FileMode
-	switch st.Mode & unix.S_IFMT {
-	case unix.S_IFDIR:
+	switch mode & syscall.S_IFMT {
+	case syscall.S_IFDIR:
 		typ = fs.ModeDir
-	case unix.S_IFLNK:
+	case syscall.S_IFLNK:
 		typ = fs.ModeSymlink
-	case unix.S_IFREG:
+	case syscall.S_IFREG:
 	default:
 		typ = fs.ModeIrregular
 	}
-	return entryStamp{typ: typ, perm: fs.FileMode(st.Mode & 0o777), size: st.Size,
-		mtime: st.Mtim.Nano(), ctime: st.Ctim.Nano(), ino: st.Ino}
+	return entryStamp{typ: typ, perm: fs.FileMode(mode & 0o777), size: size, mtime: mtime, ctime: ctime, ino: ino}
 }
 
 // FirstPass writes every entry of the folder as it is when read.
@@ -107,7 +105,36 @@ func (la *LiveArchive) CatchUp() error {
 	}
 	defer top.Close()
 	now := map[string]bool{}
-	if err := la.catchUpUnder(top, "", now); err != nil {
+	err = walk(top, "", true, func(dir *os.File, name, rel string) (*fileID, error) {
+		var sys unix.Stat_t
+		if err := unix.Fstatat(int(dir.Fd()), name, &sys, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			if vanished(err) {
+				return nil, fmt.Errorf("%w: %q went", ErrNotStill, rel)
+			}
+			return nil, &fs.PathError{Op: "fstatat", Path: rel, Err: err}
+		}
+		st := stamp(sys.Mode, sys.Size, sys.Mtim.Nano(), sys.Ctim.Nano(), sys.Ino)
+		if st.typ == fs.ModeIrregular {
+			return nil, nil // not data: what the archive holds of that name goes
+		}
+		now[rel] = true
+		old, ok := la.stamps[rel]
+		if !ok || old != st || st.typ == 0 && max(st.ctime, st.mtime) >= la.recent {
+			written, err := la.w.addAt(dir, name, rel)
+			if err != nil {
+				return nil, err
+			}
+			if written == nil {
+				return nil, fmt.Errorf("%w: %q changed", ErrNotStill, rel)
+			}
+			la.stamps[rel] = stampOf(written)
+		}
+		if st.typ != fs.ModeDir {
+			return nil, nil
+		}
+		return &fileID{sys.Dev, sys.Ino}, nil
+	})
+	if err != nil {
 		return err
 	}
 	var gone []string
@@ -122,56 +149,6 @@ func (la *LiveArchive) CatchUp() error {
 			continue
 		}
 		if err := la.w.Deleted(rel); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (la *LiveArchive) catchUpUnder(dir *os.File, rel string, now map[string]bool) error {
-	names, err := dir.Readdirnames(-1)
-	if err != nil {
-		return fmt.Errorf("read folder %q: %w", rel, err)
-	}
-	slices.Sort(names)
-	for _, name := range names {
-		entry := path.Join(rel, name)
-		var sys unix.Stat_t
-		if err := unix.Fstatat(int(dir.Fd()), name, &sys, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-			if vanished(err) {
-				return fmt.Errorf("%w: %q went", ErrNotStill, entry)
-			}
-			return &fs.PathError{Op: "fstatat", Path: entry, Err: err}
-		}
-		st := statStamp(&sys)
-		if st.typ == fs.ModeIrregular {
-			continue // not data: what the archive holds of that name goes
-		}
-		now[entry] = true
-		old, ok := la.stamps[entry]
-		if !ok || old != st || st.typ == 0 && max(st.ctime, st.mtime) >= la.recent {
-			written, err := la.w.addAt(dir, name, entry)
-			if err != nil {
-				return err
-			}
-			if written == nil {
-				return fmt.Errorf("%w: %q changed", ErrNotStill, entry)
-			}
-			la.stamps[entry] = stampOf(written)
-		}
-		if st.typ != fs.ModeDir {
-			continue
-		}
-		sub, err := openAt(dir, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
-		if vanished(err) {
-			return fmt.Errorf("%w: folder %q went", ErrNotStill, entry)
-		}
-		if err != nil {
-			return err
-		}
-		err = la.catchUpUnder(sub, entry, now)
-		sub.Close()
-		if err != nil {
 			return err
 		}
 	}

@@ -207,7 +207,7 @@ func extractEntry(root *os.Root, tr *tar.Reader, h *tar.Header, name string, exa
 	mode := fs.FileMode(h.Mode).Perm()
 	switch h.Typeflag {
 	case tar.TypeDir:
-		if err := clearFor(root, name, fs.ModeDir); err != nil {
+		if err := clearFor(root, name, true); err != nil {
 			return err
 		}
 		return root.MkdirAll(name, mode|0o700)
@@ -215,7 +215,7 @@ func extractEntry(root *os.Root, tr *tar.Reader, h *tar.Header, name string, exa
 		if err := root.MkdirAll(filepath.Dir(name), 0o755); err != nil {
 			return err
 		}
-		if err := clearFor(root, name, 0); err != nil {
+		if err := clearFor(root, name, false); err != nil {
 			return err
 		}
 		out, err := root.OpenFile(name, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
@@ -239,7 +239,7 @@ func extractEntry(root *os.Root, tr *tar.Reader, h *tar.Header, name string, exa
 		if err := root.MkdirAll(filepath.Dir(name), 0o755); err != nil {
 			return err
 		}
-		if err := clearFor(root, name, fs.ModeSymlink); err != nil {
+		if err := clearFor(root, name, false); err != nil {
 			return err
 		}
 		return root.Symlink(h.Linkname, name)
@@ -253,10 +253,10 @@ func exactMode(h *tar.Header) fs.FileMode {
 	return h.FileInfo().Mode() & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky)
 }
 
-// clearFor removes what is at name, unless an entry about to make a folder
-// (kind fs.ModeDir) finds one there: a file or link is made anew, so with
+// clearFor removes what is at name, unless it is a folder and keepDir (an
+// entry about to make a folder there): a file or link is made anew, so with
 // the mode a first one gets, and a link is never written through.
-func clearFor(root *os.Root, name string, kind fs.FileMode) error {
+func clearFor(root *os.Root, name string, keepDir bool) error {
 	info, err := root.Lstat(name)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
@@ -264,7 +264,7 @@ func clearFor(root *os.Root, name string, kind fs.FileMode) error {
 	if err != nil {
 		return err
 	}
-	if kind == fs.ModeDir && info.IsDir() {
+	if keepDir && info.IsDir() {
 		return nil
 	}
 	return root.RemoveAll(name)

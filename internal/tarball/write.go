@@ -52,26 +52,53 @@ func NewWriter(w io.Writer, c Codec) (*Writer, error) {
 // written.
 type added func(rel string, info fs.FileInfo)
 
-// addTree writes every entry under dir, a folder before what it holds,
-// names in order, and calls done with each. It never follows a symbolic
-// link: each folder is opened from its parent's descriptor without
-// following a link in its place, and entered only if it is still the
-// folder just written, so a folder swapped for a link (or another folder)
-// while the walk runs is written as what it is now and not entered. What
-// vanishes while it is read is skipped.
+// addTree writes every entry under dir (walk), and calls done with each.
+// What vanishes while it is read is skipped.
 func (w *Writer) addTree(dir string, done added) error {
 	top, err := os.OpenFile(dir, os.O_RDONLY|syscall.O_DIRECTORY, 0)
 	if err != nil {
 		return err
 	}
 	defer top.Close()
-	return w.addUnder(top, "", done)
+	return walk(top, "", false, func(dir *os.File, name, rel string) (*fileID, error) {
+		info, err := w.addAt(dir, name, rel)
+		if err != nil || info == nil {
+			return nil, err
+		}
+		if done != nil {
+			done(rel, info)
+		}
+		if !info.IsDir() {
+			return nil, nil
+		}
+		return idOf(info.Sys().(*syscall.Stat_t)), nil
+	})
 }
 
-func (w *Writer) addUnder(dir *os.File, rel string, done added) error {
+// fileID is a file's identity: its device and inode.
+type fileID struct{ dev, ino uint64 }
+
+func idOf(st *syscall.Stat_t) *fileID { return &fileID{st.Dev, st.Ino} }
+
+// walk calls visit with every entry under the folder open as dir, names in
+// order, a folder before what it holds; visit returns the identity of a
+// folder to enter (nil: none). The walk never follows a symbolic link: it
+// opens the folder from its parent's descriptor without following a link
+// in its place, and enters it only if it is still that folder, so a folder
+// swapped for a link (or another folder) while the walk runs is not
+// entered. A folder gone or swapped meanwhile is skipped; when strict
+// (nothing may change), it is ErrNotStill.
+func walk(dir *os.File, rel string, strict bool, visit func(dir *os.File, name, rel string) (*fileID, error)) error {
+	// changed is a folder gone or replaced since it was looked at.
+	changed := func(folder string) error {
+		if strict {
+			return fmt.Errorf("%w: folder %q went or was replaced", ErrNotStill, folder)
+		}
+		return nil
+	}
 	names, err := dir.Readdirnames(-1)
 	if vanished(err) {
-		return nil // removed since it was opened: the catch-up sees it gone
+		return changed(rel)
 	}
 	if err != nil {
 		return fmt.Errorf("read folder %q: %w", rel, err)
@@ -79,29 +106,30 @@ func (w *Writer) addUnder(dir *os.File, rel string, done added) error {
 	slices.Sort(names)
 	for _, name := range names {
 		entry := path.Join(rel, name)
-		info, err := w.addAt(dir, name, entry)
+		id, err := visit(dir, name, entry)
 		if err != nil {
 			return err
 		}
-		if info == nil {
-			continue
-		}
-		if done != nil {
-			done(entry, info)
-		}
-		if !info.IsDir() {
+		if id == nil {
 			continue
 		}
 		sub, err := openAt(dir, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
 		if vanished(err) {
+			if err := changed(entry); err != nil {
+				return err
+			}
 			continue
 		}
 		if err != nil {
 			return err
 		}
-		now, err := sub.Stat()
-		if err == nil && os.SameFile(now, info) {
-			err = w.addUnder(sub, entry, done)
+		var st syscall.Stat_t
+		if err = syscall.Fstat(int(sub.Fd()), &st); err == nil {
+			if *idOf(&st) == *id {
+				err = walk(sub, entry, strict, visit)
+			} else {
+				err = changed(entry)
+			}
 		}
 		sub.Close()
 		if err != nil {
