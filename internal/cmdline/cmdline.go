@@ -120,6 +120,30 @@ func WaitStopped(pid int, timeout time.Duration) bool {
 	}
 }
 
+// Running describes the threads of pid that are not stopped: each one's
+// id, state letter, the kernel function it waits in (wchan, where the
+// kernel shows it) and its name, for an error that says why a pause did
+// not take.
+func Running(pid int) []string {
+	dir := filepath.Join("/proc", strconv.Itoa(pid), "task")
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, t := range tasks {
+		state := procState(filepath.Join(dir, t.Name(), "stat"))
+		switch state {
+		case "", "T", "t", "Z", "X":
+			continue
+		}
+		wchan, _ := os.ReadFile(filepath.Join(dir, t.Name(), "wchan"))
+		comm, _ := os.ReadFile(filepath.Join(dir, t.Name(), "comm"))
+		out = append(out, "thread "+t.Name()+" ("+strings.TrimSpace(string(comm))+") in state "+state+" waiting in "+string(wchan))
+	}
+	return out
+}
+
 func allStopped(pid int) bool {
 	tasks, err := os.ReadDir(filepath.Join("/proc", strconv.Itoa(pid), "task"))
 	if err != nil {

@@ -79,11 +79,17 @@ func TestWaitStopped(t *testing.T) {
 	if WaitStopped(pid, 50*time.Millisecond) {
 		t.Fatal("a running process is seen stopped")
 	}
+	if len(Running(pid)) == 0 {
+		t.Fatal("a running process has no running thread")
+	}
 	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	if !WaitStopped(pid, 5*time.Second) {
 		t.Fatal("a stopped process is not seen stopped")
+	}
+	if r := Running(pid); len(r) != 0 {
+		t.Fatalf("a stopped process has running threads: %v", r)
 	}
 	if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
 		t.Fatal(err)

@@ -76,6 +76,7 @@ type Crasher struct {
 	mu      sync.Mutex
 	count   int
 	point   string
+	passed  []string // the points passed, up to the crash
 	crashed chan struct{}
 	once    sync.Once
 }
@@ -86,6 +87,9 @@ func (c *Crasher) Hook() Hook {
 	return func(point string) {
 		c.mu.Lock()
 		c.count++
+		if c.count <= c.N {
+			c.passed = append(c.passed, point)
+		}
 		if c.count != c.N {
 			dead := c.count > c.N
 			c.mu.Unlock()
@@ -110,6 +114,14 @@ func (c *Crasher) Hook() Hook {
 func (c *Crasher) Crashed() <-chan struct{} {
 	c.once.Do(func() { c.crashed = make(chan struct{}) })
 	return c.crashed
+}
+
+// Passed returns the points passed up to the crash, in order: the path
+// the role took, to compare with a recorded one.
+func (c *Crasher) Passed() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]string(nil), c.passed...)
 }
 
 // Point is the point the role crashed at ("" before it did).

@@ -16,11 +16,13 @@
 package crashtest
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -320,7 +322,8 @@ func crashCase(t *testing.T, w World, op operation, n int, point string) {
 	if got := crasher.Point(); got != point {
 		// The operation took another path than when it was recorded: the
 		// table would not say what it tests.
-		t.Fatalf("crash point %d is %s, %s when the operation was recorded", n, got, point)
+		t.Fatalf("crash point %d is %s, %s when the operation was recorded; the path taken:\n  %s\nthe provisioner's warnings:\n%s",
+			n, got, point, strings.Join(crasher.Passed(), "\n  "), c.warnings.String())
 	}
 	// The same request once more, as a republication after the
 	// deduplication window would deliver it.
@@ -343,6 +346,27 @@ type caseRig struct {
 	// madeBy is the last reprovision request run: the one that made the
 	// instance's machine.
 	madeBy string
+	// warnings is what the case's provisioners warned of (a transient
+	// failure retried, say), shown when a case fails.
+	warnings lockedBuffer
+}
+
+// lockedBuffer is a buffer several provisioners' loggers write to.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 func newCase(t *testing.T, w World, op operation, n int) *caseRig {
@@ -379,7 +403,7 @@ func (c *caseRig) start(hook crashpoint.Hook, crasher *crashpoint.Crasher) func(
 		c.t.Fatal(err)
 	}
 	p, err := provisioner.New(provisioner.Config{Conn: nc, Backend: c.w.Backend(c.t, c.bus.URL(), hook), Holder: holder,
-		AckWait: time.Second, CheckInterval: time.Hour, Crash: hook, Logger: zerolog.Nop()})
+		AckWait: time.Second, CheckInterval: time.Hour, Crash: hook, Logger: zerolog.New(&c.warnings).Level(zerolog.WarnLevel)})
 	if err != nil {
 		c.t.Fatal(err)
 	}

@@ -32,7 +32,7 @@ import (
 // FM_CRASH_FULL=1 runs every point; by default one point in two (always
 // the first and the last of each operation).
 func TestCrashPoints(t *testing.T) {
-	w := &localWorld{dir: t.TempDir(), bin: binary(t), key: seal.NewKey()}
+	w := &localWorld{bin: binary(t), key: seal.NewKey()}
 	opts := crashtest.Options{Stride: 2, Parallel: 4}
 	if crashtable.Full() {
 		opts.Stride = 1
@@ -47,9 +47,12 @@ type localWorld struct {
 
 func (w *localWorld) Name() string { return "local" }
 
-// Case implements crashtest.World: cases share the machines folder, each
-// with instances of its own.
-func (w *localWorld) Case(testing.TB) crashtest.Case { return w }
+// Case implements crashtest.World: each case has a machines folder of its
+// own, as each has a bus of its own. Shared, a case's provisioner starting
+// would resume (resumeMachines) the machine another case is pausing.
+func (w *localWorld) Case(t testing.TB) crashtest.Case {
+	return &localWorld{dir: t.TempDir(), bin: w.bin, key: w.key}
+}
 
 func (w *localWorld) backend() *Backend {
 	return &Backend{cfg: Config{Dir: w.dir}}

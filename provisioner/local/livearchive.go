@@ -2,7 +2,11 @@ package local
 
 import (
 	"errors"
+	"fmt"
 	"io"
+	"os"
+	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -42,24 +46,41 @@ const stopWait = 2 * time.Second
 // after the first is for one started (forked) before its parent stopped.
 const maxStopRounds = 5
 
+// pauseMarker is the file that says a snapshot may have left the
+// instance's machine paused: written before the first SIGSTOP, removed
+// after the SIGCONT, so that a provisioner killed in between resumes the
+// machine when the next one starts (resumeMachines). It is not in the
+// machine's folder, which a machine being snapshotted need not have.
+func (b *Backend) pauseMarker(inst string) string {
+	return filepath.Join(b.cfg.Dir, "paused", inst)
+}
+
 // paused runs fn with the machine's processes (agent and DSS) stopped, and
 // says how many it stopped and for how long. SIGSTOP is only asked for by
 // kill: fn runs once every thread of every process is seen stopped (a write
 // under way finished), and once a look for the processes finds no new one.
-// A machine that will not hold still, or that changed while fn ran
-// (tarball.ErrNotStill), is an Unavailable error: the snapshot is tried
-// again.
+// A machine that will not hold still, that was resumed by someone else
+// while fn ran, or that changed while fn ran (tarball.ErrNotStill), is an
+// Unavailable error: the snapshot is tried again.
 func (b *Backend) paused(inst string, fn func() error) (int, time.Duration, error) {
 	start := time.Now()
+	marker := b.pauseMarker(inst)
+	if err := os.MkdirAll(filepath.Dir(marker), 0o700); err != nil {
+		return 0, 0, fmt.Errorf("mark machine %s paused: %w", inst, err)
+	}
+	if err := os.WriteFile(marker, nil, 0o600); err != nil {
+		return 0, 0, fmt.Errorf("mark machine %s paused: %w", inst, err)
+	}
 	stopped := map[int]bool{}
 	defer func() {
 		for pid := range stopped {
 			_ = syscall.Kill(pid, syscall.SIGCONT)
 		}
+		_ = os.Remove(marker)
 	}()
 	for round := 0; ; round++ {
 		found := 0
-		for _, pid := range append(cmdline.Find(b.configPath(inst), "agent"), cmdline.Find(b.dssDir(inst))...) {
+		for _, pid := range b.machineProcesses(inst) {
 			if !stopped[pid] && syscall.Kill(pid, syscall.SIGSTOP) == nil {
 				stopped[pid] = true
 				found++
@@ -68,7 +89,8 @@ func (b *Backend) paused(inst string, fn func() error) (int, time.Duration, erro
 		for pid := range stopped {
 			if !cmdline.WaitStopped(pid, stopWait) {
 				return len(stopped), time.Since(start), protocol.Errorf(protocol.CodeUnavailable,
-					"process %d of instance %s did not stop within %s to be snapshotted", pid, inst, stopWait)
+					"process %d of instance %s did not stop within %s to be snapshotted (%s)", pid, inst, stopWait,
+					strings.Join(cmdline.Running(pid), "; "))
 			}
 		}
 		if found == 0 {
@@ -80,11 +102,21 @@ func (b *Backend) paused(inst string, fn func() error) (int, time.Duration, erro
 		}
 	}
 	// A provisioner killed here leaves the machine paused: the next one
-	// resumes every machine when it starts (resumeMachines).
+	// resumes it when it starts (resumeMachines).
 	b.crash.At("local/snapshot/machine-paused")
 	err := fn()
 	if errors.Is(err, tarball.ErrNotStill) {
 		err = protocol.Errorf(protocol.CodeUnavailable, "instance %s: %v", inst, err)
+	}
+	// Someone else's SIGCONT (an operator, a second provisioner) while fn
+	// ran would make the archive something other than one point in time,
+	// unnoticed by fn if the writes came after it looked: the processes
+	// must be stopped still.
+	for pid := range stopped {
+		if err == nil && !cmdline.WaitStopped(pid, 0) {
+			err = protocol.Errorf(protocol.CodeUnavailable,
+				"process %d of instance %s was resumed by something else while it was being snapshotted", pid, inst)
+		}
 	}
 	return len(stopped), time.Since(start), err
 }

@@ -15,6 +15,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"os/user"
@@ -80,14 +81,31 @@ func New(cfg Config) (*Backend, error) {
 	return b, nil
 }
 
-// resumeMachines lets every machine's processes run again: a provisioner
-// killed while a snapshot paused a machine (SIGSTOP) left it paused, and
-// machines must keep running while FM is away. A process already running
-// takes no notice.
+// resumeMachines lets the processes of every machine a snapshot paused
+// run again: a provisioner killed while a snapshot paused a machine
+// (SIGSTOP) left it paused, with its pause marker (pauseMarker), and machines must keep
+// running while FM is away. Only marked machines are resumed, so that a
+// second provisioner started on the same folder does not resume a machine
+// another one is pausing (which would notice it, see paused, and try
+// again). A process already running takes no notice.
 func (b *Backend) resumeMachines() {
-	for _, pid := range cmdline.Find(b.cfg.Dir) {
-		_ = syscall.Kill(pid, syscall.SIGCONT)
+	markers, _ := os.ReadDir(filepath.Join(b.cfg.Dir, "paused"))
+	for _, e := range markers {
+		inst := e.Name()
+		m := b.pauseMarker(inst)
+		for _, pid := range b.machineProcesses(inst) {
+			_ = syscall.Kill(pid, syscall.SIGCONT)
+		}
+		if err := os.Remove(m); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			b.log.Warn().Err(err).Str("instance", inst).Msg("pause marker not removed")
+		}
 	}
+}
+
+// machineProcesses are the processes of an instance's machine: its agent
+// and DSS's.
+func (b *Backend) machineProcesses(inst string) []int {
+	return append(cmdline.Find(b.configPath(inst), "agent"), cmdline.Find(b.dssDir(inst))...)
 }
 
 // Name implements provisioner.Backend.
