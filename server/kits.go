@@ -101,7 +101,11 @@ func uploadKit(ctx context.Context, js jetstream.JetStream, store jetstream.Obje
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return err
 	}
-	if _, err := store.Put(ctx, jetstream.ObjectMeta{Name: name, Description: "DSS install kit"}, f); err != nil {
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if _, err := objects.Put(ctx, store, jetstream.ObjectMeta{Name: name, Description: "DSS install kit"}, f, fi.Size()); err != nil {
 		return fmt.Errorf("upload kit %s: %w", name, err)
 	}
 	return nil

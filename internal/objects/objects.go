@@ -15,6 +15,9 @@
 // chunk came for the idle time, every wait ends when the caller's context
 // does, and the object's size and digest are checked as it is read.
 //
+// Put writes an object in chunks small enough for the bus to take however
+// far its disk falls behind (PutChunkSize).
+//
 // Only this module's packages may import it (it is internal): the agent,
 // the server (server/kits.go) and provisioner/archive. It imports the NATS
 // client only.
@@ -42,6 +45,43 @@ var (
 	// digest.
 	ErrCorrupt = errors.New("object corrupted")
 )
+
+// Chunk sizes Put chooses from. The client's ObjectStore.Put keeps up to
+// 4,000 chunks in flight, in a JetStream context of its own that the
+// caller's options do not reach, and a stream refuses publishes (429, too
+// many requests) once its ingest queue holds 128 MiB (nats-server's
+// max_buffered_size), which it does when the bus's disk writes slower than
+// the chunks come. An object larger than SmallObject is therefore put in
+// chunks of LargeChunk, all 4,000 of which fit in the queue; a smaller one,
+// whole in the queue in any case, keeps the client's default, which reads
+// in fewer round trips.
+const (
+	SmallObject = 96 << 20
+	SmallChunk  = 128 << 10
+	LargeChunk  = 24 << 10
+)
+
+// PutChunkSize is the chunk size Put gives an object of size bytes.
+func PutChunkSize(size int64) uint32 {
+	if size > SmallObject {
+		return LargeChunk
+	}
+	return SmallChunk
+}
+
+// Put writes the size bytes of r as the object meta.Name of store, in
+// chunks of PutChunkSize(size) (unless meta sets a chunk size).
+func Put(ctx context.Context, store jetstream.ObjectStore, meta jetstream.ObjectMeta, r io.Reader, size int64) (*jetstream.ObjectInfo, error) {
+	if meta.Opts == nil || meta.Opts.ChunkSize == 0 {
+		opts := jetstream.ObjectMetaOptions{}
+		if meta.Opts != nil {
+			opts = *meta.Opts
+		}
+		opts.ChunkSize = PutChunkSize(size)
+		meta.Opts = &opts
+	}
+	return store.Put(ctx, meta, r)
+}
 
 // Reader reads one object. It is not safe for concurrent use.
 type Reader struct {

@@ -213,3 +213,45 @@ func purge(t *testing.T, js jetstream.JetStream, subject string, keep uint64) {
 		t.Fatal(err)
 	}
 }
+
+// TestPutChunksBySize: an object larger than SmallObject goes in chunks
+// all 4,000 of which the bus's ingest queue holds; a smaller one in the
+// client's default chunks; a chunk size the caller set is kept. Each reads
+// back whole through Open.
+func TestPutChunksBySize(t *testing.T) {
+	ctx := context.Background()
+	_, js, obs, body, _ := stores(t)
+	if got := uint64(4000 * LargeChunk); got > 128<<20 {
+		t.Fatalf("4,000 large chunks are %d bytes, more than the bus's 128 MiB ingest queue", got)
+	}
+	for _, c := range []struct {
+		name      string
+		size      int64 // the size Put is told
+		opts      *jetstream.ObjectMetaOptions
+		wantChunk uint32
+	}{
+		{"small", int64(len(body)), nil, SmallChunk},
+		{"at-the-bound", SmallObject, nil, SmallChunk},
+		{"large", SmallObject + 1, nil, LargeChunk},
+		{"callers-own", SmallObject + 1, &jetstream.ObjectMetaOptions{ChunkSize: 64 << 10}, 64 << 10},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			info, err := Put(ctx, obs, jetstream.ObjectMeta{Name: c.name, Opts: c.opts}, bytes.NewReader(body), c.size)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := (len(body) + int(c.wantChunk) - 1) / int(c.wantChunk)
+			if info.Opts == nil || info.Opts.ChunkSize != c.wantChunk || int(info.Chunks) != want {
+				t.Fatalf("put in %d chunks of %v, want %d of %d", info.Chunks, info.Opts, want, c.wantChunk)
+			}
+			r, err := Open(ctx, js, bucket, c.name, time.Minute)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := io.ReadAll(r)
+			if err != nil || !bytes.Equal(got, body) {
+				t.Fatalf("read back %d bytes (%v), want the %d put", len(got), err, len(body))
+			}
+		})
+	}
+}

@@ -74,7 +74,14 @@ func (s *ObjectStore) Name() string { return "object-store" }
 // fails takes away what it may have left under the name (its description
 // can be in while its chunks are not).
 func (s *ObjectStore) Put(ctx context.Context, name string, r io.ReadSeeker) error {
-	if _, err := s.store.Put(ctx, jetstream.ObjectMeta{Name: name}, r); err != nil {
+	size, err := r.Seek(0, io.SeekEnd)
+	if err == nil {
+		_, err = r.Seek(0, io.SeekStart)
+	}
+	if err != nil {
+		return fmt.Errorf("store archive %s: %w", name, err)
+	}
+	if _, err := objects.Put(ctx, s.store, jetstream.ObjectMeta{Name: name}, r, size); err != nil {
 		cleaning, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
 		_ = s.Delete(cleaning, name) // if this fails too, Open finds it incomplete
