@@ -10,7 +10,8 @@
 // deadline (an hour), so a provisioner or agent told to stop would hang.
 // And it reads through a consumer, which an agent may not make (its
 // delivery subject would be the FM account's: natsauth). Here each chunk is
-// a direct get, the next message on the object's chunk subject: a get that
+// a direct get, the next message on the object's chunk subject, with the
+// gets for the chunks after it in flight meanwhile (readAhead): a get that
 // fails for a reason that may pass (the bus away) is asked again until no
 // chunk came for the idle time, every wait ends when the caller's context
 // does, and the object's size and digest are checked as it is read.
@@ -83,9 +84,15 @@ func Put(ctx context.Context, store jetstream.ObjectStore, meta jetstream.Object
 	return store.Put(ctx, meta, r)
 }
 
+// readAhead is how many direct gets a Reader keeps in flight: one round
+// trip per chunk bounds a read by the latency, not the bandwidth.
+const readAhead = 16
+
 // Reader reads one object. It is not safe for concurrent use.
 type Reader struct {
 	ctx    context.Context
+	cancel context.CancelFunc // ends the gets in flight
+	ahead  []*get             // in flight, by the sequence each starts at
 	stream jetstream.Stream
 	chunk  string // the subject of the object's chunks
 	seq    uint64 // where the next chunk is looked for
@@ -132,7 +139,8 @@ func Open(ctx context.Context, js jetstream.JetStream, bucket, name string, idle
 	} else if err != nil {
 		return nil, err
 	}
-	return &Reader{ctx: ctx, stream: stream, chunk: chunkSubject(bucket, info.NUID), idle: idle, name: name, info: info, digest: sha256.New()}, nil
+	ctx, cancel := context.WithCancel(ctx)
+	return &Reader{ctx: ctx, cancel: cancel, stream: stream, chunk: chunkSubject(bucket, info.NUID), idle: idle, name: name, info: info, digest: sha256.New()}, nil
 }
 
 func chunkSubject(bucket, nuid string) string { return "$O." + bucket + ".C." + nuid }
@@ -186,8 +194,61 @@ func (r *Reader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// next reads the next chunk.
+// get is a direct get in flight: the object's first chunk at or after
+// sequence from.
+type get struct {
+	from uint64
+	done chan struct{}
+	msg  *jetstream.RawStreamMsg
+	err  error
+}
+
+// next reads the next chunk. The chunks of an object usually sit one
+// after the other in the stream (unless Puts ran side by side), so gets
+// for the chunks after it start at the sequences after it, before it
+// comes back. A get's answer is the next chunk if the get started no
+// later than just after the chunk read before it, and found a chunk past
+// that one; otherwise the gets in flight are dropped and the chunk is
+// asked for where it is known to start.
 func (r *Reader) next() error {
+	r.readAhead()
+	g := r.ahead[0]
+	r.ahead = r.ahead[1:]
+	select {
+	case <-g.done:
+	case <-r.ctx.Done():
+		return fmt.Errorf("object %s: %w", r.name, r.ctx.Err())
+	}
+	if g.err == nil && g.from <= r.seq && g.msg.Sequence >= r.seq {
+		return r.took(g.msg)
+	}
+	r.ahead = nil // started too far on, or failed: asked again, one at a time
+	return r.nextOne()
+}
+
+// readAhead starts gets for the chunks after the next one, up to
+// readAhead in flight and no more than the object has left.
+func (r *Reader) readAhead() {
+	from := r.seq
+	if n := len(r.ahead); n > 0 {
+		from = r.ahead[n-1].from + 1
+	}
+	for len(r.ahead) < readAhead && uint32(len(r.ahead)) < r.info.Chunks-r.chunks {
+		g := &get{from: from, done: make(chan struct{})}
+		go func() {
+			defer close(g.done)
+			ctx, cancel := context.WithTimeout(r.ctx, 10*time.Second)
+			defer cancel()
+			g.msg, g.err = r.stream.GetMsg(ctx, g.from, jetstream.WithGetMsgSubject(r.chunk))
+		}()
+		r.ahead = append(r.ahead, g)
+		from++
+	}
+}
+
+// nextOne reads the next chunk with one get at a time, asked again while
+// the bus may answer later.
+func (r *Reader) nextOne() error {
 	giveUp := time.Now().Add(r.idle)
 	backoff := 50 * time.Millisecond
 	for {
@@ -241,5 +302,9 @@ func (r *Reader) check() error {
 	return io.EOF
 }
 
-// Close ends the read; it holds nothing on the bus.
-func (r *Reader) Close() error { return nil }
+// Close ends the read and the gets it has in flight; it holds nothing on
+// the bus.
+func (r *Reader) Close() error {
+	r.cancel()
+	return nil
+}

@@ -255,3 +255,69 @@ func TestPutChunksBySize(t *testing.T) {
 		})
 	}
 }
+
+// strayingReader hands Put one chunk per Read and, before every other
+// one, publishes a message of another object into the store's stream on
+// the same connection, so that the object's chunks are not one after the
+// other in the stream (as when Puts run side by side).
+type strayingReader struct {
+	r     io.Reader
+	chunk int
+	reads int
+	stray func() error
+}
+
+func (s *strayingReader) Read(p []byte) (int, error) {
+	s.reads++
+	if s.reads%2 == 0 {
+		if err := s.stray(); err != nil {
+			return 0, err
+		}
+	}
+	return s.r.Read(p[:min(len(p), s.chunk)])
+}
+
+// TestAReadOfChunksNotSideBySide: the gets Open starts ahead assume the
+// chunks follow one another; where others sit between them, the object
+// still reads back whole and in order.
+func TestAReadOfChunksNotSideBySide(t *testing.T) {
+	ctx := context.Background()
+	srv := bustest.RunBare(t)
+	nc := srv.Connect(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	obs, err := js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: bucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := make([]byte, 200<<10)
+	if _, err := rand.Read(body); err != nil {
+		t.Fatal(err)
+	}
+	const chunk = 1 << 10
+	stray := chunkSubject(bucket, "stray")
+	r := &strayingReader{r: bytes.NewReader(body), chunk: chunk, stray: func() error { return nc.Publish(stray, []byte("not yours")) }}
+	info, err := obs.Put(ctx, jetstream.ObjectMeta{Name: "spread", Opts: &jetstream.ObjectMetaOptions{ChunkSize: chunk}}, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := js.Stream(ctx, "OBJ_"+bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	si, err := st.Info(ctx, jetstream.WithSubjectFilter(stray))
+	if err != nil || si.State.Subjects[stray] < uint64(info.Chunks)/3 {
+		t.Fatalf("%v strays among %d chunks (%v): the chunks are not spread", si.State.Subjects, info.Chunks, err)
+	}
+	rd, err := Open(ctx, js, bucket, "spread", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	got, err := io.ReadAll(rd)
+	if err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("read back %d bytes (%v), want the %d put", len(got), err, len(body))
+	}
+}
