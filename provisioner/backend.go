@@ -58,6 +58,15 @@ type Backend interface {
 	GrowVolume(ctx context.Context, req Request, cur protocol.MachineState, sizeGB int) (protocol.MachineState, error)
 }
 
+// TakingOver is what a Backend may also do: mend, when its provisioner
+// takes the lease, what a previous holder killed in the middle of a step
+// left in a state no request will undo (the local backend resumes the
+// machines a snapshot left paused). Only the lease holder acts on
+// machines, so it is never done beside a live holder's work.
+type TakingOver interface {
+	TakeOver(ctx context.Context)
+}
+
 // Untouched marks the error of an operation that failed before it changed
 // anything (a snapshot to restore fails its check, the snapshot before an
 // upgrade cannot be taken): the machine keeps its status, the error is

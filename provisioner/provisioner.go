@@ -192,7 +192,13 @@ func (p *Provisioner) consumerConfig() jetstream.ConsumerConfig {
 // that cannot renew stops before the lease can pass on). FM_PROVISION is a
 // work queue: a request leaves it only when it is acknowledged, so
 // replacing the consumer loses none, it only forgets who held what.
+//
+// A backend with something of its own to mend when it takes over
+// (TakingOver) does it first, before any request is handled.
 func (p *Provisioner) takeOver(ctx context.Context) error {
+	if b, ok := p.cfg.Backend.(TakingOver); ok {
+		b.TakeOver(ctx)
+	}
 	cons, err := p.js.Consumer(ctx, protocol.StreamProvision, ConsumerName)
 	if errors.Is(err, jetstream.ErrConsumerNotFound) {
 		return nil

@@ -133,8 +133,7 @@ func Running(pid int) []string {
 	var out []string
 	for _, t := range tasks {
 		state := procState(filepath.Join(dir, t.Name(), "stat"))
-		switch state {
-		case "", "T", "t", "Z", "X":
+		if holdsStill(state) {
 			continue
 		}
 		wchan, _ := os.ReadFile(filepath.Join(dir, t.Name(), "wchan"))
@@ -150,11 +149,19 @@ func allStopped(pid int) bool {
 		return true // gone
 	}
 	for _, t := range tasks {
-		switch procState(filepath.Join("/proc", strconv.Itoa(pid), "task", t.Name(), "stat")) {
-		case "", "T", "t", "Z", "X": // ended, stopped, or dying
-		default:
+		if !holdsStill(procState(filepath.Join("/proc", strconv.Itoa(pid), "task", t.Name(), "stat"))) {
 			return false
 		}
 	}
 	return true
+}
+
+// holdsStill says whether a thread in state runs no more: ended, stopped,
+// or dying.
+func holdsStill(state string) bool {
+	switch state {
+	case "", "T", "t", "Z", "X":
+		return true
+	}
+	return false
 }

@@ -16,8 +16,9 @@
 // chunk came for the idle time, every wait ends when the caller's context
 // does, and the object's size and digest are checked as it is read.
 //
-// Put writes an object in chunks small enough for the bus to take however
-// far its disk falls behind (PutChunkSize).
+// Put writes an object in chunks few enough in flight for the bus's ingest
+// queue to hold them however far its disk falls behind (PutChunkSize), as
+// long as the caller runs one Put at a time into a stream.
 //
 // Only this module's packages may import it (it is internal): the agent,
 // the server (server/kits.go) and provisioner/archive. It imports the NATS

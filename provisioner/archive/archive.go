@@ -45,6 +45,11 @@ const chunkWait = time.Minute
 type ObjectStore struct {
 	js    jetstream.JetStream
 	store jetstream.ObjectStore
+	// putting lets one Put run at a time. The bus's ingest queue is per
+	// stream and objects.Put bounds the chunks in flight of one Put to
+	// what it holds: two side by side (snapshots of several instances
+	// taken at once) could pass it, and the bus would refuse chunks (429).
+	putting chan struct{}
 }
 
 // chunkAckWait is how long a Put waits for the bus to take each chunk of
@@ -64,7 +69,7 @@ func NewObjectStore(ctx context.Context, js jetstream.JetStream) (*ObjectStore, 
 	if err != nil {
 		return nil, fmt.Errorf("snapshot store %s: %w", protocol.ObjectStoreSnapshots, err)
 	}
-	return &ObjectStore{js: js, store: st}, nil
+	return &ObjectStore{js: js, store: st, putting: make(chan struct{}, 1)}, nil
 }
 
 // Name is the store's name in snapshot records.
@@ -74,13 +79,25 @@ func (s *ObjectStore) Name() string { return "object-store" }
 // fails takes away what it may have left under the name (its description
 // can be in while its chunks are not).
 func (s *ObjectStore) Put(ctx context.Context, name string, r io.ReadSeeker) error {
-	size, err := r.Seek(0, io.SeekEnd)
+	// From where r is to its end, as the S3 store reads it.
+	at, err := r.Seek(0, io.SeekCurrent)
+	var end int64
 	if err == nil {
-		_, err = r.Seek(0, io.SeekStart)
+		end, err = r.Seek(0, io.SeekEnd)
+	}
+	if err == nil {
+		_, err = r.Seek(at, io.SeekStart)
 	}
 	if err != nil {
 		return fmt.Errorf("store archive %s: %w", name, err)
 	}
+	select {
+	case s.putting <- struct{}{}:
+		defer func() { <-s.putting }()
+	case <-ctx.Done():
+		return fmt.Errorf("store archive %s: %w", name, ctx.Err())
+	}
+	size := end - at
 	if _, err := objects.Put(ctx, s.store, jetstream.ObjectMeta{Name: name}, r, size); err != nil {
 		cleaning, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()

@@ -5,8 +5,11 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"io"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -181,5 +184,71 @@ func TestAnIncompleteArchiveIsRefused(t *testing.T) {
 	rc.Close()
 	if err != nil || string(got) != "whole" {
 		t.Fatalf("read back %q, %v", got, err)
+	}
+}
+
+// countingReader counts, in active, the readers being read at once, and
+// keeps in most the largest count seen.
+type countingReader struct {
+	io.ReadSeeker
+	active, most *atomic.Int32
+	started      bool
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	if !c.started {
+		c.started = true
+		n := c.active.Add(1)
+		for m := c.most.Load(); n > m && !c.most.CompareAndSwap(m, n); m = c.most.Load() {
+		}
+		// Long enough for a Put beside it to start reading if it may.
+		time.Sleep(50 * time.Millisecond)
+	}
+	n, err := c.ReadSeeker.Read(p)
+	if err == io.EOF {
+		c.active.Add(-1)
+	}
+	return n, err
+}
+
+// TestPutsTakeTurns: archives put at once (snapshots of several instances)
+// go into the store one after the other, so that their chunks in flight
+// together stay within what the bus's ingest queue holds; each is whole,
+// read from where its reader stood.
+func TestPutsTakeTurns(t *testing.T) {
+	ctx := context.Background()
+	st, _, _ := objectStore(t, 5*time.Second)
+	var active, most atomic.Int32
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for i := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := bytes.NewReader([]byte(fmt.Sprintf("skip-%d|archive %d", i, i)))
+			_, _ = r.Seek(int64(len(fmt.Sprintf("skip-%d|", i))), io.SeekStart)
+			errs <- st.Put(ctx, fmt.Sprintf("in-%d/snap.tar.zst.sealed", i), &countingReader{ReadSeeker: r, active: &active, most: &most})
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if most.Load() != 1 {
+		t.Fatalf("%d Puts read at once, want 1", most.Load())
+	}
+	for i := range 4 {
+		rc, err := st.Open(ctx, fmt.Sprintf("in-%d/snap.tar.zst.sealed", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(rc)
+		rc.Close()
+		if want := fmt.Sprintf("archive %d", i); err != nil || string(got) != want {
+			t.Fatalf("archive %d reads %q (%v), want %q", i, got, err, want)
+		}
 	}
 }

@@ -5,11 +5,9 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"io"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -48,8 +46,9 @@ type localWorld struct {
 func (w *localWorld) Name() string { return "local" }
 
 // Case implements crashtest.World: each case has a machines folder of its
-// own, as each has a bus of its own. Shared, a case's provisioner starting
-// would resume (resumeMachines) the machine another case is pausing.
+// own, as each has a bus (and so a lease) of its own. Shared, a case's
+// provisioner taking its lease would resume (TakeOver) the machine another
+// case is pausing.
 func (w *localWorld) Case(t testing.TB) crashtest.Case {
 	return &localWorld{dir: t.TempDir(), bin: w.bin, key: w.key}
 }
@@ -128,13 +127,15 @@ func (w *localWorld) Check(t testing.TB, js jetstream.JetStream, instance string
 	if left, _ := filepath.Glob(filepath.Join(w.dir, "snapshots", "*"+instance[3:]+"*")); len(left) > 0 {
 		t.Errorf("snapshot work folders left behind: %v", left)
 	}
-	// Nothing of the machine stays paused by a snapshot cut short.
-	for _, pid := range cmdline.Find(filepath.Join(w.dir, "machines", instance)) {
-		if stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
-			if f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:])); len(f) > 0 && f[0] == "T" {
-				t.Errorf("process %d of the machine is still paused", pid)
-			}
+	// Nothing of the machine (agent or DSS) stays paused by a snapshot cut
+	// short, and no pause marker is left.
+	for _, pid := range b.machineProcesses(instance) {
+		if cmdline.WaitStopped(pid, 0) && cmdline.Matches(pid) {
+			t.Errorf("process %d of the machine is still paused", pid)
 		}
+	}
+	if exists(b.pauseMarker(instance)) {
+		t.Error("a pause marker is left behind")
 	}
 	if want.Kept == 1 {
 		// The volume replaced by a restore is the one that was in place,

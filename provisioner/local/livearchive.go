@@ -2,7 +2,6 @@ package local
 
 import (
 	"errors"
-	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -46,14 +45,16 @@ const stopWait = 2 * time.Second
 // after the first is for one started (forked) before its parent stopped.
 const maxStopRounds = 5
 
+// pausedDir holds a pause marker per machine a snapshot may have left
+// paused.
+func (b *Backend) pausedDir() string { return filepath.Join(b.cfg.Dir, "paused") }
+
 // pauseMarker is the file that says a snapshot may have left the
 // instance's machine paused: written before the first SIGSTOP, removed
-// after the SIGCONT, so that a provisioner killed in between resumes the
-// machine when the next one starts (resumeMachines). It is not in the
+// after the SIGCONT, so that if the provisioner is killed in between, the
+// next to take the lease resumes the machine (TakeOver). It is not in the
 // machine's folder, which a machine being snapshotted need not have.
-func (b *Backend) pauseMarker(inst string) string {
-	return filepath.Join(b.cfg.Dir, "paused", inst)
-}
+func (b *Backend) pauseMarker(inst string) string { return filepath.Join(b.pausedDir(), inst) }
 
 // paused runs fn with the machine's processes (agent and DSS) stopped, and
 // says how many it stopped and for how long. SIGSTOP is only asked for by
@@ -65,11 +66,14 @@ func (b *Backend) pauseMarker(inst string) string {
 func (b *Backend) paused(inst string, fn func() error) (int, time.Duration, error) {
 	start := time.Now()
 	marker := b.pauseMarker(inst)
-	if err := os.MkdirAll(filepath.Dir(marker), 0o700); err != nil {
-		return 0, 0, fmt.Errorf("mark machine %s paused: %w", inst, err)
+	err := os.MkdirAll(b.pausedDir(), 0o700)
+	if err == nil {
+		err = os.WriteFile(marker, nil, 0o600)
 	}
-	if err := os.WriteFile(marker, nil, 0o600); err != nil {
-		return 0, 0, fmt.Errorf("mark machine %s paused: %w", inst, err)
+	if err != nil {
+		// Tried again: without its marker, a pause cut short would leave
+		// the machine stopped for good.
+		return 0, 0, protocol.Errorf(protocol.CodeUnavailable, "mark machine %s paused: %v", inst, err)
 	}
 	stopped := map[int]bool{}
 	defer func() {
@@ -101,10 +105,10 @@ func (b *Backend) paused(inst string, fn func() error) (int, time.Duration, erro
 				"instance %s kept starting processes while it was being paused to be snapshotted", inst)
 		}
 	}
-	// A provisioner killed here leaves the machine paused: the next one
-	// resumes it when it starts (resumeMachines).
+	// A provisioner killed here leaves the machine paused: the next to take
+	// the lease resumes it (TakeOver).
 	b.crash.At("local/snapshot/machine-paused")
-	err := fn()
+	err = fn()
 	if errors.Is(err, tarball.ErrNotStill) {
 		err = protocol.Errorf(protocol.CodeUnavailable, "instance %s: %v", inst, err)
 	}

@@ -1,9 +1,11 @@
 package local
 
 import (
+	"context"
 	"errors"
 	"os"
 	"os/exec"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -29,7 +31,7 @@ func fakeMachine(t *testing.T, b *Backend, inst string) int {
 	return cmd.Process.Pid
 }
 
-// waitRunning waits until no thread of pid is stopped.
+// waitRunning waits until a thread of pid runs (is not stopped).
 func waitRunning(pid int) bool {
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {
@@ -72,23 +74,26 @@ func TestPausedStopsAndResumes(t *testing.T) {
 func TestPausedNoticesAResume(t *testing.T) {
 	b := &Backend{cfg: Config{Dir: t.TempDir()}}
 	pid := fakeMachine(t, b, "in-a")
+	ran := false
 	_, _, err := b.paused("in-a", func() error {
+		ran = true
 		_ = syscall.Kill(pid, syscall.SIGCONT)
 		if !waitRunning(pid) {
 			t.Error("the process did not resume")
 		}
 		return nil
 	})
-	if protocol.CodeOf(err) != protocol.CodeUnavailable {
-		t.Fatalf("a resume during the pause gave %v, want Unavailable", err)
+	if !ran || protocol.CodeOf(err) != protocol.CodeUnavailable || !strings.Contains(err.Error(), "resumed by something else") {
+		t.Fatalf("a resume during the pause (pass run: %v) gave %v, want Unavailable, resumed by something else", ran, err)
 	}
 }
 
-// TestNewResumesOnlyMachinesLeftPaused: a provisioner killed during a
-// pause leaves its marker, and the next backend resumes that machine; a
-// machine stopped without a marker (by an operator, or paused by another
-// provisioner on the same folder just now) is left alone.
-func TestNewResumesOnlyMachinesLeftPaused(t *testing.T) {
+// TestTakeOverResumesOnlyMachinesLeftPaused: a provisioner killed during
+// a pause leaves its marker; a backend made (a standby starting) resumes
+// nothing, and the one whose provisioner takes the lease resumes that
+// machine. A machine stopped without a marker (by an operator) is left
+// alone.
+func TestTakeOverResumesOnlyMachinesLeftPaused(t *testing.T) {
 	dir := t.TempDir()
 	b := &Backend{cfg: Config{Dir: dir}}
 	left := fakeMachine(t, b, "in-left")
@@ -107,9 +112,14 @@ func TestNewResumesOnlyMachinesLeftPaused(t *testing.T) {
 	if err := os.WriteFile(b.pauseMarker("in-left"), nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := New(Config{Dir: dir, AgentBinary: "fm", NATSURL: "nats://127.0.0.1:1"}); err != nil {
+	standby, err := New(Config{Dir: dir, AgentBinary: "fm", NATSURL: "nats://127.0.0.1:1"})
+	if err != nil {
 		t.Fatal(err)
 	}
+	if !cmdline.WaitStopped(left, 0) {
+		t.Fatal("a backend only made, not taking over, resumed a machine")
+	}
+	standby.TakeOver(context.Background())
 	if !waitRunning(left) {
 		t.Fatal("the machine left paused was not resumed")
 	}

@@ -36,7 +36,9 @@ import (
 
 // Config configures the local backend.
 type Config struct {
-	// Dir holds machines/<instance> (root folders) and volumes/<instance>.
+	// Dir holds machines/<instance> (root folders), volumes/<instance>,
+	// snapshots/<snapshot> (work folders) and paused/<instance> (pause
+	// markers).
 	Dir string
 	// AgentBinary is the agent binary machines run: the slim fm-agent build,
 	// or fm itself (both take `agent --config …`).
@@ -63,7 +65,10 @@ type Backend struct {
 	crash crashpoint.Hook
 }
 
-var _ provisioner.Backend = (*Backend)(nil)
+var (
+	_ provisioner.Backend    = (*Backend)(nil)
+	_ provisioner.TakingOver = (*Backend)(nil)
+)
 
 // New checks the configuration.
 func New(cfg Config) (*Backend, error) {
@@ -76,29 +81,30 @@ func New(cfg Config) (*Backend, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("local backend: %w", err)
 	}
-	b := &Backend{cfg: cfg, crash: cfg.Crash, log: cfg.Logger.With().Str("component", "local-backend").Logger()}
-	b.resumeMachines()
-	return b, nil
+	return &Backend{cfg: cfg, crash: cfg.Crash, log: cfg.Logger.With().Str("component", "local-backend").Logger()}, nil
 }
 
-// resumeMachines lets the processes of every machine a snapshot paused
-// run again: a provisioner killed while a snapshot paused a machine
-// (SIGSTOP) left it paused, with its pause marker (pauseMarker), and machines must keep
-// running while FM is away. Only marked machines are resumed, so that a
-// second provisioner started on the same folder does not resume a machine
-// another one is pausing (which would notice it, see paused, and try
-// again). A process already running takes no notice.
-func (b *Backend) resumeMachines() {
-	markers, _ := os.ReadDir(filepath.Join(b.cfg.Dir, "paused"))
+// TakeOver implements provisioner.TakingOver: it resumes the machines a
+// snapshot left paused (SIGSTOP), each marked by its pause marker
+// (pauseMarker), because the provisioner pausing it was killed before it
+// resumed it; machines must keep running while FM is away, and no request
+// resumes them. Only the lease holder pauses machines, and it has just
+// taken the lease, so no marker is a pause under way. A process already
+// running takes no notice.
+func (b *Backend) TakeOver(context.Context) {
+	markers, err := os.ReadDir(b.pausedDir())
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		b.log.Error().Err(err).Msg("machines a snapshot may have left paused not looked for")
+	}
 	for _, e := range markers {
 		inst := e.Name()
-		m := b.pauseMarker(inst)
 		for _, pid := range b.machineProcesses(inst) {
 			_ = syscall.Kill(pid, syscall.SIGCONT)
 		}
-		if err := os.Remove(m); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		if err := os.Remove(b.pauseMarker(inst)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			b.log.Warn().Err(err).Str("instance", inst).Msg("pause marker not removed")
 		}
+		b.log.Info().Str("instance", inst).Msg("machine a snapshot left paused resumed")
 	}
 }
 
