@@ -568,15 +568,7 @@ func (s *Server) consumeEvents(ctx context.Context) {
 // status 5xx: no leader yet, not the leader, out of storage; 408, 429), or
 // a write that kept losing the race to another writer.
 func foldAgain(err error) bool {
-	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) {
-		return apiErr.Code >= 500 || apiErr.Code == 408 || apiErr.Code == 429
-	}
-	return errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrConnectionClosed) ||
-		errors.Is(err, nats.ErrDisconnected) || errors.Is(err, nats.ErrConnectionReconnecting) ||
-		errors.Is(err, nats.ErrConnectionDraining) || errors.Is(err, nats.ErrInvalidConnection) ||
-		errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, context.DeadlineExceeded) ||
-		errors.Is(err, errConflict) || errors.Is(err, jetstream.ErrKeyExists)
+	return bus.Unanswered(err) || errors.Is(err, errConflict) || errors.Is(err, jetstream.ErrKeyExists)
 }
 
 // foldRetryDelay grows with each delivery of an event that could not be

@@ -144,10 +144,16 @@ func (s *Server) getFuture(r *http.Request) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	op, _, ok := s.st.ops.get(id)
-	if !ok {
+	// From the bus when this replica's copy lacks it: a client polls the
+	// replica a load balancer picks, which may not be the one that made
+	// the operation a moment ago.
+	op, _, err := s.st.ops.getOrFetch(r.Context(), id)
+	if errors.Is(err, errNotFound) {
 		return nil, newAPIError(protocol.CodeNotFound, "Not found",
 			"operation %q does not exist, or finished more than the retention period ago", id)
+	}
+	if err != nil {
+		return nil, err
 	}
 	if !peek && (op.State == api.OpFailed || op.State == api.OpAborted) {
 		return nil, futureError(op.Future)

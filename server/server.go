@@ -217,6 +217,7 @@ func New(cfg Config) (*Server, error) {
 	watchCtx, stop := context.WithCancel(context.Background())
 	s.stop = stop
 	st.run(watchCtx)
+	go rewatchOnReconnect(watchCtx, cfg.Conn, st)
 	if err := st.waitSynced(ctx); err != nil {
 		stop()
 		return nil, fmt.Errorf("server: %w", err)

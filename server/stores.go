@@ -10,6 +10,7 @@ import (
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
@@ -119,33 +120,58 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 	return st, nil
 }
 
+// watched is a table as the stores run it.
+type watched interface {
+	run(ctx context.Context)
+	waitSynced(ctx context.Context) error
+	rewatch()
+}
+
+func (st *stores) all() []watched {
+	return []watched{st.networks, st.templates, st.instances, st.images, st.snapshots, st.ops, st.settings, st.keys,
+		st.lifecycle, st.machines, st.agents, st.secrets, st.joins}
+}
+
 // run keeps every view current until ctx ends.
 func (st *stores) run(ctx context.Context) {
-	go st.networks.run(ctx)
-	go st.templates.run(ctx)
-	go st.instances.run(ctx)
-	go st.images.run(ctx)
-	go st.snapshots.run(ctx)
-	go st.ops.run(ctx)
-	go st.settings.run(ctx)
-	go st.keys.run(ctx)
-	go st.lifecycle.run(ctx)
-	go st.machines.run(ctx)
-	go st.agents.run(ctx)
-	go st.secrets.run(ctx)
-	go st.joins.run(ctx)
+	for _, w := range st.all() {
+		go w.run(ctx)
+	}
 }
 
 func (st *stores) waitSynced(ctx context.Context) error {
-	for _, w := range []interface{ waitSynced(context.Context) error }{
-		st.networks, st.templates, st.instances, st.images, st.snapshots, st.ops, st.settings, st.keys,
-		st.lifecycle, st.machines, st.agents, st.secrets, st.joins,
-	} {
+	for _, w := range st.all() {
 		if err := w.waitSynced(ctx); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// rewatchOnReconnect starts every watcher again each time the connection
+// comes back after a loss, until ctx ends: their consumers may have gone
+// with the bus node the connection was on.
+func rewatchOnReconnect(ctx context.Context, nc *nats.Conn, st *stores) {
+	ch := nc.StatusChanged(nats.CONNECTED)
+	defer nc.RemoveStatusListener(ch)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case _, ok := <-ch:
+			if !ok {
+				return
+			}
+			st.rewatch()
+		}
+	}
+}
+
+// rewatch starts every watcher again (table.rewatch).
+func (st *stores) rewatch() {
+	for _, w := range st.all() {
+		w.rewatch()
+	}
 }
 
 // repo is a table of labelled objects: labels are unique, and the object's

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -10,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
@@ -18,6 +20,8 @@ import (
 
 // Errors a table returns for callers to branch on.
 var (
+	// errRewatch ends a watcher asked to start again (rewatch).
+	errRewatch  = errors.New("watcher asked to start again")
 	errExists   = errors.New("key exists")
 	errConflict = errors.New("revision conflict")
 	errNotFound = errors.New("key not found")
@@ -58,6 +62,8 @@ type table[T any] struct {
 	rev     uint64        // highest revision applied to items
 	synced  bool          // the initial snapshot has been applied
 	changed chan struct{} // closed and replaced after every applied change
+	// rewatching asks the watcher to start again (rewatch).
+	rewatching chan struct{}
 }
 
 type row[T any] struct {
@@ -68,9 +74,23 @@ type row[T any] struct {
 func newTable[T any](kv jetstream.KeyValue, kind string, log zerolog.Logger) *table[T] {
 	return &table[T]{
 		kv: kv, kind: kind,
-		log:     log.With().Str("bucket", kv.Bucket()).Logger(),
-		items:   map[string]row[T]{},
-		changed: make(chan struct{}),
+		log:        log.With().Str("bucket", kv.Bucket()).Logger(),
+		items:      map[string]row[T]{},
+		changed:    make(chan struct{}),
+		rewatching: make(chan struct{}, 1),
+	}
+}
+
+// rewatch makes the watcher start again at once, with a new consumer and
+// a new initial snapshot. The client's watcher (an ordered consumer) finds
+// out that its consumer went with a bus node only after two missed idle
+// heartbeats (10 s), and meanwhile the copy stands still: rewatch is
+// called when a write is not seen in the copy in time, and when the
+// connection comes back after a loss.
+func (t *table[T]) rewatch() {
+	select {
+	case t.rewatching <- struct{}{}:
+	default:
 	}
 }
 
@@ -83,6 +103,11 @@ func (t *table[T]) run(ctx context.Context) {
 		err := t.watchOnce(ctx)
 		if ctx.Err() != nil {
 			return
+		}
+		if errors.Is(err, errRewatch) {
+			t.log.Info().Msg("bucket watcher restarted")
+			backoff = 100 * time.Millisecond
+			continue
 		}
 		t.log.Warn().Err(err).Dur("retry_in", backoff).Msg("bucket watcher stopped; restarting")
 		select {
@@ -107,6 +132,8 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-t.rewatching:
+			return errRewatch
 		case e, ok := <-w.Updates():
 			if !ok {
 				return errors.New("watcher closed")
@@ -199,11 +226,24 @@ func (t *table[T]) waitRev(ctx context.Context, rev uint64) {
 		}
 		select {
 		case <-ctx.Done():
-			t.log.Warn().Uint64("revision", rev).Msg("local copy lags behind a write")
+			t.log.Warn().Uint64("revision", rev).Msg("local copy lags behind a write; its watcher starts again")
+			t.rewatch()
 			return
 		case <-ch:
 		}
 	}
+}
+
+// getOrFetch returns the value of id and its revision from the copy, or
+// from the bucket itself (fetch) when the copy has none: a write made
+// through another server replica, or one the copy has not seen yet (it
+// lags while its watcher starts again), is found all the same. Only a key
+// missing from the bucket too is errNotFound.
+func (t *table[T]) getOrFetch(ctx context.Context, id string) (T, uint64, error) {
+	if v, rev, ok := t.get(id); ok {
+		return v, rev, nil
+	}
+	return t.fetch(ctx, id)
 }
 
 // get returns the value of id and its revision.
@@ -325,13 +365,63 @@ func (t *table[T]) changes() <-chan struct{} {
 	return t.changed
 }
 
+// writeWait bounds how long a write the bus did not answer is tried
+// again: a stream with no leader, as for some seconds after a cluster node
+// is lost, answers nothing until it has one.
+const writeWait = 30 * time.Second
+
+// retried runs write until the bus answers it (bus.Unanswered), for at
+// most writeWait and no longer than ctx. again is true for every try after
+// the first: its answer may then be about the earlier try, which the bus
+// may have taken without its acknowledgement reaching the server.
+func (t *table[T]) retried(ctx context.Context, id string, write func(again bool) error) error {
+	deadline := time.Now().Add(writeWait)
+	backoff := 100 * time.Millisecond
+	for again := false; ; again = true {
+		err := write(again)
+		if err == nil || !bus.Unanswered(err) || ctx.Err() != nil || time.Now().After(deadline) {
+			return err
+		}
+		t.log.Warn().Err(err).Str("key", id).Msg("write not answered by the bus; trying again")
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+}
+
+// ownWrite tells, after a try again was refused by a revision check,
+// whether the value at id is the one an earlier try wrote (b): its write
+// was taken, only the answer was lost. It returns that value's revision,
+// or the error to go on with: refused (another writer's value), or the
+// bus's if it did not answer the look.
+func (t *table[T]) ownWrite(ctx context.Context, id string, b []byte, refused error) (uint64, error) {
+	e, err := t.kv.Get(ctx, id)
+	switch {
+	case err == nil && bytes.Equal(e.Value(), b):
+		return e.Revision(), nil
+	case err != nil && bus.Unanswered(err):
+		return 0, err
+	}
+	return 0, refused
+}
+
 // create stores v under id if id is free; errExists otherwise.
 func (t *table[T]) create(ctx context.Context, id string, v T) (uint64, error) {
 	b, err := t.marshal(id, v)
 	if err != nil {
 		return 0, fmt.Errorf("encode %s %s: %w", t.kind, id, err)
 	}
-	rev, err := t.kv.Create(ctx, id, b)
+	var rev uint64
+	err = t.retried(ctx, id, func(again bool) (err error) {
+		rev, err = t.kv.Create(ctx, id, b)
+		if again && errors.Is(err, jetstream.ErrKeyExists) {
+			rev, err = t.ownWrite(ctx, id, b, err)
+		}
+		return err
+	})
 	if errors.Is(err, jetstream.ErrKeyExists) {
 		return 0, errExists
 	}
@@ -349,7 +439,14 @@ func (t *table[T]) update(ctx context.Context, id string, v T, rev uint64) (uint
 	if err != nil {
 		return 0, fmt.Errorf("encode %s %s: %w", t.kind, id, err)
 	}
-	newRev, err := t.kv.Update(ctx, id, b, rev)
+	var newRev uint64
+	err = t.retried(ctx, id, func(again bool) (err error) {
+		newRev, err = t.kv.Update(ctx, id, b, rev)
+		if again && isRevisionMismatch(err) {
+			newRev, err = t.ownWrite(ctx, id, b, err)
+		}
+		return err
+	})
 	if isRevisionMismatch(err) {
 		return 0, errConflict
 	}
@@ -362,7 +459,18 @@ func (t *table[T]) update(ctx context.Context, id string, v T, rev uint64) (uint
 
 // remove deletes id if it is still at revision rev; errConflict otherwise.
 func (t *table[T]) remove(ctx context.Context, id string, rev uint64) error {
-	err := t.kv.Delete(ctx, id, jetstream.LastRevision(rev))
+	err := t.retried(ctx, id, func(again bool) error {
+		err := t.kv.Delete(ctx, id, jetstream.LastRevision(rev))
+		if again && isRevisionMismatch(err) {
+			// Gone: an earlier try's delete was taken.
+			if _, gerr := t.kv.Get(ctx, id); errors.Is(gerr, jetstream.ErrKeyNotFound) {
+				return nil
+			} else if gerr != nil && bus.Unanswered(gerr) {
+				return gerr
+			}
+		}
+		return err
+	})
 	if isRevisionMismatch(err) {
 		return errConflict
 	}
