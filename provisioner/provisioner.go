@@ -153,6 +153,11 @@ func (p *Provisioner) runOnce(ctx context.Context, fresh *bool) error {
 			stopWork()
 			p.wg.Wait()
 		}()
+		if b, ok := p.cfg.Backend.(TakingOver); ok {
+			// At every taking of the lease, not only the first: a holder
+			// between two of ours may have died in the middle of a step.
+			b.TakeOver(work)
+		}
 		if *fresh {
 			if err := p.takeOver(work); err != nil {
 				return err
@@ -192,13 +197,7 @@ func (p *Provisioner) consumerConfig() jetstream.ConsumerConfig {
 // that cannot renew stops before the lease can pass on). FM_PROVISION is a
 // work queue: a request leaves it only when it is acknowledged, so
 // replacing the consumer loses none, it only forgets who held what.
-//
-// A backend with something of its own to mend when it takes over
-// (TakingOver) does it first, before any request is handled.
 func (p *Provisioner) takeOver(ctx context.Context) error {
-	if b, ok := p.cfg.Backend.(TakingOver); ok {
-		b.TakeOver(ctx)
-	}
 	cons, err := p.js.Consumer(ctx, protocol.StreamProvision, ConsumerName)
 	if errors.Is(err, jetstream.ErrConsumerNotFound) {
 		return nil
@@ -574,10 +573,7 @@ func isTransient(err error) bool {
 	if errors.As(err, &pe) {
 		return pe.Code == protocol.CodeUnavailable
 	}
-	return errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrConnectionClosed) ||
-		errors.Is(err, nats.ErrDisconnected) || errors.Is(err, nats.ErrConnectionReconnecting) ||
-		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse) ||
-		errors.Is(err, context.DeadlineExceeded)
+	return bus.Unanswered(err)
 }
 
 // keepInProgress keeps a request's message ours while the backend works,

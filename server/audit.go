@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -65,8 +66,11 @@ func objectOf(path string) string {
 	return parts[1]
 }
 
-// record publishes an audit record. A record that cannot be published is
-// logged as an error: the action it describes is already done.
+// record publishes an audit record, tried again with the same message id
+// (the bus drops a repeat) while the bus does not answer, for at most
+// writeWait: a stream electing a leader after a cluster node is lost takes
+// seconds, and the record must outlive them. One that still cannot be
+// published is logged as an error: the action it describes is already done.
 func (s *Server) record(ctx context.Context, rec protocol.AuditRecord) {
 	rec.ID, rec.Time = protocol.NewID("au"), time.Now().UTC()
 	if rec.Tenant == "" {
@@ -77,10 +81,21 @@ func (s *Server) record(ctx context.Context, rec protocol.AuditRecord) {
 		s.log.Error().Err(err).Str("action", rec.Action).Msg("audit record not encoded")
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	if _, err := s.js.Publish(ctx, protocol.AuditSubject(rec.Tenant, rec.Object), data, jetstream.WithMsgID(rec.ID)); err != nil {
-		s.log.Error().Err(err).Str("action", rec.Action).Str("who", rec.Who).Msg("audit record not stored")
+	ctx = context.WithoutCancel(ctx)
+	deadline := time.Now().Add(writeWait)
+	for backoff := 100 * time.Millisecond; ; backoff = min(2*backoff, 2*time.Second) {
+		try, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := s.js.Publish(try, protocol.AuditSubject(rec.Tenant, rec.Object), data, jetstream.WithMsgID(rec.ID))
+		cancel()
+		if err == nil {
+			return
+		}
+		if !bus.Unanswered(err) || time.Now().After(deadline) {
+			s.log.Error().Err(err).Str("action", rec.Action).Str("who", rec.Who).Msg("audit record not stored")
+			return
+		}
+		s.log.Warn().Err(err).Str("action", rec.Action).Msg("audit record not answered by the bus; trying again")
+		time.Sleep(backoff)
 	}
 }
 

@@ -524,7 +524,9 @@ func (s *Server) consumeEvents(ctx context.Context) {
 		})
 		if err == nil {
 			err = bus.Pull(ctx, cons, eventBatch, func(m jetstream.Msg) {
-				ferr := s.foldEvent(ctx, m.Subject(), m.Data())
+				// Tried once: a fold that fails is handed back below, and
+				// one that waited would hold the batch past its ack wait.
+				ferr := s.foldEvent(withoutWriteRetries(ctx), m.Subject(), m.Data())
 				switch {
 				case ctx.Err() != nil:
 					_ = m.Nak()

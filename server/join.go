@@ -301,9 +301,14 @@ func boxOf(key string) *seal.Box {
 	return b
 }
 
+// maxMonitorHours caps the life of monitoring credentials: users of the
+// system account, which FM cannot revoke.
+const maxMonitorHours = 30 * 24
+
 // natsCredentials serves POST /nats-credentials {role} (FM; admin): NATS
-// credentials for an operator (readonly or admin) or a provisioner run on
-// its own.
+// credentials for an operator (readonly or admin), a provisioner run on
+// its own, or a cluster's monitoring (monitor: the system account's server
+// state requests only).
 func (s *Server) natsCredentials(r *http.Request) (any, error) {
 	if s.cfg.Authority == nil {
 		return nil, newAPIError(protocol.CodeUnimplemented, "Not supported", "this Fleet Manager does not manage NATS credentials")
@@ -332,8 +337,13 @@ func (s *Server) natsCredentials(r *http.Request) (any, error) {
 		creds, pub, err = s.cfg.Authority.ReaderCreds(name, expires)
 	case "admin", "provisioner":
 		creds, pub, err = s.cfg.Authority.Creds(name, jwt.Permissions{}, expires)
+	case "monitor":
+		if expires.IsZero() || req.ExpiresHours > maxMonitorHours {
+			return nil, invalid("expiresHours: monitoring credentials last at most %d hours (they cannot be revoked)", maxMonitorHours)
+		}
+		creds, pub, err = s.cfg.Authority.MonitorCreds(name, expires)
 	default:
-		return nil, invalid("role: %q is not readonly, admin or provisioner", req.Role)
+		return nil, invalid("role: %q is not readonly, admin, provisioner or monitor", req.Role)
 	}
 	if err != nil {
 		return nil, internal(err, "the credentials could not be made")

@@ -147,13 +147,17 @@ func (s *Server) getFuture(r *http.Request) (any, error) {
 	// From the bus when this replica's copy lacks it: a client polls the
 	// replica a load balancer picks, which may not be the one that made
 	// the operation a moment ago.
+	notFound := newAPIError(protocol.CodeNotFound, "Not found",
+		"operation %q does not exist, or finished more than the retention period ago", id)
+	if !protocol.ValidToken(id) {
+		return nil, notFound
+	}
 	op, _, err := s.st.ops.getOrFetch(r.Context(), id)
 	if errors.Is(err, errNotFound) {
-		return nil, newAPIError(protocol.CodeNotFound, "Not found",
-			"operation %q does not exist, or finished more than the retention period ago", id)
+		return nil, notFound
 	}
 	if err != nil {
-		return nil, err
+		return nil, unavailable(err, "operation %q could not be read from the bus; try again", id)
 	}
 	if !peek && (op.State == api.OpFailed || op.State == api.OpAborted) {
 		return nil, futureError(op.Future)

@@ -117,11 +117,15 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 	sealFields(st.secrets, box, func(s *instanceSecrets) map[string]*string {
 		return map[string]*string{"initialPassword": &s.InitialPassword, "adminAPIKey": &s.AdminAPIKey, "instanceKey": &s.InstanceKey}
 	})
+	for _, w := range st.all() {
+		w.useBus(js)
+	}
 	return st, nil
 }
 
 // watched is a table as the stores run it.
 type watched interface {
+	useBus(js writeBus)
 	run(ctx context.Context)
 	waitSynced(ctx context.Context) error
 	rewatch()

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -14,6 +13,7 @@ import (
 	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
@@ -36,7 +36,11 @@ var (
 // Values handed out are shallow copies: a caller may set their scalar fields
 // but must not modify their maps or slices.
 type table[T any] struct {
-	kv   jetstream.KeyValue
+	kv jetstream.KeyValue
+	// bus makes the writes (writeKey): a KV write published with a message
+	// id, so that a try again of one the bus took is answered as the
+	// duplicate it is.
+	bus  writeBus
 	kind string
 	log  zerolog.Logger
 	// decode reads the document of a key (json.Unmarshal unless set);
@@ -64,6 +68,11 @@ type table[T any] struct {
 	changed chan struct{} // closed and replaced after every applied change
 	// rewatching asks the watcher to start again (rewatch).
 	rewatching chan struct{}
+	// lastRewatch is when a lagging copy last restarted its watcher, and
+	// loading whether a watcher's initial snapshot is being read
+	// (rewatchStale).
+	lastRewatch time.Time
+	loading     bool
 }
 
 type row[T any] struct {
@@ -80,6 +89,23 @@ func newTable[T any](kv jetstream.KeyValue, kind string, log zerolog.Logger) *ta
 		rewatching: make(chan struct{}, 1),
 	}
 }
+
+// rewatchStale is rewatch for a copy found lagging (waitRev), at most once
+// in staleRewatchEvery, and not while a snapshot loads: a busy watcher, or
+// one loading a big bucket, is not made to start over and over.
+func (t *table[T]) rewatchStale() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.synced || time.Since(t.lastRewatch) < staleRewatchEvery || t.loading {
+		return false
+	}
+	t.lastRewatch = time.Now()
+	t.rewatch()
+	return true
+}
+
+// staleRewatchEvery bounds how often a lagging copy restarts its watcher.
+const staleRewatchEvery = 10 * time.Second
 
 // rewatch makes the watcher start again at once, with a new consumer and
 // a new initial snapshot. The client's watcher (an ordered consumer) finds
@@ -125,6 +151,9 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 		return fmt.Errorf("watch: %w", err)
 	}
 	defer func() { _ = w.Stop() }()
+	t.mu.Lock()
+	t.loading = true
+	t.mu.Unlock()
 	snapshot := map[string]row[T]{}
 	var snapRev uint64
 	inSnapshot := true
@@ -140,13 +169,23 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 			}
 			if e == nil { // end of the initial values
 				t.mu.Lock()
+				// A snapshot that replaces a copy (the watcher started
+				// again) may hold changes no update reported: they are
+				// reported now, as updates would have been.
+				var changed []string
+				if t.synced && t.onChange != nil {
+					changed = changedKeys(t.items, snapshot)
+				}
 				t.items, t.keys = snapshot, nil
 				t.keysGen++
 				t.regroupLocked()
 				t.rev = max(t.rev, snapRev)
-				t.synced = true
+				t.synced, t.loading = true, false
 				t.notifyLocked()
 				t.mu.Unlock()
+				for _, k := range changed {
+					t.onChange(k)
+				}
 				inSnapshot = false
 				continue
 			}
@@ -173,6 +212,23 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 			}
 		}
 	}
+}
+
+// changedKeys are the keys whose revision differs between two copies, or
+// that are in one only.
+func changedKeys[T any](before, after map[string]row[T]) []string {
+	var keys []string
+	for k, r := range after {
+		if b, ok := before[k]; !ok || b.rev != r.rev {
+			keys = append(keys, k)
+		}
+	}
+	for k := range before {
+		if _, ok := after[k]; !ok {
+			keys = append(keys, k)
+		}
+	}
+	return keys
 }
 
 func (t *table[T]) apply(into map[string]row[T], e jetstream.KeyValueEntry) {
@@ -226,8 +282,11 @@ func (t *table[T]) waitRev(ctx context.Context, rev uint64) {
 		}
 		select {
 		case <-ctx.Done():
-			t.log.Warn().Uint64("revision", rev).Msg("local copy lags behind a write; its watcher starts again")
-			t.rewatch()
+			if t.rewatchStale() {
+				t.log.Warn().Uint64("revision", rev).Msg("local copy lags behind a write; its watcher starts again")
+			} else {
+				t.log.Warn().Uint64("revision", rev).Msg("local copy lags behind a write")
+			}
 			return
 		case <-ch:
 		}
@@ -374,7 +433,15 @@ const writeWait = 30 * time.Second
 // most writeWait and no longer than ctx. again is true for every try after
 // the first: its answer may then be about the earlier try, which the bus
 // may have taken without its acknowledgement reaching the server.
+//
+// Under a context marked withoutWriteRetries the write is tried once: the
+// caller has a retry of its own that must not wait (the folding of events,
+// handed back to the bus at once: a fold that waited would hold up the
+// events after it past their ack wait).
 func (t *table[T]) retried(ctx context.Context, id string, write func(again bool) error) error {
+	if ctx.Value(noWriteRetries{}) != nil {
+		return write(false)
+	}
 	deadline := time.Now().Add(writeWait)
 	backoff := 100 * time.Millisecond
 	for again := false; ; again = true {
@@ -392,37 +459,143 @@ func (t *table[T]) retried(ctx context.Context, id string, write func(again bool
 	}
 }
 
-// ownWrite tells, after a try again was refused by a revision check,
-// whether the value at id is the one an earlier try wrote (b): its write
-// was taken, only the answer was lost. It returns that value's revision,
-// or the error to go on with: refused (another writer's value), or the
-// bus's if it did not answer the look.
-func (t *table[T]) ownWrite(ctx context.Context, id string, b []byte, refused error) (uint64, error) {
-	e, err := t.kv.Get(ctx, id)
-	switch {
-	case err == nil && bytes.Equal(e.Value(), b):
-		return e.Revision(), nil
-	case err != nil && bus.Unanswered(err):
-		return 0, err
-	}
-	return 0, refused
+type noWriteRetries struct{}
+
+// withoutWriteRetries marks ctx for writes tried once (retried).
+func withoutWriteRetries(ctx context.Context) context.Context {
+	return context.WithValue(ctx, noWriteRetries{}, true)
 }
 
-// create stores v under id if id is free; errExists otherwise.
+// writeBus is what a table writes through: the bus's JetStream.
+type writeBus interface {
+	PublishMsg(ctx context.Context, msg *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error)
+	Stream(ctx context.Context, name string) (jetstream.Stream, error)
+}
+
+// useBus makes the table write through js.
+func (t *table[T]) useBus(js writeBus) { t.bus = js }
+
+// KV operations of the client's key-value buckets (a header on a delete).
+const (
+	kvOperationHeader = "KV-Operation"
+	kvDelete          = "DEL"
+	kvPurge           = "PURGE"
+)
+
+// writeKey writes b (nil with op: a delete marker) as the value of id,
+// provided the key's last revision is expect (0: the key holds nothing),
+// and returns the new revision. It is what the client's KeyValue
+// Create/Update/Delete publish, with a message id, so that a try again
+// (retried) of a write the bus took but whose answer was lost is known for
+// the duplicate it is, with the revision it was given, even if another
+// writer has written the key since (writeAgain). A refusal by the
+// revision check is errConflict.
+func (t *table[T]) writeKey(ctx context.Context, id string, b []byte, op string, expect uint64, msgID string) (uint64, error) {
+	m := nats.NewMsg("$KV." + t.kv.Bucket() + "." + id)
+	m.Data = b
+	if op != "" {
+		m.Header.Set(kvOperationHeader, op)
+	}
+	ack, err := t.bus.PublishMsg(ctx, m, jetstream.WithMsgID(msgID), jetstream.WithExpectLastSequencePerSubject(expect))
+	if isWrongLastSequence(err) {
+		return 0, errConflict
+	}
+	if err != nil {
+		return 0, err
+	}
+	return ack.Sequence, nil
+}
+
+// neverAMsgID is a message id no write carries.
+const neverAMsgID = "fm-never-a-message-id"
+
+// tookEarlier asks the bus whether it took an earlier try of the write of
+// msgID to id, whose answer was lost: a publish of the same message id
+// that expects a last message id no write carries. The bus answers a
+// duplicate with the revision the write was given, and refuses anything
+// else (nothing is written). A try again needs it where the bus checks the
+// key's revision before duplicates (a single node; a cluster's leader
+// checks duplicates first, and answers the try again itself).
+func (t *table[T]) tookEarlier(ctx context.Context, id, msgID string) (uint64, bool, error) {
+	m := nats.NewMsg("$KV." + t.kv.Bucket() + "." + id)
+	ack, err := t.bus.PublishMsg(ctx, m, jetstream.WithMsgID(msgID), jetstream.WithExpectLastMsgID(neverAMsgID))
+	switch {
+	case err == nil && ack.Duplicate:
+		return ack.Sequence, true, nil
+	case err == nil:
+		// Not a duplicate, and yet taken: cannot be, the last message
+		// never carries that id. Say so rather than guess.
+		return 0, false, fmt.Errorf("the bus took a write that expected message id %s", neverAMsgID)
+	case bus.Unanswered(err):
+		return 0, false, err
+	}
+	return 0, false, nil
+}
+
+// writeAgain is writeKey for a try of retried: a try again refused by the
+// revision check is the earlier try's, if the bus took that one.
+func (t *table[T]) writeAgain(ctx context.Context, again bool, id string, b []byte, op string, expect uint64, msgID string) (uint64, error) {
+	rev, err := t.writeKey(ctx, id, b, op, expect, msgID)
+	if again && errors.Is(err, errConflict) {
+		if seq, took, terr := t.tookEarlier(ctx, id, msgID); terr != nil {
+			return 0, terr
+		} else if took {
+			return seq, nil
+		}
+	}
+	return rev, err
+}
+
+func isWrongLastSequence(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+}
+
+// deletedAt is the revision of the delete or purge marker that is id's
+// last entry, or 0 if its last entry is a value (or it has none).
+func (t *table[T]) deletedAt(ctx context.Context, id string) (uint64, error) {
+	st, err := t.bus.Stream(ctx, "KV_"+t.kv.Bucket())
+	if err != nil {
+		return 0, err
+	}
+	m, err := st.GetLastMsgForSubject(ctx, "$KV."+t.kv.Bucket()+"."+id)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	if op := m.Header.Get(kvOperationHeader); op == kvDelete || op == kvPurge {
+		return m.Sequence, nil
+	}
+	return 0, nil
+}
+
+// create stores v under id if id is free (never written, or deleted);
+// errExists otherwise.
 func (t *table[T]) create(ctx context.Context, id string, v T) (uint64, error) {
 	b, err := t.marshal(id, v)
 	if err != nil {
 		return 0, fmt.Errorf("encode %s %s: %w", t.kind, id, err)
 	}
+	msgID := protocol.NewID("kv")
 	var rev uint64
 	err = t.retried(ctx, id, func(again bool) (err error) {
-		rev, err = t.kv.Create(ctx, id, b)
-		if again && errors.Is(err, jetstream.ErrKeyExists) {
-			rev, err = t.ownWrite(ctx, id, b, err)
+		rev, err = t.writeAgain(ctx, again, id, b, "", 0, msgID)
+		if errors.Is(err, errConflict) {
+			// A deleted key is free: written over its delete marker.
+			var marker uint64
+			if marker, err = t.deletedAt(ctx, id); err == nil {
+				if marker == 0 {
+					return errExists
+				}
+				rev, err = t.writeKey(ctx, id, b, "", marker, msgID)
+			}
 		}
 		return err
 	})
-	if errors.Is(err, jetstream.ErrKeyExists) {
+	if errors.Is(err, errConflict) || errors.Is(err, errExists) {
 		return 0, errExists
 	}
 	if err != nil {
@@ -439,15 +612,13 @@ func (t *table[T]) update(ctx context.Context, id string, v T, rev uint64) (uint
 	if err != nil {
 		return 0, fmt.Errorf("encode %s %s: %w", t.kind, id, err)
 	}
+	msgID := protocol.NewID("kv")
 	var newRev uint64
 	err = t.retried(ctx, id, func(again bool) (err error) {
-		newRev, err = t.kv.Update(ctx, id, b, rev)
-		if again && isRevisionMismatch(err) {
-			newRev, err = t.ownWrite(ctx, id, b, err)
-		}
+		newRev, err = t.writeAgain(ctx, again, id, b, "", rev, msgID)
 		return err
 	})
-	if isRevisionMismatch(err) {
+	if errors.Is(err, errConflict) {
 		return 0, errConflict
 	}
 	if err != nil {
@@ -459,26 +630,18 @@ func (t *table[T]) update(ctx context.Context, id string, v T, rev uint64) (uint
 
 // remove deletes id if it is still at revision rev; errConflict otherwise.
 func (t *table[T]) remove(ctx context.Context, id string, rev uint64) error {
+	msgID := protocol.NewID("kv")
 	err := t.retried(ctx, id, func(again bool) error {
-		err := t.kv.Delete(ctx, id, jetstream.LastRevision(rev))
-		if again && isRevisionMismatch(err) {
-			// Gone: an earlier try's delete was taken.
-			if _, gerr := t.kv.Get(ctx, id); errors.Is(gerr, jetstream.ErrKeyNotFound) {
-				return nil
-			} else if gerr != nil && bus.Unanswered(gerr) {
-				return gerr
-			}
-		}
+		_, err := t.writeAgain(ctx, again, id, nil, kvDelete, rev, msgID)
 		return err
 	})
-	if isRevisionMismatch(err) {
+	if errors.Is(err, errConflict) {
 		return errConflict
 	}
 	if err != nil {
 		return fmt.Errorf("delete %s %s: %w", t.kind, id, err)
 	}
-	// The delete marker's revision is not returned; wait until the key is
-	// gone from the copy.
+	// Wait until the key is gone from the copy.
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	for {

@@ -3,12 +3,14 @@ package server
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/fleetmanager/fm/bus/bustest"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
@@ -19,11 +21,18 @@ type doc struct {
 
 func testBucket(t *testing.T) jetstream.KeyValue {
 	t.Helper()
-	kv, err := bustest.Run(t).JetStream(t).CreateKeyValue(context.Background(), jetstream.KeyValueConfig{Bucket: "test_table"})
+	kv, _ := testBus(t)
+	return kv
+}
+
+func testBus(t *testing.T) (jetstream.KeyValue, jetstream.JetStream) {
+	t.Helper()
+	js := bustest.Run(t).JetStream(t)
+	kv, err := js.CreateKeyValue(context.Background(), jetstream.KeyValueConfig{Bucket: "test_table"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return kv
+	return kv, js
 }
 
 // TestGetOrFetchReadsWhatTheCopyLacks: a value another replica wrote (or
@@ -117,60 +126,30 @@ func (l *lockedLog) String() string {
 	return l.b.String()
 }
 
-// lossyKV is a bucket whose next write is taken but not answered (lose):
-// the bus stored it, and the answer was lost, as when a node goes or a
-// stream changes leader; or not taken at all (refuse).
-type lossyKV struct {
-	jetstream.KeyValue
+// lossyBus takes the next writes but loses their answers (lose), as when
+// a node goes or a stream changes leader, or does not take them (refuse).
+type lossyBus struct {
+	jetstream.JetStream
 	lose, refuse int
 }
 
-func (l *lossyKV) fail() (bool, error) {
+func (l *lossyBus) PublishMsg(ctx context.Context, m *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
 	switch {
 	case l.refuse > 0:
 		l.refuse--
-		return true, jetstream.ErrNoStreamResponse
+		return nil, jetstream.ErrNoStreamResponse
 	case l.lose > 0:
 		l.lose--
-		return false, jetstream.ErrNoStreamResponse
+		_, _ = l.JetStream.PublishMsg(ctx, m, opts...)
+		return nil, jetstream.ErrNoStreamResponse
 	}
-	return false, nil
-}
-
-func (l *lossyKV) Create(ctx context.Context, key string, value []byte, opts ...jetstream.KVCreateOpt) (uint64, error) {
-	if skip, err := l.fail(); skip {
-		return 0, err
-	} else if err != nil {
-		_, _ = l.KeyValue.Create(ctx, key, value, opts...)
-		return 0, err
-	}
-	return l.KeyValue.Create(ctx, key, value, opts...)
-}
-
-func (l *lossyKV) Update(ctx context.Context, key string, value []byte, rev uint64) (uint64, error) {
-	if skip, err := l.fail(); skip {
-		return 0, err
-	} else if err != nil {
-		_, _ = l.KeyValue.Update(ctx, key, value, rev)
-		return 0, err
-	}
-	return l.KeyValue.Update(ctx, key, value, rev)
-}
-
-func (l *lossyKV) Delete(ctx context.Context, key string, opts ...jetstream.KVDeleteOpt) error {
-	if skip, err := l.fail(); skip {
-		return err
-	} else if err != nil {
-		_ = l.KeyValue.Delete(ctx, key, opts...)
-		return err
-	}
-	return l.KeyValue.Delete(ctx, key, opts...)
+	return l.JetStream.PublishMsg(ctx, m, opts...)
 }
 
 // TestWritesTheBusDidNotAnswer: a write the bus did not answer is tried
-// again; one it had taken is recognised as the table's own (not a
-// conflict), one it had not is made; a value another writer put in between
-// is still a conflict.
+// again; one it had taken is answered as the duplicate it is (not a
+// conflict), even if another writer wrote the key in between; one it had
+// not is made; a value another writer put before is still a conflict.
 func TestWritesTheBusDidNotAnswer(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -179,19 +158,20 @@ func TestWritesTheBusDidNotAnswer(t *testing.T) {
 		lose, refuse int
 	}{{"taken, answer lost", 1, 0}, {"not taken", 0, 1}, {"not taken, then taken and lost", 1, 1}} {
 		t.Run(c.name, func(t *testing.T) {
-			real := testBucket(t)
-			kv := &lossyKV{KeyValue: real}
-			tab := newTable[doc](kv, "doc", zerolog.Nop())
+			real, js := testBus(t)
+			b := &lossyBus{JetStream: js}
+			tab := newTable[doc](real, "doc", zerolog.Nop())
+			tab.useBus(b)
 			go tab.run(ctx)
 			if err := tab.waitSynced(ctx); err != nil {
 				t.Fatal(err)
 			}
-			kv.lose, kv.refuse = c.lose, c.refuse
+			b.lose, b.refuse = c.lose, c.refuse
 			rev, err := tab.create(ctx, "a", doc{N: 1})
 			if err != nil || rev == 0 {
 				t.Fatalf("create: rev %d, %v", rev, err)
 			}
-			kv.lose, kv.refuse = c.lose, c.refuse
+			b.lose, b.refuse = c.lose, c.refuse
 			rev2, err := tab.update(ctx, "a", doc{N: 2}, rev)
 			if err != nil || rev2 <= rev {
 				t.Fatalf("update: rev %d, %v", rev2, err)
@@ -199,19 +179,43 @@ func TestWritesTheBusDidNotAnswer(t *testing.T) {
 			if e, err := real.Get(ctx, "a"); err != nil || string(e.Value()) != `{"n":2}` || e.Revision() != rev2 {
 				t.Fatalf("stored: %v", err)
 			}
-			kv.lose, kv.refuse = c.lose, c.refuse
+			b.lose, b.refuse = c.lose, c.refuse
 			if err := tab.remove(ctx, "a", rev2); err != nil {
 				t.Fatalf("remove: %v", err)
 			}
 			if _, err := real.Get(ctx, "a"); !errors.Is(err, jetstream.ErrKeyNotFound) {
 				t.Fatalf("after remove: %v", err)
 			}
+			b.lose, b.refuse = c.lose, c.refuse
+			if _, err := tab.create(ctx, "a", doc{N: 3}); err != nil {
+				t.Fatalf("create over a deleted key: %v", err)
+			}
 		})
 	}
+	t.Run("taken, answer lost, another writer between", func(t *testing.T) {
+		real, js := testBus(t)
+		tab := newTable[doc](real, "doc", zerolog.Nop())
+		go tab.run(ctx)
+		if err := tab.waitSynced(ctx); err != nil {
+			t.Fatal(err)
+		}
+		rev, err := real.Put(ctx, "a", []byte(`{"n":1}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The write is taken, its answer lost; another writer writes
+		// before the try again.
+		tab.useBus(&intruder{JetStream: js, kv: real})
+		rev2, err := tab.update(ctx, "a", doc{N: 2}, rev)
+		if err != nil || rev2 != rev+1 {
+			t.Fatalf("update: rev %d, %v; want %d, nil (the write that was taken)", rev2, err, rev+1)
+		}
+	})
 	t.Run("another writer's value", func(t *testing.T) {
-		real := testBucket(t)
-		kv := &lossyKV{KeyValue: real}
-		tab := newTable[doc](kv, "doc", zerolog.Nop())
+		real, js := testBus(t)
+		b := &lossyBus{JetStream: js}
+		tab := newTable[doc](real, "doc", zerolog.Nop())
+		tab.useBus(b)
 		rev, err := real.Put(ctx, "a", []byte(`{"n":1}`))
 		if err != nil {
 			t.Fatal(err)
@@ -219,13 +223,47 @@ func TestWritesTheBusDidNotAnswer(t *testing.T) {
 		if _, err := real.Put(ctx, "a", []byte(`{"n":5}`)); err != nil {
 			t.Fatal(err)
 		}
-		kv.refuse = 1 // the try again finds another's value
+		b.refuse = 1
 		if _, err := tab.update(ctx, "a", doc{N: 2}, rev); !errors.Is(err, errConflict) {
 			t.Fatalf("update over another writer's value: %v, want errConflict", err)
 		}
-		kv.refuse = 1
+		b.refuse = 1
 		if _, err := tab.create(ctx, "a", doc{N: 2}); !errors.Is(err, errExists) {
 			t.Fatalf("create over another writer's value: %v, want errExists", err)
 		}
 	})
+}
+
+// intruder takes the first write, loses its answer, and writes the key
+// itself before the try again.
+type intruder struct {
+	jetstream.JetStream
+	kv   jetstream.KeyValue
+	done bool
+}
+
+func (i *intruder) PublishMsg(ctx context.Context, m *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	if i.done {
+		return i.JetStream.PublishMsg(ctx, m, opts...)
+	}
+	i.done = true
+	if _, err := i.JetStream.PublishMsg(ctx, m, opts...); err != nil {
+		return nil, err
+	}
+	if _, err := i.kv.Put(ctx, "a", []byte(`{"n":9}`)); err != nil {
+		return nil, err
+	}
+	return nil, jetstream.ErrNoStreamResponse
+}
+
+// TestChangedKeys: a reloaded copy reports the keys whose revision moved,
+// that came, or that went, and no other.
+func TestChangedKeys(t *testing.T) {
+	before := map[string]row[doc]{"same": {rev: 1}, "moved": {rev: 2}, "gone": {rev: 3}}
+	after := map[string]row[doc]{"same": {rev: 1}, "moved": {rev: 5}, "new": {rev: 6}}
+	got := changedKeys(before, after)
+	slices.Sort(got)
+	if want := []string{"gone", "moved", "new"}; !slices.Equal(got, want) {
+		t.Fatalf("changed keys %v, want %v", got, want)
+	}
 }
