@@ -175,7 +175,8 @@ func runNATSCreds(ctx context.Context, env Env, r *resource, args []string) erro
 	fs.SetOutput(env.Stderr)
 	var conn connFlags
 	conn.register(fs)
-	role := fs.String("role", "readonly", "readonly (look at streams and buckets), admin (everything) or provisioner")
+	role := fs.String("role", "readonly", "readonly (look at streams and buckets), admin (everything), provisioner, "+
+		"or monitor (the servers' state: nats server report jetstream)")
 	hours := fs.Int("expires-hours", 24*30, "hours until the credentials expire; 0 never")
 	out := fs.String("o", "", "write the credentials to this file (mode 0600) instead of standard output")
 	pos, err := ParseFlags(fs, args)
@@ -183,7 +184,7 @@ func runNATSCreds(ctx context.Context, env Env, r *resource, args []string) erro
 		return err
 	}
 	if len(pos) != 0 {
-		return usagef("usage: fm nats-creds --role readonly|admin|provisioner [--expires-hours N] [-o FILE]")
+		return usagef("usage: fm nats-creds --role readonly|admin|provisioner|monitor [--expires-hours N] [-o FILE]")
 	}
 	c, err := conn.client()
 	if err != nil {

@@ -104,8 +104,15 @@ func (s *syncBuffer) String() string {
 // is still running.
 func Start(t testing.TB, bin string, env []string, args ...string) *Proc {
 	t.Helper()
+	return StartIn(t, "", bin, env, args...)
+}
+
+// StartIn is Start in the working folder dir ("": the test's).
+func StartIn(t testing.TB, dir, bin string, env []string, args ...string) *Proc {
+	t.Helper()
 	p := &Proc{t: t, stdout: &syncBuffer{}, stderr: &syncBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(bin, args...)
+	p.cmd.Dir = dir
 	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stdout, p.cmd.Stderr = p.stdout, p.stderr
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -157,6 +164,23 @@ func (p *Proc) WaitStdout(substr string, timeout time.Duration) string {
 
 // Stderr is what the process wrote to standard error so far.
 func (p *Proc) Stderr() string { return p.stderr.String() }
+
+// Kill kills the process and its group at once (SIGKILL: nothing of it
+// runs after) and waits until it is gone.
+func (p *Proc) Kill() {
+	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	<-p.done
+}
+
+// Exited says whether the process has ended.
+func (p *Proc) Exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
 
 // Interrupt sends SIGINT and waits up to timeout for the process to exit,
 // returning its exit error (nil for status 0).

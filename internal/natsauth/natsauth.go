@@ -226,6 +226,28 @@ func (a *Authority) SystemCreds() ([]byte, string, error) {
 	return a.mint(a.system, "", "fm-system", jwt.Permissions{}, time.Time{})
 }
 
+// MonitorCreds mints credentials of a user of the system account who may
+// only ask every server for its general state, its JetStream state and
+// its health ($SYS.REQ.SERVER.PING, .STATSZ, .VARZ, .JSZ, .HEALTHZ, .IDZ:
+// nats server report jetstream, nats server list): a cluster's operator
+// checks its health with them and can change nothing. Not the servers'
+// connections and subscriptions (CONNZ, SUBSZ: every agent's address and
+// user), nor profiles (PROFILEZ). A system account's user cannot be
+// revoked as agents are: they are minted with an expiry (the server caps
+// it).
+func (a *Authority) MonitorCreds(name string, expires time.Time) ([]byte, string, error) {
+	return a.mint(a.system, "", name, MonitorPermissions(), expires)
+}
+
+// MonitorPermissions are a monitoring user's (MonitorCreds).
+func MonitorPermissions() jwt.Permissions {
+	return jwt.Permissions{
+		Pub: jwt.Permission{Allow: []string{"$SYS.REQ.SERVER.PING", "$SYS.REQ.SERVER.PING.STATSZ", "$SYS.REQ.SERVER.PING.VARZ",
+			"$SYS.REQ.SERVER.PING.JSZ", "$SYS.REQ.SERVER.PING.HEALTHZ", "$SYS.REQ.SERVER.PING.IDZ"}},
+		Sub: jwt.Permission{Allow: []string{"_INBOX.>"}},
+	}
+}
+
 func (a *Authority) mint(issuer nkeys.KeyPair, issuerAccount, name string, perms jwt.Permissions, expires time.Time) ([]byte, string, error) {
 	ukp, err := nkeys.CreateUser()
 	if err != nil {
