@@ -129,12 +129,13 @@ func (c *NATSCluster) WaitHealthy(i int, timeout time.Duration) time.Duration {
 	c.t.Helper()
 	n := c.Nodes[i]
 	start := time.Now()
+	healthClient := &http.Client{Timeout: 5 * time.Second}
 	var last string
 	for time.Since(start) < timeout {
 		if n.proc.Exited() {
 			c.t.Fatalf("%s exited:\n%s", n.Name, tail(n.proc.Stderr(), 4000))
 		}
-		resp, err := http.Get("http://" + n.monitor + "/healthz")
+		resp, err := healthClient.Get("http://" + n.monitor + "/healthz")
 		if err == nil {
 			b := make([]byte, 512)
 			k, _ := resp.Body.Read(b)

@@ -118,14 +118,16 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 		return map[string]*string{"initialPassword": &s.InitialPassword, "adminAPIKey": &s.AdminAPIKey, "instanceKey": &s.InstanceKey}
 	})
 	for _, w := range st.all() {
-		w.useBus(js)
+		if err := w.useBus(ctx, js); err != nil {
+			return nil, err
+		}
 	}
 	return st, nil
 }
 
 // watched is a table as the stores run it.
 type watched interface {
-	useBus(js writeBus)
+	useBus(ctx context.Context, js writeBus) error
 	run(ctx context.Context)
 	waitSynced(ctx context.Context) error
 	rewatch()

@@ -40,9 +40,10 @@ type table[T any] struct {
 	// bus makes the writes (writeKey): a KV write published with a message
 	// id, so that a try again of one the bus took is answered as the
 	// duplicate it is.
-	bus  writeBus
-	kind string
-	log  zerolog.Logger
+	bus        writeBus
+	replicated bool // the bucket has more than one copy (useBus)
+	kind       string
+	log        zerolog.Logger
 	// decode reads the document of a key (json.Unmarshal unless set);
 	// encode writes one (json.Marshal unless set).
 	decode func(key string, b []byte, v *T) error
@@ -150,10 +151,15 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("watch: %w", err)
 	}
-	defer func() { _ = w.Stop() }()
 	t.mu.Lock()
 	t.loading = true
 	t.mu.Unlock()
+	defer func() {
+		_ = w.Stop()
+		t.mu.Lock()
+		t.loading = false
+		t.mu.Unlock()
+	}()
 	snapshot := map[string]row[T]{}
 	var snapRev uint64
 	inSnapshot := true
@@ -271,8 +277,8 @@ func (t *table[T]) waitSynced(ctx context.Context) error {
 // waitRev blocks until the copy has applied revision rev, for at most a few
 // seconds: past that the write is done anyway and only the copy lags.
 func (t *table[T]) waitRev(ctx context.Context, rev uint64) {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
+	timer := time.NewTimer(5 * time.Second)
+	defer timer.Stop()
 	for {
 		t.mu.RLock()
 		cur, ch := t.rev, t.changed
@@ -282,6 +288,8 @@ func (t *table[T]) waitRev(ctx context.Context, rev uint64) {
 		}
 		select {
 		case <-ctx.Done():
+			return // the caller gave up: nothing is known to lag
+		case <-timer.C:
 			if t.rewatchStale() {
 				t.log.Warn().Uint64("revision", rev).Msg("local copy lags behind a write; its watcher starts again")
 			} else {
@@ -472,8 +480,20 @@ type writeBus interface {
 	Stream(ctx context.Context, name string) (jetstream.Stream, error)
 }
 
-// useBus makes the table write through js.
-func (t *table[T]) useBus(js writeBus) { t.bus = js }
+// useBus makes the table write through js, and learns whether its bucket
+// is replicated (tookEarlier is for a single copy only).
+func (t *table[T]) useBus(ctx context.Context, js writeBus) error {
+	st, err := t.kv.Status(ctx)
+	if err != nil {
+		return fmt.Errorf("status of %s bucket: %w", t.kind, err)
+	}
+	bs, ok := st.(*jetstream.KeyValueBucketStatus)
+	if !ok {
+		return fmt.Errorf("status of %s bucket: unexpected type %T", t.kind, st)
+	}
+	t.bus, t.replicated = js, bs.StreamInfo().Config.Replicas > 1
+	return nil
+}
 
 // KV operations of the client's key-value buckets (a header on a delete).
 const (
@@ -491,7 +511,10 @@ const (
 // writer has written the key since (writeAgain). A refusal by the
 // revision check is errConflict.
 func (t *table[T]) writeKey(ctx context.Context, id string, b []byte, op string, expect uint64, msgID string) (uint64, error) {
-	m := nats.NewMsg("$KV." + t.kv.Bucket() + "." + id)
+	if t.bus == nil {
+		return 0, fmt.Errorf("%s bucket: no bus to write through (useBus)", t.kind)
+	}
+	m := nats.NewMsg(protocol.KVSubject(t.kv.Bucket(), id))
 	m.Data = b
 	if op != "" {
 		m.Header.Set(kvOperationHeader, op)
@@ -511,14 +534,21 @@ const neverAMsgID = "fm-never-a-message-id"
 
 // tookEarlier asks the bus whether it took an earlier try of the write of
 // msgID to id, whose answer was lost: a publish of the same message id
-// that expects a last message id no write carries. The bus answers a
-// duplicate with the revision the write was given, and refuses anything
-// else (nothing is written). A try again needs it where the bus checks the
-// key's revision before duplicates (a single node; a cluster's leader
-// checks duplicates first, and answers the try again itself).
+// that expects a last message id no write carries. A single copy (R1)
+// checks duplicates before that expectation: it answers a duplicate with
+// the revision the write was given, and refuses anything else (wrong last
+// message id), writing nothing. Only for a bucket of one copy: a
+// replicated stream's leader checks duplicates first and answers a try
+// again itself, and checks the expected last message id only when each
+// replica applies the entry, where a refusal stops the stream (nats-server
+// v2.15.3), so a replicated bucket is never asked.
 func (t *table[T]) tookEarlier(ctx context.Context, id, msgID string) (uint64, bool, error) {
-	m := nats.NewMsg("$KV." + t.kv.Bucket() + "." + id)
+	if t.replicated {
+		return 0, false, nil
+	}
+	m := nats.NewMsg(protocol.KVSubject(t.kv.Bucket(), id))
 	ack, err := t.bus.PublishMsg(ctx, m, jetstream.WithMsgID(msgID), jetstream.WithExpectLastMsgID(neverAMsgID))
+	var apiErr *jetstream.APIError
 	switch {
 	case err == nil && ack.Duplicate:
 		return ack.Sequence, true, nil
@@ -526,11 +556,15 @@ func (t *table[T]) tookEarlier(ctx context.Context, id, msgID string) (uint64, b
 		// Not a duplicate, and yet taken: cannot be, the last message
 		// never carries that id. Say so rather than guess.
 		return 0, false, fmt.Errorf("the bus took a write that expected message id %s", neverAMsgID)
-	case bus.Unanswered(err):
-		return 0, false, err
+	case errors.As(err, &apiErr) && apiErr.ErrorCode == errCodeWrongLastMsgID:
+		return 0, false, nil // not taken
 	}
-	return 0, false, nil
+	return 0, false, err
 }
+
+// errCodeWrongLastMsgID is the refusal of a publish whose expected last
+// message id is not the stream's (nats-server's JSStreamWrongLastMsgIDErrF).
+const errCodeWrongLastMsgID = 10070
 
 // writeAgain is writeKey for a try of retried: a try again refused by the
 // revision check is the earlier try's, if the bus took that one.
@@ -559,7 +593,7 @@ func (t *table[T]) deletedAt(ctx context.Context, id string) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	m, err := st.GetLastMsgForSubject(ctx, "$KV."+t.kv.Bucket()+"."+id)
+	m, err := st.GetLastMsgForSubject(ctx, protocol.KVSubject(t.kv.Bucket(), id))
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return 0, nil
 	}

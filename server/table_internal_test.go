@@ -161,7 +161,9 @@ func TestWritesTheBusDidNotAnswer(t *testing.T) {
 			real, js := testBus(t)
 			b := &lossyBus{JetStream: js}
 			tab := newTable[doc](real, "doc", zerolog.Nop())
-			tab.useBus(b)
+			if err := tab.useBus(ctx, b); err != nil {
+				t.Fatal(err)
+			}
 			go tab.run(ctx)
 			if err := tab.waitSynced(ctx); err != nil {
 				t.Fatal(err)
@@ -205,7 +207,9 @@ func TestWritesTheBusDidNotAnswer(t *testing.T) {
 		}
 		// The write is taken, its answer lost; another writer writes
 		// before the try again.
-		tab.useBus(&intruder{JetStream: js, kv: real})
+		if err := tab.useBus(ctx, &intruder{JetStream: js, kv: real}); err != nil {
+			t.Fatal(err)
+		}
 		rev2, err := tab.update(ctx, "a", doc{N: 2}, rev)
 		if err != nil || rev2 != rev+1 {
 			t.Fatalf("update: rev %d, %v; want %d, nil (the write that was taken)", rev2, err, rev+1)
@@ -215,7 +219,9 @@ func TestWritesTheBusDidNotAnswer(t *testing.T) {
 		real, js := testBus(t)
 		b := &lossyBus{JetStream: js}
 		tab := newTable[doc](real, "doc", zerolog.Nop())
-		tab.useBus(b)
+		if err := tab.useBus(ctx, b); err != nil {
+			t.Fatal(err)
+		}
 		rev, err := real.Put(ctx, "a", []byte(`{"n":1}`))
 		if err != nil {
 			t.Fatal(err)
@@ -230,6 +236,10 @@ func TestWritesTheBusDidNotAnswer(t *testing.T) {
 		b.refuse = 1
 		if _, err := tab.create(ctx, "a", doc{N: 2}); !errors.Is(err, errExists) {
 			t.Fatalf("create over another writer's value: %v, want errExists", err)
+		}
+		// The bus's answers to the tries again (tookEarlier's) wrote nothing.
+		if e, err := real.Get(ctx, "a"); err != nil || string(e.Value()) != `{"n":5}` || e.Revision() != rev+1 {
+			t.Fatalf("the other writer's value was touched: %v", err)
 		}
 	})
 }
@@ -265,5 +275,50 @@ func TestChangedKeys(t *testing.T) {
 	slices.Sort(got)
 	if want := []string{"gone", "moved", "new"}; !slices.Equal(got, want) {
 		t.Fatalf("changed keys %v, want %v", got, want)
+	}
+}
+
+// probeWatch fails the test if a write asks whether an earlier try was
+// taken (tookEarlier's publish), and otherwise refuses its first publish
+// unanswered, then passes publishes through.
+type probeWatch struct {
+	jetstream.JetStream
+	t       *testing.T
+	refused bool
+}
+
+func (p *probeWatch) PublishMsg(ctx context.Context, m *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	if !p.refused {
+		p.refused = true
+		return nil, jetstream.ErrNoStreamResponse
+	}
+	ack, err := p.JetStream.PublishMsg(ctx, m, opts...)
+	if m.Header.Get(jetstream.ExpectedLastMsgIDHeader) != "" {
+		p.t.Errorf("a replicated bucket was asked whether an earlier try was taken")
+	}
+	return ack, err
+}
+
+// TestAReplicatedBucketIsNotProbed: on a replicated bucket a try again
+// refused by the revision check is a conflict, without tookEarlier's
+// publish (a replicated stream checks duplicates first itself, and its
+// replicas would stop on the probe's refusal).
+func TestAReplicatedBucketIsNotProbed(t *testing.T) {
+	ctx := context.Background()
+	real, js := testBus(t)
+	tab := newTable[doc](real, "doc", zerolog.Nop())
+	if err := tab.useBus(ctx, &probeWatch{JetStream: js, t: t}); err != nil {
+		t.Fatal(err)
+	}
+	tab.replicated = true // as useBus finds an R3 bucket on a cluster
+	rev, err := real.Put(ctx, "a", []byte(`{"n":1}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := real.Put(ctx, "a", []byte(`{"n":5}`)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tab.update(ctx, "a", doc{N: 2}, rev); !errors.Is(err, errConflict) {
+		t.Fatalf("update over another writer's value: %v, want errConflict", err)
 	}
 }
