@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
 )
 
 // labelClaims keeps labels unique per kind of object across every server
@@ -18,7 +19,8 @@ import (
 // stops bearing it. Labels compare case-insensitively, ignoring surrounding
 // space.
 type labelClaims struct {
-	kv jetstream.KeyValue
+	kv  jetstream.KeyValue
+	log zerolog.Logger
 	// inFlight is how long a claim whose object does not exist yet is
 	// respected: the claimer may be about to write it. After that, the claim
 	// is stale (its claimer crashed) and may be taken over.
@@ -35,8 +37,16 @@ func claimKey(kind, label string) string {
 }
 
 // claim gives label to id. bears reports, from an authoritative read, whether
-// the object owner currently bears the label.
+// the object owner currently bears the label. It is tried again while the
+// bus does not answer (untilAnswered): a claim the bus took, its answer
+// lost, is then found to be id's own.
 func (l *labelClaims) claim(ctx context.Context, kind, label, id string, bears func(ctx context.Context, owner string) (bool, error)) error {
+	return untilAnswered(ctx, l.log.With().Str("label_claim", kind).Logger(), func(bool) error {
+		return l.claimOnce(ctx, kind, label, id, bears)
+	})
+}
+
+func (l *labelClaims) claimOnce(ctx context.Context, kind, label, id string, bears func(ctx context.Context, owner string) (bool, error)) error {
 	key := claimKey(kind, label)
 	for attempt := 0; attempt < 3; attempt++ {
 		_, err := l.kv.Create(ctx, key, []byte(id))
@@ -77,6 +87,12 @@ func (l *labelClaims) claim(ctx context.Context, kind, label, id string, bears f
 // release drops id's claim on label. A claim held by someone else is left
 // alone; a failure only leaves a stale claim, which claim recovers from.
 func (l *labelClaims) release(ctx context.Context, kind, label, id string) error {
+	return untilAnswered(ctx, l.log.With().Str("label_claim", kind).Logger(), func(bool) error {
+		return l.releaseOnce(ctx, kind, label, id)
+	})
+}
+
+func (l *labelClaims) releaseOnce(ctx context.Context, kind, label, id string) error {
 	key := claimKey(kind, label)
 	e, err := l.kv.Get(ctx, key)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {

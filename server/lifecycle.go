@@ -421,10 +421,31 @@ func (s *Server) publishOp(ctx context.Context, op opRecord) {
 	}
 }
 
-// putDesiredRaw writes an encoded desired state.
+// putDesiredRaw writes an encoded desired state, tried again while the bus
+// does not answer. A try again does not write over a later generation
+// written meanwhile (the earlier try was taken and superseded).
 func (s *Server) putDesiredRaw(ctx context.Context, instance string, data []byte) error {
-	_, err := s.st.desired.Put(ctx, instance, data)
-	return err
+	return untilAnswered(ctx, s.log.With().Str("bucket", protocol.BucketDesired).Str("instance", instance).Logger(), func(again bool) error {
+		if again && s.desiredIsLater(ctx, instance, data) {
+			return nil
+		}
+		_, err := s.st.desired.Put(ctx, instance, data)
+		return err
+	})
+}
+
+// desiredIsLater says whether the stored desired state of instance has a
+// later generation than the encoded one, data.
+func (s *Server) desiredIsLater(ctx context.Context, instance string, data []byte) bool {
+	e, err := s.st.desired.Get(ctx, instance)
+	if err != nil {
+		return false
+	}
+	var stored, mine protocol.DesiredState
+	if protocol.Decode(e.Value(), &stored) != nil || protocol.Decode(data, &mine) != nil {
+		return false
+	}
+	return stored.Generation > mine.Generation
 }
 
 // prepareReprovision builds the next desired state and the machine spec

@@ -62,7 +62,7 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 		}
 		kv[name] = b
 	}
-	claims := &labelClaims{kv: kv[protocol.BucketLabels], inFlight: time.Minute}
+	claims := &labelClaims{kv: kv[protocol.BucketLabels], log: log.With().Str("bucket", protocol.BucketLabels).Logger(), inFlight: time.Minute}
 	st := &stores{
 		networks: newRepo(kv[protocol.BucketNetworks], "virtual network", "network", claims, log,
 			func(v *api.VirtualNetwork) *api.Meta { return &v.Meta },

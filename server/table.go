@@ -447,6 +447,13 @@ const writeWait = 30 * time.Second
 // handed back to the bus at once: a fold that waited would hold up the
 // events after it past their ack wait).
 func (t *table[T]) retried(ctx context.Context, id string, write func(again bool) error) error {
+	return untilAnswered(ctx, t.log.With().Str("key", id).Logger(), write)
+}
+
+// untilAnswered is retried for any write of the server's: write runs again
+// while the bus does not answer, for at most writeWait, and once only
+// under a context marked withoutWriteRetries.
+func untilAnswered(ctx context.Context, log zerolog.Logger, write func(again bool) error) error {
 	if ctx.Value(noWriteRetries{}) != nil {
 		return write(false)
 	}
@@ -457,7 +464,7 @@ func (t *table[T]) retried(ctx context.Context, id string, write func(again bool
 		if err == nil || !bus.Unanswered(err) || ctx.Err() != nil || time.Now().After(deadline) {
 			return err
 		}
-		t.log.Warn().Err(err).Str("key", id).Msg("write not answered by the bus; trying again")
+		log.Warn().Err(err).Msg("write not answered by the bus; trying again")
 		select {
 		case <-ctx.Done():
 			return err

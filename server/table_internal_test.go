@@ -322,3 +322,34 @@ func TestAReplicatedBucketIsNotProbed(t *testing.T) {
 		t.Fatalf("update over another writer's value: %v, want errConflict", err)
 	}
 }
+
+// ackLosingKV takes the next Create and loses its answer.
+type ackLosingKV struct {
+	jetstream.KeyValue
+	lose int
+}
+
+func (k *ackLosingKV) Create(ctx context.Context, key string, value []byte, opts ...jetstream.KVCreateOpt) (uint64, error) {
+	rev, err := k.KeyValue.Create(ctx, key, value, opts...)
+	if err == nil && k.lose > 0 {
+		k.lose--
+		return 0, jetstream.ErrNoStreamResponse
+	}
+	return rev, err
+}
+
+// TestALabelClaimWhoseAnswerWasLost: a claim the bus took, its answer
+// lost, is tried again and found to be the claimer's own; another's claim
+// is still refused.
+func TestALabelClaimWhoseAnswerWasLost(t *testing.T) {
+	ctx := context.Background()
+	kv := &ackLosingKV{KeyValue: testBucket(t), lose: 1}
+	l := &labelClaims{kv: kv, log: zerolog.Nop(), inFlight: time.Minute}
+	bears := func(context.Context, string) (bool, error) { return true, nil }
+	if err := l.claim(ctx, "instance", "prod", "in-a", bears); err != nil {
+		t.Fatalf("claim whose answer was lost: %v", err)
+	}
+	if err := l.claim(ctx, "instance", "Prod ", "in-b", bears); !errors.Is(err, errLabelTaken) {
+		t.Fatalf("another's claim of the same label: %v, want errLabelTaken", err)
+	}
+}
