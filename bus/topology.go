@@ -219,9 +219,41 @@ func (t Topology) ObjectStores() []jetstream.ObjectStoreConfig {
 	}
 }
 
+// declareWait bounds how long Declare waits for a bus not ready to take
+// the declaration: a cluster whose nodes have just started answers that no
+// peer is ready (no suitable peers for placement) for a moment after each
+// says it is healthy.
+const declareWait = 2 * time.Minute
+
 // Declare creates every stream, bucket and object store, or updates it to
-// this declaration. It is idempotent; run it at every start.
+// this declaration. It is idempotent; run it at every start. A bus not
+// ready yet (unanswered, or with no peer ready for a replica) is asked
+// again, every second, for up to declareWait.
 func (t Topology) Declare(ctx context.Context, js jetstream.JetStream) error {
+	deadline := time.Now().Add(declareWait)
+	for {
+		err := t.declareOnce(ctx, js)
+		if err == nil || !notReadyYet(err) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// errCodeNoPeers is a cluster's refusal to place a replica, for lack of a
+// peer ready for it (nats-server's JSClusterNoPeersErrF).
+const errCodeNoPeers = 10005
+
+func notReadyYet(err error) bool {
+	var apiErr *jetstream.APIError
+	return Unanswered(err) || (errors.As(err, &apiErr) && apiErr.ErrorCode == errCodeNoPeers)
+}
+
+func (t Topology) declareOnce(ctx context.Context, js jetstream.JetStream) error {
 	for _, cfg := range t.KeyValues() {
 		if cfg.Bucket == protocol.BucketAgents {
 			if err := declareWithoutRollups(ctx, js, cfg); err != nil {
