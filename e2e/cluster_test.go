@@ -89,14 +89,7 @@ func (c *clusterFM) fm(t *testing.T, args ...string) string {
 func (c *clusterFM) newInstance(t *testing.T, label string) string {
 	t.Helper()
 	tmp := t.TempDir()
-	write := func(name string, v any) string {
-		p := filepath.Join(tmp, name)
-		b, _ := json.Marshal(v)
-		if err := os.WriteFile(p, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
+	write := func(name string, v any) string { return WriteJSON(t, tmp, name, v) }
 	kitPath := filepath.Join(filepath.Dir(c.bin), "kits", kit.FileName("14.0.0"))
 	c.fm(t, "image", "add", "--file", write("image.json", map[string]any{"id": "dss-14-" + label, "label": "DSS 14",
 		"dssVersion": "14.0.0", "kit": map[string]string{"path": kitPath}}))

@@ -83,14 +83,7 @@ func TestEC2MachineJoinsFM(t *testing.T) {
 	}
 	ami := aws.ToString(images.Images[0].ImageId)
 
-	write := func(name string, v any) string {
-		p := filepath.Join(tmp, name)
-		b, _ := json.Marshal(v)
-		if err := os.WriteFile(p, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
+	write := func(name string, v any) string { return WriteJSON(t, tmp, name, v) }
 	kitPath := filepath.Join(filepath.Dir(bin), "kits", kit.FileName("14.0.0"))
 	fm("image", "add", "--file", write("image.json", map[string]any{"id": "dss-14.0.0-aws", "label": "DSS 14 on AWS", "dssVersion": "14.0.0",
 		"amis": map[string]string{mototest.Region: ami}, "kit": map[string]string{"path": kitPath}}))

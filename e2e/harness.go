@@ -323,3 +323,18 @@ func readFile(t testing.TB, path string) string {
 	}
 	return string(b)
 }
+
+// WriteJSON writes v as JSON into the file name of dir, and returns its
+// path: the input files of fm's commands (--file).
+func WriteJSON(t testing.TB, dir, name string, v any) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	b, err := json.Marshal(v)
+	if err == nil {
+		err = os.WriteFile(p, b, 0o600)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}

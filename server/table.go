@@ -490,16 +490,25 @@ type writeBus interface {
 // useBus makes the table write through js, and learns whether its bucket
 // is replicated (tookEarlier is for a single copy only).
 func (t *table[T]) useBus(ctx context.Context, js writeBus) error {
+	info, err := t.streamInfo(ctx)
+	if err != nil {
+		return err
+	}
+	t.bus, t.replicated = js, info.Config.Replicas > 1
+	return nil
+}
+
+// streamInfo describes the bucket's stream, as the bus has it now.
+func (t *table[T]) streamInfo(ctx context.Context) (*jetstream.StreamInfo, error) {
 	st, err := t.kv.Status(ctx)
 	if err != nil {
-		return fmt.Errorf("status of %s bucket: %w", t.kind, err)
+		return nil, fmt.Errorf("status of %s bucket: %w", t.kind, err)
 	}
 	bs, ok := st.(*jetstream.KeyValueBucketStatus)
 	if !ok {
-		return fmt.Errorf("status of %s bucket: unexpected type %T", t.kind, st)
+		return nil, fmt.Errorf("status of %s bucket: unexpected type %T", t.kind, st)
 	}
-	t.bus, t.replicated = js, bs.StreamInfo().Config.Replicas > 1
-	return nil
+	return bs.StreamInfo(), nil
 }
 
 // KV operations of the client's key-value buckets (a header on a delete).
@@ -800,15 +809,11 @@ func isRevisionMismatch(err error) bool {
 // when sync was called, for decisions (is this object in use?) that must not
 // miss a write made through another server replica.
 func (t *table[T]) sync(ctx context.Context) error {
-	st, err := t.kv.Status(ctx)
+	info, err := t.streamInfo(ctx)
 	if err != nil {
-		return fmt.Errorf("status of %s bucket: %w", t.kind, err)
+		return err
 	}
-	bs, ok := st.(*jetstream.KeyValueBucketStatus)
-	if !ok {
-		return fmt.Errorf("status of %s bucket: unexpected type %T", t.kind, st)
-	}
-	t.waitRev(ctx, bs.StreamInfo().State.LastSeq)
+	t.waitRev(ctx, info.State.LastSeq)
 	return nil
 }
 
