@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -31,9 +32,62 @@ type Lease struct {
 	Holder string
 	// TTL must match the bucket's (Topology.LeaseTTL).
 	TTL time.Duration
+
+	mu sync.Mutex
+	// rev is the entry's revision this holder last wrote.
 	rev uint64
 	// proven is when the last write that proved the lease was sent.
 	proven time.Time
+	// lost is set once the lease is known to be another holder's, or given
+	// up.
+	lost bool
+}
+
+// prove records when a write that proved the lease was sent.
+func (l *Lease) prove(rev uint64, sent time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.rev, l.proven, l.lost = rev, sent, false
+}
+
+// lose records that the lease is no longer this holder's.
+func (l *Lease) lose() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.lost = true
+}
+
+// revision is the entry's revision this holder last wrote.
+func (l *Lease) revision() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.rev
+}
+
+// expires is when the holder must consider the lease lost unless it proved
+// it again: the TTL from the last proof, less a margin for the drift between
+// this clock and the bus's over one TTL.
+func (l *Lease) expires() time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.proven.Add(l.TTL - l.TTL/10)
+}
+
+// Held says whether the lease can still be proven, on this process's clock,
+// at the moment it is asked. A holder asks it right before it acts: a
+// process resumed after being stopped (SIGSTOP, a frozen VM) runs its
+// goroutines in any order, and one about to act must not wait for Keep's
+// timer to learn that the lease may have passed to another holder.
+//
+// Both clocks are asked: the monotonic one (which a change of the time of day
+// does not move) and the wall clock (which, unlike the monotonic one on
+// Linux, counts the time the machine was suspended).
+func (l *Lease) Held() bool {
+	l.mu.Lock()
+	lost := l.lost
+	l.mu.Unlock()
+	now, expires := time.Now(), l.expires()
+	return !lost && now.Before(expires) && now.Round(0).Before(expires.Round(0))
 }
 
 // Acquire blocks until the lease is held or ctx ends.
@@ -42,7 +96,7 @@ func (l *Lease) Acquire(ctx context.Context) error {
 		sent := time.Now()
 		rev, err := l.KV.Create(ctx, l.Key, []byte(l.Holder))
 		if err == nil {
-			l.rev, l.proven = rev, sent
+			l.prove(rev, sent)
 			return nil
 		}
 		if !errors.Is(err, jetstream.ErrKeyExists) {
@@ -54,7 +108,7 @@ func (l *Lease) Acquire(ctx context.Context) error {
 			// once, so that its age is known.
 			sent = time.Now()
 			if rev, err := l.KV.Update(ctx, l.Key, []byte(l.Holder), e.Revision()); err == nil {
-				l.rev, l.proven = rev, sent
+				l.prove(rev, sent)
 				return nil
 			}
 		}
@@ -72,30 +126,30 @@ func (l *Lease) Acquire(ctx context.Context) error {
 // lease is lost, which it reports with an error wrapping ErrLeaseLost: taken
 // by another holder, or not renewed for so long that it may have expired.
 func (l *Lease) Keep(ctx context.Context) error {
-	// A margin for the drift between this clock and the bus's over one TTL.
-	margin := l.TTL / 10
 	every := l.TTL / 3
 	timer := time.NewTimer(every)
 	defer timer.Stop()
 	for {
-		expires := l.proven.Add(l.TTL - margin)
+		expires := l.expires()
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-time.After(time.Until(expires)):
-			return fmt.Errorf("%w: not renewed since %s (the bus is out of reach)", ErrLeaseLost, l.proven.Format(time.RFC3339))
+			l.lose()
+			return fmt.Errorf("%w: not renewed since %s (the bus is out of reach)", ErrLeaseLost, l.Proven().Format(time.RFC3339))
 		case <-timer.C:
 		}
 		sent := time.Now()
 		rctx, cancel := context.WithDeadline(ctx, expires)
-		rev, err := l.KV.Update(rctx, l.Key, []byte(l.Holder), l.rev)
+		rev, err := l.KV.Update(rctx, l.Key, []byte(l.Holder), l.revision())
 		cancel()
 		if err == nil {
-			l.rev, l.proven = rev, sent
+			l.prove(rev, sent)
 			timer.Reset(every)
 			continue
 		}
 		if errors.Is(err, jetstream.ErrKeyRevisionMismatch) || errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyExists) {
+			l.lose()
 			return fmt.Errorf("%w to another holder", ErrLeaseLost)
 		}
 		// The bus is away: try again soon, while the lease may still be
@@ -107,9 +161,10 @@ func (l *Lease) Keep(ctx context.Context) error {
 // Release gives the lease up at once, so that another holder need not wait
 // for it to expire.
 func (l *Lease) Release() {
+	l.lose()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	if l.KV.Delete(ctx, l.Key, jetstream.LastRevision(l.rev)) == nil {
+	if l.KV.Delete(ctx, l.Key, jetstream.LastRevision(l.revision())) == nil {
 		return
 	}
 	// A renewal cut short by the end of Keep may have been written without
@@ -121,7 +176,11 @@ func (l *Lease) Release() {
 
 // Proven is when the holder last proved the lease (sent the write that
 // renewed it).
-func (l *Lease) Proven() time.Time { return l.proven }
+func (l *Lease) Proven() time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.proven
+}
 
 // Run takes the lease (waiting for it until ctx ends), then runs fn with a
 // context cancelled as soon as the lease is lost or can no longer be

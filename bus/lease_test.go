@@ -76,6 +76,9 @@ func TestALeaseThatCannotBeRenewedIsGivenUp(t *testing.T) {
 	if !errors.Is(s.err, bus.ErrLeaseLost) {
 		t.Fatalf("Keep: %v", s.err)
 	}
+	if l.Held() {
+		t.Fatal("Held says yes after Keep gave the lease up")
+	}
 	if !l.Proven().After(acquired) {
 		t.Fatal("the renewal was not counted")
 	}
@@ -119,7 +122,49 @@ func TestALeaseThatCannotBeRenewedIsGivenUp(t *testing.T) {
 		if !errors.Is(err, bus.ErrLeaseLost) {
 			t.Fatalf("Keep: %v", err)
 		}
+		// Its clock alone would say it is still held.
+		if l2.Held() {
+			t.Fatal("Held says yes after the lease was lost to another holder")
+		}
 	case <-time.After(3 * ttl):
 		t.Fatal("a deposed holder did not notice")
+	}
+}
+
+// TestHeldNeedsNoKeeper: a holder whose keeper has not run (a process
+// stopped and resumed, whose goroutines run in any order) learns from Held
+// alone, by its clock, that it can no longer prove the lease, and not
+// before Keep would have given it up.
+func TestHeldNeedsNoKeeper(t *testing.T) {
+	js := bustest.Run(t).JetStream(t)
+	ctx := context.Background()
+	const ttl = 2 * time.Second
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "test_leases", TTL: ttl, History: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &bus.Lease{KV: kv, Key: "test-lease", Holder: "a", TTL: ttl}
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !l.Held() {
+		t.Fatal("a lease just acquired is not held")
+	}
+	released := &bus.Lease{KV: kv, Key: "test-lease-released", Holder: "a", TTL: ttl}
+	if err := released.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	released.Release()
+	if released.Held() {
+		t.Fatal("Held says yes after Release")
+	}
+	giveUp := l.Proven().Add(ttl - ttl/10)
+	for deadline := time.Now().Add(2 * ttl); l.Held(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("a lease never renewed is still held after two TTLs")
+		}
+	}
+	if time.Now().Before(giveUp) {
+		t.Fatalf("Held said no %s before the lease could be lost", time.Until(giveUp))
 	}
 }

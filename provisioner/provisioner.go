@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
@@ -24,7 +25,8 @@ type Config struct {
 	// Conn is the NATS connection; the caller owns it.
 	Conn    *nats.Conn
 	Backend Backend
-	// Holder names this process in the lease (default: host name and pid).
+	// Holder names this process in the lease (default: host name, pid and a
+	// random part, so that two containers with the same name and pid differ).
 	// A process that keeps its name across restarts (fm dev names itself
 	// after its data folder) takes its lease back at once after a crash.
 	Holder string
@@ -57,6 +59,9 @@ type Provisioner struct {
 	crash crashpoint.Hook
 
 	machines jetstream.KeyValue
+	// lease is the one this provisioner last took: workers ask it whether
+	// it is still held right before they act.
+	lease atomic.Pointer[bus.Lease]
 
 	// workerIdle is how long a worker with nothing to do stays.
 	workerIdle time.Duration
@@ -82,7 +87,7 @@ func New(cfg Config) (*Provisioner, error) {
 	}
 	if cfg.Holder == "" {
 		host, _ := os.Hostname()
-		cfg.Holder = fmt.Sprintf("%s-%d", host, os.Getpid())
+		cfg.Holder = fmt.Sprintf("%s-%d-%s", host, os.Getpid(), protocol.NewID("p"))
 	}
 	if cfg.LeaseTTL == 0 {
 		cfg.LeaseTTL = 15 * time.Second
@@ -111,9 +116,8 @@ func New(cfg Config) (*Provisioner, error) {
 // nothing to close. Losing the lease, or no longer being able to prove it
 // is held, stops consuming and the work under way until it is taken again.
 func (p *Provisioner) Run(ctx context.Context) error {
-	fresh := true
 	for ctx.Err() == nil {
-		if err := p.runOnce(ctx, &fresh); err != nil && ctx.Err() == nil {
+		if err := p.runOnce(ctx); err != nil && ctx.Err() == nil {
 			p.log.Warn().Err(err).Msg("provisioner paused; retrying")
 			select {
 			case <-ctx.Done():
@@ -131,10 +135,9 @@ func (p *Provisioner) Run(ctx context.Context) error {
 // runOnce holds the lease and consumes while it can. Everything it starts
 // (the workers, the machine checks) has stopped when it returns, and only
 // then is the lease given up: a standby never acts beside a worker still
-// unwinding. fresh is true until the process first held the lease:
-// requests a dead provisioner had taken are then handed out again at once
-// (see takeOver).
-func (p *Provisioner) runOnce(ctx context.Context, fresh *bool) error {
+// unwinding. At every taking of the lease, the requests a previous holder
+// had taken are handed out again at once (see takeOver).
+func (p *Provisioner) runOnce(ctx context.Context) error {
 	leases, err := p.js.KeyValue(ctx, protocol.BucketLeases)
 	if err != nil {
 		return fmt.Errorf("lease bucket: %w", err)
@@ -143,6 +146,7 @@ func (p *Provisioner) runOnce(ctx context.Context, fresh *bool) error {
 		return fmt.Errorf("machines bucket: %w", err)
 	}
 	l := &bus.Lease{KV: leases, Key: "provisioner", Holder: p.cfg.Holder, TTL: p.cfg.LeaseTTL}
+	p.lease.Store(l)
 	return l.Run(ctx, func(held context.Context) error {
 		p.log.Info().Str("holder", p.cfg.Holder).Msg("holding the provisioner lease")
 		// The work outlives ctx a little: consuming stops first, then the
@@ -158,11 +162,12 @@ func (p *Provisioner) runOnce(ctx context.Context, fresh *bool) error {
 			// between two of ours may have died in the middle of a step.
 			b.TakeOver(work)
 		}
-		if *fresh {
-			if err := p.takeOver(work); err != nil {
-				return err
-			}
-			*fresh = false
+		// At every taking too: the previous holder may be another process
+		// that died (or stopped, and gave the lease up on its own clock),
+		// or this one, whose hand-backs may not have reached a bus it had
+		// lost.
+		if err := p.takeOver(work); err != nil {
+			return err
 		}
 		cons, err := p.js.CreateOrUpdateConsumer(work, protocol.StreamProvision, p.consumerConfig())
 		if err != nil {
@@ -189,6 +194,31 @@ func (p *Provisioner) consumerConfig() jetstream.ConsumerConfig {
 		Durable: ConsumerName, AckPolicy: jetstream.AckExplicitPolicy, AckWait: p.cfg.AckWait,
 		MaxAckPending: 1000, MaxDeliver: -1, FilterSubject: protocol.SubjectAllProvision,
 	}
+}
+
+// deposed hands m back, saying so, if this provisioner can no longer prove
+// its lease (leaseHeld): only the holder acknowledges, reports or carries out
+// a request. It is handed back with a delay, so that a process whose lease
+// keeper has not stopped its work yet does not spin on it; whoever takes
+// the lease next has it at once (takeOver).
+func (p *Provisioner) deposed(m jetstream.Msg, log zerolog.Logger) bool {
+	if p.leaseHeld() {
+		return false
+	}
+	log.Warn().Msg("the lease is lost or can no longer be proven; request handed back")
+	_ = m.NakWithDelay(time.Second)
+	return true
+}
+
+// leaseHeld says whether this provisioner can prove its lease at the moment
+// it asks (bus.Lease.Held): a worker asks right before it changes a machine,
+// so that a provisioner resumed after being stopped for longer than the
+// lease never acts beside the one that took over, even before its lease
+// keeper has run to stop it. What is left is the moment between the
+// question and the act.
+func (p *Provisioner) leaseHeld() bool {
+	l := p.lease.Load()
+	return l != nil && l.Held()
 }
 
 // takeOver hands out again at once the requests a provisioner that died
@@ -246,7 +276,10 @@ func (p *Provisioner) pull(pulling, work context.Context, cons jetstream.Consume
 func (p *Provisioner) dispatch(pulling, work context.Context, m jetstream.Msg) {
 	instance := protocol.InstanceFromSubject(m.Subject())
 	if work.Err() != nil {
-		_ = m.Nak() // the lease is lost: hand it back at once
+		_ = m.Nak() // the lease is lost, or stopping: hand it back at once
+		return
+	}
+	if p.deposed(m, p.log.With().Str("subject", m.Subject()).Logger()) {
 		return
 	}
 	p.mu.Lock()
@@ -328,6 +361,11 @@ func (p *Provisioner) worker(ctx context.Context, instance string, w *worker) {
 // acknowledged without doing the work again. A failure that may go away by
 // itself is retried until the request's deadline.
 func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
+	// Asked first, before anything is acknowledged, reported or written,
+	// and again right before the machine is changed.
+	if p.deposed(m, p.log.With().Str("subject", m.Subject()).Logger()) {
+		return
+	}
 	var req protocol.ProvisionRequest
 	if err := protocol.Decode(m.Data(), &req); err != nil {
 		p.log.Warn().Err(err).Str("subject", m.Subject()).Msg("provision request rejected")
@@ -408,6 +446,9 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 			}
 		}
 		p.finish(ctx, m, req, next, refusal, log)
+		return
+	}
+	if p.deposed(m, log) {
 		return
 	}
 	working, done := p.keepInProgress(ctx, m)

@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/bus/bustest"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
@@ -136,8 +138,15 @@ func newRig(t *testing.T) *rig {
 // run starts a provisioner; the returned function stops it and waits.
 func (r *rig) run(b Backend, holder string) func() {
 	r.t.Helper()
+	_, stop := r.runLogged(b, holder, zerolog.Nop())
+	return stop
+}
+
+// runLogged is run with a logger, returning the provisioner too.
+func (r *rig) runLogged(b Backend, holder string, log zerolog.Logger) (*Provisioner, func()) {
+	r.t.Helper()
 	p, err := New(Config{Conn: r.bus.Connect(r.t), Backend: b, Holder: holder, LeaseTTL: 15 * time.Second,
-		CheckInterval: 100 * time.Millisecond, Logger: zerolog.Nop()})
+		CheckInterval: 100 * time.Millisecond, Logger: log})
 	if err != nil {
 		r.t.Fatal(err)
 	}
@@ -146,7 +155,7 @@ func (r *rig) run(b Backend, holder string) func() {
 	go func() { defer close(done); _ = p.Run(ctx) }()
 	stop := func() { cancel(); <-done }
 	r.t.Cleanup(stop)
-	return stop
+	return p, stop
 }
 
 func (r *rig) request(instance string, action protocol.ProvisionAction, id string) {
@@ -339,6 +348,40 @@ func TestOnlyTheLeaseHolderWorks(t *testing.T) {
 	if calls := b.callList(); len(calls) != 1 || calls[0] != "reprovision op-3-reprovision" {
 		t.Fatalf("after the takeover: %v", calls)
 	}
+}
+
+// TestAProvisionerThatCannotProveItsLeaseActsOnNothing: a provisioner
+// whose lease can no longer be proven on its clock (a process resumed after
+// being stopped longer than the lease, before its lease keeper has run)
+// hands a request back without carrying it out, even though its work has
+// not been stopped yet; once it can prove the lease again, it does.
+func TestAProvisionerThatCannotProveItsLeaseActsOnNothing(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	var handedBack atomic.Int32
+	p, _ := r.runLogged(rec, "holder-a", zerolog.New(io.Discard).Hook(zerolog.HookFunc(func(_ *zerolog.Event, _ zerolog.Level, msg string) {
+		if strings.HasSuffix(msg, "request handed back") {
+			handedBack.Add(1)
+		}
+	})))
+	r.request("in-1", protocol.ProvisionReprovision, "op-1-reprovision")
+	r.waitMachine("in-1", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
+	// The lease the workers ask about is one never proven: as if the
+	// process had just been resumed long after its last renewal. The lease
+	// keeper, on the real one, leaves the work running.
+	held := p.lease.Load()
+	p.lease.Store(&bus.Lease{TTL: 15 * time.Second})
+	r.request("in-2", protocol.ProvisionReprovision, "op-2-reprovision")
+	for deadline := time.Now().Add(30 * time.Second); handedBack.Load() < 2; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the request was not handed back twice")
+		}
+	}
+	if calls := rec.callList(); len(calls) != 1 || r.machine("in-2").RequestID != "" {
+		t.Fatalf("a provisioner that cannot prove its lease acted: calls %v, machine %+v", calls, r.machine("in-2"))
+	}
+	p.lease.Store(held)
+	r.waitMachine("in-2", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
 }
 
 func TestLostMachinesAreRecorded(t *testing.T) {

@@ -47,6 +47,9 @@ func (p *Provisioner) handleBeside(ctx context.Context, m jetstream.Msg, req pro
 		p.ack(ctx, m, req, log)
 		return
 	}
+	if p.deposed(m, log) {
+		return
+	}
 	working, done := p.keepInProgress(ctx, m)
 	defer done()
 	err = do(working, cur)

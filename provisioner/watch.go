@@ -113,6 +113,9 @@ func (p *Provisioner) markLost(ctx context.Context, checked protocol.MachineStat
 	}
 	cur.Status = protocol.MachineLost
 	cur.Error = protocol.Errorf(protocol.CodeUnavailable, "the machine stopped on its own (%s)", cur.MachineID)
+	if !p.leaseHeld() {
+		return // what it checked may be from before another provisioner took over
+	}
 	if _, err := p.putState(ctx, checked.Instance, cur, rev); err != nil {
 		if !errors.Is(err, jetstream.ErrKeyExists) {
 			p.log.Warn().Err(err).Str("instance", checked.Instance).Msg("lost machine not recorded; checked again next time")
