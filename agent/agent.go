@@ -217,7 +217,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.refreshDSSState(ctx)
 		parts = append(parts,
 			a.watchdog,
-			func(ctx context.Context) { a.ship.run(ctx, nc) },
+			func(ctx context.Context) { a.ship.run(ctx, a.js) },
 			func(ctx context.Context) {
 				a.ship.tail(ctx, protocol.LogSourceDSS, a.m.dssLogPath(), filepath.Join(a.m.stateDir, "log-offsets.json"), a.m.openDSSLog)
 			})

@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/protocol"
-	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 )
 
@@ -22,19 +22,30 @@ const (
 	maxLogMessage  = 64 << 10
 )
 
-// logShipper sends log lines to FM_LOGS (fm.log.<instance>.<source>). While
-// the bus is away it holds at most maxPendingLogs bytes, dropping the oldest
-// and saying how much it dropped.
+// logShipper sends log lines to FM_LOGS (fm.log.<instance>.<source>). A
+// message leaves it only once the bus stored it: one the bus did not
+// acknowledge (a node lost, a stream electing its leader) is sent again at
+// the next flush under the same message id, so that the bus keeps it once.
+// While the bus is away it holds at most maxPendingLogs bytes, dropping the
+// oldest and saying how much it dropped.
 type logShipper struct {
 	instance string
-	nc       *nats.Conn
+	js       jetstream.JetStream
 	log      zerolog.Logger
+	// run tells this run's message ids apart from an earlier run's.
+	runID string
 
 	mu      sync.Mutex
 	pending []logChunk
 	size    int
 	dropped int
 	wake    chan struct{}
+
+	// unsent are the messages made of pending chunks and not yet stored,
+	// in order; only the shipping goroutine touches them.
+	unsent     []logMessage
+	unsentSize int
+	seq        uint64
 }
 
 type logChunk struct {
@@ -42,8 +53,14 @@ type logChunk struct {
 	data   []byte
 }
 
+// logMessage is one FM_LOGS message, with the id it keeps until stored.
+type logMessage struct {
+	subject, id string
+	data        []byte
+}
+
 func newLogShipper(instance string, log zerolog.Logger) *logShipper {
-	return &logShipper{instance: instance, log: log, wake: make(chan struct{}, 1)}
+	return &logShipper{instance: instance, log: log, runID: protocol.NewID("lg"), wake: make(chan struct{}, 1)}
 }
 
 // add queues log text from a source.
@@ -81,25 +98,33 @@ func (w sourceWriter) Write(p []byte) (int, error) {
 }
 
 // run sends what is pending every second (or sooner when a lot is), while
-// connected.
-func (s *logShipper) run(ctx context.Context, nc *nats.Conn) {
-	s.nc = nc
+// connected, and once more (for a moment) when ctx ends.
+func (s *logShipper) run(ctx context.Context, js jetstream.JetStream) {
+	s.js = js
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			s.flush()
+			last, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+			s.flush(last)
+			cancel()
 			return
 		case <-tick.C:
 		case <-s.wake:
 		}
-		s.flush()
+		s.flush(ctx)
 	}
 }
 
-func (s *logShipper) flush() {
-	if s.nc == nil || !s.nc.IsConnected() {
+// logPublishTimeout bounds the wait for the bus to store one message.
+const logPublishTimeout = 5 * time.Second
+
+// flush makes messages of what is pending and sends the messages not yet
+// stored, in order, until one is not acknowledged: it and those after it
+// are sent again next time.
+func (s *logShipper) flush(ctx context.Context) {
+	if s.js == nil || !s.js.Conn().IsConnected() {
 		return
 	}
 	s.mu.Lock()
@@ -108,22 +133,41 @@ func (s *logShipper) flush() {
 	s.mu.Unlock()
 	if dropped > 0 {
 		pending = append([]logChunk{{source: protocol.LogSourceAgent, data: []byte(`{"level":"warn","message":"` +
-			strconv.Itoa(dropped) + ` bytes of logs were dropped while the bus was away"}` + "\n")}}, pending...)
+			strconv.Itoa(dropped) + ` bytes of logs were dropped while the bus did not take them"}` + "\n")}}, pending...)
 	}
-	// Coalesce consecutive chunks of a source into messages of bounded size.
+	s.queue(pending)
+	for len(s.unsent) > 0 {
+		m := s.unsent[0]
+		pctx, cancel := context.WithTimeout(ctx, logPublishTimeout)
+		_, err := s.js.Publish(pctx, m.subject, m.data, jetstream.WithMsgID(m.id))
+		cancel()
+		if err != nil {
+			return // not logged: this log would be shipped too, and fail alike
+		}
+		s.unsent, s.unsentSize = s.unsent[1:], s.unsentSize-len(m.data)
+	}
+}
+
+// queue makes messages of bounded size of the chunks, consecutive chunks
+// of a source together, behind those not yet stored; past maxPendingLogs,
+// the oldest are dropped (and said to be, next time).
+func (s *logShipper) queue(chunks []logChunk) {
 	var buf bytes.Buffer
 	source := ""
-	send := func() {
+	add := func() {
 		if buf.Len() > 0 {
-			_ = s.nc.Publish(protocol.LogSubject(s.instance, source), append([]byte(nil), buf.Bytes()...))
+			s.seq++
+			s.unsent = append(s.unsent, logMessage{subject: protocol.LogSubject(s.instance, source),
+				id: s.runID + "-" + strconv.FormatUint(s.seq, 10), data: bytes.Clone(buf.Bytes())})
+			s.unsentSize += buf.Len()
 			buf.Reset()
 		}
 	}
-	for _, c := range pending {
+	for _, c := range chunks {
 		// FM_LOGS refuses larger messages (bus/topology.go).
 		for data := c.data; len(data) > 0; {
 			if c.source != source || buf.Len() == maxLogMessage {
-				send()
+				add()
 				source = c.source
 			}
 			n := min(len(data), maxLogMessage-buf.Len())
@@ -131,7 +175,14 @@ func (s *logShipper) flush() {
 			data = data[n:]
 		}
 	}
-	send()
+	add()
+	for s.unsentSize > maxPendingLogs && len(s.unsent) > 1 {
+		s.unsentSize -= len(s.unsent[0].data)
+		s.mu.Lock()
+		s.dropped += len(s.unsent[0].data)
+		s.mu.Unlock()
+		s.unsent = s.unsent[1:]
+	}
 }
 
 // tail ships what is appended to the file at path, from where the last run
