@@ -60,5 +60,6 @@
 //	  removal within version 1: no release of FM had commands-from
 //	  requests, so no agent in use asks them; an agent built before it
 //	  and a server after it (or the reverse) do not exchange commands.
-//	  Their subject ("fm.cmdfrom.") keeps no other meaning.
+//	  Their subject ("fm.cmdfrom.") keeps no other meaning. Attempt
+//	  failures between the server's replicas (SubjectAttemptFailures).
 package protocol

@@ -500,3 +500,31 @@ func (a *AuditRecord) Validate() error {
 	}
 	return nil
 }
+
+// AttemptFailure is a failed attempt at a credential that one replica of the
+// FM server counted, sent to the others on SubjectAttemptFailures so that
+// they count it too.
+type AttemptFailure struct {
+	Header
+	// Replica is the sender's id: a replica ignores its own.
+	Replica string `json:"replica"`
+	// Limiter names the count: "api-by-addr", "api-by-key", "join-by-addr".
+	Limiter string `json:"limiter"`
+	// Key is what the limiter counts under: a client address, or a digest
+	// of a key id (never a secret).
+	Key []byte    `json:"key"`
+	At  time.Time `json:"at"`
+}
+
+// Validate implements Message.
+func (f *AttemptFailure) Validate() error {
+	switch {
+	case !ValidToken(f.Replica) || !ValidToken(f.Limiter):
+		return fmt.Errorf("replica %q and limiter %q must be valid tokens", f.Replica, f.Limiter)
+	case len(f.Key) == 0 || len(f.Key) > 256:
+		return fmt.Errorf("key: %d bytes, want 1 to 256", len(f.Key))
+	case f.At.IsZero():
+		return errors.New("at is required")
+	}
+	return nil
+}

@@ -72,6 +72,13 @@ const (
 	SubjectAllCmdAfter  = prefixCmdAfter + "*"
 )
 
+// SubjectAttemptFailures is the core (not stored) subject on which the
+// replicas of the FM server tell each other of every failed attempt at a
+// credential they counted (AttemptFailure), so that their limits hold
+// across replicas. It is outside "fm.>" on purpose: neither agents nor
+// read-only operators, whose accounts import from "fm.>", can reach it.
+const SubjectAttemptFailures = "fm-server.attempt-failures"
+
 // OutsideJSAPIPrefix is the JetStream API prefix of the users outside FM's
 // own NATS account: agents and read-only operators. Their accounts import,
 // under it, the JetStream requests they may make of FM's account, and map

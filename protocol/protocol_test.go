@@ -50,6 +50,8 @@ func vectors() map[string]struct {
 		"heartbeat": {&Heartbeat{
 			Instance: "in-7k2m9q4x1c", Seq: 17, Time: t0, Generation: 3, DSS: DSSRunning, AgentVersion: "0.1.0",
 		}, func() Message { return &Heartbeat{} }},
+		"attempt_failure": {&AttemptFailure{Replica: "srv-0001", Limiter: "api-by-addr", Key: []byte("192.0.2.7"), At: t0},
+			func() Message { return &AttemptFailure{} }},
 		"commands_after_request": {&CommandsAfterRequest{After: 57}, func() Message { return &CommandsAfterRequest{} }},
 		"commands_after_response": {&CommandsAfterResponse{Commands: []StoredCommand{
 			{Seq: 58, Command: json.RawMessage(`{"v":1,"id":"cmd-0001","instance":"in-7k2m9q4x1c","kind":"restart-dss","issued":"2026-11-02T10:00:00Z"}`)},

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -203,7 +204,55 @@ func (s *Server) rehash(ctx context.Context, id, secret string, rev uint64) {
 	}
 }
 
-// clientAddr is the host part of the request's remote address.
+// forwardedFor makes the request's remote address the client's, as the
+// load balancers in trusted (Config.TrustedProxies) report it in
+// X-Forwarded-For, when the request comes from one of them: behind a
+// balancer every request comes from its address, and the limits on failed
+// attempts (and the audit trail) must count clients, not the balancer. The
+// list is read from its right end, where each trusted proxy appended the
+// address it saw; the first address not trusted is the client. What a client
+// wrote into the header itself is on the left of that, and never reached.
+func forwardedFor(trusted []netip.Prefix, next http.Handler) http.Handler {
+	if len(trusted) == 0 {
+		return next
+	}
+	isTrusted := func(a netip.Addr) bool {
+		a = a.Unmap()
+		for _, p := range trusted {
+			if p.Contains(a) {
+				return true
+			}
+		}
+		return false
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		peer, err := netip.ParseAddrPort(r.RemoteAddr)
+		if err != nil || !isTrusted(peer.Addr()) {
+			next.ServeHTTP(w, r)
+			return
+		}
+		var hops []string
+		for _, h := range r.Header.Values("X-Forwarded-For") {
+			hops = append(hops, strings.Split(h, ",")...)
+		}
+		for i := len(hops) - 1; i >= 0; i-- {
+			a, err := netip.ParseAddr(strings.TrimSpace(hops[i]))
+			if err != nil {
+				break // unreadable: counted as the proxy's own
+			}
+			if !isTrusted(a) {
+				r2 := r.Clone(r.Context())
+				r2.RemoteAddr = netip.AddrPortFrom(a.Unmap(), 0).String()
+				next.ServeHTTP(w, r2)
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// clientAddr is the host part of the request's remote address (the
+// client's, behind a trusted load balancer: forwardedFor).
 func clientAddr(r *http.Request) string {
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {

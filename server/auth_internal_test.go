@@ -5,6 +5,9 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -113,5 +116,50 @@ func BenchmarkAuthenticate(b *testing.B) {
 				_, _, _ = a.authenticate(c.id, c.secret)
 			}
 		})
+	}
+}
+
+// TestForwardedFor: behind a trusted load balancer the client is the
+// rightmost address of X-Forwarded-For that is not a trusted proxy's; from
+// anywhere else the header is ignored.
+func TestForwardedFor(t *testing.T) {
+	trusted := []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("192.0.2.1/32")}
+	cases := []struct {
+		name, peer string
+		xff        []string
+		want       string
+	}{
+		{"not from a proxy: the header is ignored", "203.0.113.9:4000", []string{"1.2.3.4"}, "203.0.113.9"},
+		{"from a proxy", "192.0.2.1:4000", []string{"1.2.3.4"}, "1.2.3.4"},
+		{"what the client wrote itself is left of what the proxy saw", "192.0.2.1:4000", []string{"6.6.6.6, 1.2.3.4"}, "1.2.3.4"},
+		{"through two proxies", "10.1.2.3:4000", []string{"1.2.3.4, 192.0.2.1"}, "1.2.3.4"},
+		{"headers in turn", "10.1.2.3:4000", []string{"6.6.6.6", "1.2.3.4,10.9.9.9"}, "1.2.3.4"},
+		{"an IPv6 client", "10.1.2.3:4000", []string{"2001:db8::7"}, "2001:db8::7"},
+		{"unreadable: the proxy's own", "10.1.2.3:4000", []string{"1.2.3.4, not-an-address"}, "10.1.2.3"},
+		{"no header: the proxy's own", "10.1.2.3:4000", nil, "10.1.2.3"},
+		{"only proxies: the proxy's own", "10.1.2.3:4000", []string{"10.4.4.4"}, "10.1.2.3"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			var got string
+			h := forwardedFor(trusted, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { got = clientAddr(r) }))
+			r := httptest.NewRequest("GET", "/", nil)
+			r.RemoteAddr = c.peer
+			for _, v := range c.xff {
+				r.Header.Add("X-Forwarded-For", v)
+			}
+			h.ServeHTTP(httptest.NewRecorder(), r)
+			if got != c.want {
+				t.Fatalf("client %q, want %q", got, c.want)
+			}
+		})
+	}
+	// Without trusted proxies the header is never read.
+	r := httptest.NewRequest("GET", "/", nil)
+	r.RemoteAddr, r.Header["X-Forwarded-For"] = "10.1.2.3:4000", []string{"1.2.3.4"}
+	var got string
+	forwardedFor(nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { got = clientAddr(r) })).ServeHTTP(httptest.NewRecorder(), r)
+	if got != "10.1.2.3" {
+		t.Fatalf("without trusted proxies: client %q", got)
 	}
 }

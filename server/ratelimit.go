@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"math"
+	"slices"
 	"sync"
 	"time"
 )
@@ -24,10 +25,12 @@ const (
 //
 //   - API authentications by client address: ten failures from an address
 //     block its API requests, whatever key they carry;
-//   - API authentications by key id: ten failures naming a key id, from
-//     anywhere, block that key id from everywhere (its right secret too),
-//     so that guesses spread over many addresses are bounded as well; other
-//     keys are not affected;
+//   - API authentications by key id: after ten failures naming a key id,
+//     from anywhere, a wrong secret for it is answered 429 from everywhere;
+//     its right secret still passes (key ids are no secret: whoever knows
+//     one must not lock its holder out), so this marks a key under attack
+//     rather than bounding the guesses, which the address limit and the
+//     secrets' length do; other keys are not affected;
 //   - joins by client address: ten refused joins block joins from it, never
 //     its API requests (and API failures never block its joins).
 //
@@ -40,6 +43,11 @@ const (
 type attemptLimiter struct {
 	max    int
 	window time.Duration
+	// name is the limiter's among the server's, on the wire between
+	// replicas (limiterAPIByAddr, …).
+	name string
+	// share, if set, tells the other replicas of a failure (never under mu).
+	share func(limiter, key string, at time.Time)
 
 	mu   sync.Mutex
 	keys map[string]*attempts
@@ -57,8 +65,8 @@ type attempts struct {
 	waiters int
 }
 
-func newAttemptLimiter() *attemptLimiter {
-	return &attemptLimiter{max: maxFailures, window: failureWindow, keys: map[string]*attempts{}}
+func newAttemptLimiter(name string) *attemptLimiter {
+	return &attemptLimiter{max: maxFailures, window: failureWindow, name: name, keys: map[string]*attempts{}}
 }
 
 // errLimited is the refusal of an attempt: the key failed too often.
@@ -118,8 +126,8 @@ func (a *attempts) wakeOne() {
 	}
 }
 
-// settle ends the attempt: a failure is counted, a success leaves no trace.
-// A nil reservation is ignored.
+// settle ends the attempt: a failure is counted (and told to the other
+// replicas), a success leaves no trace. A nil reservation is ignored.
 func (r *reservation) settle(failed bool) {
 	if r == nil {
 		return
@@ -127,7 +135,6 @@ func (r *reservation) settle(failed bool) {
 	l := r.l
 	now := time.Now()
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	a := l.entry(r.key, now)
 	a.pending--
 	if failed {
@@ -137,12 +144,43 @@ func (r *reservation) settle(failed bool) {
 	if a.pending == 0 && a.waiters == 0 && len(a.failures) == 0 {
 		delete(l.keys, r.key)
 	}
-	if len(l.keys) > 10000 {
-		// Bound the memory: forget keys whose failures are old.
-		for k, o := range l.keys {
-			if o.pending == 0 && o.waiters == 0 && len(l.prune(o, now)) == 0 {
-				delete(l.keys, k)
-			}
+	l.bound(now)
+	l.mu.Unlock()
+	if failed && l.share != nil {
+		l.share(l.name, r.key, now)
+	}
+}
+
+// learn counts a failure another replica saw at its time at, so that a
+// guesser spreading attempts over the replicas behind a load balancer meets
+// one count. A time ahead of this clock counts as now (a failure must not
+// last longer than the window here); one already out of the window is
+// ignored.
+func (l *attemptLimiter) learn(key string, at time.Time) {
+	now := time.Now()
+	if at.After(now) {
+		at = now
+	}
+	if !at.After(now.Add(-l.window)) {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	a := l.entry(key, now)
+	i, _ := slices.BinarySearchFunc(a.failures, at, time.Time.Compare)
+	a.failures = slices.Insert(a.failures, i, at)
+	l.bound(now)
+}
+
+// bound forgets the keys whose failures are old once there are many, to
+// bound the memory; l.mu is held.
+func (l *attemptLimiter) bound(now time.Time) {
+	if len(l.keys) <= 10000 {
+		return
+	}
+	for k, o := range l.keys {
+		if o.pending == 0 && o.waiters == 0 && len(l.prune(o, now)) == 0 {
+			delete(l.keys, k)
 		}
 	}
 }

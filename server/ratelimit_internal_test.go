@@ -139,6 +139,43 @@ func TestAttemptLimiter(t *testing.T) {
 				}
 			}
 		}},
+		{"failures are told, and failures told are counted", func(t *testing.T, l *attemptLimiter) {
+			var told []string
+			l.share = func(limiter, key string, at time.Time) { told = append(told, limiter+"/"+key) }
+			r, err := l.reserve(ctx, "a")
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.settle(true)
+			r, _ = l.reserve(ctx, "a")
+			r.settle(false) // a success is not told
+			if len(told) != 1 || told[0] != "test/a" {
+				t.Fatalf("told %v, want the one failure", told)
+			}
+			now := time.Now()
+			l.learn("b", now.Add(-2*l.window)) // out of the window: ignored
+			if _, kept := l.keys["b"]; kept {
+				t.Fatal("a failure out of the window was kept")
+			}
+			l.learn("a", now.Add(time.Hour))   // a clock ahead: counted as now
+			l.learn("a", now.Add(-l.window/2)) // older than the local failure: kept in order
+			for i := 3; i < l.max; i++ {
+				l.learn("a", now)
+			}
+			_, err = l.reserve(ctx, "a")
+			var limited *errLimited
+			if !errors.As(err, &limited) {
+				t.Fatalf("after %d failures, %d of them learnt: %v, want a refusal", l.max, l.max-1, err)
+			}
+			// The oldest failure leaves the window first: the one learnt
+			// half a window ago.
+			if limited.retryAfter > l.window/2+time.Second || limited.retryAfter < l.window/2-time.Second {
+				t.Fatalf("retry after %s, want about half the window", limited.retryAfter)
+			}
+			if len(told) != 1 {
+				t.Fatalf("failures learnt were told again: %v", told)
+			}
+		}},
 		{"successes leave no trace", func(t *testing.T, l *attemptLimiter) {
 			for i := 0; i < 3*l.max; i++ {
 				r, err := l.reserve(ctx, "a")
@@ -153,6 +190,6 @@ func TestAttemptLimiter(t *testing.T) {
 		}},
 	}
 	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) { c.run(t, newAttemptLimiter()) })
+		t.Run(c.name, func(t *testing.T) { c.run(t, newAttemptLimiter("test")) })
 	}
 }

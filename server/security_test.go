@@ -19,6 +19,7 @@ import (
 	"github.com/fleetmanager/fm/bus/bustest"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/server"
+	"github.com/fleetmanager/fm/server/servertest"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -143,6 +144,47 @@ func TestKeysRevocationAndRateLimit(t *testing.T) {
 		f.failed(f.doAs("GET", "/instances", "", f.env.Key.ID, "wrong"), 401, "Unauthenticated")
 	}
 	f.failed(f.do("GET", "/instances", ""), 429, "ResourceExhausted")
+}
+
+// TestReplicasShareTheirCountOfFailedAttempts: failures counted by one
+// replica of the server count at another, as on one server, whether counted
+// by key id or by client address.
+func TestReplicasShareTheirCountOfFailedAttempts(t *testing.T) {
+	a := start(t)
+	b := &fm{t: t, env: a.env.Replica(t)}
+	key := a.env.Key
+	// Ten guesses at the admin key's secret through replica A, each from
+	// an address of its own: through B, more guesses are refused unchecked
+	// (the right secret still passes: its holder is not locked out).
+	for n := range 10 {
+		a.failed(a.doFrom(fmt.Sprintf("127.0.0.%d", 2+n), "GET", "/instances", "", key.ID, "wrong"), 401, "Unauthenticated")
+	}
+	// B counts its own failures too: the guesses it checks before it
+	// refuses must be fewer than the ten it would check alone.
+	checked := 0
+	waitFor(t, "the key id's failures at replica A refuse guesses at replica B", func() bool {
+		// Each guess from an address of its own, lest the address's limit
+		// answer.
+		status := b.doFrom(fmt.Sprintf("127.0.1.%d", checked+1), "GET", "/instances", "", key.ID, "wrong").status
+		if status == 401 {
+			checked++
+		}
+		return status == 429 || checked >= 10
+	})
+	if checked >= 10 {
+		t.Fatalf("replica B checked %d guesses at a key id that failed ten times at replica A", checked)
+	}
+	b.ok(b.doFrom("127.0.0.20", "GET", "/instances", "", key.ID, key.Secret), nil)
+	// Ten failures from one address through A: B refuses that address
+	// whatever key it shows, and only that address.
+	other := a.newKey("operator")
+	for n := range 10 {
+		a.failed(a.doFrom("127.0.0.30", "GET", "/instances", "", fmt.Sprintf("key-%d", n), "wrong"), 401, "Unauthenticated")
+	}
+	waitFor(t, "an address's failures at replica A block it at replica B", func() bool {
+		return b.doFrom("127.0.0.30", "GET", "/instances", "", other.ID, other.Secret).status == 429
+	})
+	b.ok(b.doFrom("127.0.0.31", "GET", "/instances", "", other.ID, other.Secret), nil)
 }
 
 func TestAuditTrail(t *testing.T) {
@@ -444,5 +486,32 @@ func TestRateLimits(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) { c.run(t, &fm{t: t, env: f.env}) })
+	}
+}
+
+// TestAStoppingServerDrains: a server stopped with a drain time keeps
+// answering calls while /healthz answers 503 (a load balancer's cue to send
+// calls elsewhere), and then stops.
+func TestAStoppingServerDrains(t *testing.T) {
+	f := start(t, servertest.WithConfig(func(c *server.Config) { c.DrainTime = 2 * time.Second }))
+	f.ok(f.doAs("GET", "/healthz", "", "", ""), nil)
+	stopped := make(chan struct{})
+	go func() { f.env.Stop(); close(stopped) }()
+	waitFor(t, "/healthz answers 503 once the server is stopping", func() bool {
+		return f.doAs("GET", "/healthz", "", "", "").status == 503
+	})
+	f.ok(f.do("GET", "/instances", ""), nil)
+	select {
+	case <-stopped:
+		t.Fatal("the server stopped before its drain time")
+	default:
+	}
+	select {
+	case <-stopped:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the server did not stop after its drain time")
+	}
+	if _, err := f.tryFrom("", "GET", "/instances", "", f.env.Key.ID, f.env.Key.Secret); err == nil {
+		t.Fatal("the stopped server still answers")
 	}
 }

@@ -16,8 +16,10 @@ import (
 	stdlog "log"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fleetmanager/fm/api"
@@ -46,6 +48,15 @@ type Config struct {
 	// MetricsPublic serves /metrics on the REST API's listener without an
 	// API key; by default it needs one, of any role.
 	MetricsPublic bool
+	// DrainTime is how long a stopping server keeps serving while /healthz
+	// answers 503, so that a load balancer stops sending it calls before it
+	// closes its listener (0: it closes at once). Set it to the balancer's
+	// health-check interval times its unhealthy threshold.
+	DrainTime time.Duration
+	// TrustedProxies are the load balancers whose X-Forwarded-For is
+	// believed: a request from one of them is the client's that the header
+	// names (forwardedFor).
+	TrustedProxies []netip.Prefix
 	// Topology is declared (created or updated) at start; the zero value
 	// means bus.DefaultTopology().
 	Topology bus.Topology
@@ -135,12 +146,16 @@ type Server struct {
 	cmdAfters     agentPacer         // paces agents' catch-ups of their commands
 	agentWork     *agentWorkers      // answers agents' requests
 	revokeMu      sync.Mutex         // one revocation recorded and pushed at a time
+	draining      atomic.Bool        // stopping: /healthz says so (Config.DrainTime)
 	agent         *agentBinary
 	crash         crashpoint.Hook
 
 	// Failed attempts at credentials, each kind counted apart
-	// (attemptLimiter).
+	// (attemptLimiter), and shared with the other replicas
+	// (ratelimitshare.go), who know this one as replica.
 	apiByAddr, apiByKey, joinByAddr *attemptLimiter
+	replica                         string
+	failures                        *nats.Subscription // the other replicas' failures
 }
 
 // New declares the bus topology, loads the fleet's objects and opens the
@@ -208,8 +223,12 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{
 		cfg: cfg, log: log, js: js, commands: commands, commandReader: bus.NewCommandReader(commands), st: st, fold: newFolder(), box: box, agent: agentBin, crash: cfg.Crash, auth: auth,
-		apiByAddr: newAttemptLimiter(), apiByKey: newAttemptLimiter(), joinByAddr: newAttemptLimiter(),
+		apiByAddr: newAttemptLimiter(limiterAPIByAddr), apiByKey: newAttemptLimiter(limiterAPIByKey), joinByAddr: newAttemptLimiter(limiterJoinByAddr),
+		replica:  newID("srv"),
 		renewals: agentPacer{interval: renewInterval}, cmdAfters: agentPacer{interval: cmdAfterInterval}, agentWork: newAgentWorkers(agentRequestWorkers),
+	}
+	for _, l := range s.limiters() {
+		l.share = s.publishFailure
 	}
 	s.metrics = newMetrics(s)
 	// Reports about an instance make it be reconciled.
@@ -255,6 +274,18 @@ func New(cfg Config) (*Server, error) {
 			TLSConfig:         cfg.TLS,
 			ErrorLog:          stdlog.New(httpErrorLog{log}, "", 0),
 		}
+	}
+	// Before it serves a call: the failures other replicas count from then
+	// on count here too.
+	if s.failures, err = s.followFailures(); err != nil {
+		stop()
+		if cfg.Listener == nil {
+			_ = s.ln.Close()
+		}
+		if s.metricsLn != nil {
+			_ = s.metricsLn.Close()
+		}
+		return nil, fmt.Errorf("server: %w", err)
 	}
 	if cfg.JoinURL == "" {
 		scheme := "http"
@@ -324,6 +355,15 @@ func (s *Server) Run(ctx context.Context) error {
 		return fmt.Errorf("server: serve: %w", err)
 	case <-ctx.Done():
 	}
+	if s.cfg.DrainTime > 0 {
+		s.draining.Store(true)
+		s.log.Info().Dur("drain", s.cfg.DrainTime).Msg("stopping: /healthz answers 503 while calls drain")
+		select {
+		case err := <-errc:
+			return fmt.Errorf("server: serve: %w", err)
+		case <-time.After(s.cfg.DrainTime):
+		}
+	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if s.metricsSrv != nil {
@@ -340,6 +380,7 @@ func (s *Server) Run(ctx context.Context) error {
 // close the NATS connection, which the caller owns.
 func (s *Server) Close() {
 	s.stop()
+	_ = s.failures.Unsubscribe()
 	_ = s.httpSrv.Close()
 	if s.metricsSrv != nil {
 		_ = s.metricsSrv.Close()
@@ -411,7 +452,7 @@ func (s *Server) handler() http.Handler {
 	}
 	root.Handle("/healthz", routeHandler{s: s, methods: methods{"GET": reads(RoleViewer, s.healthz)}})
 	root.Handle("/", routeHandler{s: s, methods: unknownPath()})
-	return cleanPath(s.recoverPanics(s.logRequests(root)))
+	return cleanPath(forwardedFor(s.cfg.TrustedProxies, s.recoverPanics(s.logRequests(root))))
 }
 
 // unsupported answers every method of a Dataiku endpoint FM does not have.
@@ -431,6 +472,9 @@ func unknownPath() methods {
 }
 
 func (s *Server) healthz(r *http.Request) (any, error) {
+	if s.draining.Load() {
+		return nil, unavailable(nil, "this replica is stopping")
+	}
 	if st := s.cfg.Conn.Status(); st != nats.CONNECTED {
 		return nil, unavailable(nil, "the bus connection is %s", st)
 	}

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/netip"
 	neturl "net/url"
 	"os"
 	"path/filepath"
@@ -49,6 +50,8 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	authorityDir := fs.String("nats-authority", "", "folder of FM's NATS operator and account keys (default DATA/nats-auth with the embedded NATS; "+
 		"with --nats-url, the folder whose keys the cluster trusts: see fm nats-config)")
 	natsCA := fs.String("nats-ca", "", "CA file to verify an external NATS's TLS certificate with")
+	trusted := fs.String("trusted-proxies", "", "load balancers (addresses or CIDR networks, comma-separated) whose X-Forwarded-For names the client")
+	drain := fs.Duration("drain", 0, "on stop, keep serving this long while /healthz answers 503, so that a load balancer stops sending calls first (e.g. 10s)")
 	pprofAddr := fs.String("pprof-addr", "", "serve Go's profiles (/debug/pprof/) at this loopback address")
 	logFormat := fs.String("log-format", "json", "console or json")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
@@ -57,6 +60,13 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	if err := checkHeartbeat(*heartbeat); err != nil {
 		return err
+	}
+	proxies, err := parsePrefixes(*trusted)
+	if err != nil {
+		return usageError{Err: fmt.Errorf("--trusted-proxies: %w", err)}
+	}
+	if *drain < 0 || *drain > 5*time.Minute {
+		return usageError{Err: fmt.Errorf("--drain must be 0 to 5m, not %s", *drain)}
 	}
 	if *replicas < 1 || *replicas > 5 {
 		return usageError{Err: fmt.Errorf("--replicas must be 1 to 5, not %d", *replicas)}
@@ -138,7 +148,8 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		AgentCredsTTL: *credsTTL, HeartbeatSeconds: *heartbeat,
 		Network:   server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
 		Authority: sec.authority, SystemConn: b.sys, JoinURL: joinURL, TLS: sec.tls, CAPEM: sec.caPEM,
-		AgentBinary: *agentBinary, MetricsAddr: mf.addr, MetricsPublic: mf.public,
+		AgentBinary: *agentBinary, MetricsAddr: mf.addr, MetricsPublic: mf.public, DrainTime: *drain,
+		TrustedProxies: proxies,
 	})
 	if err != nil {
 		return err
@@ -162,6 +173,27 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		fmt.Fprintf(stdout, "TLS CA: %s (clients: export FM_CA_FILE=%s)\n", sec.caFile, sec.caFile)
 	}
 	return srv.Run(ctx)
+}
+
+// parsePrefixes reads a comma-separated list of addresses and CIDR
+// networks.
+func parsePrefixes(list string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, item := range strings.Split(list, ",") {
+		if item = strings.TrimSpace(item); item == "" {
+			continue
+		}
+		if p, err := netip.ParsePrefix(item); err == nil {
+			out = append(out, p.Masked())
+			continue
+		}
+		a, err := netip.ParseAddr(item)
+		if err != nil {
+			return nil, fmt.Errorf("%q is neither an address nor a CIDR network", item)
+		}
+		out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
+	}
+	return out, nil
 }
 
 // metricsFlags say where /metrics is served and who may read it.

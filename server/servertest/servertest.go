@@ -107,6 +107,17 @@ func (e *Env) start(t testing.TB) {
 	t.Cleanup(e.Stop)
 }
 
+// Replica starts another server on the same bus with the same
+// configuration and keys (the one that seals secrets, the admin key), as a
+// second `fm server` behind a load balancer is. It stops when the test
+// ends.
+func (e *Env) Replica(t testing.TB) *Env {
+	t.Helper()
+	r := &Env{Bus: e.Bus, KeyFile: e.KeyFile, cfg: e.cfg}
+	r.start(t)
+	return r
+}
+
 // Stop stops the server (not the bus); safe to call twice.
 func (e *Env) Stop() {
 	if e.cancel == nil {
