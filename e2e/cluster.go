@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -117,6 +118,21 @@ func (c *NATSCluster) Start(i int) {
 	c.t.Helper()
 	n := c.Nodes[i]
 	n.proc = StartIn(c.t, n.Dir, c.bin, n.env, "-c", "nats-server.conf")
+}
+
+// LameDuck stops node i as an operator does before an upgrade: lame-duck
+// mode (SIGUSR2, as nats-server --signal ldm does), in which the node moves
+// its clients to the others over the configuration's lame_duck_duration,
+// then stops. It waits until the node has stopped, and says how long that
+// took.
+func (c *NATSCluster) LameDuck(i int) time.Duration {
+	c.t.Helper()
+	start := time.Now()
+	c.Nodes[i].proc.Signal(syscall.SIGUSR2)
+	if !c.Nodes[i].proc.Wait(2 * time.Minute) {
+		c.t.Fatalf("%s still runs 2 minutes after lame-duck mode began", c.Nodes[i].Name)
+	}
+	return time.Since(start)
 }
 
 // Kill kills node i at once (SIGKILL).

@@ -39,16 +39,19 @@ func natsServer(t *testing.T) string {
 // and buckets, and a provisioner of local machines, both connected by the
 // nodes' URLs.
 type clusterFM struct {
-	nats     *NATSCluster
-	server   *Proc
-	prov     *Proc
-	env      []string
-	bin      string
-	data     string
-	machines string // the local backend's folder
+	nats      *NATSCluster
+	server    *Proc
+	prov      *Proc
+	env       []string
+	bin       string
+	tmp       string
+	authority string
+	data      string // the first server's data folder, whose keys every replica shares
+	addr      string // the first server's REST address
+	machines  string // the local backend's folder
 }
 
-func startClusterFM(t *testing.T) *clusterFM {
+func startClusterFM(t *testing.T, serverArgs ...string) *clusterFM {
 	t.Helper()
 	bin := fmBin(t)
 	tmp := t.TempDir()
@@ -57,27 +60,66 @@ func startClusterFM(t *testing.T) *clusterFM {
 	if code != 0 {
 		t.Fatalf("fm nats-config: exit %d: %s", code, errOut)
 	}
-	c := &clusterFM{nats: StartNATSCluster(t, natsServer(t), conf), bin: bin, data: filepath.Join(tmp, "fm")}
-	addr := FreePort(t)
-	c.server = Start(t, bin, nil, "server", "--data", c.data, "--listen", addr, "--nats-url", c.nats.URLs(),
-		"--nats-authority", authority, "--nats-ca", c.nats.CA, "--replicas", "3", "--heartbeat-seconds", "1",
-		"--default-vpc", "vpc-local", "--default-subnet", "subnet-local", "--default-region", "local")
-	c.server.WaitStdout("REST API https://"+addr, 90*time.Second)
-	c.env = []string{"FM_URL=https://" + addr, "FM_KEY_FILE=" + filepath.Join(c.data, "admin-key.json"),
-		"FM_CA_FILE=" + filepath.Join(c.data, "tls", "ca.pem")}
-	creds := filepath.Join(tmp, "provisioner.creds")
-	c.fm(t, "nats-creds", "--role", "provisioner", "-o", creds)
+	c := &clusterFM{nats: StartNATSCluster(t, natsServer(t), conf), bin: bin, tmp: tmp, authority: authority, data: filepath.Join(tmp, "fm")}
+	c.addr = FreePort(t)
+	c.server = c.startServer(t, c.data, c.addr, serverArgs...)
+	c.env = c.envOf(c.addr)
 	c.machines = filepath.Join(tmp, "machines")
 	t.Cleanup(func() { cmdline.Stop(cmdline.Find(c.machines), 2*time.Second) })
-	c.prov = Start(t, bin, nil, "provisioner", "--backend", "local", "--dir", c.machines, "--nats-url", c.nats.URLs(),
-		"--nats-creds", creds, "--nats-ca", c.nats.CA, "--secret-key-file", filepath.Join(c.data, "secrets.key"))
-	c.prov.WaitStdout("local backend", 30*time.Second)
+	c.prov = c.startProvisioner(t)
 	return c
+}
+
+// startServer starts an fm server on the cluster, with its data folder in
+// data, serving at addr (host:port); args are more flags. Replicas after the
+// first share its keys: the one that seals secrets, the TLS certificate and
+// the admin key (each would make its own otherwise).
+func (c *clusterFM) startServer(t *testing.T, data, addr string, args ...string) *Proc {
+	t.Helper()
+	args = append([]string{"server", "--data", data, "--listen", addr, "--nats-url", c.nats.URLs(),
+		"--nats-authority", c.authority, "--nats-ca", c.nats.CA, "--replicas", "3", "--heartbeat-seconds", "1",
+		"--default-vpc", "vpc-local", "--default-subnet", "subnet-local", "--default-region", "local"}, args...)
+	if data != c.data {
+		tls := filepath.Join(c.data, "tls")
+		args = append(args, "--secret-key-file", filepath.Join(c.data, "secrets.key"), "--admin-key-file", filepath.Join(c.data, "admin-key.json"),
+			"--tls-cert", filepath.Join(tls, "server.pem"), "--tls-key", filepath.Join(tls, "server-key.pem"), "--tls-ca", filepath.Join(tls, "ca.pem"))
+	}
+	p := Start(t, c.bin, nil, args...)
+	p.WaitStdout("REST API https://"+addr, 90*time.Second)
+	return p
+}
+
+// envOf is the CLI's environment for the server (or load balancer) at addr.
+func (c *clusterFM) envOf(addr string) []string {
+	return []string{"FM_URL=https://" + addr, "FM_KEY_FILE=" + filepath.Join(c.data, "admin-key.json"),
+		"FM_CA_FILE=" + filepath.Join(c.data, "tls", "ca.pem")}
+}
+
+// startProvisioner starts a provisioner of local machines in the cluster's
+// machine folder (several share it: they stand for provisioners on one
+// cloud, one active at a time).
+func (c *clusterFM) startProvisioner(t *testing.T) *Proc {
+	t.Helper()
+	creds := filepath.Join(c.tmp, "provisioner.creds")
+	if _, err := os.Stat(creds); err != nil {
+		c.fm(t, "nats-creds", "--role", "provisioner", "-o", creds)
+	}
+	p := Start(t, c.bin, nil, "provisioner", "--backend", "local", "--dir", c.machines, "--nats-url", c.nats.URLs(),
+		"--nats-creds", creds, "--nats-ca", c.nats.CA, "--secret-key-file", filepath.Join(c.data, "secrets.key"))
+	p.WaitStdout("local backend", 30*time.Second)
+	return p
 }
 
 func (c *clusterFM) fm(t *testing.T, args ...string) string {
 	t.Helper()
-	out, errOut, code := Run(t, c.bin, c.env, args...)
+	return c.fmAt(t, c.env, args...)
+}
+
+// fmAt runs the CLI with env (the server it talks to), failing the test
+// unless it succeeds.
+func (c *clusterFM) fmAt(t *testing.T, env []string, args ...string) string {
+	t.Helper()
+	out, errOut, code := Run(t, c.bin, env, args...)
 	if code != 0 {
 		t.Fatalf("fm %s: exit %d\n%s%s", strings.Join(args, " "), code, out, errOut)
 	}
@@ -134,16 +176,38 @@ func TestNATSNodeLossLosesNothing(t *testing.T) {
 		took := c.nats.WaitHealthy(i, 2*time.Minute)
 		t.Logf("%s back and current in %s", c.nats.Nodes[i].Name, took.Round(time.Millisecond))
 	}
+	c.checkInstanceRunning(t, in)
+	c.checkSucceeded(t, ops)
+	c.checkAudit(t, map[string]int{"provision": 1, "restart-dss": 4, "stop": 4, "start": 4})
+	c.checkRanOnce(t, in, ops, "restart-dss", 4)
+	c.checkReplicas(t)
+	c.checkReport(t)
+}
+
+// checkInstanceRunning checks that instance in is running.
+func (c *clusterFM) checkInstanceRunning(t *testing.T, in string) {
+	t.Helper()
 	var st map[string]any
 	if err := json.Unmarshal([]byte(c.fm(t, "instance", "status", in, "--output", "json")), &st); err != nil || st["state"] != "running" {
 		t.Fatalf("instance not running after the faults: %v (%v)", st, err)
 	}
+}
+
+// checkSucceeded checks that every operation of ops succeeded.
+func (c *clusterFM) checkSucceeded(t *testing.T, ops []string) {
+	t.Helper()
 	for _, op := range ops {
 		var f map[string]any
 		if err := json.Unmarshal([]byte(c.fm(t, "op", "get", op, "--output", "json")), &f); err != nil || f["state"] != "succeeded" {
 			t.Errorf("operation %s: %v (%v)", op, f, err)
 		}
 	}
+}
+
+// checkAudit checks that the audit trail holds as many records of each
+// instance action (the CLI's name: provision, stop, …) as want says.
+func (c *clusterFM) checkAudit(t *testing.T, want map[string]int) {
+	t.Helper()
 	var actions []string // fm audit --output json writes one record per line
 	for dec := json.NewDecoder(strings.NewReader(c.fm(t, "audit", "--output", "json"))); dec.More(); {
 		var a map[string]any
@@ -152,41 +216,48 @@ func TestNATSNodeLossLosesNothing(t *testing.T) {
 		}
 		actions = append(actions, fmt.Sprint(a["action"]))
 	}
-	for action, want := range map[string]int{"reprovision": 1, "restart-dss": 4, "stop": 4, "start": 4} {
-		n := 0
+	for action, n := range want {
+		path := "/actions/" + action
+		if action == "provision" {
+			path = "/actions/reprovision"
+		}
+		got := 0
 		for _, a := range actions {
-			if strings.HasSuffix(a, "/actions/"+action) {
-				n++
+			if strings.HasSuffix(a, path) {
+				got++
 			}
 		}
-		if n != want {
-			t.Errorf("the audit trail has %d records of %s, want %d: %v", n, action, want, actions)
+		if got != n {
+			t.Errorf("the audit trail has %d records of %s, want %d: %v", got, action, n, actions)
 		}
 	}
-	// Each command ran exactly once on the machine, however often it was
-	// sent.
+}
+
+// checkRanOnce checks in the agent's log of instance in that the command
+// of each operation of ops that sent one of kind ran exactly once, and that
+// the commands of want operations ran.
+func (c *clusterFM) checkRanOnce(t *testing.T, in string, ops []string, kind string, want int) {
+	t.Helper()
 	agentLog := readFile(t, filepath.Join(c.machines, "machines", in, "root", "var", "log", "fm-agent.log"))
 	ran := map[string]int{}
 	for line := range strings.Lines(agentLog) {
 		var e struct{ Command, Kind, Message string }
-		if json.Unmarshal([]byte(line), &e) == nil && e.Message == "running a command" && e.Kind == "restart-dss" {
+		if json.Unmarshal([]byte(line), &e) == nil && e.Message == "running a command" && e.Kind == kind {
 			ran[strings.TrimSuffix(e.Command, "-cmd")]++
 		}
 	}
-	restarts := 0
+	got := 0
 	for _, op := range ops {
 		if n, ok := ran[op]; ok {
-			restarts++
+			got++
 			if n != 1 {
 				t.Errorf("the command of %s ran %d times", op, n)
 			}
 		}
 	}
-	if restarts != 4 {
-		t.Errorf("the agent ran the commands of %d restarts of DSS, want 4: %v", restarts, ran)
+	if got != want {
+		t.Errorf("the agent ran the %s commands of %d operations, want %d: %v", kind, got, want, ran)
 	}
-	c.checkReplicas(t)
-	c.checkReport(t)
 }
 
 // checkReport runs the operator's health check of docs/cluster.md, nats
@@ -226,9 +297,9 @@ func (c *clusterFM) checkReport(t *testing.T) {
 	}
 }
 
-// checkReplicas checks that every stream (buckets and object stores are
-// streams) has three replicas, all current.
-func (c *clusterFM) checkReplicas(t *testing.T) {
+// adminJS is JetStream on the cluster with FM's admin NATS credentials,
+// closed when the test ends.
+func (c *clusterFM) adminJS(t *testing.T) jetstream.JetStream {
 	t.Helper()
 	creds := filepath.Join(t.TempDir(), "admin.creds")
 	c.fm(t, "nats-creds", "--role", "admin", "-o", creds)
@@ -236,11 +307,19 @@ func (c *clusterFM) checkReplicas(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer nc.Close()
+	t.Cleanup(nc.Close)
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return js
+}
+
+// checkReplicas checks that every stream (buckets and object stores are
+// streams) has three replicas, all current.
+func (c *clusterFM) checkReplicas(t *testing.T) {
+	t.Helper()
+	js := c.adminJS(t)
 	// Each stream FM declares, with each replica current, as soon as the
 	// last node restarted catches up. Each is asked for by name: a list
 	// leaves out a stream without a leader.

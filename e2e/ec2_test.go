@@ -3,13 +3,10 @@ package e2e
 import (
 	"context"
 	"crypto/sha256"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"io"
-	"net/http"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -192,12 +189,7 @@ func TestEC2MachineJoinsFM(t *testing.T) {
 // caFile, into dst (executable), and returns its SHA-256.
 func download(t *testing.T, url, caFile, dst string) string {
 	t.Helper()
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM([]byte(readFile(t, caFile))) {
-		t.Fatal("no CA in " + caFile)
-	}
-	c := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}, Timeout: time.Minute}
-	resp, err := c.Get(url)
+	resp, err := TrustingClient(t, caFile, time.Minute).Get(url)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -149,14 +151,25 @@ func (p *Proc) Stdout() string { return p.stdout.String() }
 // process has already done.
 func (p *Proc) WaitStdout(substr string, timeout time.Duration) string {
 	p.t.Helper()
+	return p.wait(p.stdout, "standard output", substr, timeout)
+}
+
+// WaitStderr is WaitStdout on standard error (where fm's roles log).
+func (p *Proc) WaitStderr(substr string, timeout time.Duration) string {
+	p.t.Helper()
+	return p.wait(p.stderr, "standard error", substr, timeout)
+}
+
+func (p *Proc) wait(b *syncBuffer, name, substr string, timeout time.Duration) string {
+	p.t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
-		out := p.stdout.String()
+		out := b.String()
 		if strings.Contains(out, substr) {
 			return out
 		}
 		if time.Now().After(deadline) {
-			p.t.Fatalf("standard output has no %q after %s:\n%s", substr, timeout, out)
+			p.t.Fatalf("%s has no %q after %s:\n%s", name, substr, timeout, tail(out, 4000))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -170,6 +183,30 @@ func (p *Proc) Stderr() string { return p.stderr.String() }
 func (p *Proc) Kill() {
 	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 	<-p.done
+}
+
+// Pause stops the process (SIGSTOP), not its children: like a machine
+// frozen or cut off, it keeps its connections open and does nothing until
+// Resume.
+func (p *Proc) Pause() { p.Signal(syscall.SIGSTOP) }
+
+// Resume lets a paused process go on (SIGCONT).
+func (p *Proc) Resume() { p.Signal(syscall.SIGCONT) }
+
+// Pid is the process's id.
+func (p *Proc) Pid() int { return p.cmd.Process.Pid }
+
+// Signal sends sig to the process (not its children).
+func (p *Proc) Signal(sig os.Signal) { _ = p.cmd.Process.Signal(sig) }
+
+// Wait waits up to timeout for the process to end, and says whether it did.
+func (p *Proc) Wait(timeout time.Duration) bool {
+	select {
+	case <-p.done:
+		return true
+	case <-time.After(timeout):
+		return false
+	}
 }
 
 // Exited says whether the process has ended.
@@ -272,6 +309,8 @@ func Run(t testing.TB, bin string, env []string, args ...string) (string, string
 // HTTP Basic on every request and JSON bodies without a Content-Type.
 type Python struct {
 	Base, KeyID, Secret string
+	// Client sends the requests (nil: http.DefaultClient).
+	Client *http.Client
 }
 
 // NewPython reads the key file of an fm data folder.
@@ -291,27 +330,52 @@ func NewPython(t testing.TB, base, keyFile string) *Python {
 // Do sends a request to the tenant path and decodes a JSON answer into out.
 func (p *Python) Do(t testing.TB, method, path, body string, out any) int {
 	t.Helper()
+	code, err := p.Try(method, path, body, out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return code
+}
+
+// Try is Do returning its error (the request not answered, or an answer
+// out cannot hold), for goroutines other than the test's.
+func (p *Python) Try(method, path, body string, out any) (int, error) {
 	var rd io.Reader
 	if body != "" {
 		rd = strings.NewReader(body)
 	}
 	req, err := http.NewRequest(method, p.Base+"/api/public/tenants/main"+path, rd)
 	if err != nil {
-		t.Fatal(err)
+		return 0, err
 	}
 	req.SetBasicAuth(p.KeyID, p.Secret)
-	resp, err := http.DefaultClient.Do(req)
+	client := p.Client
+	if client == nil {
+		client = http.DefaultClient
+	}
+	resp, err := client.Do(req)
 	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
+		return 0, fmt.Errorf("%s %s: %w", method, path, err)
 	}
 	defer resp.Body.Close()
 	data, _ := io.ReadAll(resp.Body)
 	if out != nil {
 		if err := json.Unmarshal(data, out); err != nil {
-			t.Fatalf("%s %s: %d %s: %v", method, path, resp.StatusCode, data, err)
+			return resp.StatusCode, fmt.Errorf("%s %s: %d %s: %w", method, path, resp.StatusCode, data, err)
 		}
 	}
-	return resp.StatusCode
+	return resp.StatusCode, nil
+}
+
+// TrustingClient is an HTTP client that trusts the CA file (FM's, for its
+// REST API), with a timeout.
+func TrustingClient(t testing.TB, caFile string, timeout time.Duration) *http.Client {
+	t.Helper()
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM([]byte(readFile(t, caFile))) {
+		t.Fatalf("no certificate in %s", caFile)
+	}
+	return &http.Client{Timeout: timeout, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}}
 }
 
 // readFile returns a file's content, failing the test if it cannot be read.
