@@ -60,11 +60,24 @@ type NATSNode struct {
 // fmNATSConf (fm nats-config's output) and waits until each is healthy.
 func StartNATSCluster(t testing.TB, natsBin, fmNATSConf string) *NATSCluster {
 	t.Helper()
+	return StartNATSClusterConf(t, natsBin, fmNATSConf, NodeConf(t))
+}
+
+// NodeConf is deploy/nats/nats-server.conf, the nodes' configuration.
+func NodeConf(t testing.TB) string {
+	t.Helper()
 	_, file, _, _ := runtime.Caller(0)
 	conf, err := os.ReadFile(filepath.Join(filepath.Dir(filepath.Dir(file)), "deploy", "nats", "nats-server.conf"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	return string(conf)
+}
+
+// StartNATSClusterConf is StartNATSCluster with conf as the nodes'
+// configuration (NodeConf, changed).
+func StartNATSClusterConf(t testing.TB, natsBin, fmNATSConf, conf string) *NATSCluster {
+	t.Helper()
 	dir := t.TempDir()
 	tlsDir := filepath.Join(dir, "tls")
 	c := &NATSCluster{t: t, bin: natsBin, CA: filepath.Join(tlsDir, "ca.pem")}
@@ -83,7 +96,7 @@ func StartNATSCluster(t testing.TB, natsBin, fmNATSConf string) *NATSCluster {
 		if err := os.MkdirAll(n.Dir, 0o700); err != nil {
 			t.Fatal(err)
 		}
-		for name, content := range map[string][]byte{"nats-server.conf": conf, "fm-nats.conf": []byte(fmNATSConf)} {
+		for name, content := range map[string][]byte{"nats-server.conf": []byte(conf), "fm-nats.conf": []byte(fmNATSConf)} {
 			if err := os.WriteFile(filepath.Join(n.Dir, name), content, 0o600); err != nil {
 				t.Fatal(err)
 			}

@@ -26,7 +26,7 @@ var (
 )
 
 // natsServer builds nats-server once per test binary.
-func natsServer(t *testing.T) string {
+func natsServer(t testing.TB) string {
 	t.Helper()
 	natsServerOnce.Do(func() { natsServerBin, natsServerErr = BuildNATSServer(buildDir) })
 	if natsServerErr != nil {
@@ -205,7 +205,8 @@ func (c *clusterFM) checkSucceeded(t *testing.T, ops []string) {
 }
 
 // checkAudit checks that the audit trail holds as many records of each
-// instance action (the CLI's name: provision, stop, …) as want says.
+// instance action (the CLI's name: provision, stop, snapshot, …) as want
+// says.
 func (c *clusterFM) checkAudit(t *testing.T, want map[string]int) {
 	t.Helper()
 	var actions []string // fm audit --output json writes one record per line
@@ -217,9 +218,9 @@ func (c *clusterFM) checkAudit(t *testing.T, want map[string]int) {
 		actions = append(actions, fmt.Sprint(a["action"]))
 	}
 	for action, n := range want {
-		path := "/actions/" + action
-		if action == "provision" {
-			path = "/actions/reprovision"
+		path, ok := map[string]string{"provision": "/actions/reprovision", "snapshot": "/snapshots"}[action]
+		if !ok {
+			path = "/actions/" + action
 		}
 		got := 0
 		for _, a := range actions {

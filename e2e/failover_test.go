@@ -95,16 +95,30 @@ func TestFMRolesFailOver(t *testing.T) {
 	}
 	wait(viaB, id)
 
-	// The active provisioner killed with an operation just begun: the
-	// standby takes the lease and carries it out.
-	id = begin(c.env, "stop")
-	p1.Kill()
-	killed := time.Now()
-	wait(c.env, id)
-	p2.WaitStderr("holding the provisioner lease", time.Minute)
-	t.Logf("active provisioner killed: the operation begun ended %s later", time.Since(killed).Round(time.Millisecond))
-	p1 = c.startProvisioner(t) // the standby now
-	provs = append(provs, p1)
+	// The active provisioner killed with an operation just begun, twice: a
+	// snapshot (the local backend pauses DSS to take it), then a stop. Each
+	// time the standby takes the lease and carries it out, and a new
+	// standby is started.
+	active, standby := p1, p2
+	for _, action := range []string{"snapshot", "stop"} {
+		if action == "snapshot" {
+			id = jsonField(t, c.fmAt(t, c.env, "snapshot", "create", in, "--output", "json"), "futureId")
+			ops, did[action] = append(ops, id), did[action]+1
+		} else {
+			id = begin(c.env, action)
+		}
+		active.Kill()
+		killed := time.Now()
+		wait(c.env, id)
+		standby.WaitStderr("holding the provisioner lease", time.Minute)
+		t.Logf("active provisioner killed: the %s begun ended %s later", action, time.Since(killed).Round(time.Millisecond))
+		active, standby = standby, c.startProvisioner(t)
+		provs = append(provs, standby)
+	}
+	var snaps []map[string]any
+	if err := json.Unmarshal([]byte(c.fm(t, "snapshot", "list", in, "--output", "json")), &snaps); err != nil || len(snaps) != 1 {
+		t.Errorf("after one snapshot was taken: %v (%v)", snaps, err)
+	}
 
 	// The active provisioner stopped for longer than its lease (as a frozen
 	// machine or one cut off is), the moment the bus has handed it a
@@ -120,7 +134,7 @@ func TestFMRolesFailOver(t *testing.T) {
 	running := false // the instance, since the stop above
 	var paused time.Time
 	for try := 1; ; try++ {
-		p2.Pause()
+		active.Pause()
 		paused = time.Now()
 		id = begin(c.env, map[bool]string{true: "stop", false: "start"}[running])
 		running = !running
@@ -133,18 +147,18 @@ func TestFMRolesFailOver(t *testing.T) {
 			t.Logf("the provisioner stopped as it was handed a request, at try %d", try)
 			break
 		}
-		p2.Resume()
+		active.Resume()
 		wait(c.env, id)
 		if try == 5 {
 			t.Fatal("in five tries, the provisioner was never stopped with a request handed to it")
 		}
 	}
 	wait(c.env, id)
-	p1.WaitStderr("holding the provisioner lease", time.Minute)
+	standby.WaitStderr("holding the provisioner lease", time.Minute)
 	t.Logf("active provisioner stopped (SIGSTOP): the operation begun ended %s later", time.Since(paused).Round(time.Millisecond))
-	mark := len(p2.Stderr())
-	p2.Resume()
-	for deadline := time.Now().Add(time.Minute); !strings.Contains(p2.Stderr()[mark:], "lease lost"); time.Sleep(20 * time.Millisecond) {
+	mark := len(active.Stderr())
+	active.Resume()
+	for deadline := time.Now().Add(time.Minute); !strings.Contains(active.Stderr()[mark:], "lease lost"); time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("the provisioner resumed after its lease passed does not say it lost it")
 		}
@@ -154,7 +168,7 @@ func TestFMRolesFailOver(t *testing.T) {
 	}
 	wait(c.env, begin(c.env, "stop"))
 	wait(c.env, begin(c.env, "start"))
-	after := p2.Stderr()[mark:]
+	after := active.Stderr()[mark:]
 	for _, acting := range []string{"machine operation started", "operation done", "request already handled", "machine lost"} {
 		if strings.Contains(after, acting) {
 			t.Errorf("the deposed provisioner, resumed, logged %q:\n%s", acting, tail(after, 4000))
@@ -195,7 +209,7 @@ func TestFMRolesFailOver(t *testing.T) {
 	gone, other := replicas[k], replicas[1-k]
 	id = begin(gone.env, "restart-dss")
 	gone.proc.Kill()
-	killed = time.Now()
+	killed := time.Now()
 	wait(c.env, id)
 	t.Logf("server replica killed: the operation it had begun ended %s later (through the other)", time.Since(killed).Round(time.Millisecond))
 	for deadline := time.Now().Add(time.Minute); schedulerPid() != other.proc.Pid(); time.Sleep(50 * time.Millisecond) {
