@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -464,7 +465,7 @@ func untilAnswered(ctx context.Context, log zerolog.Logger, write func(again boo
 		if err == nil || !bus.Unanswered(err) || ctx.Err() != nil || time.Now().After(deadline) {
 			return err
 		}
-		log.Warn().Err(err).Msg("write not answered by the bus; trying again")
+		log.Warn().Err(err).Msg("not answered by the bus; trying again")
 		select {
 		case <-ctx.Done():
 			return err
@@ -485,6 +486,10 @@ func withoutWriteRetries(ctx context.Context) context.Context {
 type writeBus interface {
 	PublishMsg(ctx context.Context, msg *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error)
 	Stream(ctx context.Context, name string) (jetstream.Stream, error)
+	// Conn and Options make the reads that only a stream's leader answers
+	// (readLeader).
+	Conn() *nats.Conn
+	Options() jetstream.JetStreamOptions
 }
 
 // useBus makes the table write through js, and learns whether its bucket
@@ -728,20 +733,95 @@ func (t *table[T]) change(ctx context.Context, id string, fn func(*T) bool) (T, 
 }
 
 // fetch reads id from the bucket itself, bypassing the copy, for decisions
-// that must not act on a stale view.
+// that must not act on a stale view. It asks the bucket's stream leader
+// (readLeader): the client's Get is a direct get, which any replica of a
+// replicated bucket may answer, and one a little behind answers with what
+// was there before a write another replica of the server just made.
+//
+// A read the bus does not answer (a stream electing its leader after a node
+// is lost) is tried again for up to writeWait, as a write is.
 func (t *table[T]) fetch(ctx context.Context, id string) (T, uint64, error) {
 	var v T
-	e, err := t.kv.Get(ctx, id)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return v, 0, errNotFound
-	}
+	var data []byte
+	var rev uint64
+	err := untilAnswered(ctx, t.log, func(bool) error {
+		var err error
+		data, rev, err = t.readLeader(ctx, id)
+		return err
+	})
 	if err != nil {
-		return v, 0, fmt.Errorf("get %s %s: %w", t.kind, id, err)
+		return v, 0, err
 	}
-	if err := t.unmarshal(id, e.Value(), &v); err != nil {
+	if err := t.unmarshal(id, data, &v); err != nil {
 		return v, 0, fmt.Errorf("decode %s %s: %w", t.kind, id, err)
 	}
-	return v, e.Revision(), nil
+	return v, rev, nil
+}
+
+// readLeader reads the last value of key id from the bucket's stream
+// leader (the JetStream API's STREAM.MSG.GET, which only the leader
+// answers), errNotFound if there is none or it was deleted.
+func (t *table[T]) readLeader(ctx context.Context, id string) ([]byte, uint64, error) {
+	if t.bus == nil {
+		// Before useBus (tests of the copy alone): the client's Get.
+		e, err := t.kv.Get(ctx, id)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			return nil, 0, errNotFound
+		}
+		if err != nil {
+			return nil, 0, fmt.Errorf("get %s %s: %w", t.kind, id, err)
+		}
+		return e.Value(), e.Revision(), nil
+	}
+	bucket := t.kv.Bucket()
+	req, err := json.Marshal(map[string]string{"last_by_subj": protocol.KVSubject(bucket, id)})
+	if err != nil {
+		return nil, 0, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	prefix := t.bus.Options().APIPrefix
+	if prefix == "" {
+		prefix = jetstream.DefaultAPIPrefix
+	} else if !strings.HasSuffix(prefix, ".") {
+		prefix += "."
+	}
+	msg, err := t.bus.Conn().RequestWithContext(ctx, prefix+"STREAM.MSG.GET.KV_"+bucket, req)
+	if err != nil {
+		return nil, 0, fmt.Errorf("get %s %s: %w", t.kind, id, err)
+	}
+	var resp struct {
+		Error *struct {
+			Code        int    `json:"code"`
+			ErrCode     int    `json:"err_code"`
+			Description string `json:"description"`
+		} `json:"error"`
+		Message *struct {
+			Seq  uint64 `json:"seq"`
+			Hdrs []byte `json:"hdrs"`
+			Data []byte `json:"data"`
+		} `json:"message"`
+	}
+	if err := json.Unmarshal(msg.Data, &resp); err != nil {
+		return nil, 0, fmt.Errorf("get %s %s: %w", t.kind, id, err)
+	}
+	switch {
+	case resp.Error != nil && resp.Error.ErrCode == int(jetstream.JSErrCodeMessageNotFound):
+		return nil, 0, errNotFound
+	case resp.Error != nil:
+		return nil, 0, fmt.Errorf("get %s %s: %w", t.kind, id, &jetstream.APIError{Code: resp.Error.Code,
+			ErrorCode: jetstream.ErrorCode(resp.Error.ErrCode), Description: resp.Error.Description})
+	case resp.Message == nil:
+		return nil, 0, fmt.Errorf("get %s %s: an empty answer", t.kind, id)
+	}
+	if len(resp.Message.Hdrs) > 0 {
+		if h, err := nats.DecodeHeadersMsg(resp.Message.Hdrs); err == nil {
+			if op := h.Get(kvOperationHeader); op == kvDelete || op == "PURGE" {
+				return nil, 0, errNotFound
+			}
+		}
+	}
+	return resp.Message.Data, resp.Message.Seq, nil
 }
 
 func (t *table[T]) marshal(key string, v T) ([]byte, error) {

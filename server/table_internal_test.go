@@ -353,3 +353,38 @@ func TestALabelClaimWhoseAnswerWasLost(t *testing.T) {
 		t.Fatalf("another's claim of the same label: %v, want errLabelTaken", err)
 	}
 }
+
+// TestFetchAsksTheLeader: fetch reads a key from the bucket's stream leader
+// (not a direct get, which a replica behind may answer): the last value and
+// its revision, and not found for a key never written, deleted or purged.
+func TestFetchAsksTheLeader(t *testing.T) {
+	ctx := context.Background()
+	real, js := testBus(t)
+	tab := newTable[doc](real, "doc", zerolog.Nop())
+	if err := tab.useBus(ctx, js); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"kept", "deleted", "purged"} {
+		if _, err := real.Put(ctx, k, []byte(`{"n":1}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rev, err := real.Put(ctx, "kept", []byte(`{"n":2}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := real.Delete(ctx, "deleted"); err != nil {
+		t.Fatal(err)
+	}
+	if err := real.Purge(ctx, "purged"); err != nil {
+		t.Fatal(err)
+	}
+	if v, got, err := tab.fetch(ctx, "kept"); err != nil || got != rev || v.N != 2 {
+		t.Fatalf("kept: %+v rev %d (want %d), %v", v, got, rev, err)
+	}
+	for _, k := range []string{"never", "deleted", "purged"} {
+		if _, _, err := tab.fetch(ctx, k); !errors.Is(err, errNotFound) {
+			t.Errorf("%s: %v, want not found", k, err)
+		}
+	}
+}
