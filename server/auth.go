@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -205,49 +206,43 @@ func (s *Server) rehash(ctx context.Context, id, secret string, rev uint64) {
 }
 
 // forwardedFor makes the request's remote address the client's, as the
-// load balancers in trusted (Config.TrustedProxies) report it in
-// X-Forwarded-For, when the request comes from one of them: behind a
-// balancer every request comes from its address, and the limits on failed
-// attempts (and the audit trail) must count clients, not the balancer. The
-// list is read from its right end, where each trusted proxy appended the
-// address it saw; the first address not trusted is the client. What a client
-// wrote into the header itself is on the left of that, and never reached.
+// load balancer in trusted (Config.TrustedProxies) that sent the request
+// reports it in X-Forwarded-For: behind a balancer every request comes from
+// its address, and the limits on failed attempts (and the audit trail) must
+// count clients, not the balancer. One hop only: the client is the
+// rightmost address of the header, which the balancer itself appended.
+// Walking further left would let a client whose own address is in a trusted
+// network (a machine in the balancer's VPC) name any address it likes. An
+// entry that is not an address (with a port or not) leaves the request
+// counted as the balancer's; so does one with a zone, or anything long.
 func forwardedFor(trusted []netip.Prefix, next http.Handler) http.Handler {
 	if len(trusted) == 0 {
 		return next
 	}
-	isTrusted := func(a netip.Addr) bool {
-		a = a.Unmap()
-		for _, p := range trusted {
-			if p.Contains(a) {
-				return true
-			}
-		}
-		return false
-	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		peer, err := netip.ParseAddrPort(r.RemoteAddr)
-		if err != nil || !isTrusted(peer.Addr()) {
+		if err != nil || !slices.ContainsFunc(trusted, func(p netip.Prefix) bool { return p.Contains(peer.Addr().Unmap()) }) {
 			next.ServeHTTP(w, r)
 			return
 		}
-		var hops []string
-		for _, h := range r.Header.Values("X-Forwarded-For") {
-			hops = append(hops, strings.Split(h, ",")...)
+		values := r.Header.Values("X-Forwarded-For")
+		if len(values) == 0 {
+			next.ServeHTTP(w, r)
+			return
 		}
-		for i := len(hops) - 1; i >= 0; i-- {
-			a, err := netip.ParseAddr(strings.TrimSpace(hops[i]))
-			if err != nil {
-				break // unreadable: counted as the proxy's own
-			}
-			if !isTrusted(a) {
-				r2 := r.Clone(r.Context())
-				r2.RemoteAddr = netip.AddrPortFrom(a.Unmap(), 0).String()
-				next.ServeHTTP(w, r2)
-				return
-			}
+		last := values[len(values)-1]
+		last = strings.TrimSpace(last[strings.LastIndexByte(last, ',')+1:])
+		a, err := netip.ParseAddr(last)
+		if ap, perr := netip.ParseAddrPort(last); err != nil && perr == nil {
+			a, err = ap.Addr(), nil // some proxies add the client's port
 		}
-		next.ServeHTTP(w, r)
+		if len(last) > 64 || err != nil || a.Zone() != "" {
+			next.ServeHTTP(w, r)
+			return
+		}
+		r2 := r.Clone(r.Context())
+		r2.RemoteAddr = netip.AddrPortFrom(a.Unmap(), 0).String()
+		next.ServeHTTP(w, r2)
 	})
 }
 

@@ -51,6 +51,8 @@ type attemptLimiter struct {
 
 	mu   sync.Mutex
 	keys map[string]*attempts
+	// swept is when bound last looked at every key.
+	swept time.Time
 }
 
 // attempts is one key's recent failures and the attempts being checked.
@@ -173,11 +175,14 @@ func (l *attemptLimiter) learn(key string, at time.Time) {
 }
 
 // bound forgets the keys whose failures are old once there are many, to
-// bound the memory; l.mu is held.
+// bound the memory, looking at every key at most once a second (many keys
+// with recent failures would otherwise make every attempt look at them
+// all); l.mu is held.
 func (l *attemptLimiter) bound(now time.Time) {
-	if len(l.keys) <= 10000 {
+	if len(l.keys) <= 10000 || now.Sub(l.swept) < time.Second {
 		return
 	}
+	l.swept = now
 	for k, o := range l.keys {
 		if o.pending == 0 && o.waiters == 0 && len(l.prune(o, now)) == 0 {
 			delete(l.keys, k)

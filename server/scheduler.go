@@ -60,7 +60,7 @@ func (s *Server) scheduleWhileLeased(ctx context.Context, holder string) error {
 		tick := time.NewTicker(s.cfg.SchedulerInterval)
 		defer tick.Stop()
 		for {
-			s.scheduleSnapshots(work, time.Now())
+			s.scheduleSnapshots(work, time.Now(), l.Held)
 			select {
 			case <-work.Done():
 				return nil
@@ -74,8 +74,17 @@ func (s *Server) scheduleWhileLeased(ctx context.Context, holder string) error {
 // one thing due first: wait for a snapshot under way, delete an expired
 // automated one (see expiring), or take one when the period has passed since
 // the last.
-func (s *Server) scheduleSnapshots(ctx context.Context, now time.Time) {
+//
+// held says whether the scheduler's lease can still be proven (bus.Lease.Held):
+// asked before each snapshot is taken or deleted, so that a scheduler frozen
+// and resumed, before its lease keeper stops it, does neither beside its
+// successor (the first snapshot's id comes from its own clock, not from a
+// record).
+func (s *Server) scheduleSnapshots(ctx context.Context, now time.Time, held func() bool) {
 	for _, in := range s.st.instances.list() {
+		if !held() {
+			return
+		}
 		if !in.EnableAutomatedSnapshot || in.AutomatedSnapshotPeriod == nil {
 			continue
 		}

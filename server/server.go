@@ -241,10 +241,17 @@ func New(cfg Config) (*Server, error) {
 		stop()
 		return nil, fmt.Errorf("server: %w", err)
 	}
+	// Before it serves a call: the failures other replicas count from then
+	// on count here too.
+	if s.failures, err = s.followFailures(); err != nil {
+		stop()
+		return nil, fmt.Errorf("server: %w", err)
+	}
 	s.ln = cfg.Listener
 	if s.ln == nil {
 		if s.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
 			stop()
+			_ = s.failures.Unsubscribe()
 			return nil, fmt.Errorf("server: listen on %s: %w", cfg.Listen, err)
 		}
 	}
@@ -260,6 +267,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.MetricsAddr != "" {
 		if s.metricsLn, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
 			stop()
+			_ = s.failures.Unsubscribe()
 			if cfg.Listener == nil {
 				_ = s.ln.Close()
 			}
@@ -274,18 +282,6 @@ func New(cfg Config) (*Server, error) {
 			TLSConfig:         cfg.TLS,
 			ErrorLog:          stdlog.New(httpErrorLog{log}, "", 0),
 		}
-	}
-	// Before it serves a call: the failures other replicas count from then
-	// on count here too.
-	if s.failures, err = s.followFailures(); err != nil {
-		stop()
-		if cfg.Listener == nil {
-			_ = s.ln.Close()
-		}
-		if s.metricsLn != nil {
-			_ = s.metricsLn.Close()
-		}
-		return nil, fmt.Errorf("server: %w", err)
 	}
 	if cfg.JoinURL == "" {
 		scheme := "http"
@@ -326,7 +322,9 @@ func (s *Server) Run(ctx context.Context) error {
 		go serve(s.metricsSrv, s.metricsLn)
 		s.log.Info().Str("addr", s.metricsLn.Addr().String()).Msg("serving /metrics")
 	}
-	foldCtx, stopFolding := context.WithCancel(ctx)
+	// Operations go on while calls drain and finish: the work stops when
+	// Run returns, not when ctx ends.
+	foldCtx, stopFolding := context.WithCancel(context.WithoutCancel(ctx))
 	folded := make(chan struct{})
 	go func() { defer close(folded); s.runFolding(foldCtx) }()
 	scheduled := make(chan struct{})

@@ -183,15 +183,21 @@ func parsePrefixes(list string) ([]netip.Prefix, error) {
 		if item = strings.TrimSpace(item); item == "" {
 			continue
 		}
-		if p, err := netip.ParsePrefix(item); err == nil {
-			out = append(out, p.Masked())
-			continue
-		}
-		a, err := netip.ParseAddr(item)
+		p, err := netip.ParsePrefix(item)
 		if err != nil {
-			return nil, fmt.Errorf("%q is neither an address nor a CIDR network", item)
+			a, aerr := netip.ParseAddr(item)
+			if aerr != nil {
+				return nil, fmt.Errorf("%q is neither an address nor a CIDR network", item)
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
 		}
-		out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
+		if p.Addr().Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		if p.Bits() == 0 {
+			return nil, fmt.Errorf("%q trusts every address: list the load balancers' own", item)
+		}
+		out = append(out, p.Masked())
 	}
 	return out, nil
 }

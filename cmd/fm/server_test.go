@@ -17,6 +17,9 @@ func TestParsePrefixes(t *testing.T) {
 		{"::ffff:192.0.2.7", "[192.0.2.7/32]", false},
 		{"10.0.0.0/16,lb.example.com", "", true},
 		{"10.0.0.0/33", "", true},
+		{"::ffff:10.0.0.0/104", "[10.0.0.0/8]", false},
+		{"0.0.0.0/0", "", true},
+		{"::/0", "", true},
 	}
 	for _, c := range cases {
 		t.Run(c.in, func(t *testing.T) {
