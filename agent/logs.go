@@ -26,8 +26,9 @@ const (
 // message leaves it only once the bus stored it: one the bus did not
 // acknowledge (a node lost, a stream electing its leader) is sent again at
 // the next flush under the same message id, so that the bus keeps it once.
-// While the bus is away it holds at most maxPendingLogs bytes, dropping the
-// oldest and saying how much it dropped.
+// While the bus does not take them it holds at most maxPendingLogs bytes
+// not yet made into messages and as much made into messages, dropping the
+// oldest of each and saying how much it dropped.
 type logShipper struct {
 	instance string
 	js       jetstream.JetStream

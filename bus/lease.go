@@ -23,9 +23,11 @@ var ErrLeaseLost = errors.New("lease lost")
 // A holder that cannot renew (the bus is away from it, or it is
 // partitioned) gives the lease up on its own clock before the bus can give
 // it to another: it counts the TTL from when it sent its last successful
-// renewal, which is before the bus wrote it. Writes made under the lease
-// are revision-checked on the records they change, so that a holder deposed
-// meanwhile has them refused where its successor got there first.
+// renewal, which is before the bus wrote it. A holder frozen and resumed
+// (SIGSTOP, a suspended machine) may run a little before Keep notices: it
+// asks Held before it acts. Writes made under the lease are revision-checked
+// on the records they change, so that a holder deposed meanwhile has them
+// refused where its successor wrote them first.
 type Lease struct {
 	KV     jetstream.KeyValue
 	Key    string

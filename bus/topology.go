@@ -185,9 +185,10 @@ func (t Topology) Streams() []jetstream.StreamConfig {
 			MaxAge: t.LogsMaxAge, MaxBytes: t.LogsMaxBytes, Discard: jetstream.DiscardOld,
 			MaxMsgsPerSubject: logsPerSubject, MaxMsgSize: maxLogSize,
 			Compression: jetstream.S2Compression,
-			// An agent sends a message again, under its id, until stored.
-			Duplicates: t.DuplicateWindow,
-			Storage:    jetstream.FileStorage, Replicas: t.Replicas,
+			// An agent sends a message again, under its id, until stored:
+			// within seconds, so NATS's default window (2 minutes) is enough,
+			// and keeps the ids of a fleet's logs for less.
+			Storage: jetstream.FileStorage, Replicas: t.Replicas,
 		},
 		{
 			// Chunks are filed into fm_diagnosis and dropped within

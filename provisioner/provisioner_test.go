@@ -384,6 +384,81 @@ func TestAProvisionerThatCannotProveItsLeaseActsOnNothing(t *testing.T) {
 	r.waitMachine("in-2", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
 }
 
+// TestEachActAsksForTheLease: past the check when a request is taken, a
+// provisioner asks again right before it changes a machine (a machine
+// operation: after its pending state is written; a snapshot), and before it
+// records a machine lost; without the lease it does none of them, and hands
+// the request back.
+func TestEachActAsksForTheLease(t *testing.T) {
+	r := newRig(t)
+	rec := newRecorder()
+	p, stop := r.runLogged(rec, "holder-a", zerolog.Nop())
+	r.request("in-1", protocol.ProvisionReprovision, "op-1-reprovision")
+	r.waitMachine("in-1", func(s protocol.MachineState) bool { return s.Status == protocol.MachineRunning })
+	stop() // the requests below are handed to p by the test itself
+	ctx := context.Background()
+	cons, err := r.js.Consumer(ctx, protocol.StreamProvision, ConsumerName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := func() jetstream.Msg {
+		t.Helper()
+		batch, err := cons.Fetch(1, jetstream.FetchMaxWait(10*time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for m := range batch.Messages() {
+			return m
+		}
+		t.Fatalf("no request delivered: %v", batch.Error())
+		return nil
+	}
+	// The lease can be proven at the first question only.
+	asked := 0
+	p.held = func() bool { asked++; return asked == 1 }
+
+	r.request("in-2", protocol.ProvisionReprovision, "op-2-reprovision")
+	p.handle(ctx, next())
+	if st := r.machine("in-2"); st.RequestID != "op-2-reprovision" || !transitional(st.Status) {
+		t.Fatalf("the pending state, before the machine is changed: %+v", st)
+	}
+	r.publish(protocol.ProvisionRequest{ID: "op-3-snapshot", Instance: "in-1", Action: protocol.ProvisionSnapshot, OpID: "op-3",
+		Snapshot: &protocol.SnapshotRef{ID: "snap-1"}}, "op-3-snapshot")
+	asked = 0
+	m := next()
+	if !strings.HasSuffix(m.Subject(), ".snapshot") {
+		// The reprovision handed back comes again first (after a second).
+		p.held = func() bool { return false }
+		p.handle(ctx, m)
+		asked, p.held = 0, func() bool { asked++; return asked == 1 }
+		m = next()
+	}
+	p.handle(ctx, m)
+	running := r.machine("in-1")
+	p.markLost(ctx, running)
+	if calls := rec.callList(); len(calls) != 1 {
+		t.Fatalf("without the lease, the provisioner called the backend: %v", calls)
+	}
+	if st := r.machine("in-1"); st.Status != protocol.MachineRunning {
+		t.Fatalf("without the lease, the machine was recorded %s", st.Status)
+	}
+	// With the lease, the requests handed back are carried out.
+	p.held = func() bool { return true }
+	for range 2 {
+		p.handle(ctx, next())
+	}
+	if st := r.machine("in-2"); st.Status != protocol.MachineRunning {
+		t.Fatalf("the reprovision handed back, with the lease: %+v", st)
+	}
+	if calls := rec.callList(); len(calls) != 3 {
+		t.Fatalf("with the lease: %v", calls)
+	}
+	p.markLost(ctx, running)
+	if st := r.machine("in-1"); st.Status != protocol.MachineLost {
+		t.Fatalf("with the lease, the machine was recorded %s", st.Status)
+	}
+}
+
 func TestLostMachinesAreRecorded(t *testing.T) {
 	r := newRig(t)
 	rec := newRecorder()
