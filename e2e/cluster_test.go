@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -15,6 +16,7 @@ import (
 	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/deploy/standin/kit"
 	"github.com/fleetmanager/fm/internal/cmdline"
+	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -133,7 +135,7 @@ func (c *clusterFM) newInstance(t *testing.T, label string) string {
 	tmp := t.TempDir()
 	write := func(name string, v any) string { return WriteJSON(t, tmp, name, v) }
 	kitPath := filepath.Join(filepath.Dir(c.bin), "kits", kit.FileName("14.0.0"))
-	c.fm(t, "image", "add", "--file", write("image.json", map[string]any{"id": "dss-14-" + label, "label": "DSS 14",
+	c.fm(t, "image", "add", "--file", write("image.json", map[string]any{"id": "dss-14-" + label, "label": "DSS 14 " + label,
 		"dssVersion": "14.0.0", "kit": map[string]string{"path": kitPath}}))
 	vn := jsonField(t, c.fm(t, "network", "create", "--label", label+"-net", "--default", "--output", "json"), "id")
 	tpl := jsonField(t, c.fm(t, "template", "create", "--label", label+"-tpl", "--output", "json"), "id")
@@ -181,6 +183,7 @@ func TestNATSNodeLossLosesNothing(t *testing.T) {
 	c.checkAudit(t, map[string]int{"provision": 1, "restart-dss": 4, "stop": 4, "start": 4})
 	c.checkRanOnce(t, in, ops, "restart-dss", 4)
 	c.checkReplicas(t)
+	c.checkEvents(t, ops)
 	c.checkReport(t)
 }
 
@@ -230,6 +233,44 @@ func (c *clusterFM) checkAudit(t *testing.T, want map[string]int) {
 		}
 		if got != n {
 			t.Errorf("the audit trail has %d records of %s, want %d: %v", got, action, n, actions)
+		}
+	}
+}
+
+// checkEvents checks that FM_EVENTS holds events of every operation of ops
+// (the provisioner's or the agent's reports, by which each ended), read
+// back from the stream itself.
+func (c *clusterFM) checkEvents(t *testing.T, ops []string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	st, err := c.adminJS(t).Stream(ctx, protocol.StreamEvents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]int{}
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		m, err := st.GetMsg(ctx, seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue // dropped by the stream's limits
+		}
+		if err != nil {
+			t.Fatalf("FM_EVENTS: event %d: %v", seq, err)
+		}
+		var e struct {
+			OpID string `json:"opId"`
+		}
+		if json.Unmarshal(m.Data, &e) == nil && e.OpID != "" {
+			seen[e.OpID]++
+		}
+	}
+	for _, op := range ops {
+		if seen[op] == 0 {
+			t.Errorf("FM_EVENTS has no event of operation %s", op)
 		}
 	}
 }

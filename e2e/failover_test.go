@@ -13,6 +13,7 @@ import (
 
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // TestFMRolesFailOver runs FM as a fleet that must not stop with one
@@ -25,8 +26,10 @@ import (
 // longer than its lease, the standby takes over, and once resumed the one
 // deposed acts on nothing. A replica killed with an operation it began in
 // flight, the other carries it to its end and takes the snapshot
-// scheduler's lease. Every operation succeeds once, each command runs once
-// on the machine, and the audit trail holds every request.
+// scheduler's lease. A NATS node killed, operations go on.
+// Every operation succeeds once, no request is carried out by two
+// provisioners, each command runs once on the machine, the audit trail
+// holds every request, and every stream has its three replicas current.
 func TestFMRolesFailOver(t *testing.T) {
 	lb := StartLoadBalancer(t)
 	advertise := []string{"--advertise-url", "https://" + lb.Addr}
@@ -169,11 +172,22 @@ func TestFMRolesFailOver(t *testing.T) {
 	wait(c.env, begin(c.env, "stop"))
 	wait(c.env, begin(c.env, "start"))
 	after := active.Stderr()[mark:]
-	for _, acting := range []string{"machine operation started", "operation done", "request already handled", "machine lost"} {
+	for _, acting := range []string{"machine operation done", "operation done", "request already handled", "machine lost"} {
 		if strings.Contains(after, acting) {
 			t.Errorf("the deposed provisioner, resumed, logged %q:\n%s", acting, tail(after, 4000))
 		}
 	}
+
+	// A NATS node killed with operations under way (through the agent, then
+	// through the provisioner), and started again.
+	c.nats.Kill(1)
+	down := time.Now()
+	wait(c.env, begin(c.env, "restart-dss"))
+	wait(c.env, begin(c.env, "stop"))
+	wait(c.env, begin(c.env, "start"))
+	t.Logf("a NATS node killed: a restart of DSS, a stop and a start ended %s later", time.Since(down).Round(time.Millisecond))
+	c.nats.Start(1)
+	c.nats.WaitHealthy(1, 2*time.Minute)
 
 	// A replica killed with an operation it began in flight: the other
 	// carries it to its end, and takes the snapshot scheduler's lease if
@@ -240,7 +254,24 @@ func TestFMRolesFailOver(t *testing.T) {
 			t.Errorf("request %s was carried out %d times", req, n)
 		}
 	}
-	if len(done) < 5 {
-		t.Errorf("the provisioners carried out %d requests, want at least 5: %v", len(done), done)
+	if len(done) < 7 {
+		t.Errorf("the provisioners carried out %d requests, want at least 7: %v", len(done), done)
+	}
+	c.checkReplicas(t)
+	c.checkEvents(t, ops)
+	// The agents' logs reached FM_LOGS, each message acknowledged through
+	// the agents' account: an agent sends the messages after one the bus
+	// did not acknowledge only once it is, so without acknowledgements one
+	// message a source would be stored, sent again for ever.
+	logs, err := c.adminJS(t).Stream(context.Background(), protocol.StreamLogs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := logs.Info(context.Background(), jetstream.WithSubjectFilter(protocol.LogSubject(in, protocol.LogSourceAgent)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := info.State.Subjects[protocol.LogSubject(in, protocol.LogSourceAgent)]; n < 2 {
+		t.Errorf("FM_LOGS has %d messages of the agent's log, want several", n)
 	}
 }

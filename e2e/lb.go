@@ -26,7 +26,15 @@ type LoadBalancer struct {
 	// unhealthy are the backends whose last health check failed.
 	unhealthy map[string]bool
 	done      chan struct{}
+	// oneDial: a connection goes to the backend chosen, or nowhere (as a
+	// cloud balancer answers 502), not to the next when that one refuses.
+	oneDial atomic.Bool
 }
+
+// OneDial makes the balancer dial only the backend it chose for a
+// connection: a replica that closes its listener while the balancer still
+// thinks it healthy fails the calls sent to it, as behind a cloud balancer.
+func (lb *LoadBalancer) OneDial() { lb.oneDial.Store(true) }
 
 // StartLoadBalancer listens on a free loopback port until the test ends.
 // Its backends may be set later (SetBackends), once they are started with
@@ -79,8 +87,12 @@ func (lb *LoadBalancer) forward(c net.Conn) {
 		}
 	}
 	lb.mu.Unlock()
+	candidates := append(healthy, others...)
+	if lb.oneDial.Load() {
+		candidates = candidates[:min(1, len(candidates))]
+	}
 	var up net.Conn
-	for _, b := range append(healthy, others...) {
+	for _, b := range candidates {
 		var err error
 		if up, err = net.DialTimeout("tcp", b, time.Second); err == nil {
 			break

@@ -12,7 +12,9 @@ import (
 // TestRollingRestartFailsNoCall restarts everything FM runs on, one at a
 // time and under load, as an upgrade does: every NATS node (in lame-duck
 // mode, as docs/cluster.md says), every fm server replica (behind a load
-// balancer that checks /healthz; each drains for a second before it stops)
+// balancer that checks /healthz every 100 ms and does not try another
+// replica when one refuses a connection; each drains for a second before
+// it stops)
 // and every provisioner (SIGINT: each hands back what it holds). Meanwhile
 // a client lists the instances through the balancer, and another runs
 // operations one after the other (a restart of DSS through the agent, a
@@ -30,6 +32,9 @@ func TestRollingRestartFailsNoCall(t *testing.T) {
 	lb.SetBackends(replicas[0].addr, replicas[1].addr)
 	ca := filepath.Join(c.data, "tls", "ca.pem")
 	lb.CheckHealth(TrustingClient(t, ca, time.Second), "/healthz")
+	// A call sent to a replica that stopped listening fails, as behind a
+	// cloud balancer: only the drain keeps the calls whole.
+	lb.OneDial()
 	c.env = c.envOf(lb.Addr)
 	provs := []*Proc{c.prov, c.startProvisioner(t)}
 	in := c.newInstance(t, "r1")
