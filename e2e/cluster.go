@@ -19,6 +19,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // BuildNATSServer compiles nats-server, from the module version go.mod
@@ -131,6 +134,22 @@ func (c *NATSCluster) Start(i int) {
 	c.t.Helper()
 	n := c.Nodes[i]
 	n.proc = StartIn(c.t, n.Dir, c.bin, n.env, "-c", "nats-server.conf")
+}
+
+// JetStream connects to the nodes with the credentials file, until the test
+// ends.
+func (c *NATSCluster) JetStream(t testing.TB, creds string) jetstream.JetStream {
+	t.Helper()
+	nc, err := nats.Connect(c.URLs(), nats.UserCredentials(creds), nats.RootCAs(c.CA))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js
 }
 
 // LameDuck stops node i as an operator does before an upgrade: lame-duck

@@ -17,7 +17,6 @@ import (
 	"github.com/fleetmanager/fm/deploy/standin/kit"
 	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/protocol"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -345,16 +344,7 @@ func (c *clusterFM) adminJS(t *testing.T) jetstream.JetStream {
 	t.Helper()
 	creds := filepath.Join(t.TempDir(), "admin.creds")
 	c.fm(t, "nats-creds", "--role", "admin", "-o", creds)
-	nc, err := nats.Connect(c.nats.URLs(), nats.UserCredentials(creds), nats.RootCAs(c.nats.CA))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return js
+	return c.nats.JetStream(t, creds)
 }
 
 // checkReplicas checks that every stream (buckets and object stores are

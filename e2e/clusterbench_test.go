@@ -12,7 +12,6 @@ import (
 
 	"github.com/fleetmanager/fm/internal/natsauth"
 	"github.com/nats-io/jwt/v2"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -85,14 +84,5 @@ func clusterJS(b *testing.B, conf string) jetstream.JetStream {
 	if err := os.WriteFile(credsFile, creds, 0o600); err != nil {
 		b.Fatal(err)
 	}
-	nc, err := nats.Connect(cluster.URLs(), nats.UserCredentials(credsFile), nats.RootCAs(cluster.CA))
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return js
+	return cluster.JetStream(b, credsFile)
 }
