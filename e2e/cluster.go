@@ -140,15 +140,7 @@ func (c *NATSCluster) Start(i int) {
 // ends.
 func (c *NATSCluster) JetStream(t testing.TB, creds string) jetstream.JetStream {
 	t.Helper()
-	nc, err := nats.Connect(c.URLs(), nats.UserCredentials(creds), nats.RootCAs(c.CA))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, js := ConnectJetStream(t, c.URLs(), nats.UserCredentials(creds), nats.RootCAs(c.CA))
 	return js
 }
 

@@ -116,16 +116,7 @@ func (d *devEnv) connect(t *testing.T, creds string, opts ...nats.Option) (*nats
 	if err != nil {
 		t.Fatal(err)
 	}
-	nc, err := nats.Connect("nats://"+strings.TrimSpace(string(addr)), append([]nats.Option{nats.UserCredentials(creds)}, opts...)...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return nc, js
+	return ConnectJetStream(t, "nats://"+strings.TrimSpace(string(addr)), append([]nats.Option{nats.UserCredentials(creds)}, opts...)...)
 }
 
 // restart starts fm dev again as it was (same data, address and flags),

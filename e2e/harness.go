@@ -28,6 +28,8 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/deploy/standin/kit"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // Build compiles fm, the slim agent build beside it (fm-agent, which fm dev
@@ -365,6 +367,21 @@ func (p *Python) Try(method, path, body string, out any) (int, error) {
 		}
 	}
 	return resp.StatusCode, nil
+}
+
+// ConnectJetStream connects to url with opts, until the test ends.
+func ConnectJetStream(t testing.TB, url string, opts ...nats.Option) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, err := nats.Connect(url, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nc, js
 }
 
 // TrustingClient is an HTTP client that trusts the CA file (FM's, for its

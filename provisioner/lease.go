@@ -78,7 +78,9 @@ func (p *Provisioner) deposed(m jetstream.Msg, log zerolog.Logger) bool {
 	if p.leaseHeld() {
 		return false
 	}
-	log.Warn().Msg("the lease is lost or can no longer be proven; request handed back")
+	// The subject is added here, not by callers: building a logger for
+	// every request dispatched would cost on the path of each one.
+	log.Warn().Str("subject", m.Subject()).Msg("the lease is lost or can no longer be proven; request handed back")
 	_ = m.NakWithDelay(time.Second)
 	return true
 }

@@ -171,7 +171,7 @@ func (p *Provisioner) dispatch(pulling, work context.Context, m jetstream.Msg) {
 		_ = m.Nak() // the lease is lost, or stopping: hand it back at once
 		return
 	}
-	if p.deposed(m, p.log.With().Str("subject", m.Subject()).Logger()) {
+	if p.deposed(m, p.log) {
 		return
 	}
 	p.mu.Lock()
@@ -255,7 +255,7 @@ func (p *Provisioner) worker(ctx context.Context, instance string, w *worker) {
 func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 	// Asked first, before anything is acknowledged, reported or written,
 	// and again right before the machine is changed.
-	if p.deposed(m, p.log.With().Str("subject", m.Subject()).Logger()) {
+	if p.deposed(m, p.log) {
 		return
 	}
 	var req protocol.ProvisionRequest
