@@ -332,23 +332,33 @@ func NewPython(t testing.TB, base, keyFile string) *Python {
 // Do sends a request to the tenant path and decodes a JSON answer into out.
 func (p *Python) Do(t testing.TB, method, path, body string, out any) int {
 	t.Helper()
-	code, err := p.Try(method, path, body, out)
+	code, _, err := p.send(method, path, body, out)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return code
 }
 
-// Try is Do returning its error (the request not answered, or an answer
-// out cannot hold), for goroutines other than the test's.
+// Try is Do returning its error (the request not answered, an error
+// status with the answer's body, the one clue a failed call leaves, or an
+// answer out cannot hold), for goroutines other than the test's.
 func (p *Python) Try(method, path, body string, out any) (int, error) {
+	code, data, err := p.send(method, path, body, out)
+	if err == nil && code >= 400 {
+		err = fmt.Errorf("%s %s: %d %s", method, path, code, bytes.TrimSpace(data))
+	}
+	return code, err
+}
+
+// send makes the call and decodes a JSON answer into out.
+func (p *Python) send(method, path, body string, out any) (int, []byte, error) {
 	var rd io.Reader
 	if body != "" {
 		rd = strings.NewReader(body)
 	}
 	req, err := http.NewRequest(method, p.Base+"/api/public/tenants/main"+path, rd)
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	req.SetBasicAuth(p.KeyID, p.Secret)
 	client := p.Client
@@ -357,16 +367,16 @@ func (p *Python) Try(method, path, body string, out any) (int, error) {
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return 0, fmt.Errorf("%s %s: %w", method, path, err)
+		return 0, nil, fmt.Errorf("%s %s: %w", method, path, err)
 	}
 	defer resp.Body.Close()
 	data, _ := io.ReadAll(resp.Body)
 	if out != nil {
 		if err := json.Unmarshal(data, out); err != nil {
-			return resp.StatusCode, fmt.Errorf("%s %s: %d %s: %w", method, path, resp.StatusCode, data, err)
+			return resp.StatusCode, data, fmt.Errorf("%s %s: %d %s: %w", method, path, resp.StatusCode, data, err)
 		}
 	}
-	return resp.StatusCode, nil
+	return resp.StatusCode, data, nil
 }
 
 // ConnectJetStream connects to url with opts, until the test ends.
