@@ -218,7 +218,11 @@ func (s *Server) deleteInstance(r *http.Request) (any, error) {
 	if opts.keepVolume, err = queryBool(r, "keepVolume", false); err != nil {
 		return nil, err
 	}
-	if m, _, _ := s.st.machines.get(id); m.Status != "" && m.Status != protocol.MachineDeleted {
+	m, err := s.machineOf(r.Context(), id)
+	if err != nil {
+		return nil, unavailable(err, "the instance's machine could not be read")
+	}
+	if m.Status != "" && m.Status != protocol.MachineDeleted {
 		return s.act(context.WithValue(r.Context(), deleteOptionsKey{}, opts), in, s.actions()[opDelete])
 	}
 	return s.deleteWithoutMachine(r, in)

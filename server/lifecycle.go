@@ -225,6 +225,17 @@ func (s *Server) lifecycleOf(ctx context.Context, id string) (lifecycle, uint64,
 	return lc, rev, err
 }
 
+// machineOf reads an instance's machine state from the bucket's leader
+// (the zero state if it has none): an action decides on it, and a copy
+// lags behind the provisioner's writes.
+func (s *Server) machineOf(ctx context.Context, id string) (protocol.MachineState, error) {
+	m, _, err := s.st.machines.fetch(ctx, id)
+	if errors.Is(err, errNotFound) {
+		return protocol.MachineState{}, nil
+	}
+	return m, err
+}
+
 // act starts an action: it records the operation, claims the instance for
 // it (a revision-checked write of its lifecycle, so that two actions never
 // run at once), writes the desired state, and publishes the request or
@@ -255,7 +266,10 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 		if !oneOfStr(lc.State, a.from...) {
 			return api.Future{}, precondition("cannot %s instance %s while it is %s", a.kind, in.ID, lc.State)
 		}
-		m, _, _ := s.st.machines.get(in.ID)
+		m, err := s.machineOf(ctx, in.ID)
+		if err != nil {
+			return api.Future{}, unavailable(err, "the instance's machine could not be read")
+		}
 		deadline := a.deadline
 		if s.cfg.OperationTimeout != 0 {
 			deadline = s.cfg.OperationTimeout

@@ -67,11 +67,17 @@ func (s *Server) createSnapshot(r *http.Request) (any, error) {
 // startSnapshot records a snapshot and asks the provisioner to take it. An
 // id already used is refused with errExists (wrapped).
 func (s *Server) startSnapshot(ctx context.Context, instance, id, reason string, automated bool) (api.Snapshot, error) {
-	m, _, _ := s.st.machines.get(instance)
+	m, err := s.machineOf(ctx, instance)
+	if err != nil {
+		return api.Snapshot{}, unavailable(err, "the instance's machine could not be read")
+	}
 	if m.VolumeID == "" {
 		return api.Snapshot{}, precondition("instance %s has no data volume yet: provision it first", instance)
 	}
-	lc, _, _ := s.st.lifecycle.get(instance)
+	lc, _, err := s.lifecycleOf(ctx, instance)
+	if err != nil {
+		return api.Snapshot{}, unavailable(err, "the instance's state could not be read")
+	}
 	if lc.State == stateDeleting {
 		return api.Snapshot{}, precondition("instance %s is being deleted", instance)
 	}

@@ -154,6 +154,9 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 	}
 	t.mu.Lock()
 	t.loading = true
+	// What the copy holds is the bucket up to revision floor: a watcher
+	// started again brings nothing older (resumeCopy).
+	floor, resumed := t.rev, t.synced
 	t.mu.Unlock()
 	defer func() {
 		_ = w.Stop()
@@ -162,6 +165,7 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 		t.mu.Unlock()
 	}()
 	snapshot := map[string]row[T]{}
+	deleted := map[string]uint64{} // keys whose entry in the snapshot is a delete marker
 	var snapRev uint64
 	inSnapshot := true
 	for {
@@ -179,6 +183,9 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 				// A snapshot that replaces a copy (the watcher started
 				// again) may hold changes no update reported: they are
 				// reported now, as updates would have been.
+				if resumed {
+					snapshot = resumeCopy(t.items, floor, snapshot, deleted, snapRev)
+				}
 				var changed []string
 				if t.synced && t.onChange != nil {
 					changed = changedKeys(t.items, snapshot)
@@ -198,8 +205,16 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 			}
 			if inSnapshot {
 				t.apply(snapshot, e)
+				if e.Operation() == jetstream.KeyValuePut {
+					delete(deleted, e.Key())
+				} else {
+					deleted[e.Key()] = e.Revision()
+				}
 				snapRev = max(snapRev, e.Revision())
 				continue
+			}
+			if e.Revision() <= floor {
+				continue // in the copy already: the node serving the watcher catches up
 			}
 			t.mu.Lock()
 			before, had := t.items[e.Key()]
@@ -219,6 +234,36 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 			}
 		}
 	}
+}
+
+// resumeCopy is the copy a watcher started again makes from the copy it
+// replaces (the bucket up to revision floor) and its initial snapshot
+// (keys, the delete markers among them, and its highest revision snapRev).
+// The watcher's consumer may be served by a bus node still catching up (one
+// just restarted), whose snapshot is older than the copy: per key the later
+// revision wins, so that a copy never goes back. A key the snapshot lacks
+// went without a marker (it expired) if the snapshot is newer than the key,
+// and is not there yet otherwise.
+func resumeCopy[T any](copied map[string]row[T], floor uint64, snap map[string]row[T], deleted map[string]uint64, snapRev uint64) map[string]row[T] {
+	next := maps.Clone(copied)
+	for k, r := range copied {
+		_, kept := snap[k]
+		_, marked := deleted[k]
+		if !kept && !marked && r.rev <= snapRev {
+			delete(next, k)
+		}
+	}
+	for k, r := range snap {
+		if r.rev > floor {
+			next[k] = r
+		}
+	}
+	for k, rev := range deleted {
+		if rev > floor {
+			delete(next, k)
+		}
+	}
+	return next
 }
 
 // changedKeys are the keys whose revision differs between two copies, or

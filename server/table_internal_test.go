@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -387,4 +388,141 @@ func TestFetchAsksTheLeader(t *testing.T) {
 			t.Errorf("%s: %v, want not found", k, err)
 		}
 	}
+}
+
+func TestResumeCopy(t *testing.T) {
+	r := func(rev uint64) row[doc] { return row[doc]{rev: rev} }
+	for _, tc := range []struct {
+		name    string
+		copied  map[string]row[doc]
+		floor   uint64
+		snap    map[string]row[doc]
+		deleted map[string]uint64
+		snapRev uint64
+		want    map[string]uint64 // key -> revision
+	}{
+		{name: "a snapshot older than the copy changes nothing",
+			copied: map[string]row[doc]{"a": r(5), "b": r(9)}, floor: 9,
+			snap: map[string]row[doc]{"a": r(3)}, deleted: map[string]uint64{"c": 4}, snapRev: 4,
+			want: map[string]uint64{"a": 5, "b": 9}},
+		{name: "what the copy missed is taken",
+			copied: map[string]row[doc]{"a": r(5), "b": r(9), "c": r(2)}, floor: 9,
+			snap: map[string]row[doc]{"a": r(11), "b": r(9), "d": r(12)}, deleted: map[string]uint64{"c": 10}, snapRev: 12,
+			want: map[string]uint64{"a": 11, "b": 9, "d": 12}},
+		{name: "a key gone without a marker before the snapshot goes",
+			copied: map[string]row[doc]{"a": r(5), "b": r(9)}, floor: 9,
+			snap: map[string]row[doc]{"b": r(9), "c": r(10)}, snapRev: 10,
+			want: map[string]uint64{"b": 9, "c": 10}},
+		{name: "a key newer than a lagging snapshot stays",
+			copied: map[string]row[doc]{"a": r(5), "b": r(9)}, floor: 9,
+			snap: map[string]row[doc]{"a": r(5)}, snapRev: 6,
+			want: map[string]uint64{"a": 5, "b": 9}},
+		{name: "a marker the copy has seen is not applied twice",
+			copied: map[string]row[doc]{"a": r(8)}, floor: 9,
+			snap: map[string]row[doc]{}, deleted: map[string]uint64{"a": 4}, snapRev: 4,
+			want: map[string]uint64{"a": 8}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.deleted == nil {
+				tc.deleted = map[string]uint64{}
+			}
+			got := resumeCopy(tc.copied, tc.floor, tc.snap, tc.deleted, tc.snapRev)
+			revs := map[string]uint64{}
+			for k, v := range got {
+				revs[k] = v.rev
+			}
+			if !maps.Equal(revs, tc.want) {
+				t.Fatalf("resumed copy %v, want %v", revs, tc.want)
+			}
+		})
+	}
+}
+
+// TestACopyNeverGoesBack: a watcher started again on a bus node that is
+// still catching up (here: a bucket holding the first writes only) leaves
+// the copy as it was, and takes only what is newer as the node catches up.
+func TestACopyNeverGoesBack(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	kv, js := testBus(t)
+	behind, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "test_table_behind"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same writes in the same order give the same revisions.
+	writes := []struct{ key, val string }{{"a", `{"n":1}`}, {"b", `{"n":1}`}, {"a", `{"n":2}`}, {"", "b"}, {"c", `{"n":1}`}}
+	write := func(to jetstream.KeyValue, i int) uint64 {
+		t.Helper()
+		w := writes[i]
+		if w.key == "" {
+			if err := to.Delete(ctx, w.val); err != nil {
+				t.Fatal(err)
+			}
+			st, _ := to.Status(ctx)
+			return st.(*jetstream.KeyValueBucketStatus).StreamInfo().State.LastSeq
+		}
+		rev, err := to.Put(ctx, w.key, []byte(w.val))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rev
+	}
+	var logged lockedLog
+	tab := newTable[doc](kv, "doc", zerolog.New(&logged))
+	go tab.run(ctx)
+	if err := tab.waitSynced(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var last uint64
+	for i := range writes {
+		last = write(kv, i)
+	}
+	write(behind, 0)
+	tab.waitRev(ctx, last)
+	want := map[string]int{"a": 2, "c": 1}
+	check := func(when string) {
+		t.Helper()
+		got := map[string]int{}
+		for _, k := range []string{"a", "b", "c", "d"} {
+			if v, _, ok := tab.get(k); ok {
+				got[k] = v.N
+			}
+		}
+		if !maps.Equal(got, want) {
+			t.Fatalf("%s: the copy holds %v, want %v", when, got, want)
+		}
+	}
+	check("before")
+
+	tab.kv = behind // read by the watcher after rewatch: ordered by the channel
+	tab.rewatch()
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(logged.String(), "bucket watcher restarted"); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the watcher did not start again")
+		}
+	}
+	// The copy must not go back, neither to the node's snapshot nor to
+	// what it applies as it catches up (b again): polled for a while, to
+	// give a wrong copy the time to show.
+	stays := func(when string) {
+		t.Helper()
+		for range 20 {
+			check(when)
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	stays("after a watcher started on a node behind")
+	write(behind, 1)
+	stays("while the node catches up")
+	// The node catches up, then takes a new write.
+	for i := 2; i < len(writes); i++ {
+		write(behind, i)
+	}
+	rev, err := behind.Put(ctx, "d", []byte(`{"n":7}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tab.waitRev(ctx, rev)
+	want["d"] = 7
+	check("after the node caught up")
 }
