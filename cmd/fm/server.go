@@ -51,6 +51,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		"with --nats-url, the folder whose keys the cluster trusts: see fm nats-config)")
 	natsCA := fs.String("nats-ca", "", "CA file to verify an external NATS's TLS certificate with")
 	trusted := fs.String("trusted-proxies", "", "load balancers (addresses or CIDR networks, comma-separated) whose X-Forwarded-For names the client")
+	startTimeout := fs.Duration("start-timeout", 2*time.Minute, "how long to wait at start for the bus to take FM's streams and buckets (a cluster just formed elects its leaders first)")
 	drain := fs.Duration("drain", 0, "on stop, keep serving this long while /healthz answers 503, so that a load balancer stops sending calls first (e.g. 10s)")
 	pprofAddr := fs.String("pprof-addr", "", "serve Go's profiles (/debug/pprof/) at this loopback address")
 	logFormat := fs.String("log-format", "json", "console or json")
@@ -148,7 +149,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		AgentCredsTTL: *credsTTL, HeartbeatSeconds: *heartbeat,
 		Network:   server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
 		Authority: sec.authority, SystemConn: b.sys, JoinURL: joinURL, TLS: sec.tls, CAPEM: sec.caPEM,
-		AgentBinary: *agentBinary, MetricsAddr: mf.addr, MetricsPublic: mf.public, DrainTime: *drain,
+		AgentBinary: *agentBinary, MetricsAddr: mf.addr, MetricsPublic: mf.public, DrainTime: *drain, StartTimeout: *startTimeout,
 		TrustedProxies: proxies,
 	})
 	if err != nil {
