@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -106,9 +108,26 @@ func (c *clusterFM) startProvisioner(t *testing.T) *Proc {
 		c.fm(t, "nats-creds", "--role", "provisioner", "-o", creds)
 	}
 	p := Start(t, c.bin, nil, "provisioner", "--backend", "local", "--dir", c.machines, "--nats-url", c.nats.URLs(),
-		"--nats-creds", creds, "--nats-ca", c.nats.CA, "--secret-key-file", filepath.Join(c.data, "secrets.key"))
+		"--nats-creds", creds, "--nats-ca", c.nats.CA, "--secret-key-file", filepath.Join(c.data, "secrets.key"),
+		"--metrics-addr", "127.0.0.1:0")
 	p.WaitStdout("local backend", 30*time.Second)
 	return p
+}
+
+// scrapeProvisioner reads the metrics of a provisioner startProvisioner
+// started, at the address it printed.
+func scrapeProvisioner(t *testing.T, p *Proc) string {
+	t.Helper()
+	out := p.WaitStdout("/metrics", 10*time.Second)
+	i := strings.Index(out, "http://")
+	j := strings.Index(out[i:], "/metrics")
+	resp, err := http.Get(out[i:i+j] + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
 }
 
 func (c *clusterFM) fm(t *testing.T, args ...string) string {

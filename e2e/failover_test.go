@@ -59,6 +59,18 @@ func TestFMRolesFailOver(t *testing.T) {
 		c.fmAt(t, env, "op", "wait", id, "--output", "json") // fails unless it succeeded
 	}
 	wait(viaB, begin(c.env, "provision"))
+	// Each provisioner says whether it is the active one, and the active
+	// one counts its calls to the backend.
+	for i, want := range [][]string{{"fm_provisioner_lease_held 1",
+		`fm_provisioner_backend_calls_total{backend="local",call="reprovision",result="ok"} 1`},
+		{"fm_provisioner_lease_held 0"}} {
+		got := scrapeProvisioner(t, provs[i])
+		for _, w := range want {
+			if !strings.Contains(got, w) {
+				t.Errorf("provisioner %d's metrics lack %s", i+1, w)
+			}
+		}
+	}
 
 	// Each replica keeps copies of the buckets, fed by watchers: a write
 	// through one shows in the other's lists within a bounded lag.

@@ -129,10 +129,25 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	}
 	metrics, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	for _, want := range []string{`fm_instances{node_type="design",state="running"} 1`, `fm_instance_heartbeat_age_seconds{instance="` + id + `"}`,
-		`fm_instance_data_volume_used_ratio{instance="` + id + `"}`, `fm_operations_total{kind="reprovision",result="succeeded"} 1`} {
+	inst := `{instance_id="` + id + `"}`
+	for _, want := range []string{`fm_instances{node_type="design",state="running"} 1`, `fm_instance_heartbeat_age_seconds` + inst,
+		`fm_instance_data_volume_used_ratio` + inst, `fm_instance_data_volume_size_bytes` + inst,
+		`fm_operations_total{kind="reprovision",result="succeeded"} 1`,
+		`fm_instance_agent_up` + inst + ` 1`, `fm_instance_dss_up` + inst + ` 1`,
+		`fm_instance_dss_info{instance_id="` + id + `",node_type="design",version="13.4.0"} 1`,
+		// fm dev's provisioner is in the server's registry.
+		`fm_provisioner_backend_calls_total{backend="local",call="reprovision",result="ok"} 1`, `fm_provisioner_lease_held 1`,
+		`fm_bus_connected 1`, `fm_bus_stream_messages{stream="FM_EVENTS"}`,
+		`fm_bus_consumer_pending_messages{consumer="fm-server",stream="FM_EVENTS"}`, `fm_bus_jetstream_storage_bytes`} {
 		if !strings.Contains(string(metrics), want) {
-			t.Errorf("/metrics lacks %s", want)
+			name, _, _ := strings.Cut(want, "{")
+			var near []string
+			for _, l := range strings.Split(string(metrics), "\n") {
+				if strings.HasPrefix(l, name) {
+					near = append(near, l)
+				}
+			}
+			t.Errorf("/metrics lacks %s; it has %q", want, near)
 		}
 	}
 

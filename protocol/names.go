@@ -33,6 +33,12 @@ const (
 	StreamAudit     = "FM_AUDIT"     // audit trail, fm.audit.<tenant>.<object>
 )
 
+// FM's durable consumers, whose lag says FM is behind its work.
+const (
+	ConsumerEvents      = "fm-server"      // the server's on FM_EVENTS, which folds every event
+	ConsumerProvisioner = "fm-provisioner" // the active provisioner's on FM_PROVISION
+)
+
 // Object stores.
 const (
 	ObjectStoreKits      = "fm_kits"              // DSS install kits, by kit name

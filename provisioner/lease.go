@@ -29,6 +29,8 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 	p.lease.Store(l)
 	return l.Run(ctx, func(held context.Context) error {
 		p.log.Info().Str("holder", p.cfg.Holder).Msg("holding the provisioner lease")
+		p.metrics.lease.Set(1)
+		defer p.metrics.lease.Set(0)
 		// The work outlives ctx a little: consuming stops first, then the
 		// workers hand back what they hold. It ends at once when the lease
 		// can no longer be proven (held ends).

@@ -14,11 +14,12 @@ import (
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 )
 
 // ConsumerName is the provisioner's durable consumer on FM_PROVISION.
-const ConsumerName = "fm-provisioner"
+const ConsumerName = protocol.ConsumerProvisioner
 
 // Config configures a Provisioner.
 type Config struct {
@@ -47,16 +48,20 @@ type Config struct {
 	// machine's join token); nil: a provisioner without the key, which
 	// cannot make machines for a server that seals their tokens.
 	OpenSecret func(sealed, where string) (string, error)
-	Logger     zerolog.Logger
+	// Metrics, if set, is where the provisioner registers its metrics
+	// (fm_provisioner_*): the process's registry, served at /metrics.
+	Metrics prometheus.Registerer
+	Logger  zerolog.Logger
 }
 
 // Provisioner consumes provision requests. Create it with New, run it with
 // Run, release it with Close.
 type Provisioner struct {
-	cfg   Config
-	log   zerolog.Logger
-	js    jetstream.JetStream
-	crash crashpoint.Hook
+	cfg     Config
+	log     zerolog.Logger
+	js      jetstream.JetStream
+	crash   crashpoint.Hook
+	metrics *metrics
 
 	machines jetstream.KeyValue
 	// lease is the one this provisioner last took: workers ask it whether
@@ -107,8 +112,12 @@ func New(cfg Config) (*Provisioner, error) {
 	if err != nil {
 		return nil, fmt.Errorf("provisioner: %w", err)
 	}
+	m, err := newMetrics(cfg.Metrics)
+	if err != nil {
+		return nil, fmt.Errorf("provisioner: metrics: %w", err)
+	}
 	return &Provisioner{
-		cfg: cfg, js: js, crash: cfg.Crash, workerIdle: time.Minute, workers: map[string]*worker{}, active: map[string]bool{},
+		cfg: cfg, js: js, crash: cfg.Crash, metrics: m, workerIdle: time.Minute, workers: map[string]*worker{}, active: map[string]bool{},
 		log: cfg.Logger.With().Str("component", "provisioner").Str("backend", cfg.Backend.Name()).Logger(),
 	}, nil
 }
@@ -532,34 +541,32 @@ func (p *Provisioner) keepInProgress(ctx context.Context, m jetstream.Msg) (cont
 
 func (p *Provisioner) run(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error) {
 	b := p.cfg.Backend
-	switch req.Action {
-	case protocol.ProvisionReprovision:
-		if req.Snapshot != nil && cur.VolumeID != "" {
-			// The snapshot before an upgrade: without it, nothing is replaced.
-			ref, err := p.takeSnapshot(ctx, req, cur)
-			if err != nil && isTransient(err) && time.Now().Before(p.deadline(req.ProvisionRequest)) {
-				return cur, err // tried again later
-			}
-			if perr := p.snapshotOutcome(ctx, req.ProvisionRequest, ref, err); perr != nil {
-				// The outcome must be on record before anything is replaced.
-				return cur, protocol.Errorf(protocol.CodeUnavailable, "the snapshot's outcome was not reported: %v", perr)
-			}
-			if err != nil {
-				pe := asProtocolError(err)
-				return cur, Untouched(protocol.Errorf(pe.Code, "the snapshot before the upgrade (%s) failed, so the machine was left as it was: %s", ref.ID, pe.Message))
-			}
+	if req.Action == protocol.ProvisionReprovision && req.Snapshot != nil && cur.VolumeID != "" {
+		// The snapshot before an upgrade: without it, nothing is replaced.
+		ref, err := p.takeSnapshot(ctx, req, cur)
+		if err != nil && isTransient(err) && time.Now().Before(p.deadline(req.ProvisionRequest)) {
+			return cur, err // tried again later
 		}
-		return b.Reprovision(ctx, req, cur)
-	case protocol.ProvisionDeprovision:
-		return b.Deprovision(ctx, req, cur)
-	case protocol.ProvisionStart:
-		return b.Start(ctx, req, cur)
-	case protocol.ProvisionStop:
-		return b.Stop(ctx, req, cur)
-	case protocol.ProvisionDelete:
-		return b.Delete(ctx, req, cur)
+		if perr := p.snapshotOutcome(ctx, req.ProvisionRequest, ref, err); perr != nil {
+			// The outcome must be on record before anything is replaced.
+			return cur, protocol.Errorf(protocol.CodeUnavailable, "the snapshot's outcome was not reported: %v", perr)
+		}
+		if err != nil {
+			pe := asProtocolError(err)
+			return cur, Untouched(protocol.Errorf(pe.Code, "the snapshot before the upgrade (%s) failed, so the machine was left as it was: %s", ref.ID, pe.Message))
+		}
 	}
-	return cur, protocol.Errorf(protocol.CodeUnimplemented, "unknown action %q", req.Action)
+	call := map[protocol.ProvisionAction]func(context.Context, Request, protocol.MachineState) (protocol.MachineState, error){
+		protocol.ProvisionReprovision: b.Reprovision, protocol.ProvisionDeprovision: b.Deprovision,
+		protocol.ProvisionStart: b.Start, protocol.ProvisionStop: b.Stop, protocol.ProvisionDelete: b.Delete,
+	}[req.Action]
+	if call == nil {
+		return cur, protocol.Errorf(protocol.CodeUnimplemented, "unknown action %q", req.Action)
+	}
+	began := time.Now()
+	next, err := call(ctx, req, cur)
+	p.metrics.observe(b.Name(), string(req.Action), began, err)
+	return next, err
 }
 
 func transitional(s protocol.MachineStatus) bool {

@@ -93,7 +93,10 @@ func (p *Provisioner) snapshotWork(ctx context.Context, req protocol.ProvisionRe
 			ref = *req.Snapshot
 			p.snapshotEvent(ctx, req, ref, protocol.StatusStarted, nil)
 			err = p.crash.Around("provisioner/delete-snapshot/backend", func() error {
-				return p.cfg.Backend.DeleteSnapshot(working, breq, ref)
+				began := time.Now()
+				err := p.cfg.Backend.DeleteSnapshot(working, breq, ref)
+				p.metrics.observe(p.cfg.Backend.Name(), "delete-snapshot", began, err)
+				return err
 			})
 		}
 		if ctx.Err() != nil {
@@ -132,7 +135,9 @@ func (p *Provisioner) takeSnapshot(ctx context.Context, req Request, cur protoco
 		err = protocol.Errorf(protocol.CodeFailedPrecondition, "instance %s has no data volume to snapshot", req.Instance)
 	} else {
 		err = p.crash.Around("provisioner/"+string(req.Action)+"/snapshot", func() (err error) {
+			began := time.Now()
 			ref, err = p.cfg.Backend.Snapshot(ctx, req, cur, want)
+			p.metrics.observe(p.cfg.Backend.Name(), "snapshot", began, err)
 			return err
 		})
 	}

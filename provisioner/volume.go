@@ -27,7 +27,9 @@ func (p *Provisioner) growWork(ctx context.Context, req protocol.ProvisionReques
 			next = cur // grown already (a redelivery)
 		default:
 			err = p.crash.Around("provisioner/grow-volume/backend", func() (err error) {
+				began := time.Now()
 				next, err = p.cfg.Backend.GrowVolume(working, p.request(ctx, req), cur, req.VolumeSizeGB)
+				p.metrics.observe(p.cfg.Backend.Name(), "grow-volume", began, err)
 				return err
 			})
 		}

@@ -86,7 +86,9 @@ func (p *Provisioner) checkMachines(ctx context.Context, known map[string]protoc
 	if len(running) == 0 {
 		return
 	}
+	began := time.Now()
 	alive, err := p.cfg.Backend.Alive(ctx, running)
+	p.metrics.observe(p.cfg.Backend.Name(), "alive", began, err)
 	if err != nil {
 		// Unknown is not lost: the machines are checked again next time.
 		p.log.Warn().Err(err).Int("machines", len(running)).Msg("machine check failed")

@@ -18,7 +18,7 @@ import (
 
 // EventsConsumer is the servers' durable consumer on FM_EVENTS. Every server
 // replica pulls from it, so each event is folded by one of them.
-const EventsConsumer = "fm-server"
+const EventsConsumer = protocol.ConsumerEvents
 
 // folder folds what the provisioner and the agents report (fm_machines,
 // fm_agents, FM_EVENTS, heartbeats) into each instance's lifecycle and its

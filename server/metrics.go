@@ -1,29 +1,38 @@
 package server
 
 import (
+	"errors"
 	"net/http"
 	"strconv"
 	"time"
 
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// metrics are the server's Prometheus metrics, on a registry of its own so
-// that several servers can run in one process (tests).
+// metrics are the server's Prometheus metrics, on a registry of its own
+// (Config.Metrics, or one made here), so that several servers can run in
+// one process (tests). A scrape reads the server's copies and the bus
+// sampler's last sample: it costs no bus call, whatever the fleet's size.
 type metrics struct {
 	reg        *prometheus.Registry
 	requests   *prometheus.CounterVec
 	latency    *prometheus.HistogramVec
 	ops        *prometheus.CounterVec
 	opDuration *prometheus.HistogramVec
+	bus        *busSampler
 }
 
-func newMetrics(s *Server) *metrics {
-	st := s.st
+func newMetrics(s *Server) (*metrics, error) {
+	reg := s.cfg.Metrics
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
 	m := &metrics{
-		reg: prometheus.NewRegistry(),
+		reg: reg,
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fm_http_requests_total", Help: "REST API requests by method and status code.",
 		}, []string{"method", "code"}),
@@ -38,11 +47,23 @@ func newMetrics(s *Server) *metrics {
 			Name: "fm_operation_duration_seconds", Help: "Duration of finished operations by kind.",
 			Buckets: []float64{0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800},
 		}, []string{"kind"}),
+		bus: newBusSampler(s.js, s.cfg.Conn, s.log),
 	}
-	m.reg.MustRegister(m.requests, m.latency, m.ops, m.opDuration,
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		objectsCollector{st}, fleetCollector{s})
-	return m
+	for _, c := range []prometheus.Collector{m.requests, m.latency, m.ops, m.opDuration,
+		objectsCollector{s.st}, fleetCollector{s}, m.bus} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	// The process's own: registered once, whoever shares the registry.
+	for _, c := range []prometheus.Collector{collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})} {
+		var are prometheus.AlreadyRegisteredError
+		if err := reg.Register(c); err != nil && !errors.As(err, &are) {
+			return nil, err
+		}
+	}
+	return m, nil
 }
 
 // handler serves the metrics in Prometheus's text format.
@@ -89,39 +110,144 @@ func (c objectsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// fleetCollector reports each instance's state and what its agent measures.
+// fleetCollector reports the instances by state, each instance's health as
+// its agent reports it, its snapshots, and the operations under way. The
+// series that name an instance are one per instance: that is their point.
 type fleetCollector struct{ s *Server }
+
+// instanceDesc describes a series per instance, named by instance_id:
+// "instance" is Prometheus's own label for the target scraped, and every
+// FM replica serves the same fleet.
+func instanceDesc(name, help string, labels ...string) *prometheus.Desc {
+	return prometheus.NewDesc(name, help, append([]string{"instance_id"}, labels...), nil)
+}
 
 var (
 	instancesDesc = prometheus.NewDesc("fm_instances", "Instances by lifecycle state and DSS node type.",
 		[]string{"state", "node_type"}, nil)
-	heartbeatAgeDesc = prometheus.NewDesc("fm_instance_heartbeat_age_seconds",
-		"Seconds since the instance's agent was last heard from (running machines only).", []string{"instance"}, nil)
-	volumeUsedDesc = prometheus.NewDesc("fm_instance_data_volume_used_ratio",
-		"Used fraction of the instance's data volume, as its agent last measured it.", []string{"instance"}, nil)
+	opsInFlightDesc = prometheus.NewDesc("fm_operations_in_flight", "Operations (futures) running, by kind.",
+		[]string{"kind"}, nil)
+	heartbeatAgeDesc = instanceDesc("fm_instance_heartbeat_age_seconds",
+		"Seconds since the instance's agent was last heard from (running machines only).")
+	agentUpDesc = instanceDesc("fm_instance_agent_up",
+		"1 if the instance's agent is responding (heard from within three heartbeats), 0 if not (running machines only).")
+	dssUpDesc = instanceDesc("fm_instance_dss_up",
+		"1 if DSS answers on its port as the instance's agent last checked, 0 if not (running machines whose agent reported only).")
+	dssInfoDesc = instanceDesc("fm_instance_dss_info",
+		"The DSS installed on the instance, as its agent reports it (always 1).", "version", "node_type")
+	volumeSizeDesc = instanceDesc("fm_instance_data_volume_size_bytes",
+		"Size of the instance's data volume's file system, as its agent last measured it.")
+	volumeUsedBytesDesc = instanceDesc("fm_instance_data_volume_used_bytes",
+		"Used bytes of the instance's data volume, as its agent last measured it.")
+	volumeUsedDesc = instanceDesc("fm_instance_data_volume_used_ratio",
+		"Used fraction of the instance's data volume, as its agent last measured it.")
+	volumeMaxDesc = instanceDesc("fm_instance_data_volume_max_size_bytes",
+		"The size the instance's data volume may grow to (dataVolumeSizeMaxGB), for instances that set one.")
+	volumeAtMaxDesc = instanceDesc("fm_instance_data_volume_at_max",
+		"1 if the instance's data volume has reached the size it may grow to, 0 if not (instances that set one).")
+	snapshotSuccessDesc = instanceDesc("fm_instance_snapshot_last_success_timestamp_seconds",
+		"When the instance's last snapshot that succeeded was taken (instances with one).")
+	snapshotFailedDesc = instanceDesc("fm_instance_snapshot_last_failed",
+		"1 if the instance's last finished snapshot failed, 0 if it succeeded (instances with one).")
+	snapshotPeriodDesc = instanceDesc("fm_instance_automated_snapshot_period_seconds",
+		"The period of the instance's automated snapshots (instances that have them on).")
 )
 
 func (c fleetCollector) Describe(ch chan<- *prometheus.Desc) {
-	ch <- instancesDesc
-	ch <- heartbeatAgeDesc
-	ch <- volumeUsedDesc
+	for _, d := range []*prometheus.Desc{instancesDesc, opsInFlightDesc, heartbeatAgeDesc, agentUpDesc, dssUpDesc, dssInfoDesc,
+		volumeSizeDesc, volumeUsedBytesDesc, volumeUsedDesc, volumeMaxDesc, volumeAtMaxDesc,
+		snapshotSuccessDesc, snapshotFailedDesc, snapshotPeriodDesc} {
+		ch <- d
+	}
+}
+
+// lastSnapshots is what the metrics show of an instance's snapshots.
+type lastSnapshots struct {
+	success  time.Time // the last one that succeeded
+	finished time.Time // the last one that ended
+	failed   bool      // whether that one failed
 }
 
 func (c fleetCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.s
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	// One look at every snapshot, not one per instance.
+	snaps := map[string]lastSnapshots{}
+	for _, sn := range s.st.snapshots.list() {
+		l := snaps[sn.InstanceID]
+		switch sn.State {
+		case api.SnapshotAvailable:
+			l.success = later(l.success, sn.CreatedAt)
+			if !sn.CreatedAt.Before(l.finished) {
+				l.finished, l.failed = sn.CreatedAt, false
+			}
+		case api.SnapshotFailed:
+			if !sn.CreatedAt.Before(l.finished) {
+				l.finished, l.failed = sn.CreatedAt, true
+			}
+		}
+		snaps[sn.InstanceID] = l
+	}
 	type key struct{ state, node string }
 	counts := map[key]int{}
-	for _, in := range c.s.st.instances.list() {
-		st := c.s.statusOf(in.ID)
+	for _, in := range s.st.instances.list() {
+		st := s.statusOf(in.ID)
 		counts[key{st.State, in.DSSNodeType}]++
-		if st.LastSeen != nil {
-			ch <- prometheus.MustNewConstMetric(heartbeatAgeDesc, prometheus.GaugeValue, time.Since(*st.LastSeen).Seconds(), in.ID)
+		if st.CloudMachineIsUp {
+			gauge(agentUpDesc, boolValue(st.AgentResponding), in.ID)
 		}
-		if st.DataVolume != nil && st.DataVolume.SizeBytes > 0 {
-			ch <- prometheus.MustNewConstMetric(volumeUsedDesc, prometheus.GaugeValue,
-				float64(st.DataVolume.UsedBytes)/float64(st.DataVolume.SizeBytes), in.ID)
+		if st.LastSeen != nil {
+			gauge(heartbeatAgeDesc, time.Since(*st.LastSeen).Seconds(), in.ID)
+		}
+		if st.DSS != nil {
+			gauge(dssUpDesc, boolValue(st.DSS.State == protocol.DSSRunning), in.ID)
+			if st.DSS.Version != "" {
+				gauge(dssInfoDesc, 1, in.ID, st.DSS.Version, st.DSS.NodeType)
+			}
+		}
+		var size uint64
+		if v := st.DataVolume; v != nil && v.SizeBytes > 0 {
+			size = v.SizeBytes
+			gauge(volumeSizeDesc, float64(v.SizeBytes), in.ID)
+			gauge(volumeUsedBytesDesc, float64(v.UsedBytes), in.ID)
+			gauge(volumeUsedDesc, float64(v.UsedBytes)/float64(v.SizeBytes), in.ID)
+		}
+		if max := in.DataVolumeSizeMaxGB; max != nil && *max > 0 {
+			maxBytes := uint64(*max) << 30
+			gauge(volumeMaxDesc, float64(maxBytes), in.ID)
+			// The file system is a little smaller than its volume: within
+			// 5% of the maximum is at it.
+			gauge(volumeAtMaxDesc, boolValue(size > 0 && float64(size) >= 0.95*float64(maxBytes)), in.ID)
+		}
+		if l, ok := snaps[in.ID]; ok {
+			if !l.success.IsZero() {
+				gauge(snapshotSuccessDesc, float64(l.success.UnixMilli())/1000, in.ID)
+			}
+			if !l.finished.IsZero() {
+				gauge(snapshotFailedDesc, boolValue(l.failed), in.ID)
+			}
+		}
+		if in.EnableAutomatedSnapshot && in.AutomatedSnapshotPeriod != nil && *in.AutomatedSnapshotPeriod > 0 {
+			gauge(snapshotPeriodDesc, (time.Duration(*in.AutomatedSnapshotPeriod) * s.cfg.SnapshotHour).Seconds(), in.ID)
 		}
 	}
 	for k, n := range counts {
-		ch <- prometheus.MustNewConstMetric(instancesDesc, prometheus.GaugeValue, float64(n), k.state, k.node)
+		gauge(instancesDesc, float64(n), k.state, k.node)
 	}
+	running := map[string]int{}
+	for _, r := range s.st.ops.rowsOf(api.OpRunning) {
+		running[r.val.Kind]++
+	}
+	for kind, n := range running {
+		gauge(opsInFlightDesc, float64(n), kind)
+	}
+}
+
+func boolValue(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }

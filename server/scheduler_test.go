@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -309,5 +310,45 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("never: %s", what)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestSnapshotMetrics: the metrics say when an instance's last good
+// snapshot was taken, whether its last one failed, and the period of its
+// automated snapshots, so that an alert can say one is overdue.
+func TestSnapshotMetrics(t *testing.T) {
+	f, fake, in := startScheduling(t, 2*time.Second, 0)
+	series := func(name string) string {
+		t.Helper()
+		r := f.do("GET", "/metrics", "")
+		for _, l := range strings.Split(string(r.body), "\n") {
+			if strings.HasPrefix(l, name+`{instance_id="`+in.ID+`"} `) {
+				return strings.TrimPrefix(l, name+`{instance_id="`+in.ID+`"} `)
+			}
+		}
+		return ""
+	}
+	waitSeries := func(name, want string) {
+		t.Helper()
+		for deadline := time.Now().Add(20 * time.Second); series(name) != want; time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s is %q, want %q", name, series(name), want)
+			}
+		}
+	}
+	if got := series("fm_instance_automated_snapshot_period_seconds"); got != "2" {
+		t.Fatalf("the automated snapshots' period is %q, want 2 (seconds: an hour of 2 s here)", got)
+	}
+	waitSeries("fm_instance_snapshot_last_failed", "0")
+	took, err := strconv.ParseFloat(series("fm_instance_snapshot_last_success_timestamp_seconds"), 64)
+	if err != nil || time.Since(time.UnixMilli(int64(took*1000))) > time.Minute {
+		t.Fatalf("last good snapshot at %v (%v), want a moment ago", took, err)
+	}
+	fake.mu.Lock()
+	fake.failSnapshots = true
+	fake.mu.Unlock()
+	waitSeries("fm_instance_snapshot_last_failed", "1")
+	if again, _ := strconv.ParseFloat(series("fm_instance_snapshot_last_success_timestamp_seconds"), 64); again < took {
+		t.Fatalf("a failed snapshot moved the last good one back: %v, was %v", again, took)
 	}
 }

@@ -30,6 +30,7 @@ import (
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 )
 
@@ -48,6 +49,10 @@ type Config struct {
 	// MetricsPublic serves /metrics on the REST API's listener without an
 	// API key; by default it needs one, of any role.
 	MetricsPublic bool
+	// Metrics, if set, is the registry the server adds its metrics to and
+	// serves, with whatever else the process registered there (fm dev's
+	// provisioner); nil: one of its own.
+	Metrics *prometheus.Registry
 	// DrainTime is how long a stopping server keeps serving while /healthz
 	// answers 503, so that a load balancer stops sending it calls before it
 	// closes its listener (0: it closes at once). Set it to the balancer's
@@ -230,7 +235,9 @@ func New(cfg Config) (*Server, error) {
 	for _, l := range s.limiters() {
 		l.share = s.publishFailure
 	}
-	s.metrics = newMetrics(s)
+	if s.metrics, err = newMetrics(s); err != nil {
+		return nil, fmt.Errorf("server: metrics: %w", err)
+	}
 	// Reports about an instance make it be reconciled.
 	st.machines.onChange, st.agents.onChange, st.lifecycle.onChange = s.enqueue, s.enqueue, s.enqueue
 	watchCtx, stop := context.WithCancel(context.Background())
@@ -331,6 +338,7 @@ func (s *Server) Run(ctx context.Context) error {
 	go func() { defer close(scheduled); s.runSnapshotScheduler(foldCtx) }()
 	defer func() { stopFolding(); <-folded; <-scheduled }()
 	go s.syncAccount(foldCtx)
+	go s.metrics.bus.run(foldCtx)
 	// After the subscriptions end (deferred below), the answers under way.
 	defer s.agentWork.close()
 	cmdAfters, err := s.serveCommandsAfter()

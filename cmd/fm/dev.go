@@ -17,6 +17,7 @@ import (
 	"github.com/fleetmanager/fm/internal/startup"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/server"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // runDev is `fm dev`: the embedded default. One process holds an embedded
@@ -83,6 +84,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		natsCreds = append(natsCreds, path)
 	}
 
+	// One registry: the server serves the provisioner's metrics too.
+	reg := prometheus.NewRegistry()
 	srv, err := server.New(server.Config{
 		Conn:   b.nc,
 		Listen: *listen,
@@ -99,6 +102,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		Logger:           log,
 		MetricsAddr:      mf.addr,
 		MetricsPublic:    mf.public,
+		Metrics:          reg,
 	})
 	if err != nil {
 		return err
@@ -115,7 +119,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err != nil {
 		return err
 	}
-	prov, err := provisioner.New(provisioner.Config{Conn: b.nc, Backend: backend, Holder: devHolder(dir), OpenSecret: box.Open, Logger: log})
+	prov, err := provisioner.New(provisioner.Config{Conn: b.nc, Backend: backend, Holder: devHolder(dir), OpenSecret: box.Open, Metrics: reg, Logger: log})
 	if err != nil {
 		return err
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/fleetmanager/fm/provisioner/ec2"
 	"github.com/fleetmanager/fm/provisioner/local"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 )
 
@@ -45,6 +46,7 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	fs.StringVar(&ec.ingress, "ec2-ingress-cidrs", "0.0.0.0/0", "ec2 backend: comma-separated CIDRs FM's web security group opens SSH, HTTP and HTTPS to")
 	fs.DurationVar(&ec.poll, "ec2-poll", 5*time.Second, "ec2 backend: how often a wait for AWS looks")
 	secretKeyFile := fs.String("secret-key-file", "", "FM's secret key (fm server's DATA/secrets.key): opens new machines' join tokens and key pair cloud credentials")
+	metricsAddr := fs.String("metrics-addr", "", "serve /metrics at this address, over plain HTTP and without a key (firewall it)")
 	logFormat := fs.String("log-format", "json", "console or json")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
 	if err := startup.ParseRoleFlags(fs, args); err != nil {
@@ -83,11 +85,19 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	if err != nil {
 		return err
 	}
-	p, err := provisioner.New(provisioner.Config{Conn: b.nc, Backend: backend, OpenSecret: ec.openSecret, Logger: log})
+	reg := prometheus.NewRegistry()
+	p, err := provisioner.New(provisioner.Config{Conn: b.nc, Backend: backend, OpenSecret: ec.openSecret, Metrics: reg, Logger: log})
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "fm provisioner: %s backend, bus %s\n", backend.Name(), *natsURL)
+	if *metricsAddr != "" {
+		addr, err := serveMetrics(ctx, *metricsAddr, reg, log)
+		if err != nil {
+			return usageError{Err: err}
+		}
+		fmt.Fprintf(stdout, "  metrics    http://%s/metrics (no API key)\n", addr)
+	}
 	return p.Run(ctx)
 }
 
