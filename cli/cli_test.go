@@ -5,6 +5,7 @@ import (
 	"flag"
 	"io"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -81,5 +82,38 @@ func TestObjFieldApply(t *testing.T) {
 		if string(b) != tc.want {
 			t.Errorf("%s %q: got %s, want %s", tc.f.flag, tc.text, b, tc.want)
 		}
+	}
+}
+
+func TestPrintStatus(t *testing.T) {
+	var view fleetView
+	view.Summary.Instances = 3
+	view.Summary.ByState = map[string]int{"running": 2, "failed": 1}
+	view.Summary.ByNodeType = map[string]int{"design": 3}
+	view.Summary.ByDSSVersion = map[string]int{"14.0.0": 1, "13.4.0": 1}
+	view.Summary.DSSDown, view.Summary.FailedInstances = 1, 1
+	for _, tc := range []struct {
+		name  string
+		color bool
+		want  string
+	}{
+		{"plain", false, "instances   3 (running 2, failed 1)\nnode types  design 3\nDSS         13.4.0 1, 14.0.0 1\n" +
+			"health      0 agents not responding, 1 DSS down, 0 data volumes above 80%, 1 failed\noperations  0 running\n"},
+		{"on a terminal", true, "instances   3 (running 2, failed 1)\nnode types  design 3\nDSS         13.4.0 1, 14.0.0 1\n" +
+			"health      0 agents not responding, \x1b[31m1 DSS down\x1b[0m, 0 data volumes above 80%, \x1b[31m1 failed\x1b[0m\noperations  0 running\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var b strings.Builder
+			printStatus(&b, view, tc.color)
+			if b.String() != tc.want {
+				t.Fatalf("got\n%q\nwant\n%q", b.String(), tc.want)
+			}
+		})
+	}
+	var empty fleetView
+	var b strings.Builder
+	printStatus(&b, empty, false)
+	if !strings.HasPrefix(b.String(), "instances   0\nnode types  none\n") {
+		t.Fatalf("an empty fleet:\n%s", b.String())
 	}
 }

@@ -57,8 +57,7 @@ var templateResource = &resource{
 
 var instanceResource = &resource{
 	command: "instance", kind: "instance", path: "/instances",
-	columns: []column{field("ID", "id"), field("LABEL", "label"), field("NODE", "dssNodeType"), field("IMAGE", "imageId"),
-		field("NETWORK", "virtualNetworkLabel"), field("TEMPLATE", "instanceSettingsTemplateLabel"), field("TYPE", "cloudInstanceType")},
+	columns: instanceColumns,
 	fields: []objField{
 		{"label", "label", "string", "label (unique)"},
 		{"description", "description", "string", "description"},

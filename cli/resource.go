@@ -42,7 +42,7 @@ type objField struct {
 }
 
 var resources = []*resource{networkResource, templateResource, instanceResource, snapshotResource, imageResource, opResource,
-	apikeyResource, auditResource, natsCredsResource}
+	apikeyResource, auditResource, natsCredsResource, statusResource}
 
 func (r *resource) usage() string {
 	if r.command == "instance" {
@@ -114,6 +114,11 @@ func (r *resource) run(ctx context.Context, env Env, args []string) error {
 		}
 		if conn.output == "json" {
 			return printJSON(env.Stdout, objs)
+		}
+		if r.command == "instance" {
+			if err := withStatus(ctx, c, q, objs); err != nil {
+				return err
+			}
 		}
 		return printTable(env.Stdout, r.columns, objs)
 	case "get":

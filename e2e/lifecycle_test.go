@@ -151,6 +151,24 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 		}
 	}
 
+	// The CLI shows the fleet: each instance's state, DSS, URL, heartbeat
+	// and volume; fm status sums it up.
+	list := d.fm(t, "instance", "list")
+	for _, want := range []string{"STATE", "running", "13.4.0", url, "%"} {
+		if !strings.Contains(list, want) {
+			t.Errorf("fm instance list lacks %q:\n%s", want, list)
+		}
+	}
+	status := d.fm(t, "status")
+	for _, want := range []string{"instances   1 (running 1)", "DSS         13.4.0 1", "0 agents not responding", "0 DSS down"} {
+		if !strings.Contains(status, want) {
+			t.Errorf("fm status lacks %q:\n%s", want, status)
+		}
+	}
+	if strings.Contains(status, "\x1b[") {
+		t.Errorf("fm status wrote colours to a pipe:\n%q", status)
+	}
+
 	// Stop and start.
 	d.fm(t, "instance", "stop", id, "--wait")
 	if st := d.status(t, py, id); st["state"] != "stopped" || st["cloudMachineIsUp"] != false || st["publicURL"] != "" {

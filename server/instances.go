@@ -6,6 +6,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"time"
@@ -34,12 +35,34 @@ func (s *Server) listInstances(r *http.Request) (any, error) {
 	if err != nil {
 		return nil, err
 	}
+	all, filtered, err := s.instancesMatching(q)
+	if err != nil {
+		return nil, err
+	}
+	whole := p == page{} && !filtered
+	all = pageRows(p, all, func(in *api.Instance) string { return in.ID })
+	// What a reader sees of an instance redaction changes is encoded for
+	// it alone, never taken from or left in the kept encodings.
+	redacted := make([]bool, len(all))
+	for i := range all {
+		s.fillInstanceLabels(&all[i])
+		before := all[i].SSLCertificatePEM
+		redactInstance(r, &all[i])
+		redacted[i] = all[i].SSLCertificatePEM != before
+	}
+	return s.listed.list(all, redacted, whole)
+}
+
+// instancesMatching is every instance the query's filters keep (state: one
+// or several states, comma-separated; label: a part of the label, whatever
+// its case), in id order, and whether a filter was given.
+func (s *Server) instancesMatching(q url.Values) ([]api.Instance, bool, error) {
 	var states []string
 	if v := q.Get("state"); v != "" {
 		states = strings.Split(v, ",")
 		for _, st := range states {
 			if !slices.Contains(instanceStates, st) {
-				return nil, invalid("query parameter state: %q is not one of %s", st, strings.Join(instanceStates, ", "))
+				return nil, false, invalid("query parameter state: %q is not one of %s", st, strings.Join(instanceStates, ", "))
 			}
 		}
 	}
@@ -58,18 +81,7 @@ func (s *Server) listInstances(r *http.Request) (any, error) {
 		}
 		all = kept
 	}
-	whole := p == page{} && states == nil && label == ""
-	all = pageRows(p, all, func(in *api.Instance) string { return in.ID })
-	// What a reader sees of an instance redaction changes is encoded for
-	// it alone, never taken from or left in the kept encodings.
-	redacted := make([]bool, len(all))
-	for i := range all {
-		s.fillInstanceLabels(&all[i])
-		before := all[i].SSLCertificatePEM
-		redactInstance(r, &all[i])
-		redacted[i] = all[i].SSLCertificatePEM != before
-	}
-	return s.listed.list(all, redacted, whole)
+	return all, states != nil || label != "", nil
 }
 
 func (s *Server) getInstance(r *http.Request) (any, error) {

@@ -132,7 +132,7 @@ var (
 	agentUpDesc = instanceDesc("fm_instance_agent_up",
 		"1 if the instance's agent is responding (heard from within three heartbeats), 0 if not (running machines only).")
 	dssUpDesc = instanceDesc("fm_instance_dss_up",
-		"1 if DSS answers on its port as the instance's agent last checked, 0 if not (running machines whose agent reported only).")
+		"1 if DSS answers on its port as the instance's agent last checked, 0 if not (running instances with no operation under way, whose agent reported).")
 	dssInfoDesc = instanceDesc("fm_instance_dss_info",
 		"The DSS installed on the instance, as its agent reports it (always 1).", "version", "node_type")
 	volumeSizeDesc = instanceDesc("fm_instance_data_volume_size_bytes",
@@ -202,7 +202,9 @@ func (c fleetCollector) Collect(ch chan<- prometheus.Metric) {
 			gauge(heartbeatAgeDesc, time.Since(*st.LastSeen).Seconds(), in.ID)
 		}
 		if st.DSS != nil {
-			gauge(dssUpDesc, boolValue(st.DSS.State == protocol.DSSRunning), in.ID)
+			if dssExpectedUp(st) {
+				gauge(dssUpDesc, boolValue(st.DSS.State == protocol.DSSRunning), in.ID)
+			}
 			if st.DSS.Version != "" {
 				gauge(dssInfoDesc, 1, in.ID, st.DSS.Version, st.DSS.NodeType)
 			}
@@ -250,4 +252,11 @@ func boolValue(b bool) float64 {
 		return 1
 	}
 	return 0
+}
+
+// dssExpectedUp says whether DSS should answer: the instance runs, its
+// agent reported, and no operation is under way (an install, an upgrade
+// or a restart of DSS takes it down on purpose).
+func dssExpectedUp(st instanceStatus) bool {
+	return st.State == stateRunning && st.DSS != nil && (st.Operation == nil || st.Operation.State != api.OpRunning)
 }

@@ -37,6 +37,7 @@ Client commands (talk to the REST API; --url, --key-file, --output json):
   fm instance       list|get|create|update|delete instances
   fm snapshot       list|get|create|delete|restore snapshots of an instance's data volume
   fm image          list|get|add|remove deployable DSS images
+  fm status         the fleet summed up: states, DSS versions, what needs a look
   fm op             list|get|wait|abort operations
   fm apikey         list|create|revoke API keys and their roles (admin)
   fm audit          the audit trail, --follow to keep reading (admin)
