@@ -299,7 +299,7 @@ func (a *Agent) handleCommand(ctx context.Context, data []byte, seq uint64) {
 			"command %s expired at %s before the agent could run it", cmd.Kind, cmd.Expires.Format(time.RFC3339))}, seq)
 		return
 	}
-	log := a.log.With().Str("command", cmd.ID).Str("kind", string(cmd.Kind)).Logger()
+	log := a.log.With().Str("command", cmd.ID).Str("kind", string(cmd.Kind)).Str("op", cmd.OpID).Str("call_id", cmd.CallID).Logger()
 	attempt := 1
 	if r := a.cursor.Running; r != nil && r.ID == cmd.ID {
 		// The agent stopped while running it: every command is safe to run

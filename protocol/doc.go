@@ -62,4 +62,7 @@
 //	  and a server after it (or the reverse) do not exchange commands.
 //	  Their subject ("fm.cmdfrom.") keeps no other meaning. Attempt
 //	  failures between the server's replicas (SubjectAttemptFailures).
+//	  The REST call's id (X-Request-Id) on what it causes: a command's, a
+//	  provision request's and an audit record's callId. FM's durable
+//	  consumers' names (ConsumerEvents, ConsumerProvisioner).
 package protocol

@@ -176,6 +176,9 @@ type Command struct {
 	// OpID is the operation (future) the command belongs to, if any.
 	OpID   string    `json:"opId,omitempty"`
 	Issued time.Time `json:"issued"`
+	// CallID is the id of the REST call that caused the command (its
+	// X-Request-Id), for the logs.
+	CallID string `json:"callId,omitempty"`
 	// Expires, if set, is when the command stops being worth running: an
 	// agent that gets it later answers with an error instead.
 	Expires time.Time       `json:"expires,omitzero"`
@@ -481,6 +484,8 @@ type AuditRecord struct {
 	Outcome string `json:"outcome"`
 	Status  int    `json:"status,omitempty"`
 	Error   *Error `json:"error,omitempty"`
+	// CallID is the id of the REST call (its X-Request-Id), if any.
+	CallID string `json:"callId,omitempty"`
 }
 
 // Validate implements Message.

@@ -37,6 +37,9 @@ type ProvisionRequest struct {
 	Instance string          `json:"instance"`
 	Action   ProvisionAction `json:"action"`
 	OpID     string          `json:"opId,omitempty"`
+	// CallID is the id of the REST call that caused the request (its
+	// X-Request-Id), for the logs.
+	CallID string `json:"callId,omitempty"`
 	// Generation is the desired generation the machine is for (reprovision,
 	// start).
 	Generation uint64    `json:"generation,omitempty"`

@@ -294,7 +294,8 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		}
 		req.Deadline = base.Add(p.cfg.DefaultDeadline)
 	}
-	log := p.log.With().Str("instance", req.Instance).Str("action", string(req.Action)).Str("request", req.ID).Logger()
+	log := p.log.With().Str("instance", req.Instance).Str("action", string(req.Action)).Str("request", req.ID).
+		Str("op", req.OpID).Str("call_id", req.CallID).Logger()
 	point := "provisioner/" + string(req.Action)
 	switch req.Action {
 	case protocol.ProvisionSnapshot, protocol.ProvisionDeleteSnapshot:

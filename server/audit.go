@@ -73,6 +73,9 @@ func objectOf(path string) string {
 // published is logged as an error: the action it describes is already done.
 func (s *Server) record(ctx context.Context, rec protocol.AuditRecord) {
 	rec.ID, rec.Time = protocol.NewID("au"), time.Now().UTC()
+	if rec.CallID == "" {
+		rec.CallID = callIDFrom(ctx)
+	}
 	if rec.Tenant == "" {
 		rec.Tenant = api.DefaultTenant
 	}

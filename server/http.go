@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -123,7 +124,7 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	ae := asAPIError(err)
 	status := httpStatus(ae.code)
 	if ae.cause != nil || status >= 500 {
-		s.log.Error().Err(ae).Str("method", r.Method).Str("path", r.URL.Path).Msg("request failed")
+		s.log.Error().Err(ae).Str("method", r.Method).Str("path", r.URL.Path).Str("call_id", callIDFrom(r.Context())).Msg("request failed")
 	}
 	if ae.retryAfter > 0 {
 		w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(ae.retryAfter)))
@@ -156,7 +157,7 @@ func (s *Server) recoverPanics(next http.Handler) http.Handler {
 					panic(v)
 				}
 				s.log.Error().Str("panic", fmt.Sprint(v)).Bytes("stack", debug.Stack()).
-					Str("method", r.Method).Str("path", r.URL.Path).Msg("handler panicked")
+					Str("method", r.Method).Str("path", r.URL.Path).Str("call_id", callIDFrom(r.Context())).Msg("handler panicked")
 				writeJSON(w, http.StatusInternalServerError, api.Error{ErrorType: string(protocol.CodeInternal),
 					Message: "Internal error", DetailedMessage: "the server failed while handling the request; see its log"})
 			}
@@ -177,6 +178,47 @@ func (r *statusRecorder) WriteHeader(code int) {
 	r.ResponseWriter.WriteHeader(code)
 }
 
+// callIDHeader names a REST call: the client's, if it sent a usable one,
+// or one the server makes; the response echoes it, the access log, the
+// audit record and the bus messages the call causes carry it (callId), so
+// that one call is followed through every role's log.
+const callIDHeader = "X-Request-Id"
+
+type callIDKey struct{}
+
+// callIDFrom is the id of the REST call ctx belongs to, "" outside one.
+func callIDFrom(ctx context.Context) string {
+	id, _ := ctx.Value(callIDKey{}).(string)
+	return id
+}
+
+// usableCallID says whether a client's X-Request-Id may name the call: at
+// most 64 letters, digits, dots, dashes and underscores (nothing a log
+// reader would misread).
+func usableCallID(id string) bool {
+	if id == "" || len(id) > 64 {
+		return false
+	}
+	for _, c := range id {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+// withCallIDs names every call (callIDHeader).
+func withCallIDs(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id := r.Header.Get(callIDHeader)
+		if !usableCallID(id) {
+			id = newID("req")
+		}
+		w.Header().Set(callIDHeader, id)
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), callIDKey{}, id)))
+	})
+}
+
 // logRequests logs every request: reads at debug level (clients poll
 // futures every few seconds), everything else at info.
 func (s *Server) logRequests(next http.Handler) http.Handler {
@@ -189,7 +231,7 @@ func (s *Server) logRequests(next http.Handler) http.Handler {
 			level = zerolog.DebugLevel
 		}
 		ev := s.log.WithLevel(level).Str("method", r.Method).Str("path", r.URL.Path).
-			Int("status", rec.status).Dur("took", time.Since(start))
+			Int("status", rec.status).Dur("took", time.Since(start)).Str("call_id", callIDFrom(r.Context()))
 		if p := principalFrom(r.Context()); p != nil {
 			ev = ev.Str("key", p.KeyID)
 		}

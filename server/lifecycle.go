@@ -95,7 +95,7 @@ func (s *Server) commandAction(kind string, cmd protocol.CommandKind) action {
 	return action{kind: kind, from: []string{stateRunning}, deadline: 15 * time.Minute,
 		prepare: func(ctx context.Context, in api.Instance, lc *lifecycle, op *opRecord, m protocol.MachineState) (*protocol.DesiredState, error) {
 			c := protocol.Command{ID: op.JobID + "-cmd", Instance: in.ID, Kind: cmd, OpID: op.JobID,
-				Issued: time.Now().UTC(), Expires: op.Deadline}
+				Issued: time.Now().UTC(), Expires: op.Deadline, CallID: op.CallID}
 			if p, ok := ctx.Value(commandParamsKey{}).(json.RawMessage); ok {
 				c.Params = p
 				// Params may hold a password: the agent gets them sealed
@@ -124,6 +124,7 @@ func requestID(op opRecord, action protocol.ProvisionAction) string {
 // in the operation.
 func (s *Server) attachRequest(op *opRecord, req protocol.ProvisionRequest) error {
 	req.ID, req.Instance, req.OpID, req.Issued, req.Order = requestID(*op, req.Action), op.Instance, op.JobID, time.Now().UTC(), op.Order
+	req.CallID = op.CallID
 	req.Deadline = op.Deadline
 	req.Cloud = s.cloudAuth()
 	data, err := protocol.Encode(&req)

@@ -19,6 +19,9 @@ type opRecord struct {
 	// and publishing it).
 	RequestID string          `json:"requestId,omitempty"`
 	Request   json.RawMessage `json:"request,omitempty"`
+	// CallID is the REST call that began the operation (X-Request-Id),
+	// which its request and command carry.
+	CallID string `json:"callId,omitempty"`
 	// Order orders a lifecycle operation's requests among the instance's
 	// (protocol.ProvisionRequest.Order): higher than every earlier
 	// operation's (orderAfter).

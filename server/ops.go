@@ -56,7 +56,7 @@ func newRunningOp(ctx context.Context, kind, instance string, deadline time.Dura
 	op := opRecord{Future: api.Future{
 		JobID: newID("op"), Alive: true, Kind: kind, TargetKind: "instance", TargetID: instance,
 		State: api.OpRunning, StartedBy: principalID(ctx), StartedAt: now,
-	}, Instance: instance, Deadline: now.Add(deadline)}
+	}, Instance: instance, Deadline: now.Add(deadline), CallID: callIDFrom(ctx)}
 	op.step(kind, string(protocol.StatusStarted), "", now)
 	return op
 }

@@ -459,7 +459,7 @@ func (s *Server) handler() http.Handler {
 	}
 	root.Handle("/healthz", routeHandler{s: s, methods: methods{"GET": reads(RoleViewer, s.healthz)}})
 	root.Handle("/", routeHandler{s: s, methods: unknownPath()})
-	return cleanPath(forwardedFor(s.cfg.TrustedProxies, s.recoverPanics(s.logRequests(root))))
+	return cleanPath(forwardedFor(s.cfg.TrustedProxies, withCallIDs(s.recoverPanics(s.logRequests(root)))))
 }
 
 // unsupported answers every method of a Dataiku endpoint FM does not have.

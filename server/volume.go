@@ -108,7 +108,7 @@ func (s *Server) foldGrowVolume(ctx context.Context, op opRecord, e protocol.Eve
 		_ = json.Unmarshal(op.Request, &req)
 		params, _ := json.Marshal(protocol.GrowFilesystemParams{SizeBytes: uint64(req.VolumeSizeGB) << 30})
 		c := protocol.Command{ID: op.JobID + "-cmd", Instance: op.Instance, Kind: protocol.CommandGrowFilesystem, OpID: op.JobID,
-			Issued: time.Now().UTC(), Expires: op.Deadline, Params: params}
+			Issued: time.Now().UTC(), Expires: op.Deadline, Params: params, CallID: op.CallID}
 		data, err := protocol.Encode(&c)
 		if err != nil {
 			return nil
