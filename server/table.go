@@ -75,6 +75,7 @@ type table[T any] struct {
 	// (rewatchStale).
 	lastRewatch time.Time
 	loading     bool
+	loads       int // initial snapshots applied (tests)
 }
 
 type row[T any] struct {
@@ -179,13 +180,20 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 				return errors.New("watcher closed")
 			}
 			if e == nil { // end of the initial values
+				rev := max(floor, snapRev)
+				if resumed {
+					// Only this goroutine writes the copy: it reads it
+					// without the lock while it asks the bus.
+					var reset bool
+					snapshot, reset = t.resumed(ctx, floor, snapshot, deleted, snapRev)
+					if reset {
+						floor, rev = 0, snapRev
+					}
+				}
 				t.mu.Lock()
 				// A snapshot that replaces a copy (the watcher started
 				// again) may hold changes no update reported: they are
 				// reported now, as updates would have been.
-				if resumed {
-					snapshot = resumeCopy(t.items, floor, snapshot, deleted, snapRev)
-				}
 				var changed []string
 				if t.synced && t.onChange != nil {
 					changed = changedKeys(t.items, snapshot)
@@ -193,7 +201,8 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 				t.items, t.keys = snapshot, nil
 				t.keysGen++
 				t.regroupLocked()
-				t.rev = max(t.rev, snapRev)
+				t.rev = rev
+				t.loads++
 				t.synced, t.loading = true, false
 				t.notifyLocked()
 				t.mu.Unlock()
@@ -236,21 +245,55 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 	}
 }
 
+// resumed is the copy a watcher started again makes (resumeCopy), asking
+// the stream's leader what the snapshot cannot tell: whether the bucket was
+// made again since (its last revision is below the copy's: the snapshot
+// replaces the copy, reset), where the stream now begins (a key of the
+// copy's below it is gone: it expired, or the stream was purged), and,
+// for each key the snapshot lacks that is newer than it, whether the key
+// is still there. Without an answer it keeps what it cannot tell.
+func (t *table[T]) resumed(ctx context.Context, floor uint64, snap map[string]row[T], deleted map[string]uint64, snapRev uint64) (next map[string]row[T], reset bool) {
+	var first uint64
+	if info, err := t.streamInfo(ctx); err == nil {
+		if info.State.LastSeq < floor {
+			t.log.Warn().Uint64("last", info.State.LastSeq).Uint64("copy", floor).Msg("the bucket was made again: the copy is loaded anew")
+			return snap, true
+		}
+		first = info.State.FirstSeq
+	}
+	next, unsure := resumeCopy(t.items, floor, snap, deleted, snapRev, first)
+	const maxAsked = 10000 // bounds the calls; what is left over stays
+	for i, k := range unsure {
+		if i == maxAsked {
+			break
+		}
+		if _, _, err := t.readLeader(ctx, k); errors.Is(err, errNotFound) {
+			delete(next, k)
+		}
+	}
+	return next, false
+}
+
 // resumeCopy is the copy a watcher started again makes from the copy it
 // replaces (the bucket up to revision floor) and its initial snapshot
 // (keys, the delete markers among them, and its highest revision snapRev).
 // The watcher's consumer may be served by a bus node still catching up (one
 // just restarted), whose snapshot is older than the copy: per key the later
 // revision wins, so that a copy never goes back. A key the snapshot lacks
-// went without a marker (it expired) if the snapshot is newer than the key,
-// and is not there yet otherwise.
-func resumeCopy[T any](copied map[string]row[T], floor uint64, snap map[string]row[T], deleted map[string]uint64, snapRev uint64) map[string]row[T] {
-	next := maps.Clone(copied)
+// went without a marker (it expired, or was purged) if it is older than
+// the stream's first revision first or than the snapshot; otherwise the
+// snapshot may not have it yet: it stays, and is among unsure.
+func resumeCopy[T any](copied map[string]row[T], floor uint64, snap map[string]row[T], deleted map[string]uint64, snapRev, first uint64) (next map[string]row[T], unsure []string) {
+	next = maps.Clone(copied)
 	for k, r := range copied {
 		_, kept := snap[k]
 		_, marked := deleted[k]
-		if !kept && !marked && r.rev <= snapRev {
+		switch {
+		case kept || marked:
+		case r.rev < first || r.rev <= snapRev:
 			delete(next, k)
+		default:
+			unsure = append(unsure, k)
 		}
 	}
 	for k, r := range snap {
@@ -263,7 +306,8 @@ func resumeCopy[T any](copied map[string]row[T], floor uint64, snap map[string]r
 			delete(next, k)
 		}
 	}
-	return next
+	slices.Sort(unsure)
+	return next, unsure
 }
 
 // changedKeys are the keys whose revision differs between two copies, or

@@ -399,12 +399,14 @@ func TestResumeCopy(t *testing.T) {
 		snap    map[string]row[doc]
 		deleted map[string]uint64
 		snapRev uint64
+		first   uint64 // the stream's first revision, 0 if unknown
 		want    map[string]uint64 // key -> revision
+		unsure  []string
 	}{
 		{name: "a snapshot older than the copy changes nothing",
 			copied: map[string]row[doc]{"a": r(5), "b": r(9)}, floor: 9,
 			snap: map[string]row[doc]{"a": r(3)}, deleted: map[string]uint64{"c": 4}, snapRev: 4,
-			want: map[string]uint64{"a": 5, "b": 9}},
+			want: map[string]uint64{"a": 5, "b": 9}, unsure: []string{"b"}},
 		{name: "what the copy missed is taken",
 			copied: map[string]row[doc]{"a": r(5), "b": r(9), "c": r(2)}, floor: 9,
 			snap: map[string]row[doc]{"a": r(11), "b": r(9), "d": r(12)}, deleted: map[string]uint64{"c": 10}, snapRev: 12,
@@ -413,20 +415,28 @@ func TestResumeCopy(t *testing.T) {
 			copied: map[string]row[doc]{"a": r(5), "b": r(9)}, floor: 9,
 			snap: map[string]row[doc]{"b": r(9), "c": r(10)}, snapRev: 10,
 			want: map[string]uint64{"b": 9, "c": 10}},
-		{name: "a key newer than a lagging snapshot stays",
+		{name: "a key newer than a lagging snapshot stays, unsure",
 			copied: map[string]row[doc]{"a": r(5), "b": r(9)}, floor: 9,
 			snap: map[string]row[doc]{"a": r(5)}, snapRev: 6,
-			want: map[string]uint64{"a": 5, "b": 9}},
+			want: map[string]uint64{"a": 5, "b": 9}, unsure: []string{"b"}},
 		{name: "a marker the copy has seen is not applied twice",
 			copied: map[string]row[doc]{"a": r(8)}, floor: 9,
 			snap: map[string]row[doc]{}, deleted: map[string]uint64{"a": 4}, snapRev: 4,
 			want: map[string]uint64{"a": 8}},
+		{name: "an emptied bucket (every key expired) empties the copy",
+			copied: map[string]row[doc]{"a": r(5), "b": r(9)}, floor: 9,
+			snap: map[string]row[doc]{}, snapRev: 0, first: 10,
+			want: map[string]uint64{}},
+		{name: "keys below the stream's first revision are gone, newer ones unsure",
+			copied: map[string]row[doc]{"a": r(5), "b": r(9), "c": r(12)}, floor: 12,
+			snap: map[string]row[doc]{"b": r(9)}, snapRev: 9, first: 7,
+			want: map[string]uint64{"b": 9, "c": 12}, unsure: []string{"c"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.deleted == nil {
 				tc.deleted = map[string]uint64{}
 			}
-			got := resumeCopy(tc.copied, tc.floor, tc.snap, tc.deleted, tc.snapRev)
+			got, unsure := resumeCopy(tc.copied, tc.floor, tc.snap, tc.deleted, tc.snapRev, tc.first)
 			revs := map[string]uint64{}
 			for k, v := range got {
 				revs[k] = v.rev
@@ -434,7 +444,30 @@ func TestResumeCopy(t *testing.T) {
 			if !maps.Equal(revs, tc.want) {
 				t.Fatalf("resumed copy %v, want %v", revs, tc.want)
 			}
+			if !slices.Equal(unsure, tc.unsure) {
+				t.Fatalf("unsure %v, want %v", unsure, tc.unsure)
+			}
 		})
+	}
+}
+
+// loadsOf is how many initial snapshots tab has applied.
+func loadsOf[T any](tab *table[T]) int {
+	tab.mu.RLock()
+	defer tab.mu.RUnlock()
+	return tab.loads
+}
+
+// rewatchAndWait starts tab's watcher again and waits until it has applied
+// its new initial snapshot.
+func rewatchAndWait[T any](t *testing.T, tab *table[T]) {
+	t.Helper()
+	before := loadsOf(tab)
+	tab.rewatch()
+	for deadline := time.Now().Add(10 * time.Second); loadsOf(tab) == before; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the watcher did not load the bucket again")
+		}
 	}
 }
 
@@ -458,7 +491,10 @@ func TestACopyNeverGoesBack(t *testing.T) {
 			if err := to.Delete(ctx, w.val); err != nil {
 				t.Fatal(err)
 			}
-			st, _ := to.Status(ctx)
+			st, err := to.Status(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
 			return st.(*jetstream.KeyValueBucketStatus).StreamInfo().State.LastSeq
 		}
 		rev, err := to.Put(ctx, w.key, []byte(w.val))
@@ -494,13 +530,12 @@ func TestACopyNeverGoesBack(t *testing.T) {
 	}
 	check("before")
 
-	tab.kv = behind // read by the watcher after rewatch: ordered by the channel
-	tab.rewatch()
-	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(logged.String(), "bucket watcher restarted"); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the watcher did not start again")
-		}
-	}
+	// The watcher reads kv after rewatch (ordered by the channel); the
+	// leader's view stays the current bucket's (streamInfo, readLeader on
+	// the table's bus would be the leader's): here, kv is only a node
+	// behind for the watcher.
+	tab.kv = behindWatch{KeyValue: kv, watched: behind}
+	rewatchAndWait(t, tab)
 	// The copy must not go back, neither to the node's snapshot nor to
 	// what it applies as it catches up (b again): polled for a while, to
 	// give a wrong copy the time to show.
@@ -525,4 +560,84 @@ func TestACopyNeverGoesBack(t *testing.T) {
 	tab.waitRev(ctx, rev)
 	want["d"] = 7
 	check("after the node caught up")
+}
+
+// behindWatch is a bucket whose watchers are served by a node behind
+// (watched, another bucket), while everything else is asked of the bucket
+// itself, as of its stream's leader.
+type behindWatch struct {
+	jetstream.KeyValue
+	watched jetstream.KeyValue
+}
+
+func (b behindWatch) WatchAll(ctx context.Context, opts ...jetstream.WatchOpt) (jetstream.KeyWatcher, error) {
+	return b.watched.WatchAll(ctx, opts...)
+}
+
+// TestACopyFollowsAnEmptiedOrRemadeBucket: keys that expired (no marker
+// left) leave the copy when its watcher starts again, even when the bucket
+// is left empty; a bucket deleted and made again (its revisions start over)
+// is loaded anew, and its new writes are seen.
+func TestACopyFollowsAnEmptiedOrRemadeBucket(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	js := bustest.Run(t).JetStream(t)
+	cfg := jetstream.KeyValueConfig{Bucket: "test_expiring", TTL: time.Second}
+	kv, err := js.CreateKeyValue(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tab := newTable[doc](kv, "doc", zerolog.Nop())
+	go tab.run(ctx)
+	if err := tab.waitSynced(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var rev uint64
+	for _, k := range []string{"a", "b", "c"} {
+		if rev, err = kv.Put(ctx, k, []byte(`{"n":1}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tab.waitRev(ctx, rev)
+	if n := tab.size(); n != 3 {
+		t.Fatalf("the copy holds %d keys, want 3", n)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := kv.Get(ctx, "c"); errors.Is(err, jetstream.ErrKeyNotFound) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the keys never expired")
+		}
+	}
+	rewatchAndWait(t, tab)
+	if n := tab.size(); n != 0 {
+		t.Fatalf("after the keys expired and the watcher started again, the copy holds %d keys", n)
+	}
+
+	// Made again: its revisions start over, below what the copy saw.
+	if err := js.DeleteKeyValue(ctx, cfg.Bucket); err != nil {
+		t.Fatal(err)
+	}
+	cfg.TTL = 0
+	if kv, err = js.CreateKeyValue(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(ctx, "z", []byte(`{"n":26}`)); err != nil {
+		t.Fatal(err)
+	}
+	rewatchAndWait(t, tab)
+	if rev, err = kv.Put(ctx, "y", []byte(`{"n":25}`)); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		_, _, hasY := tab.get("y")
+		_, _, hasZ := tab.get("z")
+		if hasY && hasZ && tab.size() == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the copy of the bucket made again holds %d keys (y %v, z %v), want y and z", tab.size(), hasY, hasZ)
+		}
+	}
 }
