@@ -399,7 +399,7 @@ func TestResumeCopy(t *testing.T) {
 		snap    map[string]row[doc]
 		deleted map[string]uint64
 		snapRev uint64
-		first   uint64 // the stream's first revision, 0 if unknown
+		first   uint64            // the stream's first revision, 0 if unknown
 		want    map[string]uint64 // key -> revision
 		unsure  []string
 	}{
