@@ -71,7 +71,12 @@ type Config struct {
 	ServiceManager string `json:"serviceManager,omitempty"`
 
 	// Timings; zero values take the defaults.
-	HealthInterval  time.Duration `json:"-"` // how often DSS is checked (10s)
+	HealthInterval time.Duration `json:"-"` // how often DSS is checked (10s)
+	// ExitInterval is how often the agent looks whether DSS's processes,
+	// seen when it last answered, still exist (1s): a DSS that died is
+	// checked at once, not at the next HealthInterval. It costs a kill(pid,
+	// 0) per process, not a look at every process.
+	ExitInterval    time.Duration `json:"-"`
 	StatusRefresh   time.Duration `json:"-"` // rewrite an unchanged status this often, within fm_agents' TTL (20m)
 	DSSStartTimeout time.Duration `json:"-"` // how long DSS may take to answer (10m)
 	DSSStopTimeout  time.Duration `json:"-"` // after this, DSS is killed (60s)
@@ -148,6 +153,7 @@ func (c *Config) setDefaults() {
 		}
 	}
 	def(&c.HealthInterval, 10*time.Second)
+	def(&c.ExitInterval, time.Second)
 	def(&c.StatusRefresh, 20*time.Minute)
 	def(&c.DSSStartTimeout, 10*time.Minute)
 	def(&c.DSSStopTimeout, 60*time.Second)

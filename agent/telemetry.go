@@ -68,19 +68,31 @@ type watchState struct {
 	misses   int
 	restarts []time.Time
 	gaveUp   bool
+	// pids are DSS's processes, looked up once when it answers: while one
+	// of them lives, DSS has not died (dssExited).
+	pids []int
 }
 
-// watchdog checks DSS every HealthInterval and restarts it when it stops
-// answering, unless it was stopped on purpose or the machine is busy.
+// watchdog checks DSS every HealthInterval, and at once when the processes
+// it had when it last answered are all gone (every ExitInterval), and
+// restarts it when it stops answering, unless it was stopped on purpose or
+// the machine is busy.
 func (a *Agent) watchdog(ctx context.Context) {
 	tick := time.NewTicker(a.cfg.HealthInterval)
 	defer tick.Stop()
+	exits := time.NewTicker(a.cfg.ExitInterval)
+	defer exits.Stop()
 	var w watchState
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+		case <-exits.C:
+			if !dssExited(w.pids) {
+				continue
+			}
+			w.pids = nil
 		}
 		if !a.machineMu.TryLock() {
 			continue // converging or running a command
@@ -88,6 +100,20 @@ func (a *Agent) watchdog(ctx context.Context) {
 		a.checkDSS(ctx, &w)
 		a.machineMu.Unlock()
 	}
+}
+
+// dssExited says whether every one of pids (some) is gone. A process of
+// another user that lives answers EPERM, not ESRCH.
+func dssExited(pids []int) bool {
+	if len(pids) == 0 {
+		return false
+	}
+	for _, pid := range pids {
+		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+			return false
+		}
+	}
+	return true
 }
 
 // checkDSS is one check of the watchdog, with the machine held.
@@ -112,6 +138,12 @@ func (a *Agent) checkDSS(ctx context.Context, w *watchState) {
 	defer func() { a.installLock.Store(nil); lock.Close() }()
 	mk := a.m.loadMarker()
 	state := a.refreshDSSState(ctx)
+	switch {
+	case state != protocol.DSSRunning:
+		w.pids = nil
+	case len(w.pids) == 0:
+		w.pids = a.m.dssProcesses()
+	}
 	if mk.Generation == 0 || mk.DSSStopped || state == protocol.DSSAbsent || state == protocol.DSSRunning {
 		if state == protocol.DSSRunning && (w.misses > 0 || w.gaveUp) {
 			a.log.Info().Msg("DSS answers again")

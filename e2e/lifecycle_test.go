@@ -121,34 +121,48 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	} else {
 		resp.Body.Close()
 	}
-	scrape, _ := http.NewRequest("GET", d.url+"/metrics", nil)
-	scrape.SetBasicAuth(py.KeyID, py.Secret)
-	resp, err := http.DefaultClient.Do(scrape)
-	if err != nil {
-		t.Fatal(err)
-	}
-	metrics, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	// The bus is sampled every 15 s: the series it makes may come after
+	// the first scrape.
 	inst := `{instance_id="` + id + `"}`
-	for _, want := range []string{`fm_instances{node_type="design",state="running"} 1`, `fm_instance_heartbeat_age_seconds` + inst,
+	wanted := []string{`fm_instances{node_type="design",state="running"} 1`, `fm_instance_heartbeat_age_seconds` + inst,
 		`fm_instance_data_volume_used_ratio` + inst, `fm_instance_data_volume_size_bytes` + inst,
-		`fm_operations_total{kind="reprovision",result="succeeded"} 1`,
+		`fm_operations_total{kind="reprovision",result="succeeded"} 1`, `fm_operations_total{kind="stop",result="failed"} 0`,
 		`fm_instance_agent_up` + inst + ` 1`, `fm_instance_dss_up` + inst + ` 1`,
 		`fm_instance_dss_info{instance_id="` + id + `",node_type="design",version="13.4.0"} 1`,
 		// fm dev's provisioner is in the server's registry.
 		`fm_provisioner_backend_calls_total{backend="local",call="reprovision",result="ok"} 1`, `fm_provisioner_lease_held 1`,
 		`fm_bus_connected 1`, `fm_bus_stream_messages{stream="FM_EVENTS"}`,
-		`fm_bus_consumer_pending_messages{consumer="fm-server",stream="FM_EVENTS"}`, `fm_bus_jetstream_storage_bytes`} {
-		if !strings.Contains(string(metrics), want) {
-			name, _, _ := strings.Cut(want, "{")
-			var near []string
-			for _, l := range strings.Split(string(metrics), "\n") {
-				if strings.HasPrefix(l, name) {
-					near = append(near, l)
-				}
-			}
-			t.Errorf("/metrics lacks %s; it has %q", want, near)
+		`fm_bus_consumer_pending_messages{consumer="fm-server",stream="FM_EVENTS"}`, `fm_bus_jetstream_storage_bytes`,
+		`fm_bus_server_storage_bytes{server=`, `fm_bus_server_storage_limit_bytes{server=`}
+	var missing []string
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(500 * time.Millisecond) {
+		scrape, _ := http.NewRequest("GET", d.url+"/metrics", nil)
+		scrape.SetBasicAuth(py.KeyID, py.Secret)
+		resp, err := http.DefaultClient.Do(scrape)
+		if err != nil {
+			t.Fatal(err)
 		}
+		metrics, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		missing = missing[:0]
+		for _, want := range wanted {
+			if !strings.Contains(string(metrics), want) {
+				name, _, _ := strings.Cut(want, "{")
+				var near []string
+				for _, l := range strings.Split(string(metrics), "\n") {
+					if strings.HasPrefix(l, name) {
+						near = append(near, l)
+					}
+				}
+				missing = append(missing, fmt.Sprintf("%s (it has %q)", want, near))
+			}
+		}
+		if len(missing) == 0 || time.Now().After(deadline) {
+			break
+		}
+	}
+	for _, m := range missing {
+		t.Errorf("/metrics lacks %s", m)
 	}
 
 	// The CLI shows the fleet: each instance's state, DSS, URL, heartbeat

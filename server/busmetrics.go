@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/json"
 	"sync"
 	"time"
 
@@ -22,6 +23,7 @@ const busSampleEvery = 15 * time.Second
 type busSampler struct {
 	js  jetstream.JetStream
 	nc  *nats.Conn
+	sys *nats.Conn // the system account's, if the server has it: every node's storage
 	log zerolog.Logger
 
 	mu      sync.Mutex
@@ -29,6 +31,15 @@ type busSampler struct {
 	streams []streamSample
 	cons    []consumerSample
 	account *jetstream.AccountInfo
+	servers []serverSample
+}
+
+// serverSample is one bus node's JetStream file storage and its limit
+// (max_file_store): where an account has no limit of its own (FM's has
+// none), the node's is the one that is reached.
+type serverSample struct {
+	name        string
+	used, limit float64
 }
 
 type streamSample struct {
@@ -48,8 +59,54 @@ var workConsumers = []struct{ stream, name string }{
 	{protocol.StreamProvision, protocol.ConsumerProvisioner},
 }
 
-func newBusSampler(js jetstream.JetStream, nc *nats.Conn, log zerolog.Logger) *busSampler {
-	return &busSampler{js: js, nc: nc, log: log}
+func newBusSampler(js jetstream.JetStream, nc, sys *nats.Conn, log zerolog.Logger) *busSampler {
+	return &busSampler{js: js, nc: nc, sys: sys, log: log}
+}
+
+// sampleServers asks every bus node for its JetStream use (JSZ), through
+// the system account, and takes the answers that come within a second.
+func (b *busSampler) sampleServers(ctx context.Context) []serverSample {
+	if b.sys == nil {
+		return nil
+	}
+	inbox := b.sys.NewRespInbox()
+	sub, err := b.sys.SubscribeSync(inbox)
+	if err != nil {
+		return nil
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := b.sys.PublishRequest("$SYS.REQ.SERVER.PING.JSZ", inbox, []byte("{}")); err != nil {
+		return nil
+	}
+	var out []serverSample
+	deadline := time.Now().Add(time.Second)
+	for len(out) < 64 {
+		wait := time.Until(deadline)
+		if wait <= 0 || ctx.Err() != nil {
+			break
+		}
+		m, err := sub.NextMsg(wait)
+		if err != nil {
+			break
+		}
+		var answer struct {
+			Server struct {
+				Name string `json:"name"`
+			} `json:"server"`
+			Data *struct {
+				Storage uint64 `json:"storage"`
+				Config  struct {
+					MaxStorage int64 `json:"max_storage"`
+				} `json:"config"`
+			} `json:"data"`
+		}
+		if json.Unmarshal(m.Data, &answer) != nil || answer.Data == nil || answer.Server.Name == "" {
+			continue
+		}
+		out = append(out, serverSample{name: answer.Server.Name, used: float64(answer.Data.Storage),
+			limit: float64(answer.Data.Config.MaxStorage)})
+	}
+	return out
 }
 
 // run samples the bus every busSampleEvery until ctx ends.
@@ -83,23 +140,18 @@ func (b *busSampler) sample(ctx context.Context) {
 		if err != nil {
 			continue // not made yet (no provisioner ever ran)
 		}
-		info := c.CachedInfo()
-		if fresh, err := c.Info(ctx); err == nil {
-			info = fresh
-		}
+		info := c.CachedInfo() // as the look-up just fetched it
 		cons = append(cons, consumerSample{stream: w.stream, name: w.name,
 			pending: float64(info.NumPending), ackPending: float64(info.NumAckPending)})
 	}
 	account, err := b.js.AccountInfo(ctx)
 	if err != nil {
-		account = nil
+		account = nil // not shown: an old figure would say nothing of now
 	}
+	servers := b.sampleServers(ctx)
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.sampled, b.streams, b.cons = time.Now(), streams, cons
-	if account != nil {
-		b.account = account
-	}
+	b.sampled, b.streams, b.cons, b.account, b.servers = time.Now(), streams, cons, account, servers
 }
 
 var (
@@ -122,11 +174,16 @@ var (
 		"JetStream file storage the FM account uses.", nil, nil)
 	jsStorageLimitDesc = prometheus.NewDesc("fm_bus_jetstream_storage_limit_bytes",
 		"JetStream file storage the FM account may use (accounts with a limit).", nil, nil)
+	serverStorageDesc = prometheus.NewDesc("fm_bus_server_storage_bytes",
+		"JetStream file storage a bus node uses, all accounts (servers with the system account's credentials).", []string{"server"}, nil)
+	serverStorageLimitDesc = prometheus.NewDesc("fm_bus_server_storage_limit_bytes",
+		"JetStream file storage a bus node may use (its max_file_store).", []string{"server"}, nil)
 )
 
 func (b *busSampler) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{busConnectedDesc, busReconnectsDesc, busSampledDesc, streamMsgsDesc, streamBytesDesc,
-		streamMaxBytesDesc, consumerPendingDesc, consumerAckPendingDesc, jsStorageDesc, jsStorageLimitDesc} {
+		streamMaxBytesDesc, consumerPendingDesc, consumerAckPendingDesc, jsStorageDesc, jsStorageLimitDesc,
+		serverStorageDesc, serverStorageLimitDesc} {
 		ch <- d
 	}
 }
@@ -158,6 +215,12 @@ func (b *busSampler) Collect(ch chan<- prometheus.Metric) {
 		gauge(jsStorageDesc, float64(a.Store))
 		if a.Limits.MaxStore > 0 {
 			gauge(jsStorageLimitDesc, float64(a.Limits.MaxStore))
+		}
+	}
+	for _, sv := range b.servers {
+		gauge(serverStorageDesc, sv.used, sv.name)
+		if sv.limit > 0 {
+			gauge(serverStorageLimitDesc, sv.limit, sv.name)
 		}
 	}
 }

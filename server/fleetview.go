@@ -23,8 +23,9 @@ type fleetSummary struct {
 	ByState      map[string]int `json:"byState"`
 	ByNodeType   map[string]int `json:"byNodeType"`
 	ByDSSVersion map[string]int `json:"byDSSVersion"`
-	// AgentsNotResponding counts running machines whose agent missed three
-	// heartbeats; DSSDown those whose agent answers and DSS does not.
+	// AgentsNotResponding counts running instances, no operation under
+	// way, whose agent missed three heartbeats; DSSDown those whose agent
+	// answers and DSS does not (the alerts' conditions).
 	AgentsNotResponding int `json:"agentsNotResponding"`
 	DSSDown             int `json:"dssDown"`
 	// VolumesAbove80Percent counts data volumes more than 80% full.
@@ -81,10 +82,10 @@ func (s *Server) getFleet(r *http.Request) (any, error) {
 			row.DSSState, row.DSSVersion = string(st.DSS.State), st.DSS.Version
 			sum.ByDSSVersion[st.DSS.Version]++
 		}
-		if st.CloudMachineIsUp && !st.AgentResponding {
+		if settledRunning(st) && st.CloudMachineIsUp && !st.AgentResponding {
 			sum.AgentsNotResponding++
 		}
-		if st.AgentResponding && dssExpectedUp(st) && st.DSS.State != protocol.DSSRunning {
+		if st.AgentResponding && settledRunning(st) && st.DSS != nil && st.DSS.State != protocol.DSSRunning {
 			sum.DSSDown++
 		}
 		if v := st.DataVolume; v != nil && v.SizeBytes > 0 {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/fleetmanager/fm/api"
@@ -47,7 +48,12 @@ func newMetrics(s *Server) (*metrics, error) {
 			Name: "fm_operation_duration_seconds", Help: "Duration of finished operations by kind.",
 			Buckets: []float64{0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800},
 		}, []string{"kind"}),
-		bus: newBusSampler(s.js, s.cfg.Conn, s.log),
+		bus: newBusSampler(s.js, s.cfg.Conn, s.cfg.SystemConn, s.log),
+	}
+	for _, kind := range instanceOpKinds {
+		for _, result := range []string{api.OpSucceeded, api.OpFailed, api.OpAborted} {
+			m.ops.WithLabelValues(kind, result)
+		}
 	}
 	for _, c := range []prometheus.Collector{m.requests, m.latency, m.ops, m.opDuration,
 		objectsCollector{s.st}, fleetCollector{s}, m.bus} {
@@ -81,14 +87,29 @@ func (s *Server) metricsHandler() http.Handler {
 }
 
 func (m *metrics) observeRequest(method string, status int, took time.Duration) {
+	switch method {
+	case http.MethodGet, http.MethodPost, http.MethodPut, http.MethodDelete, http.MethodHead, http.MethodOptions, http.MethodPatch:
+	default:
+		method = "other" // anyone can send any method: one series, not one each
+	}
 	m.requests.WithLabelValues(method, strconv.Itoa(status)).Inc()
 	m.latency.WithLabelValues(method).Observe(took.Seconds())
 }
 
+// observeOp counts an operation that ended; took is 0 for one answered at
+// once (no duration: it would drag the percentiles down).
 func (m *metrics) observeOp(kind, result string, took time.Duration) {
 	m.ops.WithLabelValues(kind, result).Inc()
-	m.opDuration.WithLabelValues(kind).Observe(took.Seconds())
+	if took > 0 {
+		m.opDuration.WithLabelValues(kind).Observe(took.Seconds())
+	}
 }
+
+// instanceOpKinds are the operations on an instance, whose counts start at
+// 0 for every result: a counter born at 1 on its first failure shows no
+// increase, and an alert on failures would miss it.
+var instanceOpKinds = []string{opReprovision, opDeprovision, opStart, opStop, opDelete, opRestartDSS, opReplayActions,
+	opResetPassword, opDiagnosis, opSnapshot, opDeleteSnapshot, opGrowVolume}
 
 // objectsCollector reports how many objects of each kind exist, read from the
 // server's copies at scrape time.
@@ -130,11 +151,11 @@ var (
 	heartbeatAgeDesc = instanceDesc("fm_instance_heartbeat_age_seconds",
 		"Seconds since the instance's agent was last heard from (running machines only).")
 	agentUpDesc = instanceDesc("fm_instance_agent_up",
-		"1 if the instance's agent is responding (heard from within three heartbeats), 0 if not (running machines only).")
+		"1 if the instance's agent is responding (heard from within three heartbeats), 0 if not (running instances with no operation under way).")
 	dssUpDesc = instanceDesc("fm_instance_dss_up",
 		"1 if DSS answers on its port as the instance's agent last checked, 0 if not (running instances with no operation under way, whose agent reported).")
 	dssInfoDesc = instanceDesc("fm_instance_dss_info",
-		"The DSS installed on the instance, as its agent reports it (always 1).", "version", "node_type")
+		"The DSS version installed on the instance, as its agent reports it, and the instance's node type (always 1).", "version", "node_type")
 	volumeSizeDesc = instanceDesc("fm_instance_data_volume_size_bytes",
 		"Size of the instance's data volume's file system, as its agent last measured it.")
 	volumeUsedBytesDesc = instanceDesc("fm_instance_data_volume_used_bytes",
@@ -195,33 +216,34 @@ func (c fleetCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, in := range s.st.instances.list() {
 		st := s.statusOf(in.ID)
 		counts[key{st.State, in.DSSNodeType}]++
-		if st.CloudMachineIsUp {
+		if settledRunning(st) {
 			gauge(agentUpDesc, boolValue(st.AgentResponding), in.ID)
 		}
 		if st.LastSeen != nil {
 			gauge(heartbeatAgeDesc, time.Since(*st.LastSeen).Seconds(), in.ID)
 		}
 		if st.DSS != nil {
-			if dssExpectedUp(st) {
+			if settledRunning(st) {
 				gauge(dssUpDesc, boolValue(st.DSS.State == protocol.DSSRunning), in.ID)
 			}
-			if st.DSS.Version != "" {
-				gauge(dssInfoDesc, 1, in.ID, st.DSS.Version, st.DSS.NodeType)
+			// The version is the agent's word: one that could flood
+			// Prometheus with series (long, odd, changing) is left out.
+			if labelSafe(st.DSS.Version) {
+				gauge(dssInfoDesc, 1, in.ID, st.DSS.Version, in.DSSNodeType)
 			}
 		}
-		var size uint64
 		if v := st.DataVolume; v != nil && v.SizeBytes > 0 {
-			size = v.SizeBytes
 			gauge(volumeSizeDesc, float64(v.SizeBytes), in.ID)
 			gauge(volumeUsedBytesDesc, float64(v.UsedBytes), in.ID)
 			gauge(volumeUsedDesc, float64(v.UsedBytes)/float64(v.SizeBytes), in.ID)
 		}
-		if max := in.DataVolumeSizeMaxGB; max != nil && *max > 0 {
-			maxBytes := uint64(*max) << 30
-			gauge(volumeMaxDesc, float64(maxBytes), in.ID)
-			// The file system is a little smaller than its volume: within
-			// 5% of the maximum is at it.
-			gauge(volumeAtMaxDesc, boolValue(size > 0 && float64(size) >= 0.95*float64(maxBytes)), in.ID)
+		if maxGB := in.DataVolumeSizeMaxGB; maxGB != nil && *maxGB > 0 {
+			gauge(volumeMaxDesc, float64(uint64(*maxGB)<<30), in.ID)
+			// As the volume's growth decides (growVolume): by the volume's
+			// size, not its file system's.
+			if m, _, ok := s.st.machines.get(in.ID); ok && m.VolumeID != "" {
+				gauge(volumeAtMaxDesc, boolValue(m.VolumeSizeGB >= *maxGB), in.ID)
+			}
 		}
 		if l, ok := snaps[in.ID]; ok {
 			if !l.success.IsZero() {
@@ -231,7 +253,8 @@ func (c fleetCollector) Collect(ch chan<- prometheus.Metric) {
 				gauge(snapshotFailedDesc, boolValue(l.failed), in.ID)
 			}
 		}
-		if in.EnableAutomatedSnapshot && in.AutomatedSnapshotPeriod != nil && *in.AutomatedSnapshotPeriod > 0 {
+		// The scheduler snapshots running instances only (scheduleSnapshots).
+		if in.EnableAutomatedSnapshot && in.AutomatedSnapshotPeriod != nil && *in.AutomatedSnapshotPeriod > 0 && st.State == stateRunning {
 			gauge(snapshotPeriodDesc, (time.Duration(*in.AutomatedSnapshotPeriod) * s.cfg.SnapshotHour).Seconds(), in.ID)
 		}
 	}
@@ -254,9 +277,24 @@ func boolValue(b bool) float64 {
 	return 0
 }
 
-// dssExpectedUp says whether DSS should answer: the instance runs, its
-// agent reported, and no operation is under way (an install, an upgrade
-// or a restart of DSS takes it down on purpose).
-func dssExpectedUp(st instanceStatus) bool {
-	return st.State == stateRunning && st.DSS != nil && (st.Operation == nil || st.Operation.State != api.OpRunning)
+// settledRunning says whether an instance's agent and DSS should answer:
+// it runs, and no operation is under way (a new machine's agent has not
+// reported yet; an install, an upgrade or a restart of DSS takes it down
+// on purpose).
+func settledRunning(st instanceStatus) bool {
+	return st.State == stateRunning && (st.Operation == nil || st.Operation.State != api.OpRunning)
+}
+
+// labelSafe says whether what an agent reports may be a label value: at
+// most 64 letters, digits, dots, dashes, underscores and pluses.
+func labelSafe(v string) bool {
+	if v == "" || len(v) > 64 {
+		return false
+	}
+	for _, c := range v {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune(".-_+", c)) {
+			return false
+		}
+	}
+	return true
 }

@@ -181,8 +181,10 @@ func (s *Server) abortFuture(r *http.Request) (any, error) {
 	if _, _, ok := s.st.ops.get(id); !ok {
 		return nil, notFound(kindOp, id)
 	}
+	var aborted bool // by this call, in the try that was written
 	op, err := s.st.ops.change(r.Context(), id, func(op *opRecord) bool {
-		if op.State != api.OpRunning {
+		aborted = op.State == api.OpRunning
+		if !aborted {
 			return false
 		}
 		now := time.Now().UTC()
@@ -198,6 +200,9 @@ func (s *Server) abortFuture(r *http.Request) (any, error) {
 	})
 	if err != nil {
 		return nil, unavailable(err, "the operation could not be aborted")
+	}
+	if aborted {
+		s.metrics.observeOp(op.Kind, op.State, op.EndedAt.Sub(op.StartedAt))
 	}
 	if op.Instance != "" && op.State == api.OpAborted {
 		s.enqueue(op.Instance) // settle the instance's state

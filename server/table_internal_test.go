@@ -630,6 +630,7 @@ func TestACopyFollowsAnEmptiedOrRemadeBucket(t *testing.T) {
 	if rev, err = kv.Put(ctx, "y", []byte(`{"n":25}`)); err != nil {
 		t.Fatal(err)
 	}
+	tab.waitRev(ctx, rev) // below the copy's revision before: must be waited for all the same
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		_, _, hasY := tab.get("y")
 		_, _, hasZ := tab.get("z")

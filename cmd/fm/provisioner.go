@@ -94,7 +94,7 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 	if *metricsAddr != "" {
 		addr, err := serveMetrics(ctx, *metricsAddr, reg, log)
 		if err != nil {
-			return usageError{Err: err}
+			return err
 		}
 		fmt.Fprintf(stdout, "  metrics    http://%s/metrics (no API key)\n", addr)
 	}

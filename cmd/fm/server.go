@@ -101,6 +101,9 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		}
 		tf.hosts += "," + u.Hostname()
 	}
+	if *startTimeout < time.Second {
+		return usageError{Err: fmt.Errorf("--start-timeout must be at least 1s, not %s", *startTimeout)}
+	}
 	if *authorityDir == "" && *natsURL == "" {
 		*authorityDir = filepath.Join(dir, "nats-auth")
 	}
