@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/protocol"
 )
 
@@ -89,10 +90,17 @@ func (a *Agent) watchdog(ctx context.Context) {
 			return
 		case <-tick.C:
 		case <-exits.C:
-			if !dssExited(w.pids) {
+			if !dssExited(w.pids, a.m.dssDir) {
 				continue
 			}
+			// Said at once, not counted as a check: the watchdog's pace
+			// of restarts stays its checks'.
 			w.pids = nil
+			if a.machineMu.TryLock() {
+				a.refreshDSSState(ctx)
+				a.machineMu.Unlock()
+			}
+			continue
 		}
 		if !a.machineMu.TryLock() {
 			continue // converging or running a command
@@ -102,14 +110,15 @@ func (a *Agent) watchdog(ctx context.Context) {
 	}
 }
 
-// dssExited says whether every one of pids (some) is gone. A process of
-// another user that lives answers EPERM, not ESRCH.
-func dssExited(pids []int) bool {
+// dssExited says whether every one of pids (some) is gone: no longer a
+// process of DSS's data directory dir (a zombie, or a pid used again by
+// another program, is gone too).
+func dssExited(pids []int, dir string) bool {
 	if len(pids) == 0 {
 		return false
 	}
 	for _, pid := range pids {
-		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+		if cmdline.Matches(pid, dir) {
 			return false
 		}
 	}

@@ -137,12 +137,25 @@ func field(header, key string) column {
 	return column{header, func(o map[string]any) string { return cellText(o[key]) }}
 }
 
+// printable shows a line break as \n and any other control character
+// (an escape sequence's start, a tab) as '?': what the server passes on
+// may come from a machine, and must not rewrite an operator's terminal or
+// forge a row of a table.
+func printable(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0) {
+			return '?'
+		}
+		return r
+	}, strings.ReplaceAll(s, "\n", `\n`))
+}
+
 func cellText(v any) string {
 	switch x := v.(type) {
 	case nil:
 		return ""
 	case string:
-		return x
+		return printable(x)
 	case bool:
 		if x {
 			return "yes"

@@ -193,7 +193,7 @@ func counts(m map[string]int) string {
 		if name == "" {
 			name = "none"
 		}
-		parts[i] = fmt.Sprintf("%s %d", name, m[k])
+		parts[i] = fmt.Sprintf("%s %d", printable(name), m[k])
 	}
 	return strings.Join(parts, ", ")
 }

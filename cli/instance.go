@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/fleetmanager/fm/api"
 )
@@ -72,6 +73,15 @@ func runInstanceVerb(ctx context.Context, env Env, r *resource, verb string, arg
 			return true, err
 		}
 		return true, finishOp(ctx, env, c, conn.output, f, *wait)
+	case "logs":
+		source := fs.String("source", "", "agent or dss (default: both, each line prefixed with its source)")
+		since := fs.String("since", "10m", "from this long ago (10m, 2h) or this time (RFC 3339)")
+		follow := fs.Bool("follow", false, "keep printing new lines until interrupted")
+		id, c, err := r.parseWithID(fs, &conn, args)
+		if err != nil {
+			return true, err
+		}
+		return true, followLogs(ctx, env.Stdout, c, id, *source, *since, *follow, time.Second)
 	case "status":
 		id, c, err := r.parseWithID(fs, &conn, args)
 		if err != nil {

@@ -47,7 +47,7 @@ var resources = []*resource{networkResource, templateResource, instanceResource,
 func (r *resource) usage() string {
 	if r.command == "instance" {
 		return "usage: fm instance list|get ID|create|update ID|delete ID|status ID|provision ID|reprovision ID|deprovision ID|" +
-			"start ID|stop ID|restart-dss ID|replay-setup-actions ID|reset-password ID|password ID [flags]"
+			"start ID|stop ID|restart-dss ID|replay-setup-actions ID|reset-password ID|password ID|logs ID [flags]"
 	}
 	return fmt.Sprintf("usage: fm %s list|get ID|create|update ID|delete ID [flags]", r.command)
 }

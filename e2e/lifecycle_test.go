@@ -182,6 +182,16 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	if strings.Contains(status, "\x1b[") {
 		t.Errorf("fm status wrote colours to a pipe:\n%q", status)
 	}
+	// The agent's own log, shipped to FM_LOGS, read back through the API.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(500 * time.Millisecond) {
+		logs := d.fm(t, "instance", "logs", id, "--since", "1h")
+		if strings.Contains(logs, "agent: {") && strings.Contains(logs, `"message"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("fm instance logs shows no agent log line:\n%s", tail(logs, 2000))
+		}
+	}
 
 	// Stop and start.
 	d.fm(t, "instance", "stop", id, "--wait")

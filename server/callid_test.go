@@ -42,7 +42,8 @@ func TestCallIDs(t *testing.T) {
 		{"none sent", "", ""},
 		{"a usable one", "ci-run-42.step_1", "ci-run-42.step_1"},
 		{"spaces", "a b", ""},
-		{"a newline", "a\tb", ""},
+		{"a tab", "a\tb", ""},
+		{"a quote", `a"b`, ""},
 		{"too long", strings.Repeat("x", 65), ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

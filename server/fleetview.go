@@ -15,7 +15,7 @@ import (
 // rows out. It reads the server's copies only.
 type fleetView struct {
 	Summary   fleetSummary `json:"summary"`
-	Instances []fleetRow   `json:"instances,omitempty"`
+	Instances []fleetRow   `json:"instances"` // null with rows=false
 }
 
 type fleetSummary struct {
@@ -79,10 +79,18 @@ func (s *Server) getFleet(r *http.Request) (any, error) {
 		row := fleetRow{ID: in.ID, State: st.State, PublicURL: st.PublicURL, AgentResponding: st.AgentResponding,
 			LastSeen: st.LastSeen, Operation: st.Operation}
 		if st.DSS != nil && st.DSS.State != protocol.DSSAbsent {
+			// The agent's word, shown to operators' terminals: only plain
+			// versions and states are passed on.
 			row.DSSState, row.DSSVersion = string(st.DSS.State), st.DSS.Version
-			sum.ByDSSVersion[st.DSS.Version]++
+			if !labelSafe(row.DSSVersion) {
+				row.DSSVersion = "(invalid)"
+			}
+			if !labelSafe(row.DSSState) {
+				row.DSSState = "(invalid)"
+			}
+			sum.ByDSSVersion[row.DSSVersion]++
 		}
-		if settledRunning(st) && st.CloudMachineIsUp && !st.AgentResponding {
+		if agentExpected(st) && !st.AgentResponding {
 			sum.AgentsNotResponding++
 		}
 		if st.AgentResponding && settledRunning(st) && st.DSS != nil && st.DSS.State != protocol.DSSRunning {

@@ -192,15 +192,20 @@ func callIDFrom(ctx context.Context) string {
 	return id
 }
 
-// usableCallID says whether a client's X-Request-Id may name the call: at
-// most 64 letters, digits, dots, dashes and underscores (nothing a log
+// usableCallID says whether a client's X-Request-Id may name the call:
+// at most 64 letters, digits, dots, dashes and underscores (nothing a log
 // reader would misread).
-func usableCallID(id string) bool {
-	if id == "" || len(id) > 64 {
+func usableCallID(id string) bool { return plainToken(id, "._-") }
+
+// plainToken says whether s is 1 to 64 ASCII letters and digits and the
+// characters of extra: what may go into a log line, a label or a terminal
+// from someone FM does not trust.
+func plainToken(s, extra string) bool {
+	if s == "" || len(s) > 64 {
 		return false
 	}
-	for _, c := range id {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '-' || c == '_') {
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune(extra, c)) {
 			return false
 		}
 	}

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/fleetmanager/fm/api"
@@ -216,7 +215,7 @@ func (c fleetCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, in := range s.st.instances.list() {
 		st := s.statusOf(in.ID)
 		counts[key{st.State, in.DSSNodeType}]++
-		if settledRunning(st) {
+		if agentExpected(st) {
 			gauge(agentUpDesc, boolValue(st.AgentResponding), in.ID)
 		}
 		if st.LastSeen != nil {
@@ -277,6 +276,11 @@ func boolValue(b bool) float64 {
 	return 0
 }
 
+// agentExpected says whether an instance's agent should answer: the
+// instance is settled and running, and its machine runs (one stopped
+// outside FM is the machine's news, not the agent's).
+func agentExpected(st instanceStatus) bool { return settledRunning(st) && st.CloudMachineIsUp }
+
 // settledRunning says whether an instance's agent and DSS should answer:
 // it runs, and no operation is under way (a new machine's agent has not
 // reported yet; an install, an upgrade or a restart of DSS takes it down
@@ -285,16 +289,6 @@ func settledRunning(st instanceStatus) bool {
 	return st.State == stateRunning && (st.Operation == nil || st.Operation.State != api.OpRunning)
 }
 
-// labelSafe says whether what an agent reports may be a label value: at
-// most 64 letters, digits, dots, dashes, underscores and pluses.
-func labelSafe(v string) bool {
-	if v == "" || len(v) > 64 {
-		return false
-	}
-	for _, c := range v {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune(".-_+", c)) {
-			return false
-		}
-	}
-	return true
-}
+// labelSafe says whether what an agent reports (a DSS version) may be
+// shown: a label value, a cell of the CLI's table.
+func labelSafe(v string) bool { return plainToken(v, ".-_+") }

@@ -37,7 +37,7 @@ func (s *Server) requestSecrets(ctx context.Context, id string) {
 	}
 	for _, kind := range []protocol.CommandKind{protocol.CommandGetInitialPassword, protocol.CommandGetAdminAPIKey} {
 		c := protocol.Command{ID: protocol.NewID(strings.TrimSuffix(secretCommandPrefix, "-")), Instance: id, Kind: kind,
-			Issued: time.Now().UTC(), Expires: time.Now().Add(5 * time.Minute), CallID: callIDFrom(ctx)}
+			Issued: time.Now().UTC(), Expires: time.Now().Add(5 * time.Minute)}
 		data, err := protocol.Encode(&c)
 		if err != nil {
 			continue

@@ -411,6 +411,7 @@ func (s *Server) handler() http.Handler {
 	route(t+"/instances/{id}", methods{"GET": reads(RoleViewer, s.getInstance), "PUT": writes(RoleOperator, s.saveInstance)})
 	route(t+"/instances/{id}/status", methods{"GET": reads(RoleViewer, s.instanceStatus)})
 	route(t+"/fleet", methods{"GET": reads(RoleViewer, s.getFleet)})
+	route(t+"/instances/{id}/logs", methods{"GET": reads(RoleOperator, s.instanceLogs)})
 	route(t+"/instances/{id}/admin-api-key", methods{"GET": writes(RoleOperator, s.getAdminAPIKey)})
 	route(t+"/instances/{id}/actions/delete", methods{"GET": writes(RoleOperator, s.deleteInstance)})
 	route(t+"/instances/{id}/actions/get-initial-password", methods{"GET": writes(RoleOperator, s.getInitialPassword)})

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"maps"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -76,6 +75,10 @@ type table[T any] struct {
 	lastRewatch time.Time
 	loading     bool
 	loads       int // initial snapshots applied (tests)
+	// created is when the bucket's stream was made, as the leader said at
+	// the last load: another time means the bucket was made again, and its
+	// revisions started over (resumed).
+	created time.Time
 }
 
 type row[T any] struct {
@@ -181,22 +184,29 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 			}
 			if e == nil { // end of the initial values
 				rev := max(floor, snapRev)
+				var reset bool
 				if resumed {
 					// Only this goroutine writes the copy: it reads it
 					// without the lock while it asks the bus.
-					var reset bool
 					snapshot, reset = t.resumed(ctx, floor, snapshot, deleted, snapRev)
 					if reset {
 						floor, rev = 0, snapRev
 					}
+				} else if info, err := t.streamInfo(ctx); err == nil {
+					t.created = info.Created
 				}
 				t.mu.Lock()
 				// A snapshot that replaces a copy (the watcher started
 				// again) may hold changes no update reported: they are
-				// reported now, as updates would have been.
+				// reported now, as updates would have been (every key,
+				// after a reset: revisions of two buckets say nothing).
 				var changed []string
 				if t.synced && t.onChange != nil {
-					changed = changedKeys(t.items, snapshot)
+					if reset {
+						changed = append(slices.Collect(maps.Keys(t.items)), slices.Collect(maps.Keys(snapshot))...)
+					} else {
+						changed = changedKeys(t.items, snapshot)
+					}
 				}
 				t.items, t.keys = snapshot, nil
 				t.keysGen++
@@ -253,9 +263,15 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 // for each key the snapshot lacks that is newer than it, whether the key
 // is still there. Without an answer it keeps what it cannot tell.
 func (t *table[T]) resumed(ctx context.Context, floor uint64, snap map[string]row[T], deleted map[string]uint64, snapRev uint64) (next map[string]row[T], reset bool) {
+	// The leader may be electing (a restart follows a reconnect): the whole
+	// look takes a few seconds at most, and what it could not tell stays.
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
 	var first uint64
 	if info, err := t.streamInfo(ctx); err == nil {
-		if info.State.LastSeq < floor {
+		remade := !t.created.IsZero() && !info.Created.Equal(t.created)
+		t.created = info.Created
+		if remade || info.State.LastSeq < floor {
 			t.log.Warn().Uint64("last", info.State.LastSeq).Uint64("copy", floor).Msg("the bucket was made again: the copy is loaded anew")
 			return snap, true
 		}
@@ -264,11 +280,14 @@ func (t *table[T]) resumed(ctx context.Context, floor uint64, snap map[string]ro
 	next, unsure := resumeCopy(t.items, floor, snap, deleted, snapRev, first)
 	const maxAsked = 10000 // bounds the calls; what is left over stays
 	for i, k := range unsure {
-		if i == maxAsked {
+		if i == maxAsked || ctx.Err() != nil {
 			break
 		}
-		if _, _, err := t.readLeader(ctx, k); errors.Is(err, errNotFound) {
+		_, _, err := t.readLeader(ctx, k)
+		if errors.Is(err, errNotFound) {
 			delete(next, k)
+		} else if err != nil {
+			break // unanswered: the rest stays too
 		}
 	}
 	return next, false
@@ -289,8 +308,12 @@ func resumeCopy[T any](copied map[string]row[T], floor uint64, snap map[string]r
 		_, kept := snap[k]
 		_, marked := deleted[k]
 		switch {
+		case r.rev < first:
+			// The copy holds the bucket up to floor: a newer value of the
+			// key would be in it. This one is gone from the stream.
+			delete(next, k)
 		case kept || marked:
-		case r.rev < first || r.rev <= snapRev:
+		case r.rev <= snapRev:
 			delete(next, k)
 		default:
 			unsure = append(unsure, k)
@@ -863,54 +886,21 @@ func (t *table[T]) readLeader(ctx context.Context, id string) ([]byte, uint64, e
 		return e.Value(), e.Revision(), nil
 	}
 	bucket := t.kv.Bucket()
-	req, err := json.Marshal(map[string]string{"last_by_subj": protocol.KVSubject(bucket, id)})
-	if err != nil {
-		return nil, 0, err
-	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	prefix := t.bus.Options().APIPrefix
-	if prefix == "" {
-		prefix = jetstream.DefaultAPIPrefix
-	} else if !strings.HasSuffix(prefix, ".") {
-		prefix += "."
-	}
-	msg, err := t.bus.Conn().RequestWithContext(ctx, prefix+"STREAM.MSG.GET.KV_"+bucket, req)
-	if err != nil {
-		return nil, 0, fmt.Errorf("get %s %s: %w", t.kind, id, err)
-	}
-	var resp struct {
-		Error *struct {
-			Code        int    `json:"code"`
-			ErrCode     int    `json:"err_code"`
-			Description string `json:"description"`
-		} `json:"error"`
-		Message *struct {
-			Seq  uint64 `json:"seq"`
-			Hdrs []byte `json:"hdrs"`
-			Data []byte `json:"data"`
-		} `json:"message"`
-	}
-	if err := json.Unmarshal(msg.Data, &resp); err != nil {
-		return nil, 0, fmt.Errorf("get %s %s: %w", t.kind, id, err)
-	}
-	switch {
-	case resp.Error != nil && resp.Error.ErrCode == int(jetstream.JSErrCodeMessageNotFound):
+	m, err := getStoredMsg(ctx, t.bus.Conn(), t.bus.Options(), "KV_"+bucket, msgGetRequest{LastFor: protocol.KVSubject(bucket, id)})
+	if errors.Is(err, errNotFound) {
 		return nil, 0, errNotFound
-	case resp.Error != nil:
-		return nil, 0, fmt.Errorf("get %s %s: %w", t.kind, id, &jetstream.APIError{Code: resp.Error.Code,
-			ErrorCode: jetstream.ErrorCode(resp.Error.ErrCode), Description: resp.Error.Description})
-	case resp.Message == nil:
-		return nil, 0, fmt.Errorf("get %s %s: an empty answer", t.kind, id)
 	}
-	if len(resp.Message.Hdrs) > 0 {
-		if h, err := nats.DecodeHeadersMsg(resp.Message.Hdrs); err == nil {
-			if op := h.Get(kvOperationHeader); op == kvDelete || op == "PURGE" {
+	if err != nil {
+		return nil, 0, fmt.Errorf("get %s %s: %w", t.kind, id, err)
+	}
+	if len(m.Hdrs) > 0 {
+		if h, err := nats.DecodeHeadersMsg(m.Hdrs); err == nil {
+			if op := h.Get(kvOperationHeader); op == kvDelete || op == kvPurge {
 				return nil, 0, errNotFound
 			}
 		}
 	}
-	return resp.Message.Data, resp.Message.Seq, nil
+	return m.Data, m.Seq, nil
 }
 
 func (t *table[T]) marshal(key string, v T) ([]byte, error) {

@@ -34,7 +34,7 @@ Roles:
 Client commands (talk to the REST API; --url, --key-file, --output json):
   fm network        list|get|create|update|delete virtual networks
   fm template       list|get|create|update|delete instance settings templates
-  fm instance       list|get|create|update|delete instances
+  fm instance       list|get|create|update|delete|status|logs instances, and their actions
   fm snapshot       list|get|create|delete|restore snapshots of an instance's data volume
   fm image          list|get|add|remove deployable DSS images
   fm status         the fleet summed up: states, DSS versions, what needs a look
