@@ -63,7 +63,8 @@ func Run(ctx context.Context, env Env, args []string) int {
 	if err == nil {
 		return 0
 	}
-	fmt.Fprintln(env.Stderr, "fm:", err)
+	// An error may carry what an agent said (a failed operation's).
+	fmt.Fprintln(env.Stderr, "fm:", printableText(err.Error()))
 	var u startup.UsageError
 	if errors.As(err, &u) || errors.Is(err, flag.ErrHelp) {
 		return ExitUsage
@@ -135,6 +136,20 @@ type column struct {
 
 func field(header, key string) column {
 	return column{header, func(o map[string]any) string { return cellText(o[key]) }}
+}
+
+// printableText is printable for text of several lines (logs): line
+// breaks and tabs stay, other control characters show as '?'.
+func printableText(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r == '\n' || r == '\t' {
+			return r
+		}
+		if r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0) {
+			return '?'
+		}
+		return r
+	}, s)
 }
 
 // printable shows a line break as \n and any other control character

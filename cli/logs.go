@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -21,6 +22,7 @@ type logsPage struct {
 		Text   string `json:"text"`
 	} `json:"entries"`
 	Next uint64 `json:"next"`
+	More bool   `json:"more"`
 }
 
 // logsPageSize is how many messages a call asks for.
@@ -34,24 +36,37 @@ func followLogs(ctx context.Context, w io.Writer, c *client.Client, id, source, 
 	if source != "" {
 		q.Set("source", source)
 	}
+	retry := interval
 	for {
 		var page logsPage
 		if err := c.Do(ctx, http.MethodGet, "/instances/"+url.PathEscape(id)+"/logs", q, nil, &page); err != nil {
 			if ctx.Err() != nil {
 				return nil // interrupted while following
 			}
-			return err
+			if !follow || !transient(err) {
+				return err
+			}
+			// A stream electing a leader, a server restarting: asked
+			// again from where it was, a little later each time.
+			retry = min(2*retry, 30*time.Second)
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(retry):
+			}
+			continue
 		}
+		retry = interval
 		for _, e := range page.Entries {
-			text := e.Text
+			text := printableText(e.Text)
 			if source == "" {
-				text = prefixLines(e.Source+": ", text)
+				text = prefixLines(printable(e.Source)+": ", text)
 			}
 			fmt.Fprint(w, text)
 		}
 		q.Del("since")
 		q.Set("after", strconv.FormatUint(page.Next, 10))
-		if len(page.Entries) == logsPageSize {
+		if page.More {
 			continue // more to read at once
 		}
 		if !follow {
@@ -63,6 +78,16 @@ func followLogs(ctx context.Context, w io.Writer, c *client.Client, id, source, 
 		case <-time.After(interval):
 		}
 	}
+}
+
+// transient says whether a failed call may succeed if made again: no
+// answer, or one that says so (503, 429, 504).
+func transient(err error) bool {
+	var e *client.Error
+	if !errors.As(err, &e) {
+		return true // not answered
+	}
+	return e.Status == http.StatusServiceUnavailable || e.Status == http.StatusTooManyRequests || e.Status == http.StatusGatewayTimeout
 }
 
 // prefixLines puts prefix before every line of text (a message may hold

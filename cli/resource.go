@@ -315,7 +315,9 @@ func finishOp(ctx context.Context, env Env, c *client.Client, output string, f a
 				shown = 0 // older steps were trimmed
 			}
 			for _, s := range steps[shown:] {
-				fmt.Fprintf(env.Stderr, "%s  %-11s %s  %s\n", s.Time.Local().Format("15:04:05"), s.Status, s.Name, s.Message)
+				// Steps say what agents and provisioners reported.
+				fmt.Fprintf(env.Stderr, "%s  %-11s %s  %s\n", s.Time.Local().Format("15:04:05"),
+					printable(s.Status), printable(s.Name), printable(s.Message))
 			}
 			shown = len(steps)
 		})

@@ -127,7 +127,7 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	wanted := []string{`fm_instances{node_type="design",state="running"} 1`, `fm_instance_heartbeat_age_seconds` + inst,
 		`fm_instance_data_volume_used_ratio` + inst, `fm_instance_data_volume_size_bytes` + inst,
 		`fm_operations_total{kind="reprovision",result="succeeded"} 1`, `fm_operations_total{kind="stop",result="failed"} 0`,
-		`fm_instance_agent_up` + inst + ` 1`, `fm_instance_dss_up` + inst + ` 1`,
+		`fm_instance_machine_up` + inst + ` 1`, `fm_instance_agent_up` + inst + ` 1`, `fm_instance_dss_up` + inst + ` 1`,
 		`fm_instance_dss_info{instance_id="` + id + `",node_type="design",version="13.4.0"} 1`,
 		// fm dev's provisioner is in the server's registry.
 		`fm_provisioner_backend_calls_total{backend="local",call="reprovision",result="ok"} 1`, `fm_provisioner_lease_held 1`,

@@ -1,7 +1,9 @@
 package server
 
 import (
+	"context"
 	"errors"
+	"math"
 	"net/http"
 	"slices"
 	"strconv"
@@ -12,11 +14,14 @@ import (
 )
 
 // logsAnswer is GET /instances/{id}/logs (FM's own): what the instance's
-// agent shipped to FM_LOGS, oldest first, and the sequence to ask after
-// next (next; the last one read, or the one asked after if none).
+// agent shipped to FM_LOGS, oldest first. Next is the sequence to ask
+// after to read on: the last entry's, or, when there is none, where the
+// stream stood when the call began (nothing after it is missed). More
+// says the page stopped before the end (its size, or the call's time).
 type logsAnswer struct {
 	Entries []logEntry `json:"entries"`
 	Next    uint64     `json:"next"`
+	More    bool       `json:"more"`
 }
 
 type logEntry struct {
@@ -26,11 +31,16 @@ type logEntry struct {
 	Text   string    `json:"text"`
 }
 
-// Bounds of a logs call: each entry is one message of at most 64 KiB.
+// Bounds of a logs call. An agent may fill its subjects with large
+// messages (up to 128 KiB each) of escapes that JSON makes six times
+// longer: a page stops at maxLogPageBytes of text (after one entry at
+// least), and a call at logsCallTime.
 const (
 	defaultLogEntries = 100
 	maxLogEntries     = 1000
+	maxLogPageBytes   = 4 << 20
 	defaultLogsSince  = 10 * time.Minute
+	logsCallTime      = 10 * time.Second
 )
 
 // instanceLogs serves GET /instances/{id}/logs?source=agent|dss&after=SEQ
@@ -66,14 +76,14 @@ func (s *Server) instanceLogs(r *http.Request) (any, error) {
 		return nil, invalid("query parameters after and since: give one")
 	case q.Has("after"):
 		n, err := strconv.ParseUint(q.Get("after"), 10, 64)
-		if err != nil {
+		if err != nil || n == math.MaxUint64 {
 			return nil, invalid("query parameter after: %q is not a sequence number", q.Get("after"))
 		}
 		after, req.Seq = n, n+1
 	default:
 		since := time.Now().Add(-defaultLogsSince)
 		if v := q.Get("since"); v != "" {
-			if d, err := time.ParseDuration(v); err == nil && d > 0 {
+			if d, err := time.ParseDuration(v); err == nil && d >= 0 {
 				since = time.Now().Add(-d)
 			} else if t, err := time.Parse(time.RFC3339, v); err == nil {
 				since = t
@@ -82,19 +92,38 @@ func (s *Server) instanceLogs(r *http.Request) (any, error) {
 			}
 		}
 		req.StartTime = &since
+		// Where the stream stands now: read on from there if nothing is
+		// found (what comes after has a later sequence).
+		st, err := s.js.Stream(r.Context(), protocol.StreamLogs)
+		if err != nil {
+			return nil, unavailable(err, "the instance's logs could not be read")
+		}
+		after = st.CachedInfo().State.LastSeq
 	}
+	ctx, cancel := context.WithTimeout(r.Context(), logsCallTime)
+	defer cancel()
 	answer := logsAnswer{Entries: []logEntry{}, Next: after}
-	for len(answer.Entries) < limit {
-		m, err := getStoredMsg(r.Context(), s.cfg.Conn, s.js.Options(), protocol.StreamLogs, req)
+	size := 0
+	for {
+		if len(answer.Entries) == limit || size >= maxLogPageBytes || ctx.Err() != nil {
+			answer.More = true
+			break
+		}
+		m, err := getStoredMsg(ctx, s.cfg.Conn, s.js.Options(), protocol.StreamLogs, req)
 		if errors.Is(err, errNotFound) {
 			break
 		}
 		if err != nil {
+			if len(answer.Entries) > 0 {
+				answer.More = true // what was read, and where to read on
+				break
+			}
 			return nil, unavailable(err, "the instance's logs could not be read")
 		}
 		answer.Entries = append(answer.Entries, logEntry{Seq: m.Seq, Time: m.Time,
 			Source: m.Subject[strings.LastIndexByte(m.Subject, '.')+1:], Text: string(m.Data)})
 		answer.Next = m.Seq
+		size += len(m.Data)
 		req = msgGetRequest{Seq: m.Seq + 1, NextFor: subject}
 	}
 	return answer, nil

@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -16,6 +17,7 @@ type logsAnswer struct {
 		Time         time.Time
 	}
 	Next uint64
+	More bool
 }
 
 // TestInstanceLogs: GET /instances/{id}/logs reads what the instance's agent
@@ -61,17 +63,41 @@ func TestInstanceLogs(t *testing.T) {
 	if len(none.Entries) != 0 || none.Next != all.Next {
 		t.Fatalf("nothing new: %+v", none)
 	}
+	// Nothing from the time asked: next is where the stream stood, so that
+	// a client following reads on from there, not from the start.
 	var future logsAnswer
 	f.ok(f.do("GET", "/instances/"+in.ID+"/logs?since="+time.Now().Add(time.Hour).UTC().Format(time.RFC3339), ""), &future)
-	if len(future.Entries) != 0 {
-		t.Fatalf("logs from an hour ahead: %+v", future)
+	if len(future.Entries) != 0 || future.Next < all.Next || future.More {
+		t.Fatalf("logs from an hour ahead: %+v (the last entry was %d)", future, all.Next)
+	}
+	ship(in.ID, "agent", "a new line\n")
+	var news logsAnswer
+	f.ok(f.do("GET", "/instances/"+in.ID+"/logs?after="+strconv.FormatUint(future.Next, 10), ""), &news)
+	if len(news.Entries) != 1 || news.Entries[0].Text != "a new line\n" {
+		t.Fatalf("after an empty page: %+v", news)
+	}
+
+	// An agent's large messages: a page stops at 4 MiB of text, says
+	// there is more, and the next page reads on.
+	big := strings.Repeat("x", 120<<10)
+	for range 40 {
+		ship(in.ID, "dss", big)
+	}
+	var page, rest2 logsAnswer
+	f.ok(f.do("GET", "/instances/"+in.ID+"/logs?source=dss&limit=1000&after="+strconv.FormatUint(news.Next, 10), ""), &page)
+	if len(page.Entries) == 0 || len(page.Entries) >= 40 || !page.More {
+		t.Fatalf("a page of large messages: %d entries, more %v", len(page.Entries), page.More)
+	}
+	f.ok(f.do("GET", "/instances/"+in.ID+"/logs?source=dss&limit=1000&after="+strconv.FormatUint(page.Next, 10), ""), &rest2)
+	if len(page.Entries)+len(rest2.Entries) != 40 || rest2.More {
+		t.Fatalf("two pages of large messages: %d and %d entries, more %v", len(page.Entries), len(rest2.Entries), rest2.More)
 	}
 
 	op := f.newKey("operator")
 	f.ok(f.doAs("GET", "/instances/"+in.ID+"/logs?since=1h", "", op.ID, op.Secret), &all)
 	viewer := f.newKey("viewer")
 	f.failed(f.doAs("GET", "/instances/"+in.ID+"/logs", "", viewer.ID, viewer.Secret), 403, "PermissionDenied")
-	for _, q := range []string{"source=kernel", "limit=0", "limit=1001", "after=x", "since=yesterday", "after=1&since=1h"} {
+	for _, q := range []string{"source=kernel", "limit=0", "limit=1001", "after=x", "after=18446744073709551615", "since=yesterday", "since=-5m", "after=1&since=1h"} {
 		f.failed(f.do("GET", "/instances/"+in.ID+"/logs?"+q, ""), 400, "InvalidArgument")
 	}
 	f.failed(f.do("GET", "/instances/in-none/logs", ""), 404, "NotFound")

@@ -149,6 +149,8 @@ var (
 		[]string{"kind"}, nil)
 	heartbeatAgeDesc = instanceDesc("fm_instance_heartbeat_age_seconds",
 		"Seconds since the instance's agent was last heard from (running machines only).")
+	machineUpDesc = instanceDesc("fm_instance_machine_up",
+		"1 if the machine of a running instance (no operation under way) runs, 0 if it was found stopped or gone (outside FM).")
 	agentUpDesc = instanceDesc("fm_instance_agent_up",
 		"1 if the instance's agent is responding (heard from within three heartbeats), 0 if not (running instances with no operation under way).")
 	dssUpDesc = instanceDesc("fm_instance_dss_up",
@@ -174,7 +176,7 @@ var (
 )
 
 func (c fleetCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{instancesDesc, opsInFlightDesc, heartbeatAgeDesc, agentUpDesc, dssUpDesc, dssInfoDesc,
+	for _, d := range []*prometheus.Desc{instancesDesc, opsInFlightDesc, heartbeatAgeDesc, machineUpDesc, agentUpDesc, dssUpDesc, dssInfoDesc,
 		volumeSizeDesc, volumeUsedBytesDesc, volumeUsedDesc, volumeMaxDesc, volumeAtMaxDesc,
 		snapshotSuccessDesc, snapshotFailedDesc, snapshotPeriodDesc} {
 		ch <- d
@@ -215,6 +217,9 @@ func (c fleetCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, in := range s.st.instances.list() {
 		st := s.statusOf(in.ID)
 		counts[key{st.State, in.DSSNodeType}]++
+		if settledRunning(st) {
+			gauge(machineUpDesc, boolValue(st.CloudMachineIsUp), in.ID)
+		}
 		if agentExpected(st) {
 			gauge(agentUpDesc, boolValue(st.AgentResponding), in.ID)
 		}
