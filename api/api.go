@@ -316,3 +316,69 @@ func Bool(b bool) *bool { return &b }
 
 // Int returns a pointer to n, for the optional numbers above.
 func Int(n int) *int { return &n }
+
+// Fleet is GET /fleet (FM's own): the fleet at a glance, as `fm status`
+// sums it up and `fm instance list` shows each instance. Instances is
+// null when the rows were not asked for (rows=false).
+type Fleet struct {
+	Summary   FleetSummary `json:"summary"`
+	Instances []FleetRow   `json:"instances"`
+}
+
+// FleetSummary counts every instance /instances' filters keep.
+type FleetSummary struct {
+	Instances    int            `json:"instances"`
+	ByState      map[string]int `json:"byState"`
+	ByNodeType   map[string]int `json:"byNodeType"`
+	ByDSSVersion map[string]int `json:"byDSSVersion"`
+	// AgentsNotResponding counts running instances, no operation under
+	// way, whose agent missed three heartbeats; DSSDown those whose agent
+	// answers and DSS does not (the alerts' conditions).
+	AgentsNotResponding int `json:"agentsNotResponding"`
+	DSSDown             int `json:"dssDown"`
+	// VolumesAbove80Percent counts data volumes more than 80% full.
+	VolumesAbove80Percent int `json:"volumesAbove80Percent"`
+	OperationsRunning     int `json:"operationsRunning"`
+	// FailedInstances are in state failed (their last operation failed).
+	FailedInstances int `json:"failedInstances"`
+}
+
+// FleetRow is one instance's state, as its status says it. DSSState and
+// DSSVersion are what its agent reported, "(invalid)" unless plain.
+type FleetRow struct {
+	ID              string        `json:"id"`
+	State           string        `json:"state"`
+	DSSState        string        `json:"dssState,omitempty"`
+	DSSVersion      string        `json:"dssVersion,omitempty"`
+	PublicURL       string        `json:"publicURL,omitempty"`
+	AgentResponding bool          `json:"agentResponding"`
+	LastSeen        *time.Time    `json:"lastSeen,omitempty"`
+	VolumeUsedRatio *float64      `json:"volumeUsedRatio,omitempty"`
+	Operation       *OperationRef `json:"operation,omitempty"`
+}
+
+// OperationRef names the operation an instance is busy with (or last was).
+type OperationRef struct {
+	JobID string `json:"jobId"`
+	Kind  string `json:"kind"`
+	State string `json:"state"`
+}
+
+// Logs is GET /instances/{id}/logs (FM's own): what the instance's agent
+// shipped to FM_LOGS, oldest first. Next is the sequence to ask after to
+// read on: the last entry's, or, when there is none, where the stream
+// stood when the call began (nothing after it is missed). More says the
+// page stopped before the end (its size, or the call's time).
+type Logs struct {
+	Entries []LogEntry `json:"entries"`
+	Next    uint64     `json:"next"`
+	More    bool       `json:"more"`
+}
+
+// LogEntry is one message of an instance's logs: lines of one source.
+type LogEntry struct {
+	Seq    uint64    `json:"seq"`
+	Time   time.Time `json:"time"`
+	Source string    `json:"source"`
+	Text   string    `json:"text"`
+}

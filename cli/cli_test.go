@@ -7,6 +7,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/fleetmanager/fm/api"
 )
 
 func TestParseFlagsInterspersedAndEnv(t *testing.T) {
@@ -86,7 +88,7 @@ func TestObjFieldApply(t *testing.T) {
 }
 
 func TestPrintStatus(t *testing.T) {
-	var view fleetView
+	var view api.Fleet
 	view.Summary.Instances = 3
 	view.Summary.ByState = map[string]int{"running": 2, "failed": 1}
 	view.Summary.ByNodeType = map[string]int{"design": 3}
@@ -110,7 +112,7 @@ func TestPrintStatus(t *testing.T) {
 			}
 		})
 	}
-	var empty fleetView
+	var empty api.Fleet
 	var b strings.Builder
 	printStatus(&b, empty, false)
 	if !strings.HasPrefix(b.String(), "instances   0\nnode types  none\n") {

@@ -12,39 +12,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/client"
 )
-
-// fleetView is what GET /fleet answers (FM's own: the fleet at a glance).
-type fleetView struct {
-	Summary struct {
-		Instances             int            `json:"instances"`
-		ByState               map[string]int `json:"byState"`
-		ByNodeType            map[string]int `json:"byNodeType"`
-		ByDSSVersion          map[string]int `json:"byDSSVersion"`
-		AgentsNotResponding   int            `json:"agentsNotResponding"`
-		DSSDown               int            `json:"dssDown"`
-		VolumesAbove80Percent int            `json:"volumesAbove80Percent"`
-		OperationsRunning     int            `json:"operationsRunning"`
-		FailedInstances       int            `json:"failedInstances"`
-	} `json:"summary"`
-	Instances []fleetRow `json:"instances"`
-}
-
-type fleetRow struct {
-	ID              string     `json:"id"`
-	State           string     `json:"state"`
-	DSSState        string     `json:"dssState"`
-	DSSVersion      string     `json:"dssVersion"`
-	PublicURL       string     `json:"publicURL"`
-	AgentResponding bool       `json:"agentResponding"`
-	LastSeen        *time.Time `json:"lastSeen"`
-	VolumeUsedRatio *float64   `json:"volumeUsedRatio"`
-	Operation       *struct {
-		Kind  string `json:"kind"`
-		State string `json:"state"`
-	} `json:"operation"`
-}
 
 // instanceColumns are fm instance list's: the instance, then its state as
 // GET /fleet says it (withStatus), then where it lives.
@@ -58,11 +28,11 @@ var instanceColumns = []column{field("ID", "id"), field("LABEL", "label"), field
 // and its data volume's use. An instance made between the two calls has
 // empty cells.
 func withStatus(ctx context.Context, c *client.Client, q url.Values, objs []map[string]any) error {
-	var view fleetView
+	var view api.Fleet
 	if err := c.Do(ctx, http.MethodGet, "/fleet", q, nil, &view); err != nil {
 		return err
 	}
-	rows := make(map[string]fleetRow, len(view.Instances))
+	rows := make(map[string]api.FleetRow, len(view.Instances))
 	for _, r := range view.Instances {
 		rows[r.ID] = r
 	}
@@ -138,7 +108,7 @@ func runStatus(ctx context.Context, env Env, r *resource, args []string) error {
 			q.Set(k, v)
 		}
 	}
-	var view fleetView
+	var view api.Fleet
 	if err := c.Do(ctx, http.MethodGet, "/fleet", q, nil, &view); err != nil {
 		return err
 	}
@@ -149,7 +119,7 @@ func runStatus(ctx context.Context, env Env, r *resource, args []string) error {
 	return nil
 }
 
-func printStatus(w io.Writer, view fleetView, color bool) {
+func printStatus(w io.Writer, view api.Fleet, color bool) {
 	s := view.Summary
 	// A count that needs a look is red on a terminal, and only there.
 	problem := func(n int, what string) string {

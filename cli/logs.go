@@ -11,19 +11,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/client"
 )
-
-// logsPage is what GET /instances/{id}/logs answers.
-type logsPage struct {
-	Entries []struct {
-		Seq    uint64 `json:"seq"`
-		Source string `json:"source"`
-		Text   string `json:"text"`
-	} `json:"entries"`
-	Next uint64 `json:"next"`
-	More bool   `json:"more"`
-}
 
 // logsPageSize is how many messages a call asks for.
 const logsPageSize = 500
@@ -38,7 +28,7 @@ func followLogs(ctx context.Context, w io.Writer, c *client.Client, id, source, 
 	}
 	retry := interval
 	for {
-		var page logsPage
+		var page api.Logs
 		if err := c.Do(ctx, http.MethodGet, "/instances/"+url.PathEscape(id)+"/logs", q, nil, &page); err != nil {
 			if ctx.Err() != nil {
 				return nil // interrupted while following

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/protocol"
 )
 
@@ -37,7 +38,7 @@ func TestFleetView(t *testing.T) {
 	report(full.ID, protocol.DSSRunning, 90)
 	report(down.ID, protocol.DSSStopped, 10)
 
-	var view fleetAnswer
+	var view api.Fleet
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		f.ok(f.do("GET", "/fleet", ""), &view)
 		if view.Summary.DSSDown == 1 && view.Summary.VolumesAbove80Percent == 1 {
@@ -52,7 +53,7 @@ func TestFleetView(t *testing.T) {
 		sum.ByNodeType["design"] != 3 || sum.AgentsNotResponding != 0 || sum.OperationsRunning != 0 {
 		t.Fatalf("summary %+v", sum)
 	}
-	rows := map[string]fleetRowAnswer{}
+	rows := map[string]api.FleetRow{}
 	for _, r := range view.Instances {
 		rows[r.ID] = r
 	}
@@ -66,12 +67,12 @@ func TestFleetView(t *testing.T) {
 
 	// Filters and page, as /instances takes them: the summary counts what
 	// the filters keep, the rows are the page.
-	var page fleetAnswer
+	var page api.Fleet
 	f.ok(f.do("GET", "/fleet?state=running&limit=1", ""), &page)
 	if page.Summary.Instances != 2 || len(page.Instances) != 1 || page.Instances[0].State != "running" {
 		t.Fatalf("running, a page of one: %+v", page)
 	}
-	var summary fleetAnswer
+	var summary api.Fleet
 	f.ok(f.do("GET", "/fleet?rows=false&label=IDL", ""), &summary)
 	if summary.Summary.Instances != 1 || summary.Instances != nil {
 		t.Fatalf("the summary of the label idl alone: %+v", summary)
@@ -81,21 +82,4 @@ func TestFleetView(t *testing.T) {
 	f.failed(f.do("GET", "/fleet?state=asleep", ""), 400, "InvalidArgument")
 	f.failed(f.do("GET", "/fleet?rows=maybe", ""), 400, "InvalidArgument")
 	f.failed(f.doAs("GET", "/fleet", "", "", ""), 401, "Unauthenticated")
-}
-
-type fleetRowAnswer struct {
-	ID, State, DSSState, DSSVersion, PublicURL string
-	AgentResponding                            bool
-	LastSeen                                   *time.Time
-	VolumeUsedRatio                            *float64
-}
-
-type fleetAnswer struct {
-	Summary struct {
-		Instances                                       int
-		ByState, ByNodeType, ByDSSVersion               map[string]int
-		AgentsNotResponding, DSSDown, OperationsRunning int
-		VolumesAbove80Percent                           int
-	}
-	Instances []fleetRowAnswer
 }

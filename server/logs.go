@@ -10,26 +10,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/protocol"
 )
-
-// logsAnswer is GET /instances/{id}/logs (FM's own): what the instance's
-// agent shipped to FM_LOGS, oldest first. Next is the sequence to ask
-// after to read on: the last entry's, or, when there is none, where the
-// stream stood when the call began (nothing after it is missed). More
-// says the page stopped before the end (its size, or the call's time).
-type logsAnswer struct {
-	Entries []logEntry `json:"entries"`
-	Next    uint64     `json:"next"`
-	More    bool       `json:"more"`
-}
-
-type logEntry struct {
-	Seq    uint64    `json:"seq"`
-	Time   time.Time `json:"time"`
-	Source string    `json:"source"`
-	Text   string    `json:"text"`
-}
 
 // Bounds of a logs call. An agent may fill its subjects with large
 // messages (up to 128 KiB each) of escapes that JSON makes six times
@@ -44,6 +27,7 @@ const (
 )
 
 // instanceLogs serves GET /instances/{id}/logs?source=agent|dss&after=SEQ
+// (api.Logs)
 // &since=T&limit=N: the messages after sequence after, or from since (a
 // time, RFC 3339, or a duration before now: 10m), by default the last ten
 // minutes; at most limit (100, at most 1000). Operator: DSS's logs may
@@ -102,7 +86,7 @@ func (s *Server) instanceLogs(r *http.Request) (any, error) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), logsCallTime)
 	defer cancel()
-	answer := logsAnswer{Entries: []logEntry{}, Next: after}
+	answer := api.Logs{Entries: []api.LogEntry{}, Next: after}
 	size := 0
 	for {
 		if len(answer.Entries) == limit || size >= maxLogPageBytes || ctx.Err() != nil {
@@ -120,7 +104,7 @@ func (s *Server) instanceLogs(r *http.Request) (any, error) {
 			}
 			return nil, unavailable(err, "the instance's logs could not be read")
 		}
-		answer.Entries = append(answer.Entries, logEntry{Seq: m.Seq, Time: m.Time,
+		answer.Entries = append(answer.Entries, api.LogEntry{Seq: m.Seq, Time: m.Time,
 			Source: m.Subject[strings.LastIndexByte(m.Subject, '.')+1:], Text: string(m.Data)})
 		answer.Next = m.Seq
 		size += len(m.Data)

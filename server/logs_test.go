@@ -7,18 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/protocol"
 )
-
-type logsAnswer struct {
-	Entries []struct {
-		Seq          uint64
-		Source, Text string
-		Time         time.Time
-	}
-	Next uint64
-	More bool
-}
 
 // TestInstanceLogs: GET /instances/{id}/logs reads what the instance's agent
 // shipped to FM_LOGS (its own subjects only), by source, from a time or
@@ -42,36 +33,36 @@ func TestInstanceLogs(t *testing.T) {
 	}
 	ship(in.ID, "dss", "dss line\n")
 
-	var all logsAnswer
+	var all api.Logs
 	f.ok(f.do("GET", "/instances/"+in.ID+"/logs", ""), &all)
 	if len(all.Entries) != 6 || all.Entries[0].Text != "agent line 0\n" || all.Entries[5].Source != "dss" ||
 		all.Next != all.Entries[5].Seq {
 		t.Fatalf("the last ten minutes of logs: %+v", all)
 	}
-	var agent logsAnswer
+	var agent api.Logs
 	f.ok(f.do("GET", "/instances/"+in.ID+"/logs?source=agent&limit=2", ""), &agent)
 	if len(agent.Entries) != 2 || agent.Entries[1].Text != "agent line 1\n" {
 		t.Fatalf("a page of two agent lines: %+v", agent)
 	}
-	var rest logsAnswer
+	var rest api.Logs
 	f.ok(f.do("GET", "/instances/"+in.ID+"/logs?source=agent&after="+strconv.FormatUint(agent.Next, 10), ""), &rest)
 	if len(rest.Entries) != 3 || rest.Entries[0].Text != "agent line 2\n" {
 		t.Fatalf("the agent lines after the page: %+v", rest)
 	}
-	var none logsAnswer
+	var none api.Logs
 	f.ok(f.do("GET", "/instances/"+in.ID+"/logs?after="+strconv.FormatUint(all.Next, 10), ""), &none)
 	if len(none.Entries) != 0 || none.Next != all.Next {
 		t.Fatalf("nothing new: %+v", none)
 	}
 	// Nothing from the time asked: next is where the stream stood, so that
 	// a client following reads on from there, not from the start.
-	var future logsAnswer
+	var future api.Logs
 	f.ok(f.do("GET", "/instances/"+in.ID+"/logs?since="+time.Now().Add(time.Hour).UTC().Format(time.RFC3339), ""), &future)
 	if len(future.Entries) != 0 || future.Next < all.Next || future.More {
 		t.Fatalf("logs from an hour ahead: %+v (the last entry was %d)", future, all.Next)
 	}
 	ship(in.ID, "agent", "a new line\n")
-	var news logsAnswer
+	var news api.Logs
 	f.ok(f.do("GET", "/instances/"+in.ID+"/logs?after="+strconv.FormatUint(future.Next, 10), ""), &news)
 	if len(news.Entries) != 1 || news.Entries[0].Text != "a new line\n" {
 		t.Fatalf("after an empty page: %+v", news)
@@ -83,7 +74,7 @@ func TestInstanceLogs(t *testing.T) {
 	for range 40 {
 		ship(in.ID, "dss", big)
 	}
-	var page, rest2 logsAnswer
+	var page, rest2 api.Logs
 	f.ok(f.do("GET", "/instances/"+in.ID+"/logs?source=dss&limit=1000&after="+strconv.FormatUint(news.Next, 10), ""), &page)
 	if len(page.Entries) == 0 || len(page.Entries) >= 40 || !page.More {
 		t.Fatalf("a page of large messages: %d entries, more %v", len(page.Entries), page.More)

@@ -30,19 +30,13 @@ type instanceStatus struct {
 	Backend           string                 `json:"backend,omitempty"`
 	DSS               *protocol.DSSStatus    `json:"dss,omitempty"`
 	DataVolume        *volumeStatus          `json:"dataVolume,omitempty"`
-	Operation         *operationRef          `json:"operation,omitempty"`
+	Operation         *api.OperationRef      `json:"operation,omitempty"`
 	LastError         *api.Error             `json:"lastError,omitempty"`
 }
 
 type volumeStatus struct {
 	SizeBytes uint64 `json:"sizeBytes"`
 	UsedBytes uint64 `json:"usedBytes"`
-}
-
-type operationRef struct {
-	JobID string `json:"jobId"`
-	Kind  string `json:"kind"`
-	State string `json:"state"`
 }
 
 // silentBeats is how many heartbeats an agent may miss before it is shown
@@ -62,10 +56,10 @@ func (s *Server) statusOf(id string) instanceStatus {
 	if !ok {
 		lc = lifecycle{State: stateCreated}
 	}
-	var opRef *operationRef
+	var opRef *api.OperationRef
 	if lc.OpID != "" {
 		if op, _, ok := s.st.ops.get(lc.OpID); ok {
-			opRef = &operationRef{JobID: op.JobID, Kind: op.Kind, State: op.State}
+			opRef = &api.OperationRef{JobID: op.JobID, Kind: op.Kind, State: op.State}
 			if op.State != api.OpRunning && op.EndedAt != nil {
 				lc = settled(lc, op, true, *op.EndedAt)
 			}
