@@ -197,19 +197,17 @@ func callIDFrom(ctx context.Context) string {
 // reader would misread).
 func usableCallID(id string) bool { return plainToken(id, "._-") }
 
-// plainToken says whether s is 1 to 64 ASCII letters and digits and the
-// characters of extra: what may go into a log line, a label or a terminal
-// from someone FM does not trust.
+// plainToken says whether s is 1 to 64 ASCII letters and digits, dashes,
+// underscores (protocol.ValidToken) and the characters of extra: what may
+// go into a log line, a label or a terminal from someone FM does not
+// trust.
 func plainToken(s, extra string) bool {
-	if s == "" || len(s) > 64 {
-		return false
-	}
-	for _, c := range s {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune(extra, c)) {
-			return false
+	return protocol.ValidToken(strings.Map(func(r rune) rune {
+		if strings.ContainsRune(extra, r) {
+			return '_'
 		}
-	}
-	return true
+		return r
+	}, s))
 }
 
 // withCallIDs names every call (callIDHeader).
