@@ -425,7 +425,13 @@ func (a *Agent) runCommand(ctx context.Context, cmd protocol.Command) commandRes
 		a.refreshDSSState(ctx)
 		return commandResult{message: "DSS is stopped; the agent will not restart it until start-dss or restart-dss", output: out}
 	case protocol.CommandReplaySetupActions:
-		d := a.desired.latest()
+		// Right after a restart the desired state is still being read.
+		wctx, cancel := ctx, context.CancelFunc(func() {})
+		if !cmd.Expires.IsZero() {
+			wctx, cancel = context.WithDeadline(ctx, cmd.Expires)
+		}
+		d := a.desired.whenLoaded(wctx)
+		cancel()
 		if d == nil {
 			return commandResult{err: protocol.Errorf(protocol.CodeFailedPrecondition, "no desired state yet")}
 		}

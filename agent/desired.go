@@ -31,10 +31,30 @@ type desiredWatch struct {
 	current *protocol.DesiredState
 	rev     uint64
 	changed chan struct{} // receives when current changes (coalesced)
+	// loaded is closed once the key was first read (whatever it held) or a
+	// value of it received: before, "no desired state" may only mean the
+	// agent just started.
+	loaded     chan struct{}
+	markLoaded func()
 }
 
 func newDesiredWatch(instance string, nc *nats.Conn, log zerolog.Logger, rejected func(error, uint64)) *desiredWatch {
-	return &desiredWatch{instance: instance, nc: nc, log: log, rejected: rejected, changed: make(chan struct{}, 1)}
+	w := &desiredWatch{instance: instance, nc: nc, log: log, rejected: rejected, changed: make(chan struct{}, 1),
+		loaded: make(chan struct{})}
+	w.markLoaded = sync.OnceFunc(func() { close(w.loaded) })
+	return w
+}
+
+// whenLoaded returns the current desired state once the key was read (nil
+// if it holds none), or what there is when ctx ends first: a command that
+// needs the desired state and arrives right after a restart waits for it
+// rather than fails.
+func (w *desiredWatch) whenLoaded(ctx context.Context) *protocol.DesiredState {
+	select {
+	case <-w.loaded:
+	case <-ctx.Done():
+	}
+	return w.latest()
 }
 
 // latest returns the current desired state (nil if none yet).
@@ -80,6 +100,7 @@ func (w *desiredWatch) offer(data []byte, rev uint64, deleted bool) {
 	}
 	w.current, w.rev = &d, rev
 	w.mu.Unlock()
+	w.markLoaded()
 	select {
 	case w.changed <- struct{}{}:
 	default:
@@ -125,6 +146,7 @@ func (w *desiredWatch) fetch(ctx context.Context) error {
 			return fmt.Errorf("read desired state: the answer is not the instance's key (%q)", msg.Header.Get("Nats-Subject"))
 		}
 	case "404":
+		w.markLoaded()
 		return nil // no desired state yet
 	default:
 		return fmt.Errorf("read desired state: status %s %s", msg.Header.Get("Status"), msg.Header.Get("Description"))
@@ -132,6 +154,7 @@ func (w *desiredWatch) fetch(ctx context.Context) error {
 	rev, _ := strconv.ParseUint(msg.Header.Get("Nats-Sequence"), 10, 64)
 	op := msg.Header.Get("KV-Operation")
 	w.offer(msg.Data, rev, op == "DEL" || op == "PURGE")
+	w.markLoaded() // read, even if what it held was refused
 	return nil
 }
 
