@@ -382,3 +382,42 @@ type LogEntry struct {
 	Source string    `json:"source"`
 	Text   string    `json:"text"`
 }
+
+// AlertSettings is GET and PUT /alerting (FM's own): where FM sends the
+// alerts it raises. WebhookURL "" sends none (they are still listed by
+// GET /alerts). WebhookSecret is write-only: when set, each request
+// carries X-FM-Signature: sha256=<HMAC-SHA256 of the body with it>; a save
+// without it keeps the one stored, and ClearWebhookSecret drops it.
+type AlertSettings struct {
+	WebhookURL         string    `json:"webhookURL"`
+	WebhookSecret      string    `json:"webhookSecret,omitempty"`
+	HasWebhookSecret   bool      `json:"hasWebhookSecret"`
+	ClearWebhookSecret bool      `json:"clearWebhookSecret,omitempty"`
+	UpdatedAt          time.Time `json:"updatedAt,omitzero"`
+}
+
+// Alert is one alert FM raised, as GET /alerts lists it: its name and
+// labels are those of the Prometheus rule of the same name
+// (deploy/prometheus/rules/fm.rules.yml). Status is AlertFiring or
+// AlertResolved; Notified says the webhook (if any) was told of it.
+type Alert struct {
+	Fingerprint string            `json:"fingerprint"`
+	Name        string            `json:"name"`
+	Status      string            `json:"status"`
+	Labels      map[string]string `json:"labels"`
+	Annotations map[string]string `json:"annotations"`
+	StartsAt    time.Time         `json:"startsAt"`
+	EndsAt      time.Time         `json:"endsAt,omitzero"`
+	Notified    bool              `json:"notified"`
+	// Attempts and LastError are the webhook's, while it is not told;
+	// GaveUp says FM stopped trying (Config.AlertGiveUpAfter).
+	Attempts  int    `json:"attempts,omitempty"`
+	LastError string `json:"lastError,omitempty"`
+	GaveUp    bool   `json:"gaveUp,omitempty"`
+}
+
+// Alert statuses, as Alertmanager's webhook payload spells them.
+const (
+	AlertFiring   = "firing"
+	AlertResolved = "resolved"
+)

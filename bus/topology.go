@@ -114,6 +114,7 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 		desired,
 		state(protocol.BucketMachines, "machine state per instance, written by the provisioner"),
 		agents,
+		state(protocol.BucketAlerts, "alerts the server raised and what the tenant's webhook was told, key <tenant>.<fingerprint>"),
 	}
 }
 

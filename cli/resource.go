@@ -42,7 +42,7 @@ type objField struct {
 }
 
 var resources = []*resource{networkResource, templateResource, instanceResource, snapshotResource, imageResource, opResource,
-	apikeyResource, auditResource, natsCredsResource, statusResource}
+	apikeyResource, auditResource, natsCredsResource, statusResource, alertResource}
 
 func (r *resource) usage() string {
 	if r.command == "instance" {

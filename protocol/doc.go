@@ -64,5 +64,6 @@
 //	  failures between the server's replicas (SubjectAttemptFailures).
 //	  The REST call's id (X-Request-Id) on what it causes: a command's, a
 //	  provision request's and an audit record's callId. FM's durable
-//	  consumers' names (ConsumerEvents, ConsumerProvisioner).
+//	  consumers' names (ConsumerEvents, ConsumerProvisioner). The alerts'
+//	  bucket (BucketAlerts); the provisioner's lease key (LeaseProvisioner).
 package protocol

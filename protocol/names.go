@@ -21,7 +21,12 @@ const (
 	BucketSecrets   = "fm_secrets"   // credentials FM keeps per instance (DSS admin password, API key)
 	BucketLeases    = "fm_leases"    // leases electing one active provisioner (and scheduler)
 	BucketJoins     = "fm_joins"     // single-use join tokens of new machines, hashed
+	BucketAlerts    = "fm_alerts"    // alerts the server raised, key "<tenant>.<fingerprint>"; written by the server
 )
+
+// LeaseProvisioner is the fm_leases key the active provisioner holds: a
+// fleet without it carries out no machine operation.
+const LeaseProvisioner = "provisioner"
 
 // Streams.
 const (

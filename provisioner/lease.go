@@ -25,7 +25,7 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 	if p.machines, err = p.js.KeyValue(ctx, protocol.BucketMachines); err != nil {
 		return fmt.Errorf("machines bucket: %w", err)
 	}
-	l := &bus.Lease{KV: leases, Key: "provisioner", Holder: p.cfg.Holder, TTL: p.cfg.LeaseTTL}
+	l := &bus.Lease{KV: leases, Key: protocol.LeaseProvisioner, Holder: p.cfg.Holder, TTL: p.cfg.LeaseTTL}
 	p.lease.Store(l)
 	return l.Run(ctx, func(held context.Context) error {
 		p.log.Info().Str("holder", p.cfg.Holder).Msg("holding the provisioner lease")

@@ -224,3 +224,19 @@ func (b *busSampler) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 }
+
+// pressure is the last sample's storage use (each node's, and the FM
+// account's under the name "") and its work consumers' lag, for the
+// alerts; fresh says the sample is recent enough to judge by.
+func (b *busSampler) pressure(now time.Time) (storage []serverSample, backlog []consumerSample, fresh bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.sampled.IsZero() || now.Sub(b.sampled) > 4*busSampleEvery {
+		return nil, nil, false
+	}
+	storage = append(storage, b.servers...)
+	if a := b.account; a != nil && a.Limits.MaxStore > 0 {
+		storage = append(storage, serverSample{used: float64(a.Store), limit: float64(a.Limits.MaxStore)})
+	}
+	return storage, append(backlog, b.cons...), true
+}

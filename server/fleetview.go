@@ -35,8 +35,10 @@ func (s *Server) getFleet(r *http.Request) (any, error) {
 		view.Instances = []api.FleetRow{}
 	}
 	sum := &view.Summary
+	snaps := s.lastSnapshotsByInstance()
 	for _, in := range all {
 		st := s.statusOf(in.ID)
+		h := s.healthOf(&in, st, snaps[in.ID])
 		sum.ByState[st.State]++
 		sum.ByNodeType[in.DSSNodeType]++
 		row := api.FleetRow{ID: in.ID, State: st.State, PublicURL: st.PublicURL, AgentResponding: st.AgentResponding,
@@ -53,18 +55,17 @@ func (s *Server) getFleet(r *http.Request) (any, error) {
 			}
 			sum.ByDSSVersion[row.DSSVersion]++
 		}
-		if agentExpected(st) && !st.AgentResponding {
+		if h.agentNotResponding() {
 			sum.AgentsNotResponding++
 		}
-		if st.AgentResponding && settledRunning(st) && st.DSS != nil && st.DSS.State != protocol.DSSRunning {
+		if h.dssDown() {
 			sum.DSSDown++
 		}
-		if v := st.DataVolume; v != nil && v.SizeBytes > 0 {
-			used := float64(v.UsedBytes) / float64(v.SizeBytes)
+		if used, ok := h.volumeUsed(); ok {
 			row.VolumeUsedRatio = &used
-			if used > 0.8 {
-				sum.VolumesAbove80Percent++
-			}
+		}
+		if h.volumeAbove80() {
+			sum.VolumesAbove80Percent++
 		}
 		if st.Operation != nil && st.Operation.State == api.OpRunning {
 			sum.OperationsRunning++

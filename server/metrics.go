@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/api"
-	"github.com/fleetmanager/fm/protocol"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -23,7 +22,10 @@ type metrics struct {
 	latency    *prometheus.HistogramVec
 	ops        *prometheus.CounterVec
 	opDuration *prometheus.HistogramVec
-	bus        *busSampler
+	// alertNotifications counts the alert webhook's requests by result
+	// (sent, failed) and the notifications given up.
+	alertNotifications *prometheus.CounterVec
+	bus                *busSampler
 }
 
 func newMetrics(s *Server) (*metrics, error) {
@@ -47,14 +49,20 @@ func newMetrics(s *Server) (*metrics, error) {
 			Name: "fm_operation_duration_seconds", Help: "Duration of finished operations by kind.",
 			Buckets: []float64{0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800},
 		}, []string{"kind"}),
+		alertNotifications: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fm_alert_webhook_requests_total", Help: "Requests to the alert webhook by result (sent, failed), and notifications given up (given_up).",
+		}, []string{"result"}),
 		bus: newBusSampler(s.js, s.cfg.Conn, s.cfg.SystemConn, s.log),
+	}
+	for _, result := range []string{"sent", "failed", "given_up"} {
+		m.alertNotifications.WithLabelValues(result)
 	}
 	for _, kind := range instanceOpKinds {
 		for _, result := range []string{api.OpSucceeded, api.OpFailed, api.OpAborted} {
 			m.ops.WithLabelValues(kind, result)
 		}
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.latency, m.ops, m.opDuration,
+	for _, c := range []prometheus.Collector{m.requests, m.latency, m.ops, m.opDuration, m.alertNotifications,
 		objectsCollector{s.st}, fleetCollector{s}, m.bus} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
@@ -183,83 +191,51 @@ func (c fleetCollector) Describe(ch chan<- *prometheus.Desc) {
 	}
 }
 
-// lastSnapshots is what the metrics show of an instance's snapshots.
-type lastSnapshots struct {
-	success  time.Time // the last one that succeeded
-	finished time.Time // the last one that ended
-	failed   bool      // whether that one failed
-}
-
 func (c fleetCollector) Collect(ch chan<- prometheus.Metric) {
 	s := c.s
 	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
-	// One look at every snapshot, not one per instance.
-	snaps := map[string]lastSnapshots{}
-	for _, sn := range s.st.snapshots.list() {
-		l := snaps[sn.InstanceID]
-		switch sn.State {
-		case api.SnapshotAvailable:
-			l.success = later(l.success, sn.CreatedAt)
-			if !sn.CreatedAt.Before(l.finished) {
-				l.finished, l.failed = sn.CreatedAt, false
-			}
-		case api.SnapshotFailed:
-			if !sn.CreatedAt.Before(l.finished) {
-				l.finished, l.failed = sn.CreatedAt, true
-			}
+	gaugeIf := func(d *prometheus.Desc, b *bool, id string) {
+		if b != nil {
+			gauge(d, boolValue(*b), id)
 		}
-		snaps[sn.InstanceID] = l
 	}
+	snaps := s.lastSnapshotsByInstance()
 	type key struct{ state, node string }
 	counts := map[key]int{}
 	for _, in := range s.st.instances.list() {
 		st := s.statusOf(in.ID)
+		h := s.healthOf(&in, st, snaps[in.ID])
 		counts[key{st.State, in.DSSNodeType}]++
-		if settledRunning(st) {
-			gauge(machineUpDesc, boolValue(st.CloudMachineIsUp), in.ID)
-		}
-		if agentExpected(st) {
-			gauge(agentUpDesc, boolValue(st.AgentResponding), in.ID)
-		}
+		gaugeIf(machineUpDesc, h.machineUp, in.ID)
+		gaugeIf(agentUpDesc, h.agentUp, in.ID)
+		gaugeIf(dssUpDesc, h.dssUp, in.ID)
 		if st.LastSeen != nil {
 			gauge(heartbeatAgeDesc, time.Since(*st.LastSeen).Seconds(), in.ID)
 		}
-		if st.DSS != nil {
-			if settledRunning(st) {
-				gauge(dssUpDesc, boolValue(st.DSS.State == protocol.DSSRunning), in.ID)
-			}
-			// The version is the agent's word: one that could flood
-			// Prometheus with series (long, odd, changing) is left out.
-			if labelSafe(st.DSS.Version) {
-				gauge(dssInfoDesc, 1, in.ID, st.DSS.Version, in.DSSNodeType)
-			}
+		// The version is the agent's word: one that could flood Prometheus
+		// with series (long, odd, changing) is left out.
+		if st.DSS != nil && labelSafe(st.DSS.Version) {
+			gauge(dssInfoDesc, 1, in.ID, st.DSS.Version, in.DSSNodeType)
 		}
-		if v := st.DataVolume; v != nil && v.SizeBytes > 0 {
-			gauge(volumeSizeDesc, float64(v.SizeBytes), in.ID)
-			gauge(volumeUsedBytesDesc, float64(v.UsedBytes), in.ID)
-			gauge(volumeUsedDesc, float64(v.UsedBytes)/float64(v.SizeBytes), in.ID)
+		if used, ok := h.volumeUsed(); ok {
+			gauge(volumeSizeDesc, float64(h.volume.SizeBytes), in.ID)
+			gauge(volumeUsedBytesDesc, float64(h.volume.UsedBytes), in.ID)
+			gauge(volumeUsedDesc, used, in.ID)
 		}
-		if maxGB := in.DataVolumeSizeMaxGB; maxGB != nil && *maxGB > 0 {
-			gauge(volumeMaxDesc, float64(uint64(*maxGB)<<30), in.ID)
-			// As the volume's growth decides (growVolume): by the volume's
-			// size, not its file system's.
-			if m, _, ok := s.st.machines.get(in.ID); ok && m.VolumeID != "" {
-				gauge(volumeAtMaxDesc, boolValue(m.VolumeSizeGB >= *maxGB), in.ID)
-			}
+		if h.volumeMaxBytes > 0 {
+			gauge(volumeMaxDesc, float64(h.volumeMaxBytes), in.ID)
 		}
-		if l, ok := snaps[in.ID]; ok {
-			if !l.success.IsZero() {
-				gauge(snapshotSuccessDesc, float64(l.success.UnixMilli())/1000, in.ID)
-			}
-			if !l.finished.IsZero() {
-				gauge(snapshotFailedDesc, boolValue(l.failed), in.ID)
-			}
+		gaugeIf(volumeAtMaxDesc, h.volumeAtMax, in.ID)
+		if l := h.snapshots; !l.success.IsZero() {
+			gauge(snapshotSuccessDesc, float64(l.success.UnixMilli())/1000, in.ID)
 		}
-		// The scheduler snapshots running instances only (scheduleSnapshots).
-		if in.EnableAutomatedSnapshot && in.AutomatedSnapshotPeriod != nil && *in.AutomatedSnapshotPeriod > 0 && st.State == stateRunning {
-			gauge(snapshotPeriodDesc, (time.Duration(*in.AutomatedSnapshotPeriod) * s.cfg.SnapshotHour).Seconds(), in.ID)
+		if l := h.snapshots; !l.finished.IsZero() {
+			gauge(snapshotFailedDesc, boolValue(l.failed), in.ID)
+		}
+		if h.snapshotPeriod > 0 {
+			gauge(snapshotPeriodDesc, h.snapshotPeriod.Seconds(), in.ID)
 		}
 	}
 	for k, n := range counts {

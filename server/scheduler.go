@@ -26,11 +26,20 @@ const schedulerLease = "snapshot-scheduler"
 // a snapshot nor takes one twice (a due snapshot's id derives from its due
 // time, and a record is created only once).
 func (s *Server) runSnapshotScheduler(ctx context.Context) {
+	s.runLeased(ctx, schedulerLease, "snapshot scheduler", s.cfg.SchedulerInterval, s.scheduleSnapshots)
+}
+
+// runLeased calls tick every period while this server holds the lease key
+// of fm_leases (one server of the fleet at a time), until ctx ends. tick
+// is given held (bus.Lease.Held), to ask before each thing it does; its
+// context ends at once when the lease is lost.
+func (s *Server) runLeased(ctx context.Context, key, what string, every time.Duration,
+	tick func(ctx context.Context, now time.Time, held func() bool)) {
 	host, _ := os.Hostname()
 	holder := fmt.Sprintf("%s-%d-%s", host, os.Getpid(), newID("srv"))
 	for ctx.Err() == nil {
-		if err := s.scheduleWhileLeased(ctx, holder); err != nil && ctx.Err() == nil {
-			s.log.Warn().Err(err).Msg("snapshot scheduler paused; retrying")
+		if err := s.whileLeased(ctx, key, what, holder, every, tick); err != nil && ctx.Err() == nil {
+			s.log.Warn().Err(err).Msgf("%s paused; retrying", what)
 			select {
 			case <-ctx.Done():
 			case <-time.After(2 * time.Second):
@@ -39,14 +48,15 @@ func (s *Server) runSnapshotScheduler(ctx context.Context) {
 	}
 }
 
-func (s *Server) scheduleWhileLeased(ctx context.Context, holder string) error {
+func (s *Server) whileLeased(ctx context.Context, key, what, holder string, every time.Duration,
+	tick func(ctx context.Context, now time.Time, held func() bool)) error {
 	kv, err := s.js.KeyValue(ctx, protocol.BucketLeases)
 	if err != nil {
 		return fmt.Errorf("lease bucket: %w", err)
 	}
-	l := &bus.Lease{KV: kv, Key: schedulerLease, Holder: holder, TTL: s.cfg.Topology.LeaseTTL}
+	l := &bus.Lease{KV: kv, Key: key, Holder: holder, TTL: s.cfg.Topology.LeaseTTL}
 	return l.Run(ctx, func(held context.Context) error {
-		s.log.Info().Str("holder", holder).Msg("holding the snapshot scheduler lease")
+		s.log.Info().Str("holder", holder).Msgf("holding the %s lease", what)
 		// The work stops with ctx, or at once when the lease is lost.
 		work, stop := context.WithCancel(held)
 		defer stop()
@@ -57,14 +67,14 @@ func (s *Server) scheduleWhileLeased(ctx context.Context, holder string) error {
 			case <-work.Done():
 			}
 		}()
-		tick := time.NewTicker(s.cfg.SchedulerInterval)
-		defer tick.Stop()
+		t := time.NewTicker(every)
+		defer t.Stop()
 		for {
-			s.scheduleSnapshots(work, time.Now(), l.Held)
+			tick(work, time.Now(), l.Held)
 			select {
 			case <-work.Done():
 				return nil
-			case <-tick.C:
+			case <-t.C:
 			}
 		}
 	})

@@ -92,6 +92,15 @@ type Config struct {
 	// SnapshotHour).
 	SnapshotHour      time.Duration
 	SchedulerInterval time.Duration
+	// AlertInterval is how often the server that holds the alerts' lease
+	// evaluates them (default 15 s). AlertHoldFor, if set, shortens how
+	// long a condition must hold before its alert fires (each rule's own,
+	// as deploy/prometheus's rules say, by default; tests shorten it).
+	// AlertGiveUpAfter is how long the webhook is tried for one
+	// notification (default a day).
+	AlertInterval    time.Duration
+	AlertHoldFor     time.Duration
+	AlertGiveUpAfter time.Duration
 	// OperationTimeout, if set, replaces every instance operation's own
 	// deadline (an hour for a reprovision, 15 minutes for a command).
 	OperationTimeout time.Duration
@@ -196,6 +205,12 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.SchedulerInterval == 0 {
 		cfg.SchedulerInterval = min(time.Minute, cfg.SnapshotHour/10)
+	}
+	if cfg.AlertInterval == 0 {
+		cfg.AlertInterval = 15 * time.Second
+	}
+	if cfg.AlertGiveUpAfter == 0 {
+		cfg.AlertGiveUpAfter = 24 * time.Hour
 	}
 	agentBin, err := openAgentBinary(cfg.AgentBinary)
 	if err != nil {
@@ -336,7 +351,12 @@ func (s *Server) Run(ctx context.Context) error {
 	go func() { defer close(folded); s.runFolding(foldCtx) }()
 	scheduled := make(chan struct{})
 	go func() { defer close(scheduled); s.runSnapshotScheduler(foldCtx) }()
-	defer func() { stopFolding(); <-folded; <-scheduled }()
+	alerted := make(chan struct{})
+	go func() {
+		defer close(alerted)
+		s.runLeased(foldCtx, alertLease, "alerts", s.cfg.AlertInterval, newAlerter(s).tick)
+	}()
+	defer func() { stopFolding(); <-folded; <-scheduled; <-alerted }()
 	go s.syncAccount(foldCtx)
 	go s.metrics.bus.run(foldCtx)
 	// After the subscriptions end (deferred below), the answers under way.
@@ -428,6 +448,8 @@ func (s *Server) handler() http.Handler {
 	route(t+"/futures", methods{"GET": reads(RoleViewer, s.listFutures)})
 	route(t+"/futures/{id}", methods{"GET": reads(RoleViewer, s.getFuture), "DELETE": writes(RoleOperator, s.abortFuture)})
 	route(t+"/cloud-tags", methods{"GET": reads(RoleViewer, s.getCloudTags), "PUT": writes(RoleAdmin, s.putCloudTags)})
+	route(t+"/alerting", methods{"GET": reads(RoleAdmin, s.getAlerting), "PUT": writes(RoleAdmin, s.putAlerting)})
+	route(t+"/alerts", methods{"GET": reads(RoleViewer, s.listAlerts)})
 	route(t+"/cloud-credentials", methods{"GET": reads(RoleViewer, s.getCloudCredentials), "PUT": writes(RoleAdmin, s.putCloudCredentials)})
 	route(t+"/api-keys", methods{"GET": reads(RoleAdmin, s.listKeys), "POST": writes(RoleAdmin, s.createKeyHandler)})
 	route(t+"/api-keys/{id}", methods{"DELETE": writes(RoleAdmin, s.revokeKey)})

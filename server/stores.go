@@ -30,6 +30,7 @@ type stores struct {
 	agents    *table[protocol.AgentStatus]
 	secrets   *table[instanceSecrets]
 	joins     *table[joinRecord]
+	alerts    *table[alertRecord]
 	desired   jetstream.KeyValue
 	claims    *labelClaims
 }
@@ -46,6 +47,8 @@ type settingsDoc struct {
 	// without an expiry: no longer read (their account no longer names the
 	// key that signed them), gone at the next write.
 	Expiring map[string]int64 `json:"expiring,omitempty"`
+	// Alerting is where the server sends its alerts (alertwebhook.go).
+	Alerting *api.AlertSettings `json:"alerting,omitempty"`
 }
 
 func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log zerolog.Logger) (*stores, error) {
@@ -54,7 +57,7 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 		protocol.BucketNetworks, protocol.BucketTemplates, protocol.BucketInstances, protocol.BucketImages,
 		protocol.BucketSnapshots, protocol.BucketOps, protocol.BucketSettings, protocol.BucketAPIKeys,
 		protocol.BucketLabels, protocol.BucketLifecycle, protocol.BucketMachines, protocol.BucketAgents,
-		protocol.BucketSecrets, protocol.BucketDesired, protocol.BucketJoins,
+		protocol.BucketSecrets, protocol.BucketDesired, protocol.BucketJoins, protocol.BucketAlerts,
 	} {
 		b, err := js.KeyValue(ctx, name)
 		if err != nil {
@@ -85,6 +88,7 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 		agents:    newMessageTable[protocol.AgentStatus](kv[protocol.BucketAgents], "agent status", log),
 		secrets:   newTable[instanceSecrets](kv[protocol.BucketSecrets], "instance secrets", log),
 		joins:     newTable[joinRecord](kv[protocol.BucketJoins], "join token", log),
+		alerts:    newTable[alertRecord](kv[protocol.BucketAlerts], "alert", log),
 		desired:   kv[protocol.BucketDesired],
 		claims:    claims,
 	}
@@ -108,11 +112,18 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 		return map[string]*string{"sslCertificatePEM": &in.SSLCertificatePEM}
 	})
 	sealFields(st.settings, box, func(d *settingsDoc) map[string]*string {
-		if d.Credentials == nil {
-			return nil
+		secrets := map[string]*string{}
+		if d.Credentials != nil {
+			secrets["credentials.awsSecretAccessKey"] = &d.Credentials.AWSSecretAccessKey
+			secrets["credentials.licenseToken"] = &d.Credentials.LicenseToken
+			secrets["credentials.license"] = &d.Credentials.License
 		}
-		return map[string]*string{"credentials.awsSecretAccessKey": &d.Credentials.AWSSecretAccessKey,
-			"credentials.licenseToken": &d.Credentials.LicenseToken, "credentials.license": &d.Credentials.License}
+		// A chat webhook's URL is its credential.
+		if d.Alerting != nil {
+			secrets["alerting.webhookURL"] = &d.Alerting.WebhookURL
+			secrets["alerting.webhookSecret"] = &d.Alerting.WebhookSecret
+		}
+		return secrets
 	})
 	sealFields(st.secrets, box, func(s *instanceSecrets) map[string]*string {
 		return map[string]*string{"initialPassword": &s.InitialPassword, "adminAPIKey": &s.AdminAPIKey, "instanceKey": &s.InstanceKey}
@@ -135,7 +146,7 @@ type watched interface {
 
 func (st *stores) all() []watched {
 	return []watched{st.networks, st.templates, st.instances, st.images, st.snapshots, st.ops, st.settings, st.keys,
-		st.lifecycle, st.machines, st.agents, st.secrets, st.joins}
+		st.lifecycle, st.machines, st.agents, st.secrets, st.joins, st.alerts}
 }
 
 // run keeps every view current until ctx ends.

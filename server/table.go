@@ -826,10 +826,20 @@ func (t *table[T]) marshal(key string, v T) ([]byte, error) {
 func sealFields[T any](t *table[T], box *seal.Box, secrets func(*T) map[string]*string) {
 	place := func(key, field string) string { return t.kv.Bucket() + "/" + key + "/" + field }
 	t.encode = func(key string, v T) ([]byte, error) {
-		for name, f := range secrets(&v) {
+		// Sealed in a copy of its own: v's pointers (a settings document's
+		// sections) are the caller's, who goes on with the clear values.
+		b, err := json.Marshal(v)
+		if err != nil {
+			return nil, err
+		}
+		var own T
+		if err := json.Unmarshal(b, &own); err != nil {
+			return nil, err
+		}
+		for name, f := range secrets(&own) {
 			*f = box.Seal(*f, place(key, name))
 		}
-		return json.Marshal(v)
+		return json.Marshal(own)
 	}
 	t.decode = func(key string, b []byte, v *T) error {
 		if err := json.Unmarshal(b, v); err != nil {

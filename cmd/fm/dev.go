@@ -29,6 +29,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	listen := fs.String("listen", "127.0.0.1:10000", "REST API address (env FM_LISTEN)")
 	var mf metricsFlags
 	mf.register(fs)
+	var af alertFlags
+	af.register(fs)
 	natsListen := fs.String("nats-listen", "", "NATS address for agents (default: a loopback port, kept across restarts)")
 	logFormat := fs.String("log-format", "console", "console or json")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
@@ -42,6 +44,9 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	if err := checkHeartbeat(*heartbeat); err != nil {
+		return err
+	}
+	if err := af.check(); err != nil {
 		return err
 	}
 	log, err := startup.NewLogger(*logFormat, *logLevel, stderr)
@@ -94,6 +99,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		LocalBackend:     true,
 		SecretKey:        secretKey,
 		HeartbeatSeconds: *heartbeat,
+		AlertInterval:    af.interval,
+		AlertHoldFor:     af.hold,
 		AgentCredsTTL:    *credsTTL,
 		Authority:        sec.authority,
 		SystemConn:       b.sys,

@@ -26,6 +26,8 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	listen := fs.String("listen", "127.0.0.1:10000", "REST API address")
 	var mf metricsFlags
 	mf.register(fs)
+	var af alertFlags
+	af.register(fs)
 	natsURL := fs.String("nats-url", "", "external NATS URL(s); empty runs an embedded NATS")
 	natsCreds := fs.String("nats-creds", "", "NATS credentials file for --nats-url")
 	natsListen := fs.String("nats-listen", "127.0.0.1:4222", "embedded NATS address for agents")
@@ -60,6 +62,9 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	if err := checkHeartbeat(*heartbeat); err != nil {
+		return err
+	}
+	if err := af.check(); err != nil {
 		return err
 	}
 	proxies, err := parsePrefixes(*trusted)
@@ -149,7 +154,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	topo.Replicas = *replicas
 	srv, err := server.New(server.Config{
 		Conn: b.nc, Listen: *listen, Topology: topo, Logger: log, DefaultInstanceType: *instanceType, SecretKey: secretKey,
-		AgentCredsTTL: *credsTTL, HeartbeatSeconds: *heartbeat,
+		AgentCredsTTL: *credsTTL, HeartbeatSeconds: *heartbeat, AlertInterval: af.interval, AlertHoldFor: af.hold,
 		Network:   server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
 		Authority: sec.authority, SystemConn: b.sys, JoinURL: joinURL, TLS: sec.tls, CAPEM: sec.caPEM,
 		AgentBinary: *agentBinary, MetricsAddr: mf.addr, MetricsPublic: mf.public, DrainTime: *drain, StartTimeout: *startTimeout,
@@ -215,4 +220,24 @@ type metricsFlags struct {
 func (f *metricsFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.addr, "metrics-addr", "", "also serve /metrics at this address, without an API key (firewall it: its series name instances)")
 	fs.BoolVar(&f.public, "metrics-public", false, "serve /metrics on the REST API's address without an API key (by default it needs one, of any role)")
+}
+
+// alertFlags are the alerting flags fm server and fm dev share.
+type alertFlags struct {
+	interval, hold time.Duration
+}
+
+func (f *alertFlags) register(fs *flag.FlagSet) {
+	fs.DurationVar(&f.interval, "alert-interval", 15*time.Second, "how often the alerts (GET /alerts, the webhook of PUT /alerting) are evaluated")
+	fs.DurationVar(&f.hold, "alert-hold", 0, "at most this long a condition must hold before its alert fires (default: each rule's own, as deploy/prometheus's rules say)")
+}
+
+func (f *alertFlags) check() error {
+	if f.interval < time.Second || f.interval > 10*time.Minute {
+		return usageError{Err: fmt.Errorf("--alert-interval must be 1s to 10m, not %s", f.interval)}
+	}
+	if f.hold < 0 || f.hold > 24*time.Hour {
+		return usageError{Err: fmt.Errorf("--alert-hold must be 0 to 24h, not %s", f.hold)}
+	}
+	return nil
 }

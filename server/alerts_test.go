@@ -1,0 +1,332 @@
+package server_test
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/server"
+	"github.com/fleetmanager/fm/server/servertest"
+)
+
+// webhookReceiver is an alert webhook that records what it is sent, and
+// refuses the first failFirst requests with a 503.
+type webhookReceiver struct {
+	t      *testing.T
+	srv    *httptest.Server
+	secret string
+
+	mu        sync.Mutex
+	failFirst int
+	requests  int
+	got       []receivedAlert
+}
+
+type receivedAlert struct {
+	Status      string            `json:"status"`
+	Labels      map[string]string `json:"labels"`
+	Annotations map[string]string `json:"annotations"`
+	StartsAt    time.Time         `json:"startsAt"`
+	EndsAt      time.Time         `json:"endsAt"`
+	Fingerprint string            `json:"fingerprint"`
+	idempotency string
+}
+
+func newWebhookReceiver(t *testing.T, secret string, failFirst int) *webhookReceiver {
+	w := &webhookReceiver{t: t, secret: secret, failFirst: failFirst}
+	w.srv = httptest.NewServer(http.HandlerFunc(w.serve))
+	t.Cleanup(w.srv.Close)
+	return w
+}
+
+func (w *webhookReceiver) serve(rw http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.requests++
+	if w.requests <= w.failFirst {
+		http.Error(rw, "not now", http.StatusServiceUnavailable)
+		return
+	}
+	want := ""
+	if w.secret != "" {
+		mac := hmac.New(sha256.New, []byte(w.secret))
+		mac.Write(body)
+		want = "sha256=" + hex.EncodeToString(mac.Sum(nil))
+	}
+	if sig := r.Header.Get("X-FM-Signature"); sig != want {
+		w.t.Errorf("a request's signature %q, want %q", sig, want)
+	}
+	var msg struct {
+		Version string          `json:"version"`
+		Status  string          `json:"status"`
+		Alerts  []receivedAlert `json:"alerts"`
+	}
+	if err := json.Unmarshal(body, &msg); err != nil || msg.Version != "4" || len(msg.Alerts) == 0 {
+		w.t.Errorf("not an Alertmanager webhook message (version 4): %v %s", err, body)
+	}
+	for _, a := range msg.Alerts {
+		if a.Status != msg.Status {
+			w.t.Errorf("an alert %s in a message %s", a.Status, msg.Status)
+		}
+		a.idempotency = r.Header.Get("Idempotency-Key")
+		w.got = append(w.got, a)
+	}
+}
+
+// named returns what was received of the alerts of one rule.
+func (w *webhookReceiver) named(name string) []receivedAlert {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var out []receivedAlert
+	for _, a := range w.got {
+		if a.Labels["alertname"] == name {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+func (w *webhookReceiver) waitNamed(name string, n int, within time.Duration) []receivedAlert {
+	w.t.Helper()
+	for deadline := time.Now().Add(within); ; time.Sleep(50 * time.Millisecond) {
+		if got := w.named(name); len(got) >= n {
+			return got
+		}
+		if time.Now().After(deadline) {
+			w.t.Fatalf("%s: %d notifications after %s, want %d", name, len(w.named(name)), within, n)
+		}
+	}
+}
+
+// reportAgent writes an agent's status for id, as its agent does: it is
+// heard from now.
+func reportAgent(t *testing.T, f *fm, id string) {
+	t.Helper()
+	agents, err := f.env.Bus.JetStream(t).KeyValue(context.Background(), protocol.BucketAgents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := protocol.AgentStatus{Instance: id, Time: time.Now().UTC(), Phase: protocol.PhaseReady,
+		DSS:     protocol.DSSStatus{State: protocol.DSSRunning, Version: "14.0.0", NodeType: "design", Port: 10000},
+		Machine: protocol.MachineFacts{DataVolumeBytes: 100 << 30, DataVolumeUsedBytes: 10 << 30}}
+	data, _ := protocol.Encode(&st)
+	if _, err := agents.Put(context.Background(), id, data); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// holdProvisionerLease holds the provisioner's lease for the test, as a
+// provisioner would: a server alone raises FMNoActiveProvisioner.
+func holdProvisionerLease(t *testing.T, f *fm, ttl time.Duration) {
+	t.Helper()
+	leases, err := f.env.Bus.JetStream(t).KeyValue(context.Background(), protocol.BucketLeases)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	t.Cleanup(func() { cancel(); <-done })
+	l := &bus.Lease{KV: leases, Key: protocol.LeaseProvisioner, Holder: "test-provisioner", TTL: ttl}
+	go func() {
+		defer close(done)
+		_ = l.Run(ctx, func(held context.Context) error {
+			select {
+			case <-held.Done():
+			case <-ctx.Done():
+			}
+			return nil
+		})
+	}()
+}
+
+func alertingConfig(c *server.Config) {
+	c.HeartbeatSeconds = 1 // silent for 3 s + 2 s: not responding
+	c.AlertInterval = 100 * time.Millisecond
+	c.AlertHoldFor = 500 * time.Millisecond
+}
+
+// TestAlertsFireOnceAndResolveOnce: an agent that goes silent raises
+// FMAgentNotResponding, told to the webhook once (after the webhook
+// refused it once), signed, in Alertmanager's format; the agent heard
+// again resolves it, told once; nothing more is sent after.
+func TestAlertsFireOnceAndResolveOnce(t *testing.T) {
+	f := start(t, servertest.WithConfig(alertingConfig))
+	holdProvisionerLease(t, f, bus.DefaultTopology().LeaseTTL)
+	hook := newWebhookReceiver(t, "s3cret", 1)
+	f.ok(f.do("PUT", "/alerting", `{"webhookURL": "`+hook.srv.URL+`/hook", "webhookSecret": "s3cret"}`), nil)
+	vn, tpl, im := f.fleet()
+	in := f.createInstance(instanceBody("silent", vn.ID, tpl.ID, im.ID))
+	runningWithVolume(t, f.env.Bus, in.ID)
+	reportAgent(t, f, in.ID)
+
+	fired := hook.waitNamed("FMAgentNotResponding", 1, 30*time.Second)
+	a := fired[0]
+	if a.Status != api.AlertFiring || a.Labels["instance_id"] != in.ID || a.Labels["severity"] != "warning" ||
+		!strings.Contains(a.Annotations["summary"], in.ID) || a.Fingerprint == "" || a.idempotency == "" || a.StartsAt.IsZero() {
+		t.Fatalf("the alert told: %+v", a)
+	}
+	var listed []api.Alert
+	f.ok(f.do("GET", "/alerts", ""), &listed)
+	var mine *api.Alert
+	for i := range listed {
+		if listed[i].Fingerprint == a.Fingerprint {
+			mine = &listed[i]
+		}
+	}
+	if mine == nil || mine.Status != api.AlertFiring || !mine.Notified || mine.Name != "FMAgentNotResponding" {
+		t.Fatalf("GET /alerts: %+v", listed)
+	}
+
+	reportAgent(t, f, in.ID)
+	got := hook.waitNamed("FMAgentNotResponding", 2, 20*time.Second)
+	if r := got[1]; r.Status != api.AlertResolved || r.Fingerprint != a.Fingerprint || !r.StartsAt.Equal(a.StartsAt) || r.EndsAt.IsZero() {
+		t.Fatalf("the resolution told: %+v", r)
+	}
+	// Heard from again within the silence: nothing more is told, and the
+	// resolved alert is gone from the list.
+	for i := 0; i < 20; i++ {
+		time.Sleep(100 * time.Millisecond)
+		reportAgent(t, f, in.ID)
+	}
+	if n := len(hook.named("FMAgentNotResponding")); n != 2 {
+		t.Fatalf("the webhook was told %d times of the agent, want 2 (fired, resolved)", n)
+	}
+	f.ok(f.do("GET", "/alerts", ""), &listed)
+	for _, l := range listed {
+		if l.Fingerprint == a.Fingerprint {
+			t.Fatalf("a resolved and told alert is still listed: %+v", l)
+		}
+	}
+}
+
+// TestAnAlertToldWhenTheServerDiesIsToldAgain: the server dies after the
+// webhook took an alert and before it recorded so; the next server (once
+// the dead one's lease expired) tells it again with the same fingerprint,
+// startsAt and Idempotency-Key, so the receiver can drop the repeat, and
+// then no more.
+func TestAnAlertToldWhenTheServerDiesIsToldAgain(t *testing.T) {
+	var env *servertest.Env
+	var once sync.Once
+	crashed := make(chan struct{})
+	f := start(t, servertest.WithConfig(func(c *server.Config) {
+		alertingConfig(c)
+		c.Topology = bus.DefaultTopology()
+		c.Topology.LeaseTTL = 2 * time.Second
+		c.Crash = func(point string) {
+			if point != "server/alert/sent" {
+				return
+			}
+			once.Do(func() {
+				env.Die()
+				close(crashed)
+				select {} // dead
+			})
+		}
+	}))
+	env = f.env
+	holdProvisionerLease(t, f, 2*time.Second)
+	hook := newWebhookReceiver(t, "", 0)
+	f.ok(f.do("PUT", "/alerting", `{"webhookURL": "`+hook.srv.URL+`"}`), nil)
+	vn, tpl, im := f.fleet()
+	in := f.createInstance(instanceBody("dies", vn.ID, tpl.ID, im.ID))
+	runningWithVolume(t, f.env.Bus, in.ID)
+	reportAgent(t, f, in.ID)
+	select {
+	case <-crashed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no alert was ever sent")
+	}
+	f.env.StartAgain(t, func(c *server.Config) { c.Crash = nil })
+	hook.mu.Lock()
+	first := hook.got[0]
+	hook.mu.Unlock()
+	var again receivedAlert
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		hook.mu.Lock()
+		n := len(hook.got)
+		if n > 1 {
+			again = hook.got[1]
+		}
+		hook.mu.Unlock()
+		if n > 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the alert was not told again after the crash")
+		}
+	}
+	if again.Fingerprint != first.Fingerprint || !again.StartsAt.Equal(first.StartsAt) || again.idempotency != first.idempotency {
+		t.Fatalf("told again as something else: %+v, then %+v", first, again)
+	}
+	time.Sleep(time.Second)
+	hook.mu.Lock()
+	defer hook.mu.Unlock()
+	if len(hook.got) != 2 {
+		t.Fatalf("told %d times, want 2 (once before the crash, once after)", len(hook.got))
+	}
+}
+
+// TestAlertingSettings: only admins read and change where alerts go; a
+// bad URL is refused and changes nothing; the secret is write-only and
+// kept by a save that echoes what GET showed; the URL and the secret are
+// sealed at rest.
+func TestAlertingSettings(t *testing.T) {
+	f := start(t)
+	f.ok(f.do("PUT", "/alerting", `{"webhookURL": "https://chat.example.com/hooks/T0K3N", "webhookSecret": "s3cret"}`), nil)
+	var as api.AlertSettings
+	f.ok(f.do("GET", "/alerting", ""), &as)
+	if as.WebhookURL != "https://chat.example.com/hooks/T0K3N" || !as.HasWebhookSecret || as.WebhookSecret != "" {
+		t.Fatalf("GET /alerting: %+v", as)
+	}
+	for _, bad := range []string{`{"webhookURL": "ftp://x"}`, `{"webhookURL": "https://user:pw@chat.example.com/"}`,
+		`{"webhookURL": "/relative"}`, `{"webhookURL": 3}`, `{"webhookURL": "https://x/` + strings.Repeat("a", 3000) + `"}`} {
+		if r := f.do("PUT", "/alerting", bad); r.status != http.StatusBadRequest {
+			t.Errorf("PUT %s: %d %s, want 400", bad, r.status, r.body)
+		}
+	}
+	// Echoed without the secret: kept.
+	f.ok(f.do("PUT", "/alerting", `{"webhookURL": "https://chat.example.com/hooks/OTHER", "hasWebhookSecret": true}`), &as)
+	if !as.HasWebhookSecret || as.WebhookURL != "https://chat.example.com/hooks/OTHER" {
+		t.Fatalf("after an echo: %+v", as)
+	}
+	raw, err := f.env.Bus.JetStream(t).KeyValue(context.Background(), protocol.BucketSettings)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := raw.Get(context.Background(), "main.alerting")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := string(e.Value()); strings.Contains(s, "OTHER") || strings.Contains(s, "s3cret") {
+		t.Fatalf("the webhook's URL or secret is stored in clear: %s", s)
+	}
+	f.ok(f.do("PUT", "/alerting", `{"webhookURL": "", "clearWebhookSecret": true}`), &as)
+	if as.HasWebhookSecret || as.WebhookURL != "" {
+		t.Fatalf("after clearing: %+v", as)
+	}
+	for _, role := range []string{"viewer", "operator"} {
+		k := f.newKey(role)
+		if r := f.doAs("GET", "/alerting", "", k.ID, k.Secret); r.status != http.StatusForbidden {
+			t.Errorf("%s GET /alerting: %d", role, r.status)
+		}
+		if r := f.doAs("PUT", "/alerting", `{"webhookURL": "https://evil.example.com/"}`, k.ID, k.Secret); r.status != http.StatusForbidden {
+			t.Errorf("%s PUT /alerting: %d", role, r.status)
+		}
+		if r := f.doAs("GET", "/alerts", "", k.ID, k.Secret); r.status != http.StatusOK {
+			t.Errorf("%s GET /alerts: %d", role, r.status)
+		}
+	}
+}
