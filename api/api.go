@@ -421,3 +421,12 @@ const (
 	AlertFiring   = "firing"
 	AlertResolved = "resolved"
 )
+
+// Diagnosis is one diagnosis bundle of an instance, as GET
+// /instances/{id}/diagnoses lists them (FM's own): Name is
+// "<command id>.tar.gz", downloaded from GET /instances/{id}/diagnoses/{name}.
+type Diagnosis struct {
+	Name      string    `json:"name"`
+	SizeBytes int64     `json:"sizeBytes"`
+	CreatedAt time.Time `json:"createdAt"`
+}

@@ -82,6 +82,15 @@ func runInstanceVerb(ctx context.Context, env Env, r *resource, verb string, arg
 			return true, err
 		}
 		return true, followLogs(ctx, env.Stdout, c, id, *source, *since, *follow, time.Second)
+	case "diagnosis":
+		out := fs.String("out", "", "file to write the bundle to (default ./diagnosis-<instance>-<name>)")
+		name := fs.String("name", "", "download this bundle (see --list) instead of collecting a new one")
+		list := fs.Bool("list", false, "list the instance's bundles (kept 7 days)")
+		id, c, err := r.parseWithID(fs, &conn, args)
+		if err != nil {
+			return true, err
+		}
+		return true, runDiagnosis(ctx, env, c, conn.output, id, *name, *out, *list)
 	case "status":
 		id, c, err := r.parseWithID(fs, &conn, args)
 		if err != nil {

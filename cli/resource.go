@@ -47,7 +47,7 @@ var resources = []*resource{networkResource, templateResource, instanceResource,
 func (r *resource) usage() string {
 	if r.command == "instance" {
 		return "usage: fm instance list|get ID|create|update ID|delete ID|status ID|provision ID|reprovision ID|deprovision ID|" +
-			"start ID|stop ID|restart-dss ID|replay-setup-actions ID|reset-password ID|password ID|logs ID [flags]"
+			"start ID|stop ID|restart-dss ID|replay-setup-actions ID|reset-password ID|password ID|logs ID|diagnosis ID [flags]"
 	}
 	return fmt.Sprintf("usage: fm %s list|get ID|create|update ID|delete ID [flags]", r.command)
 }
@@ -305,22 +305,7 @@ func (f objField) apply(obj map[string]any, text string) error {
 func finishOp(ctx context.Context, env Env, c *client.Client, output string, f api.Future, wait bool) error {
 	var err error
 	if wait {
-		shown := 0
-		f, err = c.Wait(ctx, f, time.Second, func(f api.Future) {
-			if output == "json" {
-				return
-			}
-			steps := f.Progress.Steps
-			if shown > len(steps) {
-				shown = 0 // older steps were trimmed
-			}
-			for _, s := range steps[shown:] {
-				// Steps say what agents and provisioners reported.
-				fmt.Fprintf(env.Stderr, "%s  %-11s %s  %s\n", s.Time.Local().Format("15:04:05"),
-					printable(s.Status), printable(s.Name), printable(s.Message))
-			}
-			shown = len(steps)
-		})
+		f, err = c.Wait(ctx, f, time.Second, stepPrinter(env, output))
 	}
 	if output == "json" {
 		if perr := printJSON(env.Stdout, f); perr != nil {
@@ -330,4 +315,25 @@ func finishOp(ctx context.Context, env Env, c *client.Client, output string, f a
 		fmt.Fprintf(env.Stdout, "operation %s: %s\n", f.JobID, f.State)
 	}
 	return err
+}
+
+// stepPrinter shows an operation's new steps on stderr as client.Wait sees
+// them (nothing for --output json).
+func stepPrinter(env Env, output string) func(api.Future) {
+	shown := 0
+	return func(f api.Future) {
+		if output == "json" {
+			return
+		}
+		steps := f.Progress.Steps
+		if shown > len(steps) {
+			shown = 0 // older steps were trimmed
+		}
+		for _, s := range steps[shown:] {
+			// Steps say what agents and provisioners reported.
+			fmt.Fprintf(env.Stderr, "%s  %-11s %s  %s\n", s.Time.Local().Format("15:04:05"),
+				printable(s.Status), printable(s.Name), printable(s.Message))
+		}
+		shown = len(steps)
+	}
 }

@@ -100,6 +100,15 @@ func (e *Error) Error() string {
 	return fmt.Sprintf("%s (HTTP %d): %s", e.Body.ErrorType, e.Status, msg)
 }
 
+// errorOf is the error of an answer with an error status.
+func errorOf(status int, body []byte) *Error {
+	e := &Error{Status: status}
+	if json.Unmarshal(body, &e.Body) != nil || e.Body.ErrorType == "" {
+		e.Body = api.Error{ErrorType: "Unknown error", Message: strings.TrimSpace(string(body))}
+	}
+	return e
+}
+
 // IsNotFound reports whether err is a 404 from the server.
 func IsNotFound(err error) bool {
 	var e *Error
@@ -140,11 +149,7 @@ func (c *Client) Do(ctx context.Context, method, path string, query url.Values, 
 		return fmt.Errorf("%s %s: read response: %w", method, path, err)
 	}
 	if resp.StatusCode >= 400 {
-		e := &Error{Status: resp.StatusCode}
-		if json.Unmarshal(data, &e.Body) != nil || e.Body.ErrorType == "" {
-			e.Body = api.Error{ErrorType: "Unknown error", Message: strings.TrimSpace(string(data))}
-		}
-		return e
+		return errorOf(resp.StatusCode, data)
 	}
 	if out == nil {
 		return nil
@@ -153,6 +158,34 @@ func (c *Client) Do(ctx context.Context, method, path string, query url.Values, 
 		return fmt.Errorf("%s %s: decode response: %w", method, path, err)
 	}
 	return nil
+}
+
+// Download GETs path under the tenant prefix and copies the answer's body
+// (a file: a diagnosis bundle) to w, returning how many bytes it wrote. An
+// answer cut short is an error.
+func (c *Client) Download(ctx context.Context, path string, w io.Writer) (int64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+api.BasePath+c.tenant+path, nil)
+	if err != nil {
+		return 0, err
+	}
+	req.SetBasicAuth(c.key.ID, c.key.Secret)
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return 0, fmt.Errorf("GET %s: %w", path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 400 {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		return 0, errorOf(resp.StatusCode, data)
+	}
+	n, err := io.Copy(w, resp.Body)
+	if err != nil {
+		return n, fmt.Errorf("GET %s: %w", path, err)
+	}
+	if resp.ContentLength >= 0 && n != resp.ContentLength {
+		return n, fmt.Errorf("GET %s: %d bytes of %d", path, n, resp.ContentLength)
+	}
+	return n, nil
 }
 
 // GetFuture reads an operation. A failed operation is returned as an *Error,

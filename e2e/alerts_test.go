@@ -18,11 +18,12 @@ import (
 )
 
 // TestAWebhookHearsAnAgentStopAndComeBack: fm dev with a webhook set by
-// `fm alert webhook`; an instance's agent stops answering (frozen: in fm
-// dev the agent's process is the machine, so a killed one is a machine
-// gone, FMMachineDown); the receiver gets FMAgentNotResponding once, and
+// `fm alert webhook`; an instance's agent stops answering (frozen); the
+// receiver gets FMAgentNotResponding once, and
 // its resolution once when the agent answers again, and nothing else
-// about the instance.
+// about the instance. Then the agent is killed outright: in fm dev that is
+// the machine lost, and FMInstanceFailed fires, resolved once the instance
+// is started again.
 func TestAWebhookHearsAnAgentStopAndComeBack(t *testing.T) {
 	type told struct {
 		Status string            `json:"status"`
@@ -103,5 +104,35 @@ func TestAWebhookHearsAnAgentStopAndComeBack(t *testing.T) {
 	time.Sleep(5 * time.Second) // five more looks
 	if all := of(id); len(all) != 2 {
 		t.Fatalf("the webhook was told %d things of the instance, want 2 (fired, resolved): %+v", len(all), all)
+	}
+
+	// Killed outright: in fm dev the machine is lost (the agent's process is
+	// the machine), and the instance fails; started again, it is resolved.
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	named := func(name, status string) int {
+		n := 0
+		for _, a := range of(id) {
+			if a.Labels["alertname"] == name && a.Status == status {
+				n++
+			}
+		}
+		return n
+	}
+	waitNamed := func(name, status string) {
+		t.Helper()
+		for deadline := time.Now().Add(45 * time.Second); named(name, status) == 0; time.Sleep(200 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("no %s %s in 45 s: %+v", name, status, of(id))
+			}
+		}
+	}
+	waitNamed("FMInstanceFailed", "firing")
+	d.fm(t, "instance", "start", id, "--wait")
+	waitNamed("FMInstanceFailed", "resolved")
+	time.Sleep(3 * time.Second)
+	if named("FMInstanceFailed", "firing") != 1 || named("FMInstanceFailed", "resolved") != 1 {
+		t.Fatalf("FMInstanceFailed told more than once each: %+v", of(id))
 	}
 }

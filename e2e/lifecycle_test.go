@@ -306,6 +306,17 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 		"DSS admin API key": key.AdminAPIKey, "reset password": "Fresh-passw0rd", "license": licenseMark,
 		"certificate's private key": keyLine}
 	noSecretIn(t, "the diagnosis bundle", diagnosisBundle(t, d, fmt.Sprint(diag["object"])), secrets)
+	// Collected and downloaded in one command; both bundles listed.
+	fresh := filepath.Join(t.TempDir(), "fresh.tar.gz")
+	if out := d.fm(t, "instance", "diagnosis", id, "--out", fresh); !strings.Contains(out, "wrote "+fresh) {
+		t.Fatalf("fm instance diagnosis: %s", out)
+	}
+	if st, err := os.Stat(fresh); err != nil || st.Size() == 0 {
+		t.Fatalf("fm instance diagnosis wrote %v %v", st, err)
+	}
+	if listed := d.fm(t, "instance", "diagnosis", id, "--list"); strings.Count(listed, ".tar.gz") != 2 {
+		t.Fatalf("fm instance diagnosis --list:\n%s", listed)
+	}
 	agentLog, err := os.ReadFile(filepath.Join(data, "local", "machines", id, "root", "var", "lib", "fm-agent", "agent.log"))
 	if err != nil {
 		t.Fatal(err)
@@ -372,6 +383,9 @@ func selfSignedPEM(t *testing.T) (string, string) {
 }
 
 // diagnosisBundle is the text of every file of a bundle in fm_diagnosis.
+// diagnosisBundle downloads a bundle with fm instance diagnosis (REST),
+// checks it is the object filed in fm_diagnosis, and returns the text of
+// its files.
 func diagnosisBundle(t *testing.T, d *devEnv, object string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -380,9 +394,16 @@ func diagnosisBundle(t *testing.T, d *devEnv, object string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := obs.GetBytes(ctx, object)
+	filed, err := obs.GetBytes(ctx, object)
 	if err != nil {
 		t.Fatalf("the bundle %s: %v", object, err)
+	}
+	id, name, _ := strings.Cut(object, "/")
+	out := filepath.Join(t.TempDir(), "bundle.tar.gz")
+	d.fm(t, "instance", "diagnosis", id, "--name", name, "--out", out)
+	b, err := os.ReadFile(out)
+	if err != nil || !bytes.Equal(b, filed) {
+		t.Fatalf("fm instance diagnosis --name %s downloaded %d bytes (%v), not the %d filed", name, len(b), err, len(filed))
 	}
 	gz, err := gzip.NewReader(bytes.NewReader(b))
 	if err != nil {

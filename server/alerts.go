@@ -35,6 +35,7 @@ type alertRule struct {
 }
 
 var (
+	ruleInstanceFailed     = alertRule{"FMInstanceFailed", "critical", time.Minute}
 	ruleMachineDown        = alertRule{"FMMachineDown", "critical", time.Minute}
 	ruleAgentNotResponding = alertRule{"FMAgentNotResponding", "warning", time.Minute}
 	ruleDSSDown            = alertRule{"FMDSSDown", "critical", 2 * time.Minute}
@@ -50,7 +51,7 @@ var (
 
 // serverAlertRules are every rule above, for the test that compares them
 // with Prometheus's.
-var serverAlertRules = []alertRule{ruleMachineDown, ruleAgentNotResponding, ruleDSSDown, ruleVolumeAbove80,
+var serverAlertRules = []alertRule{ruleInstanceFailed, ruleMachineDown, ruleAgentNotResponding, ruleDSSDown, ruleVolumeAbove80,
 	ruleVolumeAtMax, ruleOperationsFailing, ruleSnapshotOverdue, ruleSnapshotNeverTaken, ruleNoProvisioner,
 	ruleBusStorage, ruleWorkBacklog}
 
@@ -122,6 +123,10 @@ func (s *Server) activeAlerts(ctx context.Context, now time.Time) (active map[st
 		name := in.ID
 		if in.Label != "" {
 			name = fmt.Sprintf("%s (%s)", in.ID, in.Label)
+		}
+		if h.failed {
+			add(ruleInstanceFailed, of(), "FM instance "+name+" is in state failed",
+				"Its last operation failed, or its machine was lost (terminated or gone outside FM). See `fm instance status "+in.ID+"`; start or reprovision it.")
 		}
 		if isFalse(h.machineUp) {
 			add(ruleMachineDown, of(), "The machine of FM instance "+name+" is not running",

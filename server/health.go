@@ -14,6 +14,7 @@ import (
 // answer while an operation is under way; an instance without a volume
 // limit has no "at its maximum").
 type health struct {
+	failed    bool  // in state failed: its last operation failed, or its machine was lost
 	machineUp *bool // settled running instances
 	agentUp   *bool // settled running instances whose machine runs
 	dssUp     *bool // settled running instances whose agent reported DSS
@@ -61,7 +62,7 @@ func (s *Server) lastSnapshotsByInstance() map[string]lastSnapshots {
 // healthOf reads an instance's health from its status (statusOf) and its
 // snapshots (lastSnapshotsByInstance).
 func (s *Server) healthOf(in *api.Instance, st instanceStatus, snaps lastSnapshots) health {
-	h := health{volume: st.DataVolume, snapshots: snaps}
+	h := health{failed: st.State == stateFailed, volume: st.DataVolume, snapshots: snaps}
 	if settledRunning(st) {
 		h.machineUp = ptr(st.CloudMachineIsUp)
 		if st.DSS != nil {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime"
 	"net/http"
 	"path"
 	"runtime/debug"
@@ -90,7 +91,35 @@ func (h routeHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if ep.audit {
 		h.s.audit(r, "ok", http.StatusOK, nil)
 	}
+	if d, ok := v.(*fileDownload); ok {
+		h.s.sendFile(w, r, d)
+		return
+	}
 	writeJSON(w, http.StatusOK, v)
+}
+
+// fileDownload is a handler's answer sent as a file rather than JSON (a
+// diagnosis bundle): streamed, and closed once sent.
+type fileDownload struct {
+	name, contentType string
+	size              int64
+	body              io.ReadCloser
+}
+
+func (s *Server) sendFile(w http.ResponseWriter, r *http.Request, d *fileDownload) {
+	defer d.body.Close()
+	w.Header().Set("Content-Type", d.contentType)
+	w.Header().Set("Content-Length", strconv.FormatInt(d.size, 10))
+	w.Header().Set("Content-Disposition", mime.FormatMediaType("attachment", map[string]string{"filename": d.name}))
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(http.StatusOK)
+	if n, err := io.Copy(w, d.body); err != nil {
+		// The status is sent: the client sees a body shorter than
+		// Content-Length.
+		s.log.Warn().Err(err).Int64("sent", n).Int64("size", d.size).Str("path", r.URL.Path).
+			Str("call_id", callIDFrom(r.Context())).Msg("download cut short")
+	}
 }
 
 // methodNotAllowed is the answer to a method the path does not serve; it

@@ -157,6 +157,8 @@ var (
 		[]string{"kind"}, nil)
 	heartbeatAgeDesc = instanceDesc("fm_instance_heartbeat_age_seconds",
 		"Seconds since the instance's agent was last heard from (running machines only).")
+	instanceFailedDesc = instanceDesc("fm_instance_failed",
+		"1 while the instance is in state failed (its last operation failed, or its machine was lost); absent otherwise.")
 	machineUpDesc = instanceDesc("fm_instance_machine_up",
 		"1 if the machine of a running instance (no operation under way) runs, 0 if it was found stopped or gone (outside FM).")
 	agentUpDesc = instanceDesc("fm_instance_agent_up",
@@ -184,7 +186,7 @@ var (
 )
 
 func (c fleetCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{instancesDesc, opsInFlightDesc, heartbeatAgeDesc, machineUpDesc, agentUpDesc, dssUpDesc, dssInfoDesc,
+	for _, d := range []*prometheus.Desc{instancesDesc, opsInFlightDesc, heartbeatAgeDesc, instanceFailedDesc, machineUpDesc, agentUpDesc, dssUpDesc, dssInfoDesc,
 		volumeSizeDesc, volumeUsedBytesDesc, volumeUsedDesc, volumeMaxDesc, volumeAtMaxDesc,
 		snapshotSuccessDesc, snapshotFailedDesc, snapshotPeriodDesc} {
 		ch <- d
@@ -208,6 +210,9 @@ func (c fleetCollector) Collect(ch chan<- prometheus.Metric) {
 		st := s.statusOf(in.ID)
 		h := s.healthOf(&in, st, snaps[in.ID])
 		counts[key{st.State, in.DSSNodeType}]++
+		if h.failed {
+			gauge(instanceFailedDesc, 1, in.ID)
+		}
 		gaugeIf(machineUpDesc, h.machineUp, in.ID)
 		gaugeIf(agentUpDesc, h.agentUp, in.ID)
 		gaugeIf(dssUpDesc, h.dssUp, in.ID)

@@ -432,6 +432,9 @@ func (s *Server) handler() http.Handler {
 	route(t+"/instances/{id}/status", methods{"GET": reads(RoleViewer, s.instanceStatus)})
 	route(t+"/fleet", methods{"GET": reads(RoleViewer, s.getFleet)})
 	route(t+"/instances/{id}/logs", methods{"GET": reads(RoleOperator, s.instanceLogs)})
+	// Bundles hold whole logs and DSS's settings: operators', audited.
+	route(t+"/instances/{id}/diagnoses", methods{"GET": reads(RoleOperator, s.listDiagnoses)})
+	route(t+"/instances/{id}/diagnoses/{name}", methods{"GET": writes(RoleOperator, s.getDiagnosis)})
 	route(t+"/instances/{id}/admin-api-key", methods{"GET": writes(RoleOperator, s.getAdminAPIKey)})
 	route(t+"/instances/{id}/actions/delete", methods{"GET": writes(RoleOperator, s.deleteInstance)})
 	route(t+"/instances/{id}/actions/get-initial-password", methods{"GET": writes(RoleOperator, s.getInitialPassword)})
