@@ -184,7 +184,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.rep = newReporter(a.cfg.Instance, a.cfg.Version, nc, js, a.cfg.StatusRefresh, a.log)
 	a.rep.reconnected = beatAgain
 	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.MachineRequest = a.cfg.MachineRequest })
-	a.kits = &kits{m: a.m, http: &http.Client{}, open: func(ctx context.Context, name string) (kitObject, error) {
+	a.kits = &kits{m: a.m, http: &http.Client{}, progressEvery: 5 * time.Second, open: func(ctx context.Context, name string) (kitObject, error) {
 		r, err := objects.Open(ctx, js, protocol.ObjectStoreKits, name, kitChunkWait)
 		if err != nil {
 			return nil, err

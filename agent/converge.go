@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/transfer"
 	"github.com/fleetmanager/fm/protocol"
 )
 
@@ -253,7 +254,11 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 	if err := a.step(gen, "fetch-kit", func() (string, string, error) {
 		return a.untilDeadline(ctx, d, "fetch-kit", func() (string, string, error) {
 			var err error
-			if installer, err = a.kits.prepare(ctx, d.DSS.Kit); err != nil {
+			progress := func(done, total int64) {
+				a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: "fetch-kit",
+					Status: protocol.StatusProgress, Message: transfer.Describe("kit", done, total)})
+			}
+			if installer, err = a.kits.prepare(ctx, d.DSS.Kit, progress); err != nil {
 				return "", "", err
 			}
 			return "kit ready: " + filepath.Base(filepath.Dir(installer)), "", nil

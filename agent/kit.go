@@ -15,6 +15,7 @@ import (
 
 	"github.com/fleetmanager/fm/internal/objects"
 	"github.com/fleetmanager/fm/internal/tarball"
+	"github.com/fleetmanager/fm/internal/transfer"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -35,6 +36,8 @@ type kits struct {
 	// open opens an object of the kit store (objects.Open).
 	open func(ctx context.Context, name string) (kitObject, error)
 	http *http.Client
+	// progressEvery is how often a download says how far it got (5 s).
+	progressEvery time.Duration
 }
 
 // prepare makes the kit of src available on the machine and returns the path
@@ -42,12 +45,12 @@ type kits struct {
 // what may pass (the bus, the object store or the download server away),
 // which the caller retries; anything else is for good (a kit missing, a
 // digest that does not match).
-func (k *kits) prepare(ctx context.Context, src protocol.KitSource) (string, error) {
+func (k *kits) prepare(ctx context.Context, src protocol.KitSource, report transfer.Func) (string, error) {
 	if err := src.Validate(); err != nil {
 		return "", &stepError{code: protocol.CodeInvalidArgument, err: err}
 	}
 	k.removeTemporaries()
-	archive, err := k.fetch(ctx, src)
+	archive, err := k.fetch(ctx, src, report)
 	if err != nil {
 		return "", err
 	}
@@ -83,7 +86,7 @@ func kitError(code protocol.Code, format string, args ...any) error {
 
 // fetch returns the path of the archive, downloading it into the cache if
 // needed, and checks its digest when one is known.
-func (k *kits) fetch(ctx context.Context, src protocol.KitSource) (string, error) {
+func (k *kits) fetch(ctx context.Context, src protocol.KitSource, report transfer.Func) (string, error) {
 	if err := os.MkdirAll(k.m.kitCache, 0o755); err != nil {
 		return "", kitError(protocol.CodeInternal, "kit cache: %w", err)
 	}
@@ -103,7 +106,7 @@ func (k *kits) fetch(ctx context.Context, src protocol.KitSource) (string, error
 		if checkDigest(dst, src.SHA256) == nil {
 			return dst, nil
 		}
-		if err := k.download(ctx, src.URL, dst); err != nil {
+		if err := k.download(ctx, src.URL, dst, report); err != nil {
 			return "", err
 		}
 		if err := checkDigest(dst, src.SHA256); err != nil {
@@ -134,7 +137,7 @@ func (k *kits) fetch(ctx context.Context, src protocol.KitSource) (string, error
 			return dst, nil
 		}
 		// The object's size and digest are checked as it is read.
-		if err := writeStream(dst, obj); errors.Is(err, objects.ErrCorrupt) {
+		if err := writeStream(dst, transfer.Reader(obj, int64(info.Size), k.progressEvery, report)); errors.Is(err, objects.ErrCorrupt) {
 			return "", kitError(protocol.CodeDataLoss, "kit %q: %w", src.Object, err)
 		} else if err != nil {
 			return "", kitError(protocol.CodeUnavailable, "kit %q: %w", src.Object, err)
@@ -143,7 +146,7 @@ func (k *kits) fetch(ctx context.Context, src protocol.KitSource) (string, error
 	}
 }
 
-func (k *kits) download(ctx context.Context, url, dst string) error {
+func (k *kits) download(ctx context.Context, url, dst string, report transfer.Func) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
@@ -161,7 +164,7 @@ func (k *kits) download(ctx context.Context, url, dst string) error {
 	case resp.StatusCode != http.StatusOK:
 		return kitError(protocol.CodeNotFound, "download kit: %s answered %s", url, resp.Status)
 	}
-	if err := writeStream(dst, resp.Body); err != nil {
+	if err := writeStream(dst, transfer.Reader(resp.Body, resp.ContentLength, k.progressEvery, report)); err != nil {
 		return kitError(protocol.CodeUnavailable, "download kit: %w", err)
 	}
 	return nil

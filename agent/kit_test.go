@@ -36,7 +36,7 @@ func TestAKitFetchRemovesWhatAnInterruptedOneLeft(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, err := k.prepare(context.Background(), standinKit(t, "14.0.0")); err != nil {
+	if _, err := k.prepare(context.Background(), standinKit(t, "14.0.0"), nil); err != nil {
 		t.Fatal(err)
 	}
 	for _, p := range stale {
@@ -69,7 +69,8 @@ func (s *slowStart) Read(p []byte) (int, error) {
 
 // TestAKitReadOutlastsTheClientTimeout: a kit from the object store takes
 // longer to read than the client's default API timeout, which bounded the
-// whole read (every fetch of a real kit, gigabytes, failed).
+// whole read (every fetch of a real kit, gigabytes, failed). A read that
+// long says how far it got.
 func TestAKitReadOutlastsTheClientTimeout(t *testing.T) {
 	ctx := context.Background()
 	srv := bustest.Run(t)
@@ -95,17 +96,25 @@ func TestAKitReadOutlastsTheClientTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := newMachine(Config{Instance: "in-kit", RootDir: t.TempDir(), DataDir: t.TempDir()}, zerolog.Nop())
-	k := &kits{m: m, open: func(ctx context.Context, name string) (kitObject, error) {
+	k := &kits{m: m, progressEvery: 100 * time.Millisecond, open: func(ctx context.Context, name string) (kitObject, error) {
 		r, err := objects.Open(ctx, js, protocol.ObjectStoreKits, name, kitChunkWait)
 		if err != nil {
 			return nil, err
 		}
 		return &slowStart{kitObject: r, wait: 500 * time.Millisecond}, nil
 	}}
-	got, err := k.fetch(ctx, protocol.KitSource{Object: info.Name})
+	// A read slower than progressEvery says how far it got.
+	var reports [][2]int64
+	got, err := k.fetch(ctx, protocol.KitSource{Object: info.Name}, func(done, total int64) {
+		reports = append(reports, [2]int64{done, total})
+	})
 	if err != nil {
 		t.Fatalf("fetch: %v", err)
 	}
+	if len(reports) == 0 || reports[0][1] != int64(info.Size) || reports[0][0] <= 0 || reports[0][0] > reports[0][1] {
+		t.Fatalf("progress of a %d-byte kit: %v", info.Size, reports)
+	}
+
 	if err := checkDigest(got, src.SHA256); err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/fleetmanager/fm/api"
 )
@@ -138,5 +139,34 @@ func TestPrintable(t *testing.T) {
 	}
 	if got := cellText("é ok"); got != "é ok" {
 		t.Fatalf("printable text changed: %q", got)
+	}
+}
+
+// TestStepPrinterShowsProgress: each new step is shown once, and a step
+// rewritten in place (a download's progress) is shown again when it
+// changed, not when it did not.
+func TestStepPrinterShowsProgress(t *testing.T) {
+	var out strings.Builder
+	show := stepPrinter(Env{Stderr: &out}, "table")
+	at := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
+	step := func(status, msg string, sec int) api.ProgressStep {
+		return api.ProgressStep{Name: "fetch-kit", Status: status, Message: msg, Time: at.Add(time.Duration(sec) * time.Second)}
+	}
+	future := func(steps ...api.ProgressStep) api.Future {
+		return api.Future{Progress: api.Progress{Steps: steps}}
+	}
+	show(future(step("started", "", 0)))
+	show(future(step("started", "", 0), step("progress", "kit: 1 MiB of 3 MiB (33%)", 5)))
+	show(future(step("started", "", 0), step("progress", "kit: 1 MiB of 3 MiB (33%)", 5))) // unchanged
+	show(future(step("started", "", 0), step("progress", "kit: 2 MiB of 3 MiB (66%)", 10)))
+	show(future(step("started", "", 0), step("progress", "kit: 2 MiB of 3 MiB (66%)", 10), step("ok", "kit ready", 12)))
+	got := out.String()
+	for _, want := range []string{"33%", "66%", "kit ready"} {
+		if strings.Count(got, want) != 1 {
+			t.Errorf("%q shown %d times:\n%s", want, strings.Count(got, want), got)
+		}
+	}
+	if n := strings.Count(got, "\n"); n != 4 {
+		t.Errorf("%d lines, want 4:\n%s", n, got)
 	}
 }

@@ -319,8 +319,18 @@ func finishOp(ctx context.Context, env Env, c *client.Client, output string, f a
 
 // stepPrinter shows an operation's new steps on stderr as client.Wait sees
 // them (nothing for --output json).
+// A long step's progress is one step the server rewrites in place (a
+// kit's download: "kit: 120 MiB of 270 MiB (44%)"): shown again when it
+// changed.
 func stepPrinter(env Env, output string) func(api.Future) {
 	shown := 0
+	var last api.ProgressStep // the last step shown, as it was
+	show := func(s api.ProgressStep) {
+		// Steps say what agents and provisioners reported.
+		fmt.Fprintf(env.Stderr, "%s  %-11s %s  %s\n", s.Time.Local().Format("15:04:05"),
+			printable(s.Status), printable(s.Name), printable(s.Message))
+		last = s
+	}
 	return func(f api.Future) {
 		if output == "json" {
 			return
@@ -329,10 +339,11 @@ func stepPrinter(env Env, output string) func(api.Future) {
 		if shown > len(steps) {
 			shown = 0 // older steps were trimmed
 		}
+		if s := steps[max(shown-1, 0):shown]; len(s) == 1 && (s[0].Message != last.Message || !s[0].Time.Equal(last.Time)) {
+			show(s[0])
+		}
 		for _, s := range steps[shown:] {
-			// Steps say what agents and provisioners reported.
-			fmt.Fprintf(env.Stderr, "%s  %-11s %s  %s\n", s.Time.Local().Format("15:04:05"),
-				printable(s.Status), printable(s.Name), printable(s.Message))
+			show(s)
 		}
 		shown = len(steps)
 	}

@@ -66,4 +66,6 @@
 //	  provision request's and an audit record's callId. FM's durable
 //	  consumers' names (ConsumerEvents, ConsumerProvisioner). The alerts'
 //	  bucket (BucketAlerts); the provisioner's lease key (LeaseProvisioner).
+//	  The event status "progress" (a server before it appends each as a
+//	  step of its own).
 package protocol

@@ -274,6 +274,10 @@ const (
 	// download server or the cloud away) and will be tried again; Message
 	// says why and when.
 	StatusRetrying Status = "retrying"
+	// StatusProgress says how far a long step under way got (a kit's
+	// download: Message); the operation keeps the last one of a step in
+	// place of the one before.
+	StatusProgress Status = "progress"
 )
 
 // Event reports progress or a result, published on EventSubject(Instance,

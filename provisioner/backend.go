@@ -89,4 +89,16 @@ type Request struct {
 	protocol.ProvisionRequest
 	// Progress reports a step of the operation as it happens.
 	Progress func(step, message string)
+	// Ongoing reports how far a long step got (a snapshot's upload): the
+	// operation shows the latest in place of the one before. It may be
+	// nil (tests).
+	Ongoing func(step, message string)
+}
+
+// Advance reports how far a long step got through Ongoing, if the request
+// has it.
+func (r Request) Advance(step, message string) {
+	if r.Ongoing != nil {
+		r.Ongoing(step, message)
+	}
 }

@@ -675,9 +675,9 @@ func resultEventID(req protocol.ProvisionRequest, status protocol.Status) string
 }
 
 // progress reports a step of a request as it happens.
-func (p *Provisioner) progress(ctx context.Context, req protocol.ProvisionRequest, step, msg string) {
+func (p *Provisioner) progress(ctx context.Context, req protocol.ProvisionRequest, step string, status protocol.Status, msg string) {
 	p.event(ctx, protocol.Event{Instance: req.Instance, Kind: protocol.EventMachine, OpID: req.OpID, Generation: req.Generation,
-		Step: step, Status: protocol.StatusOK, Message: msg}, "")
+		Step: step, Status: status, Message: msg}, "")
 }
 
 // retrying reports that a request failed for now and will be tried again.

@@ -173,7 +173,9 @@ func statusOf(err error) protocol.Status {
 func (p *Provisioner) request(ctx context.Context, req protocol.ProvisionRequest) Request {
 	return Request{ProvisionRequest: req, Progress: func(step, msg string) {
 		p.crash.At("provisioner/" + string(req.Action) + "/progress " + step)
-		p.progress(ctx, req, step, msg)
+		p.progress(ctx, req, step, protocol.StatusOK, msg)
+	}, Ongoing: func(step, msg string) {
+		p.progress(ctx, req, step, protocol.StatusProgress, msg)
 	}}
 }
 

@@ -642,6 +642,13 @@ func (s *Server) foldEvent(ctx context.Context, subject string, data []byte) err
 	if e.Kind == protocol.EventAlert && e.Step == "data-volume-high" && e.Source == protocol.SourceAgent {
 		return s.growVolume(ctx, e.Instance, e.ID)
 	}
+	if op, _, ok := s.st.ops.get(e.OpID); ok && (op.Kind == opSnapshot || op.Kind == opDeleteSnapshot) && e.Kind == protocol.EventMachine &&
+		op.State == api.OpRunning && op.Instance == e.Instance {
+		// A snapshot's steps as the provisioner takes them (the volume
+		// frozen, the archive's upload and how far it got): they hold no
+		// instance's lifecycle, and its outcome is a snapshot event.
+		return s.addStep(ctx, op.JobID, "machine: "+e.Step, e)
+	}
 	if op, _, ok := s.st.ops.get(e.OpID); ok && op.Kind == opGrowVolume && op.State == api.OpRunning && op.Instance == e.Instance {
 		return s.foldGrowVolume(ctx, op, e)
 	}

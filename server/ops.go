@@ -70,6 +70,20 @@ func (s *Server) addStep(ctx context.Context, id, name string, e protocol.Event)
 		if o.State != api.OpRunning || again {
 			return false // ended, or an event delivered again
 		}
+		if e.Status == protocol.StatusProgress {
+			// A step's progress replaces the one it said before: a long
+			// download says how far it got every few seconds.
+			if n := len(o.Progress.Steps); n > 0 {
+				last := &o.Progress.Steps[n-1]
+				if last.Name == name && last.Status == string(protocol.StatusProgress) {
+					if !e.Time.After(last.Time) {
+						return false // older than what is shown (delivered late)
+					}
+					last.Message, last.Time = e.Message, e.Time
+					return true
+				}
+			}
+		}
 		o.step(name, string(e.Status), e.Message, e.Time)
 		return true
 	})

@@ -53,6 +53,9 @@ type Config struct {
 	// snapshots are refused; restores of archives taken before sealing
 	// still work.
 	SecretKey []byte
+	// ProgressEvery is how often a snapshot archive's upload says how far
+	// it got (default 5 s).
+	ProgressEvery time.Duration
 	// Crash is passed every crash point of a machine operation (tests).
 	Crash  crashpoint.Hook
 	Logger zerolog.Logger
@@ -80,6 +83,9 @@ func New(cfg Config) (*Backend, error) {
 	}
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("local backend: %w", err)
+	}
+	if cfg.ProgressEvery == 0 {
+		cfg.ProgressEvery = 5 * time.Second
 	}
 	return &Backend{cfg: cfg, crash: cfg.Crash, log: cfg.Logger.With().Str("component", "local-backend").Logger()}, nil
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/internal/tarball"
+	"github.com/fleetmanager/fm/internal/transfer"
 	"github.com/fleetmanager/fm/internal/tarball/tarzstd"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
@@ -121,7 +122,10 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return snap, err
 	}
-	if err := b.crash.Around("local/snapshot/put-archive", func() error { return b.cfg.Archives.Put(ctx, name, f) }); err != nil {
+	upload := transfer.ReadSeeker(f, size, b.cfg.ProgressEvery, func(done, total int64) {
+		req.Advance("upload", transfer.Describe("snapshot archive to "+b.cfg.Archives.Name(), done, total))
+	})
+	if err := b.crash.Around("local/snapshot/put-archive", func() error { return b.cfg.Archives.Put(ctx, name, upload) }); err != nil {
 		return snap, protocol.Errorf(protocol.CodeUnavailable, "the snapshot store did not take the archive: %v", err)
 	}
 	ref = protocol.SnapshotRef{ID: snap.ID, Store: b.cfg.Archives.Name(), Ref: name, SHA256: hex.EncodeToString(h.Sum(nil)),

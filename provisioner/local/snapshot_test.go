@@ -13,6 +13,7 @@ import (
 	"strings"
 	"testing"
 	"testing/iotest"
+	"time"
 
 	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/bus/bustest"
@@ -38,7 +39,8 @@ func TestSnapshotAndRestore(t *testing.T) {
 	}
 	dir := t.TempDir()
 	arch := &faultyArchives{Archives: store}
-	b, err := New(Config{Dir: dir, AgentBinary: binary(t), NATSURL: srv.URL(), Archives: arch, SecretKey: seal.NewKey(), Logger: zerolog.Nop()})
+	b, err := New(Config{Dir: dir, AgentBinary: binary(t), NATSURL: srv.URL(), Archives: arch, SecretKey: seal.NewKey(), Logger: zerolog.Nop(),
+		ProgressEvery: time.Nanosecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,9 +88,16 @@ func TestSnapshotAndRestore(t *testing.T) {
 	}
 
 	snapReq := request("op-2-snapshot", protocol.ProvisionSnapshot, &steps)
+	var ongoing []string
+	snapReq.Ongoing = func(step, msg string) { ongoing = append(ongoing, step+": "+msg) }
 	ref, err := b.Snapshot(ctx, snapReq, st, protocol.SnapshotRef{ID: "snap-1"})
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The upload says how far it got (here at every read).
+	if len(ongoing) == 0 || !strings.HasPrefix(ongoing[len(ongoing)-1], "upload: snapshot archive to object-store: ") ||
+		!strings.HasSuffix(ongoing[len(ongoing)-1], "(100%)") {
+		t.Fatalf("the upload's progress: %q", ongoing)
 	}
 	if ref.Store != "object-store" || ref.Ref != "in-local1/snap-1.tar.zst.sealed" || len(ref.SHA256) != 64 || ref.SizeBytes == 0 {
 		t.Fatalf("snapshot %+v", ref)
