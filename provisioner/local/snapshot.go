@@ -14,8 +14,8 @@ import (
 
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/internal/tarball"
-	"github.com/fleetmanager/fm/internal/transfer"
 	"github.com/fleetmanager/fm/internal/tarball/tarzstd"
+	"github.com/fleetmanager/fm/internal/transfer"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
 	"github.com/fleetmanager/fm/provisioner/archive"
