@@ -388,6 +388,17 @@ func (a *Agent) runCommand(ctx context.Context, cmd protocol.Command) commandRes
 	if !cmd.Kind.Known() {
 		return commandResult{err: protocol.Errorf(protocol.CodeUnimplemented, "unknown command %q", cmd.Kind)}
 	}
+	if cmd.Kind == protocol.CommandReplaySetupActions {
+		// Right after a restart the desired state is still being read: it
+		// is waited for (until the command expires) before the machine is
+		// held, which would stop the watchdog and every other command.
+		wctx, cancel := ctx, context.CancelFunc(func() {})
+		if !cmd.Expires.IsZero() {
+			wctx, cancel = context.WithDeadline(ctx, cmd.Expires)
+		}
+		a.desired.whenLoaded(wctx)
+		cancel()
+	}
 	release, perr := a.holdMachine(ctx, cmd)
 	if perr != nil {
 		return commandResult{err: perr}
@@ -425,13 +436,7 @@ func (a *Agent) runCommand(ctx context.Context, cmd protocol.Command) commandRes
 		a.refreshDSSState(ctx)
 		return commandResult{message: "DSS is stopped; the agent will not restart it until start-dss or restart-dss", output: out}
 	case protocol.CommandReplaySetupActions:
-		// Right after a restart the desired state is still being read.
-		wctx, cancel := ctx, context.CancelFunc(func() {})
-		if !cmd.Expires.IsZero() {
-			wctx, cancel = context.WithDeadline(ctx, cmd.Expires)
-		}
-		d := a.desired.whenLoaded(wctx)
-		cancel()
+		d := a.desired.latest() // read before the machine was held
 		if d == nil {
 			return commandResult{err: protocol.Errorf(protocol.CodeFailedPrecondition, "no desired state yet")}
 		}

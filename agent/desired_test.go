@@ -1,10 +1,12 @@
 package agent
 
 import (
+	"context"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/bus/bustest"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
@@ -59,5 +61,30 @@ func TestOnlyItsOwnKeyReachesTheDesiredState(t *testing.T) {
 	w.mu.Unlock()
 	if rev != 5 {
 		t.Fatalf("revision %d after what was not its key, want 5", rev)
+	}
+}
+
+// TestWhenLoadedWaitsForTheFirstRead: before the key was first read,
+// whenLoaded waits (until its context ends, then says what there is);
+// once read, even with no desired state (404), it answers at once.
+func TestWhenLoadedWaitsForTheFirstRead(t *testing.T) {
+	srv := bustest.Run(t)
+	w := newDesiredWatch("in-x", srv.Connect(t), zerolog.Nop(), func(error, uint64) {})
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	began := time.Now()
+	if d := w.whenLoaded(ctx); d != nil || time.Since(began) < 100*time.Millisecond {
+		t.Fatalf("before any read: %+v after %s", d, time.Since(began))
+	}
+	// No key for the instance: the direct get answers 404.
+	if err := bus.DefaultTopology().Declare(context.Background(), srv.JetStream(t)); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.fetch(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	began = time.Now()
+	if d := w.whenLoaded(context.Background()); d != nil || time.Since(began) > time.Second {
+		t.Fatalf("after a read of no key: %+v after %s", d, time.Since(began))
 	}
 }

@@ -92,13 +92,20 @@ func alertKey(tenant, fp string) string { return tenant + "." + fp }
 // and where its notification stands.
 type alertRecord struct {
 	api.Alert
-	// Told says the webhook was told the alert fires: a resolution is
-	// sent only for an alert that was.
-	Told bool `json:"told,omitempty"`
-	// ChangedAt is when Status last changed; the webhook is tried until
-	// Config.AlertGiveUpAfter from then.
-	ChangedAt   time.Time `json:"changedAt"`
-	NextAttempt time.Time `json:"nextAttempt,omitzero"`
+	// Tried says a request carrying the alert firing was sent (or about to
+	// be: it is recorded first), so the webhook may know it fires: its end
+	// is told too. An alert never tried ends without a word.
+	Tried bool `json:"tried,omitempty"`
+	// ChangedAt is when Status last changed.
+	ChangedAt time.Time `json:"changedAt"`
+	// FirstTriedAt is the first request for the current status: the
+	// webhook is tried until Config.AlertGiveUpAfter from then.
+	FirstTriedAt time.Time `json:"firstTriedAt,omitzero"`
+	NextAttempt  time.Time `json:"nextAttempt,omitzero"`
+	// Batch is the request (its Idempotency-Key) that carries the alert
+	// until the webhook took it: sent again as it was.
+	Batch    string    `json:"batch,omitempty"`
+	GaveUpAt time.Time `json:"gaveUpAt,omitzero"`
 }
 
 // activeAlerts evaluates every rule on the server's copies and the bus
@@ -120,10 +127,9 @@ func (s *Server) activeAlerts(ctx context.Context, now time.Time) (active map[st
 		st := s.statusOf(in.ID)
 		h := s.healthOf(&in, st, snaps[in.ID])
 		of := func() map[string]string { return map[string]string{"instance_id": in.ID} }
+		// The id only, as the Prometheus rules say it: a label is an
+		// operator's text, and goes to an admin's chat and logs.
 		name := in.ID
-		if in.Label != "" {
-			name = fmt.Sprintf("%s (%s)", in.ID, in.Label)
-		}
 		if h.failed {
 			add(ruleInstanceFailed, of(), "FM instance "+name+" is in state failed",
 				"Its last operation failed, or its machine was lost (terminated or gone outside FM). See `fm instance status "+in.ID+"`; start or reprovision it.")
@@ -223,6 +229,9 @@ type alerter struct {
 	client  *http.Client
 }
 
+// newAlerter is made at each taking of the lease: how long conditions
+// have held is counted again from then (what held before, in another
+// holding, may have ended meanwhile).
 func newAlerter(s *Server) *alerter {
 	return &alerter{s: s, pending: map[string]time.Time{}, client: webhookClient()}
 }
@@ -259,7 +268,9 @@ func (a *alerter) tick(ctx context.Context, now time.Time, held func() bool) {
 		}
 		fire := alertRecord{Alert: api.Alert{Fingerprint: fp, Name: al.rule.name, Status: api.AlertFiring,
 			Labels: al.labels, Annotations: al.annotations, StartsAt: since}, ChangedAt: now}
-		if _, err := a.s.st.alerts.create(ctx, alertKey(tenant, fp), fire); err != nil && !errors.Is(err, errExists) {
+		if _, err := a.s.st.alerts.create(ctx, alertKey(tenant, fp), fire); errors.Is(err, errExists) {
+			continue // raised already (a successor, or a copy behind)
+		} else if err != nil {
 			a.s.log.Warn().Err(err).Str("alert", al.rule.name).Msg("alert not raised; tried again at the next look")
 			continue
 		}
@@ -273,7 +284,7 @@ func (a *alerter) tick(ctx context.Context, now time.Time, held func() bool) {
 		if _, ok := active[rec.Fingerprint]; ok || a.unsure(rec, unsure) || !held() {
 			continue
 		}
-		if !rec.Told {
+		if !rec.Tried {
 			// Nobody was told it fired: nobody needs to hear it ended.
 			if err := a.s.st.alerts.remove(ctx, key, r.rev); err != nil && !errors.Is(err, errConflict) {
 				a.s.log.Warn().Err(err).Str("alert", rec.Name).Msg("alert not dropped")
@@ -282,7 +293,7 @@ func (a *alerter) tick(ctx context.Context, now time.Time, held func() bool) {
 		}
 		res := rec
 		res.Status, res.EndsAt, res.ChangedAt, res.Notified = api.AlertResolved, now, now, false
-		res.Attempts, res.LastError, res.NextAttempt, res.GaveUp = 0, "", time.Time{}, false
+		res.restartNotification()
 		if _, err := a.s.st.alerts.update(ctx, key, res, r.rev); err != nil {
 			a.s.log.Warn().Err(err).Str("alert", rec.Name).Msg("alert not resolved; tried again at the next look")
 			continue
@@ -290,6 +301,13 @@ func (a *alerter) tick(ctx context.Context, now time.Time, held func() bool) {
 		a.s.log.Info().Str("alert", rec.Name).Interface("labels", rec.Labels).Msg("resolved: " + rec.Annotations["summary"])
 	}
 	a.notifyAll(ctx, tenant, now, held)
+}
+
+// restartNotification forgets where telling the webhook stood: the
+// alert's status changed, or the webhook did.
+func (r *alertRecord) restartNotification() {
+	r.Attempts, r.LastError, r.NextAttempt, r.FirstTriedAt = 0, "", time.Time{}, time.Time{}
+	r.GaveUp, r.GaveUpAt, r.Batch = false, time.Time{}, ""
 }
 
 // unsure says whether an alert's rule could not be evaluated this time.

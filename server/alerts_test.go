@@ -113,7 +113,7 @@ func (w *webhookReceiver) waitNamed(name string, n int, within time.Duration) []
 
 // reportAgent writes an agent's status for id, as its agent does: it is
 // heard from now.
-func reportAgent(t *testing.T, f *fm, id string) {
+func reportAgent(t testing.TB, f *fm, id string) {
 	t.Helper()
 	agents, err := f.env.Bus.JetStream(t).KeyValue(context.Background(), protocol.BucketAgents)
 	if err != nil {
@@ -174,6 +174,12 @@ func TestAlertsFireOnceAndResolveOnce(t *testing.T) {
 
 	fired := hook.waitNamed("FMAgentNotResponding", 1, 30*time.Second)
 	a := fired[0]
+	hook.mu.Lock()
+	requests := hook.requests
+	hook.mu.Unlock()
+	if requests != 2 {
+		t.Fatalf("%d requests before the alert was taken, want 2 (one refused, the same sent again)", requests)
+	}
 	if a.Status != api.AlertFiring || a.Labels["instance_id"] != in.ID || a.Labels["severity"] != "warning" ||
 		!strings.Contains(a.Annotations["summary"], in.ID) || a.Fingerprint == "" || a.idempotency == "" || a.StartsAt.IsZero() {
 		t.Fatalf("the alert told: %+v", a)
@@ -213,69 +219,133 @@ func TestAlertsFireOnceAndResolveOnce(t *testing.T) {
 }
 
 // TestAnAlertToldWhenTheServerDiesIsToldAgain: the server dies after the
-// webhook took an alert and before it recorded so; the next server (once
-// the dead one's lease expired) tells it again with the same fingerprint,
-// startsAt and Idempotency-Key, so the receiver can drop the repeat, and
-// then no more.
+// webhook took an alert and before it recorded so. If the trouble lasts,
+// the next server (once the dead one's lease expired) tells the alert
+// again as the same request (same fingerprint, startsAt and
+// Idempotency-Key), then no more; if it ended meanwhile, the next server
+// tells its resolution (the webhook may know it fires: it is never dropped
+// silently).
 func TestAnAlertToldWhenTheServerDiesIsToldAgain(t *testing.T) {
-	var env *servertest.Env
-	var once sync.Once
-	crashed := make(chan struct{})
+	for _, tc := range []struct {
+		name          string
+		endsMeanwhile bool
+		want          string // the status told after the restart
+	}{
+		{"the trouble lasts", false, api.AlertFiring},
+		{"the trouble ends while no server runs", true, api.AlertResolved},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var env *servertest.Env
+			var once sync.Once
+			crashed := make(chan struct{})
+			f := start(t, servertest.WithConfig(func(c *server.Config) {
+				alertingConfig(c)
+				c.Topology = bus.DefaultTopology()
+				c.Topology.LeaseTTL = 2 * time.Second
+				c.Crash = func(point string) {
+					if point != "server/alert/sent" {
+						return
+					}
+					once.Do(func() {
+						env.Die()
+						close(crashed)
+						select {} // dead
+					})
+				}
+			}))
+			env = f.env
+			holdProvisionerLease(t, f, 2*time.Second)
+			hook := newWebhookReceiver(t, "", 0)
+			f.ok(f.do("PUT", "/alerting", `{"webhookURL": "`+hook.srv.URL+`"}`), nil)
+			vn, tpl, im := f.fleet()
+			in := f.createInstance(instanceBody("dies", vn.ID, tpl.ID, im.ID))
+			runningWithVolume(t, f.env.Bus, in.ID)
+			reportAgent(t, f, in.ID)
+			select {
+			case <-crashed:
+			case <-time.After(30 * time.Second):
+				t.Fatal("no alert was ever sent")
+			}
+			if tc.endsMeanwhile {
+				reportAgent(t, f, in.ID)
+			}
+			f.env.StartAgain(t, func(c *server.Config) { c.Crash = nil })
+			got := hook.waitNamed("FMAgentNotResponding", 2, 30*time.Second)
+			first, again := got[0], got[1]
+			if first.Status != api.AlertFiring || again.Status != tc.want || again.Fingerprint != first.Fingerprint || !again.StartsAt.Equal(first.StartsAt) {
+				t.Fatalf("told %+v, then %+v; want %s second", first, again, tc.want)
+			}
+			if tc.want == api.AlertFiring && again.idempotency != first.idempotency {
+				t.Fatalf("the same request sent again with another Idempotency-Key: %q, %q", first.idempotency, again.idempotency)
+			}
+			time.Sleep(time.Second)
+			if n := len(hook.named("FMAgentNotResponding")); n != 2 {
+				t.Fatalf("told %d times, want 2", n)
+			}
+		})
+	}
+}
+
+// TestAnAlertWaitsForAWebhook: an alert that fires while no webhook is set
+// is listed, not given up, and told once a webhook is set, however long it
+// fired before.
+func TestAnAlertWaitsForAWebhook(t *testing.T) {
 	f := start(t, servertest.WithConfig(func(c *server.Config) {
 		alertingConfig(c)
-		c.Topology = bus.DefaultTopology()
-		c.Topology.LeaseTTL = 2 * time.Second
-		c.Crash = func(point string) {
-			if point != "server/alert/sent" {
-				return
-			}
-			once.Do(func() {
-				env.Die()
-				close(crashed)
-				select {} // dead
-			})
-		}
+		c.AlertGiveUpAfter = time.Second
 	}))
-	env = f.env
-	holdProvisionerLease(t, f, 2*time.Second)
+	holdProvisionerLease(t, f, bus.DefaultTopology().LeaseTTL)
+	vn, tpl, im := f.fleet()
+	in := f.createInstance(instanceBody("nohook", vn.ID, tpl.ID, im.ID))
+	runningWithVolume(t, f.env.Bus, in.ID)
+	reportAgent(t, f, in.ID)
+	var listed []api.Alert
+	for deadline := time.Now().Add(30 * time.Second); len(listed) == 0; time.Sleep(100 * time.Millisecond) {
+		f.ok(f.do("GET", "/alerts", ""), &listed)
+		if time.Now().After(deadline) {
+			t.Fatal("the alert never fired")
+		}
+	}
+	time.Sleep(2 * time.Second) // longer than AlertGiveUpAfter
+	f.ok(f.do("GET", "/alerts", ""), &listed)
+	if len(listed) != 1 || listed[0].GaveUp || listed[0].Notified || listed[0].Attempts != 0 {
+		t.Fatalf("an alert with no webhook to tell: %+v", listed)
+	}
+	hook := newWebhookReceiver(t, "", 0)
+	f.ok(f.do("PUT", "/alerting", `{"webhookURL": "`+hook.srv.URL+`"}`), nil)
+	if a := hook.waitNamed("FMAgentNotResponding", 1, 10*time.Second)[0]; a.Status != api.AlertFiring || a.Labels["instance_id"] != in.ID {
+		t.Fatalf("told: %+v", a)
+	}
+}
+
+// TestAConditionShorterThanItsHoldRaisesNothing: an agent silent for less
+// than the hold time raises no alert.
+func TestAConditionShorterThanItsHoldRaisesNothing(t *testing.T) {
+	f := start(t, servertest.WithConfig(func(c *server.Config) {
+		alertingConfig(c)
+		c.AlertHoldFor = 3 * time.Second
+	}))
+	holdProvisionerLease(t, f, bus.DefaultTopology().LeaseTTL)
 	hook := newWebhookReceiver(t, "", 0)
 	f.ok(f.do("PUT", "/alerting", `{"webhookURL": "`+hook.srv.URL+`"}`), nil)
 	vn, tpl, im := f.fleet()
-	in := f.createInstance(instanceBody("dies", vn.ID, tpl.ID, im.ID))
+	in := f.createInstance(instanceBody("brief", vn.ID, tpl.ID, im.ID))
 	runningWithVolume(t, f.env.Bus, in.ID)
 	reportAgent(t, f, in.ID)
-	select {
-	case <-crashed:
-	case <-time.After(30 * time.Second):
-		t.Fatal("no alert was ever sent")
-	}
-	f.env.StartAgain(t, func(c *server.Config) { c.Crash = nil })
-	hook.mu.Lock()
-	first := hook.got[0]
-	hook.mu.Unlock()
-	var again receivedAlert
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		hook.mu.Lock()
-		n := len(hook.got)
-		if n > 1 {
-			again = hook.got[1]
-		}
-		hook.mu.Unlock()
-		if n > 1 {
-			break
-		}
+	var view api.Fleet
+	for deadline := time.Now().Add(30 * time.Second); view.Summary.AgentsNotResponding == 0; time.Sleep(100 * time.Millisecond) {
+		f.ok(f.do("GET", "/fleet?rows=false", ""), &view)
 		if time.Now().After(deadline) {
-			t.Fatal("the alert was not told again after the crash")
+			t.Fatal("the agent was never seen silent")
 		}
-	}
-	if again.Fingerprint != first.Fingerprint || !again.StartsAt.Equal(first.StartsAt) || again.idempotency != first.idempotency {
-		t.Fatalf("told again as something else: %+v, then %+v", first, again)
 	}
 	time.Sleep(time.Second)
-	hook.mu.Lock()
-	defer hook.mu.Unlock()
-	if len(hook.got) != 2 {
-		t.Fatalf("told %d times, want 2 (once before the crash, once after)", len(hook.got))
+	reportAgent(t, f, in.ID) // silent about 1 s of the 3 s hold
+	time.Sleep(4 * time.Second)
+	var listed []api.Alert
+	f.ok(f.do("GET", "/alerts", ""), &listed)
+	if len(listed) != 0 || len(hook.named("FMAgentNotResponding")) != 0 {
+		t.Fatalf("a condition shorter than its hold raised %+v (told %+v)", listed, hook.named("FMAgentNotResponding"))
 	}
 }
 
@@ -312,6 +382,11 @@ func TestAlertingSettings(t *testing.T) {
 	}
 	if s := string(e.Value()); strings.Contains(s, "OTHER") || strings.Contains(s, "s3cret") {
 		t.Fatalf("the webhook's URL or secret is stored in clear: %s", s)
+	}
+	var audit []struct{ Action, Outcome string }
+	f.ok(f.do("GET", "/audit?limit=1000", ""), &audit)
+	if raw := mustJSON(t, audit); !strings.Contains(raw, `"Action":"GET /api/public/tenants/main/alerting","Outcome":"ok"`) {
+		t.Errorf("reading the webhook (a credential) is not audited: %s", raw)
 	}
 	f.ok(f.do("PUT", "/alerting", `{"webhookURL": "", "clearWebhookSecret": true}`), &as)
 	if as.HasWebhookSecret || as.WebhookURL != "" {

@@ -99,19 +99,27 @@ func webhookClient() *http.Client {
 // few messages, not thousands.
 const webhookBatch = 100
 
-// notifyAll tells the webhook what it was not told, in batches of alerts
-// of one status, each alert's record updated once its batch is answered.
-// A crash between the answer and the record's update tells it again: the
-// webhook is told at least once, and each alert carries what a receiver
-// needs to drop a repeat (its fingerprint, status and startsAt, and the
-// request's Idempotency-Key). A failed request postpones the rest to the
-// next look, so that a receiver that is down costs one timeout per look.
+// notifyAll tells the webhook what it was not told. Alerts go in requests
+// of one status and one rule (Alertmanager's default grouping), at most
+// webhookBatch each. Each request is recorded in its alerts (Batch,
+// Tried, the next attempt) before it is sent, and each alert is marked
+// told once the webhook answered: a server killed in between sends the
+// same request again (same alerts, same Idempotency-Key), and an alert
+// whose request may have arrived is resolved aloud, never dropped. So the
+// webhook hears each change at least once, and a receiver drops repeats by
+// Idempotency-Key, or by each alert's fingerprint, status and startsAt. A
+// failed request postpones the rest to the next look: a receiver that is
+// down costs one timeout per look.
 func (a *alerter) notifyAll(ctx context.Context, tenant string, now time.Time, held func() bool) {
 	set := a.s.alertSettings()
-	due := map[string][]keyedRow[alertRecord]{}
+	type group struct{ status, name string }
+	var order []string
+	batches := map[string][]keyedRow[alertRecord]{} // by Batch: requests sent before, to send again as they were
+	fresh := map[group][]keyedRow[alertRecord]{}
+	var freshOrder []group
 	for _, r := range a.s.st.alerts.rows() {
 		rec := r.val
-		if !strings.HasPrefix(r.key, tenant+".") || rec.Notified || rec.GaveUp || now.Before(rec.NextAttempt) {
+		if !strings.HasPrefix(r.key, tenant+".") || rec.Notified || !held() {
 			continue
 		}
 		if set.WebhookURL == "" {
@@ -122,46 +130,109 @@ func (a *alerter) notifyAll(ctx context.Context, tenant string, now time.Time, h
 			}
 			continue
 		}
-		if now.Sub(rec.ChangedAt) >= a.s.cfg.AlertGiveUpAfter {
-			a.s.log.Error().Str("alert", rec.Name).Str("status", rec.Status).Int("attempts", rec.Attempts).
-				Str("lastError", rec.LastError).Msg("the alert webhook was not told; FM stopped trying")
-			a.s.metrics.alertNotifications.WithLabelValues("given_up").Inc()
-			a.settle(ctx, r, func(rec *alertRecord) { rec.GaveUp = true })
+		if rec.GaveUp {
+			if set.UpdatedAt.After(rec.GaveUpAt) {
+				// The webhook was changed since: tried again.
+				a.settle(ctx, r, func(rec *alertRecord) { rec.restartNotification() })
+			}
 			continue
 		}
-		due[rec.Status] = append(due[rec.Status], r)
+		if now.Before(rec.NextAttempt) {
+			continue
+		}
+		if !rec.FirstTriedAt.IsZero() && now.Sub(rec.FirstTriedAt) >= a.s.cfg.AlertGiveUpAfter {
+			a.s.log.Error().Str("alert", rec.Name).Str("status", rec.Status).Int("attempts", rec.Attempts).
+				Str("lastError", rec.LastError).Msg("the alert webhook was not told; FM stopped trying")
+			a.s.metrics.alertsGivenUp.Inc()
+			a.settle(ctx, r, func(rec *alertRecord) { rec.GaveUp, rec.GaveUpAt, rec.Batch = true, now, "" })
+			continue
+		}
+		if rec.Batch != "" {
+			if _, ok := batches[rec.Batch]; !ok {
+				order = append(order, rec.Batch)
+			}
+			batches[rec.Batch] = append(batches[rec.Batch], r)
+			continue
+		}
+		g := group{rec.Status, rec.Name}
+		if _, ok := fresh[g]; !ok {
+			freshOrder = append(freshOrder, g)
+		}
+		fresh[g] = append(fresh[g], r)
 	}
-	for _, status := range []string{api.AlertResolved, api.AlertFiring} {
-		rows := due[status]
-		for len(rows) > 0 && held() && ctx.Err() == nil {
+	for _, g := range freshOrder {
+		for rows := fresh[g]; len(rows) > 0; {
 			batch := rows[:min(len(rows), webhookBatch)]
 			rows = rows[len(batch):]
-			if err := a.send(ctx, set, status, batch); err != nil {
-				a.s.log.Warn().Err(err).Int("alerts", len(batch)).Msg("the alert webhook did not take the alerts; tried again later")
-				a.s.metrics.alertNotifications.WithLabelValues("failed").Inc()
-				for _, r := range batch {
-					a.settle(ctx, r, func(rec *alertRecord) {
-						rec.Attempts++
-						rec.LastError = err.Error()
-						rec.NextAttempt = now.Add(min(5*time.Second<<min(rec.Attempts-1, 10), 5*time.Minute))
-					})
-				}
-				return
-			}
-			a.s.metrics.alertNotifications.WithLabelValues("sent").Inc()
-			a.s.crash.At("server/alert/sent")
-			for _, r := range batch {
-				a.settle(ctx, r, func(rec *alertRecord) {
-					rec.Notified, rec.Told = true, rec.Told || rec.Status == api.AlertFiring
-					rec.Attempts, rec.LastError, rec.NextAttempt = 0, "", time.Time{}
-				})
-			}
+			id := batchID(batch)
+			order, batches[id] = append(order, id), batch
+		}
+	}
+	for _, id := range order {
+		if !held() || ctx.Err() != nil {
+			return
+		}
+		if err := a.sendBatch(ctx, set, id, batches[id], now); err != nil {
+			a.s.log.Warn().Err(err).Int("alerts", len(batches[id])).Msg("the alert webhook did not take the alerts; tried again later")
+			return
 		}
 	}
 }
 
+// batchID names a new request by the alerts it carries.
+func batchID(batch []keyedRow[alertRecord]) string {
+	h := sha256.New()
+	for _, r := range batch {
+		fmt.Fprintf(h, "%s/%s/%d\n", r.val.Fingerprint, r.val.Status, r.val.StartsAt.UnixNano())
+	}
+	return hex.EncodeToString(h.Sum(nil))[:32]
+}
+
+// sendBatch records the request in its alerts, sends it, and records the
+// outcome.
+func (a *alerter) sendBatch(ctx context.Context, set api.AlertSettings, id string, batch []keyedRow[alertRecord], now time.Time) error {
+	var sent []keyedRow[alertRecord]
+	for _, r := range batch {
+		rec := r.val
+		rec.Batch, rec.Tried = id, rec.Tried || rec.Status == api.AlertFiring
+		if rec.FirstTriedAt.IsZero() {
+			rec.FirstTriedAt = now
+		}
+		rec.Attempts++
+		rec.NextAttempt = now.Add(min(5*time.Second<<min(rec.Attempts-1, 10), 5*time.Minute))
+		rev, err := a.s.st.alerts.update(ctx, r.key, rec, r.rev)
+		if err != nil {
+			// Changed meanwhile (resolved, a successor): not in this request.
+			if !errors.Is(err, errConflict) {
+				a.s.log.Warn().Err(err).Str("alert", rec.Name).Msg("alert record not updated")
+			}
+			continue
+		}
+		sent = append(sent, keyedRow[alertRecord]{key: r.key, val: rec, rev: rev})
+	}
+	if len(sent) == 0 {
+		return nil
+	}
+	err := a.send(ctx, set, id, sent)
+	if err != nil {
+		a.s.metrics.alertNotifications.WithLabelValues("failed").Inc()
+		for _, r := range sent {
+			a.settle(ctx, r, func(rec *alertRecord) { rec.LastError = err.Error() })
+		}
+		return err
+	}
+	a.s.metrics.alertNotifications.WithLabelValues("sent").Inc()
+	a.s.crash.At("server/alert/sent")
+	for _, r := range sent {
+		a.settle(ctx, r, func(rec *alertRecord) {
+			rec.Notified, rec.Batch, rec.LastError, rec.NextAttempt = true, "", "", time.Time{}
+		})
+	}
+	return nil
+}
+
 // settle records what became of an alert's notification: a resolved
-// alert told, or one nobody is to be told, goes.
+// alert told (or that nobody is to be told) goes.
 func (a *alerter) settle(ctx context.Context, r keyedRow[alertRecord], change func(*alertRecord)) {
 	rec := r.val
 	change(&rec)
@@ -202,11 +273,14 @@ type webhookAlert struct {
 	Fingerprint  string            `json:"fingerprint"`
 }
 
-// send posts one batch, signed with the webhook's secret if it has one.
-func (a *alerter) send(ctx context.Context, set api.AlertSettings, status string, batch []keyedRow[alertRecord]) error {
-	msg := webhookMessage{Version: "4", Status: status, Receiver: "fm-webhook", GroupLabels: map[string]string{},
-		ExternalURL: strings.TrimSuffix(a.s.cfg.JoinURL, JoinPath)}
-	key := sha256.New()
+// send posts one request, signed with the webhook's secret if it has one.
+// Its alerts share a status and a rule: the group Alertmanager would make
+// (groupKey), the same for an alert's firing and its resolution.
+func (a *alerter) send(ctx context.Context, set api.AlertSettings, id string, batch []keyedRow[alertRecord]) error {
+	first := batch[0].val
+	msg := webhookMessage{Version: "4", Status: first.Status, Receiver: "fm-webhook",
+		GroupKey:    fmt.Sprintf("{}:{alertname=%q}", first.Name),
+		GroupLabels: map[string]string{"alertname": first.Name}, ExternalURL: strings.TrimSuffix(a.s.cfg.JoinURL, JoinPath)}
 	for i, r := range batch {
 		rec := r.val
 		msg.Alerts = append(msg.Alerts, webhookAlert{Status: rec.Status, Labels: rec.Labels, Annotations: rec.Annotations,
@@ -217,10 +291,7 @@ func (a *alerter) send(ctx context.Context, set api.AlertSettings, status string
 			keepCommon(msg.CommonLabels, rec.Labels)
 			keepCommon(msg.CommonAnnotations, rec.Annotations)
 		}
-		fmt.Fprintf(key, "%s/%s/%d\n", rec.Fingerprint, rec.Status, rec.StartsAt.UnixNano())
 	}
-	idem := hex.EncodeToString(key.Sum(nil))[:32]
-	msg.GroupKey = "fm:" + idem
 	body, err := json.Marshal(msg)
 	if err != nil {
 		return err
@@ -229,11 +300,11 @@ func (a *alerter) send(ctx context.Context, set api.AlertSettings, status string
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, set.WebhookURL, bytes.NewReader(body))
 	if err != nil {
-		return fmt.Errorf("webhook request: %w", err)
+		return fmt.Errorf("webhook request to %s: not made", hostOf(set.WebhookURL))
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", "fm-alerts")
-	req.Header.Set("Idempotency-Key", idem)
+	req.Header.Set("Idempotency-Key", id)
 	if set.WebhookSecret != "" {
 		mac := hmac.New(sha256.New, []byte(set.WebhookSecret))
 		mac.Write(body)

@@ -23,13 +23,13 @@ const tenantPath = "/api/public/tenants/main"
 // fm is a test's view of a server, speaking raw HTTP the way Dataiku's
 // Python client does: JSON bodies with no Content-Type, Basic auth.
 type fm struct {
-	t   *testing.T
+	t   testing.TB
 	env *servertest.Env
 	// joinFleet is the network and template of instances made by joined.
 	joinFleet []string
 }
 
-func start(t *testing.T, opts ...servertest.Option) *fm {
+func start(t testing.TB, opts ...servertest.Option) *fm {
 	t.Helper()
 	opts = append([]servertest.Option{servertest.WithNetwork(server.NetworkDefaults{
 		VpcID: "vpc-0fm", SubnetID: "subnet-0fm", Region: "eu-west-1"})}, opts...)
@@ -195,7 +195,7 @@ func (f *fm) snapshotOf(path string) string {
 	return string(r.body)
 }
 
-func mustJSON(t *testing.T, v any) string {
+func mustJSON(t testing.TB, v any) string {
 	t.Helper()
 	b, err := json.Marshal(v)
 	if err != nil {

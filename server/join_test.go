@@ -89,7 +89,7 @@ func (f *fm) provisionRequest(id string) protocol.ProvisionRequest {
 }
 
 // machineKey is a NATS user key, as a machine makes one for itself.
-func machineKey(t *testing.T) nkeys.KeyPair {
+func machineKey(t testing.TB) nkeys.KeyPair {
 	kp, err := nkeys.CreateUser()
 	if err != nil {
 		t.Fatal(err)
@@ -99,7 +99,7 @@ func machineKey(t *testing.T) nkeys.KeyPair {
 
 // joinBody is a machine's join request, signed with its key as its agent
 // signs it.
-func joinBody(t *testing.T, instance, token string, kp nkeys.KeyPair) string {
+func joinBody(t testing.TB, instance, token string, kp nkeys.KeyPair) string {
 	t.Helper()
 	pub, _ := kp.PublicKey()
 	sig, err := kp.Sign(protocol.JoinProof(instance, token))

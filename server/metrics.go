@@ -23,8 +23,9 @@ type metrics struct {
 	ops        *prometheus.CounterVec
 	opDuration *prometheus.HistogramVec
 	// alertNotifications counts the alert webhook's requests by result
-	// (sent, failed) and the notifications given up.
+	// (sent, failed); alertsGivenUp the alerts it was never told of.
 	alertNotifications *prometheus.CounterVec
+	alertsGivenUp      prometheus.Counter
 	bus                *busSampler
 }
 
@@ -50,11 +51,14 @@ func newMetrics(s *Server) (*metrics, error) {
 			Buckets: []float64{0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800},
 		}, []string{"kind"}),
 		alertNotifications: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "fm_alert_webhook_requests_total", Help: "Requests to the alert webhook by result (sent, failed), and notifications given up (given_up).",
+			Name: "fm_alert_webhook_requests_total", Help: "Requests to the alert webhook by result (sent, failed).",
 		}, []string{"result"}),
+		alertsGivenUp: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fm_alert_notifications_given_up_total", Help: "Alert changes (fired, resolved) the webhook was never told: FM stopped trying after a day.",
+		}),
 		bus: newBusSampler(s.js, s.cfg.Conn, s.cfg.SystemConn, s.log),
 	}
-	for _, result := range []string{"sent", "failed", "given_up"} {
+	for _, result := range []string{"sent", "failed"} {
 		m.alertNotifications.WithLabelValues(result)
 	}
 	for _, kind := range instanceOpKinds {
@@ -62,7 +66,7 @@ func newMetrics(s *Server) (*metrics, error) {
 			m.ops.WithLabelValues(kind, result)
 		}
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.latency, m.ops, m.opDuration, m.alertNotifications,
+	for _, c := range []prometheus.Collector{m.requests, m.latency, m.ops, m.opDuration, m.alertNotifications, m.alertsGivenUp,
 		objectsCollector{s.st}, fleetCollector{s}, m.bus} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

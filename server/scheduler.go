@@ -26,19 +26,22 @@ const schedulerLease = "snapshot-scheduler"
 // a snapshot nor takes one twice (a due snapshot's id derives from its due
 // time, and a record is created only once).
 func (s *Server) runSnapshotScheduler(ctx context.Context) {
-	s.runLeased(ctx, schedulerLease, "snapshot scheduler", s.cfg.SchedulerInterval, s.scheduleSnapshots)
+	s.runLeased(ctx, schedulerLease, "snapshot scheduler", s.cfg.SchedulerInterval, func() tickFunc { return s.scheduleSnapshots })
 }
 
-// runLeased calls tick every period while this server holds the lease key
-// of fm_leases (one server of the fleet at a time), until ctx ends. tick
-// is given held (bus.Lease.Held), to ask before each thing it does; its
-// context ends at once when the lease is lost.
-func (s *Server) runLeased(ctx context.Context, key, what string, every time.Duration,
-	tick func(ctx context.Context, now time.Time, held func() bool)) {
+// tickFunc is the work done at each tick while a lease is held, given
+// held (bus.Lease.Held) to ask before each thing it does; its context ends
+// at once when the lease is lost.
+type tickFunc func(ctx context.Context, now time.Time, held func() bool)
+
+// runLeased does the work newTick makes, once at each taking of the lease
+// key of fm_leases (one server of the fleet at a time), every period while
+// the lease is held, until ctx ends.
+func (s *Server) runLeased(ctx context.Context, key, what string, every time.Duration, newTick func() tickFunc) {
 	host, _ := os.Hostname()
 	holder := fmt.Sprintf("%s-%d-%s", host, os.Getpid(), newID("srv"))
 	for ctx.Err() == nil {
-		if err := s.whileLeased(ctx, key, what, holder, every, tick); err != nil && ctx.Err() == nil {
+		if err := s.whileLeased(ctx, key, what, holder, every, newTick); err != nil && ctx.Err() == nil {
 			s.log.Warn().Err(err).Msgf("%s paused; retrying", what)
 			select {
 			case <-ctx.Done():
@@ -48,8 +51,7 @@ func (s *Server) runLeased(ctx context.Context, key, what string, every time.Dur
 	}
 }
 
-func (s *Server) whileLeased(ctx context.Context, key, what, holder string, every time.Duration,
-	tick func(ctx context.Context, now time.Time, held func() bool)) error {
+func (s *Server) whileLeased(ctx context.Context, key, what, holder string, every time.Duration, newTick func() tickFunc) error {
 	kv, err := s.js.KeyValue(ctx, protocol.BucketLeases)
 	if err != nil {
 		return fmt.Errorf("lease bucket: %w", err)
@@ -67,6 +69,7 @@ func (s *Server) whileLeased(ctx context.Context, key, what, holder string, ever
 			case <-work.Done():
 			}
 		}()
+		tick := newTick()
 		t := time.NewTicker(every)
 		defer t.Stop()
 		for {

@@ -120,7 +120,7 @@ func (f *fakeProvisioner) counts() (taken, deleted int) {
 
 // runningWithVolume records an instance as running on a machine with a data
 // volume, as the provisioner and the folding would have.
-func runningWithVolume(t *testing.T, bus *bustest.Server, id string) {
+func runningWithVolume(t testing.TB, bus *bustest.Server, id string) {
 	t.Helper()
 	js := bus.JetStream(t)
 	ctx := context.Background()
@@ -302,7 +302,7 @@ func TestAutomatedSnapshotFailures(t *testing.T) {
 	})
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for !cond() {

@@ -354,7 +354,7 @@ func (s *Server) Run(ctx context.Context) error {
 	alerted := make(chan struct{})
 	go func() {
 		defer close(alerted)
-		s.runLeased(foldCtx, alertLease, "alerts", s.cfg.AlertInterval, newAlerter(s).tick)
+		s.runLeased(foldCtx, alertLease, "alerts", s.cfg.AlertInterval, func() tickFunc { return newAlerter(s).tick })
 	}()
 	defer func() { stopFolding(); <-folded; <-scheduled; <-alerted }()
 	go s.syncAccount(foldCtx)
@@ -451,7 +451,8 @@ func (s *Server) handler() http.Handler {
 	route(t+"/futures", methods{"GET": reads(RoleViewer, s.listFutures)})
 	route(t+"/futures/{id}", methods{"GET": reads(RoleViewer, s.getFuture), "DELETE": writes(RoleOperator, s.abortFuture)})
 	route(t+"/cloud-tags", methods{"GET": reads(RoleViewer, s.getCloudTags), "PUT": writes(RoleAdmin, s.putCloudTags)})
-	route(t+"/alerting", methods{"GET": reads(RoleAdmin, s.getAlerting), "PUT": writes(RoleAdmin, s.putAlerting)})
+	// The webhook's URL is its credential: reading it is audited.
+	route(t+"/alerting", methods{"GET": writes(RoleAdmin, s.getAlerting), "PUT": writes(RoleAdmin, s.putAlerting)})
 	route(t+"/alerts", methods{"GET": reads(RoleViewer, s.listAlerts)})
 	route(t+"/cloud-credentials", methods{"GET": reads(RoleViewer, s.getCloudCredentials), "PUT": writes(RoleAdmin, s.putCloudCredentials)})
 	route(t+"/api-keys", methods{"GET": reads(RoleAdmin, s.listKeys), "POST": writes(RoleAdmin, s.createKeyHandler)})
