@@ -72,7 +72,14 @@ func (s *Server) addStep(ctx context.Context, id, name string, e protocol.Event)
 		}
 		if e.Status == protocol.StatusProgress {
 			// A step's progress replaces the one it said before: a long
-			// download says how far it got every few seconds.
+			// download says how far it got every few seconds. One that
+			// comes after the step ended (delivered late) is dropped.
+			if slices.ContainsFunc(o.Progress.Steps, func(st api.ProgressStep) bool {
+				return st.Name == name && !st.Time.Before(e.Time) && st.Status != string(protocol.StatusProgress) &&
+					st.Status != string(protocol.StatusStarted)
+			}) {
+				return false
+			}
 			if n := len(o.Progress.Steps); n > 0 {
 				last := &o.Progress.Steps[n-1]
 				if last.Name == name && last.Status == string(protocol.StatusProgress) {

@@ -12,8 +12,8 @@ import (
 
 // TestProgressReplacesTheStepsProgress: an agent's progress events of a
 // long step show as one step of the operation, the latest; one delivered
-// late (older) or twice changes nothing; the step's end is a step of its
-// own.
+// late (older, or after the step's end) or twice changes nothing; the
+// step's end is a step of its own.
 func TestProgressReplacesTheStepsProgress(t *testing.T) {
 	f := start(t)
 	vn, tpl, im := f.fleet()
@@ -34,13 +34,16 @@ func TestProgressReplacesTheStepsProgress(t *testing.T) {
 		second, // delivered twice
 		step(protocol.StatusProgress, "kit: late", t0.Add(1500*time.Millisecond)),
 		step(protocol.StatusOK, "kit ready", t0.Add(3*time.Second)),
+		step(protocol.StatusProgress, "kit: after the end", t0.Add(2500*time.Millisecond)), // delivered after the end
+		{ID: protocol.NewID("ev"), Instance: in.ID, Kind: protocol.EventStep, Source: "agent", OpID: op.JobID,
+			Step: "install", Status: protocol.StatusOK, Message: "installed", Time: t0.Add(4 * time.Second)},
 	} {
 		publishEvent(t, js, e)
 	}
 	var steps []api.ProgressStep
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		steps = f.future(op.JobID).Progress.Steps
-		if n := len(steps); n > 0 && steps[n-1].Status == "ok" {
+		if n := len(steps); n > 0 && steps[n-1].Name == "install" {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -53,6 +56,8 @@ func TestProgressReplacesTheStepsProgress(t *testing.T) {
 			progress = append(progress, s)
 		}
 	}
+	// (The events of an instance are folded in order: the one after the
+	// end was, before "install".)
 	if len(progress) != 1 || progress[0].Message != second.Message || !progress[0].Time.Equal(second.Time) {
 		t.Fatalf("progress steps: %+v (all: %+v)", progress, steps)
 	}
