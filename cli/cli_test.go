@@ -3,6 +3,7 @@ package cli
 import (
 	"encoding/json"
 	"flag"
+	"fmt"
 	"io"
 	"reflect"
 	"strings"
@@ -168,5 +169,26 @@ func TestStepPrinterShowsProgress(t *testing.T) {
 	}
 	if n := strings.Count(got, "\n"); n != 4 {
 		t.Errorf("%d lines, want 4:\n%s", n, got)
+	}
+}
+
+// TestStepPrinterAtTheCap: the server keeps an operation's last 200
+// steps; steps that arrive once it holds 200 are shown, each once.
+func TestStepPrinterAtTheCap(t *testing.T) {
+	var out strings.Builder
+	show := stepPrinter(Env{Stderr: &out}, "table")
+	at := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
+	steps := func(from, to int) []api.ProgressStep {
+		var s []api.ProgressStep
+		for i := from; i < to; i++ {
+			s = append(s, api.ProgressStep{Name: fmt.Sprintf("m%d", i), Status: "ok", Time: at.Add(time.Duration(i) * time.Second)})
+		}
+		return s
+	}
+	show(api.Future{Progress: api.Progress{Steps: steps(0, 200)}})
+	out.Reset()
+	show(api.Future{Progress: api.Progress{Steps: steps(3, 203)}}) // three more, the first three trimmed
+	if got := out.String(); strings.Count(got, "\n") != 3 || !strings.Contains(got, " m200 ") || !strings.Contains(got, " m202 ") {
+		t.Fatalf("after three more steps at the cap:\n%s", got)
 	}
 }

@@ -318,33 +318,44 @@ func finishOp(ctx context.Context, env Env, c *client.Client, output string, f a
 }
 
 // stepPrinter shows an operation's new steps on stderr as client.Wait sees
-// them (nothing for --output json).
-// A long step's progress is one step the server rewrites in place (a
-// kit's download: "kit: 120 MiB of 270 MiB (44%)"): shown again when it
-// changed.
+// them (nothing for --output json). A long step's progress is one step the
+// server rewrites in place (a kit's download: "kit: 120 MiB of 270 MiB
+// (44%)"): shown again when it changed. The server keeps an operation's
+// last 200 steps: the new ones are those after the last one shown, found
+// from the end.
 func stepPrinter(env Env, output string) func(api.Future) {
-	shown := 0
-	var last api.ProgressStep // the last step shown, as it was
+	var last *api.ProgressStep // the last step shown, as it was
 	show := func(s api.ProgressStep) {
-		// Steps say what agents and provisioners reported.
 		fmt.Fprintf(env.Stderr, "%s  %-11s %s  %s\n", s.Time.Local().Format("15:04:05"),
 			printable(s.Status), printable(s.Name), printable(s.Message))
-		last = s
+		last = &s
 	}
 	return func(f api.Future) {
 		if output == "json" {
 			return
 		}
 		steps := f.Progress.Steps
-		if shown > len(steps) {
-			shown = 0 // older steps were trimmed
+		from := 0
+		if last != nil {
+			from = 0 // not found: trimmed past it, everything is new
+			for i := len(steps) - 1; i >= 0; i-- {
+				s := steps[i]
+				if s.Name != last.Name || s.Status != last.Status {
+					continue
+				}
+				if s.Message == last.Message && s.Time.Equal(last.Time) {
+					from = i + 1
+					break
+				}
+				if s.Status == "progress" && !s.Time.Before(last.Time) {
+					from = i // the same step, further on: shown again
+					break
+				}
+			}
 		}
-		if s := steps[max(shown-1, 0):shown]; len(s) == 1 && (s[0].Message != last.Message || !s[0].Time.Equal(last.Time)) {
-			show(s[0])
-		}
-		for _, s := range steps[shown:] {
+		for _, s := range steps[from:] {
+			// Steps say what agents and provisioners reported.
 			show(s)
 		}
-		shown = len(steps)
 	}
 }

@@ -707,7 +707,10 @@ func (p *Provisioner) publishEvent(ctx context.Context, e protocol.Event, id str
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	e.ID, e.Time, e.Source = id, time.Now().UTC(), protocol.SourceProvisioner
+	e.ID, e.Source = id, protocol.SourceProvisioner
+	if e.Time.IsZero() {
+		e.Time = time.Now().UTC()
+	}
 	data, err := protocol.EncodeEvent(e)
 	if err != nil {
 		return fmt.Errorf("event not encoded: %w", err)

@@ -942,3 +942,49 @@ func TestWhatIsTransient(t *testing.T) {
 		})
 	}
 }
+
+// TestOngoingReportsInOrderAndSendsTheLast: reports of how far a step got
+// are published in the order made, never holding the caller up, and the
+// last is always published, whatever was dropped in between.
+func TestOngoingReportsInOrderAndSendsTheLast(t *testing.T) {
+	r := newRig(t)
+	p, _ := r.runLogged(&recorder{}, "p1", zerolog.Nop())
+	req := protocol.ProvisionRequest{ID: "op-1-snapshot", OpID: "op-1", Instance: "in-ongoing", Action: protocol.ProvisionSnapshot}
+	report := p.ongoing(context.Background(), req)
+	for i := 1; i <= 200; i++ {
+		report("upload", fmt.Sprintf("%d of 200", i))
+	}
+	ctx := context.Background()
+	var msgs []string
+	var times []time.Time
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		cons, err := r.js.OrderedConsumer(ctx, protocol.StreamEvents, jetstream.OrderedConsumerConfig{
+			FilterSubjects: []string{protocol.EventSubject("in-ongoing", protocol.EventMachine)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		msgs, times = nil, nil
+		batch, err := cons.FetchNoWait(500)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for m := range batch.Messages() {
+			var e protocol.Event
+			if err := protocol.Decode(m.Data(), &e); err != nil {
+				t.Fatal(err)
+			}
+			msgs, times = append(msgs, e.Message), append(times, e.Time)
+		}
+		if len(msgs) > 0 && msgs[len(msgs)-1] == "200 of 200" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the last report was never published: %v", msgs)
+		}
+	}
+	for i := 1; i < len(times); i++ {
+		if times[i].Before(times[i-1]) {
+			t.Fatalf("reports out of order: %v", msgs)
+		}
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/fleetmanager/fm/protocol"
@@ -174,9 +175,45 @@ func (p *Provisioner) request(ctx context.Context, req protocol.ProvisionRequest
 	return Request{ProvisionRequest: req, Progress: func(step, msg string) {
 		p.crash.At("provisioner/" + string(req.Action) + "/progress " + step)
 		p.progress(ctx, req, step, protocol.StatusOK, msg)
-	}, Ongoing: func(step, msg string) {
-		p.progress(ctx, req, step, protocol.StatusProgress, msg)
-	}}
+	}, Ongoing: p.ongoing(ctx, req)}
+}
+
+// ongoing reports how far a long step got without holding it up (it is
+// called from an upload's reads): the reports are published in order by
+// one goroutine at a time, and a report made while another is on its way
+// replaces any still waiting (the latest wins; the last is always sent).
+// Each is dated when it was made, so that the server drops one that comes
+// after the step's end.
+func (p *Provisioner) ongoing(ctx context.Context, req protocol.ProvisionRequest) func(step, msg string) {
+	var (
+		mu      sync.Mutex
+		waiting *protocol.Event
+		sending bool
+	)
+	return func(step, msg string) {
+		e := protocol.Event{Instance: req.Instance, Kind: protocol.EventMachine, OpID: req.OpID, Generation: req.Generation,
+			Step: step, Status: protocol.StatusProgress, Message: msg, Time: time.Now().UTC()}
+		mu.Lock()
+		waiting = &e
+		if sending {
+			mu.Unlock()
+			return
+		}
+		sending = true
+		mu.Unlock()
+		go func() {
+			for {
+				mu.Lock()
+				next := waiting
+				waiting, sending = nil, next != nil
+				mu.Unlock()
+				if next == nil {
+					return
+				}
+				p.event(ctx, *next, "")
+			}
+		}()
+	}
 }
 
 // snapshotEvent reports a snapshot's progress or outcome; an outcome's id

@@ -267,7 +267,22 @@ func TestAnAlertToldWhenTheServerDiesIsToldAgain(t *testing.T) {
 				t.Fatal("no alert was ever sent")
 			}
 			if tc.endsMeanwhile {
-				reportAgent(t, f, in.ID)
+				// Heard from until the resolution is told, however long the
+				// restart and the lease's expiry take.
+				stop := make(chan struct{})
+				done := make(chan struct{})
+				go func() {
+					defer close(done)
+					for {
+						reportAgent(t, f, in.ID)
+						select {
+						case <-stop:
+							return
+						case <-time.After(500 * time.Millisecond):
+						}
+					}
+				}()
+				t.Cleanup(func() { close(stop); <-done })
 			}
 			f.env.StartAgain(t, func(c *server.Config) { c.Crash = nil })
 			got := hook.waitNamed("FMAgentNotResponding", 2, 30*time.Second)
@@ -288,33 +303,58 @@ func TestAnAlertToldWhenTheServerDiesIsToldAgain(t *testing.T) {
 
 // TestAnAlertWaitsForAWebhook: an alert that fires while no webhook is set
 // is listed, not given up, and told once a webhook is set, however long it
-// fired before.
+// fired before; so is one a webhook refused before it was unset, once a
+// new webhook is set after the give-up time.
 func TestAnAlertWaitsForAWebhook(t *testing.T) {
-	f := start(t, servertest.WithConfig(func(c *server.Config) {
-		alertingConfig(c)
-		c.AlertGiveUpAfter = time.Second
-	}))
-	holdProvisionerLease(t, f, bus.DefaultTopology().LeaseTTL)
-	vn, tpl, im := f.fleet()
-	in := f.createInstance(instanceBody("nohook", vn.ID, tpl.ID, im.ID))
-	runningWithVolume(t, f.env.Bus, in.ID)
-	reportAgent(t, f, in.ID)
-	var listed []api.Alert
-	for deadline := time.Now().Add(30 * time.Second); len(listed) == 0; time.Sleep(100 * time.Millisecond) {
-		f.ok(f.do("GET", "/alerts", ""), &listed)
-		if time.Now().After(deadline) {
-			t.Fatal("the alert never fired")
-		}
-	}
-	time.Sleep(2 * time.Second) // longer than AlertGiveUpAfter
-	f.ok(f.do("GET", "/alerts", ""), &listed)
-	if len(listed) != 1 || listed[0].GaveUp || listed[0].Notified || listed[0].Attempts != 0 {
-		t.Fatalf("an alert with no webhook to tell: %+v", listed)
-	}
-	hook := newWebhookReceiver(t, "", 0)
-	f.ok(f.do("PUT", "/alerting", `{"webhookURL": "`+hook.srv.URL+`"}`), nil)
-	if a := hook.waitNamed("FMAgentNotResponding", 1, 10*time.Second)[0]; a.Status != api.AlertFiring || a.Labels["instance_id"] != in.ID {
-		t.Fatalf("told: %+v", a)
+	for _, tc := range []struct {
+		name    string
+		refused bool // a webhook that refuses everything was set, tried, then unset
+	}{
+		{"never tried", false},
+		{"tried with a webhook since unset", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := start(t, servertest.WithConfig(func(c *server.Config) {
+				alertingConfig(c)
+				c.AlertGiveUpAfter = time.Second
+			}))
+			holdProvisionerLease(t, f, bus.DefaultTopology().LeaseTTL)
+			if tc.refused {
+				refusing := newWebhookReceiver(t, "", 1<<30)
+				f.ok(f.do("PUT", "/alerting", `{"webhookURL": "`+refusing.srv.URL+`"}`), nil)
+				defer func() {
+					refusing.mu.Lock()
+					defer refusing.mu.Unlock()
+					if refusing.requests == 0 {
+						t.Error("the refusing webhook was never tried")
+					}
+				}()
+			}
+			vn, tpl, im := f.fleet()
+			in := f.createInstance(instanceBody("nohook", vn.ID, tpl.ID, im.ID))
+			runningWithVolume(t, f.env.Bus, in.ID)
+			reportAgent(t, f, in.ID)
+			var listed []api.Alert
+			for deadline := time.Now().Add(30 * time.Second); len(listed) == 0 || tc.refused && listed[0].Attempts == 0; time.Sleep(100 * time.Millisecond) {
+				f.ok(f.do("GET", "/alerts", ""), &listed)
+				if time.Now().After(deadline) {
+					t.Fatalf("the alert never fired (and was tried): %+v", listed)
+				}
+			}
+			if tc.refused {
+				f.ok(f.do("PUT", "/alerting", `{"webhookURL": ""}`), nil)
+			}
+			time.Sleep(2 * time.Second) // longer than AlertGiveUpAfter
+			f.ok(f.do("GET", "/alerts", ""), &listed)
+			if len(listed) != 1 || listed[0].GaveUp || listed[0].Notified {
+				t.Fatalf("an alert with no webhook to tell: %+v", listed)
+			}
+			hook := newWebhookReceiver(t, "", 0)
+			f.ok(f.do("PUT", "/alerting", `{"webhookURL": "`+hook.srv.URL+`"}`), nil)
+			if a := hook.waitNamed("FMAgentNotResponding", 1, 20*time.Second)[0]; a.Status != api.AlertFiring || a.Labels["instance_id"] != in.ID {
+				t.Fatalf("told: %+v", a)
+			}
+		})
 	}
 }
 

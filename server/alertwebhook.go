@@ -99,6 +99,9 @@ func webhookClient() *http.Client {
 // few messages, not thousands.
 const webhookBatch = 100
 
+// maxWebhookBackoff is the longest wait between two tries of a request.
+const maxWebhookBackoff = 5 * time.Minute
+
 // notifyAll tells the webhook what it was not told. Alerts go in requests
 // of one status and one rule (Alertmanager's default grouping), at most
 // webhookBatch each. Each request is recorded in its alerts (Batch,
@@ -130,21 +133,27 @@ func (a *alerter) notifyAll(ctx context.Context, tenant string, now time.Time, h
 			}
 			continue
 		}
+		if !rec.FirstTriedAt.IsZero() && set.UpdatedAt.After(rec.FirstTriedAt) {
+			// The webhook was saved since it was first tried (given up
+			// or not): a new day of tries, from the next look.
+			a.settle(ctx, r, func(rec *alertRecord) { rec.restartNotification() })
+			continue
+		}
 		if rec.GaveUp {
-			if set.UpdatedAt.After(rec.GaveUpAt) {
-				// The webhook was changed since: tried again.
-				a.settle(ctx, r, func(rec *alertRecord) { rec.restartNotification() })
-			}
 			continue
 		}
-		if now.Before(rec.NextAttempt) {
+		// Another replica's clock set the next attempt: one far ahead of
+		// this one's waits no longer than the longest backoff.
+		if now.Before(rec.NextAttempt) && rec.NextAttempt.Sub(now) <= maxWebhookBackoff {
 			continue
 		}
+		// A day of tries from the first with this webhook.
 		if !rec.FirstTriedAt.IsZero() && now.Sub(rec.FirstTriedAt) >= a.s.cfg.AlertGiveUpAfter {
-			a.s.log.Error().Str("alert", rec.Name).Str("status", rec.Status).Int("attempts", rec.Attempts).
-				Str("lastError", rec.LastError).Msg("the alert webhook was not told; FM stopped trying")
-			a.s.metrics.alertsGivenUp.Inc()
-			a.settle(ctx, r, func(rec *alertRecord) { rec.GaveUp, rec.GaveUpAt, rec.Batch = true, now, "" })
+			if a.settle(ctx, r, func(rec *alertRecord) { rec.GaveUp, rec.GaveUpAt, rec.Batch = true, now, "" }) {
+				a.s.log.Error().Str("alert", rec.Name).Str("status", rec.Status).Int("attempts", rec.Attempts).
+					Str("lastError", rec.LastError).Msg("the alert webhook was not told; FM stopped trying")
+				a.s.metrics.alertsGivenUp.Inc()
+			}
 			continue
 		}
 		if rec.Batch != "" {
@@ -172,7 +181,7 @@ func (a *alerter) notifyAll(ctx context.Context, tenant string, now time.Time, h
 		if !held() || ctx.Err() != nil {
 			return
 		}
-		if err := a.sendBatch(ctx, set, id, batches[id], now); err != nil {
+		if err := a.sendBatch(ctx, set, id, batches[id], now, held); err != nil {
 			a.s.log.Warn().Err(err).Int("alerts", len(batches[id])).Msg("the alert webhook did not take the alerts; tried again later")
 			return
 		}
@@ -190,7 +199,7 @@ func batchID(batch []keyedRow[alertRecord]) string {
 
 // sendBatch records the request in its alerts, sends it, and records the
 // outcome.
-func (a *alerter) sendBatch(ctx context.Context, set api.AlertSettings, id string, batch []keyedRow[alertRecord], now time.Time) error {
+func (a *alerter) sendBatch(ctx context.Context, set api.AlertSettings, id string, batch []keyedRow[alertRecord], now time.Time, held func() bool) error {
 	var sent []keyedRow[alertRecord]
 	for _, r := range batch {
 		rec := r.val
@@ -199,7 +208,7 @@ func (a *alerter) sendBatch(ctx context.Context, set api.AlertSettings, id strin
 			rec.FirstTriedAt = now
 		}
 		rec.Attempts++
-		rec.NextAttempt = now.Add(min(5*time.Second<<min(rec.Attempts-1, 10), 5*time.Minute))
+		rec.NextAttempt = now.Add(min(5*time.Second<<min(rec.Attempts-1, 10), maxWebhookBackoff))
 		rev, err := a.s.st.alerts.update(ctx, r.key, rec, r.rev)
 		if err != nil {
 			// Changed meanwhile (resolved, a successor): not in this request.
@@ -210,8 +219,8 @@ func (a *alerter) sendBatch(ctx context.Context, set api.AlertSettings, id strin
 		}
 		sent = append(sent, keyedRow[alertRecord]{key: r.key, val: rec, rev: rev})
 	}
-	if len(sent) == 0 {
-		return nil
+	if len(sent) == 0 || !held() {
+		return nil // a deposed holder sends nothing: its successor will
 	}
 	err := a.send(ctx, set, id, sent)
 	if err != nil {
@@ -232,8 +241,9 @@ func (a *alerter) sendBatch(ctx context.Context, set api.AlertSettings, id strin
 }
 
 // settle records what became of an alert's notification: a resolved
-// alert told (or that nobody is to be told) goes.
-func (a *alerter) settle(ctx context.Context, r keyedRow[alertRecord], change func(*alertRecord)) {
+// alert told (or that nobody is to be told) goes. It says whether the
+// record was changed (not changed meanwhile by another holder).
+func (a *alerter) settle(ctx context.Context, r keyedRow[alertRecord], change func(*alertRecord)) bool {
 	rec := r.val
 	change(&rec)
 	var err error
@@ -245,6 +255,7 @@ func (a *alerter) settle(ctx context.Context, r keyedRow[alertRecord], change fu
 	if err != nil && !errors.Is(err, errConflict) {
 		a.s.log.Warn().Err(err).Str("alert", rec.Name).Msg("alert record not updated")
 	}
+	return err == nil
 }
 
 // webhookMessage is Alertmanager's webhook payload (version 4), so that

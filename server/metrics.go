@@ -54,7 +54,7 @@ func newMetrics(s *Server) (*metrics, error) {
 			Name: "fm_alert_webhook_requests_total", Help: "Requests to the alert webhook by result (sent, failed).",
 		}, []string{"result"}),
 		alertsGivenUp: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "fm_alert_notifications_given_up_total", Help: "Alert changes (fired, resolved) the webhook was never told: FM stopped trying after a day.",
+			Name: "fm_alert_notifications_given_up_total", Help: "Alert changes (fired, resolved) the webhook was never told: FM stopped trying (after a day by default).",
 		}),
 		bus: newBusSampler(s.js, s.cfg.Conn, s.cfg.SystemConn, s.log),
 	}

@@ -197,6 +197,28 @@ func (s *Server) reprovisionFromSnapshot(r *http.Request) (any, error) {
 	return s.act(ctx, in, s.actions()[opReprovision])
 }
 
+// foldSnapshotStep adds a provisioner's step (the volume frozen, the
+// archive's upload and how far it got) to the snapshot operation it names,
+// if it names a running one of its instance, and says whether it did:
+// snapshot operations hold no lifecycle, and their outcome is a snapshot
+// event (foldSnapshot).
+func (s *Server) foldSnapshotStep(ctx context.Context, e protocol.Event) (bool, error) {
+	op, _, ok := s.st.ops.get(e.OpID)
+	if !ok {
+		// The copy may lag behind an operation another replica began.
+		var err error
+		if op, _, err = s.st.ops.fetch(ctx, e.OpID); errors.Is(err, errNotFound) {
+			return false, nil
+		} else if err != nil {
+			return false, err
+		}
+	}
+	if op.Kind != opSnapshot && op.Kind != opDeleteSnapshot || op.State != api.OpRunning || op.Instance != e.Instance {
+		return false, nil
+	}
+	return true, s.addStep(ctx, op.JobID, "machine: "+e.Step, e)
+}
+
 // foldSnapshot folds the provisioner's report on a snapshot into its record
 // and, for a snapshot operation, into the operation. Folding it twice
 // changes nothing more. An error means it may fold if tried again.

@@ -58,22 +58,16 @@ func ReadSeeker(r io.ReadSeeker, total int64, every time.Duration, report Func) 
 	if report == nil || every <= 0 {
 		return r
 	}
-	return &readSeeker{r: r, c: counter{total: total, every: every, last: time.Now(), report: report}}
+	return &readSeeker{reader: reader{r: r, c: counter{total: total, every: every, last: time.Now(), report: report}}, s: r}
 }
 
 type readSeeker struct {
-	r io.ReadSeeker
-	c counter
-}
-
-func (p *readSeeker) Read(b []byte) (int, error) {
-	n, err := p.r.Read(b)
-	p.c.add(n)
-	return n, err
+	reader
+	s io.Seeker
 }
 
 func (p *readSeeker) Seek(offset int64, whence int) (int64, error) {
-	at, err := p.r.Seek(offset, whence)
+	at, err := p.s.Seek(offset, whence)
 	if err == nil {
 		p.c.done = at
 	}

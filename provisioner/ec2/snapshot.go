@@ -68,7 +68,7 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 		req.Progress("snapshot", fmt.Sprintf("EBS snapshot %s of volume %s started", id, cur.VolumeID))
 	}
 	var size int32
-	lastProgress := ""
+	lastProgress, lastState := "", types.SnapshotState("")
 	err = b.waitWithin(ctx, req, "snapshot", "snapshot "+id, snapshotTimeout, func() (bool, string, error) {
 		s, err := describeSnapshot(ctx, c, id)
 		if err != nil {
@@ -81,11 +81,14 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 			return false, "", protocol.Errorf(protocol.CodeUnavailable, "EBS snapshot %s failed: %s", id, aws.ToString(s.StateMessage))
 		}
 		size = aws.ToInt32(s.VolumeSize)
-		// EBS says how far a pending snapshot got ("45%"): shown in place.
-		if pct := aws.ToString(s.Progress); s.State == types.SnapshotStatePending && pct != "" && pct != lastProgress {
+		// EBS says how far a pending snapshot got ("45%"): shown in place,
+		// after the step that says it is pending (waitWithin reports a new
+		// state once this returns).
+		if pct := aws.ToString(s.Progress); s.State == types.SnapshotStatePending && lastState == s.State && pct != "" && pct != lastProgress {
 			lastProgress = pct
 			req.Advance("snapshot", fmt.Sprintf("EBS snapshot %s: %s", id, pct))
 		}
+		lastState = s.State
 		return s.State == types.SnapshotStateCompleted, string(s.State), nil
 	})
 	if err != nil {

@@ -128,6 +128,9 @@ func (b *Backend) Snapshot(ctx context.Context, req provisioner.Request, cur pro
 	if err := b.crash.Around("local/snapshot/put-archive", func() error { return b.cfg.Archives.Put(ctx, name, upload) }); err != nil {
 		return snap, protocol.Errorf(protocol.CodeUnavailable, "the snapshot store did not take the archive: %v", err)
 	}
+	if size > 0 {
+		req.Advance("upload", transfer.Describe("snapshot archive to "+b.cfg.Archives.Name(), size, size))
+	}
 	ref = protocol.SnapshotRef{ID: snap.ID, Store: b.cfg.Archives.Name(), Ref: name, SHA256: hex.EncodeToString(h.Sum(nil)),
 		SizeBytes: size, VolumeSizeGB: cur.VolumeSizeGB}
 	req.Progress("archive", fmt.Sprintf("%s: %d bytes in %s, sha256 %s", snap.ID, size, ref.Store, ref.SHA256))
