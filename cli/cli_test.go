@@ -122,18 +122,6 @@ func TestPrintStatus(t *testing.T) {
 	}
 }
 
-func TestPrefixLines(t *testing.T) {
-	for _, tc := range []struct{ text, want string }{
-		{"a\nb\n", "dss: a\ndss: b\n"},
-		{"a\nhalf", "dss: a\ndss: half"},
-		{"", ""},
-	} {
-		if got := prefixLines("dss: ", tc.text); got != tc.want {
-			t.Errorf("prefixLines(%q) = %q, want %q", tc.text, got, tc.want)
-		}
-	}
-}
-
 func TestPrintable(t *testing.T) {
 	if got := printable("14.0.0\x1b[2J\nfake row\tx\u0085"); got != `14.0.0?[2J\nfake row?x?` {
 		t.Fatalf("printable: %q", got)

@@ -81,7 +81,8 @@ func runInstanceVerb(ctx context.Context, env Env, r *resource, verb string, arg
 		if err != nil {
 			return true, err
 		}
-		return true, followLogs(ctx, env.Stdout, c, id, *source, *since, *follow, time.Second)
+		return true, followLogs(ctx, env.Stdout, c, logsRequest{id: id, source: *source, since: *since, follow: *follow,
+			jsonLines: conn.output == "json", interval: time.Second})
 	case "diagnosis":
 		out := fs.String("out", "", "file to write the bundle to (default ./diagnosis-<instance>-<name>)")
 		name := fs.String("name", "", "download this bundle (see --list) instead of collecting a new one")

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,14 +19,24 @@ import (
 // logsPageSize is how many messages a call asks for.
 const logsPageSize = 500
 
-// followLogs prints the instance's shipped logs from since (a duration or
-// an RFC 3339 time), page after page, and with follow keeps asking every
-// interval until ctx ends. Without a source, each line says its own.
-func followLogs(ctx context.Context, w io.Writer, c *client.Client, id, source, since string, follow bool, interval time.Duration) error {
-	q := url.Values{"limit": {strconv.Itoa(logsPageSize)}, "since": {since}}
+// logsRequest is what fm instance logs asks for and how it prints it.
+type logsRequest struct {
+	id, source, since string // since: a duration or an RFC 3339 time
+	follow            bool
+	jsonLines         bool          // one JSON object per message ({"seq","time","source","text"})
+	interval          time.Duration // between two asks when following
+}
+
+// followLogs prints the instance's shipped logs from since, page after
+// page, and with follow keeps asking every interval until ctx ends.
+// Without a source, each line says its own.
+func followLogs(ctx context.Context, w io.Writer, c *client.Client, lr logsRequest) error {
+	id, source, follow, interval := lr.id, lr.source, lr.follow, lr.interval
+	q := url.Values{"limit": {strconv.Itoa(logsPageSize)}, "since": {lr.since}}
 	if source != "" {
 		q.Set("source", source)
 	}
+	lines := logLines{w: w, prefixed: source == ""}
 	retry := interval
 	for {
 		var page api.Logs
@@ -48,11 +59,12 @@ func followLogs(ctx context.Context, w io.Writer, c *client.Client, id, source, 
 		}
 		retry = interval
 		for _, e := range page.Entries {
-			text := printableText(e.Text)
-			if source == "" {
-				text = prefixLines(printable(e.Source)+": ", text)
+			if lr.jsonLines {
+				b, _ := json.Marshal(e)
+				fmt.Fprintf(w, "%s\n", b)
+				continue
 			}
-			fmt.Fprint(w, text)
+			lines.print(e)
 		}
 		q.Del("since")
 		q.Set("after", strconv.FormatUint(page.Next, 10))
@@ -80,15 +92,38 @@ func transient(err error) bool {
 	return e.Status == http.StatusServiceUnavailable || e.Status == http.StatusTooManyRequests || e.Status == http.StatusGatewayTimeout
 }
 
-// prefixLines puts prefix before every line of text (a message may hold
-// several, and end in the middle of one).
-func prefixLines(prefix, text string) string {
-	lines := strings.SplitAfter(text, "\n")
+// logLines prints messages as text: what an agent shipped, without its
+// control characters, each line after its source when asked. A message may
+// end in the middle of a line, which the next message of the same source
+// goes on with; another source's message starts on a line of its own.
+type logLines struct {
+	w        io.Writer
+	prefixed bool
+	open     string // the source whose line the last message left open
+}
+
+func (l *logLines) print(e api.LogEntry) {
+	text := printableText(e.Text)
+	if text == "" {
+		return
+	}
 	var b strings.Builder
-	for _, l := range lines {
-		if l != "" {
-			b.WriteString(prefix + l)
+	if l.open != "" && l.open != e.Source {
+		b.WriteString("\n")
+		l.open = ""
+	}
+	for _, line := range strings.SplitAfter(text, "\n") {
+		if line == "" {
+			continue
+		}
+		if l.prefixed && l.open == "" {
+			b.WriteString(printable(e.Source) + ": ")
+		}
+		b.WriteString(line)
+		l.open = ""
+		if !strings.HasSuffix(line, "\n") {
+			l.open = e.Source
 		}
 	}
-	return b.String()
+	fmt.Fprint(l.w, b.String())
 }

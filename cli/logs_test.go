@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/client"
 )
 
@@ -48,7 +49,7 @@ func TestFollowLogs(t *testing.T) {
 	defer srv.Close()
 	var out strings.Builder
 	c := client.New(srv.URL, client.KeyFile{ID: "k", Secret: "s"})
-	if err := followLogs(ctx, &out, c, "in-1", "", "10m", true, time.Millisecond); err != nil {
+	if err := followLogs(ctx, &out, c, logsRequest{id: "in-1", since: "10m", follow: true, interval: time.Millisecond}); err != nil {
 		t.Fatal(err)
 	}
 	if want := "agent: one\ndss: two?[2J\nagent: three\n"; out.String() != want {
@@ -69,7 +70,39 @@ func TestFollowLogs(t *testing.T) {
 	}))
 	defer failing.Close()
 	if err := followLogs(context.Background(), &out, client.New(failing.URL, client.KeyFile{ID: "k", Secret: "s"}),
-		"in-1", "agent", "10m", false, time.Millisecond); err == nil {
+		logsRequest{id: "in-1", source: "agent", since: "10m", interval: time.Millisecond}); err == nil {
 		t.Fatal("a 503 without --follow is no error")
+	}
+}
+
+// TestLogLines: a line split between two messages of a source is one line
+// with one prefix; another source's message starts a line of its own;
+// JSON lines are each message whole.
+func TestLogLines(t *testing.T) {
+	var out strings.Builder
+	l := logLines{w: &out, prefixed: true}
+	for _, e := range []api.LogEntry{
+		{Source: "agent", Text: "one\ntw"},
+		{Source: "agent", Text: "o\nthr"},
+		{Source: "dss", Text: "four\n"},
+		{Source: "agent", Text: "five\n"},
+	} {
+		l.print(e)
+	}
+	if want := "agent: one\nagent: two\nagent: thr\ndss: four\nagent: five\n"; out.String() != want {
+		t.Fatalf("printed %q, want %q", out.String(), want)
+	}
+
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = w.Write([]byte(`{"entries":[{"seq":4,"time":"2026-12-06T10:00:00Z","source":"agent","text":"one\n"}],"next":4}`))
+	}))
+	defer srv.Close()
+	out.Reset()
+	if err := followLogs(context.Background(), &out, client.New(srv.URL, client.KeyFile{ID: "k", Secret: "s"}),
+		logsRequest{id: "in-1", since: "10m", jsonLines: true, interval: time.Millisecond}); err != nil {
+		t.Fatal(err)
+	}
+	if want := `{"seq":4,"time":"2026-12-06T10:00:00Z","source":"agent","text":"one\n"}` + "\n"; out.String() != want {
+		t.Fatalf("JSON lines %q, want %q", out.String(), want)
 	}
 }
