@@ -81,6 +81,7 @@ const (
 	KeypairStorageInline         = "INLINE_ENCRYPTED"
 	KeypairStorageSecretsManager = "AWS_SECRETS_MANAGER"
 	AWSAuthSameAsFM              = "SAME_AS_FM"
+	AWSAuthDefaultInstance       = "DEFAULT_INSTANCE_CREDENTIALS" // a cloud account's "the provisioner's own"
 	AWSAuthIAMRole               = "IAM_ROLE"
 	AWSAuthKeypair               = "KEYPAIR"
 	LicenseStatic                = "STATIC"
@@ -429,4 +430,86 @@ type Diagnosis struct {
 	Name      string    `json:"name"`
 	SizeBytes int64     `json:"sizeBytes"`
 	CreatedAt time.Time `json:"createdAt"`
+}
+
+// CloudAccount is an identity on a cloud that virtual networks name
+// (accountId): the provisioner acts as it for every call on the network's
+// instances. Only AWS accounts are made; an object's other keys (what a
+// client echoes back) are kept in Extra, but for secrets. NbNetworks is
+// the number of networks naming it, computed on each read (Dataiku's
+// client refuses to delete an account whose count is above 0, and so does
+// FM).
+type CloudAccount struct {
+	ID          string `json:"id"`
+	Label       string `json:"label"`
+	Description string `json:"description"`
+	// AWSAuthenticationMode is DEFAULT_INSTANCE_CREDENTIALS (the
+	// provisioner's own identity), IAM_ROLE (+ AWSIAMRoleARN, assumed with
+	// AWSExternalID, which FM makes and shows: put it in the role's trust
+	// policy) or KEYPAIR (+ AWSAccessKeyID and AWSSecretAccessKey, sealed at
+	// rest and write-only: never returned; a save without it keeps it).
+	AWSAuthenticationMode string `json:"awsAuthenticationMode"`
+	AWSIAMRoleARN         string `json:"awsIAMRoleARN,omitempty"`
+	AWSExternalID         string `json:"awsExternalId,omitempty"`
+	AWSAccessKeyID        string `json:"awsAccessKeyId,omitempty"`
+	AWSSecretAccessKey    string `json:"awsSecretAccessKey,omitempty"`
+	NbNetworks            int    `json:"nbNetworks"`
+	// Extra holds the object's keys FM does not know, kept as they came.
+	Extra map[string]json.RawMessage `json:"-"`
+	Meta
+}
+
+// cloudAccountSecretKeys are keys of other clouds' accounts that hold
+// secrets: never kept in Extra (FM makes no such account, so no read gave
+// them; one sent is dropped, not stored in clear).
+var cloudAccountSecretKeys = map[string]bool{"azureSecret": true, "azureCertificatePassword": true, "gcpServiceAccountKey": true}
+
+// cloudAccountKeys are the JSON keys of CloudAccount's fields
+// (TestCloudAccountKeys keeps the list true).
+var cloudAccountKeys = map[string]bool{"id": true, "label": true, "description": true, "awsAuthenticationMode": true,
+	"awsIAMRoleARN": true, "awsExternalId": true, "awsAccessKeyId": true, "awsSecretAccessKey": true, "nbNetworks": true,
+	"revision": true, "createdAt": true, "updatedAt": true, "deleting": true}
+
+type cloudAccountFields CloudAccount
+
+// MarshalJSON writes the account's fields and its Extra keys.
+func (a CloudAccount) MarshalJSON() ([]byte, error) {
+	b, err := json.Marshal(cloudAccountFields(a))
+	if err != nil || len(a.Extra) == 0 {
+		return b, err
+	}
+	var all map[string]json.RawMessage
+	if err := json.Unmarshal(b, &all); err != nil {
+		return nil, err
+	}
+	for k, v := range a.Extra {
+		if _, known := all[k]; !known {
+			all[k] = v
+		}
+	}
+	return json.Marshal(all)
+}
+
+// UnmarshalJSON reads the account's fields, and keeps the keys it does
+// not know in Extra (but secrets of other clouds).
+func (a *CloudAccount) UnmarshalJSON(b []byte) error {
+	var f cloudAccountFields
+	if err := json.Unmarshal(b, &f); err != nil {
+		return err
+	}
+	var all map[string]json.RawMessage
+	if err := json.Unmarshal(b, &all); err != nil {
+		return err
+	}
+	f.Extra = nil
+	for k, v := range all {
+		if !cloudAccountKeys[k] && !cloudAccountSecretKeys[k] {
+			if f.Extra == nil {
+				f.Extra = map[string]json.RawMessage{}
+			}
+			f.Extra[k] = v
+		}
+	}
+	*a = CloudAccount(f)
+	return nil
 }

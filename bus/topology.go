@@ -98,6 +98,7 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 	// stream that leaves them, and every agent writes here
 	// (declareWithoutRollups).
 	return []jetstream.KeyValueConfig{
+		object(protocol.BucketAccounts, "cloud accounts (identities virtual networks name), secrets sealed"),
 		object(protocol.BucketNetworks, "virtual networks"),
 		object(protocol.BucketTemplates, "instance settings templates"),
 		object(protocol.BucketInstances, "instances"),

@@ -5,6 +5,21 @@ import (
 	"net/url"
 )
 
+var accountResource = &resource{
+	command: "account", kind: "cloud account", path: "/cloud-accounts",
+	columns: []column{field("ID", "id"), field("LABEL", "label"), field("MODE", "awsAuthenticationMode"),
+		field("ROLE", "awsIAMRoleARN"), field("EXTERNAL ID", "awsExternalId"), field("KEY", "awsAccessKeyId"), field("NETWORKS", "nbNetworks")},
+	fields: []objField{
+		{"label", "label", "string", "label (unique)"},
+		{"description", "description", "string", "description"},
+		{"mode", "awsAuthenticationMode", "string", "DEFAULT_INSTANCE_CREDENTIALS (the provisioner's own), IAM_ROLE or KEYPAIR"},
+		{"role-arn", "awsIAMRoleARN", "string", "IAM role ARN to assume (IAM_ROLE; FM shows the external id to require in its trust policy)"},
+		// The secret comes in --file ({"awsSecretAccessKey": …}), never on
+		// a command line, which other users of the machine can read.
+		{"access-key-id", "awsAccessKeyId", "string", `access key id (KEYPAIR; its secret in --file: {"awsSecretAccessKey": "…"})`},
+	},
+}
+
 var networkResource = &resource{
 	command: "network", kind: "virtual network", path: "/virtual-networks",
 	columns: []column{field("ID", "id"), field("LABEL", "label"), field("VPC", "awsVpcId"), field("SUBNET", "awsSubnetId"),
@@ -15,6 +30,7 @@ var networkResource = &resource{
 		{"subnet", "awsSubnetId", "string", "subnet id (create only)"},
 		{"second-subnet", "awsSecondSubnetId", "string", "second subnet id (can be added once)"},
 		{"region", "awsRegion", "string", "AWS region (create only)"},
+		{"account", "accountId", "string", "cloud account the provisioner acts as for the network's instances (create only)"},
 		{"auto-security-groups", "awsAutoCreateSecurityGroups", "bool", "let FM create the security groups"},
 		{"security-groups", "awsSecurityGroups", "list", "comma-separated security group ids (at most 5; needs --auto-security-groups=false)"},
 		{"public-ip", "awsAssignPublicIP", "bool", "give instances a public IP"},

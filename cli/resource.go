@@ -41,7 +41,7 @@ type objField struct {
 	flag, key, kind, usage string // kind: string, int, bool, list, map
 }
 
-var resources = []*resource{networkResource, templateResource, instanceResource, snapshotResource, imageResource, opResource,
+var resources = []*resource{accountResource, networkResource, templateResource, instanceResource, snapshotResource, imageResource, opResource,
 	apikeyResource, auditResource, natsCredsResource, statusResource, alertResource}
 
 func (r *resource) usage() string {

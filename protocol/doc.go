@@ -67,5 +67,6 @@
 //	  consumers' names (ConsumerEvents, ConsumerProvisioner). The alerts'
 //	  bucket (BucketAlerts); the provisioner's lease key (LeaseProvisioner).
 //	  The event status "progress" (a server before it appends each as a
-//	  step of its own).
+//	  step of its own). The cloud accounts' bucket (BucketAccounts); a
+//	  cloud identity's external id (CloudAuth.ExternalID).
 package protocol

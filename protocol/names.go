@@ -22,6 +22,7 @@ const (
 	BucketLeases    = "fm_leases"    // leases electing one active provisioner (and scheduler)
 	BucketJoins     = "fm_joins"     // single-use join tokens of new machines, hashed
 	BucketAlerts    = "fm_alerts"    // alerts the server raised, key "<tenant>.<fingerprint>"; written by the server
+	BucketAccounts  = "fm_accounts"  // cloud accounts (identities networks name), secrets sealed; written by the server
 )
 
 // LeaseProvisioner is the fm_leases key the active provisioner holds: a

@@ -137,8 +137,11 @@ const (
 // CloudAuth is the identity a backend acts as. The secret access key travels
 // sealed with FM's secret key, which the provisioner holds too.
 type CloudAuth struct {
-	Mode                  string `json:"mode"`
-	RoleARN               string `json:"roleArn,omitempty"`
+	Mode    string `json:"mode"`
+	RoleARN string `json:"roleArn,omitempty"`
+	// ExternalID is passed when the role is assumed (a cloud account's,
+	// which its role's trust policy requires).
+	ExternalID            string `json:"externalId,omitempty"`
 	AccessKeyID           string `json:"accessKeyId,omitempty"`
 	SealedSecretAccessKey string `json:"sealedSecretAccessKey,omitempty"`
 }

@@ -126,7 +126,11 @@ func (s *Server) attachRequest(op *opRecord, req protocol.ProvisionRequest) erro
 	req.ID, req.Instance, req.OpID, req.Issued, req.Order = requestID(*op, req.Action), op.Instance, op.JobID, time.Now().UTC(), op.Order
 	req.CallID = op.CallID
 	req.Deadline = op.Deadline
-	req.Cloud = s.cloudAuth()
+	cloud, err := s.cloudAuthOf(op.Instance)
+	if err != nil {
+		return err
+	}
+	req.Cloud = cloud
 	data, err := protocol.Encode(&req)
 	if err != nil {
 		return internal(err, "the provision request could not be encoded")
@@ -135,10 +139,9 @@ func (s *Server) attachRequest(op *opRecord, req protocol.ProvisionRequest) erro
 	return nil
 }
 
-// cloudAuth is the identity the provisioner acts as on the cloud: the
-// tenant's cloud credentials, nil for FM's own. A key pair's secret is
-// sealed with FM's key, which the provisioner holds too, since the request
-// sits in FM_PROVISION.
+// cloudAuth is the tenant's cloud credentials as the provisioner acts with
+// them (for a network without a cloud account: cloudAuthOf), nil for FM's
+// own.
 func (s *Server) cloudAuth() *protocol.CloudAuth {
 	cc := s.cloudCredentials()
 	if cc.AWSAuthenticationMode == "" || cc.AWSAuthenticationMode == api.AWSAuthSameAsFM {

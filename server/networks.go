@@ -58,8 +58,26 @@ func (s *Server) createNetwork(r *http.Request) (any, error) {
 	if err := validateNetwork(&vn); err != nil {
 		return nil, err
 	}
-	if err := s.st.networks.insert(r.Context(), "vn", &vn, func(v *api.VirtualNetwork, id string) { v.ID = id }); err != nil {
+	if vn.AccountID != "" {
+		if a, _, ok := s.st.accounts.get(vn.AccountID); !ok {
+			return nil, invalid("accountId: cloud account %q does not exist", vn.AccountID)
+		} else if a.Deleting {
+			return nil, invalid("accountId: cloud account %q is being deleted", vn.AccountID)
+		}
+	}
+	ctx := r.Context()
+	if err := s.st.networks.insert(ctx, "vn", &vn, func(v *api.VirtualNetwork, id string) { v.ID = id }); err != nil {
 		return nil, err
+	}
+	// Checked against the copy; now against the bucket, so that an account
+	// deleted meanwhile is noticed by one side or the other (deleteGuarded).
+	if vn.AccountID != "" {
+		if err := ensureUsable(ctx, s.st.accounts, vn.AccountID); err != nil {
+			if eerr := s.st.networks.erase(context.WithoutCancel(ctx), vn.ID, vn, vn.Revision); eerr != nil {
+				s.log.Error().Err(eerr).Str("network", vn.ID).Msg("rolling back a network whose account vanished failed")
+			}
+			return nil, referenceError("accountId", err)
+		}
 	}
 	return vn, nil
 }
@@ -162,9 +180,6 @@ func validateNetwork(vn *api.VirtualNetwork) error {
 	c.label("label", vn.Label)
 	c.oneOf("mode", vn.Mode, api.ModeExistingMonotenant)
 	c.oneOf("internetAccessMode", vn.InternetAccessMode, api.InternetAccessYes, api.InternetAccessNo, api.InternetAccessEgressOnly)
-	if vn.AccountID != "" {
-		c.fail("accountId", "cloud accounts are not supported by this Fleet Manager; leave it empty to use the tenant's cloud credentials")
-	}
 	if vn.AutoCreatePeerings {
 		c.fail("autoCreatePeerings", "VPC peering is not supported by this Fleet Manager; create the peering yourself and set it to false")
 	}

@@ -90,7 +90,7 @@ func TestNetworkBadInputs(t *testing.T) {
 		{"bad security group", "False", `{` + base + `,"awsAutoCreateSecurityGroups":false,"awsSecurityGroups":["default"]}`, "InvalidArgument", "security group id"},
 		{"groups with auto-create", "False", `{` + base + `,"awsAutoCreateSecurityGroups":true,"awsSecurityGroups":["sg-1"]}`, "InvalidArgument", "must be empty"},
 		{"internet access", "False", `{` + base + `,"internetAccessMode":"SOMETIMES"}`, "InvalidArgument", "internetAccessMode"},
-		{"cloud account", "False", `{` + base + `,"accountId":"acc-1"}`, "InvalidArgument", "cloud accounts"},
+		{"cloud account", "False", `{` + base + `,"accountId":"acc-1"}`, "InvalidArgument", "does not exist"},
 		{"peering", "False", `{` + base + `,"autoCreatePeerings":true}`, "InvalidArgument", "peering"},
 		{"dns without zone", "False", `{` + base + `,"dnsStrategy":"VN_SPECIFIC_CLOUD_DNS_SERVICE"}`, "InvalidArgument", "needs"},
 		{"same zones", "False", `{` + base + `,"dnsStrategy":"VN_SPECIFIC_CLOUD_DNS_SERVICE","awsRoute53PrivateIPZoneId":"Z1","awsRoute53PublicIPZoneId":"Z1"}`, "InvalidArgument", "must differ"},

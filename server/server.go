@@ -459,7 +459,10 @@ func (s *Server) handler() http.Handler {
 	route(t+"/api-keys/{id}", methods{"DELETE": writes(RoleAdmin, s.revokeKey)})
 	route(t+"/audit", methods{"GET": reads(RoleAdmin, s.listAudit)})
 	route(t+"/nats-credentials", methods{"POST": writes(RoleAdmin, s.natsCredentials)})
-	for _, p := range []string{"/cloud-accounts", "/load-balancers", "/iam"} {
+	route(t+"/cloud-accounts", methods{"GET": reads(RoleViewer, s.listAccounts), "POST": writes(RoleAdmin, s.createAccount)})
+	route(t+"/cloud-accounts/{id}", methods{"GET": reads(RoleViewer, s.getAccount),
+		"PUT": writes(RoleAdmin, s.saveAccount), "DELETE": writes(RoleAdmin, s.deleteAccount)})
+	for _, p := range []string{"/load-balancers", "/iam"} {
 		h := routeHandler{s: s, tenant: true, methods: unsupported(p)}
 		mux.Handle(t+p, h)
 		mux.Handle(t+p+"/", h)

@@ -17,6 +17,7 @@ import (
 
 // stores are the server's views of the fleet's buckets.
 type stores struct {
+	accounts  *repo[api.CloudAccount]
 	networks  *repo[api.VirtualNetwork]
 	templates *repo[api.InstanceSettingsTemplate]
 	instances *repo[api.Instance]
@@ -57,7 +58,7 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 		protocol.BucketNetworks, protocol.BucketTemplates, protocol.BucketInstances, protocol.BucketImages,
 		protocol.BucketSnapshots, protocol.BucketOps, protocol.BucketSettings, protocol.BucketAPIKeys,
 		protocol.BucketLabels, protocol.BucketLifecycle, protocol.BucketMachines, protocol.BucketAgents,
-		protocol.BucketSecrets, protocol.BucketDesired, protocol.BucketJoins, protocol.BucketAlerts,
+		protocol.BucketSecrets, protocol.BucketDesired, protocol.BucketJoins, protocol.BucketAlerts, protocol.BucketAccounts,
 	} {
 		b, err := js.KeyValue(ctx, name)
 		if err != nil {
@@ -67,6 +68,9 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 	}
 	claims := &labelClaims{kv: kv[protocol.BucketLabels], log: log.With().Str("bucket", protocol.BucketLabels).Logger(), inFlight: time.Minute}
 	st := &stores{
+		accounts: newRepo(kv[protocol.BucketAccounts], "cloud account", "account", claims, log,
+			func(v *api.CloudAccount) *api.Meta { return &v.Meta },
+			func(v *api.CloudAccount) string { return v.Label }),
 		networks: newRepo(kv[protocol.BucketNetworks], "virtual network", "network", claims, log,
 			func(v *api.VirtualNetwork) *api.Meta { return &v.Meta },
 			func(v *api.VirtualNetwork) string { return v.Label }),
@@ -105,6 +109,9 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 		return lc.State
 	}
 	// Secrets FM keeps are sealed at rest with the server's key.
+	sealFields(st.accounts.table, box, func(a *api.CloudAccount) map[string]*string {
+		return map[string]*string{"awsSecretAccessKey": &a.AWSSecretAccessKey}
+	})
 	sealFields(st.templates.table, box, func(t *api.InstanceSettingsTemplate) map[string]*string {
 		return map[string]*string{"dataikuAwsSecretAccessKey": &t.DataikuAWSSecretAccessKey, "license": &t.License}
 	})
@@ -145,7 +152,7 @@ type watched interface {
 }
 
 func (st *stores) all() []watched {
-	return []watched{st.networks, st.templates, st.instances, st.images, st.snapshots, st.ops, st.settings, st.keys,
+	return []watched{st.accounts, st.networks, st.templates, st.instances, st.images, st.snapshots, st.ops, st.settings, st.keys,
 		st.lifecycle, st.machines, st.agents, st.secrets, st.joins, st.alerts}
 }
 

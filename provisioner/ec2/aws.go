@@ -111,7 +111,7 @@ func awsConnector(endpoint string, open func(sealed, where string) (string, erro
 		// Sealing is randomised, so the cache knows a key pair by a digest of
 		// its opened secret.
 		digest := sha256.Sum256([]byte(secret))
-		key := strings.Join([]string{region, auth.Mode, auth.RoleARN, auth.AccessKeyID, hex.EncodeToString(digest[:])}, "|")
+		key := strings.Join([]string{region, auth.Mode, auth.RoleARN, auth.ExternalID, auth.AccessKeyID, hex.EncodeToString(digest[:])}, "|")
 		mu.Lock()
 		defer mu.Unlock()
 		if c, ok := cache[key]; ok {
@@ -130,7 +130,12 @@ func awsConnector(endpoint string, open func(sealed, where string) (string, erro
 		}
 		if auth.Mode == protocol.CloudAuthIAMRole {
 			cfg.Credentials = aws.NewCredentialsCache(stscreds.NewAssumeRoleProvider(sts.NewFromConfig(cfg), auth.RoleARN,
-				func(o *stscreds.AssumeRoleOptions) { o.RoleSessionName = "fleet-manager" }))
+				func(o *stscreds.AssumeRoleOptions) {
+					o.RoleSessionName = "fleet-manager"
+					if auth.ExternalID != "" {
+						o.ExternalID = aws.String(auth.ExternalID)
+					}
+				}))
 		}
 		c := clients{ec2: ec2.NewFromConfig(cfg), dns: route53.NewFromConfig(cfg)}
 		cache[key] = c

@@ -1,9 +1,15 @@
 package ec2
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -535,12 +541,32 @@ func TestConfigAndCredentials(t *testing.T) {
 }
 
 // Every action runs as the request's identity: an assumed role (through
-// moto's STS) or a key pair whose secret FM sealed.
+// moto's STS, with the cloud account's external id) or a key pair whose
+// secret FM sealed.
 func TestCloudIdentitiesOnMoto(t *testing.T) {
 	w := newWorld(t)
 	key := seal.NewKey()
 	box, _ := seal.New(key)
-	b, err := New(Config{Region: mototest.Region, Endpoint: w.moto.URL, AgentNATSURL: "nats://fm:4222", OpenSecret: box.Open,
+	// What reaches STS, seen on the way to moto.
+	var mu sync.Mutex
+	var assumed []string
+	target, err := url.Parse(w.moto.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	forward := httputil.NewSingleHostReverseProxy(target)
+	sts := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		if form, err := url.ParseQuery(string(body)); err == nil && form.Get("Action") == "AssumeRole" {
+			mu.Lock()
+			assumed = append(assumed, form.Get("RoleArn")+" "+form.Get("ExternalId"))
+			mu.Unlock()
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		forward.ServeHTTP(rw, r)
+	}))
+	t.Cleanup(sts.Close)
+	b, err := New(Config{Region: mototest.Region, Endpoint: sts.URL, AgentNATSURL: "nats://fm:4222", OpenSecret: box.Open,
 		Poll: 20 * time.Millisecond, Timeout: 30 * time.Second})
 	if err != nil {
 		t.Fatal(err)
@@ -549,10 +575,15 @@ func TestCloudIdentitiesOnMoto(t *testing.T) {
 	spec.ElasticIP, spec.Network.DNSStrategy = nil, "NONE"
 	for _, auth := range []*protocol.CloudAuth{
 		{Mode: protocol.CloudAuthIAMRole, RoleARN: "arn:aws:iam::123456789012:role/fm-tenant"},
+		{Mode: protocol.CloudAuthIAMRole, RoleARN: "arn:aws:iam::123456789012:role/fm-account", ExternalID: "fm-0123abcd"},
 		{Mode: protocol.CloudAuthKeypair, AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SealedSecretAccessKey: box.Seal("wJalrXUtnFEMI", protocol.SealedCloudSecretPlace)},
 	} {
-		t.Run(auth.Mode, func(t *testing.T) {
-			req := w.request("rq-"+strings.ToLower(auth.Mode), protocol.ProvisionReprovision, spec)
+		name := auth.Mode
+		if auth.ExternalID != "" {
+			name += "-external-id"
+		}
+		t.Run(name, func(t *testing.T) {
+			req := w.request("rq-"+strings.ToLower(name), protocol.ProvisionReprovision, spec)
 			req.Cloud = auth
 			st, err := b.Reprovision(context.Background(), req, protocol.MachineState{})
 			if err != nil {
@@ -562,12 +593,19 @@ func TestCloudIdentitiesOnMoto(t *testing.T) {
 			if alive, err := aliveOne(b, st); err != nil || !alive {
 				t.Fatalf("alive = %v, %v", alive, err)
 			}
-			del := w.request("rq-del-"+strings.ToLower(auth.Mode), protocol.ProvisionDelete, nil)
+			del := w.request("rq-del-"+strings.ToLower(name), protocol.ProvisionDelete, nil)
 			del.Cloud = auth
 			if _, err := b.Delete(context.Background(), del, st); err != nil {
 				t.Fatal(err)
 			}
 		})
+	}
+	mu.Lock()
+	got := slices.Clone(assumed)
+	mu.Unlock()
+	if !slices.Contains(got, "arn:aws:iam::123456789012:role/fm-account fm-0123abcd") ||
+		!slices.Contains(got, "arn:aws:iam::123456789012:role/fm-tenant ") {
+		t.Fatalf("roles assumed (ARN, external id): %q", got)
 	}
 	// A secret sealed with another key is refused before any call.
 	req := w.request("rq-wrong-key", protocol.ProvisionReprovision, spec)
