@@ -379,7 +379,7 @@ func TestAConditionShorterThanItsHoldRaisesNothing(t *testing.T) {
 			t.Fatal("the agent was never seen silent")
 		}
 	}
-	reportAgent(t, f, in.ID) // heard again as soon as it was seen silent, well within the 6 s hold
+	reportAgent(t, f, in.ID)    // heard again as soon as it was seen silent, well within the 6 s hold
 	time.Sleep(7 * time.Second) // past when the hold would have ended
 	var listed []api.Alert
 	f.ok(f.do("GET", "/alerts", ""), &listed)
