@@ -10,6 +10,7 @@ package api
 
 import (
 	"encoding/json"
+	"strings"
 	"time"
 )
 
@@ -234,6 +235,10 @@ type Snapshot struct {
 	Store    string `json:"store,omitempty"`
 	StoreRef string `json:"storeRef,omitempty"`
 	Region   string `json:"region,omitempty"`
+	// VirtualNetworkID is the instance's network when the snapshot was
+	// taken (FM's own): whose cloud identity keeps it, after the instance
+	// is gone.
+	VirtualNetworkID string `json:"virtualNetworkId,omitempty"`
 	// FutureID is the operation that takes (or deletes) it.
 	FutureID  string    `json:"futureId,omitempty"`
 	Error     *Error    `json:"error,omitempty"`
@@ -460,15 +465,15 @@ type CloudAccount struct {
 }
 
 // cloudAccountSecretKeys are keys of other clouds' accounts that hold
-// secrets: never kept in Extra (FM makes no such account, so no read gave
+// secrets, in lower case: never kept in Extra (FM makes no such account, so no read gave
 // them; one sent is dropped, not stored in clear).
-var cloudAccountSecretKeys = map[string]bool{"azureSecret": true, "azureCertificatePassword": true, "gcpServiceAccountKey": true}
+var cloudAccountSecretKeys = map[string]bool{"azuresecret": true, "azurecertificatepassword": true, "gcpserviceaccountkey": true}
 
-// cloudAccountKeys are the JSON keys of CloudAccount's fields
-// (TestCloudAccountKeys keeps the list true).
-var cloudAccountKeys = map[string]bool{"id": true, "label": true, "description": true, "awsAuthenticationMode": true,
-	"awsIAMRoleARN": true, "awsExternalId": true, "awsAccessKeyId": true, "awsSecretAccessKey": true, "nbNetworks": true,
-	"revision": true, "createdAt": true, "updatedAt": true, "deleting": true}
+// cloudAccountKeys are the JSON keys of CloudAccount's fields, in lower
+// case (TestCloudAccountKeys keeps the list true).
+var cloudAccountKeys = map[string]bool{"id": true, "label": true, "description": true, "awsauthenticationmode": true,
+	"awsiamrolearn": true, "awsexternalid": true, "awsaccesskeyid": true, "awssecretaccesskey": true, "nbnetworks": true,
+	"revision": true, "createdat": true, "updatedat": true, "deleting": true}
 
 type cloudAccountFields CloudAccount
 
@@ -483,7 +488,7 @@ func (a CloudAccount) MarshalJSON() ([]byte, error) {
 		return nil, err
 	}
 	for k, v := range a.Extra {
-		if _, known := all[k]; !known {
+		if _, known := all[k]; !known && !knownOrSecretKey(k) {
 			all[k] = v
 		}
 	}
@@ -503,7 +508,7 @@ func (a *CloudAccount) UnmarshalJSON(b []byte) error {
 	}
 	f.Extra = nil
 	for k, v := range all {
-		if !cloudAccountKeys[k] && !cloudAccountSecretKeys[k] {
+		if !knownOrSecretKey(k) {
 			if f.Extra == nil {
 				f.Extra = map[string]json.RawMessage{}
 			}
@@ -512,4 +517,13 @@ func (a *CloudAccount) UnmarshalJSON(b []byte) error {
 	}
 	*a = CloudAccount(f)
 	return nil
+}
+
+// knownOrSecretKey says whether k is a field's key or another cloud's
+// secret, in any case: Go's decoder fills a field from its key in any
+// case, and such a key must not be kept beside the field too (a secret in
+// clear, a field chosen by a copy that wins when read back).
+func knownOrSecretKey(k string) bool {
+	lower := strings.ToLower(k)
+	return cloudAccountKeys[lower] || cloudAccountSecretKeys[lower]
 }

@@ -21,7 +21,7 @@ func TestCloudAccountKeys(t *testing.T) {
 				continue
 			}
 			if name, _, _ := strings.Cut(f.Tag.Get("json"), ","); name != "-" && name != "" {
-				want[name] = true
+				want[strings.ToLower(name)] = true
 			}
 		}
 	}
@@ -56,10 +56,25 @@ func TestCloudAccountKeepsWhatItDoesNotKnow(t *testing.T) {
 	if strings.Contains(string(out), "s3cret") || strings.Contains(string(out), "gcpServiceAccountKey") {
 		t.Errorf("another cloud's secret was kept: %s", out)
 	}
-	// An Extra key cannot shadow a field.
+	// An Extra key cannot shadow a field, in any case, set or omitted.
 	a.Extra["label"] = json.RawMessage(`"forged"`)
+	a.Extra["AWSExternalID"] = json.RawMessage(`"forged"`)
 	out, _ = json.Marshal(a)
-	if !strings.Contains(string(out), `"label":"prod"`) {
+	if !strings.Contains(string(out), `"label":"prod"`) || strings.Contains(string(out), "forged") {
 		t.Errorf("an extra key replaced a field: %s", out)
+	}
+	// A field's key in another case fills the field (as Go's decoder
+	// does) and is not kept beside it: no secret in clear, no second
+	// value to win when read back.
+	var b CloudAccount
+	if err := json.Unmarshal([]byte(`{"label":"k","awssecretaccesskey":"wJal","AWSEXTERNALID":"victim","Deleting":true,"AzureSecret":"s"}`), &b); err != nil {
+		t.Fatal(err)
+	}
+	if len(b.Extra) != 0 {
+		t.Fatalf("case variants kept in Extra: %v", b.Extra)
+	}
+	b.AWSSecretAccessKey = ""
+	if out, _ := json.Marshal(b); strings.Contains(string(out), "wJal") || strings.Contains(strings.ToLower(string(out)), "azuresecret") {
+		t.Fatalf("a case variant came back out: %s", out)
 	}
 }

@@ -16,7 +16,7 @@ var accountResource = &resource{
 		{"role-arn", "awsIAMRoleARN", "string", "IAM role ARN to assume (IAM_ROLE; FM shows the external id to require in its trust policy)"},
 		// The secret comes in --file ({"awsSecretAccessKey": …}), never on
 		// a command line, which other users of the machine can read.
-		{"access-key-id", "awsAccessKeyId", "string", `access key id (KEYPAIR; its secret in --file: {"awsSecretAccessKey": "…"})`},
+		{"access-key-id", "awsAccessKeyId", "string", `access key id (KEYPAIR; the secret goes in --file, the whole object with "awsSecretAccessKey")`},
 	},
 }
 

@@ -4,8 +4,11 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"net/http"
+	"slices"
 	"strings"
+	"time"
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/protocol"
@@ -16,6 +19,10 @@ import (
 // instances. Only AWS accounts are made.
 
 const kindAccount = "cloud account"
+
+// maxAccountExtra bounds what an account keeps of the keys FM does not
+// know (a client's echo of another FM's fields).
+const maxAccountExtra = 64 << 10
 
 // accountView is an account as the API shows it: its secret left out, and
 // how many networks name it.
@@ -96,13 +103,33 @@ func (s *Server) saveAccount(r *http.Request) (any, error) {
 	if err := readJSON(r, &a); err != nil {
 		return nil, err
 	}
-	rev, err := expectedRevision(kindAccount, id, a.ID, a.Revision, rev)
+	// Dataiku's client saves what it read, and does not read the account
+	// again after a save (contract §3.7): a second save carries the
+	// revision before the first. The body's revision is not checked;
+	// the write is, against the revision read here.
+	rev, err := expectedRevision(kindAccount, id, a.ID, 0, rev)
 	if err != nil {
 		return nil, err
 	}
 	a.ID = id
+	// A save that leaves the identity out keeps it (a hand-written
+	// body), rather than falling back to the provisioner's own.
+	if a.AWSAuthenticationMode == "" {
+		a.AWSAuthenticationMode = cur.AWSAuthenticationMode
+		if a.AWSIAMRoleARN == "" {
+			a.AWSIAMRoleARN = cur.AWSIAMRoleARN
+		}
+		if a.AWSAccessKeyID == "" {
+			a.AWSAccessKeyID = cur.AWSAccessKeyID
+		}
+	}
 	if a.AWSSecretAccessKey == "" && a.AWSAccessKeyID == cur.AWSAccessKeyID {
 		a.AWSSecretAccessKey = cur.AWSSecretAccessKey
+	}
+	if a.AWSAuthenticationMode != cur.AWSAuthenticationMode || a.AWSIAMRoleARN != cur.AWSIAMRoleARN {
+		if err := s.accountUnused(r.Context(), id); err != nil {
+			return nil, err
+		}
 	}
 	a.AWSExternalID = cur.AWSExternalID
 	if a.AWSAuthenticationMode == api.AWSAuthIAMRole && a.AWSExternalID == "" {
@@ -116,6 +143,48 @@ func (s *Server) saveAccount(r *http.Request) (any, error) {
 		return nil, err
 	}
 	return s.accountView(a), nil
+}
+
+// accountUnused refuses to change whose identity an account is while
+// anything on its networks lives in the cloud under it: a machine, a data
+// volume or a snapshot would be looked for under the new identity, not
+// found, and taken for gone.
+func (s *Server) accountUnused(ctx context.Context, id string) error {
+	if err := s.st.networks.sync(ctx); err != nil {
+		return unavailable(err, "the virtual networks could not be read")
+	}
+	networks := map[string]bool{}
+	for _, vn := range s.st.networks.list() {
+		if vn.AccountID == id {
+			networks[vn.ID] = true
+		}
+	}
+	if len(networks) == 0 {
+		return nil
+	}
+	if err := s.st.instances.sync(ctx); err != nil {
+		return unavailable(err, "the instances could not be read")
+	}
+	var using []string
+	for _, in := range s.st.instances.list() {
+		if !networks[in.VirtualNetworkID] {
+			continue
+		}
+		m, _, _ := s.st.machines.get(in.ID)
+		if m.HasMachine() || m.VolumeID != "" || len(s.snapshotsOf(in.ID)) > 0 {
+			using = append(using, in.ID)
+		}
+	}
+	for _, sn := range s.st.snapshots.list() {
+		if networks[sn.VirtualNetworkID] && !slices.Contains(using, sn.InstanceID) {
+			using = append(using, sn.InstanceID)
+		}
+	}
+	if len(using) > 0 {
+		return precondition("cloud account %s is the identity of machines, volumes or snapshots of %s: they would no longer be found; "+
+			"deprovision and delete them (and their snapshots) first, or make a new account for another identity", id, describeUsers(using))
+	}
+	return nil
 }
 
 // deleteAccount serves DELETE /cloud-accounts/{id}: refused while a
@@ -164,46 +233,85 @@ func validateAccount(a *api.CloudAccount) error {
 	c.label("label", a.Label)
 	c.maxLen("description", a.Description, 2000)
 	c.oneOf("awsAuthenticationMode", a.AWSAuthenticationMode, api.AWSAuthDefaultInstance, api.AWSAuthIAMRole, api.AWSAuthKeypair)
-	switch a.AWSAuthenticationMode {
-	case api.AWSAuthIAMRole:
-		if c.required("awsIAMRoleARN", a.AWSIAMRoleARN) {
-			c.match("awsIAMRoleARN", a.AWSIAMRoleARN, reRoleARN, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
-		}
-	case api.AWSAuthKeypair:
-		if c.required("awsAccessKeyId", a.AWSAccessKeyID) {
-			c.match("awsAccessKeyId", a.AWSAccessKeyID, reAccessKeyID, "an AWS access key id")
-		}
-		if c.required("awsSecretAccessKey", a.AWSSecretAccessKey) {
-			c.maxLen("awsSecretAccessKey", a.AWSSecretAccessKey, 256)
-		}
+	checkAWSIdentity(&c, a.AWSAuthenticationMode, a.AWSIAMRoleARN, a.AWSAccessKeyID, a.AWSSecretAccessKey)
+	extra := 0
+	for k, v := range a.Extra {
+		extra += len(k) + len(v)
+	}
+	if extra > maxAccountExtra {
+		c.fail("(other keys)", "the keys FM does not know take %d bytes; at most %d are kept", extra, maxAccountExtra)
 	}
 	return c.err(kindAccount)
 }
 
-// cloudAuthOf is the identity the provisioner acts as for an instance's
-// machine: its network's cloud account's, or, for a network without one,
-// the tenant's cloud credentials. A key pair's secret is sealed with FM's
-// key, which the provisioner holds too, since the request sits in
-// FM_PROVISION.
-func (s *Server) cloudAuthOf(instance string) (*protocol.CloudAuth, error) {
-	in, _, ok := s.st.instances.get(instance)
-	if !ok {
-		return s.cloudAuth(), nil // a deletion's last request: the instance record is going
-	}
-	vn, _, ok := s.st.networks.get(in.VirtualNetworkID)
-	if !ok || vn.AccountID == "" {
+// cloudAuthOf is the identity the provisioner acts as for a request about
+// an instance's machine: its network's cloud account's, or, for a network
+// without one, the tenant's cloud credentials. The snapshot of an instance
+// deleted since goes by the network recorded with it (one recorded before
+// cloud accounts existed: the tenant's). There is no fallback: acting as
+// another identity than the one that made a machine finds nothing, and
+// takes what it did not find for gone.
+func (s *Server) cloudAuthOf(instance string, req protocol.ProvisionRequest) (*protocol.CloudAuth, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	networkID := ""
+	if in, _, err := s.st.instances.getOrFetch(ctx, instance); err == nil {
+		networkID = in.VirtualNetworkID
+	} else if !errors.Is(err, errNotFound) {
+		return nil, unavailable(err, "the instance could not be read")
+	} else if req.Snapshot == nil {
+		return nil, notFound(kindInstance, instance)
+	} else if sn, _, err := s.st.snapshots.getOrFetch(ctx, req.Snapshot.ID); err != nil {
+		return nil, unavailable(err, "the snapshot could not be read")
+	} else if networkID = sn.VirtualNetworkID; networkID == "" {
 		return s.cloudAuth(), nil
 	}
-	a, _, ok := s.st.accounts.get(vn.AccountID)
-	if !ok {
+	vn, _, err := s.st.networks.getOrFetch(ctx, networkID)
+	if errors.Is(err, errNotFound) {
+		return nil, precondition("the virtual network %s of instance %s does not exist", networkID, instance)
+	} else if err != nil {
+		return nil, unavailable(err, "the virtual network could not be read")
+	}
+	if vn.AccountID == "" {
+		return s.cloudAuth(), nil
+	}
+	a, _, err := s.st.accounts.getOrFetch(ctx, vn.AccountID)
+	if errors.Is(err, errNotFound) {
 		return nil, precondition("the cloud account %s of virtual network %s does not exist", vn.AccountID, vn.ID)
+	} else if err != nil {
+		return nil, unavailable(err, "the cloud account could not be read")
 	}
-	switch a.AWSAuthenticationMode {
+	return s.awsIdentity(a.AWSAuthenticationMode, a.AWSIAMRoleARN, a.AWSExternalID, a.AWSAccessKeyID, a.AWSSecretAccessKey), nil
+}
+
+// awsIdentity is an AWS identity as a provision request carries it: nil
+// for the provisioner's own; a key pair's secret sealed with FM's key,
+// which the provisioner holds too (the request sits in FM_PROVISION).
+func (s *Server) awsIdentity(mode, roleARN, externalID, accessKeyID, secret string) *protocol.CloudAuth {
+	switch mode {
 	case api.AWSAuthIAMRole:
-		return &protocol.CloudAuth{Mode: protocol.CloudAuthIAMRole, RoleARN: a.AWSIAMRoleARN, ExternalID: a.AWSExternalID}, nil
+		return &protocol.CloudAuth{Mode: protocol.CloudAuthIAMRole, RoleARN: roleARN, ExternalID: externalID}
 	case api.AWSAuthKeypair:
-		return &protocol.CloudAuth{Mode: protocol.CloudAuthKeypair, AccessKeyID: a.AWSAccessKeyID,
-			SealedSecretAccessKey: s.box.Seal(a.AWSSecretAccessKey, protocol.SealedCloudSecretPlace)}, nil
+		return &protocol.CloudAuth{Mode: protocol.CloudAuthKeypair, AccessKeyID: accessKeyID,
+			SealedSecretAccessKey: s.box.Seal(secret, protocol.SealedCloudSecretPlace)}
 	}
-	return nil, nil // the provisioner's own identity
+	return nil
+}
+
+// checkAWSIdentity checks the fields of an AWS identity's mode (a cloud
+// account's, the tenant's credentials').
+func checkAWSIdentity(c *checker, mode, roleARN, accessKeyID, secret string) {
+	switch mode {
+	case api.AWSAuthIAMRole:
+		if c.required("awsIAMRoleARN", roleARN) {
+			c.match("awsIAMRoleARN", roleARN, reRoleARN, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+		}
+	case api.AWSAuthKeypair:
+		if c.required("awsAccessKeyId", accessKeyID) {
+			c.match("awsAccessKeyId", accessKeyID, reAccessKeyID, "an AWS access key id")
+		}
+		if c.required("awsSecretAccessKey", secret) {
+			c.maxLen("awsSecretAccessKey", secret, 256)
+		}
+	}
 }

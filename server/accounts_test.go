@@ -81,11 +81,22 @@ func TestCloudAccounts(t *testing.T) {
 		t.Fatalf("after a save: %v", echo)
 	}
 	f.ok(f.do("GET", "/cloud-accounts/"+role.ID, ""), &echo)
-	echo["awsExternalId"] = "forged"
+	echo["awsExternalId"], echo["awsexternalid"], echo["AWSExternalID"] = "forged", "forged", "forged"
 	f.ok(f.do("PUT", "/cloud-accounts/"+role.ID, mustJSON(t, echo)), nil)
-	f.ok(f.do("GET", "/cloud-accounts/"+role.ID, ""), &got)
-	if got.AWSExternalID != role.AWSExternalID {
-		t.Fatalf("the external id became %q", got.AWSExternalID)
+	// Saved again from the same read, as Dataiku's client does (it does
+	// not read an account after a save): not a conflict.
+	echo["description"] = "saved twice"
+	f.ok(f.do("PUT", "/cloud-accounts/"+role.ID, mustJSON(t, echo)), nil)
+	r := f.do("GET", "/cloud-accounts/"+role.ID, "")
+	f.ok(r, &got)
+	if got.AWSExternalID != role.AWSExternalID || got.Description != "saved twice" || strings.Contains(string(r.body), "forged") {
+		t.Fatalf("after two saves from one read: %s", r.body)
+	}
+	// A hand-written save that leaves the identity out keeps it.
+	f.ok(f.do("PUT", "/cloud-accounts/"+pair.ID, `{"label":"keys","description":"by hand"}`), nil)
+	f.ok(f.do("GET", "/cloud-accounts/"+pair.ID, ""), &got)
+	if got.AWSAuthenticationMode != api.AWSAuthKeypair || got.AWSAccessKeyID != "AKIAIOSFODNN7EXAMPLE" {
+		t.Fatalf("a save without the identity changed it: %+v", got)
 	}
 
 	// The instances of the network are provisioned as the account.
@@ -99,6 +110,17 @@ func TestCloudAccounts(t *testing.T) {
 		c.ExternalID != role.AWSExternalID {
 		t.Fatalf("the provision request's identity: %+v", req.Cloud)
 	}
+	// Once the account is the identity of a volume, it stays the same
+	// identity: another would find nothing, and take it for gone.
+	runningWithVolume(t, f.env.Bus, in.ID)
+	f.ok(f.do("GET", "/cloud-accounts/"+role.ID, ""), &echo)
+	echo["awsIAMRoleARN"] = "arn:aws:iam::210987654321:role/elsewhere"
+	e := f.failed(f.do("PUT", "/cloud-accounts/"+role.ID, mustJSON(t, echo)), http.StatusConflict, "FailedPrecondition")
+	if !strings.Contains(e.DetailedMessage, in.ID) {
+		t.Fatalf("the refusal does not name the instance: %+v", e)
+	}
+	echo["awsIAMRoleARN"], echo["description"] = "arn:aws:iam::123456789012:role/fm-prod", "same identity"
+	f.ok(f.do("PUT", "/cloud-accounts/"+role.ID, mustJSON(t, echo)), nil)
 
 	v := f.newKey("viewer")
 	if r := f.doAs("POST", "/cloud-accounts", `{"label":"v"}`, v.ID, v.Secret); r.status != http.StatusForbidden {

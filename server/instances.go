@@ -159,20 +159,25 @@ func (s *Server) createInstance(r *http.Request) (any, error) {
 
 func (s *Server) ensureReferences(ctx context.Context, in *api.Instance) error {
 	if err := ensureUsable(ctx, s.st.networks, in.VirtualNetworkID); err != nil {
-		return referenceError("virtualNetworkId", err)
+		return referenceError(kindInstance, "virtualNetworkId", err)
+	}
+	if vn, _, err := s.st.networks.getOrFetch(ctx, in.VirtualNetworkID); err == nil && vn.AccountID != "" {
+		if err := ensureUsable(ctx, s.st.accounts, vn.AccountID); err != nil {
+			return referenceError(kindInstance, "virtualNetworkId", err)
+		}
 	}
 	if err := ensureUsable(ctx, s.st.templates, in.InstanceSettingsTemplateID); err != nil {
-		return referenceError("instanceSettingsTemplateId", err)
+		return referenceError(kindInstance, "instanceSettingsTemplateId", err)
 	}
 	return nil
 }
 
 // referenceError reports a missing referenced object as a bad field of the
 // request, not as a missing path.
-func referenceError(field string, err error) error {
+func referenceError(kind, field string, err error) error {
 	var ae *apiError
 	if errors.As(err, &ae) && ae.cause == nil {
-		return invalid("invalid %s: %s: %s", kindInstance, field, ae.detail)
+		return invalid("invalid %s: %s: %s", kind, field, ae.detail)
 	}
 	return err
 }

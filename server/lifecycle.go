@@ -126,7 +126,7 @@ func (s *Server) attachRequest(op *opRecord, req protocol.ProvisionRequest) erro
 	req.ID, req.Instance, req.OpID, req.Issued, req.Order = requestID(*op, req.Action), op.Instance, op.JobID, time.Now().UTC(), op.Order
 	req.CallID = op.CallID
 	req.Deadline = op.Deadline
-	cloud, err := s.cloudAuthOf(op.Instance)
+	cloud, err := s.cloudAuthOf(op.Instance, req)
 	if err != nil {
 		return err
 	}
@@ -144,11 +144,7 @@ func (s *Server) attachRequest(op *opRecord, req protocol.ProvisionRequest) erro
 // own.
 func (s *Server) cloudAuth() *protocol.CloudAuth {
 	cc := s.cloudCredentials()
-	if cc.AWSAuthenticationMode == "" || cc.AWSAuthenticationMode == api.AWSAuthSameAsFM {
-		return nil
-	}
-	return &protocol.CloudAuth{Mode: cc.AWSAuthenticationMode, RoleARN: cc.AWSIAMRoleARN, AccessKeyID: cc.AWSAccessKeyID,
-		SealedSecretAccessKey: s.box.Seal(cc.AWSSecretAccessKey, protocol.SealedCloudSecretPlace)}
+	return s.awsIdentity(cc.AWSAuthenticationMode, cc.AWSIAMRoleARN, "", cc.AWSAccessKeyID, cc.AWSSecretAccessKey)
 }
 
 // instanceAction serves an action of the REST API on an instance.

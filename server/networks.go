@@ -58,14 +58,14 @@ func (s *Server) createNetwork(r *http.Request) (any, error) {
 	if err := validateNetwork(&vn); err != nil {
 		return nil, err
 	}
+	ctx := r.Context()
 	if vn.AccountID != "" {
-		if a, _, ok := s.st.accounts.get(vn.AccountID); !ok {
-			return nil, invalid("accountId: cloud account %q does not exist", vn.AccountID)
-		} else if a.Deleting {
-			return nil, invalid("accountId: cloud account %q is being deleted", vn.AccountID)
+		// The bucket is read where the copy lacks the account (made on
+		// another replica a moment ago).
+		if err := ensureUsable(ctx, s.st.accounts, vn.AccountID); err != nil {
+			return nil, referenceError(kindNetwork, "accountId", err)
 		}
 	}
-	ctx := r.Context()
 	if err := s.st.networks.insert(ctx, "vn", &vn, func(v *api.VirtualNetwork, id string) { v.ID = id }); err != nil {
 		return nil, err
 	}
@@ -76,7 +76,7 @@ func (s *Server) createNetwork(r *http.Request) (any, error) {
 			if eerr := s.st.networks.erase(context.WithoutCancel(ctx), vn.ID, vn, vn.Revision); eerr != nil {
 				s.log.Error().Err(eerr).Str("network", vn.ID).Msg("rolling back a network whose account vanished failed")
 			}
-			return nil, referenceError("accountId", err)
+			return nil, referenceError(kindNetwork, "accountId", err)
 		}
 	}
 	return vn, nil

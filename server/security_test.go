@@ -82,6 +82,16 @@ func TestEveryEndpointUnderEveryRole(t *testing.T) {
 		{"PUT", "/cloud-tags", `{}`, "admin"},
 		{"GET", "/cloud-credentials", "", "viewer"},
 		{"PUT", "/cloud-credentials", `{"awsAuthenticationMode":"NOPE"}`, "admin"},
+		{"GET", "/cloud-accounts", "", "viewer"},
+		{"POST", "/cloud-accounts", `{"label":""}`, "admin"},
+		{"GET", "/cloud-accounts/ca-none", "", "viewer"},
+		{"PUT", "/cloud-accounts/ca-none", `{"label":"x"}`, "admin"},
+		{"DELETE", "/cloud-accounts/ca-none", "", "admin"},
+		{"GET", "/alerts", "", "viewer"},
+		{"GET", "/alerting", "", "admin"},
+		{"PUT", "/alerting", `{"webhookURL":"ftp://x"}`, "admin"},
+		{"GET", i + "/diagnoses", "", "operator"},
+		{"GET", i + "/diagnoses/none.tar.gz", "", "operator"},
 		{"GET", "/api-keys", "", "admin"},
 		{"POST", "/api-keys", `{"label":"","role":"viewer"}`, "admin"},
 		{"DELETE", "/api-keys/none", "", "admin"},
@@ -238,14 +248,24 @@ func TestSecretsAreSealedInTheBuckets(t *testing.T) {
 	license := `{\n  \"content\": {\"licensee\": \"ACME-SECRET-LICENSE\"}\n}`
 	f.createTemplate(`{"label":"lic","license":"` + license + `","dataikuAwsAPIAccessMode":"KEYPAIR","dataikuAwsKeypairStorageMode":"INLINE_ENCRYPTED","dataikuAwsAccessKeyId":"AKIAIOSFODNN7EXAMPLE","dataikuAwsSecretAccessKey":"TEMPLATE-SECRET-KEY"}`)
 	f.ok(f.do("PUT", "/cloud-credentials", `{"licenseMode":"AUTO_UPDATE","licenseToken":"TENANT-LICENSE-TOKEN","awsAuthenticationMode":"KEYPAIR","awsAccessKeyId":"AKIAIOSFODNN7EXAMPLE","awsSecretAccessKey":"TENANT-SECRET-KEY"}`), nil)
+	var account api.CloudAccount
+	f.ok(f.do("POST", "/cloud-accounts", `{"label":"keys","awsAuthenticationMode":"KEYPAIR","awsAccessKeyId":"AKIAIOSFODNN7EXAMPLE","awsSecretAccessKey":"ACCOUNT-SECRET-KEY"}`), &account)
+	f.ok(f.do("PUT", "/alerting", `{"webhookURL":"https://chat.example.com/hooks/WEBHOOK-TOKEN","webhookSecret":"WEBHOOK-SECRET"}`), nil)
+	// A provision request of an instance on the account's network carries
+	// its secret, sealed.
+	vn := f.createNetwork(`{"label":"on-keys","mode":"EXISTING_MONOTENANT","awsVpcId":"vpc-1","awsSubnetId":"subnet-1","accountId":"` + account.ID + `"}`)
+	in := f.createInstance(instanceBody("sealed", vn.ID, f.createTemplate(`{"label":"plain"}`).ID, f.addImageWithKit("dss-14.0.0-test", "14.0.0").ID))
+	var op api.Future
+	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/reprovision", ""), &op)
 	raw := bustest.Dump(t, f.env.Bus.JetStream(t))
-	for _, secret := range []string{"ACME-SECRET-LICENSE", "TEMPLATE-SECRET-KEY", "TENANT-LICENSE-TOKEN", "TENANT-SECRET-KEY", f.env.Key.Secret} {
+	for _, secret := range []string{"ACME-SECRET-LICENSE", "TEMPLATE-SECRET-KEY", "TENANT-LICENSE-TOKEN", "TENANT-SECRET-KEY",
+		"ACCOUNT-SECRET-KEY", "WEBHOOK-TOKEN", "WEBHOOK-SECRET", f.env.Key.Secret} {
 		if strings.Contains(raw, secret) {
 			t.Errorf("%s is in a bucket in clear", secret)
 		}
 	}
-	if !strings.Contains(raw, "fmsealed2:") {
-		t.Fatal("nothing sealed found: the scan read nothing")
+	if !strings.Contains(raw, "fmsealed2:") || !strings.Contains(raw, `"sealedSecretAccessKey":"fmsealed2:`) {
+		t.Fatal("nothing sealed found (the account's key in the provision request): the scan read nothing")
 	}
 	// And the server still reads them: a save relying on the stored secret
 	// passes, and the license comes back to an admin.

@@ -101,8 +101,10 @@ func (s *Server) startSnapshot(ctx context.Context, instance, id, reason string,
 }
 
 func (s *Server) newSnapshot(instance, id, reason string, automated bool, lc lifecycle, m protocol.MachineState) api.Snapshot {
+	in, _, _ := s.st.instances.get(instance)
 	return api.Snapshot{ID: id, InstanceID: instance, Reason: reason, Automated: automated, State: api.SnapshotCreating,
-		DSSVersion: lc.DSSVersion, ImageID: lc.ImageID, VolumeSizeGB: m.VolumeSizeGB, CreatedAt: time.Now().UTC()}
+		DSSVersion: lc.DSSVersion, ImageID: lc.ImageID, VolumeSizeGB: m.VolumeSizeGB, VirtualNetworkID: in.VirtualNetworkID,
+		CreatedAt: time.Now().UTC()}
 }
 
 // listInstanceSnapshots serves GET …/instances/{id}/snapshots, oldest

@@ -103,17 +103,7 @@ func (s *Server) putCloudCredentials(r *http.Request) (any, error) {
 	}
 	var c checker
 	c.oneOf("awsAuthenticationMode", cc.AWSAuthenticationMode, api.AWSAuthSameAsFM, api.AWSAuthIAMRole, api.AWSAuthKeypair)
-	switch cc.AWSAuthenticationMode {
-	case api.AWSAuthIAMRole:
-		if c.required("awsIAMRoleARN", cc.AWSIAMRoleARN) {
-			c.match("awsIAMRoleARN", cc.AWSIAMRoleARN, reRoleARN, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
-		}
-	case api.AWSAuthKeypair:
-		if c.required("awsAccessKeyId", cc.AWSAccessKeyID) {
-			c.match("awsAccessKeyId", cc.AWSAccessKeyID, reAccessKeyID, "an AWS access key id")
-		}
-		c.required("awsSecretAccessKey", cc.AWSSecretAccessKey)
-	}
+	checkAWSIdentity(&c, cc.AWSAuthenticationMode, cc.AWSIAMRoleARN, cc.AWSAccessKeyID, cc.AWSSecretAccessKey)
 	c.match("awsCMKId", cc.AWSCMKID, reKMSKey, "a KMS key id, ARN or alias")
 	c.oneOf("licenseMode", cc.LicenseMode, api.LicenseStatic, api.LicenseAutoUpdate)
 	if cc.LicenseMode == api.LicenseStatic && cc.License != "" {

@@ -504,7 +504,7 @@ func authKey(a *protocol.CloudAuth) string {
 	if a == nil {
 		return ""
 	}
-	return a.Mode + "|" + a.RoleARN + "|" + a.AccessKeyID
+	return a.Mode + "|" + a.RoleARN + "|" + a.ExternalID + "|" + a.AccessKeyID
 }
 
 func (b *Backend) fillAddresses(st *protocol.MachineState, inst *types.Instance) {
