@@ -24,11 +24,23 @@ const kindAccount = "cloud account"
 // know (a client's echo of another FM's fields).
 const maxAccountExtra = 64 << 10
 
+// networksByAccount counts the networks that name each account: one look
+// at the networks, whatever the number of accounts shown.
+func (s *Server) networksByAccount() map[string]int {
+	n := map[string]int{}
+	for _, vn := range s.st.networks.list() {
+		if vn.AccountID != "" {
+			n[vn.AccountID]++
+		}
+	}
+	return n
+}
+
 // accountView is an account as the API shows it: its secret left out, and
-// how many networks name it.
-func (s *Server) accountView(a api.CloudAccount) api.CloudAccount {
+// how many networks name it (networksByAccount).
+func accountView(a api.CloudAccount, networks map[string]int) api.CloudAccount {
 	a.AWSSecretAccessKey = ""
-	a.NbNetworks = len(s.st.networks.filter(func(vn api.VirtualNetwork) bool { return vn.AccountID == a.ID }))
+	a.NbNetworks = networks[a.ID]
 	return a
 }
 
@@ -37,9 +49,9 @@ func (s *Server) listAccounts(r *http.Request) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	all := s.st.accounts.all()
+	all, networks := s.st.accounts.all(), s.networksByAccount()
 	for i := range all {
-		all[i] = s.accountView(all[i])
+		all[i] = accountView(all[i], networks)
 	}
 	return pageRows(p, all, func(a *api.CloudAccount) string { return a.ID }), nil
 }
@@ -50,7 +62,7 @@ func (s *Server) getAccount(r *http.Request) (any, error) {
 	if !ok {
 		return nil, notFound(kindAccount, id)
 	}
-	return s.accountView(a), nil
+	return accountView(a, s.networksByAccount()), nil
 }
 
 // otherCloud names the cloud an account of another cloud than AWS is for,
@@ -86,7 +98,7 @@ func (s *Server) createAccount(r *http.Request) (any, error) {
 	if err := s.st.accounts.insert(r.Context(), "ca", &a, func(v *api.CloudAccount, id string) { v.ID = id }); err != nil {
 		return nil, err
 	}
-	return s.accountView(a), nil
+	return accountView(a, s.networksByAccount()), nil
 }
 
 // saveAccount serves PUT /cloud-accounts/{id}: the whole object, as a
@@ -142,7 +154,7 @@ func (s *Server) saveAccount(r *http.Request) (any, error) {
 	if err := s.st.accounts.replace(r.Context(), id, cur, &a, rev); err != nil {
 		return nil, err
 	}
-	return s.accountView(a), nil
+	return accountView(a, s.networksByAccount()), nil
 }
 
 // accountUnused refuses to change whose identity an account is while
@@ -150,20 +162,22 @@ func (s *Server) saveAccount(r *http.Request) (any, error) {
 // volume or a snapshot would be looked for under the new identity, not
 // found, and taken for gone.
 func (s *Server) accountUnused(ctx context.Context, id string) error {
-	if err := s.st.networks.sync(ctx); err != nil {
-		return unavailable(err, "the virtual networks could not be read")
+	ids, err := s.networksOfAccount(ctx, id)
+	if err != nil || len(ids) == 0 {
+		return err
 	}
 	networks := map[string]bool{}
-	for _, vn := range s.st.networks.list() {
-		if vn.AccountID == id {
-			networks[vn.ID] = true
-		}
-	}
-	if len(networks) == 0 {
-		return nil
+	for _, vn := range ids {
+		networks[vn] = true
 	}
 	if err := s.st.instances.sync(ctx); err != nil {
 		return unavailable(err, "the instances could not be read")
+	}
+	// One look at the snapshots: those of the networks' instances, and
+	// those that outlived their instance (recorded with their network).
+	snapped := map[string]bool{}
+	for _, sn := range s.st.snapshots.list() {
+		snapped[sn.InstanceID] = true
 	}
 	var using []string
 	for _, in := range s.st.instances.list() {
@@ -171,7 +185,7 @@ func (s *Server) accountUnused(ctx context.Context, id string) error {
 			continue
 		}
 		m, _, _ := s.st.machines.get(in.ID)
-		if m.HasMachine() || m.VolumeID != "" || len(s.snapshotsOf(in.ID)) > 0 {
+		if m.HasMachine() || m.VolumeID != "" || snapped[in.ID] {
 			using = append(using, in.ID)
 		}
 	}
@@ -192,18 +206,24 @@ func (s *Server) accountUnused(ctx context.Context, id string) error {
 func (s *Server) deleteAccount(r *http.Request) (any, error) {
 	id := r.PathValue("id")
 	a, err := deleteGuarded(r.Context(), s.st.accounts, id, func(ctx context.Context) ([]string, error) {
-		if err := s.st.networks.sync(ctx); err != nil {
-			return nil, unavailable(err, "the virtual networks could not be read")
-		}
-		var ids []string
-		for _, vn := range s.st.networks.list() {
-			if vn.AccountID == id {
-				ids = append(ids, vn.ID)
-			}
-		}
-		return ids, nil
+		return s.networksOfAccount(ctx, id)
 	})
 	return s.finishedOp(r, "delete-cloud-account", "cloudAccount", id, map[string]any{"id": id, "label": a.Label}, err)
+}
+
+// networksOfAccount lists the networks that name an account, as the bus
+// holds them now (the copy synced first).
+func (s *Server) networksOfAccount(ctx context.Context, id string) ([]string, error) {
+	if err := s.st.networks.sync(ctx); err != nil {
+		return nil, unavailable(err, "the virtual networks could not be read")
+	}
+	var ids []string
+	for _, vn := range s.st.networks.list() {
+		if vn.AccountID == id {
+			ids = append(ids, vn.ID)
+		}
+	}
+	return ids, nil
 }
 
 // newExternalID makes the external id an account's role is assumed with.

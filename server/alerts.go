@@ -96,24 +96,21 @@ type alertRecord struct {
 	// be: it is recorded first), so the webhook may know it fires: its end
 	// is told too. An alert never tried ends without a word.
 	Tried bool `json:"tried,omitempty"`
-	// ChangedAt is when Status last changed.
-	ChangedAt time.Time `json:"changedAt"`
 	// FirstTriedAt is the first request for the current status: the
 	// webhook is tried until Config.AlertGiveUpAfter from then.
 	FirstTriedAt time.Time `json:"firstTriedAt,omitzero"`
 	NextAttempt  time.Time `json:"nextAttempt,omitzero"`
 	// Batch is the request (its Idempotency-Key) that carries the alert
 	// until the webhook took it: sent again as it was.
-	Batch    string    `json:"batch,omitempty"`
-	GaveUpAt time.Time `json:"gaveUpAt,omitzero"`
+	Batch string `json:"batch,omitempty"`
 }
 
 // activeAlerts evaluates every rule on the server's copies and the bus
-// sampler's last sample. sure is false for the fingerprints of rules
-// whose inputs could not be read this time: their alerts stay as they
-// are.
-func (s *Server) activeAlerts(ctx context.Context, now time.Time) (active map[string]activeAlert, unsure []string) {
-	active = map[string]activeAlert{}
+// sampler's last sample. unsure names the rules whose inputs could not be
+// read this time: their alerts stay as they are.
+func (a *alerter) activeAlerts(ctx context.Context, now time.Time) (active map[string]activeAlert, unsure map[string]bool) {
+	s := a.s
+	active, unsure = map[string]activeAlert{}, map[string]bool{}
 	add := func(r alertRule, labels map[string]string, summary, description string) {
 		labels["alertname"], labels["severity"] = r.name, r.severity
 		ann := map[string]string{"summary": summary}
@@ -174,15 +171,16 @@ func (s *Server) activeAlerts(ctx context.Context, now time.Time) (active map[st
 			"FM "+kind+" operations failed or were aborted in the last 15 minutes",
 			"See `fm op list --state failed` (and `--state aborted`) and each operation's error.")
 	}
-	if held, err := s.provisionerLeaseHeld(ctx); err != nil {
-		unsure = append(unsure, fingerprint(ruleNoProvisioner.name, map[string]string{"alertname": ruleNoProvisioner.name, "severity": ruleNoProvisioner.severity}))
+	if held, err := a.provisionerLeaseHeld(ctx); err != nil {
+		unsure[ruleNoProvisioner.name] = true
 	} else if !held {
 		add(ruleNoProvisioner, map[string]string{}, "No FM provisioner holds the lease: no machine operation is carried out", "")
 	}
 	storage, backlog, fresh := s.metrics.bus.pressure(now)
 	if !fresh {
 		// The bus's figures are old (its sampling fails): its alerts stay.
-		return active, append(unsure, "bus")
+		unsure[ruleBusStorage.name], unsure[ruleWorkBacklog.name] = true, true
+		return active, unsure
 	}
 	for _, st := range storage {
 		if st.limit > 0 && st.used/st.limit > busStorageRatio {
@@ -204,13 +202,17 @@ func (s *Server) activeAlerts(ctx context.Context, now time.Time) (active map[st
 }
 
 // provisionerLeaseHeld says whether a provisioner holds its lease: one
-// read of fm_leases, by the server that raises alerts only.
-func (s *Server) provisionerLeaseHeld(ctx context.Context) (bool, error) {
-	kv, err := s.js.KeyValue(ctx, protocol.BucketLeases)
-	if err != nil {
-		return false, err
+// read of fm_leases per look, by the server that raises alerts only (the
+// bucket is looked up once per holding, not at every look).
+func (a *alerter) provisionerLeaseHeld(ctx context.Context) (bool, error) {
+	if a.leases == nil {
+		kv, err := a.s.js.KeyValue(ctx, protocol.BucketLeases)
+		if err != nil {
+			return false, err
+		}
+		a.leases = kv
 	}
-	_, err = kv.Get(ctx, protocol.LeaseProvisioner)
+	_, err := a.leases.Get(ctx, protocol.LeaseProvisioner)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return false, nil
 	}
@@ -227,6 +229,7 @@ type alerter struct {
 	s       *Server
 	pending map[string]time.Time // fingerprint → since when its condition holds
 	client  *http.Client
+	leases  jetstream.KeyValue // fm_leases, once looked up
 }
 
 // newAlerter is made at each taking of the lease: how long conditions
@@ -250,7 +253,7 @@ func (a *alerter) holdFor(r alertRule) time.Duration {
 // writes refused by revision where its successor wrote first.
 func (a *alerter) tick(ctx context.Context, now time.Time, held func() bool) {
 	tenant := api.DefaultTenant
-	active, unsure := a.s.activeAlerts(ctx, now)
+	active, unsure := a.activeAlerts(ctx, now)
 	for fp := range a.pending {
 		if _, ok := active[fp]; !ok {
 			delete(a.pending, fp)
@@ -267,7 +270,7 @@ func (a *alerter) tick(ctx context.Context, now time.Time, held func() bool) {
 			continue
 		}
 		fire := alertRecord{Alert: api.Alert{Fingerprint: fp, Name: al.rule.name, Status: api.AlertFiring,
-			Labels: al.labels, Annotations: al.annotations, StartsAt: since}, ChangedAt: now}
+			Labels: al.labels, Annotations: al.annotations, StartsAt: since}}
 		if _, err := a.s.st.alerts.create(ctx, alertKey(tenant, fp), fire); errors.Is(err, errExists) {
 			continue // raised already (a successor, or a copy behind)
 		} else if err != nil {
@@ -281,7 +284,7 @@ func (a *alerter) tick(ctx context.Context, now time.Time, held func() bool) {
 		if !strings.HasPrefix(key, tenant+".") || rec.Status != api.AlertFiring {
 			continue
 		}
-		if _, ok := active[rec.Fingerprint]; ok || a.unsure(rec, unsure) || !held() {
+		if _, ok := active[rec.Fingerprint]; ok || unsure[rec.Name] || !held() {
 			continue
 		}
 		if !rec.Tried {
@@ -292,7 +295,7 @@ func (a *alerter) tick(ctx context.Context, now time.Time, held func() bool) {
 			continue
 		}
 		res := rec
-		res.Status, res.EndsAt, res.ChangedAt, res.Notified = api.AlertResolved, now, now, false
+		res.Status, res.EndsAt, res.Notified = api.AlertResolved, now, false
 		res.restartNotification()
 		if _, err := a.s.st.alerts.update(ctx, key, res, r.rev); err != nil {
 			a.s.log.Warn().Err(err).Str("alert", rec.Name).Msg("alert not resolved; tried again at the next look")
@@ -307,17 +310,7 @@ func (a *alerter) tick(ctx context.Context, now time.Time, held func() bool) {
 // alert's status changed, or the webhook did.
 func (r *alertRecord) restartNotification() {
 	r.Attempts, r.LastError, r.NextAttempt, r.FirstTriedAt = 0, "", time.Time{}, time.Time{}
-	r.GaveUp, r.GaveUpAt, r.Batch = false, time.Time{}, ""
-}
-
-// unsure says whether an alert's rule could not be evaluated this time.
-func (a *alerter) unsure(rec alertRecord, unsure []string) bool {
-	for _, u := range unsure {
-		if u == rec.Fingerprint || u == "bus" && (rec.Name == ruleBusStorage.name || rec.Name == ruleWorkBacklog.name) {
-			return true
-		}
-	}
-	return false
+	r.GaveUp, r.Batch = false, ""
 }
 
 // listAlerts serves GET /alerts: the alerts firing, and those resolved

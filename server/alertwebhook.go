@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/url"
 	"strings"
@@ -149,7 +150,7 @@ func (a *alerter) notifyAll(ctx context.Context, tenant string, now time.Time, h
 		}
 		// A day of tries from the first with this webhook.
 		if !rec.FirstTriedAt.IsZero() && now.Sub(rec.FirstTriedAt) >= a.s.cfg.AlertGiveUpAfter {
-			if a.settle(ctx, r, func(rec *alertRecord) { rec.GaveUp, rec.GaveUpAt, rec.Batch = true, now, "" }) {
+			if a.settle(ctx, r, func(rec *alertRecord) { rec.GaveUp, rec.Batch = true, "" }) {
 				a.s.log.Error().Str("alert", rec.Name).Str("status", rec.Status).Int("attempts", rec.Attempts).
 					Str("lastError", rec.LastError).Msg("the alert webhook was not told; FM stopped trying")
 				a.s.metrics.alertsGivenUp.Inc()
@@ -297,7 +298,7 @@ func (a *alerter) send(ctx context.Context, set api.AlertSettings, id string, ba
 		msg.Alerts = append(msg.Alerts, webhookAlert{Status: rec.Status, Labels: rec.Labels, Annotations: rec.Annotations,
 			StartsAt: rec.StartsAt, EndsAt: rec.EndsAt, Fingerprint: rec.Fingerprint})
 		if i == 0 {
-			msg.CommonLabels, msg.CommonAnnotations = copyMap(rec.Labels), copyMap(rec.Annotations)
+			msg.CommonLabels, msg.CommonAnnotations = maps.Clone(rec.Labels), maps.Clone(rec.Annotations)
 		} else {
 			keepCommon(msg.CommonLabels, rec.Labels)
 			keepCommon(msg.CommonAnnotations, rec.Annotations)
@@ -344,14 +345,6 @@ func hostOf(raw string) string {
 		return u.Host
 	}
 	return "the webhook"
-}
-
-func copyMap(m map[string]string) map[string]string {
-	out := make(map[string]string, len(m))
-	for k, v := range m {
-		out[k] = v
-	}
-	return out
 }
 
 // keepCommon drops from common what m does not share.
