@@ -479,20 +479,7 @@ type cloudAccountFields CloudAccount
 
 // MarshalJSON writes the account's fields and its Extra keys.
 func (a CloudAccount) MarshalJSON() ([]byte, error) {
-	b, err := json.Marshal(cloudAccountFields(a))
-	if err != nil || len(a.Extra) == 0 {
-		return b, err
-	}
-	var all map[string]json.RawMessage
-	if err := json.Unmarshal(b, &all); err != nil {
-		return nil, err
-	}
-	for k, v := range a.Extra {
-		if _, known := all[k]; !known && !knownOrSecretKey(k) {
-			all[k] = v
-		}
-	}
-	return json.Marshal(all)
+	return marshalWithExtra(cloudAccountFields(a), a.Extra, knownOrSecretKey)
 }
 
 // UnmarshalJSON reads the account's fields, and keeps the keys it does
@@ -502,21 +489,51 @@ func (a *CloudAccount) UnmarshalJSON(b []byte) error {
 	if err := json.Unmarshal(b, &f); err != nil {
 		return err
 	}
-	var all map[string]json.RawMessage
-	if err := json.Unmarshal(b, &all); err != nil {
+	extra, err := extraKeys(b, knownOrSecretKey)
+	if err != nil {
 		return err
 	}
-	f.Extra = nil
-	for k, v := range all {
-		if !knownOrSecretKey(k) {
-			if f.Extra == nil {
-				f.Extra = map[string]json.RawMessage{}
-			}
-			f.Extra[k] = v
-		}
-	}
+	f.Extra = extra
 	*a = CloudAccount(f)
 	return nil
+}
+
+// marshalWithExtra writes fields (a type without a MarshalJSON of its
+// own), then each key of extra that neither it wrote nor skip names.
+func marshalWithExtra(fields any, extra map[string]json.RawMessage, skip func(string) bool) ([]byte, error) {
+	b, err := json.Marshal(fields)
+	if err != nil || len(extra) == 0 {
+		return b, err
+	}
+	var all map[string]json.RawMessage
+	if err := json.Unmarshal(b, &all); err != nil {
+		return nil, err
+	}
+	for k, v := range extra {
+		if _, known := all[k]; !known && !skip(k) {
+			all[k] = v
+		}
+	}
+	return json.Marshal(all)
+}
+
+// extraKeys returns the keys of the JSON object b that skip does not name
+// (nil if none).
+func extraKeys(b []byte, skip func(string) bool) (map[string]json.RawMessage, error) {
+	var all map[string]json.RawMessage
+	if err := json.Unmarshal(b, &all); err != nil {
+		return nil, err
+	}
+	var extra map[string]json.RawMessage
+	for k, v := range all {
+		if !skip(k) {
+			if extra == nil {
+				extra = map[string]json.RawMessage{}
+			}
+			extra[k] = v
+		}
+	}
+	return extra, nil
 }
 
 // knownOrSecretKey says whether k is a field's key or another cloud's

@@ -99,6 +99,7 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 	// (declareWithoutRollups).
 	return []jetstream.KeyValueConfig{
 		object(protocol.BucketAccounts, "cloud accounts (identities virtual networks name), secrets sealed"),
+		object(protocol.BucketLBs, "load balancers' settings and FM's state of them"),
 		object(protocol.BucketNetworks, "virtual networks"),
 		object(protocol.BucketTemplates, "instance settings templates"),
 		object(protocol.BucketInstances, "instances"),
@@ -114,6 +115,7 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 		ops,
 		desired,
 		state(protocol.BucketMachines, "machine state per instance, written by the provisioner"),
+		state(protocol.BucketBalancers, "load balancers as the provisioner made them"),
 		agents,
 		state(protocol.BucketAlerts, "alerts the server raised and what the tenant's webhook was told, key <tenant>.<fingerprint>"),
 	}

@@ -41,13 +41,16 @@ type objField struct {
 	flag, key, kind, usage string // kind: string, int, bool, list, map
 }
 
-var resources = []*resource{accountResource, networkResource, templateResource, instanceResource, snapshotResource, imageResource, opResource,
+var resources = []*resource{accountResource, networkResource, templateResource, instanceResource, lbResource, snapshotResource, imageResource, opResource,
 	apikeyResource, auditResource, natsCredsResource, statusResource, alertResource}
 
 func (r *resource) usage() string {
 	if r.command == "instance" {
 		return "usage: fm instance list|get ID|create|update ID|delete ID|status ID|provision ID|reprovision ID|deprovision ID|" +
 			"start ID|stop ID|restart-dss ID|replay-setup-actions ID|reset-password ID|password ID|logs ID|diagnosis ID [flags]"
+	}
+	if r.command == "lb" {
+		return r.lbUsage()
 	}
 	return fmt.Sprintf("usage: fm %s list|get ID|create|update ID|delete ID [flags]", r.command)
 }
@@ -65,6 +68,11 @@ func (r *resource) run(ctx context.Context, env Env, args []string) error {
 	}
 	if r.command == "instance" {
 		if handled, err := runInstanceVerb(ctx, env, r, verb, args[1:]); handled {
+			return err
+		}
+	}
+	if r.command == "lb" {
+		if handled, err := runLBVerb(ctx, env, r, verb, args[1:]); handled {
 			return err
 		}
 	}

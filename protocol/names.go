@@ -23,6 +23,8 @@ const (
 	BucketJoins     = "fm_joins"     // single-use join tokens of new machines, hashed
 	BucketAlerts    = "fm_alerts"    // alerts the server raised, key "<tenant>.<fingerprint>"; written by the server
 	BucketAccounts  = "fm_accounts"  // cloud accounts (identities networks name), secrets sealed; written by the server
+	BucketBalancers = "fm_balancers" // load balancers as the provisioner made them; written by the provisioner
+	BucketLBs       = "fm_lbs"       // load balancers' settings and FM's state of them; written by the server
 )
 
 // LeaseProvisioner is the fm_leases key the active provisioner holds: a

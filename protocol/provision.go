@@ -74,6 +74,9 @@ type ProvisionRequest struct {
 	// VolumeSizeGB is the size a grow-volume request grows the data volume
 	// to.
 	VolumeSizeGB int `json:"volumeSizeGB,omitempty"`
+	// LoadBalancer is the load balancer an lb-apply or lb-delete request
+	// is about.
+	LoadBalancer *BalancerSpec `json:"loadBalancer,omitempty"`
 }
 
 // SnapshotRef is a snapshot of an instance's data volume as the
@@ -375,6 +378,8 @@ func (r *ProvisionRequest) Validate() error {
 		if r.VolumeSizeGB <= 0 {
 			return errors.New("grow-volume needs a volume size")
 		}
+	case ProvisionBalancerApply, ProvisionBalancerDelete:
+		return validBalancerRequest(r)
 	case ProvisionDeprovision, ProvisionStop, ProvisionDelete:
 	default:
 		return fmt.Errorf("action %q is unknown", r.Action)

@@ -67,6 +67,14 @@ type TakingOver interface {
 	TakeOver(ctx context.Context)
 }
 
+// GivingUp is what a Backend that serves something from the
+// provisioner's own process (the local backend's load balancers) also
+// does: stop serving it when the provisioner stops holding the lease, so
+// that the next holder can (TakeOver serves it again).
+type GivingUp interface {
+	GiveUp()
+}
+
 // Untouched marks the error of an operation that failed before it changed
 // anything (a snapshot to restore fails its check, the snapshot before an
 // upgrade cannot be taken): the machine keeps its status, the error is

@@ -25,6 +25,9 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 	if p.machines, err = p.js.KeyValue(ctx, protocol.BucketMachines); err != nil {
 		return fmt.Errorf("machines bucket: %w", err)
 	}
+	if p.balancers, err = p.js.KeyValue(ctx, protocol.BucketBalancers); err != nil {
+		return fmt.Errorf("load balancers bucket: %w", err)
+	}
 	l := &bus.Lease{KV: leases, Key: protocol.LeaseProvisioner, Holder: p.cfg.Holder, TTL: p.cfg.LeaseTTL}
 	p.lease.Store(l)
 	return l.Run(ctx, func(held context.Context) error {
@@ -38,6 +41,9 @@ func (p *Provisioner) runOnce(ctx context.Context) error {
 		defer func() {
 			stopWork()
 			p.wg.Wait()
+			if b, ok := p.cfg.Backend.(GivingUp); ok {
+				b.GiveUp() // once no worker serves anything new
+			}
 		}()
 		if b, ok := p.cfg.Backend.(TakingOver); ok {
 			// At every taking of the lease, not only the first: a holder

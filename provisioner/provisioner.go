@@ -64,6 +64,8 @@ type Provisioner struct {
 	metrics *metrics
 
 	machines jetstream.KeyValue
+	// balancers is fm_balancers, the load balancers as made.
+	balancers jetstream.KeyValue
 	// lease is the one this provisioner last took: workers ask it whether
 	// it is still held right before they act.
 	lease atomic.Pointer[bus.Lease]
@@ -303,6 +305,9 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		return
 	case protocol.ProvisionGrowVolume:
 		p.handleBeside(ctx, m, req, log, p.growWork(ctx, req))
+		return
+	case protocol.ProvisionBalancerApply, protocol.ProvisionBalancerDelete:
+		p.handleBalancer(ctx, m, req, log.With().Str("load_balancer", req.Instance).Logger())
 		return
 	}
 	cur, rev, err := p.machineState(ctx, req.Instance)

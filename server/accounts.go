@@ -292,6 +292,12 @@ func (s *Server) cloudAuthOf(instance string, req protocol.ProvisionRequest) (*p
 	} else if err != nil {
 		return nil, unavailable(err, "the virtual network could not be read")
 	}
+	return s.cloudAuthOfNetwork(ctx, vn)
+}
+
+// cloudAuthOfNetwork is the identity the provisioner acts as for what is
+// on a network: its cloud account's, or the tenant's cloud credentials.
+func (s *Server) cloudAuthOfNetwork(ctx context.Context, vn api.VirtualNetwork) (*protocol.CloudAuth, error) {
 	if vn.AccountID == "" {
 		return s.cloudAuth(), nil
 	}

@@ -235,6 +235,11 @@ func (s *Server) deleteInstance(r *http.Request) (any, error) {
 	if opts.keepVolume, err = queryBool(r, "keepVolume", false); err != nil {
 		return nil, err
 	}
+	if lbs, err := s.lbsUsing(r.Context(), id); err != nil {
+		return nil, err
+	} else if len(lbs) > 0 {
+		return nil, precondition("instance %s is a node of load balancer %s: remove it from its nodes (and update it) first", id, describeUsers(lbs))
+	}
 	m, err := s.machineOf(r.Context(), id)
 	if err != nil {
 		return nil, unavailable(err, "the instance's machine could not be read")
@@ -414,21 +419,7 @@ func (s *Server) validateInstance(in *api.Instance) error {
 	checkIOPS(&c, "awsRootVolumeIOPS", in.AWSRootVolumeType, in.AWSRootVolumeIOPS)
 
 	c.cloudTags("cloudTags", in.CloudTags)
-	if len(in.FMTags) > 50 {
-		c.fail("fmTags", "has %d tags; at most 50 are allowed", len(in.FMTags))
-	}
-	seen := map[string]bool{}
-	for _, t := range in.FMTags {
-		switch {
-		case t == "":
-			c.fail("fmTags", "a tag is empty")
-		case len(t) > 100:
-			c.fail("fmTags", "tag %q is longer than 100 characters", t)
-		case seen[t]:
-			c.fail("fmTags", "tag %q is listed twice", t)
-		}
-		seen[t] = true
-	}
+	c.fmTags("fmTags", in.FMTags)
 
 	c.rangeInt("automatedSnapshotPeriod", in.AutomatedSnapshotPeriod, 1, 24*365)
 	c.rangeInt("automatedSnapshotRetention", in.AutomatedSnapshotRetention, 0, 1000)

@@ -123,7 +123,12 @@ func (s *Server) saveNetwork(r *http.Request) (any, error) {
 func (s *Server) deleteNetwork(r *http.Request) (any, error) {
 	id := r.PathValue("id")
 	vn, err := deleteGuarded(r.Context(), s.st.networks, id, func(ctx context.Context) ([]string, error) {
-		return s.instancesWhere(ctx, func(in *api.Instance) bool { return in.VirtualNetworkID == id })
+		users, err := s.instancesWhere(ctx, func(in *api.Instance) bool { return in.VirtualNetworkID == id })
+		if err != nil {
+			return nil, err
+		}
+		lbs, err := s.lbsOnNetwork(ctx, id)
+		return append(users, lbs...), err
 	})
 	return s.finishedOp(r, "delete-virtual-network", "virtualNetwork", id, map[string]any{"id": id, "label": vn.Label}, err)
 }

@@ -12,6 +12,9 @@ import (
 type opRecord struct {
 	api.Future
 	Instance string `json:"instance,omitempty"`
+	// LoadBalancer is the load balancer a load balancer operation is
+	// about (Instance is empty then).
+	LoadBalancer string `json:"loadBalancer,omitempty"`
 	// Target is the desired generation the operation waits for.
 	Target uint64 `json:"targetGeneration,omitempty"`
 	// RequestID and Request are the provision request the operation sent,

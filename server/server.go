@@ -462,7 +462,14 @@ func (s *Server) handler() http.Handler {
 	route(t+"/cloud-accounts", methods{"GET": reads(RoleViewer, s.listAccounts), "POST": writes(RoleAdmin, s.createAccount)})
 	route(t+"/cloud-accounts/{id}", methods{"GET": reads(RoleViewer, s.getAccount),
 		"PUT": writes(RoleAdmin, s.saveAccount), "DELETE": writes(RoleAdmin, s.deleteAccount)})
-	for _, p := range []string{"/load-balancers", "/iam"} {
+	route(t+"/load-balancers", methods{"GET": reads(RoleViewer, s.listLBs), "POST": writes(RoleAdmin, s.createLB)})
+	route(t+"/load-balancers/{id}", methods{"GET": reads(RoleViewer, s.getLB),
+		"PUT": writes(RoleAdmin, s.saveLB), "DELETE": writes(RoleAdmin, s.deleteLB)})
+	route(t+"/load-balancers/{id}/physical/status", methods{"GET": reads(RoleViewer, s.lbPhysicalStatus)})
+	for name := range lbActions() {
+		route(t+"/load-balancers/{id}/actions/"+name, methods{"POST": writes(RoleOperator, s.lbAction(name))})
+	}
+	for _, p := range []string{"/iam"} {
 		h := routeHandler{s: s, tenant: true, methods: unsupported(p)}
 		mux.Handle(t+p, h)
 		mux.Handle(t+p+"/", h)

@@ -32,6 +32,8 @@ type stores struct {
 	secrets   *table[instanceSecrets]
 	joins     *table[joinRecord]
 	alerts    *table[alertRecord]
+	lbs       *table[api.LoadBalancer]
+	balancers *table[protocol.BalancerState]
 	desired   jetstream.KeyValue
 	claims    *labelClaims
 }
@@ -59,6 +61,7 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 		protocol.BucketSnapshots, protocol.BucketOps, protocol.BucketSettings, protocol.BucketAPIKeys,
 		protocol.BucketLabels, protocol.BucketLifecycle, protocol.BucketMachines, protocol.BucketAgents,
 		protocol.BucketSecrets, protocol.BucketDesired, protocol.BucketJoins, protocol.BucketAlerts, protocol.BucketAccounts,
+		protocol.BucketLBs, protocol.BucketBalancers,
 	} {
 		b, err := js.KeyValue(ctx, name)
 		if err != nil {
@@ -93,6 +96,8 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 		secrets:   newTable[instanceSecrets](kv[protocol.BucketSecrets], "instance secrets", log),
 		joins:     newTable[joinRecord](kv[protocol.BucketJoins], "join token", log),
 		alerts:    newTable[alertRecord](kv[protocol.BucketAlerts], "alert", log),
+		lbs:       newTable[api.LoadBalancer](kv[protocol.BucketLBs], "load balancer", log),
+		balancers: newMessageTable[protocol.BalancerState](kv[protocol.BucketBalancers], "load balancer state", log),
 		desired:   kv[protocol.BucketDesired],
 		claims:    claims,
 	}
@@ -153,7 +158,7 @@ type watched interface {
 
 func (st *stores) all() []watched {
 	return []watched{st.accounts, st.networks, st.templates, st.instances, st.images, st.snapshots, st.ops, st.settings, st.keys,
-		st.lifecycle, st.machines, st.agents, st.secrets, st.joins, st.alerts}
+		st.lifecycle, st.machines, st.agents, st.secrets, st.joins, st.alerts, st.lbs, st.balancers}
 }
 
 // run keeps every view current until ctx ends.

@@ -95,6 +95,7 @@ func (s *Server) sweep(ctx context.Context) {
 		}
 	}
 	s.settleSnapshots(ctx)
+	s.settleBalancers(ctx)
 }
 
 // endUnclaimed ends an operation recorded but never given its instance (the

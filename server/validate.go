@@ -91,6 +91,25 @@ func (c *checker) email(field, v string) {
 	}
 }
 
+// fmTags checks FM's own tags (labels of an object, not cloud tags).
+func (c *checker) fmTags(field string, tags []string) {
+	if len(tags) > 50 {
+		c.fail(field, "has %d tags; at most 50 are allowed", len(tags))
+	}
+	seen := map[string]bool{}
+	for _, t := range tags {
+		switch {
+		case t == "":
+			c.fail(field, "a tag is empty")
+		case len(t) > 100:
+			c.fail(field, "tag %q is longer than 100 characters", t)
+		case seen[t]:
+			c.fail(field, "tag %q is listed twice", t)
+		}
+		seen[t] = true
+	}
+}
+
 // cloudTags applies AWS's tag rules: at most 50 tags (FM adds its own, so
 // fewer are left), keys 1-128 characters not starting with "aws:", values
 // up to 256 characters.

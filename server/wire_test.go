@@ -68,7 +68,7 @@ func TestWireQuirks(t *testing.T) {
 		f.failed(f.doAs("GET", "/api", "", "", ""), 401, "Unauthenticated")
 	})
 	t.Run("unsupported Dataiku endpoints say so", func(t *testing.T) {
-		for _, p := range []string{"/load-balancers", "/iam/sso-settings"} {
+		for _, p := range []string{"/iam/sso-settings"} {
 			e := f.failed(f.do("GET", p, ""), 501, "Unimplemented")
 			if !strings.Contains(e.DetailedMessage, "does not support") {
 				t.Fatal(e.DetailedMessage)

@@ -16,6 +16,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/credentials/stscreds"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
+	elb "github.com/aws/aws-sdk-go-v2/service/elasticloadbalancingv2"
 	"github.com/aws/aws-sdk-go-v2/service/route53"
 	"github.com/aws/aws-sdk-go-v2/service/sts"
 	"github.com/aws/smithy-go"
@@ -75,6 +76,7 @@ var (
 type clients struct {
 	ec2 ec2API
 	dns dnsAPI
+	elb elbAPI
 }
 
 // connector makes (and caches) clients per region and identity; tests
@@ -137,7 +139,7 @@ func awsConnector(endpoint string, open func(sealed, where string) (string, erro
 					}
 				}))
 		}
-		c := clients{ec2: ec2.NewFromConfig(cfg), dns: route53.NewFromConfig(cfg)}
+		c := clients{ec2: ec2.NewFromConfig(cfg), dns: route53.NewFromConfig(cfg), elb: elb.NewFromConfig(cfg)}
 		cache[key] = c
 		return c, nil
 	}

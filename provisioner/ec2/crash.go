@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
+	elb "github.com/aws/aws-sdk-go-v2/service/elasticloadbalancingv2"
 	"github.com/aws/aws-sdk-go-v2/service/route53"
 	"github.com/fleetmanager/fm/internal/crashpoint"
 )
@@ -20,10 +21,16 @@ type crashEC2 struct {
 
 func around[In, Out any](h crashpoint.Hook, name string, call func(context.Context, In, ...func(*ec2.Options)) (Out, error),
 	ctx context.Context, in In, opts ...func(*ec2.Options)) (Out, error) {
-	h.At("ec2/" + name + ":before")
+	return aroundCall(h, "ec2/"+name, call, ctx, in, opts...)
+}
+
+// aroundCall passes the crash points of one call (service/operation).
+func aroundCall[In, Out, Opt any](h crashpoint.Hook, point string, call func(context.Context, In, ...Opt) (Out, error),
+	ctx context.Context, in In, opts ...Opt) (Out, error) {
+	h.At(point + ":before")
 	out, err := call(ctx, in, opts...)
 	if err == nil {
-		h.At("ec2/" + name + ":after")
+		h.At(point + ":after")
 	}
 	return out, err
 }
@@ -92,10 +99,53 @@ func (c crashDNS) ChangeResourceRecordSets(ctx context.Context, in *route53.Chan
 	return out, err
 }
 
+// crashELB does for Elastic Load Balancing what crashEC2 does for EC2.
+type crashELB struct {
+	elbAPI
+	crash crashpoint.Hook
+}
+
+func (c crashELB) CreateLoadBalancer(ctx context.Context, in *elb.CreateLoadBalancerInput, o ...func(*elb.Options)) (*elb.CreateLoadBalancerOutput, error) {
+	return aroundCall(c.crash, "elb/CreateLoadBalancer", c.elbAPI.CreateLoadBalancer, ctx, in, o...)
+}
+func (c crashELB) DeleteLoadBalancer(ctx context.Context, in *elb.DeleteLoadBalancerInput, o ...func(*elb.Options)) (*elb.DeleteLoadBalancerOutput, error) {
+	return aroundCall(c.crash, "elb/DeleteLoadBalancer", c.elbAPI.DeleteLoadBalancer, ctx, in, o...)
+}
+func (c crashELB) CreateTargetGroup(ctx context.Context, in *elb.CreateTargetGroupInput, o ...func(*elb.Options)) (*elb.CreateTargetGroupOutput, error) {
+	return aroundCall(c.crash, "elb/CreateTargetGroup", c.elbAPI.CreateTargetGroup, ctx, in, o...)
+}
+func (c crashELB) DeleteTargetGroup(ctx context.Context, in *elb.DeleteTargetGroupInput, o ...func(*elb.Options)) (*elb.DeleteTargetGroupOutput, error) {
+	return aroundCall(c.crash, "elb/DeleteTargetGroup", c.elbAPI.DeleteTargetGroup, ctx, in, o...)
+}
+func (c crashELB) RegisterTargets(ctx context.Context, in *elb.RegisterTargetsInput, o ...func(*elb.Options)) (*elb.RegisterTargetsOutput, error) {
+	return aroundCall(c.crash, "elb/RegisterTargets", c.elbAPI.RegisterTargets, ctx, in, o...)
+}
+func (c crashELB) DeregisterTargets(ctx context.Context, in *elb.DeregisterTargetsInput, o ...func(*elb.Options)) (*elb.DeregisterTargetsOutput, error) {
+	return aroundCall(c.crash, "elb/DeregisterTargets", c.elbAPI.DeregisterTargets, ctx, in, o...)
+}
+func (c crashELB) CreateListener(ctx context.Context, in *elb.CreateListenerInput, o ...func(*elb.Options)) (*elb.CreateListenerOutput, error) {
+	return aroundCall(c.crash, "elb/CreateListener", c.elbAPI.CreateListener, ctx, in, o...)
+}
+func (c crashELB) ModifyListener(ctx context.Context, in *elb.ModifyListenerInput, o ...func(*elb.Options)) (*elb.ModifyListenerOutput, error) {
+	return aroundCall(c.crash, "elb/ModifyListener", c.elbAPI.ModifyListener, ctx, in, o...)
+}
+func (c crashELB) DeleteListener(ctx context.Context, in *elb.DeleteListenerInput, o ...func(*elb.Options)) (*elb.DeleteListenerOutput, error) {
+	return aroundCall(c.crash, "elb/DeleteListener", c.elbAPI.DeleteListener, ctx, in, o...)
+}
+func (c crashELB) CreateRule(ctx context.Context, in *elb.CreateRuleInput, o ...func(*elb.Options)) (*elb.CreateRuleOutput, error) {
+	return aroundCall(c.crash, "elb/CreateRule", c.elbAPI.CreateRule, ctx, in, o...)
+}
+func (c crashELB) ModifyRule(ctx context.Context, in *elb.ModifyRuleInput, o ...func(*elb.Options)) (*elb.ModifyRuleOutput, error) {
+	return aroundCall(c.crash, "elb/ModifyRule", c.elbAPI.ModifyRule, ctx, in, o...)
+}
+func (c crashELB) DeleteRule(ctx context.Context, in *elb.DeleteRuleInput, o ...func(*elb.Options)) (*elb.DeleteRuleOutput, error) {
+	return aroundCall(c.crash, "elb/DeleteRule", c.elbAPI.DeleteRule, ctx, in, o...)
+}
+
 // withCrashPoints wraps the clients' calls that change something.
 func (c clients) withCrashPoints(h crashpoint.Hook) clients {
 	if h == nil {
 		return c
 	}
-	return clients{ec2: crashEC2{c.ec2, h}, dns: crashDNS{c.dns, h}}
+	return clients{ec2: crashEC2{c.ec2, h}, dns: crashDNS{c.dns, h}, elb: crashELB{c.elb, h}}
 }

@@ -11,17 +11,20 @@ import (
 
 // TestThePolicyGrantsEveryCall: the IAM policy docs/ec2.md gives, ready to
 // attach, grants exactly what the backend calls: every method of the two
-// small interfaces every EC2 and Route53 call goes through (a call added
+// small interfaces every EC2, Route53 and ELB call goes through (a call added
 // to the code is a method added there, and a missing grant fails this
 // test), sts:AssumeRole (the role of a cloud account or the tenant's
 // credentials, through the STS credential provider), and what RunInstances
 // and EBS need beside (iam:PassRole for the instance profiles, KMS for
-// volumes encrypted with a customer key).
+// volumes encrypted with a customer key; iam:CreateServiceLinkedRole,
+// with which an account's first load balancer makes ELB's role;
+// elasticloadbalancing:AddTags, which tagging on create needs).
 func TestThePolicyGrantsEveryCall(t *testing.T) {
-	want := []string{"iam:PassRole", "sts:AssumeRole", "kms:CreateGrant", "kms:GenerateDataKey*", "kms:Decrypt"}
+	want := []string{"iam:PassRole", "iam:CreateServiceLinkedRole", "elasticloadbalancing:AddTags", "sts:AssumeRole", "kms:CreateGrant", "kms:GenerateDataKey*", "kms:Decrypt"}
 	for prefix, api := range map[string]reflect.Type{
-		"ec2:":     reflect.TypeFor[ec2API](),
-		"route53:": reflect.TypeFor[dnsAPI](),
+		"ec2:":                  reflect.TypeFor[ec2API](),
+		"route53:":              reflect.TypeFor[dnsAPI](),
+		"elasticloadbalancing:": reflect.TypeFor[elbAPI](),
 	} {
 		for i := range api.NumMethod() {
 			want = append(want, prefix+api.Method(i).Name)

@@ -66,6 +66,7 @@ type Backend struct {
 	cfg   Config
 	log   zerolog.Logger
 	crash crashpoint.Hook
+	lbs   *proxies // the load balancers served (balancer.go)
 }
 
 var (
@@ -87,7 +88,7 @@ func New(cfg Config) (*Backend, error) {
 	if cfg.ProgressEvery == 0 {
 		cfg.ProgressEvery = 5 * time.Second
 	}
-	return &Backend{cfg: cfg, crash: cfg.Crash, log: cfg.Logger.With().Str("component", "local-backend").Logger()}, nil
+	return &Backend{cfg: cfg, crash: cfg.Crash, lbs: &proxies{}, log: cfg.Logger.With().Str("component", "local-backend").Logger()}, nil
 }
 
 // TakeOver implements provisioner.TakingOver: it resumes the machines a
@@ -96,8 +97,9 @@ func New(cfg Config) (*Backend, error) {
 // resumed it; machines must keep running while FM is away, and no request
 // resumes them. Only the lease holder pauses machines, and it has just
 // taken the lease, so no marker is a pause under way. A process already
-// running takes no notice.
+// running takes no notice. It serves the load balancers again too.
 func (b *Backend) TakeOver(context.Context) {
+	b.serveBalancers()
 	markers, err := os.ReadDir(b.pausedDir())
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		b.log.Error().Err(err).Msg("machines a snapshot may have left paused not looked for")
