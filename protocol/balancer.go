@@ -6,10 +6,10 @@ import (
 	"time"
 )
 
-// The load balancer operations. Their provision request's Instance is the
-// load balancer's id (the subject's first token names the object a
-// request is about, whose requests the provisioner carries out one after
-// the other), and LoadBalancer describes it.
+// The load balancer operations. Their provision request names no instance:
+// its LoadBalancer describes the load balancer, whose id is the subject's
+// first token (the provisioner carries out one object's requests one after
+// the other, keyed by that token).
 const (
 	// ProvisionBalancerApply makes the load balancer, or changes the one
 	// made to match the spec (its nodes, its certificate), without taking
@@ -36,7 +36,8 @@ type BalancerSpec struct {
 	CertificateARN string            `json:"certificateArn,omitempty"`
 	Tags           map[string]string `json:"tags,omitempty"`
 	Nodes          []BalancerNode    `json:"nodes"`
-	// Recreate removes what exists before making it again (a reprovision).
+	// Recreate removes what exists before making it again (a reprovision):
+	// once per request, however often it is delivered.
 	Recreate bool `json:"recreate,omitempty"`
 }
 
@@ -97,11 +98,20 @@ func (s *BalancerState) Validate() error {
 	return nil
 }
 
+// ForBalancer says whether r is a load balancer's request about id (the
+// subject's first token).
+func (r *ProvisionRequest) ForBalancer(id string) bool {
+	return (r.Action == ProvisionBalancerApply || r.Action == ProvisionBalancerDelete) && r.LoadBalancer != nil && r.LoadBalancer.ID == id
+}
+
 // validBalancerRequest checks a load balancer's provision request.
 func validBalancerRequest(r *ProvisionRequest) error {
 	b := r.LoadBalancer
-	if b == nil || b.ID != r.Instance {
-		return errors.New("a load balancer request needs its load balancer, whose id is the request's")
+	switch {
+	case b == nil || !ValidToken(b.ID):
+		return errors.New("a load balancer request needs its load balancer, with a valid id")
+	case r.Instance != "":
+		return errors.New("a load balancer request names no instance")
 	}
 	for _, n := range b.Nodes {
 		if n.Hostname == "" || !ValidToken(n.Instance) || n.Port <= 0 || n.Port > 65535 {

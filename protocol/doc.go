@@ -69,8 +69,9 @@
 //	  The event status "progress" (a server before it appends each as a
 //	  step of its own). The cloud accounts' bucket (BucketAccounts); a
 //	  cloud identity's external id (CloudAuth.ExternalID). Load
-//	  balancers: lb-apply and lb-delete provision requests (whose Instance
-//	  is the load balancer's id) with their BalancerSpec, and the
+//	  balancers: lb-apply and lb-delete provision requests (on the
+//	  subject of the load balancer's id, naming no instance) with their
+//	  BalancerSpec, and the
 //	  provisioner's BalancerState in BucketBalancers; the server's
 //	  settings of them in BucketLBs. An older provisioner refuses these
 //	  requests as of an unknown action.

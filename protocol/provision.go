@@ -75,7 +75,7 @@ type ProvisionRequest struct {
 	// to.
 	VolumeSizeGB int `json:"volumeSizeGB,omitempty"`
 	// LoadBalancer is the load balancer an lb-apply or lb-delete request
-	// is about.
+	// is about (Instance is empty then).
 	LoadBalancer *BalancerSpec `json:"loadBalancer,omitempty"`
 }
 
@@ -352,10 +352,11 @@ type ElasticIPSpec struct {
 
 // Validate implements Message.
 func (r *ProvisionRequest) Validate() error {
+	lb := r.Action == ProvisionBalancerApply || r.Action == ProvisionBalancerDelete
 	switch {
 	case !ValidToken(r.ID):
 		return fmt.Errorf("id %q is not a valid id", r.ID)
-	case !ValidToken(r.Instance):
+	case !lb && !ValidToken(r.Instance):
 		return fmt.Errorf("instance %q is not a valid id", r.Instance)
 	}
 	switch r.Action {

@@ -30,7 +30,8 @@ type Balancers interface {
 // acknowledged without being done again; older than the last one handled
 // (a late copy), or past its deadline, it is not carried out.
 func (p *Provisioner) handleBalancer(ctx context.Context, m jetstream.Msg, req protocol.ProvisionRequest, log zerolog.Logger) {
-	cur, rev, err := p.balancerState(ctx, req.Instance)
+	id := req.LoadBalancer.ID
+	cur, rev, err := p.balancerState(ctx, id)
 	if err != nil {
 		log.Warn().Err(err).Msg("load balancer state unreadable; retrying")
 		_ = m.NakWithDelay(2 * time.Second)
@@ -59,7 +60,7 @@ func (p *Provisioner) handleBalancer(ctx context.Context, m jetstream.Msg, req p
 		p.ack(ctx, m, req, log)
 		return
 	case !time.Now().Before(p.deadline(req)):
-		refusal = protocol.Errorf(protocol.CodeDeadlineExceeded, "%s of load balancer %s was not carried out by its deadline", req.Action, req.Instance)
+		refusal = protocol.Errorf(protocol.CodeDeadlineExceeded, "%s of load balancer %s was not carried out by its deadline", req.Action, id)
 	case !ok:
 		refusal = protocol.Errorf(protocol.CodeUnimplemented, "the %s backend makes no load balancers", p.cfg.Backend.Name())
 	}
@@ -68,7 +69,7 @@ func (p *Provisioner) handleBalancer(ctx context.Context, m jetstream.Msg, req p
 		next := cur
 		next.Status, next.Error, next.RequestID, next.Action = protocol.BalancerFailed, refusal, req.ID, req.Action
 		next.Order = max(cur.Order, req.Order)
-		if _, err := p.putBalancer(ctx, req.Instance, next, rev); err != nil {
+		if _, err := p.putBalancer(ctx, id, next, rev); err != nil {
 			_ = m.NakWithDelay(2 * time.Second)
 			return
 		}
@@ -85,7 +86,7 @@ func (p *Provisioner) handleBalancer(ctx context.Context, m jetstream.Msg, req p
 	}
 	pending.Order = max(cur.Order, req.Order)
 	if err := p.crash.Around(point+"/pending-state", func() (err error) {
-		rev, err = p.putBalancer(ctx, req.Instance, pending, rev)
+		rev, err = p.putBalancer(ctx, id, pending, rev)
 		return err
 	}); err != nil {
 		log.Warn().Err(err).Msg("load balancer state not written; retrying")
@@ -96,14 +97,38 @@ func (p *Provisioner) handleBalancer(ctx context.Context, m jetstream.Msg, req p
 		return
 	}
 	log.Info().Bool("resumed", resumed).Msg("load balancer operation started")
+	breq := Request{ProvisionRequest: req, Progress: func(step, msg string) {
+		p.crash.At("provisioner/" + string(req.Action) + "/progress " + step)
+		log.Info().Str("step", step).Msg(msg)
+	}}
 	began := time.Now()
 	next := cur
 	var opErr error
-	if req.Action == protocol.ProvisionBalancerDelete {
-		opErr = b.DeleteBalancer(working, p.request(ctx, req), cur)
+	switch {
+	case req.Action == protocol.ProvisionBalancerDelete:
+		opErr = b.DeleteBalancer(working, breq, cur)
 		next.Status, next.Address, next.Nodes, next.Details = protocol.BalancerDeleted, "", nil, nil
-	} else {
-		next, opErr = b.ApplyBalancer(working, p.request(ctx, req), cur)
+	case req.LoadBalancer.Recreate && cur.Details[detailRecreatedFor] != req.ID:
+		// Removed once per request: a retry or a redelivery after the
+		// removal goes on to make it, not to remove the one it made.
+		if opErr = b.DeleteBalancer(working, breq, cur); opErr != nil {
+			break
+		}
+		pending.Address, pending.Nodes, pending.Details = "", nil, map[string]string{detailRecreatedFor: req.ID}
+		if err := p.crash.Around("provisioner/"+string(req.Action)+"/removed-state", func() (err error) {
+			rev, err = p.putBalancer(ctx, id, pending, rev)
+			return err
+		}); err != nil {
+			opErr = protocol.Errorf(protocol.CodeUnavailable, "the load balancer's removal was not recorded: %v", err)
+			break
+		}
+		cur = pending
+		fallthrough
+	default:
+		spec := *req.LoadBalancer
+		spec.Recreate = false
+		breq.LoadBalancer = &spec
+		next, opErr = b.ApplyBalancer(working, breq, cur)
 		next.Status = protocol.BalancerActive
 	}
 	p.metrics.observe(p.cfg.Backend.Name(), string(req.Action), began, opErr)
@@ -115,7 +140,7 @@ func (p *Provisioner) handleBalancer(ctx context.Context, m jetstream.Msg, req p
 		delay := min(p.retryDelay(m), max(time.Until(p.deadline(req)), time.Second))
 		log.Warn().Err(opErr).Dur("retry_in", delay).Msg("load balancer operation failed for now; retrying")
 		pending.Error = asProtocolError(opErr)
-		_, _ = p.putBalancer(ctx, req.Instance, pending, rev)
+		_, _ = p.putBalancer(ctx, id, pending, rev)
 		_ = m.NakWithDelay(delay)
 		return
 	}
@@ -131,7 +156,7 @@ func (p *Provisioner) handleBalancer(ctx context.Context, m jetstream.Msg, req p
 	}
 	next.RequestID, next.Action, next.Order = req.ID, req.Action, max(cur.Order, req.Order)
 	if err := p.crash.Around(point+"/result-state", func() error {
-		_, err := p.putBalancer(ctx, req.Instance, next, rev)
+		_, err := p.putBalancer(ctx, id, next, rev)
 		return err
 	}); err != nil {
 		log.Error().Err(err).Msg("load balancer state not recorded; the request will be delivered again")
@@ -140,6 +165,10 @@ func (p *Provisioner) handleBalancer(ctx context.Context, m jetstream.Msg, req p
 	}
 	p.ack(ctx, m, req, log)
 }
+
+// detailRecreatedFor, in a load balancer's state, names the request whose
+// removal of it (a reprovision's first step) is done.
+const detailRecreatedFor = "recreatedFor"
 
 // balancerState reads a load balancer's record in fm_balancers (zero if
 // none).

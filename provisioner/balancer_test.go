@@ -45,9 +45,14 @@ func (b *balancerRecorder) callList() []string {
 
 func (r *rig) balancerRequest(id string, action protocol.ProvisionAction, reqID string, order uint64, msgID string) {
 	r.t.Helper()
-	r.publish(protocol.ProvisionRequest{ID: reqID, Instance: id, Action: action, Issued: time.Now().UTC(), Order: order,
+	r.publishBalancer(id, action, reqID, order, msgID, false)
+}
+
+func (r *rig) publishBalancer(id string, action protocol.ProvisionAction, reqID string, order uint64, msgID string, recreate bool) {
+	r.t.Helper()
+	r.publish(protocol.ProvisionRequest{ID: reqID, Action: action, Issued: time.Now().UTC(), Order: order,
 		Deadline: time.Now().Add(time.Minute),
-		LoadBalancer: &protocol.BalancerSpec{ID: id, Name: "front", Nodes: []protocol.BalancerNode{
+		LoadBalancer: &protocol.BalancerSpec{ID: id, Name: "front", Recreate: recreate, Nodes: []protocol.BalancerNode{
 			{Hostname: "a.example.com", Instance: "in-a", MachineID: "m-a", Port: 10000}}}}, msgID)
 }
 
@@ -116,5 +121,36 @@ func TestBalancerRequests(t *testing.T) {
 	st = r2.waitBalancer("lb-front0002", func(st protocol.BalancerState) bool { return st.RequestID == "req-9" })
 	if st.Status != protocol.BalancerFailed || st.Error == nil || st.Error.Code != protocol.CodeUnimplemented {
 		t.Fatalf("state %+v", st)
+	}
+}
+
+// TestBalancerRecreatedOnce: a reprovision removes the load balancer once,
+// however often its request is tried (a failure for now, a redelivery): a
+// second removal would take down the one it made.
+func TestBalancerRecreatedOnce(t *testing.T) {
+	r := newRig(t)
+	b := &balancerRecorder{recorder: newRecorder()}
+	r.run(b, "p1")
+	r.balancerRequest("lb-front0003", protocol.ProvisionBalancerApply, "req-1", 1, "req-1")
+	r.waitBalancer("lb-front0003", func(st protocol.BalancerState) bool {
+		return st.RequestID == "req-1" && st.Status == protocol.BalancerActive
+	})
+	b.mu.Lock()
+	b.flaky = 2
+	b.mu.Unlock()
+	r.publishBalancer("lb-front0003", protocol.ProvisionBalancerApply, "req-2", 2, "req-2", true)
+	st := r.waitBalancer("lb-front0003", func(st protocol.BalancerState) bool {
+		return st.RequestID == "req-2" && st.Status == protocol.BalancerActive
+	})
+	if st.Details[detailRecreatedFor] != "" || st.Address != "lb.example.com" {
+		t.Fatalf("state %+v", st)
+	}
+	// Delivered again after it ended: not done again.
+	r.publishBalancer("lb-front0003", protocol.ProvisionBalancerApply, "req-2", 2, "req-2-again", true)
+	r.balancerRequest("lb-front0003", protocol.ProvisionBalancerDelete, "req-3", 3, "req-3")
+	r.waitBalancer("lb-front0003", func(st protocol.BalancerState) bool { return st.RequestID == "req-3" })
+	want := []string{"apply req-1", "delete req-2", "apply req-2", "apply req-2", "apply req-2", "delete req-3"}
+	if got := b.callList(); !slices.Equal(got, want) {
+		t.Fatalf("calls %v, want %v (removed once, applied until it no longer failed for now)", got, want)
 	}
 }

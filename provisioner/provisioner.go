@@ -280,7 +280,7 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		_ = m.Term()
 		return
 	}
-	if instance := protocol.InstanceFromSubject(m.Subject()); instance != req.Instance {
+	if instance := protocol.InstanceFromSubject(m.Subject()); instance != req.Instance && !req.ForBalancer(instance) {
 		// Whoever may publish on one instance's subject must not act on
 		// another instance.
 		p.log.Warn().Str("subject", m.Subject()).Str("instance", req.Instance).Msg("provision request for another instance than its subject's; rejected")
@@ -307,7 +307,8 @@ func (p *Provisioner) handle(ctx context.Context, m jetstream.Msg) {
 		p.handleBeside(ctx, m, req, log, p.growWork(ctx, req))
 		return
 	case protocol.ProvisionBalancerApply, protocol.ProvisionBalancerDelete:
-		p.handleBalancer(ctx, m, req, log.With().Str("load_balancer", req.Instance).Logger())
+		p.handleBalancer(ctx, m, req, p.log.With().Str("load_balancer", req.LoadBalancer.ID).Str("action", string(req.Action)).
+			Str("request", req.ID).Str("op", req.OpID).Str("call_id", req.CallID).Logger())
 		return
 	}
 	cur, rev, err := p.machineState(ctx, req.Instance)

@@ -172,6 +172,9 @@ func (r *rig) requestMsgID(instance string, action protocol.ProvisionAction, id,
 func (r *rig) publish(req protocol.ProvisionRequest, msgID string) {
 	r.t.Helper()
 	instance, action := req.Instance, req.Action
+	if req.LoadBalancer != nil {
+		instance = req.LoadBalancer.ID // the subject names the load balancer
+	}
 	data, err := protocol.Encode(&req)
 	if err != nil {
 		r.t.Fatal(err)

@@ -20,9 +20,9 @@ import (
 
 const kindAccount = "cloud account"
 
-// maxAccountExtra bounds what an account keeps of the keys FM does not
-// know (a client's echo of another FM's fields).
-const maxAccountExtra = 64 << 10
+// maxExtraKeys bounds what an object (an account, a load balancer) keeps
+// of the keys FM does not know (a client's echo of another FM's fields).
+const maxExtraKeys = 64 << 10
 
 // networksByAccount counts the networks that name each account: one look
 // at the networks, whatever the number of accounts shown.
@@ -258,8 +258,8 @@ func validateAccount(a *api.CloudAccount) error {
 	for k, v := range a.Extra {
 		extra += len(k) + len(v)
 	}
-	if extra > maxAccountExtra {
-		c.fail("(other keys)", "the keys FM does not know take %d bytes; at most %d are kept", extra, maxAccountExtra)
+	if extra > maxExtraKeys {
+		c.fail("(other keys)", "the keys FM does not know take %d bytes; at most %d are kept", extra, maxExtraKeys)
 	}
 	return c.err(kindAccount)
 }

@@ -235,10 +235,8 @@ func (s *Server) deleteInstance(r *http.Request) (any, error) {
 	if opts.keepVolume, err = queryBool(r, "keepVolume", false); err != nil {
 		return nil, err
 	}
-	if lbs, err := s.lbsUsing(r.Context(), id); err != nil {
-		return nil, err
-	} else if len(lbs) > 0 {
-		return nil, precondition("instance %s is a node of load balancer %s: remove it from its nodes (and update it) first", id, describeUsers(lbs))
+	if err := s.checkUnbalanced(r.Context(), id); err != nil {
+		return nil, err // asked again once the instance is claimed
 	}
 	m, err := s.machineOf(r.Context(), id)
 	if err != nil {
@@ -300,6 +298,9 @@ func (s *Server) deleteWithoutMachine(r *http.Request, in api.Instance) (any, er
 			return nil, unavailable(err, "the instance's state could not be written")
 		}
 		s.crash.At("server/delete/instance-claimed")
+		if err := s.refuseIfBalanced(ctx, op, lc.State); err != nil {
+			return nil, err
+		}
 		// Claimed: no reprovision can start any more. A machine may have
 		// been made before the claim, though.
 		if m, _, err := s.st.machines.fetch(ctx, in.ID); err == nil && m.HasMachine() {

@@ -350,6 +350,11 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 			}
 			return api.Future{}, unavailable(err, "the operation was ended before it started; retry")
 		}
+		if a.kind == opDelete {
+			if err := s.refuseIfBalanced(ctx, op, lc.State); err != nil {
+				return api.Future{}, err
+			}
+		}
 		s.log.Info().Str("instance", in.ID).Str("op", op.JobID).Str("action", a.kind).Msg("instance operation started")
 		if desired != nil {
 			if err := s.putDesiredRaw(ctx, in.ID, op.Desired); err != nil {

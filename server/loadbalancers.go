@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"regexp"
 	"slices"
@@ -251,14 +252,14 @@ func (s *Server) actOnLB(ctx context.Context, id string, a lbAction) (any, error
 		if lb.Deleting || !slices.Contains(a.from, lb.State) {
 			return nil, precondition("cannot %s load balancer %s while it is %s", strings.TrimSuffix(a.kind, "-load-balancer"), id, lbStateName(lb))
 		}
-		spec, cloud, err := s.balancerSpec(ctx, lb)
+		spec, cloud, err := s.balancerSpec(ctx, lb, a.request == protocol.ProvisionBalancerApply)
 		if err != nil {
 			return nil, err
 		}
 		spec.Recreate = a.recreate
 		op := newRunningOp(ctx, a.kind, "", lbDeadline)
 		op.TargetKind, op.TargetID, op.LoadBalancer = "loadBalancer", id, id
-		req := protocol.ProvisionRequest{ID: protocol.NewID("req"), Instance: id, Action: a.request, OpID: op.JobID,
+		req := protocol.ProvisionRequest{ID: protocol.NewID("req"), Action: a.request, OpID: op.JobID,
 			CallID: op.CallID, Issued: time.Now().UTC(), Order: lb.Order + 1, Deadline: op.Deadline, Cloud: cloud, LoadBalancer: spec}
 		if op.Request, err = protocol.Encode(&req); err != nil {
 			return nil, internal(err, "the load balancer's request could not be encoded")
@@ -307,11 +308,11 @@ func lbStateName(lb api.LoadBalancer) string {
 	return strings.ToLower(strings.ReplaceAll(lb.State, "_", " "))
 }
 
-// balancerSpec is what the provisioner needs to make lb: its network, and
-// each node's machine and the port its DSS answers on. A node whose
-// instance has no machine running is refused: there would be nothing to
-// send its requests to.
-func (s *Server) balancerSpec(ctx context.Context, lb api.LoadBalancer) (*protocol.BalancerSpec, *protocol.CloudAuth, error) {
+// balancerSpec is what the provisioner needs to make lb (withNodes) or to
+// remove it: its network, and each node's machine and the port DSS
+// answers on. A node whose instance has no machine running is refused:
+// there would be nothing to send its requests to. Removing needs no node.
+func (s *Server) balancerSpec(ctx context.Context, lb api.LoadBalancer, withNodes bool) (*protocol.BalancerSpec, *protocol.CloudAuth, error) {
 	vn, _, err := s.st.networks.getOrFetch(ctx, lb.VirtualNetworkID)
 	if errors.Is(err, errNotFound) {
 		return nil, nil, precondition("the virtual network %s of load balancer %s does not exist", lb.VirtualNetworkID, lb.ID)
@@ -325,15 +326,32 @@ func (s *Server) balancerSpec(ctx context.Context, lb api.LoadBalancer) (*protoc
 	tags := map[string]string{}
 	doc, _, _ := s.st.settings.get(settingsKey(api.DefaultTenant, settingCloudTags))
 	for _, layer := range []map[string]string{doc.CloudTags, vn.CloudTags, lb.CloudTags} {
-		for k, v := range layer {
-			tags[k] = v
-		}
+		maps.Copy(tags, layer)
 	}
 	spec := &protocol.BalancerSpec{ID: lb.ID, Name: lb.Name, Internal: lb.PublicIPMode == api.LBNoPublicIP,
 		CertificateARN: lb.AWSCertificateARN, Tags: tags, SecondSubnetID: vn.AWSSecondSubnetID, Nodes: []protocol.BalancerNode{},
 		Network: protocol.NetworkSpec{ID: vn.ID, Region: vn.AWSRegion, VpcID: vn.AWSVpcID, SubnetID: vn.AWSSubnetID,
 			AutoCreateSecurityGroups: vn.AWSAutoCreateSecurityGroups == nil || *vn.AWSAutoCreateSecurityGroups,
 			SecurityGroups:           vn.AWSSecurityGroups}}
+	if !withNodes {
+		return spec, cloud, nil
+	}
+	if !s.cfg.LocalBackend {
+		// What AWS would refuse halfway, refused before anything is made.
+		var problems []string
+		if vn.AWSSecondSubnetID == "" {
+			problems = append(problems, fmt.Sprintf("virtual network %s has no second subnet (awsSecondSubnetId): an AWS load balancer spans two availability zones", vn.ID))
+		}
+		if !spec.Network.AutoCreateSecurityGroups && len(vn.AWSSecurityGroups)+1 > maxLBSecurityGroups {
+			problems = append(problems, fmt.Sprintf("virtual network %s names %d security groups; with FM's own a load balancer may have %d", vn.ID, len(vn.AWSSecurityGroups), maxLBSecurityGroups))
+		}
+		if len(tags) > maxLBUserTags {
+			problems = append(problems, fmt.Sprintf("the tenant's, the network's and the load balancer's cloud tags are %d together; at most %d (AWS allows 50, FM adds its own)", len(tags), maxLBUserTags))
+		}
+		if len(problems) > 0 {
+			return nil, nil, precondition("load balancer %s cannot be made on AWS: %s", lb.ID, strings.Join(problems, "; "))
+		}
+	}
 	var missing []string
 	for _, n := range lb.Nodes {
 		m, _, err := s.st.machines.fetch(ctx, n.InstanceID)
@@ -344,12 +362,11 @@ func (s *Server) balancerSpec(ctx context.Context, lb api.LoadBalancer) (*protoc
 			missing = append(missing, n.InstanceID)
 			continue
 		}
+		// The port FM gave the instance: not what its agent says, which a
+		// compromised machine could point at another's.
 		lc, _, _ := s.st.lifecycle.get(n.InstanceID)
 		port := lc.BasePort
-		if ag, _, ok := s.st.agents.get(n.InstanceID); ok && ag.DSS.Port != 0 {
-			port = ag.DSS.Port
-		}
-		if port == 0 {
+		if port <= 0 || port > 65535 {
 			port = defaultDSSPort
 		}
 		spec.Nodes = append(spec.Nodes, protocol.BalancerNode{Hostname: strings.ToLower(n.Hostname), Instance: n.InstanceID,
@@ -361,6 +378,13 @@ func (s *Server) balancerSpec(ctx context.Context, lb api.LoadBalancer) (*protoc
 	}
 	return spec, cloud, nil
 }
+
+// What an AWS load balancer allows: 5 security groups; 50 tags, of which
+// FM's take 4 (Name, fm:load-balancer, fm:role, fm:network).
+const (
+	maxLBSecurityGroups = 5
+	maxLBUserTags       = 46
+)
 
 // defaultDSSPort is DSS's port when nothing says otherwise.
 const defaultDSSPort = 10000
@@ -418,15 +442,16 @@ func (s *Server) settleBalancer(ctx context.Context, id string) error {
 	}
 	if found && op.State == api.OpRunning {
 		done := phys.RequestID == op.RequestID && phys.Status != protocol.BalancerApplying && phys.Status != protocol.BalancerDeleting
+		var err error
 		switch {
 		case done && phys.Status == protocol.BalancerFailed:
-			op, _ = s.endOp(ctx, op.JobID, nil, apiErrorOf(phys.Error, "The load balancer operation failed"))
+			op, err = s.endOp(ctx, op.JobID, nil, apiErrorOf(phys.Error, "The load balancer operation failed"))
 		case done:
 			result := lb
 			result.State, result.OperationID, result.Address = lbEndState(op.Kind, true), "", phys.Address
-			op, _ = s.endOp(ctx, op.JobID, result, nil)
+			op, err = s.endOp(ctx, op.JobID, result, nil)
 		case time.Now().After(op.Deadline):
-			op, _ = s.endOp(ctx, op.JobID, nil, &api.Error{ErrorType: string(protocol.CodeDeadlineExceeded), Message: "Operation timed out",
+			op, err = s.endOp(ctx, op.JobID, nil, &api.Error{ErrorType: string(protocol.CodeDeadlineExceeded), Message: "Operation timed out",
 				DetailedMessage: op.Kind + " of " + id + " did not finish by " + op.Deadline.Format(time.RFC3339)})
 		default:
 			if phys.RequestID != op.RequestID && time.Since(op.StartedAt) > s.cfg.RepublishAfter && s.shouldRepublish(op.JobID) {
@@ -435,8 +460,11 @@ func (s *Server) settleBalancer(ctx context.Context, id string) error {
 			}
 			return nil
 		}
-		if op.State == api.OpRunning {
-			return nil // not ended yet (the write failed): next time
+		if err != nil {
+			// Not ended (the write failed, or another replica's came
+			// first): the load balancer is settled from what the bucket
+			// says, next time.
+			return err
 		}
 	}
 	succeeded := found && op.State == api.OpSucceeded
@@ -575,8 +603,8 @@ func (s *Server) validateLB(ctx context.Context, lb *api.LoadBalancer, id string
 	for k, v := range lb.Extra {
 		extra += len(k) + len(v)
 	}
-	if extra > maxAccountExtra {
-		c.fail("(other keys)", "the keys FM does not know take %d bytes; at most %d are kept", extra, maxAccountExtra)
+	if extra > maxExtraKeys {
+		c.fail("(other keys)", "the keys FM does not know take %d bytes; at most %d are kept", extra, maxExtraKeys)
 	}
 	if len(lb.Nodes) > maxLBNodes {
 		c.fail("nodes", "has %d nodes; at most %d are allowed", len(lb.Nodes), maxLBNodes)
@@ -585,7 +613,7 @@ func (s *Server) validateLB(ctx context.Context, lb *api.LoadBalancer, id string
 	for i, n := range lb.Nodes {
 		field := fmt.Sprintf("nodes[%d]", i)
 		switch {
-		case !reHostname.MatchString(n.Hostname) || len(n.Hostname) > 253:
+		case !reHostname.MatchString(n.Hostname) || len(n.Hostname) > 128:
 			c.fail(field+".hostname", "%q is not a host name (such as design.example.com)", n.Hostname)
 		case hosts[n.Hostname]:
 			c.fail(field+".hostname", "%q is listed twice; each node has a host name of its own", n.Hostname)
@@ -634,19 +662,56 @@ func (s *Server) lbReferencesUsable(ctx context.Context, lb api.LoadBalancer) er
 	return nil
 }
 
-// lbsUsing lists the load balancers whose nodes name an instance, as the
-// bus holds them now: an instance one uses cannot be deleted.
+// lbsUsing lists the load balancers whose nodes name an instance, in their
+// settings or as made (a node removed from the settings is served until
+// an update), as the bus holds them now: an instance one uses cannot be
+// deleted.
 func (s *Server) lbsUsing(ctx context.Context, instance string) ([]string, error) {
 	if err := s.st.lbs.sync(ctx); err != nil {
 		return nil, unavailable(err, "the load balancers could not be read")
 	}
+	if err := s.st.balancers.sync(ctx); err != nil {
+		return nil, unavailable(err, "the load balancers could not be read")
+	}
 	var ids []string
 	for _, row := range s.st.lbs.rows() {
-		if slices.ContainsFunc(row.val.Nodes, func(n api.LoadBalancerNode) bool { return n.InstanceID == instance }) {
+		phys, _, _ := s.st.balancers.get(row.key)
+		if slices.ContainsFunc(row.val.Nodes, func(n api.LoadBalancerNode) bool { return n.InstanceID == instance }) ||
+			phys.Status != protocol.BalancerDeleted && slices.ContainsFunc(phys.Nodes, func(n protocol.BalancerNode) bool { return n.Instance == instance }) {
 			ids = append(ids, row.key)
 		}
 	}
 	return ids, nil
+}
+
+// checkUnbalanced refuses the deletion of an instance a load balancer uses.
+func (s *Server) checkUnbalanced(ctx context.Context, instance string) error {
+	lbs, err := s.lbsUsing(ctx, instance)
+	if err != nil {
+		return err
+	}
+	if len(lbs) > 0 {
+		return precondition("instance %s is a node of load balancer %s: remove it from its nodes and update it first", instance, describeUsers(lbs))
+	}
+	return nil
+}
+
+// refuseIfBalanced, once a deletion has claimed its instance, looks again
+// for a load balancer using it: a save that named the instance before the
+// claim has written it by now (one after the claim is undone by
+// lbReferencesUsable). Found, the deletion fails, the instance back in
+// state.
+func (s *Server) refuseIfBalanced(ctx context.Context, op opRecord, state string) error {
+	err := s.checkUnbalanced(ctx, op.Instance)
+	if err == nil {
+		return nil
+	}
+	e := asAPIError(err)
+	if ferr := s.failOpTo(ctx, op, &api.Error{ErrorType: string(e.code), Message: "Not allowed now", DetailedMessage: e.detail}, state); ferr != nil {
+		s.log.Warn().Err(ferr).Str("op", op.JobID).Msg("a deletion refused for a load balancer was not ended; the sweep ends it")
+	}
+	s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
+	return err
 }
 
 // lbsOnNetwork lists the load balancers on a network.

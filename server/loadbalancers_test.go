@@ -16,6 +16,15 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
+// lbFleet is a network with two subnets (an AWS load balancer spans two
+// zones), a template and an image.
+func (f *fm) lbFleet() (api.VirtualNetwork, api.InstanceSettingsTemplate, api.Image) {
+	f.t.Helper()
+	_, tpl, im := f.fleet()
+	vn := f.createNetwork(`{"label":"lb-net","mode":"EXISTING_MONOTENANT","awsVpcId":"vpc-1","awsSubnetId":"subnet-1","awsSecondSubnetId":"subnet-2","awsAutoCreateSecurityGroups":true}`)
+	return vn, tpl, im
+}
+
 func lbBody(name, vn string, nodes ...string) string {
 	var ns []string
 	for i := 0; i+1 < len(nodes); i += 2 {
@@ -58,9 +67,15 @@ func TestLoadBalancerSettings(t *testing.T) {
 			if !strings.Contains(e.DetailedMessage, tc.field) {
 				t.Fatalf("the error does not name %s: %s", tc.field, e.DetailedMessage)
 			}
+			var before, after map[string]any
+			f.ok(f.do("GET", "/load-balancers/"+lb.ID, ""), &before)
 			r := f.do("PUT", "/load-balancers/"+lb.ID, tc.body)
 			if r.status != 400 {
 				t.Fatalf("save: %d %s", r.status, r.body)
+			}
+			f.ok(f.do("GET", "/load-balancers/"+lb.ID, ""), &after)
+			if b, a := mustJSON(t, before), mustJSON(t, after); a != b {
+				t.Fatalf("a refused save changed the load balancer: %s -> %s", b, a)
 			}
 		})
 	}
@@ -190,7 +205,7 @@ func TestLoadBalancerActions(t *testing.T) {
 	}))
 	js := f.env.Bus.JetStream(t)
 	fb := &fakeBalancers{t: t, js: js}
-	vn, tpl, im := f.fleet()
+	vn, tpl, im := f.lbFleet()
 	a := f.createInstance(instanceBody("a", vn.ID, tpl.ID, im.ID))
 	var lb api.LoadBalancer
 	f.ok(f.do("POST", "/load-balancers", lbBody("front", vn.ID, "a.example.com", a.ID)), &lb)
@@ -202,6 +217,27 @@ func TestLoadBalancerActions(t *testing.T) {
 	}
 	machineRunning(t, js, a.ID, "req-a")
 	f.failed(f.do("POST", "/load-balancers/"+lb.ID+"/actions/update", ""), 409, "FailedPrecondition") // not made yet
+	// The instance's agent says DSS answers on port 22 (a compromised
+	// machine pointing its host name at another service): not believed.
+	agents, err := js.KeyValue(context.Background(), protocol.BucketAgents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lying := protocol.AgentStatus{Instance: a.ID, Time: time.Now().UTC(), Phase: protocol.PhaseReady,
+		DSS: protocol.DSSStatus{State: protocol.DSSRunning, Version: "14.0.0", NodeType: "design", Port: 22}}
+	data, _ := protocol.Encode(&lying)
+	if _, err := agents.Put(context.Background(), a.ID, data); err != nil {
+		t.Fatal(err)
+	}
+
+	// On AWS, a network without a second subnet has no room for one:
+	// refused before anything is sent.
+	one := f.createNetwork(`{"label":"one-subnet","mode":"EXISTING_MONOTENANT","awsVpcId":"vpc-1","awsSubnetId":"subnet-1","awsAutoCreateSecurityGroups":true}`)
+	var narrow api.LoadBalancer
+	f.ok(f.do("POST", "/load-balancers", lbBody("narrow", one.ID)), &narrow)
+	if e := f.failed(f.do("POST", "/load-balancers/"+narrow.ID+"/actions/provision", ""), 409, "FailedPrecondition"); !strings.Contains(e.DetailedMessage, "second subnet") {
+		t.Fatal(e.DetailedMessage)
+	}
 
 	var op api.Future
 	f.ok(f.do("POST", "/load-balancers/"+lb.ID+"/actions/provision", ""), &op)
@@ -210,8 +246,8 @@ func TestLoadBalancerActions(t *testing.T) {
 	}
 	f.failed(f.do("POST", "/load-balancers/"+lb.ID+"/actions/provision", ""), 409, "FailedPrecondition") // one at a time
 	req := fb.answer(lb.ID, protocol.ProvisionBalancerApply)
-	if req.Order != 1 || req.Instance != lb.ID || len(req.LoadBalancer.Nodes) != 1 || req.LoadBalancer.Nodes[0].MachineID != "m-1" ||
-		req.LoadBalancer.Nodes[0].Hostname != "a.example.com" || req.LoadBalancer.Nodes[0].Port == 0 || req.LoadBalancer.Network.VpcID != "vpc-1" {
+	if req.Order != 1 || req.Instance != "" || req.LoadBalancer.ID != lb.ID || len(req.LoadBalancer.Nodes) != 1 || req.LoadBalancer.Nodes[0].MachineID != "m-1" ||
+		req.LoadBalancer.Nodes[0].Hostname != "a.example.com" || req.LoadBalancer.Nodes[0].Port != 10000 || req.LoadBalancer.Network.VpcID != "vpc-1" {
 		t.Fatalf("the request: %+v %+v", req, req.LoadBalancer)
 	}
 	f.waitFuture(op.JobID, api.OpSucceeded, 10*time.Second)
@@ -297,7 +333,7 @@ func TestALoadBalancerActionThatDies(t *testing.T) {
 	}))
 	t.Cleanup(func() { close(dead) })
 	js := f.env.Bus.JetStream(t)
-	vn, tpl, im := f.fleet()
+	vn, tpl, im := f.lbFleet()
 	a := f.createInstance(instanceBody("a", vn.ID, tpl.ID, im.ID))
 	machineRunning(t, js, a.ID, "req-a")
 	var lb api.LoadBalancer
@@ -327,5 +363,78 @@ func TestALoadBalancerActionThatDies(t *testing.T) {
 	}
 	if info, _ := st.Info(context.Background()); info.State.Msgs != 0 {
 		t.Fatalf("%d requests were sent", info.State.Msgs)
+	}
+}
+
+// TestALoadBalancerRacingAnInstanceDeletion: a save naming an instance
+// and the instance's deletion, interleaved either way, never both succeed.
+func TestALoadBalancerRacingAnInstanceDeletion(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		point   string // where the deletion waits
+		machine bool   // the instance has a machine (the deletion is an operation)
+	}{
+		// The deletion claimed the instance; then the save: refused.
+		{"the deletion first", "server/delete/instance-claimed", false},
+		// The deletion looked at the load balancers, then the save, then
+		// the claim: the deletion looks again and is refused.
+		{"the save first", "server/act/op-recorded", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			paused, resume := make(chan struct{}), make(chan struct{})
+			var once sync.Once
+			f := start(t, servertest.WithConfig(func(c *server.Config) {
+				c.LocalBackend = true
+				c.Crash = func(point string) {
+					if point == tc.point {
+						once.Do(func() {
+							close(paused)
+							<-resume
+						})
+					}
+				}
+			}))
+			vn, tpl, _ := f.fleet()
+			kit := f.addImageWithKit("dss-race", "14.0.0")
+			a := f.createInstance(instanceBody("a", vn.ID, tpl.ID, kit.ID))
+			b := f.createInstance(instanceBody("b", vn.ID, tpl.ID, kit.ID))
+			if tc.machine {
+				machineRunning(t, f.env.Bus.JetStream(t), a.ID, "req-a")
+			}
+			var lb api.LoadBalancer
+			f.ok(f.do("POST", "/load-balancers", lbBody("front", vn.ID, "b.example.com", b.ID)), &lb)
+			deleted := make(chan response, 1)
+			go func() {
+				r, err := f.tryFrom("", "GET", "/instances/"+a.ID+"/actions/delete?force=True", "", f.env.Key.ID, f.env.Key.Secret)
+				if err != nil {
+					r = response{body: []byte(err.Error())}
+				}
+				deleted <- r
+			}()
+			select {
+			case <-paused:
+			case r := <-deleted:
+				t.Fatalf("the deletion never reached %s: %d %s", tc.point, r.status, r.body)
+			case <-time.After(30 * time.Second):
+				t.Fatalf("the deletion never reached %s", tc.point)
+			}
+			saved := f.do("PUT", "/load-balancers/"+lb.ID, lbBody("front", vn.ID, "b.example.com", b.ID, "a.example.com", a.ID))
+			close(resume)
+			del := <-deleted
+			if tc.machine {
+				if saved.status != 200 || del.status != 409 {
+					t.Fatalf("save %d %s; deletion %d %s", saved.status, saved.body, del.status, del.body)
+				}
+				f.ok(f.do("GET", "/instances/"+a.ID, ""), nil)
+				return
+			}
+			if saved.status != 409 || del.status != 200 {
+				t.Fatalf("save %d %s; deletion %d %s", saved.status, saved.body, del.status, del.body)
+			}
+			f.ok(f.do("GET", "/load-balancers/"+lb.ID, ""), &lb)
+			if len(lb.Nodes) != 1 || lb.Nodes[0].InstanceID != b.ID {
+				t.Fatalf("the refused save changed the load balancer: %+v", lb.Nodes)
+			}
+		})
 	}
 }

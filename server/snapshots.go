@@ -201,8 +201,7 @@ func (s *Server) reprovisionFromSnapshot(r *http.Request) (any, error) {
 
 // foldSnapshotStep adds a provisioner's step (the volume frozen, the
 // archive's upload and how far it got) to the snapshot operation it names,
-// if it names a running one of its instance, or to the load balancer
-// operation it names, if of its load balancer, and says whether it did:
+// if it names a running one of its instance, and says whether it did:
 // snapshot operations hold no lifecycle, and their outcome is a snapshot
 // event (foldSnapshot).
 func (s *Server) foldSnapshotStep(ctx context.Context, e protocol.Event) (bool, error) {
@@ -216,15 +215,7 @@ func (s *Server) foldSnapshotStep(ctx context.Context, e protocol.Event) (bool, 
 			return false, err
 		}
 	}
-	if op.State != api.OpRunning {
-		return false, nil
-	}
-	if op.LoadBalancer != "" && op.LoadBalancer == e.Instance && e.Source == protocol.SourceProvisioner {
-		// A load balancer's step, which the provisioner reports under the
-		// load balancer's id.
-		return true, s.addStep(ctx, op.JobID, e.Step, e)
-	}
-	if op.Kind != opSnapshot && op.Kind != opDeleteSnapshot || op.Instance != e.Instance {
+	if op.Kind != opSnapshot && op.Kind != opDeleteSnapshot || op.State != api.OpRunning || op.Instance != e.Instance {
 		return false, nil
 	}
 	return true, s.addStep(ctx, op.JobID, "machine: "+e.Step, e)

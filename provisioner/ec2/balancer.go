@@ -100,21 +100,11 @@ func (b *Backend) ApplyBalancer(ctx context.Context, req provisioner.Request, cu
 	if err != nil {
 		return cur, err
 	}
-	if spec.Recreate {
-		if err := b.removeBalancer(ctx, c, spec.ID); err != nil {
-			return cur, err
-		}
-		req.Progress("load-balancer-removed", "the load balancer was removed, to be made again")
-	}
 	if err := b.checkBalancer(spec); err != nil {
 		return cur, err
 	}
-	groups, err := b.securityGroups(ctx, c, &protocol.MachineSpec{Network: spec.Network, Tags: spec.Tags})
-	if err != nil {
-		return cur, err
-	}
-	lbGroup, err := b.ensureGroup(ctx, c, &protocol.MachineSpec{Network: spec.Network, Tags: spec.Tags}, "lb",
-		"Fleet Manager: HTTP and HTTPS to load balancers", func(string) []types.IpPermission {
+	lbGroup, err := b.ensureGroup(ctx, c, spec.Network, spec.Tags, "lb", "Fleet Manager: HTTP and HTTPS to load balancers",
+		func(string) []types.IpPermission {
 			var ranges []types.IpRange
 			for _, cidr := range b.cfg.IngressCIDRs {
 				ranges = append(ranges, types.IpRange{CidrIp: aws.String(cidr), Description: aws.String("Fleet Manager ingress")})
@@ -128,13 +118,18 @@ func (b *Backend) ApplyBalancer(ctx context.Context, req provisioner.Request, cu
 	if err != nil {
 		return cur, err
 	}
-	// The load balancer joins the network's members' group (FM's last),
-	// which its machines let in on every port.
+	// The load balancer joins the network's members' group, which its
+	// machines let in on every port; or, where FM makes no groups, the
+	// network's own.
 	sgs := []string{lbGroup}
 	if spec.Network.AutoCreateSecurityGroups {
-		sgs = append(sgs, groups[len(groups)-1])
+		members, err := b.membersGroup(ctx, c, spec.Network, spec.Tags)
+		if err != nil {
+			return cur, err
+		}
+		sgs = append(sgs, members)
 	} else {
-		sgs = append(sgs, groups...)
+		sgs = append(sgs, spec.Network.SecurityGroups...)
 	}
 	lb, err := b.ensureLoadBalancer(ctx, c, spec, sgs)
 	if err != nil {
@@ -183,7 +178,13 @@ func (b *Backend) ApplyBalancer(ctx context.Context, req provisioner.Request, cu
 		return cur, err
 	}
 	for _, w := range wants[1:] {
-		if _, err := b.ensureListener(ctx, c, spec.ID, arn, have, w); err != nil {
+		other, err := b.ensureListener(ctx, c, spec.ID, arn, have, w)
+		if err != nil {
+			return cur, err
+		}
+		// Its host rules (made when it routed, before a certificate came)
+		// go: it redirects them all now, and they hold target groups.
+		if err := b.ensureRules(ctx, c, other, nil); err != nil {
 			return cur, err
 		}
 	}
@@ -276,7 +277,7 @@ func (b *Backend) ensureLoadBalancer(ctx context.Context, c clients, spec *proto
 // lbTags are the user's tags, a Name, and FM's, which win.
 func lbTags(spec *protocol.BalancerSpec, name string, fm map[string]string) []elbtypes.Tag {
 	var tags []elbtypes.Tag
-	for _, t := range tagsFor(&protocol.MachineSpec{Tags: spec.Tags}, name, fm) {
+	for _, t := range tagList(spec.Tags, name, fm) {
 		tags = append(tags, elbtypes.Tag{Key: t.Key, Value: t.Value})
 	}
 	slices.SortFunc(tags, func(a, b elbtypes.Tag) int { return strings.Compare(aws.ToString(a.Key), aws.ToString(b.Key)) })

@@ -1,6 +1,7 @@
 package ec2
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -9,9 +10,16 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"math/big"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -118,7 +126,7 @@ func (w *lbWorld) lbSpec(n int, cert string) *protocol.BalancerSpec {
 }
 
 func (w *lbWorld) lbRequest(id string, action protocol.ProvisionAction, spec *protocol.BalancerSpec) provisioner.Request {
-	return provisioner.Request{ProvisionRequest: protocol.ProvisionRequest{ID: id, Instance: spec.ID, Action: action, LoadBalancer: spec},
+	return provisioner.Request{ProvisionRequest: protocol.ProvisionRequest{ID: id, Action: action, LoadBalancer: spec},
 		Progress: func(string, string) {}}
 }
 
@@ -128,13 +136,15 @@ type lbFound struct {
 	groups    map[string][]string // target group name -> its targets
 	listeners map[int32]elbtypes.Listener
 	hosts     map[string]string // rule host -> target group ARN
+	hostPort  map[string]int32  // rule host -> its listener's port
 	arnToName map[string]string
 }
 
 func (w *lbWorld) found(t *testing.T, id string) lbFound {
 	t.Helper()
 	ctx := context.Background()
-	f := lbFound{groups: map[string][]string{}, listeners: map[int32]elbtypes.Listener{}, hosts: map[string]string{}, arnToName: map[string]string{}}
+	f := lbFound{groups: map[string][]string{}, listeners: map[int32]elbtypes.Listener{}, hosts: map[string]string{}, hostPort: map[string]int32{},
+		arnToName: map[string]string{}}
 	all, err := w.elb.DescribeLoadBalancers(ctx, &elb.DescribeLoadBalancersInput{})
 	if err != nil {
 		t.Fatal(err)
@@ -182,6 +192,7 @@ func (w *lbWorld) found(t *testing.T, id string) lbFound {
 					t.Errorf("two rules for %s", h)
 				}
 				f.hosts[h] = aws.ToString(r.Actions[0].TargetGroupArn)
+				f.hostPort[h] = aws.ToInt32(l.Port)
 			}
 		}
 	}
@@ -221,6 +232,11 @@ func (f lbFound) check(t *testing.T, spec *protocol.BalancerSpec) {
 	}
 	if len(f.listeners) != map[bool]int{true: 2, false: 1}[spec.CertificateARN != ""] || f.listeners[routing].ListenerArn == nil {
 		t.Fatalf("listeners %v", f.listeners)
+	}
+	for h, port := range f.hostPort {
+		if port != routing {
+			t.Fatalf("the rule of %s is on port %d, not on the routing listener's %d", h, port, routing)
+		}
 	}
 	wantScheme := elbtypes.LoadBalancerSchemeEnumInternetFacing
 	if spec.Internal {
@@ -292,13 +308,24 @@ func TestLoadBalancerOnMoto(t *testing.T) {
 	}
 	w.found(t, spec.ID).check(t, spec)
 
-	// A scheme cannot change in place; a reprovision makes it again.
+	// A certificate again: the host rules move to HTTPS, HTTP redirects
+	// them all (no rule left on 80 to route around it).
+	spec.CertificateARN = cert
+	if st, err = w.backend.ApplyBalancer(ctx, w.lbRequest("req-4b", protocol.ProvisionBalancerApply, spec), st); err != nil {
+		t.Fatal(err)
+	}
+	w.found(t, spec.ID).check(t, spec)
+
+	// A scheme cannot change in place; a reprovision (the provisioner
+	// removes it, then makes it) makes it again.
 	spec.Internal = true
 	if _, err := w.backend.ApplyBalancer(ctx, w.lbRequest("req-5", protocol.ProvisionBalancerApply, spec), st); err == nil || !strings.Contains(err.Error(), "reprovision") {
 		t.Fatalf("a scheme changed in place: %v", err)
 	}
-	spec.Recreate = true
-	if st, err = w.backend.ApplyBalancer(ctx, w.lbRequest("req-6", protocol.ProvisionBalancerApply, spec), st); err != nil {
+	if err := w.backend.DeleteBalancer(ctx, w.lbRequest("req-6", protocol.ProvisionBalancerApply, spec), st); err != nil {
+		t.Fatal(err)
+	}
+	if st, err = w.backend.ApplyBalancer(ctx, w.lbRequest("req-6", protocol.ProvisionBalancerApply, spec), protocol.BalancerState{}); err != nil {
 		t.Fatal(err)
 	}
 	w.found(t, spec.ID).check(t, spec)
@@ -418,4 +445,69 @@ func (w *lbWorld) withCrash(t *testing.T, hook crashpoint.Hook) *Backend {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// TestLoadBalancerAsTheAccountsRole: a load balancer is made and removed as
+// its network's cloud account: the role assumed with the account's
+// external id, and every EC2 and ELB call signed with the credentials it
+// gave, none with the provisioner's own.
+func TestLoadBalancerAsTheAccountsRole(t *testing.T) {
+	w := newLBWorld(t)
+	own := os.Getenv("AWS_ACCESS_KEY_ID")
+	if own == "" {
+		t.Fatal("moto's environment names no access key")
+	}
+	target, err := url.Parse(w.moto.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var assumed, asOwn []string
+	calls := 0
+	forward := httputil.NewSingleHostReverseProxy(target)
+	proxy := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		form, _ := url.ParseQuery(string(body))
+		mu.Lock()
+		if form.Get("Action") == "AssumeRole" {
+			assumed = append(assumed, form.Get("RoleArn")+" "+form.Get("ExternalId"))
+		} else {
+			calls++
+			if strings.Contains(r.Header.Get("Authorization"), "Credential="+own+"/") {
+				asOwn = append(asOwn, form.Get("Action"))
+			}
+		}
+		mu.Unlock()
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		forward.ServeHTTP(rw, r)
+	}))
+	t.Cleanup(proxy.Close)
+	b, err := New(Config{Region: mototest.Region, Endpoint: proxy.URL, AgentNATSURL: "nats://fm:4222",
+		Poll: 20 * time.Millisecond, Timeout: 30 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := w.lbSpec(2, w.certificate(t, "account"))
+	auth := &protocol.CloudAuth{Mode: protocol.CloudAuthIAMRole, RoleARN: "arn:aws:iam::123456789012:role/fm-account", ExternalID: "fm-0123abcd"}
+	req := w.lbRequest("req-acct", protocol.ProvisionBalancerApply, spec)
+	req.Cloud = auth
+	st, err := b.ApplyBalancer(context.Background(), req, protocol.BalancerState{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.found(t, spec.ID).check(t, spec)
+	del := w.lbRequest("req-acct-del", protocol.ProvisionBalancerDelete, spec)
+	del.Cloud = auth
+	if err := b.DeleteBalancer(context.Background(), del, st); err != nil {
+		t.Fatal(err)
+	}
+	w.found(t, spec.ID).check(t, nil)
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.Contains(assumed, "arn:aws:iam::123456789012:role/fm-account fm-0123abcd") {
+		t.Fatalf("roles assumed (ARN, external id): %q", assumed)
+	}
+	if len(asOwn) > 0 || calls < 10 {
+		t.Fatalf("%d calls; as the provisioner's own identity: %v", calls, asOwn)
+	}
 }

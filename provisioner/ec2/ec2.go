@@ -112,11 +112,19 @@ const (
 // tagsFor builds an AWS tag list: the user's tags (tenant -> network ->
 // instance, already merged), a Name, then FM's, which win.
 func tagsFor(spec *protocol.MachineSpec, name string, fm map[string]string) []types.Tag {
-	all := map[string]string{}
+	var user map[string]string
 	if spec != nil {
-		for k, v := range spec.Tags {
-			all[k] = v
-		}
+		user = spec.Tags
+	}
+	return tagList(user, name, fm)
+}
+
+// tagList builds an AWS tag list from the user's tags, a Name and FM's,
+// which win.
+func tagList(user map[string]string, name string, fm map[string]string) []types.Tag {
+	all := maps.Clone(user)
+	if all == nil {
+		all = map[string]string{}
 	}
 	if _, ok := all["Name"]; !ok && name != "" {
 		all["Name"] = name

@@ -229,13 +229,11 @@ func (b *Backend) securityGroups(ctx context.Context, c clients, spec *protocol.
 	for _, port := range webPorts(spec.BasePort) {
 		web = append(web, types.IpPermission{IpProtocol: aws.String("tcp"), FromPort: aws.Int32(port), ToPort: aws.Int32(port), IpRanges: ranges})
 	}
-	webID, err := b.ensureGroup(ctx, c, spec, "web", "Fleet Manager: SSH, HTTP and HTTPS to DSS", func(string) []types.IpPermission { return web })
+	webID, err := b.ensureGroup(ctx, c, spec.Network, spec.Tags, "web", "Fleet Manager: SSH, HTTP and HTTPS to DSS", func(string) []types.IpPermission { return web })
 	if err != nil {
 		return nil, err
 	}
-	membersID, err := b.ensureGroup(ctx, c, spec, "members", "Fleet Manager: all traffic between members", func(self string) []types.IpPermission {
-		return []types.IpPermission{{IpProtocol: aws.String("-1"), UserIdGroupPairs: []types.UserIdGroupPair{{GroupId: aws.String(self)}}}}
-	})
+	membersID, err := b.membersGroup(ctx, c, spec.Network, spec.Tags)
 	if err != nil {
 		return nil, err
 	}
@@ -245,10 +243,11 @@ func (b *Backend) securityGroups(ctx context.Context, c clients, spec *protocol.
 // ensureGroup finds the network's group of that kind by name (made before,
 // perhaps by a provisioner that then died) or creates it, then makes sure
 // its rules are there.
-func (b *Backend) ensureGroup(ctx context.Context, c clients, spec *protocol.MachineSpec, kind, desc string, rules func(self string) []types.IpPermission) (string, error) {
-	name := "fm-" + spec.Network.ID + "-" + kind
+func (b *Backend) ensureGroup(ctx context.Context, c clients, network protocol.NetworkSpec, tags map[string]string, kind, desc string,
+	rules func(self string) []types.IpPermission) (string, error) {
+	name := "fm-" + network.ID + "-" + kind
 	out, err := c.ec2.DescribeSecurityGroups(ctx, &ec2.DescribeSecurityGroupsInput{Filters: []types.Filter{
-		{Name: aws.String("vpc-id"), Values: []string{spec.Network.VpcID}}, {Name: aws.String("group-name"), Values: []string{name}}}})
+		{Name: aws.String("vpc-id"), Values: []string{network.VpcID}}, {Name: aws.String("group-name"), Values: []string{name}}}})
 	if err != nil {
 		return "", cloudError("look up security group "+name, err)
 	}
@@ -257,8 +256,8 @@ func (b *Backend) ensureGroup(ctx context.Context, c clients, spec *protocol.Mac
 		id = aws.ToString(out.SecurityGroups[0].GroupId)
 	} else {
 		created, err := c.ec2.CreateSecurityGroup(ctx, &ec2.CreateSecurityGroupInput{
-			GroupName: aws.String(name), Description: aws.String(desc), VpcId: aws.String(spec.Network.VpcID),
-			TagSpecifications: tagSpec(types.ResourceTypeSecurityGroup, tagsFor(spec, name, map[string]string{TagRole: roleSG, TagNetwork: spec.Network.ID})),
+			GroupName: aws.String(name), Description: aws.String(desc), VpcId: aws.String(network.VpcID),
+			TagSpecifications: tagSpec(types.ResourceTypeSecurityGroup, tagList(tags, name, map[string]string{TagRole: roleSG, TagNetwork: network.ID})),
 		})
 		if err != nil {
 			return "", cloudError("create security group "+name, err)
@@ -274,6 +273,14 @@ func (b *Backend) ensureGroup(ctx context.Context, c clients, spec *protocol.Mac
 		}
 	}
 	return id, nil
+}
+
+// membersGroup is the network's members' group: all traffic between its
+// members (machines, load balancers).
+func (b *Backend) membersGroup(ctx context.Context, c clients, network protocol.NetworkSpec, tags map[string]string) (string, error) {
+	return b.ensureGroup(ctx, c, network, tags, "members", "Fleet Manager: all traffic between members", func(self string) []types.IpPermission {
+		return []types.IpPermission{{IpProtocol: aws.String("-1"), UserIdGroupPairs: []types.UserIdGroupPair{{GroupId: aws.String(self)}}}}
+	})
 }
 
 // webPorts are the ports FM's web group opens: SSH, HTTP, HTTPS, and DSS's

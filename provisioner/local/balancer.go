@@ -64,18 +64,12 @@ func (b *Backend) balancerPath(id string) string { return filepath.Join(b.balanc
 // request is refused meanwhile), on the port it had.
 func (b *Backend) ApplyBalancer(_ context.Context, req provisioner.Request, cur protocol.BalancerState) (protocol.BalancerState, error) {
 	spec := req.LoadBalancer
-	if spec.Recreate {
-		b.stopProxy(spec.ID)
-		if err := os.Remove(b.balancerPath(spec.ID)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return cur, fmt.Errorf("remove the load balancer's file: %w", err)
-		}
-	}
 	f := balancerFile{ID: spec.ID, Nodes: spec.Nodes}
 	if old, err := b.readBalancer(spec.ID); err == nil {
 		f.Port = old.Port
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return cur, err
-	} else if p, err := strconv.Atoi(cur.Details["port"]); err == nil && !spec.Recreate {
+	} else if p, err := strconv.Atoi(cur.Details["port"]); err == nil {
 		f.Port = p
 	}
 	px, err := b.serve(f)
@@ -113,8 +107,15 @@ func (b *Backend) serveBalancers() {
 			continue
 		}
 		f, err := b.readBalancer(id)
+		var px *proxy
 		if err == nil {
-			_, err = b.serve(f)
+			px, err = b.serve(f)
+		}
+		if err == nil && px.port != f.Port {
+			// Its port was taken meanwhile: the file says where it is now
+			// (the recorded address follows at its next apply).
+			f.Port = px.port
+			err = b.writeBalancer(f)
 		}
 		if err != nil {
 			b.log.Error().Err(err).Str("load_balancer", id).Msg("load balancer not served; applying it again serves it")

@@ -54,7 +54,7 @@ func TestLocalLoadBalancer(t *testing.T) {
 	a, c := node(t, "a"), node(t, "c")
 	spec := &protocol.BalancerSpec{ID: "lb-front0001", Name: "front", Nodes: []protocol.BalancerNode{a}}
 	req := func(action protocol.ProvisionAction) provisioner.Request {
-		return provisioner.Request{ProvisionRequest: protocol.ProvisionRequest{ID: "req-1", Instance: spec.ID, Action: action, LoadBalancer: spec},
+		return provisioner.Request{ProvisionRequest: protocol.ProvisionRequest{ID: "req-1", Action: action, LoadBalancer: spec},
 			Progress: func(string, string) {}}
 	}
 	ctx := context.Background()
