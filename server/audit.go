@@ -18,7 +18,7 @@ import (
 func (s *Server) audit(r *http.Request, outcome string, status int, err error) {
 	who, role := "anonymous", ""
 	if p := principalFrom(r.Context()); p != nil {
-		who, role = "key:"+p.KeyID, p.Role
+		who, role = p.who(), p.Role
 	}
 	s.auditAs(r, who, role, outcome, status, err)
 }

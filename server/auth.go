@@ -51,8 +51,18 @@ type KeyFile struct {
 
 // Principal is the authenticated caller of a request.
 type Principal struct {
+	// KeyID is the API key's id, or "sso:<user>" for a person signed in
+	// by SSO (sso.go).
 	KeyID string
 	Role  string
+}
+
+// who names the principal on the audit trail: "key:<id>", or "sso:<user>".
+func (p *Principal) who() string {
+	if strings.HasPrefix(p.KeyID, ssoPrefix) {
+		return p.KeyID
+	}
+	return "key:" + p.KeyID
 }
 
 // isViewer reports whether the request's caller only has the viewer role.
@@ -262,6 +272,19 @@ func clientAddr(r *http.Request) string {
 // checking.
 func (s *Server) requireAuth(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
+			// A person signed in by SSO (sso.go).
+			p, err := s.checkBearer(r, strings.TrimSpace(token))
+			if err != nil {
+				if asAPIError(err).code == protocol.CodeUnauthenticated {
+					w.Header().Set("WWW-Authenticate", `Bearer realm="fleet-manager"`)
+				}
+				s.writeError(w, r, err)
+				return
+			}
+			next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), principalKey{}, p)))
+			return
+		}
 		id, secret, ok := r.BasicAuth()
 		if !ok {
 			w.Header().Set("WWW-Authenticate", `Basic realm="fleet-manager"`)

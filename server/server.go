@@ -168,8 +168,10 @@ type Server struct {
 	// (attemptLimiter), and shared with the other replicas
 	// (ratelimitshare.go), who know this one as replica.
 	apiByAddr, apiByKey, joinByAddr *attemptLimiter
-	replica                         string
-	failures                        *nats.Subscription // the other replicas' failures
+	// sso verifies the ID tokens of people signed in by SSO (sso.go).
+	sso      ssoVerifiers
+	replica  string
+	failures *nats.Subscription // the other replicas' failures
 }
 
 // New declares the bus topology, loads the fleet's objects and opens the
@@ -469,10 +471,9 @@ func (s *Server) handler() http.Handler {
 	for name := range lbActions() {
 		route(t+"/load-balancers/{id}/actions/"+name, methods{"POST": writes(RoleOperator, s.lbAction(name))})
 	}
-	for _, p := range []string{"/iam"} {
-		h := routeHandler{s: s, tenant: true, methods: unsupported(p)}
-		mux.Handle(t+p, h)
-		mux.Handle(t+p+"/", h)
+	// IAM settings hold how people sign in: an admin's to read too.
+	for name := range iamSettings {
+		route(t+"/iam/"+name, methods{"GET": reads(RoleAdmin, s.getIAM(name)), "PUT": writes(RoleAdmin, s.putIAM(name))})
 	}
 	mux.Handle("/", routeHandler{s: s, methods: unknownPath()})
 
@@ -497,15 +498,6 @@ func (s *Server) handler() http.Handler {
 	root.Handle("/healthz", routeHandler{s: s, methods: methods{"GET": reads(RoleViewer, s.healthz)}})
 	root.Handle("/", routeHandler{s: s, methods: unknownPath()})
 	return cleanPath(forwardedFor(s.cfg.TrustedProxies, withCallIDs(s.recoverPanics(s.logRequests(root)))))
-}
-
-// unsupported answers every method of a Dataiku endpoint FM does not have.
-func unsupported(prefix string) methods {
-	h := reads(RoleViewer, func(r *http.Request) (any, error) {
-		return nil, newAPIError("Unimplemented", "Not supported",
-			"%s: this Fleet Manager does not support %s", r.URL.Path, prefix[1:])
-	})
-	return methods{"GET": h, "POST": h, "PUT": h, "DELETE": h}
 }
 
 func unknownPath() methods {

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -52,6 +53,10 @@ type settingsDoc struct {
 	Expiring map[string]int64 `json:"expiring,omitempty"`
 	// Alerting is where the server sends its alerts (alertwebhook.go).
 	Alerting *api.AlertSettings `json:"alerting,omitempty"`
+	// IAM is an IAM setting as it was saved, but its secret, kept sealed
+	// in IAMSecret (iam.go).
+	IAM       map[string]json.RawMessage `json:"iam,omitempty"`
+	IAMSecret string                     `json:"iamSecret,omitempty"`
 }
 
 func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log zerolog.Logger) (*stores, error) {
@@ -130,6 +135,7 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 			secrets["credentials.licenseToken"] = &d.Credentials.LicenseToken
 			secrets["credentials.license"] = &d.Credentials.License
 		}
+		secrets["iamSecret"] = &d.IAMSecret
 		// A chat webhook's URL is its credential.
 		if d.Alerting != nil {
 			secrets["alerting.webhookURL"] = &d.Alerting.WebhookURL

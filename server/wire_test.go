@@ -67,14 +67,6 @@ func TestWireQuirks(t *testing.T) {
 		// Without a key, the API's paths ask for one (and redirect nowhere).
 		f.failed(f.doAs("GET", "/api", "", "", ""), 401, "Unauthenticated")
 	})
-	t.Run("unsupported Dataiku endpoints say so", func(t *testing.T) {
-		for _, p := range []string{"/iam/sso-settings"} {
-			e := f.failed(f.do("GET", p, ""), 501, "Unimplemented")
-			if !strings.Contains(e.DetailedMessage, "does not support") {
-				t.Fatal(e.DetailedMessage)
-			}
-		}
-	})
 	t.Run("a JSON content type is not required nor harmful", func(t *testing.T) {
 		req, _ := http.NewRequest("PUT", f.env.URL+tenantPath+"/cloud-tags", strings.NewReader(`{"a":"b"}`))
 		req.SetBasicAuth(f.env.Key.ID, f.env.Key.Secret)
