@@ -271,6 +271,9 @@ func (s *Server) reconcile(ctx context.Context, id string) error {
 			if time.Since(op.StartedAt) < s.cfg.RepublishAfter {
 				return nil
 			}
+			if s.balancedDeletion(ctx, op) {
+				return nil
+			}
 			if m.HasMachine() {
 				// Made after the deletion looked (a stale copy): deleting the
 				// instance now would leave the machine running unseen.

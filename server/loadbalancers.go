@@ -379,11 +379,12 @@ func (s *Server) balancerSpec(ctx context.Context, lb api.LoadBalancer, withNode
 	return spec, cloud, nil
 }
 
-// What an AWS load balancer allows: 5 security groups; 50 tags, of which
-// FM's take 4 (Name, fm:load-balancer, fm:role, fm:network).
+// What an AWS load balancer allows: 5 security groups; 50 tags on each
+// thing made, of which FM's take at most 5 (a target group's: Name,
+// fm:load-balancer, fm:role, fm:instance, fm:hostname; provisioner/ec2).
 const (
 	maxLBSecurityGroups = 5
-	maxLBUserTags       = 46
+	maxLBUserTags       = 45
 )
 
 // defaultDSSPort is DSS's port when nothing says otherwise.
@@ -700,18 +701,44 @@ func (s *Server) checkUnbalanced(ctx context.Context, instance string) error {
 // for a load balancer using it: a save that named the instance before the
 // claim has written it by now (one after the claim is undone by
 // lbReferencesUsable). Found, the deletion fails, the instance back in
-// state.
+// state. A look that could not be made (the bus away) leaves the
+// deletion claimed and unsent: the sweep looks again before it sends it
+// (balancedDeletion), or before it ends one without a machine.
 func (s *Server) refuseIfBalanced(ctx context.Context, op opRecord, state string) error {
 	err := s.checkUnbalanced(ctx, op.Instance)
-	if err == nil {
-		return nil
+	if err == nil || asAPIError(err).code != protocol.CodeFailedPrecondition {
+		return err
 	}
-	e := asAPIError(err)
-	if ferr := s.failOpTo(ctx, op, &api.Error{ErrorType: string(e.code), Message: "Not allowed now", DetailedMessage: e.detail}, state); ferr != nil {
-		s.log.Warn().Err(ferr).Str("op", op.JobID).Msg("a deletion refused for a load balancer was not ended; the sweep ends it")
+	if ferr := s.failOpTo(ctx, op, balancedError(err), state); ferr != nil {
+		s.log.Warn().Err(ferr).Str("op", op.JobID).Msg("a deletion refused for a load balancer was not ended; the sweep looks again")
 	}
 	s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
 	return err
+}
+
+func balancedError(err error) *api.Error {
+	e := asAPIError(err)
+	return &api.Error{ErrorType: string(e.code), Message: "Not allowed now", DetailedMessage: e.detail}
+}
+
+// balancedDeletion, for the sweep, about a deletion of op.Instance it is
+// about to send again or to end: true if it must not go on, because a load
+// balancer uses the instance (the deletion is failed then) or that could
+// not be told (asked again next time). A server killed between a
+// deletion's claim and its look at the load balancers left it to this.
+func (s *Server) balancedDeletion(ctx context.Context, op opRecord) bool {
+	err := s.checkUnbalanced(ctx, op.Instance)
+	switch {
+	case err == nil:
+		return false
+	case asAPIError(err).code == protocol.CodeFailedPrecondition:
+		if ferr := s.failOp(ctx, op, balancedError(err)); ferr != nil {
+			s.log.Warn().Err(ferr).Str("op", op.JobID).Msg("a deletion refused for a load balancer was not ended yet")
+		}
+	default:
+		s.log.Warn().Err(err).Str("op", op.JobID).Msg("the load balancers of a deletion's instance could not be read; asked again")
+	}
+	return true
 }
 
 // lbsOnNetwork lists the load balancers on a network.

@@ -438,3 +438,60 @@ func TestALoadBalancerRacingAnInstanceDeletion(t *testing.T) {
 		})
 	}
 }
+
+// TestADeletionThatDiesBeforeItLooksAtLoadBalancers: a save named the
+// instance between the deletion's first look and its claim, and the server
+// died right after the claim, before it looked again: the sweep looks
+// before it sends the deletion, and fails it instead.
+func TestADeletionThatDiesBeforeItLooksAtLoadBalancers(t *testing.T) {
+	paused, resume, dead := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	var pause, die sync.Once
+	f := start(t, servertest.WithConfig(func(c *server.Config) {
+		c.LocalBackend, c.SweepInterval, c.RepublishAfter = true, 100*time.Millisecond, 300*time.Millisecond
+		c.Crash = func(point string) {
+			switch point {
+			case "server/act/op-recorded":
+				pause.Do(func() {
+					close(paused)
+					<-resume
+				})
+			case "server/act/instance-claimed":
+				die.Do(func() { <-dead })
+			}
+		}
+	}))
+	t.Cleanup(func() { close(dead) })
+	js := f.env.Bus.JetStream(t)
+	vn, tpl, _ := f.fleet()
+	kit := f.addImageWithKit("dss-race", "14.0.0")
+	a := f.createInstance(instanceBody("a", vn.ID, tpl.ID, kit.ID))
+	machineRunning(t, js, a.ID, "req-a")
+	var lb api.LoadBalancer
+	f.ok(f.do("POST", "/load-balancers", lbBody("front", vn.ID)), &lb)
+	go f.send("GET", "/instances/"+a.ID+"/actions/delete?force=True")
+	<-paused
+	f.ok(f.do("PUT", "/load-balancers/"+lb.ID, lbBody("front", vn.ID, "a.example.com", a.ID)), nil)
+	close(resume)
+	var ended api.Future
+	waitFor(t, "the deletion failed by the sweep", func() bool {
+		var ops []api.Future
+		f.ok(f.do("GET", "/futures?targetId="+a.ID, ""), &ops)
+		for _, op := range ops {
+			if op.Kind == "delete-instance" && op.State != api.OpRunning {
+				ended = op
+			}
+		}
+		return ended.JobID != ""
+	})
+	if ended.State != api.OpFailed || ended.Error == nil || !strings.Contains(ended.Error.DetailedMessage, lb.ID) {
+		t.Fatalf("the deletion: %+v", ended)
+	}
+	st, err := js.Stream(context.Background(), protocol.StreamProvision)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.GetLastMsgForSubject(context.Background(), protocol.ProvisionSubject(a.ID, protocol.ProvisionDelete)); err == nil {
+		t.Fatal("the deletion was sent")
+	}
+	f.ok(f.do("GET", "/instances/"+a.ID, ""), nil)
+}

@@ -66,7 +66,7 @@ func (s *Server) sweep(ctx context.Context) {
 				m, _, _ := s.st.machines.get(op.Instance)
 				taken = m.RequestID == op.RequestID
 			}
-			if !taken && s.shouldRepublish(op.JobID) {
+			if !taken && s.shouldRepublish(op.JobID) && (op.Kind != opDelete || !s.balancedDeletion(ctx, op)) {
 				s.log.Info().Str("op", op.JobID).Msg("provision request not taken yet; publishing it again")
 				s.ensureDesired(ctx, op)
 				s.publishOp(ctx, op)
