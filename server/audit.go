@@ -16,11 +16,19 @@ import (
 
 // audit records a REST call made by the request's principal.
 func (s *Server) audit(r *http.Request, outcome string, status int, err error) {
-	who, role := "anonymous", ""
+	role := ""
 	if p := principalFrom(r.Context()); p != nil {
-		who, role = p.who(), p.Role
+		role = p.Role
 	}
-	s.auditAs(r, who, role, outcome, status, err)
+	s.auditAs(r, whoFrom(r.Context()), role, outcome, status, err)
+}
+
+// whoFrom names the caller of ctx's request on the audit trail.
+func whoFrom(ctx context.Context) string {
+	if p := principalFrom(ctx); p != nil {
+		return p.who()
+	}
+	return "anonymous"
 }
 
 // auditAs records a REST call made by who.

@@ -75,7 +75,7 @@ func (h routeHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if p := principalFrom(r.Context()); p != nil && !p.may(ep.role) {
 		err := newAPIError(protocol.CodePermissionDenied, "Permission denied",
-			"%s %s needs the %s role; key %s has the %s role", r.Method, r.URL.Path, ep.role, p.KeyID, p.Role)
+			"%s %s needs the %s role; %s has the %s role", r.Method, r.URL.Path, ep.role, p.who(), p.Role)
 		h.s.audit(r, "refused", http.StatusForbidden, err)
 		h.s.writeError(w, r, err)
 		return

@@ -2,6 +2,8 @@ package server
 
 import (
 	"encoding/json"
+	"errors"
+	"maps"
 	"net/http"
 	"net/url"
 	"strings"
@@ -37,7 +39,8 @@ var iamSettings = map[string]iamSetting{
 // maxIAMSetting bounds what a setting keeps.
 const maxIAMSetting = 64 << 10
 
-// getIAM serves GET /iam/<name>: the stored object, its secret left out.
+// getIAM serves GET /iam/<name>: the stored object, its secret left out;
+// fmSecretSet says whether one is kept.
 func (s *Server) getIAM(name string) func(r *http.Request) (any, error) {
 	set := iamSettings[name]
 	return func(r *http.Request) (any, error) {
@@ -45,11 +48,21 @@ func (s *Server) getIAM(name string) func(r *http.Request) (any, error) {
 		if !ok || doc.IAM == nil {
 			return json.RawMessage(set.defaults), nil
 		}
-		return doc.IAM, nil
+		out := maps.Clone(doc.IAM)
+		out[iamSecretSetKey], _ = json.Marshal(doc.IAMSecret != "")
+		return out, nil
 	}
 }
 
-// putIAM serves PUT /iam/<name>: the whole object.
+// iamSecretSetKey is FM's key, in an IAM setting as shown, that says
+// whether its secret is kept (a save drops it).
+const iamSecretSetKey = "fmSecretSet"
+
+// maxIAMSecret bounds a setting's secret.
+const maxIAMSecret = 4096
+
+// putIAM serves PUT /iam/<name>: the whole object. Its secret: a string
+// sets it, null clears it, absent or "" keeps it.
 func (s *Server) putIAM(name string) func(r *http.Request) (any, error) {
 	set := iamSettings[name]
 	return func(r *http.Request) (any, error) {
@@ -60,42 +73,63 @@ func (s *Server) putIAM(name string) func(r *http.Request) (any, error) {
 		if obj == nil {
 			return nil, invalid("the body must be a JSON object")
 		}
-		secret, err := takeSecret(obj, set.secret)
+		delete(obj, iamSecretSetKey)
+		var c checker
+		set.check(&c, obj) // before the secret is taken out: its spelling is checked too
+		secret, clear, err := takeSecret(obj, set.secret)
 		if err != nil {
 			return nil, err
 		}
-		key := settingsKey(api.DefaultTenant, set.setting)
-		if secret == "" {
-			cur, _, _ := s.st.settings.get(key)
-			secret = cur.IAMSecret
+		if len(secret) > maxIAMSecret {
+			c.fail(strings.Join(set.secret, "."), "is %d bytes; at most %d are kept", len(secret), maxIAMSecret)
 		}
-		var c checker
-		set.check(&c, obj)
 		if size := jsonSize(obj); size > maxIAMSetting {
 			c.fail("(object)", "takes %d bytes; at most %d are kept", size, maxIAMSetting)
 		}
 		if err := c.err("IAM setting"); err != nil {
 			return nil, err
 		}
-		if err := s.storeSetting(r, key, settingsDoc{IAM: obj, IAMSecret: secret}); err != nil {
-			return nil, err
+		// One read of what is stored, and the write checked against it: a
+		// save in between is not undone by the secret kept from before.
+		key := settingsKey(api.DefaultTenant, set.setting)
+		cur, rev, err := s.st.settings.fetch(r.Context(), key)
+		found := err == nil
+		if err != nil && !errors.Is(err, errNotFound) {
+			return nil, unavailable(err, "the setting could not be read")
 		}
-		return obj, nil
+		if secret == "" && !clear {
+			secret = cur.IAMSecret
+		}
+		doc := settingsDoc{IAM: obj, IAMSecret: secret}
+		if found {
+			_, err = s.st.settings.update(r.Context(), key, doc, rev)
+		} else {
+			_, err = s.st.settings.create(r.Context(), key, doc)
+		}
+		if errors.Is(err, errConflict) || errors.Is(err, errExists) {
+			return nil, conflict("the setting was changed by someone else meanwhile; retry")
+		}
+		if err != nil {
+			return nil, unavailable(err, "the setting could not be stored")
+		}
+		out := maps.Clone(obj)
+		out[iamSecretSetKey], _ = json.Marshal(secret != "")
+		return out, nil
 	}
 }
 
-// takeSecret removes the string at path from obj and returns it ("" for
-// none, or null).
-func takeSecret(obj map[string]json.RawMessage, path []string) (string, error) {
+// takeSecret removes the string at path from obj and returns it, and
+// whether it was null (to be cleared).
+func takeSecret(obj map[string]json.RawMessage, path []string) (secret string, clear bool, err error) {
 	parent := obj
 	for _, k := range path[:len(path)-1] {
 		raw, ok := parent[k]
 		if !ok || string(raw) == "null" {
-			return "", nil
+			return "", false, nil
 		}
 		var sub map[string]json.RawMessage
 		if err := json.Unmarshal(raw, &sub); err != nil || sub == nil {
-			return "", invalid("%s: must be an object", k)
+			return "", false, invalid("%s: must be an object", k)
 		}
 		defer func(k string, parent, sub map[string]json.RawMessage) {
 			parent[k], _ = json.Marshal(sub) // with the secret taken out
@@ -105,17 +139,17 @@ func takeSecret(obj map[string]json.RawMessage, path []string) (string, error) {
 	last := path[len(path)-1]
 	raw, ok := parent[last]
 	if !ok {
-		return "", nil
+		return "", false, nil
 	}
 	delete(parent, last)
 	var v *string
 	if err := json.Unmarshal(raw, &v); err != nil {
-		return "", invalid("%s: must be a string", strings.Join(path, "."))
+		return "", false, invalid("%s: must be a string", strings.Join(path, "."))
 	}
 	if v == nil {
-		return "", nil
+		return "", true, nil
 	}
-	return *v, nil
+	return *v, false, nil
 }
 
 func jsonSize(v any) int {
@@ -129,7 +163,17 @@ type iamField struct {
 	kind string // bool, string, int, strings, rules, url, object
 }
 
-func checkIAMFields(c *checker, prefix string, obj map[string]json.RawMessage, fields []iamField) {
+func checkIAMFields(c *checker, prefix string, obj map[string]json.RawMessage, fields []iamField, secret string) {
+	// Another spelling of a known key would be read in its place (Go's
+	// decoder matches keys in any case) without being checked, or a
+	// secret kept in clear.
+	for k := range obj {
+		for _, known := range append([]string{secret}, fieldKeys(fields)...) {
+			if known != "" && k != known && strings.EqualFold(k, known) {
+				c.fail(prefix+k, "is spelt %q", known)
+			}
+		}
+	}
 	for _, f := range fields {
 		raw, ok := obj[f.key]
 		if !ok || string(raw) == "null" {
@@ -161,8 +205,9 @@ func checkIAMFields(c *checker, prefix string, obj map[string]json.RawMessage, f
 			}
 		case "strings":
 			var v []string
-			if json.Unmarshal(raw, &v) != nil {
-				c.fail(name, "must be a list of strings")
+			var one string
+			if json.Unmarshal(raw, &v) != nil && json.Unmarshal(raw, &one) != nil {
+				c.fail(name, "must be a list of strings (or one, comma-separated)")
 			}
 		case "object":
 			var v map[string]json.RawMessage
@@ -181,10 +226,20 @@ func checkIAMFields(c *checker, prefix string, obj map[string]json.RawMessage, f
 			for i, r := range v {
 				if r.RuleFrom == nil || r.RuleTo == nil {
 					c.fail(name, "rule %d needs ruleFrom and ruleTo", i)
+				} else if _, err := compileRemap(*r.RuleFrom); err != nil {
+					c.fail(name, "rule %d: ruleFrom %q is not a regular expression FM reads: %v", i, *r.RuleFrom, err)
 				}
 			}
 		}
 	}
+}
+
+func fieldKeys(fields []iamField) []string {
+	keys := make([]string, len(fields))
+	for i, f := range fields {
+		keys[i] = f.key
+	}
+	return keys
 }
 
 // iamString is the string at key ("" if absent or not a string).
@@ -202,12 +257,12 @@ func iamEnabled(obj map[string]json.RawMessage) bool {
 
 // iamCommon are the keys every IAM setting shares.
 var iamCommon = []iamField{{"enabled", "bool"}, {"remappingRules", "rules"}, {"autoProvisionUsersAtLoginTime", "bool"},
-	{"autoSyncUsersAtLoginTime", "bool"}, {"defaultUserProfile", "string"}}
+	{"autoSyncUsersAtLoginTime", "bool"}, {"defaultUserProfile", "string"}, {"authorizedGroups", "strings"}}
 
 func checkSSO(c *checker, obj map[string]json.RawMessage) {
 	checkIAMFields(c, "", obj, append(iamCommon, iamField{"protocol", "string"}, iamField{"spnegoMode", "string"},
 		iamField{"openIDParams", "object"}, iamField{"samlSPParams", "object"},
-		iamField{"fmRoleClaim", "string"}, iamField{"fmRoleMappings", "object"}, iamField{"fmDefaultRole", "string"}))
+		iamField{"fmRoleClaim", "string"}, iamField{"fmRoleMappings", "object"}, iamField{"fmDefaultRole", "string"}), "")
 	if p := iamString(obj, "protocol"); p != "" {
 		c.oneOf("protocol", p, "SAML", "SPNEGO", "OPENID")
 	}
@@ -219,7 +274,7 @@ func checkSSO(c *checker, obj map[string]json.RawMessage) {
 		checkIAMFields(c, "openIDParams.", oidc, []iamField{{"clientId", "string"}, {"scope", "string"}, {"issuer", "url"},
 			{"authorizationEndpoint", "url"}, {"tokenEndpoint", "url"}, {"jwksUri", "url"}, {"claimKeyIdentifier", "string"},
 			{"claimKeyDisplayName", "string"}, {"claimKeyEmail", "string"}, {"lowercaseIdentifier", "bool"}, {"enableGroups", "bool"},
-			{"claimKeyGroups", "string"}, {"useGlobalProxy", "bool"}, {"usePKCE", "bool"}, {"tokenEndpointAuthMethod", "string"}})
+			{"claimKeyGroups", "string"}, {"useGlobalProxy", "bool"}, {"usePKCE", "bool"}, {"tokenEndpointAuthMethod", "string"}}, "clientSecret")
 		if m := iamString(oidc, "tokenEndpointAuthMethod"); m != "" {
 			c.oneOf("openIDParams.tokenEndpointAuthMethod", m, "CLIENT_SECRET_BASIC", "CLIENT_SECRET_POST")
 		}
@@ -251,7 +306,7 @@ func checkLDAP(c *checker, obj map[string]json.RawMessage) {
 		iamField{"userFilter", "string"}, iamField{"usernameAttribute", "string"}, iamField{"displayNameAttribute", "string"},
 		iamField{"emailAttribute", "string"}, iamField{"enableGroups", "bool"}, iamField{"groupFilter", "string"},
 		iamField{"autoImportUsers", "bool"}, iamField{"allowOnDemandUsersProvisioning", "bool"}, iamField{"allowOnDemandUsersSync", "bool"},
-		iamField{"authenticationEnabled", "bool"}))
+		iamField{"authenticationEnabled", "bool"}), "bindPassword")
 	if u := iamString(obj, "url"); u != "" {
 		if p, err := url.Parse(u); err != nil || p.Scheme != "ldap" && p.Scheme != "ldaps" || p.Host == "" {
 			c.fail("url", "%q is not an ldap:// or ldaps:// URL", u)
@@ -265,5 +320,5 @@ func checkAzureAD(c *checker, obj map[string]json.RawMessage) {
 	checkIAMFields(c, "", obj, append(iamCommon, iamField{"credentialMethod", "string"}, iamField{"credentialsClientId", "string"},
 		iamField{"credentialsTenantId", "string"}, iamField{"userQueryFilter", "string"}, iamField{"groupQueryFilter", "string"},
 		iamField{"groupsLimit", "int"}, iamField{"loginAttributeRef", "string"}, iamField{"useGlobalProxy", "bool"},
-		iamField{"allowOnDemandUsersProvisioning", "bool"}, iamField{"allowOnDemandUsersSync", "bool"}))
+		iamField{"allowOnDemandUsersProvisioning", "bool"}, iamField{"allowOnDemandUsersSync", "bool"}), "credentialsClientSecret")
 }

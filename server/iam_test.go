@@ -3,7 +3,9 @@ package server_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -55,6 +57,9 @@ func TestIAMSettings(t *testing.T) {
 	if !strings.HasPrefix(first, "fmsealed") {
 		t.Fatalf("the secret is not kept sealed: %q", first)
 	}
+	if sso["fmSecretSet"] != true {
+		t.Fatalf("the setting does not say its secret is kept: %v", sso)
+	}
 	// The client's save: what it read, with a change, and no secret.
 	sso["enabled"] = false
 	echo, _ := json.Marshal(sso)
@@ -62,6 +67,16 @@ func TestIAMSettings(t *testing.T) {
 	if sealedSecret() == "" {
 		t.Fatal("a save without the secret dropped it")
 	}
+	// null clears it.
+	oidc["clientSecret"] = nil
+	echo, _ = json.Marshal(sso)
+	f.ok(f.do("PUT", "/iam/sso-settings", string(echo)), &sso)
+	if sealedSecret() != "" || sso["fmSecretSet"] != false {
+		t.Fatalf("a null secret was not cleared: %v", sso)
+	}
+	sso["openIDParams"].(map[string]any)["clientSecret"] = "oidc-s3cret"
+	echo, _ = json.Marshal(sso)
+	f.ok(f.do("PUT", "/iam/sso-settings", string(echo)), nil)
 
 	for _, tc := range []struct{ name, path, body, field string }{
 		{"an unknown protocol", "/iam/sso-settings", `{"protocol": "KERBEROS"}`, "protocol"},
@@ -74,7 +89,11 @@ func TestIAMSettings(t *testing.T) {
 		{"LDAP on without a URL", "/iam/ldap-settings", `{"enabled": true}`, "url"},
 		{"a secret that is not text", "/iam/ldap-settings", `{"bindPassword": 42}`, "bindPassword"},
 		{"a negative group limit", "/iam/azure-ad-settings", `{"groupsLimit": -1}`, "groupsLimit"},
-		{"not an object", "/iam/azure-ad-settings", `[1]`, ""},
+		{"not an object", "/iam/azure-ad-settings", `[1]`, "map"},
+		{"a known key spelt otherwise", "/iam/sso-settings", `{"openIDParams": {"issuer": "https://idp.example.com", "ISSUER": "junk"}}`, "ISSUER"},
+		{"a secret spelt otherwise", "/iam/ldap-settings", `{"BindPassword": "in clear"}`, "BindPassword"},
+		{"a rule that does not compile", "/iam/sso-settings", `{"remappingRules": [{"ruleFrom": "(?<=x)y", "ruleTo": "z"}]}`, "ruleFrom"},
+		{"a secret too long", "/iam/azure-ad-settings", `{"credentialsClientSecret": "` + strings.Repeat("x", 5000) + `"}`, "credentialsClientSecret"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var before, after map[string]any
@@ -86,6 +105,9 @@ func TestIAMSettings(t *testing.T) {
 			f.ok(f.do("GET", tc.path, ""), &after)
 			if b, a := mustJSON(t, before), mustJSON(t, after); a != b {
 				t.Fatalf("a refused save changed the setting: %s -> %s", b, a)
+			}
+			if tc.path == "/iam/sso-settings" && sealedSecret() == "" {
+				t.Fatal("a refused save dropped the secret")
 			}
 		})
 	}
@@ -115,18 +137,28 @@ func TestIAMSettings(t *testing.T) {
 // refused, as is any token while sign-in is off.
 func TestSSOBearerTokens(t *testing.T) {
 	f := start(t)
-	idp := oidctest.Run(t)
-	bearer := func(method, path, token string) response {
+	idp, other := oidctest.Run(t), oidctest.Run(t)
+	// Each call from an address of its own (127.0.0.N): failed attempts
+	// count per address.
+	calls := 0
+	bearerFrom := func(src, method, path, token string) response {
 		t.Helper()
 		req, _ := http.NewRequest(method, f.env.URL+tenantPath+path, nil)
 		req.Header.Set("Authorization", "Bearer "+token)
-		resp, err := http.DefaultClient.Do(req)
+		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 10 * time.Second}
+		client := &http.Client{Transport: &http.Transport{DialContext: d.DialContext, DisableKeepAlives: true}}
+		resp, err := client.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer resp.Body.Close()
 		b, _ := io.ReadAll(resp.Body)
 		return response{status: resp.StatusCode, body: b, header: resp.Header}
+	}
+	bearer := func(method, path, token string) response {
+		t.Helper()
+		calls++
+		return bearerFrom(fmt.Sprintf("127.0.0.%d", 2+calls%200), method, path, token)
 	}
 	alice := idp.Token(t, "fm", map[string]any{"sub": "u-1", "email": "Alice@Corp.example", "groups": []string{"staff", "fm-ops"}})
 	if r := bearer("GET", "/instances", alice); r.status != 401 || !strings.Contains(string(r.body), "not enabled") {
@@ -168,17 +200,62 @@ func TestSSOBearerTokens(t *testing.T) {
 		{"for another client", idp.Token(t, "other-app", map[string]any{"email": "bob@corp.example", "groups": []string{"fm-ops"}}), 401},
 		{"no role", idp.Token(t, "fm", map[string]any{"email": "carol@corp.example", "groups": []string{"staff"}}), 403},
 		{"not a token", "not-a-jwt", 401},
+		{"from another issuer", other.Token(t, "fm", map[string]any{"email": "bob@corp.example", "groups": []string{"fm-ops"}}), 401},
+		{"for several audiences, given to another", idp.Token(t, "fm", map[string]any{"aud": []string{"fm", "other-app"}, "azp": "other-app",
+			"email": "bob@corp.example", "groups": []string{"fm-ops"}}), 401},
+		{"issued long ago", idp.Token(t, "fm", map[string]any{"iat": time.Now().Add(-13 * time.Hour).Unix(), "email": "bob@corp.example", "groups": []string{"fm-ops"}}), 401},
+		{"an e-mail not verified", idp.Token(t, "fm", map[string]any{"email": "eve@corp.example", "email_verified": false, "groups": []string{"fm-ops"}}), 401},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if r := bearer("GET", "/instances", tc.token); r.status != tc.status {
+			r := bearer("GET", "/instances", tc.token)
+			if r.status != tc.status {
 				t.Fatalf("%d %s, want %d", r.status, r.body, tc.status)
 			}
+			if strings.Contains(string(r.body), `"s"`) || strings.Contains(string(r.body), "oidc") {
+				t.Fatalf("the refusal says too much: %s", r.body)
+			}
 		})
+	}
+	// A valid token with several audiences, given to FM, is taken.
+	if r := bearer("GET", "/instances", idp.Token(t, "fm", map[string]any{"aud": []string{"fm", "other-app"}, "azp": "fm",
+		"email": "bob@corp.example", "groups": []string{"fm-ops"}})); r.status != 200 {
+		t.Fatalf("a token given to FM among several audiences: %d %s", r.status, r.body)
+	}
+	// Only the authorized groups sign in, when the settings name them.
+	var cur map[string]any
+	f.ok(f.do("GET", "/iam/sso-settings", ""), &cur)
+	cur["authorizedGroups"] = []string{"fm-admins"}
+	b, _ := json.Marshal(cur)
+	f.ok(f.do("PUT", "/iam/sso-settings", string(b)), nil)
+	if r := bearer("GET", "/instances", alice); r.status != 403 || !strings.Contains(string(r.body), "authorizedGroups") {
+		t.Fatalf("alice, not in the authorized groups: %d %s", r.status, r.body)
+	}
+	// Bad tokens count against their address as wrong keys do.
+	for range 10 {
+		bearerFrom("127.0.0.250", "GET", "/instances", "not-a-jwt")
+	}
+	if r := bearerFrom("127.0.0.250", "GET", "/instances", alice); r.status != 429 {
+		t.Fatalf("after ten bad tokens from one address: %d %s", r.status, r.body)
 	}
 	// An admin by group; sign-in turned off refuses tokens again.
 	admin := idp.Token(t, "fm", map[string]any{"email": "dave@corp.example", "groups": "fm-admins"})
 	if r := bearer("GET", "/api-keys", admin); r.status != 200 {
 		t.Fatalf("an admin by group: %d %s", r.status, r.body)
+	}
+	// The keys at a URL of their own (no discovery); then another issuer:
+	// the first one's tokens are refused.
+	f.ok(f.do("PUT", "/iam/sso-settings", `{"enabled": true, "protocol": "OPENID", "fmDefaultRole": "viewer",
+		"openIDParams": {"clientId": "fm", "issuer": "`+idp.Issuer+`", "jwksUri": "`+idp.Issuer+`/jwks"}}`), nil)
+	if r := bearer("GET", "/instances", idp.Token(t, "fm", map[string]any{"sub": "frank"})); r.status != 200 {
+		t.Fatalf("keys at jwksUri: %d %s", r.status, r.body)
+	}
+	f.ok(f.do("PUT", "/iam/sso-settings", `{"enabled": true, "protocol": "OPENID", "fmDefaultRole": "viewer",
+		"openIDParams": {"clientId": "fm", "issuer": "`+other.Issuer+`"}}`), nil)
+	if r := bearer("GET", "/instances", idp.Token(t, "fm", map[string]any{"sub": "frank"})); r.status != 401 {
+		t.Fatalf("a token of the issuer before: %d %s", r.status, r.body)
+	}
+	if r := bearer("GET", "/instances", other.Token(t, "fm", map[string]any{"sub": "frank"})); r.status != 200 {
+		t.Fatalf("a token of the issuer now: %d %s", r.status, r.body)
 	}
 	f.ok(f.do("PUT", "/iam/sso-settings", `{"enabled": false, "protocol": "OPENID", "openIDParams": {"clientId": "fm", "issuer": "`+idp.Issuer+`"}}`), nil)
 	if r := bearer("GET", "/instances", admin); r.status != 401 {

@@ -348,11 +348,7 @@ func (s *Server) natsCredentials(r *http.Request) (any, error) {
 	if err != nil {
 		return nil, internal(err, "the credentials could not be made")
 	}
-	who := "key:"
-	if p := principalFrom(r.Context()); p != nil {
-		who = p.who()
-	}
-	s.record(r.Context(), protocol.AuditRecord{Who: who, From: clientAddr(r), Action: "credentials.minted",
+	s.record(r.Context(), protocol.AuditRecord{Who: whoFrom(r.Context()), From: clientAddr(r), Action: "credentials.minted",
 		Object: "credentials", ObjectID: req.Role, Outcome: "ok"})
 	resp := map[string]string{"credentials": string(creds), "user": pub, "role": req.Role}
 	if !expires.IsZero() {
