@@ -164,8 +164,11 @@ func TestFMRolesFailOver(t *testing.T) {
 		}
 		active.Resume()
 		wait(c.env, id)
-		if try == 5 {
-			t.Fatal("in five tries, the provisioner was never stopped with a request handed to it")
+		// A try misses when the provisioner's pull (1 s long) ended before
+		// the operation's request was published, which a loaded machine
+		// makes likely: each try is a few seconds, so many are allowed.
+		if try == 15 {
+			t.Fatal("in 15 tries, the provisioner was never stopped with a request handed to it")
 		}
 	}
 	wait(c.env, id)
