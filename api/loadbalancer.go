@@ -9,12 +9,11 @@ import (
 // Load balancer enumerations (contract §4.4). The values are exact on the
 // wire.
 const (
-	LBCertificateAWSARN      = "AWS_ARN"         // awsCertificateARN names an ACM certificate
-	LBCertificateAzureSecret = "AZURE_SECRET_ID" // Azure only: refused
-	LBPublicIPDefault        = "DEFAULT"         // internet-facing (the contract's default)
-	LBNoPublicIP             = "NO_PUBLIC_IP"    // internal scheme (with_private_scheme)
-	LBStaticPublicIP         = "STATIC_PUBLIC_IP"
-	LBDynamicPublicIP        = "DYNAMIC_PUBLIC_IP"
+	LBCertificateAWSARN      = "AWS_ARN"           // awsCertificateARN names an ACM certificate
+	LBCertificateAzureSecret = "AZURE_SECRET_ID"   // Azure only: refused
+	LBNoPublicIP             = "NO_PUBLIC_IP"      // internal scheme (with_private_scheme)
+	LBDynamicPublicIP        = "DYNAMIC_PUBLIC_IP" // internet-facing, as AWS's are (absent: the same)
+	LBStaticPublicIP         = "STATIC_PUBLIC_IP"  // Azure only (with azurePublicIPID): refused
 )
 
 // Load balancer states, as FM's lifecycle of one sees them (server-owned).
@@ -41,7 +40,8 @@ type LoadBalancer struct {
 	VirtualNetworkID string            `json:"virtualNetworkId"`
 	CloudTags        map[string]string `json:"cloudTags"`
 	FMTags           []string          `json:"fmTags"`
-	// PublicIPMode is DEFAULT (internet-facing) or NO_PUBLIC_IP (internal).
+	// PublicIPMode is NO_PUBLIC_IP (internal), or DYNAMIC_PUBLIC_IP or
+	// absent (internet-facing).
 	PublicIPMode string `json:"publicIpMode"`
 	// CertificateMode is AWS_ARN, with AWSCertificateARN the listener's
 	// certificate; without one the load balancer serves plain HTTP.

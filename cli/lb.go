@@ -23,7 +23,7 @@ var lbResource = &resource{
 		{"description", "description", "string", "description"},
 		{"network", "virtualNetworkId", "string", "virtual network id (its two subnets on AWS)"},
 		{"certificate-arn", "awsCertificateARN", "string", "ACM certificate ARN of the HTTPS listener (HTTP is then redirected to HTTPS)"},
-		{"public-ip", "publicIpMode", "string", "DEFAULT (internet-facing) or NO_PUBLIC_IP (internal)"},
+		{"public-ip", "publicIpMode", "string", "NO_PUBLIC_IP (internal), or DYNAMIC_PUBLIC_IP (internet-facing, as when not given)"},
 		{"tags", "cloudTags", "map", "cloud tags, key=value,key=value"},
 		{"fm-tags", "fmTags", "list", "comma-separated FM tags"},
 	},

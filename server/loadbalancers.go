@@ -542,7 +542,7 @@ func (s *Server) lbPhysicalStatus(r *http.Request) (any, error) {
 // refuseOtherCloudLB refuses an Azure load balancer clearly.
 func refuseOtherCloudLB(lb api.LoadBalancer) error {
 	azure := lb.CertificateMode == api.LBCertificateAzureSecret ||
-		lb.PublicIPMode == api.LBStaticPublicIP || lb.PublicIPMode == api.LBDynamicPublicIP
+		lb.PublicIPMode == api.LBStaticPublicIP
 	for k, v := range lb.Extra {
 		set := string(v) != "null" && string(v) != `""`
 		if set && (strings.EqualFold(k, "tier") || strings.HasPrefix(strings.ToLower(k), "azure")) {
@@ -561,7 +561,7 @@ func normalizeLB(lb *api.LoadBalancer) {
 	lb.Description = trim(lb.Description)
 	lb.VirtualNetworkID = trim(lb.VirtualNetworkID)
 	lb.AWSCertificateARN = trim(lb.AWSCertificateARN)
-	defaultString(&lb.PublicIPMode, api.LBPublicIPDefault)
+	lb.PublicIPMode = trim(lb.PublicIPMode)
 	if lb.AWSCertificateARN != "" {
 		defaultString(&lb.CertificateMode, api.LBCertificateAWSARN)
 	}
@@ -589,7 +589,9 @@ func (s *Server) validateLB(ctx context.Context, lb *api.LoadBalancer, id string
 		c.maxLen("name", lb.Name, 255)
 	}
 	c.maxLen("description", lb.Description, 2000)
-	c.oneOf("publicIpMode", lb.PublicIPMode, api.LBPublicIPDefault, api.LBNoPublicIP)
+	if lb.PublicIPMode != "" {
+		c.oneOf("publicIpMode", lb.PublicIPMode, api.LBNoPublicIP, api.LBDynamicPublicIP)
+	}
 	if lb.CertificateMode != "" {
 		c.oneOf("certificateMode", lb.CertificateMode, api.LBCertificateAWSARN)
 	}

@@ -83,6 +83,12 @@ func TestLoadBalancerSettings(t *testing.T) {
 	if !strings.Contains(e.DetailedMessage, "Azure") {
 		t.Fatal(e.DetailedMessage)
 	}
+	// The contract's modes: DYNAMIC_PUBLIC_IP is internet-facing, as AWS's
+	// are; STATIC_PUBLIC_IP is Azure's.
+	f.failed(f.do("POST", "/load-balancers", `{"name":"st","virtualNetworkId":"`+vn.ID+`","publicIpMode":"STATIC_PUBLIC_IP","nodes":[]}`), 501, "Unimplemented")
+	var dyn api.LoadBalancer
+	f.ok(f.do("POST", "/load-balancers", `{"name":"dyn","virtualNetworkId":"`+vn.ID+`","publicIpMode":"DYNAMIC_PUBLIC_IP","nodes":[]}`), &dyn)
+	f.ok(f.do("DELETE", "/load-balancers/"+dyn.ID, ""), nil)
 	var all []api.LoadBalancer
 	f.ok(f.do("GET", "/load-balancers", ""), &all)
 	if len(all) != 1 {
