@@ -562,8 +562,13 @@ func normalizeLB(lb *api.LoadBalancer) {
 	lb.VirtualNetworkID = trim(lb.VirtualNetworkID)
 	lb.AWSCertificateARN = trim(lb.AWSCertificateARN)
 	lb.PublicIPMode = trim(lb.PublicIPMode)
-	if lb.AWSCertificateARN != "" {
+	switch {
+	case lb.AWSCertificateARN != "":
 		defaultString(&lb.CertificateMode, api.LBCertificateAWSARN)
+	case lb.CertificateMode == api.LBCertificateAWSARN:
+		// Dataiku's client sets the mode with a certificate and has no
+		// setter to clear it: a certificate emptied means none.
+		lb.CertificateMode = ""
 	}
 	if lb.FMTags == nil {
 		lb.FMTags = []string{}
@@ -597,8 +602,6 @@ func (s *Server) validateLB(ctx context.Context, lb *api.LoadBalancer, id string
 	}
 	if lb.AWSCertificateARN != "" {
 		c.match("awsCertificateARN", lb.AWSCertificateARN, reCertificateARN, "an ACM or IAM certificate ARN")
-	} else if lb.CertificateMode == api.LBCertificateAWSARN {
-		c.fail("awsCertificateARN", "is required with certificateMode %s", api.LBCertificateAWSARN)
 	}
 	c.cloudTags("cloudTags", lb.CloudTags)
 	c.fmTags("fmTags", lb.FMTags)
