@@ -33,6 +33,7 @@ type Agent struct {
 	actions *actionRunner
 	ship    *logShipper
 	logFile *rotatingFile
+	front   *httpsFront // DSS over HTTPS (not in a simulated agent)
 
 	// Set by Run.
 	box     *seal.Box // the instance key, which seals secrets FM and the agent exchange
@@ -124,6 +125,7 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a.log = log.With().Str("component", "agent").Str("instance", cfg.Instance).Logger()
 	a.m.log = a.log
+	a.front = newHTTPSFront(filepath.Join(a.m.agentData, "https"), func() []string { return cfg.Hostnames }, a.log)
 	a.actions = &actionRunner{m: a.m, http: &http.Client{Timeout: 10 * time.Minute}, lookPath: exec.LookPath}
 	if _, err := loadJSON(a.m.cursorPath(), &a.cursor); err != nil {
 		a.log.Warn().Err(err).Msg("command cursor unreadable; starting from the first command not yet seen")
@@ -214,8 +216,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.measure,
 	}
 	if !a.cfg.Simulated {
+		a.front.changed = func() {
+			st := a.front.status()
+			a.rep.updateStatus(func(s *protocol.AgentStatus) { s.DSS.HTTPS = st })
+		}
 		a.refreshDSSState(ctx)
 		parts = append(parts,
+			func(ctx context.Context) { <-ctx.Done(); a.front.stop() },
 			a.watchdog,
 			func(ctx context.Context) { a.ship.run(ctx, a.js) },
 			func(ctx context.Context) {

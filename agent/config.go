@@ -15,8 +15,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/fleetmanager/fm/internal/crashpoint"
@@ -69,6 +71,12 @@ type Config struct {
 	// directly (DSS still leaves the agent's process group); "auto" (the
 	// default) is systemd on a real machine that has it.
 	ServiceManager string `json:"serviceManager,omitempty"`
+	// Hostnames are the machine's DNS names, as its provisioner made them
+	// (the records of the network's DNS zones): the HTTPS front's
+	// certificates name them, and LETSENCRYPT obtains a certificate for
+	// each. The machine's own host name, localhost and its addresses are
+	// added to self-signed certificates.
+	Hostnames []string `json:"hostnames,omitempty"`
 
 	// Timings; zero values take the defaults.
 	HealthInterval time.Duration `json:"-"` // how often DSS is checked (10s)
@@ -177,10 +185,34 @@ func (c *Config) validate() error {
 	default:
 		problems = append(problems, fmt.Errorf("serviceManager %q is not auto, systemd or none", c.ServiceManager))
 	}
+	for _, h := range c.Hostnames {
+		if !validHostname(h) {
+			problems = append(problems, fmt.Errorf("hostname %q is not a DNS name", h))
+		}
+	}
 	for name, dir := range map[string]string{"root": c.RootDir, "data": c.DataDir} {
 		if dir == "" || !filepath.IsAbs(dir) {
 			problems = append(problems, fmt.Errorf("the %s folder must be an absolute path (got %q)", name, dir))
 		}
 	}
 	return errors.Join(problems...)
+}
+
+// validHostname reports whether h is a DNS name: dot-separated labels of
+// letters, digits and hyphens (no IP address, no trailing dot).
+func validHostname(h string) bool {
+	if h == "" || len(h) > 253 || net.ParseIP(h) != nil {
+		return false
+	}
+	for _, label := range strings.Split(h, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for _, c := range label {
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
+				return false
+			}
+		}
+	}
+	return true
 }

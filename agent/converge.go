@@ -188,6 +188,14 @@ func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
 				log.Warn().Err(err).Str("output", lastBytes(out, 2048)).Msg("DSS did not start; the watchdog will retry")
 			}
 		}
+		// The HTTPS front of the generation reached, as it was served
+		// before the restart; a port not free yet is tried again.
+		if _, _, err := a.untilDeadline(ctx, d, "https", func() (string, string, error) {
+			msg, err := a.front.apply(d.DSS.HTTPS, d.DSS.Port)
+			return msg, "", err
+		}); err != nil {
+			log.Error().Err(err).Msg("the HTTPS front could not be served")
+		}
 		a.ready(d, mk.Generation)
 		return nil
 	case !newMachine && installed == want.Version && mk.Applied.Version == want.Version && mk.Applied.NodeType == want.NodeType:
@@ -204,6 +212,9 @@ func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
 			return a.fail(d, err)
 		}
 	}
+	if err := a.serveHTTPS(ctx, d); err != nil {
+		return a.fail(d, err)
+	}
 	mk.Generation, mk.Applied = d.Generation, want
 	if err := a.crash.Around("agent/record-progress", func() error { return a.m.saveMarker(mk) }); err != nil {
 		return a.fail(d, &stepError{step: "record-progress", code: protocol.CodeInternal, err: err})
@@ -213,6 +224,21 @@ func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
 	a.ready(d, d.Generation)
 	log.Info().Msg("desired state reached")
 	return nil
+}
+
+// serveHTTPS puts the desired HTTPS front in place, a step when it
+// changes anything (a port not free yet is tried again until the
+// deadline).
+func (a *Agent) serveHTTPS(ctx context.Context, d *protocol.DesiredState) error {
+	if a.front.current(d.DSS.HTTPS, d.DSS.Port) {
+		return nil
+	}
+	return a.step(d.Generation, "https", func() (string, string, error) {
+		return a.untilDeadline(ctx, d, "https", func() (string, string, error) {
+			msg, err := a.front.apply(d.DSS.HTTPS, d.DSS.Port)
+			return msg, "", err
+		})
+	})
 }
 
 func (a *Agent) converging(d *protocol.DesiredState) {

@@ -233,21 +233,38 @@ func (a *Agent) setInstanceKey(key string) error {
 	return nil
 }
 
-// openDesired opens the license of a desired state for this machine. A
-// state for another machine (the one replacing this one) is sealed with a
-// key this agent does not have; it is left as it is, and ignored anyway.
+// openDesired opens the sealed parts of a desired state for this machine:
+// the license and the HTTPS certificate. A state for another machine (the
+// one replacing this one) is sealed with a key this agent does not have; it
+// is left as it is, and ignored anyway.
 func (a *Agent) openDesired(d *protocol.DesiredState) error {
-	if d.DSS.SealedLicense == "" || d.MachineRequest != "" && a.cfg.MachineRequest != "" && d.MachineRequest != a.cfg.MachineRequest {
+	if d.MachineRequest != "" && a.cfg.MachineRequest != "" && d.MachineRequest != a.cfg.MachineRequest {
 		return nil
 	}
-	if a.box == nil {
-		return errors.New("the license is sealed, and this agent has no instance key")
+	if d.DSS.SealedLicense != "" {
+		if a.box == nil {
+			return errors.New("the license is sealed, and this agent has no instance key")
+		}
+		lic, err := a.box.Open(d.DSS.SealedLicense, protocol.SealedLicensePlace(a.cfg.Instance))
+		if err != nil {
+			return fmt.Errorf("the sealed license: %w", err)
+		}
+		d.DSS.License, d.DSS.SealedLicense = lic, ""
 	}
-	lic, err := a.box.Open(d.DSS.SealedLicense, protocol.SealedLicensePlace(a.cfg.Instance))
-	if err != nil {
-		return fmt.Errorf("the sealed license: %w", err)
+	if h := d.DSS.HTTPS; h != nil && h.SealedCertificate != "" {
+		if a.box == nil {
+			return errors.New("the HTTPS certificate is sealed, and this agent has no instance key")
+		}
+		pem, err := a.box.Open(h.SealedCertificate, protocol.SealedCertificatePlace(a.cfg.Instance))
+		if err != nil {
+			return fmt.Errorf("the sealed HTTPS certificate: %w", err)
+		}
+		// A copy: the target is the decoded message's own, but nothing
+		// else should see the clear certificate appear in it.
+		opened := *h
+		opened.Certificate, opened.SealedCertificate = pem, ""
+		d.DSS.HTTPS = &opened
 	}
-	d.DSS.License, d.DSS.SealedLicense = lic, ""
 	return nil
 }
 

@@ -41,6 +41,7 @@ func (a *Agent) refreshDSSState(ctx context.Context) protocol.DSSState {
 	} else if len(a.m.installerProcesses()) > 0 {
 		st.State = protocol.DSSInstalling
 	}
+	st.HTTPS = a.front.status()
 	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.DSS = st })
 	return st.State
 }

@@ -74,5 +74,9 @@
 //	  BalancerSpec, and the
 //	  provisioner's BalancerState in BucketBalancers; the server's
 //	  settings of them in BucketLBs. An older provisioner refuses these
-//	  requests as of an unknown action.
+//	  requests as of an unknown action. A desired state's HTTPS front
+//	  (DSSTarget.HTTPS, with the instance's certificate sealed at
+//	  SealedCertificatePlace) and the DSS status's HTTPS (DSSStatus.HTTPS):
+//	  an older agent ignores the front and serves DSS in plain HTTP, and
+//	  reports no HTTPS status, so FM shows an http:// URL for it.
 package protocol

@@ -51,6 +51,8 @@ type DSSTarget struct {
 	// AllowDowngrade lets the agent install a version older than the one in
 	// the data directory.
 	AllowDowngrade bool `json:"allowDowngrade,omitempty"`
+	// HTTPS, when set, has the agent serve DSS over HTTPS in front of Port.
+	HTTPS *HTTPSTarget `json:"https,omitempty"`
 }
 
 // KitSource says where a DSS install kit comes from: exactly one of a local
@@ -118,6 +120,14 @@ func (d *DesiredState) Validate() error {
 	}
 	if err := d.DSS.Kit.Validate(); err != nil {
 		return fmt.Errorf("dss.%w", err)
+	}
+	if h := d.DSS.HTTPS; h != nil {
+		if err := h.Validate(); err != nil {
+			return fmt.Errorf("dss.%w", err)
+		}
+		if h.Port == d.DSS.Port || h.HTTPPort == d.DSS.Port {
+			return fmt.Errorf("dss.https: port %d is DSS's own", d.DSS.Port)
+		}
 	}
 	for i, a := range d.SetupActions {
 		if a.Type == "" {
@@ -411,6 +421,8 @@ type DSSStatus struct {
 	Version  string   `json:"version,omitempty"`
 	NodeType string   `json:"nodeType,omitempty"`
 	Port     int      `json:"port,omitempty"`
+	// HTTPS is the agent's HTTPS front, when the desired state asks for one.
+	HTTPS *HTTPSStatus `json:"https,omitempty"`
 }
 
 // MachineFacts are the agent's measurements of its machine.

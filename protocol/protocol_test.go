@@ -94,6 +94,21 @@ func vectors() map[string]struct {
 			DSS:     DSSStatus{State: DSSRunning, Version: "14.0.0", NodeType: "design", Port: 10000},
 			Machine: MachineFacts{DataVolumeBytes: 50 << 30, DataVolumeUsedBytes: 5 << 30, Load1: 0.25, MemTotalBytes: 8 << 30, MemAvailableBytes: 6 << 30, UptimeSeconds: 3600},
 		}, func() Message { return &AgentStatus{} }},
+		"desired_state_https": {&DesiredState{
+			Instance: "in-7k2m9q4x1c", Generation: 4, NodeType: "design",
+			DSS: DSSTarget{ImageID: "dss-14.0.0-standin", Version: "14.0.0", Port: 10000,
+				Kit: KitSource{Object: "dss-14.0.0.tar.gz"},
+				HTTPS: &HTTPSTarget{Strategy: HTTPSLetsEncrypt, Port: 443, HTTPPort: 80, Redirect: true,
+					ACME: &ACMETarget{DirectoryURL: "https://acme-v02.api.letsencrypt.org/directory", Email: "ops@example.com"}}},
+			SetupActions: []SetupAction{}, HeartbeatSeconds: 10,
+		}, func() Message { return &DesiredState{} }},
+		"agent_status_https": {&AgentStatus{
+			Instance: "in-7k2m9q4x1c", Time: t0, AgentVersion: "0.1.0", Generation: 4, Target: 4, Phase: PhaseReady,
+			DSS: DSSStatus{State: DSSRunning, Version: "14.0.0", NodeType: "design", Port: 10000,
+				HTTPS: &HTTPSStatus{Strategy: HTTPSSelfSigned, Port: 443, Serving: true, Certificate: &CertificateInfo{
+					Source: CertificateSelfSigned, Subject: "CN=in-7k2m9q4x1c", Issuer: "CN=in-7k2m9q4x1c",
+					DNSNames: []string{"in-7k2m9q4x1c.dss.example.com"}, NotAfter: "2027-11-02T10:00:00Z"}}},
+		}, func() Message { return &AgentStatus{} }},
 	}
 }
 
@@ -193,6 +208,25 @@ func TestValidateRules(t *testing.T) {
 		{"no kit source", func(d *DesiredState) { d.DSS.Kit = KitSource{} }},
 		{"url without digest", func(d *DesiredState) { d.DSS.Kit.SHA256 = "" }},
 		{"action without type", func(d *DesiredState) { d.SetupActions[0].Type = "" }},
+		{"https strategy unknown", func(d *DesiredState) { d.DSS.HTTPS = &HTTPSTarget{Strategy: "NONE", Port: 443} }},
+		{"https port zero", func(d *DesiredState) { d.DSS.HTTPS = &HTTPSTarget{Strategy: HTTPSSelfSigned} }},
+		{"https on DSS's port", func(d *DesiredState) { d.DSS.HTTPS = &HTTPSTarget{Strategy: HTTPSSelfSigned, Port: 10000} }},
+		{"http on the https port", func(d *DesiredState) {
+			d.DSS.HTTPS = &HTTPSTarget{Strategy: HTTPSSelfSigned, Port: 443, HTTPPort: 443}
+		}},
+		{"redirect without a port", func(d *DesiredState) {
+			d.DSS.HTTPS = &HTTPSTarget{Strategy: HTTPSSelfSigned, Port: 443, Redirect: true}
+		}},
+		{"custom without a certificate", func(d *DesiredState) { d.DSS.HTTPS = &HTTPSTarget{Strategy: HTTPSCustomCertificate, Port: 443} }},
+		{"acme without a directory", func(d *DesiredState) {
+			d.DSS.HTTPS = &HTTPSTarget{Strategy: HTTPSLetsEncrypt, Port: 443, HTTPPort: 80}
+		}},
+		{"acme over plain http", func(d *DesiredState) {
+			d.DSS.HTTPS = &HTTPSTarget{Strategy: HTTPSLetsEncrypt, Port: 443, HTTPPort: 80, ACME: &ACMETarget{DirectoryURL: "http://acme.example.com/dir"}}
+		}},
+		{"acme without an http port", func(d *DesiredState) {
+			d.DSS.HTTPS = &HTTPSTarget{Strategy: HTTPSLetsEncrypt, Port: 443, ACME: &ACMETarget{DirectoryURL: "https://acme.example.com/dir"}}
+		}},
 	}
 	if err := good().Validate(); err != nil {
 		t.Fatalf("the canonical vector must validate: %v", err)

@@ -502,6 +502,11 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 	if err != nil {
 		return nil, err
 	}
+	vn, _, _ := s.st.networks.get(in.VirtualNetworkID) // machineSpec found it
+	https, err := s.httpsTarget(in, vn, lc.BasePort)
+	if err != nil {
+		return nil, err
+	}
 	lc.Generation++
 	license := tpl.License
 	if license == "" {
@@ -521,14 +526,17 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 		if license != "" {
 			license, sealedLicense = "", box.Seal(license, protocol.SealedLicensePlace(in.ID))
 		}
+		if https != nil && https.Certificate != "" {
+			https.Certificate, https.SealedCertificate = "", box.Seal(https.Certificate, protocol.SealedCertificatePlace(in.ID))
+		}
 		spec.Join = &protocol.JoinSpec{URL: s.cfg.JoinURL, SealedToken: s.box.Seal(token, protocol.SealedJoinTokenPlace(in.ID)), CACert: s.cfg.CAPEM}
 	}
 	d := &protocol.DesiredState{
 		Instance: in.ID, Generation: lc.Generation, NodeType: in.DSSNodeType, SetupActions: setupActionsOf(tpl),
 		HeartbeatSeconds: s.cfg.HeartbeatSeconds,
 		DSS: protocol.DSSTarget{ImageID: im.ID, Version: im.DSSVersion, Port: lc.BasePort, License: license, SealedLicense: sealedLicense,
-			AllowDowngrade: allow,
-			Kit:            protocol.KitSource{Path: im.Kit.Path, URL: im.Kit.URL, SHA256: im.Kit.SHA256, Object: im.Kit.Object}},
+			AllowDowngrade: allow, HTTPS: https,
+			Kit: protocol.KitSource{Path: im.Kit.Path, URL: im.Kit.URL, SHA256: im.Kit.SHA256, Object: im.Kit.Object}},
 	}
 	op.Target, op.TargetImageID, op.TargetDSSVersion = lc.Generation, im.ID, im.DSSVersion
 	req := protocol.ProvisionRequest{Action: protocol.ProvisionReprovision, Generation: lc.Generation, Spec: spec}

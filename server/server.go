@@ -130,6 +130,9 @@ type Config struct {
 	// DownloadPath (at JoinURL's host) and run as their agent; without
 	// one, a cloud backend's machines cannot bootstrap.
 	AgentBinary string
+	// ACME is where the machines of networks with httpsStrategy
+	// LETSENCRYPT obtain their certificates (default Let's Encrypt).
+	ACME ACMEConfig
 	// Crash is passed every crash point of the server's multi-step work:
 	// starting an action, ending it, a join (tests).
 	Crash  crashpoint.Hook

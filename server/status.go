@@ -1,7 +1,6 @@
 package server
 
 import (
-	"fmt"
 	"net/http"
 	"time"
 
@@ -103,7 +102,7 @@ func (s *Server) statusOf(id string) instanceStatus {
 	}
 	host := firstNonEmpty(m.PublicDNS, m.PublicIP, m.PrivateDNS, m.PrivateIP)
 	if host != "" && port != 0 && st.DSS != nil && st.DSS.State != protocol.DSSAbsent {
-		st.PublicURL = fmt.Sprintf("http://%s:%d", host, port)
+		st.PublicURL = publicURL(host, st.DSS, port)
 	}
 	return st
 }

@@ -31,6 +31,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	mf.register(fs)
 	var af alertFlags
 	af.register(fs)
+	var acf acmeFlags
+	acf.register(fs)
 	natsListen := fs.String("nats-listen", "", "NATS address for agents (default: a loopback port, kept across restarts)")
 	logFormat := fs.String("log-format", "console", "console or json")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
@@ -44,6 +46,10 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	if err := checkHeartbeat(*heartbeat); err != nil {
+		return err
+	}
+	acmeConf, err := acf.config()
+	if err != nil {
 		return err
 	}
 	if err := af.check(); err != nil {
@@ -101,6 +107,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		HeartbeatSeconds: *heartbeat,
 		AlertInterval:    af.interval,
 		AlertHoldFor:     af.hold,
+		ACME:             acmeConf,
 		AgentCredsTTL:    *credsTTL,
 		Authority:        sec.authority,
 		SystemConn:       b.sys,

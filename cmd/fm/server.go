@@ -28,6 +28,8 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	mf.register(fs)
 	var af alertFlags
 	af.register(fs)
+	var acf acmeFlags
+	acf.register(fs)
 	natsURL := fs.String("nats-url", "", "external NATS URL(s); empty runs an embedded NATS")
 	natsCreds := fs.String("nats-creds", "", "NATS credentials file for --nats-url")
 	natsListen := fs.String("nats-listen", "127.0.0.1:4222", "embedded NATS address for agents")
@@ -62,6 +64,10 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	if err := checkHeartbeat(*heartbeat); err != nil {
+		return err
+	}
+	acmeConf, err := acf.config()
+	if err != nil {
 		return err
 	}
 	if err := af.check(); err != nil {
@@ -158,7 +164,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		Network:   server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
 		Authority: sec.authority, SystemConn: b.sys, JoinURL: joinURL, TLS: sec.tls, CAPEM: sec.caPEM,
 		AgentBinary: *agentBinary, MetricsAddr: mf.addr, MetricsPublic: mf.public, DrainTime: *drain, StartTimeout: *startTimeout,
-		TrustedProxies: proxies,
+		TrustedProxies: proxies, ACME: acmeConf,
 	})
 	if err != nil {
 		return err
@@ -220,6 +226,37 @@ type metricsFlags struct {
 func (f *metricsFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.addr, "metrics-addr", "", "also serve /metrics at this address, without an API key (firewall it: its series name instances)")
 	fs.BoolVar(&f.public, "metrics-public", false, "serve /metrics on the REST API's address without an API key (by default it needs one, of any role)")
+}
+
+// acmeFlags are the ACME flags fm server and fm dev share: where machines
+// of networks with httpsStrategy LETSENCRYPT obtain their certificates.
+type acmeFlags struct {
+	directory, caFile string
+}
+
+func (f *acmeFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.directory, "acme-directory", server.LetsEncryptDirectory, "the ACME directory LETSENCRYPT networks' machines obtain certificates from (an organisation's own ACME CA, or Let's Encrypt's staging)")
+	fs.StringVar(&f.caFile, "acme-ca-file", "", "PEM file of the CA the ACME directory's own HTTPS is verified with (default: the machines' system roots)")
+}
+
+// config checks the flags and reads the CA file.
+func (f *acmeFlags) config() (server.ACMEConfig, error) {
+	u, err := neturl.Parse(f.directory)
+	if err != nil || u.Scheme != "https" || u.Host == "" {
+		return server.ACMEConfig{}, usageError{Err: fmt.Errorf("--acme-directory: %q is not an https URL", f.directory)}
+	}
+	c := server.ACMEConfig{DirectoryURL: f.directory}
+	if f.caFile != "" {
+		b, err := os.ReadFile(f.caFile)
+		if err != nil {
+			return c, usageError{Err: fmt.Errorf("--acme-ca-file: %w", err)}
+		}
+		if !strings.Contains(string(b), "-----BEGIN CERTIFICATE-----") {
+			return c, usageError{Err: fmt.Errorf("--acme-ca-file: %s holds no PEM certificate", f.caFile)}
+		}
+		c.CAPEM = string(b)
+	}
+	return c, nil
 }
 
 // alertFlags are the alerting flags fm server and fm dev share.

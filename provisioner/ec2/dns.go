@@ -75,6 +75,28 @@ func (b *Backend) withdrawDNS(ctx context.Context, c clients, req provisioner.Re
 	return nil
 }
 
+// hostnames are the names publishDNS will give the machine, the public
+// zone's first: the agent's HTTPS front certifies them (and LETSENCRYPT
+// asks its CA for the first).
+func (b *Backend) hostnames(ctx context.Context, c clients, req provisioner.Request) ([]string, error) {
+	spec := req.Spec
+	if spec == nil || spec.Network.DNSStrategy != dnsStrategyRoute53 {
+		return nil, nil
+	}
+	var names []string
+	for _, zone := range []string{spec.Network.PublicZoneID, spec.Network.PrivateZoneID} {
+		if zone == "" {
+			continue
+		}
+		name, err := b.recordName(ctx, c, zone, req.Instance)
+		if err != nil {
+			return nil, err
+		}
+		names = append(names, strings.TrimSuffix(name, "."))
+	}
+	return names, nil
+}
+
 func (b *Backend) recordName(ctx context.Context, c clients, zone, instance string) (string, error) {
 	out, err := c.dns.GetHostedZone(ctx, &route53.GetHostedZoneInput{Id: aws.String(zone)})
 	if isNotFound(err) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -259,6 +260,17 @@ func TestMachineLifecycleOnMoto(t *testing.T) {
 			if !strings.Contains(string(cfg), want) {
 				t.Errorf("agent config lacks %s:\n%s", want, cfg)
 			}
+		}
+		// The names the DNS records give it, the public zone's first: the
+		// agent's HTTPS front certifies them.
+		var agentCfg struct {
+			Hostnames []string `json:"hostnames"`
+		}
+		if err := json.Unmarshal(cfg, &agentCfg); err != nil {
+			t.Fatal(err)
+		}
+		if want := []string{"in-analytics." + w.pubName, "in-analytics." + w.privName}; !slices.Equal(agentCfg.Hostnames, want) {
+			t.Errorf("agent hostnames = %v, want %v", agentCfg.Hostnames, want)
 		}
 		if !strings.Contains(string(ud), strings.ReplaceAll(st.VolumeID, "-", "")) || !strings.Contains(string(ud), "download/fm") {
 			t.Errorf("user data does not name the volume or the download")

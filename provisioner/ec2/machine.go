@@ -60,9 +60,13 @@ func describeInstance(ctx context.Context, c clients, id string) (*types.Instanc
 // (findMachines) instead of making another.
 func (b *Backend) runInstance(ctx context.Context, c clients, req provisioner.Request, pl plan, sgs []string, volumeID string) (*types.Instance, error) {
 	spec := req.Spec
+	hostnames, err := b.hostnames(ctx, c, req)
+	if err != nil {
+		return nil, err
+	}
 	cfg, err := json.MarshalIndent(agent.Config{
 		Instance: req.Instance, MachineRequest: req.ID, NATSURL: b.cfg.AgentNATSURL, Join: spec.Join,
-		RootDir: "/", DataDir: "/data", PackageManager: "auto",
+		RootDir: "/", DataDir: "/data", PackageManager: "auto", Hostnames: hostnames,
 	}, "", "  ")
 	if err != nil {
 		return nil, err

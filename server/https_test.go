@@ -1,0 +1,113 @@
+package server_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+
+	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/server"
+	"github.com/fleetmanager/fm/server/servertest"
+)
+
+// desiredOf reads an instance's desired state and its encoding.
+func (f *fm) desiredOf(id string) (protocol.DesiredState, string) {
+	f.t.Helper()
+	kv, err := f.env.Bus.JetStream(f.t).KeyValue(context.Background(), protocol.BucketDesired)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	e, err := kv.Get(context.Background(), id)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	var d protocol.DesiredState
+	if err := protocol.Decode(e.Value(), &d); err != nil {
+		f.t.Fatal(err)
+	}
+	return d, string(e.Value())
+}
+
+// setHTTPS saves the network's HTTPS strategy, as FMVirtualNetwork.save
+// does after https_strategy.
+func (f *fm) setHTTPS(vn api.VirtualNetwork, https, http, mail string) {
+	f.t.Helper()
+	m := map[string]any{}
+	f.ok(f.do("GET", "/virtual-networks/"+vn.ID, ""), &m)
+	m["httpsStrategy"], m["httpStrategy"], m["contactMail"] = https, http, mail
+	f.ok(f.do("PUT", "/virtual-networks/"+vn.ID, mustJSON(f.t, m)), nil)
+}
+
+// TestTheNetworksHTTPSStrategyReachesTheMachine: a reprovision gives the
+// agent the HTTPS front of the network's strategy: on the local backend
+// within the instance's block of ports; the instance's certificate, with
+// its key, sealed for the new machine; Let's Encrypt's (or the configured)
+// ACME directory and the network's contact mail. NONE gives none.
+func TestTheNetworksHTTPSStrategyReachesTheMachine(t *testing.T) {
+	f := startWithAuthority(t, 0, servertest.WithConfig(func(c *server.Config) {
+		c.LocalBackend = true
+		c.ACME = server.ACMEConfig{DirectoryURL: "https://acme.example.com/dir", CAPEM: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"}
+	}))
+	vn, tpl, _ := f.fleet()
+	kit := f.addImageWithKit("dss-14.0.0-k", "14.0.0")
+	certOnly, withKey := certWithKey(t, "dss.example.com")
+	in := f.createInstance(`{"label":"tls","virtualNetworkId":"` + vn.ID + `","instanceSettingsTemplateId":"` + tpl.ID +
+		`","imageId":"` + kit.ID + `","sslCertificatePEM":` + mustJSON(t, certOnly) + `}`)
+	reprovision := func() protocol.DesiredState {
+		t.Helper()
+		var op api.Future
+		f.ok(f.do("GET", "/instances/"+in.ID+"/actions/reprovision", ""), &op)
+		f.ok(f.do("DELETE", "/futures/"+op.JobID, ""), nil)
+		waitState(t, f, in.ID, "failed")
+		d, _ := f.desiredOf(in.ID)
+		return d
+	}
+
+	d := reprovision()
+	if d.DSS.HTTPS != nil {
+		t.Fatalf("httpsStrategy NONE gave a front: %+v", d.DSS.HTTPS)
+	}
+	base := d.DSS.Port
+
+	f.setHTTPS(vn, "SELF_SIGNED", "REDIRECT", "")
+	d = reprovision()
+	want := protocol.HTTPSTarget{Strategy: "SELF_SIGNED", Port: base + 8, HTTPPort: base + 9, Redirect: true}
+	if d.DSS.HTTPS == nil || *d.DSS.HTTPS != want {
+		t.Fatalf("SELF_SIGNED + REDIRECT: %+v, want %+v", d.DSS.HTTPS, want)
+	}
+	f.setHTTPS(vn, "SELF_SIGNED", "DISABLE", "")
+	if d = reprovision(); d.DSS.HTTPS == nil || d.DSS.HTTPS.HTTPPort != 0 || d.DSS.HTTPS.Redirect {
+		t.Fatalf("SELF_SIGNED + DISABLE: %+v", d.DSS.HTTPS)
+	}
+
+	// A custom certificate without its key is refused before anything starts.
+	f.setHTTPS(vn, "CUSTOM_CERTIFICATE", "REDIRECT", "")
+	before := f.snapshotOf("/instances/" + in.ID + "/status")
+	e := f.failed(f.do("GET", "/instances/"+in.ID+"/actions/reprovision", ""), 409, "FailedPrecondition")
+	if !strings.Contains(e.DetailedMessage, "sslCertificatePEM") || strings.Contains(e.DetailedMessage, "BEGIN") {
+		t.Fatalf("refusal: %s", e.DetailedMessage)
+	}
+	if after := f.snapshotOf("/instances/" + in.ID + "/status"); after != before {
+		t.Fatalf("a refused reprovision changed the instance:\n%s\n%s", before, after)
+	}
+	m := map[string]any{}
+	f.ok(f.do("GET", "/instances/"+in.ID, ""), &m)
+	m["sslCertificatePEM"] = withKey
+	f.ok(f.do("PUT", "/instances/"+in.ID, mustJSON(t, m)), nil)
+	d = reprovision()
+	_, raw := f.desiredOf(in.ID)
+	if h := d.DSS.HTTPS; h == nil || h.Strategy != "CUSTOM_CERTIFICATE" || h.Certificate != "" || !strings.HasPrefix(h.SealedCertificate, "fmsealed") {
+		t.Fatalf("CUSTOM_CERTIFICATE: %+v", h)
+	}
+	if strings.Contains(raw, "PRIVATE KEY") || strings.Contains(raw, "BEGIN CERTIFICATE") {
+		t.Fatal("the desired state carries the certificate in clear")
+	}
+
+	f.setHTTPS(vn, "LETSENCRYPT", "REDIRECT", "ops@example.com")
+	d = reprovision()
+	wantACME := protocol.ACMETarget{DirectoryURL: "https://acme.example.com/dir", Email: "ops@example.com", CACert: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"}
+	if h := d.DSS.HTTPS; h == nil || h.Strategy != "LETSENCRYPT" || h.HTTPPort != base+9 || h.ACME == nil || *h.ACME != wantACME {
+		t.Fatalf("LETSENCRYPT: %+v", h)
+	}
+}
