@@ -125,7 +125,15 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a.log = log.With().Str("component", "agent").Str("instance", cfg.Instance).Logger()
 	a.m.log = a.log
-	a.front = newHTTPSFront(filepath.Join(a.m.agentData, "https"), func() []string { return cfg.Hostnames }, a.log)
+	var hostnames []string
+	for _, h := range cfg.Hostnames {
+		if validHostname(h) {
+			hostnames = append(hostnames, h)
+		} else {
+			a.log.Warn().Str("hostname", h).Msg("a hostname of the config is not a DNS name; the HTTPS front's certificates leave it out")
+		}
+	}
+	a.front = newHTTPSFront(filepath.Join(a.m.agentData, "https"), func() []string { return hostnames }, a.log)
 	a.actions = &actionRunner{m: a.m, http: &http.Client{Timeout: 10 * time.Minute}, lookPath: exec.LookPath}
 	if _, err := loadJSON(a.m.cursorPath(), &a.cursor); err != nil {
 		a.log.Warn().Err(err).Msg("command cursor unreadable; starting from the first command not yet seen")
@@ -220,9 +228,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			st := a.front.status()
 			a.rep.updateStatus(func(s *protocol.AgentStatus) { s.DSS.HTTPS = st })
 		}
+		a.front.restore()
 		a.refreshDSSState(ctx)
-		parts = append(parts,
-			func(ctx context.Context) { <-ctx.Done(); a.front.stop() },
+		parts = append(parts, a.front.run,
 			a.watchdog,
 			func(ctx context.Context) { a.ship.run(ctx, a.js) },
 			func(ctx context.Context) {
@@ -237,6 +245,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	<-ctx.Done()
 	a.stopping.Store(true)
 	wg.Wait()
+	// After every part: a convergence stopping can still put a front in
+	// place, which this closes.
+	a.front.stop()
 	// Send what is still queued, for a moment.
 	flushCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()

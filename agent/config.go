@@ -72,10 +72,12 @@ type Config struct {
 	// default) is systemd on a real machine that has it.
 	ServiceManager string `json:"serviceManager,omitempty"`
 	// Hostnames are the machine's DNS names, as its provisioner made them
-	// (the records of the network's DNS zones): the HTTPS front's
-	// certificates name them, and LETSENCRYPT obtains a certificate for
-	// each. The machine's own host name, localhost and its addresses are
-	// added to self-signed certificates.
+	// (the records of the network's DNS zones, the public zone's first):
+	// the HTTPS front's certificates name them, and LETSENCRYPT obtains
+	// one for the first. The machine's own host name, localhost and its
+	// addresses are added to self-signed certificates. A name that is not
+	// one (a zone's escaped characters) is left out with a warning rather
+	// than keeping the agent from starting.
 	Hostnames []string `json:"hostnames,omitempty"`
 
 	// Timings; zero values take the defaults.
@@ -184,11 +186,6 @@ func (c *Config) validate() error {
 	case "auto", "systemd", "none":
 	default:
 		problems = append(problems, fmt.Errorf("serviceManager %q is not auto, systemd or none", c.ServiceManager))
-	}
-	for _, h := range c.Hostnames {
-		if !validHostname(h) {
-			problems = append(problems, fmt.Errorf("hostname %q is not a DNS name", h))
-		}
 	}
 	for name, dir := range map[string]string{"root": c.RootDir, "data": c.DataDir} {
 		if dir == "" || !filepath.IsAbs(dir) {

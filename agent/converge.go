@@ -188,13 +188,11 @@ func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
 				log.Warn().Err(err).Str("output", lastBytes(out, 2048)).Msg("DSS did not start; the watchdog will retry")
 			}
 		}
-		// The HTTPS front of the generation reached, as it was served
-		// before the restart; a port not free yet is tried again.
-		if _, _, err := a.untilDeadline(ctx, d, "https", func() (string, string, error) {
-			msg, err := a.front.apply(d.DSS.HTTPS, d.DSS.Port)
-			return msg, "", err
-		}); err != nil {
-			log.Error().Err(err).Msg("the HTTPS front could not be served")
+		// The HTTPS front of the generation reached (restore served it
+		// already, unless it was not kept); a port not free yet is tried
+		// again by the front itself, and the status says why meanwhile.
+		if _, err := a.front.apply(d.DSS.HTTPS, d.DSS.Port); err != nil {
+			log.Warn().Err(err).Msg("the HTTPS front is not served yet")
 		}
 		a.ready(d, mk.Generation)
 		return nil
@@ -353,6 +351,9 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 	if err := a.writeLicense(ctx, gen, d); err != nil {
 		return err
 	}
+	if _, err := a.writeAWSCredentials(ctx, gen, d); err != nil {
+		return err
+	}
 	facts = a.factsFor(d, wasInstalled, wasUpgraded)
 	if err := a.runStage(ctx, d, protocol.StageAfterInstall, facts); err != nil {
 		return err
@@ -441,6 +442,38 @@ func (a *Agent) writeLicense(ctx context.Context, gen uint64, d *protocol.Desire
 	})
 }
 
+// awsCredentialsHeader opens the AWS credentials file the agent writes: it
+// is the agent's, whole.
+const awsCredentialsHeader = "# Written by the Fleet Manager agent: the AWS key pair of the instance's template\n" +
+	"# (dataikuAwsAPIAccessMode KEYPAIR). Changes made here are replaced.\n"
+
+// writeAWSCredentials gives the DSS account the desired AWS key pair as its
+// default profile (~/.aws/credentials, 0600, written as the account), if
+// it changed, and says whether it did. Without one it leaves the file
+// alone: a file the agent did not write is not its to remove, and one it
+// wrote is on an OS disk a reprovision replaces.
+func (a *Agent) writeAWSCredentials(ctx context.Context, gen uint64, d *protocol.DesiredState) (bool, error) {
+	c := d.DSS.AWSCredentials
+	if c == nil {
+		return false, nil
+	}
+	dir := a.m.rooted("home", a.m.cfg.DSSUser, ".aws")
+	path := filepath.Join(dir, "credentials")
+	want := awsCredentialsHeader + "[default]\naws_access_key_id = " + c.AccessKeyID + "\naws_secret_access_key = " + c.SecretAccessKey + "\n"
+	if cur, err := a.m.readFile(ctx, path); err == nil && string(cur) == want {
+		return false, nil
+	}
+	return true, a.step(gen, "aws-credentials", func() (string, string, error) {
+		if err := a.m.mkdirAll(ctx, dir, 0o700); err != nil {
+			return "", "", err
+		}
+		if err := a.m.writeFile(ctx, path, []byte(want), 0o600); err != nil {
+			return "", "", err
+		}
+		return fmt.Sprintf("AWS key pair %s written as ~%s/.aws/credentials (default profile)", c.AccessKeyID, a.m.cfg.DSSUser), "", nil
+	})
+}
+
 // runStage carries out the enabled actions of a stage, in template order,
 // each reported as a step; the first failure stops the sequence.
 func (a *Agent) runStage(ctx context.Context, d *protocol.DesiredState, stage protocol.Stage, facts ansibleFacts) error {
@@ -487,7 +520,11 @@ func (a *Agent) applySettings(ctx context.Context, d *protocol.DesiredState, mk 
 	if err := a.writeLicense(ctx, d.Generation, d); err != nil {
 		return err
 	}
-	if before == a.m.dssInputs() || mk.DSSStopped {
+	credsChanged, err := a.writeAWSCredentials(ctx, d.Generation, d)
+	if err != nil {
+		return err
+	}
+	if before == a.m.dssInputs() && !credsChanged || mk.DSSStopped {
 		return nil
 	}
 	return a.step(d.Generation, "restart-dss", func() (string, string, error) {

@@ -165,12 +165,19 @@ func (r *rig) newMachineRoot() {
 // desire writes a desired state with the next generation and returns it.
 func (r *rig) desire(version string, actions ...protocol.SetupAction) *protocol.DesiredState {
 	r.t.Helper()
+	return r.desireWith(version, func(d *protocol.DesiredState) { d.SetupActions = actions })
+}
+
+// desireWith writes a desired state with the next generation, as change
+// makes it, and returns it.
+func (r *rig) desireWith(version string, change func(*protocol.DesiredState)) *protocol.DesiredState {
+	r.t.Helper()
 	r.gen++
 	d := &protocol.DesiredState{
 		Instance: r.instance, Generation: r.gen, NodeType: "design", HeartbeatSeconds: 1,
-		DSS:          protocol.DSSTarget{ImageID: "dss-" + version + "-standin", Version: version, Port: r.port, Kit: standinKit(r.t, version)},
-		SetupActions: actions,
+		DSS: protocol.DSSTarget{ImageID: "dss-" + version + "-standin", Version: version, Port: r.port, Kit: standinKit(r.t, version)},
 	}
+	change(d)
 	r.put(d)
 	r.lastDesired = d
 	return d

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log"
@@ -12,11 +13,14 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/atomicfile"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/rs/zerolog"
 	"golang.org/x/crypto/acme"
@@ -30,27 +34,44 @@ import (
 //
 // Its listeners stay open across changes of certificate or DSS port (the
 // certificate source and the handler are swapped under them); a change of
-// port opens the new listener before closing the old. It keeps nothing but
-// its certificates (the self-signed one, ACME's account and certificates),
-// on the data volume, so that a reprovision serves the same ones.
+// port opens the new listener before closing the old. What it serves is
+// kept in its folder on the data volume (front.json) with its certificates
+// (the self-signed one, ACME's account and certificates): an agent that
+// starts serves it again at once, before it converges, and a reprovision
+// serves the same certificates. A front that cannot be served for now (a
+// port taken) is tried again every frontRetry until it is.
 type httpsFront struct {
 	log   zerolog.Logger
-	dir   string // where its certificates are kept
+	dir   string // where its certificates and front.json are kept
 	names func() []string
 
-	mu       sync.Mutex
-	applied  string // digest of the target (and DSS port) in place
-	target   *protocol.HTTPSTarget
-	tls      *frontListener
-	http     *frontListener
-	certs    certSource
-	handler  http.Handler // the TLS side's
-	plain    http.Handler // the plain HTTP side's
-	stopACME context.CancelFunc
-	// changed is told when the status changes (ACME obtaining its
-	// certificate), so that the agent reports it.
+	mu      sync.Mutex
+	closed  bool       // stopped for good: the agent is stopping
+	wanted  *frontWant // what it was last asked to serve
+	failure error      // why wanted is not served (nil when it is)
+	applied string     // key of what is served
+	target  *protocol.HTTPSTarget
+	tls     *frontListener
+	http    *frontListener
+	certs   certSource
+	handler http.Handler // the TLS side's
+	plain   http.Handler // the plain HTTP side's
+	// changed is told when the status changes outside a convergence (ACME
+	// obtaining its certificate, a retry serving), so that the agent
+	// reports it.
 	changed func()
 }
+
+// frontWant is what the front is asked to serve: the target in front of
+// DSS's port (a nil target: nothing). It is what front.json keeps.
+type frontWant struct {
+	Target  *protocol.HTTPSTarget `json:"target"`
+	DSSPort int                   `json:"dssPort"`
+}
+
+// frontRetry is how often a front not served (a port taken) is tried again,
+// and a self-signed certificate's expiry looked at.
+const frontRetry = 10 * time.Second
 
 // frontListener is one of the front's servers and the port it serves.
 type frontListener struct {
@@ -69,13 +90,93 @@ func newHTTPSFront(dir string, names func() []string, log zerolog.Logger) *https
 	return &httpsFront{dir: dir, names: names, log: log.With().Str("part", "https").Logger(), changed: func() {}}
 }
 
+func (f *httpsFront) wantPath() string { return filepath.Join(f.dir, "front.json") }
+
+// restore serves what the front served when the agent stopped (kept in
+// front.json), so that an agent restarted, or a new machine on the same
+// data volume, serves DSS over HTTPS while it converges. What fails is
+// tried again by run.
+func (f *httpsFront) restore() {
+	var w frontWant
+	b, err := os.ReadFile(f.wantPath())
+	if errors.Is(err, os.ErrNotExist) {
+		return
+	}
+	if err == nil {
+		err = json.Unmarshal(b, &w)
+	}
+	if err == nil && w.Target != nil {
+		err = w.Target.Validate()
+	}
+	if err != nil {
+		f.log.Warn().Err(err).Msg("the HTTPS front kept is unreadable; it is served again once the desired state says so")
+		return
+	}
+	if _, err := f.apply(w.Target, w.DSSPort); err != nil {
+		f.log.Warn().Err(err).Msg("the HTTPS front kept could not be served; trying again")
+	}
+}
+
+// run tries again, every frontRetry, a front that could not be served for
+// now, and makes a self-signed certificate near its expiry again.
+func (f *httpsFront) run(ctx context.Context) {
+	tick := time.NewTicker(frontRetry)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		f.mu.Lock()
+		w, failure := f.wanted, f.failure
+		var se *stepError
+		retry := w != nil && failure != nil && errors.As(failure, &se) && se.code == protocol.CodeUnavailable
+		if fc, ok := f.certs.(fixedCert); ok && fc.source == protocol.CertificateSelfSigned && fc.expiring() {
+			f.applied, retry = "", w != nil // made again by apply
+		}
+		f.mu.Unlock()
+		if !retry {
+			continue
+		}
+		if _, err := f.apply(w.Target, w.DSSPort); err == nil {
+			f.changed()
+		}
+	}
+}
+
 // apply makes the front serve t in front of DSS's port (nothing when t is
 // nil). It is idempotent: the same target again changes nothing. Its
 // errors are stepErrors: a certificate that is not one fails for good, a
-// port not free for now (Unavailable).
+// port not free for now (Unavailable, tried again by run). What it serves
+// is kept in front.json.
 func (f *httpsFront) apply(t *protocol.HTTPSTarget, dssPort int) (string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.closed {
+		return "", &stepError{step: "https", code: protocol.CodeUnavailable, err: errors.New("the agent is stopping")}
+	}
+	f.wanted = &frontWant{Target: t, DSSPort: dssPort}
+	msg, err := f.applyLocked(t, dssPort)
+	f.failure = err
+	if err == nil {
+		if b, jerr := json.Marshal(f.wanted); jerr == nil {
+			if werr := f.keep(b); werr != nil {
+				f.log.Warn().Err(werr).Msg("the HTTPS front served could not be kept; an agent restart serves it once converged")
+			}
+		}
+	}
+	return msg, err
+}
+
+func (f *httpsFront) keep(b []byte) error {
+	if err := os.MkdirAll(f.dir, 0o700); err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(f.wantPath(), b, 0o600)
+}
+
+func (f *httpsFront) applyLocked(t *protocol.HTTPSTarget, dssPort int) (string, error) {
 	key := frontKey(t, dssPort)
 	if key == f.applied {
 		return "HTTPS front unchanged", nil
@@ -85,40 +186,46 @@ func (f *httpsFront) apply(t *protocol.HTTPSTarget, dssPort int) (string, error)
 		f.applied = key
 		return "no HTTPS front (the network's httpsStrategy is NONE)", nil
 	}
-	certs, stopACME, err := f.certSourceFor(t)
+	certs, err := f.certSourceFor(t)
 	if err != nil {
 		return "", err
+	}
+	abandon := func() {
+		if a, ok := certs.(*acmeSource); ok && certs != f.certs {
+			a.stop()
+		}
 	}
 	// Listeners first: a port not free leaves what was served as it was.
 	tlsL, err := f.listen(f.tls, t.Port, true)
 	if err != nil {
-		stopACME()
+		abandon()
 		return "", err
 	}
 	var httpL *frontListener
 	if t.HTTPPort != 0 {
 		if httpL, err = f.listen(f.http, t.HTTPPort, false); err != nil {
-			stopACME()
+			abandon()
 			if tlsL != f.tls {
 				_ = tlsL.srv.Close()
 			}
 			return "", err
 		}
 	}
-	if f.stopACME != nil {
-		f.stopACME()
+	if old, ok := f.certs.(*acmeSource); ok && f.certs != certs {
+		old.stop()
 	}
 	for _, old := range []*frontListener{f.tls, f.http} {
 		if old != nil && old != tlsL && old != httpL {
 			_ = old.srv.Close()
 		}
 	}
-	f.tls, f.http, f.certs, f.stopACME, f.target = tlsL, httpL, certs, stopACME, t
-	f.handler = proxyTo(dssPort)
+	started := f.certs == certs
+	f.tls, f.http, f.certs, f.target = tlsL, httpL, certs, t
+	f.handler = proxyTo(dssPort, f.log)
 	f.plain = f.plainHandler(t, certs)
 	f.applied = key
-	if a, ok := certs.(*acmeSource); ok {
-		a.start()
+	if a, ok := certs.(*acmeSource); ok && !started {
+		a.start(func() { f.changed() })
 	}
 	info, _ := certs.describe()
 	msg := fmt.Sprintf("DSS served over HTTPS on port %d (%s certificate", t.Port, info.Source)
@@ -142,8 +249,7 @@ func (f *httpsFront) apply(t *protocol.HTTPSTarget, dssPort int) (string, error)
 func (f *httpsFront) current(t *protocol.HTTPSTarget, dssPort int) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	key := frontKey(t, dssPort)
-	return key == f.applied || t == nil && f.target == nil
+	return frontKey(t, dssPort) == f.applied || t == nil && f.target == nil
 }
 
 // frontKey identifies what apply was asked to serve.
@@ -159,39 +265,39 @@ func frontKey(t *protocol.HTTPSTarget, dssPort int) string {
 	return hex.EncodeToString(h.Sum(nil))
 }
 
-// certSourceFor builds the certificates of t's strategy; for LETSENCRYPT it
-// starts obtaining them (stopped by the returned function).
-func (f *httpsFront) certSourceFor(t *protocol.HTTPSTarget) (certSource, context.CancelFunc, error) {
-	noop := func() {}
+// certSourceFor builds the certificates of t's strategy. For LETSENCRYPT
+// it keeps the ACME source in place when the CA, the account and the name
+// are the same: one autocert manager per certificate, which renews it.
+func (f *httpsFront) certSourceFor(t *protocol.HTTPSTarget) (certSource, error) {
 	switch t.Strategy {
 	case protocol.HTTPSSelfSigned:
 		c, err := selfSigned(f.dir, f.names())
 		if err != nil {
-			return nil, nil, &stepError{step: "https", code: protocol.CodeInternal, err: err}
+			return nil, &stepError{step: "https", code: protocol.CodeInternal, err: err}
 		}
-		return fixedCert{cert: c, source: protocol.CertificateSelfSigned}, noop, nil
+		return fixedCert{cert: c, source: protocol.CertificateSelfSigned}, nil
 	case protocol.HTTPSCustomCertificate:
 		c, err := customCert(t.Certificate)
 		if err != nil {
-			return nil, nil, &stepError{step: "https", code: protocol.CodeInvalidArgument, err: err}
+			return nil, &stepError{step: "https", code: protocol.CodeInvalidArgument, err: err}
 		}
-		return fixedCert{cert: c, source: protocol.CertificateCustom}, noop, nil
+		return fixedCert{cert: c, source: protocol.CertificateCustom}, nil
 	case protocol.HTTPSLetsEncrypt:
+		names := acmeNames(f.names())
+		if cur, ok := f.certs.(*acmeSource); ok && cur.key == acmeKey(t.ACME, names) {
+			return cur, nil
+		}
 		temp, err := selfSigned(f.dir, f.names())
 		if err != nil {
-			return nil, nil, &stepError{step: "https", code: protocol.CodeInternal, err: err}
+			return nil, &stepError{step: "https", code: protocol.CodeInternal, err: err}
 		}
-		src, err := newACMESource(f.dir, t.ACME, acmeNames(f.names()), temp, f.log)
+		src, err := newACMESource(f.dir, t.ACME, names, temp, f.log)
 		if err != nil {
-			return nil, nil, &stepError{step: "https", code: protocol.CodeInvalidArgument, err: err}
+			return nil, &stepError{step: "https", code: protocol.CodeInvalidArgument, err: err}
 		}
-		// Obtaining starts once the front serves the source (apply): the
-		// CA's challenges come to its ports.
-		ctx, cancel := context.WithCancel(context.Background())
-		src.start = func() { go src.obtain(ctx, func() { f.changed() }) }
-		return src, cancel, nil
+		return src, nil
 	}
-	return nil, nil, &stepError{step: "https", code: protocol.CodeInvalidArgument, err: fmt.Errorf("unknown HTTPS strategy %q", t.Strategy)}
+	return nil, &stepError{step: "https", code: protocol.CodeInvalidArgument, err: fmt.Errorf("unknown HTTPS strategy %q", t.Strategy)}
 }
 
 // listen returns cur if it serves port already, or a new listener on port.
@@ -203,20 +309,29 @@ func (f *httpsFront) listen(cur *frontListener, port int, withTLS bool) (*frontL
 	if err != nil {
 		return nil, &stepError{step: "https", code: protocol.CodeUnavailable, err: fmt.Errorf("port %d: %w", port, err)}
 	}
-	fl := &frontListener{port: port}
+	// A browser refusing a self-signed certificate ends every handshake
+	// in an error: worth a debug line, not the log.
+	fl := &frontListener{port: port, srv: &http.Server{ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute,
+		ErrorLog: log.New(debugWriter{f.log}, "", 0)}}
 	if withTLS {
-		fl.srv = &http.Server{Handler: http.HandlerFunc(f.serveTLS), ReadHeaderTimeout: 30 * time.Second,
-			TLSConfig: &tls.Config{GetCertificate: f.getCertificate, MinVersion: tls.VersionTLS12,
-				NextProtos: []string{"h2", "http/1.1", acme.ALPNProto}},
-			// A browser refusing a self-signed certificate ends every
-			// handshake in an error: worth a debug line, not the log.
-			ErrorLog: log.New(debugWriter{f.log}, "", 0)}
-		go func() { _ = fl.srv.ServeTLS(ln, "", "") }()
+		fl.srv.Handler = http.HandlerFunc(f.serveTLS)
+		fl.srv.TLSConfig = &tls.Config{GetCertificate: f.getCertificate, MinVersion: tls.VersionTLS12,
+			NextProtos: []string{"h2", "http/1.1", acme.ALPNProto}}
+		go f.serve(port, func() error { return fl.srv.ServeTLS(ln, "", "") })
 	} else {
-		fl.srv = &http.Server{Handler: http.HandlerFunc(f.servePlain), ReadHeaderTimeout: 30 * time.Second, ErrorLog: log.New(debugWriter{f.log}, "", 0)}
-		go func() { _ = fl.srv.Serve(ln) }()
+		fl.srv.Handler = http.HandlerFunc(f.servePlain)
+		go f.serve(port, func() error { return fl.srv.Serve(ln) })
 	}
 	return fl, nil
+}
+
+// serve runs a listener's server; one that ends for another reason than
+// being closed is logged (the front is tried again by run only when
+// apply failed, so this would be a bug).
+func (f *httpsFront) serve(port int, fn func() error) {
+	if err := fn(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		f.log.Error().Err(err).Int("port", port).Msg("the HTTPS front stopped serving a port")
+	}
 }
 
 func (f *httpsFront) getCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
@@ -299,8 +414,10 @@ func redirectToHTTPS(port int) http.Handler {
 }
 
 // proxyTo passes requests (websockets included) to DSS on the loopback
-// address, saying they came over HTTPS.
-func proxyTo(dssPort int) http.Handler {
+// address, saying they came over HTTPS. Rewrite starts from a request
+// without the client's X-Forwarded headers: DSS is told the address the
+// front saw, not one a client claims.
+func proxyTo(dssPort int, log zerolog.Logger) http.Handler {
 	target := &url.URL{Scheme: "http", Host: net.JoinHostPort("127.0.0.1", strconv.Itoa(dssPort))}
 	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
@@ -309,42 +426,54 @@ func proxyTo(dssPort int) http.Handler {
 			pr.Out.Host = pr.In.Host
 		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			log.Debug().Err(err).Str("path", r.URL.Path).Msg("DSS did not answer the HTTPS front")
 			http.Error(w, "DSS does not answer", http.StatusBadGateway)
 		},
 	}
 }
 
-// status is what the agent reports of the front (nil when none).
+// status is what the agent reports of the front (nil when none is wanted).
 func (f *httpsFront) status() *protocol.HTTPSStatus {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.target == nil {
+	if f.wanted == nil || f.wanted.Target == nil {
 		return nil
 	}
-	st := &protocol.HTTPSStatus{Strategy: f.target.Strategy, Port: f.target.Port, Serving: f.tls != nil}
-	st.Certificate, st.Error = f.certs.describe()
+	w := f.wanted.Target
+	st := &protocol.HTTPSStatus{Strategy: w.Strategy, Port: w.Port}
+	if f.failure != nil {
+		st.Error = f.failure.Error()
+	}
+	if f.target != nil && f.certs != nil && f.applied == frontKey(w, f.wanted.DSSPort) {
+		st.Serving = true
+		var pending string
+		st.Certificate, pending = f.certs.describe()
+		if st.Error == "" {
+			st.Error = pending
+		}
+	}
 	return st
 }
 
-// stop closes the front's listeners (the agent is stopping, or HTTPS was
-// turned off).
+// stop closes the front's listeners for good: the agent is stopping.
 func (f *httpsFront) stop() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.closed = true
 	f.stopLocked()
 	f.applied = ""
 }
 
 func (f *httpsFront) stopLocked() {
-	if f.stopACME != nil {
-		f.stopACME()
+	if a, ok := f.certs.(*acmeSource); ok {
+		a.stop()
 	}
 	for _, l := range []*frontListener{f.tls, f.http} {
 		if l != nil {
 			_ = l.srv.Close()
 		}
 	}
-	f.tls, f.http, f.certs, f.stopACME, f.target, f.handler, f.plain = nil, nil, nil, nil, nil, nil, nil
+	f.tls, f.http, f.certs, f.target, f.handler, f.plain = nil, nil, nil, nil, nil, nil
 }
 
 // fixedCert is one certificate for every handshake.
@@ -357,6 +486,12 @@ func (c fixedCert) get(*tls.ClientHelloInfo) (*tls.Certificate, error) { return 
 
 func (c fixedCert) describe() (*protocol.CertificateInfo, string) {
 	return describeCert(c.cert, c.source), ""
+}
+
+// expiring reports whether the certificate has less than selfSignedRenew
+// left.
+func (c fixedCert) expiring() bool {
+	return c.cert.Leaf != nil && time.Until(c.cert.Leaf.NotAfter) < selfSignedRenew
 }
 
 func describeCert(c *tls.Certificate, source string) *protocol.CertificateInfo {

@@ -2,27 +2,27 @@ package agent
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/fleetmanager/fm/internal/acmetest"
+	"github.com/fleetmanager/fm/internal/certtest"
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/rs/zerolog"
 )
@@ -31,7 +31,7 @@ import (
 func standInDSS(t *testing.T) int {
 	t.Helper()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprintf(w, "dss host=%s path=%s proto=%s", r.Host, r.URL.Path, r.Header.Get("X-Forwarded-Proto"))
+		fmt.Fprintf(w, "dss host=%s path=%s proto=%s for=%s", r.Host, r.URL.Path, r.Header.Get("X-Forwarded-Proto"), r.Header.Get("X-Forwarded-For"))
 	}))
 	t.Cleanup(srv.Close)
 	u, _ := url.Parse(srv.URL)
@@ -58,7 +58,9 @@ func getOver(t *testing.T, port int, serverName, roots, path string) (string, []
 		}},
 	}}
 	defer client.CloseIdleConnections()
-	resp, err := client.Get("https://" + net.JoinHostPort(serverName, strconv.Itoa(port)) + path)
+	req, _ := http.NewRequest(http.MethodGet, "https://"+net.JoinHostPort(serverName, strconv.Itoa(port))+path, nil)
+	req.Header.Set("X-Forwarded-For", "203.0.113.66") // a client's claim, which DSS must not be told
+	resp, err := client.Do(req)
 	if err != nil {
 		return "", chain, err
 	}
@@ -67,7 +69,7 @@ func getOver(t *testing.T, port int, serverName, roots, path string) (string, []
 	return string(b), chain, nil
 }
 
-// certPEM reads the PEM of a self-signed front's certificate.
+// selfSignedPEM is the PEM of the self-signed certificate kept in dir.
 func selfSignedPEM(t *testing.T, dir string) string {
 	t.Helper()
 	c, err := selfSigned(dir, nil)
@@ -75,32 +77,6 @@ func selfSignedPEM(t *testing.T, dir string) string {
 		t.Fatal(err)
 	}
 	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Certificate[0]}))
-}
-
-// customChain makes a CA and a certificate for names signed by it, and
-// returns the CA's PEM and the instance's PEM (leaf, CA, key).
-func customChain(t *testing.T, names ...string) (caPEM, instancePEM string) {
-	t.Helper()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "Example CA"}, IsCA: true,
-		BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTpl, caTpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caCert, _ := x509.ParseCertificate(caDER)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: names[0]}, DNSNames: names,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tpl, caCert, &key.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, _ := x509.MarshalECPrivateKey(key)
-	caPEM = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}))
-	instancePEM = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})) + caPEM +
-		string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}))
-	return caPEM, instancePEM
 }
 
 func noRedirects(t *testing.T, port int, host string) *http.Response {
@@ -118,7 +94,8 @@ func noRedirects(t *testing.T, port int, host string) *http.Response {
 
 func TestHTTPSFrontStrategies(t *testing.T) {
 	dss := standInDSS(t)
-	caPEM, instancePEM := customChain(t, "dss.example.com")
+	chain := certtest.NewChain(t, "dss.example.com")
+	caPEM, instancePEM := chain.CAPEM, chain.Instance()
 	tests := []struct {
 		name       string
 		target     func(port, httpPort int) *protocol.HTTPSTarget
@@ -151,7 +128,7 @@ func TestHTTPSFrontStrategies(t *testing.T) {
 			if err != nil {
 				t.Fatalf("HTTPS: %v", err)
 			}
-			if want := "path=/projects/ proto=https"; !strings.Contains(body, want) {
+			if want := "path=/projects/ proto=https for=127.0.0.1"; !strings.Contains(body, want) {
 				t.Fatalf("DSS got %q, want it to contain %q", body, want)
 			}
 			if tc.source == protocol.CertificateCustom && len(chain) != 2 {
@@ -221,7 +198,8 @@ func TestHTTPSFrontChanges(t *testing.T) {
 	}
 	serving(roots)
 
-	caPEM, instancePEM := customChain(t, "localhost")
+	local := certtest.NewChain(t, "localhost")
+	caPEM, instancePEM := local.CAPEM, local.Instance()
 	if _, err := f.apply(&protocol.HTTPSTarget{Strategy: protocol.HTTPSCustomCertificate, Port: port, Certificate: instancePEM}, dss); err != nil {
 		t.Fatal(err)
 	}
@@ -298,6 +276,11 @@ func TestHTTPSFrontObtainsFromACME(t *testing.T) {
 	if !strings.Contains(body, "proto=https") || chain[0].Subject.CommonName != name && chain[0].DNSNames[0] != name {
 		t.Fatalf("got %q from %v", body, chain[0].DNSNames)
 	}
+	// A name the machine does not have gets the temporary certificate;
+	// nothing is asked of the CA for it.
+	if _, _, err := getOver(t, port, "other.example.com", ca.RootPEM, "/"); err == nil {
+		t.Fatal("a name not the machine's was served a certificate of the CA")
+	}
 	// The certificate is kept: a front started again serves it at once.
 	f.stop()
 	g := newHTTPSFront(dir, func() []string { return []string{name} }, zerolog.Nop())
@@ -341,5 +324,205 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestTheHTTPSFrontAndTheAWSKeyPairThroughTheAgent: a desired state's HTTPS
+// front is served once DSS is up, served again by an agent restarted on the
+// generation it reached, and stopped by a generation without one; its AWS
+// key pair becomes the DSS account's default profile.
+func TestTheHTTPSFrontAndTheAWSKeyPairThroughTheAgent(t *testing.T) {
+	r := newRig(t)
+	r.startAgent()
+	httpsPort := freePort(t)
+	creds := &protocol.AWSCredentials{AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SecretAccessKey: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}
+	r.desireWith("14.0.0", func(d *protocol.DesiredState) {
+		d.DSS.HTTPS = &protocol.HTTPSTarget{Strategy: protocol.HTTPSSelfSigned, Port: httpsPort}
+		d.DSS.AWSCredentials = creds
+	})
+	st := r.waitReady(1)
+	if h := st.DSS.HTTPS; h == nil || !h.Serving || h.Port != httpsPort || h.Certificate.Source != protocol.CertificateSelfSigned {
+		t.Fatalf("status's https: %+v", st.DSS.HTTPS)
+	}
+	roots := selfSignedPEM(t, filepath.Join(r.data, "fm-agent", "https"))
+	health := func() {
+		t.Helper()
+		body, _, err := getOver(t, httpsPort, "localhost", roots, "/api/health")
+		if err != nil || !strings.Contains(body, `"version":"14.0.0"`) {
+			t.Fatalf("DSS over HTTPS: %q, %v", body, err)
+		}
+	}
+	health()
+	path := filepath.Join(r.root, "home", r.cfg.DSSUser, ".aws", "credentials")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o600 ||
+		!strings.Contains(string(b), "[default]\naws_access_key_id = AKIAIOSFODNN7EXAMPLE\naws_secret_access_key = "+creds.SecretAccessKey+"\n") {
+		t.Fatalf("credentials file (%v):\n%s", fi.Mode(), b)
+	}
+	for _, e := range r.events.all() {
+		if strings.Contains(e.Message+e.Output, creds.SecretAccessKey) {
+			t.Fatalf("an event carries the secret: %+v", e)
+		}
+	}
+
+	r.stopAgent()
+	if c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(httpsPort), time.Second); err == nil {
+		c.Close()
+		t.Fatal("the HTTPS port still answers after the agent stopped")
+	}
+	restarted := time.Now()
+	r.startAgent()
+	r.waitStatus("HTTPS served again after a restart", 30*time.Second, func(st protocol.AgentStatus) bool {
+		return st.Time.After(restarted) && st.DSS.HTTPS != nil && st.DSS.HTTPS.Serving
+	})
+	health()
+
+	// Restarted while its port is taken: the status says so, and the
+	// front serves once the port is free.
+	r.stopAgent()
+	taken, err := net.Listen("tcp", ":"+strconv.Itoa(httpsPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	restarted = time.Now()
+	r.startAgent()
+	r.waitStatus("the taken port reported", 30*time.Second, func(st protocol.AgentStatus) bool {
+		return st.Time.After(restarted) && st.DSS.HTTPS != nil && !st.DSS.HTTPS.Serving && strings.Contains(st.DSS.HTTPS.Error, "address already in use")
+	})
+	taken.Close()
+	r.waitStatus("HTTPS served once the port is free", 40*time.Second, func(st protocol.AgentStatus) bool {
+		return st.DSS.HTTPS != nil && st.DSS.HTTPS.Serving
+	})
+	health()
+
+	r.desireWith("14.0.0", func(d *protocol.DesiredState) { d.DSS.AWSCredentials = creds })
+	if st := r.waitReady(2); st.DSS.HTTPS != nil {
+		t.Fatalf("a generation without HTTPS still reports it: %+v", st.DSS.HTTPS)
+	}
+	if c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(httpsPort), time.Second); err == nil {
+		c.Close()
+		t.Fatal("the HTTPS port still answers")
+	}
+}
+
+// TestACMEFailuresWaitAcrossRestarts: a CA that cannot be reached is asked
+// again only after the backoff, counted in a file that outlives the agent.
+func TestACMEFailuresWaitAcrossRestarts(t *testing.T) {
+	dss := standInDSS(t)
+	dir := t.TempDir()
+	port, httpPort := freePort(t), freePort(t)
+	target := &protocol.HTTPSTarget{Strategy: protocol.HTTPSLetsEncrypt, Port: port, HTTPPort: httpPort, Redirect: true,
+		ACME: &protocol.ACMETarget{DirectoryURL: "https://127.0.0.1:1/dir"}}
+	serve := func() *httpsFront {
+		f := newHTTPSFront(dir, func() []string { return []string{"in-x.dss.example.com"} }, zerolog.Nop())
+		t.Cleanup(f.stop)
+		if _, err := f.apply(target, dss); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	f := serve()
+	waitFor(t, 30*time.Second, "a failed attempt", func() bool { return strings.Contains(f.status().Error, "trying again at") })
+	if st := f.status(); !st.Serving || st.Certificate.Source != protocol.CertificateTemporary {
+		t.Fatalf("status = %+v", st)
+	}
+	f.stop()
+	var att acmeAttempts
+	b, err := os.ReadFile(filepath.Join(dir, "acme", cacheFolder(target.ACME.DirectoryURL), "acme-attempts.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &att); err != nil || att.Failures != 1 || time.Until(att.Next) < 50*time.Second {
+		t.Fatalf("attempts kept: %+v %v", att, err)
+	}
+	g := serve()
+	waitFor(t, 10*time.Second, "the restarted front to say it waits", func() bool {
+		return strings.Contains(g.status().Error, "1 attempts to obtain a certificate")
+	})
+	b2, _ := os.ReadFile(filepath.Join(dir, "acme", cacheFolder(target.ACME.DirectoryURL), "acme-attempts.json"))
+	if string(b2) != string(b) {
+		t.Fatalf("a restarted front asked the CA before its time: %s, then %s", b, b2)
+	}
+}
+
+func TestACMEBackoff(t *testing.T) {
+	want := []time.Duration{time.Minute, 5 * time.Minute, 15 * time.Minute, time.Hour, 2 * time.Hour, 4 * time.Hour,
+		8 * time.Hour, 16 * time.Hour, 24 * time.Hour, 24 * time.Hour, 24 * time.Hour}
+	for i, w := range want {
+		if got := acmeBackoff(i + 1); got != w {
+			t.Errorf("after %d failures: %s, want %s", i+1, got, w)
+		}
+	}
+}
+
+func TestRedirectToHTTPS(t *testing.T) {
+	tests := []struct {
+		host, path string
+		port       int
+		status     int
+		location   string
+	}{
+		{"dss.example.com", "/projects/?a=b", 443, 301, "https://dss.example.com/projects/?a=b"},
+		{"dss.example.com:80", "/", 10008, 301, "https://dss.example.com:10008/"},
+		{"[2001:db8::1]:80", "/x", 443, 301, "https://[2001:db8::1]/x"},
+		{"evil.example.com/@x", "/", 443, 400, ""},
+		{"a b", "/", 443, 400, ""},
+		{"", "/", 443, 400, ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.host, func(t *testing.T) {
+			r := httptest.NewRequest(http.MethodGet, "http://placeholder"+tc.path, nil)
+			r.Host = tc.host
+			w := httptest.NewRecorder()
+			redirectToHTTPS(tc.port).ServeHTTP(w, r)
+			if w.Code != tc.status || w.Header().Get("Location") != tc.location {
+				t.Fatalf("%d %q, want %d %q", w.Code, w.Header().Get("Location"), tc.status, tc.location)
+			}
+		})
+	}
+}
+
+// TestOpenDesiredOpensWhatIsSealedForIt: the license, DSS's AWS secret and
+// the HTTPS certificate open with the instance key in their own places
+// only; a desired state for another machine is left sealed.
+func TestOpenDesiredOpensWhatIsSealedForIt(t *testing.T) {
+	box, err := seal.New(seal.NewKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &Agent{cfg: Config{Instance: "in-mine", MachineRequest: "rq-1"}, box: box}
+	sealed := func() *protocol.DesiredState {
+		return &protocol.DesiredState{Instance: "in-mine", MachineRequest: "rq-1", DSS: protocol.DSSTarget{
+			SealedLicense:  box.Seal("{license}", protocol.SealedLicensePlace("in-mine")),
+			AWSCredentials: &protocol.AWSCredentials{AccessKeyID: "AKIA1", SealedSecretAccessKey: box.Seal("s3cret", protocol.SealedAWSSecretPlace("in-mine"))},
+			HTTPS: &protocol.HTTPSTarget{Strategy: protocol.HTTPSCustomCertificate, Port: 443,
+				SealedCertificate: box.Seal("PEM", protocol.SealedCertificatePlace("in-mine"))}}}
+	}
+	d := sealed()
+	if err := a.openDesired(d); err != nil {
+		t.Fatal(err)
+	}
+	if d.DSS.License != "{license}" || d.DSS.AWSCredentials.SecretAccessKey != "s3cret" || d.DSS.AWSCredentials.SealedSecretAccessKey != "" ||
+		d.DSS.HTTPS.Certificate != "PEM" || d.DSS.HTTPS.SealedCertificate != "" {
+		t.Fatalf("opened: %+v %+v %+v", d.DSS, d.DSS.AWSCredentials, d.DSS.HTTPS)
+	}
+
+	other := sealed()
+	other.MachineRequest = "rq-2"
+	if err := a.openDesired(other); err != nil || other.DSS.AWSCredentials.SecretAccessKey != "" || other.DSS.HTTPS.Certificate != "" {
+		t.Fatalf("another machine's state: %v %+v", err, other.DSS)
+	}
+
+	moved := sealed()
+	moved.DSS.AWSCredentials.SealedSecretAccessKey = moved.DSS.HTTPS.SealedCertificate
+	if err := a.openDesired(moved); err == nil {
+		t.Fatal("a sealed value moved to another place opened")
+	}
+	keyless := &Agent{cfg: a.cfg}
+	if err := keyless.openDesired(sealed()); err == nil {
+		t.Fatal("an agent without an instance key opened sealed values")
 	}
 }

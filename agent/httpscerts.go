@@ -5,9 +5,12 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -36,18 +39,26 @@ const (
 )
 
 // selfSigned returns the machine's self-signed certificate, kept in dir,
-// made again when it lacks one of the machine's names or addresses or
-// expires soon: the same certificate across agent restarts and
-// reprovisions, so that a browser's exception for it holds.
+// made again only when it lacks one of the names the machine is given
+// (its DNS names, localhost, the loopback addresses) or expires soon: the
+// same certificate across agent restarts and reprovisions, so that a
+// browser's exception for it holds. The machine's host name and addresses
+// are named too when it is made, but a change of them (a new machine's,
+// an interface come up) does not make it again.
 func selfSigned(dir string, names []string) (*tls.Certificate, error) {
-	dnsNames, ips := sansOf(names)
+	required, requiredIPs := wantedNames(names)
 	path := filepath.Join(dir, "self-signed.pem")
 	if b, err := os.ReadFile(path); err == nil {
-		if c, err := tls.X509KeyPair(b, b); err == nil && covers(c.Leaf, dnsNames, ips) &&
+		if c, err := tls.X509KeyPair(b, b); err == nil && covers(c.Leaf, required, requiredIPs) &&
 			time.Until(c.Leaf.NotAfter) > selfSignedRenew {
 			return &c, nil
 		}
 	}
+	dnsNames, ips := required, requiredIPs
+	if h, err := os.Hostname(); err == nil && validHostname(h) && !slices.Contains(dnsNames, strings.ToLower(h)) {
+		dnsNames = append(dnsNames, strings.ToLower(h))
+	}
+	ips = append(ips, machineAddresses(ips)...)
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err
@@ -56,10 +67,7 @@ func selfSigned(dir string, names []string) (*tls.Certificate, error) {
 	if err != nil {
 		return nil, err
 	}
-	cn := "DSS"
-	if len(dnsNames) > 0 {
-		cn = dnsNames[0]
-	}
+	cn := dnsNames[0]
 	now := time.Now()
 	tpl := &x509.Certificate{
 		SerialNumber: serial, Subject: pkix.Name{CommonName: cn, Organization: []string{"Fleet Manager (self-signed)"}},
@@ -90,40 +98,41 @@ func selfSigned(dir string, names []string) (*tls.Certificate, error) {
 	return &c, nil
 }
 
-// sansOf is what a self-signed certificate names: the machine's names,
-// its host name, localhost, and its addresses.
-func sansOf(names []string) ([]string, []net.IP) {
+// wantedNames is what a self-signed certificate must name: the machine's
+// DNS names, localhost, and the loopback addresses.
+func wantedNames(names []string) ([]string, []net.IP) {
 	var dnsNames []string
-	add := func(n string) {
+	for _, n := range append(slices.Clone(names), "localhost") {
 		n = strings.ToLower(strings.TrimSuffix(n, "."))
 		if n != "" && net.ParseIP(n) == nil && !slices.Contains(dnsNames, n) {
 			dnsNames = append(dnsNames, n)
 		}
 	}
-	for _, n := range names {
-		add(n)
+	return dnsNames, []net.IP{net.IPv4(127, 0, 0, 1).To4(), net.IPv6loopback}
+}
+
+// machineAddresses are the machine's own addresses (not loopback or link
+// local) that have is without.
+func machineAddresses(have []net.IP) []net.IP {
+	var out []net.IP
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil
 	}
-	if h, err := os.Hostname(); err == nil && validHostname(h) {
-		add(h)
-	}
-	add("localhost")
-	ips := []net.IP{net.IPv4(127, 0, 0, 1).To4(), net.IPv6loopback}
-	if addrs, err := net.InterfaceAddrs(); err == nil {
-		for _, a := range addrs {
-			ipn, ok := a.(*net.IPNet)
-			if !ok || ipn.IP.IsLoopback() || ipn.IP.IsLinkLocalUnicast() {
-				continue
-			}
-			ip := ipn.IP
-			if v4 := ip.To4(); v4 != nil {
-				ip = v4
-			}
-			if !slices.ContainsFunc(ips, ip.Equal) {
-				ips = append(ips, ip)
-			}
+	for _, a := range addrs {
+		ipn, ok := a.(*net.IPNet)
+		if !ok || ipn.IP.IsLoopback() || ipn.IP.IsLinkLocalUnicast() {
+			continue
+		}
+		ip := ipn.IP
+		if v4 := ip.To4(); v4 != nil {
+			ip = v4
+		}
+		if !slices.ContainsFunc(have, ip.Equal) && !slices.ContainsFunc(out, ip.Equal) {
+			out = append(out, ip)
 		}
 	}
-	return dnsNames, ips
+	return out
 }
 
 // covers reports whether leaf names every one of dnsNames and ips.
@@ -168,24 +177,53 @@ func acmeNames(names []string) []string {
 	return nil
 }
 
-// acmeSource serves certificates an ACME CA issued for the machine's names
+// acmeSource serves certificates an ACME CA issued for the machine's name
 // (autocert keeps them in the front's folder and renews them), and the
 // temporary self-signed certificate until the CA has issued one: a
 // handshake never waits for the CA.
 type acmeSource struct {
+	key     string // acmeKey: what makes another source
 	manager *autocert.Manager
 	names   []string
 	temp    *tls.Certificate
 	log     zerolog.Logger
-	start   func() // starts obtain
+	state   string // the file of its attempts (acmeAttempts)
+	ctx     context.Context
+	cancel  context.CancelFunc
 
 	mu    sync.Mutex
-	ready map[string]*tls.Certificate // per name, once the CA issued it
-	err   string                      // why a name has none yet
+	ready map[string]bool // per name, once the CA issued its certificate
+	err   string          // why a name has none yet
 }
 
-// acmeRetryMax bounds the wait between two attempts to obtain a certificate.
-var acmeRetryMax = 10 * time.Minute
+// acmeBackoff is how long the front waits after its nth failed attempt in
+// a row to obtain a certificate: 1, 5 and 15 minutes, then an hour
+// doubling to a day. A CA counts failed validations per name and account
+// (Let's Encrypt: 5 an hour, then a pause to be lifted by hand after many
+// days of them): a name a CA cannot reach must not be asked for more often.
+func acmeBackoff(n int) time.Duration {
+	switch {
+	case n <= 1:
+		return time.Minute
+	case n == 2:
+		return 5 * time.Minute
+	case n == 3:
+		return 15 * time.Minute
+	}
+	return min(time.Hour<<min(n-4, 5), 24*time.Hour)
+}
+
+// acmeAttempts is kept beside the CA's account (acme-attempts.json), so that
+// an agent restarted does not ask again before its time.
+type acmeAttempts struct {
+	Failures int       `json:"failures"`
+	Next     time.Time `json:"next"`
+}
+
+// acmeKey identifies an ACME source: its CA, account and names.
+func acmeKey(t *protocol.ACMETarget, names []string) string {
+	return t.DirectoryURL + "\x00" + t.Email + "\x00" + t.CACert + "\x00" + strings.Join(names, ",")
+}
 
 func newACMESource(dir string, t *protocol.ACMETarget, names []string, temp *tls.Certificate, log zerolog.Logger) (*acmeSource, error) {
 	client := &acme.Client{DirectoryURL: t.DirectoryURL, UserAgent: "fm-agent"}
@@ -197,13 +235,15 @@ func newACMESource(dir string, t *protocol.ACMETarget, names []string, temp *tls
 		client.HTTPClient = &http.Client{Timeout: time.Minute, Transport: &http.Transport{
 			Proxy: http.ProxyFromEnvironment, TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}}
 	}
-	s := &acmeSource{names: names, temp: temp, log: log, ready: map[string]*tls.Certificate{}}
+	// The account and certificates of one CA are kept apart from another's:
+	// a change of directory starts afresh.
+	cache := filepath.Join(dir, "acme", cacheFolder(t.DirectoryURL))
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &acmeSource{key: acmeKey(t, names), names: names, temp: temp, log: log, ready: map[string]bool{},
+		state: filepath.Join(cache, "acme-attempts.json"), ctx: ctx, cancel: cancel}
 	s.manager = &autocert.Manager{
 		Prompt: autocert.AcceptTOS, Email: t.Email, Client: client,
-		// The account and certificates of one CA are kept apart from
-		// another's: a change of directory starts afresh.
-		Cache:      autocert.DirCache(filepath.Join(dir, "acme", cacheFolder(t.DirectoryURL))),
-		HostPolicy: autocert.HostWhitelist(names...),
+		Cache: autocert.DirCache(cache), HostPolicy: autocert.HostWhitelist(names...),
 	}
 	if len(names) == 0 {
 		s.err = "no DNS name to obtain a certificate for: LETSENCRYPT needs the network's dnsStrategy " +
@@ -212,7 +252,8 @@ func newACMESource(dir string, t *protocol.ACMETarget, names []string, temp *tls
 	return s, nil
 }
 
-// cacheFolder is a file-name-safe name for an ACME directory URL.
+// cacheFolder is a file-name-safe name for an ACME directory URL, unique
+// to it.
 func cacheFolder(directory string) string {
 	var b strings.Builder
 	for _, c := range strings.TrimPrefix(directory, "https://") {
@@ -222,43 +263,76 @@ func cacheFolder(directory string) string {
 			b.WriteByte('_')
 		}
 	}
-	return b.String()
+	sum := sha256.Sum256([]byte(directory))
+	return b.String() + "-" + hex.EncodeToString(sum[:4])
+}
+
+// start obtains the certificates in the background; changed is called
+// when what describe says changes.
+func (s *acmeSource) start(changed func()) { go s.obtain(changed) }
+
+// stop ends start's work. (autocert has nothing to stop: a manager no
+// longer used renews only what it obtained, which the next source serves
+// from the same cache.)
+func (s *acmeSource) stop() { s.cancel() }
+
+// ecdsaHello is a handshake's hello naming name and taking ECDSA: what
+// nearly every client sends. The front obtains and serves the ECDSA
+// certificate only, so that no handshake has autocert order another.
+func ecdsaHello(name string) *tls.ClientHelloInfo {
+	return &tls.ClientHelloInfo{ServerName: name, SignatureSchemes: []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256},
+		SupportedCurves: []tls.CurveID{tls.CurveP256}, CipherSuites: []uint16{tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256}}
 }
 
 // obtain asks the CA for each name's certificate until it has them all (or
-// ctx ends), waiting longer after each failure; autocert renews them from
-// then on. changed is called when what describe says changes.
-func (s *acmeSource) obtain(ctx context.Context, changed func()) {
-	wait := 5 * time.Second
+// stop), waiting after each failure as acmeBackoff says, counted across
+// restarts; autocert renews them from then on. A certificate already in
+// the cache is found at once, without the CA.
+func (s *acmeSource) obtain(changed func()) {
 	for _, name := range s.names {
-		for ctx.Err() == nil {
-			// A hello that takes ECDSA: what nearly every client sends,
-			// so that handshakes find the certificate autocert keeps.
-			hello := &tls.ClientHelloInfo{ServerName: name, SignatureSchemes: []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256},
-				SupportedCurves: []tls.CurveID{tls.CurveP256}, CipherSuites: []uint16{tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256}}
-			c, err := s.manager.GetCertificate(hello)
-			if err == nil {
+		for s.ctx.Err() == nil {
+			var att acmeAttempts
+			if b, err := os.ReadFile(s.state); err == nil {
+				_ = json.Unmarshal(b, &att)
+			}
+			if _, err := s.manager.Cache.Get(s.ctx, name); err == nil || att.Failures == 0 || !time.Now().Before(att.Next) {
+				c, err := s.manager.GetCertificate(ecdsaHello(name))
+				if err == nil && c.Leaf != nil {
+					s.mu.Lock()
+					s.ready[name], s.err = true, ""
+					s.mu.Unlock()
+					_ = os.Remove(s.state)
+					s.log.Info().Str("name", name).Time("not_after", c.Leaf.NotAfter).Msg("ACME certificate served")
+					changed()
+					break
+				}
+				if s.ctx.Err() != nil {
+					return
+				}
+				att.Failures++
+				att.Next = time.Now().Add(acmeBackoff(att.Failures))
+				if b, jerr := json.Marshal(att); jerr == nil {
+					_ = os.MkdirAll(filepath.Dir(s.state), 0o700)
+					_ = atomicfile.WriteFile(s.state, b, 0o600)
+				}
 				s.mu.Lock()
-				s.ready[name], s.err = c, ""
+				s.err = fmt.Sprintf("obtaining a certificate for %s: %v (a temporary self-signed certificate is served; trying again at %s)",
+					name, err, att.Next.UTC().Format(time.RFC3339))
 				s.mu.Unlock()
-				s.log.Info().Str("name", name).Msg("ACME certificate obtained")
+				s.log.Warn().Err(err).Str("name", name).Time("retry_at", att.Next).Msg("ACME certificate not obtained")
 				changed()
-				break
+			} else {
+				s.mu.Lock()
+				s.err = fmt.Sprintf("%d attempts to obtain a certificate for %s failed (a temporary self-signed certificate is served; trying again at %s)",
+					att.Failures, name, att.Next.UTC().Format(time.RFC3339))
+				s.mu.Unlock()
+				changed()
 			}
-			if ctx.Err() != nil {
-				return
-			}
-			s.mu.Lock()
-			s.err = fmt.Sprintf("obtaining a certificate for %s: %v (a temporary self-signed certificate is served; trying again in %s)", name, err, wait)
-			s.mu.Unlock()
-			s.log.Warn().Err(err).Str("name", name).Dur("retry_in", wait).Msg("ACME certificate not obtained; retrying")
-			changed()
 			select {
-			case <-ctx.Done():
+			case <-s.ctx.Done():
 				return
-			case <-time.After(wait):
+			case <-time.After(time.Until(att.Next)):
 			}
-			wait = min(2*wait, acmeRetryMax)
 		}
 	}
 }
@@ -268,28 +342,36 @@ func (s *acmeSource) get(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 		return s.manager.GetCertificate(hello) // a tls-alpn-01 challenge
 	}
 	name := strings.ToLower(strings.TrimSuffix(hello.ServerName, "."))
-	s.mu.Lock()
-	_, ok := s.ready[name]
-	s.mu.Unlock()
-	if ok {
-		// From autocert's memory (renewed there), not the copy kept above.
-		if c, err := s.manager.GetCertificate(hello); err == nil {
-			return c, nil
-		}
+	if c := s.served(name); c != nil {
+		return c, nil
 	}
 	return s.temp, nil
 }
 
+// served is the certificate autocert holds for name (renewed there), nil
+// before the CA issued it.
+func (s *acmeSource) served(name string) *tls.Certificate {
+	s.mu.Lock()
+	ok := s.ready[name]
+	s.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	c, err := s.manager.GetCertificate(ecdsaHello(name))
+	if err != nil {
+		return nil
+	}
+	return c
+}
+
 func (s *acmeSource) describe() (*protocol.CertificateInfo, string) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	pending := s.err
+	s.mu.Unlock()
 	if len(s.names) > 0 {
-		if c, ok := s.ready[s.names[0]]; ok {
-			if c.Leaf == nil && len(c.Certificate) > 0 {
-				c.Leaf, _ = x509.ParseCertificate(c.Certificate[0])
-			}
-			return describeCert(c, protocol.CertificateACME), s.err
+		if c := s.served(s.names[0]); c != nil {
+			return describeCert(c, protocol.CertificateACME), pending
 		}
 	}
-	return describeCert(s.temp, protocol.CertificateTemporary), s.err
+	return describeCert(s.temp, protocol.CertificateTemporary), pending
 }

@@ -234,7 +234,7 @@ func (a *Agent) setInstanceKey(key string) error {
 }
 
 // openDesired opens the sealed parts of a desired state for this machine:
-// the license and the HTTPS certificate. A state for another machine (the
+// the license, DSS's AWS secret and the HTTPS certificate. A state for another machine (the
 // one replacing this one) is sealed with a key this agent does not have; it
 // is left as it is, and ignored anyway.
 func (a *Agent) openDesired(d *protocol.DesiredState) error {
@@ -250,6 +250,18 @@ func (a *Agent) openDesired(d *protocol.DesiredState) error {
 			return fmt.Errorf("the sealed license: %w", err)
 		}
 		d.DSS.License, d.DSS.SealedLicense = lic, ""
+	}
+	if c := d.DSS.AWSCredentials; c != nil && c.SealedSecretAccessKey != "" {
+		if a.box == nil {
+			return errors.New("the AWS secret access key is sealed, and this agent has no instance key")
+		}
+		secret, err := a.box.Open(c.SealedSecretAccessKey, protocol.SealedAWSSecretPlace(a.cfg.Instance))
+		if err != nil {
+			return fmt.Errorf("the sealed AWS secret access key: %w", err)
+		}
+		opened := *c
+		opened.SecretAccessKey, opened.SealedSecretAccessKey = secret, ""
+		d.DSS.AWSCredentials = &opened
 	}
 	if h := d.DSS.HTTPS; h != nil && h.SealedCertificate != "" {
 		if a.box == nil {

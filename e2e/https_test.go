@@ -1,16 +1,10 @@
 package e2e
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	neturl "net/url"
@@ -18,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fleetmanager/fm/internal/certtest"
 )
 
 // TestHTTPSOnFMDev: a network's HTTPS strategy, saved as Dataiku's client
@@ -115,18 +111,18 @@ func TestHTTPSOnFMDev(t *testing.T) {
 	}
 
 	// The instance's own chain, signed by a CA of ours.
-	caPEM, instancePEM := testChain(t, u.Hostname())
+	chain := certtest.NewChain(t, u.Hostname())
 	py.Do(t, "GET", "/instances/"+id, "", &in)
-	in["sslCertificatePEM"] = instancePEM
+	in["sslCertificatePEM"] = chain.Instance()
 	if code := py.Do(t, "PUT", "/instances/"+id, mustMarshal(t, in), nil); code != 200 {
 		t.Fatalf("save the instance: %d", code)
 	}
 	setHTTPS("CUSTOM_CERTIFICATE", "DISABLE")
 	u, _ = reprovision("https")
 	ca := x509.NewCertPool()
-	ca.AppendCertsFromPEM([]byte(caPEM))
-	if chain := get(u, ca); len(chain) != 2 || chain[1].Subject.CommonName != "FM e2e CA" {
-		t.Fatalf("the chain served: %d certificates", len(chain))
+	ca.AppendCertsFromPEM([]byte(chain.CAPEM))
+	if served := get(u, ca); len(served) != 2 || served[1].Subject.CommonName != certtest.CAName {
+		t.Fatalf("the chain served: %d certificates", len(served))
 	}
 
 	setHTTPS("NONE", "DISABLE")
@@ -142,36 +138,4 @@ func TestHTTPSOnFMDev(t *testing.T) {
 	if resp.StatusCode != 200 {
 		t.Fatalf("plain DSS: %d", resp.StatusCode)
 	}
-}
-
-// testChain makes a CA and a certificate for host (a name or an address)
-// signed by it, and returns the CA's PEM and the instance's PEM: the leaf,
-// the CA, the leaf's key.
-func testChain(t *testing.T, host string) (caPEM, instancePEM string) {
-	t.Helper()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "FM e2e CA"}, IsCA: true,
-		BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTpl, caTpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caCert, _ := x509.ParseCertificate(caDER)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: host},
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
-	if ip := net.ParseIP(host); ip != nil {
-		tpl.IPAddresses = []net.IP{ip}
-	} else {
-		tpl.DNSNames = []string{host}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tpl, caCert, &key.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, _ := x509.MarshalPKCS8PrivateKey(key)
-	caPEM = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}))
-	instancePEM = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})) + caPEM +
-		string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}))
-	return caPEM, instancePEM
 }

@@ -78,5 +78,7 @@
 //	  (DSSTarget.HTTPS, with the instance's certificate sealed at
 //	  SealedCertificatePlace) and the DSS status's HTTPS (DSSStatus.HTTPS):
 //	  an older agent ignores the front and serves DSS in plain HTTP, and
-//	  reports no HTTPS status, so FM shows an http:// URL for it.
+//	  reports no HTTPS status, so FM shows an http:// URL for it. A
+//	  desired state's AWS key pair for DSS (DSSTarget.AWSCredentials, its
+//	  secret sealed at SealedAWSSecretPlace): an older agent ignores it.
 package protocol

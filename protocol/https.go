@@ -120,6 +120,10 @@ const (
 	CertificateTemporary  = "temporary"
 )
 
+// SealedAWSSecretPlace is where the sealed AWS secret access key of a
+// desired state belongs.
+func SealedAWSSecretPlace(instance string) string { return "desired/" + instance + "/aws-secret" }
+
 // SealedCertificatePlace is where the sealed custom certificate of a
 // desired state belongs.
 func SealedCertificatePlace(instance string) string { return "desired/" + instance + "/certificate" }

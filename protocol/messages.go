@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -53,6 +54,18 @@ type DSSTarget struct {
 	AllowDowngrade bool `json:"allowDowngrade,omitempty"`
 	// HTTPS, when set, has the agent serve DSS over HTTPS in front of Port.
 	HTTPS *HTTPSTarget `json:"https,omitempty"`
+	// AWSCredentials, when set, is the AWS key pair DSS uses (a template's
+	// dataikuAwsAPIAccessMode KEYPAIR): the DSS account's default profile.
+	AWSCredentials *AWSCredentials `json:"awsCredentials,omitempty"`
+}
+
+// AWSCredentials is an AWS access key. SealedSecretAccessKey is set instead
+// of SecretAccessKey when the agent has an instance key
+// (SealedAWSSecretPlace).
+type AWSCredentials struct {
+	AccessKeyID           string `json:"accessKeyId"`
+	SecretAccessKey       string `json:"secretAccessKey,omitempty"`
+	SealedSecretAccessKey string `json:"sealedSecretAccessKey,omitempty"`
 }
 
 // KitSource says where a DSS install kit comes from: exactly one of a local
@@ -127,6 +140,17 @@ func (d *DesiredState) Validate() error {
 		}
 		if h.Port == d.DSS.Port || h.HTTPPort == d.DSS.Port {
 			return fmt.Errorf("dss.https: port %d is DSS's own", d.DSS.Port)
+		}
+	}
+	if c := d.DSS.AWSCredentials; c != nil {
+		if c.AccessKeyID == "" || strings.ContainsAny(c.AccessKeyID, " \n\r=[]") {
+			return fmt.Errorf("dss.awsCredentials.accessKeyId %q is not an access key id", c.AccessKeyID)
+		}
+		if (c.SecretAccessKey == "") == (c.SealedSecretAccessKey == "") {
+			return errors.New("dss.awsCredentials: exactly one of secretAccessKey and sealedSecretAccessKey must be set")
+		}
+		if strings.ContainsAny(c.SecretAccessKey, "\n\r") {
+			return errors.New("dss.awsCredentials.secretAccessKey holds a line break")
 		}
 	}
 	for i, a := range d.SetupActions {

@@ -99,7 +99,8 @@ func vectors() map[string]struct {
 			DSS: DSSTarget{ImageID: "dss-14.0.0-standin", Version: "14.0.0", Port: 10000,
 				Kit: KitSource{Object: "dss-14.0.0.tar.gz"},
 				HTTPS: &HTTPSTarget{Strategy: HTTPSLetsEncrypt, Port: 443, HTTPPort: 80, Redirect: true,
-					ACME: &ACMETarget{DirectoryURL: "https://acme-v02.api.letsencrypt.org/directory", Email: "ops@example.com"}}},
+					ACME: &ACMETarget{DirectoryURL: "https://acme-v02.api.letsencrypt.org/directory", Email: "ops@example.com"}},
+				AWSCredentials: &AWSCredentials{AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SealedSecretAccessKey: "fmsealed2:c2VjcmV0"}},
 			SetupActions: []SetupAction{}, HeartbeatSeconds: 10,
 		}, func() Message { return &DesiredState{} }},
 		"agent_status_https": {&AgentStatus{
@@ -223,6 +224,17 @@ func TestValidateRules(t *testing.T) {
 		}},
 		{"acme over plain http", func(d *DesiredState) {
 			d.DSS.HTTPS = &HTTPSTarget{Strategy: HTTPSLetsEncrypt, Port: 443, HTTPPort: 80, ACME: &ACMETarget{DirectoryURL: "http://acme.example.com/dir"}}
+		}},
+		{"aws credentials without a key id", func(d *DesiredState) { d.DSS.AWSCredentials = &AWSCredentials{SecretAccessKey: "s"} }},
+		{"aws credentials without a secret", func(d *DesiredState) { d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: "AKIA1"} }},
+		{"aws credentials with both secrets", func(d *DesiredState) {
+			d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: "AKIA1", SecretAccessKey: "s", SealedSecretAccessKey: "fmsealed2:x"}
+		}},
+		{"aws key id breaking the file", func(d *DesiredState) {
+			d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: "AKIA1\n[evil]", SecretAccessKey: "s"}
+		}},
+		{"aws secret breaking the file", func(d *DesiredState) {
+			d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: "AKIA1", SecretAccessKey: "s\nregion = x"}
 		}},
 		{"acme without an http port", func(d *DesiredState) {
 			d.DSS.HTTPS = &HTTPSTarget{Strategy: HTTPSLetsEncrypt, Port: 443, ACME: &ACMETarget{DirectoryURL: "https://acme.example.com/dir"}}

@@ -42,7 +42,19 @@ func (s *Server) httpsTarget(in api.Instance, vn api.VirtualNetwork, basePort in
 	if vn.HTTPSStrategy == "" || vn.HTTPSStrategy == api.HTTPSNone {
 		return nil, nil
 	}
-	t := &protocol.HTTPSTarget{Strategy: vn.HTTPSStrategy, Port: cloudHTTPSPort, Redirect: vn.HTTPStrategy == api.HTTPRedirect}
+	var strategy string
+	switch vn.HTTPSStrategy {
+	case api.HTTPSSelfSigned:
+		strategy = protocol.HTTPSSelfSigned
+	case api.HTTPSCustomCertificate:
+		strategy = protocol.HTTPSCustomCertificate
+	case api.HTTPSLetsEncrypt:
+		strategy = protocol.HTTPSLetsEncrypt
+	default:
+		return nil, precondition("virtual network %s has httpsStrategy %q, which this Fleet Manager cannot serve; save the network with one of %s, %s, %s or %s",
+			vn.ID, vn.HTTPSStrategy, api.HTTPSNone, api.HTTPSSelfSigned, api.HTTPSCustomCertificate, api.HTTPSLetsEncrypt)
+	}
+	t := &protocol.HTTPSTarget{Strategy: strategy, Port: cloudHTTPSPort, Redirect: vn.HTTPStrategy == api.HTTPRedirect}
 	httpPort := cloudHTTPPort
 	if s.cfg.LocalBackend {
 		t.Port, httpPort = basePort+localHTTPSOffset, basePort+localHTTPSOffset+1

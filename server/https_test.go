@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/internal/certtest"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/server"
 	"github.com/fleetmanager/fm/server/servertest"
@@ -51,7 +52,8 @@ func TestTheNetworksHTTPSStrategyReachesTheMachine(t *testing.T) {
 	}))
 	vn, tpl, _ := f.fleet()
 	kit := f.addImageWithKit("dss-14.0.0-k", "14.0.0")
-	certOnly, withKey := certWithKey(t, "dss.example.com")
+	chain := certtest.NewChain(t, "dss.example.com")
+	certOnly, withKey := chain.Certificates(), chain.Instance()
 	in := f.createInstance(`{"label":"tls","virtualNetworkId":"` + vn.ID + `","instanceSettingsTemplateId":"` + tpl.ID +
 		`","imageId":"` + kit.ID + `","sslCertificatePEM":` + mustJSON(t, certOnly) + `}`)
 	reprovision := func() protocol.DesiredState {
@@ -109,5 +111,39 @@ func TestTheNetworksHTTPSStrategyReachesTheMachine(t *testing.T) {
 	wantACME := protocol.ACMETarget{DirectoryURL: "https://acme.example.com/dir", Email: "ops@example.com", CACert: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"}
 	if h := d.DSS.HTTPS; h == nil || h.Strategy != "LETSENCRYPT" || h.HTTPPort != base+9 || h.ACME == nil || *h.ACME != wantACME {
 		t.Fatalf("LETSENCRYPT: %+v", h)
+	}
+}
+
+// TestTheTemplatesAWSKeyPairReachesTheMachineSealed: a template's
+// INLINE_ENCRYPTED key pair for DSS reaches the desired state with its
+// secret sealed for the new machine; one kept in Secrets Manager does not
+// reach it.
+func TestTheTemplatesAWSKeyPairReachesTheMachineSealed(t *testing.T) {
+	f := startWithAuthority(t, 0, servertest.WithConfig(func(c *server.Config) { c.LocalBackend = true }))
+	vn, _, _ := f.fleet()
+	kit := f.addImageWithKit("dss-14.0.0-k", "14.0.0")
+	const secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+	tpl := f.createTemplate(`{"label":"keys","setupActions":[],"dataikuAwsAPIAccessMode":"KEYPAIR","dataikuAwsKeypairStorageMode":"INLINE_ENCRYPTED",
+		"dataikuAwsAccessKeyId":"AKIAIOSFODNN7EXAMPLE","dataikuAwsSecretAccessKey":"` + secret + `"}`)
+	in := f.createInstance(instanceBody("keys", vn.ID, tpl.ID, kit.ID))
+	var op api.Future
+	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/reprovision", ""), &op)
+	d, raw := f.desiredOf(in.ID)
+	if c := d.DSS.AWSCredentials; c == nil || c.AccessKeyID != "AKIAIOSFODNN7EXAMPLE" || c.SecretAccessKey != "" || !strings.HasPrefix(c.SealedSecretAccessKey, "fmsealed") {
+		t.Fatalf("awsCredentials: %+v", d.DSS.AWSCredentials)
+	}
+	if strings.Contains(raw, secret) {
+		t.Fatal("the desired state carries the secret in clear")
+	}
+	f.ok(f.do("DELETE", "/futures/"+op.JobID, ""), nil)
+	waitState(t, f, in.ID, "failed")
+
+	m := map[string]any{}
+	f.ok(f.do("GET", "/instance-settings-templates/"+tpl.ID, ""), &m)
+	m["dataikuAwsKeypairStorageMode"], m["dataikuAwsSecretAccessKeyAwsSecretName"], m["awsSecretsManagerRegion"] = "AWS_SECRETS_MANAGER", "dss/key", "eu-west-1"
+	f.ok(f.do("PUT", "/instance-settings-templates/"+tpl.ID, mustJSON(t, m)), nil)
+	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/reprovision", ""), &op)
+	if d, _ := f.desiredOf(in.ID); d.DSS.AWSCredentials != nil {
+		t.Fatalf("a key pair in Secrets Manager reached the desired state: %+v", d.DSS.AWSCredentials)
 	}
 }

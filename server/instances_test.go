@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/internal/certtest"
 )
 
 func TestInstanceCreateWithEveryFieldThenSave(t *testing.T) {
@@ -172,7 +173,8 @@ func TestImages(t *testing.T) {
 func TestAViewerSeesNoPrivateKey(t *testing.T) {
 	f := start(t)
 	vn, tpl, im := f.fleet()
-	cert, both := certWithKey(t, "dss.example.com")
+	chain := certtest.NewChain(t, "dss.example.com")
+	cert, both := chain.Certificates(), chain.Instance()
 	in := f.createInstance(`{"label":"tls","virtualNetworkId":"` + vn.ID + `","instanceSettingsTemplateId":"` + tpl.ID +
 		`","imageId":"` + im.ID + `","sslCertificatePEM":` + mustJSON(t, both) + `}`)
 	v, op := f.newKey("viewer"), f.newKey("operator")

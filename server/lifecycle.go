@@ -515,6 +515,7 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 		}
 	}
 	var sealedLicense string
+	awsCreds := dssAWSCredentials(tpl)
 	if s.cfg.Authority != nil {
 		// The new machine joins with a single-use token and gets a new
 		// instance key, which seals what FM and its agent tell each other;
@@ -529,13 +530,16 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 		if https != nil && https.Certificate != "" {
 			https.Certificate, https.SealedCertificate = "", box.Seal(https.Certificate, protocol.SealedCertificatePlace(in.ID))
 		}
+		if awsCreds != nil {
+			awsCreds.SecretAccessKey, awsCreds.SealedSecretAccessKey = "", box.Seal(awsCreds.SecretAccessKey, protocol.SealedAWSSecretPlace(in.ID))
+		}
 		spec.Join = &protocol.JoinSpec{URL: s.cfg.JoinURL, SealedToken: s.box.Seal(token, protocol.SealedJoinTokenPlace(in.ID)), CACert: s.cfg.CAPEM}
 	}
 	d := &protocol.DesiredState{
 		Instance: in.ID, Generation: lc.Generation, NodeType: in.DSSNodeType, SetupActions: setupActionsOf(tpl),
 		HeartbeatSeconds: s.cfg.HeartbeatSeconds,
 		DSS: protocol.DSSTarget{ImageID: im.ID, Version: im.DSSVersion, Port: lc.BasePort, License: license, SealedLicense: sealedLicense,
-			AllowDowngrade: allow, HTTPS: https,
+			AllowDowngrade: allow, HTTPS: https, AWSCredentials: awsCreds,
 			Kit: protocol.KitSource{Path: im.Kit.Path, URL: im.Kit.URL, SHA256: im.Kit.SHA256, Object: im.Kit.Object}},
 	}
 	op.Target, op.TargetImageID, op.TargetDSSVersion = lc.Generation, im.ID, im.DSSVersion
@@ -558,6 +562,18 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 	// leaves it alone while it is torn down.
 	d.MachineRequest, lc.Machine = op.RequestID, op.RequestID
 	return d, nil
+}
+
+// dssAWSCredentials is the key pair a template gives DSS (its
+// dataikuAwsAPIAccessMode KEYPAIR, kept in FM: INLINE_ENCRYPTED), nil
+// otherwise. A key pair kept in AWS Secrets Manager is not fetched
+// (docs/api.md): DSS uses the machine's instance profile.
+func dssAWSCredentials(tpl api.InstanceSettingsTemplate) *protocol.AWSCredentials {
+	if tpl.DataikuAWSAPIAccessMode != api.AWSAPIAccessKeypair || tpl.DataikuAWSKeypairStorageMode != api.KeypairStorageInline ||
+		tpl.DataikuAWSAccessKeyID == "" || tpl.DataikuAWSSecretAccessKey == "" {
+		return nil
+	}
+	return &protocol.AWSCredentials{AccessKeyID: tpl.DataikuAWSAccessKeyID, SecretAccessKey: tpl.DataikuAWSSecretAccessKey}
 }
 
 // setupActionsOf is what the agent runs of a template's setup actions.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"flag"
 	"fmt"
 	"io"
@@ -251,7 +252,7 @@ func (f *acmeFlags) config() (server.ACMEConfig, error) {
 		if err != nil {
 			return c, usageError{Err: fmt.Errorf("--acme-ca-file: %w", err)}
 		}
-		if !strings.Contains(string(b), "-----BEGIN CERTIFICATE-----") {
+		if !x509.NewCertPool().AppendCertsFromPEM(b) {
 			return c, usageError{Err: fmt.Errorf("--acme-ca-file: %s holds no PEM certificate", f.caFile)}
 		}
 		c.CAPEM = string(b)

@@ -77,14 +77,20 @@ func (b *Backend) withdrawDNS(ctx context.Context, c clients, req provisioner.Re
 
 // hostnames are the names publishDNS will give the machine, the public
 // zone's first: the agent's HTTPS front certifies them (and LETSENCRYPT
-// asks its CA for the first).
+// asks its CA for the first). The public zone's name is given only to a
+// machine that gets a public address, as publishDNS makes its record only
+// then.
 func (b *Backend) hostnames(ctx context.Context, c clients, req provisioner.Request) ([]string, error) {
 	spec := req.Spec
 	if spec == nil || spec.Network.DNSStrategy != dnsStrategyRoute53 {
 		return nil, nil
 	}
+	public := ""
+	if spec.Network.AssignPublicIP || spec.ElasticIP != nil {
+		public = spec.Network.PublicZoneID
+	}
 	var names []string
-	for _, zone := range []string{spec.Network.PublicZoneID, spec.Network.PrivateZoneID} {
+	for _, zone := range []string{public, spec.Network.PrivateZoneID} {
 		if zone == "" {
 			continue
 		}
