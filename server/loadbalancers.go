@@ -396,7 +396,7 @@ const defaultDSSPort = 10000
 // gives each load balancer its operation's outcome (every sweep).
 func (s *Server) settleBalancers(ctx context.Context) {
 	for _, row := range s.st.lbs.rows() {
-		if row.val.OperationID != "" {
+		if row.val.OperationID != "" && !s.balancerUnderWay(row.key, row.val.OperationID) {
 			if err := s.settleBalancer(ctx, row.key); err != nil && ctx.Err() == nil {
 				s.log.Warn().Err(err).Str("load_balancer", row.key).Msg("load balancer not settled; will retry")
 			}
@@ -413,11 +413,26 @@ func (s *Server) settleBalancers(ctx context.Context) {
 		}
 		// From the bucket: the copy may lag behind a claim just made.
 		if lb, _, err := s.st.lbs.fetch(ctx, op.LoadBalancer); (err == nil && lb.OperationID != op.JobID) || errors.Is(err, errNotFound) {
-			s.log.Warn().Str("op", op.JobID).Str("load_balancer", op.LoadBalancer).Msg("a load balancer operation that never started is ended")
-			_, _ = s.endOp(ctx, op.JobID, nil, &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation never started",
-				DetailedMessage: "the server stopped before " + op.Kind + " of " + op.LoadBalancer + " was under way; nothing was done: start it again"})
+			s.endNeverStarted(ctx, op, op.LoadBalancer)
 		}
 	}
+}
+
+// balancerUnderWay reports, from the copies, that a load balancer's
+// operation is running with its deadline ahead, its request taken by the
+// provisioner and not finished, or not taken and not due to be sent again:
+// nothing for the sweep to do, so no bus call (settleBalancer reads three
+// buckets). A copy lagging behind says false, and the buckets decide.
+func (s *Server) balancerUnderWay(id, opID string) bool {
+	op, _, ok := s.st.ops.get(opID)
+	if !ok || op.State != api.OpRunning || !time.Now().Before(op.Deadline) {
+		return false
+	}
+	phys, _, _ := s.st.balancers.get(id)
+	if phys.RequestID == op.RequestID {
+		return phys.Status == protocol.BalancerApplying || phys.Status == protocol.BalancerDeleting
+	}
+	return time.Since(op.StartedAt) <= s.cfg.RepublishAfter
 }
 
 // settleBalancer brings a load balancer and its operation in line with

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -252,7 +253,7 @@ func (s *Server) ssoPrincipal(ctx context.Context, token string) (p *Principal, 
 		}
 	}
 	groups := claimValues(claims[cfg.roleClaim])
-	if len(cfg.authorized) > 0 && !anyOf(groups, cfg.authorized) {
+	if len(cfg.authorized) > 0 && !slices.ContainsFunc(groups, func(g string) bool { return slices.Contains(cfg.authorized, g) }) {
 		return nil, user, newAPIError(protocol.CodePermissionDenied, "Permission denied",
 			"%s is in none of the groups allowed to sign in (authorizedGroups)", user)
 	}
@@ -267,17 +268,6 @@ func (s *Server) ssoPrincipal(ctx context.Context, token string) (p *Principal, 
 			"%s signed in, but no role of Fleet Manager is given to them: map one of their %s to a role (fmRoleMappings), or set fmDefaultRole", user, cfg.roleClaim)
 	}
 	return &Principal{KeyID: ssoPrefix + user, Role: role}, user, nil
-}
-
-func anyOf(have, want []string) bool {
-	for _, h := range have {
-		for _, w := range want {
-			if h == w {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // claimValues are a claim's values: a string, or strings in a list.

@@ -108,10 +108,17 @@ func (s *Server) endUnclaimed(ctx context.Context, op opRecord) {
 	} else if err != nil && !errors.Is(err, errNotFound) {
 		return
 	}
-	s.log.Warn().Str("op", op.JobID).Str("instance", op.Instance).Msg("an operation that never started is ended")
-	_, _ = s.endOp(ctx, op.JobID, nil, &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation never started",
-		DetailedMessage: "the server stopped before " + op.Kind + " of " + op.Instance + " was under way; nothing was done: start it again"})
+	s.endNeverStarted(ctx, op, op.Instance)
 	s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
+}
+
+// endNeverStarted ends an operation that never claimed its target (an
+// instance or a load balancer): the server stopped before it was under
+// way, and nothing was done.
+func (s *Server) endNeverStarted(ctx context.Context, op opRecord, target string) {
+	s.log.Warn().Str("op", op.JobID).Str("target", target).Msg("an operation that never started is ended")
+	_, _ = s.endOp(ctx, op.JobID, nil, &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation never started",
+		DetailedMessage: "the server stopped before " + op.Kind + " of " + target + " was under way; nothing was done: start it again"})
 }
 
 // ensureDesired writes the operation's desired state again if fm_desired
