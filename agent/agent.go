@@ -133,7 +133,7 @@ func New(cfg Config) (*Agent, error) {
 			a.log.Warn().Str("hostname", h).Msg("a hostname of the config is not a DNS name; the HTTPS front's certificates leave it out")
 		}
 	}
-	a.front = newHTTPSFront(filepath.Join(a.m.agentData, "https"), func() []string { return hostnames }, a.log)
+	a.front = newHTTPSFront(filepath.Join(a.m.agentData, "https"), func() []string { return hostnames }, cfg.HTTPSAddress, a.log)
 	a.actions = &actionRunner{m: a.m, http: &http.Client{Timeout: 10 * time.Minute}, lookPath: exec.LookPath}
 	if _, err := loadJSON(a.m.cursorPath(), &a.cursor); err != nil {
 		a.log.Warn().Err(err).Msg("command cursor unreadable; starting from the first command not yet seen")
@@ -151,6 +151,13 @@ func New(cfg Config) (*Agent, error) {
 // work until ctx ends. Bus outages are ridden out: the connection retries
 // forever, and each part resumes when it comes back.
 func (a *Agent) Run(ctx context.Context) error {
+	// What the HTTPS front served is served again first: it needs only the
+	// machine's files, and DSS stays on HTTPS while FM or the bus is away.
+	// It is closed once every part has stopped.
+	defer a.front.stop()
+	if !a.cfg.Simulated {
+		a.front.restore()
+	}
 	tlsConf, err := a.cfg.clientTLS()
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
@@ -224,11 +231,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.measure,
 	}
 	if !a.cfg.Simulated {
-		a.front.changed = func() {
+		rep := a.rep
+		a.front.setChanged(func() {
 			st := a.front.status()
-			a.rep.updateStatus(func(s *protocol.AgentStatus) { s.DSS.HTTPS = st })
-		}
-		a.front.restore()
+			rep.updateStatus(func(s *protocol.AgentStatus) { s.DSS.HTTPS = st })
+		})
 		a.refreshDSSState(ctx)
 		parts = append(parts, a.front.run,
 			a.watchdog,
@@ -245,9 +252,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	<-ctx.Done()
 	a.stopping.Store(true)
 	wg.Wait()
-	// After every part: a convergence stopping can still put a front in
-	// place, which this closes.
-	a.front.stop()
 	// Send what is still queued, for a moment.
 	flushCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()

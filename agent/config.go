@@ -79,6 +79,9 @@ type Config struct {
 	// one (a zone's escaped characters) is left out with a warning rather
 	// than keeping the agent from starting.
 	Hostnames []string `json:"hostnames,omitempty"`
+	// HTTPSAddress is the address the HTTPS front listens on: every
+	// interface when empty (tests give the loopback address).
+	HTTPSAddress string `json:"httpsAddress,omitempty"`
 
 	// Timings; zero values take the defaults.
 	HealthInterval time.Duration `json:"-"` // how often DSS is checked (10s)

@@ -103,7 +103,7 @@ func newRig(t *testing.T) *rig {
 	r.js, _ = jetstream.New(r.nc)
 	r.cfg = Config{
 		Instance: r.instance, NATSURL: srv.URL(), RootDir: r.root, DataDir: r.data,
-		PackageManager: "none", DSSUser: currentUser(t), HealthInterval: 200 * time.Millisecond, FactsInterval: 200 * time.Millisecond,
+		PackageManager: "none", DSSUser: currentUser(t), HTTPSAddress: "127.0.0.1", HealthInterval: 200 * time.Millisecond, FactsInterval: 200 * time.Millisecond,
 		StatusRefresh: time.Second, DSSStartTimeout: 30 * time.Second, DSSStopTimeout: 5 * time.Second,
 		Logger: zerolog.Nop(), Version: "test",
 	}

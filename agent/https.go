@@ -44,6 +44,7 @@ type httpsFront struct {
 	log   zerolog.Logger
 	dir   string // where its certificates and front.json are kept
 	names func() []string
+	host  string // the address it listens on ("": every interface)
 
 	mu      sync.Mutex
 	closed  bool       // stopped for good: the agent is stopping
@@ -58,7 +59,7 @@ type httpsFront struct {
 	plain   http.Handler // the plain HTTP side's
 	// changed is told when the status changes outside a convergence (ACME
 	// obtaining its certificate, a retry serving), so that the agent
-	// reports it.
+	// reports it (setChanged, notify).
 	changed func()
 }
 
@@ -86,8 +87,23 @@ type certSource interface {
 	describe() (*protocol.CertificateInfo, string)
 }
 
-func newHTTPSFront(dir string, names func() []string, log zerolog.Logger) *httpsFront {
-	return &httpsFront{dir: dir, names: names, log: log.With().Str("part", "https").Logger(), changed: func() {}}
+func newHTTPSFront(dir string, names func() []string, host string, log zerolog.Logger) *httpsFront {
+	return &httpsFront{dir: dir, names: names, host: host, log: log.With().Str("part", "https").Logger(), changed: func() {}}
+}
+
+// setChanged sets what notify calls.
+func (f *httpsFront) setChanged(fn func()) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.changed = fn
+}
+
+// notify tells that the status changed (not under f.mu).
+func (f *httpsFront) notify() {
+	f.mu.Lock()
+	fn := f.changed
+	f.mu.Unlock()
+	fn()
 }
 
 func (f *httpsFront) wantPath() string { return filepath.Join(f.dir, "front.json") }
@@ -107,6 +123,9 @@ func (f *httpsFront) restore() {
 	}
 	if err == nil && w.Target != nil {
 		err = w.Target.Validate()
+		if err == nil && (w.DSSPort < 1 || w.DSSPort > 65535 || w.DSSPort == w.Target.Port || w.DSSPort == w.Target.HTTPPort) {
+			err = fmt.Errorf("DSS's port %d is not one, or the front's", w.DSSPort)
+		}
 	}
 	if err != nil {
 		f.log.Warn().Err(err).Msg("the HTTPS front kept is unreadable; it is served again once the desired state says so")
@@ -128,21 +147,40 @@ func (f *httpsFront) run(ctx context.Context) {
 			return
 		case <-tick.C:
 		}
-		f.mu.Lock()
-		w, failure := f.wanted, f.failure
-		var se *stepError
-		retry := w != nil && failure != nil && errors.As(failure, &se) && se.code == protocol.CodeUnavailable
-		if fc, ok := f.certs.(fixedCert); ok && fc.source == protocol.CertificateSelfSigned && fc.expiring() {
-			f.applied, retry = "", w != nil // made again by apply
-		}
-		f.mu.Unlock()
-		if !retry {
-			continue
-		}
-		if _, err := f.apply(w.Target, w.DSSPort); err == nil {
-			f.changed()
+		if f.retry() {
+			f.notify()
 		}
 	}
+}
+
+// retry applies again what the front was last asked to serve, if a port
+// was not free (Unavailable), or its self-signed certificate (LETSENCRYPT's
+// temporary one too) nears its expiry; it reports whether it served.
+func (f *httpsFront) retry() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	w := f.wanted
+	if w == nil || f.closed {
+		return false
+	}
+	var se *stepError
+	again := f.failure != nil && errors.As(f.failure, &se) && se.code == protocol.CodeUnavailable
+	switch c := f.certs.(type) {
+	case fixedCert:
+		if c.source == protocol.CertificateSelfSigned && expiring(c.cert) {
+			f.applied, again = "", true // made again by applyLocked
+		}
+	case *acmeSource:
+		if c.tempExpiring() {
+			f.applied, again = "", true // made again by certSourceFor
+		}
+	}
+	if !again {
+		return false
+	}
+	_, err := f.applyLocked(w.Target, w.DSSPort)
+	f.failure = err
+	return err == nil
 }
 
 // apply makes the front serve t in front of DSS's port (nothing when t is
@@ -225,7 +263,7 @@ func (f *httpsFront) applyLocked(t *protocol.HTTPSTarget, dssPort int) (string, 
 	f.plain = f.plainHandler(t, certs)
 	f.applied = key
 	if a, ok := certs.(*acmeSource); ok && !started {
-		a.start(func() { f.changed() })
+		a.start(f.notify)
 	}
 	info, _ := certs.describe()
 	msg := fmt.Sprintf("DSS served over HTTPS on port %d (%s certificate", t.Port, info.Source)
@@ -244,12 +282,14 @@ func (f *httpsFront) applyLocked(t *protocol.HTTPSTarget, dssPort int) (string, 
 	return msg, nil
 }
 
-// current reports whether t (in front of dssPort) is what the front
-// serves already; no front at all is current for a nil t.
+// current reports whether t (in front of dssPort) is what the front was
+// last asked to serve, and serves: then apply has nothing to do.
 func (f *httpsFront) current(t *protocol.HTTPSTarget, dssPort int) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return frontKey(t, dssPort) == f.applied || t == nil && f.target == nil
+	key := frontKey(t, dssPort)
+	return f.wanted != nil && frontKey(f.wanted.Target, f.wanted.DSSPort) == key && f.failure == nil &&
+		(key == f.applied || t == nil && f.target == nil)
 }
 
 // frontKey identifies what apply was asked to serve.
@@ -285,6 +325,13 @@ func (f *httpsFront) certSourceFor(t *protocol.HTTPSTarget) (certSource, error) 
 	case protocol.HTTPSLetsEncrypt:
 		names := acmeNames(f.names())
 		if cur, ok := f.certs.(*acmeSource); ok && cur.key == acmeKey(t.ACME, names) {
+			if cur.tempExpiring() {
+				temp, err := selfSigned(f.dir, f.names())
+				if err != nil {
+					return nil, &stepError{step: "https", code: protocol.CodeInternal, err: err}
+				}
+				cur.setTemp(temp)
+			}
 			return cur, nil
 		}
 		temp, err := selfSigned(f.dir, f.names())
@@ -305,7 +352,7 @@ func (f *httpsFront) listen(cur *frontListener, port int, withTLS bool) (*frontL
 	if cur != nil && cur.port == port {
 		return cur, nil
 	}
-	ln, err := net.Listen("tcp", ":"+strconv.Itoa(port))
+	ln, err := net.Listen("tcp", net.JoinHostPort(f.host, strconv.Itoa(port)))
 	if err != nil {
 		return nil, &stepError{step: "https", code: protocol.CodeUnavailable, err: fmt.Errorf("port %d: %w", port, err)}
 	}
@@ -415,13 +462,15 @@ func redirectToHTTPS(port int) http.Handler {
 
 // proxyTo passes requests (websockets included) to DSS on the loopback
 // address, saying they came over HTTPS. Rewrite starts from a request
-// without the client's X-Forwarded headers: DSS is told the address the
-// front saw, not one a client claims.
+// without the client's X-Forwarded headers, and Forwarded and X-Real-IP go
+// too: DSS is told the address the front saw, not one a client claims.
 func proxyTo(dssPort int, log zerolog.Logger) http.Handler {
 	target := &url.URL{Scheme: "http", Host: net.JoinHostPort("127.0.0.1", strconv.Itoa(dssPort))}
 	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(target)
+			pr.Out.Header.Del("Forwarded")
+			pr.Out.Header.Del("X-Real-Ip")
 			pr.SetXForwarded()
 			pr.Out.Host = pr.In.Host
 		},
@@ -488,10 +537,10 @@ func (c fixedCert) describe() (*protocol.CertificateInfo, string) {
 	return describeCert(c.cert, c.source), ""
 }
 
-// expiring reports whether the certificate has less than selfSignedRenew
-// left.
-func (c fixedCert) expiring() bool {
-	return c.cert.Leaf != nil && time.Until(c.cert.Leaf.NotAfter) < selfSignedRenew
+// expiring reports whether a self-signed certificate has less than
+// selfSignedRenew left.
+func expiring(c *tls.Certificate) bool {
+	return c != nil && c.Leaf != nil && time.Until(c.Leaf.NotAfter) < selfSignedRenew
 }
 
 func describeCert(c *tls.Certificate, source string) *protocol.CertificateInfo {

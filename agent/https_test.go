@@ -25,6 +25,7 @@ import (
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/rs/zerolog"
+	"golang.org/x/crypto/acme"
 )
 
 // standInDSS answers every request with what it was asked and how it came.
@@ -117,7 +118,7 @@ func TestHTTPSFrontStrategies(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			f := newHTTPSFront(dir, func() []string { return []string{"dss.example.com"} }, zerolog.Nop())
+			f := newHTTPSFront(dir, func() []string { return []string{"dss.example.com"} }, "127.0.0.1", zerolog.Nop())
 			t.Cleanup(f.stop)
 			port, httpPort := freePort(t), freePort(t)
 			target := tc.target(port, httpPort)
@@ -163,7 +164,7 @@ func TestHTTPSFrontStrategies(t *testing.T) {
 func TestHTTPSFrontChanges(t *testing.T) {
 	dss := standInDSS(t)
 	dir := t.TempDir()
-	f := newHTTPSFront(dir, func() []string { return nil }, zerolog.Nop())
+	f := newHTTPSFront(dir, func() []string { return nil }, "127.0.0.1", zerolog.Nop())
 	t.Cleanup(f.stop)
 	port := freePort(t)
 	selfTarget := &protocol.HTTPSTarget{Strategy: protocol.HTTPSSelfSigned, Port: port}
@@ -235,15 +236,15 @@ func TestHTTPSFrontObtainsFromACME(t *testing.T) {
 	ca := acmetest.Run(t, httpPort, port)
 	dir := t.TempDir()
 	const name = "in-acme.dss.example.com"
-	f := newHTTPSFront(dir, func() []string { return []string{name, "in-acme.private.example.com"} }, zerolog.Nop())
+	f := newHTTPSFront(dir, func() []string { return []string{name, "in-acme.private.example.com"} }, "127.0.0.1", zerolog.Nop())
 	t.Cleanup(f.stop)
 	changed := make(chan struct{}, 16)
-	f.changed = func() {
+	f.setChanged(func() {
 		select {
 		case changed <- struct{}{}:
 		default:
 		}
-	}
+	})
 	target := &protocol.HTTPSTarget{Strategy: protocol.HTTPSLetsEncrypt, Port: port, HTTPPort: httpPort, Redirect: true,
 		ACME: &protocol.ACMETarget{DirectoryURL: ca.DirectoryURL, Email: "ops@example.com", CACert: ca.ServerCAPEM}}
 	if _, err := f.apply(target, dss); err != nil {
@@ -283,7 +284,7 @@ func TestHTTPSFrontObtainsFromACME(t *testing.T) {
 	}
 	// The certificate is kept: a front started again serves it at once.
 	f.stop()
-	g := newHTTPSFront(dir, func() []string { return []string{name} }, zerolog.Nop())
+	g := newHTTPSFront(dir, func() []string { return []string{name} }, "127.0.0.1", zerolog.Nop())
 	t.Cleanup(g.stop)
 	if _, err := g.apply(target, dss); err != nil {
 		t.Fatal(err)
@@ -299,7 +300,7 @@ func TestHTTPSFrontObtainsFromACME(t *testing.T) {
 func TestACMEWithoutAName(t *testing.T) {
 	dss := standInDSS(t)
 	port, httpPort := freePort(t), freePort(t)
-	f := newHTTPSFront(t.TempDir(), func() []string { return nil }, zerolog.Nop())
+	f := newHTTPSFront(t.TempDir(), func() []string { return nil }, "127.0.0.1", zerolog.Nop())
 	t.Cleanup(f.stop)
 	target := &protocol.HTTPSTarget{Strategy: protocol.HTTPSLetsEncrypt, Port: port, HTTPPort: httpPort, Redirect: true,
 		ACME: &protocol.ACMETarget{DirectoryURL: "https://127.0.0.1:1/dir"}}
@@ -333,6 +334,14 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 // key pair becomes the DSS account's default profile.
 func TestTheHTTPSFrontAndTheAWSKeyPairThroughTheAgent(t *testing.T) {
 	r := newRig(t)
+	// The image's own credentials file is kept aside.
+	awsDir := filepath.Join(r.root, "home", r.cfg.DSSUser, ".aws")
+	if err := os.MkdirAll(awsDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(awsDir, "credentials"), []byte("[image]\naws_access_key_id = AKIAIMAGE0000000\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	r.startAgent()
 	httpsPort := freePort(t)
 	creds := &protocol.AWSCredentials{AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SecretAccessKey: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}
@@ -362,6 +371,9 @@ func TestTheHTTPSFrontAndTheAWSKeyPairThroughTheAgent(t *testing.T) {
 		!strings.Contains(string(b), "[default]\naws_access_key_id = AKIAIOSFODNN7EXAMPLE\naws_secret_access_key = "+creds.SecretAccessKey+"\n") {
 		t.Fatalf("credentials file (%v):\n%s", fi.Mode(), b)
 	}
+	if b, err := os.ReadFile(path + ".before-fm"); err != nil || !strings.Contains(string(b), "[image]") {
+		t.Fatalf("the image's credentials were not kept: %q %v", b, err)
+	}
 	for _, e := range r.events.all() {
 		if strings.Contains(e.Message+e.Output, creds.SecretAccessKey) {
 			t.Fatalf("an event carries the secret: %+v", e)
@@ -383,7 +395,7 @@ func TestTheHTTPSFrontAndTheAWSKeyPairThroughTheAgent(t *testing.T) {
 	// Restarted while its port is taken: the status says so, and the
 	// front serves once the port is free.
 	r.stopAgent()
-	taken, err := net.Listen("tcp", ":"+strconv.Itoa(httpsPort))
+	taken, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(httpsPort))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -417,7 +429,7 @@ func TestACMEFailuresWaitAcrossRestarts(t *testing.T) {
 	target := &protocol.HTTPSTarget{Strategy: protocol.HTTPSLetsEncrypt, Port: port, HTTPPort: httpPort, Redirect: true,
 		ACME: &protocol.ACMETarget{DirectoryURL: "https://127.0.0.1:1/dir"}}
 	serve := func() *httpsFront {
-		f := newHTTPSFront(dir, func() []string { return []string{"in-x.dss.example.com"} }, zerolog.Nop())
+		f := newHTTPSFront(dir, func() []string { return []string{"in-x.dss.example.com"} }, "127.0.0.1", zerolog.Nop())
 		t.Cleanup(f.stop)
 		if _, err := f.apply(target, dss); err != nil {
 			t.Fatal(err)
@@ -494,10 +506,11 @@ func TestOpenDesiredOpensWhatIsSealedForIt(t *testing.T) {
 		t.Fatal(err)
 	}
 	a := &Agent{cfg: Config{Instance: "in-mine", MachineRequest: "rq-1"}, box: box}
+	const secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 	sealed := func() *protocol.DesiredState {
 		return &protocol.DesiredState{Instance: "in-mine", MachineRequest: "rq-1", DSS: protocol.DSSTarget{
 			SealedLicense:  box.Seal("{license}", protocol.SealedLicensePlace("in-mine")),
-			AWSCredentials: &protocol.AWSCredentials{AccessKeyID: "AKIA1", SealedSecretAccessKey: box.Seal("s3cret", protocol.SealedAWSSecretPlace("in-mine"))},
+			AWSCredentials: &protocol.AWSCredentials{AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SealedSecretAccessKey: box.Seal(secret, protocol.SealedAWSSecretPlace("in-mine"))},
 			HTTPS: &protocol.HTTPSTarget{Strategy: protocol.HTTPSCustomCertificate, Port: 443,
 				SealedCertificate: box.Seal("PEM", protocol.SealedCertificatePlace("in-mine"))}}}
 	}
@@ -505,7 +518,7 @@ func TestOpenDesiredOpensWhatIsSealedForIt(t *testing.T) {
 	if err := a.openDesired(d); err != nil {
 		t.Fatal(err)
 	}
-	if d.DSS.License != "{license}" || d.DSS.AWSCredentials.SecretAccessKey != "s3cret" || d.DSS.AWSCredentials.SealedSecretAccessKey != "" ||
+	if d.DSS.License != "{license}" || d.DSS.AWSCredentials.SecretAccessKey != secret || d.DSS.AWSCredentials.SealedSecretAccessKey != "" ||
 		d.DSS.HTTPS.Certificate != "PEM" || d.DSS.HTTPS.SealedCertificate != "" {
 		t.Fatalf("opened: %+v %+v %+v", d.DSS, d.DSS.AWSCredentials, d.DSS.HTTPS)
 	}
@@ -521,8 +534,124 @@ func TestOpenDesiredOpensWhatIsSealedForIt(t *testing.T) {
 	if err := a.openDesired(moved); err == nil {
 		t.Fatal("a sealed value moved to another place opened")
 	}
+	injected := sealed()
+	injected.DSS.AWSCredentials.SealedSecretAccessKey = box.Seal(secret+"\n[evil]\ncredential_process = sh", protocol.SealedAWSSecretPlace("in-mine"))
+	if err := a.openDesired(injected); err == nil {
+		t.Fatal("a sealed secret that would change the credentials file opened")
+	}
 	keyless := &Agent{cfg: a.cfg}
 	if err := keyless.openDesired(sealed()); err == nil {
 		t.Fatal("an agent without an instance key opened sealed values")
+	}
+}
+
+// TestTheFrontServedIsServedAgainFromItsFile: restore serves what
+// front.json keeps, without the desired state; a damaged or hostile file
+// serves nothing; a front that restore could not serve (its port taken)
+// and that the desired state no longer wants is not served once the port
+// is free.
+func TestTheFrontServedIsServedAgainFromItsFile(t *testing.T) {
+	dss := standInDSS(t)
+	dir := t.TempDir()
+	port := freePort(t)
+	f := newHTTPSFront(dir, func() []string { return nil }, "127.0.0.1", zerolog.Nop())
+	if _, err := f.apply(&protocol.HTTPSTarget{Strategy: protocol.HTTPSSelfSigned, Port: port}, dss); err != nil {
+		t.Fatal(err)
+	}
+	f.stop()
+	roots := selfSignedPEM(t, dir)
+
+	g := newHTTPSFront(dir, func() []string { return nil }, "127.0.0.1", zerolog.Nop())
+	t.Cleanup(g.stop)
+	g.restore()
+	if _, _, err := getOver(t, port, "localhost", roots, "/"); err != nil {
+		t.Fatalf("not served again from front.json: %v", err)
+	}
+	g.stop()
+
+	for name, content := range map[string]string{
+		"not JSON":             "{",
+		"DSS's port the front": fmt.Sprintf(`{"target":{"strategy":"SELF_SIGNED","port":%d},"dssPort":%d}`, port, port),
+		"no port":              `{"target":{"strategy":"SELF_SIGNED","port":0},"dssPort":10000}`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			if err := os.WriteFile(filepath.Join(dir, "front.json"), []byte(content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			h := newHTTPSFront(dir, func() []string { return nil }, "127.0.0.1", zerolog.Nop())
+			defer h.stop()
+			h.restore()
+			if h.status() != nil {
+				t.Fatalf("served from a bad front.json: %+v", h.status())
+			}
+		})
+	}
+
+	// Restored with its port taken, then not wanted any more.
+	if err := os.WriteFile(filepath.Join(dir, "front.json"), []byte(fmt.Sprintf(`{"target":{"strategy":"SELF_SIGNED","port":%d},"dssPort":%d}`, port, dss)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	taken, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := newHTTPSFront(dir, func() []string { return nil }, "127.0.0.1", zerolog.Nop())
+	t.Cleanup(k.stop)
+	k.restore()
+	if st := k.status(); st == nil || st.Serving || !strings.Contains(st.Error, "address already in use") {
+		t.Fatalf("status with the port taken: %+v", st)
+	}
+	if k.current(nil, dss) {
+		t.Fatal("no front is current while one is wanted and tried again")
+	}
+	if _, err := k.apply(nil, dss); err != nil {
+		t.Fatal(err)
+	}
+	taken.Close()
+	if k.retry() {
+		t.Fatal("a front no longer wanted was served")
+	}
+	if c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(port), time.Second); err == nil {
+		c.Close()
+		t.Fatal("the port of a front no longer wanted answers")
+	}
+}
+
+// TestAHandshakeNeverOrdersACertificate: hellos a client chooses (several
+// protocols beside ACME's, RSA only) get the temporary certificate, and
+// the CA is not asked.
+func TestAHandshakeNeverOrdersACertificate(t *testing.T) {
+	dir := t.TempDir()
+	temp, err := selfSigned(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	asked := make(chan struct{}, 16)
+	ca := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked <- struct{}{}
+		http.Error(w, "no", http.StatusInternalServerError)
+	}))
+	t.Cleanup(ca.Close)
+	caPEM := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Certificate().Raw}))
+	const name = "in-x.dss.example.com"
+	src, err := newACMESource(dir, &protocol.ACMETarget{DirectoryURL: ca.URL + "/dir", CACert: caPEM}, []string{name}, temp, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.stop()
+	for _, hello := range []*tls.ClientHelloInfo{
+		{ServerName: name, SupportedProtos: []string{"h2", acme.ALPNProto}},
+		{ServerName: name, CipherSuites: []uint16{tls.TLS_RSA_WITH_AES_128_GCM_SHA256}, SignatureSchemes: []tls.SignatureScheme{tls.PKCS1WithSHA256}},
+		ecdsaHello(name),
+	} {
+		c, err := src.get(hello)
+		if err != nil || c != temp {
+			t.Fatalf("hello %+v: got %v, %v; want the temporary certificate", hello.SupportedProtos, c, err)
+		}
+	}
+	select {
+	case <-asked:
+		t.Fatal("a handshake asked the CA")
+	case <-time.After(200 * time.Millisecond):
 	}
 }

@@ -185,15 +185,33 @@ type acmeSource struct {
 	key     string // acmeKey: what makes another source
 	manager *autocert.Manager
 	names   []string
-	temp    *tls.Certificate
 	log     zerolog.Logger
 	state   string // the file of its attempts (acmeAttempts)
 	ctx     context.Context
 	cancel  context.CancelFunc
 
 	mu    sync.Mutex
-	ready map[string]bool // per name, once the CA issued its certificate
-	err   string          // why a name has none yet
+	temp  *tls.Certificate // served until the CA issued the name's
+	ready map[string]bool  // per name, once the CA issued its certificate
+	err   string           // why a name has none yet
+}
+
+func (s *acmeSource) tempExpiring() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return expiring(s.temp)
+}
+
+func (s *acmeSource) setTemp(c *tls.Certificate) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.temp = c
+}
+
+func (s *acmeSource) tempCert() *tls.Certificate {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.temp
 }
 
 // acmeBackoff is how long the front waits after its nth failed attempt in
@@ -226,19 +244,23 @@ func acmeKey(t *protocol.ACMETarget, names []string) string {
 }
 
 func newACMESource(dir string, t *protocol.ACMETarget, names []string, temp *tls.Certificate, log zerolog.Logger) (*acmeSource, error) {
-	client := &acme.Client{DirectoryURL: t.DirectoryURL, UserAgent: "fm-agent"}
+	transport := &http.Transport{Proxy: http.ProxyFromEnvironment, TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS12}}
 	if t.CACert != "" {
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM([]byte(t.CACert)) {
 			return nil, errors.New("the ACME server's CA certificate is not PEM")
 		}
-		client.HTTPClient = &http.Client{Timeout: time.Minute, Transport: &http.Transport{
-			Proxy: http.ProxyFromEnvironment, TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}}
+		transport.TLSClientConfig.RootCAs = pool
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	// autocert cannot be stopped (a call runs on with a context of its
+	// own, a manager renews what it loaded for good): a source stopped
+	// talks to the CA no more, as its client refuses to.
+	client := &acme.Client{DirectoryURL: t.DirectoryURL, UserAgent: "fm-agent",
+		HTTPClient: &http.Client{Timeout: time.Minute, Transport: stoppable{ctx: ctx, next: transport}}}
 	// The account and certificates of one CA are kept apart from another's:
 	// a change of directory starts afresh.
 	cache := filepath.Join(dir, "acme", cacheFolder(t.DirectoryURL))
-	ctx, cancel := context.WithCancel(context.Background())
 	s := &acmeSource{key: acmeKey(t, names), names: names, temp: temp, log: log, ready: map[string]bool{},
 		state: filepath.Join(cache, "acme-attempts.json"), ctx: ctx, cancel: cancel}
 	s.manager = &autocert.Manager{
@@ -285,67 +307,130 @@ func ecdsaHello(name string) *tls.ClientHelloInfo {
 }
 
 // obtain asks the CA for each name's certificate until it has them all (or
-// stop), waiting after each failure as acmeBackoff says, counted across
-// restarts; autocert renews them from then on. A certificate already in
-// the cache is found at once, without the CA.
+// stop), waiting after each failure as acmeBackoff says. An attempt is
+// counted before it is made, in a file that outlives the agent, so that
+// neither a restart nor a crash during an order asks again before its
+// time. A certificate still valid in the cache is served without the CA
+// (autocert renews it from then on).
 func (s *acmeSource) obtain(changed func()) {
 	for _, name := range s.names {
 		for s.ctx.Err() == nil {
-			var att acmeAttempts
-			if b, err := os.ReadFile(s.state); err == nil {
-				_ = json.Unmarshal(b, &att)
-			}
-			if _, err := s.manager.Cache.Get(s.ctx, name); err == nil || att.Failures == 0 || !time.Now().Before(att.Next) {
-				c, err := s.manager.GetCertificate(ecdsaHello(name))
-				if err == nil && c.Leaf != nil {
-					s.mu.Lock()
-					s.ready[name], s.err = true, ""
-					s.mu.Unlock()
-					_ = os.Remove(s.state)
-					s.log.Info().Str("name", name).Time("not_after", c.Leaf.NotAfter).Msg("ACME certificate served")
-					changed()
-					break
-				}
-				if s.ctx.Err() != nil {
-					return
-				}
-				att.Failures++
-				att.Next = time.Now().Add(acmeBackoff(att.Failures))
-				if b, jerr := json.Marshal(att); jerr == nil {
-					_ = os.MkdirAll(filepath.Dir(s.state), 0o700)
-					_ = atomicfile.WriteFile(s.state, b, 0o600)
-				}
-				s.mu.Lock()
-				s.err = fmt.Sprintf("obtaining a certificate for %s: %v (a temporary self-signed certificate is served; trying again at %s)",
-					name, err, att.Next.UTC().Format(time.RFC3339))
-				s.mu.Unlock()
-				s.log.Warn().Err(err).Str("name", name).Time("retry_at", att.Next).Msg("ACME certificate not obtained")
-				changed()
-			} else {
+			att := s.attempts()
+			if !s.cachedValid(name) && att.Failures > 0 && time.Now().Before(att.Next) {
 				s.mu.Lock()
 				s.err = fmt.Sprintf("%d attempts to obtain a certificate for %s failed (a temporary self-signed certificate is served; trying again at %s)",
 					att.Failures, name, att.Next.UTC().Format(time.RFC3339))
 				s.mu.Unlock()
 				changed()
+				select {
+				case <-s.ctx.Done():
+					return
+				case <-time.After(time.Until(att.Next)):
+				}
+				continue
 			}
-			select {
-			case <-s.ctx.Done():
+			att.Failures++
+			att.Next = time.Now().Add(acmeBackoff(att.Failures))
+			s.keepAttempts(att)
+			c, err := s.manager.GetCertificate(ecdsaHello(name))
+			if s.ctx.Err() != nil {
 				return
-			case <-time.After(time.Until(att.Next)):
 			}
+			if err == nil && c.Leaf != nil {
+				s.mu.Lock()
+				s.ready[name], s.err = true, ""
+				s.mu.Unlock()
+				_ = os.Remove(s.state)
+				s.log.Info().Str("name", name).Time("not_after", c.Leaf.NotAfter).Msg("ACME certificate served")
+				changed()
+				break
+			}
+			s.mu.Lock()
+			s.err = fmt.Sprintf("obtaining a certificate for %s: %v (a temporary self-signed certificate is served; trying again at %s)",
+				name, err, att.Next.UTC().Format(time.RFC3339))
+			s.mu.Unlock()
+			s.log.Warn().Err(err).Str("name", name).Time("retry_at", att.Next).Msg("ACME certificate not obtained")
+			changed()
 		}
 	}
 }
 
+// attempts reads the attempts kept; a next attempt further than a day
+// ahead (a clock stepped back, a file damaged) is a day ahead.
+func (s *acmeSource) attempts() acmeAttempts {
+	var att acmeAttempts
+	if b, err := os.ReadFile(s.state); err == nil && json.Unmarshal(b, &att) != nil {
+		att = acmeAttempts{}
+	}
+	if limit := time.Now().Add(24 * time.Hour); att.Next.After(limit) {
+		att.Next = limit
+	}
+	return att
+}
+
+func (s *acmeSource) keepAttempts(att acmeAttempts) {
+	b, err := json.Marshal(att)
+	if err == nil {
+		if err = os.MkdirAll(filepath.Dir(s.state), 0o700); err == nil {
+			err = atomicfile.WriteFile(s.state, b, 0o600)
+		}
+	}
+	if err != nil {
+		s.log.Warn().Err(err).Msg("the ACME attempts could not be kept")
+	}
+}
+
+// cachedValid reports whether autocert's cache holds name's certificate,
+// valid for a day more at least.
+func (s *acmeSource) cachedValid(name string) bool {
+	b, err := s.manager.Cache.Get(s.ctx, name)
+	if err != nil {
+		return false
+	}
+	for rest := b; ; {
+		var blk *pem.Block
+		if blk, rest = pem.Decode(rest); blk == nil {
+			return false
+		}
+		if blk.Type == "CERTIFICATE" {
+			c, err := x509.ParseCertificate(blk.Bytes)
+			return err == nil && time.Until(c.NotAfter) > 24*time.Hour
+		}
+	}
+}
+
+// stoppable is an http.RoundTripper that refuses once its context ended.
+type stoppable struct {
+	ctx  context.Context
+	next http.RoundTripper
+}
+
+func (t stoppable) RoundTrip(r *http.Request) (*http.Response, error) {
+	if err := t.ctx.Err(); err != nil {
+		return nil, fmt.Errorf("this ACME source was stopped: %w", err)
+	}
+	return t.next.RoundTrip(r.WithContext(mergedContext(r.Context(), t.ctx)))
+}
+
+// mergedContext ends when either ends.
+func mergedContext(a, b context.Context) context.Context {
+	ctx, cancel := context.WithCancel(a)
+	stop := context.AfterFunc(b, cancel)
+	context.AfterFunc(ctx, func() { stop() })
+	return ctx
+}
+
 func (s *acmeSource) get(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-	if slices.Contains(hello.SupportedProtos, acme.ALPNProto) {
-		return s.manager.GetCertificate(hello) // a tls-alpn-01 challenge
+	if len(hello.SupportedProtos) == 1 && hello.SupportedProtos[0] == acme.ALPNProto {
+		// A tls-alpn-01 challenge, as autocert tells one (only then does
+		// it not look for, or order, a certificate).
+		return s.manager.GetCertificate(hello)
 	}
 	name := strings.ToLower(strings.TrimSuffix(hello.ServerName, "."))
 	if c := s.served(name); c != nil {
 		return c, nil
 	}
-	return s.temp, nil
+	return s.tempCert(), nil
 }
 
 // served is the certificate autocert holds for name (renewed there), nil
@@ -373,5 +458,5 @@ func (s *acmeSource) describe() (*protocol.CertificateInfo, string) {
 			return describeCert(c, protocol.CertificateACME), pending
 		}
 	}
-	return describeCert(s.temp, protocol.CertificateTemporary), pending
+	return describeCert(s.tempCert(), protocol.CertificateTemporary), pending
 }

@@ -259,6 +259,9 @@ func (a *Agent) openDesired(d *protocol.DesiredState) error {
 		if err != nil {
 			return fmt.Errorf("the sealed AWS secret access key: %w", err)
 		}
+		if !protocol.ValidAWSSecret(secret) {
+			return errors.New("the sealed AWS secret access key is not one")
+		}
 		opened := *c
 		opened.SecretAccessKey, opened.SealedSecretAccessKey = secret, ""
 		d.DSS.AWSCredentials = &opened

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 )
 
@@ -57,6 +56,36 @@ type DSSTarget struct {
 	// AWSCredentials, when set, is the AWS key pair DSS uses (a template's
 	// dataikuAwsAPIAccessMode KEYPAIR): the DSS account's default profile.
 	AWSCredentials *AWSCredentials `json:"awsCredentials,omitempty"`
+}
+
+// ValidAWSAccessKeyID reports whether id looks like an AWS access key id:
+// 16 to 128 capital letters and digits.
+func ValidAWSAccessKeyID(id string) bool {
+	if len(id) < 16 || len(id) > 128 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		if c := id[i]; !(c >= 'A' && c <= 'Z' || c >= '0' && c <= '9') {
+			return false
+		}
+	}
+	return true
+}
+
+// ValidAWSSecret reports whether s looks like an AWS secret access key: 16
+// to 128 characters of base64's alphabet. It keeps anything that would
+// change the credentials file it is written into (a line break, a section)
+// out of it.
+func ValidAWSSecret(s string) bool {
+	if len(s) < 16 || len(s) > 128 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !(c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '/' || c == '+' || c == '=') {
+			return false
+		}
+	}
+	return true
 }
 
 // AWSCredentials is an AWS access key. SealedSecretAccessKey is set instead
@@ -143,14 +172,14 @@ func (d *DesiredState) Validate() error {
 		}
 	}
 	if c := d.DSS.AWSCredentials; c != nil {
-		if c.AccessKeyID == "" || strings.ContainsAny(c.AccessKeyID, " \n\r=[]") {
+		if !ValidAWSAccessKeyID(c.AccessKeyID) {
 			return fmt.Errorf("dss.awsCredentials.accessKeyId %q is not an access key id", c.AccessKeyID)
 		}
 		if (c.SecretAccessKey == "") == (c.SealedSecretAccessKey == "") {
 			return errors.New("dss.awsCredentials: exactly one of secretAccessKey and sealedSecretAccessKey must be set")
 		}
-		if strings.ContainsAny(c.SecretAccessKey, "\n\r") {
-			return errors.New("dss.awsCredentials.secretAccessKey holds a line break")
+		if c.SecretAccessKey != "" && !ValidAWSSecret(c.SecretAccessKey) {
+			return errors.New("dss.awsCredentials.secretAccessKey is not a secret access key")
 		}
 	}
 	for i, a := range d.SetupActions {

@@ -225,16 +225,22 @@ func TestValidateRules(t *testing.T) {
 		{"acme over plain http", func(d *DesiredState) {
 			d.DSS.HTTPS = &HTTPSTarget{Strategy: HTTPSLetsEncrypt, Port: 443, HTTPPort: 80, ACME: &ACMETarget{DirectoryURL: "http://acme.example.com/dir"}}
 		}},
-		{"aws credentials without a key id", func(d *DesiredState) { d.DSS.AWSCredentials = &AWSCredentials{SecretAccessKey: "s"} }},
-		{"aws credentials without a secret", func(d *DesiredState) { d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: "AKIA1"} }},
+		{"aws credentials without a key id", func(d *DesiredState) { d.DSS.AWSCredentials = &AWSCredentials{SecretAccessKey: awsSecret} }},
+		{"aws credentials without a secret", func(d *DesiredState) { d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: awsKeyID} }},
 		{"aws credentials with both secrets", func(d *DesiredState) {
-			d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: "AKIA1", SecretAccessKey: "s", SealedSecretAccessKey: "fmsealed2:x"}
+			d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: awsKeyID, SecretAccessKey: awsSecret, SealedSecretAccessKey: "fmsealed2:x"}
 		}},
 		{"aws key id breaking the file", func(d *DesiredState) {
-			d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: "AKIA1\n[evil]", SecretAccessKey: "s"}
+			d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: awsKeyID + "\n[evil]", SecretAccessKey: awsSecret}
+		}},
+		{"aws key id with a comment", func(d *DesiredState) {
+			d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: awsKeyID + "#x", SecretAccessKey: awsSecret}
 		}},
 		{"aws secret breaking the file", func(d *DesiredState) {
-			d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: "AKIA1", SecretAccessKey: "s\nregion = x"}
+			d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: awsKeyID, SecretAccessKey: awsSecret + "\ncredential_process = sh"}
+		}},
+		{"aws secret with spaces", func(d *DesiredState) {
+			d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: awsKeyID, SecretAccessKey: " " + awsSecret}
 		}},
 		{"acme without an http port", func(d *DesiredState) {
 			d.DSS.HTTPS = &HTTPSTarget{Strategy: HTTPSLetsEncrypt, Port: 443, ACME: &ACMETarget{DirectoryURL: "https://acme.example.com/dir"}}
@@ -479,5 +485,18 @@ func TestCommandsAfterResponseIsChecked(t *testing.T) {
 				t.Fatalf("Decode: %v, want ok=%v", err, tc.ok)
 			}
 		})
+	}
+}
+
+const (
+	awsKeyID  = "AKIAIOSFODNN7EXAMPLE"
+	awsSecret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+)
+
+func TestValidAWSCredentials(t *testing.T) {
+	d := vectors()["desired_state"].msg.(*DesiredState)
+	d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: awsKeyID, SecretAccessKey: awsSecret}
+	if err := d.Validate(); err != nil {
+		t.Fatalf("a good key pair refused: %v", err)
 	}
 }

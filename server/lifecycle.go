@@ -515,7 +515,10 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 		}
 	}
 	var sealedLicense string
-	awsCreds := dssAWSCredentials(tpl)
+	awsCreds, err := dssAWSCredentials(tpl)
+	if err != nil {
+		return nil, err
+	}
 	if s.cfg.Authority != nil {
 		// The new machine joins with a single-use token and gets a new
 		// instance key, which seals what FM and its agent tell each other;
@@ -568,12 +571,15 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 // dataikuAwsAPIAccessMode KEYPAIR, kept in FM: INLINE_ENCRYPTED), nil
 // otherwise. A key pair kept in AWS Secrets Manager is not fetched
 // (docs/api.md): DSS uses the machine's instance profile.
-func dssAWSCredentials(tpl api.InstanceSettingsTemplate) *protocol.AWSCredentials {
+func dssAWSCredentials(tpl api.InstanceSettingsTemplate) (*protocol.AWSCredentials, error) {
 	if tpl.DataikuAWSAPIAccessMode != api.AWSAPIAccessKeypair || tpl.DataikuAWSKeypairStorageMode != api.KeypairStorageInline ||
 		tpl.DataikuAWSAccessKeyID == "" || tpl.DataikuAWSSecretAccessKey == "" {
-		return nil
+		return nil, nil
 	}
-	return &protocol.AWSCredentials{AccessKeyID: tpl.DataikuAWSAccessKeyID, SecretAccessKey: tpl.DataikuAWSSecretAccessKey}
+	if !protocol.ValidAWSAccessKeyID(tpl.DataikuAWSAccessKeyID) || !protocol.ValidAWSSecret(tpl.DataikuAWSSecretAccessKey) {
+		return nil, precondition("template %s's AWS key pair for DSS is not one (dataikuAwsAccessKeyId, dataikuAwsSecretAccessKey): save the template with a valid key pair", tpl.ID)
+	}
+	return &protocol.AWSCredentials{AccessKeyID: tpl.DataikuAWSAccessKeyID, SecretAccessKey: tpl.DataikuAWSSecretAccessKey}, nil
 }
 
 // setupActionsOf is what the agent runs of a template's setup actions.

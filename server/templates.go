@@ -160,6 +160,9 @@ func validateTemplate(t *api.InstanceSettingsTemplate) error {
 	c.oneOf("dataikuAwsAPIAccessMode", t.DataikuAWSAPIAccessMode, api.AWSAPIAccessNone, api.AWSAPIAccessKeypair)
 	c.oneOf("dataikuAwsKeypairStorageMode", t.DataikuAWSKeypairStorageMode, api.KeypairStorageNone, api.KeypairStorageInline, api.KeypairStorageSecretsManager)
 	c.match("dataikuAwsAccessKeyId", t.DataikuAWSAccessKeyID, reAccessKeyID, "an AWS access key id")
+	if t.DataikuAWSSecretAccessKey != "" && !protocol.ValidAWSSecret(t.DataikuAWSSecretAccessKey) {
+		c.fail("dataikuAwsSecretAccessKey", "is not an AWS secret access key (16 to 128 letters, digits, /, + and =)")
+	}
 	if t.DataikuAWSAPIAccessMode == api.AWSAPIAccessKeypair {
 		switch t.DataikuAWSKeypairStorageMode {
 		case api.KeypairStorageInline:

@@ -108,6 +108,8 @@ func TestTemplateBadInputs(t *testing.T) {
 		{"keypair no storage", `{"label":"t","dataikuAwsAPIAccessMode":"KEYPAIR"}`, "dataikuAwsKeypairStorageMode"},
 		{"secrets manager", `{"label":"t","dataikuAwsAPIAccessMode":"KEYPAIR","dataikuAwsKeypairStorageMode":"AWS_SECRETS_MANAGER"}`, "dataikuAwsSecretAccessKeyAwsSecretName: is required"},
 		{"bad access mode", `{"label":"t","dataikuAwsAPIAccessMode":"ROLE"}`, "dataikuAwsAPIAccessMode"},
+		{"secret breaking the credentials file", `{"label":"t","dataikuAwsAPIAccessMode":"KEYPAIR","dataikuAwsKeypairStorageMode":"INLINE_ENCRYPTED",
+			"dataikuAwsAccessKeyId":"AKIAIOSFODNN7EXAMPLE","dataikuAwsSecretAccessKey":"wJalrXUtnFEMI/K7MDENG\n[evil]"}`, "dataikuAwsSecretAccessKey: is not an AWS secret access key"},
 	}
 	before := f.snapshotOf("/instance-settings-templates")
 	for _, tc := range tests {

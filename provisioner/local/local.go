@@ -225,6 +225,8 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 			// The machine is a folder on the FM host: its system packages are
 			// the host's, and DSS runs as the user FM runs as.
 			PackageManager: "none", DSSUser: hostUser(),
+			// Its machines' addresses are the FM host's loopback one.
+			HTTPSAddress: "127.0.0.1",
 		})
 	}); err != nil {
 		return cur, fmt.Errorf("write the agent's config: %w", err)
