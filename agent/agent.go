@@ -157,6 +157,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer a.front.stop()
 	if !a.cfg.Simulated {
 		a.front.restore()
+		var frontDone sync.WaitGroup
+		frontDone.Add(1)
+		go func() { defer frontDone.Done(); a.front.run(ctx) }()
+		defer frontDone.Wait()
 	}
 	tlsConf, err := a.cfg.clientTLS()
 	if err != nil {
@@ -237,7 +241,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			rep.updateStatus(func(s *protocol.AgentStatus) { s.DSS.HTTPS = st })
 		})
 		a.refreshDSSState(ctx)
-		parts = append(parts, a.front.run,
+		parts = append(parts,
 			a.watchdog,
 			func(ctx context.Context) { a.ship.run(ctx, a.js) },
 			func(ctx context.Context) {

@@ -190,6 +190,9 @@ func (c *Config) validate() error {
 	default:
 		problems = append(problems, fmt.Errorf("serviceManager %q is not auto, systemd or none", c.ServiceManager))
 	}
+	if c.HTTPSAddress != "" && net.ParseIP(c.HTTPSAddress) == nil && c.HTTPSAddress != "localhost" {
+		problems = append(problems, fmt.Errorf("httpsAddress %q is not an IP address (the HTTPS front's port comes from the desired state)", c.HTTPSAddress))
+	}
 	for name, dir := range map[string]string{"root": c.RootDir, "data": c.DataDir} {
 		if dir == "" || !filepath.IsAbs(dir) {
 			problems = append(problems, fmt.Errorf("the %s folder must be an absolute path (got %q)", name, dir))

@@ -448,48 +448,50 @@ const awsCredentialsHeader = "# Written by the Fleet Manager agent: the AWS key 
 	"# (dataikuAwsAPIAccessMode KEYPAIR). Changes made here are replaced.\n"
 
 // writeAWSCredentials gives the DSS account the desired AWS key pair as its
-// default profile (~/.aws/credentials in the account's home, 0600, written
-// as the account), if it changed, and says whether it did. A file there
-// the agent did not write (the image's) is kept beside it, as
-// credentials.before-fm. Without a key pair it leaves the file alone: one
-// it wrote is on an OS disk a reprovision replaces.
+// default profile (.aws/credentials in its home, 0600, written as the
+// account), if it changed, and says whether it did. A file there the agent
+// did not write (the image's) is kept beside it, as credentials.before-fm;
+// one it cannot read is left as it is and the step fails, rather than be
+// lost. Without a key pair it leaves the file alone: one it wrote is on an
+// OS disk a reprovision replaces.
 func (a *Agent) writeAWSCredentials(ctx context.Context, gen uint64, d *protocol.DesiredState) (bool, error) {
 	c := d.DSS.AWSCredentials
 	if c == nil {
 		return false, nil
 	}
-	home := a.m.rooted("home", a.m.cfg.DSSUser)
-	if a.m.isRealRoot() {
-		acc, err := a.m.dssAccount(ctx)
-		if err != nil {
-			return false, &stepError{step: "aws-credentials", code: protocol.CodeInternal, err: err}
-		}
-		if acc != nil && acc.home != "" {
-			home = acc.home
-		}
+	files, home, err := a.m.dssHomeFiles(ctx)
+	if err != nil {
+		return false, &stepError{step: "aws-credentials", code: protocol.CodeInternal, err: err}
 	}
 	dir := filepath.Join(home, ".aws")
 	path := filepath.Join(dir, "credentials")
 	want := awsCredentialsHeader + "[default]\naws_access_key_id = " + c.AccessKeyID + "\naws_secret_access_key = " + c.SecretAccessKey + "\n"
-	cur, readErr := a.m.readFile(ctx, path)
+	cur, readErr := files.readFile(ctx, path)
 	if readErr == nil && string(cur) == want {
 		return false, nil
 	}
 	return true, a.step(gen, "aws-credentials", func() (string, string, error) {
-		if err := a.m.mkdirAll(ctx, dir, 0o700); err != nil {
+		if readErr != nil && !errors.Is(readErr, os.ErrNotExist) {
+			return "", "", fmt.Errorf("%s is there and cannot be read (%w): it is left as it is", path, readErr)
+		}
+		if err := files.mkdirAll(ctx, dir, 0o700); err != nil {
 			return "", "", err
 		}
 		kept := ""
 		if readErr == nil && !strings.HasPrefix(string(cur), awsCredentialsHeader) {
 			aside := path + ".before-fm"
-			if _, serr := a.m.readFile(ctx, aside); serr != nil {
-				if werr := a.m.writeFile(ctx, aside, cur, 0o600); werr != nil {
-					return "", "", werr
+			_, err := files.readFile(ctx, aside)
+			switch {
+			case errors.Is(err, os.ErrNotExist):
+				if err := files.writeFile(ctx, aside, cur, 0o600); err != nil {
+					return "", "", err
 				}
 				kept = "; the file that was there is kept as " + aside
+			case err != nil:
+				return "", "", fmt.Errorf("%s: %w", aside, err)
 			}
 		}
-		if err := a.m.writeFile(ctx, path, []byte(want), 0o600); err != nil {
+		if err := files.writeFile(ctx, path, []byte(want), 0o600); err != nil {
 			return "", "", err
 		}
 		return fmt.Sprintf("AWS key pair %s written as %s (default profile)%s", c.AccessKeyID, path, kept), "", nil

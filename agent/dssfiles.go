@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -41,6 +42,31 @@ func (m *machine) filesFor(ctx context.Context, path string) (fileIO, error) {
 		return rootFiles{}, err
 	}
 	return accountFiles{acc: acc, timeout: accountFileTimeout}, nil
+}
+
+// dssHomeFiles is the DSS account's home and how to read and write there:
+// as the account when the agent runs as root and DSS as another account
+// (on a real machine its home from the system's accounts, wherever it is),
+// as the agent otherwise (an agent that is the DSS account: its own home);
+// a folder standing for a machine has its home folder in it.
+func (m *machine) dssHomeFiles(ctx context.Context) (fileIO, string, error) {
+	acc, err := m.dssAccount(ctx)
+	if err != nil {
+		return nil, "", err
+	}
+	home := m.rooted("home", m.cfg.DSSUser)
+	if acc != nil {
+		if m.isRealRoot() && acc.home != "" {
+			home = acc.home
+		}
+		return accountFiles{acc: acc, timeout: accountFileTimeout}, home, nil
+	}
+	if m.isRealRoot() {
+		if me, err := user.Current(); err == nil && me.Username == m.cfg.DSSUser && me.HomeDir != "" {
+			return rootFiles{}, me.HomeDir, nil
+		}
+	}
+	return rootFiles{}, home, nil
 }
 
 // within reports whether path is dir or in it.

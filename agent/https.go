@@ -180,6 +180,9 @@ func (f *httpsFront) retry() bool {
 	}
 	_, err := f.applyLocked(w.Target, w.DSSPort)
 	f.failure = err
+	if err == nil {
+		f.keepWanted()
+	}
 	return err == nil
 }
 
@@ -198,20 +201,22 @@ func (f *httpsFront) apply(t *protocol.HTTPSTarget, dssPort int) (string, error)
 	msg, err := f.applyLocked(t, dssPort)
 	f.failure = err
 	if err == nil {
-		if b, jerr := json.Marshal(f.wanted); jerr == nil {
-			if werr := f.keep(b); werr != nil {
-				f.log.Warn().Err(werr).Msg("the HTTPS front served could not be kept; an agent restart serves it once converged")
-			}
-		}
+		f.keepWanted()
 	}
 	return msg, err
 }
 
-func (f *httpsFront) keep(b []byte) error {
-	if err := os.MkdirAll(f.dir, 0o700); err != nil {
-		return err
+// keepWanted writes what is served to front.json (f.mu held).
+func (f *httpsFront) keepWanted() {
+	b, err := json.Marshal(f.wanted)
+	if err == nil {
+		if err = os.MkdirAll(f.dir, 0o700); err == nil {
+			err = atomicfile.WriteFile(f.wantPath(), b, 0o600)
+		}
 	}
-	return atomicfile.WriteFile(f.wantPath(), b, 0o600)
+	if err != nil {
+		f.log.Warn().Err(err).Msg("the HTTPS front served could not be kept; an agent restart serves it once converged")
+	}
 }
 
 func (f *httpsFront) applyLocked(t *protocol.HTTPSTarget, dssPort int) (string, error) {

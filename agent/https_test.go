@@ -447,7 +447,7 @@ func TestACMEFailuresWaitAcrossRestarts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := json.Unmarshal(b, &att); err != nil || att.Failures != 1 || time.Until(att.Next) < 50*time.Second {
+	if err := json.Unmarshal(b, &att); err != nil || att.Failures != 1 || time.Until(att.Next) < 110*time.Second {
 		t.Fatalf("attempts kept: %+v %v", att, err)
 	}
 	g := serve()
@@ -461,7 +461,7 @@ func TestACMEFailuresWaitAcrossRestarts(t *testing.T) {
 }
 
 func TestACMEBackoff(t *testing.T) {
-	want := []time.Duration{time.Minute, 5 * time.Minute, 15 * time.Minute, time.Hour, 2 * time.Hour, 4 * time.Hour,
+	want := []time.Duration{2 * time.Minute, 5 * time.Minute, 15 * time.Minute, time.Hour, 2 * time.Hour, 4 * time.Hour,
 		8 * time.Hour, 16 * time.Hour, 24 * time.Hour, 24 * time.Hour, 24 * time.Hour}
 	for i, w := range want {
 		if got := acmeBackoff(i + 1); got != w {

@@ -215,14 +215,16 @@ func (s *acmeSource) tempCert() *tls.Certificate {
 }
 
 // acmeBackoff is how long the front waits after its nth failed attempt in
-// a row to obtain a certificate: 1, 5 and 15 minutes, then an hour
+// a row to obtain a certificate: 2, 5 and 15 minutes, then an hour
 // doubling to a day. A CA counts failed validations per name and account
 // (Let's Encrypt: 5 an hour, then a pause to be lifted by hand after many
 // days of them): a name a CA cannot reach must not be asked for more often.
+// (autocert answers a failed name from memory for a minute: sooner would
+// be an attempt that never reaches the CA.)
 func acmeBackoff(n int) time.Duration {
 	switch {
 	case n <= 1:
-		return time.Minute
+		return 2 * time.Minute
 	case n == 2:
 		return 5 * time.Minute
 	case n == 3:
@@ -293,9 +295,9 @@ func cacheFolder(directory string) string {
 // when what describe says changes.
 func (s *acmeSource) start(changed func()) { go s.obtain(changed) }
 
-// stop ends start's work. (autocert has nothing to stop: a manager no
-// longer used renews only what it obtained, which the next source serves
-// from the same cache.)
+// stop ends start's work, and the source's talks with the CA: autocert
+// cannot be stopped, and a manager no longer used would renew what it
+// loaded for good (its timer stays, its client refuses).
 func (s *acmeSource) stop() { s.cancel() }
 
 // ecdsaHello is a handshake's hello naming name and taking ECDSA: what
@@ -307,16 +309,18 @@ func ecdsaHello(name string) *tls.ClientHelloInfo {
 }
 
 // obtain asks the CA for each name's certificate until it has them all (or
-// stop), waiting after each failure as acmeBackoff says. An attempt is
-// counted before it is made, in a file that outlives the agent, so that
-// neither a restart nor a crash during an order asks again before its
-// time. A certificate still valid in the cache is served without the CA
-// (autocert renews it from then on).
+// stop), waiting after each failure as acmeBackoff says, from the end of
+// the failed attempt, whatever the file of attempts says. An attempt is
+// counted before it is made, in that file, which outlives the agent, so
+// that neither a restart nor a crash during an order asks again before its
+// time. A certificate still valid in the cache is looked for first,
+// without waiting (autocert serves it without the CA, and renews it).
 func (s *acmeSource) obtain(changed func()) {
 	for _, name := range s.names {
+		att := s.attempts()
+		cached := s.cachedValid(name)
 		for s.ctx.Err() == nil {
-			att := s.attempts()
-			if !s.cachedValid(name) && att.Failures > 0 && time.Now().Before(att.Next) {
+			if !cached && att.Failures > 0 && time.Now().Before(att.Next) {
 				s.mu.Lock()
 				s.err = fmt.Sprintf("%d attempts to obtain a certificate for %s failed (a temporary self-signed certificate is served; trying again at %s)",
 					att.Failures, name, att.Next.UTC().Format(time.RFC3339))
@@ -327,8 +331,8 @@ func (s *acmeSource) obtain(changed func()) {
 					return
 				case <-time.After(time.Until(att.Next)):
 				}
-				continue
 			}
+			cached = false
 			att.Failures++
 			att.Next = time.Now().Add(acmeBackoff(att.Failures))
 			s.keepAttempts(att)
@@ -345,6 +349,8 @@ func (s *acmeSource) obtain(changed func()) {
 				changed()
 				break
 			}
+			att.Next = time.Now().Add(acmeBackoff(att.Failures))
+			s.keepAttempts(att)
 			s.mu.Lock()
 			s.err = fmt.Sprintf("obtaining a certificate for %s: %v (a temporary self-signed certificate is served; trying again at %s)",
 				name, err, att.Next.UTC().Format(time.RFC3339))
