@@ -184,12 +184,20 @@ func TestAlertsFireOnceAndResolveOnce(t *testing.T) {
 		!strings.Contains(a.Annotations["summary"], in.ID) || a.Fingerprint == "" || a.idempotency == "" || a.StartsAt.IsZero() {
 		t.Fatalf("the alert told: %+v", a)
 	}
+	// The webhook answered before the server recorded it told: the list
+	// says so a moment later.
 	var listed []api.Alert
-	f.ok(f.do("GET", "/alerts", ""), &listed)
 	var mine *api.Alert
-	for i := range listed {
-		if listed[i].Fingerprint == a.Fingerprint {
-			mine = &listed[i]
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		f.ok(f.do("GET", "/alerts", ""), &listed)
+		mine = nil
+		for i := range listed {
+			if listed[i].Fingerprint == a.Fingerprint {
+				mine = &listed[i]
+			}
+		}
+		if mine != nil && mine.Notified || time.Now().After(deadline) {
+			break
 		}
 	}
 	if mine == nil || mine.Status != api.AlertFiring || !mine.Notified || mine.Name != "FMAgentNotResponding" {

@@ -72,6 +72,11 @@ func (r *Recorder) Points() []string {
 type Crasher struct {
 	N   int
 	Die func()
+	// At, when set, counts only the passes of that point: the role dies
+	// at its N-th pass, whatever other points were passed before it (the
+	// order of points passed by goroutines of their own may differ from
+	// run to run).
+	At string
 
 	mu      sync.Mutex
 	count   int
@@ -86,11 +91,17 @@ func (c *Crasher) Hook() Hook {
 	c.once.Do(func() { c.crashed = make(chan struct{}) })
 	return func(point string) {
 		c.mu.Lock()
-		c.count++
-		if c.count <= c.N {
-			c.passed = append(c.passed, point)
+		if c.point != "" {
+			// Another goroutine of the dead role: it must not go on
+			// either.
+			c.mu.Unlock()
+			select {}
 		}
-		if c.count != c.N {
+		if c.At == "" || point == c.At {
+			c.count++
+		}
+		c.passed = append(c.passed, point)
+		if c.count != c.N || c.At != "" && point != c.At {
 			dead := c.count > c.N
 			c.mu.Unlock()
 			if dead {
