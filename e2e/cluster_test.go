@@ -231,7 +231,7 @@ func (c *clusterFM) checkSucceeded(t *testing.T, ops []string) {
 func (c *clusterFM) checkAudit(t *testing.T, want map[string]int) {
 	t.Helper()
 	var actions []string // fm audit --output json writes one record per line
-	for dec := json.NewDecoder(strings.NewReader(c.fm(t, "audit", "--output", "json"))); dec.More(); {
+	for dec := json.NewDecoder(strings.NewReader(c.fm(t, "audit", "--limit", "1000", "--output", "json"))); dec.More(); {
 		var a map[string]any
 		if err := dec.Decode(&a); err != nil {
 			t.Fatal(err)

@@ -40,7 +40,7 @@ func TestReplayRunsTheTemplateAsItIsNow(t *testing.T) {
 	first := protocol.DesiredState{Instance: in.ID, Generation: 1, NodeType: "design", MachineRequest: "op-0-reprovision",
 		DSS: protocol.DSSTarget{ImageID: im.ID, Version: "14.0.0", Port: 10000, SealedLicense: "fmsealed2:kept",
 			HTTPS:          &protocol.HTTPSTarget{Strategy: protocol.HTTPSCustomCertificate, Port: 443, SealedCertificate: "fmsealed2:cert"},
-			AWSCredentials: &protocol.AWSCredentials{AccessKeyID: "AKIA1", SealedSecretAccessKey: "fmsealed2:aws"},
+			AWSCredentials: &protocol.AWSCredentials{AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SealedSecretAccessKey: "fmsealed2:aws"},
 			Kit:            protocol.KitSource{Path: "/kits/dss.tar.gz", SHA256: strings.Repeat("a", 64)}}}
 	data, err := protocol.Encode(&first)
 	if err != nil {

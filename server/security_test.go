@@ -246,7 +246,7 @@ func TestAuditTrail(t *testing.T) {
 func TestSecretsAreSealedInTheBuckets(t *testing.T) {
 	f := start(t)
 	license := `{\n  \"content\": {\"licensee\": \"ACME-SECRET-LICENSE\"}\n}`
-	f.createTemplate(`{"label":"lic","license":"` + license + `","dataikuAwsAPIAccessMode":"KEYPAIR","dataikuAwsKeypairStorageMode":"INLINE_ENCRYPTED","dataikuAwsAccessKeyId":"AKIAIOSFODNN7EXAMPLE","dataikuAwsSecretAccessKey":"TEMPLATE-SECRET-KEY"}`)
+	f.createTemplate(`{"label":"lic","license":"` + license + `","dataikuAwsAPIAccessMode":"KEYPAIR","dataikuAwsKeypairStorageMode":"INLINE_ENCRYPTED","dataikuAwsAccessKeyId":"AKIAIOSFODNN7EXAMPLE","dataikuAwsSecretAccessKey":"TEMPLATEsecretKEY0123456789"}`)
 	f.ok(f.do("PUT", "/cloud-credentials", `{"licenseMode":"AUTO_UPDATE","licenseToken":"TENANT-LICENSE-TOKEN","awsAuthenticationMode":"KEYPAIR","awsAccessKeyId":"AKIAIOSFODNN7EXAMPLE","awsSecretAccessKey":"TENANT-SECRET-KEY"}`), nil)
 	var account api.CloudAccount
 	f.ok(f.do("POST", "/cloud-accounts", `{"label":"keys","awsAuthenticationMode":"KEYPAIR","awsAccessKeyId":"AKIAIOSFODNN7EXAMPLE","awsSecretAccessKey":"ACCOUNT-SECRET-KEY"}`), &account)
@@ -258,7 +258,7 @@ func TestSecretsAreSealedInTheBuckets(t *testing.T) {
 	var op api.Future
 	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/reprovision", ""), &op)
 	raw := bustest.Dump(t, f.env.Bus.JetStream(t))
-	for _, secret := range []string{"ACME-SECRET-LICENSE", "TEMPLATE-SECRET-KEY", "TENANT-LICENSE-TOKEN", "TENANT-SECRET-KEY",
+	for _, secret := range []string{"ACME-SECRET-LICENSE", "TEMPLATEsecretKEY0123456789", "TENANT-LICENSE-TOKEN", "TENANT-SECRET-KEY",
 		"ACCOUNT-SECRET-KEY", "WEBHOOK-TOKEN", "WEBHOOK-SECRET", f.env.Key.Secret} {
 		if strings.Contains(raw, secret) {
 			t.Errorf("%s is in a bucket in clear", secret)
