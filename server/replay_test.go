@@ -69,14 +69,7 @@ func TestReplayRunsTheTemplateAsItIsNow(t *testing.T) {
 		t.Helper()
 		var op api.Future
 		f.accepted("GET", "/instances/"+in.ID+"/actions/replay-setup-actions", &op)
-		e, err := desired.Get(ctx, in.ID)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var got protocol.DesiredState
-		if err := protocol.Decode(e.Value(), &got); err != nil {
-			t.Fatal(err)
-		}
+		got, _ := f.desiredOf(in.ID)
 		want := first
 		want.Generation, want.RetryUntil, want.V = wantGen, got.RetryUntil, got.V
 		want.SetupActions = []protocol.SetupAction{{Type: "ADD_ENV_VARIABLES", Enabled: true,

@@ -3,15 +3,8 @@ package ec2
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -30,6 +23,7 @@ import (
 	elb "github.com/aws/aws-sdk-go-v2/service/elasticloadbalancingv2"
 	elbtypes "github.com/aws/aws-sdk-go-v2/service/elasticloadbalancingv2/types"
 	"github.com/aws/aws-sdk-go-v2/service/iam"
+	"github.com/fleetmanager/fm/internal/certtest"
 	"github.com/fleetmanager/fm/internal/crashpoint"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/provisioner"
@@ -77,27 +71,13 @@ func newLBWorld(t *testing.T) *lbWorld {
 	return w
 }
 
-// certificate uploads a self-signed certificate to IAM (which a load
-// balancer takes as ACM's) and returns its ARN.
+// certificate uploads a certificate to IAM (which a load balancer takes as
+// ACM's) and returns its ARN.
 func (w *lbWorld) certificate(t *testing.T, name string) string {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "*.example.com"}, DNSNames: []string{"*.example.com"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tpl, tpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	chain := certtest.NewChain(t, "*.example.com")
 	out, err := w.iam.UploadServerCertificate(context.Background(), &iam.UploadServerCertificateInput{ServerCertificateName: aws.String(name),
-		CertificateBody: aws.String(string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))),
-		PrivateKey:      aws.String(string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})))})
+		CertificateBody: aws.String(chain.LeafPEM), CertificateChain: aws.String(chain.CAPEM), PrivateKey: aws.String(chain.KeyPEM)})
 	if err != nil {
 		t.Fatal(err)
 	}
