@@ -36,14 +36,17 @@ type Agent struct {
 	front   *httpsFront // DSS over HTTPS (not in a simulated agent)
 
 	// Set by Run.
-	box     *seal.Box // the instance key, which seals secrets FM and the agent exchange
-	credsMu sync.Mutex
-	creds   []byte // the NATS credentials a join gave (in memory), renewed
-	nc      *nats.Conn
-	js      jetstream.JetStream
-	rep     *reporter
-	desired *desiredWatch
-	cursor  commandCursor
+	box *seal.Box // the instance key, which seals secrets FM and the agent exchange
+	// instanceKey is box's key, which also seals diagnosis bundles as
+	// streams (seal.NewStreamWriter).
+	instanceKey []byte
+	credsMu     sync.Mutex
+	creds       []byte // the NATS credentials a join gave (in memory), renewed
+	nc          *nats.Conn
+	js          jetstream.JetStream
+	rep         *reporter
+	desired     *desiredWatch
+	cursor      commandCursor
 
 	// stopping is set when Run's context ends: what fails from then on was
 	// cut short, not broken.

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"io"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -354,9 +356,24 @@ func allLogs(t *testing.T, r *rig, source string) string {
 }
 
 // TestCollectDiagnosis: the bundle holds the agent's and DSS's files, and
-// nothing of root's that the DSS user linked in their place.
+// nothing of root's that the DSS user linked in their place. An agent with
+// an instance key sends it sealed with that key.
 func TestCollectDiagnosis(t *testing.T) {
+	t.Run("sealed", func(t *testing.T) { testCollectDiagnosis(t, seal.NewKey()) })
+	t.Run("without an instance key", func(t *testing.T) { testCollectDiagnosis(t, nil) })
+}
+
+func testCollectDiagnosis(t *testing.T, key []byte) {
 	r := newRig(t)
+	if key != nil {
+		m := newMachine(r.cfg, r.cfg.Logger)
+		if err := os.MkdirAll(m.stateDir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(m.instanceKeyPath(), []byte(base64.StdEncoding.EncodeToString(key)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	r.startAgent()
 	r.waitReady(r.desire("14.0.0").Generation)
 	secret := filepath.Join(t.TempDir(), "root-only")
@@ -396,7 +413,19 @@ func TestCollectDiagnosis(t *testing.T) {
 	if int64(len(obj)) != d.SizeBytes || sha256hex(obj) != d.SHA256 {
 		t.Fatalf("bundle %d bytes, want %d", len(obj), d.SizeBytes)
 	}
-	gz, err := gzip.NewReader(bytes.NewReader(obj))
+	var bundle io.Reader = bytes.NewReader(obj)
+	if d.Sealed != (key != nil) {
+		t.Fatalf("sealed %v, with an instance key %v", d.Sealed, key != nil)
+	}
+	if key != nil {
+		if bytes.HasPrefix(obj, []byte{0x1f, 0x8b}) {
+			t.Fatal("the bundle travels as a plain .tar.gz")
+		}
+		if bundle, err = seal.NewStreamReader(bundle, key, protocol.SealedDiagnosisPlace(r.instance, res.CommandID)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gz, err := gzip.NewReader(bundle)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -443,7 +472,7 @@ func TestACommandLineErrorShowsNoSecret(t *testing.T) {
 }
 
 // TestADiagnosisBundleShowsNoShellSecret: env-site.sh goes into diagnosis
-// bundles (which travel and are kept unsealed) with its secrets masked.
+// bundles (which operators download) with its secrets masked.
 func TestADiagnosisBundleShowsNoShellSecret(t *testing.T) {
 	for _, c := range []struct{ in, want string }{
 		{"export https_proxy=http://svc:Hunter2@proxy.example.com:3128", "export https_proxy=http://svc:***@proxy.example.com:3128"},

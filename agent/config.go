@@ -82,6 +82,11 @@ type Config struct {
 	// HTTPSAddress is the address the HTTPS front listens on: every
 	// interface when empty (tests give the loopback address).
 	HTTPSAddress string `json:"httpsAddress,omitempty"`
+	// IMDSURL is the EC2 instance metadata service's address
+	// (http://169.254.169.254), which the EC2 backend gives: the agent
+	// sends its instance identity document with its join, which FM may
+	// require (protocol.EC2Identity). Empty elsewhere.
+	IMDSURL string `json:"imdsUrl,omitempty"`
 
 	// Timings; zero values take the defaults.
 	HealthInterval time.Duration `json:"-"` // how often DSS is checked (10s)

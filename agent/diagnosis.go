@@ -18,6 +18,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -35,7 +36,19 @@ const (
 // object store.
 func (a *Agent) collectDiagnosis(ctx context.Context, commandID string) (protocol.DiagnosisResult, error) {
 	var buf bytes.Buffer
-	gz := gzip.NewWriter(&buf)
+	// Sealed as it is made, with the instance key when the agent has one:
+	// logs and DSS's settings may hold secrets, and the chunks wait in
+	// FM_DIAG until filed.
+	var out io.Writer = &buf
+	var sealer io.WriteCloser
+	if a.instanceKey != nil {
+		var err error
+		if sealer, err = seal.NewStreamWriter(&buf, a.instanceKey, protocol.SealedDiagnosisPlace(a.cfg.Instance, commandID)); err != nil {
+			return protocol.DiagnosisResult{}, err
+		}
+		out = sealer
+	}
+	gz := gzip.NewWriter(out)
 	tw := tar.NewWriter(gz)
 	add := func(name string, data []byte) error {
 		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o600, Size: int64(len(data)), ModTime: time.Now(), Typeflag: tar.TypeReg}); err != nil {
@@ -109,6 +122,11 @@ func (a *Agent) collectDiagnosis(ctx context.Context, commandID string) (protoco
 	if err := gz.Close(); err != nil {
 		return protocol.DiagnosisResult{}, err
 	}
+	if sealer != nil {
+		if err := sealer.Close(); err != nil {
+			return protocol.DiagnosisResult{}, err
+		}
+	}
 	// The agent may publish only on its own subjects: the bundle goes in
 	// chunks on its diagnosis subject, and the server files it in
 	// fm_diagnosis.
@@ -120,12 +138,37 @@ func (a *Agent) collectDiagnosis(ctx context.Context, commandID string) (protoco
 	chunks := 0
 	for off := 0; off < len(data); off += diagnosisChunk {
 		end := min(off+diagnosisChunk, len(data))
-		if _, err := a.js.Publish(ctx, subject, data[off:end], jetstream.WithMsgID(subject+"."+strconv.Itoa(chunks))); err != nil {
+		if err := a.publishChunk(ctx, subject, data[off:end], subject+"."+strconv.Itoa(chunks)); err != nil {
 			return protocol.DiagnosisResult{}, fmt.Errorf("send the diagnosis bundle: %w", err)
 		}
 		chunks++
 	}
-	return protocol.DiagnosisResult{Subject: subject, Chunks: chunks, SizeBytes: int64(len(data)), SHA256: hex.EncodeToString(sum[:])}, nil
+	return protocol.DiagnosisResult{Subject: subject, Chunks: chunks, SizeBytes: int64(len(data)), SHA256: hex.EncodeToString(sum[:]),
+		Sealed: sealer != nil}, nil
+}
+
+// chunkRetryFor bounds how long one chunk of a bundle is sent again before
+// the collection fails: the bus away, or FM not taking it yet (its copy of
+// the operation lagging behind), passes within it.
+const chunkRetryFor = 2 * time.Minute
+
+// publishChunk stores a chunk under id, sent again (the same id: stored
+// once) until stored or chunkRetryFor has passed.
+func (a *Agent) publishChunk(ctx context.Context, subject string, data []byte, id string) error {
+	deadline := time.Now().Add(chunkRetryFor)
+	for wait := 200 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := a.js.Publish(pctx, subject, data, jetstream.WithMsgID(id))
+		cancel()
+		if err == nil || ctx.Err() != nil || time.Now().Add(wait).After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+	}
 }
 
 // secretName matches a shell variable's name that holds a secret; userInfo
@@ -137,8 +180,8 @@ var (
 
 // redactShell masks what a shell script of DSS's (bin/env-site.sh, where
 // proxies and environment are set) may hold of secrets: values of
-// variables whose names say secret, and passwords in URLs. The bundle
-// travels and is kept unsealed.
+// variables whose names say secret, and passwords in URLs. The bundle is
+// sealed on its way and where FM keeps it, but operators download it.
 func redactShell(data []byte) []byte {
 	lines := strings.Split(string(data), "\n")
 	for i, l := range lines {

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/fleetmanager/fm/internal/atomicfile"
@@ -164,8 +165,16 @@ func (a *Agent) postJoin(ctx context.Context, client *http.Client, kp nkeys.KeyP
 	if err != nil {
 		return out, fmt.Errorf("%w: sign the join request: %v", ErrJoinRefused, err)
 	}
-	body, _ := json.Marshal(protocol.JoinRequest{Instance: a.cfg.Instance, Token: a.cfg.Join.Token, PublicKey: pub,
-		Signature: base64.RawURLEncoding.EncodeToString(sig)})
+	jr := protocol.JoinRequest{Instance: a.cfg.Instance, Token: a.cfg.Join.Token, PublicKey: pub,
+		Signature: base64.RawURLEncoding.EncodeToString(sig)}
+	if a.cfg.IMDSURL != "" {
+		// Not reaching the metadata service is retried like not reaching
+		// FM: it answers within the machine's first seconds.
+		if jr.EC2Identity, err = ec2Identity(ctx, a.cfg.IMDSURL); err != nil {
+			return out, err
+		}
+	}
+	body, _ := json.Marshal(jr)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.cfg.Join.URL, bytes.NewReader(body))
 	if err != nil {
 		return out, fmt.Errorf("%w: join url: %v", ErrJoinRefused, err)
@@ -229,7 +238,7 @@ func (a *Agent) setInstanceKey(key string) error {
 	if err != nil {
 		return err
 	}
-	a.box = box
+	a.box, a.instanceKey = box, raw
 	return nil
 }
 
@@ -297,4 +306,46 @@ func (a *Agent) openParams(cmd *protocol.Command) *protocol.Error {
 	}
 	cmd.Params, cmd.SealedParams = json.RawMessage(p), ""
 	return nil
+}
+
+// ec2Identity reads the machine's instance identity document and its
+// signature from the instance metadata service at base, with a session
+// token (IMDSv2, which machines launched with restricted metadata access
+// require).
+func ec2Identity(ctx context.Context, base string) (*protocol.EC2Identity, error) {
+	client := &http.Client{Timeout: 5 * time.Second}
+	ask := func(method, path string, header http.Header) (string, error) {
+		req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(base, "/")+path, nil)
+		if err != nil {
+			return "", err
+		}
+		req.Header = header
+		resp, err := client.Do(req)
+		if err != nil {
+			return "", fmt.Errorf("the instance metadata service: %w", err)
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		if err != nil {
+			return "", fmt.Errorf("the instance metadata service: %w", err)
+		}
+		if resp.StatusCode != http.StatusOK {
+			return "", fmt.Errorf("the instance metadata service answered %s to %s %s", resp.Status, method, path)
+		}
+		return string(b), nil
+	}
+	token, err := ask(http.MethodPut, "/latest/api/token", http.Header{"X-Aws-Ec2-Metadata-Token-Ttl-Seconds": {"60"}})
+	if err != nil {
+		return nil, err
+	}
+	withToken := http.Header{"X-Aws-Ec2-Metadata-Token": {token}}
+	doc, err := ask(http.MethodGet, "/latest/dynamic/instance-identity/document", withToken)
+	if err != nil {
+		return nil, err
+	}
+	sig, err := ask(http.MethodGet, "/latest/dynamic/instance-identity/signature", withToken)
+	if err != nil {
+		return nil, err
+	}
+	return &protocol.EC2Identity{Document: doc, Signature: strings.TrimSpace(sig)}, nil
 }

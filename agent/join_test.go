@@ -28,9 +28,10 @@ type fakeJoin struct {
 	key       string
 	dropFirst bool
 
-	mu    sync.Mutex
-	bound string
-	asked []string
+	mu         sync.Mutex
+	bound      string
+	asked      []string
+	identities []*protocol.EC2Identity
 }
 
 func newFakeJoin(t *testing.T) *fakeJoin {
@@ -49,6 +50,7 @@ func (f *fakeJoin) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	f.mu.Lock()
 	f.asked = append(f.asked, req.PublicKey)
+	f.identities = append(f.identities, req.EC2Identity)
 	first := len(f.asked) == 1
 	if f.bound == "" {
 		f.bound = req.PublicKey
@@ -152,5 +154,74 @@ func TestJoinIsRetriedWithTheSameKey(t *testing.T) {
 	r.waitReady(r.gen)
 	if asked := join2.keysAsked(); len(asked) != 2 || asked[0] != asked[1] {
 		t.Fatalf("keys asked for after the crash: %v", asked)
+	}
+}
+
+// fakeIMDS is the EC2 instance metadata service as IMDSv2 serves the
+// instance identity: a session token first (PUT), then the document and
+// its signature, each asked with the token. failFirst answers the first
+// token request 503, as a service not up yet.
+type fakeIMDS struct {
+	failFirst bool
+
+	mu    sync.Mutex
+	calls int
+}
+
+const (
+	imdsToken     = "imds-session-token"
+	imdsDocument  = `{"instanceId":"i-0abc","region":"eu-west-1"}`
+	imdsSignature = "c2lnbmVk\nYnkgQVdT"
+)
+
+func (f *fakeIMDS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	f.calls++
+	first := f.calls == 1
+	f.mu.Unlock()
+	switch {
+	case r.Method == http.MethodPut && r.URL.Path == "/latest/api/token":
+		if first && f.failFirst {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		if r.Header.Get("X-Aws-Ec2-Metadata-Token-Ttl-Seconds") == "" {
+			w.WriteHeader(http.StatusBadRequest)
+			return
+		}
+		_, _ = w.Write([]byte(imdsToken))
+	case r.Header.Get("X-Aws-Ec2-Metadata-Token") != imdsToken:
+		w.WriteHeader(http.StatusUnauthorized)
+	case r.Method == http.MethodGet && r.URL.Path == "/latest/dynamic/instance-identity/document":
+		_, _ = w.Write([]byte(imdsDocument))
+	case r.Method == http.MethodGet && r.URL.Path == "/latest/dynamic/instance-identity/signature":
+		_, _ = w.Write([]byte(imdsSignature + "\n"))
+	default:
+		w.WriteHeader(http.StatusNotFound)
+	}
+}
+
+// TestAnAgentOnEC2JoinsWithItsIdentity: an agent whose configuration names
+// the instance metadata service sends its instance identity document and
+// signature with its join, read with an IMDSv2 session token; a metadata
+// service not answering yet is asked again, like FM.
+func TestAnAgentOnEC2JoinsWithItsIdentity(t *testing.T) {
+	join := newFakeJoin(t)
+	ts := httptest.NewServer(join)
+	t.Cleanup(ts.Close)
+	imds := httptest.NewServer(&fakeIMDS{failFirst: true})
+	t.Cleanup(imds.Close)
+	r := newRig(t)
+	r.cfg.Join = &protocol.JoinSpec{URL: ts.URL + "/api/join", Token: "jt-test.secret"}
+	r.cfg.IMDSURL = imds.URL
+	r.startAgent()
+	r.waitReady(r.desire("14.0.0").Generation)
+	join.mu.Lock()
+	defer join.mu.Unlock()
+	if len(join.identities) != 1 {
+		t.Fatalf("%d joins, want 1 (the metadata service's failure retried before asking FM)", len(join.identities))
+	}
+	if id := join.identities[0]; id == nil || id.Document != imdsDocument || id.Signature != imdsSignature {
+		t.Fatalf("the join's identity: %+v", id)
 	}
 }

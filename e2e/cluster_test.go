@@ -19,6 +19,7 @@ import (
 	"github.com/fleetmanager/fm/deploy/standin/kit"
 	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -180,6 +181,7 @@ func TestNATSNodeLossLosesNothing(t *testing.T) {
 		t.Logf("  %s: %s", args[1], time.Since(start).Round(time.Millisecond))
 	}
 	run("instance", "provision", in)
+	c.tryToStallTheStreams(t, in)
 	start := time.Now()
 	run("instance", "restart-dss", in)
 	run("instance", "stop", in)
@@ -203,6 +205,48 @@ func TestNATSNodeLossLosesNothing(t *testing.T) {
 	c.checkReplicas(t)
 	c.checkEvents(t, ops)
 	c.checkReport(t)
+}
+
+// tryToStallTheStreams does what a compromised agent could do to stall a
+// stream of three replicas for good (docs/security.md): with the
+// credentials instance in's machine holds, it stores on each subject an
+// agent stores on a message whose Nats-Expected-Last-Msg-Id does not match.
+// The relay in fm server drops the header: each is stored, every stream
+// keeps a leader and its replicas (checkReplicas), and what the test does
+// next goes through them. The messages are harmless: an event and a log
+// line that do not decode, the agent's own status again. (FM_DIAG takes
+// chunks only for a collect-diagnosis under way, through the same relay.)
+func (c *clusterFM) tryToStallTheStreams(t *testing.T, in string) {
+	t.Helper()
+	creds := filepath.Join(t.TempDir(), "agent.creds")
+	if err := os.WriteFile(creds, machineCreds(t, filepath.Join(c.machines, "machines"), in), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, js := ConnectJetStream(t, c.nats.URLs(), nats.UserCredentials(creds), nats.RootCAs(c.nats.CA),
+		nats.CustomInboxPrefix(protocol.InboxPrefix(in)))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	kv, err := c.adminJS(t).KeyValue(ctx, protocol.BucketAgents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	status, err := kv.Get(ctx, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for subject, data := range map[string][]byte{
+		protocol.EventSubject(in, protocol.EventStep):    []byte("not an event"),
+		protocol.LogSubject(in, protocol.LogSourceAgent): []byte("not a log batch"),
+		protocol.KVSubject(protocol.BucketAgents, in):    status.Value(),
+	} {
+		m := nats.NewMsg(subject)
+		m.Data = data
+		m.Header.Set("Nats-Expected-Last-Msg-Id", "not-the-last")
+		if _, err := js.PublishMsg(ctx, m); err != nil {
+			t.Fatalf("%s: %v", subject, err)
+		}
+	}
+	c.checkReplicas(t)
 }
 
 // checkInstanceRunning checks that instance in is running.

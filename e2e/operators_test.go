@@ -167,7 +167,7 @@ func recipeShows(instance, op, object string) map[string]string {
 		"nats sub --stream FM_AUDIT --all 'fm.audit.>'":                        "fm.audit.main.",
 		"nats object ls fm_kits":                                               "dataiku-dss-13.4.0-standin.tar.gz",
 		"nats object ls fm_diagnosis":                                          object,
-		"nats object get fm_diagnosis <object> -O diagnosis.tar.gz":            "\x1f\x8b", // gzip's magic
+		"nats object get fm_diagnosis <object> -O diagnosis.sealed":            "FMSEALS1", // a sealed stream's magic
 		"nats server report jetstream":                                         "JetStream",
 	}
 }

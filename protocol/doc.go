@@ -81,4 +81,10 @@
 //	  reports no HTTPS status, so FM shows an http:// URL for it. A
 //	  desired state's AWS key pair for DSS (DSSTarget.AWSCredentials, its
 //	  secret sealed at SealedAWSSecretPlace): an older agent ignores it.
+//	  A join request's EC2 identity (EC2Identity), sent by an agent whose
+//	  configuration names the instance metadata service: a server that
+//	  checks it refuses the join of an older agent on EC2. A diagnosis
+//	  result's sealed (the bundle travels sealed with the instance key,
+//	  at SealedDiagnosisPlace): a server before it would file the sealed
+//	  bytes as they are.
 package protocol

@@ -518,14 +518,19 @@ type AdminAPIKeyResult struct {
 }
 
 // DiagnosisResult is the result of CommandCollectDiagnosis. The agent sends
-// the bundle (a .tar.gz) in Chunks messages on Subject, its own FM_LOGS
-// subject; the server joins them into the fm_diagnosis object Object.
+// the bundle (a .tar.gz) in Chunks messages on Subject, a subject of its
+// own in FM_DIAG; the server joins them into the fm_diagnosis object
+// Object. When Sealed, what the chunks carry is the bundle sealed as a
+// stream with the instance key at SealedDiagnosisPlace (an agent with an
+// instance key seals it: logs and DSS's settings may hold secrets), and
+// SizeBytes and SHA256 are those of the sealed bytes.
 type DiagnosisResult struct {
 	Subject   string `json:"subject,omitempty"`
 	Chunks    int    `json:"chunks,omitempty"`
 	Object    string `json:"object,omitempty"`
 	SizeBytes int64  `json:"sizeBytes"`
 	SHA256    string `json:"sha256"`
+	Sealed    bool   `json:"sealed,omitempty"`
 }
 
 // AuditRecord is one entry of the audit trail, published on

@@ -243,6 +243,12 @@ func SealedResultPlace(instance, commandID string) string {
 // belongs.
 func SealedLicensePlace(instance string) string { return "desired/" + instance + "/license" }
 
+// SealedDiagnosisPlace is where a diagnosis bundle an agent sends sealed
+// (DiagnosisResult.Sealed) belongs.
+func SealedDiagnosisPlace(instance, commandID string) string {
+	return "diagnosis/" + instance + "/" + commandID
+}
+
 // SealedJoinTokenPlace is where the sealed join token of a provision
 // request belongs.
 func SealedJoinTokenPlace(instance string) string { return "provision/" + instance + "/join-token" }

@@ -177,6 +177,25 @@ type JoinRequest struct {
 	Token     string `json:"token"`
 	PublicKey string `json:"publicKey,omitempty"`
 	Signature string `json:"signature,omitempty"`
+	// EC2Identity is sent by an agent on EC2 (its configuration names the
+	// instance metadata service): what proves which EC2 machine asks.
+	EC2Identity *EC2Identity `json:"ec2Identity,omitempty"`
+}
+
+// BackendEC2 is the EC2 backend's name in machine states.
+const BackendEC2 = "ec2"
+
+// EC2Identity is an EC2 machine's instance identity document and the
+// document's signature, as the instance metadata service gives them
+// (/latest/dynamic/instance-identity/document and …/signature: base64 of
+// an RSA signature of the document's SHA-256, by AWS's key of the region).
+// Only the machine itself can read them. A server given AWS's certificates
+// joins a machine only with the document of the EC2 instance its
+// provisioner launched for the token: a token read from the instance's
+// user data elsewhere (the EC2 API shows it) is of no use.
+type EC2Identity struct {
+	Document  string `json:"document"`
+	Signature string `json:"signature"`
 }
 
 // JoinProof is what a machine signs with its NATS key to prove, when it
@@ -409,7 +428,7 @@ const (
 type MachineState struct {
 	Header
 	Instance string        `json:"instance"`
-	Backend  string        `json:"backend"`
+	Backend  string        `json:"backend"` // the backend's name: BackendEC2, "local"
 	Status   MachineStatus `json:"status"`
 	// Generation is the desired generation the machine was provisioned for.
 	Generation uint64 `json:"generation"`

@@ -39,6 +39,26 @@ func publishEvent(t *testing.T, js jetstream.JetStream, e protocol.Event) {
 	}
 }
 
+// waitRedelivered waits until an event was folded, refused and handed
+// back at least once.
+func waitRedelivered(t *testing.T, js jetstream.JetStream) {
+	t.Helper()
+	cons, err := js.Consumer(context.Background(), protocol.StreamEvents, server.EventsConsumer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		info, err := cons.Info(context.Background())
+		if err == nil && info.NumRedelivered > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the event was never handed back")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // refuseWrites makes a bucket's writes fail until the returned function is
 // called: its stream stops listening on its subjects, so that a write finds
 // no stream to take it, as when the bus loses it.
@@ -112,21 +132,7 @@ func TestAnEventNotFoldedIsFoldedAgain(t *testing.T) {
 	restore := refuseWrites(t, js, protocol.BucketOps)
 	publishEvent(t, js, protocol.Event{Instance: in.ID, Kind: protocol.EventCommand, Source: "agent", CommandID: op.JobID + "-cmd",
 		OpID: op.JobID, Step: string(protocol.CommandRestartDSS), Status: protocol.StatusOK, Message: "DSS is running"})
-	// Folded, refused and handed back at least once.
-	cons, err := js.Consumer(context.Background(), protocol.StreamEvents, server.EventsConsumer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for deadline := time.Now().Add(20 * time.Second); ; {
-		info, err := cons.Info(context.Background())
-		if err == nil && info.NumRedelivered > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the event was never handed back")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitRedelivered(t, js)
 	if got := f.future(op.JobID); got.State != api.OpRunning {
 		t.Fatalf("the operation changed while its bucket refused writes: %+v", got)
 	}

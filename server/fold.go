@@ -378,6 +378,10 @@ func (s *Server) settle(ctx context.Context, id string, lc lifecycle, rev uint64
 		request, succeeded := op.RequestID, op.State == api.OpSucceeded
 		s.withdrawTokens(ctx, id, func(_ string, r joinRecord) bool { return r.Request == request && (succeeded || !r.used()) })
 	}
+	if found && op.Kind == opDiagnosis {
+		// Whatever its end, the chunks of its runs go: FM_DIAG is shared.
+		s.dropDiagnosisChunks(ctx, id)
+	}
 	_, err := s.st.lifecycle.update(ctx, id, next, rev)
 	if errors.Is(err, errConflict) {
 		s.enqueue(id)
@@ -687,6 +691,9 @@ func (s *Server) foldEvent(ctx context.Context, subject string, data []byte) err
 		}
 		if e.Step == string(protocol.CommandCollectDiagnosis) {
 			filed, err := s.fileDiagnosis(ctx, op.Instance, e.CommandID, e.Result)
+			if err != nil && foldAgain(err) {
+				return err
+			}
 			if err != nil {
 				return s.failOp(ctx, op, &api.Error{ErrorType: string(protocol.CodeUnavailable), Message: "Diagnosis not filed",
 					DetailedMessage: err.Error()})

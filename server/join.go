@@ -137,6 +137,18 @@ func (s *Server) join(r *http.Request) (any, error) {
 		}
 		again := rec.Agent == req.PublicKey
 		if !again {
+			// Checked before the token is bound: someone who read the token
+			// (the EC2 API shows a machine's user data) must not bind it to
+			// a key of theirs and lock the machine out.
+			reason, err := s.ec2IdentityRefusal(ctx, rec, req.EC2Identity)
+			switch {
+			case errors.Is(err, errMachineNotRecorded):
+				return nil, unavailable(err, "the machine this join token was made for is not recorded yet; ask again")
+			case err != nil:
+				return nil, unavailable(err, "the machine this join token was made for could not be read")
+			case reason != "":
+				return nil, refuse(reason)
+			}
 			// Bound to this machine's key before anything is minted: a
 			// failure after this, or an answer lost, is retried by the same
 			// machine with the same key.

@@ -45,6 +45,15 @@ func (f *fm) joined(label string, kp nkeys.KeyPair) (string, string) {
 // revoked.
 func (f *fm) replaceMachine(id string) {
 	f.t.Helper()
+	f.abortOperation(id)
+	req := f.provisionRequest(id)
+	f.ok(f.joinAs(id, req.Spec.Join.Token, machineKey(f.t)), nil)
+}
+
+// abortOperation aborts the instance's operation under way, if any, and
+// waits until it ended.
+func (f *fm) abortOperation(id string) {
+	f.t.Helper()
 	var st struct {
 		Operation *struct {
 			JobID string `json:"jobId"`
@@ -61,11 +70,9 @@ func (f *fm) replaceMachine(id string) {
 			break
 		}
 		if time.Now().After(deadline) {
-			f.t.Fatalf("the aborted reprovision never ended: %s", f.do("GET", "/instances/"+id+"/status", "").body)
+			f.t.Fatalf("the aborted operation never ended: %s", f.do("GET", "/instances/"+id+"/status", "").body)
 		}
 	}
-	req := f.provisionRequest(id)
-	f.ok(f.joinAs(id, req.Spec.Join.Token, machineKey(f.t)), nil)
 }
 
 func renewRequest(t *testing.T, instance string, kp nkeys.KeyPair, at time.Time) protocol.RenewRequest {

@@ -11,6 +11,7 @@ package server
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	stdlog "log"
@@ -116,6 +117,11 @@ type Config struct {
 	// AgentCredsTTL is how long an agent's NATS credentials last (default
 	// a day); agents renew them before. Tests shorten it.
 	AgentCredsTTL time.Duration
+	// EC2IdentityCerts, if set, are AWS's certificates for instance
+	// identity documents (LoadEC2IdentityCerts): a machine the EC2 backend
+	// launched joins only with the identity document of the machine
+	// launched for its token, which only that machine can read.
+	EC2IdentityCerts []*x509.Certificate
 	// JoinURL is FM's join endpoint as machines reach it
 	// ("https://fm.example.com:10000/api/join"); the default is derived
 	// from the listener.
@@ -162,6 +168,8 @@ type Server struct {
 	renewals      agentPacer         // paces agents' renewal requests on the bus
 	cmdAfters     agentPacer         // paces agents' catch-ups of their commands
 	agentWork     *agentWorkers      // answers agents' requests
+	diagChunks    diagBudget         // diagnosis chunks relayed per operation (admitStored)
+	diagLookups   agentPacer         // paces admitStored's reads of the buckets per instance
 	revokeMu      sync.Mutex         // one revocation recorded and pushed at a time
 	draining      atomic.Bool        // stopping: /healthz says so (Config.DrainTime)
 	agent         *agentBinary
@@ -250,7 +258,7 @@ func New(cfg Config) (*Server, error) {
 		cfg: cfg, log: log, js: js, commands: commands, commandReader: bus.NewCommandReader(commands), st: st, fold: newFolder(), box: box, agent: agentBin, crash: cfg.Crash, auth: auth,
 		apiByAddr: newAttemptLimiter(limiterAPIByAddr), apiByKey: newAttemptLimiter(limiterAPIByKey), joinByAddr: newAttemptLimiter(limiterJoinByAddr),
 		replica:  newID("srv"),
-		renewals: agentPacer{interval: renewInterval}, cmdAfters: agentPacer{interval: cmdAfterInterval}, agentWork: newAgentWorkers(agentRequestWorkers),
+		renewals: agentPacer{interval: renewInterval}, cmdAfters: agentPacer{interval: cmdAfterInterval}, diagLookups: agentPacer{interval: time.Second}, agentWork: newAgentWorkers(agentRequestWorkers),
 	}
 	for _, l := range s.limiters() {
 		l.share = s.publishFailure
@@ -372,6 +380,15 @@ func (s *Server) Run(ctx context.Context) error {
 		return fmt.Errorf("server: agents' command catch-ups: %w", err)
 	}
 	defer func() { _ = cmdAfters.Unsubscribe() }()
+	// What agents store crosses into FM's account through this relay
+	// (natsauth/relay.go); on a bus without FM's accounts nothing comes
+	// to it.
+	relay, err := natsauth.StartRelay(s.cfg.Conn, s.admitStored)
+	if err != nil {
+		stopFolding()
+		return fmt.Errorf("server: the relay of what agents store: %w", err)
+	}
+	defer relay.Stop()
 	if s.cfg.Authority != nil {
 		renewals, err := s.serveRenewals()
 		if err != nil {

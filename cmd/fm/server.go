@@ -55,6 +55,8 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	authorityDir := fs.String("nats-authority", "", "folder of FM's NATS operator and account keys (default DATA/nats-auth with the embedded NATS; "+
 		"with --nats-url, the folder whose keys the cluster trusts: see fm nats-config)")
 	natsCA := fs.String("nats-ca", "", "CA file to verify an external NATS's TLS certificate with")
+	identityCerts := fs.String("ec2-identity-certs", "", "AWS's RSA certificates for EC2 instance identity documents (PEM, one per region, from AWS's documentation): "+
+		"a machine the EC2 backend launched then joins only from that machine (docs/security.md)")
 	trusted := fs.String("trusted-proxies", "", "load balancers (addresses or CIDR networks, comma-separated) whose X-Forwarded-For names the client")
 	startTimeout := fs.Duration("start-timeout", 2*time.Minute, "how long to wait at start for the bus to take FM's streams and buckets (a cluster just formed elects its leaders first)")
 	drain := fs.Duration("drain", 0, "on stop, keep serving this long while /healthz answers 503, so that a load balancer stops sending calls first (e.g. 10s)")
@@ -74,6 +76,12 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err := af.check(); err != nil {
 		return err
 	}
+	var ec2Certs []*x509.Certificate
+	if *identityCerts != "" {
+		if ec2Certs, err = server.LoadEC2IdentityCerts(*identityCerts); err != nil {
+			return usageError{Err: fmt.Errorf("--ec2-identity-certs: %w", err)}
+		}
+	}
 	proxies, err := parsePrefixes(*trusted)
 	if err != nil {
 		return usageError{Err: fmt.Errorf("--trusted-proxies: %w", err)}
@@ -87,6 +95,9 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	log, err := startup.NewLogger(*logFormat, *logLevel, stderr)
 	if err != nil {
 		return err
+	}
+	for _, c := range ec2Certs {
+		log.Info().Str("subject", c.Subject.String()).Time("expires", c.NotAfter).Msg("EC2 machines join with an identity document this certificate verifies")
 	}
 	if *pprofAddr != "" {
 		stop, err := servePprof(*pprofAddr, log)
@@ -165,7 +176,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		Network:   server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
 		Authority: sec.authority, SystemConn: b.sys, JoinURL: joinURL, TLS: sec.tls, CAPEM: sec.caPEM,
 		AgentBinary: *agentBinary, MetricsAddr: mf.addr, MetricsPublic: mf.public, DrainTime: *drain, StartTimeout: *startTimeout,
-		TrustedProxies: proxies, ACME: acmeConf,
+		TrustedProxies: proxies, ACME: acmeConf, EC2IdentityCerts: ec2Certs,
 	})
 	if err != nil {
 		return err

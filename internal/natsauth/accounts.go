@@ -58,7 +58,7 @@ func (a *Authority) fmAccountJWT(map[string]int64) (string, error) {
 	ac.SigningKeys.Add(a.signingPub)
 	ac.Limits.JetStreamLimits = jwt.JetStreamLimits{MemoryStorage: -1, DiskStorage: -1, Streams: -1, Consumer: -1}
 	for _, e := range exports {
-		ac.Exports.Add(&jwt.Export{Name: e.subject, Subject: jwt.Subject(e.subject), Type: e.kind, ResponseType: e.response})
+		ac.Exports.Add(&jwt.Export{Name: e.inFM(), Subject: jwt.Subject(e.inFM()), Type: e.kind, ResponseType: e.response})
 	}
 	// No revocations: agents are users of the agents' account, and those of
 	// this account from before it are signed by a signing key it no longer
@@ -92,9 +92,11 @@ func (a *Authority) readersAccountJWT(map[string]int64) (string, error) {
 func (a *Authority) importAll(ac *jwt.AccountClaims, imports []export) {
 	ac.Mappings = jwt.Mapping{jwt.Subject(jsAPI + ">"): {{Subject: jwt.Subject(outside + ">"), Weight: 100}}}
 	for _, i := range imports {
-		imp := &jwt.Import{Name: i.subject, Subject: jwt.Subject(i.subject), Account: a.accountPub, Type: i.kind}
+		imp := &jwt.Import{Name: i.subject, Subject: jwt.Subject(i.inFM()), Account: a.accountPub, Type: i.kind}
 		if rest, ok := strings.CutPrefix(i.subject, jsAPI); ok {
 			imp.LocalSubject = jwt.RenamingSubject(protocol.OutsideJSAPIPrefix + "." + rest)
+		} else if i.relayed {
+			imp.LocalSubject = jwt.RenamingSubject(i.subject)
 		}
 		ac.Imports.Add(imp)
 	}
@@ -112,11 +114,27 @@ type export struct {
 	subject  string
 	kind     jwt.ExportType
 	response jwt.ResponseType
+	// relayed: the request reaches the FM account under relayPrefix, where
+	// the relay (relay.go) stores it.
+	relayed bool
 }
 
-func service(subject string) export { return export{subject, jwt.Service, jwt.ResponseTypeSingleton} }
+// inFM is the export's subject in the FM account.
+func (e export) inFM() string {
+	if e.relayed {
+		return RelaySubject(e.subject)
+	}
+	return e.subject
+}
 
-func stream(subject string) export { return export{subject, jwt.Stream, ""} }
+func service(subject string) export {
+	return export{subject, jwt.Service, jwt.ResponseTypeSingleton, false}
+}
+
+func stream(subject string) export { return export{subject, jwt.Stream, "", false} }
+
+// relayed is a service that the relay takes in the FM account.
+func relayed(subject string) export { e := service(subject); e.relayed = true; return e }
 
 const (
 	jsAPI         = "$JS.API."
@@ -127,10 +145,12 @@ const (
 
 // Building blocks of the exports and imports below.
 var (
-	// agentsPublish are the subjects agents publish on, their requests.
+	// agentsPublish are the subjects agents publish on, their requests:
+	// what goes into a stream through the relay, the rest to the server's
+	// subscriptions.
 	agentsPublish = []export{
-		service("fm.evt.>"), service("fm.log.>"), service("fm.diag.>"), service("fm.hb.>"), service("fm.renew.>"), service("fm.cmdafter.>"),
-		service(protocol.KVSubject(protocol.BucketAgents, ">")),
+		relayed("fm.evt.>"), relayed("fm.log.>"), relayed("fm.diag.>"), relayed(protocol.KVSubject(protocol.BucketAgents, ">")),
+		service("fm.hb.>"), service("fm.renew.>"), service("fm.cmdafter.>"),
 	}
 	// looking are the JetStream requests that change nothing and make no
 	// consumer.

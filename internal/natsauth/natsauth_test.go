@@ -34,6 +34,8 @@ type rig struct {
 	auth *natsauth.Authority
 	emb  *embedded.Server
 	dir  string
+	// admit is the relay's admission (nil: everything).
+	admit func(ctx context.Context, subject string, size int) bool
 }
 
 func start(t *testing.T) *rig {
@@ -53,7 +55,19 @@ func start(t *testing.T) *rig {
 	if err := bus.DefaultTopology().Declare(ctx, js); err != nil {
 		t.Fatal(err)
 	}
+	r.relay()
 	return r
+}
+
+// relay runs the relay of what agents store, as FM's server does, on a
+// connection of the FM account.
+func (r *rig) relay() {
+	r.t.Helper()
+	relay, err := natsauth.StartRelay(r.connect("fm-server-relay", jwt.Permissions{}, "", nil), r.admit)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	r.t.Cleanup(relay.Stop)
 }
 
 func (r *rig) startServer() {
@@ -338,12 +352,16 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 		rollup := nats.NewMsg(protocol.KVSubject(protocol.BucketAgents, "in-a"))
 		rollup.Header.Set("Nats-Rollup", "all")
 		rollup.Data = []byte("wipe")
-		if _, err := js.PublishMsg(ctx, rollup); err == nil {
-			t.Fatal("a roll-up of fm_agents was taken")
+		// The relay drops the header: what is stored is a plain status.
+		if _, err := js.PublishMsg(ctx, rollup); err != nil {
+			t.Fatalf("its own status, with a roll-up header: %v", err)
 		}
 		kv, _ := ajs.KeyValue(ctx, protocol.BucketAgents)
 		if e, err := kv.Get(ctx, "in-b"); err != nil || string(e.Value()) != "b's status" {
 			t.Fatalf("another instance's status after the roll-up: %v", err)
+		}
+		if e, err := kv.Get(ctx, "in-a"); err != nil || string(e.Value()) != "wipe" || e.Operation() != jetstream.KeyValuePut {
+			t.Fatalf("its own status after the roll-up: %v", err)
 		}
 	})
 
@@ -603,6 +621,7 @@ func TestAnAuthorityFromBeforeTheAgentsAccount(t *testing.T) {
 	if err := bus.DefaultTopology().Declare(ctx, ajs); err != nil {
 		t.Fatal(err)
 	}
+	r.relay()
 	js, _ := jetstream.New(r.connectAgent("in-u", nil))
 	if _, err := js.Publish(ctx, protocol.EventSubject("in-u", protocol.EventStep), []byte("e")); err != nil {
 		t.Fatalf("an agent after the upgrade: %v", err)
@@ -681,5 +700,67 @@ func TestAnAgentSendsNothingLargerThanItsLimit(t *testing.T) {
 	}
 	if err := nc.Publish(protocol.EventSubject("in-l", protocol.EventStep), bytes.Repeat([]byte("x"), 2<<20)); !errors.Is(err, nats.ErrMaxPayload) {
 		t.Fatalf("a 2 MiB message from an agent: %v", err)
+	}
+}
+
+// TestTheRelayStoresAnAgentsMessagesWithItsOwnIDOnly: what an agent stores
+// crosses into FM's account through the relay, which keeps no header but
+// the message id, made the agent's own. A Nats-Expected-Last-Msg-Id that
+// does not match, which stalls a stream of three replicas for good (and is
+// refused on a single node), is dropped: the event is stored.
+func TestTheRelayStoresAnAgentsMessagesWithItsOwnIDOnly(t *testing.T) {
+	r := start(t)
+	admin := r.connect("fm-server", jwt.Permissions{}, "", nil)
+	ajs, _ := jetstream.New(admin)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	events, err := ajs.Stream(ctx, protocol.StreamEvents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := jetstream.New(r.connectAgent("in-a", nil))
+	b, _ := jetstream.New(r.connectAgent("in-b", nil))
+	event := func(instance, id string) *nats.Msg {
+		m := nats.NewMsg(protocol.EventSubject(instance, protocol.EventStep))
+		m.Data = []byte(`{"v":1}`)
+		m.Header.Set(jetstream.MsgIDHeader, id)
+		m.Header.Set("Nats-Expected-Last-Msg-Id", "not-the-last")
+		m.Header.Set("Nats-Expected-Stream", protocol.StreamEvents)
+		m.Header.Set("X-Anything", "else")
+		return m
+	}
+	ack, err := a.PublishMsg(ctx, event("in-a", "e-1"))
+	if err != nil {
+		t.Fatalf("an event with headers FM does not use: %v", err)
+	}
+	stored, err := events.GetMsg(ctx, ack.Sequence)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(stored.Header) != 1 || stored.Header.Get(jetstream.MsgIDHeader) != "agent.in-a.e-1" {
+		t.Fatalf("stored with the headers %v, want only Nats-Msg-Id agent.in-a.e-1", stored.Header)
+	}
+	if again, err := a.PublishMsg(ctx, event("in-a", "e-1")); err != nil || !again.Duplicate || again.Sequence != ack.Sequence {
+		t.Fatalf("the same event again: %+v, %v; want the first's duplicate", again, err)
+	}
+	// Another agent's id, or FM's, is not the same id.
+	if other, err := b.PublishMsg(ctx, event("in-b", "e-1")); err != nil || other.Duplicate {
+		t.Fatalf("another agent's event with the same id: %+v, %v", other, err)
+	}
+	if _, err := ajs.Publish(ctx, protocol.EventSubject("in-a", protocol.EventMachine), []byte(`{"v":1}`), jetstream.WithMsgID("p-1")); err != nil {
+		t.Fatal(err)
+	}
+	if own, err := a.PublishMsg(ctx, event("in-a", "p-1")); err != nil || own.Duplicate {
+		t.Fatalf("an agent's event with the id of one of FM's: %+v, %v", own, err)
+	}
+	// An id longer than any agent's is not stored.
+	before, _ := events.Info(ctx)
+	short, cancelShort := context.WithTimeout(ctx, 2*time.Second)
+	defer cancelShort()
+	if _, err := a.PublishMsg(short, event("in-a", strings.Repeat("x", 201))); err == nil {
+		t.Fatal("an event with a 201-character id was stored")
+	}
+	if after, _ := events.Info(ctx); after.State.LastSeq != before.State.LastSeq {
+		t.Fatalf("the stream went from %d to %d", before.State.LastSeq, after.State.LastSeq)
 	}
 }

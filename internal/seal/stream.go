@@ -203,3 +203,16 @@ func (s *streamReader) Read(p []byte) (int, error) {
 	s.out = s.out[k:]
 	return k, nil
 }
+
+// StreamPlainSize is the size of what a sealed stream of sealed bytes
+// opens to (-1 if no stream has that size): a listing can say it without
+// opening the stream.
+func StreamPlainSize(sealed int64) int64 {
+	const head, sealedChunk = int64(len(streamMagic) + streamSaltSize), int64(streamChunkSize + 16) // AES-GCM's tag
+	body := sealed - head
+	if body < 16 {
+		return -1
+	}
+	chunks := (body + sealedChunk - 1) / sealedChunk
+	return body - 16*chunks
+}

@@ -50,6 +50,12 @@ func TestStreamRoundTrip(t *testing.T) {
 		if err != nil || !bytes.Equal(got, plain) {
 			t.Fatalf("%d bytes: opened %d bytes, %v", size, len(got), err)
 		}
+		if got := StreamPlainSize(int64(len(sealed))); got != int64(size) {
+			t.Fatalf("%d bytes sealed in %d: StreamPlainSize says %d", size, len(sealed), got)
+		}
+	}
+	if got := StreamPlainSize(10); got != -1 {
+		t.Fatalf("StreamPlainSize of 10 bytes: %d", got)
 	}
 }
 

@@ -77,7 +77,7 @@ func New(cfg Config) (*Backend, error) {
 }
 
 // Name implements provisioner.Backend.
-func (b *Backend) Name() string { return "ec2" }
+func (b *Backend) Name() string { return protocol.BackendEC2 }
 
 // FM's tags on what it makes.
 const (

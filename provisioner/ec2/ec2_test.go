@@ -256,7 +256,7 @@ func TestMachineLifecycleOnMoto(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, want := range []string{`"join-token-1"`, `"tls://fm.example.com:4222"`, `"machineRequest": "rq-1"`, `"dataDir": "/data"`} {
+		for _, want := range []string{`"join-token-1"`, `"tls://fm.example.com:4222"`, `"machineRequest": "rq-1"`, `"dataDir": "/data"`, `"imdsUrl": "http://169.254.169.254"`} {
 			if !strings.Contains(string(cfg), want) {
 				t.Errorf("agent config lacks %s:\n%s", want, cfg)
 			}

@@ -55,6 +55,10 @@ func describeInstance(ctx context.Context, c clients, id string) (*types.Instanc
 	return nil, nil
 }
 
+// imdsURL is the instance metadata service, where the agent reads the
+// identity document it joins with.
+const imdsURL = "http://169.254.169.254"
+
 // runInstance launches the machine: the request's id is its client token
 // and its tag, so that a provisioner that dies after this call finds it
 // (findMachines) instead of making another.
@@ -66,7 +70,7 @@ func (b *Backend) runInstance(ctx context.Context, c clients, req provisioner.Re
 	}
 	cfg, err := json.MarshalIndent(agent.Config{
 		Instance: req.Instance, MachineRequest: req.ID, NATSURL: b.cfg.AgentNATSURL, Join: spec.Join,
-		RootDir: "/", DataDir: "/data", PackageManager: "auto", Hostnames: hostnames,
+		RootDir: "/", DataDir: "/data", PackageManager: "auto", Hostnames: hostnames, IMDSURL: imdsURL,
 	}, "", "  ")
 	if err != nil {
 		return nil, err
