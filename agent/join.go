@@ -168,10 +168,11 @@ func (a *Agent) postJoin(ctx context.Context, client *http.Client, kp nkeys.KeyP
 	jr := protocol.JoinRequest{Instance: a.cfg.Instance, Token: a.cfg.Join.Token, PublicKey: pub,
 		Signature: base64.RawURLEncoding.EncodeToString(sig)}
 	if a.cfg.IMDSURL != "" {
-		// Not reaching the metadata service is retried like not reaching
-		// FM: it answers within the machine's first seconds.
+		// Sent when it can be read: an FM that requires it answers 503 to
+		// a join without it, and the agent asks again; one that does not
+		// require it joins the machine anyway.
 		if jr.EC2Identity, err = ec2Identity(ctx, a.cfg.IMDSURL); err != nil {
-			return out, err
+			a.log.Warn().Err(err).Msg("joining without the EC2 instance identity document")
 		}
 	}
 	body, _ := json.Marshal(jr)
@@ -313,7 +314,7 @@ func (a *Agent) openParams(cmd *protocol.Command) *protocol.Error {
 // token (IMDSv2, which machines launched with restricted metadata access
 // require).
 func ec2Identity(ctx context.Context, base string) (*protocol.EC2Identity, error) {
-	client := &http.Client{Timeout: 5 * time.Second}
+	client := &http.Client{Timeout: 2 * time.Second}
 	ask := func(method, path string, header http.Header) (string, error) {
 		req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(base, "/")+path, nil)
 		if err != nil {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/internal/crashpoint"
+	"github.com/fleetmanager/fm/internal/imdstest"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/jwt/v2"
@@ -27,6 +28,10 @@ type fakeJoin struct {
 	account   nkeys.KeyPair
 	key       string
 	dropFirst bool
+
+	// requireIdentity answers 503 to a join without the EC2 instance
+	// identity document, as an FM given AWS's certificates does.
+	requireIdentity bool
 
 	mu         sync.Mutex
 	bound      string
@@ -51,6 +56,11 @@ func (f *fakeJoin) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.mu.Lock()
 	f.asked = append(f.asked, req.PublicKey)
 	f.identities = append(f.identities, req.EC2Identity)
+	if f.requireIdentity && req.EC2Identity == nil {
+		f.mu.Unlock()
+		w.WriteHeader(http.StatusServiceUnavailable)
+		return
+	}
 	first := len(f.asked) == 1
 	if f.bound == "" {
 		f.bound = req.PublicKey
@@ -157,60 +167,17 @@ func TestJoinIsRetriedWithTheSameKey(t *testing.T) {
 	}
 }
 
-// fakeIMDS is the EC2 instance metadata service as IMDSv2 serves the
-// instance identity: a session token first (PUT), then the document and
-// its signature, each asked with the token. failFirst answers the first
-// token request 503, as a service not up yet.
-type fakeIMDS struct {
-	failFirst bool
-
-	mu    sync.Mutex
-	calls int
-}
-
-const (
-	imdsToken     = "imds-session-token"
-	imdsDocument  = `{"instanceId":"i-0abc","region":"eu-west-1"}`
-	imdsSignature = "c2lnbmVk\nYnkgQVdT"
-)
-
-func (f *fakeIMDS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	f.mu.Lock()
-	f.calls++
-	first := f.calls == 1
-	f.mu.Unlock()
-	switch {
-	case r.Method == http.MethodPut && r.URL.Path == "/latest/api/token":
-		if first && f.failFirst {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			return
-		}
-		if r.Header.Get("X-Aws-Ec2-Metadata-Token-Ttl-Seconds") == "" {
-			w.WriteHeader(http.StatusBadRequest)
-			return
-		}
-		_, _ = w.Write([]byte(imdsToken))
-	case r.Header.Get("X-Aws-Ec2-Metadata-Token") != imdsToken:
-		w.WriteHeader(http.StatusUnauthorized)
-	case r.Method == http.MethodGet && r.URL.Path == "/latest/dynamic/instance-identity/document":
-		_, _ = w.Write([]byte(imdsDocument))
-	case r.Method == http.MethodGet && r.URL.Path == "/latest/dynamic/instance-identity/signature":
-		_, _ = w.Write([]byte(imdsSignature + "\n"))
-	default:
-		w.WriteHeader(http.StatusNotFound)
-	}
-}
-
 // TestAnAgentOnEC2JoinsWithItsIdentity: an agent whose configuration names
 // the instance metadata service sends its instance identity document and
-// signature with its join, read with an IMDSv2 session token; a metadata
-// service not answering yet is asked again, like FM.
+// signature with its join, read with an IMDSv2 session token. A metadata
+// service not answering yet does not hold the join up: the agent asks
+// without the document, and again when FM (which requires it) answers 503.
 func TestAnAgentOnEC2JoinsWithItsIdentity(t *testing.T) {
 	join := newFakeJoin(t)
+	join.requireIdentity = true
 	ts := httptest.NewServer(join)
 	t.Cleanup(ts.Close)
-	imds := httptest.NewServer(&fakeIMDS{failFirst: true})
-	t.Cleanup(imds.Close)
+	imds := imdstest.Serve(t, imdstest.NewSigner(t).Proof(t, "i-0abc"), 1)
 	r := newRig(t)
 	r.cfg.Join = &protocol.JoinSpec{URL: ts.URL + "/api/join", Token: "jt-test.secret"}
 	r.cfg.IMDSURL = imds.URL
@@ -218,10 +185,10 @@ func TestAnAgentOnEC2JoinsWithItsIdentity(t *testing.T) {
 	r.waitReady(r.desire("14.0.0").Generation)
 	join.mu.Lock()
 	defer join.mu.Unlock()
-	if len(join.identities) != 1 {
-		t.Fatalf("%d joins, want 1 (the metadata service's failure retried before asking FM)", len(join.identities))
+	if n := len(join.identities); n != 2 || join.identities[0] != nil {
+		t.Fatalf("%d joins, the first with %v: want one without the document (the service failing), then one with it", n, join.identities[0])
 	}
-	if id := join.identities[0]; id == nil || id.Document != imdsDocument || id.Signature != imdsSignature {
+	if id := join.identities[1]; id == nil || id.Document != imds.Proof.Document || id.Signature != imds.Proof.Signature {
 		t.Fatalf("the join's identity: %+v", id)
 	}
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/fleetmanager/fm/deploy/cloudinit"
 	"github.com/fleetmanager/fm/deploy/standin/kit"
 	"github.com/fleetmanager/fm/internal/cmdline"
+	"github.com/fleetmanager/fm/internal/imdstest"
 	"github.com/fleetmanager/fm/provisioner/ec2/mototest"
 )
 
@@ -38,7 +39,14 @@ func TestEC2MachineJoinsFM(t *testing.T) {
 	tmp := t.TempDir()
 	data := filepath.Join(tmp, "fm")
 	addr, natsAddr := FreePort(t), FreePort(t)
-	server := Start(t, bin, nil, "server", "--data", data, "--listen", addr, "--nats-listen", natsAddr)
+	// AWS's key, which signs machines' identity documents: FM joins the
+	// machine only with the document of the one launched for its token.
+	awsKey := imdstest.NewSigner(t)
+	certs := filepath.Join(tmp, "aws-identity.pem")
+	if err := os.WriteFile(certs, awsKey.CertPEM(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	server := Start(t, bin, nil, "server", "--data", data, "--listen", addr, "--nats-listen", natsAddr, "--ec2-identity-certs", certs)
 	server.WaitStdout("REST API https://"+addr, 60*time.Second)
 	ca := filepath.Join(data, "tls", "ca.pem")
 	env := []string{"FM_URL=https://" + addr, "FM_KEY_FILE=" + filepath.Join(data, "admin-key.json"), "FM_CA_FILE=" + ca}
@@ -140,6 +148,11 @@ func TestEC2MachineJoinsFM(t *testing.T) {
 		t.Fatal(err)
 	}
 	fields["dssUser"] = me.Username
+	// The machine's metadata service, with its identity document.
+	if fields["imdsUrl"] != "http://169.254.169.254" {
+		t.Fatalf("the agent's config names the metadata service %v", fields["imdsUrl"])
+	}
+	fields["imdsUrl"] = imdstest.Serve(t, awsKey.Proof(t, aws.ToString(vm.InstanceId)), 0).URL
 	if agentCfg, err = json.Marshal(fields); err != nil {
 		t.Fatal(err)
 	}

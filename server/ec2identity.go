@@ -62,12 +62,18 @@ type ec2IdentityDocument struct {
 // its agent may ask first); the agent asks again.
 var errMachineNotRecorded = errors.New("the machine is not recorded yet")
 
+// errNoIdentity: a join for a machine the EC2 backend launched came
+// without its identity document, which its agent could not read (yet): it
+// asks again, and the attempt counts as refused (whoever has only the
+// token gets no further).
+var errNoIdentity = errors.New("no EC2 instance identity document")
+
 // ec2IdentityRefusal checks, when FM has AWS's certificates, that a join
 // comes from the EC2 machine its token was made for: the request's
 // instance identity document is signed by AWS and names the machine the
 // provisioner launched for the token's provision request. It returns why
-// the join is refused ("" if it may go on), or errMachineNotRecorded. A
-// machine of another backend needs no document.
+// the join is refused ("" if it may go on), or errMachineNotRecorded or
+// errNoIdentity. A machine of another backend needs no document.
 func (s *Server) ec2IdentityRefusal(ctx context.Context, rec joinRecord, proof *protocol.EC2Identity) (string, error) {
 	if len(s.cfg.EC2IdentityCerts) == 0 {
 		return "", nil
@@ -85,7 +91,7 @@ func (s *Server) ec2IdentityRefusal(ctx context.Context, rec joinRecord, proof *
 	case m.Backend != protocol.BackendEC2:
 		return "", nil
 	case proof == nil:
-		return "no EC2 instance identity document (an agent too old, or not on the machine launched for the token)", nil
+		return "", errNoIdentity
 	}
 	sig, err := base64.StdEncoding.DecodeString(strings.Join(strings.Fields(proof.Signature), ""))
 	if err != nil {

@@ -1,14 +1,10 @@
 package server_test
 
 import (
-	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/rsa"
-	"crypto/sha256"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
 	"math/big"
@@ -18,56 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/imdstest"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/server"
 	"github.com/fleetmanager/fm/server/servertest"
 	"github.com/nats-io/nkeys"
 )
-
-// identitySigner stands for AWS's key of a region: it signs instance
-// identity documents as the instance metadata service serves them.
-type identitySigner struct {
-	key  *rsa.PrivateKey
-	cert *x509.Certificate
-}
-
-func newIdentitySigner(t *testing.T) identitySigner {
-	t.Helper()
-	key, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{Organization: []string{"Amazon Web Services LLC (test)"}},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return identitySigner{key, cert}
-}
-
-// proof is the identity of EC2 machine id as its metadata service gives it:
-// the document, and its signature in base64 cut in lines.
-func (s identitySigner) proof(t *testing.T, id string) *protocol.EC2Identity {
-	t.Helper()
-	doc, _ := json.MarshalIndent(map[string]any{"instanceId": id, "region": "eu-west-1", "accountId": "123456789012",
-		"pendingTime": time.Now().UTC().Format(time.RFC3339), "instanceType": "m5.2xlarge"}, "", "  ")
-	sum := sha256.Sum256(doc)
-	sig, err := rsa.SignPKCS1v15(rand.Reader, s.key, crypto.SHA256, sum[:])
-	if err != nil {
-		t.Fatal(err)
-	}
-	b64 := base64.StdEncoding.EncodeToString(sig)
-	var lines []string
-	for len(b64) > 64 {
-		lines, b64 = append(lines, b64[:64]), b64[64:]
-	}
-	return &protocol.EC2Identity{Document: string(doc), Signature: strings.Join(append(lines, b64), "\n")}
-}
 
 // TestAnEC2MachineJoinsOnlyWithItsIdentity: given AWS's certificates, FM
 // joins a machine the EC2 backend launched only with the identity document
@@ -76,9 +28,9 @@ func (s identitySigner) proof(t *testing.T, id string) *protocol.EC2Identity {
 // refused join does not bind the token, so the machine still joins after.
 // A machine of another backend needs no document.
 func TestAnEC2MachineJoinsOnlyWithItsIdentity(t *testing.T) {
-	aws, notAWS := newIdentitySigner(t), newIdentitySigner(t)
+	aws, notAWS := imdstest.NewSigner(t), imdstest.NewSigner(t)
 	f := startWithAuthority(t, time.Hour, servertest.WithConfig(func(c *server.Config) {
-		c.EC2IdentityCerts = []*x509.Certificate{notAWSCertOtherRegion(t), aws.cert}
+		c.EC2IdentityCerts = []*x509.Certificate{notAWSCertOtherRegion(t), aws.Cert}
 	}))
 	vn, tpl, _ := f.fleet()
 	im := f.addImageWithKit("dss-ec2-join", "14.0.0")
@@ -99,33 +51,35 @@ func TestAnEC2MachineJoinsOnlyWithItsIdentity(t *testing.T) {
 	// The agent asks before the provisioner recorded what it launched, or
 	// while the state under way still names the machine it replaces:
 	// asked again.
-	f.failed(f.joinRaw(join(machine, aws.proof(t, "i-0aaa"))), 503, string(protocol.CodeUnavailable))
+	f.failed(f.joinRaw(join(machine, aws.Proof(t, "i-0aaa"))), 503, string(protocol.CodeUnavailable))
 	putMachine(t, js, protocol.MachineState{Instance: onEC2, Backend: "ec2", Status: protocol.MachineProvisioning, Before: protocol.MachineRunning,
 		MachineID: "i-0old", VolumeID: "vol-1", VolumeSizeGB: 50, RequestID: req.ID})
-	f.failed(f.joinRaw(join(machine, aws.proof(t, "i-0aaa"))), 503, string(protocol.CodeUnavailable))
+	f.failed(f.joinRaw(join(machine, aws.Proof(t, "i-0aaa"))), 503, string(protocol.CodeUnavailable))
 	putMachine(t, js, protocol.MachineState{Instance: onEC2, Backend: "ec2", Status: protocol.MachineRunning, MachineID: "i-0aaa",
 		VolumeID: "vol-1", VolumeSizeGB: 50, RequestID: req.ID})
 
 	thief := machineKey(t)
-	forged := aws.proof(t, "i-0aaa")
+	forged := aws.Proof(t, "i-0aaa")
 	forged.Document = strings.Replace(forged.Document, "m5.2xlarge", "m5.4xlarge", 1)
+	// No document: the agent could not read it (yet); asked again, and
+	// counted as a refused attempt.
+	f.failed(f.joinRaw(join(thief, nil)), 503, string(protocol.CodeUnavailable))
 	for name, proof := range map[string]*protocol.EC2Identity{
-		"none":                  nil,
-		"not signed by AWS":     notAWS.proof(t, "i-0aaa"),
-		"another machine's":     aws.proof(t, "i-0bbb"),
+		"not signed by AWS":     notAWS.Proof(t, "i-0aaa"),
+		"another machine's":     aws.Proof(t, "i-0bbb"),
 		"changed after signing": forged,
-		"not base64":            {Document: aws.proof(t, "i-0aaa").Document, Signature: "%%%"},
+		"not base64":            {Document: aws.Proof(t, "i-0aaa").Document, Signature: "%%%"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			f.failed(f.joinRaw(join(thief, proof)), 401, string(protocol.CodeUnauthenticated))
 		})
 	}
 	var resp protocol.JoinResponse
-	f.ok(f.joinRaw(join(machine, aws.proof(t, "i-0aaa"))), &resp)
+	f.ok(f.joinRaw(join(machine, aws.Proof(t, "i-0aaa"))), &resp)
 	if resp.JWT == "" {
 		t.Fatal("the machine launched for the token got no credentials")
 	}
-	f.failed(f.joinRaw(join(thief, aws.proof(t, "i-0aaa"))), 401, string(protocol.CodeUnauthenticated))
+	f.failed(f.joinRaw(join(thief, aws.Proof(t, "i-0aaa"))), 401, string(protocol.CodeUnauthenticated))
 
 	// A local machine joins with its token alone.
 	lreq := f.provisionRequest(local)
@@ -136,7 +90,7 @@ func TestAnEC2MachineJoinsOnlyWithItsIdentity(t *testing.T) {
 
 // notAWSCertOtherRegion is a certificate of another region's: FM tries
 // each it was given.
-func notAWSCertOtherRegion(t *testing.T) *x509.Certificate { return newIdentitySigner(t).cert }
+func notAWSCertOtherRegion(t *testing.T) *x509.Certificate { return imdstest.NewSigner(t).Cert }
 
 func TestLoadEC2IdentityCerts(t *testing.T) {
 	dir := t.TempDir()
@@ -147,17 +101,17 @@ func TestLoadEC2IdentityCerts(t *testing.T) {
 		}
 		return p
 	}
-	a, b := newIdentitySigner(t), newIdentitySigner(t)
+	a, b := imdstest.NewSigner(t), imdstest.NewSigner(t)
 	pemOf := func(c *x509.Certificate) string {
 		return "-----BEGIN CERTIFICATE-----\n" + base64.StdEncoding.EncodeToString(c.Raw) + "\n-----END CERTIFICATE-----\n"
 	}
-	certs, err := server.LoadEC2IdentityCerts(write("two.pem", "eu-west-1:\n"+pemOf(a.cert)+"us-east-1:\n"+pemOf(b.cert)))
+	certs, err := server.LoadEC2IdentityCerts(write("two.pem", "eu-west-1:\n"+string(a.CertPEM())+"us-east-1:\n"+string(b.CertPEM())))
 	if err != nil || len(certs) != 2 {
 		t.Fatalf("two certificates: %d, %v", len(certs), err)
 	}
 	for name, content := range map[string]string{"empty.pem": "", "text.pem": "not a certificate",
 		"broken.pem": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-		"ecdsa.pem":  pemOf(a.cert) + pemOf(ecdsaCert(t))} {
+		"ecdsa.pem":  string(a.CertPEM()) + pemOf(ecdsaCert(t))} {
 		if _, err := server.LoadEC2IdentityCerts(write(name, content)); err == nil {
 			t.Errorf("%s was taken", name)
 		}

@@ -144,6 +144,10 @@ func (s *Server) join(r *http.Request) (any, error) {
 			switch {
 			case errors.Is(err, errMachineNotRecorded):
 				return nil, unavailable(err, "the machine this join token was made for is not recorded yet; ask again")
+			case errors.Is(err, errNoIdentity):
+				refused = true
+				s.log.Warn().Str("instance", safeToken(req.Instance)).Str("remote", r.RemoteAddr).Msg("a join without the EC2 instance identity document; the agent asks again")
+				return nil, unavailable(err, "this Fleet Manager joins an EC2 machine with its instance identity document, which the join lacks; ask again once the machine's metadata service answers")
 			case err != nil:
 				return nil, unavailable(err, "the machine this join token was made for could not be read")
 			case reason != "":
