@@ -1,19 +1,15 @@
 package server_test
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"encoding/base64"
 	"encoding/json"
-	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/certtest"
 	"github.com/fleetmanager/fm/internal/imdstest"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/server"
@@ -30,7 +26,8 @@ import (
 func TestAnEC2MachineJoinsOnlyWithItsIdentity(t *testing.T) {
 	aws, notAWS := imdstest.NewSigner(t), imdstest.NewSigner(t)
 	f := startWithAuthority(t, time.Hour, servertest.WithConfig(func(c *server.Config) {
-		c.EC2IdentityCerts = []*x509.Certificate{notAWSCertOtherRegion(t), aws.Cert}
+		// Another region's certificate first: FM tries each it was given.
+		c.EC2IdentityCerts = []*x509.Certificate{imdstest.NewSigner(t).Cert, aws.Cert}
 	}))
 	vn, tpl, _ := f.fleet()
 	im := f.addImageWithKit("dss-ec2-join", "14.0.0")
@@ -88,10 +85,6 @@ func TestAnEC2MachineJoinsOnlyWithItsIdentity(t *testing.T) {
 	f.ok(f.join(local, lreq.Spec.Join.Token), nil)
 }
 
-// notAWSCertOtherRegion is a certificate of another region's: FM tries
-// each it was given.
-func notAWSCertOtherRegion(t *testing.T) *x509.Certificate { return imdstest.NewSigner(t).Cert }
-
 func TestLoadEC2IdentityCerts(t *testing.T) {
 	dir := t.TempDir()
 	write := func(name, content string) string {
@@ -102,16 +95,14 @@ func TestLoadEC2IdentityCerts(t *testing.T) {
 		return p
 	}
 	a, b := imdstest.NewSigner(t), imdstest.NewSigner(t)
-	pemOf := func(c *x509.Certificate) string {
-		return "-----BEGIN CERTIFICATE-----\n" + base64.StdEncoding.EncodeToString(c.Raw) + "\n-----END CERTIFICATE-----\n"
-	}
 	certs, err := server.LoadEC2IdentityCerts(write("two.pem", "eu-west-1:\n"+string(a.CertPEM())+"us-east-1:\n"+string(b.CertPEM())))
 	if err != nil || len(certs) != 2 {
 		t.Fatalf("two certificates: %d, %v", len(certs), err)
 	}
 	for name, content := range map[string]string{"empty.pem": "", "text.pem": "not a certificate",
 		"broken.pem": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-		"ecdsa.pem":  string(a.CertPEM()) + pemOf(ecdsaCert(t))} {
+		// No RSA key, as AWS's DSA certificates (for the PKCS7 signature).
+		"ecdsa.pem": string(a.CertPEM()) + certtest.NewChain(t).CAPEM} {
 		if _, err := server.LoadEC2IdentityCerts(write(name, content)); err == nil {
 			t.Errorf("%s was taken", name)
 		}
@@ -119,24 +110,4 @@ func TestLoadEC2IdentityCerts(t *testing.T) {
 	if _, err := server.LoadEC2IdentityCerts(filepath.Join(dir, "missing.pem")); err == nil {
 		t.Error("a missing file was taken")
 	}
-}
-
-// ecdsaCert is a certificate of no RSA key, as AWS's DSA certificates are
-// for the PKCS7 signature: it verifies no base64-encoded signature.
-func ecdsaCert(t *testing.T) *x509.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
 }
