@@ -102,7 +102,7 @@ func TestLoadEC2IdentityCerts(t *testing.T) {
 	for name, content := range map[string]string{"empty.pem": "", "text.pem": "not a certificate",
 		"broken.pem": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
 		// No RSA key, as AWS's DSA certificates (for the PKCS7 signature).
-		"ecdsa.pem": string(a.CertPEM()) + certtest.NewChain(t).CAPEM} {
+		"ecdsa.pem": string(a.CertPEM()) + certtest.NewChain(t, "example.com").CAPEM} {
 		if _, err := server.LoadEC2IdentityCerts(write(name, content)); err == nil {
 			t.Errorf("%s was taken", name)
 		}
