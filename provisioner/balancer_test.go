@@ -109,7 +109,9 @@ func TestBalancerRequests(t *testing.T) {
 	// A late copy of the first: superseded, the load balancer stays deleted.
 	r.balancerRequest("lb-front0001", protocol.ProvisionBalancerApply, "req-0", 1, "req-0")
 	r.balancerRequest("lb-front0001", protocol.ProvisionBalancerDelete, "req-3", 3, "req-3")
-	r.waitBalancer("lb-front0001", func(st protocol.BalancerState) bool { return st.RequestID == "req-3" })
+	r.waitBalancer("lb-front0001", func(st protocol.BalancerState) bool {
+		return st.RequestID == "req-3" && st.Status == protocol.BalancerDeleted
+	})
 	if got, want := b.callList(), []string{"apply req-1", "apply req-1", "delete req-2", "delete req-3"}; !slices.Equal(got, want) {
 		t.Fatalf("calls %v, want %v (the first apply failed for now once)", got, want)
 	}
@@ -148,7 +150,10 @@ func TestBalancerRecreatedOnce(t *testing.T) {
 	// Delivered again after it ended: not done again.
 	r.publishBalancer("lb-front0003", protocol.ProvisionBalancerApply, "req-2", 2, "req-2-again", true)
 	r.balancerRequest("lb-front0003", protocol.ProvisionBalancerDelete, "req-3", 3, "req-3")
-	r.waitBalancer("lb-front0003", func(st protocol.BalancerState) bool { return st.RequestID == "req-3" })
+	// Not just req-3: its "deleting" record is written before the removal runs.
+	r.waitBalancer("lb-front0003", func(st protocol.BalancerState) bool {
+		return st.RequestID == "req-3" && st.Status == protocol.BalancerDeleted
+	})
 	want := []string{"apply req-1", "delete req-2", "apply req-2", "apply req-2", "apply req-2", "delete req-3"}
 	if got := b.callList(); !slices.Equal(got, want) {
 		t.Fatalf("calls %v, want %v (removed once, applied until it no longer failed for now)", got, want)
