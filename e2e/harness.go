@@ -260,15 +260,34 @@ func sha256Sum(b []byte) []byte {
 	return s[:]
 }
 
-// FreePort returns a loopback address with a port that was free just now.
+// handedOut remembers every port FreePort gave in this test binary: the
+// kernel may give a port it just freed again, and two processes of one test
+// (a cluster's routes) must not be told the same one.
+var handedOut = struct {
+	sync.Mutex
+	ports map[string]bool
+}{ports: map[string]bool{}}
+
+// FreePort returns a loopback address with a port that was free just now and
+// that FreePort has not returned before in this test binary.
 func FreePort(t testing.TB) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	handedOut.Lock()
+	defer handedOut.Unlock()
+	for range 1000 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := l.Addr().String()
+		l.Close()
+		if !handedOut.ports[addr] {
+			handedOut.ports[addr] = true
+			return addr
+		}
 	}
-	defer l.Close()
-	return l.Addr().String()
+	t.Fatal("no loopback port that was not handed out already")
+	return ""
 }
 
 // WaitHTTP polls url until it answers 200, for at most timeout.
