@@ -109,7 +109,7 @@ const (
 	stateDeleted = "deleted"
 )
 
-// lifecycleBusy groups the lifecycles an operation holds (table groupOf).
+// lifecycleBusy groups the lifecycles an operation holds (table groupsOf).
 const lifecycleBusy = "busy"
 
 // instanceStates are the states an instance can be in.

@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
-	"sort"
+	"strings"
 	"strconv"
 	"time"
 
@@ -198,7 +198,13 @@ func derefInt(p *int) int {
 	return *p
 }
 
-// sortedByCreation sorts snapshots oldest first.
+// sortedByCreation sorts snapshots oldest first (by id when taken at the
+// same instant, so that the order does not depend on the table's).
 func sortedByCreation(list []api.Snapshot) {
-	sort.Slice(list, func(i, j int) bool { return list[i].CreatedAt.Before(list[j].CreatedAt) })
+	slices.SortFunc(list, func(a, b api.Snapshot) int {
+		if c := a.CreatedAt.Compare(b.CreatedAt); c != 0 {
+			return c
+		}
+		return strings.Compare(a.ID, b.ID)
+	})
 }

@@ -118,8 +118,18 @@ func (s *Server) listInstanceSnapshots(r *http.Request) (any, error) {
 	return list, nil
 }
 
+// The groups of the snapshots table (groupsOf): by instance and by state.
+const (
+	snapshotsOfInstance = "instance:"
+	snapshotsInState    = "state:"
+)
+
 func (s *Server) snapshotsOf(instance string) []api.Snapshot {
-	list := s.st.snapshots.filter(func(sn api.Snapshot) bool { return sn.InstanceID == instance })
+	rows := s.st.snapshots.rowsOf(snapshotsOfInstance + instance)
+	list := make([]api.Snapshot, 0, len(rows))
+	for _, r := range rows {
+		list = append(list, r.val)
+	}
 	sortedByCreation(list)
 	return list
 }
@@ -301,9 +311,9 @@ func (s *Server) foldSnapshot(ctx context.Context, e protocol.Event) error {
 // a report (it timed out, was aborted, or expired from fm_ops): a snapshot
 // being taken is failed, one being deleted goes back to its state.
 func (s *Server) settleSnapshots(ctx context.Context) {
-	for _, sn := range s.st.snapshots.filter(func(sn api.Snapshot) bool {
-		return sn.State == api.SnapshotCreating || sn.State == api.SnapshotDeleting
-	}) {
+	busy := append(s.st.snapshots.rowsOf(snapshotsInState+api.SnapshotCreating), s.st.snapshots.rowsOf(snapshotsInState+api.SnapshotDeleting)...)
+	for _, row := range busy {
+		sn := row.val
 		// From the bucket: the copy may not have the operation yet.
 		op, _, err := s.st.ops.fetch(ctx, sn.FutureID)
 		found := err == nil

@@ -108,15 +108,21 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 	}
 	// A join withdraws the other tokens of its instance: found by instance,
 	// not among every token of the fleet.
-	st.joins.groupOf = func(r joinRecord) string { return r.Instance }
+	st.joins.groupsOf = func(r joinRecord) []string { return []string{r.Instance} }
 	// The sweep looks at running operations every 2 s: found by state, not
 	// among every operation of the last week.
-	st.ops.groupOf = func(op opRecord) string { return op.State }
-	st.lifecycle.groupOf = func(lc lifecycle) string {
+	st.ops.groupsOf = func(op opRecord) []string { return []string{op.State} }
+	// The snapshot scheduler looks at each instance's snapshots every tick,
+	// and the sweep at the snapshots being taken or deleted every 2 s: found
+	// by instance and by state, not among every snapshot of the fleet.
+	st.snapshots.groupsOf = func(sn api.Snapshot) []string {
+		return []string{snapshotsOfInstance + sn.InstanceID, snapshotsInState + sn.State}
+	}
+	st.lifecycle.groupsOf = func(lc lifecycle) []string {
 		if lc.OpID != "" {
-			return lifecycleBusy
+			return []string{lifecycleBusy}
 		}
-		return lc.State
+		return []string{lc.State}
 	}
 	// Secrets FM keeps are sealed at rest with the server's key.
 	sealFields(st.accounts.table, box, func(a *api.CloudAccount) map[string]*string {

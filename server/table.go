@@ -52,10 +52,10 @@ type table[T any] struct {
 	// onChange, if set before run, is called with the key of every change
 	// applied after the initial load (outside the lock).
 	onChange func(key string)
-	// groupOf, if set before run, groups the values (join tokens by
+	// groupsOf, if set before run, groups the values (join tokens by
 	// instance), so that rowsOf finds a group's rows without a look at
-	// every row.
-	groupOf func(v T) string
+	// every row. A value may be in several groups.
+	groupsOf func(v T) []string
 	groups  map[string]map[string]bool // group -> keys
 
 	mu    sync.RWMutex
@@ -374,7 +374,7 @@ func (t *table[T]) rows() []keyedRow[T] {
 	return out
 }
 
-// rowsOf returns the rows of a group (groupOf), in no order.
+// rowsOf returns the rows of a group (groupsOf), in no order.
 func (t *table[T]) rowsOf(group string) []keyedRow[T] {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
@@ -389,7 +389,7 @@ func (t *table[T]) rowsOf(group string) []keyedRow[T] {
 
 // regroupLocked makes the groups of every row; t.mu is held.
 func (t *table[T]) regroupLocked() {
-	if t.groupOf == nil {
+	if t.groupsOf == nil {
 		return
 	}
 	t.groups = map[string]map[string]bool{}
@@ -399,27 +399,29 @@ func (t *table[T]) regroupLocked() {
 }
 
 func (t *table[T]) groupLocked(key string, r row[T], present bool) {
-	if t.groupOf == nil || !present {
+	if t.groupsOf == nil || !present {
 		return
 	}
-	g := t.groupOf(r.val)
 	if t.groups == nil {
 		t.groups = map[string]map[string]bool{}
 	}
-	if t.groups[g] == nil {
-		t.groups[g] = map[string]bool{}
+	for _, g := range t.groupsOf(r.val) {
+		if t.groups[g] == nil {
+			t.groups[g] = map[string]bool{}
+		}
+		t.groups[g][key] = true
 	}
-	t.groups[g][key] = true
 }
 
 func (t *table[T]) ungroupLocked(key string, r row[T], present bool) {
-	if t.groupOf == nil || !present {
+	if t.groupsOf == nil || !present {
 		return
 	}
-	g := t.groupOf(r.val)
-	delete(t.groups[g], key)
-	if len(t.groups[g]) == 0 {
-		delete(t.groups, g)
+	for _, g := range t.groupsOf(r.val) {
+		delete(t.groups[g], key)
+		if len(t.groups[g]) == 0 {
+			delete(t.groups, g)
+		}
 	}
 }
 

@@ -653,3 +653,72 @@ func TestACopyFollowsAnEmptiedOrRemadeBucket(t *testing.T) {
 		}
 	}
 }
+
+// TestGroupsFollowTheirRows: a row is found in every group its value names,
+// leaves a group its new value no longer names, and leaves all of them when
+// it is deleted; rows loaded before the watch are grouped too.
+func TestGroupsFollowTheirRows(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	kv := testBucket(t)
+	if _, err := kv.Put(ctx, "early", []byte(`{"n":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	tab := newTable[doc](kv, "doc", zerolog.Nop())
+	tab.groupsOf = func(d doc) []string {
+		parity := "even"
+		if d.N%2 == 1 {
+			parity = "odd"
+		}
+		return []string{"all", parity}
+	}
+	go tab.run(ctx)
+	if err := tab.waitSynced(ctx); err != nil {
+		t.Fatal(err)
+	}
+	keys := func(group string) []string {
+		var out []string
+		for _, r := range tab.rowsOf(group) {
+			out = append(out, r.key)
+		}
+		slices.Sort(out)
+		return out
+	}
+	put := func(key, value string) {
+		t.Helper()
+		rev, err := kv.Put(ctx, key, []byte(value))
+		if err != nil {
+			t.Fatal(err)
+		}
+		tab.waitRev(ctx, rev)
+	}
+	put("a", `{"n":2}`)
+	put("b", `{"n":3}`)
+	for _, c := range []struct {
+		name           string
+		change         func()
+		all, odd, even []string
+	}{
+		{"loaded and watched", func() {}, []string{"a", "b", "early"}, []string{"b", "early"}, []string{"a"}},
+		{"a moves to odd", func() { put("a", `{"n":5}`) }, []string{"a", "b", "early"}, []string{"a", "b", "early"}, nil},
+		{"early deleted", func() {
+			if err := kv.Delete(ctx, "early"); err != nil {
+				t.Fatal(err)
+			}
+			put("b", `{"n":4}`) // a later revision, to wait for
+		}, []string{"a", "b"}, []string{"a"}, []string{"b"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			c.change()
+			if got := keys("all"); !slices.Equal(got, c.all) {
+				t.Errorf("all: %v, want %v", got, c.all)
+			}
+			if got := keys("odd"); !slices.Equal(got, c.odd) {
+				t.Errorf("odd: %v, want %v", got, c.odd)
+			}
+			if got := keys("even"); !slices.Equal(got, c.even) {
+				t.Errorf("even: %v, want %v", got, c.even)
+			}
+		})
+	}
+}
