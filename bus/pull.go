@@ -38,3 +38,24 @@ func Pull(ctx context.Context, cons jetstream.Consumer, n int, handle func(jetst
 	}
 	return nil
 }
+
+// KeepInProgress tells the bus, every interval until the returned cancel is
+// called or ctx ends, that m is still being worked on, so that its ack wait
+// does not hand it to another process meanwhile. The returned context ends
+// with the work.
+func KeepInProgress(ctx context.Context, m jetstream.Msg, every time.Duration) (context.Context, context.CancelFunc) {
+	working, done := context.WithCancel(ctx)
+	go func() {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-working.Done():
+				return
+			case <-t.C:
+				_ = m.InProgress()
+			}
+		}
+	}()
+	return working, done
+}

@@ -530,20 +530,7 @@ func isTransient(err error) bool {
 // keepInProgress keeps a request's message ours while the backend works,
 // however long it takes, until the returned cancel is called.
 func (p *Provisioner) keepInProgress(ctx context.Context, m jetstream.Msg) (context.Context, context.CancelFunc) {
-	working, done := context.WithCancel(ctx)
-	go func() {
-		t := time.NewTicker(p.cfg.AckWait / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-working.Done():
-				return
-			case <-t.C:
-				_ = m.InProgress()
-			}
-		}
-	}()
-	return working, done
+	return bus.KeepInProgress(ctx, m, p.cfg.AckWait/3)
 }
 
 func (p *Provisioner) run(ctx context.Context, req Request, cur protocol.MachineState) (protocol.MachineState, error) {

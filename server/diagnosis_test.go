@@ -169,32 +169,7 @@ func TestADiagnosisIsFiledAndKeptSealed(t *testing.T) {
 	bundle := bytes.Repeat([]byte("backend.log: DKU_SECRET_MARKER\n"), 30000) // several chunks
 	collect := func(sealWith []byte, beforeTheResult func()) api.Future {
 		t.Helper()
-		var op api.Future
-		f.ok(f.do("GET", "/instances/"+in+"/actions/collect-diagnosis", ""), &op)
-		cmd := op.JobID + "-cmd"
-		var sealed bytes.Buffer
-		w, err := seal.NewStreamWriter(&sealed, sealWith, protocol.SealedDiagnosisPlace(in, cmd))
-		if err != nil {
-			t.Fatal(err)
-		}
-		w.Write(bundle)
-		w.Close()
-		subject := protocol.DiagSubject(in, cmd+"-r-1")
-		data := sealed.Bytes()
-		chunks := 0
-		for off := 0; off < len(data); off += 200 << 10 {
-			if _, err := js.Publish(context.Background(), subject, data[off:min(off+200<<10, len(data))]); err != nil {
-				t.Fatal(err)
-			}
-			chunks++
-		}
-		sum := sha256.Sum256(data)
-		result, _ := json.Marshal(protocol.DiagnosisResult{Subject: subject, Chunks: chunks, SizeBytes: int64(len(data)),
-			SHA256: hex.EncodeToString(sum[:]), Sealed: true})
-		beforeTheResult()
-		publishEvent(t, js, protocol.Event{Instance: in, Kind: protocol.EventCommand, Source: "agent", CommandID: cmd, OpID: op.JobID,
-			Step: string(protocol.CommandCollectDiagnosis), Status: protocol.StatusOK, Result: result})
-		return op
+		return collectDiagnosis(t, f, in, sealWith, bundle, 0, beforeTheResult)
 	}
 
 	bad := collect(seal.NewKey(), func() {})
@@ -237,4 +212,74 @@ func TestADiagnosisIsFiledAndKeptSealed(t *testing.T) {
 	if r.status != http.StatusOK || !bytes.Equal(r.body, bundle) {
 		t.Fatalf("download: %d, %d bytes", r.status, len(r.body))
 	}
+}
+
+// collectDiagnosis asks for a diagnosis of instance in and answers as its
+// agent would: bundle sealed with sealWith, sent in chunks, then the
+// result, which claims missing chunks more than were sent.
+// beforeTheResult runs just before the result is published.
+func collectDiagnosis(t *testing.T, f *fm, in string, sealWith, bundle []byte, missing int, beforeTheResult func()) api.Future {
+	t.Helper()
+	js := f.env.Bus.JetStream(t)
+	var op api.Future
+	f.ok(f.do("GET", "/instances/"+in+"/actions/collect-diagnosis", ""), &op)
+	cmd := op.JobID + "-cmd"
+	var sealed bytes.Buffer
+	w, err := seal.NewStreamWriter(&sealed, sealWith, protocol.SealedDiagnosisPlace(in, cmd))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write(bundle)
+	w.Close()
+	subject := protocol.DiagSubject(in, cmd+"-r-1")
+	data := sealed.Bytes()
+	chunks := 0
+	for off := 0; off < len(data); off += 200 << 10 {
+		if _, err := js.Publish(context.Background(), subject, data[off:min(off+200<<10, len(data))]); err != nil {
+			t.Fatal(err)
+		}
+		chunks++
+	}
+	sum := sha256.Sum256(data)
+	result, _ := json.Marshal(protocol.DiagnosisResult{Subject: subject, Chunks: chunks + missing, SizeBytes: int64(len(data)),
+		SHA256: hex.EncodeToString(sum[:]), Sealed: true})
+	beforeTheResult()
+	publishEvent(t, js, protocol.Event{Instance: in, Kind: protocol.EventCommand, Source: "agent", CommandID: cmd, OpID: op.JobID,
+		Step: string(protocol.CommandCollectDiagnosis), Status: protocol.StatusOK, Result: result})
+	return op
+}
+
+// TestFilingADiagnosisHoldsNoOtherFolding: a bundle being filed (here one
+// whose last chunk never comes: the filer waits for it, then fails the
+// operation) does not hold up the folding of other instances' events: a
+// second instance's diagnosis is filed, and its operation ended, first.
+func TestFilingADiagnosisHoldsNoOtherFolding(t *testing.T) {
+	f := startWithAuthority(t, time.Hour, servertest.WithConfig(func(c *server.Config) { c.SweepInterval = time.Hour }))
+	vn, tpl, _ := f.fleet()
+	im := f.addImageWithKit("dss-diag", "14.0.0")
+	ready := func(name string) (string, []byte) {
+		in := f.createInstance(instanceBody(name, vn.ID, tpl.ID, im.ID)).ID
+		req := f.provisionRequest(in)
+		var joined protocol.JoinResponse
+		f.ok(f.joinAs(in, req.Spec.Join.Token, machineKey(t)), &joined)
+		key, err := base64.StdEncoding.DecodeString(joined.InstanceKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.abortOperation(in)
+		runningWithVolume(t, f.env.Bus, in)
+		return in, key
+	}
+	stuck, stuckKey := ready("diag-stuck")
+	other, otherKey := ready("diag-other")
+	bundle := bytes.Repeat([]byte("backend.log\n"), 1000)
+	held := collectDiagnosis(t, f, stuck, stuckKey, bundle, 1, func() {})
+	filed := collectDiagnosis(t, f, other, otherKey, bundle, 0, func() {})
+	f.waitFuture(filed.JobID, api.OpSucceeded, 20*time.Second)
+	var now api.Future
+	f.ok(f.do("GET", "/futures/"+held.JobID, ""), &now)
+	if now.State != api.OpRunning {
+		t.Fatalf("the diagnosis missing a chunk ended (%s) before the other was filed: they were not filed side by side", now.State)
+	}
+	f.waitFuture(held.JobID, api.OpFailed, 30*time.Second)
 }

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -524,6 +525,11 @@ func (s *Server) forgetInstance(ctx context.Context, id string, port int) error 
 // an event not folded, or folded with writes ctx cut short, is handed back
 // at once to the next server (folding is idempotent).
 func (s *Server) consumeEvents(ctx context.Context) {
+	// Filing a diagnosis bundle (up to hundreds of MiB read and stored)
+	// runs beside the folding, so that every other instance's events do
+	// not wait for it.
+	filers := make(chan struct{}, diagnosisFilers)
+	var filing sync.WaitGroup
 	for ctx.Err() == nil {
 		cons, err := s.js.CreateOrUpdateConsumer(ctx, protocol.StreamEvents, jetstream.ConsumerConfig{
 			Durable: EventsConsumer, AckPolicy: jetstream.AckExplicitPolicy, DeliverPolicy: jetstream.DeliverNewPolicy,
@@ -531,36 +537,38 @@ func (s *Server) consumeEvents(ctx context.Context) {
 		})
 		if err == nil {
 			err = bus.Pull(ctx, cons, eventBatch, func(m jetstream.Msg) {
-				// Tried once: a fold that fails is handed back below, and
-				// one that waited would hold the batch past its ack wait.
-				ferr := s.foldEvent(withoutWriteRetries(ctx), m.Subject(), m.Data())
-				switch {
-				case ctx.Err() != nil:
-					_ = m.Nak()
-				case ferr != nil && !foldAgain(ferr):
-					// Folding it again would fail the same way (a value the
-					// bus refuses, say): it must not hold a place among the
-					// events handed out, which every instance shares.
-					s.log.Error().Err(ferr).Str("subject", m.Subject()).Msg("event not folded; dropped")
-					_ = m.Term()
-				case ferr != nil && delivered(m) >= eventsMaxDeliver:
-					s.log.Error().Err(ferr).Str("subject", m.Subject()).Int("deliveries", eventsMaxDeliver).Msg("event not folded; given up")
-					_ = m.Term()
-				case ferr != nil:
-					// The bus away, slow, electing a leader or racing another
-					// writer: folded again later, not dropped.
-					delay := foldRetryDelay(m)
-					s.log.Warn().Err(ferr).Str("subject", m.Subject()).Dur("retry_in", delay).Msg("event not folded; it will be again")
-					_ = m.NakWithDelay(delay)
-				default:
-					s.crash.At("server/fold/ack:before")
-					_ = m.Ack()
+				if !s.filesDiagnosis(m.Subject(), m.Data()) {
+					// Tried once: a fold that fails is handed back, and one
+					// that waited would hold the batch past its ack wait.
+					s.settleEvent(ctx, m, s.foldEvent(withoutWriteRetries(ctx), m.Subject(), m.Data()))
+					return
 				}
+				// Every filer busy: the folding waits for one, as it
+				// would have waited for the filing itself.
+				select {
+				case filers <- struct{}{}:
+				case <-ctx.Done():
+					_ = m.Nak()
+					return
+				}
+				filing.Add(1)
+				go func() {
+					defer filing.Done()
+					defer func() { <-filers }()
+					// The event stays this server's while it is filed,
+					// however long that takes: another server would file
+					// it a second time.
+					_, done := bus.KeepInProgress(ctx, m, eventsAckWait/3)
+					ferr := s.foldEvent(withoutWriteRetries(ctx), m.Subject(), m.Data())
+					done()
+					s.settleEvent(ctx, m, ferr)
+				}()
 			})
 		}
 		if ctx.Err() != nil {
 			// Hand-backs (Nak) must reach the bus before the caller closes
-			// the connection.
+			// the connection, the filers' included.
+			filing.Wait()
 			_ = s.js.Conn().FlushTimeout(2 * time.Second)
 			return
 		}
@@ -570,6 +578,59 @@ func (s *Server) consumeEvents(ctx context.Context) {
 		case <-time.After(2 * time.Second):
 		}
 	}
+	filing.Wait()
+}
+
+// diagnosisFilers is how many diagnosis bundles a server files at once,
+// beside its folding.
+const diagnosisFilers = 2
+
+// settleEvent acknowledges an event folded (ferr nil), or hands it back to
+// be folded again later, or drops one that can never be.
+func (s *Server) settleEvent(ctx context.Context, m jetstream.Msg, ferr error) {
+	switch {
+	case ctx.Err() != nil:
+		_ = m.Nak()
+	case ferr != nil && !foldAgain(ferr):
+		// Folding it again would fail the same way (a value the bus
+		// refuses, say): it must not hold a place among the events handed
+		// out, which every instance shares.
+		s.log.Error().Err(ferr).Str("subject", m.Subject()).Msg("event not folded; dropped")
+		_ = m.Term()
+	case ferr != nil && delivered(m) >= eventsMaxDeliver:
+		s.log.Error().Err(ferr).Str("subject", m.Subject()).Int("deliveries", eventsMaxDeliver).Msg("event not folded; given up")
+		_ = m.Term()
+	case ferr != nil:
+		// The bus away, slow, electing a leader or racing another writer:
+		// folded again later, not dropped.
+		delay := foldRetryDelay(m)
+		s.log.Warn().Err(ferr).Str("subject", m.Subject()).Dur("retry_in", delay).Msg("event not folded; it will be again")
+		_ = m.NakWithDelay(delay)
+	default:
+		s.crash.At("server/fold/ack:before")
+		_ = m.Ack()
+	}
+}
+
+// filesDiagnosis says whether folding the event on subject would file a
+// diagnosis bundle: the answer of an instance's running collect-diagnosis
+// command, as the server's copy of its operations knows it. Any other
+// event, and one the copy does not know yet, is folded in line.
+func (s *Server) filesDiagnosis(subject string, data []byte) bool {
+	if protocol.EventKindFromSubject(subject) != protocol.EventCommand || !bytes.Contains(data, []byte(protocol.CommandCollectDiagnosis)) {
+		return false
+	}
+	var e protocol.Event
+	if protocol.Decode(data, &e) != nil || e.Step != string(protocol.CommandCollectDiagnosis) || e.Status == protocol.StatusFailed {
+		return false
+	}
+	id := protocol.InstanceFromSubject(subject)
+	opID := e.OpID
+	if lc, _, ok := s.st.lifecycle.get(id); ok && lc.OpID != "" {
+		opID = lc.OpID
+	}
+	op, _, ok := s.st.ops.get(opID)
+	return ok && op.State == api.OpRunning && op.CommandID != "" && e.CommandID == op.CommandID && op.Instance == id
 }
 
 // foldAgain reports whether folding an event that failed with err may
