@@ -56,7 +56,7 @@ type table[T any] struct {
 	// instance), so that rowsOf finds a group's rows without a look at
 	// every row. A value may be in several groups.
 	groupsOf func(v T) []string
-	groups  map[string]map[string]bool // group -> keys
+	groups   map[string]map[string]bool // group -> keys
 
 	mu    sync.RWMutex
 	items map[string]row[T]
