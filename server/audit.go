@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -119,13 +121,17 @@ type auditEntry struct {
 // listAudit serves GET /audit (FM; admin): the records after sequence
 // `after` (default: the last `limit`), at most `limit` (default 100, at most
 // 1000), oldest first, optionally of one object kind.
+//
+// The records are read through a consumer of FM_AUDIT filtered by the
+// object's subject, in batches: the bus skips other objects' records, and a
+// list costs a few requests, not one per record.
 func (s *Server) listAudit(r *http.Request) (any, error) {
 	q := r.URL.Query()
 	limit, after := 100, uint64(0)
 	if v := q.Get("limit"); v != "" {
 		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 || n > 1000 {
-			return nil, invalid("query parameter limit: %q is not a number from 1 to 1000", v)
+		if err != nil || n < 1 || n > maxAuditList {
+			return nil, invalid("query parameter limit: %q is not a number from 1 to %d", v, maxAuditList)
 		}
 		limit = n
 	}
@@ -137,31 +143,124 @@ func (s *Server) listAudit(r *http.Request) (any, error) {
 		}
 		after = n
 	}
+	filter := protocol.SubjectAllAudit
 	object := q.Get("object")
-	st, err := s.js.Stream(r.Context(), protocol.StreamAudit)
+	if object != "" {
+		if !protocol.ValidToken(object) {
+			return nil, invalid("query parameter object: %q is not a kind of object (instances, api-keys, …)", object)
+		}
+		filter = protocol.AuditSubject("*", object)
+	}
+	ctx := r.Context()
+	st, err := s.js.Stream(ctx, protocol.StreamAudit)
 	if err != nil {
 		return nil, unavailable(err, "the audit trail cannot be read")
 	}
 	state := st.CachedInfo().State
-	first := after + 1
-	if !hasAfter && state.LastSeq >= uint64(limit) {
-		first = state.LastSeq - uint64(limit) + 1
+	var out []auditEntry
+	switch {
+	case hasAfter:
+		out, err = readAudit(ctx, st, filter, object, after+1, state.LastSeq, limit)
+	default:
+		out, err = lastAudit(ctx, st, filter, object, state.FirstSeq, state.LastSeq, limit)
 	}
-	first = max(first, state.FirstSeq)
-	out := []auditEntry{}
-	for seq := first; seq <= state.LastSeq && len(out) < limit; seq++ {
-		m, err := st.GetMsg(r.Context(), seq)
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
-			continue
-		}
-		if err != nil {
-			return nil, unavailable(err, "the audit trail cannot be read")
-		}
-		var rec protocol.AuditRecord
-		if protocol.Decode(m.Data, &rec) != nil || object != "" && rec.Object != object {
-			continue
-		}
-		out = append(out, auditEntry{Seq: seq, AuditRecord: rec})
+	if err != nil {
+		return nil, unavailable(err, "the audit trail cannot be read")
+	}
+	if out == nil {
+		out = []auditEntry{}
 	}
 	return out, nil
 }
+
+// lastAudit reads the last limit records of filter among sequences first to
+// last: windows of the stream read backwards, each four times the one
+// before, until limit records are found or the stream's start is reached.
+func lastAudit(ctx context.Context, st jetstream.Stream, filter, object string, first, last uint64, limit int) ([]auditEntry, error) {
+	var out []auditEntry
+	hi := last
+	for window := uint64(limit); hi >= first && hi > 0 && len(out) < limit; window *= 4 {
+		lo := first
+		if hi-first >= window {
+			lo = hi - window + 1
+		}
+		got, err := readAudit(ctx, st, filter, object, lo, hi, 0)
+		if err != nil {
+			return nil, err
+		}
+		out = append(got, out...)
+		if lo == first {
+			break
+		}
+		hi = lo - 1
+	}
+	if len(out) > limit {
+		out = out[len(out)-limit:]
+	}
+	return out, nil
+}
+
+// auditBatch is how many records a read asks the bus for at a time.
+const auditBatch = 256
+
+// readAudit reads the records of filter from sequence from to sequence to
+// (included), at most limit of them (0: all, of which it keeps the last
+// 1000, the most a list gives), oldest first, through an ephemeral consumer
+// it deletes after.
+func readAudit(ctx context.Context, st jetstream.Stream, filter, object string, from, to uint64, limit int) ([]auditEntry, error) {
+	if from > to {
+		return nil, nil
+	}
+	cons, err := st.CreateConsumer(ctx, jetstream.ConsumerConfig{
+		FilterSubject: filter, DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: from,
+		AckPolicy: jetstream.AckNonePolicy, MemoryStorage: true, Replicas: 1, InactiveThreshold: time.Minute,
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		del, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		_ = st.DeleteConsumer(del, cons.CachedInfo().Name) // else gone a minute after its last use
+	}()
+	var out []auditEntry
+	for {
+		batch, err := cons.FetchNoWait(auditBatch)
+		if err != nil {
+			return nil, err
+		}
+		n, beyond := 0, false
+		for m := range batch.Messages() {
+			n++
+			md, err := m.Metadata()
+			if err != nil {
+				continue
+			}
+			seq := md.Sequence.Stream
+			if seq > to {
+				beyond = true // the rest of the batch is drained, not read
+				continue
+			}
+			var rec protocol.AuditRecord
+			if protocol.Decode(m.Data(), &rec) != nil || object != "" && rec.Object != object {
+				continue
+			}
+			out = append(out, auditEntry{Seq: seq, AuditRecord: rec})
+			if limit == 0 && len(out) > 2*maxAuditList {
+				out = slices.Delete(out, 0, len(out)-maxAuditList)
+			}
+		}
+		if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) && !errors.Is(err, nats.ErrTimeout) {
+			return nil, err
+		}
+		switch {
+		case limit > 0 && len(out) >= limit:
+			return out[:limit], nil
+		case n == 0 || beyond:
+			return out, nil
+		}
+	}
+}
+
+// maxAuditList is the most records one list gives.
+const maxAuditList = 1000

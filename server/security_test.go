@@ -243,6 +243,97 @@ func TestAuditTrail(t *testing.T) {
 	}
 }
 
+// TestAuditListsPageAndFilter: the audit list gives the last records (of
+// one kind of object, however far back they are), or those after a
+// sequence, oldest first, as the stream holds them.
+func TestAuditListsPageAndFilter(t *testing.T) {
+	f := start(t)
+	js := f.env.Bus.JetStream(t)
+	ctx := context.Background()
+	// 40 records, one in ten about instances, the first of them early.
+	for i := range 40 {
+		object := "virtual-networks"
+		if i%10 == 2 {
+			object = "instances"
+		}
+		data, err := protocol.Encode(&protocol.AuditRecord{ID: fmt.Sprintf("au-test-%d", i), Tenant: "main", Object: object,
+			Action: fmt.Sprintf("test %d", i), Who: "key:test", Outcome: "ok", Time: time.Now().UTC()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := js.Publish(ctx, protocol.AuditSubject("main", object), data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// What the stream holds, read one by one.
+	st, err := js.Stream(ctx, protocol.StreamAudit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var all, instances []uint64
+	for seq := st.CachedInfo().State.FirstSeq; seq <= st.CachedInfo().State.LastSeq; seq++ {
+		m, err := st.GetMsg(ctx, seq)
+		if err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, seq)
+		if strings.HasSuffix(m.Subject, ".instances") {
+			instances = append(instances, seq)
+		}
+	}
+	if len(instances) != 4 || len(all) < 40 {
+		t.Fatalf("the stream holds %d records, %d about instances", len(all), len(instances))
+	}
+	last := all[len(all)-1]
+	for _, c := range []struct {
+		query string
+		want  []uint64
+	}{
+		{"", all[max(0, len(all)-100):]},
+		{"limit=5", all[len(all)-5:]},
+		{"object=instances&limit=2", instances[2:]},
+		{"object=instances&limit=3", instances[1:]},
+		{"object=instances", instances},
+		{"after=" + strconv.FormatUint(all[3], 10) + "&limit=3", all[4:7]},
+		{"after=" + strconv.FormatUint(instances[0], 10) + "&object=instances", instances[1:]},
+		{"after=" + strconv.FormatUint(instances[0], 10) + "&object=instances&limit=1", instances[1:2]},
+		{"after=" + strconv.FormatUint(last, 10), nil},
+		{"object=api-keys&limit=7", nil},
+	} {
+		t.Run(c.query, func(t *testing.T) {
+			var got []struct{ Seq uint64 }
+			f.ok(f.do("GET", "/audit?"+c.query, ""), &got)
+			var seqs []uint64
+			for _, e := range got {
+				seqs = append(seqs, e.Seq)
+			}
+			if !slices.Equal(seqs, c.want) {
+				t.Fatalf("sequences %v, want %v", seqs, c.want)
+			}
+		})
+	}
+	for _, bad := range []string{"object=instances.*", "object=>", "limit=1001", "limit=0", "after=-1"} {
+		f.failed(f.do("GET", "/audit?"+bad, ""), 400, "InvalidArgument")
+	}
+	// No consumer outlives its list.
+	if n := len(consumerNames(t, st)); n != 0 {
+		t.Fatalf("%d consumers left on the audit stream", n)
+	}
+}
+
+func consumerNames(t *testing.T, st jetstream.Stream) []string {
+	t.Helper()
+	var names []string
+	l := st.ConsumerNames(context.Background())
+	for n := range l.Name() {
+		names = append(names, n)
+	}
+	if err := l.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return names
+}
+
 func TestSecretsAreSealedInTheBuckets(t *testing.T) {
 	f := start(t)
 	license := `{\n  \"content\": {\"licensee\": \"ACME-SECRET-LICENSE\"}\n}`
