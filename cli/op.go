@@ -5,6 +5,7 @@ import (
 	"flag"
 	"net/http"
 	"net/url"
+	"strconv"
 
 	"github.com/fleetmanager/fm/api"
 )
@@ -19,7 +20,7 @@ var opResource = &resource{
 }
 
 func runOp(ctx context.Context, env Env, r *resource, args []string) error {
-	const usage = "usage: fm op list [--target ID] [--state S] | get ID | wait ID | abort ID"
+	const usage = "usage: fm op list [--target ID] [--state S] [--limit N] [--after ID] | get ID | wait ID | abort ID"
 	if len(args) == 0 {
 		return usagef(usage)
 	}
@@ -31,6 +32,8 @@ func runOp(ctx context.Context, env Env, r *resource, args []string) error {
 	case "list":
 		target := fs.String("target", "", "only operations on this object id")
 		state := fs.String("state", "", "only operations in this state: running, succeeded, failed, aborted")
+		limit := fs.Int("limit", 0, "at most this many, newest first (default: every one)")
+		after := fs.String("after", "", "only those listed after this operation (the last id of the previous page)")
 		pos, err := ParseFlags(fs, args[1:])
 		if err != nil {
 			return err
@@ -38,11 +41,20 @@ func runOp(ctx context.Context, env Env, r *resource, args []string) error {
 		if len(pos) != 0 {
 			return usagef(usage)
 		}
+		if *limit < 0 {
+			return usagef("--limit must be at least 1")
+		}
 		c, err := conn.client()
 		if err != nil {
 			return err
 		}
 		q := url.Values{}
+		if *limit > 0 {
+			q.Set("limit", strconv.Itoa(*limit))
+		}
+		if *after != "" {
+			q.Set("after", *after)
+		}
 		if *target != "" {
 			q.Set("targetId", *target)
 		}

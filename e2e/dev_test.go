@@ -235,6 +235,9 @@ func TestDevWithCLIAndRawHTTP(t *testing.T) {
 	if ops := d.fm(t, "op", "list", "--target", inID); !strings.Contains(ops, "delete-instance") || !strings.Contains(ops, "succeeded") {
 		t.Fatalf("op list:\n%s", ops)
 	}
+	if page := d.fm(t, "op", "list", "--limit", "1", "--output", "json"); strings.Count(page, `"jobId"`) != 1 {
+		t.Fatalf("op list --limit 1:\n%s", page)
+	}
 	d.fm(t, "instance", "create", "--label", "dss2", "--network", vnID, "--template", tplID, "--image", "dss-13.4.0-standin")
 
 	// Ctrl-C shuts down cleanly within seconds.

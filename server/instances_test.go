@@ -260,3 +260,55 @@ func TestListsPageAndFilter(t *testing.T) {
 	}
 	f.failed(f.do("GET", "/instance-settings-templates?limit=-1", ""), 400, "InvalidArgument")
 }
+
+// TestFuturesPage: the operations list pages in its own order, newest
+// first, whole or of one state; a page after an operation that is not (any
+// more) on record is refused.
+func TestFuturesPage(t *testing.T) {
+	f := start(t)
+	vn, tpl, _ := f.fleet()
+	im := f.addImageWithKit("dss-ops", "14.0.0")
+	for i := range 7 {
+		in := f.createInstance(instanceBody(fmt.Sprintf("ops-%d", i), vn.ID, tpl.ID, im.ID))
+		var op api.Future
+		f.ok(f.do("GET", "/instances/"+in.ID+"/actions/reprovision", ""), &op)
+		if i%3 == 0 {
+			f.abortOperation(in.ID)
+		}
+	}
+	list := func(query string) []string {
+		t.Helper()
+		var page []api.Future
+		f.ok(f.do("GET", "/futures"+query, ""), &page)
+		ids := []string{}
+		for _, op := range page {
+			ids = append(ids, op.JobID)
+		}
+		return ids
+	}
+	for _, c := range []struct{ name, filter string }{{"every one", ""}, {"running", "state=running&"}, {"aborted", "state=aborted&"}} {
+		t.Run(c.name, func(t *testing.T) {
+			whole := list("?" + c.filter)
+			if len(whole) < 2 {
+				t.Fatalf("%d operations: too few to page", len(whole))
+			}
+			var paged []string
+			for after, pages := "", 0; ; pages++ {
+				if pages > 10 {
+					t.Fatal("paging does not end")
+				}
+				page := list("?" + c.filter + "limit=2&after=" + after)
+				paged = append(paged, page...)
+				if len(page) < 2 {
+					break
+				}
+				after = page[len(page)-1]
+			}
+			if !slices.Equal(paged, whole) {
+				t.Fatalf("pages %v; the whole list %v", paged, whole)
+			}
+		})
+	}
+	f.failed(f.do("GET", "/futures?after=op-never", ""), 400, "InvalidArgument")
+	f.failed(f.do("GET", "/futures?limit=0", ""), 400, "InvalidArgument")
+}

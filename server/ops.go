@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/fleetmanager/fm/api"
@@ -239,13 +240,47 @@ func (s *Server) listFutures(r *http.Request) (any, error) {
 	if state != "" && !oneOfStr(state, api.OpRunning, api.OpSucceeded, api.OpFailed, api.OpAborted) {
 		return nil, invalid("query parameter state: %q is not one of running, succeeded, failed, aborted", state)
 	}
-	ops := s.st.ops.filter(func(op opRecord) bool {
-		return (target == "" || op.TargetID == target) && (state == "" || op.State == state)
-	})
-	sort.SliceStable(ops, func(i, j int) bool { return ops[i].StartedAt.After(ops[j].StartedAt) })
+	p, err := pageOf(q)
+	if err != nil {
+		return nil, err
+	}
+	var ops []opRecord
+	if state != "" {
+		// Operations are grouped by state: the running ones are found
+		// without a look at every operation of the last week.
+		for _, row := range s.st.ops.rowsOf(state) {
+			if target == "" || row.val.TargetID == target {
+				ops = append(ops, row.val)
+			}
+		}
+	} else {
+		ops = s.st.ops.filter(func(op opRecord) bool { return target == "" || op.TargetID == target })
+	}
+	slices.SortFunc(ops, newerOpFirst)
+	if p.after != "" {
+		// A page follows the list's own order, newest first: it starts
+		// after the operation named, wherever it now stands.
+		ref, _, ok := s.st.ops.get(p.after)
+		if !ok {
+			return nil, invalid("query parameter after: no operation %q (operations are kept a week)", p.after)
+		}
+		ops = ops[sort.Search(len(ops), func(i int) bool { return newerOpFirst(ref, ops[i]) < 0 }):]
+	}
+	if p.limit > 0 && len(ops) > p.limit {
+		ops = ops[:p.limit]
+	}
 	out := make([]api.Future, len(ops))
 	for i := range ops {
 		out[i] = ops[i].Future
 	}
 	return out, nil
+}
+
+// newerOpFirst orders operations as their list shows them: newest first,
+// by id when started at the same instant.
+func newerOpFirst(a, b opRecord) int {
+	if c := b.StartedAt.Compare(a.StartedAt); c != 0 {
+		return c
+	}
+	return strings.Compare(a.JobID, b.JobID)
 }
