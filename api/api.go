@@ -437,6 +437,22 @@ type Diagnosis struct {
 	CreatedAt time.Time `json:"createdAt"`
 }
 
+// TemplateReplay answers POST /instance-settings-templates/{id}/actions/
+// replay-setup-actions (FM's own): an operation for each instance of the
+// template the replay was started on, and the instances it was not, with
+// why (not running, busy with another operation).
+type TemplateReplay struct {
+	TemplateID string          `json:"templateId"`
+	Futures    []Future        `json:"futures"`
+	Skipped    []ReplaySkipped `json:"skipped"`
+}
+
+// ReplaySkipped is an instance a template-wide replay did not start on.
+type ReplaySkipped struct {
+	InstanceID string `json:"instanceId"`
+	Error      Error  `json:"error"`
+}
+
 // CloudAccount is an identity on a cloud that virtual networks name
 // (accountId): the provisioner acts as it for every call on the network's
 // instances. Only AWS accounts are made; an object's other keys (what a

@@ -52,6 +52,9 @@ func (r *resource) usage() string {
 	if r.command == "lb" {
 		return r.lbUsage()
 	}
+	if r.command == "template" {
+		return "usage: fm template list|get ID|create|update ID|delete ID|replay-setup-actions ID [flags]"
+	}
 	return fmt.Sprintf("usage: fm %s list|get ID|create|update ID|delete ID [flags]", r.command)
 }
 
@@ -73,6 +76,11 @@ func (r *resource) run(ctx context.Context, env Env, args []string) error {
 	}
 	if r.command == "lb" {
 		if handled, err := runLBVerb(ctx, env, r, verb, args[1:]); handled {
+			return err
+		}
+	}
+	if r.command == "template" {
+		if handled, err := runTemplateVerb(ctx, env, r, verb, args[1:]); handled {
 			return err
 		}
 	}

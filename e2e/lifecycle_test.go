@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/internal/pki"
 	"github.com/fleetmanager/fm/internal/seal"
@@ -263,6 +264,23 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	}
 	if st := d.status(t, py, id); st["state"] != "running" {
 		t.Fatalf("after the replay: %v", st)
+	}
+	// The same for every instance of the template, in one call.
+	os.WriteFile(tplFile, []byte(`{"label":"base","license":"{\"content\":{\"licensee\":\"`+licenseMark+`\"}}","setupActions":[
+		{"type":"ADD_ENV_VARIABLES","params":{"variables":[{"key":"TEAM","value":"data"}]}},
+		{"type":"ADD_ENV_VARIABLES","params":{"variables":[{"key":"REPLAYED","value":"fleet-wide"}]}},
+		{"type":"SETUP_K8S_AND_SPARK","params":{}}]}`), 0o644)
+	d.fm(t, "template", "update", tpl, "--file", tplFile)
+	var fleetWide api.TemplateReplay
+	if err := json.Unmarshal([]byte(d.fm(t, "template", "replay-setup-actions", tpl, "--output", "json")), &fleetWide); err != nil {
+		t.Fatal(err)
+	}
+	if len(fleetWide.Futures) != 1 || fleetWide.Futures[0].TargetID != id || len(fleetWide.Skipped) != 0 {
+		t.Fatalf("template-wide replay: %+v", fleetWide)
+	}
+	d.fm(t, "op", "wait", fleetWide.Futures[0].JobID)
+	if code, body := dss(t, url, "/api/runtime", key.AdminAPIKey); code != 200 || !strings.Contains(body, `"REPLAYED":"fleet-wide"`) {
+		t.Fatalf("the template-wide replay did not reach DSS: %d %s", code, body)
 	}
 	pw := d.fm(t, "instance", "password", id)
 	if !strings.HasPrefix(pw, "admin: ") {

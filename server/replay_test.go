@@ -107,3 +107,65 @@ func TestReplayRunsTheTemplateAsItIsNow(t *testing.T) {
 		t.Fatalf("after the replay: %v", st)
 	}
 }
+
+// TestATemplateIsReplayedOnEveryInstanceOfIt: one call replays the
+// template's setup actions on each running instance made from it (the same
+// operation as asked of each), skips with why an instance that is not
+// running or is busy, touches no instance of another template, and is an
+// operator's to ask.
+func TestATemplateIsReplayedOnEveryInstanceOfIt(t *testing.T) {
+	f := start(t)
+	vn, tpl, im := f.fleet()
+	other := f.createTemplate(`{"label":"other"}`)
+	ctx := context.Background()
+	desired, err := f.env.Bus.JetStream(t).KeyValue(ctx, protocol.BucketDesired)
+	if err != nil {
+		t.Fatal(err)
+	}
+	running := func(label, template string) string {
+		t.Helper()
+		in := f.createInstance(instanceBody(label, vn.ID, template, im.ID))
+		runningWithVolume(t, f.env.Bus, in.ID)
+		data, err := protocol.Encode(&protocol.DesiredState{Instance: in.ID, Generation: 1, NodeType: "design",
+			DSS: protocol.DSSTarget{ImageID: im.ID, Version: "14.0.0", Port: 10000,
+				Kit: protocol.KitSource{Path: "/kits/dss.tar.gz", SHA256: strings.Repeat("a", 64)}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := desired.Put(ctx, in.ID, data); err != nil {
+			t.Fatal(err)
+		}
+		return in.ID
+	}
+	a, b, busy := running("tpl-a", tpl.ID), running("tpl-b", tpl.ID), running("tpl-busy", tpl.ID)
+	elsewhere := running("other-tpl", other.ID)
+	created := f.createInstance(instanceBody("tpl-created", vn.ID, tpl.ID, im.ID)).ID
+	var held api.Future
+	f.accepted("GET", "/instances/"+busy+"/actions/restart-dss", &held)
+
+	viewer := f.newKey("viewer")
+	f.failed(f.doAs("POST", "/instance-settings-templates/"+tpl.ID+"/actions/replay-setup-actions", "", viewer.ID, viewer.Secret), 403, "PermissionDenied")
+	f.failed(f.do("POST", "/instance-settings-templates/tpl-none/actions/replay-setup-actions", ""), 404, "NotFound")
+
+	var out api.TemplateReplay
+	f.ok(f.do("POST", "/instance-settings-templates/"+tpl.ID+"/actions/replay-setup-actions", ""), &out)
+	started := map[string]string{}
+	for _, op := range out.Futures {
+		started[op.TargetID] = op.Kind
+	}
+	if len(started) != 2 || started[a] != "replay-setup-actions" || started[b] != "replay-setup-actions" {
+		t.Fatalf("started %v, want replays on %s and %s", started, a, b)
+	}
+	skipped := map[string]string{}
+	for _, s := range out.Skipped {
+		skipped[s.InstanceID] = s.Error.DetailedMessage
+	}
+	if len(skipped) != 2 || !strings.Contains(skipped[busy], held.JobID) || !strings.Contains(skipped[created], "created") {
+		t.Fatalf("skipped %v, want %s (busy with %s) and %s (not running)", skipped, busy, held.JobID, created)
+	}
+	for id, want := range map[string]uint64{a: 2, b: 2, elsewhere: 1, busy: 1} {
+		if got, _ := f.desiredOf(id); got.Generation != want {
+			t.Errorf("%s: desired generation %d, want %d", id, got.Generation, want)
+		}
+	}
+}

@@ -449,6 +449,7 @@ func (s *Server) handler() http.Handler {
 	route(t+"/instance-settings-templates", methods{"GET": reads(RoleViewer, s.listTemplates), "POST": writes(RoleAdmin, s.createTemplate)})
 	route(t+"/instance-settings-templates/{id}", methods{"GET": reads(RoleViewer, s.getTemplate),
 		"PUT": writes(RoleAdmin, s.saveTemplate), "DELETE": writes(RoleAdmin, s.deleteTemplate)})
+	route(t+"/instance-settings-templates/{id}/actions/"+opReplayActions, methods{"POST": writes(RoleOperator, s.replayTemplate)})
 	route(t+"/instances", methods{"GET": reads(RoleViewer, s.listInstances), "POST": writes(RoleOperator, s.createInstance)})
 	route(t+"/instances/{id}", methods{"GET": reads(RoleViewer, s.getInstance), "PUT": writes(RoleOperator, s.saveInstance)})
 	route(t+"/instances/{id}/status", methods{"GET": reads(RoleViewer, s.instanceStatus)})

@@ -103,12 +103,15 @@ func (c *Config) setDefaults() error {
 // Report is what a run measured.
 type Report struct {
 	Agents            int
+	Workers           int
 	SyncAlways        bool
 	Heartbeat         time.Duration
 	ServerMemoryLimit string
 
-	Create    Latencies     // POST /instances
-	Provision time.Duration // from the first reprovision until every agent is ready
+	Create Latencies // POST /instances, making the fleet (many at once)
+	// CreateAlone is POST /instances one at a time, beside the fleet made.
+	CreateAlone Latencies
+	Provision   time.Duration // from the first reprovision until every agent is ready
 	// RoundTrip is a command's: REST action, command, the agent's no-op,
 	// its result folded, the future read done.
 	RoundTrip Latencies
@@ -127,10 +130,11 @@ type Report struct {
 
 	Steady Steady
 	// A fleet-wide change: a setup action added to the template all share,
-	// then replay-setup-actions on every instance. ChangeAsked is when
-	// every replay was asked, ChangeReached when every agent reported the
-	// new generation, ChangeDone when FM had ended every operation (each
-	// from the first replay).
+	// then replay-setup-actions on every instance of it, in one call
+	// (POST …/instance-settings-templates/{id}/actions/replay-setup-actions).
+	// ChangeAsked is when the call returned (every replay started),
+	// ChangeReached when every agent reported the new generation,
+	// ChangeDone when FM had ended every operation (each from the call).
 	ChangeAsked, ChangeReached, ChangeDone time.Duration
 	// Reconnect is how long after the server was stopped every agent beat
 	// again and a command to each of up to 100 of them was answered
@@ -160,7 +164,7 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return Report{}, err
 	}
-	rep := Report{Agents: cfg.Agents, SyncAlways: cfg.SyncAlways, Heartbeat: time.Duration(cfg.HeartbeatSeconds) * time.Second,
+	rep := Report{Agents: cfg.Agents, Workers: cfg.Workers, SyncAlways: cfg.SyncAlways, Heartbeat: time.Duration(cfg.HeartbeatSeconds) * time.Second,
 		ServerMemoryLimit: cfg.ServerMemoryLimit}
 	say := func(format string, args ...any) {
 		fmt.Fprintf(cfg.Progress, "%s  "+format+"\n", append([]any{time.Now().Format("15:04:05")}, args...)...)
@@ -221,6 +225,7 @@ type fleet struct {
 	provRun chan error
 	ids     []string
 	tpl     string // the template every instance shares
+	vn, im  string // the network and image every instance shares
 	ready   *readiness
 }
 
@@ -297,13 +302,14 @@ func (f *fleet) make(ctx context.Context, rep *Report, say func(string, ...any))
 	if err := f.api.Do(ctx, http.MethodPost, "/instance-settings-templates", nil, map[string]any{"label": "bench"}, &tpl); err != nil {
 		return err
 	}
-	f.tpl = tpl.ID
+	f.tpl, f.vn = tpl.ID, vn.ID
 	// The simulated agents never fetch the kit: it only has to be valid.
 	im := api.Image{ID: "dss-14.0.0-bench", DSSVersion: "14.0.0", Kit: &api.Kit{URL: "http://127.0.0.1:1/dataiku-dss-14.0.0.tar.gz",
 		SHA256: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}}
 	if err := f.api.Do(ctx, http.MethodPost, "/images", nil, im, nil); err != nil {
 		return err
 	}
+	f.im = im.ID
 
 	f.ids = make([]string, f.cfg.Agents)
 	created := make([]time.Duration, f.cfg.Agents)
@@ -413,13 +419,15 @@ func (f *fleet) change(ctx context.Context, rep *Report) error {
 		}
 	}()
 	began := time.Now()
-	jobs := make([]api.Future, len(f.ids))
-	err := f.parallel(ctx, len(f.ids), func(ctx context.Context, i int) error {
-		return f.api.Do(ctx, http.MethodGet, "/instances/"+f.ids[i]+"/actions/replay-setup-actions", nil, nil, &jobs[i])
-	})
-	if err != nil {
+	// One call for the whole template (FM's own), as an operator would.
+	var replay api.TemplateReplay
+	if err := f.api.Do(ctx, http.MethodPost, path+"/actions/replay-setup-actions", nil, nil, &replay); err != nil {
 		return fmt.Errorf("replay: %w", err)
 	}
+	if len(replay.Skipped) > 0 || len(replay.Futures) != len(f.ids) {
+		return fmt.Errorf("replay: started on %d of %d instances; %d skipped (%+v)", len(replay.Futures), len(f.ids), len(replay.Skipped), replay.Skipped[:min(1, len(replay.Skipped))])
+	}
+	jobs := replay.Futures
 	rep.ChangeAsked = time.Since(began)
 	deadline := time.Now().Add(5*time.Minute + time.Duration(len(f.ids))*10*time.Millisecond)
 	for {
@@ -437,7 +445,7 @@ func (f *fleet) change(ctx context.Context, rep *Report) error {
 		}
 	}
 	rep.ChangeReached = time.Since(began)
-	err = f.parallel(ctx, len(f.ids), func(ctx context.Context, i int) error {
+	err := f.parallel(ctx, len(f.ids), func(ctx context.Context, i int) error {
 		return f.wait(ctx, jobs[i], 5*time.Minute, 100*time.Millisecond)
 	})
 	if err != nil {
@@ -619,6 +627,9 @@ func (f *fleet) reads(ctx context.Context, rep *Report) error {
 		d[i], rep.ListBytes = time.Since(t0), len(b)
 	}
 	rep.ListEncode = latencies(d)
+	if err := f.createAlone(ctx, rep); err != nil {
+		return err
+	}
 	for _, r := range []struct {
 		path func(id string) string
 		into *Latencies
@@ -637,6 +648,34 @@ func (f *fleet) reads(ctx context.Context, rep *Report) error {
 		*r.into = latencies(d)
 	}
 	return nil
+}
+
+// createAlone measures creates one at a time beside the fleet made (the
+// fleet's own creates run many at once, and their latency is mostly their
+// wait for each other), then deletes what it made, so that nothing after
+// measures more than the fleet.
+func (f *fleet) createAlone(ctx context.Context, rep *Report) error {
+	d := make([]time.Duration, min(200, f.cfg.Samples))
+	ids := make([]string, 0, len(d))
+	for i := range d {
+		var in api.Instance
+		t0 := time.Now()
+		err := f.api.Do(ctx, http.MethodPost, "/instances", nil, map[string]any{"label": fmt.Sprintf("alone-%05d", i),
+			"instanceSettingsTemplateId": f.tpl, "virtualNetworkId": f.vn, "imageId": f.im}, &in)
+		d[i] = time.Since(t0)
+		if err != nil {
+			return fmt.Errorf("create: %w", err)
+		}
+		ids = append(ids, in.ID)
+	}
+	rep.CreateAlone = latencies(d)
+	return f.parallel(ctx, len(ids), func(ctx context.Context, i int) error {
+		var fut api.Future
+		if err := f.api.Do(ctx, http.MethodGet, "/instances/"+ids[i]+"/actions/delete", nil, nil, &fut); err != nil {
+			return fmt.Errorf("delete: %w", err)
+		}
+		return f.wait(ctx, fut, time.Minute, 20*time.Millisecond)
+	})
 }
 
 func sleep(ctx context.Context, d time.Duration) error {

@@ -333,7 +333,8 @@ func (r Report) Write(w io.Writer) {
 		fmt.Fprintf(w, ", server GOMEMLIMIT %s", r.ServerMemoryLimit)
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintf(w, "  create instance        %v\n", r.Create)
+	fmt.Fprintf(w, "  create instance        %v   (making the fleet, %d at a time)\n", r.Create, r.Workers)
+	fmt.Fprintf(w, "    one at a time        %v   (beside the fleet made)\n", r.CreateAlone)
 	fmt.Fprintf(w, "  provision all          every agent ready in %v\n", round(r.Provision))
 	fmt.Fprintf(w, "  command round trip     %v\n", r.RoundTrip)
 	fmt.Fprintf(w, "    floor: bus writes    %v   (round trip p50 %s of it)\n", r.FloorJetStream, ratio(r.RoundTrip.P50, r.FloorJetStream.P50))
