@@ -130,7 +130,10 @@ func runAudit(ctx context.Context, env Env, r *resource, args []string) error {
 			headerDone = true
 		}
 		if len(recs) > 0 {
-			q.Set("after", fmt.Sprint(recs[len(recs)-1]["seq"]))
+			// A float64 from JSON: exact for every sequence below 2^53, and
+			// printed as an integer (fmt.Sprint would print 1e+06).
+			seq, _ := recs[len(recs)-1]["seq"].(float64)
+			q.Set("after", strconv.FormatUint(uint64(seq), 10))
 			q.Set("limit", "1000")
 		} else if !q.Has("after") {
 			q.Set("after", "0")

@@ -3,6 +3,8 @@ package server
 import (
 	"context"
 	"errors"
+	"fmt"
+	"math"
 	"net/http"
 	"slices"
 	"strconv"
@@ -40,6 +42,23 @@ func (s *Server) auditAs(r *http.Request, who, role, outcome string, status int,
 	if err != nil {
 		ae := asAPIError(err)
 		rec.Error = &protocol.Error{Code: ae.code, Message: ae.detail}
+	}
+	s.record(r.Context(), rec)
+}
+
+// auditOn records the request's REST call once more, as it concerns
+// another object than its path names (each instance a template-wide replay
+// started an operation on), so that the object's own audit trail shows it.
+func (s *Server) auditOn(r *http.Request, object, objectID string, err error) {
+	role := ""
+	if p := principalFrom(r.Context()); p != nil {
+		role = p.Role
+	}
+	rec := protocol.AuditRecord{Who: whoFrom(r.Context()), Role: role, From: clientAddr(r), Action: r.Method + " " + r.URL.Path,
+		Object: object, ObjectID: objectID, Outcome: "ok", Status: http.StatusOK}
+	if err != nil {
+		ae := asAPIError(err)
+		rec.Outcome, rec.Status, rec.Error = "failed", httpStatus(ae.code), &protocol.Error{Code: ae.code, Message: ae.detail}
 	}
 	s.record(r.Context(), rec)
 }
@@ -138,7 +157,7 @@ func (s *Server) listAudit(r *http.Request) (any, error) {
 	hasAfter := q.Has("after")
 	if hasAfter {
 		n, err := strconv.ParseUint(q.Get("after"), 10, 64)
-		if err != nil {
+		if err != nil || n == math.MaxUint64 {
 			return nil, invalid("query parameter after: %q is not a sequence number", q.Get("after"))
 		}
 		after = n
@@ -223,44 +242,63 @@ func readAudit(ctx context.Context, st jetstream.Stream, filter, object string, 
 		defer cancel()
 		_ = st.DeleteConsumer(del, cons.CachedInfo().Name) // else gone a minute after its last use
 	}()
+	// The consumer counts what it has still to deliver: a fetch asks for
+	// no more than that, so that it never waits for records that do not
+	// exist, and one that brings fewer is the bus failing, not the end.
+	pending := cons.CachedInfo().NumPending
 	var out []auditEntry
-	for {
-		batch, err := cons.FetchNoWait(auditBatch)
+	for pending > 0 {
+		want := int(min(pending, auditBatch))
+		got, err := func() (int, error) {
+			fetchCtx, cancel := context.WithTimeout(ctx, auditFetchWait)
+			defer cancel()
+			batch, err := cons.Fetch(want, jetstream.FetchContext(fetchCtx))
+			if err != nil {
+				return 0, err
+			}
+			got := 0
+			for m := range batch.Messages() {
+				got++
+				md, err := m.Metadata()
+				if err != nil {
+					return got, err
+				}
+				pending = md.NumPending
+				seq := md.Sequence.Stream
+				if seq > to {
+					pending = 0 // past the window; the rest of the batch is drained
+					continue
+				}
+				var rec protocol.AuditRecord
+				if protocol.Decode(m.Data(), &rec) != nil || object != "" && rec.Object != object {
+					continue
+				}
+				out = append(out, auditEntry{Seq: seq, AuditRecord: rec})
+				if limit == 0 && len(out) > 2*maxAuditList {
+					out = slices.Delete(out, 0, len(out)-maxAuditList)
+				}
+			}
+			if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) && !errors.Is(err, context.DeadlineExceeded) {
+				return got, err
+			}
+			return got, nil
+		}()
 		if err != nil {
 			return nil, err
 		}
-		n, beyond := 0, false
-		for m := range batch.Messages() {
-			n++
-			md, err := m.Metadata()
-			if err != nil {
-				continue
-			}
-			seq := md.Sequence.Stream
-			if seq > to {
-				beyond = true // the rest of the batch is drained, not read
-				continue
-			}
-			var rec protocol.AuditRecord
-			if protocol.Decode(m.Data(), &rec) != nil || object != "" && rec.Object != object {
-				continue
-			}
-			out = append(out, auditEntry{Seq: seq, AuditRecord: rec})
-			if limit == 0 && len(out) > 2*maxAuditList {
-				out = slices.Delete(out, 0, len(out)-maxAuditList)
-			}
-		}
-		if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) && !errors.Is(err, nats.ErrTimeout) {
-			return nil, err
-		}
-		switch {
-		case limit > 0 && len(out) >= limit:
+		if limit > 0 && len(out) >= limit {
 			return out[:limit], nil
-		case n == 0 || beyond:
-			return out, nil
+		}
+		if got < want && pending > 0 {
+			return nil, fmt.Errorf("the audit trail's consumer delivered %d of %d records in %v", got, want, auditFetchWait)
 		}
 	}
+	return out, nil
 }
+
+// auditFetchWait bounds one fetch of the audit trail: records that exist,
+// which a slow bus may take seconds to deliver.
+const auditFetchWait = 10 * time.Second
 
 // maxAuditList is the most records one list gives.
 const maxAuditList = 1000

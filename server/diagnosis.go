@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/api"
+	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
@@ -345,4 +346,94 @@ func (b *diagBudget) take(job string, size int, running func(job string) bool) b
 	}
 	b.used[job] += size
 	return true
+}
+
+// diagnosisFilers is how many diagnosis bundles a server files at once,
+// beside its folding.
+const diagnosisFilers = 2
+
+// diagnosisFiler files diagnosis bundles (up to hundreds of MiB read and
+// stored each) beside the folding of events, so that every other
+// instance's events do not wait for one.
+type diagnosisFiler struct {
+	s       *Server
+	slots   chan struct{}
+	running sync.WaitGroup
+
+	mu       sync.Mutex
+	inFlight map[string]bool // command ids being filed
+}
+
+func newDiagnosisFiler(s *Server) *diagnosisFiler {
+	return &diagnosisFiler{s: s, slots: make(chan struct{}, diagnosisFilers), inFlight: map[string]bool{}}
+}
+
+// file folds m, the result of collect-diagnosis command cmd, in the
+// background once a filer is free; the folding waits for one when all are
+// busy, as it would have waited for the filing itself. Another copy of a
+// result being filed (a redelivery, or an agent sending its result again
+// and again) takes no filer: it is handed back, to be folded once the
+// first is.
+func (f *diagnosisFiler) file(ctx context.Context, m jetstream.Msg, cmd string) {
+	f.mu.Lock()
+	copyOf := f.inFlight[cmd]
+	f.inFlight[cmd] = true
+	f.mu.Unlock()
+	if copyOf {
+		_ = m.NakWithDelay(eventsAckWait / 3)
+		return
+	}
+	release := func() {
+		f.mu.Lock()
+		delete(f.inFlight, cmd)
+		f.mu.Unlock()
+	}
+	// The event stays this server's from now on, while it waits for a
+	// filer and while it is filed, however long that takes: another server
+	// would file it a second time.
+	_ = m.InProgress()
+	_, kept := bus.KeepInProgress(ctx, m, eventsAckWait/3)
+	select {
+	case f.slots <- struct{}{}:
+	case <-ctx.Done():
+		kept()
+		release()
+		_ = m.Nak()
+		return
+	}
+	f.running.Add(1)
+	go func() {
+		defer f.running.Done()
+		defer func() { <-f.slots }()
+		ferr := f.s.foldEvent(withoutWriteRetries(ctx), m.Subject(), m.Data())
+		kept()
+		release()
+		f.s.settleEvent(ctx, m, ferr)
+	}()
+}
+
+// wait returns once every filing started has ended (and its event been
+// acknowledged or handed back).
+func (f *diagnosisFiler) wait() { f.running.Wait() }
+
+// filesDiagnosis says whether folding the event on subject would file a
+// diagnosis bundle, and of which command: the answer of an instance's
+// running collect-diagnosis command, as the server's copy of its operations
+// knows it. Any other event, and one the copy does not know yet, is folded
+// in line.
+func (s *Server) filesDiagnosis(subject string, data []byte) (string, bool) {
+	if protocol.EventKindFromSubject(subject) != protocol.EventCommand || !bytes.Contains(data, []byte(protocol.CommandCollectDiagnosis)) {
+		return "", false
+	}
+	var e protocol.Event
+	if protocol.Decode(data, &e) != nil || e.Step != string(protocol.CommandCollectDiagnosis) || e.Status == protocol.StatusFailed {
+		return "", false
+	}
+	id := protocol.InstanceFromSubject(subject)
+	opID := e.OpID
+	if lc, _, ok := s.st.lifecycle.get(id); ok && lc.OpID != "" {
+		opID = lc.OpID
+	}
+	op, _, ok := s.st.ops.get(opID)
+	return op.CommandID, ok && op.State == api.OpRunning && op.CommandID != "" && e.CommandID == op.CommandID && op.Instance == id
 }

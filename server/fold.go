@@ -1,7 +1,6 @@
 package server
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -525,11 +524,13 @@ func (s *Server) forgetInstance(ctx context.Context, id string, port int) error 
 // an event not folded, or folded with writes ctx cut short, is handed back
 // at once to the next server (folding is idempotent).
 func (s *Server) consumeEvents(ctx context.Context) {
-	// Filing a diagnosis bundle (up to hundreds of MiB read and stored)
-	// runs beside the folding, so that every other instance's events do
-	// not wait for it.
-	filers := make(chan struct{}, diagnosisFilers)
-	var filing sync.WaitGroup
+	filer := newDiagnosisFiler(s)
+	defer func() {
+		// Hand-backs (Nak) must reach the bus before the caller closes the
+		// connection, the filers' included.
+		filer.wait()
+		_ = s.js.Conn().FlushTimeout(2 * time.Second)
+	}()
 	for ctx.Err() == nil {
 		cons, err := s.js.CreateOrUpdateConsumer(ctx, protocol.StreamEvents, jetstream.ConsumerConfig{
 			Durable: EventsConsumer, AckPolicy: jetstream.AckExplicitPolicy, DeliverPolicy: jetstream.DeliverNewPolicy,
@@ -537,39 +538,16 @@ func (s *Server) consumeEvents(ctx context.Context) {
 		})
 		if err == nil {
 			err = bus.Pull(ctx, cons, eventBatch, func(m jetstream.Msg) {
-				if !s.filesDiagnosis(m.Subject(), m.Data()) {
-					// Tried once: a fold that fails is handed back, and one
-					// that waited would hold the batch past its ack wait.
-					s.settleEvent(ctx, m, s.foldEvent(withoutWriteRetries(ctx), m.Subject(), m.Data()))
+				if cmd, ok := s.filesDiagnosis(m.Subject(), m.Data()); ok {
+					filer.file(ctx, m, cmd)
 					return
 				}
-				// Every filer busy: the folding waits for one, as it
-				// would have waited for the filing itself.
-				select {
-				case filers <- struct{}{}:
-				case <-ctx.Done():
-					_ = m.Nak()
-					return
-				}
-				filing.Add(1)
-				go func() {
-					defer filing.Done()
-					defer func() { <-filers }()
-					// The event stays this server's while it is filed,
-					// however long that takes: another server would file
-					// it a second time.
-					_, done := bus.KeepInProgress(ctx, m, eventsAckWait/3)
-					ferr := s.foldEvent(withoutWriteRetries(ctx), m.Subject(), m.Data())
-					done()
-					s.settleEvent(ctx, m, ferr)
-				}()
+				// Tried once: a fold that fails is handed back, and one
+				// that waited would hold the batch past its ack wait.
+				s.settleEvent(ctx, m, s.foldEvent(withoutWriteRetries(ctx), m.Subject(), m.Data()))
 			})
 		}
 		if ctx.Err() != nil {
-			// Hand-backs (Nak) must reach the bus before the caller closes
-			// the connection, the filers' included.
-			filing.Wait()
-			_ = s.js.Conn().FlushTimeout(2 * time.Second)
 			return
 		}
 		s.log.Warn().Err(err).Msg("events not followed yet; retrying")
@@ -578,12 +556,7 @@ func (s *Server) consumeEvents(ctx context.Context) {
 		case <-time.After(2 * time.Second):
 		}
 	}
-	filing.Wait()
 }
-
-// diagnosisFilers is how many diagnosis bundles a server files at once,
-// beside its folding.
-const diagnosisFilers = 2
 
 // settleEvent acknowledges an event folded (ferr nil), or hands it back to
 // be folded again later, or drops one that can never be.
@@ -610,27 +583,6 @@ func (s *Server) settleEvent(ctx context.Context, m jetstream.Msg, ferr error) {
 		s.crash.At("server/fold/ack:before")
 		_ = m.Ack()
 	}
-}
-
-// filesDiagnosis says whether folding the event on subject would file a
-// diagnosis bundle: the answer of an instance's running collect-diagnosis
-// command, as the server's copy of its operations knows it. Any other
-// event, and one the copy does not know yet, is folded in line.
-func (s *Server) filesDiagnosis(subject string, data []byte) bool {
-	if protocol.EventKindFromSubject(subject) != protocol.EventCommand || !bytes.Contains(data, []byte(protocol.CommandCollectDiagnosis)) {
-		return false
-	}
-	var e protocol.Event
-	if protocol.Decode(data, &e) != nil || e.Step != string(protocol.CommandCollectDiagnosis) || e.Status == protocol.StatusFailed {
-		return false
-	}
-	id := protocol.InstanceFromSubject(subject)
-	opID := e.OpID
-	if lc, _, ok := s.st.lifecycle.get(id); ok && lc.OpID != "" {
-		opID = lc.OpID
-	}
-	op, _, ok := s.st.ops.get(opID)
-	return ok && op.State == api.OpRunning && op.CommandID != "" && e.CommandID == op.CommandID && op.Instance == id
 }
 
 // foldAgain reports whether folding an event that failed with err may

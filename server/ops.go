@@ -260,9 +260,15 @@ func (s *Server) listFutures(r *http.Request) (any, error) {
 	if p.after != "" {
 		// A page follows the list's own order, newest first: it starts
 		// after the operation named, wherever it now stands.
-		ref, _, ok := s.st.ops.get(p.after)
-		if !ok {
-			return nil, invalid("query parameter after: no operation %q (operations are kept a week)", p.after)
+		// The copy may lag behind another replica's new operation: the
+		// bucket says whether it is gone. One gone (operations are kept a
+		// week) ends the list: the older ones are expiring too.
+		ref, _, err := s.st.ops.getOrFetch(r.Context(), p.after)
+		switch {
+		case errors.Is(err, errNotFound):
+			return []api.Future{}, nil
+		case err != nil:
+			return nil, unavailable(err, "the operations could not be read")
 		}
 		ops = ops[sort.Search(len(ops), func(i int) bool { return newerOpFirst(ref, ops[i]) < 0 }):]
 	}

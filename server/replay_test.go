@@ -168,4 +168,16 @@ func TestATemplateIsReplayedOnEveryInstanceOfIt(t *testing.T) {
 			t.Errorf("%s: desired generation %d, want %d", id, got.Generation, want)
 		}
 	}
+	// Each instance's audit trail has the replay the call started on it.
+	var trail []struct{ ObjectID, Action, Who string }
+	f.ok(f.do("GET", "/audit?object=instances", ""), &trail)
+	audited := map[string]bool{}
+	for _, e := range trail {
+		if strings.Contains(e.Action, "/instance-settings-templates/"+tpl.ID+"/actions/replay-setup-actions") && e.Who == "key:"+f.env.Key.ID {
+			audited[e.ObjectID] = true
+		}
+	}
+	if len(audited) != 2 || !audited[a] || !audited[b] {
+		t.Fatalf("instances audited as replayed by the template's call: %v, want %s and %s", audited, a, b)
+	}
 }

@@ -250,8 +250,9 @@ func TestAuditListsPageAndFilter(t *testing.T) {
 	f := start(t)
 	js := f.env.Bus.JetStream(t)
 	ctx := context.Background()
-	// 40 records, one in ten about instances, the first of them early.
-	for i := range 40 {
+	// 600 records (more than one batch of a read), one in ten about
+	// instances, the first of them early.
+	for i := range 600 {
 		object := "virtual-networks"
 		if i%10 == 2 {
 			object = "instances"
@@ -281,7 +282,7 @@ func TestAuditListsPageAndFilter(t *testing.T) {
 			instances = append(instances, seq)
 		}
 	}
-	if len(instances) != 4 || len(all) < 40 {
+	if len(instances) != 60 || len(all) < 600 {
 		t.Fatalf("the stream holds %d records, %d about instances", len(all), len(instances))
 	}
 	last := all[len(all)-1]
@@ -289,12 +290,14 @@ func TestAuditListsPageAndFilter(t *testing.T) {
 		query string
 		want  []uint64
 	}{
-		{"", all[max(0, len(all)-100):]},
+		{"", all[len(all)-100:]},
 		{"limit=5", all[len(all)-5:]},
-		{"object=instances&limit=2", instances[2:]},
-		{"object=instances&limit=3", instances[1:]},
+		{"limit=1000", all[max(0, len(all)-1000):]},
+		{"object=instances&limit=2", instances[len(instances)-2:]},
+		{"object=instances&limit=59", instances[1:]},
 		{"object=instances", instances},
 		{"after=" + strconv.FormatUint(all[3], 10) + "&limit=3", all[4:7]},
+		{"after=" + strconv.FormatUint(all[3], 10) + "&limit=300", all[4:304]},
 		{"after=" + strconv.FormatUint(instances[0], 10) + "&object=instances", instances[1:]},
 		{"after=" + strconv.FormatUint(instances[0], 10) + "&object=instances&limit=1", instances[1:2]},
 		{"after=" + strconv.FormatUint(last, 10), nil},
@@ -312,7 +315,7 @@ func TestAuditListsPageAndFilter(t *testing.T) {
 			}
 		})
 	}
-	for _, bad := range []string{"object=instances.*", "object=>", "limit=1001", "limit=0", "after=-1"} {
+	for _, bad := range []string{"object=instances.*", "object=>", "limit=1001", "limit=0", "after=-1", "after=18446744073709551615"} {
 		f.failed(f.do("GET", "/audit?"+bad, ""), 400, "InvalidArgument")
 	}
 	// No consumer outlives its list.

@@ -171,6 +171,7 @@ type Server struct {
 	diagChunks    diagBudget         // diagnosis chunks relayed per operation (admitStored)
 	diagLookups   agentPacer         // paces admitStored's reads of the buckets per instance
 	revokeMu      sync.Mutex         // one revocation recorded and pushed at a time
+	replayingTpl  sync.Mutex         // one template-wide replay at a time (TryLock)
 	draining      atomic.Bool        // stopping: /healthz says so (Config.DrainTime)
 	agent         *agentBinary
 	crash         crashpoint.Hook

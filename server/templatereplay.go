@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"errors"
 	"net/http"
 	"slices"
 	"sync"
@@ -16,23 +15,33 @@ import (
 // at once: each start waits on the bus most of its time.
 const templateReplayWorkers = 64
 
-// templateReplayWait is how long a template-wide replay tries an instance
-// whose start the bus did not answer, before it reports it skipped.
-const templateReplayWait = 30 * time.Second
+// templateReplayTime bounds a template-wide replay's call, within the REST
+// server's write timeout: what it has not started by then is skipped, and
+// said so.
+const templateReplayTime = 4 * time.Minute
 
 // replayTemplate serves POST /instance-settings-templates/{id}/actions/
 // replay-setup-actions (FM): replay-setup-actions on every instance made
-// from the template, as if asked of each (the same checks, operations and
-// audit of the operation's outcome), in one call: a change to a template's
-// setup actions reaches the fleet without a call per instance. An instance
-// that is not running, or busy with another operation, is skipped and said
-// so; asked again, the call starts what it did not (and replays again those
-// whose replay already ended).
+// from the template, as if asked of each (the same checks and operations;
+// each instance's audit trail records it), in one call, so that a change to
+// a template's setup actions reaches the fleet without a call per
+// instance. An instance that is not running, or busy with another
+// operation (a replay this call or one before started included), is
+// skipped and said so. Asked again (an answer lost, a server stopped
+// mid-call), it starts what is not busy: the instances whose replay
+// already ended replay again, which is what a replay is.
+//
+// One runs at a time on a server: each holds 64 workers and writes to the
+// bus for every instance of the fleet.
 func (s *Server) replayTemplate(r *http.Request) (any, error) {
 	id := r.PathValue("id")
 	if _, _, ok := s.st.templates.get(id); !ok {
 		return nil, notFound(kindTemplate, id)
 	}
+	if !s.replayingTpl.TryLock() {
+		return nil, conflict("a template-wide replay is under way on this server; ask again once it has answered")
+	}
+	defer s.replayingTpl.Unlock()
 	var ids []string
 	for _, row := range s.st.instances.rows() {
 		if row.val.InstanceSettingsTemplateID == id {
@@ -40,6 +49,8 @@ func (s *Server) replayTemplate(r *http.Request) (any, error) {
 		}
 	}
 	slices.Sort(ids)
+	ctx, cancel := context.WithTimeout(r.Context(), templateReplayTime)
+	defer cancel()
 	futures := make([]api.Future, len(ids))
 	refusals := make([]error, len(ids))
 	work := make(chan int)
@@ -49,7 +60,7 @@ func (s *Server) replayTemplate(r *http.Request) (any, error) {
 		go func() {
 			defer wg.Done()
 			for i := range work {
-				futures[i], refusals[i] = s.replayOne(r.Context(), ids[i])
+				futures[i], refusals[i] = s.replayOne(ctx, r, ids[i])
 			}
 		}()
 	}
@@ -74,24 +85,19 @@ func (s *Server) replayTemplate(r *http.Request) (any, error) {
 	return out, nil
 }
 
-// replayOne starts replay-setup-actions on instance id, tried again while
-// the bus does not answer, for at most templateReplayWait.
-func (s *Server) replayOne(ctx context.Context, id string) (api.Future, error) {
-	deadline := time.Now().Add(templateReplayWait)
-	for backoff := 100 * time.Millisecond; ; backoff = min(2*backoff, 2*time.Second) {
-		in, ok := s.st.instances.view(id)
-		if !ok {
-			return api.Future{}, notFound(kindInstance, id)
-		}
-		f, err := s.act(ctx, in, s.actions()[opReplayActions])
-		var ae *apiError
-		if err == nil || !errors.As(err, &ae) || ae.code != protocol.CodeUnavailable || !time.Now().Add(backoff).Before(deadline) {
-			return f, err
-		}
-		select {
-		case <-ctx.Done():
-			return f, err
-		case <-time.After(backoff):
-		}
+// replayOne starts replay-setup-actions on instance id (act's writes try
+// again while the bus does not answer), unless the call is out of time.
+func (s *Server) replayOne(ctx context.Context, r *http.Request, id string) (api.Future, error) {
+	if ctx.Err() != nil {
+		return api.Future{}, unavailable(ctx.Err(), "not started: the call ran out of time (%s) before this instance's turn; ask again", templateReplayTime)
 	}
+	in, ok := s.st.instances.view(id)
+	if !ok {
+		return api.Future{}, notFound(kindInstance, id)
+	}
+	f, err := s.act(ctx, in, s.actions()[opReplayActions])
+	if err == nil {
+		s.auditOn(r, auditInstances, id, nil)
+	}
+	return f, err
 }

@@ -74,6 +74,10 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		HeartbeatSeconds: *heartbeat, SyncAlways: *syncAlways, ReconnectStorm: *storm, Workers: *workers,
 		ServerMemoryLimit: *memLimit, ProfileDir: *profileDir, Progress: stderr, Logger: log})
 	if err != nil {
+		// What was measured before the failure is kept: a run at 10,000
+		// agents takes minutes.
+		fmt.Fprintln(stderr, "what was measured before the failure:")
+		rep.Write(stderr)
 		return err
 	}
 	if *asJSON {

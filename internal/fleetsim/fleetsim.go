@@ -581,11 +581,17 @@ func (f *fleet) fetchProfile(what string, out io.Writer, wait time.Duration) err
 // command asks an instance's DSS to restart and waits until the future is
 // done, reading it as often as a client that wants it at once would.
 func (f *fleet) command(ctx context.Context, id string) error {
+	return f.commandPolled(ctx, id, time.Minute, 500*time.Microsecond)
+}
+
+// commandPolled is command with its future read every poll, for at most
+// timeout.
+func (f *fleet) commandPolled(ctx context.Context, id string, timeout, poll time.Duration) error {
 	var fut api.Future
 	if err := f.api.Do(ctx, http.MethodGet, "/instances/"+id+"/actions/restart-dss", nil, nil, &fut); err != nil {
 		return err
 	}
-	return f.wait(ctx, fut, time.Minute, 500*time.Microsecond)
+	return f.wait(ctx, fut, timeout, poll)
 }
 
 // reads times the REST reads: the whole list (not parsed, as by curl),
