@@ -299,7 +299,7 @@ func TestCommandsAfterReadsOneInstancesCommandsInOrder(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reader := bus.NewCommandReader(st)
+	reader := bus.NewCommandReader(js, st)
 	publish := func(instance, id string, data []byte) uint64 {
 		t.Helper()
 		ack, err := js.Publish(ctx(t), protocol.CommandSubject(instance, id), data)
@@ -355,6 +355,19 @@ func TestCommandsAfterReadsOneInstancesCommandsInOrder(t *testing.T) {
 				}
 			}
 		})
+	}
+	// A command published again on its subject (the sweep's republish
+	// after the dedup window): the subject index cannot tell the order of
+	// both copies, and the catch-up reads them by scanning, in order.
+	first := publish("in-again", "c1", []byte(`{"n":1}`))
+	publish("in-other", "x", []byte(`{"other":true}`))
+	second := publish("in-again", "c2", []byte(`{"n":2}`))
+	third := publish("in-again", "c1", []byte(`{"n":1}`))
+	if resp, err := reader.After(ctx(t), "in-again", 0); err != nil || !slices.Equal(seqs(resp.Commands), []uint64{first, second, third}) {
+		t.Fatalf("a command published twice: %v %v, want %v", seqs(resp.Commands), err, []uint64{first, second, third})
+	}
+	if resp, err := reader.After(ctx(t), "in-again", first); err != nil || !slices.Equal(seqs(resp.Commands), []uint64{second, third}) {
+		t.Fatalf("a command published twice, after the first: %v %v", seqs(resp.Commands), err)
 	}
 	if resp, err := reader.After(ctx(t), "in-nobody", 0); err != nil || len(resp.Commands) != 0 || resp.More || resp.Reset {
 		t.Fatalf("an instance without commands: %+v %v", resp, err)

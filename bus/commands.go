@@ -1,9 +1,11 @@
 package bus
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"sync"
 	"time"
 
@@ -20,15 +22,34 @@ const maxCommandsAnswerBytes = 256 << 10
 // from FM_COMMANDS, without a consumer per agent on the bus. It is safe for
 // concurrent use.
 type CommandReader struct {
+	js jetstream.JetStream
+	// commands is FM_COMMANDS's handle for reads by sequence and subject.
+	// Its Info is never called: that writes the handle's cached info,
+	// which every read of it reads (direct or not); infos are asked of
+	// handles of their own (info).
 	commands jetstream.Stream
 	mu       sync.Mutex
 	last     uint64    // FM_COMMANDS's last sequence
 	lastAt   time.Time // when it was read
 }
 
-// NewCommandReader reads from commands, FM_COMMANDS's handle.
-func NewCommandReader(commands jetstream.Stream) *CommandReader {
-	return &CommandReader{commands: commands}
+// NewCommandReader reads from commands, FM_COMMANDS's handle, and asks js
+// for the stream's info.
+func NewCommandReader(js jetstream.JetStream, commands jetstream.Stream) *CommandReader {
+	return &CommandReader{js: js, commands: commands}
+}
+
+// info is FM_COMMANDS's info, with the subjects matching filter if not
+// empty, through a handle of its own.
+func (r *CommandReader) info(ctx context.Context, filter string) (*jetstream.StreamInfo, error) {
+	st, err := r.js.Stream(ctx, protocol.StreamCommands)
+	if err != nil {
+		return nil, err
+	}
+	if filter == "" {
+		return st.CachedInfo(), nil
+	}
+	return st.Info(ctx, jetstream.WithSubjectFilter(filter))
 }
 
 // streamLastTTL is how long FM_COMMANDS's last sequence is taken as read:
@@ -43,7 +64,7 @@ func (r *CommandReader) streamLast(ctx context.Context) (uint64, error) {
 	if !r.lastAt.IsZero() && time.Since(r.lastAt) < streamLastTTL {
 		return r.last, nil
 	}
-	info, err := r.commands.Info(ctx)
+	info, err := r.info(ctx, "")
 	if err != nil {
 		return 0, err
 	}
@@ -59,8 +80,12 @@ func (r *CommandReader) streamLast(ctx context.Context) (uint64, error) {
 //
 // Most catch-ups find nothing (an agent that reconnected, or checks now and
 // then): one look-up of the instance's last command, which the stream's
-// subject index answers, says so; only when there is something to read is
-// it read, one look-up by subject each.
+// subject index answers, says so. When there is something to read, each
+// command being on a subject of its own, the subject index lists the
+// instance's commands and each is read by its subject (readIndexed); a
+// look-up of the next message matching the instance's subjects from a
+// sequence, which the bus answers by reading through every message stored
+// since, is the way only when the index cannot serve (readScanned).
 func (r *CommandReader) After(ctx context.Context, instance string, after uint64) (protocol.CommandsAfterResponse, error) {
 	commands := r.commands
 	var resp protocol.CommandsAfterResponse
@@ -82,6 +107,82 @@ func (r *CommandReader) After(ctx context.Context, instance string, after uint64
 		}
 		return resp, nil
 	}
+	if resp, ok, err := r.readIndexed(ctx, filter, after); ok || err != nil {
+		return resp, err
+	}
+	return r.readScanned(ctx, filter, after, last)
+}
+
+// maxIndexedCommands is the most commands an instance may have in the
+// stream for a catch-up to read them through the subject index: one
+// look-up each.
+const maxIndexedCommands = 4 * protocol.MaxCommandsPerAnswer
+
+// readIndexed reads the commands of filter after sequence after through
+// the stream's subject index: the subjects of the instance's commands and
+// how many messages each holds (one STREAM.INFO, answered from the index),
+// then the last message of each subject. It does not serve (false) when the
+// instance has more than maxIndexedCommands commands stored, or a subject
+// holds more than one message (a command published again): readScanned
+// reads those.
+func (r *CommandReader) readIndexed(ctx context.Context, filter string, after uint64) (protocol.CommandsAfterResponse, bool, error) {
+	var resp protocol.CommandsAfterResponse
+	info, err := r.info(ctx, filter)
+	if err != nil {
+		return resp, false, err
+	}
+	subjects := info.State.Subjects
+	if len(subjects) > maxIndexedCommands {
+		return resp, false, nil
+	}
+	for _, n := range subjects {
+		if n != 1 {
+			return resp, false, nil
+		}
+	}
+	var found []*jetstream.RawStreamMsg
+	for subject := range subjects {
+		m, err := r.commands.GetLastMsgForSubject(ctx, subject)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue // gone since the look-up (its age)
+		}
+		if err != nil {
+			return resp, false, err
+		}
+		if m.Sequence > after {
+			found = append(found, m)
+		}
+	}
+	slices.SortFunc(found, func(a, b *jetstream.RawStreamMsg) int { return cmp.Compare(a.Sequence, b.Sequence) })
+	size := 0
+	for _, m := range found {
+		if !addCommand(&resp, m, &size) {
+			break
+		}
+	}
+	return resp, true, nil
+}
+
+// addCommand adds m to the answer, or says More and false when the answer
+// is full (by count, or by size unless it is empty).
+func addCommand(resp *protocol.CommandsAfterResponse, m *jetstream.RawStreamMsg, size *int) bool {
+	if len(resp.Commands) == protocol.MaxCommandsPerAnswer || (len(resp.Commands) > 0 && *size+len(m.Data) > maxCommandsAnswerBytes) {
+		resp.More = true
+		return false
+	}
+	c := protocol.StoredCommand{Seq: m.Sequence}
+	if json.Valid(m.Data) {
+		c.Command = json.RawMessage(m.Data)
+	}
+	resp.Commands, *size = append(resp.Commands, c), *size+len(m.Data)
+	return true
+}
+
+// readScanned reads the commands of filter after sequence after, up to
+// last, one look-up of the next message matching filter each.
+func (r *CommandReader) readScanned(ctx context.Context, filter string, after, last uint64) (protocol.CommandsAfterResponse, error) {
+	commands := r.commands
+	var resp protocol.CommandsAfterResponse
 	size := 0
 	for seq := after + 1; seq <= last; {
 		msg, err := commands.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(filter))
@@ -91,15 +192,10 @@ func (r *CommandReader) After(ctx context.Context, instance string, after uint64
 		if err != nil {
 			return protocol.CommandsAfterResponse{}, err
 		}
-		if len(resp.Commands) == protocol.MaxCommandsPerAnswer || (len(resp.Commands) > 0 && size+len(msg.Data) > maxCommandsAnswerBytes) {
-			resp.More = true
+		if !addCommand(&resp, msg, &size) {
 			return resp, nil
 		}
-		c := protocol.StoredCommand{Seq: msg.Sequence}
-		if json.Valid(msg.Data) {
-			c.Command = json.RawMessage(msg.Data)
-		}
-		resp.Commands, size, seq = append(resp.Commands, c), size+len(msg.Data), msg.Sequence+1
+		seq = msg.Sequence + 1
 	}
 	// The last one read was the instance's last when the look-up was made;
 	// any stored since is seen at the next catch-up, or live.
