@@ -299,7 +299,7 @@ func TestCommandsAfterReadsOneInstancesCommandsInOrder(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reader := bus.NewCommandReader(js, st)
+	reader := bus.NewCommandReader(st)
 	publish := func(instance, id string, data []byte) uint64 {
 		t.Helper()
 		ack, err := js.Publish(ctx(t), protocol.CommandSubject(instance, id), data)
@@ -356,9 +356,10 @@ func TestCommandsAfterReadsOneInstancesCommandsInOrder(t *testing.T) {
 			}
 		})
 	}
-	// A command published again on its subject (the sweep's republish
-	// after the dedup window): the subject index cannot tell the order of
-	// both copies, and the catch-up reads them by scanning, in order.
+	// A command published again on its subject after the dedup window (a
+	// grow-volume event folded again, say): the subject index cannot tell
+	// the order of both copies, and the catch-up reads them by scanning,
+	// in order.
 	first := publish("in-again", "c1", []byte(`{"n":1}`))
 	publish("in-other", "x", []byte(`{"other":true}`))
 	second := publish("in-again", "c2", []byte(`{"n":2}`))

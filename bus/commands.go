@@ -22,34 +22,18 @@ const maxCommandsAnswerBytes = 256 << 10
 // from FM_COMMANDS, without a consumer per agent on the bus. It is safe for
 // concurrent use.
 type CommandReader struct {
-	js jetstream.JetStream
-	// commands is FM_COMMANDS's handle for reads by sequence and subject.
-	// Its Info is never called: that writes the handle's cached info,
-	// which every read of it reads (direct or not); infos are asked of
-	// handles of their own (info).
 	commands jetstream.Stream
 	mu       sync.Mutex
 	last     uint64    // FM_COMMANDS's last sequence
 	lastAt   time.Time // when it was read
+	// indexed, if set (tests), runs between readIndexed's look at the
+	// subject index and its reads.
+	indexed func()
 }
 
-// NewCommandReader reads from commands, FM_COMMANDS's handle, and asks js
-// for the stream's info.
-func NewCommandReader(js jetstream.JetStream, commands jetstream.Stream) *CommandReader {
-	return &CommandReader{js: js, commands: commands}
-}
-
-// info is FM_COMMANDS's info, with the subjects matching filter if not
-// empty, through a handle of its own.
-func (r *CommandReader) info(ctx context.Context, filter string) (*jetstream.StreamInfo, error) {
-	st, err := r.js.Stream(ctx, protocol.StreamCommands)
-	if err != nil {
-		return nil, err
-	}
-	if filter == "" {
-		return st.CachedInfo(), nil
-	}
-	return st.Info(ctx, jetstream.WithSubjectFilter(filter))
+// NewCommandReader reads from commands, FM_COMMANDS's handle.
+func NewCommandReader(commands jetstream.Stream) *CommandReader {
+	return &CommandReader{commands: commands}
 }
 
 // streamLastTTL is how long FM_COMMANDS's last sequence is taken as read:
@@ -64,7 +48,7 @@ func (r *CommandReader) streamLast(ctx context.Context) (uint64, error) {
 	if !r.lastAt.IsZero() && time.Since(r.lastAt) < streamLastTTL {
 		return r.last, nil
 	}
-	info, err := r.info(ctx, "")
+	info, err := r.commands.Info(ctx)
 	if err != nil {
 		return 0, err
 	}
@@ -107,7 +91,7 @@ func (r *CommandReader) After(ctx context.Context, instance string, after uint64
 		}
 		return resp, nil
 	}
-	if resp, ok, err := r.readIndexed(ctx, filter, after); ok || err != nil {
+	if resp, ok, err := r.readIndexed(ctx, filter, after, last); ok || err != nil {
 		return resp, err
 	}
 	return r.readScanned(ctx, filter, after, last)
@@ -115,21 +99,25 @@ func (r *CommandReader) After(ctx context.Context, instance string, after uint64
 
 // maxIndexedCommands is the most commands an instance may have in the
 // stream for a catch-up to read them through the subject index: one
-// look-up each.
-const maxIndexedCommands = 4 * protocol.MaxCommandsPerAnswer
+// look-up each, every one at most one page.
+const maxIndexedCommands = protocol.MaxCommandsPerAnswer
 
-// readIndexed reads the commands of filter after sequence after through
-// the stream's subject index: the subjects of the instance's commands and
-// how many messages each holds (one STREAM.INFO, answered from the index),
-// then the last message of each subject. It does not serve (false) when the
-// instance has more than maxIndexedCommands commands stored, or a subject
-// holds more than one message (a command published again): readScanned
-// reads those.
-func (r *CommandReader) readIndexed(ctx context.Context, filter string, after uint64) (protocol.CommandsAfterResponse, bool, error) {
+// readIndexed reads the commands of filter after sequence after, up to
+// last, through the stream's subject index: the subjects of the instance's
+// commands and how many messages each holds (one STREAM.INFO, answered
+// from the index), then the last message of each subject. It does not
+// serve (false) when the instance has more than maxIndexedCommands
+// commands stored, a subject holds more than one message, or one was
+// stored after last (a command published again since: its first copy, or
+// a command stored between, would be skipped): readScanned reads those.
+func (r *CommandReader) readIndexed(ctx context.Context, filter string, after, last uint64) (protocol.CommandsAfterResponse, bool, error) {
 	var resp protocol.CommandsAfterResponse
-	info, err := r.info(ctx, filter)
+	info, err := r.commands.Info(ctx, jetstream.WithSubjectFilter(filter))
 	if err != nil {
 		return resp, false, err
+	}
+	if r.indexed != nil {
+		r.indexed()
 	}
 	subjects := info.State.Subjects
 	if len(subjects) > maxIndexedCommands {
@@ -148,6 +136,9 @@ func (r *CommandReader) readIndexed(ctx context.Context, filter string, after ui
 		}
 		if err != nil {
 			return resp, false, err
+		}
+		if m.Sequence > last {
+			return resp, false, nil
 		}
 		if m.Sequence > after {
 			found = append(found, m)

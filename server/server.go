@@ -256,7 +256,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("server: %w", err)
 	}
 	s := &Server{
-		cfg: cfg, log: log, js: js, commands: commands, commandReader: bus.NewCommandReader(js, commands), st: st, fold: newFolder(), box: box, agent: agentBin, crash: cfg.Crash, auth: auth,
+		cfg: cfg, log: log, js: js, commands: commands, commandReader: bus.NewCommandReader(commands), st: st, fold: newFolder(), box: box, agent: agentBin, crash: cfg.Crash, auth: auth,
 		apiByAddr: newAttemptLimiter(limiterAPIByAddr), apiByKey: newAttemptLimiter(limiterAPIByKey), joinByAddr: newAttemptLimiter(limiterJoinByAddr),
 		replica:  newID("srv"),
 		renewals: agentPacer{interval: renewInterval}, cmdAfters: agentPacer{interval: cmdAfterInterval}, diagLookups: agentPacer{interval: time.Second}, agentWork: newAgentWorkers(agentRequestWorkers),

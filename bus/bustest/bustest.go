@@ -136,7 +136,7 @@ func (s *Server) ServeCommandCatchUps(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	commands := bus.NewCommandReader(js, st)
+	commands := bus.NewCommandReader(st)
 	_, err = js.Conn().Subscribe(protocol.SubjectAllCmdAfter, func(m *nats.Msg) {
 		var req protocol.CommandsAfterRequest
 		var resp protocol.CommandsAfterResponse

@@ -199,7 +199,7 @@ func TestAgentCredentialsAllowItsOwnAndNothingElse(t *testing.T) {
 	// catch-ups, and takes heartbeats.
 	heartbeats, _ := admin.SubscribeSync(protocol.SubjectAllHeartbeat)
 	admin.Subscribe(protocol.SubjectAllCmdAfter, func(m *nats.Msg) {
-		resp, err := bus.NewCommandReader(ajs, commands).After(ctx, protocol.InstanceFromSubject(m.Subject), 0)
+		resp, err := bus.NewCommandReader(commands).After(ctx, protocol.InstanceFromSubject(m.Subject), 0)
 		if err != nil {
 			t.Error(err)
 		}
