@@ -132,7 +132,10 @@ func runAudit(ctx context.Context, env Env, r *resource, args []string) error {
 		if len(recs) > 0 {
 			// A float64 from JSON: exact for every sequence below 2^53, and
 			// printed as an integer (fmt.Sprint would print 1e+06).
-			seq, _ := recs[len(recs)-1]["seq"].(float64)
+			seq, ok := recs[len(recs)-1]["seq"].(float64)
+			if !ok {
+				return fmt.Errorf("the audit record %v has no sequence to read on from", recs[len(recs)-1]["id"])
+			}
 			q.Set("after", strconv.FormatUint(uint64(seq), 10))
 			q.Set("limit", "1000")
 		} else if !q.Has("after") {

@@ -361,54 +361,66 @@ type diagnosisFiler struct {
 	running sync.WaitGroup
 
 	mu       sync.Mutex
-	inFlight map[string]bool // command ids being filed
+	inFlight map[string]uint64 // command id -> stream sequence of the result being filed
 }
 
 func newDiagnosisFiler(s *Server) *diagnosisFiler {
-	return &diagnosisFiler{s: s, slots: make(chan struct{}, diagnosisFilers), inFlight: map[string]bool{}}
+	return &diagnosisFiler{s: s, slots: make(chan struct{}, diagnosisFilers), inFlight: map[string]uint64{}}
 }
 
+// diagnosisWait is how long a diagnosis result waits, handed back, for a
+// filer to be free.
+const diagnosisWait = 10 * time.Second
+
 // file folds m, the result of collect-diagnosis command cmd, in the
-// background once a filer is free; the folding waits for one when all are
-// busy, as it would have waited for the filing itself. Another copy of a
-// result being filed (a redelivery, or an agent sending its result again
-// and again) takes no filer: it is handed back, to be folded once the
-// first is.
+// background. With every filer busy it is handed back for later, not
+// waited for: the folding goes on. Another copy of a result being filed
+// takes no filer: a redelivery of the same message is handed back (the
+// first's outcome settles it), and one published again by the agent is
+// dropped (the first's outcome stands; an agent sending its result over
+// and over must not fill the events handed out, which the fleet shares).
 func (f *diagnosisFiler) file(ctx context.Context, m jetstream.Msg, cmd string) {
-	f.mu.Lock()
-	copyOf := f.inFlight[cmd]
-	f.inFlight[cmd] = true
-	f.mu.Unlock()
-	if copyOf {
-		_ = m.NakWithDelay(eventsAckWait / 3)
+	md, err := m.Metadata()
+	if err != nil {
+		_ = m.NakWithDelay(diagnosisWait)
 		return
 	}
-	release := func() {
-		f.mu.Lock()
-		delete(f.inFlight, cmd)
-		f.mu.Unlock()
+	seq := md.Sequence.Stream
+	f.mu.Lock()
+	filing, busy := f.inFlight[cmd]
+	if !busy {
+		select {
+		case f.slots <- struct{}{}:
+			f.inFlight[cmd] = seq
+		default:
+			f.mu.Unlock()
+			_ = m.NakWithDelay(diagnosisWait)
+			return
+		}
 	}
-	// The event stays this server's from now on, while it waits for a
-	// filer and while it is filed, however long that takes: another server
-	// would file it a second time.
+	f.mu.Unlock()
+	switch {
+	case busy && filing == seq:
+		_ = m.NakWithDelay(diagnosisWait)
+		return
+	case busy:
+		_ = m.Ack()
+		return
+	}
+	// The event stays this server's while it is filed, however long that
+	// takes: another server would file it a second time.
 	_ = m.InProgress()
 	_, kept := bus.KeepInProgress(ctx, m, eventsAckWait/3)
-	select {
-	case f.slots <- struct{}{}:
-	case <-ctx.Done():
-		kept()
-		release()
-		_ = m.Nak()
-		return
-	}
 	f.running.Add(1)
 	go func() {
 		defer f.running.Done()
-		defer func() { <-f.slots }()
 		ferr := f.s.foldEvent(withoutWriteRetries(ctx), m.Subject(), m.Data())
 		kept()
-		release()
 		f.s.settleEvent(ctx, m, ferr)
+		f.mu.Lock()
+		delete(f.inFlight, cmd)
+		f.mu.Unlock()
+		<-f.slots
 	}()
 }
 

@@ -274,8 +274,31 @@ func TestFilingADiagnosisHoldsNoOtherFolding(t *testing.T) {
 	other, otherKey := ready("diag-other")
 	bundle := bytes.Repeat([]byte("backend.log\n"), 1000)
 	held := collectDiagnosis(t, f, stuck, stuckKey, bundle, 1, func() {})
+	// The agent sends its result over and over while it is filed: the
+	// copies take no filer, and do not stay among the events handed out.
+	js := f.env.Bus.JetStream(t)
+	events, err := js.Consumer(context.Background(), protocol.StreamEvents, server.EventsConsumer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last, err := js.Stream(context.Background(), protocol.StreamEvents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := last.GetLastMsgForSubject(context.Background(), protocol.EventSubject(stuck, protocol.EventCommand))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 20 {
+		if _, err := js.Publish(context.Background(), m.Subject, m.Data); err != nil {
+			t.Fatal(err)
+		}
+	}
 	filed := collectDiagnosis(t, f, other, otherKey, bundle, 0, func() {})
 	f.waitFuture(filed.JobID, api.OpSucceeded, 20*time.Second)
+	if info, err := events.Info(context.Background()); err != nil || info.NumAckPending > 3 {
+		t.Fatalf("events handed out and not settled: %+v %v; the copies stayed", info, err)
+	}
 	var now api.Future
 	f.ok(f.do("GET", "/futures/"+held.JobID, ""), &now)
 	if now.State != api.OpRunning {

@@ -315,4 +315,5 @@ func TestFuturesPage(t *testing.T) {
 		t.Fatalf("after an operation not kept: %v", none)
 	}
 	f.failed(f.do("GET", "/futures?limit=0", ""), 400, "InvalidArgument")
+	f.failed(f.do("GET", "/futures?after=op.*", ""), 400, "InvalidArgument")
 }

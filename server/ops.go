@@ -260,9 +260,13 @@ func (s *Server) listFutures(r *http.Request) (any, error) {
 	if p.after != "" {
 		// A page follows the list's own order, newest first: it starts
 		// after the operation named, wherever it now stands.
+		if !protocol.ValidToken(p.after) {
+			return nil, invalid("query parameter after: %q is not an operation id", p.after)
+		}
 		// The copy may lag behind another replica's new operation: the
-		// bucket says whether it is gone. One gone (operations are kept a
-		// week) ends the list: the older ones are expiring too.
+		// bucket says whether it is gone. One gone (an operation is kept a
+		// week after its last change) ends the list: the pages are walked
+		// again from the first.
 		ref, _, err := s.st.ops.getOrFetch(r.Context(), p.after)
 		switch {
 		case errors.Is(err, errNotFound):

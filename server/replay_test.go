@@ -9,6 +9,7 @@ import (
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/server"
 )
 
 // TestReplayRunsTheTemplateAsItIsNow: replay-setup-actions is the next
@@ -146,6 +147,11 @@ func TestATemplateIsReplayedOnEveryInstanceOfIt(t *testing.T) {
 	viewer := f.newKey("viewer")
 	f.failed(f.doAs("POST", "/instance-settings-templates/"+tpl.ID+"/actions/replay-setup-actions", "", viewer.ID, viewer.Secret), 403, "PermissionDenied")
 	f.failed(f.do("POST", "/instance-settings-templates/tpl-none/actions/replay-setup-actions", ""), 404, "NotFound")
+
+	// One at a time on a server.
+	release := server.HoldTemplateReplays(f.env.Server)
+	f.failed(f.do("POST", "/instance-settings-templates/"+tpl.ID+"/actions/replay-setup-actions", ""), 409, "Conflict")
+	release()
 
 	var out api.TemplateReplay
 	f.ok(f.do("POST", "/instance-settings-templates/"+tpl.ID+"/actions/replay-setup-actions", ""), &out)

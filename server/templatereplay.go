@@ -85,19 +85,24 @@ func (s *Server) replayTemplate(r *http.Request) (any, error) {
 	return out, nil
 }
 
-// replayOne starts replay-setup-actions on instance id (act's writes try
-// again while the bus does not answer), unless the call is out of time.
+// replayOne starts replay-setup-actions on instance id unless the call is
+// out of time (ctx, the call's budget, is looked at only before a start:
+// one under way runs to its end, its writes tried again while the bus
+// does not answer, as asked of one instance).
 func (s *Server) replayOne(ctx context.Context, r *http.Request, id string) (api.Future, error) {
-	if ctx.Err() != nil {
+	switch {
+	case r.Context().Err() != nil:
+		return api.Future{}, unavailable(ctx.Err(), "not started: the caller left before this instance's turn; ask again")
+	case ctx.Err() != nil:
 		return api.Future{}, unavailable(ctx.Err(), "not started: the call ran out of time (%s) before this instance's turn; ask again", templateReplayTime)
 	}
 	in, ok := s.st.instances.view(id)
 	if !ok {
 		return api.Future{}, notFound(kindInstance, id)
 	}
-	f, err := s.act(ctx, in, s.actions()[opReplayActions])
+	f, err := s.act(context.WithoutCancel(r.Context()), in, s.actions()[opReplayActions])
 	if err == nil {
-		s.auditOn(r, auditInstances, id, nil)
+		s.auditOn(r, auditInstances, id)
 	}
 	return f, err
 }
