@@ -35,6 +35,15 @@ func (s *Server) listInstances(r *http.Request) (any, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The generations are read before the copies: a change made meanwhile
+	// leaves the list kept under generations already gone.
+	key := wholeListKey{instances: s.st.instances.generation(), networks: s.st.networks.generation(),
+		templates: s.st.templates.generation(), viewer: isViewer(r)}
+	if p == (page{}) && !q.Has("state") && !q.Has("label") {
+		if body, ok := s.listed.whole(key); ok {
+			return body, nil
+		}
+	}
 	all, filtered, err := s.instancesMatching(q)
 	if err != nil {
 		return nil, err
@@ -50,7 +59,11 @@ func (s *Server) listInstances(r *http.Request) (any, error) {
 		redactInstance(r, &all[i])
 		redacted[i] = all[i].SSLCertificatePEM != before
 	}
-	return s.listed.list(all, redacted, whole)
+	body, err := s.listed.list(all, redacted, whole)
+	if err == nil && whole {
+		s.listed.keepWhole(key, body)
+	}
+	return body, err
 }
 
 // instancesMatching is every instance the query's filters keep (state: one

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/internal/certtest"
@@ -194,6 +195,72 @@ func TestAViewerSeesNoPrivateKey(t *testing.T) {
 		if got.SSLCertificatePEM != both {
 			t.Errorf("an operator reads %q", got.SSLCertificatePEM)
 		}
+		// And again, from what each list keeps.
+		if r := f.doAs("GET", path, "", op.ID, op.Secret); !strings.Contains(string(r.body), "PRIVATE KEY") {
+			t.Errorf("an operator reads %s again without the key: %s", path, r.body)
+		}
+		if r := f.doAs("GET", path, "", v.ID, v.Secret); strings.Contains(string(r.body), "PRIVATE KEY") {
+			t.Errorf("a viewer reads %s again with the key", path)
+		}
+	}
+}
+
+// TestTheWholeListFollowsEveryChange: the list of every instance, kept
+// while nothing it was made from changed, shows each change as soon as it
+// is made: an instance created, changed or deleted, a network or template
+// renamed.
+func TestTheWholeListFollowsEveryChange(t *testing.T) {
+	f := start(t)
+	vn, tpl, im := f.fleet()
+	list := func() string {
+		t.Helper()
+		r := f.do("GET", "/instances", "")
+		f.ok(r, nil)
+		return string(r.body)
+	}
+	a := f.createInstance(instanceBody("first", vn.ID, tpl.ID, im.ID))
+	if l := list(); !strings.Contains(l, `"first"`) || list() != l {
+		t.Fatalf("the list: %s", l)
+	}
+	b := f.createInstance(instanceBody("second", vn.ID, tpl.ID, im.ID))
+	for _, c := range []struct {
+		name   string
+		change func()
+		want   string
+		gone   string
+	}{
+		{"created", func() {}, `"second"`, ""},
+		{"network renamed", func() {
+			m := map[string]any{}
+			f.ok(f.do("GET", "/virtual-networks/"+vn.ID, ""), &m)
+			m["label"] = "renamed-net"
+			f.ok(f.do("PUT", "/virtual-networks/"+vn.ID, mustJSON(t, m)), nil)
+		}, `"renamed-net"`, ""},
+		{"template renamed", func() {
+			m := map[string]any{}
+			f.ok(f.do("GET", "/instance-settings-templates/"+tpl.ID, ""), &m)
+			m["label"] = "renamed-tpl"
+			f.ok(f.do("PUT", "/instance-settings-templates/"+tpl.ID, mustJSON(t, m)), nil)
+		}, `"renamed-tpl"`, ""},
+		{"instance changed", func() {
+			m := map[string]any{}
+			f.ok(f.do("GET", "/instances/"+a.ID, ""), &m)
+			m["label"] = "first-renamed"
+			f.ok(f.do("PUT", "/instances/"+a.ID, mustJSON(t, m)), nil)
+		}, `"first-renamed"`, ""},
+		{"instance deleted", func() {
+			var op api.Future
+			f.ok(f.do("GET", "/instances/"+b.ID+"/actions/delete", ""), &op)
+			f.waitFuture(op.JobID, api.OpSucceeded, 20*time.Second)
+		}, `"first-renamed"`, b.ID},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			c.change()
+			l := list()
+			if !strings.Contains(l, c.want) || c.gone != "" && strings.Contains(l, c.gone) {
+				t.Fatalf("after the change: %s", l)
+			}
+		})
 	}
 }
 

@@ -65,6 +65,7 @@ type table[T any] struct {
 	keys    []string
 	keysGen uint64        // counts the changes of the set of keys
 	rev     uint64        // highest revision applied to items
+	gen     uint64        // counts the changes applied to items (generation)
 	synced  bool          // the initial snapshot has been applied
 	changed chan struct{} // closed and replaced after every applied change
 	// rewatching asks the watcher to start again (rewatch).
@@ -273,8 +274,18 @@ func (t *table[T]) apply(into map[string]row[T], e jetstream.KeyValueEntry) {
 }
 
 func (t *table[T]) notifyLocked() {
+	t.gen++
 	close(t.changed)
 	t.changed = make(chan struct{})
+}
+
+// generation counts the changes applied to the copy: the same number
+// twice means the same copy (what was made of it may be reused). Read
+// before the copy is.
+func (t *table[T]) generation() uint64 {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.gen
 }
 
 // waitSynced blocks until the initial snapshot is loaded.
