@@ -151,19 +151,8 @@ func TestTheRelayTakesDiagnosisChunksOnlyForACollectUnderWay(t *testing.T) {
 // operator downloads it opened. A bundle that does not open with the
 // instance's key fails the operation, and nothing is filed.
 func TestADiagnosisIsFiledAndKeptSealed(t *testing.T) {
-	f := startWithAuthority(t, time.Hour, servertest.WithConfig(func(c *server.Config) { c.SweepInterval = time.Hour }))
-	vn, tpl, _ := f.fleet()
-	im := f.addImageWithKit("dss-diag", "14.0.0")
-	in := f.createInstance(instanceBody("sealed-diag", vn.ID, tpl.ID, im.ID)).ID
-	req := f.provisionRequest(in)
-	var joined protocol.JoinResponse
-	f.ok(f.joinAs(in, req.Spec.Join.Token, machineKey(t)), &joined)
-	key, err := base64.StdEncoding.DecodeString(joined.InstanceKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.abortOperation(in)
-	runningWithVolume(t, f.env.Bus, in)
+	f, ready := diagnosable(t)
+	in, key := ready("sealed-diag")
 	js := f.env.Bus.JetStream(t)
 
 	bundle := bytes.Repeat([]byte("backend.log: DKU_SECRET_MARKER\n"), 30000) // several chunks
@@ -254,22 +243,7 @@ func collectDiagnosis(t *testing.T, f *fm, in string, sealWith, bundle []byte, m
 // operation) does not hold up the folding of other instances' events: a
 // second instance's diagnosis is filed, and its operation ended, first.
 func TestFilingADiagnosisHoldsNoOtherFolding(t *testing.T) {
-	f := startWithAuthority(t, time.Hour, servertest.WithConfig(func(c *server.Config) { c.SweepInterval = time.Hour }))
-	vn, tpl, _ := f.fleet()
-	im := f.addImageWithKit("dss-diag", "14.0.0")
-	ready := func(name string) (string, []byte) {
-		in := f.createInstance(instanceBody(name, vn.ID, tpl.ID, im.ID)).ID
-		req := f.provisionRequest(in)
-		var joined protocol.JoinResponse
-		f.ok(f.joinAs(in, req.Spec.Join.Token, machineKey(t)), &joined)
-		key, err := base64.StdEncoding.DecodeString(joined.InstanceKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		f.abortOperation(in)
-		runningWithVolume(t, f.env.Bus, in)
-		return in, key
-	}
+	f, ready := diagnosable(t)
 	stuck, stuckKey := ready("diag-stuck")
 	other, otherKey := ready("diag-other")
 	bundle := bytes.Repeat([]byte("backend.log\n"), 1000)
@@ -305,4 +279,28 @@ func TestFilingADiagnosisHoldsNoOtherFolding(t *testing.T) {
 		t.Fatalf("the diagnosis missing a chunk ended (%s) before the other was filed: they were not filed side by side", now.State)
 	}
 	f.waitFuture(held.JobID, api.OpFailed, 30*time.Second)
+}
+
+// diagnosable starts FM (with an authority, no sweep) and returns ready,
+// which makes a running instance whose agent joined, and returns its id and
+// its instance key.
+func diagnosable(t *testing.T) (*fm, func(label string) (string, []byte)) {
+	t.Helper()
+	f := startWithAuthority(t, time.Hour, servertest.WithConfig(func(c *server.Config) { c.SweepInterval = time.Hour }))
+	vn, tpl, _ := f.fleet()
+	im := f.addImageWithKit("dss-diag", "14.0.0")
+	return f, func(label string) (string, []byte) {
+		t.Helper()
+		in := f.createInstance(instanceBody(label, vn.ID, tpl.ID, im.ID)).ID
+		req := f.provisionRequest(in)
+		var joined protocol.JoinResponse
+		f.ok(f.joinAs(in, req.Spec.Join.Token, machineKey(t)), &joined)
+		key, err := base64.StdEncoding.DecodeString(joined.InstanceKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.abortOperation(in)
+		runningWithVolume(t, f.env.Bus, in)
+		return in, key
+	}
 }

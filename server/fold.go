@@ -113,6 +113,27 @@ func (s *Server) runFolding(ctx context.Context) {
 	}
 }
 
+// eachAtOnce calls fn(i) for each i in [0, n), at most workers at once,
+// and returns when every call has.
+func eachAtOnce(workers, n int, fn func(i int)) {
+	work := make(chan int)
+	var wg sync.WaitGroup
+	for range min(workers, n) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range work {
+				fn(i)
+			}
+		}()
+	}
+	for i := range n {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+}
+
 // reconcileWorkers is how many instances are reconciled at once: each
 // waits on the bus most of its time, and a fleet-wide change ends
 // thousands of operations together.
@@ -131,22 +152,7 @@ func (s *Server) reconcileAll(ctx context.Context, ids []string) {
 		one(ids[0])
 		return
 	}
-	work := make(chan string)
-	var wg sync.WaitGroup
-	for range min(reconcileWorkers, len(ids)) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for id := range work {
-				one(id)
-			}
-		}()
-	}
-	for _, id := range ids {
-		work <- id
-	}
-	close(work)
-	wg.Wait()
+	eachAtOnce(reconcileWorkers, len(ids), func(i int) { one(ids[i]) })
 }
 
 // reconcile brings an instance's lifecycle and operation in line with what

@@ -244,6 +244,9 @@ func (s *Server) listFutures(r *http.Request) (any, error) {
 	if err != nil {
 		return nil, err
 	}
+	if p.after != "" && !protocol.ValidToken(p.after) {
+		return nil, invalid("query parameter after: %q is not an operation id", p.after)
+	}
 	var ops []opRecord
 	if state != "" {
 		// Operations are grouped by state: the running ones are found
@@ -260,9 +263,6 @@ func (s *Server) listFutures(r *http.Request) (any, error) {
 	if p.after != "" {
 		// A page follows the list's own order, newest first: it starts
 		// after the operation named, wherever it now stands.
-		if !protocol.ValidToken(p.after) {
-			return nil, invalid("query parameter after: %q is not an operation id", p.after)
-		}
 		// The copy may lag behind another replica's new operation: the
 		// bucket says whether it is gone. One gone (an operation is kept a
 		// week after its last change) ends the list: the pages are walked

@@ -3,8 +3,6 @@ package server
 import (
 	"context"
 	"net/http"
-	"slices"
-	"sync"
 	"time"
 
 	"github.com/fleetmanager/fm/api"
@@ -42,33 +40,17 @@ func (s *Server) replayTemplate(r *http.Request) (any, error) {
 		return nil, conflict("a template-wide replay is under way on this server; ask again once it has answered")
 	}
 	defer s.replayingTpl.Unlock()
-	var ids []string
+	var ids []string // in id order, as the table keeps its rows
 	for _, row := range s.st.instances.rows() {
 		if row.val.InstanceSettingsTemplateID == id {
 			ids = append(ids, row.key)
 		}
 	}
-	slices.Sort(ids)
 	ctx, cancel := context.WithTimeout(r.Context(), templateReplayTime)
 	defer cancel()
 	futures := make([]api.Future, len(ids))
 	refusals := make([]error, len(ids))
-	work := make(chan int)
-	var wg sync.WaitGroup
-	for range min(templateReplayWorkers, len(ids)) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range work {
-				futures[i], refusals[i] = s.replayOne(ctx, r, ids[i])
-			}
-		}()
-	}
-	for i := range ids {
-		work <- i
-	}
-	close(work)
-	wg.Wait()
+	eachAtOnce(templateReplayWorkers, len(ids), func(i int) { futures[i], refusals[i] = s.replayOne(ctx, r, ids[i]) })
 	out := api.TemplateReplay{TemplateID: id, Futures: []api.Future{}, Skipped: []api.ReplaySkipped{}}
 	for i, err := range refusals {
 		if err == nil {
