@@ -313,7 +313,7 @@ func (e *apiErr) Error() string {
 	return e.e.DetailedMessage
 }
 
-func putMachine(t *testing.T, js jetstream.JetStream, m protocol.MachineState) {
+func putMachine(t testing.TB, js jetstream.JetStream, m protocol.MachineState) {
 	t.Helper()
 	kv, err := js.KeyValue(context.Background(), protocol.BucketMachines)
 	if err != nil {
@@ -330,7 +330,7 @@ func putMachine(t *testing.T, js jetstream.JetStream, m protocol.MachineState) {
 
 // machineRunning records the instance's machine as running, made by
 // request.
-func machineRunning(t *testing.T, js jetstream.JetStream, instance, request string) {
+func machineRunning(t testing.TB, js jetstream.JetStream, instance, request string) {
 	putMachine(t, js, protocol.MachineState{Instance: instance, Backend: "fake", Status: protocol.MachineRunning, MachineID: "m-1",
 		VolumeID: "vol-1", VolumeSizeGB: 50, RequestID: request})
 }
@@ -519,4 +519,103 @@ func TestADeletionThatDiesFindsAMachineMadeMeanwhile(t *testing.T) {
 		t.Fatalf("the deletion of an instance with a machine: %+v", ended)
 	}
 	f.ok(f.do("GET", "/instances/"+in.ID, ""), nil)
+}
+
+// TestAClaimAfterTheSweepEndedItStartsAgain: a call that stalled between
+// recording its operation and claiming its target (the bus electing a
+// leader) finds its operation ended by the sweep as never started. The
+// stall was the bus's, not the caller's: the call gives the target back,
+// sends nothing for the ended operation, and starts again with a new one.
+func TestAClaimAfterTheSweepEndedItStartsAgain(t *testing.T) {
+	for _, tc := range []struct {
+		name, point, method string
+		begin               func(f *fm) (target, path string)
+	}{
+		// An instance's actions are GETs, as the Dataiku client sends them.
+		{"instance", "server/act/op-recorded", "GET", func(f *fm) (string, string) {
+			vn, tpl, _ := f.fleet()
+			kit := f.addImageWithKit("dss-stall", "14.0.0")
+			in := f.createInstance(instanceBody("stall", vn.ID, tpl.ID, kit.ID))
+			return in.ID, "/instances/" + in.ID + "/actions/reprovision"
+		}},
+		{"load balancer", "server/lb/op-recorded", "POST", func(f *fm) (string, string) {
+			vn, tpl, im := f.lbFleet()
+			a := f.createInstance(instanceBody("a", vn.ID, tpl.ID, im.ID))
+			machineRunning(f.t, f.env.Bus.JetStream(f.t), a.ID, "req-a")
+			var lb api.LoadBalancer
+			f.ok(f.do("POST", "/load-balancers", lbBody("front", vn.ID, "a.example.com", a.ID)), &lb)
+			return lb.ID, "/load-balancers/" + lb.ID + "/actions/provision"
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			paused, resume := make(chan struct{}), make(chan struct{})
+			var once sync.Once
+			f := start(t, servertest.WithConfig(func(c *server.Config) {
+				c.LocalBackend, c.SweepInterval, c.RepublishAfter = true, 100*time.Millisecond, 300*time.Millisecond
+				c.Crash = func(point string) {
+					if point == tc.point {
+						once.Do(func() {
+							close(paused)
+							<-resume
+						})
+					}
+				}
+			}))
+			target, path := tc.begin(f)
+			answered := make(chan response, 1)
+			go func() { answered <- f.do(tc.method, path, "") }()
+			select {
+			case <-paused:
+			case r := <-answered:
+				t.Fatalf("the call answered %d %s before it recorded an operation", r.status, r.body)
+			}
+			var ended api.Future
+			waitFor(t, "the stalled operation ended as never started", func() bool {
+				var ops []api.Future
+				f.ok(f.do("GET", "/futures?targetId="+target, ""), &ops)
+				for _, op := range ops {
+					if op.State != api.OpRunning {
+						ended = op
+					}
+				}
+				return ended.JobID != ""
+			})
+			if ended.Error == nil || ended.Error.Message != "Operation never started" {
+				t.Fatalf("the stalled operation: %+v", ended)
+			}
+			close(resume)
+			r := <-answered
+			if r.status != http.StatusOK {
+				t.Fatalf("the call whose operation was ended under it answered %d %s", r.status, r.body)
+			}
+			var op api.Future
+			if err := json.Unmarshal(r.body, &op); err != nil {
+				t.Fatal(err)
+			}
+			if op.JobID == "" || op.JobID == ended.JobID {
+				t.Fatalf("the call answered %+v; the ended operation was %s", op, ended.JobID)
+			}
+			st, err := f.env.Bus.JetStream(t).Stream(context.Background(), protocol.StreamProvision)
+			if err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "the new operation's request sent", func() bool {
+				info, err := st.Info(context.Background())
+				return err == nil && info.State.Msgs >= 1
+			})
+			for seq := uint64(1); ; seq++ {
+				m, err := st.GetMsg(context.Background(), seq)
+				if err != nil {
+					break
+				}
+				var req protocol.ProvisionRequest
+				if err := json.Unmarshal(m.Data, &req); err != nil {
+					t.Fatal(err)
+				}
+				if req.OpID != op.JobID {
+					t.Fatalf("a request went out for operation %s, not the new one %s", req.OpID, op.JobID)
+				}
+			}
+		})
+	}
 }

@@ -337,18 +337,21 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 			_ = s.st.lifecycle.kv.Purge(ctx, in.ID)
 			return api.Future{}, notFound(kindInstance, in.ID)
 		}
-		// A call that stalled between recording and claiming may find its
-		// operation ended by the sweep as never started: give the instance
-		// back and send nothing.
+		// A call that stalled between recording and claiming (a bus
+		// electing leaders after a node is lost) may find its operation
+		// ended by the sweep as never started: give the instance back, send
+		// nothing, and start again with a new operation: the stall was the
+		// bus's, not the caller's.
 		if cur, _, err := s.st.ops.fetch(ctx, op.JobID); err != nil || cur.State != api.OpRunning {
 			if _, uerr := s.st.lifecycle.update(ctx, in.ID, lc, claimed); uerr != nil {
 				s.log.Warn().Err(uerr).Str("instance", in.ID).Str("op", op.JobID).Msg("the instance was not given back; the sweep settles it")
 			}
 			s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
-			if err == nil {
-				err = fmt.Errorf("operation %s is %s", op.JobID, cur.State)
+			if err != nil {
+				return api.Future{}, unavailable(err, "the operation could not be read back; retry")
 			}
-			return api.Future{}, unavailable(err, "the operation was ended before it started; retry")
+			s.log.Warn().Str("instance", in.ID).Str("op", op.JobID).Str("state", cur.State).Msg("the operation was ended before it claimed its instance; starting again")
+			continue
 		}
 		if a.kind == opDelete {
 			if err := s.refuseIfBalanced(ctx, op, lc.State); err != nil {

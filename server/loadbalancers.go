@@ -272,7 +272,8 @@ func (s *Server) actOnLB(ctx context.Context, id string, a lbAction) (any, error
 		next := lb
 		next.OperationID, next.State, next.Order, next.Error, next.UpdatedAt = op.JobID, a.during, req.Order, nil, time.Now().UTC()
 		next.Deleting = a.kind == opLBDelete
-		if _, err := s.st.lbs.update(ctx, id, next, rev); err != nil {
+		claimed, err := s.st.lbs.update(ctx, id, next, rev)
+		if err != nil {
 			_ = s.st.ops.kv.Purge(ctx, op.JobID) // nobody saw it
 			if errors.Is(err, errConflict) {
 				continue
@@ -280,6 +281,20 @@ func (s *Server) actOnLB(ctx context.Context, id string, a lbAction) (any, error
 			return nil, unavailable(err, "the load balancer could not be claimed")
 		}
 		s.crash.At("server/lb/claimed")
+		// A call that stalled between recording and claiming may find its
+		// operation ended by the sweep as never started: its request must
+		// not go out (a load balancer made for an operation that says
+		// nothing was done). Give the load balancer back and start again.
+		if cur, _, err := s.st.ops.fetch(ctx, op.JobID); err != nil || cur.State != api.OpRunning {
+			if _, uerr := s.st.lbs.update(ctx, id, lb, claimed); uerr != nil {
+				s.log.Warn().Err(uerr).Str("load_balancer", id).Str("op", op.JobID).Msg("the load balancer was not given back; the sweep settles it")
+			}
+			if err != nil {
+				return nil, unavailable(err, "the operation could not be read back; retry")
+			}
+			s.log.Warn().Str("load_balancer", id).Str("op", op.JobID).Str("state", cur.State).Msg("the operation was ended before it claimed its load balancer; starting again")
+			continue
+		}
 		s.log.Info().Str("load_balancer", id).Str("op", op.JobID).Str("action", a.kind).Msg("load balancer operation started")
 		s.publishLBOp(ctx, op)
 		return op.Future, nil
