@@ -86,5 +86,9 @@
 //	  checks it refuses the join of an older agent on EC2. A diagnosis
 //	  result's sealed (the bundle travels sealed with the instance key,
 //	  at SealedDiagnosisPlace): a server before it would file the sealed
-//	  bytes as they are.
+//	  bytes as they are. A machine spec's network internet access mode
+//	  and web ports (NetworkSpec.InternetAccess, WebPorts): an older
+//	  provisioner ignores them (public addresses as assignPublicIp says,
+//	  the web group of SSH, 80, 443 and the base port); an older server
+//	  sends neither, and gets that group.
 package protocol

@@ -343,6 +343,28 @@ type NetworkSpec struct {
 	DNSStrategy              string   `json:"dnsStrategy"`
 	PrivateZoneID            string   `json:"privateZoneId,omitempty"`
 	PublicZoneID             string   `json:"publicZoneId,omitempty"`
+	// InternetAccess is the network's internetAccessMode: InternetAccessYes
+	// (or empty, from an older server), InternetAccessNo (no public address,
+	// and FM's security groups let traffic out only to private addresses)
+	// or InternetAccessEgressOnly (no public address; out to anywhere, as
+	// the subnet's routes allow).
+	InternetAccess string `json:"internetAccess,omitempty"`
+	// WebPorts are the TCP ports the machine serves to its users (DSS's
+	// own port, or its HTTPS front's), which FM's web security group opens
+	// beside SSH. Empty (an older server): SSH, 80, 443 and BasePort.
+	WebPorts []int `json:"webPorts,omitempty"`
+}
+
+// The internet access modes of a network (NetworkSpec.InternetAccess).
+const (
+	InternetAccessYes        = "YES"
+	InternetAccessNo         = "NO"
+	InternetAccessEgressOnly = "EGRESS_ONLY"
+)
+
+// Public reports whether the network's machines may have a public address.
+func (n NetworkSpec) Public() bool {
+	return n.InternetAccess == "" || n.InternetAccess == InternetAccessYes
 }
 
 // AccessSpec is how the machine is reached and what identity it runs with

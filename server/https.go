@@ -83,6 +83,22 @@ func (s *Server) httpsTarget(in api.Instance, vn api.VirtualNetwork, basePort in
 	return t, nil
 }
 
+// webPorts are the ports a cloud machine of network vn serves DSS's users
+// on, which FM's web security group opens: its HTTPS front's (443, and 80
+// when it redirects or answers ACME's challenges), or DSS's own port when
+// it has none. DSS's own port is not opened beside a front: a client
+// could reach DSS in clear there.
+func webPorts(vn api.VirtualNetwork, dssPort int) []int {
+	if vn.HTTPSStrategy == "" || vn.HTTPSStrategy == api.HTTPSNone {
+		return []int{dssPort}
+	}
+	ports := []int{cloudHTTPSPort}
+	if vn.HTTPStrategy == api.HTTPRedirect || vn.HTTPSStrategy == api.HTTPSLetsEncrypt {
+		ports = append(ports, cloudHTTPPort)
+	}
+	return ports
+}
+
 // publicURL is where DSS answers: https when the agent reports its HTTPS
 // front serving (the port left out when it is 443), its own port
 // otherwise.

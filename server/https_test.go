@@ -2,6 +2,8 @@ package server_test
 
 import (
 	"context"
+	"fmt"
+	"slices"
 	"strings"
 	"testing"
 
@@ -145,5 +147,41 @@ func TestTheTemplatesAWSKeyPairReachesTheMachineSealed(t *testing.T) {
 	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/reprovision", ""), &op)
 	if d, _ := f.desiredOf(in.ID); d.DSS.AWSCredentials != nil {
 		t.Fatalf("a key pair in Secrets Manager reached the desired state: %+v", d.DSS.AWSCredentials)
+	}
+}
+
+// TestTheNetworksAccessReachesTheMachineSpec: the provisioner is told the
+// network's internet access mode, and the ports DSS's users reach (DSS's
+// own without an HTTPS front; the front's, with 80 when it redirects or
+// answers ACME's challenges, and never DSS's own beside it); a network
+// without internet access gives no public address, whatever
+// awsAssignPublicIP says.
+func TestTheNetworksAccessReachesTheMachineSpec(t *testing.T) {
+	f := start(t)
+	vn, tpl, _ := f.fleet()
+	im := f.addImageWithKit("dss-14.0.0-access", "14.0.0")
+	for i, tc := range []struct {
+		access, https, http string
+		public              bool
+		ports               []int
+	}{
+		{"YES", "NONE", "DISABLE", true, []int{10000}},
+		{"YES", "SELF_SIGNED", "DISABLE", true, []int{443}},
+		{"YES", "SELF_SIGNED", "REDIRECT", true, []int{443, 80}},
+		{"EGRESS_ONLY", "LETSENCRYPT", "DISABLE", false, []int{443, 80}},
+		{"NO", "NONE", "DISABLE", false, []int{10000}},
+	} {
+		t.Run(tc.access+"/"+tc.https+"/"+tc.http, func(t *testing.T) {
+			m := map[string]any{}
+			f.ok(f.do("GET", "/virtual-networks/"+vn.ID, ""), &m)
+			m["internetAccessMode"], m["httpsStrategy"], m["httpStrategy"], m["contactMail"] = tc.access, tc.https, tc.http, "ops@example.com"
+			f.ok(f.do("PUT", "/virtual-networks/"+vn.ID, mustJSON(t, m)), nil)
+			in := f.createInstance(instanceBody(fmt.Sprintf("access%d", i), vn.ID, tpl.ID, im.ID))
+			spec := f.provisionRequest(in.ID).Spec
+			n := spec.Network
+			if n.InternetAccess != tc.access || n.AssignPublicIP != tc.public || !slices.Equal(n.WebPorts, tc.ports) {
+				t.Fatalf("network spec: access %q public %v ports %v; want %q %v %v", n.InternetAccess, n.AssignPublicIP, n.WebPorts, tc.access, tc.public, tc.ports)
+			}
+		})
 	}
 }

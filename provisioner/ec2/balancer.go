@@ -103,8 +103,8 @@ func (b *Backend) ApplyBalancer(ctx context.Context, req provisioner.Request, cu
 	if err := b.checkBalancer(spec); err != nil {
 		return cur, err
 	}
-	lbGroup, err := b.ensureGroup(ctx, c, spec.Network, spec.Tags, "lb", "Fleet Manager: HTTP and HTTPS to load balancers",
-		func(string) []types.IpPermission {
+	lbGroup, err := b.ensureGroup(ctx, c, spec.Network, spec.Tags, groupWant{kind: "lb", desc: "Fleet Manager: HTTP and HTTPS to load balancers",
+		ingress: func(string) []types.IpPermission {
 			var ranges []types.IpRange
 			for _, cidr := range b.cfg.IngressCIDRs {
 				ranges = append(ranges, types.IpRange{CidrIp: aws.String(cidr), Description: aws.String("Fleet Manager ingress")})
@@ -114,7 +114,7 @@ func (b *Backend) ApplyBalancer(ctx context.Context, req provisioner.Request, cu
 				rules = append(rules, types.IpPermission{IpProtocol: aws.String("tcp"), FromPort: aws.Int32(port), ToPort: aws.Int32(port), IpRanges: ranges})
 			}
 			return rules
-		})
+		}})
 	if err != nil {
 		return cur, err
 	}

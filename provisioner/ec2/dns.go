@@ -86,7 +86,7 @@ func (b *Backend) hostnames(ctx context.Context, c clients, req provisioner.Requ
 		return nil, nil
 	}
 	public := ""
-	if spec.Network.AssignPublicIP || spec.ElasticIP != nil {
+	if (spec.Network.AssignPublicIP || spec.ElasticIP != nil) && spec.Network.Public() {
 		public = spec.Network.PublicZoneID
 	}
 	var names []string

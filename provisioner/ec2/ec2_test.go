@@ -467,6 +467,9 @@ func TestBadInputChangesNothing(t *testing.T) {
 			s.Network.SecurityGroups = []string{"sg-1", "sg-2", "sg-3", "sg-4", "sg-5", "sg-6"}
 		}, "6 security groups"},
 		{"four given and two made", func(s *protocol.MachineSpec) { s.Network.SecurityGroups = []string{"sg-1", "sg-2", "sg-3", "sg-4"} }, "at most 5"},
+		{"an elastic IP without internet access", func(s *protocol.MachineSpec) { s.Network.InternetAccess = protocol.InternetAccessNo }, "no public address: an elastic IP"},
+		{"an unknown internet access mode", func(s *protocol.MachineSpec) { s.Network.InternetAccess = "SOMETIMES" }, `internet access mode "SOMETIMES" is unknown`},
+		{"a web port out of range", func(s *protocol.MachineSpec) { s.Network.WebPorts = []int{443, 70000} }, "web port 70000"},
 		{"unknown security group", func(s *protocol.MachineSpec) {
 			s.Network.AutoCreateSecurityGroups = false
 			s.Network.SecurityGroups = []string{"sg-0000000000000dead"}
@@ -643,7 +646,7 @@ func TestExistingWebGroupGetsMissingRules(t *testing.T) {
 			IpRanges: []types.IpRange{{CidrIp: aws.String("203.0.113.0/24")}}}}}); err != nil {
 		t.Fatal(err)
 	}
-	ids, err := w.backend.securityGroups(ctx, clients{ec2: w.ec2, dns: w.dns}, w.spec())
+	ids, err := w.backend.securityGroups(ctx, clients{ec2: w.ec2, dns: w.dns}, w.spec(), plan{})
 	if err != nil || !slices.Contains(ids, aws.ToString(g.GroupId)) {
 		t.Fatalf("groups %v, %v (want the existing %s)", ids, err, aws.ToString(g.GroupId))
 	}

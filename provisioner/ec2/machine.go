@@ -91,7 +91,7 @@ func (b *Backend) runInstance(ctx context.Context, c clients, req provisioner.Re
 		UserData: aws.String(base64.StdEncoding.EncodeToString(ud)),
 		NetworkInterfaces: []types.InstanceNetworkInterfaceSpecification{{
 			DeviceIndex: aws.Int32(0), SubnetId: aws.String(spec.Network.SubnetID), Groups: sgs,
-			AssociatePublicIpAddress: aws.Bool(spec.Network.AssignPublicIP), DeleteOnTermination: aws.Bool(true),
+			AssociatePublicIpAddress: aws.Bool(spec.Network.AssignPublicIP && spec.Network.Public()), DeleteOnTermination: aws.Bool(true),
 		}},
 		TagSpecifications: []types.TagSpecification{
 			{ResourceType: types.ResourceTypeInstance, Tags: tagsFor(spec, spec.Label, fmTags)},

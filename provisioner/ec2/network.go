@@ -25,6 +25,8 @@ type plan struct {
 	rootSizeGB int32 // of the AMI's root snapshot, when it says
 	az         string
 	volume     *types.Volume
+	// vpcCIDRs are the VPC's IPv4 blocks.
+	vpcCIDRs []string
 }
 
 // plan checks, without changing anything, that everything the machine needs
@@ -104,6 +106,16 @@ func (b *Backend) plan(ctx context.Context, c clients, region string, req provis
 		if ok && !vpcOK {
 			bad("VPC %s does not exist in %s", v, region)
 		}
+		if vpcOK {
+			for _, a := range out.Vpcs[0].CidrBlockAssociationSet {
+				if a.CidrBlockState == nil || a.CidrBlockState.State == types.VpcCidrBlockStateCodeAssociated {
+					pl.vpcCIDRs = append(pl.vpcCIDRs, aws.ToString(a.CidrBlock))
+				}
+			}
+			if len(pl.vpcCIDRs) == 0 && out.Vpcs[0].CidrBlock != nil {
+				pl.vpcCIDRs = []string{aws.ToString(out.Vpcs[0].CidrBlock)}
+			}
+		}
 	}
 	if s := spec.Network.SubnetID; s == "" {
 		bad("the virtual network names no subnet")
@@ -149,6 +161,19 @@ func (b *Backend) plan(ctx context.Context, c clients, region string, req provis
 					bad("security group %s does not exist in %s", g, region)
 				}
 			}
+		}
+	}
+	switch spec.Network.InternetAccess {
+	case "", protocol.InternetAccessYes, protocol.InternetAccessNo, protocol.InternetAccessEgressOnly:
+	default:
+		bad("internet access mode %q is unknown", spec.Network.InternetAccess)
+	}
+	if !spec.Network.Public() && spec.ElasticIP != nil {
+		bad("the network's internetAccessMode %s gives machines no public address: an elastic IP cannot be assigned", spec.Network.InternetAccess)
+	}
+	for _, p := range spec.Network.WebPorts {
+		if p <= 0 || p > 65535 {
+			bad("web port %d is not a TCP port", p)
 		}
 	}
 	problems = append(problems, volumeProblems(spec.DataVolume, "data volume")...)
@@ -208,87 +233,4 @@ func volumeProblems(v protocol.VolumeSpec, what string) []string {
 func validCIDR(s string) bool {
 	p, err := netip.ParsePrefix(s)
 	return err == nil && p.Addr().Is4()
-}
-
-// securityGroups returns the groups a machine of the network gets: those
-// the network names and, when it auto-creates them, FM's two (made on first
-// use): fm-<network>-web (SSH, HTTP, HTTPS and DSS's port from the ingress
-// CIDRs) and
-// fm-<network>-members (all traffic between its members).
-func (b *Backend) securityGroups(ctx context.Context, c clients, spec *protocol.MachineSpec) ([]string, error) {
-	ids := slices.Clone(spec.Network.SecurityGroups)
-	if !spec.Network.AutoCreateSecurityGroups {
-		return ids, nil
-	}
-	var ranges []types.IpRange
-	for _, cidr := range b.cfg.IngressCIDRs {
-		ranges = append(ranges, types.IpRange{CidrIp: aws.String(cidr), Description: aws.String("Fleet Manager ingress")})
-	}
-	// DSS answers on its base port itself (no proxy in front of it here).
-	var web []types.IpPermission
-	for _, port := range webPorts(spec.BasePort) {
-		web = append(web, types.IpPermission{IpProtocol: aws.String("tcp"), FromPort: aws.Int32(port), ToPort: aws.Int32(port), IpRanges: ranges})
-	}
-	webID, err := b.ensureGroup(ctx, c, spec.Network, spec.Tags, "web", "Fleet Manager: SSH, HTTP and HTTPS to DSS", func(string) []types.IpPermission { return web })
-	if err != nil {
-		return nil, err
-	}
-	membersID, err := b.membersGroup(ctx, c, spec.Network, spec.Tags)
-	if err != nil {
-		return nil, err
-	}
-	return append(ids, webID, membersID), nil
-}
-
-// ensureGroup finds the network's group of that kind by name (made before,
-// perhaps by a provisioner that then died) or creates it, then makes sure
-// its rules are there.
-func (b *Backend) ensureGroup(ctx context.Context, c clients, network protocol.NetworkSpec, tags map[string]string, kind, desc string,
-	rules func(self string) []types.IpPermission) (string, error) {
-	name := "fm-" + network.ID + "-" + kind
-	out, err := c.ec2.DescribeSecurityGroups(ctx, &ec2.DescribeSecurityGroupsInput{Filters: []types.Filter{
-		{Name: aws.String("vpc-id"), Values: []string{network.VpcID}}, {Name: aws.String("group-name"), Values: []string{name}}}})
-	if err != nil {
-		return "", cloudError("look up security group "+name, err)
-	}
-	var id string
-	if len(out.SecurityGroups) > 0 {
-		id = aws.ToString(out.SecurityGroups[0].GroupId)
-	} else {
-		created, err := c.ec2.CreateSecurityGroup(ctx, &ec2.CreateSecurityGroupInput{
-			GroupName: aws.String(name), Description: aws.String(desc), VpcId: aws.String(network.VpcID),
-			TagSpecifications: tagSpec(types.ResourceTypeSecurityGroup, tagList(tags, name, map[string]string{TagRole: roleSG, TagNetwork: network.ID})),
-		})
-		if err != nil {
-			return "", cloudError("create security group "+name, err)
-		}
-		id = aws.ToString(created.GroupId)
-	}
-	// One rule per call: a rule already there (a duplicate) fails its whole
-	// call, and must not keep a new one out.
-	for _, rule := range rules(id) {
-		_, err = c.ec2.AuthorizeSecurityGroupIngress(ctx, &ec2.AuthorizeSecurityGroupIngressInput{GroupId: aws.String(id), IpPermissions: []types.IpPermission{rule}})
-		if err != nil && apiCode(err) != "InvalidPermission.Duplicate" {
-			return "", cloudError("open security group "+name, err)
-		}
-	}
-	return id, nil
-}
-
-// membersGroup is the network's members' group: all traffic between its
-// members (machines, load balancers).
-func (b *Backend) membersGroup(ctx context.Context, c clients, network protocol.NetworkSpec, tags map[string]string) (string, error) {
-	return b.ensureGroup(ctx, c, network, tags, "members", "Fleet Manager: all traffic between members", func(self string) []types.IpPermission {
-		return []types.IpPermission{{IpProtocol: aws.String("-1"), UserIdGroupPairs: []types.UserIdGroupPair{{GroupId: aws.String(self)}}}}
-	})
-}
-
-// webPorts are the ports FM's web group opens: SSH, HTTP, HTTPS, and DSS's
-// base port.
-func webPorts(dssPort int) []int32 {
-	ports := []int32{22, 80, 443}
-	if dssPort > 0 && dssPort < 65536 && !slices.Contains(ports, int32(dssPort)) {
-		ports = append(ports, int32(dssPort))
-	}
-	return ports
 }
