@@ -599,14 +599,16 @@ func TestAClaimAfterTheSweepEndedItStartsAgain(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			var info *jetstream.StreamInfo
 			waitFor(t, "the new operation's request sent", func() bool {
-				info, err := st.Info(context.Background())
+				info, err = st.Info(context.Background())
 				return err == nil && info.State.Msgs >= 1
 			})
-			for seq := uint64(1); ; seq++ {
+			sent := 0
+			for seq := info.State.FirstSeq; seq <= info.State.LastSeq; seq++ {
 				m, err := st.GetMsg(context.Background(), seq)
 				if err != nil {
-					break
+					continue // a gap
 				}
 				var req protocol.ProvisionRequest
 				if err := json.Unmarshal(m.Data, &req); err != nil {
@@ -615,6 +617,19 @@ func TestAClaimAfterTheSweepEndedItStartsAgain(t *testing.T) {
 				if req.OpID != op.JobID {
 					t.Fatalf("a request went out for operation %s, not the new one %s", req.OpID, op.JobID)
 				}
+				sent++
+			}
+			if sent != 1 {
+				t.Fatalf("%d requests of the new operation went out", sent)
+			}
+
+			// A sweep that read the target before this claim, and ends the
+			// operation only now, finds it claimed and leaves it running.
+			server.EndNeverStarted(f.env.Server, op.JobID)
+			var now api.Future
+			f.ok(f.do("GET", "/futures/"+op.JobID, ""), &now)
+			if now.State != api.OpRunning {
+				t.Fatalf("a claimed operation ended by a late sweep: %+v", now)
 			}
 		})
 	}

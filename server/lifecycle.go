@@ -341,14 +341,18 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 		// electing leaders after a node is lost) may find its operation
 		// ended by the sweep as never started: give the instance back, send
 		// nothing, and start again with a new operation: the stall was the
-		// bus's, not the caller's.
-		if cur, _, err := s.st.ops.fetch(ctx, op.JobID); err != nil || cur.State != api.OpRunning {
+		// bus's, not the caller's. Marking the operation claimed is what
+		// keeps the sweep from ending it from now on (endNeverStarted).
+		if cur, err := s.markClaimed(ctx, op.JobID); err != nil || cur.State != api.OpRunning {
 			if _, uerr := s.st.lifecycle.update(ctx, in.ID, lc, claimed); uerr != nil {
 				s.log.Warn().Err(uerr).Str("instance", in.ID).Str("op", op.JobID).Msg("the instance was not given back; the sweep settles it")
 			}
 			s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
+			if op.pendingSnapshot != nil {
+				_ = s.st.snapshots.kv.Purge(ctx, op.pendingSnapshot.ID) // nobody saw it; the next try records its own
+			}
 			if err != nil {
-				return api.Future{}, unavailable(err, "the operation could not be read back; retry")
+				return api.Future{}, unavailable(err, "the operation could not be marked claimed; retry")
 			}
 			s.log.Warn().Str("instance", in.ID).Str("op", op.JobID).Str("state", cur.State).Msg("the operation was ended before it claimed its instance; starting again")
 			continue
@@ -375,6 +379,18 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 		return op.Future, nil
 	}
 	return api.Future{}, conflict("instance %s is being changed by someone else; retry", in.ID)
+}
+
+// markClaimed records that the call which recorded operation id holds its
+// target, if the operation still runs; it returns the operation as it is.
+func (s *Server) markClaimed(ctx context.Context, id string) (opRecord, error) {
+	return s.st.ops.change(ctx, id, func(o *opRecord) bool {
+		if o.State != api.OpRunning || o.Claimed {
+			return false
+		}
+		o.Claimed = true
+		return true
+	})
 }
 
 // settleEnded settles the instance's lifecycle now if the operation it
@@ -668,6 +684,10 @@ func (s *Server) machineSpec(in api.Instance, port int) (*protocol.MachineSpec, 
 	}
 	if in.AWSRootVolumeIOPS != nil {
 		spec.RootVolume.IOPS = *in.AWSRootVolumeIOPS
+	}
+	if in.AWSAssignElasticIP && !spec.Network.Public() {
+		return nil, precondition("instance %s asks for an elastic IP (awsAssignElasticIP), and its virtual network %s has internetAccessMode %s, "+
+			"which gives machines no public address: turn awsAssignElasticIP off or change the network", in.ID, vn.ID, vn.InternetAccessMode)
 	}
 	if in.AWSAssignElasticIP {
 		spec.ElasticIP = &protocol.ElasticIPSpec{AllocationID: in.AWSElasticIPAllocationID}

@@ -285,12 +285,14 @@ func (s *Server) actOnLB(ctx context.Context, id string, a lbAction) (any, error
 		// operation ended by the sweep as never started: its request must
 		// not go out (a load balancer made for an operation that says
 		// nothing was done). Give the load balancer back and start again.
-		if cur, _, err := s.st.ops.fetch(ctx, op.JobID); err != nil || cur.State != api.OpRunning {
+		// Marking the operation claimed keeps the sweep from ending it from
+		// now on (endNeverStarted).
+		if cur, err := s.markClaimed(ctx, op.JobID); err != nil || cur.State != api.OpRunning {
 			if _, uerr := s.st.lbs.update(ctx, id, lb, claimed); uerr != nil {
 				s.log.Warn().Err(uerr).Str("load_balancer", id).Str("op", op.JobID).Msg("the load balancer was not given back; the sweep settles it")
 			}
 			if err != nil {
-				return nil, unavailable(err, "the operation could not be read back; retry")
+				return nil, unavailable(err, "the operation could not be marked claimed; retry")
 			}
 			s.log.Warn().Str("load_balancer", id).Str("op", op.JobID).Str("state", cur.State).Msg("the operation was ended before it claimed its load balancer; starting again")
 			continue

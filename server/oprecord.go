@@ -46,6 +46,13 @@ type opRecord struct {
 	EndState string `json:"endState,omitempty"`
 	// Deadline is when a still-running operation is failed.
 	Deadline time.Time `json:"deadline,omitzero"`
+	// Claimed is set, while the operation runs, by the call that recorded
+	// it once it holds its target (act, actOnLB): the sweep never ends a
+	// claimed operation as never started. The two are compare-and-set
+	// writes of this record, so exactly one wins: either the call sends
+	// the operation's request, or the sweep ends it and the call starts
+	// again.
+	Claimed bool `json:"claimed,omitempty"`
 	// pendingSnapshot is a snapshot the operation takes first (before an
 	// upgrade), recorded once the operation is.
 	pendingSnapshot *api.Snapshot

@@ -111,10 +111,16 @@ func (s *Server) endOp(ctx context.Context, id string, result any, failure *api.
 // endOpTo is endOp recording the lifecycle state the instance goes to
 // (settle moves it there).
 func (s *Server) endOpTo(ctx context.Context, id string, result any, failure *api.Error, state string) (opRecord, bool, error) {
+	return s.endOpIf(ctx, id, nil, result, failure, state)
+}
+
+// endOpIf is endOpTo for an operation that still passes guard (nil: any),
+// checked in the same compare-and-set write as the end.
+func (s *Server) endOpIf(ctx context.Context, id string, guard func(opRecord) bool, result any, failure *api.Error, state string) (opRecord, bool, error) {
 	ended := false
 	op, err := s.st.ops.change(ctx, id, func(op *opRecord) bool {
 		ended = false
-		if op.State != api.OpRunning {
+		if op.State != api.OpRunning || guard != nil && !guard(*op) {
 			return false
 		}
 		ended = true

@@ -115,10 +115,16 @@ func (s *Server) endUnclaimed(ctx context.Context, op opRecord) {
 // endNeverStarted ends an operation that never claimed its target (an
 // instance or a load balancer): the server stopped before it was under
 // way, and nothing was done.
+//
+// An operation its call claimed meanwhile (opRecord.Claimed) is left to
+// run: the call has seen it running and sends its request.
 func (s *Server) endNeverStarted(ctx context.Context, op opRecord, target string) {
-	s.log.Warn().Str("op", op.JobID).Str("target", target).Msg("an operation that never started is ended")
-	_, _ = s.endOp(ctx, op.JobID, nil, &api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation never started",
-		DetailedMessage: "the server stopped before " + op.Kind + " of " + target + " was under way; nothing was done: start it again"})
+	_, ended, err := s.endOpIf(ctx, op.JobID, func(o opRecord) bool { return !o.Claimed }, nil,
+		&api.Error{ErrorType: string(protocol.CodeAborted), Message: "Operation never started",
+			DetailedMessage: "the server stopped before " + op.Kind + " of " + target + " was under way; nothing was done: start it again"}, "")
+	if ended && err == nil {
+		s.log.Warn().Str("op", op.JobID).Str("target", target).Msg("an operation that never started is ended")
+	}
 }
 
 // ensureDesired writes the operation's desired state again if fm_desired
