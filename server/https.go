@@ -54,13 +54,13 @@ func (s *Server) httpsTarget(in api.Instance, vn api.VirtualNetwork, basePort in
 		return nil, precondition("virtual network %s has httpsStrategy %q, which this Fleet Manager cannot serve; save the network with one of %s, %s, %s or %s",
 			vn.ID, vn.HTTPSStrategy, api.HTTPSNone, api.HTTPSSelfSigned, api.HTTPSCustomCertificate, api.HTTPSLetsEncrypt)
 	}
-	t := &protocol.HTTPSTarget{Strategy: strategy, Port: cloudHTTPSPort, Redirect: vn.HTTPStrategy == api.HTTPRedirect}
-	httpPort := cloudHTTPPort
+	t := &protocol.HTTPSTarget{Strategy: strategy, Redirect: vn.HTTPStrategy == api.HTTPRedirect}
+	t.Port, t.HTTPPort = cloudFrontPorts(vn)
 	if s.cfg.LocalBackend {
-		t.Port, httpPort = basePort+localHTTPSOffset, basePort+localHTTPSOffset+1
-	}
-	if t.Redirect || t.Strategy == protocol.HTTPSLetsEncrypt {
-		t.HTTPPort = httpPort
+		t.Port = basePort + localHTTPSOffset
+		if t.HTTPPort != 0 {
+			t.HTTPPort = basePort + localHTTPSOffset + 1
+		}
 	}
 	switch t.Strategy {
 	case protocol.HTTPSCustomCertificate:
@@ -92,11 +92,21 @@ func webPorts(vn api.VirtualNetwork, dssPort int) []int {
 	if vn.HTTPSStrategy == "" || vn.HTTPSStrategy == api.HTTPSNone {
 		return []int{dssPort}
 	}
-	ports := []int{cloudHTTPSPort}
-	if vn.HTTPStrategy == api.HTTPRedirect || vn.HTTPSStrategy == api.HTTPSLetsEncrypt {
-		ports = append(ports, cloudHTTPPort)
+	https, http := cloudFrontPorts(vn)
+	if http == 0 {
+		return []int{https}
 	}
-	return ports
+	return []int{https, http}
+}
+
+// cloudFrontPorts are the ports of a cloud machine's HTTPS front in network
+// vn: 443, and 80 when it redirects HTTP or answers ACME's challenges (0
+// when it serves no plain HTTP).
+func cloudFrontPorts(vn api.VirtualNetwork) (https, http int) {
+	if vn.HTTPStrategy == api.HTTPRedirect || vn.HTTPSStrategy == api.HTTPSLetsEncrypt {
+		return cloudHTTPSPort, cloudHTTPPort
+	}
+	return cloudHTTPSPort, 0
 }
 
 // publicURL is where DSS answers: https when the agent reports its HTTPS

@@ -184,4 +184,17 @@ func TestTheNetworksAccessReachesTheMachineSpec(t *testing.T) {
 			}
 		})
 	}
+	// The network is NO now: an elastic IP is refused before anything is
+	// recorded or sent.
+	body := strings.TrimSuffix(instanceBody("eip", vn.ID, tpl.ID, im.ID), "}") + `,"awsAssignElasticIP":true}`
+	eip := f.createInstance(body)
+	e := f.failed(f.do("GET", "/instances/"+eip.ID+"/actions/reprovision", ""), 409, "FailedPrecondition")
+	if !strings.Contains(e.DetailedMessage, "no public address") {
+		t.Fatalf("refusal: %+v", e)
+	}
+	var ops []api.Future
+	f.ok(f.do("GET", "/futures?targetId="+eip.ID, ""), &ops)
+	if len(ops) != 0 {
+		t.Fatalf("operations recorded for a refused reprovision: %+v", ops)
+	}
 }

@@ -10,7 +10,6 @@ import (
 	"strings"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
 	elb "github.com/aws/aws-sdk-go-v2/service/elasticloadbalancingv2"
 	elbtypes "github.com/aws/aws-sdk-go-v2/service/elasticloadbalancingv2/types"
 	"github.com/fleetmanager/fm/protocol"
@@ -103,18 +102,9 @@ func (b *Backend) ApplyBalancer(ctx context.Context, req provisioner.Request, cu
 	if err := b.checkBalancer(spec); err != nil {
 		return cur, err
 	}
+	note := func(m string) { req.Progress("security-groups", m) }
 	lbGroup, err := b.ensureGroup(ctx, c, spec.Network, spec.Tags, groupWant{kind: "lb", desc: "Fleet Manager: HTTP and HTTPS to load balancers",
-		ingress: func(string) []types.IpPermission {
-			var ranges []types.IpRange
-			for _, cidr := range b.cfg.IngressCIDRs {
-				ranges = append(ranges, types.IpRange{CidrIp: aws.String(cidr), Description: aws.String("Fleet Manager ingress")})
-			}
-			var rules []types.IpPermission
-			for _, port := range []int32{80, 443} {
-				rules = append(rules, types.IpPermission{IpProtocol: aws.String("tcp"), FromPort: aws.Int32(port), ToPort: aws.Int32(port), IpRanges: ranges})
-			}
-			return rules
-		}})
+		ingress: b.ingressOn(80, 443)}, note)
 	if err != nil {
 		return cur, err
 	}
@@ -123,7 +113,7 @@ func (b *Backend) ApplyBalancer(ctx context.Context, req provisioner.Request, cu
 	// network's own.
 	sgs := []string{lbGroup}
 	if spec.Network.AutoCreateSecurityGroups {
-		members, err := b.membersGroup(ctx, c, spec.Network, spec.Tags)
+		members, err := b.membersGroup(ctx, c, spec.Network, spec.Tags, note)
 		if err != nil {
 			return cur, err
 		}

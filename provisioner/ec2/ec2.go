@@ -214,7 +214,7 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 		req.Progress("verify-snapshot", fmt.Sprintf("EBS snapshot %s of %s is complete (%d GB)", req.FromSnapshot.Ref, req.FromSnapshot.ID, aws.ToInt32(fromSnapshot.VolumeSize)))
 	}
 	req.Progress("checks", fmt.Sprintf("AMI %s, %s, subnet %s in %s", pl.ami, spec.InstanceType, spec.Network.SubnetID, pl.az))
-	sgs, err := b.securityGroups(ctx, c, spec, pl)
+	sgs, err := b.securityGroups(ctx, c, spec, pl, func(m string) { req.Progress("security-groups", m) })
 	if err != nil {
 		return cur, err
 	}

@@ -646,7 +646,7 @@ func TestExistingWebGroupGetsMissingRules(t *testing.T) {
 			IpRanges: []types.IpRange{{CidrIp: aws.String("203.0.113.0/24")}}}}}); err != nil {
 		t.Fatal(err)
 	}
-	ids, err := w.backend.securityGroups(ctx, clients{ec2: w.ec2, dns: w.dns}, w.spec(), plan{})
+	ids, err := w.backend.securityGroups(ctx, clients{ec2: w.ec2, dns: w.dns}, w.spec(), plan{}, func(string) {})
 	if err != nil || !slices.Contains(ids, aws.ToString(g.GroupId)) {
 		t.Fatalf("groups %v, %v (want the existing %s)", ids, err, aws.ToString(g.GroupId))
 	}

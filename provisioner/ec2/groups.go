@@ -3,6 +3,7 @@ package ec2
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -37,17 +38,18 @@ var privateRanges = []string{"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"}
 //
 // FM's groups are FM's: a rule added to one by hand is removed the next
 // time a machine of the network is provisioned (give groups of your own in
-// awsSecurityGroups instead).
-func (b *Backend) securityGroups(ctx context.Context, c clients, spec *protocol.MachineSpec, pl plan) ([]string, error) {
+// awsSecurityGroups instead). A rule AWS refuses to remove is told to note,
+// and does not fail the provision.
+func (b *Backend) securityGroups(ctx context.Context, c clients, spec *protocol.MachineSpec, pl plan, note func(string)) ([]string, error) {
 	ids := slices.Clone(spec.Network.SecurityGroups)
 	if !spec.Network.AutoCreateSecurityGroups {
 		return ids, nil
 	}
-	webID, err := b.ensureGroup(ctx, c, spec.Network, spec.Tags, b.webGroup(spec, pl))
+	webID, err := b.ensureGroup(ctx, c, spec.Network, spec.Tags, b.webGroup(spec, pl), note)
 	if err != nil {
 		return nil, err
 	}
-	membersID, err := b.membersGroup(ctx, c, spec.Network, spec.Tags)
+	membersID, err := b.membersGroup(ctx, c, spec.Network, spec.Tags, note)
 	if err != nil {
 		return nil, err
 	}
@@ -62,23 +64,24 @@ type groupWant struct {
 	ingress, egress func(self string) []types.IpPermission
 }
 
+// ingressOn is a group's ingress: TCP ports from the ingress CIDRs.
+func (b *Backend) ingressOn(ports ...int32) func(string) []types.IpPermission {
+	return func(string) []types.IpPermission {
+		var rules []types.IpPermission
+		for _, port := range ports {
+			for _, cidr := range b.cfg.IngressCIDRs {
+				rules = append(rules, types.IpPermission{IpProtocol: aws.String("tcp"), FromPort: aws.Int32(port), ToPort: aws.Int32(port),
+					IpRanges: []types.IpRange{{CidrIp: aws.String(cidr), Description: aws.String("Fleet Manager ingress")}}})
+			}
+		}
+		return rules
+	}
+}
+
 // webGroup is the web group a machine of spec gets.
 func (b *Backend) webGroup(spec *protocol.MachineSpec, pl plan) groupWant {
-	from := b.cfg.IngressCIDRs
-	tcp := func(ports []int32) func(string) []types.IpPermission {
-		return func(string) []types.IpPermission {
-			var rules []types.IpPermission
-			for _, port := range ports {
-				for _, cidr := range from {
-					rules = append(rules, types.IpPermission{IpProtocol: aws.String("tcp"), FromPort: aws.Int32(port), ToPort: aws.Int32(port),
-						IpRanges: []types.IpRange{{CidrIp: aws.String(cidr), Description: aws.String("Fleet Manager ingress")}}})
-				}
-			}
-			return rules
-		}
-	}
 	if len(spec.Network.WebPorts) == 0 {
-		return groupWant{kind: "web", desc: "Fleet Manager: SSH, HTTP and HTTPS to DSS", ingress: tcp(legacyWebPorts(spec.BasePort))}
+		return groupWant{kind: "web", desc: "Fleet Manager: SSH, HTTP and HTTPS to DSS", ingress: b.ingressOn(legacyWebPorts(spec.BasePort)...)}
 	}
 	ports := []int32{22}
 	kind := "web"
@@ -95,9 +98,9 @@ func (b *Backend) webGroup(spec *protocol.MachineSpec, pl plan) groupWant {
 		desc += ", out to private addresses only"
 		to = append(slices.Clone(pl.vpcCIDRs), privateRanges...)
 	}
-	return groupWant{kind: kind, desc: desc, ingress: tcp(ports), egress: func(string) []types.IpPermission {
+	return groupWant{kind: kind, desc: desc, ingress: b.ingressOn(ports...), egress: func(string) []types.IpPermission {
 		var rules []types.IpPermission
-		for _, cidr := range dedupe(to) {
+		for _, cidr := range slices.Compact(slices.Sorted(slices.Values(to))) {
 			rules = append(rules, types.IpPermission{IpProtocol: aws.String("-1"), IpRanges: []types.IpRange{{CidrIp: aws.String(cidr)}}})
 		}
 		return rules
@@ -106,11 +109,11 @@ func (b *Backend) webGroup(spec *protocol.MachineSpec, pl plan) groupWant {
 
 // membersGroup is the network's members' group: all traffic between its
 // members (machines, load balancers), both ways.
-func (b *Backend) membersGroup(ctx context.Context, c clients, network protocol.NetworkSpec, tags map[string]string) (string, error) {
+func (b *Backend) membersGroup(ctx context.Context, c clients, network protocol.NetworkSpec, tags map[string]string, note func(string)) (string, error) {
 	self := func(self string) []types.IpPermission {
 		return []types.IpPermission{{IpProtocol: aws.String("-1"), UserIdGroupPairs: []types.UserIdGroupPair{{GroupId: aws.String(self)}}}}
 	}
-	return b.ensureGroup(ctx, c, network, tags, groupWant{kind: "members", desc: "Fleet Manager: all traffic between members", ingress: self, egress: self})
+	return b.ensureGroup(ctx, c, network, tags, groupWant{kind: "members", desc: "Fleet Manager: all traffic between members", ingress: self, egress: self}, note)
 }
 
 // legacyWebPorts are the ports the web group of an older server's machine
@@ -127,35 +130,46 @@ func legacyWebPorts(dssPort int) []int32 {
 // perhaps by a provisioner that then died) or creates it, then brings its
 // rules to what want says: the missing ones added, the others removed. A
 // provisioner that dies anywhere in here leaves a group the next call
-// finds by its name and finishes.
-func (b *Backend) ensureGroup(ctx context.Context, c clients, network protocol.NetworkSpec, tags map[string]string, want groupWant) (string, error) {
+// finds by its name and finishes; two provisions that make it at once find
+// the one that was made first.
+func (b *Backend) ensureGroup(ctx context.Context, c clients, network protocol.NetworkSpec, tags map[string]string, want groupWant, note func(string)) (string, error) {
 	name := "fm-" + network.ID + "-" + want.kind
-	out, err := c.ec2.DescribeSecurityGroups(ctx, &ec2.DescribeSecurityGroupsInput{Filters: []types.Filter{
-		{Name: aws.String("vpc-id"), Values: []string{network.VpcID}}, {Name: aws.String("group-name"), Values: []string{name}}}})
-	if err != nil {
-		return "", cloudError("look up security group "+name, err)
+	lookUp := func() ([]types.SecurityGroup, error) {
+		out, err := c.ec2.DescribeSecurityGroups(ctx, &ec2.DescribeSecurityGroupsInput{Filters: []types.Filter{
+			{Name: aws.String("vpc-id"), Values: []string{network.VpcID}}, {Name: aws.String("group-name"), Values: []string{name}}}})
+		if err != nil {
+			return nil, cloudError("look up security group "+name, err)
+		}
+		return out.SecurityGroups, nil
 	}
-	var g types.SecurityGroup
-	if len(out.SecurityGroups) > 0 {
-		g = out.SecurityGroups[0]
-	} else {
-		created, err := c.ec2.CreateSecurityGroup(ctx, &ec2.CreateSecurityGroupInput{
+	found, err := lookUp()
+	if err != nil {
+		return "", err
+	}
+	if len(found) == 0 {
+		_, err := c.ec2.CreateSecurityGroup(ctx, &ec2.CreateSecurityGroupInput{
 			GroupName: aws.String(name), Description: aws.String(want.desc), VpcId: aws.String(network.VpcID),
 			TagSpecifications: tagSpec(types.ResourceTypeSecurityGroup, tagList(tags, name, map[string]string{TagRole: roleSG, TagNetwork: network.ID})),
 		})
-		if err != nil {
+		if err != nil && apiCode(err) != "InvalidGroup.Duplicate" {
 			return "", cloudError("create security group "+name, err)
 		}
-		g.GroupId = created.GroupId
-		// AWS gives a new group "all traffic out".
-		g.IpPermissionsEgress = []types.IpPermission{{IpProtocol: aws.String("-1"), IpRanges: []types.IpRange{{CidrIp: aws.String("0.0.0.0/0")}}}}
+		// Read back rather than assumed: the rules AWS gives a new group
+		// (all traffic out, and to ::/0 in a VPC with IPv6).
+		if found, err = lookUp(); err != nil {
+			return "", err
+		}
+		if len(found) == 0 {
+			return "", cloudError("look up security group "+name, fmt.Errorf("the group made is not found"))
+		}
 	}
+	g := found[0]
 	id := aws.ToString(g.GroupId)
-	if err := reconcileRules(ctx, c, id, name, false, g.IpPermissions, want.ingress(id)); err != nil {
+	if err := reconcileRules(ctx, c, id, name, false, g.IpPermissions, want.ingress(id), note); err != nil {
 		return "", err
 	}
 	if want.egress != nil {
-		if err := reconcileRules(ctx, c, id, name, true, g.IpPermissionsEgress, want.egress(id)); err != nil {
+		if err := reconcileRules(ctx, c, id, name, true, g.IpPermissionsEgress, want.egress(id), note); err != nil {
 			return "", err
 		}
 	}
@@ -166,10 +180,12 @@ func (b *Backend) ensureGroup(ctx context.Context, c clients, network protocol.N
 // it has beyond them, one rule per call: a rule already there (a duplicate)
 // fails its whole call and must not keep a new one out; one already gone
 // (another provisioner's removal) is not an error either. Rules are added
-// before any is removed, so a machine never goes without what it needs.
-func reconcileRules(ctx context.Context, c clients, id, name string, egress bool, have, want []types.IpPermission) error {
+// before any is removed, so a machine never goes without what it needs; a
+// rule AWS refuses to remove (one naming a group of another account that is
+// gone) is told to note, and fails nothing: what the machine needs is there.
+func reconcileRules(ctx context.Context, c clients, id, name string, egress bool, have, want []types.IpPermission, note func(string)) error {
 	haveAtoms, wantAtoms := ruleAtoms(have), ruleAtoms(want)
-	for _, key := range sortedKeys(wantAtoms) {
+	for _, key := range slices.Sorted(maps.Keys(wantAtoms)) {
 		if _, ok := haveAtoms[key]; ok {
 			continue
 		}
@@ -184,7 +200,7 @@ func reconcileRules(ctx context.Context, c clients, id, name string, egress bool
 			return cloudError("open security group "+name, err)
 		}
 	}
-	for _, key := range sortedKeys(haveAtoms) {
+	for _, key := range slices.Sorted(maps.Keys(haveAtoms)) {
 		if _, ok := wantAtoms[key]; ok {
 			continue
 		}
@@ -196,7 +212,14 @@ func reconcileRules(ctx context.Context, c clients, id, name string, egress bool
 			_, err = c.ec2.RevokeSecurityGroupIngress(ctx, &ec2.RevokeSecurityGroupIngressInput{GroupId: aws.String(id), IpPermissions: rule})
 		}
 		if err != nil && apiCode(err) != "InvalidPermission.NotFound" {
-			return cloudError("close security group "+name, err)
+			if ctx.Err() != nil {
+				return cloudError("close security group "+name, err)
+			}
+			direction := "inbound"
+			if egress {
+				direction = "outbound"
+			}
+			note(fmt.Sprintf("the %s rule %s of security group %s (%s), which FM did not make, could not be removed: %v", direction, key, name, id, err))
 		}
 	}
 	return nil
@@ -232,8 +255,13 @@ func ruleAtoms(rules []types.IpPermission) map[string]types.IpPermission {
 			add("cidr6:"+aws.ToString(x.CidrIpv6), func(a *types.IpPermission) { a.Ipv6Ranges = []types.Ipv6Range{x} })
 		}
 		for _, x := range r.UserIdGroupPairs {
-			add("group:"+aws.ToString(x.GroupId), func(a *types.IpPermission) {
-				a.UserIdGroupPairs = []types.UserIdGroupPair{{GroupId: x.GroupId}}
+			// Kept whole (another account's group, a peered VPC's) for its
+			// removal, but its description; told apart by the group's id,
+			// unique across accounts (AWS adds the account to a pair
+			// given without it).
+			x.Description = nil
+			add("group:"+aws.ToString(x.GroupId)+"/"+aws.ToString(x.VpcPeeringConnectionId), func(a *types.IpPermission) {
+				a.UserIdGroupPairs = []types.UserIdGroupPair{x}
 			})
 		}
 		for _, x := range r.PrefixListIds {
@@ -241,23 +269,4 @@ func ruleAtoms(rules []types.IpPermission) map[string]types.IpPermission {
 		}
 	}
 	return atoms
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
-}
-
-func dedupe(s []string) []string {
-	out := make([]string, 0, len(s))
-	for _, x := range s {
-		if !slices.Contains(out, x) {
-			out = append(out, x)
-		}
-	}
-	return out
 }

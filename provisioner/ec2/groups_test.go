@@ -2,6 +2,7 @@ package ec2
 
 import (
 	"context"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -21,17 +22,7 @@ func (w *world) groupRules(t *testing.T, id string) (in, out []string, name stri
 		t.Fatalf("group %s: %v", id, err)
 	}
 	g := got.SecurityGroups[0]
-	return slices.Sorted(mapKeys(ruleAtoms(g.IpPermissions))), slices.Sorted(mapKeys(ruleAtoms(g.IpPermissionsEgress))), aws.ToString(g.GroupName)
-}
-
-func mapKeys[V any](m map[string]V) func(func(string) bool) {
-	return func(yield func(string) bool) {
-		for k := range m {
-			if !yield(k) {
-				return
-			}
-		}
-	}
+	return slices.Sorted(maps.Keys(ruleAtoms(g.IpPermissions))), slices.Sorted(maps.Keys(ruleAtoms(g.IpPermissionsEgress))), aws.ToString(g.GroupName)
 }
 
 func tcpFrom(cidr string, ports ...int) []string {
@@ -59,8 +50,11 @@ func TestANetworkWithoutInternetAccess(t *testing.T) {
 		t.Fatalf("reprovision: %v\n%s", err, strings.Join(w.progress, "\n"))
 	}
 	insts := w.fmInstances(t)
-	if len(insts) != 1 || insts[0].PublicIpAddress != nil {
-		t.Fatalf("machines %d, the first's public address %v", len(insts), insts[0].PublicIpAddress)
+	if len(insts) != 1 {
+		t.Fatalf("%d machines", len(insts))
+	}
+	if insts[0].PublicIpAddress != nil {
+		t.Fatalf("a public address %s for a machine without internet access", aws.ToString(insts[0].PublicIpAddress))
 	}
 	if recs := w.records(t, w.pubZone); len(recs) != 0 {
 		t.Errorf("public records %v for a machine without internet access", recs)
@@ -84,7 +78,7 @@ func TestANetworkWithoutInternetAccess(t *testing.T) {
 		t.Errorf("web group %s: in %v, out %v; want out %v", name, in, out, wantOut)
 	}
 	in, out, name = w.groupRules(t, groups[1])
-	self := []string{"-1//group:" + groups[1]}
+	self := []string{"-1//group:" + groups[1] + "/"}
 	if name != "fm-vn-lab-members" || !slices.Equal(in, self) || !slices.Equal(out, self) {
 		t.Errorf("members group %s: in %v, out %v", name, in, out)
 	}
@@ -102,12 +96,12 @@ func TestFMGroupsFollowTheNetwork(t *testing.T) {
 	c := clients{ec2: w.ec2, dns: w.dns}
 	spec := w.spec()
 	spec.Network.WebPorts = []int{10000}
-	plain, err := w.backend.securityGroups(ctx, c, spec, plan{})
+	plain, err := w.backend.securityGroups(ctx, c, spec, plan{}, func(string) {})
 	if err != nil {
 		t.Fatal(err)
 	}
 	spec.Network.WebPorts = []int{443, 80}
-	front, err := w.backend.securityGroups(ctx, c, spec, plan{})
+	front, err := w.backend.securityGroups(ctx, c, spec, plan{}, func(string) {})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,11 +126,73 @@ func TestFMGroupsFollowTheNetwork(t *testing.T) {
 		IpProtocol: aws.String("tcp"), FromPort: aws.Int32(22), ToPort: aws.Int32(22), IpRanges: []types.IpRange{{CidrIp: aws.String("203.0.113.0/24")}}}}}); err != nil {
 		t.Fatal(err)
 	}
-	again, err := w.backend.securityGroups(ctx, c, spec, plan{})
+	again, err := w.backend.securityGroups(ctx, c, spec, plan{}, func(string) {})
 	if err != nil || !slices.Equal(again, front) {
 		t.Fatalf("groups %v, %v; want %v", again, err, front)
 	}
-	if in, _, _ := w.groupRules(t, front[0]); !slices.Equal(in, tcpFrom("203.0.113.0/24", 22, 80, 443)) {
-		t.Fatalf("rules after the next provision: %v", in)
+	// As AWS says it, not through ruleAtoms: one rule per port, from the
+	// ingress CIDR alone.
+	got, err := w.ec2.DescribeSecurityGroups(ctx, &ec2.DescribeSecurityGroupsInput{GroupIds: []string{front[0]}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ports []int32
+	for _, p := range got.SecurityGroups[0].IpPermissions {
+		if aws.ToString(p.IpProtocol) != "tcp" || aws.ToInt32(p.FromPort) != aws.ToInt32(p.ToPort) || len(p.IpRanges) != 1 ||
+			aws.ToString(p.IpRanges[0].CidrIp) != "203.0.113.0/24" || len(p.UserIdGroupPairs)+len(p.Ipv6Ranges)+len(p.PrefixListIds) != 0 {
+			t.Errorf("rule %+v", p)
+		}
+		ports = append(ports, aws.ToInt32(p.FromPort))
+	}
+	if slices.Sort(ports); !slices.Equal(ports, []int32{22, 80, 443}) {
+		t.Fatalf("ports after the next provision: %v", ports)
+	}
+}
+
+// staleLookUp answers the first look-up of security groups with none, as a
+// look-up made just before another provision made the group does.
+type staleLookUp struct {
+	ec2API
+	looked bool
+}
+
+func (s *staleLookUp) DescribeSecurityGroups(ctx context.Context, in *ec2.DescribeSecurityGroupsInput, o ...func(*ec2.Options)) (*ec2.DescribeSecurityGroupsOutput, error) {
+	if !s.looked {
+		s.looked = true
+		return &ec2.DescribeSecurityGroupsOutput{}, nil
+	}
+	return s.ec2API.DescribeSecurityGroups(ctx, in, o...)
+}
+
+// TestTwoProvisionsMakeOneGroup: a provision that looked for the network's
+// group before another made it gets AWS's "duplicate" when it makes it too,
+// and uses the one made, rather than failing.
+func TestTwoProvisionsMakeOneGroup(t *testing.T) {
+	w := newWorld(t)
+	ctx := context.Background()
+	spec := w.spec()
+	spec.Network.WebPorts = []int{10000}
+	first, err := w.backend.securityGroups(ctx, clients{ec2: w.ec2, dns: w.dns}, spec, plan{}, func(string) {})
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := w.backend.securityGroups(ctx, clients{ec2: &staleLookUp{ec2API: w.ec2}, dns: w.dns}, spec, plan{}, func(string) {})
+	if err != nil || !slices.Equal(first, second) {
+		t.Fatalf("the second provision: %v, %v; want %v", second, err, first)
+	}
+}
+
+// TestAnOlderServersSpecKeepsTheWebGroup: a machine spec naming no web ports
+// (an older server's) gets fm-<network>-web with SSH, 80, 443 and DSS's port,
+// its outbound rules left as AWS made them.
+func TestAnOlderServersSpecKeepsTheWebGroup(t *testing.T) {
+	w := newWorld(t)
+	ids, err := w.backend.securityGroups(context.Background(), clients{ec2: w.ec2, dns: w.dns}, w.spec(), plan{}, func(string) {})
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, out, name := w.groupRules(t, ids[0])
+	if name != "fm-vn-lab-web" || !slices.Equal(in, tcpFrom("203.0.113.0/24", 22, 80, 443, 10000)) || !slices.Equal(out, []string{"-1//cidr:0.0.0.0/0"}) {
+		t.Fatalf("group %s: in %v out %v", name, in, out)
 	}
 }
