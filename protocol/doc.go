@@ -90,5 +90,7 @@
 //	  and web ports (NetworkSpec.InternetAccess, WebPorts): an older
 //	  provisioner ignores them (public addresses as assignPublicIp says,
 //	  the web group of SSH, 80, 443 and the base port); an older server
-//	  sends neither, and gets that group.
+//	  sends neither, and gets that group. The machine details
+//	  DetailRuntimeProfile, DetailInstanceProfile and DetailMadeBy: a
+//	  machine an older provisioner made keeps its startup profile.
 package protocol

@@ -355,6 +355,21 @@ type NetworkSpec struct {
 	WebPorts []int `json:"webPorts,omitempty"`
 }
 
+// Machine details (MachineState.Details) the provisioner acts on, beside a
+// backend's own.
+const (
+	// DetailRuntimeProfile is set by a backend that made the machine with
+	// the template's startup instance profile: the runtime profile's ARN,
+	// which the provisioner gives the machine once its agent reports DSS
+	// set up, and then removes.
+	DetailRuntimeProfile = "runtimeProfilePending"
+	// DetailInstanceProfile is the instance profile the machine has.
+	DetailInstanceProfile = "instanceProfile"
+	// DetailMadeBy is the provision request that made the machine (its
+	// agent's AgentStatus.MachineRequest).
+	DetailMadeBy = "madeBy"
+)
+
 // The internet access modes of a network (NetworkSpec.InternetAccess).
 const (
 	InternetAccessYes        = "YES"

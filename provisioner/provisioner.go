@@ -64,6 +64,9 @@ type Provisioner struct {
 	metrics *metrics
 
 	machines jetstream.KeyValue
+	// agents is fm_agents, read for the machines waiting for their runtime
+	// profile (swapProfiles), opened at the first.
+	agents jetstream.KeyValue
 	// balancers is fm_balancers, the load balancers as made.
 	balancers jetstream.KeyValue
 	// lease is the one this provisioner last took: workers ask it whether

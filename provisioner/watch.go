@@ -67,6 +67,7 @@ func (p *Provisioner) followMachines(ctx context.Context, w jetstream.KeyWatcher
 		case <-tick:
 			if synced {
 				p.checkMachines(ctx, known)
+				p.swapProfiles(ctx, known)
 			}
 		}
 	}

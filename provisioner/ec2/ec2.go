@@ -262,6 +262,15 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	}
 	id := aws.ToString(mine.InstanceId)
 	next.MachineID = id
+	next.Details[protocol.DetailMadeBy] = req.ID
+	startup, runtime := spec.Access.StartupInstanceProfileArn, spec.Access.RuntimeInstanceProfileArn
+	if p := firstSet(startup, runtime); p != "" {
+		next.Details[protocol.DetailInstanceProfile] = p
+	}
+	if startup != "" && runtime != "" && startup != runtime {
+		// Swapped by the provisioner once DSS is set up (UseRuntimeProfile).
+		next.Details[protocol.DetailRuntimeProfile] = runtime
+	}
 	if mine, err = b.waitInstance(ctx, c, req, id, types.InstanceStateNameRunning); err != nil {
 		return next, err
 	}
