@@ -92,5 +92,7 @@
 //	  the web group of SSH, 80, 443 and the base port); an older server
 //	  sends neither, and gets that group. The machine details
 //	  DetailRuntimeProfile, DetailInstanceProfile and DetailMadeBy: a
-//	  machine an older provisioner made keeps its startup profile.
+//	  machine an older provisioner made keeps its startup profile. A
+//	  network's peering with FM's VPC (NetworkSpec.Peering): an older
+//	  provisioner makes none.
 package protocol

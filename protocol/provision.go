@@ -353,6 +353,17 @@ type NetworkSpec struct {
 	// own port, or its HTTPS front's), which FM's web security group opens
 	// beside SSH. Empty (an older server): SSH, 80, 443 and BasePort.
 	WebPorts []int `json:"webPorts,omitempty"`
+	// Peering, when set, is FM's own VPC, which the network's VPC is peered
+	// with (autoCreatePeerings), routes included.
+	Peering *PeeringSpec `json:"peering,omitempty"`
+}
+
+// PeeringSpec is a VPC a network's VPC is peered with: FM's own, by the
+// subnet whose route table gets the route back.
+type PeeringSpec struct {
+	VpcID    string `json:"vpcId"`
+	SubnetID string `json:"subnetId,omitempty"`
+	Region   string `json:"region,omitempty"`
 }
 
 // Machine details (MachineState.Details) the provisioner acts on, beside a

@@ -162,25 +162,31 @@ func TestTheNetworksAccessReachesTheMachineSpec(t *testing.T) {
 	im := f.addImageWithKit("dss-14.0.0-access", "14.0.0")
 	for i, tc := range []struct {
 		access, https, http string
-		public              bool
+		public, peer        bool
 		ports               []int
 	}{
-		{"YES", "NONE", "DISABLE", true, []int{10000}},
-		{"YES", "SELF_SIGNED", "DISABLE", true, []int{443}},
-		{"YES", "SELF_SIGNED", "REDIRECT", true, []int{443, 80}},
-		{"EGRESS_ONLY", "LETSENCRYPT", "DISABLE", false, []int{443, 80}},
-		{"NO", "NONE", "DISABLE", false, []int{10000}},
+		{"YES", "NONE", "DISABLE", true, false, []int{10000}},
+		{"YES", "SELF_SIGNED", "DISABLE", true, false, []int{443}},
+		{"YES", "SELF_SIGNED", "REDIRECT", true, false, []int{443, 80}},
+		{"EGRESS_ONLY", "LETSENCRYPT", "DISABLE", false, true, []int{443, 80}},
+		{"NO", "NONE", "DISABLE", false, true, []int{10000}},
 	} {
 		t.Run(tc.access+"/"+tc.https+"/"+tc.http, func(t *testing.T) {
 			m := map[string]any{}
 			f.ok(f.do("GET", "/virtual-networks/"+vn.ID, ""), &m)
 			m["internetAccessMode"], m["httpsStrategy"], m["httpStrategy"], m["contactMail"] = tc.access, tc.https, tc.http, "ops@example.com"
+			m["autoCreatePeerings"] = tc.peer
 			f.ok(f.do("PUT", "/virtual-networks/"+vn.ID, mustJSON(t, m)), nil)
 			in := f.createInstance(instanceBody(fmt.Sprintf("access%d", i), vn.ID, tpl.ID, im.ID))
 			spec := f.provisionRequest(in.ID).Spec
 			n := spec.Network
 			if n.InternetAccess != tc.access || n.AssignPublicIP != tc.public || !slices.Equal(n.WebPorts, tc.ports) {
 				t.Fatalf("network spec: access %q public %v ports %v; want %q %v %v", n.InternetAccess, n.AssignPublicIP, n.WebPorts, tc.access, tc.public, tc.ports)
+			}
+			// FM's own network (servertest's defaults) is the peer.
+			want := &protocol.PeeringSpec{VpcID: "vpc-0fm", SubnetID: "subnet-0fm", Region: "eu-west-1"}
+			if tc.peer != (n.Peering != nil) || tc.peer && *n.Peering != *want {
+				t.Fatalf("peering %+v, want %v", n.Peering, tc.peer)
 			}
 		})
 	}

@@ -643,6 +643,16 @@ func (s *Server) prepareReplay(ctx context.Context, in api.Instance, lc *lifecyc
 	return &d, nil
 }
 
+// peeringOf is the VPC network vn's machines need a peering with: FM's own,
+// when vn asks for it (autoCreatePeerings) and FM knows it.
+func (s *Server) peeringOf(vn api.VirtualNetwork) *protocol.PeeringSpec {
+	own := s.cfg.Network
+	if !vn.AutoCreatePeerings || own.VpcID == "" || own.VpcID == vn.AWSVpcID {
+		return nil
+	}
+	return &protocol.PeeringSpec{VpcID: own.VpcID, SubnetID: own.SubnetID, Region: own.Region}
+}
+
 // machineSpec is what a backend needs to build the instance's machine.
 func (s *Server) machineSpec(in api.Instance, port int) (*protocol.MachineSpec, error) {
 	im, _, ok := s.st.images.get(in.ImageID)
@@ -668,7 +678,7 @@ func (s *Server) machineSpec(in api.Instance, port int) (*protocol.MachineSpec, 
 			AutoCreateSecurityGroups: *vn.AWSAutoCreateSecurityGroups, SecurityGroups: vn.AWSSecurityGroups,
 			AssignPublicIP: *vn.AWSAssignPublicIP && vn.InternetAccessMode != api.InternetAccessNo && vn.InternetAccessMode != api.InternetAccessEgressOnly,
 			DNSStrategy:    vn.DNSStrategy, PrivateZoneID: vn.AWSRoute53PrivateIPZone, PublicZoneID: vn.AWSRoute53PublicIPZone,
-			InternetAccess: vn.InternetAccessMode, WebPorts: webPorts(vn, port)},
+			InternetAccess: vn.InternetAccessMode, WebPorts: webPorts(vn, port), Peering: s.peeringOf(vn)},
 		Access: protocol.AccessSpec{KeyPairName: tpl.AWSKeyPairName, StartupInstanceProfileArn: tpl.StartupInstanceProfileArn,
 			RuntimeInstanceProfileArn: tpl.RuntimeInstanceProfileArn,
 			RestrictMetadataAccess:    tpl.RestrictAWSMetadataServerAccess == nil || *tpl.RestrictAWSMetadataServerAccess},

@@ -58,6 +58,9 @@ func (s *Server) createNetwork(r *http.Request) (any, error) {
 	if err := validateNetwork(&vn); err != nil {
 		return nil, err
 	}
+	if err := s.checkPeering(vn); err != nil {
+		return nil, err
+	}
 	ctx := r.Context()
 	if vn.AccountID != "" {
 		// The bucket is read where the copy lacks the account (made on
@@ -112,6 +115,9 @@ func (s *Server) saveNetwork(r *http.Request) (any, error) {
 	}
 	normalizeNetwork(&vn)
 	if err := validateNetwork(&vn); err != nil {
+		return nil, err
+	}
+	if err := s.checkPeering(vn); err != nil {
 		return nil, err
 	}
 	if err := s.st.networks.replace(r.Context(), id, cur, &vn, rev); err != nil {
@@ -180,14 +186,28 @@ func normalizeNetwork(vn *api.VirtualNetwork) {
 	}
 }
 
+// checkPeering refuses autoCreatePeerings where there is nothing to peer
+// with: FM was not told its own VPC (fm server --default-vpc), or the
+// network is that VPC.
+func (s *Server) checkPeering(vn api.VirtualNetwork) error {
+	if !vn.AutoCreatePeerings {
+		return nil
+	}
+	var c checker
+	switch {
+	case s.cfg.Network.VpcID == "":
+		c.fail("autoCreatePeerings", "this Fleet Manager does not know its own VPC to peer with (start fm server with --default-vpc and --default-subnet)")
+	case s.cfg.Network.VpcID == vn.AWSVpcID:
+		c.fail("autoCreatePeerings", "the network is in Fleet Manager's own VPC %s: there is nothing to peer", vn.AWSVpcID)
+	}
+	return c.err(kindNetwork)
+}
+
 func validateNetwork(vn *api.VirtualNetwork) error {
 	var c checker
 	c.label("label", vn.Label)
 	c.oneOf("mode", vn.Mode, api.ModeExistingMonotenant)
 	c.oneOf("internetAccessMode", vn.InternetAccessMode, api.InternetAccessYes, api.InternetAccessNo, api.InternetAccessEgressOnly)
-	if vn.AutoCreatePeerings {
-		c.fail("autoCreatePeerings", "VPC peering is not supported by this Fleet Manager; create the peering yourself and set it to false")
-	}
 	if c.required("awsVpcId", vn.AWSVpcID) {
 		c.match("awsVpcId", vn.AWSVpcID, reVpcID, "a VPC id (vpc-…)")
 	}

@@ -91,7 +91,7 @@ func TestNetworkBadInputs(t *testing.T) {
 		{"groups with auto-create", "False", `{` + base + `,"awsAutoCreateSecurityGroups":true,"awsSecurityGroups":["sg-1"]}`, "InvalidArgument", "must be empty"},
 		{"internet access", "False", `{` + base + `,"internetAccessMode":"SOMETIMES"}`, "InvalidArgument", "internetAccessMode"},
 		{"cloud account", "False", `{` + base + `,"accountId":"acc-1"}`, "InvalidArgument", "does not exist"},
-		{"peering", "False", `{` + base + `,"autoCreatePeerings":true}`, "InvalidArgument", "peering"},
+		{"peering with itself", "False", `{"label":"n","awsVpcId":"vpc-0fm","awsSubnetId":"subnet-1","autoCreatePeerings":true}`, "InvalidArgument", "nothing to peer"},
 		{"dns without zone", "False", `{` + base + `,"dnsStrategy":"VN_SPECIFIC_CLOUD_DNS_SERVICE"}`, "InvalidArgument", "needs"},
 		{"same zones", "False", `{` + base + `,"dnsStrategy":"VN_SPECIFIC_CLOUD_DNS_SERVICE","awsRoute53PrivateIPZoneId":"Z1","awsRoute53PublicIPZoneId":"Z1"}`, "InvalidArgument", "must differ"},
 		{"letsencrypt without mail", "False", `{` + base + `,"httpsStrategy":"LETSENCRYPT","httpStrategy":"REDIRECT"}`, "InvalidArgument", "contactMail: is required"},

@@ -218,6 +218,9 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	if err != nil {
 		return cur, err
 	}
+	if err := b.ensurePeering(ctx, c, req, pl); err != nil {
+		return cur, err
+	}
 	next := cur
 	next.Details = map[string]string{detailRegion: region, detailAZ: pl.az, detailSecurityGroups: strings.Join(sgs, ",")}
 	if req.Cloud != nil && req.Cloud.Mode != protocol.CloudAuthSameAsFM {

@@ -107,14 +107,7 @@ func (b *Backend) plan(ctx context.Context, c clients, region string, req provis
 			bad("VPC %s does not exist in %s", v, region)
 		}
 		if vpcOK {
-			for _, a := range out.Vpcs[0].CidrBlockAssociationSet {
-				if a.CidrBlockState == nil || a.CidrBlockState.State == types.VpcCidrBlockStateCodeAssociated {
-					pl.vpcCIDRs = append(pl.vpcCIDRs, aws.ToString(a.CidrBlock))
-				}
-			}
-			if len(pl.vpcCIDRs) == 0 && out.Vpcs[0].CidrBlock != nil {
-				pl.vpcCIDRs = []string{aws.ToString(out.Vpcs[0].CidrBlock)}
-			}
+			pl.vpcCIDRs = vpcCIDRs(out.Vpcs[0])
 		}
 	}
 	if s := spec.Network.SubnetID; s == "" {
