@@ -87,6 +87,9 @@ type Config struct {
 	// sends its instance identity document with its join, which FM may
 	// require (protocol.EC2Identity). Empty elsewhere.
 	IMDSURL string `json:"imdsUrl,omitempty"`
+	// SecretsManagerEndpoint replaces AWS Secrets Manager's regional
+	// endpoint, where a template keeps DSS's AWS key (tests).
+	SecretsManagerEndpoint string `json:"secretsManagerEndpoint,omitempty"`
 
 	// Timings; zero values take the defaults.
 	HealthInterval time.Duration `json:"-"` // how often DSS is checked (10s)

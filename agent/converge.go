@@ -454,10 +454,26 @@ const awsCredentialsHeader = "# Written by the Fleet Manager agent: the AWS key 
 // one it cannot read is left as it is and the step fails, rather than be
 // lost. Without a key pair it leaves the file alone: one it wrote is on an
 // OS disk a reprovision replaces.
+//
+// A key pair kept in AWS Secrets Manager (c.SecretName) is read there as
+// the machine's instance profile, at each convergence (a rotated secret is
+// then written), what may pass (the service away, throttling) tried again
+// until the desired state's deadline.
 func (a *Agent) writeAWSCredentials(ctx context.Context, gen uint64, d *protocol.DesiredState) (bool, error) {
 	c := d.DSS.AWSCredentials
 	if c == nil {
 		return false, nil
+	}
+	keyID, secret := c.AccessKeyID, c.SecretAccessKey
+	if c.SecretName != "" {
+		var err error
+		_, _, err = a.untilDeadline(ctx, d, "aws-credentials", func() (string, string, error) {
+			keyID, secret, err = a.awsSecretKey(ctx, c)
+			return "", "", err
+		})
+		if err != nil {
+			return false, a.step(gen, "aws-credentials", func() (string, string, error) { return "", "", err })
+		}
 	}
 	files, home, err := a.m.dssHomeFiles(ctx)
 	if err != nil {
@@ -465,7 +481,7 @@ func (a *Agent) writeAWSCredentials(ctx context.Context, gen uint64, d *protocol
 	}
 	dir := filepath.Join(home, ".aws")
 	path := filepath.Join(dir, "credentials")
-	want := awsCredentialsHeader + "[default]\naws_access_key_id = " + c.AccessKeyID + "\naws_secret_access_key = " + c.SecretAccessKey + "\n"
+	want := awsCredentialsHeader + "[default]\naws_access_key_id = " + keyID + "\naws_secret_access_key = " + secret + "\n"
 	cur, readErr := files.readFile(ctx, path)
 	if readErr == nil && string(cur) == want {
 		return false, nil
@@ -494,7 +510,7 @@ func (a *Agent) writeAWSCredentials(ctx context.Context, gen uint64, d *protocol
 		if err := files.writeFile(ctx, path, []byte(want), 0o600); err != nil {
 			return "", "", err
 		}
-		return fmt.Sprintf("AWS key pair %s written as %s (default profile)%s", c.AccessKeyID, path, kept), "", nil
+		return fmt.Sprintf("AWS key pair %s written as %s (default profile)%s", keyID, path, kept), "", nil
 	})
 }
 

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/internal/atomicfile"
+	"github.com/fleetmanager/fm/internal/awsapi"
 	"github.com/fleetmanager/fm/internal/pki"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
@@ -314,39 +315,9 @@ func (a *Agent) openParams(cmd *protocol.Command) *protocol.Error {
 // token (IMDSv2, which machines launched with restricted metadata access
 // require).
 func ec2Identity(ctx context.Context, base string) (*protocol.EC2Identity, error) {
-	client := &http.Client{Timeout: 2 * time.Second}
-	ask := func(method, path string, header http.Header) (string, error) {
-		req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(base, "/")+path, nil)
-		if err != nil {
-			return "", err
-		}
-		req.Header = header
-		resp, err := client.Do(req)
-		if err != nil {
-			return "", fmt.Errorf("the instance metadata service: %w", err)
-		}
-		defer resp.Body.Close()
-		b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-		if err != nil {
-			return "", fmt.Errorf("the instance metadata service: %w", err)
-		}
-		if resp.StatusCode != http.StatusOK {
-			return "", fmt.Errorf("the instance metadata service answered %s to %s %s", resp.Status, method, path)
-		}
-		return string(b), nil
-	}
-	token, err := ask(http.MethodPut, "/latest/api/token", http.Header{"X-Aws-Ec2-Metadata-Token-Ttl-Seconds": {"60"}})
+	got, err := awsapi.IMDS{Base: base}.Get(ctx, "/latest/dynamic/instance-identity/document", "/latest/dynamic/instance-identity/signature")
 	if err != nil {
 		return nil, err
 	}
-	withToken := http.Header{"X-Aws-Ec2-Metadata-Token": {token}}
-	doc, err := ask(http.MethodGet, "/latest/dynamic/instance-identity/document", withToken)
-	if err != nil {
-		return nil, err
-	}
-	sig, err := ask(http.MethodGet, "/latest/dynamic/instance-identity/signature", withToken)
-	if err != nil {
-		return nil, err
-	}
-	return &protocol.EC2Identity{Document: doc, Signature: strings.TrimSpace(sig)}, nil
+	return &protocol.EC2Identity{Document: got[0], Signature: strings.TrimSpace(got[1])}, nil
 }

@@ -94,5 +94,7 @@
 //	  DetailRuntimeProfile, DetailInstanceProfile and DetailMadeBy: a
 //	  machine an older provisioner made keeps its startup profile. A
 //	  network's peering with FM's VPC (NetworkSpec.Peering): an older
-//	  provisioner makes none.
+//	  provisioner makes none. A key pair for DSS kept in AWS Secrets
+//	  Manager (AWSCredentials.SecretName, SecretRegion): an older agent
+//	  refuses the desired state (no key id or secret).
 package protocol

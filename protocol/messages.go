@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -88,6 +89,19 @@ func ValidAWSSecret(s string) bool {
 	return true
 }
 
+// validRegion reports whether s looks like an AWS region (eu-west-1).
+func validRegion(s string) bool {
+	if len(s) < 4 || len(s) > 32 || s[0] == '-' || s[len(s)-1] == '-' {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-') {
+			return false
+		}
+	}
+	return true
+}
+
 // AWSCredentials is an AWS access key. SealedSecretAccessKey is set instead
 // of SecretAccessKey when the agent has an instance key
 // (SealedAWSSecretPlace).
@@ -95,6 +109,13 @@ type AWSCredentials struct {
 	AccessKeyID           string `json:"accessKeyId"`
 	SecretAccessKey       string `json:"secretAccessKey,omitempty"`
 	SealedSecretAccessKey string `json:"sealedSecretAccessKey,omitempty"`
+	// SecretName and SecretRegion, when set, say the secret access key is
+	// kept in AWS Secrets Manager (the template's
+	// dataikuAwsKeypairStorageMode AWS_SECRETS_MANAGER): the agent reads it
+	// there as the machine's instance profile. AccessKeyID may then be
+	// empty, the secret naming it.
+	SecretName   string `json:"secretName,omitempty"`
+	SecretRegion string `json:"secretRegion,omitempty"`
 }
 
 // KitSource says where a DSS install kit comes from: exactly one of a local
@@ -171,7 +192,18 @@ func (d *DesiredState) Validate() error {
 			return fmt.Errorf("dss.https: port %d is DSS's own", d.DSS.Port)
 		}
 	}
-	if c := d.DSS.AWSCredentials; c != nil {
+	if c := d.DSS.AWSCredentials; c != nil && c.SecretName != "" {
+		switch {
+		case c.AccessKeyID != "" && !ValidAWSAccessKeyID(c.AccessKeyID):
+			return fmt.Errorf("dss.awsCredentials.accessKeyId %q is not an access key id", c.AccessKeyID)
+		case c.SecretAccessKey != "" || c.SealedSecretAccessKey != "":
+			return errors.New("dss.awsCredentials: a key kept in AWS Secrets Manager (secretName) travels without its secret")
+		case !validRegion(c.SecretRegion):
+			return fmt.Errorf("dss.awsCredentials.secretRegion %q is not an AWS region", c.SecretRegion)
+		case len(c.SecretName) > 2048 || strings.ContainsAny(c.SecretName, "\x00\n"):
+			return errors.New("dss.awsCredentials.secretName is not a secret's name or ARN")
+		}
+	} else if c != nil {
 		if !ValidAWSAccessKeyID(c.AccessKeyID) {
 			return fmt.Errorf("dss.awsCredentials.accessKeyId %q is not an access key id", c.AccessKeyID)
 		}

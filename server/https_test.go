@@ -118,8 +118,8 @@ func TestTheNetworksHTTPSStrategyReachesTheMachine(t *testing.T) {
 
 // TestTheTemplatesAWSKeyPairReachesTheMachineSealed: a template's
 // INLINE_ENCRYPTED key pair for DSS reaches the desired state with its
-// secret sealed for the new machine; one kept in Secrets Manager does not
-// reach it.
+// secret sealed for the new machine; one kept in Secrets Manager is refused
+// on the local backend, whose machines cannot read it.
 func TestTheTemplatesAWSKeyPairReachesTheMachineSealed(t *testing.T) {
 	f := startWithAuthority(t, 0, servertest.WithConfig(func(c *server.Config) { c.LocalBackend = true }))
 	vn, _, _ := f.fleet()
@@ -144,9 +144,28 @@ func TestTheTemplatesAWSKeyPairReachesTheMachineSealed(t *testing.T) {
 	f.ok(f.do("GET", "/instance-settings-templates/"+tpl.ID, ""), &m)
 	m["dataikuAwsKeypairStorageMode"], m["dataikuAwsSecretAccessKeyAwsSecretName"], m["awsSecretsManagerRegion"] = "AWS_SECRETS_MANAGER", "dss/key", "eu-west-1"
 	f.ok(f.do("PUT", "/instance-settings-templates/"+tpl.ID, mustJSON(t, m)), nil)
-	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/reprovision", ""), &op)
-	if d, _ := f.desiredOf(in.ID); d.DSS.AWSCredentials != nil {
-		t.Fatalf("a key pair in Secrets Manager reached the desired state: %+v", d.DSS.AWSCredentials)
+	e := f.failed(f.do("GET", "/instances/"+in.ID+"/actions/reprovision", ""), 409, "FailedPrecondition")
+	if !strings.Contains(e.DetailedMessage, "Secrets Manager") {
+		t.Fatalf("refusal: %+v", e)
+	}
+}
+
+// TestAKeyPairInSecretsManagerTravelsByName: on a cloud, a key pair kept in
+// AWS Secrets Manager reaches the desired state as the secret's name and
+// region (and the template's key id), for the agent to read there; no
+// secret travels.
+func TestAKeyPairInSecretsManagerTravelsByName(t *testing.T) {
+	f := startWithAuthority(t, 0)
+	vn, _, _ := f.fleet()
+	kit := f.addImageWithKit("dss-14.0.0-k", "14.0.0")
+	tpl := f.createTemplate(`{"label":"keys","setupActions":[],"dataikuAwsAPIAccessMode":"KEYPAIR","dataikuAwsKeypairStorageMode":"AWS_SECRETS_MANAGER",
+		"dataikuAwsAccessKeyId":"AKIAIOSFODNN7EXAMPLE","dataikuAwsSecretAccessKeyAwsSecretName":"dss/key","awsSecretsManagerRegion":"eu-west-1"}`)
+	in := f.createInstance(instanceBody("keys", vn.ID, tpl.ID, kit.ID))
+	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/reprovision", ""), nil)
+	d, raw := f.desiredOf(in.ID)
+	want := protocol.AWSCredentials{AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SecretName: "dss/key", SecretRegion: "eu-west-1"}
+	if c := d.DSS.AWSCredentials; c == nil || *c != want || strings.Contains(raw, "ecretAccessKey\"") {
+		t.Fatalf("a key pair in Secrets Manager: %+v\n%s", d.DSS.AWSCredentials, raw)
 	}
 }
 

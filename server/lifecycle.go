@@ -538,6 +538,10 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 	if err != nil {
 		return nil, err
 	}
+	if awsCreds != nil && awsCreds.SecretName != "" && s.cfg.LocalBackend {
+		return nil, precondition("template %s keeps DSS's AWS key in AWS Secrets Manager, which the local backend's machines cannot read "+
+			"(they have no instance profile): use INLINE_ENCRYPTED here", tpl.ID)
+	}
 	if s.cfg.Authority != nil {
 		// The new machine joins with a single-use token and gets a new
 		// instance key, which seals what FM and its agent tell each other;
@@ -552,7 +556,7 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 		if https != nil && https.Certificate != "" {
 			https.Certificate, https.SealedCertificate = "", box.Seal(https.Certificate, protocol.SealedCertificatePlace(in.ID))
 		}
-		if awsCreds != nil {
+		if awsCreds != nil && awsCreds.SecretAccessKey != "" {
 			awsCreds.SecretAccessKey, awsCreds.SealedSecretAccessKey = "", box.Seal(awsCreds.SecretAccessKey, protocol.SealedAWSSecretPlace(in.ID))
 		}
 		spec.Join = &protocol.JoinSpec{URL: s.cfg.JoinURL, SealedToken: s.box.Seal(token, protocol.SealedJoinTokenPlace(in.ID)), CACert: s.cfg.CAPEM}
@@ -587,10 +591,15 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 }
 
 // dssAWSCredentials is the key pair a template gives DSS (its
-// dataikuAwsAPIAccessMode KEYPAIR, kept in FM: INLINE_ENCRYPTED), nil
-// otherwise. A key pair kept in AWS Secrets Manager is not fetched
-// (docs/api.md): DSS uses the machine's instance profile.
+// dataikuAwsAPIAccessMode KEYPAIR), nil otherwise: kept in FM
+// (INLINE_ENCRYPTED), the key itself; kept in AWS Secrets Manager, where
+// the agent reads it as the machine's instance profile.
 func dssAWSCredentials(tpl api.InstanceSettingsTemplate) (*protocol.AWSCredentials, error) {
+	if tpl.DataikuAWSAPIAccessMode == api.AWSAPIAccessKeypair && tpl.DataikuAWSKeypairStorageMode == api.KeypairStorageSecretsManager &&
+		tpl.DataikuAWSSecretAccessKeySecretName != "" {
+		return &protocol.AWSCredentials{AccessKeyID: tpl.DataikuAWSAccessKeyID, SecretName: tpl.DataikuAWSSecretAccessKeySecretName,
+			SecretRegion: tpl.AWSSecretsManagerRegion}, nil
+	}
 	if tpl.DataikuAWSAPIAccessMode != api.AWSAPIAccessKeypair || tpl.DataikuAWSKeypairStorageMode != api.KeypairStorageInline ||
 		tpl.DataikuAWSAccessKeyID == "" || tpl.DataikuAWSSecretAccessKey == "" {
 		return nil, nil

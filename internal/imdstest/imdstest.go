@@ -82,11 +82,15 @@ func (s *Signer) Proof(t testing.TB, instanceID string) *protocol.EC2Identity {
 
 // IMDS is a metadata service for one machine, serving what IMDSv2 serves
 // of its identity: a session token first (PUT /latest/api/token), then the
-// document and its signature, each asked with the token.
+// document and its signature, each asked with the token; and the
+// credentials of its instance profile's role, when Role is set.
 type IMDS struct {
 	URL string
 	// Proof is what it serves.
 	Proof *protocol.EC2Identity
+	// Role and Credentials (the JSON document IMDS serves: AccessKeyId,
+	// SecretAccessKey, Token, Expiration) are the instance profile's.
+	Role, Credentials string
 
 	mu        sync.Mutex
 	failFirst int
@@ -129,6 +133,10 @@ func (m *IMDS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		_, _ = w.Write([]byte(m.Proof.Document))
 	case r.Method == http.MethodGet && r.URL.Path == "/latest/dynamic/instance-identity/signature":
 		_, _ = w.Write([]byte(m.Proof.Signature + "\n"))
+	case r.Method == http.MethodGet && r.URL.Path == "/latest/meta-data/iam/security-credentials/" && m.Role != "":
+		_, _ = w.Write([]byte(m.Role))
+	case r.Method == http.MethodGet && m.Role != "" && r.URL.Path == "/latest/meta-data/iam/security-credentials/"+m.Role:
+		_, _ = w.Write([]byte(m.Credentials))
 	default:
 		w.WriteHeader(http.StatusNotFound)
 	}
