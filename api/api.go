@@ -169,10 +169,13 @@ type Instance struct {
 	DSSNodeType                   string `json:"dssNodeType"`
 	CloudInstanceType             string `json:"cloudInstanceType"`
 
-	DataVolumeType       string `json:"dataVolumeType"`
-	DataVolumeSizeGB     *int   `json:"dataVolumeSizeGB"`
-	DataVolumeSizeMaxGB  *int   `json:"dataVolumeSizeMaxGB"`
-	DataVolumeIOPS       *int   `json:"dataVolumeIOPS"`
+	DataVolumeType      string `json:"dataVolumeType"`
+	DataVolumeSizeGB    *int   `json:"dataVolumeSizeGB"`
+	DataVolumeSizeMaxGB *int   `json:"dataVolumeSizeMaxGB"`
+	DataVolumeIOPS      *int   `json:"dataVolumeIOPS"`
+	// DataVolumeThroughput is FM's: a gp3 data volume's throughput in
+	// MiB/s (125 to 1000, at most a quarter of its IOPS).
+	DataVolumeThroughput *int   `json:"dataVolumeThroughput,omitempty"`
 	VolumesEncryption    string `json:"volumesEncryption"`
 	VolumesEncryptionKey string `json:"volumesEncryptionKey"`
 	AWSRootVolumeSizeGB  *int   `json:"awsRootVolumeSizeGB"`

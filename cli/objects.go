@@ -86,6 +86,7 @@ var instanceResource = &resource{
 		{"volume-size", "dataVolumeSizeGB", "int", "data volume size in GB"},
 		{"volume-max-size", "dataVolumeSizeMaxGB", "int", "size in GB the data volume may grow to"},
 		{"volume-iops", "dataVolumeIOPS", "int", "data volume IOPS (gp3, io1, io2)"},
+		{"volume-throughput", "dataVolumeThroughput", "int", "gp3 data volume throughput, MiB/s (125 to 1000)"},
 		{"encryption", "volumesEncryption", "string", "NONE, DEFAULT_KEY, TENANT or CUSTOM"},
 		{"encryption-key", "volumesEncryptionKey", "string", "KMS key for CUSTOM encryption"},
 		{"tags", "cloudTags", "map", "cloud tags, key=value,key=value"},

@@ -96,5 +96,7 @@
 //	  network's peering with FM's VPC (NetworkSpec.Peering): an older
 //	  provisioner makes none. A key pair for DSS kept in AWS Secrets
 //	  Manager (AWSCredentials.SecretName, SecretRegion): an older agent
-//	  refuses the desired state (no key id or secret).
+//	  refuses the desired state (no key id or secret). A volume's
+//	  throughput (VolumeSpec.ThroughputMiBps): an older provisioner makes
+//	  the volume with EBS's default.
 package protocol

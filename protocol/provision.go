@@ -408,6 +408,8 @@ type VolumeSpec struct {
 	SizeGB     int    `json:"sizeGB,omitempty"`
 	MaxSizeGB  int    `json:"maxSizeGB,omitempty"`
 	IOPS       int    `json:"iops,omitempty"`
+	// ThroughputMiBps is a gp3 volume's throughput (0: EBS's default).
+	ThroughputMiBps int `json:"throughputMiBps,omitempty"`
 	Encryption string `json:"encryption,omitempty"`
 	KMSKeyID   string `json:"kmsKeyId,omitempty"`
 }

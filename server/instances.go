@@ -417,6 +417,7 @@ func (s *Server) validateInstance(in *api.Instance) error {
 		c.fail("dataVolumeSizeMaxGB", "%d is smaller than dataVolumeSizeGB (%d)", *in.DataVolumeSizeMaxGB, *in.DataVolumeSizeGB)
 	}
 	checkIOPS(&c, "dataVolumeIOPS", in.DataVolumeType, in.DataVolumeIOPS)
+	checkThroughput(&c, "dataVolumeThroughput", in.DataVolumeType, in.DataVolumeIOPS, in.DataVolumeThroughput)
 	c.oneOf("volumesEncryption", in.VolumesEncryption, api.EncryptionNone, api.EncryptionDefaultKey, api.EncryptionTenant, api.EncryptionCustom)
 	if in.VolumesEncryption == api.EncryptionCustom {
 		if c.required("volumesEncryptionKey", in.VolumesEncryptionKey) {
@@ -464,6 +465,26 @@ func checkIOPS(c *checker, field, volumeType string, iops *int) {
 		if iops != nil {
 			c.fail(field, "can only be set for gp3, io1 and io2 volumes")
 		}
+	}
+}
+
+// checkThroughput checks a gp3 volume's throughput (MiB/s): 125 to 1000,
+// and at most a quarter of its IOPS (3000 when not set), as EBS allows.
+func checkThroughput(c *checker, field, volumeType string, iops, throughput *int) {
+	if throughput == nil {
+		return
+	}
+	if volumeType != "gp3" {
+		c.fail(field, "can only be set for gp3 volumes")
+		return
+	}
+	c.rangeInt(field, throughput, 125, 1000)
+	ops := 3000
+	if iops != nil {
+		ops = *iops
+	}
+	if *throughput > ops/4 {
+		c.fail(field, "%d MiB/s is more than a gp3 volume of %d IOPS allows (%d MiB/s: raise dataVolumeIOPS)", *throughput, ops, ops/4)
 	}
 }
 

@@ -698,6 +698,9 @@ func (s *Server) machineSpec(in api.Instance, port int) (*protocol.MachineSpec, 
 	if in.DataVolumeIOPS != nil {
 		spec.DataVolume.IOPS = *in.DataVolumeIOPS
 	}
+	if in.DataVolumeThroughput != nil {
+		spec.DataVolume.ThroughputMiBps = *in.DataVolumeThroughput
+	}
 	if in.AWSRootVolumeSizeGB != nil {
 		spec.RootVolume.SizeGB = *in.AWSRootVolumeSizeGB
 	}

@@ -208,6 +208,9 @@ func volumeProblems(v protocol.VolumeSpec, what string) []string {
 	if v.IOPS != 0 && !slices.Contains(iopsTypes, v.Type) {
 		p = append(p, fmt.Sprintf("%s IOPS can only be set for %s volumes, not %q", what, strings.Join(iopsTypes, ", "), v.Type))
 	}
+	if v.ThroughputMiBps != 0 && (v.Type != "gp3" || v.ThroughputMiBps < 125 || v.ThroughputMiBps > 1000) {
+		p = append(p, fmt.Sprintf("%s throughput %d MiB/s: only a gp3 volume's can be set, from 125 to 1000", what, v.ThroughputMiBps))
+	}
 	if v.SizeGB < 0 || v.SizeGB > 16384 {
 		p = append(p, fmt.Sprintf("%s size %d GB is out of range (1 to 16384)", what, v.SizeGB))
 	}

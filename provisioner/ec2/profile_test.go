@@ -69,3 +69,28 @@ func TestTheStartupProfileIsSwapped(t *testing.T) {
 		t.Fatalf("details %v", st.Details)
 	}
 }
+
+// TestAGP3VolumesThroughput: a gp3 data volume is made with the throughput
+// asked for; a throughput for another type is refused before anything is
+// made.
+func TestAGP3VolumesThroughput(t *testing.T) {
+	w := newWorld(t)
+	ctx := context.Background()
+	spec := w.spec()
+	spec.DataVolume.Type, spec.DataVolume.IOPS, spec.DataVolume.ThroughputMiBps = "gp2", 0, 250
+	if _, err := w.backend.Reprovision(ctx, w.request("rq-0", protocol.ProvisionReprovision, spec), protocol.MachineState{}); protocol.CodeOf(err) != protocol.CodeInvalidArgument ||
+		!strings.Contains(err.Error(), "throughput 250") {
+		t.Fatalf("err = %v", err)
+	}
+	if n := len(w.fmInstances(t)); n != 0 {
+		t.Fatalf("%d machines made for a refused request", n)
+	}
+	spec.DataVolume.Type, spec.DataVolume.IOPS = "gp3", 4000
+	st, err := w.backend.Reprovision(ctx, w.request("rq-1", protocol.ProvisionReprovision, spec), protocol.MachineState{})
+	if err != nil {
+		t.Fatalf("reprovision: %v\n%s", err, strings.Join(w.progress, "\n"))
+	}
+	if v := w.volume(t, st.VolumeID); v.VolumeType != "gp3" || aws.ToInt32(v.Iops) != 4000 || aws.ToInt32(v.Throughput) != 250 {
+		t.Fatalf("volume %s: %s, %d IOPS, %d MiB/s", st.VolumeID, v.VolumeType, aws.ToInt32(v.Iops), aws.ToInt32(v.Throughput))
+	}
+}

@@ -62,6 +62,9 @@ func (b *Backend) createVolume(ctx context.Context, c clients, req provisioner.R
 	if v.IOPS != 0 {
 		in.Iops = aws.Int32(int32(v.IOPS))
 	}
+	if v.ThroughputMiBps != 0 {
+		in.Throughput = aws.Int32(int32(v.ThroughputMiBps))
+	}
 	applyEncryption(v, &in.Encrypted, &in.KmsKeyId)
 	out, err := c.ec2.CreateVolume(ctx, in)
 	if err != nil {
