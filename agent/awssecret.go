@@ -28,6 +28,9 @@ func (a *Agent) awsSecretKey(ctx context.Context, c *protocol.AWSCredentials) (k
 		imds = awsapi.DefaultIMDS
 	}
 	creds, err := awsapi.IMDS{Base: imds}.RoleCredentials(ctx)
+	if errors.Is(err, awsapi.ErrNoInstanceProfile) {
+		return fail(protocol.CodeFailedPrecondition, "secret %s: %v (the template's instance profile must allow secretsmanager:GetSecretValue on it)", c.SecretName, err)
+	}
 	if err != nil {
 		return fail(protocol.CodeUnavailable, "the machine's instance profile credentials, to read secret %s: %v", c.SecretName, err)
 	}

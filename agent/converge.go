@@ -458,22 +458,14 @@ const awsCredentialsHeader = "# Written by the Fleet Manager agent: the AWS key 
 // A key pair kept in AWS Secrets Manager (c.SecretName) is read there as
 // the machine's instance profile, at each convergence (a rotated secret is
 // then written), what may pass (the service away, throttling) tried again
-// until the desired state's deadline.
+// until the desired state's deadline. Once the agent has written one, a
+// secret it can no longer read (the runtime profile, swapped in after DSS
+// was set up, may not be allowed to) keeps the key written, with a warning
+// event, rather than fail the convergence.
 func (a *Agent) writeAWSCredentials(ctx context.Context, gen uint64, d *protocol.DesiredState) (bool, error) {
 	c := d.DSS.AWSCredentials
 	if c == nil {
 		return false, nil
-	}
-	keyID, secret := c.AccessKeyID, c.SecretAccessKey
-	if c.SecretName != "" {
-		var err error
-		_, _, err = a.untilDeadline(ctx, d, "aws-credentials", func() (string, string, error) {
-			keyID, secret, err = a.awsSecretKey(ctx, c)
-			return "", "", err
-		})
-		if err != nil {
-			return false, a.step(gen, "aws-credentials", func() (string, string, error) { return "", "", err })
-		}
 	}
 	files, home, err := a.m.dssHomeFiles(ctx)
 	if err != nil {
@@ -481,8 +473,25 @@ func (a *Agent) writeAWSCredentials(ctx context.Context, gen uint64, d *protocol
 	}
 	dir := filepath.Join(home, ".aws")
 	path := filepath.Join(dir, "credentials")
-	want := awsCredentialsHeader + "[default]\naws_access_key_id = " + keyID + "\naws_secret_access_key = " + secret + "\n"
 	cur, readErr := files.readFile(ctx, path)
+	keyID, secret := c.AccessKeyID, c.SecretAccessKey
+	if c.SecretName != "" {
+		var err error
+		_, _, err = a.untilDeadline(ctx, d, "aws-credentials", func() (string, string, error) {
+			keyID, secret, err = a.awsSecretKey(ctx, c)
+			return "", "", err
+		})
+		var se *stepError
+		if err != nil && errors.As(err, &se) && se.code == protocol.CodeFailedPrecondition && readErr == nil && strings.HasPrefix(string(cur), awsCredentialsHeader) {
+			a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: "aws-credentials", Status: protocol.StatusOK,
+				Message: fmt.Sprintf("%v; the key written before is kept", se.err)})
+			return false, nil
+		}
+		if err != nil {
+			return false, a.step(gen, "aws-credentials", func() (string, string, error) { return "", "", err })
+		}
+	}
+	want := awsCredentialsHeader + "[default]\naws_access_key_id = " + keyID + "\naws_secret_access_key = " + secret + "\n"
 	if readErr == nil && string(cur) == want {
 		return false, nil
 	}

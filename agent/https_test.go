@@ -22,10 +22,8 @@ import (
 
 	"github.com/fleetmanager/fm/internal/acmetest"
 	"github.com/fleetmanager/fm/internal/certtest"
-	"github.com/fleetmanager/fm/internal/imdstest"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
-	"github.com/fleetmanager/fm/provisioner/ec2/mototest"
 	"github.com/rs/zerolog"
 	"golang.org/x/crypto/acme"
 )
@@ -655,48 +653,5 @@ func TestAHandshakeNeverOrdersACertificate(t *testing.T) {
 	case <-asked:
 		t.Fatal("a handshake asked the CA")
 	case <-time.After(200 * time.Millisecond):
-	}
-}
-
-// TestTheAWSKeyPairFromSecretsManager: a key pair kept in AWS Secrets
-// Manager is read there as the machine's instance profile (IMDSv2) and
-// written for DSS, the key id from the secret's JSON when the template
-// gives none; a secret that does not exist fails the step, saying so,
-// without retrying for ever.
-func TestTheAWSKeyPairFromSecretsManager(t *testing.T) {
-	moto := mototest.Run(t)
-	const secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
-	moto.PutSecret(t, "dss/aws", `{"accessKeyId":"AKIAIOSFODNN7EXAMPLE","secretAccessKey":"`+secret+`"}`)
-	imds := imdstest.Serve(t, &protocol.EC2Identity{}, 0)
-	imds.Role = "dss-runtime"
-	imds.Credentials = `{"AccessKeyId":"ASIAEXAMPLE","SecretAccessKey":"profile-secret","Token":"tok"}`
-	r := newRig(t)
-	r.cfg.IMDSURL, r.cfg.SecretsManagerEndpoint = imds.URL, moto.URL
-	r.startAgent()
-	r.desireWith("14.0.0", func(d *protocol.DesiredState) {
-		d.DSS.AWSCredentials = &protocol.AWSCredentials{SecretName: "dss/aws", SecretRegion: mototest.Region}
-	})
-	r.waitReady(1)
-	path := filepath.Join(r.root, "home", r.cfg.DSSUser, ".aws", "credentials")
-	b, err := os.ReadFile(path)
-	if err != nil || !strings.Contains(string(b), "[default]\naws_access_key_id = AKIAIOSFODNN7EXAMPLE\naws_secret_access_key = "+secret+"\n") {
-		t.Fatalf("credentials file: %q, %v", b, err)
-	}
-	for _, e := range r.events.all() {
-		if strings.Contains(e.Message+e.Output, secret) {
-			t.Fatalf("an event carries the secret: %+v", e)
-		}
-	}
-
-	r.desireWith("14.0.0", func(d *protocol.DesiredState) {
-		d.RetryUntil = time.Now().Add(time.Minute)
-		d.DSS.AWSCredentials = &protocol.AWSCredentials{AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SecretName: "dss/nothing", SecretRegion: mototest.Region}
-	})
-	st := r.waitStatus("the missing secret reported", 30*time.Second, func(st protocol.AgentStatus) bool {
-		return st.Target == 2 && st.Phase == protocol.PhaseFailed
-	})
-	if st.Error == nil || st.Error.Code != protocol.CodeFailedPrecondition || !strings.Contains(st.Error.Message, "dss/nothing") ||
-		!strings.Contains(st.Error.Message, "ResourceNotFoundException") {
-		t.Fatalf("status error: %+v", st.Error)
 	}
 }

@@ -30,7 +30,7 @@ import (
 func TestTheRestOfFMOnAWS(t *testing.T) {
 	var fmVpc, fmSubnet, fmTable string
 	w := startEC2FM(t, func(w *ec2FM) []string {
-		fmVpc, fmSubnet, fmTable = w.makeVPC("10.42.0.0/16")
+		fmVpc, fmSubnet, fmTable = mototest.MakeVPC(t, w.api, "10.42.0.0/16")
 		return []string{"--default-vpc", fmVpc, "--default-subnet", fmSubnet, "--default-region", mototest.Region}
 	})
 	ctx := context.Background()
@@ -85,7 +85,7 @@ func TestTheRestOfFMOnAWS(t *testing.T) {
 	}
 	agent, root := w.playMachine(vm, func(cfg map[string]any, imds *imdstest.IMDS) {
 		cfg["secretsManagerEndpoint"] = w.moto.URL
-		imds.Role, imds.Credentials = "dss-startup", `{"AccessKeyId":"ASIAEXAMPLE","SecretAccessKey":"profile-secret","Token":"tok"}`
+		imds.SetProfile("dss-startup", `{"AccessKeyId":"ASIAEXAMPLE","SecretAccessKey":"profile-secret","Token":"tok"}`)
 	})
 	if res, code := py.wait(t, op); code != 200 || res["state"] != "succeeded" {
 		t.Fatalf("reprovision: %d %v\n%s", code, res, tail(agent.Stderr(), 3000))
@@ -178,30 +178,4 @@ func TestTheRestOfFMOnAWS(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-}
-
-// makeVPC makes a VPC with a subnet and a route table of its own, standing
-// for Fleet Manager's, and returns their ids.
-func (w *ec2FM) makeVPC(cidr string) (vpc, subnet, table string) {
-	t, ctx := w.t, context.Background()
-	t.Helper()
-	v, err := w.api.CreateVpc(ctx, &ec2.CreateVpcInput{CidrBlock: aws.String(cidr)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	vpc = aws.ToString(v.Vpc.VpcId)
-	s, err := w.api.CreateSubnet(ctx, &ec2.CreateSubnetInput{VpcId: aws.String(vpc), CidrBlock: aws.String(cidr)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	subnet = aws.ToString(s.Subnet.SubnetId)
-	rt, err := w.api.CreateRouteTable(ctx, &ec2.CreateRouteTableInput{VpcId: aws.String(vpc)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	table = aws.ToString(rt.RouteTable.RouteTableId)
-	if _, err := w.api.AssociateRouteTable(ctx, &ec2.AssociateRouteTableInput{RouteTableId: aws.String(table), SubnetId: aws.String(subnet)}); err != nil {
-		t.Fatal(err)
-	}
-	return vpc, subnet, table
 }

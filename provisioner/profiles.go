@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"maps"
+	"time"
 
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go/jetstream"
@@ -59,22 +60,39 @@ func (p *Provisioner) swapProfiles(ctx context.Context, known map[string]protoco
 		if ctx.Err() != nil || !p.leaseHeld() {
 			return
 		}
-		if !p.setUp(ctx, st) {
+		if !p.setUp(ctx, st) || p.busy(st.Instance) {
 			continue
 		}
 		log := p.log.With().Str("instance", st.Instance).Str("machine", st.MachineID).Str("profile", st.Details[protocol.DetailRuntimeProfile]).Logger()
-		if err := rp.UseRuntimeProfile(ctx, st); err != nil {
+		// Bounded: the machine watch waits for it.
+		cctx, cancel := context.WithTimeout(ctx, time.Minute)
+		err := rp.UseRuntimeProfile(cctx, st)
+		cancel()
+		if err != nil {
 			log.Warn().Err(err).Msg("runtime instance profile not given yet; tried again at the next check")
 			continue
 		}
-		if err := p.recordRuntimeProfile(ctx, st); err != nil {
+		recorded, err := p.recordRuntimeProfile(ctx, st)
+		if err != nil {
 			log.Warn().Err(err).Msg("runtime instance profile given, not recorded yet; tried again at the next check")
 			continue
 		}
+		if !recorded {
+			continue // recorded already, or a request has the machine now: looked at again from its record
+		}
 		log.Info().Msg("startup instance profile replaced by the runtime one")
+		// One event per machine, however many times this runs.
 		p.event(ctx, protocol.Event{Instance: st.Instance, Kind: protocol.EventStep, Step: "runtime-profile", Status: protocol.StatusOK,
-			Message: "the startup instance profile was replaced by the runtime one, " + st.Details[protocol.DetailRuntimeProfile]}, "")
+			Message: "the startup instance profile was replaced by the runtime one, " + st.Details[protocol.DetailRuntimeProfile]},
+			"ev-runtime-profile-"+st.MachineID)
 	}
+}
+
+// busy reports whether a request is being carried out for instance.
+func (p *Provisioner) busy(instance string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.active[instance]
 }
 
 // setUp reports whether the agent of st's machine says DSS runs at the
@@ -97,20 +115,27 @@ func (p *Provisioner) setUp(ctx context.Context, st protocol.MachineState) bool 
 }
 
 // recordRuntimeProfile records that st's machine has its runtime profile,
-// unless its record changed since it was looked at (another machine, or the
-// swap recorded already).
-func (p *Provisioner) recordRuntimeProfile(ctx context.Context, st protocol.MachineState) error {
+// and says whether it did: not when its record changed since it was looked
+// at (another machine, the swap recorded already, or a request under way,
+// whose own writes must find the record as it left it), nor while a request
+// is being carried out for the instance. The write is revision-checked: a
+// request's write in between makes it fail, and it is tried again from the
+// new record at the next check.
+func (p *Provisioner) recordRuntimeProfile(ctx context.Context, st protocol.MachineState) (bool, error) {
 	cur, rev, err := p.machineState(ctx, st.Instance)
 	if err != nil {
-		return err
+		return false, err
 	}
 	arn := st.Details[protocol.DetailRuntimeProfile]
-	if cur.MachineID != st.MachineID || cur.Details[protocol.DetailRuntimeProfile] != arn {
-		return nil
+	if cur.MachineID != st.MachineID || cur.RequestID != st.RequestID || cur.Status != protocol.MachineRunning ||
+		cur.Details[protocol.DetailRuntimeProfile] != arn || p.busy(st.Instance) {
+		return false, nil
 	}
 	cur.Details = maps.Clone(cur.Details)
 	delete(cur.Details, protocol.DetailRuntimeProfile)
 	cur.Details[protocol.DetailInstanceProfile] = arn
-	_, err = p.putState(ctx, st.Instance, cur, rev)
-	return err
+	if _, err := p.putState(ctx, st.Instance, cur, rev); err != nil {
+		return false, err
+	}
+	return true, nil
 }

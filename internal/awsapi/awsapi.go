@@ -5,7 +5,8 @@
 // profile's credentials), signs requests with Signature Version 4, and
 // reads a secret of AWS Secrets Manager.
 //
-// The agent imports it; nothing else should (the provisioner has the SDK).
+// The agent imports it, and the test helper that keeps secrets in moto
+// (mototest); FM's other roles use the AWS SDK.
 package awsapi
 
 import (
@@ -59,11 +60,18 @@ func (m IMDS) ask(ctx context.Context, method, path string, header http.Header) 
 	if err != nil {
 		return "", fmt.Errorf("the instance metadata service: %w", err)
 	}
+	if resp.StatusCode == http.StatusNotFound {
+		return "", fmt.Errorf("the instance metadata service has no %s: %w", path, ErrNotFound)
+	}
 	if resp.StatusCode != http.StatusOK {
 		return "", fmt.Errorf("the instance metadata service answered %s to %s %s", resp.Status, method, path)
 	}
 	return string(b), nil
 }
+
+// ErrNotFound is the metadata service's 404: what was asked is not there
+// (the instance profile's credentials of a machine that has none).
+var ErrNotFound = errors.New("not found")
 
 // Get reads paths (e.g. "/latest/dynamic/instance-identity/document") in
 // one session.
@@ -83,6 +91,9 @@ func (m IMDS) Get(ctx context.Context, paths ...string) ([]string, error) {
 	return out, nil
 }
 
+// ErrNoInstanceProfile says the machine has no instance profile.
+var ErrNoInstanceProfile = errors.New("the machine has no instance profile (the metadata service names no role)")
+
 // Credentials are an AWS identity's keys; Token is a session's.
 type Credentials struct {
 	AccessKeyID     string `json:"AccessKeyId"`
@@ -94,12 +105,15 @@ type Credentials struct {
 func (m IMDS) RoleCredentials(ctx context.Context) (Credentials, error) {
 	const dir = "/latest/meta-data/iam/security-credentials/"
 	roles, err := m.Get(ctx, dir)
+	if errors.Is(err, ErrNotFound) {
+		return Credentials{}, ErrNoInstanceProfile
+	}
 	if err != nil {
 		return Credentials{}, err
 	}
 	role := strings.TrimSpace(strings.SplitN(roles[0], "\n", 2)[0])
 	if role == "" {
-		return Credentials{}, errors.New("the machine has no instance profile (the metadata service names no role)")
+		return Credentials{}, ErrNoInstanceProfile
 	}
 	doc, err := m.Get(ctx, dir+url.PathEscape(role))
 	if err != nil {
@@ -114,7 +128,9 @@ func (m IMDS) RoleCredentials(ctx context.Context) (Credentials, error) {
 
 // Sign signs req, whose body is body, with Signature Version 4 for service
 // in region at now (the X-Amz-Date, X-Amz-Content-Sha256, X-Amz-Security-Token
-// and Authorization headers). Every header set on req is signed.
+// and Authorization headers). Every header set on req is signed but those
+// the AWS SDK leaves out (Authorization, User-Agent, X-Amzn-Trace-Id,
+// Expect).
 func Sign(req *http.Request, body []byte, c Credentials, region, service string, now time.Time) {
 	now = now.UTC()
 	amzDate := now.Format("20060102T150405Z")
@@ -135,7 +151,13 @@ func Sign(req *http.Request, body []byte, c Credentials, region, service string,
 		headers["content-length"] = strconv.FormatInt(req.ContentLength, 10)
 	}
 	for k, vs := range req.Header {
-		headers[strings.ToLower(k)] = strings.Join(trimAll(vs), ",")
+		switch k = strings.ToLower(k); k {
+		case "authorization", "user-agent", "x-amzn-trace-id", "expect":
+			// Not signed (the SDK's list): changed on the way, or the
+			// signature itself.
+		default:
+			headers[k] = strings.Join(trimAll(vs), ",")
+		}
 	}
 	names := make([]string, 0, len(headers))
 	for k := range headers {
@@ -230,6 +252,9 @@ func (sm SecretsManager) SecretString(ctx context.Context, c Credentials, region
 	endpoint := sm.Endpoint
 	if endpoint == "" {
 		endpoint = "https://secretsmanager." + region + ".amazonaws.com"
+		if strings.HasPrefix(region, "cn-") {
+			endpoint += ".cn"
+		}
 	}
 	body, _ := json.Marshal(map[string]string{"SecretId": name})
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimSuffix(endpoint, "/")+"/", bytes.NewReader(body))

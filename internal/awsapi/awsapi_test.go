@@ -39,6 +39,7 @@ func TestSignAsTheSDKDoes(t *testing.T) {
 				t.Fatal(err)
 			}
 			mine.Header.Set("Content-Type", "application/x-amz-json-1.1")
+			mine.Header.Set("User-Agent", "fm-agent") // not signed, by either
 			sdk := mine.Clone(context.Background())
 			awsapi.Sign(mine, []byte(tc.body), tc.creds, "eu-west-1", "secretsmanager", at)
 
@@ -80,8 +81,7 @@ func TestSecretStringFromMoto(t *testing.T) {
 // IMDSv2 session; a machine without a profile says so.
 func TestRoleCredentials(t *testing.T) {
 	m := imdstest.Serve(t, &protocol.EC2Identity{}, 1)
-	m.Role = "dss-runtime"
-	m.Credentials = `{"Code":"Success","AccessKeyId":"ASIAEXAMPLE","SecretAccessKey":"s3cr3t","Token":"tok","Expiration":"2026-12-06T18:00:00Z"}`
+	m.SetProfile("dss-runtime", `{"Code":"Success","AccessKeyId":"ASIAEXAMPLE","SecretAccessKey":"s3cr3t","Token":"tok","Expiration":"2026-12-06T18:00:00Z"}`)
 	imds := awsapi.IMDS{Base: m.URL}
 	if _, err := imds.RoleCredentials(context.Background()); err == nil {
 		t.Fatal("the first token request, refused, gave credentials")
@@ -90,8 +90,8 @@ func TestRoleCredentials(t *testing.T) {
 	if err != nil || c != (awsapi.Credentials{AccessKeyID: "ASIAEXAMPLE", SecretAccessKey: "s3cr3t", Token: "tok"}) {
 		t.Fatalf("credentials %+v, %v", c, err)
 	}
-	m.Role = ""
-	if _, err := imds.RoleCredentials(context.Background()); err == nil {
-		t.Fatal("credentials without an instance profile")
+	m.SetProfile("", "") // the service then answers 404, as EC2's does
+	if _, err := imds.RoleCredentials(context.Background()); !errors.Is(err, awsapi.ErrNoInstanceProfile) {
+		t.Fatalf("credentials without an instance profile: %v", err)
 	}
 }

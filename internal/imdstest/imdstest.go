@@ -88,9 +88,10 @@ type IMDS struct {
 	URL string
 	// Proof is what it serves.
 	Proof *protocol.EC2Identity
-	// Role and Credentials (the JSON document IMDS serves: AccessKeyId,
-	// SecretAccessKey, Token, Expiration) are the instance profile's.
-	Role, Credentials string
+	// role and credentials (the JSON document IMDS serves: AccessKeyId,
+	// SecretAccessKey, Token, Expiration) are the instance profile's
+	// (SetProfile).
+	role, credentials string
 
 	mu        sync.Mutex
 	failFirst int
@@ -110,6 +111,14 @@ func Serve(t testing.TB, proof *protocol.EC2Identity, failFirst int) *IMDS {
 }
 
 const token = "imdstest-session-token"
+
+// SetProfile gives the machine an instance profile: its role's name and
+// credentials (the JSON document IMDS serves); an empty role takes it away.
+func (m *IMDS) SetProfile(role, credentials string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.role, m.credentials = role, credentials
+}
 
 func (m *IMDS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
@@ -133,10 +142,22 @@ func (m *IMDS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		_, _ = w.Write([]byte(m.Proof.Document))
 	case r.Method == http.MethodGet && r.URL.Path == "/latest/dynamic/instance-identity/signature":
 		_, _ = w.Write([]byte(m.Proof.Signature + "\n"))
-	case r.Method == http.MethodGet && r.URL.Path == "/latest/meta-data/iam/security-credentials/" && m.Role != "":
-		_, _ = w.Write([]byte(m.Role))
-	case r.Method == http.MethodGet && m.Role != "" && r.URL.Path == "/latest/meta-data/iam/security-credentials/"+m.Role:
-		_, _ = w.Write([]byte(m.Credentials))
+	case r.Method == http.MethodGet && strings.HasPrefix(r.URL.Path, "/latest/meta-data/iam/security-credentials/"):
+		m.mu.Lock()
+		role, creds := m.role, m.credentials
+		m.mu.Unlock()
+		switch r.URL.Path {
+		case "/latest/meta-data/iam/security-credentials/" + role:
+			if role == "" {
+				w.WriteHeader(http.StatusNotFound) // no instance profile, as EC2 answers
+				return
+			}
+			_, _ = w.Write([]byte(creds))
+		case "/latest/meta-data/iam/security-credentials/":
+			_, _ = w.Write([]byte(role))
+		default:
+			w.WriteHeader(http.StatusNotFound)
+		}
 	default:
 		w.WriteHeader(http.StatusNotFound)
 	}

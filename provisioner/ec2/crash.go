@@ -41,6 +41,33 @@ func (c crashEC2) CreateSecurityGroup(ctx context.Context, in *ec2.CreateSecurit
 func (c crashEC2) AuthorizeSecurityGroupIngress(ctx context.Context, in *ec2.AuthorizeSecurityGroupIngressInput, o ...func(*ec2.Options)) (*ec2.AuthorizeSecurityGroupIngressOutput, error) {
 	return around(c.crash, "AuthorizeSecurityGroupIngress", c.ec2API.AuthorizeSecurityGroupIngress, ctx, in, o...)
 }
+func (c crashEC2) AcceptVpcPeeringConnection(ctx context.Context, in *ec2.AcceptVpcPeeringConnectionInput, o ...func(*ec2.Options)) (*ec2.AcceptVpcPeeringConnectionOutput, error) {
+	return around(c.crash, "AcceptVpcPeeringConnection", c.ec2API.AcceptVpcPeeringConnection, ctx, in, o...)
+}
+func (c crashEC2) AssociateIamInstanceProfile(ctx context.Context, in *ec2.AssociateIamInstanceProfileInput, o ...func(*ec2.Options)) (*ec2.AssociateIamInstanceProfileOutput, error) {
+	return around(c.crash, "AssociateIamInstanceProfile", c.ec2API.AssociateIamInstanceProfile, ctx, in, o...)
+}
+func (c crashEC2) AuthorizeSecurityGroupEgress(ctx context.Context, in *ec2.AuthorizeSecurityGroupEgressInput, o ...func(*ec2.Options)) (*ec2.AuthorizeSecurityGroupEgressOutput, error) {
+	return around(c.crash, "AuthorizeSecurityGroupEgress", c.ec2API.AuthorizeSecurityGroupEgress, ctx, in, o...)
+}
+func (c crashEC2) CreateRoute(ctx context.Context, in *ec2.CreateRouteInput, o ...func(*ec2.Options)) (*ec2.CreateRouteOutput, error) {
+	return around(c.crash, "CreateRoute", c.ec2API.CreateRoute, ctx, in, o...)
+}
+func (c crashEC2) CreateVpcPeeringConnection(ctx context.Context, in *ec2.CreateVpcPeeringConnectionInput, o ...func(*ec2.Options)) (*ec2.CreateVpcPeeringConnectionOutput, error) {
+	return around(c.crash, "CreateVpcPeeringConnection", c.ec2API.CreateVpcPeeringConnection, ctx, in, o...)
+}
+func (c crashEC2) ReplaceIamInstanceProfileAssociation(ctx context.Context, in *ec2.ReplaceIamInstanceProfileAssociationInput, o ...func(*ec2.Options)) (*ec2.ReplaceIamInstanceProfileAssociationOutput, error) {
+	return around(c.crash, "ReplaceIamInstanceProfileAssociation", c.ec2API.ReplaceIamInstanceProfileAssociation, ctx, in, o...)
+}
+func (c crashEC2) ReplaceRoute(ctx context.Context, in *ec2.ReplaceRouteInput, o ...func(*ec2.Options)) (*ec2.ReplaceRouteOutput, error) {
+	return around(c.crash, "ReplaceRoute", c.ec2API.ReplaceRoute, ctx, in, o...)
+}
+func (c crashEC2) RevokeSecurityGroupEgress(ctx context.Context, in *ec2.RevokeSecurityGroupEgressInput, o ...func(*ec2.Options)) (*ec2.RevokeSecurityGroupEgressOutput, error) {
+	return around(c.crash, "RevokeSecurityGroupEgress", c.ec2API.RevokeSecurityGroupEgress, ctx, in, o...)
+}
+func (c crashEC2) RevokeSecurityGroupIngress(ctx context.Context, in *ec2.RevokeSecurityGroupIngressInput, o ...func(*ec2.Options)) (*ec2.RevokeSecurityGroupIngressOutput, error) {
+	return around(c.crash, "RevokeSecurityGroupIngress", c.ec2API.RevokeSecurityGroupIngress, ctx, in, o...)
+}
 func (c crashEC2) RunInstances(ctx context.Context, in *ec2.RunInstancesInput, o ...func(*ec2.Options)) (*ec2.RunInstancesOutput, error) {
 	return around(c.crash, "RunInstances", c.ec2API.RunInstances, ctx, in, o...)
 }

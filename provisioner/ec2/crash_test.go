@@ -2,6 +2,8 @@ package ec2
 
 import (
 	"context"
+	"os"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -192,6 +194,27 @@ func (cw *ec2Case) Check(t testing.TB, _ jetstream.JetStream, instance string, w
 			t.Errorf("zone %s has %d records of the instance, want 1", zone, n)
 		case want.Machines == 0 && n != 0:
 			t.Errorf("zone %s has %d records of an instance without a machine", zone, n)
+		}
+	}
+}
+
+// TestEveryChangeHasCrashPoints: every EC2 call of the backend's interface
+// that changes something (all but the Describe calls) is wrapped by
+// crashEC2, so that the crash-point harness can kill the provisioner around
+// it; a call added to the interface without its wrapper fails here.
+func TestEveryChangeHasCrashPoints(t *testing.T) {
+	src, err := os.ReadFile("crash.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	api := reflect.TypeFor[ec2API]()
+	for i := range api.NumMethod() {
+		name := api.Method(i).Name
+		if strings.HasPrefix(name, "Describe") {
+			continue
+		}
+		if !strings.Contains(string(src), "func (c crashEC2) "+name+"(") {
+			t.Errorf("ec2API.%s changes something and has no crash points (crashEC2 in crash.go)", name)
 		}
 	}
 }

@@ -50,6 +50,9 @@ type Backend struct {
 
 	mu   sync.Mutex
 	auth map[string]*protocol.CloudAuth // per instance, the identity of its last request
+	// peering holds one lock per pair of VPCs: two provisions of one
+	// network's machines make one peering (ensurePeering).
+	peering sync.Map // string -> *sync.Mutex
 }
 
 var _ provisioner.Backend = (*Backend)(nil)
@@ -218,7 +221,7 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 	if err != nil {
 		return cur, err
 	}
-	if err := b.ensurePeering(ctx, c, req, pl); err != nil {
+	if err := b.ensurePeering(ctx, c, region, req, pl); err != nil {
 		return cur, err
 	}
 	next := cur

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"sync"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
@@ -22,15 +23,20 @@ const rolePeering = "peering"
 // network's subnet, to FM's VPC; in the route table of FM's subnet, to the
 // network's VPC. Every step finds what an earlier try made (the peering by
 // its pair of VPCs, a route by its destination), so a provisioner killed
-// anywhere in here, or two provisions at once, make one peering. A route
-// to the same destination through something else (a route of the
-// operator's own) is left as it is and named in the operation's steps.
-func (b *Backend) ensurePeering(ctx context.Context, c clients, req provisioner.Request, pl plan) error {
+// anywhere in here makes one peering; two provisions of the network at once
+// take turns (one lock per pair of VPCs; the lease makes one provisioner
+// act). A route to the same destination through something else is refused
+// (FailedPrecondition, naming it), but a dead one (a blackhole: its peering
+// was deleted) is replaced. region is the region c acts in.
+func (b *Backend) ensurePeering(ctx context.Context, c clients, region string, req provisioner.Request, pl plan) error {
 	spec := req.Spec
 	peer := spec.Network.Peering
 	if peer == nil {
 		return nil
 	}
+	lock, _ := b.peering.LoadOrStore(spec.Network.VpcID+"|"+peer.VpcID, &sync.Mutex{})
+	lock.(*sync.Mutex).Lock()
+	defer lock.(*sync.Mutex).Unlock()
 	fmRegion := firstSet(peer.Region, b.cfg.Region)
 	fm, _, err := b.connectTo(ctx, fmRegion, nil)
 	if err != nil {
@@ -61,7 +67,7 @@ func (b *Backend) ensurePeering(ctx context.Context, c clients, req provisioner.
 			PeerOwnerId: vpcs.Vpcs[0].OwnerId,
 			TagSpecifications: tagSpec(types.ResourceTypeVpcPeeringConnection,
 				tagList(spec.Tags, "fm-"+spec.Network.ID+"-peering", map[string]string{TagRole: rolePeering, TagNetwork: spec.Network.ID}))}
-		if fmRegion != spec.Network.Region && spec.Network.Region != "" {
+		if fmRegion != region {
 			in.PeerRegion = aws.String(fmRegion)
 		}
 		out, err := c.ec2.CreateVpcPeeringConnection(ctx, in)
@@ -84,7 +90,10 @@ func (b *Backend) ensurePeering(ctx context.Context, c clients, req provisioner.
 		case types.VpcPeeringConnectionStateReasonCodeActive:
 			return true, string(code), nil
 		case types.VpcPeeringConnectionStateReasonCodePendingAcceptance:
-			if _, err := fm.ec2.AcceptVpcPeeringConnection(ctx, &ec2.AcceptVpcPeeringConnectionInput{VpcPeeringConnectionId: aws.String(id)}); err != nil {
+			// Refused if accepted meanwhile (by an earlier try): looked at
+			// again at the next poll.
+			if _, err := fm.ec2.AcceptVpcPeeringConnection(ctx, &ec2.AcceptVpcPeeringConnectionInput{VpcPeeringConnectionId: aws.String(id)}); err != nil &&
+				apiCode(err) != "InvalidStateTransition" {
 				return false, "", cloudError("accept VPC peering "+id+" as Fleet Manager", err)
 			}
 			return false, string(code), nil
@@ -140,20 +149,60 @@ func (b *Backend) routeThrough(ctx context.Context, c clients, req provisioner.R
 	}
 	tableID := aws.ToString(table.RouteTableId)
 	for _, cidr := range cidrs {
-		if r, ok := have[cidr]; ok {
-			if aws.ToString(r.VpcPeeringConnectionId) != pcx {
-				req.Progress("peering", fmt.Sprintf("route table %s already routes %s elsewhere (%s); left as it is", tableID, cidr, r.State))
-			}
+		r, ok := have[cidr]
+		switch {
+		case ok && aws.ToString(r.VpcPeeringConnectionId) == pcx:
 			continue
-		}
-		_, err := c.ec2.CreateRoute(ctx, &ec2.CreateRouteInput{RouteTableId: aws.String(tableID), DestinationCidrBlock: aws.String(cidr),
-			VpcPeeringConnectionId: aws.String(pcx)})
-		if err != nil && apiCode(err) != "RouteAlreadyExists" {
-			return cloudError("route "+cidr+" through "+pcx+" in "+tableID, err)
+		case ok && (r.State == types.RouteStateBlackhole || deadPeering(ctx, c, aws.ToString(r.VpcPeeringConnectionId))):
+			// Its target is gone (a peering deleted): this one replaces it.
+			if _, err := c.ec2.ReplaceRoute(ctx, &ec2.ReplaceRouteInput{RouteTableId: aws.String(tableID), DestinationCidrBlock: aws.String(cidr),
+				VpcPeeringConnectionId: aws.String(pcx)}); err != nil {
+				return cloudError("route "+cidr+" through "+pcx+" in "+tableID, err)
+			}
+		case ok:
+			return protocol.Errorf(protocol.CodeFailedPrecondition, "route table %s of %s already routes %s through %s: another network whose "+
+				"addresses overlap is peered with it, or a route of your own reaches it (then turn autoCreatePeerings off)",
+				tableID, vpc, cidr, routeTarget(r))
+		default:
+			_, err := c.ec2.CreateRoute(ctx, &ec2.CreateRouteInput{RouteTableId: aws.String(tableID), DestinationCidrBlock: aws.String(cidr),
+				VpcPeeringConnectionId: aws.String(pcx)})
+			if err != nil && apiCode(err) != "RouteAlreadyExists" {
+				return cloudError("route "+cidr+" through "+pcx+" in "+tableID, err)
+			}
 		}
 		req.Progress("peering", fmt.Sprintf("route table %s: %s through %s", tableID, cidr, pcx))
 	}
 	return nil
+}
+
+// deadPeering reports whether id names a peering that is gone or will not
+// be (deleted, rejected, failed, expired), whose routes are dead.
+func deadPeering(ctx context.Context, c clients, id string) bool {
+	if id == "" {
+		return false
+	}
+	out, err := c.ec2.DescribeVpcPeeringConnections(ctx, &ec2.DescribeVpcPeeringConnectionsInput{VpcPeeringConnectionIds: []string{id}})
+	if err != nil {
+		return isNotFound(err) || apiCode(err) == "InvalidVpcPeeringConnectionID.NotFound"
+	}
+	for _, p := range out.VpcPeeringConnections {
+		if aws.ToString(p.VpcPeeringConnectionId) == id && p.Status != nil {
+			switch p.Status.Code {
+			case types.VpcPeeringConnectionStateReasonCodeDeleted, types.VpcPeeringConnectionStateReasonCodeDeleting,
+				types.VpcPeeringConnectionStateReasonCodeRejected, types.VpcPeeringConnectionStateReasonCodeFailed,
+				types.VpcPeeringConnectionStateReasonCodeExpired:
+				return true
+			}
+			return false
+		}
+	}
+	return len(out.VpcPeeringConnections) == 0
+}
+
+// routeTarget names where a route goes.
+func routeTarget(r types.Route) string {
+	return firstSet(aws.ToString(r.VpcPeeringConnectionId), aws.ToString(r.GatewayId), aws.ToString(r.NatGatewayId),
+		aws.ToString(r.TransitGatewayId), aws.ToString(r.NetworkInterfaceId), aws.ToString(r.InstanceId), "another target")
 }
 
 // routeTableOf is the route table subnet uses: its own, or its VPC's main

@@ -3,39 +3,16 @@ package ec2
 import (
 	"context"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/provisioner/ec2/mototest"
 )
-
-// fmVPC makes a VPC with a subnet and a route table of its own, standing
-// for Fleet Manager's, and returns their ids.
-func (w *world) fmVPC(t *testing.T, cidr string) (vpc, subnet, table string) {
-	t.Helper()
-	ctx := context.Background()
-	v, err := w.ec2.CreateVpc(ctx, &ec2.CreateVpcInput{CidrBlock: aws.String(cidr)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	vpc = aws.ToString(v.Vpc.VpcId)
-	s, err := w.ec2.CreateSubnet(ctx, &ec2.CreateSubnetInput{VpcId: aws.String(vpc), CidrBlock: aws.String(cidr)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	subnet = aws.ToString(s.Subnet.SubnetId)
-	rt, err := w.ec2.CreateRouteTable(ctx, &ec2.CreateRouteTableInput{VpcId: aws.String(vpc)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	table = aws.ToString(rt.RouteTable.RouteTableId)
-	if _, err := w.ec2.AssociateRouteTable(ctx, &ec2.AssociateRouteTableInput{RouteTableId: aws.String(table), SubnetId: aws.String(subnet)}); err != nil {
-		t.Fatal(err)
-	}
-	return vpc, subnet, table
-}
 
 // routes are a route table's routes through peerings: destination -> peering.
 func (w *world) routes(t *testing.T, filters ...types.Filter) map[string]string {
@@ -61,7 +38,7 @@ func (w *world) routes(t *testing.T, filters ...types.Filter) map[string]string 
 func TestANetworkPeeredWithFMsVPC(t *testing.T) {
 	w := newWorld(t)
 	ctx := context.Background()
-	fmVpc, fmSubnet, fmTable := w.fmVPC(t, "10.42.0.0/16")
+	fmVpc, fmSubnet, fmTable := mototest.MakeVPC(t, w.ec2, "10.42.0.0/16")
 	spec := w.spec()
 	spec.Network.Peering = &protocol.PeeringSpec{VpcID: fmVpc, SubnetID: fmSubnet, Region: spec.Network.Region}
 	vpcs, err := w.ec2.DescribeVpcs(ctx, &ec2.DescribeVpcsInput{VpcIds: []string{w.vpc}})
@@ -103,15 +80,89 @@ func TestANetworkPeeredWithFMsVPC(t *testing.T) {
 		}
 	}
 
+	// Two networks' machines on the same pair of VPCs provisioned at once:
+	// one peering still.
+	// Each look-up for the peering waits (2 s at most) for the other's, so
+	// that both would find none if nothing kept them apart.
+	if _, err := w.ec2.DeleteVpcPeeringConnection(ctx, &ec2.DeleteVpcPeeringConnectionInput{VpcPeeringConnectionId: peerings()[0].VpcPeeringConnectionId}); err != nil {
+		t.Fatal(err)
+	}
+	meet := &meeting{ec2API: w.ec2, arrived: make(chan struct{}, 2)}
+	var wg sync.WaitGroup
+	errs := make([]error, 2)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = w.backend.ensurePeering(ctx, clients{ec2: meet, dns: w.dns}, mototest.Region, w.request("rq-c", protocol.ProvisionReprovision, spec),
+				plan{vpcCIDRs: []string{netCIDR}})
+		}()
+	}
+	wg.Wait()
+	var live []types.VpcPeeringConnection
+	for _, p := range peerings() {
+		if p.Status.Code == types.VpcPeeringConnectionStateReasonCodeActive {
+			live = append(live, p)
+		}
+	}
+	if errs[0] != nil || errs[1] != nil || len(live) != 1 {
+		t.Fatalf("two at once: %v, %v, %d peerings", errs[0], errs[1], len(live))
+	}
+
+	// FM's route table routes a network's addresses elsewhere (another
+	// network peered with FM has the same addresses): refused, saying so.
+	other, _, _ := mototest.MakeVPC(t, w.ec2, "10.43.0.0/16")
+	otherPeering, err := w.ec2.CreateVpcPeeringConnection(ctx, &ec2.CreateVpcPeeringConnectionInput{VpcId: aws.String(other), PeerVpcId: aws.String(fmVpc)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.ec2.ReplaceRoute(ctx, &ec2.ReplaceRouteInput{RouteTableId: aws.String(fmTable), DestinationCidrBlock: aws.String(netCIDR),
+		VpcPeeringConnectionId: otherPeering.VpcPeeringConnection.VpcPeeringConnectionId}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = w.backend.Reprovision(ctx, w.request("rq-4", protocol.ProvisionReprovision, spec), st)
+	if protocol.CodeOf(err) != protocol.CodeFailedPrecondition || !strings.Contains(err.Error(), "already routes "+netCIDR) {
+		t.Fatalf("a route elsewhere: %v", err)
+	}
+
 	// A network whose VPC overlaps FM's.
 	w.progress = nil
-	overlapping, overlappingSubnet, _ := w.fmVPC(t, netCIDR)
+	overlapping, overlappingSubnet, _ := mototest.MakeVPC(t, w.ec2, netCIDR)
 	spec.Network.Peering = &protocol.PeeringSpec{VpcID: overlapping, SubnetID: overlappingSubnet}
 	_, err = w.backend.Reprovision(ctx, w.request("rq-3", protocol.ProvisionReprovision, spec), st)
 	if protocol.CodeOf(err) != protocol.CodeInvalidArgument || !strings.Contains(err.Error(), "overlap") {
 		t.Fatalf("err = %v", err)
 	}
-	if n := len(peerings()); n != 1 {
+	if n := len(peerings()); n != 3 { // the one deleted, FM's, and the test's own of the other VPC
 		t.Fatalf("%d peerings after a refusal", n)
 	}
+}
+
+// meeting makes each look-up of peerings wait, 2 s at most, for another.
+type meeting struct {
+	ec2API
+	arrived chan struct{}
+	mu      sync.Mutex
+	seen    int
+}
+
+func (m *meeting) DescribeVpcPeeringConnections(ctx context.Context, in *ec2.DescribeVpcPeeringConnectionsInput, o ...func(*ec2.Options)) (*ec2.DescribeVpcPeeringConnectionsOutput, error) {
+	if len(in.VpcPeeringConnectionIds) == 0 { // a look-up by VPCs, not the wait for one
+		m.mu.Lock()
+		m.seen++
+		first := m.seen <= 2
+		m.mu.Unlock()
+		if first {
+			m.arrived <- struct{}{}
+			deadline := time.After(2 * time.Second)
+			for len(m.arrived) < 2 {
+				select {
+				case <-deadline:
+					return m.ec2API.DescribeVpcPeeringConnections(ctx, in, o...)
+				case <-time.After(10 * time.Millisecond):
+				}
+			}
+		}
+	}
+	return m.ec2API.DescribeVpcPeeringConnections(ctx, in, o...)
 }
