@@ -404,14 +404,14 @@ type AccessSpec struct {
 
 // VolumeSpec describes a disk. Zero values leave the backend's defaults.
 type VolumeSpec struct {
-	Type       string `json:"type,omitempty"`
-	SizeGB     int    `json:"sizeGB,omitempty"`
-	MaxSizeGB  int    `json:"maxSizeGB,omitempty"`
-	IOPS       int    `json:"iops,omitempty"`
+	Type      string `json:"type,omitempty"`
+	SizeGB    int    `json:"sizeGB,omitempty"`
+	MaxSizeGB int    `json:"maxSizeGB,omitempty"`
+	IOPS      int    `json:"iops,omitempty"`
 	// ThroughputMiBps is a gp3 volume's throughput (0: EBS's default).
-	ThroughputMiBps int `json:"throughputMiBps,omitempty"`
-	Encryption string `json:"encryption,omitempty"`
-	KMSKeyID   string `json:"kmsKeyId,omitempty"`
+	ThroughputMiBps int    `json:"throughputMiBps,omitempty"`
+	Encryption      string `json:"encryption,omitempty"`
+	KMSKeyID        string `json:"kmsKeyId,omitempty"`
 }
 
 // ElasticIPSpec asks for a static public IP.
