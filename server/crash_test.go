@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -633,4 +634,51 @@ func TestAClaimAfterTheSweepEndedItStartsAgain(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestADeletionIsDoneOnceTheInstanceIsGone: between a deletion's end and
+// the erasing of its instance (the server stopped there, or the erase not
+// yet seen by this replica's copy), the deletion's future is told as under
+// way: a client that sees it done and lists the instances does not find
+// the instance there.
+func TestADeletionIsDoneOnceTheInstanceIsGone(t *testing.T) {
+	paused, resume := make(chan struct{}), make(chan struct{})
+	var armed atomic.Bool
+	var once sync.Once
+	f := start(t, servertest.WithConfig(func(c *server.Config) {
+		c.Crash = func(point string) {
+			if point == "server/end-op/ended" && armed.Load() {
+				once.Do(func() {
+					close(paused)
+					<-resume
+				})
+			}
+		}
+	}))
+	vn, tpl, im := f.fleet()
+	in := f.createInstance(instanceBody("gone", vn.ID, tpl.ID, im.ID))
+	armed.Store(true)
+	done := make(chan response, 1)
+	go func() { done <- f.do("GET", "/instances/"+in.ID+"/actions/delete", "") }()
+	<-paused // the deletion ended, its instance not erased yet
+	var ops []api.Future
+	f.ok(f.do("GET", "/futures?targetId="+in.ID, ""), &ops)
+	if len(ops) != 1 {
+		t.Fatalf("operations %+v", ops)
+	}
+	var op api.Future
+	f.ok(f.do("GET", "/futures/"+ops[0].JobID, ""), &op)
+	if op.HasResult || op.State != api.OpRunning {
+		t.Fatalf("the deletion's future before its instance is gone: %+v", op)
+	}
+	close(resume)
+	if r := <-done; r.status != 200 {
+		t.Fatalf("delete: %d %s", r.status, r.body)
+	}
+	waitFor(t, "the deletion done once the instance is gone", func() bool {
+		var op api.Future
+		f.ok(f.do("GET", "/futures/"+ops[0].JobID, ""), &op)
+		return op.HasResult && op.State == api.OpSucceeded
+	})
+	f.failed(f.do("GET", "/instances/"+in.ID, ""), 404, "NotFound")
 }

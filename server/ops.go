@@ -190,7 +190,22 @@ func (s *Server) getFuture(r *http.Request) (any, error) {
 	if !peek && (op.State == api.OpFailed || op.State == api.OpAborted) {
 		return nil, futureError(op.Future)
 	}
-	return op.Future, nil
+	return s.futureOf(op), nil
+}
+
+// futureOf is op as its future is told. A deletion that ended while its
+// instance is not gone yet from this replica's copy (erased a moment after
+// the end, or by the sweep after a crash in between) is told as still
+// under way: a client that sees its deletion done and lists the instances
+// must not find it there.
+func (s *Server) futureOf(op opRecord) api.Future {
+	f := op.Future
+	if op.State == api.OpSucceeded && op.EndState == stateDeleted && op.Instance != "" {
+		if _, _, ok := s.st.instances.get(op.Instance); ok {
+			f.State, f.HasResult, f.Alive, f.EndedAt, f.Result = api.OpRunning, false, true, nil, nil
+		}
+	}
+	return f
 }
 
 func futureError(f api.Future) error {
