@@ -646,6 +646,7 @@ func TestADeletionIsDoneOnceTheInstanceIsGone(t *testing.T) {
 	var armed atomic.Bool
 	var once sync.Once
 	f := start(t, servertest.WithConfig(func(c *server.Config) {
+		c.SweepInterval = time.Hour // the sweep would settle the deletion during the pause
 		c.Crash = func(point string) {
 			if point == "server/end-op/ended" && armed.Load() {
 				once.Do(func() {
@@ -671,9 +672,19 @@ func TestADeletionIsDoneOnceTheInstanceIsGone(t *testing.T) {
 	if op.HasResult || op.State != api.OpRunning {
 		t.Fatalf("the deletion's future before its instance is gone: %+v", op)
 	}
+	f.ok(f.do("GET", "/instances/"+in.ID, ""), nil) // still listed: the state the future reflects
 	close(resume)
-	if r := <-done; r.status != 200 {
+	r := <-done
+	var answered api.Future
+	if r.status != 200 || json.Unmarshal(r.body, &answered) != nil || !answered.HasResult || answered.State != api.OpSucceeded {
 		t.Fatalf("delete: %d %s", r.status, r.body)
+	}
+	var listed []api.Instance
+	f.ok(f.do("GET", "/instances", ""), &listed)
+	for _, l := range listed {
+		if l.ID == in.ID {
+			t.Fatal("the instance is listed after its deletion answered done")
+		}
 	}
 	waitFor(t, "the deletion done once the instance is gone", func() bool {
 		var op api.Future

@@ -329,13 +329,8 @@ func (s *Server) deleteWithoutMachine(r *http.Request, in api.Instance) (any, er
 		if err != nil {
 			return nil, unavailable(err, "the operation could not be read")
 		}
-		// The copy is brought up to the erase, so that a list made right
-		// after this answer does not show the instance.
-		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		if err := s.st.instances.sync(sctx); err != nil {
-			s.log.Warn().Err(err).Str("instance", in.ID).Msg("the instances' copy not synced after a deletion")
-		}
-		cancel()
+		// The erase waited for the copy to drop the instance (table.remove);
+		// not erased yet, the deletion is told as under way.
 		return s.futureOf(ended), nil
 	}
 	return nil, conflict("instance %s is being changed by someone else; retry", in.ID)
