@@ -206,9 +206,10 @@ func TestAgentStatusesCannotBeRolledUp(t *testing.T) {
 	}
 }
 
-// TestConsumersOfAgentReadStreamsGoWhenIdle: agents make consumers on
-// FM_COMMANDS and on the kit store; whatever they ask, each goes after ten
-// idle minutes (a durable asked for forever is refused).
+// TestConsumersOfAgentReadStreamsGoWhenIdle: a consumer on FM_COMMANDS or
+// on the kit store (the streams agents read from, through FM: they make
+// none themselves) goes after ten idle minutes, whatever its maker asked (a
+// durable asked for forever is refused).
 func TestConsumersOfAgentReadStreamsGoWhenIdle(t *testing.T) {
 	srv := bustest.RunBare(t)
 	js := srv.JetStream(t)

@@ -19,3 +19,11 @@ func EndNeverStarted(s *Server, opID string) {
 	}
 	s.endNeverStarted(context.Background(), op, op.Instance)
 }
+
+// HeartbeatKept says whether s keeps a last heartbeat for instance id.
+func HeartbeatKept(s *Server, id string) bool {
+	s.fold.mu.Lock()
+	defer s.fold.mu.Unlock()
+	_, ok := s.fold.beats[id]
+	return ok
+}

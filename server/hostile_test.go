@@ -4,12 +4,14 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
+	"github.com/fleetmanager/fm/server"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -57,6 +59,9 @@ func TestAnAgentsEventsTouchOnlyItsOwnRecords(t *testing.T) {
 	}
 	aOp, aSnap := takeSnapshot(a.ID)
 	bOp, bSnap := takeSnapshot(b.ID)
+	// And an operation that holds B, waiting for its agent's answer.
+	var bRestart api.Future
+	f.ok(f.do("GET", "/instances/"+b.ID+"/actions/restart-dss", ""), &bRestart)
 	evil := &protocol.SnapshotRef{ID: bSnap.ID, Store: "local", Ref: "in-evil/stolen.tar.gz", SHA256: "00", SizeBytes: 1}
 	own := &protocol.SnapshotRef{ID: aSnap.ID, Store: "local", Ref: "forged.tar.gz", SHA256: "00", SizeBytes: 1}
 	aSnapshots := protocol.EventSubject(a.ID, protocol.EventSnapshot)
@@ -76,6 +81,13 @@ func TestAnAgentsEventsTouchOnlyItsOwnRecords(t *testing.T) {
 		{"B's operation failed by a command result", protocol.EventSubject(a.ID, protocol.EventCommand), protocol.Event{Instance: b.ID,
 			Kind: protocol.EventCommand, Source: "agent", OpID: bOp.JobID, Status: protocol.StatusFailed,
 			Error: protocol.Errorf(protocol.CodeInternal, "forged")}},
+		// The event is A's own, as the subject says; the operation it
+		// names is B's, its command's id guessed right.
+		{"B's operation failed by A's own command result", protocol.EventSubject(a.ID, protocol.EventCommand), protocol.Event{Instance: a.ID,
+			Kind: protocol.EventCommand, Source: "agent", OpID: bRestart.JobID, CommandID: bRestart.JobID + "-cmd",
+			Step: string(protocol.CommandRestartDSS), Status: protocol.StatusFailed, Error: protocol.Errorf(protocol.CodeInternal, "forged")}},
+		{"a step of A's own in B's operation", protocol.EventSubject(a.ID, protocol.EventStep), protocol.Event{Instance: a.ID,
+			Kind: protocol.EventStep, Source: "agent", OpID: bRestart.JobID, Step: "forged", Status: protocol.StatusOK}},
 		// An agent may publish steps; a snapshot's outcome is the
 		// provisioner's to say, even about the agent's own instance.
 		{"a provisioner's event on an agent's subject", protocol.EventSubject(a.ID, protocol.EventStep), protocol.Event{Instance: a.ID,
@@ -98,10 +110,15 @@ func TestAnAgentsEventsTouchOnlyItsOwnRecords(t *testing.T) {
 	if len(list) != 1 || list[0].State != api.SnapshotCreating || list[0].StoreRef != "" {
 		t.Fatalf("B's snapshot after A's events: %+v", list)
 	}
-	var fut api.Future
-	f.ok(f.do("GET", "/futures/"+bOp.JobID, ""), &fut)
-	if fut.State != api.OpRunning {
-		t.Fatalf("B's operation after A's events: %+v", fut)
+	for _, op := range []string{bOp.JobID, bRestart.JobID} {
+		var fut api.Future
+		f.ok(f.do("GET", "/futures/"+op, ""), &fut)
+		if fut.State != api.OpRunning {
+			t.Fatalf("B's operation after A's events: %+v", fut)
+		}
+		if raw, _ := json.Marshal(fut); strings.Contains(string(raw), "forged") {
+			t.Fatalf("B's operation carries A's step: %s", raw)
+		}
 	}
 }
 
@@ -141,6 +158,13 @@ func TestAHeartbeatCountsOnlyForItsSubject(t *testing.T) {
 	}
 	if seen := lastSeen(b.ID); seen != nil {
 		t.Fatalf("B was seen at %v, by A's heartbeats", seen)
+	}
+	// Heartbeats of instances not on record, on their own subjects, take
+	// no room: the map would otherwise grow with every id an agent makes
+	// up (a heartbeat has no reply to wait for; A's own, seen above, came
+	// after the first of them on the same connection).
+	if server.HeartbeatKept(f.env.Server, "in-nobody") {
+		t.Fatal("the heartbeat of an instance not on record is kept")
 	}
 }
 
