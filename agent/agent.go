@@ -42,11 +42,14 @@ type Agent struct {
 	instanceKey []byte
 	credsMu     sync.Mutex
 	creds       []byte // the NATS credentials a join gave (in memory), renewed
-	nc          *nats.Conn
-	js          jetstream.JetStream
-	rep         *reporter
-	desired     *desiredWatch
-	cursor      commandCursor
+	// credsRefused tells renewCredentials that NATS refused the
+	// credentials before their time (renew.go).
+	credsRefused chan struct{}
+	nc           *nats.Conn
+	js           jetstream.JetStream
+	rep          *reporter
+	desired      *desiredWatch
+	cursor       commandCursor
 
 	// stopping is set when Run's context ends: what fails from then on was
 	// cut short, not broken.
@@ -181,6 +184,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	reconnected := make(chan struct{}, 1)
 	a.commandsReconnected = make(chan struct{}, 1)
+	a.credsRefused = make(chan struct{}, 1)
 	beatAgain := make(chan struct{}, 1)
 	nc, err := bus.Connect(bus.ConnectConfig{
 		URL: a.cfg.NATSURL, CredsFile: a.cfg.CredsFile, CurrentCreds: current, TLS: tlsConf, Name: "fm-agent " + a.cfg.Instance,
@@ -191,6 +195,12 @@ func (a *Agent) Run(ctx context.Context) error {
 				case ch <- struct{}{}:
 				default:
 				}
+			}
+		},
+		OnRefused: func(error) {
+			select {
+			case a.credsRefused <- struct{}{}:
+			default:
 			}
 		},
 		Logger: a.log,

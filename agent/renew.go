@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	mrand "math/rand/v2"
 	"net/http"
 	"os"
 	"time"
@@ -253,20 +254,34 @@ func (a *Agent) renewCredentials(ctx context.Context, tlsConf *tls.Config) {
 		return
 	}
 	backoff := 5 * time.Second
+	refused := false // NATS refused the credentials before their time
 	for {
 		issued, expires, err := credsTimes(a.currentCreds())
 		if err != nil || expires.IsZero() {
 			return
 		}
-		if wait := time.Until(renewalDue(issued, expires)); wait > 0 {
+		if wait := time.Until(renewalDue(issued, expires)); wait > 0 && !refused {
 			select {
 			case <-ctx.Done():
 				return
 			case <-time.After(wait):
+			case <-a.credsRefused:
+				// Revoked: this machine's own user (it was replaced, and
+				// FM will refuse too) or every agent's, when FM folded its
+				// revocation list (server/revocations.go). The bus is out
+				// of reach; the fleet's agents renew over HTTP, spread.
+				refused = true
+				spread := refusedRenewSpread(issued, expires)
+				a.log.Warn().Dur("renew_in", spread).Msg("NATS refused the credentials before their expiry: renewing them at the join endpoint")
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(spread):
+				}
 			}
 		}
 		var creds []byte
-		if !nearlyExpired(issued, expires) {
+		if !refused && !nearlyExpired(issued, expires) {
 			creds, err = a.renewOverBus(ctx)
 		} else {
 			creds, err = a.renewOverHTTP(ctx, tlsConf)
@@ -277,7 +292,12 @@ func (a *Agent) renewCredentials(ctx context.Context, tlsConf *tls.Config) {
 		if err == nil {
 			_, next, _ := credsTimes(creds)
 			a.log.Info().Time("expires", next).Msg("credentials renewed")
-			backoff = 5 * time.Second
+			backoff, refused = 5*time.Second, false
+			// A refusal of a reconnect made with the old ones is old news.
+			select {
+			case <-a.credsRefused:
+			default:
+			}
 			continue
 		}
 		a.log.Warn().Err(err).Dur("retry_in", backoff).Time("expires", expires).Msg("credentials not renewed yet")
@@ -286,6 +306,23 @@ func (a *Agent) renewCredentials(ctx context.Context, tlsConf *tls.Config) {
 			return
 		case <-time.After(backoff):
 		}
-		backoff = min(2*backoff, time.Minute)
+		// A machine FM no longer knows as the instance's asks rarely.
+		limit := time.Minute
+		if errors.Is(err, errRenewRefused) {
+			limit = 10 * time.Minute
+		}
+		backoff = min(2*backoff, limit)
 	}
+}
+
+// refusedRenewSpread is how long an agent whose credentials NATS refused
+// waits before it renews them over HTTP: a random part of a hundredth of
+// their life, at most 30 s, so that a fleet revoked at once (a folded
+// revocation list) does not ask in the same second.
+func refusedRenewSpread(issued, expires time.Time) time.Duration {
+	window := min(30*time.Second, expires.Sub(issued)/100)
+	if window <= 0 {
+		return 0
+	}
+	return mrand.N(window)
 }

@@ -44,6 +44,11 @@ type ConnectConfig struct {
 	// OnConnect, if set, is called after the first connect and after every
 	// reconnect (in its own goroutine).
 	OnConnect func()
+	// OnRefused, if set, is called when NATS refuses the credentials
+	// (revoked, expired, or not authorized): when it cuts the connection,
+	// and at each reconnect it refuses. Called from the connection's
+	// callback goroutine: it must not block.
+	OnRefused func(error)
 	// ReconnectDelay, if set, replaces the package's ReconnectDelay (a
 	// measuring client that must be back before those it measures).
 	ReconnectDelay func(attempts int) time.Duration
@@ -81,6 +86,9 @@ func Connect(cfg ConnectConfig) (*nats.Conn, error) {
 			}
 		}),
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			if sub == nil && cfg.OnRefused != nil && credentialsRefused(err) {
+				cfg.OnRefused(err)
+			}
 			ev := log.Warn().Err(err)
 			if sub != nil {
 				ev = ev.Str("subject", sub.Subject)
@@ -102,6 +110,9 @@ func Connect(cfg ConnectConfig) (*nats.Conn, error) {
 		if _, _, err := splitCreds(cfg.CurrentCreds()); err != nil {
 			return nil, fmt.Errorf("connect to nats: credentials: %w", err)
 		}
+		// nats.go gives up reconnecting after the same refusal twice; these
+		// credentials are renewed meanwhile, and the next try uses them.
+		opts = append(opts, nats.IgnoreAuthErrorAbort())
 		opts = append(opts, nats.UserJWT(func() (string, error) {
 			tok, _, err := splitCreds(cfg.CurrentCreds())
 			return tok, err
@@ -138,6 +149,12 @@ func Connect(cfg ConnectConfig) (*nats.Conn, error) {
 		go cfg.OnConnect()
 	}
 	return nc, nil
+}
+
+// credentialsRefused says whether err is NATS refusing a connection's
+// credentials.
+func credentialsRefused(err error) bool {
+	return errors.Is(err, nats.ErrAuthRevoked) || errors.Is(err, nats.ErrAuthExpired) || errors.Is(err, nats.ErrAuthorization)
 }
 
 // splitCreds returns the JWT and seed of a creds file's content.

@@ -17,6 +17,7 @@ import (
 	natsjwt "github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
 )
 
 // The threat model's tests from inside the fleet (docs/security.md): a
@@ -454,4 +455,59 @@ func TestAgentCredentialsAreRenewed(t *testing.T) {
 		t.Fatal("the machine started with its expired credentials")
 	}
 	d.waitStatus(t, py, id, "responding after renewing expired credentials", func(st map[string]any) bool { return st["agentResponding"] == true })
+}
+
+// TestAFoldedRevocationListCutsNoAgentOffForGood: once machines replaced
+// within a credentials lifetime pass what NATS's account can list (4,000,
+// seeded here), the next revocation revokes every agent issued until then;
+// each agent still current renews at the join endpoint by itself and
+// carries on.
+func TestAFoldedRevocationListCutsNoAgentOffForGood(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "fm")
+	d := startDevAt(t, data, FreePort(t), "--heartbeat-seconds", "1", "--agent-creds-ttl", "10m")
+	t.Cleanup(func() { cmdline.Stop(cmdline.Find(data), 2*time.Second) })
+	gone := d.newInstance(t, "gone", "dss-14.0.0-standin")
+	kept := d.newInstance(t, "kept", "dss-14.0.0-standin")
+	agentLog := filepath.Join(data, "local", "machines", kept, "root", "var", "log", "fm-agent.log")
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("the kept agent's log:\n%s", tail(readFile(t, agentLog), 6000))
+		}
+	})
+	d.fm(t, "instance", "provision", gone, "--wait")
+	d.fm(t, "instance", "provision", kept, "--wait")
+	before := agentJWTExpiry(t, d, kept)
+	settings, err := d.jetStream(t).KeyValue(context.Background(), protocol.BucketSettings)
+	if err != nil {
+		t.Fatal(err)
+	}
+	live := map[string]int64{}
+	for range 4000 {
+		kp, _ := nkeys.CreateUser()
+		pub, _ := kp.PublicKey()
+		live[pub] = time.Now().Add(time.Hour).Unix()
+	}
+	data4k, _ := json.Marshal(map[string]any{"expiring": live})
+	if _, err := settings.Put(context.Background(), "system.nats-revocations", data4k); err != nil {
+		t.Fatal(err)
+	}
+	d.fm(t, "instance", "deprovision", gone, "--wait") // the 4,001st
+	var doc struct {
+		Expiring      map[string]int64 `json:"expiring"`
+		RevokedBefore int64            `json:"revokedBefore"`
+	}
+	e, err := settings.Get(context.Background(), "system.nats-revocations")
+	if err != nil || json.Unmarshal(e.Value(), &doc) != nil || doc.RevokedBefore == 0 || len(doc.Expiring) != 0 {
+		t.Fatalf("the list was not folded: %v, %d listed, cutoff %d", err, len(doc.Expiring), doc.RevokedBefore)
+	}
+	// The kept agent was cut off with every other; it renews by itself.
+	for deadline := time.Now().Add(90 * time.Second); !agentJWTExpiry(t, d, kept).After(before); time.Sleep(time.Second) {
+		if time.Now().After(deadline) {
+			t.Fatal("the kept agent never renewed its credentials")
+		}
+	}
+	if !strings.Contains(readFile(t, agentLog), "NATS refused the credentials before their expiry") {
+		t.Fatal("the kept agent renewed, but not because NATS refused it")
+	}
+	d.fm(t, "instance", "restart-dss", kept, "--wait")
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/fleetmanager/fm/internal/pki"
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
+	natsjwt "github.com/nats-io/jwt/v2"
 )
 
 // startDevFast starts fm dev with 1-second heartbeats, and stops every
@@ -323,16 +324,19 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	}
 	secrets := map[string]string{"initial password": strings.TrimPrefix(strings.TrimSpace(pw), "admin: "),
 		"DSS admin API key": key.AdminAPIKey, "reset password": "Fresh-passw0rd", "license": licenseMark,
-		"certificate's private key": keyLine}
+		"certificate's private key": keyLine, "the agent's NATS seed": agentSeed(t, d, id)}
 	noSecretIn(t, "the diagnosis bundle", diagnosisBundle(t, d, fmt.Sprint(diag["object"])), secrets)
 	// Collected and downloaded in one command; both bundles listed.
 	fresh := filepath.Join(t.TempDir(), "fresh.tar.gz")
 	if out := d.fm(t, "instance", "diagnosis", id, "--out", fresh); !strings.Contains(out, "wrote "+fresh) {
 		t.Fatalf("fm instance diagnosis: %s", out)
 	}
-	if st, err := os.Stat(fresh); err != nil || st.Size() == 0 {
-		t.Fatalf("fm instance diagnosis wrote %v %v", st, err)
+	freshBundle, err := os.ReadFile(fresh)
+	if err != nil || len(freshBundle) == 0 {
+		t.Fatalf("fm instance diagnosis wrote %d bytes: %v", len(freshBundle), err)
 	}
+	// This one was collected with the certificate's key on the machine.
+	noSecretIn(t, "the diagnosis bundle collected after the certificate", bundleText(t, freshBundle), secrets)
 	if listed := d.fm(t, "instance", "diagnosis", id, "--list"); strings.Count(listed, ".tar.gz") != 2 {
 		t.Fatalf("fm instance diagnosis --list:\n%s", listed)
 	}
@@ -426,6 +430,26 @@ func diagnosisBundle(t *testing.T, d *devEnv, object string) string {
 	if !bytes.HasPrefix(filed, seal.StreamMagic()) || bytes.Contains(filed, b[:min(len(b), 64)]) {
 		t.Fatalf("fm_diagnosis keeps %s unsealed", object)
 	}
+	return bundleText(t, b)
+}
+
+// agentSeed is the NATS seed of the instance's machine's agent.
+func agentSeed(t *testing.T, d *devEnv, id string) string {
+	t.Helper()
+	kp, err := natsjwt.ParseDecoratedNKey(machineCreds(t, filepath.Join(d.data, "local", "machines"), id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed, err := kp.Seed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(seed)
+}
+
+// bundleText is the text of every file of a diagnosis bundle (.tar.gz).
+func bundleText(t *testing.T, b []byte) string {
+	t.Helper()
 	gz, err := gzip.NewReader(bytes.NewReader(b))
 	if err != nil {
 		t.Fatal(err)

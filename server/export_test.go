@@ -27,3 +27,13 @@ func HeartbeatKept(s *Server, id string) bool {
 	_, ok := s.fold.beats[id]
 	return ok
 }
+
+// MaxListedRevocations is maxListedRevocations.
+const MaxListedRevocations = maxListedRevocations
+
+// ListedRevocations is how many users s's copy of the revocation list
+// names.
+func ListedRevocations(s *Server) int {
+	doc, _, _ := s.st.settings.get(revocationsKey)
+	return len(doc.Expiring)
+}

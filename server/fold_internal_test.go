@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/internal/natsauth"
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nkeys"
 
 	"github.com/nats-io/nats.go"
@@ -42,6 +43,76 @@ func TestWhatIsFoldedAgain(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestTwentyThousandRevocationsInADay: 20,000 machines replaced within
+// one credentials lifetime (two fleet-wide upgrades of 10,000), none of
+// whose revocations may be pruned yet. The list never names more than
+// maxListedRevocations users, so the account JWT stays far under NATS's
+// 1 MB; every user revoked, before a fold or after the last, is refused;
+// a user issued after the last fold is not.
+func TestTwentyThousandRevocationsInADay(t *testing.T) {
+	auth, err := natsauth.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	doc := settingsDoc{}
+	var users []string
+	folds, longest, largest := 0, 0, 0
+	for i := 0; i < 20000; i++ {
+		kp, _ := nkeys.CreateUser()
+		pub, _ := kp.PublicKey()
+		users = append(users, pub)
+		if doc.Expiring == nil {
+			doc.Expiring = map[string]int64{}
+		}
+		// As revokeUser does, 4 s apart: all 20,000 within 22 hours.
+		at := now.Add(time.Duration(i) * 4 * time.Second)
+		doc.Expiring[pub] = at.Add(24 * time.Hour).Unix()
+		pruneRevocations(&doc, at)
+		if foldRevocations(&doc, at) {
+			folds++
+		}
+		longest = max(longest, len(doc.Expiring))
+		if len(doc.Expiring) == maxListedRevocations {
+			acc, err := auth.AgentsAccountJWT(doc.revoked())
+			if err != nil {
+				t.Fatal(err)
+			}
+			largest = max(largest, len(acc))
+		}
+	}
+	if folds != 20000/(maxListedRevocations+1) || longest > maxListedRevocations {
+		t.Fatalf("%d folds, up to %d users listed", folds, longest)
+	}
+	if largest == 0 || largest > 1<<19 {
+		t.Fatalf("the largest account JWT is %d bytes (want under 512 KiB)", largest)
+	}
+	acc, err := auth.AgentsAccountJWT(doc.revoked())
+	if err != nil {
+		t.Fatal(err)
+	}
+	claims, err := jwt.DecodeAccountClaims(acc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	issued := func(pub string, at int64) *jwt.UserClaims {
+		uc := jwt.NewUserClaims(pub)
+		uc.IssuedAt = at
+		return uc
+	}
+	// Each user's last JWT was issued before its machine was replaced.
+	for i, pub := range users {
+		at := now.Add(time.Duration(i) * 4 * time.Second).Unix()
+		if !claims.IsClaimRevoked(issued(pub, at)) {
+			t.Fatalf("user %d of 20,000 is not revoked", i)
+		}
+	}
+	if fresh := issued(users[0], doc.RevokedBefore+1); claims.IsClaimRevoked(fresh) {
+		t.Fatal("a JWT issued after the last fold is revoked")
+	}
+	t.Logf("%d folds; the largest account JWT %d bytes, the last %d", folds, largest, len(acc))
 }
 
 // TestPruningTwentyThousandRevocations: revocations of users whose JWTs

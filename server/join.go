@@ -232,6 +232,9 @@ func safeToken(v string) string {
 // rights and revokes nothing more.
 func (s *Server) mintAgent(ctx context.Context, token string, rec joinRecord, pub string) (protocol.JoinResponse, error) {
 	instance, sealedKey := rec.Instance, rec.Key
+	if err := s.afterRevokeAll(ctx); err != nil {
+		return protocol.JoinResponse{}, err
+	}
 	expires := s.agentCredsExpiry()
 	tok, err := s.cfg.Authority.AgentJWT(instance, pub, expires)
 	if err != nil {

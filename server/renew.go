@@ -103,6 +103,9 @@ func (s *Server) renewRequest(ctx context.Context, instance string, req protocol
 // JWT of its user expired, so the expiry is on record before any JWT
 // carrying it leaves.
 func (s *Server) renewAgent(ctx context.Context, instance, pub string) (string, error) {
+	if err := s.afterRevokeAll(ctx); err != nil {
+		return "", err
+	}
 	expires := s.agentCredsExpiry()
 	// Recorded on the instance's current user only, in a revision-checked
 	// write: a machine retired meanwhile (revocations.go) is refused, and

@@ -296,3 +296,88 @@ func TestRevocationsGoOnceTheirCredentialsExpired(t *testing.T) {
 type testWriter struct{ t *testing.T }
 
 func (w testWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
+
+// TestAFoldedListRevokesEveryAgentUntilRenewed: a revocation that takes
+// the list past what NATS can carry folds it into one revocation of every
+// agent user issued until then. The account JWT stays small, every user
+// listed before and every agent still current is revoked, and a renewal
+// made at once is answered only with a JWT issued after the cutoff.
+func TestAFoldedListRevokesEveryAgentUntilRenewed(t *testing.T) {
+	f := startWithShortCredentials(t, time.Hour)
+	ctx := context.Background()
+	settings, err := f.env.Bus.JetStream(t).KeyValue(ctx, protocol.BucketSettings)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kpA, kpB := machineKey(t), machineKey(t)
+	a, _ := f.joined("replaced", kpA)
+	b, oldB := f.joined("current", kpB)
+	// Machines replaced within the hour, their revocations all in force.
+	live := map[string]int64{}
+	for range server.MaxListedRevocations {
+		live[publicKey(machineKey(t))] = time.Now().Add(time.Hour).Unix()
+	}
+	data, _ := json.Marshal(map[string]any{"expiring": live})
+	if _, err := settings.Put(ctx, "system.nats-revocations", data); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if n := server.ListedRevocations(f.env.Server); n == server.MaxListedRevocations {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("the server's copy lists %d revocations", n)
+		}
+	}
+	f.replaceMachine(a) // one more
+	entry, err := settings.Get(ctx, "system.nats-revocations")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc struct {
+		Expiring      map[string]int64 `json:"expiring"`
+		RevokedBefore int64            `json:"revokedBefore"`
+	}
+	if err := json.Unmarshal(entry.Value(), &doc); err != nil {
+		t.Fatal(err)
+	}
+	if len(doc.Expiring) != 0 || doc.RevokedBefore < time.Now().Unix() {
+		t.Fatalf("the list was not folded: %d users, every one issued until %d", len(doc.Expiring), doc.RevokedBefore)
+	}
+	all := map[string]int64{natsauth.AllUsers: doc.RevokedBefore}
+	auth, _ := natsauth.Open(t.TempDir())
+	acc, err := auth.AgentsAccountJWT(all)
+	if err != nil {
+		t.Fatal(err)
+	}
+	claims, err := jwt.DecodeAccountClaims(acc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldClaims, err := jwt.DecodeUserClaims(oldB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !claims.IsClaimRevoked(oldClaims) {
+		t.Fatal("the current agent's JWT of before the fold is not revoked")
+	}
+	for pub, at := range live {
+		uc := jwt.NewUserClaims(pub)
+		uc.IssuedAt = at - int64(time.Hour/time.Second)
+		if !claims.IsClaimRevoked(uc) {
+			t.Fatal("a user the list named is no longer revoked")
+		}
+		break
+	}
+	// The current agent, cut off, renews at the join endpoint at once: the
+	// answer waits until a JWT made is issued after the cutoff.
+	var resp protocol.RenewResponse
+	f.ok(f.doAs("POST", server.RenewPath, mustJSON(t, renewRequest(t, b, kpB, time.Now())), "", ""), &resp)
+	renewed, err := jwt.DecodeUserClaims(resp.JWT)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if renewed.IssuedAt <= doc.RevokedBefore || claims.IsClaimRevoked(renewed) {
+		t.Fatalf("the renewed JWT is issued at %d, the cutoff is %d", renewed.IssuedAt, doc.RevokedBefore)
+	}
+	fmt.Fprintf(testWriter{t}, "account JWT after the fold: %d bytes\n", len(acc))
+}

@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"slices"
 	"time"
+
+	"github.com/fleetmanager/fm/internal/natsauth"
+	"github.com/fleetmanager/fm/protocol"
 )
 
 // An agent's NATS user is revoked when its machine goes (a reprovision's new
@@ -25,6 +28,32 @@ import (
 // list once that time (and a margin for NATS servers' clocks) has passed:
 // its JWTs have all expired. So the list holds one credentials lifetime
 // of revocations, not every machine ever replaced.
+//
+// More than maxListedRevocations within one lifetime (two fleet-wide
+// upgrades of 10,000 machines in a day would make 20,000) would not fit
+// NATS's 1 MB message nor the bucket's 1 MiB value, so the list is folded
+// into one revocation of every agent user issued until a moment from now
+// (NATS's "*"): each user it named was retired, hence had its last JWT
+// minted, before the fold. The agents of the machines still current are
+// cut off too; each renews over HTTP at once (the agent does so when NATS
+// refuses its credentials) and gets a JWT issued after the cutoff: a server
+// mints none until its clock has passed it (afterRevokeAll). A replica
+// whose copy of the list lags may mint one a moment too early; its agent
+// is refused, and renews again.
+
+// maxListedRevocations is how many users the list names before it is
+// folded: 4,000 make an account JWT of about 390 KB and a value of about
+// 300 KB.
+const maxListedRevocations = 4000
+
+// revokeAllMargin is how far past this server's clock a fold's cutoff is
+// set: a JWT minted by a server whose clock runs ahead, for a user the fold
+// drops, is still issued before it.
+const revokeAllMargin = 10 * time.Second
+
+// mintWaitLimit is how long a join or renewal waits for a fold's cutoff to
+// pass before it is answered "try again".
+const mintWaitLimit = time.Minute
 
 // revocationsKey is where fm_settings keeps the revoked NATS users.
 const revocationsKey = "system.nats-revocations"
@@ -64,9 +93,12 @@ func later(a, b time.Time) time.Time {
 // revoked is every user the agents' account must refuse, as of its last
 // JWT's expiry.
 func (d settingsDoc) revoked() map[string]int64 {
-	all := make(map[string]int64, len(d.Expiring))
+	all := make(map[string]int64, len(d.Expiring)+1)
 	for u, until := range d.Expiring {
 		all[u] = until
+	}
+	if d.RevokedBefore != 0 {
+		all[natsauth.AllUsers] = d.RevokedBefore
 	}
 	return all
 }
@@ -165,6 +197,7 @@ func (s *Server) revokeUser(ctx context.Context, instance, user string, until ti
 		}
 		doc.Expiring[user] = until.Unix()
 		pruneRevocations(&doc, time.Now())
+		folded := foldRevocations(&doc, time.Now())
 		if rev == 0 {
 			_, err = s.st.settings.create(ctx, revocationsKey, doc)
 		} else {
@@ -172,6 +205,10 @@ func (s *Server) revokeUser(ctx context.Context, instance, user string, until ti
 		}
 		if err == nil {
 			list, added = doc.revoked(), true
+			if folded {
+				s.log.Warn().Time("issued_until", time.Unix(doc.RevokedBefore, 0)).Int("listed", maxListedRevocations).
+					Msg("revocations folded into one of every agent user issued until now: agents renew their credentials over HTTP")
+			}
 			break
 		}
 		if !errors.Is(err, errConflict) && !errors.Is(err, errExists) {
@@ -193,6 +230,44 @@ func (s *Server) revokeUser(ctx context.Context, instance, user string, until ti
 		s.log.Info().Str("instance", instance).Str("user", user).Msg("agent credentials revoked")
 	}
 	return nil
+}
+
+// foldRevocations replaces a list longer than maxListedRevocations by one
+// revocation of every agent user issued until now (and revokeAllMargin),
+// and says whether it did.
+func foldRevocations(doc *settingsDoc, now time.Time) bool {
+	if len(doc.Expiring) <= maxListedRevocations {
+		return false
+	}
+	doc.RevokedBefore = max(doc.RevokedBefore, now.Add(revokeAllMargin).Unix())
+	doc.Expiring = nil
+	return true
+}
+
+// afterRevokeAll waits, before a JWT is minted, until one minted now is
+// issued after the last fold's cutoff (NATS compares whole seconds): one
+// issued until then would be refused at once.
+func (s *Server) afterRevokeAll(ctx context.Context) error {
+	doc, _, _ := s.st.settings.get(revocationsKey)
+	if doc.RevokedBefore == 0 {
+		return nil
+	}
+	wait := time.Until(time.Unix(doc.RevokedBefore+1, 0))
+	switch {
+	case wait <= 0:
+		return nil
+	case wait > mintWaitLimit:
+		// This server's clock is behind the one that folded the list.
+		return protocol.Errorf(protocol.CodeUnavailable, "credentials are made again in %s: try again then", wait.Round(time.Second))
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return protocol.Errorf(protocol.CodeUnavailable, "credentials not made: %v", ctx.Err())
+	case <-t.C:
+		return nil
+	}
 }
 
 // pruneRevocations drops the revocations of users whose every JWT has

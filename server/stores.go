@@ -51,6 +51,10 @@ type settingsDoc struct {
 	// without an expiry: no longer read (their account no longer names the
 	// key that signed them), gone at the next write.
 	Expiring map[string]int64 `json:"expiring,omitempty"`
+	// RevokedBefore, when set, revokes every agent user issued at or
+	// before then (unix): the list folded (revocations.go). Kept for good:
+	// one entry, and no JWT is issued before it again.
+	RevokedBefore int64 `json:"revokedBefore,omitempty"`
 	// Alerting is where the server sends its alerts (alertwebhook.go).
 	Alerting *api.AlertSettings `json:"alerting,omitempty"`
 	// IAM is an IAM setting as it was saved, but its secret, kept sealed

@@ -102,6 +102,10 @@ func (a *Authority) importAll(ac *jwt.AccountClaims, imports []export) {
 	}
 }
 
+// AllUsers, as a key of a revocation list, revokes every user of the
+// account issued at or before its time.
+const AllUsers = jwt.All
+
 func revoke(ac *jwt.AccountClaims, revocations map[string]int64) {
 	for pub, at := range revocations {
 		ac.RevokeAt(pub, time.Unix(at, 0))

@@ -433,6 +433,49 @@ func TestRevokedAgentIsDisconnectedAndStaysOut(t *testing.T) {
 	}
 }
 
+// TestRevokingEveryAgentIssuedBefore: one revocation of AllUsers refuses
+// every agent user issued until its time, and none issued after (what FM
+// folds a long revocation list into).
+func TestRevokingEveryAgentIssuedBefore(t *testing.T) {
+	r := start(t)
+	kp, _ := nkeys.CreateUser()
+	pub, _ := kp.PublicKey()
+	seed, _ := kp.Seed()
+	credsAt := func() []byte {
+		tok, err := r.auth.AgentJWT("in-all", pub, time.Now().Add(time.Hour))
+		if err != nil {
+			t.Fatal(err)
+		}
+		creds, _ := jwt.FormatUserConfig(tok, seed)
+		return creds
+	}
+	before := credsAt()
+	other, _ := r.agentCreds("in-other")
+	sysCreds, _, err := r.auth.SystemCreds()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sys, err := r.connectCreds(sysCreds, "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cutoff := time.Now().Unix()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := r.auth.PushRevocations(ctx, sys, map[string]int64{natsauth.AllUsers: cutoff}); err != nil {
+		t.Fatal(err)
+	}
+	for name, creds := range map[string][]byte{"this user": before, "another user": other} {
+		if _, err := r.connectCreds(creds, "", nil); err == nil || !strings.Contains(strings.ToLower(err.Error()), "authorization") {
+			t.Fatalf("%s, issued before the cutoff, connected: %v", name, err)
+		}
+	}
+	time.Sleep(time.Until(time.Unix(cutoff+1, 0))) // JWTs are issued in whole seconds
+	if _, err := r.connectCreds(credsAt(), "", nil); err != nil {
+		t.Fatalf("the same user issued after the cutoff: %v", err)
+	}
+}
+
 func TestReadOnlyOperator(t *testing.T) {
 	r := start(t)
 	admin := r.connect("fm-server", jwt.Permissions{}, "", nil)
