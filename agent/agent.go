@@ -43,13 +43,15 @@ type Agent struct {
 	credsMu     sync.Mutex
 	creds       []byte // the NATS credentials a join gave (in memory), renewed
 	// credsRefused tells renewCredentials that NATS refused the
-	// credentials before their time (renew.go).
-	credsRefused chan struct{}
-	nc           *nats.Conn
-	js           jetstream.JetStream
-	rep          *reporter
-	desired      *desiredWatch
-	cursor       commandCursor
+	// credentials before their time (renew.go); refusedRenewals counts the
+	// renewals that followed since the connection last came up.
+	credsRefused    chan struct{}
+	refusedRenewals atomic.Int32
+	nc              *nats.Conn
+	js              jetstream.JetStream
+	rep             *reporter
+	desired         *desiredWatch
+	cursor          commandCursor
 
 	// stopping is set when Run's context ends: what fails from then on was
 	// cut short, not broken.
@@ -190,6 +192,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		URL: a.cfg.NATSURL, CredsFile: a.cfg.CredsFile, CurrentCreds: current, TLS: tlsConf, Name: "fm-agent " + a.cfg.Instance,
 		InboxPrefix: protocol.InboxPrefix(a.cfg.Instance), RetryOnFailedConnect: true,
 		OnConnect: func() {
+			a.refusedRenewals.Store(0)
 			for _, ch := range []chan struct{}{reconnected, a.commandsReconnected, beatAgain} {
 				select {
 				case ch <- struct{}{}:

@@ -14,6 +14,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/internal/atomicfile"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/jwt/v2"
@@ -261,17 +262,17 @@ func (a *Agent) renewCredentials(ctx context.Context, tlsConf *tls.Config) {
 			return
 		}
 		if wait := time.Until(renewalDue(issued, expires)); wait > 0 && !refused {
-			select {
-			case <-ctx.Done():
+			if refused = a.dueOrRefused(ctx, wait); ctx.Err() != nil {
 				return
-			case <-time.After(wait):
-			case <-a.credsRefused:
+			}
+			if refused {
 				// Revoked: this machine's own user (it was replaced, and
 				// FM will refuse too) or every agent's, when FM folded its
 				// revocation list (server/revocations.go). The bus is out
-				// of reach; the fleet's agents renew over HTTP, spread.
-				refused = true
-				spread := refusedRenewSpread(issued, expires)
+				// of reach; the fleet's agents renew over HTTP, spread, and
+				// the more often renewing does not cure it (a NATS server
+				// that refuses them for another reason), the later.
+				spread := refusedRenewSpread(issued, expires, int(a.refusedRenewals.Add(1)))
 				a.log.Warn().Dur("renew_in", spread).Msg("NATS refused the credentials before their expiry: renewing them at the join endpoint")
 				select {
 				case <-ctx.Done():
@@ -292,12 +293,19 @@ func (a *Agent) renewCredentials(ctx context.Context, tlsConf *tls.Config) {
 		if err == nil {
 			_, next, _ := credsTimes(creds)
 			a.log.Info().Time("expires", next).Msg("credentials renewed")
-			backoff, refused = 5*time.Second, false
-			// A refusal of a reconnect made with the old ones is old news.
-			select {
-			case <-a.credsRefused:
-			default:
+			if refused {
+				// A refusal of a reconnect made with the old ones is old
+				// news; the connection tries the new ones now rather than
+				// after its next wait.
+				select {
+				case <-a.credsRefused:
+				default:
+				}
+				if a.nc != nil && !a.nc.IsConnected() {
+					_ = a.nc.ForceReconnect()
+				}
 			}
+			backoff, refused = 5*time.Second, false
 			continue
 		}
 		a.log.Warn().Err(err).Dur("retry_in", backoff).Time("expires", expires).Msg("credentials not renewed yet")
@@ -316,13 +324,46 @@ func (a *Agent) renewCredentials(ctx context.Context, tlsConf *tls.Config) {
 }
 
 // refusedRenewSpread is how long an agent whose credentials NATS refused
-// waits before it renews them over HTTP: a random part of a hundredth of
-// their life, at most 30 s, so that a fleet revoked at once (a folded
-// revocation list) does not ask in the same second.
-func refusedRenewSpread(issued, expires time.Time) time.Duration {
+// waits before it renews them over HTTP, the nth time since it was last
+// connected: a random part of a window of a hundredth of their life (at
+// most 30 s), so that a fleet revoked at once (a folded revocation list)
+// does not ask in the same second, doubled each time up to 10 minutes.
+func refusedRenewSpread(issued, expires time.Time, nth int) time.Duration {
 	window := min(30*time.Second, expires.Sub(issued)/100)
+	for i := 1; i < nth && window < 10*time.Minute; i++ {
+		window *= 2
+	}
+	window = min(window, 10*time.Minute)
 	if window <= 0 {
 		return 0
 	}
 	return mrand.N(window)
+}
+
+// refusalCheck is how often an agent waiting to renew looks whether NATS
+// refused its credentials at a connect no callback tells of.
+const refusalCheck = 5 * time.Second
+
+// dueOrRefused waits wait, and says whether NATS refused the credentials
+// meanwhile. A refusal is told by the connection, or read from it: nats.go
+// tells a first connect's retries' refusals to no callback.
+func (a *Agent) dueOrRefused(ctx context.Context, wait time.Duration) bool {
+	due := time.NewTimer(wait)
+	defer due.Stop()
+	check := time.NewTicker(refusalCheck)
+	defer check.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-due.C:
+			return false
+		case <-a.credsRefused:
+			return true
+		case <-check.C:
+			if a.nc != nil && !a.nc.IsConnected() && bus.CredentialsRefused(a.nc.LastError()) {
+				return true
+			}
+		}
+	}
 }

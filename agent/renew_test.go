@@ -177,3 +177,37 @@ func must(kp nkeys.KeyPair, err error) nkeys.KeyPair {
 	}
 	return kp
 }
+
+// TestARefusedAgentSpreadsItsRenewals: an agent whose credentials NATS
+// refused waits a random part of a hundredth of their life (30 s at most)
+// before it renews them, and twice as long each time renewing did not
+// bring it back on the bus, up to 10 minutes.
+func TestARefusedAgentSpreadsItsRenewals(t *testing.T) {
+	now := time.Now()
+	for _, c := range []struct {
+		name   string
+		life   time.Duration
+		nth    int
+		window time.Duration
+	}{
+		{"a day, first", 24 * time.Hour, 1, 30 * time.Second},
+		{"ten minutes, first", 10 * time.Minute, 1, 6 * time.Second},
+		{"ten minutes, third", 10 * time.Minute, 3, 24 * time.Second},
+		{"a day, tenth", 24 * time.Hour, 10, 10 * time.Minute},
+		{"no life left", 0, 1, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var longest time.Duration
+			for range 2000 {
+				d := refusedRenewSpread(now, now.Add(c.life), c.nth)
+				if d < 0 || d > c.window || (c.window > 0 && d == c.window) {
+					t.Fatalf("waits %s, outside [0, %s)", d, c.window)
+				}
+				longest = max(longest, d)
+			}
+			if longest < c.window*3/4 {
+				t.Fatalf("the longest of 2,000 waits is %s: not spread over %s", longest, c.window)
+			}
+		})
+	}
+}

@@ -46,8 +46,9 @@ type ConnectConfig struct {
 	OnConnect func()
 	// OnRefused, if set, is called when NATS refuses the credentials
 	// (revoked, expired, or not authorized): when it cuts the connection,
-	// and at each reconnect it refuses. Called from the connection's
-	// callback goroutine: it must not block.
+	// at each reconnect it refuses, and at the first connect's refusal
+	// (once). Called from the connection's callback goroutine: it must not
+	// block.
 	OnRefused func(error)
 	// ReconnectDelay, if set, replaces the package's ReconnectDelay (a
 	// measuring client that must be back before those it measures).
@@ -85,8 +86,16 @@ func Connect(cfg ConnectConfig) (*nats.Conn, error) {
 				go cfg.OnConnect()
 			}
 		}),
+		// A refusal of the first connect (retried in the background) is told
+		// here, once: nats.go tells the refusals of the retries that follow
+		// to no callback until a connect succeeds.
+		nats.ReconnectErrHandler(func(_ *nats.Conn, err error) {
+			if cfg.OnRefused != nil && CredentialsRefused(err) {
+				cfg.OnRefused(err)
+			}
+		}),
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
-			if sub == nil && cfg.OnRefused != nil && credentialsRefused(err) {
+			if sub == nil && cfg.OnRefused != nil && CredentialsRefused(err) {
 				cfg.OnRefused(err)
 			}
 			ev := log.Warn().Err(err)
@@ -151,9 +160,9 @@ func Connect(cfg ConnectConfig) (*nats.Conn, error) {
 	return nc, nil
 }
 
-// credentialsRefused says whether err is NATS refusing a connection's
-// credentials.
-func credentialsRefused(err error) bool {
+// CredentialsRefused says whether err (a connection's last error, or one
+// told to a callback) is NATS refusing the connection's credentials.
+func CredentialsRefused(err error) bool {
 	return errors.Is(err, nats.ErrAuthRevoked) || errors.Is(err, nats.ErrAuthExpired) || errors.Is(err, nats.ErrAuthorization)
 }
 

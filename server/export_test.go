@@ -30,10 +30,3 @@ func HeartbeatKept(s *Server, id string) bool {
 
 // MaxListedRevocations is maxListedRevocations.
 const MaxListedRevocations = maxListedRevocations
-
-// ListedRevocations is how many users s's copy of the revocation list
-// names.
-func ListedRevocations(s *Server) int {
-	doc, _, _ := s.st.settings.get(revocationsKey)
-	return len(doc.Expiring)
-}

@@ -71,8 +71,13 @@ func TestTwentyThousandRevocationsInADay(t *testing.T) {
 		at := now.Add(time.Duration(i) * 4 * time.Second)
 		doc.Expiring[pub] = at.Add(24 * time.Hour).Unix()
 		pruneRevocations(&doc, at)
-		if foldRevocations(&doc, at) {
+		if foldRevocations(&doc, at, 24*time.Hour) > 0 {
 			folds++
+			// Its JWT was recorded a moment ago: one minted late, after
+			// the cutoff, is refused too.
+			if _, ok := doc.Expiring[pub]; !ok {
+				t.Fatal("the user whose revocation folded the list is not listed")
+			}
 		}
 		longest = max(longest, len(doc.Expiring))
 		if len(doc.Expiring) == maxListedRevocations {
@@ -83,7 +88,7 @@ func TestTwentyThousandRevocationsInADay(t *testing.T) {
 			largest = max(largest, len(acc))
 		}
 	}
-	if folds != 20000/(maxListedRevocations+1) || longest > maxListedRevocations {
+	if folds < 20000/(maxListedRevocations+1) || longest > maxListedRevocations {
 		t.Fatalf("%d folds, up to %d users listed", folds, longest)
 	}
 	if largest == 0 || largest > 1<<19 {
@@ -112,6 +117,7 @@ func TestTwentyThousandRevocationsInADay(t *testing.T) {
 	if fresh := issued(users[0], doc.RevokedBefore+1); claims.IsClaimRevoked(fresh) {
 		t.Fatal("a JWT issued after the last fold is revoked")
 	}
+
 	t.Logf("%d folds; the largest account JWT %d bytes, the last %d", folds, largest, len(acc))
 }
 

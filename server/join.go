@@ -229,17 +229,13 @@ func safeToken(v string) string {
 // instance's other tokens are withdrawn: a machine replaced cannot join
 // again with its old one; tokens made after this one (a newer
 // reprovision's) stay. Done again for the same machine, it gives the same
-// rights and revokes nothing more.
+// rights and revokes nothing more. The JWT is made last, once its expiry is
+// on record and the machine before is revoked: a revocation that folds the
+// list (revocations.go) then comes before it, not after.
 func (s *Server) mintAgent(ctx context.Context, token string, rec joinRecord, pub string) (protocol.JoinResponse, error) {
 	instance, sealedKey := rec.Instance, rec.Key
-	if err := s.afterRevokeAll(ctx); err != nil {
-		return protocol.JoinResponse{}, err
-	}
 	expires := s.agentCredsExpiry()
-	tok, err := s.cfg.Authority.AgentJWT(instance, pub, expires)
-	if err != nil {
-		return protocol.JoinResponse{}, internal(err, "the agent's credentials could not be made")
-	}
+	var err error
 	key := ""
 	if sealedKey != "" {
 		if key, err = s.box.Open(sealedKey, joinKeyPlace(token)); err != nil {
@@ -265,6 +261,16 @@ func (s *Server) mintAgent(ctx context.Context, token string, rec joinRecord, pu
 		return protocol.JoinResponse{}, unavailable(err, "the previous machine's credentials could not be revoked")
 	}
 	s.crash.At("server/join/previous-revoked")
+	tok, err := s.mintAfterRevokeAll(ctx, func() (string, error) {
+		tok, err := s.cfg.Authority.AgentJWT(instance, pub, expires)
+		if err != nil {
+			return "", internal(err, "the agent's credentials could not be made")
+		}
+		return tok, nil
+	})
+	if err != nil {
+		return protocol.JoinResponse{}, err
+	}
 	s.recordByFM(ctx, "credentials.minted", "credentials", instance, nil)
 	s.withdrawTokens(ctx, instance, func(id string, r joinRecord) bool {
 		// Every token has the same lifetime: one that expires later was

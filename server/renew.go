@@ -103,9 +103,6 @@ func (s *Server) renewRequest(ctx context.Context, instance string, req protocol
 // JWT of its user expired, so the expiry is on record before any JWT
 // carrying it leaves.
 func (s *Server) renewAgent(ctx context.Context, instance, pub string) (string, error) {
-	if err := s.afterRevokeAll(ctx); err != nil {
-		return "", err
-	}
 	expires := s.agentCredsExpiry()
 	// Recorded on the instance's current user only, in a revision-checked
 	// write: a machine retired meanwhile (revocations.go) is refused, and
@@ -124,9 +121,15 @@ func (s *Server) renewAgent(ctx context.Context, instance, pub string) (string, 
 	if !current {
 		return "", protocol.Errorf(protocol.CodeUnauthenticated, "credentials not renewed: not the key of the instance's current machine")
 	}
-	tok, err := s.cfg.Authority.AgentJWT(instance, pub, expires)
+	tok, err := s.mintAfterRevokeAll(ctx, func() (string, error) {
+		tok, err := s.cfg.Authority.AgentJWT(instance, pub, expires)
+		if err != nil {
+			return "", protocol.Errorf(protocol.CodeInternal, "the agent's credentials could not be made: %v", err)
+		}
+		return tok, nil
+	})
 	if err != nil {
-		return "", protocol.Errorf(protocol.CodeInternal, "the agent's credentials could not be made: %v", err)
+		return "", err
 	}
 	s.log.Debug().Str("instance", instance).Time("expires", expires).Msg("agent credentials renewed")
 	return tok, nil
@@ -139,11 +142,15 @@ const renewInterval = time.Second
 
 // agentCredsExpiry is when agent credentials made now expire.
 func (s *Server) agentCredsExpiry() time.Time {
-	ttl := s.cfg.AgentCredsTTL
-	if ttl <= 0 {
-		ttl = defaultAgentCredsTTL
+	return time.Now().Add(s.agentCredsTTL()).UTC().Truncate(time.Second)
+}
+
+// agentCredsTTL is how long agent credentials last.
+func (s *Server) agentCredsTTL() time.Duration {
+	if s.cfg.AgentCredsTTL <= 0 {
+		return defaultAgentCredsTTL
 	}
-	return time.Now().Add(ttl).UTC().Truncate(time.Second)
+	return s.cfg.AgentCredsTTL
 }
 
 // signedBy reports whether sig (base64, raw URL encoding) is pub's

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -34,12 +35,12 @@ import (
 // NATS's 1 MB message nor the bucket's 1 MiB value, so the list is folded
 // into one revocation of every agent user issued until a moment from now
 // (NATS's "*"): each user it named was retired, hence had its last JWT
-// minted, before the fold. The agents of the machines still current are
-// cut off too; each renews over HTTP at once (the agent does so when NATS
-// refuses its credentials) and gets a JWT issued after the cutoff: a server
-// mints none until its clock has passed it (afterRevokeAll). A replica
-// whose copy of the list lags may mint one a moment too early; its agent
-// is refused, and renews again.
+// minted, before the fold. Users whose last JWT was recorded within
+// recentMint stay listed too, in case its mint came late. The agents of the
+// machines still current are cut off too; each renews over HTTP (the agent
+// does so when NATS refuses its credentials) and gets a JWT issued after
+// the cutoff: a server answers "try again" rather than mint one issued
+// until then, and checks the list again after minting (mintAfterRevokeAll).
 
 // maxListedRevocations is how many users the list names before it is
 // folded: 4,000 make an account JWT of about 390 KB and a value of about
@@ -51,9 +52,10 @@ const maxListedRevocations = 4000
 // drops, is still issued before it.
 const revokeAllMargin = 10 * time.Second
 
-// mintWaitLimit is how long a join or renewal waits for a fold's cutoff to
-// pass before it is answered "try again".
-const mintWaitLimit = time.Minute
+// recentMint is how long after a JWT's expiry was recorded its user stays
+// listed through a fold: the mint follows the record at once, but a JWT
+// minted after the cutoff would escape "*".
+const recentMint = 2 * time.Minute
 
 // revocationsKey is where fm_settings keeps the revoked NATS users.
 const revocationsKey = "system.nats-revocations"
@@ -197,7 +199,7 @@ func (s *Server) revokeUser(ctx context.Context, instance, user string, until ti
 		}
 		doc.Expiring[user] = until.Unix()
 		pruneRevocations(&doc, time.Now())
-		folded := foldRevocations(&doc, time.Now())
+		folded := foldRevocations(&doc, time.Now(), s.agentCredsTTL())
 		if rev == 0 {
 			_, err = s.st.settings.create(ctx, revocationsKey, doc)
 		} else {
@@ -205,8 +207,8 @@ func (s *Server) revokeUser(ctx context.Context, instance, user string, until ti
 		}
 		if err == nil {
 			list, added = doc.revoked(), true
-			if folded {
-				s.log.Warn().Time("issued_until", time.Unix(doc.RevokedBefore, 0)).Int("listed", maxListedRevocations).
+			if folded > 0 {
+				s.log.Warn().Time("issued_until", time.Unix(doc.RevokedBefore, 0)).Int("listed", folded).Int("kept", len(doc.Expiring)).
 					Msg("revocations folded into one of every agent user issued until now: agents renew their credentials over HTTP")
 			}
 			break
@@ -234,40 +236,55 @@ func (s *Server) revokeUser(ctx context.Context, instance, user string, until ti
 
 // foldRevocations replaces a list longer than maxListedRevocations by one
 // revocation of every agent user issued until now (and revokeAllMargin),
-// and says whether it did.
-func foldRevocations(doc *settingsDoc, now time.Time) bool {
-	if len(doc.Expiring) <= maxListedRevocations {
-		return false
+// keeping listed the users whose last JWT was recorded within recentMint
+// (their JWT's expiry is after now+ttl-recentMint), unless they alone would
+// still make a long list. It returns how many users were listed before a
+// fold (0: no fold).
+func foldRevocations(doc *settingsDoc, now time.Time, ttl time.Duration) int {
+	n := len(doc.Expiring)
+	if n <= maxListedRevocations {
+		return 0
 	}
 	doc.RevokedBefore = max(doc.RevokedBefore, now.Add(revokeAllMargin).Unix())
-	doc.Expiring = nil
-	return true
+	recent := now.Add(ttl - recentMint).Unix()
+	maps.DeleteFunc(doc.Expiring, func(_ string, until int64) bool { return until <= recent })
+	if len(doc.Expiring) > maxListedRevocations/4 {
+		doc.Expiring = nil
+	}
+	return n
 }
 
-// afterRevokeAll waits, before a JWT is minted, until one minted now is
-// issued after the last fold's cutoff (NATS compares whole seconds): one
-// issued until then would be refused at once.
-func (s *Server) afterRevokeAll(ctx context.Context) error {
-	doc, _, _ := s.st.settings.get(revocationsKey)
-	if doc.RevokedBefore == 0 {
-		return nil
+// mintAfterRevokeAll mints a JWT with mint unless one minted now could be
+// issued until the last fold's cutoff (NATS compares whole seconds), which
+// NATS would refuse at once: then, or when a fold came meanwhile, the
+// caller is told to try again. The list is read from the bucket, not the
+// copy: a fold by another replica a moment ago counts.
+func (s *Server) mintAfterRevokeAll(ctx context.Context, mint func() (string, error)) (string, error) {
+	cutoff := func() (int64, error) {
+		doc, _, err := s.st.settings.fetch(ctx, revocationsKey)
+		if err != nil && !errors.Is(err, errNotFound) {
+			return 0, protocol.Errorf(protocol.CodeUnavailable, "the revocations could not be read: %v", err)
+		}
+		return doc.RevokedBefore, nil
 	}
-	wait := time.Until(time.Unix(doc.RevokedBefore+1, 0))
-	switch {
-	case wait <= 0:
-		return nil
-	case wait > mintWaitLimit:
-		// This server's clock is behind the one that folded the list.
-		return protocol.Errorf(protocol.CodeUnavailable, "credentials are made again in %s: try again then", wait.Round(time.Second))
+	issued := time.Now().Unix()
+	before, err := cutoff()
+	if err != nil {
+		return "", err
 	}
-	t := time.NewTimer(wait)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return protocol.Errorf(protocol.CodeUnavailable, "credentials not made: %v", ctx.Err())
-	case <-t.C:
-		return nil
+	if before >= issued {
+		return "", protocol.Errorf(protocol.CodeUnavailable, "credentials are made again in %d s, after a revocation of every agent: try again then", before-issued+1)
 	}
+	tok, err := mint()
+	if err != nil {
+		return "", err
+	}
+	if before, err = cutoff(); err != nil {
+		return "", err
+	} else if before >= issued {
+		return "", protocol.Errorf(protocol.CodeUnavailable, "every agent was revoked as the credentials were made: try again in %d s", before-issued+1)
+	}
+	return tok, nil
 }
 
 // pruneRevocations drops the revocations of users whose every JWT has
