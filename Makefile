@@ -10,7 +10,7 @@ NATS        := $(shell $(GO) env GOPATH)/bin/nats
 NATSCLI_VERSION := v0.5.0
 TEST_FLAGS  ?= -race -timeout 25m
 
-.PHONY: build kits run test check lint fmt-check vet staticcheck tidy-check boundaries tracked bench clean
+.PHONY: build kits run test check lint fmt-check vet staticcheck tidy-check boundaries tracked bench bench-smoke clean
 
 build: bin/fm kits
 
@@ -74,6 +74,13 @@ tracked:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+# Every benchmark of docs/benchmarks.md once, at small scale, so that none
+# rots: figures are printed, not asserted (CI runs this after make test).
+bench-smoke: $(NATS)
+	FM_BENCH_IDLE_SECONDS=5 $(GO) test -run '^$$' -bench AgentIdle -benchtime 1x ./e2e/
+	FM_BENCH_SNAPSHOT_RECENT=1 $(GO) test -run '^$$' -bench LocalSnapshot -benchtime 1x ./provisioner/local/
+	PATH="$(dir $(NATS)):$$PATH" FM_BENCH_AGENTS=100 $(GO) test -run '^$$' -bench 'Fleet$$' -benchtime 1x ./e2e/
 
 clean:
 	rm -rf bin

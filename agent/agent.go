@@ -47,11 +47,14 @@ type Agent struct {
 	// renewals that followed since the connection last came up.
 	credsRefused    chan struct{}
 	refusedRenewals atomic.Int32
-	nc              *nats.Conn
-	js              jetstream.JetStream
-	rep             *reporter
-	desired         *desiredWatch
-	cursor          commandCursor
+	// presented is the credentials the connection last connected (or
+	// tried to) with: a refusal of older ones is no news.
+	presented atomic.Pointer[[]byte]
+	nc        *nats.Conn
+	js        jetstream.JetStream
+	rep       *reporter
+	desired   *desiredWatch
+	cursor    commandCursor
 
 	// stopping is set when Run's context ends: what fails from then on was
 	// cut short, not broken.
@@ -182,7 +185,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	var current func() []byte
 	if a.currentCreds() != nil {
-		current = a.currentCreds
+		current = func() []byte {
+			creds := a.currentCreds()
+			a.presented.Store(&creds)
+			return creds
+		}
 	}
 	reconnected := make(chan struct{}, 1)
 	a.commandsReconnected = make(chan struct{}, 1)
@@ -201,6 +208,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		},
 		OnRefused: func(error) {
+			if !a.refusedAreCurrent() {
+				return // credentials already renewed: the next try has the new ones
+			}
 			select {
 			case a.credsRefused <- struct{}{}:
 			default:

@@ -244,8 +244,17 @@ func (a *Agent) renewExpired(ctx context.Context, tlsConf *tls.Config) error {
 			return ctx.Err()
 		case <-time.After(backoff):
 		}
-		backoff = min(2*backoff, time.Minute)
+		backoff = min(2*backoff, renewRetryLimit(err))
 	}
+}
+
+// renewRetryLimit is the longest wait between renewals that failed with
+// err: a machine FM no longer knows as the instance's asks rarely.
+func renewRetryLimit(err error) time.Duration {
+	if errors.Is(err, errRenewRefused) {
+		return 10 * time.Minute
+	}
+	return time.Minute
 }
 
 // renewCredentials keeps the credentials renewed until ctx ends: over the
@@ -281,6 +290,11 @@ func (a *Agent) renewCredentials(ctx context.Context, tlsConf *tls.Config) {
 				}
 			}
 		}
+		// Due: a refusal since (the bus cannot be reached with these)
+		// sends the renewal over HTTP.
+		if !refused && a.refusedNow() {
+			refused = true
+		}
 		var creds []byte
 		if !refused && !nearlyExpired(issued, expires) {
 			creds, err = a.renewOverBus(ctx)
@@ -314,12 +328,7 @@ func (a *Agent) renewCredentials(ctx context.Context, tlsConf *tls.Config) {
 			return
 		case <-time.After(backoff):
 		}
-		// A machine FM no longer knows as the instance's asks rarely.
-		limit := time.Minute
-		if errors.Is(err, errRenewRefused) {
-			limit = 10 * time.Minute
-		}
-		backoff = min(2*backoff, limit)
+		backoff = min(2*backoff, renewRetryLimit(err))
 	}
 }
 
@@ -361,9 +370,35 @@ func (a *Agent) dueOrRefused(ctx context.Context, wait time.Duration) bool {
 		case <-a.credsRefused:
 			return true
 		case <-check.C:
-			if a.nc != nil && !a.nc.IsConnected() && bus.CredentialsRefused(a.nc.LastError()) {
+			if a.refusedOnConnection() {
 				return true
 			}
 		}
 	}
+}
+
+// refusedNow says whether NATS refused the current credentials since the
+// agent last looked, told or seen on the connection.
+func (a *Agent) refusedNow() bool {
+	select {
+	case <-a.credsRefused:
+		return true
+	default:
+		return a.refusedOnConnection()
+	}
+}
+
+// refusedOnConnection says whether the connection is down because NATS
+// refused the credentials it last presented, and those are the current ones.
+func (a *Agent) refusedOnConnection() bool {
+	return a.nc != nil && !a.nc.IsConnected() && bus.CredentialsRefused(a.nc.LastError()) && a.refusedAreCurrent()
+}
+
+// refusedAreCurrent says whether the credentials the connection last
+// presented are the agent's current ones: a refusal of older ones (an
+// expired JWT a renewal replaced, which the connection still held) asks
+// for nothing.
+func (a *Agent) refusedAreCurrent() bool {
+	p := a.presented.Load()
+	return p == nil || bytes.Equal(*p, a.currentCreds())
 }

@@ -107,6 +107,21 @@ func runAudit(ctx context.Context, env Env, r *resource, args []string) error {
 	if *object != "" {
 		q.Set("object", *object)
 	}
+	// Following one kind of object: where the trail ends now, read before
+	// the first page. With no record of that kind yet, following reads on
+	// from there, not from the trail's start every second.
+	trailEnd := "0"
+	if *follow && *object != "" {
+		var last []map[string]any
+		if err := c.Do(ctx, http.MethodGet, r.path, url.Values{"limit": {"1"}}, nil, &last); err != nil {
+			return err
+		}
+		if len(last) == 1 {
+			if seq, ok := last[0]["seq"].(float64); ok {
+				trailEnd = strconv.FormatUint(uint64(seq), 10)
+			}
+		}
+	}
 	headerDone := false
 	for {
 		var recs []map[string]any
@@ -139,7 +154,8 @@ func runAudit(ctx context.Context, env Env, r *resource, args []string) error {
 			q.Set("after", strconv.FormatUint(uint64(seq), 10))
 			q.Set("limit", "1000")
 		} else if !q.Has("after") {
-			q.Set("after", "0")
+			q.Set("after", trailEnd)
+			q.Set("limit", "1000")
 		}
 		if !*follow {
 			return nil

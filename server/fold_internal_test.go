@@ -121,6 +121,38 @@ func TestTwentyThousandRevocationsInADay(t *testing.T) {
 	t.Logf("%d folds; the largest account JWT %d bytes, the last %d", folds, largest, len(acc))
 }
 
+// TestAFoldKeepsTheLatestRecentUsers: a fold keeps listed the users whose
+// JWT was recorded within recentMint, the latest maxRecentKept of them when
+// a burst made more.
+func TestAFoldKeepsTheLatestRecentUsers(t *testing.T) {
+	now := time.Now()
+	ttl := time.Hour
+	for _, recent := range []int{10, maxRecentKept + 500} {
+		t.Run(fmt.Sprint(recent, " recent"), func(t *testing.T) {
+			doc := settingsDoc{Expiring: map[string]int64{}}
+			for i := range maxListedRevocations + 1 - recent {
+				doc.Expiring[fmt.Sprintf("old-%d", i)] = now.Add(ttl - time.Hour).Unix()
+			}
+			for i := range recent { // recorded i/10 s ago, within recentMint
+				doc.Expiring[fmt.Sprintf("recent-%04d", i)] = now.Add(ttl - time.Duration(i)*100*time.Millisecond).Unix()
+			}
+			if n := foldRevocations(&doc, now, ttl); n != maxListedRevocations+1 {
+				t.Fatalf("fold of %d listed says %d", maxListedRevocations+1, n)
+			}
+			want := min(recent, maxRecentKept)
+			if len(doc.Expiring) != want {
+				t.Fatalf("%d users kept, want %d", len(doc.Expiring), want)
+			}
+			oldest := now.Add(ttl - time.Duration(want)*100*time.Millisecond).Unix()
+			for u, until := range doc.Expiring {
+				if !strings.HasPrefix(u, "recent-") || until < oldest {
+					t.Fatalf("kept %s (expiring %d), not one of the %d latest", u, until, want)
+				}
+			}
+		})
+	}
+}
+
 // TestPruningTwentyThousandRevocations: revocations of users whose JWTs
 // all expired go, and those minted without an expiry (users of the FM
 // account from before agents had their own, no longer valid); those still

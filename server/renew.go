@@ -103,6 +103,11 @@ func (s *Server) renewRequest(ctx context.Context, instance string, req protocol
 // JWT of its user expired, so the expiry is on record before any JWT
 // carrying it leaves.
 func (s *Server) renewAgent(ctx context.Context, instance, pub string) (string, error) {
+	// Before the last fold's cutoff, as this server's copy of the list
+	// shows it, nothing is written: the agents of a whole fleet ask at once.
+	if doc, _, _ := s.st.settings.get(revocationsKey); doc.RevokedBefore >= time.Now().Unix() {
+		return "", beforeCutoff(doc.RevokedBefore, time.Now().Unix())
+	}
 	expires := s.agentCredsExpiry()
 	// Recorded on the instance's current user only, in a revision-checked
 	// write: a machine retired meanwhile (revocations.go) is refused, and

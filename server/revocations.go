@@ -1,11 +1,13 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/fleetmanager/fm/internal/natsauth"
@@ -237,8 +239,8 @@ func (s *Server) revokeUser(ctx context.Context, instance, user string, until ti
 // foldRevocations replaces a list longer than maxListedRevocations by one
 // revocation of every agent user issued until now (and revokeAllMargin),
 // keeping listed the users whose last JWT was recorded within recentMint
-// (their JWT's expiry is after now+ttl-recentMint), unless they alone would
-// still make a long list. It returns how many users were listed before a
+// (their JWT's expiry is after now+ttl-recentMint), the latest
+// maxRecentKept of them. It returns how many users were listed before a
 // fold (0: no fold).
 func foldRevocations(doc *settingsDoc, now time.Time, ttl time.Duration) int {
 	n := len(doc.Expiring)
@@ -248,11 +250,19 @@ func foldRevocations(doc *settingsDoc, now time.Time, ttl time.Duration) int {
 	doc.RevokedBefore = max(doc.RevokedBefore, now.Add(revokeAllMargin).Unix())
 	recent := now.Add(ttl - recentMint).Unix()
 	maps.DeleteFunc(doc.Expiring, func(_ string, until int64) bool { return until <= recent })
-	if len(doc.Expiring) > maxListedRevocations/4 {
-		doc.Expiring = nil
+	if len(doc.Expiring) > maxRecentKept {
+		users := slices.SortedFunc(maps.Keys(doc.Expiring), func(a, b string) int {
+			return cmp.Or(cmp.Compare(doc.Expiring[b], doc.Expiring[a]), strings.Compare(a, b))
+		})
+		for _, u := range users[maxRecentKept:] {
+			delete(doc.Expiring, u)
+		}
 	}
 	return n
 }
+
+// maxRecentKept is how many recent users a fold keeps listed, at most.
+const maxRecentKept = maxListedRevocations / 4
 
 // mintAfterRevokeAll mints a JWT with mint unless one minted now could be
 // issued until the last fold's cutoff (NATS compares whole seconds), which
@@ -273,7 +283,7 @@ func (s *Server) mintAfterRevokeAll(ctx context.Context, mint func() (string, er
 		return "", err
 	}
 	if before >= issued {
-		return "", protocol.Errorf(protocol.CodeUnavailable, "credentials are made again in %d s, after a revocation of every agent: try again then", before-issued+1)
+		return "", beforeCutoff(before, issued)
 	}
 	tok, err := mint()
 	if err != nil {
@@ -285,6 +295,12 @@ func (s *Server) mintAfterRevokeAll(ctx context.Context, mint func() (string, er
 		return "", protocol.Errorf(protocol.CodeUnavailable, "every agent was revoked as the credentials were made: try again in %d s", before-issued+1)
 	}
 	return tok, nil
+}
+
+// beforeCutoff is the answer to a join or renewal made (at now, unix)
+// before a fold's cutoff.
+func beforeCutoff(cutoff, now int64) error {
+	return protocol.Errorf(protocol.CodeUnavailable, "credentials are made again in %d s, after a revocation of every agent: try again then", cutoff-now+1)
 }
 
 // pruneRevocations drops the revocations of users whose every JWT has

@@ -470,9 +470,45 @@ func TestRevokingEveryAgentIssuedBefore(t *testing.T) {
 			t.Fatalf("%s, issued before the cutoff, connected: %v", name, err)
 		}
 	}
-	time.Sleep(time.Until(time.Unix(cutoff+1, 0))) // JWTs are issued in whole seconds
-	if _, err := r.connectCreds(credsAt(), "", nil); err != nil {
+	// The agent's connection, started with the revoked credentials: the
+	// first connect's refusal is told (nats.go tells the retries' to no
+	// callback), and it keeps trying until the renewed ones connect.
+	var mu sync.Mutex
+	current, refusals := before, 0
+	nc, err := bus.Connect(bus.ConnectConfig{URL: r.emb.ClientURL(), RetryOnFailedConnect: true,
+		CurrentCreds:   func() []byte { mu.Lock(); defer mu.Unlock(); return current },
+		OnRefused:      func(error) { mu.Lock(); defer mu.Unlock(); refusals++ },
+		ReconnectDelay: func(int) time.Duration { return 50 * time.Millisecond }, Logger: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		mu.Lock()
+		told := refusals
+		mu.Unlock()
+		if told > 0 && bus.CredentialsRefused(nc.LastError()) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a refused first connect: told %d times, last error %v", told, nc.LastError())
+		}
+	}
+	// JWTs are issued in whole seconds: one issued after the cutoff.
+	for time.Now().Unix() <= cutoff {
+		time.Sleep(50 * time.Millisecond)
+	}
+	renewed := credsAt()
+	if _, err := r.connectCreds(renewed, "", nil); err != nil {
 		t.Fatalf("the same user issued after the cutoff: %v", err)
+	}
+	mu.Lock()
+	current = renewed
+	mu.Unlock()
+	for deadline := time.Now().Add(10 * time.Second); !nc.IsConnected(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) || nc.IsClosed() {
+			t.Fatalf("the connection never came back with the renewed credentials (closed: %v): %v", nc.IsClosed(), nc.LastError())
+		}
 	}
 }
 
