@@ -22,7 +22,7 @@ func TestFleetSimulator(t *testing.T) {
 		agents = 20
 	}
 	rep := runFleet(t, fmBin(t), agents, 20, 3*time.Second)
-	if rep.Create.N != agents || rep.CreateAlone.N != 20 || rep.RoundTrip.N != 20 || rep.FloorJetStream.N != 20 || rep.FloorRequestReply.N != 20 ||
+	if rep.Create.N != agents || rep.CreateAlone.N != 20 || rep.RoundTrip.N != 20 || rep.FloorJetStream.N != 20 || rep.FloorRequestReply.N != 20 || rep.FloorFMSequence.N != 20 ||
 		rep.Get.N != 20 || rep.Status.N != 20 || rep.List.N < 5 || rep.ListEncode.N != rep.List.N {
 		t.Errorf("a measurement is missing: %+v", rep)
 	}

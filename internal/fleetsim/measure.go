@@ -7,6 +7,7 @@ import (
 	"io"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -254,7 +255,181 @@ func (f *fleet) floors(ctx context.Context, rep *Report) error {
 		d[i] = time.Since(t0)
 	}
 	rep.FloorJetStream = latencies(d)
+	if rep.FloorFMSequence, err = fmSequence(ctx, f.js, other, f.nc, f.cfg.Samples); err != nil {
+		return err
+	}
 	return nil
+}
+
+// fmSequence times, by bare clients, the bus calls FM makes for one
+// command's round trip, one after another in FM's order (traced with
+// `nats sub '>'` on fm dev during `fm instance restart-dss`):
+//
+//	the action:  get lifecycle, get machine, create the operation, claim
+//	             the lifecycle, get the instance, get the operation, mark
+//	             it claimed, publish the command (republished live to the
+//	             agent), publish the audit record;
+//	the agent:   its result, through the relay: a request into FM's
+//	             account, which publishes it to the events' stream and
+//	             answers;
+//	the fold:    the event delivered, get the operation, end it, get the
+//	             lifecycle, get the operation, release the lifecycle, ack
+//	             the event;
+//	the client:  the operation's end seen by a watcher (FM's copy of the
+//	             bucket, which GET /futures reads).
+//
+// js is FM's connection, agent the agent's, relay the relay's.
+func fmSequence(ctx context.Context, js jetstream.JetStream, agent, relay *nats.Conn, samples int) (Latencies, error) {
+	kvs := map[string]jetstream.KeyValue{}
+	for _, b := range []string{"fmbench_ops", "fmbench_lifecycle", "fmbench_machines", "fmbench_instances"} {
+		kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: b, Storage: jetstream.FileStorage})
+		if err != nil {
+			return Latencies{}, err
+		}
+		defer func() { _ = js.DeleteKeyValue(context.Background(), b) }()
+		kvs[b] = kv
+	}
+	ops, lifecycle := kvs["fmbench_ops"], kvs["fmbench_lifecycle"]
+	record := make([]byte, 600) // an operation or lifecycle record's size
+	for _, b := range []string{"fmbench_lifecycle", "fmbench_machines", "fmbench_instances"} {
+		if _, err := kvs[b].Put(ctx, "in-bench", record); err != nil {
+			return Latencies{}, err
+		}
+	}
+	for _, sc := range []jetstream.StreamConfig{
+		{Name: "FMBENCH_CMD", Subjects: []string{"fmbench.cmd.>"}, Storage: jetstream.FileStorage, MaxMsgs: 10000,
+			RePublish: &jetstream.RePublish{Source: "fmbench.cmd.>", Destination: "fmbench.cmdlive.>"}},
+		{Name: "FMBENCH_EVT", Subjects: []string{"fmbench.evt.>"}, Storage: jetstream.FileStorage, MaxMsgs: 10000},
+		{Name: "FMBENCH_AUDIT", Subjects: []string{"fmbench.audit.>"}, Storage: jetstream.FileStorage, MaxMsgs: 10000},
+	} {
+		if _, err := js.CreateOrUpdateStream(ctx, sc); err != nil {
+			return Latencies{}, err
+		}
+		defer func() { _ = js.DeleteStream(context.Background(), sc.Name) }()
+	}
+	live, err := agent.SubscribeSync("fmbench.cmdlive.>")
+	if err != nil {
+		return Latencies{}, err
+	}
+	defer func() { _ = live.Unsubscribe() }()
+	relayJS, err := jetstream.New(relay)
+	if err != nil {
+		return Latencies{}, err
+	}
+	relaySub, err := relay.Subscribe("fmbench.in.>", func(m *nats.Msg) {
+		ack, err := relayJS.Publish(ctx, strings.TrimPrefix(m.Subject, "fmbench.in."), m.Data)
+		if err != nil {
+			_ = m.Respond([]byte(err.Error()))
+			return
+		}
+		_ = m.Respond([]byte(strconv.FormatUint(ack.Sequence, 10)))
+	})
+	if err != nil {
+		return Latencies{}, err
+	}
+	defer func() { _ = relaySub.Unsubscribe() }()
+	if err := relay.Flush(); err != nil {
+		return Latencies{}, err
+	}
+	events, err := js.CreateOrUpdateConsumer(ctx, "FMBENCH_EVT", jetstream.ConsumerConfig{Durable: "fm-server", AckPolicy: jetstream.AckExplicitPolicy})
+	if err != nil {
+		return Latencies{}, err
+	}
+	delivered := make(chan jetstream.Msg, 1)
+	cc, err := events.Consume(func(m jetstream.Msg) { delivered <- m })
+	if err != nil {
+		return Latencies{}, err
+	}
+	defer cc.Stop()
+	watch, err := ops.WatchAll(ctx, jetstream.UpdatesOnly())
+	if err != nil {
+		return Latencies{}, err
+	}
+	defer func() { _ = watch.Stop() }()
+
+	d := make([]time.Duration, samples)
+	for i := range d {
+		op := fmt.Sprintf("op-%d", i)
+		t0 := time.Now()
+		err := func() error {
+			lc, err := lifecycle.Get(ctx, "in-bench")
+			if err != nil {
+				return err
+			}
+			if _, err := kvs["fmbench_machines"].Get(ctx, "in-bench"); err != nil {
+				return err
+			}
+			if _, err := ops.Create(ctx, op, record); err != nil {
+				return err
+			}
+			if _, err := lifecycle.Update(ctx, "in-bench", record, lc.Revision()); err != nil {
+				return err
+			}
+			if _, err := kvs["fmbench_instances"].Get(ctx, "in-bench"); err != nil {
+				return err
+			}
+			e, err := ops.Get(ctx, op)
+			if err != nil {
+				return err
+			}
+			if _, err := ops.Update(ctx, op, record, e.Revision()); err != nil {
+				return err
+			}
+			if _, err := js.Publish(ctx, "fmbench.cmd.in-bench."+op, record); err != nil {
+				return err
+			}
+			if _, err := js.Publish(ctx, "fmbench.audit.main.instances", record); err != nil {
+				return err
+			}
+			if _, err := live.NextMsg(5 * time.Second); err != nil {
+				return fmt.Errorf("the command did not reach the agent: %w", err)
+			}
+			if _, err := agent.Request("fmbench.in.fmbench.evt.in-bench.command", record, 5*time.Second); err != nil {
+				return err
+			}
+			var m jetstream.Msg
+			select {
+			case m = <-delivered:
+			case <-time.After(5 * time.Second):
+				return fmt.Errorf("the event was not delivered within 5s")
+			}
+			if e, err = ops.Get(ctx, op); err != nil {
+				return err
+			}
+			if _, err := ops.Update(ctx, op, record, e.Revision()); err != nil {
+				return err
+			}
+			if lc, err = lifecycle.Get(ctx, "in-bench"); err != nil {
+				return err
+			}
+			if _, err := ops.Get(ctx, op); err != nil {
+				return err
+			}
+			if _, err := lifecycle.Update(ctx, "in-bench", record, lc.Revision()); err != nil {
+				return err
+			}
+			if err := m.Ack(); err != nil {
+				return err
+			}
+			// The operation's three writes, as the copy sees them.
+			for seen := 0; seen < 3; {
+				select {
+				case u := <-watch.Updates():
+					if u != nil && u.Key() == op {
+						seen++
+					}
+				case <-time.After(5 * time.Second):
+					return fmt.Errorf("the watcher did not see the operation end within 5s")
+				}
+			}
+			return nil
+		}()
+		if err != nil {
+			return Latencies{}, fmt.Errorf("floor, FM's sequence: %w", err)
+		}
+		d[i] = time.Since(t0)
+	}
+	return latencies(d), nil
 }
 
 // storm restarts the server under the fleet: the time from the stop until
@@ -341,6 +516,7 @@ func (r Report) Write(w io.Writer) {
 	fmt.Fprintf(w, "  provision all          every agent ready in %v\n", round(r.Provision))
 	fmt.Fprintf(w, "  command round trip     %v\n", r.RoundTrip)
 	fmt.Fprintf(w, "    floor: bus writes    %v   (round trip p50 %s of it)\n", r.FloorJetStream, ratio(r.RoundTrip.P50, r.FloorJetStream.P50))
+	fmt.Fprintf(w, "    floor: FM's calls    %v   (round trip p50 %s of it)\n", r.FloorFMSequence, ratio(r.RoundTrip.P50, r.FloorFMSequence.P50))
 	fmt.Fprintf(w, "    floor: request-reply %v   (round trip p50 %s of it)\n", r.FloorRequestReply, ratio(r.RoundTrip.P50, r.FloorRequestReply.P50))
 	fmt.Fprintf(w, "  list instances         %v   (%d bytes)\n", r.List, r.ListBytes)
 	fmt.Fprintf(w, "    floor: JSON encoding %v   (list p50 %s of it)\n", r.ListEncode, ratio(r.List.P50, r.ListEncode.P50))
