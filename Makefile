@@ -75,12 +75,12 @@ tracked:
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 
-# Every benchmark of docs/benchmarks.md once, at small scale, so that none
-# rots: figures are printed, not asserted (CI runs this after make test).
-bench-smoke: $(NATS)
-	FM_BENCH_IDLE_SECONDS=5 $(GO) test -run '^$$' -bench AgentIdle -benchtime 1x ./e2e/
-	FM_BENCH_SNAPSHOT_RECENT=1 $(GO) test -run '^$$' -bench LocalSnapshot -benchtime 1x ./provisioner/local/
-	PATH="$(dir $(NATS)):$$PATH" FM_BENCH_AGENTS=100 $(GO) test -run '^$$' -bench 'Fleet$$' -benchtime 1x ./e2e/
+# The benchmarks of issue 14 that make test does not run, once, at small
+# scale, so that none rots: figures are printed, not asserted (CI runs this
+# after make test; the fleet simulator runs there, as TestFleetSimulator).
+bench-smoke:
+	FM_BENCH_IDLE_SECONDS=5 $(GO) test -timeout 10m -run '^$$' -bench AgentIdle -benchtime 1x ./e2e/
+	FM_BENCH_SNAPSHOT_RECENT=1 $(GO) test -timeout 10m -run '^$$' -bench LocalSnapshot -benchtime 1x ./provisioner/local/
 
 clean:
 	rm -rf bin

@@ -107,23 +107,31 @@ func runAudit(ctx context.Context, env Env, r *resource, args []string) error {
 	if *object != "" {
 		q.Set("object", *object)
 	}
-	// Following one kind of object: where the trail ends now, read before
-	// the first page. With no record of that kind yet, following reads on
-	// from there, not from the trail's start every second.
-	trailEnd := "0"
-	if *follow && *object != "" {
+	// Following one kind of object, the trail's end is read before each
+	// page: a page with no record of that kind reads on from there next
+	// time, not from where following began (the trail grows meanwhile).
+	// Read before the page, it cannot pass a record the page did not see.
+	trailEnd := func() (uint64, error) {
 		var last []map[string]any
 		if err := c.Do(ctx, http.MethodGet, r.path, url.Values{"limit": {"1"}}, nil, &last); err != nil {
-			return err
+			return 0, err
 		}
 		if len(last) == 1 {
 			if seq, ok := last[0]["seq"].(float64); ok {
-				trailEnd = strconv.FormatUint(uint64(seq), 10)
+				return uint64(seq), nil
 			}
 		}
+		return 0, nil
 	}
 	headerDone := false
 	for {
+		end := uint64(0)
+		if *follow && *object != "" {
+			var err error
+			if end, err = trailEnd(); err != nil {
+				return err
+			}
+		}
 		var recs []map[string]any
 		if err := c.Do(ctx, http.MethodGet, r.path, q, nil, &recs); err != nil {
 			return err
@@ -153,8 +161,8 @@ func runAudit(ctx context.Context, env Env, r *resource, args []string) error {
 			}
 			q.Set("after", strconv.FormatUint(uint64(seq), 10))
 			q.Set("limit", "1000")
-		} else if !q.Has("after") {
-			q.Set("after", trailEnd)
+		} else if after, _ := strconv.ParseUint(q.Get("after"), 10, 64); !q.Has("after") || end > after {
+			q.Set("after", strconv.FormatUint(end, 10))
 			q.Set("limit", "1000")
 		}
 		if !*follow {

@@ -12,7 +12,6 @@ import (
 	"github.com/fleetmanager/fm/internal/seal"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/fleetmanager/fm/server"
-	"github.com/fleetmanager/fm/server/servertest"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -247,34 +246,5 @@ func TestACredentialInClearIsRefusedWhereTheInstanceHasAKey(t *testing.T) {
 	}
 	if _, got := adminKey(); got != "sealed-1" {
 		t.Fatalf("admin API key %q after a clear and a replayed answer, want the sealed one", got)
-	}
-}
-
-// TestTheHeartbeatOfADeletedInstanceGoes: the last heartbeat kept per
-// instance goes with the instance (the sweep drops it), so the map does not
-// grow with every machine the fleet ever had.
-func TestTheHeartbeatOfADeletedInstanceGoes(t *testing.T) {
-	f := start(t, servertest.WithConfig(func(c *server.Config) { c.SweepInterval = 100 * time.Millisecond }))
-	vn, tpl, im := f.fleet()
-	in := f.createInstance(instanceBody("gone", vn.ID, tpl.ID, im.ID))
-	nc := f.env.Bus.Connect(t)
-	data, err := protocol.Encode(&protocol.Heartbeat{Instance: in.ID, Time: time.Now().UTC()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for deadline := time.Now().Add(10 * time.Second); !server.HeartbeatKept(f.env.Server, in.ID); time.Sleep(50 * time.Millisecond) {
-		if err := nc.Publish(protocol.HeartbeatSubject(in.ID), data); err != nil {
-			t.Fatal(err)
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the instance's heartbeat was never kept")
-		}
-	}
-	var del api.Future
-	f.ok(f.do("GET", "/instances/"+in.ID+"/actions/delete", ""), &del)
-	for deadline := time.Now().Add(10 * time.Second); server.HeartbeatKept(f.env.Server, in.ID); time.Sleep(50 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the deleted instance's heartbeat is still kept")
-		}
 	}
 }

@@ -7,6 +7,9 @@ import (
 	"io"
 	"os"
 	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/fleetmanager/fm/internal/fleetsim"
@@ -70,6 +73,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return err
 		}
 	}
+	if n, raised := raiseOpenFileLimit(); raised {
+		fmt.Fprintf(stderr, "open files: hard limit raised to %d\n", n)
+	} else {
+		fmt.Fprintf(stderr, "open files: up to %d (the hard limit, which this process may not raise)\n", n)
+	}
 	rep, err := fleetsim.Run(ctx, fleetsim.Config{FM: bin, Dir: *dir, Agents: *agents, Samples: *samples, Steady: *steady,
 		HeartbeatSeconds: *heartbeat, SyncAlways: *syncAlways, ReconnectStorm: *storm, Workers: *workers,
 		ServerMemoryLimit: *memLimit, ProfileDir: *profileDir, Progress: stderr, Logger: log})
@@ -94,3 +102,25 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 
 // goMemLimit is the form of GOMEMLIMIT: a number of bytes, with a unit.
 var goMemLimit = regexp.MustCompile(`^[0-9]+(B|KiB|MiB|GiB|TiB)?$`)
+
+// raiseOpenFileLimit raises the process's hard limit of open files as far
+// as the system allows (Go raises the soft limit to the hard one at start,
+// and so does the fm server this starts, which inherits it): 10,000 agents'
+// connections, remade at once in the reconnect storm, outgrow a limit of
+// 20,000. Raising it takes privilege; it returns the limit in force.
+func raiseOpenFileLimit() (uint64, bool) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, false
+	}
+	most := uint64(1 << 20)
+	if b, err := os.ReadFile("/proc/sys/fs/nr_open"); err == nil {
+		if n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err == nil {
+			most = min(most, n)
+		}
+	}
+	if most <= lim.Max || syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: most, Max: most}) != nil {
+		return lim.Cur, false
+	}
+	return most, true
+}

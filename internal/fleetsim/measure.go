@@ -225,12 +225,8 @@ func (f *fleet) floors(ctx context.Context, rep *Report) error {
 	}
 	defer stopEvts()
 	wait := func(ch chan struct{}) error {
-		select {
-		case <-ch:
-			return nil
-		case <-time.After(5 * time.Second):
-			return fmt.Errorf("a floor message did not arrive within 5s")
-		}
+		_, err := within(ch, "a floor message")
+		return err
 	}
 	for i := range d {
 		t0 := time.Now()
@@ -261,6 +257,17 @@ func (f *fleet) floors(ctx context.Context, rep *Report) error {
 	return nil
 }
 
+// within waits up to 5 s for what a floor waits for on ch.
+func within[T any](ch <-chan T, what string) (T, error) {
+	select {
+	case v := <-ch:
+		return v, nil
+	case <-time.After(5 * time.Second):
+		var zero T
+		return zero, fmt.Errorf("%s did not arrive within 5s", what)
+	}
+}
+
 // fmSequence times, by bare clients, the bus calls FM makes for one
 // command's round trip, one after another in FM's order (traced with
 // `nats sub '>'` on fm dev during `fm instance restart-dss`):
@@ -278,7 +285,10 @@ func (f *fleet) floors(ctx context.Context, rep *Report) error {
 //	the client:  the operation's end seen by a watcher (FM's copy of the
 //	             bucket, which GET /futures reads).
 //
-// js is FM's connection, agent the agent's, relay the relay's.
+// js is FM's connection, agent the agent's, relay the relay's. The floor's
+// "agent" is a user of FM's account, and the relay shares FM's connection:
+// the floor does not cross from the agents' account into FM's through the
+// relay's service import, as an agent's result does.
 func fmSequence(ctx context.Context, js jetstream.JetStream, agent, relay *nats.Conn, samples int) (Latencies, error) {
 	kvs := map[string]jetstream.KeyValue{}
 	for _, b := range []string{"fmbench_ops", "fmbench_lifecycle", "fmbench_machines", "fmbench_instances"} {
@@ -384,14 +394,16 @@ func fmSequence(ctx context.Context, js jetstream.JetStream, agent, relay *nats.
 			if _, err := live.NextMsg(5 * time.Second); err != nil {
 				return fmt.Errorf("the command did not reach the agent: %w", err)
 			}
-			if _, err := agent.Request("fmbench.in.fmbench.evt.in-bench.command", record, 5*time.Second); err != nil {
+			answer, err := agent.Request("fmbench.in.fmbench.evt.in-bench.command", record, 5*time.Second)
+			if err != nil {
 				return err
 			}
-			var m jetstream.Msg
-			select {
-			case m = <-delivered:
-			case <-time.After(5 * time.Second):
-				return fmt.Errorf("the event was not delivered within 5s")
+			if _, err := strconv.ParseUint(string(answer.Data), 10, 64); err != nil {
+				return fmt.Errorf("the relay: %s", answer.Data)
+			}
+			m, err := within(delivered, "the event")
+			if err != nil {
+				return err
 			}
 			if e, err = ops.Get(ctx, op); err != nil {
 				return err
