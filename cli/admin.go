@@ -117,8 +117,8 @@ func runAudit(ctx context.Context, env Env, r *resource, args []string) error {
 			return 0, err
 		}
 		if len(last) == 1 {
-			if seq, ok := last[0]["seq"].(float64); ok {
-				return uint64(seq), nil
+			if seq, ok := auditSeq(last[0]); ok {
+				return seq, nil
 			}
 		}
 		return 0, nil
@@ -153,13 +153,11 @@ func runAudit(ctx context.Context, env Env, r *resource, args []string) error {
 			headerDone = true
 		}
 		if len(recs) > 0 {
-			// A float64 from JSON: exact for every sequence below 2^53, and
-			// printed as an integer (fmt.Sprint would print 1e+06).
-			seq, ok := recs[len(recs)-1]["seq"].(float64)
+			seq, ok := auditSeq(recs[len(recs)-1])
 			if !ok {
 				return fmt.Errorf("the audit record %v has no sequence to read on from", recs[len(recs)-1]["id"])
 			}
-			q.Set("after", strconv.FormatUint(uint64(seq), 10))
+			q.Set("after", strconv.FormatUint(seq, 10))
 			q.Set("limit", "1000")
 		} else if after, _ := strconv.ParseUint(q.Get("after"), 10, 64); !q.Has("after") || end > after {
 			q.Set("after", strconv.FormatUint(end, 10))
@@ -174,6 +172,14 @@ func runAudit(ctx context.Context, env Env, r *resource, args []string) error {
 		case <-time.After(time.Second):
 		}
 	}
+}
+
+// auditSeq is an audit record's sequence in the trail. JSON gives a
+// float64: exact for every sequence below 2^53, and written back as an
+// integer (fmt.Sprint would write 1e+06).
+func auditSeq(rec map[string]any) (uint64, bool) {
+	seq, ok := rec["seq"].(float64)
+	return uint64(seq), ok
 }
 
 func printAuditRows(env Env, cols []column, header bool, recs []map[string]any) error {

@@ -5,6 +5,8 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"maps"
+	"slices"
 	"testing"
 	"time"
 
@@ -13,6 +15,7 @@ import (
 	"github.com/fleetmanager/fm/server"
 	"github.com/fleetmanager/fm/server/servertest"
 	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 )
 
@@ -253,25 +256,12 @@ func TestRevocationsGoOnceTheirCredentialsExpired(t *testing.T) {
 	// account no longer names the key that signed them).
 	forever := publicKey(machineKey(t))
 	doc["revocations"][forever] = past
-	data, _ := json.Marshal(doc)
-	if _, err := settings.Put(ctx, "system.nats-revocations", data); err != nil {
-		t.Fatalf("seed %d bytes: %v", len(data), err)
-	}
+	seedRevocations(t, settings, doc)
 	kp := machineKey(t)
 	id, _ := f.joined("pruned", kp)
 	// The machine is replaced: its user is revoked.
 	f.replaceMachine(id)
-	entry, err := settings.Get(ctx, "system.nats-revocations")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var got struct {
-		Revocations map[string]int64 `json:"revocations"`
-		Expiring    map[string]int64 `json:"expiring"`
-	}
-	if err := json.Unmarshal(entry.Value(), &got); err != nil {
-		t.Fatal(err)
-	}
+	got := storedRevocations(t, settings)
 	if got.Expiring[publicKey(kp)] < time.Now().Add(50*time.Minute).Unix() {
 		t.Fatalf("the replaced machine is revoked as of %d, not its JWT's expiry (%d entries)", got.Expiring[publicKey(kp)], len(got.Expiring))
 	}
@@ -318,10 +308,7 @@ func TestAFoldedListRevokesEveryAgentUntilRenewed(t *testing.T) {
 	for range server.MaxListedRevocations {
 		live[publicKey(machineKey(t))] = time.Now().Add(30 * time.Minute).Unix()
 	}
-	data, _ := json.Marshal(map[string]any{"expiring": live})
-	if _, err := settings.Put(ctx, "system.nats-revocations", data); err != nil {
-		t.Fatal(err)
-	}
+	seedRevocations(t, settings, map[string]any{"expiring": live})
 	// A's new machine joins: the old one's revocation is one more. The
 	// JWT is made after it, so the join is told to try again until a JWT
 	// made is issued after the cutoff.
@@ -329,17 +316,7 @@ func TestAFoldedListRevokesEveryAgentUntilRenewed(t *testing.T) {
 	req := f.provisionRequest(a)
 	newA := machineKey(t)
 	f.failed(f.joinAs(a, req.Spec.Join.Token, newA), 503, "Unavailable")
-	entry, err := settings.Get(ctx, "system.nats-revocations")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var doc struct {
-		Expiring      map[string]int64 `json:"expiring"`
-		RevokedBefore int64            `json:"revokedBefore"`
-	}
-	if err := json.Unmarshal(entry.Value(), &doc); err != nil {
-		t.Fatal(err)
-	}
+	doc := storedRevocations(t, settings)
 	// A's machine before joined a moment ago: its user stays listed, in
 	// case a JWT of it was minted late.
 	if _, ok := doc.Expiring[publicKey(kpA)]; !ok || len(doc.Expiring) != 1 || doc.RevokedBefore < time.Now().Unix() {
@@ -362,13 +339,11 @@ func TestAFoldedListRevokesEveryAgentUntilRenewed(t *testing.T) {
 	if !claims.IsClaimRevoked(oldClaims) {
 		t.Fatal("the current agent's JWT of before the fold is not revoked")
 	}
-	for pub, at := range live {
-		uc := jwt.NewUserClaims(pub)
-		uc.IssuedAt = at - int64(time.Hour/time.Second)
-		if !claims.IsClaimRevoked(uc) {
-			t.Fatal("a user the list named is no longer revoked")
-		}
-		break
+	// One the list named, its last JWT issued half an hour ago.
+	named := jwt.NewUserClaims(slices.Collect(maps.Keys(live))[0])
+	named.IssuedAt = time.Now().Add(-30 * time.Minute).Unix()
+	if !claims.IsClaimRevoked(named) {
+		t.Fatal("a user the list named is no longer revoked")
 	}
 	// The current agent, cut off, renews at the join endpoint at once: it
 	// is told to try again until a JWT made is issued after the cutoff.
@@ -402,4 +377,34 @@ func TestAFoldedListRevokesEveryAgentUntilRenewed(t *testing.T) {
 		t.Fatalf("the renewed JWT is issued at %d, the cutoff is %d", renewed.IssuedAt, doc.RevokedBefore)
 	}
 	fmt.Fprintf(testWriter{t}, "account JWT after the fold: %d bytes\n", len(acc))
+}
+
+// revocationsDoc is the revocation list as fm_settings keeps it.
+type revocationsDoc struct {
+	Revocations   map[string]int64 `json:"revocations"`
+	Expiring      map[string]int64 `json:"expiring"`
+	RevokedBefore int64            `json:"revokedBefore"`
+}
+
+// seedRevocations writes doc as the revocation list, as an FM would have.
+func seedRevocations(t *testing.T, settings jetstream.KeyValue, doc any) {
+	t.Helper()
+	data, _ := json.Marshal(doc)
+	if _, err := settings.Put(context.Background(), "system.nats-revocations", data); err != nil {
+		t.Fatalf("seed %d bytes: %v", len(data), err)
+	}
+}
+
+// storedRevocations reads the revocation list.
+func storedRevocations(t *testing.T, settings jetstream.KeyValue) revocationsDoc {
+	t.Helper()
+	entry, err := settings.Get(context.Background(), "system.nats-revocations")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc revocationsDoc
+	if err := json.Unmarshal(entry.Value(), &doc); err != nil {
+		t.Fatal(err)
+	}
+	return doc
 }

@@ -151,6 +151,20 @@ func (r *rig) agentCreds(instance string) ([]byte, string) {
 	return creds, pub
 }
 
+// system connects as the system account's user, which pushes accounts.
+func (r *rig) system() *nats.Conn {
+	r.t.Helper()
+	creds, _, err := r.auth.SystemCreds()
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	nc, err := r.connectCreds(creds, "", nil)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return nc
+}
+
 func (r *rig) connectAgent(instance string, errs chan error) *nats.Conn {
 	r.t.Helper()
 	creds, _ := r.agentCreds(instance)
@@ -400,14 +414,7 @@ func TestRevokedAgentIsDisconnectedAndStaysOut(t *testing.T) {
 		t.Fatal(err)
 	}
 	nc.SetDisconnectErrHandler(func(*nats.Conn, error) { once.Do(func() { close(closed) }) })
-	sysCreds, _, err := r.auth.SystemCreds()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sys, err := r.connectCreds(sysCreds, "", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sys := r.system()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := r.auth.PushRevocations(ctx, sys, map[string]int64{pub: time.Now().Unix()}); err != nil {
@@ -451,14 +458,7 @@ func TestRevokingEveryAgentIssuedBefore(t *testing.T) {
 	}
 	before := credsAt()
 	other, _ := r.agentCreds("in-other")
-	sysCreds, _, err := r.auth.SystemCreds()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sys, err := r.connectCreds(sysCreds, "", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sys := r.system()
 	cutoff := time.Now().Unix()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
