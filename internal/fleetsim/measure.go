@@ -408,7 +408,8 @@ func fmSequence(ctx context.Context, js jetstream.JetStream, agent, relay *nats.
 			if e, err = ops.Get(ctx, op); err != nil {
 				return err
 			}
-			if _, err := ops.Update(ctx, op, record, e.Revision()); err != nil {
+			end, err := ops.Update(ctx, op, record, e.Revision())
+			if err != nil {
 				return err
 			}
 			if lc, err = lifecycle.Get(ctx, "in-bench"); err != nil {
@@ -423,18 +424,21 @@ func fmSequence(ctx context.Context, js jetstream.JetStream, agent, relay *nats.
 			if err := m.Ack(); err != nil {
 				return err
 			}
-			// The operation's three writes, as the copy sees them.
-			for seen := 0; seen < 3; {
+			// The operation's end, as the copy sees it. A bucket keeps one
+			// revision per key, so a watcher that lags behind the writes
+			// skips the ones already replaced: it is the end that is waited
+			// for, not a count of writes.
+			timeout := time.After(5 * time.Second)
+			for {
 				select {
 				case u := <-watch.Updates():
-					if u != nil && u.Key() == op {
-						seen++
+					if u != nil && u.Key() == op && u.Revision() >= end {
+						return nil
 					}
-				case <-time.After(5 * time.Second):
+				case <-timeout:
 					return fmt.Errorf("the watcher did not see the operation end within 5s")
 				}
 			}
-			return nil
 		}()
 		if err != nil {
 			return Latencies{}, fmt.Errorf("floor, FM's sequence: %w", err)
