@@ -396,24 +396,21 @@ func (s *Server) settle(ctx context.Context, id string, lc lifecycle, rev uint64
 	return err
 }
 
-// settleNow settles the instance of an operation that just ended, if its
-// lifecycle still points at it.
-func (s *Server) settleNow(ctx context.Context, op opRecord) error {
-	lc, rev, err := s.st.lifecycle.fetch(ctx, op.Instance)
-	if errors.Is(err, errNotFound) {
-		return nil
-	}
-	if err != nil || lc.OpID != op.JobID {
-		return err
-	}
-	ended, _, err := s.st.ops.fetch(ctx, op.JobID)
-	if err != nil {
-		return err
-	}
+// settleNow settles the instance of operation ended, as endOpTo returned
+// it, if its lifecycle still points at it. An ended operation does not
+// change, so it is not read again.
+func (s *Server) settleNow(ctx context.Context, ended opRecord) error {
 	if ended.State == api.OpRunning {
 		return nil
 	}
-	return s.settle(ctx, op.Instance, lc, rev, ended, true)
+	lc, rev, err := s.st.lifecycle.fetch(ctx, ended.Instance)
+	if errors.Is(err, errNotFound) {
+		return nil
+	}
+	if err != nil || lc.OpID != ended.JobID {
+		return err
+	}
+	return s.settle(ctx, ended.Instance, lc, rev, ended, true)
 }
 
 func (s *Server) setState(ctx context.Context, id string, rev uint64, state string) error {
@@ -442,7 +439,7 @@ func (s *Server) succeedOp(ctx context.Context, op opRecord, result any, state s
 		s.crash.At("server/end-op/ended")
 	}
 	s.log.Info().Str("instance", op.Instance).Str("op", op.JobID).Str("state", ended.EndState).Msg("instance operation succeeded")
-	return s.settleNow(ctx, op)
+	return s.settleNow(ctx, ended)
 }
 
 // failOp ends the operation with an error and leaves the instance failed
@@ -473,7 +470,7 @@ func stateOfMachine(m protocol.MachineState) string {
 // failOpTo ends the operation with an error and puts the instance in state
 // ("" keeps the one it has), with the error beside it.
 func (s *Server) failOpTo(ctx context.Context, op opRecord, failure *api.Error, state string) error {
-	_, byThis, err := s.endOpTo(ctx, op.JobID, nil, failure, state)
+	ended, byThis, err := s.endOpTo(ctx, op.JobID, nil, failure, state)
 	if err != nil {
 		return err
 	}
@@ -481,7 +478,7 @@ func (s *Server) failOpTo(ctx context.Context, op opRecord, failure *api.Error, 
 		s.crash.At("server/end-op/ended")
 	}
 	s.log.Warn().Str("instance", op.Instance).Str("op", op.JobID).Str("error", failure.DetailedMessage).Msg("instance operation failed")
-	return s.settleNow(ctx, op)
+	return s.settleNow(ctx, ended)
 }
 
 // finishDelete removes what is left of a deleted instance, once its

@@ -301,7 +301,10 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 		if a.during != "" && next.State != a.during {
 			next.State, next.Since = a.during, now
 		}
-		if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
+		// Not waited for in the copy: marking it claimed, below, writes the
+		// same key again and is.
+		recorded, err := s.st.ops.createUnwaited(ctx, op.JobID, op)
+		if err != nil {
 			s.withdrawJoinTokens(ctx, op.Instance, op.RequestID)
 			return api.Future{}, unavailable(err, "the operation could not be recorded")
 		}
@@ -343,7 +346,7 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 		// nothing, and start again with a new operation: the stall was the
 		// bus's, not the caller's. Marking the operation claimed is what
 		// keeps the sweep from ending it from now on (endNeverStarted).
-		if cur, err := s.markClaimed(ctx, op.JobID); err != nil || cur.State != api.OpRunning {
+		if cur, err := s.markClaimed(ctx, op, recorded); err != nil || cur.State != api.OpRunning {
 			if _, uerr := s.st.lifecycle.update(ctx, in.ID, lc, claimed); uerr != nil {
 				s.log.Warn().Err(uerr).Str("instance", in.ID).Str("op", op.JobID).Msg("the instance was not given back; the sweep settles it")
 			}
@@ -381,10 +384,24 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 	return api.Future{}, conflict("instance %s is being changed by someone else; retry", in.ID)
 }
 
-// markClaimed records that the call which recorded operation id holds its
-// target, if the operation still runs; it returns the operation as it is.
-func (s *Server) markClaimed(ctx context.Context, id string) (opRecord, error) {
-	return s.st.ops.change(ctx, id, func(o *opRecord) bool {
+// markClaimed records that the call which recorded operation op, at
+// revision rev, holds its target, if the operation still runs; it returns
+// the operation as it is. The write is tried at rev first, without reading
+// the operation back: before its claim only the sweep writes a running
+// operation (endNeverStarted), and a write lost to it is read back below.
+func (s *Server) markClaimed(ctx context.Context, op opRecord, rev uint64) (opRecord, error) {
+	if op.State == api.OpRunning && !op.Claimed {
+		claimed := op
+		claimed.Claimed = true
+		_, err := s.st.ops.update(ctx, op.JobID, claimed, rev)
+		if err == nil {
+			return claimed, nil
+		}
+		if !errors.Is(err, errConflict) {
+			return op, err
+		}
+	}
+	return s.st.ops.change(ctx, op.JobID, func(o *opRecord) bool {
 		if o.State != api.OpRunning || o.Claimed {
 			return false
 		}

@@ -265,7 +265,10 @@ func (s *Server) actOnLB(ctx context.Context, id string, a lbAction) (any, error
 			return nil, internal(err, "the load balancer's request could not be encoded")
 		}
 		op.RequestID = req.ID
-		if _, err := s.st.ops.create(ctx, op.JobID, op); err != nil {
+		// Not waited for in the copy: marking it claimed, below, writes the
+		// same key again and is.
+		recorded, err := s.st.ops.createUnwaited(ctx, op.JobID, op)
+		if err != nil {
 			return nil, unavailable(err, "the operation could not be recorded")
 		}
 		s.crash.At("server/lb/op-recorded")
@@ -287,7 +290,7 @@ func (s *Server) actOnLB(ctx context.Context, id string, a lbAction) (any, error
 		// nothing was done). Give the load balancer back and start again.
 		// Marking the operation claimed keeps the sweep from ending it from
 		// now on (endNeverStarted).
-		if cur, err := s.markClaimed(ctx, op.JobID); err != nil || cur.State != api.OpRunning {
+		if cur, err := s.markClaimed(ctx, op, recorded); err != nil || cur.State != api.OpRunning {
 			if _, uerr := s.st.lbs.update(ctx, id, lb, claimed); uerr != nil {
 				s.log.Warn().Err(uerr).Str("load_balancer", id).Str("op", op.JobID).Msg("the load balancer was not given back; the sweep settles it")
 			}

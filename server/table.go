@@ -662,6 +662,16 @@ func (t *table[T]) deletedAt(ctx context.Context, id string) (uint64, error) {
 // create stores v under id if id is free (never written, or deleted);
 // errExists otherwise.
 func (t *table[T]) create(ctx context.Context, id string, v T) (uint64, error) {
+	rev, err := t.createUnwaited(ctx, id, v)
+	if err == nil {
+		t.waitRev(ctx, rev)
+	}
+	return rev, err
+}
+
+// createUnwaited is create without waiting for the copy to have the new
+// key: for a caller whose next write to the same key waits for it.
+func (t *table[T]) createUnwaited(ctx context.Context, id string, v T) (uint64, error) {
 	b, err := t.marshal(id, v)
 	if err != nil {
 		return 0, fmt.Errorf("encode %s %s: %w", t.kind, id, err)
@@ -688,7 +698,6 @@ func (t *table[T]) create(ctx context.Context, id string, v T) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("create %s %s: %w", t.kind, id, err)
 	}
-	t.waitRev(ctx, rev)
 	return rev, nil
 }
 

@@ -273,15 +273,14 @@ func within[T any](ch <-chan T, what string) (T, error) {
 // `nats sub '>'` on fm dev during `fm instance restart-dss`):
 //
 //	the action:  get lifecycle, get machine, create the operation, claim
-//	             the lifecycle, get the instance, get the operation, mark
-//	             it claimed, publish the command (republished live to the
+//	             the lifecycle, get the instance, mark the operation
+//	             claimed, publish the command (republished live to the
 //	             agent), publish the audit record;
 //	the agent:   its result, through the relay: a request into FM's
 //	             account, which publishes it to the events' stream and
 //	             answers;
 //	the fold:    the event delivered, get the operation, end it, get the
-//	             lifecycle, get the operation, release the lifecycle, ack
-//	             the event;
+//	             lifecycle, release the lifecycle, ack the event;
 //	the client:  the operation's end seen by a watcher (FM's copy of the
 //	             bucket, which GET /futures reads).
 //
@@ -369,7 +368,8 @@ func fmSequence(ctx context.Context, js jetstream.JetStream, agent, relay *nats.
 			if _, err := kvs["fmbench_machines"].Get(ctx, "in-bench"); err != nil {
 				return err
 			}
-			if _, err := ops.Create(ctx, op, record); err != nil {
+			recorded, err := ops.Create(ctx, op, record)
+			if err != nil {
 				return err
 			}
 			if _, err := lifecycle.Update(ctx, "in-bench", record, lc.Revision()); err != nil {
@@ -378,11 +378,7 @@ func fmSequence(ctx context.Context, js jetstream.JetStream, agent, relay *nats.
 			if _, err := kvs["fmbench_instances"].Get(ctx, "in-bench"); err != nil {
 				return err
 			}
-			e, err := ops.Get(ctx, op)
-			if err != nil {
-				return err
-			}
-			if _, err := ops.Update(ctx, op, record, e.Revision()); err != nil {
+			if _, err := ops.Update(ctx, op, record, recorded); err != nil {
 				return err
 			}
 			if _, err := js.Publish(ctx, "fmbench.cmd.in-bench."+op, record); err != nil {
@@ -405,7 +401,8 @@ func fmSequence(ctx context.Context, js jetstream.JetStream, agent, relay *nats.
 			if err != nil {
 				return err
 			}
-			if e, err = ops.Get(ctx, op); err != nil {
+			e, err := ops.Get(ctx, op)
+			if err != nil {
 				return err
 			}
 			end, err := ops.Update(ctx, op, record, e.Revision())
@@ -413,9 +410,6 @@ func fmSequence(ctx context.Context, js jetstream.JetStream, agent, relay *nats.
 				return err
 			}
 			if lc, err = lifecycle.Get(ctx, "in-bench"); err != nil {
-				return err
-			}
-			if _, err := ops.Get(ctx, op); err != nil {
 				return err
 			}
 			if _, err := lifecycle.Update(ctx, "in-bench", record, lc.Revision()); err != nil {
