@@ -9,6 +9,7 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"time"
 
@@ -221,6 +222,10 @@ func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
 		Message: "generation " + fmt.Sprint(d.Generation) + " reached"})
 	a.ready(d, d.Generation)
 	log.Info().Msg("desired state reached")
+	// A convergence may have read and written hundreds of MiB through
+	// buffers (a kit unpacked, a snapshot restored): what the heap no
+	// longer holds goes back to the machine now, not over minutes.
+	debug.FreeOSMemory()
 	return nil
 }
 
