@@ -178,6 +178,16 @@ func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
 	}
 	newMachine := mk.Generation == 0
 	log := a.log.With().Uint64("generation", d.Generation).Logger()
+	// A convergence that did work may have read and written hundreds of
+	// MiB through buffers (a kit unpacked, a snapshot restored), whether it
+	// reached its generation or failed: what the heap no longer holds goes
+	// back to the machine when it ends, not over minutes.
+	worked := false
+	defer func() {
+		if worked {
+			debug.FreeOSMemory()
+		}
+	}()
 
 	switch {
 	case !newMachine && mk.Generation >= d.Generation && installed != "":
@@ -199,12 +209,14 @@ func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
 		return nil
 	case !newMachine && installed == want.Version && mk.Applied.Version == want.Version && mk.Applied.NodeType == want.NodeType:
 		// Only settings or setup actions changed: no reinstall.
+		worked = true
 		log.Info().Msg("converging settings without reinstalling")
 		a.converging(d)
 		if err := a.applySettings(ctx, d, mk); err != nil {
 			return a.fail(d, err)
 		}
 	default:
+		worked = true
 		log.Info().Bool("new_machine", newMachine).Str("installed", installed).Str("target", d.DSS.Version).Msg("running the startup sequence")
 		a.converging(d)
 		if err := a.startupSequence(ctx, d, mk, installed, newMachine); err != nil {
@@ -222,10 +234,6 @@ func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
 		Message: "generation " + fmt.Sprint(d.Generation) + " reached"})
 	a.ready(d, d.Generation)
 	log.Info().Msg("desired state reached")
-	// A convergence may have read and written hundreds of MiB through
-	// buffers (a kit unpacked, a snapshot restored): what the heap no
-	// longer holds goes back to the machine now, not over minutes.
-	debug.FreeOSMemory()
 	return nil
 }
 

@@ -386,22 +386,11 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 
 // markClaimed records that the call which recorded operation op, at
 // revision rev, holds its target, if the operation still runs; it returns
-// the operation as it is. The write is tried at rev first, without reading
-// the operation back: before its claim only the sweep writes a running
-// operation (endNeverStarted), and a write lost to it is read back below.
+// the operation as it is. It is written at rev without reading it back: a
+// write in between (the sweep ending it as never started, an abort) is
+// refused by the revision check, and the operation is then read again.
 func (s *Server) markClaimed(ctx context.Context, op opRecord, rev uint64) (opRecord, error) {
-	if op.State == api.OpRunning && !op.Claimed {
-		claimed := op
-		claimed.Claimed = true
-		_, err := s.st.ops.update(ctx, op.JobID, claimed, rev)
-		if err == nil {
-			return claimed, nil
-		}
-		if !errors.Is(err, errConflict) {
-			return op, err
-		}
-	}
-	return s.st.ops.change(ctx, op.JobID, func(o *opRecord) bool {
+	return s.st.ops.changeFrom(ctx, op.JobID, op, rev, func(o *opRecord) bool {
 		if o.State != api.OpRunning || o.Claimed {
 			return false
 		}

@@ -722,3 +722,67 @@ func TestGroupsFollowTheirRows(t *testing.T) {
 		})
 	}
 }
+
+// TestChangeFromWritesWhatItHolds: changeFrom applies the change to the
+// value the caller holds and writes it at the caller's revision without
+// reading it back; a write in between is refused by the revision check,
+// and the change is then made to the value read again; a change that
+// leaves the value as it is writes nothing.
+func TestChangeFromWritesWhatItHolds(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	real, js := testBus(t)
+	tab := newTable[doc](real, "doc", zerolog.Nop())
+	if err := tab.useBus(ctx, js); err != nil {
+		t.Fatal(err)
+	}
+	go tab.run(ctx)
+	if err := tab.waitSynced(ctx); err != nil {
+		t.Fatal(err)
+	}
+	inc := func(d *doc) bool { d.N++; return true }
+	for _, tc := range []struct {
+		name    string
+		between func(key string) // a write after the caller's, or nothing
+		held    doc              // what the caller holds (the bucket has {1})
+		fn      func(*doc) bool
+		want    int // the value's N afterwards
+		writes  bool
+	}{
+		// N 100 held against 1 stored at the same revision: 101 stored
+		// shows the held value was changed, not one read back.
+		{name: "held", held: doc{N: 100}, fn: inc, want: 101, writes: true},
+		{name: "written in between", between: func(key string) {
+			if _, err := real.Put(ctx, key, []byte(`{"n":50}`)); err != nil {
+				t.Fatal(err)
+			}
+		}, held: doc{N: 1}, fn: inc, want: 51, writes: true},
+		{name: "left as it is", held: doc{N: 1}, fn: func(*doc) bool { return false }, want: 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			key := strings.ReplaceAll(tc.name, " ", "-")
+			rev, err := tab.create(ctx, key, doc{N: 1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.between != nil {
+				tc.between(key)
+			}
+			before, _ := real.Get(ctx, key)
+			got, err := tab.changeFrom(ctx, key, tc.held, rev, tc.fn)
+			if err != nil {
+				t.Fatal(err)
+			}
+			stored, v, err := tab.fetch(ctx, key)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if stored.N != tc.want || got.N != tc.want {
+				t.Fatalf("stored %d, returned %d; want %d", stored.N, got.N, tc.want)
+			}
+			if wrote := v != before.Revision(); wrote != tc.writes {
+				t.Fatalf("wrote %v, want %v", wrote, tc.writes)
+			}
+		})
+	}
+}
