@@ -386,9 +386,10 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 
 // markClaimed records that the call which recorded operation op, at
 // revision rev, holds its target, if the operation still runs; it returns
-// the operation as it is. It is written at rev without reading it back: a
-// write in between (the sweep ending it as never started, an abort) is
-// refused by the revision check, and the operation is then read again.
+// the operation as it is now. It is written at rev without reading it
+// back: a write in between (the sweep ending it as never started, an
+// abort) is refused by the revision check, and the operation is then read
+// again.
 func (s *Server) markClaimed(ctx context.Context, op opRecord, rev uint64) (opRecord, error) {
 	return s.st.ops.changeFrom(ctx, op.JobID, op, rev, func(o *opRecord) bool {
 		if o.State != api.OpRunning || o.Claimed {

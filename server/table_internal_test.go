@@ -743,8 +743,8 @@ func TestChangeFromWritesWhatItHolds(t *testing.T) {
 	inc := func(d *doc) bool { d.N++; return true }
 	for _, tc := range []struct {
 		name    string
-		between func(key string) // a write after the caller's, or nothing
-		held    doc              // what the caller holds (the bucket has {1})
+		between func(t *testing.T, key string) // a write after the caller's, or nothing
+		held    doc                            // what the caller holds (the bucket has {1})
 		fn      func(*doc) bool
 		want    int // the value's N afterwards
 		writes  bool
@@ -752,7 +752,7 @@ func TestChangeFromWritesWhatItHolds(t *testing.T) {
 		// N 100 held against 1 stored at the same revision: 101 stored
 		// shows the held value was changed, not one read back.
 		{name: "held", held: doc{N: 100}, fn: inc, want: 101, writes: true},
-		{name: "written in between", between: func(key string) {
+		{name: "written in between", between: func(t *testing.T, key string) {
 			if _, err := real.Put(ctx, key, []byte(`{"n":50}`)); err != nil {
 				t.Fatal(err)
 			}
@@ -766,7 +766,7 @@ func TestChangeFromWritesWhatItHolds(t *testing.T) {
 				t.Fatal(err)
 			}
 			if tc.between != nil {
-				tc.between(key)
+				tc.between(t, key)
 			}
 			before, _ := real.Get(ctx, key)
 			got, err := tab.changeFrom(ctx, key, tc.held, rev, tc.fn)

@@ -325,9 +325,10 @@ func (t *table[T]) change(ctx context.Context, id string, fn func(*T) bool) (T, 
 }
 
 // changeFrom is change for a caller that holds id's value as it wrote it,
-// at revision rev: fn is applied to held and written at rev without a
-// read, and only if another write came in between (the revision check
-// refuses it) is the value read back and changed as change does.
+// at revision rev: fn is applied to a shallow copy of held and written at
+// rev without a read, and only if another write came in between (the
+// revision check refuses it) is the value read back and changed as change
+// does. held itself is returned if fn leaves it as it is.
 func (t *table[T]) changeFrom(ctx context.Context, id string, held T, rev uint64, fn func(*T) bool) (T, error) {
 	v := held
 	if !fn(&v) {
