@@ -178,19 +178,7 @@ func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
 	}
 	newMachine := mk.Generation == 0
 	log := a.log.With().Uint64("generation", d.Generation).Logger()
-	// A convergence that did work may have read and written hundreds of
-	// MiB through buffers (a kit unpacked, a snapshot restored), whether it
-	// reached its generation or failed: what the heap no longer holds goes
-	// back to the machine when it ends, not over minutes.
-	worked := false
-	defer func() {
-		if worked {
-			debug.FreeOSMemory()
-		}
-	}()
-
-	switch {
-	case !newMachine && mk.Generation >= d.Generation && installed != "":
+	if !newMachine && mk.Generation >= d.Generation && installed != "" {
 		// Already there (an agent restart, a machine start): make sure DSS
 		// runs, unless stopped on purpose.
 		if !mk.DSSStopped && !a.m.answers(ctx) {
@@ -207,16 +195,20 @@ func (a *Agent) converge(ctx context.Context, d *protocol.DesiredState) error {
 		}
 		a.ready(d, mk.Generation)
 		return nil
-	case !newMachine && installed == want.Version && mk.Applied.Version == want.Version && mk.Applied.NodeType == want.NodeType:
+	}
+	// From here the convergence does work, and may read and write hundreds
+	// of MiB through buffers (a kit unpacked, a snapshot restored): whether
+	// it reaches its generation or fails, what the heap no longer holds goes
+	// back to the machine when it ends, not over minutes.
+	defer debug.FreeOSMemory()
+	if !newMachine && installed == want.Version && mk.Applied.Version == want.Version && mk.Applied.NodeType == want.NodeType {
 		// Only settings or setup actions changed: no reinstall.
-		worked = true
 		log.Info().Msg("converging settings without reinstalling")
 		a.converging(d)
 		if err := a.applySettings(ctx, d, mk); err != nil {
 			return a.fail(d, err)
 		}
-	default:
-		worked = true
+	} else {
 		log.Info().Bool("new_machine", newMachine).Str("installed", installed).Str("target", d.DSS.Version).Msg("running the startup sequence")
 		a.converging(d)
 		if err := a.startupSequence(ctx, d, mk, installed, newMachine); err != nil {

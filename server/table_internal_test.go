@@ -26,6 +26,16 @@ func testBucket(t *testing.T) jetstream.KeyValue {
 	return kv
 }
 
+// following keeps tab's copy current until ctx ends, and waits until it
+// holds the bucket.
+func following[T any](ctx context.Context, t *testing.T, tab *table[T]) {
+	t.Helper()
+	go tab.run(ctx)
+	if err := tab.waitSynced(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func testBus(t *testing.T) (jetstream.KeyValue, jetstream.JetStream) {
 	t.Helper()
 	js := bustest.Run(t).JetStream(t)
@@ -66,10 +76,7 @@ func TestRewatchStartsTheWatcherAgain(t *testing.T) {
 	kv := testBucket(t)
 	var logged lockedLog
 	tab := newTable[doc](kv, "doc", zerolog.New(&logged))
-	go tab.run(ctx)
-	if err := tab.waitSynced(ctx); err != nil {
-		t.Fatal(err)
-	}
+	following(ctx, t, tab)
 	rev, err := kv.Put(ctx, "a", []byte(`{"n":1}`))
 	if err != nil {
 		t.Fatal(err)
@@ -165,10 +172,7 @@ func TestWritesTheBusDidNotAnswer(t *testing.T) {
 			if err := tab.useBus(ctx, b); err != nil {
 				t.Fatal(err)
 			}
-			go tab.run(ctx)
-			if err := tab.waitSynced(ctx); err != nil {
-				t.Fatal(err)
-			}
+			following(ctx, t, tab)
 			b.lose, b.refuse = c.lose, c.refuse
 			rev, err := tab.create(ctx, "a", doc{N: 1})
 			if err != nil || rev == 0 {
@@ -198,10 +202,7 @@ func TestWritesTheBusDidNotAnswer(t *testing.T) {
 	t.Run("taken, answer lost, another writer between", func(t *testing.T) {
 		real, js := testBus(t)
 		tab := newTable[doc](real, "doc", zerolog.Nop())
-		go tab.run(ctx)
-		if err := tab.waitSynced(ctx); err != nil {
-			t.Fatal(err)
-		}
+		following(ctx, t, tab)
 		rev, err := real.Put(ctx, "a", []byte(`{"n":1}`))
 		if err != nil {
 			t.Fatal(err)
@@ -509,10 +510,7 @@ func TestACopyNeverGoesBack(t *testing.T) {
 	}
 	var logged lockedLog
 	tab := newTable[doc](kv, "doc", zerolog.New(&logged))
-	go tab.run(ctx)
-	if err := tab.waitSynced(ctx); err != nil {
-		t.Fatal(err)
-	}
+	following(ctx, t, tab)
 	var last uint64
 	for i := range writes {
 		last = write(kv, i)
@@ -592,10 +590,7 @@ func TestACopyFollowsAnEmptiedOrRemadeBucket(t *testing.T) {
 		t.Fatal(err)
 	}
 	tab := newTable[doc](kv, "doc", zerolog.Nop())
-	go tab.run(ctx)
-	if err := tab.waitSynced(ctx); err != nil {
-		t.Fatal(err)
-	}
+	following(ctx, t, tab)
 	var rev uint64
 	for _, k := range []string{"a", "b", "c"} {
 		if rev, err = kv.Put(ctx, k, []byte(`{"n":1}`)); err != nil {
@@ -672,10 +667,7 @@ func TestGroupsFollowTheirRows(t *testing.T) {
 		}
 		return []string{"all", parity}
 	}
-	go tab.run(ctx)
-	if err := tab.waitSynced(ctx); err != nil {
-		t.Fatal(err)
-	}
+	following(ctx, t, tab)
 	keys := func(group string) []string {
 		var out []string
 		for _, r := range tab.rowsOf(group) {
@@ -736,10 +728,7 @@ func TestChangeFromWritesWhatItHolds(t *testing.T) {
 	if err := tab.useBus(ctx, js); err != nil {
 		t.Fatal(err)
 	}
-	go tab.run(ctx)
-	if err := tab.waitSynced(ctx); err != nil {
-		t.Fatal(err)
-	}
+	following(ctx, t, tab)
 	inc := func(d *doc) bool { d.N++; return true }
 	for _, tc := range []struct {
 		name    string

@@ -119,8 +119,8 @@ type Report struct {
 	// connections; FloorJetStream the round trip's bus writes and reads
 	// done back to back by a bare client (KV put, publish, consume,
 	// publish, consume, KV put); FloorFMSequence every bus call FM makes
-	// for the round trip (a trace of fm dev: 16 round trips on the bus and an ack),
-	// in FM's order, by a bare client (measure.go, fmSequence).
+	// for the round trip (a trace of fm dev: 14 round trips on the bus and
+	// an ack), in FM's order, by a bare client (measure.go, fmSequence).
 	FloorRequestReply Latencies
 	FloorJetStream    Latencies
 	FloorFMSequence   Latencies

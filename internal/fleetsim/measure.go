@@ -224,10 +224,6 @@ func (f *fleet) floors(ctx context.Context, rep *Report) error {
 		return err
 	}
 	defer stopEvts()
-	wait := func(ch chan struct{}) error {
-		_, err := within(ch, "a floor message")
-		return err
-	}
 	for i := range d {
 		t0 := time.Now()
 		if _, err := kv.Put(ctx, "op", payload); err != nil {
@@ -236,13 +232,13 @@ func (f *fleet) floors(ctx context.Context, rep *Report) error {
 		if _, err := f.js.Publish(ctx, "fmbench.js.cmd", payload); err != nil {
 			return err
 		}
-		if err := wait(cmds); err != nil {
+		if _, err := within(cmds, "a floor message"); err != nil {
 			return err
 		}
 		if _, err := otherJS.Publish(ctx, "fmbench.js.evt", payload); err != nil {
 			return err
 		}
-		if err := wait(evts); err != nil {
+		if _, err := within(evts, "a floor message"); err != nil {
 			return err
 		}
 		if _, err := kv.Put(ctx, "op", payload); err != nil {
