@@ -350,12 +350,19 @@ type FleetSummary struct {
 	OperationsRunning     int `json:"operationsRunning"`
 	// FailedInstances are in state failed (their last operation failed).
 	FailedInstances int `json:"failedInstances"`
+	// Snapshot health of the instances with automated snapshots (the
+	// alerts' conditions): the last success older than 1.5 periods, none
+	// ever taken; and of every instance, the last snapshot failed.
+	SnapshotsOverdue    int `json:"snapshotsOverdue"`
+	SnapshotsNeverTaken int `json:"snapshotsNeverTaken"`
+	SnapshotsFailed     int `json:"snapshotsFailed"`
 }
 
 // FleetRow is one instance's state, as its status says it. DSSState and
 // DSSVersion are what its agent reported, "(invalid)" unless plain.
 type FleetRow struct {
 	ID              string        `json:"id"`
+	Label           string        `json:"label"`
 	State           string        `json:"state"`
 	DSSState        string        `json:"dssState,omitempty"`
 	DSSVersion      string        `json:"dssVersion,omitempty"`

@@ -5,8 +5,12 @@
 // authority, the TLS certificates), without which a restored FM could
 // neither open its sealed secrets nor let its agents back in.
 //
+// The web console's sessions (fm_sessions) are left out: a restored FM
+// asks people to sign in again, rather than take back sessions signed out
+// since the backup.
+//
 // cmd/fm (fm admin backup, fm admin restore) and tests import it; it
-// imports only the NATS client.
+// imports only the NATS client and protocol's names.
 package backup
 
 import (
@@ -24,6 +28,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -63,6 +68,9 @@ const (
 	filesDir     = "files/"
 )
 
+// notBackedUp is the stream of the console's sessions.
+const notBackedUp = "KV_" + protocol.BucketSessions
+
 // ErrNotEmpty is returned by Restore when a stream of the backup already
 // holds messages: a restore goes into a fresh FM only.
 var ErrNotEmpty = errors.New("not a fresh FM")
@@ -81,6 +89,9 @@ func Write(ctx context.Context, js jetstream.JetStream, files map[string][]byte,
 	names := js.StreamNames(ctx)
 	var streams []string
 	for n := range names.Name() {
+		if n == notBackedUp {
+			continue
+		}
 		streams = append(streams, n)
 	}
 	if err := names.Err(); err != nil {

@@ -51,6 +51,11 @@ func TestBackupAndRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	sessions, _ := src.KeyValue(ctx, protocol.BucketSessions)
+	if _, err := sessions.Put(ctx, "0a1b", []byte(`{"keyId":"k"}`)); err != nil {
+		t.Fatal(err)
+	}
+
 	var file bytes.Buffer
 	m, err := Write(ctx, src, map[string][]byte{"secrets.key": []byte("key"), "nats-auth/operator.nk": []byte("seed")}, &file)
 	if err != nil {
@@ -66,6 +71,21 @@ func TestBackupAndRestore(t *testing.T) {
 
 	dst := bustest.Run(t).JetStream(t)
 	if _, err := Restore(ctx, dst, bytes.NewReader(file.Bytes())); err != nil {
+		t.Fatal(err)
+	}
+	// Every stream but the console's sessions, which a restored FM does
+	// not take back.
+	if st, err := dst.Stream(ctx, "KV_"+protocol.BucketSessions); err == nil {
+		if n := st.CachedInfo().State.Msgs; n != 0 {
+			t.Fatalf("the console's sessions were restored: %d", n)
+		}
+	} else if !errors.Is(err, jetstream.ErrStreamNotFound) {
+		t.Fatal(err)
+	}
+	if err := sessions.Delete(ctx, "0a1b"); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.DeleteStream(ctx, "KV_"+protocol.BucketSessions); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := sortedDump(t, dst), sortedDump(t, src); got != want {

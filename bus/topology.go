@@ -40,6 +40,8 @@ type Topology struct {
 	LeaseTTL time.Duration
 	// JoinTokenTTL is how long a new machine's join token is valid.
 	JoinTokenTTL time.Duration
+	// SessionLifetime is how long a web console sign-in lasts.
+	SessionLifetime time.Duration
 	// DiagnosisRetention is how long a diagnosis bundle is kept.
 	DiagnosisRetention time.Duration
 	// DuplicateWindow is how long JetStream remembers a Nats-Msg-Id to drop a
@@ -63,6 +65,7 @@ func DefaultTopology() Topology {
 		DiagnosisRetention: 7 * 24 * time.Hour,
 		LeaseTTL:           15 * time.Second,
 		JoinTokenTTL:       time.Hour,
+		SessionLifetime:    12 * time.Hour,
 		DuplicateWindow:    10 * time.Minute,
 	}
 }
@@ -92,6 +95,10 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 	joins.TTL = t.JoinTokenTTL
 	leases := state(protocol.BucketLeases, "leases that elect one active provisioner")
 	leases.TTL = t.LeaseTTL
+	// A console session lasts at most SessionLifetime: the bucket forgets
+	// it then, whatever a server did or did not do.
+	sessions := state(protocol.BucketSessions, "web console sessions, key the SHA-256 of the cookie (never the cookie)")
+	sessions.TTL = t.SessionLifetime
 	agents := state(protocol.BucketAgents, "last status per instance (phase, generation, DSS, slow machine facts), written by its agent on a change")
 	agents.TTL = t.AgentStatusTTL
 	// No delete markers when a status ages out: NATS allows roll-ups on a
@@ -117,6 +124,7 @@ func (t Topology) KeyValues() []jetstream.KeyValueConfig {
 		state(protocol.BucketMachines, "machine state per instance, written by the provisioner"),
 		state(protocol.BucketBalancers, "load balancers as the provisioner made them"),
 		agents,
+		sessions,
 		state(protocol.BucketAlerts, "alerts the server raised and what the tenant's webhook was told, key <tenant>.<fingerprint>"),
 	}
 }

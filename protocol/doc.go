@@ -98,5 +98,7 @@
 //	  Manager (AWSCredentials.SecretName, SecretRegion): an older agent
 //	  refuses the desired state (no key id or secret). A volume's
 //	  throughput (VolumeSpec.ThroughputMiBps): an older provisioner makes
-//	  the volume with EBS's default.
+//	  the volume with EBS's default. The web console's sessions' bucket
+//	  (BucketSessions): a server before it has no console, and leaves
+//	  the bucket alone.
 package protocol

@@ -25,6 +25,7 @@ const (
 	BucketAccounts  = "fm_accounts"  // cloud accounts (identities networks name), secrets sealed; written by the server
 	BucketBalancers = "fm_balancers" // load balancers as the provisioner made them; written by the provisioner
 	BucketLBs       = "fm_lbs"       // load balancers' settings and FM's state of them; written by the server
+	BucketSessions  = "fm_sessions"  // web console sign-ins, key the SHA-256 of the session cookie; written by the server
 )
 
 // LeaseProvisioner is the fm_leases key the active provisioner holds: a

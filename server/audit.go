@@ -142,7 +142,11 @@ type auditEntry struct {
 
 // listAudit serves GET /audit (FM; admin): the records after sequence
 // `after` (default: the last `limit`), at most `limit` (default 100, at most
-// 1000), oldest first, optionally of one object kind.
+// 1000), oldest first, optionally of one object kind (object), of one
+// actor (who: "key:<id>", "sso:<user>", "fm") and stored from a time on
+// (since, RFC 3339). The reading starts at the first record of since; the actor
+// is checked record by record (a rare actor's last records are looked for
+// back to the trail's start, or since).
 //
 // The records are read through a consumer of FM_AUDIT filtered by the
 // object's subject, in batches: the bus skips other objects' records, and a
@@ -173,18 +177,44 @@ func (s *Server) listAudit(r *http.Request) (any, error) {
 		}
 		filter = protocol.AuditSubject("*", object)
 	}
+	who := q.Get("who")
+	var since time.Time
+	if v := q.Get("since"); v != "" {
+		t, err := time.Parse(time.RFC3339, v)
+		if err != nil {
+			return nil, invalid("query parameter since: %q is not a time (RFC 3339)", v)
+		}
+		since = t
+	}
+	// since is the bus's time a record was stored at (where the reading
+	// starts, below), not the time the record says: one clock decides.
+	keep := func(rec *protocol.AuditRecord) bool {
+		return (object == "" || rec.Object == object) && (who == "" || rec.Who == who)
+	}
 	ctx := r.Context()
 	st, err := s.js.Stream(ctx, protocol.StreamAudit)
 	if err != nil {
 		return nil, unavailable(err, "the audit trail cannot be read")
 	}
 	state := st.CachedInfo().State
+	first := state.FirstSeq
+	if !since.IsZero() {
+		// Read from the first record of then on, not back to the start.
+		seq, found, err := auditSeqSince(ctx, st, filter, since)
+		if err != nil {
+			return nil, unavailable(err, "the audit trail cannot be read")
+		}
+		if !found {
+			return []auditEntry{}, nil
+		}
+		first = max(first, seq)
+	}
 	var out []auditEntry
 	switch {
 	case hasAfter:
-		out, err = readAudit(ctx, st, filter, object, after+1, state.LastSeq, limit)
+		out, err = readAudit(ctx, st, filter, keep, max(after+1, first), state.LastSeq, limit)
 	default:
-		out, err = lastAudit(ctx, st, filter, object, state.FirstSeq, state.LastSeq, limit)
+		out, err = lastAudit(ctx, st, filter, keep, first, state.LastSeq, limit)
 	}
 	if err != nil {
 		return nil, unavailable(err, "the audit trail cannot be read")
@@ -198,7 +228,7 @@ func (s *Server) listAudit(r *http.Request) (any, error) {
 // lastAudit reads the last limit records of filter among sequences first to
 // last: windows of the stream read backwards, each four times the one
 // before, until limit records are found or the stream's start is reached.
-func lastAudit(ctx context.Context, st jetstream.Stream, filter, object string, first, last uint64, limit int) ([]auditEntry, error) {
+func lastAudit(ctx context.Context, st jetstream.Stream, filter string, keep func(*protocol.AuditRecord) bool, first, last uint64, limit int) ([]auditEntry, error) {
 	var out []auditEntry
 	hi := last
 	for window := uint64(limit); hi >= first && hi > 0 && len(out) < limit; window *= 4 {
@@ -206,7 +236,7 @@ func lastAudit(ctx context.Context, st jetstream.Stream, filter, object string, 
 		if hi-first >= window {
 			lo = hi - window + 1
 		}
-		got, err := readAudit(ctx, st, filter, object, lo, hi, 0)
+		got, err := readAudit(ctx, st, filter, keep, lo, hi, 0)
 		if err != nil {
 			return nil, err
 		}
@@ -222,6 +252,43 @@ func lastAudit(ctx context.Context, st jetstream.Stream, filter, object string, 
 	return out, nil
 }
 
+// auditSeqSince is the sequence of the first record of filter at or after
+// since: the first a consumer starting then delivers.
+func auditSeqSince(ctx context.Context, st jetstream.Stream, filter string, since time.Time) (uint64, bool, error) {
+	cons, err := st.CreateConsumer(ctx, jetstream.ConsumerConfig{
+		FilterSubject: filter, DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &since,
+		AckPolicy: jetstream.AckNonePolicy, MemoryStorage: true, Replicas: 1, InactiveThreshold: time.Minute,
+	})
+	if err != nil {
+		return 0, false, err
+	}
+	defer func() {
+		del, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		_ = st.DeleteConsumer(del, cons.CachedInfo().Name)
+	}()
+	if cons.CachedInfo().NumPending == 0 {
+		return 0, false, nil
+	}
+	fetchCtx, cancel := context.WithTimeout(ctx, auditFetchWait)
+	defer cancel()
+	batch, err := cons.Fetch(1, jetstream.FetchContext(fetchCtx))
+	if err != nil {
+		return 0, false, err
+	}
+	if m, ok := <-batch.Messages(); ok {
+		md, err := m.Metadata()
+		if err != nil {
+			return 0, false, err
+		}
+		return md.Sequence.Stream, true, nil
+	}
+	if err := batch.Error(); err != nil {
+		return 0, false, err
+	}
+	return 0, false, errors.New("the first record since the time asked was not delivered")
+}
+
 // auditBatch is how many records a read asks the bus for at a time.
 const auditBatch = 256
 
@@ -229,7 +296,7 @@ const auditBatch = 256
 // (included), at most limit of them (0: all, of which it keeps the last
 // 1000, the most a list gives), oldest first, through an ephemeral consumer
 // it deletes after.
-func readAudit(ctx context.Context, st jetstream.Stream, filter, object string, from, to uint64, limit int) ([]auditEntry, error) {
+func readAudit(ctx context.Context, st jetstream.Stream, filter string, keep func(*protocol.AuditRecord) bool, from, to uint64, limit int) ([]auditEntry, error) {
 	if from > to {
 		return nil, nil
 	}
@@ -273,7 +340,7 @@ func readAudit(ctx context.Context, st jetstream.Stream, filter, object string, 
 					continue
 				}
 				var rec protocol.AuditRecord
-				if protocol.Decode(m.Data(), &rec) != nil || object != "" && rec.Object != object {
+				if protocol.Decode(m.Data(), &rec) != nil || !keep(&rec) {
 					continue
 				}
 				out = append(out, auditEntry{Seq: seq, AuditRecord: rec})

@@ -55,6 +55,9 @@ type Principal struct {
 	// by SSO (sso.go).
 	KeyID string
 	Role  string
+	// until is when an SSO principal's ID token expires (zero for a
+	// key): a console session it starts ends then.
+	until time.Time
 }
 
 // who names the principal on the audit trail: "key:<id>", or "sso:<user>".
@@ -274,7 +277,7 @@ func (s *Server) requireAuth(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
 			// A person signed in by SSO (sso.go).
-			p, err := s.checkBearer(r, strings.TrimSpace(token))
+			p, err := s.checkIDToken(r, strings.TrimSpace(token), "")
 			if err != nil {
 				if asAPIError(err).code == protocol.CodeUnauthenticated {
 					w.Header().Set("WWW-Authenticate", `Bearer realm="fleet-manager"`)
@@ -286,6 +289,21 @@ func (s *Server) requireAuth(next http.Handler) http.Handler {
 			return
 		}
 		id, secret, ok := r.BasicAuth()
+		if _, cookie := s.sessionCookieOf(r); !ok && r.Header.Get("Authorization") == "" && cookie {
+			// The web console's session (consolesession.go). No
+			// WWW-Authenticate: a browser would answer it with its own
+			// sign-in dialog.
+			if s.refuseCrossOrigin(w, r) {
+				return
+			}
+			p, _, err := s.sessionFrom(r, true)
+			if err != nil {
+				s.writeError(w, r, err)
+				return
+			}
+			next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), principalKey{}, p)))
+			return
+		}
 		if !ok {
 			w.Header().Set("WWW-Authenticate", `Basic realm="fleet-manager"`)
 			s.writeError(w, r, newAPIError(protocol.CodeUnauthenticated, "Authentication required",

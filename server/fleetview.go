@@ -2,6 +2,7 @@ package server
 
 import (
 	"net/http"
+	"time"
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/protocol"
@@ -36,12 +37,13 @@ func (s *Server) getFleet(r *http.Request) (any, error) {
 	}
 	sum := &view.Summary
 	snaps := s.lastSnapshotsByInstance()
+	now := time.Now()
 	for _, in := range all {
 		st := s.statusOf(in.ID)
 		h := s.healthOf(&in, st, snaps[in.ID])
 		sum.ByState[st.State]++
 		sum.ByNodeType[in.DSSNodeType]++
-		row := api.FleetRow{ID: in.ID, State: st.State, PublicURL: st.PublicURL, AgentResponding: st.AgentResponding,
+		row := api.FleetRow{ID: in.ID, Label: in.Label, State: st.State, PublicURL: st.PublicURL, AgentResponding: st.AgentResponding,
 			LastSeen: st.LastSeen, Operation: st.Operation}
 		if st.DSS != nil && st.DSS.State != protocol.DSSAbsent {
 			// The agent's word, shown to operators' terminals: only plain
@@ -72,6 +74,15 @@ func (s *Server) getFleet(r *http.Request) (any, error) {
 		}
 		if st.State == stateFailed {
 			sum.FailedInstances++
+		}
+		if h.snapshotOverdue(now) {
+			sum.SnapshotsOverdue++
+		}
+		if h.snapshotNeverTaken() {
+			sum.SnapshotsNeverTaken++
+		}
+		if h.snapshots.failed {
+			sum.SnapshotsFailed++
 		}
 		if inPage[in.ID] {
 			view.Instances = append(view.Instances, row)

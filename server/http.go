@@ -207,6 +207,10 @@ func (r *statusRecorder) WriteHeader(code int) {
 	r.ResponseWriter.WriteHeader(code)
 }
 
+// Unwrap lets http.ResponseController reach the connection's writer (the
+// console's event stream flushes, and lifts the write deadline).
+func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
 // callIDHeader names a REST call: the client's, if it sent a usable one,
 // or one the server makes; the response echoes it, the access log, the
 // audit record and the bus messages the call causes carry it (callId), so
@@ -268,7 +272,13 @@ func (s *Server) logRequests(next http.Handler) http.Handler {
 			ev = ev.Str("key", p.KeyID)
 		}
 		ev.Msg("request")
-		s.metrics.observeRequest(r.Method, rec.status, time.Since(start))
+		// A console event stream lasts as long as its page: counted, but
+		// not a call whose latency means anything.
+		took := time.Since(start)
+		if r.URL.Path == LivePath && rec.status == http.StatusOK {
+			took = 0
+		}
+		s.metrics.observeRequest(r.Method, rec.status, took)
 	})
 }
 

@@ -68,7 +68,8 @@ func (s *Server) listInstances(r *http.Request) (any, error) {
 
 // instancesMatching is every instance the query's filters keep (state: one
 // or several states, comma-separated; label: a part of the label, whatever
-// its case), in id order, and whether a filter was given.
+// its case; tag: an FM tag, or key=value of a cloud tag), in id order, and
+// whether a filter was given.
 func (s *Server) instancesMatching(q url.Values) ([]api.Instance, bool, error) {
 	var states []string
 	if v := q.Get("state"); v != "" {
@@ -80,11 +81,15 @@ func (s *Server) instancesMatching(q url.Values) ([]api.Instance, bool, error) {
 		}
 	}
 	label := strings.ToLower(q.Get("label"))
+	tag := q.Get("tag")
 	all := s.st.instances.all()
-	if states != nil || label != "" {
+	if states != nil || label != "" || tag != "" {
 		kept := all[:0]
 		for _, in := range all {
 			if label != "" && !strings.Contains(strings.ToLower(in.Label), label) {
+				continue
+			}
+			if tag != "" && !hasTag(&in, tag) {
 				continue
 			}
 			if states != nil && !slices.Contains(states, s.statusOf(in.ID).State) {
@@ -94,7 +99,20 @@ func (s *Server) instancesMatching(q url.Values) ([]api.Instance, bool, error) {
 		}
 		all = kept
 	}
-	return all, states != nil || label != "", nil
+	return all, states != nil || label != "" || tag != "", nil
+}
+
+// hasTag reports whether an instance has tag among its FM tags, or, for
+// "key=value", among its cloud tags.
+func hasTag(in *api.Instance, tag string) bool {
+	if slices.Contains(in.FMTags, tag) {
+		return true
+	}
+	if k, v, ok := strings.Cut(tag, "="); ok {
+		got, has := in.CloudTags[k]
+		return has && got == v
+	}
+	return false
 }
 
 func (s *Server) getInstance(r *http.Request) (any, error) {

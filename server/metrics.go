@@ -66,8 +66,11 @@ func newMetrics(s *Server) (*metrics, error) {
 			m.ops.WithLabelValues(kind, result)
 		}
 	}
+	consoleStreams := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "fm_console_streams", Help: "The web console's open event streams (pages) on this replica; at most 1000.",
+	}, func() float64 { return float64(s.live.count()) })
 	for _, c := range []prometheus.Collector{m.requests, m.latency, m.ops, m.opDuration, m.alertNotifications, m.alertsGivenUp,
-		objectsCollector{s.st}, fleetCollector{s}, m.bus} {
+		objectsCollector{s.st}, fleetCollector{s}, m.bus, consoleStreams} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -97,6 +100,8 @@ func (s *Server) metricsHandler() http.Handler {
 	return cleanPath(s.recoverPanics(mux))
 }
 
+// A took of 0 counts the request without timing it (a console event
+// stream, which lasts as long as its page).
 func (m *metrics) observeRequest(method string, status int, took time.Duration) {
 	switch method {
 	case http.MethodGet, http.MethodPost, http.MethodPut, http.MethodDelete, http.MethodHead, http.MethodOptions, http.MethodPatch:
@@ -104,7 +109,9 @@ func (m *metrics) observeRequest(method string, status int, took time.Duration) 
 		method = "other" // anyone can send any method: one series, not one each
 	}
 	m.requests.WithLabelValues(method, strconv.Itoa(status)).Inc()
-	m.latency.WithLabelValues(method).Observe(took.Seconds())
+	if took > 0 {
+		m.latency.WithLabelValues(method).Observe(took.Seconds())
+	}
 }
 
 // observeOp counts an operation that ended; took is 0 for one answered at

@@ -24,46 +24,9 @@ import (
 //
 //	FM_BENCH_INSTANCES=10000 go test ./server -run '^$' -bench MetricsScrape -benchtime 20x
 func BenchmarkMetricsScrape(b *testing.B) {
-	n := 1000
-	if v := os.Getenv("FM_BENCH_INSTANCES"); v != "" {
-		var err error
-		if n, err = strconv.Atoi(v); err != nil || n < 1 {
-			b.Fatalf("FM_BENCH_INSTANCES=%q", v)
-		}
-	}
+	n := benchInstances(b)
 	f := start(b)
-	vn, tpl, im := f.fleet()
-	// One connection for the whole fleet's records (runningWithVolume and
-	// reportAgent connect once per call).
-	js := f.env.Bus.JetStream(b)
-	ctx := context.Background()
-	bucket := func(name string) jetstream.KeyValue {
-		kv, err := js.KeyValue(ctx, name)
-		if err != nil {
-			b.Fatal(err)
-		}
-		return kv
-	}
-	machines, lifecycles, agents := bucket(protocol.BucketMachines), bucket(protocol.BucketLifecycle), bucket(protocol.BucketAgents)
-	for i := range n {
-		in := f.createInstance(instanceBody(fmt.Sprintf("scrape-%d", i), vn.ID, tpl.ID, im.ID))
-		now := time.Now().UTC()
-		m, _ := protocol.Encode(&protocol.MachineState{Instance: in.ID, Backend: "fake", Status: protocol.MachineRunning,
-			MachineID: "m-" + in.ID, VolumeID: "vol-" + in.ID, VolumeSizeGB: 50, RequestID: "op-0-reprovision"})
-		lc, _ := json.Marshal(map[string]any{"state": "running", "generation": 1, "dssVersion": "14.0.0",
-			"imageId": "dss-14.0.0-test", "since": now, "updatedAt": now})
-		st, _ := protocol.Encode(&protocol.AgentStatus{Instance: in.ID, Time: now, Phase: protocol.PhaseReady,
-			DSS:     protocol.DSSStatus{State: protocol.DSSRunning, Version: "14.0.0", NodeType: "design", Port: 10000},
-			Machine: protocol.MachineFacts{DataVolumeBytes: 100 << 30, DataVolumeUsedBytes: 10 << 30}})
-		for _, put := range []struct {
-			kv   jetstream.KeyValue
-			data []byte
-		}{{machines, m}, {lifecycles, lc}, {agents, st}} {
-			if _, err := put.kv.Put(ctx, in.ID, put.data); err != nil {
-				b.Fatal(err)
-			}
-		}
-	}
+	seedRunningFleet(b, f, n)
 	scrape := func() []byte {
 		r := f.do("GET", "/metrics", "")
 		if r.status != http.StatusOK {
@@ -101,4 +64,53 @@ func BenchmarkMetricsScrape(b *testing.B) {
 	// Whatever the server's background work sent meanwhile (lease
 	// renewals, sweeps) counts too: an upper bound.
 	b.ReportMetric(float64(f.env.Conn.Stats().OutMsgs-sent)/float64(b.N), "bus-msgs/scrape")
+}
+
+// benchInstances is FM_BENCH_INSTANCES, by default 1000.
+func benchInstances(b *testing.B) int {
+	n := 1000
+	if v := os.Getenv("FM_BENCH_INSTANCES"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 1 {
+			b.Fatalf("FM_BENCH_INSTANCES=%q", v)
+		}
+	}
+	return n
+}
+
+// seedRunningFleet makes n instances through the REST API, and records
+// each as running with its agent reporting, straight in the buckets.
+func seedRunningFleet(b *testing.B, f *fm, n int) {
+	vn, tpl, im := f.fleet()
+	// One connection for the whole fleet's records (runningWithVolume and
+	// reportAgent connect once per call).
+	js := f.env.Bus.JetStream(b)
+	ctx := context.Background()
+	bucket := func(name string) jetstream.KeyValue {
+		kv, err := js.KeyValue(ctx, name)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return kv
+	}
+	machines, lifecycles, agents := bucket(protocol.BucketMachines), bucket(protocol.BucketLifecycle), bucket(protocol.BucketAgents)
+	for i := range n {
+		in := f.createInstance(instanceBody(fmt.Sprintf("scrape-%d", i), vn.ID, tpl.ID, im.ID))
+		now := time.Now().UTC()
+		m, _ := protocol.Encode(&protocol.MachineState{Instance: in.ID, Backend: "fake", Status: protocol.MachineRunning,
+			MachineID: "m-" + in.ID, VolumeID: "vol-" + in.ID, VolumeSizeGB: 50, RequestID: "op-0-reprovision"})
+		lc, _ := json.Marshal(map[string]any{"state": "running", "generation": 1, "dssVersion": "14.0.0",
+			"imageId": "dss-14.0.0-test", "since": now, "updatedAt": now})
+		st, _ := protocol.Encode(&protocol.AgentStatus{Instance: in.ID, Time: now, Phase: protocol.PhaseReady,
+			DSS:     protocol.DSSStatus{State: protocol.DSSRunning, Version: "14.0.0", NodeType: "design", Port: 10000},
+			Machine: protocol.MachineFacts{DataVolumeBytes: 100 << 30, DataVolumeUsedBytes: 10 << 30}})
+		for _, put := range []struct {
+			kv   jetstream.KeyValue
+			data []byte
+		}{{machines, m}, {lifecycles, lc}, {agents, st}} {
+			if _, err := put.kv.Put(ctx, in.ID, put.data); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -251,14 +252,25 @@ func TestAuditListsPageAndFilter(t *testing.T) {
 	js := f.env.Bus.JetStream(t)
 	ctx := context.Background()
 	// 600 records (more than one batch of a read), one in ten about
-	// instances, the first of them early.
+	// instances, the first of them early, one in seven by another actor;
+	// the last 300 after mid.
+	var mid time.Time
 	for i := range 600 {
 		object := "virtual-networks"
 		if i%10 == 2 {
 			object = "instances"
 		}
+		who := "key:test"
+		if i%7 == 3 {
+			who = "key:other"
+		}
+		if i == 300 {
+			time.Sleep(20 * time.Millisecond) // (stream timestamps apart)
+			mid = time.Now()
+			time.Sleep(20 * time.Millisecond)
+		}
 		data, err := protocol.Encode(&protocol.AuditRecord{ID: fmt.Sprintf("au-test-%d", i), Tenant: "main", Object: object,
-			Action: fmt.Sprintf("test %d", i), Who: "key:test", Outcome: "ok", Time: time.Now().UTC()})
+			Action: fmt.Sprintf("test %d", i), Who: who, Outcome: "ok", Time: time.Now().UTC()})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -271,7 +283,7 @@ func TestAuditListsPageAndFilter(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var all, instances []uint64
+	var all, instances, others, late, lateOthers []uint64
 	for seq := st.CachedInfo().State.FirstSeq; seq <= st.CachedInfo().State.LastSeq; seq++ {
 		m, err := st.GetMsg(ctx, seq)
 		if err != nil {
@@ -281,7 +293,24 @@ func TestAuditListsPageAndFilter(t *testing.T) {
 		if strings.HasSuffix(m.Subject, ".instances") {
 			instances = append(instances, seq)
 		}
+		var rec protocol.AuditRecord
+		if err := protocol.Decode(m.Data, &rec); err != nil {
+			t.Fatal(err)
+		}
+		if rec.Who == "key:other" {
+			others = append(others, seq)
+		}
+		if !m.Time.Before(mid) {
+			late = append(late, seq)
+			if rec.Who == "key:other" {
+				lateOthers = append(lateOthers, seq)
+			}
+		}
 	}
+	if len(late) != 300 || len(others) < 80 {
+		t.Fatalf("%d records after mid, %d of the other actor", len(late), len(others))
+	}
+	since := url.QueryEscape(mid.UTC().Format(time.RFC3339Nano))
 	if len(instances) != 60 || len(all) < 600 {
 		t.Fatalf("the stream holds %d records, %d about instances", len(all), len(instances))
 	}
@@ -302,6 +331,14 @@ func TestAuditListsPageAndFilter(t *testing.T) {
 		{"after=" + strconv.FormatUint(instances[0], 10) + "&object=instances&limit=1", instances[1:2]},
 		{"after=" + strconv.FormatUint(last, 10), nil},
 		{"object=api-keys&limit=7", nil},
+		{"who=key:other&limit=1000", others},
+		{"who=key:other&limit=3", others[len(others)-3:]},
+		{"since=" + since + "&limit=1000", late},
+		{"since=" + since, late[len(late)-100:]},
+		{"since=" + since + "&who=key:other&limit=1000", lateOthers},
+		{"since=" + since + "&after=" + strconv.FormatUint(all[3], 10) + "&limit=2", late[:2]},
+		{"since=" + url.QueryEscape(time.Now().Add(time.Hour).UTC().Format(time.RFC3339)), nil},
+		{"who=key:nobody", nil},
 	} {
 		t.Run(c.query, func(t *testing.T) {
 			var got []struct{ Seq uint64 }
@@ -315,7 +352,7 @@ func TestAuditListsPageAndFilter(t *testing.T) {
 			}
 		})
 	}
-	for _, bad := range []string{"object=instances.*", "object=>", "limit=1001", "limit=0", "after=-1", "after=18446744073709551615"} {
+	for _, bad := range []string{"object=instances.*", "object=>", "limit=1001", "limit=0", "after=-1", "after=18446744073709551615", "since=yesterday"} {
 		f.failed(f.do("GET", "/audit?"+bad, ""), 400, "InvalidArgument")
 	}
 	// No consumer outlives its list.

@@ -18,6 +18,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -25,6 +26,7 @@ import (
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/bus"
+	"github.com/fleetmanager/fm/console"
 	"github.com/fleetmanager/fm/internal/crashpoint"
 	"github.com/fleetmanager/fm/internal/natsauth"
 	"github.com/fleetmanager/fm/internal/seal"
@@ -122,6 +124,15 @@ type Config struct {
 	// launched joins only with the identity document of the machine
 	// launched for its token, which only that machine can read.
 	EC2IdentityCerts []*x509.Certificate
+	// ConsoleURL is FM's address as people's browsers reach it
+	// (https://fm.example.com behind a load balancer that ends TLS): the
+	// web console's SSO callback is made from it, and its scheme says
+	// whether the session cookie is Secure. Empty: the request's own
+	// host, and TLS as this server serves it.
+	ConsoleURL string
+	// ConsoleKeepAlive is how often an idle console event stream is
+	// written to and its session checked again (default 20 s; tests).
+	ConsoleKeepAlive time.Duration
 	// JoinURL is FM's join endpoint as machines reach it
 	// ("https://fm.example.com:10000/api/join"); the default is derived
 	// from the listener.
@@ -181,9 +192,14 @@ type Server struct {
 	// (ratelimitshare.go), who know this one as replica.
 	apiByAddr, apiByKey, joinByAddr *attemptLimiter
 	// sso verifies the ID tokens of people signed in by SSO (sso.go).
-	sso      ssoVerifiers
-	replica  string
-	failures *nats.Subscription // the other replicas' failures
+	sso ssoVerifiers
+	// sessions are the web console's sign-ins, and live what its pages
+	// follow (consolesession.go, consolelive.go).
+	sessions    *sessionStore
+	live        *liveHub
+	crossOrigin *http.CrossOriginProtection // refuses another origin's changes made with a session
+	replica     string
+	failures    *nats.Subscription // the other replicas' failures
 }
 
 // New declares the bus topology, loads the fleet's objects and opens the
@@ -191,6 +207,16 @@ type Server struct {
 func New(cfg Config) (*Server, error) {
 	if cfg.Conn == nil {
 		return nil, errors.New("server: a NATS connection is required")
+	}
+	if cfg.ConsoleURL != "" {
+		u, err := url.Parse(cfg.ConsoleURL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || strings.Trim(u.Path, "/") != "" || u.RawQuery != "" {
+			return nil, fmt.Errorf("server: the console's URL %q: want http(s)://host[:port]", cfg.ConsoleURL)
+		}
+		if u.Scheme == "http" && cfg.TLS != nil {
+			return nil, fmt.Errorf("server: the console's URL %q is http, but this server serves TLS: give its https URL", cfg.ConsoleURL)
+		}
+		cfg.ConsoleURL = u.Scheme + "://" + u.Host
 	}
 	box, err := seal.New(cfg.SecretKey)
 	if err != nil {
@@ -258,7 +284,7 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{
 		cfg: cfg, log: log, js: js, commands: commands, commandReader: bus.NewCommandReader(commands), st: st, fold: newFolder(), box: box, agent: agentBin, crash: cfg.Crash, auth: auth,
 		apiByAddr: newAttemptLimiter(limiterAPIByAddr), apiByKey: newAttemptLimiter(limiterAPIByKey), joinByAddr: newAttemptLimiter(limiterJoinByAddr),
-		replica:  newID("srv"),
+		replica: newID("srv"), live: newLiveHub(cfg.ConsoleKeepAlive), crossOrigin: http.NewCrossOriginProtection(),
 		renewals: agentPacer{interval: renewInterval}, cmdAfters: agentPacer{interval: cmdAfterInterval}, diagLookups: agentPacer{interval: time.Second}, agentWork: newAgentWorkers(agentRequestWorkers),
 	}
 	for _, l := range s.limiters() {
@@ -267,8 +293,21 @@ func New(cfg Config) (*Server, error) {
 	if s.metrics, err = newMetrics(s); err != nil {
 		return nil, fmt.Errorf("server: metrics: %w", err)
 	}
-	// Reports about an instance make it be reconciled.
-	st.machines.onChange, st.agents.onChange, st.lifecycle.onChange = s.enqueue, s.enqueue, s.enqueue
+	if s.sessions, err = newSessionStore(ctx, st.sessions); err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	// Reports about an instance make it be reconciled, and the console's
+	// pages that show it read it again.
+	reconcile := func(key string) { s.enqueue(key); s.liveInstance(key) }
+	st.machines.onChange, st.agents.onChange, st.lifecycle.onChange = reconcile, reconcile, reconcile
+	st.instances.onChange, st.ops.onChange, st.snapshots.onChange = s.liveInstance, s.liveOp, s.liveSnapshot
+	st.snapshots.onRemove = func(_ string, old api.Snapshot) { s.live.publish("instance", old.InstanceID) }
+	st.networks.onChange = func(string) { s.live.publish("fleet", "virtual-networks") }
+	st.templates.onChange = func(string) { s.live.publish("fleet", "instance-settings-templates") }
+	st.images.onChange = func(string) { s.live.publish("fleet", "images") }
+	// What only time changes (an agent gone silent, a snapshot overdue)
+	// shows as an alert's change.
+	st.alerts.onChange = func(string) { s.live.publish("fleet", "alerts") }
 	watchCtx, stop := context.WithCancel(context.Background())
 	s.stop = stop
 	st.run(watchCtx)
@@ -300,6 +339,8 @@ func New(cfg Config) (*Server, error) {
 		TLSConfig:         cfg.TLS,
 		ErrorLog:          stdlog.New(httpErrorLog{log}, "", 0),
 	}
+	// The console's event streams never end by themselves.
+	s.httpSrv.RegisterOnShutdown(s.live.close)
 	if cfg.MetricsAddr != "" {
 		if s.metricsLn, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
 			stop()
@@ -429,6 +470,7 @@ func (s *Server) Run(ctx context.Context) error {
 // close the NATS connection, which the caller owns.
 func (s *Server) Close() {
 	s.stop()
+	s.live.close()
 	_ = s.failures.Unsubscribe()
 	_ = s.httpSrv.Close()
 	if s.metricsSrv != nil {
@@ -518,6 +560,20 @@ func (s *Server) handler() http.Handler {
 		root.Handle("/metrics", s.requireAuth(s.metrics.handler()))
 	}
 	root.Handle("/healthz", routeHandler{s: s, methods: methods{"GET": reads(RoleViewer, s.healthz)}})
+	// The web console: its pages and assets (package console), its
+	// sign-in and its event stream; everything else it does goes through
+	// /api like any client's call.
+	pages := console.Handler()
+	root.Handle("/{$}", pages)
+	root.Handle(console.AssetsPath, pages)
+	// (cleanPath serves ".../assets/" as ".../assets": a 404, not the
+	// mux's redirect back to ".../assets/".)
+	root.Handle(strings.TrimSuffix(console.AssetsPath, "/"), pages)
+	root.HandleFunc(SessionPath, s.serveSession)
+	root.HandleFunc(LivePath, s.serveLive)
+	root.HandleFunc(SSOPath, s.serveSSO)
+	root.HandleFunc(SSOStartPath, s.startSSO)
+	root.HandleFunc(SSOCallbackPath, s.finishSSO)
 	root.Handle("/", routeHandler{s: s, methods: unknownPath()})
 	return cleanPath(forwardedFor(s.cfg.TrustedProxies, withCallIDs(s.recoverPanics(s.logRequests(root)))))
 }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/hmac"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 	"github.com/coreos/go-oidc/v3/oidc"
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/protocol"
+	"golang.org/x/oauth2"
 )
 
 // Single sign-on for FM's own users by OpenID Connect: when the SSO
@@ -38,13 +40,18 @@ const ssoMaxAge = 12 * time.Hour
 // ssoConfig is what verifying and mapping a token needs, from the settings.
 type ssoConfig struct {
 	issuer, clientID, jwksURI string
-	idClaim                   string
-	lowercase                 bool
-	rules                     []remapRule
-	roleClaim                 string
-	roles                     map[string]string
-	defaultRole               string
-	authorized                []string // groups one of which a user must have, if any
+	// What the console's sign-in (consolesso.go) needs besides: the
+	// endpoints (discovered from the issuer when not given), the scope,
+	// PKCE, and how the client authenticates to the token endpoint.
+	authURL, tokenURL, scope string
+	pkce, secretInForm       bool
+	idClaim                  string
+	lowercase                bool
+	rules                    []remapRule
+	roleClaim                string
+	roles                    map[string]string
+	defaultRole              string
+	authorized               []string // groups one of which a user must have, if any
 }
 
 type remapRule struct {
@@ -67,6 +74,15 @@ type ssoVerifiers struct {
 	// make every request wait on it.
 	failedAt time.Time
 	failure  error
+
+	// discovered is the endpoints of discoveredFor's discovery document,
+	// for the console's sign-in (consolesso.go), or discoverErr; under
+	// discoverMu.
+	discoverMu    sync.Mutex
+	discoveredFor string
+	discoveredAt  time.Time
+	discovered    oauth2.Endpoint
+	discoverErr   error
 
 	cfgMu  sync.Mutex // apart: a discovery under way holds mu
 	cfgRev uint64
@@ -111,11 +127,17 @@ func parseSSO(obj map[string]json.RawMessage) (ssoConfig, bool) {
 		ClaimKeyIdentifier  string `json:"claimKeyIdentifier"`
 		LowercaseIdentifier bool   `json:"lowercaseIdentifier"`
 		ClaimKeyGroups      string `json:"claimKeyGroups"`
+		AuthURL             string `json:"authorizationEndpoint"`
+		TokenURL            string `json:"tokenEndpoint"`
+		Scope               string `json:"scope"`
+		UsePKCE             bool   `json:"usePKCE"`
+		AuthMethod          string `json:"tokenEndpointAuthMethod"`
 	}
 	_ = json.Unmarshal(obj["openIDParams"], &p)
 	cfg := ssoConfig{issuer: p.Issuer, clientID: p.ClientID, jwksURI: p.JWKSURI, idClaim: p.ClaimKeyIdentifier,
 		lowercase: p.LowercaseIdentifier, roleClaim: iamString(obj, "fmRoleClaim"), defaultRole: iamString(obj, "fmDefaultRole"),
-		authorized: iamStrings(obj, "authorizedGroups")}
+		authorized: iamStrings(obj, "authorizedGroups"),
+		authURL:    p.AuthURL, tokenURL: p.TokenURL, scope: p.Scope, pkce: p.UsePKCE, secretInForm: p.AuthMethod == "CLIENT_SECRET_POST"}
 	defaultString(&cfg.idClaim, "sub")
 	defaultString(&cfg.roleClaim, p.ClaimKeyGroups)
 	defaultString(&cfg.roleClaim, "groups")
@@ -203,9 +225,10 @@ func errTokenRefused() error {
 		"the ID token is not valid for this Fleet Manager (wrong issuer or client, expired, or not signed by the issuer): sign in again")
 }
 
-// ssoPrincipal authenticates an ID token. user is who it names, once known
-// (for the audit of a refusal).
-func (s *Server) ssoPrincipal(ctx context.Context, token string) (p *Principal, user string, err error) {
+// ssoPrincipal authenticates an ID token; with nonce, the token must carry
+// it (the console's sign-in: a token obtained for another sign-in is not
+// taken). user is who it names, once known (for the audit of a refusal).
+func (s *Server) ssoPrincipal(ctx context.Context, token, nonce string) (p *Principal, user string, err error) {
 	cfg, ok := s.ssoConfig()
 	if !ok {
 		return nil, "", newAPIError(protocol.CodeUnauthenticated, "Authentication failed",
@@ -218,6 +241,10 @@ func (s *Server) ssoPrincipal(ctx context.Context, token string) (p *Principal, 
 	idt, err := verifier.Verify(ctx, token)
 	if err != nil {
 		s.log.Info().Err(trimmed(err)).Msg("an ID token was refused")
+		return nil, "", errTokenRefused()
+	}
+	if nonce != "" && !hmac.Equal([]byte(idt.Nonce), []byte(nonce)) {
+		s.log.Info().Msg("an ID token of another sign-in (its nonce) was refused")
 		return nil, "", errTokenRefused()
 	}
 	if time.Since(idt.IssuedAt) > ssoMaxAge {
@@ -267,7 +294,7 @@ func (s *Server) ssoPrincipal(ctx context.Context, token string) (p *Principal, 
 		return nil, user, newAPIError(protocol.CodePermissionDenied, "Permission denied",
 			"%s signed in, but no role of Fleet Manager is given to them: map one of their %s to a role (fmRoleMappings), or set fmDefaultRole", user, cfg.roleClaim)
 	}
-	return &Principal{KeyID: ssoPrefix + user, Role: role}, user, nil
+	return &Principal{KeyID: ssoPrefix + user, Role: role, until: idt.Expiry}, user, nil
 }
 
 // claimValues are a claim's values: a string, or strings in a list.
@@ -287,15 +314,15 @@ func claimValues(v any) []string {
 	return nil
 }
 
-// checkBearer authenticates an ID token within the limit of its address,
-// recording a failure as a wrong key is.
-func (s *Server) checkBearer(r *http.Request, token string) (*Principal, error) {
+// checkIDToken authenticates an ID token (ssoPrincipal) within the limit
+// of its address, recording a failure as a wrong key is.
+func (s *Server) checkIDToken(r *http.Request, token, nonce string) (*Principal, error) {
 	addr := clientAddr(r)
 	byAddr, err := s.apiByAddr.reserve(r.Context(), addr)
 	if err != nil {
 		return nil, limited(err, "too many failed authentications from %s", addr)
 	}
-	p, user, err := s.ssoPrincipal(r.Context(), token)
+	p, user, err := s.ssoPrincipal(r.Context(), token, nonce)
 	code := protocol.Code("")
 	if err != nil {
 		code = asAPIError(err).code

@@ -28,9 +28,14 @@ type instanceStatus struct {
 	MachineStatus     protocol.MachineStatus `json:"machineStatus,omitempty"`
 	Backend           string                 `json:"backend,omitempty"`
 	DSS               *protocol.DSSStatus    `json:"dss,omitempty"`
-	DataVolume        *volumeStatus          `json:"dataVolume,omitempty"`
-	Operation         *api.OperationRef      `json:"operation,omitempty"`
-	LastError         *api.Error             `json:"lastError,omitempty"`
+	// DSSVersion is the DSS version the data volume holds as FM recorded
+	// it (the last successful reprovision): what a change of image is
+	// compared with (a snapshot first, a downgrade refused), whether the
+	// machine runs or not.
+	DSSVersion string            `json:"dssVersion,omitempty"`
+	DataVolume *volumeStatus     `json:"dataVolume,omitempty"`
+	Operation  *api.OperationRef `json:"operation,omitempty"`
+	LastError  *api.Error        `json:"lastError,omitempty"`
 }
 
 type volumeStatus struct {
@@ -65,7 +70,7 @@ func (s *Server) statusOf(id string) instanceStatus {
 		}
 	}
 	m, _, _ := s.st.machines.get(id)
-	st := instanceStatus{Operation: opRef, State: lc.State, Since: lc.Since, Generation: lc.Generation, LastError: lc.Error,
+	st := instanceStatus{Operation: opRef, State: lc.State, Since: lc.Since, Generation: lc.Generation, LastError: lc.Error, DSSVersion: lc.DSSVersion,
 		MachineStatus: m.Status, Backend: m.Backend, HasPhysicalInstance: m.HasMachine(),
 		CloudMachineIsUp: m.Status == protocol.MachineRunning,
 		PublicIP:         m.PublicIP, PrivateIP: m.PrivateIP, PublicDNS: m.PublicDNS, PrivateDNS: m.PrivateDNS}

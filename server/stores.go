@@ -36,6 +36,7 @@ type stores struct {
 	lbs       *table[api.LoadBalancer]
 	balancers *table[protocol.BalancerState]
 	desired   jetstream.KeyValue
+	sessions  jetstream.KeyValue
 	claims    *labelClaims
 }
 
@@ -70,7 +71,7 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 		protocol.BucketSnapshots, protocol.BucketOps, protocol.BucketSettings, protocol.BucketAPIKeys,
 		protocol.BucketLabels, protocol.BucketLifecycle, protocol.BucketMachines, protocol.BucketAgents,
 		protocol.BucketSecrets, protocol.BucketDesired, protocol.BucketJoins, protocol.BucketAlerts, protocol.BucketAccounts,
-		protocol.BucketLBs, protocol.BucketBalancers,
+		protocol.BucketLBs, protocol.BucketBalancers, protocol.BucketSessions,
 	} {
 		b, err := js.KeyValue(ctx, name)
 		if err != nil {
@@ -108,6 +109,7 @@ func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log 
 		lbs:       newTable[api.LoadBalancer](kv[protocol.BucketLBs], "load balancer", log),
 		balancers: newMessageTable[protocol.BalancerState](kv[protocol.BucketBalancers], "load balancer state", log),
 		desired:   kv[protocol.BucketDesired],
+		sessions:  kv[protocol.BucketSessions],
 		claims:    claims,
 	}
 	// A join withdraws the other tokens of its instance: found by instance,

@@ -48,8 +48,10 @@ type table[T any] struct {
 	encode func(key string, v T) ([]byte, error)
 
 	// onChange, if set before run, is called with the key of every change
-	// applied after the initial load (outside the lock).
+	// applied after the initial load (outside the lock); onRemove, with
+	// the value a key held, when an update removes it.
 	onChange func(key string)
+	onRemove func(key string, old T)
 	// groupsOf, if set before run, groups the values (join tokens by
 	// instance), so that rowsOf finds a group's rows without a look at
 	// every row. A value may be in several groups.
@@ -249,6 +251,9 @@ func (t *table[T]) watchOnce(ctx context.Context) error {
 			t.rev = max(t.rev, e.Revision())
 			t.notifyLocked()
 			t.mu.Unlock()
+			if had && !has && t.onRemove != nil {
+				t.onRemove(e.Key(), before.val)
+			}
 			if t.onChange != nil {
 				t.onChange(e.Key())
 			}

@@ -164,8 +164,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if created {
 		state = "created"
 	}
-	fmt.Fprintf(stdout, "fm dev is running\n  REST API   %s://%s\n  NATS       %s (nats --creds %s)\n  data       %s\n  machines   %s\n  admin key  %s (%s; export FM_KEY_FILE=%s)\n",
-		sec.scheme(), srv.Addr(), b.clientURL, natsCreds[0], dir, filepath.Join(dir, "local"), keyFile, state, keyFile)
+	fmt.Fprintf(stdout, "fm dev is running\n  console    %s://%s/ (sign in with the admin key's id and secret)\n  REST API   %s://%s\n  NATS       %s (nats --creds %s)\n  data       %s\n  machines   %s\n  admin key  %s (%s; export FM_KEY_FILE=%s)\n",
+		sec.scheme(), srv.Addr(), sec.scheme(), srv.Addr(), b.clientURL, natsCreds[0], dir, filepath.Join(dir, "local"), keyFile, state, keyFile)
 	if sec.caFile != "" {
 		fmt.Fprintf(stdout, "  TLS CA     %s (export FM_CA_FILE=%s; nats --tlsca %s)\n", sec.caFile, sec.caFile, sec.caFile)
 	}

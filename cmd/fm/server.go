@@ -50,6 +50,8 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs.StringVar(&tf.key, "tls-key", "", "TLS key file of --tls-cert")
 	fs.StringVar(&tf.ca, "tls-ca", "", "CA file of --tls-cert, given to agents to verify FM with")
 	fs.StringVar(&tf.hosts, "tls-hosts", "", "more host names or addresses (comma-separated) the self-signed certificate covers")
+	consoleURL := fs.String("console-url", "", "FM's URL as people's browsers reach it (e.g. https://fm.example.com behind a load balancer that ends TLS): "+
+		"the web console's SSO callback is made from it, and its https makes the session cookie Secure (default: the request's host, TLS as served)")
 	advertise := fs.String("advertise-url", "", "FM's URL as machines reach it, for their join and agent download (default: the REST API's listen address)")
 	agentBinary := fs.String("agent-binary", "", "the binary cloud machines download and run as their agent (default: fm-agent beside this one, else this one; \"none\" serves none)")
 	authorityDir := fs.String("nats-authority", "", "folder of FM's NATS operator and account keys (default DATA/nats-auth with the embedded NATS; "+
@@ -174,7 +176,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		Conn: b.nc, Listen: *listen, Topology: topo, Logger: log, DefaultInstanceType: *instanceType, SecretKey: secretKey,
 		AgentCredsTTL: *credsTTL, HeartbeatSeconds: *heartbeat, AlertInterval: af.interval, AlertHoldFor: af.hold,
 		Network:   server.NetworkDefaults{VpcID: *vpc, SubnetID: *subnet, Region: *region},
-		Authority: sec.authority, SystemConn: b.sys, JoinURL: joinURL, TLS: sec.tls, CAPEM: sec.caPEM,
+		Authority: sec.authority, SystemConn: b.sys, JoinURL: joinURL, ConsoleURL: *consoleURL, TLS: sec.tls, CAPEM: sec.caPEM,
 		AgentBinary: *agentBinary, MetricsAddr: mf.addr, MetricsPublic: mf.public, DrainTime: *drain, StartTimeout: *startTimeout,
 		TrustedProxies: proxies, ACME: acmeConf, EC2IdentityCerts: ec2Certs,
 	})

@@ -221,7 +221,9 @@ func AgentPermissions(instance string) jwt.Permissions {
 // publishing on FM's subjects or keys, no consumer, since its delivery
 // subject would be FM's, no deleting or purging), less diagnosis bundles
 // (env-site.sh, whole logs): neither their chunks on the way nor the filed
-// bundles, which the account's import of every direct get would reach.
+// bundles, which the account's import of every direct get would reach;
+// and less the web console's sessions (fm_sessions: CSRF tokens, who is
+// signed in).
 func ReaderPermissions() jwt.Permissions {
 	var pub, sub []string
 	for _, i := range readerImports {
@@ -231,11 +233,12 @@ func ReaderPermissions() jwt.Permissions {
 			sub = append(sub, i.subject)
 		}
 	}
-	diag, filed := protocol.StreamDiagnosis, "OBJ_"+protocol.ObjectStoreDiagnosis
+	var deny []string
+	for _, stream := range []string{protocol.StreamDiagnosis, "OBJ_" + protocol.ObjectStoreDiagnosis, "KV_" + protocol.BucketSessions} {
+		deny = append(deny, outside+"DIRECT.GET."+stream, outside+"DIRECT.GET."+stream+".>", outside+"STREAM.MSG.GET."+stream)
+	}
 	return jwt.Permissions{
-		Pub: jwt.Permission{Allow: pub,
-			Deny: []string{outside + "DIRECT.GET." + diag, outside + "DIRECT.GET." + diag + ".>", outside + "STREAM.MSG.GET." + diag,
-				outside + "DIRECT.GET." + filed, outside + "DIRECT.GET." + filed + ".>", outside + "STREAM.MSG.GET." + filed}},
+		Pub: jwt.Permission{Allow: pub, Deny: deny},
 		Sub: jwt.Permission{Allow: append(sub, "_INBOX.>"), Deny: []string{protocol.DiagSubject("*", "*")}},
 	}
 }

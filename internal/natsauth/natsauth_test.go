@@ -605,6 +605,25 @@ func TestReadOnlyOperator(t *testing.T) {
 		ro.Flush()
 		expectViolation(t, errs, "subscribe to diagnosis chunks")
 	})
+	t.Run("reads no console session", func(t *testing.T) {
+		sessions, err := ajs.KeyValue(ctx, protocol.BucketSessions)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := sessions.Put(ctx, "0a1b", []byte(`{"keyId":"k","csrf":"the-token"}`)); err != nil {
+			t.Fatal(err)
+		}
+		for _, req := range []struct{ subj, body string }{
+			{"$JS.API.DIRECT.GET.KV_" + protocol.BucketSessions, `{"seq":1}`},
+			{"$JS.API.DIRECT.GET.KV_" + protocol.BucketSessions + ".$KV." + protocol.BucketSessions + ".0a1b", ``},
+			{"$JS.API.STREAM.MSG.GET.KV_" + protocol.BucketSessions, `{"seq":1}`},
+		} {
+			if m, err := ro.Request(req.subj, []byte(req.body), time.Second); err == nil && strings.Contains(string(m.Data), "the-token") {
+				t.Fatalf("%s gave a session", req.subj)
+			}
+			expectViolation(t, errs, req.subj)
+		}
+	})
 	t.Run("sends nothing into FM's keys", func(t *testing.T) {
 		// An answer of its own choosing (the event an agent crafted),
 		// addressed to a key: it lands in the readers' account.
