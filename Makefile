@@ -3,7 +3,11 @@
 
 GO          ?= go
 VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS     := -X main.version=$(VERSION)
+# fm version names the commit built and its date (none outside a git
+# checkout).
+COMMIT      := $(shell git rev-parse HEAD 2>/dev/null)
+COMMIT_DATE := $(shell git show -s --format=%cI HEAD 2>/dev/null)
+LDFLAGS     := -X main.version=$(VERSION) -X main.commit=$(COMMIT) -X main.commitDate=$(COMMIT_DATE)
 STATICCHECK := $(shell $(GO) env GOPATH)/bin/staticcheck
 STATICCHECK_VERSION := v0.8.2
 NATS        := $(shell $(GO) env GOPATH)/bin/nats

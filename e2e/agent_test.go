@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strconv"
@@ -126,10 +127,20 @@ func TestAgentProcess(t *testing.T) {
 			t.Fatalf("%s: a stray argument: exit %d: %s", filepath.Base(b), code, errOut)
 		}
 	}
-	// The slim build runs nothing but the agent.
+	// The slim build runs nothing but the agent. Both name the commit they
+	// were built from, when the checkout has its history.
 	out, errOut, code := Run(t, bin, nil, "version")
 	if code != 0 || !strings.Contains(out, "agent build") {
 		t.Fatalf("fm-agent version: exit %d: %s%s", code, out, errOut)
+	}
+	commit := "commit unknown"
+	if head, err := exec.Command("git", "rev-parse", "HEAD").Output(); err == nil {
+		commit = "commit " + strings.TrimSpace(string(head)) + " of "
+	}
+	for _, b := range []string{bin, fmBin(t)} {
+		if out, _, code := Run(t, b, nil, "version"); code != 0 || !strings.Contains(out, commit) {
+			t.Fatalf("%s version: exit %d: %q, want %q", filepath.Base(b), code, out, commit)
+		}
 	}
 	if _, errOut, code := Run(t, bin, nil, "instance", "list"); code != 2 || !strings.Contains(errOut, "not a command of the agent build") {
 		t.Fatalf("fm-agent instance list: exit %d: %s", code, errOut)

@@ -55,14 +55,16 @@ func Build(dir string, race bool) (string, error) {
 	}
 	// The slim agent build first: fm carries its digest, as `make build`
 	// stamps it, and uses it only if it is that one.
-	if err := build(AgentBin(bin), "./cmd/fm-agent"); err != nil {
+	// Stamped as make build stamps them: fm version names the commit.
+	stamp := commitStamp(root)
+	if err := build(AgentBin(bin), "./cmd/fm-agent", "-ldflags", stamp); err != nil {
 		return "", err
 	}
 	slim, err := os.ReadFile(AgentBin(bin))
 	if err != nil {
 		return "", err
 	}
-	if err := build(bin, "./cmd/fm", "-ldflags", "-X main.agentSHA256="+hex.EncodeToString(sha256Sum(slim))); err != nil {
+	if err := build(bin, "./cmd/fm", "-ldflags", stamp+" -X main.agentSHA256="+hex.EncodeToString(sha256Sum(slim))); err != nil {
 		return "", err
 	}
 	for _, v := range kit.Versions {
@@ -71,6 +73,25 @@ func Build(dir string, race bool) (string, error) {
 		}
 	}
 	return bin, nil
+}
+
+// commitStamp is the -ldflags that name the checkout's commit and its
+// date, as the Makefile sets them; empty outside a git checkout.
+func commitStamp(root string) string {
+	git := func(args ...string) string {
+		cmd := exec.Command("git", args...)
+		cmd.Dir = root
+		out, err := cmd.Output()
+		if err != nil {
+			return ""
+		}
+		return strings.TrimSpace(string(out))
+	}
+	commit, date := git("rev-parse", "HEAD"), git("show", "-s", "--format=%cI", "HEAD")
+	if commit == "" {
+		return ""
+	}
+	return "-X main.commit=" + commit + " -X main.commitDate=" + date
 }
 
 // AgentBin is the slim agent build Build put beside the fm binary bin.

@@ -14,11 +14,16 @@ import (
 	"os"
 
 	"github.com/fleetmanager/fm/internal/agentcmd"
+	"github.com/fleetmanager/fm/internal/buildinfo"
 	"github.com/fleetmanager/fm/internal/startup"
 )
 
 // version is set at build time (-ldflags "-X main.version=…").
 var version = "dev"
+
+// commit and commitDate name the commit built (-ldflags "-X main.commit=…
+// -X main.commitDate=…", as make build sets them): fm version says them.
+var commit, commitDate string
 
 const usage = `fm-agent: the slim agent build of Fleet Manager (only the agent).
 
@@ -42,7 +47,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	case "agent":
 		return agentcmd.Main(ctx, "fm-agent", args[1:], stderr, version)
 	case "version":
-		fmt.Fprintln(stdout, "fm", version, "(agent build)")
+		fmt.Fprintln(stdout, buildinfo.Describe("fm", version, commit, commitDate), "(agent build)")
 		return agentcmd.ExitOK
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)

@@ -10,11 +10,16 @@ import (
 
 	"github.com/fleetmanager/fm/cli"
 	"github.com/fleetmanager/fm/internal/agentcmd"
+	"github.com/fleetmanager/fm/internal/buildinfo"
 	"github.com/fleetmanager/fm/internal/startup"
 )
 
 // version is set at build time (-ldflags "-X main.version=…").
 var version = "dev"
+
+// commit and commitDate name the commit built (-ldflags "-X main.commit=…
+// -X main.commitDate=…", as make build sets them): fm version says them.
+var commit, commitDate string
 
 // agentSHA256 is the digest of the slim agent build (cmd/fm-agent) built
 // with this binary (-ldflags "-X main.agentSHA256=…"): defaultAgentBinary
@@ -75,7 +80,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	case cmd == "bench":
 		err = runBench(ctx, args[1:], stdout, stderr)
 	case cmd == "version":
-		fmt.Fprintln(stdout, "fm", version)
+		fmt.Fprintln(stdout, buildinfo.Describe("fm", version, commit, commitDate))
 	case slices.Contains(cli.Commands(), cmd):
 		return cli.Run(ctx, cli.Env{Stdout: stdout, Stderr: stderr}, args)
 	default:

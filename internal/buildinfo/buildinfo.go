@@ -1,0 +1,60 @@
+// Package buildinfo says which build of fm is running: its version, and
+// the commit it was built from with the commit's date, as make build (and
+// the e2e harness) stamps them (-ldflags -X main.commit=… -X
+// main.commitDate=…), else as the Go toolchain recorded them from the
+// checkout (go build -buildvcs). cmd/fm and cmd/fm-agent import it for
+// `version`; nothing else needs it.
+//
+// The date is the commit's, not the build's: a build of one commit is then
+// the same whenever it is made.
+package buildinfo
+
+import (
+	"fmt"
+	"runtime/debug"
+	"strings"
+)
+
+// Describe is the line `version` prints: "fm 1.2.0 (commit 0123abc…, of
+// 2026-12-07T10:00:00Z)", with "modified" for a build of a checkout with
+// changes not committed, and "commit unknown" for one made without the
+// checkout's history.
+func Describe(name, version, commit, commitDate string) string {
+	info, _ := debug.ReadBuildInfo()
+	return describe(name, version, commit, commitDate, info)
+}
+
+func describe(name, version, commit, commitDate string, info *debug.BuildInfo) string {
+	revision, when := commit, commitDate
+	modified := false
+	if info != nil && revision == "" {
+		for _, s := range info.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				revision = s.Value
+			case "vcs.time":
+				when = s.Value
+			case "vcs.modified":
+				modified = s.Value == "true"
+			}
+		}
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s %s (", name, version)
+	if revision == "" {
+		b.WriteString("commit unknown")
+	} else {
+		fmt.Fprintf(&b, "commit %s", revision)
+		if when != "" {
+			fmt.Fprintf(&b, " of %s", when)
+		}
+		if modified {
+			b.WriteString(", modified")
+		}
+	}
+	if info != nil && info.GoVersion != "" {
+		fmt.Fprintf(&b, ", %s", info.GoVersion)
+	}
+	b.WriteString(")")
+	return b.String()
+}
