@@ -5,8 +5,8 @@ GO          ?= go
 VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 # fm version names the commit built and its date (none outside a git
 # checkout).
-COMMIT      := $(shell git rev-parse HEAD 2>/dev/null)
-COMMIT_DATE := $(shell git show -s --format=%cI HEAD 2>/dev/null)
+COMMIT      := $(shell git rev-parse --verify -q HEAD 2>/dev/null)
+COMMIT_DATE := $(shell git -c log.showSignature=false log -1 --format=%ct HEAD 2>/dev/null)
 LDFLAGS     := -X main.version=$(VERSION) -X main.commit=$(COMMIT) -X main.commitDate=$(COMMIT_DATE)
 STATICCHECK := $(shell $(GO) env GOPATH)/bin/staticcheck
 STATICCHECK_VERSION := v0.8.2

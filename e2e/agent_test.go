@@ -135,7 +135,7 @@ func TestAgentProcess(t *testing.T) {
 	}
 	commit := "commit unknown"
 	if head, err := exec.Command("git", "rev-parse", "HEAD").Output(); err == nil {
-		commit = "commit " + strings.TrimSpace(string(head)) + " of "
+		commit = "commit " + strings.TrimSpace(string(head)) + ", committed 20"
 	}
 	for _, b := range []string{bin, fmBin(t)} {
 		if out, _, code := Run(t, b, nil, "version"); code != 0 || !strings.Contains(out, commit) {

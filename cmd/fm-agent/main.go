@@ -28,7 +28,7 @@ var commit, commitDate string
 const usage = `fm-agent: the slim agent build of Fleet Manager (only the agent).
 
   fm-agent agent [flags]   the daemon beside DSS on a machine ("agent -h" for its flags)
-  fm-agent version         print the version
+  fm-agent version         print the version, the commit built and its date
 `
 
 func main() {

@@ -49,7 +49,7 @@ Client commands (talk to the REST API; --url, --key-file, --output json):
   fm nats-creds     NATS credentials for an operator or a provisioner (admin)
 
   fm bench fleet    measure FM under a fleet of simulated agents (docs/benchmarks.md)
-  fm version        print the version
+  fm version        print the version, the commit built and its date
 
 Every flag can also be set as FM_<FLAG> (e.g. --data is FM_DATA).
 Run "fm <command> -h" for a command's flags.

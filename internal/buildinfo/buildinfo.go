@@ -12,13 +12,17 @@ package buildinfo
 import (
 	"fmt"
 	"runtime/debug"
+	"strconv"
 	"strings"
+	"time"
 )
 
-// Describe is the line `version` prints: "fm 1.2.0 (commit 0123abc…, of
-// 2026-12-07T10:00:00Z)", with "modified" for a build of a checkout with
-// changes not committed, and "commit unknown" for one made without the
-// checkout's history.
+// Describe is the line `version` prints: "fm 1.2.0 (commit 0123abc…,
+// committed 2026-12-07T10:00:00Z, go1.26.8)", with "modified" for a build
+// the toolchain saw made of a checkout with changes not committed, and
+// "commit unknown" for one made without the checkout's history.
+// commitDate is a time in Unix seconds (git's %ct) or RFC 3339; it is
+// shown in UTC.
 func Describe(name, version, commit, commitDate string) string {
 	info, _ := debug.ReadBuildInfo()
 	return describe(name, version, commit, commitDate, info)
@@ -45,8 +49,8 @@ func describe(name, version, commit, commitDate string, info *debug.BuildInfo) s
 		b.WriteString("commit unknown")
 	} else {
 		fmt.Fprintf(&b, "commit %s", revision)
-		if when != "" {
-			fmt.Fprintf(&b, " of %s", when)
+		if when = utc(when); when != "" {
+			fmt.Fprintf(&b, ", committed %s", when)
 		}
 		if modified {
 			b.WriteString(", modified")
@@ -57,4 +61,16 @@ func describe(name, version, commit, commitDate string, info *debug.BuildInfo) s
 	}
 	b.WriteString(")")
 	return b.String()
+}
+
+// utc writes a time given in Unix seconds or RFC 3339 as RFC 3339 in UTC;
+// anything else is dropped.
+func utc(when string) string {
+	if secs, err := strconv.ParseInt(when, 10, 64); err == nil {
+		return time.Unix(secs, 0).UTC().Format(time.RFC3339)
+	}
+	if t, err := time.Parse(time.RFC3339, when); err == nil {
+		return t.UTC().Format(time.RFC3339)
+	}
+	return ""
 }

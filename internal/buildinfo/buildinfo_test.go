@@ -18,12 +18,16 @@ func TestDescribe(t *testing.T) {
 		info               *debug.BuildInfo
 		want               string
 	}{
-		{"stamped", "0123456789abcdef0123456789abcdef01234567", "2026-12-07T10:00:00Z", vcs("vcs.revision", "ffff"),
-			"fm 1.0.0 (commit 0123456789abcdef0123456789abcdef01234567 of 2026-12-07T10:00:00Z, go1.26.8)"},
+		{"stamped", "0123456789abcdef0123456789abcdef01234567", "1796637600", vcs("vcs.revision", "ffff"),
+			"fm 1.0.0 (commit 0123456789abcdef0123456789abcdef01234567, committed 2026-12-07T10:00:00Z, go1.26.8)"},
+		{"stamped with a zone", "0123456789abcdef0123456789abcdef01234567", "2026-12-07T12:00:00+02:00", nil,
+			"fm 1.0.0 (commit 0123456789abcdef0123456789abcdef01234567, committed 2026-12-07T10:00:00Z)"},
+		{"a date that is none", "0123456789abcdef0123456789abcdef01234567", "Good signature", nil,
+			"fm 1.0.0 (commit 0123456789abcdef0123456789abcdef01234567)"},
 		{"a commit", "", "", vcs("vcs.revision", "0123456789abcdef0123456789abcdef01234567", "vcs.time", "2026-12-07T10:00:00Z", "vcs.modified", "false"),
-			"fm 1.0.0 (commit 0123456789abcdef0123456789abcdef01234567 of 2026-12-07T10:00:00Z, go1.26.8)"},
+			"fm 1.0.0 (commit 0123456789abcdef0123456789abcdef01234567, committed 2026-12-07T10:00:00Z, go1.26.8)"},
 		{"changes not committed", "", "", vcs("vcs.revision", "0123456789abcdef0123456789abcdef01234567", "vcs.time", "2026-12-07T10:00:00Z", "vcs.modified", "true"),
-			"fm 1.0.0 (commit 0123456789abcdef0123456789abcdef01234567 of 2026-12-07T10:00:00Z, modified, go1.26.8)"},
+			"fm 1.0.0 (commit 0123456789abcdef0123456789abcdef01234567, committed 2026-12-07T10:00:00Z, modified, go1.26.8)"},
 		{"no history", "", "", vcs(), "fm 1.0.0 (commit unknown, go1.26.8)"},
 		{"no build info", "", "", nil, "fm 1.0.0 (commit unknown)"},
 	} {
