@@ -52,9 +52,10 @@ func (f *fm) browser() *browser {
 // otherwise.
 func (b *browser) call(method, path, body, csrf, site string) response {
 	b.f.t.Helper()
-	url := b.f.env.URL + path
-	if strings.HasPrefix(path, "/instances") || strings.HasPrefix(path, "/api-keys") || strings.HasPrefix(path, "/fleet") || strings.HasPrefix(path, "/audit") {
-		url = b.f.env.URL + tenantPath + path
+	// The console's own calls as they are; the API's under the tenant.
+	url := b.f.env.URL + tenantPath + path
+	if strings.HasPrefix(path, "/console/") {
+		url = b.f.env.URL + path
 	}
 	var rd io.Reader
 	if body != "" {
@@ -281,14 +282,7 @@ func TestConsoleSessionsAreKeptWithoutTheirCookies(t *testing.T) {
 	b := f.browser()
 	b.signIn(key{ID: f.env.Key.ID, Secret: f.env.Key.Secret})
 	cookie := b.cookie()
-	js, err := jetstream.New(f.env.Conn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(t.Context(), protocol.BucketSessions)
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv := sessionsBucket(t, f)
 	keys, err := kv.Keys(t.Context())
 	if err != nil || len(keys) != 1 {
 		t.Fatalf("sessions %v %v", keys, err)
@@ -384,9 +378,8 @@ func TestConsoleFollowsTheFleetLive(t *testing.T) {
 	}
 }
 
-// sessionStored reports, when called, whether b's session is in
-// fm_sessions.
-func sessionStored(t *testing.T, f *fm, b *browser) func() bool {
+// sessionsBucket is fm_sessions, as the server's connection reaches it.
+func sessionsBucket(t *testing.T, f *fm) jetstream.KeyValue {
 	t.Helper()
 	js, err := jetstream.New(f.env.Conn)
 	if err != nil {
@@ -396,6 +389,14 @@ func sessionStored(t *testing.T, f *fm, b *browser) func() bool {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return kv
+}
+
+// sessionStored reports, when called, whether b's session is in
+// fm_sessions.
+func sessionStored(t *testing.T, f *fm, b *browser) func() bool {
+	t.Helper()
+	kv := sessionsBucket(t, f)
 	sum := sha256.Sum256([]byte(b.cookie()))
 	return func() bool {
 		_, err := kv.Get(t.Context(), hex.EncodeToString(sum[:]))

@@ -150,6 +150,12 @@ func (h *liveHub) count() int {
 // liveInstance is the onChange of the tables keyed by instance id.
 func (s *Server) liveInstance(key string) { s.live.publish("instance", key) }
 
+// liveFleet is the onChange of a table of kind (networks, templates,
+// images, alerts): the pages that list them read them again.
+func (s *Server) liveFleet(kind string) func(string) {
+	return func(string) { s.live.publish("fleet", kind) }
+}
+
 // liveOp is the ops table's onChange: the operation's instance changed
 // (a snapshot's operation names its instance too; a load balancer's none).
 func (s *Server) liveOp(key string) {

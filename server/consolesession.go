@@ -50,8 +50,7 @@ const (
 	sessionCookie = "fm_session"
 	secureCookie  = "__Host-fm_session"
 	csrfHeader    = "X-FM-CSRF"
-	// defaultSessionLifetime is used when fm_sessions has no TTL (a bus
-	// declared by hand), and caps it otherwise.
+	// defaultSessionLifetime is used when the topology gives none.
 	defaultSessionLifetime = 12 * time.Hour
 	maxSignInBody          = 4 << 10
 	// sessionReadTime bounds the retries of a session's read or write on
@@ -96,16 +95,13 @@ type sessionStore struct {
 	signIns map[string]*rate.Limiter
 }
 
-func newSessionStore(ctx context.Context, kv jetstream.KeyValue) (*sessionStore, error) {
-	st, err := kv.Status(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("read bucket %s: %w", protocol.BucketSessions, err)
+// newSessionStore keeps sessions in kv for lifetime: the TTL the server
+// declared fm_sessions with (bus.Topology.SessionLifetime).
+func newSessionStore(kv jetstream.KeyValue, lifetime time.Duration) *sessionStore {
+	if lifetime <= 0 {
+		lifetime = defaultSessionLifetime
 	}
-	life := defaultSessionLifetime
-	if ttl := st.TTL(); ttl > 0 && ttl < life {
-		life = ttl
-	}
-	return &sessionStore{kv: kv, lifetime: life, signIns: map[string]*rate.Limiter{}}, nil
+	return &sessionStore{kv: kv, lifetime: lifetime, signIns: map[string]*rate.Limiter{}}
 }
 
 // mayStart reports whether who may start one more session now.
@@ -165,12 +161,12 @@ func retrying(ctx context.Context, op func(context.Context) error, stop func(err
 	}
 }
 
-// lookup returns the session of a cookie, and its revision; errNoSession
-// if there is none or it has expired.
-func (ss *sessionStore) lookup(ctx context.Context, cookie string) (consoleSession, uint64, error) {
+// lookup returns the session of a cookie; errNoSession if there is none
+// or it has expired.
+func (ss *sessionStore) lookup(ctx context.Context, cookie string) (consoleSession, error) {
 	var cs consoleSession
 	if cookie == "" || len(cookie) > 128 {
-		return cs, 0, errNoSession
+		return cs, errNoSession
 	}
 	var e jetstream.KeyValueEntry
 	err := retrying(ctx, func(ctx context.Context) (err error) {
@@ -178,18 +174,18 @@ func (ss *sessionStore) lookup(ctx context.Context, cookie string) (consoleSessi
 		return err
 	}, func(err error) bool { return errors.Is(err, jetstream.ErrKeyNotFound) })
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return cs, 0, errNoSession
+		return cs, errNoSession
 	}
 	if err != nil {
-		return cs, 0, unavailable(err, "the console's sessions cannot be read")
+		return cs, unavailable(err, "the console's sessions cannot be read")
 	}
 	if err := json.Unmarshal(e.Value(), &cs); err != nil || cs.KeyID == "" || cs.CSRF == "" {
-		return cs, 0, errNoSession
+		return cs, errNoSession
 	}
 	if !time.Now().Before(cs.Expires) {
-		return cs, 0, errNoSession
+		return cs, errNoSession
 	}
-	return cs, e.Revision(), nil
+	return cs, nil
 }
 
 // end deletes a cookie's session.
@@ -223,24 +219,34 @@ func (s *Server) sessionCookieOf(r *http.Request) (string, bool) {
 var errSessionEnded = newAPIError(protocol.CodeUnauthenticated, "Authentication required",
 	"the console session ended (signed out, expired, its key revoked, or the SSO settings changed): sign in again")
 
-// sessionFrom returns the request's console session and the principal it
-// stands for; with csrf, the request must carry the session's token. A
-// request without a live session is refused as unauthenticated.
-func (s *Server) sessionFrom(r *http.Request, csrf bool) (*Principal, consoleSession, error) {
+// sessionOf returns the request's console session and its cookie, stored
+// and not expired; with csrf, the request must carry the session's token.
+// A request without one is refused as unauthenticated.
+func (s *Server) sessionOf(r *http.Request, csrf bool) (consoleSession, string, error) {
 	cookie, ok := s.sessionCookieOf(r)
 	if !ok {
-		return nil, consoleSession{}, errSessionEnded
+		return consoleSession{}, "", errSessionEnded
 	}
-	cs, _, err := s.sessions.lookup(r.Context(), cookie)
+	cs, err := s.sessions.lookup(r.Context(), cookie)
 	if errors.Is(err, errNoSession) {
-		return nil, cs, errSessionEnded
+		return cs, cookie, errSessionEnded
 	}
 	if err != nil {
-		return nil, cs, err
+		return cs, cookie, err
 	}
 	if csrf && !hmac.Equal([]byte(r.Header.Get(csrfHeader)), []byte(cs.CSRF)) {
-		return nil, cs, newAPIError(protocol.CodePermissionDenied, "Cross-site request refused",
+		return cs, cookie, newAPIError(protocol.CodePermissionDenied, "Cross-site request refused",
 			"a call made with the console's session must carry its %s header", csrfHeader)
+	}
+	return cs, cookie, nil
+}
+
+// sessionFrom returns the request's console session (sessionOf) and the
+// principal it stands for, if that is still one.
+func (s *Server) sessionFrom(r *http.Request, csrf bool) (*Principal, consoleSession, error) {
+	cs, _, err := s.sessionOf(r, csrf)
+	if err != nil {
+		return nil, cs, err
 	}
 	if strings.HasPrefix(cs.KeyID, ssoPrefix) {
 		if _, on := s.ssoConfig(); !on || roleRank[cs.Role] == 0 || s.ssoRevision() != cs.SSORev {
@@ -374,24 +380,12 @@ func (s *Server) startSession(w http.ResponseWriter, r *http.Request, p *Princip
 // was revoked, or whose SSO settings changed, is ended too, so that it
 // cannot come back if they change back.
 func (s *Server) signOut(w http.ResponseWriter, r *http.Request) {
-	cookie, ok := s.sessionCookieOf(r)
-	if !ok {
-		s.writeError(w, r, errSessionEnded)
-		return
-	}
-	cs, _, err := s.sessions.lookup(r.Context(), cookie)
-	if errors.Is(err, errNoSession) {
-		http.SetCookie(w, s.sessionCookie(r, "", time.Unix(0, 0)))
-		s.writeError(w, r, errSessionEnded)
-		return
-	}
+	cs, cookie, err := s.sessionOf(r, true)
 	if err != nil {
+		if errors.Is(err, errSessionEnded) && cookie != "" {
+			http.SetCookie(w, s.sessionCookie(r, "", time.Unix(0, 0)))
+		}
 		s.writeError(w, r, err)
-		return
-	}
-	if !hmac.Equal([]byte(r.Header.Get(csrfHeader)), []byte(cs.CSRF)) {
-		s.writeError(w, r, newAPIError(protocol.CodePermissionDenied, "Cross-site request refused",
-			"signing out needs the session's %s header", csrfHeader))
 		return
 	}
 	if err := s.sessions.end(r.Context(), cookie); err != nil {
@@ -399,13 +393,11 @@ func (s *Server) signOut(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	http.SetCookie(w, s.sessionCookie(r, "", time.Unix(0, 0)))
-	who, role := "key:"+cs.KeyID, cs.Role
-	if strings.HasPrefix(cs.KeyID, ssoPrefix) {
-		who = cs.KeyID
-	} else if k, _, ok := s.st.keys.get(cs.KeyID); ok {
-		role = k.Role
+	p := &Principal{KeyID: cs.KeyID, Role: cs.Role}
+	if k, _, ok := s.st.keys.get(cs.KeyID); ok && !strings.HasPrefix(cs.KeyID, ssoPrefix) {
+		p.Role = k.Role
 	}
-	s.auditAs(r, who, role, "ok", http.StatusOK, nil)
+	s.auditAs(r, p.who(), p.Role, "ok", http.StatusOK, nil)
 	writeJSON(w, http.StatusOK, map[string]string{"status": "signed out"})
 }
 

@@ -293,21 +293,17 @@ func New(cfg Config) (*Server, error) {
 	if s.metrics, err = newMetrics(s); err != nil {
 		return nil, fmt.Errorf("server: metrics: %w", err)
 	}
-	if s.sessions, err = newSessionStore(ctx, st.sessions); err != nil {
-		return nil, fmt.Errorf("server: %w", err)
-	}
+	s.sessions = newSessionStore(st.sessions, cfg.Topology.SessionLifetime)
 	// Reports about an instance make it be reconciled, and the console's
 	// pages that show it read it again.
 	reconcile := func(key string) { s.enqueue(key); s.liveInstance(key) }
 	st.machines.onChange, st.agents.onChange, st.lifecycle.onChange = reconcile, reconcile, reconcile
 	st.instances.onChange, st.ops.onChange, st.snapshots.onChange = s.liveInstance, s.liveOp, s.liveSnapshot
 	st.snapshots.onRemove = func(_ string, old api.Snapshot) { s.live.publish("instance", old.InstanceID) }
-	st.networks.onChange = func(string) { s.live.publish("fleet", "virtual-networks") }
-	st.templates.onChange = func(string) { s.live.publish("fleet", "instance-settings-templates") }
-	st.images.onChange = func(string) { s.live.publish("fleet", "images") }
 	// What only time changes (an agent gone silent, a snapshot overdue)
 	// shows as an alert's change.
-	st.alerts.onChange = func(string) { s.live.publish("fleet", "alerts") }
+	st.networks.onChange, st.templates.onChange = s.liveFleet("virtual-networks"), s.liveFleet("instance-settings-templates")
+	st.images.onChange, st.alerts.onChange = s.liveFleet("images"), s.liveFleet("alerts")
 	watchCtx, stop := context.WithCancel(context.Background())
 	s.stop = stop
 	st.run(watchCtx)

@@ -104,6 +104,20 @@ function redraw(node, draw) {
   }
 }
 
+// filterForm is a page's filters: on submit, route with each control's
+// value under its name, the empty ones left out.
+function filterForm(title, route, fields, ...extra) {
+  const form = h('form', { class: 'inline', role: 'search', 'aria-label': title },
+    fields.map(([text, c]) => h('div', {}, field(text, c))), h('button', { type: 'submit', text: 'Filter' }), extra);
+  form.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const q = new URLSearchParams();
+    for (const [, c] of fields) if (c.value) q.set(c.name, c.value);
+    location.hash = `${route}?${q}`;
+  });
+  return form;
+}
+
 // ---- API ----
 
 class APIError extends Error {

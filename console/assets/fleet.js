@@ -17,17 +17,7 @@ async function dashboard(main, query) {
   const label = input('label', filters.label, { type: 'search', placeholder: 'part of a label' });
   const state = select('state', [['', 'any state'], ...STATES], filters.state);
   const tag = input('tag', filters.tag, { placeholder: 'tag, or key=value' });
-  const form = h('form', { class: 'inline', role: 'search', 'aria-label': 'Filter the fleet' },
-    h('div', {}, field('Label', label)), h('div', {}, field('State', state)), h('div', {}, field('Tag', tag)),
-    h('button', { type: 'submit', text: 'Filter' }), h('a', { href: '#/', text: 'Clear' }));
-  form.addEventListener('submit', (ev) => {
-    ev.preventDefault();
-    const q = new URLSearchParams();
-    if (label.value) q.set('label', label.value);
-    if (state.value) q.set('state', state.value);
-    if (tag.value) q.set('tag', tag.value);
-    location.hash = '#/?' + q.toString();
-  });
+  const form = filterForm('Filter the fleet', '#/', [['Label', label], ['State', state], ['Tag', tag]], h('a', { href: '#/', text: 'Clear' }));
   const summary = h('div', { id: 'summary' });
   const ops = h('div', { id: 'ops' });
   const rows = h('div', { id: 'rows' });

@@ -179,16 +179,7 @@ async function auditPage(main, query) {
     'snapshots', 'futures', 'cloud-credentials', 'load-balancers', 'server'], query.get('object') || '');
   const who = input('who', query.get('who') || '', { placeholder: 'key:<id> or sso:<user>' });
   const since = h('input', { type: 'datetime-local', name: 'since', value: query.get('since') || '' });
-  const form = h('form', { class: 'inline', role: 'search', 'aria-label': 'Filter the audit trail' },
-    h('div', {}, field('Object', object)), h('div', {}, field('Actor', who)), h('div', {}, field('Since', since)), h('button', { type: 'submit', text: 'Filter' }));
-  form.addEventListener('submit', (ev) => {
-    ev.preventDefault();
-    const q = new URLSearchParams();
-    if (object.value) q.set('object', object.value);
-    if (who.value) q.set('who', who.value);
-    if (since.value) q.set('since', since.value);
-    location.hash = '#/audit?' + q;
-  });
+  const form = filterForm('Filter the audit trail', '#/audit', [['Object', object], ['Actor', who], ['Since', since]]);
   const q = new URLSearchParams({ limit: '200' });
   if (query.get('object')) q.set('object', query.get('object'));
   if (query.get('who')) q.set('who', query.get('who'));
