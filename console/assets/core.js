@@ -130,6 +130,7 @@ class APIError extends Error {
 }
 
 async function call(method, path, body, raw) {
+  const mine = session;
   const headers = { 'Accept': 'application/json', 'X-FM-CSRF': session ? session.csrf : '' };
   const opts = { method, headers, credentials: 'same-origin', cache: 'no-store' };
   if (body !== undefined) {
@@ -142,7 +143,9 @@ async function call(method, path, body, raw) {
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (e) { data = { message: text }; }
   if (r.status === 401 && path !== '/console/session') {
-    signedOut('Your session ended: sign in again.');
+    // Only the session the call was made with has ended: a call still
+    // under way at a sign-out must not sign the next person out.
+    if (mine && session === mine) signedOut('Your session ended: sign in again.');
     throw new APIError(r.status, data);
   }
   if (!r.ok) throw new APIError(r.status, data);
@@ -304,8 +307,17 @@ function started() {
   nav.hidden = false;
   const out = h('button', { type: 'button', text: 'Sign out' });
   out.addEventListener('click', async () => {
-    try { await call('DELETE', '/console/session'); } catch (e) { /* ended already */ }
-    signedOut('Signed out.');
+    // The page stops at once (nothing of it goes on while the session
+    // ends), then loads afresh: nothing the person saw stays in the tab's
+    // memory for the next one.
+    const csrf = session.csrf;
+    session = null;
+    generation++;
+    live.close();
+    try {
+      await fetch('/console/session', { method: 'DELETE', headers: { 'X-FM-CSRF': csrf }, credentials: 'same-origin', cache: 'no-store' });
+    } catch (e) { /* the server away: the session then lasts until it expires */ }
+    location.replace('/?signed-out');
   });
   fill($('#who'), h('span', { text: `${session.who} (${session.role})` }), out);
   $('#who').hidden = false;
@@ -382,6 +394,10 @@ document.addEventListener('DOMContentLoaded', async () => {
   // An SSO sign-in that failed comes back with a code, worded here (a
   // link to FM cannot make this page say anything else).
   let msg;
+  if (location.search === '?signed-out') {
+    msg = 'Signed out.';
+    history.replaceState(null, '', '/');
+  }
   if (location.hash.startsWith('#sso-error=')) {
     msg = SSO_ERRORS[location.hash.slice('#sso-error='.length)] || 'The single sign-on did not complete: sign in again.';
     history.replaceState(null, '', '/');
