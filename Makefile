@@ -14,7 +14,7 @@ NATS        := $(shell $(GO) env GOPATH)/bin/nats
 NATSCLI_VERSION := v0.5.0
 TEST_FLAGS  ?= -race -timeout 25m
 
-.PHONY: build kits run test check lint fmt-check vet staticcheck tidy-check boundaries tracked bench bench-smoke clean
+.PHONY: build kits run test check lint fmt-check vet staticcheck tidy-check boundaries tracked bench bench-smoke package release clean
 
 build: bin/fm kits
 
@@ -85,6 +85,21 @@ bench:
 bench-smoke:
 	FM_BENCH_IDLE_SECONDS=5 $(GO) test -timeout 10m -run '^$$' -bench AgentIdle -benchtime 1x ./e2e/
 	FM_BENCH_SNAPSHOT_RECENT=1 $(GO) test -timeout 10m -run '^$$' -bench LocalSnapshot -benchtime 1x ./provisioner/local/
+
+# The fm package (.deb and .rpm) for this machine's architecture, with the
+# binaries in it, in bin/packages (docs/install.md).
+package:
+	GO=$(GO) deploy/packaging/build.sh bin/packages $$($(GO) env GOARCH)
+
+# A release: fm, fm-agent and nats-server for linux/amd64 and linux/arm64,
+# their packages, and SHA256SUMS of them all, in bin/release. Reproducible:
+# a release of one commit is the same bytes whoever makes it (TestPackage
+# checks it; CHANGELOG.md says what each release changed).
+release:
+	rm -rf bin/release
+	GO=$(GO) deploy/packaging/build.sh bin/release amd64 arm64
+	cd bin/release && sha256sum linux-*/* *.deb *.rpm > SHA256SUMS
+	@cat bin/release/SHA256SUMS
 
 clean:
 	rm -rf bin

@@ -247,13 +247,17 @@ func (t Topology) ObjectStores() []jetstream.ObjectStoreConfig {
 const declareWait = 2 * time.Minute
 
 // Declare creates every stream, bucket and object store, or updates it to
-// this declaration. It is idempotent; run it at every start. A bus not
-// ready yet (unanswered, or with no peer ready for a replica) is asked
-// again, every second, for up to declareWait.
+// this declaration, stamped with LayoutVersion. It is idempotent; run it at
+// every start. A bus with a newer layout is refused, untouched
+// (ErrNewerLayout). A bus not ready yet (unanswered, or with no peer ready
+// for a replica) is asked again, every second, for up to declareWait.
 func (t Topology) Declare(ctx context.Context, js jetstream.JetStream) error {
 	deadline := time.Now().Add(declareWait)
 	for {
-		err := t.declareOnce(ctx, js)
+		err := checkLayout(ctx, js)
+		if err == nil {
+			err = t.declareOnce(ctx, js)
+		}
 		if err == nil || !notReadyYet(err) || time.Now().After(deadline) {
 			return err
 		}
@@ -276,6 +280,7 @@ func notReadyYet(err error) bool {
 
 func (t Topology) declareOnce(ctx context.Context, js jetstream.JetStream) error {
 	for _, cfg := range t.KeyValues() {
+		cfg.Metadata = stamped(cfg.Metadata)
 		if cfg.Bucket == protocol.BucketAgents {
 			if err := declareWithoutRollups(ctx, js, cfg); err != nil {
 				return fmt.Errorf("declare bucket %s: %w", cfg.Bucket, err)
@@ -287,11 +292,13 @@ func (t Topology) declareOnce(ctx context.Context, js jetstream.JetStream) error
 		}
 	}
 	for _, cfg := range t.Streams() {
+		cfg.Metadata = stamped(cfg.Metadata)
 		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
 			return fmt.Errorf("declare stream %s: %w", cfg.Name, err)
 		}
 	}
 	for _, cfg := range t.ObjectStores() {
+		cfg.Metadata = stamped(cfg.Metadata)
 		if _, err := js.CreateOrUpdateObjectStore(ctx, cfg); err != nil {
 			return fmt.Errorf("declare object store %s: %w", cfg.Bucket, err)
 		}
@@ -342,6 +349,7 @@ func declareWithoutRollups(ctx context.Context, js jetstream.JetStream, cfg jets
 	want := st.CachedInfo().Config
 	want.Description, want.MaxAge, want.MaxMsgSize, want.Replicas = cfg.Description, cfg.TTL, cfg.MaxValueSize, cfg.Replicas
 	want.MaxMsgsPerSubject, want.SubjectDeleteMarkerTTL, want.AllowRollup = int64(cfg.History), 0, false
+	want.Metadata = stamped(want.Metadata)
 	if reflect.DeepEqual(want, st.CachedInfo().Config) {
 		return nil
 	}

@@ -86,9 +86,15 @@ func startDev(t *testing.T, data string) *devEnv {
 // startDevAt starts fm dev listening on addr, with extra flags.
 func startDevAt(t *testing.T, data, addr string, extra ...string) *devEnv {
 	t.Helper()
+	return startDevWith(t, fmBin(t), data, addr, extra...)
+}
+
+// startDevWith is startDevAt with the fm binary bin (another commit's).
+func startDevWith(t *testing.T, bin, data, addr string, extra ...string) *devEnv {
+	t.Helper()
 	d := &devEnv{data: data, addr: addr, url: "http://" + addr, keyFile: filepath.Join(data, "admin-key.json"), args: extra}
 	d.env = []string{"FM_URL=" + d.url, "FM_KEY_FILE=" + d.keyFile}
-	d.proc = Start(t, fmBin(t), nil, append([]string{"dev", "--data", data, "--listen", addr, "--log-format", "json"}, extra...)...)
+	d.proc = Start(t, bin, nil, append([]string{"dev", "--data", data, "--listen", addr, "--log-format", "json"}, extra...)...)
 	WaitHTTP(t, d.url+"/healthz", 60*time.Second)
 	d.proc.WaitStdout("Press Ctrl-C to stop", 10*time.Second)
 	return d

@@ -39,7 +39,12 @@ import (
 // they measure.
 func Build(dir string, race bool) (string, error) {
 	_, file, _, _ := runtime.Caller(0)
-	root := filepath.Dir(filepath.Dir(file))
+	return BuildFrom(filepath.Dir(filepath.Dir(file)), dir, race)
+}
+
+// BuildFrom is Build of the FM source tree at root (another commit's, for
+// the upgrade test); its stand-in kits are built from root too.
+func BuildFrom(root, dir string, race bool) (string, error) {
 	bin := filepath.Join(dir, "fm")
 	build := func(out, pkg string, flags ...string) error {
 		args := append([]string{"build", "-o", out}, flags...)

@@ -119,7 +119,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		Metrics:          reg,
 	})
 	if err != nil {
-		return err
+		return startError(err)
 	}
 	defer srv.Close()
 	backend, err := newBackend(ctx, b, "local", b.clientURL, localFlags{dir: filepath.Join(dir, "local"), secretKey: secretKey}, ec2Flags{}, log)

@@ -8,6 +8,7 @@ import (
 	"io"
 	"slices"
 
+	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/cli"
 	"github.com/fleetmanager/fm/internal/agentcmd"
 	"github.com/fleetmanager/fm/internal/buildinfo"
@@ -103,6 +104,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 
 // usageError is a command line that cannot run (exit 2).
 type usageError = startup.UsageError
+
+// startError is a role's failure to start. A bus a newer FM laid out
+// cannot run this FM however often it is restarted: it exits 2, which the
+// units do not restart (RestartPreventExitStatus=2).
+func startError(err error) error {
+	if errors.Is(err, bus.ErrNewerLayout) {
+		return usageError{Err: err}
+	}
+	return err
+}
 
 // checkHeartbeat checks --heartbeat-seconds: agents beat at least once a
 // second and at least once an hour.

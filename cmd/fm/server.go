@@ -181,7 +181,7 @@ func runServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		TrustedProxies: proxies, ACME: acmeConf, EC2IdentityCerts: ec2Certs,
 	})
 	if err != nil {
-		return err
+		return startError(err)
 	}
 	defer srv.Close()
 	if *keyFile == "" {
