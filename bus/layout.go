@@ -13,10 +13,15 @@ import (
 // LayoutVersion is the version of what FM keeps on the bus: its streams',
 // buckets' and object stores' settings and the records in them. Declare
 // stamps it on every stream it declares (the stream's metadata, under
-// LayoutKey). A release that changes what is stored in a way an older FM
-// would undo or misread raises it and migrates the bus in Declare, before
-// stamping; an FM whose LayoutVersion is lower than a stamp on the bus
-// refuses to start (ErrNewerLayout). CHANGELOG.md gives each release's.
+// LayoutKey), and an FM whose LayoutVersion is lower than a stamp on the
+// bus refuses to start (ErrNewerLayout). CHANGELOG.md gives each release's.
+//
+// A release that changes what is stored in a way an older FM would undo or
+// misread raises it, and its migration stamps the new version on one
+// stream first, then migrates, idempotently: an FM killed half-way leaves a
+// bus older FMs refuse and the next start of a new one finishes. FMs built
+// before stamps (before layout 1) neither check nor keep the stamp: one
+// started on a stamped bus removes the stamps of the streams it declares.
 //
 // History:
 //

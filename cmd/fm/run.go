@@ -105,11 +105,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 // usageError is a command line that cannot run (exit 2).
 type usageError = startup.UsageError
 
-// startError is a role's failure to start. A bus a newer FM laid out
-// cannot run this FM however often it is restarted: it exits 2, which the
-// units do not restart (RestartPreventExitStatus=2).
+// startError is a role's failure to start. A bus laid out by a newer FM,
+// or stamped with a layout no FM writes, cannot run this FM however often
+// it is restarted: it exits 2, which the units do not restart
+// (RestartPreventExitStatus=2).
 func startError(err error) error {
-	if errors.Is(err, bus.ErrNewerLayout) {
+	var layout *bus.LayoutError
+	if errors.As(err, &layout) {
 		return usageError{Err: err}
 	}
 	return err

@@ -307,17 +307,27 @@ function started() {
   nav.hidden = false;
   const out = h('button', { type: 'button', text: 'Sign out' });
   out.addEventListener('click', async () => {
+    if (!session) return; // a second click while the first one is under way
     // The page stops at once (nothing of it goes on while the session
-    // ends), then loads afresh: nothing the person saw stays in the tab's
-    // memory for the next one.
-    const csrf = session.csrf;
+    // ends), then, once FM has ended the session, loads afresh: nothing the
+    // person saw stays in the tab's memory for the next one.
+    const mine = session;
     session = null;
     generation++;
     live.close();
+    let ended = false;
     try {
-      await fetch('/console/session', { method: 'DELETE', headers: { 'X-FM-CSRF': csrf }, credentials: 'same-origin', cache: 'no-store' });
-    } catch (e) { /* the server away: the session then lasts until it expires */ }
-    location.replace('/?signed-out');
+      const r = await fetch('/console/session', { method: 'DELETE', headers: { 'X-FM-CSRF': mine.csrf }, credentials: 'same-origin', cache: 'no-store' });
+      ended = r.ok || r.status === 401; // 401: it had ended already
+    } catch (e) { /* FM out of reach */ }
+    if (ended) {
+      location.replace('/?signed-out');
+      return;
+    }
+    // Still signed in: the page comes back, and says so.
+    session = mine;
+    started();
+    flash('Sign-out failed: you are still signed in. Try again.', true);
   });
   fill($('#who'), h('span', { text: `${session.who} (${session.role})` }), out);
   $('#who').hidden = false;

@@ -177,6 +177,7 @@ func TestUserData(t *testing.T) {
 	script := userData(t, tmpl, map[string]string{
 		"AWS::StackName": "fm-test", "AWS::Region": "eu-west-3", "VpcId": "vpc-0123", "SubnetId": "subnet-0456",
 		"AllowedCidr": "203.0.113.0/24", "FMPackageURL": "https://example.com/fm_1.2.3_amd64.deb",
+		"PackageSHA256": strings.Repeat("ab", 32),
 	})
 	path := filepath.Join(t.TempDir(), "user-data.sh")
 	if err := os.WriteFile(path, []byte(script), 0o600); err != nil {
@@ -187,7 +188,7 @@ func TestUserData(t *testing.T) {
 	}
 	steps := []string{
 		"#!/bin/bash\n",
-		"set -euo pipefail",
+		"set -Eeuo pipefail",
 		"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol",
 		`if [ -z "$(blkid -o value -s TYPE "$disk" || true)" ]; then`,
 		"mkfs.ext4 -q -L fm-data \"$disk\"",
@@ -196,6 +197,7 @@ func TestUserData(t *testing.T) {
 		"chown root:root /var/lib/fm\nchmod 0755 /var/lib/fm\n",
 		"RequiresMountsFor=/var/lib/fm",
 		"curl -fsSL --retry 5 --retry-connrefused -o fm.deb 'https://example.com/fm_1.2.3_amd64.deb'",
+		"echo '" + strings.Repeat("ab", 32) + "  fm.deb' | sha256sum --check --strict -",
 		"exit 101\\n' >/usr/sbin/policy-rc.d",
 		"apt-get install -y -q ./fm.deb",
 		"then rm -f /usr/sbin/policy-rc.d; fi\nchmod 0755 /var/lib/fm\n",

@@ -301,7 +301,8 @@ func unitsRun(t *testing.T, root string) {
 					}
 				}
 			case "ExecStartPre":
-				pre = strings.Fields(rewrite.Replace(value))
+				// "-": the unit starts even when this fails; here it must not.
+				pre = strings.Fields(rewrite.Replace(strings.TrimPrefix(value, "-")))
 			case "ExecStart":
 				start = strings.Fields(rewrite.Replace(value))
 			}
@@ -379,4 +380,57 @@ func freePort(t *testing.T) string {
 	}
 	defer l.Close()
 	return l.Addr().String()
+}
+
+// TestPackageVersions: git describe's versions become package versions
+// that start with a digit and sort as the releases they name do.
+func TestPackageVersions(t *testing.T) {
+	// In the order the versions sort in, but for the ones marked aside: a
+	// build with uncommitted changes sorts after its commit, and untagged
+	// commits sort before every release, in no order among themselves.
+	ordered := []struct {
+		describe, version string
+		aside             bool
+	}{
+		{"1234567", "0.0.0+g1234567", true},
+		{"8b0d4c1", "0.0.0+g8b0d4c1", false},
+		{"8b0d4c1-dirty", "0.0.0+g8b0d4c1.dirty", true},
+		{"v1.2.0-rc.1", "1.2.0~rc.1", false},
+		{"v1.2.0-rc.1-3-gabc1234", "1.2.0~rc.1+3.gabc1234", false},
+		{"v1.2.0", "1.2.0", false},
+		{"v1.2.0-dirty", "1.2.0+dirty", true},
+		{"v1.2.0-3-gabc1234", "1.2.0+3.gabc1234", false},
+		{"v1.2.0-3-gabc1234-dirty", "1.2.0+3.gabc1234.dirty", true},
+		{"v1.10.0", "1.10.0", false},
+	}
+	for _, tc := range ordered {
+		t.Run(tc.describe, func(t *testing.T) {
+			if got := strings.TrimSpace(run(t, nil, "deploy/packaging/build.sh", "--package-version", tc.describe)); got != tc.version {
+				t.Errorf("package version of %s: %q, want %q", tc.describe, got, tc.version)
+			}
+		})
+	}
+	if _, err := exec.LookPath("dpkg"); err != nil {
+		t.Skip("dpkg not found: the order is not checked")
+	}
+	lt := func(a, b string) {
+		t.Helper()
+		if err := exec.Command("dpkg", "--compare-versions", a, "lt", b).Run(); err != nil {
+			t.Errorf("dpkg does not sort %s before %s", a, b)
+		}
+	}
+	prev := ""
+	for i, tc := range ordered {
+		switch {
+		case strings.HasSuffix(tc.describe, "-dirty"):
+			lt(ordered[i-1].version, tc.version)
+		case tc.aside:
+			lt(tc.version, "1.2.0~rc.1")
+		default:
+			if prev != "" {
+				lt(prev, tc.version)
+			}
+			prev = tc.version
+		}
+	}
 }

@@ -8,17 +8,20 @@ root="${DPKG_ROOT:-}"
 
 # The system user of fm-server, fm-provisioner and fm-nats; the agent runs
 # as root. Never removed: files it owns outlive the package.
-if ! grep -q '^fm:' "$root/etc/passwd" 2>/dev/null; then
-	if [ -n "$root" ]; then prefix="--prefix $root"; else prefix=""; fi
-	# shellcheck disable=SC2086
-	useradd $prefix --system --user-group --home-dir /var/lib/fm --no-create-home \
+if [ -n "$root" ]; then
+	# Another root: its own files, not this machine's user database.
+	grep -q '^fm:' "$root/etc/passwd" 2>/dev/null ||
+		useradd --prefix "$root" --system --user-group --home-dir /var/lib/fm --no-create-home \
+			--shell /usr/sbin/nologin --comment "Fleet Manager" fm
+elif ! getent passwd fm >/dev/null; then
+	useradd --system --user-group --home-dir /var/lib/fm --no-create-home \
 		--shell /usr/sbin/nologin --comment "Fleet Manager" fm
 fi
 
 upgrade=""
 case "$1" in
-configure) [ -n "$2" ] && upgrade=1 ;;
-2) upgrade=1 ;;
+configure) [ -n "${2:-}" ] && upgrade=1 ;;
+[0-9]*) [ "$1" -ge 2 ] && upgrade=1 ;;
 esac
 
 if [ -z "$root" ] && [ -d /run/systemd/system ]; then
