@@ -23,7 +23,7 @@ func TestDeclareStampsTheLayout(t *testing.T) {
 	if err := topo.Declare(ctx(t), js); err != nil {
 		t.Fatal(err)
 	}
-	names := streamNames(topo)
+	names := topo.StreamNames()
 	stampOf := func(name string) string {
 		t.Helper()
 		st, err := js.Stream(ctx(t), name)
@@ -98,20 +98,4 @@ func TestDeclareStampsTheLayout(t *testing.T) {
 			}
 		})
 	}
-}
-
-// streamNames is every stream the topology declares, buckets' and object
-// stores' included.
-func streamNames(topo bus.Topology) []string {
-	var names []string
-	for _, kv := range topo.KeyValues() {
-		names = append(names, "KV_"+kv.Bucket)
-	}
-	for _, st := range topo.Streams() {
-		names = append(names, st.Name)
-	}
-	for _, o := range topo.ObjectStores() {
-		names = append(names, "OBJ_"+o.Bucket)
-	}
-	return names
 }

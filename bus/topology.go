@@ -227,6 +227,22 @@ func (t Topology) Streams() []jetstream.StreamConfig {
 	}
 }
 
+// StreamNames is every stream the topology declares, its buckets' and
+// object stores' included, by the name JetStream gives each.
+func (t Topology) StreamNames() []string {
+	var names []string
+	for _, kv := range t.KeyValues() {
+		names = append(names, "KV_"+kv.Bucket)
+	}
+	for _, st := range t.Streams() {
+		names = append(names, st.Name)
+	}
+	for _, o := range t.ObjectStores() {
+		names = append(names, "OBJ_"+o.Bucket)
+	}
+	return names
+}
+
 // ObjectStores declares every object store.
 func (t Topology) ObjectStores() []jetstream.ObjectStoreConfig {
 	return []jetstream.ObjectStoreConfig{

@@ -449,17 +449,7 @@ func (c *clusterFM) checkReplicas(t *testing.T) {
 	// Each stream FM declares, with each replica current, as soon as the
 	// last node restarted catches up. Each is asked for by name: a list
 	// leaves out a stream without a leader.
-	topo := bus.DefaultTopology()
-	var names []string
-	for _, kv := range topo.KeyValues() {
-		names = append(names, "KV_"+kv.Bucket)
-	}
-	for _, st := range topo.Streams() {
-		names = append(names, st.Name)
-	}
-	for _, o := range topo.ObjectStores() {
-		names = append(names, "OBJ_"+o.Bucket)
-	}
+	names := bus.DefaultTopology().StreamNames()
 	var problems []string
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(500 * time.Millisecond) {
 		problems = problems[:0]

@@ -167,8 +167,8 @@ func streamConfigs(t *testing.T, data string) map[string]string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(configs) < 20 {
-		t.Fatalf("%d streams' configurations in %s: FM declares more", len(configs), data)
+	if want := len(bus.DefaultTopology().StreamNames()); len(configs) < want {
+		t.Fatalf("%d streams' configurations in %s: FM declares %d", len(configs), data, want)
 	}
 	return configs
 }
