@@ -28,6 +28,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -258,7 +259,9 @@ func addFile(tw *tar.Writer, name, from string) error {
 
 // ReadFiles returns the manifest and the files of a backup without touching
 // any stream, so that the caller can put the keys in place before it starts
-// the bus that Restore fills.
+// the bus that Restore fills. A backup of a newer FM's bus layout (a stream
+// stamped newer than this FM's, bus.ErrNewerLayout) is refused here, before
+// anything is restored: this FM could not start on it.
 func ReadFiles(r io.Reader) (Manifest, map[string][]byte, error) {
 	var m Manifest
 	files := map[string][]byte{}
@@ -266,6 +269,17 @@ func ReadFiles(r io.Reader) (Manifest, map[string][]byte, error) {
 		switch {
 		case name == manifestName:
 			return json.NewDecoder(body).Decode(&m)
+		case strings.HasPrefix(name, streamsDir) && strings.HasSuffix(name, ".json"):
+			var cfg struct {
+				Name     string            `json:"name"`
+				Metadata map[string]string `json:"metadata"`
+			}
+			if err := json.NewDecoder(body).Decode(&cfg); err != nil {
+				return fmt.Errorf("%s: %w", name, err)
+			}
+			if err := bus.CheckStamp(cfg.Name, cfg.Metadata); err != nil {
+				return fmt.Errorf("a backup this FM cannot restore: %w", err)
+			}
 		case strings.HasPrefix(name, filesDir):
 			b, err := io.ReadAll(body)
 			files[strings.TrimPrefix(name, filesDir)] = b

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -161,5 +162,36 @@ func TestBackupOfAStreamWhoseLastMessageIsGone(t *testing.T) {
 	}
 	if got, want := sortedDump(t, dst), sortedDump(t, src); got != want {
 		t.Fatalf("restored state differs:\n%s\nwant\n%s", got, want)
+	}
+}
+
+// TestRestoreRefusesANewerLayout: a backup of a bus a newer FM laid out (a
+// stream stamped with a later layout) is refused when read, and a restore
+// of it creates no stream: this FM could not start on what it would make.
+func TestRestoreRefusesANewerLayout(t *testing.T) {
+	ctx := context.Background()
+	src := bustest.Run(t).JetStream(t)
+	st, err := src.Stream(ctx, protocol.StreamAudit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := st.CachedInfo().Config
+	cfg.Metadata[bus.LayoutKey] = strconv.Itoa(bus.LayoutVersion + 1)
+	if _, err := src.UpdateStream(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	var file bytes.Buffer
+	if _, err := Write(ctx, src, nil, &file); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := ReadFiles(bytes.NewReader(file.Bytes())); !errors.Is(err, bus.ErrNewerLayout) {
+		t.Fatalf("read a newer layout's backup: %v", err)
+	}
+	dst := bustest.RunBare(t).JetStream(t)
+	if _, err := Restore(ctx, dst, bytes.NewReader(file.Bytes())); !errors.Is(err, bus.ErrNewerLayout) {
+		t.Fatalf("restore a newer layout's backup: %v", err)
+	}
+	for name := range dst.StreamNames(ctx).Name() {
+		t.Errorf("the refused restore created stream %s", name)
 	}
 }

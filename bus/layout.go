@@ -54,22 +54,32 @@ func (e *LayoutError) Error() string {
 
 func (e *LayoutError) Is(target error) bool { return target == ErrNewerLayout && e.Version != 0 }
 
+// CheckStamp refuses a stream whose metadata holds a layout stamp newer
+// than this FM's, or one no FM writes (a LayoutError); an unstamped stream
+// passes. A backup's streams are checked with it before a restore.
+func CheckStamp(stream string, metadata map[string]string) error {
+	stamp, ok := metadata[LayoutKey]
+	if !ok {
+		return nil
+	}
+	v, err := strconv.Atoi(stamp)
+	if err != nil || v < 1 {
+		return &LayoutError{Stream: stream, Stamp: stamp}
+	}
+	if v > LayoutVersion {
+		return &LayoutError{Stream: stream, Stamp: stamp, Version: v}
+	}
+	return nil
+}
+
 // checkLayout refuses a bus with any stream stamped with a newer layout
 // than this FM's (or an unreadable stamp), before anything is declared:
 // a refused start changes nothing.
 func checkLayout(ctx context.Context, js jetstream.JetStream) error {
 	streams := js.ListStreams(ctx)
 	for info := range streams.Info() {
-		stamp, ok := info.Config.Metadata[LayoutKey]
-		if !ok {
-			continue
-		}
-		v, err := strconv.Atoi(stamp)
-		if err != nil || v < 1 {
-			return &LayoutError{Stream: info.Config.Name, Stamp: stamp}
-		}
-		if v > LayoutVersion {
-			return &LayoutError{Stream: info.Config.Name, Stamp: stamp, Version: v}
+		if err := CheckStamp(info.Config.Name, info.Config.Metadata); err != nil {
+			return err
 		}
 	}
 	if err := streams.Err(); err != nil {
