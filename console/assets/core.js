@@ -219,13 +219,30 @@ function follow(gen, logsFor, handler) {
   live.handler = handler;
 }
 
-// throttled runs fn at most once per wait, within wait of the first call,
-// while the page of generation gen is shown.
+// throttled runs fn (which returns a promise) at most once per wait,
+// within wait of the first call, while the page of generation gen is
+// shown; and never twice at once. A call while fn runs runs it once more
+// after: two reads in flight could end in either order, and the earlier
+// read, drawn last, would show what was true before the last change (an
+// operation left "running" for good).
 function throttled(gen, fn, wait) {
-  let timer = null;
-  return () => {
+  let timer = null, running = false, again = false;
+  const schedule = () => {
     if (timer) return;
-    timer = setTimeout(() => { timer = null; if (gen === generation) fn(); }, wait);
+    timer = setTimeout(async () => {
+      timer = null;
+      if (gen !== generation) return;
+      running = true;
+      try {
+        await fn();
+      } finally {
+        running = false;
+        if (again) { again = false; schedule(); }
+      }
+    }, wait);
+  };
+  return () => {
+    if (running) again = true; else schedule();
   };
 }
 

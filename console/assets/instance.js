@@ -24,8 +24,17 @@ async function instancePage(main, query, id) {
   fill(main, head, status, actions, ops, snaps, settings, may('operator') ? [logs, diag] : null);
   const gen = generation;
   let inst, st, images, form;
+  // One read at a time, in the order asked: the live reloads and the
+  // actions' own reads would otherwise race, and the earlier read, drawn
+  // last, show what was true before the last change.
+  let reads = Promise.resolve();
+  function load(first) {
+    const p = reads.then(() => read(first));
+    reads = p.catch(() => {});
+    return p;
+  }
 
-  async function load(first) {
+  async function read(first) {
     const r = await Promise.all([get('instances/' + enc(id)), get(`instances/${enc(id)}/status`),
       get(`instances/${enc(id)}/snapshots`), get(`futures?targetId=${enc(id)}&limit=20`), images ? images : get('images')]);
     let sn, fu;
