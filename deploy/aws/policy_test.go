@@ -54,9 +54,13 @@ type statement struct {
 	Condition   string   // as JSON, with sorted keys
 }
 
-// partitionSub is the one substitution a statement's Resource may hold:
-// the template says arn:${AWS::Partition}: where docs/ec2.md says arn:aws:.
+// partitionSub is the substitution every substituted Resource starts
+// with: the template says arn:${AWS::Partition}: where docs/ec2.md says
+// arn:aws:. The only other one is the RoleNamePattern parameter, whose
+// default, *, is what docs/ec2.md's policy grants.
 var partitionSub = regexp.MustCompile(`^arn:\$\{AWS::Partition\}:`)
+
+const roleNamePattern = "${RoleNamePattern}"
 
 func strs(v any, field string) ([]string, error) {
 	var out []string
@@ -70,6 +74,7 @@ func strs(v any, field string) ([]string, error) {
 				return fmt.Errorf("%s %v: only arn:${AWS::Partition}:… may be substituted", field, x)
 			}
 			sub = partitionSub.ReplaceAllString(sub, "arn:aws:")
+			sub = strings.Replace(sub, ":role/"+roleNamePattern, ":role/*", 1)
 			if strings.Contains(sub, "${") {
 				return fmt.Errorf("%s %q substitutes more than the partition", field, sub)
 			}
@@ -246,6 +251,11 @@ func TestTheRoleGrantsWhatTheCodeCalls(t *testing.T) {
 	tmpl := loadTemplate(t)
 	if problems := comparePolicies(docsPolicy(t), fmStatements(t, tmpl)); len(problems) > 0 {
 		t.Errorf("FM's role in %s is not docs/ec2.md's policy:\n%s", templatePath, strings.Join(problems, "\n"))
+	}
+	// The comparison takes role/${RoleNamePattern} as docs/ec2.md's
+	// role/*: so is the parameter's default.
+	if d := get(t, tmpl, "Parameters", "RoleNamePattern", "Default"); d != "*" {
+		t.Errorf("RoleNamePattern's default is %v, not *", d)
 	}
 
 	bucket := get(t, tmpl, "Resources", "SnapshotBucketPolicy").(map[string]any)
