@@ -305,8 +305,13 @@ func TestLoadBalancerActions(t *testing.T) {
 	f.ok(f.do("POST", "/load-balancers/"+lb.ID+"/actions/deprovision", ""), &op)
 	fb.answer(lb.ID, protocol.ProvisionBalancerDelete)
 	f.waitFuture(op.JobID, api.OpSucceeded, 10*time.Second)
-	f.ok(f.do("GET", "/load-balancers/"+lb.ID, ""), &lb)
-	if lb.State != api.LBStateNotProvisioned || lb.Address != "" || lb.OperationID != "" {
+	// The operation ends first; the load balancer is settled from it just
+	// after (as the failed update above is waited for).
+	waitFor(t, "the load balancer deprovisioned", func() bool {
+		f.ok(f.do("GET", "/load-balancers/"+lb.ID, ""), &lb)
+		return lb.OperationID == ""
+	})
+	if lb.State != api.LBStateNotProvisioned || lb.Address != "" {
 		t.Fatalf("deprovisioned: %+v", lb)
 	}
 	f.ok(f.do("POST", "/load-balancers/"+lb.ID+"/actions/provision", ""), &op)
