@@ -14,7 +14,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -27,10 +26,9 @@ import (
 // BuildNATSServer compiles nats-server, from the module version go.mod
 // names, into dir and returns its path.
 func BuildNATSServer(dir string) (string, error) {
-	_, file, _, _ := runtime.Caller(0)
 	bin := filepath.Join(dir, "nats-server")
 	cmd := exec.Command("go", "build", "-o", bin, "github.com/nats-io/nats-server/v2")
-	cmd.Dir = filepath.Dir(filepath.Dir(file))
+	cmd.Dir = ModuleRoot()
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("build nats-server: %v\n%s", err, out)
 	}
@@ -69,8 +67,7 @@ func StartNATSCluster(t testing.TB, natsBin, fmNATSConf string) *NATSCluster {
 // NodeConf is deploy/nats/nats-server.conf, the nodes' configuration.
 func NodeConf(t testing.TB) string {
 	t.Helper()
-	_, file, _, _ := runtime.Caller(0)
-	conf, err := os.ReadFile(filepath.Join(filepath.Dir(filepath.Dir(file)), "deploy", "nats", "nats-server.conf"))
+	conf, err := os.ReadFile(filepath.Join(ModuleRoot(), "deploy", "nats", "nats-server.conf"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -38,8 +38,13 @@ import (
 // build with the race detector; benchmarks without, since it changes what
 // they measure.
 func Build(dir string, race bool) (string, error) {
+	return BuildFrom(ModuleRoot(), dir, race)
+}
+
+// ModuleRoot is the folder of this checkout's go.mod.
+func ModuleRoot() string {
 	_, file, _, _ := runtime.Caller(0)
-	return BuildFrom(filepath.Dir(filepath.Dir(file)), dir, race)
+	return filepath.Dir(filepath.Dir(file))
 }
 
 // BuildFrom is Build of the FM source tree at root (another commit's, for

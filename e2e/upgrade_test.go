@@ -27,7 +27,7 @@ const previousRelease = "ba26433bae1fedcaef14e96856a9e7f328da04d3"
 // this checkout's history, with the race detector as the tests' own build.
 func buildPrevious(t *testing.T) string {
 	t.Helper()
-	root := repoRoot(t)
+	root := ModuleRoot()
 	if err := exec.Command("git", "-C", root, "cat-file", "-e", previousRelease+"^{commit}").Run(); err != nil {
 		if os.Getenv("FM_REQUIRE_UPGRADE") != "" {
 			t.Fatalf("this checkout lacks commit %s, which the upgrade test builds (a shallow clone?)", previousRelease)
@@ -44,15 +44,6 @@ func buildPrevious(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return bin
-}
-
-func repoRoot(t *testing.T) string {
-	t.Helper()
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}").Output()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return strings.TrimSpace(string(out))
 }
 
 // TestUpgradeFromThePreviousRelease: the previous release's FM runs a fleet
