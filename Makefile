@@ -12,7 +12,8 @@ STATICCHECK := $(shell $(GO) env GOPATH)/bin/staticcheck
 STATICCHECK_VERSION := v0.8.2
 NATS        := $(shell $(GO) env GOPATH)/bin/nats
 NATSCLI_VERSION := v0.5.0
-TEST_FLAGS  ?= -race -timeout 25m
+# e2e, the longest package, takes about 23 minutes under -race on 2 cores.
+TEST_FLAGS  ?= -race -timeout 35m
 
 .PHONY: build kits run test check lint fmt-check vet staticcheck tidy-check boundaries tracked bench bench-smoke package release clean
 

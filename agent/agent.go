@@ -82,6 +82,13 @@ type Agent struct {
 
 	crash crashpoint.Hook
 
+	// selfSHA is the digest of cfg.Binary as it started; upgradeMu orders
+	// what reads and writes the upgrade marker (selfupgrade.go); restart
+	// ends Run with ErrRestart.
+	selfSHA   string
+	upgradeMu sync.Mutex
+	restart   context.CancelCauseFunc
+
 	// commandsReconnected tells runCommands that the connection came back:
 	// commands stored meanwhile were not received.
 	commandsReconnected chan struct{}
@@ -150,6 +157,11 @@ func New(cfg Config) (*Agent, error) {
 		a.log.Warn().Err(err).Msg("command cursor unreadable; starting from the first command not yet seen")
 		a.cursor = commandCursor{}
 	}
+	var err error
+	if a.selfSHA, err = binaryDigest(cfg.Binary); err != nil {
+		// It cannot be replaced either: upgrade-agent says so.
+		a.log.Warn().Err(err).Str("binary", cfg.Binary).Msg("the agent's binary cannot be read")
+	}
 	if a.cursor.Version == 0 {
 		// A cursor from before catch-ups were verified (or none): what it
 		// ran, it ran in order.
@@ -166,6 +178,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	// machine's files, and DSS stays on HTTPS while FM or the bus is away.
 	// It is closed once every part has stopped.
 	defer a.front.stop()
+	ctx, a.restart = context.WithCancelCause(ctx)
+	defer a.restart(nil)
+	trialUntil, err := a.startUpgradeTrial()
+	if err != nil {
+		return err
+	}
+	trialCtx, endTrial := context.WithCancel(ctx)
+	defer endTrial()
+	go a.watchUpgradeTrial(trialCtx, trialUntil)
 	if !a.cfg.Simulated {
 		a.front.restore()
 		var frontDone sync.WaitGroup
@@ -230,7 +251,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.js = js
 	a.rep = newReporter(a.cfg.Instance, a.cfg.Version, nc, js, a.cfg.StatusRefresh, a.log)
 	a.rep.reconnected = beatAgain
-	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.MachineRequest = a.cfg.MachineRequest })
+	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.MachineRequest, s.AgentSHA256 = a.cfg.MachineRequest, a.selfSHA })
 	a.kits = &kits{m: a.m, http: &http.Client{}, progressEvery: 5 * time.Second, open: func(ctx context.Context, name string) (kitObject, error) {
 		r, err := objects.Open(ctx, js, protocol.ObjectStoreKits, name, kitChunkWait)
 		if err != nil {
@@ -287,6 +308,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer cancel()
 	a.rep.flush(flushCtx)
 	a.log.Info().Msg("agent stopped")
+	if errors.Is(context.Cause(ctx), ErrRestart) {
+		return ErrRestart
+	}
 	if errors.Is(ctx.Err(), context.Canceled) {
 		return nil
 	}

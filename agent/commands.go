@@ -21,6 +21,9 @@ type commandResult struct {
 	output  string
 	result  any
 	secret  bool // result holds a credential
+	// restart: the agent restarts on a new binary, which answers (the
+	// command stays recorded as running).
+	restart bool
 	err     *protocol.Error
 }
 
@@ -329,6 +332,10 @@ func (a *Agent) handleCommand(ctx context.Context, data []byte, seq uint64) {
 	if res.err != nil {
 		log.Warn().Str("error", res.err.Message).Msg("command failed")
 	}
+	if res.restart {
+		log.Info().Msg("the agent restarts to finish the command")
+		return
+	}
 	a.crash.At(point + ":done")
 	a.finish(ctx, cmd, res, seq)
 }
@@ -467,6 +474,8 @@ func (a *Agent) runCommand(ctx context.Context, cmd protocol.Command) commandRes
 		return a.dssSecret(cmd.Kind)
 	case protocol.CommandGrowFilesystem:
 		return a.growFilesystem(ctx, cmd)
+	case protocol.CommandUpgradeAgent:
+		return a.upgradeAgent(ctx, cmd)
 	case protocol.CommandCollectDiagnosis:
 		res, err := a.collectDiagnosis(ctx, cmd.ID)
 		if err != nil {

@@ -123,6 +123,10 @@ type Config struct {
 
 	// Version is the agent's version, reported in status and heartbeats.
 	Version string `json:"-"`
+	// Binary is the agent's own executable (its command line sets it): an
+	// upgrade-agent command replaces it, and only on the machine's disk
+	// (RootDir). Empty, the agent cannot upgrade itself.
+	Binary string `json:"-"`
 	// Logger is the agent's logger. When LogOutput is set too (where Logger
 	// writes), the agent also keeps its log in a rotating file on the
 	// machine and ships it to FM_LOGS.

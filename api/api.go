@@ -570,3 +570,62 @@ func knownOrSecretKey(k string) bool {
 	lower := strings.ToLower(k)
 	return cloudAccountKeys[lower] || cloudAccountSecretKeys[lower]
 }
+
+// AgentUpgrade is GET /agent-upgrade (FM's own): the tenant's last
+// rollout of the agent binary FM serves to its instances' machines, one
+// batch at a time. POST /agent-upgrade starts one (AgentUpgradeRequest);
+// DELETE /agent-upgrade stops it before its next batch.
+//
+// State is running, succeeded (every instance was upgraded, already ran
+// the binary, or was skipped), failed (more instances failed than
+// MaxFailures: no batch was started after) or aborted.
+type AgentUpgrade struct {
+	ID        string     `json:"id"`
+	State     string     `json:"state"`
+	StartedBy string     `json:"startedBy,omitempty"`
+	StartedAt time.Time  `json:"startedAt"`
+	EndedAt   *time.Time `json:"endedAt,omitempty"`
+	// Version and SHA256 are the binary's, as FM served it when the
+	// rollout started: a binary changed since is refused by the agents.
+	Version     string `json:"version"`
+	SHA256      string `json:"sha256"`
+	BatchSize   int    `json:"batchSize"`
+	MaxFailures int    `json:"maxFailures"`
+	// AbortRequested stops the rollout once its batch under way ends.
+	AbortRequested bool `json:"abortRequested,omitempty"`
+	// Pending are the instances no batch has reached yet, in order.
+	Pending []string `json:"pending"`
+	// Batch is the batch under way; Batches counts those started.
+	Batch   []AgentUpgradeEntry `json:"batch"`
+	Batches int                 `json:"batches"`
+	// Upgraded and AlreadyCurrent count the instances whose agent now runs
+	// the binary; FailedCount and SkippedCount those that do not, the
+	// first of them listed in Failed and Skipped with why.
+	Upgraded       int                 `json:"upgraded"`
+	AlreadyCurrent int                 `json:"alreadyCurrent"`
+	FailedCount    int                 `json:"failedCount"`
+	SkippedCount   int                 `json:"skippedCount"`
+	Failed         []AgentUpgradeEntry `json:"failed"`
+	Skipped        []AgentUpgradeEntry `json:"skipped"`
+}
+
+// AgentUpgradeEntry is one instance of a rollout: its upgrade-agent
+// operation (JobID) and what came of it.
+type AgentUpgradeEntry struct {
+	InstanceID string    `json:"instanceId"`
+	JobID      string    `json:"jobId,omitempty"`
+	Since      time.Time `json:"since"`
+	Message    string    `json:"message,omitempty"`
+	// Starting says its operation is being started (no JobID yet).
+	Starting bool `json:"starting,omitempty"`
+}
+
+// AgentUpgradeRequest is the body of POST /agent-upgrade: BatchSize
+// instances at a time (default 1), the rollout stopping once more than
+// MaxFailures failed (default 0: at the first), over InstanceIDs (default
+// every instance of the tenant).
+type AgentUpgradeRequest struct {
+	BatchSize   int      `json:"batchSize"`
+	MaxFailures int      `json:"maxFailures"`
+	InstanceIDs []string `json:"instanceIds,omitempty"`
+}

@@ -24,6 +24,7 @@ var instanceActions = map[string]string{
 	"stop":                 "stop",
 	"restart-dss":          "restart-dss",
 	"replay-setup-actions": "replay-setup-actions",
+	"upgrade-agent":        "upgrade-agent",
 }
 
 // runInstanceVerb runs the verbs `fm instance` has beyond the standard

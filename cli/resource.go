@@ -42,12 +42,12 @@ type objField struct {
 }
 
 var resources = []*resource{accountResource, networkResource, templateResource, instanceResource, lbResource, snapshotResource, imageResource, opResource,
-	apikeyResource, auditResource, natsCredsResource, statusResource, alertResource}
+	apikeyResource, auditResource, natsCredsResource, statusResource, alertResource, agentUpgradeResource}
 
 func (r *resource) usage() string {
 	if r.command == "instance" {
 		return "usage: fm instance list|get ID|create|update ID|delete ID|status ID|provision ID|reprovision ID|deprovision ID|" +
-			"start ID|stop ID|restart-dss ID|replay-setup-actions ID|reset-password ID|password ID|logs ID|diagnosis ID [flags]"
+			"start ID|stop ID|restart-dss ID|replay-setup-actions ID|upgrade-agent ID|reset-password ID|password ID|logs ID|diagnosis ID [flags]"
 	}
 	if r.command == "lb" {
 		return r.lbUsage()

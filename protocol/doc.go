@@ -100,5 +100,8 @@
 //	  throughput (VolumeSpec.ThroughputMiBps): an older provisioner makes
 //	  the volume with EBS's default. The web console's sessions' bucket
 //	  (BucketSessions): a server before it has no console, and leaves
-//	  the bucket alone.
+//	  the bucket alone. The upgrade-agent command (UpgradeAgentParams)
+//	  and an agent status's AgentSHA256: an older agent answers the
+//	  command as unknown, and reports no digest, so FM takes it for one
+//	  to upgrade.
 package protocol

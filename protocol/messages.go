@@ -241,13 +241,17 @@ const (
 	// CommandGrowFilesystem grows the data volume's file system to the
 	// volume's new size (GrowFilesystemParams).
 	CommandGrowFilesystem CommandKind = "grow-filesystem"
+	// CommandUpgradeAgent replaces the agent's binary with the one FM
+	// serves (UpgradeAgentParams) and restarts the agent on it; the new
+	// agent answers. One that does not report in time is rolled back.
+	CommandUpgradeAgent CommandKind = "upgrade-agent"
 )
 
 // CommandKinds lists every command kind.
 var CommandKinds = []CommandKind{
 	CommandRestartDSS, CommandStopDSS, CommandStartDSS, CommandReplaySetupActions,
 	CommandResetUserPassword, CommandGetInitialPassword, CommandCollectDiagnosis, CommandGetAdminAPIKey,
-	CommandGrowFilesystem,
+	CommandGrowFilesystem, CommandUpgradeAgent,
 }
 
 // Known reports whether k is one of CommandKinds.
@@ -287,6 +291,17 @@ type Command struct {
 type GrowFilesystemParams struct {
 	// SizeBytes is the data volume's new size.
 	SizeBytes uint64 `json:"sizeBytes"`
+}
+
+// UpgradeAgentParams are the Params of CommandUpgradeAgent: the binary
+// FM serves (server.DownloadPath), its digest, and how long the new agent
+// has to report before the machine goes back to the old one.
+type UpgradeAgentParams struct {
+	URL    string `json:"url"`
+	SHA256 string `json:"sha256"`
+	// ReportWithinSeconds bounds the new agent's first run: if it has not
+	// answered the command by then, the previous binary is put back.
+	ReportWithinSeconds int `json:"reportWithinSeconds"`
 }
 
 // ResetUserPasswordParams are the Params of CommandResetUserPassword.
@@ -489,6 +504,9 @@ type AgentStatus struct {
 	MachineRequest string    `json:"machineRequest,omitempty"`
 	Time           time.Time `json:"time"`
 	AgentVersion   string    `json:"agentVersion"`
+	// AgentSHA256 is the digest of the agent's binary: FM tells by it
+	// whether the agent runs the binary it serves.
+	AgentSHA256 string `json:"agentSha256,omitempty"`
 	// Generation is the last desired generation the agent fully reached;
 	// Target is the one it is working on (equal when Phase is ready).
 	Generation uint64       `json:"generation"`

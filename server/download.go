@@ -1,13 +1,17 @@
 package server
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"strings"
+	"time"
 
 	"github.com/fleetmanager/fm/protocol"
 )
@@ -23,6 +27,9 @@ const DownloadPath = "/download/fm"
 type agentBinary struct {
 	path   string
 	sha256 string
+	// version is what its `version` says ("fm 1.2.0 (…)" gives 1.2.0),
+	// "unknown" if it says nothing of the kind.
+	version string
 }
 
 // openAgentBinary hashes the binary once, at start: machines check what
@@ -41,7 +48,18 @@ func openAgentBinary(path string) (*agentBinary, error) {
 	if _, err := io.Copy(h, f); err != nil {
 		return nil, fmt.Errorf("agent binary: %w", err)
 	}
-	return &agentBinary{path: path, sha256: hex.EncodeToString(h.Sum(nil))}, nil
+	return &agentBinary{path: path, sha256: hex.EncodeToString(h.Sum(nil)), version: binaryVersion(path)}, nil
+}
+
+// binaryVersion runs `path version` for the version an upgrade names.
+func binaryVersion(path string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, path, "version").Output()
+	if f := strings.Fields(string(out)); err == nil && len(f) >= 2 && f[0] == "fm" {
+		return f[1]
+	}
+	return "unknown"
 }
 
 // agentDownload is the spec's download for a cloud machine: nil on the
@@ -51,6 +69,21 @@ func (s *Server) agentDownload() *protocol.AgentDownload {
 		return nil
 	}
 	return &protocol.AgentDownload{URL: strings.TrimSuffix(s.cfg.JoinURL, JoinPath) + DownloadPath, SHA256: s.agent.sha256}
+}
+
+// agentReportWithin is how long an upgraded agent has to report before
+// its machine goes back to the previous binary.
+const agentReportWithin = 5 * time.Minute
+
+// upgradeAgentParams are the params of an upgrade-agent command: the
+// binary FM serves, on every backend (a local machine has a binary of its
+// own to replace too).
+func (s *Server) upgradeAgentParams() (json.RawMessage, error) {
+	if s.agent == nil {
+		return nil, precondition("this Fleet Manager serves no agent binary to upgrade agents to (fm server --agent-binary)")
+	}
+	return json.Marshal(protocol.UpgradeAgentParams{URL: strings.TrimSuffix(s.cfg.JoinURL, JoinPath) + DownloadPath,
+		SHA256: s.agent.sha256, ReportWithinSeconds: int(agentReportWithin.Seconds())})
 }
 
 func (s *Server) serveAgentBinary(w http.ResponseWriter, r *http.Request) {

@@ -26,6 +26,7 @@ const (
 	opReplayActions = "replay-setup-actions"
 	opResetPassword = "reset-user-password"
 	opDiagnosis     = "collect-diagnosis"
+	opUpgradeAgent  = "upgrade-agent"
 )
 
 // action is one instance action: where it may start from, the state it
@@ -87,6 +88,7 @@ func (s *Server) actions() map[string]action {
 		opReplayActions: {kind: opReplayActions, from: []string{stateRunning}, deadline: time.Hour, prepare: s.prepareReplay},
 		opResetPassword: s.commandAction(opResetPassword, protocol.CommandResetUserPassword),
 		opDiagnosis:     s.commandAction(opDiagnosis, protocol.CommandCollectDiagnosis),
+		opUpgradeAgent:  s.commandAction(opUpgradeAgent, protocol.CommandUpgradeAgent),
 	}
 }
 
@@ -165,6 +167,12 @@ func (s *Server) instanceAction(kind string) handlerFunc {
 			ctx = context.WithValue(ctx, allowDowngradeKey{}, allow)
 		case opResetPassword:
 			params, err := resetPasswordParams(r)
+			if err != nil {
+				return nil, err
+			}
+			ctx = context.WithValue(ctx, commandParamsKey{}, params)
+		case opUpgradeAgent:
+			params, err := s.upgradeAgentParams()
 			if err != nil {
 				return nil, err
 			}

@@ -66,6 +66,7 @@ func TestEveryEndpointUnderEveryRole(t *testing.T) {
 		{"GET", i + "/actions/deprovision", "", "operator"},
 		{"GET", i + "/actions/restart-dss", "", "operator"},
 		{"GET", i + "/actions/replay-setup-actions", "", "operator"},
+		{"GET", i + "/actions/upgrade-agent", "", "operator"},
 		{"POST", i + "/actions/reset-user-password", `{"userName":"a","password":"b"}`, "operator"},
 		{"GET", i + "/actions/delete?force=False", "", "operator"},
 		{"GET", i + "/snapshots", "", "viewer"},
@@ -97,6 +98,9 @@ func TestEveryEndpointUnderEveryRole(t *testing.T) {
 		{"POST", "/api-keys", `{"label":"","role":"viewer"}`, "admin"},
 		{"DELETE", "/api-keys/none", "", "admin"},
 		{"GET", "/audit?limit=1", "", "admin"},
+		{"GET", "/agent-upgrade", "", "viewer"},
+		{"POST", "/agent-upgrade", `{"batchSize":-1}`, "admin"},
+		{"DELETE", "/agent-upgrade", "", "admin"},
 	}
 	for _, ep := range endpoints {
 		for role, k := range keys {

@@ -95,6 +95,9 @@ type Config struct {
 	// SnapshotHour).
 	SnapshotHour      time.Duration
 	SchedulerInterval time.Duration
+	// RolloutInterval is how often the server that holds the agent
+	// rollout's lease moves it on (default 5 s).
+	RolloutInterval time.Duration
 	// AlertInterval is how often the server that holds the alerts' lease
 	// evaluates them (default 15 s). AlertHoldFor, if set, shortens how
 	// long a condition must hold before its alert fires (each rule's own,
@@ -145,7 +148,9 @@ type Config struct {
 	// AgentBinary is the agent binary (the slim fm-agent build, or fm
 	// itself) cloud machines download from
 	// DownloadPath (at JoinURL's host) and run as their agent; without
-	// one, a cloud backend's machines cannot bootstrap.
+	// one, a cloud backend's machines cannot bootstrap. It is also what
+	// upgrade-agent upgrades every machine's agent to (fm dev's local
+	// machines too).
 	AgentBinary string
 	// ACME is where the machines of networks with httpsStrategy
 	// LETSENCRYPT obtain their certificates (default Let's Encrypt).
@@ -245,6 +250,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.SchedulerInterval == 0 {
 		cfg.SchedulerInterval = min(time.Minute, cfg.SnapshotHour/10)
+	}
+	if cfg.RolloutInterval == 0 {
+		cfg.RolloutInterval = 5 * time.Second
 	}
 	if cfg.AlertInterval == 0 {
 		cfg.AlertInterval = 15 * time.Second
@@ -407,7 +415,9 @@ func (s *Server) Run(ctx context.Context) error {
 		defer close(alerted)
 		s.runLeased(foldCtx, alertLease, "alerts", s.cfg.AlertInterval, func() tickFunc { return newAlerter(s).tick })
 	}()
-	defer func() { stopFolding(); <-folded; <-scheduled; <-alerted }()
+	rolled := make(chan struct{})
+	go func() { defer close(rolled); s.runAgentRollouts(foldCtx) }()
+	defer func() { stopFolding(); <-folded; <-scheduled; <-alerted; <-rolled }()
 	go s.syncAccount(foldCtx)
 	go s.metrics.bus.run(foldCtx)
 	// After the subscriptions end (deferred below), the answers under way.
@@ -500,7 +510,7 @@ func (s *Server) handler() http.Handler {
 	route(t+"/instances/{id}/admin-api-key", methods{"GET": writes(RoleOperator, s.getAdminAPIKey)})
 	route(t+"/instances/{id}/actions/delete", methods{"GET": writes(RoleOperator, s.deleteInstance)})
 	route(t+"/instances/{id}/actions/get-initial-password", methods{"GET": writes(RoleOperator, s.getInitialPassword)})
-	for _, kind := range []string{opReprovision, opDeprovision, opStart, opStop, opRestartDSS, opReplayActions, opDiagnosis} {
+	for _, kind := range []string{opReprovision, opDeprovision, opStart, opStop, opRestartDSS, opReplayActions, opDiagnosis, opUpgradeAgent} {
 		route(t+"/instances/{id}/actions/"+kind, methods{"GET": writes(RoleOperator, s.instanceAction(kind))})
 	}
 	route(t+"/instances/{id}/actions/"+opResetPassword, methods{"GET": writes(RoleOperator, s.instanceAction(opResetPassword)),
@@ -520,6 +530,8 @@ func (s *Server) handler() http.Handler {
 	route(t+"/api-keys", methods{"GET": reads(RoleAdmin, s.listKeys), "POST": writes(RoleAdmin, s.createKeyHandler)})
 	route(t+"/api-keys/{id}", methods{"DELETE": writes(RoleAdmin, s.revokeKey)})
 	route(t+"/audit", methods{"GET": reads(RoleAdmin, s.listAudit)})
+	route(t+"/agent-upgrade", methods{"GET": reads(RoleViewer, s.getAgentUpgrade), "POST": writes(RoleAdmin, s.startAgentUpgrade),
+		"DELETE": writes(RoleAdmin, s.abortAgentUpgrade)})
 	route(t+"/nats-credentials", methods{"POST": writes(RoleAdmin, s.natsCredentials)})
 	route(t+"/cloud-accounts", methods{"GET": reads(RoleViewer, s.listAccounts), "POST": writes(RoleAdmin, s.createAccount)})
 	route(t+"/cloud-accounts/{id}", methods{"GET": reads(RoleViewer, s.getAccount),

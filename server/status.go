@@ -36,6 +36,17 @@ type instanceStatus struct {
 	DataVolume *volumeStatus     `json:"dataVolume,omitempty"`
 	Operation  *api.OperationRef `json:"operation,omitempty"`
 	LastError  *api.Error        `json:"lastError,omitempty"`
+	Agent      *agentInfo        `json:"agent,omitempty"`
+}
+
+// agentInfo is the agent a running machine reported.
+type agentInfo struct {
+	Version string `json:"version"`
+	SHA256  string `json:"sha256,omitempty"`
+	// Current says whether it runs the binary FM serves (absent when FM
+	// serves none): upgrade-agent brings it there. An agent that reports
+	// no digest (older than upgrades) is not.
+	Current *bool `json:"current,omitempty"`
 }
 
 type volumeStatus struct {
@@ -83,6 +94,10 @@ func (s *Server) statusOf(id string) instanceStatus {
 		dss := ag.DSS
 		st.DSS, st.ReachedGeneration = &dss, ag.Generation
 		st.DataVolume = &volumeStatus{SizeBytes: ag.Machine.DataVolumeBytes, UsedBytes: ag.Machine.DataVolumeUsedBytes}
+		st.Agent = &agentInfo{Version: ag.AgentVersion, SHA256: ag.AgentSHA256}
+		if s.agent != nil {
+			st.Agent.Current = ptr(ag.AgentSHA256 == s.agent.sha256)
+		}
 	}
 	last := s.lastBeat(id)
 	seen := last.at

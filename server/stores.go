@@ -62,6 +62,8 @@ type settingsDoc struct {
 	// in IAMSecret (iam.go).
 	IAM       map[string]json.RawMessage `json:"iam,omitempty"`
 	IAMSecret string                     `json:"iamSecret,omitempty"`
+	// AgentUpgrade is the tenant's last agent rollout (agentrollout.go).
+	AgentUpgrade *api.AgentUpgrade `json:"agentUpgrade,omitempty"`
 }
 
 func openStores(ctx context.Context, js jetstream.JetStream, box *seal.Box, log zerolog.Logger) (*stores, error) {

@@ -95,6 +95,11 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		natsCreds = append(natsCreds, path)
 	}
 
+	// The server serves the agent its machines run, for upgrade-agent.
+	agentBin, err := defaultAgentBinary(log)
+	if err != nil {
+		return err
+	}
 	// One registry: the server serves the provisioner's metrics too.
 	reg := prometheus.NewRegistry()
 	srv, err := server.New(server.Config{
@@ -103,6 +108,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		// The local backend has one network: the machine FM runs on.
 		Network:          server.NetworkDefaults{VpcID: "vpc-local", SubnetID: "subnet-local", Region: "local"},
 		LocalBackend:     true,
+		AgentBinary:      agentBin,
 		SecretKey:        secretKey,
 		HeartbeatSeconds: *heartbeat,
 		AlertInterval:    af.interval,

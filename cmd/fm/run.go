@@ -45,6 +45,7 @@ Client commands (talk to the REST API; --url, --key-file, --output json):
   fm image          list|get|add|remove deployable DSS images
   fm status         the fleet summed up: states, DSS versions, what needs a look
   fm op             list|get|wait|abort operations
+  fm agent-upgrade  start|status|stop: the agents upgraded to FM's binary, a batch at a time (admin)
   fm apikey         list|create|revoke API keys and their roles (admin)
   fm audit          the audit trail, --follow to keep reading (admin)
   fm nats-creds     NATS credentials for an operator or a provisioner (admin)

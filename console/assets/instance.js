@@ -73,6 +73,7 @@ function renderStatus(node, inst, st) {
   const rows = [
     ['Id', inst.id], ['State', st.state], ['Since', when(st.since)],
     ['Agent', !st.lastSeen ? 'not heard from' : st.agentResponding ? 'responding' : 'not responding'], ['Last seen', when(st.lastSeen)],
+    ['Agent version', st.agent ? `${st.agent.version}${st.agent.current === false ? ' (not the one Fleet Manager serves: upgrade it)' : ''}` : ''],
     ['DSS', dss.state ? `${dss.state}${dss.version ? ' ' + dss.version : ''}` : 'not installed'],
     ['Image', inst.imageId], ['Node type', inst.dssNodeType], ['Network', inst.virtualNetworkLabel || inst.virtualNetworkId],
     ['Template', inst.instanceSettingsTemplateLabel || inst.instanceSettingsTemplateId],
@@ -141,6 +142,7 @@ function renderActions(node, inst, st, images, reload) {
   const allowed = {
     stop: running, start: machine && ['stopped', 'failed'].includes(st.state), 'restart-dss': running,
     'replay-setup-actions': running, deprovision: machine, 'collect-diagnosis': running,
+    'upgrade-agent': running && !!st.agent && st.agent.current === false,
   };
   const action = (kind, title, lines, ok, qs) => {
     const b = btn(title, { disabled: !!op || !allowed[kind] });
@@ -189,7 +191,8 @@ function renderActions(node, inst, st, images, reload) {
       action('restart-dss', 'Restart DSS', () => ['Restart DSS stops and starts DSS on its machine: DSS is unavailable for a minute.'], 'Restart'),
       action('replay-setup-actions', 'Replay setup actions', () => [`Replays the setup actions of template ${inst.instanceSettingsTemplateLabel || inst.instanceSettingsTemplateId} on the machine.`], 'Replay'),
       action('deprovision', 'Deprovision', () => ['Deprovision tears the machine down. The data volume is kept; provision again to get a new machine on it.'], 'Deprovision'),
-      action('collect-diagnosis', 'Collect diagnosis', () => ['Collects a diagnosis bundle (logs, settings) from the machine; it is listed below once ready.'], 'Collect')),
+      action('collect-diagnosis', 'Collect diagnosis', () => ['Collects a diagnosis bundle (logs, settings) from the machine; it is listed below once ready.'], 'Collect'),
+      action('upgrade-agent', 'Upgrade agent', () => ['Replaces the machine\'s agent with the one Fleet Manager serves, in place; DSS keeps running. An agent that does not report within 5 minutes goes back to the previous one.'], 'Upgrade')),
     h('form', { class: 'inline', 'aria-label': 'Upgrade' }, h('div', {}, field('New image', imageSel)), upgrade),
     h('form', { class: 'inline', 'aria-label': 'Reset a DSS password' }, h('div', {}, field('DSS user', user)), h('div', {}, field('New password', pass)), reset),
     h('form', { class: 'inline', 'aria-label': 'Delete' }, h('div', {}, field('Tear the machine down', force)), h('div', {}, field('Keep the data volume', keep)), del));

@@ -83,3 +83,67 @@ func TestUserDataRefusesBadParams(t *testing.T) {
 		t.Fatal("AgentConfig found a config in foreign user data")
 	}
 }
+
+// TestTheUnitPutsThePreviousAgentBack runs fm-agent.service's
+// ExecStopPost as systemd would (its $$ unescaped, in a throwaway root):
+// a new agent binary on trial that fails three times is replaced by the
+// previous one; a clean stop, or no trial, changes nothing.
+func TestTheUnitPutsThePreviousAgentBack(t *testing.T) {
+	var script string
+	for _, line := range strings.Split(Unit, "\n") {
+		if rest, ok := strings.CutPrefix(line, "ExecStopPost=-/bin/sh -c '"); ok {
+			script = strings.TrimSuffix(rest, "'")
+		}
+	}
+	if script == "" {
+		t.Fatal("fm-agent.service has no ExecStopPost shell command")
+	}
+	tests := []struct {
+		name     string
+		trial    bool
+		results  []string
+		restored bool
+	}{
+		{name: "three failed exits on trial", trial: true, results: []string{"exit-code", "signal", "core-dump"}, restored: true},
+		{name: "two failed exits on trial", trial: true, results: []string{"exit-code", "exit-code"}},
+		{name: "clean stops on trial", trial: true, results: []string{"success", "success", "success"}},
+		{name: "failed exits with no trial", results: []string{"exit-code", "exit-code", "exit-code"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			root := t.TempDir()
+			state, bin := filepath.Join(root, "var", "lib", "fm-agent"), filepath.Join(root, "usr", "local", "bin")
+			for _, d := range []string{state, bin} {
+				if err := os.MkdirAll(d, 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			write := func(p, s string) {
+				if err := os.WriteFile(p, []byte(s), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			write(filepath.Join(bin, "fm"), "new")
+			write(filepath.Join(bin, "fm.previous"), "old")
+			if tc.trial {
+				write(filepath.Join(state, "upgrade-trial"), "")
+			}
+			sh := strings.NewReplacer("$$", "$", "/var/lib/fm-agent", state, "/usr/local/bin", bin).Replace(script)
+			for _, res := range tc.results {
+				cmd := exec.Command("/bin/sh", "-c", sh)
+				cmd.Env = append(os.Environ(), "SERVICE_RESULT="+res)
+				if out, err := cmd.CombinedOutput(); err != nil {
+					t.Fatalf("ExecStopPost (%s): %v\n%s", res, err, out)
+				}
+			}
+			got, _ := os.ReadFile(filepath.Join(bin, "fm"))
+			_, trialLeft := os.Stat(filepath.Join(state, "upgrade-trial"))
+			if want := map[bool]string{true: "old", false: "new"}[tc.restored]; string(got) != want {
+				t.Fatalf("the binary is %q, want %q", got, want)
+			}
+			if tc.restored && trialLeft == nil {
+				t.Error("the trial file was left after the binary was put back")
+			}
+		})
+	}
+}

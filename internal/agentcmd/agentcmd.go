@@ -12,7 +12,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"runtime/debug"
+	"syscall"
 
 	"github.com/fleetmanager/fm/agent"
 	"github.com/fleetmanager/fm/internal/startup"
@@ -44,7 +46,14 @@ func Main(ctx context.Context, prog string, args []string, stderr io.Writer, ver
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(agentGCPercent)
 	}
-	err := run(ctx, args, stderr, version)
+	// The binary as it started: an upgrade renames another over it.
+	self, selfErr := executable()
+	err := run(ctx, args, stderr, version, self)
+	if errors.Is(err, agent.ErrRestart) && selfErr == nil {
+		// The same process goes on as the binary now in place (a new one,
+		// or the previous one put back), as a service manager expects.
+		err = fmt.Errorf("execute %s: %w", self, syscall.Exec(self, os.Args, os.Environ()))
+	}
 	if err == nil || errors.Is(err, flag.ErrHelp) {
 		return ExitOK
 	}
@@ -62,7 +71,7 @@ func Main(ctx context.Context, prog string, args []string, stderr io.Writer, ver
 // run is the daemon beside DSS on a machine. Its settings come from the
 // config file the provisioner writes (--config), overridden by flags and
 // FM_* variables.
-func run(ctx context.Context, args []string, stderr io.Writer, version string) error {
+func run(ctx context.Context, args []string, stderr io.Writer, version, self string) error {
 	fs := flag.NewFlagSet("fm agent", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	configFile := fs.String("config", "", "agent config file (JSON) written by the provisioner")
@@ -109,11 +118,21 @@ func run(ctx context.Context, args []string, stderr io.Writer, version string) e
 	if err != nil {
 		return err
 	}
-	cfg.Logger, cfg.LogOutput, cfg.Version = log, startup.LogOutput(*logFormat, stderr), version
+	cfg.Logger, cfg.LogOutput, cfg.Version, cfg.Binary = log, startup.LogOutput(*logFormat, stderr), version, self
 	a, err := agent.New(cfg)
 	if err != nil {
 		return startup.UsageError{Err: err}
 	}
 	defer a.Close()
 	return a.Run(ctx)
+}
+
+// executable is the running binary's path, links resolved ("" and an error
+// when it cannot be told: the agent then cannot upgrade itself).
+func executable() (string, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	return filepath.EvalSymlinks(self)
 }

@@ -15,6 +15,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -230,6 +231,9 @@ func (b *Backend) Reprovision(ctx context.Context, req provisioner.Request, cur 
 		})
 	}); err != nil {
 		return cur, fmt.Errorf("write the agent's config: %w", err)
+	}
+	if err := b.crash.Around("local/reprovision/install-agent", func() error { return b.installAgent(inst) }); err != nil {
+		return cur, fmt.Errorf("install the agent: %w", err)
 	}
 	pid, err := b.startAgent(inst, req.ID)
 	if err != nil {
@@ -488,6 +492,51 @@ func (b *Backend) agentOf(inst, request string) (int, bool) {
 	return pids[0], true
 }
 
+// machineBinary is the agent binary on a machine's OS disk, as a cloud
+// machine's user data installs FM's: the agent replaces it when it
+// upgrades itself, so each machine has its own.
+func (b *Backend) machineBinary(inst string) string {
+	return filepath.Join(b.rootDir(inst), "usr", "local", "bin", "fm")
+}
+
+// installAgent puts the agent binary on a new machine's OS disk: a hard
+// link to AgentBinary (an upgrade renames another file over it, never
+// writes into it), or a copy across file systems.
+func (b *Backend) installAgent(inst string) error {
+	dst := b.machineBinary(inst)
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return err
+	}
+	if err := os.Remove(dst); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if err := os.Link(b.cfg.AgentBinary, dst); err == nil {
+		return nil
+	}
+	src, err := os.Open(b.cfg.AgentBinary)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	tmp, err := os.CreateTemp(filepath.Dir(dst), ".fm.*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name()) // after the rename, there is nothing to remove
+	if _, err := io.Copy(tmp, src); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(0o755); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), dst)
+}
+
 // startAgent starts the instance's agent for the machine made by request,
 // in a session of its own, its output appended to the machine's log, and
 // records its pid.
@@ -501,7 +550,12 @@ func (b *Backend) startAgent(inst, request string) (int, error) {
 		return 0, err
 	}
 	defer logf.Close()
-	cmd := exec.Command(b.cfg.AgentBinary, "agent", "--config", b.configPath(inst), "--machine-request="+request, "--log-format", "json")
+	// A machine made before machines had their own binary runs FM's.
+	bin := b.machineBinary(inst)
+	if _, err := os.Stat(bin); err != nil {
+		bin = b.cfg.AgentBinary
+	}
+	cmd := exec.Command(bin, "agent", "--config", b.configPath(inst), "--machine-request="+request, "--log-format", "json")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Dir = b.rootDir(inst)
 	cmd.Env = agentEnv()

@@ -2,8 +2,11 @@ package local
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -74,6 +77,15 @@ func TestLocalMachines(t *testing.T) {
 	}
 	if !strings.Contains(strings.Join(steps, "|"), "data volume created") {
 		t.Fatalf("steps %v", steps)
+	}
+	// The machine runs its own copy of the agent (upgrade-agent replaces
+	// it), not FM's binary.
+	mine, fms := b.machineBinary("in-local1"), binary(t)
+	if exe, err := os.Readlink(filepath.Join("/proc", strconv.Itoa(agents()[0]), "exe")); err != nil || exe != mine {
+		t.Fatalf("the agent runs %q (%v), not its machine's %s", exe, err, mine)
+	}
+	if a, b := fileDigest(t, mine), fileDigest(t, fms); a != b {
+		t.Fatalf("the machine's agent binary differs from FM's")
 	}
 	st.RequestID = "op-1-reprovision"
 	vol := filepath.Join(dir, "volumes", "in-local1")
@@ -160,4 +172,14 @@ func TestNewRejectsBadConfig(t *testing.T) {
 	if _, err := New(Config{Dir: t.TempDir()}); err == nil {
 		t.Error("missing binary and URL accepted")
 	}
+}
+
+func fileDigest(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
 }
