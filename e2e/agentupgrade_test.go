@@ -1,8 +1,6 @@
 package e2e
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"io"
 	"os"
@@ -57,7 +55,7 @@ func TestAgentUpgradeInPlace(t *testing.T) {
 	// Another fm binary: this FM serves it (no slim agent beside it).
 	newer := filepath.Join(t.TempDir(), "fm")
 	copyFile(t, bin, newer)
-	served := fileSHA(t, newer)
+	served := FileSHA256(t, newer)
 	d = startDevWith(t, newer, data, addr, "--heartbeat-seconds", "1", "--kits", filepath.Join(filepath.Dir(bin), "kits"))
 	py = NewPython(t, d.url, d.keyFile)
 	for _, id := range ids {
@@ -89,7 +87,7 @@ func TestAgentUpgradeInPlace(t *testing.T) {
 			t.Errorf("%s's agent is %v, not the process %v upgraded in place", id, got, pids[id])
 		}
 		machineBin := filepath.Join(data, "local", "machines", id, "root", "usr", "local", "bin", "fm")
-		if got := fileSHA(t, machineBin); got != served {
+		if got := FileSHA256(t, machineBin); got != served {
 			t.Errorf("%s's binary has sha256 %s, want %s (status %v)", id, got, served, st)
 		}
 		if _, err := os.Stat(machineBin + ".previous"); err == nil {
@@ -130,14 +128,4 @@ func copyFile(t *testing.T, src, dst string) {
 	if err := out.Close(); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func fileSHA(t *testing.T, path string) string {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := sha256.Sum256(b)
-	return hex.EncodeToString(sum[:])
 }

@@ -293,6 +293,16 @@ func sha256Sum(b []byte) []byte {
 	return s[:]
 }
 
+// FileSHA256 is the hex SHA-256 of the file at path.
+func FileSHA256(t testing.TB, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(sha256Sum(b))
+}
+
 // handedOut remembers every port FreePort gave in this test binary: the
 // kernel may give a port it just freed again, and two processes of one test
 // (a cluster's routes) must not be told the same one.

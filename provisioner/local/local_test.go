@@ -2,8 +2,6 @@ package local
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -84,7 +82,7 @@ func TestLocalMachines(t *testing.T) {
 	if exe, err := os.Readlink(filepath.Join("/proc", strconv.Itoa(agents()[0]), "exe")); err != nil || exe != mine {
 		t.Fatalf("the agent runs %q (%v), not its machine's %s", exe, err, mine)
 	}
-	if a, b := fileDigest(t, mine), fileDigest(t, fms); a != b {
+	if a, b := e2e.FileSHA256(t, mine), e2e.FileSHA256(t, fms); a != b {
 		t.Fatalf("the machine's agent binary differs from FM's")
 	}
 	st.RequestID = "op-1-reprovision"
@@ -172,14 +170,4 @@ func TestNewRejectsBadConfig(t *testing.T) {
 	if _, err := New(Config{Dir: t.TempDir()}); err == nil {
 		t.Error("missing binary and URL accepted")
 	}
-}
-
-func fileDigest(t *testing.T, path string) string {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := sha256.Sum256(b)
-	return hex.EncodeToString(sum[:])
 }
