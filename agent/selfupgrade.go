@@ -63,6 +63,9 @@ const (
 	maxReportWithin     = time.Hour
 	// maxAgentBinary bounds the download.
 	maxAgentBinary = 512 << 20
+	// downloadAttempts bounds the tries of a download that fails for a
+	// reason that may pass (about 4 minutes of them).
+	downloadAttempts = 10
 	// versionCheckTime bounds the new binary's `version`.
 	versionCheckTime = 30 * time.Second
 )
@@ -332,7 +335,11 @@ func (a *Agent) canUpgrade(rawURL string) *protocol.Error {
 	}
 	// Only a binary on the machine's own disk: a local machine's agent
 	// that runs FM's shared binary must not replace it for every machine.
+	// The binary's path has its links resolved (agentcmd): the root's too.
 	root := filepath.Clean(a.cfg.RootDir)
+	if resolved, err := filepath.EvalSymlinks(root); err == nil {
+		root = resolved
+	}
 	if rel, err := filepath.Rel(root, a.cfg.Binary); err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
 		return protocol.Errorf(protocol.CodeFailedPrecondition, "the agent's binary %s is not on this machine's disk (%s); reprovision the machine to give it FM's agent", a.cfg.Binary, root)
 	}
@@ -360,18 +367,41 @@ func (a *Agent) stageBinary(ctx context.Context, p protocol.UpgradeAgentParams) 
 		return "", "", protocol.Errorf(protocol.CodeInternal, "%v", err)
 	}
 	client := &http.Client{Timeout: 10 * time.Minute, Transport: &http.Transport{TLSClientConfig: tlsConf, Proxy: http.ProxyFromEnvironment}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.URL, nil)
-	if err != nil {
-		return "", "", protocol.Errorf(protocol.CodeInvalidArgument, "upgrade-agent: %v", err)
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return "", "", protocol.Errorf(protocol.CodeUnavailable, "the new agent binary could not be downloaded: %v", err)
+	defer client.CloseIdleConnections()
+	// FM out of reach, or answering 5xx, is tried again for a while: a
+	// transient failure must not fail the upgrade.
+	var resp *http.Response
+	backoff := time.Second
+	for attempt := 1; ; attempt++ {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.URL, nil)
+		if err != nil {
+			return "", "", protocol.Errorf(protocol.CodeInvalidArgument, "upgrade-agent: %v", err)
+		}
+		resp, err = client.Do(req)
+		if err == nil && resp.StatusCode == http.StatusOK {
+			break
+		}
+		why := ""
+		if err != nil {
+			why = err.Error()
+		} else {
+			why = fmt.Sprintf("%s answered %s", p.URL, resp.Status)
+			resp.Body.Close()
+			if resp.StatusCode < 500 {
+				return "", "", protocol.Errorf(protocol.CodeFailedPrecondition, "the new agent binary could not be downloaded: %s", why)
+			}
+		}
+		if attempt >= downloadAttempts || ctx.Err() != nil {
+			return "", "", protocol.Errorf(protocol.CodeUnavailable, "the new agent binary could not be downloaded (%d tries): %s", attempt, why)
+		}
+		a.log.Warn().Str("error", why).Dur("retry_in", backoff).Msg("agent binary download failed; trying again")
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 30*time.Second)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return "", "", protocol.Errorf(protocol.CodeUnavailable, "the new agent binary could not be downloaded: %s answered %s", p.URL, resp.Status)
-	}
 	f, err := os.CreateTemp(filepath.Dir(a.cfg.Binary), "."+filepath.Base(a.cfg.Binary)+".new-*")
 	if err != nil {
 		return "", "", protocol.Errorf(protocol.CodeInternal, "%v", err)

@@ -31,6 +31,8 @@ type upgradeRig struct {
 	served    atomic.Pointer[string]
 	downloads atomic.Int32
 	url       string
+	// answer, when set, is the status of the next failures downloads.
+	answer, failures atomic.Int32
 }
 
 func newUpgradeRig(t *testing.T) *upgradeRig {
@@ -42,6 +44,10 @@ func newUpgradeRig(t *testing.T) *upgradeRig {
 	u.serve(newAgentScript)
 	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		u.downloads.Add(1)
+		if code := int(u.answer.Load()); code != 0 && u.failures.Add(-1) >= 0 {
+			http.Error(w, "not now", code)
+			return
+		}
 		_, _ = w.Write([]byte(*u.served.Load()))
 	}))
 	t.Cleanup(ts.Close)
@@ -260,6 +266,30 @@ func TestUpgradeAgentRollsBack(t *testing.T) {
 			u.stopAgent()
 		})
 	}
+}
+
+// TestUpgradeAgentDownloadRetries: FM answering 503 a while is waited
+// out; a 404 is not.
+func TestUpgradeAgentDownloadRetries(t *testing.T) {
+	u := newUpgradeRig(t)
+	u.answer.Store(http.StatusServiceUnavailable)
+	u.failures.Store(2)
+	done := u.run()
+	u.command(protocol.CommandUpgradeAgent, u.params(newAgentScript, 60))
+	u.waitRestart(done)
+	if n := u.downloads.Load(); n != 3 || u.content() != newAgentScript {
+		t.Fatalf("%d downloads, binary %q", n, u.content())
+	}
+
+	u2 := newUpgradeRig(t)
+	u2.answer.Store(http.StatusNotFound)
+	u2.failures.Store(100)
+	u2.run()
+	res := u2.result(u2.command(protocol.CommandUpgradeAgent, u2.params(newAgentScript, 60)))
+	if res.Error == nil || res.Error.Code != protocol.CodeFailedPrecondition || u2.downloads.Load() != 1 || u2.content() != oldAgentScript {
+		t.Fatalf("a 404: %+v %+v after %d downloads", res, res.Error, u2.downloads.Load())
+	}
+	u2.stopAgent()
 }
 
 // TestUpgradeAgentRefuses: what cannot be upgraded to changes nothing.

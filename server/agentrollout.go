@@ -214,23 +214,35 @@ func (s *Server) rolloutStep(ctx context.Context, ru *api.AgentUpgrade, held fun
 			Message: "the agent binary Fleet Manager serves changed since this upgrade started; start a new one"})
 		return true
 	}
+	// An instance busy with another operation waits without holding up
+	// the others of the batch.
 	for i := range ru.Batch {
 		if ru.Batch[i].JobID == "" {
 			if !held() {
 				return false
 			}
-			return s.startRolloutOp(ctx, ru, i, now, save)
+			if s.startRolloutOp(ctx, ru, i, now, save) {
+				return true
+			}
 		}
 	}
 	changed := false
 	for i := 0; i < len(ru.Batch); i++ {
 		e := ru.Batch[i]
-		op, _, ok := s.st.ops.get(e.JobID)
-		if ok && op.State == api.OpRunning {
+		if e.JobID == "" {
+			continue // waiting to start
+		}
+		// From the bucket when the copy lacks it: an operation just
+		// started may not be in the copy yet.
+		op, _, err := s.st.ops.getOrFetch(ctx, e.JobID)
+		if err != nil && !errors.Is(err, errNotFound) {
+			return changed // the bus: next tick
+		}
+		if err == nil && op.State == api.OpRunning {
 			continue
 		}
 		switch {
-		case !ok:
+		case err != nil:
 			e.Message = "its operation " + e.JobID + " is gone"
 			failed(ru, e)
 		case op.State == api.OpSucceeded:

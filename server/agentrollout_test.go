@@ -316,3 +316,36 @@ func TestAgentRolloutRefuses(t *testing.T) {
 	none := start(t)
 	none.failed(none.do("POST", "/agent-upgrade", `{}`), http.StatusConflict, "FailedPrecondition")
 }
+
+// TestAgentRolloutWaitsForABusyInstance: an instance busy with another
+// operation is waited for, without holding up the rest of its batch.
+func TestAgentRolloutWaitsForABusyInstance(t *testing.T) {
+	f, ids, served := rolloutFleet(t, 2)
+	var busy api.Future
+	f.ok(f.do("GET", "/instances/"+ids[0]+"/actions/restart-dss", ""), &busy)
+	fa := newFakeAgents(t, f, served, 50*time.Millisecond)
+	f.ok(f.do("POST", "/agent-upgrade", `{"batchSize":2}`), nil)
+	deadline := time.Now().Add(20 * time.Second)
+	for got, _ := fa.commands(); !slices.Equal(got, ids[1:]); got, _ = fa.commands() {
+		if time.Now().After(deadline) {
+			t.Fatalf("commands %v: the free instance was held up by the busy one", got)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var ru api.AgentUpgrade
+	for f.ok(f.do("GET", "/agent-upgrade", ""), &ru); ru.Upgraded != 1; f.ok(f.do("GET", "/agent-upgrade", ""), &ru) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the free instance's upgrade never ended: %+v", ru)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if ru.State != "running" || len(ru.Batch) != 1 || ru.Batch[0].InstanceID != ids[0] || ru.Batch[0].JobID != "" {
+		t.Fatalf("while the instance is busy: %+v", ru)
+	}
+	publishEvent(t, f.env.Bus.JetStream(t), protocol.Event{Instance: ids[0], Kind: protocol.EventCommand, Source: "agent", CommandID: busy.JobID + "-cmd",
+		OpID: busy.JobID, Step: string(protocol.CommandRestartDSS), Status: protocol.StatusOK, Message: "DSS is running"})
+	ru = f.waitRollout("succeeded", 30*time.Second)
+	if got, _ := fa.commands(); ru.Upgraded != 2 || !slices.Equal(got, []string{ids[1], ids[0]}) {
+		t.Fatalf("after the other operation ended: %+v, commands %v", ru, got)
+	}
+}
