@@ -88,6 +88,10 @@ type Agent struct {
 	selfSHA   string
 	upgradeMu sync.Mutex
 	restart   context.CancelCauseFunc
+	// upgradeLead is minDownloadTime (tests shorten it); systemdRun runs
+	// systemd-run (tests record it).
+	upgradeLead time.Duration
+	systemdRun  func(ctx context.Context, args ...string) (string, error)
 
 	// commandsReconnected tells runCommands that the connection came back:
 	// commands stored meanwhile were not received.
@@ -115,8 +119,12 @@ func New(cfg Config) (*Agent, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
-	a := &Agent{cfg: cfg, crash: cfg.Crash, liveCommands: liveCommands, commandsRecheck: commandsRecheck}
+	a := &Agent{cfg: cfg, crash: cfg.Crash, liveCommands: liveCommands, commandsRecheck: commandsRecheck, upgradeLead: minDownloadTime}
 	a.convergeTo, a.execute = a.converge, a.runCommand
+	a.systemdRun = func(ctx context.Context, args ...string) (string, error) {
+		out, err := exec.CommandContext(ctx, "systemd-run", args...).CombinedOutput()
+		return string(out), err
+	}
 	if cfg.Simulated {
 		a.convergeTo, a.execute = a.simulateConverge, a.simulateCommand
 	}
@@ -173,13 +181,24 @@ func New(cfg Config) (*Agent, error) {
 // Run connects to the bus (retrying until it answers) and does the agent's
 // work until ctx ends. Bus outages are ridden out: the connection retries
 // forever, and each part resumes when it comes back.
+//
+// It returns ErrRestart when the agent must be executed again from its
+// binary (an upgrade of itself, or its rollback), whenever that was asked.
 func (a *Agent) Run(ctx context.Context) error {
+	ctx, a.restart = context.WithCancelCause(ctx)
+	defer a.restart(nil)
+	err := a.run(ctx)
+	if errors.Is(context.Cause(ctx), ErrRestart) {
+		return ErrRestart
+	}
+	return err
+}
+
+func (a *Agent) run(ctx context.Context) error {
 	// What the HTTPS front served is served again first: it needs only the
 	// machine's files, and DSS stays on HTTPS while FM or the bus is away.
 	// It is closed once every part has stopped.
 	defer a.front.stop()
-	ctx, a.restart = context.WithCancelCause(ctx)
-	defer a.restart(nil)
 	trialUntil, err := a.startUpgradeTrial()
 	if err != nil {
 		return err
@@ -308,9 +327,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer cancel()
 	a.rep.flush(flushCtx)
 	a.log.Info().Msg("agent stopped")
-	if errors.Is(context.Cause(ctx), ErrRestart) {
-		return ErrRestart
-	}
 	if errors.Is(ctx.Err(), context.Canceled) {
 		return nil
 	}

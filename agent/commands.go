@@ -297,7 +297,11 @@ func (a *Agent) handleCommand(ctx context.Context, data []byte, seq uint64) {
 		}
 		return
 	}
-	if !cmd.Expires.IsZero() && time.Now().After(cmd.Expires) {
+	// An upgrade whose new binary is in place is decided even past the
+	// command's expiry: kept by the new agent, or answered by the old one
+	// after a rollback, rather than a good binary rolled back at its
+	// deadline for want of an answer.
+	if !cmd.Expires.IsZero() && time.Now().After(cmd.Expires) && !a.upgradeUnderWay(cmd) {
 		a.finish(ctx, cmd, commandResult{err: protocol.Errorf(protocol.CodeDeadlineExceeded,
 			"command %s expired at %s before the agent could run it", cmd.Kind, cmd.Expires.Format(time.RFC3339))}, seq)
 		return

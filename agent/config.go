@@ -127,6 +127,11 @@ type Config struct {
 	// upgrade-agent command replaces it, and only on the machine's disk
 	// (RootDir). Empty, the agent cannot upgrade itself.
 	Binary string `json:"-"`
+	// CheckArgs is the command line that makes a binary check this agent's
+	// command line and config and exit (`agent … --check`): an upgrade
+	// runs the new binary with it before the swap. Empty, only its
+	// `version` is run.
+	CheckArgs []string `json:"-"`
 	// Logger is the agent's logger. When LogOutput is set too (where Logger
 	// writes), the agent also keeps its log in a rotating file on the
 	// machine and ships it to FM_LOGS.
@@ -187,6 +192,15 @@ func (c *Config) setDefaults() {
 	if c.Version == "" {
 		c.Version = "dev"
 	}
+}
+
+// CheckConfig checks cfg as New would, without preparing anything.
+func CheckConfig(cfg Config) error {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	return nil
 }
 
 func (c *Config) validate() error {

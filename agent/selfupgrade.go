@@ -17,9 +17,11 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/fleetmanager/fm/internal/atomicfile"
+	"github.com/fleetmanager/fm/internal/buildinfo"
 	"github.com/fleetmanager/fm/protocol"
 )
 
@@ -61,6 +63,11 @@ const (
 	// command does not say.
 	defaultReportWithin = 5 * time.Minute
 	maxReportWithin     = time.Hour
+	// maxSwaps bounds the times one command puts a binary in place.
+	maxSwaps = 3
+	// minDownloadTime is the least time left before a command's expiry,
+	// beyond the report window, for the agent to begin an upgrade.
+	minDownloadTime = 2 * time.Minute
 	// maxAgentBinary bounds the download.
 	maxAgentBinary = 512 << 20
 	// downloadAttempts bounds the tries of a download that fails for a
@@ -90,6 +97,10 @@ type upgradeMarker struct {
 	Deadline    time.Time `json:"deadline"`
 	Starts      int       `json:"starts"`
 	Reason      string    `json:"reason,omitempty"`
+	// Swaps counts the times this command put the new binary in place:
+	// each restart on it resets the command's attempts, so this bounds
+	// them instead.
+	Swaps int `json:"swaps"`
 }
 
 func (m *machine) upgradePath() string { return filepath.Join(m.stateDir, "agent-upgrade.json") }
@@ -221,6 +232,11 @@ func (a *Agent) rollBack(mk *upgradeMarker, reason string) error {
 	a.crash.At("agent/upgrade:rollback-recorded")
 	prev := previousBinary(a.cfg.Binary)
 	if err := os.Rename(prev, a.cfg.Binary); err != nil {
+		if onDisk, derr := binaryDigest(a.cfg.Binary); derr == nil && onDisk == mk.FromSHA256 {
+			// Put back already (a rollback cut short after its rename).
+			a.dropTrial()
+			return ErrRestart
+		}
 		// Nothing to go back to: this binary stays rather than loop.
 		mk.State, mk.Reason = upgradeStuck, reason+"; the previous binary could not be put back ("+err.Error()+"), so the new one runs"
 		_ = a.saveUpgrade(mk)
@@ -252,31 +268,24 @@ func (a *Agent) upgradeAgent(ctx context.Context, cmd protocol.Command) commandR
 	if err != nil {
 		a.log.Warn().Err(err).Msg("upgrade marker unreadable; starting over")
 	}
+	swaps := 0
 	if mk != nil && mk.Command == cmd.ID {
-		switch {
-		case mk.State == upgradeTrial && a.selfSHA == mk.ToSHA256:
-			// The new agent got here: it reports. It keeps itself.
-			if err := os.Remove(previousBinary(a.cfg.Binary)); err != nil && !errors.Is(err, os.ErrNotExist) {
-				a.log.Warn().Err(err).Msg("previous agent binary not removed")
-			}
-			a.dropTrial()
-			a.dropUpgrade()
-			a.crash.At("agent/upgrade:kept")
-			return commandResult{message: fmt.Sprintf("agent upgraded from %s to %s (sha256 %s)", mk.FromVersion, a.cfg.Version, a.selfSHA)}
-		case mk.State == upgradeRolledBack && a.selfSHA == mk.FromSHA256:
-			a.dropUpgrade()
-			return commandResult{err: protocol.Errorf(protocol.CodeAborted, "the agent was not upgraded to %s: %s; version %s runs again", mk.ToVersion, mk.Reason, a.cfg.Version)}
-		case mk.State == upgradeStuck && a.selfSHA == mk.ToSHA256:
-			a.dropUpgrade()
-			return commandResult{err: protocol.Errorf(protocol.CodeDataLoss, "%s", mk.Reason)}
-		case mk.State == upgradeTrial && a.selfSHA == mk.FromSHA256 && !fileExists(previousBinary(a.cfg.Binary)):
-			// The service manager put the previous binary back: the new
-			// one kept dying before it could report (fm-agent.service).
-			a.dropTrial()
-			a.dropUpgrade()
-			return commandResult{err: protocol.Errorf(protocol.CodeAborted,
-				"the agent was not upgraded to %s: the new binary kept failing to start, and the service manager put the previous one back; version %s runs again", mk.ToVersion, a.cfg.Version)}
+		// The marker decides, whatever the binary's digest says: the
+		// binary on disk may have been put back under this process.
+		if res, done := a.upgradeOutcome(mk); done {
+			return res
 		}
+		swaps = mk.Swaps
+	} else if mk != nil && mk.State == upgradeTrial && a.selfSHA == mk.ToSHA256 {
+		// Another command's binary is on trial (this one): its previous
+		// binary is the one known to work, and must not be replaced.
+		return commandResult{err: protocol.Errorf(protocol.CodeUnavailable,
+			"upgrade-agent %s is under way (its binary on trial until %s); ask again once it has ended", mk.Command, mk.Deadline.Format(time.RFC3339))}
+	}
+	if swaps >= maxSwaps {
+		a.dropTrial()
+		a.dropUpgrade()
+		return commandResult{err: protocol.Errorf(protocol.CodeAborted, "the agent was not upgraded: the binary was put in place %d times and never kept", swaps)}
 	}
 	if a.selfSHA != "" && a.selfSHA == p.SHA256 {
 		a.dropTrial()
@@ -286,12 +295,17 @@ func (a *Agent) upgradeAgent(ctx context.Context, cmd protocol.Command) commandR
 	if perr := a.canUpgrade(p.URL); perr != nil {
 		return commandResult{err: perr}
 	}
-	staged, out, perr := a.stageBinary(ctx, p)
+	// The new agent must have the time to report before FM gives up on
+	// the command: started later, it would be rolled back for nothing.
+	if !cmd.Expires.IsZero() && time.Until(cmd.Expires) < within+a.upgradeLead {
+		return commandResult{err: protocol.Errorf(protocol.CodeDeadlineExceeded,
+			"upgrade-agent %s expires at %s: too soon to download the binary and give the new agent %s to report; ask again", cmd.ID, cmd.Expires.Format(time.RFC3339), within)}
+	}
+	staged, toVersion, perr := a.stageBinary(ctx, p)
 	if perr != nil {
-		return commandResult{err: perr, output: out}
+		return commandResult{err: perr, output: toVersion}
 	}
 	defer os.Remove(staged) // after the rename, there is nothing to remove
-	toVersion := versionOf(out)
 	prev := previousBinary(a.cfg.Binary)
 	if err := os.Remove(prev); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return commandResult{err: protocol.Errorf(protocol.CodeInternal, "the previous binary could not be kept: %v", err)}
@@ -300,7 +314,10 @@ func (a *Agent) upgradeAgent(ctx context.Context, cmd protocol.Command) commandR
 		return commandResult{err: protocol.Errorf(protocol.CodeInternal, "the previous binary could not be kept: %v", err)}
 	}
 	mk = &upgradeMarker{Command: cmd.ID, State: upgradeTrial, FromVersion: a.cfg.Version, FromSHA256: a.selfSHA,
-		ToVersion: toVersion, ToSHA256: p.SHA256, Deadline: time.Now().Add(within).UTC()}
+		ToVersion: toVersion, ToSHA256: p.SHA256, Deadline: time.Now().Add(within).UTC(), Swaps: swaps + 1}
+	if !cmd.Expires.IsZero() && cmd.Expires.Before(mk.Deadline) {
+		mk.Deadline = cmd.Expires.UTC()
+	}
 	if err := a.saveUpgrade(mk); err != nil {
 		return commandResult{err: protocol.Errorf(protocol.CodeInternal, "upgrade marker: %v", err)}
 	}
@@ -309,6 +326,10 @@ func (a *Agent) upgradeAgent(ctx context.Context, cmd protocol.Command) commandR
 		a.dropUpgrade()
 		return commandResult{err: protocol.Errorf(protocol.CodeInternal, "upgrade trial file: %v", err)}
 	}
+	// Both on disk before the binary they speak of: a power cut must not
+	// leave a new binary with no trial.
+	syncDir(a.m.stateDir)
+	a.armWatchdog(ctx, cmd.ID, mk.Deadline)
 	if err := os.Rename(staged, a.cfg.Binary); err != nil {
 		a.dropTrial()
 		a.dropUpgrade()
@@ -327,11 +348,115 @@ func (a *Agent) upgradeAgent(ctx context.Context, cmd protocol.Command) commandR
 	return commandResult{restart: true}
 }
 
+// agentUnit is the agent's systemd unit on a machine FM made
+// (deploy/cloudinit).
+const agentUnit = "fm-agent.service"
+
+// watchdogGrace is how long past its deadline a new binary that never
+// acted on it (it hangs before it reads its marker, or exits 0 and is not
+// restarted) is put back by systemd.
+const watchdogGrace = 2 * time.Minute
+
+var reUnitPart = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
+
+// armWatchdog asks systemd, on a machine it runs, to put the previous
+// binary back and restart the agent's unit watchdogGrace after deadline,
+// unless the trial file is gone by then (kept, or rolled back): a safety
+// net that needs nothing of the new binary. Without systemd there is none
+// (a local machine); a failure to arm it is logged, the agent's own
+// rollback and fm-agent.service's ExecStopPost remaining.
+func (a *Agent) armWatchdog(ctx context.Context, id string, deadline time.Time) {
+	if !a.m.useSystemd() {
+		return
+	}
+	name := "fm-agent-upgrade-" + id
+	if !reUnitPart.MatchString(id) {
+		name = "fm-agent-upgrade"
+	}
+	after := int(time.Until(deadline.Add(watchdogGrace)).Seconds()) + 1
+	args := []string{"--unit", name, "--on-active", fmt.Sprintf("%ds", after), "--timer-property=AccuracySec=1s",
+		"/bin/sh", "-c", watchdogScript(a.m.trialPath(), a.cfg.Binary, previousBinary(a.cfg.Binary), agentUnit)}
+	if out, err := a.systemdRun(ctx, args...); err != nil {
+		a.log.Warn().Err(err).Str("output", tail(out, 500)).Msg("systemd's watchdog of the upgrade not armed; the agent's own rollback remains")
+	}
+}
+
+// watchdogScript puts prev back over bin and restarts unit if trial is
+// still there.
+func watchdogScript(trial, bin, prev, unit string) string {
+	return fmt.Sprintf("[ -f %s ] || exit 0; mv -f %s %s && rm -f %s && systemctl restart %s",
+		shellQuote(trial), shellQuote(prev), shellQuote(bin), shellQuote(trial), shellQuote(unit))
+}
+
+// upgradeUnderWay says whether cmd is an upgrade-agent whose marker is on
+// the machine.
+func (a *Agent) upgradeUnderWay(cmd protocol.Command) bool {
+	if cmd.Kind != protocol.CommandUpgradeAgent || a.cfg.Binary == "" {
+		return false
+	}
+	a.upgradeMu.Lock()
+	defer a.upgradeMu.Unlock()
+	mk, err := a.loadUpgrade()
+	return err == nil && mk != nil && mk.Command == cmd.ID
+}
+
+// upgradeOutcome is the answer to the command of marker mk, when the
+// marker says the upgrade ended (upgradeMu held): kept by this new agent,
+// rolled back (said by the old one), or put back by the service manager.
+// done is false when it has not: the command is carried out (again).
+func (a *Agent) upgradeOutcome(mk *upgradeMarker) (res commandResult, done bool) {
+	running := a.selfSHA
+	switch {
+	case mk.State == upgradeTrial && running == mk.ToSHA256 && time.Now().After(mk.Deadline):
+		// Too late: the watchdogs act on the deadline, so this does too.
+		if err := a.rollBack(mk, fmt.Sprintf("the new agent did not report by %s", mk.Deadline.Format(time.RFC3339))); errors.Is(err, ErrRestart) {
+			a.restart(ErrRestart)
+			return commandResult{restart: true}, true
+		}
+		return commandResult{err: protocol.Errorf(protocol.CodeDataLoss, "%s", mk.Reason)}, true
+	case mk.State == upgradeTrial && running == mk.ToSHA256:
+		// The new agent got here: it reports. It keeps itself.
+		if err := os.Remove(previousBinary(a.cfg.Binary)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			a.log.Warn().Err(err).Msg("previous agent binary not removed")
+		}
+		a.dropTrial()
+		a.dropUpgrade()
+		a.crash.At("agent/upgrade:kept")
+		return commandResult{message: fmt.Sprintf("agent upgraded from %s to %s (sha256 %s)", mk.FromVersion, a.cfg.Version, running)}, true
+	case mk.State == upgradeRolledBack && running == mk.FromSHA256:
+		a.dropUpgrade()
+		return commandResult{err: protocol.Errorf(protocol.CodeAborted, "the agent was not upgraded to %s: %s; version %s runs again", mk.ToVersion, mk.Reason, a.cfg.Version)}, true
+	case mk.State == upgradeRolledBack:
+		// The new agent, its rollback done under it (the deadline passed
+		// as it reached the command): the old one answers, once executed.
+		if err := a.rollBack(mk, mk.Reason); errors.Is(err, ErrRestart) {
+			a.restart(ErrRestart)
+			return commandResult{restart: true}, true
+		}
+		return commandResult{err: protocol.Errorf(protocol.CodeDataLoss, "%s", mk.Reason)}, true
+	case mk.State == upgradeStuck:
+		a.dropTrial()
+		a.dropUpgrade()
+		return commandResult{err: protocol.Errorf(protocol.CodeDataLoss, "%s", mk.Reason)}, true
+	case mk.State == upgradeTrial && running == mk.FromSHA256 && !fileExists(previousBinary(a.cfg.Binary)):
+		// The service manager put the previous binary back: the new one
+		// kept dying before it could report (fm-agent.service).
+		a.dropTrial()
+		a.dropUpgrade()
+		return commandResult{err: protocol.Errorf(protocol.CodeAborted,
+			"the agent was not upgraded to %s: the new binary kept failing to start, and the service manager put the previous one back; version %s runs again", mk.ToVersion, a.cfg.Version)}, true
+	}
+	// On trial with the old binary and the previous one kept: killed before
+	// the swap. Carried out again.
+	return commandResult{}, false
+}
+
 // canUpgrade says why the agent cannot replace its binary from rawURL, if
-// it cannot.
+// it cannot: Unimplemented when this agent does not upgrade itself at all
+// (a rollout skips it), InvalidArgument for a URL not FM's.
 func (a *Agent) canUpgrade(rawURL string) *protocol.Error {
 	if a.cfg.Binary == "" || a.selfSHA == "" {
-		return protocol.Errorf(protocol.CodeFailedPrecondition, "this agent does not know its own binary, so it cannot replace it; reprovision the machine to give it FM's agent")
+		return protocol.Errorf(protocol.CodeUnimplemented, "this agent does not know its own binary, so it cannot replace it; reprovision the machine to give it FM's agent")
 	}
 	// Only a binary on the machine's own disk: a local machine's agent
 	// that runs FM's shared binary must not replace it for every machine.
@@ -341,10 +466,10 @@ func (a *Agent) canUpgrade(rawURL string) *protocol.Error {
 		root = resolved
 	}
 	if rel, err := filepath.Rel(root, a.cfg.Binary); err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
-		return protocol.Errorf(protocol.CodeFailedPrecondition, "the agent's binary %s is not on this machine's disk (%s); reprovision the machine to give it FM's agent", a.cfg.Binary, root)
+		return protocol.Errorf(protocol.CodeUnimplemented, "the agent's binary %s is not on this machine's disk (%s); reprovision the machine to give it FM's agent", a.cfg.Binary, root)
 	}
 	if slices.Contains(packagedDirs, filepath.Dir(a.cfg.Binary)) {
-		return protocol.Errorf(protocol.CodeFailedPrecondition, "the agent's binary %s belongs to the system's package manager: upgrade the fm package instead", a.cfg.Binary)
+		return protocol.Errorf(protocol.CodeUnimplemented, "the agent's binary %s belongs to the system's package manager: upgrade the fm package instead", a.cfg.Binary)
 	}
 	u, err := url.Parse(rawURL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
@@ -402,6 +527,7 @@ func (a *Agent) stageBinary(ctx context.Context, p protocol.UpgradeAgentParams) 
 		backoff = min(2*backoff, 30*time.Second)
 	}
 	defer resp.Body.Close()
+	a.sweepStaged()
 	f, err := os.CreateTemp(filepath.Dir(a.cfg.Binary), "."+filepath.Base(a.cfg.Binary)+".new-*")
 	if err != nil {
 		return "", "", protocol.Errorf(protocol.CodeInternal, "%v", err)
@@ -431,25 +557,49 @@ func (a *Agent) stageBinary(ctx context.Context, p protocol.UpgradeAgentParams) 
 	if err := f.Close(); err != nil {
 		return fail(protocol.Errorf(protocol.CodeInternal, "%v", err), "")
 	}
-	vctx, cancel := context.WithTimeout(ctx, versionCheckTime)
-	defer cancel()
-	var out bytes.Buffer
-	check := exec.CommandContext(vctx, staged, "version")
-	check.Stdout, check.Stderr = &out, &out
-	if err := check.Run(); err != nil || !strings.HasPrefix(out.String(), "fm ") {
+	a.crash.At("agent/upgrade:downloaded")
+	out, err := a.runStaged(ctx, staged, "version")
+	version, ok := buildinfo.VersionOf(out)
+	if err != nil || !ok {
 		os.Remove(staged)
-		return "", tail(out.String(), 2000), protocol.Errorf(protocol.CodeFailedPrecondition, "the new agent binary does not run on this machine (its version: %v); nothing was changed", errOr(err, "not an fm binary"))
+		return "", tail(out, 2000), protocol.Errorf(protocol.CodeFailedPrecondition, "the new agent binary does not run on this machine (its version: %v); nothing was changed", errOr(err, "not an fm binary"))
 	}
-	return staged, out.String(), nil
+	if len(a.cfg.CheckArgs) > 0 {
+		if cout, err := a.runStaged(ctx, staged, a.cfg.CheckArgs...); err != nil {
+			os.Remove(staged)
+			return "", tail(cout, 2000), protocol.Errorf(protocol.CodeFailedPrecondition, "the new agent binary refuses this machine's agent command line or config (%v); nothing was changed", err)
+		}
+	}
+	return staged, version, nil
 }
 
-// versionOf is the version `fm version` printed ("fm 1.2.0 (commit …)").
-func versionOf(out string) string {
-	fields := strings.Fields(out)
-	if len(fields) >= 2 {
-		return fields[1]
+// runStaged runs the staged binary with args, for at most
+// versionCheckTime: its output, and its error. A start refused as "text
+// file busy" (another goroutine forked while the file was open for
+// writing, a known race of exec after a write) is tried again.
+func (a *Agent) runStaged(ctx context.Context, staged string, args ...string) (string, error) {
+	for attempt := 1; ; attempt++ {
+		vctx, cancel := context.WithTimeout(ctx, versionCheckTime)
+		var out bytes.Buffer
+		cmd := exec.CommandContext(vctx, staged, args...)
+		cmd.Stdout, cmd.Stderr = &out, &out
+		err := cmd.Run()
+		cancel()
+		if !errors.Is(err, syscall.ETXTBSY) || attempt >= 5 {
+			return out.String(), err
+		}
+		time.Sleep(time.Duration(attempt) * 100 * time.Millisecond)
 	}
-	return "unknown"
+}
+
+// sweepStaged removes the downloads a killed agent left beside its binary.
+func (a *Agent) sweepStaged() {
+	left, _ := filepath.Glob(filepath.Join(filepath.Dir(a.cfg.Binary), "."+filepath.Base(a.cfg.Binary)+".new-*"))
+	for _, f := range left {
+		if err := os.Remove(f); err == nil {
+			a.log.Info().Str("file", f).Msg("download of an upgrade cut short removed")
+		}
+	}
 }
 
 func errOr(err error, otherwise string) string {

@@ -2,11 +2,14 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -20,7 +23,7 @@ import (
 // and their `version`, which the agent runs before it swaps.
 const (
 	oldAgentScript = "#!/bin/sh\necho 'fm 1.0.0 (the old agent)'\n"
-	newAgentScript = "#!/bin/sh\n[ \"$1\" = version ] && echo 'fm 2.0.0 (the new agent)'\n"
+	newAgentScript = "#!/bin/sh\ncase \"$1\" in version) echo 'fm 2.0.0 (the new agent)';; agent) [ \"$2\" = --check ];; *) exit 1;; esac\n"
 )
 
 // upgradeRig is a rig whose agent knows its binary (on the machine's disk)
@@ -40,8 +43,9 @@ func newUpgradeRig(t *testing.T) *upgradeRig {
 	u := &upgradeRig{rig: newRig(t)}
 	u.bin = filepath.Join(u.root, "usr", "local", "bin", "fm")
 	writeExecutable(t, u.bin, oldAgentScript)
-	u.cfg.Binary, u.cfg.Version = u.bin, "1.0.0"
+	u.cfg.Binary, u.cfg.Version, u.cfg.CheckArgs = u.bin, "1.0.0", []string{"agent", "--check"}
 	u.serve(newAgentScript)
+	u.tune = func(a *Agent) { a.upgradeLead = 0 }
 	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		u.downloads.Add(1)
 		if code := int(u.answer.Load()); code != 0 && u.failures.Add(-1) >= 0 {
@@ -176,6 +180,8 @@ func TestUpgradeAgentRollsBack(t *testing.T) {
 		want  string
 		// kept: the marker still says trial (the agent never rolled back)
 		kept bool
+		// expires, if set, is how long the command is worth running.
+		expires time.Duration
 	}{
 		{name: "the bus out of its reach past the deadline", want: "did not report by", trial: func(u *upgradeRig) {
 			good := u.cfg.NATSURL
@@ -185,6 +191,14 @@ func TestUpgradeAgentRollsBack(t *testing.T) {
 		}},
 		{name: "started after the deadline", want: "did not report by", trial: func(u *upgradeRig) {
 			time.Sleep(time.Until(u.marker().Deadline))
+			u.waitRestart(u.run())
+		}},
+		{name: "started after the deadline and the command's expiry", want: "did not report by", expires: 4 * time.Second, trial: func(u *upgradeRig) {
+			mk := u.marker()
+			if !mk.Deadline.Before(time.Now().Add(4 * time.Second)) {
+				u.t.Fatalf("the trial's deadline %s is past the command's expiry", mk.Deadline)
+			}
+			time.Sleep(time.Until(mk.Deadline.Add(time.Second)))
 			u.waitRestart(u.run())
 		}},
 		{name: "dying at every start", want: "started 3 times without reporting", trial: func(u *upgradeRig) {
@@ -242,7 +256,12 @@ func TestUpgradeAgentRollsBack(t *testing.T) {
 			u := newUpgradeRig(t)
 			within := 3
 			done := u.run()
-			id := u.command(protocol.CommandUpgradeAgent, u.params(newAgentScript, within))
+			id := protocol.NewID("cmd")
+			var expires time.Time
+			if tc.expires != 0 {
+				expires = time.Now().Add(tc.expires)
+			}
+			u.commandWithID(id, id, protocol.CommandUpgradeAgent, u.params(newAgentScript, within), expires)
 			u.waitRestart(done)
 			u.cfg.Version = "2.0.0"
 			tc.trial(u)
@@ -310,13 +329,19 @@ func TestUpgradeAgentRefuses(t *testing.T) {
 				u.serve(bad)
 				*p = u.params(bad, 60)
 			}},
-		{name: "a binary off the machine's disk", code: protocol.CodeFailedPrecondition, want: "not on this machine's disk",
+		{name: "a binary that refuses this agent's command line", code: protocol.CodeFailedPrecondition, want: "refuses this machine's agent command line",
+			change: func(u *upgradeRig, p *protocol.UpgradeAgentParams) {
+				picky := "#!/bin/sh\n[ \"$1\" = version ] && echo 'fm 2.0.1 (picky)' && exit 0\nexit 2\n"
+				u.serve(picky)
+				*p = u.params(picky, 60)
+			}},
+		{name: "a binary off the machine's disk", code: protocol.CodeUnimplemented, want: "not on this machine's disk",
 			change: func(u *upgradeRig, p *protocol.UpgradeAgentParams) {
 				u.bin = filepath.Join(u.t.TempDir(), "fm")
 				writeExecutable(u.t, u.bin, oldAgentScript)
 				u.cfg.Binary = u.bin
 			}},
-		{name: "an agent that does not know its binary", code: protocol.CodeFailedPrecondition, want: "does not know its own binary",
+		{name: "an agent that does not know its binary", code: protocol.CodeUnimplemented, want: "does not know its own binary",
 			change: func(u *upgradeRig, p *protocol.UpgradeAgentParams) { u.cfg.Binary = "" }},
 		{name: "a report window too long", code: protocol.CodeInvalidArgument, want: "reportWithinSeconds",
 			change: func(u *upgradeRig, p *protocol.UpgradeAgentParams) { p.ReportWithinSeconds = 7200 }},
@@ -434,6 +459,9 @@ func TestUpgradeAgentCrashPoints(t *testing.T) {
 			if u.content() != newAgentScript || exists(previousBinary(u.bin)) || u.marker() != nil {
 				t.Errorf("after the upgrade: binary %q, previous %v, marker %+v", u.content(), exists(previousBinary(u.bin)), u.marker())
 			}
+			if entries, _ := os.ReadDir(filepath.Dir(u.bin)); len(entries) != 1 {
+				t.Errorf("files left beside the binary: %v", entries)
+			}
 			u.stopAgent()
 		})
 	}
@@ -517,4 +545,102 @@ func countBefore(points []string, n int) int {
 		}
 	}
 	return c
+}
+
+// TestUpgradeAgentDecidedByItsMarker: a new agent that reaches its command
+// after its rollback was done under it (the deadline passed as the
+// command came) does not answer "already runs this binary": it restarts
+// on the binary put back, which answers. A second upgrade while one is on
+// trial is refused, the binary known to work kept.
+func TestUpgradeAgentDecidedByItsMarker(t *testing.T) {
+	u := newUpgradeRig(t)
+	done := u.run()
+	id := u.command(protocol.CommandUpgradeAgent, u.params(newAgentScript, 60))
+	u.waitRestart(done)
+	u.cfg.Version = "2.0.0"
+	a, err := New(u.cfg) // the new binary, as executed
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	restarted := false
+	a.restart = func(error) { restarted = true }
+
+	// Another upgrade while this binary is on trial: refused.
+	other := protocol.Command{ID: "cmd-other", Instance: u.instance, Kind: protocol.CommandUpgradeAgent}
+	other.Params, _ = json.Marshal(u.params("#!/bin/sh\necho 'fm 3.0.0'\n", 60))
+	if res := a.upgradeAgent(context.Background(), other); res.err == nil || res.err.Code != protocol.CodeUnavailable || !exists(previousBinary(u.bin)) {
+		t.Fatalf("a second upgrade on trial: %+v", res)
+	}
+
+	// The deadline passes: the watcher's rollback, then the command.
+	a.upgradeMu.Lock()
+	mk, _ := a.loadUpgrade()
+	if err := a.rollBack(mk, "the new agent did not report by now"); !errors.Is(err, ErrRestart) {
+		t.Fatalf("rollBack: %v", err)
+	}
+	a.upgradeMu.Unlock()
+	cmd := protocol.Command{ID: id, Instance: u.instance, Kind: protocol.CommandUpgradeAgent}
+	cmd.Params, _ = json.Marshal(u.params(newAgentScript, 60))
+	res := a.upgradeAgent(context.Background(), cmd)
+	if !res.restart || !restarted || res.err != nil || res.message != "" {
+		t.Fatalf("the new agent after its rollback answered %+v (restarted %v)", res, restarted)
+	}
+	if u.content() != oldAgentScript || u.marker() == nil || u.marker().State != upgradeRolledBack {
+		t.Fatalf("after: binary %q marker %+v", u.content(), u.marker())
+	}
+	// The old binary, executed, answers.
+	u.cfg.Version = "1.0.0"
+	u.run()
+	if r := u.result(id); r.Error == nil || r.Error.Code != protocol.CodeAborted || !strings.Contains(r.Error.Message, "did not report by now") {
+		t.Fatalf("the old agent's answer: %+v %+v", r, r.Error)
+	}
+	u.stopAgent()
+}
+
+// TestUpgradeAgentWatchdog: on a machine systemd runs, the old agent arms
+// a transient timer past the trial's deadline; its script puts the
+// previous binary back and restarts the agent's unit only while the trial
+// file is there (a new binary that hung before it read its marker).
+func TestUpgradeAgentWatchdog(t *testing.T) {
+	u := newUpgradeRig(t)
+	u.cfg.ServiceManager = "systemd"
+	var armed []string
+	u.tune = func(a *Agent) {
+		a.upgradeLead = 0
+		a.systemdRun = func(_ context.Context, args ...string) (string, error) { armed = args; return "", nil }
+	}
+	done := u.run()
+	id := u.command(protocol.CommandUpgradeAgent, u.params(newAgentScript, 60))
+	u.waitRestart(done)
+	if len(armed) != 8 || armed[0] != "--unit" || armed[1] != "fm-agent-upgrade-"+id || armed[2] != "--on-active" || armed[5] != "/bin/sh" {
+		t.Fatalf("systemd-run %q", armed)
+	}
+	if secs, _ := strconv.Atoi(strings.TrimSuffix(armed[3], "s")); secs < 60+110 || secs > 60+125 {
+		t.Fatalf("the watchdog fires in %s, want the deadline (60 s) and its grace (120 s)", armed[3])
+	}
+	// The script, with systemctl a stand-in that records what it restarts.
+	stub := t.TempDir()
+	writeExecutable(t, filepath.Join(stub, "systemctl"), "#!/bin/sh\necho \"$@\" >> "+filepath.Join(stub, "restarted")+"\n")
+	script := armed[7]
+	runScript := func() {
+		cmd := exec.Command("/bin/sh", "-c", script)
+		cmd.Env = append(os.Environ(), "PATH="+stub+":"+os.Getenv("PATH"))
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("watchdog script: %v\n%s", err, out)
+		}
+	}
+	runScript()
+	restarted, _ := os.ReadFile(filepath.Join(stub, "restarted"))
+	if u.content() != oldAgentScript || strings.TrimSpace(string(restarted)) != "restart fm-agent.service" ||
+		exists(filepath.Join(u.root, "var", "lib", "fm-agent", "upgrade-trial")) {
+		t.Fatalf("after the watchdog: binary %q, systemctl %q", u.content(), restarted)
+	}
+	// Kept (or rolled back) before it fires: it does nothing.
+	writeExecutable(t, u.bin, newAgentScript)
+	os.Remove(filepath.Join(stub, "restarted"))
+	runScript()
+	if _, err := os.Stat(filepath.Join(stub, "restarted")); err == nil || u.content() != newAgentScript {
+		t.Fatal("the watchdog acted with no trial under way")
+	}
 }

@@ -89,6 +89,18 @@ func vectors() map[string]struct {
 			Action: "GET /api/public/tenants/main/instances/in-7k2m9q4x1c/actions/reprovision", Object: "instances",
 			ObjectID: "in-7k2m9q4x1c", Outcome: "ok", Status: 200,
 		}, func() Message { return &AuditRecord{} }},
+		"command_upgrade_agent": {&Command{
+			ID: "op-42-cmd", Instance: "in-7k2m9q4x1c", Kind: CommandUpgradeAgent, OpID: "op-42", Issued: t0, Expires: t0.Add(30 * time.Minute),
+			Params: func() json.RawMessage {
+				b, _ := json.Marshal(UpgradeAgentParams{URL: "https://fm.example.com:10000/download/fm",
+					SHA256: "6f55844db972ba9922fcd1dcfcff0e1aeb01b210e0a5bc1811c0d72176ef4ecf", ReportWithinSeconds: 300})
+				return b
+			}(),
+		}, func() Message { return &Command{} }},
+		"agent_status_upgradable": {&AgentStatus{
+			Instance: "in-7k2m9q4x1c", Time: t0, AgentVersion: "1.2.0", AgentSHA256: "6f55844db972ba9922fcd1dcfcff0e1aeb01b210e0a5bc1811c0d72176ef4ecf",
+			Generation: 3, Target: 3, Phase: PhaseReady, DSS: DSSStatus{State: DSSRunning, Version: "14.0.0", NodeType: "design", Port: 10000},
+		}, func() Message { return &AgentStatus{} }},
 		"agent_status": {&AgentStatus{
 			Instance: "in-7k2m9q4x1c", Time: t0, AgentVersion: "0.1.0", Generation: 3, Target: 3, Phase: PhaseReady,
 			DSS:     DSSStatus{State: DSSRunning, Version: "14.0.0", NodeType: "design", Port: 10000},

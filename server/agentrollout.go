@@ -3,10 +3,10 @@ package server
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net/http"
 	"slices"
 	"time"
+	"unicode/utf8"
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/protocol"
@@ -107,7 +107,7 @@ func (s *Server) startAgentUpgrade(r *http.Request) (any, error) {
 		return nil, invalid("an agent upgrade takes at most %d instances (%d asked): name them in instanceIds, in several upgrades", maxRolloutInstances, len(ids))
 	}
 	ru := api.AgentUpgrade{ID: newID("au"), State: rolloutRunning, StartedBy: principalID(r.Context()), StartedAt: time.Now().UTC(),
-		Version: s.agent.version, SHA256: s.agent.sha256, BatchSize: req.BatchSize, MaxFailures: req.MaxFailures,
+		Version: s.agent.version(), SHA256: s.agent.sha256, BatchSize: req.BatchSize, MaxFailures: req.MaxFailures,
 		Pending: ids, Batch: []api.AgentUpgradeEntry{}, Failed: []api.AgentUpgradeEntry{}, Skipped: []api.AgentUpgradeEntry{}}
 	key := agentUpgradeKey()
 	doc, rev, err := s.st.settings.fetch(r.Context(), key)
@@ -206,6 +206,12 @@ func cloneRollout(ru api.AgentUpgrade) api.AgentUpgrade {
 // save writes ru as it is (a step within the step), false if it could not.
 func (s *Server) rolloutStep(ctx context.Context, ru *api.AgentUpgrade, held func() bool, save func(*api.AgentUpgrade) bool) bool {
 	now := time.Now().UTC()
+	if k, _, ok := s.st.keys.get(ru.StartedBy); ok && k.RevokedAt != nil {
+		// Its operations are the starter's: not after the key is revoked.
+		s.endRollout(ru, rolloutFailed, now)
+		failed(ru, api.AgentUpgradeEntry{Since: now, Message: "the API key that started this upgrade was revoked; no further operation is started"})
+		return true
+	}
 	if s.agent == nil || s.agent.sha256 != ru.SHA256 {
 		// FM restarted with another binary (or none): what the batches
 		// would send is not what the rollout names.
@@ -214,19 +220,34 @@ func (s *Server) rolloutStep(ctx context.Context, ru *api.AgentUpgrade, held fun
 			Message: "the agent binary Fleet Manager serves changed since this upgrade started; start a new one"})
 		return true
 	}
-	// An instance busy with another operation waits without holding up
-	// the others of the batch.
+	// The batch's operations are started together: the batch is written
+	// as being started once, then once with their ids; an instance busy
+	// with another operation waits without holding up the others.
+	fresh := map[string]bool{}
 	for i := range ru.Batch {
-		if ru.Batch[i].JobID == "" {
-			if !held() {
-				return false
-			}
-			if s.startRolloutOp(ctx, ru, i, now, save) {
-				return true
-			}
+		if e := &ru.Batch[i]; e.JobID == "" && !e.Starting {
+			e.Starting, fresh[e.InstanceID] = true, true
 		}
 	}
+	if len(fresh) > 0 && !save(ru) {
+		return false
+	}
 	changed := false
+	for i := 0; i < len(ru.Batch); i++ {
+		if e := ru.Batch[i]; e.JobID == "" {
+			if !held() {
+				return changed
+			}
+			started, removed := s.startRolloutOp(ctx, ru, i, now, fresh[e.InstanceID])
+			if removed {
+				i--
+			}
+			changed = changed || started
+		}
+	}
+	if changed {
+		return true
+	}
 	for i := 0; i < len(ru.Batch); i++ {
 		e := ru.Batch[i]
 		if e.JobID == "" {
@@ -247,10 +268,16 @@ func (s *Server) rolloutStep(ctx context.Context, ru *api.AgentUpgrade, held fun
 			failed(ru, e)
 		case op.State == api.OpSucceeded:
 			ru.Upgraded++
+		case op.Error != nil && op.Error.ErrorType == string(protocol.CodeUnimplemented):
+			// An agent that does not upgrade itself (one of the fm
+			// package, or older than upgrade-agent): not a failure of
+			// the binary.
+			e.Message = clip(firstNonEmpty(op.Error.DetailedMessage, op.Error.Message))
+			skipped(ru, e)
 		default:
 			e.Message = string(op.State)
 			if op.Error != nil {
-				e.Message = firstNonEmpty(op.Error.DetailedMessage, op.Error.Message)
+				e.Message = clip(firstNonEmpty(op.Error.DetailedMessage, op.Error.Message))
 			}
 			failed(ru, e)
 		}
@@ -313,40 +340,33 @@ func (s *Server) notUpgradable(id, sha string) string {
 	return ""
 }
 
-// startRolloutOp starts the upgrade-agent operation of ru.Batch[i]: it
-// writes that it is starting it first, so that a server killed before it
-// wrote the operation's id is followed by one that looks for the
-// operation, and adopts it. An instance busy with another operation
+// startRolloutOp starts the upgrade-agent operation of ru.Batch[i],
+// which the record says is being started. One that was already (fresh is
+// false: a server killed before it wrote the operation's id) is looked for,
+// and adopted. changed says ru changed; removed, that the entry left the
+// batch (skipped or failed). An instance busy with another operation
 // waits, up to rolloutBusyWait.
-func (s *Server) startRolloutOp(ctx context.Context, ru *api.AgentUpgrade, i int, now time.Time, save func(*api.AgentUpgrade) bool) bool {
+func (s *Server) startRolloutOp(ctx context.Context, ru *api.AgentUpgrade, i int, now time.Time, fresh bool) (changed, removed bool) {
 	e := &ru.Batch[i]
-	fail := func(msg string) bool {
+	leave := func(msg string, to func(*api.AgentUpgrade, api.AgentUpgradeEntry)) (bool, bool) {
 		e.Message, e.Starting = msg, false
-		failed(ru, *e)
+		to(ru, *e)
 		ru.Batch = slices.Delete(ru.Batch, i, i+1)
-		return true
+		return true, true
 	}
-	if e.Starting {
-		if id := s.startedUpgrade(e.InstanceID, e.Since); id != "" {
+	if !fresh {
+		if id := s.startedUpgrade(ctx, e.InstanceID, e.Since); id != "" {
 			e.JobID, e.Starting = id, false
-			return true
-		}
-	} else {
-		e.Starting = true
-		if !save(ru) {
-			return false
+			return true, false
 		}
 	}
 	in, ok := s.st.instances.view(e.InstanceID)
 	if !ok {
-		e.Message, e.Starting = "the instance was deleted", false
-		skipped(ru, *e)
-		ru.Batch = slices.Delete(ru.Batch, i, i+1)
-		return true
+		return leave("the instance was deleted", skipped)
 	}
 	params, err := s.upgradeAgentParams()
 	if err != nil {
-		return fail(asAPIError(err).detail)
+		return leave(asAPIError(err).detail, failed)
 	}
 	// The operations are the rollout's starter's, as if they had asked.
 	octx := context.WithValue(ctx, principalKey{}, &Principal{KeyID: ru.StartedBy, Role: RoleAdmin})
@@ -356,23 +376,28 @@ func (s *Server) startRolloutOp(ctx context.Context, ru *api.AgentUpgrade, i int
 	if err == nil {
 		s.crash.At("server/agent-rollout/start-op:after")
 		e.JobID, e.Starting = f.JobID, false
-		return true
+		return true, false
 	}
 	ae := asAPIError(err)
 	switch {
-	case ae.code == protocol.CodeFailedPrecondition && now.Sub(e.Since) < rolloutBusyWait && s.busy(e.InstanceID):
-		return false // another operation: waited for
+	case errors.Is(err, errInstanceBusy) && now.Sub(e.Since) < rolloutBusyWait:
+		return false, false // another operation: waited for
 	case ae.code == protocol.CodeFailedPrecondition || ae.code == protocol.CodeNotFound:
-		return fail(fmt.Sprintf("not started: %s", ae.detail))
+		return leave(clip("not started: "+ae.detail), failed)
 	}
 	s.log.Warn().Err(err).Str("rollout", ru.ID).Str("instance", e.InstanceID).Msg("upgrade-agent not started; trying again")
-	return false
+	return false, false
 }
 
 // startedUpgrade is the upgrade-agent operation started on instance id
 // since since, "" if none was: what a server killed between starting it
 // and writing its id left (rare: every operation is looked at).
-func (s *Server) startedUpgrade(id string, since time.Time) string {
+func (s *Server) startedUpgrade(ctx context.Context, id string, since time.Time) string {
+	// A server that took the rollout over reads every operation the
+	// bucket has, those of the server it follows included.
+	if err := s.st.ops.sync(ctx); err != nil {
+		s.log.Warn().Err(err).Msg("operations not read up to date; looking at those known")
+	}
 	var found api.Future
 	for _, row := range s.st.ops.rows() {
 		op := row.val
@@ -383,18 +408,23 @@ func (s *Server) startedUpgrade(id string, since time.Time) string {
 	return found.JobID
 }
 
-// busy says whether an instance runs an operation.
-func (s *Server) busy(id string) bool {
-	lc, _, ok := s.st.lifecycle.get(id)
-	if !ok || lc.OpID == "" {
-		return false
-	}
-	op, _, ok := s.st.ops.get(lc.OpID)
-	return ok && op.State == api.OpRunning
-}
-
 func (s *Server) endRollout(ru *api.AgentUpgrade, state string, now time.Time) {
 	ru.State, ru.EndedAt = state, &now
+}
+
+// maxRolloutMessage bounds what a rollout keeps of an entry's message:
+// an agent words its own errors, and the record is one value.
+const maxRolloutMessage = 1024
+
+func clip(msg string) string {
+	if len(msg) <= maxRolloutMessage {
+		return msg
+	}
+	cut := maxRolloutMessage
+	for cut > 0 && !utf8.RuneStart(msg[cut]) {
+		cut--
+	}
+	return msg[:cut] + "…"
 }
 
 func failed(ru *api.AgentUpgrade, e api.AgentUpgradeEntry) {

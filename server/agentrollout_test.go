@@ -9,9 +9,11 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/fleetmanager/fm/api"
 	"github.com/fleetmanager/fm/protocol"
@@ -30,6 +32,10 @@ type fakeAgents struct {
 	served string
 	delay  time.Duration
 	fail   map[string]bool
+	// unable are instances whose agent does not upgrade itself;
+	// failWith, if set, is what the failing ones say.
+	unable   map[string]bool
+	failWith string
 
 	mu       sync.Mutex
 	got      []string // instances, in the order their commands came
@@ -38,7 +44,8 @@ type fakeAgents struct {
 }
 
 func newFakeAgents(t *testing.T, f *fm, served string, delay time.Duration, fail ...string) *fakeAgents {
-	fa := &fakeAgents{t: t, js: f.env.Bus.JetStream(t), served: served, delay: delay, fail: map[string]bool{}}
+	fa := &fakeAgents{t: t, js: f.env.Bus.JetStream(t), served: served, delay: delay, fail: map[string]bool{}, unable: map[string]bool{},
+		failWith: "the agent was not upgraded: the new agent did not report"}
 	for _, id := range fail {
 		fa.fail[id] = true
 	}
@@ -71,10 +78,17 @@ func (fa *fakeAgents) answer(c protocol.Command) {
 	time.Sleep(fa.delay)
 	e := protocol.Event{ID: protocol.NewID("ev"), Instance: c.Instance, Kind: protocol.EventCommand, Source: "agent", CommandID: c.ID, OpID: c.OpID,
 		Step: string(c.Kind), Status: protocol.StatusOK, Message: "agent upgraded", Time: time.Now().UTC()}
-	if fa.fail[c.Instance] {
+	fa.mu.Lock()
+	failing, unable, failWith := fa.fail[c.Instance], fa.unable[c.Instance], fa.failWith
+	fa.mu.Unlock()
+	switch {
+	case failing:
 		e.Status, e.Message = protocol.StatusFailed, "rolled back"
-		e.Error = protocol.Errorf(protocol.CodeAborted, "the agent was not upgraded: the new agent did not report")
-	} else {
+		e.Error = protocol.Errorf(protocol.CodeAborted, "%s", failWith)
+	case unable:
+		e.Status, e.Message = protocol.StatusFailed, "not upgraded"
+		e.Error = protocol.Errorf(protocol.CodeUnimplemented, "the agent's binary /usr/bin/fm belongs to the system's package manager: upgrade the fm package instead")
+	default:
 		reportAgentBinary(fa.t, fa.js, c.Instance, fa.served)
 	}
 	fa.mu.Lock()
@@ -348,4 +362,57 @@ func TestAgentRolloutWaitsForABusyInstance(t *testing.T) {
 	if got, _ := fa.commands(); ru.Upgraded != 2 || !slices.Equal(got, []string{ids[1], ids[0]}) {
 		t.Fatalf("after the other operation ended: %+v, commands %v", ru, got)
 	}
+}
+
+// TestAgentRolloutSkipsAgentsThatDoNotUpgrade: an agent that does not
+// upgrade itself (the fm package's) is skipped, saying why, not failed; a
+// failing agent's long answer is clipped in the record.
+func TestAgentRolloutSkipsAgentsThatDoNotUpgrade(t *testing.T) {
+	f, ids, served := rolloutFleet(t, 3)
+	fa := newFakeAgents(t, f, served, 20*time.Millisecond, ids[2])
+	fa.unable[ids[0]] = true
+	fa.failWith = strings.Repeat("é", 3000)
+	f.ok(f.do("POST", "/agent-upgrade", `{"batchSize":1}`), nil)
+	ru := f.waitRollout("failed", 30*time.Second)
+	if ru.SkippedCount != 1 || ru.Skipped[0].InstanceID != ids[0] || !strings.Contains(ru.Skipped[0].Message, "upgrade the fm package") ||
+		ru.Upgraded != 1 || ru.FailedCount != 1 {
+		t.Fatalf("rollout: %+v", ru)
+	}
+	if m := ru.Failed[0].Message; len(m) > 1024+len("…") || !utf8.ValidString(m) {
+		t.Fatalf("the failure's message is %d bytes (valid UTF-8: %v)", len(m), utf8.ValidString(m))
+	}
+}
+
+// TestAgentRolloutEndsWhenItCannotGoOn: FM started again with another
+// agent binary, or the starter's key revoked, end a running rollout
+// rather than start what it did not name or was not allowed.
+func TestAgentRolloutEndsWhenItCannotGoOn(t *testing.T) {
+	t.Run("another binary", func(t *testing.T) {
+		f, _, served := rolloutFleet(t, 2)
+		newFakeAgents(t, f, served, 3*time.Second)
+		f.ok(f.do("POST", "/agent-upgrade", `{"batchSize":1}`), nil)
+		other := filepath.Join(t.TempDir(), "fm-agent")
+		if err := os.WriteFile(other, []byte("#!/bin/sh\necho 'fm 3.0.0'\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		f.env.Die()
+		f.env.StartAgain(t, func(c *server.Config) { c.AgentBinary = other })
+		ru := f.waitRollout("failed", 30*time.Second)
+		if !strings.Contains(ru.Failed[len(ru.Failed)-1].Message, "binary Fleet Manager serves changed") {
+			t.Fatalf("rollout: %+v", ru)
+		}
+	})
+	t.Run("the key revoked", func(t *testing.T) {
+		f, _, served := rolloutFleet(t, 2)
+		newFakeAgents(t, f, served, 3*time.Second)
+		admin := f.newKey(server.RoleAdmin)
+		if r := f.doAs("POST", "/agent-upgrade", `{"batchSize":1}`, admin.ID, admin.Secret); r.status != http.StatusOK {
+			t.Fatalf("start: %d %s", r.status, r.body)
+		}
+		f.ok(f.do("DELETE", "/api-keys/"+admin.ID, ""), nil)
+		ru := f.waitRollout("failed", 30*time.Second)
+		if !strings.Contains(ru.Failed[len(ru.Failed)-1].Message, "was revoked") || len(ru.Pending) == 0 {
+			t.Fatalf("rollout: %+v", ru)
+		}
+	})
 }

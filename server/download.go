@@ -11,8 +11,10 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"time"
 
+	"github.com/fleetmanager/fm/internal/buildinfo"
 	"github.com/fleetmanager/fm/protocol"
 )
 
@@ -28,8 +30,9 @@ type agentBinary struct {
 	path   string
 	sha256 string
 	// version is what its `version` says ("fm 1.2.0 (…)" gives 1.2.0),
-	// "unknown" if it says nothing of the kind.
-	version string
+	// "unknown" if it says nothing of the kind: asked once, when a rollout
+	// first names it (not at start: it runs the binary).
+	version func() string
 }
 
 // openAgentBinary hashes the binary once, at start: machines check what
@@ -48,7 +51,7 @@ func openAgentBinary(path string) (*agentBinary, error) {
 	if _, err := io.Copy(h, f); err != nil {
 		return nil, fmt.Errorf("agent binary: %w", err)
 	}
-	return &agentBinary{path: path, sha256: hex.EncodeToString(h.Sum(nil)), version: binaryVersion(path)}, nil
+	return &agentBinary{path: path, sha256: hex.EncodeToString(h.Sum(nil)), version: sync.OnceValue(func() string { return binaryVersion(path) })}, nil
 }
 
 // binaryVersion runs `path version` for the version an upgrade names.
@@ -56,8 +59,8 @@ func binaryVersion(path string) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, path, "version").Output()
-	if f := strings.Fields(string(out)); err == nil && len(f) >= 2 && f[0] == "fm" {
-		return f[1]
+	if v, ok := buildinfo.VersionOf(string(out)); err == nil && ok {
+		return v
 	}
 	return "unknown"
 }

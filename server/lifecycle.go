@@ -88,8 +88,17 @@ func (s *Server) actions() map[string]action {
 		opReplayActions: {kind: opReplayActions, from: []string{stateRunning}, deadline: time.Hour, prepare: s.prepareReplay},
 		opResetPassword: s.commandAction(opResetPassword, protocol.CommandResetUserPassword),
 		opDiagnosis:     s.commandAction(opDiagnosis, protocol.CommandCollectDiagnosis),
-		opUpgradeAgent:  s.commandAction(opUpgradeAgent, protocol.CommandUpgradeAgent),
+		opUpgradeAgent:  s.upgradeAgentAction(),
 	}
+}
+
+// upgradeAgentAction is upgrade-agent: a command, with the time for a
+// download, a restart and the new agent's report window
+// (agentReportWithin), which the agent keeps within the command's expiry.
+func (s *Server) upgradeAgentAction() action {
+	a := s.commandAction(opUpgradeAgent, protocol.CommandUpgradeAgent)
+	a.deadline = 30 * time.Minute
+	return a
 }
 
 // commandAction is an action carried out by the agent through a command.
@@ -186,6 +195,10 @@ func (s *Server) instanceAction(kind string) handlerFunc {
 	}
 }
 
+// errInstanceBusy is the cause of act's refusal of an instance busy with
+// another operation (what waits for it may branch on it).
+var errInstanceBusy = errors.New("instance busy with another operation")
+
 type allowDowngradeKey struct{}
 
 type deleteOptionsKey struct{}
@@ -262,9 +275,11 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 				return api.Future{}, err
 			}
 			if busy != nil {
-				return api.Future{}, newAPIError(protocol.CodeFailedPrecondition, "Operation in progress",
+				e := newAPIError(protocol.CodeFailedPrecondition, "Operation in progress",
 					"instance %s is busy with %s (operation %s); wait for it to end or abort it (DELETE /futures/%s)",
 					in.ID, busy.Kind, busy.JobID, busy.JobID)
+				e.cause = errInstanceBusy
+				return api.Future{}, e
 			}
 			if gone, err := s.instanceGone(ctx, in.ID); err == nil && gone {
 				return api.Future{}, notFound(kindInstance, in.ID) // it was a deletion

@@ -192,7 +192,7 @@ function renderActions(node, inst, st, images, reload) {
       action('replay-setup-actions', 'Replay setup actions', () => [`Replays the setup actions of template ${inst.instanceSettingsTemplateLabel || inst.instanceSettingsTemplateId} on the machine.`], 'Replay'),
       action('deprovision', 'Deprovision', () => ['Deprovision tears the machine down. The data volume is kept; provision again to get a new machine on it.'], 'Deprovision'),
       action('collect-diagnosis', 'Collect diagnosis', () => ['Collects a diagnosis bundle (logs, settings) from the machine; it is listed below once ready.'], 'Collect'),
-      action('upgrade-agent', 'Upgrade agent', () => ['Replaces the machine\'s agent with the one Fleet Manager serves, in place; DSS keeps running. An agent that does not report within 5 minutes goes back to the previous one.'], 'Upgrade')),
+      action('upgrade-agent', 'Upgrade agent', () => ['Replaces the machine\'s agent with the one Fleet Manager serves, in place; DSS keeps running (its HTTPS front pauses for a second). An agent that does not report within 5 minutes goes back to the previous one.'], 'Upgrade')),
     h('form', { class: 'inline', 'aria-label': 'Upgrade' }, h('div', {}, field('New image', imageSel)), upgrade),
     h('form', { class: 'inline', 'aria-label': 'Reset a DSS password' }, h('div', {}, field('DSS user', user)), h('div', {}, field('New password', pass)), reset),
     h('form', { class: 'inline', 'aria-label': 'Delete' }, h('div', {}, field('Tear the machine down', force)), h('div', {}, field('Keep the data volume', keep)), del));

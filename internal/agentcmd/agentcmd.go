@@ -85,6 +85,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, version, self str
 	packageManager := fs.String("package-manager", "", "auto, none, or a command the package names are appended to")
 	logFormat := fs.String("log-format", "json", "console or json")
 	logLevel := fs.String("log-level", "info", "trace, debug, info, warn or error")
+	check := fs.Bool("check", false, "check the command line and the config, and exit (an agent upgrading itself asks its new binary)")
 	if err := startup.ParseRoleFlags(fs, args); err != nil {
 		return err
 	}
@@ -118,7 +119,16 @@ func run(ctx context.Context, args []string, stderr io.Writer, version, self str
 	if err != nil {
 		return err
 	}
+	if *check {
+		if err := agent.CheckConfig(cfg); err != nil {
+			return startup.UsageError{Err: err}
+		}
+		return nil
+	}
 	cfg.Logger, cfg.LogOutput, cfg.Version, cfg.Binary = log, startup.LogOutput(*logFormat, stderr), version, self
+	// The new binary of an upgrade is asked to check this very command
+	// line before it replaces this one.
+	cfg.CheckArgs = append(append([]string{"agent"}, args...), "--check")
 	a, err := agent.New(cfg)
 	if err != nil {
 		return startup.UsageError{Err: err}

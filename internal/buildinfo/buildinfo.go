@@ -3,7 +3,8 @@
 // the e2e harness) stamps them (-ldflags -X main.commit=… -X
 // main.commitDate=…), else as the Go toolchain recorded them from the
 // checkout (go build -buildvcs). cmd/fm and cmd/fm-agent import it for
-// `version`; nothing else needs it.
+// `version`; the agent and the server read another binary's `version`
+// with VersionOf.
 //
 // The date is the commit's, not the build's: a build of one commit is then
 // the same whenever it is made.
@@ -73,4 +74,14 @@ func utc(when string) string {
 		return t.UTC().Format(time.RFC3339)
 	}
 	return ""
+}
+
+// VersionOf reads the version in what Describe printed ("fm 1.2.0 (…)"),
+// false when out is not that.
+func VersionOf(out string) (string, bool) {
+	f := strings.Fields(out)
+	if len(f) < 2 || f[0] != "fm" {
+		return "", false
+	}
+	return f[1], true
 }

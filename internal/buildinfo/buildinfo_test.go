@@ -38,3 +38,23 @@ func TestDescribe(t *testing.T) {
 		})
 	}
 }
+
+func TestVersionOf(t *testing.T) {
+	tests := []struct {
+		out, want string
+		ok        bool
+	}{
+		{out: Describe("fm", "1.2.0", "abc", "1700000000") + "\n", want: "1.2.0", ok: true},
+		{out: "fm dev (commit unknown) (agent build)\n", want: "dev", ok: true},
+		{out: "", ok: false},
+		{out: "fm", ok: false},
+		{out: "bash: version: not found", ok: false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.out, func(t *testing.T) {
+			if got, ok := VersionOf(tc.out); got != tc.want || ok != tc.ok {
+				t.Fatalf("VersionOf(%q) = %q, %v", tc.out, got, ok)
+			}
+		})
+	}
+}
