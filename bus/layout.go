@@ -72,10 +72,11 @@ func CheckStamp(stream string, metadata map[string]string) error {
 	return nil
 }
 
-// checkLayout refuses a bus with any stream stamped with a newer layout
-// than this FM's (or an unreadable stamp), before anything is declared:
-// a refused start changes nothing.
-func checkLayout(ctx context.Context, js jetstream.JetStream) error {
+// CheckLayout refuses a bus with any stream stamped with a newer layout
+// than this FM's (or an unreadable stamp): the server before it declares
+// anything (a refused start changes nothing), the provisioner before it
+// consumes.
+func CheckLayout(ctx context.Context, js jetstream.JetStream) error {
 	streams := js.ListStreams(ctx)
 	for info := range streams.Info() {
 		if err := CheckStamp(info.Config.Name, info.Config.Metadata); err != nil {

@@ -270,7 +270,7 @@ const declareWait = 2 * time.Minute
 func (t Topology) Declare(ctx context.Context, js jetstream.JetStream) error {
 	deadline := time.Now().Add(declareWait)
 	for {
-		err := checkLayout(ctx, js)
+		err := CheckLayout(ctx, js)
 		if err == nil {
 			err = t.declareOnce(ctx, js)
 		}

@@ -18,6 +18,10 @@ import (
 // unwinding. At every taking of the lease, the requests a previous holder
 // had taken are handed out again at once (see takeOver).
 func (p *Provisioner) runOnce(ctx context.Context) error {
+	// A bus a newer FM laid out is not this provisioner's to work on.
+	if err := bus.CheckLayout(ctx, p.js); err != nil {
+		return err
+	}
 	leases, err := p.js.KeyValue(ctx, protocol.BucketLeases)
 	if err != nil {
 		return fmt.Errorf("lease bucket: %w", err)

@@ -131,9 +131,18 @@ func New(cfg Config) (*Provisioner, error) {
 // ends; it returns once every operation under way has stopped, leaving
 // nothing to close. Losing the lease, or no longer being able to prove it
 // is held, stops consuming and the work under way until it is taken again.
+// It returns at once, with a *bus.LayoutError, on a bus laid out by a
+// newer FM.
 func (p *Provisioner) Run(ctx context.Context) error {
 	for ctx.Err() == nil {
-		if err := p.runOnce(ctx); err != nil && ctx.Err() == nil {
+		err := p.runOnce(ctx)
+		var layout *bus.LayoutError
+		if errors.As(err, &layout) {
+			// Waiting cannot help: a newer FM laid the bus out (a
+			// downgrade), or no FM did.
+			return fmt.Errorf("provisioner: %w", err)
+		}
+		if err != nil && ctx.Err() == nil {
 			p.log.Warn().Err(err).Msg("provisioner paused; retrying")
 			select {
 			case <-ctx.Done():

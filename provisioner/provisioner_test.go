@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -989,5 +990,40 @@ func TestOngoingReportsInOrderAndSendsTheLast(t *testing.T) {
 		if times[i].Before(times[i-1]) {
 			t.Fatalf("reports out of order: %v", msgs)
 		}
+	}
+}
+
+// TestANewerLayoutIsRefused: a provisioner on a bus a newer FM laid out
+// (a downgrade of the provisioner alone) stops at once, saying so, having
+// taken no lease and carried out nothing.
+func TestANewerLayoutIsRefused(t *testing.T) {
+	r := newRig(t)
+	st, err := r.js.Stream(context.Background(), protocol.StreamProvision)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := st.CachedInfo().Config
+	cfg.Metadata = map[string]string{bus.LayoutKey: strconv.Itoa(bus.LayoutVersion + 1)}
+	if _, err := r.js.UpdateStream(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	b := newRecorder()
+	p, err := New(Config{Conn: r.bus.Connect(t), Backend: b, Holder: "old", LeaseTTL: 15 * time.Second, Logger: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.request("in-1", protocol.ProvisionReprovision, "op-1-reprovision")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err = p.Run(ctx)
+	if !errors.Is(err, bus.ErrNewerLayout) || ctx.Err() != nil {
+		t.Fatalf("Run on a newer layout: %v (ctx %v)", err, ctx.Err())
+	}
+	if calls := b.callList(); len(calls) != 0 {
+		t.Fatalf("it carried out %v", calls)
+	}
+	leases, _ := r.js.KeyValue(context.Background(), protocol.BucketLeases)
+	if _, err := leases.Get(context.Background(), protocol.LeaseProvisioner); err == nil {
+		t.Fatal("it took the lease")
 	}
 }

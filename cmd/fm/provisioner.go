@@ -98,7 +98,7 @@ func runProvisioner(ctx context.Context, args []string, stdout, stderr io.Writer
 		}
 		fmt.Fprintf(stdout, "  metrics    http://%s/metrics (no API key)\n", addr)
 	}
-	return p.Run(ctx)
+	return startError(p.Run(ctx))
 }
 
 // localFlags configure the local backend.
