@@ -88,10 +88,11 @@ type Agent struct {
 	selfSHA   string
 	upgradeMu sync.Mutex
 	restart   context.CancelCauseFunc
-	// upgradeLead is minDownloadTime (tests shorten it); systemdRun runs
-	// systemd-run (tests record it).
-	upgradeLead time.Duration
-	systemdRun  func(ctx context.Context, args ...string) (string, error)
+	// upgradeLead and deadlineMargin are minDownloadTime and
+	// deadlineMargin (tests shorten them); systemdRun runs systemd-run
+	// (tests record it).
+	upgradeLead, deadlineMargin time.Duration
+	systemdRun                  func(ctx context.Context, args ...string) (string, error)
 
 	// commandsReconnected tells runCommands that the connection came back:
 	// commands stored meanwhile were not received.
@@ -119,7 +120,7 @@ func New(cfg Config) (*Agent, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
-	a := &Agent{cfg: cfg, crash: cfg.Crash, liveCommands: liveCommands, commandsRecheck: commandsRecheck, upgradeLead: minDownloadTime}
+	a := &Agent{cfg: cfg, crash: cfg.Crash, liveCommands: liveCommands, commandsRecheck: commandsRecheck, upgradeLead: minDownloadTime, deadlineMargin: deadlineMargin}
 	a.convergeTo, a.execute = a.converge, a.runCommand
 	a.systemdRun = func(ctx context.Context, args ...string) (string, error) {
 		out, err := exec.CommandContext(ctx, "systemd-run", args...).CombinedOutput()

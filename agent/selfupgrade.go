@@ -49,6 +49,10 @@ import (
 // none (nothing was changed yet); a redelivered command is answered from
 // the marker or the binary's digest, never downloaded twice once done.
 
+// CheckOK is what `agent … --check` prints when the command line and
+// config would run: an upgrade asks it of the new binary.
+const CheckOK = "fm agent: check ok"
+
 // ErrRestart is returned by Run when the agent must be executed again
 // from its binary (Config.Binary): a new one was put in place, or the
 // previous one put back. Its command line does so (the same process id,
@@ -63,8 +67,10 @@ const (
 	// command does not say.
 	defaultReportWithin = 5 * time.Minute
 	maxReportWithin     = time.Hour
-	// maxSwaps bounds the times one command puts a binary in place.
-	maxSwaps = 3
+	// deadlineMargin keeps a trial's deadline this far before the command's
+	// expiry: a keep answered at the deadline must reach FM before FM
+	// gives the operation up.
+	deadlineMargin = 30 * time.Second
 	// minDownloadTime is the least time left before a command's expiry,
 	// beyond the report window, for the agent to begin an upgrade.
 	minDownloadTime = 2 * time.Minute
@@ -97,10 +103,12 @@ type upgradeMarker struct {
 	Deadline    time.Time `json:"deadline"`
 	Starts      int       `json:"starts"`
 	Reason      string    `json:"reason,omitempty"`
-	// Swaps counts the times this command put the new binary in place:
-	// each restart on it resets the command's attempts, so this bounds
-	// them instead.
-	Swaps int `json:"swaps"`
+	// Swaps counts the times this command put a new binary in place; with
+	// the command it makes the trial's token (Trial), written in the trial
+	// file, which the service manager's watchdog of this very trial checks
+	// (one armed for an earlier trial does nothing).
+	Swaps int    `json:"swaps"`
+	Trial string `json:"trial"`
 }
 
 func (m *machine) upgradePath() string { return filepath.Join(m.stateDir, "agent-upgrade.json") }
@@ -282,10 +290,13 @@ func (a *Agent) upgradeAgent(ctx context.Context, cmd protocol.Command) commandR
 		return commandResult{err: protocol.Errorf(protocol.CodeUnavailable,
 			"upgrade-agent %s is under way (its binary on trial until %s); ask again once it has ended", mk.Command, mk.Deadline.Format(time.RFC3339))}
 	}
-	if swaps >= maxSwaps {
-		a.dropTrial()
-		a.dropUpgrade()
-		return commandResult{err: protocol.Errorf(protocol.CodeAborted, "the agent was not upgraded: the binary was put in place %d times and never kept", swaps)}
+	// A refusal from here on leaves nothing of an attempt a kill cut short
+	// before its swap (this command's marker, the old binary running).
+	refuse := func(res commandResult) commandResult {
+		if mk != nil && mk.Command == cmd.ID {
+			a.abandonTrial()
+		}
+		return res
 	}
 	if a.selfSHA != "" && a.selfSHA == p.SHA256 {
 		a.dropTrial()
@@ -293,19 +304,25 @@ func (a *Agent) upgradeAgent(ctx context.Context, cmd protocol.Command) commandR
 		return commandResult{message: fmt.Sprintf("the agent already runs this binary (version %s)", a.cfg.Version)}
 	}
 	if perr := a.canUpgrade(p.URL); perr != nil {
-		return commandResult{err: perr}
+		return refuse(commandResult{err: perr})
 	}
 	// The new agent must have the time to report before FM gives up on
 	// the command: started later, it would be rolled back for nothing.
-	if !cmd.Expires.IsZero() && time.Until(cmd.Expires) < within+a.upgradeLead {
-		return commandResult{err: protocol.Errorf(protocol.CodeDeadlineExceeded,
-			"upgrade-agent %s expires at %s: too soon to download the binary and give the new agent %s to report; ask again", cmd.ID, cmd.Expires.Format(time.RFC3339), within)}
+	tooSoon := func(what string) commandResult {
+		return refuse(commandResult{err: protocol.Errorf(protocol.CodeDeadlineExceeded,
+			"upgrade-agent %s expires at %s: too soon %s and give the new agent %s to report; nothing was changed, ask again", cmd.ID, cmd.Expires.Format(time.RFC3339), what, within)})
+	}
+	if !cmd.Expires.IsZero() && time.Until(cmd.Expires) < within+a.deadlineMargin+a.upgradeLead {
+		return tooSoon("to download the binary")
 	}
 	staged, toVersion, perr := a.stageBinary(ctx, p)
 	if perr != nil {
-		return commandResult{err: perr, output: toVersion}
+		return refuse(commandResult{err: perr, output: toVersion})
 	}
 	defer os.Remove(staged) // after the rename, there is nothing to remove
+	if !cmd.Expires.IsZero() && time.Until(cmd.Expires) < within+a.deadlineMargin {
+		return tooSoon("after the download")
+	}
 	prev := previousBinary(a.cfg.Binary)
 	if err := os.Remove(prev); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return commandResult{err: protocol.Errorf(protocol.CodeInternal, "the previous binary could not be kept: %v", err)}
@@ -315,21 +332,22 @@ func (a *Agent) upgradeAgent(ctx context.Context, cmd protocol.Command) commandR
 	}
 	mk = &upgradeMarker{Command: cmd.ID, State: upgradeTrial, FromVersion: a.cfg.Version, FromSHA256: a.selfSHA,
 		ToVersion: toVersion, ToSHA256: p.SHA256, Deadline: time.Now().Add(within).UTC(), Swaps: swaps + 1}
-	if !cmd.Expires.IsZero() && cmd.Expires.Before(mk.Deadline) {
-		mk.Deadline = cmd.Expires.UTC()
+	mk.Trial = fmt.Sprintf("%s-%d", cmd.ID, mk.Swaps)
+	if !cmd.Expires.IsZero() && cmd.Expires.Add(-a.deadlineMargin).Before(mk.Deadline) {
+		mk.Deadline = cmd.Expires.Add(-a.deadlineMargin).UTC()
 	}
 	if err := a.saveUpgrade(mk); err != nil {
 		return commandResult{err: protocol.Errorf(protocol.CodeInternal, "upgrade marker: %v", err)}
 	}
 	a.crash.At("agent/upgrade:marker-saved")
-	if err := atomicfile.WriteFile(a.m.trialPath(), nil, 0o600); err != nil {
+	if err := atomicfile.WriteFile(a.m.trialPath(), []byte(mk.Trial+"\n"), 0o600); err != nil {
 		a.dropUpgrade()
 		return commandResult{err: protocol.Errorf(protocol.CodeInternal, "upgrade trial file: %v", err)}
 	}
 	// Both on disk before the binary they speak of: a power cut must not
 	// leave a new binary with no trial.
 	syncDir(a.m.stateDir)
-	a.armWatchdog(ctx, cmd.ID, mk.Deadline)
+	a.armWatchdog(ctx, mk.Trial, mk.Deadline)
 	if err := os.Rename(staged, a.cfg.Binary); err != nil {
 		a.dropTrial()
 		a.dropUpgrade()
@@ -357,7 +375,7 @@ const agentUnit = "fm-agent.service"
 // restarted) is put back by systemd.
 const watchdogGrace = 2 * time.Minute
 
-var reUnitPart = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
+var reUnitPart = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,80}$`)
 
 // armWatchdog asks systemd, on a machine it runs, to put the previous
 // binary back and restart the agent's unit watchdogGrace after deadline,
@@ -365,27 +383,39 @@ var reUnitPart = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
 // net that needs nothing of the new binary. Without systemd there is none
 // (a local machine); a failure to arm it is logged, the agent's own
 // rollback and fm-agent.service's ExecStopPost remaining.
-func (a *Agent) armWatchdog(ctx context.Context, id string, deadline time.Time) {
+func (a *Agent) armWatchdog(ctx context.Context, trial string, deadline time.Time) {
 	if !a.m.useSystemd() {
 		return
 	}
-	name := "fm-agent-upgrade-" + id
-	if !reUnitPart.MatchString(id) {
-		name = "fm-agent-upgrade"
+	if !reUnitPart.MatchString(trial) {
+		a.log.Warn().Str("trial", trial).Msg("systemd's watchdog of the upgrade not armed: the command's id cannot name a unit")
+		return
 	}
-	after := int(time.Until(deadline.Add(watchdogGrace)).Seconds()) + 1
-	args := []string{"--unit", name, "--on-active", fmt.Sprintf("%ds", after), "--timer-property=AccuracySec=1s",
-		"/bin/sh", "-c", watchdogScript(a.m.trialPath(), a.cfg.Binary, previousBinary(a.cfg.Binary), agentUnit)}
+	after := max(int(time.Until(deadline.Add(watchdogGrace)).Seconds())+1, 1)
+	args := []string{"--unit", "fm-agent-upgrade-" + trial, "--collect", "--on-active", fmt.Sprintf("%ds", after), "--timer-property=AccuracySec=1s",
+		"/bin/sh", "-c", watchdogScript(trial, a.m.trialPath(), a.cfg.Binary, previousBinary(a.cfg.Binary), agentUnit)}
 	if out, err := a.systemdRun(ctx, args...); err != nil {
 		a.log.Warn().Err(err).Str("output", tail(out, 500)).Msg("systemd's watchdog of the upgrade not armed; the agent's own rollback remains")
 	}
 }
 
-// watchdogScript puts prev back over bin and restarts unit if trial is
-// still there.
-func watchdogScript(trial, bin, prev, unit string) string {
-	return fmt.Sprintf("[ -f %s ] || exit 0; mv -f %s %s && rm -f %s && systemctl restart %s",
-		shellQuote(trial), shellQuote(prev), shellQuote(bin), shellQuote(trial), shellQuote(unit))
+// watchdogScript puts prev back over bin and restarts unit if the trial
+// file still names trial (this very trial: not kept, not rolled back, and
+// no later one since).
+func watchdogScript(trial, trialFile, bin, prev, unit string) string {
+	return fmt.Sprintf("grep -qxF %s %s 2>/dev/null || exit 0; mv -f %s %s && rm -f %s && systemctl restart %s",
+		shellQuote(trial), shellQuote(trialFile), shellQuote(prev), shellQuote(bin), shellQuote(trialFile), shellQuote(unit))
+}
+
+// abandonTrial forgets an upgrade a kill cut short before its swap (the
+// old binary runs): its marker, trial file (which disarms the watchdogs)
+// and the link to the previous binary, which is this one.
+func (a *Agent) abandonTrial() {
+	if err := os.Remove(previousBinary(a.cfg.Binary)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		a.log.Warn().Err(err).Msg("previous agent binary not removed")
+	}
+	a.dropTrial()
+	a.dropUpgrade()
 }
 
 // upgradeUnderWay says whether cmd is an upgrade-agent whose marker is on
@@ -444,7 +474,7 @@ func (a *Agent) upgradeOutcome(mk *upgradeMarker) (res commandResult, done bool)
 		a.dropTrial()
 		a.dropUpgrade()
 		return commandResult{err: protocol.Errorf(protocol.CodeAborted,
-			"the agent was not upgraded to %s: the new binary kept failing to start, and the service manager put the previous one back; version %s runs again", mk.ToVersion, a.cfg.Version)}, true
+			"the agent was not upgraded to %s: the new binary failed to start or to report (it exited three times, or hung past its deadline), and the service manager put the previous one back; version %s runs again", mk.ToVersion, a.cfg.Version)}, true
 	}
 	// On trial with the old binary and the previous one kept: killed before
 	// the swap. Carried out again.
@@ -565,7 +595,10 @@ func (a *Agent) stageBinary(ctx context.Context, p protocol.UpgradeAgentParams) 
 		return "", tail(out, 2000), protocol.Errorf(protocol.CodeFailedPrecondition, "the new agent binary does not run on this machine (its version: %v); nothing was changed", errOr(err, "not an fm binary"))
 	}
 	if len(a.cfg.CheckArgs) > 0 {
-		if cout, err := a.runStaged(ctx, staged, a.cfg.CheckArgs...); err != nil {
+		if cout, err := a.runStaged(ctx, staged, a.cfg.CheckArgs...); err != nil || !strings.Contains(cout, CheckOK) {
+			if err == nil {
+				err = errors.New("it did not say " + CheckOK)
+			}
 			os.Remove(staged)
 			return "", tail(cout, 2000), protocol.Errorf(protocol.CodeFailedPrecondition, "the new agent binary refuses this machine's agent command line or config (%v); nothing was changed", err)
 		}

@@ -23,7 +23,7 @@ import (
 // and their `version`, which the agent runs before it swaps.
 const (
 	oldAgentScript = "#!/bin/sh\necho 'fm 1.0.0 (the old agent)'\n"
-	newAgentScript = "#!/bin/sh\ncase \"$1\" in version) echo 'fm 2.0.0 (the new agent)';; agent) [ \"$2\" = --check ];; *) exit 1;; esac\n"
+	newAgentScript = "#!/bin/sh\ncase \"$1\" in version) echo 'fm 2.0.0 (the new agent)';; agent) [ \"$2\" = --check ] && echo '" + CheckOK + "';; *) exit 1;; esac\n"
 )
 
 // upgradeRig is a rig whose agent knows its binary (on the machine's disk)
@@ -36,6 +36,8 @@ type upgradeRig struct {
 	url       string
 	// answer, when set, is the status of the next failures downloads.
 	answer, failures atomic.Int32
+	// expiresAt is the expiry of the command a test sent, if any.
+	expiresAt time.Time
 }
 
 func newUpgradeRig(t *testing.T) *upgradeRig {
@@ -45,7 +47,7 @@ func newUpgradeRig(t *testing.T) *upgradeRig {
 	writeExecutable(t, u.bin, oldAgentScript)
 	u.cfg.Binary, u.cfg.Version, u.cfg.CheckArgs = u.bin, "1.0.0", []string{"agent", "--check"}
 	u.serve(newAgentScript)
-	u.tune = func(a *Agent) { a.upgradeLead = 0 }
+	u.tune = func(a *Agent) { a.upgradeLead, a.deadlineMargin = 0, time.Second }
 	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		u.downloads.Add(1)
 		if code := int(u.answer.Load()); code != 0 && u.failures.Add(-1) >= 0 {
@@ -193,13 +195,16 @@ func TestUpgradeAgentRollsBack(t *testing.T) {
 			time.Sleep(time.Until(u.marker().Deadline))
 			u.waitRestart(u.run())
 		}},
-		{name: "started after the deadline and the command's expiry", want: "did not report by", expires: 4 * time.Second, trial: func(u *upgradeRig) {
+		{name: "started after the deadline and the command's expiry", want: "did not report by", expires: 5 * time.Second, trial: func(u *upgradeRig) {
 			mk := u.marker()
-			if !mk.Deadline.Before(time.Now().Add(4 * time.Second)) {
-				u.t.Fatalf("the trial's deadline %s is past the command's expiry", mk.Deadline)
+			if !mk.Deadline.Before(u.expiresAt) {
+				u.t.Fatalf("the trial's deadline %s is not before the command's expiry %s", mk.Deadline, u.expiresAt)
 			}
 			time.Sleep(time.Until(mk.Deadline.Add(time.Second)))
 			u.waitRestart(u.run())
+			// The old agent runs the command past its expiry: it answers
+			// how the upgrade ended, not that the command expired.
+			time.Sleep(time.Until(u.expiresAt.Add(500 * time.Millisecond)))
 		}},
 		{name: "dying at every start", want: "started 3 times without reporting", trial: func(u *upgradeRig) {
 			// Three starts that died before reporting (a service manager
@@ -260,6 +265,7 @@ func TestUpgradeAgentRollsBack(t *testing.T) {
 			var expires time.Time
 			if tc.expires != 0 {
 				expires = time.Now().Add(tc.expires)
+				u.expiresAt = expires
 			}
 			u.commandWithID(id, id, protocol.CommandUpgradeAgent, u.params(newAgentScript, within), expires)
 			u.waitRestart(done)
@@ -607,28 +613,41 @@ func TestUpgradeAgentWatchdog(t *testing.T) {
 	u.cfg.ServiceManager = "systemd"
 	var armed []string
 	u.tune = func(a *Agent) {
-		a.upgradeLead = 0
+		a.upgradeLead, a.deadlineMargin = 0, time.Second
 		a.systemdRun = func(_ context.Context, args ...string) (string, error) { armed = args; return "", nil }
 	}
 	done := u.run()
 	id := u.command(protocol.CommandUpgradeAgent, u.params(newAgentScript, 60))
 	u.waitRestart(done)
-	if len(armed) != 8 || armed[0] != "--unit" || armed[1] != "fm-agent-upgrade-"+id || armed[2] != "--on-active" || armed[5] != "/bin/sh" {
+	if len(armed) != 9 || armed[0] != "--unit" || armed[1] != "fm-agent-upgrade-"+id+"-1" || armed[2] != "--collect" || armed[3] != "--on-active" || armed[6] != "/bin/sh" {
 		t.Fatalf("systemd-run %q", armed)
 	}
-	if secs, _ := strconv.Atoi(strings.TrimSuffix(armed[3], "s")); secs < 60+110 || secs > 60+125 {
-		t.Fatalf("the watchdog fires in %s, want the deadline (60 s) and its grace (120 s)", armed[3])
+	if secs, _ := strconv.Atoi(strings.TrimSuffix(armed[4], "s")); secs < 60+110 || secs > 60+125 {
+		t.Fatalf("the watchdog fires in %s, want the deadline (60 s) and its grace (120 s)", armed[4])
 	}
 	// The script, with systemctl a stand-in that records what it restarts.
 	stub := t.TempDir()
 	writeExecutable(t, filepath.Join(stub, "systemctl"), "#!/bin/sh\necho \"$@\" >> "+filepath.Join(stub, "restarted")+"\n")
-	script := armed[7]
+	script := armed[8]
+	trialFile := filepath.Join(u.root, "var", "lib", "fm-agent", "upgrade-trial")
 	runScript := func() {
 		cmd := exec.Command("/bin/sh", "-c", script)
 		cmd.Env = append(os.Environ(), "PATH="+stub+":"+os.Getenv("PATH"))
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("watchdog script: %v\n%s", err, out)
 		}
+	}
+	// Another trial's file (a later upgrade): this watchdog leaves it be.
+	original, _ := os.ReadFile(trialFile)
+	if err := os.WriteFile(trialFile, []byte(id+"-2\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	runScript()
+	if _, err := os.Stat(filepath.Join(stub, "restarted")); err == nil || u.content() != newAgentScript {
+		t.Fatal("the watchdog acted on another trial")
+	}
+	if err := os.WriteFile(trialFile, original, 0o600); err != nil {
+		t.Fatal(err)
 	}
 	runScript()
 	restarted, _ := os.ReadFile(filepath.Join(stub, "restarted"))
@@ -643,4 +662,22 @@ func TestUpgradeAgentWatchdog(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(stub, "restarted")); err == nil || u.content() != newAgentScript {
 		t.Fatal("the watchdog acted with no trial under way")
 	}
+}
+
+// TestUpgradeAgentTooLate: an upgrade asked too close to its command's
+// expiry for the download and the report window is refused, changing
+// nothing, and downloads nothing.
+func TestUpgradeAgentTooLate(t *testing.T) {
+	u := newUpgradeRig(t)
+	u.run()
+	id := protocol.NewID("cmd")
+	u.commandWithID(id, id, protocol.CommandUpgradeAgent, u.params(newAgentScript, 60), time.Now().Add(30*time.Second))
+	res := u.result(id)
+	if res.Error == nil || res.Error.Code != protocol.CodeDeadlineExceeded || !strings.Contains(res.Error.Message, "too soon") {
+		t.Fatalf("result: %+v %+v", res, res.Error)
+	}
+	if u.downloads.Load() != 0 || u.content() != oldAgentScript || u.marker() != nil {
+		t.Fatalf("refused too late, yet: %d downloads, binary %q, marker %+v", u.downloads.Load(), u.content(), u.marker())
+	}
+	u.stopAgent()
 }

@@ -233,16 +233,26 @@ func (s *Server) rolloutStep(ctx context.Context, ru *api.AgentUpgrade, held fun
 		return false
 	}
 	changed := false
+	var known map[string]api.Future // the upgrade-agent operations, read once a step
+	started := func(id string, since time.Time) string {
+		if known == nil {
+			known = s.startedUpgrades(ctx)
+		}
+		if op, ok := known[id]; ok && !op.StartedAt.Before(since) {
+			return op.JobID
+		}
+		return ""
+	}
 	for i := 0; i < len(ru.Batch); i++ {
 		if e := ru.Batch[i]; e.JobID == "" {
 			if !held() {
 				return changed
 			}
-			started, removed := s.startRolloutOp(ctx, ru, i, now, fresh[e.InstanceID])
+			done, removed := s.startRolloutOp(ctx, ru, i, now, fresh[e.InstanceID], started)
 			if removed {
 				i--
 			}
-			changed = changed || started
+			changed = changed || done
 		}
 	}
 	if changed {
@@ -346,7 +356,7 @@ func (s *Server) notUpgradable(id, sha string) string {
 // and adopted. changed says ru changed; removed, that the entry left the
 // batch (skipped or failed). An instance busy with another operation
 // waits, up to rolloutBusyWait.
-func (s *Server) startRolloutOp(ctx context.Context, ru *api.AgentUpgrade, i int, now time.Time, fresh bool) (changed, removed bool) {
+func (s *Server) startRolloutOp(ctx context.Context, ru *api.AgentUpgrade, i int, now time.Time, fresh bool, started func(string, time.Time) string) (changed, removed bool) {
 	e := &ru.Batch[i]
 	leave := func(msg string, to func(*api.AgentUpgrade, api.AgentUpgradeEntry)) (bool, bool) {
 		e.Message, e.Starting = msg, false
@@ -355,7 +365,7 @@ func (s *Server) startRolloutOp(ctx context.Context, ru *api.AgentUpgrade, i int
 		return true, true
 	}
 	if !fresh {
-		if id := s.startedUpgrade(ctx, e.InstanceID, e.Since); id != "" {
+		if id := started(e.InstanceID, e.Since); id != "" {
 			e.JobID, e.Starting = id, false
 			return true, false
 		}
@@ -363,6 +373,17 @@ func (s *Server) startRolloutOp(ctx context.Context, ru *api.AgentUpgrade, i int
 	in, ok := s.st.instances.view(e.InstanceID)
 	if !ok {
 		return leave("the instance was deleted", skipped)
+	}
+	// Looked at again: it may have changed while it waited (stopped, or
+	// upgraded by hand).
+	switch why := s.notUpgradable(e.InstanceID, ru.SHA256); why {
+	case "":
+	case "current":
+		ru.AlreadyCurrent++
+		ru.Batch = slices.Delete(ru.Batch, i, i+1)
+		return true, true
+	default:
+		return leave(why, skipped)
 	}
 	params, err := s.upgradeAgentParams()
 	if err != nil {
@@ -389,23 +410,23 @@ func (s *Server) startRolloutOp(ctx context.Context, ru *api.AgentUpgrade, i int
 	return false, false
 }
 
-// startedUpgrade is the upgrade-agent operation started on instance id
-// since since, "" if none was: what a server killed between starting it
-// and writing its id left (rare: every operation is looked at).
-func (s *Server) startedUpgrade(ctx context.Context, id string, since time.Time) string {
+// startedUpgrades is each instance's last upgrade-agent operation: what a
+// server killed between starting one and writing its id left (looked for
+// only then: every operation is read).
+func (s *Server) startedUpgrades(ctx context.Context) map[string]api.Future {
 	// A server that took the rollout over reads every operation the
 	// bucket has, those of the server it follows included.
 	if err := s.st.ops.sync(ctx); err != nil {
 		s.log.Warn().Err(err).Msg("operations not read up to date; looking at those known")
 	}
-	var found api.Future
+	last := map[string]api.Future{}
 	for _, row := range s.st.ops.rows() {
 		op := row.val
-		if op.Instance == id && op.Kind == opUpgradeAgent && !op.StartedAt.Before(since) && op.StartedAt.After(found.StartedAt) {
-			found = op.Future
+		if op.Kind == opUpgradeAgent && op.StartedAt.After(last[op.Instance].StartedAt) {
+			last[op.Instance] = op.Future
 		}
 	}
-	return found.JobID
+	return last
 }
 
 func (s *Server) endRollout(ru *api.AgentUpgrade, state string, now time.Time) {

@@ -371,7 +371,7 @@ func TestAgentRolloutSkipsAgentsThatDoNotUpgrade(t *testing.T) {
 	f, ids, served := rolloutFleet(t, 3)
 	fa := newFakeAgents(t, f, served, 20*time.Millisecond, ids[2])
 	fa.unable[ids[0]] = true
-	fa.failWith = strings.Repeat("é", 3000)
+	fa.failWith = "x" + strings.Repeat("é", 3000) // byte 1024 is within a character
 	f.ok(f.do("POST", "/agent-upgrade", `{"batchSize":1}`), nil)
 	ru := f.waitRollout("failed", 30*time.Second)
 	if ru.SkippedCount != 1 || ru.Skipped[0].InstanceID != ids[0] || !strings.Contains(ru.Skipped[0].Message, "upgrade the fm package") ||

@@ -20,7 +20,12 @@ type apiError struct {
 	cause   error
 	// retryAfter, if set, is sent as the Retry-After header.
 	retryAfter time.Duration
+	// kind, if set, is a sentinel the error matches (errors.Is) for the
+	// server's own callers: not a cause (nothing went wrong to log).
+	kind error
 }
+
+func (e *apiError) Is(target error) bool { return e.kind != nil && target == e.kind }
 
 func (e *apiError) Error() string {
 	if e.cause != nil {

@@ -278,7 +278,7 @@ func (s *Server) act(ctx context.Context, in api.Instance, a action) (api.Future
 				e := newAPIError(protocol.CodeFailedPrecondition, "Operation in progress",
 					"instance %s is busy with %s (operation %s); wait for it to end or abort it (DELETE /futures/%s)",
 					in.ID, busy.Kind, busy.JobID, busy.JobID)
-				e.cause = errInstanceBusy
+				e.kind = errInstanceBusy
 				return api.Future{}, e
 			}
 			if gone, err := s.instanceGone(ctx, in.ID); err == nil && gone {

@@ -123,6 +123,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, version, self str
 		if err := agent.CheckConfig(cfg); err != nil {
 			return startup.UsageError{Err: err}
 		}
+		fmt.Fprintln(stderr, agent.CheckOK)
 		return nil
 	}
 	cfg.Logger, cfg.LogOutput, cfg.Version, cfg.Binary = log, startup.LogOutput(*logFormat, stderr), version, self
