@@ -22,7 +22,7 @@ import (
 func TestAgentUpgradeInPlace(t *testing.T) {
 	bin := fmBin(t)
 	data := filepath.Join(t.TempDir(), "fm")
-	t.Cleanup(func() { cmdline.Stop(cmdline.Find(data), 2*time.Second) })
+	t.Cleanup(func() { StopUnder(data) })
 	addr := FreePort(t)
 	d := startDevWith(t, bin, data, addr, "--heartbeat-seconds", "1")
 	py := NewPython(t, d.url, d.keyFile)

@@ -13,8 +13,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/fleetmanager/fm/internal/cmdline"
 )
 
 // TestAWebhookHearsAnAgentStopAndComeBack: fm dev with a webhook set by
@@ -66,7 +64,7 @@ func TestAWebhookHearsAnAgentStopAndComeBack(t *testing.T) {
 	}
 
 	data := t.TempDir()
-	t.Cleanup(func() { cmdline.Stop(cmdline.Find(data), 2*time.Second) })
+	t.Cleanup(func() { StopUnder(data) })
 	d := startDevAt(t, data, FreePort(t), "--heartbeat-seconds", "1", "--alert-interval", "1s", "--alert-hold", "2s")
 	d.fm(t, "alert", "webhook", "--set", hook.URL+"/fm")
 	if out := d.fm(t, "alert", "webhook"); !strings.Contains(out, hook.URL+"/fm") {

@@ -17,7 +17,6 @@ import (
 
 	"github.com/fleetmanager/fm/bus"
 	"github.com/fleetmanager/fm/deploy/standin/kit"
-	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/internal/crashpoint/crashtable"
 	"github.com/fleetmanager/fm/protocol"
 	"github.com/nats-io/nats.go"
@@ -70,7 +69,7 @@ func startClusterFM(t *testing.T, serverArgs ...string) *clusterFM {
 	c.server = c.startServer(t, c.data, c.addr, serverArgs...)
 	c.env = c.envOf(c.addr)
 	c.machines = filepath.Join(tmp, "machines")
-	t.Cleanup(func() { cmdline.Stop(cmdline.Find(c.machines), 2*time.Second) })
+	t.Cleanup(func() { StopUnder(c.machines) })
 	c.prov = c.startProvisioner(t)
 	return c
 }

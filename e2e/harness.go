@@ -28,6 +28,7 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/deploy/standin/kit"
+	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -291,6 +292,21 @@ func runQuiet(name string, args ...string) (string, string, error) {
 func sha256Sum(b []byte) []byte {
 	s := sha256.Sum256(b)
 	return s[:]
+}
+
+// StopUnder stops every process whose command line names dir (fm dev,
+// the machines' agents, their DSS), as a test's clean-up: the agents
+// first, so that none restarts a DSS it sees stopped, then the rest,
+// again until none is left (at most 5 rounds).
+func StopUnder(dir string) {
+	for range 5 {
+		cmdline.Stop(cmdline.Find(dir, "agent"), 2*time.Second)
+		rest := cmdline.Find(dir)
+		if len(rest) == 0 {
+			return
+		}
+		cmdline.Stop(rest, 2*time.Second)
+	}
 }
 
 // FileSHA256 is the hex SHA-256 of the file at path.

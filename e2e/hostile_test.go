@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fleetmanager/fm/internal/cmdline"
 	"github.com/fleetmanager/fm/protocol"
 	natsjwt "github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
@@ -427,7 +426,7 @@ func agentJWTExpiry(t *testing.T, d *devEnv, id string) time.Time {
 func TestAgentCredentialsAreRenewed(t *testing.T) {
 	data := filepath.Join(t.TempDir(), "fm")
 	d := startDevAt(t, data, FreePort(t), "--heartbeat-seconds", "1", "--agent-creds-ttl", "30s")
-	t.Cleanup(func() { cmdline.Stop(cmdline.Find(data), 2*time.Second) })
+	t.Cleanup(func() { StopUnder(data) })
 	py := NewPython(t, d.url, d.keyFile)
 	id := d.newInstance(t, "renewed", "dss-14.0.0-standin")
 	t.Cleanup(func() {
@@ -466,7 +465,7 @@ func TestAgentCredentialsAreRenewed(t *testing.T) {
 func TestAFoldedRevocationListCutsNoAgentOffForGood(t *testing.T) {
 	data := filepath.Join(t.TempDir(), "fm")
 	d := startDevAt(t, data, FreePort(t), "--heartbeat-seconds", "1", "--agent-creds-ttl", "10m")
-	t.Cleanup(func() { cmdline.Stop(cmdline.Find(data), 2*time.Second) })
+	t.Cleanup(func() { StopUnder(data) })
 	replaced := d.newInstance(t, "replaced", "dss-14.0.0-standin")
 	kept := d.newInstance(t, "kept", "dss-14.0.0-standin")
 	agentLog := filepath.Join(data, "local", "machines", kept, "root", "var", "log", "fm-agent.log")

@@ -31,7 +31,7 @@ import (
 // machine it made when the test ends.
 func startDevFast(t *testing.T, data string) *devEnv {
 	t.Helper()
-	t.Cleanup(func() { cmdline.Stop(cmdline.Find(data), 2*time.Second) })
+	t.Cleanup(func() { StopUnder(data) })
 	return startDevAt(t, data, FreePort(t), "--heartbeat-seconds", "1")
 }
 

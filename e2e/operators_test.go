@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/fleetmanager/fm/bus"
-	"github.com/fleetmanager/fm/internal/cmdline"
 )
 
 // recipe is a line of docs/operators.md to run: a command, with the
@@ -82,7 +81,7 @@ func TestOperatorRecipes(t *testing.T) {
 	}
 
 	data := filepath.Join(t.TempDir(), "fm")
-	t.Cleanup(func() { cmdline.Stop(cmdline.Find(data), 2*time.Second) })
+	t.Cleanup(func() { StopUnder(data) })
 	d := startDevAt(t, data, FreePort(t), "--heartbeat-seconds", "1")
 	id := d.newInstance(t, "ops", "dss-13.4.0-standin")
 	op := jsonField(t, d.fm(t, "instance", "provision", id, "--wait", "--output", "json"), "jobId")

@@ -71,7 +71,7 @@ func promQuery(t *testing.T, base, query string) []string {
 func TestPrometheusSeesDSSGoDownAndComeBack(t *testing.T) {
 	prom, promtool := prometheusBins(t)
 	data := t.TempDir()
-	t.Cleanup(func() { cmdline.Stop(cmdline.Find(data), 2*time.Second) })
+	t.Cleanup(func() { StopUnder(data) })
 	metricsAddr := FreePort(t)
 	d := startDevAt(t, data, FreePort(t), "--heartbeat-seconds", "1", "--metrics-addr", metricsAddr)
 	id := d.newInstance(t, "prom", "dss-13.4.0-standin")

@@ -6,8 +6,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/fleetmanager/fm/internal/cmdline"
 )
 
 // TestLifecycleOverTLS runs fm dev with TLS on the REST API and the bus: the
@@ -15,7 +13,7 @@ import (
 // the bus with the CA it was given.
 func TestLifecycleOverTLS(t *testing.T) {
 	data := filepath.Join(t.TempDir(), "fm")
-	t.Cleanup(func() { cmdline.Stop(cmdline.Find(data), 2*time.Second) })
+	t.Cleanup(func() { StopUnder(data) })
 	addr := FreePort(t)
 	proc := Start(t, fmBin(t), nil, "dev", "--data", data, "--listen", addr, "--log-format", "json", "--heartbeat-seconds", "1", "--tls")
 	out := proc.WaitStdout("Press Ctrl-C to stop", 60*time.Second)

@@ -56,7 +56,7 @@ func buildPrevious(t *testing.T) string {
 func TestUpgradeFromThePreviousRelease(t *testing.T) {
 	oldBin := buildPrevious(t)
 	data := filepath.Join(t.TempDir(), "fm")
-	t.Cleanup(func() { cmdline.Stop(cmdline.Find(data), 2*time.Second) })
+	t.Cleanup(func() { StopUnder(data) })
 	addr := FreePort(t)
 
 	old := startDevWith(t, oldBin, data, addr, "--heartbeat-seconds", "1")
