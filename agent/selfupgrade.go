@@ -27,9 +27,10 @@ import (
 
 // The agent upgrades itself on FM's request (protocol.CommandUpgradeAgent):
 //
-//  1. it downloads the binary FM serves, checks its digest, and runs its
-//     `version` (a binary that does not run here stops there, nothing
-//     changed);
+//  1. it downloads the binary FM serves, checks its digest, runs its
+//     `version` and has it check this agent's command line and config
+//     (`agent … --check`): a binary that does not run here stops there,
+//     nothing changed;
 //  2. it links its running binary to <binary>.previous, writes the upgrade
 //     marker (the command, both digests, a deadline), and renames the new
 //     binary over its own: each step leaves either binary whole;
@@ -395,7 +396,7 @@ func (a *Agent) armWatchdog(ctx context.Context, trial string, deadline time.Tim
 	args := []string{"--unit", "fm-agent-upgrade-" + trial, "--collect", "--on-active", fmt.Sprintf("%ds", after), "--timer-property=AccuracySec=1s",
 		"/bin/sh", "-c", watchdogScript(trial, a.m.trialPath(), a.cfg.Binary, previousBinary(a.cfg.Binary), agentUnit)}
 	if out, err := a.systemdRun(ctx, args...); err != nil {
-		a.log.Warn().Err(err).Str("output", tail(out, 500)).Msg("systemd's watchdog of the upgrade not armed; the agent's own rollback remains")
+		a.log.Warn().Err(err).Str("output", lastBytes(out, 500)).Msg("systemd's watchdog of the upgrade not armed; the agent's own rollback remains")
 	}
 }
 
@@ -592,7 +593,7 @@ func (a *Agent) stageBinary(ctx context.Context, p protocol.UpgradeAgentParams) 
 	version, ok := buildinfo.VersionOf(out)
 	if err != nil || !ok {
 		os.Remove(staged)
-		return "", tail(out, 2000), protocol.Errorf(protocol.CodeFailedPrecondition, "the new agent binary does not run on this machine (its version: %v); nothing was changed", errOr(err, "not an fm binary"))
+		return "", lastBytes(out, 2000), protocol.Errorf(protocol.CodeFailedPrecondition, "the new agent binary does not run on this machine (its version: %v); nothing was changed", errOr(err, "not an fm binary"))
 	}
 	if len(a.cfg.CheckArgs) > 0 {
 		if cout, err := a.runStaged(ctx, staged, a.cfg.CheckArgs...); err != nil || !strings.Contains(cout, CheckOK) {
@@ -600,7 +601,7 @@ func (a *Agent) stageBinary(ctx context.Context, p protocol.UpgradeAgentParams) 
 				err = errors.New("it did not say " + CheckOK)
 			}
 			os.Remove(staged)
-			return "", tail(cout, 2000), protocol.Errorf(protocol.CodeFailedPrecondition, "the new agent binary refuses this machine's agent command line or config (%v); nothing was changed", err)
+			return "", lastBytes(cout, 2000), protocol.Errorf(protocol.CodeFailedPrecondition, "the new agent binary refuses this machine's agent command line or config (%v); nothing was changed", err)
 		}
 	}
 	return staged, version, nil
@@ -640,14 +641,6 @@ func errOr(err error, otherwise string) string {
 		return err.Error()
 	}
 	return otherwise
-}
-
-// tail is the last n bytes of s.
-func tail(s string, n int) string {
-	if len(s) > n {
-		return s[len(s)-n:]
-	}
-	return s
 }
 
 // syncDir makes a rename in dir durable.

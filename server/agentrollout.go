@@ -158,29 +158,34 @@ func (s *Server) abortAgentUpgrade(r *http.Request) (any, error) {
 
 // advanceRollout is the rollout lease's tick: it moves the running rollout
 // on as far as it can, writing each step before taking the next.
+//
+// The record is read once a tick, from the bucket's leader; each step is
+// written at the revision the last write gave, so that a change made
+// meanwhile (a stop asked, another server) refuses the write, and the next
+// tick reads it.
 func (s *Server) advanceRollout(ctx context.Context, now time.Time, held func() bool) {
+	key := agentUpgradeKey()
+	doc, rev, err := s.st.settings.fetch(ctx, key)
+	if err != nil || doc.AgentUpgrade == nil || doc.AgentUpgrade.State != rolloutRunning {
+		return
+	}
+	ru := doc.AgentUpgrade // decoded for this tick alone
+	save := func(ru *api.AgentUpgrade) bool {
+		next, err := s.st.settings.update(ctx, key, settingsDoc{AgentUpgrade: ru}, rev)
+		if err != nil {
+			if !errors.Is(err, errConflict) {
+				s.log.Warn().Err(err).Str("rollout", ru.ID).Msg("agent upgrade not moved on; trying again")
+			}
+			return false
+		}
+		rev = next
+		return true
+	}
 	for range 3 * maxRolloutBatch { // bounded: each pass writes one step
 		if ctx.Err() != nil || !held() {
 			return
 		}
-		key := agentUpgradeKey()
-		doc, rev, err := s.st.settings.fetch(ctx, key)
-		if err != nil || doc.AgentUpgrade == nil || doc.AgentUpgrade.State != rolloutRunning {
-			return
-		}
-		ru := cloneRollout(*doc.AgentUpgrade)
-		save := func(ru *api.AgentUpgrade) bool {
-			next, err := s.st.settings.update(ctx, key, settingsDoc{AgentUpgrade: ru}, rev)
-			if err != nil {
-				if !errors.Is(err, errConflict) {
-					s.log.Warn().Err(err).Str("rollout", ru.ID).Msg("agent upgrade not moved on; trying again")
-				}
-				return false
-			}
-			rev = next
-			return true
-		}
-		if !s.rolloutStep(ctx, &ru, held, save) || !save(&ru) {
+		if !s.rolloutStep(ctx, ru, held, save) || !save(ru) {
 			return // waiting for operations, or written meanwhile
 		}
 		s.crash.At("server/agent-rollout/step-stored")
@@ -190,12 +195,6 @@ func (s *Server) advanceRollout(ctx context.Context, now time.Time, held func() 
 			return
 		}
 	}
-}
-
-func cloneRollout(ru api.AgentUpgrade) api.AgentUpgrade {
-	ru.Pending, ru.Batch = slices.Clone(ru.Pending), slices.Clone(ru.Batch)
-	ru.Failed, ru.Skipped = slices.Clone(ru.Failed), slices.Clone(ru.Skipped)
-	return ru
 }
 
 // rolloutStep makes one change to ru, and says whether it made one: the
@@ -369,29 +368,24 @@ func (s *Server) startRolloutOp(ctx context.Context, ru *api.AgentUpgrade, i int
 			e.JobID, e.Starting = id, false
 			return true, false
 		}
+		// Looked at again (a fresh entry was, as its batch was made): it
+		// may have changed while it waited (stopped, or upgraded by hand).
+		switch why := s.notUpgradable(e.InstanceID, ru.SHA256); why {
+		case "":
+		case "current":
+			ru.AlreadyCurrent++
+			ru.Batch = slices.Delete(ru.Batch, i, i+1)
+			return true, true
+		default:
+			return leave(why, skipped)
+		}
 	}
 	in, ok := s.st.instances.view(e.InstanceID)
 	if !ok {
 		return leave("the instance was deleted", skipped)
 	}
-	// Looked at again: it may have changed while it waited (stopped, or
-	// upgraded by hand).
-	switch why := s.notUpgradable(e.InstanceID, ru.SHA256); why {
-	case "":
-	case "current":
-		ru.AlreadyCurrent++
-		ru.Batch = slices.Delete(ru.Batch, i, i+1)
-		return true, true
-	default:
-		return leave(why, skipped)
-	}
-	params, err := s.upgradeAgentParams()
-	if err != nil {
-		return leave(asAPIError(err).detail, failed)
-	}
 	// The operations are the rollout's starter's, as if they had asked.
 	octx := context.WithValue(ctx, principalKey{}, &Principal{KeyID: ru.StartedBy, Role: RoleAdmin})
-	octx = context.WithValue(octx, commandParamsKey{}, params)
 	s.crash.At("server/agent-rollout/start-op:before")
 	f, err := s.act(octx, in, s.actions()[opUpgradeAgent])
 	if err == nil {

@@ -89,7 +89,7 @@ func (fa *fakeAgents) answer(c protocol.Command) {
 		e.Status, e.Message = protocol.StatusFailed, "not upgraded"
 		e.Error = protocol.Errorf(protocol.CodeUnimplemented, "the agent's binary /usr/bin/fm belongs to the system's package manager: upgrade the fm package instead")
 	default:
-		reportAgentBinary(fa.t, fa.js, c.Instance, fa.served)
+		reportAgentBinary(fa.t, fa.js, c.Instance, "2.0.0", fa.served)
 	}
 	fa.mu.Lock()
 	fa.owed--
@@ -104,15 +104,27 @@ func (fa *fakeAgents) commands() ([]string, int) {
 	return slices.Clone(fa.got), fa.mostOwed
 }
 
-// reportAgentBinary writes an agent's status, responding, running the binary of
-// digest sha.
-func reportAgentBinary(t *testing.T, js jetstream.JetStream, id, sha string) {
+// agentBinaryFile writes script as the agent binary a server serves, and
+// returns its path and digest.
+func agentBinaryFile(t *testing.T, script string) (string, string) {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "fm-agent")
+	if err := os.WriteFile(bin, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256([]byte(script))
+	return bin, hex.EncodeToString(sum[:])
+}
+
+// reportAgentBinary writes an agent's status, responding, of version,
+// running the binary of digest sha.
+func reportAgentBinary(t *testing.T, js jetstream.JetStream, id, version, sha string) {
 	kv, err := js.KeyValue(context.Background(), protocol.BucketAgents)
 	if err != nil {
 		t.Error(err)
 		return
 	}
-	st := protocol.AgentStatus{Instance: id, Time: time.Now().UTC(), Phase: protocol.PhaseReady, AgentVersion: "x", AgentSHA256: sha,
+	st := protocol.AgentStatus{Instance: id, Time: time.Now().UTC(), Phase: protocol.PhaseReady, AgentVersion: version, AgentSHA256: sha,
 		DSS: protocol.DSSStatus{State: protocol.DSSRunning}}
 	data, _ := protocol.Encode(&st)
 	if _, err := kv.Put(context.Background(), id, data); err != nil {
@@ -124,12 +136,7 @@ func reportAgentBinary(t *testing.T, js jetstream.JetStream, id, sha string) {
 // instances whose agents run an older binary; it returns their ids (in
 // id order) and the served digest.
 func rolloutFleet(t *testing.T, n int, opts ...servertest.Option) (*fm, []string, string) {
-	bin := filepath.Join(t.TempDir(), "fm-agent")
-	content := []byte("#!/bin/sh\necho 'fm 2.0.0 (rollout)'\n")
-	if err := os.WriteFile(bin, content, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	sum := sha256.Sum256(content)
+	bin, served := agentBinaryFile(t, "#!/bin/sh\necho 'fm 2.0.0 (rollout)'\n")
 	opts = append([]servertest.Option{servertest.WithConfig(func(c *server.Config) {
 		c.AgentBinary, c.RolloutInterval, c.HeartbeatSeconds = bin, 100*time.Millisecond, 60
 	})}, opts...)
@@ -139,11 +146,11 @@ func rolloutFleet(t *testing.T, n int, opts ...servertest.Option) (*fm, []string
 	for i := range n {
 		in := f.createInstance(instanceBody("agent-"+string(rune('a'+i)), vn.ID, tpl.ID, im.ID))
 		runningWithVolume(t, f.env.Bus, in.ID)
-		reportAgentBinary(t, f.env.Bus.JetStream(t), in.ID, "0ld")
+		reportAgentBinary(t, f.env.Bus.JetStream(t), in.ID, "1.0.0", "0ld")
 		ids = append(ids, in.ID)
 	}
 	slices.Sort(ids)
-	return f, ids, hex.EncodeToString(sum[:])
+	return f, ids, served
 }
 
 func (f *fm) waitRollout(state string, within time.Duration) api.AgentUpgrade {
@@ -180,7 +187,7 @@ func (f *fm) upgradeOps(id string) int {
 func TestAgentRolloutInBatches(t *testing.T) {
 	f, ids, served := rolloutFleet(t, 6)
 	js := f.env.Bus.JetStream(t)
-	reportAgentBinary(t, js, ids[1], served) // runs it already
+	reportAgentBinary(t, js, ids[1], "2.0.0", served) // runs it already
 	// One stopped instance: skipped.
 	lkv, _ := js.KeyValue(context.Background(), protocol.BucketLifecycle)
 	lc, _ := json.Marshal(map[string]any{"state": "stopped", "generation": 1, "dssVersion": "14.0.0", "since": time.Now().UTC(), "updatedAt": time.Now().UTC()})
@@ -391,10 +398,7 @@ func TestAgentRolloutEndsWhenItCannotGoOn(t *testing.T) {
 		f, _, served := rolloutFleet(t, 2)
 		newFakeAgents(t, f, served, 3*time.Second)
 		f.ok(f.do("POST", "/agent-upgrade", `{"batchSize":1}`), nil)
-		other := filepath.Join(t.TempDir(), "fm-agent")
-		if err := os.WriteFile(other, []byte("#!/bin/sh\necho 'fm 3.0.0'\n"), 0o755); err != nil {
-			t.Fatal(err)
-		}
+		other, _ := agentBinaryFile(t, "#!/bin/sh\necho 'fm 3.0.0'\n")
 		f.env.Die()
 		f.env.StartAgain(t, func(c *server.Config) { c.AgentBinary = other })
 		ru := f.waitRollout("failed", 30*time.Second)

@@ -2,12 +2,8 @@ package server_test
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -22,31 +18,13 @@ import (
 // binary FM serves (its URL and digest), ends with the agent's answer, and
 // the status says whether the agent runs that binary.
 func TestUpgradeAgentAction(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "fm-agent")
-	content := []byte("#!/bin/sh\necho fm 2.0.0\n")
-	if err := os.WriteFile(bin, content, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	sum := sha256.Sum256(content)
-	served := hex.EncodeToString(sum[:])
+	bin, served := agentBinaryFile(t, "#!/bin/sh\necho fm 2.0.0\n")
 	f := start(t, servertest.WithConfig(func(c *server.Config) { c.AgentBinary = bin }))
 	vn, tpl, im := f.fleet()
 	in := f.createInstance(instanceBody("upgraded", vn.ID, tpl.ID, im.ID))
 	runningWithVolume(t, f.env.Bus, in.ID)
 	js := f.env.Bus.JetStream(t)
-	agents, err := js.KeyValue(context.Background(), protocol.BucketAgents)
-	if err != nil {
-		t.Fatal(err)
-	}
-	report := func(version, digest string) {
-		t.Helper()
-		st := protocol.AgentStatus{Instance: in.ID, Time: time.Now().UTC(), Phase: protocol.PhaseReady, AgentVersion: version, AgentSHA256: digest,
-			DSS: protocol.DSSStatus{State: protocol.DSSRunning}}
-		data, _ := protocol.Encode(&st)
-		if _, err := agents.Put(context.Background(), in.ID, data); err != nil {
-			t.Fatal(err)
-		}
-	}
+	report := func(version, digest string) { t.Helper(); reportAgentBinary(t, js, in.ID, version, digest) }
 	agentOf := func() (version string, current *bool) {
 		var st struct {
 			Agent *struct {

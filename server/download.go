@@ -71,7 +71,13 @@ func (s *Server) agentDownload() *protocol.AgentDownload {
 	if s.cfg.LocalBackend || s.agent == nil {
 		return nil
 	}
-	return &protocol.AgentDownload{URL: strings.TrimSuffix(s.cfg.JoinURL, JoinPath) + DownloadPath, SHA256: s.agent.sha256}
+	return &protocol.AgentDownload{URL: s.downloadURL(), SHA256: s.agent.sha256}
+}
+
+// downloadURL is where machines download the agent binary: DownloadPath at
+// the join endpoint's host.
+func (s *Server) downloadURL() string {
+	return strings.TrimSuffix(s.cfg.JoinURL, JoinPath) + DownloadPath
 }
 
 // agentReportWithin is how long an upgraded agent has to report before
@@ -85,7 +91,7 @@ func (s *Server) upgradeAgentParams() (json.RawMessage, error) {
 	if s.agent == nil {
 		return nil, precondition("this Fleet Manager serves no agent binary to upgrade agents to (fm server --agent-binary)")
 	}
-	return json.Marshal(protocol.UpgradeAgentParams{URL: strings.TrimSuffix(s.cfg.JoinURL, JoinPath) + DownloadPath,
+	return json.Marshal(protocol.UpgradeAgentParams{URL: s.downloadURL(),
 		SHA256: s.agent.sha256, ReportWithinSeconds: int(agentReportWithin.Seconds())})
 }
 

@@ -92,12 +92,22 @@ func (s *Server) actions() map[string]action {
 	}
 }
 
-// upgradeAgentAction is upgrade-agent: a command, with the time for a
-// download, a restart and the new agent's report window
+// upgradeAgentAction is upgrade-agent: a command naming the binary FM
+// serves (upgradeAgentParams; refused when it serves none), with the time
+// for a download, a restart and the new agent's report window
 // (agentReportWithin), which the agent keeps within the command's expiry.
+// Asked of one instance or by a rollout, the action finds its params.
 func (s *Server) upgradeAgentAction() action {
 	a := s.commandAction(opUpgradeAgent, protocol.CommandUpgradeAgent)
 	a.deadline = 30 * time.Minute
+	prepare := a.prepare
+	a.prepare = func(ctx context.Context, in api.Instance, lc *lifecycle, op *opRecord, m protocol.MachineState) (*protocol.DesiredState, error) {
+		params, err := s.upgradeAgentParams()
+		if err != nil {
+			return nil, err
+		}
+		return prepare(context.WithValue(ctx, commandParamsKey{}, params), in, lc, op, m)
+	}
 	return a
 }
 
@@ -180,12 +190,6 @@ func (s *Server) instanceAction(kind string) handlerFunc {
 				return nil, err
 			}
 			ctx = context.WithValue(ctx, commandParamsKey{}, params)
-		case opUpgradeAgent:
-			params, err := s.upgradeAgentParams()
-			if err != nil {
-				return nil, err
-			}
-			ctx = context.WithValue(ctx, commandParamsKey{}, params)
 		}
 		f, err := s.act(ctx, in, s.actions()[kind])
 		if err != nil {
@@ -195,8 +199,9 @@ func (s *Server) instanceAction(kind string) handlerFunc {
 	}
 }
 
-// errInstanceBusy is the cause of act's refusal of an instance busy with
-// another operation (what waits for it may branch on it).
+// errInstanceBusy is what act's refusal of an instance busy with another
+// operation matches (errors.Is; its apiError's kind, not a cause): what
+// waits for the instance branches on it.
 var errInstanceBusy = errors.New("instance busy with another operation")
 
 type allowDowngradeKey struct{}
