@@ -130,6 +130,8 @@ func (r *actionRunner) run(ctx context.Context, a protocol.SetupAction, index in
 		return r.addCA(ctx, p)
 	case *protocol.UpdateDSSPortParams:
 		return r.updatePort(ctx, p)
+	case *protocol.SetupMemorySettingsParams:
+		return r.memorySettings(ctx, p)
 	case *protocol.InstallJDBCDriverParams:
 		return r.installJDBC(ctx, p)
 	case *protocol.InstallSystemPackagesParams:
@@ -336,6 +338,41 @@ func (r *actionRunner) updatePort(ctx context.Context, p *protocol.UpdateDSSPort
 		return failed(out, err)
 	}
 	return ok("DSS base port changed from %d to %d", cur, p.Port)
+}
+
+// memorySettings sets the heaps of install.ini's [javaopts] the action
+// names, leaving the others, and has DSS regenerate its configuration
+// from it (dssadmin regenerate-config), as Dataiku documents: DSS takes
+// them at its next start, which a change of install.ini brings about
+// (dssInputs). Heaps already set as asked change nothing.
+func (r *actionRunner) memorySettings(ctx context.Context, p *protocol.SetupMemorySettingsParams) actionResult {
+	if v, err := r.m.installedVersion(); err != nil || v == "" {
+		return failed("", errors.New("DSS is not installed yet: give the action the stage after_install or later"))
+	}
+	ini, err := r.m.readINI()
+	if err != nil {
+		return failed("", err)
+	}
+	var changed, said []string
+	values := map[string]string{}
+	for _, kv := range p.Heaps() {
+		said = append(said, kv[0]+" "+kv[1])
+		if ini["javaopts."+kv[0]] != kv[1] {
+			values[kv[0]] = kv[1]
+			changed = append(changed, kv[0])
+		}
+	}
+	if len(changed) == 0 {
+		return ok("DSS's heaps are already %s", strings.Join(said, ", "))
+	}
+	if err := r.m.setINI(ctx, "javaopts", values, false); err != nil {
+		return failed("", err)
+	}
+	out, err := r.m.run(ctx, filepath.Join(r.m.dssDir, "bin", "dssadmin"), "regenerate-config")
+	if err != nil {
+		return failed(out, err)
+	}
+	return ok("%s in install.ini [javaopts]; DSS's configuration regenerated", strings.Join(said, ", "))
 }
 
 // installPackages uses the machine's package manager.

@@ -9,6 +9,7 @@ import (
 	"path"
 	"reflect"
 	"regexp"
+	"strconv"
 	"strings"
 )
 
@@ -112,6 +113,29 @@ type AddCAToTruststoreParams struct {
 	Certificate string `json:"certificate"`
 }
 
+// SetupMemorySettingsParams are the params of SETUP_MEMORY_SETTINGS (FM's
+// own: Dataiku does not document them): the maximum Java heaps of DSS's
+// backend, of its job execution kernels (JEK) and of its notebook and
+// webapp kernels (FEK), as install.ini's [javaopts] backend.xmx, jek.xmx
+// and fek.xmx take them ("8g", "512m"). One left out is left as it is.
+type SetupMemorySettingsParams struct {
+	BackendXmx string `json:"backendXmx,omitempty"`
+	JEKXmx     string `json:"jekXmx,omitempty"`
+	FEKXmx     string `json:"fekXmx,omitempty"`
+}
+
+// Heaps are the install.ini [javaopts] keys the params set, with their
+// values, in a fixed order.
+func (p *SetupMemorySettingsParams) Heaps() [][2]string {
+	var out [][2]string
+	for _, kv := range [][2]string{{"backend.xmx", p.BackendXmx}, {"jek.xmx", p.JEKXmx}, {"fek.xmx", p.FEKXmx}} {
+		if kv[1] != "" {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
+
 // UpdateDSSPortParams are the params of UPDATE_DSS_PORT.
 type UpdateDSSPortParams struct {
 	Port int `json:"port"`
@@ -180,6 +204,8 @@ func ParseParams(t SetupActionType, raw json.RawMessage) (any, error) {
 		out = &AddCAToTruststoreParams{}
 	case ActionUpdateDSSPort:
 		out = &UpdateDSSPortParams{}
+	case ActionSetupMemorySettings:
+		out = &SetupMemorySettingsParams{}
 	default:
 		if len(problems) > 0 {
 			return nil, errors.New(strings.Join(problems, "; "))
@@ -293,11 +319,37 @@ func checkParams(p any, generic map[string]json.RawMessage, fail func(name, form
 		if !strings.Contains(p.Certificate, "-----BEGIN CERTIFICATE-----") {
 			fail("certificate", "is required: a PEM certificate")
 		}
+	case *SetupMemorySettingsParams:
+		if len(p.Heaps()) == 0 {
+			fail("backendXmx", "at least one of backendXmx, jekXmx and fekXmx is required")
+		}
+		for _, f := range []struct{ name, v string }{{"backendXmx", p.BackendXmx}, {"jekXmx", p.JEKXmx}, {"fekXmx", p.FEKXmx}} {
+			if f.v != "" && !validHeap(f.v) {
+				fail(f.name, "%q is not a Java heap size from 256m to 1024g (such as 8g or 512m)", f.v)
+			}
+		}
 	case *UpdateDSSPortParams:
 		if p.Port < 1024 || p.Port > 65525 {
 			fail("port", "%d is out of range [1024, 65525] (DSS uses the ten ports from the base port)", p.Port)
 		}
 	}
+}
+
+var reHeap = regexp.MustCompile(`^([1-9][0-9]{0,6})([mMgG])$`)
+
+// validHeap says whether v is a heap size install.ini takes, from 256m to
+// 1024g.
+func validHeap(v string) bool {
+	m := reHeap.FindStringSubmatch(v)
+	if m == nil {
+		return false
+	}
+	n, _ := strconv.Atoi(m[1])
+	mb := n
+	if m[2] == "g" || m[2] == "G" {
+		mb = n * 1024
+	}
+	return mb >= 256 && mb <= 1024*1024
 }
 
 // jsonTypeName says in words what JSON a Go type decodes from.

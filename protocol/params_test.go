@@ -45,6 +45,13 @@ func TestParseParams(t *testing.T) {
 		{ActionSetupProxy, `{"httpProxy":"http://p:1","noProxy":"a, b"}`, "params.noProxy"},
 		{ActionAddCAToTruststore, `{"name":"corp-root","certificate":"` + strings.ReplaceAll(cert, "\n", `\n`) + `"}`, ""},
 		{ActionAddCAToTruststore, `{"name":"../x","certificate":"x"}`, "params.name"},
+		{ActionSetupMemorySettings, `{"backendXmx":"8g","jekXmx":"2G","fekXmx":"512m"}`, ""},
+		{ActionSetupMemorySettings, `{"backendXmx":"1024g"}`, ""},
+		{ActionSetupMemorySettings, `{}`, "at least one of"},
+		{ActionSetupMemorySettings, `{"backendXmx":"8"}`, "not a Java heap size"},
+		{ActionSetupMemorySettings, `{"jekXmx":"128m"}`, "not a Java heap size"},
+		{ActionSetupMemorySettings, `{"fekXmx":"2g -XX:+Evil"}`, "not a Java heap size"},
+		{ActionSetupMemorySettings, `{"backendXmx":2}`, "must be a string"},
 		{ActionUpdateDSSPort, `{"port":11000}`, ""},
 		{ActionUpdateDSSPort, `{"port":80}`, "out of range"},
 		{ActionUpdateDSSPort, `{"port":"11000"}`, "must be a number"},
@@ -79,6 +86,7 @@ func FuzzParseParams(f *testing.F) {
 	f.Add("ADD_ENV_VARIABLES", `{"variables":[{"key":"A","value":"b"}]}`)
 	f.Add("INSTALL_JDBC_DRIVER", `{"url":"https://x/y.jar","headers":{"a":"b"}}`)
 	f.Add("UPDATE_DSS_PORT", `{"port":11000}`)
+	f.Add("SETUP_MEMORY_SETTINGS", `{"backendXmx":"8g"}`)
 	f.Add("RUN_ANSIBLE_TASKS", `{"stage":"after_install","ansibleTasks":"- x"}`)
 	f.Fuzz(func(t *testing.T, typ, params string) {
 		p, err := ParseParams(SetupActionType(typ), json.RawMessage(params))

@@ -145,8 +145,7 @@ func cmdCLI(args []string, out io.Writer) error {
 		}
 		return d.saveKeys(kept)
 	case "regenerate-config":
-		_, _, err := d.settings()
-		return err
+		return d.regenerateConfig()
 	}
 	return fmt.Errorf("unknown command %q", cmd)
 }

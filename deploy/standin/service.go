@@ -195,7 +195,15 @@ func (s *service) runtime(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}
-	writeJSON(w, 200, map[string]any{"env": env, "properties": props, "port": s.port, "version": version})
+	// The heaps install.ini's [javaopts] gave the processes (through
+	// env-default.sh, which regenerate-config writes).
+	heaps := map[string]string{}
+	for _, o := range javaOpts {
+		if v := strings.TrimPrefix(os.Getenv(o.env), "-Xmx"); v != "" {
+			heaps[o.key] = v
+		}
+	}
+	writeJSON(w, 200, map[string]any{"env": env, "properties": props, "port": s.port, "version": version, "javaOpts": heaps})
 }
 
 type project struct {

@@ -240,3 +240,46 @@ func TestRestartAfterKill(t *testing.T) {
 		t.Fatal("not serving after restart")
 	}
 }
+
+// TestRegenerateConfigTakesTheHeaps: dssadmin regenerate-config turns
+// install.ini's [javaopts] heaps into the Java options DSS starts with, and
+// refuses, as DSS does, a value or a key it does not know, leaving the
+// options as they were.
+func TestRegenerateConfigTakesTheHeaps(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "dss_data")
+	sh(t, true, kits(t)["14.0.0"]+"/installer.sh", "-d", data, "-p", fmt.Sprint(freePort(t)), "-t", "design")
+	ini := filepath.Join(data, "install.ini")
+	base, err := os.ReadFile(ini)
+	if err != nil {
+		t.Fatal(err)
+	}
+	envDefault := filepath.Join(data, "bin", "env-default.sh")
+	tests := []struct {
+		name, javaopts, want, refused string
+	}{
+		{name: "the three heaps", javaopts: "backend.xmx = 8g\njek.xmx = 2g\nfek.xmx = 512m\n",
+			want: "export DKU_BACKEND_JAVA_OPTS=\"-Xmx8g\"\nexport DKU_JEK_JAVA_OPTS=\"-Xmx2g\"\nexport DKU_FEK_JAVA_OPTS=\"-Xmx512m\"\n"},
+		{name: "one", javaopts: "backend.xmx = 4g\n", want: "export DKU_BACKEND_JAVA_OPTS=\"-Xmx4g\"\n"},
+		{name: "not a size", javaopts: "backend.xmx = 4 GB\n", refused: "is not a Java heap size"},
+		{name: "an unknown key", javaopts: "backend.xms = 4g\n", refused: "is not a setting DSS knows"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			before, _ := os.ReadFile(envDefault)
+			if err := os.WriteFile(ini, append(append([]byte{}, base...), []byte("\n[javaopts]\n"+tc.javaopts)...), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			out := sh(t, tc.refused == "", filepath.Join(data, "bin", "dssadmin"), "regenerate-config")
+			after, _ := os.ReadFile(envDefault)
+			if tc.refused != "" {
+				if !strings.Contains(out, tc.refused) || string(after) != string(before) {
+					t.Fatalf("refused with %q; env-default.sh %q (was %q)", out, after, before)
+				}
+				return
+			}
+			if !strings.HasSuffix(string(after), "export DKU_STANDIN=1\n"+tc.want) {
+				t.Fatalf("env-default.sh:\n%s", after)
+			}
+		})
+	}
+}

@@ -1,0 +1,117 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fleetmanager/fm/internal/cmdline"
+	"github.com/fleetmanager/fm/protocol"
+	"github.com/rs/zerolog"
+)
+
+// TestMemorySettings: SETUP_MEMORY_SETTINGS sets the heaps it names in
+// install.ini's [javaopts], keeps the others, has DSS regenerate its
+// configuration, and DSS runs with them; the same settings again change
+// nothing, and do not restart DSS.
+func TestMemorySettings(t *testing.T) {
+	r := newRig(t)
+	mem := func(p string) protocol.SetupAction { return action(protocol.ActionSetupMemorySettings, p) }
+	r.startAgent()
+	heaps := func() map[string]string {
+		t.Helper()
+		var s dssSecrets
+		if _, err := loadJSON(filepath.Join(r.data, "fm-agent", "dss-credentials.json"), &s); err != nil {
+			t.Fatal(err)
+		}
+		code, body := r.get("/api/runtime", s.AdminAPIKey)
+		var rt struct {
+			JavaOpts map[string]string `json:"javaOpts"`
+		}
+		if code != 200 || json.Unmarshal(body, &rt) != nil {
+			t.Fatalf("runtime: %d %s", code, body)
+		}
+		return rt.JavaOpts
+	}
+	steps := []struct {
+		name, params string
+		want         map[string]string
+		unchanged    bool
+	}{
+		{name: "two heaps", params: `{"backendXmx":"2g","jekXmx":"1g"}`, want: map[string]string{"backend.xmx": "2g", "jek.xmx": "1g"}},
+		{name: "one changed, the other kept", params: `{"backendXmx":"3g"}`, want: map[string]string{"backend.xmx": "3g", "jek.xmx": "1g"}},
+		{name: "the same again", params: `{"backendXmx":"3g"}`, want: map[string]string{"backend.xmx": "3g", "jek.xmx": "1g"}, unchanged: true},
+	}
+	for _, st := range steps {
+		ini, _ := os.ReadFile(filepath.Join(r.dssDir(), "install.ini"))
+		dss := cmdline.Find(r.dssDir(), "serve")
+		d := r.desire("14.0.0", mem(st.params))
+		if got := r.waitReady(d.Generation); got.DSS.State != protocol.DSSRunning {
+			t.Fatalf("%s: DSS %+v", st.name, got.DSS)
+		}
+		if got := heaps(); !maps.Equal(got, st.want) {
+			t.Fatalf("%s: DSS runs with the heaps %v, want %v", st.name, got, st.want)
+		}
+		ev := r.events.wait(t, st.name, 10*time.Second, func(e protocol.Event) bool {
+			return e.Generation == d.Generation && strings.HasPrefix(e.Step, "setup-action[0] SETUP_MEMORY_SETTINGS") && e.Status != protocol.StatusStarted
+		})
+		if ev.Status != protocol.StatusOK {
+			t.Fatalf("%s: %+v", st.name, ev)
+		}
+		if st.unchanged {
+			after, _ := os.ReadFile(filepath.Join(r.dssDir(), "install.ini"))
+			if string(after) != string(ini) || !slices.Equal(cmdline.Find(r.dssDir(), "serve"), dss) || !strings.Contains(ev.Message, "already") {
+				t.Fatalf("%s changed something: install.ini %v, DSS %v → %v, %q", st.name, string(after) != string(ini), dss, cmdline.Find(r.dssDir(), "serve"), ev.Message)
+			}
+		}
+	}
+}
+
+// TestSetINI: install.ini's keys are set in place, added to their section,
+// or to a new one, everything else kept; a key that must exist and does not
+// is refused, the file unchanged.
+func TestSetINI(t *testing.T) {
+	const base = "[general]\nnodetype = design\n\n[server]\nport = 10000\n"
+	tests := []struct {
+		name      string
+		section   string
+		values    map[string]string
+		mustExist bool
+		want      string
+		err       string
+	}{
+		{name: "in place", section: "server", values: map[string]string{"port": "11000"}, mustExist: true,
+			want: "[general]\nnodetype = design\n\n[server]\nport = 11000\n"},
+		{name: "a new section", section: "javaopts", values: map[string]string{"jek.xmx": "2g", "backend.xmx": "8g"},
+			want: base + "\n[javaopts]\nbackend.xmx = 8g\njek.xmx = 2g\n"},
+		{name: "added to its section, before the next", section: "general", values: map[string]string{"extra": "1"},
+			want: "[general]\nnodetype = design\nextra = 1\n\n[server]\nport = 10000\n"},
+		{name: "a key that must exist", section: "server", values: map[string]string{"host": "x"}, mustExist: true, want: base, err: "no [server] host"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			data := t.TempDir()
+			m := newMachine(Config{RootDir: t.TempDir(), DataDir: data, ServiceManager: "none", DSSUser: currentUser(t)}, zerolog.Nop())
+			if err := os.MkdirAll(m.dssDir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			path := filepath.Join(m.dssDir, "install.ini")
+			if err := os.WriteFile(path, []byte(base), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			err := m.setINI(context.Background(), tc.section, tc.values, tc.mustExist)
+			if (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
+				t.Fatalf("err = %v, want %q", err, tc.err)
+			}
+			if got, _ := os.ReadFile(path); string(got) != tc.want {
+				t.Fatalf("install.ini:\n%s\nwant:\n%s", got, tc.want)
+			}
+		})
+	}
+}
