@@ -327,24 +327,40 @@ func (r *actionRunner) updatePort(ctx context.Context, p *protocol.UpdateDSSPort
 	if err != nil {
 		return failed("", err)
 	}
+	if cur != p.Port {
+		if err := r.m.setPort(ctx, p.Port); err != nil {
+			return failed("", err)
+		}
+	}
+	// Every time: a kill between install.ini and the regeneration leaves
+	// install.ini as asked and the configuration not regenerated.
+	if out, err := r.regenerateConfig(ctx); err != nil {
+		return failed(out, err)
+	}
 	if cur == p.Port {
 		return ok("DSS already uses port %d", p.Port)
 	}
-	if err := r.m.setPort(ctx, p.Port); err != nil {
-		return failed("", err)
-	}
-	out, err := r.m.run(ctx, filepath.Join(r.m.dssDir, "bin", "dssadmin"), "regenerate-config")
-	if err != nil {
-		return failed(out, err)
-	}
 	return ok("DSS base port changed from %d to %d", cur, p.Port)
 }
+
+// regenerateConfig runs DSS's bin/dssadmin regenerate-config, which
+// rewrites what DSS generates from install.ini (the same files, unchanged,
+// when install.ini did not change: DSS is then not restarted).
+func (r *actionRunner) regenerateConfig(ctx context.Context) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, regenerateTime)
+	defer cancel()
+	return r.m.run(ctx, filepath.Join(r.m.dssDir, "bin", "dssadmin"), "regenerate-config")
+}
+
+// regenerateTime bounds dssadmin regenerate-config, which the machine is
+// held for.
+const regenerateTime = 5 * time.Minute
 
 // memorySettings sets the heaps of install.ini's [javaopts] the action
 // names, leaving the others, and has DSS regenerate its configuration
 // from it (dssadmin regenerate-config), as Dataiku documents: DSS takes
 // them at its next start, which a change of install.ini brings about
-// (dssInputs). Heaps already set as asked change nothing.
+// (dssInputs). Heaps already set as asked change no file.
 func (r *actionRunner) memorySettings(ctx context.Context, p *protocol.SetupMemorySettingsParams) actionResult {
 	if v, err := r.m.installedVersion(); err != nil || v == "" {
 		return failed("", errors.New("DSS is not installed yet: give the action the stage after_install or later"))
@@ -362,15 +378,30 @@ func (r *actionRunner) memorySettings(ctx context.Context, p *protocol.SetupMemo
 			changed = append(changed, kv[0])
 		}
 	}
-	if len(changed) == 0 {
-		return ok("DSS's heaps are already %s", strings.Join(said, ", "))
-	}
-	if err := r.m.setINI(ctx, "javaopts", values, false); err != nil {
+	iniPath := filepath.Join(r.m.dssDir, "install.ini")
+	was, err := r.m.readFile(ctx, iniPath)
+	if err != nil {
 		return failed("", err)
 	}
-	out, err := r.m.run(ctx, filepath.Join(r.m.dssDir, "bin", "dssadmin"), "regenerate-config")
-	if err != nil {
+	if len(changed) > 0 {
+		if err := r.m.setINI(ctx, "javaopts", values, false); err != nil {
+			return failed("", err)
+		}
+	}
+	// Every time: a kill between install.ini and the regeneration leaves
+	// install.ini as asked and the configuration not regenerated.
+	if out, err := r.regenerateConfig(ctx); err != nil {
+		// Refused: install.ini goes back to what DSS last took, so that a
+		// replay does not find the heaps "already" set.
+		if len(changed) > 0 {
+			if werr := r.m.writeFile(ctx, iniPath, was, 0o644); werr != nil {
+				out += "\n(install.ini could not be put back: " + werr.Error() + ")"
+			}
+		}
 		return failed(out, err)
+	}
+	if len(changed) == 0 {
+		return ok("DSS's heaps are already %s", strings.Join(said, ", "))
 	}
 	return ok("%s in install.ini [javaopts]; DSS's configuration regenerated", strings.Join(said, ", "))
 }

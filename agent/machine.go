@@ -205,9 +205,11 @@ func (m *machine) dssInputs() string {
 		n, _ := io.Copy(h, io.LimitReader(f, maxDriverBytes))
 		fmt.Fprintf(h, "\x00%d\x00", n)
 	}
+	// env-default.sh is what regenerate-config makes of install.ini: a
+	// regeneration a killed agent left undone changes it at the replay.
 	for _, p := range []string{
 		filepath.Join(m.dssDir, "bin", "env-site.sh"), filepath.Join(m.dssDir, "config", "dip.properties"),
-		filepath.Join(m.dssDir, "install.ini"), m.licensePath(),
+		filepath.Join(m.dssDir, "install.ini"), filepath.Join(m.dssDir, "bin", "env-default.sh"), m.licensePath(),
 	} {
 		add(p)
 	}

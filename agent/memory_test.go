@@ -43,12 +43,22 @@ func TestMemorySettings(t *testing.T) {
 		name, params string
 		want         map[string]string
 		unchanged    bool
+		kill         string // the backend heap a killed agent left in install.ini alone
 	}{
 		{name: "two heaps", params: `{"backendXmx":"2g","jekXmx":"1g"}`, want: map[string]string{"backend.xmx": "2g", "jek.xmx": "1g"}},
 		{name: "one changed, the other kept", params: `{"backendXmx":"3g"}`, want: map[string]string{"backend.xmx": "3g", "jek.xmx": "1g"}},
 		{name: "the same again", params: `{"backendXmx":"3g"}`, want: map[string]string{"backend.xmx": "3g", "jek.xmx": "1g"}, unchanged: true},
+		// A kill between install.ini and its regeneration: install.ini as
+		// asked, DSS's configuration not regenerated. The replay finishes.
+		{name: "after a kill", kill: "4g", params: `{"backendXmx":"4g"}`, want: map[string]string{"backend.xmx": "4g", "jek.xmx": "1g"}},
 	}
 	for _, st := range steps {
+		if st.kill != "" {
+			m := newMachine(r.cfg, zerolog.Nop())
+			if err := m.setINI(context.Background(), "javaopts", map[string]string{"backend.xmx": st.kill}, true); err != nil {
+				t.Fatal(err)
+			}
+		}
 		ini, _ := os.ReadFile(filepath.Join(r.dssDir(), "install.ini"))
 		dss := cmdline.Find(r.dssDir(), "serve")
 		d := r.desire("14.0.0", mem(st.params))

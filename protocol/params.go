@@ -320,6 +320,11 @@ func checkParams(p any, generic map[string]json.RawMessage, fail func(name, form
 			fail("certificate", "is required: a PEM certificate")
 		}
 	case *SetupMemorySettingsParams:
+		// DSS takes its heaps when it starts: set after it started, they
+		// would wait for a restart nothing brings.
+		if st, ok := generic["stage"]; ok && !bytes.Equal(bytes.TrimSpace(st), []byte("null")) && !bytes.Equal(bytes.TrimSpace(st), []byte(`"after_install"`)) {
+			fail("stage", "must be after_install (DSS takes its heaps when it starts)")
+		}
 		if len(p.Heaps()) == 0 {
 			fail("backendXmx", "at least one of backendXmx, jekXmx and fekXmx is required")
 		}
@@ -344,7 +349,7 @@ func validHeap(v string) bool {
 	if m == nil {
 		return false
 	}
-	n, _ := strconv.Atoi(m[1])
+	n, _ := strconv.ParseInt(m[1], 10, 64)
 	mb := n
 	if m[2] == "g" || m[2] == "G" {
 		mb = n * 1024

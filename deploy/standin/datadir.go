@@ -15,7 +15,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -236,7 +235,9 @@ func (d dataDir) installBinaries() error {
 			return err
 		}
 	}
-	if err := d.regenerateConfig(); err != nil {
+	// The installer writes what it can of [javaopts] (an upgrade never stops
+	// half done over it); dssadmin regenerate-config is the strict one.
+	if err := d.writeEnvDefault(false); err != nil {
 		return err
 	}
 	if _, err := os.Stat(d.path("bin", "env-site.sh")); errors.Is(err, os.ErrNotExist) {
@@ -426,6 +427,14 @@ func (d dataDir) regenerateConfig() error {
 	if _, _, err := d.settings(); err != nil {
 		return err
 	}
+	return d.writeEnvDefault(true)
+}
+
+// writeEnvDefault writes bin/env-default.sh from install.ini's [javaopts];
+// strict refuses a value that is not a heap size (leaving the file as it
+// was), otherwise such a value is left out. Other [javaopts] keys (DSS
+// has more: additional options) are not the stand-in's to check.
+func (d dataDir) writeEnvDefault(strict bool) error {
 	ini, err := readINI(d.path("install.ini"))
 	if err != nil {
 		return err
@@ -438,14 +447,12 @@ func (d dataDir) regenerateConfig() error {
 			continue
 		}
 		if !reHeap.MatchString(v) {
-			return fmt.Errorf("install.ini: [javaopts] %s = %q is not a Java heap size (such as 2g or 512m)", o.key, v)
+			if strict {
+				return fmt.Errorf("install.ini: [javaopts] %s = %q is not a Java heap size (such as 2g or 512m)", o.key, v)
+			}
+			continue
 		}
 		fmt.Fprintf(&b, "export %s=\"-Xmx%s\"\n", o.env, v)
-	}
-	for k := range ini {
-		if section, key, _ := strings.Cut(k, "."); section == "javaopts" && !slices.ContainsFunc(javaOpts, func(o struct{ key, env string }) bool { return o.key == key }) {
-			return fmt.Errorf("install.ini: [javaopts] %s is not a setting DSS knows", key)
-		}
 	}
 	return atomicfile.WriteFile(d.path("bin", "env-default.sh"), []byte(b.String()), 0o755)
 }

@@ -261,7 +261,7 @@ func TestRegenerateConfigTakesTheHeaps(t *testing.T) {
 			want: "export DKU_BACKEND_JAVA_OPTS=\"-Xmx8g\"\nexport DKU_JEK_JAVA_OPTS=\"-Xmx2g\"\nexport DKU_FEK_JAVA_OPTS=\"-Xmx512m\"\n"},
 		{name: "one", javaopts: "backend.xmx = 4g\n", want: "export DKU_BACKEND_JAVA_OPTS=\"-Xmx4g\"\n"},
 		{name: "not a size", javaopts: "backend.xmx = 4 GB\n", refused: "is not a Java heap size"},
-		{name: "an unknown key", javaopts: "backend.xms = 4g\n", refused: "is not a setting DSS knows"},
+		{name: "another key, not the stand-in's to check", javaopts: "backend.additional.opts = -Dx=y\njek.xmx = 1g\n", want: "export DKU_JEK_JAVA_OPTS=\"-Xmx1g\"\n"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
