@@ -19,7 +19,9 @@ func cmdCLI(args []string, out io.Writer) error {
 	}
 	args = fs.Args()
 	if *dir == "" || len(args) == 0 {
-		return errors.New("usage: dsscli users-list|user-create|user-edit|api-key-create|api-keys-list|api-key-delete|regenerate-config …")
+		return errors.New("usage: dsscli users-list|user-create|user-edit|api-key-create|api-keys-list|api-key-delete … | " +
+			"dssadmin regenerate-config|install-graphics-export|build-base-image --type container-exec|spark|" +
+			"install-spark-integration [-sparkHome DIR]|install-impersonation DSS_USER")
 	}
 	d := dataDir(*dir)
 	installed, err := d.installedVersion()
@@ -35,6 +37,8 @@ func cmdCLI(args []string, out io.Writer) error {
 	admin := sub.Bool("admin", false, "admin rights")
 	label := sub.String("label", "", "key label")
 	output := sub.String("output", "text", "text or json")
+	imageType := sub.String("type", "", "base image type (build-base-image)")
+	sparkHome := sub.String("sparkHome", "", "Spark's folder (install-spark-integration)")
 	var positional []string
 	for len(rest) > 0 {
 		if err := sub.Parse(rest); err != nil {
@@ -146,6 +150,20 @@ func cmdCLI(args []string, out io.Writer) error {
 		return d.saveKeys(kept)
 	case "regenerate-config":
 		return d.regenerateConfig()
+	case "install-graphics-export", "build-base-image", "install-spark-integration":
+		if len(positional) > 0 {
+			return fmt.Errorf("dssadmin %s takes no argument, got %q", cmd, positional)
+		}
+		switch cmd {
+		case "install-graphics-export":
+			return d.installGraphicsExport(installed, out)
+		case "build-base-image":
+			return d.buildBaseImage(installed, *imageType, out)
+		default:
+			return d.installSparkIntegration(*sparkHome, out)
+		}
+	case "install-impersonation":
+		return d.installImpersonation(positional, out)
 	}
 	return fmt.Errorf("unknown command %q", cmd)
 }

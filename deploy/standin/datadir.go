@@ -211,7 +211,8 @@ func (d dataDir) logInstall(format string, args ...any) {
 
 // installBinaries copies this program into the data directory and writes
 // the scripts DSS has there: bin/dss, bin/dsscli, bin/dssadmin and the
-// environment files (env-site.sh is the administrator's and is kept).
+// environment files (env-site.sh is the administrator's and is kept;
+// env-spark.sh is install-spark-integration's).
 func (d dataDir) installBinaries() error {
 	exe, err := os.Executable()
 	if err != nil {
@@ -226,9 +227,13 @@ func (d dataDir) installBinaries() error {
 	self := `"$(cd "$(dirname "$0")" && pwd)/.standin/dss-standin"`
 	datadir := `"$(cd "$(dirname "$0")/.." && pwd)"`
 	scripts := map[string]string{
-		"dss":      "#!/bin/sh\n# DSS stand-in control script: start|stop|status|restart\n. \"$(dirname \"$0\")/env-default.sh\"\n. \"$(dirname \"$0\")/env-site.sh\"\nexec " + self + " ctl \"$1\" -d " + datadir + "\n",
+		// env-spark.sh, there once install-spark-integration ran, comes
+		// before env-site.sh: the administrator's settings win.
+		"dss": "#!/bin/sh\n# DSS stand-in control script: start|stop|status|restart\n. \"$(dirname \"$0\")/env-default.sh\"\n" +
+			"if [ -f \"$(dirname \"$0\")/env-spark.sh\" ]; then . \"$(dirname \"$0\")/env-spark.sh\"; fi\n" +
+			". \"$(dirname \"$0\")/env-site.sh\"\nexec " + self + " ctl \"$1\" -d " + datadir + "\n",
 		"dsscli":   "#!/bin/sh\n# DSS stand-in administration CLI\nexec " + self + " cli -d " + datadir + " \"$@\"\n",
-		"dssadmin": "#!/bin/sh\n# DSS stand-in admin tool: only regenerate-config, which checks install.ini\nexec " + self + " cli -d " + datadir + " \"$@\"\n",
+		"dssadmin": "#!/bin/sh\n# DSS stand-in admin tool: regenerate-config and the setup commands (install-*, build-base-image)\nexec " + self + " cli -d " + datadir + " \"$@\"\n",
 	}
 	for name, body := range scripts {
 		if err := atomicfile.WriteFile(d.path("bin", name), []byte(body), 0o755); err != nil {

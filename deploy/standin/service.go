@@ -72,7 +72,8 @@ type service struct {
 	port     int
 	log      *log.Logger
 	started  time.Time
-	mu       sync.Mutex // serialises writes to the data directory
+	mu       sync.Mutex        // serialises writes to the data directory
+	futures  map[string]future // the jobs the API started, by id (under mu)
 }
 
 func (s *service) routes() http.Handler {
@@ -86,6 +87,17 @@ func (s *service) routes() http.Handler {
 	mux.HandleFunc("GET /public/api/projects/{key}/", s.admin(s.getProject))
 	mux.HandleFunc("GET /public/api/admin/users/{login}", s.admin(s.getUser))
 	mux.HandleFunc("PUT /public/api/admin/users/{login}", s.admin(s.putUser))
+	mux.HandleFunc("GET /public/api/admin/general-settings", s.admin(s.api(s.getGeneralSettings)))
+	mux.HandleFunc("PUT /public/api/admin/general-settings", s.admin(s.api(s.putGeneralSettings)))
+	mux.HandleFunc("GET /public/api/admin/connections/{$}", s.admin(s.api(s.listConnections)))
+	mux.HandleFunc("POST /public/api/admin/connections/{$}", s.admin(s.api(s.createConnection)))
+	mux.HandleFunc("GET /public/api/admin/connections/{name}", s.admin(s.api(s.getConnection)))
+	mux.HandleFunc("PUT /public/api/admin/connections/{name}", s.admin(s.api(s.putConnection)))
+	mux.HandleFunc("GET /public/api/plugins/{$}", s.admin(s.api(s.listPlugins)))
+	mux.HandleFunc("POST /public/api/plugins/actions/installFromStore", s.admin(s.api(s.installFromStore)))
+	mux.HandleFunc("GET /public/api/futures/{jobId}", s.admin(s.api(s.getFuture)))
+	mux.HandleFunc("GET /public/api/admin/code-envs/{$}", s.admin(s.api(s.listCodeEnvs)))
+	mux.HandleFunc("POST /public/api/admin/code-envs/from-python-preset/{preset}", s.admin(s.api(s.codeEnvFromPreset)))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rec := &statusWriter{ResponseWriter: w, status: 200}
 		mux.ServeHTTP(rec, r)
@@ -175,7 +187,8 @@ func (s *service) checkKey(secret string) bool {
 var reExport = regexp.MustCompile(`(?m)^\s*export\s+([A-Za-z_][A-Za-z0-9_]*)=`)
 
 // runtime shows what this process runs with: the variables env-site.sh
-// exports and the properties of config/dip.properties.
+// exports, the properties of config/dip.properties, the heaps and the
+// Spark integration (env-spark.sh, which bin/dss sources at start).
 func (s *service) runtime(w http.ResponseWriter, r *http.Request) {
 	env := map[string]string{}
 	if b, err := os.ReadFile(s.dir.path("bin", "env-site.sh")); err == nil {
@@ -203,7 +216,8 @@ func (s *service) runtime(w http.ResponseWriter, r *http.Request) {
 			heaps[o.key] = v
 		}
 	}
-	writeJSON(w, 200, map[string]any{"env": env, "properties": props, "port": s.port, "version": version, "javaOpts": heaps})
+	spark := map[string]any{"enabled": os.Getenv("DKU_SPARK_ENABLED") == "true", "home": os.Getenv("DKU_SPARK_HOME")}
+	writeJSON(w, 200, map[string]any{"env": env, "properties": props, "port": s.port, "version": version, "javaOpts": heaps, "spark": spark})
 }
 
 type project struct {
