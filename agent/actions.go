@@ -41,8 +41,9 @@ func failed(output string, err error) actionResult {
 	return actionResult{status: protocol.StatusFailed, message: err.Error(), output: output, err: err}
 }
 
-// stageOf is when an action runs: its stage parameter, or after_install for
-// actions without one (they configure an installed DSS).
+// stageOf is when an action runs: its stage parameter, or, without one, the
+// first stage its type may run at (after_install for most: they configure
+// an installed DSS; after_dss_startup for those that use its admin API).
 func stageOf(a protocol.SetupAction) protocol.Stage {
 	var p struct {
 		Stage protocol.Stage `json:"stage"`
@@ -50,7 +51,7 @@ func stageOf(a protocol.SetupAction) protocol.Stage {
 	if json.Unmarshal(a.Params, &p) == nil && p.Stage.Known() {
 		return p.Stage
 	}
-	return protocol.StageAfterInstall
+	return protocol.StagesFor(a.Type)[0]
 }
 
 // ansibleFacts are the dataiku.dss facts RUN_ANSIBLE_TASKS sees.
@@ -77,7 +78,8 @@ type actionRunner struct {
 
 // run carries out one action. A disabled action is skipped; an action FM
 // does not carry out on this image says so; neither is ever silent.
-func (r *actionRunner) run(ctx context.Context, a protocol.SetupAction, index int, facts ansibleFacts) actionResult {
+// tools are the programs the image offers (DSSTarget.Tools).
+func (r *actionRunner) run(ctx context.Context, a protocol.SetupAction, index int, facts ansibleFacts, tools map[string]protocol.ToolSource) actionResult {
 	if !a.Enabled {
 		return actionResult{status: protocol.StatusSkipped, message: "disabled in the template"}
 	}
@@ -138,8 +140,28 @@ func (r *actionRunner) run(ctx context.Context, a protocol.SetupAction, index in
 		return r.installPackages(ctx, p)
 	case *protocol.RunAnsibleTasksParams:
 		return r.runAnsible(ctx, p, facts)
+	case *protocol.SetupInstanceNameParams:
+		return r.instanceName(ctx, p)
+	case *protocol.SetupSecureCookiesParams:
+		return r.secureCookies(ctx, p)
+	case *protocol.SetupUICustomizationParams:
+		return r.uiCustomization(ctx, p)
+	case *protocol.SetupRuntimeDatabaseParams:
+		return r.runtimeDatabase(ctx, p)
+	case *protocol.SetupMUSAutocreateParams:
+		return r.musAutocreate(ctx, p)
+	case *protocol.InstallDSSPluginsFromStoreParams:
+		return r.pluginsFromStore(ctx, p)
+	case *protocol.InstallCodeEnvWithPresetParams:
+		return r.codeEnvPreset(ctx, p)
+	case *protocol.SetupGraphicsExportParams:
+		return r.commands(ctx, "graphics export", []string{"install-graphics-export"})
+	case *protocol.SetupK8sAndSparkParams:
+		return r.k8sAndSpark(ctx, id, p, tools)
+	case *protocol.SetupNoneK8sAndSparkParams:
+		return r.commands(ctx, "Spark without Kubernetes", []string{"install-spark-integration"})
 	case *protocol.InstallDeprecatedPythonParams:
-		return unsupported("this image has no deprecated Python builds to install")
+		return r.deprecatedPython(ctx, p, tools)
 	}
 	return unsupported("%s is not carried out by this Fleet Manager's agent", a.Type)
 }

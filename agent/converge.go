@@ -381,6 +381,11 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 	if err := a.runStage(ctx, d, protocol.StageAfterDSSStartup, a.factsFor(d, wasInstalled, wasUpgraded)); err != nil {
 		return err
 	}
+	// Actions of DSS's running time may change what it takes at start
+	// (the Spark integration, the runtime database).
+	if !mk.DSSStopped && a.m.startedInputs() != a.m.dssInputs() {
+		return a.restartForSettings(ctx, gen)
+	}
 	return nil
 }
 
@@ -538,7 +543,7 @@ func (a *Agent) runStage(ctx context.Context, d *protocol.DesiredState, stage pr
 		name := fmt.Sprintf("setup-action[%d] %s (%s)", i, act.Type, stage)
 		a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: d.Generation, Step: name, Status: protocol.StatusStarted})
 		a.crash.At("agent/" + name + ":before")
-		res := a.actions.run(ctx, act, i, facts)
+		res := a.actions.run(ctx, act, i, facts, d.DSS.Tools)
 		if res.status != protocol.StatusFailed {
 			a.crash.At("agent/" + name + ":after")
 		}
@@ -578,10 +583,21 @@ func (a *Agent) applySettings(ctx context.Context, d *protocol.DesiredState, mk 
 	if err != nil {
 		return err
 	}
-	if before == a.m.dssInputs() && !credsChanged || mk.DSSStopped {
+	// DSS restarts when what it reads at start is not what it started
+	// with: changed by this run, or by one a kill cut short between the
+	// change and the restart.
+	started := a.m.startedInputs()
+	if started == "" {
+		started = before // an older agent started it
+	}
+	if started == a.m.dssInputs() && !credsChanged || mk.DSSStopped {
 		return nil
 	}
-	return a.step(d.Generation, "restart-dss", func() (string, string, error) {
+	return a.restartForSettings(ctx, d.Generation)
+}
+
+func (a *Agent) restartForSettings(ctx context.Context, gen uint64) error {
+	return a.step(gen, "restart-dss", func() (string, string, error) {
 		out, err := a.m.restartDSS(ctx)
 		if err != nil {
 			return "", out, &stepError{code: protocol.CodeInternal, err: err}

@@ -43,6 +43,9 @@ func (m *machine) setUserPassword(ctx context.Context, apiKey, login, password s
 	return nil
 }
 
+// errDSSNotFound is DSS's 404: what was asked for does not exist.
+var errDSSNotFound = errors.New("not found")
+
 // errDSSNotAnswering is a call to DSS's admin API that may pass later.
 var errDSSNotAnswering = errors.New("DSS does not answer")
 
@@ -86,6 +89,8 @@ func (m *machine) dssAdminOnce(ctx context.Context, client *http.Client, apiKey,
 	switch {
 	case resp.StatusCode >= 500:
 		return fmt.Errorf("%w: %s %s", errDSSNotAnswering, resp.Status, strings.TrimSpace(string(answer)))
+	case resp.StatusCode == http.StatusNotFound:
+		return fmt.Errorf("%w: DSS answered %s: %s", errDSSNotFound, resp.Status, strings.TrimSpace(string(answer)))
 	case resp.StatusCode != http.StatusOK:
 		return fmt.Errorf("DSS answered %s: %s", resp.Status, strings.TrimSpace(string(answer)))
 	case out != nil:

@@ -125,7 +125,7 @@ func TestFreshInstallWithSetupActions(t *testing.T) {
 	}
 	for prefix, want := range map[string]protocol.Status{
 		"setup-action[10] INSTALL_SYSTEM_PACKAGES": protocol.StatusUnsupported,
-		"setup-action[11] SETUP_K8S_AND_SPARK":     protocol.StatusUnsupported,
+		"setup-action[11] SETUP_K8S_AND_SPARK":     protocol.StatusOK,
 		"setup-action[12] ADD_ENV_VARIABLES":       protocol.StatusSkipped,
 		"setup-action[9] UPDATE_DSS_PORT":          protocol.StatusOK,
 	} {

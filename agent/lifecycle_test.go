@@ -219,7 +219,7 @@ func TestAnsibleTasks(t *testing.T) {
 func TestAnsibleAbsentIsAClearFailure(t *testing.T) {
 	m := newMachine(Config{RootDir: t.TempDir(), DataDir: t.TempDir()}, zerolog.Nop())
 	ar := &actionRunner{m: m, lookPath: func(string) (string, error) { return "", exec.ErrNotFound }}
-	res := ar.run(context.Background(), action(protocol.ActionRunAnsibleTasks, `{"stage":"after_install","ansibleTasks":"- debug: msg=x"}`), 0, ansibleFacts{})
+	res := ar.run(context.Background(), action(protocol.ActionRunAnsibleTasks, `{"stage":"after_install","ansibleTasks":"- debug: msg=x"}`), 0, ansibleFacts{}, nil)
 	if res.status != protocol.StatusFailed || !strings.Contains(res.message, "ansible-playbook is not installed") {
 		t.Fatalf("%+v", res)
 	}
@@ -232,13 +232,13 @@ func TestPackageManagerCommand(t *testing.T) {
 	os.WriteFile(script, []byte("#!/bin/sh\necho \"$@\" >> "+log+"\necho installing \"$@\"\n"), 0o755)
 	m := newMachine(Config{RootDir: t.TempDir(), DataDir: t.TempDir(), PackageManager: script + " install -y"}, zerolog.Nop())
 	ar := &actionRunner{m: m, lookPath: exec.LookPath}
-	res := ar.run(context.Background(), action(protocol.ActionInstallSystemPackages, `{"packages":["htop","jq"]}`), 0, ansibleFacts{})
+	res := ar.run(context.Background(), action(protocol.ActionInstallSystemPackages, `{"packages":["htop","jq"]}`), 0, ansibleFacts{}, nil)
 	calls, _ := os.ReadFile(log)
 	if res.status != protocol.StatusOK || strings.TrimSpace(string(calls)) != "install -y htop jq" || !strings.Contains(res.output, "installing") {
 		t.Fatalf("%+v calls=%q", res, calls)
 	}
 	os.WriteFile(script, []byte("#!/bin/sh\necho 'No match for argument: nosuchpkg' >&2\nexit 1\n"), 0o755)
-	res = ar.run(context.Background(), action(protocol.ActionInstallSystemPackages, `{"packages":["nosuchpkg"]}`), 0, ansibleFacts{})
+	res = ar.run(context.Background(), action(protocol.ActionInstallSystemPackages, `{"packages":["nosuchpkg"]}`), 0, ansibleFacts{}, nil)
 	if res.status != protocol.StatusFailed || !strings.Contains(res.output, "No match for argument") {
 		t.Fatalf("%+v", res)
 	}

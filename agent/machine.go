@@ -122,9 +122,12 @@ func (m *machine) dssInputs() string {
 	for _, p := range []string{
 		filepath.Join(m.dssDir, "bin", "env-site.sh"), filepath.Join(m.dssDir, "config", "dip.properties"),
 		filepath.Join(m.dssDir, "install.ini"), filepath.Join(m.dssDir, "bin", "env-default.sh"), m.licensePath(),
+		filepath.Join(m.dssDir, "bin", "env-spark.sh"), // dssadmin install-spark-integration's
 	} {
 		add(p)
 	}
+	// What FM gave DSS that it takes at start and no file above shows.
+	fmt.Fprintf(h, "record\x00%s\x00", m.loadRecord().atStartDigest())
 	cas, _ := filepath.Glob(m.rooted("etc", "pki", "ca-trust", "source", "anchors", "fm-*.pem"))
 	for _, p := range cas {
 		add(p)
@@ -199,11 +202,16 @@ func (m *machine) dss(ctx context.Context, action string, timeout time.Duration)
 // startDSS runs bin/dss start and waits until DSS answers, both within the
 // start timeout. The error says which part failed.
 func (m *machine) startDSS(ctx context.Context) (string, error) {
+	inputs := m.dssInputs()
 	out, err := m.dss(ctx, "start", m.cfg.DSSStartTimeout)
 	if err != nil {
 		return out, err
 	}
-	return out, m.waitAnswers(ctx, m.cfg.DSSStartTimeout)
+	if err := m.waitAnswers(ctx, m.cfg.DSSStartTimeout); err != nil {
+		return out, err
+	}
+	m.noteStarted(inputs)
+	return out, nil
 }
 
 // restartDSS stops DSS (killing it if it will not stop) and starts it again.

@@ -213,7 +213,18 @@ type Image struct {
 	Kit        *Kit   `json:"kit,omitempty"`
 	// AMIs maps an AWS region to the AMI the EC2 backend boots.
 	AMIs map[string]string `json:"amis,omitempty"`
+	// Tools are programs setup actions install on the image's machines,
+	// by name (kubectl, eksctl, aws, python3.6, …): docs/setup-actions.md.
+	Tools map[string]Tool `json:"tools,omitempty"`
 	Meta
+}
+
+// Tool is a program an image offers its machines: a file at URL with its
+// SHA-256, or a .tar.gz holding it (Binary: its path inside).
+type Tool struct {
+	URL    string `json:"url"`
+	SHA256 string `json:"sha256"`
+	Binary string `json:"binary,omitempty"`
 }
 
 // Snapshot is a snapshot of an instance's data volume.

@@ -103,5 +103,9 @@
 //	  the bucket alone. The upgrade-agent command (UpgradeAgentParams)
 //	  and an agent status's AgentSHA256: an older agent answers the
 //	  command as unknown, and reports no digest, so FM takes it for one
-//	  to upgrade.
+//	  to upgrade. Checked parameters for every setup action type (an
+//	  older server stored those of eleven types as given; an older agent
+//	  reports them unsupported), and the stages each type may run at
+//	  (StagesFor). A desired state's tools (DSSTarget.Tools): an older
+//	  agent ignores them.
 package protocol

@@ -4,6 +4,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/url"
+	"path"
+	"regexp"
 	"strings"
 	"time"
 )
@@ -57,7 +60,50 @@ type DSSTarget struct {
 	// AWSCredentials, when set, is the AWS key pair DSS uses (a template's
 	// dataikuAwsAPIAccessMode KEYPAIR): the DSS account's default profile.
 	AWSCredentials *AWSCredentials `json:"awsCredentials,omitempty"`
+	// Tools are the programs the image's machines may be given by setup
+	// actions (kubectl, eksctl and aws for SETUP_K8S_AND_SPARK, python3.6
+	// to python3.8 for INSTALL_DEPRECATED_PYTHON), by name.
+	Tools map[string]ToolSource `json:"tools,omitempty"`
 }
+
+// ToolSource is a program an image offers its machines: a file at URL
+// (http, https or file) with the SHA-256 it must have. A .tar.gz or .tgz
+// is unpacked, and Binary names the program in it (default: the tool's
+// name at its top); another file is the program itself.
+type ToolSource struct {
+	URL    string `json:"url"`
+	SHA256 string `json:"sha256"`
+	Binary string `json:"binary,omitempty"`
+}
+
+// ValidateTools checks an image's tools: names are program names, each
+// source a URL with its digest and a relative Binary inside the archive.
+func ValidateTools(tools map[string]ToolSource) error {
+	for name, t := range tools {
+		if !reToolName.MatchString(name) {
+			return fmt.Errorf("tools: %q is not a program name (a-z, 0-9, '.', '+', '-')", name)
+		}
+		u, err := url.Parse(t.URL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https" && u.Scheme != "file") || (u.Scheme != "file" && u.Host == "") {
+			return fmt.Errorf("tools.%s.url: %q is not an http(s):// or file:// URL", name, t.URL)
+		}
+		if !isHexDigest(t.SHA256) {
+			return fmt.Errorf("tools.%s.sha256: 64 hex characters are required", name)
+		}
+		if b := t.Binary; b != "" && (path.IsAbs(b) || strings.HasPrefix(path.Clean(b), "..") || path.Clean(b) == ".") {
+			return fmt.Errorf("tools.%s.binary: %q must be a path inside the archive", name, b)
+		}
+	}
+	return nil
+}
+
+// IsArchive reports whether the tool's file is an archive to unpack.
+func (t ToolSource) IsArchive() bool {
+	u, err := url.Parse(t.URL)
+	return err == nil && (strings.HasSuffix(u.Path, ".tar.gz") || strings.HasSuffix(u.Path, ".tgz"))
+}
+
+var reToolName = regexp.MustCompile(`^[a-z][a-z0-9.+-]{0,31}$`)
 
 // ValidAWSAccessKeyID reports whether id looks like an AWS access key id:
 // 16 to 128 capital letters and digits.

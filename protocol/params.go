@@ -9,18 +9,20 @@ import (
 	"path"
 	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 )
 
 // The parameters of the setup actions that FM validates and carries out.
 // Dataiku documents the parameters of RUN_ANSIBLE_TASKS,
 // INSTALL_SYSTEM_PACKAGES, ADD_AUTHORIZED_KEY, SETUP_ADVANCED_SECURITY,
 // INSTALL_JDBC_DRIVER and INSTALL_DEPRECATED_PYTHON (their names are exact,
-// snake_case included); for ADD_ENV_VARIABLES, ADD_PROPERTIES, ADD_SSH_KEY,
-// SETUP_PROXY, ADD_CA_TO_TRUSTSTORE and UPDATE_DSS_PORT it does not, and the
-// shapes here are FM's (docs/setup-actions.md). The parameters of other types
-// are kept as given and not interpreted.
+// snake_case included), and says SETUP_K8S_AND_SPARK takes none; for the
+// other types it does not, and the shapes here are FM's
+// (docs/setup-actions.md, with the DSS command or API call each drives).
+// Unknown parameter keys are ignored.
 
 // RunAnsibleTasksParams are the params of RUN_ANSIBLE_TASKS.
 type RunAnsibleTasksParams struct {
@@ -136,18 +138,134 @@ func (p *SetupMemorySettingsParams) Heaps() [][2]string {
 	return out
 }
 
+// SetupInstanceNameParams are the params of SETUP_INSTANCE_NAME: the name
+// DSS shows for itself (general settings nodeName).
+type SetupInstanceNameParams struct {
+	InstanceName string `json:"instanceName"`
+}
+
+// SetupSecureCookiesParams are the params of SETUP_SECURE_COOKIES: whether
+// DSS marks its cookies Secure (general settings secureCookies); absent,
+// true.
+type SetupSecureCookiesParams struct {
+	SecureCookies *bool `json:"secureCookies"`
+}
+
+// SetupUICustomizationParams are the params of SETUP_UI_CUSTOMIZATION: the
+// general settings' uiCustomization keys the action names (null or absent:
+// left as they are; "": cleared).
+type SetupUICustomizationParams struct {
+	HeaderColor  *string `json:"headerColor"`
+	HomeMessage  *string `json:"homeMessage"`
+	LoginMessage *string `json:"loginMessage"`
+}
+
+// Fields are the uiCustomization keys the params name, with their values.
+func (p *SetupUICustomizationParams) Fields() map[string]string {
+	out := map[string]string{}
+	for k, v := range map[string]*string{"headerColor": p.HeaderColor, "homeMessage": p.HomeMessage, "loginMessage": p.LoginMessage} {
+		if v != nil {
+			out[k] = *v
+		}
+	}
+	return out
+}
+
+// SetupRuntimeDatabaseParams are the params of SETUP_RUNTIME_DATABASE: a
+// PostgreSQL database DSS keeps its runtime data in, as a DSS connection
+// (default name fm-runtime-database) its general settings'
+// internalDatabase names.
+type SetupRuntimeDatabaseParams struct {
+	ConnectionName string `json:"connectionName,omitempty"`
+	Host           string `json:"host"`
+	Port           int    `json:"port,omitempty"`
+	Database       string `json:"database"`
+	User           string `json:"user"`
+	Password       string `json:"password,omitempty"`
+}
+
+// DefaultRuntimeConnection is the connection SETUP_RUNTIME_DATABASE makes
+// when it names none.
+const DefaultRuntimeConnection = "fm-runtime-database"
+
+// SetupMUSAutocreateParams are the params of SETUP_MUS_AUTOCREATE:
+// multi-user security, with a unix user made for each DSS user, named
+// unixUserPrefix and the login, in unixGroup.
+type SetupMUSAutocreateParams struct {
+	UnixUserPrefix string `json:"unixUserPrefix,omitempty"`
+	UnixGroup      string `json:"unixGroup,omitempty"`
+}
+
+// Defaults of SETUP_MUS_AUTOCREATE.
+const (
+	DefaultMUSUserPrefix = "dssuser_"
+	DefaultMUSGroup      = "dssusers"
+)
+
+// InstallDSSPluginsFromStoreParams are the params of
+// INSTALL_DSS_PLUGINS_FROM_STORE: plugin ids of Dataiku's plugin store.
+type InstallDSSPluginsFromStoreParams struct {
+	Plugins []string `json:"plugins"`
+}
+
+// InstallCodeEnvWithPresetParams are the params of
+// INSTALL_CODE_ENV_WITH_PRESET: one of DSS's internal code environments
+// for visual ML or time series, made from its preset.
+type InstallCodeEnvWithPresetParams struct {
+	// Preset is VISUAL_ML or TIMESERIES_FORECASTING.
+	Preset string `json:"preset"`
+	// GPU takes the preset's GPU variant.
+	GPU bool `json:"gpu"`
+	// AllowInPlaceUpdate updates an environment that exists (absent: true).
+	AllowInPlaceUpdate *bool `json:"allowInPlaceUpdate"`
+	// Interpreter is PYTHON39 to PYTHON312 (empty: DSS's choice).
+	Interpreter string `json:"interpreter,omitempty"`
+}
+
+// PresetName is the DSS preset the params name (VISUAL_ML_CPU, …).
+func (p *InstallCodeEnvWithPresetParams) PresetName() string {
+	if p.GPU {
+		return p.Preset + "_GPU"
+	}
+	return p.Preset + "_CPU"
+}
+
+// CodeEnvPresets are the values of INSTALL_CODE_ENV_WITH_PRESET's preset.
+var CodeEnvPresets = []string{"VISUAL_ML", "TIMESERIES_FORECASTING"}
+
+// SetupGraphicsExportParams are the (no) params of SETUP_GRAPHICS_EXPORT.
+type SetupGraphicsExportParams struct{}
+
+// SetupK8sAndSparkParams are the params of SETUP_K8S_AND_SPARK, which
+// Dataiku's client sends empty. UseHostIP (FM's) has pods reach DSS at the
+// machine's IP address instead of its host name, for clusters that cannot
+// resolve it.
+type SetupK8sAndSparkParams struct {
+	UseHostIP bool `json:"useHostIP,omitempty"`
+}
+
+// SetupNoneK8sAndSparkParams are the (no) params of
+// SETUP_NONE_K8S_AND_SPARK.
+type SetupNoneK8sAndSparkParams struct{}
+
 // UpdateDSSPortParams are the params of UPDATE_DSS_PORT.
 type UpdateDSSPortParams struct {
 	Port int `json:"port"`
 }
 
 var (
-	rePackageName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+:~@=/-]*$`)
-	reSSHPublic   = regexp.MustCompile(`^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) [A-Za-z0-9+/=]+( [^\r\n]*)?$`)
-	reEnvName     = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
-	rePropKey     = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]*$`)
-	reFileName    = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$`)
-	reProxyURL    = regexp.MustCompile(`^https?://[^\s'"\\]+$`)
+	rePackageName    = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+:~@=/-]*$`)
+	reSSHPublic      = regexp.MustCompile(`^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) [A-Za-z0-9+/=]+( [^\r\n]*)?$`)
+	reEnvName        = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+	rePropKey        = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]*$`)
+	reFileName       = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$`)
+	reProxyURL       = regexp.MustCompile(`^https?://[^\s'"\\]+$`)
+	reColor          = regexp.MustCompile(`^#[0-9A-Fa-f]{6}$`)
+	reConnectionName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+	reHost           = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9.:-]{0,252}[A-Za-z0-9])?$`)
+	reUnixPrefix     = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,15}$`)
+	reUnixGroup      = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,31}$`)
+	rePluginID       = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,63}$`)
 )
 
 // JDBCDatabaseTypes are the values of INSTALL_JDBC_DRIVER's dbType.
@@ -176,6 +294,8 @@ func ParseParams(t SetupActionType, raw json.RawMessage) (any, error) {
 		var st Stage
 		if json.Unmarshal(s, &st) != nil || !st.Known() {
 			fail("stage", "%s is not one of before_install, after_install, after_dss_startup", s)
+		} else if allowed := StagesFor(t); !slices.Contains(allowed, st) {
+			fail("stage", "must be %s for %s (%s)", allowed[0], t, stageReason(t))
 		}
 	}
 	var out any
@@ -206,6 +326,26 @@ func ParseParams(t SetupActionType, raw json.RawMessage) (any, error) {
 		out = &UpdateDSSPortParams{}
 	case ActionSetupMemorySettings:
 		out = &SetupMemorySettingsParams{}
+	case ActionSetupInstanceName:
+		out = &SetupInstanceNameParams{}
+	case ActionSetupSecureCookies:
+		out = &SetupSecureCookiesParams{}
+	case ActionSetupUICustomization:
+		out = &SetupUICustomizationParams{}
+	case ActionSetupRuntimeDatabase:
+		out = &SetupRuntimeDatabaseParams{}
+	case ActionSetupMUSAutocreate:
+		out = &SetupMUSAutocreateParams{}
+	case ActionInstallDSSPluginsFromStore:
+		out = &InstallDSSPluginsFromStoreParams{}
+	case ActionInstallCodeEnvWithPreset:
+		out = &InstallCodeEnvWithPresetParams{}
+	case ActionSetupGraphicsExport:
+		out = &SetupGraphicsExportParams{}
+	case ActionSetupK8sAndSpark:
+		out = &SetupK8sAndSparkParams{}
+	case ActionSetupNoneK8sAndSpark:
+		out = &SetupNoneK8sAndSparkParams{}
 	default:
 		if len(problems) > 0 {
 			return nil, errors.New(strings.Join(problems, "; "))
@@ -320,11 +460,6 @@ func checkParams(p any, generic map[string]json.RawMessage, fail func(name, form
 			fail("certificate", "is required: a PEM certificate")
 		}
 	case *SetupMemorySettingsParams:
-		// DSS takes its heaps when it starts: set after it started, they
-		// would wait for a restart nothing brings.
-		if st, ok := generic["stage"]; ok && !bytes.Equal(bytes.TrimSpace(st), []byte("null")) && !bytes.Equal(bytes.TrimSpace(st), []byte(`"after_install"`)) {
-			fail("stage", "must be after_install (DSS takes its heaps when it starts)")
-		}
 		if len(p.Heaps()) == 0 {
 			fail("backendXmx", "at least one of backendXmx, jekXmx and fekXmx is required")
 		}
@@ -332,6 +467,65 @@ func checkParams(p any, generic map[string]json.RawMessage, fail func(name, form
 			if f.v != "" && !validHeap(f.v) {
 				fail(f.name, "%q is not a Java heap size from 256m to 1024g (such as 8g or 512m)", f.v)
 			}
+		}
+	case *SetupInstanceNameParams:
+		if n := strings.TrimSpace(p.InstanceName); n == "" || utf8.RuneCountInString(p.InstanceName) > 100 || strings.ContainsAny(p.InstanceName, "\n\r\x00") {
+			fail("instanceName", "is required: one line of at most 100 characters")
+		}
+	case *SetupUICustomizationParams:
+		if len(p.Fields()) == 0 {
+			fail("headerColor", "at least one of headerColor, homeMessage and loginMessage is required")
+		}
+		if p.HeaderColor != nil && *p.HeaderColor != "" && !reColor.MatchString(*p.HeaderColor) {
+			fail("headerColor", "%q is not a color such as #1a2b3c", *p.HeaderColor)
+		}
+		for name, v := range map[string]*string{"homeMessage": p.HomeMessage, "loginMessage": p.LoginMessage} {
+			if v != nil && (utf8.RuneCountInString(*v) > 2000 || strings.ContainsRune(*v, 0)) {
+				fail(name, "must be at most 2000 characters")
+			}
+		}
+	case *SetupRuntimeDatabaseParams:
+		if p.ConnectionName != "" && !reConnectionName.MatchString(p.ConnectionName) {
+			fail("connectionName", "%q is not a connection name (letters, digits, '_' and '-')", p.ConnectionName)
+		}
+		if !reHost.MatchString(p.Host) {
+			fail("host", "is required: the database's host name or address")
+		}
+		if p.Port != 0 && (p.Port < 1 || p.Port > 65535) {
+			fail("port", "%d is not a port", p.Port)
+		}
+		if strings.TrimSpace(p.Database) == "" || strings.ContainsAny(p.Database, "\n\r\x00") {
+			fail("database", "is required: the database's name")
+		}
+		if strings.TrimSpace(p.User) == "" || strings.ContainsAny(p.User, "\n\r\x00") {
+			fail("user", "is required: the database user")
+		}
+	case *SetupMUSAutocreateParams:
+		if p.UnixUserPrefix != "" && !reUnixPrefix.MatchString(p.UnixUserPrefix) {
+			fail("unixUserPrefix", "%q is not the start of a unix user name (a-z, 0-9, '_', '-'; at most 16)", p.UnixUserPrefix)
+		}
+		if p.UnixGroup != "" && !reUnixGroup.MatchString(p.UnixGroup) {
+			fail("unixGroup", "%q is not a unix group name", p.UnixGroup)
+		}
+	case *InstallDSSPluginsFromStoreParams:
+		if len(p.Plugins) == 0 {
+			fail("plugins", "is required: an array of plugin ids of Dataiku's plugin store")
+		}
+		seen := map[string]bool{}
+		for _, id := range p.Plugins {
+			if !rePluginID.MatchString(id) {
+				fail("plugins", "%q is not a plugin id", id)
+			} else if seen[id] {
+				fail("plugins", "%q is listed twice", id)
+			}
+			seen[id] = true
+		}
+	case *InstallCodeEnvWithPresetParams:
+		if !oneOf(p.Preset, CodeEnvPresets...) {
+			fail("preset", "%q is not one of %s", p.Preset, strings.Join(CodeEnvPresets, ", "))
+		}
+		if p.Interpreter != "" && !oneOf(p.Interpreter, "PYTHON39", "PYTHON310", "PYTHON311", "PYTHON312") {
+			fail("interpreter", "%q is not one of PYTHON39, PYTHON310, PYTHON311, PYTHON312", p.Interpreter)
 		}
 	case *UpdateDSSPortParams:
 		if p.Port < 1024 || p.Port > 65525 {
@@ -355,6 +549,14 @@ func validHeap(v string) bool {
 		mb = n * 1024
 	}
 	return mb >= 256 && mb <= 1024*1024
+}
+
+// stageReason says why a type runs at the one stage it may.
+func stageReason(t SetupActionType) string {
+	if t == ActionSetupMemorySettings {
+		return "DSS takes its heaps when it starts"
+	}
+	return "it goes through DSS's admin API, which needs DSS running"
 }
 
 // jsonTypeName says in words what JSON a Go type decodes from.

@@ -15,8 +15,43 @@ func TestParseParams(t *testing.T) {
 	}{
 		{ActionSetupK8sAndSpark, `{}`, ""},
 		{ActionSetupK8sAndSpark, `null`, ""},
-		{ActionSetupUICustomization, `{"anything":[1,2]}`, ""},
+		{ActionSetupK8sAndSpark, `{"anything":[1,2]}`, ""},
+		{ActionSetupK8sAndSpark, `{"stage":"after_install"}`, "must be after_dss_startup"},
 		{ActionSetupUICustomization, `{"stage":"later"}`, "params.stage"},
+		{ActionSetupUICustomization, `{"headerColor":"#1a2B3c","homeMessage":"Prod: careful"}`, ""},
+		{ActionSetupUICustomization, `{"homeMessage":""}`, ""},
+		{ActionSetupUICustomization, `{"anything":[1,2]}`, "at least one of"},
+		{ActionSetupUICustomization, `{"headerColor":"red"}`, "params.headerColor"},
+		{ActionSetupUICustomization, `{"loginMessage":"` + strings.Repeat("x", 2001) + `"}`, "params.loginMessage"},
+		{ActionSetupInstanceName, `{"instanceName":"Design (prod)"}`, ""},
+		{ActionSetupInstanceName, `{"instanceName":"a\nb"}`, "params.instanceName"},
+		{ActionSetupInstanceName, `{}`, "params.instanceName"},
+		{ActionSetupInstanceName, `{"instanceName":"x","stage":"after_dss_startup"}`, ""},
+		{ActionSetupSecureCookies, `{}`, ""},
+		{ActionSetupSecureCookies, `{"secureCookies":false}`, ""},
+		{ActionSetupSecureCookies, `{"secureCookies":"yes"}`, "must be a boolean"},
+		{ActionSetupRuntimeDatabase, `{"host":"db.internal","database":"dss_runtime","user":"dss","password":"pw"}`, ""},
+		{ActionSetupRuntimeDatabase, `{"host":"10.0.0.5","port":6432,"database":"r","user":"u","connectionName":"runtime_db"}`, ""},
+		{ActionSetupRuntimeDatabase, `{"host":"db; rm -rf /","database":"r","user":"u"}`, "params.host"},
+		{ActionSetupRuntimeDatabase, `{"host":"db","port":70000,"database":"r","user":"u"}`, "params.port"},
+		{ActionSetupRuntimeDatabase, `{"host":"db","user":"u"}`, "params.database"},
+		{ActionSetupRuntimeDatabase, `{"host":"db","database":"r","user":"u","connectionName":"a b"}`, "params.connectionName"},
+		{ActionSetupRuntimeDatabase, `{"host":"db","database":"r","user":"u","stage":"after_install"}`, "must be after_dss_startup"},
+		{ActionSetupMUSAutocreate, `{}`, ""},
+		{ActionSetupMUSAutocreate, `{"unixUserPrefix":"u_","unixGroup":"dss-users"}`, ""},
+		{ActionSetupMUSAutocreate, `{"unixUserPrefix":"Root"}`, "params.unixUserPrefix"},
+		{ActionSetupMUSAutocreate, `{"unixGroup":"a b"}`, "params.unixGroup"},
+		{ActionInstallDSSPluginsFromStore, `{"plugins":["eks-clusters","googlesheets"]}`, ""},
+		{ActionInstallDSSPluginsFromStore, `{"plugins":[]}`, "params.plugins: is required"},
+		{ActionInstallDSSPluginsFromStore, `{"plugins":["../x"]}`, "not a plugin id"},
+		{ActionInstallDSSPluginsFromStore, `{"plugins":["a","a"]}`, "listed twice"},
+		{ActionInstallCodeEnvWithPreset, `{"preset":"VISUAL_ML","gpu":true,"allowInPlaceUpdate":false,"interpreter":"PYTHON311"}`, ""},
+		{ActionInstallCodeEnvWithPreset, `{"preset":"TIMESERIES_FORECASTING"}`, ""},
+		{ActionInstallCodeEnvWithPreset, `{"preset":"DEEP_LEARNING"}`, "params.preset"},
+		{ActionInstallCodeEnvWithPreset, `{"preset":"VISUAL_ML","interpreter":"PYTHON27"}`, "params.interpreter"},
+		{ActionSetupGraphicsExport, `{}`, ""},
+		{ActionSetupGraphicsExport, `{"stage":"after_dss_startup"}`, ""},
+		{ActionSetupNoneK8sAndSpark, `{}`, ""},
 		{"NOPE", `{}`, "not a known setup action type"},
 		{ActionSetupK8sAndSpark, `[1]`, "must be a JSON object"},
 		{ActionRunAnsibleTasks, `{"stage":"after_install","ansibleTasks":"- debug: msg=x"}`, ""},
@@ -90,6 +125,8 @@ func FuzzParseParams(f *testing.F) {
 	f.Add("INSTALL_JDBC_DRIVER", `{"url":"https://x/y.jar","headers":{"a":"b"}}`)
 	f.Add("UPDATE_DSS_PORT", `{"port":11000}`)
 	f.Add("SETUP_MEMORY_SETTINGS", `{"backendXmx":"8g"}`)
+	f.Add("SETUP_RUNTIME_DATABASE", `{"host":"db","database":"r","user":"u"}`)
+	f.Add("SETUP_UI_CUSTOMIZATION", `{"homeMessage":"hi"}`)
 	f.Add("RUN_ANSIBLE_TASKS", `{"stage":"after_install","ansibleTasks":"- x"}`)
 	f.Fuzz(func(t *testing.T, typ, params string) {
 		p, err := ParseParams(SetupActionType(typ), json.RawMessage(params))

@@ -67,6 +67,21 @@ const (
 // Stages lists the stages in the order they run.
 var Stages = []Stage{StageBeforeInstall, StageAfterInstall, StageAfterDSSStartup}
 
+// StagesFor are the stages an action of type t may be given, the first
+// the one it runs at without a stage parameter. Actions that go through
+// DSS's admin API need DSS running; the heaps are taken when DSS starts.
+func StagesFor(t SetupActionType) []Stage {
+	switch t {
+	case ActionSetupInstanceName, ActionSetupSecureCookies, ActionSetupUICustomization,
+		ActionSetupRuntimeDatabase, ActionSetupMUSAutocreate, ActionInstallDSSPluginsFromStore,
+		ActionInstallCodeEnvWithPreset, ActionSetupK8sAndSpark:
+		return []Stage{StageAfterDSSStartup}
+	case ActionSetupMemorySettings:
+		return []Stage{StageAfterInstall}
+	}
+	return []Stage{StageAfterInstall, StageBeforeInstall, StageAfterDSSStartup}
+}
+
 // Known reports whether s is one of Stages.
 func (s Stage) Known() bool {
 	return s == StageBeforeInstall || s == StageAfterInstall || s == StageAfterDSSStartup

@@ -102,6 +102,9 @@ func (s *Server) validateImage(ctx context.Context, im *api.Image) error {
 			}
 		}
 	}
+	if err := protocol.ValidateTools(toolSources(im.Tools)); err != nil {
+		c.fail("tools", "%s", strings.TrimPrefix(err.Error(), "tools: "))
+	}
 	regions := make([]string, 0, len(im.AMIs))
 	for region := range im.AMIs {
 		regions = append(regions, region)
@@ -125,4 +128,16 @@ func (s *Server) kitExists(ctx context.Context, name string) error {
 		return fmt.Errorf("the kit store cannot be read: %w", err)
 	}
 	return nil
+}
+
+// toolSources are an image's tools as the agent takes them.
+func toolSources(tools map[string]api.Tool) map[string]protocol.ToolSource {
+	if len(tools) == 0 {
+		return nil
+	}
+	out := make(map[string]protocol.ToolSource, len(tools))
+	for name, t := range tools {
+		out[name] = protocol.ToolSource{URL: t.URL, SHA256: strings.ToLower(t.SHA256), Binary: t.Binary}
+	}
+	return out
 }

@@ -601,7 +601,8 @@ func (s *Server) prepareReprovision(ctx context.Context, in api.Instance, lc *li
 		HeartbeatSeconds: s.cfg.HeartbeatSeconds,
 		DSS: protocol.DSSTarget{ImageID: im.ID, Version: im.DSSVersion, Port: lc.BasePort, License: license, SealedLicense: sealedLicense,
 			AllowDowngrade: allow, HTTPS: https, AWSCredentials: awsCreds,
-			Kit: protocol.KitSource{Path: im.Kit.Path, URL: im.Kit.URL, SHA256: im.Kit.SHA256, Object: im.Kit.Object}},
+			Kit:   protocol.KitSource{Path: im.Kit.Path, URL: im.Kit.URL, SHA256: im.Kit.SHA256, Object: im.Kit.Object},
+			Tools: toolSources(im.Tools)},
 	}
 	op.Target, op.TargetImageID, op.TargetDSSVersion = lc.Generation, im.ID, im.DSSVersion
 	req := protocol.ProvisionRequest{Action: protocol.ProvisionReprovision, Generation: lc.Generation, Spec: spec}

@@ -19,7 +19,7 @@ const fullTemplate = `{
     {"type": "INSTALL_JDBC_DRIVER", "params": {"url": "https://example.com/driver.zip", "dbType": "mysql", "pathsInArchive": null, "headers": null, "username": null, "password": null, "subpathInDatadir": null}},
     {"type": "SETUP_K8S_AND_SPARK", "params": {}},
     {"type": "INSTALL_DEPRECATED_PYTHON", "params": {"install_py36": false, "install_py37": true, "install_py38": false}},
-    {"type": "SETUP_UI_CUSTOMIZATION", "params": {"anything": ["kept", "as", "given"]}},
+    {"type": "SETUP_UI_CUSTOMIZATION", "params": {"homeMessage": "hi", "anything": ["kept", "as", "given"]}},
     {"type": "SETUP_K8S_AND_SPARK", "params": null, "enabled": false}
   ],
   "license": "{\n  \"content\": {\n    \"licensee\": \"ACME\"\n  }\n}",

@@ -1,0 +1,77 @@
+package agent
+
+import (
+	"encoding/json"
+	"path/filepath"
+)
+
+// dssRecord is what the agent did to DSS that no file of DSS's shows it
+// the way dssInputs reads files: the DSS version each once-per-version
+// command last ran for, and the settings given through DSS's admin API
+// that DSS takes only when it starts. It lives with the machine (the base
+// images a command builds are the machine's), and a new machine runs the
+// commands again, which is harmless: they are DSS's own and idempotent.
+type dssRecord struct {
+	// Commands maps a command (install-graphics-export,
+	// build-base-image container-exec, …) to the DSS version it ran for.
+	Commands map[string]string `json:"commands,omitempty"`
+	// AtStart maps a setting DSS reads at start to a digest of its value:
+	// part of dssInputs, so that a change restarts DSS.
+	AtStart map[string]string `json:"atStart,omitempty"`
+}
+
+func (m *machine) recordPath() string { return filepath.Join(m.stateDir, "dss-record.json") }
+
+// loadRecord reads the record; an unreadable one counts as empty: every
+// command then runs again, as on a new machine.
+func (m *machine) loadRecord() dssRecord {
+	var r dssRecord
+	if _, err := loadJSON(m.recordPath(), &r); err != nil {
+		m.log.Warn().Err(err).Msg("the record of DSS commands is unreadable; they run again")
+		r = dssRecord{}
+	}
+	if r.Commands == nil {
+		r.Commands = map[string]string{}
+	}
+	if r.AtStart == nil {
+		r.AtStart = map[string]string{}
+	}
+	return r
+}
+
+func (m *machine) saveRecord(r dssRecord) error { return saveJSON(m.recordPath(), r, 0o600) }
+
+// atStartDigest is the part of dssInputs the record makes.
+func (r dssRecord) atStartDigest() string {
+	if len(r.AtStart) == 0 {
+		return ""
+	}
+	b, _ := json.Marshal(r.AtStart) // map keys are sorted
+	return string(b)
+}
+
+// startedPath keeps dssInputs as it was when the agent last started DSS:
+// what DSS runs with. A replay compares with it, not with what it saw when
+// it began, so that a change a killed agent made but never restarted DSS
+// for still restarts it.
+func (m *machine) startedPath() string { return filepath.Join(m.stateDir, "dss-started.json") }
+
+// startedInputs is dssInputs when DSS last started, "" when unknown (an
+// agent from before this record, or DSS never started by this one).
+func (m *machine) startedInputs() string {
+	var s struct {
+		Inputs string `json:"inputs"`
+	}
+	if _, err := loadJSON(m.startedPath(), &s); err != nil {
+		return ""
+	}
+	return s.Inputs
+}
+
+// noteStarted keeps inputs as what DSS started with. Not kept (a crash, a
+// full disk), the next replay restarts DSS once more, which is harmless.
+func (m *machine) noteStarted(inputs string) {
+	if err := saveJSON(m.startedPath(), map[string]string{"inputs": inputs}, 0o600); err != nil {
+		m.log.Warn().Err(err).Msg("what DSS started with is not kept; the next replay restarts it")
+	}
+}
