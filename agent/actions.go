@@ -155,11 +155,11 @@ func (r *actionRunner) run(ctx context.Context, a protocol.SetupAction, index in
 	case *protocol.InstallCodeEnvWithPresetParams:
 		return r.codeEnvPreset(ctx, p)
 	case *protocol.SetupGraphicsExportParams:
-		return r.commands(ctx, "graphics export", []string{"install-graphics-export"})
+		return r.commands(ctx, "graphics export", graphicsExport)
 	case *protocol.SetupK8sAndSparkParams:
 		return r.k8sAndSpark(ctx, id, p, tools)
 	case *protocol.SetupNoneK8sAndSparkParams:
-		return r.commands(ctx, "Spark without Kubernetes", []string{"install-spark-integration"})
+		return r.commands(ctx, "Spark without Kubernetes", sparkIntegration)
 	case *protocol.InstallDeprecatedPythonParams:
 		return r.deprecatedPython(ctx, p, tools)
 	}
@@ -169,8 +169,8 @@ func (r *actionRunner) run(ctx context.Context, a protocol.SetupAction, index in
 // editDSSFile adds an FM block to a file of the DSS data directory, which
 // must be installed.
 func (r *actionRunner) editDSSFile(ctx context.Context, id string, rel []string, lines []string, what string) actionResult {
-	if v, err := r.m.installedVersion(); err != nil || v == "" {
-		return failed("", errors.New("DSS is not installed yet: give the action the stage after_install or later"))
+	if _, err := r.requireInstalled(); err != nil {
+		return failed("", err)
 	}
 	path := filepath.Join(append([]string{r.m.dssDir}, rel...)...)
 	if err := r.m.appendBlock(ctx, path, id, lines, 0o644); err != nil {
@@ -342,8 +342,8 @@ func (r *actionRunner) addCA(ctx context.Context, p *protocol.AddCAToTruststoreP
 }
 
 func (r *actionRunner) updatePort(ctx context.Context, p *protocol.UpdateDSSPortParams) actionResult {
-	if v, err := r.m.installedVersion(); err != nil || v == "" {
-		return failed("", errors.New("DSS is not installed yet: give the action the stage after_install or later"))
+	if _, err := r.requireInstalled(); err != nil {
+		return failed("", err)
 	}
 	cur, err := r.m.port()
 	if err != nil {
@@ -384,8 +384,8 @@ const regenerateTime = 5 * time.Minute
 // them at its next start, which a change of install.ini brings about
 // (dssInputs). Heaps already set as asked change no file.
 func (r *actionRunner) memorySettings(ctx context.Context, p *protocol.SetupMemorySettingsParams) actionResult {
-	if v, err := r.m.installedVersion(); err != nil || v == "" {
-		return failed("", errors.New("DSS is not installed yet: give the action the stage after_install or later"))
+	if _, err := r.requireInstalled(); err != nil {
+		return failed("", err)
 	}
 	ini, err := r.m.readINI()
 	if err != nil {

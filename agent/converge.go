@@ -365,7 +365,13 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 	}
 	if !mk.DSSStopped {
 		if err := a.step(gen, "start-dss", func() (string, string, error) {
-			out, err := a.m.startDSS(ctx)
+			start := a.m.startDSS
+			if a.m.answers(ctx) && !a.m.runsWithInputs("") {
+				// DSS runs already (an agent killed after this step),
+				// not with what it reads at start now.
+				start = a.m.restartDSS
+			}
+			out, err := start(ctx)
 			if err != nil {
 				return "", out, &stepError{code: protocol.CodeInternal, err: err}
 			}
@@ -383,7 +389,7 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 	}
 	// Actions of DSS's running time may change what it takes at start
 	// (the Spark integration, the runtime database).
-	if !mk.DSSStopped && a.m.startedInputs() != a.m.dssInputs() {
+	if !mk.DSSStopped && !a.m.runsWithInputs("") {
 		return a.restartForSettings(ctx, gen)
 	}
 	return nil
@@ -586,11 +592,7 @@ func (a *Agent) applySettings(ctx context.Context, d *protocol.DesiredState, mk 
 	// DSS restarts when what it reads at start is not what it started
 	// with: changed by this run, or by one a kill cut short between the
 	// change and the restart.
-	started := a.m.startedInputs()
-	if started == "" {
-		started = before // an older agent started it
-	}
-	if started == a.m.dssInputs() && !credsChanged || mk.DSSStopped {
+	if a.m.runsWithInputs(before) && !credsChanged || mk.DSSStopped {
 		return nil
 	}
 	return a.restartForSettings(ctx, d.Generation)

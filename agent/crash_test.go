@@ -70,6 +70,16 @@ var crashActions = []protocol.SetupAction{
 	action(protocol.ActionAddProperties, `{"properties":[{"key":"crash.test","value":"yes"}],"stage":"after_dss_startup"}`),
 }
 
+// sparkActions change what DSS reads at start before it starts (the
+// variable) and once it runs (the Spark integration, which restarts it),
+// and nothing else after it started: a kill between the integration and
+// the restart it needs leaves DSS running without it, the files as they
+// must be, and only the record of what DSS started with tells.
+var sparkActions = []protocol.SetupAction{
+	action(protocol.ActionAddEnvVariables, `{"variables":[{"key":"FM_CRASH","value":"1"}]}`),
+	action(protocol.ActionSetupK8sAndSpark, `{}`),
+}
+
 func agentScenarios() []agentScenario {
 	ready := func(r *rig) {
 		r.startAgent()
@@ -177,6 +187,7 @@ func agentScenarios() []agentScenario {
 		joinScenario,
 		{name: "startup-sequence", setup: func(*rig) {}, act: installAct, done: installDone},
 		{name: "upgrade", setup: ready, act: upgradeAct, done: upgradeDone},
+		{name: "spark", setup: func(*rig) {}, act: desire(kit.Versions[0], sparkActions...), done: converged(kit.Versions[0])},
 		// A new machine (a new OS disk) on the kept volume converges to the
 		// desired state it finds.
 		{name: "new-machine", setup: func(r *rig) { ready(r); r.newMachineRoot() },
@@ -288,8 +299,23 @@ func (r *rig) checkMachine() {
 	if r.lastCommand != "cmd-reset-user-password" && r.login("admin", s.InitialPassword) != 200 {
 		r.t.Error("the initial password FM keeps does not open DSS")
 	}
-	if code, _ := r.get("/api/runtime", s.AdminAPIKey); code != 200 {
+	code, body := r.get("/api/runtime", s.AdminAPIKey)
+	if code != 200 {
 		r.t.Errorf("the admin API key FM keeps does not open DSS (%d)", code)
+	}
+	// DSS runs with what its setup actions set, those after its start
+	// included: a kill between a change and the restart it needs is made
+	// up for.
+	var rt struct {
+		Env   map[string]string `json:"env"`
+		Spark struct {
+			Enabled bool `json:"enabled"`
+		} `json:"spark"`
+	}
+	json.Unmarshal(body, &rt)
+	if d := r.lastDesired; d != nil && slices.ContainsFunc(d.SetupActions, func(a protocol.SetupAction) bool { return a.Type == protocol.ActionSetupK8sAndSpark }) &&
+		(!rt.Spark.Enabled || rt.Env["FM_CRASH"] != "1") {
+		r.t.Errorf("DSS does not run with what its setup actions set: %s", body)
 	}
 	out, err := newMachine(r.cfg, r.cfg.Logger).dsscli(context.Background(), "api-keys-list", "--output", "json")
 	var keys []struct{ Label string }

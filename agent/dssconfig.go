@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
-	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -20,22 +19,24 @@ import (
 )
 
 // The setup actions that configure DSS through its public admin API, with
-// the admin API key FM made (ensureCredentials), and through the
-// commands of bin/dssadmin. Each reads what DSS has, changes only what the
+// the admin API key FM made (ensureCredentials): its general settings and
+// a runtime database. Each reads what DSS has, changes only what the
 // action names, and writes only when that changes something: a replay
 // changes nothing.
 
 // adminAPI calls DSS's public admin API at path (under /public/api) with
 // FM's admin API key.
 func (r *actionRunner) adminAPI(ctx context.Context, method, path string, body, out any) error {
-	var s dssSecrets
-	if _, err := loadJSON(r.m.secretsPath(), &s); err != nil {
+	return r.adminAPIFor(ctx, dssAdminAttempt, method, path, body, out)
+}
+
+// adminAPIFor is adminAPI for a call DSS may take up to attempt to answer.
+func (r *actionRunner) adminAPIFor(ctx context.Context, attempt time.Duration, method, path string, body, out any) error {
+	key, err := r.adminKey()
+	if err != nil {
 		return err
 	}
-	if s.AdminAPIKey == "" {
-		return errors.New("FM has no admin API key for this DSS yet")
-	}
-	port, err := r.m.port()
+	target, err := r.m.adminURL(path)
 	if err != nil {
 		return err
 	}
@@ -45,7 +46,44 @@ func (r *actionRunner) adminAPI(ctx context.Context, method, path string, body, 
 			return err
 		}
 	}
-	return r.m.dssAdmin(ctx, s.AdminAPIKey, method, fmt.Sprintf("http://127.0.0.1:%d/public/api%s", port, path), b, out)
+	return r.m.dssAdminFor(ctx, attempt, key, method, target, b, out)
+}
+
+// adminKey is FM's admin API key of this DSS.
+func (r *actionRunner) adminKey() (string, error) {
+	var s dssSecrets
+	if _, err := loadJSON(r.m.secretsPath(), &s); err != nil {
+		return "", err
+	}
+	if s.AdminAPIKey == "" {
+		return "", errors.New("FM has no admin API key for this DSS yet")
+	}
+	return s.AdminAPIKey, nil
+}
+
+// create POSTs to DSS what done says is not there yet. A POST DSS may have
+// received and not answered (a timeout, a 5xx) is not sent again blindly:
+// done is asked first, and the POST is sent again only while it says no,
+// until dssAdminWait has passed.
+func (r *actionRunner) create(ctx context.Context, attempt time.Duration, path string, body, out any, done func() (bool, error)) error {
+	deadline := time.Now().Add(dssAdminWait)
+	for {
+		err := r.adminAPIFor(ctx, attempt, http.MethodPost, path, body, out)
+		if err == nil {
+			return nil
+		}
+		if ok, cerr := done(); cerr == nil && ok {
+			return nil
+		}
+		if !errors.Is(err, errDSSNotAnswering) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(2 * time.Second):
+		}
+	}
 }
 
 // changeGeneralSettings reads DSS's general settings, lets change edit
@@ -150,23 +188,27 @@ func (r *actionRunner) runtimeDatabase(ctx context.Context, p *protocol.SetupRun
 	// DSS never shows the password: the record keeps a digest of what was
 	// given, keyed so that it tells nothing of the password, and a change
 	// of it alone is seen there.
-	var s dssSecrets
-	if _, err := loadJSON(r.m.secretsPath(), &s); err != nil {
+	key, err := r.adminKey()
+	if err != nil {
 		return failed("", err)
 	}
-	mac := hmac.New(sha256.New, []byte(s.AdminAPIKey))
+	mac := hmac.New(sha256.New, []byte(key))
 	fmt.Fprintf(mac, "%s\x00%s\x00%d\x00%s\x00%s\x00%s", name, p.Host, port, p.Database, p.User, p.Password)
 	digest := hex.EncodeToString(mac.Sum(nil))
 	params := map[string]any{"host": p.Host, "port": port, "db": p.Database, "user": p.User, "password": p.Password}
 
 	var existing map[string]any
-	err := r.adminAPI(ctx, http.MethodGet, "/admin/connections/"+url.PathEscape(name), nil, &existing)
+	connPath := "/admin/connections/" + url.PathEscape(name)
+	err = r.adminAPI(ctx, http.MethodGet, connPath, nil, &existing)
 	verb := ""
 	switch {
 	case errors.Is(err, errDSSNotFound):
 		verb = "made"
 		def := map[string]any{"name": name, "type": "PostgreSQL", "params": params, "usableBy": "ALLOWED", "allowedGroups": []string{}}
-		if err := r.adminAPI(ctx, http.MethodPost, "/admin/connections/", def, nil); err != nil {
+		exists := func() (bool, error) {
+			return r.adminAPI(ctx, http.MethodGet, connPath, nil, nil) == nil, nil
+		}
+		if err := r.create(ctx, dssAdminAttempt, "/admin/connections/", def, nil, exists); err != nil {
 			return failed("", fmt.Errorf("make connection %s: %w", name, err))
 		}
 	case err != nil:
@@ -192,7 +234,7 @@ func (r *actionRunner) runtimeDatabase(ctx context.Context, p *protocol.SetupRun
 		}
 		existing["params"] = cur
 		// What this PUT does not name, DSS keeps.
-		if err := r.adminAPI(ctx, http.MethodPut, "/admin/connections/"+url.PathEscape(name), existing, nil); err != nil {
+		if err := r.adminAPI(ctx, http.MethodPut, connPath, existing, nil); err != nil {
 			return failed("", fmt.Errorf("update connection %s: %w", name, err))
 		}
 	}
@@ -230,9 +272,10 @@ func (r *actionRunner) recordAtStart(key, digest string) error {
 	return r.m.saveRecord(rec)
 }
 
-// musAutocreate installs multi-user security (dssadmin
-// install-impersonation, as root on a real machine; DSS takes it at its
-// next start) and turns it on with unix users made on demand.
+// musAutocreate installs multi-user security and turns it on with unix
+// users made on demand. dssadmin install-impersonation is run as DSS's
+// documentation says: as root (the agent's account on a real machine),
+// DSS stopped; once per DSS version, DSS started again after it.
 func (r *actionRunner) musAutocreate(ctx context.Context, p *protocol.SetupMUSAutocreateParams) actionResult {
 	prefix, group := p.UnixUserPrefix, p.UnixGroup
 	if prefix == "" {
@@ -241,7 +284,7 @@ func (r *actionRunner) musAutocreate(ctx context.Context, p *protocol.SetupMUSAu
 	if group == "" {
 		group = protocol.DefaultMUSGroup
 	}
-	ran, out, err := r.oncePerVersion(ctx, "install-impersonation "+r.m.cfg.DSSUser, true, "install-impersonation", r.m.cfg.DSSUser)
+	ran, out, err := r.oncePerVersion(ctx, dssadminCommand{args: []string{"install-impersonation", r.m.cfg.DSSUser}, atStart: true, asRoot: true, dssStopped: true})
 	if err != nil {
 		return failed(out, err)
 	}
@@ -261,303 +304,4 @@ func (r *actionRunner) musAutocreate(ctx context.Context, p *protocol.SetupMUSAu
 		msg += ": already so"
 	}
 	return actionResult{status: protocol.StatusOK, message: msg, output: out}
-}
-
-// oncePerVersion runs bin/dssadmin args unless the record says it ran for
-// the DSS version installed (the base images, the graphics export and the
-// integrations are DSS's own, redone after an upgrade). atStart: DSS takes
-// what the command did when it starts, so the record's change restarts it.
-// A kill between the command and the record runs the command again.
-func (r *actionRunner) oncePerVersion(ctx context.Context, key string, atStart bool, args ...string) (bool, string, error) {
-	version, err := r.m.installedVersion()
-	if err != nil || version == "" {
-		return false, "", errors.New("DSS is not installed yet: give the action the stage after_install or later")
-	}
-	rec := r.m.loadRecord()
-	if rec.Commands[key] == version {
-		return false, "", nil
-	}
-	ctx, cancel := context.WithTimeout(ctx, dssadminTime)
-	defer cancel()
-	out, err := r.m.run(ctx, filepath.Join(r.m.dssDir, "bin", "dssadmin"), args...)
-	if err != nil {
-		return false, out, fmt.Errorf("dssadmin %s: %w", strings.Join(args, " "), err)
-	}
-	rec.Commands[key] = version
-	if atStart {
-		rec.AtStart[key] = version
-	}
-	if err := r.m.saveRecord(rec); err != nil {
-		return true, out, err
-	}
-	return true, out, nil
-}
-
-// dssadminTime bounds one dssadmin command: building a base image pulls and
-// installs packages.
-const dssadminTime = 45 * time.Minute
-
-// commands runs dssadmin commands once per DSS version each, and words it.
-func (r *actionRunner) commands(ctx context.Context, what string, cmds ...[]string) actionResult {
-	var outs, ran []string
-	for _, c := range cmds {
-		atStart := c[0] == "install-spark-integration" || c[0] == "install-graphics-export"
-		did, out, err := r.oncePerVersion(ctx, strings.Join(c, " "), atStart, c...)
-		outs = append(outs, out)
-		if err != nil {
-			return failed(strings.Join(outs, "\n"), err)
-		}
-		if did {
-			ran = append(ran, strings.Join(c, " "))
-		}
-	}
-	if len(ran) == 0 {
-		return ok("%s: already done for this DSS version", what)
-	}
-	return actionResult{status: protocol.StatusOK, message: what + ": dssadmin " + strings.Join(ran, "; dssadmin "), output: strings.Join(outs, "\n")}
-}
-
-// k8sAndSpark builds DSS's base images for containerized execution and
-// Spark, installs the Spark integration, and gives DSS an eks-default
-// containerized-execution configuration and an eks-default Spark one, the
-// defaults when DSS has none. Configurations DSS already has by that name
-// are left as they are: an administrator may have tuned them.
-func (r *actionRunner) k8sAndSpark(ctx context.Context, id string, p *protocol.SetupK8sAndSparkParams, tools map[string]protocol.ToolSource) actionResult {
-	installed, missing, err := r.installTools(ctx, tools, "kubectl", "eksctl", "aws")
-	if err != nil {
-		return failed("", err)
-	}
-	if p.UseHostIP {
-		// DSS tells its containers to call back at DKU_BACKEND_EXT_HOST.
-		ip, err := r.hostIP()
-		if err != nil {
-			return failed("", err)
-		}
-		if res := r.editDSSFile(ctx, id, []string{"bin", "env-site.sh"}, []string{"export DKU_BACKEND_EXT_HOST=" + ip}, ""); res.status == protocol.StatusFailed {
-			return res
-		}
-	}
-	res := r.commands(ctx, "Kubernetes and Spark",
-		[]string{"build-base-image", "--type", "container-exec"},
-		[]string{"build-base-image", "--type", "spark"},
-		[]string{"install-spark-integration"})
-	if res.status == protocol.StatusFailed {
-		return res
-	}
-	saved, err := r.changeGeneralSettings(ctx, func(s map[string]any) error {
-		cs, err := object(s, "containerSettings")
-		if err != nil {
-			return err
-		}
-		if err := addConfig(cs, map[string]any{"name": eksConfig, "type": "KUBERNETES", "kubernetesNamespace": "default", "baseImageType": "EXEC"}); err != nil {
-			return fmt.Errorf("containerSettings: %w", err)
-		}
-		if cs["defaultExecutionConfig"] == nil {
-			cs["defaultExecutionConfig"] = eksConfig
-		}
-		ss, err := object(s, "sparkSettings")
-		if err != nil {
-			return err
-		}
-		if err := addConfig(ss, map[string]any{"name": eksConfig, "kubernetesExecution": true, "conf": []any{}}); err != nil {
-			return fmt.Errorf("sparkSettings: %w", err)
-		}
-		return nil
-	})
-	if err != nil {
-		return failed(res.output, err)
-	}
-	if saved {
-		res.message += "; " + eksConfig + " execution configurations added"
-	}
-	if len(installed) > 0 {
-		res.message += "; installed " + strings.Join(installed, ", ")
-	}
-	if len(missing) > 0 {
-		res.message += "; the image offers no " + strings.Join(missing, ", ") + " (left to the machine's own)"
-	}
-	if p.UseHostIP {
-		res.message += "; pods reach DSS at the host's IP"
-	}
-	return res
-}
-
-// deprecatedPython installs the Python builds the flags ask for from those
-// the image offers (its tools python3.6 to python3.8); a flag turned off
-// uninstalls nothing, as in Dataiku's.
-func (r *actionRunner) deprecatedPython(ctx context.Context, p *protocol.InstallDeprecatedPythonParams, tools map[string]protocol.ToolSource) actionResult {
-	var want, lacking []string
-	for _, f := range []struct {
-		on   bool
-		name string
-	}{{p.InstallPy36, "python3.6"}, {p.InstallPy37, "python3.7"}, {p.InstallPy38, "python3.8"}} {
-		if !f.on {
-			continue
-		}
-		if _, ok := tools[f.name]; !ok {
-			lacking = append(lacking, f.name)
-		}
-		want = append(want, f.name)
-	}
-	if len(lacking) > 0 {
-		return unsupported("this image offers no %s build (an image's tools)", strings.Join(lacking, ", "))
-	}
-	if len(want) == 0 {
-		return ok("no deprecated Python asked for")
-	}
-	installed, _, err := r.installTools(ctx, tools, want...)
-	if err != nil {
-		return failed("", err)
-	}
-	if len(installed) == 0 {
-		return ok("%s already installed", strings.Join(want, ", "))
-	}
-	return ok("installed %s", strings.Join(installed, ", "))
-}
-
-// eksConfig names the containerized-execution configuration of Dataiku's
-// EKS blueprint.
-const eksConfig = "eks-default"
-
-// addConfig adds config to holder's executionConfigs unless one of its name
-// is there.
-func addConfig(holder map[string]any, config map[string]any) error {
-	var list []any
-	switch v := holder["executionConfigs"].(type) {
-	case []any:
-		list = v
-	case nil:
-	default:
-		return errors.New("executionConfigs is not an array")
-	}
-	for _, c := range list {
-		if m, ok := c.(map[string]any); ok && m["name"] == config["name"] {
-			return nil
-		}
-	}
-	holder["executionConfigs"] = append(list, config)
-	return nil
-}
-
-// pluginsFromStore installs the plugins of the store DSS does not have yet;
-// one it has is left at its version (DSS refuses to install it twice).
-func (r *actionRunner) pluginsFromStore(ctx context.Context, p *protocol.InstallDSSPluginsFromStoreParams) actionResult {
-	var installed []struct {
-		ID string `json:"id"`
-	}
-	if err := r.adminAPI(ctx, http.MethodGet, "/plugins/", nil, &installed); err != nil {
-		return failed("", fmt.Errorf("list DSS's plugins: %w", err))
-	}
-	have := map[string]bool{}
-	for _, pl := range installed {
-		have[pl.ID] = true
-	}
-	var added, already []string
-	for _, id := range p.Plugins {
-		if have[id] {
-			already = append(already, id)
-			continue
-		}
-		var fut dssFuture
-		if err := r.adminAPI(ctx, http.MethodPost, "/plugins/actions/installFromStore", map[string]string{"pluginId": id}, &fut); err != nil {
-			return failed("", fmt.Errorf("install plugin %s: %w", id, err))
-		}
-		if err := r.waitFuture(ctx, fut); err != nil {
-			return failed("", fmt.Errorf("install plugin %s: %w", id, err))
-		}
-		added = append(added, id)
-	}
-	switch {
-	case len(added) == 0:
-		return ok("plugins already installed: %s", strings.Join(already, ", "))
-	case len(already) == 0:
-		return ok("plugins installed: %s", strings.Join(added, ", "))
-	}
-	return ok("plugins installed: %s (already: %s)", strings.Join(added, ", "), strings.Join(already, ", "))
-}
-
-// dssFuture is a long task of DSS's (dataikuapi's DSSFuture).
-type dssFuture struct {
-	JobID     string          `json:"jobId"`
-	HasResult bool            `json:"hasResult"`
-	Alive     bool            `json:"alive"`
-	Result    json.RawMessage `json:"result"`
-}
-
-// futureWait bounds a DSS task the agent waits for.
-const futureWait = 30 * time.Minute
-
-// waitFuture polls a DSS task until it has a result or is no longer alive.
-func (r *actionRunner) waitFuture(ctx context.Context, f dssFuture) error {
-	ctx, cancel := context.WithTimeout(ctx, futureWait)
-	defer cancel()
-	for !f.HasResult {
-		if f.JobID == "" {
-			return errors.New("DSS answered no task")
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("DSS's task %s did not end: %w", f.JobID, ctx.Err())
-		case <-time.After(time.Second):
-		}
-		var next dssFuture
-		if err := r.adminAPI(ctx, http.MethodGet, "/futures/"+url.PathEscape(f.JobID), nil, &next); err != nil {
-			return err
-		}
-		if !next.HasResult && !next.Alive {
-			return fmt.Errorf("DSS's task %s ended without a result", f.JobID)
-		}
-		f = next
-	}
-	return nil
-}
-
-// codeEnvPreset makes DSS's internal code environment of a preset, or
-// updates it in place when the action allows it; DSS changes nothing when
-// it is already as the preset says.
-func (r *actionRunner) codeEnvPreset(ctx context.Context, p *protocol.InstallCodeEnvWithPresetParams) actionResult {
-	preset := p.PresetName()
-	allowUpdate := p.AllowInPlaceUpdate == nil || *p.AllowInPlaceUpdate
-	var envs []struct {
-		EnvName string `json:"envName"`
-		Preset  string `json:"preset"`
-	}
-	if err := r.adminAPI(ctx, http.MethodGet, "/admin/code-envs/", nil, &envs); err != nil {
-		return failed("", fmt.Errorf("list DSS's code environments: %w", err))
-	}
-	for _, e := range envs {
-		if e.Preset == preset && !allowUpdate {
-			return ok("code environment %s (preset %s) already exists; in-place update not allowed", e.EnvName, preset)
-		}
-	}
-	q := url.Values{"allowUpdate": {fmt.Sprint(allowUpdate)}}
-	if p.Interpreter != "" {
-		q.Set("interpreter", p.Interpreter)
-	}
-	var res struct {
-		EnvName  string `json:"envName"`
-		Created  bool   `json:"created"`
-		Updated  bool   `json:"updated"`
-		Messages struct {
-			Error    bool              `json:"error"`
-			Messages []json.RawMessage `json:"messages"`
-		} `json:"messages"`
-	}
-	if err := r.adminAPI(ctx, http.MethodPost, "/admin/code-envs/from-python-preset/"+url.PathEscape(preset)+"?"+q.Encode(), nil, &res); err != nil {
-		return failed("", fmt.Errorf("code environment from preset %s: %w", preset, err))
-	}
-	if res.Messages.Error {
-		var msgs []string
-		for _, m := range res.Messages.Messages {
-			msgs = append(msgs, string(m))
-		}
-		return failed(strings.Join(msgs, "\n"), fmt.Errorf("DSS could not make the code environment of preset %s", preset))
-	}
-	switch {
-	case res.Created:
-		return ok("code environment %s made from preset %s", res.EnvName, preset)
-	case res.Updated:
-		return ok("code environment %s updated in place from preset %s", res.EnvName, preset)
-	}
-	return ok("code environment %s already as preset %s says", res.EnvName, preset)
 }

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -212,6 +213,20 @@ func TestConfigureDSS(t *testing.T) {
 	r.waitReady(d.Generation)
 	if ev := results(d.Generation, 10)[protocol.ActionSetupRuntimeDatabase]; !strings.Contains(ev.Message, "already") || !restarted(d.Generation) {
 		t.Fatalf("a change a killed agent made was never restarted for: %q, restarted %v", ev.Message, restarted(d.Generation))
+	}
+
+	// A replay that moves DSS to another port: the actions after its
+	// startup talk to DSS where it listens until the restart, which moves
+	// it.
+	newPort := freePort(t)
+	d = r.desire("14.0.0", append(template("Design (moved)", "n3wer", "eks-clusters", "googlesheets", "geoadmin"),
+		action(protocol.ActionUpdateDSSPort, fmt.Sprintf(`{"port":%d}`, newPort)))...)
+	if st := r.waitReady(d.Generation); st.DSS.Port != newPort || !restarted(d.Generation) {
+		t.Fatalf("after the move: %+v, restarted %v", st.DSS, restarted(d.Generation))
+	}
+	api("/public/api/admin/general-settings", &gs)
+	if gs.NodeName != "Design (moved)" {
+		t.Fatalf("the name given before the move: %q", gs.NodeName)
 	}
 
 	// Refused by DSS: the operation fails with DSS's answer, DSS runs on.

@@ -56,22 +56,39 @@ func (r dssRecord) atStartDigest() string {
 // for still restarts it.
 func (m *machine) startedPath() string { return filepath.Join(m.stateDir, "dss-started.json") }
 
+// started is what DSS was last started with.
+type started struct {
+	Inputs string `json:"inputs"`
+	// Port is the base port it listens on: until it restarts, a replay
+	// that changed install.ini's talks to it there.
+	Port int `json:"port,omitempty"`
+}
+
 // startedInputs is dssInputs when DSS last started, "" when unknown (an
 // agent from before this record, or DSS never started by this one).
 func (m *machine) startedInputs() string {
-	var s struct {
-		Inputs string `json:"inputs"`
-	}
+	var s started
 	if _, err := loadJSON(m.startedPath(), &s); err != nil {
 		return ""
 	}
 	return s.Inputs
 }
 
-// noteStarted keeps inputs as what DSS started with. Not kept (a crash, a
-// full disk), the next replay restarts DSS once more, which is harmless.
-func (m *machine) noteStarted(inputs string) {
-	if err := saveJSON(m.startedPath(), map[string]string{"inputs": inputs}, 0o600); err != nil {
+// listeningPort is the base port DSS listens on: the one it was started
+// with, or install.ini's when that is not known.
+func (m *machine) listeningPort() (int, error) {
+	var s started
+	if found, err := loadJSON(m.startedPath(), &s); err == nil && found && s.Port > 0 {
+		return s.Port, nil
+	}
+	return m.port()
+}
+
+// noteStarted keeps inputs and port as what DSS started with. Not kept (a
+// crash, a full disk), the next replay restarts DSS once more, which is
+// harmless.
+func (m *machine) noteStarted(inputs string, port int) {
+	if err := saveJSON(m.startedPath(), started{Inputs: inputs, Port: port}, 0o600); err != nil {
 		m.log.Warn().Err(err).Msg("what DSS started with is not kept; the next replay restarts it")
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"archive/zip"
 	"compress/gzip"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -27,8 +26,8 @@ const maxDriverBytes = 512 << 20
 // from) into the DSS data directory (lib/jdbc unless subpathInDatadir says
 // otherwise).
 func (r *actionRunner) installJDBC(ctx context.Context, p *protocol.InstallJDBCDriverParams) actionResult {
-	if v, err := r.m.installedVersion(); err != nil || v == "" {
-		return failed("", errors.New("DSS is not installed yet: give the action the stage after_install or later"))
+	if _, err := r.requireInstalled(); err != nil {
+		return failed("", err)
 	}
 	u, err := url.Parse(p.URL)
 	if err != nil {

@@ -202,7 +202,11 @@ func (m *machine) dss(ctx context.Context, action string, timeout time.Duration)
 // startDSS runs bin/dss start and waits until DSS answers, both within the
 // start timeout. The error says which part failed.
 func (m *machine) startDSS(ctx context.Context) (string, error) {
+	// Starting a DSS that runs starts nothing: what it runs with is not
+	// what the files say now, and is not noted as such.
+	wasUp := m.answers(ctx)
 	inputs := m.dssInputs()
+	port, _ := m.port()
 	out, err := m.dss(ctx, "start", m.cfg.DSSStartTimeout)
 	if err != nil {
 		return out, err
@@ -210,8 +214,21 @@ func (m *machine) startDSS(ctx context.Context) (string, error) {
 	if err := m.waitAnswers(ctx, m.cfg.DSSStartTimeout); err != nil {
 		return out, err
 	}
-	m.noteStarted(inputs)
+	if !wasUp {
+		m.noteStarted(inputs, port)
+	}
 	return out, nil
+}
+
+// runsWithInputs reports whether DSS was last started with what it reads
+// at start now; unknown (DSS started by an older agent) counts as yes when
+// before, what the caller saw when it began, is what it sees now.
+func (m *machine) runsWithInputs(before string) bool {
+	now := m.dssInputs()
+	if started := m.startedInputs(); started != "" {
+		return started == now
+	}
+	return before == now
 }
 
 // restartDSS stops DSS (killing it if it will not stop) and starts it again.
@@ -452,7 +469,7 @@ func (m *machine) runInstaller(ctx context.Context, lock *os.File, ended func(),
 	done := make(chan result, 1)
 	go func() {
 		run, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.cfg.InstallTimeout)
-		out, err := m.runWith(run, held, true, name, args...)
+		out, err := m.runWith(run, held, runDSS, name, args...)
 		cancel()
 		held.Close()
 		ended()
@@ -495,12 +512,21 @@ func (m *machine) deleteAPIKeys(ctx context.Context, label string) (string, erro
 // run runs a program and returns the tail of its combined output. DSS's
 // programs (those of its data directory) run as the DSS account.
 func (m *machine) run(ctx context.Context, name string, args ...string) (string, error) {
-	return m.runWith(ctx, nil, false, name, args...)
+	return m.runWith(ctx, nil, runAuto, name, args...)
 }
 
+// runAs says as whom runWith runs a program.
+type runAs int
+
+const (
+	runAuto  runAs = iota // the DSS account for DSS's programs, else the agent's
+	runDSS                // the DSS account
+	runAgent              // the agent's own account (root on a real machine)
+)
+
 // runWith is run, handing the program inherit (as its descriptor 3) if set,
-// as the DSS account if asDSS or the program is DSS's.
-func (m *machine) runWith(ctx context.Context, inherit *os.File, asDSS bool, name string, args ...string) (string, error) {
+// as who says.
+func (m *machine) runWith(ctx context.Context, inherit *os.File, who runAs, name string, args ...string) (string, error) {
 	cmd := exec.CommandContext(ctx, name, args...)
 	if inherit != nil {
 		cmd.ExtraFiles = []*os.File{inherit}
@@ -509,7 +535,7 @@ func (m *machine) runWith(ctx context.Context, inherit *os.File, asDSS bool, nam
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.Env = os.Environ()
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if asDSS || strings.HasPrefix(name, m.dssDir) {
+	if who == runDSS || who == runAuto && strings.HasPrefix(name, m.dssDir) {
 		acc, err := m.dssAccount(ctx)
 		if err != nil {
 			return "", err

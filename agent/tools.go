@@ -7,12 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/fleetmanager/fm/internal/tarball"
@@ -28,11 +28,14 @@ const toolTime = 20 * time.Minute
 
 // installTool puts the program an image offers on the machine: downloaded
 // (or read, file://), its SHA-256 checked against the image's, unpacked
-// when an archive, kept in /opt/fm-tools/<name>-<digest> and linked from
-// /usr/local/bin/<name>. A tool already there at that digest is not
-// fetched again (it reports false). The folder is renamed into place whole
-// and the link swapped by a rename: a kill leaves the old program or the
-// new, and a temporary folder the next run replaces.
+// when an archive, kept in /opt/fm-tools/<name>-<digest[:16]> and linked
+// from /usr/local/bin/<name>. A tool already there at that digest is not
+// fetched again. The folder is renamed into place whole and the link
+// swapped by a rename: a kill leaves the old program or the new, and a
+// temporary folder the next install of the tool removes, with the folders
+// of its earlier digests. A /usr/local/bin/<name> that is not FM's link
+// (the machine's own program) is left alone, and the install refused. It
+// reports whether it changed anything.
 func (r *actionRunner) installTool(ctx context.Context, name string, src protocol.ToolSource) (bool, error) {
 	if err := protocol.ValidateTools(map[string]protocol.ToolSource{name: src}); err != nil {
 		return false, err
@@ -46,11 +49,19 @@ func (r *actionRunner) installTool(ctx context.Context, name string, src protoco
 	}
 	program := filepath.Join(dir, filepath.FromSlash(binary))
 	link := r.m.rooted("usr", "local", "bin", name)
-	fetched := false
-	if !isRegular(filepath.Join(dir, ".complete")) {
-		if err := os.MkdirAll(root, 0o755); err != nil {
-			return false, err
+	if cur, err := os.Readlink(link); err == nil {
+		if !within(root, cur) {
+			return false, fmt.Errorf("%s: /usr/local/bin/%s links to %s, not to a tool of FM's: remove it to let FM install the image's", name, name, cur)
 		}
+	} else if _, err := os.Lstat(link); err == nil {
+		return false, fmt.Errorf("%s: /usr/local/bin/%s is the machine's own program: remove it to let FM install the image's", name, name)
+	}
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return false, err
+	}
+	r.sweepTool(root, name, "", true)
+	changed := false
+	if !isRegular(filepath.Join(dir, ".complete")) {
 		tmp, err := os.MkdirTemp(root, "."+name+"-")
 		if err != nil {
 			return false, err
@@ -65,7 +76,7 @@ func (r *actionRunner) installTool(ctx context.Context, name string, src protoco
 			if err != nil {
 				return false, err
 			}
-			err = tarball.Extract(f, tmp, tarball.Options{ConfineLinks: true, Folder: name + " archive"})
+			err = tarball.Extract(f, tmp, tarball.Options{ConfineLinks: true, Folder: name + " archive", MaxBytes: maxToolUnpacked})
 			f.Close()
 			if err != nil {
 				return false, fmt.Errorf("%s: %w", name, err)
@@ -90,27 +101,62 @@ func (r *actionRunner) installTool(ctx context.Context, name string, src protoco
 		if err := os.Rename(tmp, dir); err != nil {
 			return false, err
 		}
-		fetched = true
+		changed = true
 	}
 	if cur, err := os.Readlink(link); err == nil && cur == program {
-		return fetched, nil
+		r.sweepTool(root, name, filepath.Base(dir), false)
+		return changed, nil
 	}
 	if err := os.MkdirAll(filepath.Dir(link), 0o755); err != nil {
-		return fetched, err
+		return changed, err
 	}
 	tmpLink := link + ".fm-new"
 	os.Remove(tmpLink)
 	if err := os.Symlink(program, tmpLink); err != nil {
-		return fetched, err
+		return changed, err
 	}
 	if err := os.Rename(tmpLink, link); err != nil {
 		os.Remove(tmpLink)
-		return fetched, err
+		return changed, err
 	}
+	r.sweepTool(root, name, filepath.Base(dir), false)
 	return true, nil
 }
 
+// sweepTool removes what earlier installs of a tool left under root: with
+// temps, the temporary folders of installs a kill cut short (one install
+// runs at a time, under the machine lock); without, the folders of the
+// tool's digests other than keep, once the link leads to keep.
+func (r *actionRunner) sweepTool(root, name, keep string, temps bool) {
+	entries, _ := os.ReadDir(root)
+	for _, e := range entries {
+		n := e.Name()
+		var stale bool
+		if temps {
+			stale = strings.HasPrefix(n, "."+name+"-")
+		} else if rest, ok := strings.CutPrefix(n, name+"-"); ok && n != keep {
+			stale = len(rest) == 16 && isHex(rest)
+		}
+		if !stale {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(root, n)); err != nil {
+			r.m.log.Warn().Err(err).Str("folder", n).Msg("an earlier tool folder is not removed")
+		}
+	}
+}
+
+func isHex(s string) bool {
+	_, err := hex.DecodeString(s)
+	return err == nil
+}
+
+// maxToolUnpacked bounds what a tool's archive unpacks to.
+const maxToolUnpacked = 4 << 30
+
 // fetchTool copies the tool's file to dst, checking its digest as it goes.
+// A file:// URL must name a regular file (not a device or a pipe, which
+// could block or never end), and the copy stops with ctx.
 func (r *actionRunner) fetchTool(ctx context.Context, rawURL, digest, dst string) error {
 	ctx, cancel := context.WithTimeout(ctx, toolTime)
 	defer cancel()
@@ -120,9 +166,15 @@ func (r *actionRunner) fetchTool(ctx context.Context, rawURL, digest, dst string
 	}
 	var body io.ReadCloser
 	if u.Scheme == "file" {
-		if body, err = os.Open(u.Path); err != nil {
+		f, err := os.OpenFile(u.Path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+		if err != nil {
 			return err
 		}
+		if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+			f.Close()
+			return fmt.Errorf("%s is not a regular file", u.Path)
+		}
+		body = f
 	} else {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 		if err != nil {
@@ -144,16 +196,31 @@ func (r *actionRunner) fetchTool(ctx context.Context, rawURL, digest, dst string
 	}
 	defer body.Close()
 	h := sha256.New()
-	if err := writeStream(dst, io.TeeReader(io.LimitReader(body, maxToolBytes+1), h)); err != nil {
+	if err := writeStream(dst, io.TeeReader(io.LimitReader(ctxReader{ctx, body}, maxToolBytes+1), h)); err != nil {
 		return err
 	}
 	if st, err := os.Stat(dst); err == nil && st.Size() > maxToolBytes {
 		return fmt.Errorf("the file is larger than %d bytes", int64(maxToolBytes))
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != digest {
-		return fmt.Errorf("SHA-256 is %s, the image says %s", got, digest)
+	// The digest it has is not shown: a viewer would learn that of any
+	// file the agent can read.
+	if hex.EncodeToString(h.Sum(nil)) != digest {
+		return errors.New("its SHA-256 is not the image's")
 	}
 	return nil
+}
+
+// ctxReader stops a copy once ctx is done.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
 }
 
 func isRegular(p string) bool {
@@ -182,28 +249,35 @@ func (r *actionRunner) installTools(ctx context.Context, tools map[string]protoc
 	return installed, missing, nil
 }
 
-// hostIP is the machine's address toward FM's bus: on EC2 its primary
-// private address, which pods of an EKS cluster in its VPC reach. A bus on
-// this host (a local machine) gives loopback: then the first other address.
-func (r *actionRunner) hostIP() (string, error) {
-	if u, err := url.Parse(r.m.cfg.NATSURL); err == nil && u.Host != "" {
-		host := u.Host
-		if _, _, err := net.SplitHostPort(host); err != nil {
-			host = net.JoinHostPort(host, "4222")
+// deprecatedPython installs the Python builds the flags ask for from those
+// the image offers (its tools python3.6 to python3.8); a flag turned off
+// uninstalls nothing, as in Dataiku's.
+func (r *actionRunner) deprecatedPython(ctx context.Context, p *protocol.InstallDeprecatedPythonParams, tools map[string]protocol.ToolSource) actionResult {
+	var want, lacking []string
+	for _, f := range []struct {
+		on   bool
+		name string
+	}{{p.InstallPy36, "python3.6"}, {p.InstallPy37, "python3.7"}, {p.InstallPy38, "python3.8"}} {
+		if !f.on {
+			continue
 		}
-		// UDP: nothing is sent; the kernel picks the route's source.
-		if c, err := net.Dial("udp", host); err == nil {
-			ip := c.LocalAddr().(*net.UDPAddr).IP
-			c.Close()
-			if !ip.IsLoopback() && ip.To4() != nil {
-				return ip.String(), nil
-			}
+		if _, ok := tools[f.name]; !ok {
+			lacking = append(lacking, f.name)
 		}
+		want = append(want, f.name)
 	}
-	for _, ip := range machineAddresses(nil) {
-		if ip.To4() != nil {
-			return ip.String(), nil
-		}
+	if len(lacking) > 0 {
+		return unsupported("this image offers no %s build (an image's tools)", strings.Join(lacking, ", "))
 	}
-	return "", errors.New("the machine has no IPv4 address but loopback")
+	if len(want) == 0 {
+		return ok("no deprecated Python asked for")
+	}
+	installed, _, err := r.installTools(ctx, tools, want...)
+	if err != nil {
+		return failed("", err)
+	}
+	if len(installed) == 0 {
+		return ok("%s already installed", strings.Join(want, ", "))
+	}
+	return ok("installed %s", strings.Join(installed, ", "))
 }

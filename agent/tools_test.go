@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 
 	"github.com/fleetmanager/fm/protocol"
@@ -87,7 +88,7 @@ func TestInstallTool(t *testing.T) {
 		{name: "a new digest replaces it", tool: "kubectl", src: src("/kubectl-v2", ""), want: "echo kubectl v2", fetches: 1},
 		{name: "an archive", tool: "eksctl", src: src("/eksctl.tar.gz", ""), want: "echo eksctl", fetches: 1},
 		{name: "a program deep in an archive", tool: "python3.8", src: src("/python.tgz", "python-3.8/bin/python3.8"), want: "echo 3.8", fetches: 1},
-		{name: "a wrong digest", tool: "aws", src: protocol.ToolSource{URL: srv.URL + "/kubectl", SHA256: sum("/eksctl.tar.gz")}, err: "SHA-256 is", fetches: 1},
+		{name: "a wrong digest", tool: "aws", src: protocol.ToolSource{URL: srv.URL + "/kubectl", SHA256: sum("/eksctl.tar.gz")}, err: "SHA-256 is not the image's", fetches: 1},
 		{name: "an archive without the program", tool: "helm", src: src("/empty.tar.gz", ""), err: "has no helm", fetches: 1},
 		{name: "an archive leading outside", tool: "evil", src: src("/escape.tar.gz", ""), err: "evil", fetches: 1},
 		{name: "not an archive", tool: "jq", src: src("/not-a-tarball.tgz", ""), err: "jq", fetches: 1},
@@ -118,13 +119,46 @@ func TestInstallTool(t *testing.T) {
 			}
 		})
 	}
-	// Nothing a refusal or a replaced version left behind but the kept
-	// folders: no temporary folder, nothing outside.
+	// What a kill left (a temporary folder) goes at the tool's next
+	// install; a replaced version's folder went when the link moved.
+	os.MkdirAll(filepath.Join(m.rooted("opt", "fm-tools"), ".kubectl-123456", "half"), 0o755)
+	if _, err := r.installTool(context.Background(), "kubectl", src("/kubectl-v2", "")); err != nil {
+		t.Fatal(err)
+	}
 	entries, _ := os.ReadDir(m.rooted("opt", "fm-tools"))
+	var kept []string
 	for _, e := range entries {
+		kept = append(kept, e.Name())
 		if strings.HasPrefix(e.Name(), ".") {
 			t.Errorf("left behind: %s", e.Name())
 		}
+	}
+	if len(kept) != 3 || !strings.HasPrefix(kept[0], "eksctl-") || !strings.HasPrefix(kept[1], "kubectl-"+sum("/kubectl-v2")[:16]) || !strings.HasPrefix(kept[2], "python3.8-") {
+		t.Errorf("tool folders: %v, want one per tool, at its digest", kept)
+	}
+
+	// The machine's own program is left alone; a file:// URL must name a
+	// regular file (a pipe would block for ever).
+	own := link("helm")
+	os.MkdirAll(filepath.Dir(own), 0o755)
+	os.WriteFile(own, []byte("the machine's helm"), 0o755)
+	if _, err := r.installTool(context.Background(), "helm", src("/kubectl", "")); err == nil || !strings.Contains(err.Error(), "the machine's own program") {
+		t.Errorf("the machine's own program: %v", err)
+	}
+	if b, _ := os.ReadFile(own); string(b) != "the machine's helm" {
+		t.Errorf("the machine's own program changed: %q", b)
+	}
+	fifo := filepath.Join(t.TempDir(), "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.installTool(context.Background(), "jq", protocol.ToolSource{URL: "file://" + fifo, SHA256: sum("/kubectl")}); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+		t.Errorf("a pipe: %v", err)
+	}
+	local := filepath.Join(t.TempDir(), "yq")
+	os.WriteFile(local, files["/kubectl"], 0o644)
+	if _, err := r.installTool(context.Background(), "yq", protocol.ToolSource{URL: "file://" + local, SHA256: sum("/kubectl")}); err != nil || !strings.Contains(run("yq"), "kubectl v1") {
+		t.Errorf("a file:// tool: %v", err)
 	}
 	if _, err := os.Stat(filepath.Join(m.rooted("opt"), "evil")); !os.IsNotExist(err) {
 		t.Error("an archive wrote outside its folder")

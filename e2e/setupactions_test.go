@@ -3,8 +3,10 @@ package e2e
 import (
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"math/big"
@@ -38,7 +40,7 @@ func TestEverySetupAction(t *testing.T) {
 	files := t.TempDir()
 	jar := filepath.Join(files, "driver.jar")
 	os.WriteFile(jar, []byte("PK\x03\x04 a driver"), 0o644)
-	port := FreePort(t)
+	_, port, _ := strings.Cut(FreePort(t), ":")
 
 	template := func(instanceName string) string {
 		actions := []map[string]any{
@@ -64,17 +66,38 @@ func TestEverySetupAction(t *testing.T) {
 			{"type": "SETUP_GRAPHICS_EXPORT", "params": map[string]any{}},
 			{"type": "SETUP_K8S_AND_SPARK", "params": map[string]any{}},
 			{"type": "SETUP_NONE_K8S_AND_SPARK", "params": map[string]any{}},
-			{"type": "INSTALL_DEPRECATED_PYTHON", "params": map[string]any{"install_py36": false, "install_py37": false, "install_py38": false}},
+			{"type": "INSTALL_DEPRECATED_PYTHON", "params": map[string]any{"install_py36": false, "install_py37": false, "install_py38": true}},
 		}
-		b, _ := json.Marshal(map[string]any{"label": "all-actions", "setupActions": actions})
+		b, err := json.Marshal(map[string]any{"label": "all-actions", "setupActions": actions})
+		if err != nil {
+			t.Fatal(err)
+		}
 		return string(b)
+	}
+	// An image of the stand-in's kit whose tools (kubectl, python3.8) the
+	// actions install, pinned by digest.
+	var base api.Image
+	if code := py.Do(t, "GET", "/images/dss-14.0.0-standin", "", &base); code != 200 || base.Kit == nil {
+		t.Fatalf("the stand-in's image: %d %+v", code, base)
+	}
+	tools := map[string]api.Tool{}
+	for _, name := range []string{"kubectl", "python3.8"} {
+		p := filepath.Join(files, name)
+		content := []byte("#!/bin/sh\necho " + name + "\n")
+		os.WriteFile(p, content, 0o644)
+		sum := sha256.Sum256(content)
+		tools[name] = api.Tool{URL: "file://" + p, SHA256: hex.EncodeToString(sum[:])}
+	}
+	image, _ := json.Marshal(api.Image{ID: "dss-14.0.0-tools", DSSVersion: "14.0.0", Kit: base.Kit, Tools: tools})
+	if code := py.Do(t, "POST", "/images", string(image), nil); code != 200 {
+		t.Fatalf("an image with tools: %d", code)
 	}
 	tplFile := filepath.Join(files, "tpl.json")
 	os.WriteFile(tplFile, []byte(template("Design (e2e)")), 0o644)
 	vn := jsonField(t, d.fm(t, "network", "create", "--label", "lab", "--default", "--output", "json"), "id")
 	tpl := jsonField(t, d.fm(t, "template", "create", "--file", tplFile, "--output", "json"), "id")
 	id := jsonField(t, d.fm(t, "instance", "create", "--label", "all", "--network", vn, "--template", tpl,
-		"--image", "dss-14.0.0-standin", "--output", "json"), "id")
+		"--image", "dss-14.0.0-tools", "--output", "json"), "id")
 
 	// actionSteps are the operation's setup-action steps that ended.
 	actionSteps := func(job string) []api.ProgressStep {
@@ -109,6 +132,13 @@ func TestEverySetupAction(t *testing.T) {
 	url, _ := st["publicURL"].(string)
 	if st["state"] != "running" || !strings.Contains(url, ":"+port) {
 		t.Fatalf("after provision (DSS on port %s): %v", port, st)
+	}
+	// The image's tools are on the machine (a folder of fm dev's data).
+	for _, name := range []string{"kubectl", "python3.8"} {
+		link := filepath.Join(data, "local", "machines", id, "root", "usr", "local", "bin", name)
+		if b, err := os.ReadFile(link); err != nil || !strings.Contains(string(b), "echo "+name) {
+			t.Fatalf("the image's %s is not on the machine: %q %v", name, b, err)
+		}
 	}
 	var key struct{ AdminAPIKey string }
 	py.Do(t, "GET", "/instances/"+id+"/admin-api-key", "", &key)

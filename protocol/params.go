@@ -295,7 +295,7 @@ func ParseParams(t SetupActionType, raw json.RawMessage) (any, error) {
 		if json.Unmarshal(s, &st) != nil || !st.Known() {
 			fail("stage", "%s is not one of before_install, after_install, after_dss_startup", s)
 		} else if allowed := StagesFor(t); !slices.Contains(allowed, st) {
-			fail("stage", "must be %s for %s (%s)", allowed[0], t, stageReason(t))
+			fail("stage", "must be %s for %s (%s)", strings.Join(stageNames(allowed), " or "), t, stageReason(t))
 		}
 	}
 	var out any
@@ -551,10 +551,21 @@ func validHeap(v string) bool {
 	return mb >= 256 && mb <= 1024*1024
 }
 
+func stageNames(stages []Stage) []string {
+	out := make([]string, len(stages))
+	for i, s := range stages {
+		out[i] = string(s)
+	}
+	return out
+}
+
 // stageReason says why a type runs at the one stage it may.
 func stageReason(t SetupActionType) string {
-	if t == ActionSetupMemorySettings {
+	switch t {
+	case ActionSetupMemorySettings:
 		return "DSS takes its heaps when it starts"
+	case ActionSetupGraphicsExport, ActionSetupNoneK8sAndSpark:
+		return "it runs DSS's dssadmin, which needs DSS installed"
 	}
 	return "it goes through DSS's admin API, which needs DSS running"
 }

@@ -51,6 +51,7 @@ func TestParseParams(t *testing.T) {
 		{ActionInstallCodeEnvWithPreset, `{"preset":"VISUAL_ML","interpreter":"PYTHON27"}`, "params.interpreter"},
 		{ActionSetupGraphicsExport, `{}`, ""},
 		{ActionSetupGraphicsExport, `{"stage":"after_dss_startup"}`, ""},
+		{ActionSetupGraphicsExport, `{"stage":"before_install"}`, "must be after_install or after_dss_startup"},
 		{ActionSetupNoneK8sAndSpark, `{}`, ""},
 		{"NOPE", `{}`, "not a known setup action type"},
 		{ActionSetupK8sAndSpark, `[1]`, "must be a JSON object"},

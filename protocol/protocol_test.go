@@ -112,7 +112,10 @@ func vectors() map[string]struct {
 				Kit: KitSource{Object: "dss-14.0.0.tar.gz"},
 				HTTPS: &HTTPSTarget{Strategy: HTTPSLetsEncrypt, Port: 443, HTTPPort: 80, Redirect: true,
 					ACME: &ACMETarget{DirectoryURL: "https://acme-v02.api.letsencrypt.org/directory", Email: "ops@example.com"}},
-				AWSCredentials: &AWSCredentials{AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SealedSecretAccessKey: "fmsealed2:c2VjcmV0"}},
+				AWSCredentials: &AWSCredentials{AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SealedSecretAccessKey: "fmsealed2:c2VjcmV0"},
+				Tools: map[string]ToolSource{
+					"kubectl": {URL: "https://dl.k8s.io/release/v1.31.4/bin/linux/amd64/kubectl", SHA256: "298e19e9c6c17199011404278f0ff8168a7eca4217edad9097af577023a5620f"},
+					"eksctl":  {URL: "https://github.com/eksctl-io/eksctl/releases/download/v0.199.0/eksctl_Linux_amd64.tar.gz", SHA256: "0e7c3e1a7a1dd1a1c3f2b9b0a9a1b6e2d1f6e3c5a4b7d8e9f0a1b2c3d4e5f6a7", Binary: "eksctl"}}},
 			SetupActions: []SetupAction{}, HeartbeatSeconds: 10,
 		}, func() Message { return &DesiredState{} }},
 		"agent_status_https": {&AgentStatus{
@@ -510,5 +513,36 @@ func TestValidAWSCredentials(t *testing.T) {
 	d.DSS.AWSCredentials = &AWSCredentials{AccessKeyID: awsKeyID, SecretAccessKey: awsSecret}
 	if err := d.Validate(); err != nil {
 		t.Fatalf("a good key pair refused: %v", err)
+	}
+}
+
+func TestValidateTools(t *testing.T) {
+	const sum = "298e19e9c6c17199011404278f0ff8168a7eca4217edad9097af577023a5620f"
+	tests := []struct {
+		name  string
+		tools map[string]ToolSource
+		err   string
+	}{
+		{"none", nil, ""},
+		{"a program", map[string]ToolSource{"kubectl": {URL: "https://dl.k8s.io/kubectl", SHA256: sum}}, ""},
+		{"an archive's program", map[string]ToolSource{"python3.8": {URL: "file:///srv/python.tgz", SHA256: strings.ToUpper(sum), Binary: "python/bin/python3.8"}}, ""},
+		{"a name with a slash", map[string]ToolSource{"bin/kubectl": {URL: "https://x/k", SHA256: sum}}, "not a program name"},
+		{"an upper-case name", map[string]ToolSource{"Kubectl": {URL: "https://x/k", SHA256: sum}}, "not a program name"},
+		{"no digest", map[string]ToolSource{"kubectl": {URL: "https://x/k"}}, "64 hex characters"},
+		{"an ftp URL", map[string]ToolSource{"kubectl": {URL: "ftp://x/k", SHA256: sum}}, "not an http(s):// or file:// URL"},
+		{"an http URL without host", map[string]ToolSource{"kubectl": {URL: "https:///k", SHA256: sum}}, "not an http(s):// or file:// URL"},
+		{"a binary outside", map[string]ToolSource{"kubectl": {URL: "https://x/k.tgz", SHA256: sum, Binary: "../../bin/sh"}}, "inside the archive"},
+		{"an absolute binary", map[string]ToolSource{"kubectl": {URL: "https://x/k.tgz", SHA256: sum, Binary: "/bin/sh"}}, "inside the archive"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			err := ValidateTools(tc.tools)
+			if (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
+				t.Fatalf("err = %v, want %q", err, tc.err)
+			}
+		})
+	}
+	if !(ToolSource{URL: "https://x/eksctl_Linux_amd64.tar.gz?sig=1"}).IsArchive() || (ToolSource{URL: "https://x/kubectl"}).IsArchive() {
+		t.Fatal("IsArchive")
 	}
 }

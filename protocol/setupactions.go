@@ -78,6 +78,9 @@ func StagesFor(t SetupActionType) []Stage {
 		return []Stage{StageAfterDSSStartup}
 	case ActionSetupMemorySettings:
 		return []Stage{StageAfterInstall}
+	case ActionSetupGraphicsExport, ActionSetupNoneK8sAndSpark:
+		// dssadmin commands: DSS must be installed.
+		return []Stage{StageAfterInstall, StageAfterDSSStartup}
 	}
 	return []Stage{StageAfterInstall, StageBeforeInstall, StageAfterDSSStartup}
 }

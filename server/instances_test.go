@@ -151,6 +151,8 @@ func TestImages(t *testing.T) {
 		{"bad ami", `{"id":"x","dssVersion":"1.0.0","amis":{"eu-west-1":"image-1"}}`, "amis.eu-west-1"},
 		{"duplicate", `{"id":"dss-14.0.0-test","dssVersion":"14.0.0","label":"other","amis":{"eu-west-1":"ami-1"}}`, "already exists"},
 		{"duplicate label", `{"id":"dss-14.0.0-other","dssVersion":"14.0.0","amis":{"eu-west-1":"ami-1"}}`, "already labelled"},
+		{"a tool without digest", `{"id":"x","dssVersion":"1.0.0","amis":{"eu-west-1":"ami-1"},"tools":{"kubectl":{"url":"https://x/k"}}}`, "tools.kubectl.sha256"},
+		{"a tool of a bad name", `{"id":"x","dssVersion":"1.0.0","amis":{"eu-west-1":"ami-1"},"tools":{"../sh":{"url":"https://x/k","sha256":"` + strings.Repeat("a", 64) + `"}}}`, "not a program name"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := f.do("POST", "/images", tc.body)

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 
 	"github.com/fleetmanager/fm/api"
@@ -95,12 +96,46 @@ func (s *Server) deleteTemplate(r *http.Request) (any, error) {
 }
 
 // redactTemplate removes what the caller may not see: the secret key
-// always, the license from viewers.
+// always; the license and the setup actions' secrets from viewers.
 func redactTemplate(r *http.Request, t *api.InstanceSettingsTemplate) {
 	t.DataikuAWSSecretAccessKey = ""
 	if isViewer(r) {
 		t.License = redacted(t.License)
+		t.SetupActions = slices.Clone(t.SetupActions)
+		for i := range t.SetupActions {
+			t.SetupActions[i].Params = redactParams(protocol.SetupActionType(t.SetupActions[i].Type), t.SetupActions[i].Params)
+		}
 	}
+}
+
+// secretParams are the parameters of setup actions that hold a secret.
+var secretParams = map[protocol.SetupActionType][]string{
+	protocol.ActionAddSSHKey:            {"privateKey"},
+	protocol.ActionInstallJDBCDriver:    {"password"},
+	protocol.ActionSetupRuntimeDatabase: {"password"},
+}
+
+// redactParams replaces the secrets of an action's params by "(redacted)".
+func redactParams(t protocol.SetupActionType, params json.RawMessage) json.RawMessage {
+	keys := secretParams[t]
+	if len(keys) == 0 {
+		return params
+	}
+	var m map[string]json.RawMessage
+	if json.Unmarshal(params, &m) != nil {
+		return params
+	}
+	for _, k := range keys {
+		var v string
+		if json.Unmarshal(m[k], &v) == nil && v != "" {
+			m[k], _ = json.Marshal(redacted(v))
+		}
+	}
+	b, err := json.Marshal(m)
+	if err != nil {
+		return params
+	}
+	return b
 }
 
 func normalizeTemplate(t *api.InstanceSettingsTemplate) {

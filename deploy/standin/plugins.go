@@ -96,7 +96,8 @@ func (s *service) installFromStore(r *http.Request) (any, error) {
 
 // future is DSS's answer to a long action, which the client polls at
 // /public/api/futures/{jobId}. The stand-in's actions are done before it
-// answers, so its futures are finished from the start.
+// answers, but it answers as DSS does, with a job still running: its
+// result is there at the first poll, so that clients are seen to poll.
 type future struct {
 	JobID     string `json:"jobId"`
 	HasResult bool   `json:"hasResult"`
@@ -104,15 +105,15 @@ type future struct {
 	Result    any    `json:"result"`
 }
 
-// finishedFuture records a finished job (in memory, as DSS keeps them);
-// s.mu must be held.
+// finishedFuture records a finished job (in memory, as DSS keeps them) and
+// returns DSS's first answer for it, the job under way; s.mu must be held.
 func (s *service) finishedFuture(result any) future {
 	f := future{JobID: randomHex(8), HasResult: true, Result: result}
 	if s.futures == nil {
 		s.futures = map[string]future{}
 	}
 	s.futures[f.JobID] = f
-	return f
+	return future{JobID: f.JobID, Alive: true}
 }
 
 func (s *service) getFuture(r *http.Request) (any, error) {

@@ -105,6 +105,11 @@ func (d dataDir) installImpersonation(positional []string, out io.Writer) error 
 	if !reUnixName.MatchString(dssUser) {
 		return fmt.Errorf("%q is not a unix user name", dssUser)
 	}
+	// DSS's documentation: stop DSS, then run it as root. The stand-in
+	// runs on folders of FM's host as whatever user: root is not checked.
+	if _, running := d.runningPID(); running {
+		return errors.New("DSS is running: stop it (bin/dss stop) before dssadmin install-impersonation")
+	}
 	if _, err := writeJSONFile(d.impersonationFile(), map[string]string{"dssUser": dssUser}, 0o644); err != nil {
 		return err
 	}

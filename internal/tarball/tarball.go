@@ -86,6 +86,30 @@ type Options struct {
 	// hold deletions (Writer.Deleted; refused in anything else) and whose
 	// folders get the mode of their last entry.
 	Snapshot bool
+	// MaxBytes, if set, bounds the archive's unpacked size: an archive of
+	// elsewhere's making (a tool) cannot fill the disk.
+	MaxBytes int64
+}
+
+// errTooLarge is an archive that unpacks to more than MaxBytes.
+var errTooLarge = errors.New("the archive unpacks to more than its limit")
+
+// capped reads at most left bytes of r, then fails.
+type capped struct {
+	r    io.Reader
+	left int64
+}
+
+func (c *capped) Read(p []byte) (int, error) {
+	if c.left <= 0 {
+		return 0, errTooLarge
+	}
+	if int64(len(p)) > c.left {
+		p = p[:c.left]
+	}
+	n, err := c.r.Read(p)
+	c.left -= int64(n)
+	return n, err
 }
 
 // Extract unpacks a compressed tar (gzip, or one of opt.Codecs, told by
@@ -108,7 +132,11 @@ func Extract(r io.Reader, dir string, opt Options) error {
 		return err
 	}
 	defer done()
-	tr := tar.NewReader(zr)
+	var src io.Reader = zr
+	if opt.MaxBytes > 0 {
+		src = &capped{r: zr, left: opt.MaxBytes}
+	}
+	tr := tar.NewReader(src)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}

@@ -339,3 +339,26 @@ func TestExtractKeepsLinksInside(t *testing.T) {
 		t.Errorf("lib/written: %q %v", b, err)
 	}
 }
+
+// TestExtractMaxBytes: an archive that unpacks to more than MaxBytes is
+// refused however small it is packed; one within it is unpacked.
+func TestExtractMaxBytes(t *testing.T) {
+	src := t.TempDir()
+	os.WriteFile(filepath.Join(src, "zeros"), make([]byte, 1<<20), 0o644)
+	var buf bytes.Buffer
+	if err := Write(&buf, src, Gzip); err != nil {
+		t.Fatal(err)
+	}
+	if buf.Len() > 64<<10 {
+		t.Fatalf("the archive packs to %d bytes", buf.Len())
+	}
+	for _, tc := range []struct {
+		max  int64
+		fail bool
+	}{{512 << 10, true}, {4 << 20, false}, {0, false}} {
+		err := Extract(bytes.NewReader(buf.Bytes()), t.TempDir(), Options{MaxBytes: tc.max})
+		if (err != nil) != tc.fail || tc.fail && !strings.Contains(err.Error(), "more than its limit") {
+			t.Errorf("MaxBytes %d: %v", tc.max, err)
+		}
+	}
+}
