@@ -600,11 +600,19 @@ func (a *Agent) applySettings(ctx context.Context, d *protocol.DesiredState, mk 
 
 func (a *Agent) restartForSettings(ctx context.Context, gen uint64) error {
 	return a.step(gen, "restart-dss", func() (string, string, error) {
+		changed := a.m.changedInputs()
 		out, err := a.m.restartDSS(ctx)
 		if err != nil {
 			return "", out, &stepError{code: protocol.CodeInternal, err: err}
 		}
-		return "DSS restarted to take the new settings", out, nil
+		msg := "DSS restarted to take the new settings"
+		if len(changed) > 0 {
+			if len(changed) > 8 {
+				changed = append(changed[:8], fmt.Sprintf("%d more", len(changed)-8))
+			}
+			msg += " (changed: " + strings.Join(changed, ", ") + ")"
+		}
+		return msg, out, nil
 	})
 }
 

@@ -42,16 +42,9 @@ func TestConfigureDSS(t *testing.T) {
 			action(protocol.ActionSetupNoneK8sAndSpark, `{}`),
 		}
 	}
-	key := func() string {
-		var s dssSecrets
-		if _, err := loadJSON(filepath.Join(r.data, "fm-agent", "dss-credentials.json"), &s); err != nil {
-			t.Fatal(err)
-		}
-		return s.AdminAPIKey
-	}
 	api := func(path string, out any) {
 		t.Helper()
-		code, body := r.get(path, key())
+		code, body := r.get(path, r.adminKey())
 		if code != 200 || json.Unmarshal(body, out) != nil {
 			t.Fatalf("GET %s: %d %s", path, code, body)
 		}
@@ -195,8 +188,9 @@ func TestConfigureDSS(t *testing.T) {
 	// A new database password: DSS takes it at start, and restarts.
 	d = r.desire("14.0.0", template("Design (staging)", "n3w", "eks-clusters", "googlesheets", "geoadmin")...)
 	r.waitReady(d.Generation)
-	if !restarted(d.Generation) {
-		t.Fatal("a new runtime database password did not restart DSS")
+	if ev := r.events.find(func(e protocol.Event) bool { return e.Generation == d.Generation && e.Step == "restart-dss" }); len(ev) == 0 ||
+		!strings.Contains(ev[len(ev)-1].Message, "changed: fm:runtime-database)") {
+		t.Fatalf("a new runtime database password did not restart DSS, saying why: %+v", ev)
 	}
 
 	// Killed after an action changed a setting DSS takes at start, before

@@ -3,6 +3,7 @@ package agent
 import (
 	"encoding/json"
 	"path/filepath"
+	"slices"
 )
 
 // dssRecord is what the agent did to DSS that no file of DSS's shows it
@@ -59,6 +60,9 @@ func (m *machine) startedPath() string { return filepath.Join(m.stateDir, "dss-s
 // started is what DSS was last started with.
 type started struct {
 	Inputs string `json:"inputs"`
+	// Files are the digests dssInputFiles gave then: a restart says which
+	// changed.
+	Files map[string]string `json:"files,omitempty"`
 	// Port is the base port it listens on: until it restarts, a replay
 	// that changed install.ini's talks to it there.
 	Port int `json:"port,omitempty"`
@@ -87,8 +91,31 @@ func (m *machine) listeningPort() (int, error) {
 // noteStarted keeps inputs and port as what DSS started with. Not kept (a
 // crash, a full disk), the next replay restarts DSS once more, which is
 // harmless.
-func (m *machine) noteStarted(inputs string, port int) {
-	if err := saveJSON(m.startedPath(), started{Inputs: inputs, Port: port}, 0o600); err != nil {
+func (m *machine) noteStarted(files map[string]string, port int) {
+	if err := saveJSON(m.startedPath(), started{Inputs: inputsDigest(files), Files: files, Port: port}, 0o600); err != nil {
 		m.log.Warn().Err(err).Msg("what DSS started with is not kept; the next replay restarts it")
 	}
+}
+
+// changedInputs names what DSS reads at start that is not as it was when
+// DSS last started, sorted; nil when that is not known.
+func (m *machine) changedInputs() []string {
+	var s started
+	if found, err := loadJSON(m.startedPath(), &s); err != nil || !found || s.Files == nil {
+		return nil
+	}
+	now := m.dssInputFiles()
+	var out []string
+	for k, v := range now {
+		if s.Files[k] != v {
+			out = append(out, k)
+		}
+	}
+	for k := range s.Files {
+		if _, ok := now[k]; !ok {
+			out = append(out, k)
+		}
+	}
+	slices.Sort(out)
+	return out
 }

@@ -284,6 +284,16 @@ func (r *rig) result(id string) protocol.Event {
 	})
 }
 
+// adminKey is the admin API key the agent made and keeps.
+func (r *rig) adminKey() string {
+	r.t.Helper()
+	var s dssSecrets
+	if _, err := loadJSON(filepath.Join(r.data, "fm-agent", "dss-credentials.json"), &s); err != nil {
+		r.t.Fatal(err)
+	}
+	return s.AdminAPIKey
+}
+
 func (r *rig) dssDir() string { return filepath.Join(r.data, "dataiku", "dss_data") }
 
 // dssPort is the port DSS uses now.

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"os/exec"
@@ -93,14 +94,35 @@ func (m *machine) port() (int, error) {
 }
 
 // dssInputs summarises what DSS reads when it starts and setup actions
-// change: its environment and properties, install.ini, the license, the CA
-// certificates FM installed and the JDBC drivers. If it changed, DSS must
-// restart to see it. The files of the DSS folder are read the way
-// openDSSFile says, each up to maxDriverBytes: what cannot be read so
-// counts as absent.
-func (m *machine) dssInputs() string {
+// change (dssInputFiles): if it changed, DSS must restart to see it.
+func (m *machine) dssInputs() string { return inputsDigest(m.dssInputFiles()) }
+
+// inputsDigest is one digest of what dssInputFiles gives.
+func inputsDigest(files map[string]string) string {
 	h := sha256.New()
+	for _, k := range slices.Sorted(maps.Keys(files)) {
+		fmt.Fprintf(h, "%s\x00%s\x00", k, files[k])
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// dssInputFiles are what DSS reads when it starts and setup actions change,
+// each with a digest of its content ("-" when absent): its environment and
+// properties, install.ini and what regenerate-config makes of it, the
+// license, the CA certificates FM installed, the JDBC drivers, and what FM
+// gave DSS that no file shows (the record's). The files of the DSS folder
+// are read the way openDSSFile says, each up to maxDriverBytes: what cannot
+// be read so counts as absent. Names are relative to the data directory,
+// or absolute on the machine.
+func (m *machine) dssInputFiles() map[string]string {
+	out := map[string]string{}
 	add := func(p string) {
+		name := p
+		if rel, err := filepath.Rel(m.dssDir, p); err == nil && within(m.dssDir, p) {
+			name = rel
+		} else if rel, err := filepath.Rel(m.rooted(), p); err == nil && within(m.rooted(), p) {
+			name = "/" + rel
+		}
 		var f *os.File
 		var err error
 		if within(m.dssFolder(), p) {
@@ -108,14 +130,14 @@ func (m *machine) dssInputs() string {
 		} else {
 			f, err = os.Open(p) // the agent's own (the CA anchors)
 		}
-		fmt.Fprintf(h, "%s\x00", p)
 		if err != nil {
-			fmt.Fprintf(h, "-\x00")
+			out[name] = "-"
 			return
 		}
 		defer f.Close()
+		h := sha256.New()
 		n, _ := io.Copy(h, io.LimitReader(f, maxDriverBytes))
-		fmt.Fprintf(h, "\x00%d\x00", n)
+		out[name] = fmt.Sprintf("%x:%d", h.Sum(nil), n)
 	}
 	// env-default.sh is what regenerate-config makes of install.ini: a
 	// regeneration a killed agent left undone changes it at the replay.
@@ -126,8 +148,9 @@ func (m *machine) dssInputs() string {
 	} {
 		add(p)
 	}
-	// What FM gave DSS that it takes at start and no file above shows.
-	fmt.Fprintf(h, "record\x00%s\x00", m.loadRecord().atStartDigest())
+	for k, v := range m.loadRecord().AtStart {
+		out["fm:"+k] = v
+	}
 	cas, _ := filepath.Glob(m.rooted("etc", "pki", "ca-trust", "source", "anchors", "fm-*.pem"))
 	for _, p := range cas {
 		add(p)
@@ -148,7 +171,7 @@ func (m *machine) dssInputs() string {
 		}
 	}
 	walk(filepath.Join(m.dssDir, "lib", "jdbc"), 0)
-	return hex.EncodeToString(h.Sum(nil))
+	return out
 }
 
 // answers reports whether DSS answers HTTP on its base port. Any answer
@@ -205,7 +228,7 @@ func (m *machine) startDSS(ctx context.Context) (string, error) {
 	// Starting a DSS that runs starts nothing: what it runs with is not
 	// what the files say now, and is not noted as such.
 	wasUp := m.answers(ctx)
-	inputs := m.dssInputs()
+	inputs := m.dssInputFiles()
 	port, _ := m.port()
 	out, err := m.dss(ctx, "start", m.cfg.DSSStartTimeout)
 	if err != nil {

@@ -26,11 +26,7 @@ func TestMemorySettings(t *testing.T) {
 	r.startAgent()
 	heaps := func() map[string]string {
 		t.Helper()
-		var s dssSecrets
-		if _, err := loadJSON(filepath.Join(r.data, "fm-agent", "dss-credentials.json"), &s); err != nil {
-			t.Fatal(err)
-		}
-		code, body := r.get("/api/runtime", s.AdminAPIKey)
+		code, body := r.get("/api/runtime", r.adminKey())
 		var rt struct {
 			JavaOpts map[string]string `json:"javaOpts"`
 		}

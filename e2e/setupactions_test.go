@@ -42,15 +42,16 @@ func TestEverySetupAction(t *testing.T) {
 	os.WriteFile(jar, []byte("PK\x03\x04 a driver"), 0o644)
 	_, port, _ := strings.Cut(FreePort(t), ":")
 
+	caPEM, keyPEM := certificatePEM(t), privateKeyPEM(t)
 	template := func(instanceName string) string {
 		actions := []map[string]any{
 			{"type": "ADD_AUTHORIZED_KEY", "params": map[string]any{"sshKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG ops@example", "stage": "before_install"}},
-			{"type": "ADD_SSH_KEY", "params": map[string]any{"privateKey": privateKeyPEM(t), "keyName": "git_deploy"}},
+			{"type": "ADD_SSH_KEY", "params": map[string]any{"privateKey": keyPEM, "keyName": "git_deploy"}},
 			{"type": "ADD_ENV_VARIABLES", "params": map[string]any{"variables": []map[string]string{{"key": "TEAM", "value": "data"}}}},
 			{"type": "ADD_PROPERTIES", "params": map[string]any{"properties": []map[string]string{{"key": "dku.e2e.mark", "value": "42"}}}},
 			{"type": "SETUP_PROXY", "params": map[string]any{"httpProxy": "http://proxy.internal:3128"}},
 			{"type": "SETUP_ADVANCED_SECURITY", "params": map[string]any{"hsts": true}},
-			{"type": "ADD_CA_TO_TRUSTSTORE", "params": map[string]any{"name": "corp-root", "certificate": certificatePEM(t)}},
+			{"type": "ADD_CA_TO_TRUSTSTORE", "params": map[string]any{"name": "corp-root", "certificate": caPEM}},
 			{"type": "INSTALL_JDBC_DRIVER", "params": map[string]any{"url": "file://" + jar, "dbType": "mysql"}},
 			{"type": "UPDATE_DSS_PORT", "params": map[string]any{"port": json.Number(port)}},
 			{"type": "INSTALL_SYSTEM_PACKAGES", "params": map[string]any{"packages": []string{"htop"}}},
@@ -99,21 +100,28 @@ func TestEverySetupAction(t *testing.T) {
 	id := jsonField(t, d.fm(t, "instance", "create", "--label", "all", "--network", vn, "--template", tpl,
 		"--image", "dss-14.0.0-tools", "--output", "json"), "id")
 
-	// actionSteps are the operation's setup-action steps that ended.
+	// actionSteps are the operation's 23 setup-action steps that ended.
+	// The steps reach the operation as events, which may come after its
+	// end: they are waited for.
 	actionSteps := func(job string) []api.ProgressStep {
 		t.Helper()
 		d.fm(t, "op", "wait", job)
-		var f api.Future
-		if code := py.Do(t, "GET", "/futures/"+job, "", &f); code != 200 || f.State != api.OpSucceeded {
-			t.Fatalf("operation %s: %d %+v", job, code, f)
-		}
 		var out []api.ProgressStep
-		for _, s := range f.Progress.Steps {
-			if strings.HasPrefix(s.Name, "setup-action[") && s.Status != string(protocol.StatusStarted) {
-				out = append(out, s)
+		for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+			var f api.Future
+			if code := py.Do(t, "GET", "/futures/"+job, "", &f); code != 200 || f.State != api.OpSucceeded {
+				t.Fatalf("operation %s: %d %+v", job, code, f)
+			}
+			out = out[:0]
+			for _, s := range f.Progress.Steps {
+				if strings.HasPrefix(s.Name, "setup-action[") && s.Status != string(protocol.StatusStarted) {
+					out = append(out, s)
+				}
+			}
+			if len(out) >= 23 || time.Now().After(deadline) {
+				return out
 			}
 		}
-		return out
 	}
 	steps := actionSteps(jsonField(t, d.fm(t, "instance", "provision", id, "--output", "json"), "jobId"))
 	if len(steps) != 23 {
@@ -192,6 +200,9 @@ func TestEverySetupAction(t *testing.T) {
 	for _, s := range f.Progress.Steps {
 		if s.Name == "restart-dss" {
 			t.Errorf("the replay restarted DSS: %+v", s)
+			for _, s := range f.Progress.Steps {
+				t.Logf("  %s %s: %s", s.Name, s.Status, s.Message)
+			}
 		}
 	}
 	after := settings()
