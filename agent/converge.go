@@ -366,7 +366,7 @@ func (a *Agent) startupSequence(ctx context.Context, d *protocol.DesiredState, m
 	if !mk.DSSStopped {
 		if err := a.step(gen, "start-dss", func() (string, string, error) {
 			start := a.m.startDSS
-			if a.m.answers(ctx) && !a.m.runsWithInputs("") {
+			if a.m.dssUp(ctx) && !a.m.runsWithInputs("") {
 				// DSS runs already (an agent killed after this step),
 				// not with what it reads at start now.
 				start = a.m.restartDSS

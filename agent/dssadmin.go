@@ -24,7 +24,7 @@ const dssAdminWait = time.Minute
 // with FM's admin API key, so that the password is on no command line
 // (/proc/*/cmdline is world-readable) and in no error.
 func (m *machine) setUserPassword(ctx context.Context, apiKey, login, password string) error {
-	user, err := m.adminURL("/admin/users/" + url.PathEscape(login))
+	user, err := m.adminURL(ctx, "/admin/users/"+url.PathEscape(login))
 	if err != nil {
 		return err
 	}
@@ -46,8 +46,8 @@ func (m *machine) setUserPassword(ctx context.Context, apiKey, login, password s
 // adminURL is the address of path (under /public/api) of DSS's API, on
 // this machine, at the port DSS listens on (a replay that changed the
 // port talks to DSS there until it restarts).
-func (m *machine) adminURL(path string) (string, error) {
-	port, err := m.listeningPort()
+func (m *machine) adminURL(ctx context.Context, path string) (string, error) {
+	port, err := m.listeningPort(ctx)
 	if err != nil {
 		return "", err
 	}
@@ -77,12 +77,14 @@ const dssAdminAttempt = 30 * time.Second
 func (m *machine) dssAdminFor(ctx context.Context, attempt time.Duration, apiKey, method, target string, body []byte, out any) error {
 	ctx, cancel := context.WithTimeout(ctx, dssAdminWait+attempt)
 	defer cancel()
+	// Tries start within dssAdminWait, whatever each may take.
+	deadline := time.Now().Add(dssAdminWait)
 	// DSS answers where it was asked: a redirect would send the body, the
 	// key with it, elsewhere.
 	client := &http.Client{Timeout: attempt, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	for {
 		err := m.dssAdminOnce(ctx, client, apiKey, method, target, body, out)
-		if !errors.Is(err, errDSSNotAnswering) || method == http.MethodPost && !errors.Is(err, errNotSent) {
+		if !errors.Is(err, errDSSNotAnswering) || method == http.MethodPost && !errors.Is(err, errNotSent) || time.Now().After(deadline) {
 			return err
 		}
 		select {

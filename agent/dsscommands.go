@@ -47,37 +47,40 @@ func (r *actionRunner) oncePerVersion(ctx context.Context, c dssadminCommand) (b
 	if rec.Commands[c.key()] == version {
 		return false, "", nil
 	}
+	stopped := false
 	var out string
-	if c.dssStopped && r.m.answers(ctx) {
-		stopOut, err := r.m.stopDSS(ctx)
-		out += stopOut
-		if err != nil {
-			return false, out, err
-		}
-		// DSS runs again whatever the command does: a failed action leaves
-		// DSS running.
-		defer func() {
-			if startOut, err := r.m.startDSS(context.WithoutCancel(ctx)); err != nil {
-				r.m.log.Warn().Err(err).Str("output", lastBytes(startOut, 2048)).Msg("DSS did not start again after dssadmin")
-			}
-		}()
+	if c.dssStopped && r.m.dssUp(ctx) {
+		stopOut, _ := r.m.stopDSS(ctx) // it kills what does not stop
+		out, stopped = stopOut, true
 	}
 	who := runAuto
 	if c.asRoot {
 		who = runAgent
 	}
 	cctx, cancel := context.WithTimeout(ctx, dssadminTime)
-	defer cancel()
 	cmdOut, err := r.m.runWith(cctx, nil, who, filepath.Join(r.m.dssDir, "bin", "dssadmin"), c.args...)
+	cancel()
 	out += cmdOut
 	if err != nil {
-		return false, out, fmt.Errorf("dssadmin %s: %w", c.key(), err)
+		err = fmt.Errorf("dssadmin %s: %w", c.key(), err)
+	} else {
+		rec.Commands[c.key()] = version
+		if c.atStart {
+			rec.AtStart[c.key()] = version
+		}
+		err = r.m.saveRecord(rec)
 	}
-	rec.Commands[c.key()] = version
-	if c.atStart {
-		rec.AtStart[c.key()] = version
+	// DSS runs again whatever the command did: a failed action leaves
+	// DSS running. An agent stopping meanwhile leaves it to the next
+	// start of the agent, which starts DSS.
+	if stopped && ctx.Err() == nil {
+		startOut, serr := r.m.startDSS(ctx)
+		out += startOut
+		if serr != nil && err == nil {
+			err = fmt.Errorf("DSS did not start again after dssadmin %s: %w", c.key(), serr)
+		}
 	}
-	return true, out, r.m.saveRecord(rec)
+	return err == nil, out, err
 }
 
 // requireInstalled is the DSS version installed, or an error saying the

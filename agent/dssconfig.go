@@ -36,7 +36,7 @@ func (r *actionRunner) adminAPIFor(ctx context.Context, attempt time.Duration, m
 	if err != nil {
 		return err
 	}
-	target, err := r.m.adminURL(path)
+	target, err := r.m.adminURL(ctx, path)
 	if err != nil {
 		return err
 	}
@@ -62,20 +62,44 @@ func (r *actionRunner) adminKey() (string, error) {
 }
 
 // create POSTs to DSS what done says is not there yet. A POST DSS may have
-// received and not answered (a timeout, a 5xx) is not sent again blindly:
-// done is asked first, and the POST is sent again only while it says no,
-// until dssAdminWait has passed.
+// received without answering (a timeout, a 5xx) is never sent again
+// blindly: done is asked, until dssAdminWait has passed, and the POST sent
+// again only once it says no. Without done (a POST that must not be sent
+// twice), such a POST fails. A refusal DSS gives for something that is
+// there (a plugin installed) counts as done.
 func (r *actionRunner) create(ctx context.Context, attempt time.Duration, path string, body, out any, done func() (bool, error)) error {
+	err := r.adminAPIFor(ctx, attempt, http.MethodPost, path, body, out)
+	if err == nil {
+		return nil
+	}
+	if done == nil {
+		return err
+	}
+	if !errors.Is(err, errDSSNotAnswering) {
+		if there, derr := done(); derr == nil && there {
+			return nil
+		}
+		return err
+	}
 	deadline := time.Now().Add(dssAdminWait)
 	for {
-		err := r.adminAPIFor(ctx, attempt, http.MethodPost, path, body, out)
-		if err == nil {
+		there, derr := done()
+		switch {
+		case derr == nil && there:
 			return nil
+		case derr == nil:
+			err = r.adminAPIFor(ctx, attempt, http.MethodPost, path, body, out)
+			if err == nil {
+				return nil
+			}
+			if !errors.Is(err, errDSSNotAnswering) {
+				if there, derr := done(); derr == nil && there {
+					return nil
+				}
+				return err
+			}
 		}
-		if ok, cerr := done(); cerr == nil && ok {
-			return nil
-		}
-		if !errors.Is(err, errDSSNotAnswering) || time.Now().After(deadline) {
+		if time.Now().After(deadline) {
 			return err
 		}
 		select {
@@ -206,7 +230,11 @@ func (r *actionRunner) runtimeDatabase(ctx context.Context, p *protocol.SetupRun
 		verb = "made"
 		def := map[string]any{"name": name, "type": "PostgreSQL", "params": params, "usableBy": "ALLOWED", "allowedGroups": []string{}}
 		exists := func() (bool, error) {
-			return r.adminAPI(ctx, http.MethodGet, connPath, nil, nil) == nil, nil
+			err := r.adminAPI(ctx, http.MethodGet, connPath, nil, nil)
+			if errors.Is(err, errDSSNotFound) {
+				return false, nil
+			}
+			return err == nil, err
 		}
 		if err := r.create(ctx, dssAdminAttempt, "/admin/connections/", def, nil, exists); err != nil {
 			return failed("", fmt.Errorf("make connection %s: %w", name, err))

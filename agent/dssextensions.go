@@ -153,11 +153,15 @@ func (r *actionRunner) codeEnvPreset(ctx context.Context, p *protocol.InstallCod
 			Messages []json.RawMessage `json:"messages"`
 		} `json:"messages"`
 	}
-	// An update in place sent twice updates nothing the second time; a
-	// making that may not be repeated is looked for first.
-	made := func() (bool, error) {
-		name, err := existing()
-		return !allowUpdate && name != "", err
+	// A making that DSS may have done without answering is looked for
+	// before it is asked again; an update in place is not asked twice (the
+	// first may still run): it fails, and the next replay asks again.
+	var made func() (bool, error)
+	if !allowUpdate {
+		made = func() (bool, error) {
+			name, err := existing()
+			return name != "", err
+		}
 	}
 	if err := r.create(ctx, codeEnvTime, "/admin/code-envs/from-python-preset/"+url.PathEscape(preset)+"?"+q.Encode(), nil, &res, made); err != nil {
 		return failed("", fmt.Errorf("code environment from preset %s: %w", preset, err))

@@ -1,7 +1,7 @@
 package agent
 
 import (
-	"encoding/json"
+	"context"
 	"path/filepath"
 	"slices"
 )
@@ -42,15 +42,6 @@ func (m *machine) loadRecord() dssRecord {
 
 func (m *machine) saveRecord(r dssRecord) error { return saveJSON(m.recordPath(), r, 0o600) }
 
-// atStartDigest is the part of dssInputs the record makes.
-func (r dssRecord) atStartDigest() string {
-	if len(r.AtStart) == 0 {
-		return ""
-	}
-	b, _ := json.Marshal(r.AtStart) // map keys are sorted
-	return string(b)
-}
-
 // startedPath keeps dssInputs as it was when the agent last started DSS:
 // what DSS runs with. A replay compares with it, not with what it saw when
 // it began, so that a change a killed agent made but never restarted DSS
@@ -79,13 +70,18 @@ func (m *machine) startedInputs() string {
 }
 
 // listeningPort is the base port DSS listens on: the one it was started
-// with, or install.ini's when that is not known.
-func (m *machine) listeningPort() (int, error) {
+// with, or install.ini's when that is not known, or when DSS answers there
+// and not at the one noted (a start the agent did not make).
+func (m *machine) listeningPort(ctx context.Context) (int, error) {
+	ini, err := m.port()
 	var s started
-	if found, err := loadJSON(m.startedPath(), &s); err == nil && found && s.Port > 0 {
-		return s.Port, nil
+	if found, lerr := loadJSON(m.startedPath(), &s); lerr != nil || !found || s.Port <= 0 || s.Port == ini {
+		return ini, err
 	}
-	return m.port()
+	if err == nil && !m.answersOn(ctx, s.Port) && m.answersOn(ctx, ini) {
+		return ini, nil
+	}
+	return s.Port, nil
 }
 
 // noteStarted keeps inputs and port as what DSS started with. Not kept (a

@@ -181,6 +181,11 @@ func (m *machine) answers(ctx context.Context) bool {
 	if err != nil {
 		return false
 	}
+	return m.answersOn(ctx, port)
+}
+
+// answersOn reports whether DSS answers HTTP on port.
+func (m *machine) answersOn(ctx context.Context, port int) bool {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/", port), nil)
@@ -226,21 +231,24 @@ func (m *machine) dss(ctx context.Context, action string, timeout time.Duration)
 // start timeout. The error says which part failed.
 func (m *machine) startDSS(ctx context.Context) (string, error) {
 	// Starting a DSS that runs starts nothing: what it runs with is not
-	// what the files say now, and is not noted as such.
-	wasUp := m.answers(ctx)
-	inputs := m.dssInputFiles()
-	port, _ := m.port()
+	// what the files say now, and is not noted as such. One that does not
+	// run reads its files and port as it starts: they are noted before,
+	// so that an agent killed while DSS comes up leaves them right.
+	if !m.dssUp(ctx) {
+		port, _ := m.port()
+		m.noteStarted(m.dssInputFiles(), port)
+	}
 	out, err := m.dss(ctx, "start", m.cfg.DSSStartTimeout)
 	if err != nil {
 		return out, err
 	}
-	if err := m.waitAnswers(ctx, m.cfg.DSSStartTimeout); err != nil {
-		return out, err
-	}
-	if !wasUp {
-		m.noteStarted(inputs, port)
-	}
-	return out, nil
+	return out, m.waitAnswers(ctx, m.cfg.DSSStartTimeout)
+}
+
+// dssUp reports whether DSS runs: its processes, or an answer (a DSS run
+// by a service manager this agent cannot see the processes of).
+func (m *machine) dssUp(ctx context.Context) bool {
+	return len(m.dssProcesses()) > 0 || m.answers(ctx)
 }
 
 // runsWithInputs reports whether DSS was last started with what it reads

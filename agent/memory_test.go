@@ -77,4 +77,33 @@ func TestMemorySettings(t *testing.T) {
 			}
 		}
 	}
+	// Refused: an administrator's hand left install.ini a heap DSS cannot
+	// take; the action sets another, DSS's regeneration refuses the file,
+	// the action fails with DSS's words, install.ini is put back as it was
+	// and DSS runs on as before.
+	{
+		m := newMachine(r.cfg, zerolog.Nop())
+		if err := m.setINI(context.Background(), "javaopts", map[string]string{"fek.xmx": "lots"}, false); err != nil {
+			t.Fatal(err)
+		}
+		ini, _ := os.ReadFile(filepath.Join(r.dssDir(), "install.ini"))
+		dss := cmdline.Find(r.dssDir(), "serve")
+		d := r.desire("14.0.0", mem(`{"backendXmx":"5g"}`))
+		st := r.waitFailed(d.Generation)
+		if st.Error == nil || !strings.Contains(st.Error.Message, "SETUP_MEMORY_SETTINGS") {
+			t.Fatalf("a refused regeneration: %+v", st.Error)
+		}
+		ev := r.events.wait(t, "the refused action", 10*time.Second, func(e protocol.Event) bool {
+			return e.Generation == d.Generation && strings.HasPrefix(e.Step, "setup-action[0] SETUP_MEMORY_SETTINGS") && e.Status == protocol.StatusFailed
+		})
+		if !strings.Contains(ev.Output, `fek.xmx = "lots"`) {
+			t.Errorf("the step does not show DSS's output: %q", ev.Output)
+		}
+		if after, _ := os.ReadFile(filepath.Join(r.dssDir(), "install.ini")); string(after) != string(ini) {
+			t.Errorf("install.ini not put back:\n%s\nwant:\n%s", after, ini)
+		}
+		if got := heaps(); got["backend.xmx"] != "4g" || !slices.Equal(cmdline.Find(r.dssDir(), "serve"), dss) {
+			t.Errorf("DSS after the refusal: heaps %v, processes %v → %v", got, dss, cmdline.Find(r.dssDir(), "serve"))
+		}
+	}
 }

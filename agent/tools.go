@@ -61,7 +61,7 @@ func (r *actionRunner) installTool(ctx context.Context, name string, src protoco
 	}
 	r.sweepTool(root, name, "", true)
 	changed := false
-	if !isRegular(filepath.Join(dir, ".complete")) {
+	if b, err := os.ReadFile(filepath.Join(dir, ".complete")); err != nil || strings.TrimSpace(string(b)) != digest {
 		tmp, err := os.MkdirTemp(root, "."+name+"-")
 		if err != nil {
 			return false, err
@@ -166,6 +166,11 @@ func (r *actionRunner) fetchTool(ctx context.Context, rawURL, digest, dst string
 	}
 	var body io.ReadCloser
 	if u.Scheme == "file" {
+		// Opening some devices does something: what is not a regular file
+		// is not opened.
+		if st, err := os.Stat(u.Path); err != nil || !st.Mode().IsRegular() {
+			return fmt.Errorf("%s is not a regular file", u.Path)
+		}
 		f, err := os.OpenFile(u.Path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 		if err != nil {
 			return err

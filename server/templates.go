@@ -96,11 +96,14 @@ func (s *Server) deleteTemplate(r *http.Request) (any, error) {
 }
 
 // redactTemplate removes what the caller may not see: the secret key
-// always; the license and the setup actions' secrets from viewers.
+// always; the license from viewers; the setup actions' secrets from all
+// but admins, who alone edit templates.
 func redactTemplate(r *http.Request, t *api.InstanceSettingsTemplate) {
 	t.DataikuAWSSecretAccessKey = ""
 	if isViewer(r) {
 		t.License = redacted(t.License)
+	}
+	if p := principalFrom(r.Context()); p == nil || !p.may(RoleAdmin) {
 		t.SetupActions = slices.Clone(t.SetupActions)
 		for i := range t.SetupActions {
 			t.SetupActions[i].Params = redactParams(protocol.SetupActionType(t.SetupActions[i].Type), t.SetupActions[i].Params)
@@ -108,14 +111,16 @@ func redactTemplate(r *http.Request, t *api.InstanceSettingsTemplate) {
 	}
 }
 
-// secretParams are the parameters of setup actions that hold a secret.
+// secretParams are the parameters of setup actions that hold a secret
+// (a string), or a map of them (headers).
 var secretParams = map[protocol.SetupActionType][]string{
 	protocol.ActionAddSSHKey:            {"privateKey"},
-	protocol.ActionInstallJDBCDriver:    {"password"},
+	protocol.ActionInstallJDBCDriver:    {"password", "headers"},
 	protocol.ActionSetupRuntimeDatabase: {"password"},
 }
 
 // redactParams replaces the secrets of an action's params by "(redacted)".
+// Keys are matched as the agent decodes them, whatever their case.
 func redactParams(t protocol.SetupActionType, params json.RawMessage) json.RawMessage {
 	keys := secretParams[t]
 	if len(keys) == 0 {
@@ -125,10 +130,20 @@ func redactParams(t protocol.SetupActionType, params json.RawMessage) json.RawMe
 	if json.Unmarshal(params, &m) != nil {
 		return params
 	}
-	for _, k := range keys {
+	for k, raw := range m {
+		if !slices.ContainsFunc(keys, func(s string) bool { return strings.EqualFold(s, k) }) {
+			continue
+		}
 		var v string
-		if json.Unmarshal(m[k], &v) == nil && v != "" {
+		var values map[string]string
+		switch {
+		case json.Unmarshal(raw, &v) == nil:
 			m[k], _ = json.Marshal(redacted(v))
+		case json.Unmarshal(raw, &values) == nil:
+			for name, value := range values {
+				values[name] = redacted(value)
+			}
+			m[k], _ = json.Marshal(values)
 		}
 	}
 	b, err := json.Marshal(m)

@@ -141,39 +141,40 @@ func TestTemplateDeleteRefusedWhileUsed(t *testing.T) {
 }
 
 // TestTemplateSecretsHiddenFromViewers: the secrets of setup actions' params
-// (a runtime database's password, a JDBC password, an SSH private key) are
-// redacted for viewers; operators, who edit templates, see them.
+// (a runtime database's password, a JDBC password and headers, an SSH
+// private key), whatever the case of their keys, are redacted for all but
+// admins, who alone edit templates.
 func TestTemplateSecretsHiddenFromViewers(t *testing.T) {
 	f := start(t)
 	var tpl api.InstanceSettingsTemplate
 	f.ok(f.do("POST", "/instance-settings-templates", `{"label": "secrets", "setupActions": [
-	  {"type": "SETUP_RUNTIME_DATABASE", "params": {"host": "db", "database": "r", "user": "u", "password": "db-Secret-1"}},
-	  {"type": "INSTALL_JDBC_DRIVER", "params": {"url": "https://x/d.jar", "username": "u", "password": "jdbc-Secret-2"}},
+	  {"type": "SETUP_RUNTIME_DATABASE", "params": {"host": "db", "database": "r", "user": "u", "Password": "db-Secret-1"}},
+	  {"type": "INSTALL_JDBC_DRIVER", "params": {"url": "https://x/d.jar", "username": "u", "password": "jdbc-Secret-2", "headers": {"Authorization": "Bearer hdr-Secret-4"}}},
 	  {"type": "ADD_SSH_KEY", "params": {"privateKey": "-----BEGIN OPENSSH PRIVATE KEY-----\nssh-Secret-3\n-----END OPENSSH PRIVATE KEY-----\n"}},
 	  {"type": "SETUP_INSTANCE_NAME", "params": {"instanceName": "kept"}}]}`), &tpl)
-	viewer := f.newKey(server.RoleViewer)
-	operator := f.newKey(server.RoleOperator)
-	for _, path := range []string{"/instance-settings-templates", "/instance-settings-templates/" + tpl.ID} {
-		v := f.doAs("GET", path, "", viewer.ID, viewer.Secret)
-		o := f.doAs("GET", path, "", operator.ID, operator.Secret)
-		if v.status != 200 || o.status != 200 {
-			t.Fatalf("%s: %d %d", path, v.status, o.status)
-		}
-		for _, secret := range []string{"db-Secret-1", "jdbc-Secret-2", "ssh-Secret-3"} {
-			if strings.Contains(string(v.body), secret) {
-				t.Errorf("%s shows a viewer %s", path, secret)
+	secrets := []string{"db-Secret-1", "jdbc-Secret-2", "ssh-Secret-3", "hdr-Secret-4"}
+	for _, role := range []string{server.RoleViewer, server.RoleOperator} {
+		k := f.newKey(role)
+		for _, path := range []string{"/instance-settings-templates", "/instance-settings-templates/" + tpl.ID} {
+			r := f.doAs("GET", path, "", k.ID, k.Secret)
+			if r.status != 200 {
+				t.Fatalf("%s as %s: %d", path, role, r.status)
 			}
-			if !strings.Contains(string(o.body), secret) {
-				t.Errorf("%s hides %s from an operator", path, secret)
+			for _, secret := range secrets {
+				if strings.Contains(string(r.body), secret) {
+					t.Errorf("%s shows %s to a %s", path, secret, role)
+				}
 			}
-		}
-		if !strings.Contains(string(v.body), "(redacted)") || !strings.Contains(string(v.body), `"instanceName":"kept"`) {
-			t.Errorf("%s, as a viewer: %s", path, v.body)
+			if !strings.Contains(string(r.body), "(redacted)") || !strings.Contains(string(r.body), `"instanceName":"kept"`) {
+				t.Errorf("%s, as a %s: %s", path, role, r.body)
+			}
 		}
 	}
-	// What is stored is not redacted.
-	f.ok(f.do("GET", "/instance-settings-templates/"+tpl.ID, ""), &tpl)
-	if !strings.Contains(string(tpl.SetupActions[0].Params), "db-Secret-1") {
-		t.Fatalf("stored params: %s", tpl.SetupActions[0].Params)
+	// An admin sees them, and what is stored is not redacted.
+	r := f.do("GET", "/instance-settings-templates/"+tpl.ID, "")
+	for _, secret := range secrets {
+		if !strings.Contains(string(r.body), secret) {
+			t.Errorf("an admin does not see %s: %s", secret, r.body)
+		}
 	}
 }

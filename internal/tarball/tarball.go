@@ -146,6 +146,7 @@ func Extract(r io.Reader, dir string, opt Options) error {
 	}
 	defer root.Close()
 	var links []string
+	var written int64 // with MaxBytes: the sizes of the entries so far
 	dirModes := map[string]fs.FileMode{} // snapshots: applied last, deepest first
 	for {
 		h, err := tr.Next()
@@ -184,6 +185,13 @@ func Extract(r io.Reader, dir string, opt Options) error {
 				return fmt.Errorf("archive link %q points outside the %s", h.Name, folder)
 			}
 			links = append(links, name)
+		}
+		if opt.MaxBytes > 0 {
+			// What an entry writes is its size, holes of a sparse file
+			// included, which the stream does not carry.
+			if written += h.Size; h.Size < 0 || written > opt.MaxBytes {
+				return fmt.Errorf("archive entry %q: %w", h.Name, errTooLarge)
+			}
 		}
 		if err := extractEntry(root, tr, h, name, opt.Snapshot); err != nil {
 			followed := name // a link's own name is not followed
