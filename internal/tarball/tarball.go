@@ -146,7 +146,7 @@ func Extract(r io.Reader, dir string, opt Options) error {
 	}
 	defer root.Close()
 	var links []string
-	var written int64 // with MaxBytes: the sizes of the entries so far
+	var written int64                    // with MaxBytes: the sizes of the entries so far
 	dirModes := map[string]fs.FileMode{} // snapshots: applied last, deepest first
 	for {
 		h, err := tr.Next()
