@@ -55,6 +55,9 @@ type Agent struct {
 	rep       *reporter
 	desired   *desiredWatch
 	cursor    commandCursor
+	// stepOp is the operation of the command the machine is held for, if
+	// any: its steps carry it (stepEvent).
+	stepOp atomic.Value
 
 	// stopping is set when Run's context ends: what fails from then on was
 	// cut short, not broken.

@@ -454,7 +454,11 @@ func (a *Agent) runCommand(ctx context.Context, cmd protocol.Command) commandRes
 		if err := needsDSS(); err != nil {
 			return commandResult{err: err}
 		}
-		if err := a.replayActions(ctx, d); err != nil {
+		// The machine is held: no convergence reports steps meanwhile.
+		a.stepOp.Store(cmd.OpID)
+		err := a.replayActions(ctx, d)
+		a.stepOp.Store("")
+		if err != nil {
 			return commandResult{err: err}
 		}
 		return commandResult{message: fmt.Sprintf("%d setup actions replayed", len(d.SetupActions))}

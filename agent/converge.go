@@ -28,10 +28,21 @@ type stepError struct {
 
 func (e *stepError) Error() string { return e.step + ": " + e.err.Error() }
 
+// stepEvent reports a step of the work the machine is held for: one a
+// command asked for carries the command's operation, so that FM files it
+// under it even before its own copies know the operation began (an agent
+// that starts at once).
+func (a *Agent) stepEvent(e protocol.Event) {
+	if op, _ := a.stepOp.Load().(string); op != "" {
+		e.OpID = op
+	}
+	a.rep.event(e)
+}
+
 // step runs fn as a named step of converging to generation gen, reporting
 // it started and how it ended.
 func (a *Agent) step(gen uint64, name string, fn func() (msg, output string, err error)) error {
-	a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: name, Status: protocol.StatusStarted})
+	a.stepEvent(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: name, Status: protocol.StatusStarted})
 	a.rep.updateStatus(func(s *protocol.AgentStatus) { s.Step = name })
 	a.crash.At("agent/" + name + ":before")
 	msg, out, err := fn()
@@ -51,11 +62,11 @@ func (a *Agent) step(gen uint64, name string, fn func() (msg, output string, err
 				out = se.output
 			}
 		}
-		a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: name, Status: protocol.StatusFailed,
+		a.stepEvent(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: name, Status: protocol.StatusFailed,
 			Message: err.Error(), Output: lastBytes(out, 8<<10), Error: &protocol.Error{Code: code, Message: name + ": " + err.Error()}})
 		return &stepError{step: name, code: code, err: err, output: out}
 	}
-	a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: name, Status: protocol.StatusOK, Message: msg})
+	a.stepEvent(protocol.Event{Kind: protocol.EventStep, Generation: gen, Step: name, Status: protocol.StatusOK, Message: msg})
 	return nil
 }
 
@@ -547,7 +558,7 @@ func (a *Agent) runStage(ctx context.Context, d *protocol.DesiredState, stage pr
 			continue
 		}
 		name := fmt.Sprintf("setup-action[%d] %s (%s)", i, act.Type, stage)
-		a.rep.event(protocol.Event{Kind: protocol.EventStep, Generation: d.Generation, Step: name, Status: protocol.StatusStarted})
+		a.stepEvent(protocol.Event{Kind: protocol.EventStep, Generation: d.Generation, Step: name, Status: protocol.StatusStarted})
 		a.crash.At("agent/" + name + ":before")
 		res := a.actions.run(ctx, act, i, facts, d.DSS.Tools)
 		if res.status != protocol.StatusFailed {
@@ -560,10 +571,10 @@ func (a *Agent) runStage(ctx context.Context, d *protocol.DesiredState, stage pr
 			Message: res.message, Output: lastBytes(res.output, 8<<10)}
 		if res.status == protocol.StatusFailed {
 			e.Error = &protocol.Error{Code: protocol.CodeFailedPrecondition, Message: name + ": " + res.message}
-			a.rep.event(e)
+			a.stepEvent(e)
 			return &stepError{step: name, code: protocol.CodeFailedPrecondition, err: res.err, output: res.output}
 		}
-		a.rep.event(e)
+		a.stepEvent(e)
 	}
 	return nil
 }

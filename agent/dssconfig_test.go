@@ -223,6 +223,39 @@ func TestConfigureDSS(t *testing.T) {
 		t.Fatalf("the name given before the move: %q", gs.NodeName)
 	}
 
+	// A replay asked by a command reports its steps under the command's
+	// operation (FM files them there even before it knows the operation
+	// began); a convergence's carry none.
+	opID, cmdID := protocol.NewID("op"), protocol.NewID("cmd")
+	since := time.Now()
+	cmd := protocol.Command{ID: cmdID, Instance: r.instance, Kind: protocol.CommandReplaySetupActions, OpID: opID,
+		Issued: time.Now().UTC(), Expires: time.Now().Add(10 * time.Minute).UTC()}
+	data, _ := protocol.Encode(&cmd)
+	if _, err := r.js.Publish(t.Context(), protocol.CommandSubject(r.instance, cmdID), data); err != nil {
+		t.Fatal(err)
+	}
+	if res := r.result(cmdID); res.Status != protocol.StatusOK || res.OpID != opID {
+		t.Fatalf("the replay command: %+v", res)
+	}
+	var under, none int
+	for _, e := range r.events.find(func(e protocol.Event) bool {
+		return e.Kind == protocol.EventStep && strings.HasPrefix(e.Step, "setup-action[") && e.Time.After(since)
+	}) {
+		if e.OpID == opID {
+			under++
+		} else {
+			none++
+		}
+	}
+	if under < 22 || none != 0 { // 11 actions, started and ended
+		t.Fatalf("the replay's steps: %d under its operation, %d not", under, none)
+	}
+	for _, e := range r.events.find(func(e protocol.Event) bool { return e.Kind == protocol.EventStep && e.Generation == d.Generation }) {
+		if e.OpID != "" && e.Time.Before(since) {
+			t.Fatalf("a convergence's step carries an operation: %+v", e)
+		}
+	}
+
 	// Refused by DSS: the operation fails with DSS's answer, DSS runs on.
 	d = r.desire("14.0.0", template("Design (staging)", "n3w", "no-such-plugin")...)
 	st := r.waitFailed(d.Generation)

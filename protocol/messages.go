@@ -447,8 +447,11 @@ type Event struct {
 	// Source is the role that sent it: "agent" or "provisioner".
 	Source     string `json:"source"`
 	Generation uint64 `json:"generation,omitempty"`
-	OpID       string `json:"opId,omitempty"`
-	CommandID  string `json:"commandId,omitempty"`
+	// OpID is the operation the event belongs to: a command's result, the
+	// steps of the work a command asked for (replay-setup-actions), a
+	// snapshot's steps.
+	OpID      string `json:"opId,omitempty"`
+	CommandID string `json:"commandId,omitempty"`
 	// Step names what the event is about, e.g. "install", "setup-action[2]",
 	// "dss-unresponsive".
 	Step    string `json:"step,omitempty"`
