@@ -589,6 +589,19 @@ func (a *Agent) applySettings(ctx context.Context, d *protocol.DesiredState, mk 
 	}
 	facts := a.factsFor(d, false, false)
 	for _, stage := range protocol.Stages {
+		if stage == protocol.StageAfterDSSStartup && !mk.DSSStopped && !a.m.dssUp(ctx) {
+			// DSS down (an agent killed while an action had it stopped):
+			// the actions of its running time need it.
+			if err := a.step(d.Generation, "start-dss", func() (string, string, error) {
+				out, err := a.m.startDSS(ctx)
+				if err != nil {
+					return "", out, &stepError{code: protocol.CodeInternal, err: err}
+				}
+				return "DSS started for the actions of its running time", out, nil
+			}); err != nil {
+				return err
+			}
+		}
 		if err := a.runStage(ctx, d, stage, facts); err != nil {
 			return err
 		}

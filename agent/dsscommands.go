@@ -179,7 +179,7 @@ func (r *actionRunner) k8sAndSpark(ctx context.Context, id string, p *protocol.S
 		res.message += "; installed " + strings.Join(installed, ", ")
 	}
 	if len(missing) > 0 {
-		res.message += "; the image offers no " + strings.Join(missing, ", ") + " (left to the machine's own)"
+		res.message += "; not from the image: " + strings.Join(missing, ", ") + " (the machine's own, if any, is used)"
 	}
 	if p.UseHostIP {
 		res.message += "; pods reach DSS at the host's IP"

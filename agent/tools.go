@@ -51,10 +51,10 @@ func (r *actionRunner) installTool(ctx context.Context, name string, src protoco
 	link := r.m.rooted("usr", "local", "bin", name)
 	if cur, err := os.Readlink(link); err == nil {
 		if !within(root, cur) {
-			return false, fmt.Errorf("%s: /usr/local/bin/%s links to %s, not to a tool of FM's: remove it to let FM install the image's", name, name, cur)
+			return false, fmt.Errorf("%w: /usr/local/bin/%s links to %s", errOwnProgram, name, cur)
 		}
 	} else if _, err := os.Lstat(link); err == nil {
-		return false, fmt.Errorf("%s: /usr/local/bin/%s is the machine's own program: remove it to let FM install the image's", name, name)
+		return false, fmt.Errorf("%w: /usr/local/bin/%s", errOwnProgram, name)
 	}
 	if err := os.MkdirAll(root, 0o755); err != nil {
 		return false, err
@@ -151,6 +151,10 @@ func isHex(s string) bool {
 	return err == nil
 }
 
+// errOwnProgram is a tool the machine has a program of its own for (the
+// AWS CLI's installer links /usr/local/bin/aws): it is left alone.
+var errOwnProgram = errors.New("the machine's own program")
+
 // maxToolUnpacked bounds what a tool's archive unpacks to.
 const maxToolUnpacked = 4 << 30
 
@@ -244,6 +248,11 @@ func (r *actionRunner) installTools(ctx context.Context, tools map[string]protoc
 			continue
 		}
 		did, err := r.installTool(ctx, n, src)
+		if errors.Is(err, errOwnProgram) {
+			// Kept: the machine's own is what its administrator chose.
+			missing = append(missing, n+" (the machine's own kept)")
+			continue
+		}
 		if err != nil {
 			return installed, missing, err
 		}
@@ -277,12 +286,16 @@ func (r *actionRunner) deprecatedPython(ctx context.Context, p *protocol.Install
 	if len(want) == 0 {
 		return ok("no deprecated Python asked for")
 	}
-	installed, _, err := r.installTools(ctx, tools, want...)
+	installed, kept, err := r.installTools(ctx, tools, want...)
 	if err != nil {
 		return failed("", err)
 	}
+	msg := "installed " + strings.Join(installed, ", ")
 	if len(installed) == 0 {
-		return ok("%s already installed", strings.Join(want, ", "))
+		msg = strings.Join(want, ", ") + " already installed"
 	}
-	return ok("installed %s", strings.Join(installed, ", "))
+	if len(kept) > 0 {
+		msg += "; not from the image: " + strings.Join(kept, ", ")
+	}
+	return ok("%s", msg)
 }

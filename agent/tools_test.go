@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -142,8 +143,11 @@ func TestInstallTool(t *testing.T) {
 	own := link("helm")
 	os.MkdirAll(filepath.Dir(own), 0o755)
 	os.WriteFile(own, []byte("the machine's helm"), 0o755)
-	if _, err := r.installTool(context.Background(), "helm", src("/kubectl", "")); err == nil || !strings.Contains(err.Error(), "the machine's own program") {
+	if _, err := r.installTool(context.Background(), "helm", src("/kubectl", "")); !errors.Is(err, errOwnProgram) {
 		t.Errorf("the machine's own program: %v", err)
+	}
+	if _, missing, err := r.installTools(context.Background(), map[string]protocol.ToolSource{"helm": src("/kubectl", "")}, "helm"); err != nil || len(missing) != 1 || !strings.Contains(missing[0], "the machine's own kept") {
+		t.Errorf("a tool the machine has its own of: %v %v", missing, err)
 	}
 	if b, _ := os.ReadFile(own); string(b) != "the machine's helm" {
 		t.Errorf("the machine's own program changed: %q", b)
