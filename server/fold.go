@@ -335,6 +335,9 @@ func (s *Server) instanceGone(ctx context.Context, id string) (bool, error) {
 // never reads the state the instance is leaving.
 func settled(lc lifecycle, op opRecord, found bool, now time.Time) lifecycle {
 	next := lc
+	if lc.OpID != "" {
+		next.LastOpID = lc.OpID
+	}
 	next.OpID, next.OpKind, next.UpdatedAt = "", "", now
 	transitional := oneOfStr(lc.State, stateProvisioning, stateStarting, stateStopping, stateDeprovisioning, stateDeleting)
 	switch {
@@ -678,7 +681,8 @@ func (s *Server) foldEvent(ctx context.Context, subject string, data []byte) err
 	}
 	var op opRecord
 	found := false
-	if lc, _, ok := s.st.lifecycle.get(e.Instance); ok && lc.OpID != "" {
+	lc, _, lcFound := s.st.lifecycle.get(e.Instance)
+	if lcFound && lc.OpID != "" {
 		op, _, found = s.st.ops.get(lc.OpID)
 	}
 	if (!found || op.State != api.OpRunning) && e.OpID != "" && e.OpID != op.JobID {
@@ -694,7 +698,7 @@ func (s *Server) foldEvent(ctx context.Context, subject string, data []byte) err
 		}
 	}
 	if !found || op.State != api.OpRunning {
-		return nil
+		return s.foldLateStep(ctx, e, lc, op, found)
 	}
 	ours := e.OpID == op.JobID || (e.Source == protocol.SourceAgent && e.Generation != 0 && e.Generation == op.Target)
 	if e.Kind == protocol.EventCommand && e.CommandID == op.CommandID && op.CommandID != "" {

@@ -79,6 +79,9 @@ type lifecycle struct {
 	// OpID is the operation under way, if any: one at a time.
 	OpID   string `json:"opId,omitempty"`
 	OpKind string `json:"opKind,omitempty"`
+	// LastOpID is the operation that ended last: a step the agent reported
+	// before its end but that FM folds after it is filed there.
+	LastOpID string `json:"lastOpId,omitempty"`
 	// ImageID and DSSVersion are what the last successful reprovision
 	// installed, for the downgrade check.
 	ImageID    string `json:"imageId,omitempty"`

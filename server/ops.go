@@ -64,12 +64,64 @@ func newRunningOp(ctx context.Context, kind, instance string, deadline time.Dura
 
 // addStep records what an event says as a step of a running operation.
 func (s *Server) addStep(ctx context.Context, id, name string, e protocol.Event) error {
+	return s.addStepTo(ctx, id, name, e, false)
+}
+
+// foldLateStep files an agent's step that FM folds after the operation of
+// its generation ended (the agent's status, which ends it, and its events
+// are followed apart): the step happened before the end, and the
+// operation shows it. Progress, start and retry reports are dropped, as
+// are steps of other generations.
+func (s *Server) foldLateStep(ctx context.Context, e protocol.Event, lc lifecycle, cur opRecord, found bool) error {
+	if e.Kind != protocol.EventStep || e.Source != protocol.SourceAgent || e.Generation == 0 ||
+		e.Status == protocol.StatusStarted || e.Status == protocol.StatusProgress || e.Status == protocol.StatusRetrying {
+		return nil
+	}
+	op := cur
+	if !found || op.State == api.OpRunning {
+		if lc.LastOpID == "" {
+			return nil
+		}
+		var ok bool
+		if op, _, ok = s.st.ops.get(lc.LastOpID); !ok {
+			return nil
+		}
+	}
+	if op.Instance != e.Instance || op.Target != e.Generation || op.State == api.OpRunning {
+		return nil
+	}
+	return s.addStepTo(ctx, op.JobID, e.Step, e, true)
+}
+
+// addStepTo is addStep; late files the step in an operation that ended, in
+// the order of the steps' times.
+func (s *Server) addStepTo(ctx context.Context, id, name string, e protocol.Event, late bool) error {
 	_, err := s.st.ops.change(ctx, id, func(o *opRecord) bool {
 		again := slices.ContainsFunc(o.Progress.Steps, func(st api.ProgressStep) bool {
 			return st.Name == name && st.Status == string(e.Status) && st.Message == e.Message && st.Time.Equal(e.Time)
 		})
-		if o.State != api.OpRunning || again {
-			return false // ended, or an event delivered again
+		if again {
+			return false // an event delivered again
+		}
+		if late {
+			if o.State == api.OpRunning {
+				return false
+			}
+			at := len(o.Progress.Steps)
+			for i, st := range o.Progress.Steps {
+				if st.Time.After(e.Time) {
+					at = i
+					break
+				}
+			}
+			o.Progress.Steps = slices.Insert(o.Progress.Steps, at, api.ProgressStep{Name: name, Status: string(e.Status), Message: e.Message, Time: e.Time})
+			if len(o.Progress.Steps) > maxSteps {
+				o.Progress.Steps = o.Progress.Steps[len(o.Progress.Steps)-maxSteps:]
+			}
+			return true
+		}
+		if o.State != api.OpRunning {
+			return false // ended
 		}
 		if e.Status == protocol.StatusProgress {
 			// A step's progress replaces the one it said before: a long

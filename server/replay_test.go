@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -97,10 +98,43 @@ func TestReplayRunsTheTemplateAsItIsNow(t *testing.T) {
 	}
 
 	op = replay(3)
+	before := time.Now().UTC()
 	report(protocol.AgentStatus{Time: time.Now().UTC(), Phase: protocol.PhaseConverging, Generation: 1, Target: 3})
 	report(protocol.AgentStatus{Time: time.Now().UTC(), Phase: protocol.PhaseReady, Generation: 3, Target: 3})
 	if got, err := f.waitFutureErr(op.JobID, 10*time.Second); err != nil {
 		t.Fatalf("a replay the agent reached: %+v %v", got, err)
+	}
+	// The agent's steps of that generation, folded after the status ended
+	// the operation (FM follows the two apart), are filed there in the
+	// order they happened; its progress reports and other generations'
+	// steps are not.
+	for _, e := range []protocol.Event{
+		{Kind: protocol.EventStep, Generation: 3, Step: "setup-action[0] ADD_ENV_VARIABLES (after_install)", Status: protocol.StatusOK, Message: "late", Time: before.Add(time.Millisecond)},
+		{Kind: protocol.EventStep, Generation: 3, Step: "ready", Status: protocol.StatusOK, Message: "generation 3 reached", Time: before.Add(2 * time.Millisecond)},
+		{Kind: protocol.EventStep, Generation: 3, Step: "fetch-kit", Status: protocol.StatusProgress, Message: "dropped", Time: before.Add(3 * time.Millisecond)},
+		{Kind: protocol.EventStep, Generation: 2, Step: "setup-action[0] ADD_ENV_VARIABLES (after_install)", Status: protocol.StatusOK, Message: "another generation's", Time: before.Add(4 * time.Millisecond)},
+	} {
+		e.Instance, e.Source = in.ID, protocol.SourceAgent
+		publishEvent(t, js, e)
+	}
+	var steps []string
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		steps = steps[:0]
+		for _, st := range f.future(op.JobID).Progress.Steps {
+			steps = append(steps, st.Name+": "+st.Message)
+		}
+		if len(steps) >= 4 {
+			break
+		}
+	}
+	time.Sleep(300 * time.Millisecond) // what must not come has had the time to
+	steps = steps[:0]
+	for _, st := range f.future(op.JobID).Progress.Steps {
+		steps = append(steps, st.Name+": "+st.Message)
+	}
+	// Before the operation's end, which it shows last.
+	if want := []string{"replay-setup-actions: ", "setup-action[0] ADD_ENV_VARIABLES (after_install): late", "ready: generation 3 reached", "replay-setup-actions: "}; !slices.Equal(steps, want) {
+		t.Fatalf("the replay's steps: %q, want %q", steps, want)
 	}
 	var st map[string]any
 	f.ok(f.do("GET", "/instances/"+in.ID+"/status", ""), &st)
