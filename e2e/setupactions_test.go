@@ -177,6 +177,9 @@ func TestEverySetupAction(t *testing.T) {
 	job := jsonField(t, d.fm(t, "instance", "replay-setup-actions", id, "--output", "json"), "jobId")
 	steps = actionSteps(job)
 	if len(steps) != 23 {
+		for _, s := range steps {
+			t.Logf("  %s %s", s.Name, s.Status)
+		}
 		t.Fatalf("replay: %d action steps", len(steps))
 	}
 	// The actions that read before they write say when they had nothing

@@ -73,8 +73,7 @@ func (s *Server) addStep(ctx context.Context, id, name string, e protocol.Event)
 // operation shows it. Progress, start and retry reports are dropped, as
 // are steps of other generations.
 func (s *Server) foldLateStep(ctx context.Context, e protocol.Event, lc lifecycle, cur opRecord, found bool) error {
-	if e.Kind != protocol.EventStep || e.Source != protocol.SourceAgent || e.Generation == 0 ||
-		e.Status == protocol.StatusStarted || e.Status == protocol.StatusProgress || e.Status == protocol.StatusRetrying {
+	if !lateStep(e, opRecord{Future: api.Future{TargetID: e.Instance}, Instance: e.Instance, Target: e.Generation}) {
 		return nil
 	}
 	op := cur
@@ -93,6 +92,14 @@ func (s *Server) foldLateStep(ctx context.Context, e protocol.Event, lc lifecycl
 	return s.addStepTo(ctx, op.JobID, e.Step, e, true)
 }
 
+// lateStep reports whether e may be filed in op after op ended: an agent's
+// step of op's generation that ended (not a start, a retry or progress).
+func lateStep(e protocol.Event, op opRecord) bool {
+	return e.Kind == protocol.EventStep && e.Source == protocol.SourceAgent && e.Generation != 0 &&
+		e.Generation == op.Target && op.Instance == e.Instance &&
+		e.Status != protocol.StatusStarted && e.Status != protocol.StatusProgress && e.Status != protocol.StatusRetrying
+}
+
 // addStepTo is addStep; late files the step in an operation that ended, in
 // the order of the steps' times.
 func (s *Server) addStepTo(ctx context.Context, id, name string, e protocol.Event, late bool) error {
@@ -102,6 +109,10 @@ func (s *Server) addStepTo(ctx context.Context, id, name string, e protocol.Even
 		})
 		if again {
 			return false // an event delivered again
+		}
+		if !late && o.State != api.OpRunning && lateStep(e, *o) {
+			// Ended since FM's copies said it ran.
+			late = true
 		}
 		if late {
 			if o.State == api.OpRunning {
