@@ -698,7 +698,7 @@ func (s *Server) foldEvent(ctx context.Context, subject string, data []byte) err
 		}
 	}
 	if !found || op.State != api.OpRunning {
-		return s.foldLateStep(ctx, e, lc, op, found)
+		return s.foldLateStep(ctx, e, lc)
 	}
 	ours := e.OpID == op.JobID || (e.Source == protocol.SourceAgent && e.Generation != 0 && e.Generation == op.Target)
 	if e.Kind == protocol.EventCommand && e.CommandID == op.CommandID && op.CommandID != "" {

@@ -68,35 +68,37 @@ func (s *Server) addStep(ctx context.Context, id, name string, e protocol.Event)
 }
 
 // foldLateStep files an agent's step that FM folds after the operation of
-// its generation ended (the agent's status, which ends it, and its events
-// are followed apart): the step happened before the end, and the
-// operation shows it. Progress, start and retry reports are dropped, as
-// are steps of other generations.
-func (s *Server) foldLateStep(ctx context.Context, e protocol.Event, lc lifecycle, cur opRecord, found bool) error {
-	if !lateStep(e, opRecord{Future: api.Future{TargetID: e.Instance}, Instance: e.Instance, Target: e.Generation}) {
+// its generation succeeded (the agent's status, which ends it, and its
+// events are followed apart; the agent reports a generation reached only
+// after its steps): the operation shows it. Only the operation the
+// instance's lifecycle names, or the one that ended last, may take it, and
+// only one that succeeded: a failed or aborted one's generation may be
+// tried again by the agent after its end. Start, retry and progress
+// reports, and other generations' steps, are dropped.
+func (s *Server) foldLateStep(ctx context.Context, e protocol.Event, lc lifecycle) error {
+	id := lc.OpID
+	if id == "" {
+		id = lc.LastOpID
+	}
+	if id == "" {
 		return nil
 	}
-	op := cur
-	if !found || op.State == api.OpRunning {
-		if lc.LastOpID == "" {
-			return nil
-		}
-		var ok bool
-		if op, _, ok = s.st.ops.get(lc.LastOpID); !ok {
-			return nil
-		}
-	}
-	if op.Instance != e.Instance || op.Target != e.Generation || op.State == api.OpRunning {
+	op, _, ok := s.st.ops.get(id)
+	if !ok || !lateStep(e, op) {
 		return nil
 	}
 	return s.addStepTo(ctx, op.JobID, e.Step, e, true)
 }
 
-// lateStep reports whether e may be filed in op after op ended: an agent's
-// step of op's generation that ended (not a start, a retry or progress).
+// lateStep reports whether e may be filed in op after op ended: op made a
+// generation and succeeded, and e is its agent's step of that generation
+// that ended (not a start, a retry or progress).
 func lateStep(e protocol.Event, op opRecord) bool {
-	return e.Kind == protocol.EventStep && e.Source == protocol.SourceAgent && e.Generation != 0 &&
-		e.Generation == op.Target && op.Instance == e.Instance &&
+	// Only the operations that made their generation: a start's is its
+	// instance's current one, a replay's or reprovision's before it.
+	made := op.Kind == opReprovision || op.Kind == opReplayActions && op.CommandID == ""
+	return made && op.State == api.OpSucceeded && op.Instance == e.Instance && e.Generation != 0 && e.Generation == op.Target &&
+		e.Kind == protocol.EventStep && e.Source == protocol.SourceAgent &&
 		e.Status != protocol.StatusStarted && e.Status != protocol.StatusProgress && e.Status != protocol.StatusRetrying
 }
 
@@ -115,20 +117,22 @@ func (s *Server) addStepTo(ctx context.Context, id, name string, e protocol.Even
 			late = true
 		}
 		if late {
-			if o.State == api.OpRunning {
-				return false
+			if !lateStep(e, *o) || len(o.Progress.Steps) >= maxSteps {
+				return false // a full record keeps what it has
 			}
-			at := len(o.Progress.Steps)
-			for i, st := range o.Progress.Steps {
-				if st.Time.After(e.Time) {
-					at = i
-					break
-				}
+			// Before the operation's end (its last step), after the agent's
+			// steps of earlier times; the agent's clock is compared with
+			// its own steps' only.
+			steps := o.Progress.Steps
+			end := len(steps)
+			if end > 0 && steps[end-1].Name == o.Kind {
+				end--
 			}
-			o.Progress.Steps = slices.Insert(o.Progress.Steps, at, api.ProgressStep{Name: name, Status: string(e.Status), Message: e.Message, Time: e.Time})
-			if len(o.Progress.Steps) > maxSteps {
-				o.Progress.Steps = o.Progress.Steps[len(o.Progress.Steps)-maxSteps:]
+			at := end
+			for at > 1 && steps[at-1].Name != o.Kind && steps[at-1].Time.After(e.Time) {
+				at--
 			}
+			o.Progress.Steps = slices.Insert(steps, at, api.ProgressStep{Name: name, Status: string(e.Status), Message: e.Message, Time: e.Time})
 			return true
 		}
 		if o.State != api.OpRunning {
